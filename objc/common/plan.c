@@ -1,0 +1,454 @@
+/* plan.c — validates a graph descriptor and plans it, for every backend alike: per-kind shape
+ * rules (each resolved shape the caller sent is checked against them), parameter and buffer
+ * tensors with PyTorch names and layouts, optimizer state slots, which gradients backward
+ * needs and whether each one is written or accumulated, and the float offsets of every slab.
+ * It allocates only the plan's own two tables; it runs no kernel. */
+#include "plan.h"
+#include "../backend.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define FAIL(status, ...) MPSCY_FAIL(err, errlen, (status), component, __VA_ARGS__)
+
+int64_t mpscy_shape_count(int32_t rank, const int64_t *shape) {
+    int64_t c = 1;
+    for (int32_t i = 0; i < rank; i++) c *= shape[i];
+    return c;
+}
+
+static const char *kind_name(int32_t kind) {
+    static const char *names[MPSCY_LAYER_KIND_COUNT] = {
+        "Input", "Dense", "ReLU", "Conv2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D",
+        "Flatten", "BatchNorm", "LayerNorm", "Dropout", "LeakyReLU", "ELU", "Sigmoid",
+        "Tanh", "Swish", "GELU", "Softmax", "Add", "Concatenate"};
+    return (kind >= 0 && kind < MPSCY_LAYER_KIND_COUNT) ? names[kind] : "unknown";
+}
+
+static void set_shape(int32_t *rank, int64_t *shape, int32_t r, const int64_t *s) {
+    *rank = r;
+    for (int32_t i = 0; i < MPSCY_MAX_RANK; i++) shape[i] = i < r ? s[i] : 0;
+}
+
+static int64_t pool_out(int64_t in, int64_t k, int64_t s, int64_t p, int64_t d) {
+    int64_t span = in + 2 * p - d * (k - 1) - 1;
+    return span < 0 ? 0 : span / s + 1;
+}
+
+/* Adds a PARAM or BUFFER tensor of node n; counts floats into *params or *buffers. */
+static void add_tensor(mpscy_plan *p, int32_t n, const char *suffix, int32_t role, int32_t slot,
+                       int32_t rank, const int64_t *shape) {
+    mpscy_tensor *t = &p->tensors[p->n_tensors++];
+    memset(t, 0, sizeof *t);
+    snprintf(t->info.name, MPSCY_NAME_LEN, "%.47s.%.15s", p->nodes[n].name, suffix);
+    t->info.role = role;
+    t->info.dtype = MPSCY_F32;
+    set_shape(&t->info.rank, t->info.shape, rank, shape);
+    t->info.count = mpscy_shape_count(rank, shape);
+    if (role == MPSCY_ROLE_PARAM) {
+        t->info.offset = p->n_params;
+        p->n_params += t->info.count;
+    } else {
+        t->info.offset = p->n_buffers;  /* relative to the buffer region, fixed up later */
+        p->n_buffers += t->info.count;
+    }
+    t->node = n;
+    t->slot = slot;
+    p->nodes[n].n_tensors += 1;
+}
+
+/* Computes node i's output shape from its inputs, checks its options, adds its tensors. */
+static int infer_node(mpscy_plan *p, int32_t i, const char *component, char *err, size_t errlen) {
+    mpscy_node *n = &p->nodes[i];
+    const mpscy_node *a = n->n_in > 0 ? &p->nodes[n->in[0]] : NULL;
+    int64_t s[MPSCY_MAX_RANK] = {0};
+    int32_t r = 0;
+    const int32_t *q = n->ints;
+    const char *kn = kind_name(n->kind);
+    n->tensor0 = p->n_tensors;
+    n->n_tensors = 0;
+
+    switch (n->kind) {
+    case MPSCY_LAYER_INPUT:
+        if (n->rank < 1 || n->rank > MPSCY_MAX_RANK)
+            return FAIL(MPSCY_SHAPE, "node %d (%s): input rank %d outside 1..%d", i, n->name,
+                        n->rank, MPSCY_MAX_RANK);
+        r = n->rank;
+        memcpy(s, n->shape, sizeof s);
+        break;
+    case MPSCY_LAYER_DENSE: {
+        int64_t in = a->size;
+        if (q[0] <= 0) return FAIL(MPSCY_INVALID, "node %d (%s): Dense units %d must be > 0", i, n->name, q[0]);
+        r = 1;
+        s[0] = q[0];
+        int64_t w[2] = {q[0], in};
+        add_tensor(p, i, "weight", MPSCY_ROLE_PARAM, 0, 2, w);
+        if (n->flags & MPSCY_FLAG_BIAS) add_tensor(p, i, "bias", MPSCY_ROLE_PARAM, 1, 1, s);
+        break;
+    }
+    case MPSCY_LAYER_RELU: case MPSCY_LAYER_LEAKYRELU: case MPSCY_LAYER_ELU:
+    case MPSCY_LAYER_SIGMOID: case MPSCY_LAYER_TANH: case MPSCY_LAYER_SWISH:
+    case MPSCY_LAYER_GELU: case MPSCY_LAYER_DROPOUT: case MPSCY_LAYER_SOFTMAX:
+        r = a->rank;
+        memcpy(s, a->shape, sizeof s);
+        if (n->kind == MPSCY_LAYER_DROPOUT && !(n->reals[0] >= 0.0 && n->reals[0] < 1.0))
+            return FAIL(MPSCY_INVALID, "node %d (%s): dropout rate %g outside [0, 1)", i, n->name, n->reals[0]);
+        if (n->kind == MPSCY_LAYER_SOFTMAX && (q[0] < 0 || q[0] >= r))
+            return FAIL(MPSCY_INVALID, "node %d (%s): softmax axis %d outside 0..%d", i, n->name, q[0], r - 1);
+        if (n->kind == MPSCY_LAYER_DROPOUT) n->save_size = (int64_t)p->batch * a->size;
+        break;
+    case MPSCY_LAYER_CONV2D: case MPSCY_LAYER_MAXPOOL2D: case MPSCY_LAYER_AVGPOOL2D: {
+        int conv = n->kind == MPSCY_LAYER_CONV2D;
+        const int32_t *k = conv ? q + 1 : q;  /* kh, kw, sh, sw, ph, pw [, dh, dw, groups] */
+        int32_t dh = conv ? q[7] : 1, dw = conv ? q[8] : 1, groups = conv ? q[9] : 1;
+        if (a->rank != 3)
+            return FAIL(MPSCY_SHAPE, "node %d (%s): %s needs (C, H, W) input, got rank %d", i, n->name, kn, a->rank);
+        if (k[0] <= 0 || k[1] <= 0 || k[2] <= 0 || k[3] <= 0 || k[4] < 0 || k[5] < 0 || dh <= 0 || dw <= 0)
+            return FAIL(MPSCY_INVALID, "node %d (%s): kernel, stride and dilation must be > 0 and padding >= 0", i, n->name);
+        if (!conv && (2 * k[4] > k[0] || 2 * k[5] > k[1]))
+            return FAIL(MPSCY_INVALID, "node %d (%s): padding (%d, %d) exceeds half the pool size (%d, %d)",
+                        i, n->name, k[4], k[5], k[0], k[1]);
+        int64_t c = a->shape[0];
+        if (conv && (groups <= 0 || q[0] <= 0 || c % groups || q[0] % groups))
+            return FAIL(MPSCY_INVALID, "node %d (%s): groups %d must divide in channels %lld and filters %d",
+                        i, n->name, groups, (long long)c, q[0]);
+        r = 3;
+        s[0] = conv ? q[0] : c;
+        s[1] = pool_out(a->shape[1], k[0], k[2], k[4], dh);
+        s[2] = pool_out(a->shape[2], k[1], k[3], k[5], dw);
+        if (s[1] <= 0 || s[2] <= 0)
+            return FAIL(MPSCY_SHAPE, "node %d (%s): input (%lld, %lld) is smaller than the %s window",
+                        i, n->name, (long long)a->shape[1], (long long)a->shape[2], kn);
+        if (conv) {
+            int64_t w[4] = {q[0], c / groups, k[0], k[1]};
+            add_tensor(p, i, "weight", MPSCY_ROLE_PARAM, 0, 4, w);
+            if (n->flags & MPSCY_FLAG_BIAS) add_tensor(p, i, "bias", MPSCY_ROLE_PARAM, 1, 1, s);
+        }
+        if (n->kind == MPSCY_LAYER_MAXPOOL2D) n->save_size = (int64_t)p->batch * s[0] * s[1] * s[2];
+        break;
+    }
+    case MPSCY_LAYER_GLOBALAVGPOOL2D:
+        if (a->rank != 3)
+            return FAIL(MPSCY_SHAPE, "node %d (%s): GlobalAvgPool2D needs (C, H, W) input, got rank %d", i, n->name, a->rank);
+        r = 1;
+        s[0] = a->shape[0];
+        break;
+    case MPSCY_LAYER_FLATTEN:
+        r = 1;
+        s[0] = a->size;
+        break;
+    case MPSCY_LAYER_BATCHNORM: {
+        if (a->rank != 1 && a->rank != 3)
+            return FAIL(MPSCY_SHAPE, "node %d (%s): BatchNorm needs (F) or (C, H, W) input, got rank %d", i, n->name, a->rank);
+        if (!(n->reals[0] >= 0.0 && n->reals[0] <= 1.0) || !(n->reals[1] > 0.0))
+            return FAIL(MPSCY_INVALID, "node %d (%s): BatchNorm momentum %g must be in [0, 1] and eps %g > 0",
+                        i, n->name, n->reals[0], n->reals[1]);
+        r = a->rank;
+        memcpy(s, a->shape, sizeof s);
+        int64_t c[1] = {a->shape[0]};
+        if (n->flags & MPSCY_FLAG_AFFINE) {
+            add_tensor(p, i, "weight", MPSCY_ROLE_PARAM, 0, 1, c);
+            add_tensor(p, i, "bias", MPSCY_ROLE_PARAM, 1, 1, c);
+        }
+        add_tensor(p, i, "running_mean", MPSCY_ROLE_BUFFER, 0, 1, c);
+        add_tensor(p, i, "running_var", MPSCY_ROLE_BUFFER, 1, 1, c);
+        n->save_size = 2 * c[0];
+        break;
+    }
+    case MPSCY_LAYER_LAYERNORM: {
+        int32_t k = q[0];
+        if (k < 1 || k > a->rank)
+            return FAIL(MPSCY_INVALID, "node %d (%s): LayerNorm over %d trailing dims of a rank-%d input", i, n->name, k, a->rank);
+        if (!(n->reals[1] > 0.0))
+            return FAIL(MPSCY_INVALID, "node %d (%s): LayerNorm eps %g must be > 0", i, n->name, n->reals[1]);
+        r = a->rank;
+        memcpy(s, a->shape, sizeof s);
+        if (n->flags & MPSCY_FLAG_AFFINE) {
+            add_tensor(p, i, "weight", MPSCY_ROLE_PARAM, 0, k, a->shape + (a->rank - k));
+            add_tensor(p, i, "bias", MPSCY_ROLE_PARAM, 1, k, a->shape + (a->rank - k));
+        }
+        n->save_size = 2 * (int64_t)p->batch * (a->size / mpscy_shape_count(k, a->shape + (a->rank - k)));
+        break;
+    }
+    case MPSCY_LAYER_ADD:
+        if (n->n_in < 2) return FAIL(MPSCY_INVALID, "node %d (%s): Add needs at least 2 inputs", i, n->name);
+        for (int32_t j = 1; j < n->n_in; j++) {
+            const mpscy_node *b = &p->nodes[n->in[j]];
+            if (b->rank != a->rank || memcmp(b->shape, a->shape, sizeof a->shape))
+                return FAIL(MPSCY_SHAPE, "node %d (%s): Add input %d shape differs from input 0", i, n->name, j);
+        }
+        r = a->rank;
+        memcpy(s, a->shape, sizeof s);
+        break;
+    case MPSCY_LAYER_CONCAT: {
+        int32_t ax = q[0];
+        if (n->n_in < 1 || ax < 0 || ax >= a->rank)
+            return FAIL(MPSCY_INVALID, "node %d (%s): Concatenate axis %d outside 0..%d", i, n->name, ax, a->rank - 1);
+        r = a->rank;
+        memcpy(s, a->shape, sizeof s);
+        for (int32_t j = 1; j < n->n_in; j++) {
+            const mpscy_node *b = &p->nodes[n->in[j]];
+            int ok = b->rank == a->rank;
+            for (int32_t d = 0; ok && d < a->rank; d++) ok = d == ax || b->shape[d] == a->shape[d];
+            if (!ok) return FAIL(MPSCY_SHAPE, "node %d (%s): Concatenate input %d differs off axis %d", i, n->name, j, ax);
+            s[ax] += b->shape[ax];
+        }
+        break;
+    }
+    default:
+        return FAIL(MPSCY_INVALID, "node %d (%s): unknown layer kind %d", i, n->name, n->kind);
+    }
+
+    if (n->kind != MPSCY_LAYER_INPUT && (n->rank != r || memcmp(n->shape, s, sizeof s) != 0))
+        return FAIL(MPSCY_SHAPE, "node %d (%s): %s output shape given does not match the computed (rank %d, first dim %lld)",
+                    i, n->name, kn, r, (long long)s[0]);
+    for (int32_t d = 0; d < r; d++)
+        if (s[d] <= 0) return FAIL(MPSCY_SHAPE, "node %d (%s): dimension %d is %lld", i, n->name, d, (long long)s[d]);
+    set_shape(&n->rank, n->shape, r, s);
+    n->size = mpscy_shape_count(r, s);
+    return MPSCY_OK;
+}
+
+static int expected_inputs(int32_t kind) {
+    switch (kind) {
+    case MPSCY_LAYER_INPUT: return 0;
+    case MPSCY_LAYER_ADD: case MPSCY_LAYER_CONCAT: return -1;  /* variadic */
+    default: return 1;
+    }
+}
+
+static int plan_loss(mpscy_plan *p, const char *component, char *err, size_t errlen) {
+    const mpscy_node *o = &p->nodes[p->output];
+    int32_t k = p->loss.kind;
+    int sparse = k == MPSCY_LOSS_SPARSE_CE;
+    if (k < MPSCY_LOSS_SPARSE_CE || k > MPSCY_LOSS_HUBER)
+        return FAIL(MPSCY_INVALID, "unknown loss kind %d", k);
+    if (sparse != (p->target == MPSCY_TARGET_INDEX))
+        return FAIL(MPSCY_INVALID, "loss kind %d needs %s targets", k, sparse ? "integer label" : "float32");
+    if ((sparse || k == MPSCY_LOSS_CE || k == MPSCY_LOSS_CATEGORICAL_CE) && o->rank != 1)
+        return FAIL(MPSCY_SHAPE, "cross-entropy needs a (classes,) output per sample, got rank %d", o->rank);
+    if (!(p->loss.label_smoothing >= 0.0 && p->loss.label_smoothing <= 1.0))
+        return FAIL(MPSCY_INVALID, "label_smoothing %g outside [0, 1]", p->loss.label_smoothing);
+    if (k == MPSCY_LOSS_HUBER && !(p->loss.delta > 0.0))
+        return FAIL(MPSCY_INVALID, "huber delta %g must be > 0", p->loss.delta);
+    if (p->loss.accuracy < MPSCY_ACCURACY_NONE || p->loss.accuracy > MPSCY_ACCURACY_THRESHOLD)
+        return FAIL(MPSCY_INVALID, "unknown accuracy kind %d", p->loss.accuracy);
+    if (p->loss.accuracy == MPSCY_ACCURACY_ARGMAX && o->rank != 1)
+        return FAIL(MPSCY_SHAPE, "argmax accuracy needs a (classes,) output, got rank %d", o->rank);
+    p->out_size = o->size;
+    p->target_size = sparse ? 1 : o->size;
+    return MPSCY_OK;
+}
+
+static int plan_optim(mpscy_plan *p, const char *component, char *err, size_t errlen) {
+    const mpscy_optim_desc *o = &p->optim;
+    int32_t f = o->flags;
+#define VEC(s) snprintf(p->vec_slots[p->n_vec_slots++], MPSCY_NAME_LEN, "%s", s)
+#define SCALAR(s) snprintf(p->scalar_slots[p->n_scalar_slots++], MPSCY_NAME_LEN, "%s", s)
+    p->n_vec_slots = 0;
+    p->n_scalar_slots = 0;
+    SCALAR("step");
+    switch (o->kind) {
+    case MPSCY_OPTIM_SGD:
+        if ((f & MPSCY_OPTIM_NESTEROV) && (o->momentum <= 0.0 || o->dampening != 0.0))
+            return FAIL(MPSCY_INVALID, "SGD nesterov needs momentum > 0 and dampening 0");
+        VEC("momentum_buffer");
+        break;
+    case MPSCY_OPTIM_ADAM: case MPSCY_OPTIM_ADAMW:
+        VEC("exp_avg"); VEC("exp_avg_sq");
+        if (f & MPSCY_OPTIM_AMSGRAD) VEC("max_exp_avg_sq");
+        break;
+    case MPSCY_OPTIM_RMSPROP:
+        VEC("square_avg"); VEC("momentum_buffer");
+        if (f & MPSCY_OPTIM_CENTERED) VEC("grad_avg");
+        break;
+    case MPSCY_OPTIM_ADAGRAD: VEC("sum"); break;
+    case MPSCY_OPTIM_ADADELTA: VEC("square_avg"); VEC("acc_delta"); break;
+    case MPSCY_OPTIM_NADAM: VEC("exp_avg"); VEC("exp_avg_sq"); SCALAR("mu_product"); break;
+    case MPSCY_OPTIM_LBFGS:
+        return FAIL(MPSCY_UNSUPPORTED, "LBFGS is not implemented yet");
+    default:
+        return FAIL(MPSCY_INVALID, "unknown optimizer kind %d", o->kind);
+    }
+#undef VEC
+#undef SCALAR
+    if (!(o->lr >= 0.0) || !(o->weight_decay >= 0.0) || !(o->momentum >= 0.0) || !(o->eps >= 0.0))
+        return FAIL(MPSCY_INVALID, "optimizer lr %g, momentum %g, weight_decay %g and eps %g must be >= 0",
+                    o->lr, o->momentum, o->weight_decay, o->eps);
+    if (!(o->beta1 >= 0.0 && o->beta1 < 1.0) || !(o->beta2 >= 0.0 && o->beta2 < 1.0))
+        return FAIL(MPSCY_INVALID, "betas (%g, %g) must be in [0, 1)", o->beta1, o->beta2);
+    return MPSCY_OK;
+}
+
+static void plan_gradients(mpscy_plan *p) {
+    int32_t n = p->n_nodes;
+    /* live: contributes to the output (checked by the caller); grad: d(output) is needed. */
+    for (int32_t i = 0; i < n; i++) {
+        mpscy_node *node = &p->nodes[i];
+        int has_params = 0;
+        for (int32_t t = 0; t < node->n_tensors; t++)
+            has_params |= p->tensors[node->tensor0 + t].info.role == MPSCY_ROLE_PARAM;
+        node->grad = 0;
+        if (node->kind != MPSCY_LAYER_INPUT) {
+            node->grad = has_params;
+            for (int32_t j = 0; j < node->n_in; j++) node->grad |= p->nodes[node->in[j]].grad;
+        }
+    }
+    /* Backward visits nodes from last to first; the first writer of a grad overwrites it. */
+    for (int32_t i = n - 1; i >= 0; i--) {
+        mpscy_node *node = &p->nodes[i];
+        for (int32_t j = 0; j < node->n_in; j++) {
+            mpscy_node *src = &p->nodes[node->in[j]];
+            node->accum[j] = 0;
+            if (!node->grad || !src->grad) continue;
+            node->accum[j] = src->written;
+            src->written = 1;
+        }
+    }
+}
+
+int mpscy_plan_build(mpscy_plan *p, const mpscy_graph_desc *d, const char *component,
+                     char *err, size_t errlen) {
+    memset(p, 0, sizeof *p);
+    if (!d || !d->layers || d->n_layers < 2)
+        return FAIL(MPSCY_INVALID, "a graph needs at least an input and one layer");
+    if (d->batch < 1) return FAIL(MPSCY_INVALID, "batch size %d must be >= 1", d->batch);
+    if (d->output < 0 || d->output >= d->n_layers)
+        return FAIL(MPSCY_INVALID, "output node %d outside 0..%d", d->output, d->n_layers - 1);
+    if (d->target != MPSCY_TARGET_INDEX && d->target != MPSCY_TARGET_DENSE)
+        return FAIL(MPSCY_INVALID, "unknown target kind %d", d->target);
+    if (d->precision != MPSCY_PRECISION_FP32 && d->precision != MPSCY_PRECISION_TF32)
+        return FAIL(MPSCY_INVALID, "unknown precision %d", d->precision);
+
+    p->n_nodes = d->n_layers;
+    p->output = d->output;
+    p->batch = d->batch;
+    p->target = d->target;
+    p->precision = d->precision;
+    p->threads = d->threads;
+    p->loss = d->loss;
+    p->optim = d->optim;
+    int32_t max_tensors = 4 * d->n_layers + MPSCY_MAX_OPTIM_SLOTS + 4;
+    p->nodes = calloc((size_t)d->n_layers, sizeof *p->nodes);
+    p->tensors = calloc((size_t)max_tensors, sizeof *p->tensors);
+    if (!p->nodes || !p->tensors) {
+        mpscy_plan_free(p);
+        return FAIL(MPSCY_OOM, "plan tables for %d layers", d->n_layers);
+    }
+
+    int st = MPSCY_OK;
+    for (int32_t i = 0; i < d->n_layers && st == MPSCY_OK; i++) {
+        const mpscy_layer_desc *L = &d->layers[i];
+        mpscy_node *n = &p->nodes[i];
+        n->kind = L->kind;
+        n->flags = L->flags;
+        n->n_in = L->n_inputs;
+        n->rank = L->rank;
+        memcpy(n->shape, L->shape, sizeof n->shape);
+        memcpy(n->ints, L->ints, sizeof n->ints);
+        memcpy(n->reals, L->reals, sizeof n->reals);
+        memcpy(n->name, L->name, MPSCY_NAME_LEN);
+        n->name[MPSCY_NAME_LEN - 1] = 0;
+        if (strlen(n->name) > 47) {
+            st = FAIL(MPSCY_INVALID, "node %d: name '%.20s...' is longer than 47 characters", i, n->name);
+            break;
+        }
+        n->input_index = -1;
+        n->dout = -1;
+        int want = expected_inputs(L->kind);
+        if (L->rank < 0 || L->rank > MPSCY_MAX_RANK) {
+            st = FAIL(MPSCY_SHAPE, "node %d (%s): rank %d outside 0..%d", i, n->name, L->rank, MPSCY_MAX_RANK);
+        } else if (L->n_inputs < 0 || L->n_inputs > MPSCY_MAX_INPUTS || (want >= 0 && L->n_inputs != want)) {
+            st = FAIL(MPSCY_INVALID, "node %d (%s): %s takes %d input(s), got %d", i, n->name,
+                      kind_name(L->kind), want, L->n_inputs);
+        } else {
+            for (int32_t j = 0; j < L->n_inputs && st == MPSCY_OK; j++) {
+                n->in[j] = L->inputs[j];
+                if (L->inputs[j] < 0 || L->inputs[j] >= i)
+                    st = FAIL(MPSCY_INVALID, "node %d (%s): input %d refers to node %d, not an earlier node",
+                              i, n->name, j, L->inputs[j]);
+            }
+        }
+        if (st == MPSCY_OK && L->kind == MPSCY_LAYER_INPUT) n->input_index = p->n_inputs++;
+        if (st == MPSCY_OK) st = infer_node(p, i, component, err, errlen);
+    }
+    if (st == MPSCY_OK && p->nodes[p->output].kind == MPSCY_LAYER_INPUT)
+        st = FAIL(MPSCY_INVALID, "the output node %d is an input", p->output);
+
+    /* Every node must feed the output: backward would otherwise read gradients nobody wrote. */
+    if (st == MPSCY_OK) {
+        p->nodes[p->output].live = 1;
+        p->nodes[p->output].consumers += 1;
+        for (int32_t i = p->n_nodes - 1; i >= 0; i--)
+            if (p->nodes[i].live)
+                for (int32_t j = 0; j < p->nodes[i].n_in; j++) {
+                    p->nodes[p->nodes[i].in[j]].live = 1;
+                    p->nodes[p->nodes[i].in[j]].consumers += 1;
+                }
+        for (int32_t i = 0; i < p->n_nodes && st == MPSCY_OK; i++)
+            if (!p->nodes[i].live)
+                st = FAIL(MPSCY_INVALID, "node %d (%s) does not contribute to the output", i, p->nodes[i].name);
+    }
+    if (st == MPSCY_OK) st = plan_loss(p, component, err, errlen);
+    if (st == MPSCY_OK) st = plan_optim(p, component, err, errlen);
+    if (st != MPSCY_OK) {
+        mpscy_plan_free(p);
+        return st;
+    }
+
+    plan_gradients(p);
+    /* Slab offsets: outputs, then needed gradients, then saved values; buffers after params. */
+    for (int32_t i = 0; i < p->n_nodes; i++) {
+        mpscy_node *n = &p->nodes[i];
+        n->out = p->act_floats;
+        p->act_floats += (int64_t)p->batch * n->size;
+        if (n->grad) {
+            n->dout = p->grad_floats;
+            p->grad_floats += (int64_t)p->batch * n->size;
+        }
+        n->save = p->save_floats;
+        p->save_floats += n->save_size;
+    }
+    for (int32_t t = 0; t < p->n_tensors; t++)
+        if (p->tensors[t].info.role == MPSCY_ROLE_BUFFER) p->tensors[t].info.offset += p->n_params;
+    /* Optimizer state: flat slots over the trainable slab, then scalars. */
+    for (int32_t s = 0; s < p->n_vec_slots; s++) {
+        mpscy_tensor *t = &p->tensors[p->n_tensors++];
+        memset(t, 0, sizeof *t);
+        snprintf(t->info.name, MPSCY_NAME_LEN, "%s", p->vec_slots[s]);
+        t->info.role = MPSCY_ROLE_OPTIM;
+        t->info.dtype = MPSCY_F32;
+        t->info.rank = 1;
+        t->info.shape[0] = p->n_params;
+        t->info.count = p->n_params;
+        t->info.offset = (int64_t)s * p->n_params;
+        t->node = -1;
+        t->slot = s;
+    }
+    for (int32_t s = 0; s < p->n_scalar_slots; s++) {
+        mpscy_tensor *t = &p->tensors[p->n_tensors++];
+        memset(t, 0, sizeof *t);
+        snprintf(t->info.name, MPSCY_NAME_LEN, "%s", p->scalar_slots[s]);
+        t->info.role = MPSCY_ROLE_OPTIM;
+        t->info.dtype = s == 0 ? MPSCY_I64 : MPSCY_F64;
+        t->info.rank = 0;
+        t->info.count = 1;
+        t->info.offset = s;
+        t->node = -1;
+        t->slot = p->n_vec_slots + s;
+    }
+    return MPSCY_OK;
+}
+
+void mpscy_plan_free(mpscy_plan *p) {
+    free(p->nodes);
+    free(p->tensors);
+    p->nodes = NULL;
+    p->tensors = NULL;
+}
+
+size_t mpscy_plan_bytes(const mpscy_plan *p) {
+    return (size_t)p->n_nodes * sizeof(mpscy_node) +
+           (size_t)(4 * p->n_nodes + MPSCY_MAX_OPTIM_SLOTS + 4) * sizeof(mpscy_tensor);
+}

@@ -1,0 +1,80 @@
+/* plan.h — the shared, backend-independent half of graph building: validating a descriptor,
+ * checking every resolved shape, naming parameters, buffers and optimizer state, and laying
+ * out the slabs (one per role) that a backend then allocates once. Backends add only their own
+ * workspace sizes and kernels; no shape logic lives in a backend folder. */
+#ifndef MPSCY_PLAN_H
+#define MPSCY_PLAN_H
+
+#include "../mpscy.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define MPSCY_MAX_OPTIM_SLOTS 12
+
+typedef struct mpscy_node {
+    int32_t kind, flags, n_in;
+    int32_t in[MPSCY_MAX_INPUTS];
+    int32_t rank;
+    int64_t shape[MPSCY_MAX_RANK];   /* per-sample output shape */
+    int64_t size;                    /* per-sample output elements */
+    int32_t ints[12];
+    double reals[4];
+    char name[MPSCY_NAME_LEN];
+    int32_t input_index;             /* INPUT nodes: which io input, else -1 */
+    int32_t tensor0, n_tensors;      /* this node's PARAM/BUFFER tensors in the table */
+    int32_t grad;                    /* 1 when d(output) is needed by backward */
+    int32_t accum[MPSCY_MAX_INPUTS]; /* 1: backward adds into this input's grad, 0: writes it */
+    int32_t consumers;               /* nodes reading this one (the output counts once more) */
+    int32_t live, written;           /* planning scratch: feeds the output; grad already written */
+    int64_t out;                     /* output: float offset in the activation slab, batch*size */
+    int64_t dout;                    /* d(output): float offset in the grad slab, -1 if unused */
+    int64_t save;                    /* float offset of saved values in the save slab */
+    int64_t save_size;               /* floats saved for backward (e.g. masks, statistics) */
+} mpscy_node;
+
+typedef struct mpscy_tensor {
+    mpscy_tensor_info info;
+    int32_t node;                    /* owning node, -1 for optimizer state */
+    int32_t slot;                    /* OPTIM: slot index; PARAM: 0 weight, 1 bias; BUFFER: 0/1 */
+} mpscy_tensor;
+
+typedef struct mpscy_plan {
+    int32_t n_nodes, output, batch, target, precision, threads;
+    mpscy_node *nodes;
+    int32_t n_inputs;                /* INPUT nodes */
+    int32_t n_tensors;
+    mpscy_tensor *tensors;
+    mpscy_loss_desc loss;
+    mpscy_optim_desc optim;
+    int64_t n_params;                /* trainable floats (the optimizer's flat slab) */
+    int64_t n_buffers;               /* non-trainable floats, stored after the params */
+    int64_t act_floats;              /* every node's output at the built batch */
+    int64_t grad_floats;             /* every needed d(output) at the built batch */
+    int64_t save_floats;             /* everything saved for backward */
+    int32_t n_vec_slots;             /* optimizer slots of n_params floats each */
+    char vec_slots[MPSCY_MAX_OPTIM_SLOTS][MPSCY_NAME_LEN];
+    int32_t n_scalar_slots;          /* optimizer scalars: "step" (I64), others F64 */
+    char scalar_slots[4][MPSCY_NAME_LEN];
+    int64_t target_size;             /* per-sample target elements (1 for INDEX) */
+    int64_t out_size;                /* per-sample output elements */
+} mpscy_plan;
+
+/* Validates desc and fills plan (allocating its node and tensor tables with calloc, which
+ * the caller accounts for through mpscy_plan_bytes). On failure nothing stays allocated. */
+int mpscy_plan_build(mpscy_plan *plan, const mpscy_graph_desc *desc, const char *component,
+                     char *err, size_t errlen);
+void mpscy_plan_free(mpscy_plan *plan);
+size_t mpscy_plan_bytes(const mpscy_plan *plan);
+
+/* Floats needed at batch b for node n's output. */
+static inline int64_t mpscy_node_floats(const mpscy_node *n, int64_t b) { return b * n->size; }
+
+/* Element count of a per-sample shape. */
+int64_t mpscy_shape_count(int32_t rank, const int64_t *shape);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* MPSCY_PLAN_H */

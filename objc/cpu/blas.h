@@ -1,0 +1,21 @@
+/* blas.h — one include for the BLAS the CPU backend links: scipy-openblas32 (its symbols carry
+ * a scipy_ prefix; it is bundled into the package) everywhere but macOS, Accelerate there.
+ * Code uses the plain cblas_* names below. */
+#ifndef MPSCY_CPU_BLAS_H
+#define MPSCY_CPU_BLAS_H
+
+#if defined(__APPLE__)
+#define ACCELERATE_NEW_LAPACK
+#include <Accelerate/Accelerate.h>
+typedef int blasint;
+#define mpscy_blas_set_threads(n) ((void)(n))
+#else
+#include <cblas.h>
+#define cblas_sgemm scipy_cblas_sgemm
+#define cblas_sgemv scipy_cblas_sgemv
+#define cblas_saxpy scipy_cblas_saxpy
+#define cblas_sdot scipy_cblas_sdot
+#define mpscy_blas_set_threads(n) scipy_openblas_set_num_threads(n)
+#endif
+
+#endif /* MPSCY_CPU_BLAS_H */

@@ -1,0 +1,101 @@
+/* cpu.h — internals of the CPU backend: the graph object with its slabs, the per-kind layer
+ * table, and the kernels each family file provides. Kernels take raw pointers (outputs first,
+ * then inputs, then sizes), never allocate, and carry a shape comment on every tensor.
+ * Nothing here is part of the ABI; only cpu_backend (device.c) is exported. */
+#ifndef MPSCY_CPU_H
+#define MPSCY_CPU_H
+
+#include "../backend.h"
+#include "../common/plan.h"
+
+#define CPU "cpu"
+#define CPU_ALIGN 64
+
+typedef struct cpu_device {
+    struct mpscy_device_ base;
+    int32_t threads;
+} cpu_device;
+
+typedef struct cpu_graph {
+    struct mpscy_graph_ base;
+    mpscy_plan plan;
+    /* slabs, one allocation per role */
+    float *params;        /* (n_params + n_buffers): trainable first, then running stats */
+    float *grads;         /* (n_params) */
+    float *optim;         /* (n_vec_slots, n_params) */
+    double scalars[4];    /* optimizer scalars; scalars[0] holds the step count */
+    float *act;           /* node outputs at the built batch */
+    float *dact;          /* needed d(outputs) at the built batch */
+    float *save;          /* values saved for backward */
+    float *ws;            /* shared workspace (the largest any kernel needs) */
+    int64_t ws_floats;
+    void *io;             /* shared staging: inputs, target, output */
+    size_t io_bytes;
+    float **y, **dy;      /* per node: output and d(output) pointers into the slabs */
+    struct mpscy_buffer_ *io_bufs; /* n_inputs + 2 borrowed buffer handles */
+    size_t tables_bytes;
+} cpu_graph;
+
+/* Counted, 64-byte aligned, zeroed allocations: every byte the backend holds goes through here. */
+void *cpu_alloc(mpscy_device dev, size_t bytes);
+void cpu_free(mpscy_device dev, void *ptr, size_t bytes);
+
+/* table entries implemented by buffer.c, graph.c and step.c */
+int cpu_buffer_create(mpscy_device dev, size_t bytes, int32_t storage, mpscy_buffer *out, char *err, size_t n);
+void cpu_buffer_destroy(mpscy_buffer buf);
+int cpu_buffer_read(mpscy_buffer buf, size_t off, void *dst, size_t bytes, char *err, size_t n);
+int cpu_buffer_write(mpscy_buffer buf, size_t off, const void *src, size_t bytes, char *err, size_t n);
+int cpu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *out, char *err, size_t n);
+void cpu_graph_destroy(mpscy_graph g);
+int cpu_graph_io(mpscy_graph g, int32_t kind, int32_t index, mpscy_buffer *out, char *err, size_t n);
+int cpu_tensor_count(mpscy_graph g, int32_t *out);
+int cpu_tensor_info(mpscy_graph g, int32_t index, mpscy_tensor_info *out, char *err, size_t n);
+int cpu_tensor_read(mpscy_graph g, int32_t index, void *dst, size_t bytes, char *err, size_t n);
+int cpu_tensor_write(mpscy_graph g, int32_t index, const void *src, size_t bytes, char *err, size_t n);
+int cpu_graph_step(mpscy_graph g, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t n);
+int cpu_graph_predict(mpscy_graph g, const mpscy_step_args *a, char *err, size_t n);
+
+/* Pointers to node n's tensor `slot` (0 weight / running_mean, 1 bias / running_var). */
+float *cpu_tensor(cpu_graph *g, const mpscy_node *n, int32_t role, int32_t slot);
+float *cpu_tensor_grad(cpu_graph *g, const mpscy_node *n, int32_t slot);
+
+/* One entry per layer kind. forward runs in train mode when `train`; backward writes the
+ * node's parameter gradients and, for each input j whose grad is needed, d(input j),
+ * overwriting it or adding to it as n->accum[j] says. workspace returns floats needed. */
+typedef struct cpu_layer_ops {
+    void (*forward)(cpu_graph *g, const mpscy_node *n, int64_t b, int train, const mpscy_step_args *a);
+    void (*backward)(cpu_graph *g, const mpscy_node *n, int64_t b);
+    int64_t (*workspace)(const mpscy_plan *p, const mpscy_node *n);
+    /* after a finite train step: commit deferred state (BatchNorm running statistics) */
+    void (*commit)(cpu_graph *g, const mpscy_node *n, int64_t b);
+} cpu_layer_ops;
+
+extern const cpu_layer_ops cpu_layers[MPSCY_LAYER_KIND_COUNT];
+
+/* family entry points, listed in layers.c */
+void cpu_dense_forward(cpu_graph *g, const mpscy_node *n, int64_t b, int train, const mpscy_step_args *a);
+void cpu_dense_backward(cpu_graph *g, const mpscy_node *n, int64_t b);
+void cpu_activation_forward(cpu_graph *g, const mpscy_node *n, int64_t b, int train, const mpscy_step_args *a);
+void cpu_activation_backward(cpu_graph *g, const mpscy_node *n, int64_t b);
+void cpu_flatten_forward(cpu_graph *g, const mpscy_node *n, int64_t b, int train, const mpscy_step_args *a);
+void cpu_flatten_backward(cpu_graph *g, const mpscy_node *n, int64_t b);
+
+/* loss.c: mean loss over b rows; writes dy (b, out) when dy != NULL; *correct as the plan's
+ * accuracy kind says (-1 for none). Labels were range-checked by the caller. */
+double cpu_loss(const mpscy_plan *p, float *dy, const float *y, const void *target, int64_t b,
+                int64_t *correct);
+/* Returns the index of the first label outside [0, classes), or -1. */
+int64_t cpu_check_labels(const int32_t *labels, int64_t b, int64_t classes);
+
+/* optim.c: global L2 norm of the gradient slab (double accumulation; not finite exactly
+ * when some gradient is not finite), clipping, and the update over the flat slab. */
+double cpu_grad_norm(const float *grads, int64_t n);
+void cpu_clip(float *grads, int64_t n, double norm, const mpscy_optim_desc *o);
+void cpu_optim_update(cpu_graph *g, const mpscy_step_args *a);
+int cpu_optim_supported(int32_t kind);
+
+/* bias helpers shared by Dense and Conv2D */
+void cpu_add_bias_rows(float *y, const float *bias, int64_t rows, int64_t cols);
+void cpu_sum_rows(float *db, const float *dy, int64_t rows, int64_t cols);
+
+#endif /* MPSCY_CPU_H */

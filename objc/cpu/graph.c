@@ -1,0 +1,219 @@
+/* graph.c — building a CPU graph: the shared plan, then one allocation per slab (parameters,
+ * gradients, optimizer state, activations, activation gradients, saved values, workspace,
+ * io staging) and the pointer tables into them. Also io handles and named-tensor access.
+ * Nothing here runs per step; step.c does. */
+#include "cpu.h"
+
+#include <string.h>
+
+#define FAIL(status, ...) MPSCY_FAIL(err, n, (status), CPU, __VA_ARGS__)
+
+static size_t round_up(size_t bytes) { return (bytes + CPU_ALIGN - 1) / CPU_ALIGN * CPU_ALIGN; }
+
+float *cpu_tensor(cpu_graph *g, const mpscy_node *node, int32_t role, int32_t slot) {
+    for (int32_t t = node->tensor0; t < node->tensor0 + node->n_tensors; t++) {
+        const mpscy_tensor *T = &g->plan.tensors[t];
+        if (T->info.role == role && T->slot == slot) return g->params + T->info.offset;
+    }
+    return NULL;
+}
+
+float *cpu_tensor_grad(cpu_graph *g, const mpscy_node *node, int32_t slot) {
+    for (int32_t t = node->tensor0; t < node->tensor0 + node->n_tensors; t++) {
+        const mpscy_tensor *T = &g->plan.tensors[t];
+        if (T->info.role == MPSCY_ROLE_PARAM && T->slot == slot) return g->grads + T->info.offset;
+    }
+    return NULL;
+}
+
+static size_t slab_bytes(int64_t floats) { return (size_t)(floats > 0 ? floats : 1) * sizeof(float); }
+
+void cpu_graph_destroy(mpscy_graph gh) {
+    cpu_graph *g = (cpu_graph *)gh;
+    mpscy_device dev = gh->dev;
+    const mpscy_plan *p = &g->plan;
+    cpu_free(dev, g->params, slab_bytes(p->n_params + p->n_buffers));
+    cpu_free(dev, g->grads, slab_bytes(p->n_params));
+    cpu_free(dev, g->optim, slab_bytes((int64_t)p->n_vec_slots * p->n_params));
+    cpu_free(dev, g->act, slab_bytes(p->act_floats));
+    cpu_free(dev, g->dact, slab_bytes(p->grad_floats));
+    cpu_free(dev, g->save, slab_bytes(p->save_floats));
+    cpu_free(dev, g->ws, slab_bytes(g->ws_floats));
+    cpu_free(dev, g->io, g->io_bytes);
+    cpu_free(dev, g->y, g->tables_bytes);
+    if (g->plan.nodes) {
+        mpscy_count_free(&dev->stats, (size_t)p->n_nodes * sizeof(mpscy_node));
+        mpscy_count_free(&dev->stats, mpscy_plan_bytes(p) - (size_t)p->n_nodes * sizeof(mpscy_node));
+    }
+    mpscy_plan_free(&g->plan);
+    cpu_free(dev, g, sizeof *g);
+}
+
+int cpu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *out, char *err, size_t n) {
+    cpu_graph *g = cpu_alloc(dev, sizeof *g);
+    if (!g) return FAIL(MPSCY_OOM, "graph object");
+    g->base.vt = dev->vt;
+    g->base.dev = dev;
+    int st = mpscy_plan_build(&g->plan, desc, CPU, err, n);
+    if (st != MPSCY_OK) {
+        cpu_free(dev, g, sizeof *g);
+        return st;
+    }
+    mpscy_plan *p = &g->plan;
+    mpscy_count_alloc(&dev->stats, (size_t)p->n_nodes * sizeof(mpscy_node));
+    mpscy_count_alloc(&dev->stats, mpscy_plan_bytes(p) - (size_t)p->n_nodes * sizeof(mpscy_node));
+
+    if (!cpu_optim_supported(p->optim.kind)) {
+        cpu_graph_destroy(&g->base);
+        return FAIL(MPSCY_UNSUPPORTED, "optimizer kind %d is not implemented on cpu", p->optim.kind);
+    }
+    for (int32_t i = 0; i < p->n_nodes; i++) {
+        const cpu_layer_ops *ops = &cpu_layers[p->nodes[i].kind];
+        if (p->nodes[i].kind != MPSCY_LAYER_INPUT && !ops->forward) {
+            cpu_graph_destroy(&g->base);
+            return FAIL(MPSCY_UNSUPPORTED, "node %d (%s): layer kind %d is not implemented on cpu",
+                        i, p->nodes[i].name, p->nodes[i].kind);
+        }
+        int64_t w = ops->workspace ? ops->workspace(p, &p->nodes[i]) : 0;
+        if (w > g->ws_floats) g->ws_floats = w;
+    }
+
+    /* io slab: each input, the target, the output, each 64-byte aligned */
+    size_t in_bytes = 0;
+    for (int32_t i = 0; i < p->n_nodes; i++)
+        if (p->nodes[i].kind == MPSCY_LAYER_INPUT) in_bytes += round_up((size_t)p->batch * p->nodes[i].size * sizeof(float));
+    size_t target_bytes = round_up((size_t)p->batch * p->target_size * 4);
+    size_t output_bytes = round_up((size_t)p->batch * p->out_size * sizeof(float));
+    g->io_bytes = in_bytes + target_bytes + output_bytes;
+    g->tables_bytes = 2 * (size_t)p->n_nodes * sizeof(float *) +
+                      (size_t)(p->n_inputs + 2) * sizeof(struct mpscy_buffer_);
+
+    g->params = cpu_alloc(dev, slab_bytes(p->n_params + p->n_buffers));
+    g->grads = cpu_alloc(dev, slab_bytes(p->n_params));
+    g->optim = cpu_alloc(dev, slab_bytes((int64_t)p->n_vec_slots * p->n_params));
+    g->act = cpu_alloc(dev, slab_bytes(p->act_floats));
+    g->dact = cpu_alloc(dev, slab_bytes(p->grad_floats));
+    g->save = cpu_alloc(dev, slab_bytes(p->save_floats));
+    g->ws = cpu_alloc(dev, slab_bytes(g->ws_floats));
+    g->io = cpu_alloc(dev, g->io_bytes);
+    g->y = cpu_alloc(dev, g->tables_bytes);
+    if (!g->params || !g->grads || !g->optim || !g->act || !g->dact || !g->save || !g->ws || !g->io || !g->y) {
+        size_t total = slab_bytes(p->n_params + p->n_buffers) * 2 + slab_bytes(p->act_floats) +
+                       slab_bytes(p->grad_floats) + slab_bytes(g->ws_floats) + g->io_bytes;
+        cpu_graph_destroy(&g->base);
+        return FAIL(MPSCY_OOM, "graph slabs of about %zu bytes", total);
+    }
+    g->dy = g->y + p->n_nodes;
+    g->io_bufs = (struct mpscy_buffer_ *)(g->dy + p->n_nodes);
+
+    char *io = g->io;
+    for (int32_t i = 0; i < p->n_nodes; i++) {
+        mpscy_node *node = &p->nodes[i];
+        if (node->kind == MPSCY_LAYER_INPUT) {
+            /* an input node's output is its staging buffer: no copy per step */
+            struct mpscy_buffer_ *b = &g->io_bufs[node->input_index];
+            b->bytes = (size_t)p->batch * node->size * sizeof(float);
+            b->host = io;
+            g->y[i] = (float *)io;
+            io += round_up(b->bytes);
+        } else {
+            g->y[i] = g->act + node->out;
+        }
+        g->dy[i] = node->grad ? g->dact + node->dout : NULL;
+    }
+    struct mpscy_buffer_ *tb = &g->io_bufs[p->n_inputs], *ob = &g->io_bufs[p->n_inputs + 1];
+    tb->bytes = (size_t)p->batch * p->target_size * 4;
+    tb->host = io;
+    io += target_bytes;
+    ob->bytes = (size_t)p->batch * p->out_size * sizeof(float);
+    ob->host = io;
+    for (int32_t k = 0; k < p->n_inputs + 2; k++) {
+        g->io_bufs[k].vt = dev->vt;
+        g->io_bufs[k].dev = dev;
+        g->io_bufs[k].storage = MPSCY_STORAGE_SHARED;
+        g->io_bufs[k].borrowed = 1;
+    }
+    /* running variances start at 1, as in PyTorch; parameters are written by the caller */
+    for (int32_t t = 0; t < p->n_tensors; t++)
+        if (p->tensors[t].info.role == MPSCY_ROLE_BUFFER && p->tensors[t].slot == 1)
+            for (int64_t k = 0; k < p->tensors[t].info.count; k++) g->params[p->tensors[t].info.offset + k] = 1.0f;
+    if (p->optim.kind == MPSCY_OPTIM_NADAM) g->scalars[1] = 1.0;  /* mu_product */
+    if (p->optim.kind == MPSCY_OPTIM_ADAGRAD)
+        for (int64_t k = 0; k < p->n_params; k++) g->optim[k] = (float)p->optim.initial_accumulator_value;
+    *out = &g->base;
+    return MPSCY_OK;
+}
+
+int cpu_graph_io(mpscy_graph gh, int32_t kind, int32_t index, mpscy_buffer *out, char *err, size_t n) {
+    cpu_graph *g = (cpu_graph *)gh;
+    int32_t ni = g->plan.n_inputs;
+    if (kind == MPSCY_IO_INPUT && index >= 0 && index < ni) *out = &g->io_bufs[index];
+    else if (kind == MPSCY_IO_TARGET && index == 0) *out = &g->io_bufs[ni];
+    else if (kind == MPSCY_IO_OUTPUT && index == 0) *out = &g->io_bufs[ni + 1];
+    else return FAIL(MPSCY_INVALID, "no io buffer of kind %d and index %d (graph has %d inputs)", kind, index, ni);
+    return MPSCY_OK;
+}
+
+int cpu_tensor_count(mpscy_graph gh, int32_t *out) {
+    *out = ((cpu_graph *)gh)->plan.n_tensors;
+    return MPSCY_OK;
+}
+
+static const mpscy_tensor *find(cpu_graph *g, int32_t index, size_t bytes, int check, char *err, size_t n, int *st) {
+    if (index < 0 || index >= g->plan.n_tensors) {
+        *st = FAIL(MPSCY_INVALID, "tensor index %d outside 0..%d", index, g->plan.n_tensors - 1);
+        return NULL;
+    }
+    const mpscy_tensor *t = &g->plan.tensors[index];
+    size_t want = (size_t)t->info.count * (t->info.dtype == MPSCY_F32 ? 4 : 8);
+    if (check && bytes != want) {
+        *st = FAIL(MPSCY_SHAPE, "tensor '%s' holds %zu bytes, not %zu", t->info.name, want, bytes);
+        return NULL;
+    }
+    *st = MPSCY_OK;
+    return t;
+}
+
+int cpu_tensor_info(mpscy_graph gh, int32_t index, mpscy_tensor_info *out, char *err, size_t n) {
+    int st;
+    const mpscy_tensor *t = find((cpu_graph *)gh, index, 0, 0, err, n, &st);
+    if (t) *out = t->info;
+    return st;
+}
+
+/* Where tensor t's bytes live on the host (scalars are doubles in g->scalars). */
+static void *tensor_ptr(cpu_graph *g, const mpscy_tensor *t) {
+    if (t->info.role != MPSCY_ROLE_OPTIM) return g->params + t->info.offset;
+    if (t->info.dtype == MPSCY_F32) return g->optim + t->info.offset;
+    return &g->scalars[t->info.offset];
+}
+
+int cpu_tensor_read(mpscy_graph gh, int32_t index, void *dst, size_t bytes, char *err, size_t n) {
+    cpu_graph *g = (cpu_graph *)gh;
+    int st;
+    const mpscy_tensor *t = find(g, index, bytes, 1, err, n, &st);
+    if (!t) return st;
+    if (t->info.dtype == MPSCY_I64) {
+        int64_t v = (int64_t)g->scalars[t->info.offset];
+        memcpy(dst, &v, sizeof v);
+    } else {
+        memcpy(dst, tensor_ptr(g, t), bytes);
+    }
+    return MPSCY_OK;
+}
+
+int cpu_tensor_write(mpscy_graph gh, int32_t index, const void *src, size_t bytes, char *err, size_t n) {
+    cpu_graph *g = (cpu_graph *)gh;
+    int st;
+    const mpscy_tensor *t = find(g, index, bytes, 1, err, n, &st);
+    if (!t) return st;
+    if (t->info.dtype == MPSCY_I64) {
+        int64_t v;
+        memcpy(&v, src, sizeof v);
+        if (v < 0) return FAIL(MPSCY_INVALID, "optimizer step count %lld is negative", (long long)v);
+        g->scalars[t->info.offset] = (double)v;
+    } else {
+        memcpy(tensor_ptr(g, t), src, bytes);
+    }
+    return MPSCY_OK;
+}

@@ -1,0 +1,146 @@
+/* loss.c — every loss on the CPU, as torch.nn.functional defines it with reduction="mean"
+ * (the mean over all elements; over rows for the cross-entropies), its gradient with respect
+ * to the model output written in the same pass, and the correct-prediction count. */
+#include "cpu.h"
+
+#include <math.h>
+
+int64_t cpu_check_labels(const int32_t *labels, int64_t b, int64_t classes) {
+    for (int64_t i = 0; i < b; i++)
+        if (labels[i] < 0 || labels[i] >= classes) return i;
+    return -1;
+}
+
+static int64_t argmax(const float *x, int64_t n) {
+    int64_t k = 0;
+    for (int64_t i = 1; i < n; i++)
+        if (x[i] > x[k]) k = i;
+    return k;
+}
+
+/* log-sum-exp of one row, and p = softmax into prob (may be NULL) */
+static double row_lse(const float *y, int64_t c) {
+    float m = y[0];
+    for (int64_t i = 1; i < c; i++) m = y[i] > m ? y[i] : m;
+    double s = 0;
+    for (int64_t i = 0; i < c; i++) s += exp((double)(y[i] - m));
+    return (double)m + log(s);
+}
+
+/* Cross-entropy from logits against a target distribution q (sparse: one-hot label),
+ * smoothed q' = (1 - eps) q + eps / C. loss_row = -sum q' log p; d = (p sum q' - q') / b. */
+static double cross_entropy(float *dy, const float *y, const int32_t *labels, const float *t,
+                            int64_t b, int64_t c, double eps) {
+    double total = 0, inv_b = 1.0 / (double)b, u = eps / (double)c;
+    for (int64_t r = 0; r < b; r++) {
+        const float *yr = y + r * c;
+        double lse = row_lse(yr, c), qsum = 0, row = 0;
+        for (int64_t i = 0; i < c; i++) {
+            double q = labels ? (i == labels[r] ? 1.0 : 0.0) : (double)t[r * c + i];
+            q = (1.0 - eps) * q + u;
+            qsum += q;
+            row -= q * ((double)yr[i] - lse);
+        }
+        total += row;
+        if (dy)
+            for (int64_t i = 0; i < c; i++) {
+                double q = labels ? (i == labels[r] ? 1.0 : 0.0) : (double)t[r * c + i];
+                q = (1.0 - eps) * q + u;
+                dy[r * c + i] = (float)((exp((double)yr[i] - lse) * qsum - q) * inv_b);
+            }
+    }
+    return total * inv_b;
+}
+
+/* Categorical cross-entropy on probabilities: -sum q' log(clamp(p, 1e-7, 1)), mean over rows. */
+static double categorical(float *dy, const float *y, const float *t, int64_t b, int64_t c, double eps) {
+    double total = 0, inv_b = 1.0 / (double)b, u = eps / (double)c;
+    for (int64_t k = 0; k < b * c; k++) {
+        double q = (1.0 - eps) * t[k] + u, p = y[k];
+        int clamped = p < 1e-7;
+        if (clamped) p = 1e-7;
+        total -= q * log(p);
+        if (dy) dy[k] = clamped ? 0.0f : (float)(-q / p * inv_b);
+    }
+    return total * inv_b;
+}
+
+double cpu_loss(const mpscy_plan *p, float *dy, const float *y, const void *target, int64_t b, int64_t *correct) {
+    int64_t c = p->out_size, n = b * c;
+    const int32_t *labels = p->target == MPSCY_TARGET_INDEX ? (const int32_t *)target : NULL;
+    const float *t = labels ? NULL : (const float *)target;
+    double total = 0, inv_n = 1.0 / (double)n;
+
+    switch (p->loss.kind) {
+    case MPSCY_LOSS_SPARSE_CE:
+    case MPSCY_LOSS_CE:
+        total = cross_entropy(dy, y, labels, t, b, c, p->loss.label_smoothing);
+        break;
+    case MPSCY_LOSS_CATEGORICAL_CE:
+        total = categorical(dy, y, t, b, c, p->loss.label_smoothing);
+        break;
+    case MPSCY_LOSS_MSE:
+        for (int64_t k = 0; k < n; k++) {
+            double d = (double)y[k] - t[k];
+            total += d * d;
+            if (dy) dy[k] = (float)(2.0 * d * inv_n);
+        }
+        total *= inv_n;
+        break;
+    case MPSCY_LOSS_MAE:
+        for (int64_t k = 0; k < n; k++) {
+            double d = (double)y[k] - t[k];
+            total += fabs(d);
+            if (dy) dy[k] = (float)((d > 0) - (d < 0)) * (float)inv_n;
+        }
+        total *= inv_n;
+        break;
+    case MPSCY_LOSS_HUBER: {
+        double delta = p->loss.delta;
+        for (int64_t k = 0; k < n; k++) {
+            double d = (double)y[k] - t[k], a = fabs(d);
+            total += a < delta ? 0.5 * d * d : delta * (a - 0.5 * delta);
+            if (dy) dy[k] = (float)((a < delta ? d : delta * ((d > 0) - (d < 0))) * inv_n);
+        }
+        total *= inv_n;
+        break;
+    }
+    case MPSCY_LOSS_BCE:
+        /* PyTorch clamps each log at -100 and divides the gradient by max(p(1-p), 1e-12) */
+        for (int64_t k = 0; k < n; k++) {
+            double x = y[k], z = t[k];
+            double lp = x > 0 ? log(x) : -100.0, lq = x < 1 ? log1p(-x) : -100.0;
+            if (lp < -100.0) lp = -100.0;
+            if (lq < -100.0) lq = -100.0;
+            total -= z * lp + (1.0 - z) * lq;
+            double den = x * (1.0 - x);
+            if (dy) dy[k] = (float)((x - z) / (den > 1e-12 ? den : 1e-12) * inv_n);
+        }
+        total *= inv_n;
+        break;
+    case MPSCY_LOSS_BCE_LOGITS:
+        for (int64_t k = 0; k < n; k++) {
+            double x = y[k], z = t[k];
+            total += (x > 0 ? x : 0) - x * z + log1p(exp(-fabs(x)));
+            if (dy) dy[k] = (float)((1.0 / (1.0 + exp(-x)) - z) * inv_n);
+        }
+        total *= inv_n;
+        break;
+    default:
+        total = NAN;
+    }
+
+    *correct = -1;
+    if (p->loss.accuracy == MPSCY_ACCURACY_ARGMAX) {
+        *correct = 0;
+        for (int64_t r = 0; r < b; r++) {
+            int64_t want = labels ? labels[r] : argmax(t + r * c, c);
+            *correct += argmax(y + r * c, c) == want;
+        }
+    } else if (p->loss.accuracy == MPSCY_ACCURACY_THRESHOLD) {
+        *correct = 0;
+        float thr = (float)p->loss.threshold;
+        for (int64_t k = 0; k < n; k++) *correct += (y[k] > thr) == (t[k] > 0.5f);
+    }
+    return total;
+}

@@ -1,0 +1,167 @@
+/* mpscy.c — the ABI entry points. Each one checks its handle, counts the call on the device,
+ * and forwards to the backend table the handle carries; none calls another entry point.
+ * Also the one error formatter every backend uses. No kernel or allocation policy lives here. */
+#include "backend.h"
+
+#include <string.h>
+
+#define COMPONENT "mpscy"
+#define FAIL(status, ...) MPSCY_FAIL(err, errlen, (status), COMPONENT, __VA_ARGS__)
+
+int mpscy_fail_at(char *err, size_t n, int status, const char *component, const char *func,
+                  const char *file, int line, const char *fmt, ...) {
+    if (!err || n == 0) return status;
+    const char *base = strrchr(file, '/');
+    base = base ? base + 1 : file;
+    int k = snprintf(err, n, "[%s::%s] ", component, func);
+    if (k < 0 || (size_t)k >= n) return status;
+    va_list ap;
+    va_start(ap, fmt);
+    int m = vsnprintf(err + k, n - (size_t)k, fmt, ap);
+    va_end(ap);
+    if (m < 0 || (size_t)(k + m) >= n) return status;
+    snprintf(err + k + m, n - (size_t)(k + m), " (%s:%d)", base, line);
+    return status;
+}
+
+int32_t mpscy_abi_version(void) { return MPSCY_ABI_VERSION; }
+
+static const mpscy_backend *const backends[] = {
+    &mpscy_cpu_backend,
+#ifdef MPSCY_HAVE_CUDA
+    &mpscy_cuda_backend,
+#endif
+#ifdef MPSCY_HAVE_METAL
+    &mpscy_metal_backend,
+#endif
+};
+
+int mpscy_device_create(const char *backend, mpscy_device *out, char *err, size_t errlen) {
+    if (!out) return FAIL(MPSCY_INVALID, "out is NULL");
+    *out = NULL;
+    if (!backend) return FAIL(MPSCY_INVALID, "backend name is NULL");
+    for (size_t i = 0; i < sizeof backends / sizeof backends[0]; i++)
+        if (strcmp(backends[i]->name, backend) == 0)
+            return backends[i]->device_create(backends[i], out, err, errlen);
+    if (strcmp(backend, "cuda") == 0)
+        return mpscy_null_device_create(backend, "built without nvcc or with MPSCY_CUDA=0", err, errlen);
+    if (strcmp(backend, "metal") == 0)
+        return mpscy_null_device_create(backend, "it is built on macOS 13 or newer only", err, errlen);
+    return FAIL(MPSCY_INVALID, "unknown backend '%s' (known: cpu, cuda, metal)", backend);
+}
+
+void mpscy_device_destroy(mpscy_device dev) {
+    if (dev) dev->vt->device_destroy(dev);
+}
+
+int mpscy_device_info_get(mpscy_device dev, mpscy_device_info *out, char *err, size_t errlen) {
+    if (!dev || !out) return FAIL(MPSCY_INVALID, "device or out is NULL");
+    dev->stats.calls++;
+    memset(out, 0, sizeof *out);
+    return dev->vt->device_info(dev, out, err, errlen);
+}
+
+int mpscy_device_stats(mpscy_device dev, mpscy_stats *out, char *err, size_t errlen) {
+    if (!dev || !out) return FAIL(MPSCY_INVALID, "device or out is NULL");
+    *out = dev->stats;
+    return MPSCY_OK;
+}
+
+int mpscy_buffer_create(mpscy_device dev, size_t bytes, int32_t storage, mpscy_buffer *out,
+                        char *err, size_t errlen) {
+    if (!dev || !out) return FAIL(MPSCY_INVALID, "device or out is NULL");
+    *out = NULL;
+    dev->stats.calls++;
+    if (bytes == 0) return FAIL(MPSCY_INVALID, "a buffer needs at least one byte");
+    if (storage != MPSCY_STORAGE_SHARED && storage != MPSCY_STORAGE_PRIVATE)
+        return FAIL(MPSCY_INVALID, "unknown storage mode %d", storage);
+    return dev->vt->buffer_create(dev, bytes, storage, out, err, errlen);
+}
+
+void mpscy_buffer_destroy(mpscy_buffer buf) {
+    if (!buf || buf->borrowed) return;
+    buf->dev->stats.calls++;
+    buf->vt->buffer_destroy(buf);
+}
+
+int mpscy_buffer_host_pointer(mpscy_buffer buf, void **out, size_t *bytes, char *err, size_t errlen) {
+    if (!buf || !out) return FAIL(MPSCY_INVALID, "buffer or out is NULL");
+    buf->dev->stats.calls++;
+    if (!buf->host) return FAIL(MPSCY_INVALID, "a private buffer has no host pointer");
+    *out = buf->host;
+    if (bytes) *bytes = buf->bytes;
+    return MPSCY_OK;
+}
+
+int mpscy_buffer_read(mpscy_buffer buf, size_t offset, void *dst, size_t bytes, char *err, size_t errlen) {
+    if (!buf || (!dst && bytes)) return FAIL(MPSCY_INVALID, "buffer or destination is NULL");
+    buf->dev->stats.calls++;
+    if (offset > buf->bytes || bytes > buf->bytes - offset)
+        return FAIL(MPSCY_SHAPE, "read of %zu bytes at %zu exceeds the buffer's %zu", bytes, offset, buf->bytes);
+    return buf->vt->buffer_read(buf, offset, dst, bytes, err, errlen);
+}
+
+int mpscy_buffer_write(mpscy_buffer buf, size_t offset, const void *src, size_t bytes, char *err, size_t errlen) {
+    if (!buf || (!src && bytes)) return FAIL(MPSCY_INVALID, "buffer or source is NULL");
+    buf->dev->stats.calls++;
+    if (offset > buf->bytes || bytes > buf->bytes - offset)
+        return FAIL(MPSCY_SHAPE, "write of %zu bytes at %zu exceeds the buffer's %zu", bytes, offset, buf->bytes);
+    return buf->vt->buffer_write(buf, offset, src, bytes, err, errlen);
+}
+
+int mpscy_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *out, char *err, size_t errlen) {
+    if (!dev || !desc || !out) return FAIL(MPSCY_INVALID, "device, descriptor or out is NULL");
+    *out = NULL;
+    dev->stats.calls++;
+    return dev->vt->graph_build(dev, desc, out, err, errlen);
+}
+
+void mpscy_graph_destroy(mpscy_graph g) {
+    if (!g) return;
+    g->dev->stats.calls++;
+    g->vt->graph_destroy(g);
+}
+
+int mpscy_graph_io(mpscy_graph g, int32_t kind, int32_t index, mpscy_buffer *out, char *err, size_t errlen) {
+    if (!g || !out) return FAIL(MPSCY_INVALID, "graph or out is NULL");
+    g->dev->stats.calls++;
+    return g->vt->graph_io(g, kind, index, out, err, errlen);
+}
+
+int mpscy_graph_tensor_count(mpscy_graph g, int32_t *out, char *err, size_t errlen) {
+    if (!g || !out) return FAIL(MPSCY_INVALID, "graph or out is NULL");
+    g->dev->stats.calls++;
+    return g->vt->tensor_count(g, out);
+}
+
+int mpscy_graph_tensor_info(mpscy_graph g, int32_t index, mpscy_tensor_info *out, char *err, size_t errlen) {
+    if (!g || !out) return FAIL(MPSCY_INVALID, "graph or out is NULL");
+    g->dev->stats.calls++;
+    return g->vt->tensor_info(g, index, out, err, errlen);
+}
+
+int mpscy_graph_tensor_read(mpscy_graph g, int32_t index, void *dst, size_t bytes, char *err, size_t errlen) {
+    if (!g || (!dst && bytes)) return FAIL(MPSCY_INVALID, "graph or destination is NULL");
+    g->dev->stats.calls++;
+    return g->vt->tensor_read(g, index, dst, bytes, err, errlen);
+}
+
+int mpscy_graph_tensor_write(mpscy_graph g, int32_t index, const void *src, size_t bytes, char *err, size_t errlen) {
+    if (!g || (!src && bytes)) return FAIL(MPSCY_INVALID, "graph or source is NULL");
+    g->dev->stats.calls++;
+    return g->vt->tensor_write(g, index, src, bytes, err, errlen);
+}
+
+int mpscy_graph_step(mpscy_graph g, const mpscy_step_args *args, mpscy_step_result *out, char *err, size_t errlen) {
+    if (!g || !args || !out) return FAIL(MPSCY_INVALID, "graph, args or out is NULL");
+    g->dev->stats.calls++;
+    g->dev->stats.steps++;
+    return g->vt->graph_step(g, args, out, err, errlen);
+}
+
+int mpscy_graph_predict(mpscy_graph g, const mpscy_step_args *args, char *err, size_t errlen) {
+    if (!g || !args) return FAIL(MPSCY_INVALID, "graph or args is NULL");
+    g->dev->stats.calls++;
+    g->dev->stats.predicts++;
+    return g->vt->graph_predict(g, args, err, errlen);
+}

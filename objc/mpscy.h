@@ -1,0 +1,298 @@
+/* mpscy.h — the whole C ABI of mpscy: device, buffer, graph build, step execution.
+ * Plain C99 with only <stddef.h>/<stdint.h>: no Objective-C, CUDA or C++ type appears here.
+ * Every backend (cpu, cuda, metal, null) implements it behind one table of function pointers.
+ * Fallible calls return an mpscy_status and fill a caller-owned error buffer with one line,
+ * "[backend::function] what failed: detail (file:line)". Native code never exits, aborts or prints. */
+#ifndef MPSCY_H
+#define MPSCY_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define MPSCY_ABI_VERSION 1
+#define MPSCY_MAX_RANK 6          /* per-sample rank of any tensor (batch excluded) */
+#define MPSCY_MAX_INPUTS 8        /* inputs of one layer node */
+#define MPSCY_NAME_LEN 64
+#define MPSCY_ERR_LEN 512         /* a sufficient size for error buffers */
+
+/* ------------------------------------------------------------------ status */
+
+typedef enum mpscy_status {
+    MPSCY_OK = 0,
+    MPSCY_INVALID = 1,      /* an argument or descriptor field is invalid */
+    MPSCY_SHAPE = 2,        /* shapes or sizes do not agree */
+    MPSCY_OOM = 3,          /* host or device memory could not be allocated */
+    MPSCY_DEVICE = 4,       /* the device failed, is absent, or its backend was not built */
+    MPSCY_UNSUPPORTED = 5,  /* a valid request this backend does not implement */
+    MPSCY_NONFINITE = 6     /* loss or gradients not finite: the update was not applied */
+} mpscy_status;
+
+/* Compile-time ABI version of the linked library (checked by the Python package at import). */
+int32_t mpscy_abi_version(void);
+
+/* ------------------------------------------------------------------ device */
+
+typedef struct mpscy_device_ *mpscy_device;
+typedef struct mpscy_buffer_ *mpscy_buffer;
+typedef struct mpscy_graph_ *mpscy_graph;
+
+typedef struct mpscy_device_info {
+    char backend[16];         /* "cpu", "cuda", "metal" */
+    char name[128];           /* human-readable device name */
+    int32_t unified_memory;   /* 1 when host and device share memory */
+    int32_t threads;          /* worker threads (cpu) or multiprocessors (gpu) */
+    int64_t memory_bytes;     /* total (or recommended working set) memory, 0 if unknown */
+} mpscy_device_info;
+
+/* Native counters of one device: every host or device allocation made by the backend for
+ * this device and its graphs, and every ABI call made on it. */
+typedef struct mpscy_stats {
+    int64_t allocations;      /* allocations made so far */
+    int64_t frees;            /* allocations released so far */
+    int64_t bytes_in_use;     /* bytes currently allocated */
+    int64_t peak_bytes;       /* largest bytes_in_use seen */
+    int64_t steps;            /* mpscy_graph_step calls */
+    int64_t predicts;         /* mpscy_graph_predict calls */
+    int64_t calls;            /* every ABI call on this device or its objects, except stats */
+} mpscy_stats;
+
+/* Creates a device of the named backend ("cpu", "cuda", "metal"). A backend that was not
+ * built yields MPSCY_DEVICE with a message saying so. */
+int mpscy_device_create(const char *backend, mpscy_device *out, char *err, size_t errlen);
+void mpscy_device_destroy(mpscy_device dev);  /* accepts NULL; graphs and buffers go first */
+int mpscy_device_info_get(mpscy_device dev, mpscy_device_info *out, char *err, size_t errlen);
+int mpscy_device_stats(mpscy_device dev, mpscy_stats *out, char *err, size_t errlen);
+
+/* ------------------------------------------------------------------ buffer */
+
+typedef enum mpscy_storage {
+    MPSCY_STORAGE_SHARED = 0,   /* host-visible: mpscy_buffer_host_pointer works */
+    MPSCY_STORAGE_PRIVATE = 1   /* device-only: read/write copy through the ABI */
+} mpscy_storage;
+
+int mpscy_buffer_create(mpscy_device dev, size_t bytes, int32_t storage, mpscy_buffer *out,
+                        char *err, size_t errlen);
+/* Accepts NULL. Buffers handed out by mpscy_graph_io belong to their graph and are ignored. */
+void mpscy_buffer_destroy(mpscy_buffer buf);
+int mpscy_buffer_host_pointer(mpscy_buffer buf, void **out, size_t *bytes, char *err, size_t errlen);
+int mpscy_buffer_read(mpscy_buffer buf, size_t offset, void *dst, size_t bytes,
+                      char *err, size_t errlen);
+int mpscy_buffer_write(mpscy_buffer buf, size_t offset, const void *src, size_t bytes,
+                       char *err, size_t errlen);
+
+/* ------------------------------------------------------------------ graph */
+
+/* Layer kinds. A node's per-kind options live in ints[]/reals[] as listed. */
+typedef enum mpscy_layer_kind {
+    MPSCY_LAYER_INPUT = 0,       /* a graph input; shape = per-sample input shape */
+    MPSCY_LAYER_DENSE = 1,       /* ints[0]=units; flags BIAS; input flattened row-major */
+    MPSCY_LAYER_RELU = 2,
+    MPSCY_LAYER_CONV2D = 3,      /* ints: out_c, kh, kw, sh, sw, ph, pw, dh, dw, groups; BIAS */
+    MPSCY_LAYER_MAXPOOL2D = 4,   /* ints: kh, kw, sh, sw, ph, pw */
+    MPSCY_LAYER_AVGPOOL2D = 5,   /* ints: kh, kw, sh, sw, ph, pw, count_include_pad */
+    MPSCY_LAYER_GLOBALAVGPOOL2D = 6, /* (C, H, W) -> (C) */
+    MPSCY_LAYER_FLATTEN = 7,
+    MPSCY_LAYER_BATCHNORM = 8,   /* reals: momentum, eps; flags AFFINE */
+    MPSCY_LAYER_LAYERNORM = 9,   /* ints[0]=normalized trailing dims; reals[1]=eps; AFFINE */
+    MPSCY_LAYER_DROPOUT = 10,    /* reals[0]=rate */
+    MPSCY_LAYER_LEAKYRELU = 11,  /* reals[0]=negative_slope */
+    MPSCY_LAYER_ELU = 12,        /* reals[0]=alpha */
+    MPSCY_LAYER_SIGMOID = 13,
+    MPSCY_LAYER_TANH = 14,
+    MPSCY_LAYER_SWISH = 15,
+    MPSCY_LAYER_GELU = 16,       /* ints[0]=1 for the tanh approximation */
+    MPSCY_LAYER_SOFTMAX = 17,    /* ints[0]=axis in the per-sample shape */
+    MPSCY_LAYER_ADD = 18,        /* n_inputs >= 2, equal shapes */
+    MPSCY_LAYER_CONCAT = 19,     /* ints[0]=axis in the per-sample shape */
+    MPSCY_LAYER_KIND_COUNT = 20
+} mpscy_layer_kind;
+
+enum {
+    MPSCY_FLAG_BIAS = 1,         /* the layer has a bias */
+    MPSCY_FLAG_AFFINE = 2        /* a normalization layer has weight and bias */
+};
+
+typedef struct mpscy_layer_desc {
+    int32_t kind;                     /* mpscy_layer_kind */
+    int32_t flags;                    /* MPSCY_FLAG_* */
+    int32_t n_inputs;                 /* 0 for INPUT nodes */
+    int32_t inputs[MPSCY_MAX_INPUTS]; /* producing node indices, each < this node's index */
+    int32_t rank;                     /* per-sample output rank */
+    int64_t shape[MPSCY_MAX_RANK];    /* per-sample output shape, resolved by the caller */
+    int32_t ints[12];                 /* kind-specific integers */
+    double reals[4];                  /* kind-specific reals */
+    char name[MPSCY_NAME_LEN];        /* parameters are named "<name>.weight", ... */
+} mpscy_layer_desc;
+
+typedef enum mpscy_loss_kind {
+    MPSCY_LOSS_SPARSE_CE = 1,        /* logits vs int labels; reals label_smoothing */
+    MPSCY_LOSS_CE = 2,               /* logits vs class probabilities; label_smoothing */
+    MPSCY_LOSS_BCE = 3,              /* probabilities vs targets in [0, 1] */
+    MPSCY_LOSS_BCE_LOGITS = 4,       /* logits vs targets in [0, 1] */
+    MPSCY_LOSS_CATEGORICAL_CE = 5,   /* probabilities vs one-hot / probabilities */
+    MPSCY_LOSS_MSE = 6,
+    MPSCY_LOSS_MAE = 7,
+    MPSCY_LOSS_HUBER = 8             /* delta */
+} mpscy_loss_kind;
+
+typedef enum mpscy_accuracy_kind {
+    MPSCY_ACCURACY_NONE = 0,         /* regression: correct is reported as -1 */
+    MPSCY_ACCURACY_ARGMAX = 1,       /* argmax of output vs label (or argmax of target) */
+    MPSCY_ACCURACY_THRESHOLD = 2     /* single output: output > threshold vs target > 0.5 */
+} mpscy_accuracy_kind;
+
+typedef struct mpscy_loss_desc {
+    int32_t kind;                /* mpscy_loss_kind */
+    int32_t accuracy;            /* mpscy_accuracy_kind */
+    double label_smoothing;      /* cross-entropy losses */
+    double delta;                /* huber */
+    double threshold;            /* MPSCY_ACCURACY_THRESHOLD: 0.5 for probabilities, 0 for logits */
+} mpscy_loss_desc;
+
+typedef enum mpscy_optim_kind {
+    MPSCY_OPTIM_SGD = 1,
+    MPSCY_OPTIM_ADAM = 2,
+    MPSCY_OPTIM_ADAMW = 3,
+    MPSCY_OPTIM_RMSPROP = 4,
+    MPSCY_OPTIM_ADAGRAD = 5,
+    MPSCY_OPTIM_ADADELTA = 6,
+    MPSCY_OPTIM_NADAM = 7,
+    MPSCY_OPTIM_LBFGS = 8
+} mpscy_optim_kind;
+
+enum {
+    MPSCY_OPTIM_NESTEROV = 1,
+    MPSCY_OPTIM_AMSGRAD = 2,
+    MPSCY_OPTIM_MAXIMIZE = 4,
+    MPSCY_OPTIM_CENTERED = 8,
+    MPSCY_OPTIM_DECOUPLED_WD = 16
+};
+
+/* Build-time optimizer options. lr, momentum, betas and weight_decay are the initial values;
+ * each step carries its own (mpscy_step_args), so schedules never rebuild. */
+typedef struct mpscy_optim_desc {
+    int32_t kind;                /* mpscy_optim_kind */
+    int32_t flags;               /* MPSCY_OPTIM_* */
+    double lr, momentum, dampening, weight_decay;
+    double beta1, beta2, eps;
+    double alpha, rho, lr_decay, initial_accumulator_value, momentum_decay;
+    double clip_grad_norm;       /* <= 0: off */
+    double clip_grad_value;      /* <= 0: off */
+    int32_t history_size, max_iter, line_search;
+    double tolerance_grad, tolerance_change;
+} mpscy_optim_desc;
+
+typedef enum mpscy_target_kind {
+    MPSCY_TARGET_INDEX = 0,      /* int32 class labels, shape (batch,) */
+    MPSCY_TARGET_DENSE = 1       /* float32, shaped like the output */
+} mpscy_target_kind;
+
+typedef enum mpscy_precision {
+    MPSCY_PRECISION_FP32 = 0,
+    MPSCY_PRECISION_TF32 = 1
+} mpscy_precision;
+
+typedef struct mpscy_graph_desc {
+    int32_t n_layers;
+    const mpscy_layer_desc *layers;  /* topologically ordered; INPUT nodes are the inputs */
+    int32_t output;                  /* node index of the model output */
+    int32_t batch;                   /* built (largest) batch size */
+    int32_t target;                  /* mpscy_target_kind */
+    int32_t precision;               /* mpscy_precision */
+    int32_t threads;                 /* cpu worker threads, 0 = backend default */
+    mpscy_loss_desc loss;
+    mpscy_optim_desc optim;
+} mpscy_graph_desc;
+
+int mpscy_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *out,
+                      char *err, size_t errlen);
+void mpscy_graph_destroy(mpscy_graph g);   /* accepts NULL */
+
+typedef enum mpscy_io_kind {
+    MPSCY_IO_INPUT = 0,    /* float32 (batch, *input shape), one per INPUT node, in node order */
+    MPSCY_IO_TARGET = 1,   /* int32 (batch,) or float32 (batch, *output shape) */
+    MPSCY_IO_OUTPUT = 2    /* float32 (batch, *output shape), written by mpscy_graph_predict */
+} mpscy_io_kind;
+
+/* The graph's shared (host-visible) staging buffers. The caller fills inputs and targets
+ * before a step and reads the output after a predict. They belong to the graph. */
+int mpscy_graph_io(mpscy_graph g, int32_t kind, int32_t index, mpscy_buffer *out,
+                   char *err, size_t errlen);
+
+/* Named tensors of a graph: parameters, buffers (running statistics) and optimizer state. */
+typedef enum mpscy_tensor_role {
+    MPSCY_ROLE_PARAM = 0,        /* trainable, updated by the optimizer */
+    MPSCY_ROLE_BUFFER = 1,       /* non-trainable state such as running statistics */
+    MPSCY_ROLE_OPTIM = 2         /* optimizer state over the flat trainable slab */
+} mpscy_tensor_role;
+
+typedef enum mpscy_dtype {
+    MPSCY_F32 = 0,
+    MPSCY_F64 = 1,
+    MPSCY_I64 = 2
+} mpscy_dtype;
+
+typedef struct mpscy_tensor_info {
+    char name[MPSCY_NAME_LEN];   /* "dense_0.weight", "bn_1.running_mean", "exp_avg", "step" */
+    int32_t role;                /* mpscy_tensor_role */
+    int32_t dtype;               /* mpscy_dtype */
+    int32_t rank;
+    int64_t shape[MPSCY_MAX_RANK];  /* PyTorch/ONNX layouts: Dense weight (out, in) */
+    int64_t count;               /* elements */
+    int64_t offset;              /* PARAM: element offset in the flat trainable slab */
+} mpscy_tensor_info;
+
+int mpscy_graph_tensor_count(mpscy_graph g, int32_t *out, char *err, size_t errlen);
+int mpscy_graph_tensor_info(mpscy_graph g, int32_t index, mpscy_tensor_info *out,
+                            char *err, size_t errlen);
+/* Copy a whole tensor out of / into the graph; bytes must equal count * dtype size. */
+int mpscy_graph_tensor_read(mpscy_graph g, int32_t index, void *dst, size_t bytes,
+                            char *err, size_t errlen);
+int mpscy_graph_tensor_write(mpscy_graph g, int32_t index, const void *src, size_t bytes,
+                             char *err, size_t errlen);
+
+/* ------------------------------------------------------------------ step */
+
+typedef enum mpscy_mode {
+    MPSCY_MODE_TRAIN = 0,    /* forward (train mode), loss, backward, clip, update */
+    MPSCY_MODE_EVAL = 1,     /* forward (eval mode) and loss: nothing is modified */
+    MPSCY_MODE_GRAD = 2      /* forward (train mode), loss, backward: gradients only (L-BFGS) */
+} mpscy_mode;
+
+/* Values that may change every step; they never force a rebuild. */
+typedef struct mpscy_step_args {
+    int32_t batch;           /* rows already staged, 1..built batch */
+    int32_t mode;            /* mpscy_mode (predict ignores it: always eval) */
+    double lr;               /* learning rate of this step */
+    double momentum;         /* SGD / RMSprop momentum */
+    double beta1, beta2;     /* Adam-family betas */
+    double weight_decay;
+    uint64_t seed;           /* dropout generator key */
+    uint64_t counter;        /* dropout generator counter: advance once per train step */
+} mpscy_step_args;
+
+typedef struct mpscy_step_result {
+    double loss;             /* mean loss over the staged rows */
+    int64_t correct;         /* correct predictions, -1 when the loss has no accuracy */
+    double grad_norm;        /* global L2 gradient norm before clipping (TRAIN/GRAD) */
+    int32_t applied;         /* 1 when the optimizer update was applied */
+    int32_t finite;          /* 0 when the loss or a gradient was not finite */
+} mpscy_step_result;
+
+/* One training (or evaluation) step over the batch staged in the graph's io buffers.
+ * A non-finite loss or gradient returns MPSCY_NONFINITE with result filled and every
+ * parameter, buffer and optimizer state exactly as before the call. */
+int mpscy_graph_step(mpscy_graph g, const mpscy_step_args *args, mpscy_step_result *out,
+                     char *err, size_t errlen);
+
+/* Eval-mode forward of the staged inputs into the output io buffer. */
+int mpscy_graph_predict(mpscy_graph g, const mpscy_step_args *args, char *err, size_t errlen);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* MPSCY_H */

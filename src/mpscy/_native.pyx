@@ -1,0 +1,663 @@
+# _native.pyx — the Cython bridge to objc/mpscy.h. Each cdef class owns exactly one native
+# handle, frees it in __dealloc__ and keeps its parent alive. Batches are validated with the
+# GIL held (dtype, rank, shape, contiguity, finiteness, label range) while they are copied
+# straight into the graph's shared staging buffers; then exactly one ABI call runs, in
+# `with nogil:`, and one _check() turns its status into an mpscy.Error. No pointer reaches Python.
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_RECORDS_RO
+from cpython.mem cimport PyMem_Calloc, PyMem_Free
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
+from libc.string cimport memcpy, memset, strncpy
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+
+from mpscy._abi cimport *
+
+import numpy as np
+
+from mpscy import errors as _errors
+
+ABI_VERSION = MPSCY_ABI_VERSION
+LIBRARY_ABI_VERSION = mpscy_abi_version()
+cdef enum:
+    ERR_LEN = 512
+    MAX_IO = 8
+
+LAYER_KINDS = {
+    "input": MPSCY_LAYER_INPUT, "dense": MPSCY_LAYER_DENSE, "relu": MPSCY_LAYER_RELU,
+    "conv2d": MPSCY_LAYER_CONV2D, "maxpool2d": MPSCY_LAYER_MAXPOOL2D,
+    "avgpool2d": MPSCY_LAYER_AVGPOOL2D, "globalavgpool2d": MPSCY_LAYER_GLOBALAVGPOOL2D,
+    "flatten": MPSCY_LAYER_FLATTEN, "batchnorm": MPSCY_LAYER_BATCHNORM,
+    "layernorm": MPSCY_LAYER_LAYERNORM, "dropout": MPSCY_LAYER_DROPOUT,
+    "leakyrelu": MPSCY_LAYER_LEAKYRELU, "elu": MPSCY_LAYER_ELU, "sigmoid": MPSCY_LAYER_SIGMOID,
+    "tanh": MPSCY_LAYER_TANH, "swish": MPSCY_LAYER_SWISH, "gelu": MPSCY_LAYER_GELU,
+    "softmax": MPSCY_LAYER_SOFTMAX, "add": MPSCY_LAYER_ADD, "concat": MPSCY_LAYER_CONCAT,
+}
+LOSS_KINDS = {
+    "sparse_cross_entropy": MPSCY_LOSS_SPARSE_CE, "cross_entropy": MPSCY_LOSS_CE,
+    "binary_cross_entropy": MPSCY_LOSS_BCE, "bce_with_logits": MPSCY_LOSS_BCE_LOGITS,
+    "categorical_cross_entropy": MPSCY_LOSS_CATEGORICAL_CE, "mse": MPSCY_LOSS_MSE,
+    "mae": MPSCY_LOSS_MAE, "huber": MPSCY_LOSS_HUBER,
+}
+ACCURACY_KINDS = {"none": MPSCY_ACCURACY_NONE, "argmax": MPSCY_ACCURACY_ARGMAX,
+                  "threshold": MPSCY_ACCURACY_THRESHOLD}
+OPTIM_KINDS = {
+    "sgd": MPSCY_OPTIM_SGD, "adam": MPSCY_OPTIM_ADAM, "adamw": MPSCY_OPTIM_ADAMW,
+    "rmsprop": MPSCY_OPTIM_RMSPROP, "adagrad": MPSCY_OPTIM_ADAGRAD,
+    "adadelta": MPSCY_OPTIM_ADADELTA, "nadam": MPSCY_OPTIM_NADAM, "lbfgs": MPSCY_OPTIM_LBFGS,
+}
+OPTIM_FLAGS = {"nesterov": MPSCY_OPTIM_NESTEROV, "amsgrad": MPSCY_OPTIM_AMSGRAD,
+               "maximize": MPSCY_OPTIM_MAXIMIZE, "centered": MPSCY_OPTIM_CENTERED,
+               "decoupled_weight_decay": MPSCY_OPTIM_DECOUPLED_WD}
+LAYER_FLAGS = {"bias": MPSCY_FLAG_BIAS, "affine": MPSCY_FLAG_AFFINE}
+_ROLES = {MPSCY_ROLE_PARAM: "param", MPSCY_ROLE_BUFFER: "buffer", MPSCY_ROLE_OPTIM: "optim"}
+_DTYPES = {MPSCY_F32: np.float32, MPSCY_F64: np.float64, MPSCY_I64: np.int64}
+
+_STATUS_ERRORS = {
+    MPSCY_INVALID: _errors.InvalidArgumentError,
+    MPSCY_SHAPE: _errors.ShapeError,
+    MPSCY_OOM: _errors.OutOfMemoryError,
+    MPSCY_DEVICE: _errors.DeviceError,
+    MPSCY_UNSUPPORTED: _errors.UnsupportedError,
+    MPSCY_NONFINITE: _errors.NonFiniteError,
+}
+
+
+cdef int _check(int status, const char *err) except -1:
+    """Raises the mpscy.Error subclass of a non-OK status with the native message."""
+    if status == MPSCY_OK:
+        return 0
+    cls = _STATUS_ERRORS.get(status, _errors.Error)
+    raise cls((<bytes>err).decode("utf-8", "replace") or f"native status {status}")
+
+
+# ----------------------------------------------------------------------- array checks
+
+cdef enum _Kind:
+    K_OTHER = 0
+    K_F32 = 1
+    K_I32 = 2
+    K_I64 = 3
+
+
+cdef _Kind _kind_of(const Py_buffer *v) noexcept:
+    cdef const char *f = v.format
+    if f == NULL:
+        return K_OTHER
+    if f[0] == b'@' or f[0] == b'=' or f[0] == b'<':
+        f += 1
+    if f[0] == 0 or f[1] != 0:
+        return K_OTHER
+    if f[0] == b'f' and v.itemsize == 4:
+        return K_F32
+    if (f[0] == b'i' or f[0] == b'l' or f[0] == b'q') and v.itemsize == 4:
+        return K_I32
+    if (f[0] == b'i' or f[0] == b'l' or f[0] == b'q') and v.itemsize == 8:
+        return K_I64
+    return K_OTHER
+
+
+cdef bint _c_contiguous(const Py_buffer *v) noexcept:
+    cdef Py_ssize_t expect = v.itemsize
+    cdef int d
+    if v.strides == NULL:
+        return True
+    for d in range(v.ndim - 1, -1, -1):
+        if v.shape[d] > 1 and v.strides[d] != expect:
+            return False
+        expect *= v.shape[d]
+    return True
+
+
+cdef int _acquire(object obj, Py_buffer *view, str what) except -1:
+    if obj is None:
+        raise _errors.DTypeError(f"{what} is None; expected a numpy array")
+    try:
+        PyObject_GetBuffer(obj, view, PyBUF_RECORDS_RO)
+    except Exception:
+        raise _errors.DTypeError(f"{what} must be a numpy array, got {type(obj).__name__}") from None
+    return 0
+
+
+cdef str _dtype_name(object obj):
+    dt = getattr(obj, "dtype", None)
+    return str(dt) if dt is not None else type(obj).__name__
+
+
+cdef str _shape_str(const Py_buffer *v):
+    return "(" + ", ".join(str(v.shape[d]) for d in range(v.ndim)) + ("," if v.ndim == 1 else "") + ")"
+
+
+cdef int64_t _copy_finite(float *dst, const float *src, int64_t n) noexcept nogil:
+    """Copies n floats; returns the index of the first NaN/Inf, or -1. The exponent-max scan
+    vectorizes, so the check costs about as much as the copy."""
+    cdef const uint32_t *bits = <const uint32_t *>src
+    cdef uint32_t mx = 0, e
+    cdef int64_t i
+    memcpy(dst, src, <size_t>n * sizeof(float))
+    for i in range(n):
+        e = bits[i] & 0x7f800000u
+        mx = e if e > mx else mx
+    if mx != 0x7f800000u:
+        return -1
+    for i in range(n):
+        if (bits[i] & 0x7f800000u) == 0x7f800000u:
+            return i
+    return -1
+
+
+cdef int64_t _copy_labels_i64(int32_t *dst, const int64_t *src, int64_t n, int64_t classes) noexcept nogil:
+    """int64 labels into the int32 staging buffer; returns the first out-of-range row or -1."""
+    cdef int64_t i, bad = -1
+    cdef int64_t v
+    for i in range(n):
+        v = src[i]
+        if v < 0 or v >= classes:
+            if bad < 0:
+                bad = i
+            v = 0
+        dst[i] = <int32_t>v
+    return bad
+
+
+cdef int64_t _copy_labels_i32(int32_t *dst, const int32_t *src, int64_t n, int64_t classes) noexcept nogil:
+    cdef int64_t i, bad = -1
+    memcpy(dst, src, <size_t>n * sizeof(int32_t))
+    for i in range(n):
+        if src[i] < 0 or src[i] >= classes:
+            return i
+    return bad
+
+
+# ----------------------------------------------------------------------- device and buffer
+
+cdef class Device:
+    """One native device of a backend ("cpu", "cuda", "metal")."""
+    cdef mpscy_device handle
+    cdef readonly str backend
+
+    def __cinit__(self, str backend):
+        cdef char err[ERR_LEN]
+        err[0] = 0
+        b = backend.encode()
+        cdef const char *name = b
+        cdef int st
+        with nogil:
+            st = mpscy_device_create(name, &self.handle, err, ERR_LEN)
+        _check(st, err)
+        self.backend = backend
+
+    def __dealloc__(self):
+        if self.handle != NULL:
+            mpscy_device_destroy(self.handle)
+            self.handle = NULL
+
+    def info(self):
+        cdef mpscy_device_info info
+        cdef char err[ERR_LEN]
+        err[0] = 0
+        _check(mpscy_device_info_get(self.handle, &info, err, ERR_LEN), err)
+        return {"backend": info.backend.decode(), "name": info.name.decode("utf-8", "replace"),
+                "unified_memory": bool(info.unified_memory), "threads": info.threads,
+                "memory_bytes": info.memory_bytes}
+
+    def stats(self):
+        cdef mpscy_stats s
+        cdef char err[ERR_LEN]
+        err[0] = 0
+        _check(mpscy_device_stats(self.handle, &s, err, ERR_LEN), err)
+        return {"allocations": s.allocations, "frees": s.frees, "bytes_in_use": s.bytes_in_use,
+                "peak_bytes": s.peak_bytes, "steps": s.steps, "predicts": s.predicts,
+                "calls": s.calls}
+
+
+cdef class Buffer:
+    """A standalone native buffer (shared or private storage), copied through bytes."""
+    cdef mpscy_buffer handle
+    cdef Device device
+    cdef readonly size_t nbytes
+
+    def __cinit__(self, Device device, size_t nbytes, bint shared=True):
+        cdef char err[ERR_LEN]
+        err[0] = 0
+        self.device = device
+        _check(mpscy_buffer_create(device.handle, nbytes,
+                                   MPSCY_STORAGE_SHARED if shared else MPSCY_STORAGE_PRIVATE,
+                                   &self.handle, err, ERR_LEN), err)
+        self.nbytes = nbytes
+
+    def __dealloc__(self):
+        if self.handle != NULL:
+            mpscy_buffer_destroy(self.handle)
+            self.handle = NULL
+
+    def write(self, const unsigned char[::1] data not None, size_t offset=0):
+        cdef char err[ERR_LEN]
+        err[0] = 0
+        _check(mpscy_buffer_write(self.handle, offset, &data[0] if data.shape[0] else NULL,
+                                  <size_t>data.shape[0], err, ERR_LEN), err)
+
+    def read(self, size_t nbytes, size_t offset=0):
+        out = bytearray(nbytes)
+        cdef unsigned char[::1] view = out
+        cdef char err[ERR_LEN]
+        err[0] = 0
+        _check(mpscy_buffer_read(self.handle, offset, &view[0] if nbytes else NULL, nbytes,
+                                 err, ERR_LEN), err)
+        return bytes(out)
+
+    def host_visible(self):
+        cdef void *p = NULL
+        cdef size_t n = 0
+        cdef char err[ERR_LEN]
+        err[0] = 0
+        return mpscy_buffer_host_pointer(self.handle, &p, &n, err, ERR_LEN) == MPSCY_OK
+
+
+# ----------------------------------------------------------------------- step result
+
+cdef class StepResult:
+    """What one training step reports. `accuracy` is None for losses without one."""
+    cdef readonly double loss
+    cdef readonly object accuracy
+    cdef readonly int batch_size
+    cdef readonly int64_t step_time_ns
+    cdef readonly bint applied
+    cdef readonly double grad_norm
+
+    def __repr__(self):
+        acc = "None" if self.accuracy is None else f"{self.accuracy:.4f}"
+        return (f"StepResult(loss={self.loss:.6g}, accuracy={acc}, batch_size={self.batch_size}, "
+                f"step_time_ns={self.step_time_ns}, applied={self.applied}, grad_norm={self.grad_norm:.6g})")
+
+    def __reduce__(self):
+        return (_make_result, (self.loss, self.accuracy, self.batch_size, self.step_time_ns,
+                               self.applied, self.grad_norm))
+
+
+def _make_result(loss, accuracy, batch_size, step_time_ns, applied, grad_norm):
+    cdef StepResult r = StepResult.__new__(StepResult)
+    r.loss, r.accuracy, r.batch_size = loss, accuracy, batch_size
+    r.step_time_ns, r.applied, r.grad_norm = step_time_ns, applied, grad_norm
+    return r
+
+
+cdef inline int64_t _now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+# ----------------------------------------------------------------------- graph
+
+cdef class Graph:
+    """A built graph: the model, its loss and optimizer, planned once on a device.
+
+    `layers` is a list of dicts (kind, name, inputs, shape, flags, ints, reals) in topological
+    order; `spec` holds output, batch, target ("index"/"dense"), loss, optim, precision."""
+    cdef mpscy_graph handle
+    cdef readonly Device device
+    cdef mpscy_step_args args
+    cdef char err[ERR_LEN]
+    cdef int n_inputs
+    cdef float *in_ptr[MAX_IO]
+    cdef int in_rank[MAX_IO]
+    cdef int64_t in_shape[MAX_IO][6]
+    cdef int64_t in_size[MAX_IO]
+    cdef void *target_ptr
+    cdef float *output_ptr
+    cdef readonly int batch
+    cdef readonly int64_t out_size
+    cdef readonly tuple output_shape
+    cdef int target_dense
+    cdef int accuracy_kind
+    cdef int64_t classes
+
+    def __cinit__(self, Device device not None, list layers not None, dict spec not None):
+        cdef int n = len(layers)
+        cdef mpscy_layer_desc *descs = <mpscy_layer_desc *>PyMem_Calloc(max(n, 1), sizeof(mpscy_layer_desc))
+        cdef mpscy_graph_desc d
+        cdef int i, j, st
+        cdef mpscy_buffer buf
+        cdef void *host
+        cdef size_t nbytes
+        if descs == NULL:
+            raise MemoryError("graph descriptor")
+        self.device = device
+        self.err[0] = 0
+        try:
+            memset(&d, 0, sizeof(d))
+            for i, L in enumerate(layers):
+                _fill_layer(&descs[i], L)
+            d.n_layers = n
+            d.layers = descs
+            d.output = spec["output"]
+            d.batch = spec["batch"]
+            d.target = MPSCY_TARGET_DENSE if spec["target"] == "dense" else MPSCY_TARGET_INDEX
+            d.precision = MPSCY_PRECISION_TF32 if spec.get("precision", "fp32") == "tf32" else MPSCY_PRECISION_FP32
+            d.threads = spec.get("threads", 0)
+            _fill_loss(&d.loss, spec["loss"])
+            _fill_optim(&d.optim, spec["optim"])
+            with nogil:
+                st = mpscy_graph_build(device.handle, &d, &self.handle, self.err, ERR_LEN)
+            _check(st, self.err)
+        finally:
+            PyMem_Free(descs)
+
+        self.batch = d.batch
+        self.target_dense = d.target == MPSCY_TARGET_DENSE
+        self.accuracy_kind = d.loss.accuracy
+        self.n_inputs = 0
+        for i, L in enumerate(layers):
+            if L["kind"] == "input":
+                if self.n_inputs == MAX_IO:
+                    raise _errors.InvalidArgumentError(f"at most {MAX_IO} model inputs are supported")
+                k = self.n_inputs
+                self.in_rank[k] = len(L["shape"])
+                self.in_size[k] = 1
+                for j, s in enumerate(L["shape"]):
+                    self.in_shape[k][j] = s
+                    self.in_size[k] *= s
+                _check(mpscy_graph_io(self.handle, MPSCY_IO_INPUT, k, &buf, self.err, ERR_LEN), self.err)
+                _check(mpscy_buffer_host_pointer(buf, &host, &nbytes, self.err, ERR_LEN), self.err)
+                self.in_ptr[k] = <float *>host
+                self.n_inputs += 1
+        out = layers[spec["output"]]["shape"]
+        self.output_shape = tuple(out)
+        self.out_size = 1
+        for s in out:
+            self.out_size *= s
+        self.classes = self.out_size
+        _check(mpscy_graph_io(self.handle, MPSCY_IO_TARGET, 0, &buf, self.err, ERR_LEN), self.err)
+        _check(mpscy_buffer_host_pointer(buf, &self.target_ptr, &nbytes, self.err, ERR_LEN), self.err)
+        _check(mpscy_graph_io(self.handle, MPSCY_IO_OUTPUT, 0, &buf, self.err, ERR_LEN), self.err)
+        _check(mpscy_buffer_host_pointer(buf, &host, &nbytes, self.err, ERR_LEN), self.err)
+        self.output_ptr = <float *>host
+        o = spec["optim"]
+        self.args.lr = o.get("lr", 0.0)
+        self.args.momentum = o.get("momentum", 0.0)
+        self.args.beta1 = o.get("beta1", 0.9)
+        self.args.beta2 = o.get("beta2", 0.999)
+        self.args.weight_decay = o.get("weight_decay", 0.0)
+        self.args.seed = spec.get("seed", 0)
+        self.args.counter = 0
+
+    def __dealloc__(self):
+        if self.handle != NULL:
+            mpscy_graph_destroy(self.handle)
+            self.handle = NULL
+
+    # per-step values: read by the next native step, never a rebuild
+    property lr:
+        def __get__(self): return self.args.lr
+        def __set__(self, double v): self.args.lr = v
+    property momentum:
+        def __get__(self): return self.args.momentum
+        def __set__(self, double v): self.args.momentum = v
+    property beta1:
+        def __get__(self): return self.args.beta1
+        def __set__(self, double v): self.args.beta1 = v
+    property beta2:
+        def __get__(self): return self.args.beta2
+        def __set__(self, double v): self.args.beta2 = v
+    property weight_decay:
+        def __get__(self): return self.args.weight_decay
+        def __set__(self, double v): self.args.weight_decay = v
+    property seed:
+        def __get__(self): return self.args.seed
+        def __set__(self, uint64_t v): self.args.seed = v
+    property counter:
+        def __get__(self): return self.args.counter
+        def __set__(self, uint64_t v): self.args.counter = v
+
+    # ------------------------------------------------------------------ staging
+
+    cdef int _stage_one(self, object x, int k, int rows, str what) except -1:
+        """Validates x against input k and copies it into the staging buffer; returns rows."""
+        cdef Py_buffer v
+        cdef int d
+        cdef int64_t bad, count
+        _acquire(x, &v, what)
+        try:
+            if _kind_of(&v) != K_F32:
+                raise _errors.DTypeError(f"{what} must be float32, got {_dtype_name(x)} "
+                                         f"(convert with .astype(np.float32))")
+            if v.ndim != self.in_rank[k] + 1:
+                raise _errors.ShapeError(f"{what} has shape {_shape_str(&v)}, expected (n, "
+                                         f"{', '.join(str(self.in_shape[k][j]) for j in range(self.in_rank[k]))})")
+            for d in range(self.in_rank[k]):
+                if v.shape[d + 1] != self.in_shape[k][d]:
+                    raise _errors.ShapeError(f"{what} has shape {_shape_str(&v)}, expected (n, "
+                                             f"{', '.join(str(self.in_shape[k][j]) for j in range(self.in_rank[k]))})")
+            if v.shape[0] == 0:
+                raise _errors.ShapeError(f"{what} is an empty batch (0 rows)")
+            if v.shape[0] > self.batch:
+                raise _errors.ShapeError(f"{what} has {v.shape[0]} rows, more than the built batch size {self.batch}")
+            if rows >= 0 and v.shape[0] != rows:
+                raise _errors.ShapeError(f"{what} has {v.shape[0]} rows, other inputs have {rows}")
+            if not _c_contiguous(&v):
+                raise _errors.ShapeError(f"{what} is not C-contiguous (use np.ascontiguousarray)")
+            count = v.shape[0] * self.in_size[k]
+            with nogil:
+                bad = _copy_finite(self.in_ptr[k], <const float *>v.buf, count)
+            if bad >= 0:
+                raise _errors.NonFiniteError(f"{what} contains NaN or Inf at row {bad // self.in_size[k]}")
+            return <int>v.shape[0]
+        finally:
+            PyBuffer_Release(&v)
+
+    cdef int _stage_inputs(self, object x) except -1:
+        cdef int k, rows = -1
+        if self.n_inputs == 1:
+            return self._stage_one(x, 0, -1, "x")
+        if not isinstance(x, (list, tuple)) or len(x) != self.n_inputs:
+            raise _errors.DTypeError(f"this model has {self.n_inputs} inputs: pass x as a list of {self.n_inputs} arrays")
+        for k in range(self.n_inputs):
+            rows = self._stage_one(x[k], k, rows, f"x[{k}]")
+        return rows
+
+    cdef int _stage_target(self, object y, int rows) except -1:
+        cdef Py_buffer v
+        cdef _Kind kind
+        cdef int64_t bad = -1
+        cdef int d
+        _acquire(y, &v, "y")
+        try:
+            kind = _kind_of(&v)
+            if not self.target_dense:
+                if kind != K_I32 and kind != K_I64:
+                    raise _errors.DTypeError(f"y must be int32 or int64 class labels, got {_dtype_name(y)}")
+                if v.ndim != 1:
+                    raise _errors.ShapeError(f"y has shape {_shape_str(&v)}; labels must be shaped (n,)")
+                if v.shape[0] != rows:
+                    raise _errors.ShapeError(f"y has {v.shape[0]} labels for {rows} rows of x")
+                if not _c_contiguous(&v):
+                    raise _errors.ShapeError("y is not C-contiguous (use np.ascontiguousarray)")
+                with nogil:
+                    if kind == K_I64:
+                        bad = _copy_labels_i64(<int32_t *>self.target_ptr, <const int64_t *>v.buf, rows, self.classes)
+                    else:
+                        bad = _copy_labels_i32(<int32_t *>self.target_ptr, <const int32_t *>v.buf, rows, self.classes)
+                if bad >= 0:
+                    value = (<const int64_t *>v.buf)[bad] if kind == K_I64 else (<const int32_t *>v.buf)[bad]
+                    raise _errors.InvalidArgumentError(
+                        f"label {value} at row {bad} is outside [0, {self.classes})")
+                return 0
+            if kind != K_F32:
+                raise _errors.DTypeError(f"y must be float32 targets shaped like the output, got {_dtype_name(y)}")
+            if v.ndim < 1 or v.shape[0] != rows:
+                raise _errors.ShapeError(f"y has shape {_shape_str(&v)} for {rows} rows of x")
+            ok = v.ndim == len(self.output_shape) + 1 and all(
+                v.shape[d + 1] == self.output_shape[d] for d in range(len(self.output_shape)))
+            if not ok and not (v.ndim == 1 and self.out_size == 1):
+                raise _errors.ShapeError(f"y has shape {_shape_str(&v)}, expected (n, "
+                                         f"{', '.join(map(str, self.output_shape))})")
+            if not _c_contiguous(&v):
+                raise _errors.ShapeError("y is not C-contiguous (use np.ascontiguousarray)")
+            with nogil:
+                bad = _copy_finite(<float *>self.target_ptr, <const float *>v.buf, rows * self.out_size)
+            if bad >= 0:
+                raise _errors.NonFiniteError(f"y contains NaN or Inf at row {bad // self.out_size}")
+            return 0
+        finally:
+            PyBuffer_Release(&v)
+
+    cdef object _accuracy(self, int64_t correct, int rows):
+        if self.accuracy_kind == MPSCY_ACCURACY_NONE or correct < 0:
+            return None
+        if self.accuracy_kind == MPSCY_ACCURACY_THRESHOLD:
+            return correct / <double>(rows * self.out_size)
+        return correct / <double>rows
+
+    # ------------------------------------------------------------------ the hot path
+
+    def train_step(self, x, y):
+        """One training step on (x, y): exactly one native call. Returns a StepResult."""
+        cdef int64_t t0 = _now_ns()
+        cdef int rows = self._stage_inputs(x)
+        self._stage_target(y, rows)
+        cdef mpscy_step_result res
+        cdef int st
+        self.args.batch = rows
+        self.args.mode = MPSCY_MODE_TRAIN
+        with nogil:
+            st = mpscy_graph_step(self.handle, &self.args, &res, self.err, ERR_LEN)
+        if st == MPSCY_OK or st == MPSCY_NONFINITE:
+            self.args.counter += 1
+        _check(st, self.err)
+        cdef StepResult r = StepResult.__new__(StepResult)
+        r.loss = res.loss
+        r.accuracy = self._accuracy(res.correct, rows)
+        r.batch_size = rows
+        r.applied = res.applied
+        r.grad_norm = res.grad_norm
+        r.step_time_ns = _now_ns() - t0
+        return r
+
+    def eval_batch(self, x, y):
+        """Eval-mode loss and correct count of one batch: (mean loss, correct or -1, rows)."""
+        cdef int rows = self._stage_inputs(x)
+        self._stage_target(y, rows)
+        cdef mpscy_step_result res
+        cdef int st
+        self.args.batch = rows
+        self.args.mode = MPSCY_MODE_EVAL
+        with nogil:
+            st = mpscy_graph_step(self.handle, &self.args, &res, self.err, ERR_LEN)
+        _check(st, self.err)
+        return res.loss, res.correct, rows
+
+    def predict_batch(self, x, out, Py_ssize_t offset):
+        """Eval-mode forward of one batch into rows [offset, offset + n) of `out` (float32)."""
+        cdef int rows = self._stage_inputs(x)
+        cdef Py_buffer v
+        cdef int st
+        _acquire(out, &v, "out")
+        try:
+            if _kind_of(&v) != K_F32 or not _c_contiguous(&v) or v.ndim < 1 or \
+                    v.len < (offset + rows) * self.out_size * 4 or offset < 0:
+                raise _errors.ShapeError("out must be a C-contiguous float32 array with room for the rows")
+            self.args.batch = rows
+            with nogil:
+                st = mpscy_graph_predict(self.handle, &self.args, self.err, ERR_LEN)
+            _check(st, self.err)
+            memcpy(<float *>v.buf + offset * self.out_size, self.output_ptr,
+                   <size_t>(rows * self.out_size) * sizeof(float))
+        finally:
+            PyBuffer_Release(&v)
+        return rows
+
+    # ------------------------------------------------------------------ tensors
+
+    def tensors(self):
+        """[(name, role, dtype, shape, offset)] of every parameter, buffer and optimizer slot."""
+        cdef int32_t count = 0, i
+        cdef mpscy_tensor_info info
+        _check(mpscy_graph_tensor_count(self.handle, &count, self.err, ERR_LEN), self.err)
+        out = []
+        for i in range(count):
+            _check(mpscy_graph_tensor_info(self.handle, i, &info, self.err, ERR_LEN), self.err)
+            out.append((info.name.decode(), _ROLES[info.role], _DTYPES[info.dtype],
+                        tuple(info.shape[d] for d in range(info.rank)), info.offset))
+        return out
+
+    def read_tensor(self, int index, object dtype, tuple shape):
+        arr = np.empty(shape, dtype=dtype)
+        cdef Py_buffer v
+        _acquire(arr, &v, "tensor")
+        try:
+            _check(mpscy_graph_tensor_read(self.handle, index, v.buf, <size_t>v.len, self.err, ERR_LEN), self.err)
+        finally:
+            PyBuffer_Release(&v)
+        return arr
+
+    def write_tensor(self, int index, object arr):
+        """arr: a C-contiguous array of the tensor's dtype and element count (checked natively)."""
+        cdef Py_buffer v
+        _acquire(arr, &v, "tensor")
+        try:
+            if not _c_contiguous(&v):
+                raise _errors.ShapeError("tensor data must be C-contiguous")
+            _check(mpscy_graph_tensor_write(self.handle, index, v.buf, <size_t>v.len, self.err, ERR_LEN), self.err)
+        finally:
+            PyBuffer_Release(&v)
+
+
+cdef void _fill_layer(mpscy_layer_desc *d, dict L) except *:
+    cdef int j
+    d.kind = LAYER_KINDS[L["kind"]]
+    d.flags = 0
+    for f in L.get("flags", ()):
+        d.flags |= LAYER_FLAGS[f]
+    ins = L.get("inputs", ())
+    if len(ins) > MPSCY_MAX_INPUTS:
+        raise _errors.InvalidArgumentError(f"layer {L['name']} has {len(ins)} inputs; at most {MPSCY_MAX_INPUTS}")
+    d.n_inputs = len(ins)
+    for j, v in enumerate(ins):
+        d.inputs[j] = v
+    shape = L["shape"]
+    if len(shape) > MPSCY_MAX_RANK:
+        raise _errors.ShapeError(f"layer {L['name']} output rank {len(shape)} exceeds {MPSCY_MAX_RANK}")
+    d.rank = len(shape)
+    for j, v in enumerate(shape):
+        d.shape[j] = v
+    for j, v in enumerate(L.get("ints", ())):
+        d.ints[j] = v
+    for j, v in enumerate(L.get("reals", ())):
+        d.reals[j] = v
+    name = L["name"].encode()
+    if len(name) >= MPSCY_NAME_LEN:
+        raise _errors.InvalidArgumentError(f"layer name {L['name']!r} is longer than {MPSCY_NAME_LEN - 1} bytes")
+    strncpy(d.name, name, MPSCY_NAME_LEN - 1)
+
+
+cdef void _fill_loss(mpscy_loss_desc *d, dict L) except *:
+    d.kind = LOSS_KINDS[L["kind"]]
+    d.accuracy = ACCURACY_KINDS[L.get("accuracy", "none")]
+    d.label_smoothing = L.get("label_smoothing", 0.0)
+    d.delta = L.get("delta", 1.0)
+    d.threshold = L.get("threshold", 0.5)
+
+
+cdef void _fill_optim(mpscy_optim_desc *d, dict o) except *:
+    d.kind = OPTIM_KINDS[o["kind"]]
+    d.flags = 0
+    for f in o.get("flags", ()):
+        d.flags |= OPTIM_FLAGS[f]
+    d.lr = o.get("lr", 0.0)
+    d.momentum = o.get("momentum", 0.0)
+    d.dampening = o.get("dampening", 0.0)
+    d.weight_decay = o.get("weight_decay", 0.0)
+    d.beta1 = o.get("beta1", 0.9)
+    d.beta2 = o.get("beta2", 0.999)
+    d.eps = o.get("eps", 1e-8)
+    d.alpha = o.get("alpha", 0.99)
+    d.rho = o.get("rho", 0.9)
+    d.lr_decay = o.get("lr_decay", 0.0)
+    d.initial_accumulator_value = o.get("initial_accumulator_value", 0.0)
+    d.momentum_decay = o.get("momentum_decay", 0.004)
+    d.clip_grad_norm = o.get("clip_grad_norm", 0.0) or 0.0
+    d.clip_grad_value = o.get("clip_grad_value", 0.0) or 0.0
+    d.history_size = o.get("history_size", 100)
+    d.max_iter = o.get("max_iter", 20)
+    d.line_search = 1 if o.get("line_search_fn") == "strong_wolfe" else 0
+    d.tolerance_grad = o.get("tolerance_grad", 1e-7)
+    d.tolerance_change = o.get("tolerance_change", 1e-9)

@@ -1,0 +1,324 @@
+"""The Engine: a model, its loss and optimizer, built once on a device. `step` is one native call
+(forward, loss, backward, update); `predict` and `evaluate` run in eval mode, one native call per
+batch. Parameters move in and out in PyTorch layouts. The engine owns its native device and
+graph; `close()` (or leaving a `with` block) frees them."""
+
+import numpy as np
+
+from . import _native, losses as _losses, optim as _optim
+from .errors import DTypeError, InvalidArgumentError, ShapeError, StateError
+from .model import Model
+
+__all__ = ["Engine", "backends"]
+
+_BACKENDS = None
+
+
+def backends():
+    """Backends built into this mpscy whose device is present, in `device="auto"` order."""
+    global _BACKENDS
+    if _BACKENDS is None:
+        found = []
+        for name in ("cuda", "metal", "cpu"):
+            try:
+                _native.Device(name)
+            except Exception:
+                continue
+            found.append(name)
+        _BACKENDS = found
+    return list(_BACKENDS)
+
+
+def _resolve_device(device):
+    if device is None or device == "auto":
+        return backends()[0]
+    if device not in ("cpu", "cuda", "metal"):
+        raise InvalidArgumentError(f"unknown device {device!r}; choose 'auto', 'cpu', 'cuda' or 'metal'")
+    return device
+
+
+class _Text(str):
+    """A string that shows itself as text in a REPL."""
+
+    def __repr__(self):
+        return str(self)
+
+
+def _rows(x, n_inputs, what="x"):
+    """Row count of x (an array, or a list of arrays for multi-input models)."""
+    arrays = x if n_inputs > 1 and isinstance(x, (list, tuple)) else [x]
+    shapes = []
+    for a in arrays:
+        shape = getattr(a, "shape", None)
+        if shape is None or not isinstance(shape, tuple) or not shape:
+            raise DTypeError(f"{what} must be a numpy array with a batch dimension, got {type(a).__name__}")
+        shapes.append(shape[0])
+    if len(set(shapes)) != 1:
+        raise ShapeError(f"the inputs of {what} have different row counts: {shapes}")
+    return shapes[0]
+
+
+def _rows_slice(x, n_inputs, i, j):
+    if n_inputs > 1 and isinstance(x, (list, tuple)):
+        return [a[i:j] for a in x]
+    return x[i:j]
+
+
+class Engine:
+    """Trains `model` with one native call per step.
+
+    Args:
+        model: a `Sequential` or `Model`.
+        loss: a name ("sparse_cross_entropy", "mse", ...) or a `mpscy.losses` instance.
+        optimizer: a `mpscy.optim` instance (default Adam(lr=1e-3)).
+        batch_size: the largest batch a step takes; memory is planned for it once.
+        device: "auto" (cuda, then metal, then cpu), "cpu", "cuda" or "metal".
+        seed: seeds parameter initialization (PyTorch's defaults) and dropout masks.
+        clip_grad_norm, clip_grad_value: gradient clipping inside the native step.
+        precision: "fp32" (default) or "tf32" (TensorFloat-32 matrix products on cuda).
+
+    Example::
+
+        engine = mpscy.Engine(model, loss="sparse_cross_entropy", optimizer=optim.Adam(1e-3),
+                              batch_size=32, device="cpu", seed=0)
+        r = engine.step(x, y)    # StepResult(loss, accuracy, batch_size, step_time_ns, applied)
+    """
+
+    def __init__(self, model, loss="sparse_cross_entropy", optimizer=None, batch_size=32,
+                 device="auto", seed=0, clip_grad_norm=None, clip_grad_value=None,
+                 precision="fp32", threads=0):
+        self._graph = None
+        if not isinstance(model, Model):
+            raise InvalidArgumentError(f"model must be an mpscy Sequential or Model, got {type(model).__name__}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise InvalidArgumentError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if precision not in ("fp32", "tf32"):
+            raise InvalidArgumentError(f"precision must be 'fp32' or 'tf32', got {precision!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise InvalidArgumentError(f"seed must be a non-negative integer, got {seed!r}")
+        optimizer = _optim.Adam() if optimizer is None else optimizer
+        if not isinstance(optimizer, _optim.Optimizer):
+            raise InvalidArgumentError(f"optimizer must be an mpscy.optim optimizer, got {type(optimizer).__name__}")
+        for name, v in (("clip_grad_norm", clip_grad_norm), ("clip_grad_value", clip_grad_value)):
+            if v is not None and not float(v) > 0:
+                raise InvalidArgumentError(f"{name} must be None or > 0, got {v!r}")
+        self.model = model
+        self.loss = _losses.get(loss)
+        self.optimizer = optimizer
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.precision = precision
+        self.clip_grad_norm = clip_grad_norm
+        self.clip_grad_value = clip_grad_value
+        self.device = _resolve_device(device)
+
+        optim_spec = dict(optimizer.spec())
+        optim_spec["clip_grad_norm"] = float(clip_grad_norm or 0.0)
+        optim_spec["clip_grad_value"] = float(clip_grad_value or 0.0)
+        spec = {"output": model.output, "batch": self.batch_size, "target": self.loss.target,
+                "loss": self.loss.spec(model.output_shape), "optim": optim_spec,
+                "precision": precision, "threads": int(threads), "seed": self.seed}
+        self._device = _native.Device(self.device)
+        self._graph = _native.Graph(self._device, model.native_layers(), spec)
+        self._tensors = self._graph.tensors()
+        self._index = {t[0]: i for i, t in enumerate(self._tensors)}
+        self._n_inputs = len(model.input_shapes)
+        self.set_parameters(model.init_parameters(self.seed))
+
+    # ---------------------------------------------------------------- lifecycle
+    def _g(self):
+        g = self._graph
+        if g is None:
+            raise StateError("this engine is closed")
+        return g
+
+    def close(self):
+        """Frees the native graph and device. Further calls raise StateError."""
+        self._graph = None
+        self._device = None
+
+    @property
+    def closed(self):
+        return self._graph is None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self._graph = None
+
+    # ---------------------------------------------------------------- training
+    def step(self, x, y):
+        """One training step: forward, loss, backward and update in one native call.
+
+        x: float32 (n, *input_shape) with 1 <= n <= batch_size (a list for multi-input models);
+        y: int32/int64 labels (n,) for sparse losses, else float32 shaped like the output.
+        Returns StepResult(loss, accuracy, batch_size, step_time_ns, applied, grad_norm).
+        Raises NonFiniteError, with nothing updated, when the loss or a gradient is not finite."""
+        g = self._graph
+        if g is None:
+            raise StateError("this engine is closed")
+        return g.train_step(x, y)
+
+    def predict(self, x):
+        """Eval-mode outputs for any number of rows, float32 (n, *output_shape)."""
+        g = self._g()
+        n = _rows(x, self._n_inputs)
+        if n == 0:
+            raise ShapeError("x is an empty batch (0 rows)")
+        out = np.empty((n,) + tuple(self.model.output_shape), dtype=np.float32)
+        for i in range(0, n, self.batch_size):
+            g.predict_batch(_rows_slice(x, self._n_inputs, i, i + self.batch_size), out, i)
+        return out
+
+    def evaluate(self, x, y):
+        """Eval-mode mean loss and accuracy over any number of rows: dict(loss=, accuracy=)."""
+        g = self._g()
+        n = _rows(x, self._n_inputs)
+        ny = _rows(y, 1, "y")
+        if n == 0:
+            raise ShapeError("x is an empty batch (0 rows)")
+        if ny != n:
+            raise ShapeError(f"y has {ny} rows for {n} rows of x")
+        total, correct = 0.0, 0
+        for i in range(0, n, self.batch_size):
+            loss, c, rows = g.eval_batch(_rows_slice(x, self._n_inputs, i, i + self.batch_size),
+                                         y[i:i + self.batch_size])
+            total += loss * rows
+            correct += c
+        accuracy = None
+        kind = self.loss.accuracy(self.model.output_shape)
+        if kind == "argmax":
+            accuracy = correct / n
+        elif kind == "threshold":
+            accuracy = correct / (n * int(np.prod(self.model.output_shape)))
+        return {"loss": total / n, "accuracy": accuracy}
+
+    # ---------------------------------------------------------------- per-step values
+    @property
+    def learning_rate(self):
+        """The learning rate the next step uses; setting it takes effect without a rebuild."""
+        return self._g().lr
+
+    @learning_rate.setter
+    def learning_rate(self, value):
+        value = float(value)
+        if not value >= 0:
+            raise InvalidArgumentError(f"learning rate must be >= 0, got {value}")
+        self._g().lr = value
+
+    # ---------------------------------------------------------------- parameters
+    def get_parameters(self):
+        """{name: float32 array} copies of every parameter and buffer, PyTorch layouts."""
+        g = self._g()
+        return {name: g.read_tensor(i, dtype, shape)
+                for i, (name, role, dtype, shape, _) in enumerate(self._tensors) if role != "optim"}
+
+    def set_parameters(self, params, strict=True):
+        """Writes parameters (and buffers) by name. Every array is checked first; nothing is
+        written unless all are valid. With strict=True every parameter must be given."""
+        g = self._g()
+        if not isinstance(params, dict):
+            raise DTypeError(f"parameters must be a dict of name -> array, got {type(params).__name__}")
+        known = {t[0]: (i, t) for i, t in enumerate(self._tensors) if t[1] != "optim"}
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            raise InvalidArgumentError(f"unknown parameter name(s): {unknown}")
+        if strict:
+            missing = sorted(set(known) - set(params))
+            if missing:
+                raise InvalidArgumentError(f"missing parameter(s): {missing} (pass strict=False for a subset)")
+        staged = []
+        for name, value in params.items():
+            i, (_, _, dtype, shape, _) = known[name]
+            arr = np.asarray(value)
+            if arr.shape != tuple(shape):
+                raise ShapeError(f"parameter {name!r} has shape {tuple(shape)}, got {arr.shape}")
+            if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(arr.dtype, np.integer):
+                raise DTypeError(f"parameter {name!r} must be numeric, got {arr.dtype}")
+            arr = np.ascontiguousarray(arr, dtype=np.float32)
+            if not np.isfinite(arr).all():
+                raise InvalidArgumentError(f"parameter {name!r} contains NaN or Inf")
+            staged.append((i, arr))
+        for i, arr in staged:
+            g.write_tensor(i, arr)
+
+    def get_optimizer_state(self):
+        """{"step": int, "<slot>": {param name: float32 array}, ...}: everything the optimizer
+        carries between steps, by parameter, in PyTorch's slot names."""
+        g = self._g()
+        params = [(t[0], t[3], t[4]) for t in self._tensors if t[1] == "param"]
+        state = {}
+        for i, (name, role, dtype, shape, _) in enumerate(self._tensors):
+            if role != "optim":
+                continue
+            value = g.read_tensor(i, dtype, shape)
+            if shape == ():
+                state[name] = value.item()
+            else:
+                state[name] = {p: value[off:off + int(np.prod(s))].reshape(s).copy() for p, s, off in params}
+        return state
+
+    def set_optimizer_state(self, state):
+        """Restores what get_optimizer_state returned (validated fully before anything is written)."""
+        g = self._g()
+        if not isinstance(state, dict):
+            raise DTypeError(f"optimizer state must be a dict, got {type(state).__name__}")
+        params = [(t[0], t[3], t[4]) for t in self._tensors if t[1] == "param"]
+        slots = {t[0]: (i, t) for i, t in enumerate(self._tensors) if t[1] == "optim"}
+        missing = sorted(set(slots) - set(state))
+        extra = sorted(set(state) - set(slots))
+        if missing or extra:
+            raise InvalidArgumentError(f"optimizer state does not match this optimizer: missing {missing}, unexpected {extra}")
+        staged = []
+        for name, (i, (_, _, dtype, shape, _)) in slots.items():
+            value = state[name]
+            if shape == ():
+                staged.append((i, np.array([value], dtype=dtype)))
+                continue
+            if not isinstance(value, dict) or set(value) != {p for p, _, _ in params}:
+                raise InvalidArgumentError(f"optimizer slot {name!r} must map every parameter name to an array")
+            flat = np.empty(shape, dtype=dtype)
+            for p, s, off in params:
+                arr = np.asarray(value[p], dtype=dtype)
+                if arr.shape != tuple(s):
+                    raise ShapeError(f"optimizer slot {name!r} for {p!r} has shape {tuple(s)}, got {arr.shape}")
+                flat[off:off + arr.size] = arr.ravel()
+            staged.append((i, flat))
+        for i, arr in staged:
+            g.write_tensor(i, arr)
+
+    # ---------------------------------------------------------------- introspection
+    def stats(self):
+        """Native counters: allocations, frees, bytes_in_use, peak_bytes, steps, predicts, calls."""
+        self._g()
+        return self._device.stats()
+
+    def device_info(self):
+        self._g()
+        return self._device.info()
+
+    def summary(self):
+        """A Keras-like table: layer, type, output shape, parameter count, and totals."""
+        rows = self.model.summary_rows()
+        head = ("Layer", "Type", "Output shape", "Params")
+        cells = [(n, t, "(" + ", ".join("None" if d is None else str(d) for d in s) + ")", f"{c:,}")
+                 for n, t, s, c in rows]
+        widths = [max(len(h), *(len(r[k]) for r in cells)) for k, h in enumerate(head)]
+        line = "  ".join("{:<%d}" % w for w in widths[:-1]) + "  {:>%d}" % widths[-1]
+        rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
+        shapes = self.model.parameter_shapes()
+        trainable = sum(int(np.prod(t[3])) for t in self._tensors if t[1] == "param")
+        total = sum(int(np.prod(s)) for s in shapes.values())
+        out = [rule, line.format(*head), rule, *(line.format(*r) for r in cells), rule,
+               f"Total parameters: {total:,} (trainable {trainable:,}, buffers {total - trainable:,})",
+               f"Loss: {self.loss!r}   Optimizer: {self.optimizer!r}   Device: {self.device}   "
+               f"Batch size: {self.batch_size}", rule]
+        return _Text("\n".join(out))
+
+    def __repr__(self):
+        state = "closed" if self.closed else self.device
+        return f"Engine({type(self.model).__name__}, loss={self.loss!r}, optimizer={self.optimizer!r}, {state})"

@@ -1,0 +1,141 @@
+"""Losses, as torch.nn.functional defines them, always with reduction="mean" (the mean over all
+elements; over rows for the cross-entropies). Each is computed natively together with its
+gradient; these classes carry the options and say which targets and accuracy they use.
+Pass an instance or its name: ``Engine(model, loss="mse")`` or ``loss=losses.Huber(delta=0.5)``."""
+
+from .errors import InvalidArgumentError
+
+__all__ = ["Loss", "SparseCrossEntropy", "CrossEntropy", "BinaryCrossEntropy", "BCEWithLogits",
+           "CategoricalCrossEntropy", "MSE", "MAE", "Huber", "get"]
+
+
+class Loss:
+    """Base class. `target` is "index" (integer labels, shape (n,)) or "dense" (float32 shaped
+    like the output)."""
+
+    kind = None
+    target = "dense"
+
+    def spec(self, output_shape):
+        """Native loss descriptor for a model whose per-sample output shape is given."""
+        return {"kind": self.kind, "accuracy": self.accuracy(output_shape)}
+
+    def accuracy(self, output_shape):
+        return "none"
+
+    def config(self):
+        return {}
+
+    def __repr__(self):
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.config().items())})"
+
+
+def _smoothing(value):
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise InvalidArgumentError(f"label_smoothing must be in [0, 1], got {value}")
+    return value
+
+
+class SparseCrossEntropy(Loss):
+    """Softmax cross-entropy of logits (n, classes) against integer labels (n,): F.cross_entropy."""
+
+    kind = "sparse_cross_entropy"
+    target = "index"
+
+    def __init__(self, label_smoothing=0.0):
+        self.label_smoothing = _smoothing(label_smoothing)
+
+    def spec(self, output_shape):
+        return {**super().spec(output_shape), "label_smoothing": self.label_smoothing}
+
+    def accuracy(self, output_shape):
+        return "argmax"
+
+    def config(self):
+        return {"label_smoothing": self.label_smoothing}
+
+
+class CrossEntropy(SparseCrossEntropy):
+    """Softmax cross-entropy of logits against class probabilities (n, classes), float32:
+    F.cross_entropy with probability targets (smoothing mixes them with the uniform)."""
+
+    kind = "cross_entropy"
+    target = "dense"
+
+
+class CategoricalCrossEntropy(SparseCrossEntropy):
+    """Cross-entropy of probabilities (e.g. after Softmax) against one-hot float targets:
+    -sum(t * log(clamp(p, 1e-7))), averaged over rows."""
+
+    kind = "categorical_cross_entropy"
+    target = "dense"
+
+
+class BinaryCrossEntropy(Loss):
+    """F.binary_cross_entropy on probabilities in [0, 1] (logs clamped at -100, as PyTorch).
+    Accuracy thresholds the output at 0.5."""
+
+    kind = "binary_cross_entropy"
+
+    def accuracy(self, output_shape):
+        return "threshold"
+
+    def spec(self, output_shape):
+        return {**super().spec(output_shape), "threshold": 0.5}
+
+
+class BCEWithLogits(BinaryCrossEntropy):
+    """F.binary_cross_entropy_with_logits. Accuracy thresholds the logit at 0."""
+
+    kind = "bce_with_logits"
+
+    def spec(self, output_shape):
+        return {**super().spec(output_shape), "threshold": 0.0}
+
+
+class MSE(Loss):
+    """Mean squared error, F.mse_loss."""
+    kind = "mse"
+
+
+class MAE(Loss):
+    """Mean absolute error, F.l1_loss."""
+    kind = "mae"
+
+
+class Huber(Loss):
+    """F.huber_loss: 0.5 d^2 where |d| < delta, else delta (|d| - delta / 2)."""
+
+    kind = "huber"
+
+    def __init__(self, delta=1.0):
+        self.delta = float(delta)
+        if not self.delta > 0:
+            raise InvalidArgumentError(f"huber delta must be > 0, got {delta}")
+
+    def spec(self, output_shape):
+        return {**super().spec(output_shape), "delta": self.delta}
+
+    def config(self):
+        return {"delta": self.delta}
+
+
+_NAMES = {
+    "sparse_cross_entropy": SparseCrossEntropy, "sparse_categorical_crossentropy": SparseCrossEntropy,
+    "cross_entropy": CrossEntropy, "binary_cross_entropy": BinaryCrossEntropy, "bce": BinaryCrossEntropy,
+    "bce_with_logits": BCEWithLogits, "categorical_cross_entropy": CategoricalCrossEntropy,
+    "categorical_crossentropy": CategoricalCrossEntropy, "mse": MSE, "mean_squared_error": MSE,
+    "mae": MAE, "mean_absolute_error": MAE, "huber": Huber,
+}
+
+
+def get(loss):
+    """A Loss instance from an instance, a class or a name."""
+    if isinstance(loss, Loss):
+        return loss
+    if isinstance(loss, type) and issubclass(loss, Loss):
+        return loss()
+    if isinstance(loss, str) and loss.lower() in _NAMES:
+        return _NAMES[loss.lower()]()
+    raise InvalidArgumentError(f"unknown loss {loss!r}; choose one of {sorted(set(_NAMES))} or a mpscy.losses class")

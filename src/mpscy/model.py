@@ -1,0 +1,209 @@
+"""Model descriptions: `Sequential` (a list of layers) and the functional API (`Input`, layers
+called on tensors, `Model(inputs, outputs)`) for DAGs such as residual blocks. A model is a
+topologically ordered list of nodes with resolved per-sample shapes; it becomes the native
+graph descriptor when an Engine is built. Nothing here touches native memory."""
+
+import numpy as np
+
+from .errors import InvalidArgumentError, ShapeError
+from .layers import Layer
+
+__all__ = ["Tensor", "Input", "Model", "Sequential"]
+
+
+class Tensor:
+    """A symbolic tensor: the output of `Input` or of a layer call. `shape` excludes the batch."""
+
+    __slots__ = ("shape", "layer", "inputs", "name")
+
+    def __init__(self, shape, layer=None, inputs=(), name=None):
+        self.shape = tuple(int(s) for s in shape)
+        self.layer = layer
+        self.inputs = tuple(inputs)
+        self.name = name
+
+    def __repr__(self):
+        src = "Input" if self.layer is None else type(self.layer).__name__
+        return f"Tensor(shape=(None, {', '.join(map(str, self.shape))}), from={src})"
+
+
+def _check_shape(shape, what="input_shape"):
+    if isinstance(shape, (int, np.integer)):
+        shape = (int(shape),)
+    try:
+        shape = tuple(shape)
+    except TypeError:
+        raise ShapeError(f"{what} must be a tuple of positive integers, got {shape!r}") from None
+    if not shape or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s <= 0 for s in shape):
+        raise ShapeError(f"{what} must be a non-empty tuple of positive integers, got {shape!r}")
+    if len(shape) > 6:
+        raise ShapeError(f"{what} has rank {len(shape)}; at most 6 per-sample dimensions are supported")
+    return tuple(int(s) for s in shape)
+
+
+def Input(shape, name=None):
+    """A model input of per-sample `shape` (batch excluded), e.g. Input((1, 28, 28))."""
+    return Tensor(_check_shape(shape, "Input shape"), name=name)
+
+
+class Node:
+    """One entry of a model's ordered node list."""
+
+    __slots__ = ("layer", "inputs", "shape", "name")
+
+    def __init__(self, layer, inputs, shape, name):
+        self.layer, self.inputs, self.shape, self.name = layer, tuple(inputs), tuple(shape), name
+
+
+class Model:
+    """A model from the functional API: ``Model(inputs, outputs)`` with one output tensor.
+
+    Example::
+
+        x = mpscy.Input((1, 8, 8))
+        h = layers.Conv2D(16, 3, padding=1)(x)
+        y = layers.Add()([h, layers.Conv2D(16, 1)(x)])
+        model = mpscy.Model(x, layers.Dense(10)(layers.Flatten()(y)))
+    """
+
+    def __init__(self, inputs, outputs):
+        inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+        if isinstance(outputs, (list, tuple)):
+            if len(outputs) != 1:
+                raise InvalidArgumentError(f"a model has exactly one output tensor, got {len(outputs)}")
+            outputs = outputs[0]
+        if not inputs or not all(isinstance(t, Tensor) and t.layer is None for t in inputs):
+            raise InvalidArgumentError("Model inputs must be tensors made by mpscy.Input")
+        if not isinstance(outputs, Tensor):
+            raise InvalidArgumentError("Model outputs must be an mpscy tensor")
+        self._build(inputs, outputs)
+
+    def _build(self, inputs, output):
+        order, seen, visiting = [], set(), set()
+
+        def visit(t):  # post-order DFS: producers before consumers
+            if id(t) in seen:
+                return
+            if id(t) in visiting:
+                raise InvalidArgumentError("the model graph has a cycle")
+            visiting.add(id(t))
+            for src in t.inputs:
+                visit(src)
+            visiting.discard(id(t))
+            seen.add(id(t))
+            order.append(t)
+
+        visit(output)
+        reached_inputs = [t for t in order if t.layer is None]
+        for t in reached_inputs:
+            if not any(t is i for i in inputs):
+                raise InvalidArgumentError("the output depends on an Input that is not in the model's inputs")
+        for i in inputs:
+            if not any(t is i for t in reached_inputs):
+                raise InvalidArgumentError("a model input does not reach the output")
+        # inputs first, in the order given; then layers in dependency order
+        order = list(inputs) + [t for t in order if t.layer is not None]
+        index = {id(t): k for k, t in enumerate(order)}
+        self.nodes, used = [], set()
+        position = 0
+        for k, t in enumerate(order):
+            if t.layer is None:
+                name = t.name or ("input" if len(inputs) == 1 else f"input_{k}")
+                self.nodes.append(Node(None, (), t.shape, name))
+                continue
+            name = t.layer.name or f"{t.layer.prefix}_{position}"
+            position += 1
+            self.nodes.append(Node(t.layer, [index[id(s)] for s in t.inputs], t.shape, name))
+        for n in self.nodes:
+            if n.name in used:
+                raise InvalidArgumentError(f"two layers are named {n.name!r}")
+            used.add(n.name)
+        self.output = len(self.nodes) - 1
+        self.input_shapes = [n.shape for n in self.nodes if n.layer is None]
+
+    # -- descriptions --------------------------------------------------------------------
+    @property
+    def input_shape(self):
+        return self.input_shapes[0] if len(self.input_shapes) == 1 else self.input_shapes
+
+    @property
+    def output_shape(self):
+        return self.nodes[self.output].shape
+
+    def _in_shapes(self, node):
+        return [self.nodes[i].shape for i in node.inputs]
+
+    def native_layers(self):
+        """The list of node dicts the native graph builder takes."""
+        out = []
+        for n in self.nodes:
+            if n.layer is None:
+                out.append({"kind": "input", "name": n.name, "inputs": [], "shape": list(n.shape)})
+                continue
+            d = {"kind": n.layer.kind, "name": n.name, "inputs": list(n.inputs), "shape": list(n.shape)}
+            d.update(n.layer.native(self._in_shapes(n)))
+            out.append(d)
+        return out
+
+    def parameter_shapes(self):
+        """{"<layer>.<suffix>": shape} of every parameter and buffer, in native order."""
+        out = {}
+        for n in self.nodes:
+            if n.layer is not None:
+                for suffix, shape in n.layer.parameters(self._in_shapes(n)):
+                    out[f"{n.name}.{suffix}"] = tuple(shape)
+        return out
+
+    def init_parameters(self, seed):
+        """PyTorch-default initial values of every parameter and buffer, from `seed`."""
+        rng = np.random.Generator(np.random.PCG64(seed))
+        out = {}
+        for n in self.nodes:
+            if n.layer is not None:
+                for suffix, arr in n.layer.init(self._in_shapes(n), rng).items():
+                    out[f"{n.name}.{suffix}"] = arr
+        return out
+
+    def summary_rows(self):
+        """[(name, type, output shape, parameter count)] for summaries."""
+        shapes = self.parameter_shapes()
+        rows = []
+        for n in self.nodes:
+            kind = "Input" if n.layer is None else type(n.layer).__name__
+            count = sum(int(np.prod(s)) for k, s in shapes.items() if k.rsplit(".", 1)[0] == n.name)
+            rows.append((n.name, kind, (None,) + tuple(n.shape), count))
+        return rows
+
+
+class Sequential(Model):
+    """A plain stack of layers: ``Sequential([Dense(128), ReLU(), Dense(10)], input_shape=(784,))``.
+    Default layer names are ``<prefix>_<position>``: dense_0, relu_1, dense_2."""
+
+    def __init__(self, layers, input_shape):
+        layers = list(layers)
+        if not layers:
+            raise InvalidArgumentError("Sequential needs at least one layer")
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Layer):
+                raise InvalidArgumentError(f"Sequential item {i} is {type(layer).__name__}, not an mpscy layer")
+            if layer.n_inputs is not None and layer.n_inputs != 1:
+                raise InvalidArgumentError(f"{type(layer).__name__} takes several inputs: use the functional API")
+        x = Input(input_shape)
+        t = x
+        names = []
+        for i, layer in enumerate(layers):
+            try:
+                t = layer(t)
+            except ShapeError as e:
+                raise ShapeError(f"layer {i} ({type(layer).__name__}): {e}") from None
+            names.append(layer.name or f"{layer.prefix}_{i}")
+        self.layers = layers
+        self._names = names
+        self._build([x], t)
+        for node, name in zip(self.nodes[1:], names):
+            node.name = name
+        seen = set()
+        for node in self.nodes:
+            if node.name in seen:
+                raise InvalidArgumentError(f"two layers are named {node.name!r}")
+            seen.add(node.name)
