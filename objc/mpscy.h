@@ -125,7 +125,7 @@ typedef struct mpscy_layer_desc {
     int64_t shape[MPSCY_MAX_RANK];    /* per-sample output shape, resolved by the caller */
     int32_t ints[12];                 /* kind-specific integers */
     double reals[4];                  /* kind-specific reals */
-    char name[MPSCY_NAME_LEN];        /* parameters are named "<name>.weight", ... */
+    char name[MPSCY_NAME_LEN];        /* at most 40 bytes; parameters are "<name>.weight", ... */
 } mpscy_layer_desc;
 
 typedef enum mpscy_loss_kind {
@@ -204,6 +204,7 @@ typedef struct mpscy_graph_desc {
     int32_t target;                  /* mpscy_target_kind */
     int32_t precision;               /* mpscy_precision */
     int32_t threads;                 /* cpu worker threads, 0 = backend default */
+    int32_t input_grad;              /* 1: also compute d(loss)/d(inputs) (MPSCY_IO_INPUT_GRAD) */
     mpscy_loss_desc loss;
     mpscy_optim_desc optim;
 } mpscy_graph_desc;
@@ -215,7 +216,9 @@ void mpscy_graph_destroy(mpscy_graph g);   /* accepts NULL */
 typedef enum mpscy_io_kind {
     MPSCY_IO_INPUT = 0,    /* float32 (batch, *input shape), one per INPUT node, in node order */
     MPSCY_IO_TARGET = 1,   /* int32 (batch,) or float32 (batch, *output shape) */
-    MPSCY_IO_OUTPUT = 2    /* float32 (batch, *output shape), written by mpscy_graph_predict */
+    MPSCY_IO_OUTPUT = 2,   /* float32 (batch, *output shape), written by mpscy_graph_predict */
+    MPSCY_IO_INPUT_GRAD = 3 /* float32 d(loss)/d(input), per input, after a TRAIN or GRAD step
+                               of a graph built with input_grad = 1 */
 } mpscy_io_kind;
 
 /* The graph's shared (host-visible) staging buffers. The caller fills inputs and targets
@@ -227,7 +230,8 @@ int mpscy_graph_io(mpscy_graph g, int32_t kind, int32_t index, mpscy_buffer *out
 typedef enum mpscy_tensor_role {
     MPSCY_ROLE_PARAM = 0,        /* trainable, updated by the optimizer */
     MPSCY_ROLE_BUFFER = 1,       /* non-trainable state such as running statistics */
-    MPSCY_ROLE_OPTIM = 2         /* optimizer state over the flat trainable slab */
+    MPSCY_ROLE_OPTIM = 2,        /* optimizer state over the flat trainable slab */
+    MPSCY_ROLE_GRAD = 3          /* "<param>.grad": the last TRAIN/GRAD step's gradient (read-only) */
 } mpscy_tensor_role;
 
 typedef enum mpscy_dtype {

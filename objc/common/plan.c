@@ -41,7 +41,7 @@ static void add_tensor(mpscy_plan *p, int32_t n, const char *suffix, int32_t rol
                        int32_t rank, const int64_t *shape) {
     mpscy_tensor *t = &p->tensors[p->n_tensors++];
     memset(t, 0, sizeof *t);
-    snprintf(t->info.name, MPSCY_NAME_LEN, "%.47s.%.15s", p->nodes[n].name, suffix);
+    snprintf(t->info.name, MPSCY_NAME_LEN, "%.40s.%.15s", p->nodes[n].name, suffix);
     t->info.role = role;
     t->info.dtype = MPSCY_F32;
     set_shape(&t->info.rank, t->info.shape, rank, shape);
@@ -289,7 +289,7 @@ static void plan_gradients(mpscy_plan *p) {
         int has_params = 0;
         for (int32_t t = 0; t < node->n_tensors; t++)
             has_params |= p->tensors[node->tensor0 + t].info.role == MPSCY_ROLE_PARAM;
-        node->grad = 0;
+        node->grad = node->kind == MPSCY_LAYER_INPUT ? p->input_grad : 0;
         if (node->kind != MPSCY_LAYER_INPUT) {
             node->grad = has_params;
             for (int32_t j = 0; j < node->n_in; j++) node->grad |= p->nodes[node->in[j]].grad;
@@ -327,9 +327,10 @@ int mpscy_plan_build(mpscy_plan *p, const mpscy_graph_desc *d, const char *compo
     p->target = d->target;
     p->precision = d->precision;
     p->threads = d->threads;
+    p->input_grad = d->input_grad != 0;
     p->loss = d->loss;
     p->optim = d->optim;
-    int32_t max_tensors = 4 * d->n_layers + MPSCY_MAX_OPTIM_SLOTS + 4;
+    int32_t max_tensors = 8 * d->n_layers + MPSCY_MAX_OPTIM_SLOTS + 4;
     p->nodes = calloc((size_t)d->n_layers, sizeof *p->nodes);
     p->tensors = calloc((size_t)max_tensors, sizeof *p->tensors);
     if (!p->nodes || !p->tensors) {
@@ -350,8 +351,8 @@ int mpscy_plan_build(mpscy_plan *p, const mpscy_graph_desc *d, const char *compo
         memcpy(n->reals, L->reals, sizeof n->reals);
         memcpy(n->name, L->name, MPSCY_NAME_LEN);
         n->name[MPSCY_NAME_LEN - 1] = 0;
-        if (strlen(n->name) > 47) {
-            st = FAIL(MPSCY_INVALID, "node %d: name '%.20s...' is longer than 47 characters", i, n->name);
+        if (strlen(n->name) > 40) {
+            st = FAIL(MPSCY_INVALID, "node %d: name '%.20s...' is longer than 40 characters", i, n->name);
             break;
         }
         n->input_index = -1;
@@ -412,6 +413,15 @@ int mpscy_plan_build(mpscy_plan *p, const mpscy_graph_desc *d, const char *compo
     }
     for (int32_t t = 0; t < p->n_tensors; t++)
         if (p->tensors[t].info.role == MPSCY_ROLE_BUFFER) p->tensors[t].info.offset += p->n_params;
+    /* Gradients of the parameters, readable after a TRAIN or GRAD step. */
+    int32_t n_named = p->n_tensors;
+    for (int32_t t = 0; t < n_named; t++) {
+        if (p->tensors[t].info.role != MPSCY_ROLE_PARAM) continue;
+        mpscy_tensor *g = &p->tensors[p->n_tensors++];
+        *g = p->tensors[t];
+        snprintf(g->info.name, MPSCY_NAME_LEN, "%.56s.grad", p->tensors[t].info.name);
+        g->info.role = MPSCY_ROLE_GRAD;
+    }
     /* Optimizer state: flat slots over the trainable slab, then scalars. */
     for (int32_t s = 0; s < p->n_vec_slots; s++) {
         mpscy_tensor *t = &p->tensors[p->n_tensors++];
@@ -450,5 +460,5 @@ void mpscy_plan_free(mpscy_plan *p) {
 
 size_t mpscy_plan_bytes(const mpscy_plan *p) {
     return (size_t)p->n_nodes * sizeof(mpscy_node) +
-           (size_t)(4 * p->n_nodes + MPSCY_MAX_OPTIM_SLOTS + 4) * sizeof(mpscy_tensor);
+           (size_t)(8 * p->n_nodes + MPSCY_MAX_OPTIM_SLOTS + 4) * sizeof(mpscy_tensor);
 }

@@ -41,7 +41,7 @@ typedef struct mpscy_tensor {
 } mpscy_tensor;
 
 typedef struct mpscy_plan {
-    int32_t n_nodes, output, batch, target, precision, threads;
+    int32_t n_nodes, output, batch, target, precision, threads, input_grad;
     mpscy_node *nodes;
     int32_t n_inputs;                /* INPUT nodes */
     int32_t n_tensors;

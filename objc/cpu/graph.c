@@ -86,7 +86,7 @@ int cpu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph 
     size_t output_bytes = round_up((size_t)p->batch * p->out_size * sizeof(float));
     g->io_bytes = in_bytes + target_bytes + output_bytes;
     g->tables_bytes = 2 * (size_t)p->n_nodes * sizeof(float *) +
-                      (size_t)(p->n_inputs + 2) * sizeof(struct mpscy_buffer_);
+                      (size_t)(2 * p->n_inputs + 2) * sizeof(struct mpscy_buffer_);
 
     g->params = cpu_alloc(dev, slab_bytes(p->n_params + p->n_buffers));
     g->grads = cpu_alloc(dev, slab_bytes(p->n_params));
@@ -127,7 +127,15 @@ int cpu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph 
     io += target_bytes;
     ob->bytes = (size_t)p->batch * p->out_size * sizeof(float);
     ob->host = io;
-    for (int32_t k = 0; k < p->n_inputs + 2; k++) {
+    for (int32_t i = 0; i < p->n_nodes; i++) {
+        mpscy_node *node = &p->nodes[i];
+        if (node->kind == MPSCY_LAYER_INPUT && node->grad) {
+            struct mpscy_buffer_ *b = &g->io_bufs[p->n_inputs + 2 + node->input_index];
+            b->bytes = (size_t)p->batch * node->size * sizeof(float);
+            b->host = g->dy[i];
+        }
+    }
+    for (int32_t k = 0; k < 2 * p->n_inputs + 2; k++) {
         g->io_bufs[k].vt = dev->vt;
         g->io_bufs[k].dev = dev;
         g->io_bufs[k].storage = MPSCY_STORAGE_SHARED;
@@ -150,6 +158,10 @@ int cpu_graph_io(mpscy_graph gh, int32_t kind, int32_t index, mpscy_buffer *out,
     if (kind == MPSCY_IO_INPUT && index >= 0 && index < ni) *out = &g->io_bufs[index];
     else if (kind == MPSCY_IO_TARGET && index == 0) *out = &g->io_bufs[ni];
     else if (kind == MPSCY_IO_OUTPUT && index == 0) *out = &g->io_bufs[ni + 1];
+    else if (kind == MPSCY_IO_INPUT_GRAD && index >= 0 && index < ni && g->plan.input_grad)
+        *out = &g->io_bufs[ni + 2 + index];
+    else if (kind == MPSCY_IO_INPUT_GRAD)
+        return FAIL(MPSCY_INVALID, "input gradients need a graph built with input_grad = 1 (index %d of %d inputs)", index, ni);
     else return FAIL(MPSCY_INVALID, "no io buffer of kind %d and index %d (graph has %d inputs)", kind, index, ni);
     return MPSCY_OK;
 }
@@ -183,6 +195,7 @@ int cpu_tensor_info(mpscy_graph gh, int32_t index, mpscy_tensor_info *out, char 
 
 /* Where tensor t's bytes live on the host (scalars are doubles in g->scalars). */
 static void *tensor_ptr(cpu_graph *g, const mpscy_tensor *t) {
+    if (t->info.role == MPSCY_ROLE_GRAD) return g->grads + t->info.offset;
     if (t->info.role != MPSCY_ROLE_OPTIM) return g->params + t->info.offset;
     if (t->info.dtype == MPSCY_F32) return g->optim + t->info.offset;
     return &g->scalars[t->info.offset];
@@ -207,6 +220,8 @@ int cpu_tensor_write(mpscy_graph gh, int32_t index, const void *src, size_t byte
     int st;
     const mpscy_tensor *t = find(g, index, bytes, 1, err, n, &st);
     if (!t) return st;
+    if (t->info.role == MPSCY_ROLE_GRAD)
+        return FAIL(MPSCY_INVALID, "tensor '%s' is a gradient and read-only", t->info.name);
     if (t->info.dtype == MPSCY_I64) {
         int64_t v;
         memcpy(&v, src, sizeof v);

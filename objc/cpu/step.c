@@ -26,7 +26,8 @@ static void forward(cpu_graph *g, int64_t b, int train, const mpscy_step_args *a
 static void backward(cpu_graph *g, int64_t b) {
     const mpscy_plan *p = &g->plan;
     for (int32_t i = p->n_nodes - 1; i >= 0; i--)
-        if (p->nodes[i].grad) cpu_layers[p->nodes[i].kind].backward(g, &p->nodes[i], b);
+        if (p->nodes[i].grad && p->nodes[i].kind != MPSCY_LAYER_INPUT)
+            cpu_layers[p->nodes[i].kind].backward(g, &p->nodes[i], b);
 }
 
 int cpu_graph_step(mpscy_graph gh, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t n) {

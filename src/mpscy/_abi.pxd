@@ -166,6 +166,7 @@ cdef extern from "mpscy.h" nogil:
         int32_t target
         int32_t precision
         int32_t threads
+        int32_t input_grad
         mpscy_loss_desc loss
         mpscy_optim_desc optim
 
@@ -177,6 +178,7 @@ cdef extern from "mpscy.h" nogil:
         MPSCY_IO_INPUT
         MPSCY_IO_TARGET
         MPSCY_IO_OUTPUT
+        MPSCY_IO_INPUT_GRAD
     int mpscy_graph_io(mpscy_graph g, int32_t kind, int32_t index, mpscy_buffer *out,
                        char *err, size_t errlen)
 
@@ -184,6 +186,7 @@ cdef extern from "mpscy.h" nogil:
         MPSCY_ROLE_PARAM
         MPSCY_ROLE_BUFFER
         MPSCY_ROLE_OPTIM
+        MPSCY_ROLE_GRAD
     enum mpscy_dtype:
         MPSCY_F32
         MPSCY_F64

@@ -48,7 +48,8 @@ OPTIM_FLAGS = {"nesterov": MPSCY_OPTIM_NESTEROV, "amsgrad": MPSCY_OPTIM_AMSGRAD,
                "maximize": MPSCY_OPTIM_MAXIMIZE, "centered": MPSCY_OPTIM_CENTERED,
                "decoupled_weight_decay": MPSCY_OPTIM_DECOUPLED_WD}
 LAYER_FLAGS = {"bias": MPSCY_FLAG_BIAS, "affine": MPSCY_FLAG_AFFINE}
-_ROLES = {MPSCY_ROLE_PARAM: "param", MPSCY_ROLE_BUFFER: "buffer", MPSCY_ROLE_OPTIM: "optim"}
+_ROLES = {MPSCY_ROLE_PARAM: "param", MPSCY_ROLE_BUFFER: "buffer", MPSCY_ROLE_OPTIM: "optim",
+          MPSCY_ROLE_GRAD: "grad"}
 _DTYPES = {MPSCY_F32: np.float32, MPSCY_F64: np.float64, MPSCY_I64: np.int64}
 
 _STATUS_ERRORS = {
@@ -334,6 +335,7 @@ cdef class Graph:
             d.target = MPSCY_TARGET_DENSE if spec["target"] == "dense" else MPSCY_TARGET_INDEX
             d.precision = MPSCY_PRECISION_TF32 if spec.get("precision", "fp32") == "tf32" else MPSCY_PRECISION_FP32
             d.threads = spec.get("threads", 0)
+            d.input_grad = 1 if spec.get("input_grad") else 0
             _fill_loss(&d.loss, spec["loss"])
             _fill_optim(&d.optim, spec["optim"])
             with nogil:
@@ -544,6 +546,34 @@ cdef class Graph:
             st = mpscy_graph_step(self.handle, &self.args, &res, self.err, ERR_LEN)
         _check(st, self.err)
         return res.loss, res.correct, rows
+
+    def grad_batch(self, x, y):
+        """Train-mode forward and backward of one batch, no update: (loss, correct, rows).
+        Gradients are then readable as "<param>.grad" tensors (and input gradients through
+        read_input_grad when the graph was built with input_grad)."""
+        cdef int rows = self._stage_inputs(x)
+        self._stage_target(y, rows)
+        cdef mpscy_step_result res
+        cdef int st
+        self.args.batch = rows
+        self.args.mode = MPSCY_MODE_GRAD
+        with nogil:
+            st = mpscy_graph_step(self.handle, &self.args, &res, self.err, ERR_LEN)
+        _check(st, self.err)
+        return res.loss, res.correct, rows
+
+    def read_input_grad(self, int index, int rows, tuple shape):
+        """Copy of d(loss)/d(input `index`) for the first `rows` rows of the last step."""
+        cdef mpscy_buffer buf
+        arr = np.empty((rows,) + shape, dtype=np.float32)
+        cdef Py_buffer v
+        _check(mpscy_graph_io(self.handle, MPSCY_IO_INPUT_GRAD, index, &buf, self.err, ERR_LEN), self.err)
+        _acquire(arr, &v, "gradient")
+        try:
+            _check(mpscy_buffer_read(buf, 0, v.buf, <size_t>v.len, self.err, ERR_LEN), self.err)
+        finally:
+            PyBuffer_Release(&v)
+        return arr
 
     def predict_batch(self, x, out, Py_ssize_t offset):
         """Eval-mode forward of one batch into rows [offset, offset + n) of `out` (float32)."""

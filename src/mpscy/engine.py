@@ -76,6 +76,7 @@ class Engine:
         seed: seeds parameter initialization (PyTorch's defaults) and dropout masks.
         clip_grad_norm, clip_grad_value: gradient clipping inside the native step.
         precision: "fp32" (default) or "tf32" (TensorFloat-32 matrix products on cuda).
+        input_gradients: also compute d(loss)/d(inputs), returned by `gradients()`.
 
     Example::
 
@@ -86,7 +87,7 @@ class Engine:
 
     def __init__(self, model, loss="sparse_cross_entropy", optimizer=None, batch_size=32,
                  device="auto", seed=0, clip_grad_norm=None, clip_grad_value=None,
-                 precision="fp32", threads=0):
+                 precision="fp32", threads=0, input_gradients=False):
         self._graph = None
         if not isinstance(model, Model):
             raise InvalidArgumentError(f"model must be an mpscy Sequential or Model, got {type(model).__name__}")
@@ -117,7 +118,9 @@ class Engine:
         optim_spec["clip_grad_value"] = float(clip_grad_value or 0.0)
         spec = {"output": model.output, "batch": self.batch_size, "target": self.loss.target,
                 "loss": self.loss.spec(model.output_shape), "optim": optim_spec,
-                "precision": precision, "threads": int(threads), "seed": self.seed}
+                "precision": precision, "threads": int(threads), "seed": self.seed,
+                "input_grad": bool(input_gradients)}
+        self.input_gradients = bool(input_gradients)
         self._device = _native.Device(self.device)
         self._graph = _native.Graph(self._device, model.native_layers(), spec)
         self._tensors = self._graph.tensors()
@@ -197,6 +200,21 @@ class Engine:
             accuracy = correct / (n * int(np.prod(self.model.output_shape)))
         return {"loss": total / n, "accuracy": accuracy}
 
+    def gradients(self, x, y):
+        """Train-mode gradients of the mean loss on one batch, without updating anything:
+        {"<param>": array, ...} plus {"input": d loss / d x} (a list for several inputs) when
+        the engine was built with input_gradients=True. Also returns the loss under "loss"."""
+        g = self._g()
+        loss, _, rows = g.grad_batch(x, y)
+        out = {"loss": loss}
+        for i, (name, role, dtype, shape, _) in enumerate(self._tensors):
+            if role == "grad":
+                out[name[:-len(".grad")]] = g.read_tensor(i, dtype, shape)
+        if self.input_gradients:
+            grads = [g.read_input_grad(k, rows, tuple(s)) for k, s in enumerate(self.model.input_shapes)]
+            out["input"] = grads[0] if len(grads) == 1 else grads
+        return out
+
     # ---------------------------------------------------------------- per-step values
     @property
     def learning_rate(self):
@@ -215,7 +233,7 @@ class Engine:
         """{name: float32 array} copies of every parameter and buffer, PyTorch layouts."""
         g = self._g()
         return {name: g.read_tensor(i, dtype, shape)
-                for i, (name, role, dtype, shape, _) in enumerate(self._tensors) if role != "optim"}
+                for i, (name, role, dtype, shape, _) in enumerate(self._tensors) if role in ("param", "buffer")}
 
     def set_parameters(self, params, strict=True):
         """Writes parameters (and buffers) by name. Every array is checked first; nothing is
@@ -223,7 +241,7 @@ class Engine:
         g = self._g()
         if not isinstance(params, dict):
             raise DTypeError(f"parameters must be a dict of name -> array, got {type(params).__name__}")
-        known = {t[0]: (i, t) for i, t in enumerate(self._tensors) if t[1] != "optim"}
+        known = {t[0]: (i, t) for i, t in enumerate(self._tensors) if t[1] in ("param", "buffer")}
         unknown = sorted(set(params) - set(known))
         if unknown:
             raise InvalidArgumentError(f"unknown parameter name(s): {unknown}")

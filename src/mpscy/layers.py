@@ -35,8 +35,10 @@ class Layer:
     n_inputs = 1
 
     def __init__(self, name=None):
-        if name is not None and (not isinstance(name, str) or not name or len(name) > 47):
-            raise InvalidArgumentError(f"layer name must be a non-empty string of at most 47 characters, got {name!r}")
+        if name is not None and (not isinstance(name, str) or not name or len(name.encode()) > 40
+                                 or "." in name):
+            raise InvalidArgumentError(f"layer name must be a non-empty string of at most 40 bytes "
+                                       f"without '.', got {name!r}")
         self.name = name
         self._called = False
 
