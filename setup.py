@@ -1,7 +1,10 @@
 """Build of mpscy's native extension: the C ABI (objc/), the backends found on this machine,
 and the Cython bridge. It prints which backends it built. Environment:
-  MPSCY_CUDA=0|1       force the cuda backend off or on (default: on when nvcc is found)
-  MPSCY_CUDA_ARCH=...  nvcc -gencode list, e.g. "90;80" (default: 80;90 plus PTX)
+  MPSCY_CUDA=0|1       force the cuda backend off or on (default: on when nvcc, the CUDA runtime
+                       and cuBLAS headers are found; otherwise it is skipped with the reason printed)
+  MPSCY_CUDA_ARCH=...  nvcc -gencode list, e.g. "90;80" (default: 80;90 plus PTX of the last)
+  MPSCY_CUBLAS_DIR=... a directory with include/cublasLt.h (default: the CUDA home, then the
+                       nvidia-cublas wheel); cuBLASLt is loaded at run time, never linked
   MPSCY_DEBUG=1        Cython bounds/wraparound checks on, -O0 -g
 """
 import glob
@@ -32,20 +35,98 @@ def openblas():
     return ob.get_include_dir(), lib_dir, ob.get_library(), so[0]
 
 
-def find_nvcc():
-    """Returns (nvcc path, cuda home) or (None, reason)."""
+def _first(paths):
+    return next((p for p in paths if p and os.path.exists(p)), None)
+
+
+def _find_cublas(home):
+    """(include dir, lib dir or "") holding cublasLt.h: $MPSCY_CUBLAS_DIR, the CUDA home, or
+    NVIDIA's nvidia-cublas wheel importable by this Python."""
+    roots = [os.environ.get("MPSCY_CUBLAS_DIR"), home]
+    try:
+        import nvidia  # namespace package of NVIDIA's wheels (nvidia/cu13/..., nvidia/cublas/...)
+        for base in nvidia.__path__:
+            roots += [os.path.join(base, d) for d in sorted(os.listdir(base))]
+    except ImportError:
+        pass
+    for root in roots:
+        if root and os.path.exists(os.path.join(root, "include", "cublasLt.h")):
+            lib = _first([os.path.join(root, d) for d in ("lib64", "lib")]) or ""
+            return os.path.join(root, "include"), lib
+    return None, None
+
+
+def find_cuda():
+    """The cuda backend's build configuration, or (None, reason) when it cannot be built here.
+    Needs nvcc, the CUDA runtime and cuBLAS headers; cuBLASLt itself is loaded at run time."""
     flag = os.environ.get("MPSCY_CUDA")
     if flag == "0":
         return None, "MPSCY_CUDA=0"
-    nvcc = shutil.which("nvcc") or next(iter(glob.glob("/usr/local/cuda/bin/nvcc")), None)
+    if not cuda_sources():
+        return None, "no objc/cuda sources"
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    nvcc = _first([os.path.join(home, "bin", "nvcc") if home else None, shutil.which("nvcc"),
+                   "/usr/local/cuda/bin/nvcc"])
     if not nvcc:
-        return None, "nvcc not found"
-    home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-    return nvcc, home
+        return None, "nvcc not found (put it on PATH or set CUDA_HOME)"
+    homes = [home, os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"]
+    home = _first([h for h in homes if h and os.path.exists(os.path.join(h, "include", "cuda_runtime.h"))])
+    if not home:
+        return None, f"cuda_runtime.h not found under {', '.join(h + '/include' for h in homes if h)}"
+    libdir = _first([os.path.join(home, d) for d in ("lib64", "lib", "targets/x86_64-linux/lib")
+                     if glob.glob(os.path.join(home, d, "libcudart*"))])
+    if not libdir:
+        return None, f"the CUDA runtime library (libcudart) not found under {home}"
+    inc, lib = _find_cublas(home)
+    if not inc:
+        return None, ("cuBLAS headers (cublasLt.h) not found in the CUDA home, $MPSCY_CUBLAS_DIR or an "
+                      "installed nvidia-cublas wheel (pip install nvidia-cublas, or mpscy[cuda])")
+    major = "13"
+    with open(os.path.join(inc, "cublas_api.h")) as f:
+        for line in f:
+            if line.startswith("#define CUBLAS_VER_MAJOR"):
+                major = line.split()[2]
+    static = os.path.exists(os.path.join(libdir, "libcudart_static.a"))
+    return {"nvcc": nvcc, "home": home, "libdir": libdir, "cublas_inc": inc, "cublas_lib": lib,
+            "soname": f"libcublasLt.so.{major}", "wheel_dir": f"cu{major}" if int(major) >= 13 else "cublas",
+            "static": static}, None
 
 
 def cuda_sources():
     return rel("objc/cuda/*.cu")
+
+
+CUDA, CUDA_WHY = find_cuda()
+# the runtime is linked statically when the toolkit has it, so only cuBLASLt is looked up at run time
+CUDA_LIBS = ((["cudart_static", "dl", "rt", "pthread"] if CUDA["static"] else ["cudart"]) + ["stdc++"]) if CUDA else []
+
+
+def nvcc_compile(build_temp):
+    """Compiles every .cu with nvcc in parallel; returns the objects, or raises CalledProcessError."""
+    arch = [a for a in os.environ.get("MPSCY_CUDA_ARCH", "80;90").split(";") if a]
+    gencode = []
+    for a in arch:
+        gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+    gencode += ["-gencode", f"arch=compute_{arch[-1]},code=compute_{arch[-1]}"]
+    obj_dir = os.path.join(build_temp, "cuda")
+    os.makedirs(obj_dir, exist_ok=True)
+    flags = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-DMPSCY_HAVE_CUDA", "-Iobjc",
+             "-I" + CUDA["cublas_inc"], f'-DMPSCY_CUBLASLT_SONAME="{CUDA["soname"]}"',
+             f'-DMPSCY_CUBLASLT_DIR="{CUDA["cublas_lib"]}"', f'-DMPSCY_CUBLAS_WHEEL_DIR="{CUDA["wheel_dir"]}"',
+             *(["-lineinfo", "-g"] if DEBUG else []), *gencode]
+    jobs = [(src, os.path.join(obj_dir, os.path.basename(src) + ".o")) for src in cuda_sources()]
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(job):
+        cmd = [CUDA["nvcc"], "-c", job[0], "-o", job[1], *flags]
+        print(" ".join(cmd))
+        r = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"nvcc failed on {job[0]}:\n{r.stderr[-4000:]}")
+        return job[1]
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        return list(pool.map(one, jobs))
 
 
 class BuildExt(build_ext):
@@ -55,22 +136,19 @@ class BuildExt(build_ext):
     def build_extension(self, ext):
         cu = [s for s in ext.sources if s.endswith(".cu")]
         ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
-        if cu:
-            nvcc, _ = find_nvcc()
-            arch = os.environ.get("MPSCY_CUDA_ARCH", "80;90").split(";")
-            gencode = []
-            for a in arch:
-                gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
-            gencode += ["-gencode", f"arch=compute_{arch[-1]},code=compute_{arch[-1]}"]
-            obj_dir = os.path.join(self.build_temp, "cuda")
-            os.makedirs(obj_dir, exist_ok=True)
-            for src in cu:
-                obj = os.path.join(obj_dir, os.path.basename(src) + ".o")
-                cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
-                       "-DMPSCY_HAVE_CUDA", "-Iobjc", *gencode]
-                print(" ".join(cmd))
-                subprocess.check_call(cmd, cwd=HERE)
-                ext.extra_objects.append(obj)
+        if CUDA and ("MPSCY_HAVE_CUDA", None) in ext.define_macros:
+            try:
+                ext.extra_objects += nvcc_compile(self.build_temp)
+                print("mpscy: cuda backend built (cuBLASLt is loaded at run time: "
+                      f"{CUDA['soname']}, headers from {CUDA['cublas_inc']})")
+            except Exception as e:  # installing never fails because part of CUDA is missing
+                if os.environ.get("MPSCY_CUDA") == "1":
+                    raise
+                print(f"mpscy: cuda backend not built: {e}\nmpscy: building backends: cpu only")
+                ext.define_macros.remove(("MPSCY_HAVE_CUDA", None))
+                for lib in CUDA_LIBS:
+                    if lib in ext.libraries:
+                        ext.libraries.remove(lib)
         super().build_extension(ext)
 
     def _blas_mapping(self):
@@ -124,19 +202,17 @@ def extension():
         libraries.append(lib)
         link_args.append("-Wl,-rpath,$ORIGIN")
 
-    nvcc, home = find_nvcc()
-    if nvcc and cuda_sources():
-        sources += cuda_sources()
+    if CUDA:
         macros.append(("MPSCY_HAVE_CUDA", None))
-        include_dirs.append(os.path.join(home, "include"))
-        for d in ("lib64", "lib"):
-            if os.path.isdir(os.path.join(home, d)):
-                library_dirs.append(os.path.join(home, d))
-                runtime_dirs.append(os.path.join(home, d))
-        libraries += ["cudart", "stdc++"]
+        library_dirs.append(CUDA["libdir"])
+        if not CUDA["static"]:
+            runtime_dirs.append(CUDA["libdir"])
+        libraries += CUDA_LIBS
         built.append("cuda")
+    elif os.environ.get("MPSCY_CUDA") == "1":
+        sys.exit(f"mpscy: MPSCY_CUDA=1 but the cuda backend cannot be built: {CUDA_WHY}")
     else:
-        print(f"mpscy: cuda backend not built ({home if not nvcc else 'no objc/cuda sources'})")
+        print(f"mpscy: cuda backend not built ({CUDA_WHY})")
     if DARWIN and rel("objc/metal/*.m"):
         mac = tuple(int(x) for x in (os.environ.get("MACOSX_DEPLOYMENT_TARGET") or
                                      subprocess.run(["sw_vers", "-productVersion"], capture_output=True,
@@ -149,7 +225,8 @@ def extension():
                 link_args += ["-framework", fw]
             built.append("metal")
     print("mpscy: building backends: " + ", ".join(built))
-    return Extension("mpscy._native", sources=sources, include_dirs=include_dirs,
+    depends = rel("objc/*.h") + rel("objc/*/*.h") + cuda_sources()
+    return Extension("mpscy._native", sources=sources, depends=depends, include_dirs=include_dirs,
                      define_macros=macros, libraries=libraries, library_dirs=library_dirs,
                      runtime_library_dirs=runtime_dirs, extra_compile_args=compile_args,
                      extra_link_args=link_args, language="c")

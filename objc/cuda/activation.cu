@@ -1,0 +1,205 @@
+/* activation.cu — element-wise activations on CUDA (ReLU, LeakyReLU, ELU, Sigmoid, Tanh,
+ * Swish/SiLU, GELU exact and tanh), Softmax over one axis, Flatten, and the bias(+ReLU) kernels
+ * Dense falls back on. Same formulas and derivatives as cpu/activation.c (GELU and the softmax
+ * sums in double, as there). A ReLU fused into its Dense and an aliased Flatten launch nothing. */
+#include "cuda.h"
+
+#define SQRT_2_OVER_PI 0.7978845608028654
+#define GELU_C 0.044715
+
+static unsigned grid_for(int64_t n) { return cu_blocks(n, CU_THREADS, 8192); }
+
+__global__ void activation_forward(float *y, const float *x, int64_t n, int kind, float r0, int approx) {
+    // y (n), x (n)
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        float v = x[i], r;
+        switch (kind) {
+        case MPSCY_LAYER_RELU: r = v > 0.0f ? v : 0.0f; break;
+        case MPSCY_LAYER_LEAKYRELU: r = v > 0.0f ? v : v * r0; break;
+        case MPSCY_LAYER_ELU: r = v > 0.0f ? v : r0 * expm1f(v); break;
+        case MPSCY_LAYER_SIGMOID: r = 1.0f / (1.0f + expf(-v)); break;
+        case MPSCY_LAYER_TANH: r = tanhf(v); break;
+        case MPSCY_LAYER_SWISH: r = v / (1.0f + expf(-v)); break;
+        case MPSCY_LAYER_GELU: {
+            double d = v;
+            r = approx ? (float)(0.5 * d * (1.0 + tanh(SQRT_2_OVER_PI * (d + GELU_C * d * d * d))))
+                       : (float)(0.5 * d * (1.0 + erf(d * 0.7071067811865476)));
+            break;
+        }
+        default: r = v;
+        }
+        y[i] = r;
+    }
+}
+
+__global__ void activation_backward(float *dx, const float *dy, const float *x, const float *y, int64_t n,
+                                    int kind, float r0, int approx, int accum) {
+    // dx (n), dy (n), x (n) input, y (n) output
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        float d, g = dy[i];
+        switch (kind) {
+        case MPSCY_LAYER_RELU: d = y[i] > 0.0f ? g : 0.0f; break;
+        case MPSCY_LAYER_LEAKYRELU: d = x[i] > 0.0f ? g : g * r0; break;
+        case MPSCY_LAYER_ELU: d = x[i] > 0.0f ? g : g * (y[i] + r0); break;
+        case MPSCY_LAYER_SIGMOID: d = g * y[i] * (1.0f - y[i]); break;
+        case MPSCY_LAYER_TANH: d = g * (1.0f - y[i] * y[i]); break;
+        case MPSCY_LAYER_SWISH: {
+            float s = 1.0f / (1.0f + expf(-x[i]));
+            d = g * s * (1.0f + x[i] * (1.0f - s));
+            break;
+        }
+        case MPSCY_LAYER_GELU: {
+            double v = x[i], k;
+            if (approx) {
+                double u = SQRT_2_OVER_PI * (v + GELU_C * v * v * v), t = tanh(u);
+                k = 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * v * v);
+            } else {
+                k = 0.5 * (1.0 + erf(v * 0.7071067811865476)) + v * exp(-0.5 * v * v) * 0.3989422804014327;
+            }
+            d = (float)(g * k);
+            break;
+        }
+        default: d = g;
+        }
+        dx[i] = accum ? dx[i] + d : d;
+    }
+}
+
+/* Softmax over the middle axis of (outer, len, inner) blocks: one thread per (outer, inner). */
+__global__ void softmax_forward(float *y, const float *x, int64_t outer, int64_t len, int64_t inner) {
+    // y, x (outer, len, inner)
+    int64_t r = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    if (r >= outer * inner) return;
+    int64_t base = (r / inner) * len * inner + r % inner;
+    const float *xr = x + base;
+    float *yr = y + base;
+    float m = xr[0];
+    for (int64_t i = 1; i < len; i++) m = xr[i * inner] > m ? xr[i * inner] : m;
+    double s = 0;
+    for (int64_t i = 0; i < len; i++) s += (yr[i * inner] = expf(xr[i * inner] - m));
+    float inv = (float)(1.0 / s);
+    for (int64_t i = 0; i < len; i++) yr[i * inner] *= inv;
+}
+
+__global__ void softmax_backward(float *dx, const float *dy, const float *y, int64_t outer, int64_t len,
+                                 int64_t inner, int accum) {
+    // dx, dy, y (outer, len, inner)
+    int64_t r = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    if (r >= outer * inner) return;
+    int64_t base = (r / inner) * len * inner + r % inner;
+    double dot = 0;
+    for (int64_t i = 0; i < len; i++) dot += (double)dy[base + i * inner] * y[base + i * inner];
+    for (int64_t i = 0; i < len; i++) {
+        int64_t j = base + i * inner;
+        float v = y[j] * (float)(dy[j] - dot);
+        dx[j] = accum ? dx[j] + v : v;
+    }
+}
+
+__global__ void copy_forward(float *dx, const float *dy, int64_t n, int accum) {
+    // dx (n), dy (n)
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        dx[i] = accum ? dx[i] + dy[i] : dy[i];
+}
+
+__global__ void bias_act_forward(float *y, const float *bias, int64_t rows, int64_t cols, int relu) {
+    // y (rows, cols) in place, bias (cols) or NULL
+    int64_t n = rows * cols;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        float v = y[i] + (bias ? bias[i % cols] : 0.0f);
+        y[i] = relu && !(v > 0.0f) ? 0.0f : v;
+    }
+}
+
+/* Column sums of dy (masked by ymask > 0 when given, the masked values written to dz): a block
+ * of 32 columns x 8 row lanes, reduced in a fixed order. */
+__global__ void bias_act_backward(float *dz, float *db, const float *dy, const float *ymask, int64_t rows, int64_t cols) {
+    // dz (rows, cols) or NULL, db (cols) or NULL, dy (rows, cols), ymask (rows, cols) or NULL
+    __shared__ float part[8][33];
+    int64_t c = blockIdx.x * 32 + threadIdx.x;
+    float s = 0.0f;
+    if (c < cols)
+        for (int64_t r = threadIdx.y; r < rows; r += 8) {
+            float v = dy[r * cols + c];
+            if (ymask) {
+                v = ymask[r * cols + c] > 0.0f ? v : 0.0f;
+                dz[r * cols + c] = v;
+            }
+            s += v;
+        }
+    part[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < cols && db) {
+        float t = part[0][threadIdx.x];
+        for (int k = 1; k < 8; k++) t += part[k][threadIdx.x];
+        db[c] = t;
+    }
+}
+
+int cu_bias_act_forward(cudaStream_t s, float *y, const float *bias, int64_t rows, int64_t cols, int relu,
+                        char *err, size_t en) {
+    bias_act_forward<<<grid_for(rows * cols), CU_THREADS, 0, s>>>(y, bias, rows, cols, relu);
+    return CU_LAUNCHED("bias_act_forward");
+}
+
+int cu_bias_act_backward(cudaStream_t s, float *dz, float *db, const float *dy, const float *ymask,
+                         int64_t rows, int64_t cols, char *err, size_t en) {
+    bias_act_backward<<<(unsigned)((cols + 31) / 32), dim3(32, 8), 0, s>>>(dz, db, dy, ymask, rows, cols);
+    return CU_LAUNCHED("bias_act_backward");
+}
+
+static void axis_split(const mpscy_node *n, int64_t b, int64_t *outer, int64_t *len, int64_t *inner) {
+    int32_t ax = n->ints[0];
+    *outer = b;
+    *len = n->shape[ax];
+    *inner = 1;
+    for (int32_t d = 0; d < ax; d++) *outer *= n->shape[d];
+    for (int32_t d = ax + 1; d < n->rank; d++) *inner *= n->shape[d];
+}
+
+int cu_activation_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en) {
+    (void)train;
+    int64_t i = cu_node_index(g, n), count = b * n->size;
+    if (g->fuse[i] & CU_SKIP) return MPSCY_OK;  /* a ReLU its Dense already applied */
+    float *y = g->y[i];
+    const float *x = g->y[n->in[0]];
+    if (n->kind == MPSCY_LAYER_SOFTMAX) {
+        int64_t outer, len, inner;
+        axis_split(n, b, &outer, &len, &inner);
+        softmax_forward<<<cu_blocks(outer * inner, 128, 1 << 30), 128, 0, g->stream>>>(y, x, outer, len, inner);
+        return CU_LAUNCHED("softmax_forward");
+    }
+    activation_forward<<<grid_for(count), CU_THREADS, 0, g->stream>>>(y, x, count, n->kind, (float)n->reals[0], n->ints[0]);
+    return CU_LAUNCHED("activation_forward");
+}
+
+int cu_activation_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en) {
+    int64_t i = cu_node_index(g, n), count = b * n->size;
+    if (g->fuse[i] & CU_SKIP) return MPSCY_OK;  /* its Dense's backward applies the mask */
+    float *dx = g->dy[n->in[0]];
+    if (!dx) return MPSCY_OK;
+    const float *dy = g->dy[i], *x = g->y[n->in[0]], *y = g->y[i];
+    if (n->kind == MPSCY_LAYER_SOFTMAX) {
+        int64_t outer, len, inner;
+        axis_split(n, b, &outer, &len, &inner);
+        softmax_backward<<<cu_blocks(outer * inner, 128, 1 << 30), 128, 0, g->stream>>>(dx, dy, y, outer, len, inner,
+                                                                                    n->accum[0]);
+        return CU_LAUNCHED("softmax_backward");
+    }
+    activation_backward<<<grid_for(count), CU_THREADS, 0, g->stream>>>(dx, dy, x, y, count, n->kind, (float)n->reals[0],
+                                                                       n->ints[0], n->accum[0]);
+    return CU_LAUNCHED("activation_backward");
+}
+
+int cu_flatten_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en) {
+    (void)g; (void)n; (void)b; (void)train; (void)err; (void)en;
+    return MPSCY_OK;  /* its output pointer is its input's (graph.cu) */
+}
+
+int cu_flatten_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en) {
+    float *dx = g->dy[n->in[0]];
+    const float *dy = g->dy[cu_node_index(g, n)];
+    if (!dx || dx == dy) return MPSCY_OK;  /* aliased when the Flatten is its input's only consumer */
+    copy_forward<<<grid_for(b * n->size), CU_THREADS, 0, g->stream>>>(dx, dy, b * n->size, n->accum[0]);
+    return CU_LAUNCHED("flatten_backward");
+}

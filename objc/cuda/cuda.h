@@ -1,0 +1,196 @@
+/* cuda.h — internals of the CUDA backend: the graph object with its device slabs, pinned staging
+ * and cache of captured CUDA graphs, the per-kind layer table, and the enqueue functions each
+ * family file provides. Enqueue functions put kernels on a stream (they run inside a stream
+ * capture) and return a status; none allocates. Only mpscy_cuda_backend (device.cu) is exported. */
+#ifndef MPSCY_CUDA_H
+#define MPSCY_CUDA_H
+
+#include "../backend.h"
+#include "../common/plan.h"
+#include "../common/optim_math.h"
+
+#include <cuda_runtime.h>
+
+#define CU "cuda"
+#define CU_MAX_PARTS 1024      /* partial sums of the loss and norm reductions */
+#define CU_CACHE 8             /* captured graphs kept per built graph (keyed by kind, batch) */
+#define CU_ALIGN 256
+#define CU_THREADS 256
+
+struct cu_lt;  /* blas.h */
+
+typedef struct cu_device {
+    struct mpscy_device_ base;
+    int ordinal;
+    int sms;                   /* multiprocessors */
+    struct cu_lt *lt;          /* cuBLASLt handle */
+    cudaDeviceProp prop;
+} cu_device;
+
+/* Per-step values, written on the host into pinned staging before each launch and copied to
+ * the device by the graph's first node, so no schedule ever forces a re-capture. */
+typedef struct cu_params {
+    mpscy_optim_coef coef;     /* optimizer coefficients of this step (host-computed, as cpu) */
+    uint64_t seed, counter;    /* dropout generator key and counter */
+    double extra[4];           /* optimizer-specific per-step scalars */
+} cu_params;
+
+/* Device-side scratch of the reductions and the step's decision. */
+typedef struct cu_scratch {
+    double loss_part[CU_MAX_PARTS];
+    long long correct_part[CU_MAX_PARTS];
+    double norm_part[CU_MAX_PARTS];
+    unsigned int loss_count, norm_count;
+    int applied;               /* 1: this step's update is applied (finite, TRAIN) */
+    float clip_scale;          /* clip_grad_norm coefficient when < 1, else 1 */
+    double loss;               /* the step's mean loss */
+} cu_scratch;
+
+/* What a step reports; kernels write it into pinned, device-mapped host memory. */
+typedef struct cu_result {
+    double loss;
+    double grad_norm;
+    long long correct;
+    int finite;
+    int applied;
+} cu_result;
+
+enum { CU_KIND_TRAIN = 0, CU_KIND_EVAL = 1, CU_KIND_GRAD = 2, CU_KIND_PREDICT = 3 };
+
+typedef struct cu_exec {
+    cudaGraphExec_t exec;
+    int32_t kind, batch;
+    int64_t used;              /* last use, for eviction */
+} cu_exec;
+
+/* io buffer heads: shared ones point into pinned staging, private ones at device memory */
+typedef struct cu_buffer {
+    struct mpscy_buffer_ base;
+    void *dmem;                /* device bytes of a private buffer (or a graph's device tensor) */
+} cu_buffer;
+
+/* per-node decisions taken at build */
+enum { CU_FUSE_RELU = 1,       /* Dense: its ReLU consumer is applied in the GEMM epilogue */
+       CU_SKIP = 2 };          /* ReLU fused into its Dense, Flatten aliased: no kernel */
+
+typedef struct cu_graph {
+    struct mpscy_graph_ base;
+    mpscy_plan plan;
+    cu_device *dev;
+    /* device slabs, one allocation per role */
+    float *params;             /* (n_params + n_buffers) */
+    float *grads;              /* (n_params) */
+    float *optim;              /* (n_vec_slots, n_params) */
+    double scalars[4];         /* optimizer scalars on the host; scalars[0] = step count */
+    float *act, *dact, *save;
+    float *ws;                 /* layer workspace */
+    int64_t ws_floats;
+    void *lt_ws[2];            /* cuBLASLt workspaces of the main and side streams */
+    size_t lt_ws_bytes;
+    cu_scratch *scratch;       /* device */
+    cu_result *result;         /* pinned, mapped: kernels write it, the host reads it */
+    /* staging: [params block | target | input 0 | input 1 ...] in pinned host memory and its
+     * device mirror, so one copy moves this step's scalars, targets and the first input */
+    char *stage_h, *stage_d;
+    size_t stage_bytes, off_target, off_input[MPSCY_MAX_INPUTS];
+    float *out_h;              /* pinned output of predict (B, out) */
+    size_t out_bytes;
+    cu_params *params_h, *params_d;
+    float **y, **dy;           /* per node: output and d(output) device pointers */
+    uint8_t *fuse;             /* per node: CU_FUSE_* */
+    cu_buffer *io_bufs;        /* n_inputs + 2 + n_inputs borrowed heads */
+    size_t tables_bytes;
+    cudaStream_t stream, side; /* side: weight gradients, off the critical path */
+    cudaEvent_t fork, join;
+    int forked;                /* capture state: the side stream has work to join */
+    cu_exec cache[CU_CACHE];
+    int64_t tick;
+} cu_graph;
+
+/* Counted allocations: every byte the backend holds goes through here. */
+void *cu_host_alloc(mpscy_device dev, size_t bytes);              /* calloc */
+void cu_host_free(mpscy_device dev, void *p, size_t bytes);
+int cu_dev_alloc(mpscy_device dev, void **p, size_t bytes);       /* cudaMalloc, zeroed */
+void cu_dev_free(mpscy_device dev, void *p, size_t bytes);
+int cu_pinned_alloc(mpscy_device dev, void **p, size_t bytes);    /* cudaHostAlloc (mapped) */
+void cu_pinned_free(mpscy_device dev, void *p, size_t bytes);
+
+/* table entries implemented by buffer.cu, graph.cu and step.cu */
+int cu_buffer_create(mpscy_device dev, size_t bytes, int32_t storage, mpscy_buffer *out, char *err, size_t n);
+void cu_buffer_destroy(mpscy_buffer buf);
+int cu_buffer_read(mpscy_buffer buf, size_t off, void *dst, size_t bytes, char *err, size_t n);
+int cu_buffer_write(mpscy_buffer buf, size_t off, const void *src, size_t bytes, char *err, size_t n);
+int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *out, char *err, size_t n);
+void cu_graph_destroy(mpscy_graph g);
+int cu_graph_io(mpscy_graph g, int32_t kind, int32_t index, mpscy_buffer *out, char *err, size_t n);
+int cu_tensor_count(mpscy_graph g, int32_t *out);
+int cu_tensor_info(mpscy_graph g, int32_t index, mpscy_tensor_info *out, char *err, size_t n);
+int cu_tensor_read(mpscy_graph g, int32_t index, void *dst, size_t bytes, char *err, size_t n);
+int cu_tensor_write(mpscy_graph g, int32_t index, const void *src, size_t bytes, char *err, size_t n);
+int cu_graph_step(mpscy_graph g, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t n);
+int cu_graph_predict(mpscy_graph g, const mpscy_step_args *a, char *err, size_t n);
+void cu_cache_clear(cu_graph *g);
+
+/* Device pointers to node n's tensor `slot` (0 weight / running_mean, 1 bias / running_var). */
+float *cu_tensor(cu_graph *g, const mpscy_node *n, int32_t role, int32_t slot);
+float *cu_tensor_grad(cu_graph *g, const mpscy_node *n, int32_t slot);
+static inline int64_t cu_node_index(const cu_graph *g, const mpscy_node *n) { return n - g->plan.nodes; }
+
+/* One entry per layer kind, enqueueing on g->stream during capture. forward runs in train mode
+ * when `train`; backward writes parameter gradients and d(input j) as n->accum[j] says.
+ * workspace returns floats needed; commit runs after the update, on the applied flag. */
+typedef struct cu_layer_ops {
+    int (*forward)(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
+    int (*backward)(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);
+    int64_t (*workspace)(const mpscy_plan *p, const mpscy_node *n);
+    int (*commit)(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);
+} cu_layer_ops;
+
+extern const cu_layer_ops cu_layers[MPSCY_LAYER_KIND_COUNT];
+
+/* family entry points, listed in layers.cu */
+int cu_dense_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
+int cu_dense_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);
+int cu_activation_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
+int cu_activation_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);
+int cu_flatten_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
+int cu_flatten_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);
+
+/* activation.cu helpers shared with dense.cu */
+int cu_bias_act_forward(cudaStream_t s, float *y, const float *bias, int64_t rows, int64_t cols, int relu,
+                        char *err, size_t en);
+int cu_bias_act_backward(cudaStream_t s, float *dz, float *db, const float *dy, const float *ymask,
+                         int64_t rows, int64_t cols, char *err, size_t en);
+
+/* loss.cu: loss, its gradient (dy != NULL) and the correct count in one kernel; eval graphs
+ * also finalize the result there. */
+int cu_loss(cu_graph *g, float *dy, int64_t b, int finalize, char *err, size_t en);
+/* optim.cu: global norm + finiteness + clip coefficient; the update over the flat slab. */
+int cu_grad_norm(cu_graph *g, int update, char *err, size_t en);
+int cu_optim_update(cu_graph *g, char *err, size_t en);
+int cu_optim_supported(int32_t kind);
+/* the host-side coefficients of the next step (step number t) */
+void cu_optim_params(cu_graph *g, const mpscy_step_args *a, int64_t t, cu_params *out);
+
+/* Side stream: fork from the main stream before enqueueing off-critical-path work. */
+int cu_fork(cu_graph *g, char *err, size_t en);
+int cu_join(cu_graph *g, char *err, size_t en);
+
+/* Checks the last launch; formats a CUDA error into err. */
+int cu_check_launch(char *err, size_t en, const char *what, const char *func, int line);
+#define CU_LAUNCHED(what) cu_check_launch(err, en, (what), __func__, __LINE__)
+#define CU_TRY(call, what)                                                                    \
+    do {                                                                                      \
+        cudaError_t e_ = (call);                                                              \
+        if (e_ != cudaSuccess)                                                                \
+            return MPSCY_FAIL(err, en, e_ == cudaErrorMemoryAllocation ? MPSCY_OOM : MPSCY_DEVICE, \
+                              CU, "%s: %s", (what), cudaGetErrorString(e_));                  \
+    } while (0)
+
+static inline unsigned cu_blocks(int64_t n, int64_t per, int64_t cap) {
+    int64_t b = (n + per - 1) / per;
+    if (b < 1) b = 1;
+    return (unsigned)(b > cap ? cap : b);
+}
+
+#endif /* MPSCY_CUDA_H */

@@ -1,0 +1,148 @@
+/* device.cu — the CUDA device: counted allocations (host, device, pinned), device info, launch
+ * error formatting, and the backend table that wires this folder's functions to the ABI.
+ * A machine without a GPU, a driver or cuBLASLt gets MPSCY_DEVICE from device_create with the
+ * reason; nothing here runs at import time. */
+#include "cuda.h"
+#include "blas.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+void *cu_host_alloc(mpscy_device dev, size_t bytes) {
+    void *p = calloc(1, bytes ? bytes : 1);
+    if (p) mpscy_count_alloc(&dev->stats, bytes);
+    return p;
+}
+
+void cu_host_free(mpscy_device dev, void *p, size_t bytes) {
+    if (!p) return;
+    free(p);
+    mpscy_count_free(&dev->stats, bytes);
+}
+
+int cu_dev_alloc(mpscy_device dev, void **p, size_t bytes) {
+    *p = NULL;
+    if (bytes == 0) bytes = 4;
+    if (cudaMalloc(p, bytes) != cudaSuccess) {
+        cudaGetLastError();
+        *p = NULL;
+        return MPSCY_OOM;
+    }
+    if (cudaMemset(*p, 0, bytes) != cudaSuccess) {
+        cudaFree(*p);
+        *p = NULL;
+        return MPSCY_DEVICE;
+    }
+    mpscy_count_alloc(&dev->stats, bytes);
+    return MPSCY_OK;
+}
+
+void cu_dev_free(mpscy_device dev, void *p, size_t bytes) {
+    if (!p) return;
+    cudaFree(p);
+    mpscy_count_free(&dev->stats, bytes ? bytes : 4);
+}
+
+int cu_pinned_alloc(mpscy_device dev, void **p, size_t bytes) {
+    *p = NULL;
+    if (bytes == 0) bytes = 4;
+    if (cudaHostAlloc(p, bytes, cudaHostAllocMapped) != cudaSuccess) {
+        cudaGetLastError();
+        *p = NULL;
+        return MPSCY_OOM;
+    }
+    memset(*p, 0, bytes);
+    mpscy_count_alloc(&dev->stats, bytes);
+    return MPSCY_OK;
+}
+
+void cu_pinned_free(mpscy_device dev, void *p, size_t bytes) {
+    if (!p) return;
+    cudaFreeHost(p);
+    mpscy_count_free(&dev->stats, bytes ? bytes : 4);
+}
+
+int cu_check_launch(char *err, size_t en, const char *what, const char *func, int line) {
+    cudaError_t e = cudaGetLastError();
+    if (e == cudaSuccess) return MPSCY_OK;
+    return mpscy_fail_at(err, en, MPSCY_DEVICE, CU, func, __FILE__, line, "launching %s: %s", what,
+                         cudaGetErrorString(e));
+}
+
+static int cu_device_create(const mpscy_backend *vt, mpscy_device *out, char *err, size_t n) {
+    int count = 0;
+    cudaError_t e = cudaGetDeviceCount(&count);
+    if (e != cudaSuccess || count < 1) {
+        cudaGetLastError();
+        return MPSCY_FAIL(err, n, MPSCY_DEVICE, CU, "no CUDA device is available: %s",
+                          e != cudaSuccess ? cudaGetErrorString(e) : "the driver reports 0 devices");
+    }
+    cu_device *d = (cu_device *)calloc(1, sizeof *d);
+    cu_lt *lt = (cu_lt *)calloc(1, sizeof *lt);
+    if (!d || !lt) {
+        free(d);
+        free(lt);
+        return MPSCY_FAIL(err, n, MPSCY_OOM, CU, "device object of %zu bytes", sizeof *d);
+    }
+    d->base.vt = vt;
+    mpscy_count_alloc(&d->base.stats, sizeof *d + sizeof *lt);
+    d->ordinal = 0;
+    e = cudaSetDevice(d->ordinal);
+    if (e == cudaSuccess) e = cudaGetDeviceProperties(&d->prop, d->ordinal);
+    if (e == cudaSuccess) e = cudaFree(0);  /* create the context now, not inside a capture */
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        free(d);
+        free(lt);
+        return MPSCY_FAIL(err, n, MPSCY_DEVICE, CU, "device %d: %s", 0, cudaGetErrorString(e));
+    }
+    d->sms = d->prop.multiProcessorCount;
+    int st = cu_lt_open(lt, err, n);
+    if (st != MPSCY_OK) {
+        free(d);
+        free(lt);
+        return st;
+    }
+    d->lt = lt;
+    *out = &d->base;
+    return MPSCY_OK;
+}
+
+static void cu_device_destroy(mpscy_device dev) {
+    cu_device *d = (cu_device *)dev;
+    cu_lt_close(d->lt);
+    free(d->lt);
+    free(d);
+}
+
+static int cu_device_info(mpscy_device dev, mpscy_device_info *out, char *err, size_t n) {
+    (void)err; (void)n;
+    const cu_device *d = (const cu_device *)dev;
+    snprintf(out->backend, sizeof out->backend, "cuda");
+    snprintf(out->name, sizeof out->name, "%.80s (sm_%d%d, cuBLASLt %zu)", d->prop.name, d->prop.major,
+             d->prop.minor, d->lt->api->version());
+    out->unified_memory = d->prop.integrated ? 1 : 0;
+    out->threads = d->sms;
+    out->memory_bytes = (int64_t)d->prop.totalGlobalMem;
+    return MPSCY_OK;
+}
+
+extern "C" const mpscy_backend mpscy_cuda_backend = {
+    "cuda",
+    cu_device_create,
+    cu_device_destroy,
+    cu_device_info,
+    cu_buffer_create,
+    cu_buffer_destroy,
+    cu_buffer_read,
+    cu_buffer_write,
+    cu_graph_build,
+    cu_graph_destroy,
+    cu_graph_io,
+    cu_tensor_count,
+    cu_tensor_info,
+    cu_tensor_read,
+    cu_tensor_write,
+    cu_graph_step,
+    cu_graph_predict,
+};

@@ -1,0 +1,325 @@
+/* graph.cu — building a CUDA graph object: the shared plan, one cudaMalloc per slab (parameters,
+ * gradients, optimizer state, activations, their gradients, saved values, workspaces), pinned
+ * staging for io, streams and events, the fusions decided once (Dense+ReLU in one GEMM,
+ * Flatten as an alias), io handles and named-tensor access. Capturing and running steps is
+ * step.cu's; nothing here runs per step. */
+#include "cuda.h"
+#include "blas.h"
+
+#include <string.h>
+
+#define FAIL(status, ...) MPSCY_FAIL(err, n, (status), CU, __VA_ARGS__)
+
+static size_t round_up(size_t bytes) { return (bytes + CU_ALIGN - 1) / CU_ALIGN * CU_ALIGN; }
+static size_t slab_bytes(int64_t floats) { return (size_t)(floats > 0 ? floats : 1) * sizeof(float); }
+
+void cu_fill(cudaStream_t s, float *p, int64_t n, float v);  /* optim.cu */
+
+float *cu_tensor(cu_graph *g, const mpscy_node *node, int32_t role, int32_t slot) {
+    for (int32_t t = node->tensor0; t < node->tensor0 + node->n_tensors; t++) {
+        const mpscy_tensor *T = &g->plan.tensors[t];
+        if (T->info.role == role && T->slot == slot) return g->params + T->info.offset;
+    }
+    return NULL;
+}
+
+float *cu_tensor_grad(cu_graph *g, const mpscy_node *node, int32_t slot) {
+    for (int32_t t = node->tensor0; t < node->tensor0 + node->n_tensors; t++) {
+        const mpscy_tensor *T = &g->plan.tensors[t];
+        if (T->info.role == MPSCY_ROLE_PARAM && T->slot == slot) return g->grads + T->info.offset;
+    }
+    return NULL;
+}
+
+void cu_graph_destroy(mpscy_graph gh) {
+    cu_graph *g = (cu_graph *)gh;
+    mpscy_device dev = gh->dev;
+    const mpscy_plan *p = &g->plan;
+    if (g->stream) cudaStreamSynchronize(g->stream);
+    cu_cache_clear(g);
+    if (g->stream) cudaStreamDestroy(g->stream);
+    if (g->side) cudaStreamDestroy(g->side);
+    if (g->fork) cudaEventDestroy(g->fork);
+    if (g->join) cudaEventDestroy(g->join);
+    cu_dev_free(dev, g->params, slab_bytes(p->n_params + p->n_buffers));
+    cu_dev_free(dev, g->grads, slab_bytes(p->n_params));
+    cu_dev_free(dev, g->optim, slab_bytes((int64_t)p->n_vec_slots * p->n_params));
+    cu_dev_free(dev, g->act, slab_bytes(p->act_floats));
+    cu_dev_free(dev, g->dact, slab_bytes(p->grad_floats));
+    cu_dev_free(dev, g->save, slab_bytes(p->save_floats));
+    cu_dev_free(dev, g->ws, slab_bytes(g->ws_floats));
+    cu_dev_free(dev, g->lt_ws[0], g->lt_ws_bytes);
+    cu_dev_free(dev, g->lt_ws[1], g->lt_ws_bytes);
+    cu_dev_free(dev, g->scratch, sizeof(cu_scratch));
+    cu_dev_free(dev, g->stage_d, g->stage_bytes);
+    cu_pinned_free(dev, g->stage_h, g->stage_bytes);
+    cu_pinned_free(dev, g->result, sizeof(cu_result));
+    cu_pinned_free(dev, g->out_h, g->out_bytes);
+    cu_host_free(dev, g->y, g->tables_bytes);
+    if (g->plan.nodes) mpscy_count_free(&dev->stats, mpscy_plan_bytes(p));
+    mpscy_plan_free(&g->plan);
+    cu_host_free(dev, g, sizeof *g);
+}
+
+/* The one consumer of node i, or -1 when it has several or is the graph output. */
+static int32_t only_consumer(const mpscy_plan *p, int32_t i) {
+    if (p->nodes[i].consumers != 1 || i == p->output) return -1;
+    for (int32_t j = i + 1; j < p->n_nodes; j++)
+        for (int32_t k = 0; k < p->nodes[j].n_in; k++)
+            if (p->nodes[j].in[k] == i) return j;
+    return -1;
+}
+
+/* Fusions and aliases: pointers only, so every kernel stays a plain reader/writer. */
+static void plan_fusions(cu_graph *g) {
+    mpscy_plan *p = &g->plan;
+    for (int32_t i = 0; i < p->n_nodes; i++) {
+        mpscy_node *node = &p->nodes[i];
+        if (node->kind == MPSCY_LAYER_DENSE) {
+            int32_t j = only_consumer(p, i);
+            if (j >= 0 && p->nodes[j].kind == MPSCY_LAYER_RELU) {
+                g->fuse[i] |= CU_FUSE_RELU;
+                g->fuse[j] |= CU_SKIP;
+                g->y[j] = g->y[i];  /* the GEMM writes max(0, x W^T + b) there */
+            }
+        } else if (node->kind == MPSCY_LAYER_FLATTEN) {
+            g->fuse[i] |= CU_SKIP;
+            g->y[i] = g->y[node->in[0]];  /* row-major: flattening is the same bytes */
+        }
+    }
+    /* d(input) of a Flatten is its d(output) when the Flatten is the input's only consumer;
+     * walked from the end so chains of aliases resolve to their final pointer */
+    for (int32_t i = p->n_nodes - 1; i >= 0; i--) {
+        mpscy_node *node = &p->nodes[i];
+        if (node->kind != MPSCY_LAYER_FLATTEN || !node->grad) continue;
+        int32_t s = node->in[0];
+        if (p->nodes[s].grad && p->nodes[s].consumers == 1 && s != p->output) g->dy[s] = g->dy[i];
+    }
+}
+
+int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *out, char *err, size_t n) {
+    cu_graph *g = (cu_graph *)cu_host_alloc(dev, sizeof *g);
+    if (!g) return FAIL(MPSCY_OOM, "graph object");
+    g->base.vt = dev->vt;
+    g->base.dev = dev;
+    g->dev = (cu_device *)dev;
+    int st = mpscy_plan_build(&g->plan, desc, CU, err, n);
+    if (st != MPSCY_OK) {
+        cu_host_free(dev, g, sizeof *g);
+        return st;
+    }
+    mpscy_plan *p = &g->plan;
+    mpscy_count_alloc(&dev->stats, mpscy_plan_bytes(p));
+
+    if (!cu_optim_supported(p->optim.kind)) {
+        cu_graph_destroy(&g->base);
+        return FAIL(MPSCY_UNSUPPORTED, "optimizer kind %d is not implemented on cuda", p->optim.kind);
+    }
+    for (int32_t i = 0; i < p->n_nodes; i++) {
+        const cu_layer_ops *ops = &cu_layers[p->nodes[i].kind];
+        if (p->nodes[i].kind != MPSCY_LAYER_INPUT && !ops->forward) {
+            cu_graph_destroy(&g->base);
+            return FAIL(MPSCY_UNSUPPORTED, "node %d (%s): layer kind %d is not implemented on cuda",
+                        i, p->nodes[i].name, p->nodes[i].kind);
+        }
+        int64_t w = ops->workspace ? ops->workspace(p, &p->nodes[i]) : 0;
+        if (w > g->ws_floats) g->ws_floats = w;
+    }
+
+    /* staging layout: params block, target, inputs (each 256-byte aligned) */
+    size_t off = round_up(sizeof(cu_params));
+    g->off_target = off;
+    off += round_up((size_t)p->batch * p->target_size * 4);
+    for (int32_t i = 0, k = 0; i < p->n_nodes; i++)
+        if (p->nodes[i].kind == MPSCY_LAYER_INPUT) {
+            g->off_input[k++] = off;
+            off += round_up((size_t)p->batch * p->nodes[i].size * sizeof(float));
+        }
+    g->stage_bytes = off;
+    g->out_bytes = (size_t)p->batch * p->out_size * sizeof(float);
+    g->lt_ws_bytes = (size_t)8 << 20;
+    g->tables_bytes = 2 * (size_t)p->n_nodes * sizeof(float *) + (size_t)p->n_nodes +
+                      (size_t)(2 * p->n_inputs + 2) * sizeof(cu_buffer) + 16;
+
+    st = MPSCY_OK;
+#define DEV(ptr, bytes) if (st == MPSCY_OK) st = cu_dev_alloc(dev, (void **)&(ptr), (bytes))
+#define PIN(ptr, bytes) if (st == MPSCY_OK) st = cu_pinned_alloc(dev, (void **)&(ptr), (bytes))
+    DEV(g->params, slab_bytes(p->n_params + p->n_buffers));
+    DEV(g->grads, slab_bytes(p->n_params));
+    DEV(g->optim, slab_bytes((int64_t)p->n_vec_slots * p->n_params));
+    DEV(g->act, slab_bytes(p->act_floats));
+    DEV(g->dact, slab_bytes(p->grad_floats));
+    DEV(g->save, slab_bytes(p->save_floats));
+    DEV(g->ws, slab_bytes(g->ws_floats));
+    DEV(g->lt_ws[0], g->lt_ws_bytes);
+    DEV(g->lt_ws[1], g->lt_ws_bytes);
+    DEV(g->scratch, sizeof(cu_scratch));
+    DEV(g->stage_d, g->stage_bytes);
+    PIN(g->stage_h, g->stage_bytes);
+    PIN(g->result, sizeof(cu_result));
+    PIN(g->out_h, g->out_bytes);
+#undef DEV
+#undef PIN
+    if (st == MPSCY_OK) {
+        g->y = (float **)cu_host_alloc(dev, g->tables_bytes);
+        if (!g->y) st = MPSCY_OOM;
+    }
+    if (st == MPSCY_OK && (cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking) != cudaSuccess ||
+                           cudaStreamCreateWithFlags(&g->side, cudaStreamNonBlocking) != cudaSuccess ||
+                           cudaEventCreateWithFlags(&g->fork, cudaEventDisableTiming) != cudaSuccess ||
+                           cudaEventCreateWithFlags(&g->join, cudaEventDisableTiming) != cudaSuccess))
+        st = MPSCY_DEVICE;
+    if (st != MPSCY_OK) {
+        cudaGetLastError();
+        size_t total = slab_bytes(p->n_params + p->n_buffers) * 2 + slab_bytes(p->act_floats) +
+                       slab_bytes(p->grad_floats) + slab_bytes(g->ws_floats) + 2 * g->lt_ws_bytes + g->stage_bytes;
+        cu_graph_destroy(&g->base);
+        return FAIL(st, "graph memory of about %zu bytes (device and pinned)", total);
+    }
+    g->params_h = (cu_params *)g->stage_h;
+    g->params_d = (cu_params *)g->stage_d;
+    g->dy = g->y + p->n_nodes;
+    g->io_bufs = (cu_buffer *)(((uintptr_t)(g->dy + p->n_nodes) + 15) & ~(uintptr_t)15);
+    g->fuse = (uint8_t *)(g->io_bufs + 2 * p->n_inputs + 2);
+
+    for (int32_t i = 0; i < p->n_nodes; i++) {
+        mpscy_node *node = &p->nodes[i];
+        if (node->kind == MPSCY_LAYER_INPUT) {
+            /* an input node's output is the device mirror of its staging rows */
+            cu_buffer *b = &g->io_bufs[node->input_index];
+            b->base.bytes = (size_t)p->batch * node->size * sizeof(float);
+            b->base.host = g->stage_h + g->off_input[node->input_index];
+            g->y[i] = (float *)(g->stage_d + g->off_input[node->input_index]);
+        } else {
+            g->y[i] = g->act + node->out;
+        }
+        g->dy[i] = node->grad ? g->dact + node->dout : NULL;
+    }
+    plan_fusions(g);
+
+    cu_buffer *tb = &g->io_bufs[p->n_inputs], *ob = &g->io_bufs[p->n_inputs + 1];
+    tb->base.bytes = (size_t)p->batch * p->target_size * 4;
+    tb->base.host = g->stage_h + g->off_target;
+    ob->base.bytes = g->out_bytes;
+    ob->base.host = g->out_h;
+    for (int32_t i = 0; i < p->n_nodes; i++) {
+        mpscy_node *node = &p->nodes[i];
+        if (node->kind == MPSCY_LAYER_INPUT && node->grad) {
+            cu_buffer *b = &g->io_bufs[p->n_inputs + 2 + node->input_index];
+            b->base.bytes = (size_t)p->batch * node->size * sizeof(float);
+            b->base.host = NULL;
+            b->base.storage = MPSCY_STORAGE_PRIVATE;
+            b->dmem = g->dy[i];
+        }
+    }
+    for (int32_t k = 0; k < 2 * p->n_inputs + 2; k++) {
+        g->io_bufs[k].base.vt = dev->vt;
+        g->io_bufs[k].base.dev = dev;
+        if (k < p->n_inputs + 2) g->io_bufs[k].base.storage = MPSCY_STORAGE_SHARED;
+        g->io_bufs[k].base.borrowed = 1;
+    }
+    /* running variances start at 1, as in PyTorch; parameters are written by the caller */
+    for (int32_t t = 0; t < p->n_tensors; t++)
+        if (p->tensors[t].info.role == MPSCY_ROLE_BUFFER && p->tensors[t].slot == 1)
+            cu_fill(g->stream, g->params + p->tensors[t].info.offset, p->tensors[t].info.count, 1.0f);
+    if (p->optim.kind == MPSCY_OPTIM_NADAM) g->scalars[1] = 1.0;  /* mu_product */
+    if (p->optim.kind == MPSCY_OPTIM_ADAGRAD)
+        cu_fill(g->stream, g->optim, p->n_params, (float)p->optim.initial_accumulator_value);
+    cudaError_t e = cudaStreamSynchronize(g->stream);
+    if (e != cudaSuccess) {
+        cu_graph_destroy(&g->base);
+        return FAIL(MPSCY_DEVICE, "initializing graph state: %s", cudaGetErrorString(e));
+    }
+    *out = &g->base;
+    return MPSCY_OK;
+}
+
+int cu_graph_io(mpscy_graph gh, int32_t kind, int32_t index, mpscy_buffer *out, char *err, size_t n) {
+    cu_graph *g = (cu_graph *)gh;
+    int32_t ni = g->plan.n_inputs;
+    if (kind == MPSCY_IO_INPUT && index >= 0 && index < ni) *out = &g->io_bufs[index].base;
+    else if (kind == MPSCY_IO_TARGET && index == 0) *out = &g->io_bufs[ni].base;
+    else if (kind == MPSCY_IO_OUTPUT && index == 0) *out = &g->io_bufs[ni + 1].base;
+    else if (kind == MPSCY_IO_INPUT_GRAD && index >= 0 && index < ni && g->plan.input_grad)
+        *out = &g->io_bufs[ni + 2 + index].base;
+    else if (kind == MPSCY_IO_INPUT_GRAD)
+        return FAIL(MPSCY_INVALID, "input gradients need a graph built with input_grad = 1 (index %d of %d inputs)", index, ni);
+    else return FAIL(MPSCY_INVALID, "no io buffer of kind %d and index %d (graph has %d inputs)", kind, index, ni);
+    return MPSCY_OK;
+}
+
+int cu_tensor_count(mpscy_graph gh, int32_t *out) {
+    *out = ((cu_graph *)gh)->plan.n_tensors;
+    return MPSCY_OK;
+}
+
+static const mpscy_tensor *find(cu_graph *g, int32_t index, size_t bytes, int check, char *err, size_t n, int *st) {
+    if (index < 0 || index >= g->plan.n_tensors) {
+        *st = FAIL(MPSCY_INVALID, "tensor index %d outside 0..%d", index, g->plan.n_tensors - 1);
+        return NULL;
+    }
+    const mpscy_tensor *t = &g->plan.tensors[index];
+    size_t want = (size_t)t->info.count * (t->info.dtype == MPSCY_F32 ? 4 : 8);
+    if (check && bytes != want) {
+        *st = FAIL(MPSCY_SHAPE, "tensor '%s' holds %zu bytes, not %zu", t->info.name, want, bytes);
+        return NULL;
+    }
+    *st = MPSCY_OK;
+    return t;
+}
+
+int cu_tensor_info(mpscy_graph gh, int32_t index, mpscy_tensor_info *out, char *err, size_t n) {
+    int st;
+    const mpscy_tensor *t = find((cu_graph *)gh, index, 0, 0, err, n, &st);
+    if (t) *out = t->info;
+    return st;
+}
+
+/* Device address of a float tensor (parameters, buffers, gradients, optimizer slots). */
+static float *tensor_dev(cu_graph *g, const mpscy_tensor *t) {
+    if (t->info.role == MPSCY_ROLE_GRAD) return g->grads + t->info.offset;
+    if (t->info.role == MPSCY_ROLE_OPTIM) return g->optim + t->info.offset;
+    return g->params + t->info.offset;
+}
+
+int cu_tensor_read(mpscy_graph gh, int32_t index, void *dst, size_t bytes, char *err, size_t n) {
+    cu_graph *g = (cu_graph *)gh;
+    int st;
+    const mpscy_tensor *t = find(g, index, bytes, 1, err, n, &st);
+    if (!t) return st;
+    if (t->info.role == MPSCY_ROLE_OPTIM && t->info.dtype != MPSCY_F32) {
+        if (t->info.dtype == MPSCY_I64) {
+            int64_t v = (int64_t)g->scalars[t->info.offset];
+            memcpy(dst, &v, sizeof v);
+        } else {
+            memcpy(dst, &g->scalars[t->info.offset], sizeof(double));
+        }
+        return MPSCY_OK;
+    }
+    cudaError_t e = cudaMemcpy(dst, tensor_dev(g, t), bytes, cudaMemcpyDeviceToHost);
+    if (e != cudaSuccess) return FAIL(MPSCY_DEVICE, "reading tensor '%s': %s", t->info.name, cudaGetErrorString(e));
+    return MPSCY_OK;
+}
+
+int cu_tensor_write(mpscy_graph gh, int32_t index, const void *src, size_t bytes, char *err, size_t n) {
+    cu_graph *g = (cu_graph *)gh;
+    int st;
+    const mpscy_tensor *t = find(g, index, bytes, 1, err, n, &st);
+    if (!t) return st;
+    if (t->info.role == MPSCY_ROLE_GRAD)
+        return FAIL(MPSCY_INVALID, "tensor '%s' is a gradient and read-only", t->info.name);
+    if (t->info.role == MPSCY_ROLE_OPTIM && t->info.dtype != MPSCY_F32) {
+        if (t->info.dtype == MPSCY_I64) {
+            int64_t v;
+            memcpy(&v, src, sizeof v);
+            if (v < 0) return FAIL(MPSCY_INVALID, "optimizer step count %lld is negative", (long long)v);
+            g->scalars[t->info.offset] = (double)v;
+        } else {
+            memcpy(&g->scalars[t->info.offset], src, sizeof(double));
+        }
+        return MPSCY_OK;
+    }
+    cudaError_t e = cudaMemcpy(tensor_dev(g, t), src, bytes, cudaMemcpyHostToDevice);
+    if (e != cudaSuccess) return FAIL(MPSCY_DEVICE, "writing tensor '%s': %s", t->info.name, cudaGetErrorString(e));
+    return MPSCY_OK;
+}

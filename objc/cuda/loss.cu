@@ -1,0 +1,180 @@
+/* loss.cu — every loss on CUDA in one kernel: per row (one warp each) the loss, its gradient
+ * with respect to the model output and the correct count, then the mean over the batch by the
+ * last block, in double, as cpu/loss.c defines them (torch.nn.functional, reduction "mean").
+ * Eval graphs also finish the step's result here (there is no norm kernel after them). */
+#include "cuda.h"
+#include "reduce.h"
+
+#include <math.h>
+
+struct loss_args {
+    int kind, accuracy, index_target;
+    int64_t b, c;
+    double eps, delta;
+    float threshold;
+    int finalize;
+};
+
+/* first maximum of a row across the warp (ties: the lowest index, as the cpu's strict >) */
+static __device__ int64_t warp_argmax(const float *x, int64_t c, int lane) {
+    float best = -INFINITY;
+    int64_t k = -1;
+    for (int64_t i = lane; i < c; i += 32)
+        if (k < 0 || x[i] > best) {
+            best = x[i];
+            k = i;
+        }
+    for (int o = 16; o > 0; o >>= 1) {
+        float ob = __shfl_xor_sync(0xffffffffu, best, o);
+        int64_t ok = __shfl_xor_sync(0xffffffffu, k, o);
+        if (ok >= 0 && (k < 0 || ob > best || (ob == best && ok < k))) {
+            best = ob;
+            k = ok;
+        }
+    }
+    return k;
+}
+
+__global__ void loss_forward_backward(cu_scratch *S, cu_result *R, float *dy, const float *y, const void *target,
+                                      loss_args a) {
+    // dy (b, c) or NULL, y (b, c), target: int32 (b) labels or float (b, c)
+    const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    const int32_t *labels = a.index_target ? (const int32_t *)target : NULL;
+    const float *t = a.index_target ? NULL : (const float *)target;
+    const int64_t c = a.c;
+    const double inv_b = 1.0 / (double)a.b, inv_n = 1.0 / (double)(a.b * c), u = a.eps / (double)c;
+    double total = 0;
+    long long correct = 0;
+    for (int64_t r = blockIdx.x * (int64_t)warps + (threadIdx.x >> 5); r < a.b; r += (int64_t)gridDim.x * warps) {
+        const float *yr = y + r * c;
+        const float *tr = t ? t + r * c : NULL;
+        float *dr = dy ? dy + r * c : NULL;
+        double row = 0;
+        if (a.kind == MPSCY_LOSS_SPARSE_CE || a.kind == MPSCY_LOSS_CE) {
+            float m = -INFINITY;
+            for (int64_t i = lane; i < c; i += 32) m = yr[i] > m ? yr[i] : m;
+            m = warp_allmax(m);
+            double s = 0;
+            for (int64_t i = lane; i < c; i += 32) s += exp((double)(yr[i] - m));
+            double lse = (double)m + log(warp_allsum(s)), qsum = 0;
+            for (int64_t i = lane; i < c; i += 32) {
+                double q = labels ? (i == labels[r] ? 1.0 : 0.0) : (double)tr[i];
+                q = (1.0 - a.eps) * q + u;
+                qsum += q;
+                row -= q * ((double)yr[i] - lse);
+            }
+            qsum = warp_allsum(qsum);
+            if (dr)
+                for (int64_t i = lane; i < c; i += 32) {
+                    double q = labels ? (i == labels[r] ? 1.0 : 0.0) : (double)tr[i];
+                    q = (1.0 - a.eps) * q + u;
+                    dr[i] = (float)((exp((double)yr[i] - lse) * qsum - q) * inv_b);
+                }
+        } else {
+            for (int64_t i = lane; i < c; i += 32) {
+                double x = yr[i], z = tr[i], d = x - z, g;
+                switch (a.kind) {
+                case MPSCY_LOSS_CATEGORICAL_CE: {
+                    double q = (1.0 - a.eps) * z + u, pp = x;
+                    int clamped = pp < 1e-7;
+                    if (clamped) pp = 1e-7;
+                    row -= q * log(pp);
+                    if (dr) dr[i] = clamped ? 0.0f : (float)(-q / pp * inv_b);
+                    continue;
+                }
+                case MPSCY_LOSS_MSE:
+                    row += d * d;
+                    g = 2.0 * d * inv_n;
+                    break;
+                case MPSCY_LOSS_MAE:
+                    row += fabs(d);
+                    if (dr) dr[i] = (float)((d > 0) - (d < 0)) * (float)inv_n;
+                    continue;
+                case MPSCY_LOSS_HUBER: {
+                    double ad = fabs(d);
+                    row += ad < a.delta ? 0.5 * d * d : a.delta * (ad - 0.5 * a.delta);
+                    g = (ad < a.delta ? d : a.delta * ((d > 0) - (d < 0))) * inv_n;
+                    break;
+                }
+                case MPSCY_LOSS_BCE: {
+                    double lp = x > 0 ? log(x) : -100.0, lq = x < 1 ? log1p(-x) : -100.0;
+                    if (lp < -100.0) lp = -100.0;
+                    if (lq < -100.0) lq = -100.0;
+                    row -= z * lp + (1.0 - z) * lq;
+                    double den = x * (1.0 - x);
+                    g = (x - z) / (den > 1e-12 ? den : 1e-12) * inv_n;
+                    break;
+                }
+                case MPSCY_LOSS_BCE_LOGITS:
+                    row += (x > 0 ? x : 0) - x * z + log1p(exp(-fabs(x)));
+                    g = (1.0 / (1.0 + exp(-x)) - z) * inv_n;
+                    break;
+                default:
+                    row = NAN;
+                    g = NAN;
+                }
+                if (dr) dr[i] = (float)g;
+            }
+        }
+        row = warp_sum(row);
+        if (a.accuracy == MPSCY_ACCURACY_ARGMAX) {
+            int64_t want = labels ? labels[r] : warp_argmax(tr, c, lane);
+            int64_t got = warp_argmax(yr, c, lane);
+            if (lane == 0) correct += got == want;
+        } else if (a.accuracy == MPSCY_ACCURACY_THRESHOLD) {
+            long long k = 0;
+            for (int64_t i = lane; i < c; i += 32) k += (yr[i] > a.threshold) == (tr[i] > 0.5f);
+            k = warp_sum(k);
+            if (lane == 0) correct += k;
+        }
+        if (lane == 0) total += row;
+    }
+    total = block_sum(total);
+    correct = block_sum(correct);
+    if (threadIdx.x == 0) {
+        S->loss_part[blockIdx.x] = total;
+        S->correct_part[blockIdx.x] = correct;
+    }
+    if (!last_block(&S->loss_count)) return;
+    const volatile double *lp = S->loss_part;
+    const volatile long long *cp = S->correct_part;
+    double sum = 0;
+    long long cor = 0;
+    for (unsigned k = threadIdx.x; k < gridDim.x; k += blockDim.x) {
+        sum += lp[k];
+        cor += cp[k];
+    }
+    sum = block_sum(sum);
+    cor = block_sum(cor);
+    if (threadIdx.x == 0) {
+        int ce = a.kind == MPSCY_LOSS_SPARSE_CE || a.kind == MPSCY_LOSS_CE || a.kind == MPSCY_LOSS_CATEGORICAL_CE;
+        double loss = sum * (ce ? inv_b : inv_n);
+        S->loss = loss;
+        R->loss = loss;
+        R->correct = a.accuracy == MPSCY_ACCURACY_NONE ? -1 : cor;
+        if (a.finalize) {
+            R->finite = isfinite(loss);
+            R->grad_norm = 0.0;
+            R->applied = 0;
+        }
+        S->loss_count = 0;
+    }
+}
+
+int cu_loss(cu_graph *g, float *dy, int64_t b, int finalize, char *err, size_t en) {
+    const mpscy_plan *p = &g->plan;
+    loss_args a;
+    a.kind = p->loss.kind;
+    a.accuracy = p->loss.accuracy;
+    a.index_target = p->target == MPSCY_TARGET_INDEX;
+    a.b = b;
+    a.c = p->out_size;
+    a.eps = p->loss.label_smoothing;
+    a.delta = p->loss.delta;
+    a.threshold = (float)p->loss.threshold;
+    a.finalize = finalize;
+    const void *target = g->stage_d + g->off_target;
+    unsigned blocks = cu_blocks(b, CU_THREADS / 32, CU_MAX_PARTS);
+    loss_forward_backward<<<blocks, CU_THREADS, 0, g->stream>>>(g->scratch, g->result, dy, g->y[p->output], target, a);
+    return CU_LAUNCHED("loss_forward_backward");
+}

@@ -1,0 +1,187 @@
+/* step.cu — a CUDA step is one graph launch and one synchronization. The first step of each
+ * (kind, batch) records the whole step — staging copy, forward, loss, backward, norm, clip,
+ * update, commit — into a CUDA graph, kept in a small cache; per-step values travel in the
+ * pinned params block the graph copies first, so schedules never re-capture. Whether an update
+ * is applied is decided on the device (the optimizer reads a flag), and the result comes back
+ * through pinned memory the kernels write. */
+#include "cuda.h"
+
+#include <math.h>
+#include <string.h>
+
+#define FAIL(status, ...) MPSCY_FAIL(err, n, (status), CU, __VA_ARGS__)
+
+int cu_fork(cu_graph *g, char *err, size_t en) {
+    CU_TRY(cudaEventRecord(g->fork, g->stream), "fork event");
+    CU_TRY(cudaStreamWaitEvent(g->side, g->fork, 0), "side stream wait");
+    g->forked = 1;
+    return MPSCY_OK;
+}
+
+int cu_join(cu_graph *g, char *err, size_t en) {
+    if (!g->forked) return MPSCY_OK;
+    g->forked = 0;
+    CU_TRY(cudaEventRecord(g->join, g->side), "join event");
+    CU_TRY(cudaStreamWaitEvent(g->stream, g->join, 0), "main stream wait");
+    return MPSCY_OK;
+}
+
+/* Everything one step does, enqueued on g->stream (inside a capture). */
+static int enqueue(cu_graph *g, int kind, int64_t b, char *err, size_t en) {
+    const mpscy_plan *p = &g->plan;
+    cudaStream_t s = g->stream;
+    int st;
+    /* params block, target and the first input's rows in one copy; other inputs after */
+    size_t first = p->n_inputs > 0 ? g->off_input[0] : g->off_target;
+    for (int32_t i = 0; i < p->n_nodes; i++)
+        if (p->nodes[i].kind == MPSCY_LAYER_INPUT) {
+            size_t rows = (size_t)b * p->nodes[i].size * sizeof(float), o = g->off_input[p->nodes[i].input_index];
+            if (p->nodes[i].input_index == 0) first = o + rows;
+            else CU_TRY(cudaMemcpyAsync(g->stage_d + o, g->stage_h + o, rows, cudaMemcpyHostToDevice, s), "input copy");
+        }
+    CU_TRY(cudaMemcpyAsync(g->stage_d, g->stage_h, first, cudaMemcpyHostToDevice, s), "staging copy");
+
+    int train = kind == CU_KIND_TRAIN || kind == CU_KIND_GRAD;
+    for (int32_t i = 0; i < p->n_nodes; i++) {
+        const mpscy_node *node = &p->nodes[i];
+        if (node->kind == MPSCY_LAYER_INPUT) continue;
+        if ((st = cu_layers[node->kind].forward(g, node, b, train, err, en)) != MPSCY_OK) return st;
+    }
+    if (kind == CU_KIND_PREDICT) {
+        CU_TRY(cudaMemcpyAsync(g->out_h, g->y[p->output], (size_t)b * p->out_size * sizeof(float),
+                               cudaMemcpyDeviceToHost, s), "output copy");
+        return MPSCY_OK;
+    }
+    if ((st = cu_loss(g, train ? g->dy[p->output] : NULL, b, !train, err, en)) != MPSCY_OK) return st;
+    if (!train) return MPSCY_OK;
+
+    g->forked = 0;
+    for (int32_t i = p->n_nodes - 1; i >= 0; i--) {
+        const mpscy_node *node = &p->nodes[i];
+        if (!node->grad || node->kind == MPSCY_LAYER_INPUT) continue;
+        if ((st = cu_layers[node->kind].backward(g, node, b, err, en)) != MPSCY_OK) return st;
+    }
+    if ((st = cu_join(g, err, en)) != MPSCY_OK) return st;
+    if ((st = cu_grad_norm(g, kind == CU_KIND_TRAIN, err, en)) != MPSCY_OK) return st;
+    if (kind == CU_KIND_GRAD) return MPSCY_OK;
+    if ((st = cu_optim_update(g, err, en)) != MPSCY_OK) return st;
+    for (int32_t i = 0; i < p->n_nodes; i++)
+        if (cu_layers[p->nodes[i].kind].commit &&
+            (st = cu_layers[p->nodes[i].kind].commit(g, &p->nodes[i], b, err, en)) != MPSCY_OK)
+            return st;
+    return MPSCY_OK;
+}
+
+void cu_cache_clear(cu_graph *g) {
+    for (int k = 0; k < CU_CACHE; k++)
+        if (g->cache[k].exec) {
+            cudaGraphExecDestroy(g->cache[k].exec);
+            mpscy_count_free(&g->base.dev->stats, 0);
+            g->cache[k].exec = NULL;
+        }
+}
+
+/* The captured graph of (kind, b): from the cache, or recorded now (evicting the least recently
+ * used). A capture counts as one allocation in the device's stats. */
+static int get_exec(cu_graph *g, int kind, int64_t b, cudaGraphExec_t *out, char *err, size_t en) {
+    int victim = 0;
+    g->tick++;
+    for (int k = 0; k < CU_CACHE; k++) {
+        cu_exec *c = &g->cache[k];
+        if (c->exec && c->kind == kind && c->batch == b) {
+            c->used = g->tick;
+            *out = c->exec;
+            return MPSCY_OK;
+        }
+        if (!c->exec || (g->cache[victim].exec && c->used < g->cache[victim].used)) victim = k;
+    }
+    cu_exec *c = &g->cache[victim];
+    if (c->exec) {
+        cudaGraphExecDestroy(c->exec);
+        mpscy_count_free(&g->base.dev->stats, 0);
+        c->exec = NULL;
+    }
+    CU_TRY(cudaStreamBeginCapture(g->stream, cudaStreamCaptureModeThreadLocal), "begin capture");
+    int st = enqueue(g, kind, b, err, en);
+    if (st != MPSCY_OK && g->forked) cu_join(g, NULL, 0);
+    cudaGraph_t graph = NULL;
+    cudaError_t e = cudaStreamEndCapture(g->stream, &graph);
+    if (st == MPSCY_OK && e != cudaSuccess)
+        st = MPSCY_FAIL(err, en, MPSCY_DEVICE, CU, "capturing the step: %s", cudaGetErrorString(e));
+    cudaGraphExec_t exec = NULL;
+    if (st == MPSCY_OK) {
+        e = cudaGraphInstantiate(&exec, graph, 0);
+        if (e != cudaSuccess) st = MPSCY_FAIL(err, en, MPSCY_DEVICE, CU, "instantiating the step graph: %s", cudaGetErrorString(e));
+    }
+    if (st == MPSCY_OK) {
+        e = cudaGraphUpload(exec, g->stream);
+        if (e != cudaSuccess) st = MPSCY_FAIL(err, en, MPSCY_DEVICE, CU, "uploading the step graph: %s", cudaGetErrorString(e));
+    }
+    if (graph) cudaGraphDestroy(graph);
+    if (st != MPSCY_OK) {
+        if (exec) cudaGraphExecDestroy(exec);
+        cudaGetLastError();
+        return st;
+    }
+    mpscy_count_alloc(&g->base.dev->stats, 0);
+    c->exec = exec;
+    c->kind = kind;
+    c->batch = (int32_t)b;
+    c->used = g->tick;
+    *out = exec;
+    return MPSCY_OK;
+}
+
+static int run(cu_graph *g, cudaGraphExec_t exec, char *err, size_t en) {
+    CU_TRY(cudaGraphLaunch(exec, g->stream), "graph launch");
+    CU_TRY(cudaStreamSynchronize(g->stream), "step");
+    return MPSCY_OK;
+}
+
+int cu_graph_step(mpscy_graph gh, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t n) {
+    cu_graph *g = (cu_graph *)gh;
+    const mpscy_plan *p = &g->plan;
+    if (a->batch < 1 || a->batch > p->batch)
+        return FAIL(MPSCY_SHAPE, "batch of %d rows outside 1..%d (the built batch size)", a->batch, p->batch);
+    if (a->mode != MPSCY_MODE_TRAIN && a->mode != MPSCY_MODE_EVAL && a->mode != MPSCY_MODE_GRAD)
+        return FAIL(MPSCY_INVALID, "unknown step mode %d", a->mode);
+    int64_t b = a->batch;
+    if (p->target == MPSCY_TARGET_INDEX) {
+        const int32_t *labels = (const int32_t *)(g->stage_h + g->off_target);
+        for (int64_t i = 0; i < b; i++)
+            if (labels[i] < 0 || labels[i] >= p->out_size)
+                return FAIL(MPSCY_INVALID, "label %d at row %lld outside [0, %lld)", labels[i], (long long)i,
+                            (long long)p->out_size);
+    }
+    int kind = a->mode == MPSCY_MODE_TRAIN ? CU_KIND_TRAIN : a->mode == MPSCY_MODE_GRAD ? CU_KIND_GRAD : CU_KIND_EVAL;
+    int64_t t = (int64_t)g->scalars[0] + 1;
+    cu_optim_params(g, a, t, g->params_h);
+    cudaGraphExec_t exec;
+    int st = get_exec(g, kind, b, &exec, err, n);
+    if (st != MPSCY_OK) return st;
+    if ((st = run(g, exec, err, n)) != MPSCY_OK) return st;
+
+    const cu_result *res = g->result;
+    memset(r, 0, sizeof *r);
+    r->loss = res->loss;
+    r->correct = res->correct;
+    r->grad_norm = res->grad_norm;
+    r->finite = res->finite;
+    r->applied = res->applied;
+    if (kind == CU_KIND_EVAL) return MPSCY_OK;
+    if (!r->finite)
+        return FAIL(MPSCY_NONFINITE, "loss %g, gradient norm %g: not finite, update skipped", r->loss, r->grad_norm);
+    if (r->applied) g->scalars[0] = (double)t;
+    return MPSCY_OK;
+}
+
+int cu_graph_predict(mpscy_graph gh, const mpscy_step_args *a, char *err, size_t n) {
+    cu_graph *g = (cu_graph *)gh;
+    const mpscy_plan *p = &g->plan;
+    if (a->batch < 1 || a->batch > p->batch)
+        return FAIL(MPSCY_SHAPE, "batch of %d rows outside 1..%d (the built batch size)", a->batch, p->batch);
+    cudaGraphExec_t exec;
+    int st = get_exec(g, CU_KIND_PREDICT, a->batch, &exec, err, n);
+    if (st != MPSCY_OK) return st;
+    return run(g, exec, err, n);
+}
