@@ -1,0 +1,390 @@
+"""CUDA benchmark: one training step, timed the same way for every framework — a NumPy batch in,
+the loss out as a Python float — for mpscy (device="cuda"), PyTorch eager, PyTorch eager with
+fused Adam, PyTorch with the whole step captured in a CUDA graph, and JAX jit. Three models:
+the MLP 784-128-64-10 at batch 32, the README CNN on 3x32x32 at batch 64, and the MLP
+784-1024-1024-1024-10 at batch 1024, all fp32 (TF32 off everywhere; mpscy tf32 is an extra
+row). Also measures the two ceilings of METHOD.md (fp32 GEMM rate, copy bandwidth) and the
+latency floor (an empty CUDA-graph replay plus a 4-byte read-back) and prints each model's floor.
+
+    python bench/cuda_bench.py [--json out.json] [--quick] [--only mlp_small,cnn,mlp_wide]
+    python bench/cuda_bench.py --smoke     # cpu only: checks the script itself, no GPU needed
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+
+MODELS = {
+    "mlp_small": {"input": (784,), "batch": 32, "hidden": [128, 64], "classes": 10},
+    "cnn": {"input": (3, 32, 32), "batch": 64, "classes": 10},
+    "mlp_wide": {"input": (784,), "batch": 1024, "hidden": [1024, 1024, 1024], "classes": 10},
+}
+CONVS = [(32, 3, 1, 1), (32, 3, 2, 1), (64, 3, 1, 1), (64, 3, 2, 1)]  # out, kernel, stride, padding
+LR = 1e-3
+
+
+def batches(spec, n=8, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        x = rng.standard_normal((spec["batch"],) + spec["input"]).astype(np.float32)
+        y = rng.integers(0, spec["classes"], spec["batch"])
+        out.append((x, y))
+    return out
+
+
+def time_steps(step, data, budget_s, repeats):
+    """Median over `repeats` of the mean time per step (µs); each step ends with a float loss."""
+    for i in range(max(10, len(data))):
+        loss = step(*data[i % len(data)])
+    t0 = time.perf_counter()
+    for i in range(10):
+        step(*data[i % len(data)])
+    per = (time.perf_counter() - t0) / 10
+    iters = int(min(max(budget_s / max(per, 1e-7), 20), 20000))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for i in range(iters):
+            loss = step(*data[i % len(data)])
+        times.append((time.perf_counter() - t0) / iters)
+    assert isinstance(loss, float) and np.isfinite(loss), loss
+    return statistics.median(times) * 1e6, loss
+
+
+# ----------------------------------------------------------------------------- mpscy
+
+def mpscy_step(name, spec, device="cuda", precision="fp32"):
+    import mpscy
+    from mpscy import layers as L, optim
+    if name == "cnn":
+        if not hasattr(L, "Conv2D") or not hasattr(L, "Dropout"):
+            return None
+        ls = []
+        for out, k, s, p in CONVS:
+            ls += [L.Conv2D(out, k, s, p), L.ReLU()]
+        ls += [L.Flatten(), L.Dense(128), L.ReLU(), L.Dropout(0.5), L.Dense(spec["classes"])]
+    else:
+        ls = []
+        for h in spec["hidden"]:
+            ls += [L.Dense(h), L.ReLU()]
+        ls.append(L.Dense(spec["classes"]))
+    engine = mpscy.Engine(mpscy.Sequential(ls, input_shape=spec["input"]), loss="sparse_cross_entropy",
+                          optimizer=optim.Adam(LR), batch_size=spec["batch"], device=device, seed=0,
+                          precision=precision)
+
+    def step(x, y):
+        return engine.step(x, y).loss
+    step.engine = engine
+    return step
+
+
+# ----------------------------------------------------------------------------- PyTorch
+
+def torch_model(name, spec):
+    import torch.nn as nn
+    if name == "cnn":
+        ls, c = [], spec["input"][0]
+        hw = spec["input"][1]
+        for out, k, s, p in CONVS:
+            ls += [nn.Conv2d(c, out, k, s, p), nn.ReLU()]
+            c, hw = out, (hw + 2 * p - k) // s + 1
+        ls += [nn.Flatten(), nn.Linear(c * hw * hw, 128), nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, spec["classes"])]
+        return nn.Sequential(*ls)
+    ls, d = [], spec["input"][0]
+    for h in spec["hidden"]:
+        ls += [nn.Linear(d, h), nn.ReLU()]
+        d = h
+    ls.append(nn.Linear(d, spec["classes"]))
+    return nn.Sequential(*ls)
+
+
+def torch_eager(name, spec, device, fused=False):
+    import torch
+    import torch.nn.functional as F
+    model = torch_model(name, spec).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=LR, fused=True) if fused else torch.optim.Adam(model.parameters(), lr=LR)
+
+    def step(x, y):
+        xt = torch.from_numpy(x).to(device)
+        yt = torch.from_numpy(y).to(device)
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(xt), yt)
+        loss.backward()
+        opt.step()
+        return loss.item()
+    return step
+
+
+def torch_graph(name, spec):
+    """The whole step (forward, loss, backward, fused capturable Adam) in one CUDA graph; batches
+    go through pinned tensors, the best a PyTorch user can do."""
+    import torch
+    import torch.nn.functional as F
+    model = torch_model(name, spec).cuda()
+    opt = torch.optim.Adam(model.parameters(), lr=LR, fused=True, capturable=True)
+    shape = (spec["batch"],) + spec["input"]
+    sx, sy = torch.zeros(shape, device="cuda"), torch.zeros(spec["batch"], dtype=torch.int64, device="cuda")
+    px, py = torch.zeros(shape).pin_memory(), torch.zeros(spec["batch"], dtype=torch.int64).pin_memory()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(sx), sy).backward()
+            opt.step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        loss = F.cross_entropy(model(sx), sy)
+        loss.backward()
+        opt.step()
+    nx, ny = px.numpy(), py.numpy()
+
+    def step(x, y):
+        nx[...] = x
+        ny[...] = y
+        sx.copy_(px, non_blocking=True)
+        sy.copy_(py, non_blocking=True)
+        graph.replay()
+        return loss.item()
+    return step
+
+
+# ----------------------------------------------------------------------------- JAX
+
+def jax_step(name, spec):
+    import jax
+    import jax.numpy as jnp
+    import optax
+    jax.config.update("jax_default_matmul_precision", "highest")
+    key = jax.random.PRNGKey(0)
+
+    def dense_init(k, i, o):
+        bound = 1 / np.sqrt(i)
+        k1, k2 = jax.random.split(k)
+        return {"w": jax.random.uniform(k1, (i, o), minval=-bound, maxval=bound),
+                "b": jax.random.uniform(k2, (o,), minval=-bound, maxval=bound)}
+
+    params, keys = [], list(jax.random.split(key, 16))
+    if name == "cnn":
+        c, hw = spec["input"][0], spec["input"][1]
+        for out, k, s, p in CONVS:
+            bound = 1 / np.sqrt(c * k * k)
+            params.append({"w": jax.random.uniform(keys.pop(), (out, c, k, k), minval=-bound, maxval=bound),
+                           "b": jnp.zeros((out,))})
+            c, hw = out, (hw + 2 * p - k) // s + 1
+        params += [dense_init(keys.pop(), c * hw * hw, 128), dense_init(keys.pop(), 128, spec["classes"])]
+    else:
+        d = spec["input"][0]
+        for h in spec["hidden"] + [spec["classes"]]:
+            params.append(dense_init(keys.pop(), d, h))
+            d = h
+
+    def forward(params, x, rng):
+        if name == "cnn":
+            for (out, k, s, p), q in zip(CONVS, params[:4]):
+                x = jax.lax.conv_general_dilated(x, q["w"], (s, s), [(p, p), (p, p)],
+                                                 dimension_numbers=("NCHW", "OIHW", "NCHW"))
+                x = jax.nn.relu(x + q["b"][None, :, None, None])
+            x = x.reshape(x.shape[0], -1)
+            x = jax.nn.relu(x @ params[4]["w"] + params[4]["b"])
+            keep = jax.random.bernoulli(rng, 0.5, x.shape)
+            x = jnp.where(keep, x / 0.5, 0.0)
+            return x @ params[5]["w"] + params[5]["b"]
+        for q in params[:-1]:
+            x = jax.nn.relu(x @ q["w"] + q["b"])
+        return x @ params[-1]["w"] + params[-1]["b"]
+
+    def loss_fn(params, x, y, rng):
+        logits = forward(params, x, rng)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    tx = optax.adam(LR)
+    state = {"p": params, "o": tx.init(params), "k": jax.random.PRNGKey(1)}
+
+    @jax.jit
+    def train(st, x, y):
+        k, sub = jax.random.split(st["k"])
+        loss, grads = jax.value_and_grad(loss_fn)(st["p"], x, y, sub)
+        upd, o = tx.update(grads, st["o"], st["p"])
+        return {"p": optax.apply_updates(st["p"], upd), "o": o, "k": k}, loss
+
+    def step(x, y):
+        nonlocal state
+        state, loss = train(state, x, y)
+        return float(loss)
+    return step
+
+
+# ----------------------------------------------------------------------------- floors
+
+def flops_bytes(name, spec):
+    """FLOPs of one step (forward, dW, dX except for the input) and the fewest bytes it must move:
+    parameters read twice and gradients written once, Adam reading p, g, m, v and writing p, m, v,
+    every activation written once and read once, the input batch read once."""
+    b = spec["batch"]
+    flops, act, params = 0, 0, 0
+    if name == "cnn":
+        c, hw = spec["input"][0], spec["input"][1]
+        first = True
+        for out, k, s, p in CONVS:
+            ho = (hw + 2 * p - k) // s + 1
+            mac = b * out * ho * ho * c * k * k
+            flops += 2 * mac * (2 if first else 3)
+            params += out * c * k * k + out
+            act += b * out * ho * ho
+            c, hw, first = out, ho, False
+        dims = [(c * hw * hw, 128), (128, spec["classes"])]
+    else:
+        d = spec["input"][0]
+        dims = []
+        for h in spec["hidden"] + [spec["classes"]]:
+            dims.append((d, h))
+            d = h
+    for i, (di, do) in enumerate(dims):
+        flops += 2 * b * di * do * (2 if (i == 0 and name != "cnn") else 3)
+        params += di * do + do
+        act += b * do
+    nbytes = 4 * (params * (2 + 1 + 7) + 2 * act + b * int(np.prod(spec["input"])))
+    return flops, nbytes
+
+
+def ceilings():
+    import torch
+    torch.backends.cuda.matmul.allow_tf32 = False
+    a = torch.randn(8192, 8192, device="cuda")
+    for _ in range(2):
+        a @ a
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        a @ a
+    torch.cuda.synchronize()
+    tflops = 5 * 2 * 8192 ** 3 / (time.perf_counter() - t0) / 1e12
+    x = torch.empty(1 << 28, dtype=torch.float32, device="cuda")
+    y = torch.empty_like(x)
+    y.copy_(x)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    bw = 10 * 2 * x.numel() * 4 / (time.perf_counter() - t0) / 1e12
+    del a, x, y
+    # latency floor: replay of a graph holding one tiny kernel, then a 4-byte read-back
+    z = torch.zeros(1, device="cuda")
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        z.add_(1)
+    torch.cuda.synchronize()
+    with torch.cuda.graph(g):
+        z.add_(1)
+    for _ in range(100):
+        g.replay()
+        z.item()
+    n = 5000
+    t0 = time.perf_counter()
+    for _ in range(n):
+        g.replay()
+        z.item()
+    lat = (time.perf_counter() - t0) / n * 1e6
+    return tflops, bw, lat
+
+
+# ----------------------------------------------------------------------------- main
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json")
+    ap.add_argument("--quick", action="store_true", help="short timing budget")
+    ap.add_argument("--smoke", action="store_true", help="cpu only, to check the script without a GPU")
+    ap.add_argument("--only", default="mlp_small,cnn,mlp_wide")
+    args = ap.parse_args()
+    budget, repeats = (0.05, 3) if args.quick or args.smoke else (0.4, 5)
+    results, info = {}, {}
+    if not args.smoke:
+        import torch
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        info["device"] = torch.cuda.get_device_name()
+        info["fp32_tflops"], info["copy_tb_s"], info["launch_readback_us"] = ceilings()
+        print(f"# {info['device']}: fp32 GEMM {info['fp32_tflops']:.1f} TFLOP/s, copy {info['copy_tb_s']:.2f} TB/s, "
+              f"graph replay + 4-byte read-back {info['launch_readback_us']:.1f} us", flush=True)
+    for name in args.only.split(","):
+        spec = MODELS[name]
+        if args.smoke:
+            spec = dict(spec, batch=min(spec["batch"], 64))
+        data = batches(spec)
+        data32 = [(x, y.astype(np.int32)) for x, y in data]
+        runs = [("mpscy", lambda: mpscy_step(name, spec, "cpu" if args.smoke else "cuda"), data32)]
+        if args.smoke:
+            runs.append(("torch eager", lambda: torch_eager(name, spec, "cpu"), data))
+        else:
+            runs += [("mpscy tf32", lambda: mpscy_step(name, spec, "cuda", "tf32"), data32),
+                     ("torch eager", lambda: torch_eager(name, spec, "cuda"), data),
+                     ("torch eager fused", lambda: torch_eager(name, spec, "cuda", fused=True), data),
+                     ("torch cuda graph", lambda: torch_graph(name, spec), data),
+                     ("jax jit", lambda: jax_step(name, spec), data32)]
+        results[name] = {}
+        for label, make, d in runs:
+            if label == "mpscy tf32" and name == "mlp_small":
+                continue
+            try:
+                step = make()
+                if step is None:
+                    print(f"{name:10s} {label:18s} n/a (layers missing)", flush=True)
+                    continue
+                us, loss = time_steps(step, d, budget, repeats)
+                results[name][label] = us
+                print(f"{name:10s} {label:18s} {us:10.1f} us/step  (loss {loss:.4f})", flush=True)
+                del step
+            except Exception as e:  # one framework failing must not hide the others
+                print(f"{name:10s} {label:18s} failed: {type(e).__name__}: {e}", flush=True)
+        if not args.smoke:
+            flops, nbytes = flops_bytes(name, spec)
+            t_math = flops / (info["fp32_tflops"] * 1e12) * 1e6
+            t_mem = nbytes / (info["copy_tb_s"] * 1e12) * 1e6
+            results[name]["floor_us"] = max(t_math, t_mem, info["launch_readback_us"])
+            results[name]["floor_parts_us"] = {"math": t_math, "memory": t_mem, "launch": info["launch_readback_us"]}
+
+    targets = {"mlp_small": ("abs", 25.0), "cnn": ("ratio", 0.3), "mlp_wide": ("ratio", 0.8)}
+    print("\n| model | framework | us/step | x torch graph | x mpscy |")
+    print("|---|---|---|---|---|")
+    for name, r in results.items():
+        ref, ours = r.get("torch cuda graph"), r.get("mpscy")
+        for label, us in r.items():
+            if not isinstance(us, float) or label == "floor_us":
+                continue
+            a = f"{us / ref:.2f}" if ref else "-"
+            b = f"{us / ours:.2f}" if ours else "-"
+            print(f"| {name} | {label} | {us:.1f} | {a} | {b} |")
+        if "floor_us" in r:
+            parts = r["floor_parts_us"]
+            print(f"| {name} | floor (max of math {parts['math']:.1f}, memory {parts['memory']:.1f}, "
+                  f"launch {parts['launch']:.1f}) | {r['floor_us']:.1f} | | |")
+    if not args.smoke:
+        print()
+        for name, (kind, goal) in targets.items():
+            r = results.get(name, {})
+            if "mpscy" not in r:
+                print(f"target {name}: not measured")
+                continue
+            if kind == "abs":
+                print(f"target {name}: {r['mpscy']:.1f} us <= {goal} us: {'MET' if r['mpscy'] <= goal else 'MISSED'}")
+            elif "torch cuda graph" in r:
+                ratio = r["mpscy"] / r["torch cuda graph"]
+                print(f"target {name}: {ratio:.2f}x torch cuda graph <= {goal}x: {'MET' if ratio <= goal else 'MISSED'}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"info": info, "results": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

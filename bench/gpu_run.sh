@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Build, test and benchmark the cuda backend in ONE call on a GPU machine (the lent H100):
+# builds in place with the cuda backend forced on, runs the whole suite on cuda and on cpu,
+# runs bench/cuda_bench.py, and profiles one step's kernels with ncu when it is there.
+# Logs go to $OUT (default /tmp/mpscy-gpu). Wheels in $WHEELS (scipy-openblas32, memray) are
+# installed to /tmp/site first when given (machines without network).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/mpscy-gpu}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+if [ -n "${WHEELS:-}" ]; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
+        || { echo "wheel install failed"; exit 1; }
+    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
+t0=$(date +%s)
+MPSCY_CUDA=1 MPSCY_CUDA_ARCH=${MPSCY_CUDA_ARCH:-90} $PY setup.py -q build_ext --inplace --force > "$OUT/build.log" 2>&1 \
+    || { tail -60 "$OUT/build.log"; exit 1; }
+grep "^mpscy:" "$OUT/build.log"
+echo "build: $(( $(date +%s) - t0 )) s"
+export PYTHONPATH=$PWD/src:${PYTHONPATH:-}
+$PY -c "import mpscy; print('backends:', mpscy.backends())"
+
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+    MPSCY_DEVICE=cuda timeout ${TEST_TIMEOUT:-240} $PY -m pytest tests -q -ra -p no:cacheprovider ${PYTEST_ARGS:-} \
+        > "$OUT/pytest_cuda.log" 2>&1
+    echo "pytest (cuda): exit $?"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_cuda.log" | head -30; tail -1 "$OUT/pytest_cuda.log"
+    if [ "${CPU_TESTS:-1}" = 1 ]; then
+        MPSCY_DEVICE=cpu timeout 120 $PY -m pytest tests -q -p no:cacheprovider > "$OUT/pytest_cpu.log" 2>&1
+        echo "pytest (cpu): exit $?"; tail -1 "$OUT/pytest_cpu.log"
+    fi
+fi
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+    timeout ${BENCH_TIMEOUT:-300} $PY bench/cuda_bench.py --json "$OUT/bench.json" ${BENCH_ARGS:-} > "$OUT/bench.txt" 2>&1
+    echo "bench: exit $?"; cat "$OUT/bench.txt"
+fi
+NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
+if [ "${SKIP_PROFILE:-0}" != 1 ] && [ -n "$NCU" ]; then
+    for m in ${PROFILE_MODELS:-mlp_small}; do
+        timeout 120 "$NCU" --graph-profiling node --metrics gpu__time_duration.sum --csv --log-file "$OUT/ncu_$m.csv" \
+            $PY bench/cuda_profile.py "$m" > "$OUT/ncu_$m.log" 2>&1
+        echo "ncu $m: exit $?"; $PY bench/cuda_profile.py --summarize "$OUT/ncu_$m.csv" | tee "$OUT/profile_$m.txt"
+    done
+fi

@@ -1,0 +1,315 @@
+"""The cuda backend against the cpu backend: same initial weights, same batches, 20 steps; every
+layer, loss and optimizer this mpscy has. Parameters must agree to a maximum relative error of
+1e-4 (max |cuda - cpu| / max |cpu| per tensor) and forward outputs to 1e-5. Also: no allocation
+per step (native counters, and memray when installed), one ABI call per step, partial batches,
+the capture cache, error cases, TF32. Skipped where cuda is not built or has no GPU, except the
+test that a missing cuda backend raises DeviceError."""
+import numpy as np
+import pytest
+
+import mpscy
+from mpscy import layers as L
+from mpscy import losses, optim
+
+HAVE_CUDA = "cuda" in mpscy.backends()
+cuda_only = pytest.mark.skipif(not HAVE_CUDA, reason="cuda backend not built or no GPU here")
+
+PARAM_TOL = 1e-4
+FORWARD_TOL = 1e-5
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12)) if b.size else 0.0
+
+
+def pair(build, input_shape, loss="sparse_cross_entropy", opt=lambda: optim.Adam(1e-3), batch=16, **kw):
+    """The same model on cpu and on cuda, with identical initial parameters."""
+    out = []
+    for dev in ("cpu", "cuda"):
+        out.append(mpscy.Engine(mpscy.Sequential(build(), input_shape=input_shape), loss=loss, optimizer=opt(),
+                                batch_size=batch, device=dev, seed=3, **kw))
+    return out
+
+
+def targets(rng, loss, n, out_shape):
+    kind = losses.get(loss).kind
+    if kind == "sparse_cross_entropy":
+        return rng.integers(0, out_shape[0], size=n).astype(np.int32)
+    if kind in ("cross_entropy", "categorical_cross_entropy"):
+        z = rng.standard_normal((n,) + out_shape)
+        p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+        return p.astype(np.float32)
+    if kind in ("binary_cross_entropy", "bce_with_logits"):
+        t = rng.uniform(0, 1, (n,) + out_shape)
+        t[: n // 2] = np.round(t[: n // 2])
+        return t.astype(np.float32)
+    return rng.standard_normal((n,) + out_shape).astype(np.float32)
+
+
+def compare_training(cpu, gpu, rng, steps=20, rows=None, schedule=None):
+    """Trains both engines on the same batches; checks losses, accuracies and every parameter."""
+    shape = cpu.model.input_shapes[0]
+    b = cpu.batch_size
+    for s in range(steps):
+        n = rows[s % len(rows)] if rows else b
+        x = rng.standard_normal((n,) + tuple(shape)).astype(np.float32)
+        y = targets(rng, cpu.loss, n, tuple(cpu.model.output_shape))
+        if schedule:
+            cpu.learning_rate = gpu.learning_rate = schedule(s)
+        rc, rg = cpu.step(x, y), gpu.step(x, y)
+        assert rg.batch_size == n and rg.applied
+        assert abs(rg.loss - rc.loss) <= 1e-4 * max(abs(rc.loss), 1e-3), (s, rc.loss, rg.loss)
+        if rc.accuracy is not None:
+            assert abs(rg.accuracy - rc.accuracy) <= 1.0 / (n * np.prod(cpu.model.output_shape)) + 1e-12
+    pc, pg = cpu.get_parameters(), gpu.get_parameters()
+    assert pc.keys() == pg.keys()
+    worst = {k: rel_err(pg[k], pc[k]) for k in pc}
+    assert max(worst.values()) <= PARAM_TOL, worst
+    return worst
+
+
+# ----------------------------------------------------------------------------- everywhere
+
+@pytest.mark.skipif(HAVE_CUDA, reason="cuda is present here")
+def test_missing_cuda_raises_device_error():
+    model = mpscy.Sequential([L.Dense(4)], input_shape=(3,))
+    with pytest.raises(mpscy.DeviceError, match="cuda"):
+        mpscy.Engine(model, loss="mse", device="cuda")
+    assert "cuda" not in mpscy.backends()
+
+
+# ----------------------------------------------------------------------------- layers
+
+def _maybe(name):
+    if not hasattr(L, name):
+        pytest.skip(f"layers.{name} is not in this mpscy")
+    return getattr(L, name)
+
+
+LAYER_MODELS = {
+    "dense_relu": (lambda: [L.Dense(24), L.ReLU(), L.Dense(16), L.ReLU(), L.Dense(5)], (12,)),
+    "dense_nobias_relu": (lambda: [L.Dense(24, bias=False), L.ReLU(), L.Dense(5, bias=False)], (12,)),
+    "odd_sizes": (lambda: [L.Dense(7), L.ReLU(), L.Dense(3), L.Tanh(), L.Dense(5)], (13,)),  # unaligned biases
+    "leakyrelu": (lambda: [L.Dense(20), L.LeakyReLU(0.1), L.Dense(5)], (12,)),
+    "elu": (lambda: [L.Dense(20), L.ELU(0.7), L.Dense(5)], (12,)),
+    "sigmoid": (lambda: [L.Dense(20), L.Sigmoid(), L.Dense(5)], (12,)),
+    "tanh": (lambda: [L.Dense(20), L.Tanh(), L.Dense(5)], (12,)),
+    "swish": (lambda: [L.Dense(20), L.Swish(), L.Dense(5)], (12,)),
+    "gelu": (lambda: [L.Dense(20), L.GELU(), L.Dense(5)], (12,)),
+    "gelu_tanh": (lambda: [L.Dense(20), L.GELU(approximate="tanh"), L.Dense(5)], (12,)),
+    "relu_first": (lambda: [L.ReLU(), L.Dense(16), L.Softmax(), L.Dense(5)], (12,)),
+    "flatten": (lambda: [L.Flatten(), L.Dense(16), L.ReLU(), L.Dense(5)], (3, 4, 2)),
+    "dense_rank3_input": (lambda: [L.Dense(16), L.ReLU(), L.Dense(5)], (3, 4, 2)),
+    "softmax_inner_axis": (lambda: [L.Softmax(axis=1), L.Flatten(), L.Dense(5)], (3, 4)),
+    "conv_pool": (lambda: [_maybe("Conv2D")(6, 3, 1, 1), L.ReLU(), _maybe("MaxPool2D")(2),
+                           _maybe("Conv2D")(5, 3, 2, 1), _maybe("AvgPool2D")(2), L.Flatten(), L.Dense(5)], (3, 10, 10)),
+    "conv_gap": (lambda: [_maybe("Conv2D")(4, 3), L.Tanh(), _maybe("GlobalAvgPool2D")(), L.Dense(5)], (2, 7, 7)),
+    "batchnorm": (lambda: [L.Dense(20), _maybe("BatchNorm")(), L.ReLU(), L.Dense(5)], (12,)),
+    "batchnorm2d": (lambda: [_maybe("Conv2D")(4, 3, 1, 1), _maybe("BatchNorm")(), L.ReLU(), L.Flatten(),
+                             L.Dense(5)], (2, 6, 6)),
+    "layernorm": (lambda: [L.Dense(20), _maybe("LayerNorm")(), L.GELU(), L.Dense(5)], (12,)),
+    "dropout": (lambda: [L.Dense(20), L.ReLU(), _maybe("Dropout")(0.3), L.Dense(5)], (12,)),
+}
+
+
+@cuda_only
+@pytest.mark.parametrize("name", sorted(LAYER_MODELS))
+def test_layer_matches_cpu(name, rng):
+    build, shape = LAYER_MODELS[name]
+    cpu, gpu = pair(build, shape)
+    x = rng.standard_normal((37,) + shape).astype(np.float32)
+    out_c, out_g = cpu.predict(x), gpu.predict(x)
+    assert rel_err(out_g, out_c) <= FORWARD_TOL
+    compare_training(cpu, gpu, rng)
+    assert rel_err(gpu.predict(x), cpu.predict(x)) <= 10 * PARAM_TOL
+
+
+@cuda_only
+def test_gradients_and_input_gradients_match_cpu(rng):
+    cpu, gpu = pair(LAYER_MODELS["flatten"][0], (3, 4, 2), input_gradients=True)
+    x = rng.standard_normal((9, 3, 4, 2)).astype(np.float32)
+    y = rng.integers(0, 5, 9).astype(np.int32)
+    gc, gg = cpu.gradients(x, y), gpu.gradients(x, y)
+    assert gc.keys() == gg.keys() and "input" in gg and gg["input"].shape == x.shape
+    for k in gc:
+        if k != "loss":
+            assert rel_err(gg[k], gc[k]) <= PARAM_TOL, k
+    assert abs(gg["loss"] - gc["loss"]) <= 1e-5 * abs(gc["loss"])
+    # a GRAD step updates nothing
+    before = gpu.get_parameters()
+    gpu.gradients(x, y)
+    after = gpu.get_parameters()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert gpu.get_optimizer_state()["step"] == 0
+
+
+# ----------------------------------------------------------------------------- losses
+
+LOSS_CASES = {
+    "sparse_cross_entropy": ([], "sparse_cross_entropy"),
+    "sparse_ce_smoothing": ([], losses.SparseCrossEntropy(label_smoothing=0.1)),
+    "cross_entropy": ([], losses.CrossEntropy(label_smoothing=0.05)),
+    "categorical_cross_entropy": ([L.Softmax()], "categorical_cross_entropy"),
+    "binary_cross_entropy": ([L.Sigmoid()], "binary_cross_entropy"),
+    "bce_with_logits": ([], "bce_with_logits"),
+    "mse": ([], "mse"),
+    "mae": ([], "mae"),
+    "huber": ([], losses.Huber(delta=0.5)),
+}
+
+
+@cuda_only
+@pytest.mark.parametrize("name", sorted(LOSS_CASES))
+def test_loss_matches_cpu(name, rng):
+    tail, loss = LOSS_CASES[name]
+    cpu, gpu = pair(lambda: [L.Dense(16), L.Tanh(), L.Dense(6)] + [type(t)() for t in tail], (10,), loss=loss)
+    compare_training(cpu, gpu, rng)
+    x = rng.standard_normal((45, 10)).astype(np.float32)
+    y = targets(rng, cpu.loss, 45, (6,))
+    ec, eg = cpu.evaluate(x, y), gpu.evaluate(x, y)
+    assert abs(eg["loss"] - ec["loss"]) <= 1e-5 * max(abs(ec["loss"]), 1e-3)
+    if ec["accuracy"] is None:
+        assert eg["accuracy"] is None
+    else:
+        assert abs(eg["accuracy"] - ec["accuracy"]) <= 1.0 / (45 * 6) + 1e-12
+
+
+# ----------------------------------------------------------------------------- optimizers
+
+def _opt(name, **kw):
+    if not hasattr(optim, name):
+        pytest.skip(f"optim.{name} is not in this mpscy")
+    return lambda: getattr(optim, name)(**kw)
+
+
+OPTIM_CASES = {
+    "sgd": lambda: _opt("SGD", lr=0.05),
+    "sgd_momentum": lambda: _opt("SGD", lr=0.02, momentum=0.9, dampening=0.1, weight_decay=1e-3),
+    "sgd_nesterov": lambda: _opt("SGD", lr=0.02, momentum=0.9, nesterov=True, maximize=False),
+    "adam": lambda: _opt("Adam", lr=1e-3),
+    "adam_amsgrad_wd": lambda: _opt("Adam", lr=2e-3, weight_decay=1e-2, amsgrad=True),
+    "adamw": lambda: _opt("AdamW", lr=1e-3, weight_decay=0.1),
+    "rmsprop": lambda: _opt("RMSprop", lr=1e-3, momentum=0.5, centered=True),
+    "adagrad": lambda: _opt("Adagrad", lr=1e-2, initial_accumulator_value=0.1),
+    "adadelta": lambda: _opt("Adadelta", lr=1.0),
+    "nadam": lambda: _opt("NAdam", lr=2e-3),
+}
+
+
+@cuda_only
+@pytest.mark.parametrize("name", sorted(OPTIM_CASES))
+def test_optimizer_matches_cpu(name, rng):
+    opt = OPTIM_CASES[name]()
+    cpu, gpu = pair(LAYER_MODELS["dense_relu"][0], (12,), opt=opt)
+    compare_training(cpu, gpu, rng, schedule=lambda s: cpu.optimizer.lr * (1.0 if s < 10 else 0.3))
+    sc, sg = cpu.get_optimizer_state(), gpu.get_optimizer_state()
+    assert sc.keys() == sg.keys() and sg["step"] == sc["step"] == 20
+    for slot, v in sc.items():
+        if isinstance(v, dict):
+            for p in v:
+                assert rel_err(sg[slot][p], v[p]) <= 10 * PARAM_TOL, (slot, p)
+
+
+@cuda_only
+@pytest.mark.parametrize("clip", [{"clip_grad_norm": 0.05}, {"clip_grad_value": 0.002},
+                                  {"clip_grad_norm": 0.5, "clip_grad_value": 0.01}])
+def test_clipping_matches_cpu(clip, rng):
+    cpu, gpu = pair(LAYER_MODELS["dense_relu"][0], (12,), opt=lambda: optim.SGD(0.1, momentum=0.5), **clip)
+    compare_training(cpu, gpu, rng)
+
+
+# ----------------------------------------------------------------------------- execution model
+
+@cuda_only
+def test_partial_batches_and_capture_cache(rng):
+    """Every distinct batch size gets its own captured graph (more sizes than the cache holds, so
+    some are evicted and captured again); rows beyond the batch never leak into a step."""
+    cpu, gpu = pair(LAYER_MODELS["dense_relu"][0], (12,), batch=32)
+    rows = [32, 17, 32, 5, 1, 32, 9, 2, 3, 4, 6, 7, 8, 10, 11, 32]
+    compare_training(cpu, gpu, rng, steps=2 * len(rows), rows=rows)
+
+
+@cuda_only
+def test_no_allocation_and_one_call_per_step(rng):
+    cpu, gpu = pair(LAYER_MODELS["dense_relu"][0], (12,), batch=32)
+    x = rng.standard_normal((32, 12)).astype(np.float32)
+    y = rng.integers(0, 5, 32).astype(np.int32)
+    xs, ys = x[:20].copy(), y[:20].copy()
+    for _ in range(3):  # capture the full and the partial batch graphs
+        gpu.step(x, y)
+        gpu.step(xs, ys)
+    s0 = gpu.stats()
+    for _ in range(500):
+        gpu.step(x, y)
+        gpu.step(xs, ys)
+    s1 = gpu.stats()
+    assert s1["allocations"] == s0["allocations"] and s1["frees"] == s0["frees"]
+    assert s1["bytes_in_use"] == s0["bytes_in_use"]
+    assert s1["steps"] - s0["steps"] == 1000
+    assert s1["calls"] - s0["calls"] == 1000  # one ABI call per step
+    memray = pytest.importorskip("memray")
+    import os
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "steps.bin")
+        with memray.Tracker(path, native_traces=False):
+            for _ in range(500):
+                gpu.step(x, y)
+                gpu.step(xs, ys)
+        n = memray.FileReader(path).metadata.total_allocations
+    assert n == 0, f"{n} host allocations over 1,000 cuda steps"
+
+
+@cuda_only
+def test_errors_leave_state_untouched(rng):
+    cpu, gpu = pair(LAYER_MODELS["dense_relu"][0], (12,), loss="sparse_cross_entropy")
+    x = rng.standard_normal((16, 12)).astype(np.float32)
+    y = rng.integers(0, 5, 16).astype(np.int32)
+    gpu.step(x, y)
+    before, state = gpu.get_parameters(), gpu.get_optimizer_state()
+    bad = y.copy()
+    bad[3] = 5
+    with pytest.raises(mpscy.InvalidArgumentError, match="label"):
+        gpu.step(x, bad)
+    with pytest.raises(mpscy.ShapeError):
+        gpu.step(np.zeros((17, 12), np.float32), np.zeros(17, np.int32))
+    with pytest.raises(mpscy.DTypeError):
+        gpu.step(x.astype(np.float64), y)
+    with pytest.raises(mpscy.NonFiniteError):
+        gpu.step(np.full((16, 12), np.nan, np.float32), y)
+    # a finite input whose forward overflows: NonFiniteError on the device's decision
+    huge = {k: np.full_like(v, 3e37) for k, v in before.items()}
+    gpu.set_parameters(huge)
+    with pytest.raises(mpscy.NonFiniteError, match="not finite"):
+        gpu.step(x, y)
+    after = gpu.get_parameters()
+    assert all(np.array_equal(after[k], huge[k]) for k in huge)
+    assert gpu.get_optimizer_state()["step"] == state["step"]
+    for slot, v in state.items():
+        if isinstance(v, dict):
+            s = gpu.get_optimizer_state()[slot]
+            assert all(np.array_equal(s[p], v[p]) for p in v), slot
+    gpu.set_parameters(before)
+    assert gpu.step(x, y).applied
+    assert gpu.get_optimizer_state()["step"] == state["step"] + 1
+
+
+@cuda_only
+def test_tf32_is_opt_in(rng):
+    build = lambda: [L.Dense(512), L.ReLU(), L.Dense(10)]
+    cpu, gpu = pair(build, (512,), batch=64)
+    tf = mpscy.Engine(mpscy.Sequential(build(), input_shape=(512,)), loss="sparse_cross_entropy",
+                      batch_size=64, device="cuda", seed=3, precision="tf32")
+    x = rng.standard_normal((64, 512)).astype(np.float32)
+    ref = cpu.predict(x)
+    e32, e_tf = rel_err(gpu.predict(x), ref), rel_err(tf.predict(x), ref)
+    assert e32 <= FORWARD_TOL
+    assert 10 * e32 < e_tf < 1e-2, (e32, e_tf)
+
+
+@cuda_only
+def test_device_info():
+    info = mpscy.Engine(mpscy.Sequential([L.Dense(4)], input_shape=(3,)), loss="mse", device="cuda").device_info()
+    assert info["backend"] == "cuda" and info["threads"] > 0 and info["memory_bytes"] > 0
+    assert mpscy.backends()[0] == "cuda"
