@@ -218,3 +218,39 @@ def test_errors_are_picklable_and_typed():
     assert issubclass(mpscy.DeviceError, RuntimeError)
     assert issubclass(mpscy.NonFiniteError, ValueError)
     assert issubclass(mpscy.UnsupportedError, RuntimeError)
+
+
+def test_concurrent_use_from_two_threads_is_refused_not_corrupted(device):
+    """The native call releases the GIL; a second thread entering the same engine meanwhile gets
+    a StateError instead of racing on the staging buffers."""
+    import threading
+    model = mpscy.Sequential([layers.Dense(512), layers.ReLU(), layers.Dense(10)], input_shape=(256,))
+    engine = mpscy.Engine(model, batch_size=256, device=device)
+    x = np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)
+    y = np.zeros(256, np.int32)
+    errors = []
+
+    def worker():
+        for _ in range(150):
+            try:
+                engine.step(x, y)
+            except mpscy.Error as e:
+                errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors, "the two threads never overlapped"
+    assert all(isinstance(e, mpscy.StateError) and "another thread" in str(e) for e in errors)
+    assert engine.stats()["steps"] == 300 - len(errors)
+    assert all(np.isfinite(v).all() for v in engine.get_parameters().values())
+
+
+def test_learning_rate_must_be_a_number():
+    engine = mpscy.Engine(mpscy.Sequential([layers.Dense(3)], input_shape=(2,)), batch_size=2)
+    with pytest.raises(mpscy.InvalidArgumentError, match="learning rate"):
+        engine.learning_rate = "fast"
+    with pytest.raises(mpscy.InvalidArgumentError, match="learning rate"):
+        engine.learning_rate = -0.1

@@ -311,6 +311,7 @@ cdef class Graph:
     cdef int target_dense
     cdef int accuracy_kind
     cdef int64_t classes
+    cdef bint busy   # set while a native call is in flight (the GIL is released then)
 
     def __cinit__(self, Device device not None, list layers not None, dict spec not None):
         cdef int n = len(layers)
@@ -409,6 +410,13 @@ cdef class Graph:
     property counter:
         def __get__(self): return self.args.counter
         def __set__(self, uint64_t v): self.args.counter = v
+
+    cdef int _enter(self) except -1:
+        if self.busy:
+            raise _errors.StateError("this engine is already running a call in another thread; "
+                                     "an engine is used by one thread at a time")
+        self.busy = True
+        return 0
 
     # ------------------------------------------------------------------ staging
 
@@ -514,17 +522,21 @@ cdef class Graph:
     def train_step(self, x, y):
         """One training step on (x, y): exactly one native call. Returns a StepResult."""
         cdef int64_t t0 = _now_ns()
-        cdef int rows = self._stage_inputs(x)
-        self._stage_target(y, rows)
         cdef mpscy_step_result res
-        cdef int st
-        self.args.batch = rows
-        self.args.mode = MPSCY_MODE_TRAIN
-        with nogil:
-            st = mpscy_graph_step(self.handle, &self.args, &res, self.err, ERR_LEN)
-        if st == MPSCY_OK or st == MPSCY_NONFINITE:
-            self.args.counter += 1
-        _check(st, self.err)
+        cdef int st, rows
+        self._enter()
+        try:
+            rows = self._stage_inputs(x)
+            self._stage_target(y, rows)
+            self.args.batch = rows
+            self.args.mode = MPSCY_MODE_TRAIN
+            with nogil:
+                st = mpscy_graph_step(self.handle, &self.args, &res, self.err, ERR_LEN)
+            if st == MPSCY_OK or st == MPSCY_NONFINITE:
+                self.args.counter += 1
+            _check(st, self.err)
+        finally:
+            self.busy = False
         cdef StepResult r = StepResult.__new__(StepResult)
         r.loss = res.loss
         r.accuracy = self._accuracy(res.correct, rows)
@@ -536,30 +548,40 @@ cdef class Graph:
 
     def eval_batch(self, x, y):
         """Eval-mode loss and correct count of one batch: (mean loss, correct or -1, rows)."""
-        cdef int rows = self._stage_inputs(x)
-        self._stage_target(y, rows)
+        cdef int rows
         cdef mpscy_step_result res
         cdef int st
-        self.args.batch = rows
-        self.args.mode = MPSCY_MODE_EVAL
-        with nogil:
-            st = mpscy_graph_step(self.handle, &self.args, &res, self.err, ERR_LEN)
-        _check(st, self.err)
+        self._enter()
+        try:
+            rows = self._stage_inputs(x)
+            self._stage_target(y, rows)
+            self.args.batch = rows
+            self.args.mode = MPSCY_MODE_EVAL
+            with nogil:
+                st = mpscy_graph_step(self.handle, &self.args, &res, self.err, ERR_LEN)
+            _check(st, self.err)
+        finally:
+            self.busy = False
         return res.loss, res.correct, rows
 
     def grad_batch(self, x, y):
         """Train-mode forward and backward of one batch, no update: (loss, correct, rows).
         Gradients are then readable as "<param>.grad" tensors (and input gradients through
         read_input_grad when the graph was built with input_grad)."""
-        cdef int rows = self._stage_inputs(x)
-        self._stage_target(y, rows)
+        cdef int rows
         cdef mpscy_step_result res
         cdef int st
-        self.args.batch = rows
-        self.args.mode = MPSCY_MODE_GRAD
-        with nogil:
-            st = mpscy_graph_step(self.handle, &self.args, &res, self.err, ERR_LEN)
-        _check(st, self.err)
+        self._enter()
+        try:
+            rows = self._stage_inputs(x)
+            self._stage_target(y, rows)
+            self.args.batch = rows
+            self.args.mode = MPSCY_MODE_GRAD
+            with nogil:
+                st = mpscy_graph_step(self.handle, &self.args, &res, self.err, ERR_LEN)
+            _check(st, self.err)
+        finally:
+            self.busy = False
         return res.loss, res.correct, rows
 
     def read_input_grad(self, int index, int rows, tuple shape):
@@ -577,22 +599,26 @@ cdef class Graph:
 
     def predict_batch(self, x, out, Py_ssize_t offset):
         """Eval-mode forward of one batch into rows [offset, offset + n) of `out` (float32)."""
-        cdef int rows = self._stage_inputs(x)
+        cdef int rows, st
         cdef Py_buffer v
-        cdef int st
-        _acquire(out, &v, "out")
+        self._enter()
         try:
-            if _kind_of(&v) != K_F32 or not _c_contiguous(&v) or v.ndim < 1 or \
-                    v.len < (offset + rows) * self.out_size * 4 or offset < 0:
-                raise _errors.ShapeError("out must be a C-contiguous float32 array with room for the rows")
-            self.args.batch = rows
-            with nogil:
-                st = mpscy_graph_predict(self.handle, &self.args, self.err, ERR_LEN)
-            _check(st, self.err)
-            memcpy(<float *>v.buf + offset * self.out_size, self.output_ptr,
-                   <size_t>(rows * self.out_size) * sizeof(float))
+            rows = self._stage_inputs(x)
+            _acquire(out, &v, "out")
+            try:
+                if _kind_of(&v) != K_F32 or not _c_contiguous(&v) or v.ndim < 1 or \
+                        v.len < (offset + rows) * self.out_size * 4 or offset < 0:
+                    raise _errors.ShapeError("out must be a C-contiguous float32 array with room for the rows")
+                self.args.batch = rows
+                with nogil:
+                    st = mpscy_graph_predict(self.handle, &self.args, self.err, ERR_LEN)
+                _check(st, self.err)
+                memcpy(<float *>v.buf + offset * self.out_size, self.output_ptr,
+                       <size_t>(rows * self.out_size) * sizeof(float))
+            finally:
+                PyBuffer_Release(&v)
         finally:
-            PyBuffer_Release(&v)
+            self.busy = False
         return rows
 
     # ------------------------------------------------------------------ tensors
@@ -612,23 +638,31 @@ cdef class Graph:
     def read_tensor(self, int index, object dtype, tuple shape):
         arr = np.empty(shape, dtype=dtype)
         cdef Py_buffer v
-        _acquire(arr, &v, "tensor")
+        self._enter()
         try:
-            _check(mpscy_graph_tensor_read(self.handle, index, v.buf, <size_t>v.len, self.err, ERR_LEN), self.err)
+            _acquire(arr, &v, "tensor")
+            try:
+                _check(mpscy_graph_tensor_read(self.handle, index, v.buf, <size_t>v.len, self.err, ERR_LEN), self.err)
+            finally:
+                PyBuffer_Release(&v)
         finally:
-            PyBuffer_Release(&v)
+            self.busy = False
         return arr
 
     def write_tensor(self, int index, object arr):
         """arr: a C-contiguous array of the tensor's dtype and element count (checked natively)."""
         cdef Py_buffer v
-        _acquire(arr, &v, "tensor")
+        self._enter()
         try:
-            if not _c_contiguous(&v):
-                raise _errors.ShapeError("tensor data must be C-contiguous")
-            _check(mpscy_graph_tensor_write(self.handle, index, v.buf, <size_t>v.len, self.err, ERR_LEN), self.err)
+            _acquire(arr, &v, "tensor")
+            try:
+                if not _c_contiguous(&v):
+                    raise _errors.ShapeError("tensor data must be C-contiguous")
+                _check(mpscy_graph_tensor_write(self.handle, index, v.buf, <size_t>v.len, self.err, ERR_LEN), self.err)
+            finally:
+                PyBuffer_Release(&v)
         finally:
-            PyBuffer_Release(&v)
+            self.busy = False
 
 
 cdef void _fill_layer(mpscy_layer_desc *d, dict L) except *:
