@@ -40,7 +40,8 @@ fi
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
 if [ "${SKIP_PROFILE:-0}" != 1 ] && [ -n "$NCU" ]; then
     for m in ${PROFILE_MODELS:-mlp_small}; do
-        timeout 120 "$NCU" --graph-profiling node --metrics gpu__time_duration.sum --csv --log-file "$OUT/ncu_$m.csv" \
+        timeout 120 "$NCU" --graph-profiling node --clock-control none --metrics gpu__time_duration.sum --csv \
+            --log-file "$OUT/ncu_$m.csv" \
             $PY bench/cuda_profile.py "$m" > "$OUT/ncu_$m.log" 2>&1
         echo "ncu $m: exit $?"; $PY bench/cuda_profile.py --summarize "$OUT/ncu_$m.csv" | tee "$OUT/profile_$m.txt"
     done

@@ -222,6 +222,24 @@ def test_clipping_matches_cpu(clip, rng):
 # ----------------------------------------------------------------------------- execution model
 
 @cuda_only
+@pytest.mark.parametrize("gemm", ["own", "cublas", "auto"])
+@pytest.mark.parametrize("coop", ["1", "0"])
+def test_kernel_paths_match_cpu(gemm, coop, monkeypatch, rng):
+    """Both GEMM paths (mpscy's own fused kernel, cuBLASLt) and both norm+update forms (one
+    cooperative kernel, two kernels) give the cpu's results; "auto" mixes them by size."""
+    monkeypatch.setenv("MPSCY_CUDA_GEMM", gemm)
+    monkeypatch.setenv("MPSCY_CUDA_COOP", coop)
+    for name in ("dense_relu", "odd_sizes", "dense_nobias_relu", "flatten"):
+        build, shape = LAYER_MODELS[name]
+        cpu, gpu = pair(build, shape, clip_grad_norm=0.5)
+        compare_training(cpu, gpu, rng, steps=10, rows=[16, 7])
+    # large enough that "auto" sends the first layer to cuBLASLt and the second to the own kernel
+    cpu, gpu = pair(lambda: [L.Dense(700), L.ReLU(), L.Dense(10)], (512,), batch=128,
+                    opt=lambda: optim.SGD(0.01, momentum=0.9))
+    compare_training(cpu, gpu, rng, steps=5, rows=[128, 50])
+
+
+@cuda_only
 def test_partial_batches_and_capture_cache(rng):
     """Every distinct batch size gets its own captured graph (more sizes than the cache holds, so
     some are evicted and captured again); rows beyond the batch never leak into a step."""

@@ -49,9 +49,9 @@ static void load_once(void) {
         h = try_open(path);
     }
     if (!h) {
-        char why[400];
+        char why[640];
         snprintf(why, sizeof why, "%s", lt_why);
-        snprintf(lt_why, sizeof lt_why, "cannot load %s (install CUDA's cuBLAS or `pip install "
+        snprintf(lt_why, sizeof lt_why, "backend 'cuda' cannot load %s (install CUDA's cuBLAS or `pip install "
                  "nvidia-cublas`, or set MPSCY_CUBLASLT to its path): %.300s", MPSCY_CUBLASLT_SONAME, why);
         lt_loaded = -1;
         return;

@@ -24,6 +24,7 @@ typedef struct cu_device {
     int ordinal;
     int sms;                   /* multiprocessors */
     struct cu_lt *lt;          /* cuBLASLt handle */
+    int coop;                  /* cooperative kernels can be captured in graphs here */
     cudaDeviceProp prop;
 } cu_device;
 
@@ -105,6 +106,12 @@ typedef struct cu_graph {
     int forked;                /* capture state: the side stream has work to join */
     cu_exec cache[CU_CACHE];
     int64_t tick;
+    /* own small GEMMs (gemm.cu): split-K partials and tile counters, handed out in capture order */
+    float *gws;
+    unsigned int *gcount;
+    int64_t gws_floats, gws_used, gcount_n, gcount_used;
+    int gemm_mode;             /* $MPSCY_CUDA_GEMM at build: 1 own kernels, 0 cuBLASLt, 2 by size */
+    uint8_t *dz_ready;         /* per node, per capture: its dz was written (ReLU mask applied) by a consumer */
 } cu_graph;
 
 /* Counted allocations: every byte the backend holds goes through here. */
@@ -156,6 +163,22 @@ int cu_activation_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *er
 int cu_flatten_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
 int cu_flatten_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);
 
+/* gemm.cu: C (M, N, ldc) = A B with A(m, k) = a[m am + k ak] and B(k, n) = b[k bk + n bn], plus
+ * the Dense epilogues; one kernel. */
+typedef struct cu_small_gemm {
+    float *c;
+    const float *a, *b;
+    int64_t m, n, k, am, ak, bk, bn, ldc;
+    const float *bias;         /* forward: + bias[n] */
+    int relu;                  /* forward: max(0, .) */
+    const float *mask;         /* dX: zero where mask (M, N, ldc) <= 0 (the ReLU below) */
+    int accum;                 /* dX: add to c */
+    float *rowsum;             /* dW: bias gradient, sum over k of A(m, k) */
+} cu_small_gemm;
+int cu_gemm_small_wanted(const cu_graph *g, int64_t m, int64_t n, int64_t k);
+void cu_gemm_small_need(int sms, int64_t m, int64_t n, int64_t k, int rows, int64_t *floats, int64_t *counters);
+int cu_gemm_small(cu_graph *g, cudaStream_t s, const cu_small_gemm *q, char *err, size_t en);
+
 /* activation.cu helpers shared with dense.cu */
 int cu_bias_act_forward(cudaStream_t s, float *y, const float *bias, int64_t rows, int64_t cols, int relu,
                         char *err, size_t en);
@@ -165,9 +188,10 @@ int cu_bias_act_backward(cudaStream_t s, float *dz, float *db, const float *dy, 
 /* loss.cu: loss, its gradient (dy != NULL) and the correct count in one kernel; eval graphs
  * also finalize the result there. */
 int cu_loss(cu_graph *g, float *dy, int64_t b, int finalize, char *err, size_t en);
-/* optim.cu: global norm + finiteness + clip coefficient; the update over the flat slab. */
-int cu_grad_norm(cu_graph *g, int update, char *err, size_t en);
-int cu_optim_update(cu_graph *g, char *err, size_t en);
+/* optim.cu: global norm + finiteness + clip coefficient, then the update over the flat slab;
+ * one cooperative kernel where the device captures them, else two. update = 0: norm only. */
+int cu_norm_and_update(cu_graph *g, int update, char *err, size_t en);
+int cu_coop_probe(cu_device *d);
 int cu_optim_supported(int32_t kind);
 /* the host-side coefficients of the next step (step number t) */
 void cu_optim_params(cu_graph *g, const mpscy_step_args *a, int64_t t, cu_params *out);

@@ -1,15 +1,16 @@
-/* dense.cu — the fully connected layer through cuBLASLt: y = x W^T + b with W stored (out, in)
- * as in PyTorch, inputs of higher rank read row-major as (b, in). The bias (and a following
- * ReLU, when it is the only consumer) ride in the GEMM epilogue; where no epilogue algorithm
- * exists (e.g. a bias not 16-byte aligned) a small kernel does it. Backward: dW = dz^T x on
- * the side stream (with the bias gradient as a BGRADB epilogue or a column-sum kernel), and
- * dx = dz W on the main stream, written or accumulated. */
+/* dense.cu — the fully connected layer: y = x W^T + b with W stored (out, in) as in PyTorch,
+ * inputs of higher rank read row-major as (b, in). Small products run as mpscy's own kernel with
+ * the bias and a following ReLU fused (gemm.cu); large ones through cuBLASLt, with the bias (and
+ * ReLU) in its epilogue where an algorithm exists, else a small kernel. Backward: dW = dz^T x on
+ * the side stream with the bias gradient fused (own kernel, BGRADB epilogue or a column sum),
+ * and dx = dz W on the main stream, written or accumulated; when x is a fused ReLU's output
+ * read by this layer alone, the own kernel applies that ReLU's mask and writes the lower
+ * Dense's dz directly, so no separate ReLU backward runs. */
 #include "cuda.h"
 #include "blas.h"
 
 static int aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
 
-/* Row-major (rows, cols) tensors are column-major (cols x rows) with ld = cols. */
 int cu_dense_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en) {
     (void)train;
     const mpscy_node *src = &g->plan.nodes[n->in[0]];
@@ -19,6 +20,12 @@ int cu_dense_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, cha
     const float *w = cu_tensor(g, n, MPSCY_ROLE_PARAM, 0); // (out, in)
     float *bias = cu_tensor(g, n, MPSCY_ROLE_PARAM, 1);    // (out) or NULL
     int relu = (g->fuse[cu_node_index(g, n)] & CU_FUSE_RELU) != 0;
+    if (cu_gemm_small_wanted(g, b, out, in)) {
+        /* C (b, out) = x (b, in) . W^T: A(m, k) = x[m in + k], B(k, n) = W[n in + k] */
+        cu_small_gemm q = {y, x, w, b, out, in, in, 1, 1, in, out, bias, relu, NULL, 0, NULL};
+        return cu_gemm_small(g, g->stream, &q, err, en);
+    }
+    /* row-major (rows, cols) tensors are column-major (cols x rows) with ld = cols */
     cu_gemm q = {1, 0, out, b, in, w, in, x, in, y, out, 0.0f, CUBLASLT_EPILOGUE_DEFAULT, NULL};
     if (bias && aligned16(bias)) {
         q.epilogue = relu ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_BIAS;
@@ -38,6 +45,19 @@ int cu_dense_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, cha
     return cu_bias_act_forward(g->stream, y, bias, b, out, relu, err, en);
 }
 
+/* When this Dense reads a ReLU fused into the Dense below it and is that ReLU's only reader,
+ * the Dense below's index (its dz is then written here, masked), else -1. */
+static int32_t masked_target(const cu_graph *g, const mpscy_node *n) {
+    const mpscy_plan *p = &g->plan;
+    int32_t j = n->in[0];
+    const mpscy_node *r = &p->nodes[j];
+    if (r->kind != MPSCY_LAYER_RELU || !(g->fuse[j] & CU_SKIP) || r->consumers != 1 || j == p->output ||
+        n->accum[0])
+        return -1;
+    int32_t k = r->in[0];
+    return (g->fuse[k] & CU_FUSE_RELU) && g->dy[k] ? k : -1;
+}
+
 int cu_dense_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en) {
     int64_t i = cu_node_index(g, n);
     const mpscy_node *src = &g->plan.nodes[n->in[0]];
@@ -48,33 +68,50 @@ int cu_dense_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, si
     float *db = cu_tensor_grad(g, n, 1);                   // (out) or NULL
     float *dz = g->dy[i];                                  // (b, out): d(pre-activation)
     float *dx = g->dy[n->in[0]];                           // (b, in) or NULL
-    int st;
-    int relu = (g->fuse[i] & CU_FUSE_RELU) != 0;
-    if (relu) {
+    int st, db_done = !db;
+    if ((g->fuse[i] & CU_FUSE_RELU) && !g->dz_ready[i]) {
         /* the fused ReLU's backward: dz = dy_relu * (y_relu > 0), and db in the same pass */
         int32_t j = -1;
         for (int32_t k = (int32_t)i + 1; k < g->plan.n_nodes && j < 0; k++)
             if (g->plan.nodes[k].kind == MPSCY_LAYER_RELU && g->plan.nodes[k].in[0] == i) j = k;
         if ((st = cu_bias_act_backward(g->stream, dz, db, g->dy[j], g->y[j], b, out, err, en)) != MPSCY_OK)
             return st;
+        db_done = 1;
     }
     if ((st = cu_fork(g, err, en)) != MPSCY_OK) return st;
-    /* dW (in x out, col-major) = x (in x b) * dz^T (b x out); BGRADB sums dz over the batch */
-    cu_gemm q = {0, 1, in, out, b, x, in, dz, out, dw, in, 0.0f, CUBLASLT_EPILOGUE_DEFAULT, NULL};
-    int db_done = !db || relu, dw_done = 0;
-    if (!db_done && aligned16(db)) {
-        q.epilogue = CUBLASLT_EPILOGUE_BGRADB;
-        q.bias = db;
-        st = cu_gemm_run(g, &q, 1, err, en);
-        if (st == MPSCY_OK) db_done = dw_done = 1;
-        else if (st != MPSCY_UNSUPPORTED) return st;
-        q.epilogue = CUBLASLT_EPILOGUE_DEFAULT;
-        q.bias = NULL;
+    if (cu_gemm_small_wanted(g, out, in, b)) {
+        /* dW (out, in) = dz^T x: A(m, k) = dz[k out + m], B(k, n) = x[k in + n]; db = rows of A */
+        cu_small_gemm q = {dw, dz, x, out, in, b, 1, out, in, 1, in, NULL, 0, NULL, 0, db_done ? NULL : db};
+        if ((st = cu_gemm_small(g, g->side, &q, err, en)) != MPSCY_OK) return st;
+    } else {
+        /* dW (in x out, col-major) = x (in x b) * dz^T (b x out); BGRADB sums dz over the batch */
+        cu_gemm q = {0, 1, in, out, b, x, in, dz, out, dw, in, 0.0f, CUBLASLT_EPILOGUE_DEFAULT, NULL};
+        int dw_done = 0;
+        if (!db_done && aligned16(db)) {
+            q.epilogue = CUBLASLT_EPILOGUE_BGRADB;
+            q.bias = db;
+            st = cu_gemm_run(g, &q, 1, err, en);
+            if (st == MPSCY_OK) db_done = dw_done = 1;
+            else if (st != MPSCY_UNSUPPORTED) return st;
+            q.epilogue = CUBLASLT_EPILOGUE_DEFAULT;
+            q.bias = NULL;
+        }
+        if (!dw_done && (st = cu_gemm_run(g, &q, 1, err, en)) != MPSCY_OK) return st;
+        if (!db_done && (st = cu_bias_act_backward(g->side, NULL, db, dz, NULL, b, out, err, en)) != MPSCY_OK)
+            return st;
     }
-    if (!dw_done && (st = cu_gemm_run(g, &q, 1, err, en)) != MPSCY_OK) return st;
-    if (!db_done && (st = cu_bias_act_backward(g->side, NULL, db, dz, NULL, b, out, err, en)) != MPSCY_OK)
-        return st;
     if (!dx) return MPSCY_OK;
+    if (cu_gemm_small_wanted(g, b, in, out)) {
+        /* dx (b, in) = dz W: A(m, k) = dz[m out + k], B(k, n) = W[k in + n] */
+        int32_t k = masked_target(g, n);
+        cu_small_gemm q = {dx, dz, w, b, in, out, out, 1, in, 1, in, NULL, 0, NULL, n->accum[0], NULL};
+        if (k >= 0) {
+            q.c = g->dy[k];               /* the Dense below's dz, with its ReLU's mask */
+            q.mask = g->y[n->in[0]];
+            g->dz_ready[k] = 1;
+        }
+        return cu_gemm_small(g, g->stream, &q, err, en);
+    }
     /* dx (in x b) = W (in x out) * dz (out x b) */
     cu_gemm d = {0, 0, in, b, out, w, in, dz, out, dx, in, n->accum[0] ? 1.0f : 0.0f, CUBLASLT_EPILOGUE_DEFAULT, NULL};
     return cu_gemm_run(g, &d, 0, err, en);

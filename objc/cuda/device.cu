@@ -74,7 +74,7 @@ static int cu_device_create(const mpscy_backend *vt, mpscy_device *out, char *er
     cudaError_t e = cudaGetDeviceCount(&count);
     if (e != cudaSuccess || count < 1) {
         cudaGetLastError();
-        return MPSCY_FAIL(err, n, MPSCY_DEVICE, CU, "no CUDA device is available: %s",
+        return MPSCY_FAIL(err, n, MPSCY_DEVICE, CU, "backend 'cuda' has no device here: %s",
                           e != cudaSuccess ? cudaGetErrorString(e) : "the driver reports 0 devices");
     }
     cu_device *d = (cu_device *)calloc(1, sizeof *d);
@@ -94,7 +94,7 @@ static int cu_device_create(const mpscy_backend *vt, mpscy_device *out, char *er
         cudaGetLastError();
         free(d);
         free(lt);
-        return MPSCY_FAIL(err, n, MPSCY_DEVICE, CU, "device %d: %s", 0, cudaGetErrorString(e));
+        return MPSCY_FAIL(err, n, MPSCY_DEVICE, CU, "backend 'cuda', device %d: %s", 0, cudaGetErrorString(e));
     }
     d->sms = d->prop.multiProcessorCount;
     int st = cu_lt_open(lt, err, n);
@@ -104,6 +104,8 @@ static int cu_device_create(const mpscy_backend *vt, mpscy_device *out, char *er
         return st;
     }
     d->lt = lt;
+    const char *coop = getenv("MPSCY_CUDA_COOP");  /* a debugging knob: 0 turns cooperative kernels off */
+    d->coop = coop && coop[0] == '0' ? 0 : cu_coop_probe(d);
     *out = &d->base;
     return MPSCY_OK;
 }

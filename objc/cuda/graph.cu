@@ -6,6 +6,7 @@
 #include "cuda.h"
 #include "blas.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 #define FAIL(status, ...) MPSCY_FAIL(err, n, (status), CU, __VA_ARGS__)
@@ -51,6 +52,8 @@ void cu_graph_destroy(mpscy_graph gh) {
     cu_dev_free(dev, g->lt_ws[0], g->lt_ws_bytes);
     cu_dev_free(dev, g->lt_ws[1], g->lt_ws_bytes);
     cu_dev_free(dev, g->scratch, sizeof(cu_scratch));
+    cu_dev_free(dev, g->gws, slab_bytes(g->gws_floats));
+    cu_dev_free(dev, g->gcount, slab_bytes(g->gcount_n));
     cu_dev_free(dev, g->stage_d, g->stage_bytes);
     cu_pinned_free(dev, g->stage_h, g->stage_bytes);
     cu_pinned_free(dev, g->result, sizeof(cu_result));
@@ -138,7 +141,23 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     g->stage_bytes = off;
     g->out_bytes = (size_t)p->batch * p->out_size * sizeof(float);
     g->lt_ws_bytes = (size_t)8 << 20;
-    g->tables_bytes = 2 * (size_t)p->n_nodes * sizeof(float *) + (size_t)p->n_nodes +
+    /* which products run as mpscy's own kernel (MPSCY_CUDA_GEMM=own|cublas forces one side: a
+     * debugging and testing knob); their split-K partials, summed over every Dense product */
+    const char *gm = getenv("MPSCY_CUDA_GEMM");
+    g->gemm_mode = gm && !strcmp(gm, "own") ? 1 : gm && !strcmp(gm, "cublas") ? 0 : 2;
+    for (int32_t i = 0; i < p->n_nodes; i++) {
+        const mpscy_node *node = &p->nodes[i];
+        if (node->kind != MPSCY_LAYER_DENSE) continue;
+        int64_t B = p->batch, in = p->nodes[node->in[0]].size, out = node->size, f, c;
+        int64_t shapes[3][4] = {{B, out, in, 0}, {B, in, out, 0}, {out, in, B, (node->flags & MPSCY_FLAG_BIAS) != 0}};
+        for (int k = 0; k < 3; k++)
+            if (cu_gemm_small_wanted(g, shapes[k][0], shapes[k][1], shapes[k][2])) {
+                cu_gemm_small_need(g->dev->sms, shapes[k][0], shapes[k][1], shapes[k][2], (int)shapes[k][3], &f, &c);
+                g->gws_floats += f;
+                g->gcount_n += c;
+            }
+    }
+    g->tables_bytes = 2 * (size_t)p->n_nodes * sizeof(float *) + 2 * (size_t)p->n_nodes +
                       (size_t)(2 * p->n_inputs + 2) * sizeof(cu_buffer) + 16;
 
     st = MPSCY_OK;
@@ -154,6 +173,8 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     DEV(g->lt_ws[0], g->lt_ws_bytes);
     DEV(g->lt_ws[1], g->lt_ws_bytes);
     DEV(g->scratch, sizeof(cu_scratch));
+    DEV(g->gws, slab_bytes(g->gws_floats));
+    DEV(g->gcount, slab_bytes(g->gcount_n));
     DEV(g->stage_d, g->stage_bytes);
     PIN(g->stage_h, g->stage_bytes);
     PIN(g->result, sizeof(cu_result));
@@ -181,6 +202,7 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     g->dy = g->y + p->n_nodes;
     g->io_bufs = (cu_buffer *)(((uintptr_t)(g->dy + p->n_nodes) + 15) & ~(uintptr_t)15);
     g->fuse = (uint8_t *)(g->io_bufs + 2 * p->n_inputs + 2);
+    g->dz_ready = g->fuse + p->n_nodes;
 
     for (int32_t i = 0; i < p->n_nodes; i++) {
         mpscy_node *node = &p->nodes[i];

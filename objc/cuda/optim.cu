@@ -6,6 +6,9 @@
 #include "cuda.h"
 #include "reduce.h"
 
+#include <cooperative_groups.h>
+namespace cg = cooperative_groups;
+
 #include <math.h>
 
 __global__ void fill_kernel(float *p, int64_t n, float v) {
@@ -17,13 +20,58 @@ void cu_fill(cudaStream_t s, float *p, int64_t n, float v) {
     if (n > 0) fill_kernel<<<cu_blocks(n, CU_THREADS, 4096), CU_THREADS, 0, s>>>(p, n, v);
 }
 
-__global__ void grad_norm_kernel(cu_scratch *S, cu_result *R, const float *grads, int64_t n, double clip_norm,
-                                 int update) {
-    // grads (n)
+/* The decision of a step from the total of squares: written by one thread. */
+static __device__ void decide(cu_scratch *S, cu_result *R, double total, double clip_norm, int update) {
+    double norm = sqrt(total), loss = S->loss;
+    int finite = isfinite(loss) && isfinite(norm);
+    /* torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6), clamped to 1 */
+    double coef = clip_norm > 0 ? clip_norm / (norm + 1e-6) : 1.0;
+    S->clip_scale = coef < 1.0 ? (float)coef : 1.0f;
+    S->applied = finite && update;
+    R->grad_norm = norm;
+    R->finite = finite;
+    R->applied = finite && update;
+}
+
+static __device__ double sum_squares(const float *grads, int64_t n) {
     double s = 0;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
         s += (double)grads[i] * grads[i];
-    s = block_sum(s);
+    return block_sum(s);
+}
+
+struct update_args {
+    float *w, *grads, *s0, *s1, *s2;   // (n) each: parameters, gradients, optimizer slots
+    int64_t n;
+    int kind, clip_norm;
+    float clip_value;
+};
+
+/* One pass over the slab: clip (norm coefficient, then value; the clipped gradient is stored
+ * back, as on the cpu), then the element rule. */
+static __device__ void update_slab(const update_args &u, const cu_params *P, float cs) {
+    const mpscy_optim_coef c = P->coef;
+    const int clipped = u.clip_norm || u.clip_value > 0.0f;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < u.n; i += (int64_t)gridDim.x * blockDim.x) {
+        float g = u.grads[i];
+        if (u.clip_norm) g *= cs;
+        if (u.clip_value > 0.0f) g = g > u.clip_value ? u.clip_value : (g < -u.clip_value ? -u.clip_value : g);
+        if (clipped) u.grads[i] = g;
+        switch (u.kind) {
+        case MPSCY_OPTIM_SGD: mpscy_sgd_elem(&u.w[i], &u.s0[i], g, &c); break;
+        case MPSCY_OPTIM_ADAM:
+        case MPSCY_OPTIM_ADAMW:
+            mpscy_adam_elem(&u.w[i], &u.s0[i], &u.s1[i], (c.flags & MPSCY_OPTIM_AMSGRAD) ? &u.s2[i] : NULL, g, &c,
+                            u.kind == MPSCY_OPTIM_ADAMW);
+            break;
+        }
+    }
+}
+
+/* Two-kernel form: the norm with a last-block finish, then the update reading the decision. */
+__global__ void grad_norm_kernel(cu_scratch *S, cu_result *R, const float *grads, int64_t n, double clip_norm,
+                                 int update) {
+    double s = sum_squares(grads, n);
     if (threadIdx.x == 0) S->norm_part[blockIdx.x] = s;
     if (!last_block(&S->norm_count)) return;
     const volatile double *np = S->norm_part;
@@ -31,49 +79,80 @@ __global__ void grad_norm_kernel(cu_scratch *S, cu_result *R, const float *grads
     for (unsigned k = threadIdx.x; k < gridDim.x; k += blockDim.x) t += np[k];
     t = block_sum(t);
     if (threadIdx.x == 0) {
-        double norm = sqrt(t), loss = S->loss;
-        int finite = isfinite(loss) && isfinite(norm);
-        /* torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6), clamped to 1 */
-        double coef = clip_norm > 0 ? clip_norm / (norm + 1e-6) : 1.0;
-        S->clip_scale = coef < 1.0 ? (float)coef : 1.0f;
-        S->applied = finite && update;
-        R->grad_norm = norm;
-        R->finite = finite;
-        R->applied = finite && update;
+        decide(S, R, t, clip_norm, update);
         S->norm_count = 0;
     }
 }
 
-int cu_grad_norm(cu_graph *g, int update, char *err, size_t en) {
-    const mpscy_plan *p = &g->plan;
-    unsigned blocks = cu_blocks(p->n_params, CU_THREADS * 8, 2 * g->dev->sms);
-    grad_norm_kernel<<<blocks, CU_THREADS, 0, g->stream>>>(g->scratch, g->result, g->grads, p->n_params,
-                                                           p->optim.clip_grad_norm, update);
-    return CU_LAUNCHED("grad_norm");
+__global__ void optim_update_kernel(update_args u, const cu_scratch *S, const cu_params *P) {
+    if (!S->applied) return;
+    update_slab(u, P, S->clip_scale);
 }
 
-/* One pass over the slab: clip (norm coefficient, then value; the clipped gradient is stored
- * back, as on the cpu), then the element rule. Nothing is touched unless applied. */
-template <int KIND>
-__global__ void optim_update_kernel(float *w, float *grads, float *s0, float *s1, float *s2, int64_t n,
-                                    const cu_scratch *S, const cu_params *P, int clip_norm, float clip_value) {
-    // w, grads (n); s0, s1, s2 (n) optimizer slots
-    if (!S->applied) return;
-    const mpscy_optim_coef c = P->coef;
-    const float cs = S->clip_scale;
-    const int clipped = clip_norm || clip_value > 0.0f;
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        float g = grads[i];
-        if (clip_norm) g *= cs;
-        if (clip_value > 0.0f) g = g > clip_value ? clip_value : (g < -clip_value ? -clip_value : g);
-        if (clipped) grads[i] = g;
-        if (KIND == MPSCY_OPTIM_SGD) {
-            mpscy_sgd_elem(&w[i], &s0[i], g, &c);
-        } else {
-            mpscy_adam_elem(&w[i], &s0[i], &s1[i], (c.flags & MPSCY_OPTIM_AMSGRAD) ? &s2[i] : NULL, g, &c,
-                            KIND == MPSCY_OPTIM_ADAMW);
-        }
+/* One cooperative kernel: squares, a grid-wide barrier, every block adds the partials in the
+ * same order (so all agree on the decision), then the update. */
+__global__ void norm_update_kernel(update_args u, cu_scratch *S, cu_result *R, const cu_params *P, double clip_norm,
+                                   int update) {
+    __shared__ double total;
+    double s = sum_squares(u.grads, u.n);
+    if (threadIdx.x == 0) S->norm_part[blockIdx.x] = s;
+    cg::this_grid().sync();
+    const volatile double *np = S->norm_part;
+    double t = 0;
+    for (unsigned k = threadIdx.x; k < gridDim.x; k += blockDim.x) t += np[k];
+    t = block_sum(t);
+    if (threadIdx.x == 0) total = t;
+    __syncthreads();
+    t = total;
+    double norm = sqrt(t);
+    int applied = update && isfinite(S->loss) && isfinite(norm);
+    double coef = clip_norm > 0 ? clip_norm / (norm + 1e-6) : 1.0;
+    float cs = coef < 1.0 ? (float)coef : 1.0f;
+    if (blockIdx.x == 0 && threadIdx.x == 0) decide(S, R, t, clip_norm, update);
+    if (applied) update_slab(u, P, cs);
+}
+
+__global__ void coop_probe_kernel(int *flag) {
+    cg::this_grid().sync();
+    if (blockIdx.x == 0 && threadIdx.x == 0) *flag = 1;
+}
+
+/* Whether a cooperative kernel can be captured into a graph and run here (checked once). */
+int cu_coop_probe(cu_device *d) {
+    int attr = 0;
+    if (cudaDeviceGetAttribute(&attr, cudaDevAttrCooperativeLaunch, d->ordinal) != cudaSuccess || !attr) {
+        cudaGetLastError();
+        return 0;
     }
+    cudaStream_t s = NULL;
+    cudaGraph_t graph = NULL;
+    cudaGraphExec_t exec = NULL;
+    int *flag = NULL, ok = 0, host = 0;
+    if (cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking) == cudaSuccess && cudaMalloc(&flag, sizeof(int)) == cudaSuccess &&
+        cudaMemset(flag, 0, sizeof(int)) == cudaSuccess &&
+        cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal) == cudaSuccess) {
+        cudaLaunchConfig_t cfg = {};
+        cudaLaunchAttribute attr1;
+        attr1.id = cudaLaunchAttributeCooperative;
+        attr1.val.cooperative = 1;
+        cfg.gridDim = dim3(2 * d->sms);
+        cfg.blockDim = dim3(CU_THREADS);
+        cfg.stream = s;
+        cfg.attrs = &attr1;
+        cfg.numAttrs = 1;
+        cudaError_t le = cudaLaunchKernelEx(&cfg, coop_probe_kernel, flag);
+        cudaError_t ee = cudaStreamEndCapture(s, &graph);
+        if (le == cudaSuccess && ee == cudaSuccess && cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess &&
+            cudaGraphLaunch(exec, s) == cudaSuccess && cudaStreamSynchronize(s) == cudaSuccess &&
+            cudaMemcpy(&host, flag, sizeof(int), cudaMemcpyDeviceToHost) == cudaSuccess)
+            ok = host == 1;
+    }
+    if (exec) cudaGraphExecDestroy(exec);
+    if (graph) cudaGraphDestroy(graph);
+    if (flag) cudaFree(flag);
+    if (s) cudaStreamDestroy(s);
+    cudaGetLastError();
+    return ok;
 }
 
 int cu_optim_supported(int32_t kind) {
@@ -86,28 +165,37 @@ void cu_optim_params(cu_graph *g, const mpscy_step_args *a, int64_t t, cu_params
     out->counter = a->counter;
 }
 
-int cu_optim_update(cu_graph *g, char *err, size_t en) {
+int cu_norm_and_update(cu_graph *g, int update, char *err, size_t en) {
     const mpscy_plan *p = &g->plan;
     int64_t n = p->n_params;
-    float *s0 = g->optim, *s1 = g->optim + n, *s2 = g->optim + 2 * n;
-    int clip_norm = p->optim.clip_grad_norm > 0;
-    float clip_value = p->optim.clip_grad_value > 0 ? (float)p->optim.clip_grad_value : 0.0f;
-    unsigned blocks = cu_blocks(n, CU_THREADS * 4, 8 * g->dev->sms);
-    switch (p->optim.kind) {
-    case MPSCY_OPTIM_SGD:
-        optim_update_kernel<MPSCY_OPTIM_SGD><<<blocks, CU_THREADS, 0, g->stream>>>(
-            g->params, g->grads, s0, s1, s2, n, g->scratch, g->params_d, clip_norm, clip_value);
-        break;
-    case MPSCY_OPTIM_ADAM:
-        optim_update_kernel<MPSCY_OPTIM_ADAM><<<blocks, CU_THREADS, 0, g->stream>>>(
-            g->params, g->grads, s0, s1, s2, n, g->scratch, g->params_d, clip_norm, clip_value);
-        break;
-    case MPSCY_OPTIM_ADAMW:
-        optim_update_kernel<MPSCY_OPTIM_ADAMW><<<blocks, CU_THREADS, 0, g->stream>>>(
-            g->params, g->grads, s0, s1, s2, n, g->scratch, g->params_d, clip_norm, clip_value);
-        break;
-    default:
-        return MPSCY_FAIL(err, en, MPSCY_UNSUPPORTED, CU, "optimizer kind %d", p->optim.kind);
+    update_args u = {g->params, g->grads, g->optim, g->optim + n, g->optim + 2 * n, n, p->optim.kind,
+                     p->optim.clip_grad_norm > 0, p->optim.clip_grad_value > 0 ? (float)p->optim.clip_grad_value : 0.0f};
+    double clip = p->optim.clip_grad_norm;
+    if (g->dev->coop) {
+        /* at most the co-resident blocks (two per multiprocessor fit any 256-thread kernel here) */
+        cudaLaunchConfig_t cfg = {};
+        cudaLaunchAttribute attr;
+        attr.id = cudaLaunchAttributeCooperative;
+        attr.val.cooperative = 1;
+        int per_sm = 0;
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, norm_update_kernel, CU_THREADS, 0) != cudaSuccess ||
+            per_sm < 1)
+            per_sm = 1;
+        cfg.gridDim = dim3(cu_blocks(n, CU_THREADS * 4, (per_sm < 2 ? per_sm : 2) * g->dev->sms));
+        cfg.blockDim = dim3(CU_THREADS);
+        cfg.stream = g->stream;
+        cfg.attrs = &attr;
+        cfg.numAttrs = 1;
+        CU_TRY(cudaLaunchKernelEx(&cfg, norm_update_kernel, u, g->scratch, g->result, (const cu_params *)g->params_d,
+                                  clip, update),
+               "norm_update (cooperative)");
+        return CU_LAUNCHED("norm_update");
     }
+    grad_norm_kernel<<<cu_blocks(n, CU_THREADS * 8, 2 * g->dev->sms), CU_THREADS, 0, g->stream>>>(
+        g->scratch, g->result, g->grads, n, clip, update);
+    int st = CU_LAUNCHED("grad_norm");
+    if (st != MPSCY_OK || !update) return st;
+    optim_update_kernel<<<cu_blocks(n, CU_THREADS * 4, 8 * g->dev->sms), CU_THREADS, 0, g->stream>>>(
+        u, g->scratch, (const cu_params *)g->params_d);
     return CU_LAUNCHED("optim_update");
 }

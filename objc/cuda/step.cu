@@ -62,9 +62,8 @@ static int enqueue(cu_graph *g, int kind, int64_t b, char *err, size_t en) {
         if ((st = cu_layers[node->kind].backward(g, node, b, err, en)) != MPSCY_OK) return st;
     }
     if ((st = cu_join(g, err, en)) != MPSCY_OK) return st;
-    if ((st = cu_grad_norm(g, kind == CU_KIND_TRAIN, err, en)) != MPSCY_OK) return st;
+    if ((st = cu_norm_and_update(g, kind == CU_KIND_TRAIN, err, en)) != MPSCY_OK) return st;
     if (kind == CU_KIND_GRAD) return MPSCY_OK;
-    if ((st = cu_optim_update(g, err, en)) != MPSCY_OK) return st;
     for (int32_t i = 0; i < p->n_nodes; i++)
         if (cu_layers[p->nodes[i].kind].commit &&
             (st = cu_layers[p->nodes[i].kind].commit(g, &p->nodes[i], b, err, en)) != MPSCY_OK)
@@ -101,6 +100,8 @@ static int get_exec(cu_graph *g, int kind, int64_t b, cudaGraphExec_t *out, char
         mpscy_count_free(&g->base.dev->stats, 0);
         c->exec = NULL;
     }
+    g->gws_used = g->gcount_used = 0;
+    memset(g->dz_ready, 0, (size_t)g->plan.n_nodes);
     CU_TRY(cudaStreamBeginCapture(g->stream, cudaStreamCaptureModeThreadLocal), "begin capture");
     int st = enqueue(g, kind, b, err, en);
     if (st != MPSCY_OK && g->forked) cu_join(g, NULL, 0);

@@ -1,0 +1,172 @@
+/* gemm.cu — mpscy's own matrix product for the small GEMMs of a training step, where a library
+ * call would cost several kernels (split-K, reduction, epilogue) of a few microseconds each:
+ * one kernel per product, with the Dense epilogues fused — bias and ReLU (forward), the ReLU
+ * mask of the layer below and accumulation (dX), the bias gradient as row sums of dz (dW) — and
+ * a deterministic split over K (each split writes its partial tile; the last block of a tile
+ * adds them in a fixed order). TF32 graphs round the operands to TF32 as tensor cores do.
+ * Large products go to cuBLASLt (blas.cu); cu_gemm_small decides. */
+#include "cuda.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#define BM 32
+#define BN 32
+#define BK 16
+
+struct sg_args {
+    float *c;                  // (M, N) row-major, ldc
+    const float *a, *b;        // A(m, k) = a[m * am + k * ak], B(k, n) = b[k * bk + n * bn]
+    int64_t m, n, k, am, ak, bk, bn, ldc;
+    const float *bias;         // (N) added before relu, or NULL
+    const float *mask;         // (M, N) with ldc: the result is zeroed where mask <= 0, or NULL
+    float *rowsum;             // (M): sum over k of A(m, k), or NULL
+    float *part;               // (S, M, N) then (S, M) partials when S > 1
+    unsigned int *count;       // one per tile when S > 1
+    int64_t kchunk;
+    int relu, accum, tf32;
+};
+
+static __device__ __forceinline__ float tf32_round(float x) {
+    unsigned int r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return __uint_as_float(r);
+}
+
+static __device__ __forceinline__ float epilogue(const sg_args &p, int64_t m, int64_t n, float v) {
+    if (p.bias) v += p.bias[n];
+    if (p.relu) v = v > 0.0f ? v : 0.0f;
+    if (p.mask && !(p.mask[m * p.ldc + n] > 0.0f)) v = 0.0f;
+    if (p.accum) v += p.c[m * p.ldc + n];
+    return v;
+}
+
+__global__ void __launch_bounds__(256) gemm_small(sg_args p) {
+    __shared__ float As[BK][BM + 1];
+    __shared__ float Bs[BK][BN + 1];
+    __shared__ bool last;
+    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+    const int64_t m0 = (int64_t)blockIdx.y * BM, n0 = (int64_t)blockIdx.x * BN;
+    const int64_t k0 = (int64_t)blockIdx.z * p.kchunk, k1 = min(p.k, k0 + p.kchunk);
+    const bool a_kfast = p.ak == 1, b_nfast = p.bn == 1;
+    const bool want_rows = p.rowsum && blockIdx.x == 0;
+    float acc[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+    float rs = 0.0f;
+    for (int64_t kt = k0; kt < k1; kt += BK) {
+        for (int e = tid; e < BK * BM; e += 256) {
+            int mm = a_kfast ? e / BK : e % BM, kk = a_kfast ? e % BK : e / BM;
+            int64_t gm = m0 + mm, gk = kt + kk;
+            float v = gm < p.m && gk < k1 ? p.a[gm * p.am + gk * p.ak] : 0.0f;
+            As[kk][mm] = p.tf32 ? tf32_round(v) : v;
+        }
+        for (int e = tid; e < BK * BN; e += 256) {
+            int nn = b_nfast ? e % BN : e / BK, kk = b_nfast ? e / BN : e % BK;
+            int64_t gn = n0 + nn, gk = kt + kk;
+            float v = gn < p.n && gk < k1 ? p.b[gk * p.bk + gn * p.bn] : 0.0f;
+            Bs[kk][nn] = p.tf32 ? tf32_round(v) : v;
+        }
+        __syncthreads();
+        if (want_rows && tid < BM && m0 + tid < p.m)
+            for (int kk = 0; kk < BK && kt + kk < k1; kk++) rs += p.a[(m0 + tid) * p.am + (kt + kk) * p.ak];
+#pragma unroll
+        for (int kk = 0; kk < BK; kk++) {
+            float a0 = As[kk][ty], a1 = As[kk][ty + 16], b0 = Bs[kk][tx], b1 = Bs[kk][tx + 16];
+            acc[0][0] = fmaf(a0, b0, acc[0][0]);
+            acc[0][1] = fmaf(a0, b1, acc[0][1]);
+            acc[1][0] = fmaf(a1, b0, acc[1][0]);
+            acc[1][1] = fmaf(a1, b1, acc[1][1]);
+        }
+        __syncthreads();
+    }
+    if (gridDim.z == 1) {
+#pragma unroll
+        for (int i = 0; i < 2; i++)
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                int64_t m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
+                if (m < p.m && n < p.n) p.c[m * p.ldc + n] = epilogue(p, m, n, acc[i][j]);
+            }
+        if (want_rows && tid < BM && m0 + tid < p.m) p.rowsum[m0 + tid] = rs;
+        return;
+    }
+    /* split K: store this split's partial tile; the last block of the tile finishes it */
+    const int64_t mn = p.m * p.n;
+    float *part = p.part + blockIdx.z * mn;
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 2; j++) {
+            int64_t m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
+            if (m < p.m && n < p.n) part[m * p.n + n] = acc[i][j];
+        }
+    float *rpart = p.part + gridDim.z * mn;
+    if (want_rows && tid < BM && m0 + tid < p.m) rpart[blockIdx.z * p.m + m0 + tid] = rs;
+    __threadfence();
+    __syncthreads();
+    unsigned int *cnt = p.count + blockIdx.y * gridDim.x + blockIdx.x;
+    if (tid == 0) last = atomicAdd(cnt, 1u) == gridDim.z - 1;
+    __syncthreads();
+    if (!last) return;
+    const volatile float *vp = p.part;
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 2; j++) {
+            int64_t m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
+            if (m >= p.m || n >= p.n) continue;
+            float v = 0.0f;
+            for (unsigned s = 0; s < gridDim.z; s++) v += vp[s * mn + m * p.n + n];
+            p.c[m * p.ldc + n] = epilogue(p, m, n, v);
+        }
+    if (want_rows && tid < BM && m0 + tid < p.m) {
+        const volatile float *vr = rpart;
+        float v = 0.0f;
+        for (unsigned s = 0; s < gridDim.z; s++) v += vr[s * p.m + m0 + tid];
+        p.rowsum[m0 + tid] = v;
+    }
+    if (tid == 0) *cnt = 0;
+}
+
+int cu_gemm_small_wanted(const cu_graph *g, int64_t m, int64_t n, int64_t k) {
+    if (g->gemm_mode != 2) return g->gemm_mode;
+    return (double)m * (double)n * (double)k <= (double)(1 << 25);
+}
+
+/* Floats (and tile counters) a product may use for its split-K partials at most. */
+void cu_gemm_small_need(int sms, int64_t m, int64_t n, int64_t k, int rows, int64_t *floats, int64_t *counters) {
+    int64_t tiles = ((m + BM - 1) / BM) * ((n + BN - 1) / BN), ksteps = (k + BK - 1) / BK;
+    int64_t s = (2 * sms + tiles - 1) / tiles;
+    if (s > ksteps) s = ksteps;
+    if (s > 64) s = 64;
+    *floats = s > 1 ? s * m * n + (rows ? s * m : 0) : 0;
+    *counters = s > 1 ? tiles : 0;
+}
+
+int cu_gemm_small(cu_graph *g, cudaStream_t st, const cu_small_gemm *q, char *err, size_t en) {
+    sg_args p;
+    memset(&p, 0, sizeof p);
+    p.c = q->c; p.a = q->a; p.b = q->b;
+    p.m = q->m; p.n = q->n; p.k = q->k;
+    p.am = q->am; p.ak = q->ak; p.bk = q->bk; p.bn = q->bn; p.ldc = q->ldc;
+    p.bias = q->bias; p.mask = q->mask; p.rowsum = q->rowsum;
+    p.relu = q->relu; p.accum = q->accum; p.tf32 = g->plan.precision == MPSCY_PRECISION_TF32;
+    int64_t tm = (q->m + BM - 1) / BM, tn = (q->n + BN - 1) / BN, ksteps = (q->k + BK - 1) / BK;
+    int64_t floats, counters;
+    cu_gemm_small_need(g->dev->sms, q->m, q->n, q->k, q->rowsum != NULL, &floats, &counters);
+    const int64_t per = q->m * q->n + (q->rowsum ? q->m : 0);  /* floats of one split's partials */
+    int64_t s = floats > 0 ? floats / per : 1;
+    /* the split must fit what is left of the planned workspace */
+    while (s > 1 && (s * per > g->gws_floats - g->gws_used ||
+                     tm * tn > g->gcount_n - g->gcount_used))
+        s--;
+    if (s < 1) s = 1;
+    int64_t steps_per = (ksteps + s - 1) / s;
+    p.kchunk = steps_per * BK;
+    s = (q->k + p.kchunk - 1) / p.kchunk;
+    if (s < 1) s = 1;
+    if (s > 1) {
+        p.part = g->gws + g->gws_used;
+        g->gws_used += s * per;
+        p.count = g->gcount + g->gcount_used;
+        g->gcount_used += tm * tn;
+    }
+    dim3 grid((unsigned)tn, (unsigned)tm, (unsigned)s);
+    gemm_small<<<grid, 256, 0, st>>>(p);
+    return CU_LAUNCHED("gemm_small");
+}
