@@ -2,7 +2,8 @@
 # Build, test and benchmark the cuda backend in ONE call on a GPU machine (the lent H100):
 # builds in place with the cuda backend forced on, runs the whole suite on cuda and on cpu,
 # runs bench/cuda_bench.py, and profiles one step's kernels with ncu when it is there.
-# Logs go to $OUT (default /tmp/mpscy-gpu). Wheels in $WHEELS (scipy-openblas32, memray) are
+# Summaries go to stdout; full logs to $OUT (default /tmp/mpscy-gpu): build.log, pytest_cuda.log,
+# pytest_cpu.log, bench.json, ncu_<model>.csv. Wheels in $WHEELS (scipy-openblas32, memray) are
 # installed to /tmp/site first when given (machines without network).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +16,7 @@ if [ -n "${WHEELS:-}" ]; then
         || { echo "wheel install failed"; exit 1; }
     export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
 t0=$(date +%s)
 MPSCY_CUDA=1 MPSCY_CUDA_ARCH=${MPSCY_CUDA_ARCH:-90} $PY setup.py -q build_ext --inplace --force > "$OUT/build.log" 2>&1 \
     || { tail -60 "$OUT/build.log"; exit 1; }
@@ -34,15 +35,15 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     fi
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
-    timeout ${BENCH_TIMEOUT:-300} $PY bench/cuda_bench.py --json "$OUT/bench.json" ${BENCH_ARGS:-} > "$OUT/bench.txt" 2>&1
-    echo "bench: exit $?"; cat "$OUT/bench.txt"
+    timeout ${BENCH_TIMEOUT:-300} $PY bench/cuda_bench.py --json "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1
+    echo "bench: exit $?"
 fi
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
 if [ "${SKIP_PROFILE:-0}" != 1 ] && [ -n "$NCU" ]; then
     for m in ${PROFILE_MODELS:-mlp_small}; do
         timeout 120 "$NCU" --graph-profiling node --clock-control none --metrics gpu__time_duration.sum --csv \
             --log-file "$OUT/ncu_$m.csv" \
-            $PY bench/cuda_profile.py "$m" > "$OUT/ncu_$m.log" 2>&1
-        echo "ncu $m: exit $?"; $PY bench/cuda_profile.py --summarize "$OUT/ncu_$m.csv" | tee "$OUT/profile_$m.txt"
+            $PY bench/cuda_profile.py "$m" > /tmp/ncu_$m.log 2>&1
+        echo "ncu $m: exit $?"; tail -3 /tmp/ncu_$m.log; $PY bench/cuda_profile.py --summarize "$OUT/ncu_$m.csv"
     done
 fi

@@ -111,15 +111,19 @@ __global__ void bias_act_forward(float *y, const float *bias, int64_t rows, int6
     }
 }
 
-/* Column sums of dy (masked by ymask > 0 when given, the masked values written to dz): a block
- * of 32 columns x 8 row lanes, reduced in a fixed order. */
-__global__ void bias_act_backward(float *dz, float *db, const float *dy, const float *ymask, int64_t rows, int64_t cols) {
+/* Column sums of dy (masked by ymask > 0 when given, the masked values written to dz): blocks
+ * of 32 columns x 8 row lanes over a chunk of rows; with several chunks, each stores its partial
+ * sums and the last chunk of a column tile adds them in a fixed order. */
+__global__ void bias_act_backward(float *dz, float *db, const float *dy, const float *ymask, int64_t rows,
+                                  int64_t cols, int64_t rchunk, float *part, unsigned int *count) {
     // dz (rows, cols) or NULL, db (cols) or NULL, dy (rows, cols), ymask (rows, cols) or NULL
-    __shared__ float part[8][33];
+    __shared__ float lanes[8][33];
+    __shared__ bool last;
     int64_t c = blockIdx.x * 32 + threadIdx.x;
+    int64_t r0 = blockIdx.y * rchunk, r1 = min(rows, r0 + rchunk);
     float s = 0.0f;
     if (c < cols)
-        for (int64_t r = threadIdx.y; r < rows; r += 8) {
+        for (int64_t r = r0 + threadIdx.y; r < r1; r += 8) {
             float v = dy[r * cols + c];
             if (ymask) {
                 v = ymask[r * cols + c] > 0.0f ? v : 0.0f;
@@ -127,13 +131,42 @@ __global__ void bias_act_backward(float *dz, float *db, const float *dy, const f
             }
             s += v;
         }
-    part[threadIdx.y][threadIdx.x] = s;
+    if (!db) return;
+    lanes[threadIdx.y][threadIdx.x] = s;
     __syncthreads();
-    if (threadIdx.y == 0 && c < cols && db) {
-        float t = part[0][threadIdx.x];
-        for (int k = 1; k < 8; k++) t += part[k][threadIdx.x];
-        db[c] = t;
+    float t = 0.0f;
+    if (threadIdx.y == 0)
+        for (int k = 0; k < 8; k++) t += lanes[k][threadIdx.x];
+    if (gridDim.y == 1) {
+        if (threadIdx.y == 0 && c < cols) db[c] = t;
+        return;
     }
+    if (threadIdx.y == 0 && c < cols) part[blockIdx.y * cols + c] = t;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0 && threadIdx.y == 0) last = atomicAdd(&count[blockIdx.x], 1u) == gridDim.y - 1;
+    __syncthreads();
+    if (!last || threadIdx.y != 0) return;
+    if (c < cols) {
+        const volatile float *vp = part;
+        float v = 0.0f;
+        for (unsigned k = 0; k < gridDim.y; k++) v += vp[k * cols + c];
+        db[c] = v;
+    }
+    if (threadIdx.x == 0) count[blockIdx.x] = 0;
+}
+
+/* Row chunks of bias_act_backward: enough blocks to keep the machine busy. */
+static int64_t colsum_chunks(int sms, int64_t rows, int64_t cols) {
+    int64_t tiles = (cols + 31) / 32, r = (4 * sms + tiles - 1) / tiles, most = (rows + 63) / 64;
+    if (r > most) r = most;
+    return r < 1 ? 1 : r;
+}
+
+void cu_colsum_need(int sms, int64_t rows, int64_t cols, int64_t *floats, int64_t *counters) {
+    int64_t r = colsum_chunks(sms, rows, cols);
+    *floats = r > 1 ? r * cols : 0;
+    *counters = r > 1 ? (cols + 31) / 32 : 0;
 }
 
 int cu_bias_act_forward(cudaStream_t s, float *y, const float *bias, int64_t rows, int64_t cols, int relu,
@@ -142,9 +175,22 @@ int cu_bias_act_forward(cudaStream_t s, float *y, const float *bias, int64_t row
     return CU_LAUNCHED("bias_act_forward");
 }
 
-int cu_bias_act_backward(cudaStream_t s, float *dz, float *db, const float *dy, const float *ymask,
+int cu_bias_act_backward(cu_graph *g, cudaStream_t s, float *dz, float *db, const float *dy, const float *ymask,
                          int64_t rows, int64_t cols, char *err, size_t en) {
-    bias_act_backward<<<(unsigned)((cols + 31) / 32), dim3(32, 8), 0, s>>>(dz, db, dy, ymask, rows, cols);
+    int64_t tiles = (cols + 31) / 32, r = colsum_chunks(g->dev->sms, rows, cols);
+    float *part = NULL;
+    unsigned int *count = NULL;
+    if (db && r > 1 && (r * cols > g->gws_floats - g->gws_used || tiles > g->gcount_n - g->gcount_used))
+        r = 1;  /* not planned for (a batch larger than built cannot happen): one chunk, no partials */
+    if (db && r > 1) {
+        part = g->gws + g->gws_used;
+        g->gws_used += r * cols;
+        count = g->gcount + g->gcount_used;
+        g->gcount_used += tiles;
+    }
+    int64_t rchunk = (rows + r - 1) / r;
+    bias_act_backward<<<dim3((unsigned)tiles, (unsigned)r), dim3(32, 8), 0, s>>>(dz, db, dy, ymask, rows, cols, rchunk,
+                                                                                part, count);
     return CU_LAUNCHED("bias_act_backward");
 }
 

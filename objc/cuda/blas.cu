@@ -1,6 +1,6 @@
 /* blas.cu — loading cuBLASLt at run time and the GEMM helper of blas.h. The library is looked
- * for, in order: $MPSCY_CUBLASLT (a path), the already loaded or system soname, the directory
- * found at build time, and NVIDIA's wheel beside this package (site-packages/nvidia/cu13/lib).
+ * for, in order: $MPSCY_CUBLASLT (a path), a copy already loaded, NVIDIA's wheel (beside this
+ * package or in the running Python's site-packages), the system soname, the build-time directory.
  * Descriptors live on the stack (the *Init forms): a GEMM enqueue allocates nothing. */
 #include "blas.h"
 
@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #ifndef MPSCY_CUBLASLT_SONAME
 #define MPSCY_CUBLASLT_SONAME "libcublasLt.so"
@@ -32,20 +33,49 @@ static void *try_open(const char *path) {
     return h;
 }
 
+/* NVIDIA's wheel directory beside a Python installation: <prefix>/lib/python3.N/site-packages. */
+static void *try_wheel_of(const char *prefix) {
+    char path[1024];
+    for (int minor = 30; minor >= 8 && prefix; minor--) {
+        snprintf(path, sizeof path, "%s/lib/python3.%d/site-packages/nvidia/%s/lib/%s", prefix, minor,
+                 MPSCY_CUBLAS_WHEEL_DIR, MPSCY_CUBLASLT_SONAME);
+        if (access(path, R_OK) == 0) return try_open(path);
+    }
+    return NULL;
+}
+
+/* The order matters when PyTorch or JAX share the process: a library with this soname that is
+ * already loaded is taken as is, then the copy those frameworks load (NVIDIA's wheel), and only
+ * then the system's, so that a framework imported later binds to the same file, never to an
+ * older copy of the same soname. */
 static void load_once(void) {
     char path[1024];
     void *h = try_open(getenv("MPSCY_CUBLASLT"));
-    if (!h) h = try_open(MPSCY_CUBLASLT_SONAME);
-    if (!h && MPSCY_CUBLASLT_DIR[0]) {
-        snprintf(path, sizeof path, "%s/%s", MPSCY_CUBLASLT_DIR, MPSCY_CUBLASLT_SONAME);
-        h = try_open(path);
-    }
+    if (!h) h = dlopen(MPSCY_CUBLASLT_SONAME, RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD);
     Dl_info info;
     if (!h && dladdr((void *)&load_once, &info) && info.dli_fname) {
         const char *slash = strrchr(info.dli_fname, '/');
         int len = slash ? (int)(slash - info.dli_fname) : 0;
-        snprintf(path, sizeof path, "%.*s/../nvidia/%s/lib/%s", len, info.dli_fname,
-                 MPSCY_CUBLAS_WHEEL_DIR, MPSCY_CUBLASLT_SONAME);
+        snprintf(path, sizeof path, "%.*s/../nvidia/%s/lib/%s", len, info.dli_fname, MPSCY_CUBLAS_WHEEL_DIR,
+                 MPSCY_CUBLASLT_SONAME);
+        if (access(path, R_OK) == 0) h = try_open(path);
+    }
+    if (!h) h = try_wheel_of(getenv("VIRTUAL_ENV"));
+    if (!h) {
+        /* the running interpreter's prefix: /proc/self/exe is <prefix>/bin/python3.x */
+        ssize_t k = readlink("/proc/self/exe", path, sizeof path - 1);
+        if (k > 0) {
+            path[k] = 0;
+            for (int up = 0; up < 2; up++) {
+                char *slash = strrchr(path, '/');
+                if (slash) *slash = 0;
+            }
+            h = try_wheel_of(path);
+        }
+    }
+    if (!h) h = try_open(MPSCY_CUBLASLT_SONAME);
+    if (!h && MPSCY_CUBLASLT_DIR[0]) {
+        snprintf(path, sizeof path, "%s/%s", MPSCY_CUBLASLT_DIR, MPSCY_CUBLASLT_SONAME);
         h = try_open(path);
     }
     if (!h) {

@@ -12,7 +12,7 @@
 #include <cuda_runtime.h>
 
 #define CU "cuda"
-#define CU_MAX_PARTS 1024      /* partial sums of the loss and norm reductions */
+#define CU_MAX_PARTS 2048      /* partial sums of the loss and norm reductions */
 #define CU_CACHE 8             /* captured graphs kept per built graph (keyed by kind, batch) */
 #define CU_ALIGN 256
 #define CU_THREADS 256
@@ -182,8 +182,9 @@ int cu_gemm_small(cu_graph *g, cudaStream_t s, const cu_small_gemm *q, char *err
 /* activation.cu helpers shared with dense.cu */
 int cu_bias_act_forward(cudaStream_t s, float *y, const float *bias, int64_t rows, int64_t cols, int relu,
                         char *err, size_t en);
-int cu_bias_act_backward(cudaStream_t s, float *dz, float *db, const float *dy, const float *ymask,
+int cu_bias_act_backward(cu_graph *g, cudaStream_t s, float *dz, float *db, const float *dy, const float *ymask,
                          int64_t rows, int64_t cols, char *err, size_t en);
+void cu_colsum_need(int sms, int64_t rows, int64_t cols, int64_t *floats, int64_t *counters);
 
 /* loss.cu: loss, its gradient (dy != NULL) and the correct count in one kernel; eval graphs
  * also finalize the result there. */

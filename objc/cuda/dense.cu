@@ -20,7 +20,8 @@ int cu_dense_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, cha
     const float *w = cu_tensor(g, n, MPSCY_ROLE_PARAM, 0); // (out, in)
     float *bias = cu_tensor(g, n, MPSCY_ROLE_PARAM, 1);    // (out) or NULL
     int relu = (g->fuse[cu_node_index(g, n)] & CU_FUSE_RELU) != 0;
-    if (cu_gemm_small_wanted(g, b, out, in)) {
+    const int64_t B = g->plan.batch;  /* decisions by the built batch: the same at every batch size */
+    if (cu_gemm_small_wanted(g, B, out, in)) {
         /* C (b, out) = x (b, in) . W^T: A(m, k) = x[m in + k], B(k, n) = W[n in + k] */
         cu_small_gemm q = {y, x, w, b, out, in, in, 1, 1, in, out, bias, relu, NULL, 0, NULL};
         return cu_gemm_small(g, g->stream, &q, err, en);
@@ -74,12 +75,13 @@ int cu_dense_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, si
         int32_t j = -1;
         for (int32_t k = (int32_t)i + 1; k < g->plan.n_nodes && j < 0; k++)
             if (g->plan.nodes[k].kind == MPSCY_LAYER_RELU && g->plan.nodes[k].in[0] == i) j = k;
-        if ((st = cu_bias_act_backward(g->stream, dz, db, g->dy[j], g->y[j], b, out, err, en)) != MPSCY_OK)
+        if ((st = cu_bias_act_backward(g, g->stream, dz, db, g->dy[j], g->y[j], b, out, err, en)) != MPSCY_OK)
             return st;
         db_done = 1;
     }
     if ((st = cu_fork(g, err, en)) != MPSCY_OK) return st;
-    if (cu_gemm_small_wanted(g, out, in, b)) {
+    const int64_t B = g->plan.batch;  /* decisions by the built batch, as planned in graph.cu */
+    if (cu_gemm_small_wanted(g, out, in, B)) {
         /* dW (out, in) = dz^T x: A(m, k) = dz[k out + m], B(k, n) = x[k in + n]; db = rows of A */
         cu_small_gemm q = {dw, dz, x, out, in, b, 1, out, in, 1, in, NULL, 0, NULL, 0, db_done ? NULL : db};
         if ((st = cu_gemm_small(g, g->side, &q, err, en)) != MPSCY_OK) return st;
@@ -97,11 +99,11 @@ int cu_dense_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, si
             q.bias = NULL;
         }
         if (!dw_done && (st = cu_gemm_run(g, &q, 1, err, en)) != MPSCY_OK) return st;
-        if (!db_done && (st = cu_bias_act_backward(g->side, NULL, db, dz, NULL, b, out, err, en)) != MPSCY_OK)
+        if (!db_done && (st = cu_bias_act_backward(g, g->side, NULL, db, dz, NULL, b, out, err, en)) != MPSCY_OK)
             return st;
     }
     if (!dx) return MPSCY_OK;
-    if (cu_gemm_small_wanted(g, b, in, out)) {
+    if (cu_gemm_small_wanted(g, B, in, out)) {
         /* dx (b, in) = dz W: A(m, k) = dz[m out + k], B(k, n) = W[k in + n] */
         int32_t k = masked_target(g, n);
         cu_small_gemm q = {dx, dz, w, b, in, out, out, 1, in, 1, in, NULL, 0, NULL, n->accum[0], NULL};

@@ -12,7 +12,7 @@
 
 #define BM 32
 #define BN 32
-#define BK 16
+#define KC 128             /* K per block: its whole slice is loaded in one round, one latency */
 
 struct sg_args {
     float *c;                  // (M, N) row-major, ldc
@@ -23,7 +23,6 @@ struct sg_args {
     float *rowsum;             // (M): sum over k of A(m, k), or NULL
     float *part;               // (S, M, N) then (S, M) partials when S > 1
     unsigned int *count;       // one per tile when S > 1
-    int64_t kchunk;
     int relu, accum, tf32;
 };
 
@@ -41,42 +40,42 @@ static __device__ __forceinline__ float epilogue(const sg_args &p, int64_t m, in
     return v;
 }
 
+/* A 32 x 32 tile of C over one K slice of at most KC: every load of the slice is issued before
+ * the one barrier, so a block waits for memory once; each thread then owns a 2 x 2 micro-tile. */
 __global__ void __launch_bounds__(256) gemm_small(sg_args p) {
-    __shared__ float As[BK][BM + 1];
-    __shared__ float Bs[BK][BN + 1];
+    __shared__ float As[KC][BM + 1];
+    __shared__ float Bs[KC][BN + 1];
     __shared__ bool last;
     const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
     const int64_t m0 = (int64_t)blockIdx.y * BM, n0 = (int64_t)blockIdx.x * BN;
-    const int64_t k0 = (int64_t)blockIdx.z * p.kchunk, k1 = min(p.k, k0 + p.kchunk);
+    const int64_t k0 = (int64_t)blockIdx.z * KC, k1 = min(p.k, k0 + KC);
+    const int kn = (int)(k1 - k0);
     const bool a_kfast = p.ak == 1, b_nfast = p.bn == 1;
     const bool want_rows = p.rowsum && blockIdx.x == 0;
-    float acc[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+    for (int e = tid; e < KC * BM; e += 256) {
+        int mm = a_kfast ? e / KC : e % BM, kk = a_kfast ? e % KC : e / BM;
+        int64_t gm = m0 + mm;
+        float v = gm < p.m && kk < kn ? p.a[gm * p.am + (k0 + kk) * p.ak] : 0.0f;
+        As[kk][mm] = p.tf32 ? tf32_round(v) : v;
+    }
+    for (int e = tid; e < KC * BN; e += 256) {
+        int nn = b_nfast ? e % BN : e / KC, kk = b_nfast ? e / BN : e % KC;
+        int64_t gn = n0 + nn;
+        float v = gn < p.n && kk < kn ? p.b[(k0 + kk) * p.bk + gn * p.bn] : 0.0f;
+        Bs[kk][nn] = p.tf32 ? tf32_round(v) : v;
+    }
     float rs = 0.0f;
-    for (int64_t kt = k0; kt < k1; kt += BK) {
-        for (int e = tid; e < BK * BM; e += 256) {
-            int mm = a_kfast ? e / BK : e % BM, kk = a_kfast ? e % BK : e / BM;
-            int64_t gm = m0 + mm, gk = kt + kk;
-            float v = gm < p.m && gk < k1 ? p.a[gm * p.am + gk * p.ak] : 0.0f;
-            As[kk][mm] = p.tf32 ? tf32_round(v) : v;
-        }
-        for (int e = tid; e < BK * BN; e += 256) {
-            int nn = b_nfast ? e % BN : e / BK, kk = b_nfast ? e / BN : e % BK;
-            int64_t gn = n0 + nn, gk = kt + kk;
-            float v = gn < p.n && gk < k1 ? p.b[gk * p.bk + gn * p.bn] : 0.0f;
-            Bs[kk][nn] = p.tf32 ? tf32_round(v) : v;
-        }
-        __syncthreads();
-        if (want_rows && tid < BM && m0 + tid < p.m)
-            for (int kk = 0; kk < BK && kt + kk < k1; kk++) rs += p.a[(m0 + tid) * p.am + (kt + kk) * p.ak];
-#pragma unroll
-        for (int kk = 0; kk < BK; kk++) {
-            float a0 = As[kk][ty], a1 = As[kk][ty + 16], b0 = Bs[kk][tx], b1 = Bs[kk][tx + 16];
-            acc[0][0] = fmaf(a0, b0, acc[0][0]);
-            acc[0][1] = fmaf(a0, b1, acc[0][1]);
-            acc[1][0] = fmaf(a1, b0, acc[1][0]);
-            acc[1][1] = fmaf(a1, b1, acc[1][1]);
-        }
-        __syncthreads();
+    if (want_rows && tid < BM && m0 + tid < p.m)  /* unrounded, straight from A */
+        for (int kk = 0; kk < kn; kk++) rs += p.a[(m0 + tid) * p.am + (k0 + kk) * p.ak];
+    __syncthreads();
+    float acc[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+#pragma unroll 8
+    for (int kk = 0; kk < kn; kk++) {
+        float a0 = As[kk][ty], a1 = As[kk][ty + 16], b0 = Bs[kk][tx], b1 = Bs[kk][tx + 16];
+        acc[0][0] = fmaf(a0, b0, acc[0][0]);
+        acc[0][1] = fmaf(a0, b1, acc[0][1]);
+        acc[1][0] = fmaf(a1, b0, acc[1][0]);
+        acc[1][1] = fmaf(a1, b1, acc[1][1]);
     }
     if (gridDim.z == 1) {
 #pragma unroll
@@ -89,7 +88,7 @@ __global__ void __launch_bounds__(256) gemm_small(sg_args p) {
         if (want_rows && tid < BM && m0 + tid < p.m) p.rowsum[m0 + tid] = rs;
         return;
     }
-    /* split K: store this split's partial tile; the last block of the tile finishes it */
+    /* split K: store this slice's partial tile; the last block of the tile finishes it */
     const int64_t mn = p.m * p.n;
     float *part = p.part + blockIdx.z * mn;
     for (int i = 0; i < 2; i++)
@@ -128,13 +127,11 @@ int cu_gemm_small_wanted(const cu_graph *g, int64_t m, int64_t n, int64_t k) {
     return (double)m * (double)n * (double)k <= (double)(1 << 25);
 }
 
-/* Floats (and tile counters) a product may use for its split-K partials at most. */
+/* Floats (and tile counters) a product's split-K partials need: K is cut in slices of KC. */
 void cu_gemm_small_need(int sms, int64_t m, int64_t n, int64_t k, int rows, int64_t *floats, int64_t *counters) {
-    int64_t tiles = ((m + BM - 1) / BM) * ((n + BN - 1) / BN), ksteps = (k + BK - 1) / BK;
-    int64_t s = (2 * sms + tiles - 1) / tiles;
-    if (s > ksteps) s = ksteps;
-    if (s > 64) s = 64;
-    *floats = s > 1 ? s * m * n + (rows ? s * m : 0) : 0;
+    (void)sms;
+    int64_t tiles = ((m + BM - 1) / BM) * ((n + BN - 1) / BN), s = (k + KC - 1) / KC;
+    *floats = s > 1 ? s * (m * n + (rows ? m : 0)) : 0;
     *counters = s > 1 ? tiles : 0;
 }
 
@@ -146,23 +143,15 @@ int cu_gemm_small(cu_graph *g, cudaStream_t st, const cu_small_gemm *q, char *er
     p.am = q->am; p.ak = q->ak; p.bk = q->bk; p.bn = q->bn; p.ldc = q->ldc;
     p.bias = q->bias; p.mask = q->mask; p.rowsum = q->rowsum;
     p.relu = q->relu; p.accum = q->accum; p.tf32 = g->plan.precision == MPSCY_PRECISION_TF32;
-    int64_t tm = (q->m + BM - 1) / BM, tn = (q->n + BN - 1) / BN, ksteps = (q->k + BK - 1) / BK;
-    int64_t floats, counters;
-    cu_gemm_small_need(g->dev->sms, q->m, q->n, q->k, q->rowsum != NULL, &floats, &counters);
-    const int64_t per = q->m * q->n + (q->rowsum ? q->m : 0);  /* floats of one split's partials */
-    int64_t s = floats > 0 ? floats / per : 1;
-    /* the split must fit what is left of the planned workspace */
-    while (s > 1 && (s * per > g->gws_floats - g->gws_used ||
-                     tm * tn > g->gcount_n - g->gcount_used))
-        s--;
-    if (s < 1) s = 1;
-    int64_t steps_per = (ksteps + s - 1) / s;
-    p.kchunk = steps_per * BK;
-    s = (q->k + p.kchunk - 1) / p.kchunk;
+    int64_t tm = (q->m + BM - 1) / BM, tn = (q->n + BN - 1) / BN, s = (q->k + KC - 1) / KC;
     if (s < 1) s = 1;
     if (s > 1) {
+        int64_t floats = s * (q->m * q->n + (q->rowsum ? q->m : 0));
+        if (floats > g->gws_floats - g->gws_used || tm * tn > g->gcount_n - g->gcount_used)
+            return MPSCY_FAIL(err, en, MPSCY_DEVICE, CU, "small GEMM workspace exhausted (%lld floats wanted)",
+                              (long long)floats);
         p.part = g->gws + g->gws_used;
-        g->gws_used += s * per;
+        g->gws_used += floats;
         p.count = g->gcount + g->gcount_used;
         g->gcount_used += tm * tn;
     }

@@ -156,6 +156,11 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
                 g->gws_floats += f;
                 g->gcount_n += c;
             }
+        if (node->flags & MPSCY_FLAG_BIAS) {  /* the bias gradient's column sums (activation.cu) */
+            cu_colsum_need(g->dev->sms, B, out, &f, &c);
+            g->gws_floats += f;
+            g->gcount_n += c;
+        }
     }
     g->tables_bytes = 2 * (size_t)p->n_nodes * sizeof(float *) + 2 * (size_t)p->n_nodes +
                       (size_t)(2 * p->n_inputs + 2) * sizeof(cu_buffer) + 16;

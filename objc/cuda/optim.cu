@@ -172,7 +172,6 @@ int cu_norm_and_update(cu_graph *g, int update, char *err, size_t en) {
                      p->optim.clip_grad_norm > 0, p->optim.clip_grad_value > 0 ? (float)p->optim.clip_grad_value : 0.0f};
     double clip = p->optim.clip_grad_norm;
     if (g->dev->coop) {
-        /* at most the co-resident blocks (two per multiprocessor fit any 256-thread kernel here) */
         cudaLaunchConfig_t cfg = {};
         cudaLaunchAttribute attr;
         attr.id = cudaLaunchAttributeCooperative;
@@ -181,7 +180,9 @@ int cu_norm_and_update(cu_graph *g, int update, char *err, size_t en) {
         if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, norm_update_kernel, CU_THREADS, 0) != cudaSuccess ||
             per_sm < 1)
             per_sm = 1;
-        cfg.gridDim = dim3(cu_blocks(n, CU_THREADS * 4, (per_sm < 2 ? per_sm : 2) * g->dev->sms));
+        /* enough threads for the update to keep memory busy, never more than fit at once */
+        int64_t most = (int64_t)(per_sm < 8 ? per_sm : 8) * g->dev->sms;
+        cfg.gridDim = dim3(cu_blocks(n, CU_THREADS * 4, most < CU_MAX_PARTS ? most : CU_MAX_PARTS));
         cfg.blockDim = dim3(CU_THREADS);
         cfg.stream = g->stream;
         cfg.attrs = &attr;
@@ -191,7 +192,8 @@ int cu_norm_and_update(cu_graph *g, int update, char *err, size_t en) {
                "norm_update (cooperative)");
         return CU_LAUNCHED("norm_update");
     }
-    grad_norm_kernel<<<cu_blocks(n, CU_THREADS * 8, 2 * g->dev->sms), CU_THREADS, 0, g->stream>>>(
+    grad_norm_kernel<<<cu_blocks(n, CU_THREADS * 8, CU_MAX_PARTS < 2 * g->dev->sms ? CU_MAX_PARTS : 2 * g->dev->sms),
+                       CU_THREADS, 0, g->stream>>>(
         g->scratch, g->result, g->grads, n, clip, update);
     int st = CU_LAUNCHED("grad_norm");
     if (st != MPSCY_OK || !update) return st;
