@@ -240,9 +240,9 @@ def test_kernel_paths_match_cpu(gemm, coop, monkeypatch, rng):
 
 
 @cuda_only
-def test_partial_batches_and_capture_cache(rng):
-    """Every distinct batch size gets its own captured graph (more sizes than the cache holds, so
-    some are evicted and captured again); rows beyond the batch never leak into a step."""
+def test_partial_batches_train_on_exactly_their_rows(rng):
+    """Full batches replay the captured graph, partial ones launch the same kernels over exactly
+    their rows; many sizes, interleaved: rows beyond the batch never leak into a step."""
     cpu, gpu = pair(LAYER_MODELS["dense_relu"][0], (12,), batch=32)
     rows = [32, 17, 32, 5, 1, 32, 9, 2, 3, 4, 6, 7, 8, 10, 11, 32]
     compare_training(cpu, gpu, rng, steps=2 * len(rows), rows=rows)

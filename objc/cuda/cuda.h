@@ -1,5 +1,5 @@
 /* cuda.h — internals of the CUDA backend: the graph object with its device slabs, pinned staging
- * and cache of captured CUDA graphs, the per-kind layer table, and the enqueue functions each
+ * and captured CUDA graphs (one per kind of step), the per-kind layer table, and the enqueue functions each
  * family file provides. Enqueue functions put kernels on a stream (they run inside a stream
  * capture) and return a status; none allocates. Only mpscy_cuda_backend (device.cu) is exported. */
 #ifndef MPSCY_CUDA_H
@@ -13,7 +13,6 @@
 
 #define CU "cuda"
 #define CU_MAX_PARTS 2048      /* partial sums of the loss and norm reductions */
-#define CU_CACHE 8             /* captured graphs kept per built graph (keyed by kind, batch) */
 #define CU_ALIGN 256
 #define CU_THREADS 256
 
@@ -56,13 +55,7 @@ typedef struct cu_result {
     int applied;
 } cu_result;
 
-enum { CU_KIND_TRAIN = 0, CU_KIND_EVAL = 1, CU_KIND_GRAD = 2, CU_KIND_PREDICT = 3 };
-
-typedef struct cu_exec {
-    cudaGraphExec_t exec;
-    int32_t kind, batch;
-    int64_t used;              /* last use, for eviction */
-} cu_exec;
+enum { CU_KIND_TRAIN = 0, CU_KIND_EVAL = 1, CU_KIND_GRAD = 2, CU_KIND_PREDICT = 3, CU_KINDS = 4 };
 
 /* io buffer heads: shared ones point into pinned staging, private ones at device memory */
 typedef struct cu_buffer {
@@ -104,8 +97,7 @@ typedef struct cu_graph {
     cudaStream_t stream, side; /* side: weight gradients, off the critical path */
     cudaEvent_t fork, join;
     int forked;                /* capture state: the side stream has work to join */
-    cu_exec cache[CU_CACHE];
-    int64_t tick;
+    cudaGraphExec_t exec[CU_KINDS];  /* the captured step of each kind at the built batch */
     /* own small GEMMs (gemm.cu): split-K partials and tile counters, handed out in capture order */
     float *gws;
     unsigned int *gcount;
@@ -137,6 +129,7 @@ int cu_tensor_write(mpscy_graph g, int32_t index, const void *src, size_t bytes,
 int cu_graph_step(mpscy_graph g, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t n);
 int cu_graph_predict(mpscy_graph g, const mpscy_step_args *a, char *err, size_t n);
 void cu_cache_clear(cu_graph *g);
+int cu_capture(cu_graph *g, int kind, char *err, size_t en);
 
 /* Device pointers to node n's tensor `slot` (0 weight / running_mean, 1 bias / running_var). */
 float *cu_tensor(cu_graph *g, const mpscy_node *n, int32_t role, int32_t slot);

@@ -257,6 +257,11 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
         cu_graph_destroy(&g->base);
         return FAIL(MPSCY_DEVICE, "initializing graph state: %s", cudaGetErrorString(e));
     }
+    for (int k = 0; k < CU_KINDS; k++)
+        if ((st = cu_capture(g, k, err, n)) != MPSCY_OK) {
+            cu_graph_destroy(&g->base);
+            return st;
+        }
     *out = &g->base;
     return MPSCY_OK;
 }

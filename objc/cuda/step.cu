@@ -1,8 +1,9 @@
-/* step.cu — a CUDA step is one graph launch and one synchronization. The first step of each
- * (kind, batch) records the whole step — staging copy, forward, loss, backward, norm, clip,
- * update, commit — into a CUDA graph, kept in a small cache; per-step values travel in the
- * pinned params block the graph copies first, so schedules never re-capture. Whether an update
- * is applied is decided on the device (the optimizer reads a flag), and the result comes back
+/* step.cu — a CUDA step is one graph launch and one synchronization. At build, each kind of
+ * step (train, eval, gradients, predict) is recorded at the built batch into a CUDA graph:
+ * staging copy, forward, loss, backward, norm, clip, update, commit. Per-step values travel in
+ * the pinned params block the graph copies first, so schedules never re-capture. A partial
+ * batch runs the same kernels launched directly over exactly its rows. Whether an update is
+ * applied is decided on the device (the optimizer reads a flag), and the result comes back
  * through pinned memory the kernels write. */
 #include "cuda.h"
 
@@ -72,38 +73,21 @@ static int enqueue(cu_graph *g, int kind, int64_t b, char *err, size_t en) {
 }
 
 void cu_cache_clear(cu_graph *g) {
-    for (int k = 0; k < CU_CACHE; k++)
-        if (g->cache[k].exec) {
-            cudaGraphExecDestroy(g->cache[k].exec);
+    for (int k = 0; k < CU_KINDS; k++)
+        if (g->exec[k]) {
+            cudaGraphExecDestroy(g->exec[k]);
             mpscy_count_free(&g->base.dev->stats, 0);
-            g->cache[k].exec = NULL;
+            g->exec[k] = NULL;
         }
 }
 
-/* The captured graph of (kind, b): from the cache, or recorded now (evicting the least recently
- * used). A capture counts as one allocation in the device's stats. */
-static int get_exec(cu_graph *g, int kind, int64_t b, cudaGraphExec_t *out, char *err, size_t en) {
-    int victim = 0;
-    g->tick++;
-    for (int k = 0; k < CU_CACHE; k++) {
-        cu_exec *c = &g->cache[k];
-        if (c->exec && c->kind == kind && c->batch == b) {
-            c->used = g->tick;
-            *out = c->exec;
-            return MPSCY_OK;
-        }
-        if (!c->exec || (g->cache[victim].exec && c->used < g->cache[victim].used)) victim = k;
-    }
-    cu_exec *c = &g->cache[victim];
-    if (c->exec) {
-        cudaGraphExecDestroy(c->exec);
-        mpscy_count_free(&g->base.dev->stats, 0);
-        c->exec = NULL;
-    }
+/* Records the step of `kind` at the built batch into a CUDA graph (at build: a capture counts
+ * as one allocation in the device's stats, and no step ever captures). */
+int cu_capture(cu_graph *g, int kind, char *err, size_t en) {
     g->gws_used = g->gcount_used = 0;
     memset(g->dz_ready, 0, (size_t)g->plan.n_nodes);
     CU_TRY(cudaStreamBeginCapture(g->stream, cudaStreamCaptureModeThreadLocal), "begin capture");
-    int st = enqueue(g, kind, b, err, en);
+    int st = enqueue(g, kind, g->plan.batch, err, en);
     if (st != MPSCY_OK && g->forked) cu_join(g, NULL, 0);
     cudaGraph_t graph = NULL;
     cudaError_t e = cudaStreamEndCapture(g->stream, &graph);
@@ -125,16 +109,25 @@ static int get_exec(cu_graph *g, int kind, int64_t b, cudaGraphExec_t *out, char
         return st;
     }
     mpscy_count_alloc(&g->base.dev->stats, 0);
-    c->exec = exec;
-    c->kind = kind;
-    c->batch = (int32_t)b;
-    c->used = g->tick;
-    *out = exec;
+    g->exec[kind] = exec;
     return MPSCY_OK;
 }
 
-static int run(cu_graph *g, cudaGraphExec_t exec, char *err, size_t en) {
-    CU_TRY(cudaGraphLaunch(exec, g->stream), "graph launch");
+/* A full batch is one launch of its graph; a partial batch (b < built) runs the same kernels
+ * launched one by one over exactly its rows, which allocates nothing (a new capture would). */
+static int launch(cu_graph *g, int kind, int64_t b, char *err, size_t en) {
+    if (b == g->plan.batch) {
+        CU_TRY(cudaGraphLaunch(g->exec[kind], g->stream), "graph launch");
+    } else {
+        g->gws_used = g->gcount_used = 0;
+        memset(g->dz_ready, 0, (size_t)g->plan.n_nodes);
+        int st = enqueue(g, kind, b, err, en);
+        if (st != MPSCY_OK && g->forked) cu_join(g, NULL, 0);
+        if (st != MPSCY_OK) {
+            cudaStreamSynchronize(g->stream);
+            return st;
+        }
+    }
     CU_TRY(cudaStreamSynchronize(g->stream), "step");
     return MPSCY_OK;
 }
@@ -157,10 +150,8 @@ int cu_graph_step(mpscy_graph gh, const mpscy_step_args *a, mpscy_step_result *r
     int kind = a->mode == MPSCY_MODE_TRAIN ? CU_KIND_TRAIN : a->mode == MPSCY_MODE_GRAD ? CU_KIND_GRAD : CU_KIND_EVAL;
     int64_t t = (int64_t)g->scalars[0] + 1;
     cu_optim_params(g, a, t, g->params_h);
-    cudaGraphExec_t exec;
-    int st = get_exec(g, kind, b, &exec, err, n);
+    int st = launch(g, kind, b, err, n);
     if (st != MPSCY_OK) return st;
-    if ((st = run(g, exec, err, n)) != MPSCY_OK) return st;
 
     const cu_result *res = g->result;
     memset(r, 0, sizeof *r);
@@ -181,8 +172,5 @@ int cu_graph_predict(mpscy_graph gh, const mpscy_step_args *a, char *err, size_t
     const mpscy_plan *p = &g->plan;
     if (a->batch < 1 || a->batch > p->batch)
         return FAIL(MPSCY_SHAPE, "batch of %d rows outside 1..%d (the built batch size)", a->batch, p->batch);
-    cudaGraphExec_t exec;
-    int st = get_exec(g, CU_KIND_PREDICT, a->batch, &exec, err, n);
-    if (st != MPSCY_OK) return st;
-    return run(g, exec, err, n);
+    return launch(g, CU_KIND_PREDICT, a->batch, err, n);
 }

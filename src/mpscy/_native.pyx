@@ -8,6 +8,7 @@ from cpython.mem cimport PyMem_Calloc, PyMem_Free
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset, strncpy
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+cimport cython
 
 from mpscy._abi cimport *
 
@@ -86,6 +87,9 @@ cdef class Device:
                 "calls": s.calls}
 
 
+# no_gc_clear: when the cycle collector frees a buffer or graph together with its device, it
+# must not drop the device reference first; __dealloc__ still needs the device alive.
+@cython.no_gc_clear
 cdef class Buffer:
     """A standalone native buffer (shared or private storage), copied through bytes."""
     cdef mpscy_buffer handle
@@ -165,6 +169,7 @@ cdef inline int64_t _now_ns() noexcept nogil:
 
 # ----------------------------------------------------------------------- graph
 
+@cython.no_gc_clear
 cdef class Graph:
     """A built graph: the model, its loss and optimizer, planned once on a device.
 
