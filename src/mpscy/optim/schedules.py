@@ -82,14 +82,18 @@ class Schedule:
     def load_state_dict(self, state):
         """Restores state_dict() output and re-applies the last learning rate (and momentum)
         to the engine, so that the next native step continues the schedule."""
-        if not isinstance(state, dict):
-            raise InvalidArgumentError(f"schedule state must be a dict, got {type(state).__name__}")
-        unknown = sorted(set(state) - set(vars(self)))
-        if unknown:
-            raise InvalidArgumentError(f"schedule state has keys {unknown} that {type(self).__name__} lacks")
+        self._check_state(state)
         vars(self).update(state)
         if self._last_lr is not None:
             self._apply(self._last_lr, self._last_momentum)
+
+    def _check_state(self, state):
+        if not isinstance(state, dict):
+            raise InvalidArgumentError(f"schedule state must be a dict, got {type(state).__name__}")
+        unknown = sorted(set(state) - set(vars(self)) - {"engine"})
+        if unknown or "engine" in state:
+            raise InvalidArgumentError(f"schedule state has keys {unknown or ['engine']} that "
+                                       f"{type(self).__name__} lacks")
 
     def __repr__(self):
         fields = ", ".join(f"{k}={v!r}" for k, v in self.state_dict().items() if not k.startswith("_"))
@@ -250,6 +254,7 @@ class LinearWarmup(Schedule):
         return state
 
     def load_state_dict(self, state):
+        self._check_state(state)
         state = dict(state)
         inner = state.pop("then", None)
         if (inner is None) != (self.then is None):
