@@ -192,3 +192,41 @@ def test_lbfgs_rejects_clipping_and_train_mode():
         e._graph.train_step(x, y)
     g = e.gradients(x, y)                      # gradients alone still work
     assert g["dense_0.weight"].shape == (10, 64)
+
+
+def test_interrupted_step_is_rolled_back(device):
+    """An exception raised between native calls (here from the line search) undoes the step;
+    a batch rejected before the first call leaves the previous step in place."""
+    x, y = digits_batches(256, 1)[0]
+
+    def engine():
+        return mpscy.Engine(mlp(), optimizer=optim.LBFGS(max_iter=4, history_size=3, line_search_fn="strong_wolfe"),
+                            batch_size=len(x), device=device, seed=6)
+
+    e, twin = engine(), engine()
+    for _ in range(2):
+        e.step(x, y)
+        twin.step(x, y)
+    with pytest.raises(mpscy.InvalidArgumentError, match="label"):
+        e.step(x, np.full_like(y, 10))
+    before = e.get_parameters()
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    e._lbfgs._eval = interrupted              # the line search's second evaluation never comes
+    calls0 = e.stats()["steps"]
+    with pytest.raises(KeyboardInterrupt):
+        for _ in range(5):                    # some steps may not need a second evaluation
+            e.step(x, y)
+            twin.step(x, y)
+            before = e.get_parameters()
+    assert e.stats()["steps"] > calls0
+    for k, v in before.items():
+        np.testing.assert_array_equal(e.get_parameters()[k], v)
+    del e._lbfgs._eval
+    for _ in range(3):
+        assert e.step(x, y).loss == twin.step(x, y).loss
+    for k, v in twin.get_parameters().items():
+        np.testing.assert_array_equal(e.get_parameters()[k], v)
+    assert e.get_optimizer_state()["n_iter"] == twin.get_optimizer_state()["n_iter"]

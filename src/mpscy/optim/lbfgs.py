@@ -66,12 +66,14 @@ class LBFGSDriver:
         g = self.graph
         rows = g.stage(x, y)
         self.calls = 0
+        self._begun = False
         try:
             return self._step(rows)
         except NonFiniteError:
             raise  # the native call already restored parameters and optimizer state
         except BaseException:
-            self._call(ROLLBACK, 0, 0, 0.0, 0.0)
+            if self._begun:     # only a step whose BEGIN call succeeded has something to undo
+                self._call(ROLLBACK, 0, 0, 0.0, 0.0)
             raise
 
     def _call(self, ops, reg, flat, t_prev, t):
@@ -85,6 +87,7 @@ class LBFGSDriver:
         max_iter, max_eval = o.max_iter, o.max_eval
 
         loss, correct, grad_norm, _, _, _, _, _, gmax, gsum = self._call(BEGIN | EVAL, 0, 0, 0.0, 0.0)
+        self._begun = True
         orig_loss = loss
         current_evals = 1
         st["func_evals"] += 1
