@@ -230,3 +230,17 @@ def test_interrupted_step_is_rolled_back(device):
     for k, v in twin.get_parameters().items():
         np.testing.assert_array_equal(e.get_parameters()[k], v)
     assert e.get_optimizer_state()["n_iter"] == twin.get_optimizer_state()["n_iter"]
+
+
+def test_lbfgs_steps_allocate_nothing_native(device):
+    x, y = digits_batches(128, 1)[0]
+    e = mpscy.Engine(mlp(), optimizer=optim.LBFGS(line_search_fn="strong_wolfe", history_size=3),
+                     batch_size=len(x), device=device, seed=0)
+    e.step(x, y)
+    before = e.stats()
+    for _ in range(5):
+        e.step(x, y)
+    after = e.stats()
+    assert after["steps"] - before["steps"] >= 10
+    assert (after["allocations"], after["frees"], after["bytes_in_use"]) == \
+        (before["allocations"], before["frees"], before["bytes_in_use"])

@@ -64,17 +64,21 @@ class LBFGSDriver:
         """One torch.optim.LBFGS.step on (x, y). Returns (orig_loss, correct, rows,
         grad_norm, applied). State changes only when the whole step succeeds."""
         g = self.graph
-        rows = g.stage(x, y)
-        self.calls = 0
-        self._begun = False
+        g.acquire()             # the whole step: other threads get StateError meanwhile
         try:
-            return self._step(rows)
-        except NonFiniteError:
-            raise  # the native call already restored parameters and optimizer state
-        except BaseException:
-            if self._begun:     # only a step whose BEGIN call succeeded has something to undo
-                self._call(ROLLBACK, 0, 0, 0.0, 0.0)
-            raise
+            rows = g.stage(x, y)
+            self.calls = 0
+            self._begun = False
+            try:
+                return self._step(rows)
+            except NonFiniteError:
+                raise  # the native call already restored parameters and optimizer state
+            except BaseException:
+                if self._begun:     # only a step whose BEGIN call succeeded has something to undo
+                    self._call(ROLLBACK, 0, 0, 0.0, 0.0)
+                raise
+        finally:
+            g.release()
 
     def _call(self, ops, reg, flat, t_prev, t):
         self.calls += 1
