@@ -2,6 +2,7 @@
 torch.optim.lr_scheduler when torch is installed), shown to change the native parameter updates
 exactly as setting the same rates by hand does, and resumable through state_dict()."""
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -270,3 +271,20 @@ def test_bad_arguments():
         S.LinearWarmup(e, 5, then=S.ReduceLROnPlateau(e))
     with pytest.raises(mpscy.InvalidArgumentError, match="total_steps"):
         S.OneCycleLR(e, max_lr=0.1)
+
+
+def test_warm_restarts_fractional_epochs_match_torch():
+    torch = pytest.importorskip("torch")
+    e = _engine()
+    s = S.CosineAnnealingWarmRestarts(e, T_0=5, T_mult=3, eta_min=0.01)
+    w = torch.zeros(1, requires_grad=True)
+    o = torch.optim.SGD([w], lr=BASE)
+    ts = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=5, T_mult=3, eta_min=0.01)
+    for epoch in np.arange(0, 60, 0.37):
+        s.step(float(epoch))
+        with warnings.catch_warnings():       # torch deprecates step(epoch); mpscy keeps it
+            warnings.simplefilter("ignore")
+            ts.step(float(epoch))
+        assert e.learning_rate == pytest.approx(o.param_groups[0]["lr"], rel=1e-12)
+    with pytest.raises(mpscy.InvalidArgumentError, match="epoch"):
+        s.step(-1.0)

@@ -47,8 +47,9 @@ void cpu_optim_update(cpu_graph *g, const mpscy_step_args *a) {
     int64_t n = p->n_params, t = (int64_t)g->scalars[0] + 1;
     mpscy_optim_coef c = mpscy_optim_coef_make(&p->optim, a, t);
     /* the kind's slots, in plan order; absent slots stay NULL */
-    float *w = g->params, *gr = g->grads, *s0 = g->optim;
-    float *s1 = p->n_vec_slots > 1 ? g->optim + n : NULL, *s2 = p->n_vec_slots > 2 ? g->optim + 2 * n : NULL;
+    float *w = g->params, *gr = g->grads, *s0 = g->optim + p->vec_offset[0];
+    float *s1 = p->n_vec_slots > 1 ? g->optim + p->vec_offset[1] : NULL;
+    float *s2 = p->n_vec_slots > 2 ? g->optim + p->vec_offset[2] : NULL;
     switch (p->optim.kind) {
     case MPSCY_OPTIM_SGD:
         for (int64_t i = 0; i < n; i++) mpscy_sgd_elem(&w[i], &s0[i], gr[i], &c);

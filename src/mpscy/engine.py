@@ -129,7 +129,7 @@ class Engine:
         self._tensors = self._graph.tensors()
         self._index = {t[0]: i for i, t in enumerate(self._tensors)}
         self._n_inputs = len(model.input_shapes)
-        self._lbfgs = LBFGSDriver(self._graph, optimizer) if isinstance(optimizer, _optim.LBFGS) else None
+        self._lbfgs = LBFGSDriver(optimizer) if isinstance(optimizer, _optim.LBFGS) else None
         self.set_parameters(model.init_parameters(self.seed))
 
     # ---------------------------------------------------------------- lifecycle
@@ -174,7 +174,7 @@ class Engine:
             raise StateError("this engine is closed")
         if self._lbfgs is not None:
             t0 = time.perf_counter_ns()
-            loss, correct, rows, grad_norm, moved = self._lbfgs.step(x, y)
+            loss, correct, rows, grad_norm, moved = self._lbfgs.step(g, x, y)
             return _native._make_result(loss, g.accuracy_of(correct, rows), rows,
                                         time.perf_counter_ns() - t0, moved, grad_norm)
         return g.train_step(x, y)
@@ -252,10 +252,7 @@ class Engine:
 
     @momentum.setter
     def momentum(self, value):
-        value = float(value)
-        if not value >= 0:
-            raise InvalidArgumentError(f"momentum must be >= 0, got {value}")
-        self._g().momentum = value
+        self._g().momentum = _optim._nonneg(value, "momentum")
 
     @property
     def betas(self):
@@ -276,10 +273,7 @@ class Engine:
 
     @weight_decay.setter
     def weight_decay(self, value):
-        value = float(value)
-        if not value >= 0:
-            raise InvalidArgumentError(f"weight_decay must be >= 0, got {value}")
-        self._g().weight_decay = value
+        self._g().weight_decay = _optim._nonneg(value, "weight_decay")
 
     # ---------------------------------------------------------------- parameters
     def get_parameters(self):

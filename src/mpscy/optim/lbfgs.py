@@ -51,20 +51,22 @@ class _Point:
 
 
 class LBFGSDriver:
-    """Runs L-BFGS steps on a native graph. `state` holds the scalars torch keeps in
-    LBFGS.state that the native side does not: func_evals, n_iter, t, prev_loss."""
+    """Runs L-BFGS steps on a native graph (given per step, so the driver never keeps it
+    alive). `state` holds the scalars torch keeps in LBFGS.state that the native side does
+    not: func_evals, n_iter, t, prev_loss."""
 
-    def __init__(self, graph, optimizer):
-        self.graph = graph
+    def __init__(self, optimizer):
+        self.graph = None
         self.opt = optimizer
         self.state = {"func_evals": 0, "n_iter": 0, "t": 0.0, "prev_loss": None}
         self.calls = 0          # native calls of the last step (evaluations + moves)
 
-    def step(self, x, y):
+    def step(self, graph, x, y):
         """One torch.optim.LBFGS.step on (x, y). Returns (orig_loss, correct, rows,
         grad_norm, applied). State changes only when the whole step succeeds."""
-        g = self.graph
+        g = graph
         g.acquire()             # the whole step: other threads get StateError meanwhile
+        self.graph = g
         try:
             rows = g.stage(x, y)
             self.calls = 0
@@ -78,6 +80,7 @@ class LBFGSDriver:
                     self._call(ROLLBACK, 0, 0, 0.0, 0.0)
                 raise
         finally:
+            self.graph = None
             g.release()
 
     def _call(self, ops, reg, flat, t_prev, t):
