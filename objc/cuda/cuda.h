@@ -44,6 +44,9 @@ typedef struct cu_scratch {
     int applied;               /* 1: this step's update is applied (finite, TRAIN) */
     float clip_scale;          /* clip_grad_norm coefficient when < 1, else 1 */
     double loss;               /* the step's mean loss */
+    unsigned int red_count;    /* L-BFGS reductions (lbfgs.cu) */
+    double red_part[CU_MAX_PARTS];
+    double coef[2];            /* L-BFGS two-loop coefficient being computed */
 } cu_scratch;
 
 /* What a step reports; kernels write it into pinned, device-mapped host memory. */
@@ -53,6 +56,7 @@ typedef struct cu_result {
     long long correct;
     int finite;
     int applied;
+    double red[8];             /* L-BFGS: reductions read by the host */
 } cu_result;
 
 enum { CU_KIND_TRAIN = 0, CU_KIND_EVAL = 1, CU_KIND_GRAD = 2, CU_KIND_PREDICT = 3, CU_KINDS = 4 };
@@ -74,8 +78,9 @@ typedef struct cu_graph {
     /* device slabs, one allocation per role */
     float *params;             /* (n_params + n_buffers) */
     float *grads;              /* (n_params) */
-    float *optim;              /* (n_vec_slots, n_params) */
-    double scalars[4];         /* optimizer scalars on the host; scalars[0] = step count */
+    float *optim;              /* (optim_floats): the optimizer's slots (and L-BFGS scratch) */
+    double scalars[MPSCY_MAX_SCALARS]; /* optimizer scalars on the host; scalars[0] = step count */
+    double mu_next;            /* NAdam: mu_product after the step in flight */
     float *act, *dact, *save;
     float *ws;                 /* layer workspace */
     int64_t ws_floats;
@@ -189,6 +194,11 @@ int cu_coop_probe(cu_device *d);
 int cu_optim_supported(int32_t kind);
 /* the host-side coefficients of the next step (step number t) */
 void cu_optim_params(cu_graph *g, const mpscy_step_args *a, int64_t t, cu_params *out);
+void cu_optim_applied(cu_graph *g, int64_t t);  /* after a step the device applied */
+/* lbfgs.cu: one MPSCY_MODE_LBFGS call (see mpscy.h) */
+int cu_lbfgs_step(cu_graph *g, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t n);
+/* step.cu: forward, loss and backward of the staged batch (the GRAD step), synchronized */
+int cu_forward_backward(cu_graph *g, int64_t b, mpscy_step_result *r, char *err, size_t n);
 
 /* Side stream: fork from the main stream before enqueueing off-critical-path work. */
 int cu_fork(cu_graph *g, char *err, size_t en);

@@ -44,7 +44,7 @@ void cu_graph_destroy(mpscy_graph gh) {
     if (g->join) cudaEventDestroy(g->join);
     cu_dev_free(dev, g->params, slab_bytes(p->n_params + p->n_buffers));
     cu_dev_free(dev, g->grads, slab_bytes(p->n_params));
-    cu_dev_free(dev, g->optim, slab_bytes((int64_t)p->n_vec_slots * p->n_params));
+    cu_dev_free(dev, g->optim, slab_bytes(p->optim_floats));
     cu_dev_free(dev, g->act, slab_bytes(p->act_floats));
     cu_dev_free(dev, g->dact, slab_bytes(p->grad_floats));
     cu_dev_free(dev, g->save, slab_bytes(p->save_floats));
@@ -170,7 +170,7 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
 #define PIN(ptr, bytes) if (st == MPSCY_OK) st = cu_pinned_alloc(dev, (void **)&(ptr), (bytes))
     DEV(g->params, slab_bytes(p->n_params + p->n_buffers));
     DEV(g->grads, slab_bytes(p->n_params));
-    DEV(g->optim, slab_bytes((int64_t)p->n_vec_slots * p->n_params));
+    DEV(g->optim, slab_bytes(p->optim_floats));
     DEV(g->act, slab_bytes(p->act_floats));
     DEV(g->dact, slab_bytes(p->grad_floats));
     DEV(g->save, slab_bytes(p->save_floats));
@@ -251,14 +251,14 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
             cu_fill(g->stream, g->params + p->tensors[t].info.offset, p->tensors[t].info.count, 1.0f);
     if (p->optim.kind == MPSCY_OPTIM_NADAM) g->scalars[1] = 1.0;  /* mu_product */
     if (p->optim.kind == MPSCY_OPTIM_ADAGRAD)
-        cu_fill(g->stream, g->optim, p->n_params, (float)p->optim.initial_accumulator_value);
+        cu_fill(g->stream, g->optim + p->vec_offset[0], p->n_params, (float)p->optim.initial_accumulator_value);
     cudaError_t e = cudaStreamSynchronize(g->stream);
     if (e != cudaSuccess) {
         cu_graph_destroy(&g->base);
         return FAIL(MPSCY_DEVICE, "initializing graph state: %s", cudaGetErrorString(e));
     }
     for (int k = 0; k < CU_KINDS; k++)
-        if ((st = cu_capture(g, k, err, n)) != MPSCY_OK) {
+        if (!(k == CU_KIND_TRAIN && p->optim.kind == MPSCY_OPTIM_LBFGS) && (st = cu_capture(g, k, err, n)) != MPSCY_OK) {
             cu_graph_destroy(&g->base);
             return st;
         }

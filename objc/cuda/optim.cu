@@ -41,14 +41,14 @@ static __device__ double sum_squares(const float *grads, int64_t n) {
 }
 
 struct update_args {
-    float *w, *grads, *s0, *s1, *s2;   // (n) each: parameters, gradients, optimizer slots
+    float *w, *grads, *s0, *s1, *s2;   // (n) each: parameters, gradients, optimizer slots (or NULL)
     int64_t n;
-    int kind, clip_norm;
+    int kind, decoupled, clip_norm;
     float clip_value;
 };
 
 /* One pass over the slab: clip (norm coefficient, then value; the clipped gradient is stored
- * back, as on the cpu), then the element rule. */
+ * back, as on the cpu), then the kind's element rule. */
 static __device__ void update_slab(const update_args &u, const cu_params *P, float cs) {
     const mpscy_optim_coef c = P->coef;
     const int clipped = u.clip_norm || u.clip_value > 0.0f;
@@ -61,9 +61,12 @@ static __device__ void update_slab(const update_args &u, const cu_params *P, flo
         case MPSCY_OPTIM_SGD: mpscy_sgd_elem(&u.w[i], &u.s0[i], g, &c); break;
         case MPSCY_OPTIM_ADAM:
         case MPSCY_OPTIM_ADAMW:
-            mpscy_adam_elem(&u.w[i], &u.s0[i], &u.s1[i], (c.flags & MPSCY_OPTIM_AMSGRAD) ? &u.s2[i] : NULL, g, &c,
-                            u.kind == MPSCY_OPTIM_ADAMW);
+            mpscy_adam_elem(&u.w[i], &u.s0[i], &u.s1[i], u.s2 ? &u.s2[i] : NULL, g, &c, u.decoupled);
             break;
+        case MPSCY_OPTIM_RMSPROP: mpscy_rmsprop_elem(&u.w[i], &u.s0[i], &u.s1[i], u.s2 ? &u.s2[i] : NULL, g, &c); break;
+        case MPSCY_OPTIM_ADAGRAD: mpscy_adagrad_elem(&u.w[i], &u.s0[i], g, &c); break;
+        case MPSCY_OPTIM_ADADELTA: mpscy_adadelta_elem(&u.w[i], &u.s0[i], &u.s1[i], g, &c); break;
+        case MPSCY_OPTIM_NADAM: mpscy_nadam_elem(&u.w[i], &u.s0[i], &u.s1[i], g, &c); break;
         }
     }
 }
@@ -156,19 +159,34 @@ int cu_coop_probe(cu_device *d) {
 }
 
 int cu_optim_supported(int32_t kind) {
-    return kind == MPSCY_OPTIM_SGD || kind == MPSCY_OPTIM_ADAM || kind == MPSCY_OPTIM_ADAMW;
+    return kind >= MPSCY_OPTIM_SGD && kind <= MPSCY_OPTIM_LBFGS;
 }
 
+/* Step t's coefficients, computed on the host exactly as the cpu does; NAdam's running
+ * mu_product is kept aside and committed only when the device applied the step. */
 void cu_optim_params(cu_graph *g, const mpscy_step_args *a, int64_t t, cu_params *out) {
     out->coef = mpscy_optim_coef_make(&g->plan.optim, a, t);
+    if (g->plan.optim.kind == MPSCY_OPTIM_NADAM) {
+        g->mu_next = g->scalars[1];
+        mpscy_nadam_coef(&out->coef, &g->plan.optim, a, t, &g->mu_next);
+    }
     out->seed = a->seed;
     out->counter = a->counter;
+}
+
+void cu_optim_applied(cu_graph *g, int64_t t) {
+    g->scalars[0] = (double)t;
+    if (g->plan.optim.kind == MPSCY_OPTIM_NADAM) g->scalars[1] = g->mu_next;
 }
 
 int cu_norm_and_update(cu_graph *g, int update, char *err, size_t en) {
     const mpscy_plan *p = &g->plan;
     int64_t n = p->n_params;
-    update_args u = {g->params, g->grads, g->optim, g->optim + n, g->optim + 2 * n, n, p->optim.kind,
+    float *slot[3] = {NULL, NULL, NULL};
+    for (int k = 0; k < 3 && k < p->n_vec_slots && p->optim.kind != MPSCY_OPTIM_LBFGS; k++)
+        slot[k] = g->optim + p->vec_offset[k];
+    update_args u = {g->params, g->grads, slot[0], slot[1], slot[2], n, p->optim.kind,
+                     p->optim.kind == MPSCY_OPTIM_ADAMW || (p->optim.flags & MPSCY_OPTIM_DECOUPLED_WD) != 0,
                      p->optim.clip_grad_norm > 0, p->optim.clip_grad_value > 0 ? (float)p->optim.clip_grad_value : 0.0f};
     double clip = p->optim.clip_grad_norm;
     if (g->dev->coop) {

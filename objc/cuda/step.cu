@@ -132,13 +132,30 @@ static int launch(cu_graph *g, int kind, int64_t b, char *err, size_t en) {
     return MPSCY_OK;
 }
 
+int cu_forward_backward(cu_graph *g, int64_t b, mpscy_step_result *r, char *err, size_t n) {
+    int st = launch(g, CU_KIND_GRAD, b, err, n);
+    if (st != MPSCY_OK) return st;
+    const cu_result *res = g->result;
+    r->loss = res->loss;
+    r->correct = res->correct;
+    r->grad_norm = res->grad_norm;
+    r->finite = res->finite;
+    return MPSCY_OK;
+}
+
 int cu_graph_step(mpscy_graph gh, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t n) {
     cu_graph *g = (cu_graph *)gh;
     const mpscy_plan *p = &g->plan;
     if (a->batch < 1 || a->batch > p->batch)
         return FAIL(MPSCY_SHAPE, "batch of %d rows outside 1..%d (the built batch size)", a->batch, p->batch);
-    if (a->mode != MPSCY_MODE_TRAIN && a->mode != MPSCY_MODE_EVAL && a->mode != MPSCY_MODE_GRAD)
+    if (a->mode != MPSCY_MODE_TRAIN && a->mode != MPSCY_MODE_EVAL && a->mode != MPSCY_MODE_GRAD &&
+        a->mode != MPSCY_MODE_LBFGS)
         return FAIL(MPSCY_INVALID, "unknown step mode %d", a->mode);
+    int lbfgs = p->optim.kind == MPSCY_OPTIM_LBFGS;
+    if (lbfgs && a->mode == MPSCY_MODE_TRAIN)
+        return FAIL(MPSCY_INVALID, "an LBFGS step is a sequence of MPSCY_MODE_LBFGS calls, not one TRAIN call");
+    if (!lbfgs && a->mode == MPSCY_MODE_LBFGS)
+        return FAIL(MPSCY_INVALID, "MPSCY_MODE_LBFGS needs a graph built with the LBFGS optimizer");
     int64_t b = a->batch;
     if (p->target == MPSCY_TARGET_INDEX) {
         const int32_t *labels = (const int32_t *)(g->stage_h + g->off_target);
@@ -147,6 +164,8 @@ int cu_graph_step(mpscy_graph gh, const mpscy_step_args *a, mpscy_step_result *r
                 return FAIL(MPSCY_INVALID, "label %d at row %lld outside [0, %lld)", labels[i], (long long)i,
                             (long long)p->out_size);
     }
+    memset(r, 0, sizeof *r);
+    if (a->mode == MPSCY_MODE_LBFGS) return cu_lbfgs_step(g, a, r, err, n);
     int kind = a->mode == MPSCY_MODE_TRAIN ? CU_KIND_TRAIN : a->mode == MPSCY_MODE_GRAD ? CU_KIND_GRAD : CU_KIND_EVAL;
     int64_t t = (int64_t)g->scalars[0] + 1;
     cu_optim_params(g, a, t, g->params_h);
@@ -154,7 +173,6 @@ int cu_graph_step(mpscy_graph gh, const mpscy_step_args *a, mpscy_step_result *r
     if (st != MPSCY_OK) return st;
 
     const cu_result *res = g->result;
-    memset(r, 0, sizeof *r);
     r->loss = res->loss;
     r->correct = res->correct;
     r->grad_norm = res->grad_norm;
@@ -163,7 +181,7 @@ int cu_graph_step(mpscy_graph gh, const mpscy_step_args *a, mpscy_step_result *r
     if (kind == CU_KIND_EVAL) return MPSCY_OK;
     if (!r->finite)
         return FAIL(MPSCY_NONFINITE, "loss %g, gradient norm %g: not finite, update skipped", r->loss, r->grad_norm);
-    if (r->applied) g->scalars[0] = (double)t;
+    if (r->applied) cu_optim_applied(g, t);
     return MPSCY_OK;
 }
 
