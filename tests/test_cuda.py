@@ -230,10 +230,12 @@ def test_clipping_matches_cpu(clip, rng):
 @pytest.mark.parametrize("gemm", ["own", "cublas", "auto"])
 @pytest.mark.parametrize("coop", ["1", "0"])
 def test_kernel_paths_match_cpu(gemm, coop, monkeypatch, rng):
-    """Both GEMM paths (mpscy's own fused kernel, cuBLASLt) and both norm+update forms (one
-    cooperative kernel, two kernels) give the cpu's results; "auto" mixes them by size."""
+    """Both GEMM paths (mpscy's own fused kernel, cuBLASLt), both norm+update forms (one
+    cooperative kernel, two kernels) and launches with or without programmatic dependent launch
+    give the cpu's results; "auto" mixes the GEMM paths by size."""
     monkeypatch.setenv("MPSCY_CUDA_GEMM", gemm)
     monkeypatch.setenv("MPSCY_CUDA_COOP", coop)
+    monkeypatch.setenv("MPSCY_CUDA_PDL", coop)
     for name in ("dense_relu", "odd_sizes", "dense_nobias_relu", "flatten"):
         build, shape = LAYER_MODELS[name]
         cpu, gpu = pair(build, shape, clip_grad_norm=0.5)

@@ -11,6 +11,7 @@ static unsigned grid_for(int64_t n) { return cu_blocks(n, CU_THREADS, 8192); }
 
 __global__ void activation_forward(float *y, const float *x, int64_t n, int kind, float r0, int approx) {
     // y (n), x (n)
+    cu_pdl_enter();
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
         float v = x[i], r;
         switch (kind) {
@@ -35,6 +36,7 @@ __global__ void activation_forward(float *y, const float *x, int64_t n, int kind
 __global__ void activation_backward(float *dx, const float *dy, const float *x, const float *y, int64_t n,
                                     int kind, float r0, int approx, int accum) {
     // dx (n), dy (n), x (n) input, y (n) output
+    cu_pdl_enter();
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
         float d, g = dy[i];
         switch (kind) {
@@ -68,6 +70,7 @@ __global__ void activation_backward(float *dx, const float *dy, const float *x, 
 /* Softmax over the middle axis of (outer, len, inner) blocks: one thread per (outer, inner). */
 __global__ void softmax_forward(float *y, const float *x, int64_t outer, int64_t len, int64_t inner) {
     // y, x (outer, len, inner)
+    cu_pdl_enter();
     int64_t r = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
     if (r >= outer * inner) return;
     int64_t base = (r / inner) * len * inner + r % inner;
@@ -84,6 +87,7 @@ __global__ void softmax_forward(float *y, const float *x, int64_t outer, int64_t
 __global__ void softmax_backward(float *dx, const float *dy, const float *y, int64_t outer, int64_t len,
                                  int64_t inner, int accum) {
     // dx, dy, y (outer, len, inner)
+    cu_pdl_enter();
     int64_t r = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
     if (r >= outer * inner) return;
     int64_t base = (r / inner) * len * inner + r % inner;
@@ -98,12 +102,14 @@ __global__ void softmax_backward(float *dx, const float *dy, const float *y, int
 
 __global__ void copy_forward(float *dx, const float *dy, int64_t n, int accum) {
     // dx (n), dy (n)
+    cu_pdl_enter();
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
         dx[i] = accum ? dx[i] + dy[i] : dy[i];
 }
 
 __global__ void bias_act_forward(float *y, const float *bias, int64_t rows, int64_t cols, int relu) {
     // y (rows, cols) in place, bias (cols) or NULL
+    cu_pdl_enter();
     int64_t n = rows * cols;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
         float v = y[i] + (bias ? bias[i % cols] : 0.0f);
@@ -117,6 +123,7 @@ __global__ void bias_act_forward(float *y, const float *bias, int64_t rows, int6
 __global__ void bias_act_backward(float *dz, float *db, const float *dy, const float *ymask, int64_t rows,
                                   int64_t cols, int64_t rchunk, float *part, unsigned int *count) {
     // dz (rows, cols) or NULL, db (cols) or NULL, dy (rows, cols), ymask (rows, cols) or NULL
+    cu_pdl_enter();
     __shared__ float lanes[8][33];
     __shared__ bool last;
     int64_t c = blockIdx.x * 32 + threadIdx.x;
@@ -169,9 +176,10 @@ void cu_colsum_need(int sms, int64_t rows, int64_t cols, int64_t *floats, int64_
     *counters = r > 1 ? (cols + 31) / 32 : 0;
 }
 
-int cu_bias_act_forward(cudaStream_t s, float *y, const float *bias, int64_t rows, int64_t cols, int relu,
-                        char *err, size_t en) {
-    bias_act_forward<<<grid_for(rows * cols), CU_THREADS, 0, s>>>(y, bias, rows, cols, relu);
+int cu_bias_act_forward(cu_graph *g, cudaStream_t s, float *y, const float *bias, int64_t rows, int64_t cols,
+                        int relu, char *err, size_t en) {
+    CU_TRY(cu_launch(g, bias_act_forward, grid_for(rows * cols), CU_THREADS, s, y, bias, rows, cols, relu),
+           "bias_act_forward");
     return CU_LAUNCHED("bias_act_forward");
 }
 
@@ -189,8 +197,9 @@ int cu_bias_act_backward(cu_graph *g, cudaStream_t s, float *dz, float *db, cons
         g->gcount_used += tiles;
     }
     int64_t rchunk = (rows + r - 1) / r;
-    bias_act_backward<<<dim3((unsigned)tiles, (unsigned)r), dim3(32, 8), 0, s>>>(dz, db, dy, ymask, rows, cols, rchunk,
-                                                                                part, count);
+    CU_TRY(cu_launch(g, bias_act_backward, dim3((unsigned)tiles, (unsigned)r), dim3(32, 8), s, dz, db, dy, ymask, rows,
+                     cols, rchunk, part, count),
+           "bias_act_backward");
     return CU_LAUNCHED("bias_act_backward");
 }
 
@@ -212,10 +221,13 @@ int cu_activation_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train
     if (n->kind == MPSCY_LAYER_SOFTMAX) {
         int64_t outer, len, inner;
         axis_split(n, b, &outer, &len, &inner);
-        softmax_forward<<<cu_blocks(outer * inner, 128, 1 << 30), 128, 0, g->stream>>>(y, x, outer, len, inner);
+        CU_TRY(cu_launch(g, softmax_forward, cu_blocks(outer * inner, 128, 1 << 30), 128, g->stream, y, x, outer, len, inner),
+               "softmax_forward");
         return CU_LAUNCHED("softmax_forward");
     }
-    activation_forward<<<grid_for(count), CU_THREADS, 0, g->stream>>>(y, x, count, n->kind, (float)n->reals[0], n->ints[0]);
+    CU_TRY(cu_launch(g, activation_forward, grid_for(count), CU_THREADS, g->stream, y, x, count, (int)n->kind,
+                     (float)n->reals[0], (int)n->ints[0]),
+           "activation_forward");
     return CU_LAUNCHED("activation_forward");
 }
 
@@ -228,12 +240,14 @@ int cu_activation_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *er
     if (n->kind == MPSCY_LAYER_SOFTMAX) {
         int64_t outer, len, inner;
         axis_split(n, b, &outer, &len, &inner);
-        softmax_backward<<<cu_blocks(outer * inner, 128, 1 << 30), 128, 0, g->stream>>>(dx, dy, y, outer, len, inner,
-                                                                                    n->accum[0]);
+        CU_TRY(cu_launch(g, softmax_backward, cu_blocks(outer * inner, 128, 1 << 30), 128, g->stream, dx, dy, y, outer, len,
+                         inner, (int)n->accum[0]),
+               "softmax_backward");
         return CU_LAUNCHED("softmax_backward");
     }
-    activation_backward<<<grid_for(count), CU_THREADS, 0, g->stream>>>(dx, dy, x, y, count, n->kind, (float)n->reals[0],
-                                                                       n->ints[0], n->accum[0]);
+    CU_TRY(cu_launch(g, activation_backward, grid_for(count), CU_THREADS, g->stream, dx, dy, x, y, count, (int)n->kind,
+                     (float)n->reals[0], (int)n->ints[0], (int)n->accum[0]),
+           "activation_backward");
     return CU_LAUNCHED("activation_backward");
 }
 
@@ -246,6 +260,7 @@ int cu_flatten_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, 
     float *dx = g->dy[n->in[0]];
     const float *dy = g->dy[cu_node_index(g, n)];
     if (!dx || dx == dy) return MPSCY_OK;  /* aliased when the Flatten is its input's only consumer */
-    copy_forward<<<grid_for(b * n->size), CU_THREADS, 0, g->stream>>>(dx, dy, b * n->size, n->accum[0]);
+    CU_TRY(cu_launch(g, copy_forward, grid_for(b * n->size), CU_THREADS, g->stream, dx, dy, b * n->size, (int)n->accum[0]),
+           "flatten_backward");
     return CU_LAUNCHED("flatten_backward");
 }

@@ -24,6 +24,7 @@ typedef struct cu_device {
     int sms;                   /* multiprocessors */
     struct cu_lt *lt;          /* cuBLASLt handle */
     int coop;                  /* cooperative kernels can be captured in graphs here */
+    int pdl;                   /* programmatic dependent launch works in captured graphs here */
     cudaDeviceProp prop;
 } cu_device;
 
@@ -178,8 +179,8 @@ void cu_gemm_small_need(int sms, int64_t m, int64_t n, int64_t k, int rows, int6
 int cu_gemm_small(cu_graph *g, cudaStream_t s, const cu_small_gemm *q, char *err, size_t en);
 
 /* activation.cu helpers shared with dense.cu */
-int cu_bias_act_forward(cudaStream_t s, float *y, const float *bias, int64_t rows, int64_t cols, int relu,
-                        char *err, size_t en);
+int cu_bias_act_forward(cu_graph *g, cudaStream_t s, float *y, const float *bias, int64_t rows, int64_t cols,
+                        int relu, char *err, size_t en);
 int cu_bias_act_backward(cu_graph *g, cudaStream_t s, float *dz, float *db, const float *dy, const float *ymask,
                          int64_t rows, int64_t cols, char *err, size_t en);
 void cu_colsum_need(int sms, int64_t rows, int64_t cols, int64_t *floats, int64_t *counters);
@@ -191,6 +192,7 @@ int cu_loss(cu_graph *g, float *dy, int64_t b, int finalize, char *err, size_t e
  * one cooperative kernel where the device captures them, else two. update = 0: norm only. */
 int cu_norm_and_update(cu_graph *g, int update, char *err, size_t en);
 int cu_coop_probe(cu_device *d);
+int cu_pdl_probe(cu_device *d);
 int cu_optim_supported(int32_t kind);
 /* the host-side coefficients of the next step (step number t) */
 void cu_optim_params(cu_graph *g, const mpscy_step_args *a, int64_t t, cu_params *out);
@@ -214,6 +216,35 @@ int cu_check_launch(char *err, size_t en, const char *what, const char *func, in
             return MPSCY_FAIL(err, en, e_ == cudaErrorMemoryAllocation ? MPSCY_OOM : MPSCY_DEVICE, \
                               CU, "%s: %s", (what), cudaGetErrorString(e_));                  \
     } while (0)
+
+/* Programmatic dependent launch (Hopper): a kernel launched with cu_launch may start while the
+ * previous one finishes; it lets its own dependents start early, then waits until everything
+ * before it is complete and visible. Both are no-ops elsewhere. Every kernel begins with it. */
+#if defined(__CUDACC__)
+static __device__ __forceinline__ void cu_pdl_enter() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+#endif
+
+template <typename... K, typename... A>
+static inline cudaError_t cu_launch(const cu_graph *g, void (*kernel)(K...), dim3 grid, dim3 block, cudaStream_t s,
+                                    A... args) {
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute at;
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.stream = s;
+    if (g->dev->pdl) {
+        at.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        at.val.programmaticStreamSerializationAllowed = 1;
+        cfg.attrs = &at;
+        cfg.numAttrs = 1;
+    }
+    return cudaLaunchKernelEx(&cfg, kernel, args...);
+}
 
 static inline unsigned cu_blocks(int64_t n, int64_t per, int64_t cap) {
     int64_t b = (n + per - 1) / per;

@@ -43,7 +43,7 @@ int cu_dense_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, cha
     }
     if (st != MPSCY_OK) return st;
     if (!bias && !relu) return MPSCY_OK;
-    return cu_bias_act_forward(g->stream, y, bias, b, out, relu, err, en);
+    return cu_bias_act_forward(g, g->stream, y, bias, b, out, relu, err, en);
 }
 
 /* When this Dense reads a ReLU fused into the Dense below it and is that ReLU's only reader,

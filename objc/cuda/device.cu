@@ -106,6 +106,8 @@ static int cu_device_create(const mpscy_backend *vt, mpscy_device *out, char *er
     d->lt = lt;
     const char *coop = getenv("MPSCY_CUDA_COOP");  /* a debugging knob: 0 turns cooperative kernels off */
     d->coop = coop && coop[0] == '0' ? 0 : cu_coop_probe(d);
+    const char *pdl = getenv("MPSCY_CUDA_PDL");    /* a debugging knob: 0 turns dependent launch off */
+    d->pdl = pdl && pdl[0] == '0' ? 0 : cu_pdl_probe(d);
     *out = &d->base;
     return MPSCY_OK;
 }
@@ -121,8 +123,8 @@ static int cu_device_info(mpscy_device dev, mpscy_device_info *out, char *err, s
     (void)err; (void)n;
     const cu_device *d = (const cu_device *)dev;
     snprintf(out->backend, sizeof out->backend, "cuda");
-    snprintf(out->name, sizeof out->name, "%.80s (sm_%d%d, cuBLASLt %zu)", d->prop.name, d->prop.major,
-             d->prop.minor, d->lt->api->version());
+    snprintf(out->name, sizeof out->name, "%.80s (sm_%d%d, cuBLASLt %zu%s%s)", d->prop.name, d->prop.major,
+             d->prop.minor, d->lt->api->version(), d->coop ? ", cooperative" : "", d->pdl ? ", PDL" : "");
     out->unified_memory = d->prop.integrated ? 1 : 0;
     out->threads = d->sms;
     out->memory_bytes = (int64_t)d->prop.totalGlobalMem;

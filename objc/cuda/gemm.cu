@@ -46,6 +46,7 @@ __global__ void __launch_bounds__(256) gemm_small(sg_args p) {
     __shared__ float As[KC][BM + 1];
     __shared__ float Bs[KC][BN + 1];
     __shared__ bool last;
+    cu_pdl_enter();
     const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
     const int64_t m0 = (int64_t)blockIdx.y * BM, n0 = (int64_t)blockIdx.x * BN;
     const int64_t k0 = (int64_t)blockIdx.z * KC, k1 = min(p.k, k0 + KC);
@@ -156,6 +157,6 @@ int cu_gemm_small(cu_graph *g, cudaStream_t st, const cu_small_gemm *q, char *er
         g->gcount_used += tm * tn;
     }
     dim3 grid((unsigned)tn, (unsigned)tm, (unsigned)s);
-    gemm_small<<<grid, 256, 0, st>>>(p);
+    CU_TRY(cu_launch(g, gemm_small, grid, dim3(256), st, p), "gemm_small");
     return CU_LAUNCHED("gemm_small");
 }

@@ -38,6 +38,7 @@ static __device__ int64_t warp_argmax(const float *x, int64_t c, int lane) {
 __global__ void loss_forward_backward(cu_scratch *S, cu_result *R, float *dy, const float *y, const void *target,
                                       loss_args a) {
     // dy (b, c) or NULL, y (b, c), target: int32 (b) labels or float (b, c)
+    cu_pdl_enter();
     const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
     const int32_t *labels = a.index_target ? (const int32_t *)target : NULL;
     const float *t = a.index_target ? NULL : (const float *)target;
@@ -175,6 +176,8 @@ int cu_loss(cu_graph *g, float *dy, int64_t b, int finalize, char *err, size_t e
     a.finalize = finalize;
     const void *target = g->stage_d + g->off_target;
     unsigned blocks = cu_blocks(b, CU_THREADS / 32, CU_MAX_PARTS);
-    loss_forward_backward<<<blocks, CU_THREADS, 0, g->stream>>>(g->scratch, g->result, dy, g->y[p->output], target, a);
+    CU_TRY(cu_launch(g, loss_forward_backward, blocks, CU_THREADS, g->stream, g->scratch, g->result, dy,
+                     (const float *)g->y[p->output], target, a),
+           "loss_forward_backward");
     return CU_LAUNCHED("loss_forward_backward");
 }

@@ -74,6 +74,7 @@ static __device__ void update_slab(const update_args &u, const cu_params *P, flo
 /* Two-kernel form: the norm with a last-block finish, then the update reading the decision. */
 __global__ void grad_norm_kernel(cu_scratch *S, cu_result *R, const float *grads, int64_t n, double clip_norm,
                                  int update) {
+    cu_pdl_enter();
     double s = sum_squares(grads, n);
     if (threadIdx.x == 0) S->norm_part[blockIdx.x] = s;
     if (!last_block(&S->norm_count)) return;
@@ -88,6 +89,7 @@ __global__ void grad_norm_kernel(cu_scratch *S, cu_result *R, const float *grads
 }
 
 __global__ void optim_update_kernel(update_args u, const cu_scratch *S, const cu_params *P) {
+    cu_pdl_enter();
     if (!S->applied) return;
     update_slab(u, P, S->clip_scale);
 }
@@ -158,6 +160,56 @@ int cu_coop_probe(cu_device *d) {
     return ok;
 }
 
+__global__ void pdl_probe_first(int *flag) {
+    cu_pdl_enter();
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+        for (volatile int k = 0; k < 20000; k++) {}  /* long enough that an early dependent would see 0 */
+        *flag = 1;
+    }
+}
+
+__global__ void pdl_probe_second(const int *flag, int *out) {
+    cu_pdl_enter();
+    if (blockIdx.x == 0 && threadIdx.x == 0) *out = *(volatile const int *)flag;
+}
+
+/* Whether kernels launched with programmatic dependent launch can be captured into a graph,
+ * run, and still see everything the previous kernel wrote (checked once). */
+int cu_pdl_probe(cu_device *d) {
+    if (d->prop.major < 9) return 0;
+    cudaStream_t s = NULL;
+    cudaGraph_t graph = NULL;
+    cudaGraphExec_t exec = NULL;
+    int *flag = NULL, ok = 0, host = 0;
+    if (cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking) == cudaSuccess &&
+        cudaMalloc(&flag, 2 * sizeof(int)) == cudaSuccess && cudaMemset(flag, 0, 2 * sizeof(int)) == cudaSuccess &&
+        cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal) == cudaSuccess) {
+        cudaLaunchConfig_t cfg = {};
+        cudaLaunchAttribute at;
+        at.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        at.val.programmaticStreamSerializationAllowed = 1;
+        cfg.gridDim = dim3(1);
+        cfg.blockDim = dim3(32);
+        cfg.stream = s;
+        cfg.attrs = &at;
+        cfg.numAttrs = 1;
+        cudaError_t e1 = cudaLaunchKernelEx(&cfg, pdl_probe_first, flag);
+        cudaError_t e2 = cudaLaunchKernelEx(&cfg, pdl_probe_second, (const int *)flag, flag + 1);
+        cudaError_t ee = cudaStreamEndCapture(s, &graph);
+        if (e1 == cudaSuccess && e2 == cudaSuccess && ee == cudaSuccess &&
+            cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess && cudaGraphLaunch(exec, s) == cudaSuccess &&
+            cudaStreamSynchronize(s) == cudaSuccess &&
+            cudaMemcpy(&host, flag + 1, sizeof(int), cudaMemcpyDeviceToHost) == cudaSuccess)
+            ok = host == 1;
+    }
+    if (exec) cudaGraphExecDestroy(exec);
+    if (graph) cudaGraphDestroy(graph);
+    if (flag) cudaFree(flag);
+    if (s) cudaStreamDestroy(s);
+    cudaGetLastError();
+    return ok;
+}
+
 int cu_optim_supported(int32_t kind) {
     return kind >= MPSCY_OPTIM_SGD && kind <= MPSCY_OPTIM_LBFGS;
 }
@@ -210,12 +262,14 @@ int cu_norm_and_update(cu_graph *g, int update, char *err, size_t en) {
                "norm_update (cooperative)");
         return CU_LAUNCHED("norm_update");
     }
-    grad_norm_kernel<<<cu_blocks(n, CU_THREADS * 8, CU_MAX_PARTS < 2 * g->dev->sms ? CU_MAX_PARTS : 2 * g->dev->sms),
-                       CU_THREADS, 0, g->stream>>>(
-        g->scratch, g->result, g->grads, n, clip, update);
+    CU_TRY(cu_launch(g, grad_norm_kernel,
+                     cu_blocks(n, CU_THREADS * 8, CU_MAX_PARTS < 2 * g->dev->sms ? CU_MAX_PARTS : 2 * g->dev->sms),
+                     CU_THREADS, g->stream, g->scratch, g->result, (const float *)g->grads, n, clip, update),
+           "grad_norm");
     int st = CU_LAUNCHED("grad_norm");
     if (st != MPSCY_OK || !update) return st;
-    optim_update_kernel<<<cu_blocks(n, CU_THREADS * 4, 8 * g->dev->sms), CU_THREADS, 0, g->stream>>>(
-        u, g->scratch, (const cu_params *)g->params_d);
+    CU_TRY(cu_launch(g, optim_update_kernel, cu_blocks(n, CU_THREADS * 4, 8 * g->dev->sms), CU_THREADS, g->stream, u,
+                     (const cu_scratch *)g->scratch, (const cu_params *)g->params_d),
+           "optim_update");
     return CU_LAUNCHED("optim_update");
 }
