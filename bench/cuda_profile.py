@@ -22,6 +22,15 @@ def workload(name):
         step(*data[i % 2])
 
 
+def summarize_graphs(path):
+    """ncu --graph-profiling graph: one row per launched step graph; the last ones are steady."""
+    with open(path) as f:
+        lines = [ln for ln in f if ln.startswith('"')]
+    vals = [float(r["Metric Value"].replace(",", "")) / 1000.0 for r in csv.DictReader(lines)
+            if r.get("Metric Name") == "gpu__time_duration.sum"]
+    print("GPU time of each step graph (us):", ", ".join(f"{v:.1f}" for v in vals[-STEPS:]))
+
+
 def summarize(path):
     rows = []
     with open(path) as f:
@@ -48,5 +57,7 @@ def summarize(path):
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--summarize":
         summarize(sys.argv[2])
+    elif len(sys.argv) > 2 and sys.argv[1] == "--graphs":
+        summarize_graphs(sys.argv[2])
     else:
         workload(sys.argv[1] if len(sys.argv) > 1 else "mlp_small")

@@ -41,9 +41,14 @@ fi
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
 if [ "${SKIP_PROFILE:-0}" != 1 ] && [ -n "$NCU" ]; then
     for m in ${PROFILE_MODELS:-mlp_small}; do
-        timeout 120 "$NCU" --graph-profiling node --clock-control none --metrics gpu__time_duration.sum --csv \
-            --log-file "$OUT/ncu_$m.csv" \
+        # each kernel on its own (warm caches, clocks as found), then each whole step graph as one workload
+        timeout 120 "$NCU" --graph-profiling node --clock-control none --cache-control none \
+            --metrics gpu__time_duration.sum --csv --log-file "$OUT/ncu_$m.csv" \
             $PY bench/cuda_profile.py "$m" > /tmp/ncu_$m.log 2>&1
         echo "ncu $m: exit $?"; tail -3 /tmp/ncu_$m.log; $PY bench/cuda_profile.py --summarize "$OUT/ncu_$m.csv"
+        timeout 120 "$NCU" --graph-profiling graph --clock-control none --cache-control none \
+            --metrics gpu__time_duration.sum --csv --log-file /tmp/ncu_graph_$m.csv \
+            $PY bench/cuda_profile.py "$m" > /tmp/ncu_graph_$m.log 2>&1
+        echo "ncu graph $m: exit $?"; $PY bench/cuda_profile.py --graphs /tmp/ncu_graph_$m.csv
     done
 fi
