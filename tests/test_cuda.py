@@ -195,7 +195,7 @@ OPTIM_CASES = {
     "adadelta": lambda: _opt("Adadelta", lr=1.0),
     "nadam": lambda: _opt("NAdam", lr=2e-3),
     "nadam_decoupled": lambda: _opt("NAdam", lr=2e-3, weight_decay=0.01, decoupled_weight_decay=True),
-    "lbfgs": lambda: _opt("LBFGS", lr=0.5, history_size=5, max_iter=4),
+    "lbfgs": lambda: _opt("LBFGS", lr=0.1, history_size=5, max_iter=4),
     "lbfgs_wolfe": lambda: _opt("LBFGS", lr=1.0, history_size=4, max_iter=5, line_search_fn="strong_wolfe"),
 }
 
@@ -205,7 +205,9 @@ OPTIM_CASES = {
 def test_optimizer_matches_cpu(name, rng):
     opt = OPTIM_CASES[name]()
     cpu, gpu = pair(LAYER_MODELS["dense_relu"][0], (12,), opt=opt)
-    compare_training(cpu, gpu, rng, schedule=lambda s: cpu.optimizer.lr * (1.0 if s < 10 else 0.3))
+    # L-BFGS runs several evaluations and a line search per step: 8 steps are ~40 evaluations
+    steps = 8 if name.startswith("lbfgs") else 20
+    compare_training(cpu, gpu, rng, steps=steps, schedule=lambda s: cpu.optimizer.lr * (1.0 if s < steps // 2 else 0.3))
     sc, sg = cpu.get_optimizer_state(), gpu.get_optimizer_state()
     assert sc.keys() == sg.keys() and sg["step"] == sc["step"]
     for slot, v in sc.items():
@@ -275,15 +277,20 @@ def test_no_allocation_and_one_call_per_step(rng):
     assert s1["calls"] - s0["calls"] == 1000  # one ABI call per step
     # every malloc/mmap of the process over 1,000 full-batch steps (graph replays)
     memray = pytest.importorskip("memray")
+    import gc
     import os
     import tempfile
+    gc.collect()
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "steps.bin")
-        with memray.Tracker(path, native_traces=False):
+        with memray.Tracker(path, native_traces=True):
             for _ in range(1000):
-                gpu.step(x, y)
-        n = memray.FileReader(path).metadata.total_allocations
-    assert n == 0, f"{n} host allocations over 1,000 cuda steps"
+                r = gpu.step(x, y)
+        reader = memray.FileReader(path)
+        n = reader.metadata.total_allocations
+        where = [f"{a.allocator} {a.size} B at {a.native_stack_trace()[:6]}" for a in reader.get_allocation_records()]
+    assert r.applied
+    assert n == 0, f"{n} host allocations over 1,000 cuda steps: {where}"
 
 
 @cuda_only

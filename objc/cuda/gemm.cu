@@ -53,30 +53,54 @@ __global__ void __launch_bounds__(256) gemm_small(sg_args p) {
     const int kn = (int)(k1 - k0);
     const bool a_kfast = p.ak == 1, b_nfast = p.bn == 1;
     const bool want_rows = p.rowsum && blockIdx.x == 0;
-    for (int e = tid; e < KC * BM; e += 256) {
-        int mm = a_kfast ? e / KC : e % BM, kk = a_kfast ? e % KC : e / BM;
+    /* all loads of the slice first, into registers (independent, so one memory latency), then
+     * into shared memory; tiles stay unrounded so the row sums (bias gradient) are exact */
+    float ra[KC * BM / 256], rb[KC * BN / 256];
+#pragma unroll
+    for (int r = 0; r < KC * BM / 256; r++) {
+        int e = tid + 256 * r, mm = a_kfast ? e / KC : e % BM, kk = a_kfast ? e % KC : e / BM;
         int64_t gm = m0 + mm;
-        float v = gm < p.m && kk < kn ? p.a[gm * p.am + (k0 + kk) * p.ak] : 0.0f;
-        As[kk][mm] = p.tf32 ? tf32_round(v) : v;
+        ra[r] = gm < p.m && kk < kn ? __ldg(&p.a[gm * p.am + (k0 + kk) * p.ak]) : 0.0f;
     }
-    for (int e = tid; e < KC * BN; e += 256) {
-        int nn = b_nfast ? e % BN : e / KC, kk = b_nfast ? e / BN : e % KC;
+#pragma unroll
+    for (int r = 0; r < KC * BN / 256; r++) {
+        int e = tid + 256 * r, nn = b_nfast ? e % BN : e / KC, kk = b_nfast ? e / BN : e % KC;
         int64_t gn = n0 + nn;
-        float v = gn < p.n && kk < kn ? p.b[(k0 + kk) * p.bk + gn * p.bn] : 0.0f;
-        Bs[kk][nn] = p.tf32 ? tf32_round(v) : v;
+        rb[r] = gn < p.n && kk < kn ? __ldg(&p.b[(k0 + kk) * p.bk + gn * p.bn]) : 0.0f;
     }
-    float rs = 0.0f;
-    if (want_rows && tid < BM && m0 + tid < p.m)  /* unrounded, straight from A */
-        for (int kk = 0; kk < kn; kk++) rs += p.a[(m0 + tid) * p.am + (k0 + kk) * p.ak];
+#pragma unroll
+    for (int r = 0; r < KC * BM / 256; r++) {
+        int e = tid + 256 * r, mm = a_kfast ? e / KC : e % BM, kk = a_kfast ? e % KC : e / BM;
+        As[kk][mm] = ra[r];
+    }
+#pragma unroll
+    for (int r = 0; r < KC * BN / 256; r++) {
+        int e = tid + 256 * r, nn = b_nfast ? e % BN : e / KC, kk = b_nfast ? e / BN : e % KC;
+        Bs[kk][nn] = rb[r];
+    }
     __syncthreads();
+    float rs = 0.0f;
+    if (want_rows && tid < BM)
+        for (int kk = 0; kk < kn; kk++) rs += As[kk][tid];
     float acc[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+    if (p.tf32) {
+        for (int kk = 0; kk < kn; kk++) {
+            float a0 = tf32_round(As[kk][ty]), a1 = tf32_round(As[kk][ty + 16]);
+            float b0 = tf32_round(Bs[kk][tx]), b1 = tf32_round(Bs[kk][tx + 16]);
+            acc[0][0] = fmaf(a0, b0, acc[0][0]);
+            acc[0][1] = fmaf(a0, b1, acc[0][1]);
+            acc[1][0] = fmaf(a1, b0, acc[1][0]);
+            acc[1][1] = fmaf(a1, b1, acc[1][1]);
+        }
+    } else {
 #pragma unroll 8
-    for (int kk = 0; kk < kn; kk++) {
-        float a0 = As[kk][ty], a1 = As[kk][ty + 16], b0 = Bs[kk][tx], b1 = Bs[kk][tx + 16];
-        acc[0][0] = fmaf(a0, b0, acc[0][0]);
-        acc[0][1] = fmaf(a0, b1, acc[0][1]);
-        acc[1][0] = fmaf(a1, b0, acc[1][0]);
-        acc[1][1] = fmaf(a1, b1, acc[1][1]);
+        for (int kk = 0; kk < kn; kk++) {
+            float a0 = As[kk][ty], a1 = As[kk][ty + 16], b0 = Bs[kk][tx], b1 = Bs[kk][tx + 16];
+            acc[0][0] = fmaf(a0, b0, acc[0][0]);
+            acc[0][1] = fmaf(a0, b1, acc[0][1]);
+            acc[1][0] = fmaf(a1, b0, acc[1][0]);
+            acc[1][1] = fmaf(a1, b1, acc[1][1]);
+        }
     }
     if (gridDim.z == 1) {
 #pragma unroll
@@ -105,19 +129,19 @@ __global__ void __launch_bounds__(256) gemm_small(sg_args p) {
     if (tid == 0) last = atomicAdd(cnt, 1u) == gridDim.z - 1;
     __syncthreads();
     if (!last) return;
-    const volatile float *vp = p.part;
+    /* the other slices' partials are in L2 (written before their atomic): __ldcg skips L1, and
+     * unlike volatile lets the loads of all slices be in flight together */
     for (int i = 0; i < 2; i++)
         for (int j = 0; j < 2; j++) {
             int64_t m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
             if (m >= p.m || n >= p.n) continue;
             float v = 0.0f;
-            for (unsigned s = 0; s < gridDim.z; s++) v += vp[s * mn + m * p.n + n];
+            for (unsigned s = 0; s < gridDim.z; s++) v += __ldcg(&p.part[s * mn + m * p.n + n]);
             p.c[m * p.ldc + n] = epilogue(p, m, n, v);
         }
     if (want_rows && tid < BM && m0 + tid < p.m) {
-        const volatile float *vr = rpart;
         float v = 0.0f;
-        for (unsigned s = 0; s < gridDim.z; s++) v += vr[s * p.m + m0 + tid];
+        for (unsigned s = 0; s < gridDim.z; s++) v += __ldcg(&rpart[s * p.m + m0 + tid]);
         p.rowsum[m0 + tid] = v;
     }
     if (tid == 0) *cnt = 0;
