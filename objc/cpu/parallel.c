@@ -1,8 +1,8 @@
 /* parallel.c — the CPU backend's own worker threads (pthreads, no OpenMP): a pool started when a
  * graph is built and joined when it is destroyed, a fork-join `cpu_parallel` that runs one task
  * on every thread (the caller is thread 0), and a GEMM split over the pool, each part a
- * single-threaded BLAS call. While a pool exists BLAS runs single-threaded, so its own idle
- * threads never spin against ours. Workers spin briefly between tasks, then sleep. */
+ * single-threaded BLAS call. BLAS itself is kept single-threaded, so its own idle threads never
+ * spin against ours. Workers spin briefly between tasks, then sleep. */
 #include "cpu.h"
 #include "blas.h"
 
@@ -70,6 +70,7 @@ static void *worker(void *arg) {
 
 int cpu_pool_create(int32_t threads, cpu_pool **out) {
     *out = NULL;
+    mpscy_blas_set_threads(1);  /* all parallelism is ours, with or without a pool */
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads <= 1) return MPSCY_OK;  /* no pool: everything runs on the caller */
     struct cpu_pool *p = calloc(1, sizeof *p);
@@ -88,7 +89,6 @@ int cpu_pool_create(int32_t threads, cpu_pool **out) {
         }
         p->n = t + 1;
     }
-    mpscy_blas_set_threads(1);
     *out = p;
     return MPSCY_OK;
 }
