@@ -505,3 +505,38 @@ def test_layer_matches_pytorch(device, rng, case):
         expect = tm(torch.from_numpy(x.astype(np.float64))).numpy()
     if kind != "batchnorm":
         assert R.rel_err(engine.predict(x), expect) < 1e-5
+
+
+# ------------------------------------------------------------------ Conv2D followed by ReLU
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("stride,rows", [(1, 3), (2, 2), (1, 40)])
+def test_conv_relu_matches_reference(device, rng, stride, rows, shared):
+    """Conv2D -> ReLU (which the CPU backend computes inside the convolution when the ReLU is the
+    convolution's only consumer) and the same with the convolution also feeding an Add (no
+    fusion): loss, every gradient and predict against the composed references."""
+    x_in = mpscy.Input((5, 9, 8))
+    c = layers.Conv2D(6, 3, stride=stride, padding=1, name="c")(x_in)
+    h = layers.ReLU(name="r")(c)
+    out = layers.Add(name="sum")([h, c]) if shared else h
+    engine = mpscy.Engine(mpscy.Model(x_in, out), loss="mse", batch_size=rows, device=device, seed=4,
+                          input_gradients=True)
+    P = ref_params(engine.get_parameters(), "c")
+    P["bias"] = rng.standard_normal(6) * 0.1  # about half the outputs on each side of 0
+    engine.set_parameters({"c.weight": P["weight"].astype(np.float32), "c.bias": P["bias"].astype(np.float32)})
+    P = ref_params(engine.get_parameters(), "c")
+    x = rng.standard_normal((rows, 5, 9, 8)).astype(np.float32)
+    opts = dict(kernel=(3, 3), stride=(stride, stride), padding=(1, 1), dilation=(1, 1), groups=1)
+    yc, cc = R.conv2d_forward(x.astype(np.float64), P, opts)
+    yr, cr = R.activation_forward(yc, {}, dict(kind="relu"))
+    y = yr + yc if shared else yr
+    t = rng.standard_normal(y.shape).astype(np.float32)
+    loss, dy = R.loss_ref("mse", y, t)
+    dyc = R.activation_backward(dy, cr)[0] + (dy if shared else 0)
+    dx, grads = R.conv2d_backward(dyc, cc)
+    g = engine.gradients(x, t)
+    assert abs(g["loss"] - loss) <= 1e-5 * loss
+    assert R.rel_err(g["input"], dx) < 1e-4
+    assert R.rel_err(g["c.weight"], grads["weight"]) < 1e-4 and R.rel_err(g["c.bias"], grads["bias"]) < 1e-4
+    assert R.rel_err(engine.predict(x), y) < 1e-5

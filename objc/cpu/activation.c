@@ -172,8 +172,14 @@ static void act_run(cpu_graph *g, act_job *j, int64_t b) {
     else act_task(j, 0, 1);
 }
 
+/* A ReLU that its convolution computes (conv.c) has nothing left to do. */
+static int fused(const cpu_graph *g, const mpscy_node *n) {
+    return n->kind == MPSCY_LAYER_RELU && cpu_conv_fused_relu(&g->plan, n->in[0]) == (int32_t)(n - g->plan.nodes);
+}
+
 void cpu_activation_forward(cpu_graph *g, const mpscy_node *n, int64_t b, int train, const mpscy_step_args *a) {
     (void)train; (void)a;
+    if (fused(g, n)) return;
     int64_t i = n - g->plan.nodes;
     act_job j = {n, g->y[i], g->y[n->in[0]], NULL, NULL, b * n->size, 0, 0, 0, 0};
     act_run(g, &j, b);
@@ -181,7 +187,7 @@ void cpu_activation_forward(cpu_graph *g, const mpscy_node *n, int64_t b, int tr
 
 void cpu_activation_backward(cpu_graph *g, const mpscy_node *n, int64_t b) {
     int64_t i = n - g->plan.nodes;
-    if (!g->dy[n->in[0]]) return;
+    if (!g->dy[n->in[0]] || fused(g, n)) return;
     act_job j = {n, g->dy[n->in[0]], g->y[n->in[0]], g->y[i], g->dy[i], b * n->size, 0, 0, 0, 1};
     act_run(g, &j, b);
 }

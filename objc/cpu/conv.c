@@ -10,7 +10,7 @@
 
 /* Columns per GEMM: whole samples, about this many floats of im2col matrix at most, so that
  * the columns of one chunk stay in the last-level cache between im2col and the GEMM. */
-#define CONV_COL_FLOATS (1 << 18)
+#define CONV_COL_FLOATS (1 << 17)
 
 typedef struct conv_geom {
     int64_t c, h, w;              /* input (C, H, W) */
@@ -73,6 +73,10 @@ static inline void scatter_add_row(float *restrict d, const float *restrict s, i
         for (int64_t i = 0; i < n; i++) d[i * stride] += s[i];
 }
 
+/* Stride 1 with output rows as wide as input rows: the rows of one tap are one contiguous run
+ * in both the columns and the input, edge columns aside. */
+static int contiguous(const conv_geom *g) { return g->sw == 1 && g->sh == 1 && g->ow == g->w; }
+
 static void im2col(float *col, const float *x, const conv_geom *g, int64_t bc) {
     // col (K, bc*OHW) rows ordered (c, ki, kj); x (bc, C, H, W)
     int64_t n = bc * g->ohw, hw = g->h * g->w;
@@ -88,6 +92,16 @@ static void im2col(float *col, const float *x, const conv_geom *g, int64_t bc) {
                     const float *xc = x + (b * g->c + c) * hw;  // (H, W)
                     float *dst = row + b * g->ohw;
                     if (olo > 0) memset(dst, 0, (size_t)(olo * g->ow) * sizeof(float));
+                    if (contiguous(g) && ohi > olo && hi > lo) {
+                        /* one copy from the first to the last valid element, then zero the edge columns */
+                        float *d0 = dst + olo * g->ow + lo;
+                        memcpy(d0, xc + (olo - g->ph + ki * g->dh) * g->w + iw0,
+                               (size_t)((ohi - olo - 1) * g->ow + hi - lo) * sizeof(float));
+                        for (int64_t oh = olo; oh < ohi; oh++) {
+                            for (int64_t o = 0; o < lo; o++) dst[oh * g->ow + o] = 0.0f;
+                            for (int64_t o = hi; o < g->ow; o++) dst[oh * g->ow + o] = 0.0f;
+                        }
+                    } else
                     for (int64_t oh = olo; oh < ohi; oh++) {
                         float *d = dst + oh * g->ow;
                         const float *src = xc + (oh * g->sh - g->ph + ki * g->dh) * g->w + iw0;
@@ -100,20 +114,30 @@ static void im2col(float *col, const float *x, const conv_geom *g, int64_t bc) {
             }
 }
 
-static void col2im(float *dx, const float *col, const conv_geom *g, int64_t bc) {
-    // dx (bc, C, H, W) accumulated into; col (K, bc*OHW)
+static void col2im(float *dx, float *col, const conv_geom *g, int64_t bc) {
+    // dx (bc, C, H, W) accumulated into; col (K, bc*OHW), scratch: its edge columns are zeroed
     int64_t n = bc * g->ohw, hw = g->h * g->w;
     for (int64_t c = 0; c < g->c; c++)
         for (int64_t ki = 0; ki < g->kh; ki++)
             for (int64_t kj = 0; kj < g->kw; kj++) {
-                const float *row = col + ((c * g->kh + ki) * g->kw + kj) * n;
+                float *row = col + ((c * g->kh + ki) * g->kw + kj) * n;
                 int64_t lo, hi, olo, ohi;
                 valid_range(&lo, &hi, g->ow, g->w, g->sw, g->pw, kj * g->dw);
                 valid_range(&olo, &ohi, g->oh, g->h, g->sh, g->ph, ki * g->dh);
                 int64_t iw0 = lo * g->sw - g->pw + kj * g->dw;
                 for (int64_t b = 0; b < bc; b++) {
                     float *xc = dx + (b * g->c + c) * hw;  // (H, W)
-                    const float *srow = row + b * g->ohw;
+                    float *srow = row + b * g->ohw;
+                    if (contiguous(g) && ohi > olo && hi > lo) {
+                        /* zero the edge columns, then one add over the span: they add 0 elsewhere */
+                        for (int64_t oh = olo; oh < ohi; oh++) {
+                            for (int64_t o = 0; o < lo; o++) srow[oh * g->ow + o] = 0.0f;
+                            for (int64_t o = hi; o < g->ow; o++) srow[oh * g->ow + o] = 0.0f;
+                        }
+                        scatter_add_row(xc + (olo - g->ph + ki * g->dh) * g->w + iw0, srow + olo * g->ow + lo,
+                                        (ohi - olo - 1) * g->ow + hi - lo, 1);
+                        continue;
+                    }
                     for (int64_t oh = olo; oh < ohi; oh++) {
                         const float *s = srow + oh * g->ow;
                         float *d = xc + (oh * g->sh - g->ph + ki * g->dh) * g->w + iw0;
@@ -123,25 +147,31 @@ static void col2im(float *dx, const float *col, const conv_geom *g, int64_t bc) 
             }
 }
 
-/* dout (OC, bc*OHW) from dy (bc, OC, OHW), adding each channel's sum into db (OC) when given.
- * Sixteen partial sums keep the reduction vectorizable without reassociating floats. */
-static void gather_rows(float *dout, float *db, const float *dy, int64_t oc, int64_t bc, int64_t ohw) {
+/* v where m > 0, else 0 (ReLU's value and gradient rule); both operands are loaded, so loops
+ * of it vectorize */
+static inline float select_pos(float m, float v) { return m > 0.0f ? v : 0.0f; }
+
+/* dout (OC, bc*OHW) from dy (bc, OC, OHW), zeroed where the fused ReLU's output ry (bc, OC, OHW)
+ * is not positive (ry NULL: no ReLU), adding each channel's sum into db (OC) when given. Sixteen
+ * partial sums keep the reduction vectorizable without reassociating floats. */
+static void gather_rows(float *dout, float *db, const float *dy, const float *ry, int64_t oc, int64_t bc,
+                        int64_t ohw) {
     int64_t n = bc * ohw;
     for (int64_t o = 0; o < oc; o++) {
         float acc[16] = {0};
         for (int64_t s = 0; s < bc; s++) {
-            const float *src = dy + (s * oc + o) * ohw;
-            float *dst = dout + o * n + s * ohw;
+            const float *restrict src = dy + (s * oc + o) * ohw;
+            float *restrict dst = dout + o * n + s * ohw;
+            if (ry) {
+                const float *restrict m = ry + (s * oc + o) * ohw;
+                for (int64_t i = 0; i < ohw; i++) dst[i] = select_pos(m[i], src[i]);
+            } else {
+                for (int64_t i = 0; i < ohw; i++) dst[i] = src[i];
+            }
             int64_t i = 0;
             for (; i + 16 <= ohw; i += 16)
-                for (int k = 0; k < 16; k++) {
-                    dst[i + k] = src[i + k];
-                    acc[k] += src[i + k];
-                }
-            for (; i < ohw; i++) {
-                dst[i] = src[i];
-                acc[0] += src[i];
-            }
+                for (int k = 0; k < 16; k++) acc[k] += dst[i + k];
+            for (; i < ohw; i++) acc[0] += dst[i];
         }
         if (db) {
             float t = 0.0f;
@@ -156,9 +186,28 @@ typedef struct conv_job {
     const conv_geom *g;
     float *y, *dx, *dw, *db, *ws;   /* ws: per-thread slices of wst floats */
     const float *x, *w, *bias, *dy;
+    const float *ry;                /* backward with a fused ReLU: its output, the gradient mask */
     int64_t b, chunk, wst;
-    int accum;
+    int accum, relu;
 } conv_job;
+
+/* y (bc, OC, OHW) from out (OC, bc*OHW) plus the bias, through ReLU when it is fused here; out
+ * may already be y (one sample), then the bias and ReLU apply in place. */
+static void scatter_rows(float *y, const float *out, const float *bias, int64_t oc, int64_t bc, int64_t ohw, int relu) {
+    int64_t n = bc * ohw;
+    for (int64_t o = 0; o < oc; o++) {
+        float bo = bias ? bias[o] : 0.0f;
+        for (int64_t s = 0; s < bc; s++) {
+            float *restrict dst = y + (s * oc + o) * ohw;  // (OHW)
+            const float *src = out + o * n + s * ohw;
+            if (dst == src && !bias && !relu) continue;
+            if (relu)
+                for (int64_t i = 0; i < ohw; i++) dst[i] = select_pos(src[i] + bo, src[i] + bo);
+            else
+                for (int64_t i = 0; i < ohw; i++) dst[i] = src[i] + bo;
+        }
+    }
+}
 
 static void conv_forward_task(void *ctx, int32_t t, int32_t nt) {
     const conv_job *j = ctx;
@@ -168,23 +217,14 @@ static void conv_forward_task(void *ctx, int32_t t, int32_t nt) {
     for (int64_t b0 = lo; b0 < hi; b0 += j->chunk) {
         int64_t bc = hi - b0 < j->chunk ? hi - b0 : j->chunk, n = bc * g->ohw;
         float *col = j->ws + t * j->wst, *out = col + g->k * n;  // (K, n), (OC, n)
+        float *y = j->y + b0 * g->oc * g->ohw;                     // (bc, OC, OHW)
         im2col(col, j->x + b0 * g->c * g->h * g->w, g, bc);
-        if (bc == 1) out = j->y + b0 * g->oc * g->ohw;  /* one sample: (OC, OHW) is already NCHW */
+        if (bc == 1) out = y;  /* one sample: (OC, OHW) is already NCHW */
         for (int64_t gi = 0; gi < g->groups; gi++)
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (blasint)g->ocg, (blasint)n, (blasint)g->kg,
                         1.0f, j->w + gi * g->ocg * g->kg, (blasint)g->kg, col + gi * g->kg * n, (blasint)n,
                         0.0f, out + gi * g->ocg * n, (blasint)n);
-        for (int64_t o = 0; o < g->oc; o++) {
-            float bo = j->bias ? j->bias[o] : 0.0f;
-            for (int64_t s = 0; s < bc; s++) {
-                float *dst = j->y + ((b0 + s) * g->oc + o) * g->ohw;  // (OHW)
-                const float *src = out + o * n + s * g->ohw;
-                if (dst != src)
-                    for (int64_t i = 0; i < g->ohw; i++) dst[i] = src[i] + bo;
-                else if (j->bias)
-                    for (int64_t i = 0; i < g->ohw; i++) dst[i] += bo;
-            }
-        }
+        scatter_rows(y, out, j->bias, g->oc, bc, g->ohw, j->relu);
     }
 }
 
@@ -209,7 +249,7 @@ static void conv_backward_task(void *ctx, int32_t t, int32_t nt) {
         int64_t bc = hi - b0 < j->chunk ? hi - b0 : j->chunk, n = bc * g->ohw;
         float *col = j->ws + t * j->wst, *dout = col + g->k * n;  // (K, n), (OC, n)
         const float *dyc = j->dy + b0 * g->oc * g->ohw;            // (bc, OC, OHW)
-        gather_rows(dout, db, dyc, g->oc, bc, g->ohw);
+        gather_rows(dout, db, dyc, j->relu ? j->ry + b0 * g->oc * g->ohw : NULL, g->oc, bc, g->ohw);
         im2col(col, j->x + b0 * g->c * g->h * g->w, g, bc);
         for (int64_t gi = 0; gi < g->groups; gi++)
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (blasint)g->ocg, (blasint)g->kg, (blasint)n,
@@ -237,23 +277,37 @@ int64_t cpu_conv_workspace(const mpscy_plan *p, const mpscy_node *n) {
     return (p->threads > 1 ? p->threads : 1) * conv_slice(&g, conv_chunk(&g, p->batch, p->threads));
 }
 
+/* The ReLU node that is the only consumer of conv node i, or -1. Such a ReLU is computed inside
+ * the convolution (forward: into the ReLU's output, the convolution's own output stays unwritten;
+ * backward: the ReLU's gradient mask applied while gathering), and the ReLU node does nothing. */
+int32_t cpu_conv_fused_relu(const mpscy_plan *p, int32_t i) {
+    if (p->nodes[i].kind != MPSCY_LAYER_CONV2D || p->nodes[i].consumers != 1 || i == p->output) return -1;
+    for (int32_t k = i + 1; k < p->n_nodes; k++)
+        if (p->nodes[k].in[0] == i && p->nodes[k].n_in == 1)
+            return p->nodes[k].kind == MPSCY_LAYER_RELU ? k : -1;
+    return -1;
+}
+
 void cpu_conv_forward(cpu_graph *gr, const mpscy_node *n, int64_t b, int train, const mpscy_step_args *a) {
     // y (b, OC, OH, OW), x (b, C, H, W), w (OC, C/groups, KH, KW), bias (OC) or NULL
     (void)train; (void)a;
+    int32_t i = (int32_t)(n - gr->plan.nodes), r = cpu_conv_fused_relu(&gr->plan, i);
     conv_geom g = geom(&gr->plan, n);
-    conv_job j = {&g, gr->y[n - gr->plan.nodes], NULL, NULL, NULL, gr->ws, gr->y[n->in[0]],
-                  cpu_tensor(gr, n, MPSCY_ROLE_PARAM, 0), cpu_tensor(gr, n, MPSCY_ROLE_PARAM, 1), NULL,
-                  b, conv_chunk(&g, gr->plan.batch, gr->plan.threads), 0, 0};
+    conv_job j = {&g, gr->y[r >= 0 ? r : i], NULL, NULL, NULL, gr->ws, gr->y[n->in[0]],
+                  cpu_tensor(gr, n, MPSCY_ROLE_PARAM, 0), cpu_tensor(gr, n, MPSCY_ROLE_PARAM, 1), NULL, NULL,
+                  b, conv_chunk(&g, gr->plan.batch, gr->plan.threads), 0, 0, r >= 0};
     j.wst = conv_slice(&g, j.chunk);
     cpu_parallel(gr->pool, conv_forward_task, &j);
 }
 
 void cpu_conv_backward(cpu_graph *gr, const mpscy_node *n, int64_t b) {
     // dx (b, C, H, W) or NULL, dw (OC, C/groups, KH, KW), db (OC) or NULL, dy (b, OC, OH, OW)
+    int32_t i = (int32_t)(n - gr->plan.nodes), r = cpu_conv_fused_relu(&gr->plan, i);
     conv_geom g = geom(&gr->plan, n);
     conv_job j = {&g, NULL, gr->dy[n->in[0]], cpu_tensor_grad(gr, n, 0), cpu_tensor_grad(gr, n, 1), gr->ws,
-                  gr->y[n->in[0]], cpu_tensor(gr, n, MPSCY_ROLE_PARAM, 0), NULL, gr->dy[n - gr->plan.nodes],
-                  b, conv_chunk(&g, gr->plan.batch, gr->plan.threads), 0, n->accum[0]};
+                  gr->y[n->in[0]], cpu_tensor(gr, n, MPSCY_ROLE_PARAM, 0), NULL, gr->dy[r >= 0 ? r : i],
+                  r >= 0 ? gr->y[r] : NULL, b, conv_chunk(&g, gr->plan.batch, gr->plan.threads), 0, n->accum[0],
+                  r >= 0};
     j.wst = conv_slice(&g, j.chunk);
     cpu_parallel(gr->pool, conv_backward_task, &j);
     int32_t nt = cpu_pool_threads(gr->pool);
