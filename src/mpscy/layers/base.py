@@ -1,0 +1,274 @@
+"""The Layer base class, its shared option checks and PyTorch's default initializer, and the
+layers without spatial structure: Dense, the element-wise activations, Softmax, Flatten and
+Dropout. Options only; computation happens in the backend."""
+
+import math
+
+import numpy as np
+
+from ..errors import InvalidArgumentError, ShapeError
+
+
+def _positive_int(value, what):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise InvalidArgumentError(f"{what} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _size(shape):
+    return int(np.prod(shape, dtype=np.int64))
+
+
+class Layer:
+    """Base class. Subclasses set `kind` (the native layer kind) and `prefix` (default names)."""
+
+    kind = None
+    prefix = "layer"
+    n_inputs = 1
+
+    def __init__(self, name=None):
+        if name is not None and (not isinstance(name, str) or not name or len(name.encode()) > 40
+                                 or "." in name):
+            raise InvalidArgumentError(f"layer name must be a non-empty string of at most 40 bytes "
+                                       f"without '.', got {name!r}")
+        self.name = name
+        self._called = False
+
+    # -- what subclasses override ------------------------------------------------------
+    def output_shape(self, input_shapes):
+        """Per-sample output shape from the per-sample input shapes (a list)."""
+        return tuple(input_shapes[0])
+
+    def parameters(self, input_shapes):
+        """[(suffix, shape)] of trainable parameters then buffers, in native order."""
+        return []
+
+    def init(self, input_shapes, rng):
+        """{suffix: float32 array}: PyTorch's default initialization of every parameter."""
+        return {}
+
+    def native(self, input_shapes):
+        """Options for the native descriptor: dict(flags=[...], ints=[...], reals=[...])."""
+        return {}
+
+    def config(self):
+        """Constructor arguments, for summaries and checkpoints."""
+        return {}
+
+    # -- functional API ----------------------------------------------------------------
+    def __call__(self, *inputs):
+        from ..model import Tensor
+        if len(inputs) == 1 and isinstance(inputs[0], (list, tuple)):
+            inputs = tuple(inputs[0])
+        if not inputs or not all(isinstance(t, Tensor) for t in inputs):
+            raise InvalidArgumentError(f"{type(self).__name__} must be called on mpscy tensors "
+                                       "(from mpscy.Input or another layer)")
+        if self.n_inputs is not None and len(inputs) != self.n_inputs:
+            raise InvalidArgumentError(f"{type(self).__name__} takes {self.n_inputs} input(s), got {len(inputs)}")
+        if self._called:
+            raise InvalidArgumentError(f"layer {self.name or type(self).__name__} was already called; "
+                                       "create a new layer object (weight sharing is not supported)")
+        shape = self.output_shape([t.shape for t in inputs])
+        self._called = True
+        return Tensor(shape, layer=self, inputs=inputs)
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({args})"
+
+
+def kaiming_uniform(rng, shape, fan_in):
+    """torch.nn.init.kaiming_uniform_(a=sqrt(5)), the default of Linear and Conv weights:
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    return rng.uniform(-bound, bound, size=shape).astype(np.float32)
+
+
+class Dense(Layer):
+    """Fully connected layer, y = x W^T + b (torch.nn.Linear). Inputs of higher rank are
+    flattened row-major. Weight (units, in_features), bias (units)."""
+
+    kind = "dense"
+    prefix = "dense"
+
+    def __init__(self, units, bias=True, name=None):
+        super().__init__(name)
+        self.units = _positive_int(units, "Dense units")
+        self.bias = bool(bias)
+
+    def output_shape(self, input_shapes):
+        return (self.units,)
+
+    def parameters(self, input_shapes):
+        fan_in = _size(input_shapes[0])
+        p = [("weight", (self.units, fan_in))]
+        if self.bias:
+            p.append(("bias", (self.units,)))
+        return p
+
+    def init(self, input_shapes, rng):
+        fan_in = _size(input_shapes[0])
+        out = {"weight": kaiming_uniform(rng, (self.units, fan_in), fan_in)}
+        if self.bias:
+            out["bias"] = kaiming_uniform(rng, (self.units,), fan_in)
+        return out
+
+    def native(self, input_shapes):
+        return {"flags": ["bias"] if self.bias else [], "ints": [self.units]}
+
+    def config(self):
+        return {"units": self.units, "bias": self.bias}
+
+
+class _Activation(Layer):
+    def output_shape(self, input_shapes):
+        return tuple(input_shapes[0])
+
+
+class ReLU(_Activation):
+    """max(x, 0)."""
+    kind = "relu"
+    prefix = "relu"
+
+
+class LeakyReLU(_Activation):
+    """x if x > 0 else negative_slope * x."""
+    kind = "leakyrelu"
+    prefix = "leaky_relu"
+
+    def __init__(self, negative_slope=0.01, name=None):
+        super().__init__(name)
+        self.negative_slope = float(negative_slope)
+
+    def native(self, input_shapes):
+        return {"reals": [self.negative_slope]}
+
+    def config(self):
+        return {"negative_slope": self.negative_slope}
+
+
+class ELU(_Activation):
+    """x if x > 0 else alpha * (exp(x) - 1)."""
+    kind = "elu"
+    prefix = "elu"
+
+    def __init__(self, alpha=1.0, name=None):
+        super().__init__(name)
+        self.alpha = float(alpha)
+
+    def native(self, input_shapes):
+        return {"reals": [self.alpha]}
+
+    def config(self):
+        return {"alpha": self.alpha}
+
+
+class Sigmoid(_Activation):
+    """1 / (1 + exp(-x))."""
+    kind = "sigmoid"
+    prefix = "sigmoid"
+
+
+class Tanh(_Activation):
+    """tanh(x)."""
+    kind = "tanh"
+    prefix = "tanh"
+
+
+class Swish(_Activation):
+    """x * sigmoid(x) (torch.nn.SiLU)."""
+    kind = "swish"
+    prefix = "swish"
+
+
+SiLU = Swish
+
+
+class GELU(_Activation):
+    """x * Phi(x); approximate="tanh" uses PyTorch's tanh approximation."""
+    kind = "gelu"
+    prefix = "gelu"
+
+    def __init__(self, approximate="none", name=None):
+        super().__init__(name)
+        if approximate not in ("none", "tanh"):
+            raise InvalidArgumentError(f"GELU approximate must be 'none' or 'tanh', got {approximate!r}")
+        self.approximate = approximate
+
+    def native(self, input_shapes):
+        return {"ints": [1 if self.approximate == "tanh" else 0]}
+
+    def config(self):
+        return {"approximate": self.approximate}
+
+
+class Softmax(_Activation):
+    """Softmax over `axis` of the per-sample shape (-1: the last axis), as torch.softmax."""
+    kind = "softmax"
+    prefix = "softmax"
+
+    def __init__(self, axis=-1, name=None):
+        super().__init__(name)
+        self.axis = int(axis)
+
+    def _axis(self, shape):
+        rank = len(shape)
+        ax = self.axis
+        if ax < 0:
+            ax += rank + 1  # axis counts the batch dimension, as in Keras: -1 is the last
+            ax -= 1
+        else:
+            ax -= 1
+        if not 0 <= ax < rank:
+            raise ShapeError(f"Softmax axis {self.axis} is out of range for input shape (n, {', '.join(map(str, shape))})")
+        return ax
+
+    def output_shape(self, input_shapes):
+        self._axis(input_shapes[0])
+        return tuple(input_shapes[0])
+
+    def native(self, input_shapes):
+        return {"ints": [self._axis(input_shapes[0])]}
+
+    def config(self):
+        return {"axis": self.axis}
+
+
+class Flatten(Layer):
+    """(n, d1, d2, ...) -> (n, d1 * d2 * ...), row-major."""
+    kind = "flatten"
+    prefix = "flatten"
+
+    def output_shape(self, input_shapes):
+        return (_size(input_shapes[0]),)
+
+
+def _real(value, what, low, high, low_open=False, high_open=False):
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"{what} must be a number, got {value!r}") from None
+    ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+    if not ok:
+        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+        raise InvalidArgumentError(f"{what} must be in {lo}{low}, {high}{hi}, got {value!r}")
+    return v
+
+
+class Dropout(_Activation):
+    """Inverted dropout: in train mode each element is zeroed with probability `rate` and the
+    kept ones are scaled by 1 / (1 - rate); identity in eval mode. Masks come from the engine's
+    seed and step counter (the same on every backend)."""
+
+    kind = "dropout"
+    prefix = "dropout"
+
+    def __init__(self, rate, name=None):
+        super().__init__(name)
+        self.rate = _real(rate, "Dropout rate", 0.0, 1.0, high_open=True)
+
+    def native(self, input_shapes):
+        return {"reals": [self.rate]}
+
+    def config(self):
+        return {"rate": self.rate}
