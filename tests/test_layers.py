@@ -540,3 +540,42 @@ def test_conv_relu_matches_reference(device, rng, stride, rows, shared):
     assert R.rel_err(g["input"], dx) < 1e-4
     assert R.rel_err(g["c.weight"], grads["weight"]) < 1e-4 and R.rel_err(g["c.bias"], grads["bias"]) < 1e-4
     assert R.rel_err(engine.predict(x), y) < 1e-5
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_engine_keeps_working_in_a_forked_child(device, rng):
+    """A child forked after the engine started its worker threads has none of them: it must
+    compute the same gradients (on one thread) instead of waiting for workers forever."""
+    import os
+    import pickle
+    import select
+    import signal
+    model = mpscy.Sequential([layers.Conv2D(8, 3, padding=1), layers.ReLU(), layers.Dense(3)], input_shape=(3, 9, 9))
+    engine = mpscy.Engine(model, loss="sparse_cross_entropy", batch_size=16, device=device, seed=0)
+    x = rng.standard_normal((16, 3, 9, 9)).astype(np.float32)
+    y = rng.integers(0, 3, 16)
+    engine.step(x, y)
+    expect = engine.gradients(x, y)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        try:
+            os.write(write, pickle.dumps(engine.gradients(x, y)))
+        finally:
+            os._exit(0)
+    os.close(write)
+    ready, _, _ = select.select([read], [], [], 30)
+    if not ready:
+        os.kill(pid, signal.SIGKILL)
+    data = b""
+    while ready:
+        chunk = os.read(read, 1 << 16)
+        if not chunk:
+            break
+        data += chunk
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert ready, "the forked child hung"
+    got = pickle.loads(data)
+    for k, v in expect.items():
+        assert R.rel_err(got[k], v) < 1e-5, k

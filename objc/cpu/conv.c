@@ -309,8 +309,7 @@ void cpu_conv_backward(cpu_graph *gr, const mpscy_node *n, int64_t b) {
                   r >= 0 ? gr->y[r] : NULL, b, conv_chunk(&g, gr->plan.batch, gr->plan.threads), 0, n->accum[0],
                   r >= 0};
     j.wst = conv_slice(&g, j.chunk);
-    cpu_parallel(gr->pool, conv_backward_task, &j);
-    int32_t nt = cpu_pool_threads(gr->pool);
+    int32_t nt = cpu_parallel(gr->pool, conv_backward_task, &j);
     for (int32_t t = 1; t < nt; t++) {  /* sum the partial weight and bias gradients */
         const float *pw = partial_dw(&j, t), *pb = j.db ? partial_db(&j, t) : NULL;
         for (int64_t k = 0; k < g.oc * g.kg; k++) j.dw[k] += pw[k];

@@ -17,13 +17,13 @@ typedef struct cpu_device {
 } cpu_device;
 
 /* parallel.c: worker threads of one graph; cpu_parallel runs fn(ctx, t, nt) for t in 0..nt-1
- * (t = 0 on the caller) and returns when all are done. A NULL pool runs fn(ctx, 0, 1). */
+ * (t = 0 on the caller), returns when all are done, and returns nt. A NULL pool, a nested call
+ * or a forked child runs fn(ctx, 0, 1). */
 typedef struct cpu_pool cpu_pool;
 typedef void (*cpu_task)(void *ctx, int32_t t, int32_t nt);
 int cpu_pool_create(int32_t threads, cpu_pool **out);
 void cpu_pool_destroy(cpu_pool *p);
-int32_t cpu_pool_threads(const cpu_pool *p);
-void cpu_parallel(cpu_pool *p, cpu_task fn, void *ctx);
+int32_t cpu_parallel(cpu_pool *p, cpu_task fn, void *ctx);
 /* [lo, hi): part t of nt of the range [0, n) */
 void cpu_split(int64_t n, int32_t t, int32_t nt, int64_t *lo, int64_t *hi);
 /* Row-major sgemm split over the pool: c (m, n) = alpha op(a) op(b) + beta c. */

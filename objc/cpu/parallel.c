@@ -24,6 +24,7 @@
 
 struct cpu_pool {
     int32_t n;                    /* threads, the caller included */
+    int fork_generation;          /* fork_generation when the workers were started */
     pthread_t threads[MAX_THREADS];
     _Atomic unsigned generation;  /* bumped once per parallel region */
     _Atomic int pending;          /* workers still running the current region */
@@ -41,6 +42,13 @@ typedef struct worker_arg {
 } worker_arg;
 
 static _Thread_local int in_region;   /* nested cpu_parallel calls run inline */
+
+/* A forked child has none of its parent's workers: its pools then run everything inline and
+ * are freed without joining. Bumped by a pthread_atfork handler registered once. */
+static volatile int fork_generation;
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+static void after_fork_child(void) { fork_generation++; }
+static void register_atfork(void) { pthread_atfork(NULL, NULL, after_fork_child); }
 
 static void *worker(void *arg) {
     worker_arg *w = arg;
@@ -73,9 +81,11 @@ int cpu_pool_create(int32_t threads, cpu_pool **out) {
     mpscy_blas_set_threads(1);  /* all parallelism is ours, with or without a pool */
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads <= 1) return MPSCY_OK;  /* no pool: everything runs on the caller */
+    pthread_once(&atfork_once, register_atfork);
     struct cpu_pool *p = calloc(1, sizeof *p);
     if (!p) return MPSCY_OOM;
     p->n = 1;
+    p->fork_generation = fork_generation;
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->cv, NULL);
     for (int32_t t = 1; t < threads; t++) {
@@ -95,6 +105,10 @@ int cpu_pool_create(int32_t threads, cpu_pool **out) {
 
 void cpu_pool_destroy(cpu_pool *p) {
     if (!p) return;
+    if (p->fork_generation != fork_generation) {  /* the workers belong to the parent process */
+        free(p);
+        return;
+    }
     pthread_mutex_lock(&p->mu);
     atomic_store(&p->stop, 1);
     pthread_cond_broadcast(&p->cv);
@@ -105,12 +119,10 @@ void cpu_pool_destroy(cpu_pool *p) {
     free(p);
 }
 
-int32_t cpu_pool_threads(const cpu_pool *p) { return p ? p->n : 1; }
-
-void cpu_parallel(cpu_pool *p, cpu_task fn, void *ctx) {
-    if (!p || in_region) {
+int32_t cpu_parallel(cpu_pool *p, cpu_task fn, void *ctx) {
+    if (!p || in_region || p->fork_generation != fork_generation) {
         fn(ctx, 0, 1);
-        return;
+        return 1;
     }
     p->fn = fn;
     p->ctx = ctx;
@@ -126,6 +138,7 @@ void cpu_parallel(cpu_pool *p, cpu_task fn, void *ctx) {
         if (spins < SPIN_ROUNDS) CPU_RELAX();
         else sched_yield();  /* a worker lost its core: let it run */
     }
+    return p->n;
 }
 
 void cpu_split(int64_t n, int32_t t, int32_t nt, int64_t *lo, int64_t *hi) {
