@@ -40,6 +40,12 @@ static void act_forward(int kind, float *restrict y, const float *restrict x, in
 /* d where v > 0, else 0; both operands are loaded, so the select vectorizes */
 static inline float select_pos(float v, float d) { return v > 0.0f ? d : 0.0f; }
 
+/* d/dx of x sigmoid(x), times d */
+static inline float swish_grad(float x, float d) {
+    float s = 1.0f / (1.0f + expf(-x));
+    return d * s * (1.0f + x * (1.0f - s));
+}
+
 /* dx[i] = d (overwrite) or dx[i] += d (accumulate), as two loops so both vectorize */
 #define EACH(expr) \
     do { \
@@ -60,9 +66,7 @@ static void act_backward(int kind, float *restrict dx, const float *restrict dy,
     case MPSCY_LAYER_ELU: EACH(dy[i] * (x[i] > 0.0f ? 1.0f : y[i] + r)); break;
     case MPSCY_LAYER_SIGMOID: EACH(dy[i] * y[i] * (1.0f - y[i])); break;
     case MPSCY_LAYER_TANH: EACH(dy[i] * (1.0f - y[i] * y[i])); break;
-    case MPSCY_LAYER_SWISH:
-        EACH(dy[i] * (1.0f / (1.0f + expf(-x[i]))) * (1.0f + x[i] * (1.0f - 1.0f / (1.0f + expf(-x[i])))));
-        break;
+    case MPSCY_LAYER_SWISH: EACH(swish_grad(x[i], dy[i])); break;
     }
 }
 #undef EACH

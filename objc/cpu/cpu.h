@@ -21,7 +21,7 @@ typedef struct cpu_device {
  * or a forked child runs fn(ctx, 0, 1). */
 typedef struct cpu_pool cpu_pool;
 typedef void (*cpu_task)(void *ctx, int32_t t, int32_t nt);
-int cpu_pool_create(int32_t threads, cpu_pool **out);
+int cpu_pool_create(mpscy_device dev, int32_t threads, cpu_pool **out);
 void cpu_pool_destroy(cpu_pool *p);
 int32_t cpu_parallel(cpu_pool *p, cpu_task fn, void *ctx);
 /* [lo, hi): part t of nt of the range [0, n) */

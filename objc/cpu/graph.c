@@ -105,7 +105,7 @@ int cpu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph 
         cpu_graph_destroy(&g->base);
         return FAIL(MPSCY_OOM, "graph slabs of about %zu bytes", total);
     }
-    if (cpu_pool_create(p->threads, &g->pool) != MPSCY_OK) {
+    if (cpu_pool_create(dev, p->threads, &g->pool) != MPSCY_OK) {
         cpu_graph_destroy(&g->base);
         return FAIL(MPSCY_OOM, "worker pool of %d threads", p->threads);
     }

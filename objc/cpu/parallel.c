@@ -9,7 +9,6 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
-#include <stdlib.h>
 
 #if defined(__x86_64__) || defined(__i386__)
 #define CPU_RELAX() __builtin_ia32_pause()
@@ -22,8 +21,15 @@
 #define SPIN_ROUNDS 20000    /* about 100 us of polling before a worker sleeps */
 #define MAX_THREADS 64
 
+typedef struct worker_arg {
+    struct cpu_pool *pool;
+    int32_t id;
+} worker_arg;
+
 struct cpu_pool {
+    mpscy_device dev;             /* the pool's own bytes are counted on it (thread stacks are libc's) */
     int32_t n;                    /* threads, the caller included */
+    worker_arg args[MAX_THREADS];
     int fork_generation;          /* fork_generation when the workers were started */
     pthread_t threads[MAX_THREADS];
     _Atomic unsigned generation;  /* bumped once per parallel region */
@@ -36,10 +42,6 @@ struct cpu_pool {
     int sleepers;                 /* guarded by mu */
 };
 
-typedef struct worker_arg {
-    struct cpu_pool *pool;
-    int32_t id;
-} worker_arg;
 
 static _Thread_local int in_region;   /* nested cpu_parallel calls run inline */
 
@@ -51,10 +53,9 @@ static void after_fork_child(void) { fork_generation++; }
 static void register_atfork(void) { pthread_atfork(NULL, NULL, after_fork_child); }
 
 static void *worker(void *arg) {
-    worker_arg *w = arg;
+    const worker_arg *w = arg;
     struct cpu_pool *p = w->pool;
     int32_t id = w->id;
-    free(w);
     unsigned seen = 0;
     in_region = 1;
     for (;;) {
@@ -76,27 +77,23 @@ static void *worker(void *arg) {
     return NULL;
 }
 
-int cpu_pool_create(int32_t threads, cpu_pool **out) {
+int cpu_pool_create(mpscy_device dev, int32_t threads, cpu_pool **out) {
     *out = NULL;
     mpscy_blas_set_threads(1);  /* all parallelism is ours, with or without a pool */
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads <= 1) return MPSCY_OK;  /* no pool: everything runs on the caller */
     pthread_once(&atfork_once, register_atfork);
-    struct cpu_pool *p = calloc(1, sizeof *p);
+    struct cpu_pool *p = cpu_alloc(dev, sizeof *p);
     if (!p) return MPSCY_OOM;
+    p->dev = dev;
     p->n = 1;
     p->fork_generation = fork_generation;
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->cv, NULL);
-    for (int32_t t = 1; t < threads; t++) {
-        worker_arg *w = malloc(sizeof *w);
-        if (!w) break;
-        w->pool = p;
-        w->id = t;
-        if (pthread_create(&p->threads[t], NULL, worker, w) != 0) {
-            free(w);
-            break;
-        }
+    for (int32_t t = 1; t < threads; t++) {  /* fewer workers than asked is still a working pool */
+        p->args[t].pool = p;
+        p->args[t].id = t;
+        if (pthread_create(&p->threads[t], NULL, worker, &p->args[t]) != 0) break;
         p->n = t + 1;
     }
     *out = p;
@@ -106,7 +103,7 @@ int cpu_pool_create(int32_t threads, cpu_pool **out) {
 void cpu_pool_destroy(cpu_pool *p) {
     if (!p) return;
     if (p->fork_generation != fork_generation) {  /* the workers belong to the parent process */
-        free(p);
+        cpu_free(p->dev, p, sizeof *p);
         return;
     }
     pthread_mutex_lock(&p->mu);
@@ -116,7 +113,7 @@ void cpu_pool_destroy(cpu_pool *p) {
     for (int32_t t = 1; t < p->n; t++) pthread_join(p->threads[t], NULL);
     pthread_cond_destroy(&p->cv);
     pthread_mutex_destroy(&p->mu);
-    free(p);
+    cpu_free(p->dev, p, sizeof *p);
 }
 
 int32_t cpu_parallel(cpu_pool *p, cpu_task fn, void *ctx) {
