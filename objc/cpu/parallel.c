@@ -1,8 +1,8 @@
 /* parallel.c — the CPU backend's own worker threads (pthreads, no OpenMP): a pool started when a
  * graph is built and joined when it is destroyed, a fork-join `cpu_parallel` that runs one task
  * on every thread (the caller is thread 0), and a GEMM split over the pool, each part a
- * single-threaded BLAS call. BLAS itself is kept single-threaded, so its own idle threads never
- * spin against ours. Workers spin briefly between tasks, then sleep. */
+ * single-threaded BLAS call. OpenBLAS itself is kept single-threaded, so its idle threads never
+ * spin against ours (Accelerate manages its own). Workers spin briefly between tasks, then sleep. */
 #include "cpu.h"
 #include "blas.h"
 
