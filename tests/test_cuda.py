@@ -108,9 +108,36 @@ LAYER_MODELS = {
     "batchnorm": (lambda: [L.Dense(20), _maybe("BatchNorm")(), L.ReLU(), L.Dense(5)], (12,)),
     "batchnorm2d": (lambda: [_maybe("Conv2D")(4, 3, 1, 1), _maybe("BatchNorm")(), L.ReLU(), L.Flatten(),
                              L.Dense(5)], (2, 6, 6)),
-    "layernorm": (lambda: [L.Dense(20), _maybe("LayerNorm")(), L.GELU(), L.Dense(5)], (12,)),
+    "layernorm": (lambda: [L.Dense(20), _maybe("LayerNorm")(20), L.GELU(), L.Dense(5)], (12,)),
     "dropout": (lambda: [L.Dense(20), L.ReLU(), _maybe("Dropout")(0.3), L.Dense(5)], (12,)),
+    "conv_groups_dilation": (lambda: [_maybe("Conv2D")(4, 3, stride=2, padding=2, dilation=2, groups=2), L.ELU(),
+                                      _maybe("MaxPool2D")(3, stride=2, padding=1), L.Flatten(), L.Dense(5)], (4, 9, 9)),
+    "conv_relu_dense": (lambda: [_maybe("Conv2D")(5, 3, padding=1), L.ReLU(), L.Dense(16), L.ReLU(), L.Dense(5)],
+                        (2, 5, 5)),
+    "avgpool_no_pad_count": (lambda: [_maybe("AvgPool2D")(3, stride=2, padding=1, count_include_pad=False), L.Flatten(),
+                                      L.Dense(5)], (3, 8, 8)),
+    "layernorm_2d": (lambda: [_maybe("LayerNorm")((4, 6)), L.Flatten(), L.Dense(5)], (3, 4, 6)),
 }
+
+
+def _residual():
+    """A small residual DAG with Add and Concatenate, built with the functional API."""
+    if not hasattr(L, "Add") or not hasattr(L, "Concatenate"):
+        pytest.skip("merge layers are not in this mpscy")
+    inp = mpscy.Input((12,))
+    h = L.Dense(16)(inp)
+    a = L.ReLU()(h)
+    b = L.Dense(16)(a)
+    s = L.Add()(h, b)
+    c = L.Concatenate()(s, a)
+    out = L.Dense(5)(L.Tanh()(c))
+    return mpscy.Model(inp, out)
+
+
+@cuda_only
+def test_residual_add_concat_matches_cpu(rng):
+    engines = [mpscy.Engine(_residual(), batch_size=16, device=d, seed=3) for d in ("cpu", "cuda")]
+    compare_training(*engines, rng, rows=[16, 9])
 
 
 @cuda_only

@@ -83,7 +83,9 @@ typedef struct cu_graph {
     double scalars[MPSCY_MAX_SCALARS]; /* optimizer scalars on the host; scalars[0] = step count */
     double mu_next;            /* NAdam: mu_product after the step in flight */
     float *act, *dact, *save;
-    float *ws;                 /* layer workspace */
+    float *ws;                 /* layer workspace (the largest any layer needs; main stream only) */
+    float *colbuf;             /* each convolution's im2col columns, kept from forward to backward */
+    int64_t col_floats, *col_off;
     int64_t ws_floats;
     void *lt_ws[2];            /* cuBLASLt workspaces of the main and side streams */
     size_t lt_ws_bytes;
@@ -149,7 +151,8 @@ typedef struct cu_layer_ops {
     int (*forward)(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
     int (*backward)(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);
     int64_t (*workspace)(const mpscy_plan *p, const mpscy_node *n);
-    int (*commit)(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);
+    /* always = 0: only when the device decided the step is applied; 1: unconditionally (L-BFGS) */
+    int (*commit)(cu_graph *g, const mpscy_node *n, int64_t b, int always, char *err, size_t en);
 } cu_layer_ops;
 
 extern const cu_layer_ops cu_layers[MPSCY_LAYER_KIND_COUNT];
@@ -161,6 +164,22 @@ int cu_activation_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train
 int cu_activation_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);
 int cu_flatten_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
 int cu_flatten_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);
+int cu_conv_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
+int cu_conv_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);
+int64_t cu_conv_workspace(const mpscy_plan *p, const mpscy_node *n);
+int64_t cu_conv_columns(const mpscy_plan *p, const mpscy_node *n);  /* floats of its kept im2col */
+void cu_conv_gemm_need(const cu_graph *g, const mpscy_node *n, int64_t *floats, int64_t *counters);
+int cu_pool_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
+int cu_pool_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);
+int cu_batchnorm_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
+int cu_batchnorm_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);
+int cu_batchnorm_commit(cu_graph *g, const mpscy_node *n, int64_t b, int always, char *err, size_t en);
+int cu_layernorm_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
+int cu_layernorm_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);
+int cu_dropout_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
+int cu_dropout_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);
+int cu_merge_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
+int cu_merge_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);
 
 /* gemm.cu: C (M, N, ldc) = A B with A(m, k) = a[m am + k ak] and B(k, n) = b[k bk + n bn], plus
  * the Dense epilogues; one kernel. */

@@ -53,6 +53,7 @@ void cu_graph_destroy(mpscy_graph gh) {
     cu_dev_free(dev, g->lt_ws[1], g->lt_ws_bytes);
     cu_dev_free(dev, g->scratch, sizeof(cu_scratch));
     cu_dev_free(dev, g->gws, slab_bytes(g->gws_floats));
+    cu_dev_free(dev, g->colbuf, slab_bytes(g->col_floats));
     cu_dev_free(dev, g->gcount, slab_bytes(g->gcount_n));
     cu_dev_free(dev, g->stage_d, g->stage_bytes);
     cu_pinned_free(dev, g->stage_h, g->stage_bytes);
@@ -78,12 +79,12 @@ static void plan_fusions(cu_graph *g) {
     mpscy_plan *p = &g->plan;
     for (int32_t i = 0; i < p->n_nodes; i++) {
         mpscy_node *node = &p->nodes[i];
-        if (node->kind == MPSCY_LAYER_DENSE) {
+        if (node->kind == MPSCY_LAYER_DENSE || node->kind == MPSCY_LAYER_CONV2D) {
             int32_t j = only_consumer(p, i);
             if (j >= 0 && p->nodes[j].kind == MPSCY_LAYER_RELU) {
                 g->fuse[i] |= CU_FUSE_RELU;
                 g->fuse[j] |= CU_SKIP;
-                g->y[j] = g->y[i];  /* the GEMM writes max(0, x W^T + b) there */
+                g->y[j] = g->y[i];  /* the product's epilogue writes max(0, . + b) there */
             }
         } else if (node->kind == MPSCY_LAYER_FLATTEN) {
             g->fuse[i] |= CU_SKIP;
@@ -147,6 +148,14 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     g->gemm_mode = gm && !strcmp(gm, "own") ? 1 : gm && !strcmp(gm, "cublas") ? 0 : 2;
     for (int32_t i = 0; i < p->n_nodes; i++) {
         const mpscy_node *node = &p->nodes[i];
+        if (node->kind == MPSCY_LAYER_CONV2D) {
+            int64_t f, c;
+            cu_conv_gemm_need(g, node, &f, &c);
+            g->gws_floats += f;
+            g->gcount_n += c;
+            g->col_floats += cu_conv_columns(p, node);
+            continue;
+        }
         if (node->kind != MPSCY_LAYER_DENSE) continue;
         int64_t B = p->batch, in = p->nodes[node->in[0]].size, out = node->size, f, c;
         int64_t shapes[3][4] = {{B, out, in, 0}, {B, in, out, 0}, {out, in, B, (node->flags & MPSCY_FLAG_BIAS) != 0}};
@@ -162,7 +171,7 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
             g->gcount_n += c;
         }
     }
-    g->tables_bytes = 2 * (size_t)p->n_nodes * sizeof(float *) + 2 * (size_t)p->n_nodes +
+    g->tables_bytes = 2 * (size_t)p->n_nodes * sizeof(float *) + (size_t)p->n_nodes * sizeof(int64_t) + 2 * (size_t)p->n_nodes +
                       (size_t)(2 * p->n_inputs + 2) * sizeof(cu_buffer) + 16;
 
     st = MPSCY_OK;
@@ -179,6 +188,7 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     DEV(g->lt_ws[1], g->lt_ws_bytes);
     DEV(g->scratch, sizeof(cu_scratch));
     DEV(g->gws, slab_bytes(g->gws_floats));
+    DEV(g->colbuf, slab_bytes(g->col_floats));
     DEV(g->gcount, slab_bytes(g->gcount_n));
     DEV(g->stage_d, g->stage_bytes);
     PIN(g->stage_h, g->stage_bytes);
@@ -205,7 +215,8 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     g->params_h = (cu_params *)g->stage_h;
     g->params_d = (cu_params *)g->stage_d;
     g->dy = g->y + p->n_nodes;
-    g->io_bufs = (cu_buffer *)(((uintptr_t)(g->dy + p->n_nodes) + 15) & ~(uintptr_t)15);
+    g->col_off = (int64_t *)(g->dy + p->n_nodes);
+    g->io_bufs = (cu_buffer *)(((uintptr_t)(g->col_off + p->n_nodes) + 15) & ~(uintptr_t)15);
     g->fuse = (uint8_t *)(g->io_bufs + 2 * p->n_inputs + 2);
     g->dz_ready = g->fuse + p->n_nodes;
 
@@ -223,6 +234,12 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
         g->dy[i] = node->grad ? g->dact + node->dout : NULL;
     }
     plan_fusions(g);
+    int64_t at = 0;
+    for (int32_t i = 0; i < p->n_nodes; i++)
+        if (p->nodes[i].kind == MPSCY_LAYER_CONV2D) {
+            g->col_off[i] = at;
+            at += cu_conv_columns(p, &p->nodes[i]);
+        }
 
     cu_buffer *tb = &g->io_bufs[p->n_inputs], *ob = &g->io_bufs[p->n_inputs + 1];
     tb->base.bytes = (size_t)p->batch * p->target_size * 4;

@@ -228,7 +228,7 @@ static int evaluate(cu_graph *g, const mpscy_step_args *a, mpscy_step_result *r,
     }
     for (int32_t i = 0; i < p->n_nodes; i++)
         if (cu_layers[p->nodes[i].kind].commit &&
-            (st = cu_layers[p->nodes[i].kind].commit(g, &p->nodes[i], a->batch, err, en)) != MPSCY_OK)
+            (st = cu_layers[p->nodes[i].kind].commit(g, &p->nodes[i], a->batch, 1, err, en)) != MPSCY_OK)
             return st;
     float *reg = g->optim + L->reg[a->lbfgs_reg];
     if ((st = copy(g, reg, gr, (size_t)n * sizeof(float), err, en)) != MPSCY_OK ||

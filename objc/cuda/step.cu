@@ -67,7 +67,7 @@ static int enqueue(cu_graph *g, int kind, int64_t b, char *err, size_t en) {
     if (kind == CU_KIND_GRAD) return MPSCY_OK;
     for (int32_t i = 0; i < p->n_nodes; i++)
         if (cu_layers[p->nodes[i].kind].commit &&
-            (st = cu_layers[p->nodes[i].kind].commit(g, &p->nodes[i], b, err, en)) != MPSCY_OK)
+            (st = cu_layers[p->nodes[i].kind].commit(g, &p->nodes[i], b, 0, err, en)) != MPSCY_OK)
             return st;
     return MPSCY_OK;
 }

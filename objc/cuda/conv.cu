@@ -1,0 +1,213 @@
+/* conv.cu — Conv2D on CUDA (NCHW, weight (OC, C / groups, KH, KW) as in PyTorch) as im2col +
+ * GEMM: the columns (K, b*OHW), K = C*KH*KW rows ordered (c, ki, kj), are built once per step
+ * and kept for backward (one buffer per convolution); one product per group gives (OC, b*OHW),
+ * and one kernel scatters it to NCHW with the bias and, when a ReLU is the only consumer, the
+ * ReLU. Backward: one kernel gathers dz (masked by that ReLU) to (OC, b*OHW) with the bias
+ * gradient, then dW = dz col^T and dcol = W^T dz, and col2im gathers dx (no atomics, so the
+ * sums are deterministic). Products run as the own kernel or cuBLASLt by size, as Dense's. */
+#include "cuda.h"
+#include "blas.h"
+#include "reduce.h"
+
+struct conv_geom {
+    int64_t c, h, w, oc, oh, ow, ohw, kh, kw, sh, sw, ph, pw, dh, dw, groups, ocg, k, kg;
+};
+
+static conv_geom geom(const mpscy_plan *p, const mpscy_node *n) {
+    const mpscy_node *a = &p->nodes[n->in[0]];
+    const int32_t *q = n->ints;  /* out_c, kh, kw, sh, sw, ph, pw, dh, dw, groups */
+    conv_geom g;
+    g.c = a->shape[0]; g.h = a->shape[1]; g.w = a->shape[2];
+    g.oc = n->shape[0]; g.oh = n->shape[1]; g.ow = n->shape[2];
+    g.ohw = g.oh * g.ow;
+    g.kh = q[1]; g.kw = q[2]; g.sh = q[3]; g.sw = q[4]; g.ph = q[5]; g.pw = q[6];
+    g.dh = q[7]; g.dw = q[8]; g.groups = q[9];
+    g.ocg = g.oc / g.groups;
+    g.k = g.c * g.kh * g.kw;
+    g.kg = g.k / g.groups;
+    return g;
+}
+
+__global__ void im2col_kernel(float *col, const float *x, conv_geom g, int64_t b) {
+    // col (K, b*OHW), x (b, C, H, W)
+    cu_pdl_enter();
+    int64_t nb = b * g.ohw, total = g.k * nb;
+    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
+        int64_t r = e / nb, j = e % nb;
+        int64_t kj = r % g.kw, ki = (r / g.kw) % g.kh, c = r / (g.kw * g.kh);
+        int64_t s = j / g.ohw, o = j % g.ohw, oh = o / g.ow, ow = o % g.ow;
+        int64_t ih = oh * g.sh - g.ph + ki * g.dh, iw = ow * g.sw - g.pw + kj * g.dw;
+        col[e] = ih >= 0 && ih < g.h && iw >= 0 && iw < g.w ? x[((s * g.c + c) * g.h + ih) * g.w + iw] : 0.0f;
+    }
+}
+
+/* dx (b, C, H, W) from dcol (K, b*OHW): each input element sums the taps that read it. */
+__global__ void col2im_kernel(float *dx, const float *dcol, conv_geom g, int64_t b, int accum) {
+    cu_pdl_enter();
+    int64_t nb = b * g.ohw, total = b * g.c * g.h * g.w;
+    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
+        int64_t iw = e % g.w, ih = (e / g.w) % g.h, c = (e / (g.w * g.h)) % g.c, s = e / (g.w * g.h * g.c);
+        float v = 0.0f;
+        for (int64_t ki = 0; ki < g.kh; ki++) {
+            int64_t th = ih + g.ph - ki * g.dh;
+            if (th < 0 || th % g.sh) continue;
+            int64_t oh = th / g.sh;
+            if (oh >= g.oh) continue;
+            for (int64_t kj = 0; kj < g.kw; kj++) {
+                int64_t tw = iw + g.pw - kj * g.dw;
+                if (tw < 0 || tw % g.sw) continue;
+                int64_t ow = tw / g.sw;
+                if (ow >= g.ow) continue;
+                v += dcol[((c * g.kh + ki) * g.kw + kj) * nb + s * g.ohw + oh * g.ow + ow];
+            }
+        }
+        dx[e] = accum ? dx[e] + v : v;
+    }
+}
+
+/* y (b, OC, OHW) = yt (OC, b*OHW) + bias, through the fused ReLU when relu. */
+__global__ void conv_out_kernel(float *y, const float *yt, const float *bias, int64_t b, int64_t oc, int64_t ohw, int relu) {
+    cu_pdl_enter();
+    int64_t total = b * oc * ohw;
+    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
+        int64_t i = e % ohw, o = (e / ohw) % oc, s = e / (ohw * oc);
+        float v = yt[o * b * ohw + s * ohw + i] + (bias ? bias[o] : 0.0f);
+        y[e] = relu && !(v > 0.0f) ? 0.0f : v;
+    }
+}
+
+/* dzt (OC, b*OHW) from dy (b, OC, OHW), zeroed where the fused ReLU's output ry <= 0, and the
+ * bias gradient db (OC): one block per channel. */
+__global__ void conv_dz_kernel(float *dzt, float *db, const float *dy, const float *ry, int64_t b, int64_t oc, int64_t ohw) {
+    cu_pdl_enter();
+    int64_t o = blockIdx.x, nb = b * ohw;
+    float s = 0.0f;
+    for (int64_t j = threadIdx.x; j < nb; j += blockDim.x) {
+        int64_t src = (j / ohw) * oc * ohw + o * ohw + j % ohw;
+        float v = dy[src];
+        if (ry && !(ry[src] > 0.0f)) v = 0.0f;
+        dzt[o * nb + j] = v;
+        s += v;
+    }
+    s = block_sum(s);
+    if (db && threadIdx.x == 0) db[o] = s;
+}
+
+int64_t cu_conv_workspace(const mpscy_plan *p, const mpscy_node *n) {
+    conv_geom g = geom(p, n);
+    return (g.oc + g.k) * p->batch * g.ohw;  /* yt or dzt (OC, B*OHW), then dcol (K, B*OHW) */
+}
+
+/* the three products of a group, as the own kernel or cuBLASLt (decided by the built batch) */
+enum { CONV_FWD, CONV_DW, CONV_DCOL };
+
+static int conv_gemm(cu_graph *gr, int which, const conv_geom &g, int64_t nb, int64_t nb_built, float *c,
+                     const float *w, const float *col, const float *dzt, char *err, size_t en) {
+    int64_t M, N, K;
+    if (which == CONV_FWD) { M = g.ocg; N = nb; K = g.kg; }
+    else if (which == CONV_DW) { M = g.ocg; N = g.kg; K = nb; }
+    else { M = g.kg; N = nb; K = g.ocg; }
+    /* decided at the built batch, as graph.cu planned the partials */
+    int64_t Nb = which == CONV_DW ? N : nb_built, Kb = which == CONV_DW ? nb_built : K;
+    if (cu_gemm_small_wanted(gr, M, Nb, Kb)) {
+        cu_small_gemm q = {};
+        q.c = c; q.m = M; q.n = N; q.k = K;
+        if (which == CONV_FWD) {  /* yt (ocg, nb) = W (ocg, kg) col (kg, nb) */
+            q.a = w; q.am = g.kg; q.ak = 1; q.b = col; q.bk = nb; q.bn = 1; q.ldc = nb;
+        } else if (which == CONV_DW) {  /* dW (ocg, kg) = dzt (ocg, nb) col^T (nb, kg) */
+            q.a = dzt; q.am = nb; q.ak = 1; q.b = col; q.bk = 1; q.bn = nb; q.ldc = g.kg;
+        } else {  /* dcol (kg, nb) = W^T (kg, ocg) dzt (ocg, nb) */
+            q.a = w; q.am = 1; q.ak = g.kg; q.b = dzt; q.bk = nb; q.bn = 1; q.ldc = nb;
+        }
+        return cu_gemm_small(gr, gr->stream, &q, err, en);
+    }
+    /* column-major views: a row-major (r, cols) matrix is (cols x r) with ld = cols */
+    cu_gemm q = {};
+    q.epilogue = CUBLASLT_EPILOGUE_DEFAULT;
+    if (which == CONV_FWD) {  /* D (nb x ocg) = col (nb x kg) . W (kg x ocg) */
+        q.m = nb; q.n = g.ocg; q.k = g.kg; q.a = col; q.lda = nb; q.b = w; q.ldb = g.kg; q.ldd = nb;
+    } else if (which == CONV_DW) {  /* D (kg x ocg) = col^T (kg x nb) . dzt (nb x ocg) */
+        q.transa = 1; q.m = g.kg; q.n = g.ocg; q.k = nb; q.a = col; q.lda = nb; q.b = dzt; q.ldb = nb; q.ldd = g.kg;
+    } else {  /* D (nb x kg) = dzt (nb x ocg) . W^T (ocg x kg) */
+        q.transb = 1; q.m = nb; q.n = g.kg; q.k = g.ocg; q.a = dzt; q.lda = nb; q.b = w; q.ldb = g.kg; q.ldd = nb;
+    }
+    q.d = c;
+    return cu_gemm_run(gr, &q, 0, err, en);
+}
+
+int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, char *err, size_t en) {
+    (void)train;
+    const mpscy_plan *p = &gr->plan;
+    int64_t i = cu_node_index(gr, n);
+    conv_geom g = geom(p, n);
+    int64_t nb = b * g.ohw;
+    float *col = gr->colbuf + gr->col_off[i];                 // (K, nb)
+    float *yt = gr->ws;                                        // (OC, nb)
+    const float *w = cu_tensor(gr, n, MPSCY_ROLE_PARAM, 0);    // (OC, kg)
+    const float *bias = cu_tensor(gr, n, MPSCY_ROLE_PARAM, 1); // (OC) or NULL
+    CU_TRY(cu_launch(gr, im2col_kernel, cu_blocks(g.k * nb, CU_THREADS, 8192), CU_THREADS, gr->stream, col,
+                     (const float *)gr->y[n->in[0]], g, b),
+           "im2col");
+    int st = CU_LAUNCHED("im2col");
+    for (int64_t gi = 0; gi < g.groups && st == MPSCY_OK; gi++)
+        st = conv_gemm(gr, CONV_FWD, g, nb, p->batch * g.ohw, yt + gi * g.ocg * nb, w + gi * g.ocg * g.kg,
+                       col + gi * g.kg * nb, NULL, err, en);
+    if (st != MPSCY_OK) return st;
+    int relu = (gr->fuse[i] & CU_FUSE_RELU) != 0;
+    CU_TRY(cu_launch(gr, conv_out_kernel, cu_blocks(b * g.oc * g.ohw, CU_THREADS, 8192), CU_THREADS, gr->stream,
+                     gr->y[i], (const float *)yt, bias, b, g.oc, g.ohw, relu),
+           "conv_out");
+    return CU_LAUNCHED("conv_out");
+}
+
+int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, size_t en) {
+    const mpscy_plan *p = &gr->plan;
+    int64_t i = cu_node_index(gr, n);
+    conv_geom g = geom(p, n);
+    int64_t nb = b * g.ohw;
+    const float *col = gr->colbuf + gr->col_off[i];            // (K, nb)
+    float *dzt = gr->ws, *dcol = gr->ws + g.oc * nb;           // (OC, nb), (K, nb)
+    const float *w = cu_tensor(gr, n, MPSCY_ROLE_PARAM, 0);
+    float *dw = cu_tensor_grad(gr, n, 0), *db = cu_tensor_grad(gr, n, 1);
+    float *dx = gr->dy[n->in[0]];
+    /* a fused ReLU: the gradient arrives at the ReLU node, masked by its output (aliased to ours) */
+    int32_t r = -1;
+    if ((gr->fuse[i] & CU_FUSE_RELU) && !gr->dz_ready[i])  /* else a Dense above wrote our dz, masked */
+        for (int32_t k = (int32_t)i + 1; k < p->n_nodes && r < 0; k++)
+            if (p->nodes[k].kind == MPSCY_LAYER_RELU && p->nodes[k].in[0] == i) r = k;
+    const float *dy = gr->dy[r >= 0 ? r : i], *ry = r >= 0 ? gr->y[r] : NULL;
+    CU_TRY(cu_launch(gr, conv_dz_kernel, dim3((unsigned)g.oc), CU_THREADS, gr->stream, dzt, db, dy, ry, b, g.oc, g.ohw),
+           "conv_dz");
+    int st = CU_LAUNCHED("conv_dz");
+    for (int64_t gi = 0; gi < g.groups && st == MPSCY_OK; gi++) {
+        st = conv_gemm(gr, CONV_DW, g, nb, p->batch * g.ohw, dw + gi * g.ocg * g.kg, NULL, col + gi * g.kg * nb,
+                       dzt + gi * g.ocg * nb, err, en);
+        if (st == MPSCY_OK && dx)
+            st = conv_gemm(gr, CONV_DCOL, g, nb, p->batch * g.ohw, dcol + gi * g.kg * nb, w + gi * g.ocg * g.kg, NULL,
+                           dzt + gi * g.ocg * nb, err, en);
+    }
+    if (st != MPSCY_OK || !dx) return st;
+    CU_TRY(cu_launch(gr, col2im_kernel, cu_blocks(b * g.c * g.h * g.w, CU_THREADS, 8192), CU_THREADS, gr->stream, dx,
+                     (const float *)dcol, g, b, (int)n->accum[0]),
+           "col2im");
+    return CU_LAUNCHED("col2im");
+}
+
+/* floats of split-K partials (and counters) the own-kernel products of a convolution may take */
+void cu_conv_gemm_need(const cu_graph *gr, const mpscy_node *n, int64_t *floats, int64_t *counters) {
+    conv_geom g = geom(&gr->plan, n);
+    int64_t nb = gr->plan.batch * g.ohw, f, c;
+    int64_t shapes[3][3] = {{g.ocg, nb, g.kg}, {g.ocg, g.kg, nb}, {g.kg, nb, g.ocg}};
+    *floats = *counters = 0;
+    for (int k = 0; k < 3; k++)
+        if (cu_gemm_small_wanted(gr, shapes[k][0], shapes[k][1], shapes[k][2])) {
+            cu_gemm_small_need(gr->dev->sms, shapes[k][0], shapes[k][1], shapes[k][2], 0, &f, &c);
+            *floats += f * g.groups;
+            *counters += c * g.groups;
+        }
+}
+
+int64_t cu_conv_columns(const mpscy_plan *p, const mpscy_node *n) {
+    conv_geom g = geom(p, n);
+    return g.k * p->batch * g.ohw;
+}

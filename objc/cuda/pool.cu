@@ -1,0 +1,151 @@
+/* pool.cu — MaxPool2D, AvgPool2D and GlobalAvgPool2D on CUDA, NCHW, as cpu/pool.c defines them
+ * (floor mode; max pooling sends each gradient to the first maximum, a NaN winning; average
+ * pooling divides by KH*KW or, without count_include_pad, by the in-bounds taps). Backward
+ * gathers: each input element sums the outputs whose window holds it, in a fixed order, so no
+ * atomics and the same result every run. MaxPool saves the argmax of every output element. */
+#include "cuda.h"
+#include "reduce.h"
+
+#include <math.h>
+
+struct pool_geom {
+    int64_t planes, h, w, oh, ow, kh, kw, sh, sw, ph, pw;
+    int include_pad, max;
+};
+
+static pool_geom geom(const cu_graph *g, const mpscy_node *n, int64_t b) {
+    const mpscy_node *a = &g->plan.nodes[n->in[0]];
+    const int32_t *q = n->ints;  /* kh, kw, sh, sw, ph, pw [, count_include_pad] */
+    pool_geom p = {b * a->shape[0], a->shape[1], a->shape[2], n->shape[1], n->shape[2], q[0], q[1], q[2], q[3], q[4],
+                   q[5], n->kind == MPSCY_LAYER_AVGPOOL2D ? q[6] : 0, n->kind == MPSCY_LAYER_MAXPOOL2D};
+    return p;
+}
+
+static __device__ float avg_window(const pool_geom &p, int64_t oh, int64_t ow, int64_t *h0, int64_t *h1, int64_t *w0,
+                                   int64_t *w1) {
+    int64_t hs = oh * p.sh - p.ph, ws = ow * p.sw - p.pw;
+    *h0 = hs < 0 ? 0 : hs;
+    *w0 = ws < 0 ? 0 : ws;
+    *h1 = hs + p.kh < p.h ? hs + p.kh : p.h;
+    *w1 = ws + p.kw < p.w ? ws + p.kw : p.w;
+    int64_t count = p.include_pad ? p.kh * p.kw : (*h1 - *h0) * (*w1 - *w0);
+    return 1.0f / (float)count;
+}
+
+__global__ void pool_forward(float *y, int32_t *arg, const float *x, pool_geom p) {
+    // y (planes, OH, OW), arg (planes, OH, OW) flat index into the input plane (max), x (planes, H, W)
+    cu_pdl_enter();
+    int64_t total = p.planes * p.oh * p.ow;
+    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
+        int64_t ow = e % p.ow, oh = (e / p.ow) % p.oh, c = e / (p.ow * p.oh);
+        const float *xc = x + c * p.h * p.w;
+        if (p.max) {
+            int64_t h0 = oh * p.sh - p.ph, w0 = ow * p.sw - p.pw, best = -1;
+            float m = -INFINITY;
+            for (int64_t i = h0 < 0 ? 0 : h0; i < h0 + p.kh && i < p.h; i++)
+                for (int64_t j = w0 < 0 ? 0 : w0; j < w0 + p.kw && j < p.w; j++) {
+                    float v = xc[i * p.w + j];
+                    if (best < 0 || v > m || isnan(v)) {
+                        m = v;
+                        best = i * p.w + j;
+                    }
+                }
+            y[e] = m;
+            arg[e] = (int32_t)best;
+        } else {
+            int64_t h0, h1, w0, w1;
+            float inv = avg_window(p, oh, ow, &h0, &h1, &w0, &w1), s = 0.0f;
+            for (int64_t i = h0; i < h1; i++)
+                for (int64_t j = w0; j < w1; j++) s += xc[i * p.w + j];
+            y[e] = s * inv;
+        }
+    }
+}
+
+__global__ void pool_backward(float *dx, const float *dy, const int32_t *arg, pool_geom p, int accum) {
+    // dx (planes, H, W), dy (planes, OH, OW), arg (planes, OH, OW) for max pooling
+    cu_pdl_enter();
+    int64_t total = p.planes * p.h * p.w;
+    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
+        int64_t w = e % p.w, h = (e / p.w) % p.h, c = e / (p.w * p.h);
+        /* outputs whose window [o*s - pad, o*s - pad + k) holds this row / column */
+        int64_t oh0 = h + p.ph - p.kh + 1, ow0 = w + p.pw - p.kw + 1;
+        oh0 = oh0 <= 0 ? 0 : (oh0 + p.sh - 1) / p.sh;
+        ow0 = ow0 <= 0 ? 0 : (ow0 + p.sw - 1) / p.sw;
+        int64_t oh1 = (h + p.ph) / p.sh, ow1 = (w + p.pw) / p.sw;
+        if (oh1 > p.oh - 1) oh1 = p.oh - 1;
+        if (ow1 > p.ow - 1) ow1 = p.ow - 1;
+        float v = 0.0f;
+        for (int64_t oh = oh0; oh <= oh1; oh++)
+            for (int64_t ow = ow0; ow <= ow1; ow++) {
+                int64_t o = (c * p.oh + oh) * p.ow + ow;
+                if (p.max) {
+                    if (arg[o] == h * p.w + w) v += dy[o];
+                } else {
+                    int64_t h0, h1, w0, w1;
+                    float inv = avg_window(p, oh, ow, &h0, &h1, &w0, &w1);
+                    if (h >= h0 && h < h1 && w >= w0 && w < w1) v += dy[o] * inv;
+                }
+            }
+        dx[e] = accum ? dx[e] + v : v;
+    }
+}
+
+/* one warp per (sample, channel) plane */
+__global__ void global_avgpool_forward(float *y, const float *x, int64_t planes, int64_t hw) {
+    // y (planes), x (planes, HW)
+    cu_pdl_enter();
+    int64_t c = blockIdx.x * (int64_t)(blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (c >= planes) return;
+    float s = 0.0f;
+    for (int64_t k = threadIdx.x & 31; k < hw; k += 32) s += x[c * hw + k];
+    s = warp_sum(s);
+    if ((threadIdx.x & 31) == 0) y[c] = s / (float)hw;
+}
+
+__global__ void global_avgpool_backward(float *dx, const float *dy, int64_t planes, int64_t hw, int accum) {
+    // dx (planes, HW), dy (planes)
+    cu_pdl_enter();
+    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < planes * hw; e += (int64_t)gridDim.x * blockDim.x) {
+        float d = dy[e / hw] / (float)hw;
+        dx[e] = accum ? dx[e] + d : d;
+    }
+}
+
+int cu_pool_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en) {
+    (void)train;
+    int64_t i = cu_node_index(g, n);
+    const float *x = g->y[n->in[0]];
+    if (n->kind == MPSCY_LAYER_GLOBALAVGPOOL2D) {
+        const mpscy_node *src = &g->plan.nodes[n->in[0]];
+        int64_t planes = b * src->shape[0], hw = src->shape[1] * src->shape[2];
+        CU_TRY(cu_launch(g, global_avgpool_forward, cu_blocks(planes, CU_THREADS / 32, 1 << 30), CU_THREADS, g->stream,
+                         g->y[i], x, planes, hw),
+               "global_avgpool_forward");
+        return CU_LAUNCHED("global_avgpool_forward");
+    }
+    pool_geom p = geom(g, n, b);
+    CU_TRY(cu_launch(g, pool_forward, cu_blocks(p.planes * p.oh * p.ow, CU_THREADS, 8192), CU_THREADS, g->stream, g->y[i],
+                     (int32_t *)(g->save + n->save), x, p),
+           "pool_forward");
+    return CU_LAUNCHED("pool_forward");
+}
+
+int cu_pool_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en) {
+    int64_t i = cu_node_index(g, n);
+    float *dx = g->dy[n->in[0]];
+    if (!dx) return MPSCY_OK;
+    if (n->kind == MPSCY_LAYER_GLOBALAVGPOOL2D) {
+        const mpscy_node *src = &g->plan.nodes[n->in[0]];
+        int64_t planes = b * src->shape[0], hw = src->shape[1] * src->shape[2];
+        CU_TRY(cu_launch(g, global_avgpool_backward, cu_blocks(planes * hw, CU_THREADS, 8192), CU_THREADS, g->stream, dx,
+                         (const float *)g->dy[i], planes, hw, (int)n->accum[0]),
+               "global_avgpool_backward");
+        return CU_LAUNCHED("global_avgpool_backward");
+    }
+    pool_geom p = geom(g, n, b);
+    CU_TRY(cu_launch(g, pool_backward, cu_blocks(p.planes * p.h * p.w, CU_THREADS, 8192), CU_THREADS, g->stream, dx,
+                     (const float *)g->dy[i], (const int32_t *)(g->save + n->save), p, (int)n->accum[0]),
+           "pool_backward");
+    return CU_LAUNCHED("pool_backward");
+}
