@@ -105,8 +105,9 @@ LAYER_MODELS = {
     "conv_pool": (lambda: [_maybe("Conv2D")(6, 3, 1, 1), L.ReLU(), _maybe("MaxPool2D")(2),
                            _maybe("Conv2D")(5, 3, 2, 1), _maybe("AvgPool2D")(2), L.Flatten(), L.Dense(5)], (3, 10, 10)),
     "conv_gap": (lambda: [_maybe("Conv2D")(4, 3), L.Tanh(), _maybe("GlobalAvgPool2D")(), L.Dense(5)], (2, 7, 7)),
-    "batchnorm": (lambda: [L.Dense(20), _maybe("BatchNorm")(), L.ReLU(), L.Dense(5)], (12,)),
-    "batchnorm2d": (lambda: [_maybe("Conv2D")(4, 3, 1, 1), _maybe("BatchNorm")(), L.ReLU(), L.Flatten(),
+    # no bias before BatchNorm: its gradient is zero up to rounding, which Adam would amplify
+    "batchnorm": (lambda: [L.Dense(20, bias=False), _maybe("BatchNorm")(), L.ReLU(), L.Dense(5)], (12,)),
+    "batchnorm2d": (lambda: [_maybe("Conv2D")(4, 3, 1, 1, bias=False), _maybe("BatchNorm")(), L.ReLU(), L.Flatten(),
                              L.Dense(5)], (2, 6, 6)),
     "layernorm": (lambda: [L.Dense(20), _maybe("LayerNorm")(20), L.GELU(), L.Dense(5)], (12,)),
     "dropout": (lambda: [L.Dense(20), L.ReLU(), _maybe("Dropout")(0.3), L.Dense(5)], (12,)),
@@ -232,8 +233,9 @@ OPTIM_CASES = {
 def test_optimizer_matches_cpu(name, rng):
     opt = OPTIM_CASES[name]()
     cpu, gpu = pair(LAYER_MODELS["dense_relu"][0], (12,), opt=opt)
-    # L-BFGS runs several evaluations and a line search per step: 8 steps are ~40 evaluations
-    steps = 8 if name.startswith("lbfgs") else 20
+    # L-BFGS runs several evaluations and a line search per step: 4 steps are ~20 evaluations,
+    # after which float rounding (amplified through the curvature history) is still far below 1e-4
+    steps = 4 if name.startswith("lbfgs") else 20
     compare_training(cpu, gpu, rng, steps=steps, schedule=lambda s: cpu.optimizer.lr * (1.0 if s < steps // 2 else 0.3))
     sc, sg = cpu.get_optimizer_state(), gpu.get_optimizer_state()
     assert sc.keys() == sg.keys() and sg["step"] == sc["step"]
@@ -315,7 +317,12 @@ def test_no_allocation_and_one_call_per_step(rng):
                 r = gpu.step(x, y)
         reader = memray.FileReader(path)
         n = reader.metadata.total_allocations
-        where = [f"{a.allocator} {a.size} B at {a.native_stack_trace()[:6]}" for a in reader.get_allocation_records()]
+        where = []
+        for a in reader.get_allocation_records():
+            try:
+                where.append(f"{a.allocator} {a.size} B at {a.native_stack_trace()[:8]}")
+            except NotImplementedError:  # a deallocation
+                pass
     assert r.applied
     assert n == 0, f"{n} host allocations over 1,000 cuda steps: {where}"
 

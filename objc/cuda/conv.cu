@@ -28,37 +28,44 @@ static conv_geom geom(const mpscy_plan *p, const mpscy_node *n) {
     return g;
 }
 
+/* Index arithmetic in 32 bits (64-bit division costs dozens of instructions): graph build
+ * refuses a convolution whose tensors reach 2^31 elements (cu_conv_fits). */
 __global__ void im2col_kernel(float *col, const float *x, conv_geom g, int64_t b) {
     // col (K, b*OHW), x (b, C, H, W)
     cu_pdl_enter();
-    int64_t nb = b * g.ohw, total = g.k * nb;
-    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
-        int64_t r = e / nb, j = e % nb;
-        int64_t kj = r % g.kw, ki = (r / g.kw) % g.kh, c = r / (g.kw * g.kh);
-        int64_t s = j / g.ohw, o = j % g.ohw, oh = o / g.ow, ow = o % g.ow;
-        int64_t ih = oh * g.sh - g.ph + ki * g.dh, iw = ow * g.sw - g.pw + kj * g.dw;
-        col[e] = ih >= 0 && ih < g.h && iw >= 0 && iw < g.w ? x[((s * g.c + c) * g.h + ih) * g.w + iw] : 0.0f;
+    const unsigned nb = (unsigned)(b * g.ohw), ohw = (unsigned)g.ohw, ow_ = (unsigned)g.ow, kw = (unsigned)g.kw,
+                   kh = (unsigned)g.kh;
+    const unsigned total = (unsigned)g.k * nb;
+    for (unsigned e = blockIdx.x * blockDim.x + threadIdx.x; e < total; e += gridDim.x * blockDim.x) {
+        unsigned r = e / nb, j = e - r * nb;
+        unsigned kj = r % kw, ki = (r / kw) % kh, c = r / (kw * kh);
+        unsigned s = j / ohw, o = j - s * ohw, oh = o / ow_, ow = o - oh * ow_;
+        int ih = (int)(oh * g.sh) - (int)g.ph + (int)(ki * g.dh), iw = (int)(ow * g.sw) - (int)g.pw + (int)(kj * g.dw);
+        col[e] = ih >= 0 && ih < (int)g.h && iw >= 0 && iw < (int)g.w
+                     ? x[((s * (unsigned)g.c + c) * (unsigned)g.h + (unsigned)ih) * (unsigned)g.w + (unsigned)iw]
+                     : 0.0f;
     }
 }
 
 /* dx (b, C, H, W) from dcol (K, b*OHW): each input element sums the taps that read it. */
 __global__ void col2im_kernel(float *dx, const float *dcol, conv_geom g, int64_t b, int accum) {
     cu_pdl_enter();
-    int64_t nb = b * g.ohw, total = b * g.c * g.h * g.w;
-    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
-        int64_t iw = e % g.w, ih = (e / g.w) % g.h, c = (e / (g.w * g.h)) % g.c, s = e / (g.w * g.h * g.c);
+    const unsigned nb = (unsigned)(b * g.ohw), W = (unsigned)g.w, H = (unsigned)g.h, C = (unsigned)g.c;
+    const unsigned total = (unsigned)b * C * H * W;
+    for (unsigned e = blockIdx.x * blockDim.x + threadIdx.x; e < total; e += gridDim.x * blockDim.x) {
+        unsigned iw = e % W, ih = (e / W) % H, c = (e / (W * H)) % C, s = e / (W * H * C);
         float v = 0.0f;
-        for (int64_t ki = 0; ki < g.kh; ki++) {
-            int64_t th = ih + g.ph - ki * g.dh;
-            if (th < 0 || th % g.sh) continue;
-            int64_t oh = th / g.sh;
-            if (oh >= g.oh) continue;
-            for (int64_t kj = 0; kj < g.kw; kj++) {
-                int64_t tw = iw + g.pw - kj * g.dw;
-                if (tw < 0 || tw % g.sw) continue;
-                int64_t ow = tw / g.sw;
-                if (ow >= g.ow) continue;
-                v += dcol[((c * g.kh + ki) * g.kw + kj) * nb + s * g.ohw + oh * g.ow + ow];
+        for (int ki = 0; ki < (int)g.kh; ki++) {
+            int th = (int)ih + (int)g.ph - ki * (int)g.dh;
+            if (th < 0 || th % (int)g.sh) continue;
+            int oh = th / (int)g.sh;
+            if (oh >= (int)g.oh) continue;
+            for (int kj = 0; kj < (int)g.kw; kj++) {
+                int tw = (int)iw + (int)g.pw - kj * (int)g.dw;
+                if (tw < 0 || tw % (int)g.sw) continue;
+                int ow = tw / (int)g.sw;
+                if (ow >= (int)g.ow) continue;
+                v += dcol[((c * (unsigned)g.kh + ki) * (unsigned)g.kw + kj) * nb + s * (unsigned)g.ohw + oh * (unsigned)g.ow + ow];
             }
         }
         dx[e] = accum ? dx[e] + v : v;
@@ -68,29 +75,38 @@ __global__ void col2im_kernel(float *dx, const float *dcol, conv_geom g, int64_t
 /* y (b, OC, OHW) = yt (OC, b*OHW) + bias, through the fused ReLU when relu. */
 __global__ void conv_out_kernel(float *y, const float *yt, const float *bias, int64_t b, int64_t oc, int64_t ohw, int relu) {
     cu_pdl_enter();
-    int64_t total = b * oc * ohw;
-    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
-        int64_t i = e % ohw, o = (e / ohw) % oc, s = e / (ohw * oc);
-        float v = yt[o * b * ohw + s * ohw + i] + (bias ? bias[o] : 0.0f);
+    const unsigned OHW = (unsigned)ohw, OC = (unsigned)oc, nb = (unsigned)(b * ohw), total = (unsigned)(b * oc * ohw);
+    for (unsigned e = blockIdx.x * blockDim.x + threadIdx.x; e < total; e += gridDim.x * blockDim.x) {
+        unsigned i = e % OHW, o = (e / OHW) % OC, s = e / (OHW * OC);
+        float v = yt[o * nb + s * OHW + i] + (bias ? bias[o] : 0.0f);
         y[e] = relu && !(v > 0.0f) ? 0.0f : v;
     }
 }
 
-/* dzt (OC, b*OHW) from dy (b, OC, OHW), zeroed where the fused ReLU's output ry <= 0, and the
- * bias gradient db (OC): one block per channel. */
-__global__ void conv_dz_kernel(float *dzt, float *db, const float *dy, const float *ry, int64_t b, int64_t oc, int64_t ohw) {
+/* dzt (OC, b*OHW) from dy (b, OC, OHW), zeroed where the fused ReLU's output ry <= 0. */
+__global__ void conv_dz_kernel(float *dzt, const float *dy, const float *ry, int64_t b, int64_t oc, int64_t ohw) {
     cu_pdl_enter();
-    int64_t o = blockIdx.x, nb = b * ohw;
-    float s = 0.0f;
-    for (int64_t j = threadIdx.x; j < nb; j += blockDim.x) {
-        int64_t src = (j / ohw) * oc * ohw + o * ohw + j % ohw;
+    const unsigned OHW = (unsigned)ohw, OC = (unsigned)oc, nb = (unsigned)(b * ohw), total = (unsigned)(b * oc * ohw);
+    for (unsigned e = blockIdx.x * blockDim.x + threadIdx.x; e < total; e += gridDim.x * blockDim.x) {
+        unsigned o = e / nb, j = e - o * nb, s = j / OHW, i = j - s * OHW, src = (s * OC + o) * OHW + i;
         float v = dy[src];
-        if (ry && !(ry[src] > 0.0f)) v = 0.0f;
-        dzt[o * nb + j] = v;
-        s += v;
+        dzt[e] = ry && !(ry[src] > 0.0f) ? 0.0f : v;
     }
+}
+
+/* db (OC) = row sums of dzt (OC, nb): the fallback when no product computed them */
+__global__ void conv_db_kernel(float *db, const float *dzt, int64_t nb) {
+    cu_pdl_enter();
+    float s = 0.0f;
+    for (int64_t j = threadIdx.x; j < nb; j += blockDim.x) s += dzt[blockIdx.x * nb + j];
     s = block_sum(s);
-    if (db && threadIdx.x == 0) db[o] = s;
+    if (threadIdx.x == 0) db[blockIdx.x] = s;
+}
+
+int cu_conv_fits(const mpscy_plan *p, const mpscy_node *n) {
+    conv_geom g = geom(p, n);
+    double lim = 2147483647.0, nb = (double)p->batch * (double)g.ohw;
+    return (double)g.k * nb < lim && (double)g.oc * nb < lim && (double)p->batch * g.c * g.h * g.w < lim;
 }
 
 int64_t cu_conv_workspace(const mpscy_plan *p, const mpscy_node *n) {
@@ -102,7 +118,7 @@ int64_t cu_conv_workspace(const mpscy_plan *p, const mpscy_node *n) {
 enum { CONV_FWD, CONV_DW, CONV_DCOL };
 
 static int conv_gemm(cu_graph *gr, int which, const conv_geom &g, int64_t nb, int64_t nb_built, float *c,
-                     const float *w, const float *col, const float *dzt, char *err, size_t en) {
+                     const float *w, const float *col, const float *dzt, float *db, int *db_done, char *err, size_t en) {
     int64_t M, N, K;
     if (which == CONV_FWD) { M = g.ocg; N = nb; K = g.kg; }
     else if (which == CONV_DW) { M = g.ocg; N = g.kg; K = nb; }
@@ -114,8 +130,10 @@ static int conv_gemm(cu_graph *gr, int which, const conv_geom &g, int64_t nb, in
         q.c = c; q.m = M; q.n = N; q.k = K;
         if (which == CONV_FWD) {  /* yt (ocg, nb) = W (ocg, kg) col (kg, nb) */
             q.a = w; q.am = g.kg; q.ak = 1; q.b = col; q.bk = nb; q.bn = 1; q.ldc = nb;
-        } else if (which == CONV_DW) {  /* dW (ocg, kg) = dzt (ocg, nb) col^T (nb, kg) */
+        } else if (which == CONV_DW) {  /* dW (ocg, kg) = dzt (ocg, nb) col^T (nb, kg); db = rows of dzt */
             q.a = dzt; q.am = nb; q.ak = 1; q.b = col; q.bk = 1; q.bn = nb; q.ldc = g.kg;
+            q.rowsum = db;
+            if (db) *db_done = 1;
         } else {  /* dcol (kg, nb) = W^T (kg, ocg) dzt (ocg, nb) */
             q.a = w; q.am = 1; q.ak = g.kg; q.b = dzt; q.bk = nb; q.bn = 1; q.ldc = nb;
         }
@@ -126,8 +144,20 @@ static int conv_gemm(cu_graph *gr, int which, const conv_geom &g, int64_t nb, in
     q.epilogue = CUBLASLT_EPILOGUE_DEFAULT;
     if (which == CONV_FWD) {  /* D (nb x ocg) = col (nb x kg) . W (kg x ocg) */
         q.m = nb; q.n = g.ocg; q.k = g.kg; q.a = col; q.lda = nb; q.b = w; q.ldb = g.kg; q.ldd = nb;
-    } else if (which == CONV_DW) {  /* D (kg x ocg) = col^T (kg x nb) . dzt (nb x ocg) */
+    } else if (which == CONV_DW) {  /* D (kg x ocg) = col^T (kg x nb) . dzt (nb x ocg); BGRADB: db */
         q.transa = 1; q.m = g.kg; q.n = g.ocg; q.k = nb; q.a = col; q.lda = nb; q.b = dzt; q.ldb = nb; q.ldd = g.kg;
+        if (db && ((uintptr_t)db & 15) == 0) {
+            q.d = c;
+            q.epilogue = CUBLASLT_EPILOGUE_BGRADB;
+            q.bias = db;
+            int st = cu_gemm_run(gr, &q, 0, err, en);
+            if (st != MPSCY_UNSUPPORTED) {
+                if (st == MPSCY_OK) *db_done = 1;
+                return st;
+            }
+            q.epilogue = CUBLASLT_EPILOGUE_DEFAULT;
+            q.bias = NULL;
+        }
     } else {  /* D (nb x kg) = dzt (nb x ocg) . W^T (ocg x kg) */
         q.transb = 1; q.m = nb; q.n = g.kg; q.k = g.ocg; q.a = dzt; q.lda = nb; q.b = w; q.ldb = g.kg; q.ldd = nb;
     }
@@ -145,16 +175,16 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
     float *yt = gr->ws;                                        // (OC, nb)
     const float *w = cu_tensor(gr, n, MPSCY_ROLE_PARAM, 0);    // (OC, kg)
     const float *bias = cu_tensor(gr, n, MPSCY_ROLE_PARAM, 1); // (OC) or NULL
-    CU_TRY(cu_launch(gr, im2col_kernel, cu_blocks(g.k * nb, CU_THREADS, 8192), CU_THREADS, gr->stream, col,
+    CU_TRY(cu_launch(gr, im2col_kernel, cu_blocks(g.k * nb, CU_THREADS, 16384), CU_THREADS, gr->stream, col,
                      (const float *)gr->y[n->in[0]], g, b),
            "im2col");
     int st = CU_LAUNCHED("im2col");
     for (int64_t gi = 0; gi < g.groups && st == MPSCY_OK; gi++)
         st = conv_gemm(gr, CONV_FWD, g, nb, p->batch * g.ohw, yt + gi * g.ocg * nb, w + gi * g.ocg * g.kg,
-                       col + gi * g.kg * nb, NULL, err, en);
+                       col + gi * g.kg * nb, NULL, NULL, NULL, err, en);
     if (st != MPSCY_OK) return st;
     int relu = (gr->fuse[i] & CU_FUSE_RELU) != 0;
-    CU_TRY(cu_launch(gr, conv_out_kernel, cu_blocks(b * g.oc * g.ohw, CU_THREADS, 8192), CU_THREADS, gr->stream,
+    CU_TRY(cu_launch(gr, conv_out_kernel, cu_blocks(b * g.oc * g.ohw, CU_THREADS, 16384), CU_THREADS, gr->stream,
                      gr->y[i], (const float *)yt, bias, b, g.oc, g.ohw, relu),
            "conv_out");
     return CU_LAUNCHED("conv_out");
@@ -176,18 +206,27 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
         for (int32_t k = (int32_t)i + 1; k < p->n_nodes && r < 0; k++)
             if (p->nodes[k].kind == MPSCY_LAYER_RELU && p->nodes[k].in[0] == i) r = k;
     const float *dy = gr->dy[r >= 0 ? r : i], *ry = r >= 0 ? gr->y[r] : NULL;
-    CU_TRY(cu_launch(gr, conv_dz_kernel, dim3((unsigned)g.oc), CU_THREADS, gr->stream, dzt, db, dy, ry, b, g.oc, g.ohw),
+    CU_TRY(cu_launch(gr, conv_dz_kernel, cu_blocks(g.oc * nb, CU_THREADS, 8192), CU_THREADS, gr->stream, dzt, dy, ry, b,
+                     g.oc, g.ohw),
            "conv_dz");
     int st = CU_LAUNCHED("conv_dz");
     for (int64_t gi = 0; gi < g.groups && st == MPSCY_OK; gi++) {
+        int db_done = 0;
+        float *dbg = db ? db + gi * g.ocg : NULL;
         st = conv_gemm(gr, CONV_DW, g, nb, p->batch * g.ohw, dw + gi * g.ocg * g.kg, NULL, col + gi * g.kg * nb,
-                       dzt + gi * g.ocg * nb, err, en);
+                       dzt + gi * g.ocg * nb, dbg, &db_done, err, en);
+        if (st == MPSCY_OK && dbg && !db_done) {
+            CU_TRY(cu_launch(gr, conv_db_kernel, dim3((unsigned)g.ocg), CU_THREADS, gr->stream, dbg,
+                             (const float *)(dzt + gi * g.ocg * nb), nb),
+                   "conv_db");
+            st = CU_LAUNCHED("conv_db");
+        }
         if (st == MPSCY_OK && dx)
             st = conv_gemm(gr, CONV_DCOL, g, nb, p->batch * g.ohw, dcol + gi * g.kg * nb, w + gi * g.ocg * g.kg, NULL,
-                           dzt + gi * g.ocg * nb, err, en);
+                           dzt + gi * g.ocg * nb, NULL, NULL, err, en);
     }
     if (st != MPSCY_OK || !dx) return st;
-    CU_TRY(cu_launch(gr, col2im_kernel, cu_blocks(b * g.c * g.h * g.w, CU_THREADS, 8192), CU_THREADS, gr->stream, dx,
+    CU_TRY(cu_launch(gr, col2im_kernel, cu_blocks(b * g.c * g.h * g.w, CU_THREADS, 16384), CU_THREADS, gr->stream, dx,
                      (const float *)dcol, g, b, (int)n->accum[0]),
            "col2im");
     return CU_LAUNCHED("col2im");
@@ -201,7 +240,7 @@ void cu_conv_gemm_need(const cu_graph *gr, const mpscy_node *n, int64_t *floats,
     *floats = *counters = 0;
     for (int k = 0; k < 3; k++)
         if (cu_gemm_small_wanted(gr, shapes[k][0], shapes[k][1], shapes[k][2])) {
-            cu_gemm_small_need(gr->dev->sms, shapes[k][0], shapes[k][1], shapes[k][2], 0, &f, &c);
+            cu_gemm_small_need(gr->dev->sms, shapes[k][0], shapes[k][1], shapes[k][2], k == 1, &f, &c);
             *floats += f * g.groups;
             *counters += c * g.groups;
         }

@@ -168,6 +168,7 @@ int cu_conv_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char
 int cu_conv_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);
 int64_t cu_conv_workspace(const mpscy_plan *p, const mpscy_node *n);
 int64_t cu_conv_columns(const mpscy_plan *p, const mpscy_node *n);  /* floats of its kept im2col */
+int cu_conv_fits(const mpscy_plan *p, const mpscy_node *n);         /* its tensors index in 31 bits */
 void cu_conv_gemm_need(const cu_graph *g, const mpscy_node *n, int64_t *floats, int64_t *counters);
 int cu_pool_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
 int cu_pool_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);

@@ -12,7 +12,8 @@
 
 #define BM 32
 #define BN 32
-#define KC 128             /* K per block: its whole slice is loaded in one round, one latency */
+#define KC 128             /* K per load round: a whole slice is loaded at once, one latency */
+#define MAX_SPLITS 256     /* blocks along K; beyond that each block takes several slices */
 
 struct sg_args {
     float *c;                  // (M, N) row-major, ldc
@@ -23,6 +24,7 @@ struct sg_args {
     float *rowsum;             // (M): sum over k of A(m, k), or NULL
     float *part;               // (S, M, N) then (S, M) partials when S > 1
     unsigned int *count;       // one per tile when S > 1
+    int64_t kchunk;            // K per block (a multiple of KC)
     int relu, accum, tf32;
 };
 
@@ -49,57 +51,60 @@ __global__ void __launch_bounds__(256) gemm_small(sg_args p) {
     cu_pdl_enter();
     const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
     const int64_t m0 = (int64_t)blockIdx.y * BM, n0 = (int64_t)blockIdx.x * BN;
-    const int64_t k0 = (int64_t)blockIdx.z * KC, k1 = min(p.k, k0 + KC);
-    const int kn = (int)(k1 - k0);
+    const int64_t kb0 = (int64_t)blockIdx.z * p.kchunk, kb1 = min(p.k, kb0 + p.kchunk);
     const bool a_kfast = p.ak == 1, b_nfast = p.bn == 1;
     const bool want_rows = p.rowsum && blockIdx.x == 0;
-    /* all loads of the slice first, into registers (independent, so one memory latency), then
-     * into shared memory; tiles stay unrounded so the row sums (bias gradient) are exact */
-    float ra[KC * BM / 256], rb[KC * BN / 256];
-#pragma unroll
-    for (int r = 0; r < KC * BM / 256; r++) {
-        int e = tid + 256 * r, mm = a_kfast ? e / KC : e % BM, kk = a_kfast ? e % KC : e / BM;
-        int64_t gm = m0 + mm;
-        ra[r] = gm < p.m && kk < kn ? __ldg(&p.a[gm * p.am + (k0 + kk) * p.ak]) : 0.0f;
-    }
-#pragma unroll
-    for (int r = 0; r < KC * BN / 256; r++) {
-        int e = tid + 256 * r, nn = b_nfast ? e % BN : e / KC, kk = b_nfast ? e / BN : e % KC;
-        int64_t gn = n0 + nn;
-        rb[r] = gn < p.n && kk < kn ? __ldg(&p.b[(k0 + kk) * p.bk + gn * p.bn]) : 0.0f;
-    }
-#pragma unroll
-    for (int r = 0; r < KC * BM / 256; r++) {
-        int e = tid + 256 * r, mm = a_kfast ? e / KC : e % BM, kk = a_kfast ? e % KC : e / BM;
-        As[kk][mm] = ra[r];
-    }
-#pragma unroll
-    for (int r = 0; r < KC * BN / 256; r++) {
-        int e = tid + 256 * r, nn = b_nfast ? e % BN : e / KC, kk = b_nfast ? e / BN : e % KC;
-        Bs[kk][nn] = rb[r];
-    }
-    __syncthreads();
-    float rs = 0.0f;
-    if (want_rows && tid < BM)
-        for (int kk = 0; kk < kn; kk++) rs += As[kk][tid];
     float acc[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
-    if (p.tf32) {
-        for (int kk = 0; kk < kn; kk++) {
-            float a0 = tf32_round(As[kk][ty]), a1 = tf32_round(As[kk][ty + 16]);
-            float b0 = tf32_round(Bs[kk][tx]), b1 = tf32_round(Bs[kk][tx + 16]);
-            acc[0][0] = fmaf(a0, b0, acc[0][0]);
-            acc[0][1] = fmaf(a0, b1, acc[0][1]);
-            acc[1][0] = fmaf(a1, b0, acc[1][0]);
-            acc[1][1] = fmaf(a1, b1, acc[1][1]);
+    float rs = 0.0f;
+    for (int64_t k0 = kb0; k0 < kb1; k0 += KC) {
+        const int kn = (int)min((int64_t)KC, kb1 - k0);
+        /* all loads of the slice first, into registers (independent, so one memory latency),
+         * then into shared memory; tiles stay unrounded so the row sums are exact */
+        float ra[KC * BM / 256], rb[KC * BN / 256];
+#pragma unroll
+        for (int r = 0; r < KC * BM / 256; r++) {
+            int e = tid + 256 * r, mm = a_kfast ? e / KC : e % BM, kk = a_kfast ? e % KC : e / BM;
+            int64_t gm = m0 + mm;
+            ra[r] = gm < p.m && kk < kn ? __ldg(&p.a[gm * p.am + (k0 + kk) * p.ak]) : 0.0f;
         }
-    } else {
+#pragma unroll
+        for (int r = 0; r < KC * BN / 256; r++) {
+            int e = tid + 256 * r, nn = b_nfast ? e % BN : e / KC, kk = b_nfast ? e / BN : e % KC;
+            int64_t gn = n0 + nn;
+            rb[r] = gn < p.n && kk < kn ? __ldg(&p.b[(k0 + kk) * p.bk + gn * p.bn]) : 0.0f;
+        }
+        if (k0 > kb0) __syncthreads();  /* the previous slice is fully consumed */
+#pragma unroll
+        for (int r = 0; r < KC * BM / 256; r++) {
+            int e = tid + 256 * r, mm = a_kfast ? e / KC : e % BM, kk = a_kfast ? e % KC : e / BM;
+            As[kk][mm] = ra[r];
+        }
+#pragma unroll
+        for (int r = 0; r < KC * BN / 256; r++) {
+            int e = tid + 256 * r, nn = b_nfast ? e % BN : e / KC, kk = b_nfast ? e / BN : e % KC;
+            Bs[kk][nn] = rb[r];
+        }
+        __syncthreads();
+        if (want_rows && tid < BM)
+            for (int kk = 0; kk < kn; kk++) rs += As[kk][tid];
+        if (p.tf32) {
+            for (int kk = 0; kk < kn; kk++) {
+                float a0 = tf32_round(As[kk][ty]), a1 = tf32_round(As[kk][ty + 16]);
+                float b0 = tf32_round(Bs[kk][tx]), b1 = tf32_round(Bs[kk][tx + 16]);
+                acc[0][0] = fmaf(a0, b0, acc[0][0]);
+                acc[0][1] = fmaf(a0, b1, acc[0][1]);
+                acc[1][0] = fmaf(a1, b0, acc[1][0]);
+                acc[1][1] = fmaf(a1, b1, acc[1][1]);
+            }
+        } else {
 #pragma unroll 8
-        for (int kk = 0; kk < kn; kk++) {
-            float a0 = As[kk][ty], a1 = As[kk][ty + 16], b0 = Bs[kk][tx], b1 = Bs[kk][tx + 16];
-            acc[0][0] = fmaf(a0, b0, acc[0][0]);
-            acc[0][1] = fmaf(a0, b1, acc[0][1]);
-            acc[1][0] = fmaf(a1, b0, acc[1][0]);
-            acc[1][1] = fmaf(a1, b1, acc[1][1]);
+            for (int kk = 0; kk < kn; kk++) {
+                float a0 = As[kk][ty], a1 = As[kk][ty + 16], b0 = Bs[kk][tx], b1 = Bs[kk][tx + 16];
+                acc[0][0] = fmaf(a0, b0, acc[0][0]);
+                acc[0][1] = fmaf(a0, b1, acc[0][1]);
+                acc[1][0] = fmaf(a1, b0, acc[1][0]);
+                acc[1][1] = fmaf(a1, b1, acc[1][1]);
+            }
         }
     }
     if (gridDim.z == 1) {
@@ -147,15 +152,24 @@ __global__ void __launch_bounds__(256) gemm_small(sg_args p) {
     if (tid == 0) *cnt = 0;
 }
 
+/* Own kernel for small products, and for any product with a small output (its K is split over
+ * blocks: a library kernel there often runs one tile down the whole K). */
 int cu_gemm_small_wanted(const cu_graph *g, int64_t m, int64_t n, int64_t k) {
     if (g->gemm_mode != 2) return g->gemm_mode;
-    return (double)m * (double)n * (double)k <= (double)(1 << 25);
+    return (double)m * (double)n * (double)k <= (double)(1 << 25) || (double)m * (double)n <= 65536.0;
+}
+
+static int64_t splits(int64_t k, int64_t *kchunk) {
+    int64_t slices = (k + KC - 1) / KC, s = slices < MAX_SPLITS ? slices : MAX_SPLITS;
+    if (s < 1) s = 1;
+    *kchunk = (slices + s - 1) / s * KC;
+    return (k + *kchunk - 1) / *kchunk;
 }
 
 /* Floats (and tile counters) a product's split-K partials need: K is cut in slices of KC. */
 void cu_gemm_small_need(int sms, int64_t m, int64_t n, int64_t k, int rows, int64_t *floats, int64_t *counters) {
     (void)sms;
-    int64_t tiles = ((m + BM - 1) / BM) * ((n + BN - 1) / BN), s = (k + KC - 1) / KC;
+    int64_t tiles = ((m + BM - 1) / BM) * ((n + BN - 1) / BN), kchunk, s = splits(k, &kchunk);
     *floats = s > 1 ? s * (m * n + (rows ? m : 0)) : 0;
     *counters = s > 1 ? tiles : 0;
 }
@@ -168,8 +182,7 @@ int cu_gemm_small(cu_graph *g, cudaStream_t st, const cu_small_gemm *q, char *er
     p.am = q->am; p.ak = q->ak; p.bk = q->bk; p.bn = q->bn; p.ldc = q->ldc;
     p.bias = q->bias; p.mask = q->mask; p.rowsum = q->rowsum;
     p.relu = q->relu; p.accum = q->accum; p.tf32 = g->plan.precision == MPSCY_PRECISION_TF32;
-    int64_t tm = (q->m + BM - 1) / BM, tn = (q->n + BN - 1) / BN, s = (q->k + KC - 1) / KC;
-    if (s < 1) s = 1;
+    int64_t tm = (q->m + BM - 1) / BM, tn = (q->n + BN - 1) / BN, s = splits(q->k, &p.kchunk);
     if (s > 1) {
         int64_t floats = s * (q->m * q->n + (q->rowsum ? q->m : 0));
         if (floats > g->gws_floats - g->gws_used || tm * tn > g->gcount_n - g->gcount_used)

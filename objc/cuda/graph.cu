@@ -126,6 +126,11 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
             return FAIL(MPSCY_UNSUPPORTED, "node %d (%s): layer kind %d is not implemented on cuda",
                         i, p->nodes[i].name, p->nodes[i].kind);
         }
+        if (p->nodes[i].kind == MPSCY_LAYER_CONV2D && !cu_conv_fits(p, &p->nodes[i])) {
+            cu_graph_destroy(&g->base);
+            return FAIL(MPSCY_UNSUPPORTED, "node %d (%s): a Conv2D with 2^31 or more elements in a tensor at batch %d",
+                        i, p->nodes[i].name, p->batch);
+        }
         int64_t w = ops->workspace ? ops->workspace(p, &p->nodes[i]) : 0;
         if (w > g->ws_floats) g->ws_floats = w;
     }
