@@ -23,7 +23,7 @@ MPSCY_CUDA=1 MPSCY_CUDA_ARCH=${MPSCY_CUDA_ARCH:-90} $PY setup.py -q build_ext --
 grep "^mpscy:" "$OUT/build.log"
 echo "build: $(( $(date +%s) - t0 )) s"
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-}
-$PY -c "import mpscy; print('backends:', mpscy.backends())"
+$PY -c "import mpscy; from mpscy import layers as L; print('backends:', mpscy.backends()); print(mpscy.Engine(mpscy.Sequential([L.Dense(2)], input_shape=(2,)), loss='mse', device='cuda').device_info())"
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
     MPSCY_DEVICE=cuda timeout ${TEST_TIMEOUT:-240} $PY -m pytest tests -q -ra -p no:cacheprovider ${PYTEST_ARGS:-} \

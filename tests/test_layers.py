@@ -546,6 +546,8 @@ def test_conv_relu_matches_reference(device, rng, stride, rows, shared):
 def test_engine_keeps_working_in_a_forked_child(device, rng):
     """A child forked after the engine started its worker threads has none of them: it must
     compute the same gradients (on one thread) instead of waiting for workers forever."""
+    if device == "cuda":
+        pytest.skip("a CUDA context does not survive fork(): the child cannot use the parent's GPU engine")
     import os
     import pickle
     import select

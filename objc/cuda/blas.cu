@@ -101,6 +101,7 @@ static void load_once(void) {
     SYM(desc_init, "cublasLtMatmulDescInit_internal");
     SYM(desc_set, "cublasLtMatmulDescSetAttribute");
     SYM(layout_init, "cublasLtMatrixLayoutInit_internal");
+    SYM(layout_set, "cublasLtMatrixLayoutSetAttribute");
     SYM(pref_init, "cublasLtMatmulPreferenceInit_internal");
     SYM(pref_set, "cublasLtMatmulPreferenceSetAttribute");
     SYM(heuristic, "cublasLtMatmulAlgoGetHeuristic");
@@ -160,6 +161,16 @@ int cu_gemm_run(cu_graph *g, const cu_gemm *q, int side, char *err, size_t en) {
     LT_TRY(api->layout_init(&la, sizeof la, CUDA_R_32F, ar, ac, q->lda), "layout A");
     LT_TRY(api->layout_init(&lb, sizeof lb, CUDA_R_32F, br, bc, q->ldb), "layout B");
     LT_TRY(api->layout_init(&ld, sizeof ld, CUDA_R_32F, q->m, q->n, q->ldd), "layout D");
+    if (q->batch > 1) {
+        int32_t count = q->batch;
+        cublasLtMatrixLayoutOpaque_t *lays[3] = {&la, &lb, &ld};
+        int64_t strides[3] = {q->sa, q->sb, q->sd};
+        for (int k = 0; k < 3; k++) {
+            LT_TRY(api->layout_set(lays[k], CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof count), "batch count");
+            LT_TRY(api->layout_set(lays[k], CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &strides[k], sizeof strides[k]),
+                   "batch stride");
+        }
+    }
     LT_TRY(api->pref_init(&pref, sizeof pref), "preference");
     uint64_t ws = g->lt_ws_bytes;
     LT_TRY(api->pref_set(&pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws), "workspace");
@@ -172,8 +183,8 @@ int cu_gemm_run(cu_graph *g, const cu_gemm *q, int side, char *err, size_t en) {
     int found = 0;
     cublasStatus_t hs = api->heuristic(h, &op, &la, &lb, &ld, &ld, &pref, 1, &res, &found);
     if (hs != CUBLAS_STATUS_SUCCESS || found < 1) {
-        if (q->epilogue != CUBLASLT_EPILOGUE_DEFAULT)
-            return MPSCY_UNSUPPORTED;  /* the caller falls back to its own kernel, silently */
+        if (q->epilogue != CUBLASLT_EPILOGUE_DEFAULT || q->batch > 1)
+            return MPSCY_UNSUPPORTED;  /* the caller falls back to another way, silently */
         return MPSCY_FAIL(err, en, MPSCY_DEVICE, CU, "no cuBLASLt algorithm for a %lld x %lld x %lld GEMM: %s",
                           (long long)q->m, (long long)q->n, (long long)q->k,
                           hs != CUBLAS_STATUS_SUCCESS ? api->status_string(hs) : "none found");

@@ -17,6 +17,7 @@ typedef struct cu_lt_api {
     decltype(&cublasLtMatmulDescInit_internal) desc_init;
     decltype(&cublasLtMatmulDescSetAttribute) desc_set;
     decltype(&cublasLtMatrixLayoutInit_internal) layout_init;
+    decltype(&cublasLtMatrixLayoutSetAttribute) layout_set;
     decltype(&cublasLtMatmulPreferenceInit_internal) pref_init;
     decltype(&cublasLtMatmulPreferenceSetAttribute) pref_set;
     decltype(&cublasLtMatmulAlgoGetHeuristic) heuristic;
@@ -46,6 +47,8 @@ typedef struct cu_gemm {
     float beta;                /* 0 or 1 (accumulate) */
     int epilogue;              /* cublasLtEpilogue_t */
     float *bias;               /* bias (forward) or bias gradient (BGRADB) */
+    int32_t batch;             /* > 1: a strided batch of products */
+    int64_t sa, sb, sd;        /* element strides between the products of a batch */
 } cu_gemm;
 
 int cu_gemm_run(cu_graph *g, const cu_gemm *q, int side, char *err, size_t en);

@@ -31,44 +31,60 @@ static conv_geom geom(const mpscy_plan *p, const mpscy_node *n) {
 /* Index arithmetic in 32 bits (64-bit division costs dozens of instructions): graph build
  * refuses a convolution whose tensors reach 2^31 elements (cu_conv_fits). */
 __global__ void im2col_kernel(float *col, const float *x, conv_geom g, int64_t b) {
-    // col (K, b*OHW), x (b, C, H, W)
+    // col (K, b*OHW), x (b, C, H, W); blockIdx.y walks the rows (c, ki, kj), x the columns
     cu_pdl_enter();
-    const unsigned nb = (unsigned)(b * g.ohw), ohw = (unsigned)g.ohw, ow_ = (unsigned)g.ow, kw = (unsigned)g.kw,
-                   kh = (unsigned)g.kh;
-    const unsigned total = (unsigned)g.k * nb;
-    for (unsigned e = blockIdx.x * blockDim.x + threadIdx.x; e < total; e += gridDim.x * blockDim.x) {
-        unsigned r = e / nb, j = e - r * nb;
-        unsigned kj = r % kw, ki = (r / kw) % kh, c = r / (kw * kh);
-        unsigned s = j / ohw, o = j - s * ohw, oh = o / ow_, ow = o - oh * ow_;
-        int ih = (int)(oh * g.sh) - (int)g.ph + (int)(ki * g.dh), iw = (int)(ow * g.sw) - (int)g.pw + (int)(kj * g.dw);
-        col[e] = ih >= 0 && ih < (int)g.h && iw >= 0 && iw < (int)g.w
-                     ? x[((s * (unsigned)g.c + c) * (unsigned)g.h + (unsigned)ih) * (unsigned)g.w + (unsigned)iw]
-                     : 0.0f;
+    const unsigned nb = (unsigned)(b * g.ohw), ohw = (unsigned)g.ohw, ow_ = (unsigned)g.ow;
+    for (unsigned r = blockIdx.y; r < (unsigned)g.k; r += gridDim.y) {
+        const unsigned kj = r % (unsigned)g.kw, ki = (r / (unsigned)g.kw) % (unsigned)g.kh, c = r / (unsigned)(g.kw * g.kh);
+        const int oy = (int)(ki * g.dh) - (int)g.ph, ox = (int)(kj * g.dw) - (int)g.pw;
+        float *row = col + (size_t)r * nb;
+        for (unsigned j = blockIdx.x * blockDim.x + threadIdx.x; j < nb; j += gridDim.x * blockDim.x) {
+            unsigned s = j / ohw, o = j - s * ohw, oh = o / ow_, ow = o - oh * ow_;
+            int ih = (int)(oh * g.sh) + oy, iw = (int)(ow * g.sw) + ox;
+            row[j] = ih >= 0 && ih < (int)g.h && iw >= 0 && iw < (int)g.w
+                         ? x[((s * (unsigned)g.c + c) * (unsigned)g.h + (unsigned)ih) * (unsigned)g.w + (unsigned)iw]
+                         : 0.0f;
+        }
     }
 }
 
-/* dx (b, C, H, W) from dcol (K, b*OHW): each input element sums the taps that read it. */
+/* dx (b, C, H, W) from dcol (K, b*OHW): each input element sums the taps that read it;
+ * blockIdx.y walks the (sample, channel) planes, x the positions of a plane. */
 __global__ void col2im_kernel(float *dx, const float *dcol, conv_geom g, int64_t b, int accum) {
     cu_pdl_enter();
-    const unsigned nb = (unsigned)(b * g.ohw), W = (unsigned)g.w, H = (unsigned)g.h, C = (unsigned)g.c;
-    const unsigned total = (unsigned)b * C * H * W;
-    for (unsigned e = blockIdx.x * blockDim.x + threadIdx.x; e < total; e += gridDim.x * blockDim.x) {
-        unsigned iw = e % W, ih = (e / W) % H, c = (e / (W * H)) % C, s = e / (W * H * C);
-        float v = 0.0f;
-        for (int ki = 0; ki < (int)g.kh; ki++) {
-            int th = (int)ih + (int)g.ph - ki * (int)g.dh;
-            if (th < 0 || th % (int)g.sh) continue;
-            int oh = th / (int)g.sh;
-            if (oh >= (int)g.oh) continue;
-            for (int kj = 0; kj < (int)g.kw; kj++) {
-                int tw = (int)iw + (int)g.pw - kj * (int)g.dw;
-                if (tw < 0 || tw % (int)g.sw) continue;
-                int ow = tw / (int)g.sw;
-                if (ow >= (int)g.ow) continue;
-                v += dcol[((c * (unsigned)g.kh + ki) * (unsigned)g.kw + kj) * nb + s * (unsigned)g.ohw + oh * (unsigned)g.ow + ow];
+    const unsigned nb = (unsigned)(b * g.ohw), W = (unsigned)g.w, hw = (unsigned)(g.h * g.w), C = (unsigned)g.c;
+    for (unsigned plane = blockIdx.y; plane < (unsigned)b * C; plane += gridDim.y) {
+        const unsigned s = plane / C, c = plane - s * C;
+        const float *base = dcol + (size_t)c * g.kh * g.kw * nb + s * (unsigned)g.ohw;
+        float *dxp = dx + (size_t)plane * hw;
+        for (unsigned p = blockIdx.x * blockDim.x + threadIdx.x; p < hw; p += gridDim.x * blockDim.x) {
+            const int ih = (int)(p / W), iw = (int)(p - (unsigned)ih * W);
+            float v = 0.0f;
+            for (int ki = 0; ki < (int)g.kh; ki++) {
+                int th = ih + (int)g.ph - ki * (int)g.dh;
+                if (th < 0) break;  /* th falls as ki grows */
+                int oh = th / (int)g.sh;
+                if (oh * (int)g.sh != th || oh >= (int)g.oh) continue;
+                for (int kj = 0; kj < (int)g.kw; kj++) {
+                    int tw = iw + (int)g.pw - kj * (int)g.dw;
+                    if (tw < 0) break;
+                    int ow = tw / (int)g.sw;
+                    if (ow * (int)g.sw != tw || ow >= (int)g.ow) continue;
+                    v += base[(size_t)(ki * (int)g.kw + kj) * nb + (unsigned)(oh * (int)g.ow + ow)];
+                }
             }
+            dxp[p] = accum ? dxp[p] + v : v;
         }
-        dx[e] = accum ? dx[e] + v : v;
+    }
+}
+
+/* dW (kg x ocg per group, column-major) = the sum of the split-K partials, in order */
+__global__ void conv_dw_reduce(float *dw, const float *part, int64_t count, int64_t splits) {
+    cu_pdl_enter();
+    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < count; e += (int64_t)gridDim.x * blockDim.x) {
+        float v = 0.0f;
+        for (int64_t s = 0; s < splits; s++) v += part[s * count + e];
+        dw[e] = v;
     }
 }
 
@@ -109,9 +125,13 @@ int cu_conv_fits(const mpscy_plan *p, const mpscy_node *n) {
     return (double)g.k * nb < lim && (double)g.oc * nb < lim && (double)p->batch * g.c * g.h * g.w < lim;
 }
 
+#define DW_CHUNK 1024  /* K per product of the split weight gradient */
+
 int64_t cu_conv_workspace(const mpscy_plan *p, const mpscy_node *n) {
     conv_geom g = geom(p, n);
-    return (g.oc + g.k) * p->batch * g.ohw;  /* yt or dzt (OC, B*OHW), then dcol (K, B*OHW) */
+    int64_t nb = p->batch * g.ohw, splits = (nb + DW_CHUNK - 1) / DW_CHUNK;
+    /* yt or dzt (OC, B*OHW), dcol (K, B*OHW), the weight gradient's split-K partials */
+    return (g.oc + g.k) * nb + splits * g.kg * g.ocg;
 }
 
 /* the three products of a group, as the own kernel or cuBLASLt (decided by the built batch) */
@@ -125,7 +145,7 @@ static int conv_gemm(cu_graph *gr, int which, const conv_geom &g, int64_t nb, in
     else { M = g.kg; N = nb; K = g.ocg; }
     /* decided at the built batch, as graph.cu planned the partials */
     int64_t Nb = which == CONV_DW ? N : nb_built, Kb = which == CONV_DW ? nb_built : K;
-    if (cu_gemm_small_wanted(gr, M, Nb, Kb)) {
+    if (cu_gemm_small_wanted(gr, M, Nb, Kb) && !(which == CONV_DW && nb_built >= 4 * DW_CHUNK && gr->gemm_mode == 2)) {
         cu_small_gemm q = {};
         q.c = c; q.m = M; q.n = N; q.k = K;
         if (which == CONV_FWD) {  /* yt (ocg, nb) = W (ocg, kg) col (kg, nb) */
@@ -142,6 +162,30 @@ static int conv_gemm(cu_graph *gr, int which, const conv_geom &g, int64_t nb, in
     /* column-major views: a row-major (r, cols) matrix is (cols x r) with ld = cols */
     cu_gemm q = {};
     q.epilogue = CUBLASLT_EPILOGUE_DEFAULT;
+    if (which == CONV_DW && nb >= 4 * DW_CHUNK && gr->gemm_mode == 2) {
+        /* K = b*OHW is long: equal chunks as one strided batch of products into partials (after
+         * dcol in the workspace), the tail chunk as one more, then one ordered sum */
+        int64_t full = nb / DW_CHUNK, tail = nb - full * DW_CHUNK, kgo = g.kg * g.ocg;
+        float *part = gr->ws + (g.oc + g.k) * nb;
+        q.transa = 1; q.m = g.kg; q.n = g.ocg; q.k = DW_CHUNK; q.a = col; q.lda = nb; q.b = dzt; q.ldb = nb;
+        q.d = part; q.ldd = g.kg; q.batch = (int32_t)full; q.sa = DW_CHUNK; q.sb = DW_CHUNK; q.sd = kgo;
+        int st = cu_gemm_run(gr, &q, 0, err, en);
+        if (st == MPSCY_OK && tail) {
+            cu_gemm t = q;
+            t.batch = 0; t.k = tail; t.a = col + full * DW_CHUNK; t.b = dzt + full * DW_CHUNK; t.d = part + full * kgo;
+            st = cu_gemm_run(gr, &t, 0, err, en);
+        }
+        if (st == MPSCY_OK) {
+            int64_t splits = full + (tail ? 1 : 0);
+            CU_TRY(cu_launch(gr, conv_dw_reduce, cu_blocks(kgo, CU_THREADS, 4096), CU_THREADS, gr->stream, c,
+                             (const float *)part, kgo, splits),
+                   "conv_dw_reduce");
+            return CU_LAUNCHED("conv_dw_reduce");
+        }
+        if (st != MPSCY_UNSUPPORTED) return st;
+        q = cu_gemm{};  /* no batched algorithm: one long product below */
+        q.epilogue = CUBLASLT_EPILOGUE_DEFAULT;
+    }
     if (which == CONV_FWD) {  /* D (nb x ocg) = col (nb x kg) . W (kg x ocg) */
         q.m = nb; q.n = g.ocg; q.k = g.kg; q.a = col; q.lda = nb; q.b = w; q.ldb = g.kg; q.ldd = nb;
     } else if (which == CONV_DW) {  /* D (kg x ocg) = col^T (kg x nb) . dzt (nb x ocg); BGRADB: db */
@@ -175,7 +219,8 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
     float *yt = gr->ws;                                        // (OC, nb)
     const float *w = cu_tensor(gr, n, MPSCY_ROLE_PARAM, 0);    // (OC, kg)
     const float *bias = cu_tensor(gr, n, MPSCY_ROLE_PARAM, 1); // (OC) or NULL
-    CU_TRY(cu_launch(gr, im2col_kernel, cu_blocks(g.k * nb, CU_THREADS, 16384), CU_THREADS, gr->stream, col,
+    CU_TRY(cu_launch(gr, im2col_kernel, dim3(cu_blocks(nb, CU_THREADS, 64), (unsigned)(g.k < 65535 ? g.k : 65535)),
+                     CU_THREADS, gr->stream, col,
                      (const float *)gr->y[n->in[0]], g, b),
            "im2col");
     int st = CU_LAUNCHED("im2col");
@@ -226,7 +271,9 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
                            dzt + gi * g.ocg * nb, NULL, NULL, err, en);
     }
     if (st != MPSCY_OK || !dx) return st;
-    CU_TRY(cu_launch(gr, col2im_kernel, cu_blocks(b * g.c * g.h * g.w, CU_THREADS, 16384), CU_THREADS, gr->stream, dx,
+    CU_TRY(cu_launch(gr, col2im_kernel, dim3(cu_blocks(g.h * g.w, CU_THREADS, 64),
+                                             (unsigned)(b * g.c < 65535 ? b * g.c : 65535)),
+                     CU_THREADS, gr->stream, dx,
                      (const float *)dcol, g, b, (int)n->accum[0]),
            "col2im");
     return CU_LAUNCHED("col2im");
@@ -239,7 +286,8 @@ void cu_conv_gemm_need(const cu_graph *gr, const mpscy_node *n, int64_t *floats,
     int64_t shapes[3][3] = {{g.ocg, nb, g.kg}, {g.ocg, g.kg, nb}, {g.kg, nb, g.ocg}};
     *floats = *counters = 0;
     for (int k = 0; k < 3; k++)
-        if (cu_gemm_small_wanted(gr, shapes[k][0], shapes[k][1], shapes[k][2])) {
+        if (cu_gemm_small_wanted(gr, shapes[k][0], shapes[k][1], shapes[k][2]) &&
+            !(k == 1 && nb >= 4 * DW_CHUNK && gr->gemm_mode == 2)) {
             cu_gemm_small_need(gr->dev->sms, shapes[k][0], shapes[k][1], shapes[k][2], k == 1, &f, &c);
             *floats += f * g.groups;
             *counters += c * g.groups;
