@@ -118,6 +118,9 @@ LAYER_MODELS = {
     "avgpool_no_pad_count": (lambda: [_maybe("AvgPool2D")(3, stride=2, padding=1, count_include_pad=False), L.Flatten(),
                                       L.Dense(5)], (3, 8, 8)),
     "layernorm_2d": (lambda: [_maybe("LayerNorm")((4, 6)), L.Flatten(), L.Dense(5)], (3, 4, 6)),
+    # b*OH*OW = 16384: the weight gradient runs as a batch of K chunks (conv.cu)
+    "conv_long_k": (lambda: [_maybe("Conv2D")(4, 3, padding=1), L.ReLU(), _maybe("Conv2D")(3, 3, stride=2), L.Flatten(),
+                             L.Dense(5)], (2, 32, 32)),
 }
 
 
