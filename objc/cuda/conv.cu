@@ -2,9 +2,10 @@
  * GEMM: the columns (K, b*OHW), K = C*KH*KW rows ordered (c, ki, kj), are built once per step
  * and kept for backward (one buffer per convolution); one product per group gives (OC, b*OHW),
  * and one kernel scatters it to NCHW with the bias and, when a ReLU is the only consumer, the
- * ReLU. Backward: one kernel gathers dz (masked by that ReLU) to (OC, b*OHW) with the bias
- * gradient, then dW = dz col^T and dcol = W^T dz, and col2im gathers dx (no atomics, so the
- * sums are deterministic). Products run as the own kernel or cuBLASLt by size, as Dense's. */
+ * ReLU. Backward: one kernel gathers dz (masked by that ReLU) to (OC, b*OHW) with chunk sums
+ * for the bias gradient, then dW = dz col^T (a long K as a batch of chunks) and dcol = W^T dz,
+ * and col2im gathers dx (no atomics: sums are deterministic). Products run as the own kernel
+ * or cuBLASLt by size, as Dense's. */
 #include "cuda.h"
 #include "blas.h"
 #include "reduce.h"
@@ -99,25 +100,36 @@ __global__ void conv_out_kernel(float *y, const float *yt, const float *bias, in
     }
 }
 
-/* dzt (OC, b*OHW) from dy (b, OC, OHW), zeroed where the fused ReLU's output ry <= 0. */
-__global__ void conv_dz_kernel(float *dzt, const float *dy, const float *ry, int64_t b, int64_t oc, int64_t ohw) {
+/* dzt (OC, b*OHW) from dy (b, OC, OHW), zeroed where the fused ReLU's output ry <= 0; block
+ * (x, o) takes chunk x of channel o and leaves its sum in dbp (chunks, OC) for the bias gradient. */
+__global__ void conv_dz_kernel(float *dzt, float *dbp, const float *dy, const float *ry, int64_t b, int64_t oc,
+                               int64_t ohw, int64_t chunk) {
     cu_pdl_enter();
-    const unsigned OHW = (unsigned)ohw, OC = (unsigned)oc, nb = (unsigned)(b * ohw), total = (unsigned)(b * oc * ohw);
-    for (unsigned e = blockIdx.x * blockDim.x + threadIdx.x; e < total; e += gridDim.x * blockDim.x) {
-        unsigned o = e / nb, j = e - o * nb, s = j / OHW, i = j - s * OHW, src = (s * OC + o) * OHW + i;
+    const unsigned OHW = (unsigned)ohw, OC = (unsigned)oc, nb = (unsigned)(b * ohw), o = blockIdx.y;
+    const unsigned j0 = blockIdx.x * (unsigned)chunk, j1 = min(nb, j0 + (unsigned)chunk);
+    float sum = 0.0f;
+    for (unsigned j = j0 + threadIdx.x; j < j1; j += blockDim.x) {
+        unsigned s = j / OHW, i = j - s * OHW, src = (s * OC + o) * OHW + i;
         float v = dy[src];
-        dzt[e] = ry && !(ry[src] > 0.0f) ? 0.0f : v;
+        v = ry && !(ry[src] > 0.0f) ? 0.0f : v;
+        dzt[o * nb + j] = v;
+        sum += v;
+    }
+    sum = block_sum(sum);
+    if (threadIdx.x == 0) dbp[blockIdx.x * OC + o] = sum;
+}
+
+/* db (OC) = the chunk sums of conv_dz_kernel, in order */
+__global__ void conv_db_kernel(float *db, const float *dbp, int64_t oc, int64_t chunks) {
+    cu_pdl_enter();
+    for (int64_t o = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; o < oc; o += (int64_t)gridDim.x * blockDim.x) {
+        float v = 0.0f;
+        for (int64_t c = 0; c < chunks; c++) v += dbp[c * oc + o];
+        db[o] = v;
     }
 }
 
-/* db (OC) = row sums of dzt (OC, nb): the fallback when no product computed them */
-__global__ void conv_db_kernel(float *db, const float *dzt, int64_t nb) {
-    cu_pdl_enter();
-    float s = 0.0f;
-    for (int64_t j = threadIdx.x; j < nb; j += blockDim.x) s += dzt[blockIdx.x * nb + j];
-    s = block_sum(s);
-    if (threadIdx.x == 0) db[blockIdx.x] = s;
-}
+#define DZ_CHUNK 4096  /* elements of one channel per conv_dz block */
 
 int cu_conv_fits(const mpscy_plan *p, const mpscy_node *n) {
     conv_geom g = geom(p, n);
@@ -130,15 +142,16 @@ int cu_conv_fits(const mpscy_plan *p, const mpscy_node *n) {
 int64_t cu_conv_workspace(const mpscy_plan *p, const mpscy_node *n) {
     conv_geom g = geom(p, n);
     int64_t nb = p->batch * g.ohw, splits = (nb + DW_CHUNK - 1) / DW_CHUNK;
-    /* yt or dzt (OC, B*OHW), dcol (K, B*OHW), the weight gradient's split-K partials */
-    return (g.oc + g.k) * nb + splits * g.kg * g.ocg;
+    /* yt or dzt (OC, B*OHW), dcol (K, B*OHW), the weight gradient's split-K partials, then the
+     * bias gradient's chunk sums */
+    return (g.oc + g.k) * nb + splits * g.kg * g.ocg + (nb + DZ_CHUNK - 1) / DZ_CHUNK * g.oc;
 }
 
 /* the three products of a group, as the own kernel or cuBLASLt (decided by the built batch) */
 enum { CONV_FWD, CONV_DW, CONV_DCOL };
 
 static int conv_gemm(cu_graph *gr, int which, const conv_geom &g, int64_t nb, int64_t nb_built, float *c,
-                     const float *w, const float *col, const float *dzt, float *db, int *db_done, char *err, size_t en) {
+                     const float *w, const float *col, const float *dzt, char *err, size_t en) {
     int64_t M, N, K;
     if (which == CONV_FWD) { M = g.ocg; N = nb; K = g.kg; }
     else if (which == CONV_DW) { M = g.ocg; N = g.kg; K = nb; }
@@ -150,10 +163,8 @@ static int conv_gemm(cu_graph *gr, int which, const conv_geom &g, int64_t nb, in
         q.c = c; q.m = M; q.n = N; q.k = K;
         if (which == CONV_FWD) {  /* yt (ocg, nb) = W (ocg, kg) col (kg, nb) */
             q.a = w; q.am = g.kg; q.ak = 1; q.b = col; q.bk = nb; q.bn = 1; q.ldc = nb;
-        } else if (which == CONV_DW) {  /* dW (ocg, kg) = dzt (ocg, nb) col^T (nb, kg); db = rows of dzt */
+        } else if (which == CONV_DW) {  /* dW (ocg, kg) = dzt (ocg, nb) col^T (nb, kg) */
             q.a = dzt; q.am = nb; q.ak = 1; q.b = col; q.bk = 1; q.bn = nb; q.ldc = g.kg;
-            q.rowsum = db;
-            if (db) *db_done = 1;
         } else {  /* dcol (kg, nb) = W^T (kg, ocg) dzt (ocg, nb) */
             q.a = w; q.am = 1; q.ak = g.kg; q.b = dzt; q.bk = nb; q.bn = 1; q.ldc = nb;
         }
@@ -188,20 +199,8 @@ static int conv_gemm(cu_graph *gr, int which, const conv_geom &g, int64_t nb, in
     }
     if (which == CONV_FWD) {  /* D (nb x ocg) = col (nb x kg) . W (kg x ocg) */
         q.m = nb; q.n = g.ocg; q.k = g.kg; q.a = col; q.lda = nb; q.b = w; q.ldb = g.kg; q.ldd = nb;
-    } else if (which == CONV_DW) {  /* D (kg x ocg) = col^T (kg x nb) . dzt (nb x ocg); BGRADB: db */
+    } else if (which == CONV_DW) {  /* D (kg x ocg) = col^T (kg x nb) . dzt (nb x ocg) */
         q.transa = 1; q.m = g.kg; q.n = g.ocg; q.k = nb; q.a = col; q.lda = nb; q.b = dzt; q.ldb = nb; q.ldd = g.kg;
-        if (db && ((uintptr_t)db & 15) == 0) {
-            q.d = c;
-            q.epilogue = CUBLASLT_EPILOGUE_BGRADB;
-            q.bias = db;
-            int st = cu_gemm_run(gr, &q, 0, err, en);
-            if (st != MPSCY_UNSUPPORTED) {
-                if (st == MPSCY_OK) *db_done = 1;
-                return st;
-            }
-            q.epilogue = CUBLASLT_EPILOGUE_DEFAULT;
-            q.bias = NULL;
-        }
     } else {  /* D (nb x kg) = dzt (nb x ocg) . W^T (ocg x kg) */
         q.transb = 1; q.m = nb; q.n = g.kg; q.k = g.ocg; q.a = dzt; q.lda = nb; q.b = w; q.ldb = g.kg; q.ldd = nb;
     }
@@ -226,7 +225,7 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
     int st = CU_LAUNCHED("im2col");
     for (int64_t gi = 0; gi < g.groups && st == MPSCY_OK; gi++)
         st = conv_gemm(gr, CONV_FWD, g, nb, p->batch * g.ohw, yt + gi * g.ocg * nb, w + gi * g.ocg * g.kg,
-                       col + gi * g.kg * nb, NULL, NULL, NULL, err, en);
+                       col + gi * g.kg * nb, NULL, err, en);
     if (st != MPSCY_OK) return st;
     int relu = (gr->fuse[i] & CU_FUSE_RELU) != 0;
     CU_TRY(cu_launch(gr, conv_out_kernel, cu_blocks(b * g.oc * g.ohw, CU_THREADS, 16384), CU_THREADS, gr->stream,
@@ -251,24 +250,24 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
         for (int32_t k = (int32_t)i + 1; k < p->n_nodes && r < 0; k++)
             if (p->nodes[k].kind == MPSCY_LAYER_RELU && p->nodes[k].in[0] == i) r = k;
     const float *dy = gr->dy[r >= 0 ? r : i], *ry = r >= 0 ? gr->y[r] : NULL;
-    CU_TRY(cu_launch(gr, conv_dz_kernel, cu_blocks(g.oc * nb, CU_THREADS, 8192), CU_THREADS, gr->stream, dzt, dy, ry, b,
-                     g.oc, g.ohw),
+    int64_t chunks = (nb + DZ_CHUNK - 1) / DZ_CHUNK, splits = (p->batch * g.ohw + DW_CHUNK - 1) / DW_CHUNK;
+    float *dbp = gr->ws + (g.oc + g.k) * nb + splits * g.kg * g.ocg;  // (chunks, OC)
+    CU_TRY(cu_launch(gr, conv_dz_kernel, dim3((unsigned)chunks, (unsigned)g.oc), CU_THREADS, gr->stream, dzt, dbp, dy, ry,
+                     b, g.oc, g.ohw, (int64_t)DZ_CHUNK),
            "conv_dz");
     int st = CU_LAUNCHED("conv_dz");
+    if (st == MPSCY_OK && db) {
+        CU_TRY(cu_launch(gr, conv_db_kernel, cu_blocks(g.oc, CU_THREADS, 64), CU_THREADS, gr->stream, db,
+                         (const float *)dbp, g.oc, chunks),
+               "conv_db");
+        st = CU_LAUNCHED("conv_db");
+    }
     for (int64_t gi = 0; gi < g.groups && st == MPSCY_OK; gi++) {
-        int db_done = 0;
-        float *dbg = db ? db + gi * g.ocg : NULL;
         st = conv_gemm(gr, CONV_DW, g, nb, p->batch * g.ohw, dw + gi * g.ocg * g.kg, NULL, col + gi * g.kg * nb,
-                       dzt + gi * g.ocg * nb, dbg, &db_done, err, en);
-        if (st == MPSCY_OK && dbg && !db_done) {
-            CU_TRY(cu_launch(gr, conv_db_kernel, dim3((unsigned)g.ocg), CU_THREADS, gr->stream, dbg,
-                             (const float *)(dzt + gi * g.ocg * nb), nb),
-                   "conv_db");
-            st = CU_LAUNCHED("conv_db");
-        }
+                       dzt + gi * g.ocg * nb, err, en);
         if (st == MPSCY_OK && dx)
             st = conv_gemm(gr, CONV_DCOL, g, nb, p->batch * g.ohw, dcol + gi * g.kg * nb, w + gi * g.ocg * g.kg, NULL,
-                           dzt + gi * g.ocg * nb, NULL, NULL, err, en);
+                           dzt + gi * g.ocg * nb, err, en);
     }
     if (st != MPSCY_OK || !dx) return st;
     CU_TRY(cu_launch(gr, col2im_kernel, dim3(cu_blocks(g.h * g.w, CU_THREADS, 64),
@@ -288,7 +287,7 @@ void cu_conv_gemm_need(const cu_graph *gr, const mpscy_node *n, int64_t *floats,
     for (int k = 0; k < 3; k++)
         if (cu_gemm_small_wanted(gr, shapes[k][0], shapes[k][1], shapes[k][2]) &&
             !(k == 1 && nb >= 4 * DW_CHUNK && gr->gemm_mode == 2)) {
-            cu_gemm_small_need(gr->dev->sms, shapes[k][0], shapes[k][1], shapes[k][2], k == 1, &f, &c);
+            cu_gemm_small_need(gr->dev->sms, shapes[k][0], shapes[k][1], shapes[k][2], 0, &f, &c);
             *floats += f * g.groups;
             *counters += c * g.groups;
         }
