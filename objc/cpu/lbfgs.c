@@ -159,7 +159,7 @@ static void evaluate(cpu_graph *g, const mpscy_step_args *a, mpscy_step_result *
         float wd = (float)a->weight_decay;
         r->loss += 0.5 * a->weight_decay * dot(w, w, n);
         for (int64_t i = 0; i < n; i++) gr[i] += wd * w[i];
-        r->grad_norm = cpu_grad_norm(gr, n);
+        r->grad_norm = cpu_grad_norm(g->pool, gr, n);
         r->finite = isfinite(r->loss) && isfinite(r->grad_norm);
         if (!r->finite) return;
     }
