@@ -1,0 +1,243 @@
+"""Checkpoints: a model saved mid-training and loaded on another engine continues bitwise
+as the uninterrupted run (losses, parameters, optimizer state, counters, learning rate and an
+attached schedule); the file is standard safetensors; truncated, corrupted or foreign files
+raise CheckpointError and leave the engine untouched."""
+import json
+import os
+import struct
+
+import numpy as np
+import pytest
+
+import mpscy
+from mpscy import checkpoint, layers, optim
+
+
+class Halving:
+    """A minimal schedule with PyTorch's protocol: halves the learning rate every `every`
+    steps; state_dict/load_state_dict as torch.optim.lr_scheduler."""
+
+    def __init__(self, engine, every=3):
+        self.engine, self.every = engine, every
+        self.base_lr = engine.learning_rate
+        self.last_epoch = 0
+        engine.learning_rate = self.base_lr
+
+    def step(self):
+        self.last_epoch += 1
+        self.engine.learning_rate = self.base_lr * 0.5 ** (self.last_epoch // self.every)
+
+    def get_last_lr(self):
+        return [self.engine.learning_rate]
+
+    def state_dict(self):
+        return {"every": self.every, "base_lr": self.base_lr, "last_epoch": self.last_epoch}
+
+    def load_state_dict(self, state):
+        self.every, self.base_lr, self.last_epoch = state["every"], state["base_lr"], state["last_epoch"]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = mpscy.datasets.load_digits()
+    return x[:640], y[:640]
+
+
+def _engine(device, optimizer, seed=3, model=None):
+    model = model or mpscy.Sequential([layers.Dense(32), layers.Tanh(), layers.Dense(16), layers.ReLU(),
+                                       layers.Dense(10)], input_shape=(64,))
+    return mpscy.Engine(model, loss="sparse_cross_entropy", optimizer=optimizer, batch_size=32,
+                        device=device, seed=seed)
+
+
+def _batches(x, y, start, count, b=32):
+    n = len(x)
+    for i in range(start, start + count):
+        j = (i * b) % (n - b)
+        yield x[j:j + b], y[j:j + b]
+
+
+def _assert_same_state(a, b):
+    pa, pb = a.get_parameters(), b.get_parameters()
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
+    sa, sb = a.get_optimizer_state(), b.get_optimizer_state()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        if isinstance(sa[k], dict):
+            for p in sa[k]:
+                np.testing.assert_array_equal(sa[k][p], sb[k][p], err_msg=f"{k}/{p}")
+        else:
+            assert sa[k] == sb[k], k
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda: optim.Adam(lr=2e-3, amsgrad=True, weight_decay=1e-3),
+    lambda: optim.SGD(lr=0.05, momentum=0.9, nesterov=True),
+    lambda: optim.AdamW(lr=1e-3),
+], ids=["adam-amsgrad", "sgd-nesterov", "adamw"])
+def test_resume_is_bitwise(device, digits, tmp_path, make_opt):
+    x, y = digits
+    ref = _engine(device, make_opt())
+    run = _engine(device, make_opt())
+    for xb, yb in _batches(x, y, 0, 20):
+        assert ref.step(xb, yb).loss == run.step(xb, yb).loss
+    run.learning_rate = ref.learning_rate = 7e-4      # a hand-changed rate is state too
+    run.epoch = ref.epoch = 2
+    path = tmp_path / "mid.mpscy"
+    run.save(path)
+    run.close()
+    resumed = mpscy.load(path, device=device)
+    assert resumed.iterations == 20 and resumed.epoch == 2 and resumed.learning_rate == pytest.approx(7e-4)
+    _assert_same_state(ref, resumed)
+    for xb, yb in _batches(x, y, 20, 50):
+        assert ref.step(xb, yb).loss == resumed.step(xb, yb).loss   # bitwise, every step
+    _assert_same_state(ref, resumed)
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+
+
+def test_resume_through_fit_and_model_checkpoint(device, digits, tmp_path):
+    """fit 4 epochs == fit 2 epochs, ModelCheckpoint, load, fit(initial_epoch=2, epochs=4)."""
+    x, y = digits
+    xv, yv = mpscy.datasets.load_digits()[0][1500:], mpscy.datasets.load_digits()[1][1500:]
+    full = _engine(device, optim.Adam(1e-3))
+    h_full = full.fit(x, y, epochs=4, validation_data=(xv, yv), verbose=0)
+
+    half = _engine(device, optim.Adam(1e-3))
+    ckpt = mpscy.callbacks.ModelCheckpoint(str(tmp_path / "e{epoch}.mpscy"))
+    half.fit(x, y, epochs=2, validation_data=(xv, yv), verbose=0, callbacks=[ckpt])
+    assert ckpt.saved == [str(tmp_path / "e1.mpscy"), str(tmp_path / "e2.mpscy")]
+    resumed = mpscy.load(tmp_path / "e2.mpscy", device=device)
+    assert resumed.epoch == 2
+    h_rest = resumed.fit(x, y, epochs=4, initial_epoch=2, validation_data=(xv, yv), verbose=0)
+    assert h_rest.epoch == [2, 3]
+    for k in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        assert h_rest.history[k] == h_full.history[k][2:], k
+    _assert_same_state(full, resumed)
+
+
+def test_attached_schedule_is_saved_and_continues(device, digits, tmp_path):
+    x, y = digits
+    ref = _engine(device, optim.SGD(lr=0.1, momentum=0.5))
+    ref.set_schedule(Halving(ref, every=4), per="step")
+    run = _engine(device, optim.SGD(lr=0.1, momentum=0.5))
+    run.set_schedule(Halving(run, every=4), per="step")
+    ref.fit(x[:320], y[:320], epochs=1, shuffle=False, verbose=0)   # 10 steps -> lr 0.1 / 4
+    run.fit(x[:320], y[:320], epochs=1, shuffle=False, verbose=0)
+    assert ref.learning_rate == pytest.approx(0.1 / 4)
+    run.save(tmp_path / "s.mpscy")
+    resumed = mpscy.load(tmp_path / "s.mpscy", device=device)
+    assert isinstance(resumed.schedule, Halving) and resumed.schedule.engine is resumed
+    assert resumed.schedule.state_dict() == ref.schedule.state_dict()
+    h1 = ref.fit(x[:320], y[:320], epochs=2, initial_epoch=1, shuffle=False, verbose=0)
+    h2 = resumed.fit(x[:320], y[:320], epochs=2, initial_epoch=1, shuffle=False, verbose=0)
+    assert h1.history == h2.history and h2.history["lr"] == [pytest.approx(0.1 / 16)]  # the last step ran at step 19: 0.1 / 2**4
+    assert resumed.learning_rate == ref.learning_rate == pytest.approx(0.1 / 32)
+    _assert_same_state(ref, resumed)
+
+
+def test_functional_model_and_metadata_round_trip(device, tmp_path):
+    inp = mpscy.Input((6,), name="features")
+    h = layers.Dense(8, name="hidden")(inp)
+    out = layers.Dense(1, bias=False, name="head")(layers.GELU(approximate="tanh")(h))
+    engine = mpscy.Engine(mpscy.Model(inp, out), loss=mpscy.losses.Huber(delta=0.3),
+                          optimizer=optim.SGD(0.01), batch_size=8, device=device, seed=1,
+                          clip_grad_norm=0.5)
+    meta = {"classes": ["a", "b"], "mean": np.float32(0.5), "size": (8, 8)}
+    engine.save(tmp_path / "f.mpscy", meta=meta)
+    loaded = mpscy.load(tmp_path / "f.mpscy", device=device, batch_size=3)
+    assert type(loaded.model) is mpscy.Model and loaded.batch_size == 3
+    assert [n.name for n in loaded.model.nodes] == ["features", "hidden", "gelu_1", "head"]
+    assert loaded.model.nodes[2].layer.approximate == "tanh" and loaded.model.nodes[3].layer.bias is False
+    assert loaded.loss.delta == 0.3 and loaded.clip_grad_norm == 0.5
+    assert loaded.checkpoint_meta == {"classes": ["a", "b"], "mean": 0.5, "size": [8, 8]}
+    xs = np.random.default_rng(0).normal(size=(7, 6)).astype(np.float32)
+    np.testing.assert_array_equal(loaded.predict(xs), engine.predict(xs))
+
+
+def test_file_is_standard_safetensors(device, tmp_path):
+    engine = _engine(device, optim.Adam())
+    path = tmp_path / "m.mpscy"
+    engine.save(path)
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    assert (8 + n) % 8 == 0                       # header padded to 8 bytes
+    meta = header.pop("__metadata__")
+    assert meta["format"] == "mpscy-checkpoint" and len(meta["sha256"]) == 64
+    w = header["params/dense_0.weight"]
+    assert w["dtype"] == "F32" and w["shape"] == [32, 64]
+    b0, b1 = w["data_offsets"]
+    np.testing.assert_array_equal(np.frombuffer(raw[8 + n + b0:8 + n + b1], "<f4").reshape(32, 64),
+                                  engine.get_parameters()["dense_0.weight"])
+    assert header["optimizer/step"]["dtype"] == "I64" and header["optimizer/step"]["shape"] == []
+    st = pytest.importorskip("safetensors.numpy")
+    loaded = st.load_file(str(path))
+    np.testing.assert_array_equal(loaded["params/dense_0.weight"], engine.get_parameters()["dense_0.weight"])
+
+
+@pytest.fixture
+def saved(device, tmp_path):
+    engine = _engine(device, optim.Adam())
+    path = tmp_path / "good.mpscy"
+    engine.save(path)
+    return path, path.read_bytes()
+
+
+@pytest.mark.parametrize("cut", [0, 5, 8, 40, -1, -100])
+def test_truncated_file_raises(saved, tmp_path, cut):
+    _, raw = saved
+    bad = tmp_path / "cut.mpscy"
+    bad.write_bytes(raw[:cut] if cut >= 0 else raw[:len(raw) + cut])
+    with pytest.raises(mpscy.CheckpointError, match="truncated|corrupted"):
+        mpscy.load(bad, device="cpu")
+
+
+def test_corrupted_files_raise(saved, tmp_path):
+    path, raw = saved
+    (n,) = struct.unpack("<Q", raw[:8])
+    flipped = bytearray(raw)
+    flipped[8 + n + 100] ^= 0x10                    # one bit of a weight
+    bad = tmp_path / "bits.mpscy"
+    bad.write_bytes(bytes(flipped))
+    with pytest.raises(mpscy.CheckpointError, match="SHA-256"):
+        mpscy.load(bad, device="cpu")
+    header = bytearray(raw)
+    header[9] = ord("#")                            # the JSON header
+    bad.write_bytes(bytes(header))
+    with pytest.raises(mpscy.CheckpointError, match="corrupted header"):
+        mpscy.load(bad, device="cpu")
+    bad.write_bytes(raw + b"\0" * 4)
+    with pytest.raises(mpscy.CheckpointError, match="unexpected bytes"):
+        mpscy.load(bad, device="cpu")
+    bad.write_bytes(b"PK\x03\x04 this is a zip, not a checkpoint" * 3)
+    with pytest.raises(mpscy.CheckpointError):
+        mpscy.load(bad, device="cpu")
+    checkpoint.write_safetensors(bad, {"w": np.zeros(3, np.float32)}, {"format": "pt"})
+    with pytest.raises(mpscy.CheckpointError, match="not an mpscy checkpoint"):
+        mpscy.load(bad, device="cpu")
+    with pytest.raises(mpscy.CheckpointError, match="does not exist"):
+        mpscy.load(tmp_path / "missing.mpscy", device="cpu")
+    assert issubclass(mpscy.CheckpointError, (mpscy.Error, ValueError))
+
+
+def test_restore_checks_the_model_first(device, saved, tmp_path):
+    path, _ = saved
+    other = mpscy.Engine(mpscy.Sequential([layers.Dense(5), layers.Dense(10)], input_shape=(64,)),
+                         batch_size=4, device=device)
+    before = other.get_parameters()
+    with pytest.raises(mpscy.CheckpointError, match="does not match this model"):
+        checkpoint.restore(other, path)
+    for k, v in other.get_parameters().items():
+        np.testing.assert_array_equal(v, before[k])
+    sgd = _engine(device, optim.SGD(0.1, momentum=0.9), seed=9)
+    before = sgd.get_parameters()
+    with pytest.raises(mpscy.CheckpointError, match="optimizer"):
+        checkpoint.restore(sgd, path)                # an Adam checkpoint into an SGD engine
+    for k, v in sgd.get_parameters().items():
+        np.testing.assert_array_equal(v, before[k])
+    same = _engine(device, optim.Adam(), seed=9)
+    checkpoint.restore(same, path)
+    np.testing.assert_array_equal(same.get_parameters()["dense_0.weight"],
+                                  mpscy.load(path, device=device).get_parameters()["dense_0.weight"])
