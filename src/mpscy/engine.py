@@ -322,9 +322,10 @@ class Engine:
         self._g()
         return self._device.info()
 
-    def summary(self, print_fn=print):
-        """Prints a Keras-like table: layer, type, output shape, parameter count, and totals.
-        `print_fn` receives the whole table (print_fn=None returns it as a string instead)."""
+    def summary(self, print_fn=None):
+        """A Keras-like table: layer, type, output shape, parameter count, and totals. Returns
+        it as text (shown as a table in a REPL); with print_fn (e.g. print, as Keras's
+        summary) the table is passed to it instead and None is returned."""
         rows = self.model.summary_rows()
         head = ("Layer", "Type", "Output shape", "Params")
         cells = [(n, t, "(" + ", ".join("None" if d is None else str(d) for d in s) + ")", f"{c:,}")
