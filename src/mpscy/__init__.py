@@ -21,7 +21,7 @@ if _native.ABI_VERSION != _native.LIBRARY_ABI_VERSION:
     raise ImportError(f"mpscy: the extension was compiled against ABI {_native.ABI_VERSION} "
                       f"but the native library reports {_native.LIBRARY_ABI_VERSION}; rebuild mpscy")
 
-from . import callbacks, data, datasets, layers, losses, metrics, optim
+from . import callbacks, data, datasets, layers, losses, metrics, onnx, optim
 from .checkpoint import CheckpointError, load
 from .engine import Engine, backends
 from .errors import (DeviceError, DTypeError, Error, InvalidArgumentError, NonFiniteError,
@@ -35,5 +35,5 @@ __all__ = [
     "Engine", "Sequential", "Model", "Input", "StepResult", "backends", "layers", "losses", "optim",
     "datasets", "Error", "ShapeError", "DTypeError", "DeviceError", "OutOfMemoryError",
     "UnsupportedError", "NonFiniteError", "InvalidArgumentError", "StateError", "__version__",
-    "callbacks", "data", "metrics", "load", "CheckpointError",
+    "callbacks", "data", "metrics", "onnx", "load", "CheckpointError",
 ]
