@@ -12,7 +12,7 @@ import numpy as np
 
 from .errors import InvalidArgumentError, ShapeError
 
-__all__ = ["Dataset", "ArrayDataset", "DataLoader", "ImageFolder", "RandomHorizontalFlip",
+__all__ = ["Dataset", "ArrayDataset", "Subset", "DataLoader", "ImageFolder", "RandomHorizontalFlip",
            "RandomCrop", "load_image", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -74,6 +74,28 @@ class ArrayDataset(Dataset):
                 return np.ascontiguousarray(a[indices])
             return np.take(a, indices, axis=0)  # a fresh, contiguous copy
         return tuple([take(v) for v in a] if isinstance(a, list) else take(a) for a in self.arrays)
+
+
+class Subset(Dataset):
+    """The samples of `dataset` at `indices`, in that order (e.g. a held-out split)."""
+
+    def __init__(self, dataset, indices):
+        self.dataset = dataset
+        self.indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if self.indices.size and (self.indices.min() < 0 or self.indices.max() >= len(dataset)):
+            raise InvalidArgumentError(f"Subset indices must lie in [0, {len(dataset)})")
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.dataset[int(self.indices[i])]
+
+    def get_batch(self, indices):
+        picked = self.indices[indices]
+        if hasattr(self.dataset, "get_batch"):
+            return self.dataset.get_batch(picked)
+        return Dataset.get_batch(self.dataset, picked)
 
 
 class DataLoader:
