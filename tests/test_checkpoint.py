@@ -171,7 +171,9 @@ def test_file_is_standard_safetensors(device, tmp_path):
     b0, b1 = w["data_offsets"]
     np.testing.assert_array_equal(np.frombuffer(raw[8 + n + b0:8 + n + b1], "<f4").reshape(32, 64),
                                   engine.get_parameters()["dense_0.weight"])
-    assert header["optimizer/step"]["dtype"] == "I64" and header["optimizer/step"]["shape"] == []
+    m = header["optimizer/exp_avg_sq/dense_2.bias"]
+    assert m["dtype"] == "F32" and m["shape"] == [16]
+    assert json.loads(meta["mpscy"])["optimizer_state"]["step"] == 0
     st = pytest.importorskip("safetensors.numpy")
     loaded = st.load_file(str(path))
     np.testing.assert_array_equal(loaded["params/dense_0.weight"], engine.get_parameters()["dense_0.weight"])
@@ -233,11 +235,70 @@ def test_restore_checks_the_model_first(device, saved, tmp_path):
         np.testing.assert_array_equal(v, before[k])
     sgd = _engine(device, optim.SGD(0.1, momentum=0.9), seed=9)
     before = sgd.get_parameters()
-    with pytest.raises(mpscy.CheckpointError, match="optimizer"):
-        checkpoint.restore(sgd, path)                # an Adam checkpoint into an SGD engine
+    with pytest.raises(mpscy.CheckpointError, match="holds Adam state; this engine uses SGD"):
+        checkpoint.restore(sgd, path)
     for k, v in sgd.get_parameters().items():
         np.testing.assert_array_equal(v, before[k])
     same = _engine(device, optim.Adam(), seed=9)
     checkpoint.restore(same, path)
     np.testing.assert_array_equal(same.get_parameters()["dense_0.weight"],
                                   mpscy.load(path, device=device).get_parameters()["dense_0.weight"])
+
+
+class Warmup:
+    """A composed schedule (as LinearWarmup(then=...)): its state_dict nests the inner one's."""
+
+    def __init__(self, engine, steps, then):
+        self.engine, self.steps, self.then, self.last_epoch = engine, steps, then, 0
+        self.base_lr = then.base_lr
+        engine.learning_rate = self.base_lr / steps
+
+    def step(self):
+        self.last_epoch += 1
+        if self.last_epoch < self.steps:
+            self.engine.learning_rate = self.base_lr * (self.last_epoch + 1) / self.steps
+        else:
+            self.then.step()
+
+    def state_dict(self):
+        state = {k: v for k, v in vars(self).items() if k not in ("engine", "then")}
+        state["then"] = self.then.state_dict()
+        return state
+
+    def load_state_dict(self, state):
+        state = dict(state)
+        self.then.load_state_dict(state.pop("then"))
+        vars(self).update(state)
+
+
+def test_composed_schedule_is_rebuilt_with_its_child(device, digits, tmp_path):
+    x, y = digits
+    engines = [_engine(device, optim.SGD(lr=0.2)) for _ in range(2)]
+    for e in engines:
+        e.set_schedule(Warmup(e, 3, Halving(e, every=2)), per="step")
+        e.fit(x[:160], y[:160], epochs=1, shuffle=False, verbose=0)     # 5 steps: into the inner schedule
+    engines[1].save(tmp_path / "w.mpscy")
+    resumed = mpscy.load(tmp_path / "w.mpscy", device=device)
+    s = resumed.schedule
+    assert isinstance(s, Warmup) and isinstance(s.then, Halving) and s.then.engine is resumed
+    assert s.state_dict() == engines[0].schedule.state_dict()
+    h1 = engines[0].fit(x[:160], y[:160], epochs=3, initial_epoch=1, shuffle=False, verbose=0)
+    h2 = resumed.fit(x[:160], y[:160], epochs=3, initial_epoch=1, shuffle=False, verbose=0)
+    assert h1.history == h2.history
+    _assert_same_state(engines[0], resumed)
+
+
+def test_a_failed_restore_changes_nothing(device, saved, tmp_path):
+    path, _ = saved
+    desc, tensors = checkpoint.read(path)
+    del desc["optimizer_state"]["exp_avg"]                     # a damaged but well-formed file
+    bad = tmp_path / "partial.mpscy"
+    checkpoint.write_safetensors(bad, tensors, {"format": checkpoint.FORMAT, "mpscy": json.dumps(desc)},
+                                 checksum=True)
+    engine = _engine(device, optim.Adam(), seed=21)
+    before, opt_before = engine.get_parameters(), engine.get_optimizer_state()
+    with pytest.raises(mpscy.CheckpointError, match="exp_avg"):
+        checkpoint.restore(engine, bad)
+    for k, v in engine.get_parameters().items():
+        np.testing.assert_array_equal(v, before[k])
+    assert engine.get_optimizer_state()["step"] == opt_before["step"]

@@ -1,7 +1,8 @@
 """Checkpoints: one safetensors file holding everything needed to continue training exactly —
 the model description, every parameter and buffer (BatchNorm statistics), the optimizer state
-tensors, the dropout generator (seed, counter), the per-step values (learning rate, momentum,
-betas, weight decay), the epoch and step counters and the attached schedule's state_dict.
+(engine.get_optimizer_state(), arrays as tensors), the dropout generator (seed, counter), the
+per-step values (learning rate, momentum, betas, weight decay), the epoch and step counters and
+the attached schedule's state_dict.
 
 Why safetensors (written here with NumPy alone, no extra dependency): a flat, pickle-free
 standard container that any safetensors reader (Python, Rust, JS) opens and can memory-map; its
@@ -211,6 +212,67 @@ def _rebuild_model(desc):
     return Model([t for t, n in zip(tensors, nodes) if n["layer"] is None], tensors[-1])
 
 
+# ----------------------------------------------------------------------------- nested state
+def _pack(obj, prefix, tensors):
+    """JSON skeleton of a nested optimizer state; arrays go to `tensors` under a path name."""
+    if isinstance(obj, np.ndarray):
+        tensors[prefix] = obj
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        return {str(k): _pack(v, f"{prefix}/{k}", tensors) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_pack(v, f"{prefix}/{i}", tensors) for i, v in enumerate(obj)]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def _unpack(skel, tensors, path):
+    if isinstance(skel, dict):
+        if "__tensor__" in skel:
+            name = skel["__tensor__"]
+            if name not in tensors:
+                raise CheckpointError(f"{os.fspath(path)!r} lacks the tensor {name!r} its description names")
+            return tensors[name]
+        return {k: _unpack(v, tensors, path) for k, v in skel.items()}
+    if isinstance(skel, list):
+        return [_unpack(v, tensors, path) for v in skel]
+    return skel
+
+
+def _is_schedule(v):
+    return callable(getattr(v, "step", None)) and callable(getattr(v, "state_dict", None)) and hasattr(v, "engine")
+
+
+def _describe_schedule(s):
+    """Class, state_dict and, for composed schedules (LinearWarmup(then=...)), the schedules
+    held in its attributes, so each can be rebuilt with its own class."""
+    if not callable(getattr(s, "state_dict", None)):
+        raise InvalidArgumentError(f"the attached schedule {type(s).__name__} has no state_dict(); it cannot be saved")
+    children = {k: _describe_schedule(v) for k, v in vars(s).items() if k != "engine" and _is_schedule(v)}
+    return {"module": type(s).__module__, "class": type(s).__qualname__, "state": _jsonable(s.state_dict()),
+            "children": children}
+
+
+def _build_schedule(engine, info):
+    """A schedule object from _describe_schedule's record. A class with
+    `from_state_dict(engine, state)` builds itself; otherwise (PyTorch's convention: the
+    state_dict holds the attributes) it is created without __init__, given its attributes, its
+    engine and its child schedules, and then load_state_dict(state) runs as usual."""
+    cls = _class(info["module"], info["class"], None, "schedule")
+    state = _unjson(info["state"])
+    if hasattr(cls, "from_state_dict"):
+        return cls.from_state_dict(engine, state)
+    obj = cls.__new__(cls)
+    children = info.get("children") or {}
+    vars(obj).update({k: v for k, v in state.items() if k not in children})
+    obj.engine = engine
+    for k, child in children.items():
+        setattr(obj, k, _build_schedule(engine, child))
+    obj.load_state_dict(state)
+    return obj
+
+
 # ----------------------------------------------------------------------------- save / load
 _STEP_VALUES = ("lr", "momentum", "beta1", "beta2", "weight_decay")
 
@@ -219,20 +281,13 @@ def save(engine, path, meta=None):
     """Writes `engine` to `path` (see the module docstring for what is kept)."""
     g = engine._g()
     tensors = {f"params/{k}": v for k, v in engine.get_parameters().items()}
-    slots = {}
-    for i, (name, role, dtype, shape, _) in enumerate(engine._tensors):
-        if role == "optim":
-            tensors[f"optimizer/{name}"] = g.read_tensor(i, dtype, shape)
-            slots[name] = list(shape)
+    optimizer_state = _pack(engine.get_optimizer_state(), "optimizer", tensors)
     schedule = None
     if engine._schedule is not None:
-        s = engine._schedule
-        if not hasattr(s, "state_dict"):
-            raise InvalidArgumentError(f"the attached schedule {type(s).__name__} has no state_dict(); "
-                                       "it cannot be saved")
-        schedule = {"module": type(s).__module__, "class": type(s).__qualname__, "per": engine._schedule_per,
-                    "monitor": engine._schedule_monitor, "state": _jsonable(s.state_dict())}
+        schedule = {**_describe_schedule(engine._schedule), "per": engine._schedule_per,
+                    "monitor": engine._schedule_monitor}
     from . import __version__
+    initial_lr = getattr(engine, "_initial_lr", None)
     desc = {
         "version": VERSION, "mpscy": __version__,
         "model": _describe_model(engine.model),
@@ -244,9 +299,10 @@ def save(engine, path, meta=None):
                    "clip_grad_norm": engine.clip_grad_norm, "clip_grad_value": engine.clip_grad_value,
                    "input_gradients": engine.input_gradients},
         "step_values": {k: float(getattr(g, k)) for k in _STEP_VALUES if hasattr(g, k)},
+        "initial_lr": None if initial_lr is None else float(initial_lr),
         "rng": {"seed": int(g.seed), "counter": int(g.counter)},
         "counters": {"epoch": int(engine.epoch), "iterations": int(g.counter)},
-        "optimizer_slots": slots,
+        "optimizer_state": optimizer_state,
         "schedule": schedule,
         "meta": _jsonable(meta) if meta is not None else None,
     }
@@ -298,63 +354,51 @@ def load(path, device="auto", batch_size=None, **engine_kwargs):
 def restore(engine, path):
     """Loads a checkpoint's state into an existing engine built with the same model and
     optimizer (checked): parameters, optimizer state, generator, counters, step values, and
-    the schedule's state when one is attached or saved."""
+    the schedule (an attached schedule of the saved class takes the saved state). Nothing
+    changes when it fails."""
     desc, tensors = read(path)
     _restore(engine, desc, tensors, path)
 
 
 def _restore(engine, desc, tensors, path):
     g = engine._g()
+    where = repr(os.fspath(path))
     params = {k[len("params/"):]: v for k, v in tensors.items() if k.startswith("params/")}
     expected = {t[0] for t in engine._tensors if t[1] in ("param", "buffer")}
     if set(params) != expected:
-        raise CheckpointError(f"{os.fspath(path)!r} does not match this model: missing "
-                              f"{sorted(expected - set(params))}, unexpected {sorted(set(params) - expected)}")
-    staged = []
-    for i, (name, role, dtype, shape, _) in enumerate(engine._tensors):
-        if role != "optim":
-            continue
-        arr = tensors.get(f"optimizer/{name}")
-        if arr is None or arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
-            got = None if arr is None else (arr.dtype, arr.shape)
-            raise CheckpointError(f"{os.fspath(path)!r}: optimizer slot {name!r} is {got}, this engine's is "
-                                  f"({np.dtype(dtype)}, {tuple(shape)}); was it saved with another optimizer?")
-        staged.append((i, arr.reshape(-1)))
-    extra = {k for k in tensors if k.startswith("optimizer/")} - {f"optimizer/{t[0]}" for t in engine._tensors if t[1] == "optim"}
-    if extra:
-        raise CheckpointError(f"{os.fspath(path)!r} holds optimizer slots {sorted(extra)} this optimizer does not have")
-    schedule = _rebuild_schedule(engine, desc.get("schedule"))
-    engine.set_parameters(params)      # validates every array before writing any
-    for i, arr in staged:
-        g.write_tensor(i, arr)
+        raise CheckpointError(f"{where} does not match this model: missing {sorted(expected - set(params))}, "
+                              f"unexpected {sorted(set(params) - expected)}")
+    if type(engine.optimizer).__name__ != desc["optimizer"]["class"]:
+        raise CheckpointError(f"{where} holds {desc['optimizer']['class']} state; this engine uses "
+                              f"{type(engine.optimizer).__name__}")
+    opt_state = _unpack(desc["optimizer_state"], tensors, path)
+    before = engine.get_parameters(), engine.get_optimizer_state()
+    try:
+        engine.set_parameters(params)           # each validates fully before writing
+        engine.set_optimizer_state(opt_state)
+        info = desc.get("schedule")
+        schedule = None
+        if info:
+            current = engine._schedule
+            if current is not None and type(current).__qualname__ == info["class"]:
+                current.load_state_dict(_unjson(info["state"]))
+                schedule = current
+            else:
+                schedule = _build_schedule(engine, info)
+    except Exception as e:
+        engine.set_parameters(before[0])
+        engine.set_optimizer_state(before[1])
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{where} cannot be restored into this engine: {e}") from e
     for k, v in desc.get("step_values", {}).items():
         if k in _STEP_VALUES and hasattr(g, k):
             setattr(g, k, v)
+    if desc.get("initial_lr") is not None:
+        engine._initial_lr = desc["initial_lr"]
     g.seed = int(desc["rng"]["seed"])
     g.counter = int(desc["rng"]["counter"])
     engine.epoch = int(desc["counters"]["epoch"])
     if schedule is not None:
-        engine._schedule, engine._schedule_per, engine._schedule_monitor = schedule
+        engine._schedule, engine._schedule_per, engine._schedule_monitor = schedule, info["per"], info["monitor"]
     engine.checkpoint_meta = _unjson(desc.get("meta"))
-
-
-def _rebuild_schedule(engine, info):
-    """(schedule, per, monitor) restored from its state_dict, or None. An already attached
-    schedule of the same class takes the state; otherwise the class is rebuilt on the engine
-    (its `from_state_dict(engine, state)` when it has one)."""
-    if not info:
-        return None
-    state = _unjson(info["state"])
-    current = engine._schedule
-    if current is not None and type(current).__qualname__ == info["class"]:
-        schedule = current
-        schedule.load_state_dict(state)
-    else:
-        cls = _class(info["module"], info["class"], None, "schedule")
-        if hasattr(cls, "from_state_dict"):
-            schedule = cls.from_state_dict(engine, state)
-        else:
-            schedule = cls.__new__(cls)
-            schedule.engine = engine
-            schedule.load_state_dict(state)
-    return schedule, info["per"], info["monitor"]
