@@ -302,3 +302,96 @@ def test_a_failed_restore_changes_nothing(device, saved, tmp_path):
     for k, v in engine.get_parameters().items():
         np.testing.assert_array_equal(v, before[k])
     assert engine.get_optimizer_state()["step"] == opt_before["step"]
+
+
+# ----------------------------------------------------------------------------- BatchNorm, Dropout, schedules
+needs_layers = pytest.mark.skipif(not all(hasattr(layers, n) for n in ("Conv2D", "BatchNorm", "Dropout")),
+                                  reason="needs Conv2D, BatchNorm and Dropout (issue 3)")
+
+
+def _cnn_bn_dropout():
+    return mpscy.Sequential([layers.Conv2D(8, 3, padding=1), layers.BatchNorm(), layers.ReLU(),
+                             layers.Conv2D(8, 3, stride=2, padding=1), layers.ReLU(), layers.Dense(32),
+                             layers.BatchNorm(momentum=0.2), layers.ReLU(), layers.Dropout(0.3), layers.Dense(10)],
+                            input_shape=(1, 8, 8))
+
+
+@needs_layers
+def test_batchnorm_statistics_and_dropout_masks_continue(device, tmp_path):
+    x, y = mpscy.datasets.load_digits(images=True)
+    ref = mpscy.Engine(_cnn_bn_dropout(), optimizer=optim.Adam(2e-3), batch_size=32, device=device, seed=4)
+    run = mpscy.Engine(_cnn_bn_dropout(), optimizer=optim.Adam(2e-3), batch_size=32, device=device, seed=4)
+    for xb, yb in _batches(x, y, 0, 15):
+        assert ref.step(xb, yb).loss == run.step(xb, yb).loss
+    run.save(tmp_path / "bn.mpscy")
+    stats = {k: v for k, v in run.get_parameters().items() if "running" in k}
+    assert len(stats) == 4 and not np.allclose(stats["batchnorm_1.running_mean"], 0)
+    resumed = mpscy.load(tmp_path / "bn.mpscy", device=device)
+    for k, v in stats.items():
+        np.testing.assert_array_equal(resumed.get_parameters()[k], v)
+    for xb, yb in _batches(x, y, 15, 40):     # dropout masks and statistics continue exactly
+        assert ref.step(xb, yb).loss == resumed.step(xb, yb).loss
+    _assert_same_state(ref, resumed)
+    np.testing.assert_array_equal(ref.predict(x[:64]), resumed.predict(x[:64]))
+    # a generator restored to another counter would draw other masks: the check has teeth
+    other = mpscy.load(tmp_path / "bn.mpscy", device=device)
+    other._g().counter = other._g().counter + 1
+    xb, yb = next(_batches(x, y, 15, 1))
+    fresh = mpscy.load(tmp_path / "bn.mpscy", device=device)
+    assert other.step(xb, yb).loss != fresh.step(xb, yb).loss
+
+
+def _schedules():
+    return pytest.importorskip("mpscy.optim.schedules")
+
+
+@pytest.mark.parametrize("kind", ["step", "onecycle", "warmup-cosine", "plateau"])
+def test_real_schedules_resume(device, digits, tmp_path, kind):
+    S = _schedules()
+    x, y = digits
+
+    def make():
+        if kind == "onecycle":      # also cycles beta1 (a per-step value saved in the checkpoint)
+            e = _engine(device, optim.Adam(1e-3))
+            return e, S.OneCycleLR(e, max_lr=5e-3, total_steps=80), "step"
+        e = _engine(device, optim.SGD(0.05, momentum=0.9))
+        if kind == "step":
+            return e, S.StepLR(e, step_size=2, gamma=0.5), "epoch"
+        if kind == "warmup-cosine":
+            return e, S.LinearWarmup(e, warmup_steps=6, then=S.CosineAnnealingLR(e, T_max=20)), "step"
+        return e, S.ReduceLROnPlateau(e, factor=0.5, patience=0), "epoch"
+
+    engines = []
+    for _ in range(2):
+        e, sched, per = make()
+        e.set_schedule(sched, per=per, monitor="loss")
+        e.fit(x[:320], y[:320], epochs=2, verbose=0)
+        engines.append(e)
+    ref, run = engines
+    run.save(tmp_path / "s.mpscy")
+    resumed = mpscy.load(tmp_path / "s.mpscy", device=device)
+    assert type(resumed.schedule) is type(ref.schedule) and resumed.schedule.engine is resumed
+    assert resumed.learning_rate == ref.learning_rate and resumed.betas == ref.betas
+    assert resumed.momentum == ref.momentum
+    h1 = ref.fit(x[:320], y[:320], epochs=4, initial_epoch=2, verbose=0)
+    h2 = resumed.fit(x[:320], y[:320], epochs=4, initial_epoch=2, verbose=0)
+    assert h1.history == h2.history
+    _assert_same_state(ref, resumed)
+    assert resumed.schedule.get_last_lr() == ref.schedule.get_last_lr()
+
+
+def test_lbfgs_state_is_saved(device, digits, tmp_path):
+    if not hasattr(optim, "LBFGS"):
+        pytest.skip("needs optim.LBFGS (issue 4)")
+    x, y = digits
+    make = lambda: _engine(device, optim.LBFGS(lr=0.5, history_size=5, max_iter=4))  # noqa: E731
+    ref, run = make(), make()
+    for xb, yb in _batches(x, y, 0, 4, b=32):
+        assert ref.step(xb, yb).loss == run.step(xb, yb).loss
+    run.save(tmp_path / "l.mpscy")
+    resumed = mpscy.load(tmp_path / "l.mpscy", device=device)
+    for xb, yb in _batches(x, y, 4, 4, b=32):
+        assert ref.step(xb, yb).loss == resumed.step(xb, yb).loss
+    pa, pb = ref.get_parameters(), resumed.get_parameters()
+    for k in pa:
+        np.testing.assert_array_equal(pa[k], pb[k])

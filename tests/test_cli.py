@@ -113,3 +113,17 @@ def _has(module):
         return True
     except ImportError:
         return False
+
+
+def test_train_the_readme_cnn(device, tmp_path, capsys):
+    if not hasattr(mpscy.layers, "Conv2D"):
+        pytest.skip("needs layers.Conv2D (issue 3)")
+    ckpt = tmp_path / "cnn.mpscy"
+    assert main(["train", "--model", "cnn", "--epochs", "10", "--lr", "2e-3", "--device", device,
+                 "--save", str(ckpt), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    acc = float(re.search(r"held-out: loss [\d.]+  accuracy ([\d.]+)", out).group(1))
+    assert acc >= 0.95, out
+    engine = mpscy.load(ckpt, device=device)
+    assert [type(n.layer).__name__ for n in engine.model.nodes[1:]].count("Conv2D") == 4
+    assert any(type(n.layer).__name__ == "Dropout" for n in engine.model.nodes[1:])

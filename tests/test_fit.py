@@ -379,3 +379,39 @@ def test_summary_table(device, capsys):
     assert "dense_0" in text and "(None, 32)" in text and "Total parameters: 2,410" in text
     assert engine.summary(print_fn=print) is None
     assert capsys.readouterr().out.strip() == str(text).strip()
+
+
+# ----------------------------------------------------------------------------- with issue 3 and 4 pieces
+def test_fit_drives_real_schedules(device, digits):
+    S = pytest.importorskip("mpscy.optim.schedules")
+    xtr, ytr, xte, yte = digits
+    engine = _engine(device, opt=optim.SGD(0.1, momentum=0.9))
+    engine.set_schedule(S.StepLR(engine, step_size=2, gamma=0.5), per="epoch")
+    h = engine.fit(xtr, ytr, epochs=5, verbose=0)
+    assert h.history["lr"] == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.025])
+    steps = -(-len(xtr) // 32)
+    engine = _engine(device, opt=optim.Adam(1e-3))
+    one = S.OneCycleLR(engine, max_lr=1e-2, total_steps=3 * steps)
+    engine.set_schedule(one, per="step")
+    h = engine.fit(xtr, ytr, epochs=3, verbose=0)
+    probe = _engine(device, opt=optim.Adam(1e-3))
+    closed = S.OneCycleLR(probe, max_lr=1e-2, total_steps=3 * steps)
+    assert h.history["lr"] == pytest.approx([closed.lr_at(k * steps - 1) for k in (1, 2, 3)], rel=1e-12)
+    assert engine.betas[0] == pytest.approx(closed.momentum_at(3 * steps))
+    engine = _engine(device, opt=optim.SGD(0.1))
+    engine.set_schedule(S.ReduceLROnPlateau(engine, factor=0.5, patience=0), per="epoch")
+    h = engine.fit(xtr, ytr, epochs=4, verbose=0, validation_data=(xte, yte), callbacks=[cb.EarlyStopping(patience=9)])
+    assert engine.schedule.best == min(h.history["val_loss"])     # it was given val_loss
+
+
+def test_batchnorm_models_skip_a_lone_last_row(device, digits):
+    if not hasattr(layers, "BatchNorm"):
+        pytest.skip("needs layers.BatchNorm (issue 3)")
+    xtr, ytr, _, _ = digits
+    model = mpscy.Sequential([layers.Dense(16), layers.BatchNorm(), layers.ReLU(), layers.Dense(10)], input_shape=(64,))
+    engine = mpscy.Engine(model, batch_size=32, device=device)
+    n = 32 * 5 + 1
+    h = engine.fit(xtr[:n], ytr[:n], epochs=2, verbose=0)
+    assert engine.iterations == 10 and len(h.epoch) == 2
+    with pytest.raises(mpscy.InvalidArgumentError, match="2 rows"):
+        engine.step(xtr[:1], ytr[:1])

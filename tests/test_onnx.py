@@ -145,6 +145,124 @@ def test_import_matmul_add_and_finetune(device):
     assert h.history["loss"][-1] < 0.7 * h.history["loss"][0]
 
 
+needs_layers = pytest.mark.skipif(not all(hasattr(layers, n) for n in (
+    "Conv2D", "BatchNorm", "Dropout", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D", "LayerNorm", "Add", "Concatenate")),
+    reason="needs the layers of issue 3")
+
+
+def readme_cnn(input_shape=(1, 8, 8)):
+    return mpscy.Sequential([
+        layers.Conv2D(32, 3, stride=1, padding=1), layers.ReLU(), layers.Conv2D(32, 3, stride=2, padding=1), layers.ReLU(),
+        layers.Conv2D(64, 3, stride=1, padding=1), layers.ReLU(), layers.Conv2D(64, 3, stride=2, padding=1), layers.ReLU(),
+        layers.Dense(128), layers.ReLU(), layers.Dropout(0.5), layers.Dense(10)], input_shape=input_shape)
+
+
+def residual_model():
+    """Two conv-bn-relu-conv-bn + skip blocks, both pools, a channel Concatenate, global
+    pooling, LayerNorm and a non-affine BatchNorm over features."""
+    x = mpscy.Input((1, 8, 8))
+    h = layers.ReLU()(layers.BatchNorm()(layers.Conv2D(16, 3, padding=1)(x)))
+    for _ in range(2):
+        r = layers.ReLU()(layers.BatchNorm()(layers.Conv2D(16, 3, padding=1)(h)))
+        r = layers.BatchNorm()(layers.Conv2D(16, 3, padding=1, bias=False)(r))
+        h = layers.ReLU()(layers.Add()([h, r]))
+    c = layers.Concatenate(axis=1)([layers.MaxPool2D(2)(h), layers.AvgPool2D(3, stride=2, padding=1)(h)])
+    g = layers.GlobalAvgPool2D()(c)
+    g = layers.BatchNorm(affine=False)(layers.Dense(24)(g))
+    return mpscy.Model(x, layers.Dense(10)(layers.LayerNorm(24)(layers.GELU()(g))))
+
+
+def _close_to_scale(out, ref):
+    """Equal to 1e-5 relative to the outputs' scale (elementwise relative error is meaningless
+    for outputs near zero)."""
+    assert out.shape == ref.shape
+    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max(), (np.abs(out - ref).max(), np.abs(ref).max())
+
+
+@needs_layers
+@pytest.mark.parametrize("make", [readme_cnn, residual_model], ids=["readme-cnn", "residual"])
+def test_cnn_and_residual_export(device, tmp_path, make):
+    x, y = mpscy.datasets.load_digits(images=True)
+    engine = mpscy.Engine(make(), optimizer=optim.Adam(2e-3), batch_size=32, device=device, seed=1)
+    engine.fit(x[:640], y[:640], epochs=2, verbose=0)          # BatchNorm statistics move away from 0/1
+    path = str(tmp_path / "m.onnx")
+    mpscy.onnx.export(engine, path)
+    m = onnx.load(path)
+    onnx.checker.check_model(m, full_check=True)
+    ops = {n.op_type for n in m.graph.node}
+    expected = {"Conv", "Relu", "Gemm", "Dropout"} if make is readme_cnn else {
+        "Conv", "BatchNormalization", "Add", "MaxPool", "AveragePool", "Concat", "GlobalAveragePool",
+        "LayerNormalization", "Erf"}
+    assert expected <= ops
+    for n in (1, 5, 64):
+        xs = x[700:700 + n]
+        _close_to_scale(_ort(path, {"input": xs}), engine.predict(xs))
+    back = mpscy.onnx.load(path, device=device)                # and back, BatchNorm statistics included
+    np.testing.assert_allclose(back.predict(x[700:764]), engine.predict(x[700:764]), rtol=1e-6, atol=1e-6)
+
+
+def _torch_models(tt):
+    nn = tt.nn
+
+    class CNN(nn.Module):       # the README CNN
+        def __init__(self):
+            super().__init__()
+            self.f = nn.Sequential(nn.Conv2d(1, 32, 3, 1, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, 2, 1), nn.ReLU(),
+                                   nn.Conv2d(32, 64, 3, 1, 1), nn.ReLU(), nn.Conv2d(64, 64, 3, 2, 1), nn.ReLU(),
+                                   nn.Flatten(), nn.Linear(256, 128), nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, 10))
+
+        def forward(self, x):
+            return self.f(x)
+
+    class Block(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.c1, self.b1 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+            self.c2, self.b2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+        def forward(self, x):
+            return tt.relu(x + self.b2(self.c2(tt.relu(self.b1(self.c1(x))))))
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+            self.blocks = nn.Sequential(Block(16), Block(16))
+            self.mp, self.ap, self.gap = nn.MaxPool2d(2), nn.AvgPool2d(3, 2, 1), nn.AdaptiveAvgPool2d(1)
+            self.fc, self.bn, self.ln, self.out = nn.Linear(32, 24), nn.BatchNorm1d(24), nn.LayerNorm(24), nn.Linear(24, 10)
+
+        def forward(self, x):
+            h = self.blocks(self.stem(x))
+            g = tt.flatten(self.gap(tt.cat([self.mp(h), self.ap(h)], dim=1)), 1)
+            return self.out(self.ln(tt.relu(self.bn(self.fc(g)))))
+
+    return {"readme-cnn": CNN, "residual": Residual}
+
+
+@needs_layers
+@pytest.mark.parametrize("name", ["readme-cnn", "residual"])
+def test_import_torch_cnn_and_residual(tt, device, tmp_path, name):
+    x, y = mpscy.datasets.load_digits(images=True)
+    tt.manual_seed(0)
+    net = _torch_models(tt)[name]()
+    net.train()
+    with tt.no_grad():                                         # BatchNorm statistics that are not 0/1
+        for i in range(4):
+            net(tt.from_numpy(x[i * 64:(i + 1) * 64]))
+    path = str(tmp_path / f"{name}.onnx")
+    _torch_export(net, tt.from_numpy(x[:2]), path, 17)
+    engine = mpscy.onnx.load(path, optimizer=optim.Adam(1e-3), batch_size=64, device=device)
+    kinds = {type(n.layer).__name__ for n in engine.model.nodes[1:]}
+    assert ({"Conv2D", "Dense"} if name == "readme-cnn" else
+            {"Conv2D", "Add", "MaxPool2D", "AvgPool2D", "Concatenate", "GlobalAvgPool2D", "BatchNorm", "LayerNorm"}) <= kinds
+    with tt.no_grad():
+        ref = net(tt.from_numpy(x[:300])).numpy()
+    _close_to_scale(engine.predict(x[:300]), ref)
+    before = engine.evaluate(x[300:], y[300:])["loss"]
+    engine.fit(x[300:], y[300:], epochs=2, verbose=0)          # fine-tuning works from the imported weights
+    assert engine.evaluate(x[300:], y[300:])["loss"] < before
+
+
 def test_unsupported_graphs_say_why(device):
     from onnx import TensorProto, helper, numpy_helper
 

@@ -31,9 +31,12 @@ class _Arrays:
         if len(self.y) != self.n:
             raise ShapeError(f"y has {len(self.y)} rows for {self.n} rows of x")
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, engine.seed
+        # BatchNorm cannot train on one row (PyTorch refuses it too): a lone last row is left
+        # out of that epoch (a different row each epoch when shuffling)
+        self.stop = self.n - 1 if getattr(engine, "_batch_stats", None) and self.n % batch_size == 1 else self.n
 
     def __len__(self):
-        return -(-self.n // self.batch_size)
+        return -(-self.stop // self.batch_size)
 
     def epoch(self, epoch):
         x, y = self.x, self.y
@@ -43,7 +46,9 @@ class _Arrays:
             y = y[order]
         b = self.batch_size
         one = self.n_inputs == 1
-        return ((x[0][i:i + b] if one else [a[i:i + b] for a in x], y[i:i + b]) for i in range(0, self.n, b))
+        stop = self.stop
+        return ((x[0][i:min(i + b, stop)] if one else [a[i:min(i + b, stop)] for a in x], y[i:min(i + b, stop)])
+                for i in range(0, stop, b))
 
     def arrays(self):
         return (self.x[0] if self.n_inputs == 1 else self.x), self.y

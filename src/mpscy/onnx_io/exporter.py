@@ -20,7 +20,8 @@ class _Writer:
         self.nodes, self.inits, self._consts = [], [], {}
 
     def init(self, name, array):
-        self.inits.append(self.numpy_helper.from_array(np.ascontiguousarray(array, dtype=np.float32), name))
+        array = np.array(array, dtype=np.float32, order="C")   # (ascontiguousarray would make 0-d 1-d)
+        self.inits.append(self.numpy_helper.from_array(array, name))
         return name
 
     def const(self, value):
