@@ -119,10 +119,7 @@ def train(args):
     engine.fit(*fit_args, epochs=args.epochs, validation_data=(x_test, y_test),
                verbose=0 if args.quiet else 1, plot_to=args.plots)
     elapsed = time.perf_counter() - start
-    out = engine.predict(x_test)
-    probs = np.exp(out - out.max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
-    pred = out.argmax(1)
+    _, pred, probs = metrics.classify_outputs(y_test, engine.predict(x_test), engine.loss)
     ev = engine.evaluate(x_test, y_test)
     p, r, f = metrics.precision_recall_f1(y_test, pred, average="macro")
     line = (f"held-out: loss {ev['loss']:.4f}  accuracy {ev['accuracy']:.4f}  precision {p:.4f}  "

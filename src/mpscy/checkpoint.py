@@ -1,15 +1,15 @@
-"""Checkpoints: one safetensors file holding everything needed to continue training exactly —
-the model description, every parameter and buffer (BatchNorm statistics), the optimizer state
-(engine.get_optimizer_state(), arrays as tensors), the dropout generator (seed, counter), the
-per-step values (learning rate, momentum, betas, weight decay), the epoch and step counters and
-the attached schedule's state_dict.
+"""Checkpoints: one safetensors file with everything needed to continue training exactly —
+model description, parameters and buffers (BatchNorm statistics), optimizer state, dropout
+generator (seed, counter), per-step values (learning rate, momentum, betas, weight decay),
+epoch and step counters, and the attached schedule's state_dict. `mpscy.load` rebuilds the
+engine; damaged files raise CheckpointError. Why safetensors: see the note below."""
 
-Why safetensors (written here with NumPy alone, no extra dependency): a flat, pickle-free
-standard container that any safetensors reader (Python, Rust, JS) opens and can memory-map; its
-JSON header lists each tensor's dtype, shape and byte range, so a truncated file is detected
-exactly, and its string metadata carries our JSON description. We add a SHA-256 of the tensor
-bytes, so a corrupted file raises `CheckpointError` rather than loading wrong numbers. Files are
-written to a temporary name and renamed, so an interrupted save never leaves half a file."""
+# Why safetensors (written here with NumPy alone, no extra dependency): a flat, pickle-free
+# standard container that any safetensors reader opens and can memory-map; its JSON header lists
+# each tensor's dtype, shape and byte range, so a truncated file is detected exactly, and its
+# string metadata carries our JSON description. We add a SHA-256 of the tensor bytes, so a
+# corrupted file is refused rather than loaded with wrong numbers. Files are written to a
+# temporary name and renamed, so an interrupted save never leaves half a file.
 
 import hashlib
 import importlib

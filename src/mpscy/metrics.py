@@ -11,7 +11,7 @@ from .errors import InvalidArgumentError, ShapeError
 __all__ = [
     "accuracy", "top_k_accuracy", "precision", "recall", "f1", "precision_recall_f1",
     "confusion_matrix", "roc_curve", "roc_auc", "precision_recall_curve", "pr_auc",
-    "mae", "mse", "rmse", "r2", "Metric", "get",
+    "mae", "mse", "rmse", "r2", "Metric", "get", "classify_outputs",
 ]
 
 _AVERAGES = ("binary", "macro", "micro", "weighted", None)
@@ -336,10 +336,30 @@ def r2(y_true, y_pred):
 _LOGIT_LOSSES = ("sparse_cross_entropy", "cross_entropy", "bce_with_logits")
 
 
+def classify_outputs(y_true, outputs, loss=None):
+    """(true labels, predicted labels, class scores) from model outputs, as fit's metrics and
+    mpscy.plot read them: scores are the softmax of logits for the cross-entropy losses, the
+    sigmoid of the logit for BCEWithLogits, the outputs otherwise; a single-output head is
+    binary (threshold 0.5 on the score, scores shaped (n,)); one-hot targets give their argmax."""
+    outputs = np.asarray(outputs, dtype=np.float64).reshape(len(outputs), -1)
+    y_true = np.asarray(y_true)
+    kind = getattr(loss, "kind", None)
+    if outputs.shape[1] == 1:
+        probs = 1.0 / (1.0 + np.exp(-outputs[:, 0])) if kind == "bce_with_logits" else outputs[:, 0]
+        labels = (y_true.reshape(len(y_true), -1)[:, 0] > 0.5).astype(np.int64)
+        return labels, (probs > 0.5).astype(np.int64), probs
+    if kind in _LOGIT_LOSSES:
+        e = np.exp(outputs - outputs.max(axis=1, keepdims=True))
+        probs = e / e.sum(axis=1, keepdims=True)
+    else:
+        probs = outputs
+    labels = y_true.argmax(axis=1) if y_true.ndim == 2 else y_true.astype(np.int64)
+    return labels, probs.argmax(axis=1), probs
+
+
 class Metric:
-    """A metric over model outputs: `metric(y_true, outputs, loss)` -> float. `loss` (an
-    mpscy.losses instance) says how outputs become class scores: softmax of logits for the
-    cross-entropies, sigmoid for BCEWithLogits, the outputs themselves otherwise."""
+    """A metric over model outputs: `metric(y_true, outputs, loss)` -> float. Classification
+    metrics see `classify_outputs(y_true, outputs, loss)`; regression metrics the raw outputs."""
 
     def __init__(self, name, fn, kind):
         self.name, self.fn, self.kind = name, fn, kind
@@ -347,24 +367,10 @@ class Metric:
     def __call__(self, y_true, outputs, loss=None):
         if self.kind == "raw":
             return float(self.fn(y_true, outputs))
-        outputs = np.asarray(outputs, dtype=np.float64).reshape(len(outputs), -1)
-        y_true = np.asarray(y_true)
-        kind = getattr(loss, "kind", None)
         if self.kind == "regression":
-            return float(self.fn(y_true.reshape(len(y_true), -1), outputs))
-        if outputs.shape[1] == 1:  # a single-output binary head
-            probs = 1.0 / (1.0 + np.exp(-outputs[:, 0])) if kind == "bce_with_logits" else outputs[:, 0]
-            labels = (y_true.reshape(len(y_true), -1)[:, 0] > 0.5).astype(np.int64)
-            pred = (probs > 0.5).astype(np.int64)
-        else:
-            if kind in _LOGIT_LOSSES:
-                e = np.exp(outputs - outputs.max(axis=1, keepdims=True))
-                probs = e / e.sum(axis=1, keepdims=True)
-            else:
-                probs = outputs
-            labels = y_true.argmax(axis=1) if y_true.ndim == 2 else y_true.astype(np.int64)
-            pred = probs.argmax(axis=1)
-        return float(self.fn(labels, pred, probs))
+            y_true = np.asarray(y_true)
+            return float(self.fn(y_true.reshape(len(y_true), -1), np.asarray(outputs).reshape(len(outputs), -1)))
+        return float(self.fn(*classify_outputs(y_true, outputs, loss)))
 
     def __repr__(self):
         return f"Metric({self.name!r})"

@@ -151,7 +151,7 @@ def fit_report(folder, history, y_true, outputs, loss=None, labels=None):
     if kind == "none":
         return paths
     out = np.asarray(outputs, dtype=np.float64).reshape(len(outputs), -1)
-    t, p, s = _labels_and_scores(np.asarray(y_true), out, loss)
+    t, p, s = _metrics.classify_outputs(np.asarray(y_true), out, loss)
     for name, fn, args in (("confusion_matrix.png", plot_confusion_matrix, (t, p)),
                            ("roc.png", plot_roc, (t, s)), ("pr.png", plot_pr, (t, s))):
         path = os.path.join(folder, name)
@@ -159,15 +159,3 @@ def fit_report(folder, history, y_true, outputs, loss=None, labels=None):
         fn(*args, path=path, **kwargs)
         paths.append(path)
     return paths
-
-
-def _labels_and_scores(y_true, out, loss):
-    """(true labels, predicted labels, class scores) exactly as fit's metrics derive them."""
-    captured = {}
-
-    def grab(t, p, s):
-        captured.update(t=t, p=p, s=s)
-        return 0.0
-
-    _metrics.Metric("grab", grab, "classification")(y_true, out, loss)
-    return captured["t"], captured["p"], captured["s"]

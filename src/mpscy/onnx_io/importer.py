@@ -1,13 +1,12 @@
-"""ONNX file -> mpscy Model and parameters, for inference and fine-tuning. Reads what
-torch.onnx.export writes for MLPs, CNNs and residual models (and what mpscy exports): Gemm or
-MatMul+Add, Conv, BatchNormalization, LayerNormalization, activations (also GELU and SiLU in
-their decomposed forms), Softmax, pools, Flatten/Reshape (also the Shape/Gather/Concat chain of
-x.view(x.size(0), -1)), Add/Sum, Concat, Dropout and Identity.
+"""ONNX file -> mpscy Model and parameters, for inference and fine-tuning: what torch.onnx.export
+writes for MLPs, CNNs and residual models (Gemm or MatMul+Add, Conv, BatchNormalization,
+LayerNormalization, activations also in decomposed form, Softmax, pools, Flatten/Reshape, Add/Sum,
+Concat, Dropout) and what mpscy exports. Anything else raises UnsupportedError naming the node.
+Operator handlers are in ops.py; nothing here touches an engine."""
 
-Nodes are read in order into symbolic values: constants, materialized mpscy tensors, or small
-pending expressions (products, sums, erf/tanh/sigmoid, matmul) that become layers only when a
-consumer needs a tensor, so decomposed activations can be recognised as one layer. Anything
-else raises UnsupportedError naming the node. Nothing here touches an engine."""
+# Nodes are read in order into symbolic values: constants, materialized mpscy tensors, or small
+# pending expressions (products, sums, erf/tanh/sigmoid, matmul) that become layers only when a
+# consumer needs a tensor, so a decomposed GELU or SiLU is recognised as one layer.
 
 import math
 
