@@ -366,6 +366,7 @@ def test_bad_arguments_are_rejected_before_training(device, digits):
         (dict(x=xtr, y=ytr, metrics=["nope"]), "unknown metric"),
         (dict(x=xtr, y=ytr[:-1]), "rows"),
         (dict(x=xtr, y=ytr, callbacks=[object()]), "Callback"),
+        (dict(x=data.DataLoader(data.ArrayDataset(xtr, ytr), batch_size=64)), "exceeds"),
     ]
     for kwargs, match in cases:
         with pytest.raises(mpscy.InvalidArgumentError, match=match):

@@ -276,6 +276,10 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
             raise InvalidArgumentError("pass y inside the DataLoader, not separately")
         if validation_split:
             raise InvalidArgumentError("validation_split needs arrays; pass validation_data with a DataLoader")
+        loader_batch = getattr(x, "batch_size", None)
+        if isinstance(loader_batch, int) and loader_batch > engine.batch_size:
+            raise InvalidArgumentError(f"the DataLoader's batch_size {loader_batch} exceeds the engine's built "
+                                       f"batch size {engine.batch_size}")
         source = _Loader(x)
     else:
         if not 0.0 <= float(validation_split) < 1.0:
