@@ -199,6 +199,9 @@ def test_cnn_and_residual_export(device, tmp_path, make):
         _close_to_scale(_ort(path, {"input": xs}), engine.predict(xs))
     back = mpscy.onnx.load(path, device=device)                # and back, BatchNorm statistics included
     np.testing.assert_allclose(back.predict(x[700:764]), engine.predict(x[700:764]), rtol=1e-6, atol=1e-6)
+    if make is residual_model:
+        with pytest.raises(mpscy.UnsupportedError, match="opset >= 17"):
+            mpscy.onnx.export(engine, opset=16)                # LayerNormalization is opset 17
 
 
 def _torch_models(tt):
