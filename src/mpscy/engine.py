@@ -495,7 +495,8 @@ class Engine:
 
     @property
     def iterations(self):
-        """Training steps run so far (the dropout generator's counter, one per step)."""
+        """Native training evaluations so far: the dropout generator's counter, which advances
+        once per step (once per loss evaluation for L-BFGS) and is saved in checkpoints."""
         return int(self._g().counter)
 
     def fit(self, x=None, y=None, epochs=1, batch_size=None, validation_data=None, validation_split=0.0,
