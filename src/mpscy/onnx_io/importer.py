@@ -17,8 +17,6 @@ from ..errors import InvalidArgumentError, ShapeError, UnsupportedError
 from ..model import Input, Model
 from . import onnx_modules
 
-_ATOL = 1e-6
-
 
 # ----------------------------------------------------------------------------- symbolic values
 class Const:

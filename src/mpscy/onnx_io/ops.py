@@ -6,7 +6,7 @@ import numpy as np
 
 from .. import layers as L
 from ..errors import UnsupportedError
-from .importer import Const, Expr, ShapeVec, Sym, _Reader, _scalar
+from .importer import Const, Expr, ShapeVec, _Reader, _scalar
 
 
 def _layer_class(name):
