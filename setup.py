@@ -180,7 +180,9 @@ def extension():
     if metal:
         sources += rel("objc/metal/*.m")
         macros.append(("MPSCY_HAVE_METAL", None))
-        for fw in ("Foundation", "Metal", "MetalPerformanceShaders", "MetalPerformanceShadersGraph"):
+        # CoreGraphics: without it MTLCreateSystemDefaultDevice returns nil outside an app
+        for fw in ("Foundation", "CoreGraphics", "Metal", "MetalPerformanceShaders",
+                   "MetalPerformanceShadersGraph"):
             link_args += ["-framework", fw]
         built.append("metal")
     elif DARWIN:

@@ -81,8 +81,11 @@ static int allocate(metal_graph *g, mpscy_device dev, MetalGraphState *st, char 
             mt_set(st.masks, (NSUInteger)i, mask);
         }
     }
-    if (!ok) return FAIL(MPSCY_OOM, "a shared MTLBuffer for the graph could not be allocated "
-                         "(%lld parameters, batch %lld)", (long long)np, (long long)B);
+    if (!ok)
+        return FAIL(MPSCY_OOM, "a shared MTLBuffer for the graph could not be allocated (%lld parameters, "
+                    "batch %lld; the device holds %llu bytes, recommended working set %llu)", (long long)np,
+                    (long long)B, (unsigned long long)st.device.currentAllocatedSize,
+                    (unsigned long long)st.device.recommendedMaxWorkingSetSize);
 
     /* io heads: inputs, target, output, then input gradients; all over shared buffers */
     int32_t ni = p->n_inputs;

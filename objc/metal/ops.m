@@ -100,18 +100,19 @@ MPSGraphTensor *mt_float(MetalBuilder *c, MPSGraphTensor *x) {
 MPSGraphTensor *mt_scalar1(MetalBuilder *c, MPSGraphTensor *x) { return mt_reshape(c, x, @[@1]); }
 
 MPSGraphTensor *mt_expm1(MetalBuilder *c, MPSGraphTensor *x) {
-    /* Kahan: u = exp(x); u == 1 ? x : (u - 1) * x / log(u). The unselected branch may be
-     * 0/0 where u == 1; select discards it (a forward value only: backward is explicit). */
-    MPSGraphTensor *u = mt_exp(c, x), *one = mt_const(c, 1.0);
-    MPSGraphTensor *r = mt_div(c, mt_mul(c, mt_sub(c, u, one), x), mt_log(c, u));
-    return mt_select(c, mt_eq(c, u, one), x, r);
+    /* Kahan near 0: u = exp(x); u == 1 ? x : (u - 1) x / log(u); plain u - 1 for |x| >= 0.5,
+     * where it is already accurate (and where u may underflow to 0). Unselected branches may
+     * hold 0/0; select discards them (forward values only: every backward is explicit). */
+    MPSGraphTensor *u = mt_exp(c, x), *one = mt_const(c, 1.0), *um1 = mt_sub(c, u, one);
+    MPSGraphTensor *kahan = mt_select(c, mt_eq(c, u, one), x, mt_div(c, mt_mul(c, um1, x), mt_log(c, u)));
+    return mt_select(c, mt_lt(c, mt_abs(c, x), mt_const(c, 0.5)), kahan, um1);
 }
 
 MPSGraphTensor *mt_log1p(MetalBuilder *c, MPSGraphTensor *x) {
-    /* Kahan: u = 1 + x; u == 1 ? x : log(u) * x / (u - 1). */
-    MPSGraphTensor *one = mt_const(c, 1.0), *u = mt_add(c, one, x);
-    MPSGraphTensor *r = mt_div(c, mt_mul(c, mt_log(c, u), x), mt_sub(c, u, one));
-    return mt_select(c, mt_eq(c, u, one), x, r);
+    /* Kahan near 0: u = 1 + x; u == 1 ? x : log(u) x / (u - 1); plain log(u) for |x| >= 0.5 */
+    MPSGraphTensor *one = mt_const(c, 1.0), *u = mt_add(c, one, x), *lu = mt_log(c, u);
+    MPSGraphTensor *kahan = mt_select(c, mt_eq(c, u, one), x, mt_div(c, mt_mul(c, lu, x), mt_sub(c, u, one)));
+    return mt_select(c, mt_lt(c, mt_abs(c, x), mt_const(c, 0.5)), kahan, lu);
 }
 
 MPSGraphTensor *mt_hyper(MetalBuilder *c, int slot) {

@@ -37,6 +37,7 @@ typedef enum MTLCommandBufferStatus : NSUInteger {
 @property (readonly) NSString *name;
 @property (readonly) BOOL hasUnifiedMemory;
 @property (readonly) uint64_t recommendedMaxWorkingSetSize;
+@property (readonly) NSUInteger currentAllocatedSize;
 - (id<MTLCommandQueue>)newCommandQueue;
 - (id<MTLBuffer>)newBufferWithLength:(NSUInteger)length options:(MTLResourceOptions)options;
 @end
