@@ -419,7 +419,9 @@ int mpscy_plan_build(mpscy_plan *p, const mpscy_graph_desc *d, const char *compo
         if (p->tensors[t].info.role != MPSCY_ROLE_PARAM) continue;
         mpscy_tensor *g = &p->tensors[p->n_tensors++];
         *g = p->tensors[t];
-        snprintf(g->info.name, MPSCY_NAME_LEN, "%.56s.grad", p->tensors[t].info.name);
+        char base[MPSCY_NAME_LEN];
+        memcpy(base, p->tensors[t].info.name, MPSCY_NAME_LEN);
+        snprintf(g->info.name, MPSCY_NAME_LEN, "%.56s.grad", base);
         g->info.role = MPSCY_ROLE_GRAD;
     }
     /* Optimizer state: flat slots over the trainable slab, then scalars. */

@@ -21,36 +21,7 @@ cdef enum:
     ERR_LEN = 512
     MAX_IO = 8
 
-LAYER_KINDS = {
-    "input": MPSCY_LAYER_INPUT, "dense": MPSCY_LAYER_DENSE, "relu": MPSCY_LAYER_RELU,
-    "conv2d": MPSCY_LAYER_CONV2D, "maxpool2d": MPSCY_LAYER_MAXPOOL2D,
-    "avgpool2d": MPSCY_LAYER_AVGPOOL2D, "globalavgpool2d": MPSCY_LAYER_GLOBALAVGPOOL2D,
-    "flatten": MPSCY_LAYER_FLATTEN, "batchnorm": MPSCY_LAYER_BATCHNORM,
-    "layernorm": MPSCY_LAYER_LAYERNORM, "dropout": MPSCY_LAYER_DROPOUT,
-    "leakyrelu": MPSCY_LAYER_LEAKYRELU, "elu": MPSCY_LAYER_ELU, "sigmoid": MPSCY_LAYER_SIGMOID,
-    "tanh": MPSCY_LAYER_TANH, "swish": MPSCY_LAYER_SWISH, "gelu": MPSCY_LAYER_GELU,
-    "softmax": MPSCY_LAYER_SOFTMAX, "add": MPSCY_LAYER_ADD, "concat": MPSCY_LAYER_CONCAT,
-}
-LOSS_KINDS = {
-    "sparse_cross_entropy": MPSCY_LOSS_SPARSE_CE, "cross_entropy": MPSCY_LOSS_CE,
-    "binary_cross_entropy": MPSCY_LOSS_BCE, "bce_with_logits": MPSCY_LOSS_BCE_LOGITS,
-    "categorical_cross_entropy": MPSCY_LOSS_CATEGORICAL_CE, "mse": MPSCY_LOSS_MSE,
-    "mae": MPSCY_LOSS_MAE, "huber": MPSCY_LOSS_HUBER,
-}
-ACCURACY_KINDS = {"none": MPSCY_ACCURACY_NONE, "argmax": MPSCY_ACCURACY_ARGMAX,
-                  "threshold": MPSCY_ACCURACY_THRESHOLD}
-OPTIM_KINDS = {
-    "sgd": MPSCY_OPTIM_SGD, "adam": MPSCY_OPTIM_ADAM, "adamw": MPSCY_OPTIM_ADAMW,
-    "rmsprop": MPSCY_OPTIM_RMSPROP, "adagrad": MPSCY_OPTIM_ADAGRAD,
-    "adadelta": MPSCY_OPTIM_ADADELTA, "nadam": MPSCY_OPTIM_NADAM, "lbfgs": MPSCY_OPTIM_LBFGS,
-}
-OPTIM_FLAGS = {"nesterov": MPSCY_OPTIM_NESTEROV, "amsgrad": MPSCY_OPTIM_AMSGRAD,
-               "maximize": MPSCY_OPTIM_MAXIMIZE, "centered": MPSCY_OPTIM_CENTERED,
-               "decoupled_weight_decay": MPSCY_OPTIM_DECOUPLED_WD}
-LAYER_FLAGS = {"bias": MPSCY_FLAG_BIAS, "affine": MPSCY_FLAG_AFFINE}
-_ROLES = {MPSCY_ROLE_PARAM: "param", MPSCY_ROLE_BUFFER: "buffer", MPSCY_ROLE_OPTIM: "optim",
-          MPSCY_ROLE_GRAD: "grad"}
-_DTYPES = {MPSCY_F32: np.float32, MPSCY_F64: np.float64, MPSCY_I64: np.int64}
+include "_desc.pxi"
 
 _STATUS_ERRORS = {
     MPSCY_INVALID: _errors.InvalidArgumentError,
@@ -70,102 +41,7 @@ cdef int _check(int status, const char *err) except -1:
     raise cls((<bytes>err).decode("utf-8", "replace") or f"native status {status}")
 
 
-# ----------------------------------------------------------------------- array checks
-
-cdef enum _Kind:
-    K_OTHER = 0
-    K_F32 = 1
-    K_I32 = 2
-    K_I64 = 3
-
-
-cdef _Kind _kind_of(const Py_buffer *v) noexcept:
-    cdef const char *f = v.format
-    if f == NULL:
-        return K_OTHER
-    if f[0] == b'@' or f[0] == b'=' or f[0] == b'<':
-        f += 1
-    if f[0] == 0 or f[1] != 0:
-        return K_OTHER
-    if f[0] == b'f' and v.itemsize == 4:
-        return K_F32
-    if (f[0] == b'i' or f[0] == b'l' or f[0] == b'q') and v.itemsize == 4:
-        return K_I32
-    if (f[0] == b'i' or f[0] == b'l' or f[0] == b'q') and v.itemsize == 8:
-        return K_I64
-    return K_OTHER
-
-
-cdef bint _c_contiguous(const Py_buffer *v) noexcept:
-    cdef Py_ssize_t expect = v.itemsize
-    cdef int d
-    if v.strides == NULL:
-        return True
-    for d in range(v.ndim - 1, -1, -1):
-        if v.shape[d] > 1 and v.strides[d] != expect:
-            return False
-        expect *= v.shape[d]
-    return True
-
-
-cdef int _acquire(object obj, Py_buffer *view, str what) except -1:
-    if obj is None:
-        raise _errors.DTypeError(f"{what} is None; expected a numpy array")
-    try:
-        PyObject_GetBuffer(obj, view, PyBUF_RECORDS_RO)
-    except Exception:
-        raise _errors.DTypeError(f"{what} must be a numpy array, got {type(obj).__name__}") from None
-    return 0
-
-
-cdef str _dtype_name(object obj):
-    dt = getattr(obj, "dtype", None)
-    return str(dt) if dt is not None else type(obj).__name__
-
-
-cdef str _shape_str(const Py_buffer *v):
-    return "(" + ", ".join(str(v.shape[d]) for d in range(v.ndim)) + ("," if v.ndim == 1 else "") + ")"
-
-
-cdef int64_t _copy_finite(float *dst, const float *src, int64_t n) noexcept nogil:
-    """Copies n floats; returns the index of the first NaN/Inf, or -1. The exponent-max scan
-    vectorizes, so the check costs about as much as the copy."""
-    cdef const uint32_t *bits = <const uint32_t *>src
-    cdef uint32_t mx = 0, e
-    cdef int64_t i
-    memcpy(dst, src, <size_t>n * sizeof(float))
-    for i in range(n):
-        e = bits[i] & 0x7f800000u
-        mx = e if e > mx else mx
-    if mx != 0x7f800000u:
-        return -1
-    for i in range(n):
-        if (bits[i] & 0x7f800000u) == 0x7f800000u:
-            return i
-    return -1
-
-
-cdef int64_t _copy_labels_i64(int32_t *dst, const int64_t *src, int64_t n, int64_t classes) noexcept nogil:
-    """int64 labels into the int32 staging buffer; returns the first out-of-range row or -1."""
-    cdef int64_t i, bad = -1
-    cdef int64_t v
-    for i in range(n):
-        v = src[i]
-        if v < 0 or v >= classes:
-            if bad < 0:
-                bad = i
-            v = 0
-        dst[i] = <int32_t>v
-    return bad
-
-
-cdef int64_t _copy_labels_i32(int32_t *dst, const int32_t *src, int64_t n, int64_t classes) noexcept nogil:
-    cdef int64_t i, bad = -1
-    memcpy(dst, src, <size_t>n * sizeof(int32_t))
-    for i in range(n):
-        if src[i] < 0 or src[i] >= classes:
-            return i
-    return bad
+include "_arrays.pxi"
 
 
 # ----------------------------------------------------------------------- device and buffer
@@ -311,6 +187,7 @@ cdef class Graph:
     cdef int target_dense
     cdef int accuracy_kind
     cdef int64_t classes
+    cdef bint busy   # set while a native call is in flight (the GIL is released then)
 
     def __cinit__(self, Device device not None, list layers not None, dict spec not None):
         cdef int n = len(layers)
@@ -409,6 +286,13 @@ cdef class Graph:
     property counter:
         def __get__(self): return self.args.counter
         def __set__(self, uint64_t v): self.args.counter = v
+
+    cdef int _enter(self) except -1:
+        if self.busy:
+            raise _errors.StateError("this engine is already running a call in another thread; "
+                                     "an engine is used by one thread at a time")
+        self.busy = True
+        return 0
 
     # ------------------------------------------------------------------ staging
 
@@ -514,17 +398,21 @@ cdef class Graph:
     def train_step(self, x, y):
         """One training step on (x, y): exactly one native call. Returns a StepResult."""
         cdef int64_t t0 = _now_ns()
-        cdef int rows = self._stage_inputs(x)
-        self._stage_target(y, rows)
         cdef mpscy_step_result res
-        cdef int st
-        self.args.batch = rows
-        self.args.mode = MPSCY_MODE_TRAIN
-        with nogil:
-            st = mpscy_graph_step(self.handle, &self.args, &res, self.err, ERR_LEN)
-        if st == MPSCY_OK or st == MPSCY_NONFINITE:
-            self.args.counter += 1
-        _check(st, self.err)
+        cdef int st, rows
+        self._enter()
+        try:
+            rows = self._stage_inputs(x)
+            self._stage_target(y, rows)
+            self.args.batch = rows
+            self.args.mode = MPSCY_MODE_TRAIN
+            with nogil:
+                st = mpscy_graph_step(self.handle, &self.args, &res, self.err, ERR_LEN)
+            if st == MPSCY_OK or st == MPSCY_NONFINITE:
+                self.args.counter += 1
+            _check(st, self.err)
+        finally:
+            self.busy = False
         cdef StepResult r = StepResult.__new__(StepResult)
         r.loss = res.loss
         r.accuracy = self._accuracy(res.correct, rows)
@@ -536,30 +424,40 @@ cdef class Graph:
 
     def eval_batch(self, x, y):
         """Eval-mode loss and correct count of one batch: (mean loss, correct or -1, rows)."""
-        cdef int rows = self._stage_inputs(x)
-        self._stage_target(y, rows)
+        cdef int rows
         cdef mpscy_step_result res
         cdef int st
-        self.args.batch = rows
-        self.args.mode = MPSCY_MODE_EVAL
-        with nogil:
-            st = mpscy_graph_step(self.handle, &self.args, &res, self.err, ERR_LEN)
-        _check(st, self.err)
+        self._enter()
+        try:
+            rows = self._stage_inputs(x)
+            self._stage_target(y, rows)
+            self.args.batch = rows
+            self.args.mode = MPSCY_MODE_EVAL
+            with nogil:
+                st = mpscy_graph_step(self.handle, &self.args, &res, self.err, ERR_LEN)
+            _check(st, self.err)
+        finally:
+            self.busy = False
         return res.loss, res.correct, rows
 
     def grad_batch(self, x, y):
         """Train-mode forward and backward of one batch, no update: (loss, correct, rows).
         Gradients are then readable as "<param>.grad" tensors (and input gradients through
         read_input_grad when the graph was built with input_grad)."""
-        cdef int rows = self._stage_inputs(x)
-        self._stage_target(y, rows)
+        cdef int rows
         cdef mpscy_step_result res
         cdef int st
-        self.args.batch = rows
-        self.args.mode = MPSCY_MODE_GRAD
-        with nogil:
-            st = mpscy_graph_step(self.handle, &self.args, &res, self.err, ERR_LEN)
-        _check(st, self.err)
+        self._enter()
+        try:
+            rows = self._stage_inputs(x)
+            self._stage_target(y, rows)
+            self.args.batch = rows
+            self.args.mode = MPSCY_MODE_GRAD
+            with nogil:
+                st = mpscy_graph_step(self.handle, &self.args, &res, self.err, ERR_LEN)
+            _check(st, self.err)
+        finally:
+            self.busy = False
         return res.loss, res.correct, rows
 
     def read_input_grad(self, int index, int rows, tuple shape):
@@ -577,22 +475,26 @@ cdef class Graph:
 
     def predict_batch(self, x, out, Py_ssize_t offset):
         """Eval-mode forward of one batch into rows [offset, offset + n) of `out` (float32)."""
-        cdef int rows = self._stage_inputs(x)
+        cdef int rows, st
         cdef Py_buffer v
-        cdef int st
-        _acquire(out, &v, "out")
+        self._enter()
         try:
-            if _kind_of(&v) != K_F32 or not _c_contiguous(&v) or v.ndim < 1 or \
-                    v.len < (offset + rows) * self.out_size * 4 or offset < 0:
-                raise _errors.ShapeError("out must be a C-contiguous float32 array with room for the rows")
-            self.args.batch = rows
-            with nogil:
-                st = mpscy_graph_predict(self.handle, &self.args, self.err, ERR_LEN)
-            _check(st, self.err)
-            memcpy(<float *>v.buf + offset * self.out_size, self.output_ptr,
-                   <size_t>(rows * self.out_size) * sizeof(float))
+            rows = self._stage_inputs(x)
+            _acquire(out, &v, "out")
+            try:
+                if _kind_of(&v) != K_F32 or not _c_contiguous(&v) or v.ndim < 1 or \
+                        v.len < (offset + rows) * self.out_size * 4 or offset < 0:
+                    raise _errors.ShapeError("out must be a C-contiguous float32 array with room for the rows")
+                self.args.batch = rows
+                with nogil:
+                    st = mpscy_graph_predict(self.handle, &self.args, self.err, ERR_LEN)
+                _check(st, self.err)
+                memcpy(<float *>v.buf + offset * self.out_size, self.output_ptr,
+                       <size_t>(rows * self.out_size) * sizeof(float))
+            finally:
+                PyBuffer_Release(&v)
         finally:
-            PyBuffer_Release(&v)
+            self.busy = False
         return rows
 
     # ------------------------------------------------------------------ tensors
@@ -612,82 +514,28 @@ cdef class Graph:
     def read_tensor(self, int index, object dtype, tuple shape):
         arr = np.empty(shape, dtype=dtype)
         cdef Py_buffer v
-        _acquire(arr, &v, "tensor")
+        self._enter()
         try:
-            _check(mpscy_graph_tensor_read(self.handle, index, v.buf, <size_t>v.len, self.err, ERR_LEN), self.err)
+            _acquire(arr, &v, "tensor")
+            try:
+                _check(mpscy_graph_tensor_read(self.handle, index, v.buf, <size_t>v.len, self.err, ERR_LEN), self.err)
+            finally:
+                PyBuffer_Release(&v)
         finally:
-            PyBuffer_Release(&v)
+            self.busy = False
         return arr
 
     def write_tensor(self, int index, object arr):
         """arr: a C-contiguous array of the tensor's dtype and element count (checked natively)."""
         cdef Py_buffer v
-        _acquire(arr, &v, "tensor")
+        self._enter()
         try:
-            if not _c_contiguous(&v):
-                raise _errors.ShapeError("tensor data must be C-contiguous")
-            _check(mpscy_graph_tensor_write(self.handle, index, v.buf, <size_t>v.len, self.err, ERR_LEN), self.err)
+            _acquire(arr, &v, "tensor")
+            try:
+                if not _c_contiguous(&v):
+                    raise _errors.ShapeError("tensor data must be C-contiguous")
+                _check(mpscy_graph_tensor_write(self.handle, index, v.buf, <size_t>v.len, self.err, ERR_LEN), self.err)
+            finally:
+                PyBuffer_Release(&v)
         finally:
-            PyBuffer_Release(&v)
-
-
-cdef void _fill_layer(mpscy_layer_desc *d, dict L) except *:
-    cdef int j
-    d.kind = LAYER_KINDS[L["kind"]]
-    d.flags = 0
-    for f in L.get("flags", ()):
-        d.flags |= LAYER_FLAGS[f]
-    ins = L.get("inputs", ())
-    if len(ins) > MPSCY_MAX_INPUTS:
-        raise _errors.InvalidArgumentError(f"layer {L['name']} has {len(ins)} inputs; at most {MPSCY_MAX_INPUTS}")
-    d.n_inputs = len(ins)
-    for j, v in enumerate(ins):
-        d.inputs[j] = v
-    shape = L["shape"]
-    if len(shape) > MPSCY_MAX_RANK:
-        raise _errors.ShapeError(f"layer {L['name']} output rank {len(shape)} exceeds {MPSCY_MAX_RANK}")
-    d.rank = len(shape)
-    for j, v in enumerate(shape):
-        d.shape[j] = v
-    for j, v in enumerate(L.get("ints", ())):
-        d.ints[j] = v
-    for j, v in enumerate(L.get("reals", ())):
-        d.reals[j] = v
-    name = L["name"].encode()
-    if len(name) >= MPSCY_NAME_LEN:
-        raise _errors.InvalidArgumentError(f"layer name {L['name']!r} is longer than {MPSCY_NAME_LEN - 1} bytes")
-    strncpy(d.name, name, MPSCY_NAME_LEN - 1)
-
-
-cdef void _fill_loss(mpscy_loss_desc *d, dict L) except *:
-    d.kind = LOSS_KINDS[L["kind"]]
-    d.accuracy = ACCURACY_KINDS[L.get("accuracy", "none")]
-    d.label_smoothing = L.get("label_smoothing", 0.0)
-    d.delta = L.get("delta", 1.0)
-    d.threshold = L.get("threshold", 0.5)
-
-
-cdef void _fill_optim(mpscy_optim_desc *d, dict o) except *:
-    d.kind = OPTIM_KINDS[o["kind"]]
-    d.flags = 0
-    for f in o.get("flags", ()):
-        d.flags |= OPTIM_FLAGS[f]
-    d.lr = o.get("lr", 0.0)
-    d.momentum = o.get("momentum", 0.0)
-    d.dampening = o.get("dampening", 0.0)
-    d.weight_decay = o.get("weight_decay", 0.0)
-    d.beta1 = o.get("beta1", 0.9)
-    d.beta2 = o.get("beta2", 0.999)
-    d.eps = o.get("eps", 1e-8)
-    d.alpha = o.get("alpha", 0.99)
-    d.rho = o.get("rho", 0.9)
-    d.lr_decay = o.get("lr_decay", 0.0)
-    d.initial_accumulator_value = o.get("initial_accumulator_value", 0.0)
-    d.momentum_decay = o.get("momentum_decay", 0.004)
-    d.clip_grad_norm = o.get("clip_grad_norm", 0.0) or 0.0
-    d.clip_grad_value = o.get("clip_grad_value", 0.0) or 0.0
-    d.history_size = o.get("history_size", 100)
-    d.max_iter = o.get("max_iter", 20)
-    d.line_search = 1 if o.get("line_search_fn") == "strong_wolfe" else 0
-    d.tolerance_grad = o.get("tolerance_grad", 1e-7)
-    d.tolerance_change = o.get("tolerance_change", 1e-9)
+            self.busy = False

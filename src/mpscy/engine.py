@@ -223,7 +223,10 @@ class Engine:
 
     @learning_rate.setter
     def learning_rate(self, value):
-        value = float(value)
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise InvalidArgumentError(f"learning rate must be a number, got {value!r}") from None
         if not value >= 0:
             raise InvalidArgumentError(f"learning rate must be >= 0, got {value}")
         self._g().lr = value

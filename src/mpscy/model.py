@@ -188,7 +188,7 @@ class Sequential(Model):
                 raise InvalidArgumentError(f"Sequential item {i} is {type(layer).__name__}, not an mpscy layer")
             if layer.n_inputs is not None and layer.n_inputs != 1:
                 raise InvalidArgumentError(f"{type(layer).__name__} takes several inputs: use the functional API")
-        x = Input(input_shape)
+        x = Tensor(_check_shape(input_shape, "input_shape"))
         t = x
         names = []
         for i, layer in enumerate(layers):

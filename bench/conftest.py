@@ -1,0 +1,71 @@
+"""Benchmark helpers shared by bench/test_*.py: timing by median of repeats, the optional PyTorch
+comparison, and a short table printed at the end of the run. Benchmarks never assert absolute
+times: each records ratios measured in the same run (see bench/README.md and bench/gate).
+
+MPSCY_BENCH_QUICK=1 runs one short round of everything (CI), without the target assertions."""
+import gc
+import os
+import time
+
+import numpy as np
+import pytest
+
+QUICK = os.environ.get("MPSCY_BENCH_QUICK") == "1"
+ROWS = []
+
+
+def measure(fn, min_time=0.2, repeat=7):
+    """Median seconds per call of fn(): `repeat` blocks, each calling fn enough times to last
+    about min_time / repeat seconds, after a warm-up."""
+    if QUICK:
+        min_time, repeat = min_time / 10, 3
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - t0, 1e-7)
+    number = max(1, int(min_time / repeat / once))
+    times = []
+    gc.disable()
+    try:
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            for _ in range(number):
+                fn()
+            times.append((time.perf_counter() - t0) / number)
+    finally:
+        gc.enable()
+    return float(np.median(times))
+
+
+def pause():
+    """Lets BLAS worker threads of the library timed before stop spinning."""
+    time.sleep(0.05)
+
+
+def torch_or_none():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def record(name, mpscy_s, ref_s, torch_s=None, note=""):
+    ROWS.append((name, mpscy_s, ref_s, torch_s, note))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not ROWS:
+        return
+    tr = terminalreporter
+    tr.section("mpscy benchmarks (median per step)")
+    tr.write_line(f"{'benchmark':34s} {'mpscy':>11s} {'ref ratio':>10s} {'torch':>11s} {'torch/mpscy':>12s}  note")
+    for name, m, r, t, note in ROWS:
+        ts = f"{t * 1e6:9.1f}us" if t else "        n/a"
+        sp = f"{t / m:11.2f}x" if t else "         n/a"
+        tr.write_line(f"{name:34s} {m * 1e6:9.1f}us {m / r:10.3f} {ts} {sp}  {note}")
+
+
+@pytest.fixture
+def quick():
+    return QUICK

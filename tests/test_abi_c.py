@@ -1,0 +1,38 @@
+"""Compiles tests/c/test_abi.c — plain C that includes only objc/mpscy.h and links the CPU
+backend's sources — and runs it: the ABI trains a tiny model with no Python involved."""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _blas_flags():
+    if sys.platform == "darwin":
+        return [], ["-framework", "Accelerate"]
+    ob = pytest.importorskip("scipy_openblas32", reason="the C test links scipy-openblas32 (a [test] extra)")
+    lib = ob.get_lib_dir()
+    return ["-I" + ob.get_include_dir()], ["-L" + lib, "-l" + ob.get_library(), "-Wl,-rpath," + lib]
+
+
+def test_plain_c_abi(tmp_path):
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        pytest.skip("no C compiler")
+    cflags, libs = _blas_flags()
+    sources = [os.path.join(ROOT, "tests", "c", "test_abi.c"), os.path.join(ROOT, "objc", "mpscy.c")]
+    for pattern in ("objc/null/*.c", "objc/common/*.c", "objc/cpu/*.c"):
+        sources += sorted(glob.glob(os.path.join(ROOT, pattern)))
+    exe = str(tmp_path / "test_abi")
+    cmd = [cc, "-std=c99", "-D_POSIX_C_SOURCE=200809L", "-O1", "-Wall", "-Werror", "-I" + os.path.join(ROOT, "objc"),
+           *cflags, *sources, *libs, "-lm", "-lpthread", "-o", exe]
+    build = subprocess.run(cmd, capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run([exe], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.startswith("ok ") and " 0 failures" in run.stdout
+    assert int(run.stdout.split()[1]) >= 38  # every check ran

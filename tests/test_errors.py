@@ -1,0 +1,256 @@
+"""Bad input gets a clear mpscy.Error naming the problem, raised before anything is modified:
+after every failed call the parameters and the optimizer state are bit-for-bit what they were."""
+import numpy as np
+import pytest
+
+import mpscy
+from mpscy import layers, optim
+
+BATCH, FEATURES, CLASSES = 8, 6, 4
+
+
+def make(device, loss="sparse_cross_entropy"):
+    model = mpscy.Sequential([layers.Dense(10), layers.ReLU(), layers.Dense(CLASSES)], input_shape=(FEATURES,))
+    engine = mpscy.Engine(model, loss=loss, optimizer=optim.Adam(lr=0.01), batch_size=BATCH, device=device, seed=0)
+    rng = np.random.default_rng(0)
+    # a few real steps so the optimizer state is not all zeros
+    for _ in range(3):
+        x = rng.standard_normal((BATCH, FEATURES)).astype(np.float32)
+        y = (rng.integers(0, CLASSES, BATCH) if loss == "sparse_cross_entropy"
+             else rng.standard_normal((BATCH, CLASSES)).astype(np.float32))
+        engine.step(x, y)
+    return engine
+
+
+def snapshot(engine):
+    params = {k: v.copy() for k, v in engine.get_parameters().items()}
+    state = engine.get_optimizer_state()
+    return params, state
+
+
+def assert_unchanged(engine, snap):
+    params, state = snap
+    now_p, now_s = snapshot(engine)
+    for k in params:
+        assert params[k].tobytes() == now_p[k].tobytes(), k
+    assert now_s["step"] == state["step"]
+    for slot, per_param in state.items():
+        if isinstance(per_param, dict):
+            for k in per_param:
+                assert per_param[k].tobytes() == now_s[slot][k].tobytes(), (slot, k)
+
+
+GOOD_X = np.ones((BATCH, FEATURES), np.float32)
+GOOD_Y = np.zeros(BATCH, np.int32)
+wide = np.ones((BATCH, 2 * FEATURES), np.float32)
+nan_x = GOOD_X.copy()
+nan_x[3, 2] = np.nan
+inf_x = GOOD_X.copy()
+inf_x[5, 0] = -np.inf
+
+STEP_CASES = [
+    ("float64 x", GOOD_X.astype(np.float64), GOOD_Y, mpscy.DTypeError, "float32, got float64"),
+    ("int x", GOOD_X.astype(np.int32), GOOD_Y, mpscy.DTypeError, "float32, got int32"),
+    ("big-endian x", GOOD_X.astype(">f4"), GOOD_Y, mpscy.DTypeError, "float32"),
+    ("float labels", GOOD_X, GOOD_Y.astype(np.float32), mpscy.DTypeError, "int32 or int64"),
+    ("uint8 labels", GOOD_X, GOOD_Y.astype(np.uint8), mpscy.DTypeError, "int32 or int64"),
+    ("rank 1 x", np.ones(FEATURES, np.float32), GOOD_Y, mpscy.ShapeError, "expected (n, 6)"),
+    ("rank 3 x", np.ones((BATCH, FEATURES, 1), np.float32), GOOD_Y, mpscy.ShapeError, "expected (n, 6)"),
+    ("feature count", np.ones((BATCH, FEATURES + 1), np.float32), GOOD_Y, mpscy.ShapeError, "(8, 7), expected (n, 6)"),
+    ("non-contiguous x", wide[:, ::2], GOOD_Y, mpscy.ShapeError, "C-contiguous"),
+    ("fortran x", np.asfortranarray(np.ones((BATCH, FEATURES), np.float32)), GOOD_Y, mpscy.ShapeError, "C-contiguous"),
+    ("non-contiguous y", GOOD_X, np.zeros(2 * BATCH, np.int64)[::2], mpscy.ShapeError, "C-contiguous"),
+    ("batch too large", np.ones((BATCH + 1, FEATURES), np.float32), np.zeros(BATCH + 1, np.int32),
+     mpscy.ShapeError, "more than the built batch size 8"),
+    ("label too large", GOOD_X, np.array([0, 1, 2, 3, 4, 0, 0, 0], np.int32), mpscy.InvalidArgumentError,
+     "label 4 at row 4 is outside [0, 4)"),
+    ("negative label", GOOD_X, np.array([0, 0, -1, 0, 0, 0, 0, 0], np.int64), mpscy.InvalidArgumentError,
+     "label -1 at row 2"),
+    ("int64 label beyond int32", GOOD_X, np.array([0] * 7 + [2 ** 33], np.int64), mpscy.InvalidArgumentError,
+     f"label {2 ** 33} at row 7"),
+    ("empty batch", np.ones((0, FEATURES), np.float32), np.zeros(0, np.int32), mpscy.ShapeError, "empty batch"),
+    ("label count", GOOD_X, np.zeros(BATCH - 1, np.int32), mpscy.ShapeError, "7 labels for 8 rows"),
+    ("labels 2-d", GOOD_X, np.zeros((BATCH, 1), np.int32), mpscy.ShapeError, "shaped (n,)"),
+    ("NaN in x", nan_x, GOOD_Y, mpscy.NonFiniteError, "NaN or Inf at row 3"),
+    ("Inf in x", inf_x, GOOD_Y, mpscy.NonFiniteError, "NaN or Inf at row 5"),
+    ("None x", None, GOOD_Y, mpscy.DTypeError, "x is None"),
+    ("None y", GOOD_X, None, mpscy.DTypeError, "y is None"),
+    ("list x", GOOD_X.tolist(), GOOD_Y, mpscy.DTypeError, "numpy array, got list"),
+    ("string x", "abc", GOOD_Y, mpscy.DTypeError, "x must be"),
+    ("bytes x", b"\x00" * 32, GOOD_Y, mpscy.DTypeError, "x must be float32"),
+    ("object x", np.array([None] * BATCH, dtype=object), GOOD_Y, mpscy.DTypeError, "x must be"),
+    ("0-d x", np.float32(1.0), GOOD_Y, mpscy.Error, "x"),
+]
+
+
+@pytest.mark.parametrize("case,x,y,error,message", STEP_CASES, ids=[c[0] for c in STEP_CASES])
+def test_bad_step_input_is_rejected_and_changes_nothing(device, case, x, y, error, message):
+    engine = make(device)
+    snap = snapshot(engine)
+    steps = engine.stats()["steps"]
+    with pytest.raises(error) as info:
+        engine.step(x, y)
+    assert message in str(info.value)
+    assert isinstance(info.value, mpscy.Error)
+    assert_unchanged(engine, snap)
+    assert engine.stats()["steps"] == steps  # rejected before the native step was entered
+
+
+DENSE_CASES = [
+    ("int targets", GOOD_X, np.zeros((BATCH, CLASSES), np.int32), mpscy.DTypeError, "float32 targets"),
+    ("target shape", GOOD_X, np.zeros((BATCH, CLASSES + 1), np.float32), mpscy.ShapeError, "expected (n, 4)"),
+    ("target rows", GOOD_X, np.zeros((BATCH - 2, CLASSES), np.float32), mpscy.ShapeError, "for 8 rows"),
+    ("NaN target", GOOD_X, np.full((BATCH, CLASSES), np.nan, np.float32), mpscy.NonFiniteError, "y contains NaN"),
+]
+
+
+@pytest.mark.parametrize("case,x,y,error,message", DENSE_CASES, ids=[c[0] for c in DENSE_CASES])
+def test_bad_targets_for_regression(device, case, x, y, error, message):
+    engine = make(device, loss="mse")
+    snap = snapshot(engine)
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
+        engine.step(x, y)
+    assert_unchanged(engine, snap)
+
+
+def test_non_finite_loss_applies_no_update(device):
+    """Weights that overflow the forward pass: the native step raises NonFiniteError and leaves
+    parameters, optimizer state and step count exactly as they were."""
+    engine = make(device)
+    params = engine.get_parameters()
+    params["dense_2.weight"] = np.full_like(params["dense_2.weight"], 3e38)
+    engine.set_parameters(params)
+    snap = snapshot(engine)
+    x = np.random.default_rng(1).standard_normal((BATCH, FEATURES)).astype(np.float32) + 5
+    with pytest.raises(mpscy.NonFiniteError, match="not finite, update skipped"):
+        engine.step(x, GOOD_Y)
+    assert_unchanged(engine, snap)
+    assert engine.stats()["steps"] == 4  # the step did reach the native code
+
+
+def test_native_error_messages_name_the_function():
+    model = mpscy.Sequential([layers.Dense(3)], input_shape=(2,))
+    native = mpscy._native
+    dev = native.Device("cpu")
+    bad = {"output": 1, "batch": 4, "target": "index", "loss": {"kind": "sparse_cross_entropy"},
+           "optim": {"kind": "sgd", "lr": 0.1}}
+    nodes = model.native_layers()
+    nodes[1]["shape"] = [4]  # wrong resolved shape
+    with pytest.raises(mpscy.ShapeError, match=r"^\[cpu::infer_node\] node 1 \(dense_0\).*\(plan\.c:\d+\)$"):
+        native.Graph(dev, nodes, bad)
+    nodes[1]["shape"] = [3]
+    with pytest.raises(mpscy.InvalidArgumentError, match="batch size 0 must be >= 1"):
+        native.Graph(dev, nodes, {**bad, "batch": 0})
+
+
+@pytest.mark.parametrize("case", ["unknown name", "missing", "shape", "nan", "dtype"])
+def test_set_parameters_validates_everything_first(device, case):
+    engine = make(device)
+    snap = snapshot(engine)
+    params = engine.get_parameters()
+    params["dense_0.bias"] = params["dense_0.bias"] + 1  # a valid change that must not land
+    error = mpscy.InvalidArgumentError
+    if case == "unknown name":
+        params["dense_9.weight"] = np.zeros(3, np.float32)
+    elif case == "missing":
+        del params["dense_2.bias"]
+    elif case == "shape":
+        params["dense_2.weight"] = params["dense_2.weight"].T
+        error = mpscy.ShapeError
+    elif case == "nan":
+        params["dense_2.weight"] = np.full_like(params["dense_2.weight"], np.nan)
+    else:
+        params["dense_2.weight"] = params["dense_2.weight"].astype(str)
+        error = mpscy.DTypeError
+    with pytest.raises(error):
+        engine.set_parameters(params)
+    assert_unchanged(engine, snap)
+
+
+def test_predict_and_evaluate_errors(device):
+    engine = make(device)
+    snap = snapshot(engine)
+    with pytest.raises(mpscy.DTypeError):
+        engine.predict(None)
+    with pytest.raises(mpscy.ShapeError, match="empty batch"):
+        engine.predict(np.ones((0, FEATURES), np.float32))
+    with pytest.raises(mpscy.DTypeError, match="float32"):
+        engine.predict(np.ones((3, FEATURES)))
+    with pytest.raises(mpscy.ShapeError, match="rows"):
+        engine.evaluate(np.ones((10, FEATURES), np.float32), np.zeros(9, np.int32))
+    with pytest.raises(mpscy.InvalidArgumentError, match="label 9"):
+        engine.evaluate(np.ones((10, FEATURES), np.float32), np.full(10, 9, np.int32))
+    assert_unchanged(engine, snap)
+
+
+def test_bad_construction_arguments():
+    model = mpscy.Sequential([layers.Dense(3)], input_shape=(2,))
+    with pytest.raises(mpscy.InvalidArgumentError, match="batch_size"):
+        mpscy.Engine(model, batch_size=0)
+    with pytest.raises(mpscy.InvalidArgumentError, match="unknown loss"):
+        mpscy.Engine(model, loss="hinge")
+    with pytest.raises(mpscy.InvalidArgumentError, match="optimizer"):
+        mpscy.Engine(model, optimizer="adam")
+    with pytest.raises(mpscy.InvalidArgumentError, match="lr must be >= 0"):
+        optim.SGD(lr=-1)
+    with pytest.raises(mpscy.InvalidArgumentError, match="betas"):
+        optim.Adam(betas=(1.0, 0.9))
+    with pytest.raises(mpscy.InvalidArgumentError, match="Nesterov"):
+        optim.SGD(momentum=0, nesterov=True)
+    with pytest.raises(mpscy.InvalidArgumentError, match="positive integer"):
+        layers.Dense(0)
+    with pytest.raises(mpscy.ShapeError, match="input_shape"):
+        mpscy.Sequential([layers.Dense(3)], input_shape=(0,))
+    with pytest.raises(mpscy.InvalidArgumentError, match="not an mpscy layer"):
+        mpscy.Sequential([layers.Dense(3), "relu"], input_shape=(2,))
+    with pytest.raises(mpscy.InvalidArgumentError, match="named 'a'"):
+        mpscy.Sequential([layers.Dense(3, name="a"), layers.Dense(3, name="a")], input_shape=(2,))
+    with pytest.raises(mpscy.InvalidArgumentError, match="learning rate"):
+        mpscy.Engine(model).learning_rate = float("nan")
+
+
+def test_errors_are_picklable_and_typed():
+    import pickle
+    e = pickle.loads(pickle.dumps(mpscy.ShapeError("x has shape (1,)")))
+    assert isinstance(e, mpscy.ShapeError) and isinstance(e, ValueError) and str(e) == "x has shape (1,)"
+    assert issubclass(mpscy.DTypeError, TypeError)
+    assert issubclass(mpscy.OutOfMemoryError, MemoryError)
+    assert issubclass(mpscy.DeviceError, RuntimeError)
+    assert issubclass(mpscy.NonFiniteError, ValueError)
+    assert issubclass(mpscy.UnsupportedError, RuntimeError)
+
+
+def test_concurrent_use_from_two_threads_is_refused_not_corrupted(device):
+    """The native call releases the GIL; a second thread entering the same engine meanwhile gets
+    a StateError instead of racing on the staging buffers."""
+    import threading
+    model = mpscy.Sequential([layers.Dense(512), layers.ReLU(), layers.Dense(10)], input_shape=(256,))
+    engine = mpscy.Engine(model, batch_size=256, device=device)
+    x = np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)
+    y = np.zeros(256, np.int32)
+    errors = []
+
+    def worker():
+        for _ in range(150):
+            try:
+                engine.step(x, y)
+            except mpscy.Error as e:
+                errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors, "the two threads never overlapped"
+    assert all(isinstance(e, mpscy.StateError) and "another thread" in str(e) for e in errors)
+    assert engine.stats()["steps"] == 300 - len(errors)
+    assert all(np.isfinite(v).all() for v in engine.get_parameters().values())
+
+
+def test_learning_rate_must_be_a_number():
+    engine = mpscy.Engine(mpscy.Sequential([layers.Dense(3)], input_shape=(2,)), batch_size=2)
+    with pytest.raises(mpscy.InvalidArgumentError, match="learning rate"):
+        engine.learning_rate = "fast"
+    with pytest.raises(mpscy.InvalidArgumentError, match="learning rate"):
+        engine.learning_rate = -0.1
