@@ -161,6 +161,12 @@ int metal_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_grap
                 float *rv = (float *)st.buffers0.contents + (T->info.offset - p->n_params);
                 for (int64_t k = 0; k < T->info.count; k++) rv[k] = 1.0f;
             }
+            /* optimizer state starting values, as the CPU backend sets them */
+            if (p->optim.kind == MPSCY_OPTIM_NADAM) g->scalars[1] = 1.0;   /* mu_product */
+            if (p->optim.kind == MPSCY_OPTIM_ADAGRAD && p->n_params > 0) {
+                float *sum = st.optim0.contents;
+                for (int64_t k = 0; k < p->n_params; k++) sum[k] = (float)p->optim.initial_accumulator_value;
+            }
             /* compile the three executables for the built batch now, so a graph MPSGraph
              * rejects fails at build, not at the first step */
             MetalExec *x = nil;

@@ -20,6 +20,7 @@
 enum {
     METAL_H_LR, METAL_H_MOMENTUM, METAL_H_DAMPENING, METAL_H_WD, METAL_H_BETA1, METAL_H_BETA2,
     METAL_H_EPS, METAL_H_STEP_SIZE, METAL_H_BC2_SQRT, METAL_H_DECAY, METAL_H_FIRST, METAL_H_APPLY,
+    METAL_H_ALPHA, METAL_H_RHO, METAL_H_CLR, METAL_H_BC2, METAL_H_NADAM_G, METAL_H_NADAM_M,
     METAL_H_COUNT = 24
 };
 
@@ -238,7 +239,10 @@ void metal_loss(MetalBuilder *c, MPSGraphTensor *y, MPSGraphTensor *target, MPSG
  * on (finite and apply), and every train result (slabs, gradients, stats). */
 void metal_update(MetalBuilder *c, MPSGraphTensor *params, MPSGraphTensor *loss, MPSGraphTensor *correct);
 int metal_optim_supported(int32_t kind);
-/* The per-step coefficients written into the hyper buffer (slots METAL_H_*). */
-void metal_optim_hyper(float *hyper, const mpscy_optim_desc *o, const mpscy_step_args *a, int64_t t, int apply);
+/* The per-step coefficients of applied step t written into the hyper buffer (slots METAL_H_*).
+ * mu_product is NAdam's state; *mu_next receives its value after step t, which the caller
+ * keeps only if the step is applied (as the CPU backend updates it only then). */
+void metal_optim_hyper(float *hyper, const mpscy_optim_desc *o, const mpscy_step_args *a, int64_t t, int apply,
+                       double mu_product, double *mu_next);
 
 #endif /* MPSCY_METAL_H */

@@ -1,20 +1,38 @@
 /* optim.m — everything after backward, inside the train executable: the flat gradient (every
  * parameter gradient in slab order), its finiteness and global L2 norm, clipping by norm or
- * value (torch.nn.utils), and the optimizer update over the flat slab with exactly the element
- * rules of common/optim_math.h, written in graph arithmetic (MPSGraph's own Adam/SGD ops are
- * not used: their definitions differ). New parameters, optimizer slots and running statistics
- * are selected on (finite and apply), so a non-finite or gradient-only step writes the old
- * values back; step.m then keeps the current slabs. Per-step coefficients come from the hyper
- * buffer, filled on the host by mpscy_optim_coef_make, so no schedule recompiles. */
+ * value (torch.nn.utils), and the optimizer update over the flat slab, written in graph
+ * arithmetic with torch.optim's single-tensor rules in the same float32 order as
+ * common/optim_math.h (SGD, Adam, AdamW; RMSprop, Adagrad, Adadelta, NAdam as torch defines
+ * them). MPSGraph's own Adam/SGD ops are not used: their definitions differ. New parameters,
+ * optimizer slots and running statistics are selected on (finite and apply), so a non-finite
+ * or gradient-only step writes the old values back; step.m then keeps the current slabs.
+ * Per-step coefficients come from the hyper buffer, filled on the host, so no schedule
+ * recompiles. L-BFGS is not an element rule and is not implemented here. */
 #import "metal.h"
 #include "../common/optim_math.h"
 
+#include <math.h>
+
 int metal_optim_supported(int32_t kind) {
-    return kind == MPSCY_OPTIM_SGD || kind == MPSCY_OPTIM_ADAM || kind == MPSCY_OPTIM_ADAMW;
+    return kind >= MPSCY_OPTIM_SGD && kind <= MPSCY_OPTIM_NADAM;
 }
 
-void metal_optim_hyper(float *h, const mpscy_optim_desc *o, const mpscy_step_args *a, int64_t t, int apply) {
+void metal_optim_hyper(float *h, const mpscy_optim_desc *o, const mpscy_step_args *a, int64_t t, int apply,
+                       double mu_product, double *mu_next) {
     mpscy_optim_coef k = mpscy_optim_coef_make(o, a, t);
+    /* torch.optim's RMSprop, Adagrad, Adadelta and NAdam coefficients, in double as torch
+     * computes them, rounded to float32 once (as the CPU backend's shared rules do) */
+    double bc2 = 1.0 - pow(a->beta2, (double)t);
+    double mu = a->beta1 * (1.0 - 0.5 * pow(0.96, (double)t * o->momentum_decay));
+    double mu1 = a->beta1 * (1.0 - 0.5 * pow(0.96, (double)(t + 1) * o->momentum_decay));
+    double prod = mu_product * mu;
+    *mu_next = prod;
+    h[METAL_H_ALPHA] = (float)o->alpha;
+    h[METAL_H_RHO] = (float)o->rho;
+    h[METAL_H_CLR] = (float)(a->lr / (1.0 + (double)(t - 1) * o->lr_decay));
+    h[METAL_H_BC2] = (float)bc2;
+    h[METAL_H_NADAM_G] = (float)(-a->lr * (1.0 - mu) / (1.0 - prod));
+    h[METAL_H_NADAM_M] = (float)(-a->lr * mu1 / (1.0 - prod * mu1));
     h[METAL_H_LR] = k.lr;
     h[METAL_H_MOMENTUM] = k.momentum;
     h[METAL_H_DAMPENING] = k.dampening;
@@ -77,6 +95,80 @@ static void adam(MetalBuilder *c, int32_t flags, int decoupled, MPSGraphTensor *
     *p_new = mt_sub(c, x, mt_mul(c, mt_hyper(c, METAL_H_STEP_SIZE), mt_div(c, mm, denom)));
 }
 
+/* g with maximize and L2 weight decay applied, as every rule below starts. */
+static MPSGraphTensor *decayed(MetalBuilder *c, int32_t flags, MPSGraphTensor *p, MPSGraphTensor *g) {
+    MPSGraphTensor *wd = mt_hyper(c, METAL_H_WD);
+    if (flags & MPSCY_OPTIM_MAXIMIZE) g = mt_neg(c, g);
+    return mt_select(c, nonzero(c, wd), mt_add(c, g, mt_mul(c, wd, p)), g);
+}
+
+/* RMSprop (torch.optim.RMSprop): slots square_avg, momentum_buffer [, grad_avg]; the momentum
+ * buffer is used while the step's momentum > 0. */
+static void rmsprop(MetalBuilder *c, int32_t flags, MPSGraphTensor *p, MPSGraphTensor *g,
+                    NSArray<MPSGraphTensor *> *slots, MPSGraphTensor *__strong *p_new, NSMutableArray *slots_new) {
+    MPSGraphTensor *one = mt_const(c, 1.0), *al = mt_hyper(c, METAL_H_ALPHA), *lr = mt_hyper(c, METAL_H_LR);
+    MPSGraphTensor *mom = mt_hyper(c, METAL_H_MOMENTUM), *buf = slots[1];
+    g = decayed(c, flags, p, g);
+    MPSGraphTensor *s = mt_add(c, mt_mul(c, al, slots[0]), mt_mul(c, mt_mul(c, mt_sub(c, one, al), g), g));
+    MPSGraphTensor *avg, *ga = nil;
+    if (flags & MPSCY_OPTIM_CENTERED) {
+        ga = mt_add(c, slots[2], mt_mul(c, mt_sub(c, one, al), mt_sub(c, g, slots[2])));
+        avg = mt_sqrt(c, mt_sub(c, s, mt_mul(c, ga, ga)));
+    } else {
+        avg = mt_sqrt(c, s);
+    }
+    avg = mt_add(c, avg, mt_hyper(c, METAL_H_EPS));
+    MPSGraphTensor *use = mt_gt(c, mom, mt_const(c, 0.0));
+    MPSGraphTensor *b = mt_add(c, mt_mul(c, mom, buf), mt_div(c, g, avg));
+    [slots_new addObject:s];
+    [slots_new addObject:mt_select(c, use, b, buf)];
+    if (ga) [slots_new addObject:ga];
+    *p_new = mt_sub(c, p, mt_mul(c, lr, mt_select(c, use, b, mt_div(c, g, avg))));
+}
+
+/* Adagrad (torch.optim.Adagrad): slot sum (starts at initial_accumulator_value), decayed lr. */
+static void adagrad(MetalBuilder *c, int32_t flags, MPSGraphTensor *p, MPSGraphTensor *g,
+                    NSArray<MPSGraphTensor *> *slots, MPSGraphTensor *__strong *p_new, NSMutableArray *slots_new) {
+    g = decayed(c, flags, p, g);
+    MPSGraphTensor *s = mt_add(c, slots[0], mt_mul(c, g, g));
+    [slots_new addObject:s];
+    MPSGraphTensor *den = mt_add(c, mt_sqrt(c, s), mt_hyper(c, METAL_H_EPS));
+    *p_new = mt_sub(c, p, mt_mul(c, mt_hyper(c, METAL_H_CLR), mt_div(c, g, den)));
+}
+
+/* Adadelta (torch.optim.Adadelta): slots square_avg, acc_delta; eps inside both roots. */
+static void adadelta(MetalBuilder *c, int32_t flags, MPSGraphTensor *p, MPSGraphTensor *g,
+                     NSArray<MPSGraphTensor *> *slots, MPSGraphTensor *__strong *p_new, NSMutableArray *slots_new) {
+    MPSGraphTensor *one = mt_const(c, 1.0), *rho = mt_hyper(c, METAL_H_RHO), *eps = mt_hyper(c, METAL_H_EPS);
+    g = decayed(c, flags, p, g);
+    MPSGraphTensor *s = mt_add(c, mt_mul(c, rho, slots[0]), mt_mul(c, mt_mul(c, mt_sub(c, one, rho), g), g));
+    MPSGraphTensor *std = mt_sqrt(c, mt_add(c, s, eps));
+    MPSGraphTensor *delta = mt_mul(c, mt_div(c, mt_sqrt(c, mt_add(c, slots[1], eps)), std), g);
+    MPSGraphTensor *acc = mt_add(c, mt_mul(c, rho, slots[1]), mt_mul(c, mt_mul(c, mt_sub(c, one, rho), delta), delta));
+    [slots_new addObject:s];
+    [slots_new addObject:acc];
+    *p_new = mt_sub(c, p, mt_mul(c, mt_hyper(c, METAL_H_LR), delta));
+}
+
+/* NAdam (torch.optim.NAdam): Adam moments, momentum-decay schedule coefficients from the host,
+ * L2 or decoupled weight decay. */
+static void nadam(MetalBuilder *c, int32_t flags, MPSGraphTensor *p, MPSGraphTensor *g,
+                  NSArray<MPSGraphTensor *> *slots, MPSGraphTensor *__strong *p_new, NSMutableArray *slots_new) {
+    MPSGraphTensor *one = mt_const(c, 1.0), *wd = mt_hyper(c, METAL_H_WD);
+    MPSGraphTensor *b1 = mt_hyper(c, METAL_H_BETA1), *b2 = mt_hyper(c, METAL_H_BETA2), *m = slots[0], *v = slots[1];
+    if (flags & MPSCY_OPTIM_MAXIMIZE) g = mt_neg(c, g);
+    MPSGraphTensor *x = p;
+    if (flags & MPSCY_OPTIM_DECOUPLED_WD) x = mt_select(c, nonzero(c, wd), mt_mul(c, x, mt_hyper(c, METAL_H_DECAY)), x);
+    else g = mt_select(c, nonzero(c, wd), mt_add(c, g, mt_mul(c, wd, x)), g);
+    MPSGraphTensor *mm = mt_add(c, m, mt_mul(c, mt_sub(c, one, b1), mt_sub(c, g, m)));
+    MPSGraphTensor *vv = mt_add(c, mt_mul(c, b2, v), mt_mul(c, mt_mul(c, mt_sub(c, one, b2), g), g));
+    [slots_new addObject:mm];
+    [slots_new addObject:vv];
+    MPSGraphTensor *denom = mt_add(c, mt_sqrt(c, mt_div(c, vv, mt_hyper(c, METAL_H_BC2))), mt_hyper(c, METAL_H_EPS));
+    x = mt_add(c, x, mt_mul(c, mt_hyper(c, METAL_H_NADAM_G), mt_div(c, g, denom)));
+    *p_new = mt_add(c, x, mt_mul(c, mt_hyper(c, METAL_H_NADAM_M), mt_div(c, mm, denom)));
+}
+
 /* torch.nn.utils.clip_grad_norm_ (coef = max_norm / (norm + 1e-6), applied when < 1), then
  * clip_grad_value_, as cpu_clip. */
 static MPSGraphTensor *clip(MetalBuilder *c, MPSGraphTensor *g, MPSGraphTensor *norm, const mpscy_optim_desc *o) {
@@ -133,12 +225,20 @@ void metal_update(MetalBuilder *c, MPSGraphTensor *params, MPSGraphTensor *loss,
         for (int32_t s = 0; s < ns; s++)
             [slots addObject:[c.g sliceTensor:slab dimension:0 start:(NSInteger)(s * np) length:(NSInteger)np name:nil]];
         MPSGraphTensor *p_new = params;
-        if (o->kind == MPSCY_OPTIM_SGD) {
+        switch (o->kind) {
+        case MPSCY_OPTIM_SGD: {
             MPSGraphTensor *buf_new = nil;
             sgd(c, o->flags, params, g, slots[0], &p_new, &buf_new);
             [fresh addObject:buf_new];
-        } else {
-            adam(c, o->flags, o->kind == MPSCY_OPTIM_ADAMW, params, g, slots, &p_new, fresh);
+            break;
+        }
+        case MPSCY_OPTIM_RMSPROP: rmsprop(c, o->flags, params, g, slots, &p_new, fresh); break;
+        case MPSCY_OPTIM_ADAGRAD: adagrad(c, o->flags, params, g, slots, &p_new, fresh); break;
+        case MPSCY_OPTIM_ADADELTA: adadelta(c, o->flags, params, g, slots, &p_new, fresh); break;
+        case MPSCY_OPTIM_NADAM: nadam(c, o->flags, params, g, slots, &p_new, fresh); break;
+        default:
+            adam(c, o->flags, o->kind == MPSCY_OPTIM_ADAMW || (o->flags & MPSCY_OPTIM_DECOUPLED_WD), params, g,
+                 slots, &p_new, fresh);
         }
         mt_result(c, mt_select(c, apply, p_new, params), @[@(np)], MPSDataTypeFloat32, METAL_BIND_PARAMS, 0);
         if (ns > 0) {

@@ -57,13 +57,14 @@ int metal_graph_step(mpscy_graph gh, const mpscy_step_args *a, mpscy_step_result
     int train = a->mode != MPSCY_MODE_EVAL;
     memset(r, 0, sizeof *r);
     int64_t t = (int64_t)g->scalars[0] + 1;
+    double mu_next = g->scalars[1];
 
     @autoreleasepool {
         MetalExec *x = nil;
         st = metal_exec_get(g, train ? METAL_TRAIN : METAL_EVAL, b, &x, err, n);
         if (st != MPSCY_OK) return st;
         if (train) {
-            metal_optim_hyper(g->hyper, &p->optim, a, t, a->mode == MPSCY_MODE_TRAIN);
+            metal_optim_hyper(g->hyper, &p->optim, a, t, a->mode == MPSCY_MODE_TRAIN, g->scalars[1], &mu_next);
             metal_dropout_masks(g, a, b);
         }
         st = run(g, x, train ? "train step" : "eval step", err, n);
@@ -83,6 +84,7 @@ int metal_graph_step(mpscy_graph gh, const mpscy_step_args *a, mpscy_step_result
     /* the executable wrote the updated state into the other slabs: they become current */
     g->parity ^= 1;
     g->scalars[0] = (double)t;
+    if (p->optim.kind == MPSCY_OPTIM_NADAM) g->scalars[1] = mu_next;   /* mu_product */
     r->applied = 1;
     return MPSCY_OK;
 }
