@@ -7,7 +7,6 @@
 #import "metal.h"
 #include "../common/rng.h"
 
-float metal_dropout_scale(double rate) { return (float)(1.0 / (1.0 - rate)); }
 
 MPSGraphTensor *metal_dropout_forward(MetalBuilder *c, const mpscy_node *n, int32_t i) {
     MPSGraphTensor *x = mt_y(c, n->in[0]);   // (b, *shape)
@@ -29,7 +28,8 @@ void metal_dropout_masks(metal_graph *g, const mpscy_step_args *a, int64_t b) {
         const mpscy_node *n = &p->nodes[i];
         id<MTLBuffer> buf = mt_get(st.masks, (NSUInteger)i);
         if (n->kind != MPSCY_LAYER_DROPOUT || !buf) continue;
-        float keep = (float)(1.0 - n->reals[0]), scale = metal_dropout_scale(n->reals[0]);
+        /* the CPU's float arithmetic exactly, so the same elements are kept with the same scale */
+        float keep = 1.0f - (float)n->reals[0], scale = 1.0f / keep;
         float *m = buf.contents;   // (b, *shape)
         for (int64_t e = 0; e < b * n->size; e++)
             m[e] = mpscy_dropout_keep(a->seed, a->counter, (uint32_t)i, (uint64_t)e, keep) ? scale : 0.0f;

@@ -228,8 +228,6 @@ void metal_concat_backward(MetalBuilder *c, const mpscy_node *n, int32_t i);
 
 /* dropout.m: fills each dropout node's shared mask buffer for b rows from common/rng.h. */
 void metal_dropout_masks(metal_graph *g, const mpscy_step_args *a, int64_t b);
-/* dropout.m: the mask scale of a kept element, 1 / (1 - rate), as the CPU backend uses it. */
-float metal_dropout_scale(double rate);
 
 /* ------------------------------------------------------------------ loss.m, optim.m */
 /* Mean loss (1), correct count (1) or nil, and, when dy is given, d(loss)/d(y) (b, *out). */
