@@ -93,9 +93,9 @@ static id<MTLBuffer> bound_buffer(MetalGraphState *st, int bind, int parity, int
     case METAL_BIND_TARGET: return st.target;
     case METAL_BIND_OUTPUT: return st.output;
     case METAL_BIND_INPUT_GRAD: return mt_get(st.inputGrads, (NSUInteger)index);
-    case METAL_BIND_PARAMS: return other ? st.params1 : st.params0;
+    case METAL_BIND_PARAMS: return other && st.params1 ? st.params1 : st.params0;   /* L-BFGS: one slab */
     case METAL_BIND_BUFFERS: return other ? st.buffers1 : st.buffers0;
-    case METAL_BIND_OPTIM: return other ? st.optim1 : st.optim0;
+    case METAL_BIND_OPTIM: return other && st.optim1 ? st.optim1 : st.optim0;
     case METAL_BIND_GRADS: return st.grads;
     case METAL_BIND_HYPER: return st.hyper;
     case METAL_BIND_STATS: return st.stats;

@@ -50,12 +50,15 @@ void metal_graph_destroy(mpscy_graph gh) {
 /* Every buffer of the graph; fills the state and the io heads, or returns MPSCY_OOM. */
 static int allocate(metal_graph *g, mpscy_device dev, MetalGraphState *st, char *err, size_t n) {
     const mpscy_plan *p = &g->plan;
-    int64_t np = p->n_params, nb = p->n_buffers, no = (int64_t)p->n_vec_slots * p->n_params, B = p->batch;
+    int64_t np = p->n_params, nb = p->n_buffers, no = metal_optim_floats(p), B = p->batch;
+    int lbfgs = metal_is_lbfgs(p);
     BOOL ok = YES;
 #define NEED(prop, floats) do { st.prop = owned_buffer(st, dev, (floats)); ok = ok && st.prop; } while (0)
-    if (np > 0) { NEED(params0, np); NEED(params1, np); NEED(grads, np); }
+    if (np > 0) { NEED(params0, np); NEED(grads, np); }
+    if (np > 0 && !lbfgs) NEED(params1, np);
     if (nb > 0) { NEED(buffers0, nb); NEED(buffers1, nb); }
-    if (no > 0) { NEED(optim0, no); NEED(optim1, no); }
+    if (no > 0) NEED(optim0, no);
+    if (no > 0 && !lbfgs) NEED(optim1, no);
     NEED(target, B * p->target_size);
     NEED(output, B * p->out_size);
     NEED(hyper, METAL_H_COUNT);
@@ -230,11 +233,13 @@ static void *tensor_ptr(metal_graph *g, const mpscy_tensor *t) {
     int cur = g->parity;
     switch (t->info.role) {
     case MPSCY_ROLE_GRAD: return (float *)st.grads.contents + t->info.offset;
-    case MPSCY_ROLE_PARAM: return (float *)(cur ? st.params1 : st.params0).contents + t->info.offset;
+    case MPSCY_ROLE_PARAM:
+        return (float *)(cur && st.params1 ? st.params1 : st.params0).contents + t->info.offset;
     case MPSCY_ROLE_BUFFER:
         return (float *)(cur ? st.buffers1 : st.buffers0).contents + (t->info.offset - g->plan.n_params);
     default:
-        if (t->info.dtype == MPSCY_F32) return (float *)(cur ? st.optim1 : st.optim0).contents + t->info.offset;
+        if (t->info.dtype == MPSCY_F32)
+            return (float *)(cur && st.optim1 ? st.optim1 : st.optim0).contents + t->info.offset;
         return &g->scalars[t->info.offset];
     }
 }

@@ -14,7 +14,11 @@
 #include <math.h>
 
 int metal_optim_supported(int32_t kind) {
+#if MPSCY_ABI_VERSION >= 2
+    return kind >= MPSCY_OPTIM_SGD && kind <= MPSCY_OPTIM_LBFGS;
+#else
     return kind >= MPSCY_OPTIM_SGD && kind <= MPSCY_OPTIM_NADAM;
+#endif
 }
 
 void metal_optim_hyper(float *h, const mpscy_optim_desc *o, const mpscy_step_args *a, int64_t t, int apply,
@@ -45,6 +49,7 @@ void metal_optim_hyper(float *h, const mpscy_optim_desc *o, const mpscy_step_arg
     h[METAL_H_DECAY] = k.decay;
     h[METAL_H_FIRST] = (float)k.first;
     h[METAL_H_APPLY] = apply ? 1.0f : 0.0f;
+    h[METAL_H_COMMIT] = apply ? 1.0f : 0.0f;
 }
 
 static MPSGraphTensor *flag(MetalBuilder *c, int slot) {
@@ -212,10 +217,15 @@ void metal_update(MetalBuilder *c, MPSGraphTensor *params, MPSGraphTensor *loss,
         MPSGraphTensor *plain = mt_sqrt(c, mt_scalar1(c, mt_sum(c, mt_mul(c, flat, flat), @[@0])));
         norm = mt_select(c, finite, scaled, plain);
     }
-    /* the update happens exactly when the step is finite and a train step (not grad-only) */
+    /* the update happens exactly when the step is finite and a train step (not grad-only);
+     * running statistics are kept on the same condition, or after a finite L-BFGS evaluation */
     MPSGraphTensor *apply = mt_and(c, finite, flag(c, METAL_H_APPLY));
+    MPSGraphTensor *commit = mt_and(c, finite, flag(c, METAL_H_COMMIT));
 
-    if (np > 0) {
+    if (np > 0 && metal_is_lbfgs(p)) {
+        /* L-BFGS moves the parameters on the host (lbfgs.m): only the raw gradient is a result */
+        mt_result(c, flat, @[@(np)], MPSDataTypeFloat32, METAL_BIND_GRADS, 0);
+    } else if (np > 0) {
         const mpscy_optim_desc *o = &p->optim;
         MPSGraphTensor *g = clip(c, flat, norm, o);
         int32_t ns = p->n_vec_slots;
@@ -257,7 +267,7 @@ void metal_update(MetalBuilder *c, MPSGraphTensor *params, MPSGraphTensor *loss,
             const mpscy_tensor_info *ti = &p->tensors[t].info;
             if (ti->role != MPSCY_ROLE_BUFFER) continue;
             MPSGraphTensor *old = mt_get(c.view, (NSUInteger)t), *v = mt_get(c.fresh, (NSUInteger)t);
-            MPSGraphTensor *kept = v ? mt_select(c, apply, v, old) : old;
+            MPSGraphTensor *kept = v ? mt_select(c, commit, v, old) : old;
             [parts addObject:mt_reshape(c, kept, @[@(ti->count)])];
         }
         MPSGraphTensor *all = parts.count == 1 ? parts[0] : [c.g concatTensors:parts dimension:0 name:nil];

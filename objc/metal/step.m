@@ -33,19 +33,46 @@ static int check_batch(const metal_graph *g, int32_t batch, char *err, size_t n)
     return MPSCY_OK;
 }
 
+static int check_mode(const metal_graph *g, int32_t mode, char *err, size_t n) {
+    int lbfgs = metal_is_lbfgs(&g->plan);
+#if MPSCY_ABI_VERSION >= 2
+    if (mode == MPSCY_MODE_LBFGS) {
+        if (!lbfgs) return FAIL(MPSCY_INVALID, "MPSCY_MODE_LBFGS needs a graph built with the LBFGS optimizer");
+        return MPSCY_OK;
+    }
+#endif
+    if (mode != MPSCY_MODE_TRAIN && mode != MPSCY_MODE_EVAL && mode != MPSCY_MODE_GRAD)
+        return FAIL(MPSCY_INVALID, "unknown step mode %d", mode);
+    if (lbfgs && mode == MPSCY_MODE_TRAIN)
+        return FAIL(MPSCY_INVALID, "an LBFGS step is a sequence of MPSCY_MODE_LBFGS calls, not one TRAIN call");
+    return MPSCY_OK;
+}
+
 static int64_t check_labels(const int32_t *labels, int64_t b, int64_t classes) {
     for (int64_t i = 0; i < b; i++)
         if (labels[i] < 0 || labels[i] >= classes) return i;
     return -1;
 }
 
+int metal_run_train(metal_graph *g, const mpscy_step_args *a, int apply, int commit, int64_t t,
+                    double *mu_next, char *err, size_t n) {
+    @autoreleasepool {
+        MetalExec *x = nil;
+        int st = metal_exec_get(g, METAL_TRAIN, a->batch, &x, err, n);
+        if (st != MPSCY_OK) return st;
+        metal_optim_hyper(g->hyper, &g->plan.optim, a, t, apply, g->scalars[1], mu_next);
+        g->hyper[METAL_H_COMMIT] = commit ? 1.0f : 0.0f;
+        metal_dropout_masks(g, a, a->batch);
+        return run(g, x, apply ? "train step" : "gradient step", err, n);
+    }
+}
+
 int metal_graph_step(mpscy_graph gh, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t n) {
     metal_graph *g = (metal_graph *)gh;
     const mpscy_plan *p = &g->plan;
     int st = check_batch(g, a->batch, err, n);
+    if (st == MPSCY_OK) st = check_mode(g, a->mode, err, n);
     if (st != MPSCY_OK) return st;
-    if (a->mode != MPSCY_MODE_TRAIN && a->mode != MPSCY_MODE_EVAL && a->mode != MPSCY_MODE_GRAD)
-        return FAIL(MPSCY_INVALID, "unknown step mode %d", a->mode);
     int64_t b = a->batch;
     if (p->target == MPSCY_TARGET_INDEX) {
         const int32_t *labels = g->io_bufs[p->n_inputs].host;
@@ -54,33 +81,36 @@ int metal_graph_step(mpscy_graph gh, const mpscy_step_args *a, mpscy_step_result
             return FAIL(MPSCY_INVALID, "label %d at row %lld outside [0, %lld)", labels[bad], (long long)bad,
                         (long long)p->out_size);
     }
-    int train = a->mode != MPSCY_MODE_EVAL;
     memset(r, 0, sizeof *r);
-    int64_t t = (int64_t)g->scalars[0] + 1;
-    double mu_next = g->scalars[1];
+#if MPSCY_ABI_VERSION >= 2
+    if (a->mode == MPSCY_MODE_LBFGS) return metal_lbfgs_step(g, a, r, err, n);
+#endif
 
-    @autoreleasepool {
-        MetalExec *x = nil;
-        st = metal_exec_get(g, train ? METAL_TRAIN : METAL_EVAL, b, &x, err, n);
-        if (st != MPSCY_OK) return st;
-        if (train) {
-            metal_optim_hyper(g->hyper, &p->optim, a, t, a->mode == MPSCY_MODE_TRAIN, g->scalars[1], &mu_next);
-            metal_dropout_masks(g, a, b);
+    if (a->mode == MPSCY_MODE_EVAL) {
+        @autoreleasepool {
+            MetalExec *x = nil;
+            st = metal_exec_get(g, METAL_EVAL, b, &x, err, n);
+            if (st == MPSCY_OK) st = run(g, x, "eval step", err, n);
+            if (st != MPSCY_OK) return st;
         }
-        st = run(g, x, train ? "train step" : "eval step", err, n);
-        if (st != MPSCY_OK) return st;
+        r->loss = g->stats[METAL_S_LOSS];
+        r->correct = p->loss.accuracy == MPSCY_ACCURACY_NONE ? -1 : (int64_t)g->stats[METAL_S_CORRECT];
+        r->finite = isfinite(r->loss);
+        return MPSCY_OK;
     }
 
+    int train = a->mode == MPSCY_MODE_TRAIN;
+    int64_t t = (int64_t)g->scalars[0] + 1;
+    double mu_next = g->scalars[1];
+    st = metal_run_train(g, a, train, train, t, &mu_next, err, n);
+    if (st != MPSCY_OK) return st;
     r->loss = g->stats[METAL_S_LOSS];
     r->correct = p->loss.accuracy == MPSCY_ACCURACY_NONE ? -1 : (int64_t)g->stats[METAL_S_CORRECT];
-    r->finite = isfinite(r->loss);
-    if (!train) return MPSCY_OK;
-
     r->grad_norm = g->stats[METAL_S_NORM];
-    r->finite = r->finite && g->stats[METAL_S_FINITE] > 0.5f;
+    r->finite = isfinite(r->loss) && g->stats[METAL_S_FINITE] > 0.5f;
     if (!r->finite)
         return FAIL(MPSCY_NONFINITE, "loss %g, gradient norm %g: not finite, update skipped", r->loss, r->grad_norm);
-    if (a->mode == MPSCY_MODE_GRAD) return MPSCY_OK;
+    if (!train) return MPSCY_OK;
     /* the executable wrote the updated state into the other slabs: they become current */
     g->parity ^= 1;
     g->scalars[0] = (double)t;
