@@ -1,7 +1,7 @@
 /* graph.m — building a Metal graph: the shared plan, then one shared-storage MTLBuffer per
  * slab (parameters, running statistics and optimizer slots twice each, for the ping-pong
  * between steps; gradients once), the io buffers, the per-step hyper and stats buffers and the
- * dropout masks, and the train, eval and predict executables for the built batch size. Also
+ * dropout masks, and the train executable for the built batch size. Also
  * io handles and named-tensor access. Nothing here runs per step; step.m does.
  *
  * Why two slabs per state role: an executable reads the current slab and writes the updated
@@ -170,11 +170,10 @@ int metal_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_grap
                 float *sum = st.optim0.contents;
                 for (int64_t k = 0; k < p->n_params; k++) sum[k] = (float)p->optim.initial_accumulator_value;
             }
-            /* compile the three executables for the built batch now, so a graph MPSGraph
-             * rejects fails at build, not at the first step */
+            /* compile the train executable for the built batch now, so a graph MPSGraph
+             * rejects fails at build; eval and predict compile on first use (builds stay fast) */
             MetalExec *x = nil;
-            for (int kind = 0; rc == MPSCY_OK && kind < METAL_KINDS; kind++)
-                rc = metal_exec_get(g, kind, p->batch, &x, err, n);
+            rc = metal_exec_get(g, METAL_TRAIN, p->batch, &x, err, n);
         }
         if (rc != MPSCY_OK) {
             metal_graph_destroy(&g->base);
