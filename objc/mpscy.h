@@ -13,7 +13,7 @@
 extern "C" {
 #endif
 
-#define MPSCY_ABI_VERSION 1
+#define MPSCY_ABI_VERSION 2
 #define MPSCY_MAX_RANK 6          /* per-sample rank of any tensor (batch excluded) */
 #define MPSCY_MAX_INPUTS 8        /* inputs of one layer node */
 #define MPSCY_NAME_LEN 64
@@ -182,8 +182,8 @@ typedef struct mpscy_optim_desc {
     double alpha, rho, lr_decay, initial_accumulator_value, momentum_decay;
     double clip_grad_norm;       /* <= 0: off */
     double clip_grad_value;      /* <= 0: off */
-    int32_t history_size, max_iter, line_search;
-    double tolerance_grad, tolerance_change;
+    int32_t history_size, max_iter, line_search;  /* LBFGS; line_search 1 = strong Wolfe */
+    double tolerance_grad, tolerance_change;      /* LBFGS */
 } mpscy_optim_desc;
 
 typedef enum mpscy_target_kind {
@@ -264,8 +264,30 @@ int mpscy_graph_tensor_write(mpscy_graph g, int32_t index, const void *src, size
 typedef enum mpscy_mode {
     MPSCY_MODE_TRAIN = 0,    /* forward (train mode), loss, backward, clip, update */
     MPSCY_MODE_EVAL = 1,     /* forward (eval mode) and loss: nothing is modified */
-    MPSCY_MODE_GRAD = 2      /* forward (train mode), loss, backward: gradients only (L-BFGS) */
+    MPSCY_MODE_GRAD = 2,     /* forward (train mode), loss, backward: gradients only */
+    MPSCY_MODE_LBFGS = 3     /* one call of an L-BFGS step: the lbfgs_ops bits, in the order below */
 } mpscy_mode;
+
+/* An L-BFGS step (torch.optim.LBFGS) is a short loop driven by the caller; every loss evaluation
+ * is one MPSCY_MODE_LBFGS call, and all vector work runs in these calls, in this order:
+ * ROLLBACK; FINALIZE: params = base + lbfgs_t_prev * d; DIRECTION: new direction d from the
+ * gradient in register lbfgs_flat_reg and the history (s = lbfgs_t_prev * d), which skips the
+ * rest of the call when g.d > -tolerance_change; MOVE: params = base + lbfgs_t * d (after
+ * DIRECTION, base = params first); EVAL: forward, loss (+ weight_decay/2 |params|^2), backward,
+ * gradient copied into register lbfgs_reg. BEGIN (with the step's first EVAL) saves what a
+ * non-finite evaluation later in the step restores (parameters and optimizer state), before
+ * that call returns MPSCY_NONFINITE. */
+enum {
+    MPSCY_LBFGS_BEGIN = 1,
+    MPSCY_LBFGS_FINALIZE = 2,
+    MPSCY_LBFGS_DIRECTION = 4,
+    MPSCY_LBFGS_FIRST = 8,       /* with DIRECTION: the optimizer's first iteration: d = -g */
+    MPSCY_LBFGS_MOVE = 16,
+    MPSCY_LBFGS_EVAL = 32,
+    MPSCY_LBFGS_COUNT = 64,      /* with MOVE: this move counts the step in "step" */
+    MPSCY_LBFGS_ROLLBACK = 128   /* restore what BEGIN saved (a step abandoned by the caller) */
+};
+#define MPSCY_LBFGS_REGISTERS 4  /* gradient registers a line search keeps */
 
 /* Values that may change every step; they never force a rebuild. */
 typedef struct mpscy_step_args {
@@ -277,6 +299,11 @@ typedef struct mpscy_step_args {
     double weight_decay;
     uint64_t seed;           /* dropout generator key */
     uint64_t counter;        /* dropout generator counter: advance once per train step */
+    int32_t lbfgs_ops;       /* MPSCY_MODE_LBFGS: MPSCY_LBFGS_* bits */
+    int32_t lbfgs_reg;       /* gradient register (0..MPSCY_LBFGS_REGISTERS-1) EVAL fills */
+    int32_t lbfgs_flat_reg;  /* gradient register DIRECTION starts from */
+    double lbfgs_t_prev;     /* step length of the previous iteration (FINALIZE, DIRECTION) */
+    double lbfgs_t;          /* step length of MOVE */
 } mpscy_step_args;
 
 typedef struct mpscy_step_result {
@@ -285,6 +312,13 @@ typedef struct mpscy_step_result {
     double grad_norm;        /* global L2 gradient norm before clipping (TRAIN/GRAD) */
     int32_t applied;         /* 1 when the optimizer update was applied */
     int32_t finite;          /* 0 when the loss or a gradient was not finite */
+    /* MPSCY_MODE_LBFGS only */
+    int32_t lbfgs_stopped;   /* DIRECTION found g.d > -tolerance_change: nothing after it ran */
+    double lbfgs_gtd;        /* g.d of the new direction (DIRECTION) */
+    double lbfgs_d_max;      /* max |d| of the new direction (DIRECTION) */
+    double lbfgs_gtd_new;    /* g_new.d at the evaluated point (EVAL) */
+    double lbfgs_g_max;      /* max |g_new| (EVAL) */
+    double lbfgs_g_sum;      /* sum |g_new| (EVAL) */
 } mpscy_step_result;
 
 /* One training (or evaluation) step over the batch staged in the graph's io buffers.

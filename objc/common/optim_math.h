@@ -1,7 +1,9 @@
-/* optim_math.h — the per-element update rules of every optimizer, written once and included by
- * the CPU (C) and CUDA (.cu) backends so both apply exactly PyTorch's published algorithms
- * (torch.optim, single-tensor form). Per-step scalars (bias corrections, step sizes) are
- * computed once per step on the host by mpscy_optim_coef and passed in by value. */
+/* optim_math.h — the per-element update rules of every first-order optimizer, written once and
+ * included by the CPU (C) and CUDA (.cu) backends so both apply exactly PyTorch's published
+ * algorithms (torch.optim, single-tensor form, same order of float32 operations). Per-step
+ * scalars (bias corrections, step sizes) are computed once per step on the host by
+ * mpscy_optim_coef_make (plus mpscy_nadam_coef for NAdam) and passed in by value.
+ * L-BFGS is not an element rule: see objc/cpu/lbfgs.c. */
 #ifndef MPSCY_OPTIM_MATH_H
 #define MPSCY_OPTIM_MATH_H
 
@@ -21,9 +23,14 @@ typedef struct mpscy_optim_coef {
     float beta1, beta2, eps;
     float step_size;          /* Adam: lr / (1 - beta1^t) */
     float bc2_sqrt;           /* Adam: sqrt(1 - beta2^t) */
-    float decay;              /* AdamW: 1 - lr * weight_decay */
+    float decay;              /* decoupled weight decay: 1 - lr * weight_decay */
     int32_t first;            /* 1 on the first applied step (t == 1) */
     int32_t flags;            /* MPSCY_OPTIM_* */
+    float alpha;              /* RMSprop smoothing constant */
+    float rho;                /* Adadelta */
+    float clr;                /* Adagrad: lr / (1 + (t - 1) * lr_decay) */
+    float bc2;                /* NAdam: 1 - beta2^t */
+    float nadam_g, nadam_m;   /* NAdam: coefficients of g / denom and m / denom (negative) */
 } mpscy_optim_coef;
 
 /* t is the step number being applied (1 on the first update). */
@@ -40,10 +47,27 @@ static inline mpscy_optim_coef mpscy_optim_coef_make(const mpscy_optim_desc *o, 
     double bc1 = 1.0 - pow(a->beta1, (double)t), bc2 = 1.0 - pow(a->beta2, (double)t);
     c.step_size = (float)(a->lr / bc1);
     c.bc2_sqrt = (float)sqrt(bc2);
+    c.bc2 = (float)bc2;
     c.decay = (float)(1.0 - a->lr * a->weight_decay);
     c.first = t == 1;
     c.flags = o->flags;
+    c.alpha = (float)o->alpha;
+    c.rho = (float)o->rho;
+    c.clr = (float)(a->lr / (1.0 + (double)(t - 1) * o->lr_decay));
+    c.nadam_g = c.nadam_m = 0.0f;
     return c;
+}
+
+/* NAdam's momentum schedule: updates *mu_product (state, 1 before the first step) for step t
+ * and fills the two addcdiv coefficients, as torch.optim.NAdam does in double precision. */
+static inline void mpscy_nadam_coef(mpscy_optim_coef *c, const mpscy_optim_desc *o, const mpscy_step_args *a,
+                                    int64_t t, double *mu_product) {
+    double mu = a->beta1 * (1.0 - 0.5 * pow(0.96, (double)t * o->momentum_decay));
+    double mu_next = a->beta1 * (1.0 - 0.5 * pow(0.96, (double)(t + 1) * o->momentum_decay));
+    double prod = *mu_product * mu;
+    c->nadam_g = (float)(-a->lr * (1.0 - mu) / (1.0 - prod));
+    c->nadam_m = (float)(-a->lr * mu_next / (1.0 - prod * mu_next));
+    *mu_product = prod;
 }
 
 /* SGD: momentum (first step copies the gradient), dampening, nesterov, weight decay, maximize. */
@@ -75,6 +99,71 @@ MPSCY_HD void mpscy_adam_elem(float *p, float *m, float *v, float *vmax, float g
     }
     float denom = sqrtf(vv) / c->bc2_sqrt + c->eps;
     *p = x - c->step_size * (mm / denom);
+}
+
+/* RMSprop: square average with smoothing alpha, centered variant (grad_avg), momentum buffer
+ * (used while the step's momentum > 0), weight decay, maximize. */
+MPSCY_HD void mpscy_rmsprop_elem(float *p, float *sq, float *buf, float *gavg, float g,
+                                 const mpscy_optim_coef *c) {
+    if (c->flags & MPSCY_OPTIM_MAXIMIZE) g = -g;
+    if (c->weight_decay != 0.0f) g = g + c->weight_decay * *p;
+    float s = c->alpha * *sq + (1.0f - c->alpha) * g * g;
+    *sq = s;
+    float avg;
+    if (c->flags & MPSCY_OPTIM_CENTERED) {
+        float ga = *gavg + (1.0f - c->alpha) * (g - *gavg);
+        *gavg = ga;
+        avg = sqrtf(s - ga * ga);
+    } else {
+        avg = sqrtf(s);
+    }
+    avg = avg + c->eps;
+    if (c->momentum > 0.0f) {
+        float b = c->momentum * *buf + g / avg;
+        *buf = b;
+        *p = *p - c->lr * b;
+    } else {
+        *p = *p - c->lr * (g / avg);
+    }
+}
+
+/* Adagrad: accumulated squares (state starts at initial_accumulator_value), decayed lr, eps. */
+MPSCY_HD void mpscy_adagrad_elem(float *p, float *sum, float g, const mpscy_optim_coef *c) {
+    if (c->flags & MPSCY_OPTIM_MAXIMIZE) g = -g;
+    if (c->weight_decay != 0.0f) g = g + c->weight_decay * *p;
+    float s = *sum + g * g;
+    *sum = s;
+    *p = *p - c->clr * (g / (sqrtf(s) + c->eps));
+}
+
+/* Adadelta: square average and accumulated delta with rho, eps inside both square roots. */
+MPSCY_HD void mpscy_adadelta_elem(float *p, float *sq, float *acc, float g, const mpscy_optim_coef *c) {
+    if (c->flags & MPSCY_OPTIM_MAXIMIZE) g = -g;
+    if (c->weight_decay != 0.0f) g = g + c->weight_decay * *p;
+    float s = c->rho * *sq + (1.0f - c->rho) * g * g;
+    *sq = s;
+    float std = sqrtf(s + c->eps);
+    float delta = sqrtf(*acc + c->eps) / std * g;
+    *acc = c->rho * *acc + (1.0f - c->rho) * delta * delta;
+    *p = *p - c->lr * delta;
+}
+
+/* NAdam: Adam moments with the momentum-decay schedule (coefficients from mpscy_nadam_coef),
+ * L2 or decoupled weight decay, maximize. */
+MPSCY_HD void mpscy_nadam_elem(float *p, float *m, float *v, float g, const mpscy_optim_coef *c) {
+    if (c->flags & MPSCY_OPTIM_MAXIMIZE) g = -g;
+    float x = *p;
+    if (c->weight_decay != 0.0f) {
+        if (c->flags & MPSCY_OPTIM_DECOUPLED_WD) x = x * c->decay;
+        else g = g + c->weight_decay * x;
+    }
+    float mm = *m + (1.0f - c->beta1) * (g - *m);
+    float vv = c->beta2 * *v + (1.0f - c->beta2) * g * g;
+    *m = mm;
+    *v = vv;
+    float denom = sqrtf(vv / c->bc2) + c->eps;
+    x = x + c->nadam_g * (g / denom);
+    *p = x + c->nadam_m * (mm / denom);
 }
 
 #endif /* MPSCY_OPTIM_MATH_H */

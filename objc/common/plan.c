@@ -241,6 +241,52 @@ static int plan_loss(mpscy_plan *p, const char *component, char *err, size_t err
     return MPSCY_OK;
 }
 
+static int64_t align16(int64_t floats) { return (floats + 15) / 16 * 16; }
+
+/* Lays out L-BFGS's slots and scratch after validating its options. */
+static int plan_lbfgs(mpscy_plan *p, const char *component, char *err, size_t errlen) {
+    const mpscy_optim_desc *o = &p->optim;
+    mpscy_lbfgs_layout *L = &p->lbfgs;
+    int64_t n = align16(p->n_params), at = 0;
+    if (o->history_size < 1 || o->max_iter < 1)
+        return FAIL(MPSCY_INVALID, "LBFGS history_size %d and max_iter %d must be >= 1", o->history_size, o->max_iter);
+    if (o->line_search != 0 && o->line_search != 1)
+        return FAIL(MPSCY_INVALID, "LBFGS line_search %d must be 0 (none) or 1 (strong Wolfe)", o->line_search);
+    if (!(o->tolerance_grad >= 0.0) || !(o->tolerance_change >= 0.0))
+        return FAIL(MPSCY_INVALID, "LBFGS tolerance_grad %g and tolerance_change %g must be >= 0",
+                    o->tolerance_grad, o->tolerance_change);
+    if (o->clip_grad_norm > 0 || o->clip_grad_value > 0)
+        return FAIL(MPSCY_INVALID, "gradient clipping does not apply to LBFGS (its line search needs the true gradient)");
+    L->cap = (int64_t)o->history_size + o->max_iter;
+    if ((double)L->cap * (double)n * 2.0 > 1e18)
+        return FAIL(MPSCY_OOM, "LBFGS history of %lld rows of %lld floats is too large", (long long)L->cap, (long long)n);
+#define SLOT(name, rank, rows, field, floats) do { \
+        int32_t k_ = p->n_vec_slots++; \
+        snprintf(p->vec_slots[k_], MPSCY_NAME_LEN, "%s", name); \
+        p->vec_rank[k_] = rank; \
+        p->vec_shape[k_][0] = rows; \
+        p->vec_shape[k_][1] = rank == 2 ? p->n_params : 0; \
+        p->vec_offset[k_] = L->field = at; \
+        at += align16(floats); \
+    } while (0)
+    SLOT("d", 1, p->n_params, d, n);
+    SLOT("prev_flat_grad", 1, p->n_params, prev_flat_grad, n);
+    SLOT("old_dirs", 2, L->cap, old_dirs, L->cap * p->n_params);
+    SLOT("old_stps", 2, L->cap, old_stps, L->cap * p->n_params);
+    SLOT("ro", 1, L->cap, ro, L->cap);
+#undef SLOT
+    /* scratch: not state, never named */
+    L->base = at; at += n;
+    L->x0 = at; at += n;
+    L->d0 = at; at += n;
+    L->prev0 = at; at += n;
+    L->buf0 = at; at += align16(p->n_buffers);
+    for (int32_t r = 0; r < MPSCY_LBFGS_REGISTERS; r++) { L->reg[r] = at; at += n; }
+    L->al = at; at += align16(2 * L->cap);
+    p->optim_floats = at;
+    return MPSCY_OK;
+}
+
 static int plan_optim(mpscy_plan *p, const char *component, char *err, size_t errlen) {
     const mpscy_optim_desc *o = &p->optim;
     int32_t f = o->flags;
@@ -260,19 +306,44 @@ static int plan_optim(mpscy_plan *p, const char *component, char *err, size_t er
         if (f & MPSCY_OPTIM_AMSGRAD) VEC("max_exp_avg_sq");
         break;
     case MPSCY_OPTIM_RMSPROP:
+        if (!(o->alpha >= 0.0)) return FAIL(MPSCY_INVALID, "RMSprop alpha %g must be >= 0", o->alpha);
         VEC("square_avg"); VEC("momentum_buffer");
         if (f & MPSCY_OPTIM_CENTERED) VEC("grad_avg");
         break;
-    case MPSCY_OPTIM_ADAGRAD: VEC("sum"); break;
-    case MPSCY_OPTIM_ADADELTA: VEC("square_avg"); VEC("acc_delta"); break;
-    case MPSCY_OPTIM_NADAM: VEC("exp_avg"); VEC("exp_avg_sq"); SCALAR("mu_product"); break;
-    case MPSCY_OPTIM_LBFGS:
-        return FAIL(MPSCY_UNSUPPORTED, "LBFGS is not implemented yet");
+    case MPSCY_OPTIM_ADAGRAD:
+        if (!(o->lr_decay >= 0.0) || !(o->initial_accumulator_value >= 0.0))
+            return FAIL(MPSCY_INVALID, "Adagrad lr_decay %g and initial_accumulator_value %g must be >= 0",
+                        o->lr_decay, o->initial_accumulator_value);
+        VEC("sum");
+        break;
+    case MPSCY_OPTIM_ADADELTA:
+        if (!(o->rho >= 0.0 && o->rho <= 1.0)) return FAIL(MPSCY_INVALID, "Adadelta rho %g outside [0, 1]", o->rho);
+        VEC("square_avg"); VEC("acc_delta");
+        break;
+    case MPSCY_OPTIM_NADAM:
+        if (!(o->momentum_decay >= 0.0))
+            return FAIL(MPSCY_INVALID, "NAdam momentum_decay %g must be >= 0", o->momentum_decay);
+        VEC("exp_avg"); VEC("exp_avg_sq"); SCALAR("mu_product");
+        break;
+    case MPSCY_OPTIM_LBFGS: {
+        SCALAR("H_diag"); SCALAR("hist_start"); SCALAR("hist_len");
+        int st = plan_lbfgs(p, component, err, errlen);
+        if (st != MPSCY_OK) return st;
+        break;
+    }
     default:
         return FAIL(MPSCY_INVALID, "unknown optimizer kind %d", o->kind);
     }
 #undef VEC
 #undef SCALAR
+    if (o->kind != MPSCY_OPTIM_LBFGS) {
+        for (int32_t s = 0; s < p->n_vec_slots; s++) {
+            p->vec_rank[s] = 1;
+            p->vec_shape[s][0] = p->n_params;
+            p->vec_offset[s] = (int64_t)s * p->n_params;
+        }
+        p->optim_floats = (int64_t)p->n_vec_slots * p->n_params;
+    }
     if (!(o->lr >= 0.0) || !(o->weight_decay >= 0.0) || !(o->momentum >= 0.0) || !(o->eps >= 0.0))
         return FAIL(MPSCY_INVALID, "optimizer lr %g, momentum %g, weight_decay %g and eps %g must be >= 0",
                     o->lr, o->momentum, o->weight_decay, o->eps);
@@ -431,10 +502,11 @@ int mpscy_plan_build(mpscy_plan *p, const mpscy_graph_desc *d, const char *compo
         snprintf(t->info.name, MPSCY_NAME_LEN, "%s", p->vec_slots[s]);
         t->info.role = MPSCY_ROLE_OPTIM;
         t->info.dtype = MPSCY_F32;
-        t->info.rank = 1;
-        t->info.shape[0] = p->n_params;
-        t->info.count = p->n_params;
-        t->info.offset = (int64_t)s * p->n_params;
+        t->info.rank = p->vec_rank[s];
+        t->info.shape[0] = p->vec_shape[s][0];
+        t->info.shape[1] = p->vec_shape[s][1];
+        t->info.count = mpscy_shape_count(t->info.rank, t->info.shape);
+        t->info.offset = p->vec_offset[s];
         t->node = -1;
         t->slot = s;
     }

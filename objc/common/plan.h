@@ -12,6 +12,27 @@ extern "C" {
 #endif
 
 #define MPSCY_MAX_OPTIM_SLOTS 12
+#define MPSCY_MAX_SCALARS 8          /* optimizer scalars, named ones first, then scratch */
+
+/* Float offsets, in the optimizer slab, of L-BFGS's state (d, prev_flat_grad, the history ring
+ * of cap = history_size + max_iter rows, ro) and of its per-step scratch vectors. The ring has
+ * max_iter spare rows so that the rows alive when a step began are never overwritten during
+ * it: a failed step restores by resetting hist_start/hist_len. */
+typedef struct mpscy_lbfgs_layout {
+    int64_t cap;                     /* history ring rows */
+    int64_t d, prev_flat_grad;       /* (n) */
+    int64_t old_dirs, old_stps;      /* (cap, n): y = g - g_prev and s = t d of each iteration */
+    int64_t ro;                      /* (cap): 1 / y.s */
+    int64_t base;                    /* (n) params at the start of the current iteration */
+    int64_t x0, d0, prev0;           /* (n) params, d and prev_flat_grad when the step began */
+    int64_t buf0;                    /* (n_buffers) running statistics when the step began */
+    int64_t reg[MPSCY_LBFGS_REGISTERS]; /* (n) gradient registers */
+    int64_t al;                      /* (cap) doubles: the two-loop recursion's alphas */
+} mpscy_lbfgs_layout;
+
+/* L-BFGS scalars: named (state) ones, then the copies BEGIN saves. */
+enum { MPSCY_LBFGS_S_STEP = 0, MPSCY_LBFGS_S_H_DIAG = 1, MPSCY_LBFGS_S_START = 2, MPSCY_LBFGS_S_LEN = 3,
+       MPSCY_LBFGS_S_SAVED = 4 };
 
 typedef struct mpscy_node {
     int32_t kind, flags, n_in;
@@ -53,10 +74,15 @@ typedef struct mpscy_plan {
     int64_t act_floats;              /* every node's output at the built batch */
     int64_t grad_floats;             /* every needed d(output) at the built batch */
     int64_t save_floats;             /* everything saved for backward */
-    int32_t n_vec_slots;             /* optimizer slots of n_params floats each */
+    int32_t n_vec_slots;             /* optimizer float slots (n_params floats each, except L-BFGS) */
     char vec_slots[MPSCY_MAX_OPTIM_SLOTS][MPSCY_NAME_LEN];
-    int32_t n_scalar_slots;          /* optimizer scalars: "step" (I64), others F64 */
+    int32_t vec_rank[MPSCY_MAX_OPTIM_SLOTS];      /* 1, or 2 for L-BFGS's history */
+    int64_t vec_shape[MPSCY_MAX_OPTIM_SLOTS][2];
+    int64_t vec_offset[MPSCY_MAX_OPTIM_SLOTS];    /* float offset in the optimizer slab */
+    int64_t optim_floats;            /* the optimizer slab: slots, then L-BFGS scratch */
+    int32_t n_scalar_slots;          /* named optimizer scalars: "step" (I64), others F64 */
     char scalar_slots[4][MPSCY_NAME_LEN];
+    mpscy_lbfgs_layout lbfgs;        /* MPSCY_OPTIM_LBFGS only */
     int64_t target_size;             /* per-sample target elements (1 for INDEX) */
     int64_t out_size;                /* per-sample output elements */
 } mpscy_plan;

@@ -22,8 +22,8 @@ typedef struct cpu_graph {
     /* slabs, one allocation per role */
     float *params;        /* (n_params + n_buffers): trainable first, then running stats */
     float *grads;         /* (n_params) */
-    float *optim;         /* (n_vec_slots, n_params) */
-    double scalars[4];    /* optimizer scalars; scalars[0] holds the step count */
+    float *optim;         /* (optim_floats): the optimizer's slots (and L-BFGS scratch) */
+    double scalars[MPSCY_MAX_SCALARS]; /* optimizer scalars; scalars[0] holds the step count */
     float *act;           /* node outputs at the built batch */
     float *dact;          /* needed d(outputs) at the built batch */
     float *save;          /* values saved for backward */
@@ -93,6 +93,12 @@ double cpu_grad_norm(const float *grads, int64_t n);
 void cpu_clip(float *grads, int64_t n, double norm, const mpscy_optim_desc *o);
 void cpu_optim_update(cpu_graph *g, const mpscy_step_args *a);
 int cpu_optim_supported(int32_t kind);
+
+/* step.c: train-mode forward, loss and backward of the staged batch; fills r->loss, correct,
+ * grad_norm and finite (1 when the loss and every gradient are finite). */
+void cpu_forward_backward(cpu_graph *g, const mpscy_step_args *a, mpscy_step_result *r);
+/* lbfgs.c: one MPSCY_MODE_LBFGS call (see mpscy.h). */
+int cpu_lbfgs_step(cpu_graph *g, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t n);
 
 /* bias helpers shared by Dense and Conv2D */
 void cpu_add_bias_rows(float *y, const float *bias, int64_t rows, int64_t cols);

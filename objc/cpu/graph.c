@@ -34,7 +34,7 @@ void cpu_graph_destroy(mpscy_graph gh) {
     const mpscy_plan *p = &g->plan;
     cpu_free(dev, g->params, slab_bytes(p->n_params + p->n_buffers));
     cpu_free(dev, g->grads, slab_bytes(p->n_params));
-    cpu_free(dev, g->optim, slab_bytes((int64_t)p->n_vec_slots * p->n_params));
+    cpu_free(dev, g->optim, slab_bytes(p->optim_floats));
     cpu_free(dev, g->act, slab_bytes(p->act_floats));
     cpu_free(dev, g->dact, slab_bytes(p->grad_floats));
     cpu_free(dev, g->save, slab_bytes(p->save_floats));
@@ -90,7 +90,7 @@ int cpu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph 
 
     g->params = cpu_alloc(dev, slab_bytes(p->n_params + p->n_buffers));
     g->grads = cpu_alloc(dev, slab_bytes(p->n_params));
-    g->optim = cpu_alloc(dev, slab_bytes((int64_t)p->n_vec_slots * p->n_params));
+    g->optim = cpu_alloc(dev, slab_bytes(p->optim_floats));
     g->act = cpu_alloc(dev, slab_bytes(p->act_floats));
     g->dact = cpu_alloc(dev, slab_bytes(p->grad_floats));
     g->save = cpu_alloc(dev, slab_bytes(p->save_floats));

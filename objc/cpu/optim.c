@@ -1,6 +1,7 @@
 /* optim.c — everything after backward on the CPU: the global gradient norm (also the
- * finiteness test), clipping by norm or value, and the optimizer as one loop over the flat
- * parameter slab using the shared element rules of common/optim_math.h. */
+ * finiteness test), clipping by norm or value, and every first-order optimizer as one loop
+ * over the flat parameter slab using the shared element rules of common/optim_math.h.
+ * L-BFGS, which is not an element rule, lives in lbfgs.c. */
 #include "cpu.h"
 #include "../common/optim_math.h"
 
@@ -37,29 +38,49 @@ void cpu_clip(float *grads, int64_t n, double norm, const mpscy_optim_desc *o) {
 }
 
 int cpu_optim_supported(int32_t kind) {
-    return kind == MPSCY_OPTIM_SGD || kind == MPSCY_OPTIM_ADAM || kind == MPSCY_OPTIM_ADAMW;
+    return kind >= MPSCY_OPTIM_SGD && kind <= MPSCY_OPTIM_LBFGS;
 }
 
+/* One pass of the kind's element rule over the flat slab; t counts applied steps from 1. */
 void cpu_optim_update(cpu_graph *g, const mpscy_step_args *a) {
     const mpscy_plan *p = &g->plan;
     int64_t n = p->n_params, t = (int64_t)g->scalars[0] + 1;
     mpscy_optim_coef c = mpscy_optim_coef_make(&p->optim, a, t);
-    float *w = g->params, *gr = g->grads, *s0 = g->optim, *s1 = g->optim + n, *s2 = g->optim + 2 * n;
+    /* the kind's slots, in plan order; absent slots stay NULL */
+    float *w = g->params, *gr = g->grads, *s0 = g->optim + p->vec_offset[0];
+    float *s1 = p->n_vec_slots > 1 ? g->optim + p->vec_offset[1] : NULL;
+    float *s2 = p->n_vec_slots > 2 ? g->optim + p->vec_offset[2] : NULL;
     switch (p->optim.kind) {
     case MPSCY_OPTIM_SGD:
         for (int64_t i = 0; i < n; i++) mpscy_sgd_elem(&w[i], &s0[i], gr[i], &c);
         break;
     case MPSCY_OPTIM_ADAM:
     case MPSCY_OPTIM_ADAMW: {
-        int decoupled = p->optim.kind == MPSCY_OPTIM_ADAMW;
+        int decoupled = p->optim.kind == MPSCY_OPTIM_ADAMW || (c.flags & MPSCY_OPTIM_DECOUPLED_WD);
         if (c.flags & MPSCY_OPTIM_AMSGRAD)
             for (int64_t i = 0; i < n; i++) mpscy_adam_elem(&w[i], &s0[i], &s1[i], &s2[i], gr[i], &c, decoupled);
         else
             for (int64_t i = 0; i < n; i++) mpscy_adam_elem(&w[i], &s0[i], &s1[i], NULL, gr[i], &c, decoupled);
         break;
     }
+    case MPSCY_OPTIM_RMSPROP:  /* square_avg, momentum_buffer[, grad_avg] */
+        if (s2)
+            for (int64_t i = 0; i < n; i++) mpscy_rmsprop_elem(&w[i], &s0[i], &s1[i], &s2[i], gr[i], &c);
+        else
+            for (int64_t i = 0; i < n; i++) mpscy_rmsprop_elem(&w[i], &s0[i], &s1[i], NULL, gr[i], &c);
+        break;
+    case MPSCY_OPTIM_ADAGRAD:  /* sum */
+        for (int64_t i = 0; i < n; i++) mpscy_adagrad_elem(&w[i], &s0[i], gr[i], &c);
+        break;
+    case MPSCY_OPTIM_ADADELTA:  /* square_avg, acc_delta */
+        for (int64_t i = 0; i < n; i++) mpscy_adadelta_elem(&w[i], &s0[i], &s1[i], gr[i], &c);
+        break;
+    case MPSCY_OPTIM_NADAM:  /* exp_avg, exp_avg_sq; scalars[1] = mu_product */
+        mpscy_nadam_coef(&c, &p->optim, a, t, &g->scalars[1]);
+        for (int64_t i = 0; i < n; i++) mpscy_nadam_elem(&w[i], &s0[i], &s1[i], gr[i], &c);
+        break;
     default:
-        break;  /* rejected at build by cpu_optim_supported */
+        return;  /* LBFGS never comes here: it runs through MPSCY_MODE_LBFGS (lbfgs.c) */
     }
     g->scalars[0] = (double)t;
 }

@@ -12,8 +12,14 @@
 static int check_args(const cpu_graph *g, const mpscy_step_args *a, char *err, size_t n) {
     if (a->batch < 1 || a->batch > g->plan.batch)
         return FAIL(MPSCY_SHAPE, "batch of %d rows outside 1..%d (the built batch size)", a->batch, g->plan.batch);
-    if (a->mode != MPSCY_MODE_TRAIN && a->mode != MPSCY_MODE_EVAL && a->mode != MPSCY_MODE_GRAD)
+    if (a->mode != MPSCY_MODE_TRAIN && a->mode != MPSCY_MODE_EVAL && a->mode != MPSCY_MODE_GRAD &&
+        a->mode != MPSCY_MODE_LBFGS)
         return FAIL(MPSCY_INVALID, "unknown step mode %d", a->mode);
+    int lbfgs = g->plan.optim.kind == MPSCY_OPTIM_LBFGS;
+    if (lbfgs && a->mode == MPSCY_MODE_TRAIN)
+        return FAIL(MPSCY_INVALID, "an LBFGS step is a sequence of MPSCY_MODE_LBFGS calls, not one TRAIN call");
+    if (!lbfgs && a->mode == MPSCY_MODE_LBFGS)
+        return FAIL(MPSCY_INVALID, "MPSCY_MODE_LBFGS needs a graph built with the LBFGS optimizer");
     return MPSCY_OK;
 }
 
@@ -30,6 +36,16 @@ static void backward(cpu_graph *g, int64_t b) {
             cpu_layers[p->nodes[i].kind].backward(g, &p->nodes[i], b);
 }
 
+void cpu_forward_backward(cpu_graph *g, const mpscy_step_args *a, mpscy_step_result *r) {
+    const mpscy_plan *p = &g->plan;
+    int64_t b = a->batch;
+    forward(g, b, 1, a);
+    r->loss = cpu_loss(p, g->dy[p->output], g->y[p->output], g->io_bufs[p->n_inputs].host, b, &r->correct);
+    backward(g, b);
+    r->grad_norm = cpu_grad_norm(g->grads, p->n_params);
+    r->finite = isfinite(r->loss) && isfinite(r->grad_norm);
+}
+
 int cpu_graph_step(mpscy_graph gh, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t n) {
     cpu_graph *g = (cpu_graph *)gh;
     const mpscy_plan *p = &g->plan;
@@ -43,18 +59,16 @@ int cpu_graph_step(mpscy_graph gh, const mpscy_step_args *a, mpscy_step_result *
             return FAIL(MPSCY_INVALID, "label %d at row %lld outside [0, %lld)", ((const int32_t *)target)[bad],
                         (long long)bad, (long long)p->out_size);
     }
-    int train = a->mode != MPSCY_MODE_EVAL;
     memset(r, 0, sizeof *r);
+    if (a->mode == MPSCY_MODE_LBFGS) return cpu_lbfgs_step(g, a, r, err, n);
+    if (a->mode == MPSCY_MODE_EVAL) {
+        forward(g, b, 0, a);
+        r->loss = cpu_loss(p, NULL, g->y[p->output], target, b, &r->correct);
+        r->finite = isfinite(r->loss);
+        return MPSCY_OK;
+    }
 
-    forward(g, b, train, a);
-    float *dy = train ? g->dy[p->output] : NULL;
-    r->loss = cpu_loss(p, dy, g->y[p->output], target, b, &r->correct);
-    r->finite = isfinite(r->loss);
-    if (!train) return MPSCY_OK;
-
-    backward(g, b);
-    r->grad_norm = cpu_grad_norm(g->grads, p->n_params);
-    r->finite = r->finite && isfinite(r->grad_norm);
+    cpu_forward_backward(g, a, r);
     if (!r->finite)
         return FAIL(MPSCY_NONFINITE, "loss %g, gradient norm %g: not finite, update skipped", r->loss, r->grad_norm);
     if (a->mode == MPSCY_MODE_GRAD) return MPSCY_OK;

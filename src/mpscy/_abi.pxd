@@ -214,6 +214,19 @@ cdef extern from "mpscy.h" nogil:
         MPSCY_MODE_TRAIN
         MPSCY_MODE_EVAL
         MPSCY_MODE_GRAD
+        MPSCY_MODE_LBFGS
+
+    enum:
+        MPSCY_LBFGS_BEGIN
+        MPSCY_LBFGS_FINALIZE
+        MPSCY_LBFGS_DIRECTION
+        MPSCY_LBFGS_FIRST
+        MPSCY_LBFGS_MOVE
+        MPSCY_LBFGS_EVAL
+        MPSCY_LBFGS_COUNT
+        MPSCY_LBFGS_ROLLBACK
+    enum:
+        MPSCY_LBFGS_REGISTERS
 
     ctypedef struct mpscy_step_args:
         int32_t batch
@@ -224,6 +237,11 @@ cdef extern from "mpscy.h" nogil:
         double weight_decay
         uint64_t seed
         uint64_t counter
+        int32_t lbfgs_ops
+        int32_t lbfgs_reg
+        int32_t lbfgs_flat_reg
+        double lbfgs_t_prev
+        double lbfgs_t
 
     ctypedef struct mpscy_step_result:
         double loss
@@ -231,6 +249,12 @@ cdef extern from "mpscy.h" nogil:
         double grad_norm
         int32_t applied
         int32_t finite
+        int32_t lbfgs_stopped
+        double lbfgs_gtd
+        double lbfgs_d_max
+        double lbfgs_gtd_new
+        double lbfgs_g_max
+        double lbfgs_g_sum
 
     int mpscy_graph_step(mpscy_graph g, const mpscy_step_args *args, mpscy_step_result *out,
                          char *err, size_t errlen)

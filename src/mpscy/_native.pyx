@@ -460,6 +460,52 @@ cdef class Graph:
             self.busy = False
         return res.loss, res.correct, rows
 
+    def acquire(self):
+        """Holds this graph for a sequence of calls (an L-BFGS step): other threads get
+        StateError until release()."""
+        self._enter()
+
+    def release(self):
+        self.busy = False
+
+    def stage(self, x, y):
+        """Validates and copies (x, y) into the staging buffers for the calls that follow
+        (an L-BFGS step evaluates the same batch several times); returns the row count.
+        The caller holds the graph (acquire)."""
+        cdef int rows
+        if not self.busy:
+            raise _errors.StateError("stage() and lbfgs_call() need the graph held (acquire)")
+        rows = self._stage_inputs(x)
+        self._stage_target(y, rows)
+        self.args.batch = rows
+        return rows
+
+    def lbfgs_call(self, int ops, int reg, int flat_reg, double t_prev, double t):
+        """One MPSCY_MODE_LBFGS call on the staged batch (see mpscy.h): returns (loss, correct,
+        grad_norm, applied, stopped, gtd, d_max, gtd_new, g_max, g_sum)."""
+        cdef mpscy_step_result res
+        cdef int st
+        if not self.busy:
+            raise _errors.StateError("stage() and lbfgs_call() need the graph held (acquire)")
+        self.args.mode = MPSCY_MODE_LBFGS
+        self.args.lbfgs_ops = ops
+        self.args.lbfgs_reg = reg
+        self.args.lbfgs_flat_reg = flat_reg
+        self.args.lbfgs_t_prev = t_prev
+        self.args.lbfgs_t = t
+        with nogil:
+            st = mpscy_graph_step(self.handle, &self.args, &res, self.err, ERR_LEN)
+        self.args.lbfgs_ops = 0
+        if (st == MPSCY_OK or st == MPSCY_NONFINITE) and (ops & MPSCY_LBFGS_EVAL):
+            self.args.counter += 1
+        _check(st, self.err)
+        return (res.loss, res.correct, res.grad_norm, res.applied, res.lbfgs_stopped, res.lbfgs_gtd,
+                res.lbfgs_d_max, res.lbfgs_gtd_new, res.lbfgs_g_max, res.lbfgs_g_sum)
+
+    def accuracy_of(self, int64_t correct, int rows):
+        """The accuracy a step result reports for `correct` out of `rows` (None without one)."""
+        return self._accuracy(correct, rows)
+
     def read_input_grad(self, int index, int rows, tuple shape):
         """Copy of d(loss)/d(input `index`) for the first `rows` rows of the last step."""
         cdef mpscy_buffer buf

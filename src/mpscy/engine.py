@@ -3,9 +3,12 @@
 batch. Parameters move in and out in PyTorch layouts. The engine owns its native device and
 graph; `close()` (or leaving a `with` block) frees them."""
 
+import time
+
 import numpy as np
 
 from . import _native, losses as _losses, optim as _optim
+from .optim.lbfgs import LBFGSDriver
 from .errors import DTypeError, InvalidArgumentError, ShapeError, StateError
 from .model import Model
 
@@ -126,6 +129,7 @@ class Engine:
         self._tensors = self._graph.tensors()
         self._index = {t[0]: i for i, t in enumerate(self._tensors)}
         self._n_inputs = len(model.input_shapes)
+        self._lbfgs = LBFGSDriver(optimizer) if isinstance(optimizer, _optim.LBFGS) else None
         self.set_parameters(model.init_parameters(self.seed))
 
     # ---------------------------------------------------------------- lifecycle
@@ -160,10 +164,19 @@ class Engine:
         x: float32 (n, *input_shape) with 1 <= n <= batch_size (a list for multi-input models);
         y: int32/int64 labels (n,) for sparse losses, else float32 shaped like the output.
         Returns StepResult(loss, accuracy, batch_size, step_time_ns, applied, grad_norm).
-        Raises NonFiniteError, with nothing updated, when the loss or a gradient is not finite."""
+        Raises NonFiniteError, with nothing updated, when the loss or a gradient is not finite.
+
+        With optim.LBFGS this is one torch.optim.LBFGS.step on (x, y): several native calls,
+        one per loss evaluation; the result reports the loss and gradient norm at the start
+        (what torch's step returns) and whether the parameters moved."""
         g = self._graph
         if g is None:
             raise StateError("this engine is closed")
+        if self._lbfgs is not None:
+            t0 = time.perf_counter_ns()
+            loss, correct, rows, grad_norm, moved = self._lbfgs.step(g, x, y)
+            return _native._make_result(loss, g.accuracy_of(correct, rows), rows,
+                                        time.perf_counter_ns() - t0, moved, grad_norm)
         return g.train_step(x, y)
 
     def predict(self, x):
@@ -231,6 +244,37 @@ class Engine:
             raise InvalidArgumentError(f"learning rate must be >= 0, got {value}")
         self._g().lr = value
 
+    @property
+    def momentum(self):
+        """The momentum the next step uses (SGD, RMSprop); a per-step value like the learning
+        rate (OneCycleLR cycles it)."""
+        return self._g().momentum
+
+    @momentum.setter
+    def momentum(self, value):
+        self._g().momentum = _optim._nonneg(value, "momentum")
+
+    @property
+    def betas(self):
+        """(beta1, beta2) the next step uses (Adam, AdamW, NAdam); per-step values."""
+        g = self._g()
+        return (g.beta1, g.beta2)
+
+    @betas.setter
+    def betas(self, value):
+        g = self._g()
+        b1, b2 = _optim._betas(value)
+        g.beta1, g.beta2 = b1, b2
+
+    @property
+    def weight_decay(self):
+        """The weight decay the next step uses; a per-step value."""
+        return self._g().weight_decay
+
+    @weight_decay.setter
+    def weight_decay(self, value):
+        self._g().weight_decay = _optim._nonneg(value, "weight_decay")
+
     # ---------------------------------------------------------------- parameters
     def get_parameters(self):
         """{name: float32 array} copies of every parameter and buffer, PyTorch layouts."""
@@ -268,9 +312,14 @@ class Engine:
             g.write_tensor(i, arr)
 
     def get_optimizer_state(self):
-        """{"step": int, "<slot>": {param name: float32 array}, ...}: everything the optimizer
-        carries between steps, by parameter, in PyTorch's slot names."""
+        """Everything the optimizer carries between steps, in PyTorch's slot names:
+        {"step": int, "<slot>": {param name: float32 array}, ...} (NAdam adds "mu_product").
+        LBFGS state is flat over all parameters, as torch keeps it: {"step", "func_evals",
+        "n_iter", "t", "prev_loss", "d", "prev_flat_grad", "old_dirs": [arrays],
+        "old_stps": [arrays], "ro": [floats], "H_diag"}."""
         g = self._g()
+        if self._lbfgs is not None:
+            return self._lbfgs_state()
         params = [(t[0], t[3], t[4]) for t in self._tensors if t[1] == "param"]
         state = {}
         for i, (name, role, dtype, shape, _) in enumerate(self._tensors):
@@ -284,21 +333,21 @@ class Engine:
         return state
 
     def set_optimizer_state(self, state):
-        """Restores what get_optimizer_state returned (validated fully before anything is written)."""
+        """Restores what get_optimizer_state returned. Everything is validated before
+        anything is written; a state from another optimizer or model is rejected."""
         g = self._g()
         if not isinstance(state, dict):
             raise DTypeError(f"optimizer state must be a dict, got {type(state).__name__}")
+        if self._lbfgs is not None:
+            return self._set_lbfgs_state(state)
         params = [(t[0], t[3], t[4]) for t in self._tensors if t[1] == "param"]
         slots = {t[0]: (i, t) for i, t in enumerate(self._tensors) if t[1] == "optim"}
-        missing = sorted(set(slots) - set(state))
-        extra = sorted(set(state) - set(slots))
-        if missing or extra:
-            raise InvalidArgumentError(f"optimizer state does not match this optimizer: missing {missing}, unexpected {extra}")
+        self._check_keys(state, set(slots))
         staged = []
         for name, (i, (_, _, dtype, shape, _)) in slots.items():
             value = state[name]
             if shape == ():
-                staged.append((i, np.array([value], dtype=dtype)))
+                staged.append((i, self._scalar(name, value, dtype)))
                 continue
             if not isinstance(value, dict) or set(value) != {p for p, _, _ in params}:
                 raise InvalidArgumentError(f"optimizer slot {name!r} must map every parameter name to an array")
@@ -311,6 +360,87 @@ class Engine:
             staged.append((i, flat))
         for i, arr in staged:
             g.write_tensor(i, arr)
+
+    @staticmethod
+    def _check_keys(state, expected):
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or extra:
+            raise InvalidArgumentError(f"optimizer state does not match this optimizer: missing {missing}, unexpected {extra}")
+
+    @staticmethod
+    def _scalar(name, value, dtype):
+        try:
+            v = np.array([value], dtype=dtype)
+        except (TypeError, ValueError):
+            raise InvalidArgumentError(f"optimizer state {name!r} must be a number, got {value!r}") from None
+        if not np.isfinite(v).all() or (dtype == np.int64 and v[0] < 0):
+            raise InvalidArgumentError(f"optimizer state {name!r} must be finite (and >= 0 for counts), got {value!r}")
+        return v
+
+    def _optim_tensor(self, name):
+        i = self._index[name]
+        _, _, dtype, shape, _ = self._tensors[i]
+        return i, dtype, shape
+
+    def _lbfgs_state(self):
+        g = self._graph
+        read = {name: g.read_tensor(*self._optim_tensor(name))
+                for name in ("step", "H_diag", "hist_start", "hist_len", "d", "prev_flat_grad", "ro")}
+        start, count = int(read["hist_start"][()]), int(read["hist_len"][()])
+        cap = read["ro"].shape[0]
+        rows = [(start + k) % cap for k in range(count)]
+        dirs = g.read_tensor(*self._optim_tensor("old_dirs"))
+        stps = g.read_tensor(*self._optim_tensor("old_stps"))
+        out = dict(self._lbfgs.state)
+        out.update({"step": int(read["step"][()]), "d": read["d"], "prev_flat_grad": read["prev_flat_grad"],
+                    "old_dirs": [dirs[r].copy() for r in rows], "old_stps": [stps[r].copy() for r in rows],
+                    "ro": [float(read["ro"][r]) for r in rows], "H_diag": float(read["H_diag"][()])})
+        return out
+
+    def _set_lbfgs_state(self, state):
+        o = self.optimizer
+        self._check_keys(state, {"step", "func_evals", "n_iter", "t", "prev_loss", "d", "prev_flat_grad",
+                                 "old_dirs", "old_stps", "ro", "H_diag"})
+        i_d, _, (n,) = self._optim_tensor("d")
+        i_ro, _, (cap,) = self._optim_tensor("ro")
+        vec = {}
+        for name in ("d", "prev_flat_grad"):
+            arr = np.asarray(state[name], dtype=np.float32)
+            if arr.shape != (n,):
+                raise ShapeError(f"LBFGS state {name!r} must have shape ({n},), got {arr.shape}")
+            vec[name] = np.ascontiguousarray(arr)
+        hist = [state["old_dirs"], state["old_stps"], state["ro"]]
+        if any(not isinstance(h, (list, tuple)) for h in hist) or len({len(h) for h in hist}) != 1:
+            raise InvalidArgumentError("LBFGS state old_dirs, old_stps and ro must be lists of one length")
+        count = len(hist[0])
+        if count > o.history_size:
+            raise InvalidArgumentError(f"LBFGS history of {count} entries exceeds history_size {o.history_size}")
+        dirs, stps = np.zeros((cap, n), np.float32), np.zeros((cap, n), np.float32)
+        for k in range(count):
+            for dst, src, name in ((dirs, hist[0][k], "old_dirs"), (stps, hist[1][k], "old_stps")):
+                arr = np.asarray(src, dtype=np.float32)
+                if arr.shape != (n,):
+                    raise ShapeError(f"LBFGS state {name}[{k}] must have shape ({n},), got {arr.shape}")
+                dst[k] = arr
+        ro = np.zeros(cap, np.float32)
+        ro[:count] = np.asarray(hist[2], dtype=np.float32)
+        scalars = {"step": self._scalar("step", state["step"], np.int64),
+                   "H_diag": self._scalar("H_diag", state["H_diag"], np.float64),
+                   "hist_start": np.zeros(1, np.float64), "hist_len": np.array([count], np.float64)}
+        py = {k: state[k] for k in ("func_evals", "n_iter")}
+        for k, v in py.items():
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+                raise InvalidArgumentError(f"LBFGS state {k!r} must be a non-negative integer, got {v!r}")
+        t = float(self._scalar("t", state["t"], np.float64)[0])
+        prev_loss = state["prev_loss"]
+        if prev_loss is not None:
+            prev_loss = float(self._scalar("prev_loss", prev_loss, np.float64)[0])
+        g = self._graph
+        for name, arr in (("d", vec["d"]), ("prev_flat_grad", vec["prev_flat_grad"]), ("old_dirs", dirs),
+                          ("old_stps", stps), ("ro", ro), *scalars.items()):
+            g.write_tensor(self._optim_tensor(name)[0], arr)
+        self._lbfgs.state = {"func_evals": int(py["func_evals"]), "n_iter": int(py["n_iter"]), "t": t,
+                             "prev_loss": prev_loss}
 
     # ---------------------------------------------------------------- introspection
     def stats(self):

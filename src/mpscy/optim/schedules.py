@@ -1,0 +1,389 @@
+"""Learning-rate schedules, as torch.optim.lr_scheduler defines them, built on the engine they
+drive: ``StepLR(engine, step_size=3, gamma=0.5)``. Building one sets the learning rate of step 0;
+each `step()` (`step(metric)` for ReduceLROnPlateau) sets `engine.learning_rate` (and, for
+OneCycleLR, `engine.momentum` or beta1) for the next native step, without a rebuild. When to
+call `step()` (per batch or per epoch) is the caller's choice. Rates come from each schedule's
+closed form, which PyTorch's recursive form equals up to rounding."""
+
+import bisect
+import math
+
+from ..errors import InvalidArgumentError
+
+__all__ = ["Schedule", "StepLR", "MultiStepLR", "ExponentialLR", "CosineAnnealingLR",
+           "CosineAnnealingWarmRestarts", "LinearWarmup", "OneCycleLR", "ReduceLROnPlateau"]
+
+
+def _positive_int(value, what):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidArgumentError(f"{what} must be a positive integer, got {value!r}")
+    return value
+
+
+def _number(value, what, low=None, high=None):
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"{what} must be a number, got {value!r}") from None
+    if value != value or (low is not None and value < low) or (high is not None and value > high):
+        raise InvalidArgumentError(f"{what} must be in [{low}, {high}], got {value}")
+    return value
+
+
+class Schedule:
+    """Base class. Subclasses give `lr_at(epoch)` (and `momentum_at(epoch)` when they cycle
+    momentum). `last_epoch` counts `step()` calls; `base_lr` is the engine's initial rate (the
+    first schedule built on an engine records it, as torch records `initial_lr`)."""
+
+    def __init__(self, engine):
+        from ..engine import Engine  # late: engine imports optim
+        if not isinstance(engine, Engine):
+            raise InvalidArgumentError(f"a schedule is built on an mpscy.Engine, got {type(engine).__name__}")
+        self.engine = engine
+        if getattr(engine, "_initial_lr", None) is None:
+            engine._initial_lr = engine.learning_rate
+        self.base_lr = engine._initial_lr
+        self.last_epoch = 0
+        self._last_lr = None
+        self._last_momentum = None
+
+    def _start(self):
+        self._set_epoch(0)
+
+    def lr_at(self, epoch):
+        raise NotImplementedError
+
+    def momentum_at(self, epoch):
+        return None
+
+    def _set_epoch(self, epoch):
+        self.last_epoch = epoch
+        self._apply(self.lr_at(epoch), self.momentum_at(epoch))
+
+    def _apply(self, lr, momentum=None):
+        self.engine.learning_rate = lr
+        self._last_lr = lr
+        if momentum is not None:
+            _set_momentum(self.engine, momentum)
+            self._last_momentum = momentum
+
+    def step(self):
+        """Advances one step (or epoch) and sets the learning rate the next native step uses."""
+        self._set_epoch(self.last_epoch + 1)
+
+    def get_last_lr(self):
+        """The learning rate this schedule set last (a float: an engine has one rate)."""
+        return self._last_lr
+
+    def state_dict(self):
+        """Everything but the engine, as plain values (torch's convention)."""
+        return {k: v for k, v in vars(self).items() if k != "engine"}
+
+    def load_state_dict(self, state):
+        """Restores state_dict() output and re-applies the last learning rate (and momentum)
+        to the engine, so that the next native step continues the schedule."""
+        self._check_state(state)
+        vars(self).update(state)
+        if self._last_lr is not None:
+            self._apply(self._last_lr, self._last_momentum)
+
+    def _check_state(self, state):
+        if not isinstance(state, dict):
+            raise InvalidArgumentError(f"schedule state must be a dict, got {type(state).__name__}")
+        unknown = sorted(set(state) - set(vars(self)) - {"engine"})
+        if unknown or "engine" in state:
+            raise InvalidArgumentError(f"schedule state has keys {unknown or ['engine']} that "
+                                       f"{type(self).__name__} lacks")
+
+    def __repr__(self):
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.state_dict().items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+
+def _momentum_key(engine):
+    return getattr(engine.optimizer, "momentum_key", None)
+
+
+def _set_momentum(engine, value):
+    if _momentum_key(engine) == "beta1":
+        engine.betas = (value, engine.betas[1])
+    else:
+        engine.momentum = value
+
+
+class StepLR(Schedule):
+    """lr = base_lr * gamma ** (epoch // step_size)."""
+
+    def __init__(self, engine, step_size, gamma=0.1):
+        super().__init__(engine)
+        self.step_size = _positive_int(step_size, "step_size")
+        self.gamma = _number(gamma, "gamma", 0.0)
+        self._start()
+
+    def lr_at(self, epoch):
+        return self.base_lr * self.gamma ** (epoch // self.step_size)
+
+
+class MultiStepLR(Schedule):
+    """lr = base_lr * gamma ** (number of milestones <= epoch); repeated milestones count twice."""
+
+    def __init__(self, engine, milestones, gamma=0.1):
+        super().__init__(engine)
+        try:
+            self.milestones = sorted(int(m) for m in milestones)
+        except (TypeError, ValueError):
+            raise InvalidArgumentError(f"milestones must be integers, got {milestones!r}") from None
+        self.gamma = _number(gamma, "gamma", 0.0)
+        self._start()
+
+    def lr_at(self, epoch):
+        return self.base_lr * self.gamma ** bisect.bisect_right(self.milestones, epoch)
+
+
+class ExponentialLR(Schedule):
+    """lr = base_lr * gamma ** epoch."""
+
+    def __init__(self, engine, gamma):
+        super().__init__(engine)
+        self.gamma = _number(gamma, "gamma", 0.0)
+        self._start()
+
+    def lr_at(self, epoch):
+        return self.base_lr * self.gamma ** epoch
+
+
+class CosineAnnealingLR(Schedule):
+    """lr = eta_min + (base_lr - eta_min) * (1 + cos(pi * epoch / T_max)) / 2 (periodic past
+    T_max, as PyTorch's)."""
+
+    def __init__(self, engine, T_max, eta_min=0.0):
+        super().__init__(engine)
+        self.T_max = _positive_int(T_max, "T_max")
+        self.eta_min = _number(eta_min, "eta_min", 0.0)
+        self._start()
+
+    def lr_at(self, epoch):
+        return self.eta_min + (self.base_lr - self.eta_min) * (1 + math.cos(math.pi * epoch / self.T_max)) / 2
+
+
+class CosineAnnealingWarmRestarts(Schedule):
+    """SGDR: cosine from base_lr to eta_min over T_i steps, then restart with T_i *= T_mult.
+    `step(epoch)` also accepts a (fractional) epoch, as PyTorch's does."""
+
+    def __init__(self, engine, T_0, T_mult=1, eta_min=0.0):
+        super().__init__(engine)
+        self.T_0 = _positive_int(T_0, "T_0")
+        self.T_mult = _positive_int(T_mult, "T_mult")
+        self.eta_min = _number(eta_min, "eta_min", 0.0)
+        self.T_i = self.T_0
+        self.T_cur = 0
+        self._apply(self._lr())
+
+    def _lr(self):
+        return self.eta_min + (self.base_lr - self.eta_min) * (1 + math.cos(math.pi * self.T_cur / self.T_i)) / 2
+
+    def lr_at(self, epoch):
+        """The rate at (possibly fractional) `epoch`, without changing this schedule."""
+        T_i, T_cur = self._position(epoch)
+        return self.eta_min + (self.base_lr - self.eta_min) * (1 + math.cos(math.pi * T_cur / T_i)) / 2
+
+    def _position(self, epoch):
+        if epoch >= self.T_0:
+            if self.T_mult == 1:
+                return self.T_0, epoch % self.T_0
+            n = int(math.log(epoch / self.T_0 * (self.T_mult - 1) + 1, self.T_mult))
+            return (self.T_0 * self.T_mult ** n,
+                    epoch - self.T_0 * (self.T_mult ** n - 1) / (self.T_mult - 1))
+        return self.T_0, epoch
+
+    def step(self, epoch=None):
+        if epoch is None:
+            epoch = self.last_epoch + 1
+            self.T_cur += 1
+            if self.T_cur >= self.T_i:
+                self.T_cur = self.T_cur % self.T_i
+                self.T_i = self.T_i * self.T_mult
+        else:
+            epoch = _number(epoch, "epoch", 0.0)
+            self.T_i, self.T_cur = self._position(epoch)
+        self.last_epoch = math.floor(epoch)
+        self._apply(self._lr())
+
+    def _set_epoch(self, epoch):  # used when composed under LinearWarmup
+        self.step(epoch)
+
+
+class LinearWarmup(Schedule):
+    """Linear warmup from start_factor * base_lr to base_lr over warmup_steps steps, then hands
+    over to `then` (another schedule built on the same engine), whose step 0 comes right after
+    the warmup: torch's SequentialLR([LinearLR(start_factor, 1.0, warmup_steps), then],
+    milestones=[warmup_steps]). Without `then` the rate stays at base_lr."""
+
+    def __init__(self, engine, warmup_steps, start_factor=1.0 / 3, then=None):
+        super().__init__(engine)
+        self.warmup_steps = _positive_int(warmup_steps, "warmup_steps")
+        self.start_factor = _number(start_factor, "start_factor", 0.0, 1.0)
+        if self.start_factor == 0.0:
+            raise InvalidArgumentError("start_factor must be > 0 (as torch's LinearLR)")
+        if then is not None:
+            if not isinstance(then, Schedule) or isinstance(then, ReduceLROnPlateau):
+                raise InvalidArgumentError("then must be a schedule (not ReduceLROnPlateau) built on the same engine")
+            if then.engine is not engine:
+                raise InvalidArgumentError("then must be built on the same engine as the warmup")
+            self.base_lr = then.base_lr
+        self.then = then
+        self._start()
+
+    def lr_at(self, epoch):
+        if self.then is not None and epoch >= self.warmup_steps:
+            return self.then.lr_at(epoch - self.warmup_steps)
+        f = self.start_factor + (1.0 - self.start_factor) * min(self.warmup_steps, epoch) / self.warmup_steps
+        return self.base_lr * f
+
+    def _set_epoch(self, epoch):
+        self.last_epoch = epoch
+        if self.then is not None and epoch >= self.warmup_steps:
+            self.then._set_epoch(epoch - self.warmup_steps)
+            self._last_lr, self._last_momentum = self.then._last_lr, self.then._last_momentum
+        else:
+            self._apply(self.lr_at(epoch))
+
+    def state_dict(self):
+        state = super().state_dict()
+        state["then"] = None if self.then is None else self.then.state_dict()
+        return state
+
+    def load_state_dict(self, state):
+        self._check_state(state)
+        state = dict(state)
+        inner = state.pop("then", None)
+        if (inner is None) != (self.then is None):
+            raise InvalidArgumentError("schedule state and this LinearWarmup differ in having a `then` schedule")
+        if inner is not None:
+            self.then.load_state_dict(inner)
+        super().load_state_dict(state)
+
+
+class OneCycleLR(Schedule):
+    """The 1cycle policy: the rate rises from max_lr / div_factor to max_lr over pct_start of
+    total_steps, then falls to max_lr / (div_factor * final_div_factor) ("cos" or "linear"
+    annealing; three_phase as PyTorch). With cycle_momentum (the default) momentum, or beta1 for
+    Adam-family optimizers, moves inversely between max_momentum and base_momentum."""
+
+    def __init__(self, engine, max_lr, total_steps=None, epochs=None, steps_per_epoch=None,
+                 pct_start=0.3, anneal_strategy="cos", cycle_momentum=True, base_momentum=0.85,
+                 max_momentum=0.95, div_factor=25.0, final_div_factor=1e4, three_phase=False):
+        super().__init__(engine)
+        if total_steps is not None:
+            self.total_steps = _positive_int(total_steps, "total_steps")
+        elif epochs is not None and steps_per_epoch is not None:
+            self.total_steps = _positive_int(epochs, "epochs") * _positive_int(steps_per_epoch, "steps_per_epoch")
+        else:
+            raise InvalidArgumentError("OneCycleLR needs total_steps, or epochs and steps_per_epoch")
+        self.pct_start = _number(pct_start, "pct_start", 0.0, 1.0)
+        if anneal_strategy not in ("cos", "linear"):
+            raise InvalidArgumentError(f"anneal_strategy must be 'cos' or 'linear', got {anneal_strategy!r}")
+        self.anneal_strategy = anneal_strategy
+        self.max_lr = _number(max_lr, "max_lr", 0.0)
+        self.initial_lr = self.max_lr / _number(div_factor, "div_factor", 0.0)
+        self.min_lr = self.initial_lr / _number(final_div_factor, "final_div_factor", 0.0)
+        engine._initial_lr = self.base_lr = self.initial_lr   # torch overwrites initial_lr
+        self.cycle_momentum = bool(cycle_momentum)
+        if self.cycle_momentum and _momentum_key(engine) is None:
+            raise InvalidArgumentError(f"{type(engine.optimizer).__name__} has no momentum or beta1 for "
+                                       "cycle_momentum=True to cycle")
+        self.base_momentum = _number(base_momentum, "base_momentum", 0.0)
+        self.max_momentum = _number(max_momentum, "max_momentum", 0.0)
+        T = self.total_steps
+        if three_phase:
+            self._phases = [(float(self.pct_start * T) - 1, "initial_lr", "max_lr", "max_momentum", "base_momentum"),
+                            (float(2 * self.pct_start * T) - 2, "max_lr", "initial_lr", "base_momentum", "max_momentum"),
+                            (T - 1, "initial_lr", "min_lr", "max_momentum", "max_momentum")]
+        else:
+            self._phases = [(float(self.pct_start * T) - 1, "initial_lr", "max_lr", "max_momentum", "base_momentum"),
+                            (T - 1, "max_lr", "min_lr", "base_momentum", "max_momentum")]
+        self.three_phase = bool(three_phase)
+        self._start()
+
+    def _anneal(self, start, end, pct):
+        if self.anneal_strategy == "cos":
+            return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+        return (end - start) * pct + start
+
+    def _at(self, epoch):
+        if epoch > self.total_steps:
+            raise InvalidArgumentError(f"OneCycleLR stepped {epoch} times; total_steps is {self.total_steps}")
+        start_step = 0.0
+        for i, (end_step, lr0, lr1, m0, m1) in enumerate(self._phases):
+            if epoch <= end_step or i == len(self._phases) - 1:
+                pct = (epoch - start_step) / (end_step - start_step)
+                return (self._anneal(getattr(self, lr0), getattr(self, lr1), pct),
+                        self._anneal(getattr(self, m0), getattr(self, m1), pct))
+            start_step = end_step
+
+    def lr_at(self, epoch):
+        return self._at(epoch)[0]
+
+    def momentum_at(self, epoch):
+        return self._at(epoch)[1] if self.cycle_momentum else None
+
+
+class ReduceLROnPlateau(Schedule):
+    """Multiplies the rate by `factor` (not below min_lr; changes smaller than eps are skipped)
+    once the metric given to step(metric) has not improved for more than `patience` steps;
+    improvement is relative or absolute by `threshold` ("rel"/"abs") in mode "min" or "max";
+    after a reduction, `cooldown` steps pass before bad steps count again. Building it does not
+    change the rate."""
+
+    def __init__(self, engine, mode="min", factor=0.1, patience=10, threshold=1e-4,
+                 threshold_mode="rel", cooldown=0, min_lr=0.0, eps=1e-8):
+        super().__init__(engine)
+        if mode not in ("min", "max"):
+            raise InvalidArgumentError(f"mode must be 'min' or 'max', got {mode!r}")
+        if threshold_mode not in ("rel", "abs"):
+            raise InvalidArgumentError(f"threshold_mode must be 'rel' or 'abs', got {threshold_mode!r}")
+        self.factor = _number(factor, "factor", 0.0)
+        if self.factor >= 1.0:
+            raise InvalidArgumentError(f"factor must be < 1, got {self.factor}")
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+            raise InvalidArgumentError(f"patience must be a non-negative integer, got {patience!r}")
+        if isinstance(cooldown, bool) or not isinstance(cooldown, int) or cooldown < 0:
+            raise InvalidArgumentError(f"cooldown must be a non-negative integer, got {cooldown!r}")
+        self.mode, self.threshold_mode = mode, threshold_mode
+        self.patience, self.cooldown = patience, cooldown
+        self.threshold = _number(threshold, "threshold", 0.0)
+        self.min_lr = _number(min_lr, "min_lr", 0.0)
+        self.eps = _number(eps, "eps", 0.0)
+        self.best = math.inf if mode == "min" else -math.inf
+        self.num_bad_epochs = 0
+        self.cooldown_counter = 0
+        self._last_lr = engine.learning_rate
+
+    def _is_better(self, a, best):
+        if self.mode == "min":
+            return a < best * (1.0 - self.threshold) if self.threshold_mode == "rel" else a < best - self.threshold
+        return a > best * (self.threshold + 1.0) if self.threshold_mode == "rel" else a > best + self.threshold
+
+    def step(self, metric):
+        """Records `metric` (e.g. a validation loss) and reduces the rate on a plateau."""
+        current = _number(metric, "metric")
+        self.last_epoch += 1
+        if self._is_better(current, self.best):
+            self.best = current
+            self.num_bad_epochs = 0
+        else:
+            self.num_bad_epochs += 1
+        if self.cooldown_counter > 0:
+            self.cooldown_counter -= 1
+            self.num_bad_epochs = 0
+        if self.num_bad_epochs > self.patience:
+            old = float(self.engine.learning_rate)
+            new = max(old * self.factor, self.min_lr)
+            if old - new > self.eps:
+                self.engine.learning_rate = new
+            self.cooldown_counter = self.cooldown
+            self.num_bad_epochs = 0
+        self._last_lr = self.engine.learning_rate
+
+    def lr_at(self, epoch):
+        raise InvalidArgumentError("ReduceLROnPlateau has no closed form: its rate follows the metric")

@@ -1,0 +1,180 @@
+"""Every first-order optimizer, with every option away from its default, over 30 native steps on a
+small MLP from identical initial weights, against the float64 NumPy re-implementation of
+torch.optim's algorithm in optim_ref.py (itself checked against torch when torch is installed);
+per-step hyper-parameters; a failed step leaves the optimizer state and step count untouched."""
+import numpy as np
+import pytest
+
+import mpscy
+from mpscy import layers, optim
+
+from optim_ref import CASES, digits_batches, loss_and_grad, max_rel_err, mlp
+
+STEPS = 30
+BATCH = 32
+
+
+def _engine(opt, device, **kw):
+    return mpscy.Engine(mlp(), loss="sparse_cross_entropy", optimizer=opt, batch_size=BATCH, device=device, seed=3, **kw)
+
+
+def _reference_run(ref, p0, batches):
+    p = {k: v.astype(np.float64) for k, v in p0.items()}
+    for x, y in batches:
+        _, g = loss_and_grad(p, x, y)
+        ref.step(p, g)
+    return p
+
+
+def test_reference_gradient_matches_finite_differences():
+    rng = np.random.default_rng(0)
+    p = {k: rng.normal(0, 0.3, v.shape) for k, v in _engine(optim.SGD(), "cpu").get_parameters().items()}
+    x, y = digits_batches(8, 1)[0]
+    _, g = loss_and_grad(p, x, y, weight_decay=0.01)
+    h = 1e-6
+    for k in p:
+        for idx in [tuple(rng.integers(0, s) for s in p[k].shape) for _ in range(5)]:
+            old = p[k][idx]
+            p[k][idx] = old + h
+            fp, _ = loss_and_grad(p, x, y, weight_decay=0.01)
+            p[k][idx] = old - h
+            fm, _ = loss_and_grad(p, x, y, weight_decay=0.01)
+            p[k][idx] = old
+            assert abs((fp - fm) / (2 * h) - g[k][idx]) <= 1e-7 * max(1.0, abs(g[k][idx]))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_reference_matches_torch(case):
+    torch = pytest.importorskip("torch")
+    _, ref, name, kwargs = CASES[case]
+    ref = type(ref)(**ref.hp)
+    p0 = _engine(optim.SGD(), "cpu").get_parameters()
+    batches = digits_batches(BATCH, STEPS)
+    p_ref = _reference_run(ref, p0, batches)
+
+    tp = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in p0.items()}
+    opt = getattr(torch.optim, name)(list(tp.values()), foreach=False, **kwargs)
+    old_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)     # NAdam's mu_product state follows the default dtype
+    try:
+        for x, y in batches:
+            opt.zero_grad()
+            xt = torch.tensor(x, dtype=torch.float64)
+            h = torch.tanh(xt @ tp["dense_0.weight"].T + tp["dense_0.bias"])
+            z = h @ tp["dense_2.weight"].T + tp["dense_2.bias"]
+            torch.nn.functional.cross_entropy(z, torch.tensor(y, dtype=torch.long)).backward()
+            opt.step()
+    finally:
+        torch.set_default_dtype(old_dtype)
+    p_torch = {k: v.detach().numpy() for k, v in tp.items()}
+    assert max_rel_err(p_ref, p_torch) <= 1e-10
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_native_matches_reference(device, case):
+    opt, ref, _, _ = CASES[case]
+    ref = type(ref)(**ref.hp)
+    e = _engine(opt, device)
+    p0 = e.get_parameters()
+    batches = digits_batches(BATCH, STEPS)
+    p_ref = _reference_run(ref, p0, batches)
+    for x, y in batches:
+        r = e.step(x, y)
+        assert r.applied
+    p = e.get_parameters()
+    err = max_rel_err(p, p_ref)
+    assert err <= 1e-5, f"{case}: max relative error {err:.3g} after {STEPS} steps"
+    # and the run really moved the weights by far more than the tolerance
+    assert max_rel_err(p0, p_ref) > 1e-3
+    assert e.get_optimizer_state()["step"] == STEPS
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_failed_step_leaves_state_and_step_count(device, case):
+    opt = CASES[case][0]
+    model = mpscy.Sequential([layers.Dense(16), layers.ReLU(), layers.Dense(10)], input_shape=(64,))
+    e = mpscy.Engine(model, optimizer=opt, batch_size=BATCH, device=device, seed=3)
+    for x, y in digits_batches(BATCH, 3):
+        e.step(x, y)
+    good = e.get_parameters()["dense_0.weight"]
+    huge = good.copy()
+    huge[0] = 3e38                      # finite, but the hidden unit overflows to inf and
+    e.set_parameters({"dense_0.weight": huge}, strict=False)   # the logits to inf - inf
+    before_p, before_s = e.get_parameters(), e.get_optimizer_state()
+    x, y = digits_batches(BATCH, 1)[0]
+    with pytest.raises(mpscy.NonFiniteError):
+        e.step(x, y)
+    after_s = e.get_optimizer_state()
+    assert after_s["step"] == before_s["step"] == 3
+    for k, v in before_s.items():
+        if isinstance(v, dict):
+            for name in v:
+                np.testing.assert_array_equal(after_s[k][name], v[name])
+        else:
+            assert after_s[k] == v
+    for k, v in before_p.items():
+        np.testing.assert_array_equal(e.get_parameters()[k], v)
+    e.set_parameters({"dense_0.weight": good}, strict=False)
+    assert e.step(x, y).applied           # and the engine goes on
+    assert e.get_optimizer_state()["step"] == 4
+
+
+def test_per_step_hyperparameters_change_the_update(device):
+    """momentum, betas and weight decay are per-step values: setting them on the engine gives
+    the same parameters as a reference that uses the new values from that step on."""
+    batches = digits_batches(BATCH, 6)
+    for opt, ref_cls, change in (
+            (optim.SGD(lr=0.05, momentum=0.5), "RefSGD", {"momentum": 0.9}),
+            (optim.Adam(lr=3e-3), "RefAdam", {"betas": (0.7, 0.95)}),
+            (optim.AdamW(lr=3e-3, weight_decay=0.01), "RefAdam", {"weight_decay": 0.2})):
+        import optim_ref
+        hp = dict(lr=opt.lr)
+        if ref_cls == "RefSGD":
+            hp["momentum"] = 0.5
+        if isinstance(opt, optim.AdamW):
+            hp.update(weight_decay=0.01, decoupled=True)
+        ref = getattr(optim_ref, ref_cls)(**hp)
+        e = _engine(opt, device)
+        p = {k: v.astype(np.float64) for k, v in e.get_parameters().items()}
+        for i, (x, y) in enumerate(batches):
+            if i == 3:
+                for k, v in change.items():
+                    setattr(e, k, v)
+                ref.hp.update(change)
+            e.step(x, y)
+            ref.step(p, loss_and_grad(p, x, y)[1])
+        assert max_rel_err(e.get_parameters(), p) <= 1e-5
+        assert getattr(e, next(iter(change))) == pytest.approx(next(iter(change.values())))
+
+
+def test_invalid_options_are_rejected():
+    with pytest.raises(mpscy.InvalidArgumentError, match="Nesterov"):
+        optim.SGD(momentum=0.0, nesterov=True)
+    with pytest.raises(mpscy.InvalidArgumentError, match="betas"):
+        optim.NAdam(betas=(1.0, 0.9))
+    with pytest.raises(mpscy.InvalidArgumentError, match="rho"):
+        optim.Adadelta(rho=1.5)
+    with pytest.raises(mpscy.InvalidArgumentError, match="lr_decay"):
+        optim.Adagrad(lr_decay=-1)
+    with pytest.raises(mpscy.InvalidArgumentError, match="line_search_fn"):
+        optim.LBFGS(line_search_fn="backtracking")
+    e = _engine(optim.SGD(), "cpu")
+    with pytest.raises(mpscy.InvalidArgumentError, match="momentum"):
+        e.momentum = -1
+    with pytest.raises(mpscy.InvalidArgumentError, match="betas"):
+        e.betas = (0.9, 1.0)
+
+
+def test_optimizer_state_names_follow_torch():
+    names = {
+        optim.SGD(momentum=0.9): {"step", "momentum_buffer"},
+        optim.Adam(amsgrad=True): {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"},
+        optim.RMSprop(centered=True): {"step", "square_avg", "momentum_buffer", "grad_avg"},
+        optim.Adagrad(): {"step", "sum"},
+        optim.Adadelta(): {"step", "square_avg", "acc_delta"},
+        optim.NAdam(): {"step", "exp_avg", "exp_avg_sq", "mu_product"},
+    }
+    for opt, want in names.items():
+        assert set(_engine(opt, "cpu").get_optimizer_state()) == want
+    s = _engine(optim.Adagrad(initial_accumulator_value=0.25), "cpu").get_optimizer_state()
+    assert all(np.all(v == 0.25) for v in s["sum"].values())

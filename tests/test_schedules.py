@@ -1,0 +1,290 @@
+"""Learning-rate schedules: each against its closed form over 100 steps (and against
+torch.optim.lr_scheduler when torch is installed), shown to change the native parameter updates
+exactly as setting the same rates by hand does, and resumable through state_dict()."""
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+import mpscy
+from mpscy import optim
+from mpscy.optim import schedules as S
+
+from optim_ref import digits_batches, mlp
+
+BASE = 0.1
+STEPS = 100
+
+
+def _engine(opt=None, device="cpu"):
+    return mpscy.Engine(mlp(), optimizer=opt or optim.SGD(lr=BASE, momentum=0.9), batch_size=16,
+                        device=device, seed=5)
+
+
+def _cos(base, eta, e, T):
+    return eta + (base - eta) * (1 + math.cos(math.pi * e / T)) / 2
+
+
+def _sgdr(e, T0, mult, eta):
+    T, start = T0, 0
+    while e >= start + T:
+        start, T = start + T, T * mult
+    return _cos(BASE, eta, e - start, T)
+
+
+def _one_cycle(e, total, max_lr, pct, div, final_div, lo_m, hi_m):
+    init, low = max_lr / div, max_lr / div / final_div
+    up = pct * total - 1
+    if e <= up:
+        p = e / up
+        return _ann(init, max_lr, p), _ann(hi_m, lo_m, p)
+    p = (e - up) / (total - 1 - up)
+    return _ann(max_lr, low, p), _ann(lo_m, hi_m, p)
+
+
+def _three_phase_linear(e):
+    """max_lr 0.3, 105 steps, pct_start 0.4, div 10, final_div 100, momentum 0.8..0.9."""
+    init, top, low = 0.03, 0.3, 0.0003
+    ends = [0.4 * 105 - 1, 2 * 0.4 * 105 - 2, 104]
+    phases = [(0.0, ends[0], init, top, 0.9, 0.8), (ends[0], ends[1], top, init, 0.8, 0.9),
+              (ends[1], ends[2], init, low, 0.9, 0.9)]
+    for start, end, l0, l1, m0, m1 in phases:
+        if e <= end or end == ends[2]:
+            p = (e - start) / (end - start)
+            return l0 + (l1 - l0) * p, m0 + (m1 - m0) * p
+
+
+def _ann(a, b, p):
+    return b + (a - b) / 2 * (math.cos(math.pi * p) + 1)
+
+
+# name -> (builder(engine), closed form lr(epoch), closed form momentum(epoch) or None, torch builder)
+CASES = {
+    "step": (lambda e: S.StepLR(e, step_size=3, gamma=0.5),
+             lambda k: BASE * 0.5 ** (k // 3), None,
+             lambda t, o: t.StepLR(o, step_size=3, gamma=0.5)),
+    "multistep": (lambda e: S.MultiStepLR(e, milestones=[60, 10, 30, 30], gamma=0.3),
+                  lambda k: BASE * 0.3 ** sum(m <= k for m in (10, 30, 30, 60)), None,
+                  lambda t, o: t.MultiStepLR(o, milestones=[60, 10, 30, 30], gamma=0.3)),
+    "exponential": (lambda e: S.ExponentialLR(e, gamma=0.97),
+                    lambda k: BASE * 0.97 ** k, None,
+                    lambda t, o: t.ExponentialLR(o, gamma=0.97)),
+    "cosine": (lambda e: S.CosineAnnealingLR(e, T_max=40, eta_min=1e-3),
+               lambda k: _cos(BASE, 1e-3, k, 40), None,
+               lambda t, o: t.CosineAnnealingLR(o, T_max=40, eta_min=1e-3)),
+    "warm_restarts": (lambda e: S.CosineAnnealingWarmRestarts(e, T_0=7, T_mult=2, eta_min=1e-3),
+                      lambda k: _sgdr(k, 7, 2, 1e-3), None,
+                      lambda t, o: t.CosineAnnealingWarmRestarts(o, T_0=7, T_mult=2, eta_min=1e-3)),
+    "warmup": (lambda e: S.LinearWarmup(e, warmup_steps=10, start_factor=0.1),
+               lambda k: BASE * (0.1 + 0.9 * min(k, 10) / 10), None,
+               lambda t, o: t.LinearLR(o, start_factor=0.1, end_factor=1.0, total_iters=10)),
+    "warmup_then_cosine": (lambda e: S.LinearWarmup(e, 10, 0.1, then=S.CosineAnnealingLR(e, T_max=90, eta_min=1e-3)),
+                           lambda k: BASE * (0.1 + 0.09 * k) if k < 10 else _cos(BASE, 1e-3, k - 10, 90), None,
+                           lambda t, o: t.SequentialLR(o, [t.LinearLR(o, 0.1, 1.0, 10), t.CosineAnnealingLR(o, 90, 1e-3)], [10])),
+    "one_cycle": (lambda e: S.OneCycleLR(e, max_lr=0.2, total_steps=STEPS + 1),
+                  lambda k: _one_cycle(k, STEPS + 1, 0.2, 0.3, 25.0, 1e4, 0.85, 0.95)[0],
+                  lambda k: _one_cycle(k, STEPS + 1, 0.2, 0.3, 25.0, 1e4, 0.85, 0.95)[1],
+                  lambda t, o: t.OneCycleLR(o, max_lr=0.2, total_steps=STEPS + 1)),
+    "one_cycle_options": (lambda e: S.OneCycleLR(e, max_lr=0.3, epochs=5, steps_per_epoch=21, pct_start=0.4,
+                                                 anneal_strategy="linear", base_momentum=0.8, max_momentum=0.9,
+                                                 div_factor=10.0, final_div_factor=100.0, three_phase=True),
+                          lambda k: _three_phase_linear(k)[0], lambda k: _three_phase_linear(k)[1],
+                          lambda t, o: t.OneCycleLR(o, max_lr=0.3, epochs=5, steps_per_epoch=21, pct_start=0.4,
+                                                    anneal_strategy="linear", base_momentum=0.8, max_momentum=0.9,
+                                                    div_factor=10.0, final_div_factor=100.0, three_phase=True)),
+}
+
+
+def _run(sched, engine, steps=STEPS):
+    lrs, moms = [engine.learning_rate], [engine.momentum]
+    assert sched.get_last_lr() == engine.learning_rate
+    for _ in range(steps):
+        sched.step()
+        assert sched.get_last_lr() == engine.learning_rate
+        lrs.append(engine.learning_rate)
+        moms.append(engine.momentum)
+    return np.array(lrs), np.array(moms)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_closed_form(case):
+    build, lr_of, mom_of, _ = CASES[case]
+    e = _engine()
+    lrs, moms = _run(build(e), e)
+    want = np.array([lr_of(k) for k in range(STEPS + 1)])
+    np.testing.assert_allclose(lrs, want, rtol=1e-12, atol=0)
+    assert len(set(np.round(lrs, 12))) > 3          # the rate really changes
+    if mom_of is not None:
+        np.testing.assert_allclose(moms, [mom_of(k) for k in range(STEPS + 1)], rtol=1e-12)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_torch(case):
+    torch = pytest.importorskip("torch")
+    build, _, _, tbuild = CASES[case]
+    e = _engine()
+    lrs, moms = _run(build(e), e)
+    w = torch.zeros(1, requires_grad=True)
+    o = torch.optim.SGD([w], lr=BASE, momentum=0.9)
+    ts = tbuild(torch.optim.lr_scheduler, o)
+    tl, tm = [o.param_groups[0]["lr"]], [o.param_groups[0]["momentum"]]
+    for _ in range(STEPS):
+        o.step()
+        ts.step()
+        tl.append(o.param_groups[0]["lr"])
+        tm.append(o.param_groups[0]["momentum"])
+    np.testing.assert_allclose(lrs, tl, rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(moms, tm, rtol=1e-12)
+
+
+def test_one_cycle_cycles_beta1_of_adam():
+    e = _engine(optim.Adam(lr=1e-3, betas=(0.9, 0.98)))
+    s = S.OneCycleLR(e, max_lr=0.01, total_steps=50)
+    betas = [e.betas]
+    for _ in range(49):
+        s.step()
+        betas.append(e.betas)
+    b1 = [b[0] for b in betas]
+    assert b1[0] == pytest.approx(0.95) and min(b1) == pytest.approx(0.85, abs=1e-3)
+    assert all(b[1] == pytest.approx(0.98) for b in betas)
+    with pytest.raises(mpscy.InvalidArgumentError, match="total_steps"):
+        s.step()
+        s.step()
+    with pytest.raises(mpscy.InvalidArgumentError, match="momentum"):
+        S.OneCycleLR(_engine(optim.Adagrad()), max_lr=0.1, total_steps=10)
+    S.OneCycleLR(_engine(optim.Adagrad()), max_lr=0.1, total_steps=10, cycle_momentum=False)
+
+
+def test_reduce_on_plateau_closed_form():
+    """min mode, rel threshold 10%, patience 2, cooldown 1, factor 0.5, min_lr 0.02."""
+    e = _engine()
+    s = S.ReduceLROnPlateau(e, factor=0.5, patience=2, threshold=0.1, cooldown=1, min_lr=0.02)
+    assert e.learning_rate == BASE
+    metrics = [10, 8, 7.5, 7.4, 7.3, 7.2, 7.1, 7.0, 6.9, 6.8, 6.0, 5.9, 5.8, 5.7, 5.6, 5.5, 5.4, 5.3]
+    # best 10 -> 8; 7.5, 7.4, 7.3 are bad (not below 8 * 0.9): the third exceeds patience,
+    # lr 0.05 at index 4; cooldown swallows index 5; 7.1 < 7.2 is the new best; 7.0, 6.9, 6.8
+    # bad: lr 0.025 at index 9; 6.0 best; 5.9, 5.8, 5.7 bad: max(0.0125, min_lr) = 0.02 at
+    # index 13; cooldown 14; 5.5, 5.4 bad; 5.3 < 5.4 is the new best.
+    want = [0.1] * 4 + [0.05] * 5 + [0.025] * 4 + [0.02] * 5
+    got = []
+    for m in metrics:
+        s.step(m)
+        got.append(e.learning_rate)
+        assert s.get_last_lr() == e.learning_rate
+    np.testing.assert_allclose(got, want, rtol=1e-15)
+
+
+@pytest.mark.parametrize("kw", [dict(mode="max", threshold_mode="abs", threshold=0.05, patience=3, factor=0.7),
+                                dict(mode="min", threshold_mode="abs", threshold=0.01, cooldown=2, patience=1, min_lr=0.03),
+                                dict(mode="max", threshold_mode="rel", threshold=0.02, eps=0.003, factor=0.9, patience=0)])
+def test_reduce_on_plateau_matches_torch(kw):
+    torch = pytest.importorskip("torch")
+    metrics = np.random.default_rng(1).normal(size=STEPS).cumsum() * 0.1
+    e = _engine()
+    s = S.ReduceLROnPlateau(e, **kw)
+    w = torch.zeros(1, requires_grad=True)
+    o = torch.optim.SGD([w], lr=BASE)
+    ts = torch.optim.lr_scheduler.ReduceLROnPlateau(o, **kw)
+    for m in metrics:
+        s.step(m)
+        ts.step(m)
+        assert e.learning_rate == o.param_groups[0]["lr"]
+    assert e.learning_rate < BASE
+
+
+@pytest.mark.parametrize("case", sorted(CASES) + ["plateau"])
+def test_schedule_drives_the_native_updates(device, case):
+    """A scheduled run equals, bit for bit, a run whose rate (and momentum) are set by hand to
+    the schedule's values before each step, and differs from a constant-rate run."""
+    batches = digits_batches(16, 12)
+    metrics = [5, 4, 4, 4, 3, 3, 3, 3, 3, 3, 3, 3, 3]
+    if case == "plateau":
+        def build(e):
+            return S.ReduceLROnPlateau(e, factor=0.5, patience=1)
+    else:
+        build = CASES[case][0]
+    a, b, c = _engine(device=device), _engine(device=device), _engine(device=device)
+    sched = build(a)
+    ref_sched = build(_engine())          # the same values, computed on a separate engine
+    values = [(ref_sched.engine.learning_rate, ref_sched.engine.momentum)]
+    for m in metrics[:len(batches)]:
+        ref_sched.step(m) if case == "plateau" else ref_sched.step()
+        values.append((ref_sched.engine.learning_rate, ref_sched.engine.momentum))
+    assert len({v[0] for v in values}) >= 2          # the rate changes within the run
+    for (x, y), (lr, mom), m in zip(batches, values, metrics):
+        a.step(x, y)
+        sched.step(m) if case == "plateau" else sched.step()
+        b.learning_rate, b.momentum = lr, mom
+        b.step(x, y)
+        c.step(x, y)
+    pa, pb, pc = a.get_parameters(), b.get_parameters(), c.get_parameters()
+    for k in pa:
+        np.testing.assert_array_equal(pa[k], pb[k])
+    assert max(np.abs(pa[k] - pc[k]).max() for k in pa) > 1e-4
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_state_dict_resumes(case):
+    build = CASES[case][0]
+    e1 = _engine()
+    s1 = build(e1)
+    for _ in range(37):
+        s1.step()
+    state = s1.state_dict()
+    assert "engine" not in state
+    e2 = _engine()
+    s2 = build(e2)
+    s2.load_state_dict(state)
+    assert (e2.learning_rate, e2.momentum) == (e1.learning_rate, e1.momentum)
+    for _ in range(20):
+        s1.step()
+        s2.step()
+        assert (e2.learning_rate, e2.momentum) == (e1.learning_rate, e1.momentum)
+    with pytest.raises(mpscy.InvalidArgumentError, match="lacks"):
+        s2.load_state_dict({"no_such_field": 1})
+
+
+def test_plateau_state_dict_resumes():
+    e1, e2 = _engine(), _engine()
+    s1 = S.ReduceLROnPlateau(e1, patience=1, factor=0.5)
+    for m in (3, 2, 2, 2, 2):
+        s1.step(m)
+    s2 = S.ReduceLROnPlateau(e2, patience=1, factor=0.5)
+    s2.load_state_dict(s1.state_dict())
+    assert e2.learning_rate == e1.learning_rate == BASE * 0.5     # 2, 2 after best 2: one cut
+    for m in (2, 2, 1, 1, 1):
+        s1.step(m)
+        s2.step(m)
+        assert e2.learning_rate == e1.learning_rate
+
+
+def test_bad_arguments():
+    e = _engine()
+    with pytest.raises(mpscy.InvalidArgumentError, match="step_size"):
+        S.StepLR(e, step_size=0)
+    with pytest.raises(mpscy.InvalidArgumentError, match="Engine"):
+        S.StepLR(object(), step_size=2)
+    with pytest.raises(mpscy.InvalidArgumentError, match="factor"):
+        S.ReduceLROnPlateau(e, factor=1.0)
+    with pytest.raises(mpscy.InvalidArgumentError, match="then"):
+        S.LinearWarmup(e, 5, then=S.ReduceLROnPlateau(e))
+    with pytest.raises(mpscy.InvalidArgumentError, match="total_steps"):
+        S.OneCycleLR(e, max_lr=0.1)
+
+
+def test_warm_restarts_fractional_epochs_match_torch():
+    torch = pytest.importorskip("torch")
+    e = _engine()
+    s = S.CosineAnnealingWarmRestarts(e, T_0=5, T_mult=3, eta_min=0.01)
+    w = torch.zeros(1, requires_grad=True)
+    o = torch.optim.SGD([w], lr=BASE)
+    ts = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=5, T_mult=3, eta_min=0.01)
+    for epoch in np.arange(0, 60, 0.37):
+        s.step(float(epoch))
+        with warnings.catch_warnings():       # torch deprecates step(epoch); mpscy keeps it
+            warnings.simplefilter("ignore")
+            ts.step(float(epoch))
+        assert e.learning_rate == pytest.approx(o.param_groups[0]["lr"], rel=1e-12)
+    with pytest.raises(mpscy.InvalidArgumentError, match="epoch"):
+        s.step(-1.0)
