@@ -1,4 +1,4 @@
-/* lbfgs.m — torch.optim.LBFGS on Metal (ABI 2): one MPSCY_MODE_LBFGS call runs the bits of
+/* lbfgs.m — torch.optim.LBFGS on Metal: one MPSCY_MODE_LBFGS call runs the bits of
  * args->lbfgs_ops in mpscy.h's order. The vector work (save, restore, finalize, the two-loop
  * direction, move) is objc/cpu/lbfgs.c's, run on the host over the shared parameter, gradient
  * and optimizer slabs (unified memory: no copy); each evaluation is one train executable run
@@ -8,8 +8,6 @@
 
 #include <math.h>
 #include <string.h>
-
-#if MPSCY_ABI_VERSION >= 2
 
 #define FAIL(status, ...) MPSCY_FAIL(err, n, (status), METAL_C, __VA_ARGS__)
 
@@ -244,5 +242,3 @@ int metal_lbfgs_step(metal_graph *g, const mpscy_step_args *a, mpscy_step_result
     }
     return MPSCY_OK;
 }
-
-#endif /* MPSCY_ABI_VERSION >= 2 */

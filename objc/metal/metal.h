@@ -58,7 +58,7 @@ typedef struct metal_graph {
     mpscy_plan plan;
     void *state;                    /* MetalGraphState, owned through CFBridgingRetain */
     int32_t parity;                 /* which of the two slabs per role holds the current state */
-    double scalars[8];              /* optimizer scalars; [0] is the applied step count */
+    double scalars[MPSCY_MAX_SCALARS]; /* optimizer scalars; [0] is the applied step count */
     float *hyper;                   /* (METAL_H_COUNT) host view of the shared hyper buffer */
     float *stats;                   /* (METAL_S_COUNT) host view of the shared stats buffer */
     struct mpscy_buffer_ *io_bufs;  /* 2 * n_inputs + 2 borrowed heads over the shared io buffers */
@@ -145,35 +145,20 @@ static inline MetalGraphState *metal_state(const metal_graph *g) {
     return (__bridge MetalGraphState *)g->state;
 }
 
-/* L-BFGS (ABI 2) keeps its parameters and optimizer slab in one buffer each, changed by the
- * host between evaluations; every other optimizer ping-pongs them through the executable. */
-static inline int metal_is_lbfgs(const mpscy_plan *p) {
-#if MPSCY_ABI_VERSION >= 2
-    return p->optim.kind == MPSCY_OPTIM_LBFGS;
-#else
-    (void)p;
-    return 0;
-#endif
-}
+/* L-BFGS keeps its parameters and optimizer slab in one buffer each, changed by the host
+ * between evaluations; every other optimizer ping-pongs them through the executable. */
+static inline int metal_is_lbfgs(const mpscy_plan *p) { return p->optim.kind == MPSCY_OPTIM_LBFGS; }
 
 /* Floats of the optimizer slab: its named slots (and L-BFGS's scratch). */
-static inline int64_t metal_optim_floats(const mpscy_plan *p) {
-#if MPSCY_ABI_VERSION >= 2
-    return p->optim_floats;
-#else
-    return (int64_t)p->n_vec_slots * p->n_params;
-#endif
-}
+static inline int64_t metal_optim_floats(const mpscy_plan *p) { return p->optim_floats; }
 
 /* ------------------------------------------------------------------ step.m, lbfgs.m */
 /* Runs the train executable for b rows with the hyper flags apply (optimizer update) and
  * commit (running statistics), after filling the dropout masks; stats are then in g->stats. */
 int metal_run_train(metal_graph *g, const mpscy_step_args *a, int apply, int commit, int64_t t,
                     double *mu_next, char *err, size_t n);
-#if MPSCY_ABI_VERSION >= 2
 /* One MPSCY_MODE_LBFGS call: objc/cpu/lbfgs.c's vector work on the shared slabs. */
 int metal_lbfgs_step(metal_graph *g, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t n);
-#endif
 
 /* ------------------------------------------------------------------ compile.m */
 /* The executable of `kind` for b rows, compiled on first use and cached (build compiles the

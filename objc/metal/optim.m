@@ -1,42 +1,29 @@
 /* optim.m — everything after backward, inside the train executable: the flat gradient (every
  * parameter gradient in slab order), its finiteness and global L2 norm, clipping by norm or
  * value (torch.nn.utils), and the optimizer update over the flat slab, written in graph
- * arithmetic with torch.optim's single-tensor rules in the same float32 order as
- * common/optim_math.h (SGD, Adam, AdamW; RMSprop, Adagrad, Adadelta, NAdam as torch defines
- * them). MPSGraph's own Adam/SGD ops are not used: their definitions differ. New parameters,
+ * arithmetic with the element rules of common/optim_math.h in the same float32 order (SGD,
+ * Adam, AdamW, RMSprop, Adagrad, Adadelta, NAdam). MPSGraph's own Adam/SGD ops are not used:
+ * their definitions differ. New parameters,
  * optimizer slots and running statistics are selected on (finite and apply), so a non-finite
  * or gradient-only step writes the old values back; step.m then keeps the current slabs.
  * Per-step coefficients come from the hyper buffer, filled on the host, so no schedule
- * recompiles. L-BFGS is not an element rule and is not implemented here. */
+ * recompiles. L-BFGS is not an element rule: lbfgs.m. */
 #import "metal.h"
 #include "../common/optim_math.h"
 
 #include <math.h>
 
 int metal_optim_supported(int32_t kind) {
-#if MPSCY_ABI_VERSION >= 2
     return kind >= MPSCY_OPTIM_SGD && kind <= MPSCY_OPTIM_LBFGS;
-#else
-    return kind >= MPSCY_OPTIM_SGD && kind <= MPSCY_OPTIM_NADAM;
-#endif
 }
 
 void metal_optim_hyper(float *h, const mpscy_optim_desc *o, const mpscy_step_args *a, int64_t t, int apply,
                        double mu_product, double *mu_next) {
+    /* the same coefficients as the CPU backend, from the shared common/optim_math.h */
     mpscy_optim_coef k = mpscy_optim_coef_make(o, a, t);
-    /* torch.optim's RMSprop, Adagrad, Adadelta and NAdam coefficients, in double as torch
-     * computes them, rounded to float32 once (as the CPU backend's shared rules do) */
-    double bc2 = 1.0 - pow(a->beta2, (double)t);
-    double mu = a->beta1 * (1.0 - 0.5 * pow(0.96, (double)t * o->momentum_decay));
-    double mu1 = a->beta1 * (1.0 - 0.5 * pow(0.96, (double)(t + 1) * o->momentum_decay));
-    double prod = mu_product * mu;
+    double prod = mu_product;
+    if (o->kind == MPSCY_OPTIM_NADAM) mpscy_nadam_coef(&k, o, a, t, &prod);
     *mu_next = prod;
-    h[METAL_H_ALPHA] = (float)o->alpha;
-    h[METAL_H_RHO] = (float)o->rho;
-    h[METAL_H_CLR] = (float)(a->lr / (1.0 + (double)(t - 1) * o->lr_decay));
-    h[METAL_H_BC2] = (float)bc2;
-    h[METAL_H_NADAM_G] = (float)(-a->lr * (1.0 - mu) / (1.0 - prod));
-    h[METAL_H_NADAM_M] = (float)(-a->lr * mu1 / (1.0 - prod * mu1));
     h[METAL_H_LR] = k.lr;
     h[METAL_H_MOMENTUM] = k.momentum;
     h[METAL_H_DAMPENING] = k.dampening;
@@ -48,6 +35,12 @@ void metal_optim_hyper(float *h, const mpscy_optim_desc *o, const mpscy_step_arg
     h[METAL_H_BC2_SQRT] = k.bc2_sqrt;
     h[METAL_H_DECAY] = k.decay;
     h[METAL_H_FIRST] = (float)k.first;
+    h[METAL_H_ALPHA] = k.alpha;
+    h[METAL_H_RHO] = k.rho;
+    h[METAL_H_CLR] = k.clr;
+    h[METAL_H_BC2] = k.bc2;
+    h[METAL_H_NADAM_G] = k.nadam_g;
+    h[METAL_H_NADAM_M] = k.nadam_m;
     h[METAL_H_APPLY] = apply ? 1.0f : 0.0f;
     h[METAL_H_COMMIT] = apply ? 1.0f : 0.0f;
 }

@@ -35,12 +35,10 @@ static int check_batch(const metal_graph *g, int32_t batch, char *err, size_t n)
 
 static int check_mode(const metal_graph *g, int32_t mode, char *err, size_t n) {
     int lbfgs = metal_is_lbfgs(&g->plan);
-#if MPSCY_ABI_VERSION >= 2
     if (mode == MPSCY_MODE_LBFGS) {
         if (!lbfgs) return FAIL(MPSCY_INVALID, "MPSCY_MODE_LBFGS needs a graph built with the LBFGS optimizer");
         return MPSCY_OK;
     }
-#endif
     if (mode != MPSCY_MODE_TRAIN && mode != MPSCY_MODE_EVAL && mode != MPSCY_MODE_GRAD)
         return FAIL(MPSCY_INVALID, "unknown step mode %d", mode);
     if (lbfgs && mode == MPSCY_MODE_TRAIN)
@@ -82,9 +80,7 @@ int metal_graph_step(mpscy_graph gh, const mpscy_step_args *a, mpscy_step_result
                         (long long)p->out_size);
     }
     memset(r, 0, sizeof *r);
-#if MPSCY_ABI_VERSION >= 2
     if (a->mode == MPSCY_MODE_LBFGS) return metal_lbfgs_step(g, a, r, err, n);
-#endif
 
     if (a->mode == MPSCY_MODE_EVAL) {
         @autoreleasepool {
