@@ -9,7 +9,7 @@
 #define SQRT_2_OVER_PI 0.7978845608028654
 #define GELU_C 0.044715
 
-static void act_forward(int kind, float *y, const float *x, int64_t n, double r0) {
+static void act_forward(int kind, float *restrict y, const float *restrict x, int64_t n, double r0) {
     // y (n), x (n)
     switch (kind) {
     case MPSCY_LAYER_RELU:
@@ -37,27 +37,39 @@ static void act_forward(int kind, float *y, const float *x, int64_t n, double r0
     }
 }
 
-static void act_backward(int kind, float *dx, const float *dy, const float *x, const float *y,
-                         int64_t n, double r0, int accum) {
-    // dx (n), dy (n), x (n) input, y (n) output
-    for (int64_t i = 0; i < n; i++) {
-        float d;
-        switch (kind) {
-        case MPSCY_LAYER_RELU: d = y[i] > 0.0f ? dy[i] : 0.0f; break;
-        case MPSCY_LAYER_LEAKYRELU: d = x[i] > 0.0f ? dy[i] : dy[i] * (float)r0; break;
-        case MPSCY_LAYER_ELU: d = x[i] > 0.0f ? dy[i] : dy[i] * (y[i] + (float)r0); break;
-        case MPSCY_LAYER_SIGMOID: d = dy[i] * y[i] * (1.0f - y[i]); break;
-        case MPSCY_LAYER_TANH: d = dy[i] * (1.0f - y[i] * y[i]); break;
-        case MPSCY_LAYER_SWISH: {
-            float s = 1.0f / (1.0f + expf(-x[i]));
-            d = dy[i] * s * (1.0f + x[i] * (1.0f - s));
-            break;
-        }
-        default: d = 0.0f;
-        }
-        dx[i] = accum ? dx[i] + d : d;
+/* d where v > 0, else 0; both operands are loaded, so the select vectorizes */
+static inline float select_pos(float v, float d) { return v > 0.0f ? d : 0.0f; }
+
+/* d/dx of x sigmoid(x), times d */
+static inline float swish_grad(float x, float d) {
+    float s = 1.0f / (1.0f + expf(-x));
+    return d * s * (1.0f + x * (1.0f - s));
+}
+
+/* dx[i] = d (overwrite) or dx[i] += d (accumulate), as two loops so both vectorize */
+#define EACH(expr) \
+    do { \
+        if (accum) \
+            for (int64_t i = 0; i < n; i++) dx[i] += (expr); \
+        else \
+            for (int64_t i = 0; i < n; i++) dx[i] = (expr); \
+    } while (0)
+
+static void act_backward(int kind, float *restrict dx, const float *restrict dy, const float *restrict x,
+                         const float *restrict y, int64_t n, double r0, int accum) {
+    // dx (n), dy (n), x (n) input, y (n) output; every operand is read unconditionally so the
+    // selects vectorize
+    float r = (float)r0;
+    switch (kind) {
+    case MPSCY_LAYER_RELU: EACH(select_pos(y[i], dy[i])); break;
+    case MPSCY_LAYER_LEAKYRELU: EACH(dy[i] * (x[i] > 0.0f ? 1.0f : r)); break;
+    case MPSCY_LAYER_ELU: EACH(dy[i] * (x[i] > 0.0f ? 1.0f : y[i] + r)); break;
+    case MPSCY_LAYER_SIGMOID: EACH(dy[i] * y[i] * (1.0f - y[i])); break;
+    case MPSCY_LAYER_TANH: EACH(dy[i] * (1.0f - y[i] * y[i])); break;
+    case MPSCY_LAYER_SWISH: EACH(swish_grad(x[i], dy[i])); break;
     }
 }
+#undef EACH
 
 static void gelu_forward(float *y, const float *x, int64_t n, int approx_tanh) {
     // y (n), x (n); erf form, or the tanh approximation
@@ -121,30 +133,67 @@ static void softmax_backward(float *dx, const float *dy, const float *y, int64_t
         }
 }
 
+/* One thread's share of an activation: a range of elements, or of softmax (outer) blocks. */
+typedef struct act_job {
+    const mpscy_node *n;
+    float *out;              /* y (forward) or dx (backward) */
+    const float *x, *y, *dy;
+    int64_t count, outer, len, inner;
+    int backward;
+} act_job;
+
+#define PARALLEL_MIN 32768   /* elements below which threads cost more than they save */
+
+static void act_task(void *ctx, int32_t t, int32_t nt) {
+    const act_job *j = ctx;
+    const mpscy_node *n = j->n;
+    int64_t lo, hi;
+    if (n->kind == MPSCY_LAYER_SOFTMAX) {
+        cpu_split(j->outer, t, nt, &lo, &hi);
+        int64_t off = lo * j->len * j->inner;
+        if (j->backward) softmax_backward(j->out + off, j->dy + off, j->y + off, hi - lo, j->len, j->inner, n->accum[0]);
+        else softmax_forward(j->out + off, j->x + off, hi - lo, j->len, j->inner);
+        return;
+    }
+    cpu_split((j->count + 15) / 16, t, nt, &lo, &hi);  /* 16-float aligned parts */
+    lo *= 16;
+    hi = hi * 16 < j->count ? hi * 16 : j->count;
+    if (hi <= lo) return;
+    int64_t m = hi - lo;
+    if (!j->backward) {
+        if (n->kind == MPSCY_LAYER_GELU) gelu_forward(j->out + lo, j->x + lo, m, n->ints[0]);
+        else act_forward(n->kind, j->out + lo, j->x + lo, m, n->reals[0]);
+    } else if (n->kind == MPSCY_LAYER_GELU) {
+        gelu_backward(j->out + lo, j->dy + lo, j->x + lo, m, n->ints[0], n->accum[0]);
+    } else {
+        act_backward(n->kind, j->out + lo, j->dy + lo, j->x + lo, j->y + lo, m, n->reals[0], n->accum[0]);
+    }
+}
+
+static void act_run(cpu_graph *g, act_job *j, int64_t b) {
+    if (j->n->kind == MPSCY_LAYER_SOFTMAX) axis_split(j->n, b, &j->outer, &j->len, &j->inner);
+    if (j->count >= PARALLEL_MIN) cpu_parallel(g->pool, act_task, j);
+    else act_task(j, 0, 1);
+}
+
+/* A ReLU that its convolution computes (conv.c) has nothing left to do. */
+static int fused(const cpu_graph *g, const mpscy_node *n) {
+    return n->kind == MPSCY_LAYER_RELU && cpu_conv_fused_relu(&g->plan, n->in[0]) == (int32_t)(n - g->plan.nodes);
+}
+
 void cpu_activation_forward(cpu_graph *g, const mpscy_node *n, int64_t b, int train, const mpscy_step_args *a) {
     (void)train; (void)a;
-    int64_t i = n - g->plan.nodes, count = b * n->size;
-    float *y = g->y[i];
-    const float *x = g->y[n->in[0]];
-    if (n->kind == MPSCY_LAYER_GELU) gelu_forward(y, x, count, n->ints[0]);
-    else if (n->kind == MPSCY_LAYER_SOFTMAX) {
-        int64_t outer, len, inner;
-        axis_split(n, b, &outer, &len, &inner);
-        softmax_forward(y, x, outer, len, inner);
-    } else act_forward(n->kind, y, x, count, n->reals[0]);
+    if (fused(g, n)) return;
+    int64_t i = n - g->plan.nodes;
+    act_job j = {n, g->y[i], g->y[n->in[0]], NULL, NULL, b * n->size, 0, 0, 0, 0};
+    act_run(g, &j, b);
 }
 
 void cpu_activation_backward(cpu_graph *g, const mpscy_node *n, int64_t b) {
-    int64_t i = n - g->plan.nodes, count = b * n->size;
-    float *dx = g->dy[n->in[0]];
-    if (!dx) return;
-    const float *dy = g->dy[i], *x = g->y[n->in[0]], *y = g->y[i];
-    if (n->kind == MPSCY_LAYER_GELU) gelu_backward(dx, dy, x, count, n->ints[0], n->accum[0]);
-    else if (n->kind == MPSCY_LAYER_SOFTMAX) {
-        int64_t outer, len, inner;
-        axis_split(n, b, &outer, &len, &inner);
-        softmax_backward(dx, dy, y, outer, len, inner, n->accum[0]);
-    } else act_backward(n->kind, dx, dy, x, y, count, n->reals[0], n->accum[0]);
+    int64_t i = n - g->plan.nodes;
+    if (!g->dy[n->in[0]] || fused(g, n)) return;
+    act_job j = {n, g->dy[n->in[0]], g->y[n->in[0]], g->y[i], g->dy[i], b * n->size, 0, 0, 0, 1};
+    act_run(g, &j, b);
 }
 
 void cpu_flatten_forward(cpu_graph *g, const mpscy_node *n, int64_t b, int train, const mpscy_step_args *a) {

@@ -16,9 +16,24 @@ typedef struct cpu_device {
     int32_t threads;
 } cpu_device;
 
+/* parallel.c: worker threads of one graph; cpu_parallel runs fn(ctx, t, nt) for t in 0..nt-1
+ * (t = 0 on the caller), returns when all are done, and returns nt. A NULL pool, a nested call
+ * or a forked child runs fn(ctx, 0, 1). */
+typedef struct cpu_pool cpu_pool;
+typedef void (*cpu_task)(void *ctx, int32_t t, int32_t nt);
+int cpu_pool_create(mpscy_device dev, int32_t threads, cpu_pool **out);
+void cpu_pool_destroy(cpu_pool *p);
+int32_t cpu_parallel(cpu_pool *p, cpu_task fn, void *ctx);
+/* [lo, hi): part t of nt of the range [0, n) */
+void cpu_split(int64_t n, int32_t t, int32_t nt, int64_t *lo, int64_t *hi);
+/* Row-major sgemm split over the pool: c (m, n) = alpha op(a) op(b) + beta c. */
+void cpu_gemm(cpu_pool *p, int ta, int tb, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
+              int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc);
+
 typedef struct cpu_graph {
     struct mpscy_graph_ base;
     mpscy_plan plan;
+    cpu_pool *pool;       /* worker threads (plan.threads - 1 of them), NULL when single-threaded */
     /* slabs, one allocation per role */
     float *params;        /* (n_params + n_buffers): trainable first, then running stats */
     float *grads;         /* (n_params) */
@@ -79,6 +94,24 @@ void cpu_activation_forward(cpu_graph *g, const mpscy_node *n, int64_t b, int tr
 void cpu_activation_backward(cpu_graph *g, const mpscy_node *n, int64_t b);
 void cpu_flatten_forward(cpu_graph *g, const mpscy_node *n, int64_t b, int train, const mpscy_step_args *a);
 void cpu_flatten_backward(cpu_graph *g, const mpscy_node *n, int64_t b);
+void cpu_conv_forward(cpu_graph *g, const mpscy_node *n, int64_t b, int train, const mpscy_step_args *a);
+void cpu_conv_backward(cpu_graph *g, const mpscy_node *n, int64_t b);
+int64_t cpu_conv_workspace(const mpscy_plan *p, const mpscy_node *n);
+/* The ReLU node computed inside conv node i (its only consumer), or -1: that ReLU node is a no-op. */
+int32_t cpu_conv_fused_relu(const mpscy_plan *p, int32_t i);
+void cpu_pool_forward(cpu_graph *g, const mpscy_node *n, int64_t b, int train, const mpscy_step_args *a);
+void cpu_pool_backward(cpu_graph *g, const mpscy_node *n, int64_t b);
+void cpu_batchnorm_forward(cpu_graph *g, const mpscy_node *n, int64_t b, int train, const mpscy_step_args *a);
+void cpu_batchnorm_backward(cpu_graph *g, const mpscy_node *n, int64_t b);
+void cpu_batchnorm_commit(cpu_graph *g, const mpscy_node *n, int64_t b);
+void cpu_layernorm_forward(cpu_graph *g, const mpscy_node *n, int64_t b, int train, const mpscy_step_args *a);
+void cpu_layernorm_backward(cpu_graph *g, const mpscy_node *n, int64_t b);
+void cpu_dropout_forward(cpu_graph *g, const mpscy_node *n, int64_t b, int train, const mpscy_step_args *a);
+void cpu_dropout_backward(cpu_graph *g, const mpscy_node *n, int64_t b);
+void cpu_add_forward(cpu_graph *g, const mpscy_node *n, int64_t b, int train, const mpscy_step_args *a);
+void cpu_add_backward(cpu_graph *g, const mpscy_node *n, int64_t b);
+void cpu_concat_forward(cpu_graph *g, const mpscy_node *n, int64_t b, int train, const mpscy_step_args *a);
+void cpu_concat_backward(cpu_graph *g, const mpscy_node *n, int64_t b);
 
 /* loss.c: mean loss over b rows; writes dy (b, out) when dy != NULL; *correct as the plan's
  * accuracy kind says (-1 for none). Labels were range-checked by the caller. */

@@ -1,6 +1,6 @@
 /* device.c — the CPU device: counted aligned host allocations, device info, and the backend
- * table that wires this folder's functions to the ABI. BLAS (OpenBLAS or Accelerate) brings
- * its own threads; this file starts none. */
+ * table that wires this folder's functions to the ABI. Worker threads belong to each
+ * graph (parallel.c), and BLAS runs single-threaded inside them; this file starts none. */
 #include "cpu.h"
 
 #include <stdlib.h>

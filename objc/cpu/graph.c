@@ -32,6 +32,7 @@ void cpu_graph_destroy(mpscy_graph gh) {
     cpu_graph *g = (cpu_graph *)gh;
     mpscy_device dev = gh->dev;
     const mpscy_plan *p = &g->plan;
+    cpu_pool_destroy(g->pool);
     cpu_free(dev, g->params, slab_bytes(p->n_params + p->n_buffers));
     cpu_free(dev, g->grads, slab_bytes(p->n_params));
     cpu_free(dev, g->optim, slab_bytes(p->optim_floats));
@@ -67,6 +68,7 @@ int cpu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph 
         cpu_graph_destroy(&g->base);
         return FAIL(MPSCY_UNSUPPORTED, "optimizer kind %d is not implemented on cpu", p->optim.kind);
     }
+    if (p->threads <= 0) p->threads = ((cpu_device *)dev)->threads;  /* workspaces are per thread */
     for (int32_t i = 0; i < p->n_nodes; i++) {
         const cpu_layer_ops *ops = &cpu_layers[p->nodes[i].kind];
         if (p->nodes[i].kind != MPSCY_LAYER_INPUT && !ops->forward) {
@@ -102,6 +104,10 @@ int cpu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph 
                        slab_bytes(p->grad_floats) + slab_bytes(g->ws_floats) + g->io_bytes;
         cpu_graph_destroy(&g->base);
         return FAIL(MPSCY_OOM, "graph slabs of about %zu bytes", total);
+    }
+    if (cpu_pool_create(dev, p->threads, &g->pool) != MPSCY_OK) {
+        cpu_graph_destroy(&g->base);
+        return FAIL(MPSCY_OOM, "worker pool of %d threads", p->threads);
     }
     g->dy = g->y + p->n_nodes;
     g->io_bufs = (struct mpscy_buffer_ *)(g->dy + p->n_nodes);

@@ -14,4 +14,13 @@ const cpu_layer_ops cpu_layers[MPSCY_LAYER_KIND_COUNT] = {
     [MPSCY_LAYER_GELU] = {cpu_activation_forward, cpu_activation_backward, NULL, NULL},
     [MPSCY_LAYER_SOFTMAX] = {cpu_activation_forward, cpu_activation_backward, NULL, NULL},
     [MPSCY_LAYER_FLATTEN] = {cpu_flatten_forward, cpu_flatten_backward, NULL, NULL},
+    [MPSCY_LAYER_CONV2D] = {cpu_conv_forward, cpu_conv_backward, cpu_conv_workspace, NULL},
+    [MPSCY_LAYER_MAXPOOL2D] = {cpu_pool_forward, cpu_pool_backward, NULL, NULL},
+    [MPSCY_LAYER_AVGPOOL2D] = {cpu_pool_forward, cpu_pool_backward, NULL, NULL},
+    [MPSCY_LAYER_GLOBALAVGPOOL2D] = {cpu_pool_forward, cpu_pool_backward, NULL, NULL},
+    [MPSCY_LAYER_BATCHNORM] = {cpu_batchnorm_forward, cpu_batchnorm_backward, NULL, cpu_batchnorm_commit},
+    [MPSCY_LAYER_LAYERNORM] = {cpu_layernorm_forward, cpu_layernorm_backward, NULL, NULL},
+    [MPSCY_LAYER_DROPOUT] = {cpu_dropout_forward, cpu_dropout_backward, NULL, NULL},
+    [MPSCY_LAYER_ADD] = {cpu_add_forward, cpu_add_backward, NULL, NULL},
+    [MPSCY_LAYER_CONCAT] = {cpu_concat_forward, cpu_concat_backward, NULL, NULL},
 };

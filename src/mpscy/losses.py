@@ -3,7 +3,7 @@ elements; over rows for the cross-entropies). Each is computed natively together
 gradient; these classes carry the options and say which targets and accuracy they use.
 Pass an instance or its name: ``Engine(model, loss="mse")`` or ``loss=losses.Huber(delta=0.5)``."""
 
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, ShapeError
 
 __all__ = ["Loss", "SparseCrossEntropy", "CrossEntropy", "BinaryCrossEntropy", "BCEWithLogits",
            "CategoricalCrossEntropy", "MSE", "MAE", "Huber", "get"]
@@ -17,8 +17,13 @@ class Loss:
     target = "dense"
 
     def spec(self, output_shape):
-        """Native loss descriptor for a model whose per-sample output shape is given."""
+        """Native loss descriptor for a model whose per-sample output shape is given; raises
+        ShapeError or InvalidArgumentError when this loss cannot apply to that output."""
+        self.check(tuple(output_shape))
         return {"kind": self.kind, "accuracy": self.accuracy(output_shape)}
+
+    def check(self, output_shape):
+        """Raises when the loss does not fit a per-sample output shape (nothing by default)."""
 
     def accuracy(self, output_shape):
         return "none"
@@ -51,6 +56,16 @@ class SparseCrossEntropy(Loss):
 
     def accuracy(self, output_shape):
         return "argmax"
+
+    def check(self, output_shape):
+        name = type(self).__name__
+        if len(output_shape) != 1:
+            raise ShapeError(f"{name} needs a (classes,) output per sample, got {output_shape}; "
+                             "add Flatten or Dense before the loss")
+        if output_shape[0] < 2:
+            raise InvalidArgumentError(f"{name} needs at least 2 classes, got an output of shape {output_shape}; "
+                                       "for a single-output binary head use BCEWithLogits (logits) or "
+                                       "BinaryCrossEntropy (probabilities)")
 
     def config(self):
         return {"label_smoothing": self.label_smoothing}

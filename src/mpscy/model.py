@@ -164,6 +164,12 @@ class Model:
                     out[f"{n.name}.{suffix}"] = arr
         return out
 
+    def batch_statistics_nodes(self):
+        """Names of BatchNorm nodes whose channels get one value per sample, so that a train-mode
+        batch needs at least 2 rows (PyTorch refuses the same)."""
+        return [n.name for n in self.nodes if n.layer is not None and hasattr(n.layer, "values_per_channel")
+                and n.layer.values_per_channel(self._in_shapes(n)) == 1]
+
     def summary_rows(self):
         """[(name, type, output shape, parameter count)] for summaries."""
         shapes = self.parameter_shapes()
@@ -186,7 +192,7 @@ class Sequential(Model):
         for i, layer in enumerate(layers):
             if not isinstance(layer, Layer):
                 raise InvalidArgumentError(f"Sequential item {i} is {type(layer).__name__}, not an mpscy layer")
-            if layer.n_inputs is not None and layer.n_inputs != 1:
+            if layer.n_inputs != 1:
                 raise InvalidArgumentError(f"{type(layer).__name__} takes several inputs: use the functional API")
         x = Tensor(_check_shape(input_shape, "input_shape"))
         t = x

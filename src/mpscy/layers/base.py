@@ -1,20 +1,12 @@
-"""Layer specifications. A layer here holds options only: it infers its output shape, names and
-initializes its parameters (PyTorch's default initializers, from the engine's seeded generator)
-and describes itself to the native graph builder. All computation happens in the backend.
-
-Shapes are per sample (batch excluded) and follow PyTorch/ONNX layouts: images are (C, H, W),
-Dense weights (out, in), Conv2D weights (out_c, in_c / groups, kh, kw)."""
+"""The Layer base class, its shared option checks and PyTorch's default initializer, and the
+layers without spatial structure: Dense, the element-wise activations, Softmax, Flatten and
+Dropout. Options only; computation happens in the backend."""
 
 import math
 
 import numpy as np
 
-from .errors import InvalidArgumentError, ShapeError
-
-__all__ = [
-    "Layer", "Dense", "ReLU", "LeakyReLU", "ELU", "Sigmoid", "Tanh", "Swish", "SiLU", "GELU",
-    "Softmax", "Flatten",
-]
+from ..errors import InvalidArgumentError, ShapeError
 
 
 def _positive_int(value, what):
@@ -65,7 +57,7 @@ class Layer:
 
     # -- functional API ----------------------------------------------------------------
     def __call__(self, *inputs):
-        from .model import Tensor
+        from ..model import Tensor
         if len(inputs) == 1 and isinstance(inputs[0], (list, tuple)):
             inputs = tuple(inputs[0])
         if not inputs or not all(isinstance(t, Tensor) for t in inputs):
@@ -249,3 +241,34 @@ class Flatten(Layer):
 
     def output_shape(self, input_shapes):
         return (_size(input_shapes[0]),)
+
+
+def _real(value, what, low, high, low_open=False, high_open=False):
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"{what} must be a number, got {value!r}") from None
+    ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+    if not ok:
+        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+        raise InvalidArgumentError(f"{what} must be in {lo}{low}, {high}{hi}, got {value!r}")
+    return v
+
+
+class Dropout(_Activation):
+    """Inverted dropout: in train mode each element is zeroed with probability `rate` and the
+    kept ones are scaled by 1 / (1 - rate); identity in eval mode. Masks come from the engine's
+    seed and step counter (the same on every backend)."""
+
+    kind = "dropout"
+    prefix = "dropout"
+
+    def __init__(self, rate, name=None):
+        super().__init__(name)
+        self.rate = _real(rate, "Dropout rate", 0.0, 1.0, high_open=True)
+
+    def native(self, input_shapes):
+        return {"reals": [self.rate]}
+
+    def config(self):
+        return {"rate": self.rate}

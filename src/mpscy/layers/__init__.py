@@ -1,0 +1,20 @@
+"""Layer specifications. A layer here holds options only: it infers its output shape, names and
+initializes its parameters (PyTorch's default initializers, from the engine's seeded generator)
+and describes itself to the native graph builder. All computation happens in the backend.
+
+Shapes are per sample (batch excluded) and follow PyTorch/ONNX layouts: images are (C, H, W),
+Dense weights (out, in), Conv2D weights (out_c, in_c / groups, kh, kw). One module per family,
+as the backends' files: base (Layer, Dense, activations, Dropout), conv (convolution and
+pooling), norm (BatchNorm, LayerNorm), merge (Add, Concatenate)."""
+
+from .base import (ELU, GELU, Dense, Dropout, Flatten, Layer, LeakyReLU, ReLU, Sigmoid, SiLU, Softmax, Swish,
+                   Tanh, kaiming_uniform)
+from .conv import AvgPool2D, Conv2D, GlobalAvgPool2D, MaxPool2D
+from .merge import Add, Concatenate
+from .norm import BatchNorm, LayerNorm
+
+__all__ = [
+    "Layer", "Dense", "ReLU", "LeakyReLU", "ELU", "Sigmoid", "Tanh", "Swish", "SiLU", "GELU",
+    "Softmax", "Flatten", "Conv2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D", "BatchNorm",
+    "LayerNorm", "Dropout", "Add", "Concatenate",
+]

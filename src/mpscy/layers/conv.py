@@ -1,0 +1,196 @@
+"""Convolution and pooling over (C, H, W) images (NCHW batches): Conv2D, MaxPool2D, AvgPool2D
+and GlobalAvgPool2D, their option checks, padding ("valid", "same" or explicit) and PyTorch's
+floor-mode shape rules. Options only; computation happens in the backend."""
+
+import numpy as np
+
+from ..errors import InvalidArgumentError, ShapeError
+from .base import Layer, _positive_int, kaiming_uniform
+
+
+def _pair(value, what, minimum=1):
+    """An int or a pair of ints, each >= minimum, as a tuple (h, w)."""
+    pair = (value, value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else value
+    try:
+        pair = tuple(pair)
+    except TypeError:
+        pair = None
+    if (pair is None or len(pair) != 2
+            or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum for v in pair)):
+        raise InvalidArgumentError(f"{what} must be an integer >= {minimum} or a pair of them, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def _padding_arg(padding):
+    """Checks a padding option: "same", "valid", an int >= 0 or a pair of them."""
+    if isinstance(padding, str):
+        if padding.lower() not in ("same", "valid"):
+            raise InvalidArgumentError(f"padding must be 'same', 'valid', an integer or a pair, got {padding!r}")
+        return padding.lower()
+    return _pair(padding, "padding", minimum=0)
+
+
+def _resolve_padding(padding, kernel, stride, dilation, hw, what):
+    """Symmetric (ph, pw). "same" keeps ceil(in / stride) outputs, as Keras, where that needs
+    the same padding on both sides; otherwise it is refused with the explicit padding to use."""
+    if padding == "valid":
+        return 0, 0
+    if padding != "same":
+        return padding
+    pads = []
+    for k, s, d, n, axis in zip(kernel, stride, dilation, hw, ("height", "width")):
+        out = -(-n // s)
+        total = max((out - 1) * s + d * (k - 1) + 1 - n, 0)
+        if total % 2:
+            raise InvalidArgumentError(
+                f"{what} padding='same' needs {total} rows of padding along {axis} (input {n}, kernel {k}, "
+                f"stride {s}), which cannot be split evenly; pass an explicit padding such as "
+                f"padding={(d * (k - 1)) // 2}")
+        pads.append(total // 2)
+    return tuple(pads)
+
+
+def _image(shape, what):
+    if len(shape) != 3:
+        raise ShapeError(f"{what} needs (C, H, W) inputs per sample (NCHW batches), got per-sample shape "
+                         f"{tuple(shape)}")
+    return tuple(int(s) for s in shape)
+
+
+def _window_out(n, k, s, p, d=1):
+    return (n + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+class Conv2D(Layer):
+    """2-D convolution over (C, H, W) inputs (torch.nn.Conv2d): weight (filters, C / groups,
+    kh, kw), bias (filters). kernel_size, stride, dilation: an int or (h, w); padding: an int,
+    (ph, pw), "valid" (0) or "same" (output ceil(in / stride), when it pads both sides alike)."""
+
+    kind = "conv2d"
+    prefix = "conv2d"
+
+    def __init__(self, filters, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True, name=None):
+        super().__init__(name)
+        self.filters = _positive_int(filters, "Conv2D filters")
+        self.kernel_size = _pair(kernel_size, "Conv2D kernel_size")
+        self.stride = _pair(stride, "Conv2D stride")
+        self.padding = _padding_arg(padding)
+        self.dilation = _pair(dilation, "Conv2D dilation")
+        self.groups = _positive_int(groups, "Conv2D groups")
+        self.bias = bool(bias)
+        if self.filters % self.groups:
+            raise InvalidArgumentError(f"Conv2D filters {self.filters} must be divisible by groups {self.groups}")
+
+    def _pads(self, shape):
+        return _resolve_padding(self.padding, self.kernel_size, self.stride, self.dilation, shape[1:], "Conv2D")
+
+    def output_shape(self, input_shapes):
+        c, h, w = _image(input_shapes[0], "Conv2D")
+        if c % self.groups:
+            raise ShapeError(f"Conv2D groups {self.groups} must divide the {c} input channels")
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        ph, pw = self._pads(input_shapes[0])
+        oh, ow = _window_out(h, kh, sh, ph, dh), _window_out(w, kw, sw, pw, dw)
+        if oh <= 0 or ow <= 0:
+            raise ShapeError(f"Conv2D input (C, H, W) = {(c, h, w)} is smaller than its dilated kernel "
+                             f"{(dh * (kh - 1) + 1, dw * (kw - 1) + 1)} with padding {(ph, pw)}")
+        return (self.filters, oh, ow)
+
+    def _fan_in(self, shape):
+        return shape[0] // self.groups * self.kernel_size[0] * self.kernel_size[1]
+
+    def parameters(self, input_shapes):
+        c = input_shapes[0][0]
+        p = [("weight", (self.filters, c // self.groups) + self.kernel_size)]
+        if self.bias:
+            p.append(("bias", (self.filters,)))
+        return p
+
+    def init(self, input_shapes, rng):
+        fan_in = self._fan_in(input_shapes[0])
+        c = input_shapes[0][0]
+        out = {"weight": kaiming_uniform(rng, (self.filters, c // self.groups) + self.kernel_size, fan_in)}
+        if self.bias:
+            out["bias"] = kaiming_uniform(rng, (self.filters,), fan_in)
+        return out
+
+    def native(self, input_shapes):
+        ph, pw = self._pads(input_shapes[0])
+        return {"flags": ["bias"] if self.bias else [],
+                "ints": [self.filters, *self.kernel_size, *self.stride, ph, pw, *self.dilation, self.groups]}
+
+    def config(self):
+        return {"filters": self.filters, "kernel_size": self.kernel_size, "stride": self.stride,
+                "padding": self.padding, "dilation": self.dilation, "groups": self.groups, "bias": self.bias}
+
+
+class _Pool2D(Layer):
+    def __init__(self, pool_size, stride=None, padding=0, name=None):
+        super().__init__(name)
+        what = type(self).__name__
+        self.pool_size = _pair(pool_size, f"{what} pool_size")
+        self.stride = self.pool_size if stride is None else _pair(stride, f"{what} stride")
+        self.padding = _padding_arg(padding)
+        if isinstance(self.padding, tuple) and any(2 * p > k for p, k in zip(self.padding, self.pool_size)):
+            raise InvalidArgumentError(f"{what} padding {self.padding} must be at most half the pool size "
+                                       f"{self.pool_size}")
+
+    def _pads(self, shape):
+        what = type(self).__name__
+        pads = _resolve_padding(self.padding, self.pool_size, self.stride, (1, 1), shape[1:], what)
+        if any(2 * p > k for p, k in zip(pads, self.pool_size)):
+            raise InvalidArgumentError(f"{what} padding='same' needs padding {pads}, more than half the pool "
+                                       f"size {self.pool_size}")
+        return pads
+
+    def output_shape(self, input_shapes):
+        c, h, w = _image(input_shapes[0], type(self).__name__)
+        ph, pw = self._pads(input_shapes[0])
+        oh = _window_out(h, self.pool_size[0], self.stride[0], ph)
+        ow = _window_out(w, self.pool_size[1], self.stride[1], pw)
+        if oh <= 0 or ow <= 0:
+            raise ShapeError(f"{type(self).__name__} input (C, H, W) = {(c, h, w)} is smaller than the pool "
+                             f"window {self.pool_size}")
+        return (c, oh, ow)
+
+    def native(self, input_shapes):
+        return {"ints": [*self.pool_size, *self.stride, *self._pads(input_shapes[0])]}
+
+    def config(self):
+        return {"pool_size": self.pool_size, "stride": self.stride, "padding": self.padding}
+
+
+class MaxPool2D(_Pool2D):
+    """Max pooling over (C, H, W) (torch.nn.MaxPool2d, floor mode): stride defaults to
+    pool_size; padding (at most half the window) counts as -inf."""
+    kind = "maxpool2d"
+    prefix = "maxpool2d"
+
+
+class AvgPool2D(_Pool2D):
+    """Average pooling over (C, H, W) (torch.nn.AvgPool2d, floor mode). With
+    count_include_pad=True (PyTorch's default) padded zeros count in the divisor."""
+    kind = "avgpool2d"
+    prefix = "avgpool2d"
+
+    def __init__(self, pool_size, stride=None, padding=0, count_include_pad=True, name=None):
+        super().__init__(pool_size, stride, padding, name)
+        self.count_include_pad = bool(count_include_pad)
+
+    def native(self, input_shapes):
+        d = super().native(input_shapes)
+        d["ints"].append(1 if self.count_include_pad else 0)
+        return d
+
+    def config(self):
+        return {**super().config(), "count_include_pad": self.count_include_pad}
+
+
+class GlobalAvgPool2D(Layer):
+    """Mean over H and W: (C, H, W) -> (C,), as Keras's, so it feeds Dense or Concatenate."""
+    kind = "globalavgpool2d"
+    prefix = "global_avgpool2d"
+
+    def output_shape(self, input_shapes):
+        c, _, _ = _image(input_shapes[0], "GlobalAvgPool2D")
+        return (c,)

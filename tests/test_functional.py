@@ -1,0 +1,258 @@
+"""The functional API: Add and Concatenate against float64 references (fan-out gradients that
+accumulate, the same tensor twice, several model inputs), a residual block (conv-bn-relu-conv-bn
++ skip, relu) against a reference composed from layer_refs, a ResNet-style model with two
+residual blocks training on the digits, eval versus train mode, and graph-building errors."""
+import numpy as np
+import pytest
+
+import mpscy
+from mpscy import layers, optim
+
+import layer_refs as R
+
+CONV3 = dict(kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1)
+CONV1 = dict(kernel=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1)
+
+
+def params_of(P, name):
+    return {k.split(".", 1)[1]: v.astype(np.float64) for k, v in P.items() if k.split(".", 1)[0] == name}
+
+
+def engine_for(device, model, batch, **kw):
+    return mpscy.Engine(model, loss="mse", batch_size=batch, device=device, seed=2, input_gradients=True, **kw)
+
+
+def check(g, loss, ref_grads, dx):
+    assert abs(g["loss"] - loss) <= 1e-5 * loss
+    for k, v in ref_grads.items():
+        assert R.rel_err(g[k], v) < 1e-4, k
+    if isinstance(dx, list):
+        for a, b in zip(g["input"], dx):
+            assert R.rel_err(a, b) < 1e-4
+    else:
+        assert R.rel_err(g["input"], dx) < 1e-4
+
+
+def test_add_of_branches_and_the_input_itself(device, rng):
+    """y = x + conv3x3(x) + conv1x1(x): the input's gradient accumulates from three consumers."""
+    x_in = mpscy.Input((3, 5, 6))
+    a = layers.Conv2D(3, 3, padding=1, name="a")(x_in)
+    b = layers.Conv2D(3, 1, name="b")(x_in)
+    model = mpscy.Model(x_in, layers.Add(name="sum")([x_in, a, b]))
+    assert model.output_shape == (3, 5, 6)
+    engine = engine_for(device, model, 4)
+    P = engine.get_parameters()
+    x = rng.standard_normal((4, 3, 5, 6)).astype(np.float32)
+    x64 = x.astype(np.float64)
+    ya, ca = R.conv2d_forward(x64, params_of(P, "a"), CONV3)
+    yb, cb = R.conv2d_forward(x64, params_of(P, "b"), CONV1)
+    y = x64 + ya + yb
+    t = rng.standard_normal(y.shape).astype(np.float32)
+    loss, dy = R.loss_ref("mse", y, t)
+    dxa, ga = R.conv2d_backward(dy, ca)
+    dxb, gb = R.conv2d_backward(dy, cb)
+    grads = {f"a.{k}": v for k, v in ga.items()} | {f"b.{k}": v for k, v in gb.items()}
+    check(engine.gradients(x, t), loss, grads, dy + dxa + dxb)
+    assert R.rel_err(engine.predict(x), y) < 1e-5
+
+
+def test_add_of_one_tensor_twice(device, rng):
+    x_in = mpscy.Input((6,))
+    h = layers.Dense(4, name="d")(x_in)
+    model = mpscy.Model(x_in, layers.Add()([h, h]))
+    engine = engine_for(device, model, 3)
+    P = params_of(engine.get_parameters(), "d")
+    x = rng.standard_normal((3, 6)).astype(np.float32)
+    h64 = x.astype(np.float64) @ P["weight"].T + P["bias"]
+    t = rng.standard_normal((3, 4)).astype(np.float32)
+    loss, dy = R.loss_ref("mse", 2 * h64, t)
+    dh = 2 * dy
+    check(engine.gradients(x, t), loss, {"d.weight": dh.T @ x, "d.bias": dh.sum(0)}, dh @ P["weight"])
+
+
+@pytest.mark.parametrize("axis", [1, -3])
+def test_concatenate_channels(device, rng, axis):
+    """Concatenate(axis=1) joins (C, H, W) images along channels; -3 names the same axis."""
+    x_in = mpscy.Input((2, 4, 5))
+    a = layers.Conv2D(3, 3, padding=1, name="a")(x_in)
+    b = layers.Conv2D(2, 1, name="b")(x_in)
+    model = mpscy.Model(x_in, layers.Concatenate(axis=axis)([a, x_in, b]))
+    assert model.output_shape == (7, 4, 5)
+    engine = engine_for(device, model, 3)
+    P = engine.get_parameters()
+    x = rng.standard_normal((3, 2, 4, 5)).astype(np.float32)
+    x64 = x.astype(np.float64)
+    ya, ca = R.conv2d_forward(x64, params_of(P, "a"), CONV3)
+    yb, cb = R.conv2d_forward(x64, params_of(P, "b"), CONV1)
+    y = np.concatenate([ya, x64, yb], 1)
+    t = rng.standard_normal(y.shape).astype(np.float32)
+    loss, dy = R.loss_ref("mse", y, t)
+    dxa, ga = R.conv2d_backward(dy[:, :3], ca)
+    dxb, gb = R.conv2d_backward(dy[:, 5:], cb)
+    grads = {f"a.{k}": v for k, v in ga.items()} | {f"b.{k}": v for k, v in gb.items()}
+    check(engine.gradients(x, t), loss, grads, dxa + dy[:, 3:5] + dxb)
+    assert R.rel_err(engine.predict(x), y) < 1e-5
+
+
+def test_concatenate_inner_axis_of_images(device, rng):
+    """axis=-1 joins along W: blocks interleave per (sample, channel, row)."""
+    x_in = mpscy.Input((2, 3, 4))
+    model = mpscy.Model(x_in, layers.Concatenate(axis=-1)([x_in, layers.Conv2D(2, (1, 3), name="c")(x_in)]))
+    assert model.output_shape == (2, 3, 6)
+    engine = engine_for(device, model, 2)
+    x = rng.standard_normal((2, 2, 3, 4)).astype(np.float32)
+    yc, cc = R.conv2d_forward(x.astype(np.float64), params_of(engine.get_parameters(), "c"),
+                              dict(CONV1, kernel=(1, 3)))
+    y = np.concatenate([x.astype(np.float64), yc], -1)
+    t = rng.standard_normal(y.shape).astype(np.float32)
+    loss, dy = R.loss_ref("mse", y, t)
+    dxc, gc = R.conv2d_backward(dy[..., 4:], cc)
+    check(engine.gradients(x, t), loss, {f"c.{k}": v for k, v in gc.items()}, dy[..., :4] + dxc)
+
+
+def test_two_inputs_concatenated_features(device, rng):
+    """Two model inputs, a Dense branch each, concatenated (axis=-1) into a Dense head; x is a
+    list and gradients() returns one input gradient per input."""
+    a_in, b_in = mpscy.Input((5,), name="left"), mpscy.Input((3,), name="right")
+    h = layers.Concatenate(axis=-1)([layers.Dense(4, name="da")(a_in), layers.Dense(2, name="db")(b_in)])
+    model = mpscy.Model([a_in, b_in], layers.Dense(3, name="head")(h))
+    engine = engine_for(device, model, 4)
+    P = engine.get_parameters()
+    xa, xb = rng.standard_normal((4, 5)).astype(np.float32), rng.standard_normal((4, 3)).astype(np.float32)
+    pa, pb, ph = params_of(P, "da"), params_of(P, "db"), params_of(P, "head")
+    ha, hb = xa @ pa["weight"].T + pa["bias"], xb @ pb["weight"].T + pb["bias"]
+    hc = np.concatenate([ha, hb], 1)
+    y = hc @ ph["weight"].T + ph["bias"]
+    t = rng.standard_normal((4, 3)).astype(np.float32)
+    loss, dy = R.loss_ref("mse", y, t)
+    dhc = dy @ ph["weight"]
+    grads = {"head.weight": dy.T @ hc, "head.bias": dy.sum(0), "da.weight": dhc[:, :4].T @ xa,
+             "da.bias": dhc[:, :4].sum(0), "db.weight": dhc[:, 4:].T @ xb, "db.bias": dhc[:, 4:].sum(0)}
+    check(engine.gradients([xa, xb], t), loss, grads, [dhc[:, :4] @ pa["weight"], dhc[:, 4:] @ pb["weight"]])
+    assert R.rel_err(engine.predict([xa, xb]), y) < 1e-5
+    assert engine.step([xa, xb], t).batch_size == 4
+
+
+# ------------------------------------------------------------------ residual blocks
+
+
+def residual_block(x, c, name, stride=1):
+    """conv-bn-relu-conv-bn + skip (a 1x1 projection when the shape changes), then relu."""
+    h = layers.Conv2D(c, 3, stride=stride, padding=1, bias=False, name=f"{name}_c1")(x)
+    h = layers.ReLU(name=f"{name}_r1")(layers.BatchNorm(name=f"{name}_bn1")(h))
+    h = layers.BatchNorm(name=f"{name}_bn2")(layers.Conv2D(c, 3, padding=1, bias=False, name=f"{name}_c2")(h))
+    skip = x if stride == 1 and x.shape[0] == c else layers.Conv2D(c, 1, stride=stride, name=f"{name}_proj")(x)
+    return layers.ReLU(name=f"{name}_out")(layers.Add(name=f"{name}_add")([h, skip]))
+
+
+def test_residual_block_matches_reference(device, rng):
+    """One block in train mode (batch statistics) against the composed float64 references:
+    loss, every parameter gradient and d loss / d x (skip and branch gradients summed)."""
+    x_in = mpscy.Input((4, 5, 5))
+    model = mpscy.Model(x_in, residual_block(x_in, 4, "blk"))
+    engine = engine_for(device, model, 3)
+    P = engine.get_parameters()
+    bn_p = {f"blk_bn{i}": {"weight": rng.uniform(0.5, 1.5, 4), "bias": rng.standard_normal(4)} for i in (1, 2)}
+    engine.set_parameters({f"{k}.{s}": v.astype(np.float32) for k, d in bn_p.items() for s, v in d.items()},
+                          strict=False)
+    P = engine.get_parameters()
+    x = rng.standard_normal((3, 4, 5, 5)).astype(np.float32)
+    bn_opts = dict(eps=1e-5, train=True)
+    conv = dict(CONV3)
+    h1, c1 = R.conv2d_forward(x.astype(np.float64), params_of(P, "blk_c1"), conv)
+    h2, c2 = R.batchnorm_forward(h1, {k: v for k, v in params_of(P, "blk_bn1").items() if "running" not in k}, bn_opts)
+    h3, c3 = R.activation_forward(h2, {}, dict(kind="relu"))
+    h4, c4 = R.conv2d_forward(h3, params_of(P, "blk_c2"), conv)
+    h5, c5 = R.batchnorm_forward(h4, {k: v for k, v in params_of(P, "blk_bn2").items() if "running" not in k}, bn_opts)
+    y, c6 = R.activation_forward(h5 + x, {}, dict(kind="relu"))
+    t = rng.standard_normal(y.shape).astype(np.float32)
+    loss, dy = R.loss_ref("mse", y, t)
+    ds, _ = R.activation_backward(dy, c6)
+    dh4, g5 = R.batchnorm_backward(ds, c5)
+    dh3, g4 = R.conv2d_backward(dh4, c4)
+    dh2, _ = R.activation_backward(dh3, c3)
+    dh1, g2 = R.batchnorm_backward(dh2, c2)
+    dx, g1 = R.conv2d_backward(dh1, c1)
+    grads = {}
+    for name, g in (("blk_c1", g1), ("blk_bn1", g2), ("blk_c2", g4), ("blk_bn2", g5)):
+        grads.update({f"{name}.{k}": v for k, v in g.items()})
+    check(engine.gradients(x, t), loss, grads, dx + ds)
+
+
+def resnet(classes=10):
+    x = mpscy.Input((1, 8, 8))
+    h = layers.ReLU()(layers.BatchNorm()(layers.Conv2D(16, 3, padding=1, bias=False)(x)))
+    h = residual_block(h, 16, "block1")
+    h = residual_block(h, 32, "block2", stride=2)
+    return mpscy.Model(x, layers.Dense(classes)(layers.GlobalAvgPool2D()(h)))
+
+
+def test_resnet_with_two_residual_blocks_trains_on_digits(device):
+    """Stem, an identity block and a strided block with a projection, global pooling, Dense: the
+    training loss falls below a twentieth of its first step within 6 epochs and held-out
+    accuracy passes 0.95; predict/evaluate use the running statistics (eval mode)."""
+    x, y = mpscy.datasets.load_digits(images=True)
+    x_train, y_train, x_test, y_test = mpscy.datasets.train_test_split(x, y, 0.2, seed=0)
+    engine = mpscy.Engine(resnet(), loss="sparse_cross_entropy", optimizer=optim.Adam(lr=3e-3),
+                          batch_size=64, device=device, seed=0)
+    names = [n for n, _, _, _ in engine.model.summary_rows()]
+    assert names.count("block1_add") == 1 and "block2_proj" in names
+    rng = np.random.Generator(np.random.PCG64(0))
+    first, epoch_losses = None, []
+    for epoch in range(6):
+        order = rng.permutation(len(x_train))
+        total = 0.0
+        for i in range(0, len(order), 64):
+            idx = order[i:i + 64]
+            r = engine.step(x_train[idx], y_train[idx])
+            first = r.loss if first is None else first
+            total += r.loss * len(idx)
+        epoch_losses.append(total / len(order))
+    assert epoch_losses[-1] < 0.05 * first, (first, epoch_losses)
+    result = engine.evaluate(x_test, y_test)
+    assert result["accuracy"] >= 0.95, result
+    p1, p2 = engine.predict(x_test[:50]), engine.predict(x_test[:50])
+    assert np.array_equal(p1, p2)  # eval mode is deterministic and changes no statistics
+
+
+def test_model_summary_and_node_order():
+    x = mpscy.Input((3,), name="features")
+    a = layers.Dense(4, name="left")(x)
+    b = layers.Dense(4, name="right")(x)
+    model = mpscy.Model(x, layers.Add()([a, b]))
+    rows = model.summary_rows()
+    assert [r[0] for r in rows] == ["features", "left", "right", "add_2"]
+    assert rows[-1][2] == (None, 4)
+    assert model.native_layers()[3]["inputs"] == [1, 2]
+
+
+# ------------------------------------------------------------------ errors
+
+
+def test_graph_building_errors():
+    x = mpscy.Input((3, 4, 4))
+    a = layers.Conv2D(2, 3, padding=1)(x)
+    b = layers.Conv2D(3, 3, padding=1)(x)
+    with pytest.raises(mpscy.ShapeError, match="Add input 1"):
+        layers.Add()([a, b])
+    with pytest.raises(mpscy.InvalidArgumentError, match="at least 2"):
+        layers.Add()([a])
+    with pytest.raises(mpscy.ShapeError, match="off the concatenation axis"):
+        layers.Concatenate(axis=2)([a, b])
+    with pytest.raises(mpscy.ShapeError, match="axis 0 is the batch"):
+        layers.Concatenate(axis=0)([a, b])
+    conv = layers.Conv2D(2, 3)
+    conv(x)
+    with pytest.raises(mpscy.InvalidArgumentError, match="already called"):
+        conv(x)
+    with pytest.raises(mpscy.InvalidArgumentError, match="mpscy tensors"):
+        layers.ReLU()(np.zeros(3))
+    with pytest.raises(mpscy.InvalidArgumentError, match="functional API"):
+        mpscy.Sequential([layers.Add()], input_shape=(3,))
+    other = mpscy.Input((3, 4, 4))
+    with pytest.raises(mpscy.InvalidArgumentError, match="not in the model's inputs"):
+        mpscy.Model(x, layers.Add()([a, layers.Conv2D(2, 3, padding=1)(other)]))
+    with pytest.raises(mpscy.InvalidArgumentError, match="does not reach the output"):
+        mpscy.Model([x, other], a)
+    with pytest.raises(mpscy.InvalidArgumentError, match="named"):
+        mpscy.Model(x, layers.Add()([layers.ReLU(name="r")(a), layers.ReLU(name="r")(a)]))

@@ -1,0 +1,581 @@
+"""Every layer of issue 3 against the float64 references in layer_refs.py: the references'
+gradients against central finite differences, then the native float32 forward (train-mode loss
+and eval-mode predict) and every gradient (parameters and input) against the references, over
+awkward shapes; BatchNorm running statistics and modes; dropout masks; option and shape errors;
+PyTorch itself where it is installed."""
+import numpy as np
+import pytest
+
+import mpscy
+from mpscy import layers, optim
+
+import layer_refs as R
+
+# ------------------------------------------------------------------ cases
+
+# id -> (layer factory, reference kind, reference options, per-sample input shape, rows)
+CASES = {
+    # convolution: odd sizes, non-square kernels and strides, dilation, groups, batch 1, 1x1,
+    # channels that are not multiples of 8, "same", a kernel as large as the input
+    "conv_3x3_pad1": (lambda: layers.Conv2D(4, 3, padding=1), "conv2d",
+                      dict(kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1), (3, 7, 9), 3),
+    "conv_2x3_stride2_pad": (lambda: layers.Conv2D(6, (2, 3), stride=2, padding=(1, 2)), "conv2d",
+                             dict(kernel=(2, 3), stride=(2, 2), padding=(1, 2), dilation=(1, 1), groups=1), (3, 8, 9), 2),
+    "conv_dilation2": (lambda: layers.Conv2D(5, 3, dilation=2, padding=2), "conv2d",
+                       dict(kernel=(3, 3), stride=(1, 1), padding=(2, 2), dilation=(2, 2), groups=1), (2, 9, 7), 2),
+    "conv_groups2": (lambda: layers.Conv2D(6, 3, groups=2, padding=1), "conv2d",
+                     dict(kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=2), (4, 6, 5), 3),
+    "conv_depthwise_3x1_stride12": (lambda: layers.Conv2D(10, (3, 1), groups=5, stride=(1, 2)), "conv2d",
+                                    dict(kernel=(3, 1), stride=(1, 2), padding=(0, 0), dilation=(1, 1), groups=5),
+                                    (5, 7, 8), 2),
+    "conv_batch1_nobias_c13": (lambda: layers.Conv2D(7, 3, stride=(2, 1), bias=False), "conv2d",
+                               dict(kernel=(3, 3), stride=(2, 1), padding=(0, 0), dilation=(1, 1), groups=1),
+                               (13, 9, 7), 1),
+    "conv_1x1": (lambda: layers.Conv2D(9, 1), "conv2d",
+                 dict(kernel=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1), (5, 4, 6), 3),
+    "conv_same_5x5": (lambda: layers.Conv2D(3, 5, padding="same"), "conv2d",
+                      dict(kernel=(5, 5), stride=(1, 1), padding=(2, 2), dilation=(1, 1), groups=1), (2, 7, 7), 2),
+    "conv_kernel_is_input": (lambda: layers.Conv2D(3, (7, 9)), "conv2d",
+                             dict(kernel=(7, 9), stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1), (2, 7, 9), 2),
+    "conv_stride2_dil2_groups": (lambda: layers.Conv2D(4, 3, stride=2, padding=3, dilation=2, groups=2), "conv2d",
+                                 dict(kernel=(3, 3), stride=(2, 2), padding=(3, 3), dilation=(2, 2), groups=2),
+                                 (6, 11, 8), 3),
+    # many samples: several chunks per worker thread and a partial batch (built for 48)
+    "conv_chunked_40_of_48": (lambda: layers.Conv2D(12, 3, padding=1), "conv2d",
+                              dict(kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1),
+                              (8, 16, 16), 40),
+    # pooling
+    "maxpool_2": (lambda: layers.MaxPool2D(2), "maxpool2d", dict(kernel=(2, 2), stride=(2, 2), padding=(0, 0)),
+                  (3, 8, 8), 3),
+    "maxpool_3_s2_p1_odd": (lambda: layers.MaxPool2D(3, 2, 1), "maxpool2d",
+                            dict(kernel=(3, 3), stride=(2, 2), padding=(1, 1)), (3, 9, 7), 2),
+    "maxpool_2x3_s12": (lambda: layers.MaxPool2D((2, 3), stride=(1, 2)), "maxpool2d",
+                        dict(kernel=(2, 3), stride=(1, 2), padding=(0, 0)), (2, 5, 9), 2),
+    "avgpool_3_s2_p1": (lambda: layers.AvgPool2D(3, 2, 1), "avgpool2d",
+                        dict(kernel=(3, 3), stride=(2, 2), padding=(1, 1)), (3, 9, 7), 2),
+    "avgpool_exclude_pad": (lambda: layers.AvgPool2D(3, 2, 1, count_include_pad=False), "avgpool2d",
+                            dict(kernel=(3, 3), stride=(2, 2), padding=(1, 1), count_include_pad=False), (3, 9, 7), 2),
+    "avgpool_3x2_s21_batch1": (lambda: layers.AvgPool2D((3, 2), stride=(2, 1)), "avgpool2d",
+                               dict(kernel=(3, 2), stride=(2, 1), padding=(0, 0)), (4, 7, 6), 1),
+    "globalavgpool": (lambda: layers.GlobalAvgPool2D(), "globalavgpool2d", {}, (5, 3, 7), 3),
+    # normalization (train-mode loss and gradients; predict in eval mode)
+    "batchnorm_features": (lambda: layers.BatchNorm(), "batchnorm", dict(eps=1e-5), (7,), 6),
+    "batchnorm_channels": (lambda: layers.BatchNorm(momentum=0.3, eps=1e-3), "batchnorm", dict(eps=1e-3),
+                           (5, 3, 4), 3),
+    "batchnorm_no_affine": (lambda: layers.BatchNorm(affine=False), "batchnorm", dict(eps=1e-5), (3, 5, 5), 2),
+    "batchnorm_channels_batch1": (lambda: layers.BatchNorm(), "batchnorm", dict(eps=1e-5), (4, 3, 3), 1),
+    "layernorm_features": (lambda: layers.LayerNorm(6), "layernorm", dict(dims=1, eps=1e-5), (6,), 4),
+    "layernorm_chw": (lambda: layers.LayerNorm((3, 4, 5)), "layernorm", dict(dims=3, eps=1e-5), (3, 4, 5), 3),
+    "layernorm_last2": (lambda: layers.LayerNorm((4, 5)), "layernorm", dict(dims=2, eps=1e-5), (3, 4, 5), 2),
+    "layernorm_last2_plain": (lambda: layers.LayerNorm((4, 5), eps=1e-3, elementwise_affine=False), "layernorm",
+                              dict(dims=2, eps=1e-3), (3, 4, 5), 2),
+    # activations (small, and large enough to be split over the worker threads)
+    "relu": (lambda: layers.ReLU(), "activation", dict(kind="relu"), (3, 5, 4), 5),
+    "relu_large": (lambda: layers.ReLU(), "activation", dict(kind="relu"), (16, 32, 32), 3),
+    "leakyrelu": (lambda: layers.LeakyReLU(0.2), "activation", dict(kind="leakyrelu", r=0.2), (3, 5, 4), 5),
+    "leakyrelu_default": (lambda: layers.LeakyReLU(), "activation", dict(kind="leakyrelu", r=0.01), (11,), 4),
+    "elu": (lambda: layers.ELU(0.7), "activation", dict(kind="elu", r=0.7), (3, 5, 4), 5),
+    "sigmoid": (lambda: layers.Sigmoid(), "activation", dict(kind="sigmoid"), (3, 5, 4), 5),
+    "tanh": (lambda: layers.Tanh(), "activation", dict(kind="tanh"), (3, 5, 4), 5),
+    "swish": (lambda: layers.Swish(), "activation", dict(kind="swish"), (3, 5, 4), 5),
+    "swish_large": (lambda: layers.SiLU(), "activation", dict(kind="swish"), (40000,), 2),
+    "gelu": (lambda: layers.GELU(), "activation", dict(kind="gelu"), (3, 5, 4), 5),
+    "gelu_tanh": (lambda: layers.GELU(approximate="tanh"), "activation", dict(kind="gelu_tanh"), (3, 5, 4), 5),
+    "gelu_large": (lambda: layers.GELU(), "activation", dict(kind="gelu"), (8, 64, 64), 1),
+    "softmax_last": (lambda: layers.Softmax(), "activation", dict(kind="softmax", axis=-1), (9,), 4),
+    "softmax_channels": (lambda: layers.Softmax(axis=1), "activation", dict(kind="softmax", axis=1), (3, 4, 5), 3),
+    "softmax_channels_large": (lambda: layers.Softmax(axis=1), "activation", dict(kind="softmax", axis=1),
+                               (6, 64, 64), 2),
+    "flatten": (lambda: layers.Flatten(), "activation", dict(kind="flatten"), (3, 4, 5), 2),
+}
+
+SMALL = [k for k in CASES if not k.endswith(("_large", "chunked_40_of_48"))]
+
+
+def ref_params(engine_params, node):
+    """{suffix: float64} of one node's parameters and buffers."""
+    return {k.split(".", 1)[1]: v.astype(np.float64) for k, v in engine_params.items() if k.startswith(node + ".")}
+
+
+def random_params(kind, layer, in_shape, rng):
+    """Reference parameters for the finite-difference check (random, not the initializers)."""
+    shapes = dict(layer.parameters([in_shape]))
+    p = {k: rng.standard_normal(s) for k, s in shapes.items()}
+    if "running_var" in p:
+        p["running_var"] = np.abs(p["running_var"]) + 0.5
+    return p
+
+
+# ------------------------------------------------------------------ the references are right
+
+
+@pytest.mark.parametrize("case", SMALL)
+def test_reference_gradients_match_finite_differences(case, rng):
+    """Each reference's analytic gradient (input and every parameter) agrees with central
+    differences of the reference forward to 1e-6 relative, in float64."""
+    factory, kind, opts, in_shape, rows = CASES[case]
+    layer = factory()
+    fwd, bwd = R.LAYERS[kind]
+    rows = max(rows, 2) if kind == "batchnorm" and len(in_shape) == 1 else rows
+    x = rng.standard_normal((rows,) + in_shape)
+    p = {k: v for k, v in random_params(kind, layer, in_shape, rng).items() if not k.startswith("running")}
+    y, _ = fwd(x, p, opts)
+    weight = rng.standard_normal(y.shape)  # f = sum(weight * y), so d f / d y = weight
+
+    def f():
+        return float((fwd(x, p, opts)[0] * weight).sum())
+
+    dx, grads = bwd(weight, fwd(x, p, opts)[1])
+    assert R.rel_err(dx, R.numeric_grad(f, x)) < 1e-6
+    assert set(grads) == set(p)
+    for name in p:
+        assert R.rel_err(grads[name], R.numeric_grad(f, p[name])) < 1e-6, name
+
+
+# ------------------------------------------------------------------ native against references
+
+
+def build(device, layer, in_shape, batch, seed=3, **kw):
+    model = mpscy.Sequential([layer], input_shape=in_shape)
+    return mpscy.Engine(model, loss="mse", batch_size=batch, device=device, seed=seed, input_gradients=True, **kw)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_layer_matches_reference(device, rng, case):
+    """Train-mode loss and every gradient (parameters and d loss / d x) within 1e-4 relative of
+    the float64 reference; eval-mode predict within 1e-5."""
+    factory, kind, opts, in_shape, rows = CASES[case]
+    layer = factory()
+    batch = 48 if case == "conv_chunked_40_of_48" else rows
+    engine = build(device, layer, in_shape, batch)
+    node = engine.model.nodes[1].name
+    P = engine.get_parameters()
+    p = ref_params(P, node)
+    if kind == "batchnorm":  # random affine parameters and running statistics
+        p = {k: (np.abs(v) + 0.5 if k == "running_var" else v) for k, v in
+             random_params(kind, layer, in_shape, rng).items()}
+        engine.set_parameters({f"{node}.{k}": v.astype(np.float32) for k, v in p.items()})
+        p = ref_params(engine.get_parameters(), node)
+    fwd, bwd = R.LAYERS[kind]
+    x = rng.standard_normal((rows,) + in_shape).astype(np.float32)
+    train_opts = dict(opts, train=True)
+    y, cache = fwd(x.astype(np.float64), {k: v for k, v in p.items() if not k.startswith("running")}, train_opts)
+    t = rng.standard_normal(y.shape).astype(np.float32)
+    loss, dy = R.loss_ref("mse", y, t)
+    dx, grads = bwd(dy, cache)
+
+    before = engine.get_parameters()
+    g = engine.gradients(x, t)
+    assert abs(g["loss"] - loss) <= 1e-5 * abs(loss)
+    assert g["input"].shape == x.shape
+    assert R.rel_err(g["input"], dx) < 1e-4
+    param_names = [k for k in P if k.startswith(node + ".") and not k.split(".")[1].startswith("running")]
+    assert sorted(k.split(".", 1)[1] for k in param_names) == sorted(grads)
+    for name in param_names:
+        assert R.rel_err(g[name], grads[name.split(".", 1)[1]]) < 1e-4, name
+
+    y_eval, _ = fwd(x.astype(np.float64), p, dict(opts, train=False))
+    out = engine.predict(x)
+    assert out.shape == y_eval.shape and out.dtype == np.float32
+    assert R.rel_err(out, y_eval) < 1e-5
+    # gradients() changed nothing: parameters and running statistics are as they were
+    after = engine.get_parameters()
+    for k, v in before.items():
+        assert np.array_equal(after[k], v), k
+
+
+def test_output_shapes_of_strided_padded_dilated_layers():
+    """Shape rules match torch.nn's floor formulas (and Keras's for padding="same")."""
+    cases = [
+        (layers.Conv2D(8, 3, stride=2, padding=1), (3, 32, 32), (8, 16, 16)),
+        (layers.Conv2D(8, (3, 5), stride=(2, 3), padding=(1, 2), dilation=(2, 1)), (3, 17, 19), (8, 8, 7)),
+        (layers.Conv2D(4, 3, padding="same", dilation=3), (2, 10, 11), (4, 10, 11)),
+        (layers.Conv2D(4, 3, padding="valid"), (2, 10, 11), (4, 8, 9)),
+        (layers.MaxPool2D(3, 2, 1), (5, 9, 7), (5, 5, 4)),
+        (layers.MaxPool2D(2), (5, 9, 7), (5, 4, 3)),
+        (layers.AvgPool2D((2, 3), stride=1), (5, 9, 7), (5, 8, 5)),
+        (layers.MaxPool2D(3, stride=1, padding="same"), (2, 6, 5), (2, 6, 5)),
+        (layers.GlobalAvgPool2D(), (5, 9, 7), (5,)),
+        (layers.Flatten(), (5, 9, 7), (315,)),
+    ]
+    for layer, inp, out in cases:
+        assert mpscy.Sequential([layer], input_shape=inp).output_shape == out, layer
+
+
+# ------------------------------------------------------------------ BatchNorm modes and statistics
+
+
+def test_batchnorm_running_statistics_closed_form(device, rng):
+    """After several train steps (one of them a partial batch) the running statistics equal the
+    closed-form update with PyTorch's convention: running = (1 - m) running + m batch, unbiased
+    batch variance; predict and evaluate then normalize with them (eval mode)."""
+    m, eps = 0.25, 1e-3
+    model = mpscy.Sequential([layers.BatchNorm(momentum=m, eps=eps)], input_shape=(4, 3, 2))
+    engine = mpscy.Engine(model, loss="mse", optimizer=optim.SGD(lr=0.0), batch_size=6, device=device, seed=0)
+    weight, bias = rng.standard_normal(4).astype(np.float32), rng.standard_normal(4).astype(np.float32)
+    engine.set_parameters({"batchnorm_0.weight": weight, "batchnorm_0.bias": bias}, strict=False)
+    rm, rv = np.zeros(4), np.ones(4)
+    for k, rows in enumerate([6, 6, 4, 6, 5]):
+        x = (rng.standard_normal((rows, 4, 3, 2)) * (1 + k) + k).astype(np.float32)
+        engine.step(x, np.zeros_like(x))
+        x64 = x.astype(np.float64)
+        rm = (1 - m) * rm + m * x64.mean((0, 2, 3))
+        rv = (1 - m) * rv + m * x64.var((0, 2, 3), ddof=1)
+    P = engine.get_parameters()
+    assert np.abs(P["batchnorm_0.running_mean"] - rm).max() < 1e-5 * np.abs(rm).max()
+    assert np.abs(P["batchnorm_0.running_var"] - rv).max() < 1e-5 * np.abs(rv).max()
+
+    x = rng.standard_normal((5, 4, 3, 2)).astype(np.float32)
+    shape = (1, 4, 1, 1)
+    expect = ((x - P["batchnorm_0.running_mean"].reshape(shape).astype(np.float64))
+              / np.sqrt(P["batchnorm_0.running_var"].reshape(shape).astype(np.float64) + eps)
+              * weight.reshape(shape) + bias.reshape(shape))
+    assert R.rel_err(engine.predict(x), expect) < 1e-5
+    t = rng.standard_normal(x.shape).astype(np.float32)
+    assert abs(engine.evaluate(x, t)["loss"] - ((expect - t) ** 2).mean()) < 1e-5
+    # evaluation and prediction leave the running statistics alone
+    assert np.array_equal(engine.get_parameters()["batchnorm_0.running_mean"], P["batchnorm_0.running_mean"])
+
+
+def test_batchnorm_features_running_statistics_and_train_mode(device, rng):
+    """(F,) inputs: statistics over the batch rows; the step itself normalizes with the batch."""
+    model = mpscy.Sequential([layers.BatchNorm()], input_shape=(5,))
+    engine = mpscy.Engine(model, loss="mse", optimizer=optim.SGD(lr=0.0), batch_size=8, device=device, seed=0)
+    x = (rng.standard_normal((8, 5)) * 3 + 2).astype(np.float32)
+    t = np.zeros_like(x)
+    r = engine.step(x, t)
+    xhat = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5)
+    assert abs(r.loss - (xhat ** 2).mean()) < 1e-5  # train mode: batch statistics (mean of xhat^2 ~ 1)
+    P = engine.get_parameters()
+    assert np.allclose(P["batchnorm_0.running_mean"], 0.1 * x.mean(0), rtol=1e-5, atol=1e-6)
+    assert np.allclose(P["batchnorm_0.running_var"], 0.9 + 0.1 * x.var(0, ddof=1), rtol=1e-5)
+
+
+def test_batchnorm_nonfinite_step_leaves_running_statistics(device, rng):
+    """A step whose loss is not finite raises NonFiniteError and commits nothing: parameters,
+    optimizer state and running statistics stay exactly as they were."""
+    model = mpscy.Sequential([layers.Conv2D(3, 3, padding=1), layers.BatchNorm(), layers.ReLU(),
+                              layers.Dense(4)], input_shape=(2, 5, 5))
+    engine = mpscy.Engine(model, loss="sparse_cross_entropy", batch_size=8, device=device, seed=0)
+    x = rng.standard_normal((8, 2, 5, 5)).astype(np.float32)
+    y = rng.integers(0, 4, 8)
+    for _ in range(3):
+        engine.step(x, y)
+    big = engine.get_parameters()
+    big["batchnorm_1.weight"] = np.full(3, 3e38, np.float32)  # finite, but the output overflows
+    engine.set_parameters(big)
+    before, state = engine.get_parameters(), engine.get_optimizer_state()
+    with pytest.raises(mpscy.NonFiniteError):
+        engine.step(x, y)
+    after = engine.get_parameters()
+    for k in before:
+        assert np.array_equal(after[k], before[k]), k
+    assert engine.get_optimizer_state()["step"] == state["step"]
+    assert np.array_equal(after["batchnorm_1.running_mean"], before["batchnorm_1.running_mean"])
+    # a later finite step commits again
+    big["batchnorm_1.weight"] = np.ones(3, np.float32)
+    engine.set_parameters(big)
+    engine.step(x, y)
+    assert not np.array_equal(engine.get_parameters()["batchnorm_1.running_mean"], before["batchnorm_1.running_mean"])
+
+
+def test_batchnorm_one_value_per_channel_is_refused(device, rng):
+    model = mpscy.Sequential([layers.Dense(4), layers.BatchNorm()], input_shape=(3,))
+    engine = mpscy.Engine(model, loss="mse", batch_size=4, device=device)
+    x = rng.standard_normal((1, 3)).astype(np.float32)
+    before = engine.get_parameters()
+    with pytest.raises(mpscy.InvalidArgumentError, match="more than 1 value per channel"):
+        engine.step(x, np.zeros((1, 4), np.float32))
+    with pytest.raises(mpscy.InvalidArgumentError, match="more than 1 value per channel"):
+        engine.gradients(x, np.zeros((1, 4), np.float32))
+    assert engine.stats()["steps"] == 0
+    assert np.array_equal(engine.get_parameters()["batchnorm_1.running_var"], before["batchnorm_1.running_var"])
+    assert engine.predict(x).shape == (1, 4)  # eval mode is fine with one row
+
+
+def test_batchnorm_parameters_named_like_pytorch(device):
+    model = mpscy.Sequential([layers.Conv2D(6, 3), layers.BatchNorm(), layers.Flatten(),
+                              layers.BatchNorm(affine=False)], input_shape=(2, 5, 5))
+    engine = mpscy.Engine(model, loss="mse", batch_size=2, device=device)
+    P = engine.get_parameters()
+    assert {k: v.shape for k, v in P.items() if k.startswith("batchnorm")} == {
+        "batchnorm_1.weight": (6,), "batchnorm_1.bias": (6,), "batchnorm_1.running_mean": (6,),
+        "batchnorm_1.running_var": (6,), "batchnorm_3.running_mean": (54,), "batchnorm_3.running_var": (54,)}
+    assert np.array_equal(P["batchnorm_1.weight"], np.ones(6)) and np.array_equal(P["batchnorm_1.bias"], np.zeros(6))
+    assert np.array_equal(P["batchnorm_1.running_var"], np.ones(6))
+    assert np.array_equal(P["batchnorm_3.running_mean"], np.zeros(54))
+
+
+# ------------------------------------------------------------------ dropout
+
+
+def dropout_engine(device, rate, shape=(4000,), seed=7, batch=4):
+    model = mpscy.Sequential([layers.Dropout(rate)], input_shape=shape)
+    return mpscy.Engine(model, loss="mse", optimizer=optim.SGD(lr=0.0), batch_size=batch, device=device,
+                        seed=seed, input_gradients=True)
+
+
+def kept_and_scale(engine, x):
+    """With target 0, d loss / d x = 2 x mask^2 / n: non-zero exactly where kept, and the
+    kept elements' mask equals sqrt(grad * n / (2 x))."""
+    g = engine.gradients(x, np.zeros_like(x))["input"].astype(np.float64)
+    kept = g != 0
+    scale = np.sqrt(g[kept] * x.size / (2 * x[kept].astype(np.float64)))
+    return kept, scale, g
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5, 0.8])
+def test_dropout_keeps_within_bounds_and_scales(device, rng, rate):
+    """The kept fraction of 16,000 elements is within 5 standard deviations of 1 - rate, kept
+    values are scaled by 1 / (1 - rate), dropped ones are 0, and the loss says the same."""
+    engine = dropout_engine(device, rate)
+    x = (np.abs(rng.standard_normal((4, 4000))) + 0.5).astype(np.float32)
+    kept, scale, _ = kept_and_scale(engine, x)
+    n, p = kept.size, 1 - rate
+    assert abs(kept.mean() - p) < 5 * np.sqrt(p * (1 - p) / n)
+    assert np.allclose(scale, 1 / (1 - rate), rtol=1e-5)
+    expect_loss = ((x * kept / (1 - rate)).astype(np.float64) ** 2).mean()
+    assert abs(engine.gradients(x, np.zeros_like(x))["loss"] - expect_loss) < 1e-5 * expect_loss
+
+
+def test_dropout_mask_is_the_shared_philox_stream(device, rng):
+    """The mask is exactly the Philox4x32-10 stream of common/rng.h keyed by (seed, step counter,
+    node index, element index): what every backend must draw. The counter advances per step."""
+    engine = dropout_engine(device, 0.3, shape=(3, 5, 7), seed=123456789012, batch=6)
+    x = (np.abs(rng.standard_normal((6, 3, 5, 7))) + 0.5).astype(np.float32)
+    for counter in range(3):
+        kept, _, _ = kept_and_scale(engine, x)
+        assert np.array_equal(kept.ravel(), R.dropout_keep(123456789012, counter, 1, x.size, 0.3))
+        engine.step(x, np.zeros_like(x))  # advances the counter
+
+
+def test_dropout_same_seed_same_masks_and_eval_identity(device, rng):
+    x = (np.abs(rng.standard_normal((4, 500))) + 0.5).astype(np.float32)
+    a, b, c = dropout_engine(device, 0.5, (500,), seed=1), dropout_engine(device, 0.5, (500,), seed=1), \
+        dropout_engine(device, 0.5, (500,), seed=2)
+    ka, kb, kc = (kept_and_scale(e, x)[0] for e in (a, b, c))
+    assert np.array_equal(ka, kb)
+    assert not np.array_equal(ka, kc)
+    for e in (a, b):
+        e.step(x, np.zeros_like(x))
+    k2a, k2b = kept_and_scale(a, x)[0], kept_and_scale(b, x)[0]
+    assert np.array_equal(k2a, k2b) and not np.array_equal(k2a, ka)  # a new mask per step
+    assert np.array_equal(a.predict(x), x)  # eval mode: the identity
+    assert abs(a.evaluate(x, np.zeros_like(x))["loss"] - (x.astype(np.float64) ** 2).mean()) < 1e-6
+
+
+def test_dropout_rate_zero_is_identity_in_train_mode(device, rng):
+    engine = dropout_engine(device, 0.0, (50,))
+    x = rng.standard_normal((4, 50)).astype(np.float32)
+    g = engine.gradients(x, np.zeros_like(x))
+    assert np.allclose(g["input"], 2 * x / x.size, rtol=1e-6)
+
+
+# ------------------------------------------------------------------ options and shapes
+
+
+@pytest.mark.parametrize("make,error,match", [
+    (lambda: layers.Conv2D(0, 3), mpscy.InvalidArgumentError, "filters"),
+    (lambda: layers.Conv2D(4, (3, 0)), mpscy.InvalidArgumentError, "kernel_size"),
+    (lambda: layers.Conv2D(4, 3, stride=0), mpscy.InvalidArgumentError, "stride"),
+    (lambda: layers.Conv2D(4, 3, padding=-1), mpscy.InvalidArgumentError, "padding"),
+    (lambda: layers.Conv2D(4, 3, padding="full"), mpscy.InvalidArgumentError, "padding"),
+    (lambda: layers.Conv2D(5, 3, groups=2), mpscy.InvalidArgumentError, "divisible by groups"),
+    (lambda: layers.Conv2D(4, 3, dilation=(1, 0)), mpscy.InvalidArgumentError, "dilation"),
+    (lambda: layers.MaxPool2D(2, padding=2), mpscy.InvalidArgumentError, "half the pool size"),
+    (lambda: layers.AvgPool2D(0), mpscy.InvalidArgumentError, "pool_size"),
+    (lambda: layers.BatchNorm(momentum=1.5), mpscy.InvalidArgumentError, "momentum"),
+    (lambda: layers.BatchNorm(eps=0), mpscy.InvalidArgumentError, "eps"),
+    (lambda: layers.LayerNorm(0), mpscy.InvalidArgumentError, "normalized_shape"),
+    (lambda: layers.Dropout(1.0), mpscy.InvalidArgumentError, "rate"),
+    (lambda: layers.Dropout(-0.1), mpscy.InvalidArgumentError, "rate"),
+    (lambda: layers.GELU(approximate="fast"), mpscy.InvalidArgumentError, "approximate"),
+    (lambda: layers.Concatenate(axis=1.5), mpscy.InvalidArgumentError, "axis"),
+])
+def test_bad_options_are_refused_at_construction(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+@pytest.mark.parametrize("stack,shape,error,match", [
+    ([layers.Conv2D(4, 3)], (10,), mpscy.ShapeError, r"\(C, H, W\)"),
+    ([layers.MaxPool2D(2)], (3, 4), mpscy.ShapeError, r"\(C, H, W\)"),
+    ([layers.GlobalAvgPool2D()], (3,), mpscy.ShapeError, r"\(C, H, W\)"),
+    ([layers.Conv2D(4, 5)], (1, 4, 8), mpscy.ShapeError, "smaller than"),
+    ([layers.MaxPool2D(3)], (1, 2, 8), mpscy.ShapeError, "smaller than"),
+    ([layers.Conv2D(4, 3, groups=2)], (3, 8, 8), mpscy.ShapeError, "groups 2 must divide"),
+    ([layers.Conv2D(4, 3, stride=2, padding="same")], (3, 8, 8), mpscy.InvalidArgumentError, "cannot be split"),
+    ([layers.Conv2D(4, 2, padding="same")], (3, 8, 8), mpscy.InvalidArgumentError, "cannot be split"),
+    ([layers.BatchNorm()], (3, 4), mpscy.ShapeError, r"\(F,\) or \(C, H, W\)"),
+    ([layers.LayerNorm((4, 5))], (3, 5, 4), mpscy.ShapeError, "trailing dims"),
+    ([layers.LayerNorm((2, 3, 4, 5))], (3, 4, 5), mpscy.ShapeError, "trailing dims"),
+    ([layers.Softmax(axis=3)], (4, 5), mpscy.ShapeError, "axis"),
+])
+def test_bad_shapes_are_refused_before_native(stack, shape, error, match):
+    with pytest.raises(error, match=match):
+        mpscy.Sequential(stack, input_shape=shape)
+
+
+def test_layer_configs_round_trip():
+    conv = layers.Conv2D(8, (3, 5), stride=2, padding="same", dilation=1, groups=2, bias=False)
+    assert conv.config() == {"filters": 8, "kernel_size": (3, 5), "stride": (2, 2), "padding": "same",
+                             "dilation": (1, 1), "groups": 2, "bias": False}
+    assert layers.MaxPool2D(3).config() == {"pool_size": (3, 3), "stride": (3, 3), "padding": (0, 0)}
+    assert layers.AvgPool2D(2, 1, count_include_pad=False).config()["count_include_pad"] is False
+    assert layers.BatchNorm().config() == {"momentum": 0.1, "eps": 1e-5, "affine": True}
+    assert layers.LayerNorm(4).config() == {"normalized_shape": (4,), "eps": 1e-5, "elementwise_affine": True}
+    assert layers.Dropout(0.25).config() == {"rate": 0.25}
+    assert layers.LeakyReLU().config() == {"negative_slope": 0.01}
+    assert layers.ELU().config() == {"alpha": 1.0}
+    assert repr(layers.Dropout(0.5)) == "Dropout(rate=0.5)"
+
+
+def test_conv_initialization_is_pytorch_default(device):
+    """Weights and bias uniform in +-1/sqrt(fan_in), fan_in = C / groups * kh * kw."""
+    model = mpscy.Sequential([layers.Conv2D(64, (3, 5), groups=2)], input_shape=(8, 9, 9))
+    engine = mpscy.Engine(model, loss="mse", batch_size=1, device=device, seed=5)
+    P = engine.get_parameters()
+    bound = 1 / np.sqrt(4 * 3 * 5)
+    assert P["conv2d_0.weight"].shape == (64, 4, 3, 5)
+    for k in ("conv2d_0.weight", "conv2d_0.bias"):
+        assert np.abs(P[k]).max() <= bound and np.abs(P[k]).max() > 0.9 * bound
+    assert abs(P["conv2d_0.weight"].std() - bound / np.sqrt(3)) < 0.05 * bound
+
+
+# ------------------------------------------------------------------ PyTorch itself
+
+
+def torch_module(torch, case):
+    nn = torch.nn
+    layer = CASES[case][0]()
+    in_c = CASES[case][3][0]
+    if isinstance(layer, layers.Conv2D):
+        return nn.Conv2d(in_c, layer.filters, layer.kernel_size, layer.stride,
+                         layer._pads(CASES[case][3]), layer.dilation, layer.groups, layer.bias)
+    if isinstance(layer, layers.MaxPool2D):
+        return nn.MaxPool2d(layer.pool_size, layer.stride, layer.padding)
+    if isinstance(layer, layers.AvgPool2D):
+        return nn.AvgPool2d(layer.pool_size, layer.stride, layer.padding, count_include_pad=layer.count_include_pad)
+    if isinstance(layer, layers.BatchNorm):
+        cls = nn.BatchNorm1d if len(CASES[case][3]) == 1 else nn.BatchNorm2d
+        return cls(in_c, eps=layer.eps, momentum=layer.momentum, affine=layer.affine)
+    if isinstance(layer, layers.LayerNorm):
+        return nn.LayerNorm(layer.normalized_shape, layer.eps, layer.elementwise_affine)
+    return {"relu": nn.ReLU(), "leakyrelu": nn.LeakyReLU(0.2), "elu": nn.ELU(0.7), "sigmoid": nn.Sigmoid(),
+            "tanh": nn.Tanh(), "swish": nn.SiLU(), "gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"),
+            "softmax_last": nn.Softmax(-1), "softmax_channels": nn.Softmax(1), "flatten": nn.Flatten()}.get(case)
+
+
+@pytest.mark.parametrize("case", [k for k in SMALL if not k.startswith(("globalavgpool", "leakyrelu_default"))])
+def test_layer_matches_pytorch(device, rng, case):
+    """The same layer in torch (float64, train mode): forward, d loss / d x and parameter grads."""
+    torch = pytest.importorskip("torch")
+    factory, kind, opts, in_shape, rows = CASES[case]
+    tm = torch_module(torch, case)
+    assert tm is not None, case
+    engine = build(device, factory(), in_shape, rows)
+    node = engine.model.nodes[1].name
+    P = engine.get_parameters()
+    tm = tm.double()
+    with torch.no_grad():
+        for k, v in P.items():
+            getattr(tm, k.split(".", 1)[1]).copy_(torch.from_numpy(v.astype(np.float64)))
+    x = rng.standard_normal((rows,) + in_shape).astype(np.float32)
+    xt = torch.from_numpy(x.astype(np.float64)).requires_grad_()
+    tm.train()
+    y = tm(xt)
+    t = rng.standard_normal(tuple(y.shape)).astype(np.float32)
+    loss = torch.nn.functional.mse_loss(y, torch.from_numpy(t.astype(np.float64)))
+    loss.backward()
+    g = engine.gradients(x, t)
+    assert abs(g["loss"] - loss.item()) <= 1e-5 * loss.item()
+    assert R.rel_err(g["input"], xt.grad.numpy()) < 1e-4
+    for k in P:
+        if k.startswith(node + ".") and not k.split(".")[1].startswith("running"):
+            assert R.rel_err(g[k], getattr(tm, k.split(".", 1)[1]).grad.numpy()) < 1e-4, k
+    if kind == "batchnorm":  # torch updated its running statistics in train mode; one mpscy step does too
+        engine.set_parameters({k: v for k, v in P.items()})
+        engine.learning_rate = 0.0
+        engine.step(x, t)
+        after = engine.get_parameters()
+        assert R.rel_err(after[f"{node}.running_mean"], tm.running_mean.numpy()) < 1e-5
+        assert R.rel_err(after[f"{node}.running_var"], tm.running_var.numpy()) < 1e-5
+    tm.eval()
+    with torch.no_grad():
+        expect = tm(torch.from_numpy(x.astype(np.float64))).numpy()
+    if kind != "batchnorm":
+        assert R.rel_err(engine.predict(x), expect) < 1e-5
+
+
+# ------------------------------------------------------------------ Conv2D followed by ReLU
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("stride,rows", [(1, 3), (2, 2), (1, 40)])
+def test_conv_relu_matches_reference(device, rng, stride, rows, shared):
+    """Conv2D -> ReLU (which the CPU backend computes inside the convolution when the ReLU is the
+    convolution's only consumer) and the same with the convolution also feeding an Add (no
+    fusion): loss, every gradient and predict against the composed references."""
+    x_in = mpscy.Input((5, 9, 8))
+    c = layers.Conv2D(6, 3, stride=stride, padding=1, name="c")(x_in)
+    h = layers.ReLU(name="r")(c)
+    out = layers.Add(name="sum")([h, c]) if shared else h
+    engine = mpscy.Engine(mpscy.Model(x_in, out), loss="mse", batch_size=rows, device=device, seed=4,
+                          input_gradients=True)
+    P = ref_params(engine.get_parameters(), "c")
+    P["bias"] = rng.standard_normal(6) * 0.1  # about half the outputs on each side of 0
+    engine.set_parameters({"c.weight": P["weight"].astype(np.float32), "c.bias": P["bias"].astype(np.float32)})
+    P = ref_params(engine.get_parameters(), "c")
+    x = rng.standard_normal((rows, 5, 9, 8)).astype(np.float32)
+    opts = dict(kernel=(3, 3), stride=(stride, stride), padding=(1, 1), dilation=(1, 1), groups=1)
+    yc, cc = R.conv2d_forward(x.astype(np.float64), P, opts)
+    yr, cr = R.activation_forward(yc, {}, dict(kind="relu"))
+    y = yr + yc if shared else yr
+    t = rng.standard_normal(y.shape).astype(np.float32)
+    loss, dy = R.loss_ref("mse", y, t)
+    dyc = R.activation_backward(dy, cr)[0] + (dy if shared else 0)
+    dx, grads = R.conv2d_backward(dyc, cc)
+    g = engine.gradients(x, t)
+    assert abs(g["loss"] - loss) <= 1e-5 * loss
+    assert R.rel_err(g["input"], dx) < 1e-4
+    assert R.rel_err(g["c.weight"], grads["weight"]) < 1e-4 and R.rel_err(g["c.bias"], grads["bias"]) < 1e-4
+    assert R.rel_err(engine.predict(x), y) < 1e-5
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_engine_keeps_working_in_a_forked_child(device, rng):
+    """A child forked after the engine started its worker threads has none of them: it must
+    compute the same gradients (on one thread) instead of waiting for workers forever."""
+    import os
+    import pickle
+    import select
+    import signal
+    model = mpscy.Sequential([layers.Conv2D(8, 3, padding=1), layers.ReLU(), layers.Dense(3)], input_shape=(3, 9, 9))
+    engine = mpscy.Engine(model, loss="sparse_cross_entropy", batch_size=16, device=device, seed=0)
+    x = rng.standard_normal((16, 3, 9, 9)).astype(np.float32)
+    y = rng.integers(0, 3, 16)
+    engine.step(x, y)
+    expect = engine.gradients(x, y)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        try:
+            os.write(write, pickle.dumps(engine.gradients(x, y)))
+        finally:
+            os._exit(0)
+    os.close(write)
+    ready, _, _ = select.select([read], [], [], 30)
+    if not ready:
+        os.kill(pid, signal.SIGKILL)
+    data = b""
+    while ready:
+        chunk = os.read(read, 1 << 16)
+        if not chunk:
+            break
+        data += chunk
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert ready, "the forked child hung"
+    got = pickle.loads(data)
+    for k, v in expect.items():
+        assert R.rel_err(got[k], v) < 1e-5, k

@@ -1,0 +1,271 @@
+"""Every loss of issue 3: value and gradient against the float64 references of layer_refs.py
+(their gradients checked by central finite differences), against torch.nn.functional where it
+is installed, label smoothing, single-output binary heads, accuracy kinds, and option errors.
+The model under test is the identity (Dropout(0.0)), so d loss / d input is d loss / d output."""
+import numpy as np
+import pytest
+
+import mpscy
+from mpscy import layers, losses, optim
+
+import layer_refs as R
+
+
+def softmax(z):
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def make_case(kind, rng, smoothing=0.0, single=False, edges=False):
+    """(outputs, targets) for one loss: logits, probabilities or values, shaped for the loss."""
+    if kind in ("sparse_cross_entropy", "cross_entropy", "categorical_cross_entropy"):
+        out = rng.standard_normal((6, 5)) * 2
+        labels = rng.integers(0, 5, 6)
+        if kind == "sparse_cross_entropy":
+            return out, labels
+        target = softmax(rng.standard_normal((6, 5))) if not edges else np.eye(5)[labels]
+        if kind == "categorical_cross_entropy":
+            out = softmax(out)
+            if edges:
+                out[0, 1], out[2, 3] = 1e-9, 0.0  # below the 1e-7 clamp: no gradient there
+        return out, target
+    shape = (7, 1) if single else (4, 3, 2)
+    if kind == "binary_cross_entropy":
+        out = 1 / (1 + np.exp(-rng.standard_normal(shape) * 2))
+        if edges:
+            out.flat[0], out.flat[1] = 0.0, 1.0  # logs clamped at -100, gradient by max(p(1-p), 1e-12)
+        return out, rng.uniform(0, 1, shape) if not single else rng.integers(0, 2, shape).astype(float)
+    if kind == "bce_with_logits":
+        return rng.standard_normal(shape) * 3, rng.uniform(0, 1, shape) if not single else \
+            rng.integers(0, 2, shape).astype(float)
+    out, target = rng.standard_normal(shape) * 2, rng.standard_normal(shape) * 2
+    if edges:
+        target.flat[0] = out.flat[0]  # a zero difference: MAE's gradient is sign(0) = 0
+    return out, target
+
+
+LOSSES = {
+    "sparse_cross_entropy": lambda s, d: losses.SparseCrossEntropy(label_smoothing=s),
+    "cross_entropy": lambda s, d: losses.CrossEntropy(label_smoothing=s),
+    "categorical_cross_entropy": lambda s, d: losses.CategoricalCrossEntropy(label_smoothing=s),
+    "binary_cross_entropy": lambda s, d: losses.BinaryCrossEntropy(),
+    "bce_with_logits": lambda s, d: losses.BCEWithLogits(),
+    "mse": lambda s, d: losses.MSE(),
+    "mae": lambda s, d: losses.MAE(),
+    "huber": lambda s, d: losses.Huber(delta=d),
+}
+
+CASES = [
+    ("sparse_cross_entropy", 0.0, 1.0, False), ("sparse_cross_entropy", 0.1, 1.0, False),
+    ("sparse_cross_entropy", 1.0, 1.0, False),
+    ("cross_entropy", 0.0, 1.0, False), ("cross_entropy", 0.2, 1.0, False), ("cross_entropy", 0.2, 1.0, True),
+    ("categorical_cross_entropy", 0.0, 1.0, False), ("categorical_cross_entropy", 0.1, 1.0, True),
+    ("binary_cross_entropy", 0.0, 1.0, False), ("binary_cross_entropy", 0.0, 1.0, True),
+    ("bce_with_logits", 0.0, 1.0, False),
+    ("mse", 0.0, 1.0, False), ("mae", 0.0, 1.0, False), ("mae", 0.0, 1.0, True),
+    ("huber", 0.0, 1.0, False), ("huber", 0.0, 0.4, False), ("huber", 0.0, 3.0, False),
+]
+IDS = [f"{k}-s{s}-d{d}{'-edges' if e else ''}" for k, s, d, e in CASES]
+
+
+def identity_engine(device, loss, shape, batch):
+    model = mpscy.Sequential([layers.Dropout(0.0)], input_shape=shape)
+    return mpscy.Engine(model, loss=loss, optimizer=optim.SGD(lr=0.0), batch_size=batch, device=device,
+                        input_gradients=True)
+
+
+def native(device, kind, out, target, smoothing=0.0, delta=1.0, label_dtype=np.int64):
+    engine = identity_engine(device, LOSSES[kind](smoothing, delta), out.shape[1:], len(out))
+    y = target.astype(label_dtype) if kind == "sparse_cross_entropy" else target.astype(np.float32)
+    g = engine.gradients(out.astype(np.float32), y)
+    return g["loss"], g["input"], engine
+
+
+@pytest.mark.parametrize("kind,smoothing,delta,edges", [c for c in CASES if not c[3]],
+                         ids=[i for i, c in zip(IDS, CASES) if not c[3]])
+def test_reference_gradient_matches_finite_differences(rng, kind, smoothing, delta, edges):
+    out, target = make_case(kind, rng, smoothing)
+    _, grad = R.loss_ref(kind, out, target, smoothing, delta)
+    num = R.numeric_grad(lambda: R.loss_ref(kind, out, target, smoothing, delta)[0], out, eps=1e-7)
+    assert R.rel_err(grad, num) < 1e-6
+
+
+@pytest.mark.parametrize("kind,smoothing,delta,edges", CASES, ids=IDS)
+def test_loss_and_gradient_match_reference(device, rng, kind, smoothing, delta, edges):
+    out, target = make_case(kind, rng, smoothing, edges=edges)
+    out = out.astype(np.float32).astype(np.float64)  # the values the native code sees
+    ref, grad = R.loss_ref(kind, out, target.astype(np.float32).astype(np.float64) if kind != "sparse_cross_entropy"
+                           else target, smoothing, delta)
+    value, g, _ = native(device, kind, out, target, smoothing, delta)
+    assert abs(value - ref) <= 1e-6 * max(abs(ref), 1.0)
+    assert g.shape == out.shape
+    assert R.rel_err(g, grad) < 1e-5
+    if edges and kind == "categorical_cross_entropy":
+        assert g[0, 1] == 0 and g[2, 3] == 0
+
+
+def test_sparse_labels_int32_and_int64_agree(device, rng):
+    out, labels = make_case("sparse_cross_entropy", rng)
+    a = native(device, "sparse_cross_entropy", out, labels, 0.1, label_dtype=np.int64)
+    b = native(device, "sparse_cross_entropy", out, labels, 0.1, label_dtype=np.int32)
+    assert a[0] == b[0] and np.array_equal(a[1], b[1])
+
+
+def test_label_smoothing_mixes_targets_with_uniform(device, rng):
+    """Sparse labels smoothed by s equal one-hot probability targets smoothed by s, and equal the
+    closed form (1 - s) * nll + s * mean(-log p)."""
+    out, labels = make_case("sparse_cross_entropy", rng)
+    s = 0.3
+    sparse = native(device, "sparse_cross_entropy", out, labels, s)
+    dense = native(device, "cross_entropy", out, np.eye(5)[labels], s)
+    assert abs(sparse[0] - dense[0]) < 1e-6 and R.rel_err(sparse[1], dense[1]) < 1e-6
+    logp = np.log(softmax(out.astype(np.float32).astype(np.float64)))
+    closed = (1 - s) * -logp[np.arange(6), labels].mean() + s * -logp.mean(1).mean()
+    assert abs(sparse[0] - closed) < 1e-6
+
+
+@pytest.mark.parametrize("kind,smoothing,delta,edges", CASES, ids=IDS)
+def test_loss_matches_pytorch(device, rng, kind, smoothing, delta, edges):
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    out, target = make_case(kind, rng, smoothing, edges=edges)
+    o = torch.tensor(out.astype(np.float32).astype(np.float64), requires_grad=True)
+    t = torch.tensor(target) if kind == "sparse_cross_entropy" else torch.tensor(target.astype(np.float32).astype(np.float64))
+    if kind in ("sparse_cross_entropy", "cross_entropy"):
+        loss = F.cross_entropy(o, t, label_smoothing=smoothing)
+    elif kind == "categorical_cross_entropy":
+        q = (1 - smoothing) * t + smoothing / o.shape[1]
+        loss = -(q * torch.log(torch.clamp(o, min=1e-7))).sum(1).mean()
+    elif kind == "binary_cross_entropy":
+        loss = F.binary_cross_entropy(o, t)
+    elif kind == "bce_with_logits":
+        loss = F.binary_cross_entropy_with_logits(o, t)
+    elif kind == "mse":
+        loss = F.mse_loss(o, t)
+    elif kind == "mae":
+        loss = F.l1_loss(o, t)
+    else:
+        loss = F.huber_loss(o, t, delta=delta)
+    loss.backward()
+    value, g, _ = native(device, kind, out, target, smoothing, delta)
+    assert abs(value - loss.item()) <= 1e-6 * max(abs(loss.item()), 1.0)
+    assert R.rel_err(g, o.grad.numpy()) < 1e-5
+
+
+# ------------------------------------------------------------------ single-output binary heads
+
+
+@pytest.mark.parametrize("kind,threshold", [("bce_with_logits", 0.0), ("binary_cross_entropy", 0.5)])
+@pytest.mark.parametrize("target_shape", ["(n,)", "(n, 1)"])
+def test_single_output_head_loss_and_accuracy(device, rng, kind, threshold, target_shape):
+    """One output per sample: no softmax over a single logit, no label inversion; targets (n,) or
+    (n, 1); accuracy thresholds the output at 0 (logits) or 0.5 (probabilities)."""
+    out, target = make_case(kind, rng, single=True)
+    t = target.ravel() if target_shape == "(n,)" else target
+    ref, grad = R.loss_ref(kind, out.astype(np.float32).astype(np.float64), target)
+    value, g, engine = native(device, kind, out, t)
+    assert abs(value - ref) < 1e-6 * max(ref, 1) and R.rel_err(g, grad) < 1e-5
+    ev = engine.evaluate(out.astype(np.float32), t.astype(np.float32))
+    expect = ((out.ravel().astype(np.float32) > threshold) == (target.ravel() > 0.5)).mean()
+    assert ev["accuracy"] == pytest.approx(expect) and abs(ev["loss"] - ref) < 1e-6 * max(ref, 1)
+
+
+@pytest.mark.parametrize("head", ["logits", "sigmoid"])
+def test_single_output_binary_classifier_trains(device, head):
+    """Digits 0-4 versus 5-9 with one output unit: train accuracy above 0.9 after 15 epochs, and
+    the predicted probability is high for label 1 (labels are not inverted)."""
+    x, y = mpscy.datasets.load_digits()
+    t = (y >= 5).astype(np.float32)
+    stack = [layers.Dense(32), layers.ReLU(), layers.Dense(1)] + ([layers.Sigmoid()] if head == "sigmoid" else [])
+    model = mpscy.Sequential(stack, input_shape=(64,))
+    loss = "bce_with_logits" if head == "logits" else "binary_cross_entropy"
+    engine = mpscy.Engine(model, loss=loss, optimizer=optim.Adam(lr=3e-3), batch_size=64, device=device, seed=0)
+    first = None
+    for epoch in range(15):
+        for i in range(0, len(x), 64):
+            r = engine.step(x[i:i + 64], t[i:i + 64])
+            first = r.loss if first is None else first
+    ev = engine.evaluate(x, t)
+    assert ev["accuracy"] > 0.9 and ev["loss"] < 0.5 * first
+    p = engine.predict(x)[:, 0]
+    if head == "logits":
+        p = 1 / (1 + np.exp(-p))
+    assert p[t == 1].mean() > 0.7 and p[t == 0].mean() < 0.3
+
+
+# ------------------------------------------------------------------ accuracy kinds
+
+
+def test_accuracy_kinds(device, rng):
+    out, labels = make_case("sparse_cross_entropy", rng)
+    out32 = out.astype(np.float32)
+    e = identity_engine(device, "sparse_cross_entropy", (5,), 6)
+    assert e.evaluate(out32, labels)["accuracy"] == pytest.approx((out32.argmax(1) == labels).mean())
+    probs = softmax(rng.standard_normal((6, 5))).astype(np.float32)
+    e = identity_engine(device, "cross_entropy", (5,), 6)
+    assert e.evaluate(out32, probs)["accuracy"] == pytest.approx((out32.argmax(1) == probs.argmax(1)).mean())
+    e = identity_engine(device, "categorical_cross_entropy", (5,), 6)
+    assert e.evaluate(softmax(out).astype(np.float32), probs)["accuracy"] == \
+        pytest.approx((out32.argmax(1) == probs.argmax(1)).mean())
+    for name in ("mse", "mae", "huber"):
+        e = identity_engine(device, name, (5,), 6)
+        assert e.evaluate(out32, probs)["accuracy"] is None
+        assert e.step(out32, probs).accuracy is None
+
+
+def test_multi_output_threshold_accuracy_counts_elements(device, rng):
+    out = rng.standard_normal((6, 3)).astype(np.float32)
+    t = rng.integers(0, 2, (6, 3)).astype(np.float32)
+    e = identity_engine(device, "bce_with_logits", (3,), 6)
+    assert e.evaluate(out, t)["accuracy"] == pytest.approx(((out > 0) == (t > 0.5)).mean())
+
+
+# ------------------------------------------------------------------ options and errors
+
+
+def test_loss_names_and_classes():
+    expect = {"sparse_cross_entropy": losses.SparseCrossEntropy, "cross_entropy": losses.CrossEntropy,
+              "binary_cross_entropy": losses.BinaryCrossEntropy, "bce_with_logits": losses.BCEWithLogits,
+              "categorical_cross_entropy": losses.CategoricalCrossEntropy, "mse": losses.MSE,
+              "mae": losses.MAE, "huber": losses.Huber}
+    for name, cls in expect.items():
+        assert type(losses.get(name)) is cls
+        assert type(losses.get(cls)) is cls
+    assert losses.Huber().delta == 1.0 and losses.CrossEntropy().label_smoothing == 0.0
+    assert losses.get("huber").spec((3,)) == {"kind": "huber", "accuracy": "none", "delta": 1.0}
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: losses.Huber(delta=0), "delta"),
+    (lambda: losses.CrossEntropy(label_smoothing=1.5), "label_smoothing"),
+    (lambda: losses.SparseCrossEntropy(label_smoothing=-0.1), "label_smoothing"),
+    (lambda: losses.get("hinge"), "unknown loss"),
+])
+def test_bad_loss_options(make, match):
+    with pytest.raises(mpscy.InvalidArgumentError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("loss,shape,error,match", [
+    ("sparse_cross_entropy", (1,), mpscy.InvalidArgumentError, "BCEWithLogits"),
+    ("cross_entropy", (3, 4), mpscy.ShapeError, r"\(classes,\) output"),
+    ("categorical_cross_entropy", (2, 2, 2), mpscy.ShapeError, r"\(classes,\) output"),
+])
+def test_loss_that_cannot_fit_the_output_is_refused(device, loss, shape, error, match):
+    model = mpscy.Sequential([layers.Dropout(0.0)], input_shape=shape)
+    with pytest.raises(error, match=match):
+        mpscy.Engine(model, loss=loss, batch_size=2, device=device)
+
+
+def test_target_checks(device, rng):
+    e = identity_engine(device, "sparse_cross_entropy", (5,), 4)
+    x = rng.standard_normal((4, 5)).astype(np.float32)
+    with pytest.raises(mpscy.DTypeError):
+        e.step(x, np.zeros(4, np.float32))
+    with pytest.raises(mpscy.InvalidArgumentError, match="outside"):
+        e.step(x, np.array([0, 1, 5, 2]))
+    e = identity_engine(device, "mse", (5,), 4)
+    with pytest.raises(mpscy.ShapeError):
+        e.step(x, np.zeros((4, 4), np.float32))
+    with pytest.raises(mpscy.DTypeError):
+        e.step(x, np.zeros((4, 5), np.int64))
