@@ -1,181 +1,15 @@
-/* lbfgs.m — torch.optim.LBFGS on Metal: one MPSCY_MODE_LBFGS call runs the bits of
- * args->lbfgs_ops in mpscy.h's order. The vector work (save, restore, finalize, the two-loop
- * direction, move) is objc/cpu/lbfgs.c's, run on the host over the shared parameter, gradient
- * and optimizer slabs (unified memory: no copy); each evaluation is one train executable run
- * with the update off and the running statistics kept. Dot products accumulate in double like
- * the CPU's. The scalar control flow (line search, stopping tests) is the caller's. */
+/* lbfgs.m — Metal's side of torch.optim.LBFGS: the vector half is objc/common/lbfgs.c, run on
+ * the host over the shared parameter, gradient and optimizer slabs (unified memory: no copy);
+ * each evaluation is one train executable run with the update off, and keeping its running
+ * statistics is a flip of the ping-pong parity. */
 #import "metal.h"
+#include "../common/lbfgs.h"
 
 #include <math.h>
-#include <string.h>
 
-#define FAIL(status, ...) MPSCY_FAIL(err, n, (status), METAL_C, __VA_ARGS__)
-
-/* Host views of the slabs an L-BFGS graph keeps once (parameters, optimizer) or ping-pongs
- * (running statistics: the current parity). */
-typedef struct lbfgs_view {
-    float *params;    // (n_params)
-    float *grads;     // (n_params)
-    float *optim;     // (optim_floats)
-    float *buffers;   // (n_buffers) or NULL
-} lbfgs_view;
-
-static lbfgs_view view_of(metal_graph *g) {
-    MetalGraphState *st = metal_state(g);
-    id<MTLBuffer> buf = g->parity ? st.buffers1 : st.buffers0;
-    lbfgs_view v = {st.params0.contents, st.grads.contents, st.optim0.contents, buf ? buf.contents : NULL};
-    return v;
-}
-
-static double dot(const float *a, const float *b, int64_t n) {  /* (n), (n) */
-    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-    int64_t i = 0;
-    for (; i + 4 <= n; i += 4) {
-        s0 += (double)a[i] * b[i];
-        s1 += (double)a[i + 1] * b[i + 1];
-        s2 += (double)a[i + 2] * b[i + 2];
-        s3 += (double)a[i + 3] * b[i + 3];
-    }
-    for (; i < n; i++) s0 += (double)a[i] * b[i];
-    return (s0 + s1) + (s2 + s3);
-}
-
-static double abs_max(const float *a, int64_t n) {  /* (n) */
-    float m = 0.0f;
-    for (int64_t i = 0; i < n; i++) {
-        float v = fabsf(a[i]);
-        m = v > m ? v : m;
-    }
-    return m;
-}
-
-static double abs_sum(const float *a, int64_t n) {  /* (n) */
-    double s = 0;
-    for (int64_t i = 0; i < n; i++) s += fabsf(a[i]);
-    return s;
-}
-
-/* y = a + t * b, torch's a.add(b, alpha=t) in float32 */
-static void add_scaled(float *y, const float *a, float t, const float *b, int64_t n) {  /* (n) each */
-    for (int64_t i = 0; i < n; i++) y[i] = a[i] + t * b[i];
-}
-
-static int check_state(const metal_graph *g, const mpscy_step_args *a, char *err, size_t n) {
-    const mpscy_lbfgs_layout *L = &g->plan.lbfgs;
-    double start = g->scalars[MPSCY_LBFGS_S_START], len = g->scalars[MPSCY_LBFGS_S_LEN];
-    if (!(start >= 0 && start < (double)L->cap && start == floor(start)) ||
-        !(len >= 0 && len <= g->plan.optim.history_size && len == floor(len)))
-        return FAIL(MPSCY_INVALID, "LBFGS state hist_start %g / hist_len %g outside [0, %lld) / [0, %d]",
-                    start, len, (long long)L->cap, g->plan.optim.history_size);
-    if (a->lbfgs_reg < 0 || a->lbfgs_reg >= MPSCY_LBFGS_REGISTERS || a->lbfgs_flat_reg < 0 ||
-        a->lbfgs_flat_reg >= MPSCY_LBFGS_REGISTERS)
-        return FAIL(MPSCY_INVALID, "LBFGS gradient registers %d and %d must be in 0..%d", a->lbfgs_reg,
-                    a->lbfgs_flat_reg, MPSCY_LBFGS_REGISTERS - 1);
-    if (!isfinite(a->lbfgs_t) || !isfinite(a->lbfgs_t_prev))
-        return FAIL(MPSCY_INVALID, "LBFGS step lengths %g and %g must be finite", a->lbfgs_t_prev, a->lbfgs_t);
-    return MPSCY_OK;
-}
-
-static void save(metal_graph *g) {
+static int forward_backward(void *ctx, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t n) {
+    metal_graph *g = ctx;
     const mpscy_plan *p = &g->plan;
-    const mpscy_lbfgs_layout *L = &p->lbfgs;
-    lbfgs_view v = view_of(g);
-    size_t bytes = (size_t)p->n_params * sizeof(float);
-    if (bytes) {
-        memcpy(v.optim + L->x0, v.params, bytes);
-        memcpy(v.optim + L->d0, v.optim + L->d, bytes);
-        memcpy(v.optim + L->prev0, v.optim + L->prev_flat_grad, bytes);
-    }
-    if (v.buffers) memcpy(v.optim + L->buf0, v.buffers, (size_t)p->n_buffers * sizeof(float));
-    memcpy(g->scalars + MPSCY_LBFGS_S_SAVED, g->scalars, MPSCY_LBFGS_S_SAVED * sizeof(double));
-}
-
-/* History rows alive when the step began were never overwritten (the ring has max_iter spare
- * rows), so resetting hist_start/hist_len restores the history too. */
-static void restore(metal_graph *g) {
-    const mpscy_plan *p = &g->plan;
-    const mpscy_lbfgs_layout *L = &p->lbfgs;
-    lbfgs_view v = view_of(g);
-    size_t bytes = (size_t)p->n_params * sizeof(float);
-    if (bytes) {
-        memcpy(v.params, v.optim + L->x0, bytes);
-        memcpy(v.optim + L->d, v.optim + L->d0, bytes);
-        memcpy(v.optim + L->prev_flat_grad, v.optim + L->prev0, bytes);
-    }
-    if (v.buffers) memcpy(v.buffers, v.optim + L->buf0, (size_t)p->n_buffers * sizeof(float));
-    memcpy(g->scalars, g->scalars + MPSCY_LBFGS_S_SAVED, MPSCY_LBFGS_S_SAVED * sizeof(double));
-}
-
-/* torch.optim.LBFGS's direction: the first iteration goes down the gradient; later ones store
- * (y, s) when y.s > 1e-10 (dropping the oldest past history_size) and apply the two-loop
- * recursion with the initial Hessian scale H_diag = y.s / y.y. Then prev_flat_grad = g. */
-static void direction(metal_graph *g, const mpscy_step_args *a, mpscy_step_result *r) {
-    const mpscy_plan *p = &g->plan;
-    const mpscy_lbfgs_layout *L = &p->lbfgs;
-    lbfgs_view v = view_of(g);
-    int64_t n = p->n_params, ld = n, cap = L->cap;
-    const float *gr = v.optim + L->reg[a->lbfgs_flat_reg];      // (n)
-    float *d = v.optim + L->d;                                   // (n)
-    float *pg = v.optim + L->prev_flat_grad;                     // (n)
-    float *dirs = v.optim + L->old_dirs, *stps = v.optim + L->old_stps;   // (cap, ld) each
-    float *ro = v.optim + L->ro;                                 // (cap)
-    double *al = (double *)(void *)(v.optim + L->al);            // (cap) doubles
-    double *S = g->scalars;
-
-    if (a->lbfgs_ops & MPSCY_LBFGS_FIRST) {
-        for (int64_t i = 0; i < n; i++) d[i] = -gr[i];
-        S[MPSCY_LBFGS_S_START] = 0;
-        S[MPSCY_LBFGS_S_LEN] = 0;
-        S[MPSCY_LBFGS_S_H_DIAG] = 1;
-    } else {
-        int64_t start = (int64_t)S[MPSCY_LBFGS_S_START], len = (int64_t)S[MPSCY_LBFGS_S_LEN];
-        int64_t row = (start + len) % cap;   /* the next free row: never one alive at BEGIN */
-        float *y = dirs + row * ld, *s = stps + row * ld;
-        float t = (float)a->lbfgs_t_prev;
-        for (int64_t i = 0; i < n; i++) {
-            y[i] = gr[i] - pg[i];
-            s[i] = d[i] * t;
-        }
-        double ys = dot(y, s, n);
-        if (ys > 1e-10) {
-            if (len == p->optim.history_size) start = (start + 1) % cap;
-            else len += 1;
-            ro[row] = (float)(1.0 / ys);
-            S[MPSCY_LBFGS_S_H_DIAG] = ys / dot(y, y, n);
-            S[MPSCY_LBFGS_S_START] = (double)start;
-            S[MPSCY_LBFGS_S_LEN] = (double)len;
-        }
-        /* q = -g, newest to oldest; then r = H_diag q, oldest to newest; d = r */
-        for (int64_t i = 0; i < n; i++) d[i] = -gr[i];
-        for (int64_t k = len - 1; k >= 0; k--) {
-            int64_t rk = (start + k) % cap;
-            al[k] = dot(stps + rk * ld, d, n) * ro[rk];
-            float c = (float)-al[k];
-            const float *yk = dirs + rk * ld;
-            for (int64_t i = 0; i < n; i++) d[i] += c * yk[i];
-        }
-        float h = (float)S[MPSCY_LBFGS_S_H_DIAG];
-        for (int64_t i = 0; i < n; i++) d[i] *= h;
-        for (int64_t k = 0; k < len; k++) {
-            int64_t rk = (start + k) % cap;
-            double be = dot(dirs + rk * ld, d, n) * ro[rk];
-            float c = (float)(al[k] - be);
-            const float *sk = stps + rk * ld;
-            for (int64_t i = 0; i < n; i++) d[i] += c * sk[i];
-        }
-    }
-    memcpy(pg, gr, (size_t)n * sizeof(float));
-    r->lbfgs_gtd = dot(gr, d, n);
-    r->lbfgs_d_max = abs_max(d, n);
-}
-
-/* Forward, loss and backward at the current parameters (one train executable, update off),
- * with the optional L2 term weight_decay/2 |params|^2 in the objective; running statistics
- * are kept only when all is finite; the gradient lands in register lbfgs_reg. */
-static int evaluate(metal_graph *g, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t n) {
-    const mpscy_plan *p = &g->plan;
-    const mpscy_lbfgs_layout *L = &p->lbfgs;
-    int64_t np = p->n_params;
     double mu_next = 0.0;
     int st = metal_run_train(g, a, 0, 1, (int64_t)g->scalars[0] + 1, &mu_next, err, n);
     if (st != MPSCY_OK) return st;
@@ -183,62 +17,19 @@ static int evaluate(metal_graph *g, const mpscy_step_args *a, mpscy_step_result 
     r->correct = p->loss.accuracy == MPSCY_ACCURACY_NONE ? -1 : (int64_t)g->stats[METAL_S_CORRECT];
     r->grad_norm = g->stats[METAL_S_NORM];
     r->finite = isfinite(r->loss) && g->stats[METAL_S_FINITE] > 0.5f;
-    if (!r->finite) return MPSCY_OK;
-    lbfgs_view v = view_of(g);
-    if (a->weight_decay != 0.0) {
-        float wd = (float)a->weight_decay;
-        r->loss += 0.5 * a->weight_decay * dot(v.params, v.params, np);
-        for (int64_t i = 0; i < np; i++) v.grads[i] += wd * v.params[i];
-        r->grad_norm = sqrt(dot(v.grads, v.grads, np));
-        r->finite = isfinite(r->loss) && isfinite(r->grad_norm);
-        if (!r->finite) return MPSCY_OK;
-    }
-    /* commit: the executable wrote the new running statistics into the other slab */
-    g->parity ^= 1;
-    float *reg = v.optim + L->reg[a->lbfgs_reg];
-    if (np) memcpy(reg, v.grads, (size_t)np * sizeof(float));
-    r->lbfgs_gtd_new = dot(reg, v.optim + L->d, np);
-    r->lbfgs_g_max = abs_max(reg, np);
-    r->lbfgs_g_sum = abs_sum(reg, np);
     return MPSCY_OK;
 }
 
+/* the executable wrote the new running statistics into the other slab: make it current */
+static void commit(void *ctx, const mpscy_step_args *a) {
+    (void)a;
+    ((metal_graph *)ctx)->parity ^= 1;
+}
+
 int metal_lbfgs_step(metal_graph *g, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t n) {
-    const mpscy_plan *p = &g->plan;
-    const mpscy_lbfgs_layout *L = &p->lbfgs;
-    int32_t ops = a->lbfgs_ops;
-    int st = check_state(g, a, err, n);
-    if (st != MPSCY_OK) return st;
-    r->finite = 1;
-    if (ops & MPSCY_LBFGS_ROLLBACK) restore(g);
-    if (ops & MPSCY_LBFGS_BEGIN) save(g);
-    lbfgs_view v = view_of(g);
-    if (ops & MPSCY_LBFGS_FINALIZE) {
-        add_scaled(v.params, v.optim + L->base, (float)a->lbfgs_t_prev, v.optim + L->d, p->n_params);
-        r->applied = 1;
-    }
-    if (ops & MPSCY_LBFGS_DIRECTION) {
-        direction(g, a, r);
-        if (r->lbfgs_gtd > -p->optim.tolerance_change) {
-            r->lbfgs_stopped = 1;
-            return MPSCY_OK;
-        }
-        if (p->n_params) memcpy(v.optim + L->base, v.params, (size_t)p->n_params * sizeof(float));
-    }
-    if (ops & MPSCY_LBFGS_MOVE) {
-        add_scaled(v.params, v.optim + L->base, (float)a->lbfgs_t, v.optim + L->d, p->n_params);
-        if (ops & MPSCY_LBFGS_COUNT) g->scalars[MPSCY_LBFGS_S_STEP] += 1;
-        r->applied = 1;
-    }
-    if (ops & MPSCY_LBFGS_EVAL) {
-        st = evaluate(g, a, r, err, n);
-        if (st != MPSCY_OK || !r->finite) {
-            restore(g);
-            r->applied = 0;
-            if (st != MPSCY_OK) return st;
-            return FAIL(MPSCY_NONFINITE, "loss %g, gradient norm %g: not finite; the LBFGS step was undone",
-                        r->loss, r->grad_norm);
-        }
-    }
-    return MPSCY_OK;
+    MetalGraphState *st = metal_state(g);
+    id<MTLBuffer> buffers = g->parity ? st.buffers1 : st.buffers0;  /* the current running statistics */
+    mpscy_lbfgs_host h = {&g->plan, st.params0.contents, buffers ? buffers.contents : NULL, st.grads.contents,
+                          st.optim0.contents, g->scalars, forward_backward, commit, g, METAL_C};
+    return mpscy_lbfgs_call(&h, a, r, err, n);
 }
