@@ -5,13 +5,16 @@ and the Cython bridge. It prints which backends it built. Environment:
   MPSCY_CUDA_ARCH=...  nvcc -gencode list, e.g. "90;80" (default: 80;90 plus PTX of the last)
   MPSCY_CUBLAS_DIR=... a directory with include/cublasLt.h (default: the CUDA home, then the
                        nvidia-cublas wheel); cuBLASLt is loaded at run time, never linked
+  MPSCY_METAL=0        leave the metal backend out (default: built on macOS 13+ with clang)
   MPSCY_DEBUG=1        Cython bounds/wraparound checks on, -O0 -g
 """
 import glob
 import os
+import platform
 import shutil
 import subprocess
 import sys
+import sysconfig
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
@@ -33,6 +36,33 @@ def openblas():
     so = [p for p in glob.glob(os.path.join(lib_dir, "lib" + ob.get_library() + "*"))
           if p.endswith((".so", ".dylib", ".dll"))]
     return ob.get_include_dir(), lib_dir, ob.get_library(), so[0]
+
+
+def metal_build():
+    """(True, "") when objc/metal/*.m is built: macOS 13 or newer and a clang compiler (the
+    Objective-C needs ARC, which gcc lacks); else (False, reason). Linux never gets here."""
+    if not DARWIN:
+        return False, "not macOS"
+    if os.environ.get("MPSCY_METAL") == "0":
+        return False, "MPSCY_METAL=0"
+    if not rel("objc/metal/*.m"):
+        return False, "no objc/metal sources"
+    version = platform.mac_ver()[0]
+    major = int(version.split(".")[0]) if version else 0
+    if major < 13:
+        return False, f"macOS {version or 'version unknown'} is older than 13"
+    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
+    try:
+        banner = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    except OSError:
+        banner = ""
+    if "clang" not in banner:
+        return False, f"the C compiler {cc} is not clang"
+    return True, ""
+
+
+# Objective-C flags reach the .m files only: ARC, and the macOS the MPSGraph calls need.
+METAL_FLAGS = ["-fobjc-arc", "-mmacosx-version-min=13.0"]
 
 
 def _first(paths):
@@ -130,12 +160,21 @@ def nvcc_compile(build_temp):
 
 
 class BuildExt(build_ext):
-    """Compiles .cu sources with nvcc (CuPy's pattern) and bundles OpenBLAS next to the
-    extension so it is found through an $ORIGIN rpath, not as a runtime dependency."""
+    """Compiles .cu sources with nvcc (CuPy's pattern) and .m sources apart with the
+    Objective-C flags, and bundles OpenBLAS next to the extension so it is found through an
+    $ORIGIN rpath, not as a runtime dependency."""
 
     def build_extension(self, ext):
         cu = [s for s in ext.sources if s.endswith(".cu")]
-        ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
+        objc = [s for s in ext.sources if s.endswith(".m")]
+        ext.sources = [s for s in ext.sources if not s.endswith((".cu", ".m"))]
+        if objc:
+            # compiled apart so that -fobjc-arc never reaches the C sources (the Cython one included)
+            ext.depends = sorted(set(ext.depends) | set(objc) | set(rel("objc/metal/*.h")))
+            ext.extra_objects += self.compiler.compile(
+                objc, output_dir=self.build_temp, macros=ext.define_macros,
+                include_dirs=ext.include_dirs, debug=self.debug,
+                extra_postargs=[*ext.extra_compile_args, *METAL_FLAGS])
         if CUDA and ("MPSCY_HAVE_CUDA", None) in ext.define_macros:
             try:
                 ext.extra_objects += nvcc_compile(self.build_temp)
@@ -213,17 +252,17 @@ def extension():
         sys.exit(f"mpscy: MPSCY_CUDA=1 but the cuda backend cannot be built: {CUDA_WHY}")
     else:
         print(f"mpscy: cuda backend not built ({CUDA_WHY})")
-    if DARWIN and rel("objc/metal/*.m"):
-        mac = tuple(int(x) for x in (os.environ.get("MACOSX_DEPLOYMENT_TARGET") or
-                                     subprocess.run(["sw_vers", "-productVersion"], capture_output=True,
-                                                    text=True).stdout.strip() or "0").split(".")[:2])
-        if mac >= (13,):
-            sources += rel("objc/metal/*.m")
-            macros.append(("MPSCY_HAVE_METAL", None))
-            compile_args.append("-fobjc-arc")
-            for fw in ("Foundation", "Metal", "MetalPerformanceShaders", "MetalPerformanceShadersGraph"):
-                link_args += ["-framework", fw]
-            built.append("metal")
+    metal, why = metal_build()
+    if metal:
+        sources += rel("objc/metal/*.m")
+        macros.append(("MPSCY_HAVE_METAL", None))
+        # CoreGraphics: without it MTLCreateSystemDefaultDevice returns nil outside an app
+        for fw in ("Foundation", "CoreGraphics", "Metal", "MetalPerformanceShaders",
+                   "MetalPerformanceShadersGraph"):
+            link_args += ["-framework", fw]
+        built.append("metal")
+    elif DARWIN:
+        print(f"mpscy: metal backend not built ({why})")
     print("mpscy: building backends: " + ", ".join(built))
     depends = rel("objc/*.h") + rel("objc/*/*.h") + cuda_sources()
     return Extension("mpscy._native", sources=sources, depends=depends, include_dirs=include_dirs,

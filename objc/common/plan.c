@@ -536,3 +536,32 @@ size_t mpscy_plan_bytes(const mpscy_plan *p) {
     return (size_t)p->n_nodes * sizeof(mpscy_node) +
            (size_t)(8 * p->n_nodes + MPSCY_MAX_OPTIM_SLOTS + 4) * sizeof(mpscy_tensor);
 }
+
+const mpscy_tensor *mpscy_plan_tensor(const mpscy_plan *p, int32_t index, size_t bytes, int check_bytes,
+                                      const char *component, char *err, size_t errlen, int *st) {
+    if (index < 0 || index >= p->n_tensors) {
+        *st = FAIL(MPSCY_INVALID, "tensor index %d outside 0..%d", index, p->n_tensors - 1);
+        return NULL;
+    }
+    const mpscy_tensor *t = &p->tensors[index];
+    size_t want = (size_t)t->info.count * (t->info.dtype == MPSCY_F32 ? 4 : 8);
+    if (check_bytes && bytes != want) {
+        *st = FAIL(MPSCY_SHAPE, "tensor '%s' holds %zu bytes, not %zu", t->info.name, want, bytes);
+        return NULL;
+    }
+    *st = MPSCY_OK;
+    return t;
+}
+
+int mpscy_plan_io_slot(const mpscy_plan *p, int32_t kind, int32_t index, int32_t *slot,
+                       const char *component, char *err, size_t errlen) {
+    int32_t ni = p->n_inputs;
+    if (kind == MPSCY_IO_INPUT && index >= 0 && index < ni) *slot = index;
+    else if (kind == MPSCY_IO_TARGET && index == 0) *slot = ni;
+    else if (kind == MPSCY_IO_OUTPUT && index == 0) *slot = ni + 1;
+    else if (kind == MPSCY_IO_INPUT_GRAD && index >= 0 && index < ni && p->input_grad) *slot = ni + 2 + index;
+    else if (kind == MPSCY_IO_INPUT_GRAD)
+        return FAIL(MPSCY_INVALID, "input gradients need a graph built with input_grad = 1 (index %d of %d inputs)", index, ni);
+    else return FAIL(MPSCY_INVALID, "no io buffer of kind %d and index %d (graph has %d inputs)", kind, index, ni);
+    return MPSCY_OK;
+}

@@ -94,6 +94,17 @@ int mpscy_plan_build(mpscy_plan *plan, const mpscy_graph_desc *desc, const char 
 void mpscy_plan_free(mpscy_plan *plan);
 size_t mpscy_plan_bytes(const mpscy_plan *plan);
 
+/* Tensor `index` of the table, checked (and, when check_bytes, its byte size against `bytes`):
+ * the lookup every backend's tensor_info/read/write starts with. NULL with *st set on error. */
+const mpscy_tensor *mpscy_plan_tensor(const mpscy_plan *p, int32_t index, size_t bytes, int check_bytes,
+                                      const char *component, char *err, size_t errlen, int *st);
+
+/* The io buffer slot of (kind, index): inputs 0..n_inputs-1, target n_inputs, output n_inputs+1,
+ * input gradients n_inputs+2+index (graphs built with input_grad). The layout every backend's
+ * array of borrowed io buffer heads follows. */
+int mpscy_plan_io_slot(const mpscy_plan *p, int32_t kind, int32_t index, int32_t *slot,
+                       const char *component, char *err, size_t errlen);
+
 /* Floats needed at batch b for node n's output. */
 static inline int64_t mpscy_node_floats(const mpscy_node *n, int64_t b) { return b * n->size; }
 

@@ -9,6 +9,17 @@
 #include "../common/plan.h"
 
 #define CPU "cpu"
+
+/* Hot element-wise loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load
+ * time (GCC/Clang function multi-versioning), so a portable build still uses wide vectors. */
+#if defined(__x86_64__) && defined(__linux__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define CPU_SIMD __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+#endif
+#ifndef CPU_SIMD
+#define CPU_SIMD
+#endif
 #define CPU_ALIGN 64
 
 typedef struct cpu_device {
@@ -17,7 +28,7 @@ typedef struct cpu_device {
 } cpu_device;
 
 /* parallel.c: worker threads of one graph; cpu_parallel runs fn(ctx, t, nt) for t in 0..nt-1
- * (t = 0 on the caller), returns when all are done, and returns nt. A NULL pool, a nested call
+ * (each t once, on whichever thread claims it), returns when all are done, and returns nt. A NULL pool, a nested call
  * or a forked child runs fn(ctx, 0, 1). */
 typedef struct cpu_pool cpu_pool;
 typedef void (*cpu_task)(void *ctx, int32_t t, int32_t nt);
@@ -122,7 +133,7 @@ int64_t cpu_check_labels(const int32_t *labels, int64_t b, int64_t classes);
 
 /* optim.c: global L2 norm of the gradient slab (double accumulation; not finite exactly
  * when some gradient is not finite), clipping, and the update over the flat slab. */
-double cpu_grad_norm(const float *grads, int64_t n);
+double cpu_grad_norm(cpu_pool *pool, const float *grads, int64_t n);
 void cpu_clip(float *grads, int64_t n, double norm, const mpscy_optim_desc *o);
 void cpu_optim_update(cpu_graph *g, const mpscy_step_args *a);
 int cpu_optim_supported(int32_t kind);

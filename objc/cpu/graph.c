@@ -160,16 +160,10 @@ int cpu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph 
 
 int cpu_graph_io(mpscy_graph gh, int32_t kind, int32_t index, mpscy_buffer *out, char *err, size_t n) {
     cpu_graph *g = (cpu_graph *)gh;
-    int32_t ni = g->plan.n_inputs;
-    if (kind == MPSCY_IO_INPUT && index >= 0 && index < ni) *out = &g->io_bufs[index];
-    else if (kind == MPSCY_IO_TARGET && index == 0) *out = &g->io_bufs[ni];
-    else if (kind == MPSCY_IO_OUTPUT && index == 0) *out = &g->io_bufs[ni + 1];
-    else if (kind == MPSCY_IO_INPUT_GRAD && index >= 0 && index < ni && g->plan.input_grad)
-        *out = &g->io_bufs[ni + 2 + index];
-    else if (kind == MPSCY_IO_INPUT_GRAD)
-        return FAIL(MPSCY_INVALID, "input gradients need a graph built with input_grad = 1 (index %d of %d inputs)", index, ni);
-    else return FAIL(MPSCY_INVALID, "no io buffer of kind %d and index %d (graph has %d inputs)", kind, index, ni);
-    return MPSCY_OK;
+    int32_t slot;
+    int st = mpscy_plan_io_slot(&g->plan, kind, index, &slot, CPU, err, n);
+    if (st == MPSCY_OK) *out = &g->io_bufs[slot];
+    return st;
 }
 
 int cpu_tensor_count(mpscy_graph gh, int32_t *out) {
@@ -178,18 +172,7 @@ int cpu_tensor_count(mpscy_graph gh, int32_t *out) {
 }
 
 static const mpscy_tensor *find(cpu_graph *g, int32_t index, size_t bytes, int check, char *err, size_t n, int *st) {
-    if (index < 0 || index >= g->plan.n_tensors) {
-        *st = FAIL(MPSCY_INVALID, "tensor index %d outside 0..%d", index, g->plan.n_tensors - 1);
-        return NULL;
-    }
-    const mpscy_tensor *t = &g->plan.tensors[index];
-    size_t want = (size_t)t->info.count * (t->info.dtype == MPSCY_F32 ? 4 : 8);
-    if (check && bytes != want) {
-        *st = FAIL(MPSCY_SHAPE, "tensor '%s' holds %zu bytes, not %zu", t->info.name, want, bytes);
-        return NULL;
-    }
-    *st = MPSCY_OK;
-    return t;
+    return mpscy_plan_tensor(&g->plan, index, bytes, check, CPU, err, n, st);
 }
 
 int cpu_tensor_info(mpscy_graph gh, int32_t index, mpscy_tensor_info *out, char *err, size_t n) {

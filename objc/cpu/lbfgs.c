@@ -1,211 +1,22 @@
-/* lbfgs.c — the vector half of torch.optim.LBFGS on the CPU: one MPSCY_MODE_LBFGS call runs the
- * bits of args->lbfgs_ops in mpscy.h's order (rollback, begin, finalize, direction, move,
- * evaluate) over the flat parameter slab. The scalar control flow (iteration count, the
- * strong-Wolfe bracketing and zoom, stopping tests) is the caller's: src/mpscy/engine.py.
- * Dot products accumulate in double; the vectors stay float32 like torch's. Nothing allocates. */
+/* lbfgs.c — the CPU's side of L-BFGS: its slabs and evaluation handed to the shared vector half
+ * in common/lbfgs.c (which runs the direction, moves, save and undo over the flat slab). */
 #include "cpu.h"
+#include "../common/lbfgs.h"
 
-#include <math.h>
-#include <string.h>
-
-#define FAIL(status, ...) MPSCY_FAIL(err, n, (status), CPU, __VA_ARGS__)
-
-static double dot(const float *a, const float *b, int64_t n) {  /* (n), (n) */
-    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-    int64_t i = 0;
-    for (; i + 4 <= n; i += 4) {
-        s0 += (double)a[i] * b[i];
-        s1 += (double)a[i + 1] * b[i + 1];
-        s2 += (double)a[i + 2] * b[i + 2];
-        s3 += (double)a[i + 3] * b[i + 3];
-    }
-    for (; i < n; i++) s0 += (double)a[i] * b[i];
-    return (s0 + s1) + (s2 + s3);
-}
-
-static double abs_max(const float *a, int64_t n) {  /* (n) */
-    float m = 0.0f;
-    for (int64_t i = 0; i < n; i++) {
-        float v = fabsf(a[i]);
-        m = v > m ? v : m;
-    }
-    return m;
-}
-
-static double abs_sum(const float *a, int64_t n) {  /* (n) */
-    double s = 0;
-    for (int64_t i = 0; i < n; i++) s += fabsf(a[i]);
-    return s;
-}
-
-/* y = a + t * b, torch's a.add(b, alpha=t) in float32. */
-static void add_scaled(float *y, const float *a, float t, const float *b, int64_t n) {  /* (n) each */
-    for (int64_t i = 0; i < n; i++) y[i] = a[i] + t * b[i];
-}
-
-/* The state scalars come from the caller through tensor writes: check them before use. */
-static int check_state(const cpu_graph *g, const mpscy_step_args *a, char *err, size_t n) {
-    const mpscy_lbfgs_layout *L = &g->plan.lbfgs;
-    double start = g->scalars[MPSCY_LBFGS_S_START], len = g->scalars[MPSCY_LBFGS_S_LEN];
-    if (!(start >= 0 && start < (double)L->cap && start == floor(start)) ||
-        !(len >= 0 && len <= g->plan.optim.history_size && len == floor(len)))
-        return FAIL(MPSCY_INVALID, "LBFGS state hist_start %g / hist_len %g outside [0, %lld) / [0, %d]",
-                    start, len, (long long)L->cap, g->plan.optim.history_size);
-    if (a->lbfgs_reg < 0 || a->lbfgs_reg >= MPSCY_LBFGS_REGISTERS || a->lbfgs_flat_reg < 0 ||
-        a->lbfgs_flat_reg >= MPSCY_LBFGS_REGISTERS)
-        return FAIL(MPSCY_INVALID, "LBFGS gradient registers %d and %d must be in 0..%d", a->lbfgs_reg,
-                    a->lbfgs_flat_reg, MPSCY_LBFGS_REGISTERS - 1);
-    if (!isfinite(a->lbfgs_t) || !isfinite(a->lbfgs_t_prev))
-        return FAIL(MPSCY_INVALID, "LBFGS step lengths %g and %g must be finite", a->lbfgs_t_prev, a->lbfgs_t);
+static int forward_backward(void *ctx, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t n) {
+    (void)err; (void)n;
+    cpu_forward_backward((cpu_graph *)ctx, a, r);
     return MPSCY_OK;
 }
 
-static void save(cpu_graph *g) {
-    const mpscy_plan *p = &g->plan;
-    const mpscy_lbfgs_layout *L = &p->lbfgs;
-    size_t bytes = (size_t)p->n_params * sizeof(float);
-    memcpy(g->optim + L->x0, g->params, bytes);
-    memcpy(g->optim + L->d0, g->optim + L->d, bytes);
-    memcpy(g->optim + L->prev0, g->optim + L->prev_flat_grad, bytes);
-    memcpy(g->optim + L->buf0, g->params + p->n_params, (size_t)p->n_buffers * sizeof(float));
-    memcpy(g->scalars + MPSCY_LBFGS_S_SAVED, g->scalars, MPSCY_LBFGS_S_SAVED * sizeof(double));
-}
-
-/* History rows alive when the step began were never overwritten (the ring has max_iter spare
- * rows), so resetting hist_start/hist_len restores the history too. */
-static void restore(cpu_graph *g) {
-    const mpscy_plan *p = &g->plan;
-    const mpscy_lbfgs_layout *L = &p->lbfgs;
-    size_t bytes = (size_t)p->n_params * sizeof(float);
-    memcpy(g->params, g->optim + L->x0, bytes);
-    memcpy(g->optim + L->d, g->optim + L->d0, bytes);
-    memcpy(g->optim + L->prev_flat_grad, g->optim + L->prev0, bytes);
-    memcpy(g->params + p->n_params, g->optim + L->buf0, (size_t)p->n_buffers * sizeof(float));
-    memcpy(g->scalars, g->scalars + MPSCY_LBFGS_S_SAVED, MPSCY_LBFGS_S_SAVED * sizeof(double));
-}
-
-/* torch.optim.LBFGS's direction: the first iteration goes down the gradient; later ones store
- * (y, s) when y.s > 1e-10 (dropping the oldest past history_size) and apply the two-loop
- * recursion with the initial Hessian scale H_diag = y.s / y.y. Then prev_flat_grad = g. */
-static void direction(cpu_graph *g, const mpscy_step_args *a, mpscy_step_result *r) {
-    const mpscy_plan *p = &g->plan;
-    const mpscy_lbfgs_layout *L = &p->lbfgs;
-    int64_t n = p->n_params, ld = n, cap = L->cap;
-    const float *gr = g->optim + L->reg[a->lbfgs_flat_reg];  /* (n) */
-    float *d = g->optim + L->d;                               /* (n) */
-    float *pg = g->optim + L->prev_flat_grad;                 /* (n) */
-    float *dirs = g->optim + L->old_dirs, *stps = g->optim + L->old_stps;  /* (cap, ld) */
-    float *ro = g->optim + L->ro;                             /* (cap) */
-    double *al = (double *)(g->optim + L->al);                /* (cap) */
-    double *S = g->scalars;
-
-    if (a->lbfgs_ops & MPSCY_LBFGS_FIRST) {
-        for (int64_t i = 0; i < n; i++) d[i] = -gr[i];
-        S[MPSCY_LBFGS_S_START] = 0;
-        S[MPSCY_LBFGS_S_LEN] = 0;
-        S[MPSCY_LBFGS_S_H_DIAG] = 1;
-    } else {
-        int64_t start = (int64_t)S[MPSCY_LBFGS_S_START], len = (int64_t)S[MPSCY_LBFGS_S_LEN];
-        int64_t row = (start + len) % cap;   /* the next free row: never one alive at BEGIN */
-        float *y = dirs + row * ld, *s = stps + row * ld;
-        float t = (float)a->lbfgs_t_prev;
-        for (int64_t i = 0; i < n; i++) {
-            y[i] = gr[i] - pg[i];
-            s[i] = d[i] * t;
-        }
-        double ys = dot(y, s, n);
-        if (ys > 1e-10) {
-            if (len == p->optim.history_size) start = (start + 1) % cap;
-            else len += 1;
-            ro[row] = (float)(1.0 / ys);
-            S[MPSCY_LBFGS_S_H_DIAG] = ys / dot(y, y, n);
-            S[MPSCY_LBFGS_S_START] = (double)start;
-            S[MPSCY_LBFGS_S_LEN] = (double)len;
-        }
-        /* q = -g, newest to oldest; then r = H_diag q, oldest to newest; d = r */
-        for (int64_t i = 0; i < n; i++) d[i] = -gr[i];
-        for (int64_t k = len - 1; k >= 0; k--) {
-            int64_t rk = (start + k) % cap;
-            al[k] = dot(stps + rk * ld, d, n) * ro[rk];
-            float c = (float)-al[k];
-            const float *yk = dirs + rk * ld;
-            for (int64_t i = 0; i < n; i++) d[i] += c * yk[i];
-        }
-        float h = (float)S[MPSCY_LBFGS_S_H_DIAG];
-        for (int64_t i = 0; i < n; i++) d[i] *= h;
-        for (int64_t k = 0; k < len; k++) {
-            int64_t rk = (start + k) % cap;
-            double be = dot(dirs + rk * ld, d, n) * ro[rk];
-            float c = (float)(al[k] - be);
-            const float *sk = stps + rk * ld;
-            for (int64_t i = 0; i < n; i++) d[i] += c * sk[i];
-        }
-    }
-    memcpy(pg, gr, (size_t)n * sizeof(float));
-    r->lbfgs_gtd = dot(gr, d, n);
-    r->lbfgs_d_max = abs_max(d, n);
-}
-
-/* Forward, loss and backward at the current parameters, with the optional L2 term
- * weight_decay/2 |params|^2 in the objective; the gradient lands in register lbfgs_reg. */
-static void evaluate(cpu_graph *g, const mpscy_step_args *a, mpscy_step_result *r) {
-    const mpscy_plan *p = &g->plan;
-    const mpscy_lbfgs_layout *L = &p->lbfgs;
-    int64_t n = p->n_params;
-    cpu_forward_backward(g, a, r);
-    if (!r->finite) return;
-    float *w = g->params, *gr = g->grads;  /* (n) each */
-    if (a->weight_decay != 0.0) {
-        float wd = (float)a->weight_decay;
-        r->loss += 0.5 * a->weight_decay * dot(w, w, n);
-        for (int64_t i = 0; i < n; i++) gr[i] += wd * w[i];
-        r->grad_norm = cpu_grad_norm(gr, n);
-        r->finite = isfinite(r->loss) && isfinite(r->grad_norm);
-        if (!r->finite) return;
-    }
-    for (int32_t i = 0; i < p->n_nodes; i++)
-        if (cpu_layers[p->nodes[i].kind].commit) cpu_layers[p->nodes[i].kind].commit(g, &p->nodes[i], a->batch);
-    float *reg = g->optim + L->reg[a->lbfgs_reg];
-    memcpy(reg, gr, (size_t)n * sizeof(float));
-    r->lbfgs_gtd_new = dot(reg, g->optim + L->d, n);
-    r->lbfgs_g_max = abs_max(reg, n);
-    r->lbfgs_g_sum = abs_sum(reg, n);
+static void commit(void *ctx, const mpscy_step_args *a) {
+    cpu_graph *g = ctx;
+    for (int32_t i = 0; i < g->plan.n_nodes; i++)
+        if (cpu_layers[g->plan.nodes[i].kind].commit) cpu_layers[g->plan.nodes[i].kind].commit(g, &g->plan.nodes[i], a->batch);
 }
 
 int cpu_lbfgs_step(cpu_graph *g, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t n) {
-    const mpscy_plan *p = &g->plan;
-    const mpscy_lbfgs_layout *L = &p->lbfgs;
-    int32_t ops = a->lbfgs_ops;
-    int st = check_state(g, a, err, n);
-    if (st != MPSCY_OK) return st;
-    r->finite = 1;
-    if (ops & MPSCY_LBFGS_ROLLBACK) restore(g);
-    if (ops & MPSCY_LBFGS_BEGIN) save(g);
-    if (ops & MPSCY_LBFGS_FINALIZE) {
-        add_scaled(g->params, g->optim + L->base, (float)a->lbfgs_t_prev, g->optim + L->d, p->n_params);
-        r->applied = 1;
-    }
-    if (ops & MPSCY_LBFGS_DIRECTION) {
-        direction(g, a, r);
-        if (r->lbfgs_gtd > -p->optim.tolerance_change) {
-            r->lbfgs_stopped = 1;
-            return MPSCY_OK;
-        }
-        memcpy(g->optim + L->base, g->params, (size_t)p->n_params * sizeof(float));
-    }
-    if (ops & MPSCY_LBFGS_MOVE) {
-        add_scaled(g->params, g->optim + L->base, (float)a->lbfgs_t, g->optim + L->d, p->n_params);
-        if (ops & MPSCY_LBFGS_COUNT) g->scalars[MPSCY_LBFGS_S_STEP] += 1;
-        r->applied = 1;
-    }
-    if (ops & MPSCY_LBFGS_EVAL) {
-        evaluate(g, a, r);
-        if (!r->finite) {
-            restore(g);
-            r->applied = 0;
-            return FAIL(MPSCY_NONFINITE, "loss %g, gradient norm %g: not finite; the LBFGS step was undone",
-                        r->loss, r->grad_norm);
-        }
-    }
-    return MPSCY_OK;
+    mpscy_lbfgs_host h = {&g->plan, g->params, g->params + g->plan.n_params, g->grads, g->optim, g->scalars,
+                          forward_backward, commit, g, CPU};
+    return mpscy_lbfgs_call(&h, a, r, err, n);
 }

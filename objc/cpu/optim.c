@@ -7,19 +7,36 @@
 
 #include <math.h>
 
-double cpu_grad_norm(const float *grads, int64_t n) {
+typedef struct norm_job {
+    const float *grads;
+    int64_t n;
+    double partial[64];  /* one sum per thread, added in thread order: deterministic */
+} norm_job;
+
+CPU_SIMD static double sum_squares(const float *x, int64_t n) {
     /* Double accumulation cannot overflow for finite float32 inputs, so the result is finite
-     * exactly when every gradient is. Four partial sums let the compiler vectorize. */
-    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+     * exactly when every gradient is. Eight partial sums let the compiler vectorize. */
+    double s[8] = {0};
     int64_t i = 0;
-    for (; i + 4 <= n; i += 4) {
-        s0 += (double)grads[i] * grads[i];
-        s1 += (double)grads[i + 1] * grads[i + 1];
-        s2 += (double)grads[i + 2] * grads[i + 2];
-        s3 += (double)grads[i + 3] * grads[i + 3];
-    }
-    for (; i < n; i++) s0 += (double)grads[i] * grads[i];
-    return sqrt((s0 + s1) + (s2 + s3));
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++) s[k] += (double)x[i + k] * x[i + k];
+    for (; i < n; i++) s[0] += (double)x[i] * x[i];
+    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+static void norm_task(void *ctx, int32_t t, int32_t nt) {
+    norm_job *j = ctx;
+    int64_t lo, hi;
+    cpu_split(j->n, t, nt, &lo, &hi);
+    j->partial[t] = sum_squares(j->grads + lo, hi - lo);
+}
+
+double cpu_grad_norm(cpu_pool *pool, const float *grads, int64_t n) {
+    norm_job j = {grads, n, {0}};
+    int32_t nt = n >= 65536 ? cpu_parallel(pool, norm_task, &j) : (norm_task(&j, 0, 1), 1);
+    double total = 0;
+    for (int32_t t = 0; t < nt; t++) total += j.partial[t];
+    return sqrt(total);
 }
 
 void cpu_clip(float *grads, int64_t n, double norm, const mpscy_optim_desc *o) {
@@ -41,46 +58,92 @@ int cpu_optim_supported(int32_t kind) {
     return kind >= MPSCY_OPTIM_SGD && kind <= MPSCY_OPTIM_LBFGS;
 }
 
+/* The update over [lo, hi) of the slab. Each loop body is an element rule of optim_math.h
+ * called with a local copy of the coefficients whose flags are a compile-time constant, so the
+ * compiler folds the option tests away and vectorizes the loop. */
+typedef struct update_job {
+    mpscy_optim_coef c;
+    int32_t kind, decoupled, centered;
+    float *w, *g, *s0, *s1, *s2;
+    int64_t n;
+} update_job;
+
+#define LOOP(F, STMT)                                     \
+    do {                                                  \
+        mpscy_optim_coef c = j->c;                        \
+        c.flags = (F);                                    \
+        for (int64_t i = lo; i < hi; i++) STMT;           \
+    } while (0)
+
+enum { NES = MPSCY_OPTIM_NESTEROV, AMS = MPSCY_OPTIM_AMSGRAD, MAX = MPSCY_OPTIM_MAXIMIZE };
+
+CPU_SIMD static void update_range(const update_job *j, int64_t lo, int64_t hi) {
+    float *w = j->w, *g = j->g, *s0 = j->s0, *s1 = j->s1, *s2 = j->s2;
+    int f = j->c.flags;
+    switch (j->kind) {
+    case MPSCY_OPTIM_SGD:
+        switch (f & (NES | MAX)) {
+        case 0: LOOP(0, mpscy_sgd_elem(&w[i], &s0[i], g[i], &c)); break;
+        case NES: LOOP(NES, mpscy_sgd_elem(&w[i], &s0[i], g[i], &c)); break;
+        case MAX: LOOP(MAX, mpscy_sgd_elem(&w[i], &s0[i], g[i], &c)); break;
+        default: LOOP(NES | MAX, mpscy_sgd_elem(&w[i], &s0[i], g[i], &c)); break;
+        }
+        break;
+    case MPSCY_OPTIM_ADAM:
+        /* decoupled decay is a run-time choice; it costs one select per element */
+        switch (f & (AMS | MAX)) {
+        case 0: LOOP(0, mpscy_adam_elem(&w[i], &s0[i], &s1[i], NULL, g[i], &c, j->decoupled)); break;
+        case AMS: LOOP(AMS, mpscy_adam_elem(&w[i], &s0[i], &s1[i], &s2[i], g[i], &c, j->decoupled)); break;
+        case MAX: LOOP(MAX, mpscy_adam_elem(&w[i], &s0[i], &s1[i], NULL, g[i], &c, j->decoupled)); break;
+        default: LOOP(AMS | MAX, mpscy_adam_elem(&w[i], &s0[i], &s1[i], &s2[i], g[i], &c, j->decoupled)); break;
+        }
+        break;
+    case MPSCY_OPTIM_RMSPROP:  /* square_avg, momentum_buffer[, grad_avg] */
+        if (j->centered) LOOP(f, mpscy_rmsprop_elem(&w[i], &s0[i], &s1[i], &s2[i], g[i], &c));
+        else LOOP(f, mpscy_rmsprop_elem(&w[i], &s0[i], &s1[i], NULL, g[i], &c));
+        break;
+    case MPSCY_OPTIM_ADAGRAD:  /* sum */
+        LOOP(f, mpscy_adagrad_elem(&w[i], &s0[i], g[i], &c));
+        break;
+    case MPSCY_OPTIM_ADADELTA:  /* square_avg, acc_delta */
+        LOOP(f, mpscy_adadelta_elem(&w[i], &s0[i], &s1[i], g[i], &c));
+        break;
+    case MPSCY_OPTIM_NADAM:  /* exp_avg, exp_avg_sq */
+        LOOP(f, mpscy_nadam_elem(&w[i], &s0[i], &s1[i], g[i], &c));
+        break;
+    default:
+        break;
+    }
+}
+
+static void update_task(void *ctx, int32_t t, int32_t nt) {
+    const update_job *j = ctx;
+    int64_t lo, hi;
+    cpu_split(j->n / 16, t, nt, &lo, &hi);  /* 64-byte aligned parts */
+    lo *= 16;
+    hi = t == nt - 1 ? j->n : hi * 16;
+    update_range(j, lo, hi);
+}
+
 /* One pass of the kind's element rule over the flat slab; t counts applied steps from 1. */
 void cpu_optim_update(cpu_graph *g, const mpscy_step_args *a) {
     const mpscy_plan *p = &g->plan;
     int64_t n = p->n_params, t = (int64_t)g->scalars[0] + 1;
-    mpscy_optim_coef c = mpscy_optim_coef_make(&p->optim, a, t);
+    if (p->optim.kind == MPSCY_OPTIM_LBFGS) return;  /* runs through MPSCY_MODE_LBFGS (lbfgs.c) */
+    update_job j;
+    j.c = mpscy_optim_coef_make(&p->optim, a, t);
+    if (p->optim.kind == MPSCY_OPTIM_NADAM) mpscy_nadam_coef(&j.c, &p->optim, a, t, &g->scalars[1]);
+    j.kind = p->optim.kind == MPSCY_OPTIM_ADAMW ? MPSCY_OPTIM_ADAM : p->optim.kind;
+    j.decoupled = p->optim.kind == MPSCY_OPTIM_ADAMW || (j.c.flags & MPSCY_OPTIM_DECOUPLED_WD);
+    j.centered = p->optim.kind == MPSCY_OPTIM_RMSPROP && p->n_vec_slots > 2;
     /* the kind's slots, in plan order; absent slots stay NULL */
-    float *w = g->params, *gr = g->grads, *s0 = g->optim + p->vec_offset[0];
-    float *s1 = p->n_vec_slots > 1 ? g->optim + p->vec_offset[1] : NULL;
-    float *s2 = p->n_vec_slots > 2 ? g->optim + p->vec_offset[2] : NULL;
-    switch (p->optim.kind) {
-    case MPSCY_OPTIM_SGD:
-        for (int64_t i = 0; i < n; i++) mpscy_sgd_elem(&w[i], &s0[i], gr[i], &c);
-        break;
-    case MPSCY_OPTIM_ADAM:
-    case MPSCY_OPTIM_ADAMW: {
-        int decoupled = p->optim.kind == MPSCY_OPTIM_ADAMW || (c.flags & MPSCY_OPTIM_DECOUPLED_WD);
-        if (c.flags & MPSCY_OPTIM_AMSGRAD)
-            for (int64_t i = 0; i < n; i++) mpscy_adam_elem(&w[i], &s0[i], &s1[i], &s2[i], gr[i], &c, decoupled);
-        else
-            for (int64_t i = 0; i < n; i++) mpscy_adam_elem(&w[i], &s0[i], &s1[i], NULL, gr[i], &c, decoupled);
-        break;
-    }
-    case MPSCY_OPTIM_RMSPROP:  /* square_avg, momentum_buffer[, grad_avg] */
-        if (s2)
-            for (int64_t i = 0; i < n; i++) mpscy_rmsprop_elem(&w[i], &s0[i], &s1[i], &s2[i], gr[i], &c);
-        else
-            for (int64_t i = 0; i < n; i++) mpscy_rmsprop_elem(&w[i], &s0[i], &s1[i], NULL, gr[i], &c);
-        break;
-    case MPSCY_OPTIM_ADAGRAD:  /* sum */
-        for (int64_t i = 0; i < n; i++) mpscy_adagrad_elem(&w[i], &s0[i], gr[i], &c);
-        break;
-    case MPSCY_OPTIM_ADADELTA:  /* square_avg, acc_delta */
-        for (int64_t i = 0; i < n; i++) mpscy_adadelta_elem(&w[i], &s0[i], &s1[i], gr[i], &c);
-        break;
-    case MPSCY_OPTIM_NADAM:  /* exp_avg, exp_avg_sq; scalars[1] = mu_product */
-        mpscy_nadam_coef(&c, &p->optim, a, t, &g->scalars[1]);
-        for (int64_t i = 0; i < n; i++) mpscy_nadam_elem(&w[i], &s0[i], &s1[i], gr[i], &c);
-        break;
-    default:
-        return;  /* LBFGS never comes here: it runs through MPSCY_MODE_LBFGS (lbfgs.c) */
-    }
+    j.w = g->params;
+    j.g = g->grads;
+    j.s0 = g->optim + p->vec_offset[0];
+    j.s1 = p->n_vec_slots > 1 ? g->optim + p->vec_offset[1] : NULL;
+    j.s2 = p->n_vec_slots > 2 ? g->optim + p->vec_offset[2] : NULL;
+    j.n = n;
+    if (n >= 32768) cpu_parallel(g->pool, update_task, &j);
+    else update_range(&j, 0, n);
     g->scalars[0] = (double)t;
 }

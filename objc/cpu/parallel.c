@@ -1,6 +1,6 @@
 /* parallel.c — the CPU backend's own worker threads (pthreads, no OpenMP): a pool started when a
- * graph is built and joined when it is destroyed, a fork-join `cpu_parallel` that runs one task
- * on every thread (the caller is thread 0), and a GEMM split over the pool, each part a
+ * graph is built and joined when it is destroyed, a fork-join `cpu_parallel` that runs tasks
+ * 0..n-1 (one per thread, claimed by whichever thread is free, the caller included), and a GEMM split over the pool, each part a
  * single-threaded BLAS call. OpenBLAS itself is kept single-threaded, so its idle threads never
  * spin against ours (Accelerate manages its own). Workers spin briefly between tasks, then sleep. */
 #include "cpu.h"
@@ -33,7 +33,8 @@ struct cpu_pool {
     int fork_generation;          /* fork_generation when the workers were started */
     pthread_t threads[MAX_THREADS];
     _Atomic unsigned generation;  /* bumped once per parallel region */
-    _Atomic int pending;          /* workers still running the current region */
+    _Atomic uint64_t claim;       /* (generation << 32) | next task index of the region */
+    _Atomic int pending;          /* tasks of the current region not yet finished */
     _Atomic int stop;
     cpu_task fn;
     void *ctx;
@@ -52,10 +53,27 @@ static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 static void after_fork_child(void) { fork_generation++; }
 static void register_atfork(void) { pthread_atfork(NULL, NULL, after_fork_child); }
 
+/* Runs tasks of region `gen` until none is left to claim. Tasks are claimed, not assigned:
+ * whichever thread is running takes the next one, so a worker that lost its core (a loaded
+ * machine) delays nothing — the caller runs its share. The CAS only succeeds while the claim
+ * word still belongs to `gen`, and a region ends only when all its tasks have finished, so
+ * fn and ctx are valid for every claimed task. */
+static void run_tasks(struct cpu_pool *p, unsigned gen) {
+    uint64_t c = atomic_load_explicit(&p->claim, memory_order_acquire);
+    for (;;) {
+        if ((unsigned)(c >> 32) != gen || (int32_t)(uint32_t)c >= p->n) return;
+        if (!atomic_compare_exchange_weak_explicit(&p->claim, &c, c + 1, memory_order_acq_rel,
+                                                   memory_order_acquire))
+            continue;
+        p->fn(p->ctx, (int32_t)(uint32_t)c, p->n);
+        atomic_fetch_sub_explicit(&p->pending, 1, memory_order_release);
+        c = atomic_load_explicit(&p->claim, memory_order_acquire);
+    }
+}
+
 static void *worker(void *arg) {
     const worker_arg *w = arg;
     struct cpu_pool *p = w->pool;
-    int32_t id = w->id;
     unsigned seen = 0;
     in_region = 1;
     for (;;) {
@@ -71,8 +89,7 @@ static void *worker(void *arg) {
         }
         if (atomic_load(&p->stop)) break;
         seen = atomic_load_explicit(&p->generation, memory_order_acquire);
-        p->fn(p->ctx, id, p->n);
-        atomic_fetch_sub_explicit(&p->pending, 1, memory_order_release);
+        run_tasks(p, seen);
     }
     return NULL;
 }
@@ -121,19 +138,21 @@ int32_t cpu_parallel(cpu_pool *p, cpu_task fn, void *ctx) {
         fn(ctx, 0, 1);
         return 1;
     }
+    unsigned gen = atomic_load_explicit(&p->generation, memory_order_relaxed) + 1;
     p->fn = fn;
     p->ctx = ctx;
-    atomic_store_explicit(&p->pending, p->n - 1, memory_order_relaxed);
-    atomic_fetch_add_explicit(&p->generation, 1, memory_order_release);
+    atomic_store_explicit(&p->pending, p->n, memory_order_relaxed);
+    atomic_store_explicit(&p->claim, (uint64_t)gen << 32, memory_order_release);
+    atomic_store_explicit(&p->generation, gen, memory_order_release);
     pthread_mutex_lock(&p->mu);
     if (p->sleepers) pthread_cond_broadcast(&p->cv);
     pthread_mutex_unlock(&p->mu);
     in_region = 1;
-    fn(ctx, 0, p->n);
+    run_tasks(p, gen);
     in_region = 0;
     for (int spins = 0; atomic_load_explicit(&p->pending, memory_order_acquire) > 0; spins++) {
         if (spins < SPIN_ROUNDS) CPU_RELAX();
-        else sched_yield();  /* a worker lost its core: let it run */
+        else sched_yield();  /* a worker that claimed a task lost its core: let it run */
     }
     return p->n;
 }

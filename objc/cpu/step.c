@@ -42,7 +42,7 @@ void cpu_forward_backward(cpu_graph *g, const mpscy_step_args *a, mpscy_step_res
     forward(g, b, 1, a);
     r->loss = cpu_loss(p, g->dy[p->output], g->y[p->output], g->io_bufs[p->n_inputs].host, b, &r->correct);
     backward(g, b);
-    r->grad_norm = cpu_grad_norm(g->grads, p->n_params);
+    r->grad_norm = cpu_grad_norm(g->pool, g->grads, p->n_params);
     r->finite = isfinite(r->loss) && isfinite(r->grad_norm);
 }
 

@@ -21,7 +21,8 @@ if _native.ABI_VERSION != _native.LIBRARY_ABI_VERSION:
     raise ImportError(f"mpscy: the extension was compiled against ABI {_native.ABI_VERSION} "
                       f"but the native library reports {_native.LIBRARY_ABI_VERSION}; rebuild mpscy")
 
-from . import datasets, layers, losses, optim
+from . import callbacks, data, datasets, layers, losses, metrics, onnx, optim
+from .checkpoint import CheckpointError, load
 from .engine import Engine, backends
 from .errors import (DeviceError, DTypeError, Error, InvalidArgumentError, NonFiniteError,
                      OutOfMemoryError, ShapeError, StateError, UnsupportedError)
@@ -34,4 +35,5 @@ __all__ = [
     "Engine", "Sequential", "Model", "Input", "StepResult", "backends", "layers", "losses", "optim",
     "datasets", "Error", "ShapeError", "DTypeError", "DeviceError", "OutOfMemoryError",
     "UnsupportedError", "NonFiniteError", "InvalidArgumentError", "StateError", "__version__",
+    "callbacks", "data", "metrics", "onnx", "load", "CheckpointError",
 ]

@@ -1,7 +1,11 @@
-"""Command line: `python -m mpscy demo` trains an MLP on the bundled digits and prints per-epoch
-loss and held-out accuracy."""
+"""Command line. `python -m mpscy train` trains an MLP or the README CNN on the bundled digits
+(or an image folder) with a progress bar, prints held-out metrics, and can save a checkpoint,
+an ONNX file and plots; `python -m mpscy predict model.mpscy images/` classifies image files
+with a saved checkpoint; `python -m mpscy demo` is the quick MLP demonstration. Run
+`python -m mpscy <command> --help` for the options."""
 
 import argparse
+import os
 import sys
 import time
 
@@ -40,18 +44,201 @@ def demo(args):
     return 0 if test["accuracy"] >= 0.95 else 1
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m mpscy", description="mpscy command line")
-    sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="train an MLP on the bundled 8x8 digits")
+# ----------------------------------------------------------------------------- train
+def _optimizers():
+    from mpscy import optim
+    return {cls.__name__.lower(): cls for cls in vars(optim).values()
+            if isinstance(cls, type) and issubclass(cls, optim.Optimizer) and cls is not optim.Optimizer}
+
+
+def build_model(kind, input_shape, classes):
+    """The CLI's models: "mlp" (Dense 128-64 with ReLU) or "cnn" (the README CNN)."""
+    import mpscy
+    from mpscy import layers
+    if kind == "mlp":
+        stack = [layers.Dense(128), layers.ReLU(), layers.Dense(64), layers.ReLU(), layers.Dense(classes)]
+    else:
+        for name in ("Conv2D", "Dropout"):
+            if not hasattr(layers, name):
+                raise SystemExit(f"error: --model cnn needs mpscy.layers.{name}, which this build lacks")
+        stack = [layers.Conv2D(32, 3, stride=1, padding=1), layers.ReLU(),
+                 layers.Conv2D(32, 3, stride=2, padding=1), layers.ReLU(),
+                 layers.Conv2D(64, 3, stride=1, padding=1), layers.ReLU(),
+                 layers.Conv2D(64, 3, stride=2, padding=1), layers.ReLU(),
+                 layers.Dense(128), layers.ReLU(), layers.Dropout(0.5), layers.Dense(classes)]
+    return mpscy.Sequential(stack, input_shape=input_shape)
+
+
+def _split(n, fraction, seed):
+    order = np.random.Generator(np.random.PCG64(seed)).permutation(n)
+    n_test = int(round(n * fraction))
+    if not 0 < n_test < n:
+        raise SystemExit(f"error: --test-fraction {fraction} leaves an empty split of {n} samples")
+    return np.sort(order[n_test:]), np.sort(order[:n_test])
+
+
+def _load_data(args):
+    """(train source, test (x, y), input shape, class names, preprocessing for predict)."""
+    import mpscy
+    from mpscy import data
+    if args.data == "digits":
+        x, y = mpscy.datasets.load_digits(images=True)
+        tr, te = _split(len(x), args.test_fraction, args.seed)
+        pre = {"image_size": [8, 8], "channels": 1, "mean": None, "std": None, "invert": False}
+        return (x[tr], y[tr]), (x[te], y[te]), (1, 8, 8), [str(d) for d in range(10)], pre
+    if not os.path.isdir(args.data):
+        raise SystemExit(f"error: --data must be 'digits' or an image folder; {args.data!r} is neither")
+    size = args.image_size or 32
+    ds = data.ImageFolder(args.data, image_size=size, channels=args.channels, seed=args.seed,
+                          invert=args.invert)
+    tr, te = _split(len(ds), args.test_fraction, args.seed)
+    loader = data.DataLoader(data.Subset(ds, tr), batch_size=args.batch_size, shuffle=True, seed=args.seed)
+    x_test, y_test = data.Subset(ds, te).get_batch(np.arange(len(te)))
+    pre = ds.preprocessing()
+    classes = pre.pop("classes")
+    return loader, (x_test, y_test), (args.channels, *ds.image_size), classes, pre
+
+
+def train(args):
+    import mpscy
+    from mpscy import metrics
+    optimizers = _optimizers()
+    if args.optimizer.lower() not in optimizers:
+        raise SystemExit(f"error: unknown --optimizer {args.optimizer!r}; choose one of {sorted(optimizers)}")
+    source, (x_test, y_test), shape, classes, pre = _load_data(args)
+    model = build_model(args.model, shape, len(classes))
+    opt = optimizers[args.optimizer.lower()](lr=args.lr)
+    engine = mpscy.Engine(model, loss="sparse_cross_entropy", optimizer=opt, batch_size=args.batch_size,
+                          device=args.device, seed=args.seed)
+    n_train = len(source[0]) if isinstance(source, tuple) else len(source.dataset)
+    print(f"mpscy {mpscy.__version__} on {engine.device}: {args.model} on {args.data} "
+          f"({n_train} training, {len(x_test)} held-out samples, {len(classes)} classes), "
+          f"{type(opt).__name__} lr={args.lr}")
+    fit_args = (source,) if not isinstance(source, tuple) else source
+    start = time.perf_counter()
+    engine.fit(*fit_args, epochs=args.epochs, validation_data=(x_test, y_test),
+               verbose=0 if args.quiet else 1, plot_to=args.plots)
+    elapsed = time.perf_counter() - start
+    _, pred, probs = metrics.classify_outputs(y_test, engine.predict(x_test), engine.loss)
+    ev = engine.evaluate(x_test, y_test)
+    p, r, f = metrics.precision_recall_f1(y_test, pred, average="macro")
+    line = (f"held-out: loss {ev['loss']:.4f}  accuracy {ev['accuracy']:.4f}  precision {p:.4f}  "
+            f"recall {r:.4f}  f1 {f:.4f}")
+    if len(np.unique(y_test)) == len(classes) and len(classes) > 2:
+        line += f"  roc_auc {metrics.roc_auc(y_test, probs):.4f}"
+    print(line)
+    print(f"trained {engine.iterations} steps in {elapsed:.2f} s")
+    if args.save:
+        engine.save(args.save, meta={"preprocess": pre, "classes": classes, "data": args.data})
+        print(f"saved {args.save}")
+    if args.onnx:
+        mpscy.onnx.export(engine, args.onnx)
+        print(f"wrote {args.onnx}")
+    if args.plots:
+        print(f"plots in {args.plots}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- predict
+def predict(args):
+    import mpscy
+    from mpscy import data
+    engine = mpscy.load(args.model, device=args.device, batch_size=args.batch_size)
+    meta = getattr(engine, "checkpoint_meta", None) or {}
+    shape = engine.model.input_shapes[0]
+    if len(shape) != 3:
+        raise SystemExit(f"error: this model takes inputs shaped {shape}, not images (C, H, W)")
+    pre = dict(meta.get("preprocess") or {"image_size": list(shape[1:]), "channels": shape[0]})
+    if args.invert:
+        pre["invert"] = True
+    classes = meta.get("classes") or [str(k) for k in range(int(np.prod(engine.model.output_shape)))]
+    if os.path.isdir(args.images):
+        files = sorted(os.path.join(args.images, f) for f in os.listdir(args.images)
+                       if f.lower().endswith(data.IMAGE_EXTENSIONS))
+    else:
+        files = [args.images]
+    if not files:
+        raise SystemExit(f"error: no {'/'.join(data.IMAGE_EXTENSIONS)} images in {args.images!r}")
+    x = np.stack([data.load_image(f, pre.get("image_size"), pre.get("channels", 3), pre.get("mean"),
+                                  pre.get("std"), pre.get("invert", False)) for f in files])
+    out = engine.predict(x)
+    if engine.loss.kind in ("sparse_cross_entropy", "cross_entropy"):
+        out = np.exp(out - out.max(1, keepdims=True))
+        out /= out.sum(1, keepdims=True)
+    top = max(1, min(args.top, out.shape[1]))
+    for f, row in zip(files, out):
+        best = np.argsort(-row, kind="stable")[:top]
+        guesses = "  ".join(f"{classes[k]} ({row[k]:.3f})" for k in best)
+        print(f"{os.path.basename(f)}\t{guesses}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+def parser():
+    p = argparse.ArgumentParser(
+        prog="python -m mpscy",
+        description="mpscy: neural network training with the whole step as one native call.",
+        epilog="examples:\n"
+               "  python -m mpscy train --data digits --model mlp --epochs 20 --save model.mpscy\n"
+               "  python -m mpscy train --data digits --model cnn --epochs 15 --onnx cnn.onnx --plots plots/\n"
+               "  python -m mpscy predict model.mpscy images/\n"
+               "  python -m mpscy demo",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,predict,demo}")
+
+    t = sub.add_parser("train", help="train a classifier and report held-out metrics",
+                       description="Trains an MLP or the README CNN with a progress bar, prints held-out "
+                                   "metrics, and optionally saves a checkpoint, an ONNX file and plots.")
+    t.add_argument("--data", default="digits",
+                   help="'digits' (bundled 8x8 digits) or a folder with one sub-folder of images per class")
+    t.add_argument("--model", choices=("mlp", "cnn"), default="mlp",
+                   help="mlp: Dense 128-64; cnn: the README CNN (4 conv layers, Dropout 0.5)")
+    t.add_argument("--epochs", type=int, default=20)
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--optimizer", default="adam", help="an mpscy.optim class name, lower case (default adam)")
+    t.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda or metal (default auto)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--test-fraction", type=float, default=0.2, help="held-out fraction (default 0.2)")
+    t.add_argument("--image-size", type=int, help="image folders: resize to this square size (default 32)")
+    t.add_argument("--channels", type=int, choices=(1, 3), default=3, help="image folders: 1 gray, 3 RGB")
+    t.add_argument("--invert", action="store_true", help="image folders: use 1 - pixel (dark ink on white)")
+    t.add_argument("--save", metavar="PATH", help="write a checkpoint (for predict and mpscy.load)")
+    t.add_argument("--onnx", metavar="PATH", help="also export the trained model as ONNX")
+    t.add_argument("--plots", metavar="DIR", help="write training curves, confusion matrix, ROC and PR plots")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=train)
+
+    r = sub.add_parser("predict", help="classify image files with a saved checkpoint",
+                       description="Classifies every JPEG/PNG/BMP image in a folder (or one file) with a "
+                                   "checkpoint written by `train --save`, preprocessing the images the way "
+                                   "the training data was.")
+    r.add_argument("model", help="checkpoint written by train --save or Engine.save")
+    r.add_argument("images", help="a folder of images, or one image file")
+    r.add_argument("--device", default="auto")
+    r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--top", type=int, default=1, help="how many classes to list per image")
+    r.add_argument("--invert", action="store_true", help="use 1 - pixel (dark ink on a light background)")
+    r.set_defaults(func=predict)
+
+    d = sub.add_parser("demo", help="train an MLP on the bundled 8x8 digits (a quick check)")
     d.add_argument("--epochs", type=int, default=20)
     d.add_argument("--batch-size", type=int, default=32)
     d.add_argument("--lr", type=float, default=1e-3)
     d.add_argument("--device", default="cpu")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=demo)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    import mpscy
+    try:
+        return args.func(args)
+    except (mpscy.Error, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -462,8 +462,10 @@ class Engine:
         self._g()
         return self._device.info()
 
-    def summary(self):
-        """A Keras-like table: layer, type, output shape, parameter count, and totals."""
+    def summary(self, print_fn=None):
+        """A Keras-like table: layer, type, output shape, parameter count, and totals. Returns
+        it as text (shown as a table in a REPL); with print_fn (e.g. print, as Keras's
+        summary) the table is passed to it instead and None is returned."""
         rows = self.model.summary_rows()
         head = ("Layer", "Type", "Output shape", "Params")
         cells = [(n, t, "(" + ", ".join("None" if d is None else str(d) for d in s) + ")", f"{c:,}")
@@ -478,7 +480,63 @@ class Engine:
                f"Total parameters: {total:,} (trainable {trainable:,}, buffers {total - trainable:,})",
                f"Loss: {self.loss!r}   Optimizer: {self.optimizer!r}   Device: {self.device}   "
                f"Batch size: {self.batch_size}", rule]
-        return _Text("\n".join(out))
+        text = _Text("\n".join(out))
+        if print_fn is None:
+            return text
+        print_fn(text)
+        return None
+
+    # ---------------------------------------------------------------- workflow: fit, schedules, checkpoints
+    # Thin entry points; the work is in training.py and checkpoint.py.
+    epoch = 0              # epochs completed by fit (restored by mpscy.load)
+    stop_training = False  # a callback sets it to end fit after the current batch
+    history = None         # the History of the last fit
+    _schedule = _schedule_per = _schedule_monitor = None
+
+    @property
+    def iterations(self):
+        """Native training evaluations so far: the dropout generator's counter, which advances
+        once per step (once per loss evaluation for L-BFGS) and is saved in checkpoints."""
+        return int(self._g().counter)
+
+    def fit(self, x=None, y=None, epochs=1, batch_size=None, validation_data=None, validation_split=0.0,
+            shuffle=True, callbacks=(), verbose="auto", metrics=(), initial_epoch=0, plot_to=None):
+        """Trains for epochs initial_epoch..epochs-1 (Keras conventions) and returns a History.
+
+        x, y: arrays (float inputs are converted to float32 once), or x a `mpscy.data.DataLoader`
+        yielding (x, y) batches. batch_size defaults to (and may not exceed) the engine's.
+        Arrays are shuffled each epoch in an order seeded by (engine seed, engine.epoch), the
+        count of epochs this engine has trained (restored from checkpoints).
+        validation_data: (x_val, y_val) or a DataLoader; validation_split: the last fraction of
+        the arrays. verbose: 0 silent, 1 progress bar (tqdm when installed), 2 a line per epoch.
+        metrics: names or callables from `mpscy.metrics.get`, computed at each epoch's end on
+        the validation data ("val_<name>") or, without it, on the training data ("<name>").
+        History.history holds per-epoch loss, accuracy, val_loss, val_accuracy, metrics and lr.
+        plot_to: a folder that receives the training curves (and, for classifiers, confusion
+        matrix, ROC and PR curves) as PNG files at the end (needs matplotlib)."""
+        from . import training
+        return training.fit(self, x, y, epochs=epochs, batch_size=batch_size, validation_data=validation_data,
+                            validation_split=validation_split, shuffle=shuffle, callbacks=callbacks,
+                            verbose=verbose, metrics=metrics, initial_epoch=initial_epoch, plot_to=plot_to)
+
+    def set_schedule(self, schedule, per="epoch", monitor="val_loss"):
+        """Attaches a learning-rate schedule (built on this engine) that fit steps after every
+        batch (per="step") or epoch (per="epoch"); saved and restored with checkpoints.
+        None detaches it."""
+        from . import training
+        training.set_schedule(self, schedule, per, monitor)
+
+    @property
+    def schedule(self):
+        """The schedule attached with set_schedule, or None."""
+        return self._schedule
+
+    def save(self, path, meta=None):
+        """Writes a checkpoint (safetensors): model description, parameters and buffers,
+        optimizer state, generator state, counters, the attached schedule and `meta` (a
+        JSON-serializable dict). `mpscy.load(path)` rebuilds the engine."""
+        from . import checkpoint
+        checkpoint.save(self, path, meta=meta)
 
     def __repr__(self):
         state = "closed" if self.closed else self.device

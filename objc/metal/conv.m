@@ -1,0 +1,52 @@
+/* conv.m — Conv2D (torch.nn.Conv2d: zero padding, stride, dilation, groups, optional bias) on
+ * MPSGraph's 2D convolution with NCHW data and OIHW weights, the PyTorch layouts. Backward uses
+ * MPSGraph's data and weights gradient operations with the forward descriptor; the bias
+ * gradient is the sum of dy over batch and space. Shapes come from the plan. */
+#import "metal.h"
+
+/* ints: out_c, kh, kw, sh, sw, ph, pw, dh, dw, groups */
+static MPSGraphConvolution2DOpDescriptor *conv_descriptor(const mpscy_node *n) {
+    const int32_t *q = n->ints;
+    return [MPSGraphConvolution2DOpDescriptor descriptorWithStrideInX:(NSUInteger)q[4]
+                                                            strideInY:(NSUInteger)q[3]
+                                                      dilationRateInX:(NSUInteger)q[8]
+                                                      dilationRateInY:(NSUInteger)q[7]
+                                                               groups:(NSUInteger)q[9]
+                                                          paddingLeft:(NSUInteger)q[6]
+                                                         paddingRight:(NSUInteger)q[6]
+                                                           paddingTop:(NSUInteger)q[5]
+                                                        paddingBottom:(NSUInteger)q[5]
+                                                         paddingStyle:MPSGraphPaddingStyleExplicit
+                                                           dataLayout:MPSGraphTensorNamedDataLayoutNCHW
+                                                        weightsLayout:MPSGraphTensorNamedDataLayoutOIHW];
+}
+
+MPSGraphTensor *metal_conv_forward(MetalBuilder *c, const mpscy_node *n, int32_t i) {
+    (void)i;
+    MPSGraphTensor *x = mt_y(c, n->in[0]);      // (b, C, H, W)
+    MPSGraphTensor *w = mt_param(c, n, 0);      // (out_c, C / groups, kh, kw)
+    MPSGraphTensor *y = [c.g convolution2DWithSourceTensor:x weightsTensor:w descriptor:conv_descriptor(n)
+                                                      name:nil];   // (b, out_c, OH, OW)
+    MPSGraphTensor *bias = mt_param(c, n, 1);   // (out_c) or nil
+    if (bias) y = mt_add(c, y, mt_reshape(c, bias, @[@1, @(n->shape[0]), @1, @1]));
+    return y;
+}
+
+void metal_conv_backward(MetalBuilder *c, const mpscy_node *n, int32_t i) {
+    const mpscy_node *src = &c.plan->nodes[n->in[0]];
+    MPSGraphConvolution2DOpDescriptor *desc = conv_descriptor(n);
+    MPSGraphTensor *dy = mt_dy(c, i);           // (b, out_c, OH, OW)
+    MPSGraphTensor *x = mt_y(c, n->in[0]);      // (b, C, H, W)
+    MPSGraphTensor *w = mt_param(c, n, 0);      // (out_c, C / groups, kh, kw)
+    int32_t wt = mt_tensor_index(c.plan, n, MPSCY_ROLE_PARAM, 0);
+    const mpscy_tensor_info *wi = &c.plan->tensors[wt].info;
+    mt_set_grad(c, n, 0, [c.g convolution2DWeightsGradientWithIncomingGradientTensor:dy sourceTensor:x
+                                                                         outputShape:mt_dims(wi->rank, wi->shape)
+                                                        forwardConvolutionDescriptor:desc name:nil]);
+    if (n->flags & MPSCY_FLAG_BIAS)
+        mt_set_grad(c, n, 1, mt_reshape(c, mt_sum(c, dy, @[@0, @2, @3]), @[@(n->shape[0])]));
+    if (src->grad)
+        mt_acc(c, n->in[0], [c.g convolution2DDataGradientWithIncomingGradientTensor:dy weightsTensor:w
+                                                                          outputShape:mt_shape(c.b, src)
+                                                         forwardConvolutionDescriptor:desc name:nil]);
+}

@@ -1,0 +1,122 @@
+/* loss.m — every loss as objc/cpu/loss.c defines it (torch.nn.functional, reduction="mean":
+ * over all elements, over rows for the cross-entropies), written as MPSGraph arithmetic; its
+ * gradient with respect to the model output written out explicitly with the same conventions
+ * (BCE's -100 log clamp and 1e-12 denominator, 0 at ties for MAE and Huber); and the
+ * correct-prediction count of the plan's accuracy kind. */
+#import "metal.h"
+
+#include <math.h>
+
+static MPSGraphTensor *sign3(MetalBuilder *c, MPSGraphTensor *d) {
+    // (d > 0) - (d < 0), 0 at 0
+    MPSGraphTensor *zero = mt_const(c, 0.0);
+    return mt_select(c, mt_gt(c, d, zero), mt_const(c, 1.0),
+                     mt_select(c, mt_lt(c, d, zero), mt_const(c, -1.0), zero));
+}
+
+static MPSGraphTensor *log_clamped(MetalBuilder *c, MPSGraphTensor *logv) {
+    // max(log, -100) written as a select so a -inf log becomes -100
+    MPSGraphTensor *floor100 = mt_const(c, -100.0);
+    return mt_select(c, mt_lt(c, logv, floor100), floor100, logv);
+}
+
+static MPSGraphTensor *argmax_rows(MetalBuilder *c, MPSGraphTensor *v) {
+    // (b, C) -> (b) float32 index of the row maximum
+    MPSGraphTensor *k = [c.g reductionArgMaximumWithTensor:v axis:1 name:nil];
+    return mt_reshape(c, mt_float(c, k), @[@(c.b)]);
+}
+
+void metal_loss(MetalBuilder *c, MPSGraphTensor *y, MPSGraphTensor *target, MPSGraphTensor *__strong *loss,
+                MPSGraphTensor *__strong *correct, MPSGraphTensor *__strong *dy) {
+    const mpscy_plan *p = c.plan;
+    int64_t cls = p->out_size, b = c.b;
+    MPSShape *rows = @[@(b), @(cls)];
+    MPSGraphTensor *yf = mt_reshape(c, y, rows);   // (b, C)
+    MPSGraphTensor *labels = p->target == MPSCY_TARGET_INDEX ? target : nil;   // (b) int32
+    MPSGraphTensor *t = labels ? nil : mt_reshape(c, target, rows);           // (b, C)
+    MPSGraphTensor *inv_b = mt_const(c, 1.0 / (double)b), *inv_n = mt_const(c, 1.0 / (double)(b * cls));
+    MPSGraphTensor *one = mt_const(c, 1.0), *zero = mt_const(c, 0.0), *half = mt_const(c, 0.5);
+    NSArray<NSNumber *> *all = @[@0, @1], *row = @[@1];
+    double eps = p->loss.label_smoothing;
+    MPSGraphTensor *l = nil, *d = nil;   // loss (1, 1), gradient (b, C)
+
+    switch (p->loss.kind) {
+    case MPSCY_LOSS_SPARSE_CE:
+    case MPSCY_LOSS_CE: {
+        MPSGraphTensor *q = labels ? [c.g oneHotWithIndicesTensor:labels depth:(NSUInteger)cls
+                                                         dataType:MPSDataTypeFloat32 name:nil]
+                                   : t;   // (b, C)
+        q = mt_add(c, mt_mul(c, mt_const(c, 1.0 - eps), q), mt_const(c, eps / (double)cls));
+        MPSGraphTensor *z = mt_sub(c, yf, [c.g reductionMaximumWithTensor:yf axes:row name:nil]);
+        MPSGraphTensor *logp = mt_sub(c, z, mt_log(c, mt_sum(c, mt_exp(c, z), row)));   // (b, C)
+        l = mt_mul(c, mt_neg(c, mt_sum(c, mt_mul(c, q, logp), all)), inv_b);
+        d = mt_mul(c, mt_sub(c, mt_mul(c, mt_exp(c, logp), mt_sum(c, q, row)), q), inv_b);
+        break;
+    }
+    case MPSCY_LOSS_CATEGORICAL_CE: {
+        MPSGraphTensor *q = mt_add(c, mt_mul(c, mt_const(c, 1.0 - eps), t), mt_const(c, eps / (double)cls));
+        MPSGraphTensor *tiny = mt_const(c, 1e-7), *clamped = mt_lt(c, yf, tiny);
+        MPSGraphTensor *pc = mt_select(c, clamped, tiny, yf);
+        l = mt_mul(c, mt_neg(c, mt_sum(c, mt_mul(c, q, mt_log(c, pc)), all)), inv_b);
+        d = mt_select(c, clamped, zero, mt_mul(c, mt_neg(c, mt_div(c, q, pc)), inv_b));
+        break;
+    }
+    case MPSCY_LOSS_MSE: {
+        MPSGraphTensor *e = mt_sub(c, yf, t);
+        l = mt_mul(c, mt_sum(c, mt_mul(c, e, e), all), inv_n);
+        d = mt_mul(c, mt_mul(c, mt_const(c, 2.0), e), inv_n);
+        break;
+    }
+    case MPSCY_LOSS_MAE: {
+        MPSGraphTensor *e = mt_sub(c, yf, t);
+        l = mt_mul(c, mt_sum(c, mt_abs(c, e), all), inv_n);
+        d = mt_mul(c, sign3(c, e), inv_n);
+        break;
+    }
+    case MPSCY_LOSS_HUBER: {
+        MPSGraphTensor *e = mt_sub(c, yf, t), *a = mt_abs(c, e), *delta = mt_const(c, p->loss.delta);
+        MPSGraphTensor *small = mt_lt(c, a, delta);
+        MPSGraphTensor *quad = mt_mul(c, half, mt_mul(c, e, e));
+        MPSGraphTensor *lin = mt_mul(c, delta, mt_sub(c, a, mt_mul(c, half, delta)));
+        l = mt_mul(c, mt_sum(c, mt_select(c, small, quad, lin), all), inv_n);
+        d = mt_mul(c, mt_select(c, small, e, mt_mul(c, delta, sign3(c, e))), inv_n);
+        break;
+    }
+    case MPSCY_LOSS_BCE: {
+        MPSGraphTensor *m100 = mt_const(c, -100.0);
+        MPSGraphTensor *lp = mt_select(c, mt_gt(c, yf, zero), log_clamped(c, mt_log(c, yf)), m100);
+        MPSGraphTensor *lq = mt_select(c, mt_lt(c, yf, one), log_clamped(c, mt_log1p(c, mt_neg(c, yf))), m100);
+        MPSGraphTensor *term = mt_add(c, mt_mul(c, t, lp), mt_mul(c, mt_sub(c, one, t), lq));
+        l = mt_mul(c, mt_neg(c, mt_sum(c, term, all)), inv_n);
+        MPSGraphTensor *den = mt_mul(c, yf, mt_sub(c, one, yf)), *tiny = mt_const(c, 1e-12);
+        den = mt_select(c, mt_gt(c, den, tiny), den, tiny);
+        d = mt_mul(c, mt_div(c, mt_sub(c, yf, t), den), inv_n);
+        break;
+    }
+    case MPSCY_LOSS_BCE_LOGITS: {
+        // max(x, 0) - x z + log1p(exp(-|x|)); d = (sigmoid(x) - z) / n
+        MPSGraphTensor *pos = mt_select(c, mt_gt(c, yf, zero), yf, zero);
+        MPSGraphTensor *soft = mt_log1p(c, mt_exp(c, mt_neg(c, mt_abs(c, yf))));
+        l = mt_mul(c, mt_sum(c, mt_add(c, mt_sub(c, pos, mt_mul(c, yf, t)), soft), all), inv_n);
+        MPSGraphTensor *sig = mt_div(c, one, mt_add(c, one, mt_exp(c, mt_neg(c, yf))));
+        d = mt_mul(c, mt_sub(c, sig, t), inv_n);
+        break;
+    }
+    default:
+        l = mt_const(c, NAN);
+        d = mt_mul(c, yf, zero);
+    }
+    *loss = mt_scalar1(c, l);
+    if (dy) *dy = mt_reshape(c, d, mt_shape(b, &p->nodes[p->output]));
+
+    *correct = nil;
+    if (p->loss.accuracy == MPSCY_ACCURACY_ARGMAX) {
+        MPSGraphTensor *want = labels ? mt_float(c, labels) : argmax_rows(c, t);   // (b)
+        MPSGraphTensor *hit = mt_float(c, mt_eq(c, argmax_rows(c, yf), want));
+        *correct = mt_scalar1(c, mt_sum(c, hit, @[@0]));
+    } else if (p->loss.accuracy == MPSCY_ACCURACY_THRESHOLD && t) {
+        MPSGraphTensor *pred = mt_float(c, mt_gt(c, yf, mt_const(c, p->loss.threshold)));
+        MPSGraphTensor *truth = mt_float(c, mt_gt(c, t, half));
+        *correct = mt_scalar1(c, mt_sum(c, mt_float(c, mt_eq(c, pred, truth)), all));
+    }
+}

@@ -1,0 +1,129 @@
+/* step.m — one Metal training step and one predict batch, each a single command buffer: the
+ * host writes the per-step scalars (learning rate, betas, bias corrections, the apply flag)
+ * and the dropout masks into shared buffers, encodes the cached executable, commits and waits,
+ * then reads loss, correct count, gradient norm and the finite flag from the shared stats
+ * buffer. Same checks, results and messages as objc/cpu/step.c. It allocates no buffer; only
+ * a batch size not seen before compiles (once) its executable. */
+#import "metal.h"
+
+#include <math.h>
+#include <string.h>
+
+#define FAIL(status, ...) MPSCY_FAIL(err, n, (status), METAL_C, __VA_ARGS__)
+
+/* Encodes x for the current parity into one command buffer, commits and waits. */
+static int run(metal_graph *g, MetalExec *x, const char *what, char *err, size_t n) {
+    MetalGraphState *st = metal_state(g);
+    @try {
+        MPSCommandBuffer *cb = [MPSCommandBuffer commandBufferFromCommandQueue:st.queue];
+        if (!cb) return FAIL(MPSCY_DEVICE, "%s: could not create a command buffer", what);
+        [x.exe encodeToCommandBuffer:cb inputsArray:x.feeds[(NSUInteger)g->parity]
+                        resultsArray:x.results[(NSUInteger)g->parity] executionDescriptor:nil];
+        [cb commit];
+        [cb waitUntilCompleted];
+        return metal_check_command_buffer(cb, cb.rootCommandBuffer, what, err, n);
+    } @catch (NSException *e) {
+        return FAIL(MPSCY_DEVICE, "%s: %s", what, metal_exception_text(e));
+    }
+}
+
+static int check_batch(const metal_graph *g, int32_t batch, char *err, size_t n) {
+    if (batch < 1 || batch > g->plan.batch)
+        return FAIL(MPSCY_SHAPE, "batch of %d rows outside 1..%d (the built batch size)", batch, g->plan.batch);
+    return MPSCY_OK;
+}
+
+static int check_mode(const metal_graph *g, int32_t mode, char *err, size_t n) {
+    int lbfgs = metal_is_lbfgs(&g->plan);
+    if (mode == MPSCY_MODE_LBFGS) {
+        if (!lbfgs) return FAIL(MPSCY_INVALID, "MPSCY_MODE_LBFGS needs a graph built with the LBFGS optimizer");
+        return MPSCY_OK;
+    }
+    if (mode != MPSCY_MODE_TRAIN && mode != MPSCY_MODE_EVAL && mode != MPSCY_MODE_GRAD)
+        return FAIL(MPSCY_INVALID, "unknown step mode %d", mode);
+    if (lbfgs && mode == MPSCY_MODE_TRAIN)
+        return FAIL(MPSCY_INVALID, "an LBFGS step is a sequence of MPSCY_MODE_LBFGS calls, not one TRAIN call");
+    return MPSCY_OK;
+}
+
+static int64_t check_labels(const int32_t *labels, int64_t b, int64_t classes) {
+    for (int64_t i = 0; i < b; i++)
+        if (labels[i] < 0 || labels[i] >= classes) return i;
+    return -1;
+}
+
+int metal_run_train(metal_graph *g, const mpscy_step_args *a, int apply, int commit, int64_t t,
+                    double *mu_next, char *err, size_t n) {
+    @autoreleasepool {
+        MetalExec *x = nil;
+        int st = metal_exec_get(g, METAL_TRAIN, a->batch, &x, err, n);
+        if (st != MPSCY_OK) return st;
+        metal_optim_hyper(g->hyper, &g->plan.optim, a, t, apply, g->scalars[1], mu_next);
+        g->hyper[METAL_H_COMMIT] = commit ? 1.0f : 0.0f;
+        metal_dropout_masks(g, a, a->batch);
+        return run(g, x, apply ? "train step" : "gradient step", err, n);
+    }
+}
+
+int metal_graph_step(mpscy_graph gh, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t n) {
+    metal_graph *g = (metal_graph *)gh;
+    const mpscy_plan *p = &g->plan;
+    int st = check_batch(g, a->batch, err, n);
+    if (st == MPSCY_OK) st = check_mode(g, a->mode, err, n);
+    if (st != MPSCY_OK) return st;
+    int64_t b = a->batch;
+    if (p->target == MPSCY_TARGET_INDEX) {
+        const int32_t *labels = g->io_bufs[p->n_inputs].host;
+        int64_t bad = check_labels(labels, b, p->out_size);
+        if (bad >= 0)
+            return FAIL(MPSCY_INVALID, "label %d at row %lld outside [0, %lld)", labels[bad], (long long)bad,
+                        (long long)p->out_size);
+    }
+    memset(r, 0, sizeof *r);
+    if (a->mode == MPSCY_MODE_LBFGS) return metal_lbfgs_step(g, a, r, err, n);
+
+    if (a->mode == MPSCY_MODE_EVAL) {
+        @autoreleasepool {
+            MetalExec *x = nil;
+            st = metal_exec_get(g, METAL_EVAL, b, &x, err, n);
+            if (st == MPSCY_OK) st = run(g, x, "eval step", err, n);
+            if (st != MPSCY_OK) return st;
+        }
+        r->loss = g->stats[METAL_S_LOSS];
+        r->correct = p->loss.accuracy == MPSCY_ACCURACY_NONE ? -1 : (int64_t)g->stats[METAL_S_CORRECT];
+        r->finite = isfinite(r->loss);
+        return MPSCY_OK;
+    }
+
+    int train = a->mode == MPSCY_MODE_TRAIN;
+    int64_t t = (int64_t)g->scalars[0] + 1;
+    double mu_next = g->scalars[1];
+    st = metal_run_train(g, a, train, train, t, &mu_next, err, n);
+    if (st != MPSCY_OK) return st;
+    r->loss = g->stats[METAL_S_LOSS];
+    r->correct = p->loss.accuracy == MPSCY_ACCURACY_NONE ? -1 : (int64_t)g->stats[METAL_S_CORRECT];
+    r->grad_norm = g->stats[METAL_S_NORM];
+    r->finite = isfinite(r->loss) && g->stats[METAL_S_FINITE] > 0.5f;
+    if (!r->finite)
+        return FAIL(MPSCY_NONFINITE, "loss %g, gradient norm %g: not finite, update skipped", r->loss, r->grad_norm);
+    if (!train) return MPSCY_OK;
+    /* the executable wrote the updated state into the other slabs: they become current */
+    g->parity ^= 1;
+    g->scalars[0] = (double)t;
+    if (p->optim.kind == MPSCY_OPTIM_NADAM) g->scalars[1] = mu_next;   /* mu_product */
+    r->applied = 1;
+    return MPSCY_OK;
+}
+
+int metal_graph_predict(mpscy_graph gh, const mpscy_step_args *a, char *err, size_t n) {
+    metal_graph *g = (metal_graph *)gh;
+    int st = check_batch(g, a->batch, err, n);
+    if (st != MPSCY_OK) return st;
+    @autoreleasepool {
+        MetalExec *x = nil;
+        st = metal_exec_get(g, METAL_PREDICT, a->batch, &x, err, n);
+        if (st != MPSCY_OK) return st;
+        /* the output is a result bound to the shared output buffer: no copy follows */
+        return run(g, x, "predict", err, n);
+    }
+}

@@ -1,0 +1,310 @@
+"""Callbacks for `Engine.fit`, with Keras's hooks and semantics: `History` (what fit returns),
+`EarlyStopping`, `ModelCheckpoint`, `LearningRateScheduler` (a Keras-style function or an
+`mpscy.optim.schedules` schedule) and `CSVLogger`. A callback sees the engine as
+`self.engine` and stops training by setting `self.engine.stop_training = True`. Epoch numbers
+passed to hooks are 0-based, as in Keras; file names and printed lines count from 1."""
+
+import csv
+import inspect
+import math
+import os
+import warnings
+
+import numpy as np
+
+from .errors import InvalidArgumentError
+
+__all__ = ["Callback", "CallbackList", "History", "EarlyStopping", "ModelCheckpoint",
+           "LearningRateScheduler", "CSVLogger"]
+
+
+class Callback:
+    """Base class; override the hooks you need. `params` holds epochs, steps, verbose."""
+
+    def __init__(self):
+        self.engine = None
+        self.params = {}
+
+    def set_engine(self, engine):
+        self.engine = engine
+
+    def set_params(self, params):
+        self.params = dict(params)
+
+    def on_train_begin(self, logs=None):
+        pass
+
+    def on_train_end(self, logs=None):
+        pass
+
+    def on_epoch_begin(self, epoch, logs=None):
+        pass
+
+    def on_epoch_end(self, epoch, logs=None):
+        pass
+
+    def on_train_batch_begin(self, batch, logs=None):
+        pass
+
+    def on_train_batch_end(self, batch, logs=None):
+        pass
+
+
+def _overrides(cb, name):
+    return getattr(type(cb), name, None) is not getattr(Callback, name)
+
+
+class CallbackList:
+    """Calls each hook on every callback, in order. Batch hooks are dispatched only to the
+    callbacks that override them, so fit builds no per-batch logs when nobody reads them."""
+
+    def __init__(self, callbacks, engine, params):
+        self.callbacks = list(callbacks)
+        for cb in self.callbacks:
+            if not isinstance(cb, Callback):
+                raise InvalidArgumentError(f"callbacks must be mpscy.callbacks.Callback instances, got {type(cb).__name__}")
+            cb.set_engine(engine)
+            cb.set_params(params)
+        self.batch_begin = [cb for cb in self.callbacks if _overrides(cb, "on_train_batch_begin")]
+        self.batch_end = [cb for cb in self.callbacks if _overrides(cb, "on_train_batch_end")]
+
+    def call(self, hook, *args):
+        for cb in self.callbacks:
+            getattr(cb, hook)(*args)
+
+
+class History(Callback):
+    """Per-epoch logs: ``history.history["loss"][i]`` is epoch i's value; ``history.epoch``
+    lists the epoch indices run. `Engine.fit` returns one."""
+
+    def __init__(self):
+        super().__init__()
+        self.history = {}
+        self.epoch = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epoch.append(epoch)
+        for k, v in (logs or {}).items():
+            self.history.setdefault(k, []).append(v)
+
+    def __repr__(self):
+        return f"History(epochs={len(self.epoch)}, keys={sorted(self.history)})"
+
+
+_MAX_NAMES = ("acc", "accuracy", "auc", "f1", "precision", "recall", "r2", "top")
+
+
+def _mode(monitor, mode):
+    if mode not in ("auto", "min", "max"):
+        raise InvalidArgumentError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
+    if mode != "auto":
+        return mode
+    name = monitor[4:] if monitor.startswith("val_") else monitor
+    return "max" if any(name == m or name.startswith(m) or name.endswith(m) for m in _MAX_NAMES) else "min"
+
+
+class _Monitor:
+    """The best value of a monitored log entry so far, in Keras's "improvement" sense."""
+
+    def __init__(self, monitor, mode, min_delta=0.0):
+        self.monitor = monitor
+        self.mode = _mode(monitor, mode)
+        self.min_delta = abs(float(min_delta))
+        self.best = math.inf if self.mode == "min" else -math.inf
+
+    def improved(self, value, reference=None):
+        ref = self.best if reference is None else reference
+        if self.mode == "min":
+            return value + self.min_delta < ref
+        return value - self.min_delta > ref
+
+    def value(self, logs, who):
+        v = (logs or {}).get(self.monitor)
+        if v is None:
+            warnings.warn(f"{who}: '{self.monitor}' is not in the logs (available: {sorted(logs or {})}); "
+                          "skipping", RuntimeWarning, stacklevel=3)
+        return v
+
+
+class EarlyStopping(Callback):
+    """Stops training when `monitor` has not improved by more than min_delta for `patience`
+    epochs (Keras semantics). With restore_best_weights, parameters and BatchNorm statistics
+    of the best epoch are written back when it stops."""
+
+    def __init__(self, monitor="val_loss", min_delta=0.0, patience=0, mode="auto", baseline=None,
+                 restore_best_weights=False, start_from_epoch=0, verbose=0):
+        super().__init__()
+        self._m = _Monitor(monitor, mode, min_delta)
+        self.monitor, self.patience = monitor, int(patience)
+        self.baseline = baseline
+        self.restore_best_weights = bool(restore_best_weights)
+        self.start_from_epoch = int(start_from_epoch)
+        self.verbose = int(verbose)
+
+    def on_train_begin(self, logs=None):
+        self.wait = 0
+        self.stopped_epoch = 0
+        self.best_epoch = 0
+        self.best_weights = None
+        self._m.best = math.inf if self._m.mode == "min" else -math.inf
+
+    @property
+    def best(self):
+        return self._m.best
+
+    def on_epoch_end(self, epoch, logs=None):
+        current = self._m.value(logs, "EarlyStopping")
+        if current is None or epoch < self.start_from_epoch:
+            return
+        if self.restore_best_weights and self.best_weights is None:
+            self.best_weights = self.engine.get_parameters()
+        self.wait += 1
+        if self._m.improved(current):
+            self._m.best = current
+            self.best_epoch = epoch
+            if self.restore_best_weights:
+                self.best_weights = self.engine.get_parameters()
+            if self.baseline is None or self._m.improved(current, self.baseline):
+                self.wait = 0
+            return
+        if self.wait >= self.patience and epoch > 0:
+            self.stopped_epoch = epoch
+            self.engine.stop_training = True
+            if self.restore_best_weights and self.best_weights is not None:
+                if self.verbose:
+                    print(f"EarlyStopping: restoring the weights of epoch {self.best_epoch + 1}")
+                self.engine.set_parameters(self.best_weights)
+
+    def on_train_end(self, logs=None):
+        if self.stopped_epoch > 0 and self.verbose:
+            print(f"Epoch {self.stopped_epoch + 1}: early stopping")
+
+
+class ModelCheckpoint(Callback):
+    """Saves the engine (`engine.save`: parameters, statistics, optimizer, generator, counters,
+    schedule) at the end of each epoch to `filepath`, which may hold format fields such as
+    ``"ckpt-{epoch:02d}-{val_loss:.3f}.mpscy"`` (epoch counts from 1). With save_best_only it
+    writes only when `monitor` improved."""
+
+    def __init__(self, filepath, monitor="val_loss", save_best_only=False, mode="auto", verbose=0):
+        super().__init__()
+        self.filepath = os.fspath(filepath)
+        self._m = _Monitor(monitor, mode)
+        self.monitor = monitor
+        self.save_best_only = bool(save_best_only)
+        self.verbose = int(verbose)
+        self.saved = []
+
+    @property
+    def best(self):
+        return self._m.best
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        if self.save_best_only:
+            current = self._m.value(logs, "ModelCheckpoint")
+            if current is None or not self._m.improved(current):
+                return
+            self._m.best = current
+        try:
+            path = self.filepath.format(epoch=epoch + 1, **logs)
+        except (KeyError, IndexError) as e:
+            raise InvalidArgumentError(f"ModelCheckpoint filepath {self.filepath!r} names {e} which is "
+                                       f"not in the logs {sorted(logs)}") from None
+        self.engine.save(path)
+        self.saved.append(path)
+        if self.verbose:
+            print(f"Epoch {epoch + 1}: saved {path}")
+
+
+def _takes_metric(schedule):
+    try:
+        params = inspect.signature(schedule.step).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+               for p in params)
+
+
+class LearningRateScheduler(Callback):
+    """Changes the learning rate between epochs.
+
+    `schedule` is either a Keras-style function ``f(epoch, lr) -> new lr`` (applied at the
+    start of each epoch) or an `mpscy.optim.schedules` object built on the engine (its
+    ``step()`` runs at the end of each epoch; ``step(logs[monitor])`` for schedules that take
+    a metric, such as ReduceLROnPlateau). The learning rate is logged as "lr"."""
+
+    def __init__(self, schedule, monitor="val_loss", verbose=0):
+        super().__init__()
+        if not callable(schedule) and not hasattr(schedule, "step"):
+            raise InvalidArgumentError("schedule must be a function f(epoch, lr) or an object with step()")
+        self.schedule = schedule
+        self.monitor = monitor
+        self.verbose = int(verbose)
+        self._is_object = hasattr(schedule, "step")
+        self._metric = self._is_object and _takes_metric(schedule)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._is_object:
+            return
+        lr = float(self.schedule(epoch, float(self.engine.learning_rate)))
+        if not (np.isfinite(lr) and lr >= 0):
+            raise InvalidArgumentError(f"the schedule function returned {lr!r} for epoch {epoch}")
+        self.engine.learning_rate = lr
+        if self.verbose:
+            print(f"Epoch {epoch + 1}: learning rate {lr:.6g}")
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs.setdefault("lr", float(self.engine.learning_rate))
+        if not self._is_object:
+            return
+        if self._metric:
+            value = (logs or {}).get(self.monitor, (logs or {}).get("loss"))
+            self.schedule.step(value)
+        else:
+            self.schedule.step()
+
+
+class CSVLogger(Callback):
+    """Appends one row per epoch (epoch, then the log keys in sorted order) to a CSV file."""
+
+    def __init__(self, filename, separator=",", append=False):
+        super().__init__()
+        self.filename = os.fspath(filename)
+        self.separator = separator
+        self.append = bool(append)
+        self._file = None
+        self._writer = None
+        self._keys = None
+
+    def on_train_begin(self, logs=None):
+        exists = self.append and os.path.exists(self.filename) and os.path.getsize(self.filename) > 0
+        self._file = open(self.filename, "a" if self.append else "w", newline="")
+        self._keys = None
+        if exists:
+            with open(self.filename, newline="") as f:
+                header = next(csv.reader(f, delimiter=self.separator), None)
+            self._keys = header[1:] if header else None
+        self._writer = csv.writer(self._file, delimiter=self.separator)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        if self._keys is None:
+            self._keys = sorted(logs)
+            self._writer.writerow(["epoch"] + self._keys)
+        self._writer.writerow([epoch] + [_csv_value(logs.get(k)) for k in self._keys])
+        self._file.flush()
+
+    def on_train_end(self, logs=None):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _csv_value(v):
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return repr(v)
+    return v

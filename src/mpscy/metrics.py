@@ -1,0 +1,416 @@
+"""Evaluation metrics on NumPy arrays, with scikit-learn's definitions and argument order
+(`y_true` first): classification (accuracy, top-k, precision/recall/F1, confusion matrix,
+ROC AUC, average precision and their curves) and regression (MAE, MSE, RMSE, R²). Pure NumPy,
+float64 arithmetic. `get()` turns a name or callable into a metric that `Engine.fit(metrics=)`
+evaluates on model outputs at the end of each epoch; nothing here touches the engine."""
+
+import numpy as np
+
+from .errors import InvalidArgumentError, ShapeError
+
+__all__ = [
+    "accuracy", "top_k_accuracy", "precision", "recall", "f1", "precision_recall_f1",
+    "confusion_matrix", "roc_curve", "roc_auc", "precision_recall_curve", "pr_auc",
+    "mae", "mse", "rmse", "r2", "Metric", "get", "classify_outputs",
+]
+
+_AVERAGES = ("binary", "macro", "micro", "weighted", None)
+_trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 names it trapz
+
+
+# ----------------------------------------------------------------------------- helpers
+def _vector(a, what):
+    a = np.asarray(a)
+    if a.ndim == 2 and a.shape[1] == 1:
+        a = a[:, 0]
+    if a.ndim != 1:
+        raise ShapeError(f"{what} must be 1-D (n,), got shape {a.shape}")
+    if a.size == 0:
+        raise ShapeError(f"{what} is empty")
+    return a
+
+
+def _pair(y_true, y_pred, what="y_pred"):
+    y_true = _vector(y_true, "y_true")
+    y_pred = _vector(y_pred, what)
+    if len(y_true) != len(y_pred):
+        raise ShapeError(f"y_true has {len(y_true)} rows, {what} has {len(y_pred)}")
+    return y_true, y_pred
+
+
+def _scores_2d(y_true, scores):
+    y_true = _vector(y_true, "y_true")
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2 or len(scores) != len(y_true):
+        raise ShapeError(f"scores must be shaped (n, classes) with n = {len(y_true)}, got {scores.shape}")
+    if not np.isfinite(scores).all():
+        raise InvalidArgumentError("scores contain NaN or Inf")
+    return y_true, scores
+
+
+def _class_labels(y_true, n_classes):
+    """Integer class indices in [0, n_classes) from labels (checked)."""
+    if not np.issubdtype(y_true.dtype, np.integer):
+        if np.issubdtype(y_true.dtype, np.floating) and np.all(y_true == np.round(y_true)):
+            y_true = y_true.astype(np.int64)
+        else:
+            raise InvalidArgumentError("with a score matrix, y_true must hold integer class indices")
+    if y_true.min() < 0 or y_true.max() >= n_classes:
+        raise InvalidArgumentError(f"class indices in y_true must lie in [0, {n_classes}), "
+                                   f"got [{y_true.min()}, {y_true.max()}]")
+    return y_true.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- classification
+def accuracy(y_true, y_pred):
+    """Fraction of rows where the predicted label equals the true one (accuracy_score)."""
+    y_true, y_pred = _pair(y_true, y_pred)
+    return float(np.mean(y_true == y_pred))
+
+
+def top_k_accuracy(y_true, scores, k=5):
+    """Fraction of rows whose true class is among the k highest scores (top_k_accuracy_score
+    with labels 0..classes-1; among equal scores the higher class index ranks first, as there)."""
+    y_true, scores = _scores_2d(y_true, scores)
+    n_classes = scores.shape[1]
+    y_true = _class_labels(y_true, n_classes)
+    k = int(k)
+    if k < 1:
+        raise InvalidArgumentError(f"k must be >= 1, got {k}")
+    if k >= n_classes:
+        return 1.0
+    order = np.argsort(scores, axis=1, kind="mergesort")[:, ::-1][:, :k]
+    return float(np.mean((order == y_true[:, None]).any(axis=1)))
+
+
+def confusion_matrix(y_true, y_pred, labels=None):
+    """Counts C[i, j] of rows with true label labels[i] and predicted labels[j]; labels default
+    to the sorted union of both arrays (confusion_matrix)."""
+    y_true, y_pred = _pair(y_true, y_pred)
+    labels = np.unique(np.concatenate([y_true, y_pred])) if labels is None else np.asarray(labels)
+    if labels.ndim != 1 or labels.size == 0:
+        raise InvalidArgumentError("labels must be a non-empty 1-D sequence")
+    index = {v: i for i, v in enumerate(labels.tolist())}
+    if len(index) != len(labels):
+        raise InvalidArgumentError("labels contain duplicates")
+    n = len(labels)
+    ti = np.array([index.get(v, -1) for v in y_true.tolist()], dtype=np.int64)
+    pi = np.array([index.get(v, -1) for v in y_pred.tolist()], dtype=np.int64)
+    keep = (ti >= 0) & (pi >= 0)
+    return np.bincount(ti[keep] * n + pi[keep], minlength=n * n).reshape(n, n).astype(np.int64)
+
+
+def _prf_counts(y_true, y_pred, labels, average, pos_label):
+    y_true, y_pred = _pair(y_true, y_pred)
+    if average not in _AVERAGES:
+        raise InvalidArgumentError(f"average must be one of {_AVERAGES}, got {average!r}")
+    present = np.unique(np.concatenate([y_true, y_pred]))
+    if average == "binary":
+        if len(present) > 2:
+            raise InvalidArgumentError(
+                f"average='binary' needs at most two classes, found {len(present)}; "
+                "choose average='macro', 'micro', 'weighted' or None")
+        if pos_label not in present.tolist() and len(present) == 2:
+            raise InvalidArgumentError(f"pos_label={pos_label!r} is not one of the labels {present.tolist()}")
+        labels = [pos_label]
+    elif labels is None:
+        labels = present
+    cm_labels = np.unique(np.concatenate([present, np.asarray(labels, dtype=present.dtype)]))
+    cm = confusion_matrix(y_true, y_pred, labels=cm_labels)
+    pos = [int(np.flatnonzero(cm_labels == v)[0]) for v in np.asarray(labels).tolist()]
+    tp = np.diag(cm)[pos].astype(np.float64)
+    fp = cm.sum(axis=0)[pos] - tp
+    fn = cm.sum(axis=1)[pos] - tp
+    return tp, fp, fn
+
+
+def _divide(num, den, zero_division):
+    out = np.full(np.shape(num), float(zero_division), dtype=np.float64)
+    np.divide(num, den, out=out, where=den != 0)
+    return out
+
+
+def precision_recall_f1(y_true, y_pred, average="binary", pos_label=1, labels=None, zero_division=0.0):
+    """(precision, recall, f1) as precision_recall_fscore_support; average is "binary" (the
+    class pos_label), "macro", "micro", "weighted" (by true counts) or None (per class, in
+    the order of `labels`, default the sorted labels present). A 0/0 ratio is zero_division."""
+    tp, fp, fn = _prf_counts(y_true, y_pred, labels, average, pos_label)
+    if average == "micro":
+        tp, fp, fn = tp.sum(keepdims=True), fp.sum(keepdims=True), fn.sum(keepdims=True)
+    p = _divide(tp, tp + fp, zero_division)
+    r = _divide(tp, tp + fn, zero_division)
+    f = _divide(2 * tp, 2 * tp + fp + fn, zero_division)
+    if average is None:
+        return p, r, f
+    if average == "weighted":
+        support = tp + fn
+        if support.sum() == 0:
+            return (float(zero_division),) * 3
+        return tuple(float(np.average(v, weights=support)) for v in (p, r, f))
+    return float(np.mean(p)), float(np.mean(r)), float(np.mean(f))
+
+
+def precision(y_true, y_pred, average="binary", pos_label=1, labels=None, zero_division=0.0):
+    """tp / (tp + fp), averaged as `precision_recall_f1` says (precision_score)."""
+    return precision_recall_f1(y_true, y_pred, average, pos_label, labels, zero_division)[0]
+
+
+def recall(y_true, y_pred, average="binary", pos_label=1, labels=None, zero_division=0.0):
+    """tp / (tp + fn), averaged as `precision_recall_f1` says (recall_score)."""
+    return precision_recall_f1(y_true, y_pred, average, pos_label, labels, zero_division)[1]
+
+
+def f1(y_true, y_pred, average="binary", pos_label=1, labels=None, zero_division=0.0):
+    """2 tp / (2 tp + fp + fn), averaged as `precision_recall_f1` says (f1_score)."""
+    return precision_recall_f1(y_true, y_pred, average, pos_label, labels, zero_division)[2]
+
+
+def _binary_targets(y_true, pos_label):
+    y_true = _vector(y_true, "y_true")
+    if pos_label is None:
+        classes = np.unique(y_true)
+        if len(classes) > 2 or not set(classes.tolist()) <= {0, 1, -1, True, False}:
+            raise InvalidArgumentError(f"y_true is not binary {{0, 1}} or {{-1, 1}}: classes {classes.tolist()}; "
+                                       "pass pos_label")
+        pos_label = 1
+    return y_true == pos_label
+
+
+def _binary_curve(pos, scores):
+    """Cumulative (fps, tps) at each distinct score, highest score first, and those scores."""
+    scores = _vector(np.asarray(scores, dtype=np.float64), "scores")
+    if len(scores) != len(pos):
+        raise ShapeError(f"y_true has {len(pos)} rows, scores has {len(scores)}")
+    if not np.isfinite(scores).all():
+        raise InvalidArgumentError("scores contain NaN or Inf")
+    order = np.argsort(scores, kind="mergesort")[::-1]
+    s, t = scores[order], pos[order].astype(np.float64)
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # end of each run of equal scores
+    tps = np.cumsum(t)[last]
+    fps = (last + 1) - tps
+    return fps, tps, s[last]
+
+
+def roc_curve(y_true, scores, pos_label=None):
+    """(fpr, tpr, thresholds) at every distinct score, starting at (0, 0) with threshold +inf
+    (roc_curve with drop_intermediate=False)."""
+    pos = _binary_targets(y_true, pos_label)
+    fps, tps, thr = _binary_curve(pos, scores)
+    fps, tps = np.r_[0.0, fps], np.r_[0.0, tps]
+    fpr = fps / fps[-1] if fps[-1] > 0 else np.full_like(fps, np.nan)
+    tpr = tps / tps[-1] if tps[-1] > 0 else np.full_like(tps, np.nan)
+    return fpr, tpr, np.r_[np.inf, thr]
+
+
+def _auc_binary(pos, scores):
+    if pos.all() or not pos.any():
+        raise InvalidArgumentError("ROC AUC is undefined when y_true holds only one class")
+    fpr, tpr, _ = roc_curve(pos.astype(np.int64), scores, pos_label=1)
+    return float(_trapezoid(tpr, fpr))
+
+
+def roc_auc(y_true, scores, multi_class="ovr", average="macro"):
+    """Area under the ROC curve (roc_auc_score). Binary: scores (n,) for the positive class
+    (or (n, 2), column 1). Multi-class: scores (n, classes) with integer labels, one-vs-rest
+    ("ovr": per class, averaged "macro" or "weighted" by prevalence) or one-vs-one ("ovo",
+    Hand & Till, "macro")."""
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim == 1 or (s.ndim == 2 and s.shape[1] == 1):
+        return _auc_binary(_binary_targets(y_true, None), s.reshape(-1))
+    y_true, s = _scores_2d(y_true, s)
+    n_classes = s.shape[1]
+    if n_classes == 2:
+        return _auc_binary(_binary_targets(y_true, None), s[:, 1])
+    y = _class_labels(y_true, n_classes)
+    present = np.unique(y)
+    if len(present) != n_classes:
+        raise InvalidArgumentError(f"y_true holds {len(present)} of the {n_classes} classes in scores; "
+                                   "the multi-class ROC AUC needs every class present")
+    if multi_class == "ovr":
+        aucs = np.array([_auc_binary(y == c, s[:, c]) for c in range(n_classes)])
+        if average == "macro":
+            return float(aucs.mean())
+        if average == "weighted":
+            return float(np.average(aucs, weights=np.bincount(y, minlength=n_classes)))
+        if average is None:
+            return aucs
+        raise InvalidArgumentError(f"average must be 'macro', 'weighted' or None, got {average!r}")
+    if multi_class == "ovo":
+        if average != "macro":
+            raise InvalidArgumentError("multi_class='ovo' supports average='macro' only")
+        pairs = []
+        for a in range(n_classes):
+            for b in range(a + 1, n_classes):
+                m = (y == a) | (y == b)
+                pairs.append((_auc_binary(y[m] == a, s[m, a]) + _auc_binary(y[m] == b, s[m, b])) / 2)
+        return float(np.mean(pairs))
+    raise InvalidArgumentError(f"multi_class must be 'ovr' or 'ovo', got {multi_class!r}")
+
+
+def precision_recall_curve(y_true, scores, pos_label=None):
+    """(precision, recall, thresholds) with recall decreasing and a final (1, 0) point
+    (precision_recall_curve)."""
+    pos = _binary_targets(y_true, pos_label)
+    fps, tps, thr = _binary_curve(pos, scores)
+    prec = _divide(tps, tps + fps, 0.0)
+    rec = tps / tps[-1] if tps[-1] > 0 else np.ones_like(tps)
+    return np.r_[prec[::-1], 1.0], np.r_[rec[::-1], 0.0], thr[::-1]
+
+
+def _average_precision_binary(pos, scores):
+    if not pos.any():
+        return 0.0
+    p, r, _ = precision_recall_curve(pos.astype(np.int64), scores, pos_label=1)
+    return float(-np.sum(np.diff(r) * p[:-1]))
+
+
+def pr_auc(y_true, scores, average="macro", pos_label=1):
+    """Average precision, sum over thresholds of (R_n - R_{n-1}) P_n (average_precision_score).
+    Binary: scores (n,). Multi-class: scores (n, classes) with integer labels, one-vs-rest,
+    averaged "macro", "weighted" (by prevalence), "micro" (all cells pooled) or None."""
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim == 1 or (s.ndim == 2 and s.shape[1] == 1):
+        return _average_precision_binary(_binary_targets(y_true, pos_label), s.reshape(-1))
+    y_true, s = _scores_2d(y_true, s)
+    n_classes = s.shape[1]
+    y = _class_labels(y_true, n_classes)
+    onehot = np.eye(n_classes, dtype=bool)[y]
+    if average == "micro":
+        return _average_precision_binary(onehot.ravel(), s.ravel())
+    aps = np.array([_average_precision_binary(onehot[:, c], s[:, c]) for c in range(n_classes)])
+    if average is None:
+        return aps
+    if average == "macro":
+        return float(aps.mean())
+    if average == "weighted":
+        return float(np.average(aps, weights=onehot.sum(axis=0)))
+    raise InvalidArgumentError(f"average must be 'macro', 'micro', 'weighted' or None, got {average!r}")
+
+
+# ----------------------------------------------------------------------------- regression
+def _regression(y_true, y_pred):
+    y_true = np.asarray(y_true, dtype=np.float64)
+    y_pred = np.asarray(y_pred, dtype=np.float64)
+    if y_true.ndim == 1:
+        y_true = y_true[:, None]
+    if y_pred.ndim == 1:
+        y_pred = y_pred[:, None]
+    if y_true.ndim != 2 or y_true.shape != y_pred.shape or len(y_true) == 0:
+        raise ShapeError(f"y_true {np.shape(y_true)} and y_pred {np.shape(y_pred)} must have the same "
+                         "non-empty (n,) or (n, outputs) shape")
+    return y_true, y_pred
+
+
+def mae(y_true, y_pred):
+    """Mean absolute error, averaged over outputs (mean_absolute_error)."""
+    t, p = _regression(y_true, y_pred)
+    return float(np.mean(np.abs(t - p)))
+
+
+def mse(y_true, y_pred):
+    """Mean squared error, averaged over outputs (mean_squared_error)."""
+    t, p = _regression(y_true, y_pred)
+    return float(np.mean((t - p) ** 2))
+
+
+def rmse(y_true, y_pred):
+    """Root mean squared error per output, then averaged (root_mean_squared_error)."""
+    t, p = _regression(y_true, y_pred)
+    return float(np.mean(np.sqrt(np.mean((t - p) ** 2, axis=0))))
+
+
+def r2(y_true, y_pred):
+    """Coefficient of determination per output, then averaged (r2_score). A constant target
+    scores 1.0 when predicted exactly, else 0.0, as scikit-learn's force_finite."""
+    t, p = _regression(y_true, y_pred)
+    ss_res = np.sum((t - p) ** 2, axis=0)
+    ss_tot = np.sum((t - t.mean(axis=0)) ** 2, axis=0)
+    score = np.ones_like(ss_res)
+    ok = ss_tot != 0
+    score[ok] = 1.0 - ss_res[ok] / ss_tot[ok]
+    score[~ok & (ss_res != 0)] = 0.0
+    return float(np.mean(score))
+
+
+# ----------------------------------------------------------------------------- fit(metrics=)
+_LOGIT_LOSSES = ("sparse_cross_entropy", "cross_entropy", "bce_with_logits")
+
+
+def classify_outputs(y_true, outputs, loss=None):
+    """(true labels, predicted labels, class scores) from model outputs, as fit's metrics and
+    mpscy.plot read them: scores are the softmax of logits for the cross-entropy losses, the
+    sigmoid of the logit for BCEWithLogits, the outputs otherwise; a single-output head is
+    binary (threshold 0.5 on the score, scores shaped (n,)); one-hot targets give their argmax."""
+    outputs = np.asarray(outputs, dtype=np.float64).reshape(len(outputs), -1)
+    y_true = np.asarray(y_true)
+    kind = getattr(loss, "kind", None)
+    if outputs.shape[1] == 1:
+        probs = 1.0 / (1.0 + np.exp(-outputs[:, 0])) if kind == "bce_with_logits" else outputs[:, 0]
+        labels = (y_true.reshape(len(y_true), -1)[:, 0] > 0.5).astype(np.int64)
+        return labels, (probs > 0.5).astype(np.int64), probs
+    if kind in _LOGIT_LOSSES:
+        e = np.exp(outputs - outputs.max(axis=1, keepdims=True))
+        probs = e / e.sum(axis=1, keepdims=True)
+    else:
+        probs = outputs
+    labels = y_true.argmax(axis=1) if y_true.ndim == 2 else y_true.astype(np.int64)
+    return labels, probs.argmax(axis=1), probs
+
+
+class Metric:
+    """A metric over model outputs: `metric(y_true, outputs, loss)` -> float. Classification
+    metrics see `classify_outputs(y_true, outputs, loss)`; regression metrics the raw outputs."""
+
+    def __init__(self, name, fn, kind):
+        self.name, self.fn, self.kind = name, fn, kind
+
+    def __call__(self, y_true, outputs, loss=None):
+        if self.kind == "raw":
+            return float(self.fn(y_true, outputs))
+        if self.kind == "regression":
+            y_true = np.asarray(y_true)
+            return float(self.fn(y_true.reshape(len(y_true), -1), np.asarray(outputs).reshape(len(outputs), -1)))
+        return float(self.fn(*classify_outputs(y_true, outputs, loss)))
+
+    def __repr__(self):
+        return f"Metric({self.name!r})"
+
+
+def _multi_or_binary(fn):
+    def metric(labels, pred, probs):
+        average = "binary" if probs.ndim == 1 else "macro"
+        return fn(labels, pred, average=average)
+    return metric
+
+
+_NAMED = {
+    "accuracy": ("classification", lambda t, p, s: accuracy(t, p)),
+    "precision": ("classification", _multi_or_binary(precision)),
+    "recall": ("classification", _multi_or_binary(recall)),
+    "f1": ("classification", _multi_or_binary(f1)),
+    "roc_auc": ("classification", lambda t, p, s: roc_auc(t, s)),
+    "pr_auc": ("classification", lambda t, p, s: pr_auc(t, s)),
+    "mae": ("regression", mae), "mse": ("regression", mse), "rmse": ("regression", rmse),
+    "r2": ("regression", r2),
+}
+
+
+def get(metric):
+    """A Metric from a name ("accuracy", "top5" or "top_k_accuracy" (k=5), "precision",
+    "recall", "f1" (binary for one output, macro otherwise), "roc_auc", "pr_auc", "mae", "mse",
+    "rmse", "r2") or a callable f(y_true, outputs) -> float named by its __name__."""
+    if isinstance(metric, Metric):
+        return metric
+    if isinstance(metric, str):
+        name = metric.lower()
+        if name in ("top_k_accuracy", "top5") or (name.startswith("top") and name[3:].isdigit()):
+            k = 5 if name == "top_k_accuracy" else int(name[3:])
+            return Metric(name, lambda t, p, s: top_k_accuracy(t, s, k), "classification")
+        if name in _NAMED:
+            kind, fn = _NAMED[name]
+            return Metric(name, fn, kind)
+        raise InvalidArgumentError(f"unknown metric {metric!r}; choose one of {sorted(_NAMED)} + ['top5'], "
+                                   "or pass a callable f(y_true, outputs)")
+    if callable(metric):
+        return Metric(getattr(metric, "__name__", type(metric).__name__), metric, "raw")
+    raise InvalidArgumentError(f"a metric is a name or a callable, got {type(metric).__name__}")

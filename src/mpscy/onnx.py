@@ -1,0 +1,31 @@
+"""ONNX interchange: `export(engine, path, opset=17)` writes a model (IR 10, a dynamic batch
+dimension "N", checked with onnx.checker's full check) and `load(path, ...)` builds an Engine
+from what torch.onnx.export (or mpscy) wrote, for inference or fine-tuning. Needs the optional
+`onnx` package (``pip install 'mpscy[onnx]'``); onnxruntime runs the exported files. This
+module is mpscy's facade; the work is in mpscy.onnx_io, which imports the real `onnx`."""
+
+__all__ = ["export", "load", "read"]
+
+
+def export(engine, path=None, opset=17, output_name="output"):
+    """Writes `engine`'s model and current parameters to `path` as ONNX; returns the ModelProto.
+    opset: 13..21 (LayerNorm needs 17+; GELU is one Gelu node from 20, else its formula)."""
+    from .onnx_io.exporter import export as _export
+    return _export(engine, path, opset=opset, output_name=output_name)
+
+
+def read(source):
+    """(Model, {parameter name: float32 array}) from an ONNX path, bytes or ModelProto."""
+    from .onnx_io.importer import read_onnx
+    return read_onnx(source)
+
+
+def load(source, loss="sparse_cross_entropy", optimizer=None, batch_size=32, device="auto", seed=0, **engine_kwargs):
+    """An Engine holding the ONNX model and its weights (BatchNorm statistics included), ready
+    for `predict` or for fine-tuning with `step`/`fit` under `loss` and `optimizer`."""
+    from .engine import Engine
+    model, params = read(source)
+    engine = Engine(model, loss=loss, optimizer=optimizer, batch_size=batch_size, device=device, seed=seed,
+                    **engine_kwargs)
+    engine.set_parameters(params, strict=True)
+    return engine

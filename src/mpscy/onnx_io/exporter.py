@@ -1,0 +1,154 @@
+"""mpscy model -> ONNX file. Each node is written from its native descriptor (the ints/reals
+listed in objc/mpscy.h), so every layer kind the ABI knows is covered without depending on
+Python class names. The file has an explicit IR version and opset, a dynamic batch dimension
+"N" on inputs and output, initializers in raw_data, and passes onnx.checker's full check.
+Dropout is written as an inference-mode Dropout node (the identity) that keeps its ratio."""
+
+import math
+
+import numpy as np
+
+from .. import __version__
+from ..errors import UnsupportedError
+from . import IR_VERSION, check_opset, onnx_modules
+
+
+class _Writer:
+    def __init__(self, opset):
+        self.onnx, self.helper, self.numpy_helper, self.tp = onnx_modules()
+        self.opset = opset
+        self.nodes, self.inits, self._consts = [], [], {}
+
+    def init(self, name, array):
+        array = np.array(array, dtype=np.float32, order="C")   # (ascontiguousarray would make 0-d 1-d)
+        self.inits.append(self.numpy_helper.from_array(array, name))
+        return name
+
+    def const(self, value):
+        """A shared float32 scalar initializer."""
+        key = float(np.float32(value))
+        if key not in self._consts:
+            self._consts[key] = self.init(f"const_{len(self._consts)}", np.array(key, np.float32))
+        return self._consts[key]
+
+    def node(self, op, inputs, output, name, **attrs):
+        self.nodes.append(self.helper.make_node(op, list(inputs), [output], name=name, **attrs))
+        return output
+
+
+def _pairs(v, i):
+    return [int(v[i]), int(v[i + 1])]
+
+
+def _gelu(w, x, out, name, tanh):
+    if w.opset >= 20:
+        return w.node("Gelu", [x], out, name, approximate="tanh" if tanh else "none")
+    if tanh:   # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+        x2 = w.node("Mul", [x, x], f"{name}/x2", f"{name}/mul_x2")
+        x3 = w.node("Mul", [x2, x], f"{name}/x3", f"{name}/mul_x3")
+        c = w.node("Mul", [x3, w.const(0.044715)], f"{name}/cx3", f"{name}/mul_c")
+        s = w.node("Add", [x, c], f"{name}/sum", f"{name}/add_x")
+        inner = w.node("Mul", [s, w.const(math.sqrt(2.0 / math.pi))], f"{name}/inner", f"{name}/mul_k")
+        t = w.node("Tanh", [inner], f"{name}/tanh", f"{name}/tanh")
+    else:      # 0.5 x (1 + erf(x / sqrt(2)))
+        d = w.node("Div", [x, w.const(math.sqrt(2.0))], f"{name}/div", f"{name}/div")
+        t = w.node("Erf", [d], f"{name}/erf", f"{name}/erf")
+    one = w.node("Add", [t, w.const(1.0)], f"{name}/one_plus", f"{name}/add_one")
+    xm = w.node("Mul", [x, one], f"{name}/x_times", f"{name}/mul_x")
+    return w.node("Mul", [xm, w.const(0.5)], out, f"{name}/half")
+
+
+def _emit(w, n, desc, in_shapes, ins, out, params):
+    """Writes the ONNX nodes of one mpscy node (descriptor `desc`) producing value `out`."""
+    kind, name = desc["kind"], n.name
+    ints, reals, flags = desc.get("ints", []), desc.get("reals", []), desc.get("flags", [])
+    x = ins[0] if ins else None
+
+    def p(suffix):
+        return w.init(f"{name}.{suffix}", params[f"{name}.{suffix}"])
+
+    if kind == "dense":
+        if len(in_shapes[0]) > 1:
+            x = w.node("Flatten", [x], f"{name}/flat", f"{name}/flatten", axis=1)
+        inputs = [x, p("weight")] + ([p("bias")] if "bias" in flags else [])
+        return w.node("Gemm", inputs, out, name, transB=1)
+    simple = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh"}
+    if kind in simple:
+        return w.node(simple[kind], [x], out, name)
+    if kind == "leakyrelu":
+        return w.node("LeakyRelu", [x], out, name, alpha=float(reals[0]))
+    if kind == "elu":
+        return w.node("Elu", [x], out, name, alpha=float(reals[0]))
+    if kind == "swish":
+        s = w.node("Sigmoid", [x], f"{name}/sigmoid", f"{name}/sigmoid")
+        return w.node("Mul", [x, s], out, name)
+    if kind == "gelu":
+        return _gelu(w, x, out, name, bool(ints and ints[0]))
+    if kind == "softmax":
+        return w.node("Softmax", [x], out, name, axis=int(ints[0]) + 1)
+    if kind == "flatten":
+        return w.node("Flatten", [x], out, name, axis=1)
+    if kind == "conv2d":
+        inputs = [x, p("weight")] + ([p("bias")] if "bias" in flags else [])
+        return w.node("Conv", inputs, out, name, kernel_shape=_pairs(ints, 1), strides=_pairs(ints, 3),
+                      pads=_pairs(ints, 5) * 2, dilations=_pairs(ints, 7), group=int(ints[9]))
+    if kind in ("maxpool2d", "avgpool2d"):
+        attrs = dict(kernel_shape=_pairs(ints, 0), strides=_pairs(ints, 2), pads=_pairs(ints, 4) * 2)
+        if kind == "maxpool2d":
+            return w.node("MaxPool", [x], out, name, **attrs)
+        return w.node("AveragePool", [x], out, name, count_include_pad=int(ints[6]), **attrs)
+    if kind == "globalavgpool2d":   # ONNX keeps (N, C, 1, 1); mpscy's output is (N, C)
+        g = w.node("GlobalAveragePool", [x], f"{name}/pooled", f"{name}/pool")
+        return w.node("Flatten", [g], out, name, axis=1)
+    if kind in ("batchnorm", "layernorm"):
+        if "affine" in flags:
+            scale, bias = p("weight"), p("bias")
+        else:
+            c = in_shapes[0][0] if kind == "batchnorm" else None
+            shape = (c,) if kind == "batchnorm" else tuple(in_shapes[0][len(in_shapes[0]) - int(ints[0]):])
+            scale = w.init(f"{name}.weight", np.ones(shape, np.float32))
+            bias = w.init(f"{name}.bias", np.zeros(shape, np.float32))
+        if kind == "batchnorm":
+            return w.node("BatchNormalization", [x, scale, bias, p("running_mean"), p("running_var")], out, name,
+                          epsilon=float(reals[1]), momentum=float(1.0 - reals[0]))
+        if w.opset < 17:
+            raise UnsupportedError(f"LayerNorm {name} needs opset >= 17 (LayerNormalization)")
+        return w.node("LayerNormalization", [x, scale, bias], out, name, axis=-int(ints[0]), epsilon=float(reals[1]))
+    if kind == "dropout":
+        ratio = w.init(f"{name}.ratio", np.array(reals[0], np.float32))
+        return w.node("Dropout", [x, ratio], out, name)
+    if kind == "add":
+        return w.node("Sum" if len(ins) > 2 else "Add", ins, out, name)
+    if kind == "concat":
+        return w.node("Concat", ins, out, name, axis=int(ints[0]) + 1)
+    raise UnsupportedError(f"layer {name} of kind {kind!r} has no ONNX export")
+
+
+def export(engine, path=None, opset=17, output_name="output", check=True):
+    """Writes `engine`'s model with its current parameters (and BatchNorm statistics) as ONNX;
+    returns the onnx.ModelProto. Input names are the model's input names, the output is
+    `output_name`; every tensor has the dynamic batch dimension "N"."""
+    check_opset(opset)
+    w = _Writer(opset)
+    onnx, helper, tp = w.onnx, w.helper, w.tp
+    model, params = engine.model, engine.get_parameters()
+    values, inputs = {}, []
+    for k, n in enumerate(model.nodes):
+        out = output_name if k == model.output else n.name
+        if n.layer is None:
+            values[k] = n.name
+            inputs.append(helper.make_tensor_value_info(n.name, tp.FLOAT, ["N", *n.shape]))
+            continue
+        in_shapes = model._in_shapes(n)
+        desc = {"kind": n.layer.kind, **n.layer.native(in_shapes)}
+        values[k] = _emit(w, n, desc, in_shapes, [values[i] for i in n.inputs], out, params)
+    outputs = [helper.make_tensor_value_info(output_name, tp.FLOAT, ["N", *model.output_shape])]
+    graph = helper.make_graph(w.nodes, "mpscy_model", inputs, outputs, initializer=w.inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION,
+                              producer_name="mpscy", producer_version=__version__,
+                              doc_string=f"exported by mpscy {__version__} from {type(model).__name__}")
+    if check:
+        onnx.checker.check_model(proto, full_check=True)
+    if path is not None:
+        onnx.save(proto, path)
+    return proto

@@ -1,0 +1,290 @@
+"""ONNX file -> mpscy Model and parameters, for inference and fine-tuning: what torch.onnx.export
+writes for MLPs, CNNs and residual models (Gemm or MatMul+Add, Conv, BatchNormalization,
+LayerNormalization, activations also in decomposed form, Softmax, pools, Flatten/Reshape, Add/Sum,
+Concat, Dropout) and what mpscy exports. Anything else raises UnsupportedError naming the node.
+Operator handlers are in ops.py; nothing here touches an engine."""
+
+# Nodes are read in order into symbolic values: constants, materialized mpscy tensors, or small
+# pending expressions (products, sums, erf/tanh/sigmoid, matmul) that become layers only when a
+# consumer needs a tensor, so a decomposed GELU or SiLU is recognised as one layer.
+
+import math
+
+import numpy as np
+
+from .. import layers as L
+from ..errors import InvalidArgumentError, ShapeError, UnsupportedError
+from ..model import Input, Model
+from . import onnx_modules
+
+
+# ----------------------------------------------------------------------------- symbolic values
+class Const:
+    def __init__(self, value):
+        self.value = np.asarray(value)
+
+
+class Sym:
+    """A materialized mpscy tensor."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+class Expr:
+    """A pending expression: op in {"mul", "add", "erf", "tanh", "sigmoid", "matmul"}."""
+
+    def __init__(self, op, args, const=None):
+        self.op, self.args, self.const = op, list(args), const
+        self.cached = None
+        self.uses = 0        # node inputs that read it: only single-use products are flattened
+
+
+class ShapeVec:
+    """Part of a shape computed at run time: entries are "N" (the batch) or ints."""
+
+    def __init__(self, items, scalar=False):
+        self.items, self.scalar = list(items), scalar
+
+
+def _close(a, b, rel=1e-5):
+    return abs(float(a) - float(b)) <= rel * max(1.0, abs(float(b)))
+
+
+def _scalar(v):
+    if isinstance(v, Const) and v.value.size == 1:
+        return float(v.value.reshape(()))
+    return None
+
+
+# ----------------------------------------------------------------------------- the reader
+class _Reader:
+    def __init__(self, graph, numpy_helper, helper):
+        self.graph, self.nh, self.helper = graph, numpy_helper, helper
+        self.values, self.params, self.counts = {}, {}, {}
+        self.inputs = []
+
+    # -- layers ----------------------------------------------------------------------
+    def _name(self, prefix):
+        k = self.counts.get(prefix, 0)
+        self.counts[prefix] = k + 1
+        return f"{prefix}_{k}"
+
+    def layer(self, cls, args, params=None, **kwargs):
+        """Calls a new layer on the materialized args and records its parameters."""
+        name = self._name(cls.prefix)
+        layer = cls(name=name, **kwargs)
+        tensors = [self.tensor(a) for a in args]
+        try:
+            out = layer(tensors if len(tensors) > 1 else tensors[0])
+        except ShapeError as e:
+            raise ShapeError(f"ONNX import, {cls.__name__}: {e}") from None
+        for suffix, arr in (params or {}).items():
+            self.params[f"{name}.{suffix}"] = np.ascontiguousarray(arr, dtype=np.float32)
+        return Sym(out)
+
+    def tensor(self, v):
+        """The mpscy tensor of a value, turning a pending expression into layers."""
+        if isinstance(v, Sym):
+            return v.tensor
+        if isinstance(v, Expr):
+            if v.cached is None:
+                v.cached = self._materialize(v)
+            return v.cached.tensor
+        raise UnsupportedError("a constant or shape value is used where a tensor is needed")
+
+    def shape(self, v):
+        return tuple(self.tensor(v).shape)
+
+    # -- pattern matching ----------------------------------------------------------------
+    @staticmethod
+    def _flat(e):
+        """(scalar constant, operands) of a product or sum, descending into operands of the
+        same kind that nothing else reads (the intermediates of a decomposed formula)."""
+        const = 1.0 if e.op == "mul" else 0.0
+        out = []
+
+        def walk(v):
+            nonlocal const
+            if v.const is not None:
+                c = float(np.asarray(v.const).reshape(-1)[0]) if np.asarray(v.const).size == 1 else None
+                if c is None:
+                    raise UnsupportedError("a non-scalar constant in an elementwise formula")
+                const = const * c if e.op == "mul" else const + c
+            for a in v.args:
+                if isinstance(a, Expr) and a.op == e.op and a.uses <= 1 and a.cached is None:
+                    walk(a)
+                else:
+                    out.append(a)
+
+        walk(e)
+        return const, out
+
+    def _materialize(self, e):
+        if e.op in ("sigmoid", "tanh"):
+            return self.layer(L.Sigmoid if e.op == "sigmoid" else L.Tanh, [e.args[0]])
+        if e.op == "matmul":
+            return self._dense(e.args[0], e.const, None)
+        if e.op == "add":
+            if len(e.args) == 1 and isinstance(e.args[0], Expr) and e.args[0].op == "matmul" and e.const is not None:
+                w = e.args[0].const
+                if e.const.size in (1, w.shape[1]):
+                    return self._dense(e.args[0].args[0], w, np.broadcast_to(e.const.reshape(-1), (w.shape[1],)))
+            if e.const is None:
+                c, terms = self._flat(e)
+                if len(terms) >= 2:
+                    return self.layer(L.Add, terms)
+        if e.op == "mul" and len(e.args) == 2 and e.const is None:
+            a, b = e.args
+            for x, s in ((a, b), (b, a)):
+                if isinstance(s, Expr) and s.op == "sigmoid" and s.args[0] is x:
+                    return self.layer(L.Swish, [x])
+        if e.op == "mul":
+            gelu = self._match_gelu(e)
+            if gelu is not None:
+                return self.layer(L.GELU, [gelu[0]], approximate=gelu[1])
+        raise UnsupportedError(f"ONNX import: an expression ({_describe(e)}) has no mpscy layer")
+
+    def _dense(self, x, w, bias):
+        w = np.asarray(w, dtype=np.float32)
+        if w.ndim != 2:
+            raise UnsupportedError(f"MatMul with a {w.ndim}-D constant is not a Dense layer")
+        params = {"weight": w.T}
+        if bias is not None:
+            params["bias"] = bias
+        return self.layer(L.Dense, [x], params, units=int(w.shape[1]), bias=bias is not None)
+
+    def _match_gelu(self, e):
+        """0.5 x (1 + erf(x / sqrt 2)) or 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+        c, factors = self._flat(e)
+        if len(factors) != 2 or not _close(c, 0.5):
+            return None
+        for x, s in (factors, factors[::-1]):
+            if not (isinstance(s, Expr) and s.op == "add"):
+                continue
+            one, terms = self._flat(s)
+            if not (_close(one, 1.0) and len(terms) == 1 and isinstance(terms[0], Expr)
+                    and terms[0].op in ("erf", "tanh") and isinstance(terms[0].args[0], Expr)
+                    and terms[0].args[0].op == "mul"):
+                continue
+            k, inner = self._flat(terms[0].args[0])
+            if terms[0].op == "erf" and inner == [x] and _close(k, 1 / math.sqrt(2.0)):
+                return x, "none"
+            if terms[0].op == "tanh" and len(inner) == 1 and _close(k, math.sqrt(2.0 / math.pi)) \
+                    and isinstance(inner[0], Expr) and inner[0].op == "add":
+                zero, poly = self._flat(inner[0])
+                if _close(zero, 0.0) and len(poly) == 2:
+                    for lin, cube in (poly, poly[::-1]):
+                        if lin is x and isinstance(cube, Expr) and cube.op == "mul":
+                            k3, xs = self._flat(cube)
+                            if _close(k3, 0.044715) and len(xs) == 3 and all(v is x for v in xs):
+                                return x, "tanh"
+        return None
+
+    # -- expression building -------------------------------------------------------------
+    def _combine(self, op, a, b, fold):
+        if isinstance(a, Const) and isinstance(b, Const):
+            return Const(fold(a.value, b.value))
+        args = [v for v in (a, b) if not isinstance(v, Const)]
+        consts = [v.value for v in (a, b) if isinstance(v, Const)]
+        return Expr(op, args, np.asarray(consts[0], np.float64) if consts else None)
+
+    def mul(self, a, b):
+        e = self._combine("mul", a, b, np.multiply)
+        if isinstance(e, Expr) and e.const is not None and e.const.size != 1:
+            raise UnsupportedError("multiplication by a non-scalar constant has no mpscy layer")
+        return e
+
+    def add(self, a, b):
+        return self._combine("add", a, b, np.add)
+
+    # -- nodes -------------------------------------------------------------------------------
+    def get(self, name):
+        if name == "":
+            return None
+        if name not in self.values:
+            raise InvalidArgumentError(f"ONNX graph uses {name!r} before it is defined")
+        return self.values[name]
+
+    def const_of(self, name, node):
+        v = self.get(name)
+        if not isinstance(v, Const):
+            raise UnsupportedError(f"{node.op_type} node {node.name!r}: input {name!r} must be a constant")
+        return v.value
+
+    def run(self, node):
+        op = node.op_type
+        handler = getattr(self, "op_" + op, None)
+        if handler is None:
+            raise UnsupportedError(f"ONNX import: operator {op} (node {node.name!r}) is not supported")
+        attrs = {a.name: self.helper.get_attribute_value(a) for a in node.attribute}
+        args = [self.get(i) for i in node.input]
+        for a in args:
+            if isinstance(a, Expr):
+                a.uses += 1
+        outs = handler(node, args, attrs)
+        outs = outs if isinstance(outs, list) else [outs]
+        for name, v in zip(node.output, outs):
+            if name:
+                self.values[name] = v
+
+
+def _describe(e):
+    if isinstance(e, Expr):
+        inner = ", ".join(_describe(a) for a in e.args)
+        c = "" if e.const is None else f", const={np.asarray(e.const).reshape(-1)[:3].tolist()}"
+        return f"{e.op}({inner}{c})"
+    if isinstance(e, Sym):
+        return f"tensor{tuple(e.tensor.shape)}"
+    return type(e).__name__
+
+
+def read_onnx(source):
+    """(Model, {parameter name: array}) from a path, bytes or ModelProto."""
+    onnx, helper, nh, _ = onnx_modules()
+    from . import ops  # noqa: F401  (registers the op_* handlers on _Reader)
+    if isinstance(source, (bytes, bytearray)):
+        proto = onnx.load_from_string(bytes(source))
+    elif hasattr(source, "graph"):
+        proto = source
+    else:
+        proto = onnx.load(source)
+    domains = {o.domain: o.version for o in proto.opset_import}
+    opset = domains.get("", domains.get("ai.onnx"))
+    if opset is None or opset < 11:
+        raise UnsupportedError(f"ONNX import needs the default opset >= 11, the file has {opset}")
+    graph = proto.graph
+    r = _Reader(graph, nh, helper)
+    r.opset = opset
+    inits = {t.name for t in graph.initializer}
+    for t in graph.initializer:
+        r.values[t.name] = Const(nh.to_array(t))
+    tensors = []
+    for vi in graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        if len(dims) < 2 or any(d is None or d <= 0 for d in dims[1:]):
+            raise UnsupportedError(f"ONNX input {vi.name!r} has shape {dims}; mpscy needs (batch, fixed sizes...)")
+        if tt.elem_type != onnx.TensorProto.FLOAT:
+            raise UnsupportedError(f"ONNX input {vi.name!r} is not float32")
+        t = Input(tuple(dims[1:]), name=_safe(vi.name))
+        tensors.append(t)
+        r.values[vi.name] = Sym(t)
+    if not tensors:
+        raise InvalidArgumentError("the ONNX graph has no data input")
+    for node in graph.node:
+        r.run(node)
+    if len(graph.output) != 1:
+        raise UnsupportedError(f"mpscy models have one output; the ONNX graph has {len(graph.output)}")
+    out = r.tensor(r.get(graph.output[0].name))
+    model = Model(tensors, out)
+    used = set(model.parameter_shapes())
+    return model, {k: v for k, v in r.params.items() if k in used}
+
+
+def _safe(name):
+    """A valid mpscy node name (no '.', at most 40 bytes) from an ONNX value name."""
+    s = "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in name)[:40]
+    return s or "input"

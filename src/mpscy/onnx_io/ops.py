@@ -1,0 +1,337 @@
+"""The ONNX operator handlers of the importer: one `op_<Type>(node, args, attrs)` per
+operator, each returning the symbolic value(s) of the node's outputs (see importer.py).
+Attribute defaults are the ONNX specification's."""
+
+import numpy as np
+
+from .. import layers as L
+from ..errors import UnsupportedError
+from .importer import Const, Expr, ShapeVec, _Reader, _scalar
+
+
+def _layer_class(name):
+    cls = getattr(L, name, None)
+    if cls is None:
+        raise UnsupportedError(f"ONNX import needs mpscy.layers.{name}, which this mpscy does not have")
+    return cls
+
+
+def _onnx_shape(r, v):
+    """["N", *per-sample dims] as ONNX sees the value (GlobalAveragePool keeps (C, 1, 1))."""
+    shape = list(r.shape(v))
+    return ["N", *shape, 1, 1] if getattr(v, "squeezed", False) else ["N", *shape]
+
+
+def _pairs(attrs, key, default):
+    v = list(attrs.get(key, default))
+    if len(v) != 2:
+        raise UnsupportedError(f"only 2-D {key} are supported, got {v}")
+    return tuple(int(a) for a in v)
+
+
+def _pads(node, attrs):
+    if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+        raise UnsupportedError(f"{node.op_type} {node.name!r}: auto_pad {attrs['auto_pad']!r} is not supported; "
+                               "export with explicit pads")
+    p = list(attrs.get("pads", [0, 0, 0, 0]))
+    if len(p) != 4 or p[0] != p[2] or p[1] != p[3]:
+        raise UnsupportedError(f"{node.op_type} {node.name!r}: asymmetric pads {p} are not supported")
+    return int(p[0]), int(p[1])
+
+
+def _set(name):
+    def deco(fn):
+        setattr(_Reader, "op_" + name, fn)
+        return fn
+    return deco
+
+
+# ----------------------------------------------------------------------------- plumbing
+@_set("Identity")
+def _identity(r, node, args, attrs):
+    return args[0]
+
+
+@_set("Constant")
+def _constant(r, node, args, attrs):
+    for key in ("value", "value_float", "value_floats", "value_int", "value_ints"):
+        if key in attrs:
+            v = attrs[key]
+            return Const(r.nh.to_array(v) if key == "value" else np.asarray(v))
+    raise UnsupportedError(f"Constant {node.name!r} has no supported value attribute")
+
+
+@_set("Cast")
+def _cast(r, node, args, attrs):
+    x = args[0]
+    if isinstance(x, Const):
+        from onnx import helper
+        return Const(x.value.astype(helper.tensor_dtype_to_np_dtype(attrs["to"])))
+    return x
+
+
+@_set("Shape")
+def _shape(r, node, args, attrs):
+    items = _onnx_shape(r, args[0])
+    return ShapeVec(items[attrs.get("start", 0):attrs.get("end", len(items))])
+
+
+@_set("Gather")
+def _gather(r, node, args, attrs):
+    data, idx = args
+    if isinstance(data, Const) and isinstance(idx, Const):
+        return Const(np.take(data.value, idx.value, axis=attrs.get("axis", 0)))
+    if isinstance(data, ShapeVec) and isinstance(idx, Const) and idx.value.size == 1:
+        return ShapeVec([data.items[int(idx.value.reshape(()))]], scalar=idx.value.ndim == 0)
+    raise UnsupportedError(f"Gather {node.name!r} on tensors is not supported")
+
+
+@_set("Unsqueeze")
+def _unsqueeze(r, node, args, attrs):
+    x = args[0]
+    axes = args[1].value.tolist() if len(args) > 1 else attrs.get("axes")
+    if isinstance(x, ShapeVec) and x.scalar:
+        return ShapeVec(x.items)
+    if isinstance(x, Const):
+        return Const(np.expand_dims(x.value, tuple(int(a) for a in np.atleast_1d(axes))))
+    raise UnsupportedError(f"Unsqueeze {node.name!r} on tensors is not supported")
+
+
+@_set("Concat")
+def _concat(r, node, args, attrs):
+    if all(isinstance(a, (ShapeVec, Const)) for a in args):
+        if all(isinstance(a, Const) for a in args):
+            return Const(np.concatenate([a.value for a in args], axis=attrs["axis"]))
+        items = []
+        for a in args:
+            items.extend(a.items if isinstance(a, ShapeVec) else a.value.reshape(-1).tolist())
+        return ShapeVec(items)
+    rank = len(_onnx_shape(r, args[0]))
+    axis = attrs["axis"] + (rank if attrs["axis"] < 0 else 0)
+    if axis == 0:
+        raise UnsupportedError(f"Concat {node.name!r} along the batch axis is not supported")
+    return r.layer(_layer_class("Concatenate"), args, axis=axis)
+
+
+@_set("Reshape")
+def _reshape(r, node, args, attrs):
+    x, spec = args
+    target = spec.items if isinstance(spec, ShapeVec) else spec.value.reshape(-1).tolist() if isinstance(spec, Const) else None
+    if target is None:
+        raise UnsupportedError(f"Reshape {node.name!r}: the target shape must be computable at import")
+    if isinstance(x, Const):
+        return Const(x.value.reshape([int(t) for t in target]))
+    src = _onnx_shape(r, x)
+    per_sample = src[1:]
+    total = int(np.prod(per_sample))
+    t = [src[i] if (v == 0 and not attrs.get("allowzero", 0) and i < len(src)) else v for i, v in enumerate(target)]
+    if t[0] not in ("N", -1):
+        raise UnsupportedError(f"Reshape {node.name!r} fixes the batch size to {t[0]}; export with a dynamic "
+                               "batch dimension (dynamic_axes / dynamic_shapes)")
+    rest = [int(v) for v in t[1:]] if t[0] == "N" or all(v != -1 for v in t[1:]) else None
+    if rest is None:
+        raise UnsupportedError(f"Reshape {node.name!r} to {target} moves the batch dimension")
+    if -1 in rest:
+        known = int(np.prod([v for v in rest if v != -1]))
+        rest[rest.index(-1)] = total // known if known else 0
+    if rest == [total]:
+        return x if len(r.shape(x)) == 1 else r.layer(L.Flatten, [x])
+    if rest == list(r.shape(x)) and not getattr(x, "squeezed", False):
+        return x
+    raise UnsupportedError(f"Reshape {node.name!r} from (N, {per_sample}) to (N, {rest}) is not supported "
+                           "(only flattening)")
+
+
+@_set("Flatten")
+def _flatten(r, node, args, attrs):
+    if attrs.get("axis", 1) != 1:
+        raise UnsupportedError(f"Flatten {node.name!r} with axis {attrs.get('axis')} is not supported (only 1)")
+    x = args[0]
+    return x if len(r.shape(x)) == 1 else r.layer(L.Flatten, [x])
+
+
+@_set("Dropout")
+def _dropout(r, node, args, attrs):
+    ratio = attrs.get("ratio", 0.5)
+    if len(args) > 1 and args[1] is not None:
+        ratio = float(np.asarray(r.const_of(node.input[1], node)).reshape(()))
+    outs = [r.layer(L.Dropout, [args[0]], rate=ratio) if hasattr(L, "Dropout") and ratio > 0 else args[0]]
+    return outs + [None] * (len(node.output) - 1)
+
+
+# ----------------------------------------------------------------------------- arithmetic
+@_set("Add")
+def _add(r, node, args, attrs):
+    return r.add(args[0], args[1])
+
+
+@_set("Sum")
+def _sum(r, node, args, attrs):
+    acc = args[0]
+    for a in args[1:]:
+        acc = r.add(acc, a)
+    return acc
+
+
+@_set("Sub")
+def _sub(r, node, args, attrs):
+    if not isinstance(args[1], Const):
+        raise UnsupportedError(f"Sub {node.name!r} of two tensors has no mpscy layer")
+    return r.add(args[0], Const(-args[1].value))
+
+
+@_set("Mul")
+def _mul(r, node, args, attrs):
+    return r.mul(args[0], args[1])
+
+
+@_set("Div")
+def _div(r, node, args, attrs):
+    if not isinstance(args[1], Const):
+        raise UnsupportedError(f"Div {node.name!r} by a tensor has no mpscy layer")
+    return r.mul(args[0], Const(1.0 / args[1].value.astype(np.float64)))
+
+
+@_set("Pow")
+def _pow(r, node, args, attrs):
+    e = _scalar(args[1])
+    if e not in (2.0, 3.0):
+        raise UnsupportedError(f"Pow {node.name!r} with exponent {e} is not supported")
+    out = r.mul(args[0], args[0])
+    return r.mul(out, args[0]) if e == 3.0 else out
+
+
+@_set("MatMul")
+def _matmul(r, node, args, attrs):
+    a, b = args
+    if not isinstance(b, Const) or b.value.ndim != 2:
+        raise UnsupportedError(f"MatMul {node.name!r} needs a 2-D constant right operand")
+    return Expr("matmul", [a], const=b.value)
+
+
+@_set("Gemm")
+def _gemm(r, node, args, attrs):
+    if attrs.get("transA", 0):
+        raise UnsupportedError(f"Gemm {node.name!r} with transA is not supported")
+    b = np.asarray(r.const_of(node.input[1], node), dtype=np.float64)
+    w = b if attrs.get("transB", 0) else b.T                      # (out, in)
+    w = w * attrs.get("alpha", 1.0)
+    params = {"weight": w}
+    if len(args) > 2 and args[2] is not None:
+        c = np.asarray(r.const_of(node.input[2], node), dtype=np.float64) * attrs.get("beta", 1.0)
+        params["bias"] = np.broadcast_to(c.reshape(-1) if c.size == w.shape[0] else c, (w.shape[0],))
+    return r.layer(L.Dense, [args[0]], params, units=int(w.shape[0]), bias="bias" in params)
+
+
+# ----------------------------------------------------------------------------- activations
+for _op in ("Erf", "Tanh", "Sigmoid"):
+    def _unary(r, node, args, attrs, _name=_op.lower()):
+        return Expr(_name, [args[0]])
+    _set(_op)(_unary)
+
+
+@_set("Relu")
+def _relu(r, node, args, attrs):
+    return r.layer(L.ReLU, args[:1])
+
+
+@_set("LeakyRelu")
+def _leaky(r, node, args, attrs):
+    return r.layer(L.LeakyReLU, args[:1], negative_slope=attrs.get("alpha", 0.01))
+
+
+@_set("Elu")
+def _elu(r, node, args, attrs):
+    return r.layer(L.ELU, args[:1], alpha=attrs.get("alpha", 1.0))
+
+
+@_set("Gelu")
+def _gelu(r, node, args, attrs):
+    approx = attrs.get("approximate", b"none")
+    approx = approx.decode() if isinstance(approx, bytes) else approx
+    return r.layer(L.GELU, args[:1], approximate=approx)
+
+
+@_set("Softmax")
+def _softmax(r, node, args, attrs):
+    rank = len(_onnx_shape(r, args[0]))
+    axis = attrs.get("axis", -1 if r.opset >= 13 else 1)
+    axis += rank if axis < 0 else 0
+    if r.opset < 13 and axis != rank - 1:
+        raise UnsupportedError(f"Softmax {node.name!r} (opset {r.opset}, axis {axis}) flattens trailing axes")
+    if axis == 0:
+        raise UnsupportedError(f"Softmax {node.name!r} over the batch axis is not supported")
+    return r.layer(L.Softmax, args[:1], axis=axis)
+
+
+# ----------------------------------------------------------------------------- images
+@_set("Conv")
+def _conv(r, node, args, attrs):
+    w = np.asarray(r.const_of(node.input[1], node), dtype=np.float32)
+    if w.ndim != 4:
+        raise UnsupportedError(f"Conv {node.name!r}: only 2-D convolutions are supported")
+    params = {"weight": w}
+    if len(args) > 2 and args[2] is not None:
+        params["bias"] = r.const_of(node.input[2], node)
+    kh, kw = _pairs(attrs, "kernel_shape", w.shape[2:])
+    return r.layer(_layer_class("Conv2D"), args[:1], params, filters=int(w.shape[0]), kernel_size=(kh, kw),
+                   stride=_pairs(attrs, "strides", (1, 1)), padding=_pads(node, attrs),
+                   dilation=_pairs(attrs, "dilations", (1, 1)), groups=int(attrs.get("group", 1)),
+                   bias="bias" in params)
+
+
+def _pool(r, node, args, attrs, cls_name, **extra):
+    if attrs.get("ceil_mode", 0):
+        raise UnsupportedError(f"{node.op_type} {node.name!r} with ceil_mode=1 is not supported")
+    if any(d != 1 for d in attrs.get("dilations", [1, 1])):
+        raise UnsupportedError(f"{node.op_type} {node.name!r} with dilations is not supported")
+    k = _pairs(attrs, "kernel_shape", None)
+    return r.layer(_layer_class(cls_name), args[:1], pool_size=k, stride=_pairs(attrs, "strides", (1, 1)),
+                   padding=_pads(node, attrs), **extra)
+
+
+@_set("MaxPool")
+def _maxpool(r, node, args, attrs):
+    if len(node.output) > 1 and node.output[1]:
+        raise UnsupportedError(f"MaxPool {node.name!r} with an indices output is not supported")
+    return _pool(r, node, args, attrs, "MaxPool2D")
+
+
+@_set("AveragePool")
+def _avgpool(r, node, args, attrs):
+    return _pool(r, node, args, attrs, "AvgPool2D", count_include_pad=bool(attrs.get("count_include_pad", 0)))
+
+
+@_set("GlobalAveragePool")
+def _gap(r, node, args, attrs):
+    out = r.layer(_layer_class("GlobalAvgPool2D"), args[:1])
+    out.squeezed = True    # ONNX's result is (N, C, 1, 1); mpscy's is (N, C)
+    return out
+
+
+@_set("BatchNormalization")
+def _batchnorm(r, node, args, attrs):
+    if attrs.get("training_mode", 0):
+        raise UnsupportedError(f"BatchNormalization {node.name!r} in training mode is not supported")
+    scale, bias, mean, var = (np.asarray(r.const_of(n, node), np.float32) for n in node.input[1:5])
+    params = {"weight": scale, "bias": bias, "running_mean": mean, "running_var": var}
+    return r.layer(_layer_class("BatchNorm"), args[:1], params, momentum=1.0 - attrs.get("momentum", 0.9),
+                   eps=attrs.get("epsilon", 1e-5))
+
+
+@_set("LayerNormalization")
+def _layernorm(r, node, args, attrs):
+    shape = r.shape(args[0])
+    axis = attrs.get("axis", -1)
+    axis += len(shape) + 1 if axis < 0 else 0
+    if axis < 1:
+        raise UnsupportedError(f"LayerNormalization {node.name!r} over the batch axis is not supported")
+    normalized = tuple(shape[axis - 1:])
+    scale = np.asarray(r.const_of(node.input[1], node), np.float32)
+    params = {"weight": np.broadcast_to(scale, normalized)}
+    if len(args) > 2 and args[2] is not None:
+        params["bias"] = np.broadcast_to(np.asarray(r.const_of(node.input[2], node), np.float32), normalized)
+    else:
+        params["bias"] = np.zeros(normalized, np.float32)
+    return r.layer(_layer_class("LayerNorm"), args[:1], params, normalized_shape=normalized,
+                   eps=attrs.get("epsilon", 1e-5))

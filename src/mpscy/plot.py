@@ -1,0 +1,161 @@
+"""Plots with matplotlib (an optional extra: ``pip install 'mpscy[plot]'``): training curves
+from a History, confusion matrix, ROC and precision-recall curves. Each function returns a
+matplotlib Figure and writes a PNG when given `path`; figures are drawn on the Agg canvas
+without pyplot, so nothing global changes and no display is needed. `fit_report` writes all
+of them after `Engine.fit(..., plot_to=dir)`. The numbers come from `mpscy.metrics`."""
+
+import os
+
+import numpy as np
+
+from . import metrics as _metrics
+from .errors import InvalidArgumentError
+
+__all__ = ["plot_history", "plot_confusion_matrix", "plot_roc", "plot_pr", "fit_report"]
+
+_SIZE = (6.4, 4.8)
+_DPI = 100
+
+
+def _figure(size=_SIZE, ncols=1):
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError("plots need matplotlib: pip install 'mpscy[plot]'") from None
+    fig = Figure(figsize=size, dpi=_DPI)
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(1, ncols, k + 1) for k in range(ncols)]
+    return fig, axes
+
+
+def _finish(fig, path):
+    fig.tight_layout()
+    if path is not None:
+        path = os.fspath(path)
+        folder = os.path.dirname(path)
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+        fig.savefig(path, format="png", dpi=_DPI)
+    return fig
+
+
+def _history_dict(history):
+    h = getattr(history, "history", history)
+    if not isinstance(h, dict) or not h:
+        raise InvalidArgumentError("plot_history needs a History (or its .history dict) with at least one epoch")
+    return h
+
+
+def plot_history(history, path=None, size=(10.0, 4.0)):
+    """Loss (left) and accuracy or the other metrics (right) per epoch, training and
+    validation."""
+    h = _history_dict(history)
+    others = sorted({k[4:] if k.startswith("val_") else k for k in h} - {"loss", "lr"})
+    fig, axes = _figure(size, 2 if others else 1)
+    epochs = np.arange(1, len(h["loss"]) + 1) if "loss" in h else None
+    panels = [("loss", ["loss"])] + ([("metrics", others)] if others else [])
+    for ax, (title, names) in zip(axes, panels):
+        for name in names:
+            for key, style in ((name, "-o"), ("val_" + name, "--s")):
+                if key in h:
+                    values = np.asarray(h[key], dtype=np.float64)
+                    ax.plot(np.arange(1, len(values) + 1) if epochs is None else epochs[:len(values)],
+                            values, style, markersize=3, label=key)
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    return _finish(fig, path)
+
+
+def plot_confusion_matrix(y_true, y_pred, labels=None, normalize=False, path=None, size=_SIZE):
+    """Confusion matrix (rows: true class, columns: predicted), counts or row-normalized."""
+    cm = _metrics.confusion_matrix(y_true, y_pred)
+    present = np.unique(np.concatenate([np.asarray(y_true).ravel(), np.asarray(y_pred).ravel()]))
+    names = [str(v) for v in present] if labels is None else [str(labels[int(v)]) for v in present]
+    shown = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1) if normalize else cm
+    fig, (ax,) = _figure(size)
+    im = ax.imshow(shown, cmap="Blues", vmin=0)
+    fig.colorbar(im, ax=ax)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=45 if max(len(n) for n in names) > 3 else 0)
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels(names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if len(names) <= 20:
+        top = shown.max() if shown.size else 0
+        for i in range(shown.shape[0]):
+            for j in range(shown.shape[1]):
+                text = f"{shown[i, j]:.2f}" if normalize else str(int(shown[i, j]))
+                ax.text(j, i, text, ha="center", va="center", fontsize=7,
+                        color="white" if shown[i, j] > 0.6 * top else "black")
+    ax.set_title("confusion matrix" + (" (row-normalized)" if normalize else ""))
+    return _finish(fig, path)
+
+
+def _per_class(y_true, scores):
+    """[(name, binary targets, scores)]: one curve for binary scores, one per class otherwise."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(y_true).ravel()
+    if s.ndim == 1 or (s.ndim == 2 and s.shape[1] == 1):
+        return [("positive", (y == 1).astype(np.int64), s.reshape(-1))]
+    if s.ndim == 2 and s.shape[1] == 2:
+        return [("positive", (y == 1).astype(np.int64), s[:, 1])]
+    return [(str(c), (y == c).astype(np.int64), s[:, c]) for c in range(s.shape[1]) if (y == c).any()]
+
+
+def plot_roc(y_true, scores, path=None, size=_SIZE):
+    """ROC curve(s) with their AUC: binary scores (n,), or one-vs-rest per class for (n, C)."""
+    fig, (ax,) = _figure(size)
+    for name, t, s in _per_class(y_true, scores):
+        if t.all() or not t.any():
+            continue
+        fpr, tpr, _ = _metrics.roc_curve(t, s, pos_label=1)
+        ax.plot(fpr, tpr, lw=1.2, label=f"{name} (AUC {float(_metrics._trapezoid(tpr, fpr)):.3f})")
+    ax.plot([0, 1], [0, 1], ":", color="gray", lw=1)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title("ROC")
+    ax.legend(fontsize=7, loc="lower right")
+    return _finish(fig, path)
+
+
+def plot_pr(y_true, scores, path=None, size=_SIZE):
+    """Precision-recall curve(s) with average precision: binary or one-vs-rest per class."""
+    fig, (ax,) = _figure(size)
+    for name, t, s in _per_class(y_true, scores):
+        if not t.any():
+            continue
+        p, r, _ = _metrics.precision_recall_curve(t, s, pos_label=1)
+        ap = _metrics.pr_auc(t, s)
+        ax.step(r, p, where="post", lw=1.2, label=f"{name} (AP {ap:.3f})")
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1.01)
+    ax.set_ylim(0, 1.05)
+    ax.set_title("precision-recall")
+    ax.legend(fontsize=7, loc="lower left")
+    return _finish(fig, path)
+
+
+def fit_report(folder, history, y_true, outputs, loss=None, labels=None):
+    """Writes history.png and, for classifiers (a loss with an accuracy), confusion_matrix.png,
+    roc.png and pr.png from model outputs on (validation) data. Returns the written paths."""
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    paths = [os.path.join(folder, "history.png")]
+    plot_history(history, paths[0])
+    kind = loss.accuracy(np.shape(outputs)[1:]) if loss is not None else "none"
+    if kind == "none":
+        return paths
+    out = np.asarray(outputs, dtype=np.float64).reshape(len(outputs), -1)
+    t, p, s = _metrics.classify_outputs(np.asarray(y_true), out, loss)
+    for name, fn, args in (("confusion_matrix.png", plot_confusion_matrix, (t, p)),
+                           ("roc.png", plot_roc, (t, s)), ("pr.png", plot_pr, (t, s))):
+        path = os.path.join(folder, name)
+        kwargs = {"labels": labels} if fn is plot_confusion_matrix and labels is not None else {}
+        fn(*args, path=path, **kwargs)
+        paths.append(path)
+    return paths

@@ -1,0 +1,377 @@
+"""`Engine.fit`: the epoch loop around the one-call training step, with Keras's conventions —
+shuffling, validation, metrics, callbacks, a progress bar (tqdm when installed, plain lines
+otherwise), a schedule attached with `Engine.set_schedule`, and a `History` of per-epoch logs.
+The loss and accuracy come from each step's StepResult, so reading them adds no device
+synchronization. Nothing here runs native code except through the engine's public methods."""
+
+import math
+import sys
+import time
+
+import numpy as np
+
+from . import callbacks as _callbacks, metrics as _metrics
+from .errors import InvalidArgumentError, ShapeError
+
+__all__ = ["fit", "set_schedule"]
+
+
+# ----------------------------------------------------------------------------- data sources
+class _Arrays:
+    """Arrays x, y batched in a seeded order per epoch (one gather per epoch, then contiguous
+    slices, so a batch is never copied again). The order of the engine's k-th epoch overall is
+    PCG64([engine seed, k]): a resumed run sees the same orders, and calling fit again does not
+    replay the first call's orders."""
+
+    def __init__(self, engine, x, y, batch_size, shuffle):
+        self.n_inputs = len(engine.model.input_shapes)
+        self.x = _as_inputs(x, self.n_inputs)
+        self.y = _as_target(engine, y)
+        self.n = _rows(self.x)
+        if len(self.y) != self.n:
+            raise ShapeError(f"y has {len(self.y)} rows for {self.n} rows of x")
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, engine.seed
+        # BatchNorm cannot train on one row (PyTorch refuses it too): a lone last row is left
+        # out of that epoch (a different row each epoch when shuffling)
+        self.stop = self.n - 1 if getattr(engine, "_batch_stats", None) and self.n % batch_size == 1 else self.n
+
+    def __len__(self):
+        return -(-self.stop // self.batch_size)
+
+    def epoch(self, epoch):
+        x, y = self.x, self.y
+        if self.shuffle:
+            order = np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(self.n)
+            x = [a[order] for a in x]
+            y = y[order]
+        b = self.batch_size
+        one = self.n_inputs == 1
+        stop = self.stop
+        return ((x[0][i:min(i + b, stop)] if one else [a[i:min(i + b, stop)] for a in x], y[i:min(i + b, stop)])
+                for i in range(0, stop, b))
+
+    def arrays(self):
+        return (self.x[0] if self.n_inputs == 1 else self.x), self.y
+
+
+class _Loader:
+    """A DataLoader (or any re-iterable of (x, y) batches with a length)."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __len__(self):
+        try:
+            return len(self.loader)
+        except TypeError:
+            return None
+
+    def epoch(self, epoch):
+        if hasattr(self.loader, "set_epoch"):
+            self.loader.set_epoch(epoch)
+        return iter(self.loader)
+
+
+def _as_inputs(x, n_inputs):
+    arrays = list(x) if n_inputs > 1 and isinstance(x, (list, tuple)) else [x]
+    if len(arrays) != n_inputs:
+        raise InvalidArgumentError(f"this model has {n_inputs} inputs: pass x as a list of {n_inputs} arrays")
+    out = []
+    for a in arrays:
+        if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+            raise InvalidArgumentError(f"x must be a numpy array or a DataLoader, got {type(a).__name__}")
+        # float inputs of another precision are converted once, as Keras does
+        out.append(np.ascontiguousarray(a, dtype=np.float32) if np.issubdtype(a.dtype, np.floating)
+                   else np.ascontiguousarray(a))
+    return out
+
+
+def _as_target(engine, y):
+    if y is None:
+        raise InvalidArgumentError("y is required when x is an array (pass a DataLoader to give both)")
+    y = np.asarray(y)
+    if engine.loss.target == "dense" and np.issubdtype(y.dtype, np.number):
+        return np.ascontiguousarray(y, dtype=np.float32)
+    return np.ascontiguousarray(y)
+
+
+def _rows(arrays):
+    rows = {len(a) for a in arrays}
+    if len(rows) != 1:
+        raise ShapeError(f"the inputs of x have different row counts: {sorted(rows)}")
+    n = rows.pop()
+    if n == 0:
+        raise ShapeError("x is empty (0 rows)")
+    return n
+
+
+def _is_loader(x):
+    return hasattr(x, "__iter__") and not hasattr(x, "shape") and not isinstance(x, (list, tuple, dict))
+
+
+def _validation_source(engine, validation_data):
+    if validation_data is None:
+        return None
+    if _is_loader(validation_data):
+        return validation_data
+    if not isinstance(validation_data, (list, tuple)) or len(validation_data) != 2:
+        raise InvalidArgumentError("validation_data must be (x_val, y_val) or a DataLoader")
+    n_inputs = len(engine.model.input_shapes)
+    x = _as_inputs(validation_data[0], n_inputs)
+    return (x[0] if n_inputs == 1 else x), _as_target(engine, validation_data[1])
+
+
+def _evaluate(engine, source):
+    """Eval-mode {"loss", "accuracy"} over arrays or a loader (row-weighted)."""
+    if isinstance(source, tuple):
+        return engine.evaluate(*source)
+    total, acc, rows = 0.0, 0.0, 0
+    for xb, yb in source:
+        n = len(yb)
+        r = engine.evaluate(xb, yb)
+        total += r["loss"] * n
+        acc = None if r["accuracy"] is None else (acc or 0.0) + r["accuracy"] * n
+        rows += n
+    return {"loss": total / rows, "accuracy": None if acc is None else acc / rows}
+
+
+def _predict(engine, source):
+    """(y_true, outputs) over arrays or a loader, for metrics and plots."""
+    if isinstance(source, tuple):
+        return source[1], engine.predict(source[0])
+    ys, outs = [], []
+    for xb, yb in source:
+        ys.append(np.asarray(yb))
+        outs.append(engine.predict(xb))
+    return np.concatenate(ys), np.concatenate(outs)
+
+
+# ----------------------------------------------------------------------------- progress
+def _fmt(k, v):
+    if isinstance(v, float):
+        return f"{k}: {v:.3g}" if k == "lr" else f"{k}: {v:.4f}"
+    return f"{k}: {v}"
+
+
+class _Progress:
+    """verbose=1: a tqdm bar per epoch (steps/s, ETA, running loss and accuracy), refreshed at
+    most every `interval` seconds so its cost per step is one clock read; without tqdm, one
+    line redrawn in place on a terminal. verbose=2: one line per epoch. verbose=0: silent."""
+
+    def __init__(self, verbose, epochs, interval=0.1):
+        self.verbose, self.epochs, self.interval = verbose, epochs, interval
+        self.file = sys.stdout
+        self.tqdm = None
+        if verbose == 1:
+            try:
+                from tqdm.auto import tqdm
+                self.tqdm = tqdm
+            except ImportError:
+                self.tqdm = None
+        self.tty = bool(getattr(self.file, "isatty", lambda: False)())
+
+    def begin(self, epoch, steps):
+        self.epoch, self.steps = epoch, steps
+        self.t0 = self.last = time.perf_counter()
+        self.shown = 0
+        self.bar = None
+        if self.verbose == 1 and self.tqdm is not None:
+            self.bar = self.tqdm(total=steps, desc=f"Epoch {epoch + 1}/{self.epochs}", unit="step",
+                                 file=self.file, mininterval=self.interval, dynamic_ncols=True, leave=True)
+
+    def step(self, done, loss, acc):
+        if self.verbose != 1:
+            return
+        now = time.perf_counter()
+        if now - self.last < self.interval:
+            return
+        self.last = now
+        self._draw(done, loss, acc, now)
+
+    def _draw(self, done, loss, acc, now):
+        post = f"loss={loss:.4f}" + ("" if acc is None else f", accuracy={acc:.4f}")
+        if self.bar is not None:
+            self.bar.set_postfix_str(post, refresh=False)
+            self.bar.update(done - self.shown)
+            self.shown = done
+        elif self.tty:
+            self.file.write("\r" + self._plain(done, now, post.replace("=", " ")))
+            self.file.flush()
+
+    def _plain(self, done, now, post):
+        elapsed = now - self.t0
+        rate = done / elapsed if elapsed > 0 else 0.0
+        total = "?" if self.steps is None else self.steps
+        eta = "" if not self.steps or rate == 0 else f" ETA {(self.steps - done) / rate:.1f}s"
+        return f"Epoch {self.epoch + 1}/{self.epochs} {done}/{total} {elapsed:.1f}s {rate:.0f} step/s{eta} {post}"
+
+    def end(self, done, logs):
+        if self.verbose == 0:
+            return
+        now = time.perf_counter()
+        items = " - ".join(_fmt(k, v) for k, v in logs.items() if v is not None)
+        if self.bar is not None:
+            self.bar.set_postfix_str(items.replace(": ", "="), refresh=False)
+            self.bar.update(done - self.shown)
+            self.bar.close()
+            return
+        elapsed = now - self.t0
+        rate = done / elapsed if elapsed > 0 else 0.0
+        line = f"Epoch {self.epoch + 1}/{self.epochs} - {done} steps - {elapsed:.2f}s - {rate:.0f} step/s - {items}"
+        self.file.write(("\r" if self.verbose == 1 and self.tty else "") + line + "\n")
+        self.file.flush()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+# ----------------------------------------------------------------------------- schedules
+def set_schedule(engine, schedule, per="epoch", monitor="val_loss"):
+    """Attaches `schedule` (an mpscy.optim.schedules object built on this engine, or None to
+    detach) for fit to step after every batch (per="step") or every epoch (per="epoch"; a
+    schedule whose step() takes a metric gets logs[monitor], else the training loss).
+    Checkpoints save and restore it."""
+    if schedule is None:
+        engine._schedule, engine._schedule_per, engine._schedule_monitor = None, None, None
+        return
+    if per not in ("step", "epoch"):
+        raise InvalidArgumentError(f"per must be 'step' or 'epoch', got {per!r}")
+    if not callable(getattr(schedule, "step", None)):
+        raise InvalidArgumentError(f"a schedule needs a step() method, got {type(schedule).__name__}")
+    owner = getattr(schedule, "engine", engine)
+    if owner is not engine:
+        raise InvalidArgumentError("this schedule was built on another engine")
+    engine._schedule, engine._schedule_per, engine._schedule_monitor = schedule, per, monitor
+
+
+def _step_schedule(schedule, takes_metric, logs, monitor):
+    if takes_metric:
+        value = logs.get(monitor)
+        schedule.step(logs.get("loss") if value is None else value)
+    else:
+        schedule.step()
+
+
+# ----------------------------------------------------------------------------- fit
+def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None, validation_split=0.0,
+        shuffle=True, callbacks=(), verbose="auto", metrics=(), initial_epoch=0, plot_to=None):
+    """See `Engine.fit`."""
+    if verbose == "auto":
+        verbose = 1
+    if verbose not in (0, 1, 2):
+        raise InvalidArgumentError(f"verbose must be 0, 1, 2 or 'auto', got {verbose!r}")
+    epochs, initial_epoch = int(epochs), int(initial_epoch)
+    if epochs < 0 or initial_epoch < 0:
+        raise InvalidArgumentError(f"epochs and initial_epoch must be >= 0, got {epochs}, {initial_epoch}")
+    metric_objs = [_metrics.get(m) for m in (metrics or ())]
+    if batch_size is None:
+        batch_size = engine.batch_size
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or not 1 <= batch_size <= engine.batch_size:
+        raise InvalidArgumentError(f"batch_size must be an integer in [1, {engine.batch_size}] (the engine's "
+                                   f"built batch size), got {batch_size!r}")
+    if _is_loader(x):
+        if y is not None:
+            raise InvalidArgumentError("pass y inside the DataLoader, not separately")
+        if validation_split:
+            raise InvalidArgumentError("validation_split needs arrays; pass validation_data with a DataLoader")
+        loader_batch = getattr(x, "batch_size", None)
+        if isinstance(loader_batch, int) and loader_batch > engine.batch_size:
+            raise InvalidArgumentError(f"the DataLoader's batch_size {loader_batch} exceeds the engine's built "
+                                       f"batch size {engine.batch_size}")
+        source = _Loader(x)
+    else:
+        if not 0.0 <= float(validation_split) < 1.0:
+            raise InvalidArgumentError(f"validation_split must be in [0, 1), got {validation_split!r}")
+        if validation_split:
+            if validation_data is not None:
+                raise InvalidArgumentError("give validation_data or validation_split, not both")
+            xs = _as_inputs(x, len(engine.model.input_shapes))
+            n = _rows(xs)
+            cut = n - int(math.floor(n * float(validation_split)))
+            if cut in (0, n):
+                raise InvalidArgumentError(f"validation_split={validation_split} of {n} rows leaves an empty split")
+            one = len(xs) == 1
+            validation_data = ((xs[0][cut:] if one else [a[cut:] for a in xs]), np.asarray(y)[cut:])
+            x, y = (xs[0][:cut] if one else [a[:cut] for a in xs]), np.asarray(y)[:cut]
+        source = _Arrays(engine, x, y, int(batch_size), bool(shuffle))
+    val = _validation_source(engine, validation_data)
+
+    history = _callbacks.History()
+    steps = len(source)
+    cbs = _callbacks.CallbackList([history, *callbacks], engine,
+                                  {"epochs": epochs, "steps": steps, "verbose": verbose})
+    schedule, per = engine._schedule, engine._schedule_per
+    sched_metric = schedule is not None and _callbacks._takes_metric(schedule)
+    progress = _Progress(verbose, epochs)
+    engine.stop_training = False
+    engine.history = history
+    step = engine.step
+    cbs.call("on_train_begin", {})
+    try:
+        for epoch in range(initial_epoch, epochs):
+            cbs.call("on_epoch_begin", epoch, {})
+            progress.begin(epoch, steps)
+            seen, loss_sum, acc_sum, has_acc, done = 0, 0.0, 0.0, False, 0
+            lr_used = engine.learning_rate
+            for b, (xb, yb) in enumerate(source.epoch(engine.epoch)):
+                for cb in cbs.batch_begin:
+                    cb.on_train_batch_begin(b, {})
+                if per == "step":
+                    lr_used = engine.learning_rate
+                r = step(xb, yb)  # the StepResult already holds the loss: no extra sync
+                n = r.batch_size
+                seen += n
+                loss_sum += r.loss * n
+                if r.accuracy is not None:
+                    acc_sum += r.accuracy * n
+                    has_acc = True
+                done = b + 1
+                if per == "step":
+                    _step_schedule(schedule, sched_metric, {"loss": r.loss}, "loss")
+                if verbose == 1:
+                    progress.step(done, loss_sum / seen, acc_sum / seen if has_acc else None)
+                if cbs.batch_end:
+                    blogs = {"loss": loss_sum / seen, "accuracy": acc_sum / seen if has_acc else None,
+                             "batch_size": n}
+                    for cb in cbs.batch_end:
+                        cb.on_train_batch_end(b, blogs)
+                if engine.stop_training:
+                    break
+            if seen == 0:
+                raise InvalidArgumentError("the training data yielded no batch")
+            logs = {"loss": loss_sum / seen}
+            if has_acc:
+                logs["accuracy"] = acc_sum / seen
+            if val is not None:
+                ev = _evaluate(engine, val)
+                logs["val_loss"] = ev["loss"]
+                if ev["accuracy"] is not None:
+                    logs["val_accuracy"] = ev["accuracy"]
+            if metric_objs:
+                prefix, target = ("val_", val) if val is not None else ("", _metric_source(source))
+                y_true, outputs = _predict(engine, target)
+                for m in metric_objs:
+                    logs[prefix + m.name] = m(y_true, outputs, engine.loss)
+            logs["lr"] = float(lr_used)
+            if per == "epoch":
+                _step_schedule(schedule, sched_metric, logs, engine._schedule_monitor)
+            engine.epoch += 1
+            progress.end(done, logs)
+            cbs.call("on_epoch_end", epoch, logs)
+            if engine.stop_training:
+                break
+    finally:
+        progress.close()
+    cbs.call("on_train_end", {})
+    if plot_to is not None:
+        from . import plot as _plot
+        target = val if val is not None else _metric_source(source)
+        y_true, outputs = _predict(engine, target)
+        _plot.fit_report(plot_to, history, y_true, outputs, engine.loss)
+    return history
+
+
+def _metric_source(source):
+    return source.arrays() if isinstance(source, _Arrays) else source.loader

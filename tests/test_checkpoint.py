@@ -1,0 +1,397 @@
+"""Checkpoints: a model saved mid-training and loaded on another engine continues bitwise
+as the uninterrupted run (losses, parameters, optimizer state, counters, learning rate and an
+attached schedule); the file is standard safetensors; truncated, corrupted or foreign files
+raise CheckpointError and leave the engine untouched."""
+import json
+import os
+import struct
+
+import numpy as np
+import pytest
+
+import mpscy
+from mpscy import checkpoint, layers, optim
+
+
+class Halving:
+    """A minimal schedule with PyTorch's protocol: halves the learning rate every `every`
+    steps; state_dict/load_state_dict as torch.optim.lr_scheduler."""
+
+    def __init__(self, engine, every=3):
+        self.engine, self.every = engine, every
+        self.base_lr = engine.learning_rate
+        self.last_epoch = 0
+        engine.learning_rate = self.base_lr
+
+    def step(self):
+        self.last_epoch += 1
+        self.engine.learning_rate = self.base_lr * 0.5 ** (self.last_epoch // self.every)
+
+    def get_last_lr(self):
+        return [self.engine.learning_rate]
+
+    def state_dict(self):
+        return {"every": self.every, "base_lr": self.base_lr, "last_epoch": self.last_epoch}
+
+    def load_state_dict(self, state):
+        self.every, self.base_lr, self.last_epoch = state["every"], state["base_lr"], state["last_epoch"]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = mpscy.datasets.load_digits()
+    return x[:640], y[:640]
+
+
+def _engine(device, optimizer, seed=3, model=None):
+    model = model or mpscy.Sequential([layers.Dense(32), layers.Tanh(), layers.Dense(16), layers.ReLU(),
+                                       layers.Dense(10)], input_shape=(64,))
+    return mpscy.Engine(model, loss="sparse_cross_entropy", optimizer=optimizer, batch_size=32,
+                        device=device, seed=seed)
+
+
+def _batches(x, y, start, count, b=32):
+    n = len(x)
+    for i in range(start, start + count):
+        j = (i * b) % (n - b)
+        yield x[j:j + b], y[j:j + b]
+
+
+def _assert_same_state(a, b):
+    pa, pb = a.get_parameters(), b.get_parameters()
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
+    sa, sb = a.get_optimizer_state(), b.get_optimizer_state()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        if isinstance(sa[k], dict):
+            for p in sa[k]:
+                np.testing.assert_array_equal(sa[k][p], sb[k][p], err_msg=f"{k}/{p}")
+        else:
+            assert sa[k] == sb[k], k
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda: optim.Adam(lr=2e-3, amsgrad=True, weight_decay=1e-3),
+    lambda: optim.SGD(lr=0.05, momentum=0.9, nesterov=True),
+    lambda: optim.AdamW(lr=1e-3),
+], ids=["adam-amsgrad", "sgd-nesterov", "adamw"])
+def test_resume_is_bitwise(device, digits, tmp_path, make_opt):
+    x, y = digits
+    ref = _engine(device, make_opt())
+    run = _engine(device, make_opt())
+    for xb, yb in _batches(x, y, 0, 20):
+        assert ref.step(xb, yb).loss == run.step(xb, yb).loss
+    run.learning_rate = ref.learning_rate = 7e-4      # a hand-changed rate is state too
+    run.epoch = ref.epoch = 2
+    path = tmp_path / "mid.mpscy"
+    run.save(path)
+    run.close()
+    resumed = mpscy.load(path, device=device)
+    assert resumed.iterations == 20 and resumed.epoch == 2 and resumed.learning_rate == pytest.approx(7e-4)
+    _assert_same_state(ref, resumed)
+    for xb, yb in _batches(x, y, 20, 50):
+        assert ref.step(xb, yb).loss == resumed.step(xb, yb).loss   # bitwise, every step
+    _assert_same_state(ref, resumed)
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+
+
+def test_resume_through_fit_and_model_checkpoint(device, digits, tmp_path):
+    """fit 4 epochs == fit 2 epochs, ModelCheckpoint, load, fit(initial_epoch=2, epochs=4)."""
+    x, y = digits
+    xv, yv = mpscy.datasets.load_digits()[0][1500:], mpscy.datasets.load_digits()[1][1500:]
+    full = _engine(device, optim.Adam(1e-3))
+    h_full = full.fit(x, y, epochs=4, validation_data=(xv, yv), verbose=0)
+
+    half = _engine(device, optim.Adam(1e-3))
+    ckpt = mpscy.callbacks.ModelCheckpoint(str(tmp_path / "e{epoch}.mpscy"))
+    half.fit(x, y, epochs=2, validation_data=(xv, yv), verbose=0, callbacks=[ckpt])
+    assert ckpt.saved == [str(tmp_path / "e1.mpscy"), str(tmp_path / "e2.mpscy")]
+    resumed = mpscy.load(tmp_path / "e2.mpscy", device=device)
+    assert resumed.epoch == 2
+    h_rest = resumed.fit(x, y, epochs=4, initial_epoch=2, validation_data=(xv, yv), verbose=0)
+    assert h_rest.epoch == [2, 3]
+    for k in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        assert h_rest.history[k] == h_full.history[k][2:], k
+    _assert_same_state(full, resumed)
+
+
+def test_attached_schedule_is_saved_and_continues(device, digits, tmp_path):
+    x, y = digits
+    ref = _engine(device, optim.SGD(lr=0.1, momentum=0.5))
+    ref.set_schedule(Halving(ref, every=4), per="step")
+    run = _engine(device, optim.SGD(lr=0.1, momentum=0.5))
+    run.set_schedule(Halving(run, every=4), per="step")
+    ref.fit(x[:320], y[:320], epochs=1, shuffle=False, verbose=0)   # 10 steps -> lr 0.1 / 4
+    run.fit(x[:320], y[:320], epochs=1, shuffle=False, verbose=0)
+    assert ref.learning_rate == pytest.approx(0.1 / 4)
+    run.save(tmp_path / "s.mpscy")
+    resumed = mpscy.load(tmp_path / "s.mpscy", device=device)
+    assert isinstance(resumed.schedule, Halving) and resumed.schedule.engine is resumed
+    assert resumed.schedule.state_dict() == ref.schedule.state_dict()
+    h1 = ref.fit(x[:320], y[:320], epochs=2, initial_epoch=1, shuffle=False, verbose=0)
+    h2 = resumed.fit(x[:320], y[:320], epochs=2, initial_epoch=1, shuffle=False, verbose=0)
+    assert h1.history == h2.history and h2.history["lr"] == [pytest.approx(0.1 / 16)]  # the last step ran at step 19: 0.1 / 2**4
+    assert resumed.learning_rate == ref.learning_rate == pytest.approx(0.1 / 32)
+    _assert_same_state(ref, resumed)
+
+
+def test_functional_model_and_metadata_round_trip(device, tmp_path):
+    inp = mpscy.Input((6,), name="features")
+    h = layers.Dense(8, name="hidden")(inp)
+    out = layers.Dense(1, bias=False, name="head")(layers.GELU(approximate="tanh")(h))
+    engine = mpscy.Engine(mpscy.Model(inp, out), loss=mpscy.losses.Huber(delta=0.3),
+                          optimizer=optim.SGD(0.01), batch_size=8, device=device, seed=1,
+                          clip_grad_norm=0.5)
+    meta = {"classes": ["a", "b"], "mean": np.float32(0.5), "size": (8, 8)}
+    engine.save(tmp_path / "f.mpscy", meta=meta)
+    loaded = mpscy.load(tmp_path / "f.mpscy", device=device, batch_size=3)
+    assert type(loaded.model) is mpscy.Model and loaded.batch_size == 3
+    assert [n.name for n in loaded.model.nodes] == ["features", "hidden", "gelu_1", "head"]
+    assert loaded.model.nodes[2].layer.approximate == "tanh" and loaded.model.nodes[3].layer.bias is False
+    assert loaded.loss.delta == 0.3 and loaded.clip_grad_norm == 0.5
+    assert loaded.checkpoint_meta == {"classes": ["a", "b"], "mean": 0.5, "size": [8, 8]}
+    xs = np.random.default_rng(0).normal(size=(7, 6)).astype(np.float32)
+    np.testing.assert_array_equal(loaded.predict(xs), engine.predict(xs))
+
+
+def test_file_is_standard_safetensors(device, tmp_path):
+    engine = _engine(device, optim.Adam())
+    path = tmp_path / "m.mpscy"
+    engine.save(path)
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    assert (8 + n) % 8 == 0                       # header padded to 8 bytes
+    meta = header.pop("__metadata__")
+    assert meta["format"] == "mpscy-checkpoint" and len(meta["sha256"]) == 64
+    w = header["params/dense_0.weight"]
+    assert w["dtype"] == "F32" and w["shape"] == [32, 64]
+    b0, b1 = w["data_offsets"]
+    np.testing.assert_array_equal(np.frombuffer(raw[8 + n + b0:8 + n + b1], "<f4").reshape(32, 64),
+                                  engine.get_parameters()["dense_0.weight"])
+    m = header["optimizer/exp_avg_sq/dense_2.bias"]
+    assert m["dtype"] == "F32" and m["shape"] == [16]
+    assert json.loads(meta["mpscy"])["optimizer_state"]["step"] == 0
+    st = pytest.importorskip("safetensors.numpy")
+    loaded = st.load_file(str(path))
+    np.testing.assert_array_equal(loaded["params/dense_0.weight"], engine.get_parameters()["dense_0.weight"])
+
+
+@pytest.fixture
+def saved(device, tmp_path):
+    engine = _engine(device, optim.Adam())
+    path = tmp_path / "good.mpscy"
+    engine.save(path)
+    return path, path.read_bytes()
+
+
+@pytest.mark.parametrize("cut", [0, 5, 8, 40, -1, -100])
+def test_truncated_file_raises(saved, tmp_path, cut):
+    _, raw = saved
+    bad = tmp_path / "cut.mpscy"
+    bad.write_bytes(raw[:cut] if cut >= 0 else raw[:len(raw) + cut])
+    with pytest.raises(mpscy.CheckpointError, match="truncated|corrupted"):
+        mpscy.load(bad, device="cpu")
+
+
+def test_corrupted_files_raise(saved, tmp_path):
+    path, raw = saved
+    (n,) = struct.unpack("<Q", raw[:8])
+    flipped = bytearray(raw)
+    flipped[8 + n + 100] ^= 0x10                    # one bit of a weight
+    bad = tmp_path / "bits.mpscy"
+    bad.write_bytes(bytes(flipped))
+    with pytest.raises(mpscy.CheckpointError, match="SHA-256"):
+        mpscy.load(bad, device="cpu")
+    header = bytearray(raw)
+    header[9] = ord("#")                            # the JSON header
+    bad.write_bytes(bytes(header))
+    with pytest.raises(mpscy.CheckpointError, match="corrupted header"):
+        mpscy.load(bad, device="cpu")
+    bad.write_bytes(raw + b"\0" * 4)
+    with pytest.raises(mpscy.CheckpointError, match="unexpected bytes"):
+        mpscy.load(bad, device="cpu")
+    bad.write_bytes(b"PK\x03\x04 this is a zip, not a checkpoint" * 3)
+    with pytest.raises(mpscy.CheckpointError):
+        mpscy.load(bad, device="cpu")
+    checkpoint.write_safetensors(bad, {"w": np.zeros(3, np.float32)}, {"format": "pt"})
+    with pytest.raises(mpscy.CheckpointError, match="not an mpscy checkpoint"):
+        mpscy.load(bad, device="cpu")
+    with pytest.raises(mpscy.CheckpointError, match="does not exist"):
+        mpscy.load(tmp_path / "missing.mpscy", device="cpu")
+    assert issubclass(mpscy.CheckpointError, (mpscy.Error, ValueError))
+
+
+def test_restore_checks_the_model_first(device, saved, tmp_path):
+    path, _ = saved
+    other = mpscy.Engine(mpscy.Sequential([layers.Dense(5), layers.Dense(10)], input_shape=(64,)),
+                         batch_size=4, device=device)
+    before = other.get_parameters()
+    with pytest.raises(mpscy.CheckpointError, match="does not match this model"):
+        checkpoint.restore(other, path)
+    for k, v in other.get_parameters().items():
+        np.testing.assert_array_equal(v, before[k])
+    sgd = _engine(device, optim.SGD(0.1, momentum=0.9), seed=9)
+    before = sgd.get_parameters()
+    with pytest.raises(mpscy.CheckpointError, match="holds Adam state; this engine uses SGD"):
+        checkpoint.restore(sgd, path)
+    for k, v in sgd.get_parameters().items():
+        np.testing.assert_array_equal(v, before[k])
+    same = _engine(device, optim.Adam(), seed=9)
+    checkpoint.restore(same, path)
+    np.testing.assert_array_equal(same.get_parameters()["dense_0.weight"],
+                                  mpscy.load(path, device=device).get_parameters()["dense_0.weight"])
+
+
+class Warmup:
+    """A composed schedule (as LinearWarmup(then=...)): its state_dict nests the inner one's."""
+
+    def __init__(self, engine, steps, then):
+        self.engine, self.steps, self.then, self.last_epoch = engine, steps, then, 0
+        self.base_lr = then.base_lr
+        engine.learning_rate = self.base_lr / steps
+
+    def step(self):
+        self.last_epoch += 1
+        if self.last_epoch < self.steps:
+            self.engine.learning_rate = self.base_lr * (self.last_epoch + 1) / self.steps
+        else:
+            self.then.step()
+
+    def state_dict(self):
+        state = {k: v for k, v in vars(self).items() if k not in ("engine", "then")}
+        state["then"] = self.then.state_dict()
+        return state
+
+    def load_state_dict(self, state):
+        state = dict(state)
+        self.then.load_state_dict(state.pop("then"))
+        vars(self).update(state)
+
+
+def test_composed_schedule_is_rebuilt_with_its_child(device, digits, tmp_path):
+    x, y = digits
+    engines = [_engine(device, optim.SGD(lr=0.2)) for _ in range(2)]
+    for e in engines:
+        e.set_schedule(Warmup(e, 3, Halving(e, every=2)), per="step")
+        e.fit(x[:160], y[:160], epochs=1, shuffle=False, verbose=0)     # 5 steps: into the inner schedule
+    engines[1].save(tmp_path / "w.mpscy")
+    resumed = mpscy.load(tmp_path / "w.mpscy", device=device)
+    s = resumed.schedule
+    assert isinstance(s, Warmup) and isinstance(s.then, Halving) and s.then.engine is resumed
+    assert s.state_dict() == engines[0].schedule.state_dict()
+    h1 = engines[0].fit(x[:160], y[:160], epochs=3, initial_epoch=1, shuffle=False, verbose=0)
+    h2 = resumed.fit(x[:160], y[:160], epochs=3, initial_epoch=1, shuffle=False, verbose=0)
+    assert h1.history == h2.history
+    _assert_same_state(engines[0], resumed)
+
+
+def test_a_failed_restore_changes_nothing(device, saved, tmp_path):
+    path, _ = saved
+    desc, tensors = checkpoint.read(path)
+    del desc["optimizer_state"]["exp_avg"]                     # a damaged but well-formed file
+    bad = tmp_path / "partial.mpscy"
+    checkpoint.write_safetensors(bad, tensors, {"format": checkpoint.FORMAT, "mpscy": json.dumps(desc)},
+                                 checksum=True)
+    engine = _engine(device, optim.Adam(), seed=21)
+    before, opt_before = engine.get_parameters(), engine.get_optimizer_state()
+    with pytest.raises(mpscy.CheckpointError, match="exp_avg"):
+        checkpoint.restore(engine, bad)
+    for k, v in engine.get_parameters().items():
+        np.testing.assert_array_equal(v, before[k])
+    assert engine.get_optimizer_state()["step"] == opt_before["step"]
+
+
+# ----------------------------------------------------------------------------- BatchNorm, Dropout, schedules
+needs_layers = pytest.mark.skipif(not all(hasattr(layers, n) for n in ("Conv2D", "BatchNorm", "Dropout")),
+                                  reason="needs Conv2D, BatchNorm and Dropout (issue 3)")
+
+
+def _cnn_bn_dropout():
+    return mpscy.Sequential([layers.Conv2D(8, 3, padding=1), layers.BatchNorm(), layers.ReLU(),
+                             layers.Conv2D(8, 3, stride=2, padding=1), layers.ReLU(), layers.Dense(32),
+                             layers.BatchNorm(momentum=0.2), layers.ReLU(), layers.Dropout(0.3), layers.Dense(10)],
+                            input_shape=(1, 8, 8))
+
+
+@needs_layers
+def test_batchnorm_statistics_and_dropout_masks_continue(device, tmp_path):
+    x, y = mpscy.datasets.load_digits(images=True)
+    ref = mpscy.Engine(_cnn_bn_dropout(), optimizer=optim.Adam(2e-3), batch_size=32, device=device, seed=4)
+    run = mpscy.Engine(_cnn_bn_dropout(), optimizer=optim.Adam(2e-3), batch_size=32, device=device, seed=4)
+    for xb, yb in _batches(x, y, 0, 15):
+        assert ref.step(xb, yb).loss == run.step(xb, yb).loss
+    run.save(tmp_path / "bn.mpscy")
+    stats = {k: v for k, v in run.get_parameters().items() if "running" in k}
+    assert len(stats) == 4 and not np.allclose(stats["batchnorm_1.running_mean"], 0)
+    resumed = mpscy.load(tmp_path / "bn.mpscy", device=device)
+    for k, v in stats.items():
+        np.testing.assert_array_equal(resumed.get_parameters()[k], v)
+    for xb, yb in _batches(x, y, 15, 40):     # dropout masks and statistics continue exactly
+        assert ref.step(xb, yb).loss == resumed.step(xb, yb).loss
+    _assert_same_state(ref, resumed)
+    np.testing.assert_array_equal(ref.predict(x[:64]), resumed.predict(x[:64]))
+    # a generator restored to another counter would draw other masks: the check has teeth
+    other = mpscy.load(tmp_path / "bn.mpscy", device=device)
+    other._g().counter = other._g().counter + 1
+    xb, yb = next(_batches(x, y, 15, 1))
+    fresh = mpscy.load(tmp_path / "bn.mpscy", device=device)
+    assert other.step(xb, yb).loss != fresh.step(xb, yb).loss
+
+
+def _schedules():
+    return pytest.importorskip("mpscy.optim.schedules")
+
+
+@pytest.mark.parametrize("kind", ["step", "onecycle", "warmup-cosine", "plateau"])
+def test_real_schedules_resume(device, digits, tmp_path, kind):
+    S = _schedules()
+    x, y = digits
+
+    def make():
+        if kind == "onecycle":      # also cycles beta1 (a per-step value saved in the checkpoint)
+            e = _engine(device, optim.Adam(1e-3))
+            return e, S.OneCycleLR(e, max_lr=5e-3, total_steps=80), "step"
+        e = _engine(device, optim.SGD(0.05, momentum=0.9))
+        if kind == "step":
+            return e, S.StepLR(e, step_size=2, gamma=0.5), "epoch"
+        if kind == "warmup-cosine":
+            return e, S.LinearWarmup(e, warmup_steps=6, then=S.CosineAnnealingLR(e, T_max=20)), "step"
+        return e, S.ReduceLROnPlateau(e, factor=0.5, patience=0), "epoch"
+
+    engines = []
+    for _ in range(2):
+        e, sched, per = make()
+        e.set_schedule(sched, per=per, monitor="loss")
+        e.fit(x[:320], y[:320], epochs=2, verbose=0)
+        engines.append(e)
+    ref, run = engines
+    run.save(tmp_path / "s.mpscy")
+    resumed = mpscy.load(tmp_path / "s.mpscy", device=device)
+    assert type(resumed.schedule) is type(ref.schedule) and resumed.schedule.engine is resumed
+    assert resumed.learning_rate == ref.learning_rate and resumed.betas == ref.betas
+    assert resumed.momentum == ref.momentum
+    h1 = ref.fit(x[:320], y[:320], epochs=4, initial_epoch=2, verbose=0)
+    h2 = resumed.fit(x[:320], y[:320], epochs=4, initial_epoch=2, verbose=0)
+    assert h1.history == h2.history
+    _assert_same_state(ref, resumed)
+    assert resumed.schedule.get_last_lr() == ref.schedule.get_last_lr()
+
+
+def test_lbfgs_state_is_saved(device, digits, tmp_path):
+    if not hasattr(optim, "LBFGS"):
+        pytest.skip("needs optim.LBFGS (issue 4)")
+    x, y = digits
+    make = lambda: _engine(device, optim.LBFGS(lr=0.5, history_size=5, max_iter=4))  # noqa: E731
+    ref, run = make(), make()
+    for xb, yb in _batches(x, y, 0, 4, b=32):
+        assert ref.step(xb, yb).loss == run.step(xb, yb).loss
+    run.save(tmp_path / "l.mpscy")
+    resumed = mpscy.load(tmp_path / "l.mpscy", device=device)
+    for xb, yb in _batches(x, y, 4, 4, b=32):
+        assert ref.step(xb, yb).loss == resumed.step(xb, yb).loss
+    pa, pb = ref.get_parameters(), resumed.get_parameters()
+    for k in pa:
+        np.testing.assert_array_equal(pa[k], pb[k])

@@ -1,0 +1,418 @@
+"""Engine.fit: it is exactly the documented step loop (same order, same parameters, History
+equal to the mean step losses), costs one ABI call per step and nothing else, follows Keras's
+verbose/callback conventions, accepts DataLoaders, drives attached schedules, and prints a
+progress bar with tqdm or plain lines without it."""
+import builtins
+import csv
+import io
+import sys
+
+import numpy as np
+import pytest
+
+import mpscy
+from mpscy import callbacks as cb, data, layers, optim
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = mpscy.datasets.load_digits()
+    return mpscy.datasets.train_test_split(x, y, 0.25, seed=0)
+
+
+def _engine(device, lr=1e-3, seed=0, batch=32, opt=None):
+    model = mpscy.Sequential([layers.Dense(32), layers.ReLU(), layers.Dense(10)], input_shape=(64,))
+    return mpscy.Engine(model, optimizer=opt or optim.Adam(lr), batch_size=batch, device=device, seed=seed)
+
+
+def _same_params(a, b):
+    pa, pb = a.get_parameters(), b.get_parameters()
+    return all(np.array_equal(pa[k], pb[k]) for k in pa)
+
+
+def test_fit_is_the_documented_step_loop(device, digits):
+    xtr, ytr, xte, yte = digits
+    engine = _engine(device)
+    h = engine.fit(xtr, ytr, epochs=3, batch_size=25, validation_data=(xte, yte), verbose=0)
+    assert isinstance(h, cb.History) and engine.history is h and h.epoch == [0, 1, 2]
+    assert set(h.history) == {"loss", "accuracy", "val_loss", "val_accuracy", "lr"}
+    assert all(len(v) == 3 for v in h.history.values())
+
+    ref = _engine(device)
+    for epoch in range(3):
+        order = np.random.Generator(np.random.PCG64([0, epoch])).permutation(len(xtr))
+        xs, ys = xtr[order], ytr[order]
+        loss = acc = 0.0
+        for i in range(0, len(xs), 25):
+            r = ref.step(xs[i:i + 25], ys[i:i + 25])
+            loss += r.loss * r.batch_size
+            acc += r.accuracy * r.batch_size
+        assert h.history["loss"][epoch] == pytest.approx(loss / len(xs), rel=1e-12)
+        assert h.history["accuracy"][epoch] == pytest.approx(acc / len(xs), rel=1e-12)
+    assert _same_params(engine, ref)
+    final = ref.evaluate(xte, yte)
+    assert h.history["val_loss"][-1] == final["loss"] and h.history["val_accuracy"][-1] == final["accuracy"]
+    assert h.history["lr"] == [1e-3] * 3
+    assert engine.epoch == 3 and engine.iterations == 3 * -(-len(xtr) // 25)
+    assert h.history["loss"][-1] < h.history["loss"][0] * 0.75
+
+
+def test_second_fit_call_draws_new_orders(device, digits):
+    xtr, ytr, _, _ = digits
+    a = _engine(device)
+    a.fit(xtr, ytr, epochs=1, verbose=0)
+    a.fit(xtr, ytr, epochs=1, verbose=0)      # engine.epoch is 1 now: the order of epoch 1
+    b = _engine(device)
+    b.fit(xtr, ytr, epochs=2, verbose=0)
+    assert _same_params(a, b) and a.epoch == b.epoch == 2
+
+
+def test_one_abi_call_per_step_and_nothing_else(device, digits):
+    """The loss comes from the StepResult: fit adds no read-back call per step."""
+    xtr, ytr, _, _ = digits
+    engine = _engine(device)
+    before = engine.stats()
+    engine.fit(xtr, ytr, epochs=2, verbose=0)
+    after = engine.stats()
+    steps = 2 * -(-len(xtr) // 32)
+    assert after["steps"] - before["steps"] == steps
+    assert after["calls"] - before["calls"] == steps          # no read-back call of any kind
+    assert after["allocations"] == before["allocations"]
+
+
+def test_dataloader_input_matches_arrays(device, digits):
+    xtr, ytr, xte, yte = digits
+    a = _engine(device)
+    ha = a.fit(xtr, ytr, epochs=2, shuffle=False, verbose=0, validation_data=(xte, yte))
+    b = _engine(device)
+    loader = data.DataLoader(data.ArrayDataset(xtr, ytr), batch_size=32, prefetch=2)
+    val = data.DataLoader(data.ArrayDataset(xte, yte), batch_size=50)
+    hb = b.fit(loader, epochs=2, verbose=0, validation_data=val)
+    assert _same_params(a, b)
+    assert ha.history["loss"] == hb.history["loss"]
+    assert hb.history["val_loss"] == pytest.approx(ha.history["val_loss"], rel=1e-6)
+    # a shuffling loader is told each epoch (set_epoch), so its orders follow engine.epoch
+    c = _engine(device)
+    shuf = data.DataLoader(data.ArrayDataset(xtr, ytr), batch_size=32, shuffle=True, seed=4)
+    c.fit(shuf, epochs=2, verbose=0)
+    assert shuf.epoch == 2
+
+
+def test_metrics_are_computed_on_validation_or_training_data(device, digits):
+    xtr, ytr, xte, yte = digits
+    engine = _engine(device)
+    h = engine.fit(xtr, ytr, epochs=2, verbose=0, validation_data=(xte, yte), metrics=["f1", "top3", "roc_auc"])
+    out = engine.predict(xte)
+    assert h.history["val_f1"][-1] == pytest.approx(mpscy.metrics.f1(yte, out.argmax(1), average="macro"))
+    assert h.history["val_top3"][-1] == pytest.approx(mpscy.metrics.top_k_accuracy(yte, out, 3))
+    assert 0.5 < h.history["val_roc_auc"][-1] <= 1.0
+    h2 = _engine(device).fit(xtr, ytr, epochs=1, verbose=0, metrics=["accuracy"])
+    assert "accuracy" in h2.history and "val_accuracy" not in h2.history
+
+
+def test_validation_split_takes_the_last_rows(device, digits):
+    xtr, ytr, _, _ = digits
+    engine = _engine(device)
+    h = engine.fit(xtr, ytr, epochs=1, validation_split=0.2, verbose=0)
+    cut = len(xtr) - int(len(xtr) * 0.2)
+    assert h.history["val_loss"][0] == engine.evaluate(xtr[cut:], ytr[cut:])["loss"]
+    assert engine.iterations == -(-cut // 32)
+
+
+def test_regression_history_has_no_accuracy(device):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 3)).astype(np.float64)      # float64 is converted once
+    y = x @ np.array([[1.0], [-2.0], [0.5]])
+    model = mpscy.Sequential([layers.Dense(1)], input_shape=(3,))
+    engine = mpscy.Engine(model, loss="mse", optimizer=optim.SGD(0.1), batch_size=16, device=device)
+    h = engine.fit(x, y, epochs=5, verbose=0, metrics=["r2"])
+    assert "accuracy" not in h.history and h.history["loss"][-1] < h.history["loss"][0]
+    assert h.history["r2"][-1] > 0.5
+
+
+# ----------------------------------------------------------------------------- output
+def test_verbose_2_prints_one_line_per_epoch(device, digits, capsys):
+    xtr, ytr, xte, yte = digits
+    _engine(device).fit(xtr, ytr, epochs=3, verbose=2, validation_data=(xte, yte))
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3
+    assert lines[0].startswith("Epoch 1/3 - 43 steps - ")
+    for key in ("step/s", "loss: ", "accuracy: ", "val_loss: ", "val_accuracy: ", "lr: 0.001"):
+        assert key in lines[2]
+
+
+def test_verbose_0_is_silent(device, digits, capsys):
+    xtr, ytr, _, _ = digits
+    _engine(device).fit(xtr, ytr, epochs=2, verbose=0)
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+
+
+def test_verbose_1_uses_tqdm_even_without_a_terminal(device, digits, capsys):
+    pytest.importorskip("tqdm")
+    xtr, ytr, _, _ = digits
+    _engine(device).fit(xtr, ytr, epochs=2, verbose="auto")
+    out = capsys.readouterr().out
+    for key in ("Epoch 1/2", "Epoch 2/2", "43/43", "step/s", "loss=", "accuracy="):
+        assert key in out, key
+
+
+def test_verbose_1_plain_lines_without_tqdm(device, digits, capsys, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_tqdm(name, *args, **kwargs):
+        if name.startswith("tqdm"):
+            raise ImportError("no tqdm here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tqdm)
+    xtr, ytr, _, _ = digits
+    _engine(device).fit(xtr, ytr, epochs=2, verbose=1)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[1].startswith("Epoch 2/2 - 43 steps") and "loss: " in lines[1]
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Tty()
+    monkeypatch.setattr(sys, "stdout", tty)
+    engine = _engine(device)
+    progress = mpscy.training._Progress(1, 1, interval=0.0)   # redraw on every step
+    progress.begin(0, 10)
+    progress.step(4, 0.5, 0.75)
+    progress.end(10, {"loss": 0.25})
+    text = tty.getvalue()
+    assert text.startswith("\rEpoch 1/1 4/10 ") and "step/s" in text and "ETA" in text and "loss 0.5000" in text
+    assert text.endswith("loss: 0.2500\n")
+    engine.close()
+
+
+# ----------------------------------------------------------------------------- callbacks
+class Recorder(cb.Callback):
+    def __init__(self):
+        super().__init__()
+        self.events, self.weights = [], []
+
+    def on_train_begin(self, logs=None):
+        self.events.append("train_begin")
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.events.append(f"epoch_begin {epoch}")
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.events.append("batch")
+        assert logs["loss"] > 0 and logs["batch_size"] >= 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.events.append(f"epoch_end {epoch}")
+        self.weights.append(self.engine.get_parameters())
+
+    def on_train_end(self, logs=None):
+        self.events.append("train_end")
+
+
+def test_callback_hooks_in_keras_order(device, digits):
+    xtr, ytr, _, _ = digits
+    rec = Recorder()
+    _engine(device).fit(xtr[:96], ytr[:96], epochs=2, initial_epoch=0, verbose=0, callbacks=[rec])
+    assert rec.events == ["train_begin", "epoch_begin 0", "batch", "batch", "batch", "epoch_end 0",
+                          "epoch_begin 1", "batch", "batch", "batch", "epoch_end 1", "train_end"]
+    assert rec.params == {"epochs": 2, "steps": 3, "verbose": 0}
+
+
+def test_early_stopping_with_restore(device, digits):
+    xtr, ytr, xte, yte = digits
+    engine = _engine(device, lr=0.0)        # nothing changes: val_loss never improves after epoch 0
+    stop = cb.EarlyStopping(monitor="val_loss", patience=2)
+    h = engine.fit(xtr, ytr, epochs=20, verbose=0, validation_data=(xte, yte), callbacks=[stop])
+    assert len(h.epoch) == 3 and stop.stopped_epoch == 2
+
+    engine = _engine(device, lr=3e-3)       # loss falls every epoch, so its maximum is epoch 0
+    rec = Recorder()
+    stop = cb.EarlyStopping(monitor="loss", mode="max", patience=1, restore_best_weights=True)
+    h = engine.fit(xtr, ytr, epochs=10, verbose=0, callbacks=[rec, stop])
+    assert h.epoch == [0, 1] and stop.best_epoch == 0
+    for k, v in engine.get_parameters().items():
+        np.testing.assert_array_equal(v, rec.weights[0][k])
+    assert cb.EarlyStopping(monitor="val_accuracy")._m.mode == "max"
+    assert cb.EarlyStopping(monitor="val_loss")._m.mode == "min"
+
+
+def test_min_delta_counts_small_gains_as_none(device, digits):
+    xtr, ytr, _, _ = digits
+    stop = cb.EarlyStopping(monitor="loss", min_delta=10.0, patience=1)
+    h = _engine(device).fit(xtr, ytr, epochs=10, verbose=0, callbacks=[stop])
+    assert len(h.epoch) == 2
+
+
+def test_model_checkpoint_save_best_only(device, digits, tmp_path):
+    xtr, ytr, xte, yte = digits
+    engine = _engine(device, lr=0.0)
+    ckpt = cb.ModelCheckpoint(str(tmp_path / "best-{epoch:02d}-{val_loss:.3f}.mpscy"), save_best_only=True)
+    engine.fit(xtr, ytr, epochs=3, verbose=0, validation_data=(xte, yte), callbacks=[ckpt])
+    assert len(ckpt.saved) == 1 and ckpt.saved[0].startswith(str(tmp_path / "best-01-"))
+    engine = _engine(device)
+    ckpt = cb.ModelCheckpoint(str(tmp_path / "e{epoch}.mpscy"), monitor="val_accuracy", save_best_only=True)
+    engine.fit(xtr, ytr, epochs=3, verbose=0, validation_data=(xte, yte), callbacks=[ckpt])
+    assert len(ckpt.saved) == 3    # accuracy rises each epoch here
+    loaded = mpscy.load(ckpt.saved[-1], device=device)
+    assert _same_params(loaded, engine)
+    with pytest.warns(RuntimeWarning, match="not in the logs"):
+        _engine(device).fit(xtr[:64], ytr[:64], verbose=0,
+                            callbacks=[cb.ModelCheckpoint(str(tmp_path / "x.mpscy"), save_best_only=True)])
+
+
+class StepDecay:
+    """A schedule with the mpscy/PyTorch protocol: x gamma on every step() call."""
+
+    def __init__(self, engine, gamma=0.5):
+        self.engine, self.gamma, self.calls = engine, gamma, 0
+
+    def step(self):
+        self.calls += 1
+        self.engine.learning_rate = self.engine.learning_rate * self.gamma
+
+    def state_dict(self):
+        return {"gamma": self.gamma, "calls": self.calls}
+
+    def load_state_dict(self, s):
+        self.gamma, self.calls = s["gamma"], s["calls"]
+
+
+class Plateau(StepDecay):
+    def step(self, metric):
+        self.calls += 1
+        self.seen = metric
+
+
+def test_learning_rate_scheduler_function_and_object(device, digits):
+    xtr, ytr, xte, yte = digits
+    engine = _engine(device)
+    sched = cb.LearningRateScheduler(lambda epoch, lr: 1e-3 / (epoch + 1))
+    h = engine.fit(xtr, ytr, epochs=3, verbose=0, callbacks=[sched])
+    assert h.history["lr"] == pytest.approx([1e-3, 5e-4, 1e-3 / 3])
+    plain = _engine(device)
+    plain.fit(xtr, ytr, epochs=3, verbose=0)
+    assert not _same_params(engine, plain)        # the schedule changed the actual updates
+    engine = _engine(device)
+    obj = StepDecay(engine, 0.1)
+    h = engine.fit(xtr, ytr, epochs=3, verbose=0, callbacks=[cb.LearningRateScheduler(obj)])
+    assert obj.calls == 3 and h.history["lr"] == pytest.approx([1e-3, 1e-4, 1e-5])
+    engine = _engine(device)
+    pl = Plateau(engine)
+    engine.fit(xtr, ytr, epochs=2, verbose=0, validation_data=(xte, yte), callbacks=[cb.LearningRateScheduler(pl)])
+    assert pl.calls == 2 and pl.seen == engine.history.history["val_loss"][-1]
+
+
+def test_set_schedule_per_step_and_per_epoch(device, digits):
+    xtr, ytr, xte, yte = digits
+    engine = _engine(device, lr=1.0)
+    s = StepDecay(engine, 0.9)
+    engine.set_schedule(s, per="step")
+    h = engine.fit(xtr[:320], ytr[:320], epochs=2, verbose=0)
+    assert s.calls == 20 and engine.learning_rate == pytest.approx(0.9 ** 20)
+    assert h.history["lr"] == pytest.approx([0.9 ** 9, 0.9 ** 19])   # the rate of each epoch's last step
+    engine = _engine(device, lr=1.0)
+    p = Plateau(engine)
+    engine.set_schedule(p, per="epoch")
+    engine.fit(xtr[:320], ytr[:320], epochs=2, verbose=0, validation_data=(xte, yte))
+    assert p.calls == 2 and p.seen == engine.history.history["val_loss"][-1]
+    with pytest.raises(mpscy.InvalidArgumentError, match="per"):
+        engine.set_schedule(p, per="batch")
+    with pytest.raises(mpscy.InvalidArgumentError, match="another engine"):
+        engine.set_schedule(StepDecay(_engine(device)))
+    engine.set_schedule(None)
+    assert engine.schedule is None
+
+
+def test_csv_logger(device, digits, tmp_path):
+    xtr, ytr, xte, yte = digits
+    path = tmp_path / "log.csv"
+    h = _engine(device).fit(xtr, ytr, epochs=3, verbose=0, validation_data=(xte, yte),
+                            callbacks=[cb.CSVLogger(path)])
+    rows = list(csv.reader(open(path)))
+    assert rows[0] == ["epoch", "accuracy", "loss", "lr", "val_accuracy", "val_loss"]
+    assert len(rows) == 4 and [r[0] for r in rows[1:]] == ["0", "1", "2"]
+    assert [float(r[2]) for r in rows[1:]] == h.history["loss"]        # exact (repr floats)
+    _engine(device).fit(xtr, ytr, epochs=1, verbose=0, validation_data=(xte, yte),
+                        callbacks=[cb.CSVLogger(path, append=True)])
+    assert len(list(csv.reader(open(path)))) == 5
+
+
+def test_stop_training_from_a_batch_callback(device, digits):
+    class StopAt(cb.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 4:
+                self.engine.stop_training = True
+
+    xtr, ytr, _, _ = digits
+    engine = _engine(device)
+    h = engine.fit(xtr, ytr, epochs=5, verbose=0, callbacks=[StopAt()])
+    assert engine.iterations == 5 and len(h.epoch) == 1
+
+
+def test_bad_arguments_are_rejected_before_training(device, digits):
+    xtr, ytr, _, _ = digits
+    engine = _engine(device)
+    loader = data.DataLoader(data.ArrayDataset(xtr, ytr), batch_size=8)
+    cases = [
+        (dict(x=xtr, y=ytr, batch_size=64), "batch_size"),
+        (dict(x=xtr, y=ytr, verbose=3), "verbose"),
+        (dict(x=loader, y=ytr), "inside the DataLoader"),
+        (dict(x=xtr, y=None), "y is required"),
+        (dict(x=xtr, y=ytr, validation_split=1.5), "validation_split"),
+        (dict(x=xtr, y=ytr, validation_data=(xtr,)), "validation_data"),
+        (dict(x=xtr, y=ytr, metrics=["nope"]), "unknown metric"),
+        (dict(x=xtr, y=ytr[:-1]), "rows"),
+        (dict(x=xtr, y=ytr, callbacks=[object()]), "Callback"),
+        (dict(x=data.DataLoader(data.ArrayDataset(xtr, ytr), batch_size=64)), "exceeds"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(mpscy.InvalidArgumentError, match=match):
+            engine.fit(**{"epochs": 1, "verbose": 0, **kwargs})
+    assert engine.iterations == 0
+
+
+def test_summary_table(device, capsys):
+    engine = _engine(device)
+    text = engine.summary()
+    assert "dense_0" in text and "(None, 32)" in text and "Total parameters: 2,410" in text
+    assert engine.summary(print_fn=print) is None
+    assert capsys.readouterr().out.strip() == str(text).strip()
+
+
+# ----------------------------------------------------------------------------- with issue 3 and 4 pieces
+def test_fit_drives_real_schedules(device, digits):
+    S = pytest.importorskip("mpscy.optim.schedules")
+    xtr, ytr, xte, yte = digits
+    engine = _engine(device, opt=optim.SGD(0.1, momentum=0.9))
+    engine.set_schedule(S.StepLR(engine, step_size=2, gamma=0.5), per="epoch")
+    h = engine.fit(xtr, ytr, epochs=5, verbose=0)
+    assert h.history["lr"] == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.025])
+    steps = -(-len(xtr) // 32)
+    engine = _engine(device, opt=optim.Adam(1e-3))
+    one = S.OneCycleLR(engine, max_lr=1e-2, total_steps=3 * steps)
+    engine.set_schedule(one, per="step")
+    h = engine.fit(xtr, ytr, epochs=3, verbose=0)
+    probe = _engine(device, opt=optim.Adam(1e-3))
+    closed = S.OneCycleLR(probe, max_lr=1e-2, total_steps=3 * steps)
+    assert h.history["lr"] == pytest.approx([closed.lr_at(k * steps - 1) for k in (1, 2, 3)], rel=1e-12)
+    assert engine.betas[0] == pytest.approx(closed.momentum_at(3 * steps))
+    engine = _engine(device, opt=optim.SGD(0.1))
+    engine.set_schedule(S.ReduceLROnPlateau(engine, factor=0.5, patience=0), per="epoch")
+    h = engine.fit(xtr, ytr, epochs=4, verbose=0, validation_data=(xte, yte), callbacks=[cb.EarlyStopping(patience=9)])
+    assert engine.schedule.best == min(h.history["val_loss"])     # it was given val_loss
+
+
+def test_batchnorm_models_skip_a_lone_last_row(device, digits):
+    if not hasattr(layers, "BatchNorm"):
+        pytest.skip("needs layers.BatchNorm (issue 3)")
+    xtr, ytr, _, _ = digits
+    model = mpscy.Sequential([layers.Dense(16), layers.BatchNorm(), layers.ReLU(), layers.Dense(10)], input_shape=(64,))
+    engine = mpscy.Engine(model, batch_size=32, device=device)
+    n = 32 * 5 + 1
+    h = engine.fit(xtr[:n], ytr[:n], epochs=2, verbose=0)
+    assert engine.iterations == 10 and len(h.epoch) == 2
+    with pytest.raises(mpscy.InvalidArgumentError, match="2 rows"):
+        engine.step(xtr[:1], ytr[:1])

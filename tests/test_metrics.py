@@ -1,0 +1,179 @@
+"""mpscy.metrics against scikit-learn's implementations (a test-only dependency) on random
+labels and scores, including ties, absent classes, multi-output regression and bad input."""
+import numpy as np
+import pytest
+
+import mpscy
+from mpscy import metrics as M
+
+skm = pytest.importorskip("sklearn.metrics")
+
+TOL = dict(rtol=1e-12, atol=1e-12)
+
+
+@pytest.fixture(params=[0, 1, 2])
+def seed(request):
+    return request.param
+
+
+def _labels(rng, n, classes):
+    return rng.integers(0, classes, size=n)
+
+
+def test_accuracy_and_confusion_matrix(seed):
+    rng = np.random.default_rng(seed)
+    t, p = _labels(rng, 200, 5), _labels(rng, 200, 5)
+    assert M.accuracy(t, p) == pytest.approx(skm.accuracy_score(t, p), abs=1e-15)
+    np.testing.assert_array_equal(M.confusion_matrix(t, p), skm.confusion_matrix(t, p))
+    # a class predicted but never true, and explicit labels (one missing from the data)
+    p2 = p.copy()
+    p2[:3] = 7
+    np.testing.assert_array_equal(M.confusion_matrix(t, p2), skm.confusion_matrix(t, p2))
+    labels = [4, 0, 2, 9]
+    np.testing.assert_array_equal(M.confusion_matrix(t, p, labels=labels),
+                                  skm.confusion_matrix(t, p, labels=labels))
+
+
+@pytest.mark.parametrize("average", ["macro", "micro", "weighted", None])
+def test_precision_recall_f1_multiclass(seed, average):
+    rng = np.random.default_rng(seed)
+    t = _labels(rng, 150, 6)
+    p = np.where(rng.random(150) < 0.6, t, _labels(rng, 150, 6))
+    p[p == 5] = 4  # class 5 is never predicted: a 0/0 precision
+    for ours, theirs in ((M.precision, skm.precision_score), (M.recall, skm.recall_score),
+                         (M.f1, skm.f1_score)):
+        np.testing.assert_allclose(ours(t, p, average=average),
+                                   theirs(t, p, average=average, zero_division=0), **TOL)
+
+
+def test_precision_recall_f1_binary(seed):
+    rng = np.random.default_rng(seed)
+    t = _labels(rng, 100, 2)
+    p = np.where(rng.random(100) < 0.7, t, 1 - t)
+    for ours, theirs in ((M.precision, skm.precision_score), (M.recall, skm.recall_score),
+                         (M.f1, skm.f1_score)):
+        assert ours(t, p) == pytest.approx(theirs(t, p), abs=1e-12)
+        assert ours(t, p, pos_label=0) == pytest.approx(theirs(t, p, pos_label=0), abs=1e-12)
+    # nothing predicted positive: precision 0/0 -> zero_division
+    zeros = np.zeros_like(t)
+    assert M.precision(t, zeros) == skm.precision_score(t, zeros, zero_division=0) == 0.0
+    assert M.precision(t, zeros, zero_division=1.0) == skm.precision_score(t, zeros, zero_division=1.0)
+    with pytest.raises(mpscy.InvalidArgumentError, match="binary"):
+        M.f1([0, 1, 2], [0, 1, 2])
+
+
+def test_top_k_accuracy_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    t = _labels(rng, 120, 7)
+    scores = rng.integers(0, 4, size=(120, 7)).astype(np.float64)  # many ties
+    for k in (1, 2, 3, 6, 7):
+        assert M.top_k_accuracy(t, scores, k) == pytest.approx(
+            skm.top_k_accuracy_score(t, scores, k=k, labels=np.arange(7)), abs=1e-15), k
+
+
+def test_roc_auc_binary_and_curve(seed):
+    rng = np.random.default_rng(seed)
+    t = _labels(rng, 300, 2)
+    s = np.round(rng.normal(size=300) + t, 1)  # rounding makes ties
+    assert M.roc_auc(t, s) == pytest.approx(skm.roc_auc_score(t, s), abs=1e-12)
+    fpr, tpr, thr = M.roc_curve(t, s)
+    f2, t2, th2 = skm.roc_curve(t, s, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, f2, **TOL)
+    np.testing.assert_allclose(tpr, t2, **TOL)
+    np.testing.assert_array_equal(thr, th2)
+    # (n, 2) probability matrix: column 1 is the positive class
+    assert M.roc_auc(t, np.c_[1 - s, s]) == pytest.approx(skm.roc_auc_score(t, s), abs=1e-12)
+    with pytest.raises(mpscy.InvalidArgumentError, match="one class"):
+        M.roc_auc(np.ones(5, int), np.arange(5.0))
+
+
+@pytest.mark.parametrize("multi_class,average", [("ovr", "macro"), ("ovr", "weighted"), ("ovo", "macro")])
+def test_roc_auc_multiclass(seed, multi_class, average):
+    rng = np.random.default_rng(seed)
+    t = _labels(rng, 250, 4)
+    logits = rng.normal(size=(250, 4)) + 1.5 * np.eye(4)[t]
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    assert M.roc_auc(t, probs, multi_class=multi_class, average=average) == pytest.approx(
+        skm.roc_auc_score(t, probs, multi_class=multi_class, average=average), abs=1e-12)
+
+
+def test_pr_curve_and_average_precision(seed):
+    rng = np.random.default_rng(seed)
+    t = _labels(rng, 300, 2)
+    s = np.round(rng.normal(size=300) + 0.8 * t, 1)
+    p, r, thr = M.precision_recall_curve(t, s)
+    p2, r2, thr2 = skm.precision_recall_curve(t, s)
+    np.testing.assert_allclose(p, p2, **TOL)
+    np.testing.assert_allclose(r, r2, **TOL)
+    np.testing.assert_array_equal(thr, thr2)
+    assert M.pr_auc(t, s) == pytest.approx(skm.average_precision_score(t, s), abs=1e-12)
+
+
+@pytest.mark.parametrize("average", ["macro", "micro", "weighted"])
+def test_average_precision_multiclass(seed, average):
+    rng = np.random.default_rng(seed)
+    t = _labels(rng, 200, 5)
+    s = rng.random((200, 5)) + 0.5 * np.eye(5)[t]
+    onehot = np.eye(5)[t]
+    assert M.pr_auc(t, s, average=average) == pytest.approx(
+        skm.average_precision_score(onehot, s, average=average), abs=1e-12)
+
+
+def test_regression_metrics(seed):
+    rng = np.random.default_rng(seed)
+    for shape in ((80,), (80, 3)):
+        t = rng.normal(size=shape)
+        p = t + 0.3 * rng.normal(size=shape)
+        assert M.mae(t, p) == pytest.approx(skm.mean_absolute_error(t, p), rel=1e-13)
+        assert M.mse(t, p) == pytest.approx(skm.mean_squared_error(t, p), rel=1e-13)
+        assert M.rmse(t, p) == pytest.approx(skm.root_mean_squared_error(t, p), rel=1e-13)
+        assert M.r2(t, p) == pytest.approx(skm.r2_score(t, p), rel=1e-13)
+    const = np.full(10, 2.0)
+    assert M.r2(const, const) == skm.r2_score(const, const) == 1.0
+    assert M.r2(const, const + 1) == skm.r2_score(const, const + 1) == 0.0
+
+
+def test_bad_input_is_rejected():
+    with pytest.raises(mpscy.ShapeError, match="rows"):
+        M.accuracy([0, 1, 2], [0, 1])
+    with pytest.raises(mpscy.ShapeError):
+        M.top_k_accuracy([0, 1], np.zeros(2), 1)
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"\[0, 3\)"):
+        M.top_k_accuracy([0, 5], np.zeros((2, 3)), 1)
+    with pytest.raises(mpscy.InvalidArgumentError, match="average"):
+        M.f1([0, 1], [0, 1], average="samples")
+    with pytest.raises(mpscy.ShapeError):
+        M.mse(np.zeros((3, 2)), np.zeros((3, 3)))
+    with pytest.raises(mpscy.InvalidArgumentError, match="NaN"):
+        M.roc_auc([0, 1], [0.1, np.nan])
+
+
+def test_get_adapts_model_outputs():
+    """Named metrics turn outputs into labels/probabilities the way the loss defines them."""
+    rng = np.random.default_rng(0)
+    t = _labels(rng, 60, 3)
+    logits = rng.normal(size=(60, 3)) + 2 * np.eye(3)[t]
+    ce = mpscy.losses.SparseCrossEntropy()
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    assert M.get("accuracy")(t, logits, ce) == skm.accuracy_score(t, logits.argmax(1))
+    assert M.get("f1")(t, logits, ce) == pytest.approx(skm.f1_score(t, logits.argmax(1), average="macro"))
+    assert M.get("roc_auc")(t, logits, ce) == pytest.approx(skm.roc_auc_score(t, probs, multi_class="ovr"))
+    assert M.get("top2")(t, logits, ce) == pytest.approx(skm.top_k_accuracy_score(t, logits, k=2))
+    # single-output binary head with logits: sigmoid, threshold 0.5
+    tb = _labels(rng, 50, 2).astype(np.float32)
+    z = rng.normal(size=(50, 1)) + 2 * (tb[:, None] - 0.5)
+    bce = mpscy.losses.BCEWithLogits()
+    assert M.get("accuracy")(tb[:, None], z, bce) == skm.accuracy_score(tb, (z[:, 0] > 0).astype(int))
+    assert M.get("roc_auc")(tb[:, None], z, bce) == pytest.approx(skm.roc_auc_score(tb, z[:, 0]))
+    # regression and a custom callable
+    y = rng.normal(size=(40, 2)).astype(np.float32)
+    out = y + 0.1
+    assert M.get("rmse")(y, out) == pytest.approx(0.1, rel=1e-5)
+
+    def max_error(y_true, outputs):
+        return float(np.max(np.abs(y_true - outputs)))
+
+    m = M.get(max_error)
+    assert m.name == "max_error" and m(y, out) == pytest.approx(0.1, rel=1e-5)
+    with pytest.raises(mpscy.InvalidArgumentError, match="unknown metric"):
+        M.get("bogus")

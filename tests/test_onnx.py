@@ -1,0 +1,294 @@
+"""mpscy.onnx: exported files pass onnx.checker's full check (IR 10, explicit opset, dynamic
+batch "N") and onnxruntime's predictions match engine.predict to 1e-5; files written by
+torch.onnx.export import and predict like the torch model to 1e-5, and fine-tune."""
+import sys
+
+import numpy as np
+import pytest
+
+import mpscy
+from mpscy import layers, optim
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _ort(path_or_proto, feeds):
+    src = path_or_proto if isinstance(path_or_proto, str) else path_or_proto.SerializeToString()
+    sess = ort.InferenceSession(src, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)[0]
+
+
+def _all_activations_mlp():
+    return mpscy.Sequential([
+        layers.Flatten(), layers.Dense(48), layers.GELU(), layers.Dense(40), layers.GELU(approximate="tanh"),
+        layers.Swish(), layers.LeakyReLU(0.2), layers.ELU(0.7), layers.Tanh(), layers.Dense(24, bias=False),
+        layers.Sigmoid(), layers.Dense(16), layers.ReLU(), layers.Dense(10), layers.Softmax()], input_shape=(1, 8, 8))
+
+
+@pytest.mark.parametrize("opset", [17, 20])
+def test_export_checks_and_matches_onnxruntime(device, tmp_path, opset):
+    engine = mpscy.Engine(_all_activations_mlp(), batch_size=16, device=device, seed=3)
+    x, y = mpscy.datasets.load_digits(images=True)
+    engine.fit(x[:256], y[:256], epochs=1, verbose=0)          # trained weights, not the initial ones
+    path = str(tmp_path / "mlp.onnx")
+    proto = mpscy.onnx.export(engine, path, opset=opset)
+    m = onnx.load(path)
+    onnx.checker.check_model(m, full_check=True)
+    assert m.ir_version == 10 and [(o.domain, o.version) for o in m.opset_import] == [("", opset)]
+    for vi in (m.graph.input[0], m.graph.output[0]):
+        assert vi.type.tensor_type.shape.dim[0].dim_param == "N"
+    assert all(t.raw_data for t in m.graph.initializer if t.dims)
+    ops = [n.op_type for n in m.graph.node]
+    assert ("Gelu" in ops, "Erf" in ops) == ((True, False) if opset >= 20 else (False, True))
+    for n in (1, 7, 37):
+        xs = x[300:300 + n]
+        np.testing.assert_allclose(_ort(path, {"input": xs}), engine.predict(xs), rtol=RTOL, atol=ATOL)
+    assert proto.graph.output[0].name == "output"
+
+
+def test_export_import_round_trip(device, tmp_path):
+    engine = mpscy.Engine(_all_activations_mlp(), batch_size=16, device=device, seed=5)
+    path = str(tmp_path / "m.onnx")
+    mpscy.onnx.export(engine, path)
+    back = mpscy.onnx.load(path, batch_size=8, device=device)
+    kinds = [type(n.layer).__name__ for n in back.model.nodes[1:]]
+    assert kinds == [type(n.layer).__name__ for n in engine.model.nodes[1:]]
+    assert back.model.nodes[5].layer.approximate == "tanh"
+    xs = np.random.default_rng(0).normal(size=(19, 1, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(back.predict(xs), engine.predict(xs), rtol=1e-6, atol=1e-7)
+
+
+def test_functional_model_export(device):
+    a = mpscy.Input((5,), name="features")
+    model = mpscy.Model(a, layers.Dense(2, name="head")(layers.ReLU()(layers.Dense(4)(a))))
+    engine = mpscy.Engine(model, loss="mse", batch_size=4, device=device)
+    proto = mpscy.onnx.export(engine, output_name="scores")
+    assert [i.name for i in proto.graph.input] == ["features"] and proto.graph.output[0].name == "scores"
+    xs = np.random.default_rng(2).normal(size=(6, 5)).astype(np.float32)
+    np.testing.assert_allclose(_ort(proto, {"features": xs}), engine.predict(xs), rtol=RTOL, atol=ATOL)
+
+
+# ----------------------------------------------------------------------------- from PyTorch
+torch = None
+
+
+@pytest.fixture(scope="module")
+def tt():
+    global torch
+    torch = pytest.importorskip("torch")
+    return torch
+
+
+def _torch_export(model, example, path, opset):
+    import warnings
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), path, dynamo=False, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "N"}, "y": {0: "N"}}, opset_version=opset)
+
+
+@pytest.mark.parametrize("opset", [17, 20])
+def test_import_torch_mlp(tt, device, tmp_path, opset):
+    nn, F = tt.nn, tt.nn.functional
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(64, 48), nn.Linear(48, 32, bias=False)
+            self.l3, self.l4, self.l5 = nn.Linear(32, 32), nn.Linear(32, 24), nn.Linear(24, 10)
+
+        def forward(self, x):
+            x = x.view(x.size(0), -1)                           # Shape/Gather/Concat/Reshape
+            x = F.gelu(self.l1(x))
+            x = F.silu(F.gelu(self.l2(x), approximate="tanh"))  # MatMul (no bias)
+            x = F.elu(F.leaky_relu(self.l3(x), 0.1), 0.5)
+            x = torch.sigmoid(torch.tanh(self.l4(x)))
+            return torch.softmax(self.l5(torch.relu(x)), dim=-1)
+
+    tt.manual_seed(0)
+    net = MLP()
+    path = str(tmp_path / "torch_mlp.onnx")
+    _torch_export(net, tt.randn(2, 1, 8, 8), path, opset)
+    engine = mpscy.onnx.load(path, device=device, batch_size=32)
+    kinds = [type(n.layer).__name__ for n in engine.model.nodes[1:]]
+    assert kinds == ["Flatten", "Dense", "GELU", "Dense", "GELU", "Swish", "Dense", "LeakyReLU", "ELU",
+                     "Dense", "Tanh", "Sigmoid", "ReLU", "Dense", "Softmax"]
+    x = mpscy.datasets.load_digits(images=True)[0][:50]
+    with tt.no_grad():
+        ref = net(tt.from_numpy(x)).numpy()
+    np.testing.assert_allclose(engine.predict(x), ref, rtol=RTOL, atol=ATOL)
+
+
+def test_import_matmul_add_and_finetune(device):
+    """The MatMul + Add form of a linear layer (what exporters write for 3-D inputs)."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(1)
+    w1, b1 = rng.normal(size=(64, 20)).astype(np.float32) * 0.2, rng.normal(size=20).astype(np.float32)
+    w2, b2 = rng.normal(size=(20, 10)).astype(np.float32) * 0.2, rng.normal(size=10).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Add", ["h", "b1"], ["hb"]),
+             helper.make_node("Relu", ["hb"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["o"]),
+             helper.make_node("Add", ["b2", "o"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+                              [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    onnx.checker.check_model(proto, full_check=True)
+    engine = mpscy.onnx.load(proto, optimizer=optim.Adam(3e-3), batch_size=64, device=device)
+    assert [type(n.layer).__name__ for n in engine.model.nodes[1:]] == ["Dense", "ReLU", "Dense"]
+    x, y = mpscy.datasets.load_digits()
+    np.testing.assert_allclose(engine.predict(x[:40]), _ort(proto, {"x": x[:40]}), rtol=RTOL, atol=ATOL)
+    h = engine.fit(x, y, epochs=3, verbose=0)          # fine-tuning the imported weights
+    assert h.history["loss"][-1] < 0.7 * h.history["loss"][0]
+
+
+needs_layers = pytest.mark.skipif(not all(hasattr(layers, n) for n in (
+    "Conv2D", "BatchNorm", "Dropout", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D", "LayerNorm", "Add", "Concatenate")),
+    reason="needs the layers of issue 3")
+
+
+def readme_cnn(input_shape=(1, 8, 8)):
+    return mpscy.Sequential([
+        layers.Conv2D(32, 3, stride=1, padding=1), layers.ReLU(), layers.Conv2D(32, 3, stride=2, padding=1), layers.ReLU(),
+        layers.Conv2D(64, 3, stride=1, padding=1), layers.ReLU(), layers.Conv2D(64, 3, stride=2, padding=1), layers.ReLU(),
+        layers.Dense(128), layers.ReLU(), layers.Dropout(0.5), layers.Dense(10)], input_shape=input_shape)
+
+
+def residual_model():
+    """Two conv-bn-relu-conv-bn + skip blocks, both pools, a channel Concatenate, global
+    pooling, LayerNorm and a non-affine BatchNorm over features."""
+    x = mpscy.Input((1, 8, 8))
+    h = layers.ReLU()(layers.BatchNorm()(layers.Conv2D(16, 3, padding=1)(x)))
+    for _ in range(2):
+        r = layers.ReLU()(layers.BatchNorm()(layers.Conv2D(16, 3, padding=1)(h)))
+        r = layers.BatchNorm()(layers.Conv2D(16, 3, padding=1, bias=False)(r))
+        h = layers.ReLU()(layers.Add()([h, r]))
+    c = layers.Concatenate(axis=1)([layers.MaxPool2D(2)(h), layers.AvgPool2D(3, stride=2, padding=1)(h)])
+    g = layers.GlobalAvgPool2D()(c)
+    g = layers.BatchNorm(affine=False)(layers.Dense(24)(g))
+    return mpscy.Model(x, layers.Dense(10)(layers.LayerNorm(24)(layers.GELU()(g))))
+
+
+def _close_to_scale(out, ref):
+    """Equal to 1e-5 relative to the outputs' scale (elementwise relative error is meaningless
+    for outputs near zero)."""
+    assert out.shape == ref.shape
+    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max(), (np.abs(out - ref).max(), np.abs(ref).max())
+
+
+@needs_layers
+@pytest.mark.parametrize("make", [readme_cnn, residual_model], ids=["readme-cnn", "residual"])
+def test_cnn_and_residual_export(device, tmp_path, make):
+    x, y = mpscy.datasets.load_digits(images=True)
+    engine = mpscy.Engine(make(), optimizer=optim.Adam(2e-3), batch_size=32, device=device, seed=1)
+    engine.fit(x[:640], y[:640], epochs=2, verbose=0)          # BatchNorm statistics move away from 0/1
+    path = str(tmp_path / "m.onnx")
+    mpscy.onnx.export(engine, path)
+    m = onnx.load(path)
+    onnx.checker.check_model(m, full_check=True)
+    ops = {n.op_type for n in m.graph.node}
+    expected = {"Conv", "Relu", "Gemm", "Dropout"} if make is readme_cnn else {
+        "Conv", "BatchNormalization", "Add", "MaxPool", "AveragePool", "Concat", "GlobalAveragePool",
+        "LayerNormalization", "Erf"}
+    assert expected <= ops
+    for n in (1, 5, 64):
+        xs = x[700:700 + n]
+        _close_to_scale(_ort(path, {"input": xs}), engine.predict(xs))
+    back = mpscy.onnx.load(path, device=device)                # and back, BatchNorm statistics included
+    np.testing.assert_allclose(back.predict(x[700:764]), engine.predict(x[700:764]), rtol=1e-6, atol=1e-6)
+    if make is residual_model:
+        with pytest.raises(mpscy.UnsupportedError, match="opset >= 17"):
+            mpscy.onnx.export(engine, opset=16)                # LayerNormalization is opset 17
+
+
+def _torch_models(tt):
+    nn = tt.nn
+
+    class CNN(nn.Module):       # the README CNN
+        def __init__(self):
+            super().__init__()
+            self.f = nn.Sequential(nn.Conv2d(1, 32, 3, 1, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, 2, 1), nn.ReLU(),
+                                   nn.Conv2d(32, 64, 3, 1, 1), nn.ReLU(), nn.Conv2d(64, 64, 3, 2, 1), nn.ReLU(),
+                                   nn.Flatten(), nn.Linear(256, 128), nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, 10))
+
+        def forward(self, x):
+            return self.f(x)
+
+    class Block(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.c1, self.b1 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+            self.c2, self.b2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+        def forward(self, x):
+            return tt.relu(x + self.b2(self.c2(tt.relu(self.b1(self.c1(x))))))
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+            self.blocks = nn.Sequential(Block(16), Block(16))
+            self.mp, self.ap, self.gap = nn.MaxPool2d(2), nn.AvgPool2d(3, 2, 1), nn.AdaptiveAvgPool2d(1)
+            self.fc, self.bn, self.ln, self.out = nn.Linear(32, 24), nn.BatchNorm1d(24), nn.LayerNorm(24), nn.Linear(24, 10)
+
+        def forward(self, x):
+            h = self.blocks(self.stem(x))
+            g = tt.flatten(self.gap(tt.cat([self.mp(h), self.ap(h)], dim=1)), 1)
+            return self.out(self.ln(tt.relu(self.bn(self.fc(g)))))
+
+    return {"readme-cnn": CNN, "residual": Residual}
+
+
+@needs_layers
+@pytest.mark.parametrize("name", ["readme-cnn", "residual"])
+def test_import_torch_cnn_and_residual(tt, device, tmp_path, name):
+    x, y = mpscy.datasets.load_digits(images=True)
+    tt.manual_seed(0)
+    net = _torch_models(tt)[name]()
+    net.train()
+    with tt.no_grad():                                         # BatchNorm statistics that are not 0/1
+        for i in range(4):
+            net(tt.from_numpy(x[i * 64:(i + 1) * 64]))
+    path = str(tmp_path / f"{name}.onnx")
+    _torch_export(net, tt.from_numpy(x[:2]), path, 17)
+    engine = mpscy.onnx.load(path, optimizer=optim.Adam(1e-3), batch_size=64, device=device)
+    kinds = {type(n.layer).__name__ for n in engine.model.nodes[1:]}
+    assert ({"Conv2D", "Dense"} if name == "readme-cnn" else
+            {"Conv2D", "Add", "MaxPool2D", "AvgPool2D", "Concatenate", "GlobalAvgPool2D", "BatchNorm", "LayerNorm"}) <= kinds
+    with tt.no_grad():
+        ref = net(tt.from_numpy(x[:300])).numpy()
+    _close_to_scale(engine.predict(x[:300]), ref)
+    before = engine.evaluate(x[300:], y[300:])["loss"]
+    engine.fit(x[300:], y[300:], epochs=2, verbose=0)          # fine-tuning works from the imported weights
+    assert engine.evaluate(x[300:], y[300:])["loss"] < before
+
+
+def test_unsupported_graphs_say_why(device):
+    from onnx import TensorProto, helper, numpy_helper
+
+    def model(nodes, inits=(), out_shape=("N", 4)):
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(out_shape))],
+                              [numpy_helper.from_array(np.asarray(a, np.float32), n) for n, a in inits])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+    with pytest.raises(mpscy.UnsupportedError, match="operator Cos"):
+        mpscy.onnx.load(model([helper.make_node("Cos", ["x"], ["y"], name="c1")]), device=device)
+    with pytest.raises(mpscy.UnsupportedError, match="fixes the batch size"):
+        mpscy.onnx.load(model([helper.make_node("Reshape", ["x", "s"], ["y"])], [("s", [2, 4])]), device=device)
+    with pytest.raises(mpscy.UnsupportedError, match="no mpscy layer"):
+        mpscy.onnx.load(model([helper.make_node("Mul", ["x", "k"], ["y"])], [("k", 3.0)]), device=device)
+
+
+def test_missing_onnx_is_a_clear_error(device, monkeypatch):
+    engine = mpscy.Engine(mpscy.Sequential([layers.Dense(2)], input_shape=(3,)), batch_size=2, device=device)
+    monkeypatch.setitem(sys.modules, "onnx", None)      # makes `import onnx` fail
+    with pytest.raises(ImportError, match=r"mpscy\[onnx\]"):
+        mpscy.onnx.export(engine)
+    with pytest.raises(ImportError, match=r"mpscy\[onnx\]"):
+        mpscy.onnx.load(b"not read")
+    with pytest.raises(mpscy.InvalidArgumentError, match="opset"):
+        mpscy.onnx.export(engine, opset=9)

@@ -1,0 +1,91 @@
+"""mpscy.plot: each plot returns a Figure holding the metrics' numbers and writes a non-empty
+PNG of the expected pixel size; fit(plot_to=...) writes the whole report."""
+import builtins
+import struct
+
+import numpy as np
+import pytest
+
+import mpscy
+from mpscy import layers, optim
+
+pytest.importorskip("matplotlib")
+from mpscy import plot  # noqa: E402
+
+
+def _png_size(path):
+    raw = open(path, "rb").read()
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[12:16] == b"IHDR" and len(raw) > 5000
+    return struct.unpack(">II", raw[16:24])
+
+
+@pytest.fixture
+def classes():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 200)
+    scores = rng.random((200, 4)) + np.eye(4)[y]
+    return y, scores / scores.sum(1, keepdims=True)
+
+
+def test_history_plot(tmp_path):
+    hist = {"loss": [1.0, 0.5, 0.3], "val_loss": [1.1, 0.7, 0.6], "accuracy": [0.5, 0.8, 0.9],
+            "val_accuracy": [0.4, 0.7, 0.8], "lr": [1e-3] * 3}
+    fig = plot.plot_history(hist, tmp_path / "h.png")
+    assert _png_size(tmp_path / "h.png") == (1000, 400)
+    loss_ax, metric_ax = fig.axes
+    assert [l.get_label() for l in loss_ax.lines] == ["loss", "val_loss"]
+    np.testing.assert_array_equal(loss_ax.lines[1].get_ydata(), hist["val_loss"])
+    assert [l.get_label() for l in metric_ax.lines] == ["accuracy", "val_accuracy"]
+    with pytest.raises(mpscy.InvalidArgumentError):
+        plot.plot_history({})
+
+
+def test_confusion_roc_pr(tmp_path, classes):
+    y, s = classes
+    pred = s.argmax(1)
+    fig = plot.plot_confusion_matrix(y, pred, labels=["a", "b", "c", "d"], path=tmp_path / "cm.png")
+    assert _png_size(tmp_path / "cm.png") == (640, 480)
+    np.testing.assert_array_equal(fig.axes[0].images[0].get_array(), mpscy.metrics.confusion_matrix(y, pred))
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["a", "b", "c", "d"]
+    norm = plot.plot_confusion_matrix(y, pred, normalize=True)
+    np.testing.assert_allclose(norm.axes[0].images[0].get_array().sum(1), 1.0)
+
+    fig = plot.plot_roc(y, s, path=tmp_path / "roc.png")
+    assert _png_size(tmp_path / "roc.png") == (640, 480)
+    fpr, tpr, _ = mpscy.metrics.roc_curve((y == 2).astype(int), s[:, 2])
+    np.testing.assert_array_equal(fig.axes[0].lines[2].get_xdata(), fpr)
+    np.testing.assert_array_equal(fig.axes[0].lines[2].get_ydata(), tpr)
+    assert len(fig.axes[0].lines) == 5      # 4 classes + the diagonal
+
+    fig = plot.plot_pr(y == 1, s[:, 1], path=tmp_path / "pr.png")
+    assert _png_size(tmp_path / "pr.png") == (640, 480)
+    ap = mpscy.metrics.pr_auc((y == 1).astype(int), s[:, 1])
+    assert fig.axes[0].lines[0].get_label() == f"positive (AP {ap:.3f})"
+
+
+def test_fit_writes_the_report(device, tmp_path):
+    x, y = mpscy.datasets.load_digits()
+    model = mpscy.Sequential([layers.Dense(16), layers.ReLU(), layers.Dense(10)], input_shape=(64,))
+    engine = mpscy.Engine(model, optimizer=optim.Adam(3e-3), batch_size=64, device=device)
+    engine.fit(x[:1400], y[:1400], epochs=2, verbose=0, validation_data=(x[1400:], y[1400:]),
+               plot_to=tmp_path / "report")
+    for name, size in (("history.png", (1000, 400)), ("confusion_matrix.png", (640, 480)),
+                       ("roc.png", (640, 480)), ("pr.png", (640, 480))):
+        assert _png_size(tmp_path / "report" / name) == size
+    reg = mpscy.Engine(mpscy.Sequential([layers.Dense(1)], input_shape=(64,)), loss="mse",
+                       batch_size=64, device=device)
+    reg.fit(x[:256], y[:256].astype(np.float32)[:, None], epochs=1, verbose=0, plot_to=tmp_path / "reg")
+    assert sorted(p.name for p in (tmp_path / "reg").iterdir()) == ["history.png"]
+
+
+def test_missing_matplotlib_is_a_clear_error(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_mpl(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("absent")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_mpl)
+    with pytest.raises(ImportError, match=r"mpscy\[plot\]"):
+        plot.plot_history({"loss": [1.0]})
