@@ -228,7 +228,7 @@ class BuildExt(build_ext):
 def extension():
     sources = ["src/mpscy/_native.pyx", "objc/mpscy.c", *rel("objc/null/*.c"),
                *rel("objc/common/*.c"), *rel("objc/cpu/*.c")]
-    macros, include_dirs, libraries, library_dirs, link_args, runtime_dirs = [], ["objc"], [], [], [], []
+    macros, include_dirs, libraries, library_dirs, link_args, runtime_dirs = [], ["objc", "src/mpscy"], [], [], [], []
     compile_args = ["-O0", "-g"] if DEBUG else ["-O3", "-fno-math-errno"]
     built = ["cpu"]
     if DARWIN:

@@ -57,42 +57,8 @@ cdef str _shape_str(const Py_buffer *v):
     return "(" + ", ".join(str(v.shape[d]) for d in range(v.ndim)) + ("," if v.ndim == 1 else "") + ")"
 
 
-cdef int64_t _copy_finite(float *dst, const float *src, int64_t n) noexcept nogil:
-    """Copies n floats; returns the index of the first NaN/Inf, or -1. The exponent-max scan
-    vectorizes, so the check costs about as much as the copy."""
-    cdef const uint32_t *bits = <const uint32_t *>src
-    cdef uint32_t mx = 0, e
-    cdef int64_t i
-    memcpy(dst, src, <size_t>n * sizeof(float))
-    for i in range(n):
-        e = bits[i] & 0x7f800000u
-        mx = e if e > mx else mx
-    if mx != 0x7f800000u:
-        return -1
-    for i in range(n):
-        if (bits[i] & 0x7f800000u) == 0x7f800000u:
-            return i
-    return -1
-
-
-cdef int64_t _copy_labels_i64(int32_t *dst, const int64_t *src, int64_t n, int64_t classes) noexcept nogil:
-    """int64 labels into the int32 staging buffer; returns the first out-of-range row or -1."""
-    cdef int64_t i, bad = -1
-    cdef int64_t v
-    for i in range(n):
-        v = src[i]
-        if v < 0 or v >= classes:
-            if bad < 0:
-                bad = i
-            v = 0
-        dst[i] = <int32_t>v
-    return bad
-
-
-cdef int64_t _copy_labels_i32(int32_t *dst, const int32_t *src, int64_t n, int64_t classes) noexcept nogil:
-    cdef int64_t i, bad = -1
-    memcpy(dst, src, <size_t>n * sizeof(int32_t))
-    for i in range(n):
-        if src[i] < 0 or src[i] >= classes:
-            return i
-    return bad
+cdef extern from "_staging.h" nogil:
+    # one pass per copy: the check rides along with the copy (see _staging.h)
+    int64_t _copy_finite "mpscy_copy_finite" (float *dst, const float *src, int64_t n)
+    int64_t _copy_labels_i64 "mpscy_copy_labels_i64" (int32_t *dst, const int64_t *src, int64_t n, int64_t classes)
+    int64_t _copy_labels_i32 "mpscy_copy_labels_i32" (int32_t *dst, const int32_t *src, int64_t n, int64_t classes)
