@@ -565,3 +565,24 @@ int mpscy_plan_io_slot(const mpscy_plan *p, int32_t kind, int32_t index, int32_t
     else return FAIL(MPSCY_INVALID, "no io buffer of kind %d and index %d (graph has %d inputs)", kind, index, ni);
     return MPSCY_OK;
 }
+
+int32_t mpscy_node_tensor(const mpscy_plan *p, const mpscy_node *n, int32_t role, int32_t slot) {
+    for (int32_t t = n->tensor0; t < n->tensor0 + n->n_tensors; t++)
+        if (p->tensors[t].info.role == role && p->tensors[t].slot == slot) return t;
+    return -1;
+}
+
+mpscy_conv_geom mpscy_conv_geometry(const mpscy_plan *p, const mpscy_node *n) {
+    const mpscy_node *a = &p->nodes[n->in[0]];
+    const int32_t *q = n->ints;  /* out_c, kh, kw, sh, sw, ph, pw, dh, dw, groups */
+    mpscy_conv_geom g;
+    g.c = a->shape[0]; g.h = a->shape[1]; g.w = a->shape[2];
+    g.oc = n->shape[0]; g.oh = n->shape[1]; g.ow = n->shape[2];
+    g.ohw = g.oh * g.ow;
+    g.kh = q[1]; g.kw = q[2]; g.sh = q[3]; g.sw = q[4]; g.ph = q[5]; g.pw = q[6];
+    g.dh = q[7]; g.dw = q[8]; g.groups = q[9];
+    g.ocg = g.oc / g.groups;
+    g.k = g.c * g.kh * g.kw;
+    g.kg = g.k / g.groups;
+    return g;
+}

@@ -105,6 +105,19 @@ const mpscy_tensor *mpscy_plan_tensor(const mpscy_plan *p, int32_t index, size_t
 int mpscy_plan_io_slot(const mpscy_plan *p, int32_t kind, int32_t index, int32_t *slot,
                        const char *component, char *err, size_t errlen);
 
+/* Table index of node n's tensor of `role` and `slot` (0 weight / running_mean, 1 bias /
+ * running_var), or -1 when the node has none. */
+int32_t mpscy_node_tensor(const mpscy_plan *p, const mpscy_node *n, int32_t role, int32_t slot);
+
+/* Geometry of a Conv2D node (NCHW, weight (OC, C / groups, KH, KW)), resolved from the plan. */
+typedef struct mpscy_conv_geom {
+    int64_t c, h, w;              /* input (C, H, W) */
+    int64_t oc, oh, ow, ohw;      /* output (OC, OH, OW) */
+    int64_t kh, kw, sh, sw, ph, pw, dh, dw;
+    int64_t groups, ocg, kg, k;   /* per group: out channels, rows of W; all rows C*KH*KW */
+} mpscy_conv_geom;
+mpscy_conv_geom mpscy_conv_geometry(const mpscy_plan *p, const mpscy_node *n);
+
 /* Floats needed at batch b for node n's output. */
 static inline int64_t mpscy_node_floats(const mpscy_node *n, int64_t b) { return b * n->size; }
 

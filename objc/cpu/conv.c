@@ -14,27 +14,9 @@
  * one chunk's columns stay in L2 between im2col and the GEMM (measured: larger is slower). */
 #define CONV_COL_FLOATS (1 << 17)
 
-typedef struct conv_geom {
-    int64_t c, h, w;              /* input (C, H, W) */
-    int64_t oc, oh, ow, ohw;      /* output (OC, OH, OW) */
-    int64_t kh, kw, sh, sw, ph, pw, dh, dw;
-    int64_t groups, ocg, kg, k;   /* per group: out channels, rows of W; all rows C*KH*KW */
-} conv_geom;
+typedef mpscy_conv_geom conv_geom;
 
-static conv_geom geom(const mpscy_plan *p, const mpscy_node *n) {
-    const mpscy_node *a = &p->nodes[n->in[0]];
-    const int32_t *q = n->ints;  /* out_c, kh, kw, sh, sw, ph, pw, dh, dw, groups */
-    conv_geom g;
-    g.c = a->shape[0]; g.h = a->shape[1]; g.w = a->shape[2];
-    g.oc = n->shape[0]; g.oh = n->shape[1]; g.ow = n->shape[2];
-    g.ohw = g.oh * g.ow;
-    g.kh = q[1]; g.kw = q[2]; g.sh = q[3]; g.sw = q[4]; g.ph = q[5]; g.pw = q[6];
-    g.dh = q[7]; g.dw = q[8]; g.groups = q[9];
-    g.ocg = g.oc / g.groups;
-    g.k = g.c * g.kh * g.kw;
-    g.kg = g.k / g.groups;
-    return g;
-}
+static conv_geom geom(const mpscy_plan *p, const mpscy_node *n) { return mpscy_conv_geometry(p, n); }
 
 /* Samples per chunk when `threads` share a built batch of `batch`. */
 static int64_t conv_chunk(const conv_geom *g, int64_t batch, int32_t threads) {

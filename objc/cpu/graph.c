@@ -11,19 +11,13 @@
 static size_t round_up(size_t bytes) { return (bytes + CPU_ALIGN - 1) / CPU_ALIGN * CPU_ALIGN; }
 
 float *cpu_tensor(cpu_graph *g, const mpscy_node *node, int32_t role, int32_t slot) {
-    for (int32_t t = node->tensor0; t < node->tensor0 + node->n_tensors; t++) {
-        const mpscy_tensor *T = &g->plan.tensors[t];
-        if (T->info.role == role && T->slot == slot) return g->params + T->info.offset;
-    }
-    return NULL;
+    int32_t t = mpscy_node_tensor(&g->plan, node, role, slot);
+    return t < 0 ? NULL : g->params + g->plan.tensors[t].info.offset;
 }
 
 float *cpu_tensor_grad(cpu_graph *g, const mpscy_node *node, int32_t slot) {
-    for (int32_t t = node->tensor0; t < node->tensor0 + node->n_tensors; t++) {
-        const mpscy_tensor *T = &g->plan.tensors[t];
-        if (T->info.role == MPSCY_ROLE_PARAM && T->slot == slot) return g->grads + T->info.offset;
-    }
-    return NULL;
+    int32_t t = mpscy_node_tensor(&g->plan, node, MPSCY_ROLE_PARAM, slot);
+    return t < 0 ? NULL : g->grads + g->plan.tensors[t].info.offset;
 }
 
 static size_t slab_bytes(int64_t floats) { return (size_t)(floats > 0 ? floats : 1) * sizeof(float); }

@@ -10,24 +10,9 @@
 #include "blas.h"
 #include "reduce.h"
 
-struct conv_geom {
-    int64_t c, h, w, oc, oh, ow, ohw, kh, kw, sh, sw, ph, pw, dh, dw, groups, ocg, k, kg;
-};
+typedef mpscy_conv_geom conv_geom;
 
-static conv_geom geom(const mpscy_plan *p, const mpscy_node *n) {
-    const mpscy_node *a = &p->nodes[n->in[0]];
-    const int32_t *q = n->ints;  /* out_c, kh, kw, sh, sw, ph, pw, dh, dw, groups */
-    conv_geom g;
-    g.c = a->shape[0]; g.h = a->shape[1]; g.w = a->shape[2];
-    g.oc = n->shape[0]; g.oh = n->shape[1]; g.ow = n->shape[2];
-    g.ohw = g.oh * g.ow;
-    g.kh = q[1]; g.kw = q[2]; g.sh = q[3]; g.sw = q[4]; g.ph = q[5]; g.pw = q[6];
-    g.dh = q[7]; g.dw = q[8]; g.groups = q[9];
-    g.ocg = g.oc / g.groups;
-    g.k = g.c * g.kh * g.kw;
-    g.kg = g.k / g.groups;
-    return g;
-}
+static conv_geom geom(const mpscy_plan *p, const mpscy_node *n) { return mpscy_conv_geometry(p, n); }
 
 /* Index arithmetic in 32 bits (64-bit division costs dozens of instructions): graph build
  * refuses a convolution whose tensors reach 2^31 elements (cu_conv_fits). */

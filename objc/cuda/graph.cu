@@ -17,19 +17,13 @@ static size_t slab_bytes(int64_t floats) { return (size_t)(floats > 0 ? floats :
 void cu_fill(cudaStream_t s, float *p, int64_t n, float v);  /* optim.cu */
 
 float *cu_tensor(cu_graph *g, const mpscy_node *node, int32_t role, int32_t slot) {
-    for (int32_t t = node->tensor0; t < node->tensor0 + node->n_tensors; t++) {
-        const mpscy_tensor *T = &g->plan.tensors[t];
-        if (T->info.role == role && T->slot == slot) return g->params + T->info.offset;
-    }
-    return NULL;
+    int32_t t = mpscy_node_tensor(&g->plan, node, role, slot);
+    return t < 0 ? NULL : g->params + g->plan.tensors[t].info.offset;
 }
 
 float *cu_tensor_grad(cu_graph *g, const mpscy_node *node, int32_t slot) {
-    for (int32_t t = node->tensor0; t < node->tensor0 + node->n_tensors; t++) {
-        const mpscy_tensor *T = &g->plan.tensors[t];
-        if (T->info.role == MPSCY_ROLE_PARAM && T->slot == slot) return g->grads + T->info.offset;
-    }
-    return NULL;
+    int32_t t = mpscy_node_tensor(&g->plan, node, MPSCY_ROLE_PARAM, slot);
+    return t < 0 ? NULL : g->grads + g->plan.tensors[t].info.offset;
 }
 
 void cu_graph_destroy(mpscy_graph gh) {

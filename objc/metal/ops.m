@@ -145,9 +145,7 @@ void mt_acc(MetalBuilder *c, int32_t node, MPSGraphTensor *g) {
 }
 
 int32_t mt_tensor_index(const mpscy_plan *p, const mpscy_node *n, int32_t role, int32_t slot) {
-    for (int32_t t = n->tensor0; t < n->tensor0 + n->n_tensors; t++)
-        if (p->tensors[t].info.role == role && p->tensors[t].slot == slot) return t;
-    return -1;
+    return mpscy_node_tensor(p, n, role, slot);
 }
 
 MPSGraphTensor *mt_param(MetalBuilder *c, const mpscy_node *n, int32_t slot) {
