@@ -54,27 +54,24 @@ def test_one_call_per_predict_and_evaluate_batch(device):
 
 
 def test_memray_counts_no_allocation_in_500_steps(device, tmp_path):
+    """memray sees every malloc/mmap of the process. The thread that steps makes none in 500
+    steps; on the CPU no other thread does either. A GPU driver's own helper threads may allocate
+    on their own schedule (seen on an H100: one 88-byte block about once per thousand graph
+    launches, on a driver thread): counted separately, bounded, never on the stepping thread."""
     memray = pytest.importorskip("memray")
+    from alloc_trace import trace_steps
     engine = make(device)
     x, y = data()
     for _ in range(20):  # warm-up outside the tracked block
-        r = engine.step(x, y)
+        engine.step(x, y)
     gc.collect()
-    path = os.path.join(tmp_path, "steps.bin")
-    with memray.Tracker(path, native_traces=False):
-        for _ in range(500):
-            r = engine.step(x, y)
-    reader = memray.FileReader(path)
-    meta = reader.metadata
-    if device == "cuda":
-        # measured on an H100 (driver 580): one 88-byte malloc and its free inside a stripped
-        # library (the CUDA driver, by elimination) about once per thousand graph launches;
-        # nothing may stay allocated, and at most that one transient block
-        assert not list(reader.get_leaked_allocation_records()), "allocations held after 500 cuda steps"
-        assert meta.total_allocations <= 2, f"{meta.total_allocations} allocations in 500 steps"
-    else:
-        assert meta.total_allocations == 0, f"{meta.total_allocations} allocations in 500 steps"
+    on_thread, elsewhere, r = trace_steps(memray, lambda: engine.step(x, y), 500, tmp_path)
     assert r.applied
+    assert on_thread == [], f"{len(on_thread)} allocations on the stepping thread in 500 steps"
+    if device == "cpu":
+        assert elsewhere == [], f"{len(elsewhere)} allocations on other threads in 500 steps"
+    else:
+        assert len(elsewhere) <= 2, f"{len(elsewhere)} allocations on the driver's threads in 500 steps"
 
 
 def test_tracemalloc_shows_no_growth_over_2000_steps(device):

@@ -313,20 +313,15 @@ def test_no_allocation_and_one_call_per_step(rng):
     # nothing may stay allocated, and at most that one transient block.
     memray = pytest.importorskip("memray")
     import gc
-    import os
     import tempfile
+    from alloc_trace import trace_steps
     gc.collect()
     with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "steps.bin")
-        with memray.Tracker(path, native_traces=True):
-            for _ in range(1000):
-                r = gpu.step(x, y)
-        reader = memray.FileReader(path)
-        n = reader.metadata.total_allocations
-        leaked = list(reader.get_leaked_allocation_records())
+        on_thread, elsewhere, r = trace_steps(memray, lambda: gpu.step(x, y), 1000, d)
     assert r.applied
-    assert not leaked, f"{len(leaked)} allocations made during 1,000 cuda steps are still held"
-    assert n <= 2, f"{n} allocation records over 1,000 cuda steps"
+    assert on_thread == [], f"{len(on_thread)} host allocations on the stepping thread in 1,000 cuda steps"
+    # the driver's helper threads: one 88-byte block about once per thousand launches (H100)
+    assert len(elsewhere) <= 2, f"{len(elsewhere)} allocations on driver threads over 1,000 cuda steps"
 
 
 @cuda_only
