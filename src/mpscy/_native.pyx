@@ -427,8 +427,8 @@ cdef class Graph:
         r.step_time_ns = _now_ns() - t0
         return r
 
-    def eval_batch(self, x, y):
-        """Eval-mode loss and correct count of one batch: (mean loss, correct or -1, rows)."""
+    cdef tuple _batch(self, x, y, int mode):
+        """One EVAL or GRAD call on (x, y): (mean loss, correct or -1, rows)."""
         cdef int rows
         cdef mpscy_step_result res
         cdef int st
@@ -437,7 +437,7 @@ cdef class Graph:
             rows = self._stage_inputs(x)
             self._stage_target(y, rows)
             self.args.batch = rows
-            self.args.mode = MPSCY_MODE_EVAL
+            self.args.mode = mode
             with nogil:
                 st = mpscy_graph_step(self.handle, &self.args, &res, self.err, ERR_LEN)
             _check(st, self.err)
@@ -445,25 +445,15 @@ cdef class Graph:
             self.busy = False
         return res.loss, res.correct, rows
 
+    def eval_batch(self, x, y):
+        """Eval-mode loss and correct count of one batch: (mean loss, correct or -1, rows)."""
+        return self._batch(x, y, MPSCY_MODE_EVAL)
+
     def grad_batch(self, x, y):
         """Train-mode forward and backward of one batch, no update: (loss, correct, rows).
         Gradients are then readable as "<param>.grad" tensors (and input gradients through
         read_input_grad when the graph was built with input_grad)."""
-        cdef int rows
-        cdef mpscy_step_result res
-        cdef int st
-        self._enter()
-        try:
-            rows = self._stage_inputs(x)
-            self._stage_target(y, rows)
-            self.args.batch = rows
-            self.args.mode = MPSCY_MODE_GRAD
-            with nogil:
-                st = mpscy_graph_step(self.handle, &self.args, &res, self.err, ERR_LEN)
-            _check(st, self.err)
-        finally:
-            self.busy = False
-        return res.loss, res.correct, rows
+        return self._batch(x, y, MPSCY_MODE_GRAD)
 
     def acquire(self):
         """Holds this graph for a sequence of calls (an L-BFGS step): other threads get
