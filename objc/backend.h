@@ -29,9 +29,12 @@ struct mpscy_buffer_ {
     void *host;           /* host-visible pointer of a shared buffer, else NULL */
 };
 
+struct mpscy_plan;
+
 struct mpscy_graph_ {
     const mpscy_backend *vt;
     mpscy_device dev;
+    const struct mpscy_plan *plan;  /* the shared plan: tensor names and shapes live there */
 };
 
 /* The table each backend fills. Every entry is required; an entry may answer
@@ -52,8 +55,6 @@ struct mpscy_backend {
     void (*graph_destroy)(mpscy_graph g);
     int (*graph_io)(mpscy_graph g, int32_t kind, int32_t index, mpscy_buffer *out,
                     char *err, size_t n);
-    int (*tensor_count)(mpscy_graph g, int32_t *out);
-    int (*tensor_info)(mpscy_graph g, int32_t index, mpscy_tensor_info *out, char *err, size_t n);
     int (*tensor_read)(mpscy_graph g, int32_t index, void *dst, size_t bytes, char *err, size_t n);
     int (*tensor_write)(mpscy_graph g, int32_t index, const void *src, size_t bytes,
                         char *err, size_t n);

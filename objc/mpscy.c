@@ -2,6 +2,7 @@
  * and forwards to the backend table the handle carries; none calls another entry point.
  * Also the one error formatter every backend uses. No kernel or allocation policy lives here. */
 #include "backend.h"
+#include "common/plan.h"
 
 #include <string.h>
 
@@ -131,13 +132,17 @@ int mpscy_graph_io(mpscy_graph g, int32_t kind, int32_t index, mpscy_buffer *out
 int mpscy_graph_tensor_count(mpscy_graph g, int32_t *out, char *err, size_t errlen) {
     if (!g || !out) return FAIL(MPSCY_INVALID, "graph or out is NULL");
     g->dev->stats.calls++;
-    return g->vt->tensor_count(g, out);
+    *out = g->plan->n_tensors;
+    return MPSCY_OK;
 }
 
 int mpscy_graph_tensor_info(mpscy_graph g, int32_t index, mpscy_tensor_info *out, char *err, size_t errlen) {
     if (!g || !out) return FAIL(MPSCY_INVALID, "graph or out is NULL");
     g->dev->stats.calls++;
-    return g->vt->tensor_info(g, index, out, err, errlen);
+    int st;
+    const mpscy_tensor *t = mpscy_plan_tensor(g->plan, index, 0, 0, COMPONENT, err, errlen, &st);
+    if (t) *out = t->info;
+    return st;
 }
 
 int mpscy_graph_tensor_read(mpscy_graph g, int32_t index, void *dst, size_t bytes, char *err, size_t errlen) {

@@ -49,6 +49,7 @@ int cpu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph 
     if (!g) return FAIL(MPSCY_OOM, "graph object");
     g->base.vt = dev->vt;
     g->base.dev = dev;
+    g->base.plan = &g->plan;
     int st = mpscy_plan_build(&g->plan, desc, CPU, err, n);
     if (st != MPSCY_OK) {
         cpu_free(dev, g, sizeof *g);
@@ -160,20 +161,8 @@ int cpu_graph_io(mpscy_graph gh, int32_t kind, int32_t index, mpscy_buffer *out,
     return st;
 }
 
-int cpu_tensor_count(mpscy_graph gh, int32_t *out) {
-    *out = ((cpu_graph *)gh)->plan.n_tensors;
-    return MPSCY_OK;
-}
-
 static const mpscy_tensor *find(cpu_graph *g, int32_t index, size_t bytes, int check, char *err, size_t n, int *st) {
     return mpscy_plan_tensor(&g->plan, index, bytes, check, CPU, err, n, st);
-}
-
-int cpu_tensor_info(mpscy_graph gh, int32_t index, mpscy_tensor_info *out, char *err, size_t n) {
-    int st;
-    const mpscy_tensor *t = find((cpu_graph *)gh, index, 0, 0, err, n, &st);
-    if (t) *out = t->info;
-    return st;
 }
 
 /* Where tensor t's bytes live on the host (scalars are doubles in g->scalars). */

@@ -143,8 +143,6 @@ extern "C" const mpscy_backend mpscy_cuda_backend = {
     cu_graph_build,
     cu_graph_destroy,
     cu_graph_io,
-    cu_tensor_count,
-    cu_tensor_info,
     cu_tensor_read,
     cu_tensor_write,
     cu_graph_step,

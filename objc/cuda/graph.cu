@@ -100,6 +100,7 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     if (!g) return FAIL(MPSCY_OOM, "graph object");
     g->base.vt = dev->vt;
     g->base.dev = dev;
+    g->base.plan = &g->plan;
     g->dev = (cu_device *)dev;
     int st = mpscy_plan_build(&g->plan, desc, CU, err, n);
     if (st != MPSCY_OK) {
@@ -284,43 +285,14 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
 
 int cu_graph_io(mpscy_graph gh, int32_t kind, int32_t index, mpscy_buffer *out, char *err, size_t n) {
     cu_graph *g = (cu_graph *)gh;
-    int32_t ni = g->plan.n_inputs;
-    if (kind == MPSCY_IO_INPUT && index >= 0 && index < ni) *out = &g->io_bufs[index].base;
-    else if (kind == MPSCY_IO_TARGET && index == 0) *out = &g->io_bufs[ni].base;
-    else if (kind == MPSCY_IO_OUTPUT && index == 0) *out = &g->io_bufs[ni + 1].base;
-    else if (kind == MPSCY_IO_INPUT_GRAD && index >= 0 && index < ni && g->plan.input_grad)
-        *out = &g->io_bufs[ni + 2 + index].base;
-    else if (kind == MPSCY_IO_INPUT_GRAD)
-        return FAIL(MPSCY_INVALID, "input gradients need a graph built with input_grad = 1 (index %d of %d inputs)", index, ni);
-    else return FAIL(MPSCY_INVALID, "no io buffer of kind %d and index %d (graph has %d inputs)", kind, index, ni);
-    return MPSCY_OK;
-}
-
-int cu_tensor_count(mpscy_graph gh, int32_t *out) {
-    *out = ((cu_graph *)gh)->plan.n_tensors;
-    return MPSCY_OK;
+    int32_t slot;
+    int st = mpscy_plan_io_slot(&g->plan, kind, index, &slot, CU, err, n);
+    if (st == MPSCY_OK) *out = &g->io_bufs[slot].base;
+    return st;
 }
 
 static const mpscy_tensor *find(cu_graph *g, int32_t index, size_t bytes, int check, char *err, size_t n, int *st) {
-    if (index < 0 || index >= g->plan.n_tensors) {
-        *st = FAIL(MPSCY_INVALID, "tensor index %d outside 0..%d", index, g->plan.n_tensors - 1);
-        return NULL;
-    }
-    const mpscy_tensor *t = &g->plan.tensors[index];
-    size_t want = (size_t)t->info.count * (t->info.dtype == MPSCY_F32 ? 4 : 8);
-    if (check && bytes != want) {
-        *st = FAIL(MPSCY_SHAPE, "tensor '%s' holds %zu bytes, not %zu", t->info.name, want, bytes);
-        return NULL;
-    }
-    *st = MPSCY_OK;
-    return t;
-}
-
-int cu_tensor_info(mpscy_graph gh, int32_t index, mpscy_tensor_info *out, char *err, size_t n) {
-    int st;
-    const mpscy_tensor *t = find((cu_graph *)gh, index, 0, 0, err, n, &st);
-    if (t) *out = t->info;
-    return st;
+    return mpscy_plan_tensor(&g->plan, index, bytes, check, CU, err, n, st);
 }
 
 /* Device address of a float tensor (parameters, buffers, gradients, optimizer slots). */

@@ -127,6 +127,7 @@ int metal_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_grap
     if (!g) return FAIL(MPSCY_OOM, "graph object");
     g->base.vt = dev->vt;
     g->base.dev = dev;
+    g->base.plan = &g->plan;
     int st_code = mpscy_plan_build(&g->plan, desc, METAL_C, err, n);
     if (st_code != MPSCY_OK) {
         metal_host_free(dev, g, sizeof *g);
@@ -192,20 +193,8 @@ int metal_graph_io(mpscy_graph gh, int32_t kind, int32_t index, mpscy_buffer *ou
     return st;
 }
 
-int metal_tensor_count(mpscy_graph gh, int32_t *out) {
-    *out = ((metal_graph *)gh)->plan.n_tensors;
-    return MPSCY_OK;
-}
-
 static const mpscy_tensor *find(metal_graph *g, int32_t index, size_t bytes, int check, char *err, size_t n, int *st) {
     return mpscy_plan_tensor(&g->plan, index, bytes, check, METAL_C, err, n, st);
-}
-
-int metal_tensor_info(mpscy_graph gh, int32_t index, mpscy_tensor_info *out, char *err, size_t n) {
-    int st;
-    const mpscy_tensor *t = find((metal_graph *)gh, index, 0, 0, err, n, &st);
-    if (t) *out = t->info;
-    return st;
 }
 
 /* Where tensor t's current bytes are: the shared slabs of the current parity (steps are

@@ -134,8 +134,6 @@ int metal_buffer_write(mpscy_buffer buf, size_t off, const void *src, size_t byt
 int metal_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *out, char *err, size_t n);
 void metal_graph_destroy(mpscy_graph g);
 int metal_graph_io(mpscy_graph g, int32_t kind, int32_t index, mpscy_buffer *out, char *err, size_t n);
-int metal_tensor_count(mpscy_graph g, int32_t *out);
-int metal_tensor_info(mpscy_graph g, int32_t index, mpscy_tensor_info *out, char *err, size_t n);
 int metal_tensor_read(mpscy_graph g, int32_t index, void *dst, size_t bytes, char *err, size_t n);
 int metal_tensor_write(mpscy_graph g, int32_t index, const void *src, size_t bytes, char *err, size_t n);
 int metal_graph_step(mpscy_graph g, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t n);
