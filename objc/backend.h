@@ -30,11 +30,13 @@ struct mpscy_buffer_ {
 };
 
 struct mpscy_plan;
+struct mpscy_tensor;
 
 struct mpscy_graph_ {
     const mpscy_backend *vt;
     mpscy_device dev;
     const struct mpscy_plan *plan;  /* the shared plan: tensor names and shapes live there */
+    double *scalars;                /* the optimizer's host scalars (step count, mu_product, ...) */
 };
 
 /* The table each backend fills. Every entry is required; an entry may answer
@@ -55,8 +57,10 @@ struct mpscy_backend {
     void (*graph_destroy)(mpscy_graph g);
     int (*graph_io)(mpscy_graph g, int32_t kind, int32_t index, mpscy_buffer *out,
                     char *err, size_t n);
-    int (*tensor_read)(mpscy_graph g, int32_t index, void *dst, size_t bytes, char *err, size_t n);
-    int (*tensor_write)(mpscy_graph g, int32_t index, const void *src, size_t bytes,
+    /* float32 tensors only, already found and size-checked by the dispatcher (scalars and the
+     * read-only gradients are handled there) */
+    int (*tensor_read)(mpscy_graph g, const struct mpscy_tensor *t, void *dst, size_t bytes, char *err, size_t n);
+    int (*tensor_write)(mpscy_graph g, const struct mpscy_tensor *t, const void *src, size_t bytes,
                         char *err, size_t n);
     int (*graph_step)(mpscy_graph g, const mpscy_step_args *a, mpscy_step_result *r,
                       char *err, size_t n);

@@ -148,13 +148,41 @@ int mpscy_graph_tensor_info(mpscy_graph g, int32_t index, mpscy_tensor_info *out
 int mpscy_graph_tensor_read(mpscy_graph g, int32_t index, void *dst, size_t bytes, char *err, size_t errlen) {
     if (!g || (!dst && bytes)) return FAIL(MPSCY_INVALID, "graph or destination is NULL");
     g->dev->stats.calls++;
-    return g->vt->tensor_read(g, index, dst, bytes, err, errlen);
+    int st;
+    const mpscy_tensor *t = mpscy_plan_tensor(g->plan, index, bytes, 1, COMPONENT, err, errlen, &st);
+    if (!t) return st;
+    if (t->info.dtype == MPSCY_I64) {  /* scalars live on the host for every backend */
+        int64_t v = (int64_t)g->scalars[t->info.offset];
+        memcpy(dst, &v, sizeof v);
+        return MPSCY_OK;
+    }
+    if (t->info.dtype == MPSCY_F64) {
+        memcpy(dst, &g->scalars[t->info.offset], sizeof(double));
+        return MPSCY_OK;
+    }
+    return bytes ? g->vt->tensor_read(g, t, dst, bytes, err, errlen) : MPSCY_OK;
 }
 
 int mpscy_graph_tensor_write(mpscy_graph g, int32_t index, const void *src, size_t bytes, char *err, size_t errlen) {
     if (!g || (!src && bytes)) return FAIL(MPSCY_INVALID, "graph or source is NULL");
     g->dev->stats.calls++;
-    return g->vt->tensor_write(g, index, src, bytes, err, errlen);
+    int st;
+    const mpscy_tensor *t = mpscy_plan_tensor(g->plan, index, bytes, 1, COMPONENT, err, errlen, &st);
+    if (!t) return st;
+    if (t->info.role == MPSCY_ROLE_GRAD)
+        return FAIL(MPSCY_INVALID, "tensor '%s' is a gradient and read-only", t->info.name);
+    if (t->info.dtype == MPSCY_I64) {
+        int64_t v;
+        memcpy(&v, src, sizeof v);
+        if (v < 0) return FAIL(MPSCY_INVALID, "optimizer step count %lld is negative", (long long)v);
+        g->scalars[t->info.offset] = (double)v;
+        return MPSCY_OK;
+    }
+    if (t->info.dtype == MPSCY_F64) {
+        memcpy(&g->scalars[t->info.offset], src, sizeof(double));
+        return MPSCY_OK;
+    }
+    return bytes ? g->vt->tensor_write(g, t, src, bytes, err, errlen) : MPSCY_OK;
 }
 
 int mpscy_graph_step(mpscy_graph g, const mpscy_step_args *args, mpscy_step_result *out, char *err, size_t errlen) {

@@ -74,8 +74,8 @@ int cpu_buffer_write(mpscy_buffer buf, size_t off, const void *src, size_t bytes
 int cpu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *out, char *err, size_t n);
 void cpu_graph_destroy(mpscy_graph g);
 int cpu_graph_io(mpscy_graph g, int32_t kind, int32_t index, mpscy_buffer *out, char *err, size_t n);
-int cpu_tensor_read(mpscy_graph g, int32_t index, void *dst, size_t bytes, char *err, size_t n);
-int cpu_tensor_write(mpscy_graph g, int32_t index, const void *src, size_t bytes, char *err, size_t n);
+int cpu_tensor_read(mpscy_graph g, const mpscy_tensor *t, void *dst, size_t bytes, char *err, size_t n);
+int cpu_tensor_write(mpscy_graph g, const mpscy_tensor *t, const void *src, size_t bytes, char *err, size_t n);
 int cpu_graph_step(mpscy_graph g, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t n);
 int cpu_graph_predict(mpscy_graph g, const mpscy_step_args *a, char *err, size_t n);
 

@@ -50,6 +50,7 @@ int cpu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph 
     g->base.vt = dev->vt;
     g->base.dev = dev;
     g->base.plan = &g->plan;
+    g->base.scalars = g->scalars;
     int st = mpscy_plan_build(&g->plan, desc, CPU, err, n);
     if (st != MPSCY_OK) {
         cpu_free(dev, g, sizeof *g);
@@ -161,46 +162,21 @@ int cpu_graph_io(mpscy_graph gh, int32_t kind, int32_t index, mpscy_buffer *out,
     return st;
 }
 
-static const mpscy_tensor *find(cpu_graph *g, int32_t index, size_t bytes, int check, char *err, size_t n, int *st) {
-    return mpscy_plan_tensor(&g->plan, index, bytes, check, CPU, err, n, st);
-}
-
-/* Where tensor t's bytes live on the host (scalars are doubles in g->scalars). */
-static void *tensor_ptr(cpu_graph *g, const mpscy_tensor *t) {
+/* Where float tensor t's bytes live on the host. */
+static float *tensor_ptr(cpu_graph *g, const mpscy_tensor *t) {
     if (t->info.role == MPSCY_ROLE_GRAD) return g->grads + t->info.offset;
-    if (t->info.role != MPSCY_ROLE_OPTIM) return g->params + t->info.offset;
-    if (t->info.dtype == MPSCY_F32) return g->optim + t->info.offset;
-    return &g->scalars[t->info.offset];
+    if (t->info.role == MPSCY_ROLE_OPTIM) return g->optim + t->info.offset;
+    return g->params + t->info.offset;
 }
 
-int cpu_tensor_read(mpscy_graph gh, int32_t index, void *dst, size_t bytes, char *err, size_t n) {
-    cpu_graph *g = (cpu_graph *)gh;
-    int st;
-    const mpscy_tensor *t = find(g, index, bytes, 1, err, n, &st);
-    if (!t) return st;
-    if (t->info.dtype == MPSCY_I64) {
-        int64_t v = (int64_t)g->scalars[t->info.offset];
-        memcpy(dst, &v, sizeof v);
-    } else {
-        memcpy(dst, tensor_ptr(g, t), bytes);
-    }
+int cpu_tensor_read(mpscy_graph gh, const mpscy_tensor *t, void *dst, size_t bytes, char *err, size_t n) {
+    (void)err; (void)n;
+    memcpy(dst, tensor_ptr((cpu_graph *)gh, t), bytes);
     return MPSCY_OK;
 }
 
-int cpu_tensor_write(mpscy_graph gh, int32_t index, const void *src, size_t bytes, char *err, size_t n) {
-    cpu_graph *g = (cpu_graph *)gh;
-    int st;
-    const mpscy_tensor *t = find(g, index, bytes, 1, err, n, &st);
-    if (!t) return st;
-    if (t->info.role == MPSCY_ROLE_GRAD)
-        return FAIL(MPSCY_INVALID, "tensor '%s' is a gradient and read-only", t->info.name);
-    if (t->info.dtype == MPSCY_I64) {
-        int64_t v;
-        memcpy(&v, src, sizeof v);
-        if (v < 0) return FAIL(MPSCY_INVALID, "optimizer step count %lld is negative", (long long)v);
-        g->scalars[t->info.offset] = (double)v;
-    } else {
-        memcpy(tensor_ptr(g, t), src, bytes);
-    }
+int cpu_tensor_write(mpscy_graph gh, const mpscy_tensor *t, const void *src, size_t bytes, char *err, size_t n) {
+    (void)err; (void)n;
+    memcpy(tensor_ptr((cpu_graph *)gh, t), src, bytes);
     return MPSCY_OK;
 }

@@ -130,8 +130,8 @@ int cu_buffer_write(mpscy_buffer buf, size_t off, const void *src, size_t bytes,
 int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *out, char *err, size_t n);
 void cu_graph_destroy(mpscy_graph g);
 int cu_graph_io(mpscy_graph g, int32_t kind, int32_t index, mpscy_buffer *out, char *err, size_t n);
-int cu_tensor_read(mpscy_graph g, int32_t index, void *dst, size_t bytes, char *err, size_t n);
-int cu_tensor_write(mpscy_graph g, int32_t index, const void *src, size_t bytes, char *err, size_t n);
+int cu_tensor_read(mpscy_graph g, const mpscy_tensor *t, void *dst, size_t bytes, char *err, size_t n);
+int cu_tensor_write(mpscy_graph g, const mpscy_tensor *t, const void *src, size_t bytes, char *err, size_t n);
 int cu_graph_step(mpscy_graph g, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t n);
 int cu_graph_predict(mpscy_graph g, const mpscy_step_args *a, char *err, size_t n);
 void cu_cache_clear(cu_graph *g);

@@ -101,6 +101,7 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     g->base.vt = dev->vt;
     g->base.dev = dev;
     g->base.plan = &g->plan;
+    g->base.scalars = g->scalars;
     g->dev = (cu_device *)dev;
     int st = mpscy_plan_build(&g->plan, desc, CU, err, n);
     if (st != MPSCY_OK) {
@@ -291,10 +292,6 @@ int cu_graph_io(mpscy_graph gh, int32_t kind, int32_t index, mpscy_buffer *out, 
     return st;
 }
 
-static const mpscy_tensor *find(cu_graph *g, int32_t index, size_t bytes, int check, char *err, size_t n, int *st) {
-    return mpscy_plan_tensor(&g->plan, index, bytes, check, CU, err, n, st);
-}
-
 /* Device address of a float tensor (parameters, buffers, gradients, optimizer slots). */
 static float *tensor_dev(cu_graph *g, const mpscy_tensor *t) {
     if (t->info.role == MPSCY_ROLE_GRAD) return g->grads + t->info.offset;
@@ -302,44 +299,14 @@ static float *tensor_dev(cu_graph *g, const mpscy_tensor *t) {
     return g->params + t->info.offset;
 }
 
-int cu_tensor_read(mpscy_graph gh, int32_t index, void *dst, size_t bytes, char *err, size_t n) {
-    cu_graph *g = (cu_graph *)gh;
-    int st;
-    const mpscy_tensor *t = find(g, index, bytes, 1, err, n, &st);
-    if (!t) return st;
-    if (t->info.role == MPSCY_ROLE_OPTIM && t->info.dtype != MPSCY_F32) {
-        if (t->info.dtype == MPSCY_I64) {
-            int64_t v = (int64_t)g->scalars[t->info.offset];
-            memcpy(dst, &v, sizeof v);
-        } else {
-            memcpy(dst, &g->scalars[t->info.offset], sizeof(double));
-        }
-        return MPSCY_OK;
-    }
-    cudaError_t e = cudaMemcpy(dst, tensor_dev(g, t), bytes, cudaMemcpyDeviceToHost);
+int cu_tensor_read(mpscy_graph gh, const mpscy_tensor *t, void *dst, size_t bytes, char *err, size_t n) {
+    cudaError_t e = cudaMemcpy(dst, tensor_dev((cu_graph *)gh, t), bytes, cudaMemcpyDeviceToHost);
     if (e != cudaSuccess) return FAIL(MPSCY_DEVICE, "reading tensor '%s': %s", t->info.name, cudaGetErrorString(e));
     return MPSCY_OK;
 }
 
-int cu_tensor_write(mpscy_graph gh, int32_t index, const void *src, size_t bytes, char *err, size_t n) {
-    cu_graph *g = (cu_graph *)gh;
-    int st;
-    const mpscy_tensor *t = find(g, index, bytes, 1, err, n, &st);
-    if (!t) return st;
-    if (t->info.role == MPSCY_ROLE_GRAD)
-        return FAIL(MPSCY_INVALID, "tensor '%s' is a gradient and read-only", t->info.name);
-    if (t->info.role == MPSCY_ROLE_OPTIM && t->info.dtype != MPSCY_F32) {
-        if (t->info.dtype == MPSCY_I64) {
-            int64_t v;
-            memcpy(&v, src, sizeof v);
-            if (v < 0) return FAIL(MPSCY_INVALID, "optimizer step count %lld is negative", (long long)v);
-            g->scalars[t->info.offset] = (double)v;
-        } else {
-            memcpy(&g->scalars[t->info.offset], src, sizeof(double));
-        }
-        return MPSCY_OK;
-    }
-    cudaError_t e = cudaMemcpy(tensor_dev(g, t), src, bytes, cudaMemcpyHostToDevice);
+int cu_tensor_write(mpscy_graph gh, const mpscy_tensor *t, const void *src, size_t bytes, char *err, size_t n) {
+    cudaError_t e = cudaMemcpy(tensor_dev((cu_graph *)gh, t), src, bytes, cudaMemcpyHostToDevice);
     if (e != cudaSuccess) return FAIL(MPSCY_DEVICE, "writing tensor '%s': %s", t->info.name, cudaGetErrorString(e));
     return MPSCY_OK;
 }

@@ -128,6 +128,7 @@ int metal_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_grap
     g->base.vt = dev->vt;
     g->base.dev = dev;
     g->base.plan = &g->plan;
+    g->base.scalars = g->scalars;
     int st_code = mpscy_plan_build(&g->plan, desc, METAL_C, err, n);
     if (st_code != MPSCY_OK) {
         metal_host_free(dev, g, sizeof *g);
@@ -193,13 +194,9 @@ int metal_graph_io(mpscy_graph gh, int32_t kind, int32_t index, mpscy_buffer *ou
     return st;
 }
 
-static const mpscy_tensor *find(metal_graph *g, int32_t index, size_t bytes, int check, char *err, size_t n, int *st) {
-    return mpscy_plan_tensor(&g->plan, index, bytes, check, METAL_C, err, n, st);
-}
-
-/* Where tensor t's current bytes are: the shared slabs of the current parity (steps are
- * synchronous, so no GPU work is in flight), or the host scalars. */
-static void *tensor_ptr(metal_graph *g, const mpscy_tensor *t) {
+/* Where float tensor t's current bytes are: the shared slabs of the current parity (steps are
+ * synchronous, so no GPU work is in flight). */
+static float *tensor_ptr(metal_graph *g, const mpscy_tensor *t) {
     MetalGraphState *st = metal_state(g);
     int cur = g->parity;
     switch (t->info.role) {
@@ -209,40 +206,18 @@ static void *tensor_ptr(metal_graph *g, const mpscy_tensor *t) {
     case MPSCY_ROLE_BUFFER:
         return (float *)(cur ? st.buffers1 : st.buffers0).contents + (t->info.offset - g->plan.n_params);
     default:
-        if (t->info.dtype == MPSCY_F32)
-            return (float *)(cur && st.optim1 ? st.optim1 : st.optim0).contents + t->info.offset;
-        return &g->scalars[t->info.offset];
+        return (float *)(cur && st.optim1 ? st.optim1 : st.optim0).contents + t->info.offset;
     }
 }
 
-int metal_tensor_read(mpscy_graph gh, int32_t index, void *dst, size_t bytes, char *err, size_t n) {
-    metal_graph *g = (metal_graph *)gh;
-    int st;
-    const mpscy_tensor *t = find(g, index, bytes, 1, err, n, &st);
-    if (!t) return st;
-    if (t->info.dtype == MPSCY_I64) {
-        int64_t v = (int64_t)g->scalars[t->info.offset];
-        memcpy(dst, &v, sizeof v);
-    } else if (bytes) {
-        memcpy(dst, tensor_ptr(g, t), bytes);
-    }
+int metal_tensor_read(mpscy_graph gh, const mpscy_tensor *t, void *dst, size_t bytes, char *err, size_t n) {
+    (void)err; (void)n;
+    memcpy(dst, tensor_ptr((metal_graph *)gh, t), bytes);
     return MPSCY_OK;
 }
 
-int metal_tensor_write(mpscy_graph gh, int32_t index, const void *src, size_t bytes, char *err, size_t n) {
-    metal_graph *g = (metal_graph *)gh;
-    int st;
-    const mpscy_tensor *t = find(g, index, bytes, 1, err, n, &st);
-    if (!t) return st;
-    if (t->info.role == MPSCY_ROLE_GRAD)
-        return FAIL(MPSCY_INVALID, "tensor '%s' is a gradient and read-only", t->info.name);
-    if (t->info.dtype == MPSCY_I64) {
-        int64_t v;
-        memcpy(&v, src, sizeof v);
-        if (v < 0) return FAIL(MPSCY_INVALID, "optimizer step count %lld is negative", (long long)v);
-        g->scalars[t->info.offset] = (double)v;
-    } else if (bytes) {
-        memcpy(tensor_ptr(g, t), src, bytes);
-    }
+int metal_tensor_write(mpscy_graph gh, const mpscy_tensor *t, const void *src, size_t bytes, char *err, size_t n) {
+    (void)err; (void)n;
+    memcpy(tensor_ptr((metal_graph *)gh, t), src, bytes);
     return MPSCY_OK;
 }

@@ -193,6 +193,8 @@ cdef class Graph:
     cdef int accuracy_kind
     cdef int64_t classes
     cdef bint busy   # set while a native call is in flight (the GIL is released then)
+    cdef int min_train_rows       # fewest rows a train-mode call accepts (2 with 1-D BatchNorm)
+    cdef str min_rows_reason
 
     def __cinit__(self, Device device not None, list layers not None, dict spec not None):
         cdef int n = len(layers)
@@ -291,6 +293,16 @@ cdef class Graph:
     property counter:
         def __get__(self): return self.args.counter
         def __set__(self, uint64_t v): self.args.counter = v
+
+    def set_min_train_rows(self, int rows, str reason):
+        """Refuse train-mode batches of fewer rows, with `reason` as the message."""
+        self.min_train_rows = rows
+        self.min_rows_reason = reason
+
+    cdef int _check_train_rows(self, int rows) except -1:
+        if rows < self.min_train_rows:
+            raise _errors.InvalidArgumentError(self.min_rows_reason)
+        return 0
 
     cdef int _enter(self) except -1:
         if self.busy:
@@ -408,6 +420,7 @@ cdef class Graph:
         self._enter()
         try:
             rows = self._stage_inputs(x)
+            self._check_train_rows(rows)
             self._stage_target(y, rows)
             self.args.batch = rows
             self.args.mode = MPSCY_MODE_TRAIN
@@ -435,6 +448,8 @@ cdef class Graph:
         self._enter()
         try:
             rows = self._stage_inputs(x)
+            if mode != MPSCY_MODE_EVAL:
+                self._check_train_rows(rows)
             self._stage_target(y, rows)
             self.args.batch = rows
             self.args.mode = mode
@@ -471,6 +486,7 @@ cdef class Graph:
         if not self.busy:
             raise _errors.StateError("stage() and lbfgs_call() need the graph held (acquire)")
         rows = self._stage_inputs(x)
+        self._check_train_rows(rows)
         self._stage_target(y, rows)
         self.args.batch = rows
         return rows

@@ -130,6 +130,9 @@ class Engine:
         self._index = {t[0]: i for i, t in enumerate(self._tensors)}
         self._n_inputs = len(model.input_shapes)
         self._batch_stats = model.batch_statistics_nodes()
+        if self._batch_stats:
+            self._graph.set_min_train_rows(2, f"BatchNorm layer {self._batch_stats[0]!r} needs more than 1 value "
+                                              "per channel in train mode: pass at least 2 rows")
         self._lbfgs = LBFGSDriver(optimizer) if isinstance(optimizer, _optim.LBFGS) else None
         self.set_parameters(model.init_parameters(self.seed))
 
@@ -173,19 +176,12 @@ class Engine:
         g = self._graph
         if g is None:
             raise StateError("this engine is closed")
-        if self._batch_stats:
-            self._check_train_rows(x)
         if self._lbfgs is not None:
             t0 = time.perf_counter_ns()
             loss, correct, rows, grad_norm, moved = self._lbfgs.step(g, x, y)
             return _native._make_result(loss, g.accuracy_of(correct, rows), rows,
                                         time.perf_counter_ns() - t0, moved, grad_norm)
         return g.train_step(x, y)
-
-    def _check_train_rows(self, x):
-        if _rows(x, self._n_inputs) < 2:
-            raise InvalidArgumentError(f"BatchNorm layer {self._batch_stats[0]!r} needs more than 1 value per "
-                                       "channel in train mode: pass at least 2 rows")
 
     def predict(self, x):
         """Eval-mode outputs for any number of rows, float32 (n, *output_shape)."""
@@ -226,8 +222,6 @@ class Engine:
         {"<param>": array, ...} plus {"input": d loss / d x} (a list for several inputs) when
         the engine was built with input_gradients=True. Also returns the loss under "loss"."""
         g = self._g()
-        if self._batch_stats:
-            self._check_train_rows(x)
         loss, _, rows = g.grad_batch(x, y)
         out = {"loss": loss}
         for i, (name, role, dtype, shape, _) in enumerate(self._tensors):
