@@ -209,13 +209,7 @@ class Engine:
                                          y[i:i + self.batch_size])
             total += loss * rows
             correct += c
-        accuracy = None
-        kind = self.loss.accuracy(self.model.output_shape)
-        if kind == "argmax":
-            accuracy = correct / n
-        elif kind == "threshold":
-            accuracy = correct / (n * int(np.prod(self.model.output_shape)))
-        return {"loss": total / n, "accuracy": accuracy}
+        return {"loss": total / n, "accuracy": g.accuracy_of(correct, n)}
 
     def gradients(self, x, y):
         """Train-mode gradients of the mean loss on one batch, without updating anything:
