@@ -50,6 +50,21 @@ def torch_or_none():
     return torch
 
 
+def torch_adam_step(torch, model, x, y):
+    """A PyTorch training step with the same contract as engine.step: batch in, loss as a
+    Python float out (Adam, lr 1e-3, cross-entropy)."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+
+    def step():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(tx), ty)
+        loss.backward()
+        opt.step()
+        return loss.item()
+    return step
+
+
 def record(name, mpscy_s, ref_s, torch_s=None, note=""):
     ROWS.append((name, mpscy_s, ref_s, torch_s, note))
 

@@ -10,7 +10,7 @@ import numpy as np
 import mpscy
 from mpscy import layers, optim
 
-from conftest import QUICK, measure, pause, record, torch_or_none
+from conftest import QUICK, measure, pause, record, torch_adam_step, torch_or_none
 
 BATCH = 64
 INPUT = (3, 32, 32)
@@ -62,16 +62,7 @@ def torch_step(torch, x, y):
         c = filters
     model = nn.Sequential(*stack, nn.Flatten(), nn.Linear(c * 8 * 8, 128), nn.ReLU(), nn.Dropout(0.5),
                           nn.Linear(128, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
-
-    def step():  # the same contract as engine.step: batch in, loss as a Python float out
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(tx), ty)
-        loss.backward()
-        opt.step()
-        return loss.item()
-    return step
+    return torch_adam_step(torch, model, x, y)
 
 
 def test_cnn_step(benchmark):

@@ -9,7 +9,7 @@ import pytest
 import mpscy
 from mpscy import layers, optim
 
-from conftest import QUICK, measure, pause, record, torch_or_none
+from conftest import QUICK, measure, pause, record, torch_adam_step, torch_or_none
 
 CASES = [
     ("mlp_784_128_64_10_b32", [784, 128, 64, 10], 32, 1 / 3.0),
@@ -51,16 +51,7 @@ def torch_step(torch, sizes, batch, x, y):
     for a, b in zip(sizes[:-1], sizes[1:]):
         stack += [torch.nn.Linear(a, b), torch.nn.ReLU()]
     model = torch.nn.Sequential(*stack[:-1])
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
-
-    def step():  # the same contract as engine.step: batch in, loss as a Python float out
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(tx), ty)
-        loss.backward()
-        opt.step()
-        return loss.item()
-    return step
+    return torch_adam_step(torch, model, x, y)
 
 
 @pytest.mark.parametrize("name,sizes,batch,target", CASES, ids=[c[0] for c in CASES])
