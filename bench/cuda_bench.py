@@ -11,6 +11,7 @@ latency floor (an empty CUDA-graph replay plus a 4-byte read-back) and prints ea
 """
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -57,7 +58,9 @@ def time_steps(step, data, budget_s, repeats):
 
 # ----------------------------------------------------------------------------- mpscy
 
-def mpscy_step(name, spec, device="cuda", precision="fp32"):
+def mpscy_step(name, spec, device="cuda", precision="fp32", fused=None):
+    """fused: $MPSCY_CUDA_FUSED while the engine is built ("0": separate kernels; a form such
+    as "grid:66" or "cluster:16"; None: the library's choice)."""
     import mpscy
     from mpscy import layers as L, optim
     if name == "cnn":
@@ -72,9 +75,18 @@ def mpscy_step(name, spec, device="cuda", precision="fp32"):
         for h in spec["hidden"]:
             ls += [L.Dense(h), L.ReLU()]
         ls.append(L.Dense(spec["classes"]))
-    engine = mpscy.Engine(mpscy.Sequential(ls, input_shape=spec["input"]), loss="sparse_cross_entropy",
-                          optimizer=optim.Adam(LR), batch_size=spec["batch"], device=device, seed=0,
-                          precision=precision)
+    saved = os.environ.get("MPSCY_CUDA_FUSED")
+    if fused is not None:
+        os.environ["MPSCY_CUDA_FUSED"] = fused
+    try:
+        engine = mpscy.Engine(mpscy.Sequential(ls, input_shape=spec["input"]), loss="sparse_cross_entropy",
+                              optimizer=optim.Adam(LR), batch_size=spec["batch"], device=device, seed=0,
+                              precision=precision)
+    finally:
+        if saved is None:
+            os.environ.pop("MPSCY_CUDA_FUSED", None)
+        else:
+            os.environ["MPSCY_CUDA_FUSED"] = saved
 
     def step(x, y):
         return engine.step(x, y).loss
@@ -305,6 +317,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="short timing budget")
     ap.add_argument("--smoke", action="store_true", help="cpu only, to check the script without a GPU")
     ap.add_argument("--only", default="mlp_small,cnn,mlp_wide")
+    ap.add_argument("--forms", default="", help="also time the MLP b32 under these $MPSCY_CUDA_FUSED forms, "
+                    "space-separated, e.g. 'grid:132 grid:33 cluster:16'")
     args = ap.parse_args()
     budget, repeats = (0.05, 3) if args.quick or args.smoke else (0.4, 5)
     results, info = {}, {}
@@ -326,6 +340,10 @@ def main():
         if args.smoke:
             runs.append(("torch eager", lambda: torch_eager(name, spec, "cpu"), data))
         else:
+            if name == "mlp_small":
+                runs.append(("mpscy separate kernels", lambda: mpscy_step(name, spec, "cuda", fused="0"), data32))
+                for form in args.forms.split():
+                    runs.append((f"mpscy {form}", lambda form=form: mpscy_step(name, spec, "cuda", fused=form), data32))
             runs += [("mpscy tf32", lambda: mpscy_step(name, spec, "cuda", "tf32"), data32),
                      ("torch eager", lambda: torch_eager(name, spec, "cuda"), data),
                      ("torch eager fused", lambda: torch_eager(name, spec, "cuda", fused=True), data),
@@ -338,14 +356,14 @@ def main():
             try:
                 step = make()
                 if step is None:
-                    print(f"{name:10s} {label:18s} n/a (layers missing)", flush=True)
+                    print(f"{name:10s} {label:24s} n/a (layers missing)", flush=True)
                     continue
                 us, loss = time_steps(step, d, budget, repeats)
                 results[name][label] = us
-                print(f"{name:10s} {label:18s} {us:10.1f} us/step  (loss {loss:.4f})", flush=True)
+                print(f"{name:10s} {label:24s} {us:10.1f} us/step  (loss {loss:.4f})", flush=True)
                 del step
             except Exception as e:  # one framework failing must not hide the others
-                print(f"{name:10s} {label:18s} failed: {type(e).__name__}: {e}", flush=True)
+                print(f"{name:10s} {label:24s} failed: {type(e).__name__}: {e}", flush=True)
         if not args.smoke:
             flops, nbytes = flops_bytes(name, spec)
             t_math = flops / (info["fp32_tflops"] * 1e12) * 1e6

@@ -232,8 +232,13 @@ OPTIM_CASES = {
 
 
 @cuda_only
+@pytest.mark.parametrize("fused", ["default", "0"])
 @pytest.mark.parametrize("name", sorted(OPTIM_CASES))
-def test_optimizer_matches_cpu(name, rng):
+def test_optimizer_matches_cpu(name, fused, monkeypatch, rng):
+    """Every optimizer on the Dense/ReLU chain, trained by the one-kernel step (mlp.cu) and by
+    separate kernels ($MPSCY_CUDA_FUSED=0)."""
+    if fused == "0":
+        monkeypatch.setenv("MPSCY_CUDA_FUSED", "0")
     opt = OPTIM_CASES[name]()
     cpu, gpu = pair(LAYER_MODELS["dense_relu"][0], (12,), opt=opt)
     # L-BFGS runs several evaluations and a line search per step: 4 steps are ~20 evaluations,
@@ -251,9 +256,12 @@ def test_optimizer_matches_cpu(name, rng):
 
 
 @cuda_only
+@pytest.mark.parametrize("fused", ["default", "0"])
 @pytest.mark.parametrize("clip", [{"clip_grad_norm": 0.05}, {"clip_grad_value": 0.002},
                                   {"clip_grad_norm": 0.5, "clip_grad_value": 0.01}])
-def test_clipping_matches_cpu(clip, rng):
+def test_clipping_matches_cpu(clip, fused, monkeypatch, rng):
+    if fused == "0":
+        monkeypatch.setenv("MPSCY_CUDA_FUSED", "0")
     cpu, gpu = pair(LAYER_MODELS["dense_relu"][0], (12,), opt=lambda: optim.SGD(0.1, momentum=0.5), **clip)
     compare_training(cpu, gpu, rng)
 
@@ -266,7 +274,9 @@ def test_clipping_matches_cpu(clip, rng):
 def test_kernel_paths_match_cpu(gemm, coop, monkeypatch, rng):
     """Both GEMM paths (mpscy's own fused kernel, cuBLASLt), both norm+update forms (one
     cooperative kernel, two kernels) and launches with or without programmatic dependent launch
-    give the cpu's results; "auto" mixes the GEMM paths by size."""
+    give the cpu's results; "auto" mixes the GEMM paths by size. The one-kernel step is off here
+    (test_fused_forms_match_cpu covers it)."""
+    monkeypatch.setenv("MPSCY_CUDA_FUSED", "0")
     monkeypatch.setenv("MPSCY_CUDA_GEMM", gemm)
     monkeypatch.setenv("MPSCY_CUDA_COOP", coop)
     monkeypatch.setenv("MPSCY_CUDA_PDL", coop)
@@ -278,6 +288,74 @@ def test_kernel_paths_match_cpu(gemm, coop, monkeypatch, rng):
     cpu, gpu = pair(lambda: [L.Dense(700), L.ReLU(), L.Dense(10)], (512,), batch=128,
                     opt=lambda: optim.SGD(0.01, momentum=0.9))
     compare_training(cpu, gpu, rng, steps=5, rows=[128, 50])
+
+
+FUSED_MODELS = {
+    "dense_relu": (LAYER_MODELS["dense_relu"][0], (12,), 16),
+    "no_bias": (LAYER_MODELS["dense_nobias_relu"][0], (12,), 16),
+    "one_layer": (lambda: [L.Dense(5)], (12,), 16),
+    # Dense after Dense without an activation, a 40-class head (three 16-wide logit chunks)
+    "deep_linear_mix": (lambda: [L.Dense(64), L.ReLU(), L.Dense(48), L.Dense(33), L.ReLU(), L.Dense(40)], (50,), 24),
+    "benchmark_mlp": (lambda: [L.Dense(128), L.ReLU(), L.Dense(64), L.ReLU(), L.Dense(10)], (784,), 32),
+}
+
+
+def _train_step_form(capfd):
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("mpscy: cuda train step:")]
+    assert len(lines) == 2 or len(lines) == 1, lines
+    return lines[-1].split(": ", 2)[2]
+
+
+@cuda_only
+@pytest.mark.parametrize("form", ["grid", "grid:3", "grid,copy", "cluster:16", "cluster:4,copy"])
+def test_fused_forms_match_cpu(form, monkeypatch, capfd, rng):
+    """The whole train step as one kernel (mlp.cu), in each form ($MPSCY_CUDA_FUSED: barriers
+    across a cooperative grid or within one thread-block cluster; the batch copied by a copy
+    node or by the kernel itself): 20 steps of full and partial batches against the cpu, with
+    label smoothing and norm clipping, on chains of Dense layers with and without ReLU and bias."""
+    monkeypatch.setenv("MPSCY_CUDA_FUSED", form)
+    monkeypatch.setenv("MPSCY_CUDA_VERBOSE", "1")
+    for name, (build, shape, batch) in FUSED_MODELS.items():
+        capfd.readouterr()
+        loss = losses.SparseCrossEntropy(label_smoothing=0.1) if name == "deep_linear_mix" else "sparse_cross_entropy"
+        # Adam's normalization turns rounding-level differences of near-zero gradient elements into
+        # whole steps; the 784-wide model runs SGD, the Adam family is covered by the optimizer tests
+        clip = name == "dense_relu"
+        opt = (lambda: optim.SGD(0.1, momentum=0.5)) if clip or name == "benchmark_mlp" else \
+            (lambda: optim.AdamW(1e-3, weight_decay=0.05))
+        cpu, gpu = pair(build, shape, batch=batch, loss=loss, opt=opt, clip_grad_norm=0.5 if clip else None)
+        got = _train_step_form(capfd)
+        kind = form.split(",")[0].split(":")[0]
+        assert got.startswith("one kernel, " + kind), (name, got)
+        assert got.endswith(",copy") == form.endswith(",copy"), (name, got)
+        try:
+            compare_training(cpu, gpu, rng, steps=20, rows=[batch, 7, batch, 1])
+        except AssertionError as e:
+            raise AssertionError(f"{name}: {e}") from None
+
+
+@cuda_only
+def test_which_train_steps_run_as_one_kernel(monkeypatch, capfd):
+    """A chain of Dense (+ReLU) under cross-entropy with integer labels, small enough, is fused;
+    anything else runs as separate kernels."""
+    monkeypatch.setenv("MPSCY_CUDA_VERBOSE", "1")
+    cases = [
+        (LAYER_MODELS["dense_relu"][0], (12,), "sparse_cross_entropy", 16, True),
+        (LAYER_MODELS["dense_relu"][0], (12,), "mse", 16, False),            # not cross-entropy
+        (LAYER_MODELS["leakyrelu"][0], (12,), "sparse_cross_entropy", 16, False),  # other activation
+        (LAYER_MODELS["flatten"][0], (3, 4, 2), "sparse_cross_entropy", 16, False),
+        (lambda: [L.Dense(16), L.ReLU(), L.Dense(80)], (12,), "sparse_cross_entropy", 16, False),  # > 64 classes
+        (lambda: [L.Dense(1024), L.ReLU(), L.Dense(10)], (784,), "sparse_cross_entropy", 1024, False),  # large
+    ]
+    for build, shape, loss, batch, fused in cases:
+        capfd.readouterr()
+        mpscy.Engine(mpscy.Sequential(build(), input_shape=shape), loss=loss, batch_size=batch, device="cuda")
+        got = _train_step_form(capfd)
+        assert got.startswith("one kernel") == fused, (shape, loss, batch, got)
+    monkeypatch.setenv("MPSCY_CUDA_FUSED", "0")
+    capfd.readouterr()
+    mpscy.Engine(mpscy.Sequential(LAYER_MODELS["dense_relu"][0](), input_shape=(12,)), batch_size=16, device="cuda")
+    assert _train_step_form(capfd) == "separate kernels"
 
 
 @cuda_only

@@ -112,6 +112,7 @@ typedef struct cu_graph {
     int64_t gws_floats, gws_used, gcount_n, gcount_used;
     int gemm_mode;             /* $MPSCY_CUDA_GEMM at build: 1 own kernels, 0 cuBLASLt, 2 by size */
     uint8_t *dz_ready;         /* per node, per capture: its dz was written (ReLU mask applied) by a consumer */
+    struct cu_fused *fu;       /* the train step as one kernel (mlp.cu), or NULL */
 } cu_graph;
 
 /* Counted allocations: every byte the backend holds goes through here. */
@@ -219,6 +220,16 @@ void cu_optim_applied(cu_graph *g, int64_t t);  /* after a step the device appli
 int cu_lbfgs_step(cu_graph *g, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t n);
 /* step.cu: forward, loss and backward of the staged batch (the GRAD step), synchronized */
 int cu_forward_backward(cu_graph *g, int64_t b, mpscy_step_result *r, char *err, size_t n);
+
+/* mlp.cu: a chain of Dense (+ReLU) layers under cross-entropy with integer labels, small enough,
+ * trains in one persistent kernel per step. cu_fused_plan decides at build (sets g->fu);
+ * cu_fused_step enqueues it after the staging copy (`staged` bytes; the kernel copies them
+ * itself when cu_fused_copies). */
+int cu_fused_plan(cu_graph *g);
+void cu_fused_free(cu_graph *g);
+int cu_fused_copies(const cu_graph *g);
+int cu_fused_step(cu_graph *g, int64_t b, size_t staged, char *err, size_t en);
+const char *cu_fused_form(const cu_graph *g, char *buf, size_t n);
 
 /* Side stream: fork from the main stream before enqueueing off-critical-path work. */
 int cu_fork(cu_graph *g, char *err, size_t en);

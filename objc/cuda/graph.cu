@@ -6,6 +6,7 @@
 #include "cuda.h"
 #include "blas.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -32,6 +33,7 @@ void cu_graph_destroy(mpscy_graph gh) {
     const mpscy_plan *p = &g->plan;
     if (g->stream) cudaStreamSynchronize(g->stream);
     cu_cache_clear(g);
+    cu_fused_free(g);
     if (g->stream) cudaStreamDestroy(g->stream);
     if (g->side) cudaStreamDestroy(g->side);
     if (g->fork) cudaEventDestroy(g->fork);
@@ -275,11 +277,23 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
         cu_graph_destroy(&g->base);
         return FAIL(MPSCY_DEVICE, "initializing graph state: %s", cudaGetErrorString(e));
     }
-    for (int k = 0; k < CU_KINDS; k++)
-        if (!(k == CU_KIND_TRAIN && p->optim.kind == MPSCY_OPTIM_LBFGS) && (st = cu_capture(g, k, err, n)) != MPSCY_OK) {
+    cu_fused_plan(g);
+    for (int k = 0; k < CU_KINDS; k++) {
+        if (k == CU_KIND_TRAIN && p->optim.kind == MPSCY_OPTIM_LBFGS) continue;
+        st = cu_capture(g, k, err, n);
+        if (st != MPSCY_OK && k == CU_KIND_TRAIN && g->fu) {  /* the fused form cannot run here */
+            cu_fused_free(g);
+            st = cu_capture(g, k, err, n);
+        }
+        if (st != MPSCY_OK) {
             cu_graph_destroy(&g->base);
             return st;
         }
+    }
+    if (getenv("MPSCY_CUDA_VERBOSE")) {
+        char form[64];
+        fprintf(stderr, "mpscy: cuda train step: %s\n", cu_fused_form(g, form, sizeof form));
+    }
     *out = &g->base;
     return MPSCY_OK;
 }
