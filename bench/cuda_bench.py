@@ -318,7 +318,7 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="cpu only, to check the script without a GPU")
     ap.add_argument("--only", default="mlp_small,cnn,mlp_wide")
     ap.add_argument("--forms", default="", help="also time the MLP b32 under these $MPSCY_CUDA_FUSED forms, "
-                    "space-separated, e.g. 'grid:132 grid:33 cluster:16'")
+                    "space-separated, e.g. 'grid:66 grid:33 cluster:16'")
     args = ap.parse_args()
     budget, repeats = (0.05, 3) if args.quick or args.smoke else (0.4, 5)
     results, info = {}, {}

@@ -307,12 +307,12 @@ def _train_step_form(capfd):
 
 
 @cuda_only
-@pytest.mark.parametrize("form", ["grid", "grid:3", "grid,copy", "cluster:16", "cluster:4,copy"])
+@pytest.mark.parametrize("form", ["grid", "grid:3", "grid:40", "cluster:16", "cluster:4"])
 def test_fused_forms_match_cpu(form, monkeypatch, capfd, rng):
     """The whole train step as one kernel (mlp.cu), in each form ($MPSCY_CUDA_FUSED: barriers
-    across a cooperative grid or within one thread-block cluster; the batch copied by a copy
-    node or by the kernel itself): 20 steps of full and partial batches against the cpu, with
-    label smoothing and norm clipping, on chains of Dense layers with and without ReLU and bias."""
+    across a cooperative grid or within one thread-block cluster, with fewer blocks than rows or
+    more): 20 steps of full and partial batches against the cpu, with label smoothing and norm
+    clipping, on chains of Dense layers with and without ReLU and bias."""
     monkeypatch.setenv("MPSCY_CUDA_FUSED", form)
     monkeypatch.setenv("MPSCY_CUDA_VERBOSE", "1")
     for name, (build, shape, batch) in FUSED_MODELS.items():
@@ -325,9 +325,7 @@ def test_fused_forms_match_cpu(form, monkeypatch, capfd, rng):
             (lambda: optim.AdamW(1e-3, weight_decay=0.05))
         cpu, gpu = pair(build, shape, batch=batch, loss=loss, opt=opt, clip_grad_norm=0.5 if clip else None)
         got = _train_step_form(capfd)
-        kind = form.split(",")[0].split(":")[0]
-        assert got.startswith("one kernel, " + kind), (name, got)
-        assert got.endswith(",copy") == form.endswith(",copy"), (name, got)
+        assert got.startswith("one kernel, " + form), (name, got)
         try:
             compare_training(cpu, gpu, rng, steps=20, rows=[batch, 7, batch, 1])
         except AssertionError as e:

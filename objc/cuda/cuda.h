@@ -222,12 +222,10 @@ int cu_lbfgs_step(cu_graph *g, const mpscy_step_args *a, mpscy_step_result *r, c
 int cu_forward_backward(cu_graph *g, int64_t b, mpscy_step_result *r, char *err, size_t n);
 
 /* mlp.cu: a chain of Dense (+ReLU) layers under cross-entropy with integer labels, small enough,
- * trains in one persistent kernel per step. cu_fused_plan decides at build (sets g->fu);
- * cu_fused_step enqueues it after the staging copy (`staged` bytes; the kernel copies them
- * itself when cu_fused_copies). */
+ * trains in one persistent kernel per step, which copies the first `staged` bytes of the
+ * staging itself. cu_fused_plan decides at build (sets g->fu); cu_fused_step enqueues it. */
 int cu_fused_plan(cu_graph *g);
 void cu_fused_free(cu_graph *g);
-int cu_fused_copies(const cu_graph *g);
 int cu_fused_step(cu_graph *g, int64_t b, size_t staged, char *err, size_t en);
 const char *cu_fused_form(const cu_graph *g, char *buf, size_t n);
 

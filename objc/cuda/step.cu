@@ -40,10 +40,8 @@ static int enqueue(cu_graph *g, int kind, int64_t b, char *err, size_t en) {
             if (p->nodes[i].input_index == 0) first = o + rows;
             else CU_TRY(cudaMemcpyAsync(g->stage_d + o, g->stage_h + o, rows, cudaMemcpyHostToDevice, s), "input copy");
         }
-    int fused = kind == CU_KIND_TRAIN && g->fu;
-    if (!fused || !cu_fused_copies(g))
-        CU_TRY(cudaMemcpyAsync(g->stage_d, g->stage_h, first, cudaMemcpyHostToDevice, s), "staging copy");
-    if (fused) return cu_fused_step(g, b, first, err, en);
+    if (kind == CU_KIND_TRAIN && g->fu) return cu_fused_step(g, b, first, err, en);  /* copies the staging itself */
+    CU_TRY(cudaMemcpyAsync(g->stage_d, g->stage_h, first, cudaMemcpyHostToDevice, s), "staging copy");
 
     int train = kind == CU_KIND_TRAIN || kind == CU_KIND_GRAD;
     for (int32_t i = 0; i < p->n_nodes; i++) {
