@@ -11,7 +11,7 @@ import numpy as np
 
 
 def main(forms):
-    os.environ["MPSCY_CUDA_FUSED_TRACE"] = "1"
+    os.environ.setdefault("MPSCY_CUDA_FUSED_TRACE", "1")
     import mpscy
     from mpscy import layers as L, optim
     rng = np.random.default_rng(0)

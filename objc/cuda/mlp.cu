@@ -136,35 +136,36 @@ static __device__ void forward_layer0(const fu_layer &l, int b, int gw, int tw, 
 }
 
 /* softmax cross-entropy of one row (label smoothing eps) by one warp, in double as loss.cu
- * computes it: dz = its gradient over the batch mean; returns the row's loss (all lanes). */
+ * computes it: dz = its gradient over the batch mean (p - q) / b, where the smoothed one-hot q
+ * sums to 1; returns the row's loss (all lanes). */
 static __device__ double row_loss(const float *logit, float *dz, int C, int label, double eps, double inv_b,
                                   int lane) {
     const double u = eps / (double)C;
     float m = -INFINITY;
     for (int i = lane; i < C; i += 32) m = logit[i] > m ? logit[i] : m;
     m = warp_allmax(m);
-    double s = 0;
-    for (int i = lane; i < C; i += 32) s += exp((double)(logit[i] - m));
-    const double lse = (double)m + log(warp_allsum(s));
-    double row = 0, qsum = 0;
-    for (int i = lane; i < C; i += 32) {
-        const double q = (1.0 - eps) * (i == label ? 1.0 : 0.0) + u;
-        qsum += q;
-        row -= q * ((double)logit[i] - lse);
+    double e[2], s = 0;  /* C <= 64: at most two classes per lane */
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int i = lane + 32 * h;
+        e[h] = i < C ? exp((double)(logit[i] - m)) : 0.0;
+        s += e[h];
     }
-    qsum = warp_allsum(qsum);
-    for (int i = lane; i < C; i += 32) {
-        const double q = (1.0 - eps) * (i == label ? 1.0 : 0.0) + u;
-        dz[i] = (float)((exp((double)logit[i] - lse) * qsum - q) * inv_b);
+    s = warp_allsum(s);
+    const double lse = (double)m + log(s), inv_s = 1.0 / s;
+    double row = 0;
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int i = lane + 32 * h;
+        if (i < C) {
+            const double q = (1.0 - eps) * (i == label ? 1.0 : 0.0) + u;
+            row -= q * ((double)logit[i] - lse);
+            dz[i] = (float)((e[h] * inv_s - q) * inv_b);
+        }
     }
     return warp_allsum(row);
 }
 
-/* One row through the rest of the chain, by one block with block barriers only: the forward of
- * layers `first`.. (each output a warp's dot product against the row held in shared memory),
- * the loss and its gradient, then d(pre-activation) back down to layer 0, each element a sum
- * over the layer's outputs split in G groups of threads and added in a fixed order. Outputs
- * and gradients of the row also go to global memory for the weight gradients. */
 struct fu_trace;
 static __device__ void fu_mark(const fu_args &a, fu_trace *T);
 
