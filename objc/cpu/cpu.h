@@ -7,6 +7,7 @@
 
 #include "../backend.h"
 #include "../common/plan.h"
+#include "../common/pool.h"
 
 #define CPU "cpu"
 
@@ -27,16 +28,16 @@ typedef struct cpu_device {
     int32_t threads;
 } cpu_device;
 
-/* parallel.c: worker threads of one graph; cpu_parallel runs fn(ctx, t, nt) for t in 0..nt-1
- * (each t once, on whichever thread claims it), returns when all are done, and returns nt. A NULL pool, a nested call
- * or a forked child runs fn(ctx, 0, 1). */
-typedef struct cpu_pool cpu_pool;
-typedef void (*cpu_task)(void *ctx, int32_t t, int32_t nt);
-int cpu_pool_create(mpscy_device dev, int32_t threads, cpu_pool **out);
-void cpu_pool_destroy(cpu_pool *p);
-int32_t cpu_parallel(cpu_pool *p, cpu_task fn, void *ctx);
+/* parallel.c: worker threads of one graph (common/pool.h); cpu_parallel runs fn(ctx, t, nt) for
+ * t in 0..nt-1 (each t once, on whichever thread claims it), returns when all are done, and
+ * returns nt. A NULL pool, a nested call or a forked child runs fn(ctx, 0, 1). */
+typedef mpscy_pool cpu_pool;
+typedef mpscy_task cpu_task;
+int cpu_pool_create(mpscy_device dev, int32_t threads, cpu_pool **out);  /* BLAS set single-threaded */
+static inline void cpu_pool_destroy(cpu_pool *p) { mpscy_pool_destroy(p); }
+static inline int32_t cpu_parallel(cpu_pool *p, cpu_task fn, void *ctx) { return mpscy_parallel(p, fn, ctx); }
 /* [lo, hi): part t of nt of the range [0, n) */
-void cpu_split(int64_t n, int32_t t, int32_t nt, int64_t *lo, int64_t *hi);
+static inline void cpu_split(int64_t n, int32_t t, int32_t nt, int64_t *lo, int64_t *hi) { mpscy_split(n, t, nt, lo, hi); }
 /* Row-major sgemm split over the pool: c (m, n) = alpha op(a) op(b) + beta c. */
 void cpu_gemm(cpu_pool *p, int ta, int tb, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
               int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc);
