@@ -59,6 +59,11 @@ cdef str _shape_str(const Py_buffer *v):
 
 cdef extern from "_staging.h" nogil:
     # one pass per copy: the check rides along with the copy (see _staging.h)
+    ctypedef struct mpscy_pool:
+        pass
+    int mpscy_pool_create(mpscy_stats *stats, int32_t threads, mpscy_pool **out)
+    void mpscy_pool_destroy(mpscy_pool *p)
     int64_t _copy_finite "mpscy_copy_finite" (float *dst, const float *src, int64_t n)
+    int64_t _copy_finite_pool "mpscy_copy_finite_pool" (mpscy_pool *pool, float *dst, const float *src, int64_t n)
     int64_t _copy_labels_i64 "mpscy_copy_labels_i64" (int32_t *dst, const int64_t *src, int64_t n, int64_t classes)
     int64_t _copy_labels_i32 "mpscy_copy_labels_i32" (int32_t *dst, const int32_t *src, int64_t n, int64_t classes)

@@ -12,6 +12,8 @@ cimport cython
 
 from mpscy._abi cimport *
 
+import os
+
 import numpy as np
 
 from mpscy import errors as _errors
@@ -195,6 +197,7 @@ cdef class Graph:
     cdef bint busy   # set while a native call is in flight (the GIL is released then)
     cdef int min_train_rows       # fewest rows a train-mode call accepts (2 with 1-D BatchNorm)
     cdef str min_rows_reason
+    cdef mpscy_pool *stage_pool   # worker threads for staging large batches to a device, or NULL
 
     def __cinit__(self, Device device not None, list layers not None, dict spec not None):
         cdef int n = len(layers)
@@ -246,6 +249,20 @@ cdef class Graph:
                 _check(mpscy_buffer_host_pointer(buf, &host, &nbytes, self.err, ERR_LEN), self.err)
                 self.in_ptr[k] = <float *>host
                 self.n_inputs += 1
+        # batches of 256 KiB or more bound for a device's memory are staged by a few threads (at
+        # most 4: measured best on a 16-core host; the caller is one of them). $MPSCY_STAGE_THREADS
+        # overrides the choice for any backend (1: none), a testing and tuning knob.
+        cdef int64_t biggest = 0
+        cdef int threads = 1
+        for k in range(self.n_inputs):
+            biggest = max(biggest, self.in_size[k] * self.batch * 4)
+        knob = os.environ.get("MPSCY_STAGE_THREADS")
+        if knob:
+            threads = int(knob)
+        elif device.backend != "cpu" and biggest >= (256 << 10):
+            threads = min(4, max(1, (os.cpu_count() or 1) // 2))
+        if threads > 1:
+            _check(mpscy_pool_create(NULL, threads, &self.stage_pool), b"staging threads")
         out = layers[spec["output"]]["shape"]
         self.output_shape = tuple(out)
         self.out_size = 1
@@ -267,6 +284,9 @@ cdef class Graph:
         self.args.counter = 0
 
     def __dealloc__(self):
+        if self.stage_pool != NULL:
+            mpscy_pool_destroy(self.stage_pool)
+            self.stage_pool = NULL
         if self.handle != NULL:
             mpscy_graph_destroy(self.handle)
             self.handle = NULL
@@ -340,7 +360,7 @@ cdef class Graph:
                 raise _errors.ShapeError(f"{what} is not C-contiguous (use np.ascontiguousarray)")
             count = v.shape[0] * self.in_size[k]
             with nogil:
-                bad = _copy_finite(self.in_ptr[k], <const float *>v.buf, count)
+                bad = _copy_finite_pool(self.stage_pool, self.in_ptr[k], <const float *>v.buf, count)
             if bad >= 0:
                 raise _errors.NonFiniteError(f"{what} contains NaN or Inf at row {bad // self.in_size[k]}")
             return <int>v.shape[0]
