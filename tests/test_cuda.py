@@ -297,6 +297,11 @@ FUSED_MODELS = {
     # Dense after Dense without an activation, a 40-class head (three 16-wide logit chunks)
     "deep_linear_mix": (lambda: [L.Dense(64), L.ReLU(), L.Dense(48), L.Dense(33), L.ReLU(), L.Dense(40)], (50,), 24),
     "benchmark_mlp": (lambda: [L.Dense(128), L.ReLU(), L.Dense(64), L.ReLU(), L.Dense(10)], (784,), 32),
+    # rows wider than a block's threads: d(input) element loops instead of thread groups
+    "wide_rows": (lambda: [L.Dense(600), L.ReLU(), L.Dense(520), L.ReLU(), L.Dense(40)], (100,), 24),
+    # the most layers the one-kernel step takes (8), ReLU on every other one
+    "eight_layers": (lambda: [x for k in range(7) for x in ([L.Dense(20 + k), L.ReLU()] if k % 2 else [L.Dense(20 + k)])]
+                     + [L.Dense(6)], (9,), 16),
 }
 
 
@@ -319,10 +324,11 @@ def test_fused_forms_match_cpu(form, monkeypatch, capfd, rng):
         capfd.readouterr()
         loss = losses.SparseCrossEntropy(label_smoothing=0.1) if name == "deep_linear_mix" else "sparse_cross_entropy"
         # Adam's normalization turns rounding-level differences of near-zero gradient elements into
-        # whole steps; the 784-wide model runs SGD, the Adam family is covered by the optimizer tests
+        # whole steps; the wide models run SGD, the Adam family is covered by the optimizer tests
         clip = name == "dense_relu"
-        opt = (lambda: optim.SGD(0.1, momentum=0.5)) if clip or name == "benchmark_mlp" else \
-            (lambda: optim.AdamW(1e-3, weight_decay=0.05))
+        opt = (lambda: optim.SGD(0.1, momentum=0.5)) if clip else (lambda: optim.AdamW(1e-3, weight_decay=0.05))
+        if name in ("wide_rows", "benchmark_mlp"):
+            opt = lambda: optim.SGD(0.1, momentum=0.5)  # noqa: E731
         cpu, gpu = pair(build, shape, batch=batch, loss=loss, opt=opt, clip_grad_norm=0.5 if clip else None)
         got = _train_step_form(capfd)
         assert got.startswith("one kernel, " + form), (name, got)
