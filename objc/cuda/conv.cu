@@ -17,19 +17,27 @@ static conv_geom geom(const mpscy_plan *p, const mpscy_node *n) { return mpscy_c
 /* Index arithmetic in 32 bits (64-bit division costs dozens of instructions): graph build
  * refuses a convolution whose tensors reach 2^31 elements (cu_conv_fits). */
 __global__ void im2col_kernel(float *col, const float *x, conv_geom g, int64_t b) {
-    // col (K, b*OHW), x (b, C, H, W); blockIdx.y walks the rows (c, ki, kj), x the columns
+    // col (K, b*OHW), x (b, C, H, W); blockIdx.y walks the channels, x the columns. A thread
+    // resolves its column (sample, oh, ow) once and writes that column of all KH*KW rows of the
+    // channel (each row's write coalesced across the block), its taps' loads issued together.
     cu_pdl_enter();
     const unsigned nb = (unsigned)(b * g.ohw), ohw = (unsigned)g.ohw, ow_ = (unsigned)g.ow;
-    for (unsigned r = blockIdx.y; r < (unsigned)g.k; r += gridDim.y) {
-        const unsigned kj = r % (unsigned)g.kw, ki = (r / (unsigned)g.kw) % (unsigned)g.kh, c = r / (unsigned)(g.kw * g.kh);
-        const int oy = (int)(ki * g.dh) - (int)g.ph, ox = (int)(kj * g.dw) - (int)g.pw;
-        float *row = col + (size_t)r * nb;
+    const unsigned khw = (unsigned)(g.kh * g.kw), H = (unsigned)g.h, W = (unsigned)g.w, C = (unsigned)g.c;
+    for (unsigned c = blockIdx.y; c < C; c += gridDim.y) {
+        float *rows = col + (size_t)c * khw * nb;
         for (unsigned j = blockIdx.x * blockDim.x + threadIdx.x; j < nb; j += gridDim.x * blockDim.x) {
-            unsigned s = j / ohw, o = j - s * ohw, oh = o / ow_, ow = o - oh * ow_;
-            int ih = (int)(oh * g.sh) + oy, iw = (int)(ow * g.sw) + ox;
-            row[j] = ih >= 0 && ih < (int)g.h && iw >= 0 && iw < (int)g.w
-                         ? x[((s * (unsigned)g.c + c) * (unsigned)g.h + (unsigned)ih) * (unsigned)g.w + (unsigned)iw]
-                         : 0.0f;
+            const unsigned s = j / ohw, o = j - s * ohw, oh = o / ow_, ow = o - oh * ow_;
+            const float *xp = x + ((size_t)s * C + c) * H * W;
+            const int ih0 = (int)(oh * g.sh) - (int)g.ph, iw0 = (int)(ow * g.sw) - (int)g.pw;
+            for (int ki = 0; ki < (int)g.kh; ki++) {
+                const int ih = ih0 + ki * (int)g.dh;
+                const bool rin = ih >= 0 && ih < (int)H;
+                for (int kj = 0; kj < (int)g.kw; kj++) {
+                    const int iw = iw0 + kj * (int)g.dw;
+                    rows[(size_t)(ki * (int)g.kw + kj) * nb + j] =
+                        rin && iw >= 0 && iw < (int)W ? xp[(unsigned)ih * W + (unsigned)iw] : 0.0f;
+                }
+            }
         }
     }
 }
@@ -203,7 +211,7 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
     float *yt = gr->ws;                                        // (OC, nb)
     const float *w = cu_tensor(gr, n, MPSCY_ROLE_PARAM, 0);    // (OC, kg)
     const float *bias = cu_tensor(gr, n, MPSCY_ROLE_PARAM, 1); // (OC) or NULL
-    CU_TRY(cu_launch(gr, im2col_kernel, dim3(cu_blocks(nb, CU_THREADS, 64), (unsigned)(g.k < 65535 ? g.k : 65535)),
+    CU_TRY(cu_launch(gr, im2col_kernel, dim3(cu_blocks(nb, CU_THREADS, 1024), (unsigned)(g.c < 65535 ? g.c : 65535)),
                      CU_THREADS, gr->stream, col,
                      (const float *)gr->y[n->in[0]], g, b),
            "im2col");
