@@ -10,6 +10,7 @@
 
 #include <stdatomic.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "common/pool.h"
 
@@ -133,12 +134,15 @@ __attribute__((target("avx2"))) static uint32_t mpscy_copy_exp_avx2(float *dst, 
 
 typedef uint32_t (*mpscy_copy_exp_fn)(float *, const float *, int64_t);
 
-static mpscy_copy_exp_fn mpscy_copy_exp_pick(void) {
+/* The copy loop for `isa`: "avx512", "avx2", "plain", or NULL/"" for the best this CPU runs;
+ * NULL when the named one cannot run here. */
+static mpscy_copy_exp_fn mpscy_copy_exp_pick(const char *isa) {
+    int any = !isa || !*isa;
 #ifdef MPSCY_STAGING_NT
-    if (__builtin_cpu_supports("avx512f")) return mpscy_copy_exp_avx512;
-    if (__builtin_cpu_supports("avx2")) return mpscy_copy_exp_avx2;
+    if ((any || !strcmp(isa, "avx512")) && __builtin_cpu_supports("avx512f")) return mpscy_copy_exp_avx512;
+    if ((any || !strcmp(isa, "avx2")) && __builtin_cpu_supports("avx2")) return mpscy_copy_exp_avx2;
 #endif
-    return mpscy_copy_exp_plain;
+    return any || !strcmp(isa, "plain") ? mpscy_copy_exp_plain : NULL;
 }
 
 typedef struct mpscy_stage_job {
@@ -161,11 +165,11 @@ static void mpscy_stage_task(void *ctx, int32_t t, int32_t nt) {
     }
 }
 
-/* mpscy_copy_finite over a pool (NULL: on the caller alone, as mpscy_copy_finite). */
-static int64_t mpscy_copy_finite_pool(mpscy_pool *pool, float *dst, const float *src, int64_t n) {
-    if (!pool || n < 2 * MPSCY_STAGE_MIN_CHUNK) return mpscy_copy_finite(dst, src, n);
-    static mpscy_copy_exp_fn copy;
-    if (!copy) copy = mpscy_copy_exp_pick();
+/* mpscy_copy_finite over a pool (NULL: on the caller alone, as mpscy_copy_finite) with the
+ * copy loop `copy` (from mpscy_copy_exp_pick). */
+static int64_t mpscy_copy_finite_pool(mpscy_pool *pool, mpscy_copy_exp_fn copy, float *dst, const float *src,
+                                      int64_t n) {
+    if (!pool || !copy || n < 2 * MPSCY_STAGE_MIN_CHUNK) return mpscy_copy_finite(dst, src, n);
     mpscy_stage_job j;
     j.dst = dst;
     j.src = src;
