@@ -185,16 +185,50 @@ int mpscy_graph_tensor_write(mpscy_graph g, int32_t index, const void *src, size
     return bytes ? g->vt->tensor_write(g, t, src, bytes, err, errlen) : MPSCY_OK;
 }
 
+/* What every backend's step needs checked first, checked once here: the rows against the built
+ * batch, the mode against the optimizer, and integer labels (already staged) against the
+ * classes. Nothing is modified before a step passes. */
+static int check_rows(mpscy_graph g, const mpscy_step_args *a, char *err, size_t errlen) {
+    if (a->batch < 1 || a->batch > g->plan->batch)
+        return FAIL(MPSCY_SHAPE, "batch of %d rows outside 1..%d (the built batch size)", a->batch, g->plan->batch);
+    return MPSCY_OK;
+}
+
+static int check_step(mpscy_graph g, const mpscy_step_args *a, char *err, size_t errlen) {
+    const mpscy_plan *p = g->plan;
+    int st = check_rows(g, a, err, errlen);
+    if (st != MPSCY_OK) return st;
+    if (a->mode != MPSCY_MODE_TRAIN && a->mode != MPSCY_MODE_EVAL && a->mode != MPSCY_MODE_GRAD &&
+        a->mode != MPSCY_MODE_LBFGS)
+        return FAIL(MPSCY_INVALID, "unknown step mode %d", a->mode);
+    int lbfgs = p->optim.kind == MPSCY_OPTIM_LBFGS;
+    if (lbfgs && a->mode == MPSCY_MODE_TRAIN)
+        return FAIL(MPSCY_INVALID, "an LBFGS step is a sequence of MPSCY_MODE_LBFGS calls, not one TRAIN call");
+    if (!lbfgs && a->mode == MPSCY_MODE_LBFGS)
+        return FAIL(MPSCY_INVALID, "MPSCY_MODE_LBFGS needs a graph built with the LBFGS optimizer");
+    if (p->target != MPSCY_TARGET_INDEX) return MPSCY_OK;
+    mpscy_buffer tb;
+    if ((st = g->vt->graph_io(g, MPSCY_IO_TARGET, 0, &tb, err, errlen)) != MPSCY_OK) return st;
+    const int32_t *labels = (const int32_t *)tb->host;  /* (batch) int32, in shared staging */
+    for (int64_t i = 0; labels && i < a->batch; i++)
+        if (labels[i] < 0 || labels[i] >= p->out_size)
+            return FAIL(MPSCY_INVALID, "label %d at row %lld outside [0, %lld)", labels[i], (long long)i,
+                        (long long)p->out_size);
+    return MPSCY_OK;
+}
+
 int mpscy_graph_step(mpscy_graph g, const mpscy_step_args *args, mpscy_step_result *out, char *err, size_t errlen) {
     if (!g || !args || !out) return FAIL(MPSCY_INVALID, "graph, args or out is NULL");
     g->dev->stats.calls++;
     g->dev->stats.steps++;
-    return g->vt->graph_step(g, args, out, err, errlen);
+    int st = check_step(g, args, err, errlen);
+    return st != MPSCY_OK ? st : g->vt->graph_step(g, args, out, err, errlen);
 }
 
 int mpscy_graph_predict(mpscy_graph g, const mpscy_step_args *args, char *err, size_t errlen) {
     if (!g || !args) return FAIL(MPSCY_INVALID, "graph or args is NULL");
     g->dev->stats.calls++;
     g->dev->stats.predicts++;
-    return g->vt->graph_predict(g, args, err, errlen);
+    int st = check_rows(g, args, err, errlen);
+    return st != MPSCY_OK ? st : g->vt->graph_predict(g, args, err, errlen);
 }

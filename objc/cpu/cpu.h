@@ -124,11 +124,9 @@ void cpu_concat_forward(cpu_graph *g, const mpscy_node *n, int64_t b, int train,
 void cpu_concat_backward(cpu_graph *g, const mpscy_node *n, int64_t b);
 
 /* loss.c: mean loss over b rows; writes dy (b, out) when dy != NULL; *correct as the plan's
- * accuracy kind says (-1 for none). Labels were range-checked by the caller. */
+ * accuracy kind says (-1 for none). Labels were range-checked by the dispatcher. */
 double cpu_loss(const mpscy_plan *p, float *dy, const float *y, const void *target, int64_t b,
                 int64_t *correct);
-/* Returns the index of the first label outside [0, classes), or -1. */
-int64_t cpu_check_labels(const int32_t *labels, int64_t b, int64_t classes);
 
 /* optim.c: global L2 norm of the gradient slab (double accumulation; not finite exactly
  * when some gradient is not finite), clipping, and the update over the flat slab. */

@@ -5,12 +5,6 @@
 
 #include <math.h>
 
-int64_t cpu_check_labels(const int32_t *labels, int64_t b, int64_t classes) {
-    for (int64_t i = 0; i < b; i++)
-        if (labels[i] < 0 || labels[i] >= classes) return i;
-    return -1;
-}
-
 static int64_t argmax(const float *x, int64_t n) {
     int64_t k = 0;
     for (int64_t i = 1; i < n; i++)

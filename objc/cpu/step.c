@@ -9,20 +9,6 @@
 
 #define FAIL(status, ...) MPSCY_FAIL(err, n, (status), CPU, __VA_ARGS__)
 
-static int check_args(const cpu_graph *g, const mpscy_step_args *a, char *err, size_t n) {
-    if (a->batch < 1 || a->batch > g->plan.batch)
-        return FAIL(MPSCY_SHAPE, "batch of %d rows outside 1..%d (the built batch size)", a->batch, g->plan.batch);
-    if (a->mode != MPSCY_MODE_TRAIN && a->mode != MPSCY_MODE_EVAL && a->mode != MPSCY_MODE_GRAD &&
-        a->mode != MPSCY_MODE_LBFGS)
-        return FAIL(MPSCY_INVALID, "unknown step mode %d", a->mode);
-    int lbfgs = g->plan.optim.kind == MPSCY_OPTIM_LBFGS;
-    if (lbfgs && a->mode == MPSCY_MODE_TRAIN)
-        return FAIL(MPSCY_INVALID, "an LBFGS step is a sequence of MPSCY_MODE_LBFGS calls, not one TRAIN call");
-    if (!lbfgs && a->mode == MPSCY_MODE_LBFGS)
-        return FAIL(MPSCY_INVALID, "MPSCY_MODE_LBFGS needs a graph built with the LBFGS optimizer");
-    return MPSCY_OK;
-}
-
 static void forward(cpu_graph *g, int64_t b, int train, const mpscy_step_args *a) {
     const mpscy_plan *p = &g->plan;
     for (int32_t i = 0; i < p->n_nodes; i++)
@@ -49,16 +35,8 @@ void cpu_forward_backward(cpu_graph *g, const mpscy_step_args *a, mpscy_step_res
 int cpu_graph_step(mpscy_graph gh, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t n) {
     cpu_graph *g = (cpu_graph *)gh;
     const mpscy_plan *p = &g->plan;
-    int st = check_args(g, a, err, n);
-    if (st != MPSCY_OK) return st;
-    int64_t b = a->batch;
+    int64_t b = a->batch;  /* rows, mode and labels checked by the dispatcher */
     const void *target = g->io_bufs[p->n_inputs].host;
-    if (p->target == MPSCY_TARGET_INDEX) {
-        int64_t bad = cpu_check_labels(target, b, p->out_size);
-        if (bad >= 0)
-            return FAIL(MPSCY_INVALID, "label %d at row %lld outside [0, %lld)", ((const int32_t *)target)[bad],
-                        (long long)bad, (long long)p->out_size);
-    }
     memset(r, 0, sizeof *r);
     if (a->mode == MPSCY_MODE_LBFGS) return cpu_lbfgs_step(g, a, r, err, n);
     if (a->mode == MPSCY_MODE_EVAL) {
@@ -84,9 +62,7 @@ int cpu_graph_step(mpscy_graph gh, const mpscy_step_args *a, mpscy_step_result *
 int cpu_graph_predict(mpscy_graph gh, const mpscy_step_args *a, char *err, size_t n) {
     cpu_graph *g = (cpu_graph *)gh;
     const mpscy_plan *p = &g->plan;
-    if (a->batch < 1 || a->batch > p->batch)
-        return FAIL(MPSCY_SHAPE, "batch of %d rows outside 1..%d (the built batch size)", a->batch, p->batch);
-    forward(g, a->batch, 0, a);
+    forward(g, a->batch, 0, a);  /* rows checked by the dispatcher */
     memcpy(g->io_bufs[p->n_inputs + 1].host, g->y[p->output], (size_t)a->batch * p->out_size * sizeof(float));
     return MPSCY_OK;
 }

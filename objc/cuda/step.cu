@@ -146,25 +146,7 @@ int cu_forward_backward(cu_graph *g, int64_t b, mpscy_step_result *r, char *err,
 
 int cu_graph_step(mpscy_graph gh, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t n) {
     cu_graph *g = (cu_graph *)gh;
-    const mpscy_plan *p = &g->plan;
-    if (a->batch < 1 || a->batch > p->batch)
-        return FAIL(MPSCY_SHAPE, "batch of %d rows outside 1..%d (the built batch size)", a->batch, p->batch);
-    if (a->mode != MPSCY_MODE_TRAIN && a->mode != MPSCY_MODE_EVAL && a->mode != MPSCY_MODE_GRAD &&
-        a->mode != MPSCY_MODE_LBFGS)
-        return FAIL(MPSCY_INVALID, "unknown step mode %d", a->mode);
-    int lbfgs = p->optim.kind == MPSCY_OPTIM_LBFGS;
-    if (lbfgs && a->mode == MPSCY_MODE_TRAIN)
-        return FAIL(MPSCY_INVALID, "an LBFGS step is a sequence of MPSCY_MODE_LBFGS calls, not one TRAIN call");
-    if (!lbfgs && a->mode == MPSCY_MODE_LBFGS)
-        return FAIL(MPSCY_INVALID, "MPSCY_MODE_LBFGS needs a graph built with the LBFGS optimizer");
-    int64_t b = a->batch;
-    if (p->target == MPSCY_TARGET_INDEX) {
-        const int32_t *labels = (const int32_t *)(g->stage_h + g->off_target);
-        for (int64_t i = 0; i < b; i++)
-            if (labels[i] < 0 || labels[i] >= p->out_size)
-                return FAIL(MPSCY_INVALID, "label %d at row %lld outside [0, %lld)", labels[i], (long long)i,
-                            (long long)p->out_size);
-    }
+    int64_t b = a->batch;  /* rows, mode and labels checked by the dispatcher */
     memset(r, 0, sizeof *r);
     if (a->mode == MPSCY_MODE_LBFGS) return cu_lbfgs_step(g, a, r, err, n);
     int kind = a->mode == MPSCY_MODE_TRAIN ? CU_KIND_TRAIN : a->mode == MPSCY_MODE_GRAD ? CU_KIND_GRAD : CU_KIND_EVAL;
@@ -187,9 +169,5 @@ int cu_graph_step(mpscy_graph gh, const mpscy_step_args *a, mpscy_step_result *r
 }
 
 int cu_graph_predict(mpscy_graph gh, const mpscy_step_args *a, char *err, size_t n) {
-    cu_graph *g = (cu_graph *)gh;
-    const mpscy_plan *p = &g->plan;
-    if (a->batch < 1 || a->batch > p->batch)
-        return FAIL(MPSCY_SHAPE, "batch of %d rows outside 1..%d (the built batch size)", a->batch, p->batch);
-    return launch(g, CU_KIND_PREDICT, a->batch, err, n);
+    return launch((cu_graph *)gh, CU_KIND_PREDICT, a->batch, err, n);  /* rows checked by the dispatcher */
 }

@@ -27,31 +27,6 @@ static int run(metal_graph *g, MetalExec *x, const char *what, char *err, size_t
     }
 }
 
-static int check_batch(const metal_graph *g, int32_t batch, char *err, size_t n) {
-    if (batch < 1 || batch > g->plan.batch)
-        return FAIL(MPSCY_SHAPE, "batch of %d rows outside 1..%d (the built batch size)", batch, g->plan.batch);
-    return MPSCY_OK;
-}
-
-static int check_mode(const metal_graph *g, int32_t mode, char *err, size_t n) {
-    int lbfgs = metal_is_lbfgs(&g->plan);
-    if (mode == MPSCY_MODE_LBFGS) {
-        if (!lbfgs) return FAIL(MPSCY_INVALID, "MPSCY_MODE_LBFGS needs a graph built with the LBFGS optimizer");
-        return MPSCY_OK;
-    }
-    if (mode != MPSCY_MODE_TRAIN && mode != MPSCY_MODE_EVAL && mode != MPSCY_MODE_GRAD)
-        return FAIL(MPSCY_INVALID, "unknown step mode %d", mode);
-    if (lbfgs && mode == MPSCY_MODE_TRAIN)
-        return FAIL(MPSCY_INVALID, "an LBFGS step is a sequence of MPSCY_MODE_LBFGS calls, not one TRAIN call");
-    return MPSCY_OK;
-}
-
-static int64_t check_labels(const int32_t *labels, int64_t b, int64_t classes) {
-    for (int64_t i = 0; i < b; i++)
-        if (labels[i] < 0 || labels[i] >= classes) return i;
-    return -1;
-}
-
 int metal_run_train(metal_graph *g, const mpscy_step_args *a, int apply, int commit, int64_t t,
                     double *mu_next, char *err, size_t n) {
     @autoreleasepool {
@@ -68,17 +43,8 @@ int metal_run_train(metal_graph *g, const mpscy_step_args *a, int apply, int com
 int metal_graph_step(mpscy_graph gh, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t n) {
     metal_graph *g = (metal_graph *)gh;
     const mpscy_plan *p = &g->plan;
-    int st = check_batch(g, a->batch, err, n);
-    if (st == MPSCY_OK) st = check_mode(g, a->mode, err, n);
-    if (st != MPSCY_OK) return st;
-    int64_t b = a->batch;
-    if (p->target == MPSCY_TARGET_INDEX) {
-        const int32_t *labels = g->io_bufs[p->n_inputs].host;
-        int64_t bad = check_labels(labels, b, p->out_size);
-        if (bad >= 0)
-            return FAIL(MPSCY_INVALID, "label %d at row %lld outside [0, %lld)", labels[bad], (long long)bad,
-                        (long long)p->out_size);
-    }
+    int st;
+    int64_t b = a->batch;  /* rows, mode and labels checked by the dispatcher */
     memset(r, 0, sizeof *r);
     if (a->mode == MPSCY_MODE_LBFGS) return metal_lbfgs_step(g, a, r, err, n);
 
@@ -116,12 +82,10 @@ int metal_graph_step(mpscy_graph gh, const mpscy_step_args *a, mpscy_step_result
 }
 
 int metal_graph_predict(mpscy_graph gh, const mpscy_step_args *a, char *err, size_t n) {
-    metal_graph *g = (metal_graph *)gh;
-    int st = check_batch(g, a->batch, err, n);
-    if (st != MPSCY_OK) return st;
+    metal_graph *g = (metal_graph *)gh;  /* rows checked by the dispatcher */
     @autoreleasepool {
         MetalExec *x = nil;
-        st = metal_exec_get(g, METAL_PREDICT, a->batch, &x, err, n);
+        int st = metal_exec_get(g, METAL_PREDICT, a->batch, &x, err, n);
         if (st != MPSCY_OK) return st;
         /* the output is a result bound to the shared output buffer: no copy follows */
         return run(g, x, "predict", err, n);
