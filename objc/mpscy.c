@@ -4,6 +4,7 @@
 #include "backend.h"
 #include "common/plan.h"
 
+#include <math.h>
 #include <string.h>
 
 #define COMPONENT "mpscy"
@@ -186,8 +187,8 @@ int mpscy_graph_tensor_write(mpscy_graph g, int32_t index, const void *src, size
 }
 
 /* What every backend's step needs checked first, checked once here: the rows against the built
- * batch, the mode against the optimizer, and integer labels (already staged) against the
- * classes. Nothing is modified before a step passes. */
+ * batch, the mode against the optimizer, an L-BFGS call's state and arguments, and integer
+ * labels (already staged) against the classes. Nothing is modified before a step passes. */
 static int check_rows(mpscy_graph g, const mpscy_step_args *a, char *err, size_t errlen) {
     if (a->batch < 1 || a->batch > g->plan->batch)
         return FAIL(MPSCY_SHAPE, "batch of %d rows outside 1..%d (the built batch size)", a->batch, g->plan->batch);
@@ -206,6 +207,20 @@ static int check_step(mpscy_graph g, const mpscy_step_args *a, char *err, size_t
         return FAIL(MPSCY_INVALID, "an LBFGS step is a sequence of MPSCY_MODE_LBFGS calls, not one TRAIN call");
     if (!lbfgs && a->mode == MPSCY_MODE_LBFGS)
         return FAIL(MPSCY_INVALID, "MPSCY_MODE_LBFGS needs a graph built with the LBFGS optimizer");
+    if (a->mode == MPSCY_MODE_LBFGS) {  /* its history ring position (settable state) and its arguments */
+        const mpscy_lbfgs_layout *L = &p->lbfgs;
+        double start = g->scalars[MPSCY_LBFGS_S_START], len = g->scalars[MPSCY_LBFGS_S_LEN];
+        if (!(start >= 0 && start < (double)L->cap && start == floor(start)) ||
+            !(len >= 0 && len <= p->optim.history_size && len == floor(len)))
+            return FAIL(MPSCY_INVALID, "LBFGS state hist_start %g / hist_len %g outside [0, %lld) / [0, %d]",
+                        start, len, (long long)L->cap, p->optim.history_size);
+        if (a->lbfgs_reg < 0 || a->lbfgs_reg >= MPSCY_LBFGS_REGISTERS || a->lbfgs_flat_reg < 0 ||
+            a->lbfgs_flat_reg >= MPSCY_LBFGS_REGISTERS)
+            return FAIL(MPSCY_INVALID, "LBFGS gradient registers %d and %d must be in 0..%d", a->lbfgs_reg,
+                        a->lbfgs_flat_reg, MPSCY_LBFGS_REGISTERS - 1);
+        if (!isfinite(a->lbfgs_t) || !isfinite(a->lbfgs_t_prev))
+            return FAIL(MPSCY_INVALID, "LBFGS step lengths %g and %g must be finite", a->lbfgs_t_prev, a->lbfgs_t);
+    }
     if (p->target != MPSCY_TARGET_INDEX) return MPSCY_OK;
     mpscy_buffer tb;
     if ((st = g->vt->graph_io(g, MPSCY_IO_TARGET, 0, &tb, err, errlen)) != MPSCY_OK) return st;

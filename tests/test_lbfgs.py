@@ -303,3 +303,35 @@ def test_float32_gradients_alone_cannot_track_float64_on_the_mlp_for_30_steps(li
         errs.append(np.abs(rounded - theta).max() / np.abs(theta).max())
     assert max(errs[:5]) < 1e-6          # rounding alone, at first
     assert max(errs) > 1e-3              # amplified far past 1e-5
+
+
+def test_lbfgs_calls_with_bad_state_or_arguments_are_refused(device):
+    """The dispatcher checks an MPSCY_MODE_LBFGS call before any backend work: a history ring
+    position written out of range, gradient registers outside the file, non-finite step lengths.
+    Parameters are untouched by each refused call."""
+    e = mpscy.Engine(_logreg(), optimizer=optim.LBFGS(history_size=3, max_iter=2), batch_size=16, device=device)
+    x, y = digits_batches(16, 1)[0]
+    e.step(x, y)
+    g, before = e._graph, e.get_parameters()
+    cases = [("hist_len", 4.0, (0, 0, 1, 0.0, 1.0), "hist_len 4 outside"),
+             ("hist_start", 2.5, (0, 0, 1, 0.0, 1.0), "hist_start 2.5"),
+             (None, None, (0, 0, 9, 0.0, 1.0), "registers 0 and 9 must be in 0..3"),
+             (None, None, (0, 0, 1, 0.0, float("nan")), "step lengths 0 and nan must be finite")]
+    for name, value, call, message in cases:
+        saved = {}
+        if name:
+            i, dt, sh = e._optim_tensor(name)
+            saved[i] = g.read_tensor(i, dt, sh)
+            g.write_tensor(i, np.full(sh, value, dt))
+        g.acquire()
+        try:
+            g.stage(x, y)
+            with pytest.raises(mpscy.InvalidArgumentError, match=message):
+                g.lbfgs_call(*call)
+        finally:
+            g.release()
+        for i, v in saved.items():
+            g.write_tensor(i, v)
+        after = e.get_parameters()
+        assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert e.step(x, y).loss > 0          # the engine still steps

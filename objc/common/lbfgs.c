@@ -47,22 +47,6 @@ static void add_scaled(float *y, const float *a, float t, const float *b, int64_
 }
 
 /* The state scalars come from the caller through tensor writes: check them before use. */
-static int check_state(const mpscy_lbfgs_host *h, const mpscy_step_args *a, char *err, size_t n) {
-    const mpscy_lbfgs_layout *L = &h->plan->lbfgs;
-    double start = h->scalars[MPSCY_LBFGS_S_START], len = h->scalars[MPSCY_LBFGS_S_LEN];
-    if (!(start >= 0 && start < (double)L->cap && start == floor(start)) ||
-        !(len >= 0 && len <= h->plan->optim.history_size && len == floor(len)))
-        return FAIL(MPSCY_INVALID, "LBFGS state hist_start %g / hist_len %g outside [0, %lld) / [0, %d]",
-                    start, len, (long long)L->cap, h->plan->optim.history_size);
-    if (a->lbfgs_reg < 0 || a->lbfgs_reg >= MPSCY_LBFGS_REGISTERS || a->lbfgs_flat_reg < 0 ||
-        a->lbfgs_flat_reg >= MPSCY_LBFGS_REGISTERS)
-        return FAIL(MPSCY_INVALID, "LBFGS gradient registers %d and %d must be in 0..%d", a->lbfgs_reg,
-                    a->lbfgs_flat_reg, MPSCY_LBFGS_REGISTERS - 1);
-    if (!isfinite(a->lbfgs_t) || !isfinite(a->lbfgs_t_prev))
-        return FAIL(MPSCY_INVALID, "LBFGS step lengths %g and %g must be finite", a->lbfgs_t_prev, a->lbfgs_t);
-    return MPSCY_OK;
-}
-
 static void save(const mpscy_lbfgs_host *h) {
     const mpscy_plan *p = h->plan;
     const mpscy_lbfgs_layout *L = &p->lbfgs;
@@ -184,8 +168,7 @@ int mpscy_lbfgs_call(const mpscy_lbfgs_host *h, const mpscy_step_args *a, mpscy_
     const mpscy_plan *p = h->plan;
     const mpscy_lbfgs_layout *L = &p->lbfgs;
     int32_t ops = a->lbfgs_ops;
-    int st = check_state(h, a, err, n);
-    if (st != MPSCY_OK) return st;
+    int st;  /* state and arguments checked by the dispatcher */
     r->finite = 1;
     if (ops & MPSCY_LBFGS_ROLLBACK) restore(h);
     if (ops & MPSCY_LBFGS_BEGIN) save(h);

@@ -98,22 +98,6 @@ static int sync(cu_graph *g, char *err, size_t en) {
     return MPSCY_OK;
 }
 
-static int check_state(const cu_graph *g, const mpscy_step_args *a, char *err, size_t n) {
-    const mpscy_lbfgs_layout *L = &g->plan.lbfgs;
-    double start = g->scalars[MPSCY_LBFGS_S_START], len = g->scalars[MPSCY_LBFGS_S_LEN];
-    if (!(start >= 0 && start < (double)L->cap && start == floor(start)) ||
-        !(len >= 0 && len <= g->plan.optim.history_size && len == floor(len)))
-        return FAIL(MPSCY_INVALID, "LBFGS state hist_start %g / hist_len %g outside [0, %lld) / [0, %d]",
-                    start, len, (long long)L->cap, g->plan.optim.history_size);
-    if (a->lbfgs_reg < 0 || a->lbfgs_reg >= MPSCY_LBFGS_REGISTERS || a->lbfgs_flat_reg < 0 ||
-        a->lbfgs_flat_reg >= MPSCY_LBFGS_REGISTERS)
-        return FAIL(MPSCY_INVALID, "LBFGS gradient registers %d and %d must be in 0..%d", a->lbfgs_reg,
-                    a->lbfgs_flat_reg, MPSCY_LBFGS_REGISTERS - 1);
-    if (!isfinite(a->lbfgs_t) || !isfinite(a->lbfgs_t_prev))
-        return FAIL(MPSCY_INVALID, "LBFGS step lengths %g and %g must be finite", a->lbfgs_t_prev, a->lbfgs_t);
-    return MPSCY_OK;
-}
-
 /* BEGIN: what a non-finite evaluation later in the step restores. */
 static int save(cu_graph *g, char *err, size_t en) {
     const mpscy_plan *p = &g->plan;
@@ -246,8 +230,7 @@ int cu_lbfgs_step(cu_graph *g, const mpscy_step_args *a, mpscy_step_result *r, c
     const mpscy_plan *p = &g->plan;
     const mpscy_lbfgs_layout *L = &p->lbfgs;
     int32_t ops = a->lbfgs_ops;
-    int st = check_state(g, a, err, n);
-    if (st != MPSCY_OK) return st;
+    int st;  /* state and arguments checked by the dispatcher */
     r->finite = 1;
     if ((ops & MPSCY_LBFGS_ROLLBACK) && (st = restore(g, err, n)) != MPSCY_OK) return st;
     if ((ops & MPSCY_LBFGS_BEGIN) && (st = save(g, err, n)) != MPSCY_OK) return st;
