@@ -1,5 +1,5 @@
-"""Staging large batches over worker threads (_staging.h: pieces claimed by a pool, streaming
-stores, the NaN/Inf check in the same pass). Forced on the cpu backend with
+"""Staging large batches over worker threads (_staging.h: pieces claimed by a pool, the NaN/Inf
+check in the same pass). Forced on the cpu backend with
 $MPSCY_STAGE_THREADS so it runs everywhere: training must be bitwise what single-threaded
 staging gives, and a NaN or Inf anywhere (first piece, a piece's edge, the tail) must be
 reported at its row with nothing modified."""
@@ -14,33 +14,13 @@ FEATURES = 4099          # rows not a multiple of 16 floats: pieces and rows str
 BATCH = 40               # 656 KB per batch: 11 pieces of 16,384 floats (64 KB)
 
 
-def _cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
-    except OSError:
-        return []
-
-
-ISAS = [pytest.param("plain")] + [
-    pytest.param(isa, marks=pytest.mark.skipif(flag not in _cpu_flags(), reason=f"this CPU has no {flag}"))
-    for isa, flag in (("avx2", "avx2"), ("avx512", "avx512f"))]
-
-
-@pytest.fixture(params=ISAS)
-def isa(request, monkeypatch):
-    """Each copy loop the staging threads can run: streaming stores (AVX2, AVX-512) or plain."""
-    monkeypatch.setenv("MPSCY_STAGE_ISA", request.param)
-    return request.param
-
-
 def _engine(monkeypatch, threads):
     monkeypatch.setenv("MPSCY_STAGE_THREADS", str(threads))
     return mpscy.Engine(mpscy.Sequential([L.Dense(8), L.ReLU(), L.Dense(3)], input_shape=(FEATURES,)),
                         optimizer=optim.Adam(1e-3), batch_size=BATCH, device="cpu", seed=5)
 
 
-def test_threaded_staging_trains_bitwise_like_one_thread(monkeypatch, rng, isa):
+def test_threaded_staging_trains_bitwise_like_one_thread(monkeypatch, rng):
     one, many = _engine(monkeypatch, 1), _engine(monkeypatch, 3)
     for rows in (BATCH, 33, BATCH, 1):
         x = rng.standard_normal((rows, FEATURES)).astype(np.float32)
@@ -53,7 +33,7 @@ def test_threaded_staging_trains_bitwise_like_one_thread(monkeypatch, rng, isa):
 
 @pytest.mark.parametrize("flat", [0, 16384 - 1, 16384, 16384 * 5 + 7, BATCH * FEATURES - 1])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_threaded_staging_finds_every_non_finite(monkeypatch, rng, flat, bad, isa):
+def test_threaded_staging_finds_every_non_finite(monkeypatch, rng, flat, bad):
     e = _engine(monkeypatch, 3)
     x = rng.standard_normal((BATCH, FEATURES)).astype(np.float32)
     y = rng.integers(0, 3, BATCH).astype(np.int32)
@@ -79,8 +59,3 @@ def test_threaded_staging_allocates_nothing_per_step(monkeypatch, rng):
     assert (s1["allocations"], s1["frees"], s1["bytes_in_use"]) == (s0["allocations"], s0["frees"], s0["bytes_in_use"])
     assert s1["calls"] - s0["calls"] == 50
 
-
-def test_unknown_staging_isa_is_refused(monkeypatch):
-    monkeypatch.setenv("MPSCY_STAGE_ISA", "sse9")
-    with pytest.raises(mpscy.InvalidArgumentError, match="MPSCY_STAGE_ISA='sse9'"):
-        _engine(monkeypatch, 3)

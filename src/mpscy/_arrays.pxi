@@ -64,9 +64,6 @@ cdef extern from "_staging.h" nogil:
     int mpscy_pool_create(mpscy_stats *stats, int32_t threads, mpscy_pool **out)
     void mpscy_pool_destroy(mpscy_pool *p)
     int64_t _copy_finite "mpscy_copy_finite" (float *dst, const float *src, int64_t n)
-    ctypedef uint32_t (*mpscy_copy_exp_fn)(float *, const float *, int64_t)
-    mpscy_copy_exp_fn mpscy_copy_exp_pick(const char *isa)
-    int64_t _copy_finite_pool "mpscy_copy_finite_pool" (mpscy_pool *pool, mpscy_copy_exp_fn copy, float *dst,
-                                                         const float *src, int64_t n)
+    int64_t _copy_finite_pool "mpscy_copy_finite_pool" (mpscy_pool *pool, float *dst, const float *src, int64_t n)
     int64_t _copy_labels_i64 "mpscy_copy_labels_i64" (int32_t *dst, const int64_t *src, int64_t n, int64_t classes)
     int64_t _copy_labels_i32 "mpscy_copy_labels_i32" (int32_t *dst, const int32_t *src, int64_t n, int64_t classes)

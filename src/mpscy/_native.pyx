@@ -198,7 +198,6 @@ cdef class Graph:
     cdef int min_train_rows       # fewest rows a train-mode call accepts (2 with 1-D BatchNorm)
     cdef str min_rows_reason
     cdef mpscy_pool *stage_pool   # worker threads for staging large batches to a device, or NULL
-    cdef mpscy_copy_exp_fn stage_copy  # their copy loop (streaming stores where the CPU has them)
 
     def __cinit__(self, Device device not None, list layers not None, dict spec not None):
         cdef int n = len(layers)
@@ -263,12 +262,6 @@ cdef class Graph:
         elif device.backend != "cpu" and biggest >= (256 << 10):
             threads = min(4, max(1, (os.cpu_count() or 1) // 2))
         if threads > 1:
-            # $MPSCY_STAGE_ISA (avx512, avx2, plain) forces the copy loop: a testing knob
-            isa = os.environ.get("MPSCY_STAGE_ISA", "").encode()
-            self.stage_copy = mpscy_copy_exp_pick(isa)
-            if self.stage_copy == NULL:
-                raise _errors.InvalidArgumentError(
-                    f"MPSCY_STAGE_ISA={isa.decode()!r}: not one of avx512, avx2, plain that this CPU runs")
             _check(mpscy_pool_create(NULL, threads, &self.stage_pool), b"staging threads")
         out = layers[spec["output"]]["shape"]
         self.output_shape = tuple(out)
@@ -367,7 +360,7 @@ cdef class Graph:
                 raise _errors.ShapeError(f"{what} is not C-contiguous (use np.ascontiguousarray)")
             count = v.shape[0] * self.in_size[k]
             with nogil:
-                bad = _copy_finite_pool(self.stage_pool, self.stage_copy, self.in_ptr[k], <const float *>v.buf, count)
+                bad = _copy_finite_pool(self.stage_pool, self.in_ptr[k], <const float *>v.buf, count)
             if bad >= 0:
                 raise _errors.NonFiniteError(f"{what} contains NaN or Inf at row {bad // self.in_size[k]}")
             return <int>v.shape[0]
