@@ -440,21 +440,17 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
         v[2] += (double)a.S->correct_part[k];
     }
     block_sum3(v);
-    const double t = v[0], loss = v[1] / (double)b, norm = sqrt(t);
-    const int applied = isfinite(loss) && isfinite(norm);
-    const double coef = a.clip_norm > 0 ? a.clip_norm / (norm + 1e-6) : 1.0;
+    const double loss = v[1] / (double)b;
     if (blockIdx.x == 0 && threadIdx.x == 0) {
         a.S->loss = loss;
         a.R->loss = loss;
         a.R->correct = a.accuracy == MPSCY_ACCURACY_NONE ? -1 : (long long)v[2];
-        decide(a.S, a.R, t, a.clip_norm, 1);
     }
-    FU_MARK();
-    if (applied) update_slab(a.u, a.P, coef < 1.0 ? (float)coef : 1.0f);
+    decide_and_update(a.u, a.S, a.R, a.P, v[0], loss, a.clip_norm, 1);
     FU_MARK();
     if (a.trace && blockIdx.x == 0 && threadIdx.x == 0) {
         /* per mark, ns: copy, barrier, layer 0, barrier, row loaded, each later layer's forward,
-         * loss, each d(input), barrier, gradients, barrier, decision, update */
+         * loss, each d(input), barrier, gradients, barrier, decision and update */
         const int nt = T.n;
         printf("fused_mlp trace: %d blocks, SM clock %.0f MHz; ns per mark:", (int)gridDim.x,
                1e3 * (double)(T.c[nt - 1] - T.c[0]) / (double)(T.t[nt - 1] - T.t[0]));

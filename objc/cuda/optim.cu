@@ -58,13 +58,7 @@ __global__ void norm_update_kernel(update_args u, cu_scratch *S, cu_result *R, c
     t = block_sum(t);
     if (threadIdx.x == 0) total = t;
     __syncthreads();
-    t = total;
-    double norm = sqrt(t);
-    int applied = update && isfinite(S->loss) && isfinite(norm);
-    double coef = clip_norm > 0 ? clip_norm / (norm + 1e-6) : 1.0;
-    float cs = coef < 1.0 ? (float)coef : 1.0f;
-    if (blockIdx.x == 0 && threadIdx.x == 0) decide(S, R, t, clip_norm, update);
-    if (applied) update_slab(u, P, cs);
+    decide_and_update(u, S, R, P, total, S->loss, clip_norm, update);
 }
 
 __global__ void coop_probe_kernel(int *flag) {

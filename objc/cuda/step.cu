@@ -133,15 +133,20 @@ static int launch(cu_graph *g, int kind, int64_t b, char *err, size_t en) {
     return MPSCY_OK;
 }
 
-int cu_forward_backward(cu_graph *g, int64_t b, mpscy_step_result *r, char *err, size_t n) {
-    int st = launch(g, CU_KIND_GRAD, b, err, n);
-    if (st != MPSCY_OK) return st;
+/* What the kernels wrote into pinned memory for the evaluation just synchronized (whether an
+ * update was applied is the caller's to read: an L-BFGS call has its own). */
+static void read_result(const cu_graph *g, mpscy_step_result *r) {
     const cu_result *res = g->result;
     r->loss = res->loss;
     r->correct = res->correct;
     r->grad_norm = res->grad_norm;
     r->finite = res->finite;
-    return MPSCY_OK;
+}
+
+int cu_forward_backward(cu_graph *g, int64_t b, mpscy_step_result *r, char *err, size_t n) {
+    int st = launch(g, CU_KIND_GRAD, b, err, n);
+    if (st == MPSCY_OK) read_result(g, r);
+    return st;
 }
 
 int cu_graph_step(mpscy_graph gh, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t n) {
@@ -155,12 +160,8 @@ int cu_graph_step(mpscy_graph gh, const mpscy_step_args *a, mpscy_step_result *r
     int st = launch(g, kind, b, err, n);
     if (st != MPSCY_OK) return st;
 
-    const cu_result *res = g->result;
-    r->loss = res->loss;
-    r->correct = res->correct;
-    r->grad_norm = res->grad_norm;
-    r->finite = res->finite;
-    r->applied = res->applied;
+    read_result(g, r);
+    r->applied = g->result->applied;
     if (kind == CU_KIND_EVAL) return MPSCY_OK;
     if (!r->finite)
         return FAIL(MPSCY_NONFINITE, "loss %g, gradient norm %g: not finite, update skipped", r->loss, r->grad_norm);
