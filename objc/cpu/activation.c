@@ -2,49 +2,10 @@
  * Swish/SiLU, GELU exact and tanh), Softmax over one axis, and Flatten, with the derivatives
  * PyTorch uses. Each reads its input and/or output; none saves anything else. */
 #include "cpu.h"
+#include "../common/activation_math.h"
 
 #include <math.h>
 #include <string.h>
-
-#define SQRT_2_OVER_PI 0.7978845608028654
-#define GELU_C 0.044715
-
-static void act_forward(int kind, float *restrict y, const float *restrict x, int64_t n, double r0) {
-    // y (n), x (n)
-    switch (kind) {
-    case MPSCY_LAYER_RELU:
-        for (int64_t i = 0; i < n; i++) y[i] = x[i] > 0.0f ? x[i] : 0.0f;
-        break;
-    case MPSCY_LAYER_LEAKYRELU: {
-        float s = (float)r0;
-        for (int64_t i = 0; i < n; i++) y[i] = x[i] > 0.0f ? x[i] : x[i] * s;
-        break;
-    }
-    case MPSCY_LAYER_ELU: {
-        float al = (float)r0;
-        for (int64_t i = 0; i < n; i++) y[i] = x[i] > 0.0f ? x[i] : al * expm1f(x[i]);
-        break;
-    }
-    case MPSCY_LAYER_SIGMOID:
-        for (int64_t i = 0; i < n; i++) y[i] = 1.0f / (1.0f + expf(-x[i]));
-        break;
-    case MPSCY_LAYER_TANH:
-        for (int64_t i = 0; i < n; i++) y[i] = tanhf(x[i]);
-        break;
-    case MPSCY_LAYER_SWISH:
-        for (int64_t i = 0; i < n; i++) y[i] = x[i] / (1.0f + expf(-x[i]));
-        break;
-    }
-}
-
-/* d where v > 0, else 0; both operands are loaded, so the select vectorizes */
-static inline float select_pos(float v, float d) { return v > 0.0f ? d : 0.0f; }
-
-/* d/dx of x sigmoid(x), times d */
-static inline float swish_grad(float x, float d) {
-    float s = 1.0f / (1.0f + expf(-x));
-    return d * s * (1.0f + x * (1.0f - s));
-}
 
 /* dx[i] = d (overwrite) or dx[i] += d (accumulate), as two loops so both vectorize */
 #define EACH(expr) \
@@ -55,67 +16,47 @@ static inline float swish_grad(float x, float d) {
             for (int64_t i = 0; i < n; i++) dx[i] = (expr); \
     } while (0)
 
+/* One loop per kind, the kind a constant inside it, so each inlines to a vectorizable body. */
+#define PER_KIND(LOOP)                                     \
+    switch (kind) {                                        \
+    case MPSCY_LAYER_RELU: LOOP(MPSCY_LAYER_RELU); break;  \
+    case MPSCY_LAYER_LEAKYRELU: LOOP(MPSCY_LAYER_LEAKYRELU); break; \
+    case MPSCY_LAYER_ELU: LOOP(MPSCY_LAYER_ELU); break;    \
+    case MPSCY_LAYER_SIGMOID: LOOP(MPSCY_LAYER_SIGMOID); break; \
+    case MPSCY_LAYER_TANH: LOOP(MPSCY_LAYER_TANH); break;  \
+    case MPSCY_LAYER_SWISH: LOOP(MPSCY_LAYER_SWISH); break; \
+    }
+
+static void act_forward(int kind, float *restrict y, const float *restrict x, int64_t n, double r0) {
+    // y (n), x (n)
+    float r = (float)r0;
+#define FWD(K) for (int64_t i = 0; i < n; i++) y[i] = mpscy_act(K, x[i], r)
+    PER_KIND(FWD)
+#undef FWD
+}
+
 static void act_backward(int kind, float *restrict dx, const float *restrict dy, const float *restrict x,
                          const float *restrict y, int64_t n, double r0, int accum) {
-    // dx (n), dy (n), x (n) input, y (n) output; every operand is read unconditionally so the
-    // selects vectorize
+    // dx (n), dy (n), x (n) input, y (n) output
     float r = (float)r0;
-    switch (kind) {
-    case MPSCY_LAYER_RELU: EACH(select_pos(y[i], dy[i])); break;
-    case MPSCY_LAYER_LEAKYRELU: EACH(dy[i] * (x[i] > 0.0f ? 1.0f : r)); break;
-    case MPSCY_LAYER_ELU: EACH(dy[i] * (x[i] > 0.0f ? 1.0f : y[i] + r)); break;
-    case MPSCY_LAYER_SIGMOID: EACH(dy[i] * y[i] * (1.0f - y[i])); break;
-    case MPSCY_LAYER_TANH: EACH(dy[i] * (1.0f - y[i] * y[i])); break;
-    case MPSCY_LAYER_SWISH: EACH(swish_grad(x[i], dy[i])); break;
-    }
+#define BWD(K) EACH(mpscy_act_grad(K, dy[i], x[i], y[i], r))
+    PER_KIND(BWD)
+#undef BWD
 }
-#undef EACH
 
 static void gelu_forward(float *y, const float *x, int64_t n, int approx_tanh) {
-    // y (n), x (n); erf form, or the tanh approximation
-    for (int64_t i = 0; i < n; i++) {
-        double v = x[i];
-        y[i] = approx_tanh ? (float)(0.5 * v * (1.0 + tanh(SQRT_2_OVER_PI * (v + GELU_C * v * v * v))))
-                           : (float)(0.5 * v * (1.0 + erf(v * 0.7071067811865476)));
-    }
+    for (int64_t i = 0; i < n; i++) y[i] = mpscy_gelu(x[i], approx_tanh);  // y (n), x (n)
 }
 
 static void gelu_backward(float *dx, const float *dy, const float *x, int64_t n, int approx_tanh, int accum) {
-    for (int64_t i = 0; i < n; i++) {
-        double v = x[i], d;
-        if (approx_tanh) {
-            double u = SQRT_2_OVER_PI * (v + GELU_C * v * v * v), t = tanh(u);
-            d = 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * v * v);
-        } else {
-            d = 0.5 * (1.0 + erf(v * 0.7071067811865476)) + v * exp(-0.5 * v * v) * 0.3989422804014327;
-        }
-        float r = (float)(dy[i] * d);
-        dx[i] = accum ? dx[i] + r : r;
-    }
+    EACH((float)(dy[i] * mpscy_gelu_grad(x[i], approx_tanh)));
 }
-
-/* Softmax over `axis` of a per-sample shape, as (outer, len, inner) blocks. */
-static void axis_split(const mpscy_node *n, int64_t b, int64_t *outer, int64_t *len, int64_t *inner) {
-    int32_t ax = n->ints[0];
-    *outer = b;
-    *len = n->shape[ax];
-    *inner = 1;
-    for (int32_t d = 0; d < ax; d++) *outer *= n->shape[d];
-    for (int32_t d = ax + 1; d < n->rank; d++) *inner *= n->shape[d];
-}
+#undef EACH
+#undef PER_KIND
 
 static void softmax_forward(float *y, const float *x, int64_t outer, int64_t len, int64_t inner) {
     for (int64_t o = 0; o < outer; o++)
-        for (int64_t k = 0; k < inner; k++) {
-            const float *xr = x + o * len * inner + k;
-            float *yr = y + o * len * inner + k;
-            float m = xr[0];
-            for (int64_t i = 1; i < len; i++) m = xr[i * inner] > m ? xr[i * inner] : m;
-            double s = 0;
-            for (int64_t i = 0; i < len; i++) s += (yr[i * inner] = expf(xr[i * inner] - m));
-            float inv = (float)(1.0 / s);
-            for (int64_t i = 0; i < len; i++) yr[i * inner] *= inv;
-        }
+        for (int64_t k = 0; k < inner; k++) mpscy_softmax_row(y + o * len * inner + k, x + o * len * inner + k, len, inner);
 }
 
 static void softmax_backward(float *dx, const float *dy, const float *y, int64_t outer, int64_t len,
@@ -123,13 +64,7 @@ static void softmax_backward(float *dx, const float *dy, const float *y, int64_t
     for (int64_t o = 0; o < outer; o++)
         for (int64_t k = 0; k < inner; k++) {
             int64_t base = o * len * inner + k;
-            double dot = 0;
-            for (int64_t i = 0; i < len; i++) dot += (double)dy[base + i * inner] * y[base + i * inner];
-            for (int64_t i = 0; i < len; i++) {
-                int64_t j = base + i * inner;
-                float r = y[j] * (float)(dy[j] - dot);
-                dx[j] = accum ? dx[j] + r : r;
-            }
+            mpscy_softmax_row_grad(dx + base, dy + base, y + base, len, inner, accum);
         }
 }
 
@@ -171,7 +106,7 @@ static void act_task(void *ctx, int32_t t, int32_t nt) {
 }
 
 static void act_run(cpu_graph *g, act_job *j, int64_t b) {
-    if (j->n->kind == MPSCY_LAYER_SOFTMAX) axis_split(j->n, b, &j->outer, &j->len, &j->inner);
+    if (j->n->kind == MPSCY_LAYER_SOFTMAX) mpscy_axis_split(j->n, b, &j->outer, &j->len, &j->inner);
     if (j->count >= PARALLEL_MIN) cpu_parallel(g->pool, act_task, j);
     else act_task(j, 0, 1);
 }

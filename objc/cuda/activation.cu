@@ -3,34 +3,16 @@
  * Dense falls back on. Same formulas and derivatives as cpu/activation.c (GELU and the softmax
  * sums in double, as there). A ReLU fused into its Dense and an aliased Flatten launch nothing. */
 #include "cuda.h"
+#include "../common/activation_math.h"
 
-#define SQRT_2_OVER_PI 0.7978845608028654
-#define GELU_C 0.044715
 
 static unsigned grid_for(int64_t n) { return cu_blocks(n, CU_THREADS, 8192); }
 
 __global__ void activation_forward(float *y, const float *x, int64_t n, int kind, float r0, int approx) {
     // y (n), x (n)
     cu_pdl_enter();
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        float v = x[i], r;
-        switch (kind) {
-        case MPSCY_LAYER_RELU: r = v > 0.0f ? v : 0.0f; break;
-        case MPSCY_LAYER_LEAKYRELU: r = v > 0.0f ? v : v * r0; break;
-        case MPSCY_LAYER_ELU: r = v > 0.0f ? v : r0 * expm1f(v); break;
-        case MPSCY_LAYER_SIGMOID: r = 1.0f / (1.0f + expf(-v)); break;
-        case MPSCY_LAYER_TANH: r = tanhf(v); break;
-        case MPSCY_LAYER_SWISH: r = v / (1.0f + expf(-v)); break;
-        case MPSCY_LAYER_GELU: {
-            double d = v;
-            r = approx ? (float)(0.5 * d * (1.0 + tanh(SQRT_2_OVER_PI * (d + GELU_C * d * d * d))))
-                       : (float)(0.5 * d * (1.0 + erf(d * 0.7071067811865476)));
-            break;
-        }
-        default: r = v;
-        }
-        y[i] = r;
-    }
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        y[i] = kind == MPSCY_LAYER_GELU ? mpscy_gelu(x[i], approx) : mpscy_act(kind, x[i], r0);
 }
 
 __global__ void activation_backward(float *dx, const float *dy, const float *x, const float *y, int64_t n,
@@ -38,31 +20,8 @@ __global__ void activation_backward(float *dx, const float *dy, const float *x, 
     // dx (n), dy (n), x (n) input, y (n) output
     cu_pdl_enter();
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        float d, g = dy[i];
-        switch (kind) {
-        case MPSCY_LAYER_RELU: d = y[i] > 0.0f ? g : 0.0f; break;
-        case MPSCY_LAYER_LEAKYRELU: d = x[i] > 0.0f ? g : g * r0; break;
-        case MPSCY_LAYER_ELU: d = x[i] > 0.0f ? g : g * (y[i] + r0); break;
-        case MPSCY_LAYER_SIGMOID: d = g * y[i] * (1.0f - y[i]); break;
-        case MPSCY_LAYER_TANH: d = g * (1.0f - y[i] * y[i]); break;
-        case MPSCY_LAYER_SWISH: {
-            float s = 1.0f / (1.0f + expf(-x[i]));
-            d = g * s * (1.0f + x[i] * (1.0f - s));
-            break;
-        }
-        case MPSCY_LAYER_GELU: {
-            double v = x[i], k;
-            if (approx) {
-                double u = SQRT_2_OVER_PI * (v + GELU_C * v * v * v), t = tanh(u);
-                k = 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * v * v);
-            } else {
-                k = 0.5 * (1.0 + erf(v * 0.7071067811865476)) + v * exp(-0.5 * v * v) * 0.3989422804014327;
-            }
-            d = (float)(g * k);
-            break;
-        }
-        default: d = g;
-        }
+        float d = kind == MPSCY_LAYER_GELU ? (float)(dy[i] * mpscy_gelu_grad(x[i], approx))
+                                           : mpscy_act_grad(kind, dy[i], x[i], y[i], r0);
         dx[i] = accum ? dx[i] + d : d;
     }
 }
@@ -74,14 +33,7 @@ __global__ void softmax_forward(float *y, const float *x, int64_t outer, int64_t
     int64_t r = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
     if (r >= outer * inner) return;
     int64_t base = (r / inner) * len * inner + r % inner;
-    const float *xr = x + base;
-    float *yr = y + base;
-    float m = xr[0];
-    for (int64_t i = 1; i < len; i++) m = xr[i * inner] > m ? xr[i * inner] : m;
-    double s = 0;
-    for (int64_t i = 0; i < len; i++) s += (yr[i * inner] = expf(xr[i * inner] - m));
-    float inv = (float)(1.0 / s);
-    for (int64_t i = 0; i < len; i++) yr[i * inner] *= inv;
+    mpscy_softmax_row(y + base, x + base, len, inner);
 }
 
 __global__ void softmax_backward(float *dx, const float *dy, const float *y, int64_t outer, int64_t len,
@@ -91,13 +43,7 @@ __global__ void softmax_backward(float *dx, const float *dy, const float *y, int
     int64_t r = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
     if (r >= outer * inner) return;
     int64_t base = (r / inner) * len * inner + r % inner;
-    double dot = 0;
-    for (int64_t i = 0; i < len; i++) dot += (double)dy[base + i * inner] * y[base + i * inner];
-    for (int64_t i = 0; i < len; i++) {
-        int64_t j = base + i * inner;
-        float v = y[j] * (float)(dy[j] - dot);
-        dx[j] = accum ? dx[j] + v : v;
-    }
+    mpscy_softmax_row_grad(dx + base, dy + base, y + base, len, inner, accum);
 }
 
 __global__ void copy_forward(float *dx, const float *dy, int64_t n, int accum) {
@@ -203,15 +149,6 @@ int cu_bias_act_backward(cu_graph *g, cudaStream_t s, float *dz, float *db, cons
     return CU_LAUNCHED("bias_act_backward");
 }
 
-static void axis_split(const mpscy_node *n, int64_t b, int64_t *outer, int64_t *len, int64_t *inner) {
-    int32_t ax = n->ints[0];
-    *outer = b;
-    *len = n->shape[ax];
-    *inner = 1;
-    for (int32_t d = 0; d < ax; d++) *outer *= n->shape[d];
-    for (int32_t d = ax + 1; d < n->rank; d++) *inner *= n->shape[d];
-}
-
 int cu_activation_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en) {
     (void)train;
     int64_t i = cu_node_index(g, n), count = b * n->size;
@@ -220,7 +157,7 @@ int cu_activation_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train
     const float *x = g->y[n->in[0]];
     if (n->kind == MPSCY_LAYER_SOFTMAX) {
         int64_t outer, len, inner;
-        axis_split(n, b, &outer, &len, &inner);
+        mpscy_axis_split(n, b, &outer, &len, &inner);
         CU_TRY(cu_launch(g, softmax_forward, cu_blocks(outer * inner, 128, 1 << 30), 128, g->stream, y, x, outer, len, inner),
                "softmax_forward");
         return CU_LAUNCHED("softmax_forward");
@@ -239,7 +176,7 @@ int cu_activation_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *er
     const float *dy = g->dy[i], *x = g->y[n->in[0]], *y = g->y[i];
     if (n->kind == MPSCY_LAYER_SOFTMAX) {
         int64_t outer, len, inner;
-        axis_split(n, b, &outer, &len, &inner);
+        mpscy_axis_split(n, b, &outer, &len, &inner);
         CU_TRY(cu_launch(g, softmax_backward, cu_blocks(outer * inner, 128, 1 << 30), 128, g->stream, dx, dy, y, outer, len,
                          inner, (int)n->accum[0]),
                "softmax_backward");

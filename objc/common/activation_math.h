@@ -1,0 +1,98 @@
+/* activation_math.h — the element-wise activations, their derivatives and Softmax over one
+ * strided row, written once and included by the CPU (C) and CUDA (.cu) backends (as
+ * optim_math.h is), with PyTorch's formulas: GELU and the softmax sums in double. */
+#ifndef MPSCY_ACTIVATION_MATH_H
+#define MPSCY_ACTIVATION_MATH_H
+
+#include <math.h>
+#include <stdint.h>
+#include "plan.h"
+
+#if defined(__CUDACC__)
+#define MPSCY_AHD __host__ __device__ __forceinline__
+#else
+#define MPSCY_AHD static inline
+#endif
+
+#define MPSCY_SQRT_2_OVER_PI 0.7978845608028654
+#define MPSCY_GELU_C 0.044715
+
+/* y of one element for ReLU, LeakyReLU (r = slope), ELU (r = alpha), Sigmoid, Tanh, Swish; x otherwise */
+MPSCY_AHD float mpscy_act(int kind, float x, float r) {
+    switch (kind) {
+    case MPSCY_LAYER_RELU: return x > 0.0f ? x : 0.0f;
+    case MPSCY_LAYER_LEAKYRELU: return x > 0.0f ? x : x * r;
+    case MPSCY_LAYER_ELU: return x > 0.0f ? x : r * expm1f(x);
+    case MPSCY_LAYER_SIGMOID: return 1.0f / (1.0f + expf(-x));
+    case MPSCY_LAYER_TANH: return tanhf(x);
+    case MPSCY_LAYER_SWISH: return x / (1.0f + expf(-x));
+    default: return x;
+    }
+}
+
+/* d(input) of one element from d(output) g, the input x and the output y (every operand read,
+ * so a loop over a fixed kind vectorizes) */
+MPSCY_AHD float mpscy_act_grad(int kind, float g, float x, float y, float r) {
+    switch (kind) {
+    case MPSCY_LAYER_RELU: return y > 0.0f ? g : 0.0f;
+    case MPSCY_LAYER_LEAKYRELU: return g * (x > 0.0f ? 1.0f : r);
+    case MPSCY_LAYER_ELU: return g * (x > 0.0f ? 1.0f : y + r);
+    case MPSCY_LAYER_SIGMOID: return g * y * (1.0f - y);
+    case MPSCY_LAYER_TANH: return g * (1.0f - y * y);
+    case MPSCY_LAYER_SWISH: {
+        float s = 1.0f / (1.0f + expf(-x));
+        return g * s * (1.0f + x * (1.0f - s));
+    }
+    default: return g;
+    }
+}
+
+/* GELU, exact (erf) or the tanh approximation, and its derivative */
+MPSCY_AHD float mpscy_gelu(float x, int approx_tanh) {
+    double v = x;
+    return approx_tanh ? (float)(0.5 * v * (1.0 + tanh(MPSCY_SQRT_2_OVER_PI * (v + MPSCY_GELU_C * v * v * v))))
+                       : (float)(0.5 * v * (1.0 + erf(v * 0.7071067811865476)));
+}
+
+MPSCY_AHD double mpscy_gelu_grad(float x, int approx_tanh) {
+    double v = x;
+    if (approx_tanh) {
+        double t = tanh(MPSCY_SQRT_2_OVER_PI * (v + MPSCY_GELU_C * v * v * v));
+        return 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * MPSCY_SQRT_2_OVER_PI * (1.0 + 3.0 * MPSCY_GELU_C * v * v);
+    }
+    return 0.5 * (1.0 + erf(v * 0.7071067811865476)) + v * exp(-0.5 * v * v) * 0.3989422804014327;
+}
+
+/* Softmax of one row of len elements, `inner` apart: y (len), x (len) */
+MPSCY_AHD void mpscy_softmax_row(float *y, const float *x, int64_t len, int64_t inner) {
+    float m = x[0];
+    for (int64_t i = 1; i < len; i++) m = x[i * inner] > m ? x[i * inner] : m;
+    double s = 0;
+    for (int64_t i = 0; i < len; i++) s += (y[i * inner] = expf(x[i * inner] - m));
+    float inv = (float)(1.0 / s);
+    for (int64_t i = 0; i < len; i++) y[i * inner] *= inv;
+}
+
+/* Its backward: dx = y (dy - dy . y), written or accumulated */
+MPSCY_AHD void mpscy_softmax_row_grad(float *dx, const float *dy, const float *y, int64_t len, int64_t inner,
+                                      int accum) {
+    double dot = 0;
+    for (int64_t i = 0; i < len; i++) dot += (double)dy[i * inner] * y[i * inner];
+    for (int64_t i = 0; i < len; i++) {
+        int64_t j = i * inner;
+        float r = y[j] * (float)(dy[j] - dot);
+        dx[j] = accum ? dx[j] + r : r;
+    }
+}
+
+/* A Softmax node's axis as (outer, len, inner) blocks of a batch of b samples. */
+MPSCY_AHD void mpscy_axis_split(const mpscy_node *n, int64_t b, int64_t *outer, int64_t *len, int64_t *inner) {
+    int32_t ax = n->ints[0];
+    *outer = b;
+    *len = n->shape[ax];
+    *inner = 1;
+    for (int32_t d = 0; d < ax; d++) *outer *= n->shape[d];
+    for (int32_t d = ax + 1; d < n->rank; d++) *inner *= n->shape[d];
+}
+
+#endif /* MPSCY_ACTIVATION_MATH_H */
