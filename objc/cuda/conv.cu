@@ -72,13 +72,14 @@ __global__ void col2im_kernel(float *dx, const float *dcol, conv_geom g, int64_t
     }
 }
 
-/* dW (kg x ocg per group, column-major) = the sum of the split-K partials, in order */
-__global__ void conv_dw_reduce(float *dw, const float *part, int64_t count, int64_t splits) {
+/* out (count) = the sum of `splits` partials part (splits, count), in order: the weight
+ * gradient's split-K partials, and the bias gradient's chunk sums */
+__global__ void conv_sum_parts(float *out, const float *part, int64_t count, int64_t splits) {
     cu_pdl_enter();
     for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < count; e += (int64_t)gridDim.x * blockDim.x) {
         float v = 0.0f;
         for (int64_t s = 0; s < splits; s++) v += part[s * count + e];
-        dw[e] = v;
+        out[e] = v;
     }
 }
 
@@ -110,16 +111,6 @@ __global__ void conv_dz_kernel(float *dzt, float *dbp, const float *dy, const fl
     }
     sum = block_sum(sum);
     if (threadIdx.x == 0) dbp[blockIdx.x * OC + o] = sum;
-}
-
-/* db (OC) = the chunk sums of conv_dz_kernel, in order */
-__global__ void conv_db_kernel(float *db, const float *dbp, int64_t oc, int64_t chunks) {
-    cu_pdl_enter();
-    for (int64_t o = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; o < oc; o += (int64_t)gridDim.x * blockDim.x) {
-        float v = 0.0f;
-        for (int64_t c = 0; c < chunks; c++) v += dbp[c * oc + o];
-        db[o] = v;
-    }
 }
 
 #define DZ_CHUNK 4096  /* elements of one channel per conv_dz block */
@@ -181,7 +172,7 @@ static int conv_gemm(cu_graph *gr, int which, const conv_geom &g, int64_t nb, in
         }
         if (st == MPSCY_OK) {
             int64_t splits = full + (tail ? 1 : 0);
-            CU_TRY(cu_launch(gr, conv_dw_reduce, cu_blocks(kgo, CU_THREADS, 4096), CU_THREADS, gr->stream, c,
+            CU_TRY(cu_launch(gr, conv_sum_parts, cu_blocks(kgo, CU_THREADS, 4096), CU_THREADS, gr->stream, c,
                              (const float *)part, kgo, splits),
                    "conv_dw_reduce");
             return CU_LAUNCHED("conv_dw_reduce");
@@ -250,7 +241,7 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
            "conv_dz");
     int st = CU_LAUNCHED("conv_dz");
     if (st == MPSCY_OK && db) {
-        CU_TRY(cu_launch(gr, conv_db_kernel, cu_blocks(g.oc, CU_THREADS, 64), CU_THREADS, gr->stream, db,
+        CU_TRY(cu_launch(gr, conv_sum_parts, cu_blocks(g.oc, CU_THREADS, 64), CU_THREADS, gr->stream, db,
                          (const float *)dbp, g.oc, chunks),
                "conv_db");
         st = CU_LAUNCHED("conv_db");
