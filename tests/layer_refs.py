@@ -25,8 +25,9 @@ def numeric_grad(f, x, eps=1e-6):
 
 
 def rel_err(a, b):
+    """max |a - b| / max |b| in float64 (0 for empty arrays)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)) if b.size else 0.0
 
 
 # ------------------------------------------------------------------ convolution

@@ -78,23 +78,31 @@ class RefSGD(RefOptimizer):
         p[k] = p[k] - h["lr"] * g
 
 
+def _adam_moments(h, k, p, g, s, decoupled_key):
+    """The first half of Adam, AdamW and NAdam: maximize, weight decay (decoupled when
+    h[decoupled_key], applied to p[k] then), and the moment updates m, v in s. Returns (g, m, v)."""
+    b1, b2 = h.get("betas", (0.9, 0.999))
+    if h.get("maximize"):
+        g = -g
+    wd = h.get("weight_decay", 0)
+    if wd:
+        if h.get(decoupled_key):
+            p[k] = p[k] * (1 - h["lr"] * wd)
+        else:
+            g = g + wd * p[k]
+    m = s.setdefault("m", np.zeros_like(g))
+    v = s.setdefault("v", np.zeros_like(g))
+    m += (1 - b1) * (g - m)
+    v *= b2
+    v += (1 - b2) * g * g
+    return g, m, v
+
+
 class RefAdam(RefOptimizer):
     def update(self, k, p, g, s):
         h = self.hp
+        g, m, v = _adam_moments(h, k, p, g, s, "decoupled")
         b1, b2 = h.get("betas", (0.9, 0.999))
-        if h.get("maximize"):
-            g = -g
-        wd = h.get("weight_decay", 0)
-        if wd:
-            if h.get("decoupled"):
-                p[k] = p[k] * (1 - h["lr"] * wd)
-            else:
-                g = g + wd * p[k]
-        m = s.setdefault("m", np.zeros_like(g))
-        v = s.setdefault("v", np.zeros_like(g))
-        m += (1 - b1) * (g - m)
-        v *= b2
-        v += (1 - b2) * g * g
         vv = v
         if h.get("amsgrad"):
             s["vmax"] = np.maximum(s.get("vmax", np.zeros_like(g)), v)
@@ -175,20 +183,8 @@ class RefNAdam(RefOptimizer):
 
     def update(self, k, p, g, s):
         h = self.hp
-        b1, b2 = h.get("betas", (0.9, 0.999))
-        if h.get("maximize"):
-            g = -g
-        wd = h.get("weight_decay", 0)
-        if wd:
-            if h.get("decoupled_weight_decay"):
-                p[k] = p[k] * (1 - h["lr"] * wd)
-            else:
-                g = g + wd * p[k]
-        m = s.setdefault("m", np.zeros_like(g))
-        v = s.setdefault("v", np.zeros_like(g))
-        m += (1 - b1) * (g - m)
-        v *= b2
-        v += (1 - b2) * g * g
+        g, m, v = _adam_moments(h, k, p, g, s, "decoupled_weight_decay")
+        b2 = h.get("betas", (0.9, 0.999))[1]
         denom = np.sqrt(v / (1 - b2 ** self.t)) + h.get("eps", 1e-8)
         p[k] = p[k] - h["lr"] * (1 - self.mu) / (1 - self.prod) * g / denom
         p[k] = p[k] - h["lr"] * self.mu_next / (1 - self.prod * self.mu_next) * m / denom

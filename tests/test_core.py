@@ -7,6 +7,8 @@ import pytest
 import mpscy
 from mpscy import layers, optim
 
+from layer_refs import numeric_grad, rel_err
+
 # ------------------------------------------------------------------ float64 references
 
 
@@ -46,25 +48,8 @@ def ref_mse(out, target):
     return (d ** 2).mean(), 2 * d / d.size
 
 
-def numeric_grad(f, x, eps=1e-6):
-    g = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        old = x[i]
-        x[i] = old + eps
-        up = f()
-        x[i] = old - eps
-        down = f()
-        x[i] = old
-        g[i] = (up - down) / (2 * eps)
-    return g
-
-
 def as64(d):
     return {k: v.astype(np.float64) for k, v in d.items()}
-
-
-def rel_err(a, b):
-    return np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)
 
 
 def mlp(inputs=12, hidden=16, classes=5, shape=None):

@@ -11,16 +11,13 @@ import mpscy
 from mpscy import layers as L
 from mpscy import losses, optim
 
+from layer_refs import rel_err
+
 HAVE_CUDA = "cuda" in mpscy.backends()
 cuda_only = pytest.mark.skipif(not HAVE_CUDA, reason="cuda backend not built or no GPU here")
 
 PARAM_TOL = 1e-4
 FORWARD_TOL = 1e-5
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12)) if b.size else 0.0
 
 
 def pair(build, input_shape, loss="sparse_cross_entropy", opt=lambda: optim.Adam(1e-3), batch=16, **kw):

@@ -57,6 +57,22 @@ def _mlp_fg(x, y, wd, like):
     return fg
 
 
+def _torch_lbfgs(torch, dtype, p0, x, y, line_search):
+    """torch.optim.LBFGS with OPTIONS on the test MLP (tanh, cross-entropy, WD/2 |theta|^2) in
+    `dtype`, from parameters p0: (parameter tensors, optimizer, closure)."""
+    tp = [torch.tensor(v, dtype=dtype, requires_grad=True) for v in p0.values()]
+    opt = torch.optim.LBFGS(tp, line_search_fn=line_search, **OPTIONS)
+    xt, yt = torch.tensor(x, dtype=dtype), torch.tensor(y, dtype=torch.long)
+
+    def closure():
+        opt.zero_grad()
+        z = torch.tanh(xt @ tp[0].T + tp[1]) @ tp[2].T + tp[3]
+        loss = torch.nn.functional.cross_entropy(z, yt) + 0.5 * WD * sum((v * v).sum() for v in tp)
+        loss.backward()
+        return loss
+    return tp, opt, closure
+
+
 @pytest.mark.parametrize("line_search", [None, "strong_wolfe"])
 def test_reference_matches_torch(line_search):
     torch = pytest.importorskip("torch")
@@ -65,16 +81,7 @@ def test_reference_matches_torch(line_search):
     ref = RefLBFGS(line_search_fn=line_search, **OPTIONS)
     theta = _flat(p0)
     fg = _mlp_fg(x, y, WD, p0)
-    tp = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in p0.values()]
-    opt = torch.optim.LBFGS(tp, line_search_fn=line_search, **OPTIONS)
-    xt, yt = torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.long)
-
-    def closure():
-        opt.zero_grad()
-        z = torch.tanh(xt @ tp[0].T + tp[1]) @ tp[2].T + tp[3]
-        loss = torch.nn.functional.cross_entropy(z, yt) + 0.5 * WD * sum((v * v).sum() for v in tp)
-        loss.backward()
-        return loss
+    tp, opt, closure = _torch_lbfgs(torch, torch.float64, p0, x, y, line_search)
 
     for _ in range(6):
         theta, _ = ref.step(theta, fg)
@@ -258,16 +265,7 @@ def test_float32_lbfgs_on_the_mlp_cannot_track_float64_for_30_steps(line_search)
     p0 = mpscy.Engine(mlp(), optimizer=optim.SGD(), batch_size=8, device="cpu", seed=3).get_parameters()
     theta, fg = _flat(p0), _mlp_fg(x, y, WD, p0)
     ref = RefLBFGS(line_search_fn=line_search, **OPTIONS)
-    tp = [torch.tensor(v, dtype=torch.float32, requires_grad=True) for v in p0.values()]
-    opt = torch.optim.LBFGS(tp, line_search_fn=line_search, **OPTIONS)
-    xt, yt = torch.tensor(x), torch.tensor(y, dtype=torch.long)
-
-    def closure():
-        opt.zero_grad()
-        z = torch.tanh(xt @ tp[0].T + tp[1]) @ tp[2].T + tp[3]
-        loss = torch.nn.functional.cross_entropy(z, yt) + 0.5 * WD * sum((v * v).sum() for v in tp)
-        loss.backward()
-        return loss
+    tp, opt, closure = _torch_lbfgs(torch, torch.float32, p0, x, y, line_search)
 
     errs = []
     for _ in range(30):
