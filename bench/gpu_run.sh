@@ -4,7 +4,8 @@
 # runs bench/cuda_bench.py, and profiles one step's kernels with ncu when it is there.
 # Summaries go to stdout; full logs to $OUT (default /tmp/mpscy-gpu): build.log, pytest_cuda.log,
 # pytest_cpu.log, bench.json, ncu_<model>.csv. Wheels in $WHEELS (scipy-openblas32, memray) are
-# installed to /tmp/site first when given (machines without network).
+# installed to /tmp/site first when given (machines without network). Narrower runs: TESTS (pytest
+# paths), PYTEST_ARGS, BENCH_ARGS (e.g. "--only cnn"), PROFILE_MODELS, SKIP_TESTS/SKIP_BENCH/SKIP_PROFILE.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/mpscy-gpu}
@@ -26,7 +27,7 @@ export PYTHONPATH=$PWD/src:${PYTHONPATH:-}
 $PY -c "import mpscy; from mpscy import layers as L; print('backends:', mpscy.backends()); print(mpscy.Engine(mpscy.Sequential([L.Dense(2)], input_shape=(2,)), loss='mse', device='cuda').device_info())"
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-    MPSCY_DEVICE=cuda timeout ${TEST_TIMEOUT:-240} $PY -m pytest tests -q -ra -p no:cacheprovider ${PYTEST_ARGS:-} \
+    MPSCY_DEVICE=cuda timeout ${TEST_TIMEOUT:-240} $PY -m pytest ${TESTS:-tests} -q -ra -p no:cacheprovider ${PYTEST_ARGS:-} \
         > "$OUT/pytest_cuda.log" 2>&1
     echo "pytest (cuda): exit $?"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_cuda.log" | head -30; tail -1 "$OUT/pytest_cuda.log"
     if [ "${CPU_TESTS:-1}" = 1 ]; then

@@ -118,6 +118,15 @@ LAYER_MODELS = {
     # b*OH*OW = 16384: the weight gradient runs as a batch of K chunks (conv.cu)
     "conv_long_k": (lambda: [_maybe("Conv2D")(4, 3, padding=1), L.ReLU(), _maybe("Conv2D")(3, 3, stride=2), L.Flatten(),
                              L.Dense(5)], (2, 32, 32)),
+    # b*OH*OW = 4096 with tiles of both sizes, ragged at their edges, groups, and 3x3, 5x5 and 1x1
+    # kernels (compiled-size im2col/col2im), then a 2x3 dilated one (the generic pair)
+    "conv_long_k_tiles": (lambda: [_maybe("Conv2D")(40, 3, padding=1), L.ReLU(),
+                                   _maybe("Conv2D")(36, 5, padding=2, groups=4), L.Tanh(),
+                                   _maybe("Conv2D")(8, 1), L.ReLU(), _maybe("Conv2D")(6, (2, 3), dilation=(1, 2)),
+                                   L.Flatten(), L.Dense(5)], (3, 16, 16)),
+    # a stride that is neither 1 nor 2 (col2im's runtime-stride form), unequal strides (generic)
+    "conv_stride3": (lambda: [_maybe("Conv2D")(4, 3, padding=1), L.ReLU(), _maybe("Conv2D")(5, 3, stride=3, padding=1),
+                              L.Tanh(), _maybe("Conv2D")(3, 3, stride=(1, 2)), L.Flatten(), L.Dense(5)], (2, 11, 11)),
 }
 
 
@@ -151,6 +160,16 @@ def test_layer_matches_cpu(name, rng):
     assert rel_err(out_g, out_c) <= FORWARD_TOL
     compare_training(cpu, gpu, rng)
     assert rel_err(gpu.predict(x), cpu.predict(x)) <= 10 * PARAM_TOL
+
+
+@cuda_only
+def test_conv_long_k_with_odd_and_partial_batches_matches_cpu(rng):
+    """b*OH*OW = 4500 and 4275 (a partial batch of 19): the weight gradient's own split-K kernel
+    with float4 loads and, for the odd count, scalar ones; a 3x3 and a 5x5 col2im of both."""
+    build = lambda: [_maybe("Conv2D")(20, 3, padding=1), L.ReLU(), _maybe("Conv2D")(6, 5, padding=2), L.Flatten(),
+                     L.Dense(5)]
+    cpu, gpu = pair(build, (3, 15, 15), batch=20)
+    compare_training(cpu, gpu, rng, rows=[20, 19, 20, 7])
 
 
 @cuda_only

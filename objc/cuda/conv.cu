@@ -72,21 +72,385 @@ __global__ void col2im_kernel(float *dx, const float *dcol, conv_geom g, int64_t
     }
 }
 
-/* out (count) = the sum of `splits` partials part (splits, count), in order: the weight
- * gradient's split-K partials, and the bias gradient's chunk sums */
-__global__ void conv_sum_parts(float *out, const float *part, int64_t count, int64_t splits) {
+/* The same two kernels for a square KS x KS kernel known at compile time (1, 3, 5, 7): every
+ * tap's load is issued before the first is used, so a thread waits for memory once instead of
+ * once per tap (the generic loops above are latency-bound: one dependent load per tap). */
+template <int KS>
+__global__ void im2col_fixed(float *__restrict__ col, const float *__restrict__ x, conv_geom g, int64_t b) {
     cu_pdl_enter();
-    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < count; e += (int64_t)gridDim.x * blockDim.x) {
-        float v = 0.0f;
-        for (int64_t s = 0; s < splits; s++) v += part[s * count + e];
-        out[e] = v;
+    const unsigned nb = (unsigned)(b * g.ohw), ohw = (unsigned)g.ohw, ow_ = (unsigned)g.ow;
+    const int H = (int)g.h, W = (int)g.w, sh = (int)g.sh, sw = (int)g.sw, ph = (int)g.ph, pw = (int)g.pw,
+              dh = (int)g.dh, dw = (int)g.dw;
+    const unsigned C = (unsigned)g.c;
+    for (unsigned c = blockIdx.y; c < C; c += gridDim.y) {
+        float *rows = col + (size_t)c * KS * KS * nb;
+        for (unsigned j = blockIdx.x * blockDim.x + threadIdx.x; j < nb; j += gridDim.x * blockDim.x) {
+            const unsigned s = j / ohw, o = j - s * ohw, oh = o / ow_, ow = o - oh * ow_;
+            const float *xp = x + ((size_t)s * C + c) * (unsigned)(H * W);
+            const int ih0 = (int)oh * sh - ph, iw0 = (int)ow * sw - pw;
+            float v[KS * KS];
+#pragma unroll
+            for (int ki = 0; ki < KS; ki++) {
+                const int ih = ih0 + ki * dh;
+                const bool rin = ih >= 0 && ih < H;
+#pragma unroll
+                for (int kj = 0; kj < KS; kj++) {
+                    const int iw = iw0 + kj * dw;
+                    v[ki * KS + kj] = rin && iw >= 0 && iw < W ? __ldg(&xp[ih * W + iw]) : 0.0f;
+                }
+            }
+#pragma unroll
+            for (int t = 0; t < KS * KS; t++) rows[(size_t)t * nb + j] = v[t];
+        }
     }
 }
 
-/* y (b, OC, OHW) = yt (OC, b*OHW) + bias, through the fused ReLU when relu. */
-__global__ void conv_out_kernel(float *y, const float *yt, const float *bias, int64_t b, int64_t oc, int64_t ohw, int relu) {
+/* col2im for a KS x KS kernel and stride S (1, 2; 0: any, read from g): blockIdx.y walks groups
+ * of VP (sample, channel) planes, x the positions of a plane; a thread resolves its position's taps
+ * once and loads them from all VP planes before adding any, so it waits for memory once for
+ * KS*KS*VP loads (one plane per thread left the kernel bound by the latency of short blocks). A
+ * compiled stride turns the tap tests into shifts (a runtime division costs ~30 instructions). */
+template <int KS, int S>
+__global__ void col2im_fixed(float *__restrict__ dx, const float *__restrict__ dcol, conv_geom g, int64_t b,
+                             int accum) {
+    constexpr int VP = KS <= 3 ? 4 : 1;
+    cu_pdl_enter();
+    const unsigned nb = (unsigned)(b * g.ohw), W = (unsigned)g.w, hw = (unsigned)(g.h * g.w), C = (unsigned)g.c,
+                   OHW = (unsigned)g.ohw, planes = (unsigned)b * C;
+    const int sh = S ? S : (int)g.sh, sw = S ? S : (int)g.sw, ph = (int)g.ph, pw = (int)g.pw, dh = (int)g.dh,
+              dw = (int)g.dw, OH = (int)g.oh, OW = (int)g.ow;
+    for (unsigned pb = blockIdx.y * VP; pb < planes; pb += gridDim.y * VP) {
+        for (unsigned p = blockIdx.x * blockDim.x + threadIdx.x; p < hw; p += gridDim.x * blockDim.x) {
+            const int ih = (int)(p / W), iw = (int)(p - (unsigned)ih * W);
+            int ohs[KS], ows[KS];  /* the output row (column) tap ki (kj) reads from, or -1 */
+#pragma unroll
+            for (int k = 0; k < KS; k++) {
+                const int th = ih + ph - k * dh, tw = iw + pw - k * dw;
+                int oh, ow;
+                if (S == 1) { oh = th; ow = tw; }
+                else if (S == 2) { oh = th & 1 ? -1 : th >> 1; ow = tw & 1 ? -1 : tw >> 1; }
+                else {
+                    oh = th >= 0 && th % sh == 0 ? th / sh : -1;
+                    ow = tw >= 0 && tw % sw == 0 ? tw / sw : -1;
+                }
+                ohs[k] = th >= 0 && oh >= 0 && oh < OH ? oh : -1;
+                ows[k] = tw >= 0 && ow >= 0 && ow < OW ? ow : -1;
+            }
+            float t[VP][KS * KS];
+#pragma unroll
+            for (int v = 0; v < VP; v++) {
+                const unsigned plane = pb + v, s = plane / C, c = plane - s * C;
+                const float *base = dcol + (size_t)c * KS * KS * nb + s * OHW;
+#pragma unroll
+                for (int ki = 0; ki < KS; ki++)
+#pragma unroll
+                    for (int kj = 0; kj < KS; kj++)
+                        t[v][ki * KS + kj] = plane < planes && ohs[ki] >= 0 && ows[kj] >= 0
+                                                 ? __ldg(&base[(size_t)(ki * KS + kj) * nb + (unsigned)(ohs[ki] * OW + ows[kj])])
+                                                 : 0.0f;
+            }
+#pragma unroll
+            for (int v = 0; v < VP; v++) {
+                if (pb + v >= planes) break;
+                float sum = 0.0f;  /* in tap order, as the generic kernel sums */
+#pragma unroll
+                for (int k = 0; k < KS * KS; k++) sum += t[v][k];
+                float *d = dx + (size_t)(pb + v) * hw + p;
+                *d = accum ? *d + sum : sum;
+            }
+        }
+    }
+}
+
+/* out (count) = the sum of `splits` partials part (splits, count): the weight gradient's split-K
+ * partials, and the bias gradient's chunk sums. A block of 8 warps takes 32 outputs: warp w adds
+ * splits w, w + 8, ... (coalesced across the warp), then one warp adds the 8 sums in order, so the
+ * result is the same bits on every run. */
+__global__ void conv_sum_parts(float *out, const float *part, int64_t count, int64_t splits) {
+    __shared__ float sums[8][33];
+    cu_pdl_enter();
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    for (int64_t e0 = (int64_t)blockIdx.x * 32; e0 < count; e0 += (int64_t)gridDim.x * 32) {
+        const int64_t e = e0 + lane;
+        float v = 0.0f;
+        if (e < count)
+#pragma unroll 4
+            for (int64_t s = w; s < splits; s += 8) v += __ldg(&part[s * count + e]);
+        sums[w][lane] = v;
+        __syncthreads();
+        if (w == 0 && e < count) {
+            float t = sums[0][lane];
+#pragma unroll
+            for (int k = 1; k < 8; k++) t += sums[k][lane];
+            out[e] = t;
+        }
+        __syncthreads();
+    }
+}
+
+/* The weight gradient's product over a long K, both operands K-contiguous (the "NT" product of
+ * every convolution's backward): part[z] (M, N) = A[:, Kz] B[:, Kz]^T for the z-th chunk of K,
+ * A (M, K) row-major with lda, B (N, K) with ldb. A (16 TM) x (16 TN) tile per block of 256
+ * threads, two blocks per multiprocessor, TM x TN outputs per thread from vector reads of shared
+ * memory; the next 32-wide K step is loaded into registers (as float4 when VEC: rows 16-byte
+ * aligned) while this one is multiplied. cuBLASLt picks small SIMT tiles for these skinny fp32
+ * products and ran them at ~9 TFLOP/s on the H100. */
+#define DW_BK 32
+template <int T>
+static __device__ __forceinline__ void lds_vec(float (&v)[T], const float *p) {
+    if constexpr (T == 4) {
+        float4 t = *reinterpret_cast<const float4 *>(p);
+        v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w;
+    } else {
+        float2 t = *reinterpret_cast<const float2 *>(p);
+        v[0] = t.x; v[1] = t.y;
+    }
+}
+
+/* a (R, K) operand's 32-wide K step into registers: 2 R / 16 floats per thread (R = 16 T) */
+template <int T, bool VEC>
+static __device__ __forceinline__ void dw_load(float (&r)[2 * T], const float *__restrict__ a, int r0, int rows,
+                                               int64_t ld, int64_t kb, int64_t k1) {
+    const int tid = threadIdx.x;
+    if constexpr (VEC) {  /* 8 float4 per row; whole float4 in or out of K (K % 4 == 0) */
+#pragma unroll
+        for (int q = 0; q < T / 2; q++) {
+            const int e = tid + 256 * q, row = r0 + e / 8;
+            const int64_t k = kb + (e % 8) * 4;
+            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (row < rows && k < k1) v = __ldg(reinterpret_cast<const float4 *>(&a[row * ld + k]));
+            r[4 * q] = v.x; r[4 * q + 1] = v.y; r[4 * q + 2] = v.z; r[4 * q + 3] = v.w;
+        }
+    } else {  /* a warp reads 32 consecutive K of one row */
+#pragma unroll
+        for (int q = 0; q < 2 * T; q++) {
+            const int e = tid + 256 * q, row = r0 + e / 32;
+            const int64_t k = kb + e % 32;
+            r[q] = row < rows && k < k1 ? __ldg(&a[row * ld + k]) : 0.0f;
+        }
+    }
+}
+
+template <int T, bool VEC>
+static __device__ __forceinline__ void dw_store(float (*s)[16 * T + 4], const float (&r)[2 * T]) {
+    const int tid = threadIdx.x;
+    if constexpr (VEC) {
+#pragma unroll
+        for (int q = 0; q < T / 2; q++) {
+            const int e = tid + 256 * q, row = e / 8, k = (e % 8) * 4;
+#pragma unroll
+            for (int i = 0; i < 4; i++) s[k + i][row] = r[4 * q + i];
+        }
+    } else {
+#pragma unroll
+        for (int q = 0; q < 2 * T; q++) {
+            const int e = tid + 256 * q;
+            s[e % 32][e / 32] = r[q];
+        }
+    }
+}
+
+template <int TM, int TN, bool VEC>
+__global__ void __launch_bounds__(256, 2) conv_dw_kernel(float *__restrict__ part, const float *__restrict__ a,
+                                                         const float *__restrict__ bm, int M, int N, int64_t K,
+                                                         int64_t lda, int64_t ldb, int64_t chunk) {
+    constexpr int BM = 16 * TM, BN = 16 * TN;
+    __shared__ __align__(16) float As[2][DW_BK][BM + 4];
+    __shared__ __align__(16) float Bs[2][DW_BK][BN + 4];
+    cu_pdl_enter();
+    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    const int64_t k0 = (int64_t)blockIdx.z * chunk, k1 = min(K, k0 + chunk);
+    float ra[2 * TM], rb[2 * TN];
+    float acc[TM][TN];
+#pragma unroll
+    for (int i = 0; i < TM; i++)
+#pragma unroll
+        for (int j = 0; j < TN; j++) acc[i][j] = 0.0f;
+    dw_load<TM, VEC>(ra, a, m0, M, lda, k0, k1);
+    dw_load<TN, VEC>(rb, bm, n0, N, ldb, k0, k1);
+    dw_store<TM, VEC>(As[0], ra);
+    dw_store<TN, VEC>(Bs[0], rb);
+    __syncthreads();
+    int buf = 0;
+    for (int64_t kb = k0; kb < k1; kb += DW_BK) {
+        const bool more = kb + DW_BK < k1;
+        if (more) {
+            dw_load<TM, VEC>(ra, a, m0, M, lda, kb + DW_BK, k1);
+            dw_load<TN, VEC>(rb, bm, n0, N, ldb, kb + DW_BK, k1);
+        }
+#pragma unroll
+        for (int k = 0; k < DW_BK; k++) {
+            float av[TM], bv[TN];
+            lds_vec<TM>(av, &As[buf][k][ty * TM]);
+            lds_vec<TN>(bv, &Bs[buf][k][tx * TN]);
+#pragma unroll
+            for (int i = 0; i < TM; i++)
+#pragma unroll
+                for (int j = 0; j < TN; j++) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+        }
+        if (more) {  /* the other buffer was last read before the previous barrier */
+            dw_store<TM, VEC>(As[buf ^ 1], ra);
+            dw_store<TN, VEC>(Bs[buf ^ 1], rb);
+            __syncthreads();
+            buf ^= 1;
+        }
+    }
+    float *out = part + (size_t)blockIdx.z * M * N;
+#pragma unroll
+    for (int i = 0; i < TM; i++)
+#pragma unroll
+        for (int j = 0; j < TN; j++) {
+            const int m = m0 + ty * TM + i, n = n0 + tx * TN + j;
+            if (m < M && n < N) out[m * N + n] = acc[i][j];
+        }
+}
+
+/* The forward product with the output scattered straight to NCHW: y[s, o0 + m, pix] =
+ * relu(sum_t W[m, t] col[t, n] + bias[o0 + m]) for n = s*OHW + pix, W (M, K) row-major (ld K),
+ * col (K, nb) row-major. A (16 TM) x 64 tile per block of 256 threads over the whole K (a
+ * convolution's K is at most a few thousand), the same inner loop as conv_dw_kernel; the epilogue
+ * replaces the separate scatter (conv_out_kernel) that cuBLASLt's (OC, nb) result needed.
+ * VECB: col rows 16-byte aligned (nb % 4 == 0), loaded as float4; VECY: OHW % 4 == 0 and y
+ * aligned, so a thread's four columns are one float4 of one plane. */
+template <int TM, bool VECA, bool VECB, bool VECY>
+__global__ void __launch_bounds__(256, 2) conv_fwd_kernel(float *__restrict__ y, const float *__restrict__ w,
+                                                          const float *__restrict__ col, const float *__restrict__ bias,
+                                                          int M, int K, int nb, int ohw, int oc, int o0, int relu) {
+    constexpr int TN = 4, BM = 16 * TM, BN = 16 * TN;
+    __shared__ __align__(16) float As[2][DW_BK][BM + 4];
+    __shared__ __align__(16) float Bs[2][DW_BK][BN + 4];
+    cu_pdl_enter();
+    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    float ra[2 * TM], rb[8];
+    auto load_b = [&](int kb) {
+        if constexpr (VECB) {
+#pragma unroll
+            for (int q = 0; q < 2; q++) {
+                const int e = tid + 256 * q, k = kb + e / 16, n = n0 + (e % 16) * 4;
+                float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                if (k < K && n < nb) v = __ldg(reinterpret_cast<const float4 *>(&col[(size_t)k * nb + n]));
+                rb[4 * q] = v.x; rb[4 * q + 1] = v.y; rb[4 * q + 2] = v.z; rb[4 * q + 3] = v.w;
+            }
+        } else {
+#pragma unroll
+            for (int q = 0; q < 8; q++) {
+                const int e = tid + 256 * q, k = kb + e / 64, n = n0 + e % 64;
+                rb[q] = k < K && n < nb ? __ldg(&col[(size_t)k * nb + n]) : 0.0f;
+            }
+        }
+    };
+    auto store_b = [&](int buf) {
+        if constexpr (VECB) {
+#pragma unroll
+            for (int q = 0; q < 2; q++) {
+                const int e = tid + 256 * q;
+                *reinterpret_cast<float4 *>(&Bs[buf][e / 16][(e % 16) * 4]) =
+                    make_float4(rb[4 * q], rb[4 * q + 1], rb[4 * q + 2], rb[4 * q + 3]);
+            }
+        } else {
+#pragma unroll
+            for (int q = 0; q < 8; q++) {
+                const int e = tid + 256 * q;
+                Bs[buf][e / 64][e % 64] = rb[q];
+            }
+        }
+    };
+    float acc[TM][TN];
+#pragma unroll
+    for (int i = 0; i < TM; i++)
+#pragma unroll
+        for (int j = 0; j < TN; j++) acc[i][j] = 0.0f;
+    dw_load<TM, VECA>(ra, w, m0, M, K, 0, K);
+    load_b(0);
+    dw_store<TM, VECA>(As[0], ra);
+    store_b(0);
+    __syncthreads();
+    int buf = 0;
+    for (int kb = 0; kb < K; kb += DW_BK) {
+        const bool more = kb + DW_BK < K;
+        if (more) {
+            dw_load<TM, VECA>(ra, w, m0, M, K, kb + DW_BK, K);
+            load_b(kb + DW_BK);
+        }
+#pragma unroll
+        for (int k = 0; k < DW_BK; k++) {
+            float av[TM], bv[TN];
+            lds_vec<TM>(av, &As[buf][k][ty * TM]);
+            lds_vec<TN>(bv, &Bs[buf][k][tx * TN]);
+#pragma unroll
+            for (int i = 0; i < TM; i++)
+#pragma unroll
+                for (int j = 0; j < TN; j++) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+        }
+        if (more) {
+            dw_store<TM, VECA>(As[buf ^ 1], ra);
+            store_b(buf ^ 1);
+            __syncthreads();
+            buf ^= 1;
+        }
+    }
+    const int nt = n0 + tx * TN;
+#pragma unroll
+    for (int i = 0; i < TM; i++) {
+        const int m = m0 + ty * TM + i;
+        if (m >= M) continue;
+        const float bo = bias ? bias[o0 + m] : 0.0f;
+        float v[TN];
+#pragma unroll
+        for (int j = 0; j < TN; j++) {
+            v[j] = acc[i][j] + bo;
+            if (relu) v[j] = v[j] > 0.0f ? v[j] : 0.0f;
+        }
+        if (VECY && nt < nb) {  /* nb % 4 == 0: all four columns are in range and in one plane */
+            const int s = nt / ohw, pix = nt - s * ohw;
+            *reinterpret_cast<float4 *>(&y[((size_t)s * oc + o0 + m) * ohw + pix]) = make_float4(v[0], v[1], v[2], v[3]);
+        } else if (!VECY) {
+#pragma unroll
+            for (int j = 0; j < TN; j++) {
+                const int n = nt + j;
+                if (n >= nb) break;
+                const int s = n / ohw, pix = n - s * ohw;
+                y[((size_t)s * oc + o0 + m) * ohw + pix] = v[j];
+            }
+        }
+    }
+}
+
+#define DW_MIN_CHUNK 128  /* K per conv_dw_kernel block, at least */
+
+/* chunks of K for conv_dw_kernel: one wave of two blocks per multiprocessor, each chunk at least
+ * DW_MIN_CHUNK */
+static int64_t dw_splits(int64_t tiles, int64_t nb, int sms, int64_t *chunk) {
+    int64_t s = 2 * (int64_t)sms / tiles, most = (nb + DW_MIN_CHUNK - 1) / DW_MIN_CHUNK;
+    if (s > most) s = most;
+    if (s < 1) s = 1;
+    *chunk = ((nb + s - 1) / s + DW_BK - 1) / DW_BK * DW_BK;
+    return (nb + *chunk - 1) / *chunk;
+}
+
+/* y (b, OC, OHW) = yt (OC, b*OHW) + bias, through the fused ReLU when relu. When OHW % 4 == 0 a
+ * thread moves four elements of one plane as float4 (one index division for the four): vec, given
+ * when both buffers are 16-byte aligned. */
+__global__ void conv_out_kernel(float *y, const float *yt, const float *bias, int64_t b, int64_t oc, int64_t ohw, int relu,
+                                int vec) {
     cu_pdl_enter();
     const unsigned OHW = (unsigned)ohw, OC = (unsigned)oc, nb = (unsigned)(b * ohw), total = (unsigned)(b * oc * ohw);
+    if (vec) {
+        for (unsigned e = (blockIdx.x * blockDim.x + threadIdx.x) * 4; e < total; e += gridDim.x * blockDim.x * 4) {
+            const unsigned plane = e / OHW, i = e - plane * OHW, s = plane / OC, o = plane - s * OC;
+            float4 v = *reinterpret_cast<const float4 *>(&yt[o * nb + s * OHW + i]);
+            const float bo = bias ? bias[o] : 0.0f;
+            v.x += bo; v.y += bo; v.z += bo; v.w += bo;
+            if (relu) {
+                v.x = v.x > 0.0f ? v.x : 0.0f; v.y = v.y > 0.0f ? v.y : 0.0f;
+                v.z = v.z > 0.0f ? v.z : 0.0f; v.w = v.w > 0.0f ? v.w : 0.0f;
+            }
+            *reinterpret_cast<float4 *>(&y[e]) = v;
+        }
+        return;
+    }
     for (unsigned e = blockIdx.x * blockDim.x + threadIdx.x; e < total; e += gridDim.x * blockDim.x) {
         unsigned i = e % OHW, o = (e / OHW) % OC, s = e / (OHW * OC);
         float v = yt[o * nb + s * OHW + i] + (bias ? bias[o] : 0.0f);
@@ -95,25 +459,40 @@ __global__ void conv_out_kernel(float *y, const float *yt, const float *bias, in
 }
 
 /* dzt (OC, b*OHW) from dy (b, OC, OHW), zeroed where the fused ReLU's output ry <= 0; block
- * (x, o) takes chunk x of channel o and leaves its sum in dbp (chunks, OC) for the bias gradient. */
+ * (x, o) takes chunk x of channel o and leaves its sum in dbp (chunks, OC) for the bias gradient.
+ * vec (OHW % 4 == 0, buffers 16-byte aligned): four elements of a plane per thread as float4. */
 __global__ void conv_dz_kernel(float *dzt, float *dbp, const float *dy, const float *ry, int64_t b, int64_t oc,
-                               int64_t ohw, int64_t chunk) {
+                               int64_t ohw, int64_t chunk, int vec) {
     cu_pdl_enter();
     const unsigned OHW = (unsigned)ohw, OC = (unsigned)oc, nb = (unsigned)(b * ohw), o = blockIdx.y;
     const unsigned j0 = blockIdx.x * (unsigned)chunk, j1 = min(nb, j0 + (unsigned)chunk);
     float sum = 0.0f;
-    for (unsigned j = j0 + threadIdx.x; j < j1; j += blockDim.x) {
-        unsigned s = j / OHW, i = j - s * OHW, src = (s * OC + o) * OHW + i;
-        float v = dy[src];
-        v = ry && !(ry[src] > 0.0f) ? 0.0f : v;
-        dzt[o * nb + j] = v;
-        sum += v;
+    if (vec) {
+        for (unsigned j = j0 + 4 * threadIdx.x; j < j1; j += 4 * blockDim.x) {
+            unsigned s = j / OHW, i = j - s * OHW, src = (s * OC + o) * OHW + i;
+            float4 v = *reinterpret_cast<const float4 *>(&dy[src]);
+            if (ry) {
+                const float4 r = *reinterpret_cast<const float4 *>(&ry[src]);
+                v.x = r.x > 0.0f ? v.x : 0.0f; v.y = r.y > 0.0f ? v.y : 0.0f;
+                v.z = r.z > 0.0f ? v.z : 0.0f; v.w = r.w > 0.0f ? v.w : 0.0f;
+            }
+            *reinterpret_cast<float4 *>(&dzt[o * nb + j]) = v;
+            sum += (v.x + v.y) + (v.z + v.w);
+        }
+    } else {
+        for (unsigned j = j0 + threadIdx.x; j < j1; j += blockDim.x) {
+            unsigned s = j / OHW, i = j - s * OHW, src = (s * OC + o) * OHW + i;
+            float v = dy[src];
+            v = ry && !(ry[src] > 0.0f) ? 0.0f : v;
+            dzt[o * nb + j] = v;
+            sum += v;
+        }
     }
     sum = block_sum(sum);
     if (threadIdx.x == 0) dbp[blockIdx.x * OC + o] = sum;
 }
 
-#define DZ_CHUNK 4096  /* elements of one channel per conv_dz block */
+#define DZ_CHUNK 1024  /* elements of one channel per conv_dz block */
 
 int cu_conv_fits(const mpscy_plan *p, const mpscy_node *n) {
     conv_geom g = geom(p, n);
@@ -123,9 +502,13 @@ int cu_conv_fits(const mpscy_plan *p, const mpscy_node *n) {
 
 #define DW_CHUNK 1024  /* K per product of the split weight gradient */
 
+/* room for the weight gradient's split-K partials, in products of (OCg, Kg): enough for the
+ * cuBLASLt chunks (DW_CHUNK) and conv_dw_kernel's (DW_MIN_CHUNK or more) */
+static int64_t dw_part_splits(int64_t nb) { return (nb + DW_MIN_CHUNK - 1) / DW_MIN_CHUNK; }
+
 int64_t cu_conv_workspace(const mpscy_plan *p, const mpscy_node *n) {
     conv_geom g = geom(p, n);
-    int64_t nb = p->batch * g.ohw, splits = (nb + DW_CHUNK - 1) / DW_CHUNK;
+    int64_t nb = p->batch * g.ohw, splits = dw_part_splits(nb);
     /* yt or dzt (OC, B*OHW), dcol (K, B*OHW), the weight gradient's split-K partials, then the
      * bias gradient's chunk sums */
     return (g.oc + g.k) * nb + splits * g.kg * g.ocg + (nb + DZ_CHUNK - 1) / DZ_CHUNK * g.oc;
@@ -157,8 +540,31 @@ static int conv_gemm(cu_graph *gr, int which, const conv_geom &g, int64_t nb, in
     /* column-major views: a row-major (r, cols) matrix is (cols x r) with ld = cols */
     cu_gemm q = {};
     q.epilogue = CUBLASLT_EPILOGUE_DEFAULT;
+    if (which == CONV_DW && nb >= 4 * DW_CHUNK && gr->gemm_mode == 2 && gr->plan.precision != MPSCY_PRECISION_TF32) {
+        /* K = b*OHW is long (fp32): conv_dw_kernel's chunks into partials after dcol, one ordered sum */
+        const int tm = g.ocg > 32 ? 4 : 2, tn = g.kg > 32 ? 4 : 2;
+        const int64_t gm = (g.ocg + 16 * tm - 1) / (16 * tm), gn = (g.kg + 16 * tn - 1) / (16 * tn);
+        int64_t chunk, s = dw_splits(gm * gn, nb, gr->dev->sms, &chunk), kgo = g.kg * g.ocg;
+        float *part = s > 1 ? gr->ws + (g.oc + g.k) * nb : c;
+        /* float4 loads when every row starts 16-byte aligned (cudaMalloc'd buffers are) */
+        const bool vec = nb % 4 == 0 && ((uintptr_t)col % 16) == 0 && ((uintptr_t)dzt % 16) == 0;
+        typedef void (*dw_fn)(float *, const float *, const float *, int, int, int64_t, int64_t, int64_t, int64_t);
+        static const dw_fn kinds[2][2][2] = {
+            {{conv_dw_kernel<2, 2, false>, conv_dw_kernel<2, 2, true>}, {conv_dw_kernel<2, 4, false>, conv_dw_kernel<2, 4, true>}},
+            {{conv_dw_kernel<4, 2, false>, conv_dw_kernel<4, 2, true>}, {conv_dw_kernel<4, 4, false>, conv_dw_kernel<4, 4, true>}}};
+        dw_fn k = kinds[tm == 4][tn == 4][vec];
+        dim3 grid((unsigned)gn, (unsigned)gm, (unsigned)s);
+        CU_TRY(cu_launch(gr, k, grid, 256, gr->stream, part, dzt, col, (int)g.ocg, (int)g.kg, nb, nb, nb, chunk),
+               "conv_dw");
+        int st = CU_LAUNCHED("conv_dw");
+        if (st != MPSCY_OK || s == 1) return st;
+        CU_TRY(cu_launch(gr, conv_sum_parts, cu_blocks(kgo, 32, 4096), CU_THREADS, gr->stream, c,
+                         (const float *)part, kgo, s),
+               "conv_dw_reduce");
+        return CU_LAUNCHED("conv_dw_reduce");
+    }
     if (which == CONV_DW && nb >= 4 * DW_CHUNK && gr->gemm_mode == 2) {
-        /* K = b*OHW is long: equal chunks as one strided batch of products into partials (after
+        /* K = b*OHW is long (tf32): equal chunks as one strided batch of products into partials (after
          * dcol in the workspace), the tail chunk as one more, then one ordered sum */
         int64_t full = nb / DW_CHUNK, tail = nb - full * DW_CHUNK, kgo = g.kg * g.ocg;
         float *part = gr->ws + (g.oc + g.k) * nb;
@@ -172,7 +578,7 @@ static int conv_gemm(cu_graph *gr, int which, const conv_geom &g, int64_t nb, in
         }
         if (st == MPSCY_OK) {
             int64_t splits = full + (tail ? 1 : 0);
-            CU_TRY(cu_launch(gr, conv_sum_parts, cu_blocks(kgo, CU_THREADS, 4096), CU_THREADS, gr->stream, c,
+            CU_TRY(cu_launch(gr, conv_sum_parts, cu_blocks(kgo, 32, 4096), CU_THREADS, gr->stream, c,
                              (const float *)part, kgo, splits),
                    "conv_dw_reduce");
             return CU_LAUNCHED("conv_dw_reduce");
@@ -202,18 +608,48 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
     float *yt = gr->ws;                                        // (OC, nb)
     const float *w = cu_tensor(gr, n, MPSCY_ROLE_PARAM, 0);    // (OC, kg)
     const float *bias = cu_tensor(gr, n, MPSCY_ROLE_PARAM, 1); // (OC) or NULL
-    CU_TRY(cu_launch(gr, im2col_kernel, dim3(cu_blocks(nb, CU_THREADS, 1024), (unsigned)(g.c < 65535 ? g.c : 65535)),
+    void (*i2c)(float *, const float *, conv_geom, int64_t) = im2col_kernel;
+    if (g.kh == g.kw && (g.kh == 1 || g.kh == 3 || g.kh == 5 || g.kh == 7))
+        i2c = g.kh == 1 ? im2col_fixed<1> : g.kh == 3 ? im2col_fixed<3> : g.kh == 5 ? im2col_fixed<5> : im2col_fixed<7>;
+    CU_TRY(cu_launch(gr, i2c, dim3(cu_blocks(nb, CU_THREADS, 1024), (unsigned)(g.c < 65535 ? g.c : 65535)),
                      CU_THREADS, gr->stream, col,
                      (const float *)gr->y[n->in[0]], g, b),
            "im2col");
     int st = CU_LAUNCHED("im2col");
+    int relu = (gr->fuse[i] & CU_FUSE_RELU) != 0;
+    if (st == MPSCY_OK && gr->gemm_mode == 2 && p->precision != MPSCY_PRECISION_TF32) {
+        /* fp32: mpscy's product writes NCHW with the bias and ReLU, no (OC, nb) buffer or scatter */
+        const int tm = g.ocg > 32 ? 4 : 2;
+        const bool va = g.kg % 4 == 0 && (uintptr_t)w % 16 == 0, vb = nb % 4 == 0 && (uintptr_t)col % 16 == 0;
+        const bool vy = g.ohw % 4 == 0 && (uintptr_t)gr->y[i] % 16 == 0;
+        typedef void (*fwd_fn)(float *, const float *, const float *, const float *, int, int, int, int, int, int, int);
+        static const fwd_fn kinds[2][2][2][2] = {
+            {{{conv_fwd_kernel<2, false, false, false>, conv_fwd_kernel<2, false, false, true>},
+              {conv_fwd_kernel<2, false, true, false>, conv_fwd_kernel<2, false, true, true>}},
+             {{conv_fwd_kernel<2, true, false, false>, conv_fwd_kernel<2, true, false, true>},
+              {conv_fwd_kernel<2, true, true, false>, conv_fwd_kernel<2, true, true, true>}}},
+            {{{conv_fwd_kernel<4, false, false, false>, conv_fwd_kernel<4, false, false, true>},
+              {conv_fwd_kernel<4, false, true, false>, conv_fwd_kernel<4, false, true, true>}},
+             {{conv_fwd_kernel<4, true, false, false>, conv_fwd_kernel<4, true, false, true>},
+              {conv_fwd_kernel<4, true, true, false>, conv_fwd_kernel<4, true, true, true>}}}};
+        fwd_fn k = kinds[tm == 4][va][vb][vy];
+        dim3 grid((unsigned)((nb + 63) / 64), (unsigned)((g.ocg + 16 * tm - 1) / (16 * tm)));
+        for (int64_t gi = 0; gi < g.groups; gi++) {
+            CU_TRY(cu_launch(gr, k, grid, 256, gr->stream, gr->y[i], w + gi * g.ocg * g.kg, (const float *)col + gi * g.kg * nb,
+                             bias, (int)g.ocg, (int)g.kg, (int)nb, (int)g.ohw, (int)g.oc, (int)(gi * g.ocg), relu),
+                   "conv_fwd");
+            st = CU_LAUNCHED("conv_fwd");
+            if (st != MPSCY_OK) return st;
+        }
+        return MPSCY_OK;
+    }
     for (int64_t gi = 0; gi < g.groups && st == MPSCY_OK; gi++)
         st = conv_gemm(gr, CONV_FWD, g, nb, p->batch * g.ohw, yt + gi * g.ocg * nb, w + gi * g.ocg * g.kg,
                        col + gi * g.kg * nb, NULL, err, en);
     if (st != MPSCY_OK) return st;
-    int relu = (gr->fuse[i] & CU_FUSE_RELU) != 0;
-    CU_TRY(cu_launch(gr, conv_out_kernel, cu_blocks(b * g.oc * g.ohw, CU_THREADS, 16384), CU_THREADS, gr->stream,
-                     gr->y[i], (const float *)yt, bias, b, g.oc, g.ohw, relu),
+    const int vec = g.ohw % 4 == 0 && (uintptr_t)gr->y[i] % 16 == 0 && (uintptr_t)yt % 16 == 0;
+    CU_TRY(cu_launch(gr, conv_out_kernel, cu_blocks(b * g.oc * g.ohw / (vec ? 4 : 1), CU_THREADS, 16384), CU_THREADS,
+                     gr->stream, gr->y[i], (const float *)yt, bias, b, g.oc, g.ohw, relu, vec),
            "conv_out");
     return CU_LAUNCHED("conv_out");
 }
@@ -234,14 +670,16 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
         for (int32_t k = (int32_t)i + 1; k < p->n_nodes && r < 0; k++)
             if (p->nodes[k].kind == MPSCY_LAYER_RELU && p->nodes[k].in[0] == i) r = k;
     const float *dy = gr->dy[r >= 0 ? r : i], *ry = r >= 0 ? gr->y[r] : NULL;
-    int64_t chunks = (nb + DZ_CHUNK - 1) / DZ_CHUNK, splits = (p->batch * g.ohw + DW_CHUNK - 1) / DW_CHUNK;
+    int64_t chunks = (nb + DZ_CHUNK - 1) / DZ_CHUNK, splits = dw_part_splits(p->batch * g.ohw);
     float *dbp = gr->ws + (g.oc + g.k) * nb + splits * g.kg * g.ocg;  // (chunks, OC)
+    const int vec = g.ohw % 4 == 0 && (uintptr_t)dy % 16 == 0 && (!ry || (uintptr_t)ry % 16 == 0) &&
+                    (uintptr_t)dzt % 16 == 0;
     CU_TRY(cu_launch(gr, conv_dz_kernel, dim3((unsigned)chunks, (unsigned)g.oc), CU_THREADS, gr->stream, dzt, dbp, dy, ry,
-                     b, g.oc, g.ohw, (int64_t)DZ_CHUNK),
+                     b, g.oc, g.ohw, (int64_t)DZ_CHUNK, vec),
            "conv_dz");
     int st = CU_LAUNCHED("conv_dz");
     if (st == MPSCY_OK && db) {
-        CU_TRY(cu_launch(gr, conv_sum_parts, cu_blocks(g.oc, CU_THREADS, 64), CU_THREADS, gr->stream, db,
+        CU_TRY(cu_launch(gr, conv_sum_parts, cu_blocks(g.oc, 32, 4096), CU_THREADS, gr->stream, db,
                          (const float *)dbp, g.oc, chunks),
                "conv_db");
         st = CU_LAUNCHED("conv_db");
@@ -254,6 +692,21 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
                            dzt + gi * g.ocg * nb, err, en);
     }
     if (st != MPSCY_OK || !dx) return st;
+    if (g.kh == g.kw && (g.kh == 1 || g.kh == 3 || g.kh == 5 || g.kh == 7)) {
+        typedef void (*c2i_fn)(float *, const float *, conv_geom, int64_t, int);
+        static const c2i_fn kinds[4][3] = {
+            {col2im_fixed<1, 0>, col2im_fixed<1, 1>, col2im_fixed<1, 2>},
+            {col2im_fixed<3, 0>, col2im_fixed<3, 1>, col2im_fixed<3, 2>},
+            {col2im_fixed<5, 0>, col2im_fixed<5, 1>, col2im_fixed<5, 2>},
+            {col2im_fixed<7, 0>, col2im_fixed<7, 1>, col2im_fixed<7, 2>}};
+        const int st_ = g.sh == g.sw && (g.sh == 1 || g.sh == 2) ? (int)g.sh : 0;
+        const int64_t vp = g.kh <= 3 ? 4 : 1, groups = (b * g.c + vp - 1) / vp;
+        CU_TRY(cu_launch(gr, kinds[g.kh / 2][st_], dim3(cu_blocks(g.h * g.w, CU_THREADS, 64),
+                                                       (unsigned)(groups < 65535 ? groups : 65535)),
+                         CU_THREADS, gr->stream, dx, (const float *)dcol, g, b, (int)n->accum[0]),
+               "col2im");
+        return CU_LAUNCHED("col2im");
+    }
     CU_TRY(cu_launch(gr, col2im_kernel, dim3(cu_blocks(g.h * g.w, CU_THREADS, 64),
                                              (unsigned)(b * g.c < 65535 ? b * g.c : 65535)),
                      CU_THREADS, gr->stream, dx,
