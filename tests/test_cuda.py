@@ -124,6 +124,9 @@ LAYER_MODELS = {
                                    _maybe("Conv2D")(36, 5, padding=2, groups=4), L.Tanh(),
                                    _maybe("Conv2D")(8, 1), L.ReLU(), _maybe("Conv2D")(6, (2, 3), dilation=(1, 2)),
                                    L.Flatten(), L.Dense(5)], (3, 16, 16)),
+    # b*OH*OW = 144 and 64: small products (the small-GEMM kernel for the weight gradient)
+    "conv_one_split": (lambda: [_maybe("Conv2D")(6, 3), L.ReLU(), _maybe("Conv2D")(4, 2), L.Flatten(), L.Dense(5)],
+                       (3, 5, 5)),
     # a stride that is neither 1 nor 2 (col2im's runtime-stride form), unequal strides (generic)
     "conv_stride3": (lambda: [_maybe("Conv2D")(4, 3, padding=1), L.ReLU(), _maybe("Conv2D")(5, 3, stride=3, padding=1),
                               L.Tanh(), _maybe("Conv2D")(3, 3, stride=(1, 2)), L.Flatten(), L.Dense(5)], (2, 11, 11)),
@@ -304,6 +307,39 @@ def test_kernel_paths_match_cpu(gemm, coop, monkeypatch, rng):
     cpu, gpu = pair(lambda: [L.Dense(700), L.ReLU(), L.Dense(10)], (512,), batch=128,
                     opt=lambda: optim.SGD(0.01, momentum=0.9))
     compare_training(cpu, gpu, rng, steps=5, rows=[128, 50])
+
+
+CONV_PATH_MODELS = ("conv_pool", "conv_groups_dilation", "conv_long_k", "conv_relu_dense", "batchnorm2d")
+
+
+@cuda_only
+@pytest.mark.parametrize("gemm", ["own", "cublas"])
+def test_conv_forced_gemm_paths_match_cpu(gemm, monkeypatch, rng):
+    """MPSCY_CUDA_GEMM=own|cublas keep every convolution product on the small-GEMM kernel or
+    cuBLASLt, with the (OC, b*OHW) result scattered to NCHW (by default fp32 convolutions use
+    conv_fwd_kernel and conv_dw_kernel, which the layer tests cover)."""
+    monkeypatch.setenv("MPSCY_CUDA_GEMM", gemm)
+    for name in CONV_PATH_MODELS:
+        build, shape = LAYER_MODELS[name]
+        cpu, gpu = pair(build, shape)
+        compare_training(cpu, gpu, rng, steps=8, rows=[16, 9])
+
+
+@cuda_only
+def test_conv_tf32_tracks_cpu(rng):
+    """precision="tf32" convolutions (cuBLASLt on tensor cores, the long weight gradient as a batch
+    of K chunks): 10-bit mantissas, so within 2e-2 of the cpu's fp32 after 5 SGD steps."""
+    for name in ("conv_long_k", "conv_pool"):
+        build, shape = LAYER_MODELS[name]
+        cpu, gpu = pair(build, shape, opt=lambda: optim.SGD(0.01), precision="tf32")
+        for _ in range(5):
+            x = rng.standard_normal((16,) + shape).astype(np.float32)
+            y = rng.integers(0, 5, 16).astype(np.int32)
+            rc, rg = cpu.step(x, y), gpu.step(x, y)
+            assert abs(rg.loss - rc.loss) <= 2e-2 * abs(rc.loss), (name, rc.loss, rg.loss)
+        pc, pg = cpu.get_parameters(), gpu.get_parameters()
+        worst = max(rel_err(pg[k], pc[k]) for k in pc)
+        assert worst <= 2e-2, (name, worst)
 
 
 FUSED_MODELS = {

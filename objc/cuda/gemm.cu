@@ -153,10 +153,13 @@ __global__ void __launch_bounds__(256) gemm_small(sg_args p) {
 }
 
 /* Own kernel for small products, and for any product with a small output (its K is split over
- * blocks: a library kernel there often runs one tile down the whole K). */
+ * blocks: a library kernel there often runs one tile down the whole K). Measured on the H100 (the
+ * CNN's 4096 -> 128 Dense at batch 64, 2^25 multiply-adds each): the forward product (8,192
+ * outputs, K 4,096) 16.2 us here against 31.3 in cuBLASLt; its weight and input gradients
+ * (524,288 and 262,144 outputs, K 64 and 128) 13.5 and 10.2 us here against 6.2 and 7.1. */
 int cu_gemm_small_wanted(const cu_graph *g, int64_t m, int64_t n, int64_t k) {
     if (g->gemm_mode != 2) return g->gemm_mode;
-    return (double)m * (double)n * (double)k <= (double)(1 << 25) || (double)m * (double)n <= 65536.0;
+    return (double)m * (double)n * (double)k < (double)(1 << 24) || (double)m * (double)n <= 65536.0;
 }
 
 static int64_t splits(int64_t k, int64_t *kchunk) {
