@@ -1,11 +1,13 @@
 /* conv.cu — Conv2D on CUDA (NCHW, weight (OC, C / groups, KH, KW) as in PyTorch) as im2col +
  * GEMM: the columns (K, b*OHW), K = C*KH*KW rows ordered (c, ki, kj), are built once per step
- * and kept for backward (one buffer per convolution); one product per group gives (OC, b*OHW),
- * and one kernel scatters it to NCHW with the bias and, when a ReLU is the only consumer, the
- * ReLU. Backward: one kernel gathers dz (masked by that ReLU) to (OC, b*OHW) with chunk sums
- * for the bias gradient, then dW = dz col^T (a long K as a batch of chunks) and dcol = W^T dz,
- * and col2im gathers dx (no atomics: sums are deterministic). Products run as the own kernel
- * or cuBLASLt by size, as Dense's. */
+ * and kept for backward (one buffer per convolution). In fp32 (MPSCY_CUDA_GEMM unset) the forward
+ * product is conv_fwd_kernel, which writes NCHW with the bias and, when a ReLU is the only
+ * consumer, the ReLU; backward gathers dz (masked by that ReLU) to (OC, b*OHW) with chunk sums
+ * for the bias gradient, then dW = dz col^T in conv_dw_kernel (the long K = b*OHW split over the
+ * GPU, partials added in a fixed order), dcol = W^T dz in cuBLASLt, and col2im gathers dx (no
+ * atomics: sums are deterministic). tf32 and the forced GEMM modes run every product as the
+ * small-GEMM kernel or cuBLASLt by size, as Dense's, with the (OC, b*OHW) result scattered to
+ * NCHW by conv_out_kernel. */
 #include "cuda.h"
 #include "blas.h"
 #include "reduce.h"
