@@ -252,35 +252,25 @@ static __device__ __forceinline__ void dw_store(float (*s)[16 * T + 4], const fl
     }
 }
 
-template <int TM, int TN, bool VEC>
-__global__ void __launch_bounds__(256, 2) conv_dw_kernel(float *__restrict__ part, const float *__restrict__ a,
-                                                         const float *__restrict__ bm, int M, int N, int64_t K,
-                                                         int64_t lda, int64_t ldb, int64_t chunk) {
-    constexpr int BM = 16 * TM, BN = 16 * TN;
-    __shared__ __align__(16) float As[2][DW_BK][BM + 4];
-    __shared__ __align__(16) float Bs[2][DW_BK][BN + 4];
-    cu_pdl_enter();
-    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
-    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
-    const int64_t k0 = (int64_t)blockIdx.z * chunk, k1 = min(K, k0 + chunk);
-    float ra[2 * TM], rb[2 * TN];
-    float acc[TM][TN];
+/* The K loop both products share: acc += the block's A tile x B tile over [k0, k1), 32 K per
+ * step, double-buffered in shared memory: load(kb) brings step kb into the thread's registers,
+ * store(buf) writes them to buffer buf, and step kb + 32 loads while step kb is multiplied. */
+template <int TM, int TN, class Load, class Store>
+static __device__ __forceinline__ void tile_loop(float (&acc)[TM][TN], float (*As)[DW_BK][16 * TM + 4],
+                                                 float (*Bs)[DW_BK][16 * TN + 4], int64_t k0, int64_t k1, Load load,
+                                                 Store store) {
+    const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
 #pragma unroll
     for (int i = 0; i < TM; i++)
 #pragma unroll
         for (int j = 0; j < TN; j++) acc[i][j] = 0.0f;
-    dw_load<TM, VEC>(ra, a, m0, M, lda, k0, k1);
-    dw_load<TN, VEC>(rb, bm, n0, N, ldb, k0, k1);
-    dw_store<TM, VEC>(As[0], ra);
-    dw_store<TN, VEC>(Bs[0], rb);
+    load(k0);
+    store(0);
     __syncthreads();
     int buf = 0;
     for (int64_t kb = k0; kb < k1; kb += DW_BK) {
         const bool more = kb + DW_BK < k1;
-        if (more) {
-            dw_load<TM, VEC>(ra, a, m0, M, lda, kb + DW_BK, k1);
-            dw_load<TN, VEC>(rb, bm, n0, N, ldb, kb + DW_BK, k1);
-        }
+        if (more) load(kb + DW_BK);
 #pragma unroll
         for (int k = 0; k < DW_BK; k++) {
             float av[TM], bv[TN];
@@ -292,12 +282,35 @@ __global__ void __launch_bounds__(256, 2) conv_dw_kernel(float *__restrict__ par
                 for (int j = 0; j < TN; j++) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
         }
         if (more) {  /* the other buffer was last read before the previous barrier */
-            dw_store<TM, VEC>(As[buf ^ 1], ra);
-            dw_store<TN, VEC>(Bs[buf ^ 1], rb);
+            store(buf ^ 1);
             __syncthreads();
             buf ^= 1;
         }
     }
+}
+
+template <int TM, int TN, bool VEC>
+__global__ void __launch_bounds__(256, 2) conv_dw_kernel(float *__restrict__ part, const float *__restrict__ a,
+                                                         const float *__restrict__ bm, int M, int N, int64_t K,
+                                                         int64_t lda, int64_t ldb, int64_t chunk) {
+    constexpr int BM = 16 * TM, BN = 16 * TN;
+    __shared__ __align__(16) float As[2][DW_BK][BM + 4];
+    __shared__ __align__(16) float Bs[2][DW_BK][BN + 4];
+    cu_pdl_enter();
+    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    const int64_t k0 = (int64_t)blockIdx.z * chunk, k1 = min(K, k0 + chunk);
+    float ra[2 * TM], rb[2 * TN], acc[TM][TN];
+    tile_loop<TM, TN>(
+        acc, As, Bs, k0, k1,
+        [&](int64_t kb) {
+            dw_load<TM, VEC>(ra, a, m0, M, lda, kb, k1);
+            dw_load<TN, VEC>(rb, bm, n0, N, ldb, kb, k1);
+        },
+        [&](int buf) {
+            dw_store<TM, VEC>(As[buf], ra);
+            dw_store<TN, VEC>(Bs[buf], rb);
+        });
     float *out = part + (size_t)blockIdx.z * M * N;
 #pragma unroll
     for (int i = 0; i < TM; i++)
@@ -360,39 +373,16 @@ __global__ void __launch_bounds__(256, 2) conv_fwd_kernel(float *__restrict__ y,
         }
     };
     float acc[TM][TN];
-#pragma unroll
-    for (int i = 0; i < TM; i++)
-#pragma unroll
-        for (int j = 0; j < TN; j++) acc[i][j] = 0.0f;
-    dw_load<TM, VECA>(ra, w, m0, M, K, 0, K);
-    load_b(0);
-    dw_store<TM, VECA>(As[0], ra);
-    store_b(0);
-    __syncthreads();
-    int buf = 0;
-    for (int kb = 0; kb < K; kb += DW_BK) {
-        const bool more = kb + DW_BK < K;
-        if (more) {
-            dw_load<TM, VECA>(ra, w, m0, M, K, kb + DW_BK, K);
-            load_b(kb + DW_BK);
-        }
-#pragma unroll
-        for (int k = 0; k < DW_BK; k++) {
-            float av[TM], bv[TN];
-            lds_vec<TM>(av, &As[buf][k][ty * TM]);
-            lds_vec<TN>(bv, &Bs[buf][k][tx * TN]);
-#pragma unroll
-            for (int i = 0; i < TM; i++)
-#pragma unroll
-                for (int j = 0; j < TN; j++) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
-        }
-        if (more) {
-            dw_store<TM, VECA>(As[buf ^ 1], ra);
-            store_b(buf ^ 1);
-            __syncthreads();
-            buf ^= 1;
-        }
-    }
+    tile_loop<TM, TN>(
+        acc, As, Bs, 0, K,
+        [&](int64_t kb) {
+            dw_load<TM, VECA>(ra, w, m0, M, K, kb, K);
+            load_b((int)kb);
+        },
+        [&](int buf) {
+            dw_store<TM, VECA>(As[buf], ra);
+            store_b(buf);
+        });
     const int nt = n0 + tx * TN;
 #pragma unroll
     for (int i = 0; i < TM; i++) {
