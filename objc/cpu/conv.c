@@ -61,39 +61,57 @@ static inline void scatter_add_row(float *restrict d, const float *restrict s, i
  * in both the columns and the input, edge columns aside. */
 static int contiguous(const conv_geom *g) { return g->sw == 1 && g->sh == 1 && g->ow == g->w; }
 
+/* One tap (c, ki, kj) of the columns: its row, and the output columns [lo, hi) and rows [olo, ohi)
+ * whose input lies inside the (unpadded) image. */
+typedef struct {
+    float *row;
+    int64_t ki, kj, lo, hi, olo, ohi;
+} conv_tap;
+
+static conv_tap tap_at(const conv_geom *g, float *col, int64_t n, int64_t c, int64_t ki, int64_t kj) {
+    conv_tap t = {col + ((c * g->kh + ki) * g->kw + kj) * n, ki, kj, 0, 0, 0, 0};
+    valid_range(&t.lo, &t.hi, g->ow, g->w, g->sw, g->pw, kj * g->dw);
+    valid_range(&t.olo, &t.ohi, g->oh, g->h, g->sh, g->ph, ki * g->dh);
+    return t;
+}
+
+/* where output row oh's first valid column reads in an input plane (H, W) */
+static inline int64_t tap_src(const conv_geom *g, const conv_tap *t, int64_t oh) {
+    return (oh * g->sh - g->ph + t->ki * g->dh) * g->w + t->lo * g->sw - g->pw + t->kj * g->dw;
+}
+
+/* zeroes the columns outside [lo, hi) of the valid rows of one sample's (OH, OW) block */
+static void zero_edge_columns(float *blk, const conv_geom *g, const conv_tap *t) {
+    for (int64_t oh = t->olo; oh < t->ohi; oh++) {
+        for (int64_t o = 0; o < t->lo; o++) blk[oh * g->ow + o] = 0.0f;
+        for (int64_t o = t->hi; o < g->ow; o++) blk[oh * g->ow + o] = 0.0f;
+    }
+}
+
 static void im2col(float *col, const float *x, const conv_geom *g, int64_t bc) {
     // col (K, bc*OHW) rows ordered (c, ki, kj); x (bc, C, H, W)
     int64_t n = bc * g->ohw, hw = g->h * g->w;
     for (int64_t c = 0; c < g->c; c++)
         for (int64_t ki = 0; ki < g->kh; ki++)
             for (int64_t kj = 0; kj < g->kw; kj++) {
-                float *row = col + ((c * g->kh + ki) * g->kw + kj) * n;
-                int64_t lo, hi, olo, ohi;
-                valid_range(&lo, &hi, g->ow, g->w, g->sw, g->pw, kj * g->dw);
-                valid_range(&olo, &ohi, g->oh, g->h, g->sh, g->ph, ki * g->dh);
-                int64_t iw0 = lo * g->sw - g->pw + kj * g->dw;
+                conv_tap t = tap_at(g, col, n, c, ki, kj);
                 for (int64_t b = 0; b < bc; b++) {
                     const float *xc = x + (b * g->c + c) * hw;  // (H, W)
-                    float *dst = row + b * g->ohw;
-                    if (olo > 0) memset(dst, 0, (size_t)(olo * g->ow) * sizeof(float));
-                    if (contiguous(g) && ohi > olo && hi > lo) {
+                    float *dst = t.row + b * g->ohw;
+                    if (t.olo > 0) memset(dst, 0, (size_t)(t.olo * g->ow) * sizeof(float));
+                    if (contiguous(g) && t.ohi > t.olo && t.hi > t.lo) {
                         /* one copy from the first to the last valid element, then zero the edge columns */
-                        float *d0 = dst + olo * g->ow + lo;
-                        memcpy(d0, xc + (olo - g->ph + ki * g->dh) * g->w + iw0,
-                               (size_t)((ohi - olo - 1) * g->ow + hi - lo) * sizeof(float));
-                        for (int64_t oh = olo; oh < ohi; oh++) {
-                            for (int64_t o = 0; o < lo; o++) dst[oh * g->ow + o] = 0.0f;
-                            for (int64_t o = hi; o < g->ow; o++) dst[oh * g->ow + o] = 0.0f;
-                        }
+                        memcpy(dst + t.olo * g->ow + t.lo, xc + tap_src(g, &t, t.olo),
+                               (size_t)((t.ohi - t.olo - 1) * g->ow + t.hi - t.lo) * sizeof(float));
+                        zero_edge_columns(dst, g, &t);
                     } else
-                    for (int64_t oh = olo; oh < ohi; oh++) {
+                    for (int64_t oh = t.olo; oh < t.ohi; oh++) {
                         float *d = dst + oh * g->ow;
-                        const float *src = xc + (oh * g->sh - g->ph + ki * g->dh) * g->w + iw0;
-                        for (int64_t o = 0; o < lo; o++) d[o] = 0.0f;
-                        gather_row(d + lo, src, hi - lo, g->sw);
-                        for (int64_t o = hi; o < g->ow; o++) d[o] = 0.0f;
+                        for (int64_t o = 0; o < t.lo; o++) d[o] = 0.0f;
+                        gather_row(d + t.lo, xc + tap_src(g, &t, oh), t.hi - t.lo, g->sw);
+                        for (int64_t o = t.hi; o < g->ow; o++) d[o] = 0.0f;
                     }
-                    if (ohi < g->oh) memset(dst + ohi * g->ow, 0, (size_t)((g->oh - ohi) * g->ow) * sizeof(float));
+                    if (t.ohi < g->oh) memset(dst + t.ohi * g->ow, 0, (size_t)((g->oh - t.ohi) * g->ow) * sizeof(float));
                 }
             }
 }
@@ -104,29 +122,19 @@ static void col2im(float *dx, float *col, const conv_geom *g, int64_t bc) {
     for (int64_t c = 0; c < g->c; c++)
         for (int64_t ki = 0; ki < g->kh; ki++)
             for (int64_t kj = 0; kj < g->kw; kj++) {
-                float *row = col + ((c * g->kh + ki) * g->kw + kj) * n;
-                int64_t lo, hi, olo, ohi;
-                valid_range(&lo, &hi, g->ow, g->w, g->sw, g->pw, kj * g->dw);
-                valid_range(&olo, &ohi, g->oh, g->h, g->sh, g->ph, ki * g->dh);
-                int64_t iw0 = lo * g->sw - g->pw + kj * g->dw;
+                conv_tap t = tap_at(g, col, n, c, ki, kj);
                 for (int64_t b = 0; b < bc; b++) {
                     float *xc = dx + (b * g->c + c) * hw;  // (H, W)
-                    float *srow = row + b * g->ohw;
-                    if (contiguous(g) && ohi > olo && hi > lo) {
+                    float *srow = t.row + b * g->ohw;
+                    if (contiguous(g) && t.ohi > t.olo && t.hi > t.lo) {
                         /* zero the edge columns, then one add over the span: they add 0 elsewhere */
-                        for (int64_t oh = olo; oh < ohi; oh++) {
-                            for (int64_t o = 0; o < lo; o++) srow[oh * g->ow + o] = 0.0f;
-                            for (int64_t o = hi; o < g->ow; o++) srow[oh * g->ow + o] = 0.0f;
-                        }
-                        scatter_add_row(xc + (olo - g->ph + ki * g->dh) * g->w + iw0, srow + olo * g->ow + lo,
-                                        (ohi - olo - 1) * g->ow + hi - lo, 1);
+                        zero_edge_columns(srow, g, &t);
+                        scatter_add_row(xc + tap_src(g, &t, t.olo), srow + t.olo * g->ow + t.lo,
+                                        (t.ohi - t.olo - 1) * g->ow + t.hi - t.lo, 1);
                         continue;
                     }
-                    for (int64_t oh = olo; oh < ohi; oh++) {
-                        const float *s = srow + oh * g->ow;
-                        float *d = xc + (oh * g->sh - g->ph + ki * g->dh) * g->w + iw0;
-                        scatter_add_row(d, s + lo, hi - lo, g->sw);
-                    }
+                    for (int64_t oh = t.olo; oh < t.ohi; oh++)
+                        scatter_add_row(xc + tap_src(g, &t, oh), srow + oh * g->ow + t.lo, t.hi - t.lo, g->sw);
                 }
             }
 }
