@@ -115,7 +115,7 @@ LAYER_MODELS = {
     "avgpool_no_pad_count": (lambda: [_maybe("AvgPool2D")(3, stride=2, padding=1, count_include_pad=False), L.Flatten(),
                                       L.Dense(5)], (3, 8, 8)),
     "layernorm_2d": (lambda: [_maybe("LayerNorm")((4, 6)), L.Flatten(), L.Dense(5)], (3, 4, 6)),
-    # b*OH*OW = 16384: the weight gradient runs as a batch of K chunks (conv.cu)
+    # b*OH*OW = 16384: the weight gradient split over K (conv_dw_kernel; cuBLASLt K chunks in tf32)
     "conv_long_k": (lambda: [_maybe("Conv2D")(4, 3, padding=1), L.ReLU(), _maybe("Conv2D")(3, 3, stride=2), L.Flatten(),
                              L.Dense(5)], (2, 32, 32)),
     # b*OH*OW = 4096 with tiles of both sizes, ragged at their edges, groups, and 3x3, 5x5 and 1x1
@@ -167,8 +167,9 @@ def test_layer_matches_cpu(name, rng):
 
 @cuda_only
 def test_conv_long_k_with_odd_and_partial_batches_matches_cpu(rng):
-    """b*OH*OW = 4500 and 4275 (a partial batch of 19): the weight gradient's own split-K kernel
-    with float4 loads and, for the odd count, scalar ones; a 3x3 and a 5x5 col2im of both."""
+    """b*OH*OW = 4500, 4275 and 1575 (partial batches of 19 and 7): the weight gradient's own
+    split-K kernel, chosen at the built batch, with float4 loads and, for the odd counts, scalar
+    ones; a 3x3 and a 5x5 col2im of each."""
     build = lambda: [_maybe("Conv2D")(20, 3, padding=1), L.ReLU(), _maybe("Conv2D")(6, 5, padding=2), L.Flatten(),
                      L.Dense(5)]
     cpu, gpu = pair(build, (3, 15, 15), batch=20)

@@ -5,7 +5,7 @@
  * consumer, the ReLU; backward gathers dz (masked by that ReLU) to (OC, b*OHW) with chunk sums
  * for the bias gradient, then dW = dz col^T in conv_dw_kernel (the long K = b*OHW split over the
  * GPU, partials added in a fixed order), dcol = W^T dz in cuBLASLt, and col2im gathers dx (no
- * atomics: sums are deterministic). tf32 and the forced GEMM modes run every product as the
+ * atomics: sums are deterministic; both in im2col.cu). tf32 and the forced GEMM modes run every product as the
  * small-GEMM kernel or cuBLASLt by size, as Dense's, with the (OC, b*OHW) result scattered to
  * NCHW by conv_out_kernel. */
 #include "cuda.h"
@@ -15,154 +15,6 @@
 typedef mpscy_conv_geom conv_geom;
 
 static conv_geom geom(const mpscy_plan *p, const mpscy_node *n) { return mpscy_conv_geometry(p, n); }
-
-/* Index arithmetic in 32 bits (64-bit division costs dozens of instructions): graph build
- * refuses a convolution whose tensors reach 2^31 elements (cu_conv_fits). */
-__global__ void im2col_kernel(float *col, const float *x, conv_geom g, int64_t b) {
-    // col (K, b*OHW), x (b, C, H, W); blockIdx.y walks the channels, x the columns. A thread
-    // resolves its column (sample, oh, ow) once and writes that column of all KH*KW rows of the
-    // channel (each row's write coalesced across the block), its taps' loads issued together.
-    cu_pdl_enter();
-    const unsigned nb = (unsigned)(b * g.ohw), ohw = (unsigned)g.ohw, ow_ = (unsigned)g.ow;
-    const unsigned khw = (unsigned)(g.kh * g.kw), H = (unsigned)g.h, W = (unsigned)g.w, C = (unsigned)g.c;
-    for (unsigned c = blockIdx.y; c < C; c += gridDim.y) {
-        float *rows = col + (size_t)c * khw * nb;
-        for (unsigned j = blockIdx.x * blockDim.x + threadIdx.x; j < nb; j += gridDim.x * blockDim.x) {
-            const unsigned s = j / ohw, o = j - s * ohw, oh = o / ow_, ow = o - oh * ow_;
-            const float *xp = x + ((size_t)s * C + c) * H * W;
-            const int ih0 = (int)(oh * g.sh) - (int)g.ph, iw0 = (int)(ow * g.sw) - (int)g.pw;
-            for (int ki = 0; ki < (int)g.kh; ki++) {
-                const int ih = ih0 + ki * (int)g.dh;
-                const bool rin = ih >= 0 && ih < (int)H;
-                for (int kj = 0; kj < (int)g.kw; kj++) {
-                    const int iw = iw0 + kj * (int)g.dw;
-                    rows[(size_t)(ki * (int)g.kw + kj) * nb + j] =
-                        rin && iw >= 0 && iw < (int)W ? xp[(unsigned)ih * W + (unsigned)iw] : 0.0f;
-                }
-            }
-        }
-    }
-}
-
-/* dx (b, C, H, W) from dcol (K, b*OHW): each input element sums the taps that read it;
- * blockIdx.y walks the (sample, channel) planes, x the positions of a plane. */
-__global__ void col2im_kernel(float *dx, const float *dcol, conv_geom g, int64_t b, int accum) {
-    cu_pdl_enter();
-    const unsigned nb = (unsigned)(b * g.ohw), W = (unsigned)g.w, hw = (unsigned)(g.h * g.w), C = (unsigned)g.c;
-    for (unsigned plane = blockIdx.y; plane < (unsigned)b * C; plane += gridDim.y) {
-        const unsigned s = plane / C, c = plane - s * C;
-        const float *base = dcol + (size_t)c * g.kh * g.kw * nb + s * (unsigned)g.ohw;
-        float *dxp = dx + (size_t)plane * hw;
-        for (unsigned p = blockIdx.x * blockDim.x + threadIdx.x; p < hw; p += gridDim.x * blockDim.x) {
-            const int ih = (int)(p / W), iw = (int)(p - (unsigned)ih * W);
-            float v = 0.0f;
-            for (int ki = 0; ki < (int)g.kh; ki++) {
-                int th = ih + (int)g.ph - ki * (int)g.dh;
-                if (th < 0) break;  /* th falls as ki grows */
-                int oh = th / (int)g.sh;
-                if (oh * (int)g.sh != th || oh >= (int)g.oh) continue;
-                for (int kj = 0; kj < (int)g.kw; kj++) {
-                    int tw = iw + (int)g.pw - kj * (int)g.dw;
-                    if (tw < 0) break;
-                    int ow = tw / (int)g.sw;
-                    if (ow * (int)g.sw != tw || ow >= (int)g.ow) continue;
-                    v += base[(size_t)(ki * (int)g.kw + kj) * nb + (unsigned)(oh * (int)g.ow + ow)];
-                }
-            }
-            dxp[p] = accum ? dxp[p] + v : v;
-        }
-    }
-}
-
-/* The same two kernels for a square KS x KS kernel known at compile time (1, 3, 5, 7): every
- * tap's load is issued before the first is used, so a thread waits for memory once instead of
- * once per tap (the generic loops above are latency-bound: one dependent load per tap). */
-template <int KS>
-__global__ void im2col_fixed(float *__restrict__ col, const float *__restrict__ x, conv_geom g, int64_t b) {
-    cu_pdl_enter();
-    const unsigned nb = (unsigned)(b * g.ohw), ohw = (unsigned)g.ohw, ow_ = (unsigned)g.ow;
-    const int H = (int)g.h, W = (int)g.w, sh = (int)g.sh, sw = (int)g.sw, ph = (int)g.ph, pw = (int)g.pw,
-              dh = (int)g.dh, dw = (int)g.dw;
-    const unsigned C = (unsigned)g.c;
-    for (unsigned c = blockIdx.y; c < C; c += gridDim.y) {
-        float *rows = col + (size_t)c * KS * KS * nb;
-        for (unsigned j = blockIdx.x * blockDim.x + threadIdx.x; j < nb; j += gridDim.x * blockDim.x) {
-            const unsigned s = j / ohw, o = j - s * ohw, oh = o / ow_, ow = o - oh * ow_;
-            const float *xp = x + ((size_t)s * C + c) * (unsigned)(H * W);
-            const int ih0 = (int)oh * sh - ph, iw0 = (int)ow * sw - pw;
-            float v[KS * KS];
-#pragma unroll
-            for (int ki = 0; ki < KS; ki++) {
-                const int ih = ih0 + ki * dh;
-                const bool rin = ih >= 0 && ih < H;
-#pragma unroll
-                for (int kj = 0; kj < KS; kj++) {
-                    const int iw = iw0 + kj * dw;
-                    v[ki * KS + kj] = rin && iw >= 0 && iw < W ? __ldg(&xp[ih * W + iw]) : 0.0f;
-                }
-            }
-#pragma unroll
-            for (int t = 0; t < KS * KS; t++) rows[(size_t)t * nb + j] = v[t];
-        }
-    }
-}
-
-/* col2im for a KS x KS kernel and stride S (1, 2; 0: any, read from g): blockIdx.y walks groups
- * of VP (sample, channel) planes, x the positions of a plane; a thread resolves its position's taps
- * once and loads them from all VP planes before adding any, so it waits for memory once for
- * KS*KS*VP loads (one plane per thread left the kernel bound by the latency of short blocks). A
- * compiled stride turns the tap tests into shifts (a runtime division costs ~30 instructions). */
-template <int KS, int S>
-__global__ void col2im_fixed(float *__restrict__ dx, const float *__restrict__ dcol, conv_geom g, int64_t b,
-                             int accum) {
-    constexpr int VP = KS <= 3 ? 4 : 1;
-    cu_pdl_enter();
-    const unsigned nb = (unsigned)(b * g.ohw), W = (unsigned)g.w, hw = (unsigned)(g.h * g.w), C = (unsigned)g.c,
-                   OHW = (unsigned)g.ohw, planes = (unsigned)b * C;
-    const int sh = S ? S : (int)g.sh, sw = S ? S : (int)g.sw, ph = (int)g.ph, pw = (int)g.pw, dh = (int)g.dh,
-              dw = (int)g.dw, OH = (int)g.oh, OW = (int)g.ow;
-    for (unsigned pb = blockIdx.y * VP; pb < planes; pb += gridDim.y * VP) {
-        for (unsigned p = blockIdx.x * blockDim.x + threadIdx.x; p < hw; p += gridDim.x * blockDim.x) {
-            const int ih = (int)(p / W), iw = (int)(p - (unsigned)ih * W);
-            int ohs[KS], ows[KS];  /* the output row (column) tap ki (kj) reads from, or -1 */
-#pragma unroll
-            for (int k = 0; k < KS; k++) {
-                const int th = ih + ph - k * dh, tw = iw + pw - k * dw;
-                int oh, ow;
-                if (S == 1) { oh = th; ow = tw; }
-                else if (S == 2) { oh = th & 1 ? -1 : th >> 1; ow = tw & 1 ? -1 : tw >> 1; }
-                else {
-                    oh = th >= 0 && th % sh == 0 ? th / sh : -1;
-                    ow = tw >= 0 && tw % sw == 0 ? tw / sw : -1;
-                }
-                ohs[k] = th >= 0 && oh >= 0 && oh < OH ? oh : -1;
-                ows[k] = tw >= 0 && ow >= 0 && ow < OW ? ow : -1;
-            }
-            float t[VP][KS * KS];
-#pragma unroll
-            for (int v = 0; v < VP; v++) {
-                const unsigned plane = pb + v, s = plane / C, c = plane - s * C;
-                const float *base = dcol + (size_t)c * KS * KS * nb + s * OHW;
-#pragma unroll
-                for (int ki = 0; ki < KS; ki++)
-#pragma unroll
-                    for (int kj = 0; kj < KS; kj++)
-                        t[v][ki * KS + kj] = plane < planes && ohs[ki] >= 0 && ows[kj] >= 0
-                                                 ? __ldg(&base[(size_t)(ki * KS + kj) * nb + (unsigned)(ohs[ki] * OW + ows[kj])])
-                                                 : 0.0f;
-            }
-#pragma unroll
-            for (int v = 0; v < VP; v++) {
-                if (pb + v >= planes) break;
-                float sum = 0.0f;  /* in tap order, as the generic kernel sums */
-#pragma unroll
-                for (int k = 0; k < KS * KS; k++) sum += t[v][k];
-                float *d = dx + (size_t)(pb + v) * hw + p;
-                *d = accum ? *d + sum : sum;
-            }
-        }
-    }
-}
 
 /* out (count) = the sum of `splits` partials part (splits, count): the weight gradient's split-K
  * partials, and the bias gradient's chunk sums. A block of 8 warps takes 32 outputs: warp w adds
@@ -506,6 +358,11 @@ int64_t cu_conv_workspace(const mpscy_plan *p, const mpscy_node *n) {
     return (g.oc + g.k) * nb + splits * g.kg * g.ocg + (nb + DZ_CHUNK - 1) / DZ_CHUNK * g.oc;
 }
 
+/* fp32 with MPSCY_CUDA_GEMM unset: the forward product in conv_fwd_kernel, a long weight gradient
+ * (b*OHW >= 4 DW_CHUNK at the built batch) in conv_dw_kernel */
+static bool conv_own(const cu_graph *gr) { return gr->gemm_mode == 2 && gr->plan.precision != MPSCY_PRECISION_TF32; }
+static bool conv_long_dw(const cu_graph *gr, int64_t nb_built) { return gr->gemm_mode == 2 && nb_built >= 4 * DW_CHUNK; }
+
 /* the three products of a group, as the own kernel or cuBLASLt (decided by the built batch) */
 enum { CONV_FWD, CONV_DW, CONV_DCOL };
 
@@ -517,7 +374,7 @@ static int conv_gemm(cu_graph *gr, int which, const conv_geom &g, int64_t nb, in
     else { M = g.kg; N = nb; K = g.ocg; }
     /* decided at the built batch, as graph.cu planned the partials */
     int64_t Nb = which == CONV_DW ? N : nb_built, Kb = which == CONV_DW ? nb_built : K;
-    if (cu_gemm_small_wanted(gr, M, Nb, Kb) && !(which == CONV_DW && nb_built >= 4 * DW_CHUNK && gr->gemm_mode == 2)) {
+    if (cu_gemm_small_wanted(gr, M, Nb, Kb) && !(which == CONV_DW && conv_long_dw(gr, nb_built))) {
         cu_small_gemm q = {};
         q.c = c; q.m = M; q.n = N; q.k = K;
         if (which == CONV_FWD) {  /* yt (ocg, nb) = W (ocg, kg) col (kg, nb) */
@@ -532,8 +389,9 @@ static int conv_gemm(cu_graph *gr, int which, const conv_geom &g, int64_t nb, in
     /* column-major views: a row-major (r, cols) matrix is (cols x r) with ld = cols */
     cu_gemm q = {};
     q.epilogue = CUBLASLT_EPILOGUE_DEFAULT;
-    if (which == CONV_DW && nb >= 4 * DW_CHUNK && gr->gemm_mode == 2 && gr->plan.precision != MPSCY_PRECISION_TF32) {
-        /* K = b*OHW is long (fp32): conv_dw_kernel's chunks into partials after dcol, one ordered sum */
+    if (which == CONV_DW && conv_long_dw(gr, nb_built) && conv_own(gr)) {
+        /* K = b*OHW is long (fp32): conv_dw_kernel's chunks (any batch) into partials after dcol,
+         * then one ordered sum */
         const int tm = g.ocg > 32 ? 4 : 2, tn = g.kg > 32 ? 4 : 2;
         const int64_t gm = (g.ocg + 16 * tm - 1) / (16 * tm), gn = (g.kg + 16 * tn - 1) / (16 * tn);
         int64_t chunk, s = dw_splits(gm * gn, nb, gr->dev->sms, &chunk), kgo = g.kg * g.ocg;
@@ -555,7 +413,7 @@ static int conv_gemm(cu_graph *gr, int which, const conv_geom &g, int64_t nb, in
                "conv_dw_reduce");
         return CU_LAUNCHED("conv_dw_reduce");
     }
-    if (which == CONV_DW && nb >= 4 * DW_CHUNK && gr->gemm_mode == 2) {
+    if (which == CONV_DW && conv_long_dw(gr, nb_built) && nb >= 4 * DW_CHUNK) {
         /* K = b*OHW is long (tf32): equal chunks as one strided batch of products into partials (after
          * dcol in the workspace), the tail chunk as one more, then one ordered sum */
         int64_t full = nb / DW_CHUNK, tail = nb - full * DW_CHUNK, kgo = g.kg * g.ocg;
@@ -600,16 +458,9 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
     float *yt = gr->ws;                                        // (OC, nb)
     const float *w = cu_tensor(gr, n, MPSCY_ROLE_PARAM, 0);    // (OC, kg)
     const float *bias = cu_tensor(gr, n, MPSCY_ROLE_PARAM, 1); // (OC) or NULL
-    void (*i2c)(float *, const float *, conv_geom, int64_t) = im2col_kernel;
-    if (g.kh == g.kw && (g.kh == 1 || g.kh == 3 || g.kh == 5 || g.kh == 7))
-        i2c = g.kh == 1 ? im2col_fixed<1> : g.kh == 3 ? im2col_fixed<3> : g.kh == 5 ? im2col_fixed<5> : im2col_fixed<7>;
-    CU_TRY(cu_launch(gr, i2c, dim3(cu_blocks(nb, CU_THREADS, 1024), (unsigned)(g.c < 65535 ? g.c : 65535)),
-                     CU_THREADS, gr->stream, col,
-                     (const float *)gr->y[n->in[0]], g, b),
-           "im2col");
-    int st = CU_LAUNCHED("im2col");
+    int st = cu_im2col(gr, &g, col, gr->y[n->in[0]], b, err, en);
     int relu = (gr->fuse[i] & CU_FUSE_RELU) != 0;
-    if (st == MPSCY_OK && gr->gemm_mode == 2 && p->precision != MPSCY_PRECISION_TF32) {
+    if (st == MPSCY_OK && conv_own(gr)) {
         /* fp32: mpscy's product writes NCHW with the bias and ReLU, no (OC, nb) buffer or scatter */
         const int tm = g.ocg > 32 ? 4 : 2;
         const bool va = g.kg % 4 == 0 && (uintptr_t)w % 16 == 0, vb = nb % 4 == 0 && (uintptr_t)col % 16 == 0;
@@ -684,27 +535,7 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
                            dzt + gi * g.ocg * nb, err, en);
     }
     if (st != MPSCY_OK || !dx) return st;
-    if (g.kh == g.kw && (g.kh == 1 || g.kh == 3 || g.kh == 5 || g.kh == 7)) {
-        typedef void (*c2i_fn)(float *, const float *, conv_geom, int64_t, int);
-        static const c2i_fn kinds[4][3] = {
-            {col2im_fixed<1, 0>, col2im_fixed<1, 1>, col2im_fixed<1, 2>},
-            {col2im_fixed<3, 0>, col2im_fixed<3, 1>, col2im_fixed<3, 2>},
-            {col2im_fixed<5, 0>, col2im_fixed<5, 1>, col2im_fixed<5, 2>},
-            {col2im_fixed<7, 0>, col2im_fixed<7, 1>, col2im_fixed<7, 2>}};
-        const int st_ = g.sh == g.sw && (g.sh == 1 || g.sh == 2) ? (int)g.sh : 0;
-        const int64_t vp = g.kh <= 3 ? 4 : 1, groups = (b * g.c + vp - 1) / vp;
-        CU_TRY(cu_launch(gr, kinds[g.kh / 2][st_], dim3(cu_blocks(g.h * g.w, CU_THREADS, 64),
-                                                       (unsigned)(groups < 65535 ? groups : 65535)),
-                         CU_THREADS, gr->stream, dx, (const float *)dcol, g, b, (int)n->accum[0]),
-               "col2im");
-        return CU_LAUNCHED("col2im");
-    }
-    CU_TRY(cu_launch(gr, col2im_kernel, dim3(cu_blocks(g.h * g.w, CU_THREADS, 64),
-                                             (unsigned)(b * g.c < 65535 ? b * g.c : 65535)),
-                     CU_THREADS, gr->stream, dx,
-                     (const float *)dcol, g, b, (int)n->accum[0]),
-           "col2im");
-    return CU_LAUNCHED("col2im");
+    return cu_col2im(gr, &g, dx, dcol, b, (int)n->accum[0], err, en);
 }
 
 /* floats of split-K partials (and counters) the own-kernel products of a convolution may take */
@@ -715,7 +546,7 @@ void cu_conv_gemm_need(const cu_graph *gr, const mpscy_node *n, int64_t *floats,
     *floats = *counters = 0;
     for (int k = 0; k < 3; k++)
         if (cu_gemm_small_wanted(gr, shapes[k][0], shapes[k][1], shapes[k][2]) &&
-            !(k == 1 && nb >= 4 * DW_CHUNK && gr->gemm_mode == 2)) {
+            !(k == 1 && conv_long_dw(gr, nb))) {
             cu_gemm_small_need(gr->dev->sms, shapes[k][0], shapes[k][1], shapes[k][2], 0, &f, &c);
             *floats += f * g.groups;
             *counters += c * g.groups;

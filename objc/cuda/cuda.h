@@ -169,6 +169,10 @@ int64_t cu_conv_workspace(const mpscy_plan *p, const mpscy_node *n);
 int64_t cu_conv_columns(const mpscy_plan *p, const mpscy_node *n);  /* floats of its kept im2col */
 int cu_conv_fits(const mpscy_plan *p, const mpscy_node *n);         /* its tensors index in 31 bits */
 void cu_conv_gemm_need(const cu_graph *g, const mpscy_node *n, int64_t *floats, int64_t *counters);
+/* im2col.cu: a convolution's columns (K, b*OHW) from x, and dx (accumulated when accum) from dcol */
+int cu_im2col(cu_graph *g, const mpscy_conv_geom *cg, float *col, const float *x, int64_t b, char *err, size_t en);
+int cu_col2im(cu_graph *g, const mpscy_conv_geom *cg, float *dx, const float *dcol, int64_t b, int accum, char *err,
+              size_t en);
 int cu_pool_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
 int cu_pool_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);
 int cu_batchnorm_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
