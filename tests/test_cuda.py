@@ -130,6 +130,10 @@ LAYER_MODELS = {
     # a stride that is neither 1 nor 2 (col2im's runtime-stride form), unequal strides (generic)
     "conv_stride3": (lambda: [_maybe("Conv2D")(4, 3, padding=1), L.ReLU(), _maybe("Conv2D")(5, 3, stride=3, padding=1),
                               L.Tanh(), _maybe("Conv2D")(3, 3, stride=(1, 2)), L.Flatten(), L.Dense(5)], (2, 11, 11)),
+    # forward grids under two blocks per SM with K of 288 and 400: the product split over K into
+    # partials (conv_fwd_sum adds them, the bias and the fused ReLU; then without a ReLU)
+    "conv_split_fwd": (lambda: [_maybe("Conv2D")(16, 3, padding=1), L.ReLU(), _maybe("Conv2D")(6, 5, padding=2),
+                                L.Tanh(), L.Flatten(), L.Dense(5)], (32, 8, 8)),
 }
 
 

@@ -1,16 +1,19 @@
 /* conv.cu — Conv2D on CUDA (NCHW, weight (OC, C / groups, KH, KW) as in PyTorch) as im2col +
  * GEMM: the columns (K, b*OHW), K = C*KH*KW rows ordered (c, ki, kj), are built once per step
- * and kept for backward (one buffer per convolution). In fp32 (MPSCY_CUDA_GEMM unset) the forward
- * product is conv_fwd_kernel, which writes NCHW with the bias and, when a ReLU is the only
- * consumer, the ReLU; backward gathers dz (masked by that ReLU) to (OC, b*OHW) with chunk sums
- * for the bias gradient, then dW = dz col^T in conv_dw_kernel (the long K = b*OHW split over the
- * GPU, partials added in a fixed order), dcol = W^T dz in cuBLASLt, and col2im gathers dx (no
- * atomics: sums are deterministic; both in im2col.cu). tf32 and the forced GEMM modes run every product as the
- * small-GEMM kernel or cuBLASLt by size, as Dense's, with the (OC, b*OHW) result scattered to
- * NCHW by conv_out_kernel. */
+ * and kept for backward (one buffer per convolution). In fp32 on sm_80 and newer (MPSCY_CUDA_GEMM
+ * unset) the products are mpscy's own 3xTF32 tensor-core kernels (mma.cuh): the forward product
+ * writes NCHW with the bias and, when a ReLU is the only consumer, the ReLU; backward gathers dz
+ * (masked by that ReLU) to (OC, b*OHW) with chunk sums for the bias gradient, then dW = dz col^T
+ * (the long K = b*OHW split over the GPU, partials added in a fixed order) and dcol = W^T dz, and
+ * col2im gathers dx (no atomics: sums are deterministic; both in im2col.cu). tf32, older GPUs and
+ * the forced GEMM modes run every product as the small-GEMM kernel or cuBLASLt by size, as
+ * Dense's, with the (OC, b*OHW) result scattered to NCHW by conv_out_kernel. */
+#include <algorithm>
+
 #include "cuda.h"
 #include "blas.h"
 #include "reduce.h"
+#include "mma.cuh"
 
 typedef mpscy_conv_geom conv_geom;
 
@@ -42,224 +45,153 @@ __global__ void conv_sum_parts(float *out, const float *part, int64_t count, int
     }
 }
 
-/* The weight gradient's product over a long K, both operands K-contiguous (the "NT" product of
- * every convolution's backward): part[z] (M, N) = A[:, Kz] B[:, Kz]^T for the z-th chunk of K,
- * A (M, K) row-major with lda, B (N, K) with ldb. A (16 TM) x (16 TN) tile per block of 256
- * threads, two blocks per multiprocessor, TM x TN outputs per thread from vector reads of shared
- * memory; the next 32-wide K step is loaded into registers (as float4 when VEC: rows 16-byte
- * aligned) while this one is multiplied. cuBLASLt picks small SIMT tiles for these skinny fp32
- * products and ran them at ~9 TFLOP/s on the H100. */
-#define DW_BK 32
-template <int T>
-static __device__ __forceinline__ void lds_vec(float (&v)[T], const float *p) {
-    if constexpr (T == 4) {
-        float4 t = *reinterpret_cast<const float4 *>(p);
-        v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w;
-    } else {
-        float2 t = *reinterpret_cast<const float2 *>(p);
-        v[0] = t.x; v[1] = t.y;
-    }
-}
-
-/* a (R, K) operand's 32-wide K step into registers: 2 R / 16 floats per thread (R = 16 T) */
-template <int T, bool VEC>
-static __device__ __forceinline__ void dw_load(float (&r)[2 * T], const float *__restrict__ a, int r0, int rows,
-                                               int64_t ld, int64_t kb, int64_t k1) {
-    const int tid = threadIdx.x;
-    if constexpr (VEC) {  /* 8 float4 per row; whole float4 in or out of K (K % 4 == 0) */
-#pragma unroll
-        for (int q = 0; q < T / 2; q++) {
-            const int e = tid + 256 * q, row = r0 + e / 8;
-            const int64_t k = kb + (e % 8) * 4;
-            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            if (row < rows && k < k1) v = __ldg(reinterpret_cast<const float4 *>(&a[row * ld + k]));
-            r[4 * q] = v.x; r[4 * q + 1] = v.y; r[4 * q + 2] = v.z; r[4 * q + 3] = v.w;
-        }
-    } else {  /* a warp reads 32 consecutive K of one row */
-#pragma unroll
-        for (int q = 0; q < 2 * T; q++) {
-            const int e = tid + 256 * q, row = r0 + e / 32;
-            const int64_t k = kb + e % 32;
-            r[q] = row < rows && k < k1 ? __ldg(&a[row * ld + k]) : 0.0f;
-        }
-    }
-}
-
-template <int T, bool VEC>
-static __device__ __forceinline__ void dw_store(float (*s)[16 * T + 4], const float (&r)[2 * T]) {
-    const int tid = threadIdx.x;
-    if constexpr (VEC) {
-#pragma unroll
-        for (int q = 0; q < T / 2; q++) {
-            const int e = tid + 256 * q, row = e / 8, k = (e % 8) * 4;
-#pragma unroll
-            for (int i = 0; i < 4; i++) s[k + i][row] = r[4 * q + i];
-        }
-    } else {
-#pragma unroll
-        for (int q = 0; q < 2 * T; q++) {
-            const int e = tid + 256 * q;
-            s[e % 32][e / 32] = r[q];
-        }
-    }
-}
-
-/* The K loop both products share: acc += the block's A tile x B tile over [k0, k1), 32 K per
- * step, double-buffered in shared memory: load(kb) brings step kb into the thread's registers,
- * store(buf) writes them to buffer buf, and step kb + 32 loads while step kb is multiplied. */
-template <int TM, int TN, class Load, class Store>
-static __device__ __forceinline__ void tile_loop(float (&acc)[TM][TN], float (*As)[DW_BK][16 * TM + 4],
-                                                 float (*Bs)[DW_BK][16 * TN + 4], int64_t k0, int64_t k1, Load load,
-                                                 Store store) {
-    const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
-#pragma unroll
-    for (int i = 0; i < TM; i++)
-#pragma unroll
-        for (int j = 0; j < TN; j++) acc[i][j] = 0.0f;
-    load(k0);
-    store(0);
-    __syncthreads();
-    int buf = 0;
-    for (int64_t kb = k0; kb < k1; kb += DW_BK) {
-        const bool more = kb + DW_BK < k1;
-        if (more) load(kb + DW_BK);
-#pragma unroll
-        for (int k = 0; k < DW_BK; k++) {
-            float av[TM], bv[TN];
-            lds_vec<TM>(av, &As[buf][k][ty * TM]);
-            lds_vec<TN>(bv, &Bs[buf][k][tx * TN]);
-#pragma unroll
-            for (int i = 0; i < TM; i++)
-#pragma unroll
-                for (int j = 0; j < TN; j++) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
-        }
-        if (more) {  /* the other buffer was last read before the previous barrier */
-            store(buf ^ 1);
-            __syncthreads();
-            buf ^= 1;
-        }
-    }
-}
-
-template <int TM, int TN, bool VEC>
-__global__ void __launch_bounds__(256, 2) conv_dw_kernel(float *__restrict__ part, const float *__restrict__ a,
-                                                         const float *__restrict__ bm, int M, int N, int64_t K,
-                                                         int64_t lda, int64_t ldb, int64_t chunk) {
-    constexpr int BM = 16 * TM, BN = 16 * TN;
-    __shared__ __align__(16) float As[2][DW_BK][BM + 4];
-    __shared__ __align__(16) float Bs[2][DW_BK][BN + 4];
+/* The own products (sm_80 and newer, fp32): 3xTF32 on tensor cores in mma.cuh's pipeline.
+ *
+ * conv_mma_kernel: out[z] (M, N) = A[:, Kz] B[:, Kz]^T for the z-th chunk of K (out + z zstride,
+ * row stride ldo), as mma.cuh's views. The weight gradient dW = dz col^T, both operands
+ * K-contiguous over the long K = b*OHW, split over the GPU with the partials added afterwards in
+ * a fixed order; and dcol = W^T dz (K = OC / groups, both operands row-contiguous). */
+template <int TM, int TN, bool AK, bool BK, bool VA, bool VB>
+__global__ void __launch_bounds__(256, 2) conv_mma_kernel(float *__restrict__ out, int64_t ldo, int64_t zstride,
+                                                          const float *__restrict__ a, int64_t lda,
+                                                          const float *__restrict__ b, int64_t ldb, int M, int N,
+                                                          int64_t K, int64_t chunk) {
+    extern __shared__ __align__(16) float mma_smem[];
     cu_pdl_enter();
-    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
-    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    const int m0 = blockIdx.y * 16 * TM, n0 = blockIdx.x * 16 * TN;
     const int64_t k0 = (int64_t)blockIdx.z * chunk, k1 = min(K, k0 + chunk);
-    float ra[2 * TM], rb[2 * TN], acc[TM][TN];
-    tile_loop<TM, TN>(
-        acc, As, Bs, k0, k1,
-        [&](int64_t kb) {
-            dw_load<TM, VEC>(ra, a, m0, M, lda, kb, k1);
-            dw_load<TN, VEC>(rb, bm, n0, N, ldb, kb, k1);
-        },
-        [&](int buf) {
-            dw_store<TM, VEC>(As[buf], ra);
-            dw_store<TN, VEC>(Bs[buf], rb);
-        });
-    float *out = part + (size_t)blockIdx.z * M * N;
+    float acc[TM * TN];
+    mma_product<TM, TN, AK, BK, VA, VB>(acc, mma_smem, a, lda, m0, M, b, ldb, n0, N, k0, k1);
+    float *o = out + blockIdx.z * zstride;
+    const bool v2 = (ldo & 1) == 0 && ((uintptr_t)o & 7) == 0;
 #pragma unroll
-    for (int i = 0; i < TM; i++)
-#pragma unroll
-        for (int j = 0; j < TN; j++) {
-            const int m = m0 + ty * TM + i, n = n0 + tx * TN + j;
-            if (m < M && n < N) out[m * N + n] = acc[i][j];
+    for (int e = 0; e < TM * TN; e += 2) { /* (e, e + 1): columns n, n + 1 of row m, n even */
+        int r, c;
+        mma_pos<TM, TN>(e, r, c);
+        const int m = m0 + r, n = n0 + c;
+        if (m >= M || n >= N) continue;
+        if (v2 && n + 1 < N) {
+            *reinterpret_cast<float2 *>(&o[m * ldo + n]) = make_float2(acc[e], acc[e + 1]);
+        } else {
+            o[m * ldo + n] = acc[e];
+            if (n + 1 < N) o[m * ldo + n + 1] = acc[e + 1];
         }
+    }
 }
 
 /* The forward product with the output scattered straight to NCHW: y[s, o0 + m, pix] =
  * relu(sum_t W[m, t] col[t, n] + bias[o0 + m]) for n = s*OHW + pix, W (M, K) row-major (ld K),
- * col (K, nb) row-major. A (16 TM) x 64 tile per block of 256 threads over the whole K (a
- * convolution's K is at most a few thousand), the same inner loop as conv_dw_kernel; the epilogue
- * replaces the separate scatter (conv_out_kernel) that cuBLASLt's (OC, nb) result needed.
- * VECB: col rows 16-byte aligned (nb % 4 == 0), loaded as float4; VECY: OHW % 4 == 0 and y
- * aligned, so a thread's four columns are one float4 of one plane. */
-template <int TM, bool VECA, bool VECB, bool VECY>
-__global__ void __launch_bounds__(256, 2) conv_fwd_kernel(float *__restrict__ y, const float *__restrict__ w,
-                                                          const float *__restrict__ col, const float *__restrict__ bias,
-                                                          int M, int K, int nb, int ohw, int oc, int o0, int relu) {
-    constexpr int TN = 4, BM = 16 * TM, BN = 16 * TN;
-    __shared__ __align__(16) float As[2][DW_BK][BM + 4];
-    __shared__ __align__(16) float Bs[2][DW_BK][BN + 4];
+ * col (K, nb) row-major; a (16 TM) x 64 tile per block over the whole K (a convolution's K is at
+ * most a few thousand). The epilogue replaces the separate scatter (conv_out_kernel) that
+ * cuBLASLt's (OC, nb) result needs. VA: W rows 16-byte aligned (K % 4 == 0); VB: col rows too
+ * (nb % 4 == 0); VY: OHW even and y aligned, so a thread's column pairs are one float2.
+ * With part (a grid too small for the GPU), block z takes K chunk z and writes part[z] (M, nb)
+ * instead, for conv_fwd_sum. */
+template <int TM, bool VA, bool VB, bool VY>
+__global__ void __launch_bounds__(256, 2) conv_fwd_kernel(float *__restrict__ y, float *__restrict__ part,
+                                                          const float *__restrict__ w, const float *__restrict__ col,
+                                                          const float *__restrict__ bias, int M, int K, int nb, int ohw,
+                                                          int oc, int o0, int relu, int chunk) {
+    extern __shared__ __align__(16) float mma_smem[];
     cu_pdl_enter();
-    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
-    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
-    float ra[2 * TM], rb[8];
-    auto load_b = [&](int kb) {
-        if constexpr (VECB) {
+    const int m0 = blockIdx.y * 16 * TM, n0 = blockIdx.x * 64, k0 = blockIdx.z * chunk;
+    float acc[TM * 4];
+    mma_product<TM, 4, true, false, VA, VB>(acc, mma_smem, w, K, m0, M, col, nb, n0, nb, k0, min(K, k0 + chunk));
 #pragma unroll
-            for (int q = 0; q < 2; q++) {
-                const int e = tid + 256 * q, k = kb + e / 16, n = n0 + (e % 16) * 4;
-                float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-                if (k < K && n < nb) v = __ldg(reinterpret_cast<const float4 *>(&col[(size_t)k * nb + n]));
-                rb[4 * q] = v.x; rb[4 * q + 1] = v.y; rb[4 * q + 2] = v.z; rb[4 * q + 3] = v.w;
-            }
-        } else {
-#pragma unroll
-            for (int q = 0; q < 8; q++) {
-                const int e = tid + 256 * q, k = kb + e / 64, n = n0 + e % 64;
-                rb[q] = k < K && n < nb ? __ldg(&col[(size_t)k * nb + n]) : 0.0f;
-            }
+    for (int e = 0; e < TM * 4; e += 2) { /* (e, e + 1): columns n, n + 1 of row m, n even */
+        int r, c;
+        mma_pos<TM, 4>(e, r, c);
+        const int m = m0 + r, n = n0 + c;
+        if (m >= M || n >= nb) continue;
+        if (part) {
+            float *p = &part[((size_t)blockIdx.z * M + m) * nb + n];
+            p[0] = acc[e];
+            if (n + 1 < nb) p[1] = acc[e + 1];
+            continue;
         }
-    };
-    auto store_b = [&](int buf) {
-        if constexpr (VECB) {
-#pragma unroll
-            for (int q = 0; q < 2; q++) {
-                const int e = tid + 256 * q;
-                *reinterpret_cast<float4 *>(&Bs[buf][e / 16][(e % 16) * 4]) =
-                    make_float4(rb[4 * q], rb[4 * q + 1], rb[4 * q + 2], rb[4 * q + 3]);
-            }
-        } else {
-#pragma unroll
-            for (int q = 0; q < 8; q++) {
-                const int e = tid + 256 * q;
-                Bs[buf][e / 64][e % 64] = rb[q];
-            }
-        }
-    };
-    float acc[TM][TN];
-    tile_loop<TM, TN>(
-        acc, As, Bs, 0, K,
-        [&](int64_t kb) {
-            dw_load<TM, VECA>(ra, w, m0, M, K, kb, K);
-            load_b((int)kb);
-        },
-        [&](int buf) {
-            dw_store<TM, VECA>(As[buf], ra);
-            store_b(buf);
-        });
-    const int nt = n0 + tx * TN;
-#pragma unroll
-    for (int i = 0; i < TM; i++) {
-        const int m = m0 + ty * TM + i;
-        if (m >= M) continue;
         const float bo = bias ? bias[o0 + m] : 0.0f;
-        float v[TN];
-#pragma unroll
-        for (int j = 0; j < TN; j++) {
-            v[j] = acc[i][j] + bo;
-            if (relu) v[j] = v[j] > 0.0f ? v[j] : 0.0f;
+        float v0 = acc[e] + bo, v1 = acc[e + 1] + bo;
+        if (relu) {
+            v0 = v0 > 0.0f ? v0 : 0.0f;
+            v1 = v1 > 0.0f ? v1 : 0.0f;
         }
-        if (VECY && nt < nb) {  /* nb % 4 == 0: all four columns are in range and in one plane */
-            const int s = nt / ohw, pix = nt - s * ohw;
-            *reinterpret_cast<float4 *>(&y[((size_t)s * oc + o0 + m) * ohw + pix]) = make_float4(v[0], v[1], v[2], v[3]);
-        } else if (!VECY) {
-#pragma unroll
-            for (int j = 0; j < TN; j++) {
-                const int n = nt + j;
-                if (n >= nb) break;
-                const int s = n / ohw, pix = n - s * ohw;
-                y[((size_t)s * oc + o0 + m) * ohw + pix] = v[j];
+        const int s = n / ohw, pix = n - s * ohw;
+        float *yo = &y[((size_t)s * oc + o0 + m) * ohw + pix];
+        if (VY) { /* OHW even: n + 1 is in range and in the same plane */
+            *reinterpret_cast<float2 *>(yo) = make_float2(v0, v1);
+        } else {
+            *yo = v0;
+            if (n + 1 < nb) {
+                const int s1 = (n + 1) / ohw, pix1 = n + 1 - s1 * ohw;
+                y[((size_t)s1 * oc + o0 + m) * ohw + pix1] = v1;
             }
         }
     }
+}
+
+typedef void (*mma_fn)(float *, int64_t, int64_t, const float *, int64_t, const float *, int64_t, int, int, int64_t,
+                       int64_t);
+typedef void (*fwd_fn)(float *, float *, const float *, const float *, const float *, int, int, int, int, int, int, int,
+                       int);
+
+/* y (b, OC, OHW) from conv_fwd_kernel's split partials part (splits, M, nb): their sum in order,
+ * plus the bias, through the fused ReLU (channels o0 .. o0 + M) */
+__global__ void conv_fwd_sum(float *y, const float *part, const float *bias, int64_t splits, int64_t M, int64_t nb,
+                             int64_t ohw, int64_t oc, int64_t o0, int relu) {
+    cu_pdl_enter();
+    const int64_t total = M * nb;
+    for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
+        float v = part[e];
+        for (int64_t z = 1; z < splits; z++) v += part[z * total + e];
+        const int64_t m = e / nb, n = e - m * nb, s = n / ohw, pix = n - s * ohw;
+        v += bias ? bias[o0 + m] : 0.0f;
+        y[(s * oc + o0 + m) * ohw + pix] = relu && !(v > 0.0f) ? 0.0f : v;
+    }
+}
+
+/* a kernel of mma.cuh's with its dynamic shared memory (over the 48 KB default: opted in) */
+template <typename... K, typename... A>
+static cudaError_t mma_launch(const cu_graph *gr, void (*k)(K...), dim3 grid, int bytes, A... args) {
+    cudaError_t e = cudaFuncSetAttribute((const void *)k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    return e != cudaSuccess ? e : cu_launch_shm(gr, k, grid, 256, (size_t)bytes, gr->stream, args...);
+}
+
+/* the weight gradient's instance: tile sizes by (M, N), 16-byte copies when vec */
+static mma_fn dw_kind(bool tm4, bool tn4, bool vec, int *bytes) {
+    static const mma_fn kinds[2][2][2] = {
+        {{conv_mma_kernel<2, 2, true, true, false, false>, conv_mma_kernel<2, 2, true, true, true, true>},
+         {conv_mma_kernel<2, 4, true, true, false, false>, conv_mma_kernel<2, 4, true, true, true, true>}},
+        {{conv_mma_kernel<4, 2, true, true, false, false>, conv_mma_kernel<4, 2, true, true, true, true>},
+         {conv_mma_kernel<4, 4, true, true, false, false>, conv_mma_kernel<4, 4, true, true, true, true>}}};
+    static const int sizes[2][2] = {{mma_smem_bytes<2, 2, true, true>(), mma_smem_bytes<2, 4, true, true>()},
+                                    {mma_smem_bytes<4, 2, true, true>(), mma_smem_bytes<4, 4, true, true>()}};
+    *bytes = sizes[tm4][tn4];
+    return kinds[tm4][tn4][vec];
+}
+
+/* dcol's instance: M = K*KH*KW rows of tile 32 or 64, 64 columns */
+static mma_fn dcol_kind(bool tm4, bool va, bool vb, int *bytes) {
+    static const mma_fn kinds[2][2][2] = {
+        {{conv_mma_kernel<2, 4, false, false, false, false>, conv_mma_kernel<2, 4, false, false, false, true>},
+         {conv_mma_kernel<2, 4, false, false, true, false>, conv_mma_kernel<2, 4, false, false, true, true>}},
+        {{conv_mma_kernel<4, 4, false, false, false, false>, conv_mma_kernel<4, 4, false, false, false, true>},
+         {conv_mma_kernel<4, 4, false, false, true, false>, conv_mma_kernel<4, 4, false, false, true, true>}}};
+    *bytes = tm4 ? mma_smem_bytes<4, 4, false, false>() : mma_smem_bytes<2, 4, false, false>();
+    return kinds[tm4][va][vb];
+}
+
+static fwd_fn fwd_kind(bool tm4, bool va, bool vb, bool vy, int *bytes) {
+    static const fwd_fn kinds[2][2][2][2] = {
+        {{{conv_fwd_kernel<2, false, false, false>, conv_fwd_kernel<2, false, false, true>},
+          {conv_fwd_kernel<2, false, true, false>, conv_fwd_kernel<2, false, true, true>}},
+         {{conv_fwd_kernel<2, true, false, false>, conv_fwd_kernel<2, true, false, true>},
+          {conv_fwd_kernel<2, true, true, false>, conv_fwd_kernel<2, true, true, true>}}},
+        {{{conv_fwd_kernel<4, false, false, false>, conv_fwd_kernel<4, false, false, true>},
+          {conv_fwd_kernel<4, false, true, false>, conv_fwd_kernel<4, false, true, true>}},
+         {{conv_fwd_kernel<4, true, false, false>, conv_fwd_kernel<4, true, false, true>},
+          {conv_fwd_kernel<4, true, true, false>, conv_fwd_kernel<4, true, true, true>}}}};
+    *bytes = tm4 ? mma_smem_bytes<4, 4, true, false>() : mma_smem_bytes<2, 4, true, false>();
+    return kinds[tm4][va][vb][vy];
 }
 
 #define DW_MIN_CHUNK 128  /* K per conv_dw_kernel block, at least */
@@ -270,7 +202,7 @@ static int64_t dw_splits(int64_t tiles, int64_t nb, int sms, int64_t *chunk) {
     int64_t s = 2 * (int64_t)sms / tiles, most = (nb + DW_MIN_CHUNK - 1) / DW_MIN_CHUNK;
     if (s > most) s = most;
     if (s < 1) s = 1;
-    *chunk = ((nb + s - 1) / s + DW_BK - 1) / DW_BK * DW_BK;
+    *chunk = ((nb + s - 1) / s + MMA_BK - 1) / MMA_BK * MMA_BK;
     return (nb + *chunk - 1) / *chunk;
 }
 
@@ -358,13 +290,21 @@ int64_t cu_conv_workspace(const mpscy_plan *p, const mpscy_node *n) {
     return (g.oc + g.k) * nb + splits * g.kg * g.ocg + (nb + DZ_CHUNK - 1) / DZ_CHUNK * g.oc;
 }
 
-/* fp32 with MPSCY_CUDA_GEMM unset: the forward product in conv_fwd_kernel, a long weight gradient
- * (b*OHW >= 4 DW_CHUNK at the built batch) in conv_dw_kernel */
-static bool conv_own(const cu_graph *gr) { return gr->gemm_mode == 2 && gr->plan.precision != MPSCY_PRECISION_TF32; }
+/* fp32 with MPSCY_CUDA_GEMM unset on sm_80 and newer: the forward product, dcol and a long
+ * weight gradient (b*OHW >= 4 DW_CHUNK at the built batch) as mma.cuh's products */
+static bool conv_own(const cu_graph *gr) {
+    return gr->gemm_mode == 2 && gr->plan.precision != MPSCY_PRECISION_TF32 && gr->dev->prop.major >= 8;
+}
 static bool conv_long_dw(const cu_graph *gr, int64_t nb_built) { return gr->gemm_mode == 2 && nb_built >= 4 * DW_CHUNK; }
+static bool aligned16(const void *p) { return (uintptr_t)p % 16 == 0; }
 
 /* the three products of a group, as the own kernel or cuBLASLt (decided by the built batch) */
 enum { CONV_FWD, CONV_DW, CONV_DCOL };
+
+/* whether product `which` runs as an own kernel of this file (not the small-GEMM kernel) */
+static bool conv_mma(const cu_graph *gr, int which, int64_t nb_built) {
+    return conv_own(gr) && (which != CONV_DW || conv_long_dw(gr, nb_built));
+}
 
 static int conv_gemm(cu_graph *gr, int which, const conv_geom &g, int64_t nb, int64_t nb_built, float *c,
                      const float *w, const float *col, const float *dzt, char *err, size_t en) {
@@ -372,6 +312,16 @@ static int conv_gemm(cu_graph *gr, int which, const conv_geom &g, int64_t nb, in
     if (which == CONV_FWD) { M = g.ocg; N = nb; K = g.kg; }
     else if (which == CONV_DW) { M = g.ocg; N = g.kg; K = nb; }
     else { M = g.kg; N = nb; K = g.ocg; }
+    if (which == CONV_DCOL && conv_mma(gr, which, nb_built)) {
+        /* dcol (kg, nb) = W^T dz: A (kg, ocg) is W read down its rows, B (nb, ocg) is dz's */
+        int bytes;
+        const bool tm4 = g.kg > 32, va = g.kg % 4 == 0 && aligned16(w), vb = nb % 4 == 0 && aligned16(dzt);
+        mma_fn k = dcol_kind(tm4, va, vb, &bytes);
+        dim3 grid((unsigned)((nb + 63) / 64), (unsigned)((g.kg + (tm4 ? 63 : 31)) / (tm4 ? 64 : 32)));
+        CU_TRY(mma_launch(gr, k, grid, bytes, c, nb, (int64_t)0, w, g.kg, dzt, nb, (int)g.kg, (int)nb, g.ocg, g.ocg),
+               "conv_dcol");
+        return CU_LAUNCHED("conv_dcol");
+    }
     /* decided at the built batch, as graph.cu planned the partials */
     int64_t Nb = which == CONV_DW ? N : nb_built, Kb = which == CONV_DW ? nb_built : K;
     if (cu_gemm_small_wanted(gr, M, Nb, Kb) && !(which == CONV_DW && conv_long_dw(gr, nb_built))) {
@@ -389,22 +339,17 @@ static int conv_gemm(cu_graph *gr, int which, const conv_geom &g, int64_t nb, in
     /* column-major views: a row-major (r, cols) matrix is (cols x r) with ld = cols */
     cu_gemm q = {};
     q.epilogue = CUBLASLT_EPILOGUE_DEFAULT;
-    if (which == CONV_DW && conv_long_dw(gr, nb_built) && conv_own(gr)) {
-        /* K = b*OHW is long (fp32): conv_dw_kernel's chunks (any batch) into partials after dcol,
-         * then one ordered sum */
+    if (which == CONV_DW && conv_mma(gr, which, nb_built)) {
+        /* K = b*OHW is long (fp32): chunks of it (any batch) into partials after dcol, then one
+         * ordered sum */
         const int tm = g.ocg > 32 ? 4 : 2, tn = g.kg > 32 ? 4 : 2;
         const int64_t gm = (g.ocg + 16 * tm - 1) / (16 * tm), gn = (g.kg + 16 * tn - 1) / (16 * tn);
         int64_t chunk, s = dw_splits(gm * gn, nb, gr->dev->sms, &chunk), kgo = g.kg * g.ocg;
         float *part = s > 1 ? gr->ws + (g.oc + g.k) * nb : c;
-        /* float4 loads when every row starts 16-byte aligned (cudaMalloc'd buffers are) */
-        const bool vec = nb % 4 == 0 && ((uintptr_t)col % 16) == 0 && ((uintptr_t)dzt % 16) == 0;
-        typedef void (*dw_fn)(float *, const float *, const float *, int, int, int64_t, int64_t, int64_t, int64_t);
-        static const dw_fn kinds[2][2][2] = {
-            {{conv_dw_kernel<2, 2, false>, conv_dw_kernel<2, 2, true>}, {conv_dw_kernel<2, 4, false>, conv_dw_kernel<2, 4, true>}},
-            {{conv_dw_kernel<4, 2, false>, conv_dw_kernel<4, 2, true>}, {conv_dw_kernel<4, 4, false>, conv_dw_kernel<4, 4, true>}}};
-        dw_fn k = kinds[tm == 4][tn == 4][vec];
+        int bytes;
+        mma_fn k = dw_kind(tm == 4, tn == 4, nb % 4 == 0 && aligned16(col) && aligned16(dzt), &bytes);
         dim3 grid((unsigned)gn, (unsigned)gm, (unsigned)s);
-        CU_TRY(cu_launch(gr, k, grid, 256, gr->stream, part, dzt, col, (int)g.ocg, (int)g.kg, nb, nb, nb, chunk),
+        CU_TRY(mma_launch(gr, k, grid, bytes, part, g.kg, kgo, dzt, nb, col, nb, (int)g.ocg, (int)g.kg, nb, chunk),
                "conv_dw");
         int st = CU_LAUNCHED("conv_dw");
         if (st != MPSCY_OK || s == 1) return st;
@@ -463,26 +408,31 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
     if (st == MPSCY_OK && conv_own(gr)) {
         /* fp32: mpscy's product writes NCHW with the bias and ReLU, no (OC, nb) buffer or scatter */
         const int tm = g.ocg > 32 ? 4 : 2;
-        const bool va = g.kg % 4 == 0 && (uintptr_t)w % 16 == 0, vb = nb % 4 == 0 && (uintptr_t)col % 16 == 0;
-        const bool vy = g.ohw % 4 == 0 && (uintptr_t)gr->y[i] % 16 == 0;
-        typedef void (*fwd_fn)(float *, const float *, const float *, const float *, int, int, int, int, int, int, int);
-        static const fwd_fn kinds[2][2][2][2] = {
-            {{{conv_fwd_kernel<2, false, false, false>, conv_fwd_kernel<2, false, false, true>},
-              {conv_fwd_kernel<2, false, true, false>, conv_fwd_kernel<2, false, true, true>}},
-             {{conv_fwd_kernel<2, true, false, false>, conv_fwd_kernel<2, true, false, true>},
-              {conv_fwd_kernel<2, true, true, false>, conv_fwd_kernel<2, true, true, true>}}},
-            {{{conv_fwd_kernel<4, false, false, false>, conv_fwd_kernel<4, false, false, true>},
-              {conv_fwd_kernel<4, false, true, false>, conv_fwd_kernel<4, false, true, true>}},
-             {{conv_fwd_kernel<4, true, false, false>, conv_fwd_kernel<4, true, false, true>},
-              {conv_fwd_kernel<4, true, true, false>, conv_fwd_kernel<4, true, true, true>}}}};
-        fwd_fn k = kinds[tm == 4][va][vb][vy];
-        dim3 grid((unsigned)((nb + 63) / 64), (unsigned)((g.ocg + 16 * tm - 1) / (16 * tm)));
+        int bytes;
+        fwd_fn k = fwd_kind(tm == 4, g.kg % 4 == 0 && aligned16(w), nb % 4 == 0 && aligned16(col),
+                            g.ohw % 2 == 0 && (uintptr_t)gr->y[i] % 8 == 0, &bytes);
+        const int64_t gn = (nb + 63) / 64, gm = (g.ocg + 16 * tm - 1) / (16 * tm), nk = (g.kg + MMA_BK - 1) / MMA_BK;
+        /* a grid under two blocks per multiprocessor splits K (at least 4 steps a chunk) into
+         * partials in the workspace's (OC + K, nb), summed by conv_fwd_sum */
+        int64_t splits = g.groups == 1 ? std::min({2 * (int64_t)gr->dev->sms / (gm * gn), nk / 4, 1 + g.k / g.oc}) : 1;
+        if (splits < 2) splits = 1;
+        const int64_t chunk = (nk + splits - 1) / splits * MMA_BK;
+        splits = (g.kg + chunk - 1) / chunk;
+        float *part = splits > 1 ? gr->ws : NULL;
+        dim3 grid((unsigned)gn, (unsigned)gm, (unsigned)splits);
         for (int64_t gi = 0; gi < g.groups; gi++) {
-            CU_TRY(cu_launch(gr, k, grid, 256, gr->stream, gr->y[i], w + gi * g.ocg * g.kg, (const float *)col + gi * g.kg * nb,
-                             bias, (int)g.ocg, (int)g.kg, (int)nb, (int)g.ohw, (int)g.oc, (int)(gi * g.ocg), relu),
+            CU_TRY(mma_launch(gr, k, grid, bytes, gr->y[i], part, w + gi * g.ocg * g.kg,
+                              (const float *)col + gi * g.kg * nb, bias, (int)g.ocg, (int)g.kg, (int)nb, (int)g.ohw,
+                              (int)g.oc, (int)(gi * g.ocg), relu, (int)chunk),
                    "conv_fwd");
             st = CU_LAUNCHED("conv_fwd");
             if (st != MPSCY_OK) return st;
+        }
+        if (part) {
+            CU_TRY(cu_launch(gr, conv_fwd_sum, cu_blocks(g.ocg * nb, CU_THREADS, 4096), CU_THREADS, gr->stream, gr->y[i],
+                             (const float *)part, bias, splits, g.ocg, nb, g.ohw, g.oc, (int64_t)0, relu),
+                   "conv_fwd_sum");
+            return CU_LAUNCHED("conv_fwd_sum");
         }
         return MPSCY_OK;
     }
@@ -546,7 +496,7 @@ void cu_conv_gemm_need(const cu_graph *gr, const mpscy_node *n, int64_t *floats,
     *floats = *counters = 0;
     for (int k = 0; k < 3; k++)
         if (cu_gemm_small_wanted(gr, shapes[k][0], shapes[k][1], shapes[k][2]) &&
-            !(k == 1 && conv_long_dw(gr, nb))) {
+            !(k == 1 && conv_long_dw(gr, nb)) && !conv_mma(gr, k, nb)) {
             cu_gemm_small_need(gr->dev->sms, shapes[k][0], shapes[k][1], shapes[k][2], 0, &f, &c);
             *floats += f * g.groups;
             *counters += c * g.groups;

@@ -261,12 +261,13 @@ static __device__ __forceinline__ void cu_pdl_enter() {
 #endif
 
 template <typename... K, typename... A>
-static inline cudaError_t cu_launch(const cu_graph *g, void (*kernel)(K...), dim3 grid, dim3 block, cudaStream_t s,
-                                    A... args) {
+static inline cudaError_t cu_launch_shm(const cu_graph *g, void (*kernel)(K...), dim3 grid, dim3 block, size_t shm,
+                                        cudaStream_t s, A... args) {
     cudaLaunchConfig_t cfg = {};
     cudaLaunchAttribute at;
     cfg.gridDim = grid;
     cfg.blockDim = block;
+    cfg.dynamicSmemBytes = shm;
     cfg.stream = s;
     if (g->dev->pdl) {
         at.id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -275,6 +276,12 @@ static inline cudaError_t cu_launch(const cu_graph *g, void (*kernel)(K...), dim
         cfg.numAttrs = 1;
     }
     return cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
+template <typename... K, typename... A>
+static inline cudaError_t cu_launch(const cu_graph *g, void (*kernel)(K...), dim3 grid, dim3 block, cudaStream_t s,
+                                    A... args) {
+    return cu_launch_shm(g, kernel, grid, block, 0, s, args...);
 }
 
 static inline unsigned cu_blocks(int64_t n, int64_t per, int64_t cap) {
