@@ -264,7 +264,7 @@ def extension():
     elif DARWIN:
         print(f"mpscy: metal backend not built ({why})")
     print("mpscy: building backends: " + ", ".join(built))
-    depends = rel("objc/*.h") + rel("objc/*/*.h") + cuda_sources()
+    depends = rel("objc/*.h") + rel("objc/*/*.h") + rel("objc/*/*.cuh") + cuda_sources()
     return Extension("mpscy._native", sources=sources, depends=depends, include_dirs=include_dirs,
                      define_macros=macros, libraries=libraries, library_dirs=library_dirs,
                      runtime_library_dirs=runtime_dirs, extra_compile_args=compile_args,

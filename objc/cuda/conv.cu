@@ -151,9 +151,9 @@ __global__ void conv_fwd_sum(float *y, const float *part, const float *bias, int
 
 /* a kernel of mma.cuh's with its dynamic shared memory (over the 48 KB default: opted in) */
 template <typename... K, typename... A>
-static cudaError_t mma_launch(const cu_graph *gr, void (*k)(K...), dim3 grid, int bytes, A... args) {
+static cudaError_t mma_launch(const cu_graph *gr, cudaStream_t s, void (*k)(K...), dim3 grid, int bytes, A... args) {
     cudaError_t e = cudaFuncSetAttribute((const void *)k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    return e != cudaSuccess ? e : cu_launch_shm(gr, k, grid, 256, (size_t)bytes, gr->stream, args...);
+    return e != cudaSuccess ? e : cu_launch_shm(gr, k, grid, 256, (size_t)bytes, s, args...);
 }
 
 /* the weight gradient's instance: tile sizes by (M, N), 16-byte copies when vec */
@@ -282,12 +282,27 @@ int cu_conv_fits(const mpscy_plan *p, const mpscy_node *n) {
  * cuBLASLt chunks (DW_CHUNK) and conv_dw_kernel's (DW_MIN_CHUNK or more) */
 static int64_t dw_part_splits(int64_t nb) { return (nb + DW_MIN_CHUNK - 1) / DW_MIN_CHUNK; }
 
+/* A convolution's own slab (colbuf at col_off, floats at the built batch, each part a multiple
+ * of 4): the columns (K, nb), kept from forward to backward; then its backward's dz (OC, nb), the
+ * weight gradient's split-K partials and the bias gradient's chunk sums. These are private so
+ * that the weight and bias gradients run on the side stream while the main stream goes on with
+ * dcol, col2im and the layers below, which reuse the shared workspace. */
+struct conv_slab { int64_t dzt, part, dbp, total; };
+static int64_t round4(int64_t f) { return (f + 3) & ~(int64_t)3; }
+static conv_slab slab_of(const conv_geom &g, int64_t nb_built) {
+    conv_slab s;
+    s.dzt = round4(g.k * nb_built);
+    s.part = s.dzt + round4(g.oc * nb_built);
+    s.dbp = s.part + round4(dw_part_splits(nb_built) * g.kg * g.ocg);
+    s.total = s.dbp + round4((nb_built + DZ_CHUNK - 1) / DZ_CHUNK * g.oc);
+    return s;
+}
+
+/* the shared workspace (main stream only): the forward's (OC, nb) result or split partials, then
+ * backward's dcol (K, nb) */
 int64_t cu_conv_workspace(const mpscy_plan *p, const mpscy_node *n) {
     conv_geom g = geom(p, n);
-    int64_t nb = p->batch * g.ohw, splits = dw_part_splits(nb);
-    /* yt or dzt (OC, B*OHW), dcol (K, B*OHW), the weight gradient's split-K partials, then the
-     * bias gradient's chunk sums */
-    return (g.oc + g.k) * nb + splits * g.kg * g.ocg + (nb + DZ_CHUNK - 1) / DZ_CHUNK * g.oc;
+    return (g.oc + g.k) * p->batch * g.ohw;
 }
 
 /* fp32 with MPSCY_CUDA_GEMM unset on sm_80 and newer: the forward product, dcol and a long
@@ -306,8 +321,9 @@ static bool conv_mma(const cu_graph *gr, int which, int64_t nb_built) {
     return conv_own(gr) && (which != CONV_DW || conv_long_dw(gr, nb_built));
 }
 
-static int conv_gemm(cu_graph *gr, int which, const conv_geom &g, int64_t nb, int64_t nb_built, float *c,
-                     const float *w, const float *col, const float *dzt, char *err, size_t en) {
+static int conv_gemm(cu_graph *gr, int which, int side, const conv_geom &g, int64_t nb, int64_t nb_built, float *c,
+                     const float *w, const float *col, const float *dzt, float *part, char *err, size_t en) {
+    cudaStream_t stream = side ? gr->side : gr->stream;
     int64_t M, N, K;
     if (which == CONV_FWD) { M = g.ocg; N = nb; K = g.kg; }
     else if (which == CONV_DW) { M = g.ocg; N = g.kg; K = nb; }
@@ -318,7 +334,8 @@ static int conv_gemm(cu_graph *gr, int which, const conv_geom &g, int64_t nb, in
         const bool tm4 = g.kg > 32, va = g.kg % 4 == 0 && aligned16(w), vb = nb % 4 == 0 && aligned16(dzt);
         mma_fn k = dcol_kind(tm4, va, vb, &bytes);
         dim3 grid((unsigned)((nb + 63) / 64), (unsigned)((g.kg + (tm4 ? 63 : 31)) / (tm4 ? 64 : 32)));
-        CU_TRY(mma_launch(gr, k, grid, bytes, c, nb, (int64_t)0, w, g.kg, dzt, nb, (int)g.kg, (int)nb, g.ocg, g.ocg),
+        CU_TRY(mma_launch(gr, stream, k, grid, bytes, c, nb, (int64_t)0, w, g.kg, dzt, nb, (int)g.kg, (int)nb, g.ocg,
+                          g.ocg),
                "conv_dcol");
         return CU_LAUNCHED("conv_dcol");
     }
@@ -334,7 +351,7 @@ static int conv_gemm(cu_graph *gr, int which, const conv_geom &g, int64_t nb, in
         } else {  /* dcol (kg, nb) = W^T (kg, ocg) dzt (ocg, nb) */
             q.a = w; q.am = 1; q.ak = g.kg; q.b = dzt; q.bk = nb; q.bn = 1; q.ldc = nb;
         }
-        return cu_gemm_small(gr, gr->stream, &q, err, en);
+        return cu_gemm_small(gr, stream, &q, err, en);
     }
     /* column-major views: a row-major (r, cols) matrix is (cols x r) with ld = cols */
     cu_gemm q = {};
@@ -345,16 +362,16 @@ static int conv_gemm(cu_graph *gr, int which, const conv_geom &g, int64_t nb, in
         const int tm = g.ocg > 32 ? 4 : 2, tn = g.kg > 32 ? 4 : 2;
         const int64_t gm = (g.ocg + 16 * tm - 1) / (16 * tm), gn = (g.kg + 16 * tn - 1) / (16 * tn);
         int64_t chunk, s = dw_splits(gm * gn, nb, gr->dev->sms, &chunk), kgo = g.kg * g.ocg;
-        float *part = s > 1 ? gr->ws + (g.oc + g.k) * nb : c;
+        float *out = s > 1 ? part : c;
         int bytes;
         mma_fn k = dw_kind(tm == 4, tn == 4, nb % 4 == 0 && aligned16(col) && aligned16(dzt), &bytes);
         dim3 grid((unsigned)gn, (unsigned)gm, (unsigned)s);
-        CU_TRY(mma_launch(gr, k, grid, bytes, part, g.kg, kgo, dzt, nb, col, nb, (int)g.ocg, (int)g.kg, nb, chunk),
+        CU_TRY(mma_launch(gr, stream, k, grid, bytes, out, g.kg, kgo, dzt, nb, col, nb, (int)g.ocg, (int)g.kg, nb, chunk),
                "conv_dw");
         int st = CU_LAUNCHED("conv_dw");
         if (st != MPSCY_OK || s == 1) return st;
-        CU_TRY(cu_launch(gr, conv_sum_parts, cu_blocks(kgo, 32, 4096), CU_THREADS, gr->stream, c,
-                         (const float *)part, kgo, s),
+        CU_TRY(cu_launch(gr, conv_sum_parts, cu_blocks(kgo, 32, 4096), CU_THREADS, stream, c, (const float *)part,
+                         kgo, s),
                "conv_dw_reduce");
         return CU_LAUNCHED("conv_dw_reduce");
     }
@@ -362,18 +379,17 @@ static int conv_gemm(cu_graph *gr, int which, const conv_geom &g, int64_t nb, in
         /* K = b*OHW is long (tf32): equal chunks as one strided batch of products into partials (after
          * dcol in the workspace), the tail chunk as one more, then one ordered sum */
         int64_t full = nb / DW_CHUNK, tail = nb - full * DW_CHUNK, kgo = g.kg * g.ocg;
-        float *part = gr->ws + (g.oc + g.k) * nb;
         q.transa = 1; q.m = g.kg; q.n = g.ocg; q.k = DW_CHUNK; q.a = col; q.lda = nb; q.b = dzt; q.ldb = nb;
         q.d = part; q.ldd = g.kg; q.batch = (int32_t)full; q.sa = DW_CHUNK; q.sb = DW_CHUNK; q.sd = kgo;
-        int st = cu_gemm_run(gr, &q, 0, err, en);
+        int st = cu_gemm_run(gr, &q, side, err, en);
         if (st == MPSCY_OK && tail) {
             cu_gemm t = q;
             t.batch = 0; t.k = tail; t.a = col + full * DW_CHUNK; t.b = dzt + full * DW_CHUNK; t.d = part + full * kgo;
-            st = cu_gemm_run(gr, &t, 0, err, en);
+            st = cu_gemm_run(gr, &t, side, err, en);
         }
         if (st == MPSCY_OK) {
             int64_t splits = full + (tail ? 1 : 0);
-            CU_TRY(cu_launch(gr, conv_sum_parts, cu_blocks(kgo, 32, 4096), CU_THREADS, gr->stream, c,
+            CU_TRY(cu_launch(gr, conv_sum_parts, cu_blocks(kgo, 32, 4096), CU_THREADS, stream, c,
                              (const float *)part, kgo, splits),
                    "conv_dw_reduce");
             return CU_LAUNCHED("conv_dw_reduce");
@@ -390,7 +406,7 @@ static int conv_gemm(cu_graph *gr, int which, const conv_geom &g, int64_t nb, in
         q.transb = 1; q.m = nb; q.n = g.kg; q.k = g.ocg; q.a = dzt; q.lda = nb; q.b = w; q.ldb = g.kg; q.ldd = nb;
     }
     q.d = c;
-    return cu_gemm_run(gr, &q, 0, err, en);
+    return cu_gemm_run(gr, &q, side, err, en);
 }
 
 int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, char *err, size_t en) {
@@ -421,7 +437,7 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
         float *part = splits > 1 ? gr->ws : NULL;
         dim3 grid((unsigned)gn, (unsigned)gm, (unsigned)splits);
         for (int64_t gi = 0; gi < g.groups; gi++) {
-            CU_TRY(mma_launch(gr, k, grid, bytes, gr->y[i], part, w + gi * g.ocg * g.kg,
+            CU_TRY(mma_launch(gr, gr->stream, k, grid, bytes, gr->y[i], part, w + gi * g.ocg * g.kg,
                               (const float *)col + gi * g.kg * nb, bias, (int)g.ocg, (int)g.kg, (int)nb, (int)g.ohw,
                               (int)g.oc, (int)(gi * g.ocg), relu, (int)chunk),
                    "conv_fwd");
@@ -437,8 +453,8 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
         return MPSCY_OK;
     }
     for (int64_t gi = 0; gi < g.groups && st == MPSCY_OK; gi++)
-        st = conv_gemm(gr, CONV_FWD, g, nb, p->batch * g.ohw, yt + gi * g.ocg * nb, w + gi * g.ocg * g.kg,
-                       col + gi * g.kg * nb, NULL, err, en);
+        st = conv_gemm(gr, CONV_FWD, 0, g, nb, p->batch * g.ohw, yt + gi * g.ocg * nb, w + gi * g.ocg * g.kg,
+                       col + gi * g.kg * nb, NULL, NULL, err, en);
     if (st != MPSCY_OK) return st;
     const int vec = g.ohw % 4 == 0 && (uintptr_t)gr->y[i] % 16 == 0 && (uintptr_t)yt % 16 == 0;
     CU_TRY(cu_launch(gr, conv_out_kernel, cu_blocks(b * g.oc * g.ohw / (vec ? 4 : 1), CU_THREADS, 16384), CU_THREADS,
@@ -451,9 +467,13 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
     const mpscy_plan *p = &gr->plan;
     int64_t i = cu_node_index(gr, n);
     conv_geom g = geom(p, n);
-    int64_t nb = b * g.ohw;
-    const float *col = gr->colbuf + gr->col_off[i];            // (K, nb)
-    float *dzt = gr->ws, *dcol = gr->ws + g.oc * nb;           // (OC, nb), (K, nb)
+    int64_t nb = b * g.ohw, nb_built = p->batch * g.ohw;
+    const conv_slab sl = slab_of(g, nb_built);
+    float *slab = gr->colbuf + gr->col_off[i];
+    const float *col = slab;                                   // (K, nb)
+    float *dzt = slab + sl.dzt, *part = slab + sl.part;        // (OC, nb), the weight gradient's partials
+    float *dbp = slab + sl.dbp;                                // (chunks, OC)
+    float *dcol = gr->ws;                                      // (K, nb), shared
     const float *w = cu_tensor(gr, n, MPSCY_ROLE_PARAM, 0);
     float *dw = cu_tensor_grad(gr, n, 0), *db = cu_tensor_grad(gr, n, 1);
     float *dx = gr->dy[n->in[0]];
@@ -463,26 +483,28 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
         for (int32_t k = (int32_t)i + 1; k < p->n_nodes && r < 0; k++)
             if (p->nodes[k].kind == MPSCY_LAYER_RELU && p->nodes[k].in[0] == i) r = k;
     const float *dy = gr->dy[r >= 0 ? r : i], *ry = r >= 0 ? gr->y[r] : NULL;
-    int64_t chunks = (nb + DZ_CHUNK - 1) / DZ_CHUNK, splits = dw_part_splits(p->batch * g.ohw);
-    float *dbp = gr->ws + (g.oc + g.k) * nb + splits * g.kg * g.ocg;  // (chunks, OC)
+    int64_t chunks = (nb + DZ_CHUNK - 1) / DZ_CHUNK;
     const int vec = g.ohw % 4 == 0 && (uintptr_t)dy % 16 == 0 && (!ry || (uintptr_t)ry % 16 == 0) &&
                     (uintptr_t)dzt % 16 == 0;
     CU_TRY(cu_launch(gr, conv_dz_kernel, dim3((unsigned)chunks, (unsigned)g.oc), CU_THREADS, gr->stream, dzt, dbp, dy, ry,
                      b, g.oc, g.ohw, (int64_t)DZ_CHUNK, vec),
            "conv_dz");
     int st = CU_LAUNCHED("conv_dz");
+    /* the weight and bias gradients on the side stream (they read only this convolution's slab),
+     * dcol and col2im on the main one */
+    if (st == MPSCY_OK) st = cu_fork(gr, err, en);
     if (st == MPSCY_OK && db) {
-        CU_TRY(cu_launch(gr, conv_sum_parts, cu_blocks(g.oc, 32, 4096), CU_THREADS, gr->stream, db,
-                         (const float *)dbp, g.oc, chunks),
+        CU_TRY(cu_launch(gr, conv_sum_parts, cu_blocks(g.oc, 32, 4096), CU_THREADS, gr->side, db, (const float *)dbp,
+                         g.oc, chunks),
                "conv_db");
         st = CU_LAUNCHED("conv_db");
     }
     for (int64_t gi = 0; gi < g.groups && st == MPSCY_OK; gi++) {
-        st = conv_gemm(gr, CONV_DW, g, nb, p->batch * g.ohw, dw + gi * g.ocg * g.kg, NULL, col + gi * g.kg * nb,
-                       dzt + gi * g.ocg * nb, err, en);
+        st = conv_gemm(gr, CONV_DW, 1, g, nb, nb_built, dw + gi * g.ocg * g.kg, NULL, col + gi * g.kg * nb,
+                       dzt + gi * g.ocg * nb, part, err, en);
         if (st == MPSCY_OK && dx)
-            st = conv_gemm(gr, CONV_DCOL, g, nb, p->batch * g.ohw, dcol + gi * g.kg * nb, w + gi * g.ocg * g.kg, NULL,
-                           dzt + gi * g.ocg * nb, err, en);
+            st = conv_gemm(gr, CONV_DCOL, 0, g, nb, nb_built, dcol + gi * g.kg * nb, w + gi * g.ocg * g.kg, NULL,
+                           dzt + gi * g.ocg * nb, NULL, err, en);
     }
     if (st != MPSCY_OK || !dx) return st;
     return cu_col2im(gr, &g, dx, dcol, b, (int)n->accum[0], err, en);
@@ -505,5 +527,5 @@ void cu_conv_gemm_need(const cu_graph *gr, const mpscy_node *n, int64_t *floats,
 
 int64_t cu_conv_columns(const mpscy_plan *p, const mpscy_node *n) {
     conv_geom g = geom(p, n);
-    return g.k * p->batch * g.ohw;
+    return slab_of(g, p->batch * g.ohw).total;
 }
