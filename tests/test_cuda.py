@@ -134,6 +134,13 @@ LAYER_MODELS = {
     # partials (conv_fwd_sum adds them, the bias and the fused ReLU; then without a ReLU)
     "conv_split_fwd": (lambda: [_maybe("Conv2D")(16, 3, padding=1), L.ReLU(), _maybe("Conv2D")(6, 5, padding=2),
                                 L.Tanh(), L.Flatten(), L.Dense(5)], (32, 8, 8)),
+    # K = 130*3*3 = 1170, over the implicit forward's tap table (1024): the columns path
+    "conv_wide_k": (lambda: [_maybe("Conv2D")(8, 3, padding=1), L.ReLU(), L.Flatten(), L.Dense(5)], (130, 4, 4)),
+    # Dense forward with K >= 512 and a small output: the tensor-core product split over K (8 and 7
+    # chunks, the last ragged), 16-byte loads (K 1024) and 4-byte ones (K 1030), a ragged 70-wide
+    # tile, the bias, and a fused ReLU without a bias; Tanh keeps them off the one-kernel MLP step
+    "dense_long_k": (lambda: [L.Dense(70), L.Tanh(), L.Dense(5)], (1024,)),
+    "dense_long_k_odd": (lambda: [L.Dense(9, bias=False), L.ReLU(), L.Dense(6), L.Tanh(), L.Dense(5)], (1030,)),
 }
 
 
@@ -178,6 +185,17 @@ def test_conv_long_k_with_odd_and_partial_batches_matches_cpu(rng):
                      L.Dense(5)]
     cpu, gpu = pair(build, (3, 15, 15), batch=20)
     compare_training(cpu, gpu, rng, rows=[20, 19, 20, 7])
+
+
+@cuda_only
+def test_dense_tensor_core_forward_unsplit_and_split_matches_cpu(rng):
+    """Batch 4: a 512 -> 16384 Dense has 256 output tiles, more than the GPU holds at two a
+    multiprocessor, so its product is one pass over K writing the bias and ReLU itself; the
+    16384 -> 3 Dense after it splits K into 32 partials. Partial batches of 3 included."""
+    cpu, gpu = pair(lambda: [L.Dense(16384), L.ReLU(), L.Dense(3)], (512,), batch=4)
+    x = rng.standard_normal((7, 512)).astype(np.float32)
+    assert rel_err(gpu.predict(x), cpu.predict(x)) <= FORWARD_TOL
+    compare_training(cpu, gpu, rng, steps=8, rows=[4, 3])
 
 
 @cuda_only
@@ -327,6 +345,20 @@ def test_conv_forced_gemm_paths_match_cpu(gemm, monkeypatch, rng):
     for name in CONV_PATH_MODELS:
         build, shape = LAYER_MODELS[name]
         cpu, gpu = pair(build, shape)
+        compare_training(cpu, gpu, rng, steps=8, rows=[16, 9])
+
+
+@cuda_only
+def test_conv_implicit_forward_matches_cpu(monkeypatch, rng):
+    """MPSCY_CUDA_IMPLICIT=1: the fp32 forward products read x through a tap table instead of
+    im2col's columns (which are then built on the side stream for the weight gradient);
+    conv_wide_k's K is over the tap table's limit and takes the columns path."""
+    monkeypatch.setenv("MPSCY_CUDA_IMPLICIT", "1")
+    for name in CONV_PATH_MODELS + ("conv_long_k_tiles", "conv_stride3", "conv_split_fwd", "conv_wide_k"):
+        build, shape = LAYER_MODELS[name]
+        cpu, gpu = pair(build, shape)
+        x = rng.standard_normal((11,) + shape).astype(np.float32)
+        assert rel_err(gpu.predict(x), cpu.predict(x)) <= FORWARD_TOL, name
         compare_training(cpu, gpu, rng, steps=8, rows=[16, 9])
 
 
