@@ -348,11 +348,11 @@ def main():
                 runs.append(("mpscy separate kernels", lambda: mpscy_step(name, spec, "cuda", fused="0"), data32))
                 for form in args.forms.split():
                     runs.append((f"mpscy {form}", lambda form=form: mpscy_step(name, spec, "cuda", fused=form), data32))
-            if name == "cnn":  # the opt-in implicit forward convolutions; Dense 4096->128 off tensor cores
+            if name == "cnn":  # the opt-in knobs: implicit forward convolutions, Dense 4096->128 on tensor cores
                 runs.append(("mpscy implicit forward", lambda: mpscy_step(name, spec, "cuda",
                                                                           env={"MPSCY_CUDA_IMPLICIT": "1"}), data32))
-                runs.append(("mpscy dense small-gemm", lambda: mpscy_step(name, spec, "cuda",
-                                                                          env={"MPSCY_CUDA_DENSE_MMA": "0"}), data32))
+                runs.append(("mpscy dense tensor cores", lambda: mpscy_step(name, spec, "cuda",
+                                                                            env={"MPSCY_CUDA_DENSE_MMA": "1"}), data32))
             runs += [("mpscy tf32", lambda: mpscy_step(name, spec, "cuda", "tf32"), data32),
                      ("torch eager", lambda: torch_eager(name, spec, "cuda"), data),
                      ("torch eager fused", lambda: torch_eager(name, spec, "cuda", fused=True), data),

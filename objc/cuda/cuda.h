@@ -112,7 +112,7 @@ typedef struct cu_graph {
     int64_t gws_floats, gws_used, gcount_n, gcount_used;
     int gemm_mode;             /* $MPSCY_CUDA_GEMM at build: 1 own kernels, 0 cuBLASLt, 2 by size */
     int conv_implicit;         /* own forward conv products read x, not columns ($MPSCY_CUDA_IMPLICIT=1) */
-    int dense_mma;             /* long-K Dense forward products on tensor cores ($MPSCY_CUDA_DENSE_MMA != 0) */
+    int dense_mma;             /* long-K Dense forward products on tensor cores ($MPSCY_CUDA_DENSE_MMA=1) */
     uint8_t *dz_ready;         /* per node, per capture: its dz was written (ReLU mask applied) by a consumer */
     struct cu_fused *fu;       /* the train step as one kernel (mlp.cu), or NULL */
 } cu_graph;
@@ -189,7 +189,7 @@ int cu_merge_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, cha
 int cu_merge_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);
 
 /* fp32 on sm_80 and newer with MPSCY_CUDA_GEMM unset: products run as mma.cuh's 3xTF32
- * tensor-core kernels where a layer has one (convolutions; Dense's long-K forward) */
+ * tensor-core kernels where a layer has one (convolutions; opt-in, Dense's long-K forward) */
 static inline int cu_own_mma(const cu_graph *g) {
     return g->gemm_mode == 2 && g->plan.precision != MPSCY_PRECISION_TF32 && g->dev->prop.major >= 8;
 }
