@@ -58,10 +58,9 @@ def time_steps(step, data, budget_s, repeats):
 
 # ----------------------------------------------------------------------------- mpscy
 
-def mpscy_step(name, spec, device="cuda", precision="fp32", fused=None, env=None):
+def mpscy_step(name, spec, device="cuda", precision="fp32", fused=None):
     """fused: $MPSCY_CUDA_FUSED while the engine is built ("0": separate kernels; a form such
-    as "grid:66" or "cluster:16"; None: the library's choice); env: other variables set while
-    the engine is built (the backend reads its knobs then)."""
+    as "grid:66" or "cluster:16"; None: the library's choice)."""
     import mpscy
     from mpscy import layers as L, optim
     if name == "cnn":
@@ -76,21 +75,18 @@ def mpscy_step(name, spec, device="cuda", precision="fp32", fused=None, env=None
         for h in spec["hidden"]:
             ls += [L.Dense(h), L.ReLU()]
         ls.append(L.Dense(spec["classes"]))
-    env = dict(env or {})
+    saved = os.environ.get("MPSCY_CUDA_FUSED")
     if fused is not None:
-        env["MPSCY_CUDA_FUSED"] = fused
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+        os.environ["MPSCY_CUDA_FUSED"] = fused
     try:
         engine = mpscy.Engine(mpscy.Sequential(ls, input_shape=spec["input"]), loss="sparse_cross_entropy",
                               optimizer=optim.Adam(LR), batch_size=spec["batch"], device=device, seed=0,
                               precision=precision)
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        if saved is None:
+            os.environ.pop("MPSCY_CUDA_FUSED", None)
+        else:
+            os.environ["MPSCY_CUDA_FUSED"] = saved
 
     def step(x, y):
         return engine.step(x, y).loss
@@ -348,11 +344,6 @@ def main():
                 runs.append(("mpscy separate kernels", lambda: mpscy_step(name, spec, "cuda", fused="0"), data32))
                 for form in args.forms.split():
                     runs.append((f"mpscy {form}", lambda form=form: mpscy_step(name, spec, "cuda", fused=form), data32))
-            if name == "cnn":  # the opt-in knobs: implicit forward convolutions, Dense 4096->128 on tensor cores
-                runs.append(("mpscy implicit forward", lambda: mpscy_step(name, spec, "cuda",
-                                                                          env={"MPSCY_CUDA_IMPLICIT": "1"}), data32))
-                runs.append(("mpscy dense tensor cores", lambda: mpscy_step(name, spec, "cuda",
-                                                                            env={"MPSCY_CUDA_DENSE_MMA": "1"}), data32))
             runs += [("mpscy tf32", lambda: mpscy_step(name, spec, "cuda", "tf32"), data32),
                      ("torch eager", lambda: torch_eager(name, spec, "cuda"), data),
                      ("torch eager fused", lambda: torch_eager(name, spec, "cuda", fused=True), data),

@@ -20,12 +20,10 @@ typedef mpscy_conv_geom conv_geom;
 static conv_geom geom(const mpscy_plan *p, const mpscy_node *n) { return mpscy_conv_geometry(p, n); }
 
 /* out (count) = the sum of `splits` partials part (splits, count): the weight gradient's split-K
- * partials, the bias gradient's chunk sums, and Dense's split forward product (then plus
- * bias[e % period] and through the ReLU when relu). A block of 8 warps takes 32 outputs: warp w
- * adds splits w, w + 8, ... (coalesced across the warp), then one warp adds the 8 sums in order,
- * so the result is the same bits on every run. */
-__global__ void cu_sum_parts(float *out, const float *part, int64_t count, int64_t splits, const float *bias,
-                             int64_t period, int relu) {
+ * partials, and the bias gradient's chunk sums. A block of 8 warps takes 32 outputs: warp w adds
+ * splits w, w + 8, ... (coalesced across the warp), then one warp adds the 8 sums in order, so the
+ * result is the same bits on every run. */
+__global__ void conv_sum_parts(float *out, const float *part, int64_t count, int64_t splits) {
     __shared__ float sums[8][33];
     cu_pdl_enter();
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
@@ -41,8 +39,7 @@ __global__ void cu_sum_parts(float *out, const float *part, int64_t count, int64
             float t = sums[0][lane];
 #pragma unroll
             for (int k = 1; k < 8; k++) t += sums[k][lane];
-            if (bias) t += bias[e % period];
-            out[e] = relu && !(t > 0.0f) ? 0.0f : t;
+            out[e] = t;
         }
         __syncthreads();
     }
@@ -90,11 +87,16 @@ __global__ void __launch_bounds__(256, 2) conv_mma_kernel(float *__restrict__ ou
  * (nb % 4 == 0); VY: OHW even and y aligned, so a thread's column pairs are one float2.
  * With part (a grid too small for the GPU), block z takes K chunk z and writes part[z] (M, nb)
  * instead, for conv_fwd_sum. */
-/* the forward products' epilogue: the tile's values to y (NCHW, bias, ReLU), or raw to part[z] */
-template <int TM, bool VY>
-static __device__ __forceinline__ void conv_fwd_store(const float (&acc)[TM * 4], float *__restrict__ y,
-                                                      float *__restrict__ part, const float *__restrict__ bias, int m0,
-                                                      int n0, int M, int nb, int ohw, int oc, int o0, int relu) {
+template <int TM, bool VA, bool VB, bool VY>
+__global__ void __launch_bounds__(256, 2) conv_fwd_kernel(float *__restrict__ y, float *__restrict__ part,
+                                                          const float *__restrict__ w, const float *__restrict__ col,
+                                                          const float *__restrict__ bias, int M, int K, int nb, int ohw,
+                                                          int oc, int o0, int relu, int chunk) {
+    extern __shared__ __align__(16) float mma_smem[];
+    cu_pdl_enter();
+    const int m0 = blockIdx.y * 16 * TM, n0 = blockIdx.x * 64, k0 = blockIdx.z * chunk;
+    float acc[TM * 4];
+    mma_product<TM, 4, true, false, VA, VB>(acc, mma_smem, w, K, m0, M, col, nb, n0, nb, k0, min(K, k0 + chunk));
 #pragma unroll
     for (int e = 0; e < TM * 4; e += 2) { /* (e, e + 1): columns n, n + 1 of row m, n even */
         int r, c;
@@ -127,82 +129,6 @@ static __device__ __forceinline__ void conv_fwd_store(const float (&acc)[TM * 4]
     }
 }
 
-template <int TM, bool VA, bool VB, bool VY>
-__global__ void __launch_bounds__(256, 2) conv_fwd_kernel(float *__restrict__ y, float *__restrict__ part,
-                                                          const float *__restrict__ w, const float *__restrict__ col,
-                                                          const float *__restrict__ bias, int M, int K, int nb, int ohw,
-                                                          int oc, int o0, int relu, int chunk) {
-    extern __shared__ __align__(16) float mma_smem[];
-    cu_pdl_enter();
-    const int m0 = blockIdx.y * 16 * TM, n0 = blockIdx.x * 64, k0 = blockIdx.z * chunk;
-    float acc[TM * 4];
-    mma_product<TM, 4, true, false, VA, VB>(acc, mma_smem, w, K, m0, M, col, nb, n0, nb, k0, min(K, k0 + chunk));
-    conv_fwd_store<TM, VY>(acc, y, part, bias, m0, n0, M, nb, ohw, oc, o0, relu);
-}
-
-/* The forward product's B operand read straight from x (NCHW) as im2col would have written it:
- * a thread copies column n0 + tid % 64 of rows tid / 64 + 4q of each K step, zero where the tap
- * falls in the padding. tab (shared) holds, per row k = (c, ki, kj), the tap's offset from the
- * window's origin and its (dy << 16) | dx; base is this thread's window origin in x. */
-struct conv_implicit_b {
-    const float *x;
-    const int2 *tab;
-    int64_t base;
-    int iy0, ix0, h, w;
-    bool ok;
-    __device__ __forceinline__ void operator()(float *s, int64_t kb, int64_t k1) const {
-        const int nl = threadIdx.x & 63, kr = threadIdx.x >> 6;
-#pragma unroll
-        for (int q = 0; q < MMA_BK / 4; q++) {
-            const int kl = kr + 4 * q;
-            const bool in = ok && kb + kl < k1;
-            const int2 t = tab[in ? kb + kl : 0];
-            const int iy = iy0 + (t.y >> 16), ix = ix0 + (t.y & 0xffff);
-            const bool take = in && (unsigned)iy < (unsigned)h && (unsigned)ix < (unsigned)w;
-            cp_async4(s + mma_tile<false, 64>::at(nl, kl), take ? x + base + t.x : x, take);
-        }
-    }
-};
-
-/* shared memory of conv_fwd_implicit: the pipeline's, then the tap table (K int2) */
-template <int TM>
-static int implicit_smem_bytes(int64_t k) { return mma_smem_bytes<TM, 4, true, false>() + (int)k * (int)sizeof(int2); }
-
-/* conv_fwd_kernel without the columns: B from x through conv_implicit_b (x: this group's first
- * channel of sample 0; g.c the channels of a sample, K = C/groups * KH * KW <= IMPLICIT_MAX_K) */
-template <int TM, bool VA, bool VY>
-__global__ void __launch_bounds__(256, 2) conv_fwd_implicit(float *__restrict__ y, float *__restrict__ part,
-                                                            const float *__restrict__ w, const float *__restrict__ x,
-                                                            const float *__restrict__ bias, conv_geom g, int M, int K,
-                                                            int nb, int o0, int relu, int chunk) {
-    extern __shared__ __align__(16) float mma_smem[];
-    int2 *tab = reinterpret_cast<int2 *>(mma_smem + mma_smem_bytes<TM, 4, true, false>() / sizeof(float));
-    const int H = (int)g.h, W = (int)g.w, kw = (int)g.kw, khw = (int)(g.kh * g.kw);
-    for (int k = threadIdx.x; k < K; k += blockDim.x) {
-        const int c = k / khw, r = k - c * khw, ki = r / kw, kj = r - ki * kw;
-        const int dy = ki * (int)g.dh, dx = kj * (int)g.dw;
-        tab[k] = make_int2((c * H + dy) * W + dx, (dy << 16) | dx);
-    }
-    cu_pdl_enter();
-    __syncthreads();
-    const int m0 = blockIdx.y * 16 * TM, n0 = blockIdx.x * 64, k0 = blockIdx.z * chunk;
-    const int ohw = (int)g.ohw, n = n0 + (threadIdx.x & 63);
-    const int sm = n / ohw, pix = n - sm * ohw, oy = pix / (int)g.ow, ox = pix - oy * (int)g.ow;
-    conv_implicit_b lb;
-    lb.x = x;
-    lb.tab = tab;
-    lb.iy0 = oy * (int)g.sh - (int)g.ph;
-    lb.ix0 = ox * (int)g.sw - (int)g.pw;
-    lb.base = (int64_t)sm * g.c * H * W + (int64_t)lb.iy0 * W + lb.ix0;
-    lb.h = H;
-    lb.w = W;
-    lb.ok = n < nb;
-    const mma_gmem<true, 16 * TM, VA> la = {w, K, m0, M};
-    float acc[TM * 4];
-    mma_product_with<TM, 4, true, false>(acc, mma_smem, la, lb, k0, min(K, k0 + chunk));
-    conv_fwd_store<TM, VY>(acc, y, part, bias, m0, n0, M, nb, ohw, (int)g.oc, o0, relu);
-}
-
 typedef void (*mma_fn)(float *, int64_t, int64_t, const float *, int64_t, const float *, int64_t, int, int, int64_t,
                        int64_t);
 typedef void (*fwd_fn)(float *, float *, const float *, const float *, const float *, int, int, int, int, int, int, int,
@@ -221,6 +147,13 @@ __global__ void conv_fwd_sum(float *y, const float *part, const float *bias, int
         v += bias ? bias[o0 + m] : 0.0f;
         y[(s * oc + o0 + m) * ohw + pix] = relu && !(v > 0.0f) ? 0.0f : v;
     }
+}
+
+/* a kernel of mma.cuh's with its dynamic shared memory (over the 48 KB default: opted in) */
+template <typename... K, typename... A>
+static cudaError_t mma_launch(const cu_graph *gr, cudaStream_t s, void (*k)(K...), dim3 grid, int bytes, A... args) {
+    cudaError_t e = cudaFuncSetAttribute((const void *)k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    return e != cudaSuccess ? e : cu_launch_shm(gr, k, grid, 256, (size_t)bytes, s, args...);
 }
 
 /* the weight gradient's instance: tile sizes by (M, N), 16-byte copies when vec */
@@ -372,9 +305,11 @@ int64_t cu_conv_workspace(const mpscy_plan *p, const mpscy_node *n) {
     return (g.oc + g.k) * p->batch * g.ohw;
 }
 
-/* cu_own_mma: the forward product, dcol and a long weight gradient (b*OHW >= 4 DW_CHUNK at the
- * built batch) as mma.cuh's products */
-static bool conv_own(const cu_graph *gr) { return cu_own_mma(gr); }
+/* fp32 with MPSCY_CUDA_GEMM unset on sm_80 and newer: the forward product, dcol and a long
+ * weight gradient (b*OHW >= 4 DW_CHUNK at the built batch) as mma.cuh's products */
+static bool conv_own(const cu_graph *gr) {
+    return gr->gemm_mode == 2 && gr->plan.precision != MPSCY_PRECISION_TF32 && gr->dev->prop.major >= 8;
+}
 static bool conv_long_dw(const cu_graph *gr, int64_t nb_built) { return gr->gemm_mode == 2 && nb_built >= 4 * DW_CHUNK; }
 static bool aligned16(const void *p) { return (uintptr_t)p % 16 == 0; }
 
@@ -435,8 +370,8 @@ static int conv_gemm(cu_graph *gr, int which, int side, const conv_geom &g, int6
                "conv_dw");
         int st = CU_LAUNCHED("conv_dw");
         if (st != MPSCY_OK || s == 1) return st;
-        CU_TRY(cu_launch(gr, cu_sum_parts, cu_blocks(kgo, 32, 4096), CU_THREADS, stream, c, (const float *)part,
-                         kgo, s, (const float *)NULL, (int64_t)1, 0),
+        CU_TRY(cu_launch(gr, conv_sum_parts, cu_blocks(kgo, 32, 4096), CU_THREADS, stream, c, (const float *)part,
+                         kgo, s),
                "conv_dw_reduce");
         return CU_LAUNCHED("conv_dw_reduce");
     }
@@ -454,8 +389,8 @@ static int conv_gemm(cu_graph *gr, int which, int side, const conv_geom &g, int6
         }
         if (st == MPSCY_OK) {
             int64_t splits = full + (tail ? 1 : 0);
-            CU_TRY(cu_launch(gr, cu_sum_parts, cu_blocks(kgo, 32, 4096), CU_THREADS, stream, c,
-                             (const float *)part, kgo, splits, (const float *)NULL, (int64_t)1, 0),
+            CU_TRY(cu_launch(gr, conv_sum_parts, cu_blocks(kgo, 32, 4096), CU_THREADS, stream, c,
+                             (const float *)part, kgo, splits),
                    "conv_dw_reduce");
             return CU_LAUNCHED("conv_dw_reduce");
         }
@@ -474,30 +409,8 @@ static int conv_gemm(cu_graph *gr, int which, int side, const conv_geom &g, int6
     return cu_gemm_run(gr, &q, side, err, en);
 }
 
-/* the forward product without columns (conv_fwd_implicit): fp32 own products, a tap table that
- * fits beside the pipeline, tap offsets that pack in 16 bits; only with MPSCY_CUDA_IMPLICIT=1: on the
- * H200 the CNN step took 353.7 us with it against 344.8 from the columns (the columns are still
- * built, on the side stream, for the weight gradient, and compete with the product) */
-#define IMPLICIT_MAX_K 1024
-static bool conv_implicit(const cu_graph *gr, const conv_geom &g) {
-    return conv_own(gr) && gr->conv_implicit && g.kg <= IMPLICIT_MAX_K && (g.kh - 1) * g.dh < 32768 &&
-           (g.kw - 1) * g.dw < 65536;
-}
-
-typedef void (*implicit_fn)(float *, float *, const float *, const float *, const float *, conv_geom, int, int, int, int,
-                            int, int);
-
-static implicit_fn implicit_kind(bool tm4, bool va, bool vy, int64_t k, int *bytes) {
-    static const implicit_fn kinds[2][2][2] = {
-        {{conv_fwd_implicit<2, false, false>, conv_fwd_implicit<2, false, true>},
-         {conv_fwd_implicit<2, true, false>, conv_fwd_implicit<2, true, true>}},
-        {{conv_fwd_implicit<4, false, false>, conv_fwd_implicit<4, false, true>},
-         {conv_fwd_implicit<4, true, false>, conv_fwd_implicit<4, true, true>}}};
-    *bytes = tm4 ? implicit_smem_bytes<4>(k) : implicit_smem_bytes<2>(k);
-    return kinds[tm4][va][vy];
-}
-
 int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, char *err, size_t en) {
+    (void)train;
     const mpscy_plan *p = &gr->plan;
     int64_t i = cu_node_index(gr, n);
     conv_geom g = geom(p, n);
@@ -506,26 +419,14 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
     float *yt = gr->ws;                                        // (OC, nb)
     const float *w = cu_tensor(gr, n, MPSCY_ROLE_PARAM, 0);    // (OC, kg)
     const float *bias = cu_tensor(gr, n, MPSCY_ROLE_PARAM, 1); // (OC) or NULL
-    const float *x = gr->y[n->in[0]];
-    const bool implicit = conv_implicit(gr, g);
-    int st = MPSCY_OK;
-    if (!implicit) {
-        st = cu_im2col(gr, gr->stream, &g, col, x, b, err, en);
-    } else if (train) {
-        /* the columns only for backward's weight gradient, built on the side stream (which runs
-         * that gradient later) while the product reads x */
-        if ((st = cu_fork(gr, err, en)) == MPSCY_OK) st = cu_im2col(gr, gr->side, &g, col, x, b, err, en);
-    }
+    int st = cu_im2col(gr, &g, col, gr->y[n->in[0]], b, err, en);
     int relu = (gr->fuse[i] & CU_FUSE_RELU) != 0;
     if (st == MPSCY_OK && conv_own(gr)) {
         /* fp32: mpscy's product writes NCHW with the bias and ReLU, no (OC, nb) buffer or scatter */
         const int tm = g.ocg > 32 ? 4 : 2;
-        const bool va = g.kg % 4 == 0 && aligned16(w), vy = g.ohw % 2 == 0 && (uintptr_t)gr->y[i] % 8 == 0;
         int bytes;
-        fwd_fn k = NULL;
-        implicit_fn ki = NULL;
-        if (implicit) ki = implicit_kind(tm == 4, va, vy, g.kg, &bytes);
-        else k = fwd_kind(tm == 4, va, nb % 4 == 0 && aligned16(col), vy, &bytes);
+        fwd_fn k = fwd_kind(tm == 4, g.kg % 4 == 0 && aligned16(w), nb % 4 == 0 && aligned16(col),
+                            g.ohw % 2 == 0 && (uintptr_t)gr->y[i] % 8 == 0, &bytes);
         const int64_t gn = (nb + 63) / 64, gm = (g.ocg + 16 * tm - 1) / (16 * tm), nk = (g.kg + MMA_BK - 1) / MMA_BK;
         /* a grid under two blocks per multiprocessor splits K (at least 4 steps a chunk) into
          * partials in the workspace's (OC + K, nb), summed by conv_fwd_sum */
@@ -536,16 +437,10 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
         float *part = splits > 1 ? gr->ws : NULL;
         dim3 grid((unsigned)gn, (unsigned)gm, (unsigned)splits);
         for (int64_t gi = 0; gi < g.groups; gi++) {
-            const float *wg = w + gi * g.ocg * g.kg;
-            const int o0 = (int)(gi * g.ocg);
-            if (implicit)
-                CU_TRY(mma_launch(gr, gr->stream, ki, grid, bytes, gr->y[i], part, wg, x + gi * (g.c / g.groups) * g.h * g.w,
-                                  bias, g, (int)g.ocg, (int)g.kg, (int)nb, o0, relu, (int)chunk),
-                       "conv_fwd");
-            else
-                CU_TRY(mma_launch(gr, gr->stream, k, grid, bytes, gr->y[i], part, wg, (const float *)col + gi * g.kg * nb,
-                                  bias, (int)g.ocg, (int)g.kg, (int)nb, (int)g.ohw, (int)g.oc, o0, relu, (int)chunk),
-                       "conv_fwd");
+            CU_TRY(mma_launch(gr, gr->stream, k, grid, bytes, gr->y[i], part, w + gi * g.ocg * g.kg,
+                              (const float *)col + gi * g.kg * nb, bias, (int)g.ocg, (int)g.kg, (int)nb, (int)g.ohw,
+                              (int)g.oc, (int)(gi * g.ocg), relu, (int)chunk),
+                   "conv_fwd");
             st = CU_LAUNCHED("conv_fwd");
             if (st != MPSCY_OK) return st;
         }
@@ -557,7 +452,6 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
         }
         return MPSCY_OK;
     }
-    if (st != MPSCY_OK) return st;
     for (int64_t gi = 0; gi < g.groups && st == MPSCY_OK; gi++)
         st = conv_gemm(gr, CONV_FWD, 0, g, nb, p->batch * g.ohw, yt + gi * g.ocg * nb, w + gi * g.ocg * g.kg,
                        col + gi * g.kg * nb, NULL, NULL, err, en);
@@ -600,8 +494,8 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
      * dcol and col2im on the main one */
     if (st == MPSCY_OK) st = cu_fork(gr, err, en);
     if (st == MPSCY_OK && db) {
-        CU_TRY(cu_launch(gr, cu_sum_parts, cu_blocks(g.oc, 32, 4096), CU_THREADS, gr->side, db, (const float *)dbp,
-                         g.oc, chunks, (const float *)NULL, (int64_t)1, 0),
+        CU_TRY(cu_launch(gr, conv_sum_parts, cu_blocks(g.oc, 32, 4096), CU_THREADS, gr->side, db, (const float *)dbp,
+                         g.oc, chunks),
                "conv_db");
         st = CU_LAUNCHED("conv_db");
     }

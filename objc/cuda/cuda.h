@@ -111,8 +111,6 @@ typedef struct cu_graph {
     unsigned int *gcount;
     int64_t gws_floats, gws_used, gcount_n, gcount_used;
     int gemm_mode;             /* $MPSCY_CUDA_GEMM at build: 1 own kernels, 0 cuBLASLt, 2 by size */
-    int conv_implicit;         /* own forward conv products read x, not columns ($MPSCY_CUDA_IMPLICIT=1) */
-    int dense_mma;             /* long-K Dense forward products on tensor cores ($MPSCY_CUDA_DENSE_MMA=1) */
     uint8_t *dz_ready;         /* per node, per capture: its dz was written (ReLU mask applied) by a consumer */
     struct cu_fused *fu;       /* the train step as one kernel (mlp.cu), or NULL */
 } cu_graph;
@@ -172,8 +170,7 @@ int64_t cu_conv_columns(const mpscy_plan *p, const mpscy_node *n);  /* floats of
 int cu_conv_fits(const mpscy_plan *p, const mpscy_node *n);         /* its tensors index in 31 bits */
 void cu_conv_gemm_need(const cu_graph *g, const mpscy_node *n, int64_t *floats, int64_t *counters);
 /* im2col.cu: a convolution's columns (K, b*OHW) from x, and dx (accumulated when accum) from dcol */
-int cu_im2col(cu_graph *g, cudaStream_t s, const mpscy_conv_geom *cg, float *col, const float *x, int64_t b, char *err,
-              size_t en);
+int cu_im2col(cu_graph *g, const mpscy_conv_geom *cg, float *col, const float *x, int64_t b, char *err, size_t en);
 int cu_col2im(cu_graph *g, const mpscy_conv_geom *cg, float *dx, const float *dcol, int64_t b, int accum, char *err,
               size_t en);
 int cu_pool_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
@@ -187,22 +184,6 @@ int cu_dropout_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, c
 int cu_dropout_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);
 int cu_merge_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
 int cu_merge_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);
-
-/* fp32 on sm_80 and newer with MPSCY_CUDA_GEMM unset: products run as mma.cuh's 3xTF32
- * tensor-core kernels where a layer has one (convolutions; opt-in, Dense's long-K forward) */
-static inline int cu_own_mma(const cu_graph *g) {
-    return g->gemm_mode == 2 && g->plan.precision != MPSCY_PRECISION_TF32 && g->dev->prop.major >= 8;
-}
-/* conv.cu: out (count) = the sum of the split partials part (splits, count) in a fixed order,
- * plus bias[e % period] (bias may be NULL) and through a ReLU when relu */
-#if defined(__CUDACC__)
-__global__ void cu_sum_parts(float *out, const float *part, int64_t count, int64_t splits, const float *bias,
-                             int64_t period, int relu);
-#endif
-/* dense.cu: whether Dense's forward product runs as mma.cuh's split-K kernel (decided by the
- * built batch), and the shared workspace its partials need */
-int cu_dense_mma_wanted(const cu_graph *g, int64_t rows, int64_t out, int64_t in);
-int64_t cu_dense_workspace(const mpscy_plan *p, const mpscy_node *n);
 
 /* gemm.cu: C (M, N, ldc) = A B with A(m, k) = a[m am + k ak] and B(k, n) = b[k bk + n bn], plus
  * the Dense epilogues; one kernel. */

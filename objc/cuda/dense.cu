@@ -1,95 +1,15 @@
 /* dense.cu — the fully connected layer: y = x W^T + b with W stored (out, in) as in PyTorch,
  * inputs of higher rank read row-major as (b, in). Small products run as mpscy's own kernel with
- * the bias and a following ReLU fused (gemm.cu; opt-in: a long K on tensor cores, below); large
- * ones through cuBLASLt, with the bias (and
+ * the bias and a following ReLU fused (gemm.cu); large ones through cuBLASLt, with the bias (and
  * ReLU) in its epilogue where an algorithm exists, else a small kernel. Backward: dW = dz^T x on
  * the side stream with the bias gradient fused (own kernel, BGRADB epilogue or a column sum),
  * and dx = dz W on the main stream, written or accumulated; when x is a fused ReLU's output
  * read by this layer alone, the own kernel applies that ReLU's mask and writes the lower
  * Dense's dz directly, so no separate ReLU backward runs. */
-#include <algorithm>
-
 #include "cuda.h"
 #include "blas.h"
-#include "mma.cuh"
 
 static int aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
-
-/* Opt-in (MPSCY_CUDA_DENSE_MMA=1): the forward product of a long K (in >= DENSE_MMA_MIN_K) and
- * a small output (rows * out <= 65,536) in fp32 on mma.cuh's 3xTF32 tensor-core pipeline, x
- * (rows, in) and W (out, in) both K-contiguous, 32 x 64 tiles, K split over the GPU; block z
- * writes its partial (rows, out) to part[z], and cu_sum_parts adds them in order with the bias
- * and ReLU. One split writes y. On the H200 it took the CNN's 4096 -> 128 product from 16.0 to
- * 6.1 + 2.9 us (step 362.1 -> 358.5 us), but its ~2^-21 relative error per product (fp32's is
- * 2^-24) left a 1024- and a 512-input layer 1.8e-3 and 3.3e-3 from the cpu after Adam steps,
- * over the 1e-4 that the default paths keep; so it is off unless asked for. */
-#define DENSE_MMA_MIN_K 512
-#define DENSE_MMA_MAX_SPLITS 32
-
-template <bool V>
-__global__ void __launch_bounds__(256, 2) dense_mma_forward(float *__restrict__ y, float *__restrict__ part,
-                                                            const float *__restrict__ x, const float *__restrict__ w,
-                                                            const float *__restrict__ bias, int rows, int out, int in,
-                                                            int relu, int chunk) {
-    extern __shared__ __align__(16) float mma_smem[];
-    cu_pdl_enter();
-    const int m0 = blockIdx.y * 32, n0 = blockIdx.x * 64, k0 = blockIdx.z * chunk;
-    float acc[8];
-    mma_product<2, 4, true, true, V, V>(acc, mma_smem, x, in, m0, rows, w, in, n0, out, k0, min(in, k0 + chunk));
-    float *o = part ? part + (size_t)blockIdx.z * rows * out : y;
-#pragma unroll
-    for (int e = 0; e < 8; e++) {
-        int r, c;
-        mma_pos<2, 4>(e, r, c);
-        const int m = m0 + r, n = n0 + c;
-        if (m >= rows || n >= out) continue;
-        float v = acc[e];
-        if (!part) {
-            v += bias ? bias[n] : 0.0f;
-            v = relu && !(v > 0.0f) ? 0.0f : v;
-        }
-        o[(size_t)m * out + n] = v;
-    }
-}
-
-/* K chunks (multiples of MMA_BK, at least 4 steps) for about two blocks per multiprocessor */
-static int64_t dense_splits(int64_t tiles, int64_t in, int sms, int64_t *chunk) {
-    const int64_t nk = (in + MMA_BK - 1) / MMA_BK;
-    int64_t s = std::min({2 * (int64_t)sms / tiles, nk / 4, (int64_t)DENSE_MMA_MAX_SPLITS});
-    if (s < 1) s = 1;
-    *chunk = (nk + s - 1) / s * MMA_BK;
-    return (in + *chunk - 1) / *chunk;
-}
-
-int cu_dense_mma_wanted(const cu_graph *g, int64_t rows, int64_t out, int64_t in) {
-    return g->dense_mma && cu_own_mma(g) && in >= DENSE_MMA_MIN_K && rows * out <= 65536;
-}
-
-/* the split partials in the shared workspace: at most DENSE_MMA_MAX_SPLITS of (batch, out) */
-int64_t cu_dense_workspace(const mpscy_plan *p, const mpscy_node *n) {
-    const int64_t in = p->nodes[n->in[0]].size, out = n->size;
-    if (in < DENSE_MMA_MIN_K || p->batch * out > 65536) return 0;
-    return std::min((int64_t)DENSE_MMA_MAX_SPLITS, (in + 4 * MMA_BK - 1) / (4 * MMA_BK)) * p->batch * out;
-}
-
-static int dense_mma(cu_graph *g, float *y, const float *x, const float *w, const float *bias, int64_t b, int64_t in,
-                     int64_t out, int relu, char *err, size_t en) {
-    const int64_t tn = (out + 63) / 64, tm = (b + 31) / 32;
-    int64_t chunk, s = dense_splits(((g->plan.batch + 31) / 32) * tn, in, g->dev->sms, &chunk);
-    float *part = s > 1 ? g->ws : NULL;  /* s <= cu_dense_workspace's splits: same rule, built batch */
-    const bool v = in % 4 == 0 && aligned16(x) && aligned16(w);
-    void (*k)(float *, float *, const float *, const float *, const float *, int, int, int, int, int) =
-        v ? dense_mma_forward<true> : dense_mma_forward<false>;
-    CU_TRY(mma_launch(g, g->stream, k, dim3((unsigned)tn, (unsigned)tm, (unsigned)s), mma_smem_bytes<2, 4, true, true>(),
-                      y, part, x, w, bias, (int)b, (int)out, (int)in, relu, (int)chunk),
-           "dense_mma_forward");
-    int st = CU_LAUNCHED("dense_mma_forward");
-    if (st != MPSCY_OK || !part) return st;
-    CU_TRY(cu_launch(g, cu_sum_parts, cu_blocks(b * out, 32, 4096), CU_THREADS, g->stream, y, (const float *)part,
-                     b * out, s, bias, out, relu),
-           "dense_sum");
-    return CU_LAUNCHED("dense_sum");
-}
 
 int cu_dense_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en) {
     (void)train;
@@ -101,7 +21,6 @@ int cu_dense_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, cha
     float *bias = cu_tensor(g, n, MPSCY_ROLE_PARAM, 1);    // (out) or NULL
     int relu = (g->fuse[cu_node_index(g, n)] & CU_FUSE_RELU) != 0;
     const int64_t B = g->plan.batch;  /* decisions by the built batch: the same at every batch size */
-    if (cu_dense_mma_wanted(g, B, out, in)) return dense_mma(g, y, x, w, bias, b, in, out, relu, err, en);
     if (cu_gemm_small_wanted(g, B, out, in)) {
         /* C (b, out) = x (b, in) . W^T: A(m, k) = x[m in + k], B(k, n) = W[n in + k] */
         cu_small_gemm q = {y, x, w, b, out, in, in, 1, 1, in, out, bias, relu, NULL, 0, NULL};

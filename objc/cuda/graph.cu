@@ -149,13 +149,6 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
      * debugging and testing knob); their split-K partials, summed over every Dense product */
     const char *gm = getenv("MPSCY_CUDA_GEMM");
     g->gemm_mode = gm && !strcmp(gm, "own") ? 1 : gm && !strcmp(gm, "cublas") ? 0 : 2;
-    /* opt-in knobs, measured and kept off (bench/cuda_notes.md): MPSCY_CUDA_IMPLICIT=1, the
-     * forward conv products read x through a tap table instead of im2col's columns (slower);
-     * MPSCY_CUDA_DENSE_MMA=1, Dense's long-K forward products on tensor cores (faster, but
-     * 3xTF32's error moves Adam past the 1e-4 agreement with cpu on wide layers) */
-    const char *im = getenv("MPSCY_CUDA_IMPLICIT"), *dm = getenv("MPSCY_CUDA_DENSE_MMA");
-    g->conv_implicit = im && !strcmp(im, "1");
-    g->dense_mma = dm && !strcmp(dm, "1");
     for (int32_t i = 0; i < p->n_nodes; i++) {
         const mpscy_node *node = &p->nodes[i];
         if (node->kind == MPSCY_LAYER_CONV2D) {
@@ -170,8 +163,7 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
         int64_t B = p->batch, in = p->nodes[node->in[0]].size, out = node->size, f, c;
         int64_t shapes[3][4] = {{B, out, in, 0}, {B, in, out, 0}, {out, in, B, (node->flags & MPSCY_FLAG_BIAS) != 0}};
         for (int k = 0; k < 3; k++)
-            if ((k > 0 || !cu_dense_mma_wanted(g, B, out, in)) &&
-                cu_gemm_small_wanted(g, shapes[k][0], shapes[k][1], shapes[k][2])) {
+            if (cu_gemm_small_wanted(g, shapes[k][0], shapes[k][1], shapes[k][2])) {
                 cu_gemm_small_need(g->dev->sms, shapes[k][0], shapes[k][1], shapes[k][2], (int)shapes[k][3], &f, &c);
                 g->gws_floats += f;
                 g->gcount_n += c;

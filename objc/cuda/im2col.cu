@@ -157,13 +157,12 @@ __global__ void col2im_fixed(float *__restrict__ dx, const float *__restrict__ d
 /* the compiled forms cover square kernels of these sizes */
 static bool fixed_size(const conv_geom &g) { return g.kh == g.kw && (g.kh == 1 || g.kh == 3 || g.kh == 5 || g.kh == 7); }
 
-int cu_im2col(cu_graph *gr, cudaStream_t stream, const mpscy_conv_geom *g, float *col, const float *x, int64_t b,
-              char *err, size_t en) {
+int cu_im2col(cu_graph *gr, const mpscy_conv_geom *g, float *col, const float *x, int64_t b, char *err, size_t en) {
     void (*k)(float *, const float *, conv_geom, int64_t) = im2col_kernel;
     if (fixed_size(*g))
         k = g->kh == 1 ? im2col_fixed<1> : g->kh == 3 ? im2col_fixed<3> : g->kh == 5 ? im2col_fixed<5> : im2col_fixed<7>;
     CU_TRY(cu_launch(gr, k, dim3(cu_blocks(b * g->ohw, CU_THREADS, 1024), (unsigned)(g->c < 65535 ? g->c : 65535)),
-                     CU_THREADS, stream, col, x, *g, b),
+                     CU_THREADS, gr->stream, col, x, *g, b),
            "im2col");
     return CU_LAUNCHED("im2col");
 }

@@ -1,5 +1,5 @@
-/* mma.cuh — fp32 matrix products on tensor cores (sm_80 and newer) for the convolutions and
- * Dense's long-K forward product: 3xTF32 arithmetic in a cp.async pipeline. Include after cuda.h.
+/* mma.cuh — fp32 matrix products on tensor cores (sm_80 and newer) for the convolutions:
+ * 3xTF32 arithmetic in a cp.async pipeline.
  *
  * Arithmetic: x = big + small with big = tf32(x), small = x - big (read as tf32), and
  * a b ~ a_s b_b + a_b b_s + a_b b_b (the small products first), accumulated in fp32. The dropped
@@ -30,7 +30,7 @@ struct mma_tile {
 
 /* shared memory of one block of a (16 TM) x (16 TN) product, in bytes */
 template <int TM, int TN, bool AK, bool BK>
-__host__ __device__ constexpr int mma_smem_bytes() {
+constexpr int mma_smem_bytes() {
     return MMA_STAGES * (mma_tile<AK, 16 * TM>::FLOATS + mma_tile<BK, 16 * TN>::FLOATS) * (int)sizeof(float);
 }
 
@@ -130,23 +130,12 @@ static __device__ __forceinline__ void mma_pos(int e, int &r, int &c) {
     c = (w >> 1) * 4 * TN + ni * 8 + 2 * t + (q & 1);
 }
 
-/* an operand in global memory as mma_load reads it: rows [r0, r0 + R) of `rows`, row stride ld */
-template <bool KC, int R, bool VEC>
-struct mma_gmem {
-    const float *p;
-    int64_t ld;
-    int r0, rows;
-    __device__ __forceinline__ void operator()(float *s, int64_t kb, int64_t k1) const {
-        mma_load<KC, R, VEC>(s, p, ld, r0, rows, kb, k1);
-    }
-};
-
-/* acc (mma_pos's layout) = A[m0 .., k0:k1) B[n0 .., k0:k1)^T, the operands' MMA_BK steps brought
- * into shared memory by la and lb (la(s, kb, k1): mma_load's contract, KC layout AK for A, BK
- * for B); smem: mma_smem_bytes of dynamic shared memory */
-template <int TM, int TN, bool AK, bool BK, class LA, class LB>
-static __device__ __forceinline__ void mma_product_with(float (&acc)[TM * TN], float *smem, const LA &la,
-                                                        const LB &lb, int64_t k0, int64_t k1) {
+/* acc (mma_pos's layout) = A[m0 .., k0:k1) B[n0 .., k0:k1)^T; smem: mma_smem_bytes of dynamic
+ * shared memory */
+template <int TM, int TN, bool AK, bool BK, bool VA, bool VB>
+static __device__ __forceinline__ void mma_product(float (&acc)[TM * TN], float *smem, const float *__restrict__ a,
+                                                   int64_t lda, int m0, int M, const float *__restrict__ b,
+                                                   int64_t ldb, int n0, int N, int64_t k0, int64_t k1) {
     constexpr int BM = 16 * TM, BN = 16 * TN, MI = TM / 2, NI = TN / 2;
     typedef mma_tile<AK, BM> TA;
     typedef mma_tile<BK, BN> TB;
@@ -159,8 +148,8 @@ static __device__ __forceinline__ void mma_product_with(float (&acc)[TM * TN], f
 #pragma unroll
     for (int s = 0; s < MMA_STAGES - 1; s++) {
         if (s < nk) {
-            la(smem + s * STAGE, k0 + s * MMA_BK, k1);
-            lb(smem + s * STAGE + TA::FLOATS, k0 + s * MMA_BK, k1);
+            mma_load<AK, BM, VA>(smem + s * STAGE, a, lda, m0, M, k0 + s * MMA_BK, k1);
+            mma_load<BK, BN, VB>(smem + s * STAGE + TA::FLOATS, b, ldb, n0, N, k0 + s * MMA_BK, k1);
         }
         cp_async_commit();
     }
@@ -170,8 +159,8 @@ static __device__ __forceinline__ void mma_product_with(float (&acc)[TM * TN], f
         const int nx = kt + MMA_STAGES - 1;
         if (nx < nk) {
             float *s = smem + (nx % MMA_STAGES) * STAGE;
-            la(s, k0 + (int64_t)nx * MMA_BK, k1);
-            lb(s + TA::FLOATS, k0 + (int64_t)nx * MMA_BK, k1);
+            mma_load<AK, BM, VA>(s, a, lda, m0, M, k0 + (int64_t)nx * MMA_BK, k1);
+            mma_load<BK, BN, VB>(s + TA::FLOATS, b, ldb, n0, N, k0 + (int64_t)nx * MMA_BK, k1);
         }
         cp_async_commit();
         const float *sa = smem + (kt % MMA_STAGES) * STAGE, *sb = sa + TA::FLOATS;
@@ -204,24 +193,6 @@ static __device__ __forceinline__ void mma_product_with(float (&acc)[TM * TN], f
         }
     }
     cp_async_wait<0>();
-}
-
-
-/* mma_product_with for two operands in global memory: A (M, K) at a, B (N, K) at b */
-template <int TM, int TN, bool AK, bool BK, bool VA, bool VB>
-static __device__ __forceinline__ void mma_product(float (&acc)[TM * TN], float *smem, const float *__restrict__ a,
-                                                   int64_t lda, int m0, int M, const float *__restrict__ b,
-                                                   int64_t ldb, int n0, int N, int64_t k0, int64_t k1) {
-    const mma_gmem<AK, 16 * TM, VA> la = {a, lda, m0, M};
-    const mma_gmem<BK, 16 * TN, VB> lb = {b, ldb, n0, N};
-    mma_product_with<TM, TN, AK, BK>(acc, smem, la, lb, k0, k1);
-}
-
-/* a kernel of mma.cuh's with its dynamic shared memory (over the 48 KB default: opted in) */
-template <typename... K, typename... A>
-static inline cudaError_t mma_launch(const cu_graph *gr, cudaStream_t s, void (*k)(K...), dim3 grid, int bytes, A... args) {
-    cudaError_t e = cudaFuncSetAttribute((const void *)k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    return e != cudaSuccess ? e : cu_launch_shm(gr, k, grid, 256, (size_t)bytes, s, args...);
 }
 
 #endif /* MPSCY_CUDA_MMA_CUH */

@@ -44,7 +44,6 @@ static int enqueue(cu_graph *g, int kind, int64_t b, char *err, size_t en) {
     CU_TRY(cudaMemcpyAsync(g->stage_d, g->stage_h, first, cudaMemcpyHostToDevice, s), "staging copy");
 
     int train = kind == CU_KIND_TRAIN || kind == CU_KIND_GRAD;
-    g->forked = 0; /* side-stream work (forward: columns; backward: weight gradients) is joined below */
     for (int32_t i = 0; i < p->n_nodes; i++) {
         const mpscy_node *node = &p->nodes[i];
         if (node->kind == MPSCY_LAYER_INPUT) continue;
@@ -58,6 +57,7 @@ static int enqueue(cu_graph *g, int kind, int64_t b, char *err, size_t en) {
     if ((st = cu_loss(g, train ? g->dy[p->output] : NULL, b, !train, err, en)) != MPSCY_OK) return st;
     if (!train) return MPSCY_OK;
 
+    g->forked = 0;
     for (int32_t i = p->n_nodes - 1; i >= 0; i--) {
         const mpscy_node *node = &p->nodes[i];
         if (!node->grad || node->kind == MPSCY_LAYER_INPUT) continue;

@@ -38,48 +38,25 @@ struct update_args {
 };
 
 /* One pass over the slab: clip (norm coefficient, then value; the clipped gradient is stored
- * back, as on the cpu), then the kind's element rule. A thread takes UPDATE_ILP elements a
- * stride apart at a time and loads all of their state before it updates any: the element rules
- * work on registers, so the loads of the next elements need not wait for this one's stores. */
-#define UPDATE_ILP 4
+ * back, as on the cpu), then the kind's element rule. */
 static __device__ void update_slab(const update_args &u, const cu_params *P, float cs) {
     const mpscy_optim_coef c = P->coef;
     const int clipped = u.clip_norm || u.clip_value > 0.0f;
-    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
-    for (int64_t i0 = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i0 < u.n; i0 += UPDATE_ILP * stride) {
-        float g[UPDATE_ILP], w[UPDATE_ILP], s0[UPDATE_ILP], s1[UPDATE_ILP], s2[UPDATE_ILP];
-#pragma unroll
-        for (int j = 0; j < UPDATE_ILP; j++) {
-            const int64_t i = i0 + j * stride;
-            if (i >= u.n) break;
-            g[j] = u.grads[i];
-            w[j] = u.w[i];
-            s0[j] = u.s0 ? u.s0[i] : 0.0f;
-            s1[j] = u.s1 ? u.s1[i] : 0.0f;
-            s2[j] = u.s2 ? u.s2[i] : 0.0f;
-        }
-#pragma unroll
-        for (int j = 0; j < UPDATE_ILP; j++) {
-            const int64_t i = i0 + j * stride;
-            if (i >= u.n) break;
-            float gj = g[j];
-            if (u.clip_norm) gj *= cs;
-            if (u.clip_value > 0.0f) gj = gj > u.clip_value ? u.clip_value : (gj < -u.clip_value ? -u.clip_value : gj);
-            if (clipped) u.grads[i] = gj;
-            float *v2 = u.s2 ? &s2[j] : NULL;  /* amsgrad's max, RMSprop's centred average: optional */
-            switch (u.kind) {
-            case MPSCY_OPTIM_SGD: mpscy_sgd_elem(&w[j], &s0[j], gj, &c); break;
-            case MPSCY_OPTIM_ADAM:
-            case MPSCY_OPTIM_ADAMW: mpscy_adam_elem(&w[j], &s0[j], &s1[j], v2, gj, &c, u.decoupled); break;
-            case MPSCY_OPTIM_RMSPROP: mpscy_rmsprop_elem(&w[j], &s0[j], &s1[j], v2, gj, &c); break;
-            case MPSCY_OPTIM_ADAGRAD: mpscy_adagrad_elem(&w[j], &s0[j], gj, &c); break;
-            case MPSCY_OPTIM_ADADELTA: mpscy_adadelta_elem(&w[j], &s0[j], &s1[j], gj, &c); break;
-            case MPSCY_OPTIM_NADAM: mpscy_nadam_elem(&w[j], &s0[j], &s1[j], gj, &c); break;
-            }
-            u.w[i] = w[j];
-            if (u.s0) u.s0[i] = s0[j];
-            if (u.s1) u.s1[i] = s1[j];
-            if (u.s2) u.s2[i] = s2[j];
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < u.n; i += (int64_t)gridDim.x * blockDim.x) {
+        float g = u.grads[i];
+        if (u.clip_norm) g *= cs;
+        if (u.clip_value > 0.0f) g = g > u.clip_value ? u.clip_value : (g < -u.clip_value ? -u.clip_value : g);
+        if (clipped) u.grads[i] = g;
+        switch (u.kind) {
+        case MPSCY_OPTIM_SGD: mpscy_sgd_elem(&u.w[i], &u.s0[i], g, &c); break;
+        case MPSCY_OPTIM_ADAM:
+        case MPSCY_OPTIM_ADAMW:
+            mpscy_adam_elem(&u.w[i], &u.s0[i], &u.s1[i], u.s2 ? &u.s2[i] : NULL, g, &c, u.decoupled);
+            break;
+        case MPSCY_OPTIM_RMSPROP: mpscy_rmsprop_elem(&u.w[i], &u.s0[i], &u.s1[i], u.s2 ? &u.s2[i] : NULL, g, &c); break;
+        case MPSCY_OPTIM_ADAGRAD: mpscy_adagrad_elem(&u.w[i], &u.s0[i], g, &c); break;
+        case MPSCY_OPTIM_ADADELTA: mpscy_adadelta_elem(&u.w[i], &u.s0[i], &u.s1[i], g, &c); break;
+        case MPSCY_OPTIM_NADAM: mpscy_nadam_elem(&u.w[i], &u.s0[i], &u.s1[i], g, &c); break;
         }
     }
 }
