@@ -247,6 +247,7 @@ def extension():
         if not CUDA["static"]:
             runtime_dirs.append(CUDA["libdir"])
         libraries += CUDA_LIBS
+        sources += rel("objc/cuda/*.c")   # host-compiler C of the backend (stage.c)
         built.append("cuda")
     elif os.environ.get("MPSCY_CUDA") == "1":
         sys.exit(f"mpscy: MPSCY_CUDA=1 but the cuda backend cannot be built: {CUDA_WHY}")

@@ -58,9 +58,10 @@ def time_steps(step, data, budget_s, repeats):
 
 # ----------------------------------------------------------------------------- mpscy
 
-def mpscy_step(name, spec, device="cuda", precision="fp32", fused=None):
+def mpscy_step(name, spec, device="cuda", precision="fp32", fused=None, env=None):
     """fused: $MPSCY_CUDA_FUSED while the engine is built ("0": separate kernels; a form such
-    as "grid:66" or "cluster:16"; None: the library's choice)."""
+    as "grid:66" or "cluster:16"; None: the library's choice); env: other variables set while it
+    is built (MPSCY_CUDA_DEFER=0: the batch staged before the launch, not while the graph runs)."""
     import mpscy
     from mpscy import layers as L, optim
     if name == "cnn":
@@ -75,18 +76,21 @@ def mpscy_step(name, spec, device="cuda", precision="fp32", fused=None):
         for h in spec["hidden"]:
             ls += [L.Dense(h), L.ReLU()]
         ls.append(L.Dense(spec["classes"]))
-    saved = os.environ.get("MPSCY_CUDA_FUSED")
+    env = dict(env or {})
     if fused is not None:
-        os.environ["MPSCY_CUDA_FUSED"] = fused
+        env["MPSCY_CUDA_FUSED"] = fused
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         engine = mpscy.Engine(mpscy.Sequential(ls, input_shape=spec["input"]), loss="sparse_cross_entropy",
                               optimizer=optim.Adam(LR), batch_size=spec["batch"], device=device, seed=0,
                               precision=precision)
     finally:
-        if saved is None:
-            os.environ.pop("MPSCY_CUDA_FUSED", None)
-        else:
-            os.environ["MPSCY_CUDA_FUSED"] = saved
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
     def step(x, y):
         return engine.step(x, y).loss
@@ -344,6 +348,9 @@ def main():
                 runs.append(("mpscy separate kernels", lambda: mpscy_step(name, spec, "cuda", fused="0"), data32))
                 for form in args.forms.split():
                     runs.append((f"mpscy {form}", lambda form=form: mpscy_step(name, spec, "cuda", fused=form), data32))
+            else:
+                runs.append(("mpscy staged first", lambda: mpscy_step(name, spec, "cuda", env={"MPSCY_CUDA_DEFER": "0"}),
+                             data32))
             runs += [("mpscy tf32", lambda: mpscy_step(name, spec, "cuda", "tf32"), data32),
                      ("torch eager", lambda: torch_eager(name, spec, "cuda"), data),
                      ("torch eager fused", lambda: torch_eager(name, spec, "cuda", fused=True), data),

@@ -6,6 +6,7 @@ ncu (each kernel node of the captured graph is timed on its own), then summarize
     python bench/cuda_profile.py --summarize k.csv
 """
 import csv
+import os
 import sys
 from collections import OrderedDict
 
@@ -13,6 +14,9 @@ WARMUP, STEPS = 3, 3
 
 
 def workload(name):
+    # ncu runs a graph's kernels one at a time inside the launch call, so a step whose graph waits
+    # for the host's staging (step.cu's deferred staging) would wait out its patience: stage first
+    os.environ["MPSCY_CUDA_DEFER"] = "0"
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
     from cuda_bench import MODELS, batches, mpscy_step
     spec = MODELS[name]

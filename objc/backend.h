@@ -65,6 +65,8 @@ struct mpscy_backend {
     int (*graph_step)(mpscy_graph g, const mpscy_step_args *a, mpscy_step_result *r,
                       char *err, size_t n);
     int (*graph_predict)(mpscy_graph g, const mpscy_step_args *a, char *err, size_t n);
+    int64_t stage_min_bytes;  /* > 0: graph_step and graph_predict honor mpscy_step_args.x_src, given
+                               * for inputs of this many bytes or more (0 by default: never) */
 };
 
 /* Backends linked into this build (cpu always; cuda and metal when built). */

@@ -60,6 +60,7 @@ int mpscy_device_info_get(mpscy_device dev, mpscy_device_info *out, char *err, s
     if (!dev || !out) return FAIL(MPSCY_INVALID, "device or out is NULL");
     dev->stats.calls++;
     memset(out, 0, sizeof *out);
+    out->stage_min_bytes = dev->vt->stage_min_bytes;
     return dev->vt->device_info(dev, out, err, errlen);
 }
 
@@ -232,11 +233,22 @@ static int check_step(mpscy_graph g, const mpscy_step_args *a, char *err, size_t
     return MPSCY_OK;
 }
 
+/* x_src only where the backend stages it, for a one-input graph, in TRAIN or EVAL mode or predict */
+static int check_x_src(mpscy_graph g, const mpscy_step_args *a, int predict, char *err, size_t errlen) {
+    if (!a->x_src) return MPSCY_OK;
+    if (g->vt->stage_min_bytes <= 0) return FAIL(MPSCY_UNSUPPORTED, "the %s backend does not stage x_src itself", g->vt->name);
+    if (g->plan->n_inputs != 1) return FAIL(MPSCY_INVALID, "x_src given for a graph of %d inputs", (int)g->plan->n_inputs);
+    if (!predict && a->mode != MPSCY_MODE_TRAIN && a->mode != MPSCY_MODE_EVAL)
+        return FAIL(MPSCY_INVALID, "x_src given in mode %d (train, eval and predict stage it)", (int)a->mode);
+    return MPSCY_OK;
+}
+
 int mpscy_graph_step(mpscy_graph g, const mpscy_step_args *args, mpscy_step_result *out, char *err, size_t errlen) {
     if (!g || !args || !out) return FAIL(MPSCY_INVALID, "graph, args or out is NULL");
     g->dev->stats.calls++;
     g->dev->stats.steps++;
     int st = check_step(g, args, err, errlen);
+    if (st == MPSCY_OK) st = check_x_src(g, args, 0, err, errlen);
     return st != MPSCY_OK ? st : g->vt->graph_step(g, args, out, err, errlen);
 }
 
@@ -245,5 +257,6 @@ int mpscy_graph_predict(mpscy_graph g, const mpscy_step_args *args, char *err, s
     g->dev->stats.calls++;
     g->dev->stats.predicts++;
     int st = check_rows(g, args, err, errlen);
+    if (st == MPSCY_OK) st = check_x_src(g, args, 1, err, errlen);
     return st != MPSCY_OK ? st : g->vt->graph_predict(g, args, err, errlen);
 }

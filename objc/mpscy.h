@@ -13,7 +13,7 @@
 extern "C" {
 #endif
 
-#define MPSCY_ABI_VERSION 2
+#define MPSCY_ABI_VERSION 3
 #define MPSCY_MAX_RANK 6          /* per-sample rank of any tensor (batch excluded) */
 #define MPSCY_MAX_INPUTS 8        /* inputs of one layer node */
 #define MPSCY_NAME_LEN 64
@@ -46,6 +46,9 @@ typedef struct mpscy_device_info {
     int32_t unified_memory;   /* 1 when host and device share memory */
     int32_t threads;          /* worker threads (cpu) or multiprocessors (gpu) */
     int64_t memory_bytes;     /* total (or recommended working set) memory, 0 if unknown */
+    int64_t stage_min_bytes;  /* > 0: for a one-input graph whose batch of input 0 has at least this
+                               * many bytes, pass mpscy_step_args.x_src (the backend stages it
+                               * itself, cuda while the step runs); 0: never */
 } mpscy_device_info;
 
 /* Native counters of one device: every host or device allocation made by the backend for
@@ -304,6 +307,13 @@ typedef struct mpscy_step_args {
     int32_t lbfgs_flat_reg;  /* gradient register DIRECTION starts from */
     double lbfgs_t_prev;     /* step length of the previous iteration (FINALIZE, DIRECTION) */
     double lbfgs_t;          /* step length of MOVE */
+    /* Input 0's rows (batch * its size floats), not yet staged, on a device whose info has
+     * stage_min_bytes, for a one-input graph in TRAIN or EVAL mode or predict (NULL: the caller
+     * staged every input, as always). The backend copies and checks them itself — cuda while the
+     * step's graph already runs. A NaN or Inf among them fails the call with MPSCY_NONFINITE,
+     * x_nonfinite set and nothing modified that the caller can see: no update, no committed
+     * statistics, no output. */
+    const float *x_src;
 } mpscy_step_args;
 
 typedef struct mpscy_step_result {
@@ -319,6 +329,7 @@ typedef struct mpscy_step_result {
     double lbfgs_gtd_new;    /* g_new.d at the evaluated point (EVAL) */
     double lbfgs_g_max;      /* max |g_new| (EVAL) */
     double lbfgs_g_sum;      /* sum |g_new| (EVAL) */
+    int32_t x_nonfinite;     /* 1: x_src held a NaN or Inf (the status is MPSCY_NONFINITE) */
 } mpscy_step_result;
 
 /* One training (or evaluation) step over the batch staged in the graph's io buffers.

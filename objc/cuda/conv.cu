@@ -5,9 +5,13 @@
  * writes NCHW with the bias and, when a ReLU is the only consumer, the ReLU; backward gathers dz
  * (masked by that ReLU) to (OC, b*OHW) with chunk sums for the bias gradient, then dW = dz col^T
  * (the long K = b*OHW split over the GPU, partials added in a fixed order) and dcol = W^T dz, and
- * col2im gathers dx (no atomics: sums are deterministic; both in im2col.cu). tf32, older GPUs and
+ * col2im gathers dx (no atomics: sums are deterministic; both in im2col.cu), except for a 3x3,
+ * stride-2, pad-1 convolution of even H and W, whose dx is one product per parity class of its
+ * positions written straight to NCHW (conv_dgrad_s2, no dcol). tf32, older GPUs and
  * the forced GEMM modes run every product as the small-GEMM kernel or cuBLASLt by size, as
- * Dense's, with the (OC, b*OHW) result scattered to NCHW by conv_out_kernel. */
+ * Dense's, with the (OC, b*OHW) result scattered to NCHW by conv_out_kernel. With groups 1 and
+ * K <= 32 (a network's first convolutions) the forward is instead conv_direct.cu's fp32 kernel in
+ * every precision and mode, and the columns are built only by a training step, on the side stream. */
 #include <algorithm>
 
 #include "cuda.h"
@@ -268,6 +272,97 @@ __global__ void conv_dz_kernel(float *dzt, float *dbp, const float *dy, const fl
     if (threadIdx.x == 0) dbp[blockIdx.x * OC + o] = sum;
 }
 
+/* The data gradient of a 3x3, stride-2, pad-1 convolution (groups 1, H and W even: OH = H / 2)
+ * without dcol and col2im. dx[s, c, 2m + py, 2n + px] = sum over co and the taps of parity class
+ * z = 2 py + px of W[co, c, ky, kx] dz[s, co, m + ey, n + ex]: for py = 0 only ky = 1 (ey = 0),
+ * for py = 1 ky = 0 (ey = 1) and ky = 2 (ey = 0); the same in x. So the classes have 1, 2, 2 and
+ * 4 taps, each class a product (C, b*OH*OW) over K = taps * OC. dz comes as four copies dzs
+ * (4, OC, nb) shifted by (ey, ex) = (0, 1), (0, 0), (1, 0), (1, 1) (copy 1 is dzt; 0 past the
+ * edge), an order in which every class's taps are consecutive copies: class 0 copy 1, class 1
+ * copies 0-1, class 2 copies 1-2, class 3 copies 0-3; its B is one (K, nb) view of dzs. */
+static __host__ __device__ __forceinline__ int s2_first(int z) { return z & 1 ? 0 : 1; }  /* its first copy */
+static __host__ __device__ __forceinline__ int s2_taps(int z) { return (1 + (z >> 1)) * (1 + (z & 1)); }
+static __host__ __device__ __forceinline__ int s2_woff(int z) { return z ? 2 * z - 1 : 0; }  /* taps before it */
+
+/* copies 0, 2 and 3 of dzs (4, OC, nb) from copy 1: copy (ey, ex) at e = o*nb + j is copy 1 at
+ * e + ey*OW + ex, or 0 past its plane's edge (nb is a multiple of OHW: e % OHW is j's pixel) */
+__global__ void conv_dz_shift(float *dzs, int64_t total, int64_t ohw, int64_t oh, int64_t ow) {
+    cu_pdl_enter();
+    const unsigned T = (unsigned)total, OHW = (unsigned)ohw, OH = (unsigned)oh, OW = (unsigned)ow;
+    const float *d = dzs + total;
+    for (unsigned e = blockIdx.x * blockDim.x + threadIdx.x; e < T; e += gridDim.x * blockDim.x) {
+        const unsigned pix = e % OHW, m = pix / OW, q = pix - m * OW;
+        const bool right = q + 1 < OW, down = m + 1 < OH;
+        dzs[e] = right ? d[e + 1] : 0.0f;
+        dzs[2 * (size_t)T + e] = down ? d[e + OW] : 0.0f;
+        dzs[3 * (size_t)T + e] = right && down ? d[e + OW + 1] : 0.0f;
+    }
+}
+
+/* wc (9, OC, C): W (OC, C, 3, 3) re-laid as the products' A, class z's taps at s2_woff(z) in the
+ * order of its copies, each W[:, :, ky, kx] as (OC, C) (the product's rows C contiguous) */
+__global__ void conv_w_s2(float *wc, const float *w, int64_t oc, int64_t c) {
+    cu_pdl_enter();
+    const unsigned occ = (unsigned)(oc * c);
+    for (unsigned e = blockIdx.x * blockDim.x + threadIdx.x; e < 9 * occ; e += gridDim.x * blockDim.x) {
+        const unsigned t = e / occ, r = e - t * occ;  /* r = co*C + ci */
+        const int z = t == 0 ? 0 : t < 3 ? 1 : t < 5 ? 2 : 3, cp = s2_first(z) + (int)t - s2_woff(z);
+        const bool ey = cp >= 2, ex = cp == 0 || cp == 3;
+        const int ky = z >> 1 ? (ey ? 0 : 2) : 1, kx = z & 1 ? (ex ? 0 : 2) : 1;
+        wc[e] = w[(size_t)r * 9 + ky * 3 + kx];
+    }
+}
+
+/* dx (b, C, H, W) (added to when accum): block z takes class 3 - z (the long K first), a
+ * (16 TM) x 64 tile of its product wc_z^T (C, K) dzs_z (K, nb), and scatters it to the class's
+ * positions (2m + py, 2n + px); each element of dx is written once. VA: C % 4 == 0 and wc
+ * 16-byte aligned; VB: nb % 4 == 0 and dzs aligned. */
+template <int TM, bool VA, bool VB>
+__global__ void __launch_bounds__(256, 2) conv_dgrad_s2(float *__restrict__ dx, const float *__restrict__ wc,
+                                                        const float *__restrict__ dzs, int C, int OC, int nb, int ohw,
+                                                        int ow, int hw, int w, int accum) {
+    extern __shared__ __align__(16) float mma_smem[];
+    cu_pdl_enter();
+    const int z = 3 - (int)blockIdx.z, py = z >> 1, px = z & 1;
+    const int m0 = blockIdx.y * 16 * TM, n0 = blockIdx.x * 64;
+    float acc[TM * 4];
+    mma_product<TM, 4, false, false, VA, VB>(acc, mma_smem, wc + (size_t)s2_woff(z) * OC * C, C, m0, C,
+                                             dzs + (size_t)s2_first(z) * OC * nb, nb, n0, nb, 0,
+                                             (int64_t)s2_taps(z) * OC);
+    /* this thread's four columns (i = 2 ni + (q & 1) in mma_pos's terms) as offsets in dx */
+    int col[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        int r, c;
+        mma_pos<TM, 4>((i >> 1) * 4 + (i & 1), r, c);
+        const unsigned n = (unsigned)(n0 + c), s = n / (unsigned)ohw, pix = n - s * (unsigned)ohw,
+                       m = pix / (unsigned)ow, q = pix - m * (unsigned)ow;
+        const unsigned at = s * (unsigned)(C * hw) + (2 * m + py) * (unsigned)w + 2 * q + px;
+        col[i] = n < (unsigned)nb ? (int)at : -1;
+    }
+#pragma unroll
+    for (int e = 0; e < TM * 4; e++) {
+        int r, c;
+        mma_pos<TM, 4>(e, r, c);
+        const int ci = m0 + r, o = col[((e >> 2) & 1) * 2 + (e & 1)];
+        if (ci >= C || o < 0) continue;
+        float *d = &dx[o + ci * hw];
+        *d = accum ? *d + acc[e] : acc[e];
+    }
+}
+
+typedef void (*dgrad_fn)(float *, const float *, const float *, int, int, int, int, int, int, int, int);
+
+static dgrad_fn dgrad_kind(bool tm4, bool va, bool vb, int *bytes) {
+    static const dgrad_fn kinds[2][2][2] = {
+        {{conv_dgrad_s2<2, false, false>, conv_dgrad_s2<2, false, true>},
+         {conv_dgrad_s2<2, true, false>, conv_dgrad_s2<2, true, true>}},
+        {{conv_dgrad_s2<4, false, false>, conv_dgrad_s2<4, false, true>},
+         {conv_dgrad_s2<4, true, false>, conv_dgrad_s2<4, true, true>}}};
+    *bytes = tm4 ? mma_smem_bytes<4, 4, false, false>() : mma_smem_bytes<2, 4, false, false>();
+    return kinds[tm4][va][vb];
+}
+
 #define DZ_CHUNK 1024  /* elements of one channel per conv_dz block */
 
 int cu_conv_fits(const mpscy_plan *p, const mpscy_node *n) {
@@ -286,16 +381,27 @@ static int64_t dw_part_splits(int64_t nb) { return (nb + DW_MIN_CHUNK - 1) / DW_
  * of 4): the columns (K, nb), kept from forward to backward; then its backward's dz (OC, nb), the
  * weight gradient's split-K partials and the bias gradient's chunk sums. These are private so
  * that the weight and bias gradients run on the side stream while the main stream goes on with
- * dcol, col2im and the layers below, which reuse the shared workspace. */
-struct conv_slab { int64_t dzt, part, dbp, total; };
+ * dcol, col2im and the layers below, which reuse the shared workspace. A convolution that may
+ * take conv_dgrad_s2 (s2: conv_s2's geometry) has room for dz's four copies dzs (4, OC, nb) at
+ * dzt instead (dzt itself is copy 1, at dzs + OC*nb with the step's nb) and, last, for wc (9, OC,
+ * C); sized by the geometry alone, so tf32 and the forced GEMM modes leave them unused. */
+struct conv_slab { int64_t dzt, part, dbp, wc, total; };
 static int64_t round4(int64_t f) { return (f + 3) & ~(int64_t)3; }
-static conv_slab slab_of(const conv_geom &g, int64_t nb_built) {
+static conv_slab slab_of(const conv_geom &g, int64_t nb_built, bool s2) {
     conv_slab s;
     s.dzt = round4(g.k * nb_built);
-    s.part = s.dzt + round4(g.oc * nb_built);
+    s.part = s.dzt + round4((s2 ? 4 : 1) * g.oc * nb_built);
     s.dbp = s.part + round4(dw_part_splits(nb_built) * g.kg * g.ocg);
-    s.total = s.dbp + round4((nb_built + DZ_CHUNK - 1) / DZ_CHUNK * g.oc);
+    s.wc = s.dbp + round4((nb_built + DZ_CHUNK - 1) / DZ_CHUNK * g.oc);
+    s.total = s.wc + (s2 ? round4(9 * g.oc * g.c) : 0);
     return s;
+}
+
+/* whether dx may come from conv_dgrad_s2: 3x3, stride 2, pad 1, dilation 1, groups 1, H and W
+ * even, and dx wanted (the input has a gradient) */
+static bool conv_s2(const mpscy_plan *p, const mpscy_node *n, const conv_geom &g) {
+    return g.groups == 1 && g.kh == 3 && g.kw == 3 && g.sh == 2 && g.sw == 2 && g.ph == 1 && g.pw == 1 &&
+           g.dh == 1 && g.dw == 1 && g.h % 2 == 0 && g.w % 2 == 0 && p->nodes[n->in[0]].grad;
 }
 
 /* the shared workspace (main stream only): the forward's (OC, nb) result or split partials, then
@@ -410,7 +516,6 @@ static int conv_gemm(cu_graph *gr, int which, int side, const conv_geom &g, int6
 }
 
 int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, char *err, size_t en) {
-    (void)train;
     const mpscy_plan *p = &gr->plan;
     int64_t i = cu_node_index(gr, n);
     conv_geom g = geom(p, n);
@@ -419,8 +524,20 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
     float *yt = gr->ws;                                        // (OC, nb)
     const float *w = cu_tensor(gr, n, MPSCY_ROLE_PARAM, 0);    // (OC, kg)
     const float *bias = cu_tensor(gr, n, MPSCY_ROLE_PARAM, 1); // (OC) or NULL
-    int st = cu_im2col(gr, &g, col, gr->y[n->in[0]], b, err, en);
+    const float *x = gr->y[n->in[0]];                          // (b, C, H, W)
     int relu = (gr->fuse[i] & CU_FUSE_RELU) != 0;
+    if (cu_conv_direct_fits(&g)) {
+        /* any precision (fp32 FMA is at least as exact as the products); the columns only for a
+         * training step's weight gradient, on the side stream (joined after backward in step.cu),
+         * reading x, which nothing writes again in the step */
+        if (train) {
+            int st = cu_fork(gr, err, en);
+            if (st == MPSCY_OK) st = cu_im2col(gr, gr->side, &g, col, x, b, err, en);
+            if (st != MPSCY_OK) return st;
+        }
+        return cu_conv_direct(gr, &g, gr->y[i], x, w, bias, b, relu, err, en);
+    }
+    int st = cu_im2col(gr, gr->stream, &g, col, x, b, err, en);
     if (st == MPSCY_OK && conv_own(gr)) {
         /* fp32: mpscy's product writes NCHW with the bias and ReLU, no (OC, nb) buffer or scatter */
         const int tm = g.ocg > 32 ? 4 : 2;
@@ -463,20 +580,48 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
     return CU_LAUNCHED("conv_out");
 }
 
+/* dx (b, C, H, W) of a conv_s2 convolution from dzs (4, OC, nb) whose copy 1 (dzt) is written:
+ * W re-laid into wc (9, OC, C), dz's three other copies, then the four classes in one launch */
+static int conv_dgrad_s2_run(cu_graph *gr, const conv_geom &g, float *dx, const float *w, float *dzs, float *wc,
+                             int64_t nb, int accum, char *err, size_t en) {
+    CU_TRY(cu_launch(gr, conv_w_s2, cu_blocks(9 * g.oc * g.c, CU_THREADS, 1024), CU_THREADS, gr->stream, wc, w, g.oc,
+                     g.c),
+           "conv_w_s2");
+    int st = CU_LAUNCHED("conv_w_s2");
+    if (st != MPSCY_OK) return st;
+    CU_TRY(cu_launch(gr, conv_dz_shift, cu_blocks(g.oc * nb, CU_THREADS, 4096), CU_THREADS, gr->stream, dzs, g.oc * nb,
+                     g.ohw, g.oh, g.ow),
+           "conv_dz_shift");
+    st = CU_LAUNCHED("conv_dz_shift");
+    if (st != MPSCY_OK) return st;
+    int bytes;
+    const bool tm4 = g.c > 32;
+    dgrad_fn k = dgrad_kind(tm4, g.c % 4 == 0 && aligned16(wc), nb % 4 == 0 && aligned16(dzs), &bytes);
+    dim3 grid((unsigned)((nb + 63) / 64), (unsigned)((g.c + (tm4 ? 63 : 31)) / (tm4 ? 64 : 32)), 4);
+    CU_TRY(mma_launch(gr, gr->stream, k, grid, bytes, dx, (const float *)wc, (const float *)dzs, (int)g.c, (int)g.oc,
+                      (int)nb, (int)g.ohw, (int)g.ow, (int)(g.h * g.w), (int)g.w, accum),
+           "conv_dgrad_s2");
+    return CU_LAUNCHED("conv_dgrad_s2");
+}
+
 int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, size_t en) {
     const mpscy_plan *p = &gr->plan;
     int64_t i = cu_node_index(gr, n);
     conv_geom g = geom(p, n);
     int64_t nb = b * g.ohw, nb_built = p->batch * g.ohw;
-    const conv_slab sl = slab_of(g, nb_built);
+    float *dx = gr->dy[n->in[0]];
+    /* dx by conv_dgrad_s2 (the own fp32 path), else dcol and col2im */
+    const bool s2 = dx && conv_s2(p, n, g) && conv_mma(gr, CONV_DCOL, nb_built);
+    const conv_slab sl = slab_of(g, nb_built, conv_s2(p, n, g));
     float *slab = gr->colbuf + gr->col_off[i];
     const float *col = slab;                                   // (K, nb)
-    float *dzt = slab + sl.dzt, *part = slab + sl.part;        // (OC, nb), the weight gradient's partials
+    float *dzs = slab + sl.dzt;                                // s2: (4, OC, nb), dz's shifted copies
+    float *dzt = dzs + (s2 ? g.oc * nb : 0);                   // (OC, nb): copy 1 of dzs when s2
+    float *part = slab + sl.part;                              // the weight gradient's partials
     float *dbp = slab + sl.dbp;                                // (chunks, OC)
     float *dcol = gr->ws;                                      // (K, nb), shared
     const float *w = cu_tensor(gr, n, MPSCY_ROLE_PARAM, 0);
     float *dw = cu_tensor_grad(gr, n, 0), *db = cu_tensor_grad(gr, n, 1);
-    float *dx = gr->dy[n->in[0]];
     /* a fused ReLU: the gradient arrives at the ReLU node, masked by its output (aliased to ours) */
     int32_t r = -1;
     if ((gr->fuse[i] & CU_FUSE_RELU) && !gr->dz_ready[i])  /* else a Dense above wrote our dz, masked */
@@ -491,7 +636,7 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
            "conv_dz");
     int st = CU_LAUNCHED("conv_dz");
     /* the weight and bias gradients on the side stream (they read only this convolution's slab),
-     * dcol and col2im on the main one */
+     * dx's products on the main one */
     if (st == MPSCY_OK) st = cu_fork(gr, err, en);
     if (st == MPSCY_OK && db) {
         CU_TRY(cu_launch(gr, conv_sum_parts, cu_blocks(g.oc, 32, 4096), CU_THREADS, gr->side, db, (const float *)dbp,
@@ -502,11 +647,12 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
     for (int64_t gi = 0; gi < g.groups && st == MPSCY_OK; gi++) {
         st = conv_gemm(gr, CONV_DW, 1, g, nb, nb_built, dw + gi * g.ocg * g.kg, NULL, col + gi * g.kg * nb,
                        dzt + gi * g.ocg * nb, part, err, en);
-        if (st == MPSCY_OK && dx)
+        if (st == MPSCY_OK && dx && !s2)
             st = conv_gemm(gr, CONV_DCOL, 0, g, nb, nb_built, dcol + gi * g.kg * nb, w + gi * g.ocg * g.kg, NULL,
                            dzt + gi * g.ocg * nb, NULL, err, en);
     }
     if (st != MPSCY_OK || !dx) return st;
+    if (s2) return conv_dgrad_s2_run(gr, g, dx, w, dzs, slab + sl.wc, nb, (int)n->accum[0], err, en);
     return cu_col2im(gr, &g, dx, dcol, b, (int)n->accum[0], err, en);
 }
 
@@ -527,5 +673,5 @@ void cu_conv_gemm_need(const cu_graph *gr, const mpscy_node *n, int64_t *floats,
 
 int64_t cu_conv_columns(const mpscy_plan *p, const mpscy_node *n) {
     conv_geom g = geom(p, n);
-    return slab_of(g, p->batch * g.ohw).total;
+    return slab_of(g, p->batch * g.ohw, conv_s2(p, n, g)).total;
 }

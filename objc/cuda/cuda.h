@@ -8,11 +8,13 @@
 #include "../backend.h"
 #include "../common/plan.h"
 #include "../common/optim_math.h"
+#include "stage.h"
 
 #include <cuda_runtime.h>
 
 #define CU "cuda"
 #define CU_MAX_PARTS 2048      /* partial sums of the loss and norm reductions */
+#define CU_DEFER_MIN (64 << 10) /* bytes of input 0 from which a step stages it while it runs */
 #define CU_ALIGN 256
 #define CU_THREADS 256
 
@@ -34,6 +36,7 @@ typedef struct cu_params {
     mpscy_optim_coef coef;     /* optimizer coefficients of this step (host-computed, as cpu) */
     uint64_t seed, counter;    /* dropout generator key and counter */
     double extra[4];           /* optimizer-specific per-step scalars */
+    uint32_t seq;              /* a deferred step's number (its pieces' flags carry it), else 0 */
 } cu_params;
 
 /* Device-side scratch of the reductions and the step's decision. */
@@ -43,6 +46,7 @@ typedef struct cu_scratch {
     double norm_part[CU_MAX_PARTS];
     unsigned int loss_count, norm_count;
     int applied;               /* 1: this step's update is applied (finite, TRAIN) */
+    unsigned int bad_seq;      /* the last deferred step whose input held a NaN or Inf */
     float clip_scale;          /* clip_grad_norm coefficient when < 1, else 1 */
     double loss;               /* the step's mean loss */
     unsigned int red_count;    /* L-BFGS reductions (lbfgs.cu) */
@@ -57,6 +61,7 @@ typedef struct cu_result {
     long long correct;
     int finite;
     int applied;
+    int stalled;               /* the pull kernel gave up waiting for a piece of the batch */
     double red[8];             /* L-BFGS: reductions read by the host */
 } cu_result;
 
@@ -113,6 +118,14 @@ typedef struct cu_graph {
     int gemm_mode;             /* $MPSCY_CUDA_GEMM at build: 1 own kernels, 0 cuBLASLt, 2 by size */
     uint8_t *dz_ready;         /* per node, per capture: its dz was written (ReLU mask applied) by a consumer */
     struct cu_fused *fu;       /* the train step as one kernel (mlp.cu), or NULL */
+    /* deferred staging (step.cu, stage.h): input 0 is copied into pinned staging by these
+     * threads while the graph already runs, its pieces' flags in pinned memory */
+    int defer;                 /* one input of at least CU_DEFER_MIN bytes at the built batch */
+    uint8_t deferred[CU_KINDS];/* the captured graph of this kind pulls input 0 itself */
+    struct mpscy_pool *stage_pool;
+    uint32_t *flags_h;         /* (CU_STAGE_MAX_PIECES), pinned */
+    uint32_t seq;              /* the last deferred step's number, 1 .. 2^31 - 1 */
+    int64_t in0_size;          /* floats per row of input 0 */
 } cu_graph;
 
 /* Counted allocations: every byte the backend holds goes through here. */
@@ -169,10 +182,17 @@ int64_t cu_conv_workspace(const mpscy_plan *p, const mpscy_node *n);
 int64_t cu_conv_columns(const mpscy_plan *p, const mpscy_node *n);  /* floats of its kept im2col */
 int cu_conv_fits(const mpscy_plan *p, const mpscy_node *n);         /* its tensors index in 31 bits */
 void cu_conv_gemm_need(const cu_graph *g, const mpscy_node *n, int64_t *floats, int64_t *counters);
-/* im2col.cu: a convolution's columns (K, b*OHW) from x, and dx (accumulated when accum) from dcol */
-int cu_im2col(cu_graph *g, const mpscy_conv_geom *cg, float *col, const float *x, int64_t b, char *err, size_t en);
+/* im2col.cu: a convolution's columns (K, b*OHW) from x (on stream s), and dx (accumulated when
+ * accum) from dcol */
+int cu_im2col(cu_graph *g, cudaStream_t s, const mpscy_conv_geom *cg, float *col, const float *x, int64_t b, char *err,
+              size_t en);
 int cu_col2im(cu_graph *g, const mpscy_conv_geom *cg, float *dx, const float *dcol, int64_t b, int accum, char *err,
               size_t en);
+/* conv_direct.cu: y (b, OC, OHW) = the convolution of x, + bias, through the ReLU when relu, in one
+ * kernel without columns; for groups 1 and C*KH*KW <= 32 (cu_conv_direct_fits) */
+int cu_conv_direct_fits(const mpscy_conv_geom *cg);
+int cu_conv_direct(cu_graph *g, const mpscy_conv_geom *cg, float *y, const float *x, const float *w, const float *bias,
+                   int64_t b, int relu, char *err, size_t en);
 int cu_pool_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
 int cu_pool_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);
 int cu_batchnorm_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);

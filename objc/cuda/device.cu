@@ -147,4 +147,5 @@ extern "C" const mpscy_backend mpscy_cuda_backend = {
     cu_tensor_write,
     cu_graph_step,
     cu_graph_predict,
+    CU_DEFER_MIN,  /* stage_min_bytes: step.cu's deferred staging */
 };

@@ -1,7 +1,8 @@
 /* im2col.cu — a convolution's columns and their gradient: im2col builds col (K, b*OHW), rows
  * ordered (c, ki, kj), from x (b, C, H, W); col2im gathers dx from dcol (each input element sums
- * the taps that read it: no atomics, so sums are deterministic). Square 1/3/5/7 kernels run a
- * form compiled for their size (and col2im for stride 1 or 2), which issues every tap's load
+ * the taps that read it: no atomics, so sums are deterministic; conv.cu's conv_dgrad_s2 replaces
+ * dcol and col2im for 3x3 stride-2 pad-1 convolutions of even H and W). Square 1/3/5/7 kernels
+ * run a form compiled for their size (and col2im for stride 1 or 2), which issues every tap's load
  * before the first is used; any other shape runs the generic loops. Index arithmetic is in 32
  * bits (64-bit division costs dozens of instructions): graph build refuses a convolution whose
  * tensors reach 2^31 elements (cu_conv_fits). */
@@ -157,12 +158,13 @@ __global__ void col2im_fixed(float *__restrict__ dx, const float *__restrict__ d
 /* the compiled forms cover square kernels of these sizes */
 static bool fixed_size(const conv_geom &g) { return g.kh == g.kw && (g.kh == 1 || g.kh == 3 || g.kh == 5 || g.kh == 7); }
 
-int cu_im2col(cu_graph *gr, const mpscy_conv_geom *g, float *col, const float *x, int64_t b, char *err, size_t en) {
+int cu_im2col(cu_graph *gr, cudaStream_t s, const mpscy_conv_geom *g, float *col, const float *x, int64_t b, char *err,
+              size_t en) {
     void (*k)(float *, const float *, conv_geom, int64_t) = im2col_kernel;
     if (fixed_size(*g))
         k = g->kh == 1 ? im2col_fixed<1> : g->kh == 3 ? im2col_fixed<3> : g->kh == 5 ? im2col_fixed<5> : im2col_fixed<7>;
     CU_TRY(cu_launch(gr, k, dim3(cu_blocks(b * g->ohw, CU_THREADS, 1024), (unsigned)(g->c < 65535 ? g->c : 65535)),
-                     CU_THREADS, gr->stream, col, x, *g, b),
+                     CU_THREADS, s, col, x, *g, b),
            "im2col");
     return CU_LAUNCHED("im2col");
 }

@@ -22,8 +22,8 @@ void cu_fill(cudaStream_t s, float *p, int64_t n, float v) {
 }
 
 /* Two-kernel form: the norm with a last-block finish, then the update reading the decision. */
-__global__ void grad_norm_kernel(cu_scratch *S, cu_result *R, const float *grads, int64_t n, double clip_norm,
-                                 int update) {
+__global__ void grad_norm_kernel(cu_scratch *S, cu_result *R, const cu_params *P, const float *grads, int64_t n,
+                                 double clip_norm, int update) {
     cu_pdl_enter();
     double s = sum_squares(grads, n);
     if (threadIdx.x == 0) S->norm_part[blockIdx.x] = s;
@@ -33,7 +33,7 @@ __global__ void grad_norm_kernel(cu_scratch *S, cu_result *R, const float *grads
     for (unsigned k = threadIdx.x; k < gridDim.x; k += blockDim.x) t += np[k];
     t = block_sum(t);
     if (threadIdx.x == 0) {
-        decide(S, R, t, clip_norm, update);
+        decide(S, R, t, clip_norm, update && !input_bad(S, P));
         S->norm_count = 0;
     }
 }
@@ -58,7 +58,7 @@ __global__ void norm_update_kernel(update_args u, cu_scratch *S, cu_result *R, c
     t = block_sum(t);
     if (threadIdx.x == 0) total = t;
     __syncthreads();
-    decide_and_update(u, S, R, P, total, S->loss, clip_norm, update);
+    decide_and_update(u, S, R, P, total, S->loss, clip_norm, update && !input_bad(S, P));
 }
 
 __global__ void coop_probe_kernel(int *flag) {
@@ -208,7 +208,8 @@ int cu_norm_and_update(cu_graph *g, int update, char *err, size_t en) {
     }
     CU_TRY(cu_launch(g, grad_norm_kernel,
                      cu_blocks(n, CU_THREADS * 8, CU_MAX_PARTS < 2 * g->dev->sms ? CU_MAX_PARTS : 2 * g->dev->sms),
-                     CU_THREADS, g->stream, g->scratch, g->result, (const float *)g->grads, n, clip, update),
+                     CU_THREADS, g->stream, g->scratch, g->result, (const cu_params *)g->params_d,
+                     (const float *)g->grads, n, clip, update),
            "grad_norm");
     int st = CU_LAUNCHED("grad_norm");
     if (st != MPSCY_OK || !update) return st;

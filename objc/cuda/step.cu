@@ -4,13 +4,79 @@
  * the pinned params block the graph copies first, so schedules never re-capture. A partial
  * batch runs the same kernels launched directly over exactly its rows. Whether an update is
  * applied is decided on the device (the optimizer reads a flag), and the result comes back
- * through pinned memory the kernels write. */
+ * through pinned memory the kernels write.
+ *
+ * Deferred staging: when the caller hands the batch over unstaged (mpscy_step_args.x_src) and
+ * the graph has one input of CU_DEFER_MIN bytes or more, the train, eval and predict graphs begin
+ * with a pull kernel instead of copying input 0: the host launches the graph first, then copies
+ * the rows into pinned staging piece by piece (stage.c, on the graph's staging threads), raising
+ * each piece's flag; the pull kernel's blocks wait for their piece's flag and copy it to the
+ * device. Host copy, PCIe transfer and the graph's launch overlap instead of running one after
+ * another. A piece with a NaN or Inf is flagged bad: the device then applies no update and
+ * commits nothing (bad_seq), and the call fails as the caller's own check would have. */
 #include "cuda.h"
 
 #include <math.h>
 #include <string.h>
 
 #define FAIL(status, ...) MPSCY_FAIL(err, n, (status), CU, __VA_ARGS__)
+
+#define PULL_SPLIT 2            /* blocks per piece of a deferred batch */
+#define PULL_PATIENCE_NS 5000000000ull  /* a piece the host has not flagged by then: stalled */
+
+static __device__ __forceinline__ uint32_t load_acquire_sys(const uint32_t *p) {
+    uint32_t v;
+    asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+static __device__ __forceinline__ unsigned long long global_ns() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+/* dst (n) from the pinned staging src as the host's pieces land: block k copies half k % 2 of
+ * piece k / 2 once flags[piece] carries this step's number P->seq. A piece flagged bad (NaN or
+ * Inf) marks the step in S->bad_seq, which keeps the update and the commits from running. */
+__global__ void pull_kernel(float *__restrict__ dst, const float *src, int64_t n, int64_t piece, const uint32_t *flags,
+                            const cu_params *P, cu_scratch *S, cu_result *R) {
+    __shared__ uint32_t seen;
+    cu_pdl_enter();
+    const int64_t p = blockIdx.x / PULL_SPLIT, half = (piece + PULL_SPLIT - 1) / PULL_SPLIT;
+    const uint32_t seq = P->seq;
+    if (threadIdx.x == 0) {
+        const unsigned long long t0 = global_ns();
+        uint32_t v;
+        while (((v = load_acquire_sys(&flags[p])) & ~CU_STAGE_BAD) != seq) {
+            if (global_ns() - t0 > PULL_PATIENCE_NS) {
+                v = seq | CU_STAGE_BAD;
+                R->stalled = 1;
+                break;
+            }
+            __nanosleep(256);
+        }
+        if (v & CU_STAGE_BAD) atomicExch(&S->bad_seq, seq);
+        seen = v;
+    }
+    __syncthreads();
+    (void)seen;
+    int64_t lo = p * piece + (blockIdx.x % PULL_SPLIT) * half, hi = min(min(lo + half, (p + 1) * piece), n);
+    /* pieces are multiples of 16 floats and both buffers 256-byte aligned: float4 up to the tail;
+     * .cv loads fetch from host memory anew (never a line cached from an earlier step) */
+    const int64_t lo4 = lo / 4, hi4 = hi / 4;
+    const float4 *s4 = reinterpret_cast<const float4 *>(src);
+    float4 *d4 = reinterpret_cast<float4 *>(dst);
+    for (int64_t i = lo4 + threadIdx.x; i < hi4; i += blockDim.x) d4[i] = __ldcv(s4 + i);
+    for (int64_t i = hi4 * 4 + threadIdx.x; i < hi; i += blockDim.x) dst[i] = __ldcv(src + i);
+}
+
+/* whether the captured step of `kind` pulls input 0 itself (deferred staging): not the
+ * gradients-only kind (L-BFGS stages itself and reads gradients after bad input), not the
+ * whole-step kernel (mlp.cu copies its staging itself) */
+static int defers(const cu_graph *g, int kind) {
+    return g->defer && kind != CU_KIND_GRAD && !(kind == CU_KIND_TRAIN && g->fu);
+}
 
 int cu_fork(cu_graph *g, char *err, size_t en) {
     CU_TRY(cudaEventRecord(g->fork, g->stream), "fork event");
@@ -27,8 +93,9 @@ int cu_join(cu_graph *g, char *err, size_t en) {
     return MPSCY_OK;
 }
 
-/* Everything one step does, enqueued on g->stream (inside a capture). */
-static int enqueue(cu_graph *g, int kind, int64_t b, char *err, size_t en) {
+/* Everything one step does, enqueued on g->stream (inside a capture). deferred: input 0 is
+ * pulled as the host stages it (pull_kernel), not copied with the params block. */
+static int enqueue(cu_graph *g, int kind, int64_t b, int deferred, char *err, size_t en) {
     const mpscy_plan *p = &g->plan;
     cudaStream_t s = g->stream;
     int st;
@@ -41,7 +108,16 @@ static int enqueue(cu_graph *g, int kind, int64_t b, char *err, size_t en) {
             else CU_TRY(cudaMemcpyAsync(g->stage_d + o, g->stage_h + o, rows, cudaMemcpyHostToDevice, s), "input copy");
         }
     if (kind == CU_KIND_TRAIN && g->fu) return cu_fused_step(g, b, first, err, en);  /* copies the staging itself */
+    if (deferred) first = g->off_input[0];
     CU_TRY(cudaMemcpyAsync(g->stage_d, g->stage_h, first, cudaMemcpyHostToDevice, s), "staging copy");
+    if (deferred) {
+        const int64_t n = b * g->in0_size, piece = cu_stage_piece(n), pieces = (n + piece - 1) / piece;
+        CU_TRY(cu_launch(g, pull_kernel, dim3((unsigned)(pieces * PULL_SPLIT)), CU_THREADS, s,
+                         (float *)(g->stage_d + g->off_input[0]), (const float *)(g->stage_h + g->off_input[0]), n,
+                         piece, (const uint32_t *)g->flags_h, (const cu_params *)g->params_d, g->scratch, g->result),
+               "pull");
+        if ((st = CU_LAUNCHED("pull")) != MPSCY_OK) return st;
+    }
 
     int train = kind == CU_KIND_TRAIN || kind == CU_KIND_GRAD;
     for (int32_t i = 0; i < p->n_nodes; i++) {
@@ -57,7 +133,8 @@ static int enqueue(cu_graph *g, int kind, int64_t b, char *err, size_t en) {
     if ((st = cu_loss(g, train ? g->dy[p->output] : NULL, b, !train, err, en)) != MPSCY_OK) return st;
     if (!train) return MPSCY_OK;
 
-    g->forked = 0;
+    /* forks (the forward's too: columns of direct convolutions) are joined once after backward;
+     * only a training forward forks, so evaluation and prediction steps end with nothing to join */
     for (int32_t i = p->n_nodes - 1; i >= 0; i--) {
         const mpscy_node *node = &p->nodes[i];
         if (!node->grad || node->kind == MPSCY_LAYER_INPUT) continue;
@@ -88,7 +165,8 @@ int cu_capture(cu_graph *g, int kind, char *err, size_t en) {
     g->gws_used = g->gcount_used = 0;
     memset(g->dz_ready, 0, (size_t)g->plan.n_nodes);
     CU_TRY(cudaStreamBeginCapture(g->stream, cudaStreamCaptureModeThreadLocal), "begin capture");
-    int st = enqueue(g, kind, g->plan.batch, err, en);
+    g->deferred[kind] = (uint8_t)defers(g, kind);
+    int st = enqueue(g, kind, g->plan.batch, g->deferred[kind], err, en);
     if (st != MPSCY_OK && g->forked) cu_join(g, NULL, 0);
     cudaGraph_t graph = NULL;
     cudaError_t e = cudaStreamEndCapture(g->stream, &graph);
@@ -114,22 +192,68 @@ int cu_capture(cu_graph *g, int kind, char *err, size_t en) {
     return MPSCY_OK;
 }
 
+struct launch_arg { cu_graph *g; int kind; };
+
+/* the graph's launch from a staging thread (stage.h's hook): the device made current there first */
+static int launch_hook(void *p) {
+    const launch_arg *a = (const launch_arg *)p;
+    cudaError_t e = cudaSetDevice(a->g->dev->ordinal);
+    if (e == cudaSuccess) e = cudaGraphLaunch(a->g->exec[a->kind], a->g->stream);
+    return (int)e;
+}
+
 /* A full batch is one launch of its graph; a partial batch (b < built) runs the same kernels
- * launched one by one over exactly its rows, which allocates nothing (a new capture would). */
-static int launch(cu_graph *g, int kind, int64_t b, char *err, size_t en) {
-    if (b == g->plan.batch) {
+ * launched one by one over exactly its rows, which allocates nothing (a new capture would).
+ * x: input 0's rows still to stage (mpscy_step_args.x_src), or NULL. When the graph of `kind`
+ * pulls them itself, they are staged while it runs (the graph launched by the first staging thread); otherwise before. Rows
+ * with a NaN or Inf: MPSCY_NONFINITE with *x_bad set (with nothing launched, or with the
+ * device's update and commits held back by bad_seq). */
+static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, char *err, size_t en) {
+    const int deferred = b == g->plan.batch && g->deferred[kind];
+    const int64_t n = b * g->in0_size;
+    float *dst = x ? (float *)(g->stage_h + g->off_input[0]) : NULL;
+    int64_t bad = -1;
+    *x_bad = 0;
+    g->params_h->seq = 0;
+    if (x && !deferred && (bad = cu_stage_pieces(g->stage_pool, dst, x, n, cu_stage_piece(n), NULL, 0)) >= 0) {
+        *x_bad = 1;
+        return MPSCY_FAIL(err, en, MPSCY_NONFINITE, CU, "x contains NaN or Inf at row %lld", (long long)(bad / g->in0_size));
+    }
+    if (deferred) {
+        g->seq = g->seq % 0x7fffffffu + 1;
+        g->params_h->seq = g->seq;
+        g->result->stalled = 0;
+    }
+    if (deferred && x) {
+        /* the first staging thread to start launches the graph, the others stage meanwhile
+         * (measured on the H200's host: 5-6 us per step less than launching first) */
+        launch_arg la = {g, kind};
+        int ls = 0;
+        bad = cu_stage_pieces_after(g->stage_pool, dst, x, n, cu_stage_piece(n), g->flags_h, g->seq, launch_hook, &la, &ls);
+        CU_TRY((cudaError_t)ls, "graph launch");
+    } else if (b == g->plan.batch) {
         CU_TRY(cudaGraphLaunch(g->exec[kind], g->stream), "graph launch");
     } else {
         g->gws_used = g->gcount_used = 0;
         memset(g->dz_ready, 0, (size_t)g->plan.n_nodes);
-        int st = enqueue(g, kind, b, err, en);
+        int st = enqueue(g, kind, b, 0, err, en);
         if (st != MPSCY_OK && g->forked) cu_join(g, NULL, 0);
         if (st != MPSCY_OK) {
             cudaStreamSynchronize(g->stream);
             return st;
         }
     }
+    if (deferred && !x) /* the caller staged the rows itself: every piece is there */
+        for (int64_t p = 0, piece = cu_stage_piece(n); p * piece < n; p++) __atomic_store_n(&g->flags_h[p], g->seq, __ATOMIC_RELEASE);
     CU_TRY(cudaStreamSynchronize(g->stream), "step");
+    if (deferred && g->result->stalled)
+        return MPSCY_FAIL(err, en, MPSCY_DEVICE, CU,
+                          "the step's input copy stalled (a piece unflagged for %g s; a profiler that runs the "
+                          "graph inside its launch call needs MPSCY_CUDA_DEFER=0)", PULL_PATIENCE_NS * 1e-9);
+    if (bad >= 0) {
+        *x_bad = 1;
+        return MPSCY_FAIL(err, en, MPSCY_NONFINITE, CU, "x contains NaN or Inf at row %lld", (long long)(bad / g->in0_size));
+    }
     return MPSCY_OK;
 }
 
@@ -144,7 +268,8 @@ static void read_result(const cu_graph *g, mpscy_step_result *r) {
 }
 
 int cu_forward_backward(cu_graph *g, int64_t b, mpscy_step_result *r, char *err, size_t n) {
-    int st = launch(g, CU_KIND_GRAD, b, err, n);
+    int x_bad;
+    int st = launch(g, CU_KIND_GRAD, b, NULL, &x_bad, err, n);
     if (st == MPSCY_OK) read_result(g, r);
     return st;
 }
@@ -157,7 +282,7 @@ int cu_graph_step(mpscy_graph gh, const mpscy_step_args *a, mpscy_step_result *r
     int kind = a->mode == MPSCY_MODE_TRAIN ? CU_KIND_TRAIN : a->mode == MPSCY_MODE_GRAD ? CU_KIND_GRAD : CU_KIND_EVAL;
     int64_t t = (int64_t)g->scalars[0] + 1;
     cu_optim_params(g, a, t, g->params_h);
-    int st = launch(g, kind, b, err, n);
+    int st = launch(g, kind, b, a->x_src, &r->x_nonfinite, err, n);
     if (st != MPSCY_OK) return st;
 
     read_result(g, r);
@@ -170,5 +295,6 @@ int cu_graph_step(mpscy_graph gh, const mpscy_step_args *a, mpscy_step_result *r
 }
 
 int cu_graph_predict(mpscy_graph gh, const mpscy_step_args *a, char *err, size_t n) {
-    return launch((cu_graph *)gh, CU_KIND_PREDICT, a->batch, err, n);  /* rows checked by the dispatcher */
+    int x_bad;
+    return launch((cu_graph *)gh, CU_KIND_PREDICT, a->batch, a->x_src, &x_bad, err, n);  /* rows checked by the dispatcher */
 }

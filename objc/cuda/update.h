@@ -23,6 +23,12 @@ static __device__ void decide(cu_scratch *S, cu_result *R, double total, double 
     R->applied = finite && update;
 }
 
+/* 1 when this step's deferred input held a NaN or Inf (step.cu's pull kernel marked it): the
+ * step then applies no update, whatever its loss */
+static __device__ __forceinline__ int input_bad(const cu_scratch *S, const cu_params *P) {
+    return P->seq != 0 && S->bad_seq == P->seq;
+}
+
 static __device__ __forceinline__ double sum_squares(const float *grads, int64_t n) {
     double s = 0;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)

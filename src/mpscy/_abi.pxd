@@ -38,6 +38,7 @@ cdef extern from "mpscy.h" nogil:
         int32_t unified_memory
         int32_t threads
         int64_t memory_bytes
+        int64_t stage_min_bytes
 
     ctypedef struct mpscy_stats:
         int64_t allocations
@@ -242,6 +243,7 @@ cdef extern from "mpscy.h" nogil:
         int32_t lbfgs_flat_reg
         double lbfgs_t_prev
         double lbfgs_t
+        const float *x_src
 
     ctypedef struct mpscy_step_result:
         double loss
@@ -255,6 +257,7 @@ cdef extern from "mpscy.h" nogil:
         double lbfgs_gtd_new
         double lbfgs_g_max
         double lbfgs_g_sum
+        int32_t x_nonfinite
 
     int mpscy_graph_step(mpscy_graph g, const mpscy_step_args *args, mpscy_step_result *out,
                          char *err, size_t errlen)

@@ -198,6 +198,9 @@ cdef class Graph:
     cdef int min_train_rows       # fewest rows a train-mode call accepts (2 with 1-D BatchNorm)
     cdef str min_rows_reason
     cdef mpscy_pool *stage_pool   # worker threads for staging large batches to a device, or NULL
+    cdef bint defers              # the backend stages x itself (one large input: stage_min_bytes)
+    cdef Py_buffer xview          # x, held from validation until the native call has returned
+    cdef bint xheld
 
     def __cinit__(self, Device device not None, list layers not None, dict spec not None):
         cdef int n = len(layers)
@@ -249,9 +252,14 @@ cdef class Graph:
                 _check(mpscy_buffer_host_pointer(buf, &host, &nbytes, self.err, ERR_LEN), self.err)
                 self.in_ptr[k] = <float *>host
                 self.n_inputs += 1
+        cdef mpscy_device_info dinfo
+        _check(mpscy_device_info_get(device.handle, &dinfo, self.err, ERR_LEN), self.err)
+        self.defers = (dinfo.stage_min_bytes > 0 and self.n_inputs == 1 and
+                       self.in_size[0] * self.batch * 4 >= dinfo.stage_min_bytes)
         # batches of 256 KiB or more bound for a device's memory are staged by a few threads (at
         # most 4: measured best on a 16-core host; the caller is one of them). $MPSCY_STAGE_THREADS
-        # overrides the choice for any backend (1: none), a testing and tuning knob.
+        # overrides the choice for any backend (1: none), a testing and tuning knob. A backend
+        # that stages x itself (cuda: while the step runs) has its own threads.
         cdef int64_t biggest = 0
         cdef int threads = 1
         for k in range(self.n_inputs):
@@ -259,9 +267,9 @@ cdef class Graph:
         knob = os.environ.get("MPSCY_STAGE_THREADS")
         if knob:
             threads = int(knob)
-        elif device.backend != "cpu" and biggest >= (256 << 10):
+        elif device.backend != "cpu" and biggest >= (256 << 10) and not self.defers:
             threads = min(4, max(1, (os.cpu_count() or 1) // 2))
-        if threads > 1:
+        if threads > 1 and not self.defers:
             _check(mpscy_pool_create(NULL, threads, &self.stage_pool), b"staging threads")
         out = layers[spec["output"]]["shape"]
         self.output_shape = tuple(out)
@@ -284,6 +292,7 @@ cdef class Graph:
         self.args.counter = 0
 
     def __dealloc__(self):
+        self._release_x()
         if self.stage_pool != NULL:
             mpscy_pool_destroy(self.stage_pool)
             self.stage_pool = NULL
@@ -333,11 +342,22 @@ cdef class Graph:
 
     # ------------------------------------------------------------------ staging
 
-    cdef int _stage_one(self, object x, int k, int rows, str what) except -1:
-        """Validates x against input k and copies it into the staging buffer; returns rows."""
+    cdef int _release_x(self) except -1:
+        """Lets go of the x a deferred call held (see _stage_one)."""
+        self.args.x_src = NULL
+        if self.xheld:
+            self.xheld = False
+            PyBuffer_Release(&self.xview)
+        return 0
+
+    cdef int _stage_one(self, object x, int k, int rows, str what, bint defer=False) except -1:
+        """Validates x against input k and copies it into the staging buffer; returns rows.
+        With defer, x is only validated and held, and args.x_src points at its rows: the backend
+        copies and checks them in the call (the caller ends with _release_x)."""
         cdef Py_buffer v
         cdef int d
         cdef int64_t bad, count
+        cdef bint held = False
         _acquire(x, &v, what)
         try:
             if _kind_of(&v) != K_F32:
@@ -359,18 +379,26 @@ cdef class Graph:
             if not _c_contiguous(&v):
                 raise _errors.ShapeError(f"{what} is not C-contiguous (use np.ascontiguousarray)")
             count = v.shape[0] * self.in_size[k]
+            if defer:
+                self._release_x()
+                self.xview = v
+                self.xheld = held = True
+                self.args.x_src = <const float *>v.buf
+                return <int>v.shape[0]
             with nogil:
                 bad = _copy_finite_pool(self.stage_pool, self.in_ptr[k], <const float *>v.buf, count)
             if bad >= 0:
                 raise _errors.NonFiniteError(f"{what} contains NaN or Inf at row {bad // self.in_size[k]}")
             return <int>v.shape[0]
         finally:
-            PyBuffer_Release(&v)
+            if not held:
+                PyBuffer_Release(&v)
 
-    cdef int _stage_inputs(self, object x) except -1:
+    cdef int _stage_inputs(self, object x, bint defer=False) except -1:
+        """Stages x (or, with defer on a backend that stages it itself, validates and holds it)."""
         cdef int k, rows = -1
         if self.n_inputs == 1:
-            return self._stage_one(x, 0, -1, "x")
+            return self._stage_one(x, 0, -1, "x", defer and self.defers)
         if not isinstance(x, (list, tuple)) or len(x) != self.n_inputs:
             raise _errors.DTypeError(f"this model has {self.n_inputs} inputs: pass x as a list of {self.n_inputs} arrays")
         for k in range(self.n_inputs):
@@ -439,17 +467,19 @@ cdef class Graph:
         cdef int st, rows
         self._enter()
         try:
-            rows = self._stage_inputs(x)
+            rows = self._stage_inputs(x, True)
             self._check_train_rows(rows)
             self._stage_target(y, rows)
             self.args.batch = rows
             self.args.mode = MPSCY_MODE_TRAIN
+            memset(&res, 0, sizeof(res))
             with nogil:
                 st = mpscy_graph_step(self.handle, &self.args, &res, self.err, ERR_LEN)
-            if st == MPSCY_OK or st == MPSCY_NONFINITE:
+            if st == MPSCY_OK or (st == MPSCY_NONFINITE and not res.x_nonfinite):
                 self.args.counter += 1
             _check(st, self.err)
         finally:
+            self._release_x()
             self.busy = False
         cdef StepResult r = StepResult.__new__(StepResult)
         r.loss = res.loss
@@ -467,7 +497,7 @@ cdef class Graph:
         cdef int st
         self._enter()
         try:
-            rows = self._stage_inputs(x)
+            rows = self._stage_inputs(x, mode == MPSCY_MODE_EVAL)
             if mode != MPSCY_MODE_EVAL:
                 self._check_train_rows(rows)
             self._stage_target(y, rows)
@@ -477,6 +507,7 @@ cdef class Graph:
                 st = mpscy_graph_step(self.handle, &self.args, &res, self.err, ERR_LEN)
             _check(st, self.err)
         finally:
+            self._release_x()
             self.busy = False
         return res.loss, res.correct, rows
 
@@ -556,7 +587,7 @@ cdef class Graph:
         cdef Py_buffer v
         self._enter()
         try:
-            rows = self._stage_inputs(x)
+            rows = self._stage_inputs(x, True)
             _acquire(out, &v, "out")
             try:
                 if _kind_of(&v) != K_F32 or not _c_contiguous(&v) or v.ndim < 1 or \
@@ -571,6 +602,7 @@ cdef class Graph:
             finally:
                 PyBuffer_Release(&v)
         finally:
+            self._release_x()
             self.busy = False
         return rows
 

@@ -1,0 +1,117 @@
+/* conv_direct.cu — Conv2D forward as one direct kernel, for groups == 1 and C*KH*KW <= 32 (a
+ * network's first convolutions, where im2col + a product cost several times the work): a thread
+ * gathers its output pixel's taps into registers and takes fp32 FMA dot products with the
+ * weights staged in shared memory, writing y (NCHW) with the bias and the fused ReLU. It builds
+ * no columns (conv.cu builds them for a training step's weight gradient, on the side stream).
+ * Index arithmetic is in 32 bits: graph build refuses larger tensors (cu_conv_fits). */
+#include <algorithm>
+
+#include "cuda.h"
+
+typedef mpscy_conv_geom conv_geom;
+
+#define DIRECT_TAPS 32  /* C*KH*KW at most: a thread's taps live in registers */
+#define DIRECT_OC 64    /* output channels per block: its slice of W in shared memory */
+
+/* oc < 65536: the grid's y (chunks of 8 channels or more) stays within its limit */
+int cu_conv_direct_fits(const mpscy_conv_geom *g) { return g->groups == 1 && g->kg <= DIRECT_TAPS && g->oc < 65536; }
+
+/* a shared float4 through asm: plain loads of the unrolled tap loop are all hoisted ahead of its
+ * FMAs (4 KT registers, 180 at KT = 32); these stay in order, so only a few are in flight */
+static __device__ __forceinline__ float4 lds4(const float4 *p) {
+    float4 r;
+    asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
+                 : "=f"(r.x), "=f"(r.y), "=f"(r.z), "=f"(r.w)
+                 : "r"((unsigned)__cvta_generic_to_shared(p)));
+    return r;
+}
+
+/* y[s, o, pix] = relu(sum_t W[o, t] x_t(s, pix) + bias[o]), the taps t = (c, ki, kj) summed in
+ * order 0 .. kg-1 by fmaf, then the bias, then the ReLU: the same bits on every run. KT: kg
+ * rounded up to 4 (taps past kg read 0 and add exactly 0). Block (x, y) takes output channels
+ * [y chunk, (y + 1) chunk) of 256 pixels; a thread gathers its pixel's taps once, then runs four
+ * channels at a time (four independent FMA chains) from W^T staged as float4 rows (broadcast
+ * reads), each channel's store coalesced across the warp. */
+template <int KT>
+__global__ void __launch_bounds__(CU_THREADS) conv_direct_kernel(float *__restrict__ y, const float *__restrict__ x,
+                                                                 const float *__restrict__ w,
+                                                                 const float *__restrict__ bias, conv_geom g,
+                                                                 int64_t b, int chunk, int relu) {
+    __shared__ float4 wt[KT][DIRECT_OC / 4];  /* wt[t][q] = W[o0 + 4q + (0..3), t], 0 past the block's channels */
+    __shared__ float bs[DIRECT_OC];
+    __shared__ int4 taps[KT];                  /* (offset in a sample, row shift, column shift, -) */
+    cu_pdl_enter();
+    const int kg = (int)g.kg, khw = (int)(g.kh * g.kw), H = (int)g.h, W = (int)g.w, OC = (int)g.oc;
+    const int o0 = (int)blockIdx.y * chunk, nc = min(chunk, OC - o0);
+    for (int t = threadIdx.x; t < KT; t += blockDim.x) {
+        const int c = t / khw, r = t - c * khw, ki = r / (int)g.kw, kj = r - ki * (int)g.kw;
+        const int dy = ki * (int)g.dh, dx = kj * (int)g.dw;
+        /* a tap past kg shifts far above the image: never in range */
+        taps[t] = t < kg ? make_int4(c * H * W + dy * W + dx, dy, dx, 0) : make_int4(0, -(1 << 30), 0, 0);
+    }
+    float *wts = reinterpret_cast<float *>(wt);
+    for (int e = threadIdx.x; e < KT * DIRECT_OC; e += blockDim.x) {
+        const int t = e / DIRECT_OC, o = e - t * DIRECT_OC;
+        wts[e] = t < kg && o < nc ? __ldg(&w[(size_t)(o0 + o) * kg + t]) : 0.0f;
+    }
+    for (int o = threadIdx.x; o < DIRECT_OC; o += blockDim.x) bs[o] = bias && o < nc ? __ldg(&bias[o0 + o]) : 0.0f;
+    __syncthreads();
+
+    const unsigned nb = (unsigned)(b * g.ohw), OHW = (unsigned)g.ohw, OW = (unsigned)g.ow,
+                   chw = (unsigned)(g.c * g.h * g.w);
+    const int quads = (nc + 3) / 4;
+    /* one pixel per thread: a grid-stride loop would keep the tap table in registers */
+    const unsigned j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j < nb) {
+        const unsigned s = j / OHW, pix = j - s * OHW, oh = pix / OW, ow = pix - oh * OW;
+        const int ih0 = (int)oh * (int)g.sh - (int)g.ph, iw0 = (int)ow * (int)g.sw - (int)g.pw;
+        const int base = (int)(s * chw) + ih0 * W + iw0;  /* tap t at base + taps[t].x when in range */
+        float v[KT];
+#pragma unroll
+        for (int t = 0; t < KT; t++) {
+            /* out of range: x[0] loaded and dropped, so the loads issue unconditionally, together */
+            const int4 tp = taps[t];
+            const bool in = (unsigned)(ih0 + tp.y) < (unsigned)H && (unsigned)(iw0 + tp.z) < (unsigned)W;
+            const float xv = __ldg(&x[in ? base + tp.x : 0]);
+            v[t] = in ? xv : 0.0f;
+        }
+        float *yp = y + ((size_t)s * OC + o0) * OHW + pix;
+        for (int q = 0; q < quads; q++) {
+            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+            for (int t = 0; t < KT; t++) {
+                const float4 wq = lds4(&wt[t][q]);
+                acc[0] = fmaf(v[t], wq.x, acc[0]);
+                acc[1] = fmaf(v[t], wq.y, acc[1]);
+                acc[2] = fmaf(v[t], wq.z, acc[2]);
+                acc[3] = fmaf(v[t], wq.w, acc[3]);
+            }
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                const int o = 4 * q + k;
+                if (o >= nc) break;
+                const float r = acc[k] + bs[o];
+                yp[(size_t)o * OHW] = relu && !(r > 0.0f) ? 0.0f : r;
+            }
+        }
+    }
+}
+
+int cu_conv_direct(cu_graph *gr, const mpscy_conv_geom *g, float *y, const float *x, const float *w,
+                   const float *bias, int64_t b, int relu, char *err, size_t en) {
+    typedef void (*direct_fn)(float *, const float *, const float *, const float *, conv_geom, int64_t, int, int);
+    static const direct_fn kinds[DIRECT_TAPS / 4] = {
+        conv_direct_kernel<4>,  conv_direct_kernel<8>,  conv_direct_kernel<12>, conv_direct_kernel<16>,
+        conv_direct_kernel<20>, conv_direct_kernel<24>, conv_direct_kernel<28>, conv_direct_kernel<32>};
+    const unsigned px = cu_blocks(b * g->ohw, CU_THREADS, 1 << 30);
+    /* channels per block, a multiple of 4: halved (down to 8) while the grid is under two blocks
+     * per multiprocessor; each chunk gathers its pixels' taps again (from cache) */
+    int64_t chunk = std::min<int64_t>((g->oc + 3) & ~(int64_t)3, DIRECT_OC);
+    while (chunk > 8 && px * ((g->oc + chunk - 1) / chunk) < 2 * (int64_t)gr->dev->sms)
+        chunk = (chunk / 2 + 3) & ~(int64_t)3;
+    const int64_t chunks = (g->oc + chunk - 1) / chunk;
+    CU_TRY(cu_launch(gr, kinds[(g->kg + 3) / 4 - 1], dim3(px, (unsigned)chunks), CU_THREADS,
+                     gr->stream, y, x, w, bias, *g, b, (int)chunk, relu),
+           "conv_direct");
+    return CU_LAUNCHED("conv_direct");
+}

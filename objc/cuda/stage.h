@@ -1,0 +1,40 @@
+/* stage.h — the host half of a deferred batch (step.cu): while a step's graph already runs, the
+ * graph's staging threads copy input 0's rows into pinned staging piece by piece and raise each
+ * piece's flag, which the graph's pull kernel waits on. Plain C (stage.c is compiled by the host
+ * compiler with the extension, for _staging.h's vectorized copy); step.cu includes it too. */
+#ifndef MPSCY_CUDA_STAGE_H
+#define MPSCY_CUDA_STAGE_H
+
+#include <stdint.h>
+
+#include "../common/pool.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define CU_STAGE_BAD 0x80000000u     /* flag bit: the piece held a NaN or Inf */
+#define CU_STAGE_MAX_PIECES 64
+#define CU_STAGE_MIN_PIECE 8192      /* floats (32 KB) */
+
+/* Floats per piece for n floats: at least CU_STAGE_MIN_PIECE, a multiple of 16, at most
+ * CU_STAGE_MAX_PIECES pieces. */
+int64_t cu_stage_piece(int64_t n);
+
+/* Copies n floats src -> dst in pieces of `piece` floats claimed by the pool's threads (NULL: the
+ * caller alone); when flags is given, stores seq into flags[p] as piece p lands (release order:
+ * its floats are visible first), with CU_STAGE_BAD set when the piece held a NaN or Inf. Returns
+ * the index of the first NaN or Inf of src, or -1. */
+int64_t cu_stage_pieces(mpscy_pool *pool, float *dst, const float *src, int64_t n, int64_t piece, uint32_t *flags,
+                        uint32_t seq);
+
+/* The same, with hook(arg) run first by whichever thread starts first (the launch of the graph
+ * that waits on the flags, so that the other threads stage while it is launched); its return
+ * value lands in *hook_status. */
+int64_t cu_stage_pieces_after(mpscy_pool *pool, float *dst, const float *src, int64_t n, int64_t piece,
+                              uint32_t *flags, uint32_t seq, int (*hook)(void *), void *arg, int *hook_status);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* MPSCY_CUDA_STAGE_H */
