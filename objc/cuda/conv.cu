@@ -7,11 +7,13 @@
  * (the long K = b*OHW split over the GPU, partials added in a fixed order) and dcol = W^T dz, and
  * col2im gathers dx (no atomics: sums are deterministic; both in im2col.cu), except for a 3x3,
  * stride-2, pad-1 convolution of even H and W, whose dx is one product per parity class of its
- * positions written straight to NCHW (conv_dgrad_s2, no dcol). tf32, older GPUs and
- * the forced GEMM modes run every product as the small-GEMM kernel or cuBLASLt by size, as
- * Dense's, with the (OC, b*OHW) result scattered to NCHW by conv_out_kernel. With groups 1 and
- * K <= 32 (a network's first convolutions) the forward is instead conv_direct.cu's fp32 kernel in
- * every precision and mode, and the columns are built only by a training step, on the side stream. */
+ * positions written straight to NCHW (conv_dgrad_s2, no dcol; W re-laid for it by the training
+ * forward on the side stream, dz's shifted copies written by the gather when it moves float4s
+ * of whole rows). tf32, older GPUs and the forced GEMM modes run every product as the
+ * small-GEMM kernel or cuBLASLt by size, as Dense's, with the (OC, b*OHW) result scattered to
+ * NCHW by conv_out_kernel. With groups 1 and K <= 32 (a network's first convolutions) the forward
+ * is instead conv_direct.cu's fp32 kernel in every precision and mode, and the columns are built
+ * only by a training step, on the side stream. */
 #include <algorithm>
 
 #include "cuda.h"
@@ -238,26 +240,48 @@ __global__ void conv_out_kernel(float *y, const float *yt, const float *bias, in
     }
 }
 
+/* dy's four elements at src, zeroed where the fused ReLU's output ry <= 0 (ry NULL: none) */
+static __device__ __forceinline__ float4 dz_load4(const float *dy, const float *ry, unsigned src) {
+    float4 v = *reinterpret_cast<const float4 *>(&dy[src]);
+    if (ry) {
+        const float4 r = *reinterpret_cast<const float4 *>(&ry[src]);
+        v.x = r.x > 0.0f ? v.x : 0.0f; v.y = r.y > 0.0f ? v.y : 0.0f;
+        v.z = r.z > 0.0f ? v.z : 0.0f; v.w = r.w > 0.0f ? v.w : 0.0f;
+    }
+    return v;
+}
+
 /* dzt (OC, b*OHW) from dy (b, OC, OHW), zeroed where the fused ReLU's output ry <= 0; block
  * (x, o) takes chunk x of channel o and leaves its sum in dbp (chunks, OC) for the bias gradient.
- * vec (OHW % 4 == 0, buffers 16-byte aligned): four elements of a plane per thread as float4. */
+ * vec (OHW % 4 == 0, buffers 16-byte aligned): four elements of a plane per thread as float4.
+ * S2 (vec, and OW % 4 == 0 so a float4 lies in one row): dzt is copy 1 of conv_dgrad_s2's dzs
+ * (4, OC, nb), and the thread also writes its float4 of copies 0, 2 and 3 from dy's masked
+ * neighbours right and below (as conv_dz_shift, which it replaces; the sums count copy 1 only). */
+template <bool S2>
 __global__ void conv_dz_kernel(float *dzt, float *dbp, const float *dy, const float *ry, int64_t b, int64_t oc,
-                               int64_t ohw, int64_t chunk, int vec) {
+                               int64_t ohw, int64_t ow, int64_t chunk, int vec) {
     cu_pdl_enter();
     const unsigned OHW = (unsigned)ohw, OC = (unsigned)oc, nb = (unsigned)(b * ohw), o = blockIdx.y;
     const unsigned j0 = blockIdx.x * (unsigned)chunk, j1 = min(nb, j0 + (unsigned)chunk);
     float sum = 0.0f;
-    if (vec) {
+    if (S2 || vec) {
         for (unsigned j = j0 + 4 * threadIdx.x; j < j1; j += 4 * blockDim.x) {
             unsigned s = j / OHW, i = j - s * OHW, src = (s * OC + o) * OHW + i;
-            float4 v = *reinterpret_cast<const float4 *>(&dy[src]);
-            if (ry) {
-                const float4 r = *reinterpret_cast<const float4 *>(&ry[src]);
-                v.x = r.x > 0.0f ? v.x : 0.0f; v.y = r.y > 0.0f ? v.y : 0.0f;
-                v.z = r.z > 0.0f ? v.z : 0.0f; v.w = r.w > 0.0f ? v.w : 0.0f;
-            }
-            *reinterpret_cast<float4 *>(&dzt[o * nb + j]) = v;
+            const float4 v = dz_load4(dy, ry, src);
+            float *d = &dzt[o * nb + j];
+            *reinterpret_cast<float4 *>(d) = v;
             sum += (v.x + v.y) + (v.z + v.w);
+            if (S2) {  /* (q .. q + 3) of row m: right is q + 4, 0 past the row; down is row m + 1 */
+                const unsigned OW = (unsigned)ow, q = i % OW;
+                const size_t T = (size_t)OC * nb;  /* copy to copy */
+                const bool right = q + 4 < OW, down = i + OW < OHW;
+                const float rv = right ? (!ry || ry[src + 4] > 0.0f ? dy[src + 4] : 0.0f) : 0.0f;
+                const float4 dv = down ? dz_load4(dy, ry, src + OW) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                const float dr = right && down ? (!ry || ry[src + OW + 4] > 0.0f ? dy[src + OW + 4] : 0.0f) : 0.0f;
+                *reinterpret_cast<float4 *>(d - T) = make_float4(v.y, v.z, v.w, rv);   /* (0, 1) */
+                *reinterpret_cast<float4 *>(d + T) = dv;                               /* (1, 0) */
+                *reinterpret_cast<float4 *>(d + 2 * T) = make_float4(dv.y, dv.z, dv.w, dr);  /* (1, 1) */
+            }
         }
     } else {
         for (unsigned j = j0 + threadIdx.x; j < j1; j += blockDim.x) {
@@ -284,8 +308,9 @@ static __host__ __device__ __forceinline__ int s2_first(int z) { return z & 1 ? 
 static __host__ __device__ __forceinline__ int s2_taps(int z) { return (1 + (z >> 1)) * (1 + (z & 1)); }
 static __host__ __device__ __forceinline__ int s2_woff(int z) { return z ? 2 * z - 1 : 0; }  /* taps before it */
 
-/* copies 0, 2 and 3 of dzs (4, OC, nb) from copy 1: copy (ey, ex) at e = o*nb + j is copy 1 at
- * e + ey*OW + ex, or 0 past its plane's edge (nb is a multiple of OHW: e % OHW is j's pixel) */
+/* copies 0, 2 and 3 of dzs (4, OC, nb) from copy 1, where conv_dz_kernel<true> does not apply
+ * (not vec, or OW % 4 != 0): copy (ey, ex) at e = o*nb + j is copy 1 at e + ey*OW + ex, or 0 past
+ * its plane's edge (nb is a multiple of OHW: e % OHW is j's pixel) */
 __global__ void conv_dz_shift(float *dzs, int64_t total, int64_t ohw, int64_t oh, int64_t ow) {
     cu_pdl_enter();
     const unsigned T = (unsigned)total, OHW = (unsigned)ohw, OH = (unsigned)oh, OW = (unsigned)ow;
@@ -300,7 +325,8 @@ __global__ void conv_dz_shift(float *dzs, int64_t total, int64_t ohw, int64_t oh
 }
 
 /* wc (9, OC, C): W (OC, C, 3, 3) re-laid as the products' A, class z's taps at s2_woff(z) in the
- * order of its copies, each W[:, :, ky, kx] as (OC, C) (the product's rows C contiguous) */
+ * order of its copies, each W[:, :, ky, kx] as (OC, C) (the product's rows C contiguous); run by
+ * the training forward on the side stream (conv_w_s2_fork) */
 __global__ void conv_w_s2(float *wc, const float *w, int64_t oc, int64_t c) {
     cu_pdl_enter();
     const unsigned occ = (unsigned)(oc * c);
@@ -384,7 +410,8 @@ static int64_t dw_part_splits(int64_t nb) { return (nb + DW_MIN_CHUNK - 1) / DW_
  * dcol, col2im and the layers below, which reuse the shared workspace. A convolution that may
  * take conv_dgrad_s2 (s2: conv_s2's geometry) has room for dz's four copies dzs (4, OC, nb) at
  * dzt instead (dzt itself is copy 1, at dzs + OC*nb with the step's nb) and, last, for wc (9, OC,
- * C); sized by the geometry alone, so tf32 and the forced GEMM modes leave them unused. */
+ * C), written by the forward and kept for backward; sized by the geometry alone, so tf32 and the
+ * forced GEMM modes leave them unused. */
 struct conv_slab { int64_t dzt, part, dbp, wc, total; };
 static int64_t round4(int64_t f) { return (f + 3) & ~(int64_t)3; }
 static conv_slab slab_of(const conv_geom &g, int64_t nb_built, bool s2) {
@@ -425,6 +452,30 @@ enum { CONV_FWD, CONV_DW, CONV_DCOL };
 /* whether product `which` runs as an own kernel of this file (not the small-GEMM kernel) */
 static bool conv_mma(const cu_graph *gr, int which, int64_t nb_built) {
     return conv_own(gr) && (which != CONV_DW || conv_long_dw(gr, nb_built));
+}
+
+/* whether a training step's dx comes from conv_dgrad_s2 (the own fp32 path), else dcol and
+ * col2im: one test for the forward, which re-lays W for it, and the backward */
+static bool conv_s2_dx(const cu_graph *gr, const mpscy_node *n, const conv_geom &g) {
+    return gr->dy[n->in[0]] && conv_s2(&gr->plan, n, g) && conv_mma(gr, CONV_DCOL, gr->plan.batch * g.ohw);
+}
+
+/* A training forward of a conv_s2_dx convolution re-lays W into its slab's wc on the side stream,
+ * off the critical path, and records gr->wready after it; its backward waits on that event before
+ * conv_dgrad_s2. In a capture (and eagerly, for a partial batch) a wait refers to the event's
+ * latest record at the time of the wait: the forward's records all precede any backward work on
+ * the in-order side stream, and the latest (the last such convolution's forward) follows every
+ * earlier conv_w_s2, so the wait covers them all without waiting for the backward's side work.
+ * W is not written until the optimizer, after the step's final join. */
+static int conv_w_s2_fork(cu_graph *gr, const conv_geom &g, float *wc, const float *w, char *err, size_t en) {
+    int st = cu_fork(gr, err, en);
+    if (st != MPSCY_OK) return st;
+    CU_TRY(cu_launch(gr, conv_w_s2, cu_blocks(9 * g.oc * g.c, CU_THREADS, 1024), CU_THREADS, gr->side, wc, w, g.oc,
+                     g.c),
+           "conv_w_s2");
+    if ((st = CU_LAUNCHED("conv_w_s2")) != MPSCY_OK) return st;
+    CU_TRY(cudaEventRecord(gr->wready, gr->side), "wc event");
+    return MPSCY_OK;
 }
 
 static int conv_gemm(cu_graph *gr, int which, int side, const conv_geom &g, int64_t nb, int64_t nb_built, float *c,
@@ -526,6 +577,10 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
     const float *bias = cu_tensor(gr, n, MPSCY_ROLE_PARAM, 1); // (OC) or NULL
     const float *x = gr->y[n->in[0]];                          // (b, C, H, W)
     int relu = (gr->fuse[i] & CU_FUSE_RELU) != 0;
+    if (train && conv_s2_dx(gr, n, g)) {
+        int st = conv_w_s2_fork(gr, g, col + slab_of(g, p->batch * g.ohw, true).wc, w, err, en);
+        if (st != MPSCY_OK) return st;
+    }
     if (cu_conv_direct_fits(&g)) {
         /* any precision (fp32 FMA is at least as exact as the products); the columns only for a
          * training step's weight gradient, on the side stream (joined after backward in step.cu),
@@ -580,20 +635,20 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
     return CU_LAUNCHED("conv_out");
 }
 
-/* dx (b, C, H, W) of a conv_s2 convolution from dzs (4, OC, nb) whose copy 1 (dzt) is written:
- * W re-laid into wc (9, OC, C), dz's three other copies, then the four classes in one launch */
-static int conv_dgrad_s2_run(cu_graph *gr, const conv_geom &g, float *dx, const float *w, float *dzs, float *wc,
-                             int64_t nb, int accum, char *err, size_t en) {
-    CU_TRY(cu_launch(gr, conv_w_s2, cu_blocks(9 * g.oc * g.c, CU_THREADS, 1024), CU_THREADS, gr->stream, wc, w, g.oc,
-                     g.c),
-           "conv_w_s2");
-    int st = CU_LAUNCHED("conv_w_s2");
-    if (st != MPSCY_OK) return st;
-    CU_TRY(cu_launch(gr, conv_dz_shift, cu_blocks(g.oc * nb, CU_THREADS, 4096), CU_THREADS, gr->stream, dzs, g.oc * nb,
-                     g.ohw, g.oh, g.ow),
-           "conv_dz_shift");
-    st = CU_LAUNCHED("conv_dz_shift");
-    if (st != MPSCY_OK) return st;
+/* dx (b, C, H, W) of a conv_s2 convolution from dzs (4, OC, nb) whose copy 1 (dzt) is written
+ * (all four when shifted: conv_dz_kernel<true>) and wc (9, OC, C), W re-laid by the forward on the
+ * side stream (conv_w_s2_fork): dz's three other copies unless shifted, the wait for wc, then the
+ * four classes in one launch */
+static int conv_dgrad_s2_run(cu_graph *gr, const conv_geom &g, float *dx, float *dzs, const float *wc, int64_t nb,
+                             int shifted, int accum, char *err, size_t en) {
+    if (!shifted) {
+        CU_TRY(cu_launch(gr, conv_dz_shift, cu_blocks(g.oc * nb, CU_THREADS, 4096), CU_THREADS, gr->stream, dzs,
+                         g.oc * nb, g.ohw, g.oh, g.ow),
+               "conv_dz_shift");
+        int st = CU_LAUNCHED("conv_dz_shift");
+        if (st != MPSCY_OK) return st;
+    }
+    CU_TRY(cudaStreamWaitEvent(gr->stream, gr->wready, 0), "wc wait");
     int bytes;
     const bool tm4 = g.c > 32;
     dgrad_fn k = dgrad_kind(tm4, g.c % 4 == 0 && aligned16(wc), nb % 4 == 0 && aligned16(dzs), &bytes);
@@ -610,8 +665,7 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
     conv_geom g = geom(p, n);
     int64_t nb = b * g.ohw, nb_built = p->batch * g.ohw;
     float *dx = gr->dy[n->in[0]];
-    /* dx by conv_dgrad_s2 (the own fp32 path), else dcol and col2im */
-    const bool s2 = dx && conv_s2(p, n, g) && conv_mma(gr, CONV_DCOL, nb_built);
+    const bool s2 = conv_s2_dx(gr, n, g);  /* dx by conv_dgrad_s2, else dcol and col2im */
     const conv_slab sl = slab_of(g, nb_built, conv_s2(p, n, g));
     float *slab = gr->colbuf + gr->col_off[i];
     const float *col = slab;                                   // (K, nb)
@@ -631,8 +685,9 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
     int64_t chunks = (nb + DZ_CHUNK - 1) / DZ_CHUNK;
     const int vec = g.ohw % 4 == 0 && (uintptr_t)dy % 16 == 0 && (!ry || (uintptr_t)ry % 16 == 0) &&
                     (uintptr_t)dzt % 16 == 0;
-    CU_TRY(cu_launch(gr, conv_dz_kernel, dim3((unsigned)chunks, (unsigned)g.oc), CU_THREADS, gr->stream, dzt, dbp, dy, ry,
-                     b, g.oc, g.ohw, (int64_t)DZ_CHUNK, vec),
+    const int shifted = s2 && vec && g.ow % 4 == 0;  /* dz's four copies in this one pass */
+    CU_TRY(cu_launch(gr, shifted ? conv_dz_kernel<true> : conv_dz_kernel<false>, dim3((unsigned)chunks, (unsigned)g.oc),
+                     CU_THREADS, gr->stream, dzt, dbp, dy, ry, b, g.oc, g.ohw, g.ow, (int64_t)DZ_CHUNK, vec),
            "conv_dz");
     int st = CU_LAUNCHED("conv_dz");
     /* the weight and bias gradients on the side stream (they read only this convolution's slab),
@@ -652,7 +707,7 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
                            dzt + gi * g.ocg * nb, NULL, err, en);
     }
     if (st != MPSCY_OK || !dx) return st;
-    if (s2) return conv_dgrad_s2_run(gr, g, dx, w, dzs, slab + sl.wc, nb, (int)n->accum[0], err, en);
+    if (s2) return conv_dgrad_s2_run(gr, g, dx, dzs, slab + sl.wc, nb, shifted, (int)n->accum[0], err, en);
     return cu_col2im(gr, &g, dx, dcol, b, (int)n->accum[0], err, en);
 }
 

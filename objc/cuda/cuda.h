@@ -47,6 +47,7 @@ typedef struct cu_scratch {
     unsigned int loss_count, norm_count;
     int applied;               /* 1: this step's update is applied (finite, TRAIN) */
     unsigned int bad_seq;      /* the last deferred step whose input held a NaN or Inf */
+    unsigned int piece_seq[CU_STAGE_MAX_PIECES]; /* step.cu's pull: the host's flags, relayed */
     float clip_scale;          /* clip_grad_norm coefficient when < 1, else 1 */
     double loss;               /* the step's mean loss */
     unsigned int red_count;    /* L-BFGS reductions (lbfgs.cu) */
@@ -109,6 +110,7 @@ typedef struct cu_graph {
     size_t tables_bytes;
     cudaStream_t stream, side; /* side: weight gradients, off the critical path */
     cudaEvent_t fork, join;
+    cudaEvent_t wready;        /* on side: a training forward re-laid W for conv_dgrad_s2 (conv.cu) */
     int forked;                /* capture state: the side stream has work to join */
     cudaGraphExec_t exec[CU_KINDS];  /* the captured step of each kind at the built batch */
     /* own small GEMMs (gemm.cu): split-K partials and tile counters, handed out in capture order */

@@ -39,6 +39,7 @@ void cu_graph_destroy(mpscy_graph gh) {
     if (g->side) cudaStreamDestroy(g->side);
     if (g->fork) cudaEventDestroy(g->fork);
     if (g->join) cudaEventDestroy(g->join);
+    if (g->wready) cudaEventDestroy(g->wready);
     cu_dev_free(dev, g->params, slab_bytes(p->n_params + p->n_buffers));
     cu_dev_free(dev, g->grads, slab_bytes(p->n_params));
     cu_dev_free(dev, g->optim, slab_bytes(p->optim_floats));
@@ -229,7 +230,8 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     if (st == MPSCY_OK && (cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking) != cudaSuccess ||
                            cudaStreamCreateWithFlags(&g->side, cudaStreamNonBlocking) != cudaSuccess ||
                            cudaEventCreateWithFlags(&g->fork, cudaEventDisableTiming) != cudaSuccess ||
-                           cudaEventCreateWithFlags(&g->join, cudaEventDisableTiming) != cudaSuccess))
+                           cudaEventCreateWithFlags(&g->join, cudaEventDisableTiming) != cudaSuccess ||
+                           cudaEventCreateWithFlags(&g->wready, cudaEventDisableTiming) != cudaSuccess))
         st = MPSCY_DEVICE;
     if (st != MPSCY_OK) {
         cudaGetLastError();
