@@ -166,6 +166,22 @@ int main(void) {
     CHECK(t_step == 300, "step count untouched: %lld", (long long)t_step);
     x[0] = 0.5f;
 
+    /* x_src (the backend stages the rows itself) only where the device says so: not on the cpu,
+     * whose info reports stage_min_bytes 0; refused before anything runs */
+    mpscy_device_info di;
+    CHECK(mpscy_device_info_get(dev, &di, err, sizeof err) == MPSCY_OK && di.stage_min_bytes == 0,
+          "cpu stage_min_bytes %lld", (long long)di.stage_min_bytes);
+    float src[B * 2] = {0};
+    a.x_src = src;
+    mpscy_graph_tensor_read(g, 0, before, sizeof before, err, sizeof err);
+    st = mpscy_graph_step(g, &a, &r, err, sizeof err);
+    CHECK(st == MPSCY_UNSUPPORTED && strstr(err, "x_src"), "x_src on cpu: %d %s", st, err);
+    st = mpscy_graph_predict(g, &a, err, sizeof err);
+    CHECK(st == MPSCY_UNSUPPORTED && strstr(err, "x_src"), "x_src on cpu, predict: %d %s", st, err);
+    mpscy_graph_tensor_read(g, 0, after, sizeof after, err, sizeof err);
+    CHECK(memcmp(before, after, sizeof before) == 0, "parameters untouched by a refused x_src step");
+    a.x_src = NULL;
+
     /* predict: one call per batch into the output buffer */
     mpscy_buffer ob = NULL;
     float *o = NULL;
