@@ -7,7 +7,7 @@
  * (the long K = b*OHW split over the GPU, partials added in a fixed order) and dcol = W^T dz, and
  * col2im gathers dx (no atomics: sums are deterministic; both in im2col.cu), except for a 3x3,
  * stride-2, pad-1 convolution of even H and W, whose dx is one product per parity class of its
- * positions written straight to NCHW (conv_dgrad_s2, no dcol; W re-laid for it by the training
+ * positions written straight to NCHW (conv_s2.cu, no dcol; W re-laid for it by the training
  * forward on the side stream, dz's shifted copies written by the gather when it moves float4s
  * of whole rows). tf32, older GPUs and the forced GEMM modes run every product as the
  * small-GEMM kernel or cuBLASLt by size, as Dense's, with the (OC, b*OHW) result scattered to
@@ -155,13 +155,6 @@ __global__ void conv_fwd_sum(float *y, const float *part, const float *bias, int
     }
 }
 
-/* a kernel of mma.cuh's with its dynamic shared memory (over the 48 KB default: opted in) */
-template <typename... K, typename... A>
-static cudaError_t mma_launch(const cu_graph *gr, cudaStream_t s, void (*k)(K...), dim3 grid, int bytes, A... args) {
-    cudaError_t e = cudaFuncSetAttribute((const void *)k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    return e != cudaSuccess ? e : cu_launch_shm(gr, k, grid, 256, (size_t)bytes, s, args...);
-}
-
 /* the weight gradient's instance: tile sizes by (M, N), 16-byte copies when vec */
 static mma_fn dw_kind(bool tm4, bool tn4, bool vec, int *bytes) {
     static const mma_fn kinds[2][2][2] = {
@@ -296,99 +289,6 @@ __global__ void conv_dz_kernel(float *dzt, float *dbp, const float *dy, const fl
     if (threadIdx.x == 0) dbp[blockIdx.x * OC + o] = sum;
 }
 
-/* The data gradient of a 3x3, stride-2, pad-1 convolution (groups 1, H and W even: OH = H / 2)
- * without dcol and col2im. dx[s, c, 2m + py, 2n + px] = sum over co and the taps of parity class
- * z = 2 py + px of W[co, c, ky, kx] dz[s, co, m + ey, n + ex]: for py = 0 only ky = 1 (ey = 0),
- * for py = 1 ky = 0 (ey = 1) and ky = 2 (ey = 0); the same in x. So the classes have 1, 2, 2 and
- * 4 taps, each class a product (C, b*OH*OW) over K = taps * OC. dz comes as four copies dzs
- * (4, OC, nb) shifted by (ey, ex) = (0, 1), (0, 0), (1, 0), (1, 1) (copy 1 is dzt; 0 past the
- * edge), an order in which every class's taps are consecutive copies: class 0 copy 1, class 1
- * copies 0-1, class 2 copies 1-2, class 3 copies 0-3; its B is one (K, nb) view of dzs. */
-static __host__ __device__ __forceinline__ int s2_first(int z) { return z & 1 ? 0 : 1; }  /* its first copy */
-static __host__ __device__ __forceinline__ int s2_taps(int z) { return (1 + (z >> 1)) * (1 + (z & 1)); }
-static __host__ __device__ __forceinline__ int s2_woff(int z) { return z ? 2 * z - 1 : 0; }  /* taps before it */
-
-/* copies 0, 2 and 3 of dzs (4, OC, nb) from copy 1, where conv_dz_kernel<true> does not apply
- * (not vec, or OW % 4 != 0): copy (ey, ex) at e = o*nb + j is copy 1 at e + ey*OW + ex, or 0 past
- * its plane's edge (nb is a multiple of OHW: e % OHW is j's pixel) */
-__global__ void conv_dz_shift(float *dzs, int64_t total, int64_t ohw, int64_t oh, int64_t ow) {
-    cu_pdl_enter();
-    const unsigned T = (unsigned)total, OHW = (unsigned)ohw, OH = (unsigned)oh, OW = (unsigned)ow;
-    const float *d = dzs + total;
-    for (unsigned e = blockIdx.x * blockDim.x + threadIdx.x; e < T; e += gridDim.x * blockDim.x) {
-        const unsigned pix = e % OHW, m = pix / OW, q = pix - m * OW;
-        const bool right = q + 1 < OW, down = m + 1 < OH;
-        dzs[e] = right ? d[e + 1] : 0.0f;
-        dzs[2 * (size_t)T + e] = down ? d[e + OW] : 0.0f;
-        dzs[3 * (size_t)T + e] = right && down ? d[e + OW + 1] : 0.0f;
-    }
-}
-
-/* wc (9, OC, C): W (OC, C, 3, 3) re-laid as the products' A, class z's taps at s2_woff(z) in the
- * order of its copies, each W[:, :, ky, kx] as (OC, C) (the product's rows C contiguous); run by
- * the training forward on the side stream (conv_w_s2_fork) */
-__global__ void conv_w_s2(float *wc, const float *w, int64_t oc, int64_t c) {
-    cu_pdl_enter();
-    const unsigned occ = (unsigned)(oc * c);
-    for (unsigned e = blockIdx.x * blockDim.x + threadIdx.x; e < 9 * occ; e += gridDim.x * blockDim.x) {
-        const unsigned t = e / occ, r = e - t * occ;  /* r = co*C + ci */
-        const int z = t == 0 ? 0 : t < 3 ? 1 : t < 5 ? 2 : 3, cp = s2_first(z) + (int)t - s2_woff(z);
-        const bool ey = cp >= 2, ex = cp == 0 || cp == 3;
-        const int ky = z >> 1 ? (ey ? 0 : 2) : 1, kx = z & 1 ? (ex ? 0 : 2) : 1;
-        wc[e] = w[(size_t)r * 9 + ky * 3 + kx];
-    }
-}
-
-/* dx (b, C, H, W) (added to when accum): block z takes class 3 - z (the long K first), a
- * (16 TM) x 64 tile of its product wc_z^T (C, K) dzs_z (K, nb), and scatters it to the class's
- * positions (2m + py, 2n + px); each element of dx is written once. VA: C % 4 == 0 and wc
- * 16-byte aligned; VB: nb % 4 == 0 and dzs aligned. */
-template <int TM, bool VA, bool VB>
-__global__ void __launch_bounds__(256, 2) conv_dgrad_s2(float *__restrict__ dx, const float *__restrict__ wc,
-                                                        const float *__restrict__ dzs, int C, int OC, int nb, int ohw,
-                                                        int ow, int hw, int w, int accum) {
-    extern __shared__ __align__(16) float mma_smem[];
-    cu_pdl_enter();
-    const int z = 3 - (int)blockIdx.z, py = z >> 1, px = z & 1;
-    const int m0 = blockIdx.y * 16 * TM, n0 = blockIdx.x * 64;
-    float acc[TM * 4];
-    mma_product<TM, 4, false, false, VA, VB>(acc, mma_smem, wc + (size_t)s2_woff(z) * OC * C, C, m0, C,
-                                             dzs + (size_t)s2_first(z) * OC * nb, nb, n0, nb, 0,
-                                             (int64_t)s2_taps(z) * OC);
-    /* this thread's four columns (i = 2 ni + (q & 1) in mma_pos's terms) as offsets in dx */
-    int col[4];
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        int r, c;
-        mma_pos<TM, 4>((i >> 1) * 4 + (i & 1), r, c);
-        const unsigned n = (unsigned)(n0 + c), s = n / (unsigned)ohw, pix = n - s * (unsigned)ohw,
-                       m = pix / (unsigned)ow, q = pix - m * (unsigned)ow;
-        const unsigned at = s * (unsigned)(C * hw) + (2 * m + py) * (unsigned)w + 2 * q + px;
-        col[i] = n < (unsigned)nb ? (int)at : -1;
-    }
-#pragma unroll
-    for (int e = 0; e < TM * 4; e++) {
-        int r, c;
-        mma_pos<TM, 4>(e, r, c);
-        const int ci = m0 + r, o = col[((e >> 2) & 1) * 2 + (e & 1)];
-        if (ci >= C || o < 0) continue;
-        float *d = &dx[o + ci * hw];
-        *d = accum ? *d + acc[e] : acc[e];
-    }
-}
-
-typedef void (*dgrad_fn)(float *, const float *, const float *, int, int, int, int, int, int, int, int);
-
-static dgrad_fn dgrad_kind(bool tm4, bool va, bool vb, int *bytes) {
-    static const dgrad_fn kinds[2][2][2] = {
-        {{conv_dgrad_s2<2, false, false>, conv_dgrad_s2<2, false, true>},
-         {conv_dgrad_s2<2, true, false>, conv_dgrad_s2<2, true, true>}},
-        {{conv_dgrad_s2<4, false, false>, conv_dgrad_s2<4, false, true>},
-         {conv_dgrad_s2<4, true, false>, conv_dgrad_s2<4, true, true>}}};
-    *bytes = tm4 ? mma_smem_bytes<4, 4, false, false>() : mma_smem_bytes<2, 4, false, false>();
-    return kinds[tm4][va][vb];
-}
-
 #define DZ_CHUNK 1024  /* elements of one channel per conv_dz block */
 
 int cu_conv_fits(const mpscy_plan *p, const mpscy_node *n) {
@@ -427,8 +327,7 @@ static conv_slab slab_of(const conv_geom &g, int64_t nb_built, bool s2) {
 /* whether dx may come from conv_dgrad_s2: 3x3, stride 2, pad 1, dilation 1, groups 1, H and W
  * even, and dx wanted (the input has a gradient) */
 static bool conv_s2(const mpscy_plan *p, const mpscy_node *n, const conv_geom &g) {
-    return g.groups == 1 && g.kh == 3 && g.kw == 3 && g.sh == 2 && g.sw == 2 && g.ph == 1 && g.pw == 1 &&
-           g.dh == 1 && g.dw == 1 && g.h % 2 == 0 && g.w % 2 == 0 && p->nodes[n->in[0]].grad;
+    return cu_conv_s2_fits(&g) && p->nodes[n->in[0]].grad;
 }
 
 /* the shared workspace (main stream only): the forward's (OC, nb) result or split partials, then
@@ -444,7 +343,6 @@ static bool conv_own(const cu_graph *gr) {
     return gr->gemm_mode == 2 && gr->plan.precision != MPSCY_PRECISION_TF32 && gr->dev->prop.major >= 8;
 }
 static bool conv_long_dw(const cu_graph *gr, int64_t nb_built) { return gr->gemm_mode == 2 && nb_built >= 4 * DW_CHUNK; }
-static bool aligned16(const void *p) { return (uintptr_t)p % 16 == 0; }
 
 /* the three products of a group, as the own kernel or cuBLASLt (decided by the built batch) */
 enum { CONV_FWD, CONV_DW, CONV_DCOL };
@@ -460,24 +358,6 @@ static bool conv_s2_dx(const cu_graph *gr, const mpscy_node *n, const conv_geom 
     return gr->dy[n->in[0]] && conv_s2(&gr->plan, n, g) && conv_mma(gr, CONV_DCOL, gr->plan.batch * g.ohw);
 }
 
-/* A training forward of a conv_s2_dx convolution re-lays W into its slab's wc on the side stream,
- * off the critical path, and records gr->wready after it; its backward waits on that event before
- * conv_dgrad_s2. In a capture (and eagerly, for a partial batch) a wait refers to the event's
- * latest record at the time of the wait: the forward's records all precede any backward work on
- * the in-order side stream, and the latest (the last such convolution's forward) follows every
- * earlier conv_w_s2, so the wait covers them all without waiting for the backward's side work.
- * W is not written until the optimizer, after the step's final join. */
-static int conv_w_s2_fork(cu_graph *gr, const conv_geom &g, float *wc, const float *w, char *err, size_t en) {
-    int st = cu_fork(gr, err, en);
-    if (st != MPSCY_OK) return st;
-    CU_TRY(cu_launch(gr, conv_w_s2, cu_blocks(9 * g.oc * g.c, CU_THREADS, 1024), CU_THREADS, gr->side, wc, w, g.oc,
-                     g.c),
-           "conv_w_s2");
-    if ((st = CU_LAUNCHED("conv_w_s2")) != MPSCY_OK) return st;
-    CU_TRY(cudaEventRecord(gr->wready, gr->side), "wc event");
-    return MPSCY_OK;
-}
-
 static int conv_gemm(cu_graph *gr, int which, int side, const conv_geom &g, int64_t nb, int64_t nb_built, float *c,
                      const float *w, const float *col, const float *dzt, float *part, char *err, size_t en) {
     cudaStream_t stream = side ? gr->side : gr->stream;
@@ -488,7 +368,7 @@ static int conv_gemm(cu_graph *gr, int which, int side, const conv_geom &g, int6
     if (which == CONV_DCOL && conv_mma(gr, which, nb_built)) {
         /* dcol (kg, nb) = W^T dz: A (kg, ocg) is W read down its rows, B (nb, ocg) is dz's */
         int bytes;
-        const bool tm4 = g.kg > 32, va = g.kg % 4 == 0 && aligned16(w), vb = nb % 4 == 0 && aligned16(dzt);
+        const bool tm4 = g.kg > 32, va = g.kg % 4 == 0 && cu_aligned16(w), vb = nb % 4 == 0 && cu_aligned16(dzt);
         mma_fn k = dcol_kind(tm4, va, vb, &bytes);
         dim3 grid((unsigned)((nb + 63) / 64), (unsigned)((g.kg + (tm4 ? 63 : 31)) / (tm4 ? 64 : 32)));
         CU_TRY(mma_launch(gr, stream, k, grid, bytes, c, nb, (int64_t)0, w, g.kg, dzt, nb, (int)g.kg, (int)nb, g.ocg,
@@ -521,7 +401,7 @@ static int conv_gemm(cu_graph *gr, int which, int side, const conv_geom &g, int6
         int64_t chunk, s = dw_splits(gm * gn, nb, gr->dev->sms, &chunk), kgo = g.kg * g.ocg;
         float *out = s > 1 ? part : c;
         int bytes;
-        mma_fn k = dw_kind(tm == 4, tn == 4, nb % 4 == 0 && aligned16(col) && aligned16(dzt), &bytes);
+        mma_fn k = dw_kind(tm == 4, tn == 4, nb % 4 == 0 && cu_aligned16(col) && cu_aligned16(dzt), &bytes);
         dim3 grid((unsigned)gn, (unsigned)gm, (unsigned)s);
         CU_TRY(mma_launch(gr, stream, k, grid, bytes, out, g.kg, kgo, dzt, nb, col, nb, (int)g.ocg, (int)g.kg, nb, chunk),
                "conv_dw");
@@ -578,7 +458,7 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
     const float *x = gr->y[n->in[0]];                          // (b, C, H, W)
     int relu = (gr->fuse[i] & CU_FUSE_RELU) != 0;
     if (train && conv_s2_dx(gr, n, g)) {
-        int st = conv_w_s2_fork(gr, g, col + slab_of(g, p->batch * g.ohw, true).wc, w, err, en);
+        int st = cu_conv_s2_weights(gr, &g, col + slab_of(g, p->batch * g.ohw, true).wc, w, err, en);
         if (st != MPSCY_OK) return st;
     }
     if (cu_conv_direct_fits(&g)) {
@@ -597,7 +477,7 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
         /* fp32: mpscy's product writes NCHW with the bias and ReLU, no (OC, nb) buffer or scatter */
         const int tm = g.ocg > 32 ? 4 : 2;
         int bytes;
-        fwd_fn k = fwd_kind(tm == 4, g.kg % 4 == 0 && aligned16(w), nb % 4 == 0 && aligned16(col),
+        fwd_fn k = fwd_kind(tm == 4, g.kg % 4 == 0 && cu_aligned16(w), nb % 4 == 0 && cu_aligned16(col),
                             g.ohw % 2 == 0 && (uintptr_t)gr->y[i] % 8 == 0, &bytes);
         const int64_t gn = (nb + 63) / 64, gm = (g.ocg + 16 * tm - 1) / (16 * tm), nk = (g.kg + MMA_BK - 1) / MMA_BK;
         /* a grid under two blocks per multiprocessor splits K (at least 4 steps a chunk) into
@@ -633,30 +513,6 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
                      gr->stream, gr->y[i], (const float *)yt, bias, b, g.oc, g.ohw, relu, vec),
            "conv_out");
     return CU_LAUNCHED("conv_out");
-}
-
-/* dx (b, C, H, W) of a conv_s2 convolution from dzs (4, OC, nb) whose copy 1 (dzt) is written
- * (all four when shifted: conv_dz_kernel<true>) and wc (9, OC, C), W re-laid by the forward on the
- * side stream (conv_w_s2_fork): dz's three other copies unless shifted, the wait for wc, then the
- * four classes in one launch */
-static int conv_dgrad_s2_run(cu_graph *gr, const conv_geom &g, float *dx, float *dzs, const float *wc, int64_t nb,
-                             int shifted, int accum, char *err, size_t en) {
-    if (!shifted) {
-        CU_TRY(cu_launch(gr, conv_dz_shift, cu_blocks(g.oc * nb, CU_THREADS, 4096), CU_THREADS, gr->stream, dzs,
-                         g.oc * nb, g.ohw, g.oh, g.ow),
-               "conv_dz_shift");
-        int st = CU_LAUNCHED("conv_dz_shift");
-        if (st != MPSCY_OK) return st;
-    }
-    CU_TRY(cudaStreamWaitEvent(gr->stream, gr->wready, 0), "wc wait");
-    int bytes;
-    const bool tm4 = g.c > 32;
-    dgrad_fn k = dgrad_kind(tm4, g.c % 4 == 0 && aligned16(wc), nb % 4 == 0 && aligned16(dzs), &bytes);
-    dim3 grid((unsigned)((nb + 63) / 64), (unsigned)((g.c + (tm4 ? 63 : 31)) / (tm4 ? 64 : 32)), 4);
-    CU_TRY(mma_launch(gr, gr->stream, k, grid, bytes, dx, (const float *)wc, (const float *)dzs, (int)g.c, (int)g.oc,
-                      (int)nb, (int)g.ohw, (int)g.ow, (int)(g.h * g.w), (int)g.w, accum),
-           "conv_dgrad_s2");
-    return CU_LAUNCHED("conv_dgrad_s2");
 }
 
 int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, size_t en) {
@@ -707,7 +563,7 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
                            dzt + gi * g.ocg * nb, NULL, err, en);
     }
     if (st != MPSCY_OK || !dx) return st;
-    if (s2) return conv_dgrad_s2_run(gr, g, dx, dzs, slab + sl.wc, nb, shifted, (int)n->accum[0], err, en);
+    if (s2) return cu_conv_s2_dgrad(gr, &g, dx, dzs, slab + sl.wc, nb, shifted, (int)n->accum[0], err, en);
     return cu_col2im(gr, &g, dx, dcol, b, (int)n->accum[0], err, en);
 }
 

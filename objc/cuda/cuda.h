@@ -123,7 +123,6 @@ typedef struct cu_graph {
     /* deferred staging (step.cu, stage.h): input 0 is copied into pinned staging by these
      * threads while the graph already runs, its pieces' flags in pinned memory */
     int defer;                 /* one input of at least CU_DEFER_MIN bytes at the built batch */
-    uint8_t deferred[CU_KINDS];/* the captured graph of this kind pulls input 0 itself */
     struct mpscy_pool *stage_pool;
     uint32_t *flags_h;         /* (CU_STAGE_MAX_PIECES), pinned */
     uint32_t seq;              /* the last deferred step's number, 1 .. 2^31 - 1 */
@@ -195,6 +194,14 @@ int cu_col2im(cu_graph *g, const mpscy_conv_geom *cg, float *dx, const float *dc
 int cu_conv_direct_fits(const mpscy_conv_geom *cg);
 int cu_conv_direct(cu_graph *g, const mpscy_conv_geom *cg, float *y, const float *x, const float *w, const float *bias,
                    int64_t b, int relu, char *err, size_t en);
+/* conv_s2.cu: dx of a 3x3, stride-2, pad-1 convolution (groups 1, H and W even: cu_conv_s2_fits)
+ * by parity class. cu_conv_s2_weights (training forward): W re-laid into wc (9, OC, C) on the side
+ * stream, gr->wready recorded after it. cu_conv_s2_dgrad (backward, main stream): from dzs (4, OC,
+ * nb) whose copy 1 is dz (all four when shifted) and wc, into dx (added to when accum). */
+int cu_conv_s2_fits(const mpscy_conv_geom *cg);
+int cu_conv_s2_weights(cu_graph *g, const mpscy_conv_geom *cg, float *wc, const float *w, char *err, size_t en);
+int cu_conv_s2_dgrad(cu_graph *g, const mpscy_conv_geom *cg, float *dx, float *dzs, const float *wc, int64_t nb,
+                     int shifted, int accum, char *err, size_t en);
 int cu_pool_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
 int cu_pool_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);
 int cu_batchnorm_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
@@ -305,6 +312,8 @@ static inline cudaError_t cu_launch(const cu_graph *g, void (*kernel)(K...), dim
                                     A... args) {
     return cu_launch_shm(g, kernel, grid, block, 0, s, args...);
 }
+
+static inline bool cu_aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
 
 static inline unsigned cu_blocks(int64_t n, int64_t per, int64_t cap) {
     int64_t b = (n + per - 1) / per;

@@ -9,7 +9,6 @@
 #include "cuda.h"
 #include "blas.h"
 
-static int aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
 
 int cu_dense_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en) {
     (void)train;
@@ -28,7 +27,7 @@ int cu_dense_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, cha
     }
     /* row-major (rows, cols) tensors are column-major (cols x rows) with ld = cols */
     cu_gemm q = {1, 0, out, b, in, w, in, x, in, y, out, 0.0f, CUBLASLT_EPILOGUE_DEFAULT, NULL};
-    if (bias && aligned16(bias)) {
+    if (bias && cu_aligned16(bias)) {
         q.epilogue = relu ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_BIAS;
         q.bias = bias;
     } else if (relu && !bias) {
@@ -89,7 +88,7 @@ int cu_dense_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, si
         /* dW (in x out, col-major) = x (in x b) * dz^T (b x out); BGRADB sums dz over the batch */
         cu_gemm q = {0, 1, in, out, b, x, in, dz, out, dw, in, 0.0f, CUBLASLT_EPILOGUE_DEFAULT, NULL};
         int dw_done = 0;
-        if (!db_done && aligned16(db)) {
+        if (!db_done && cu_aligned16(db)) {
             q.epilogue = CUBLASLT_EPILOGUE_BGRADB;
             q.bias = db;
             st = cu_gemm_run(g, &q, 1, err, en);

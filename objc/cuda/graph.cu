@@ -207,8 +207,10 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     const char *dk = getenv("MPSCY_CUDA_DEFER"), *lb = getenv("CUDA_LAUNCH_BLOCKING");
     size_t in0_bytes = 0;
     for (int32_t i = 0; i < p->n_nodes; i++)
-        if (p->nodes[i].kind == MPSCY_LAYER_INPUT && p->nodes[i].input_index == 0)
+        if (p->nodes[i].kind == MPSCY_LAYER_INPUT && p->nodes[i].input_index == 0) {
+            g->in0_size = p->nodes[i].size;
             in0_bytes = (size_t)p->batch * p->nodes[i].size * sizeof(float);
+        }
     const int large = p->n_inputs == 1 && in0_bytes >= (size_t)CU_DEFER_MIN;  /* as the caller decides */
     g->defer = large && !(dk && strcmp(dk, "0") == 0) && !(lb && strcmp(lb, "1") == 0);
     if (g->defer) PIN(g->flags_h, CU_STAGE_MAX_PIECES * sizeof(uint32_t));
@@ -252,7 +254,6 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
         mpscy_node *node = &p->nodes[i];
         if (node->kind == MPSCY_LAYER_INPUT) {
             /* an input node's output is the device mirror of its staging rows */
-            if (node->input_index == 0) g->in0_size = node->size;
             cu_buffer *b = &g->io_bufs[node->input_index];
             b->base.bytes = (size_t)p->batch * node->size * sizeof(float);
             b->base.host = g->stage_h + g->off_input[node->input_index];

@@ -21,6 +21,8 @@
 #define MMA_STAGES 3
 #define MPSCY_CUDA_MMA_CUH
 
+#include "cuda.h"
+
 template <bool KC, int R>
 struct mma_tile {
     static constexpr int LD = KC ? MMA_BK + 4 : R + 8;
@@ -193,6 +195,13 @@ static __device__ __forceinline__ void mma_product(float (&acc)[TM * TN], float 
         }
     }
     cp_async_wait<0>();
+}
+
+/* a kernel of mma.cuh's with its dynamic shared memory (over the 48 KB default: opted in) */
+template <typename... K, typename... A>
+static cudaError_t mma_launch(const cu_graph *gr, cudaStream_t s, void (*k)(K...), dim3 grid, int bytes, A... args) {
+    cudaError_t e = cudaFuncSetAttribute((const void *)k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    return e != cudaSuccess ? e : cu_launch_shm(gr, k, grid, 256, (size_t)bytes, s, args...);
 }
 
 #endif /* MPSCY_CUDA_MMA_CUH */

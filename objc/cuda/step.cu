@@ -49,12 +49,12 @@ static __device__ __forceinline__ unsigned long long global_ns() {
 /* dst (n) from the pinned staging src as the host's pieces land. Block 0's first thread is the
  * one reader of the host's flags: in piece order it waits until flags[p] carries this step's
  * number P->seq and relays it to device memory (S->piece_seq[p]); block 1 + k copies part k %
- * split of piece k / split once the relay shows it. One read over PCIe in flight, not one per
+ * PULL_SPLIT of piece k / PULL_SPLIT once the relay shows it. One read over PCIe in flight, not one per
  * block: measured on the H200 with every block polling, 2, 4 and 8 blocks per piece took 324,
  * 338 and 375 us per CNN step; with the relay, 1, 2 and 4 took 332, 336 and 331 us (wide MLP:
  * 2 and 4, 734 and 717 us), within run-to-run noise of each other for the CNN. A piece flagged bad (NaN or Inf) marks the step in S->bad_seq,
  * which keeps the update and the commits from running. */
-__global__ void pull_kernel(float *__restrict__ dst, const float *src, int64_t n, int64_t piece, int split,
+__global__ void pull_kernel(float *__restrict__ dst, const float *src, int64_t n, int64_t piece,
                             const uint32_t *flags, const cu_params *P, cu_scratch *S, cu_result *R) {
     cu_pdl_enter();
     const uint32_t seq = P->seq;
@@ -75,11 +75,11 @@ __global__ void pull_kernel(float *__restrict__ dst, const float *src, int64_t n
         }
         return;
     }
-    const int64_t k = blockIdx.x - 1, p = k / split, part = (piece / split + 3) & ~(int64_t)3;
+    const int64_t k = blockIdx.x - 1, p = k / PULL_SPLIT, part = (piece / PULL_SPLIT + 3) & ~(int64_t)3;
     if (threadIdx.x == 0)
         while ((load_acquire_gpu(&S->piece_seq[p]) & ~CU_STAGE_BAD) != seq) __nanosleep(64);
     __syncthreads();
-    const int64_t lo = min(p * piece + (k % split) * part, n), hi = min(min(lo + part, (p + 1) * piece), n);
+    const int64_t lo = min(p * piece + (k % PULL_SPLIT) * part, n), hi = min(min(lo + part, (p + 1) * piece), n);
     /* pieces and parts are multiples of 4 floats and both buffers 256-byte aligned: float4 up to
      * the tail, four loads in flight per thread (a load from host memory takes microseconds);
      * .cv loads fetch from host memory anew (never a line cached from an earlier step) */
@@ -139,10 +139,9 @@ static int enqueue(cu_graph *g, int kind, int64_t b, int deferred, char *err, si
     CU_TRY(cudaMemcpyAsync(g->stage_d, g->stage_h, first, cudaMemcpyHostToDevice, s), "staging copy");
     if (deferred) {
         const int64_t n = b * g->in0_size, piece = cu_stage_piece(n), pieces = (n + piece - 1) / piece;
-        const int split = PULL_SPLIT;
-        CU_TRY(cu_launch(g, pull_kernel, dim3((unsigned)(1 + pieces * split)), CU_THREADS, s,
+        CU_TRY(cu_launch(g, pull_kernel, dim3((unsigned)(1 + pieces * PULL_SPLIT)), CU_THREADS, s,
                          (float *)(g->stage_d + g->off_input[0]), (const float *)(g->stage_h + g->off_input[0]), n,
-                         piece, split, (const uint32_t *)g->flags_h, (const cu_params *)g->params_d, g->scratch, g->result),
+                         piece, (const uint32_t *)g->flags_h, (const cu_params *)g->params_d, g->scratch, g->result),
                "pull");
         if ((st = CU_LAUNCHED("pull")) != MPSCY_OK) return st;
     }
@@ -193,8 +192,7 @@ int cu_capture(cu_graph *g, int kind, char *err, size_t en) {
     g->gws_used = g->gcount_used = 0;
     memset(g->dz_ready, 0, (size_t)g->plan.n_nodes);
     CU_TRY(cudaStreamBeginCapture(g->stream, cudaStreamCaptureModeThreadLocal), "begin capture");
-    g->deferred[kind] = (uint8_t)defers(g, kind);
-    int st = enqueue(g, kind, g->plan.batch, g->deferred[kind], err, en);
+    int st = enqueue(g, kind, g->plan.batch, defers(g, kind), err, en);
     if (st != MPSCY_OK && g->forked) cu_join(g, NULL, 0);
     cudaGraph_t graph = NULL;
     cudaError_t e = cudaStreamEndCapture(g->stream, &graph);
@@ -237,7 +235,7 @@ static int launch_hook(void *p) {
  * with a NaN or Inf: MPSCY_NONFINITE with *x_bad set (with nothing launched, or with the
  * device's update and commits held back by bad_seq). */
 static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, char *err, size_t en) {
-    const int deferred = b == g->plan.batch && g->deferred[kind];
+    const int deferred = b == g->plan.batch && defers(g, kind);
     const int64_t n = b * g->in0_size;
     float *dst = x ? (float *)(g->stage_h + g->off_input[0]) : NULL;
     int64_t bad = -1;

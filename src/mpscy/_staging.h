@@ -84,12 +84,22 @@ MPSCY_STAGING_SIMD static int64_t mpscy_copy_labels_i32(int32_t *restrict dst, c
 #define MPSCY_STAGE_MIN_CHUNK 16384   /* floats (64 KB) per claimed piece */
 #define MPSCY_STAGE_MAX_CHUNKS 64
 
+#define MPSCY_STAGE_BAD 0x80000000u   /* a piece's flag bit: it held a NaN or Inf */
+
+/* n floats src -> dst in `chunks` pieces of `chunk`, claimed by a pool's threads in order. With
+ * flags (the cuda backend's deferred staging), flags[c] = seq, or seq | MPSCY_STAGE_BAD, is stored
+ * with release order as piece c lands; with hook, the first thread to start runs hook(arg) before
+ * any piece (the launch of the graph that waits on the flags) and its result lands in status. */
 typedef struct mpscy_stage_job {
     float *dst;
     const float *src;
     int64_t n, chunk, chunks;
-    _Atomic int64_t next;
+    _Atomic int64_t next;         /* the next unclaimed piece; -1: the hook's turn */
     uint32_t mx[MPSCY_STAGE_MAX_CHUNKS];
+    uint32_t *flags, seq;
+    int (*hook)(void *);
+    void *arg;
+    int status;
 } mpscy_stage_job;
 
 /* Each thread claims pieces until none is left, so a worker slow to wake delays nothing. */
@@ -98,9 +108,32 @@ static void mpscy_stage_task(void *ctx, int32_t t, int32_t nt) {
     (void)nt;
     mpscy_stage_job *j = (mpscy_stage_job *)ctx;
     for (int64_t c; (c = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed)) < j->chunks;) {
+        if (c < 0) {
+            j->status = j->hook(j->arg);
+            continue;
+        }
         int64_t lo = c * j->chunk, hi = lo + j->chunk < j->n ? lo + j->chunk : j->n;
         j->mx[c] = mpscy_copy_exp(j->dst + lo, j->src + lo, hi - lo);
+        if (j->flags)
+            atomic_store_explicit((_Atomic uint32_t *)&j->flags[c], j->seq | (j->mx[c] == 0x7f800000u ? MPSCY_STAGE_BAD : 0u),
+                                  memory_order_release);
     }
+}
+
+/* Runs a job whose dst, src, n, chunk and chunks are set (at most MPSCY_STAGE_MAX_CHUNKS pieces)
+ * on the pool (NULL: the caller alone); returns the index of the first NaN or Inf, or -1. */
+static int64_t mpscy_stage_run(mpscy_pool *pool, mpscy_stage_job *j, uint32_t *flags, uint32_t seq,
+                               int (*hook)(void *), void *arg) {
+    j->flags = flags;
+    j->seq = seq;
+    j->hook = hook;
+    j->arg = arg;
+    j->status = 0;
+    atomic_init(&j->next, hook ? -1 : 0);
+    mpscy_parallel(pool, mpscy_stage_task, j);
+    uint32_t mx = 0;
+    for (int64_t c = 0; c < j->chunks; c++) mx = j->mx[c] > mx ? j->mx[c] : mx;
+    return mx == 0x7f800000u ? mpscy_first_nonfinite(j->src, j->n) : -1;
 }
 
 /* mpscy_copy_finite over a pool (NULL: on the caller alone). */
@@ -113,11 +146,7 @@ static int64_t mpscy_copy_finite_pool(mpscy_pool *pool, float *dst, const float 
     j.chunk = (n + MPSCY_STAGE_MAX_CHUNKS - 1) / MPSCY_STAGE_MAX_CHUNKS;
     j.chunk = j.chunk < MPSCY_STAGE_MIN_CHUNK ? MPSCY_STAGE_MIN_CHUNK : (j.chunk + 15) / 16 * 16;
     j.chunks = (n + j.chunk - 1) / j.chunk;
-    atomic_init(&j.next, 0);
-    mpscy_parallel(pool, mpscy_stage_task, &j);
-    uint32_t mx = 0;
-    for (int64_t c = 0; c < j.chunks; c++) mx = j.mx[c] > mx ? j.mx[c] : mx;
-    return mx == 0x7f800000u ? mpscy_first_nonfinite(src, n) : -1;
+    return mpscy_stage_run(pool, &j, NULL, 0, NULL, NULL);
 }
 
 #endif /* MPSCY_STAGING_H */
