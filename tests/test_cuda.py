@@ -177,6 +177,25 @@ def test_residual_add_concat_matches_cpu(rng):
     compare_training(*engines, rng, rows=[16, 9])
 
 
+def _dropout_chain():
+    """Dense -> ReLU -> Dropout -> Dense twice in a chain: the upper Dense writes the lower one's
+    dz itself, through the Dropout's multipliers and the ReLU's mask, and neither backward runs.
+    Then a Dropout read by two Dense layers: its own backward runs, and both add into it."""
+    if not hasattr(L, "Concatenate"):
+        pytest.skip("merge layers are not in this mpscy")
+    inp = mpscy.Input((12,))
+    h = L.Dropout(0.3)(L.ReLU()(L.Dense(24)(inp)))
+    h = L.Dropout(0.5)(L.ReLU()(L.Dense(20)(h)))
+    d = L.Dropout(0.25)(L.ReLU()(L.Dense(16)(h)))
+    return mpscy.Model(inp, L.Dense(5)(L.Concatenate()(L.Dense(8)(d), L.Dense(6)(d))))
+
+
+@cuda_only
+def test_dropout_between_dense_layers_matches_cpu(rng):
+    engines = [mpscy.Engine(_dropout_chain(), batch_size=16, device=d, seed=3) for d in ("cpu", "cuda")]
+    compare_training(*engines, rng, rows=[16, 9])
+
+
 def _strided_residual():
     """A 3x3 stride-2 convolution and a 1x1 stride-2 projection of one tensor, added: the 3x3 is
     the earlier node, so its backward (conv_dgrad_s2, C = 6 -> 8 on 6 x 10) adds to dx."""
@@ -392,6 +411,24 @@ def test_kernel_paths_match_cpu(gemm, coop, monkeypatch, rng):
     cpu, gpu = pair(lambda: [L.Dense(700), L.ReLU(), L.Dense(10)], (512,), batch=128,
                     opt=lambda: optim.SGD(0.01, momentum=0.9))
     compare_training(cpu, gpu, rng, steps=5, rows=[128, 50])
+
+
+@cuda_only
+@pytest.mark.parametrize("opt", ["sgd", "adam_amsgrad"])
+def test_large_slab_update_matches_cpu(opt, monkeypatch, rng):
+    """1.5M parameters: more than one element per thread of the largest update grid, so every
+    thread of the cooperative norm+update kernel strides the slab several times, with clipping
+    on. Parameters and every optimizer slot must match the cpu's."""
+    monkeypatch.setenv("MPSCY_CUDA_FUSED", "0")
+    make = (lambda: optim.SGD(0.05, momentum=0.9)) if opt == "sgd" else _opt("Adam", lr=1e-3, amsgrad=True)
+    cpu, gpu = pair(lambda: [L.Dense(1500), L.ReLU(), L.Dense(5)], (1000,), opt=make, clip_grad_norm=0.5)
+    assert sum(v.size for v in cpu.get_parameters().values()) == 1_000 * 1_500 + 1_500 + 1_500 * 5 + 5
+    compare_training(cpu, gpu, rng, steps=6, rows=[16, 9])
+    sc, sg = cpu.get_optimizer_state(), gpu.get_optimizer_state()
+    for slot, v in sc.items():
+        if isinstance(v, dict):
+            for k in v:
+                assert rel_err(sg[slot][k], v[k]) <= 10 * PARAM_TOL, (slot, k)
 
 
 CONV_PATH_MODELS = ("conv_pool", "conv_groups_dilation", "conv_long_k", "conv_relu_dense", "batchnorm2d",

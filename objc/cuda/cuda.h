@@ -118,7 +118,8 @@ typedef struct cu_graph {
     unsigned int *gcount;
     int64_t gws_floats, gws_used, gcount_n, gcount_used;
     int gemm_mode;             /* $MPSCY_CUDA_GEMM at build: 1 own kernels, 0 cuBLASLt, 2 by size */
-    uint8_t *dz_ready;         /* per node, per capture: its dz was written (ReLU mask applied) by a consumer */
+    uint8_t *dz_ready;         /* per node, per capture: its dz was written (ReLU mask applied) by a consumer;
+                                  for a Dropout between them: its backward was, so it runs none */
     struct cu_fused *fu;       /* the train step as one kernel (mlp.cu), or NULL */
     /* deferred staging (step.cu, stage.h): input 0 is copied into pinned staging by these
      * threads while the graph already runs, its pieces' flags in pinned memory */
@@ -225,6 +226,7 @@ typedef struct cu_small_gemm {
     const float *mask;         /* dX: zero where mask (M, N, ldc) <= 0 (the ReLU below) */
     int accum;                 /* dX: add to c */
     float *rowsum;             /* dW: bias gradient, sum over k of A(m, k) */
+    const float *scale;        /* dX: times scale (M, N, ldc), before the mask (a Dropout's multipliers) */
 } cu_small_gemm;
 int cu_gemm_small_wanted(const cu_graph *g, int64_t m, int64_t n, int64_t k);
 void cu_gemm_small_need(int sms, int64_t m, int64_t n, int64_t k, int rows, int64_t *floats, int64_t *counters);

@@ -4,8 +4,9 @@
  * ReLU) in its epilogue where an algorithm exists, else a small kernel. Backward: dW = dz^T x on
  * the side stream with the bias gradient fused (own kernel, BGRADB epilogue or a column sum),
  * and dx = dz W on the main stream, written or accumulated; when x is a fused ReLU's output
- * read by this layer alone, the own kernel applies that ReLU's mask and writes the lower
- * Dense's dz directly, so no separate ReLU backward runs. */
+ * read by this layer alone (or that output through one Dropout), the own kernel applies the
+ * Dropout's multipliers and the ReLU's mask and writes the lower Dense's dz directly, so no
+ * separate Dropout or ReLU backward runs. */
 #include "cuda.h"
 #include "blas.h"
 
@@ -46,13 +47,23 @@ int cu_dense_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, cha
 }
 
 /* When this Dense reads a ReLU fused into the Dense below it and is that ReLU's only reader,
- * the Dense below's index (its dz is then written here, masked), else -1. */
-static int32_t masked_target(const cu_graph *g, const mpscy_node *n) {
+ * directly or through one Dropout (train mode's multipliers; the Dropout read by this layer
+ * alone, the ReLU by the Dropout alone), the Dense below's index (its dz is then written here:
+ * times the Dropout's multipliers, then masked), else -1. *drop: the Dropout's index, or -1. */
+static int32_t masked_target(const cu_graph *g, const mpscy_node *n, int32_t *drop) {
     const mpscy_plan *p = &g->plan;
+    *drop = -1;
     int32_t j = n->in[0];
+    if (n->accum[0]) return -1;
+    if (p->nodes[j].kind == MPSCY_LAYER_DROPOUT) {
+        const mpscy_node *d = &p->nodes[j];
+        if (d->consumers != 1 || j == p->output || d->accum[0] || !g->dy[j]) return -1;
+        *drop = j;
+        j = d->in[0];
+    }
     const mpscy_node *r = &p->nodes[j];
     if (r->kind != MPSCY_LAYER_RELU || !(g->fuse[j] & CU_SKIP) || r->consumers != 1 || j == p->output ||
-        n->accum[0])
+        r->accum[0])
         return -1;
     int32_t k = r->in[0];
     return (g->fuse[k] & CU_FUSE_RELU) && g->dy[k] ? k : -1;
@@ -104,12 +115,16 @@ int cu_dense_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, si
     if (!dx) return MPSCY_OK;
     if (cu_gemm_small_wanted(g, B, in, out)) {
         /* dx (b, in) = dz W: A(m, k) = dz[m out + k], B(k, n) = W[k in + n] */
-        int32_t k = masked_target(g, n);
-        cu_small_gemm q = {dx, dz, w, b, in, out, out, 1, in, 1, in, NULL, 0, NULL, n->accum[0], NULL};
+        int32_t drop, k = masked_target(g, n, &drop);
+        cu_small_gemm q = {dx, dz, w, b, in, out, out, 1, in, 1, in, NULL, 0, NULL, n->accum[0], NULL, NULL};
         if (k >= 0) {
             q.c = g->dy[k];               /* the Dense below's dz, with its ReLU's mask */
-            q.mask = g->y[n->in[0]];
+            q.mask = g->y[drop >= 0 ? g->plan.nodes[drop].in[0] : n->in[0]];  /* the ReLU's output */
             g->dz_ready[k] = 1;
+            if (drop >= 0) {              /* the Dropout's backward, done here */
+                q.scale = g->save + g->plan.nodes[drop].save;
+                g->dz_ready[drop] = 1;
+            }
         }
         return cu_gemm_small(g, g->stream, &q, err, en);
     }

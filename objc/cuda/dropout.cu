@@ -40,7 +40,8 @@ int cu_dropout_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, c
 
 int cu_dropout_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en) {
     float *dx = g->dy[n->in[0]];
-    if (!dx) return MPSCY_OK;
+    /* a Dense reading this Dropout already wrote the dz below it, multiplied and masked (dense.cu) */
+    if (!dx || g->dz_ready[cu_node_index(g, n)]) return MPSCY_OK;
     int64_t count = b * n->size;
     CU_TRY(cu_launch(g, dropout_backward, cu_blocks(count, CU_THREADS, 8192), CU_THREADS, g->stream, dx,
                      (const float *)g->dy[cu_node_index(g, n)], (const float *)(g->save + n->save), count, (int)n->accum[0]),

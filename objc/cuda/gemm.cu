@@ -21,6 +21,7 @@ struct sg_args {
     int64_t m, n, k, am, ak, bk, bn, ldc;
     const float *bias;         // (N) added before relu, or NULL
     const float *mask;         // (M, N) with ldc: the result is zeroed where mask <= 0, or NULL
+    const float *scale;        // (M, N) with ldc: the result is multiplied by it first, or NULL
     float *rowsum;             // (M): sum over k of A(m, k), or NULL
     float *part;               // (S, M, N) then (S, M) partials when S > 1
     unsigned int *count;       // one per tile when S > 1
@@ -37,6 +38,7 @@ static __device__ __forceinline__ float tf32_round(float x) {
 static __device__ __forceinline__ float epilogue(const sg_args &p, int64_t m, int64_t n, float v) {
     if (p.bias) v += p.bias[n];
     if (p.relu) v = v > 0.0f ? v : 0.0f;
+    if (p.scale) v *= p.scale[m * p.ldc + n];
     if (p.mask && !(p.mask[m * p.ldc + n] > 0.0f)) v = 0.0f;
     if (p.accum) v += p.c[m * p.ldc + n];
     return v;
@@ -183,7 +185,7 @@ int cu_gemm_small(cu_graph *g, cudaStream_t st, const cu_small_gemm *q, char *er
     p.c = q->c; p.a = q->a; p.b = q->b;
     p.m = q->m; p.n = q->n; p.k = q->k;
     p.am = q->am; p.ak = q->ak; p.bk = q->bk; p.bn = q->bn; p.ldc = q->ldc;
-    p.bias = q->bias; p.mask = q->mask; p.rowsum = q->rowsum;
+    p.bias = q->bias; p.mask = q->mask; p.scale = q->scale; p.rowsum = q->rowsum;
     p.relu = q->relu; p.accum = q->accum; p.tf32 = g->plan.precision == MPSCY_PRECISION_TF32;
     int64_t tm = (q->m + BM - 1) / BM, tn = (q->n + BN - 1) / BN, s = splits(q->k, &p.kchunk);
     if (s > 1) {
