@@ -550,8 +550,9 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
      * dx's products on the main one */
     if (st == MPSCY_OK) st = cu_fork(gr, err, en);
     if (st == MPSCY_OK && db) {
-        /* with no dx (the model's first layer) the main stream is idle until the join: the bias
-         * sums run there, beside the weight gradient, not before it on the side stream */
+        /* with no dx (a layer on the model's input) the main stream has nothing of this layer
+         * left to run, and in a chain nothing at all until the join: the bias sums run there,
+         * beside the weight gradient, not before it on the side stream */
         CU_TRY(cu_launch(gr, conv_sum_parts, cu_blocks(g.oc, 32, 4096), CU_THREADS, dx ? gr->side : gr->stream, db,
                          (const float *)dbp,
                          g.oc, chunks),
