@@ -554,8 +554,7 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
          * left to run, and in a chain nothing at all until the join: the bias sums run there,
          * beside the weight gradient, not before it on the side stream */
         CU_TRY(cu_launch(gr, conv_sum_parts, cu_blocks(g.oc, 32, 4096), CU_THREADS, dx ? gr->side : gr->stream, db,
-                         (const float *)dbp,
-                         g.oc, chunks),
+                         (const float *)dbp, g.oc, chunks),
                "conv_db");
         st = CU_LAUNCHED("conv_db");
     }

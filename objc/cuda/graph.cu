@@ -9,7 +9,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #define FAIL(status, ...) MPSCY_FAIL(err, n, (status), CU, __VA_ARGS__)
 
@@ -214,13 +213,8 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     const int large = p->n_inputs == 1 && in0_bytes >= (size_t)CU_DEFER_MIN;  /* as the caller decides */
     g->defer = large && !(dk && strcmp(dk, "0") == 0) && !(lb && strcmp(lb, "1") == 0);
     if (g->defer) PIN(g->flags_h, CU_STAGE_MAX_PIECES * sizeof(uint32_t));
-    if (large && st == MPSCY_OK) {
-        /* staging threads for a batch of 256 KB or more (the caller is one of them): 4 measured best
-         * on the lent GPUs' 16-core hosts (bench/host_copy.cu); $MPSCY_STAGE_THREADS overrides */
-        const char *knob = getenv("MPSCY_STAGE_THREADS");
-        long cpus = sysconf(_SC_NPROCESSORS_ONLN), th = cpus / 2 < 4 ? cpus / 2 : 4;
-        if (in0_bytes < ((size_t)256 << 10)) th = 1;
-        if (knob && *knob) th = strtol(knob, NULL, 10);
+    if (large && st == MPSCY_OK) {  /* its staging threads, as the Cython bridge would choose them */
+        const int th = cu_stage_threads((int64_t)in0_bytes);
         if (th > 1) st = mpscy_pool_create(&dev->stats, (int32_t)th, &g->stage_pool);
     }
 #undef DEV

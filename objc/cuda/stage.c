@@ -13,13 +13,10 @@ int64_t cu_stage_piece(int64_t n) {
     return piece < CU_STAGE_MIN_PIECE ? CU_STAGE_MIN_PIECE : piece;
 }
 
-int64_t cu_stage_pieces(mpscy_pool *pool, float *dst, const float *src, int64_t n, int64_t piece, uint32_t *flags,
-                        uint32_t seq) {
-    return cu_stage_pieces_after(pool, dst, src, n, piece, flags, seq, NULL, NULL, NULL);
-}
+int cu_stage_threads(int64_t bytes) { return mpscy_stage_threads(bytes, 1); }
 
-int64_t cu_stage_pieces_after(mpscy_pool *pool, float *dst, const float *src, int64_t n, int64_t piece,
-                              uint32_t *flags, uint32_t seq, int (*hook)(void *), void *arg, int *hook_status) {
+int64_t cu_stage_pieces(mpscy_pool *pool, float *dst, const float *src, int64_t n, int64_t piece, uint32_t *flags,
+                        uint32_t seq, int (*hook)(void *), void *arg, int *hook_status) {
     mpscy_stage_job j;
     j.dst = dst;
     j.src = src;

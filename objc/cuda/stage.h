@@ -21,18 +21,17 @@ extern "C" {
  * CU_STAGE_MAX_PIECES pieces. */
 int64_t cu_stage_piece(int64_t n);
 
+/* Staging threads for input 0's batch of `bytes` (_staging.h's policy, the Cython bridge's too). */
+int cu_stage_threads(int64_t bytes);
+
 /* Copies n floats src -> dst in pieces of `piece` floats claimed by the pool's threads (NULL: the
  * caller alone); when flags is given, stores seq into flags[p] as piece p lands (release order:
- * its floats are visible first), with CU_STAGE_BAD set when the piece held a NaN or Inf. Returns
- * the index of the first NaN or Inf of src, or -1. */
+ * its floats are visible first), with CU_STAGE_BAD set when the piece held a NaN or Inf. With
+ * hook, whichever thread starts first runs hook(arg) before any piece (the launch of the graph
+ * that waits on the flags, so that the other threads stage while it is launched) and its return
+ * value lands in *hook_status. Returns the index of the first NaN or Inf of src, or -1. */
 int64_t cu_stage_pieces(mpscy_pool *pool, float *dst, const float *src, int64_t n, int64_t piece, uint32_t *flags,
-                        uint32_t seq);
-
-/* The same, with hook(arg) run first by whichever thread starts first (the launch of the graph
- * that waits on the flags, so that the other threads stage while it is launched); its return
- * value lands in *hook_status. */
-int64_t cu_stage_pieces_after(mpscy_pool *pool, float *dst, const float *src, int64_t n, int64_t piece,
-                              uint32_t *flags, uint32_t seq, int (*hook)(void *), void *arg, int *hook_status);
+                        uint32_t seq, int (*hook)(void *), void *arg, int *hook_status);
 
 #ifdef __cplusplus
 }

@@ -228,6 +228,12 @@ static int launch_hook(void *p) {
     return (int)e;
 }
 
+/* x_src's element `bad` is a NaN or Inf: the call fails naming its row */
+static int x_nonfinite(const cu_graph *g, int64_t bad, int *x_bad, char *err, size_t en) {
+    *x_bad = 1;
+    return MPSCY_FAIL(err, en, MPSCY_NONFINITE, CU, "x contains NaN or Inf at row %lld", (long long)(bad / g->in0_size));
+}
+
 /* A full batch is one launch of its graph; a partial batch (b < built) runs the same kernels
  * launched one by one over exactly its rows, which allocates nothing (a new capture would).
  * x: input 0's rows still to stage (mpscy_step_args.x_src), or NULL. When the graph of `kind`
@@ -241,10 +247,9 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
     int64_t bad = -1;
     *x_bad = 0;
     g->params_h->seq = 0;
-    if (x && !deferred && (bad = cu_stage_pieces(g->stage_pool, dst, x, n, cu_stage_piece(n), NULL, 0)) >= 0) {
-        *x_bad = 1;
-        return MPSCY_FAIL(err, en, MPSCY_NONFINITE, CU, "x contains NaN or Inf at row %lld", (long long)(bad / g->in0_size));
-    }
+    if (x && !deferred && (bad = cu_stage_pieces(g->stage_pool, dst, x, n, cu_stage_piece(n), NULL, 0, NULL, NULL,
+                                                 NULL)) >= 0)
+        return x_nonfinite(g, bad, x_bad, err, en);
     if (deferred) {
         g->seq = g->seq % 0x7fffffffu + 1;
         g->params_h->seq = g->seq;
@@ -255,7 +260,7 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
          * (measured on the H200's host: 5-6 us per step less than launching first) */
         launch_arg la = {g, kind};
         int ls = 0;
-        bad = cu_stage_pieces_after(g->stage_pool, dst, x, n, cu_stage_piece(n), g->flags_h, g->seq, launch_hook, &la, &ls);
+        bad = cu_stage_pieces(g->stage_pool, dst, x, n, cu_stage_piece(n), g->flags_h, g->seq, launch_hook, &la, &ls);
         CU_TRY((cudaError_t)ls, "graph launch");
     } else if (b == g->plan.batch) {
         CU_TRY(cudaGraphLaunch(g->exec[kind], g->stream), "graph launch");
@@ -276,11 +281,7 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
         return MPSCY_FAIL(err, en, MPSCY_DEVICE, CU,
                           "the step's input copy stalled (a piece unflagged for %g s; a profiler that runs the "
                           "graph inside its launch call needs MPSCY_CUDA_DEFER=0)", PULL_PATIENCE_NS * 1e-9);
-    if (bad >= 0) {
-        *x_bad = 1;
-        return MPSCY_FAIL(err, en, MPSCY_NONFINITE, CU, "x contains NaN or Inf at row %lld", (long long)(bad / g->in0_size));
-    }
-    return MPSCY_OK;
+    return bad >= 0 ? x_nonfinite(g, bad, x_bad, err, en) : MPSCY_OK;
 }
 
 /* What the kernels wrote into pinned memory for the evaluation just synchronized (whether an

@@ -12,7 +12,6 @@ cimport cython
 
 from mpscy._abi cimport *
 
-import os
 
 import numpy as np
 
@@ -256,20 +255,16 @@ cdef class Graph:
         _check(mpscy_device_info_get(device.handle, &dinfo, self.err, ERR_LEN), self.err)
         self.defers = (dinfo.stage_min_bytes > 0 and self.n_inputs == 1 and
                        self.in_size[0] * self.batch * 4 >= dinfo.stage_min_bytes)
-        # batches of 256 KiB or more bound for a device's memory are staged by a few threads (at
-        # most 4: measured best on a 16-core host; the caller is one of them). $MPSCY_STAGE_THREADS
-        # overrides the choice for any backend (1: none), a testing and tuning knob. A backend
-        # that stages x itself (cuda: while the step runs) has its own threads.
+        # large batches bound for a device's memory are staged by a few threads (_staging.h's
+        # mpscy_stage_threads; $MPSCY_STAGE_THREADS overrides it). A backend that stages x itself
+        # (cuda: while the step runs) has its own threads.
         cdef int64_t biggest = 0
         cdef int threads = 1
         for k in range(self.n_inputs):
             biggest = max(biggest, self.in_size[k] * self.batch * 4)
-        knob = os.environ.get("MPSCY_STAGE_THREADS")
-        if knob:
-            threads = int(knob)
-        elif device.backend != "cpu" and biggest >= (256 << 10) and not self.defers:
-            threads = min(4, max(1, (os.cpu_count() or 1) // 2))
-        if threads > 1 and not self.defers:
+        if not self.defers:
+            threads = _stage_threads(biggest, device.backend != "cpu")
+        if threads > 1:
             _check(mpscy_pool_create(NULL, threads, &self.stage_pool), b"staging threads")
         out = layers[spec["output"]]["shape"]
         self.output_shape = tuple(out)

@@ -3,13 +3,15 @@
  * their range. One read and one write per element; compiled for AVX-512, AVX2 and baseline
  * x86-64 and chosen at load time. A large batch bound for a device's pinned memory is split in
  * pieces claimed by a few of mpscy's worker threads (measured on the lent H100's host, 3.2 MB:
- * 292 us on one thread, 133 us on four; bench/host_copy.cu). Included by _native.pyx only; no
- * allocation, no Python. */
+ * 292 us on one thread, 133 us on four; bench/host_copy.cu). Included by _native.pyx and by the
+ * cuda backend's stage.c (its deferred staging); no allocation, no Python. */
 #ifndef MPSCY_STAGING_H
 #define MPSCY_STAGING_H
 
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <unistd.h>
 
 #include "common/pool.h"
 
@@ -82,6 +84,19 @@ MPSCY_STAGING_SIMD static int64_t mpscy_copy_labels_i32(int32_t *restrict dst, c
 /* ---------------------------------------------------------------- large batches, in parallel */
 
 #define MPSCY_STAGE_MIN_CHUNK 16384   /* floats (64 KB) per claimed piece */
+#define MPSCY_STAGE_POOL_BYTES (256 << 10)  /* batches from this size get staging threads */
+
+/* Threads (the caller one of them) that stage a batch whose largest input has `bytes`: for a
+ * batch bound for a device's memory (device_bound) of MPSCY_STAGE_POOL_BYTES or more, half the
+ * cores, at most 4 (measured best on the lent GPUs' 16-core hosts: bench/host_copy.cu); else 1.
+ * $MPSCY_STAGE_THREADS overrides it for any backend (1: none), a testing and tuning knob. */
+static int mpscy_stage_threads(int64_t bytes, int device_bound) {
+    const char *knob = getenv("MPSCY_STAGE_THREADS");
+    if (knob && *knob) return atoi(knob);
+    if (!device_bound || bytes < MPSCY_STAGE_POOL_BYTES) return 1;
+    long half = sysconf(_SC_NPROCESSORS_ONLN) / 2;
+    return half < 1 ? 1 : half > 4 ? 4 : (int)half;
+}
 #define MPSCY_STAGE_MAX_CHUNKS 64
 
 #define MPSCY_STAGE_BAD 0x80000000u   /* a piece's flag bit: it held a NaN or Inf */
