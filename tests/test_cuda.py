@@ -154,6 +154,24 @@ LAYER_MODELS = {
                                     L.Tanh(), L.Flatten(), L.Dense(5)], (2, 6, 10)),
     "conv_s2_odd_h": (lambda: [_maybe("Conv2D")(4, 3, padding=1), L.ReLU(), _maybe("Conv2D")(6, 3, 2, 1), L.Flatten(),
                                L.Dense(5)], (2, 7, 8)),
+    # 3x3 convolutions whose output rows tile 64 columns (OW divides 64, OH*OW a multiple of 64):
+    # the forward as conv_implicit.cu's product (no columns on the main stream), and with stride 1
+    # dx too. C = 5 (one stage of 8 channels, 3 past C) -> 40 (a 64-row tile, 24 rows past OC),
+    # then 40 -> 6 in 5 stages split over two partials (16 blocks), no fused ReLU, whose dx is
+    # the implicit product of dz (6 channels) with W flipped
+    "conv_implicit_s1": (lambda: [_maybe("Conv2D")(40, 3, padding=1), L.ReLU(), _maybe("Conv2D")(6, 3, padding=1),
+                                  L.Tanh(), L.Flatten(), L.Dense(5)], (5, 8, 8)),
+    # dx with padding 0 (dz read with padding 2) and 2 (dz read with none); a forward with padding 2
+    # and a partial second stage (C = 12); the other products on the im2col path (6 x 6, 10 x 10)
+    "conv_implicit_pads": (lambda: [_maybe("Conv2D")(16, 3), L.ReLU(), _maybe("Conv2D")(12, 3), L.ReLU(),
+                                    _maybe("Conv2D")(8, 3, padding=2), L.Tanh(), _maybe("Conv2D")(4, 3, padding=2),
+                                    L.Flatten(), L.Dense(5)], (3, 10, 10)),
+    # stride 2 with output rows of 32 (a patch of 5 x 65), and stride 1 with rows of 4 (16 rows a
+    # tile, a patch of 18 x 6) with dx on 16 x 4
+    "conv_implicit_s2_wide": (lambda: [_maybe("Conv2D")(10, 3, stride=2, padding=1), L.ReLU(), L.Flatten(),
+                                       L.Dense(5)], (8, 4, 64)),
+    "conv_implicit_narrow": (lambda: [_maybe("Conv2D")(10, 3, padding=1), L.ReLU(), _maybe("Conv2D")(6, 3, padding=1),
+                                      L.Flatten(), L.Dense(5)], (9, 16, 4)),
 }
 
 
@@ -213,6 +231,38 @@ def test_strided_conv_accumulated_input_gradient_matches_cpu(rng):
     9 and 7 (135 and 105 positions: unaligned rows, scalar copies)."""
     engines = [mpscy.Engine(_strided_residual(), batch_size=16, device=d, seed=3) for d in ("cpu", "cuda")]
     compare_training(*engines, rng, rows=[16, 9, 16, 7])
+
+
+def _implicit_residual():
+    """3x3 stride-1 convolutions on 8 x 8 (conv_implicit.cu for the forward and dx): the second and
+    a 1x1 projection of one tensor, added, so the 3x3 (the earlier node) adds its dx to the 1x1's;
+    the first has dx only for the input's gradient."""
+    if not hasattr(L, "Add") or not hasattr(L, "Conv2D"):
+        pytest.skip("merge or conv layers are not in this mpscy")
+    inp = mpscy.Input((8, 8, 8))
+    a = L.ReLU()(L.Conv2D(16, 3, padding=1)(inp))
+    s = L.Add()([L.Conv2D(16, 3, padding=1)(a), L.Conv2D(16, 1)(a)])
+    return mpscy.Model(inp, L.Dense(5)(L.Flatten()(L.ReLU()(s))))
+
+
+@cuda_only
+@pytest.mark.parametrize("implicit", ["1", "0"])
+def test_implicit_conv_accumulated_and_input_gradients_match_cpu(implicit, monkeypatch, rng):
+    """The implicit product adding to dx, its dx of the model's input (gradients with the input's,
+    a partial batch of 13), training over full and partial batches of 9 and 7 (b*OH*OW = 576 and
+    448), then prediction; and the same with MPSCY_CUDA_IMPLICIT=0 (im2col and the products)."""
+    monkeypatch.setenv("MPSCY_CUDA_IMPLICIT", implicit)
+    engines = [mpscy.Engine(_implicit_residual(), batch_size=16, device=d, seed=3, input_gradients=True)
+               for d in ("cpu", "cuda")]
+    x = rng.standard_normal((13, 8, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 5, 13).astype(np.int32)
+    gc, gg = engines[0].gradients(x, y), engines[1].gradients(x, y)
+    assert gc.keys() == gg.keys() and "input" in gg
+    for k in gc:
+        if k != "loss":
+            assert rel_err(gg[k], gc[k]) <= PARAM_TOL, k
+    compare_training(*engines, rng, rows=[16, 9, 16, 7])
+    assert rel_err(engines[1].predict(x), engines[0].predict(x)) <= 10 * PARAM_TOL
 
 
 @cuda_only
@@ -432,7 +482,7 @@ def test_large_slab_update_matches_cpu(opt, monkeypatch, rng):
 
 
 CONV_PATH_MODELS = ("conv_pool", "conv_groups_dilation", "conv_long_k", "conv_relu_dense", "batchnorm2d",
-                    "conv_s2_dgrad")
+                    "conv_s2_dgrad", "conv_implicit_s1")
 
 
 @cuda_only

@@ -310,17 +310,18 @@ static int64_t dw_part_splits(int64_t nb) { return (nb + DW_MIN_CHUNK - 1) / DW_
  * dcol, col2im and the layers below, which reuse the shared workspace. A convolution that may
  * take conv_dgrad_s2 (s2: conv_s2's geometry) has room for dz's four copies dzs (4, OC, nb) at
  * dzt instead (dzt itself is copy 1, at dzs + OC*nb with the step's nb) and, last, for wc (9, OC,
- * C), written by the forward and kept for backward; sized by the geometry alone, so tf32 and the
- * forced GEMM modes leave them unused. */
+ * C), written by the forward and kept for backward; one whose dx may be an implicit product (s1:
+ * conv_s1's geometry) has room there for W flipped (C, OC*9). Sized by the geometry alone, so
+ * tf32, the forced GEMM modes and MPSCY_CUDA_IMPLICIT=0 leave them unused. */
 struct conv_slab { int64_t dzt, part, dbp, wc, total; };
 static int64_t round4(int64_t f) { return (f + 3) & ~(int64_t)3; }
-static conv_slab slab_of(const conv_geom &g, int64_t nb_built, bool s2) {
+static conv_slab slab_of(const conv_geom &g, int64_t nb_built, bool s2, bool s1) {
     conv_slab s;
     s.dzt = round4(g.k * nb_built);
     s.part = s.dzt + round4((s2 ? 4 : 1) * g.oc * nb_built);
     s.dbp = s.part + round4(dw_part_splits(nb_built) * g.kg * g.ocg);
     s.wc = s.dbp + round4((nb_built + DZ_CHUNK - 1) / DZ_CHUNK * g.oc);
-    s.total = s.wc + (s2 ? round4(9 * g.oc * g.c) : 0);
+    s.total = s.wc + (s2 || s1 ? round4(9 * g.oc * g.c) : 0);
     return s;
 }
 
@@ -328,6 +329,12 @@ static conv_slab slab_of(const conv_geom &g, int64_t nb_built, bool s2) {
  * even, and dx wanted (the input has a gradient) */
 static bool conv_s2(const mpscy_plan *p, const mpscy_node *n, const conv_geom &g) {
     return cu_conv_s2_fits(&g) && p->nodes[n->in[0]].grad;
+}
+
+/* whether dx may come from an implicit product (conv_implicit.cu): a 3x3 stride-1 convolution
+ * whose input's shape fits it, and dx wanted */
+static bool conv_s1(const mpscy_plan *p, const mpscy_node *n, const conv_geom &g) {
+    return cu_conv_implicit_dgrad_fits(&g) && p->nodes[n->in[0]].grad;
 }
 
 /* the shared workspace (main stream only): the forward's (OC, nb) result or split partials, then
@@ -356,6 +363,12 @@ static bool conv_mma(const cu_graph *gr, int which, int64_t nb_built) {
  * col2im: one test for the forward, which re-lays W for it, and the backward */
 static bool conv_s2_dx(const cu_graph *gr, const mpscy_node *n, const conv_geom &g) {
     return gr->dy[n->in[0]] && conv_s2(&gr->plan, n, g) && conv_mma(gr, CONV_DCOL, gr->plan.batch * g.ohw);
+}
+
+/* the same for dx as an implicit product (a stride-1 convolution; W flipped by the forward) */
+static bool conv_s1_dx(const cu_graph *gr, const mpscy_node *n, const conv_geom &g) {
+    return gr->implicit && gr->dy[n->in[0]] && conv_s1(&gr->plan, n, g) && conv_own(gr) &&
+           (uintptr_t)gr->dy[n->in[0]] % 8 == 0;
 }
 
 static int conv_gemm(cu_graph *gr, int which, int side, const conv_geom &g, int64_t nb, int64_t nb_built, float *c,
@@ -458,7 +471,11 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
     const float *x = gr->y[n->in[0]];                          // (b, C, H, W)
     int relu = (gr->fuse[i] & CU_FUSE_RELU) != 0;
     if (train && conv_s2_dx(gr, n, g)) {
-        int st = cu_conv_s2_weights(gr, &g, col + slab_of(g, p->batch * g.ohw, true).wc, w, err, en);
+        int st = cu_conv_s2_weights(gr, &g, col + slab_of(g, p->batch * g.ohw, true, false).wc, w, err, en);
+        if (st != MPSCY_OK) return st;
+    }
+    if (train && conv_s1_dx(gr, n, g)) {
+        int st = cu_conv_flip_weights(gr, &g, col + slab_of(g, p->batch * g.ohw, false, true).wc, w, err, en);
         if (st != MPSCY_OK) return st;
     }
     if (cu_conv_direct_fits(&g)) {
@@ -471,6 +488,20 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
             if (st != MPSCY_OK) return st;
         }
         return cu_conv_direct(gr, &g, gr->y[i], x, w, bias, b, relu, err, en);
+    }
+    if (gr->implicit && conv_own(gr) && cu_conv_implicit_fits(&g) && (uintptr_t)gr->y[i] % 8 == 0) {
+        /* fp32, 3x3: the product reads x itself; the columns only for a training step's weight
+         * gradient, on the side stream, as above */
+        if (train) {
+            int st = cu_fork(gr, err, en);
+            if (st == MPSCY_OK) st = cu_im2col(gr, gr->side, &g, col, x, b, err, en);
+            if (st != MPSCY_OK) return st;
+        }
+        cu_implicit q = {};
+        q.y = gr->y[i]; q.x = x; q.w = w; q.bias = bias; q.part = gr->ws; q.part_floats = cu_conv_workspace(p, n);
+        q.b = b; q.c = g.c; q.h = g.h; q.w_in = g.w; q.sxc = g.h * g.w; q.sxs = g.c * g.h * g.w;
+        q.m = g.oc; q.oh = g.oh; q.ow = g.ow; q.ph = g.ph; q.pw = g.pw; q.stride = g.sh; q.relu = relu;
+        return cu_conv_implicit(gr, gr->stream, &q, err, en);
     }
     int st = cu_im2col(gr, gr->stream, &g, col, x, b, err, en);
     if (st == MPSCY_OK && conv_own(gr)) {
@@ -521,8 +552,9 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
     conv_geom g = geom(p, n);
     int64_t nb = b * g.ohw, nb_built = p->batch * g.ohw;
     float *dx = gr->dy[n->in[0]];
-    const bool s2 = conv_s2_dx(gr, n, g);  /* dx by conv_dgrad_s2, else dcol and col2im */
-    const conv_slab sl = slab_of(g, nb_built, conv_s2(p, n, g));
+    const bool s2 = conv_s2_dx(gr, n, g);  /* dx by conv_dgrad_s2, */
+    const bool s1 = !s2 && conv_s1_dx(gr, n, g);  /* or an implicit product, else dcol and col2im */
+    const conv_slab sl = slab_of(g, nb_built, conv_s2(p, n, g), conv_s1(p, n, g));
     float *slab = gr->colbuf + gr->col_off[i];
     const float *col = slab;                                   // (K, nb)
     float *dzs = slab + sl.dzt;                                // s2: (4, OC, nb), dz's shifted copies
@@ -561,12 +593,23 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
     for (int64_t gi = 0; gi < g.groups && st == MPSCY_OK; gi++) {
         st = conv_gemm(gr, CONV_DW, 1, g, nb, nb_built, dw + gi * g.ocg * g.kg, NULL, col + gi * g.kg * nb,
                        dzt + gi * g.ocg * nb, part, err, en);
-        if (st == MPSCY_OK && dx && !s2)
+        if (st == MPSCY_OK && dx && !s2 && !s1)
             st = conv_gemm(gr, CONV_DCOL, 0, g, nb, nb_built, dcol + gi * g.kg * nb, w + gi * g.ocg * g.kg, NULL,
                            dzt + gi * g.ocg * nb, NULL, err, en);
     }
     if (st != MPSCY_OK || !dx) return st;
     if (s2) return cu_conv_s2_dgrad(gr, &g, dx, dzs, slab + sl.wc, nb, shifted, (int)n->accum[0], err, en);
+    if (s1) {
+        /* dx = the stride-1 convolution of dz (OC, b*OHW) with W flipped (re-laid by the forward
+         * on the side stream) and padding 2 - p */
+        CU_TRY(cudaStreamWaitEvent(gr->stream, gr->wready, 0), "wt wait");
+        cu_implicit q = {};
+        q.y = dx; q.x = dzt; q.w = slab + sl.wc;
+        q.b = b; q.c = g.oc; q.h = g.oh; q.w_in = g.ow; q.sxc = nb; q.sxs = g.ohw;
+        q.m = g.c; q.oh = g.h; q.ow = g.w; q.ph = 2 - g.ph; q.pw = 2 - g.pw; q.stride = 1;
+        q.accum = (int)n->accum[0];
+        return cu_conv_implicit(gr, gr->stream, &q, err, en);
+    }
     return cu_col2im(gr, &g, dx, dcol, b, (int)n->accum[0], err, en);
 }
 
@@ -587,5 +630,5 @@ void cu_conv_gemm_need(const cu_graph *gr, const mpscy_node *n, int64_t *floats,
 
 int64_t cu_conv_columns(const mpscy_plan *p, const mpscy_node *n) {
     conv_geom g = geom(p, n);
-    return slab_of(g, p->batch * g.ohw, conv_s2(p, n, g)).total;
+    return slab_of(g, p->batch * g.ohw, conv_s2(p, n, g), conv_s1(p, n, g)).total;
 }

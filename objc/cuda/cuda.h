@@ -118,6 +118,7 @@ typedef struct cu_graph {
     unsigned int *gcount;
     int64_t gws_floats, gws_used, gcount_n, gcount_used;
     int gemm_mode;             /* $MPSCY_CUDA_GEMM at build: 1 own kernels, 0 cuBLASLt, 2 by size */
+    int implicit;              /* $MPSCY_CUDA_IMPLICIT at build not 0: conv_implicit.cu where it fits */
     uint8_t *dz_ready;         /* per node, per capture: its dz was written (ReLU mask applied) by a consumer;
                                   for a Dropout between them: its backward was, so it runs none */
     struct cu_fused *fu;       /* the train step as one kernel (mlp.cu), or NULL */
@@ -203,6 +204,31 @@ int cu_conv_s2_fits(const mpscy_conv_geom *cg);
 int cu_conv_s2_weights(cu_graph *g, const mpscy_conv_geom *cg, float *wc, const float *w, char *err, size_t en);
 int cu_conv_s2_dgrad(cu_graph *g, const mpscy_conv_geom *cg, float *dx, float *dzs, const float *wc, int64_t nb,
                      int shifted, int accum, char *err, size_t en);
+/* conv_implicit.cu: a 3x3 convolution (stride 1 or 2, groups 1, dilation 1, OW dividing 64 and
+ * OHW a multiple of 64: cu_conv_implicit_fits) as an implicit 3xTF32 product in the own fp32 path,
+ * with no columns: y (b, M, OH, OW) (added to when accum) from the input at x, sample s channel c
+ * at x + s sxs + c sxc. Also a stride-1 convolution's dx (cu_conv_implicit_dgrad_fits), from dz
+ * (OC, b*OHW) and W flipped and transposed by cu_conv_flip_weights (training forward, side
+ * stream, gr->wready recorded after it). */
+typedef struct cu_implicit {
+    float *y;
+    const float *x, *w, *bias;   /* w (M, 9 C); bias (M) or NULL */
+    float *part;                 /* room for split-K partials (splits, M, b*OH*OW), or NULL */
+    int64_t part_floats;
+    int64_t b, c, h, w_in, sxc, sxs;
+    int64_t m, oh, ow, ph, pw, stride;
+    int relu, accum;
+} cu_implicit;
+int cu_conv_implicit_fits(const mpscy_conv_geom *cg);
+int cu_conv_implicit_dgrad_fits(const mpscy_conv_geom *cg);
+int cu_conv_implicit(cu_graph *g, cudaStream_t s, const cu_implicit *q, char *err, size_t en);
+int cu_conv_flip_weights(cu_graph *g, const mpscy_conv_geom *cg, float *wt, const float *w, char *err, size_t en);
+#if defined(__CUDACC__)
+/* conv.cu: y (b, OC, OHW) channels o0 .. o0 + M = the ordered sum of split partials (splits, M, nb) + bias,
+ * through the ReLU when relu */
+__global__ void conv_fwd_sum(float *y, const float *part, const float *bias, int64_t splits, int64_t M, int64_t nb,
+                             int64_t ohw, int64_t oc, int64_t o0, int relu);
+#endif
 int cu_pool_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
 int cu_pool_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);
 int cu_batchnorm_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
