@@ -137,15 +137,40 @@ __global__ void __launch_bounds__(256) gemm_small(sg_args p) {
     __syncthreads();
     if (!last) return;
     /* the other slices' partials are in L2 (written before their atomic): __ldcg skips L1, and
-     * unlike volatile lets the loads of all slices be in flight together */
-    for (int i = 0; i < 2; i++)
-        for (int j = 0; j < 2; j++) {
-            int64_t m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
-            if (m >= p.m || n >= p.n) continue;
-            float v = 0.0f;
-            for (unsigned s = 0; s < gridDim.z; s++) v += __ldcg(&p.part[s * mn + m * p.n + n]);
-            p.c[m * p.ldc + n] = epilogue(p, m, n, v);
-        }
+     * unlike volatile lets loads be in flight together. The thread's four outputs take their
+     * partials eight slices at a time, all 32 loads issued before the first add (a loop of
+     * dependent loads left one block per tile waiting ~S latencies: a long tail on few SMs);
+     * each output still adds its slices in order 0 .. S - 1 */
+    bool ok[4];
+    int64_t at[4];
+    float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        const int64_t m = m0 + ty + 16 * (e >> 1), n = n0 + tx + 16 * (e & 1);
+        ok[e] = m < p.m && n < p.n;
+        at[e] = ok[e] ? m * p.n + n : 0;
+    }
+    const unsigned S = gridDim.z;
+    unsigned s = 0;
+    for (; s + 8 <= S; s += 8) {
+        float r[4][8];
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+#pragma unroll
+            for (int q = 0; q < 8; q++) r[e][q] = __ldcg(&p.part[(s + q) * mn + at[e]]);
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+#pragma unroll
+            for (int q = 0; q < 8; q++) v[e] += r[e][q];
+    }
+    for (; s < S; s++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) v[e] += __ldcg(&p.part[s * mn + at[e]]);
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        const int64_t m = m0 + ty + 16 * (e >> 1), n = n0 + tx + 16 * (e & 1);
+        if (ok[e]) p.c[m * p.ldc + n] = epilogue(p, m, n, v[e]);
+    }
     if (want_rows && tid < BM && m0 + tid < p.m) {
         float v = 0.0f;
         for (unsigned s = 0; s < gridDim.z; s++) v += __ldcg(&rpart[s * p.m + m0 + tid]);
