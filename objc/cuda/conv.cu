@@ -365,6 +365,11 @@ static bool conv_s2_dx(const cu_graph *gr, const mpscy_node *n, const conv_geom 
     return gr->dy[n->in[0]] && conv_s2(&gr->plan, n, g) && conv_mma(gr, CONV_DCOL, gr->plan.batch * g.ohw);
 }
 
+/* whether the weight gradient is conv_implicit.cu's product from x (no columns at all) */
+static bool conv_implicit_dw(const cu_graph *gr, const conv_geom &g) {
+    return gr->implicit >= 2 && conv_own(gr) && cu_conv_implicit_fits(&g);
+}
+
 /* the same for dx as an implicit product (a stride-1 convolution; W flipped by the forward) */
 static bool conv_s1_dx(const cu_graph *gr, const mpscy_node *n, const conv_geom &g) {
     return gr->implicit && gr->dy[n->in[0]] && conv_s1(&gr->plan, n, g) && conv_own(gr) &&
@@ -481,8 +486,8 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
     if (cu_conv_direct_fits(&g)) {
         /* any precision (fp32 FMA is at least as exact as the products); the columns only for a
          * training step's weight gradient, on the side stream (joined after backward in step.cu),
-         * reading x, which nothing writes again in the step */
-        if (train) {
+         * reading x, which nothing writes again in the step, unless that is an implicit product */
+        if (train && !conv_implicit_dw(gr, g)) {
             int st = cu_fork(gr, err, en);
             if (st == MPSCY_OK) st = cu_im2col(gr, gr->side, &g, col, x, b, err, en);
             if (st != MPSCY_OK) return st;
@@ -491,8 +496,8 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
     }
     if (gr->implicit && conv_own(gr) && cu_conv_implicit_fits(&g) && (uintptr_t)gr->y[i] % 8 == 0) {
         /* fp32, 3x3: the product reads x itself; the columns only for a training step's weight
-         * gradient, on the side stream, as above */
-        if (train) {
+         * gradient (not an implicit one), on the side stream, as above */
+        if (train && !conv_implicit_dw(gr, g)) {
             int st = cu_fork(gr, err, en);
             if (st == MPSCY_OK) st = cu_im2col(gr, gr->side, &g, col, x, b, err, en);
             if (st != MPSCY_OK) return st;
@@ -590,9 +595,13 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
                "conv_db");
         st = CU_LAUNCHED("conv_db");
     }
+    const bool dw_implicit = conv_implicit_dw(gr, g);  /* groups 1 */
     for (int64_t gi = 0; gi < g.groups && st == MPSCY_OK; gi++) {
-        st = conv_gemm(gr, CONV_DW, 1, g, nb, nb_built, dw + gi * g.ocg * g.kg, NULL, col + gi * g.kg * nb,
-                       dzt + gi * g.ocg * nb, part, err, en);
+        if (dw_implicit)
+            st = cu_conv_implicit_dw(gr, gr->side, &g, dw, part, sl.dbp - sl.part, gr->y[n->in[0]], dzt, b, err, en);
+        else
+            st = conv_gemm(gr, CONV_DW, 1, g, nb, nb_built, dw + gi * g.ocg * g.kg, NULL, col + gi * g.kg * nb,
+                           dzt + gi * g.ocg * nb, part, err, en);
         if (st == MPSCY_OK && dx && !s2 && !s1)
             st = conv_gemm(gr, CONV_DCOL, 0, g, nb, nb_built, dcol + gi * g.kg * nb, w + gi * g.ocg * g.kg, NULL,
                            dzt + gi * g.ocg * nb, NULL, err, en);

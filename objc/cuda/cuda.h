@@ -118,7 +118,8 @@ typedef struct cu_graph {
     unsigned int *gcount;
     int64_t gws_floats, gws_used, gcount_n, gcount_used;
     int gemm_mode;             /* $MPSCY_CUDA_GEMM at build: 1 own kernels, 0 cuBLASLt, 2 by size */
-    int implicit;              /* $MPSCY_CUDA_IMPLICIT at build not 0: conv_implicit.cu where it fits */
+    int implicit;              /* $MPSCY_CUDA_IMPLICIT at build (default 1): conv_implicit.cu where it fits for
+                                  the forward and dx (1), and the weight gradient too (2); 0: none */
     uint8_t *dz_ready;         /* per node, per capture: its dz was written (ReLU mask applied) by a consumer;
                                   for a Dropout between them: its backward was, so it runs none */
     struct cu_fused *fu;       /* the train step as one kernel (mlp.cu), or NULL */
@@ -223,11 +224,17 @@ int cu_conv_implicit_fits(const mpscy_conv_geom *cg);
 int cu_conv_implicit_dgrad_fits(const mpscy_conv_geom *cg);
 int cu_conv_implicit(cu_graph *g, cudaStream_t s, const cu_implicit *q, char *err, size_t en);
 int cu_conv_flip_weights(cu_graph *g, const mpscy_conv_geom *cg, float *wt, const float *w, char *err, size_t en);
+/* dW (OC, 9 C) of a cu_conv_implicit_fits convolution from x and dz (OC, b*OHW), no columns: split
+ * over the pixels into partials in part (part_floats of room), added in order (conv_sum_parts) */
+int cu_conv_implicit_dw(cu_graph *g, cudaStream_t s, const mpscy_conv_geom *cg, float *dw, float *part,
+                        int64_t part_floats, const float *x, const float *dz, int64_t b, char *err, size_t en);
 #if defined(__CUDACC__)
 /* conv.cu: y (b, OC, OHW) channels o0 .. o0 + M = the ordered sum of split partials (splits, M, nb) + bias,
  * through the ReLU when relu */
 __global__ void conv_fwd_sum(float *y, const float *part, const float *bias, int64_t splits, int64_t M, int64_t nb,
                              int64_t ohw, int64_t oc, int64_t o0, int relu);
+/* conv.cu: out (count) = the sum of `splits` partials (splits, count), in order */
+__global__ void conv_sum_parts(float *out, const float *part, int64_t count, int64_t splits);
 #endif
 int cu_pool_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
 int cu_pool_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);
