@@ -246,12 +246,11 @@ def _implicit_residual():
 
 
 @cuda_only
-@pytest.mark.parametrize("implicit", ["2", "1", "0"])
+@pytest.mark.parametrize("implicit", ["1", "0"])
 def test_implicit_conv_accumulated_and_input_gradients_match_cpu(implicit, monkeypatch, rng):
     """The implicit product adding to dx, its dx of the model's input (gradients with the input's,
     a partial batch of 13), training over full and partial batches of 9 and 7 (b*OH*OW = 576 and
-    448: 9 and 7 pixel tiles for the implicit weight gradient), then prediction; the same with
-    MPSCY_CUDA_IMPLICIT=1 (the weight gradient from columns) and 0 (im2col and the products)."""
+    448), then prediction; and the same with MPSCY_CUDA_IMPLICIT=0 (im2col and the products)."""
     monkeypatch.setenv("MPSCY_CUDA_IMPLICIT", implicit)
     engines = [mpscy.Engine(_implicit_residual(), batch_size=16, device=d, seed=3, input_gradients=True)
                for d in ("cpu", "cuda")]
@@ -264,22 +263,6 @@ def test_implicit_conv_accumulated_and_input_gradients_match_cpu(implicit, monke
             assert rel_err(gg[k], gc[k]) <= PARAM_TOL, k
     compare_training(*engines, rng, rows=[16, 9, 16, 7])
     assert rel_err(engines[1].predict(x), engines[0].predict(x)) <= 10 * PARAM_TOL
-
-
-IMPLICIT_DW_MODELS = ("conv_implicit_s1", "conv_implicit_pads", "conv_implicit_s2_wide", "conv_implicit_narrow",
-                      "conv_long_k")
-
-
-@cuda_only
-@pytest.mark.parametrize("name", IMPLICIT_DW_MODELS)
-def test_implicit_weight_gradient_matches_cpu(name, monkeypatch, rng):
-    """MPSCY_CUDA_IMPLICIT=2: the weight gradient as conv_implicit_dw's product from x (no
-    columns): strides 1 and 2, paddings 0-2, rows of 4-32 pixels, 2-40 input channels (a stage's
-    8 channels partly past C), split over pixel tiles and added in order, with partial batches."""
-    monkeypatch.setenv("MPSCY_CUDA_IMPLICIT", "2")
-    build, shape = LAYER_MODELS[name]
-    cpu, gpu = pair(build, shape)
-    compare_training(cpu, gpu, rng, rows=[16, 9, 16, 7])
 
 
 @cuda_only

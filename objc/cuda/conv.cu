@@ -365,11 +365,6 @@ static bool conv_s2_dx(const cu_graph *gr, const mpscy_node *n, const conv_geom 
     return gr->dy[n->in[0]] && conv_s2(&gr->plan, n, g) && conv_mma(gr, CONV_DCOL, gr->plan.batch * g.ohw);
 }
 
-/* whether the weight gradient is conv_implicit.cu's product from x (no columns at all) */
-static bool conv_implicit_dw(const cu_graph *gr, const conv_geom &g) {
-    return gr->implicit >= 2 && conv_own(gr) && cu_conv_implicit_fits(&g);
-}
-
 /* the same for dx as an implicit product (a stride-1 convolution; W flipped by the forward) */
 static bool conv_s1_dx(const cu_graph *gr, const mpscy_node *n, const conv_geom &g) {
     return gr->implicit && gr->dy[n->in[0]] && conv_s1(&gr->plan, n, g) && conv_own(gr) &&
@@ -475,33 +470,39 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
     const float *bias = cu_tensor(gr, n, MPSCY_ROLE_PARAM, 1); // (OC) or NULL
     const float *x = gr->y[n->in[0]];                          // (b, C, H, W)
     int relu = (gr->fuse[i] & CU_FUSE_RELU) != 0;
-    if (train && conv_s2_dx(gr, n, g)) {
-        int st = cu_conv_s2_weights(gr, &g, col + slab_of(g, p->batch * g.ohw, true, false).wc, w, err, en);
+    const bool s2 = train && conv_s2_dx(gr, n, g), s1 = train && conv_s1_dx(gr, n, g);
+    if (s2 || s1) {
+        /* W re-laid for the backward's dx on the side stream, off the critical path, then
+         * gr->wready recorded; the backward waits on it. In a capture (and eagerly, for a partial
+         * batch) a wait refers to the event's latest record at the time of the wait: the
+         * forward's records all precede any backward work on the in-order side stream, and the
+         * latest follows every earlier re-layout, so the wait covers them all without waiting
+         * for the backward's side work. W is not written until the optimizer, after the join. */
+        float *wc = col + slab_of(g, p->batch * g.ohw, conv_s2(p, n, g), conv_s1(p, n, g)).wc;
+        int st = cu_fork(gr, err, en);
+        if (st == MPSCY_OK)
+            st = s2 ? cu_conv_s2_weights(gr, gr->side, &g, wc, w, err, en)
+                    : cu_conv_flip_weights(gr, gr->side, &g, wc, w, err, en);
         if (st != MPSCY_OK) return st;
+        CU_TRY(cudaEventRecord(gr->wready, gr->side), "wc event");
     }
-    if (train && conv_s1_dx(gr, n, g)) {
-        int st = cu_conv_flip_weights(gr, &g, col + slab_of(g, p->batch * g.ohw, false, true).wc, w, err, en);
-        if (st != MPSCY_OK) return st;
-    }
+    /* a forward that reads x itself (direct, or implicit) builds the columns only for a training
+     * step's weight gradient, on the side stream (joined after backward in step.cu), reading x,
+     * which nothing writes again in the step */
+    auto side_columns = [&]() -> int {
+        if (!train) return MPSCY_OK;
+        int st = cu_fork(gr, err, en);
+        return st == MPSCY_OK ? cu_im2col(gr, gr->side, &g, col, x, b, err, en) : st;
+    };
     if (cu_conv_direct_fits(&g)) {
-        /* any precision (fp32 FMA is at least as exact as the products); the columns only for a
-         * training step's weight gradient, on the side stream (joined after backward in step.cu),
-         * reading x, which nothing writes again in the step, unless that is an implicit product */
-        if (train && !conv_implicit_dw(gr, g)) {
-            int st = cu_fork(gr, err, en);
-            if (st == MPSCY_OK) st = cu_im2col(gr, gr->side, &g, col, x, b, err, en);
-            if (st != MPSCY_OK) return st;
-        }
-        return cu_conv_direct(gr, &g, gr->y[i], x, w, bias, b, relu, err, en);
+        /* any precision (fp32 FMA is at least as exact as the products) */
+        int st = side_columns();
+        return st != MPSCY_OK ? st : cu_conv_direct(gr, &g, gr->y[i], x, w, bias, b, relu, err, en);
     }
     if (gr->implicit && conv_own(gr) && cu_conv_implicit_fits(&g) && (uintptr_t)gr->y[i] % 8 == 0) {
-        /* fp32, 3x3: the product reads x itself; the columns only for a training step's weight
-         * gradient (not an implicit one), on the side stream, as above */
-        if (train && !conv_implicit_dw(gr, g)) {
-            int st = cu_fork(gr, err, en);
-            if (st == MPSCY_OK) st = cu_im2col(gr, gr->side, &g, col, x, b, err, en);
-            if (st != MPSCY_OK) return st;
-        }
+        /* fp32, 3x3: the product reads x itself */
+        int st = side_columns();
+        if (st != MPSCY_OK) return st;
         cu_implicit q = {};
         q.y = gr->y[i]; q.x = x; q.w = w; q.bias = bias; q.part = gr->ws; q.part_floats = cu_conv_workspace(p, n);
         q.b = b; q.c = g.c; q.h = g.h; q.w_in = g.w; q.sxc = g.h * g.w; q.sxs = g.c * g.h * g.w;
@@ -595,23 +596,18 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
                "conv_db");
         st = CU_LAUNCHED("conv_db");
     }
-    const bool dw_implicit = conv_implicit_dw(gr, g);  /* groups 1 */
     for (int64_t gi = 0; gi < g.groups && st == MPSCY_OK; gi++) {
-        if (dw_implicit)
-            st = cu_conv_implicit_dw(gr, gr->side, &g, dw, part, sl.dbp - sl.part, gr->y[n->in[0]], dzt, b, err, en);
-        else
-            st = conv_gemm(gr, CONV_DW, 1, g, nb, nb_built, dw + gi * g.ocg * g.kg, NULL, col + gi * g.kg * nb,
-                           dzt + gi * g.ocg * nb, part, err, en);
+        st = conv_gemm(gr, CONV_DW, 1, g, nb, nb_built, dw + gi * g.ocg * g.kg, NULL, col + gi * g.kg * nb,
+                       dzt + gi * g.ocg * nb, part, err, en);
         if (st == MPSCY_OK && dx && !s2 && !s1)
             st = conv_gemm(gr, CONV_DCOL, 0, g, nb, nb_built, dcol + gi * g.kg * nb, w + gi * g.ocg * g.kg, NULL,
                            dzt + gi * g.ocg * nb, NULL, err, en);
     }
     if (st != MPSCY_OK || !dx) return st;
+    if (s2 || s1) CU_TRY(cudaStreamWaitEvent(gr->stream, gr->wready, 0), "wc wait");  /* W re-laid (forward) */
     if (s2) return cu_conv_s2_dgrad(gr, &g, dx, dzs, slab + sl.wc, nb, shifted, (int)n->accum[0], err, en);
     if (s1) {
-        /* dx = the stride-1 convolution of dz (OC, b*OHW) with W flipped (re-laid by the forward
-         * on the side stream) and padding 2 - p */
-        CU_TRY(cudaStreamWaitEvent(gr->stream, gr->wready, 0), "wt wait");
+        /* dx = the stride-1 convolution of dz (OC, b*OHW) with W flipped and padding 2 - p */
         cu_implicit q = {};
         q.y = dx; q.x = dzt; q.w = slab + sl.wc;
         q.b = b; q.c = g.oc; q.h = g.oh; q.w_in = g.ow; q.sxc = nb; q.sxs = g.ohw;

@@ -19,11 +19,9 @@
  * into a shared dx). A grid under one block per multiprocessor splits the stages over
  * blockIdx.z into partials (splits, M, nb), which conv.cu's conv_fwd_sum adds in order.
  *
- * With MPSCY_CUDA_IMPLICIT=2 the weight gradient is one too (conv_implicit_dw, below), and no
- * columns are built at all. Measured on the H200 (README CNN, ncu): it removes the four im2col
- * passes (25.5 us) but takes 81 us against 53.5 for the column-based products (conv1's, with 3
- * of a stage's 8 channels used, 17.6 against 8.6), and the step did not move (A/B 314.6 against
- * 313.7 us), so it is not the default. */
+ * The weight gradient as the same kind of product from x (no columns at all) was measured on the
+ * H200 and is not here: 81 us of products against 53.5 + 25.5 of im2col, and the step did not
+ * move (bench/cuda_notes.md; branch exp/implicit-dw). */
 #include <algorithm>
 
 #include "cuda.h"
@@ -197,7 +195,7 @@ __global__ void __launch_bounds__(256, 2) conv_implicit_kernel(ig_args a) {
 
 /* The flipped, transposed weights of a stride-1 convolution's data gradient: wt (C, OC*9) with
  * wt[c, o*9 + 8 - tap] = W[o, c*9 + tap] (tap = 3 ki + kj), so that dx is the forward product of
- * dz with wt and padding 2 - p. Run by a training forward on the side stream. */
+ * dz with wt and padding 2 - p. Launched by a training forward on the side stream (conv.cu). */
 __global__ void conv_w_flip(float *wt, const float *w, int64_t oc, int64_t c) {
     cu_pdl_enter();
     const unsigned C = (unsigned)c, total = (unsigned)(oc * c * 9);
@@ -217,15 +215,12 @@ int cu_conv_implicit_dgrad_fits(const mpscy_conv_geom *g) {
            g->ph <= 2 && g->pw <= 2 && g->w <= 64 && 64 % g->w == 0 && (g->h * g->w) % 64 == 0;
 }
 
-int cu_conv_flip_weights(cu_graph *gr, const mpscy_conv_geom *g, float *wt, const float *w, char *err, size_t en) {
-    int st = cu_fork(gr, err, en);
-    if (st != MPSCY_OK) return st;
-    CU_TRY(cu_launch(gr, conv_w_flip, cu_blocks(9 * g->oc * g->c, CU_THREADS, 1024), CU_THREADS, gr->side, wt, w,
-                     g->oc, g->c),
+int cu_conv_flip_weights(cu_graph *gr, cudaStream_t s, const mpscy_conv_geom *g, float *wt, const float *w, char *err,
+                         size_t en) {
+    CU_TRY(cu_launch(gr, conv_w_flip, cu_blocks(9 * g->oc * g->c, CU_THREADS, 1024), CU_THREADS, s, wt, w, g->oc,
+                     g->c),
            "conv_w_flip");
-    if ((st = CU_LAUNCHED("conv_w_flip")) != MPSCY_OK) return st;
-    CU_TRY(cudaEventRecord(gr->wready, gr->side), "wt event");
-    return MPSCY_OK;
+    return CU_LAUNCHED("conv_w_flip");
 }
 
 typedef void (*ig_fn)(ig_args);
@@ -266,171 +261,4 @@ int cu_conv_implicit(cu_graph *gr, cudaStream_t stream, const cu_implicit *q, ch
                      q->relu),
            "conv_implicit_sum");
     return CU_LAUNCHED("conv_implicit_sum");
-}
-
-/* The weight gradient without columns: dW (M, K = 9 C) = sum over the b*OHW output pixels n of
- * dz (M, n) col (k, n), with col (k, n) read, as in the forward, from a patch of x: block
- * (x, y, z) takes the 72 columns of W of input channels 8x .. 8x + 7 (K past 9 C is never
- * written), output channels y (16 TM), and the 64-pixel tiles [z per, (z + 1) per) of the
- * b*OHW / 64, one tile (R whole output rows of one image) a pipeline stage: dz's (16 TM) x 64 slice
- * and the 8 channels' patch by cp.async, MMA_STAGES in flight. The products reduce over the
- * tile's pixels (8 k-steps of 8): A (m, p) = dz (m, p), B (p, k) = the patch's element (c, r S +
- * ki, q S + kj) of k = (c, ki, kj) and pixel p = (r, q). 8 warps as TM (m-tiles of 16) x 8 / TM
- * (the 9 n-tiles of 8 columns shared out). Each block writes its partial (M, K) at part + z M K
- * (part is dW itself when there is one split); conv_sum_parts adds the splits in order. */
-struct igw_args {
-    float *part;
-    const float *x, *dz;     /* x: channel c of sample s at x + s sxs + c sxc (rows of w_in); dz (M, nb) */
-    int c, h, w_in, sxc, sxs;
-    int m, ohw, ow, nb, k;   /* k = 9 c */
-    int ih0, iw0, pr, pc, per;
-};
-
-#define IGW_DLD 68  /* dz's row of 64 pixels in shared memory: a warp's fragment reads hit 32 banks */
-
-template <int TM>
-constexpr int igw_smem_bytes() {
-    return (MMA_STAGES * (16 * TM * IGW_DLD + IG_PATCH) + IG_PATCH) * (int)sizeof(float) + IG_PATCH;
-}
-
-template <int TM, int S>
-__global__ void __launch_bounds__(256, 2) conv_implicit_dw(igw_args a) {
-    constexpr int BM = 16 * TM, WM = TM, WN = 8 / TM, NI = (9 + WN - 1) / WN;
-    extern __shared__ __align__(16) float mma_smem[];
-    float *dsm = mma_smem, *psm = dsm + MMA_STAGES * BM * IGW_DLD;
-    int *ptab = reinterpret_cast<int *>(psm + MMA_STAGES * IG_PATCH);
-    unsigned char *prow = reinterpret_cast<unsigned char *>(ptab + IG_PATCH);
-    const int tid = threadIdx.x, lane = tid & 31, wp = tid >> 5, g = lane >> 2, t = lane & 3;
-    const int wm = (wp % WM) * 16, wn = wp / WM, j0 = 9 * wn / WN, nj = 9 * (wn + 1) / WN - j0;
-    const int c0 = blockIdx.x * IG_CB, m0 = blockIdx.y * BM;
-    const int prpc = a.pr * a.pc, pe = IG_CB * prpc, cn = min(IG_CB, a.c - c0);
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-    /* patch element e = (c, row, column): its offset from the tile's first row (column and
-     * channel folded in; -1 outside the image's columns or past C), and its row */
-    for (int e = tid; e < pe; e += 256) {
-        const int c = e / prpc, r = e - c * prpc, pr = r / a.pc, pc = r - pr * a.pc, iw = a.iw0 + pc;
-        ptab[e] = c < cn && (unsigned)iw < (unsigned)a.w_in ? c * a.sxc + pr * a.w_in + iw : -1;
-        prow[e] = (unsigned char)pr;
-    }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-    __syncthreads();
-    const int tiles = a.nb / 64, t0 = blockIdx.z * a.per, ns = min(tiles, t0 + a.per) - t0;
-
-    /* pixel tile tt's dz slice and patch into slot `slot` */
-    auto load = [&](int tt, int slot) {
-        float *ds = dsm + slot * BM * IGW_DLD, *ps = psm + slot * IG_PATCH;
-        const int n0 = tt * 64, s = n0 / a.ohw, row0 = (n0 - s * a.ohw) / a.ow * S + a.ih0;
-        for (int e = tid; e < BM * 16; e += 256) {
-            const int r = e >> 4, q = (e & 15) * 4;
-            const bool ok = m0 + r < a.m;
-            cp_async16(ds + r * IGW_DLD + q, ok ? a.dz + (size_t)(m0 + r) * a.nb + n0 + q : a.dz, ok);
-        }
-        const float *xb = a.x + (size_t)s * a.sxs + (size_t)c0 * a.sxc;
-        for (int e = tid; e < pe; e += 256) {
-            const int o = ptab[e], ih = row0 + prow[e];
-            const bool ok = o >= 0 && (unsigned)ih < (unsigned)a.h;
-            cp_async4(ps + e, ok ? xb + (ptrdiff_t)row0 * a.w_in + o : a.x, ok);
-        }
-    };
-
-    float acc[NI * 4];
-#pragma unroll
-    for (int e = 0; e < NI * 4; e++) acc[e] = 0.0f;
-#pragma unroll
-    for (int q = 0; q < MMA_STAGES - 1; q++) {
-        if (q < ns) load(t0 + q, q);
-        cp_async_commit();
-    }
-    /* this thread's B reads: column kidx = 8 (j0 + j) + g at patch offset kofs[j]; pixel 8 kk + t
-     * (+ 4) at nofs[kk][0] ([1]) */
-    int kofs[NI], nofs[8][2];
-#pragma unroll
-    for (int j = 0; j < NI; j++) {
-        const int kidx = 8 * (j0 + j) + g, c = kidx / 9, tap = kidx - 9 * c, ki = tap / 3, kj = tap - 3 * ki;
-        kofs[j] = c * prpc + ki * a.pc + kj;
-    }
-#pragma unroll
-    for (int kk = 0; kk < 8; kk++)
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const int p = kk * 8 + t + 4 * h, r = p / a.ow, q = p - r * a.ow;
-            nofs[kk][h] = r * S * a.pc + q * S;
-        }
-    for (int i = 0; i < ns; i++) {
-        cp_async_wait<MMA_STAGES - 2>();
-        __syncthreads();
-        const int nx = i + MMA_STAGES - 1;
-        if (nx < ns) load(t0 + nx, nx % MMA_STAGES);
-        cp_async_commit();
-        const float *sa = dsm + (i % MMA_STAGES) * BM * IGW_DLD, *sp = psm + (i % MMA_STAGES) * IG_PATCH;
-#pragma unroll
-        for (int kk = 0; kk < 8; kk++) {
-            const int k = kk * 8;
-            uint32_t ab[4], as[4], bb[2], bs[2];
-            tf32_split(sa[(wm + g) * IGW_DLD + k + t], ab[0], as[0]);
-            tf32_split(sa[(wm + g + 8) * IGW_DLD + k + t], ab[1], as[1]);
-            tf32_split(sa[(wm + g) * IGW_DLD + k + t + 4], ab[2], as[2]);
-            tf32_split(sa[(wm + g + 8) * IGW_DLD + k + t + 4], ab[3], as[3]);
-#pragma unroll
-            for (int j = 0; j < NI; j++) {
-                if (j >= nj) break;
-                tf32_split(sp[kofs[j] + nofs[kk][0]], bb[0], bs[0]);
-                tf32_split(sp[kofs[j] + nofs[kk][1]], bb[1], bs[1]);
-                float *cc = &acc[j * 4];
-                mma_tf32(cc, as, bb);
-                mma_tf32(cc, ab, bs);
-                mma_tf32(cc, ab, bb);
-            }
-        }
-    }
-    cp_async_wait<0>();
-    /* fragment j's four values: rows g, g + 8 (q >= 2), columns 2t, 2t + 1 (q odd) of n-tile j0 + j */
-    float *out = a.part + (size_t)blockIdx.z * a.m * a.k;
-#pragma unroll
-    for (int j = 0; j < NI; j++) {
-        if (j >= nj) break;
-#pragma unroll
-        for (int q = 0; q < 4; q++) {
-            const int m = m0 + wm + g + (q >= 2 ? 8 : 0), kidx = 8 * (j0 + j) + 2 * t + (q & 1), kg = c0 * 9 + kidx;
-            if (m < a.m && kidx < 9 * cn) out[(size_t)m * a.k + kg] = acc[j * 4 + q];
-        }
-    }
-}
-
-int cu_conv_implicit_dw(cu_graph *gr, cudaStream_t stream, const mpscy_conv_geom *cg, float *dw, float *part,
-                        int64_t part_floats, const float *x, const float *dz, int64_t b, char *err, size_t en) {
-    typedef void (*igw_fn)(igw_args);
-    static const igw_fn kinds[2][2] = {{conv_implicit_dw<2, 1>, conv_implicit_dw<2, 2>},
-                                       {conv_implicit_dw<4, 1>, conv_implicit_dw<4, 2>}};
-    const conv_geom &g = *cg;
-    const bool tm4 = g.oc > 32;
-    const int bm = tm4 ? 64 : 32, bytes = tm4 ? igw_smem_bytes<4>() : igw_smem_bytes<2>();
-    igw_args a = {};
-    a.x = x; a.dz = dz;
-    a.c = (int)g.c; a.h = (int)g.h; a.w_in = (int)g.w; a.sxc = (int)(g.h * g.w); a.sxs = (int)(g.c * g.h * g.w);
-    a.m = (int)g.oc; a.ohw = (int)g.ohw; a.ow = (int)g.ow; a.nb = (int)(b * g.ohw); a.k = (int)(9 * g.c);
-    a.ih0 = -(int)g.ph; a.iw0 = -(int)g.pw;
-    a.pr = (int)((64 / g.ow - 1) * g.sh + 3); a.pc = (int)((g.ow - 1) * g.sh + 3);
-    if (IG_CB * a.pr * a.pc > IG_PATCH || a.pr > 255)
-        return MPSCY_FAIL(err, en, MPSCY_DEVICE, CU, "conv_implicit_dw: a patch of %d floats", IG_CB * a.pr * a.pc);
-    const int64_t gx = (g.c + IG_CB - 1) / IG_CB, gy = (g.oc + bm - 1) / bm, tiles = a.nb / 64;
-    /* one wave of two blocks per multiprocessor, at least two tiles a split, within part */
-    int64_t splits = std::min({2 * (int64_t)gr->dev->sms / (gx * gy), tiles / 2, part_floats / (g.oc * 9 * g.c)});
-    if (splits < 1) splits = 1;
-    a.per = (int)((tiles + splits - 1) / splits);
-    splits = (tiles + a.per - 1) / a.per;
-    a.part = splits > 1 ? part : dw;
-    CU_TRY(mma_launch(gr, stream, kinds[tm4][g.sh == 2], dim3((unsigned)gx, (unsigned)gy, (unsigned)splits), bytes, a),
-           "conv_implicit_dw");
-    int st = CU_LAUNCHED("conv_implicit_dw");
-    if (st != MPSCY_OK || splits == 1) return st;
-    const int64_t kgo = g.oc * 9 * g.c;
-    CU_TRY(cu_launch(gr, conv_sum_parts, cu_blocks(kgo, 32, 4096), CU_THREADS, stream, dw, (const float *)part, kgo,
-                     splits),
-           "conv_implicit_dw_sum");
-    return CU_LAUNCHED("conv_implicit_dw_sum");
 }

@@ -106,29 +106,19 @@ static dgrad_fn dgrad_kind(bool tm4, bool va, bool vb, int *bytes) {
     return kinds[tm4][va][vb];
 }
 
-/* A training forward of a convolution whose dx conv_dgrad_s2 will compute (conv.cu decides) re-lays W into its slab's wc on the side stream,
- * off the critical path, and records gr->wready after it; its backward waits on that event before
- * conv_dgrad_s2. In a capture (and eagerly, for a partial batch) a wait refers to the event's
- * latest record at the time of the wait: the forward's records all precede any backward work on
- * the in-order side stream, and the latest (the last such convolution's forward) follows every
- * earlier conv_w_s2, so the wait covers them all without waiting for the backward's side work.
- * W is not written until the optimizer, after the step's final join. */
-int cu_conv_s2_weights(cu_graph *gr, const mpscy_conv_geom *cg, float *wc, const float *w, char *err, size_t en) {
+/* W re-laid into wc for conv_dgrad_s2, on stream s (a training forward's side stream: conv.cu) */
+int cu_conv_s2_weights(cu_graph *gr, cudaStream_t s, const mpscy_conv_geom *cg, float *wc, const float *w, char *err,
+                       size_t en) {
     const conv_geom &g = *cg;
-    int st = cu_fork(gr, err, en);
-    if (st != MPSCY_OK) return st;
-    CU_TRY(cu_launch(gr, conv_w_s2, cu_blocks(9 * g.oc * g.c, CU_THREADS, 1024), CU_THREADS, gr->side, wc, w, g.oc,
-                     g.c),
+    CU_TRY(cu_launch(gr, conv_w_s2, cu_blocks(9 * g.oc * g.c, CU_THREADS, 1024), CU_THREADS, s, wc, w, g.oc, g.c),
            "conv_w_s2");
-    if ((st = CU_LAUNCHED("conv_w_s2")) != MPSCY_OK) return st;
-    CU_TRY(cudaEventRecord(gr->wready, gr->side), "wc event");
-    return MPSCY_OK;
+    return CU_LAUNCHED("conv_w_s2");
 }
 
 /* dx (b, C, H, W) of a cu_conv_s2_fits convolution from dzs (4, OC, nb) whose copy 1 (dzt) is written
- * (all four when shifted: conv_dz_kernel<true>) and wc (9, OC, C), W re-laid by the forward on the
- * side stream (cu_conv_s2_weights): dz's three other copies unless shifted, the wait for wc, then the
- * four classes in one launch */
+ * (all four when shifted: conv_dz_kernel<true>) and wc (9, OC, C), W re-laid by the forward
+ * (cu_conv_s2_weights; the caller has waited for it): dz's three other copies unless shifted,
+ * then the four classes in one launch */
 int cu_conv_s2_dgrad(cu_graph *gr, const mpscy_conv_geom *cg, float *dx, float *dzs, const float *wc, int64_t nb,
                      int shifted, int accum, char *err, size_t en) {
     const conv_geom &g = *cg;
@@ -139,7 +129,6 @@ int cu_conv_s2_dgrad(cu_graph *gr, const mpscy_conv_geom *cg, float *dx, float *
         int st = CU_LAUNCHED("conv_dz_shift");
         if (st != MPSCY_OK) return st;
     }
-    CU_TRY(cudaStreamWaitEvent(gr->stream, gr->wready, 0), "wc wait");
     int bytes;
     const bool tm4 = g.c > 32;
     dgrad_fn k = dgrad_kind(tm4, g.c % 4 == 0 && cu_aligned16(wc), nb % 4 == 0 && cu_aligned16(dzs), &bytes);

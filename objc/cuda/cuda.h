@@ -110,7 +110,7 @@ typedef struct cu_graph {
     size_t tables_bytes;
     cudaStream_t stream, side; /* side: weight gradients, off the critical path */
     cudaEvent_t fork, join;
-    cudaEvent_t wready;        /* on side: a training forward re-laid W for conv_dgrad_s2 (conv.cu) */
+    cudaEvent_t wready;        /* on side: a training forward re-laid W for its backward's dx (conv.cu) */
     int forked;                /* capture state: the side stream has work to join */
     cudaGraphExec_t exec[CU_KINDS];  /* the captured step of each kind at the built batch */
     /* own small GEMMs (gemm.cu): split-K partials and tile counters, handed out in capture order */
@@ -118,8 +118,7 @@ typedef struct cu_graph {
     unsigned int *gcount;
     int64_t gws_floats, gws_used, gcount_n, gcount_used;
     int gemm_mode;             /* $MPSCY_CUDA_GEMM at build: 1 own kernels, 0 cuBLASLt, 2 by size */
-    int implicit;              /* $MPSCY_CUDA_IMPLICIT at build (default 1): conv_implicit.cu where it fits for
-                                  the forward and dx (1), and the weight gradient too (2); 0: none */
+    int implicit;              /* $MPSCY_CUDA_IMPLICIT at build not 0: conv_implicit.cu where it fits */
     uint8_t *dz_ready;         /* per node, per capture: its dz was written (ReLU mask applied) by a consumer;
                                   for a Dropout between them: its backward was, so it runs none */
     struct cu_fused *fu;       /* the train step as one kernel (mlp.cu), or NULL */
@@ -198,19 +197,20 @@ int cu_conv_direct_fits(const mpscy_conv_geom *cg);
 int cu_conv_direct(cu_graph *g, const mpscy_conv_geom *cg, float *y, const float *x, const float *w, const float *bias,
                    int64_t b, int relu, char *err, size_t en);
 /* conv_s2.cu: dx of a 3x3, stride-2, pad-1 convolution (groups 1, H and W even: cu_conv_s2_fits)
- * by parity class. cu_conv_s2_weights (training forward): W re-laid into wc (9, OC, C) on the side
- * stream, gr->wready recorded after it. cu_conv_s2_dgrad (backward, main stream): from dzs (4, OC,
- * nb) whose copy 1 is dz (all four when shifted) and wc, into dx (added to when accum). */
+ * by parity class. cu_conv_s2_weights: W re-laid into wc (9, OC, C) on stream s (conv.cu's
+ * training forward, on the side stream). cu_conv_s2_dgrad (backward, main stream): from dzs (4,
+ * OC, nb) whose copy 1 is dz (all four when shifted) and wc, into dx (added to when accum). */
 int cu_conv_s2_fits(const mpscy_conv_geom *cg);
-int cu_conv_s2_weights(cu_graph *g, const mpscy_conv_geom *cg, float *wc, const float *w, char *err, size_t en);
+int cu_conv_s2_weights(cu_graph *g, cudaStream_t s, const mpscy_conv_geom *cg, float *wc, const float *w, char *err,
+                       size_t en);
 int cu_conv_s2_dgrad(cu_graph *g, const mpscy_conv_geom *cg, float *dx, float *dzs, const float *wc, int64_t nb,
                      int shifted, int accum, char *err, size_t en);
 /* conv_implicit.cu: a 3x3 convolution (stride 1 or 2, groups 1, dilation 1, OW dividing 64 and
  * OHW a multiple of 64: cu_conv_implicit_fits) as an implicit 3xTF32 product in the own fp32 path,
  * with no columns: y (b, M, OH, OW) (added to when accum) from the input at x, sample s channel c
  * at x + s sxs + c sxc. Also a stride-1 convolution's dx (cu_conv_implicit_dgrad_fits), from dz
- * (OC, b*OHW) and W flipped and transposed by cu_conv_flip_weights (training forward, side
- * stream, gr->wready recorded after it). */
+ * (OC, b*OHW) and W flipped and transposed by cu_conv_flip_weights on stream s (conv.cu's
+ * training forward, on the side stream). */
 typedef struct cu_implicit {
     float *y;
     const float *x, *w, *bias;   /* w (M, 9 C); bias (M) or NULL */
@@ -223,18 +223,13 @@ typedef struct cu_implicit {
 int cu_conv_implicit_fits(const mpscy_conv_geom *cg);
 int cu_conv_implicit_dgrad_fits(const mpscy_conv_geom *cg);
 int cu_conv_implicit(cu_graph *g, cudaStream_t s, const cu_implicit *q, char *err, size_t en);
-int cu_conv_flip_weights(cu_graph *g, const mpscy_conv_geom *cg, float *wt, const float *w, char *err, size_t en);
-/* dW (OC, 9 C) of a cu_conv_implicit_fits convolution from x and dz (OC, b*OHW), no columns: split
- * over the pixels into partials in part (part_floats of room), added in order (conv_sum_parts) */
-int cu_conv_implicit_dw(cu_graph *g, cudaStream_t s, const mpscy_conv_geom *cg, float *dw, float *part,
-                        int64_t part_floats, const float *x, const float *dz, int64_t b, char *err, size_t en);
+int cu_conv_flip_weights(cu_graph *g, cudaStream_t s, const mpscy_conv_geom *cg, float *wt, const float *w, char *err,
+                         size_t en);
 #if defined(__CUDACC__)
 /* conv.cu: y (b, OC, OHW) channels o0 .. o0 + M = the ordered sum of split partials (splits, M, nb) + bias,
  * through the ReLU when relu */
 __global__ void conv_fwd_sum(float *y, const float *part, const float *bias, int64_t splits, int64_t M, int64_t nb,
                              int64_t ohw, int64_t oc, int64_t o0, int relu);
-/* conv.cu: out (count) = the sum of `splits` partials (splits, count), in order */
-__global__ void conv_sum_parts(float *out, const float *part, int64_t count, int64_t splits);
 #endif
 int cu_pool_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
 int cu_pool_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);

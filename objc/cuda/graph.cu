@@ -152,11 +152,10 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
      * debugging and testing knob); their split-K partials, summed over every Dense product */
     const char *gm = getenv("MPSCY_CUDA_GEMM");
     g->gemm_mode = gm && !strcmp(gm, "own") ? 1 : gm && !strcmp(gm, "cublas") ? 0 : 2;
-    /* 3x3 convolutions as implicit products (conv_implicit.cu) in the own fp32 path: 1 (default)
-     * the forward and dx, the weight gradient from columns; 2 the weight gradient too (no
-     * columns; measured no faster on the README CNN: bench/cuda_notes.md); 0 none */
+    /* 3x3 convolutions as implicit products (conv_implicit.cu) in the own fp32 path; 0 turns them
+     * off: a knob for A/B timing and testing */
     const char *ig = getenv("MPSCY_CUDA_IMPLICIT");
-    g->implicit = ig && ig[0] == '0' ? 0 : ig && ig[0] == '2' ? 2 : 1;
+    g->implicit = !(ig && ig[0] == '0');
     for (int32_t i = 0; i < p->n_nodes; i++) {
         const mpscy_node *node = &p->nodes[i];
         if (node->kind == MPSCY_LAYER_CONV2D) {
