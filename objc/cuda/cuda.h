@@ -82,6 +82,7 @@ typedef struct cu_graph {
     struct mpscy_graph_ base;
     mpscy_plan plan;
     cu_device *dev;
+    int pdl;                   /* its kernels launch with programmatic dependent launch (graph.cu) */
     /* device slabs, one allocation per role */
     float *params;             /* (n_params + n_buffers) */
     float *grads;              /* (n_params) */
@@ -307,9 +308,10 @@ int cu_check_launch(char *err, size_t en, const char *what, const char *func, in
                               CU, "%s: %s", (what), cudaGetErrorString(e_));                  \
     } while (0)
 
-/* Programmatic dependent launch (Hopper): a kernel launched with cu_launch may start while the
- * previous one finishes; it lets its own dependents start early, then waits until everything
- * before it is complete and visible. Both are no-ops elsewhere. Every kernel begins with it. */
+/* Programmatic dependent launch (Hopper; which graphs use it: graph.cu): a kernel launched with
+ * cu_launch may start while the previous one finishes; it lets its own dependents start early, then waits
+ * until everything before it is complete and visible. Both are no-ops without the launch
+ * attribute (the default) and before Hopper. Every kernel begins with it. */
 #if defined(__CUDACC__)
 static __device__ __forceinline__ void cu_pdl_enter() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -328,7 +330,7 @@ static inline cudaError_t cu_launch_shm(const cu_graph *g, void (*kernel)(K...),
     cfg.blockDim = block;
     cfg.dynamicSmemBytes = shm;
     cfg.stream = s;
-    if (g->dev->pdl) {
+    if (g->pdl) {
         at.id = cudaLaunchAttributeProgrammaticStreamSerialization;
         at.val.programmaticStreamSerializationAllowed = 1;
         cfg.attrs = &at;

@@ -35,7 +35,7 @@ void cu_graph_destroy(mpscy_graph gh) {
     cu_cache_clear(g);
     cu_fused_free(g);
     if (g->stream) cudaStreamDestroy(g->stream);
-    if (g->side) cudaStreamDestroy(g->side);
+    if (g->side && g->side != g->stream) cudaStreamDestroy(g->side);
     if (g->fork) cudaEventDestroy(g->fork);
     if (g->join) cudaEventDestroy(g->join);
     if (g->wready) cudaEventDestroy(g->wready);
@@ -156,6 +156,14 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
      * off: a knob for A/B timing and testing */
     const char *ig = getenv("MPSCY_CUDA_IMPLICIT");
     g->implicit = !(ig && ig[0] == '0');
+    /* programmatic dependent launch, where the device has it, for graphs without convolutions:
+     * measured on the H200 (bench/cuda_notes.md), it makes a step of small kernels faster (the
+     * MLP 784-128-64-10 as separate kernels 68.4 -> 65.1 us) and the README CNN's slower (303.7
+     * -> 315.7 us); MPSCY_CUDA_PDL=1 turns it on for every graph, 0 off */
+    const char *pk = getenv("MPSCY_CUDA_PDL");
+    int convs = 0;
+    for (int32_t i = 0; i < p->n_nodes; i++) convs += p->nodes[i].kind == MPSCY_LAYER_CONV2D;
+    g->pdl = g->dev->pdl && (pk && pk[0] == '1' ? 1 : !convs);
     for (int32_t i = 0; i < p->n_nodes; i++) {
         const mpscy_node *node = &p->nodes[i];
         if (node->kind == MPSCY_LAYER_CONV2D) {
@@ -227,8 +235,13 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
         g->y = (float **)cu_host_alloc(dev, g->tables_bytes);
         if (!g->y) st = MPSCY_OOM;
     }
+    /* MPSCY_CUDA_STREAMS=1, a knob for measuring what the second stream gains: its work runs on
+     * the main stream, in the order it is enqueued */
+    const char *ns = getenv("MPSCY_CUDA_STREAMS");
+    const int one = ns && strcmp(ns, "1") == 0;
     if (st == MPSCY_OK && (cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking) != cudaSuccess ||
-                           cudaStreamCreateWithFlags(&g->side, cudaStreamNonBlocking) != cudaSuccess ||
+                           (one ? (g->side = g->stream, cudaSuccess)
+                                : cudaStreamCreateWithFlags(&g->side, cudaStreamNonBlocking)) != cudaSuccess ||
                            cudaEventCreateWithFlags(&g->fork, cudaEventDisableTiming) != cudaSuccess ||
                            cudaEventCreateWithFlags(&g->join, cudaEventDisableTiming) != cudaSuccess ||
                            cudaEventCreateWithFlags(&g->wready, cudaEventDisableTiming) != cudaSuccess))

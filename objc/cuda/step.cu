@@ -106,6 +106,7 @@ static int defers(const cu_graph *g, int kind) {
 }
 
 int cu_fork(cu_graph *g, char *err, size_t en) {
+    if (g->side == g->stream) return MPSCY_OK;  /* MPSCY_CUDA_STREAMS=1 */
     CU_TRY(cudaEventRecord(g->fork, g->stream), "fork event");
     CU_TRY(cudaStreamWaitEvent(g->side, g->fork, 0), "side stream wait");
     g->forked = 1;
