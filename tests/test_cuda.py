@@ -98,6 +98,10 @@ LAYER_MODELS = {
     "relu_first": (lambda: [L.ReLU(), L.Dense(16), L.Softmax(), L.Dense(5)], (12,)),
     "flatten": (lambda: [L.Flatten(), L.Dense(16), L.ReLU(), L.Dense(5)], (3, 4, 2)),
     "dense_rank3_input": (lambda: [L.Dense(16), L.ReLU(), L.Dense(5)], (3, 4, 2)),
+    # K >= 1024 (the small-GEMM kernel's split-K): with bias and fused ReLU; then K % 4 != 0, no
+    # bias, and a partial last tile of outputs
+    "dense_long_k": (lambda: [L.Dense(100), L.ReLU(), L.Dense(5)], (1100,)),
+    "dense_long_k_odd": (lambda: [L.Dense(70, bias=False), L.Tanh(), L.Dense(5)], (1027,)),
     "softmax_inner_axis": (lambda: [L.Softmax(axis=1), L.Flatten(), L.Dense(5)], (3, 4)),
     "conv_pool": (lambda: [_maybe("Conv2D")(6, 3, 1, 1), L.ReLU(), _maybe("MaxPool2D")(2),
                            _maybe("Conv2D")(5, 3, 2, 1), _maybe("AvgPool2D")(2), L.Flatten(), L.Dense(5)], (3, 10, 10)),
@@ -263,6 +267,22 @@ def test_implicit_conv_accumulated_and_input_gradients_match_cpu(implicit, monke
             assert rel_err(gg[k], gc[k]) <= PARAM_TOL, k
     compare_training(*engines, rng, rows=[16, 9, 16, 7])
     assert rel_err(engines[1].predict(x), engines[0].predict(x)) <= 10 * PARAM_TOL
+
+
+@cuda_only
+def test_dense_long_k_matches_cpu(rng):
+    """A Dense with K = 2048 at batch 64 (the small-GEMM kernel's split-K partials and last-block
+    finish; 130 outputs: five 32-column tiles, the last partial), training over full and partial
+    batches (37 and 5 rows), then prediction. SGD with momentum: with Adam, whose per-element
+    normalization turns last-bit differences of near-zero gradient entries into learning-rate-sized
+    steps, 12 steps ended 1.4e-4 (relative) from the cpu's first-layer weights at this fan-in
+    (H200), though every product matched to fp32 rounding."""
+    cpu, gpu = pair(lambda: [L.Dense(130), L.ReLU(), L.Dense(10)], (2048,), batch=64,
+                    opt=lambda: optim.SGD(0.05, momentum=0.9))
+    x = rng.standard_normal((69, 2048)).astype(np.float32)
+    assert rel_err(gpu.predict(x), cpu.predict(x)) <= FORWARD_TOL
+    compare_training(cpu, gpu, rng, steps=12, rows=[64, 37, 64, 5])
+    assert rel_err(gpu.predict(x), cpu.predict(x)) <= 10 * PARAM_TOL
 
 
 @cuda_only
