@@ -78,7 +78,7 @@ def main():
     span = max(e["ts"] + e["dur"] for e in body) - t0
     print(f"span {span:.1f} us: idle {acc[0]:.1f}, one activity {acc[1]:.1f}, two or more {acc[2]:.1f}; "
           f"sum of activity times {sum(e['dur'] for e in body):.1f}")
-    starts = sorted(b["ts"] - a["ts"] for a, b in zip(steps, steps[1:]))
+    starts = sorted(b[0]["ts"] - a[0]["ts"] for a, b in zip(steps, steps[1:]))
     if starts:
         print(f"median step period under the profiler {starts[len(starts) // 2]:.1f} us")
 
