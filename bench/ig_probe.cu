@@ -1,193 +1,44 @@
 /* ig_probe.cu — what bounds the implicit 3x3 convolution kernel (objc/cuda/conv_implicit.cu):
- * a copy of its kernel with variants that leave one part out, timed on the README CNN's shapes
- * (b = 64) as 50 launches captured in a CUDA graph with programmatic dependent launch, as the
- * step runs them. Differences between variants place the time; the variants that are meant to
- * compute y are checked against a double-precision reference on the host.
+ * the kernel itself and variants of it that leave one part out, timed on the README CNN's shapes
+ * (b = 64) as 50 launches captured in a CUDA graph with programmatic dependent launch.
+ * Differences between variants place the time; the variants that compute y are checked against
+ * a double-precision reference on the host (relative to the largest |y|).
  *
  *   nvcc -O3 -std=c++17 -arch=sm_90 -I objc -I objc/cuda bench/ig_probe.cu -o /tmp/ig_probe && /tmp/ig_probe
  *
- * Variants: the kernel as in conv_implicit.cu ("base"); one plain TF32 mma per tile ("1xTF32":
- * no splitting, a third of the mma, not fp32-accurate: the bound of the split); probe2_kernel
- * below with stage-invariant load addressing, alone and with the k-split over two warp groups.
- * Earlier variants measured on the H200 (conv3 forward, base 17.5 us): no loads after the
- * prologue 17.0, the small products in their own accumulators 17.5, 1xTF32 11.6. */
+ * Variants: "base" is conv_implicit_kernel as the library builds it (this file includes
+ * conv_implicit.cu); probe2_kernel below is the candidate form, with stage-invariant load
+ * addressing, alone ("fast loads") and with the k-steps split over two warp groups; "1xTF32" is
+ * the first with one plain TF32 mma per tile (no splitting, a third of the mma; not
+ * fp32-accurate: the bound of the split arithmetic); "(ks) loads only / products only /
+ * skeleton" the second with the products, the loads, or both left out. bench/cuda_notes.md's
+ * table (eighth session, H200) was measured at 1a6a33d, whose base was a copy of the kernel and
+ * whose 1xTF32 variant kept the kernel's own loads; there, with the same base, the small
+ * products in their own accumulators read 17.5 us (conv3 forward; base 17.5). */
 #include <cstdio>
 #include <cstdlib>
 #include <cmath>
 #include <vector>
 #include <algorithm>
 
-#include "mma.cuh"
+#include "conv_implicit.cu"  /* conv_implicit_kernel, ig_args: the kernel as the library builds it */
 
-#define IG_CB 8
-#define IG_KS (IG_CB * 9)
-#define IG_WLD (IG_KS + 4)
-#define IG_PATCH 3104
-
-struct ig_args {
-    float *y, *part;
-    const float *x, *w, *bias;
-    int c, h, w_in, sxc, sxs;
-    int m, ohw, ow, nb, k;
-    int ih0, iw0;
-    int pr, pc;
-    int relu, accum, per;
-};
-
-template <int TM>
-constexpr int ig_smem_bytes() {
-    return (MMA_STAGES * (16 * TM * IG_WLD + IG_PATCH) + IG_PATCH) * (int)sizeof(float);
+/* conv_implicit.cu's host side, unused here, refers to these (defined in other files of the library) */
+int cu_check_launch(char *, size_t, const char *, const char *, int) { return 0; }
+int mpscy_fail_at(char *, size_t, int status, const char *, const char *, const char *, int, const char *, ...) {
+    return status;
 }
-
-
-template <int TM, int S, int V>
-__global__ void __launch_bounds__(256, 2) probe_kernel(ig_args a) {
-    constexpr int BM = 16 * TM, MI = TM / 2, NI = 2;
-    constexpr bool NOLOAD = V == 2, SPLITACC = V == 4, ONE = V == 5;
-    extern __shared__ __align__(16) float mma_smem[];
-    float *wsm = mma_smem, *psm = wsm + MMA_STAGES * BM * IG_WLD;
-    int *ptab = reinterpret_cast<int *>(psm + MMA_STAGES * IG_PATCH);
-    const int tid = threadIdx.x, lane = tid & 31, wp = tid >> 5, g = lane >> 2, t = lane & 3;
-    const int wm = (wp & 1) * 8 * TM, wn = (wp >> 1) * 16;
-    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * 64;
-    const int s = n0 / a.ohw, oh0 = (n0 - s * a.ohw) / a.ow;
-    const int prpc = a.pr * a.pc, pe = IG_CB * prpc;
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-    for (int e = tid; e < pe; e += 256) {
-        const int c = e / prpc, r = e - c * prpc, pr = r / a.pc, pc = r - pr * a.pc;
-        const int ih = oh0 * S + a.ih0 + pr, iw = a.iw0 + pc;
-        ptab[e] = c < a.c && (unsigned)ih < (unsigned)a.h && (unsigned)iw < (unsigned)a.w_in
-                      ? c * a.sxc + ih * a.w_in + iw
-                      : -1;
-    }
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-    __syncthreads();
-    const int nst = (a.c + IG_CB - 1) / IG_CB, st0 = (int)blockIdx.z * a.per, ns = min(nst, st0 + a.per) - st0;
-    const float *xs = a.x + (size_t)s * a.sxs;
-    auto load = [&](int st, int slot) {
-        float *ws = wsm + slot * BM * IG_WLD, *ps = psm + slot * IG_PATCH;
-        const int kb = st * IG_KS;
-        for (int e = tid; e < BM * (IG_KS / 4); e += 256) {
-            const int r = e / (IG_KS / 4), kq = (e - r * (IG_KS / 4)) * 4;
-            const bool ok = m0 + r < a.m && kb + kq < a.k;
-            cp_async16(ws + r * IG_WLD + kq, ok ? a.w + (size_t)(m0 + r) * a.k + kb + kq : a.w, ok);
-        }
-        const float *xb = xs + (size_t)st * IG_CB * a.sxc;
-        const int lim = (a.c - st * IG_CB) * prpc;
-        for (int e = tid; e < pe; e += 256) {
-            const int o = ptab[e];
-            const bool ok = o >= 0 && e < lim;
-            cp_async4(ps + e, ok ? xb + o : a.x, ok);
-        }
-    };
-    float acc[TM * 4], acs[SPLITACC ? TM * 4 : 1];
-#pragma unroll
-    for (int e = 0; e < TM * 4; e++) acc[e] = 0.0f;
-#pragma unroll
-    for (int e = 0; e < (SPLITACC ? TM * 4 : 1); e++) acs[e] = 0.0f;
-#pragma unroll
-    for (int q = 0; q < MMA_STAGES - 1; q++) {
-        if (q < ns) load(st0 + q, q);
-        cp_async_commit();
-    }
-    int nofs[NI], kofs[IG_KS / 8][2];
-#pragma unroll
-    for (int j = 0; j < NI; j++) {
-        const int n = wn + j * 8 + g, r = n / a.ow, q = n - r * a.ow;
-        nofs[j] = r * S * a.pc + q * S;
-    }
-#pragma unroll
-    for (int kk = 0; kk < IG_KS / 8; kk++)
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const int k = kk * 8 + t + 4 * h, c = k / 9, tap = k - 9 * c, ki = tap / 3, kj = tap - 3 * ki;
-            kofs[kk][h] = c * prpc + ki * a.pc + kj;
-        }
-    for (int i = 0; i < ns; i++) {
-        cp_async_wait<MMA_STAGES - 2>();
-        __syncthreads();
-        const int nx = i + MMA_STAGES - 1;
-        if (nx < ns && (!NOLOAD || nx < MMA_STAGES)) load(st0 + nx, nx % MMA_STAGES);
-        cp_async_commit();
-        const float *sa = wsm + (i % MMA_STAGES) * BM * IG_WLD, *sp = psm + (i % MMA_STAGES) * IG_PATCH;
-#pragma unroll
-        for (int kk = 0; kk < IG_KS / 8; kk++) {
-            const int k = kk * 8;
-            uint32_t ab[MI][4], as[MI][4], bb[NI][2], bs[NI][2];
-#pragma unroll
-            for (int mi = 0; mi < MI; mi++) {
-                const int m = wm + mi * 16 + g;
-                if constexpr (ONE) {
-                    ab[mi][0] = __float_as_uint(sa[m * IG_WLD + k + t]);
-                    ab[mi][1] = __float_as_uint(sa[(m + 8) * IG_WLD + k + t]);
-                    ab[mi][2] = __float_as_uint(sa[m * IG_WLD + k + t + 4]);
-                    ab[mi][3] = __float_as_uint(sa[(m + 8) * IG_WLD + k + t + 4]);
-                } else {
-                    tf32_split(sa[m * IG_WLD + k + t], ab[mi][0], as[mi][0]);
-                    tf32_split(sa[(m + 8) * IG_WLD + k + t], ab[mi][1], as[mi][1]);
-                    tf32_split(sa[m * IG_WLD + k + t + 4], ab[mi][2], as[mi][2]);
-                    tf32_split(sa[(m + 8) * IG_WLD + k + t + 4], ab[mi][3], as[mi][3]);
-                }
-            }
-#pragma unroll
-            for (int j = 0; j < NI; j++) {
-                if constexpr (ONE) {
-                    bb[j][0] = __float_as_uint(sp[kofs[kk][0] + nofs[j]]);
-                    bb[j][1] = __float_as_uint(sp[kofs[kk][1] + nofs[j]]);
-                } else {
-                    tf32_split(sp[kofs[kk][0] + nofs[j]], bb[j][0], bs[j][0]);
-                    tf32_split(sp[kofs[kk][1] + nofs[j]], bb[j][1], bs[j][1]);
-                }
-            }
-#pragma unroll
-            for (int mi = 0; mi < MI; mi++)
-#pragma unroll
-                for (int j = 0; j < NI; j++) {
-                    float *c = &acc[(mi * NI + j) * 4];
-                    if constexpr (ONE) {
-                        mma_tf32(c, ab[mi], bb[j]);
-                    } else if constexpr (SPLITACC) {
-                        float *d = &acs[(mi * NI + j) * 4];
-                        mma_tf32(d, as[mi], bb[j]);
-                        mma_tf32(d, ab[mi], bs[j]);
-                        mma_tf32(c, ab[mi], bb[j]);
-                    } else {
-                        mma_tf32(c, as[mi], bb[j]);
-                        mma_tf32(c, ab[mi], bs[j]);
-                        mma_tf32(c, ab[mi], bb[j]);
-                    }
-                }
-        }
-    }
-    cp_async_wait<0>();
-    if constexpr (SPLITACC) {
-#pragma unroll
-        for (int e = 0; e < TM * 4; e++) acc[e] += acs[e];
-    }
-#pragma unroll
-    for (int e = 0; e < TM * 4; e += 2) {
-        int r, c;
-        mma_pos<TM, 4>(e, r, c);
-        const int m = m0 + r, n = n0 + c;
-        if (m >= a.m) continue;
-        if (a.part) {
-            *reinterpret_cast<float2 *>(&a.part[((size_t)blockIdx.z * a.m + m) * a.nb + n]) =
-                make_float2(acc[e], acc[e + 1]);
-            continue;
-        }
-        const float bo = a.bias ? a.bias[m] : 0.0f;
-        float v0 = acc[e] + bo, v1 = acc[e + 1] + bo;
-        float2 *yo = reinterpret_cast<float2 *>(&a.y[((size_t)s * a.m + m) * a.ohw + (n - s * a.ohw)]);
-        *yo = make_float2(v0, v1);
-    }
-}
+__global__ void conv_fwd_sum(float *, const float *, const float *, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                             int) {}
 
 /* The candidate form: stage-invariant load addressing (each thread's W chunks and patch
  * elements found once, before the loop: a stage adds one offset), and with KS = 2 the nine
  * k-steps of a stage split over two groups of four warps (5 + 4), each warp a (8 TM) x 32 tile
  * (four n fragments: twice the mma per loaded, split operand), the two groups' sums added through
  * shared memory at the end. Needs C % 8 == 0 (whole stages, 16-byte W rows). */
-template <int TM, int S, int KS, int MODE = 0>  /* MODE 1: no products; 2: no loads; 3: neither */
+/* MODE 1: no products; 2: no loads; 3: neither. ONE: one plain TF32 mma per tile instead of three
+ * on split operands (a third of the mma, no splitting; not fp32-accurate: the bound of the split) */
+template <int TM, int S, int KS, int MODE = 0, bool ONE = false>
 __global__ void __launch_bounds__(256, 2) probe2_kernel(ig_args a) {
     constexpr int BM = 16 * TM, MI = TM / 2, NI = KS == 2 ? 4 : 2, WQ = (BM * (IG_KS / 4) + 255) / 256;
     constexpr int KPER = KS == 2 ? 5 : 9;  /* k-steps of a stage per warp (group 1 of KS = 2: 4) */
@@ -272,23 +123,31 @@ __global__ void __launch_bounds__(256, 2) probe2_kernel(ig_args a) {
 #pragma unroll
             for (int mi = 0; mi < MI; mi++) {
                 const int m = wm + mi * 16 + g;
-                tf32_split(sa[m * IG_WLD + k + t], ab[mi][0], as[mi][0]);
-                tf32_split(sa[(m + 8) * IG_WLD + k + t], ab[mi][1], as[mi][1]);
-                tf32_split(sa[m * IG_WLD + k + t + 4], ab[mi][2], as[mi][2]);
-                tf32_split(sa[(m + 8) * IG_WLD + k + t + 4], ab[mi][3], as[mi][3]);
+                const float v[4] = {sa[m * IG_WLD + k + t], sa[(m + 8) * IG_WLD + k + t], sa[m * IG_WLD + k + t + 4],
+                                    sa[(m + 8) * IG_WLD + k + t + 4]};
+#pragma unroll
+                for (int q = 0; q < 4; q++) {
+                    if (ONE) ab[mi][q] = __float_as_uint(v[q]);
+                    else tf32_split(v[q], ab[mi][q], as[mi][q]);
+                }
             }
 #pragma unroll
-            for (int j = 0; j < NI; j++) {
-                tf32_split(sp[kofs[kk][0] + nofs[j]], bb[j][0], bs[j][0]);
-                tf32_split(sp[kofs[kk][1] + nofs[j]], bb[j][1], bs[j][1]);
-            }
+            for (int j = 0; j < NI; j++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const float v = sp[kofs[kk][h] + nofs[j]];
+                    if (ONE) bb[j][h] = __float_as_uint(v);
+                    else tf32_split(v, bb[j][h], bs[j][h]);
+                }
 #pragma unroll
             for (int mi = 0; mi < MI; mi++)
 #pragma unroll
                 for (int j = 0; j < NI; j++) {
                     float *c = &acc[(mi * NI + j) * 4];
-                    mma_tf32(c, as[mi], bb[j]);
-                    mma_tf32(c, ab[mi], bs[j]);
+                    if (!ONE) {
+                        mma_tf32(c, as[mi], bb[j]);
+                        mma_tf32(c, ab[mi], bs[j]);
+                    }
                     mma_tf32(c, ab[mi], bb[j]);
                 }
         }
@@ -446,9 +305,9 @@ static void probe(const shape &sh, int sms) {
     CK(cudaMemcpy(dw, w.data(), w.size() * 4, cudaMemcpyHostToDevice));
     CK(cudaMemcpy(db, bias.data(), bias.size() * 4, cudaMemcpyHostToDevice));
     const bool parts = (long)sh.b * oh * ow / 64 * ((sh.oc + 16 * TM - 1) / (16 * TM)) < sms;
-    void (*ks[7])(ig_args) = {probe_kernel<TM, S, 0>, probe_kernel<TM, S, 5>, probe2_kernel<TM, S, 1>,
-                              probe2_kernel<TM, S, 2>, probe2_kernel<TM, S, 2, 1>, probe2_kernel<TM, S, 2, 2>,
-                              probe2_kernel<TM, S, 2, 3>};
+    void (*ks[7])(ig_args) = {conv_implicit_kernel<TM, S, true>, probe2_kernel<TM, S, 1, 0, true>,
+                              probe2_kernel<TM, S, 1>, probe2_kernel<TM, S, 2>, probe2_kernel<TM, S, 2, 1>,
+                              probe2_kernel<TM, S, 2, 2>, probe2_kernel<TM, S, 2, 3>};
     const char *names[7] = {"base", "1xTF32", "fast loads", "fast loads + k split", "(ks) loads only",
                             "(ks) products only", "(ks) skeleton"};
     printf("%s\n", sh.name);
