@@ -16,6 +16,64 @@ import tempfile
 STEPS = 12  # profiled steps (the profiler slows the host: ~390 against ~303 us a CNN step)
 
 
+def split_steps(events):
+    """The GPU activities of a chrome trace (kernels, copies, sets), in start order, split into
+    steps: each begins with the graph's first node, the copy of the staged parameter block."""
+    acts = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    acts.sort(key=lambda e: e["ts"])
+    steps, cur = [], []
+    for e in acts:
+        if e["name"].startswith("Memcpy HtoD") and cur:
+            steps.append(cur)
+            cur = []
+        cur.append(e)
+    steps.append(cur)
+    return [g for g in steps if any(e["cat"] == "kernel" for e in g)]
+
+
+def step_summary(step):
+    """One step's figures: the pull kernel's wait and duration (None without one), then, from
+    its end, the span and the time with no, one, or two or more activities running, and the
+    activities themselves as (start, end, stream, name)."""
+    pull = [e for e in step if e["name"].startswith("pull_kernel")]
+    t0 = pull[0]["ts"] + pull[0]["dur"] if pull else step[0]["ts"]
+    body = [e for e in step if e["ts"] >= t0 - 0.5]
+    pts = sorted([(e["ts"], 1) for e in body] + [(e["ts"] + e["dur"], -1) for e in body])
+    depth, tp, acc = 0, None, [0.0, 0.0, 0.0]
+    for t, d in pts:
+        if tp is not None:
+            acc[min(depth, 2)] += t - tp
+        depth += d
+        tp = t
+    return {
+        "pull_wait": pull[0]["ts"] - step[0]["ts"] if pull else None,
+        "pull": pull[0]["dur"] if pull else None,
+        "span": max(e["ts"] + e["dur"] for e in body) - t0,
+        "idle": acc[0], "one": acc[1], "two_or_more": acc[2],
+        "busy_sum": sum(e["dur"] for e in body),
+        "rows": [(e["ts"] - t0, e["ts"] - t0 + e["dur"], e.get("args", {}).get("stream", "?"), e["name"])
+                 for e in body],
+    }
+
+
+def report(events, name):
+    steps = split_steps(events)
+    if not steps:
+        sys.exit("no GPU activity recorded (CUPTI did not trace the graph's kernels)")
+    print(f"{name}: {len(steps)} steps; the last but one:")
+    r = step_summary(steps[-2] if len(steps) > 1 else steps[-1])
+    if r["pull"] is not None:
+        print(f"  staging copy to pull start {r['pull_wait']:.1f} us, pull {r['pull']:.1f} us "
+              "(it ends when the host's last piece has crossed); times below from the pull's end")
+    for st, en, stream, nm in r["rows"]:
+        print(f"  {st:8.1f} {en:8.1f} {en - st:7.1f}  s{stream:<3} {nm.replace('void ', '')[:60]}")
+    print(f"span {r['span']:.1f} us: idle {r['idle']:.1f}, one activity {r['one']:.1f}, two or more "
+          f"{r['two_or_more']:.1f}; sum of activity times {r['busy_sum']:.1f}")
+    periods = sorted(b[0]["ts"] - a[0]["ts"] for a, b in zip(steps, steps[1:]))
+    if periods:
+        print(f"median step period under the profiler {periods[len(periods) // 2]:.1f} us")
+
+
 def main():
     args = [a for a in sys.argv[1:]]
     keep = None
@@ -41,46 +99,7 @@ def main():
     path = keep or os.path.join(tempfile.mkdtemp(), "trace.json")
     prof.export_chrome_trace(path)
     with open(path) as f:
-        events = json.load(f)["traceEvents"]
-    acts = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
-    acts.sort(key=lambda e: e["ts"])
-    if not acts:
-        sys.exit("no GPU activity recorded (CUPTI did not trace the graph's kernels)")
-    # steps: each begins with the graph's first node, the copy of the staged parameter block
-    steps, cur = [], []
-    for e in acts:
-        if e["name"].startswith("Memcpy HtoD") and cur:
-            steps.append(cur)
-            cur = []
-        cur.append(e)
-    steps.append(cur)
-    steps = [g for g in steps if any(e["cat"] == "kernel" for e in g)]
-    print(f"{name}: {len(acts)} activities in {len(steps)} steps; the last but one:")
-    last = steps[-2] if len(steps) > 1 else steps[-1]
-    # the deferred batch: the pull kernel waits for the host's pieces; time the rest from its end
-    pull = [e for e in last if e["name"].startswith("pull_kernel")]
-    t0 = pull[0]["ts"] + pull[0]["dur"] if pull else last[0]["ts"]
-    if pull:
-        print(f"  staging copy to pull start {pull[0]['ts'] - last[0]['ts']:.1f} us, pull {pull[0]['dur']:.1f} us "
-              "(it ends when the host's last piece has crossed); times below from the pull's end")
-    body = [e for e in last if e["ts"] >= t0 - 0.5]
-    for e in body:
-        st, en = e["ts"] - t0, e["ts"] - t0 + e["dur"]
-        nm = e["name"].replace("void ", "")[:60]
-        print(f"  {st:8.1f} {en:8.1f} {e['dur']:7.1f}  s{e.get('args', {}).get('stream', '?'):<3} {nm}")
-    pts = sorted([(e["ts"], 1) for e in body] + [(e["ts"] + e["dur"], -1) for e in body])
-    depth, tp, acc = 0, None, [0.0, 0.0, 0.0]
-    for t, d in pts:
-        if tp is not None:
-            acc[min(depth, 2)] += t - tp
-        depth += d
-        tp = t
-    span = max(e["ts"] + e["dur"] for e in body) - t0
-    print(f"span {span:.1f} us: idle {acc[0]:.1f}, one activity {acc[1]:.1f}, two or more {acc[2]:.1f}; "
-          f"sum of activity times {sum(e['dur'] for e in body):.1f}")
-    starts = sorted(b[0]["ts"] - a[0]["ts"] for a, b in zip(steps, steps[1:]))
-    if starts:
-        print(f"median step period under the profiler {starts[len(starts) // 2]:.1f} us")
+        report(json.load(f)["traceEvents"], name)
 
 
 if __name__ == "__main__":

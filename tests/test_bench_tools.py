@@ -1,0 +1,56 @@
+"""The analysis of bench/cuda_timeline.py on a synthetic CUPTI trace (no GPU, no torch): how a
+trace is split into steps, and the span and concurrency figures of one step."""
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "bench"))
+cuda_timeline = pytest.importorskip("cuda_timeline")
+
+
+def _act(name, ts, dur, stream, cat="kernel"):
+    return {"cat": cat, "name": name, "ts": ts, "dur": dur, "args": {"stream": stream}}
+
+
+def _step(t):
+    """One deferred step from time t: the staging copy, the pull (10 us after it, 20 long), then
+    a main-stream chain of 30 + 20 us beside a side-stream kernel of 25 us starting 5 us later,
+    and a final 10 us kernel after a 2 us gap."""
+    return [
+        _act("Memcpy HtoD (Pinned -> Device)", t, 1.0, 7, cat="gpu_memcpy"),
+        _act("pull_kernel(float*)", t + 11.0, 20.0, 7),
+        _act("conv_a", t + 31.0, 30.0, 8),
+        _act("dw_b", t + 36.0, 25.0, 9),
+        _act("conv_c", t + 61.0, 20.0, 8),
+        _act("norm_update_kernel", t + 83.0, 10.0, 7),
+    ]
+
+
+def test_steps_split_at_the_staging_copy_and_keep_kernel_steps():
+    events = _step(0.0) + _step(200.0) + _step(400.0) + [{"cat": "cpu_op", "name": "x", "ts": 5.0, "dur": 1.0}]
+    events.append(_act("Memcpy HtoD (Pinned -> Device)", 600.0, 1.0, 7, cat="gpu_memcpy"))  # no kernel: dropped
+    steps = cuda_timeline.split_steps(events[::-1])  # any order in, start order out
+    assert [len(s) for s in steps] == [6, 6, 6]
+    assert [s[0]["ts"] for s in steps] == [0.0, 200.0, 400.0]
+
+
+def test_step_summary_figures():
+    r = cuda_timeline.step_summary(cuda_timeline.split_steps(_step(100.0))[0])
+    assert r["pull_wait"] == pytest.approx(11.0) and r["pull"] == pytest.approx(20.0)
+    # from the pull's end (t = 131): the chain and dw_b to +50, idle to +52, the update to +62
+    assert r["span"] == pytest.approx(62.0)
+    assert r["two_or_more"] == pytest.approx(25.0)           # dw_b entirely beside the chain
+    assert r["one"] == pytest.approx(30.0 + 20.0 + 10.0 - 25.0)
+    assert r["idle"] == pytest.approx(2.0)
+    assert r["busy_sum"] == pytest.approx(85.0)
+    assert [row[3] for row in r["rows"]] == ["conv_a", "dw_b", "conv_c", "norm_update_kernel"]
+    assert r["rows"][0][:3] == (pytest.approx(0.0), pytest.approx(30.0), 8)
+
+
+def test_step_without_a_pull_is_timed_from_its_first_activity():
+    step = [e for e in _step(0.0) if not e["name"].startswith("pull")]
+    r = cuda_timeline.step_summary(step)
+    assert r["pull"] is None and r["pull_wait"] is None
+    assert r["span"] == pytest.approx(93.0)                 # 0 .. 83 + 10
+    assert r["idle"] == pytest.approx(30.0 + 2.0)           # 1 .. 31 and 81 .. 83
