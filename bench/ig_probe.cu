@@ -4,7 +4,9 @@
  * Differences between variants place the time; the variants that compute y are checked against
  * a double-precision reference on the host (relative to the largest |y|).
  *
- *   nvcc -O3 -std=c++17 -arch=sm_90 -I objc -I objc/cuda bench/ig_probe.cu -o /tmp/ig_probe && /tmp/ig_probe
+ *   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -I objc -I objc/cuda bench/ig_probe.cu -o /tmp/ig_probe && /tmp/ig_probe
+ *
+ * (sm_90a: the wgmma form below needs Hopper's architecture-specific features)
  *
  * Variants: "base" is conv_implicit_kernel as the library builds it (this file includes
  * conv_implicit.cu); probe2_kernel below is the candidate form, with stage-invariant load
@@ -182,6 +184,163 @@ __global__ void __launch_bounds__(256, 2) probe2_kernel(ig_args a) {
     }
 }
 
+/* wg_kernel: the candidate form on Hopper's warpgroup products (sm_90a, wgmma.mma_async), for a
+ * 3x3 convolution of 64 output channels whose output rows tile 128 columns. A block of 256
+ * threads (two warpgroups) computes a 64 x 128 tile of y; each stage of 8 input channels (72 of
+ * K) comes by cp.async as now (W's slice and the input patch, two stages in flight), then every
+ * thread splits its share of W (64 x 72) and of the implicit columns (128 x 72, gathered from the
+ * patch) once into TF32 big and small halves, written K-major in wgmma's canonical layout without
+ * swizzle (core matrices of 8 rows x 16 bytes; a k-step of 8 is two core matrices along K), and
+ * each warpgroup issues 3 wgmma.m64n64k8 per k-step (small x big, big x small, big x big) for its
+ * 64 columns. TF32 operands cannot be transposed (PTX: imm-trans is only for .f16/.bf16), hence
+ * K-major for both. SWAP exchanges the descriptor's leading and stride byte offsets (which one
+ * means K here is the first thing the correctness check settles). Not yet run on a GPU. */
+#define WG_CORE 128                           /* bytes of one core matrix: 8 rows x 16 bytes */
+#define WG_A_STEP (64 * 8 * 4)                /* bytes of a 64 x 8 operand tile (one k-step) */
+#define WG_B_STEP (128 * 8 * 4)
+#define WG_KSTEPS (IG_KS / 8)
+
+static __device__ __forceinline__ uint64_t wg_desc(const void *smem, uint32_t lbo, uint32_t sbo) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(smem);
+    return (uint64_t)((a & 0x3FFFF) >> 4) | ((uint64_t)((lbo & 0x3FFFF) >> 4) << 16) |
+           ((uint64_t)((sbo & 0x3FFFF) >> 4) << 32);  /* base offset 0, no swizzle (bits 62-63 = 0) */
+}
+
+static __device__ __forceinline__ void wg_mma(float (&d)[32], uint64_t da, uint64_t db) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k8.f32.tf32.tf32 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "%32, %33, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(da), "l"(db), "r"(1));
+#else
+    __trap();
+#endif
+}
+
+static __device__ __forceinline__ void wg_fence() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#endif
+}
+
+static __device__ __forceinline__ void wg_commit_wait() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+#endif
+}
+
+constexpr int wg_smem_bytes() {
+    return 2 * 64 * IG_WLD * 4 + 2 * IG_PATCH * 4 + IG_PATCH * 4 + (IG_KS + 128) * 4 + 1024 /* alignment */ +
+           2 * WG_KSTEPS * WG_A_STEP + 2 * WG_KSTEPS * WG_B_STEP;
+}
+
+template <int S, bool SWAP>
+__global__ void __launch_bounds__(256, 1) wg_kernel(ig_args a) {
+    extern __shared__ __align__(16) float mma_smem[];
+    float *wraw = mma_smem, *praw = wraw + 2 * 64 * IG_WLD;
+    int *ptab = reinterpret_cast<int *>(praw + 2 * IG_PATCH), *kofs = ptab + IG_PATCH, *nofs = kofs + IG_KS;
+    char *ops = reinterpret_cast<char *>(((uintptr_t)(nofs + 128) + 1023) & ~(uintptr_t)1023);
+    uint32_t *a_hi = reinterpret_cast<uint32_t *>(ops), *a_lo = a_hi + WG_KSTEPS * WG_A_STEP / 4;
+    uint32_t *b_hi = a_lo + WG_KSTEPS * WG_A_STEP / 4, *b_lo = b_hi + WG_KSTEPS * WG_B_STEP / 4;
+    const int tid = threadIdx.x, wgp = tid >> 7, w = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int n0 = blockIdx.x * 128;
+    const int s = n0 / a.ohw, oh0 = (n0 - s * a.ohw) / a.ow;
+    const int prpc = a.pr * a.pc, pe = IG_CB * prpc;
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    for (int e = tid; e < pe; e += 256) {
+        const int c = e / prpc, r = e - c * prpc, pr = r / a.pc, pc = r - pr * a.pc;
+        const int ih = oh0 * S + a.ih0 + pr, iw = a.iw0 + pc;
+        ptab[e] = (unsigned)ih < (unsigned)a.h && (unsigned)iw < (unsigned)a.w_in ? c * a.sxc + ih * a.w_in + iw : -1;
+    }
+    if (tid < IG_KS) {
+        const int c = tid / 9, tap = tid - 9 * c, ki = tap / 3, kj = tap - 3 * ki;
+        kofs[tid] = c * prpc + ki * a.pc + kj;
+    } else if (tid >= 128) {
+        const int n = tid - 128, r = n / a.ow, q = n - r * a.ow;
+        nofs[n] = r * S * a.pc + q * S;
+    }
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    __syncthreads();
+    const int ns = a.c / IG_CB;
+    const float *xs = a.x + (size_t)s * a.sxs;
+    auto load = [&](int st, int slot) {
+        float *ws = wraw + slot * 64 * IG_WLD, *ps = praw + slot * IG_PATCH;
+        for (int e = tid; e < 64 * (IG_KS / 4); e += 256) {
+            const int r = e / (IG_KS / 4), kq = (e - r * (IG_KS / 4)) * 4;
+            cp_async16(ws + r * IG_WLD + kq, a.w + (size_t)r * a.k + st * IG_KS + kq, true);
+        }
+        const float *xb = xs + (size_t)st * IG_CB * a.sxc;
+        for (int e = tid; e < pe; e += 256) {
+            const int o = ptab[e];
+            cp_async4(ps + e, o >= 0 ? xb + o : a.x, o >= 0);
+        }
+    };
+    float acc[32];
+#pragma unroll
+    for (int e = 0; e < 32; e++) acc[e] = 0.0f;
+    load(0, 0);
+    cp_async_commit();
+    const uint32_t lbo = SWAP ? 256 : WG_CORE;   /* K-adjacent core matrices: 128 bytes apart */
+    const uint32_t sbo_a = SWAP ? WG_CORE : 256, sbo_b = sbo_a;  /* 8-row groups: 256 bytes apart */
+    for (int i = 0; i < ns; i++) {
+        if (i + 1 < ns) load(i + 1, (i + 1) & 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        const float *ws = wraw + (i & 1) * 64 * IG_WLD, *ps = praw + (i & 1) * IG_PATCH;
+        /* the split operands in storage order: e = (((kk * G + grp) * 2 + h) * 8 + r) * 4 + c is
+         * row grp * 8 + r, k = kk * 8 + h * 4 + c, at 4 e bytes (consecutive threads, consecutive words) */
+        for (int e = tid; e < 64 * IG_KS; e += 256) {
+            const int c = e & 3, r = (e >> 2) & 7, h = (e >> 5) & 1, rest = e >> 6, grp = rest & 7, kk = rest >> 3;
+            uint32_t hi, lo;
+            tf32_split(ws[(grp * 8 + r) * IG_WLD + kk * 8 + h * 4 + c], hi, lo);
+            a_hi[e] = hi;
+            a_lo[e] = lo;
+        }
+        for (int e = tid; e < 128 * IG_KS; e += 256) {
+            const int c = e & 3, r = (e >> 2) & 7, h = (e >> 5) & 1, rest = e >> 6, grp = rest & 15, kk = rest >> 4;
+            uint32_t hi, lo;
+            tf32_split(ps[kofs[kk * 8 + h * 4 + c] + nofs[grp * 8 + r]], hi, lo);
+            b_hi[e] = hi;
+            b_lo[e] = lo;
+        }
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  /* the stores, to wgmma's proxy */
+        __syncthreads();
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < WG_KSTEPS; kk++) {
+            const char *ah = reinterpret_cast<const char *>(a_hi) + kk * WG_A_STEP;
+            const char *al = reinterpret_cast<const char *>(a_lo) + kk * WG_A_STEP;
+            const char *bh = reinterpret_cast<const char *>(b_hi) + kk * WG_B_STEP + wgp * 8 * 256;
+            const char *bl = reinterpret_cast<const char *>(b_lo) + kk * WG_B_STEP + wgp * 8 * 256;
+            wg_mma(acc, wg_desc(al, lbo, sbo_a), wg_desc(bh, lbo, sbo_b));
+            wg_mma(acc, wg_desc(ah, lbo, sbo_a), wg_desc(bl, lbo, sbo_b));
+            wg_mma(acc, wg_desc(ah, lbo, sbo_a), wg_desc(bh, lbo, sbo_b));
+        }
+        wg_commit_wait();
+        __syncthreads();  /* both warpgroups done with the tiles before the next stage rewrites them */
+    }
+    cp_async_wait<0>();
+    /* accumulator e = 4 j + q of warp w: row 16 w + g (+ 8 for q >= 2), column 8 j + 2 t (+ 1 for odd q) */
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+#pragma unroll
+        for (int hq = 0; hq < 2; hq++) {
+            const int m = 16 * w + g + 8 * hq, n = n0 + wgp * 64 + 8 * j + 2 * t;
+            const float bo = a.bias ? a.bias[m] : 0.0f;
+            float2 *yo = reinterpret_cast<float2 *>(&a.y[((size_t)s * a.m + m) * a.ohw + (n - s * a.ohw)]);
+            *yo = make_float2(acc[4 * j + 2 * hq] + bo, acc[4 * j + 2 * hq + 1] + bo);
+        }
+}
+
 #define CK(x)                                                                                        \
     do {                                                                                             \
         cudaError_t e_ = (x);                                                                        \
@@ -195,24 +354,24 @@ struct shape { const char *name; int b, c, h, w, oc, s; };
 
 template <int TM, int S>
 static float run(void (*k)(ig_args), const shape &sh, float *dy, float *dpart, const float *dx, const float *dw,
-                 const float *db, int sms) {
+                 const float *db, int sms, int bn = 64, int smem = 0) {
     const int oh = (sh.h + 2 - 3) / S + 1, ow = (sh.w + 2 - 3) / S + 1;
     ig_args a = {};
     a.y = dy; a.x = dx; a.w = dw; a.bias = db;
     a.c = sh.c; a.h = sh.h; a.w_in = sh.w; a.sxc = sh.h * sh.w; a.sxs = sh.c * sh.h * sh.w;
     a.m = sh.oc; a.ohw = oh * ow; a.ow = ow; a.nb = sh.b * oh * ow; a.k = 9 * sh.c;
     a.ih0 = -1; a.iw0 = -1;
-    a.pr = (64 / ow - 1) * S + 3; a.pc = (ow - 1) * S + 3;
-    const int bm = 16 * TM, gm = (sh.oc + bm - 1) / bm, gn = a.nb / 64, nst = (sh.c + IG_CB - 1) / IG_CB;
+    a.pr = (bn / ow - 1) * S + 3; a.pc = (ow - 1) * S + 3;
+    const int bm = 16 * TM, gm = (sh.oc + bm - 1) / bm, gn = a.nb / bn, nst = (sh.c + IG_CB - 1) / IG_CB;
     int splits = 1;
-    if (gm * gn < sms) {
+    if (bn == 64 && gm * gn < sms) {
         splits = std::min(2 * sms / (gm * gn), nst / 2);
         if (splits < 2) splits = 1;
     }
     a.per = (nst + splits - 1) / splits;
     splits = (nst + a.per - 1) / a.per;
     a.part = splits > 1 ? dpart : NULL;
-    const int bytes = ig_smem_bytes<TM>();
+    const int bytes = smem ? smem : ig_smem_bytes<TM>();
     CK(cudaFuncSetAttribute((const void *)k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
     cudaStream_t st;
     CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
@@ -321,6 +480,35 @@ static void probe(const shape &sh, int sms) {
     CK(cudaFree(dx)); CK(cudaFree(dw)); CK(cudaFree(db)); CK(cudaFree(dy)); CK(cudaFree(dpart));
 }
 
+/* the wgmma form on a 64-output-channel shape (conv3's forward), both readings of the descriptor */
+template <int S>
+static void probe_wg(const shape &sh, int sms) {
+    const int oh = (sh.h - 1) / sh.s + 1, ow = (sh.w - 1) / sh.s + 1;
+    std::vector<float> x((size_t)sh.b * sh.c * sh.h * sh.w), w((size_t)sh.oc * sh.c * 9), bias(sh.oc);
+    srand(7);
+    for (auto &v : x) v = (float)rand() / RAND_MAX * 2 - 1;
+    for (auto &v : w) v = ((float)rand() / RAND_MAX * 2 - 1) * 0.1f;
+    for (auto &v : bias) v = (float)rand() / RAND_MAX - 0.5f;
+    float *dx, *dw, *db, *dy;
+    const size_t ny = (size_t)sh.b * sh.oc * oh * ow;
+    CK(cudaMalloc(&dx, x.size() * 4));
+    CK(cudaMalloc(&dw, w.size() * 4));
+    CK(cudaMalloc(&db, bias.size() * 4));
+    CK(cudaMalloc(&dy, ny * 4));
+    CK(cudaMemcpy(dx, x.data(), x.size() * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dw, w.data(), w.size() * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(db, bias.data(), bias.size() * 4, cudaMemcpyHostToDevice));
+    printf("%s, wgmma (64 x 128 tiles, %d bytes of shared memory)\n", sh.name, wg_smem_bytes());
+    void (*ks[2])(ig_args) = {wg_kernel<S, false>, wg_kernel<S, true>};
+    const char *names[2] = {"wgmma 3xTF32", "wgmma 3xTF32, offsets swapped"};
+    for (int v = 0; v < 2; v++) {
+        CK(cudaMemset(dy, 0, ny * 4));
+        float t = run<4, S>(ks[v], sh, dy, NULL, dx, dw, db, sms, 128, wg_smem_bytes());
+        printf("    %-30s %6.2f us   rel err %.1e\n", names[v], t, check(sh, x, w, bias, dy, 4));
+    }
+    CK(cudaFree(dx)); CK(cudaFree(dw)); CK(cudaFree(db)); CK(cudaFree(dy));
+}
+
 int main() {
     cudaDeviceProp p;
     CK(cudaGetDeviceProperties(&p, 0));
@@ -349,6 +537,7 @@ int main() {
     const int sms = p.multiProcessorCount;
     probe<2, 2>({"conv2 fwd 32->32 s2 32x32", 64, 32, 32, 32, 32, 2}, sms);
     probe<4, 1>({"conv3 fwd 32->64 s1 16x16", 64, 32, 16, 16, 64, 1}, sms);
+    probe_wg<1>({"conv3 fwd 32->64 s1 16x16", 64, 32, 16, 16, 64, 1}, sms);
     probe<2, 1>({"conv3 fwd, 32-row tiles (TM 2)", 64, 32, 16, 16, 64, 1}, sms);
     probe<4, 2>({"conv4 fwd 64->64 s2 16x16", 64, 64, 16, 16, 64, 2}, sms);
     probe<2, 1>({"conv3 dx 64->32 s1 16x16", 64, 64, 16, 16, 32, 1}, sms);
