@@ -52,13 +52,9 @@ __global__ void __launch_bounds__(256, 2) probe2_kernel(ig_args a) {
     const int wm = (wq & 1) * 8 * TM, wn = (wq >> 1) * (KS == 2 ? 32 : 16);
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * 64;
     const int s = n0 / a.ohw, oh0 = (n0 - s * a.ohw) / a.ow;
-    const int prpc = a.pr * a.pc, pe = IG_CB * prpc;
+    const int pe = IG_CB * a.pr * a.pc;
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-    for (int e = tid; e < pe; e += 256) {
-        const int c = e / prpc, r = e - c * prpc, pr = r / a.pc, pc = r - pr * a.pc;
-        const int ih = oh0 * S + a.ih0 + pr, iw = a.iw0 + pc;
-        ptab[e] = (unsigned)ih < (unsigned)a.h && (unsigned)iw < (unsigned)a.w_in ? c * a.sxc + ih * a.w_in + iw : -1;
-    }
+    ig_patch_table<S>(ptab, a, oh0);
     int wsrc[WQ], wdst[WQ];
 #pragma unroll
     for (int q = 0; q < WQ; q++) {
@@ -99,17 +95,11 @@ __global__ void __launch_bounds__(256, 2) probe2_kernel(ig_args a) {
     }
     int nofs[NI], kofs[KPER][2];
 #pragma unroll
-    for (int j = 0; j < NI; j++) {
-        const int n = wn + j * 8 + g, r = n / a.ow, q = n - r * a.ow;
-        nofs[j] = r * S * a.pc + q * S;
-    }
+    for (int j = 0; j < NI; j++) nofs[j] = ig_col<S>(a, wn + j * 8 + g);
 #pragma unroll
     for (int kk = 0; kk < KPER; kk++)
 #pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const int k = (kbase + kk) * 8 + t + 4 * h, c = k / 9, tap = k - 9 * c, ki = tap / 3, kj = tap - 3 * ki;
-            kofs[kk][h] = c * prpc + ki * a.pc + kj;
-        }
+        for (int h = 0; h < 2; h++) kofs[kk][h] = ig_tap(a, (kbase + kk) * 8 + t + 4 * h);
     for (int i = 0; i < ns; i++) {
         cp_async_wait<MMA_STAGES - 2>();
         __syncthreads();
@@ -170,17 +160,7 @@ __global__ void __launch_bounds__(256, 2) probe2_kernel(ig_args a) {
     for (int e = 0; e < TM * NI * 2; e += 2) {
         const int mi = e / (4 * NI), ni = (e / 4) % NI, q = e % 4;
         const int r = wm + mi * 16 + g + (q >= 2 ? 8 : 0), c = wn + ni * 8 + 2 * t;
-        const int m = m0 + r, n = n0 + c;
-        if (m >= a.m) continue;
-        if (a.part) {
-            *reinterpret_cast<float2 *>(&a.part[((size_t)blockIdx.z * a.m + m) * a.nb + n]) =
-                make_float2(acc[e], acc[e + 1]);
-            continue;
-        }
-        const float bo = a.bias ? a.bias[m] : 0.0f;
-        float v0 = acc[e] + bo, v1 = acc[e + 1] + bo;
-        float2 *yo = reinterpret_cast<float2 *>(&a.y[((size_t)s * a.m + m) * a.ohw + (n - s * a.ohw)]);
-        *yo = make_float2(v0, v1);
+        if (m0 + r < a.m) ig_store(a, m0 + r, n0 + c, s, acc[e], acc[e + 1]);
     }
 }
 
@@ -253,20 +233,11 @@ __global__ void __launch_bounds__(256, 1) wg_kernel(ig_args a) {
     const int tid = threadIdx.x, wgp = tid >> 7, w = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int n0 = blockIdx.x * 128;
     const int s = n0 / a.ohw, oh0 = (n0 - s * a.ohw) / a.ow;
-    const int prpc = a.pr * a.pc, pe = IG_CB * prpc;
+    const int pe = IG_CB * a.pr * a.pc;
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-    for (int e = tid; e < pe; e += 256) {
-        const int c = e / prpc, r = e - c * prpc, pr = r / a.pc, pc = r - pr * a.pc;
-        const int ih = oh0 * S + a.ih0 + pr, iw = a.iw0 + pc;
-        ptab[e] = (unsigned)ih < (unsigned)a.h && (unsigned)iw < (unsigned)a.w_in ? c * a.sxc + ih * a.w_in + iw : -1;
-    }
-    if (tid < IG_KS) {
-        const int c = tid / 9, tap = tid - 9 * c, ki = tap / 3, kj = tap - 3 * ki;
-        kofs[tid] = c * prpc + ki * a.pc + kj;
-    } else if (tid >= 128) {
-        const int n = tid - 128, r = n / a.ow, q = n - r * a.ow;
-        nofs[n] = r * S * a.pc + q * S;
-    }
+    ig_patch_table<S>(ptab, a, oh0);
+    if (tid < IG_KS) kofs[tid] = ig_tap(a, tid);
+    else if (tid >= 128) nofs[tid - 128] = ig_col<S>(a, tid - 128);
     asm volatile("griddepcontrol.wait;" ::: "memory");
     __syncthreads();
     const int ns = a.c / IG_CB;
@@ -334,10 +305,8 @@ __global__ void __launch_bounds__(256, 1) wg_kernel(ig_args a) {
     for (int j = 0; j < 8; j++)
 #pragma unroll
         for (int hq = 0; hq < 2; hq++) {
-            const int m = 16 * w + g + 8 * hq, n = n0 + wgp * 64 + 8 * j + 2 * t;
-            const float bo = a.bias ? a.bias[m] : 0.0f;
-            float2 *yo = reinterpret_cast<float2 *>(&a.y[((size_t)s * a.m + m) * a.ohw + (n - s * a.ohw)]);
-            *yo = make_float2(acc[4 * j + 2 * hq] + bo, acc[4 * j + 2 * hq + 1] + bo);
+            ig_store(a, 16 * w + g + 8 * hq, n0 + wgp * 64 + 8 * j + 2 * t, s, acc[4 * j + 2 * hq],
+                     acc[4 * j + 2 * hq + 1]);
         }
 }
 
@@ -445,8 +414,10 @@ static double check(const shape &sh, const std::vector<float> &x, const std::vec
     return err / big;
 }
 
+/* every variant on one shape; with wg (64 output channels, output rows tiling 128 columns) also
+ * the wgmma form, both readings of its descriptor */
 template <int TM, int S>
-static void probe(const shape &sh, int sms) {
+static void probe(const shape &sh, int sms, bool wg = false) {
     const int oh = (sh.h - 1) / sh.s + 1, ow = (sh.w - 1) / sh.s + 1;
     std::vector<float> x((size_t)sh.b * sh.c * sh.h * sh.w), w((size_t)sh.oc * sh.c * 9), bias(sh.oc);
     srand(7);
@@ -474,39 +445,17 @@ static void probe(const shape &sh, int sms) {
         CK(cudaMemset(dy, 0, ny * 4));
         float t = run<TM, S>(ks[v], sh, dy, dpart, dx, dw, db, sms);
         double e = parts || v >= 4 ? -1 : check(sh, x, w, bias, dy, 4);
-        printf("    %-22s %6.2f us   rel err %.1e\n", names[v], t, e);
+        printf("    %-30s %6.2f us   rel err %.1e\n", names[v], t, e);
+    }
+    void (*wks[2])(ig_args) = {wg_kernel<S, false>, wg_kernel<S, true>};
+    const char *wnames[2] = {"wgmma 3xTF32", "wgmma 3xTF32, offsets swapped"};
+    for (int v = 0; wg && v < 2; v++) {  /* 64 x 128 tiles, one block per multiprocessor */
+        CK(cudaMemset(dy, 0, ny * 4));
+        float t = run<4, S>(wks[v], sh, dy, NULL, dx, dw, db, sms, 128, wg_smem_bytes());
+        printf("    %-30s %6.2f us   rel err %.1e\n", wnames[v], t, check(sh, x, w, bias, dy, 4));
     }
     printf("\n");
     CK(cudaFree(dx)); CK(cudaFree(dw)); CK(cudaFree(db)); CK(cudaFree(dy)); CK(cudaFree(dpart));
-}
-
-/* the wgmma form on a 64-output-channel shape (conv3's forward), both readings of the descriptor */
-template <int S>
-static void probe_wg(const shape &sh, int sms) {
-    const int oh = (sh.h - 1) / sh.s + 1, ow = (sh.w - 1) / sh.s + 1;
-    std::vector<float> x((size_t)sh.b * sh.c * sh.h * sh.w), w((size_t)sh.oc * sh.c * 9), bias(sh.oc);
-    srand(7);
-    for (auto &v : x) v = (float)rand() / RAND_MAX * 2 - 1;
-    for (auto &v : w) v = ((float)rand() / RAND_MAX * 2 - 1) * 0.1f;
-    for (auto &v : bias) v = (float)rand() / RAND_MAX - 0.5f;
-    float *dx, *dw, *db, *dy;
-    const size_t ny = (size_t)sh.b * sh.oc * oh * ow;
-    CK(cudaMalloc(&dx, x.size() * 4));
-    CK(cudaMalloc(&dw, w.size() * 4));
-    CK(cudaMalloc(&db, bias.size() * 4));
-    CK(cudaMalloc(&dy, ny * 4));
-    CK(cudaMemcpy(dx, x.data(), x.size() * 4, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(dw, w.data(), w.size() * 4, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(db, bias.data(), bias.size() * 4, cudaMemcpyHostToDevice));
-    printf("%s, wgmma (64 x 128 tiles, %d bytes of shared memory)\n", sh.name, wg_smem_bytes());
-    void (*ks[2])(ig_args) = {wg_kernel<S, false>, wg_kernel<S, true>};
-    const char *names[2] = {"wgmma 3xTF32", "wgmma 3xTF32, offsets swapped"};
-    for (int v = 0; v < 2; v++) {
-        CK(cudaMemset(dy, 0, ny * 4));
-        float t = run<4, S>(ks[v], sh, dy, NULL, dx, dw, db, sms, 128, wg_smem_bytes());
-        printf("    %-30s %6.2f us   rel err %.1e\n", names[v], t, check(sh, x, w, bias, dy, 4));
-    }
-    CK(cudaFree(dx)); CK(cudaFree(dw)); CK(cudaFree(db)); CK(cudaFree(dy));
 }
 
 int main() {
@@ -536,8 +485,7 @@ int main() {
     }
     const int sms = p.multiProcessorCount;
     probe<2, 2>({"conv2 fwd 32->32 s2 32x32", 64, 32, 32, 32, 32, 2}, sms);
-    probe<4, 1>({"conv3 fwd 32->64 s1 16x16", 64, 32, 16, 16, 64, 1}, sms);
-    probe_wg<1>({"conv3 fwd 32->64 s1 16x16", 64, 32, 16, 16, 64, 1}, sms);
+    probe<4, 1>({"conv3 fwd 32->64 s1 16x16", 64, 32, 16, 16, 64, 1}, sms, true);
     probe<2, 1>({"conv3 fwd, 32-row tiles (TM 2)", 64, 32, 16, 16, 64, 1}, sms);
     probe<4, 2>({"conv4 fwd 64->64 s2 16x16", 64, 64, 16, 16, 64, 2}, sms);
     probe<2, 1>({"conv3 dx 64->32 s1 16x16", 64, 64, 16, 16, 32, 1}, sms);

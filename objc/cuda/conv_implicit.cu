@@ -49,6 +49,54 @@ constexpr int ig_smem_bytes() {
     return (MMA_STAGES * (16 * TM * IG_WLD + IG_PATCH) + IG_PATCH) * (int)sizeof(float);
 }
 
+/* patch element e = (c, row, column) at this offset from the stage's first channel; -1 outside
+ * the image or past C (only C < 8 has such channels). oh0: the block's first output row. */
+template <int S>
+static __device__ __forceinline__ void ig_patch_table(int *ptab, const ig_args &a, int oh0) {
+    const int prpc = a.pr * a.pc, pe = IG_CB * prpc;
+    for (int e = threadIdx.x; e < pe; e += 256) {  /* blocks of 256 threads */
+        const int c = e / prpc, r = e - c * prpc, pr = r / a.pc, pc = r - pr * a.pc;
+        const int ih = oh0 * S + a.ih0 + pr, iw = a.iw0 + pc;
+        ptab[e] = c < a.c && (unsigned)ih < (unsigned)a.h && (unsigned)iw < (unsigned)a.w_in
+                      ? c * a.sxc + ih * a.w_in + iw
+                      : -1;
+    }
+}
+
+/* the patch offsets of tap k of a stage (channel k / 9, then the 3x3 window's row and column) and
+ * of the block's output column n (row n / OW of the block's rows, at stride S) */
+static __device__ __forceinline__ int ig_tap(const ig_args &a, int k) {
+    const int c = k / 9, tap = k - 9 * c, ki = tap / 3, kj = tap - 3 * ki;
+    return c * (a.pr * a.pc) + ki * a.pc + kj;
+}
+template <int S>
+static __device__ __forceinline__ int ig_col(const ig_args &a, int n) {
+    const int r = n / a.ow, q = n - r * a.ow;
+    return r * S * a.pc + q * S;
+}
+
+/* columns n, n + 1 (n even, one image s) of output row m: the split's partials, or y with the
+ * bias and the fused ReLU (added to y for a data gradient into a shared dx) */
+static __device__ __forceinline__ void ig_store(const ig_args &a, int m, int n, int s, float x0, float x1) {
+    if (a.part) {
+        *reinterpret_cast<float2 *>(&a.part[((size_t)blockIdx.z * a.m + m) * a.nb + n]) = make_float2(x0, x1);
+        return;
+    }
+    const float bo = a.bias ? a.bias[m] : 0.0f;
+    float v0 = x0 + bo, v1 = x1 + bo;
+    if (a.relu) {
+        v0 = v0 > 0.0f ? v0 : 0.0f;
+        v1 = v1 > 0.0f ? v1 : 0.0f;
+    }
+    float2 *yo = reinterpret_cast<float2 *>(&a.y[((size_t)s * a.m + m) * a.ohw + (n - s * a.ohw)]);
+    if (a.accum) {
+        const float2 o = *yo;
+        v0 = o.x + v0;
+        v1 = o.y + v1;
+    }
+    *yo = make_float2(v0, v1);
+}
+
 /* VA: W's rows 16-byte aligned (K % 4 == 0 and W aligned): 16-byte copies */
 template <int TM, int S, bool VA>
 __global__ void __launch_bounds__(256, 2) conv_implicit_kernel(ig_args a) {
@@ -64,15 +112,7 @@ __global__ void __launch_bounds__(256, 2) conv_implicit_kernel(ig_args a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
-    /* patch element e = (c, row, column) at this offset from the stage's first channel; -1
-     * outside the image or past C (only C < 8 has such channels) */
-    for (int e = tid; e < pe; e += 256) {
-        const int c = e / prpc, r = e - c * prpc, pr = r / a.pc, pc = r - pr * a.pc;
-        const int ih = oh0 * S + a.ih0 + pr, iw = a.iw0 + pc;
-        ptab[e] = c < a.c && (unsigned)ih < (unsigned)a.h && (unsigned)iw < (unsigned)a.w_in
-                      ? c * a.sxc + ih * a.w_in + iw
-                      : -1;
-    }
+    ig_patch_table<S>(ptab, a, oh0);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
@@ -118,17 +158,11 @@ __global__ void __launch_bounds__(256, 2) conv_implicit_kernel(ig_args a) {
      * at kofs[kk][0] ([1]) */
     int nofs[NI], kofs[IG_KS / 8][2];
 #pragma unroll
-    for (int j = 0; j < NI; j++) {
-        const int n = wn + j * 8 + g, r = n / a.ow, q = n - r * a.ow;
-        nofs[j] = r * S * a.pc + q * S;
-    }
+    for (int j = 0; j < NI; j++) nofs[j] = ig_col<S>(a, wn + j * 8 + g);
 #pragma unroll
     for (int kk = 0; kk < IG_KS / 8; kk++)
 #pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const int k = kk * 8 + t + 4 * h, c = k / 9, tap = k - 9 * c, ki = tap / 3, kj = tap - 3 * ki;
-            kofs[kk][h] = c * prpc + ki * a.pc + kj;
-        }
+        for (int h = 0; h < 2; h++) kofs[kk][h] = ig_tap(a, kk * 8 + t + 4 * h);
     for (int i = 0; i < ns; i++) {
         cp_async_wait<MMA_STAGES - 2>();
         __syncthreads();
@@ -172,24 +206,7 @@ __global__ void __launch_bounds__(256, 2) conv_implicit_kernel(ig_args a) {
         mma_pos<TM, 4>(e, r, c);
         const int m = m0 + r, n = n0 + c;
         if (m >= a.m) continue;
-        if (a.part) {
-            *reinterpret_cast<float2 *>(&a.part[((size_t)blockIdx.z * a.m + m) * a.nb + n]) =
-                make_float2(acc[e], acc[e + 1]);
-            continue;
-        }
-        const float bo = a.bias ? a.bias[m] : 0.0f;
-        float v0 = acc[e] + bo, v1 = acc[e + 1] + bo;
-        if (a.relu) {
-            v0 = v0 > 0.0f ? v0 : 0.0f;
-            v1 = v1 > 0.0f ? v1 : 0.0f;
-        }
-        float2 *yo = reinterpret_cast<float2 *>(&a.y[((size_t)s * a.m + m) * a.ohw + (n - s * a.ohw)]);
-        if (a.accum) {
-            const float2 o = *yo;
-            v0 = o.x + v0;
-            v1 = o.y + v1;
-        }
-        *yo = make_float2(v0, v1);
+        ig_store(a, m, n, s, acc[e], acc[e + 1]);
     }
 }
 

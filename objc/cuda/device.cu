@@ -106,8 +106,7 @@ static int cu_device_create(const mpscy_backend *vt, mpscy_device *out, char *er
     d->lt = lt;
     const char *coop = getenv("MPSCY_CUDA_COOP");  /* a debugging knob: 0 turns cooperative kernels off */
     d->coop = coop && coop[0] == '0' ? 0 : cu_coop_probe(d);
-    const char *pdl = getenv("MPSCY_CUDA_PDL");    /* 0 turns dependent launch off (graph.cu) */
-    d->pdl = pdl && pdl[0] == '0' ? 0 : cu_pdl_probe(d);
+    d->pdl = cu_pdl_probe(d);  /* which graphs use it: graph.cu ($MPSCY_CUDA_PDL) */
     *out = &d->base;
     return MPSCY_OK;
 }

@@ -156,18 +156,12 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
      * off: a knob for A/B timing and testing */
     const char *ig = getenv("MPSCY_CUDA_IMPLICIT");
     g->implicit = !(ig && ig[0] == '0');
-    /* programmatic dependent launch, where the device has it, for graphs without convolutions:
-     * measured on the H200 (bench/cuda_notes.md), it makes a step of small kernels faster (the
-     * MLP 784-128-64-10 as separate kernels 68.4 -> 65.1 us) and the README CNN's slower (303.7
-     * -> 315.7 us); MPSCY_CUDA_PDL=1 turns it on for every graph, 0 off */
-    const char *pk = getenv("MPSCY_CUDA_PDL");
     int convs = 0;
-    for (int32_t i = 0; i < p->n_nodes; i++) convs += p->nodes[i].kind == MPSCY_LAYER_CONV2D;
-    g->pdl = g->dev->pdl && (pk && pk[0] == '1' ? 1 : !convs);
     for (int32_t i = 0; i < p->n_nodes; i++) {
         const mpscy_node *node = &p->nodes[i];
         if (node->kind == MPSCY_LAYER_CONV2D) {
             int64_t f, c;
+            convs++;
             cu_conv_gemm_need(g, node, &f, &c);
             g->gws_floats += f;
             g->gcount_n += c;
@@ -189,6 +183,12 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
             g->gcount_n += c;
         }
     }
+    /* programmatic dependent launch, where the device has it, for graphs without convolutions:
+     * measured on the H200 (bench/cuda_notes.md), it makes a step of small kernels faster (the
+     * MLP 784-128-64-10 as separate kernels 68.4 -> 65.1 us) and the README CNN's slower (303.7
+     * -> 315.7 us); MPSCY_CUDA_PDL=1 turns it on for every graph, 0 off */
+    const char *pk = getenv("MPSCY_CUDA_PDL");
+    g->pdl = g->dev->pdl && (pk ? pk[0] == '1' : !convs);
     g->tables_bytes = 2 * (size_t)p->n_nodes * sizeof(float *) + (size_t)p->n_nodes * sizeof(int64_t) + 2 * (size_t)p->n_nodes +
                       (size_t)(2 * p->n_inputs + 2) * sizeof(cu_buffer) + 16;
 
