@@ -488,14 +488,9 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
     }
     /* a forward that reads x itself (direct, or implicit) builds the columns only for a training
      * step's weight gradient, on the side stream (joined after backward in step.cu), reading x,
-     * which nothing writes again in the step; with late columns, after the last convolution's
-     * forward */
+     * which nothing writes again in the step */
     auto side_columns = [&]() -> int {
         if (!train) return MPSCY_OK;
-        if (gr->late_cols) {  /* built by cu_conv_flush_columns */
-            gr->cols_pending[i] = 1;
-            return MPSCY_OK;
-        }
         int st = cu_fork(gr, err, en);
         return st == MPSCY_OK ? cu_im2col(gr, gr->side, &g, col, x, b, err, en) : st;
     };
@@ -555,24 +550,6 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
                      gr->stream, gr->y[i], (const float *)yt, bias, b, g.oc, g.ohw, relu, vec),
            "conv_out");
     return CU_LAUNCHED("conv_out");
-}
-
-/* Late columns (MPSCY_CUDA_LATE_COLS): the columns the training forwards marked, built on the
- * side stream after the last convolution's forward (step.cu calls this there), the last
- * convolution's first, as backward needs them. Built beside the convolution forwards instead,
- * the side stream's im2cols share the multiprocessors with those one-wave products. */
-int cu_conv_flush_columns(cu_graph *gr, int64_t b, char *err, size_t en) {
-    const mpscy_plan *p = &gr->plan;
-    for (int32_t i = p->n_nodes - 1; i >= 0; i--) {
-        if (!gr->cols_pending[i]) continue;
-        gr->cols_pending[i] = 0;
-        const mpscy_node *n = &p->nodes[i];
-        conv_geom g = geom(p, n);
-        int st = cu_fork(gr, err, en);
-        if (st == MPSCY_OK) st = cu_im2col(gr, gr->side, &g, gr->colbuf + gr->col_off[i], gr->y[n->in[0]], b, err, en);
-        if (st != MPSCY_OK) return st;
-    }
-    return MPSCY_OK;
 }
 
 int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, size_t en) {

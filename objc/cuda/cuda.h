@@ -122,9 +122,6 @@ typedef struct cu_graph {
     int implicit;              /* $MPSCY_CUDA_IMPLICIT at build not 0: conv_implicit.cu where it fits */
     uint8_t *dz_ready;         /* per node, per capture: its dz was written (ReLU mask applied) by a consumer;
                                   for a Dropout between them: its backward was, so it runs none */
-    uint8_t *cols_pending;     /* per node, per capture: a Conv2D's columns wait for cu_conv_flush_columns */
-    int late_cols;             /* $MPSCY_CUDA_LATE_COLS at build not 0: columns after the last Conv2D */
-    int32_t last_conv;         /* the last Conv2D node, or -1 */
     struct cu_fused *fu;       /* the train step as one kernel (mlp.cu), or NULL */
     /* deferred staging (step.cu, stage.h): input 0 is copied into pinned staging by these
      * threads while the graph already runs, its pieces' flags in pinned memory */
@@ -184,7 +181,6 @@ int cu_activation_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *er
 int cu_flatten_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
 int cu_flatten_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);
 int cu_conv_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
-int cu_conv_flush_columns(cu_graph *g, int64_t b, char *err, size_t en);
 int cu_conv_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);
 int64_t cu_conv_workspace(const mpscy_plan *p, const mpscy_node *n);
 int64_t cu_conv_columns(const mpscy_plan *p, const mpscy_node *n);  /* floats of its kept im2col */

@@ -157,17 +157,11 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     const char *ig = getenv("MPSCY_CUDA_IMPLICIT");
     g->implicit = !(ig && ig[0] == '0');
     int convs = 0;
-    g->last_conv = -1;
-    /* the side stream's columns for the weight gradients after the last convolution's forward
-     * (conv.cu's cu_conv_flush_columns); 0 builds each beside its forward: a knob for A/B timing */
-    const char *lc = getenv("MPSCY_CUDA_LATE_COLS");
-    g->late_cols = !(lc && lc[0] == '0');
     for (int32_t i = 0; i < p->n_nodes; i++) {
         const mpscy_node *node = &p->nodes[i];
         if (node->kind == MPSCY_LAYER_CONV2D) {
             int64_t f, c;
             convs++;
-            g->last_conv = i;
             cu_conv_gemm_need(g, node, &f, &c);
             g->gws_floats += f;
             g->gcount_n += c;
@@ -195,7 +189,7 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
      * -> 315.7 us); MPSCY_CUDA_PDL=1 turns it on for every graph, 0 off */
     const char *pk = getenv("MPSCY_CUDA_PDL");
     g->pdl = g->dev->pdl && (pk ? pk[0] == '1' : !convs);
-    g->tables_bytes = 2 * (size_t)p->n_nodes * sizeof(float *) + (size_t)p->n_nodes * sizeof(int64_t) + 3 * (size_t)p->n_nodes +
+    g->tables_bytes = 2 * (size_t)p->n_nodes * sizeof(float *) + (size_t)p->n_nodes * sizeof(int64_t) + 2 * (size_t)p->n_nodes +
                       (size_t)(2 * p->n_inputs + 2) * sizeof(cu_buffer) + 16;
 
     st = MPSCY_OK;
@@ -266,7 +260,6 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     g->io_bufs = (cu_buffer *)(((uintptr_t)(g->col_off + p->n_nodes) + 15) & ~(uintptr_t)15);
     g->fuse = (uint8_t *)(g->io_bufs + 2 * p->n_inputs + 2);
     g->dz_ready = g->fuse + p->n_nodes;
-    g->cols_pending = g->dz_ready + p->n_nodes;
 
     for (int32_t i = 0; i < p->n_nodes; i++) {
         mpscy_node *node = &p->nodes[i];

@@ -152,7 +152,6 @@ static int enqueue(cu_graph *g, int kind, int64_t b, int deferred, char *err, si
         const mpscy_node *node = &p->nodes[i];
         if (node->kind == MPSCY_LAYER_INPUT) continue;
         if ((st = cu_layers[node->kind].forward(g, node, b, train, err, en)) != MPSCY_OK) return st;
-        if (train && i == g->last_conv && (st = cu_conv_flush_columns(g, b, err, en)) != MPSCY_OK) return st;
     }
     if (kind == CU_KIND_PREDICT) {
         CU_TRY(cudaMemcpyAsync(g->out_h, g->y[p->output], (size_t)b * p->out_size * sizeof(float),
@@ -193,7 +192,6 @@ void cu_cache_clear(cu_graph *g) {
 int cu_capture(cu_graph *g, int kind, char *err, size_t en) {
     g->gws_used = g->gcount_used = 0;
     memset(g->dz_ready, 0, (size_t)g->plan.n_nodes);
-    memset(g->cols_pending, 0, (size_t)g->plan.n_nodes);
     CU_TRY(cudaStreamBeginCapture(g->stream, cudaStreamCaptureModeThreadLocal), "begin capture");
     int st = enqueue(g, kind, g->plan.batch, defers(g, kind), err, en);
     if (st != MPSCY_OK && g->forked) cu_join(g, NULL, 0);
@@ -270,7 +268,6 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
     } else {
         g->gws_used = g->gcount_used = 0;
         memset(g->dz_ready, 0, (size_t)g->plan.n_nodes);
-        memset(g->cols_pending, 0, (size_t)g->plan.n_nodes);
         int st = enqueue(g, kind, b, 0, err, en);
         if (st != MPSCY_OK && g->forked) cu_join(g, NULL, 0);
         if (st != MPSCY_OK) {
