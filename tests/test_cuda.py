@@ -504,18 +504,24 @@ def test_large_slab_update_matches_cpu(opt, monkeypatch, rng):
 @cuda_only
 @pytest.mark.parametrize("pdl", ["0", "1"])
 @pytest.mark.parametrize("name", ["conv_s2_dgrad", "conv_implicit_s1"])
-def test_one_stream_gives_the_same_bits(name, pdl, monkeypatch, rng):
-    """MPSCY_CUDA_STREAMS=1 runs the second stream's work (columns, weight gradients, W re-layouts)
-    on the main stream in enqueue order: every kernel is deterministic and none depends on
-    timing, so 8 training steps give bit-identical parameters to the two-stream engine (and
-    both match the cpu), with and without programmatic dependent launch."""
+def test_stream_orders_give_the_same_bits(name, pdl, monkeypatch, rng):
+    """The second stream's work in another order gives the same bits: MPSCY_CUDA_STREAMS=1 runs
+    it (columns, weight gradients, W re-layouts) on the main stream in enqueue order, and
+    MPSCY_CUDA_INPUT_DW=side puts the weight gradient of the first convolution (no dx: it reads
+    the model's input) at the end of the side stream's chain instead of on the main stream, where
+    it waits for the columns the side stream built in the forward. Every kernel is deterministic
+    and none depends on timing, so 8 training steps (full batches of 16, partial ones of 9 and 7)
+    give bit-identical parameters in all three (and each matches the cpu), with and without
+    programmatic dependent launch."""
     build, shape = LAYER_MODELS[name]
-    xs = [rng.standard_normal((16,) + shape).astype(np.float32) for _ in range(8)]
-    ys = [rng.integers(0, 5, 16).astype(np.int32) for _ in range(8)]
+    rows = [16, 9, 16, 7, 16, 16, 9, 16]
+    xs = [rng.standard_normal((r,) + shape).astype(np.float32) for r in rows]
+    ys = [rng.integers(0, 5, r).astype(np.int32) for r in rows]
     monkeypatch.setenv("MPSCY_CUDA_PDL", pdl)
     params = []
-    for streams in ("2", "1"):
+    for streams, input_dw in (("2", "main"), ("1", "main"), ("2", "side")):
         monkeypatch.setenv("MPSCY_CUDA_STREAMS", streams)
+        monkeypatch.setenv("MPSCY_CUDA_INPUT_DW", input_dw)
         cpu, gpu = pair(build, shape)
         for x, y in zip(xs, ys):
             assert gpu.step(x, y).applied and cpu.step(x, y).applied
@@ -523,9 +529,11 @@ def test_one_stream_gives_the_same_bits(name, pdl, monkeypatch, rng):
         for k in pc:
             assert rel_err(pg[k], pc[k]) <= PARAM_TOL, k
         params.append(pg)
-    assert params[0].keys() == params[1].keys() and len(params[0]) >= 4
-    for k in params[0]:
-        assert np.array_equal(params[0][k], params[1][k]), k
+    assert len(params[0]) >= 4
+    for other in params[1:]:
+        assert other.keys() == params[0].keys()
+        for k in params[0]:
+            assert np.array_equal(other[k], params[0][k]), k
 
 
 CONV_PATH_MODELS = ("conv_pool", "conv_groups_dilation", "conv_long_k", "conv_relu_dense", "batchnorm2d",

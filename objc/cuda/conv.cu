@@ -492,7 +492,13 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
     auto side_columns = [&]() -> int {
         if (!train) return MPSCY_OK;
         int st = cu_fork(gr, err, en);
-        return st == MPSCY_OK ? cu_im2col(gr, gr->side, &g, col, x, b, err, en) : st;
+        if (st == MPSCY_OK) st = cu_im2col(gr, gr->side, &g, col, x, b, err, en);
+        if (st != MPSCY_OK || gr->dy[n->in[0]] || !gr->input_dw_main) return st;
+        /* a layer without dx takes its weight gradient on the main stream (cu_conv_backward), which
+         * waits for this record; as for wready, the latest record covers every earlier one */
+        CU_TRY(cudaEventRecord(gr->colready, gr->side), "columns event");
+        gr->cols_recorded = 1;
+        return MPSCY_OK;
     };
     if (cu_conv_direct_fits(&g)) {
         /* any precision (fp32 FMA is at least as exact as the products) */
@@ -596,8 +602,14 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
                "conv_db");
         st = CU_LAUNCHED("conv_db");
     }
+    /* without dx (a layer on the model's input) the main stream has nothing left to run until the
+     * join: the weight gradient runs there, beside the side stream's chain of the others, after
+     * the columns the side stream built in the forward (if it built them) */
+    const int dw_side = dx || !gr->input_dw_main;
+    if (st == MPSCY_OK && !dw_side && gr->cols_recorded)
+        CU_TRY(cudaStreamWaitEvent(gr->stream, gr->colready, 0), "columns wait");
     for (int64_t gi = 0; gi < g.groups && st == MPSCY_OK; gi++) {
-        st = conv_gemm(gr, CONV_DW, 1, g, nb, nb_built, dw + gi * g.ocg * g.kg, NULL, col + gi * g.kg * nb,
+        st = conv_gemm(gr, CONV_DW, dw_side, g, nb, nb_built, dw + gi * g.ocg * g.kg, NULL, col + gi * g.kg * nb,
                        dzt + gi * g.ocg * nb, part, err, en);
         if (st == MPSCY_OK && dx && !s2 && !s1)
             st = conv_gemm(gr, CONV_DCOL, 0, g, nb, nb_built, dcol + gi * g.kg * nb, w + gi * g.ocg * g.kg, NULL,

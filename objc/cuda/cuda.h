@@ -112,6 +112,9 @@ typedef struct cu_graph {
     cudaStream_t stream, side; /* side: weight gradients, off the critical path */
     cudaEvent_t fork, join;
     cudaEvent_t wready;        /* on side: a training forward re-laid W for its backward's dx (conv.cu) */
+    cudaEvent_t colready;      /* on side: a training forward built a no-dx convolution's columns (conv.cu) */
+    int cols_recorded;         /* per capture: colready recorded */
+    int input_dw_main;         /* $MPSCY_CUDA_INPUT_DW not "side": a no-dx convolution's dW on the main stream */
     int forked;                /* capture state: the side stream has work to join */
     cudaGraphExec_t exec[CU_KINDS];  /* the captured step of each kind at the built batch */
     /* own small GEMMs (gemm.cu): split-K partials and tile counters, handed out in capture order */

@@ -39,6 +39,7 @@ void cu_graph_destroy(mpscy_graph gh) {
     if (g->fork) cudaEventDestroy(g->fork);
     if (g->join) cudaEventDestroy(g->join);
     if (g->wready) cudaEventDestroy(g->wready);
+    if (g->colready) cudaEventDestroy(g->colready);
     cu_dev_free(dev, g->params, slab_bytes(p->n_params + p->n_buffers));
     cu_dev_free(dev, g->grads, slab_bytes(p->n_params));
     cu_dev_free(dev, g->optim, slab_bytes(p->optim_floats));
@@ -156,6 +157,11 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
      * off: a knob for A/B timing and testing */
     const char *ig = getenv("MPSCY_CUDA_IMPLICIT");
     g->implicit = !(ig && ig[0] == '0');
+    /* the weight gradient of a convolution without dx (on the model's input) on the main stream,
+     * which has nothing else left to run in the backward, beside the side stream's chain of the
+     * other weight gradients; "side" puts it at that chain's end: a knob for A/B timing */
+    const char *idw = getenv("MPSCY_CUDA_INPUT_DW");
+    g->input_dw_main = !(idw && !strcmp(idw, "side"));
     int convs = 0;
     for (int32_t i = 0; i < p->n_nodes; i++) {
         const mpscy_node *node = &p->nodes[i];
@@ -244,7 +250,8 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
                                 : cudaStreamCreateWithFlags(&g->side, cudaStreamNonBlocking)) != cudaSuccess ||
                            cudaEventCreateWithFlags(&g->fork, cudaEventDisableTiming) != cudaSuccess ||
                            cudaEventCreateWithFlags(&g->join, cudaEventDisableTiming) != cudaSuccess ||
-                           cudaEventCreateWithFlags(&g->wready, cudaEventDisableTiming) != cudaSuccess))
+                           cudaEventCreateWithFlags(&g->wready, cudaEventDisableTiming) != cudaSuccess ||
+                           cudaEventCreateWithFlags(&g->colready, cudaEventDisableTiming) != cudaSuccess))
         st = MPSCY_DEVICE;
     if (st != MPSCY_OK) {
         cudaGetLastError();

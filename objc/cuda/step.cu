@@ -192,6 +192,7 @@ void cu_cache_clear(cu_graph *g) {
 int cu_capture(cu_graph *g, int kind, char *err, size_t en) {
     g->gws_used = g->gcount_used = 0;
     memset(g->dz_ready, 0, (size_t)g->plan.n_nodes);
+    g->cols_recorded = 0;
     CU_TRY(cudaStreamBeginCapture(g->stream, cudaStreamCaptureModeThreadLocal), "begin capture");
     int st = enqueue(g, kind, g->plan.batch, defers(g, kind), err, en);
     if (st != MPSCY_OK && g->forked) cu_join(g, NULL, 0);
@@ -268,6 +269,7 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
     } else {
         g->gws_used = g->gcount_used = 0;
         memset(g->dz_ready, 0, (size_t)g->plan.n_nodes);
+        g->cols_recorded = 0;
         int st = enqueue(g, kind, b, 0, err, en);
         if (st != MPSCY_OK && g->forked) cu_join(g, NULL, 0);
         if (st != MPSCY_OK) {
