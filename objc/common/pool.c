@@ -36,7 +36,6 @@ struct mpscy_pool {
     _Atomic uint64_t claim;       /* (generation << 32) | next task index of the region */
     _Atomic int pending;          /* tasks of the current region not yet finished */
     _Atomic int stop;
-    int spin_rounds;              /* a worker's polls before it sleeps ($MPSCY_POOL_SPIN, else SPIN_ROUNDS) */
     mpscy_task fn;
     void *ctx;
     pthread_mutex_t mu;
@@ -79,7 +78,7 @@ static void *worker(void *arg) {
     in_region = 1;
     for (;;) {
         int spins = 0;
-        while (atomic_load_explicit(&p->generation, memory_order_acquire) == seen && ++spins < p->spin_rounds)
+        while (atomic_load_explicit(&p->generation, memory_order_acquire) == seen && ++spins < SPIN_ROUNDS)
             CPU_RELAX();
         if (atomic_load_explicit(&p->generation, memory_order_acquire) == seen) {
             pthread_mutex_lock(&p->mu);
@@ -106,8 +105,6 @@ int mpscy_pool_create(mpscy_stats *stats, int32_t threads, mpscy_pool **out) {
     p->stats = stats;
     p->n = 1;
     p->fork_generation = fork_generation;
-    const char *sp = getenv("MPSCY_POOL_SPIN");
-    p->spin_rounds = sp && atoi(sp) > 0 ? atoi(sp) : SPIN_ROUNDS;
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->cv, NULL);
     for (int32_t t = 1; t < threads; t++) {  /* fewer workers than asked is still a working pool */

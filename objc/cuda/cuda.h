@@ -114,10 +114,6 @@ typedef struct cu_graph {
     cudaEvent_t wready;        /* on side: a training forward re-laid W for its backward's dx (conv.cu) */
     cudaEvent_t colready;      /* on side: a training forward built a no-dx convolution's columns (conv.cu) */
     int cols_recorded;         /* per capture: colready recorded */
-    int prio_mask;             /* $MPSCY_CUDA_PRIORITY at build: 1 the side stream's backward kernels, 2 the
-                                  main stream's forward kernels launched at prio_hi (an A/B knob) */
-    int prio_hi;               /* the device's highest stream priority */
-    int phase;                 /* per enqueue: 1 forward, 2 backward, else 0 */
     int input_dw_main;         /* $MPSCY_CUDA_INPUT_DW not "side": a no-dx convolution's dW on the main stream */
     int forked;                /* capture state: the side stream has work to join */
     cudaGraphExec_t exec[CU_KINDS];  /* the captured step of each kind at the built batch */
@@ -332,19 +328,16 @@ template <typename... K, typename... A>
 static inline cudaError_t cu_launch_shm(const cu_graph *g, void (*kernel)(K...), dim3 grid, dim3 block, size_t shm,
                                         cudaStream_t s, A... args) {
     cudaLaunchConfig_t cfg = {};
-    cudaLaunchAttribute at[2];
+    cudaLaunchAttribute at;
     cfg.gridDim = grid;
     cfg.blockDim = block;
     cfg.dynamicSmemBytes = shm;
     cfg.stream = s;
-    cfg.attrs = at;
     if (g->pdl) {
-        at[cfg.numAttrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        at[cfg.numAttrs++].val.programmaticStreamSerializationAllowed = 1;
-    }
-    if (((g->prio_mask & 1) && g->phase == 2 && s == g->side) || ((g->prio_mask & 2) && g->phase == 1 && s == g->stream)) {
-        at[cfg.numAttrs].id = cudaLaunchAttributePriority;
-        at[cfg.numAttrs++].val.priority = g->prio_hi;
+        at.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        at.val.programmaticStreamSerializationAllowed = 1;
+        cfg.attrs = &at;
+        cfg.numAttrs = 1;
     }
     return cudaLaunchKernelEx(&cfg, kernel, args...);
 }

@@ -160,10 +160,6 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     /* the weight gradient of a convolution without dx (on the model's input) on the main stream,
      * which has nothing else left to run in the backward, beside the side stream's chain of the
      * other weight gradients; "side" puts it at that chain's end: a knob for A/B timing */
-    const char *pr = getenv("MPSCY_CUDA_PRIORITY");
-    g->prio_mask = pr ? atoi(pr) & 3 : 0;
-    int least = 0;
-    if (cudaDeviceGetStreamPriorityRange(&least, &g->prio_hi) != cudaSuccess) g->prio_mask = 0, cudaGetLastError();
     const char *idw = getenv("MPSCY_CUDA_INPUT_DW");
     g->input_dw_main = !(idw && !strcmp(idw, "side"));
     int convs = 0;

@@ -148,13 +148,11 @@ static int enqueue(cu_graph *g, int kind, int64_t b, int deferred, char *err, si
     }
 
     int train = kind == CU_KIND_TRAIN || kind == CU_KIND_GRAD;
-    g->phase = 1;
     for (int32_t i = 0; i < p->n_nodes; i++) {
         const mpscy_node *node = &p->nodes[i];
         if (node->kind == MPSCY_LAYER_INPUT) continue;
-        if ((st = cu_layers[node->kind].forward(g, node, b, train, err, en)) != MPSCY_OK) return g->phase = 0, st;
+        if ((st = cu_layers[node->kind].forward(g, node, b, train, err, en)) != MPSCY_OK) return st;
     }
-    g->phase = 0;
     if (kind == CU_KIND_PREDICT) {
         CU_TRY(cudaMemcpyAsync(g->out_h, g->y[p->output], (size_t)b * p->out_size * sizeof(float),
                                cudaMemcpyDeviceToHost, s), "output copy");
@@ -165,13 +163,11 @@ static int enqueue(cu_graph *g, int kind, int64_t b, int deferred, char *err, si
 
     /* forks (the forward's too: columns of direct convolutions) are joined once after backward;
      * only a training forward forks, so evaluation and prediction steps end with nothing to join */
-    g->phase = 2;
     for (int32_t i = p->n_nodes - 1; i >= 0; i--) {
         const mpscy_node *node = &p->nodes[i];
         if (!node->grad || node->kind == MPSCY_LAYER_INPUT) continue;
-        if ((st = cu_layers[node->kind].backward(g, node, b, err, en)) != MPSCY_OK) return g->phase = 0, st;
+        if ((st = cu_layers[node->kind].backward(g, node, b, err, en)) != MPSCY_OK) return st;
     }
-    g->phase = 0;
     if ((st = cu_join(g, err, en)) != MPSCY_OK) return st;
     if ((st = cu_norm_and_update(g, kind == CU_KIND_TRAIN, err, en)) != MPSCY_OK) return st;
     if (kind == CU_KIND_GRAD) return MPSCY_OK;
@@ -206,7 +202,7 @@ int cu_capture(cu_graph *g, int kind, char *err, size_t en) {
         st = MPSCY_FAIL(err, en, MPSCY_DEVICE, CU, "capturing the step: %s", cudaGetErrorString(e));
     cudaGraphExec_t exec = NULL;
     if (st == MPSCY_OK) {
-        e = cudaGraphInstantiate(&exec, graph, g->prio_mask ? cudaGraphInstantiateFlagUseNodePriority : 0);
+        e = cudaGraphInstantiate(&exec, graph, 0);
         if (e != cudaSuccess) st = MPSCY_FAIL(err, en, MPSCY_DEVICE, CU, "instantiating the step graph: %s", cudaGetErrorString(e));
     }
     if (st == MPSCY_OK) {
