@@ -36,6 +36,7 @@ def main():
             t0 = time.perf_counter()
             for i in range(iters):
                 loss = step(*data[i % len(data)])
+            step.sync()
             times[k].append((time.perf_counter() - t0) / iters * 1e6)
             assert loss == loss, "loss is NaN"
     base = statistics.median(times[0])

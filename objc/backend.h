@@ -39,7 +39,7 @@ struct mpscy_graph_ {
     double *scalars;                /* the optimizer's host scalars (step count, mu_product, ...) */
 };
 
-/* The table each backend fills. Every entry is required; an entry may answer
+/* The table each backend fills. Every entry is required (device_synchronize excepted); an entry may answer
  * MPSCY_UNSUPPORTED. Error buffers are the caller's and may be NULL. */
 struct mpscy_backend {
     const char *name;
@@ -67,6 +67,9 @@ struct mpscy_backend {
     int (*graph_predict)(mpscy_graph g, const mpscy_step_args *a, char *err, size_t n);
     int64_t stage_min_bytes;  /* > 0: graph_step and graph_predict honor mpscy_step_args.x_src, given
                                * for inputs of this many bytes or more (0 by default: never) */
+    /* waits for work a call left running (cuda: a training step's update); NULL, the one entry
+     * that may be: every call of the backend returns with its work done */
+    int (*device_synchronize)(mpscy_device dev, char *err, size_t n);
 };
 
 /* Backends linked into this build (cpu always; cuda and metal when built). */

@@ -64,6 +64,12 @@ int mpscy_device_info_get(mpscy_device dev, mpscy_device_info *out, char *err, s
     return dev->vt->device_info(dev, out, err, errlen);
 }
 
+int mpscy_device_synchronize(mpscy_device dev, char *err, size_t errlen) {
+    if (!dev) return FAIL(MPSCY_INVALID, "device is NULL");
+    dev->stats.calls++;
+    return dev->vt->device_synchronize ? dev->vt->device_synchronize(dev, err, errlen) : MPSCY_OK;
+}
+
 int mpscy_device_stats(mpscy_device dev, mpscy_stats *out, char *err, size_t errlen) {
     if (!dev || !out) return FAIL(MPSCY_INVALID, "device or out is NULL");
     *out = dev->stats;

@@ -13,7 +13,7 @@
 extern "C" {
 #endif
 
-#define MPSCY_ABI_VERSION 3
+#define MPSCY_ABI_VERSION 4
 #define MPSCY_MAX_RANK 6          /* per-sample rank of any tensor (batch excluded) */
 #define MPSCY_MAX_INPUTS 8        /* inputs of one layer node */
 #define MPSCY_NAME_LEN 64
@@ -69,6 +69,11 @@ int mpscy_device_create(const char *backend, mpscy_device *out, char *err, size_
 void mpscy_device_destroy(mpscy_device dev);  /* accepts NULL; graphs and buffers go first */
 int mpscy_device_info_get(mpscy_device dev, mpscy_device_info *out, char *err, size_t errlen);
 int mpscy_device_stats(mpscy_device dev, mpscy_stats *out, char *err, size_t errlen);
+/* Waits until the device has finished all the work it was given, and reports that work's
+ * failure. A cuda training step returns as soon as its loss and its decision (update applied or
+ * not) are known, while the update itself may still run; every other call on the device waits
+ * for it first, so this is needed only to time steps or to hand the device to other code. */
+int mpscy_device_synchronize(mpscy_device dev, char *err, size_t errlen);
 
 /* ------------------------------------------------------------------ buffer */
 

@@ -53,6 +53,23 @@ def test_one_call_per_predict_and_evaluate_batch(device):
     assert after["calls"] - mid["calls"] == 4 and after["allocations"] == before["allocations"]
 
 
+def test_synchronize_is_one_call_and_changes_nothing(device):
+    """Engine.synchronize() waits for the device (on cuda, a training step's update may still run
+    when the step returns): one ABI call, no allocation, and parameters and optimizer state read
+    the same before and after it."""
+    engine = make(device)
+    x, y = data()
+    engine.step(x, y)
+    params = engine.get_parameters()
+    before = engine.stats()
+    assert engine.synchronize() is None
+    after = engine.stats()
+    assert after["calls"] - before["calls"] == 1 and after["allocations"] == before["allocations"]
+    assert after["steps"] == before["steps"] == 1
+    again = engine.get_parameters()
+    assert all(np.array_equal(again[k], params[k]) for k in params)
+
+
 def test_memray_counts_no_allocation_in_500_steps(device, tmp_path):
     """memray sees every malloc/mmap of the process. The thread that steps makes none in 500
     steps; on the CPU no other thread does either. A GPU driver's own helper threads may allocate

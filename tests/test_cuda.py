@@ -536,6 +536,99 @@ def test_stream_orders_give_the_same_bits(name, pdl, monkeypatch, rng):
             assert np.array_equal(other[k], params[0][k]), k
 
 
+@cuda_only
+@pytest.mark.parametrize("fused", ["default", "0"])
+@pytest.mark.parametrize("name", ["dense_relu", "conv_s2_dgrad", "batchnorm2d", "dropout"])
+def test_early_return_matches_waiting(name, fused, monkeypatch, rng):
+    """A training step returns once its result is final (loss, accuracy, update applied or not)
+    while its update and BatchNorm commits still run (MPSCY_CUDA_EARLY, on by default). It then
+    behaves as an engine that waits for every step (=0): 8 training steps (full and partial
+    batches), each followed at once by a call that reads or uses the device (predict,
+    parameters, evaluate, optimizer state, a learning-rate change, in turn), give bit-identical
+    losses, accuracies, predictions, parameters, running statistics and optimizer slots, and both
+    match the cpu. dense_relu by default takes the one-kernel step (mlp.cu)."""
+    if fused == "0":
+        monkeypatch.setenv("MPSCY_CUDA_FUSED", "0")
+    build, shape = LAYER_MODELS[name]
+    rows = [16, 9, 16, 7, 16, 16, 9, 16]
+    xs = [rng.standard_normal((r,) + shape).astype(np.float32) for r in rows]
+    ys = [rng.integers(0, 5, r).astype(np.int32) for r in rows]
+    runs = []
+    for early in ("1", "0"):
+        monkeypatch.setenv("MPSCY_CUDA_EARLY", early)
+        cpu, gpu = pair(build, shape)
+        seen = []
+        for s, (x, y) in enumerate(zip(xs, ys)):
+            rc, rg = cpu.step(x, y), gpu.step(x, y)
+            assert rg.applied and rc.applied
+            assert abs(rg.loss - rc.loss) <= 1e-4 * max(abs(rc.loss), 1e-3), (s, rc.loss, rg.loss)
+            seen.append((rg.loss, rg.accuracy))
+            use = s % 5
+            if use == 0:
+                seen.append(gpu.predict(xs[0]))
+            elif use == 1:
+                seen.append(gpu.get_parameters())
+            elif use == 2:
+                seen.append(gpu.evaluate(xs[1], ys[1]))
+            elif use == 3:
+                seen.append(gpu.get_optimizer_state())
+            else:
+                cpu.learning_rate = gpu.learning_rate = 5e-4
+        pg, pc = gpu.get_parameters(), cpu.get_parameters()
+        for k in pc:
+            assert rel_err(pg[k], pc[k]) <= PARAM_TOL, k
+        runs.append((seen, pg))
+    (seen1, p1), (seen0, p0) = runs
+    assert len(seen1) == len(seen0) == 8 + 7
+    for a, b in zip(seen1, seen0):
+        if isinstance(a, np.ndarray):
+            assert np.array_equal(a, b)
+        elif isinstance(a, dict):
+            assert a.keys() == b.keys()
+            for k in a:
+                if isinstance(a[k], dict):
+                    assert all(np.array_equal(a[k][q], b[k][q]) for q in a[k]), k
+                elif isinstance(a[k], np.ndarray):
+                    assert np.array_equal(a[k], b[k]), k
+                else:
+                    assert a[k] == b[k], k
+        else:
+            assert a == b
+    assert p1.keys() == p0.keys() and all(np.array_equal(p1[k], p0[k]) for k in p0)
+
+
+@cuda_only
+def test_early_return_reads_wait_for_the_update(monkeypatch, rng):
+    """With 8.4 M parameters the Adam update (~0.1 GB of traffic) is still running when the step
+    returns early. Reads made at once after it (parameters, one tensor, optimizer state,
+    synchronize then parameters) see the update finished: bit-identical to an engine that waits
+    for every step (MPSCY_CUDA_EARLY=0)."""
+    x = rng.standard_normal((16, 4096)).astype(np.float32)
+    y = rng.integers(0, 10, 16).astype(np.int32)
+    got = []
+    for early in ("1", "0"):
+        monkeypatch.setenv("MPSCY_CUDA_EARLY", early)
+        monkeypatch.setenv("MPSCY_CUDA_FUSED", "0")
+        e = mpscy.Engine(mpscy.Sequential([L.Dense(2048), L.ReLU(), L.Dense(10)], input_shape=(4096,)),
+                         loss="sparse_cross_entropy", optimizer=optim.Adam(1e-2), batch_size=16, device="cuda", seed=5)
+        assert sum(v.size for v in e.get_parameters().values()) == 4096 * 2048 + 2048 + 2048 * 10 + 10
+        reads = []
+        for s in range(4):
+            e.step(x, y)
+            if s == 0:
+                reads.append(e.get_parameters())
+            elif s == 1:
+                reads.append({"w": e.get_parameters()["dense_0.weight"]})
+            elif s == 2:
+                reads.append(e.get_optimizer_state()["exp_avg"])
+            else:
+                e.synchronize()
+                reads.append(e.get_parameters())
+        got.append(reads)
+    for a, b in zip(*got):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
 CONV_PATH_MODELS = ("conv_pool", "conv_groups_dilation", "conv_long_k", "conv_relu_dense", "batchnorm2d",
                     "conv_s2_dgrad", "conv_implicit_s1")
 

@@ -29,6 +29,7 @@ int cu_buffer_create(mpscy_device dev, size_t bytes, int32_t storage, mpscy_buff
 void cu_buffer_destroy(mpscy_buffer buf) {
     cu_buffer *b = (cu_buffer *)buf;
     mpscy_device dev = buf->dev;
+    cu_settle(dev, NULL, 0);
     if (buf->host) cu_pinned_free(dev, buf->host, buf->bytes);
     else cu_dev_free(dev, b->dmem, buf->bytes);
     cu_host_free(dev, b, sizeof *b);
@@ -36,6 +37,8 @@ void cu_buffer_destroy(mpscy_buffer buf) {
 
 int cu_buffer_read(mpscy_buffer buf, size_t off, void *dst, size_t bytes, char *err, size_t n) {
     cu_buffer *b = (cu_buffer *)buf;
+    int st = cu_settle(buf->dev, err, n);
+    if (st != MPSCY_OK) return st;
     if (buf->host) {
         memcpy(dst, (char *)buf->host + off, bytes);
         return MPSCY_OK;
@@ -48,6 +51,8 @@ int cu_buffer_read(mpscy_buffer buf, size_t off, void *dst, size_t bytes, char *
 
 int cu_buffer_write(mpscy_buffer buf, size_t off, const void *src, size_t bytes, char *err, size_t n) {
     cu_buffer *b = (cu_buffer *)buf;
+    int st = cu_settle(buf->dev, err, n);
+    if (st != MPSCY_OK) return st;
     if (buf->host) {
         memcpy((char *)buf->host + off, src, bytes);
         return MPSCY_OK;

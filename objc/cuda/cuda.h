@@ -28,6 +28,8 @@ typedef struct cu_device {
     int coop;                  /* cooperative kernels can be captured in graphs here */
     int pdl;                   /* programmatic dependent launch works in captured graphs here */
     cudaDeviceProp prop;
+    struct cu_graph *pending;  /* a graph whose last training step returned before its update
+                                  finished (step.cu); cu_settle waits for it */
 } cu_device;
 
 /* Per-step values, written on the host into pinned staging before each launch and copied to
@@ -37,6 +39,8 @@ typedef struct cu_params {
     uint64_t seed, counter;    /* dropout generator key and counter */
     double extra[4];           /* optimizer-specific per-step scalars */
     uint32_t seq;              /* a deferred step's number (its pieces' flags carry it), else 0 */
+    uint32_t rseq;             /* a training step's number, or 0: update.h's decide() stores it in
+                                  cu_result.done once the result is final */
 } cu_params;
 
 /* Device-side scratch of the reductions and the step's decision. */
@@ -63,6 +67,7 @@ typedef struct cu_result {
     int finite;
     int applied;
     int stalled;               /* the pull kernel gave up waiting for a piece of the batch */
+    unsigned int done;         /* cu_params.rseq of the last step whose result is final */
     double red[8];             /* L-BFGS: reductions read by the host */
 } cu_result;
 
@@ -114,7 +119,9 @@ typedef struct cu_graph {
     cudaEvent_t wready;        /* on side: a training forward re-laid W for its backward's dx (conv.cu) */
     cudaEvent_t colready;      /* on side: a training forward built a no-dx convolution's columns (conv.cu) */
     int cols_recorded;         /* per capture: colready recorded */
-    int input_dw_main;         /* $MPSCY_CUDA_INPUT_DW not "side": a no-dx convolution's dW on the main stream */
+    int input_dw_main;
+    int early;                 /* $MPSCY_CUDA_EARLY not 0: a training step returns once its result is final */
+    uint32_t rseq;             /* the last training step's number (cu_params.rseq) */         /* $MPSCY_CUDA_INPUT_DW not "side": a no-dx convolution's dW on the main stream */
     int forked;                /* capture state: the side stream has work to join */
     cudaGraphExec_t exec[CU_KINDS];  /* the captured step of each kind at the built batch */
     /* own small GEMMs (gemm.cu): split-K partials and tile counters, handed out in capture order */
@@ -155,6 +162,8 @@ int cu_tensor_read(mpscy_graph g, const mpscy_tensor *t, void *dst, size_t bytes
 int cu_tensor_write(mpscy_graph g, const mpscy_tensor *t, const void *src, size_t bytes, char *err, size_t n);
 int cu_graph_step(mpscy_graph g, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t n);
 int cu_graph_predict(mpscy_graph g, const mpscy_step_args *a, char *err, size_t n);
+/* waits for a training step still finishing on the device (cu_device.pending), reporting its failure */
+int cu_settle(mpscy_device dev, char *err, size_t n);
 void cu_cache_clear(cu_graph *g);
 int cu_capture(cu_graph *g, int kind, char *err, size_t en);
 

@@ -113,6 +113,7 @@ static int cu_device_create(const mpscy_backend *vt, mpscy_device *out, char *er
 
 static void cu_device_destroy(mpscy_device dev) {
     cu_device *d = (cu_device *)dev;
+    cu_settle(dev, NULL, 0);
     cu_lt_close(d->lt);
     free(d->lt);
     free(d);
@@ -147,4 +148,5 @@ extern "C" const mpscy_backend mpscy_cuda_backend = {
     cu_graph_step,
     cu_graph_predict,
     CU_DEFER_MIN,  /* stage_min_bytes: step.cu's deferred staging */
+    cu_settle,     /* device_synchronize: a training step's update still running (step.cu) */
 };

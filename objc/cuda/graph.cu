@@ -31,6 +31,7 @@ void cu_graph_destroy(mpscy_graph gh) {
     cu_graph *g = (cu_graph *)gh;
     mpscy_device dev = gh->dev;
     const mpscy_plan *p = &g->plan;
+    if (((cu_device *)dev)->pending == g) ((cu_device *)dev)->pending = NULL;
     if (g->stream) cudaStreamSynchronize(g->stream);
     cu_cache_clear(g);
     cu_fused_free(g);
@@ -102,6 +103,7 @@ static void plan_fusions(cu_graph *g) {
 }
 
 int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *out, char *err, size_t n) {
+    if (int settled = cu_settle(dev, err, n)) return settled;
     cu_graph *g = (cu_graph *)cu_host_alloc(dev, sizeof *g);
     if (!g) return FAIL(MPSCY_OOM, "graph object");
     g->base.vt = dev->vt;
@@ -160,6 +162,10 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     /* the weight gradient of a convolution without dx (on the model's input) on the main stream,
      * which has nothing else left to run in the backward, beside the side stream's chain of the
      * other weight gradients; "side" puts it at that chain's end: a knob for A/B timing */
+    /* a training step returns once its result is final, its update still running (step.cu);
+     * 0 waits for the whole step: a knob for A/B timing and testing */
+    const char *ek = getenv("MPSCY_CUDA_EARLY");
+    g->early = !(ek && ek[0] == '0');
     const char *idw = getenv("MPSCY_CUDA_INPUT_DW");
     g->input_dw_main = !(idw && !strcmp(idw, "side"));
     int convs = 0;
@@ -346,7 +352,8 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
 int cu_graph_io(mpscy_graph gh, int32_t kind, int32_t index, mpscy_buffer *out, char *err, size_t n) {
     cu_graph *g = (cu_graph *)gh;
     int32_t slot;
-    int st = mpscy_plan_io_slot(&g->plan, kind, index, &slot, CU, err, n);
+    int st = cu_settle(gh->dev, err, n);  /* its buffers are then read and written directly */
+    if (st == MPSCY_OK) st = mpscy_plan_io_slot(&g->plan, kind, index, &slot, CU, err, n);
     if (st == MPSCY_OK) *out = &g->io_bufs[slot].base;
     return st;
 }
@@ -359,12 +366,16 @@ static float *tensor_dev(cu_graph *g, const mpscy_tensor *t) {
 }
 
 int cu_tensor_read(mpscy_graph gh, const mpscy_tensor *t, void *dst, size_t bytes, char *err, size_t n) {
+    int st = cu_settle(gh->dev, err, n);
+    if (st != MPSCY_OK) return st;
     cudaError_t e = cudaMemcpy(dst, tensor_dev((cu_graph *)gh, t), bytes, cudaMemcpyDeviceToHost);
     if (e != cudaSuccess) return FAIL(MPSCY_DEVICE, "reading tensor '%s': %s", t->info.name, cudaGetErrorString(e));
     return MPSCY_OK;
 }
 
 int cu_tensor_write(mpscy_graph gh, const mpscy_tensor *t, const void *src, size_t bytes, char *err, size_t n) {
+    int st = cu_settle(gh->dev, err, n);
+    if (st != MPSCY_OK) return st;
     cudaError_t e = cudaMemcpy(tensor_dev((cu_graph *)gh, t), src, bytes, cudaMemcpyHostToDevice);
     if (e != cudaSuccess) return FAIL(MPSCY_DEVICE, "writing tensor '%s': %s", t->info.name, cudaGetErrorString(e));
     return MPSCY_OK;

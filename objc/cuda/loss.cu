@@ -158,6 +158,7 @@ __global__ void loss_forward_backward(cu_scratch *S, cu_result *R, float *dy, co
             R->grad_norm = 0.0;
             R->applied = 0;
         }
+        __threadfence_system();  /* seen by the host before update.h's decide() marks the result final */
         S->loss_count = 0;
     }
 }

@@ -33,7 +33,7 @@ __global__ void grad_norm_kernel(cu_scratch *S, cu_result *R, const cu_params *P
     for (unsigned k = threadIdx.x; k < gridDim.x; k += blockDim.x) t += np[k];
     t = block_sum(t);
     if (threadIdx.x == 0) {
-        decide(S, R, t, clip_norm, update && !input_bad(S, P));
+        decide(S, R, P, t, clip_norm, update && !input_bad(S, P));
         S->norm_count = 0;
     }
 }

@@ -13,13 +13,29 @@
  * each piece's flag; the pull kernel's blocks wait for their piece's flag and copy it to the
  * device. Host copy, PCIe transfer and the graph's launch overlap instead of running one after
  * another. A piece with a NaN or Inf is flagged bad: the device then applies no update and
- * commits nothing (bad_seq), and the call fails as the caller's own check would have. */
+ * commits nothing (bad_seq), and the call fails as the caller's own check would have.
+ *
+ * Early return: a training step returns as soon as its result is final (loss, correct count,
+ * finite, applied: update.h's decide() marks it with the step's number in cu_result.done),
+ * while its update and commits still run; the device's `pending` graph says so. The next
+ * training step of the same graph is ordered after them on the same stream (the host only
+ * writes pinned staging, which the running step has long read), so staging the next batch
+ * overlaps the update; every other call on the device first waits for them (cu_settle).
+ * MPSCY_CUDA_EARLY=0 waits for the whole step every time. */
 #include "cuda.h"
 
 #include <math.h>
 #include <string.h>
 
 #define FAIL(status, ...) MPSCY_FAIL(err, n, (status), CU, __VA_ARGS__)
+
+#if defined(__x86_64__) || defined(__i386__)
+#define CPU_RELAX() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define CPU_RELAX() __asm__ __volatile__("yield")
+#else
+#define CPU_RELAX() ((void)0)
+#endif
 
 #define PULL_SPLIT 4            /* copying blocks per piece of a deferred batch */
 #define PULL_PATIENCE_NS 5000000000ull  /* a piece the host has not flagged by then: stalled */
@@ -249,6 +265,9 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
     int64_t bad = -1;
     *x_bad = 0;
     g->params_h->seq = 0;
+    const int early = kind == CU_KIND_TRAIN && g->early;
+    if (early) g->rseq = g->rseq % 0x7fffffffu + 1;
+    g->params_h->rseq = early ? g->rseq : 0;
     if (x && !deferred && (bad = cu_stage_pieces(g->stage_pool, dst, x, n, cu_stage_piece(n), NULL, 0, NULL, NULL,
                                                  NULL)) >= 0)
         return x_nonfinite(g, bad, x_bad, err, en);
@@ -279,7 +298,26 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
     }
     if (deferred && !x) /* the caller staged the rows itself: every piece is there */
         for (int64_t p = 0, piece = cu_stage_piece(n); p * piece < n; p++) __atomic_store_n(&g->flags_h[p], g->seq, __ATOMIC_RELEASE);
-    CU_TRY(cudaStreamSynchronize(g->stream), "step");
+    if (early) {
+        /* until the result is final, or the stream is done (a step with nothing to decide) or failed */
+        cu_device *d = (cu_device *)g->base.dev;
+        const volatile unsigned int *done = &g->result->done;
+        for (unsigned i = 1;; i++) {
+            if (*done == g->rseq) {
+                __atomic_thread_fence(__ATOMIC_ACQUIRE);
+                d->pending = g;
+                break;
+            }
+            if (i % 64 == 0) {
+                cudaError_t e = cudaStreamQuery(g->stream);
+                if (e == cudaSuccess) break;
+                if (e != cudaErrorNotReady) CU_TRY(e, "step");
+            }
+            CPU_RELAX();
+        }
+    } else {
+        CU_TRY(cudaStreamSynchronize(g->stream), "step");
+    }
     if (deferred && g->result->stalled)
         return MPSCY_FAIL(err, en, MPSCY_DEVICE, CU,
                           "the step's input copy stalled (a piece unflagged for %g s; a profiler that runs the "
@@ -308,6 +346,12 @@ int cu_graph_step(mpscy_graph gh, const mpscy_step_args *a, mpscy_step_result *r
     cu_graph *g = (cu_graph *)gh;
     int64_t b = a->batch;  /* rows, mode and labels checked by the dispatcher */
     memset(r, 0, sizeof *r);
+    /* a training step of the pending graph itself is ordered after its update on the stream */
+    cu_device *d = (cu_device *)gh->dev;
+    if (d->pending && (d->pending != g || a->mode != MPSCY_MODE_TRAIN)) {
+        int st = cu_settle(gh->dev, err, n);
+        if (st != MPSCY_OK) return st;
+    }
     if (a->mode == MPSCY_MODE_LBFGS) return cu_lbfgs_step(g, a, r, err, n);
     int kind = a->mode == MPSCY_MODE_TRAIN ? CU_KIND_TRAIN : a->mode == MPSCY_MODE_GRAD ? CU_KIND_GRAD : CU_KIND_EVAL;
     int64_t t = (int64_t)g->scalars[0] + 1;
@@ -326,5 +370,17 @@ int cu_graph_step(mpscy_graph gh, const mpscy_step_args *a, mpscy_step_result *r
 
 int cu_graph_predict(mpscy_graph gh, const mpscy_step_args *a, char *err, size_t n) {
     int x_bad;
+    int st = cu_settle(gh->dev, err, n);
+    if (st != MPSCY_OK) return st;
     return launch((cu_graph *)gh, CU_KIND_PREDICT, a->batch, a->x_src, &x_bad, err, n);  /* rows checked by the dispatcher */
+}
+
+int cu_settle(mpscy_device dev, char *err, size_t n) {
+    cu_device *d = (cu_device *)dev;
+    cu_graph *g = d->pending;
+    if (!g) return MPSCY_OK;
+    d->pending = NULL;
+    cudaError_t e = cudaStreamSynchronize(g->stream);
+    if (e != cudaSuccess) return FAIL(MPSCY_DEVICE, "the last training step's update: %s", cudaGetErrorString(e));
+    return MPSCY_OK;
 }

@@ -10,8 +10,11 @@
 
 #include <math.h>
 
-/* The decision of a step from the total of squares: written by one thread. */
-static __device__ void decide(cu_scratch *S, cu_result *R, double total, double clip_norm, int update) {
+/* The decision of a step from the total of squares: written by one thread, after the loss. With
+ * the result final, P->rseq goes to R->done (after a system-wide fence: the host that sees it
+ * sees the rest), for a training step that returns before its update ends (step.cu). */
+static __device__ void decide(cu_scratch *S, cu_result *R, const cu_params *P, double total, double clip_norm,
+                              int update) {
     double norm = sqrt(total), loss = S->loss;
     int finite = isfinite(loss) && isfinite(norm);
     /* torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6), clamped to 1 */
@@ -21,6 +24,8 @@ static __device__ void decide(cu_scratch *S, cu_result *R, double total, double 
     R->grad_norm = norm;
     R->finite = finite;
     R->applied = finite && update;
+    __threadfence_system();
+    *(volatile unsigned int *)&R->done = P->rseq;
 }
 
 /* 1 when this step's deferred input held a NaN or Inf (step.cu's pull kernel marked it): the
@@ -74,7 +79,7 @@ static __device__ void decide_and_update(const update_args &u, cu_scratch *S, cu
                                          double t, double loss, double clip_norm, int update) {
     const double norm = sqrt(t);
     const double coef = clip_norm > 0 ? clip_norm / (norm + 1e-6) : 1.0;
-    if (blockIdx.x == 0 && threadIdx.x == 0) decide(S, R, t, clip_norm, update);
+    if (blockIdx.x == 0 && threadIdx.x == 0) decide(S, R, P, t, clip_norm, update);
     if (update && isfinite(loss) && isfinite(norm)) update_slab(u, P, coef < 1.0 ? (float)coef : 1.0f);
 }
 

@@ -53,6 +53,7 @@ cdef extern from "mpscy.h" nogil:
     void mpscy_device_destroy(mpscy_device dev)
     int mpscy_device_info_get(mpscy_device dev, mpscy_device_info *out, char *err, size_t errlen)
     int mpscy_device_stats(mpscy_device dev, mpscy_stats *out, char *err, size_t errlen)
+    int mpscy_device_synchronize(mpscy_device dev, char *err, size_t errlen)
 
     # buffer
     enum mpscy_storage:

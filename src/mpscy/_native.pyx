@@ -78,6 +78,14 @@ cdef class Device:
                 "unified_memory": bool(info.unified_memory), "threads": info.threads,
                 "memory_bytes": info.memory_bytes}
 
+    def synchronize(self):
+        cdef char err[ERR_LEN]
+        cdef int st
+        err[0] = 0
+        with nogil:
+            st = mpscy_device_synchronize(self.handle, err, ERR_LEN)
+        _check(st, err)
+
     def stats(self):
         cdef mpscy_stats s
         cdef char err[ERR_LEN]

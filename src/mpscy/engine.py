@@ -450,6 +450,16 @@ class Engine:
         self._g()
         return self._device.info()
 
+    def synchronize(self):
+        """Waits until the device has finished this engine's last step, like
+        ``torch.cuda.synchronize()``, and raises what that work failed with. On cuda a training
+        step returns as soon as its loss and its decision (update applied or not) are known,
+        while the optimizer's update may still run; every other call (parameters, checkpoints,
+        predict, evaluation) waits for it first, so this matters only when timing steps or
+        handing the device to other code. On cpu and metal it returns at once."""
+        self._g()
+        self._device.synchronize()
+
     def summary(self, print_fn=None):
         """A Keras-like table: layer, type, output shape, parameter count, and totals. Returns
         it as text (shown as a table in a REPL); with print_fn (e.g. print, as Keras's
