@@ -62,19 +62,20 @@ static __device__ __forceinline__ unsigned long long global_ns() {
     return t;
 }
 
-/* dst (n) from the pinned staging src as the host's pieces land. Block 0's first thread is the
- * one reader of the host's flags: in piece order it waits until flags[p] carries this step's
- * number P->seq and relays it to device memory (S->piece_seq[p]); block 1 + k copies part k %
- * PULL_SPLIT of piece k / PULL_SPLIT once the relay shows it. One read over PCIe in flight, not one per
- * block: measured on the H200 with every block polling, 2, 4 and 8 blocks per piece took 324,
- * 338 and 375 us per CNN step; with the relay, 1, 2 and 4 took 332, 336 and 331 us (wide MLP:
- * 2 and 4, 734 and 717 us), within run-to-run noise of each other for the CNN. A piece flagged bad (NaN or Inf) marks the step in S->bad_seq,
- * which keeps the update and the commits from running. */
+/* dst (n) from the pinned staging src as the host's pieces land. Block 0's first warp is the
+ * one reader of the host's flags: its lanes read them all at once (consecutive words, one PCIe
+ * round trip a poll), each lane relaying its pieces to device memory (S->piece_seq[p]) as their
+ * flags carry this step's number P->seq; block 1 + k copies part k % PULL_SPLIT of piece
+ * k / PULL_SPLIT once the relay shows it. Measured on the H200: with every block polling its own
+ * flag, 2, 4 and 8 blocks per piece took 324, 338 and 375 us per CNN step (reads over PCIe
+ * crowding out the data's); one thread reading the flags in piece order, one round trip each,
+ * took 332, 336 and 331 us with 1, 2 and 4 blocks. A piece flagged bad (NaN or Inf) marks the
+ * step in S->bad_seq, which keeps the update and the commits from running. */
 __global__ void pull_kernel(float *__restrict__ dst, const float *src, int64_t n, int64_t piece,
-                            const uint32_t *flags, const cu_params *P, cu_scratch *S, cu_result *R) {
+                            const uint32_t *flags, const cu_params *P, cu_scratch *S, cu_result *R, int serial) {
     cu_pdl_enter();
     const uint32_t seq = P->seq;
-    if (blockIdx.x == 0) {
+    if (blockIdx.x == 0 && serial) {  /* TEMPORARY A/B (MPSCY_CUDA_PULL_SERIAL=1): the old one-thread relay */
         if (threadIdx.x != 0) return;
         const unsigned long long t0 = global_ns();
         int stalled = 0;
@@ -88,6 +89,32 @@ __global__ void pull_kernel(float *__restrict__ dst, const float *src, int64_t n
             }
             if (v & CU_STAGE_BAD) atomicExch(&S->bad_seq, seq);
             store_release_gpu(&S->piece_seq[p], v);
+        }
+        return;
+    }
+    if (blockIdx.x == 0) {
+        if (threadIdx.x >= 32) return;
+        const unsigned long long t0 = global_ns();
+        const int64_t pieces = (n + piece - 1) / piece;  /* at most CU_STAGE_MAX_PIECES = 2 x 32 */
+        const int64_t p0 = threadIdx.x, p1 = threadIdx.x + 32;
+        bool wait0 = p0 < pieces, wait1 = p1 < pieces, stalled = false;
+        while (__any_sync(0xffffffffu, wait0 || wait1)) {
+            uint32_t v0 = wait0 ? load_acquire_sys(&flags[p0]) : 0, v1 = wait1 ? load_acquire_sys(&flags[p1]) : 0;
+            if (!stalled && global_ns() - t0 > PULL_PATIENCE_NS) {
+                stalled = true;
+                if (wait0 || wait1) R->stalled = 1;
+            }
+            if (stalled) v0 = v1 = seq | CU_STAGE_BAD;
+            if (wait0 && (v0 & ~CU_STAGE_BAD) == seq) {
+                if (v0 & CU_STAGE_BAD) atomicExch(&S->bad_seq, seq);
+                store_release_gpu(&S->piece_seq[p0], v0);
+                wait0 = false;
+            }
+            if (wait1 && (v1 & ~CU_STAGE_BAD) == seq) {
+                if (v1 & CU_STAGE_BAD) atomicExch(&S->bad_seq, seq);
+                store_release_gpu(&S->piece_seq[p1], v1);
+                wait1 = false;
+            }
         }
         return;
     }
@@ -158,7 +185,8 @@ static int enqueue(cu_graph *g, int kind, int64_t b, int deferred, char *err, si
         const int64_t n = b * g->in0_size, piece = cu_stage_piece(n), pieces = (n + piece - 1) / piece;
         CU_TRY(cu_launch(g, pull_kernel, dim3((unsigned)(1 + pieces * PULL_SPLIT)), CU_THREADS, s,
                          (float *)(g->stage_d + g->off_input[0]), (const float *)(g->stage_h + g->off_input[0]), n,
-                         piece, (const uint32_t *)g->flags_h, (const cu_params *)g->params_d, g->scratch, g->result),
+                         piece, (const uint32_t *)g->flags_h, (const cu_params *)g->params_d, g->scratch, g->result,
+                         getenv("MPSCY_CUDA_PULL_SERIAL") != NULL),
                "pull");
         if ((st = CU_LAUNCHED("pull")) != MPSCY_OK) return st;
     }
