@@ -69,29 +69,15 @@ static __device__ __forceinline__ unsigned long long global_ns() {
  * k / PULL_SPLIT once the relay shows it. Measured on the H200: with every block polling its own
  * flag, 2, 4 and 8 blocks per piece took 324, 338 and 375 us per CNN step (reads over PCIe
  * crowding out the data's); one thread reading the flags in piece order, one round trip each,
- * took 332, 336 and 331 us with 1, 2 and 4 blocks. A piece flagged bad (NaN or Inf) marks the
+ * took 332, 336 and 331 us with 1, 2 and 4 blocks; the warp's reads took the CNN step from 296.1
+ * to 278.8 us and the wide MLP's from 683.4 to 669.6 (A/B, one call), the CNN's pull from ~40
+ * to 20.9 us (CUPTI), what 786 KB take at SM-load speed over PCIe (bench/pcie_probe.cu: 20.1
+ * us, the copy engine 18.5). A piece flagged bad (NaN or Inf) marks the
  * step in S->bad_seq, which keeps the update and the commits from running. */
 __global__ void pull_kernel(float *__restrict__ dst, const float *src, int64_t n, int64_t piece,
-                            const uint32_t *flags, const cu_params *P, cu_scratch *S, cu_result *R, int serial) {
+                            const uint32_t *flags, const cu_params *P, cu_scratch *S, cu_result *R) {
     cu_pdl_enter();
     const uint32_t seq = P->seq;
-    if (blockIdx.x == 0 && serial) {  /* TEMPORARY A/B (MPSCY_CUDA_PULL_SERIAL=1): the old one-thread relay */
-        if (threadIdx.x != 0) return;
-        const unsigned long long t0 = global_ns();
-        int stalled = 0;
-        for (int64_t p = 0; p * piece < n; p++) {
-            uint32_t v = seq | CU_STAGE_BAD;
-            while (!stalled && ((v = load_acquire_sys(&flags[p])) & ~CU_STAGE_BAD) != seq)
-                if (global_ns() - t0 > PULL_PATIENCE_NS) stalled = 1;
-            if (stalled) {
-                v = seq | CU_STAGE_BAD;
-                R->stalled = 1;
-            }
-            if (v & CU_STAGE_BAD) atomicExch(&S->bad_seq, seq);
-            store_release_gpu(&S->piece_seq[p], v);
-        }
-        return;
-    }
     if (blockIdx.x == 0) {
         if (threadIdx.x >= 32) return;
         const unsigned long long t0 = global_ns();
@@ -185,8 +171,7 @@ static int enqueue(cu_graph *g, int kind, int64_t b, int deferred, char *err, si
         const int64_t n = b * g->in0_size, piece = cu_stage_piece(n), pieces = (n + piece - 1) / piece;
         CU_TRY(cu_launch(g, pull_kernel, dim3((unsigned)(1 + pieces * PULL_SPLIT)), CU_THREADS, s,
                          (float *)(g->stage_d + g->off_input[0]), (const float *)(g->stage_h + g->off_input[0]), n,
-                         piece, (const uint32_t *)g->flags_h, (const cu_params *)g->params_d, g->scratch, g->result,
-                         getenv("MPSCY_CUDA_PULL_SERIAL") != NULL),
+                         piece, (const uint32_t *)g->flags_h, (const cu_params *)g->params_d, g->scratch, g->result),
                "pull");
         if ((st = CU_LAUNCHED("pull")) != MPSCY_OK) return st;
     }
