@@ -203,8 +203,11 @@ static update_args args_of(const cu_graph *g) {
                        p->optim.clip_grad_value > 0 ? (float)p->optim.clip_grad_value : 0.0f};
 }
 
+/* one block per multiprocessor at most: beside the pull it must leave room for the pull's blocks
+ * (measured on the H200 with up to eight a multiprocessor, as the end-of-step update has: the
+ * CNN step 300.6 us against 284.9 with the update at the end) */
 int cu_late_update(cu_graph *g, cudaStream_t s, char *err, size_t en) {
-    CU_TRY(cu_launch(g, late_update_kernel, cu_blocks(g->plan.n_params, CU_THREADS * 4, 8 * g->dev->sms), CU_THREADS, s,
+    CU_TRY(cu_launch(g, late_update_kernel, cu_blocks(g->plan.n_params, CU_THREADS * 4, g->dev->sms), CU_THREADS, s,
                      args_of(g), g->scratch),
            "late update");
     return CU_LAUNCHED("late update");

@@ -173,13 +173,11 @@ static int enqueue(cu_graph *g, int kind, int64_t b, int deferred, char *err, si
     if (kind == CU_KIND_TRAIN && g->fu) return cu_fused_step(g, b, first, err, en);  /* copies the staging itself */
     if (deferred) first = g->off_input[0];
     CU_TRY(cudaMemcpyAsync(g->stage_d, g->stage_h, first, cudaMemcpyHostToDevice, s), "staging copy");
+    /* late update: the last step's update (if it waits) on the side stream, forked here, beside
+     * the batch's transfer, enqueued after the pull so that the pull's blocks are placed first;
+     * the forward waits for it (uready) */
     const int late = kind == CU_KIND_TRAIN && cu_late(g);
-    if (late) {
-        /* the last step's update (if it waits) on the side stream, beside the batch's transfer;
-         * the forward waits for it (uready) */
-        if ((st = cu_fork(g, err, en)) != MPSCY_OK || (st = cu_late_update(g, g->side, err, en)) != MPSCY_OK) return st;
-        CU_TRY(cudaEventRecord(g->uready, g->side), "update event");
-    }
+    if (late && (st = cu_fork(g, err, en)) != MPSCY_OK) return st;
     if (deferred) {
         const int64_t n = b * g->in0_size, piece = cu_stage_piece(n), pieces = (n + piece - 1) / piece;
         CU_TRY(cu_launch(g, pull_kernel, dim3((unsigned)(1 + pieces * PULL_SPLIT)), CU_THREADS, s,
@@ -189,7 +187,11 @@ static int enqueue(cu_graph *g, int kind, int64_t b, int deferred, char *err, si
         if ((st = CU_LAUNCHED("pull")) != MPSCY_OK) return st;
     }
 
-    if (late) CU_TRY(cudaStreamWaitEvent(s, g->uready, 0), "update wait");
+    if (late) {
+        if ((st = cu_late_update(g, g->side, err, en)) != MPSCY_OK) return st;
+        CU_TRY(cudaEventRecord(g->uready, g->side), "update event");
+        CU_TRY(cudaStreamWaitEvent(s, g->uready, 0), "update wait");
+    }
     int train = kind == CU_KIND_TRAIN || kind == CU_KIND_GRAD;
     for (int32_t i = 0; i < p->n_nodes; i++) {
         const mpscy_node *node = &p->nodes[i];
