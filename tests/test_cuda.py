@@ -541,14 +541,12 @@ def test_stream_orders_give_the_same_bits(name, pdl, monkeypatch, rng):
 @pytest.mark.parametrize("name", ["dense_relu", "conv_s2_dgrad", "batchnorm2d", "dropout"])
 def test_early_return_matches_waiting(name, fused, monkeypatch, rng):
     """A training step returns once its result is final (loss, accuracy, update applied or not)
-    while its update and BatchNorm commits still run (MPSCY_CUDA_EARLY), and with separate
-    kernels its update waits for the start of the next training step (MPSCY_CUDA_LATE_UPDATE),
-    both on by default. Such an engine behaves as one that waits for every whole step (both 0)
-    and as one with the early return only: 8 training steps (full and partial batches), each
-    followed at once by a call that reads or uses the device (predict, parameters, evaluate,
-    optimizer state, a learning-rate change, in turn), give bit-identical losses, accuracies,
-    predictions, parameters, running statistics and optimizer slots, and all match the cpu.
-    dense_relu by default takes the one-kernel step (mlp.cu), which updates in its kernel."""
+    while its update and BatchNorm commits still run (MPSCY_CUDA_EARLY, on by default). It then
+    behaves as an engine that waits for every step (=0): 8 training steps (full and partial
+    batches), each followed at once by a call that reads or uses the device (predict,
+    parameters, evaluate, optimizer state, a learning-rate change, in turn), give bit-identical
+    losses, accuracies, predictions, parameters, running statistics and optimizer slots, and both
+    match the cpu. dense_relu by default takes the one-kernel step (mlp.cu)."""
     if fused == "0":
         monkeypatch.setenv("MPSCY_CUDA_FUSED", "0")
     build, shape = LAYER_MODELS[name]
@@ -556,9 +554,8 @@ def test_early_return_matches_waiting(name, fused, monkeypatch, rng):
     xs = [rng.standard_normal((r,) + shape).astype(np.float32) for r in rows]
     ys = [rng.integers(0, 5, r).astype(np.int32) for r in rows]
     runs = []
-    for early, late in (("1", "1"), ("1", "0"), ("0", "0")):
+    for early in ("1", "0"):
         monkeypatch.setenv("MPSCY_CUDA_EARLY", early)
-        monkeypatch.setenv("MPSCY_CUDA_LATE_UPDATE", late)
         cpu, gpu = pair(build, shape)
         seen = []
         for s, (x, y) in enumerate(zip(xs, ys)):
@@ -581,46 +578,42 @@ def test_early_return_matches_waiting(name, fused, monkeypatch, rng):
         for k in pc:
             assert rel_err(pg[k], pc[k]) <= PARAM_TOL, k
         runs.append((seen, pg))
-    seen0, p0 = runs[-1]
-    for seen1, p1 in runs[:-1]:
-        assert len(seen1) == len(seen0) == 8 + 7
-        for a, b in zip(seen1, seen0):
-            if isinstance(a, np.ndarray):
-                assert np.array_equal(a, b)
-            elif isinstance(a, dict):
-                assert a.keys() == b.keys()
-                for k in a:
-                    if isinstance(a[k], dict):
-                        assert all(np.array_equal(a[k][q], b[k][q]) for q in a[k]), k
-                    elif isinstance(a[k], np.ndarray):
-                        assert np.array_equal(a[k], b[k]), k
-                    else:
-                        assert a[k] == b[k], k
-            else:
-                assert a == b
-        assert p1.keys() == p0.keys() and all(np.array_equal(p1[k], p0[k]) for k in p0)
+    (seen1, p1), (seen0, p0) = runs
+    assert len(seen1) == len(seen0) == 8 + 7
+    for a, b in zip(seen1, seen0):
+        if isinstance(a, np.ndarray):
+            assert np.array_equal(a, b)
+        elif isinstance(a, dict):
+            assert a.keys() == b.keys()
+            for k in a:
+                if isinstance(a[k], dict):
+                    assert all(np.array_equal(a[k][q], b[k][q]) for q in a[k]), k
+                elif isinstance(a[k], np.ndarray):
+                    assert np.array_equal(a[k], b[k]), k
+                else:
+                    assert a[k] == b[k], k
+        else:
+            assert a == b
+    assert p1.keys() == p0.keys() and all(np.array_equal(p1[k], p0[k]) for k in p0)
 
 
 @cuda_only
 def test_early_return_reads_wait_for_the_update(monkeypatch, rng):
     """With 8.4 M parameters the Adam update (~0.1 GB of traffic) is still running when the step
-    returns early, or waits for the next step (late update). Reads made at once after it
-    (parameters, one tensor, optimizer state, a gradients-only step, synchronize then
-    parameters) see the update done: bit-identical to an engine that waits for every whole step
-    (MPSCY_CUDA_EARLY=0, MPSCY_CUDA_LATE_UPDATE=0)."""
+    returns early. Reads made at once after it (parameters, one tensor, optimizer state,
+    synchronize then parameters) see the update finished: bit-identical to an engine that waits
+    for every step (MPSCY_CUDA_EARLY=0)."""
     x = rng.standard_normal((16, 4096)).astype(np.float32)
     y = rng.integers(0, 10, 16).astype(np.int32)
     got = []
-    for early, late in (("1", "1"), ("1", "0"), ("0", "0")):
+    for early in ("1", "0"):
         monkeypatch.setenv("MPSCY_CUDA_EARLY", early)
-        monkeypatch.setenv("MPSCY_CUDA_LATE_UPDATE", late)
         monkeypatch.setenv("MPSCY_CUDA_FUSED", "0")
         e = mpscy.Engine(mpscy.Sequential([L.Dense(2048), L.ReLU(), L.Dense(10)], input_shape=(4096,)),
-                         loss="sparse_cross_entropy", optimizer=optim.Adam(1e-2), batch_size=16, device="cuda",
-                         seed=5, clip_grad_norm=0.5)
+                         loss="sparse_cross_entropy", optimizer=optim.Adam(1e-2), batch_size=16, device="cuda", seed=5)
         assert sum(v.size for v in e.get_parameters().values()) == 4096 * 2048 + 2048 + 2048 * 10 + 10
         reads = []
-        for s in range(5):
+        for s in range(4):
             e.step(x, y)
             if s == 0:
                 reads.append(e.get_parameters())
@@ -628,15 +621,12 @@ def test_early_return_reads_wait_for_the_update(monkeypatch, rng):
                 reads.append({"w": e.get_parameters()["dense_0.weight"]})
             elif s == 2:
                 reads.append(e.get_optimizer_state()["exp_avg"])
-            elif s == 3:
-                reads.append(e.gradients(x, y))  # a gradients-only step on the same graph
             else:
                 e.synchronize()
                 reads.append(e.get_parameters())
         got.append(reads)
-    for run in got[:-1]:
-        for a, b in zip(run, got[-1]):
-            assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    for a, b in zip(*got):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 CONV_PATH_MODELS = ("conv_pool", "conv_groups_dilation", "conv_long_k", "conv_relu_dense", "batchnorm2d",

@@ -57,9 +57,6 @@ typedef struct cu_scratch {
     unsigned int red_count;    /* L-BFGS reductions (lbfgs.cu) */
     double red_part[CU_MAX_PARTS];
     double coef[2];            /* L-BFGS two-loop coefficient being computed */
-    cu_params upar;            /* late update: the applied step's per-step values, */
-    int ustate;                /* 1 while its update waits (optim.cu's late_update_kernel) */
-    unsigned int ucount;
 } cu_scratch;
 
 /* What a step reports; kernels write it into pinned, device-mapped host memory. */
@@ -122,11 +119,9 @@ typedef struct cu_graph {
     cudaEvent_t wready;        /* on side: a training forward re-laid W for its backward's dx (conv.cu) */
     cudaEvent_t colready;      /* on side: a training forward built a no-dx convolution's columns (conv.cu) */
     int cols_recorded;         /* per capture: colready recorded */
-    int input_dw_main;         /* $MPSCY_CUDA_INPUT_DW not "side": a no-dx convolution's dW on the main stream */
+    int input_dw_main;
     int early;                 /* $MPSCY_CUDA_EARLY not 0: a training step returns once its result is final */
-    uint32_t rseq;             /* the last training step's number (cu_params.rseq) */
-    int late_update;           /* the optimizer's update runs at the start of the next training step (optim.cu) */
-    cudaEvent_t uready;        /* on side: that update done, the forward may read the parameters */
+    uint32_t rseq;             /* the last training step's number (cu_params.rseq) */         /* $MPSCY_CUDA_INPUT_DW not "side": a no-dx convolution's dW on the main stream */
     int forked;                /* capture state: the side stream has work to join */
     cudaGraphExec_t exec[CU_KINDS];  /* the captured step of each kind at the built batch */
     /* own small GEMMs (gemm.cu): split-K partials and tile counters, handed out in capture order */
@@ -291,8 +286,6 @@ int cu_loss(cu_graph *g, float *dy, int64_t b, int finalize, char *err, size_t e
 /* optim.cu: global norm + finiteness + clip coefficient, then the update over the flat slab;
  * one cooperative kernel where the device captures them, else two. update = 0: norm only. */
 int cu_norm_and_update(cu_graph *g, int update, char *err, size_t en);
-/* late update: the last applied step's update, if it still waits (a no-op otherwise), on stream s */
-int cu_late_update(cu_graph *g, cudaStream_t s, char *err, size_t en);
 int cu_coop_probe(cu_device *d);
 int cu_pdl_probe(cu_device *d);
 int cu_optim_supported(int32_t kind);
@@ -365,10 +358,6 @@ static inline cudaError_t cu_launch(const cu_graph *g, void (*kernel)(K...), dim
 }
 
 static inline bool cu_aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
-
-/* whether training steps leave their update to the next one (not the one-kernel step, whose
- * kernel updates itself) */
-static inline int cu_late(const cu_graph *g) { return g->late_update && !g->fu; }
 
 static inline unsigned cu_blocks(int64_t n, int64_t per, int64_t cap) {
     int64_t b = (n + per - 1) / per;

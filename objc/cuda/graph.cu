@@ -40,7 +40,6 @@ void cu_graph_destroy(mpscy_graph gh) {
     if (g->fork) cudaEventDestroy(g->fork);
     if (g->join) cudaEventDestroy(g->join);
     if (g->wready) cudaEventDestroy(g->wready);
-    if (g->uready) cudaEventDestroy(g->uready);
     if (g->colready) cudaEventDestroy(g->colready);
     cu_dev_free(dev, g->params, slab_bytes(p->n_params + p->n_buffers));
     cu_dev_free(dev, g->grads, slab_bytes(p->n_params));
@@ -167,10 +166,6 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
      * 0 waits for the whole step: a knob for A/B timing and testing */
     const char *ek = getenv("MPSCY_CUDA_EARLY");
     g->early = !(ek && ek[0] == '0');
-    /* the optimizer's update at the start of the next training step, beside its batch's
-     * transfer, instead of at the end of its own (optim.cu); 0 keeps it at the end */
-    const char *lu = getenv("MPSCY_CUDA_LATE_UPDATE");
-    g->late_update = !(lu && lu[0] == '0') && p->optim.kind != MPSCY_OPTIM_LBFGS;
     const char *idw = getenv("MPSCY_CUDA_INPUT_DW");
     g->input_dw_main = !(idw && !strcmp(idw, "side"));
     int convs = 0;
@@ -262,7 +257,6 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
                            cudaEventCreateWithFlags(&g->fork, cudaEventDisableTiming) != cudaSuccess ||
                            cudaEventCreateWithFlags(&g->join, cudaEventDisableTiming) != cudaSuccess ||
                            cudaEventCreateWithFlags(&g->wready, cudaEventDisableTiming) != cudaSuccess ||
-                           cudaEventCreateWithFlags(&g->uready, cudaEventDisableTiming) != cudaSuccess ||
                            cudaEventCreateWithFlags(&g->colready, cudaEventDisableTiming) != cudaSuccess))
         st = MPSCY_DEVICE;
     if (st != MPSCY_OK) {

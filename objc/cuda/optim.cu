@@ -23,7 +23,7 @@ void cu_fill(cudaStream_t s, float *p, int64_t n, float v) {
 
 /* Two-kernel form: the norm with a last-block finish, then the update reading the decision. */
 __global__ void grad_norm_kernel(cu_scratch *S, cu_result *R, const cu_params *P, const float *grads, int64_t n,
-                                 double clip_norm, int update, int late) {
+                                 double clip_norm, int update) {
     cu_pdl_enter();
     double s = sum_squares(grads, n);
     if (threadIdx.x == 0) S->norm_part[blockIdx.x] = s;
@@ -34,10 +34,6 @@ __global__ void grad_norm_kernel(cu_scratch *S, cu_result *R, const cu_params *P
     t = block_sum(t);
     if (threadIdx.x == 0) {
         decide(S, R, P, t, clip_norm, update && !input_bad(S, P));
-        if (late) {  /* the update waits for the next training step (or cu_late_update) */
-            S->upar = *P;
-            S->ustate = S->applied;
-        }
         S->norm_count = 0;
     }
 }
@@ -46,19 +42,6 @@ __global__ void optim_update_kernel(update_args u, const cu_scratch *S, const cu
     cu_pdl_enter();
     if (!S->applied) return;
     update_slab(u, P, S->clip_scale);
-}
-
-/* Late update: the decided step's update at the start of the next training step, beside the
- * batch's transfer, with the values the decision saved (S->upar, clip_scale); the block that
- * finishes last marks it done, after every block read the mark. */
-__global__ void late_update_kernel(update_args u, cu_scratch *S) {
-    cu_pdl_enter();
-    if (S->ustate != 1) return;
-    update_slab(u, &S->upar, S->clip_scale);
-    if (last_block(&S->ucount) && threadIdx.x == 0) {
-        S->ustate = 0;
-        S->ucount = 0;
-    }
 }
 
 /* One cooperative kernel: squares, a grid-wide barrier, every block adds the partials in the
@@ -192,34 +175,17 @@ void cu_optim_applied(cu_graph *g, int64_t t) {
     if (g->plan.optim.kind == MPSCY_OPTIM_NADAM) g->scalars[1] = g->mu_next;
 }
 
-static update_args args_of(const cu_graph *g) {
-    const mpscy_plan *p = &g->plan;
-    float *slot[3] = {NULL, NULL, NULL};
-    for (int k = 0; k < 3 && k < p->n_vec_slots && p->optim.kind != MPSCY_OPTIM_LBFGS; k++)
-        slot[k] = g->optim + p->vec_offset[k];
-    return update_args{g->params, g->grads, slot[0], slot[1], slot[2], p->n_params, p->optim.kind,
-                       p->optim.kind == MPSCY_OPTIM_ADAMW || (p->optim.flags & MPSCY_OPTIM_DECOUPLED_WD) != 0,
-                       p->optim.clip_grad_norm > 0,
-                       p->optim.clip_grad_value > 0 ? (float)p->optim.clip_grad_value : 0.0f};
-}
-
-/* one block per multiprocessor at most: beside the pull it must leave room for the pull's blocks
- * (measured on the H200 with up to eight a multiprocessor, as the end-of-step update has: the
- * CNN step 300.6 us against 284.9 with the update at the end) */
-int cu_late_update(cu_graph *g, cudaStream_t s, char *err, size_t en) {
-    CU_TRY(cu_launch(g, late_update_kernel, cu_blocks(g->plan.n_params, CU_THREADS * 4, g->dev->sms), CU_THREADS, s,
-                     args_of(g), g->scratch),
-           "late update");
-    return CU_LAUNCHED("late update");
-}
-
 int cu_norm_and_update(cu_graph *g, int update, char *err, size_t en) {
     const mpscy_plan *p = &g->plan;
     int64_t n = p->n_params;
-    update_args u = args_of(g);
+    float *slot[3] = {NULL, NULL, NULL};
+    for (int k = 0; k < 3 && k < p->n_vec_slots && p->optim.kind != MPSCY_OPTIM_LBFGS; k++)
+        slot[k] = g->optim + p->vec_offset[k];
+    update_args u = {g->params, g->grads, slot[0], slot[1], slot[2], n, p->optim.kind,
+                     p->optim.kind == MPSCY_OPTIM_ADAMW || (p->optim.flags & MPSCY_OPTIM_DECOUPLED_WD) != 0,
+                     p->optim.clip_grad_norm > 0, p->optim.clip_grad_value > 0 ? (float)p->optim.clip_grad_value : 0.0f};
     double clip = p->optim.clip_grad_norm;
-    const int late = update && cu_late(g);  /* the decision only: the update runs at the next step */
-    if (g->dev->coop && !late) {
+    if (g->dev->coop) {
         cudaLaunchConfig_t cfg = {};
         cudaLaunchAttribute attr;
         attr.id = cudaLaunchAttributeCooperative;
@@ -243,10 +209,10 @@ int cu_norm_and_update(cu_graph *g, int update, char *err, size_t en) {
     CU_TRY(cu_launch(g, grad_norm_kernel,
                      cu_blocks(n, CU_THREADS * 8, CU_MAX_PARTS < 2 * g->dev->sms ? CU_MAX_PARTS : 2 * g->dev->sms),
                      CU_THREADS, g->stream, g->scratch, g->result, (const cu_params *)g->params_d,
-                     (const float *)g->grads, n, clip, update, late),
+                     (const float *)g->grads, n, clip, update),
            "grad_norm");
     int st = CU_LAUNCHED("grad_norm");
-    if (st != MPSCY_OK || !update || late) return st;
+    if (st != MPSCY_OK || !update) return st;
     CU_TRY(cu_launch(g, optim_update_kernel, cu_blocks(n, CU_THREADS * 4, 8 * g->dev->sms), CU_THREADS, g->stream, u,
                      (const cu_scratch *)g->scratch, (const cu_params *)g->params_d),
            "optim_update");

@@ -21,13 +21,7 @@
  * training step of the same graph is ordered after them on the same stream (the host only
  * writes pinned staging, which the running step has long read), so staging the next batch
  * overlaps the update; every other call on the device first waits for them (cu_settle).
- * MPSCY_CUDA_EARLY=0 waits for the whole step every time.
- *
- * Late update (graphs of separate kernels, not L-BFGS): a training step ends with its decision
- * (optim.cu's grad_norm_kernel saves the step's values in cu_scratch), and its update runs at
- * the start of the next training step, on the side stream beside the batch's transfer, the
- * forward waiting for it; any other call first runs it (cu_settle: cu_late_update) and waits.
- * MPSCY_CUDA_LATE_UPDATE=0 updates at the end of the step. */
+ * MPSCY_CUDA_EARLY=0 waits for the whole step every time. */
 #include "cuda.h"
 
 #include <math.h>
@@ -173,11 +167,6 @@ static int enqueue(cu_graph *g, int kind, int64_t b, int deferred, char *err, si
     if (kind == CU_KIND_TRAIN && g->fu) return cu_fused_step(g, b, first, err, en);  /* copies the staging itself */
     if (deferred) first = g->off_input[0];
     CU_TRY(cudaMemcpyAsync(g->stage_d, g->stage_h, first, cudaMemcpyHostToDevice, s), "staging copy");
-    /* late update: the last step's update (if it waits) on the side stream, forked here, beside
-     * the batch's transfer, enqueued after the pull so that the pull's blocks are placed first;
-     * the forward waits for it (uready) */
-    const int late = kind == CU_KIND_TRAIN && cu_late(g);
-    if (late && (st = cu_fork(g, err, en)) != MPSCY_OK) return st;
     if (deferred) {
         const int64_t n = b * g->in0_size, piece = cu_stage_piece(n), pieces = (n + piece - 1) / piece;
         CU_TRY(cu_launch(g, pull_kernel, dim3((unsigned)(1 + pieces * PULL_SPLIT)), CU_THREADS, s,
@@ -187,11 +176,6 @@ static int enqueue(cu_graph *g, int kind, int64_t b, int deferred, char *err, si
         if ((st = CU_LAUNCHED("pull")) != MPSCY_OK) return st;
     }
 
-    if (late) {
-        if ((st = cu_late_update(g, g->side, err, en)) != MPSCY_OK) return st;
-        CU_TRY(cudaEventRecord(g->uready, g->side), "update event");
-        CU_TRY(cudaStreamWaitEvent(s, g->uready, 0), "update wait");
-    }
     int train = kind == CU_KIND_TRAIN || kind == CU_KIND_GRAD;
     for (int32_t i = 0; i < p->n_nodes; i++) {
         const mpscy_node *node = &p->nodes[i];
@@ -347,7 +331,6 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
     } else {
         CU_TRY(cudaStreamSynchronize(g->stream), "step");
     }
-    if (kind == CU_KIND_TRAIN && cu_late(g)) ((cu_device *)g->base.dev)->pending = g;  /* its update waits */
     if (deferred && g->result->stalled)
         return MPSCY_FAIL(err, en, MPSCY_DEVICE, CU,
                           "the step's input copy stalled (a piece unflagged for %g s; a profiler that runs the "
@@ -410,9 +393,7 @@ int cu_settle(mpscy_device dev, char *err, size_t n) {
     cu_graph *g = d->pending;
     if (!g) return MPSCY_OK;
     d->pending = NULL;
-    int st = cu_late(g) ? cu_late_update(g, g->stream, err, n) : MPSCY_OK;  /* a no-op when none waits */
     cudaError_t e = cudaStreamSynchronize(g->stream);
-    if (st == MPSCY_OK && e != cudaSuccess)
-        return FAIL(MPSCY_DEVICE, "the last training step's update: %s", cudaGetErrorString(e));
-    return st;
+    if (e != cudaSuccess) return FAIL(MPSCY_DEVICE, "the last training step's update: %s", cudaGetErrorString(e));
+    return MPSCY_OK;
 }
