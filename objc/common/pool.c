@@ -10,14 +10,6 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 
-#if defined(__x86_64__) || defined(__i386__)
-#define CPU_RELAX() __builtin_ia32_pause()
-#elif defined(__aarch64__)
-#define CPU_RELAX() __asm__ __volatile__("yield")
-#else
-#define CPU_RELAX() ((void)0)
-#endif
-
 #define SPIN_ROUNDS 20000    /* about 100 us of polling before a worker sleeps */
 #define MAX_THREADS 64
 
@@ -79,7 +71,7 @@ static void *worker(void *arg) {
     for (;;) {
         int spins = 0;
         while (atomic_load_explicit(&p->generation, memory_order_acquire) == seen && ++spins < SPIN_ROUNDS)
-            CPU_RELAX();
+            MPSCY_CPU_RELAX();
         if (atomic_load_explicit(&p->generation, memory_order_acquire) == seen) {
             pthread_mutex_lock(&p->mu);
             p->sleepers++;
@@ -156,7 +148,7 @@ int32_t mpscy_parallel(mpscy_pool *p, mpscy_task fn, void *ctx) {
     run_tasks(p, gen);
     in_region = 0;
     for (int spins = 0; atomic_load_explicit(&p->pending, memory_order_acquire) > 0; spins++) {
-        if (spins < SPIN_ROUNDS) CPU_RELAX();
+        if (spins < SPIN_ROUNDS) MPSCY_CPU_RELAX();
         else sched_yield();  /* a worker that claimed a task lost its core: let it run */
     }
     return p->n;

@@ -4,6 +4,15 @@
 
 #include "../backend.h"
 
+/* one spin-wait pause (a waiting loop's body) */
+#if defined(__x86_64__) || defined(__i386__)
+#define MPSCY_CPU_RELAX() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define MPSCY_CPU_RELAX() __asm__ __volatile__("yield")
+#else
+#define MPSCY_CPU_RELAX() ((void)0)
+#endif
+
 #ifdef __cplusplus
 extern "C" {
 #endif

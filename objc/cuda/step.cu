@@ -29,14 +29,6 @@
 
 #define FAIL(status, ...) MPSCY_FAIL(err, n, (status), CU, __VA_ARGS__)
 
-#if defined(__x86_64__) || defined(__i386__)
-#define CPU_RELAX() __builtin_ia32_pause()
-#elif defined(__aarch64__)
-#define CPU_RELAX() __asm__ __volatile__("yield")
-#else
-#define CPU_RELAX() ((void)0)
-#endif
-
 #define PULL_SPLIT 4            /* copying blocks per piece of a deferred batch */
 #define PULL_PATIENCE_NS 5000000000ull  /* a piece the host has not flagged by then: stalled */
 
@@ -326,7 +318,7 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
                 if (e == cudaSuccess) break;
                 if (e != cudaErrorNotReady) CU_TRY(e, "step");
             }
-            CPU_RELAX();
+            MPSCY_CPU_RELAX();
         }
     } else {
         CU_TRY(cudaStreamSynchronize(g->stream), "step");
