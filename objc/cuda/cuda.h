@@ -119,9 +119,9 @@ typedef struct cu_graph {
     cudaEvent_t wready;        /* on side: a training forward re-laid W for its backward's dx (conv.cu) */
     cudaEvent_t colready;      /* on side: a training forward built a no-dx convolution's columns (conv.cu) */
     int cols_recorded;         /* per capture: colready recorded */
-    int input_dw_main;
+    int input_dw_main;         /* $MPSCY_CUDA_INPUT_DW not "side": a no-dx convolution's dW on the main stream */
     int early;                 /* $MPSCY_CUDA_EARLY not 0: a training step returns once its result is final */
-    uint32_t rseq;             /* the last training step's number (cu_params.rseq) */         /* $MPSCY_CUDA_INPUT_DW not "side": a no-dx convolution's dW on the main stream */
+    uint32_t rseq;             /* the last training step's number (cu_params.rseq) */
     int forked;                /* capture state: the side stream has work to join */
     cudaGraphExec_t exec[CU_KINDS];  /* the captured step of each kind at the built batch */
     /* own small GEMMs (gemm.cu): split-K partials and tile counters, handed out in capture order */

@@ -159,13 +159,13 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
      * off: a knob for A/B timing and testing */
     const char *ig = getenv("MPSCY_CUDA_IMPLICIT");
     g->implicit = !(ig && ig[0] == '0');
-    /* the weight gradient of a convolution without dx (on the model's input) on the main stream,
-     * which has nothing else left to run in the backward, beside the side stream's chain of the
-     * other weight gradients; "side" puts it at that chain's end: a knob for A/B timing */
     /* a training step returns once its result is final, its update still running (step.cu);
      * 0 waits for the whole step: a knob for A/B timing and testing */
     const char *ek = getenv("MPSCY_CUDA_EARLY");
     g->early = !(ek && ek[0] == '0');
+    /* the weight gradient of a convolution without dx (on the model's input) on the main stream,
+     * which has nothing else left to run in the backward, beside the side stream's chain of the
+     * other weight gradients; "side" puts it at that chain's end: a knob for A/B timing */
     const char *idw = getenv("MPSCY_CUDA_INPUT_DW");
     g->input_dw_main = !(idw && !strcmp(idw, "side"));
     int convs = 0;

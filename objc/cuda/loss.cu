@@ -13,6 +13,7 @@ struct loss_args {
     double eps, delta;
     float threshold;
     int finalize;
+    int early;  /* a training step that returns early: its result reaches the host before decide()'s mark */
 };
 
 /* first maximum of a row across the warp (ties: the lowest index, as the cpu's strict >) */
@@ -158,7 +159,7 @@ __global__ void loss_forward_backward(cu_scratch *S, cu_result *R, float *dy, co
             R->grad_norm = 0.0;
             R->applied = 0;
         }
-        __threadfence_system();  /* seen by the host before update.h's decide() marks the result final */
+        if (a.early) __threadfence_system();  /* seen by the host before update.h's decide() marks the result final */
         S->loss_count = 0;
     }
 }
@@ -175,6 +176,7 @@ int cu_loss(cu_graph *g, float *dy, int64_t b, int finalize, char *err, size_t e
     a.delta = p->loss.delta;
     a.threshold = (float)p->loss.threshold;
     a.finalize = finalize;
+    a.early = g->early && dy && !finalize;  /* training kinds (gradients-only ones too: one fence) with early return on */
     const void *target = g->stage_d + g->off_target;
     unsigned blocks = cu_blocks(b, CU_THREADS / 32, CU_MAX_PARTS);
     CU_TRY(cu_launch(g, loss_forward_backward, blocks, CU_THREADS, g->stream, g->scratch, g->result, dy,

@@ -24,8 +24,10 @@ static __device__ void decide(cu_scratch *S, cu_result *R, const cu_params *P, d
     R->grad_norm = norm;
     R->finite = finite;
     R->applied = finite && update;
-    __threadfence_system();
-    *(volatile unsigned int *)&R->done = P->rseq;
+    if (P->rseq) {  /* a training step that returns early (step.cu) */
+        __threadfence_system();
+        *(volatile unsigned int *)&R->done = P->rseq;
+    }
 }
 
 /* 1 when this step's deferred input held a NaN or Inf (step.cu's pull kernel marked it): the
