@@ -37,8 +37,11 @@ def step_summary(step):
     activities themselves as (start, end, stream, name)."""
     pull = [e for e in step if e["name"].startswith("pull_kernel")]
     t0 = pull[0]["ts"] + pull[0]["dur"] if pull else step[0]["ts"]
-    body = [e for e in step if e["ts"] >= t0 - 0.5]
-    pts = sorted([(e["ts"], 1) for e in body] + [(e["ts"] + e["dur"], -1) for e in body])
+    # from the pull's end, and what started beside the pull (a first convolution: negative times;
+    # the span's figures count from the pull's end)
+    beside = [e for e in step if pull and e is not pull[0] and pull[0]["ts"] <= e["ts"] < t0 - 0.5]
+    body = beside + [e for e in step if e["ts"] >= t0 - 0.5]
+    pts = sorted([(max(e["ts"], t0), 1) for e in body] + [(max(e["ts"] + e["dur"], t0), -1) for e in body])
     depth, tp, acc = 0, None, [0.0, 0.0, 0.0]
     for t, d in pts:
         if tp is not None:
@@ -50,7 +53,7 @@ def step_summary(step):
         "pull": pull[0]["dur"] if pull else None,
         "span": max(e["ts"] + e["dur"] for e in body) - t0,
         "idle": acc[0], "one": acc[1], "two_or_more": acc[2],
-        "busy_sum": sum(e["dur"] for e in body),
+        "busy_sum": sum(max(e["ts"] + e["dur"], t0) - max(e["ts"], t0) for e in body),
         "rows": [(e["ts"] - t0, e["ts"] - t0 + e["dur"], e.get("args", {}).get("stream", "?"), e["name"])
                  for e in body],
     }

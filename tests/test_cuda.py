@@ -384,11 +384,16 @@ LOSS_CASES = {
 
 
 @cuda_only
+@pytest.mark.parametrize("batch", [16, 64, 100])
 @pytest.mark.parametrize("name", sorted(LOSS_CASES))
-def test_loss_matches_cpu(name, rng):
+def test_loss_matches_cpu(name, batch, rng):
+    """Every loss, its gradient and the accuracy against the cpu: training (the loss kernel's
+    blocks of eight rows: two at 16 rows, eight at 64, thirteen at 100, the last one partial),
+    then an evaluation of 45 rows."""
     tail, loss = LOSS_CASES[name]
-    cpu, gpu = pair(lambda: [L.Dense(16), L.Tanh(), L.Dense(6)] + [type(t)() for t in tail], (10,), loss=loss)
-    compare_training(cpu, gpu, rng)
+    cpu, gpu = pair(lambda: [L.Dense(16), L.Tanh(), L.Dense(6)] + [type(t)() for t in tail], (10,), loss=loss,
+                    batch=batch)
+    compare_training(cpu, gpu, rng, steps=20 if batch == 16 else 6)
     x = rng.standard_normal((45, 10)).astype(np.float32)
     y = targets(rng, cpu.loss, 45, (6,))
     ec, eg = cpu.evaluate(x, y), gpu.evaluate(x, y)
@@ -836,6 +841,49 @@ def test_deferred_staging_matches_cpu(threads, monkeypatch, rng):
     assert rel_err(gpu.predict(x), cpu.predict(x)) <= FORWARD_TOL
     ec, eg = cpu.evaluate(x, y), gpu.evaluate(x, y)
     assert abs(eg["loss"] - ec["loss"]) <= 1e-5 * abs(ec["loss"]) and eg["accuracy"] == ec["accuracy"]
+
+
+@cuda_only
+@pytest.mark.parametrize("pdl", ["default", "1"])
+def test_first_convolution_beside_the_pull_gives_the_same_bits(pdl, monkeypatch, rng):
+    """The first convolution of a deferred input starts while the pull still runs, each block once
+    the parts holding its samples are copied (MPSCY_CUDA_PULL_CONV, on by default). It computes
+    exactly what it computes after the whole pull (=0): with the ReLU fused (the README's first
+    layer) and with BatchNorm after it, 8 training steps over full and partial batches (partial
+    ones are staged before they run) on one staging thread and on four, then evaluate and predict
+    (more rows than a batch, so a partial last batch too), give bit-identical losses, parameters,
+    predictions and evaluations, and each run matches the cpu."""
+    if pdl != "default":
+        monkeypatch.setenv("MPSCY_CUDA_PDL", pdl)
+    models = [_deferred_cnn,
+              lambda: [L.Conv2D(16, 3, padding=1), L.ReLU(), L.Conv2D(8, 3, 2, 1), L.ReLU(), L.Flatten(), L.Dense(10)]]
+    rows = [32, 32, 5, 32, 32, 19, 32, 32]
+    xs = [rng.standard_normal((r, 3, 32, 32)).astype(np.float32) for r in rows]
+    ys = [rng.integers(0, 10, r).astype(np.int32) for r in rows]
+    xe = rng.standard_normal((70, 3, 32, 32)).astype(np.float32)
+    ye = rng.integers(0, 10, 70).astype(np.int32)
+    for build in models:
+        runs = []
+        for beside, threads in (("1", "4"), ("1", "1"), ("0", "4")):
+            monkeypatch.setenv("MPSCY_CUDA_PULL_CONV", beside)
+            monkeypatch.setenv("MPSCY_STAGE_THREADS", threads)
+            cpu, gpu = pair(build, (3, 32, 32), batch=32)
+            losses = []
+            for x, y in zip(xs, ys):
+                rc, rg = cpu.step(x, y), gpu.step(x, y)
+                assert rg.applied and rc.applied
+                assert abs(rg.loss - rc.loss) <= 1e-4 * max(abs(rc.loss), 1e-3), (rc.loss, rg.loss)
+                losses.append(rg.loss)
+            pg, pc = gpu.get_parameters(), cpu.get_parameters()
+            assert max(rel_err(pg[k], pc[k]) for k in pc) <= PARAM_TOL
+            pred = gpu.predict(xe)
+            assert rel_err(pred, cpu.predict(xe)) <= FORWARD_TOL
+            runs.append((losses, pg, pred, gpu.evaluate(xe, ye)))
+        assert len(runs[0][1]) >= 4
+        for losses, pg, pred, ev in runs[1:]:
+            assert losses == runs[0][0]
+            assert all(np.array_equal(pg[k], runs[0][1][k]) for k in pg)
+            assert np.array_equal(pred, runs[0][2]) and ev == runs[0][3]
 
 
 @cuda_only

@@ -33,14 +33,20 @@ static __device__ __forceinline__ float4 lds4(const float4 *p) {
  * channels at a time (four independent FMA chains) from W^T staged as float4 rows (broadcast
  * reads), each channel's store coalesced across the warp. */
 template <int KT>
-__global__ void __launch_bounds__(CU_THREADS) conv_direct_kernel(float *__restrict__ y, const float *__restrict__ x,
+__global__ void __launch_bounds__(CU_THREADS) conv_direct_kernel(float *__restrict__ y, const float *x,
                                                                  const float *__restrict__ w,
                                                                  const float *__restrict__ bias, conv_geom g,
-                                                                 int64_t b, int chunk, int relu) {
+                                                                 int64_t b, int chunk, int relu, cu_pull_parts pull) {
     __shared__ float4 wt[KT][DIRECT_OC / 4];  /* wt[t][q] = W[o0 + 4q + (0..3), t], 0 past the block's channels */
     __shared__ float bs[DIRECT_OC];
     __shared__ int4 taps[KT];                  /* (offset in a sample, row shift, column shift, -) */
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    /* beside the pull: W and the tables staged at once, x read once this block's parts are in */
+    if (pull.seq) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    else cu_pdl_enter();
+#else
     cu_pdl_enter();
+#endif
     const int kg = (int)g.kg, khw = (int)(g.kh * g.kw), H = (int)g.h, W = (int)g.w, OC = (int)g.oc;
     const int o0 = (int)blockIdx.y * chunk, nc = min(chunk, OC - o0);
     for (int t = threadIdx.x; t < KT; t += blockDim.x) {
@@ -59,6 +65,19 @@ __global__ void __launch_bounds__(CU_THREADS) conv_direct_kernel(float *__restri
 
     const unsigned nb = (unsigned)(b * g.ohw), OHW = (unsigned)g.ohw, OW = (unsigned)g.ow,
                    chw = (unsigned)(g.c * g.h * g.w);
+    if (pull.seq) {
+        /* the samples of this block's pixels, as floats of x, lie in pull parts k0 .. k1: one
+         * thread waits for each (the pull stores every part's flag, empty parts' too, stalled
+         * pieces' after its patience) */
+        const unsigned j0 = blockIdx.x * blockDim.x, j1 = min(j0 + blockDim.x, nb) - 1;
+        const int64_t f0 = (int64_t)(j0 / OHW) * chw, f1 = ((int64_t)(j1 / OHW) + 1) * chw - 1;
+        const int64_t k0 = f0 / pull.piece * CU_PULL_SPLIT + f0 % pull.piece / pull.part,
+                      k1 = f1 / pull.piece * CU_PULL_SPLIT + f1 % pull.piece / pull.part;
+        const uint32_t seq = pull.P->seq;
+        for (int64_t k = k0 + threadIdx.x; k <= k1; k += blockDim.x)
+            while (cu_load_acquire_gpu(&pull.seq[k]) != seq) __nanosleep(32);
+        __syncthreads();
+    }
     const int quads = (nc + 3) / 4;
     /* one pixel per thread: a grid-stride loop would keep the tap table in registers */
     const unsigned j = blockIdx.x * blockDim.x + threadIdx.x;
@@ -69,10 +88,12 @@ __global__ void __launch_bounds__(CU_THREADS) conv_direct_kernel(float *__restri
         float v[KT];
 #pragma unroll
         for (int t = 0; t < KT; t++) {
-            /* out of range: x[0] loaded and dropped, so the loads issue unconditionally, together */
+            /* out of range: the sample's first float loaded and dropped, so the loads issue
+             * unconditionally, together (never a float of another sample: beside the pull, a
+             * line of a sample not yet copied must not be cached) */
             const int4 tp = taps[t];
             const bool in = (unsigned)(ih0 + tp.y) < (unsigned)H && (unsigned)(iw0 + tp.z) < (unsigned)W;
-            const float xv = __ldg(&x[in ? base + tp.x : 0]);
+            const float xv = x[in ? base + tp.x : (int)(s * chw)];
             v[t] = in ? xv : 0.0f;
         }
         float *yp = y + ((size_t)s * OC + o0) * OHW + pix;
@@ -95,11 +116,16 @@ __global__ void __launch_bounds__(CU_THREADS) conv_direct_kernel(float *__restri
             }
         }
     }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    /* beside the pull: complete only after it, so whatever follows this kernel follows the pull */
+    if (pull.seq) asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
 }
 
 int cu_conv_direct(cu_graph *gr, const mpscy_conv_geom *g, float *y, const float *x, const float *w,
                    const float *bias, int64_t b, int relu, char *err, size_t en) {
-    typedef void (*direct_fn)(float *, const float *, const float *, const float *, conv_geom, int64_t, int, int);
+    typedef void (*direct_fn)(float *, const float *, const float *, const float *, conv_geom, int64_t, int, int,
+                              cu_pull_parts);
     static const direct_fn kinds[DIRECT_TAPS / 4] = {
         conv_direct_kernel<4>,  conv_direct_kernel<8>,  conv_direct_kernel<12>, conv_direct_kernel<16>,
         conv_direct_kernel<20>, conv_direct_kernel<24>, conv_direct_kernel<28>, conv_direct_kernel<32>};
@@ -113,8 +139,22 @@ int cu_conv_direct(cu_graph *gr, const mpscy_conv_geom *g, float *y, const float
     while (chunk > 8 && px * ((g->oc + chunk - 1) / chunk) < (int64_t)gr->dev->sms)
         chunk = (chunk / 2 + 3) & ~(int64_t)3;
     const int64_t chunks = (g->oc + chunk - 1) / chunk;
-    CU_TRY(cu_launch(gr, kinds[(g->kg + 3) / 4 - 1], dim3(px, (unsigned)chunks), CU_THREADS,
-                     gr->stream, y, x, w, bias, *g, b, (int)chunk, relu),
+    /* the first kernel after the pull, on its rows (step.cu): launched as its programmatic
+     * dependent, so its blocks start once the pull's have, each waiting only for the parts that
+     * hold its samples. Without dependent launch on the device the pull is complete first and the
+     * waits pass at once. Measured on the H200 (README CNN, A/B against MPSCY_CUDA_PULL_CONV=0,
+     * four calls): 286.1 / 283.1 / 280.2 / 280.3 us against 291.8 / 286.3 / 286.1 / 287.2; without
+     * the kernel's final wait for the pull 283.4 against 280.3, so it stays. */
+    cu_pull_parts pull = {};
+    const bool beside = gr->pulled && x == gr->pulled && b * g->c * g->h * g->w == gr->pull_n;
+    if (beside) {
+        pull.seq = gr->scratch->part_seq;
+        pull.P = (const cu_params *)gr->params_d;
+        pull.piece = gr->pull_piece;
+        pull.part = cu_pull_part(gr->pull_piece);
+    }
+    CU_TRY(cu_launch_pdl(gr->pdl || (beside && gr->dev->pdl), kinds[(g->kg + 3) / 4 - 1], dim3(px, (unsigned)chunks),
+                         CU_THREADS, 0, gr->stream, y, x, w, bias, *g, b, (int)chunk, relu, pull),
            "conv_direct");
     return CU_LAUNCHED("conv_direct");
 }

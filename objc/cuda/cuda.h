@@ -17,6 +17,7 @@
 #define CU_DEFER_MIN (64 << 10) /* bytes of input 0 from which a step stages it while it runs */
 #define CU_ALIGN 256
 #define CU_THREADS 256
+#define CU_PULL_SPLIT 4         /* step.cu's pull: copying blocks per piece of a deferred batch */
 
 struct cu_lt;  /* blas.h */
 
@@ -52,8 +53,10 @@ typedef struct cu_scratch {
     int applied;               /* 1: this step's update is applied (finite, TRAIN) */
     unsigned int bad_seq;      /* the last deferred step whose input held a NaN or Inf */
     unsigned int piece_seq[CU_STAGE_MAX_PIECES]; /* step.cu's pull: the host's flags, relayed */
+    unsigned int part_seq[CU_STAGE_MAX_PIECES * CU_PULL_SPLIT]; /* the pull: each block's part copied */
     float clip_scale;          /* clip_grad_norm coefficient when < 1, else 1 */
     double loss;               /* the step's mean loss */
+    long long correct;         /* its correct count, or -1 (no accuracy) */
     unsigned int red_count;    /* L-BFGS reductions (lbfgs.cu) */
     double red_part[CU_MAX_PARTS];
     double coef[2];            /* L-BFGS two-loop coefficient being computed */
@@ -140,6 +143,12 @@ typedef struct cu_graph {
     uint32_t *flags_h;         /* (CU_STAGE_MAX_PIECES), pinned */
     uint32_t seq;              /* the last deferred step's number, 1 .. 2^31 - 1 */
     int64_t in0_size;          /* floats per row of input 0 */
+    /* the pull's consumer (conv_direct.cu): a direct convolution of input 0 that is the first
+     * kernel after the pull starts while the pull still runs, each block once its samples' parts
+     * are copied (cu_pull_parts); $MPSCY_CUDA_PULL_CONV=0 waits for the whole pull */
+    int pull_conv;             /* the knob, at build */
+    const float *pulled;       /* per capture: input 0's device rows while the next kernel may consume them */
+    int64_t pull_n, pull_piece;  /* per capture: floats pulled and the host's piece size */
 } cu_graph;
 
 /* Counted allocations: every byte the backend holds goes through here. */
@@ -209,6 +218,17 @@ int cu_col2im(cu_graph *g, const mpscy_conv_geom *cg, float *dx, const float *dc
 int cu_conv_direct_fits(const mpscy_conv_geom *cg);
 int cu_conv_direct(cu_graph *g, const mpscy_conv_geom *cg, float *y, const float *x, const float *w, const float *bias,
                    int64_t b, int relu, char *err, size_t en);
+
+/* The pull's parts (step.cu): floats [k * part + piece offset ..) of input 0, block k of the pull
+ * copying part k % CU_PULL_SPLIT of piece k / CU_PULL_SPLIT and then storing the step's number in
+ * cu_scratch.part_seq[k] (a release at GPU scope after a fence). A consumer waits for the parts
+ * that hold floats [lo, hi) with cu_pull_wait (conv_direct.cu). */
+typedef struct cu_pull_parts {
+    const unsigned int *seq;   /* cu_scratch.part_seq, or NULL: nothing to wait for */
+    const cu_params *P;        /* P->seq: this step's number */
+    int64_t piece, part;       /* floats in a piece and in a part */
+} cu_pull_parts;
+static inline __host__ __device__ int64_t cu_pull_part(int64_t piece) { return (piece / CU_PULL_SPLIT + 3) & ~(int64_t)3; }
 /* conv_s2.cu: dx of a 3x3, stride-2, pad-1 convolution (groups 1, H and W even: cu_conv_s2_fits)
  * by parity class. cu_conv_s2_weights: W re-laid into wc (9, OC, C) on stream s (conv.cu's
  * training forward, on the side stream). cu_conv_s2_dgrad (backward, main stream): from dzs (4,
@@ -325,6 +345,16 @@ int cu_check_launch(char *err, size_t en, const char *what, const char *func, in
  * until everything before it is complete and visible. Both are no-ops without the launch
  * attribute (the default) and before Hopper. Every kernel begins with it. */
 #if defined(__CUDACC__)
+static __device__ __forceinline__ uint32_t cu_load_acquire_gpu(const uint32_t *p) {
+    uint32_t v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+static __device__ __forceinline__ void cu_store_release_gpu(uint32_t *p, uint32_t v) {
+    asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
 static __device__ __forceinline__ void cu_pdl_enter() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
@@ -333,8 +363,9 @@ static __device__ __forceinline__ void cu_pdl_enter() {
 }
 #endif
 
+/* a launch as its stream's programmatic dependent when pdl (the attribute), else a plain one */
 template <typename... K, typename... A>
-static inline cudaError_t cu_launch_shm(const cu_graph *g, void (*kernel)(K...), dim3 grid, dim3 block, size_t shm,
+static inline cudaError_t cu_launch_pdl(bool pdl, void (*kernel)(K...), dim3 grid, dim3 block, size_t shm,
                                         cudaStream_t s, A... args) {
     cudaLaunchConfig_t cfg = {};
     cudaLaunchAttribute at;
@@ -342,13 +373,19 @@ static inline cudaError_t cu_launch_shm(const cu_graph *g, void (*kernel)(K...),
     cfg.blockDim = block;
     cfg.dynamicSmemBytes = shm;
     cfg.stream = s;
-    if (g->pdl) {
+    if (pdl) {
         at.id = cudaLaunchAttributeProgrammaticStreamSerialization;
         at.val.programmaticStreamSerializationAllowed = 1;
         cfg.attrs = &at;
         cfg.numAttrs = 1;
     }
     return cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
+template <typename... K, typename... A>
+static inline cudaError_t cu_launch_shm(const cu_graph *g, void (*kernel)(K...), dim3 grid, dim3 block, size_t shm,
+                                        cudaStream_t s, A... args) {
+    return cu_launch_pdl(g->pdl, kernel, grid, block, shm, s, args...);
 }
 
 template <typename... K, typename... A>

@@ -168,6 +168,11 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
      * other weight gradients; "side" puts it at that chain's end: a knob for A/B timing */
     const char *idw = getenv("MPSCY_CUDA_INPUT_DW");
     g->input_dw_main = !(idw && !strcmp(idw, "side"));
+    /* a direct convolution of the deferred input starts beside the pull, each block once its
+     * samples are copied (conv_direct.cu); 0 waits for the whole pull: a knob for A/B timing and
+     * testing */
+    const char *pc = getenv("MPSCY_CUDA_PULL_CONV");
+    g->pull_conv = !(pc && pc[0] == '0');
     int convs = 0;
     for (int32_t i = 0; i < p->n_nodes; i++) {
         const mpscy_node *node = &p->nodes[i];

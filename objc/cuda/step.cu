@@ -29,23 +29,12 @@
 
 #define FAIL(status, ...) MPSCY_FAIL(err, n, (status), CU, __VA_ARGS__)
 
-#define PULL_SPLIT 4            /* copying blocks per piece of a deferred batch */
 #define PULL_PATIENCE_NS 5000000000ull  /* a piece the host has not flagged by then: stalled */
 
 static __device__ __forceinline__ uint32_t load_acquire_sys(const uint32_t *p) {
     uint32_t v;
     asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
     return v;
-}
-
-static __device__ __forceinline__ uint32_t load_acquire_gpu(const uint32_t *p) {
-    uint32_t v;
-    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
-
-static __device__ __forceinline__ void store_release_gpu(uint32_t *p, uint32_t v) {
-    asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
 
 static __device__ __forceinline__ unsigned long long global_ns() {
@@ -57,8 +46,8 @@ static __device__ __forceinline__ unsigned long long global_ns() {
 /* dst (n) from the pinned staging src as the host's pieces land. Block 0's first warp is the
  * one reader of the host's flags: its lanes read them all at once (consecutive words, one PCIe
  * round trip a poll), each lane relaying its pieces to device memory (S->piece_seq[p]) as their
- * flags carry this step's number P->seq; block 1 + k copies part k % PULL_SPLIT of piece
- * k / PULL_SPLIT once the relay shows it. Measured on the H200: with every block polling its own
+ * flags carry this step's number P->seq; block 1 + k copies part k % CU_PULL_SPLIT of piece
+ * k / CU_PULL_SPLIT once the relay shows it. Measured on the H200: with every block polling its own
  * flag, 2, 4 and 8 blocks per piece took 324, 338 and 375 us per CNN step (reads over PCIe
  * crowding out the data's); one thread reading the flags in piece order, one round trip each,
  * took 332, 336 and 331 us with 1, 2 and 4 blocks; the warp's reads took the CNN step from 296.1
@@ -85,22 +74,22 @@ __global__ void pull_kernel(float *__restrict__ dst, const float *src, int64_t n
             if (stalled) v0 = v1 = seq | CU_STAGE_BAD;
             if (wait0 && (v0 & ~CU_STAGE_BAD) == seq) {
                 if (v0 & CU_STAGE_BAD) atomicExch(&S->bad_seq, seq);
-                store_release_gpu(&S->piece_seq[p0], v0);
+                cu_store_release_gpu(&S->piece_seq[p0], v0);
                 wait0 = false;
             }
             if (wait1 && (v1 & ~CU_STAGE_BAD) == seq) {
                 if (v1 & CU_STAGE_BAD) atomicExch(&S->bad_seq, seq);
-                store_release_gpu(&S->piece_seq[p1], v1);
+                cu_store_release_gpu(&S->piece_seq[p1], v1);
                 wait1 = false;
             }
         }
         return;
     }
-    const int64_t k = blockIdx.x - 1, p = k / PULL_SPLIT, part = (piece / PULL_SPLIT + 3) & ~(int64_t)3;
+    const int64_t k = blockIdx.x - 1, p = k / CU_PULL_SPLIT, part = cu_pull_part(piece);
     if (threadIdx.x == 0)
-        while ((load_acquire_gpu(&S->piece_seq[p]) & ~CU_STAGE_BAD) != seq) __nanosleep(64);
+        while ((cu_load_acquire_gpu(&S->piece_seq[p]) & ~CU_STAGE_BAD) != seq) __nanosleep(64);
     __syncthreads();
-    const int64_t lo = min(p * piece + (k % PULL_SPLIT) * part, n), hi = min(min(lo + part, (p + 1) * piece), n);
+    const int64_t lo = min(p * piece + (k % CU_PULL_SPLIT) * part, n), hi = min(min(lo + part, (p + 1) * piece), n);
     /* pieces and parts are multiples of 4 floats and both buffers 256-byte aligned: float4 up to
      * the tail, four loads in flight per thread (a load from host memory takes microseconds);
      * .cv loads fetch from host memory anew (never a line cached from an earlier step) */
@@ -116,7 +105,12 @@ __global__ void pull_kernel(float *__restrict__ dst, const float *src, int64_t n
         d4[i + 3 * st] = d;
     }
     for (; i < hi4; i += st) d4[i] = __ldcv(s4 + i);
-    for (int64_t k = hi4 * 4 + threadIdx.x; k < hi; k += st) dst[k] = __ldcv(src + k);
+    for (int64_t e = hi4 * 4 + threadIdx.x; e < hi; e += st) dst[e] = __ldcv(src + e);
+    /* the part is copied: every thread's stores visible at GPU scope, then one release (a
+     * consumer started beside the pull waits for it: cu_pull_parts) */
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) cu_store_release_gpu(&S->part_seq[k], seq);
 }
 
 /* whether the captured step of `kind` pulls input 0 itself (deferred staging): not the
@@ -148,6 +142,7 @@ static int enqueue(cu_graph *g, int kind, int64_t b, int deferred, char *err, si
     const mpscy_plan *p = &g->plan;
     cudaStream_t s = g->stream;
     int st;
+    g->pulled = NULL;
     /* params block, target and the first input's rows in one copy; other inputs after */
     size_t first = p->n_inputs > 0 ? g->off_input[0] : g->off_target;
     for (int32_t i = 0; i < p->n_nodes; i++)
@@ -161,18 +156,26 @@ static int enqueue(cu_graph *g, int kind, int64_t b, int deferred, char *err, si
     CU_TRY(cudaMemcpyAsync(g->stage_d, g->stage_h, first, cudaMemcpyHostToDevice, s), "staging copy");
     if (deferred) {
         const int64_t n = b * g->in0_size, piece = cu_stage_piece(n), pieces = (n + piece - 1) / piece;
-        CU_TRY(cu_launch(g, pull_kernel, dim3((unsigned)(1 + pieces * PULL_SPLIT)), CU_THREADS, s,
+        CU_TRY(cu_launch(g, pull_kernel, dim3((unsigned)(1 + pieces * CU_PULL_SPLIT)), CU_THREADS, s,
                          (float *)(g->stage_d + g->off_input[0]), (const float *)(g->stage_h + g->off_input[0]), n,
                          piece, (const uint32_t *)g->flags_h, (const cu_params *)g->params_d, g->scratch, g->result),
                "pull");
         if ((st = CU_LAUNCHED("pull")) != MPSCY_OK) return st;
+        /* the next kernel on this stream may start beside the pull (cu_conv_direct) */
+        if (g->pull_conv) {
+            g->pulled = (const float *)(g->stage_d + g->off_input[0]);
+            g->pull_n = n;
+            g->pull_piece = piece;
+        }
     }
 
     int train = kind == CU_KIND_TRAIN || kind == CU_KIND_GRAD;
     for (int32_t i = 0; i < p->n_nodes; i++) {
         const mpscy_node *node = &p->nodes[i];
         if (node->kind == MPSCY_LAYER_INPUT) continue;
-        if ((st = cu_layers[node->kind].forward(g, node, b, train, err, en)) != MPSCY_OK) return st;
+        st = cu_layers[node->kind].forward(g, node, b, train, err, en);
+        g->pulled = NULL;  /* only the first layer's first kernel follows the pull */
+        if (st != MPSCY_OK) return st;
     }
     if (kind == CU_KIND_PREDICT) {
         CU_TRY(cudaMemcpyAsync(g->out_h, g->y[p->output], (size_t)b * p->out_size * sizeof(float),
