@@ -442,9 +442,8 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
     block_sum3(v);
     const double loss = v[1] / (double)b;
     if (blockIdx.x == 0 && threadIdx.x == 0) {
-        a.S->loss = loss;
-        a.R->loss = loss;
-        a.R->correct = a.accuracy == MPSCY_ACCURACY_NONE ? -1 : (long long)v[2];
+        a.S->loss = loss;  /* decide() below copies both into R */
+        a.S->correct = a.accuracy == MPSCY_ACCURACY_NONE ? -1 : (long long)v[2];
     }
     decide_and_update(a.u, a.S, a.R, a.P, v[0], loss, a.clip_norm, 1);
     FU_MARK();

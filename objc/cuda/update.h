@@ -10,9 +10,10 @@
 
 #include <math.h>
 
-/* The decision of a step from the total of squares: written by one thread, after the loss. With
- * the result final, P->rseq goes to R->done (after a system-wide fence: the host that sees it
- * sees the rest), for a training step that returns before its update ends (step.cu). */
+/* The decision of a step from the total of squares: written by one thread, after the loss (whose
+ * mean and correct count it copies from S into R with the rest of the result). With the result
+ * final, P->rseq goes to R->done (after a system-wide fence: the host that sees it sees the
+ * rest), for a training step that returns before its update ends (step.cu). */
 static __device__ void decide(cu_scratch *S, cu_result *R, const cu_params *P, double total, double clip_norm,
                               int update) {
     double norm = sqrt(total), loss = S->loss;
@@ -21,6 +22,8 @@ static __device__ void decide(cu_scratch *S, cu_result *R, const cu_params *P, d
     double coef = clip_norm > 0 ? clip_norm / (norm + 1e-6) : 1.0;
     S->clip_scale = coef < 1.0 ? (float)coef : 1.0f;
     S->applied = finite && update;
+    R->loss = loss;
+    R->correct = S->correct;
     R->grad_norm = norm;
     R->finite = finite;
     R->applied = finite && update;
