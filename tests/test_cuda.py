@@ -605,9 +605,9 @@ def test_early_return_matches_waiting(name, fused, monkeypatch, rng):
 @cuda_only
 def test_early_return_reads_wait_for_the_update(monkeypatch, rng):
     """With 8.4 M parameters the Adam update (~0.1 GB of traffic) is still running when the step
-    returns early. Reads made at once after it (parameters, one tensor, optimizer state,
-    synchronize then parameters) see the update finished: bit-identical to an engine that waits
-    for every step (MPSCY_CUDA_EARLY=0)."""
+    returns early. Reads made at once after it (parameters, one tensor, optimizer state, a
+    gradients-only step, synchronize then parameters) see the update finished, clipping included:
+    bit-identical to an engine that waits for every step (MPSCY_CUDA_EARLY=0)."""
     x = rng.standard_normal((16, 4096)).astype(np.float32)
     y = rng.integers(0, 10, 16).astype(np.int32)
     got = []
@@ -615,10 +615,11 @@ def test_early_return_reads_wait_for_the_update(monkeypatch, rng):
         monkeypatch.setenv("MPSCY_CUDA_EARLY", early)
         monkeypatch.setenv("MPSCY_CUDA_FUSED", "0")
         e = mpscy.Engine(mpscy.Sequential([L.Dense(2048), L.ReLU(), L.Dense(10)], input_shape=(4096,)),
-                         loss="sparse_cross_entropy", optimizer=optim.Adam(1e-2), batch_size=16, device="cuda", seed=5)
+                         loss="sparse_cross_entropy", optimizer=optim.Adam(1e-2), batch_size=16, device="cuda",
+                         seed=5, clip_grad_norm=0.5)
         assert sum(v.size for v in e.get_parameters().values()) == 4096 * 2048 + 2048 + 2048 * 10 + 10
         reads = []
-        for s in range(4):
+        for s in range(5):
             e.step(x, y)
             if s == 0:
                 reads.append(e.get_parameters())
@@ -626,6 +627,8 @@ def test_early_return_reads_wait_for_the_update(monkeypatch, rng):
                 reads.append({"w": e.get_parameters()["dense_0.weight"]})
             elif s == 2:
                 reads.append(e.get_optimizer_state()["exp_avg"])
+            elif s == 3:
+                reads.append(e.gradients(x, y))  # a gradients-only step on the same graph
             else:
                 e.synchronize()
                 reads.append(e.get_parameters())

@@ -40,13 +40,9 @@ __global__ void __launch_bounds__(CU_THREADS) conv_direct_kernel(float *__restri
     __shared__ float4 wt[KT][DIRECT_OC / 4];  /* wt[t][q] = W[o0 + 4q + (0..3), t], 0 past the block's channels */
     __shared__ float bs[DIRECT_OC];
     __shared__ int4 taps[KT];                  /* (offset in a sample, row shift, column shift, -) */
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     /* beside the pull: W and the tables staged at once, x read once this block's parts are in */
-    if (pull.seq) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    if (pull.seq) cu_pdl_trigger();
     else cu_pdl_enter();
-#else
-    cu_pdl_enter();
-#endif
     const int kg = (int)g.kg, khw = (int)(g.kh * g.kw), H = (int)g.h, W = (int)g.w, OC = (int)g.oc;
     const int o0 = (int)blockIdx.y * chunk, nc = min(chunk, OC - o0);
     for (int t = threadIdx.x; t < KT; t += blockDim.x) {
@@ -66,17 +62,10 @@ __global__ void __launch_bounds__(CU_THREADS) conv_direct_kernel(float *__restri
     const unsigned nb = (unsigned)(b * g.ohw), OHW = (unsigned)g.ohw, OW = (unsigned)g.ow,
                    chw = (unsigned)(g.c * g.h * g.w);
     if (pull.seq) {
-        /* the samples of this block's pixels, as floats of x, lie in pull parts k0 .. k1: one
-         * thread waits for each (the pull stores every part's flag, empty parts' too, stalled
-         * pieces' after its patience) */
+        /* the floats of the samples of this block's pixels (the pull flags every part, empty
+         * parts and stalled pieces' too) */
         const unsigned j0 = blockIdx.x * blockDim.x, j1 = min(j0 + blockDim.x, nb) - 1;
-        const int64_t f0 = (int64_t)(j0 / OHW) * chw, f1 = ((int64_t)(j1 / OHW) + 1) * chw - 1;
-        const int64_t k0 = f0 / pull.piece * CU_PULL_SPLIT + f0 % pull.piece / pull.part,
-                      k1 = f1 / pull.piece * CU_PULL_SPLIT + f1 % pull.piece / pull.part;
-        const uint32_t seq = pull.P->seq;
-        for (int64_t k = k0 + threadIdx.x; k <= k1; k += blockDim.x)
-            while (cu_load_acquire_gpu(&pull.seq[k]) != seq) __nanosleep(32);
-        __syncthreads();
+        cu_pull_wait(pull, (int64_t)(j0 / OHW) * chw, ((int64_t)(j1 / OHW) + 1) * chw - 1);
     }
     const int quads = (nc + 3) / 4;
     /* one pixel per thread: a grid-stride loop would keep the tap table in registers */
@@ -116,10 +105,8 @@ __global__ void __launch_bounds__(CU_THREADS) conv_direct_kernel(float *__restri
             }
         }
     }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     /* beside the pull: complete only after it, so whatever follows this kernel follows the pull */
-    if (pull.seq) asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
+    if (pull.seq) cu_pdl_wait();
 }
 
 int cu_conv_direct(cu_graph *gr, const mpscy_conv_geom *g, float *y, const float *x, const float *w,
@@ -146,12 +133,11 @@ int cu_conv_direct(cu_graph *gr, const mpscy_conv_geom *g, float *y, const float
      * four calls): 286.1 / 283.1 / 280.2 / 280.3 us against 291.8 / 286.3 / 286.1 / 287.2; without
      * the kernel's final wait for the pull 283.4 against 280.3, so it stays. */
     cu_pull_parts pull = {};
-    const bool beside = gr->pulled && x == gr->pulled && b * g->c * g->h * g->w == gr->pull_n;
+    const bool beside = gr->pull_next && x == (const float *)(gr->stage_d + gr->off_input[0]);
     if (beside) {
         pull.seq = gr->scratch->part_seq;
-        pull.P = (const cu_params *)gr->params_d;
-        pull.piece = gr->pull_piece;
-        pull.part = cu_pull_part(gr->pull_piece);
+        pull.P = gr->params_d;
+        pull.piece = cu_stage_piece(b * gr->in0_size);  /* as the pull's (step.cu) */
     }
     CU_TRY(cu_launch_pdl(gr->pdl || (beside && gr->dev->pdl), kinds[(g->kg + 3) / 4 - 1], dim3(px, (unsigned)chunks),
                          CU_THREADS, 0, gr->stream, y, x, w, bias, *g, b, (int)chunk, relu, pull),

@@ -109,13 +109,9 @@ __global__ void __launch_bounds__(256, 2) conv_implicit_kernel(ig_args a) {
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * 64;
     const int s = n0 / a.ohw, oh0 = (n0 - s * a.ohw) / a.ow;
     const int prpc = a.pr * a.pc, pe = IG_CB * prpc;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
+    cu_pdl_trigger();
     ig_patch_table<S>(ptab, a, oh0);
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
+    cu_pdl_wait();
     __syncthreads();
     const int nst = (a.c + IG_CB - 1) / IG_CB, st0 = (int)blockIdx.z * a.per, ns = min(nst, st0 + a.per) - st0;
     const float *xs = a.x + (size_t)s * a.sxs;

@@ -147,8 +147,7 @@ typedef struct cu_graph {
      * kernel after the pull starts while the pull still runs, each block once its samples' parts
      * are copied (cu_pull_parts); $MPSCY_CUDA_PULL_CONV=0 waits for the whole pull */
     int pull_conv;             /* the knob, at build */
-    const float *pulled;       /* per capture: input 0's device rows while the next kernel may consume them */
-    int64_t pull_n, pull_piece;  /* per capture: floats pulled and the host's piece size */
+    int pull_next;             /* per capture: the pull was the last kernel enqueued (and pull_conv) */
 } cu_graph;
 
 /* Counted allocations: every byte the backend holds goes through here. */
@@ -219,14 +218,14 @@ int cu_conv_direct_fits(const mpscy_conv_geom *cg);
 int cu_conv_direct(cu_graph *g, const mpscy_conv_geom *cg, float *y, const float *x, const float *w, const float *bias,
                    int64_t b, int relu, char *err, size_t en);
 
-/* The pull's parts (step.cu): floats [k * part + piece offset ..) of input 0, block k of the pull
- * copying part k % CU_PULL_SPLIT of piece k / CU_PULL_SPLIT and then storing the step's number in
+/* The pull's parts (step.cu): block k of the pull copies part k % CU_PULL_SPLIT (cu_pull_part
+ * floats) of piece k / CU_PULL_SPLIT of input 0, then stores the step's number in
  * cu_scratch.part_seq[k] (a release at GPU scope after a fence). A consumer waits for the parts
- * that hold floats [lo, hi) with cu_pull_wait (conv_direct.cu). */
+ * that hold the floats it reads with cu_pull_wait (below; used by conv_direct.cu). */
 typedef struct cu_pull_parts {
     const unsigned int *seq;   /* cu_scratch.part_seq, or NULL: nothing to wait for */
     const cu_params *P;        /* P->seq: this step's number */
-    int64_t piece, part;       /* floats in a piece and in a part */
+    int64_t piece;             /* floats in a piece (cu_stage_piece of the pulled floats) */
 } cu_pull_parts;
 static inline __host__ __device__ int64_t cu_pull_part(int64_t piece) { return (piece / CU_PULL_SPLIT + 3) & ~(int64_t)3; }
 /* conv_s2.cu: dx of a 3x3, stride-2, pad-1 convolution (groups 1, H and W even: cu_conv_s2_fits)
@@ -355,11 +354,35 @@ static __device__ __forceinline__ void cu_store_release_gpu(uint32_t *p, uint32_
     asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
 
-static __device__ __forceinline__ void cu_pdl_enter() {
+/* the two halves of cu_pdl_enter, for a kernel with work to do between them */
+static __device__ __forceinline__ void cu_pdl_trigger() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+static __device__ __forceinline__ void cu_pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
+}
+
+static __device__ __forceinline__ void cu_pdl_enter() {
+    cu_pdl_trigger();
+    cu_pdl_wait();
+}
+
+/* A consumer started beside the pull (cu_pull_parts): waits until every part holding floats
+ * [lo, hi] of input 0 is copied, one thread a part, then the block's barrier. The parts' layout
+ * is the pull kernel's (step.cu): part k % CU_PULL_SPLIT of piece k / CU_PULL_SPLIT. */
+static __device__ __forceinline__ void cu_pull_wait(const cu_pull_parts &pull, int64_t lo, int64_t hi) {
+    const int64_t part = cu_pull_part(pull.piece);
+    const int64_t k0 = lo / pull.piece * CU_PULL_SPLIT + lo % pull.piece / part,
+                  k1 = hi / pull.piece * CU_PULL_SPLIT + hi % pull.piece / part;
+    const uint32_t seq = pull.P->seq;
+    for (int64_t k = k0 + threadIdx.x; k <= k1; k += blockDim.x)
+        while (cu_load_acquire_gpu(&pull.seq[k]) != seq) __nanosleep(32);
+    __syncthreads();
 }
 #endif
 

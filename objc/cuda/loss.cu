@@ -130,25 +130,23 @@ __global__ void loss_forward_backward(cu_scratch *S, cu_result *R, float *dy, co
         }
         if (lane == 0) total += row;
     }
-    double sum = block_sum(total);
-    long long cor = block_sum(correct);
-    if (gridDim.x > 1) {  /* the last block adds the blocks' partials in block order */
-        if (threadIdx.x == 0) {
-            S->loss_part[blockIdx.x] = sum;
-            S->correct_part[blockIdx.x] = cor;
-        }
-        if (!last_block(&S->loss_count)) return;
-        const volatile double *lp = S->loss_part;
-        const volatile long long *cp = S->correct_part;
-        sum = 0;
-        cor = 0;
-        for (unsigned k = threadIdx.x; k < gridDim.x; k += blockDim.x) {
-            sum += lp[k];
-            cor += cp[k];
-        }
-        sum = block_sum(sum);
-        cor = block_sum(cor);
+    total = block_sum(total);
+    correct = block_sum(correct);
+    if (threadIdx.x == 0) {
+        S->loss_part[blockIdx.x] = total;
+        S->correct_part[blockIdx.x] = correct;
     }
+    if (!last_block(&S->loss_count)) return;
+    const volatile double *lp = S->loss_part;
+    const volatile long long *cp = S->correct_part;
+    double sum = 0;
+    long long cor = 0;
+    for (unsigned k = threadIdx.x; k < gridDim.x; k += blockDim.x) {
+        sum += lp[k];
+        cor += cp[k];
+    }
+    sum = block_sum(sum);
+    cor = block_sum(cor);
     if (threadIdx.x == 0) {
         int ce = a.kind == MPSCY_LOSS_SPARSE_CE || a.kind == MPSCY_LOSS_CE || a.kind == MPSCY_LOSS_CATEGORICAL_CE;
         double loss = sum * (ce ? inv_b : inv_n);
@@ -163,7 +161,7 @@ __global__ void loss_forward_backward(cu_scratch *S, cu_result *R, float *dy, co
         }
         /* a training step's loss and count reach R in update.h's decide(), with the rest of
          * its result, before one system-wide fence */
-        if (gridDim.x > 1) S->loss_count = 0;
+        S->loss_count = 0;
     }
 }
 

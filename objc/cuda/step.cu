@@ -142,7 +142,7 @@ static int enqueue(cu_graph *g, int kind, int64_t b, int deferred, char *err, si
     const mpscy_plan *p = &g->plan;
     cudaStream_t s = g->stream;
     int st;
-    g->pulled = NULL;
+    g->pull_next = 0;
     /* params block, target and the first input's rows in one copy; other inputs after */
     size_t first = p->n_inputs > 0 ? g->off_input[0] : g->off_target;
     for (int32_t i = 0; i < p->n_nodes; i++)
@@ -161,12 +161,7 @@ static int enqueue(cu_graph *g, int kind, int64_t b, int deferred, char *err, si
                          piece, (const uint32_t *)g->flags_h, (const cu_params *)g->params_d, g->scratch, g->result),
                "pull");
         if ((st = CU_LAUNCHED("pull")) != MPSCY_OK) return st;
-        /* the next kernel on this stream may start beside the pull (cu_conv_direct) */
-        if (g->pull_conv) {
-            g->pulled = (const float *)(g->stage_d + g->off_input[0]);
-            g->pull_n = n;
-            g->pull_piece = piece;
-        }
+        g->pull_next = g->pull_conv;  /* the next kernel may start beside it (cu_conv_direct) */
     }
 
     int train = kind == CU_KIND_TRAIN || kind == CU_KIND_GRAD;
@@ -174,7 +169,7 @@ static int enqueue(cu_graph *g, int kind, int64_t b, int deferred, char *err, si
         const mpscy_node *node = &p->nodes[i];
         if (node->kind == MPSCY_LAYER_INPUT) continue;
         st = cu_layers[node->kind].forward(g, node, b, train, err, en);
-        g->pulled = NULL;  /* only the first layer's first kernel follows the pull */
+        g->pull_next = 0;  /* only the first layer's first kernel follows the pull */
         if (st != MPSCY_OK) return st;
     }
     if (kind == CU_KIND_PREDICT) {
