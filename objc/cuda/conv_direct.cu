@@ -12,6 +12,12 @@ typedef mpscy_conv_geom conv_geom;
 
 #define DIRECT_TAPS 32  /* C*KH*KW at most: a thread's taps live in registers */
 #define DIRECT_OC 64    /* output channels per block: its slice of W in shared memory */
+/* beside the pull (cu_conv_direct), at most 16. Measured on the H200 (README CNN, interleaved
+ * A/B, two calls): the step 279.4 / 280.7 us with 16 channels against 282.7 / 284.6 with 32 (8:
+ * 282.2 / 284.7). Not explained by this kernel: in its blocks' own clocks (globaltimer, three
+ * steps each) its last block ends 8.8 us after the pull's last part with 16 (3 blocks of 16 a
+ * multiprocessor resident, 116 of the 512 starting only as others end) against 5.0 with 32 */
+#define DIRECT_BESIDE_OC 16
 
 /* oc < 65536: the grid's y (chunks of 8 channels or more) stays within its limit */
 int cu_conv_direct_fits(const mpscy_conv_geom *g) { return g->groups == 1 && g->kg <= DIRECT_TAPS && g->oc < 65536; }
@@ -122,7 +128,8 @@ int cu_conv_direct(cu_graph *gr, const mpscy_conv_geom *g, float *y, const float
      * for the README CNN's first layer (256 pixel blocks, 32 channels): split until two blocks per
      * multiprocessor (2 x 16 channels, two waves of blocks whose time is mostly the latency of
      * staging W and gathering taps) 13.5 us; one wave of 256 blocks of all 32 channels 10.7 us */
-    int64_t chunk = std::min<int64_t>((g->oc + 3) & ~(int64_t)3, DIRECT_OC);
+    const bool beside = gr->pull_next && x == (const float *)(gr->stage_d + gr->off_input[0]);
+    int64_t chunk = std::min<int64_t>((g->oc + 3) & ~(int64_t)3, beside ? DIRECT_BESIDE_OC : DIRECT_OC);
     while (chunk > 8 && px * ((g->oc + chunk - 1) / chunk) < (int64_t)gr->dev->sms)
         chunk = (chunk / 2 + 3) & ~(int64_t)3;
     const int64_t chunks = (g->oc + chunk - 1) / chunk;
@@ -133,7 +140,6 @@ int cu_conv_direct(cu_graph *gr, const mpscy_conv_geom *g, float *y, const float
      * four calls): 286.1 / 283.1 / 280.2 / 280.3 us against 291.8 / 286.3 / 286.1 / 287.2; without
      * the kernel's final wait for the pull 283.4 against 280.3, so it stays. */
     cu_pull_parts pull = {};
-    const bool beside = gr->pull_next && x == (const float *)(gr->stage_d + gr->off_input[0]);
     if (beside) {
         pull.seq = gr->scratch->part_seq;
         pull.P = gr->params_d;
