@@ -115,6 +115,23 @@ __global__ void __launch_bounds__(CU_THREADS) conv_direct_kernel(float *__restri
     if (pull.seq) cu_pdl_wait();
 }
 
+/* whether the first layer is a convolution of input 0 that runs as this file's kernel
+ * (cu_conv_forward takes it whenever it fits), so a deferred step's pull flags its parts for it
+ * (step.cu) and it starts beside the pull; not with $MPSCY_CUDA_PULL_CONV=0 */
+int cu_conv_direct_beside(const cu_graph *gr) {
+    const mpscy_plan *p = &gr->plan;
+    if (!gr->pull_conv) return 0;
+    for (int32_t i = 0; i < p->n_nodes; i++) {
+        const mpscy_node *n = &p->nodes[i];
+        if (n->kind == MPSCY_LAYER_INPUT) continue;
+        const mpscy_node *src = &p->nodes[n->in[0]];
+        if (n->kind != MPSCY_LAYER_CONV2D || src->kind != MPSCY_LAYER_INPUT || src->input_index != 0) return 0;
+        const conv_geom cg = mpscy_conv_geometry(p, n);
+        return cu_conv_direct_fits(&cg);
+    }
+    return 0;
+}
+
 int cu_conv_direct(cu_graph *gr, const mpscy_conv_geom *g, float *y, const float *x, const float *w,
                    const float *bias, int64_t b, int relu, char *err, size_t en) {
     typedef void (*direct_fn)(float *, const float *, const float *, const float *, conv_geom, int64_t, int, int,
@@ -128,7 +145,7 @@ int cu_conv_direct(cu_graph *gr, const mpscy_conv_geom *g, float *y, const float
      * for the README CNN's first layer (256 pixel blocks, 32 channels): split until two blocks per
      * multiprocessor (2 x 16 channels, two waves of blocks whose time is mostly the latency of
      * staging W and gathering taps) 13.5 us; one wave of 256 blocks of all 32 channels 10.7 us */
-    const bool beside = gr->pull_next && x == (const float *)(gr->stage_d + gr->off_input[0]);
+    const bool beside = gr->pull_next;  /* this is the first layer, on input 0 (cu_conv_direct_beside) */
     int64_t chunk = std::min<int64_t>((g->oc + 3) & ~(int64_t)3, beside ? DIRECT_BESIDE_OC : DIRECT_OC);
     while (chunk > 8 && px * ((g->oc + chunk - 1) / chunk) < (int64_t)gr->dev->sms)
         chunk = (chunk / 2 + 3) & ~(int64_t)3;

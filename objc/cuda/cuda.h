@@ -147,7 +147,7 @@ typedef struct cu_graph {
      * kernel after the pull starts while the pull still runs, each block once its samples' parts
      * are copied (cu_pull_parts); $MPSCY_CUDA_PULL_CONV=0 waits for the whole pull */
     int pull_conv;             /* the knob, at build */
-    int pull_next;             /* per capture: the pull was the last kernel enqueued (and pull_conv) */
+    int pull_next;             /* per capture: the pull, the last kernel enqueued, flags its parts for it */
 } cu_graph;
 
 /* Counted allocations: every byte the backend holds goes through here. */
@@ -217,11 +217,13 @@ int cu_col2im(cu_graph *g, const mpscy_conv_geom *cg, float *dx, const float *dc
 int cu_conv_direct_fits(const mpscy_conv_geom *cg);
 int cu_conv_direct(cu_graph *g, const mpscy_conv_geom *cg, float *y, const float *x, const float *w, const float *bias,
                    int64_t b, int relu, char *err, size_t en);
+int cu_conv_direct_beside(const cu_graph *g);  /* the first layer starts beside the pull (conv_direct.cu) */
 
 /* The pull's parts (step.cu): block k of the pull copies part k % CU_PULL_SPLIT (cu_pull_part
- * floats) of piece k / CU_PULL_SPLIT of input 0, then stores the step's number in
- * cu_scratch.part_seq[k] (a release at GPU scope after a fence). A consumer waits for the parts
- * that hold the floats it reads with cu_pull_wait (below; used by conv_direct.cu). */
+ * floats) of piece k / CU_PULL_SPLIT of input 0, then, when the first layer starts beside it
+ * (cu_conv_direct_beside), stores the step's number in cu_scratch.part_seq[k] (a release at GPU
+ * scope after a fence). That consumer waits for the parts that hold the floats it reads with
+ * cu_pull_wait (below; used by conv_direct.cu). */
 typedef struct cu_pull_parts {
     const unsigned int *seq;   /* cu_scratch.part_seq, or NULL: nothing to wait for */
     const cu_params *P;        /* P->seq: this step's number */

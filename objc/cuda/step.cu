@@ -56,7 +56,7 @@ static __device__ __forceinline__ unsigned long long global_ns() {
  * us, the copy engine 18.5). A piece flagged bad (NaN or Inf) marks the
  * step in S->bad_seq, which keeps the update and the commits from running. */
 __global__ void pull_kernel(float *__restrict__ dst, const float *src, int64_t n, int64_t piece,
-                            const uint32_t *flags, const cu_params *P, cu_scratch *S, cu_result *R) {
+                            const uint32_t *flags, const cu_params *P, cu_scratch *S, cu_result *R, int parts) {
     cu_pdl_enter();
     const uint32_t seq = P->seq;
     if (blockIdx.x == 0) {
@@ -106,8 +106,9 @@ __global__ void pull_kernel(float *__restrict__ dst, const float *src, int64_t n
     }
     for (; i < hi4; i += st) d4[i] = __ldcv(s4 + i);
     for (int64_t e = hi4 * 4 + threadIdx.x; e < hi; e += st) dst[e] = __ldcv(src + e);
-    /* the part is copied: every thread's stores visible at GPU scope, then one release (a
-     * consumer started beside the pull waits for it: cu_pull_parts) */
+    if (!parts) return;
+    /* the part is copied: every thread's stores visible at GPU scope, then one release for the
+     * consumer started beside the pull (cu_pull_parts) */
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) cu_store_release_gpu(&S->part_seq[k], seq);
@@ -155,13 +156,14 @@ static int enqueue(cu_graph *g, int kind, int64_t b, int deferred, char *err, si
     if (deferred) first = g->off_input[0];
     CU_TRY(cudaMemcpyAsync(g->stage_d, g->stage_h, first, cudaMemcpyHostToDevice, s), "staging copy");
     if (deferred) {
+        g->pull_next = cu_conv_direct_beside(g);  /* the parts flagged only for that consumer */
         const int64_t n = b * g->in0_size, piece = cu_stage_piece(n), pieces = (n + piece - 1) / piece;
         CU_TRY(cu_launch(g, pull_kernel, dim3((unsigned)(1 + pieces * CU_PULL_SPLIT)), CU_THREADS, s,
                          (float *)(g->stage_d + g->off_input[0]), (const float *)(g->stage_h + g->off_input[0]), n,
-                         piece, (const uint32_t *)g->flags_h, (const cu_params *)g->params_d, g->scratch, g->result),
+                         piece, (const uint32_t *)g->flags_h, (const cu_params *)g->params_d, g->scratch, g->result,
+                         g->pull_next),
                "pull");
         if ((st = CU_LAUNCHED("pull")) != MPSCY_OK) return st;
-        g->pull_next = g->pull_conv;  /* the next kernel may start beside it (cu_conv_direct) */
     }
 
     int train = kind == CU_KIND_TRAIN || kind == CU_KIND_GRAD;
