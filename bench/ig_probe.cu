@@ -23,6 +23,8 @@
 #include <vector>
 #include <algorithm>
 
+#include "probe.h"
+
 #include "conv_implicit.cu"  /* conv_implicit_kernel, ig_args: the kernel as the library builds it */
 
 /* conv_implicit.cu's host side, unused here, refers to these (defined in other files of the library) */
@@ -310,14 +312,6 @@ __global__ void __launch_bounds__(256, 1) wg_kernel(ig_args a) {
         }
 }
 
-#define CK(x)                                                                                        \
-    do {                                                                                             \
-        cudaError_t e_ = (x);                                                                        \
-        if (e_ != cudaSuccess) {                                                                     \
-            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_));       \
-            exit(1);                                                                                 \
-        }                                                                                            \
-    } while (0)
 
 struct shape { const char *name; int b, c, h, w, oc, s; };
 

@@ -11,14 +11,8 @@
 #include <cstdio>
 #include <vector>
 
-#define CK(x)                                                                   \
-    do {                                                                        \
-        cudaError_t e_ = (x);                                                   \
-        if (e_ != cudaSuccess) {                                                \
-            printf("%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-            return 1;                                                           \
-        }                                                                       \
-    } while (0)
+#include "probe.h"
+
 
 // blocks split n4 float4 evenly; each thread keeps U loads of host memory in flight
 template <int U>

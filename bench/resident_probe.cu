@@ -16,23 +16,13 @@
 #include <cstring>
 #include <vector>
 
-#define CK(x)                                                                         \
-    do {                                                                              \
-        cudaError_t e_ = (x);                                                         \
-        if (e_ != cudaSuccess) {                                                      \
-            printf("%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-            return 1;                                                                 \
-        }                                                                             \
-    } while (0)
+#include "../objc/cuda/cuda.h"  // cu_load_acquire_gpu
+#include "probe.h"
+
 
 static __device__ __forceinline__ unsigned ld_acquire_sys(const unsigned *p) {
     unsigned v;
     asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
-static __device__ __forceinline__ unsigned ld_acquire_gpu(const unsigned *p) {
-    unsigned v;
-    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
     return v;
 }
 static __device__ __forceinline__ void st_release_sys(unsigned *p, unsigned v) {
@@ -44,14 +34,14 @@ static __device__ __forceinline__ void st_release_sys(unsigned *p, unsigned v) {
 static __device__ __forceinline__ void grid_barrier(unsigned *bar) {
     __syncthreads();
     if (threadIdx.x == 0) {
-        const unsigned gen = ld_acquire_gpu(&bar[1]);
+        const unsigned gen = cu_load_acquire_gpu(&bar[1]);
         __threadfence();
         if (atomicAdd(&bar[0], 1u) == gridDim.x - 1) {
             bar[0] = 0;
             __threadfence();
             atomicAdd(&bar[1], 1u);
         } else {
-            while (ld_acquire_gpu(&bar[1]) == gen) {
+            while (cu_load_acquire_gpu(&bar[1]) == gen) {
             }
         }
     }
