@@ -270,16 +270,21 @@ def test_implicit_conv_accumulated_and_input_gradients_match_cpu(implicit, monke
 
 
 @cuda_only
-def test_dense_long_k_matches_cpu(rng):
-    """A Dense with K = 2048 at batch 64 (the small-GEMM kernel's split-K partials and last-block
-    finish; 130 outputs: five 32-column tiles, the last partial), training over full and partial
-    batches (37 and 5 rows), then prediction. SGD with momentum: with Adam, whose per-element
-    normalization turns last-bit differences of near-zero gradient entries into learning-rate-sized
-    steps, 12 steps ended 1.4e-4 (relative) from the cpu's first-layer weights at this fan-in
-    (H200), though every product matched to fp32 rounding."""
-    cpu, gpu = pair(lambda: [L.Dense(130), L.ReLU(), L.Dense(10)], (2048,), batch=64,
+@pytest.mark.parametrize("mma", ["1", "0"])
+def test_dense_long_k_matches_cpu(mma, monkeypatch, rng):
+    """A Dense with K = 2048 at batch 64 and 130 outputs: its forward as the 3xTF32 product split
+    over K with the ordered partial sum (conv.cu's dense_mma; three 64-unit tiles, the last
+    partial) and its dx (64 x 2048, K = 130: not a multiple of 4, 4-byte copies) as the same
+    product, through a Tanh below; with $MPSCY_CUDA_DENSE_MMA=0 the small-GEMM kernel (split-K
+    partials and last-block finish; five 32-column tiles) and cuBLASLt. Training over full and
+    partial batches (37 and 5 rows), then prediction. SGD with momentum: with Adam, whose
+    per-element normalization turns last-bit differences of near-zero gradient entries into
+    learning-rate-sized steps, 12 steps ended 1.4e-4 (relative) from the cpu's first-layer weights
+    at this fan-in (H200), though every product matched to fp32 rounding."""
+    monkeypatch.setenv("MPSCY_CUDA_DENSE_MMA", mma)
+    cpu, gpu = pair(lambda: [L.Dense(2048), L.Tanh(), L.Dense(130), L.ReLU(), L.Dense(10)], (48,), batch=64,
                     opt=lambda: optim.SGD(0.05, momentum=0.9))
-    x = rng.standard_normal((69, 2048)).astype(np.float32)
+    x = rng.standard_normal((69, 48)).astype(np.float32)
     assert rel_err(gpu.predict(x), cpu.predict(x)) <= FORWARD_TOL
     compare_training(cpu, gpu, rng, steps=12, rows=[64, 37, 64, 5])
     assert rel_err(gpu.predict(x), cpu.predict(x)) <= 10 * PARAM_TOL
@@ -771,7 +776,82 @@ def test_which_train_steps_run_as_one_kernel(monkeypatch, capfd):
     monkeypatch.setenv("MPSCY_CUDA_FUSED", "0")
     capfd.readouterr()
     mpscy.Engine(mpscy.Sequential(LAYER_MODELS["dense_relu"][0](), input_shape=(12,)), batch_size=16, device="cuda")
-    assert _train_step_form(capfd) == "separate kernels"
+    assert _train_step_form(capfd) == "separate kernels, the output Dense with the loss"
+
+
+HEAD_MODELS = {
+    # the upper Dense writes the lower one's dz through the Dropout's multipliers and the ReLU's mask
+    "dropout": (LAYER_MODELS["dropout"][0], (12,), 16, "sparse_cross_entropy"),
+    "relu_mask": (LAYER_MODELS["dense_relu"][0], (12,), 16, "sparse_cross_entropy"),
+    # dx written plain (a Softmax below), probability targets with label smoothing
+    "plain_dx_soft_targets": (LAYER_MODELS["relu_first"][0], (12,), 16, losses.CrossEntropy(label_smoothing=0.2)),
+    # no dx (the Dense reads the model's input), 32 classes (every lane of a row's warp)
+    "input_only_32_classes": (lambda: [L.Dense(32)], (40,), 24, losses.SparseCrossEntropy(label_smoothing=0.1)),
+    # a convolution below (dx into the Flatten's alias of its output), 64 rows of 96 inputs
+    "conv_below": (lambda: [_maybe("Conv2D")(6, 3, padding=1), L.ReLU(), _maybe("MaxPool2D")(2), L.Flatten(),
+                            L.Dense(10)], (3, 8, 8), 64, "sparse_cross_entropy"),
+}
+
+
+@cuda_only
+@pytest.mark.parametrize("name", sorted(HEAD_MODELS))
+def test_output_dense_and_loss_kernels_match_cpu(name, monkeypatch, capfd, rng):
+    """head.cu: the output Dense's forward and the cross-entropy, then the Dense's backward (dW,
+    db and dx with the epilogue of the layer below) as two kernels in training steps. 20 steps of full
+    and partial batches (the last of one row) against the cpu at the usual tolerances; the step
+    form says the kernel ran. Then the same model with $MPSCY_CUDA_HEAD=0 (the Dense, the loss
+    kernel and the Dense's products) on the same batches: parameters within 1e-5 of each other."""
+    monkeypatch.setenv("MPSCY_CUDA_FUSED", "0")
+    monkeypatch.setenv("MPSCY_CUDA_VERBOSE", "1")
+    build, shape, batch, loss = HEAD_MODELS[name]
+    opt = lambda: optim.SGD(0.05, momentum=0.9)  # noqa: E731
+    capfd.readouterr()
+    cpu, gpu = pair(build, shape, batch=batch, loss=loss, opt=opt)
+    assert _train_step_form(capfd) == "separate kernels, the output Dense with the loss"
+    state = np.random.default_rng(5)
+    compare_training(cpu, gpu, rng, steps=20, rows=[batch, 7, batch, 1])
+    engines = {}
+    for head in ("1", "0"):  # read when the engine is built
+        monkeypatch.setenv("MPSCY_CUDA_HEAD", head)
+        capfd.readouterr()
+        engines[head] = mpscy.Engine(mpscy.Sequential(build(), input_shape=shape), loss=loss, optimizer=opt(),
+                                     batch_size=batch, device="cuda", seed=3)
+        assert _train_step_form(capfd).endswith("the output Dense with the loss") == (head == "1")
+    head, off = engines["1"], engines["0"]
+    for s in range(10):
+        n = (batch, 7, batch, 1)[s % 4]
+        x = state.standard_normal((n,) + tuple(shape)).astype(np.float32)
+        y = targets(state, head.loss, n, tuple(head.model.output_shape))
+        ra, rb = head.step(x, y), off.step(x, y)
+        assert abs(ra.loss - rb.loss) <= 1e-5 * max(abs(rb.loss), 1e-3), (s, ra.loss, rb.loss)
+        assert ra.accuracy == rb.accuracy, (s, ra.accuracy, rb.accuracy)
+    pa, pb = head.get_parameters(), off.get_parameters()
+    worst = max(rel_err(pa[k], pb[k]) for k in pb)
+    assert worst <= 1e-5, worst
+
+
+@cuda_only
+def test_which_train_steps_run_the_output_dense_with_the_loss(monkeypatch, capfd):
+    """head.cu takes an output Dense of at most 32 units under (sparse) cross-entropy in fp32,
+    whose kernels' tiles at the built batch fit a block's 48 KB of shared memory."""
+    monkeypatch.setenv("MPSCY_CUDA_FUSED", "0")
+    monkeypatch.setenv("MPSCY_CUDA_VERBOSE", "1")
+    dense = lambda c: (lambda: [L.Dense(16), L.ReLU(), L.Dense(c)])  # noqa: E731
+    cases = [
+        (dense(32), (12,), "sparse_cross_entropy", 16, {}, True),
+        (dense(33), (12,), "sparse_cross_entropy", 16, {}, False),     # more than a warp of classes
+        (dense(5), (12,), "mse", 16, {}, False),                       # not cross-entropy
+        (dense(5), (12,), "sparse_cross_entropy", 16, {"precision": "tf32"}, False),
+        (lambda: [L.Dense(5), L.Softmax()], (12,), "categorical_cross_entropy", 16, {}, False),  # output not a Dense
+        # head_forward's (8 + c) * (in + 1) + 32 + 8 * c floats: 12,160 fit (48 KB with its static bytes)
+        (lambda: [L.Dense(4)], (1008,), "sparse_cross_entropy", 48, {}, False),  # 12 * 1009 + 64 = 12,172
+        (lambda: [L.Dense(4)], (1007,), "sparse_cross_entropy", 48, {}, True),   # 12 * 1008 + 64 = 12,160
+    ]
+    for build, shape, loss, batch, kw, want in cases:
+        capfd.readouterr()
+        mpscy.Engine(mpscy.Sequential(build(), input_shape=shape), loss=loss, batch_size=batch, device="cuda", **kw)
+        got = _train_step_form(capfd)
+        assert got.endswith("the output Dense with the loss") == want, (shape, loss, batch, kw, got)
 
 
 @cuda_only

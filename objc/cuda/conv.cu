@@ -649,3 +649,118 @@ int64_t cu_conv_columns(const mpscy_plan *p, const mpscy_node *n) {
     conv_geom g = geom(p, n);
     return slab_of(g, p->batch * g.ohw, conv_s2(p, n, g), conv_s1(p, n, g)).total;
 }
+
+/* ---- the Dense forward with a long K and a small output (dense.cu): y (b, out) = x W^T as
+ * conv_mma_kernel's 3xTF32 product split over K, then dense_fwd_sum adds the partials in order
+ * with the bias and the fused ReLU. Measured before (H200, the README CNN's 4096 -> 128 at batch
+ * 64): 13.2 us in the step's timeline as the small-GEMM kernel's 2x2 FMA tiles. */
+
+#define DENSE_MMA_MIN_K 1024     /* K from which a Dense forward with a small output takes it */
+#define DENSE_MMA_STEPS 4        /* MMA_BK steps a block takes, at least (README CNN, H200: 2 read the
+                                    same, 8 3.5-4 us slower a step) */
+
+/* y (count = rows x n) = the sum of `splits` partials (splits, count) in order, + bias[e % n],
+ * through the ReLU: conv_sum_parts's warps (warp w adds splits w, w + 8, ...; one warp adds the
+ * eight sums in order) with the Dense epilogue */
+__global__ void dense_fwd_sum(float *y, const float *part, const float *bias, int64_t count, int64_t n, int64_t splits,
+                              int relu) {
+    __shared__ float sums[8][33];
+    cu_pdl_enter();
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    for (int64_t e0 = (int64_t)blockIdx.x * 32; e0 < count; e0 += (int64_t)gridDim.x * 32) {
+        const int64_t e = e0 + lane;
+        float v = 0.0f;
+        if (e < count)
+#pragma unroll 4
+            for (int64_t s = w; s < splits; s += 8) v += __ldg(&part[s * count + e]);
+        sums[w][lane] = v;
+        __syncthreads();
+        if (w == 0 && e < count) {
+            float t = sums[0][lane];
+#pragma unroll
+            for (int k = 1; k < 8; k++) t += sums[k][lane];
+            if (bias) t += bias[e % n];
+            y[e] = relu && !(t > 0.0f) ? 0.0f : t;
+        }
+        __syncthreads();
+    }
+}
+
+/* the product's tile sides: 64 or 32 rows of x, 64 or 32 units */
+static int dense_tm(int64_t b) { return b > 32 ? 4 : 2; }
+static int dense_tn(int64_t out) { return out > 32 ? 4 : 2; }
+
+/* K chunks of a (b, out) product over K = in: about two blocks per multiprocessor, each chunk at
+ * least DENSE_MMA_STEPS steps; by the built batch, so every batch size splits alike */
+static int64_t dense_mma_splits(int64_t b, int64_t out, int64_t in, int sms, int64_t *chunk) {
+    const int64_t tiles = ((b + 16 * dense_tm(b) - 1) / (16 * dense_tm(b))) *
+                          ((out + 16 * dense_tn(out) - 1) / (16 * dense_tn(out)));
+    const int64_t nk = (in + MMA_BK - 1) / MMA_BK;
+    int64_t s = std::min(2 * (int64_t)sms / tiles, nk / DENSE_MMA_STEPS);
+    if (s < 1) s = 1;
+    *chunk = (nk + s - 1) / s * MMA_BK;
+    return (in + *chunk - 1) / *chunk;
+}
+
+static bool dense_mma_shape(int64_t b, int64_t out, int64_t in) {
+    return in >= DENSE_MMA_MIN_K && b * out <= 65536 && (double)b * out * in >= (double)(1 << 22) &&
+           b <= INT32_MAX / in;
+}
+
+int cu_dense_mma_fits(const cu_graph *gr, int64_t b, int64_t out, int64_t in) {
+    return gr->dense_mma && conv_own(gr) && dense_mma_shape(b, out, in);
+}
+
+int64_t cu_dense_mma_workspace(int64_t b, int64_t out, int64_t in) {
+    /* dense_mma_splits's largest result (one chunk per DENSE_MMA_STEPS steps), or 0: not this shape */
+    return dense_mma_shape(b, out, in) ? std::max<int64_t>(1, (in + MMA_BK - 1) / MMA_BK / DENSE_MMA_STEPS) * b * out : 0;
+}
+
+int cu_dense_mma_forward(cu_graph *gr, float *y, const float *x, const float *w, const float *bias, int64_t b,
+                         int64_t out, int64_t in, int relu, char *err, size_t en) {
+    int64_t chunk, splits = dense_mma_splits(gr->plan.batch, out, in, gr->dev->sms, &chunk);
+    if (splits * b * out > gr->ws_floats)
+        return MPSCY_FAIL(err, en, MPSCY_DEVICE, CU, "Dense workspace too small (%lld floats wanted)",
+                          (long long)(splits * b * out));
+    int bytes;
+    /* A = x (b, in), B = W (out, in), both K-contiguous; 16-byte copies when rows and bases allow */
+    const int tm = dense_tm(gr->plan.batch), tn = dense_tn(out);
+    mma_fn k = dw_kind(tm == 4, tn == 4, in % 4 == 0 && cu_aligned16(x) && cu_aligned16(w), &bytes);
+    dim3 grid((unsigned)((out + 16 * tn - 1) / (16 * tn)), (unsigned)((b + 16 * tm - 1) / (16 * tm)), (unsigned)splits);
+    float *part = gr->ws;
+    CU_TRY(mma_launch(gr, gr->stream, k, grid, bytes, part, out, b * out, x, in, w, in, (int)b, (int)out, in, chunk),
+           "dense_mma");
+    int st = CU_LAUNCHED("dense_mma");
+    if (st != MPSCY_OK) return st;
+    CU_TRY(cu_launch(gr, dense_fwd_sum, cu_blocks(b * out, 32, 4096), CU_THREADS, gr->stream, y, (const float *)part,
+                     bias, b * out, out, splits, relu),
+           "dense_fwd_sum");
+    return CU_LAUNCHED("dense_fwd_sum");
+}
+
+/* ---- a Dense's dx (b, in) = dz (b, out) W with a short K (out) and a large output, written
+ * plain (no accumulation, no mask: dense.cu decides), as conv_mma_kernel's 3xTF32 product: A =
+ * dz K-contiguous, B = W read as (in, out) row-contiguous. Measured before (H200, the README
+ * CNN's 4096 -> 128 at batch 64): 11.2 us in the step's timeline as cuBLASLt's fp32 kernel. */
+static mma_fn dx_kind(bool va, bool vb, int *bytes) {
+    static const mma_fn kinds[2][2] = {
+        {conv_mma_kernel<2, 4, true, false, false, false>, conv_mma_kernel<2, 4, true, false, false, true>},
+        {conv_mma_kernel<2, 4, true, false, true, false>, conv_mma_kernel<2, 4, true, false, true, true>}};
+    *bytes = mma_smem_bytes<2, 4, true, false>();
+    return kinds[va][vb];
+}
+
+int cu_dense_mma_dx_fits(const cu_graph *gr, int64_t b, int64_t out, int64_t in) {
+    return gr->dense_mma && conv_own(gr) && out <= 256 && b * in >= 65536 && (double)b * out * in >= (double)(1 << 22) &&
+           b <= INT32_MAX / in;
+}
+
+int cu_dense_mma_dx(cu_graph *gr, float *dx, const float *dz, const float *w, int64_t b, int64_t out, int64_t in,
+                    char *err, size_t en) {
+    int bytes;
+    mma_fn k = dx_kind(out % 4 == 0 && cu_aligned16(dz), in % 4 == 0 && cu_aligned16(w), &bytes);
+    dim3 grid((unsigned)((in + 63) / 64), (unsigned)((b + 31) / 32), 1);
+    CU_TRY(mma_launch(gr, gr->stream, k, grid, bytes, dx, in, (int64_t)0, dz, out, w, in, (int)b, (int)in, out, out),
+           "dense_mma_dx");
+    return CU_LAUNCHED("dense_mma_dx");
+}

@@ -133,6 +133,8 @@ typedef struct cu_graph {
     int64_t gws_floats, gws_used, gcount_n, gcount_used;
     int gemm_mode;             /* $MPSCY_CUDA_GEMM at build: 1 own kernels, 0 cuBLASLt, 2 by size */
     int implicit;              /* $MPSCY_CUDA_IMPLICIT at build not 0: conv_implicit.cu where it fits */
+    int head;                  /* $MPSCY_CUDA_HEAD at build not 0: head.cu where it fits */
+    int dense_mma;             /* $MPSCY_CUDA_DENSE_MMA at build not 0: cu_dense_mma_forward where it fits */
     uint8_t *dz_ready;         /* per node, per capture: its dz was written (ReLU mask applied) by a consumer;
                                   for a Dropout between them: its backward was, so it runs none */
     struct cu_fused *fu;       /* the train step as one kernel (mlp.cu), or NULL */
@@ -196,6 +198,19 @@ extern const cu_layer_ops cu_layers[MPSCY_LAYER_KIND_COUNT];
 /* family entry points, listed in layers.cu */
 int cu_dense_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
 int cu_dense_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);
+int64_t cu_dense_workspace(const mpscy_plan *p, const mpscy_node *n);
+/* conv.cu: a Dense forward y (b, out) = x W^T (+ bias, ReLU) with a long K and a small output as
+ * the 3xTF32 product split over K (fp32 on sm_80 and newer, the built batch deciding), its
+ * partials in the layer workspace (cu_dense_mma_workspace floats, 0 for other shapes) */
+int cu_dense_mma_fits(const cu_graph *g, int64_t b, int64_t out, int64_t in);
+int64_t cu_dense_mma_workspace(int64_t b, int64_t out, int64_t in);
+int cu_dense_mma_forward(cu_graph *g, float *y, const float *x, const float *w, const float *bias, int64_t b,
+                         int64_t out, int64_t in, int relu, char *err, size_t en);
+/* conv.cu: a Dense's dx (b, in) = dz W, written plain, with a short K (out) and a large output,
+ * as the same product (fp32 on sm_80 and newer, the built batch deciding) */
+int cu_dense_mma_dx_fits(const cu_graph *g, int64_t b, int64_t out, int64_t in);
+int cu_dense_mma_dx(cu_graph *g, float *dx, const float *dz, const float *w, int64_t b, int64_t out, int64_t in,
+                    char *err, size_t en);
 int cu_activation_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
 int cu_activation_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);
 int cu_flatten_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
@@ -304,6 +319,12 @@ void cu_colsum_need(int sms, int64_t rows, int64_t cols, int64_t *floats, int64_
 /* loss.cu: loss, its gradient (dy != NULL) and the correct count in one kernel; eval graphs
  * also finalize the result there. */
 int cu_loss(cu_graph *g, float *dy, int64_t b, int finalize, char *err, size_t en);
+/* head.cu: a training step's output Dense, loss and the Dense's backward in two kernels, where
+ * cu_head_fits (at capture); dense.cu: the lower Dense whose dz (masked by its ReLU, through one
+ * Dropout: *drop) the Dense n's dx product writes, or -1 */
+int cu_head_fits(const cu_graph *g);
+int cu_head(cu_graph *g, int64_t b, char *err, size_t en);
+int32_t cu_dense_masked_target(const cu_graph *g, const mpscy_node *n, int32_t *drop);
 /* optim.cu: global norm + finiteness + clip coefficient, then the update over the flat slab;
  * one cooperative kernel where the device captures them, else two. update = 0: norm only. */
 int cu_norm_and_update(cu_graph *g, int update, char *err, size_t en);

@@ -6,10 +6,17 @@
  * and dx = dz W on the main stream, written or accumulated; when x is a fused ReLU's output
  * read by this layer alone (or that output through one Dropout), the own kernel applies the
  * Dropout's multipliers and the ReLU's mask and writes the lower Dense's dz directly, so no
- * separate Dropout or ReLU backward runs. */
+ * separate Dropout or ReLU backward runs. In fp32 on sm_80 and newer, a forward with a long K
+ * (>= 1024) and a small output, and a plain dx with a short K and a large output, run as conv.cu's
+ * 3xTF32 tensor-core product instead (cu_dense_mma_fits, cu_dense_mma_dx_fits); an output Dense
+ * under cross-entropy may run with the loss (head.cu). */
 #include "cuda.h"
 #include "blas.h"
 
+
+int64_t cu_dense_workspace(const mpscy_plan *p, const mpscy_node *n) {
+    return cu_dense_mma_workspace(p->batch, n->size, p->nodes[n->in[0]].size);
+}
 
 int cu_dense_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en) {
     (void)train;
@@ -21,6 +28,8 @@ int cu_dense_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, cha
     float *bias = cu_tensor(g, n, MPSCY_ROLE_PARAM, 1);    // (out) or NULL
     int relu = (g->fuse[cu_node_index(g, n)] & CU_FUSE_RELU) != 0;
     const int64_t B = g->plan.batch;  /* decisions by the built batch: the same at every batch size */
+    if (cu_dense_mma_fits(g, B, out, in))  /* fp32, a long K and a small output (conv.cu) */
+        return cu_dense_mma_forward(g, y, x, w, bias, b, out, in, relu, err, en);
     if (cu_gemm_small_wanted(g, B, out, in)) {
         /* C (b, out) = x (b, in) . W^T: A(m, k) = x[m in + k], B(k, n) = W[n in + k] */
         cu_small_gemm q = {y, x, w, b, out, in, in, 1, 1, in, out, bias, relu, NULL, 0, NULL};
@@ -50,7 +59,7 @@ int cu_dense_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, cha
  * directly or through one Dropout (train mode's multipliers; the Dropout read by this layer
  * alone, the ReLU by the Dropout alone), the Dense below's index (its dz is then written here:
  * times the Dropout's multipliers, then masked), else -1. *drop: the Dropout's index, or -1. */
-static int32_t masked_target(const cu_graph *g, const mpscy_node *n, int32_t *drop) {
+int32_t cu_dense_masked_target(const cu_graph *g, const mpscy_node *n, int32_t *drop) {
     const mpscy_plan *p = &g->plan;
     *drop = -1;
     int32_t j = n->in[0];
@@ -113,9 +122,12 @@ int cu_dense_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, si
             return st;
     }
     if (!dx) return MPSCY_OK;
+    int32_t drop;
+    if (!n->accum[0] && cu_dense_masked_target(g, n, &drop) < 0 && cu_dense_mma_dx_fits(g, B, out, in))
+        return cu_dense_mma_dx(g, dx, dz, w, b, out, in, err, en);  /* fp32, plain dx (conv.cu) */
     if (cu_gemm_small_wanted(g, B, in, out)) {
         /* dx (b, in) = dz W: A(m, k) = dz[m out + k], B(k, n) = W[k in + n] */
-        int32_t drop, k = masked_target(g, n, &drop);
+        int32_t k = cu_dense_masked_target(g, n, &drop);
         cu_small_gemm q = {dx, dz, w, b, in, out, out, 1, in, 1, in, NULL, 0, NULL, n->accum[0], NULL, NULL};
         if (k >= 0) {
             q.c = g->dy[k];               /* the Dense below's dz, with its ReLU's mask */

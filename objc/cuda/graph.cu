@@ -159,6 +159,13 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
      * off: a knob for A/B timing and testing */
     const char *ig = getenv("MPSCY_CUDA_IMPLICIT");
     g->implicit = !(ig && ig[0] == '0');
+    /* a Dense forward of long K and small output as conv.cu's 3xTF32 product; the output Dense
+     * and a cross-entropy loss in two kernels in training steps (head.cu); 0
+     * turns it off: a knob for A/B timing and testing */
+    const char *dm = getenv("MPSCY_CUDA_DENSE_MMA");
+    g->dense_mma = !(dm && dm[0] == '0');
+    const char *hk = getenv("MPSCY_CUDA_HEAD");
+    g->head = !(hk && hk[0] == '0');
     /* a training step returns once its result is final, its update still running (step.cu);
      * 0 waits for the whole step: a knob for A/B timing and testing */
     const char *ek = getenv("MPSCY_CUDA_EARLY");
@@ -348,7 +355,8 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     }
     if (getenv("MPSCY_CUDA_VERBOSE")) {
         char form[64];
-        fprintf(stderr, "mpscy: cuda train step: %s\n", cu_fused_form(g, form, sizeof form));
+        fprintf(stderr, "mpscy: cuda train step: %s%s\n", cu_fused_form(g, form, sizeof form),
+                !g->fu && cu_head_fits(g) ? ", the output Dense with the loss" : "");
     }
     *out = &g->base;
     return MPSCY_OK;

@@ -8,7 +8,7 @@
 
 const cu_layer_ops cu_layers[MPSCY_LAYER_KIND_COUNT] = {
     /* INPUT */ NONE,
-    /* DENSE */ {cu_dense_forward, cu_dense_backward, NULL, NULL},
+    /* DENSE */ {cu_dense_forward, cu_dense_backward, cu_dense_workspace, NULL},
     /* RELU */ ACT,
     /* CONV2D */ {cu_conv_forward, cu_conv_backward, cu_conv_workspace, NULL},
     /* MAXPOOL2D */ {cu_pool_forward, cu_pool_backward, NULL, NULL},

@@ -167,9 +167,10 @@ static int enqueue(cu_graph *g, int kind, int64_t b, int deferred, char *err, si
     }
 
     int train = kind == CU_KIND_TRAIN || kind == CU_KIND_GRAD;
+    const int head = train && cu_head_fits(g);  /* the output Dense runs with the loss (head.cu) */
     for (int32_t i = 0; i < p->n_nodes; i++) {
         const mpscy_node *node = &p->nodes[i];
-        if (node->kind == MPSCY_LAYER_INPUT) continue;
+        if (node->kind == MPSCY_LAYER_INPUT || (head && i == p->output)) continue;
         st = cu_layers[node->kind].forward(g, node, b, train, err, en);
         g->pull_next = 0;  /* only the first layer's first kernel follows the pull */
         if (st != MPSCY_OK) return st;
@@ -179,14 +180,15 @@ static int enqueue(cu_graph *g, int kind, int64_t b, int deferred, char *err, si
                                cudaMemcpyDeviceToHost, s), "output copy");
         return MPSCY_OK;
     }
-    if ((st = cu_loss(g, train ? g->dy[p->output] : NULL, b, !train, err, en)) != MPSCY_OK) return st;
+    st = head ? cu_head(g, b, err, en) : cu_loss(g, train ? g->dy[p->output] : NULL, b, !train, err, en);
+    if (st != MPSCY_OK) return st;
     if (!train) return MPSCY_OK;
 
     /* forks (the forward's too: columns of direct convolutions) are joined once after backward;
      * only a training forward forks, so evaluation and prediction steps end with nothing to join */
     for (int32_t i = p->n_nodes - 1; i >= 0; i--) {
         const mpscy_node *node = &p->nodes[i];
-        if (!node->grad || node->kind == MPSCY_LAYER_INPUT) continue;
+        if (!node->grad || node->kind == MPSCY_LAYER_INPUT || (head && i == p->output)) continue;
         if ((st = cu_layers[node->kind].backward(g, node, b, err, en)) != MPSCY_OK) return st;
     }
     if ((st = cu_join(g, err, en)) != MPSCY_OK) return st;
