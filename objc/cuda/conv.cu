@@ -26,10 +26,12 @@ typedef mpscy_conv_geom conv_geom;
 static conv_geom geom(const mpscy_plan *p, const mpscy_node *n) { return mpscy_conv_geometry(p, n); }
 
 /* out (count) = the sum of `splits` partials part (splits, count): the weight gradient's split-K
- * partials, and the bias gradient's chunk sums. A block of 8 warps takes 32 outputs: warp w adds
- * splits w, w + 8, ... (coalesced across the warp), then one warp adds the 8 sums in order, so the
- * result is the same bits on every run. */
-__global__ void conv_sum_parts(float *out, const float *part, int64_t count, int64_t splits) {
+ * partials, and the bias gradient's chunk sums; with a Dense forward's epilogue (dense_mma below)
+ * + bias[e % n] when bias, then the ReLU when relu. A block of 8 warps takes 32 outputs: warp w
+ * adds splits w, w + 8, ... (coalesced across the warp), then one warp adds the 8 sums in order,
+ * so the result is the same bits on every run. */
+__global__ void conv_sum_parts(float *out, const float *part, int64_t count, int64_t splits, const float *bias,
+                               int64_t n, int relu) {
     __shared__ float sums[8][33];
     cu_pdl_enter();
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
@@ -45,7 +47,8 @@ __global__ void conv_sum_parts(float *out, const float *part, int64_t count, int
             float t = sums[0][lane];
 #pragma unroll
             for (int k = 1; k < 8; k++) t += sums[k][lane];
-            out[e] = t;
+            if (bias) t += bias[e % n];
+            out[e] = relu && !(t > 0.0f) ? 0.0f : t;
         }
         __syncthreads();
     }
@@ -421,7 +424,7 @@ static int conv_gemm(cu_graph *gr, int which, int side, const conv_geom &g, int6
         int st = CU_LAUNCHED("conv_dw");
         if (st != MPSCY_OK || s == 1) return st;
         CU_TRY(cu_launch(gr, conv_sum_parts, cu_blocks(kgo, 32, 4096), CU_THREADS, stream, c, (const float *)part,
-                         kgo, s),
+                         kgo, s, (const float *)NULL, (int64_t)1, 0),
                "conv_dw_reduce");
         return CU_LAUNCHED("conv_dw_reduce");
     }
@@ -440,7 +443,7 @@ static int conv_gemm(cu_graph *gr, int which, int side, const conv_geom &g, int6
         if (st == MPSCY_OK) {
             int64_t splits = full + (tail ? 1 : 0);
             CU_TRY(cu_launch(gr, conv_sum_parts, cu_blocks(kgo, 32, 4096), CU_THREADS, stream, c,
-                             (const float *)part, kgo, splits),
+                             (const float *)part, kgo, splits, (const float *)NULL, (int64_t)1, 0),
                    "conv_dw_reduce");
             return CU_LAUNCHED("conv_dw_reduce");
         }
@@ -598,7 +601,7 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
          * left to run, and in a chain nothing at all until the join: the bias sums run there,
          * beside the weight gradient, not before it on the side stream */
         CU_TRY(cu_launch(gr, conv_sum_parts, cu_blocks(g.oc, 32, 4096), CU_THREADS, dx ? gr->side : gr->stream, db,
-                         (const float *)dbp, g.oc, chunks),
+                         (const float *)dbp, g.oc, chunks, (const float *)NULL, (int64_t)1, 0),
                "conv_db");
         st = CU_LAUNCHED("conv_db");
     }
@@ -651,40 +654,13 @@ int64_t cu_conv_columns(const mpscy_plan *p, const mpscy_node *n) {
 }
 
 /* ---- the Dense forward with a long K and a small output (dense.cu): y (b, out) = x W^T as
- * conv_mma_kernel's 3xTF32 product split over K, then dense_fwd_sum adds the partials in order
+ * conv_mma_kernel's 3xTF32 product split over K, then conv_sum_parts adds the partials in order
  * with the bias and the fused ReLU. Measured before (H200, the README CNN's 4096 -> 128 at batch
  * 64): 13.2 us in the step's timeline as the small-GEMM kernel's 2x2 FMA tiles. */
 
 #define DENSE_MMA_MIN_K 1024     /* K from which a Dense forward with a small output takes it */
 #define DENSE_MMA_STEPS 4        /* MMA_BK steps a block takes, at least (README CNN, H200: 2 read the
                                     same, 8 3.5-4 us slower a step) */
-
-/* y (count = rows x n) = the sum of `splits` partials (splits, count) in order, + bias[e % n],
- * through the ReLU: conv_sum_parts's warps (warp w adds splits w, w + 8, ...; one warp adds the
- * eight sums in order) with the Dense epilogue */
-__global__ void dense_fwd_sum(float *y, const float *part, const float *bias, int64_t count, int64_t n, int64_t splits,
-                              int relu) {
-    __shared__ float sums[8][33];
-    cu_pdl_enter();
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-    for (int64_t e0 = (int64_t)blockIdx.x * 32; e0 < count; e0 += (int64_t)gridDim.x * 32) {
-        const int64_t e = e0 + lane;
-        float v = 0.0f;
-        if (e < count)
-#pragma unroll 4
-            for (int64_t s = w; s < splits; s += 8) v += __ldg(&part[s * count + e]);
-        sums[w][lane] = v;
-        __syncthreads();
-        if (w == 0 && e < count) {
-            float t = sums[0][lane];
-#pragma unroll
-            for (int k = 1; k < 8; k++) t += sums[k][lane];
-            if (bias) t += bias[e % n];
-            y[e] = relu && !(t > 0.0f) ? 0.0f : t;
-        }
-        __syncthreads();
-    }
-}
 
 /* the product's tile sides: 64 or 32 rows of x, 64 or 32 units */
 static int dense_tm(int64_t b) { return b > 32 ? 4 : 2; }
@@ -732,10 +708,10 @@ int cu_dense_mma_forward(cu_graph *gr, float *y, const float *x, const float *w,
            "dense_mma");
     int st = CU_LAUNCHED("dense_mma");
     if (st != MPSCY_OK) return st;
-    CU_TRY(cu_launch(gr, dense_fwd_sum, cu_blocks(b * out, 32, 4096), CU_THREADS, gr->stream, y, (const float *)part,
-                     bias, b * out, out, splits, relu),
-           "dense_fwd_sum");
-    return CU_LAUNCHED("dense_fwd_sum");
+    CU_TRY(cu_launch(gr, conv_sum_parts, cu_blocks(b * out, 32, 4096), CU_THREADS, gr->stream, y, (const float *)part,
+                     b * out, splits, bias, out, relu),
+           "dense_mma sum");
+    return CU_LAUNCHED("dense_mma sum");
 }
 
 /* ---- a Dense's dx (b, in) = dz (b, out) W with a short K (out) and a large output, written

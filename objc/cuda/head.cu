@@ -33,17 +33,7 @@ struct head_args {
 
 /* first maximum among lanes < c (one value per lane; ties: the lowest index, as the cpu's strict >) */
 static __device__ __forceinline__ int lane_argmax(float v, int lane, int c) {
-    float best = lane < c ? v : -INFINITY;
-    int k = lane < c ? lane : -1;
-    for (int o = 16; o > 0; o >>= 1) {
-        float ob = __shfl_xor_sync(0xffffffffu, best, o);
-        int ok = __shfl_xor_sync(0xffffffffu, k, o);
-        if (ok >= 0 && (k < 0 || ob > best || (ob == best && ok < k))) {
-            best = ob;
-            k = ok;
-        }
-    }
-    return k;
+    return warp_first_max(lane < c ? v : -INFINITY, lane < c ? lane : -1);
 }
 
 /* Copies n 32-bit words from up to three sources laid end to end (a: na words, b: nb words, c:

@@ -24,15 +24,7 @@ static __device__ int64_t warp_argmax(const float *x, int64_t c, int lane) {
             best = x[i];
             k = i;
         }
-    for (int o = 16; o > 0; o >>= 1) {
-        float ob = __shfl_xor_sync(0xffffffffu, best, o);
-        int64_t ok = __shfl_xor_sync(0xffffffffu, k, o);
-        if (ok >= 0 && (k < 0 || ob > best || (ob == best && ok < k))) {
-            best = ob;
-            k = ok;
-        }
-    }
-    return k;
+    return warp_first_max(best, k);
 }
 
 __global__ void loss_forward_backward(cu_scratch *S, cu_result *R, float *dy, const float *y, const void *target,

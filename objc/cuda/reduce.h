@@ -25,6 +25,21 @@ static __device__ __forceinline__ float warp_allmax(float v) {
     return v;
 }
 
+/* The first maximum across the warp of each lane's (value, index) pair, index < 0 meaning none:
+ * the largest value, and among equal ones the lowest index (the cpu's strict > over a row). */
+template <typename I>
+static __device__ __forceinline__ I warp_first_max(float best, I k) {
+    for (int o = 16; o > 0; o >>= 1) {
+        float ob = __shfl_xor_sync(0xffffffffu, best, o);
+        I ok = __shfl_xor_sync(0xffffffffu, k, o);
+        if (ok >= 0 && (k < 0 || ob > best || (ob == best && ok < k))) {
+            best = ob;
+            k = ok;
+        }
+    }
+    return k;
+}
+
 /* Sum over the block (blockDim.x a multiple of 32, at most 1024); thread 0 gets the result. */
 template <typename T>
 static __device__ __forceinline__ T block_sum(T v) {
