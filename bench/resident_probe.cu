@@ -16,15 +16,10 @@
 #include <cstring>
 #include <vector>
 
-#include "../objc/cuda/cuda.h"  // cu_load_acquire_gpu
+#include "../objc/cuda/cuda.h"  // cu_load_acquire_gpu, cu_load_acquire_sys
 #include "probe.h"
 
 
-static __device__ __forceinline__ unsigned ld_acquire_sys(const unsigned *p) {
-    unsigned v;
-    asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
 static __device__ __forceinline__ void st_release_sys(unsigned *p, unsigned v) {
     asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
@@ -74,7 +69,7 @@ __global__ void __launch_bounds__(512) resident(const float4 *src, float4 *dst, 
                                                 int all_poll) {
     for (unsigned seq = 1; seq <= steps; seq++) {
         if (threadIdx.x == 0 && (all_poll || blockIdx.x == 0))
-            while (ld_acquire_sys(flag) != seq) {
+            while (cu_load_acquire_sys(flag) != seq) {
             }
         if (all_poll) __syncthreads();
         else grid_barrier(bar);

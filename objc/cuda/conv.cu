@@ -26,7 +26,7 @@ typedef mpscy_conv_geom conv_geom;
 static conv_geom geom(const mpscy_plan *p, const mpscy_node *n) { return mpscy_conv_geometry(p, n); }
 
 /* out (count) = the sum of `splits` partials part (splits, count): the weight gradient's split-K
- * partials, and the bias gradient's chunk sums; with a Dense forward's epilogue (dense_mma below)
+ * partials, and the bias gradient's chunk sums; with a Dense forward's epilogue (dense.cu's product)
  * + bias[e % n] when bias, then the ReLU when relu. A block of 8 warps takes 32 outputs: warp w
  * adds splits w, w + 8, ... (coalesced across the warp), then one warp adds the 8 sums in order,
  * so the result is the same bits on every run. */
@@ -54,40 +54,11 @@ __global__ void conv_sum_parts(float *out, const float *part, int64_t count, int
     }
 }
 
-/* The own products (sm_80 and newer, fp32): 3xTF32 on tensor cores in mma.cuh's pipeline.
- *
- * conv_mma_kernel: out[z] (M, N) = A[:, Kz] B[:, Kz]^T for the z-th chunk of K (out + z zstride,
- * row stride ldo), as mma.cuh's views. The weight gradient dW = dz col^T, both operands
- * K-contiguous over the long K = b*OHW, split over the GPU with the partials added afterwards in
- * a fixed order; and dcol = W^T dz (K = OC / groups, both operands row-contiguous). */
-template <int TM, int TN, bool AK, bool BK, bool VA, bool VB>
-__global__ void __launch_bounds__(256, 2) conv_mma_kernel(float *__restrict__ out, int64_t ldo, int64_t zstride,
-                                                          const float *__restrict__ a, int64_t lda,
-                                                          const float *__restrict__ b, int64_t ldb, int M, int N,
-                                                          int64_t K, int64_t chunk) {
-    extern __shared__ __align__(16) float mma_smem[];
-    cu_pdl_enter();
-    const int m0 = blockIdx.y * 16 * TM, n0 = blockIdx.x * 16 * TN;
-    const int64_t k0 = (int64_t)blockIdx.z * chunk, k1 = min(K, k0 + chunk);
-    float acc[TM * TN];
-    mma_product<TM, TN, AK, BK, VA, VB>(acc, mma_smem, a, lda, m0, M, b, ldb, n0, N, k0, k1);
-    float *o = out + blockIdx.z * zstride;
-    const bool v2 = (ldo & 1) == 0 && ((uintptr_t)o & 7) == 0;
-#pragma unroll
-    for (int e = 0; e < TM * TN; e += 2) { /* (e, e + 1): columns n, n + 1 of row m, n even */
-        int r, c;
-        mma_pos<TM, TN>(e, r, c);
-        const int m = m0 + r, n = n0 + c;
-        if (m >= M || n >= N) continue;
-        if (v2 && n + 1 < N) {
-            *reinterpret_cast<float2 *>(&o[m * ldo + n]) = make_float2(acc[e], acc[e + 1]);
-        } else {
-            o[m * ldo + n] = acc[e];
-            if (n + 1 < N) o[m * ldo + n + 1] = acc[e + 1];
-        }
-    }
-}
-
+/* The own products (sm_80 and newer, fp32): 3xTF32 on tensor cores in mma.cuh's pipeline:
+ * mma.cuh's conv_mma_kernel for the weight gradient dW = dz col^T (both operands K-contiguous over
+ * the long K = b*OHW, split over the GPU with the partials added afterwards in a fixed order) and
+ * dcol = W^T dz (K = OC / groups, both operands row-contiguous); conv_fwd_kernel below for the
+ * forward. */
 /* The forward product with the output scattered straight to NCHW: y[s, o0 + m, pix] =
  * relu(sum_t W[m, t] col[t, n] + bias[o0 + m]) for n = s*OHW + pix, W (M, K) row-major (ld K),
  * col (K, nb) row-major; a (16 TM) x 64 tile per block over the whole K (a convolution's K is at
@@ -138,8 +109,6 @@ __global__ void __launch_bounds__(256, 2) conv_fwd_kernel(float *__restrict__ y,
     }
 }
 
-typedef void (*mma_fn)(float *, int64_t, int64_t, const float *, int64_t, const float *, int64_t, int, int, int64_t,
-                       int64_t);
 typedef void (*fwd_fn)(float *, float *, const float *, const float *, const float *, int, int, int, int, int, int, int,
                        int);
 
@@ -156,19 +125,6 @@ __global__ void conv_fwd_sum(float *y, const float *part, const float *bias, int
         v += bias ? bias[o0 + m] : 0.0f;
         y[(s * oc + o0 + m) * ohw + pix] = relu && !(v > 0.0f) ? 0.0f : v;
     }
-}
-
-/* the weight gradient's instance: tile sizes by (M, N), 16-byte copies when vec */
-static mma_fn dw_kind(bool tm4, bool tn4, bool vec, int *bytes) {
-    static const mma_fn kinds[2][2][2] = {
-        {{conv_mma_kernel<2, 2, true, true, false, false>, conv_mma_kernel<2, 2, true, true, true, true>},
-         {conv_mma_kernel<2, 4, true, true, false, false>, conv_mma_kernel<2, 4, true, true, true, true>}},
-        {{conv_mma_kernel<4, 2, true, true, false, false>, conv_mma_kernel<4, 2, true, true, true, true>},
-         {conv_mma_kernel<4, 4, true, true, false, false>, conv_mma_kernel<4, 4, true, true, true, true>}}};
-    static const int sizes[2][2] = {{mma_smem_bytes<2, 2, true, true>(), mma_smem_bytes<2, 4, true, true>()},
-                                    {mma_smem_bytes<4, 2, true, true>(), mma_smem_bytes<4, 4, true, true>()}};
-    *bytes = sizes[tm4][tn4];
-    return kinds[tm4][tn4][vec];
 }
 
 /* dcol's instance: M = K*KH*KW rows of tile 32 or 64, 64 columns */
@@ -347,11 +303,6 @@ int64_t cu_conv_workspace(const mpscy_plan *p, const mpscy_node *n) {
     return (g.oc + g.k) * p->batch * g.ohw;
 }
 
-/* fp32 with MPSCY_CUDA_GEMM unset on sm_80 and newer: the forward product, dcol and a long
- * weight gradient (b*OHW >= 4 DW_CHUNK at the built batch) as mma.cuh's products */
-static bool conv_own(const cu_graph *gr) {
-    return gr->gemm_mode == 2 && gr->plan.precision != MPSCY_PRECISION_TF32 && gr->dev->prop.major >= 8;
-}
 static bool conv_long_dw(const cu_graph *gr, int64_t nb_built) { return gr->gemm_mode == 2 && nb_built >= 4 * DW_CHUNK; }
 
 /* the three products of a group, as the own kernel or cuBLASLt (decided by the built batch) */
@@ -359,7 +310,7 @@ enum { CONV_FWD, CONV_DW, CONV_DCOL };
 
 /* whether product `which` runs as an own kernel of this file (not the small-GEMM kernel) */
 static bool conv_mma(const cu_graph *gr, int which, int64_t nb_built) {
-    return conv_own(gr) && (which != CONV_DW || conv_long_dw(gr, nb_built));
+    return cu_mma_own(gr) && (which != CONV_DW || conv_long_dw(gr, nb_built));
 }
 
 /* whether a training step's dx comes from conv_dgrad_s2 (the own fp32 path), else dcol and
@@ -370,7 +321,7 @@ static bool conv_s2_dx(const cu_graph *gr, const mpscy_node *n, const conv_geom 
 
 /* the same for dx as an implicit product (a stride-1 convolution; W flipped by the forward) */
 static bool conv_s1_dx(const cu_graph *gr, const mpscy_node *n, const conv_geom &g) {
-    return gr->implicit && gr->dy[n->in[0]] && conv_s1(&gr->plan, n, g) && conv_own(gr) &&
+    return gr->implicit && gr->dy[n->in[0]] && conv_s1(&gr->plan, n, g) && cu_mma_own(gr) &&
            (uintptr_t)gr->dy[n->in[0]] % 8 == 0;
 }
 
@@ -417,7 +368,7 @@ static int conv_gemm(cu_graph *gr, int which, int side, const conv_geom &g, int6
         int64_t chunk, s = dw_splits(gm * gn, nb, gr->dev->sms, &chunk), kgo = g.kg * g.ocg;
         float *out = s > 1 ? part : c;
         int bytes;
-        mma_fn k = dw_kind(tm == 4, tn == 4, nb % 4 == 0 && cu_aligned16(col) && cu_aligned16(dzt), &bytes);
+        mma_fn k = mma_kk_kind(tm == 4, tn == 4, nb % 4 == 0 && cu_aligned16(col) && cu_aligned16(dzt), &bytes);
         dim3 grid((unsigned)gn, (unsigned)gm, (unsigned)s);
         CU_TRY(mma_launch(gr, stream, k, grid, bytes, out, g.kg, kgo, dzt, nb, col, nb, (int)g.ocg, (int)g.kg, nb, chunk),
                "conv_dw");
@@ -508,7 +459,7 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
         int st = side_columns();
         return st != MPSCY_OK ? st : cu_conv_direct(gr, &g, gr->y[i], x, w, bias, b, relu, err, en);
     }
-    if (gr->implicit && conv_own(gr) && cu_conv_implicit_fits(&g) && (uintptr_t)gr->y[i] % 8 == 0) {
+    if (gr->implicit && cu_mma_own(gr) && cu_conv_implicit_fits(&g) && (uintptr_t)gr->y[i] % 8 == 0) {
         /* fp32, 3x3: the product reads x itself */
         int st = side_columns();
         if (st != MPSCY_OK) return st;
@@ -519,7 +470,7 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
         return cu_conv_implicit(gr, gr->stream, &q, err, en);
     }
     int st = cu_im2col(gr, gr->stream, &g, col, x, b, err, en);
-    if (st == MPSCY_OK && conv_own(gr)) {
+    if (st == MPSCY_OK && cu_mma_own(gr)) {
         /* fp32: mpscy's product writes NCHW with the bias and ReLU, no (OC, nb) buffer or scatter */
         const int tm = g.ocg > 32 ? 4 : 2;
         int bytes;
@@ -653,90 +604,3 @@ int64_t cu_conv_columns(const mpscy_plan *p, const mpscy_node *n) {
     return slab_of(g, p->batch * g.ohw, conv_s2(p, n, g), conv_s1(p, n, g)).total;
 }
 
-/* ---- the Dense forward with a long K and a small output (dense.cu): y (b, out) = x W^T as
- * conv_mma_kernel's 3xTF32 product split over K, then conv_sum_parts adds the partials in order
- * with the bias and the fused ReLU. Measured before (H200, the README CNN's 4096 -> 128 at batch
- * 64): 13.2 us in the step's timeline as the small-GEMM kernel's 2x2 FMA tiles. */
-
-#define DENSE_MMA_MIN_K 1024     /* K from which a Dense forward with a small output takes it */
-#define DENSE_MMA_STEPS 4        /* MMA_BK steps a block takes, at least (README CNN, H200: 2 read the
-                                    same, 8 3.5-4 us slower a step) */
-
-/* the product's tile sides: 64 or 32 rows of x, 64 or 32 units */
-static int dense_tm(int64_t b) { return b > 32 ? 4 : 2; }
-static int dense_tn(int64_t out) { return out > 32 ? 4 : 2; }
-
-/* K chunks of a (b, out) product over K = in: about two blocks per multiprocessor, each chunk at
- * least DENSE_MMA_STEPS steps; by the built batch, so every batch size splits alike */
-static int64_t dense_mma_splits(int64_t b, int64_t out, int64_t in, int sms, int64_t *chunk) {
-    const int64_t tiles = ((b + 16 * dense_tm(b) - 1) / (16 * dense_tm(b))) *
-                          ((out + 16 * dense_tn(out) - 1) / (16 * dense_tn(out)));
-    const int64_t nk = (in + MMA_BK - 1) / MMA_BK;
-    int64_t s = std::min(2 * (int64_t)sms / tiles, nk / DENSE_MMA_STEPS);
-    if (s < 1) s = 1;
-    *chunk = (nk + s - 1) / s * MMA_BK;
-    return (in + *chunk - 1) / *chunk;
-}
-
-static bool dense_mma_shape(int64_t b, int64_t out, int64_t in) {
-    return in >= DENSE_MMA_MIN_K && b * out <= 65536 && (double)b * out * in >= (double)(1 << 22) &&
-           b <= INT32_MAX / in;
-}
-
-int cu_dense_mma_fits(const cu_graph *gr, int64_t b, int64_t out, int64_t in) {
-    return gr->dense_mma && conv_own(gr) && dense_mma_shape(b, out, in);
-}
-
-int64_t cu_dense_mma_workspace(int64_t b, int64_t out, int64_t in) {
-    /* dense_mma_splits's largest result (one chunk per DENSE_MMA_STEPS steps), or 0: not this shape */
-    return dense_mma_shape(b, out, in) ? std::max<int64_t>(1, (in + MMA_BK - 1) / MMA_BK / DENSE_MMA_STEPS) * b * out : 0;
-}
-
-int cu_dense_mma_forward(cu_graph *gr, float *y, const float *x, const float *w, const float *bias, int64_t b,
-                         int64_t out, int64_t in, int relu, char *err, size_t en) {
-    int64_t chunk, splits = dense_mma_splits(gr->plan.batch, out, in, gr->dev->sms, &chunk);
-    if (splits * b * out > gr->ws_floats)
-        return MPSCY_FAIL(err, en, MPSCY_DEVICE, CU, "Dense workspace too small (%lld floats wanted)",
-                          (long long)(splits * b * out));
-    int bytes;
-    /* A = x (b, in), B = W (out, in), both K-contiguous; 16-byte copies when rows and bases allow */
-    const int tm = dense_tm(gr->plan.batch), tn = dense_tn(out);
-    mma_fn k = dw_kind(tm == 4, tn == 4, in % 4 == 0 && cu_aligned16(x) && cu_aligned16(w), &bytes);
-    dim3 grid((unsigned)((out + 16 * tn - 1) / (16 * tn)), (unsigned)((b + 16 * tm - 1) / (16 * tm)), (unsigned)splits);
-    float *part = gr->ws;
-    CU_TRY(mma_launch(gr, gr->stream, k, grid, bytes, part, out, b * out, x, in, w, in, (int)b, (int)out, in, chunk),
-           "dense_mma");
-    int st = CU_LAUNCHED("dense_mma");
-    if (st != MPSCY_OK) return st;
-    CU_TRY(cu_launch(gr, conv_sum_parts, cu_blocks(b * out, 32, 4096), CU_THREADS, gr->stream, y, (const float *)part,
-                     b * out, splits, bias, out, relu),
-           "dense_mma sum");
-    return CU_LAUNCHED("dense_mma sum");
-}
-
-/* ---- a Dense's dx (b, in) = dz (b, out) W with a short K (out) and a large output, written
- * plain (no accumulation, no mask: dense.cu decides), as conv_mma_kernel's 3xTF32 product: A =
- * dz K-contiguous, B = W read as (in, out) row-contiguous. Measured before (H200, the README
- * CNN's 4096 -> 128 at batch 64): 11.2 us in the step's timeline as cuBLASLt's fp32 kernel. */
-static mma_fn dx_kind(bool va, bool vb, int *bytes) {
-    static const mma_fn kinds[2][2] = {
-        {conv_mma_kernel<2, 4, true, false, false, false>, conv_mma_kernel<2, 4, true, false, false, true>},
-        {conv_mma_kernel<2, 4, true, false, true, false>, conv_mma_kernel<2, 4, true, false, true, true>}};
-    *bytes = mma_smem_bytes<2, 4, true, false>();
-    return kinds[va][vb];
-}
-
-int cu_dense_mma_dx_fits(const cu_graph *gr, int64_t b, int64_t out, int64_t in) {
-    return gr->dense_mma && conv_own(gr) && out <= 256 && b * in >= 65536 && (double)b * out * in >= (double)(1 << 22) &&
-           b <= INT32_MAX / in;
-}
-
-int cu_dense_mma_dx(cu_graph *gr, float *dx, const float *dz, const float *w, int64_t b, int64_t out, int64_t in,
-                    char *err, size_t en) {
-    int bytes;
-    mma_fn k = dx_kind(out % 4 == 0 && cu_aligned16(dz), in % 4 == 0 && cu_aligned16(w), &bytes);
-    dim3 grid((unsigned)((in + 63) / 64), (unsigned)((b + 31) / 32), 1);
-    CU_TRY(mma_launch(gr, gr->stream, k, grid, bytes, dx, in, (int64_t)0, dz, out, w, in, (int)b, (int)in, out, out),
-           "dense_mma_dx");
-    return CU_LAUNCHED("dense_mma_dx");
-}

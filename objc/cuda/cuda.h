@@ -134,7 +134,7 @@ typedef struct cu_graph {
     int gemm_mode;             /* $MPSCY_CUDA_GEMM at build: 1 own kernels, 0 cuBLASLt, 2 by size */
     int implicit;              /* $MPSCY_CUDA_IMPLICIT at build not 0: conv_implicit.cu where it fits */
     int head;                  /* $MPSCY_CUDA_HEAD at build not 0: head.cu where it fits */
-    int dense_mma;             /* $MPSCY_CUDA_DENSE_MMA at build not 0: cu_dense_mma_forward where it fits */
+    int dense_mma;             /* $MPSCY_CUDA_DENSE_MMA at build not 0: dense.cu's long-K products where they fit */
     uint8_t *dz_ready;         /* per node, per capture: its dz was written (ReLU mask applied) by a consumer;
                                   for a Dropout between them: its backward was, so it runs none */
     struct cu_fused *fu;       /* the train step as one kernel (mlp.cu), or NULL */
@@ -199,18 +199,6 @@ extern const cu_layer_ops cu_layers[MPSCY_LAYER_KIND_COUNT];
 int cu_dense_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
 int cu_dense_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);
 int64_t cu_dense_workspace(const mpscy_plan *p, const mpscy_node *n);
-/* conv.cu: a Dense forward y (b, out) = x W^T (+ bias, ReLU) with a long K and a small output as
- * the 3xTF32 product split over K (fp32 on sm_80 and newer, the built batch deciding), its
- * partials in the layer workspace (cu_dense_mma_workspace floats, 0 for other shapes) */
-int cu_dense_mma_fits(const cu_graph *g, int64_t b, int64_t out, int64_t in);
-int64_t cu_dense_mma_workspace(int64_t b, int64_t out, int64_t in);
-int cu_dense_mma_forward(cu_graph *g, float *y, const float *x, const float *w, const float *bias, int64_t b,
-                         int64_t out, int64_t in, int relu, char *err, size_t en);
-/* conv.cu: a Dense's dx (b, in) = dz W, written plain, with a short K (out) and a large output,
- * as the same product (fp32 on sm_80 and newer, the built batch deciding) */
-int cu_dense_mma_dx_fits(const cu_graph *g, int64_t b, int64_t out, int64_t in);
-int cu_dense_mma_dx(cu_graph *g, float *dx, const float *dz, const float *w, int64_t b, int64_t out, int64_t in,
-                    char *err, size_t en);
 int cu_activation_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
 int cu_activation_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);
 int cu_flatten_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
@@ -275,6 +263,10 @@ int cu_conv_implicit(cu_graph *g, cudaStream_t s, const cu_implicit *q, char *er
 int cu_conv_flip_weights(cu_graph *g, cudaStream_t s, const mpscy_conv_geom *cg, float *wt, const float *w, char *err,
                          size_t en);
 #if defined(__CUDACC__)
+/* conv.cu: out (count) = the ordered sum of `splits` partials (splits, count), + bias[e % n] when
+ * bias, through the ReLU when relu (dense.cu's long-K forward) */
+__global__ void conv_sum_parts(float *out, const float *part, int64_t count, int64_t splits, const float *bias,
+                               int64_t n, int relu);
 /* conv.cu: y (b, OC, OHW) channels o0 .. o0 + M = the ordered sum of split partials (splits, M, nb) + bias,
  * through the ReLU when relu */
 __global__ void conv_fwd_sum(float *y, const float *part, const float *bias, int64_t splits, int64_t M, int64_t nb,
@@ -320,11 +312,17 @@ void cu_colsum_need(int sms, int64_t rows, int64_t cols, int64_t *floats, int64_
  * also finalize the result there. */
 int cu_loss(cu_graph *g, float *dy, int64_t b, int finalize, char *err, size_t en);
 /* head.cu: a training step's output Dense, loss and the Dense's backward in two kernels, where
- * cu_head_fits (at capture); dense.cu: the lower Dense whose dz (masked by its ReLU, through one
- * Dropout: *drop) the Dense n's dx product writes, or -1 */
+ * cu_head_fits (at capture) */
 int cu_head_fits(const cu_graph *g);
 int cu_head(cu_graph *g, int64_t b, char *err, size_t en);
-int32_t cu_dense_masked_target(const cu_graph *g, const mpscy_node *n, int32_t *drop);
+/* dense.cu: where the Dense n's dx goes with the epilogue of the layer below (the lower Dense's
+ * dz, masked by its ReLU, times one Dropout's multipliers; marking their backward done), else
+ * d(input) plain: for dense.cu's own dx product and head.cu */
+typedef struct cu_dx_target {
+    float *dx;
+    const float *mask, *scale;  /* zero where mask <= 0, after times scale; or NULL */
+} cu_dx_target;
+void cu_dense_dx_target(cu_graph *g, const mpscy_node *n, cu_dx_target *t);
 /* optim.cu: global norm + finiteness + clip coefficient, then the update over the flat slab;
  * one cooperative kernel where the device captures them, else two. update = 0: norm only. */
 int cu_norm_and_update(cu_graph *g, int update, char *err, size_t en);
@@ -370,6 +368,13 @@ int cu_check_launch(char *err, size_t en, const char *what, const char *func, in
 static __device__ __forceinline__ uint32_t cu_load_acquire_gpu(const uint32_t *p) {
     uint32_t v;
     asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+/* the same at system scope: a word the host writes in pinned memory (step.cu's piece flags) */
+static __device__ __forceinline__ uint32_t cu_load_acquire_sys(const uint32_t *p) {
+    uint32_t v;
+    asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
     return v;
 }
 

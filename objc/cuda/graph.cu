@@ -159,11 +159,12 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
      * off: a knob for A/B timing and testing */
     const char *ig = getenv("MPSCY_CUDA_IMPLICIT");
     g->implicit = !(ig && ig[0] == '0');
-    /* a Dense forward of long K and small output as conv.cu's 3xTF32 product; the output Dense
-     * and a cross-entropy loss in two kernels in training steps (head.cu); 0
-     * turns it off: a knob for A/B timing and testing */
+    /* Dense products of long K and small output (and their plain dx) as mma.cuh's 3xTF32
+     * product (dense.cu); 0 turns them off: a knob for A/B timing and testing */
     const char *dm = getenv("MPSCY_CUDA_DENSE_MMA");
     g->dense_mma = !(dm && dm[0] == '0');
+    /* the output Dense and a cross-entropy loss in two kernels in training steps (head.cu); 0
+     * turns it off: a knob for A/B timing and testing */
     const char *hk = getenv("MPSCY_CUDA_HEAD");
     g->head = !(hk && hk[0] == '0');
     /* a training step returns once its result is final, its update still running (step.cu);

@@ -272,20 +272,15 @@ int cu_head(cu_graph *g, int64_t b, char *err, size_t en) {
     a.dz = g->dy[p->output];
     a.dw = cu_tensor_grad(g, n, 0);
     a.db = cu_tensor_grad(g, n, 1);
-    a.dx = g->dy[n->in[0]];
+    a.dx = NULL;
     a.mask = a.scale = NULL;
     a.accum = n->accum[0];
-    if (a.dx) {
-        int32_t drop, k = cu_dense_masked_target(g, n, &drop);
-        if (k >= 0) {  /* the lower Dense's dz, with its ReLU's mask (and the Dropout's multipliers) */
-            a.dx = g->dy[k];
-            a.mask = g->y[drop >= 0 ? p->nodes[drop].in[0] : n->in[0]];
-            g->dz_ready[k] = 1;
-            if (drop >= 0) {
-                a.scale = g->save + p->nodes[drop].save;
-                g->dz_ready[drop] = 1;
-            }
-        }
+    if (g->dy[n->in[0]]) {
+        cu_dx_target t;
+        cu_dense_dx_target(g, n, &t);
+        a.dx = t.dx;
+        a.mask = t.mask;
+        a.scale = t.scale;
     }
     a.target = g->stage_d + g->off_target;
     a.index_target = p->target == MPSCY_TARGET_INDEX;

@@ -197,6 +197,61 @@ static __device__ __forceinline__ void mma_product(float (&acc)[TM * TN], float 
     cp_async_wait<0>();
 }
 
+/* conv_mma_kernel (named for its first users, conv.cu's products): out[z] (M, N) = A[:, Kz]
+ * B[:, Kz]^T for the z-th chunk of K (out + z zstride, row stride ldo), as the views above. A
+ * product split over K leaves its partials for an ordered sum (conv.cu's conv_sum_parts). */
+template <int TM, int TN, bool AK, bool BK, bool VA, bool VB>
+__global__ void __launch_bounds__(256, 2) conv_mma_kernel(float *__restrict__ out, int64_t ldo, int64_t zstride,
+                                                          const float *__restrict__ a, int64_t lda,
+                                                          const float *__restrict__ b, int64_t ldb, int M, int N,
+                                                          int64_t K, int64_t chunk) {
+    extern __shared__ __align__(16) float mma_smem[];
+    cu_pdl_enter();
+    const int m0 = blockIdx.y * 16 * TM, n0 = blockIdx.x * 16 * TN;
+    const int64_t k0 = (int64_t)blockIdx.z * chunk, k1 = min(K, k0 + chunk);
+    float acc[TM * TN];
+    mma_product<TM, TN, AK, BK, VA, VB>(acc, mma_smem, a, lda, m0, M, b, ldb, n0, N, k0, k1);
+    float *o = out + blockIdx.z * zstride;
+    const bool v2 = (ldo & 1) == 0 && ((uintptr_t)o & 7) == 0;
+#pragma unroll
+    for (int e = 0; e < TM * TN; e += 2) { /* (e, e + 1): columns n, n + 1 of row m, n even */
+        int r, c;
+        mma_pos<TM, TN>(e, r, c);
+        const int m = m0 + r, n = n0 + c;
+        if (m >= M || n >= N) continue;
+        if (v2 && n + 1 < N) {
+            *reinterpret_cast<float2 *>(&o[m * ldo + n]) = make_float2(acc[e], acc[e + 1]);
+        } else {
+            o[m * ldo + n] = acc[e];
+            if (n + 1 < N) o[m * ldo + n + 1] = acc[e + 1];
+        }
+    }
+}
+
+typedef void (*mma_fn)(float *, int64_t, int64_t, const float *, int64_t, const float *, int64_t, int, int, int64_t,
+                       int64_t);
+
+/* conv_mma_kernel with both operands K-contiguous (a convolution's weight gradient, a Dense's
+ * forward): tiles of 64 (tm4, tn4) or 32 rows and columns, 16-byte copies when vec; *bytes its
+ * shared memory */
+static inline mma_fn mma_kk_kind(bool tm4, bool tn4, bool vec, int *bytes) {
+    static const mma_fn kinds[2][2][2] = {
+        {{conv_mma_kernel<2, 2, true, true, false, false>, conv_mma_kernel<2, 2, true, true, true, true>},
+         {conv_mma_kernel<2, 4, true, true, false, false>, conv_mma_kernel<2, 4, true, true, true, true>}},
+        {{conv_mma_kernel<4, 2, true, true, false, false>, conv_mma_kernel<4, 2, true, true, true, true>},
+         {conv_mma_kernel<4, 4, true, true, false, false>, conv_mma_kernel<4, 4, true, true, true, true>}}};
+    static const int sizes[2][2] = {{mma_smem_bytes<2, 2, true, true>(), mma_smem_bytes<2, 4, true, true>()},
+                                    {mma_smem_bytes<4, 2, true, true>(), mma_smem_bytes<4, 4, true, true>()}};
+    *bytes = sizes[tm4][tn4];
+    return kinds[tm4][tn4][vec];
+}
+
+/* whether a graph's products may be these kernels: fp32 with MPSCY_CUDA_GEMM unset on sm_80 and
+ * newer (conv.cu's forward, dcol and long weight gradients; dense.cu's long-K products) */
+static inline bool cu_mma_own(const cu_graph *gr) {
+    return gr->gemm_mode == 2 && gr->plan.precision != MPSCY_PRECISION_TF32 && gr->dev->prop.major >= 8;
+}
+
 /* a kernel of mma.cuh's with its dynamic shared memory (over the 48 KB default: opted in) */
 template <typename... K, typename... A>
 static cudaError_t mma_launch(const cu_graph *gr, cudaStream_t s, void (*k)(K...), dim3 grid, int bytes, A... args) {

@@ -31,12 +31,6 @@
 
 #define PULL_PATIENCE_NS 5000000000ull  /* a piece the host has not flagged by then: stalled */
 
-static __device__ __forceinline__ uint32_t load_acquire_sys(const uint32_t *p) {
-    uint32_t v;
-    asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
-
 static __device__ __forceinline__ unsigned long long global_ns() {
     unsigned long long t;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -66,7 +60,7 @@ __global__ void pull_kernel(float *__restrict__ dst, const float *src, int64_t n
         const int64_t p0 = threadIdx.x, p1 = threadIdx.x + 32;
         bool wait0 = p0 < pieces, wait1 = p1 < pieces, stalled = false;
         while (__any_sync(0xffffffffu, wait0 || wait1)) {
-            uint32_t v0 = wait0 ? load_acquire_sys(&flags[p0]) : 0, v1 = wait1 ? load_acquire_sys(&flags[p1]) : 0;
+            uint32_t v0 = wait0 ? cu_load_acquire_sys(&flags[p0]) : 0, v1 = wait1 ? cu_load_acquire_sys(&flags[p1]) : 0;
             if (!stalled && global_ns() - t0 > PULL_PATIENCE_NS) {
                 stalled = true;
                 if (wait0 || wait1) R->stalled = 1;
