@@ -119,6 +119,11 @@ typedef struct cu_graph {
     size_t tables_bytes;
     cudaStream_t stream, side; /* side: weight gradients, off the critical path */
     cudaEvent_t fork, join;
+    /* $MPSCY_CUDA_SIDES=2: a second side stream, taking every other convolution's long weight
+     * gradient in backward (after the forward's side work: fwdside); else side2 NULL */
+    cudaStream_t side2;
+    cudaEvent_t join2, fwdside;
+    int forked2, fwdside_recorded, dw_turn;  /* capture state */
     cudaEvent_t wready;        /* on side: a training forward re-laid W for its backward's dx (conv.cu) */
     cudaEvent_t colready;      /* on side: a training forward built a no-dx convolution's columns (conv.cu) */
     int cols_recorded;         /* per capture: colready recorded */
@@ -149,6 +154,8 @@ typedef struct cu_graph {
      * kernel after the pull starts while the pull still runs, each block once its samples' parts
      * are copied (cu_pull_parts); $MPSCY_CUDA_PULL_CONV=0 waits for the whole pull */
     int pull_conv;             /* the knob, at build */
+    int dw_wave;               /* $MPSCY_CUDA_DW_WAVE at build: blocks a multiprocessor for conv.cu's dw_splits */
+    int carveout;              /* $MPSCY_CUDA_CARVEOUT at build (percent of L1 as shared memory), else -1 */
     int pull_next;             /* per capture: the pull, the last kernel enqueued, flags its parts for it */
 } cu_graph;
 
@@ -348,6 +355,7 @@ const char *cu_fused_form(const cu_graph *g, char *buf, size_t n);
 /* Side stream: fork from the main stream before enqueueing off-critical-path work. */
 int cu_fork(cu_graph *g, char *err, size_t en);
 int cu_join(cu_graph *g, char *err, size_t en);
+int cu_fork2(cu_graph *g, char *err, size_t en);  /* the same for side2 */
 
 /* Checks the last launch; formats a CUDA error into err. */
 int cu_check_launch(char *err, size_t en, const char *what, const char *func, int line);
@@ -415,20 +423,25 @@ static __device__ __forceinline__ void cu_pull_wait(const cu_pull_parts &pull, i
 #endif
 
 /* a launch as its stream's programmatic dependent when pdl (the attribute), else a plain one */
+/* carveout: the shared-memory share of L1 the launch asks for, in percent (-1: the kernel's own
+ * preference) */
 template <typename... K, typename... A>
-static inline cudaError_t cu_launch_pdl(bool pdl, void (*kernel)(K...), dim3 grid, dim3 block, size_t shm,
-                                        cudaStream_t s, A... args) {
+static inline cudaError_t cu_launch_pdl(bool pdl, int carveout, void (*kernel)(K...), dim3 grid, dim3 block,
+                                        size_t shm, cudaStream_t s, A... args) {
     cudaLaunchConfig_t cfg = {};
-    cudaLaunchAttribute at;
+    cudaLaunchAttribute at[2];
     cfg.gridDim = grid;
     cfg.blockDim = block;
     cfg.dynamicSmemBytes = shm;
     cfg.stream = s;
+    cfg.attrs = at;
     if (pdl) {
-        at.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        at.val.programmaticStreamSerializationAllowed = 1;
-        cfg.attrs = &at;
-        cfg.numAttrs = 1;
+        at[cfg.numAttrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        at[cfg.numAttrs++].val.programmaticStreamSerializationAllowed = 1;
+    }
+    if (carveout >= 0) {
+        at[cfg.numAttrs].id = cudaLaunchAttributePreferredSharedMemoryCarveout;
+        at[cfg.numAttrs++].val.sharedMemCarveout = (unsigned)carveout;
     }
     return cudaLaunchKernelEx(&cfg, kernel, args...);
 }
@@ -436,7 +449,7 @@ static inline cudaError_t cu_launch_pdl(bool pdl, void (*kernel)(K...), dim3 gri
 template <typename... K, typename... A>
 static inline cudaError_t cu_launch_shm(const cu_graph *g, void (*kernel)(K...), dim3 grid, dim3 block, size_t shm,
                                         cudaStream_t s, A... args) {
-    return cu_launch_pdl(g->pdl, kernel, grid, block, shm, s, args...);
+    return cu_launch_pdl(g->pdl, g->carveout, kernel, grid, block, shm, s, args...);
 }
 
 template <typename... K, typename... A>
