@@ -578,25 +578,27 @@ def test_stream_orders_give_the_same_bits(name, pdl, monkeypatch, rng):
 
 @cuda_only
 def test_weight_gradient_schedules_match(monkeypatch, rng):
-    """Three 3x3 convolutions at 16 rows of 16x16 (b*OH*OW = 4096: the long weight gradient's
-    own split-K product, two of them with dx). MPSCY_CUDA_SIDES=2 runs every other one of those
-    on a second side stream (after the forward's side work) and MPSCY_CUDA_CARVEOUT=100 asks
-    every launch for the most shared memory: neither changes what a kernel computes, so 6
-    training steps (full batches and partial ones of 9 and 7 rows) give the default's bits.
-    MPSCY_CUDA_DW_WAVE=1 splits K over half as many blocks (a different order of the partial
-    sums): it matches the cpu within the parameter tolerance."""
+    """Three 3x3 convolutions at 16 rows of 24x24 (b*OH*OW = 9216: the long weight gradient's
+    own split-K product, 72 chunks of K, two of them with dx). MPSCY_CUDA_SIDES=2 runs every
+    other one of those on a second side stream (after the forward's side work) and
+    MPSCY_CUDA_CARVEOUT=100 asks every launch for the most shared memory: neither changes what a
+    kernel computes, so 6 training steps (full batches and partial ones of 9 and 7 rows) give the
+    default's bits. MPSCY_CUDA_DW_WAVE=1 splits K over half as many blocks and
+    MPSCY_CUDA_SUM_WIDE=1 adds the 72 partials with 32 warps a block (other orders of the sums):
+    they match the cpu within the parameter tolerance."""
     build = lambda: [_maybe("Conv2D")(8, 3, padding=1), L.ReLU(), _maybe("Conv2D")(8, 3, padding=1), L.ReLU(),
                      _maybe("Conv2D")(8, 3, padding=1), L.ReLU(), L.Flatten(), L.Dense(5)]
     rows = [16, 9, 16, 7, 16, 16]
-    xs = [rng.standard_normal((r, 3, 16, 16)).astype(np.float32) for r in rows]
+    xs = [rng.standard_normal((r, 3, 24, 24)).astype(np.float32) for r in rows]
     ys = [rng.integers(0, 5, r).astype(np.int32) for r in rows]
     params = []
-    for env in ({}, {"MPSCY_CUDA_SIDES": "2"}, {"MPSCY_CUDA_CARVEOUT": "100"}, {"MPSCY_CUDA_DW_WAVE": "1"}):
-        for k in ("MPSCY_CUDA_SIDES", "MPSCY_CUDA_CARVEOUT", "MPSCY_CUDA_DW_WAVE"):
+    knobs = ("MPSCY_CUDA_SIDES", "MPSCY_CUDA_CARVEOUT", "MPSCY_CUDA_DW_WAVE", "MPSCY_CUDA_SUM_WIDE")
+    for env in ({}, {knobs[0]: "2"}, {knobs[1]: "100"}, {knobs[2]: "1"}, {knobs[3]: "1"}):
+        for k in knobs:
             monkeypatch.delenv(k, raising=False)
         for k, v in env.items():
             monkeypatch.setenv(k, v)
-        cpu, gpu = pair(build, (3, 16, 16), batch=16)
+        cpu, gpu = pair(build, (3, 24, 24), batch=16)
         for x, y in zip(xs, ys):
             assert gpu.step(x, y).applied and cpu.step(x, y).applied
         pg, pc = gpu.get_parameters(), cpu.get_parameters()

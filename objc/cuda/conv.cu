@@ -27,26 +27,25 @@ static conv_geom geom(const mpscy_plan *p, const mpscy_node *n) { return mpscy_c
 
 /* out (count) = the sum of `splits` partials part (splits, count): the weight gradient's split-K
  * partials, and the bias gradient's chunk sums; with a Dense forward's epilogue (dense.cu's product)
- * + bias[e % n] when bias, then the ReLU when relu. A block of 8 warps takes 32 outputs: warp w
- * adds splits w, w + 8, ... (coalesced across the warp), then one warp adds the 8 sums in order,
- * so the result is the same bits on every run. */
+ * + bias[e % n] when bias, then the ReLU when relu. A block of W warps (W = blockDim.x / 32, at
+ * most 32) takes 32 outputs: warp w adds splits w, w + W, ... (coalesced across the warp), then
+ * one warp adds the W sums in order, so the result is the same bits on every run (at one W). */
 __global__ void conv_sum_parts(float *out, const float *part, int64_t count, int64_t splits, const float *bias,
                                int64_t n, int relu) {
-    __shared__ float sums[8][33];
+    __shared__ float sums[32][33];
     cu_pdl_enter();
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, W = blockDim.x >> 5;
     for (int64_t e0 = (int64_t)blockIdx.x * 32; e0 < count; e0 += (int64_t)gridDim.x * 32) {
         const int64_t e = e0 + lane;
         float v = 0.0f;
         if (e < count)
 #pragma unroll 4
-            for (int64_t s = w; s < splits; s += 8) v += __ldg(&part[s * count + e]);
+            for (int64_t s = w; s < splits; s += W) v += __ldg(&part[s * count + e]);
         sums[w][lane] = v;
         __syncthreads();
         if (w == 0 && e < count) {
             float t = sums[0][lane];
-#pragma unroll
-            for (int k = 1; k < 8; k++) t += sums[k][lane];
+            for (int k = 1; k < W; k++) t += sums[k][lane];
             if (bias) t += bias[e % n];
             out[e] = relu && !(t > 0.0f) ? 0.0f : t;
         }
@@ -374,7 +373,9 @@ static int conv_gemm(cu_graph *gr, int which, int side, const conv_geom &g, int6
                "conv_dw");
         int st = CU_LAUNCHED("conv_dw");
         if (st != MPSCY_OK || s == 1) return st;
-        CU_TRY(cu_launch(gr, conv_sum_parts, cu_blocks(kgo, 32, 4096), CU_THREADS, stream, c, (const float *)part,
+        /* MPSCY_CUDA_SUM_WIDE: 32 warps a block where a warp would add more than 8 partials */
+        const unsigned sum_threads = gr->sum_wide && s > 64 ? 1024 : CU_THREADS;
+        CU_TRY(cu_launch(gr, conv_sum_parts, cu_blocks(kgo, 32, 4096), sum_threads, stream, c, (const float *)part,
                          kgo, s, (const float *)NULL, (int64_t)1, 0),
                "conv_dw_reduce");
         return CU_LAUNCHED("conv_dw_reduce");

@@ -156,6 +156,7 @@ typedef struct cu_graph {
     int pull_conv;             /* the knob, at build */
     int dw_wave;               /* $MPSCY_CUDA_DW_WAVE at build: blocks a multiprocessor for conv.cu's dw_splits */
     int carveout;              /* $MPSCY_CUDA_CARVEOUT at build (percent of L1 as shared memory), else -1 */
+    int sum_wide;              /* $MPSCY_CUDA_SUM_WIDE at build is 1: wide blocks for conv.cu's long partial sums */
     int pull_next;             /* per capture: the pull, the last kernel enqueued, flags its parts for it */
 } cu_graph;
 

@@ -193,6 +193,10 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     const char *cvk = getenv("MPSCY_CUDA_CARVEOUT");
     g->carveout = cvk && cvk[0] ? atoi(cvk) : -1;
     if (g->carveout > 100) g->carveout = 100;
+    /* the weight gradient's ordered sums of more than 64 partials by blocks of 32 warps, not 8: a
+     * knob for A/B timing */
+    const char *swk = getenv("MPSCY_CUDA_SUM_WIDE");
+    g->sum_wide = swk && swk[0] == '1';
     int convs = 0;
     for (int32_t i = 0; i < p->n_nodes; i++) {
         const mpscy_node *node = &p->nodes[i];
