@@ -578,34 +578,31 @@ def test_stream_orders_give_the_same_bits(name, pdl, monkeypatch, rng):
 
 @cuda_only
 def test_weight_gradient_schedules_match(monkeypatch, rng):
-    """Three 3x3 convolutions at 40 rows of 16x16 (b*OH*OW = 10240: the long weight gradient's
-    own split-K product, 80 chunks of K, two of them with dx; partial batches of 9 and 4 rows: 18
-    and 8 chunks). By default (sm_90) clusters of 8 chunks add theirs first: 10, 3 and 1 partials
-    (the last written straight to the gradient). MPSCY_CUDA_SIDES=2 runs every other long weight
-    gradient with dx on a second side stream (after the forward's side work),
+    """Three 3x3 convolutions at 16 rows of 24x24 (b*OH*OW = 9216: the long weight gradient's
+    own split-K product, 72 chunks of K, two of them with dx). MPSCY_CUDA_SIDES=2 runs every
+    other one of those on a second side stream (after the forward's side work),
     MPSCY_CUDA_CARVEOUT=100 asks every launch for the most shared memory and MPSCY_CUDA_PRIORITY=1
     gives the main stream's launches the highest priority: none changes what a kernel computes, so
-    6 training steps give the default's bits, alone or together. MPSCY_CUDA_DW_CLUSTER=0 (80
-    partials), with MPSCY_CUDA_SUM_WIDE=1 (added by 32 warps a block) or without, and
-    MPSCY_CUDA_DW_WAVE=1 (half the chunks) add in other orders: they match the cpu within the
-    parameter tolerance."""
+    6 training steps (full batches and partial ones of 9 and 7 rows) give the default's bits,
+    alone or together. MPSCY_CUDA_DW_WAVE=1 splits K over half as many blocks and
+    MPSCY_CUDA_SUM_WIDE=1 adds the 72 partials with 32 warps a block (other orders of the sums):
+    they match the cpu within the parameter tolerance."""
     build = lambda: [_maybe("Conv2D")(8, 3, padding=1), L.ReLU(), _maybe("Conv2D")(8, 3, padding=1), L.ReLU(),
                      _maybe("Conv2D")(8, 3, padding=1), L.ReLU(), L.Flatten(), L.Dense(5)]
-    rows = [40, 9, 40, 4, 40, 40]
-    xs = [rng.standard_normal((r, 3, 16, 16)).astype(np.float32) for r in rows]
+    rows = [16, 9, 16, 7, 16, 16]
+    xs = [rng.standard_normal((r, 3, 24, 24)).astype(np.float32) for r in rows]
     ys = [rng.integers(0, 5, r).astype(np.int32) for r in rows]
     params = []
     same = ({"MPSCY_CUDA_SIDES": "2"}, {"MPSCY_CUDA_CARVEOUT": "100"}, {"MPSCY_CUDA_PRIORITY": "1"},
             {"MPSCY_CUDA_SIDES": "2", "MPSCY_CUDA_CARVEOUT": "100", "MPSCY_CUDA_PRIORITY": "1"})
-    other = ({"MPSCY_CUDA_DW_CLUSTER": "0"}, {"MPSCY_CUDA_DW_CLUSTER": "0", "MPSCY_CUDA_SUM_WIDE": "1"},
-             {"MPSCY_CUDA_DW_WAVE": "1"})
+    other = ({"MPSCY_CUDA_DW_WAVE": "1"}, {"MPSCY_CUDA_SUM_WIDE": "1"})
     knobs = {k for env in same + other for k in env}
     for env in ({},) + same + other:
         for k in knobs:
             monkeypatch.delenv(k, raising=False)
         for k, v in env.items():
             monkeypatch.setenv(k, v)
-        cpu, gpu = pair(build, (3, 16, 16), batch=40)
+        cpu, gpu = pair(build, (3, 24, 24), batch=16)
         for x, y in zip(xs, ys):
             assert gpu.step(x, y).applied and cpu.step(x, y).applied
         pg, pc = gpu.get_parameters(), cpu.get_parameters()

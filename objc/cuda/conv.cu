@@ -365,23 +365,12 @@ static int conv_gemm(cu_graph *gr, int which, int side, const conv_geom &g, int6
         const int tm = g.ocg > 32 ? 4 : 2, tn = g.kg > 32 ? 4 : 2;
         const int64_t gm = (g.ocg + 16 * tm - 1) / (16 * tm), gn = (g.kg + 16 * tn - 1) / (16 * tn);
         int64_t chunk, s = dw_splits(gm * gn, nb, gr->dev->sms, gr->dw_wave, &chunk), kgo = g.kg * g.ocg;
+        float *out = s > 1 ? part : c;
         int bytes;
-        const bool vec = nb % 4 == 0 && cu_aligned16(col) && cu_aligned16(dzt);
-        mma_fn k = mma_kk_kind(tm == 4, tn == 4, vec, &bytes);
-        if (gr->dw_cluster && s >= MMA_CLUSTER) {
-            /* clusters of MMA_CLUSTER chunks add theirs first: s / MMA_CLUSTER partials (the last
-             * cluster's blocks past K add zeros) */
-            s = (s + MMA_CLUSTER - 1) / MMA_CLUSTER;
-            dim3 grid((unsigned)gn, (unsigned)gm, (unsigned)(s * MMA_CLUSTER));
-            CU_TRY(mma_launch_cluster(gr, stream, mma_kk_cluster_kind(tm == 4, tn == 4, vec), grid, bytes,
-                                      s > 1 ? part : c, g.kg, kgo, dzt, nb, col, nb, (int)g.ocg, (int)g.kg, nb, chunk),
-                   "conv_dw (clusters)");
-        } else {
-            dim3 grid((unsigned)gn, (unsigned)gm, (unsigned)s);
-            CU_TRY(mma_launch(gr, stream, k, grid, bytes, s > 1 ? part : c, g.kg, kgo, dzt, nb, col, nb, (int)g.ocg,
-                              (int)g.kg, nb, chunk),
-                   "conv_dw");
-        }
+        mma_fn k = mma_kk_kind(tm == 4, tn == 4, nb % 4 == 0 && cu_aligned16(col) && cu_aligned16(dzt), &bytes);
+        dim3 grid((unsigned)gn, (unsigned)gm, (unsigned)s);
+        CU_TRY(mma_launch(gr, stream, k, grid, bytes, out, g.kg, kgo, dzt, nb, col, nb, (int)g.ocg, (int)g.kg, nb, chunk),
+               "conv_dw");
         int st = CU_LAUNCHED("conv_dw");
         if (st != MPSCY_OK || s == 1) return st;
         /* MPSCY_CUDA_SUM_WIDE: 32 warps a block where a warp would add more than 8 partials */

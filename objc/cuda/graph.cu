@@ -201,11 +201,6 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     int least = 0, greatest = 0;
     if (prk && prk[0] == '1' && cudaDeviceGetStreamPriorityRange(&least, &greatest) == cudaSuccess)
         g->prio_main = greatest;
-    /* a long convolution weight gradient's chunks of K added within clusters of blocks first (sm_90
-     * and newer), fewer partials for the ordered sum; 0 turns it off: a knob for A/B timing and
-     * testing */
-    const char *dck = getenv("MPSCY_CUDA_DW_CLUSTER");
-    g->dw_cluster = g->dev->prop.major >= 9 && !(dck && dck[0] == '0');
     const char *swk = getenv("MPSCY_CUDA_SUM_WIDE");
     g->sum_wide = swk && swk[0] == '1';
     int convs = 0;

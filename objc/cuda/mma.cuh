@@ -23,8 +23,6 @@
 
 #include "cuda.h"
 
-#include <cooperative_groups.h>
-
 template <bool KC, int R>
 struct mma_tile {
     static constexpr int LD = KC ? MMA_BK + 4 : R + 8;
@@ -199,48 +197,10 @@ static __device__ __forceinline__ void mma_product(float (&acc)[TM * TN], float 
     cp_async_wait<0>();
 }
 
-/* The sum of a cluster's accumulators (CL blocks along z, sm_90 and newer): each block leaves its
- * tile in its shared memory, then rank r adds every CL-th 256-element run of the tile over the
- * ranks 0 .. CL-1 in that order (distributed shared memory) and stores it at out (row stride
- * ldo), so the cluster's chunks of K leave one partial, the same bits every run. */
-template <int TM, int TN, int CL>
-static __device__ __forceinline__ void mma_cluster_sum(const float (&acc)[TM * TN], float *smem, float *out,
-                                                       int64_t ldo, int m0, int M, int n0, int N) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    constexpr int BN = 16 * TN, TILE = 16 * TM * BN;
-    namespace cg = cooperative_groups;
-    cg::cluster_group cl = cg::this_cluster();
-    __syncthreads();  /* every warp is done with the pipeline's shared memory */
-#pragma unroll
-    for (int e = 0; e < TM * TN; e++) {
-        int r, c;
-        mma_pos<TM, TN>(e, r, c);
-        smem[r * BN + c] = acc[e];
-    }
-    cl.sync();
-    const int rank = (int)cl.block_rank();
-    float *src[CL];
-#pragma unroll
-    for (int q = 0; q < CL; q++) src[q] = cl.map_shared_rank(smem, q);
-    for (int i = rank * 256 + (int)threadIdx.x; i < TILE; i += CL * 256) {
-        float v = src[0][i];
-#pragma unroll
-        for (int q = 1; q < CL; q++) v += src[q][i];
-        const int m = m0 + i / BN, n = n0 + i % BN;
-        if (m < M && n < N) out[(int64_t)m * ldo + n] = v;
-    }
-    cl.sync();  /* no block leaves while another reads its shared memory */
-#else
-    __trap();  /* the host clusters these kernels on sm_90 and newer only */
-#endif
-}
-
 /* conv_mma_kernel (named for its first users, conv.cu's products): out[z] (M, N) = A[:, Kz]
  * B[:, Kz]^T for the z-th chunk of K (out + z zstride, row stride ldo), as the views above. A
- * product split over K leaves its partials for an ordered sum (conv.cu's conv_sum_parts). CL > 1:
- * launched in clusters of CL blocks along z, which add their chunks first (mma_cluster_sum), so
- * partial z / CL is the cluster's. */
-template <int TM, int TN, bool AK, bool BK, bool VA, bool VB, int CL = 1>
+ * product split over K leaves its partials for an ordered sum (conv.cu's conv_sum_parts). */
+template <int TM, int TN, bool AK, bool BK, bool VA, bool VB>
 __global__ void __launch_bounds__(256, 2) conv_mma_kernel(float *__restrict__ out, int64_t ldo, int64_t zstride,
                                                           const float *__restrict__ a, int64_t lda,
                                                           const float *__restrict__ b, int64_t ldb, int M, int N,
@@ -251,10 +211,6 @@ __global__ void __launch_bounds__(256, 2) conv_mma_kernel(float *__restrict__ ou
     const int64_t k0 = (int64_t)blockIdx.z * chunk, k1 = min(K, k0 + chunk);
     float acc[TM * TN];
     mma_product<TM, TN, AK, BK, VA, VB>(acc, mma_smem, a, lda, m0, M, b, ldb, n0, N, k0, k1);
-    if constexpr (CL > 1) {
-        mma_cluster_sum<TM, TN, CL>(acc, mma_smem, out + (blockIdx.z / CL) * zstride, ldo, m0, M, n0, N);
-        return;
-    }
     float *o = out + blockIdx.z * zstride;
     const bool v2 = (ldo & 1) == 0 && ((uintptr_t)o & 7) == 0;
 #pragma unroll
@@ -290,22 +246,6 @@ static inline mma_fn mma_kk_kind(bool tm4, bool tn4, bool vec, int *bytes) {
     return kinds[tm4][tn4][vec];
 }
 
-/* the same in clusters of MMA_CLUSTER blocks along z (sm_90 and newer): a long weight gradient's
- * chunks of K summed by each cluster first */
-#define MMA_CLUSTER 8
-static inline mma_fn mma_kk_cluster_kind(bool tm4, bool tn4, bool vec) {
-    static const mma_fn kinds[2][2][2] = {
-        {{conv_mma_kernel<2, 2, true, true, false, false, MMA_CLUSTER>,
-          conv_mma_kernel<2, 2, true, true, true, true, MMA_CLUSTER>},
-         {conv_mma_kernel<2, 4, true, true, false, false, MMA_CLUSTER>,
-          conv_mma_kernel<2, 4, true, true, true, true, MMA_CLUSTER>}},
-        {{conv_mma_kernel<4, 2, true, true, false, false, MMA_CLUSTER>,
-          conv_mma_kernel<4, 2, true, true, true, true, MMA_CLUSTER>},
-         {conv_mma_kernel<4, 4, true, true, false, false, MMA_CLUSTER>,
-          conv_mma_kernel<4, 4, true, true, true, true, MMA_CLUSTER>}}};
-    return kinds[tm4][tn4][vec];
-}
-
 /* whether a graph's products may be these kernels: fp32 with MPSCY_CUDA_GEMM unset on sm_80 and
  * newer (conv.cu's forward, dcol and long weight gradients; dense.cu's long-K products) */
 static inline bool cu_mma_own(const cu_graph *gr) {
@@ -317,16 +257,6 @@ template <typename... K, typename... A>
 static cudaError_t mma_launch(const cu_graph *gr, cudaStream_t s, void (*k)(K...), dim3 grid, int bytes, A... args) {
     cudaError_t e = cudaFuncSetAttribute((const void *)k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     return e != cudaSuccess ? e : cu_launch_shm(gr, k, grid, 256, (size_t)bytes, s, args...);
-}
-
-/* the same in clusters of MMA_CLUSTER blocks along z (grid.z a multiple of it) */
-template <typename... K, typename... A>
-static cudaError_t mma_launch_cluster(const cu_graph *gr, cudaStream_t s, void (*k)(K...), dim3 grid, int bytes,
-                                      A... args) {
-    cudaError_t e = cudaFuncSetAttribute((const void *)k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    return e != cudaSuccess ? e
-                            : cu_launch_ex(gr->pdl, gr->carveout, s == gr->stream ? gr->prio_main : 0, MMA_CLUSTER, k,
-                                           grid, dim3(256), (size_t)bytes, s, args...);
 }
 
 #endif /* MPSCY_CUDA_MMA_CUH */
