@@ -162,9 +162,9 @@ int cu_conv_direct(cu_graph *gr, const mpscy_conv_geom *g, float *y, const float
         pull.P = gr->params_d;
         pull.piece = cu_stage_piece(b * gr->in0_size);  /* as the pull's (step.cu) */
     }
-    CU_TRY(cu_launch_pdl(gr->pdl || (beside && gr->dev->pdl), gr->carveout, gr->prio_main,
-                         kinds[(g->kg + 3) / 4 - 1], dim3(px, (unsigned)chunks), CU_THREADS, 0, gr->stream, y, x, w,
-                         bias, *g, b, (int)chunk, relu, pull),
+    CU_TRY(cu_launch_pdl(gr->pdl || (beside && gr->dev->pdl), gr->carveout, kinds[(g->kg + 3) / 4 - 1],
+                         dim3(px, (unsigned)chunks), CU_THREADS, 0, gr->stream, y, x, w, bias, *g, b, (int)chunk,
+                         relu, pull),
            "conv_direct");
     return CU_LAUNCHED("conv_direct");
 }

@@ -156,8 +156,6 @@ typedef struct cu_graph {
     int pull_conv;             /* the knob, at build */
     int dw_wave;               /* $MPSCY_CUDA_DW_WAVE at build: blocks a multiprocessor for conv.cu's dw_splits */
     int carveout;              /* $MPSCY_CUDA_CARVEOUT at build (percent of L1 as shared memory), else -1 */
-    int prio_main;             /* $MPSCY_CUDA_PRIORITY=1 at build: the main stream's launches at the device's
-                                * highest priority (negative), else 0 */
     int sum_wide;              /* $MPSCY_CUDA_SUM_WIDE at build is 1: wide blocks for conv.cu's long partial sums */
     int pull_next;             /* per capture: the pull, the last kernel enqueued, flags its parts for it */
 } cu_graph;
@@ -427,13 +425,12 @@ static __device__ __forceinline__ void cu_pull_wait(const cu_pull_parts &pull, i
 
 /* a launch as its stream's programmatic dependent when pdl (the attribute), else a plain one */
 /* carveout: the shared-memory share of L1 the launch asks for, in percent (-1: the kernel's own
- * preference); prio: the launch's scheduling priority (0: the default, the lowest; negative is
- * higher) */
+ * preference) */
 template <typename... K, typename... A>
-static inline cudaError_t cu_launch_pdl(bool pdl, int carveout, int prio, void (*kernel)(K...), dim3 grid,
-                                        dim3 block, size_t shm, cudaStream_t s, A... args) {
+static inline cudaError_t cu_launch_pdl(bool pdl, int carveout, void (*kernel)(K...), dim3 grid, dim3 block,
+                                        size_t shm, cudaStream_t s, A... args) {
     cudaLaunchConfig_t cfg = {};
-    cudaLaunchAttribute at[3];
+    cudaLaunchAttribute at[2];
     cfg.gridDim = grid;
     cfg.blockDim = block;
     cfg.dynamicSmemBytes = shm;
@@ -447,18 +444,13 @@ static inline cudaError_t cu_launch_pdl(bool pdl, int carveout, int prio, void (
         at[cfg.numAttrs].id = cudaLaunchAttributePreferredSharedMemoryCarveout;
         at[cfg.numAttrs++].val.sharedMemCarveout = (unsigned)carveout;
     }
-    if (prio) {
-        at[cfg.numAttrs].id = cudaLaunchAttributePriority;
-        at[cfg.numAttrs++].val.priority = prio;
-    }
     return cudaLaunchKernelEx(&cfg, kernel, args...);
 }
 
 template <typename... K, typename... A>
 static inline cudaError_t cu_launch_shm(const cu_graph *g, void (*kernel)(K...), dim3 grid, dim3 block, size_t shm,
                                         cudaStream_t s, A... args) {
-    return cu_launch_pdl(g->pdl, g->carveout, s == g->stream ? g->prio_main : 0, kernel, grid, block, shm, s,
-                         args...);
+    return cu_launch_pdl(g->pdl, g->carveout, kernel, grid, block, shm, s, args...);
 }
 
 template <typename... K, typename... A>

@@ -195,12 +195,6 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     if (g->carveout > 100) g->carveout = 100;
     /* the weight gradient's ordered sums of more than 64 partials by blocks of 32 warps, not 8: a
      * knob for A/B timing */
-    /* the main stream's kernels (the critical path) at the highest priority, so that blocks of
-     * the side streams' ready kernels do not take the multiprocessors first: a knob for A/B timing */
-    const char *prk = getenv("MPSCY_CUDA_PRIORITY");
-    int least = 0, greatest = 0;
-    if (prk && prk[0] == '1' && cudaDeviceGetStreamPriorityRange(&least, &greatest) == cudaSuccess)
-        g->prio_main = greatest;
     const char *swk = getenv("MPSCY_CUDA_SUM_WIDE");
     g->sum_wide = swk && swk[0] == '1';
     int convs = 0;
