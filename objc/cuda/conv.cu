@@ -153,10 +153,11 @@ static fwd_fn fwd_kind(bool tm4, bool va, bool vb, bool vy, int *bytes) {
 
 #define DW_MIN_CHUNK 128  /* K per conv_dw_kernel block, at least */
 
-/* chunks of K for conv_dw_kernel: one wave of `wave` blocks per multiprocessor (the graph's
- * dw_wave), each chunk at least DW_MIN_CHUNK */
-static int64_t dw_splits(int64_t tiles, int64_t nb, int sms, int wave, int64_t *chunk) {
-    int64_t s = wave * (int64_t)sms / tiles, most = (nb + DW_MIN_CHUNK - 1) / DW_MIN_CHUNK;
+/* chunks of K for conv_dw_kernel: one wave of two blocks per multiprocessor, each chunk at least
+ * DW_MIN_CHUNK (one block a multiprocessor: the README CNN's step 308.9 us against 281.0 on the
+ * H200, A/B) */
+static int64_t dw_splits(int64_t tiles, int64_t nb, int sms, int64_t *chunk) {
+    int64_t s = 2 * (int64_t)sms / tiles, most = (nb + DW_MIN_CHUNK - 1) / DW_MIN_CHUNK;
     if (s > most) s = most;
     if (s < 1) s = 1;
     *chunk = ((nb + s - 1) / s + MMA_BK - 1) / MMA_BK * MMA_BK;
@@ -326,7 +327,7 @@ static bool conv_s1_dx(const cu_graph *gr, const mpscy_node *n, const conv_geom 
 
 static int conv_gemm(cu_graph *gr, int which, int side, const conv_geom &g, int64_t nb, int64_t nb_built, float *c,
                      const float *w, const float *col, const float *dzt, float *part, char *err, size_t en) {
-    cudaStream_t stream = side == 2 ? gr->side2 : side ? gr->side : gr->stream;
+    cudaStream_t stream = side ? gr->side : gr->stream;
     int64_t M, N, K;
     if (which == CONV_FWD) { M = g.ocg; N = nb; K = g.kg; }
     else if (which == CONV_DW) { M = g.ocg; N = g.kg; K = nb; }
@@ -364,7 +365,7 @@ static int conv_gemm(cu_graph *gr, int which, int side, const conv_geom &g, int6
          * ordered sum */
         const int tm = g.ocg > 32 ? 4 : 2, tn = g.kg > 32 ? 4 : 2;
         const int64_t gm = (g.ocg + 16 * tm - 1) / (16 * tm), gn = (g.kg + 16 * tn - 1) / (16 * tn);
-        int64_t chunk, s = dw_splits(gm * gn, nb, gr->dev->sms, gr->dw_wave, &chunk), kgo = g.kg * g.ocg;
+        int64_t chunk, s = dw_splits(gm * gn, nb, gr->dev->sms, &chunk), kgo = g.kg * g.ocg;
         float *out = s > 1 ? part : c;
         int bytes;
         mma_fn k = mma_kk_kind(tm == 4, tn == 4, nb % 4 == 0 && cu_aligned16(col) && cu_aligned16(dzt), &bytes);
@@ -373,7 +374,10 @@ static int conv_gemm(cu_graph *gr, int which, int side, const conv_geom &g, int6
                "conv_dw");
         int st = CU_LAUNCHED("conv_dw");
         if (st != MPSCY_OK || s == 1) return st;
-        /* MPSCY_CUDA_SUM_WIDE: 32 warps a block where a warp would add more than 8 partials */
+        /* 32 warps a block where 8 would each add more than 8 partials (the README CNN's first
+         * convolution: 256 partials of 864, 11.0 us in the timeline as 8 warps; its step with the
+         * 100% carveout 263.7 us against 272.7 as 8 warps, A/B on the H200); $MPSCY_CUDA_SUM_WIDE=0
+         * keeps 8 */
         const unsigned sum_threads = gr->sum_wide && s > 64 ? 1024 : CU_THREADS;
         CU_TRY(cu_launch(gr, conv_sum_parts, cu_blocks(kgo, 32, 4096), sum_threads, stream, c, (const float *)part,
                          kgo, s, (const float *)NULL, (int64_t)1, 0),
@@ -546,16 +550,13 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
            "conv_dz");
     int st = CU_LAUNCHED("conv_dz");
     /* the weight and bias gradients on the side stream (they read only this convolution's slab),
-     * dx's products on the main one; with a second side stream, every other long weight
-     * gradient (own products only: no cuBLASLt workspace of its own) there */
-    const int use2 = gr->side2 && dx && conv_mma(gr, CONV_DW, nb_built) && (gr->dw_turn++ & 1);
-    cudaStream_t sides = use2 ? gr->side2 : gr->side;
-    if (st == MPSCY_OK) st = use2 ? cu_fork2(gr, err, en) : cu_fork(gr, err, en);
+     * dx's products on the main one */
+    if (st == MPSCY_OK) st = cu_fork(gr, err, en);
     if (st == MPSCY_OK && db) {
         /* with no dx (a layer on the model's input) the main stream has nothing of this layer
          * left to run, and in a chain nothing at all until the join: the bias sums run there,
          * beside the weight gradient, not before it on the side stream */
-        CU_TRY(cu_launch(gr, conv_sum_parts, cu_blocks(g.oc, 32, 4096), CU_THREADS, dx ? sides : gr->stream, db,
+        CU_TRY(cu_launch(gr, conv_sum_parts, cu_blocks(g.oc, 32, 4096), CU_THREADS, dx ? gr->side : gr->stream, db,
                          (const float *)dbp, g.oc, chunks, (const float *)NULL, (int64_t)1, 0),
                "conv_db");
         st = CU_LAUNCHED("conv_db");
@@ -563,7 +564,7 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
     /* without dx (a layer on the model's input) the main stream has nothing left to run until the
      * join: the weight gradient runs there, beside the side stream's chain of the others, after
      * the columns the side stream built in the forward (if it built them) */
-    const int dw_side = use2 ? 2 : dx || !gr->input_dw_main;
+    const int dw_side = dx || !gr->input_dw_main;
     if (st == MPSCY_OK && !dw_side && gr->cols_recorded)
         CU_TRY(cudaStreamWaitEvent(gr->stream, gr->colready, 0), "columns wait");
     for (int64_t gi = 0; gi < g.groups && st == MPSCY_OK; gi++) {

@@ -119,11 +119,6 @@ typedef struct cu_graph {
     size_t tables_bytes;
     cudaStream_t stream, side; /* side: weight gradients, off the critical path */
     cudaEvent_t fork, join;
-    /* $MPSCY_CUDA_SIDES=2: a second side stream, taking every other convolution's long weight
-     * gradient in backward (after the forward's side work: fwdside); else side2 NULL */
-    cudaStream_t side2;
-    cudaEvent_t join2, fwdside;
-    int forked2, fwdside_recorded, dw_turn;  /* capture state */
     cudaEvent_t wready;        /* on side: a training forward re-laid W for its backward's dx (conv.cu) */
     cudaEvent_t colready;      /* on side: a training forward built a no-dx convolution's columns (conv.cu) */
     int cols_recorded;         /* per capture: colready recorded */
@@ -154,9 +149,8 @@ typedef struct cu_graph {
      * kernel after the pull starts while the pull still runs, each block once its samples' parts
      * are copied (cu_pull_parts); $MPSCY_CUDA_PULL_CONV=0 waits for the whole pull */
     int pull_conv;             /* the knob, at build */
-    int dw_wave;               /* $MPSCY_CUDA_DW_WAVE at build: blocks a multiprocessor for conv.cu's dw_splits */
-    int carveout;              /* $MPSCY_CUDA_CARVEOUT at build (percent of L1 as shared memory), else -1 */
-    int sum_wide;              /* $MPSCY_CUDA_SUM_WIDE at build is 1: wide blocks for conv.cu's long partial sums */
+    int carveout;              /* the shared-memory carveout of every launch (percent), or -1: each kernel's own */
+    int sum_wide;              /* $MPSCY_CUDA_SUM_WIDE at build not 0: 32-warp blocks for long partial sums (conv.cu) */
     int pull_next;             /* per capture: the pull, the last kernel enqueued, flags its parts for it */
 } cu_graph;
 
@@ -356,7 +350,6 @@ const char *cu_fused_form(const cu_graph *g, char *buf, size_t n);
 /* Side stream: fork from the main stream before enqueueing off-critical-path work. */
 int cu_fork(cu_graph *g, char *err, size_t en);
 int cu_join(cu_graph *g, char *err, size_t en);
-int cu_fork2(cu_graph *g, char *err, size_t en);  /* the same for side2 */
 
 /* Checks the last launch; formats a CUDA error into err. */
 int cu_check_launch(char *err, size_t en, const char *what, const char *func, int line);
@@ -423,9 +416,9 @@ static __device__ __forceinline__ void cu_pull_wait(const cu_pull_parts &pull, i
 }
 #endif
 
-/* a launch as its stream's programmatic dependent when pdl (the attribute), else a plain one */
-/* carveout: the shared-memory share of L1 the launch asks for, in percent (-1: the kernel's own
- * preference) */
+/* a launch as its stream's programmatic dependent when pdl (the attribute), else a plain one;
+ * carveout: the share of a multiprocessor's L1/shared memory the launch asks to be shared memory,
+ * in percent (-1: the kernel's own preference) */
 template <typename... K, typename... A>
 static inline cudaError_t cu_launch_pdl(bool pdl, int carveout, void (*kernel)(K...), dim3 grid, dim3 block,
                                         size_t shm, cudaStream_t s, A... args) {
@@ -441,8 +434,14 @@ static inline cudaError_t cu_launch_pdl(bool pdl, int carveout, void (*kernel)(K
         at[cfg.numAttrs++].val.programmaticStreamSerializationAllowed = 1;
     }
     if (carveout >= 0) {
+#if CUDART_VERSION >= 12080
         at[cfg.numAttrs].id = cudaLaunchAttributePreferredSharedMemoryCarveout;
         at[cfg.numAttrs++].val.sharedMemCarveout = (unsigned)carveout;
+#else  /* no such launch attribute before CUDA 12.8: the kernel's own attribute */
+        cudaError_t e = cudaFuncSetAttribute((const void *)kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                             carveout);
+        if (e != cudaSuccess) return e;
+#endif
     }
     return cudaLaunchKernelEx(&cfg, kernel, args...);
 }

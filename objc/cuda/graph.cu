@@ -37,9 +37,6 @@ void cu_graph_destroy(mpscy_graph gh) {
     cu_fused_free(g);
     if (g->stream) cudaStreamDestroy(g->stream);
     if (g->side && g->side != g->stream) cudaStreamDestroy(g->side);
-    if (g->side2) cudaStreamDestroy(g->side2);
-    if (g->join2) cudaEventDestroy(g->join2);
-    if (g->fwdside) cudaEventDestroy(g->fwdside);
     if (g->fork) cudaEventDestroy(g->fork);
     if (g->join) cudaEventDestroy(g->join);
     if (g->wready) cudaEventDestroy(g->wready);
@@ -184,19 +181,20 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
      * testing */
     const char *pc = getenv("MPSCY_CUDA_PULL_CONV");
     g->pull_conv = !(pc && pc[0] == '0');
-    /* blocks a multiprocessor the split weight gradient of a convolution aims at (conv.cu's
-     * dw_splits), 1-4, default 2: a knob for A/B timing */
-    const char *dwk = getenv("MPSCY_CUDA_DW_WAVE");
-    g->dw_wave = dwk && dwk[0] >= '1' && dwk[0] <= '4' ? dwk[0] - '0' : 2;
-    /* every kernel launched with this shared-memory carveout (percent; unset: each kernel's own),
-     * so that consecutive kernels need not reconfigure a multiprocessor: a knob for A/B timing */
+    /* Every launch asks for the largest shared-memory carveout (100%): a multiprocessor whose
+     * L1/shared split suits one kernel can then take blocks of any other at once, where kernels
+     * of different preferences (the products' 55 KB or more of shared memory beside small
+     * elementwise ones, on two streams) would otherwise wait for it to drain and be
+     * reconfigured. The README CNN on the H200: 276.8 us against 281.0 (A/B). $MPSCY_CUDA_CARVEOUT
+     * (0-100) asks for another share, -1 for each kernel's own: a knob for A/B timing. */
     const char *cvk = getenv("MPSCY_CUDA_CARVEOUT");
-    g->carveout = cvk && cvk[0] ? atoi(cvk) : -1;
+    g->carveout = cvk && cvk[0] ? atoi(cvk) : 100;
     if (g->carveout > 100) g->carveout = 100;
-    /* the weight gradient's ordered sums of more than 64 partials by blocks of 32 warps, not 8: a
-     * knob for A/B timing */
+    if (g->carveout < 0) g->carveout = -1;
+    /* a long weight gradient's ordered sums of more than 64 partials by blocks of 32 warps (conv.cu);
+     * 0 keeps 8: a knob for A/B timing */
     const char *swk = getenv("MPSCY_CUDA_SUM_WIDE");
-    g->sum_wide = swk && swk[0] == '1';
+    g->sum_wide = !(swk && swk[0] == '0');
     int convs = 0;
     for (int32_t i = 0; i < p->n_nodes; i++) {
         const mpscy_node *node = &p->nodes[i];
@@ -287,12 +285,6 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
                            cudaEventCreateWithFlags(&g->join, cudaEventDisableTiming) != cudaSuccess ||
                            cudaEventCreateWithFlags(&g->wready, cudaEventDisableTiming) != cudaSuccess ||
                            cudaEventCreateWithFlags(&g->colready, cudaEventDisableTiming) != cudaSuccess))
-        st = MPSCY_DEVICE;
-    const char *sk = getenv("MPSCY_CUDA_SIDES");
-    if (st == MPSCY_OK && !one && sk && !strcmp(sk, "2") &&
-        (cudaStreamCreateWithFlags(&g->side2, cudaStreamNonBlocking) != cudaSuccess ||
-         cudaEventCreateWithFlags(&g->join2, cudaEventDisableTiming) != cudaSuccess ||
-         cudaEventCreateWithFlags(&g->fwdside, cudaEventDisableTiming) != cudaSuccess))
         st = MPSCY_DEVICE;
     if (st != MPSCY_OK) {
         cudaGetLastError();

@@ -123,20 +123,7 @@ int cu_fork(cu_graph *g, char *err, size_t en) {
     return MPSCY_OK;
 }
 
-int cu_fork2(cu_graph *g, char *err, size_t en) {
-    CU_TRY(cudaEventRecord(g->fork, g->stream), "fork event");
-    CU_TRY(cudaStreamWaitEvent(g->side2, g->fork, 0), "side stream wait");
-    if (g->fwdside_recorded) CU_TRY(cudaStreamWaitEvent(g->side2, g->fwdside, 0), "forward side wait");
-    g->forked2 = 1;
-    return MPSCY_OK;
-}
-
 int cu_join(cu_graph *g, char *err, size_t en) {
-    if (g->forked2) {
-        g->forked2 = 0;
-        CU_TRY(cudaEventRecord(g->join2, g->side2), "join event");
-        CU_TRY(cudaStreamWaitEvent(g->stream, g->join2, 0), "main stream wait");
-    }
     if (!g->forked) return MPSCY_OK;
     g->forked = 0;
     CU_TRY(cudaEventRecord(g->join, g->side), "join event");
@@ -151,7 +138,6 @@ static int enqueue(cu_graph *g, int kind, int64_t b, int deferred, char *err, si
     cudaStream_t s = g->stream;
     int st;
     g->pull_next = 0;
-    g->fwdside_recorded = g->dw_turn = 0;
     /* params block, target and the first input's rows in one copy; other inputs after */
     size_t first = p->n_inputs > 0 ? g->off_input[0] : g->off_target;
     for (int32_t i = 0; i < p->n_nodes; i++)
@@ -194,10 +180,6 @@ static int enqueue(cu_graph *g, int kind, int64_t b, int deferred, char *err, si
 
     /* forks (the forward's too: columns of direct convolutions) are joined once after backward;
      * only a training forward forks, so evaluation and prediction steps end with nothing to join */
-    if (g->side2 && g->forked) {  /* side2's work may read what the forward's side work wrote */
-        CU_TRY(cudaEventRecord(g->fwdside, g->side), "forward side event");
-        g->fwdside_recorded = 1;
-    }
     for (int32_t i = p->n_nodes - 1; i >= 0; i--) {
         const mpscy_node *node = &p->nodes[i];
         if (!node->grad || node->kind == MPSCY_LAYER_INPUT || (head && i == p->output)) continue;
@@ -230,7 +212,7 @@ int cu_capture(cu_graph *g, int kind, char *err, size_t en) {
     g->cols_recorded = 0;
     CU_TRY(cudaStreamBeginCapture(g->stream, cudaStreamCaptureModeThreadLocal), "begin capture");
     int st = enqueue(g, kind, g->plan.batch, defers(g, kind), err, en);
-    if (st != MPSCY_OK && (g->forked || g->forked2)) cu_join(g, NULL, 0);
+    if (st != MPSCY_OK && g->forked) cu_join(g, NULL, 0);
     cudaGraph_t graph = NULL;
     cudaError_t e = cudaStreamEndCapture(g->stream, &graph);
     if (st == MPSCY_OK && e != cudaSuccess)
@@ -309,7 +291,7 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
         memset(g->dz_ready, 0, (size_t)g->plan.n_nodes);
         g->cols_recorded = 0;
         int st = enqueue(g, kind, b, 0, err, en);
-        if (st != MPSCY_OK && (g->forked || g->forked2)) cu_join(g, NULL, 0);
+        if (st != MPSCY_OK && g->forked) cu_join(g, NULL, 0);
         if (st != MPSCY_OK) {
             cudaStreamSynchronize(g->stream);
             return st;
