@@ -150,7 +150,7 @@ typedef struct cu_graph {
      * are copied (cu_pull_parts); $MPSCY_CUDA_PULL_CONV=0 waits for the whole pull */
     int pull_conv;             /* the knob, at build */
     int carveout;              /* the shared-memory carveout of every launch (percent), or -1: each kernel's own */
-    int sum_wide;              /* $MPSCY_CUDA_SUM_WIDE at build not 0: 32-warp blocks for long partial sums (conv.cu) */
+    int sum_wide;              /* conv.cu's partial sums of more splits than this by 32-warp blocks (0: never) */
     int pull_next;             /* per capture: the pull, the last kernel enqueued, flags its parts for it */
 } cu_graph;
 

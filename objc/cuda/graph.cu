@@ -192,9 +192,9 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     if (g->carveout > 100) g->carveout = 100;
     if (g->carveout < 0) g->carveout = -1;
     /* a long weight gradient's ordered sums of more than 64 partials by blocks of 32 warps (conv.cu);
-     * 0 keeps 8: a knob for A/B timing */
+     * $MPSCY_CUDA_SUM_WIDE=N: of more than N, 0 never: a knob for A/B timing */
     const char *swk = getenv("MPSCY_CUDA_SUM_WIDE");
-    g->sum_wide = !(swk && swk[0] == '0');
+    g->sum_wide = swk && swk[0] ? atoi(swk) : 64;
     int convs = 0;
     for (int32_t i = 0; i < p->n_nodes; i++) {
         const mpscy_node *node = &p->nodes[i];
