@@ -270,8 +270,8 @@ def test_implicit_conv_accumulated_and_input_gradients_match_cpu(implicit, monke
 
 
 @cuda_only
-@pytest.mark.parametrize("mma", ["1", "0"])
-def test_dense_long_k_matches_cpu(mma, monkeypatch, rng):
+@pytest.mark.parametrize("mma,dx_first", [("1", "1"), ("1", "0"), ("0", "1")])
+def test_dense_long_k_matches_cpu(mma, dx_first, monkeypatch, rng):
     """A Dense with K = 2048 at batch 64 and 130 outputs: its forward as the 3xTF32 product split
     over K with the ordered partial sum (conv.cu's dense_mma; three 64-unit tiles, the last
     partial) and its dx (64 x 2048, K = 130: not a multiple of 4, 4-byte copies) as the same
@@ -280,8 +280,10 @@ def test_dense_long_k_matches_cpu(mma, monkeypatch, rng):
     partial batches (37 and 5 rows), then prediction. SGD with momentum: with Adam, whose
     per-element normalization turns last-bit differences of near-zero gradient entries into
     learning-rate-sized steps, 12 steps ended 1.4e-4 (relative) from the cpu's first-layer weights
-    at this fan-in (H200), though every product matched to fp32 rounding."""
+    at this fan-in (H200), though every product matched to fp32 rounding. The dx product is
+    enqueued before the side stream's dW by default, after it with $MPSCY_CUDA_DX_FIRST=0."""
     monkeypatch.setenv("MPSCY_CUDA_DENSE_MMA", mma)
+    monkeypatch.setenv("MPSCY_CUDA_DX_FIRST", dx_first)
     cpu, gpu = pair(lambda: [L.Dense(2048), L.Tanh(), L.Dense(130), L.ReLU(), L.Dense(10)], (48,), batch=64,
                     opt=lambda: optim.SGD(0.05, momentum=0.9))
     x = rng.standard_normal((69, 48)).astype(np.float32)

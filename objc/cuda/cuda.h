@@ -150,6 +150,7 @@ typedef struct cu_graph {
      * are copied (cu_pull_parts); $MPSCY_CUDA_PULL_CONV=0 waits for the whole pull */
     int pull_conv;             /* the knob, at build */
     int carveout;              /* the shared-memory carveout of every launch (percent), or -1: each kernel's own */
+    int dx_first;              /* $MPSCY_CUDA_DX_FIRST not 0: a Dense's dx product enqueued before its side-stream dW */
     int sum_wide;              /* conv.cu's partial sums of more splits than this by 32-warp blocks (0: never) */
     int pull_next;             /* per capture: the pull, the last kernel enqueued, flags its parts for it */
 } cu_graph;
@@ -349,6 +350,11 @@ const char *cu_fused_form(const cu_graph *g, char *buf, size_t n);
 
 /* Side stream: fork from the main stream before enqueueing off-critical-path work. */
 int cu_fork(cu_graph *g, char *err, size_t en);
+/* the same in two parts: the mark (where the side stream's next work may start) on the main
+ * stream, then, after more main-stream work is enqueued, the side stream's wait for it: the
+ * main stream's kernels between them come first in the graph's order */
+int cu_fork_mark(cu_graph *g, char *err, size_t en);
+int cu_fork_follow(cu_graph *g, char *err, size_t en);
 int cu_join(cu_graph *g, char *err, size_t en);
 
 /* Checks the last launch; formats a CUDA error into err. */

@@ -206,8 +206,19 @@ int cu_dense_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, si
             return st;
         db_done = 1;
     }
-    if ((st = cu_fork(g, err, en)) != MPSCY_OK) return st;
     const int64_t B = g->plan.batch;  /* decisions by the built batch, as planned in graph.cu */
+    int32_t drop;
+    const bool mma_dx = dx && !n->accum[0] && masked_target(g, n, &drop) < 0 && dense_mma_dx_fits(g, B, out, in);
+    if (mma_dx && g->dx_first) {
+        /* the side stream's dW may start with dx, but dx's product is enqueued (and in the graph
+         * ordered) before it, so that its blocks are not queued behind dW's */
+        if ((st = cu_fork_mark(g, err, en)) != MPSCY_OK ||
+            (st = dense_mma_dx(g, dx, dz, w, b, out, in, err, en)) != MPSCY_OK ||
+            (st = cu_fork_follow(g, err, en)) != MPSCY_OK)
+            return st;
+    } else if ((st = cu_fork(g, err, en)) != MPSCY_OK) {
+        return st;
+    }
     if (cu_gemm_small_wanted(g, out, in, B)) {
         /* dW (out, in) = dz^T x: A(m, k) = dz[k out + m], B(k, n) = x[k in + n]; db = rows of A */
         cu_small_gemm q = {dw, dz, x, out, in, b, 1, out, in, 1, in, NULL, 0, NULL, 0, db_done ? NULL : db};
@@ -229,10 +240,8 @@ int cu_dense_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, si
         if (!db_done && (st = cu_bias_act_backward(g, g->side, NULL, db, dz, NULL, b, out, err, en)) != MPSCY_OK)
             return st;
     }
-    if (!dx) return MPSCY_OK;
-    int32_t drop;
-    if (!n->accum[0] && masked_target(g, n, &drop) < 0 && dense_mma_dx_fits(g, B, out, in))
-        return dense_mma_dx(g, dx, dz, w, b, out, in, err, en);  /* fp32, plain dx */
+    if (!dx || (mma_dx && g->dx_first)) return MPSCY_OK;
+    if (mma_dx) return dense_mma_dx(g, dx, dz, w, b, out, in, err, en);  /* fp32, plain dx */
     if (cu_gemm_small_wanted(g, B, in, out)) {
         /* dx (b, in) = dz W: A(m, k) = dz[m out + k], B(k, n) = W[k in + n] */
         cu_dx_target t;

@@ -115,12 +115,22 @@ static int defers(const cu_graph *g, int kind) {
     return g->defer && kind != CU_KIND_GRAD && !(kind == CU_KIND_TRAIN && g->fu);
 }
 
-int cu_fork(cu_graph *g, char *err, size_t en) {
+int cu_fork_mark(cu_graph *g, char *err, size_t en) {
     if (g->side == g->stream) return MPSCY_OK;  /* MPSCY_CUDA_STREAMS=1 */
     CU_TRY(cudaEventRecord(g->fork, g->stream), "fork event");
+    return MPSCY_OK;
+}
+
+int cu_fork_follow(cu_graph *g, char *err, size_t en) {
+    if (g->side == g->stream) return MPSCY_OK;
     CU_TRY(cudaStreamWaitEvent(g->side, g->fork, 0), "side stream wait");
     g->forked = 1;
     return MPSCY_OK;
+}
+
+int cu_fork(cu_graph *g, char *err, size_t en) {
+    int st = cu_fork_mark(g, err, en);
+    return st != MPSCY_OK ? st : cu_fork_follow(g, err, en);
 }
 
 int cu_join(cu_graph *g, char *err, size_t en) {
