@@ -584,19 +584,20 @@ def test_weight_gradient_schedules_match(monkeypatch, rng):
     own split-K product, 80 chunks of K, added by blocks of 32 warps; partial batches of 9 and 4
     rows: 18 and 8 chunks, 8 warps). Every launch asks for the largest shared-memory carveout;
     MPSCY_CUDA_CARVEOUT=-1 leaves each kernel its own, and MPSCY_CUDA_CARVEOUT=0 asks for the
-    smallest: neither changes what a kernel computes, so 6 training steps give the default's
-    bits. MPSCY_CUDA_SUM_WIDE=0 adds the 80 partials with 8 warps (another order): it matches the
+    smallest; the implicit dx products are enqueued before the side stream's weight gradients,
+    after them with MPSCY_CUDA_DX_FIRST=0: none changes what a kernel computes, so 6 training
+    steps give the default's bits. MPSCY_CUDA_SUM_WIDE=0 adds the 80 partials with 8 warps (another order): it matches the
     cpu within the parameter tolerance."""
     build = lambda: [_maybe("Conv2D")(8, 3, padding=1), L.ReLU(), _maybe("Conv2D")(8, 3, padding=1), L.ReLU(),
                      _maybe("Conv2D")(8, 3, padding=1), L.ReLU(), L.Flatten(), L.Dense(5)]
     rows = [40, 9, 40, 4, 40, 40]
     xs = [rng.standard_normal((r, 3, 16, 16)).astype(np.float32) for r in rows]
     ys = [rng.integers(0, 5, r).astype(np.int32) for r in rows]
-    same = ({"MPSCY_CUDA_CARVEOUT": "-1"}, {"MPSCY_CUDA_CARVEOUT": "0"})
+    same = ({"MPSCY_CUDA_CARVEOUT": "-1"}, {"MPSCY_CUDA_CARVEOUT": "0"}, {"MPSCY_CUDA_DX_FIRST": "0"})
     envs = ({},) + same + ({"MPSCY_CUDA_SUM_WIDE": "0"},)
     params = []
     for env in envs:
-        for k in ("MPSCY_CUDA_CARVEOUT", "MPSCY_CUDA_SUM_WIDE"):
+        for k in ("MPSCY_CUDA_CARVEOUT", "MPSCY_CUDA_SUM_WIDE", "MPSCY_CUDA_DX_FIRST"):
             monkeypatch.delenv(k, raising=False)
         for k, v in env.items():
             monkeypatch.setenv(k, v)

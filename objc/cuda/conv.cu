@@ -549,9 +549,29 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
                      CU_THREADS, gr->stream, dzt, dbp, dy, ry, b, g.oc, g.ohw, g.ow, (int64_t)DZ_CHUNK, vec),
            "conv_dz");
     int st = CU_LAUNCHED("conv_dz");
+    /* dx as one product on the main stream (conv_dgrad_s2 or the implicit one) */
+    auto dx_product = [&]() -> int {
+        if (s2 || s1) CU_TRY(cudaStreamWaitEvent(gr->stream, gr->wready, 0), "wc wait");  /* W re-laid (forward) */
+        if (s2) return cu_conv_s2_dgrad(gr, &g, dx, dzs, slab + sl.wc, nb, shifted, (int)n->accum[0], err, en);
+        /* dx = the stride-1 convolution of dz (OC, b*OHW) with W flipped and padding 2 - p */
+        cu_implicit q = {};
+        q.y = dx; q.x = dzt; q.w = slab + sl.wc;
+        q.b = b; q.c = g.oc; q.h = g.oh; q.w_in = g.ow; q.sxc = nb; q.sxs = g.ohw;
+        q.m = g.c; q.oh = g.h; q.ow = g.w; q.ph = 2 - g.ph; q.pw = 2 - g.pw; q.stride = 1;
+        q.accum = (int)n->accum[0];
+        return cu_conv_implicit(gr, gr->stream, &q, err, en);
+    };
     /* the weight and bias gradients on the side stream (they read only this convolution's slab),
-     * dx's products on the main one */
-    if (st == MPSCY_OK) st = cu_fork(gr, err, en);
+     * dx's products on the main one; a dx of one product is enqueued first (the fork's mark
+     * before it, the side stream's wait after: dependencies unchanged), so that its blocks are
+     * not queued behind the weight gradient's ($MPSCY_CUDA_DX_FIRST=2) */
+    const bool dx_first = dx && (s2 || s1) && gr->dx_first >= 2 && gr->side != gr->stream;
+    if (st == MPSCY_OK && dx_first) {
+        if ((st = cu_fork_mark(gr, err, en)) == MPSCY_OK && (st = dx_product()) == MPSCY_OK)
+            st = cu_fork_follow(gr, err, en);
+    } else if (st == MPSCY_OK) {
+        st = cu_fork(gr, err, en);
+    }
     if (st == MPSCY_OK && db) {
         /* with no dx (a layer on the model's input) the main stream has nothing of this layer
          * left to run, and in a chain nothing at all until the join: the bias sums run there,
@@ -574,18 +594,8 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
             st = conv_gemm(gr, CONV_DCOL, 0, g, nb, nb_built, dcol + gi * g.kg * nb, w + gi * g.ocg * g.kg, NULL,
                            dzt + gi * g.ocg * nb, NULL, err, en);
     }
-    if (st != MPSCY_OK || !dx) return st;
-    if (s2 || s1) CU_TRY(cudaStreamWaitEvent(gr->stream, gr->wready, 0), "wc wait");  /* W re-laid (forward) */
-    if (s2) return cu_conv_s2_dgrad(gr, &g, dx, dzs, slab + sl.wc, nb, shifted, (int)n->accum[0], err, en);
-    if (s1) {
-        /* dx = the stride-1 convolution of dz (OC, b*OHW) with W flipped and padding 2 - p */
-        cu_implicit q = {};
-        q.y = dx; q.x = dzt; q.w = slab + sl.wc;
-        q.b = b; q.c = g.oc; q.h = g.oh; q.w_in = g.ow; q.sxc = nb; q.sxs = g.ohw;
-        q.m = g.c; q.oh = g.h; q.ow = g.w; q.ph = 2 - g.ph; q.pw = 2 - g.pw; q.stride = 1;
-        q.accum = (int)n->accum[0];
-        return cu_conv_implicit(gr, gr->stream, &q, err, en);
-    }
+    if (st != MPSCY_OK || !dx || dx_first) return st;
+    if (s2 || s1) return dx_product();
     return cu_col2im(gr, &g, dx, dcol, b, (int)n->accum[0], err, en);
 }
 

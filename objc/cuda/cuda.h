@@ -150,7 +150,8 @@ typedef struct cu_graph {
      * are copied (cu_pull_parts); $MPSCY_CUDA_PULL_CONV=0 waits for the whole pull */
     int pull_conv;             /* the knob, at build */
     int carveout;              /* the shared-memory carveout of every launch (percent), or -1: each kernel's own */
-    int dx_first;              /* $MPSCY_CUDA_DX_FIRST not 0: a Dense's dx product enqueued before its side-stream dW */
+    int dx_first;              /* $MPSCY_CUDA_DX_FIRST: 1 a Dense's dx product enqueued before its side-stream dW,
+                                * 2 a convolution's too, 0 neither */
     int sum_wide;              /* conv.cu's partial sums of more splits than this by 32-warp blocks (0: never) */
     int pull_next;             /* per capture: the pull, the last kernel enqueued, flags its parts for it */
 } cu_graph;
