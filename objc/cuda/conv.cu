@@ -375,9 +375,9 @@ static int conv_gemm(cu_graph *gr, int which, int side, const conv_geom &g, int6
         int st = CU_LAUNCHED("conv_dw");
         if (st != MPSCY_OK || s == 1) return st;
         /* 32 warps a block where 8 would each add more than 8 partials (the README CNN's first
-         * convolution: 256 partials of 864, 11.0 us in the timeline as 8 warps; its step with the
-         * 100% carveout 263.7 us against 272.7 as 8 warps, A/B on the H200); $MPSCY_CUDA_SUM_WIDE sets
-         * the threshold (0: always 8) */
+         * convolution: 256 partials of 864, 11.0 us in the timeline as 8 warps; its step with
+         * the 100% carveout 263.7 us against 272.7 as 8 warps, A/B on the H200);
+         * $MPSCY_CUDA_SUM_WIDE sets the threshold (0: always 8) */
         const unsigned sum_threads = gr->sum_wide > 0 && s > gr->sum_wide ? 1024 : CU_THREADS;
         CU_TRY(cu_launch(gr, conv_sum_parts, cu_blocks(kgo, 32, 4096), sum_threads, stream, c, (const float *)part,
                          kgo, s, (const float *)NULL, (int64_t)1, 0),

@@ -191,13 +191,13 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     g->carveout = cvk && cvk[0] ? atoi(cvk) : 100;
     if (g->carveout > 100) g->carveout = 100;
     if (g->carveout < 0) g->carveout = -1;
-    /* a long weight gradient's ordered sums of more than 64 partials by blocks of 32 warps (conv.cu);
-     * $MPSCY_CUDA_SUM_WIDE=N: of more than N, 0 never: a knob for A/B timing */
     /* a Dense's dx as dense.cu's product (1), and a convolution's as one product (2), enqueued
      * before the weight gradient on the side stream (dependencies unchanged); 0 enqueues the
      * weight gradients first: a knob for A/B timing */
     const char *dxk = getenv("MPSCY_CUDA_DX_FIRST");
     g->dx_first = dxk && dxk[0] ? atoi(dxk) : 2;
+    /* a long weight gradient's ordered sums of more than 64 partials by blocks of 32 warps (conv.cu);
+     * $MPSCY_CUDA_SUM_WIDE=N: of more than N, 0 never: a knob for A/B timing */
     const char *swk = getenv("MPSCY_CUDA_SUM_WIDE");
     g->sum_wide = swk && swk[0] ? atoi(swk) : 64;
     int convs = 0;
