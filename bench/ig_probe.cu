@@ -312,7 +312,6 @@ __global__ void __launch_bounds__(256, 1) wg_kernel(ig_args a) {
         }
 }
 
-
 struct shape { const char *name; int b, c, h, w, oc, s; };
 
 template <int TM, int S>

@@ -13,7 +13,6 @@
 
 #include "probe.h"
 
-
 // blocks split n4 float4 evenly; each thread keeps U loads of host memory in flight
 template <int U>
 __global__ void pull(float4 *__restrict__ d, const float4 *s, long n4) {

@@ -19,7 +19,6 @@
 #include "../objc/cuda/cuda.h"  // cu_load_acquire_gpu, cu_load_acquire_sys
 #include "probe.h"
 
-
 static __device__ __forceinline__ void st_release_sys(unsigned *p, unsigned v) {
     asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }

@@ -273,7 +273,7 @@ def test_implicit_conv_accumulated_and_input_gradients_match_cpu(implicit, monke
 @pytest.mark.parametrize("mma,dx_first", [("1", "1"), ("1", "0"), ("0", "1")])
 def test_dense_long_k_matches_cpu(mma, dx_first, monkeypatch, rng):
     """A Dense with K = 2048 at batch 64 and 130 outputs: its forward as the 3xTF32 product split
-    over K with the ordered partial sum (conv.cu's dense_mma; three 64-unit tiles, the last
+    over K with the ordered partial sum (dense.cu's dense_mma_forward; three 64-unit tiles, the last
     partial) and its dx (64 x 2048, K = 130: not a multiple of 4, 4-byte copies) as the same
     product, through a Tanh below; with $MPSCY_CUDA_DENSE_MMA=0 the small-GEMM kernel (split-K
     partials and last-block finish; five 32-column tiles) and cuBLASLt. Training over full and
@@ -586,8 +586,8 @@ def test_weight_gradient_schedules_match(monkeypatch, rng):
     MPSCY_CUDA_CARVEOUT=-1 leaves each kernel its own, and MPSCY_CUDA_CARVEOUT=0 asks for the
     smallest; the implicit dx products are enqueued before the side stream's weight gradients,
     after them with MPSCY_CUDA_DX_FIRST=0: none changes what a kernel computes, so 6 training
-    steps give the default's bits. MPSCY_CUDA_SUM_WIDE=0 adds the 80 partials with 8 warps (another order): it matches the
-    cpu within the parameter tolerance."""
+    steps give the default's bits. MPSCY_CUDA_SUM_WIDE=0 adds the 80 partials with 8 warps
+    (another order): it matches the cpu within the parameter tolerance."""
     build = lambda: [_maybe("Conv2D")(8, 3, padding=1), L.ReLU(), _maybe("Conv2D")(8, 3, padding=1), L.ReLU(),
                      _maybe("Conv2D")(8, 3, padding=1), L.ReLU(), L.Flatten(), L.Dense(5)]
     rows = [40, 9, 40, 4, 40, 40]

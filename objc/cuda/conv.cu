@@ -30,8 +30,8 @@ static conv_geom geom(const mpscy_plan *p, const mpscy_node *n) { return mpscy_c
  * + bias[e % n] when bias, then the ReLU when relu. A block of W warps (W = blockDim.x / 32, at
  * most 32) takes 32 outputs: warp w adds splits w, w + W, ... (coalesced across the warp), then
  * one warp adds the W sums in order, so the result is the same bits on every run (at one W). */
-__global__ void conv_sum_parts(float *out, const float *part, int64_t count, int64_t splits, const float *bias,
-                               int64_t n, int relu) {
+static __global__ void conv_sum_parts(float *out, const float *part, int64_t count, int64_t splits,
+                                      const float *bias, int64_t n, int relu) {
     __shared__ float sums[32][33];
     cu_pdl_enter();
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, W = blockDim.x >> 5;
@@ -51,6 +51,17 @@ __global__ void conv_sum_parts(float *out, const float *part, int64_t count, int
         }
         __syncthreads();
     }
+}
+
+/* conv_sum_parts over count outputs on stream s, blocks of 32 warps where 8 would each add more
+ * than 8 partials: more than gr->sum_wide splits (default 64; the README CNN's first convolution's
+ * weight gradient, 256 partials of 864: 11.0 us in the timeline as 8 warps, 4.2 as 32, and its step
+ * with the 100% carveout 263.7 us against 272.7, A/B on the H200) */
+cudaError_t cu_sum_parts(const cu_graph *gr, cudaStream_t s, float *out, const float *part, int64_t count,
+                         int64_t splits, const float *bias, int64_t n, int relu) {
+    const unsigned threads = gr->sum_wide > 0 && splits > gr->sum_wide ? 1024 : CU_THREADS;
+    return cu_launch(gr, conv_sum_parts, cu_blocks(count, 32, 4096), threads, s, out, part, count, splits, bias, n,
+                     relu);
 }
 
 /* The own products (sm_80 and newer, fp32): 3xTF32 on tensor cores in mma.cuh's pipeline:
@@ -374,14 +385,7 @@ static int conv_gemm(cu_graph *gr, int which, int side, const conv_geom &g, int6
                "conv_dw");
         int st = CU_LAUNCHED("conv_dw");
         if (st != MPSCY_OK || s == 1) return st;
-        /* 32 warps a block where 8 would each add more than 8 partials (the README CNN's first
-         * convolution: 256 partials of 864, 11.0 us in the timeline as 8 warps; its step with
-         * the 100% carveout 263.7 us against 272.7 as 8 warps, A/B on the H200);
-         * $MPSCY_CUDA_SUM_WIDE sets the threshold (0: always 8) */
-        const unsigned sum_threads = gr->sum_wide > 0 && s > gr->sum_wide ? 1024 : CU_THREADS;
-        CU_TRY(cu_launch(gr, conv_sum_parts, cu_blocks(kgo, 32, 4096), sum_threads, stream, c, (const float *)part,
-                         kgo, s, (const float *)NULL, (int64_t)1, 0),
-               "conv_dw_reduce");
+        CU_TRY(cu_sum_parts(gr, stream, c, part, kgo, s, NULL, 1, 0), "conv_dw_reduce");
         return CU_LAUNCHED("conv_dw_reduce");
     }
     if (which == CONV_DW && conv_long_dw(gr, nb_built) && nb >= 4 * DW_CHUNK) {
@@ -398,9 +402,7 @@ static int conv_gemm(cu_graph *gr, int which, int side, const conv_geom &g, int6
         }
         if (st == MPSCY_OK) {
             int64_t splits = full + (tail ? 1 : 0);
-            CU_TRY(cu_launch(gr, conv_sum_parts, cu_blocks(kgo, 32, 4096), CU_THREADS, stream, c,
-                             (const float *)part, kgo, splits, (const float *)NULL, (int64_t)1, 0),
-                   "conv_dw_reduce");
+            CU_TRY(cu_sum_parts(gr, stream, c, part, kgo, splits, NULL, 1, 0), "conv_dw_reduce");
             return CU_LAUNCHED("conv_dw_reduce");
         }
         if (st != MPSCY_UNSUPPORTED) return st;
@@ -549,9 +551,9 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
                      CU_THREADS, gr->stream, dzt, dbp, dy, ry, b, g.oc, g.ohw, g.ow, (int64_t)DZ_CHUNK, vec),
            "conv_dz");
     int st = CU_LAUNCHED("conv_dz");
-    /* dx as one product on the main stream (conv_dgrad_s2 or the implicit one) */
+    /* dx as one product on the main stream (s2: conv_dgrad_s2, s1: the implicit one) */
     auto dx_product = [&]() -> int {
-        if (s2 || s1) CU_TRY(cudaStreamWaitEvent(gr->stream, gr->wready, 0), "wc wait");  /* W re-laid (forward) */
+        CU_TRY(cudaStreamWaitEvent(gr->stream, gr->wready, 0), "wc wait");  /* W re-laid (forward) */
         if (s2) return cu_conv_s2_dgrad(gr, &g, dx, dzs, slab + sl.wc, nb, shifted, (int)n->accum[0], err, en);
         /* dx = the stride-1 convolution of dz (OC, b*OHW) with W flipped and padding 2 - p */
         cu_implicit q = {};
@@ -576,9 +578,7 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
         /* with no dx (a layer on the model's input) the main stream has nothing of this layer
          * left to run, and in a chain nothing at all until the join: the bias sums run there,
          * beside the weight gradient, not before it on the side stream */
-        CU_TRY(cu_launch(gr, conv_sum_parts, cu_blocks(g.oc, 32, 4096), CU_THREADS, dx ? gr->side : gr->stream, db,
-                         (const float *)dbp, g.oc, chunks, (const float *)NULL, (int64_t)1, 0),
-               "conv_db");
+        CU_TRY(cu_sum_parts(gr, dx ? gr->side : gr->stream, db, dbp, g.oc, chunks, NULL, 1, 0), "conv_db");
         st = CU_LAUNCHED("conv_db");
     }
     /* without dx (a layer on the model's input) the main stream has nothing left to run until the
@@ -618,4 +618,3 @@ int64_t cu_conv_columns(const mpscy_plan *p, const mpscy_node *n) {
     conv_geom g = geom(p, n);
     return slab_of(g, p->batch * g.ohw, conv_s2(p, n, g), conv_s1(p, n, g)).total;
 }
-

@@ -133,7 +133,7 @@ typedef struct cu_graph {
     int64_t gws_floats, gws_used, gcount_n, gcount_used;
     int gemm_mode;             /* $MPSCY_CUDA_GEMM at build: 1 own kernels, 0 cuBLASLt, 2 by size */
     int implicit;              /* $MPSCY_CUDA_IMPLICIT at build not 0: conv_implicit.cu where it fits */
-    int head;                  /* $MPSCY_CUDA_HEAD at build not 0: head.cu where it fits */
+    int head;                  /* training steps run head.cu ($MPSCY_CUDA_HEAD not 0 and cu_head_fits, at build) */
     int dense_mma;             /* $MPSCY_CUDA_DENSE_MMA at build not 0: dense.cu's long-K products where they fit */
     uint8_t *dz_ready;         /* per node, per capture: its dz was written (ReLU mask applied) by a consumer;
                                   for a Dropout between them: its backward was, so it runs none */
@@ -152,7 +152,7 @@ typedef struct cu_graph {
     int carveout;              /* the shared-memory carveout of every launch (percent), or -1: each kernel's own */
     int dx_first;              /* $MPSCY_CUDA_DX_FIRST: 1 a Dense's dx product enqueued before its side-stream dW,
                                 * 2 a convolution's too, 0 neither */
-    int sum_wide;              /* conv.cu's partial sums of more splits than this by 32-warp blocks (0: never) */
+    int sum_wide;              /* cu_sum_parts of more splits than this by 32-warp blocks (0: never) */
     int pull_next;             /* per capture: the pull, the last kernel enqueued, flags its parts for it */
 } cu_graph;
 
@@ -225,6 +225,11 @@ int cu_conv_direct_fits(const mpscy_conv_geom *cg);
 int cu_conv_direct(cu_graph *g, const mpscy_conv_geom *cg, float *y, const float *x, const float *w, const float *bias,
                    int64_t b, int relu, char *err, size_t en);
 int cu_conv_direct_beside(const cu_graph *g);  /* the first layer starts beside the pull (conv_direct.cu) */
+/* conv.cu: out (count) = the ordered sum of `splits` partials (splits, count), + bias[e % n] when
+ * bias, through the ReLU when relu (a Dense's long-K forward), launched on s; the same bits every
+ * run at one configuration */
+cudaError_t cu_sum_parts(const cu_graph *g, cudaStream_t s, float *out, const float *part, int64_t count,
+                         int64_t splits, const float *bias, int64_t n, int relu);
 
 /* The pull's parts (step.cu): block k of the pull copies part k % CU_PULL_SPLIT (cu_pull_part
  * floats) of piece k / CU_PULL_SPLIT of input 0, then, when the first layer starts beside it
@@ -267,10 +272,6 @@ int cu_conv_implicit(cu_graph *g, cudaStream_t s, const cu_implicit *q, char *er
 int cu_conv_flip_weights(cu_graph *g, cudaStream_t s, const mpscy_conv_geom *cg, float *wt, const float *w, char *err,
                          size_t en);
 #if defined(__CUDACC__)
-/* conv.cu: out (count) = the ordered sum of `splits` partials (splits, count), + bias[e % n] when
- * bias, through the ReLU when relu (dense.cu's long-K forward) */
-__global__ void conv_sum_parts(float *out, const float *part, int64_t count, int64_t splits, const float *bias,
-                               int64_t n, int relu);
 /* conv.cu: y (b, OC, OHW) channels o0 .. o0 + M = the ordered sum of split partials (splits, M, nb) + bias,
  * through the ReLU when relu */
 __global__ void conv_fwd_sum(float *y, const float *part, const float *bias, int64_t splits, int64_t M, int64_t nb,
@@ -316,7 +317,7 @@ void cu_colsum_need(int sms, int64_t rows, int64_t cols, int64_t *floats, int64_
  * also finalize the result there. */
 int cu_loss(cu_graph *g, float *dy, int64_t b, int finalize, char *err, size_t en);
 /* head.cu: a training step's output Dense, loss and the Dense's backward in two kernels, where
- * cu_head_fits (at capture) */
+ * cu_head_fits (graph.cu decides it once, at build: cu_graph.head) */
 int cu_head_fits(const cu_graph *g);
 int cu_head(cu_graph *g, int64_t b, char *err, size_t en);
 /* dense.cu: where the Dense n's dx goes with the epilogue of the layer below (the lower Dense's

@@ -17,7 +17,7 @@
 #include "mma.cuh"
 
 /* ---- the forward with a long K and a small output: y (b, out) = x W^T as mma.cuh's 3xTF32
- * product split over K, then conv.cu's conv_sum_parts adds the partials in order with the bias
+ * product split over K, then conv.cu's cu_sum_parts adds the partials in order with the bias
  * and the fused ReLU. Measured before (H200, the README CNN's 4096 -> 128 at batch
  * 64): 13.2 us in the step's timeline as the small-GEMM kernel's 2x2 FMA tiles. */
 
@@ -41,9 +41,15 @@ static int64_t dense_mma_splits(int64_t b, int64_t out, int64_t in, int sms, int
     return (in + *chunk - 1) / *chunk;
 }
 
+/* a product large enough for it (smaller ones stay fp32 FMA: under Adam, 3xTF32's ~2^-21 rounding
+ * of a 1500 -> 5 layer ended 1.17e-4 from the cpu against the 1e-4 contract), whose rows index
+ * within int32 */
+static bool dense_mma_big(int64_t b, int64_t out, int64_t in) {
+    return (double)b * out * in >= (double)(1 << 22) && b <= INT32_MAX / in;
+}
+
 static bool dense_mma_shape(int64_t b, int64_t out, int64_t in) {
-    return in >= DENSE_MMA_MIN_K && b * out <= 65536 && (double)b * out * in >= (double)(1 << 22) &&
-           b <= INT32_MAX / in;
+    return in >= DENSE_MMA_MIN_K && b * out <= 65536 && dense_mma_big(b, out, in);
 }
 
 static bool dense_mma_fits(const cu_graph *gr, int64_t b, int64_t out, int64_t in) {
@@ -71,9 +77,7 @@ static int dense_mma_forward(cu_graph *gr, float *y, const float *x, const float
            "dense_mma");
     int st = CU_LAUNCHED("dense_mma");
     if (st != MPSCY_OK) return st;
-    CU_TRY(cu_launch(gr, conv_sum_parts, cu_blocks(b * out, 32, 4096), CU_THREADS, gr->stream, y, (const float *)part,
-                     b * out, splits, bias, out, relu),
-           "dense_mma sum");
+    CU_TRY(cu_sum_parts(gr, gr->stream, y, part, b * out, splits, bias, out, relu), "dense_mma sum");
     return CU_LAUNCHED("dense_mma sum");
 }
 
@@ -90,8 +94,7 @@ static mma_fn dx_kind(bool va, bool vb, int *bytes) {
 }
 
 static bool dense_mma_dx_fits(const cu_graph *gr, int64_t b, int64_t out, int64_t in) {
-    return gr->dense_mma && cu_mma_own(gr) && out <= 256 && b * in >= 65536 && (double)b * out * in >= (double)(1 << 22) &&
-           b <= INT32_MAX / in;
+    return gr->dense_mma && cu_mma_own(gr) && out <= 256 && b * in >= 65536 && dense_mma_big(b, out, in);
 }
 
 static int dense_mma_dx(cu_graph *gr, float *dx, const float *dz, const float *w, int64_t b, int64_t out, int64_t in,

@@ -163,8 +163,9 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
      * product (dense.cu); 0 turns them off: a knob for A/B timing and testing */
     const char *dm = getenv("MPSCY_CUDA_DENSE_MMA");
     g->dense_mma = !(dm && dm[0] == '0');
-    /* the output Dense and a cross-entropy loss in two kernels in training steps (head.cu); 0
-     * turns it off: a knob for A/B timing and testing */
+    /* the output Dense and a cross-entropy loss in two kernels in training steps (head.cu) where
+     * cu_head_fits, decided below once the fusions are planned; 0 turns it off: a knob for A/B
+     * timing and testing */
     const char *hk = getenv("MPSCY_CUDA_HEAD");
     g->head = !(hk && hk[0] == '0');
     /* a training step returns once its result is final, its update still running (step.cu);
@@ -196,7 +197,7 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
      * weight gradients first: a knob for A/B timing */
     const char *dxk = getenv("MPSCY_CUDA_DX_FIRST");
     g->dx_first = dxk && dxk[0] ? atoi(dxk) : 2;
-    /* a long weight gradient's ordered sums of more than 64 partials by blocks of 32 warps (conv.cu);
+    /* ordered sums of more than 64 partials by blocks of 32 warps (conv.cu's cu_sum_parts);
      * $MPSCY_CUDA_SUM_WIDE=N: of more than N, 0 never: a knob for A/B timing */
     const char *swk = getenv("MPSCY_CUDA_SUM_WIDE");
     g->sum_wide = swk && swk[0] ? atoi(swk) : 64;
@@ -320,6 +321,7 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
         g->dy[i] = node->grad ? g->dact + node->dout : NULL;
     }
     plan_fusions(g);
+    g->head = g->head && cu_head_fits(g);  /* decided once: every capture and partial step reads it */
     int64_t at = 0;
     for (int32_t i = 0; i < p->n_nodes; i++)
         if (p->nodes[i].kind == MPSCY_LAYER_CONV2D) {
@@ -376,7 +378,7 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     if (getenv("MPSCY_CUDA_VERBOSE")) {
         char form[64];
         fprintf(stderr, "mpscy: cuda train step: %s%s\n", cu_fused_form(g, form, sizeof form),
-                !g->fu && cu_head_fits(g) ? ", the output Dense with the loss" : "");
+                !g->fu && g->head ? ", the output Dense with the loss" : "");
     }
     *out = &g->base;
     return MPSCY_OK;

@@ -7,9 +7,10 @@
  * fewer than 100k multiply-adds: the Dense's product, the loss, the dx product and (on the side
  * stream) the dW product. One block for all of it was measured first (H200, the README CNN):
  * 32 us, issue-bound on one multiprocessor (113k warp instructions at 0.7 a cycle), against the
- * chain's ~17. cu_head_fits decides at capture. */
+ * chain's ~17. cu_head_fits decides, once at build (graph.cu). */
 #include "cuda.h"
 #include "reduce.h"
+#include "ce.h"
 
 #include <math.h>
 
@@ -61,8 +62,8 @@ static __device__ __forceinline__ void head_stage(uint32_t *dst, const float *a,
 }
 
 /* The forward and the loss: block q takes rows [8q, 8q + 8): logits (a thread an output, four
- * partial sums) into y, then a warp a row, lane j holding logit j, the loss and dz as loss.cu
- * computes them; the block's loss and correct count into cu_scratch's partials. */
+ * partial sums) into y, then a warp a row, lane j holding logit j, the loss and dz by ce.h's
+ * ce_row (as loss.cu); the block's loss and correct count into cu_scratch's partials. */
 __global__ void __launch_bounds__(HEAD_THREADS) head_forward(cu_scratch *S, head_args a) {
     extern __shared__ float sm[];
     __shared__ double wloss[HEAD_THREADS / 32];
@@ -98,27 +99,17 @@ __global__ void __launch_bounds__(HEAD_THREADS) head_forward(cu_scratch *S, head
     __syncthreads();
     const int32_t *labels = a.index_target ? (const int32_t *)a.target : NULL;
     const float *t = a.index_target ? NULL : (const float *)a.target;
-    const double inv_b = 1.0 / (double)a.b, u = a.eps / (double)c;
     double row = 0.0;
     long long correct = 0;
     if (warp < rows) {
-        const int r = r0 + warp;
-        const bool on = lane < c;
-        const int label = labels ? labels[r] : -1;
-        const float tv = t && on ? t[(int64_t)r * c + lane] : 0.0f;
-        const float v = on ? lg[warp * c + lane] : -INFINITY;
-        const float m = warp_allmax(v);
-        const double e = on ? exp((double)(v - m)) : 0.0;
-        const double lse = (double)m + log(warp_allsum(e));
-        double q = 0.0;
-        if (on) q = (1.0 - a.eps) * (labels ? (lane == label ? 1.0 : 0.0) : (double)tv) + u;
-        const double qsum = warp_allsum(q);
-        row = warp_sum(on ? -q * ((double)v - lse) : 0.0);
+        const int r = r0 + warp, label = labels ? labels[r] : -1;
+        const float *tr = t ? t + (int64_t)r * c : NULL;
+        row = warp_sum(ce_row<true>(lg + warp * c, c, lane, label, tr, a.eps, 1.0 / (double)a.b, a.dz + (int64_t)r * c));
         if (a.accuracy == MPSCY_ACCURACY_ARGMAX) {
-            const int want = labels ? label : lane_argmax(tv, lane, c);
-            correct = lane_argmax(v, lane, c) == want;
+            const bool on = lane < c;
+            const int want = labels ? label : lane_argmax(tr && on ? tr[lane] : 0.0f, lane, c);
+            correct = lane_argmax(on ? lg[warp * c + lane] : -INFINITY, lane, c) == want;
         }
-        if (on) a.dz[(int64_t)r * c + lane] = (float)((exp((double)v - lse) * qsum - q) * inv_b);
     }
     if (lane == 0) {
         wloss[warp] = row;
@@ -244,14 +235,14 @@ static int64_t head_backward_floats(int64_t b, int64_t c, int64_t in, int64_t dx
 }
 static int64_t head_dx_rows(int64_t in) { return in >= 4 * HEAD_THREADS ? 1 : 4 * HEAD_THREADS / in; }
 
-/* 1 when the captured training steps run the output Dense and the loss as head_forward and
- * head_backward: an output Dense of at most 32 units under (sparse) cross-entropy on logits, fp32,
- * whose kernels' tiles at the built batch fit a block's shared memory (about 48 KB);
- * $MPSCY_CUDA_HEAD=0 turns it off (a knob for A/B timing and testing). */
+/* 1 when training steps may run the output Dense and the loss as head_forward and head_backward:
+ * an output Dense of at most 32 units under (sparse) cross-entropy on logits, fp32, whose
+ * kernels' tiles at the built batch fit a block's shared memory (about 48 KB). Needs the
+ * fusions planned (g->fuse). */
 int cu_head_fits(const cu_graph *g) {
     const mpscy_plan *p = &g->plan;
     const mpscy_node *n = &p->nodes[p->output];
-    if (!g->head || n->kind != MPSCY_LAYER_DENSE || !n->grad || n->consumers != 1 || (g->fuse[p->output] & CU_FUSE_RELU))
+    if (n->kind != MPSCY_LAYER_DENSE || !n->grad || n->consumers != 1 || (g->fuse[p->output] & CU_FUSE_RELU))
         return 0;
     if (p->loss.kind != MPSCY_LOSS_SPARSE_CE && p->loss.kind != MPSCY_LOSS_CE) return 0;
     if (p->precision != MPSCY_PRECISION_FP32 || p->loss.accuracy == MPSCY_ACCURACY_THRESHOLD) return 0;

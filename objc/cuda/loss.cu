@@ -4,6 +4,7 @@
  * Eval graphs also finish the step's result here (there is no norm kernel after them). */
 #include "cuda.h"
 #include "reduce.h"
+#include "ce.h"
 
 #include <math.h>
 
@@ -44,25 +45,7 @@ __global__ void loss_forward_backward(cu_scratch *S, cu_result *R, float *dy, co
         float *dr = dy ? dy + r * c : NULL;
         double row = 0;
         if (a.kind == MPSCY_LOSS_SPARSE_CE || a.kind == MPSCY_LOSS_CE) {
-            float m = -INFINITY;
-            for (int64_t i = lane; i < c; i += 32) m = yr[i] > m ? yr[i] : m;
-            m = warp_allmax(m);
-            double s = 0;
-            for (int64_t i = lane; i < c; i += 32) s += exp((double)(yr[i] - m));
-            double lse = (double)m + log(warp_allsum(s)), qsum = 0;
-            for (int64_t i = lane; i < c; i += 32) {
-                double q = labels ? (i == labels[r] ? 1.0 : 0.0) : (double)tr[i];
-                q = (1.0 - a.eps) * q + u;
-                qsum += q;
-                row -= q * ((double)yr[i] - lse);
-            }
-            qsum = warp_allsum(qsum);
-            if (dr)
-                for (int64_t i = lane; i < c; i += 32) {
-                    double q = labels ? (i == labels[r] ? 1.0 : 0.0) : (double)tr[i];
-                    q = (1.0 - a.eps) * q + u;
-                    dr[i] = (float)((exp((double)yr[i] - lse) * qsum - q) * inv_b);
-                }
+            row = ce_row<false>(yr, c, lane, labels ? labels[r] : -1, tr, a.eps, inv_b, dr);
         } else {
             for (int64_t i = lane; i < c; i += 32) {
                 double x = yr[i], z = tr[i], d = x - z, g;

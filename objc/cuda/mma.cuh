@@ -199,7 +199,7 @@ static __device__ __forceinline__ void mma_product(float (&acc)[TM * TN], float 
 
 /* conv_mma_kernel (named for its first users, conv.cu's products): out[z] (M, N) = A[:, Kz]
  * B[:, Kz]^T for the z-th chunk of K (out + z zstride, row stride ldo), as the views above. A
- * product split over K leaves its partials for an ordered sum (conv.cu's conv_sum_parts). */
+ * product split over K leaves its partials for an ordered sum (conv.cu's cu_sum_parts). */
 template <int TM, int TN, bool AK, bool BK, bool VA, bool VB>
 __global__ void __launch_bounds__(256, 2) conv_mma_kernel(float *__restrict__ out, int64_t ldo, int64_t zstride,
                                                           const float *__restrict__ a, int64_t lda,

@@ -171,7 +171,7 @@ static int enqueue(cu_graph *g, int kind, int64_t b, int deferred, char *err, si
     }
 
     int train = kind == CU_KIND_TRAIN || kind == CU_KIND_GRAD;
-    const int head = train && cu_head_fits(g);  /* the output Dense runs with the loss (head.cu) */
+    const int head = train && g->head;  /* the output Dense runs with the loss (head.cu) */
     for (int32_t i = 0; i < p->n_nodes; i++) {
         const mpscy_node *node = &p->nodes[i];
         if (node->kind == MPSCY_LAYER_INPUT || (head && i == p->output)) continue;

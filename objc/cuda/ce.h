@@ -1,0 +1,40 @@
+/* ce.h — softmax cross-entropy of one row across a warp, as cpu/loss.c defines it
+ * (torch.nn.functional.cross_entropy with label smoothing eps, reduction "mean"), in double: the
+ * one definition loss.cu's loss kernel and head.cu's forward share. Header-only device code;
+ * include from .cu files only, after reduce.h. */
+#ifndef MPSCY_CUDA_CE_H
+#define MPSCY_CUDA_CE_H
+
+/* Row y (c logits; lane holds i = lane, lane + 32, ...; ONE: c <= 32, at most one a lane):
+ * returns this lane's share of the row's loss -sum_i q_i (y_i - logsumexp y) (warp_sum it), where
+ * q = (1 - eps) target + eps / c and the target is one-hot at label (label >= 0) or the
+ * probabilities t; writes the gradient (softmax_i sum q - q_i) inv_b into dz[i] when dz is given. */
+template <bool ONE>
+static __device__ __forceinline__ double ce_row(const float *y, int64_t c, int lane, int64_t label, const float *t,
+                                                double eps, double inv_b, float *dz) {
+    auto each = [&](auto f) {  /* f(i) for this lane's logits */
+        if constexpr (ONE) {
+            if (lane < c) f((int64_t)lane);
+        } else {
+            for (int64_t i = lane; i < c; i += 32) f(i);
+        }
+    };
+    auto q = [&](int64_t i) { return (1.0 - eps) * (t ? (double)t[i] : (i == label ? 1.0 : 0.0)) + eps / (double)c; };
+    float m = -INFINITY;
+    each([&](int64_t i) { m = y[i] > m ? y[i] : m; });
+    m = warp_allmax(m);
+    double s = 0;
+    each([&](int64_t i) { s += exp((double)(y[i] - m)); });
+    const double lse = (double)m + log(warp_allsum(s));
+    double row = 0, qsum = 0;
+    each([&](int64_t i) {
+        const double qi = q(i);
+        qsum += qi;
+        row -= qi * ((double)y[i] - lse);
+    });
+    qsum = warp_allsum(qsum);
+    if (dz) each([&](int64_t i) { dz[i] = (float)((exp((double)y[i] - lse) * qsum - q(i)) * inv_b); });
+    return row;
+}
+
+#endif /* MPSCY_CUDA_CE_H */
