@@ -820,6 +820,8 @@ def test_which_train_steps_run_as_one_kernel(monkeypatch, capfd):
 HEAD_MODELS = {
     # the upper Dense writes the lower one's dz through the Dropout's multipliers and the ReLU's mask
     "dropout": (LAYER_MODELS["dropout"][0], (12,), 16, "sparse_cross_entropy"),
+    # a Dropout below with no ReLU under it: its own backward reads the multipliers head_forward wrote
+    "dropout_plain": (lambda: [L.Dense(20), _maybe("Dropout")(0.5), L.Dense(5)], (12,), 16, "sparse_cross_entropy"),
     "relu_mask": (LAYER_MODELS["dense_relu"][0], (12,), 16, "sparse_cross_entropy"),
     # dx written plain (a Softmax below), probability targets with label smoothing
     "plain_dx_soft_targets": (LAYER_MODELS["relu_first"][0], (12,), 16, losses.CrossEntropy(label_smoothing=0.2)),
@@ -835,35 +837,45 @@ HEAD_MODELS = {
 @pytest.mark.parametrize("name", sorted(HEAD_MODELS))
 def test_output_dense_and_loss_kernels_match_cpu(name, monkeypatch, capfd, rng):
     """head.cu: the output Dense's forward and the cross-entropy, then the Dense's backward (dW,
-    db and dx with the epilogue of the layer below) as two kernels in training steps. 20 steps of full
-    and partial batches (the last of one row) against the cpu at the usual tolerances; the step
-    form says the kernel ran. Then the same model with $MPSCY_CUDA_HEAD=0 (the Dense, the loss
-    kernel and the Dense's products) on the same batches: parameters within 1e-5 of each other."""
+    db and dx with the epilogue of the layer below) as two kernels in training steps, with a
+    Dropout right below applied by the first. 20 steps of full and partial batches (the last of
+    one row) against the cpu at the usual tolerances; the step form says the kernels ran. Then on
+    the same batches: $MPSCY_CUDA_HEAD=1 (the Dropout's own kernel) gives the default's bits, and
+    $MPSCY_CUDA_HEAD=0 (the Dense, the loss kernel and the Dense's products) parameters within
+    1e-5 of them."""
     monkeypatch.setenv("MPSCY_CUDA_FUSED", "0")
     monkeypatch.setenv("MPSCY_CUDA_VERBOSE", "1")
     build, shape, batch, loss = HEAD_MODELS[name]
     opt = lambda: optim.SGD(0.05, momentum=0.9)  # noqa: E731
+    form = "separate kernels, the output Dense with the loss"
+    drop = form + " and the Dropout below it" if name.startswith("dropout") else form
     capfd.readouterr()
     cpu, gpu = pair(build, shape, batch=batch, loss=loss, opt=opt)
-    assert _train_step_form(capfd) == "separate kernels, the output Dense with the loss"
+    assert _train_step_form(capfd) == drop
     state = np.random.default_rng(5)
     compare_training(cpu, gpu, rng, steps=20, rows=[batch, 7, batch, 1])
     engines = {}
-    for head in ("1", "0"):  # read when the engine is built
+    for head, want in (("2", drop), ("1", form), ("0", "separate kernels")):  # read when the engine is built
         monkeypatch.setenv("MPSCY_CUDA_HEAD", head)
         capfd.readouterr()
         engines[head] = mpscy.Engine(mpscy.Sequential(build(), input_shape=shape), loss=loss, optimizer=opt(),
                                      batch_size=batch, device="cuda", seed=3)
-        assert _train_step_form(capfd).endswith("the output Dense with the loss") == (head == "1")
-    head, off = engines["1"], engines["0"]
+        assert _train_step_form(capfd) == want, head
+    results = {k: [] for k in engines}
     for s in range(10):
         n = (batch, 7, batch, 1)[s % 4]
         x = state.standard_normal((n,) + tuple(shape)).astype(np.float32)
-        y = targets(state, head.loss, n, tuple(head.model.output_shape))
-        ra, rb = head.step(x, y), off.step(x, y)
-        assert abs(ra.loss - rb.loss) <= 1e-5 * max(abs(rb.loss), 1e-3), (s, ra.loss, rb.loss)
-        assert ra.accuracy == rb.accuracy, (s, ra.accuracy, rb.accuracy)
-    pa, pb = head.get_parameters(), off.get_parameters()
+        y = targets(state, engines["2"].loss, n, tuple(engines["2"].model.output_shape))
+        for k, e in engines.items():
+            r = e.step(x, y)
+            results[k].append((r.loss, r.accuracy))
+        (la, aa), (lb, ab) = results["2"][-1], results["0"][-1]
+        assert abs(la - lb) <= 1e-5 * max(abs(lb), 1e-3), (s, la, lb)
+        assert aa == ab, (s, aa, ab)
+    assert results["1"] == results["2"]
+    pa, p1, pb = (engines[k].get_parameters() for k in ("2", "1", "0"))
+    for k in pa:
+        assert np.array_equal(pa[k], p1[k]), k
     worst = max(rel_err(pa[k], pb[k]) for k in pb)
     assert worst <= 1e-5, worst
 
@@ -871,7 +883,8 @@ def test_output_dense_and_loss_kernels_match_cpu(name, monkeypatch, capfd, rng):
 @cuda_only
 def test_which_train_steps_run_the_output_dense_with_the_loss(monkeypatch, capfd):
     """head.cu takes an output Dense of at most 32 units under (sparse) cross-entropy in fp32,
-    whose kernels' tiles at the built batch fit a block's 48 KB of shared memory."""
+    whose kernels' tiles at the built batch fit a block's 48 KB of shared memory, and the Dropout
+    right below it when that feeds nothing else."""
     monkeypatch.setenv("MPSCY_CUDA_FUSED", "0")
     monkeypatch.setenv("MPSCY_CUDA_VERBOSE", "1")
     dense = lambda c: (lambda: [L.Dense(16), L.ReLU(), L.Dense(c)])  # noqa: E731
@@ -890,6 +903,13 @@ def test_which_train_steps_run_the_output_dense_with_the_loss(monkeypatch, capfd
         mpscy.Engine(mpscy.Sequential(build(), input_shape=shape), loss=loss, batch_size=batch, device="cuda", **kw)
         got = _train_step_form(capfd)
         assert got.endswith("the output Dense with the loss") == want, (shape, loss, batch, kw, got)
+    # a Dropout right below that feeds nothing else: head_forward applies it ($MPSCY_CUDA_HEAD=1: not)
+    drop = lambda: [L.Dense(16), L.ReLU(), _maybe("Dropout")(0.5), L.Dense(5)]  # noqa: E731
+    for head, tail in (("", " and the Dropout below it"), ("1", "")):
+        monkeypatch.setenv("MPSCY_CUDA_HEAD", head)
+        capfd.readouterr()
+        mpscy.Engine(mpscy.Sequential(drop(), input_shape=(12,)), batch_size=16, device="cuda")
+        assert _train_step_form(capfd) == "separate kernels, the output Dense with the loss" + tail, head
 
 
 @cuda_only

@@ -134,6 +134,8 @@ typedef struct cu_graph {
     int gemm_mode;             /* $MPSCY_CUDA_GEMM at build: 1 own kernels, 0 cuBLASLt, 2 by size */
     int implicit;              /* $MPSCY_CUDA_IMPLICIT at build not 0: conv_implicit.cu where it fits */
     int head;                  /* training steps run head.cu ($MPSCY_CUDA_HEAD not 0 and cu_head_fits, at build) */
+    int32_t head_drop;         /* the Dropout below the output Dense whose training forward head_forward runs
+                                  (cu_head_dropout, at build), or -1 */
     int dense_mma;             /* $MPSCY_CUDA_DENSE_MMA at build not 0: dense.cu's long-K products where they fit */
     uint8_t *dz_ready;         /* per node, per capture: its dz was written (ReLU mask applied) by a consumer;
                                   for a Dropout between them: its backward was, so it runs none */
@@ -319,6 +321,9 @@ int cu_loss(cu_graph *g, float *dy, int64_t b, int finalize, char *err, size_t e
 /* head.cu: a training step's output Dense, loss and the Dense's backward in two kernels, where
  * cu_head_fits (graph.cu decides it once, at build: cu_graph.head) */
 int cu_head_fits(const cu_graph *g);
+/* the Dropout node whose training forward head_forward applies as it reads x, or -1: the output
+ * Dense's input when that Dropout feeds nothing else */
+int32_t cu_head_dropout(const cu_graph *g);
 int cu_head(cu_graph *g, int64_t b, char *err, size_t en);
 /* dense.cu: where the Dense n's dx goes with the epilogue of the layer below (the lower Dense's
  * dz, masked by its ReLU, times one Dropout's multipliers; marking their backward done), else

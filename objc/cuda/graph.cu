@@ -164,10 +164,11 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     const char *dm = getenv("MPSCY_CUDA_DENSE_MMA");
     g->dense_mma = !(dm && dm[0] == '0');
     /* the output Dense and a cross-entropy loss in two kernels in training steps (head.cu) where
-     * cu_head_fits, decided below once the fusions are planned; 0 turns it off: a knob for A/B
-     * timing and testing */
+     * cu_head_fits, decided below once the fusions are planned, with a Dropout below it applied
+     * by head_forward; 1 keeps that Dropout's own kernel, 0 turns both off: knobs for A/B timing
+     * and testing */
     const char *hk = getenv("MPSCY_CUDA_HEAD");
-    g->head = !(hk && hk[0] == '0');
+    g->head = hk && hk[0] ? atoi(hk) : 2;
     /* a training step returns once its result is final, its update still running (step.cu);
      * 0 waits for the whole step: a knob for A/B timing and testing */
     const char *ek = getenv("MPSCY_CUDA_EARLY");
@@ -321,7 +322,8 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
         g->dy[i] = node->grad ? g->dact + node->dout : NULL;
     }
     plan_fusions(g);
-    g->head = g->head && cu_head_fits(g);  /* decided once: every capture and partial step reads it */
+    g->head_drop = g->head >= 2 && cu_head_fits(g) ? cu_head_dropout(g) : -1;
+    g->head = g->head && cu_head_fits(g);  /* decided once: every capture and partial step reads them */
     int64_t at = 0;
     for (int32_t i = 0; i < p->n_nodes; i++)
         if (p->nodes[i].kind == MPSCY_LAYER_CONV2D) {
@@ -378,7 +380,8 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     if (getenv("MPSCY_CUDA_VERBOSE")) {
         char form[64];
         fprintf(stderr, "mpscy: cuda train step: %s%s\n", cu_fused_form(g, form, sizeof form),
-                !g->fu && g->head ? ", the output Dense with the loss" : "");
+                !g->fu && g->head ? (g->head_drop >= 0 ? ", the output Dense with the loss and the Dropout below it"
+                                                        : ", the output Dense with the loss") : "");
     }
     *out = &g->base;
     return MPSCY_OK;

@@ -11,6 +11,7 @@
 #include "cuda.h"
 #include "reduce.h"
 #include "ce.h"
+#include "../common/rng.h"
 
 #include <math.h>
 
@@ -27,6 +28,11 @@ struct head_args {
     float *dx;                     /* (b, in), or NULL */
     const float *mask, *scale;     /* dx: zeroed where mask <= 0, times scale first; or NULL */
     const void *target;            /* int32 labels (b) or float (b, c) */
+    const float *drop_x;           /* a Dropout's input (b, in) that head_forward applies it to, writing x */
+    float *drop_mask;              /* and its multipliers (b, in), as dropout.cu's forward; or NULL */
+    const cu_params *P;            /* the step's Dropout key and counter */
+    float drop_rate;
+    uint32_t drop_node;
     int b, c, in, dx_rows, dx_blocks;
     double eps;
     int index_target, accuracy, accum;
@@ -74,11 +80,28 @@ __global__ void __launch_bounds__(HEAD_THREADS) head_forward(cu_scratch *S, head
     float *xs = sm, *ws, *bs, *lg = sm + (HEAD_ROWS + c) * ld + 32;  /* lg past the largest x, W and bias */
     /* x's rows and W (both padded), then the bias */
     const int nb = a.bias ? c : 0;
-    head_stage(reinterpret_cast<uint32_t *>(sm), a.x + (int64_t)r0 * in, rows * in, a.w, c * in, a.bias,
-               rows * in + c * in + nb, in, ld);
+    head_stage(reinterpret_cast<uint32_t *>(sm), (a.drop_x ? a.drop_x : a.x) + (int64_t)r0 * in, rows * in, a.w,
+               c * in, a.bias, rows * in + c * in + nb, in, ld);
     ws = sm + rows * ld;  /* W's rows land right after x's (fewer than 8 in the last block) */
     bs = ws + c * ld;
     __syncthreads();
+    if (a.drop_x) {
+        /* the Dropout below, as dropout.cu's forward: element e kept by the shared generator,
+         * times 1 / (1 - rate); x and the multipliers stored for the backward */
+        const float keep = 1.0f - a.drop_rate, scale = 1.0f / keep;
+        const uint64_t seed = a.P->seed, counter = a.P->counter;
+        float *x = const_cast<float *>(a.x);
+        for (int i = tid; i < rows * in; i += blockDim.x) {
+            const int r = i / in, k = i - r * in;
+            const int64_t e = (int64_t)r0 * in + i;
+            const float m = mpscy_dropout_keep(seed, counter, a.drop_node, (uint64_t)e, keep) ? scale : 0.0f;
+            const float v = xs[r * ld + k] * m;
+            xs[r * ld + k] = v;
+            a.drop_mask[e] = m;
+            x[e] = v;
+        }
+        __syncthreads();
+    }
     for (int o = tid; o < rows * c; o += blockDim.x) {
         const int r = o / c, j = o - r * c;
         const float *xr = xs + r * ld, *wj = ws + j * ld;
@@ -252,6 +275,13 @@ int cu_head_fits(const cu_graph *g) {
            head_backward_floats(b, c, in, head_dx_rows(in)) <= HEAD_SHARED_FLOATS;
 }
 
+int32_t cu_head_dropout(const cu_graph *g) {
+    const mpscy_plan *p = &g->plan;
+    const int32_t j = p->nodes[p->output].in[0];
+    const mpscy_node *d = &p->nodes[j];
+    return d->kind == MPSCY_LAYER_DROPOUT && d->consumers == 1 && j != p->output ? j : -1;
+}
+
 int cu_head(cu_graph *g, int64_t b, char *err, size_t en) {
     const mpscy_plan *p = &g->plan;
     const mpscy_node *n = &p->nodes[p->output];
@@ -274,6 +304,18 @@ int cu_head(cu_graph *g, int64_t b, char *err, size_t en) {
         a.scale = t.scale;
     }
     a.target = g->stage_d + g->off_target;
+    a.drop_x = NULL;
+    a.drop_mask = NULL;
+    a.P = (const cu_params *)g->params_d;
+    a.drop_rate = 0.0f;
+    a.drop_node = 0;
+    if (g->head_drop >= 0) {
+        const mpscy_node *d = &p->nodes[g->head_drop];
+        a.drop_x = g->y[d->in[0]];
+        a.drop_mask = g->save + d->save;
+        a.drop_rate = (float)d->reals[0];
+        a.drop_node = (uint32_t)g->head_drop;
+    }
     a.index_target = p->target == MPSCY_TARGET_INDEX;
     a.b = (int)b;
     a.c = (int)n->size;

@@ -174,7 +174,7 @@ static int enqueue(cu_graph *g, int kind, int64_t b, int deferred, char *err, si
     const int head = train && g->head;  /* the output Dense runs with the loss (head.cu) */
     for (int32_t i = 0; i < p->n_nodes; i++) {
         const mpscy_node *node = &p->nodes[i];
-        if (node->kind == MPSCY_LAYER_INPUT || (head && i == p->output)) continue;
+        if (node->kind == MPSCY_LAYER_INPUT || (head && (i == p->output || i == g->head_drop))) continue;
         st = cu_layers[node->kind].forward(g, node, b, train, err, en);
         g->pull_next = 0;  /* only the first layer's first kernel follows the pull */
         if (st != MPSCY_OK) return st;
