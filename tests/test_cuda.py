@@ -615,6 +615,44 @@ def test_weight_gradient_schedules_match(monkeypatch, rng):
 
 
 @cuda_only
+def test_masked_dz_written_by_the_layer_above_matches(monkeypatch, rng):
+    """The README CNN's four 3x3 convolutions (stride 1, 2, 1, 2, each under a ReLU) at 8 rows of
+    3x32x32: each stride-2 dx product writes the dz of the convolution below, masked by its
+    ReLU, and the stride-1 implicit dx reads that dz as it lies (b, OC, OH*OW), its transpose for
+    the weight gradient on the side stream. Same values in the same order as with
+    MPSCY_CUDA_DZ_DIRECT=0 (the ReLU's gradient masked by the convolution's own dz pass), so 6
+    training steps with partial batches of 3 and 1 rows give its bits; both match the cpu (SGD
+    with momentum: Adam's first steps turn the 3xTF32 products' ~1e-6 differences on gradients
+    near 0 into whole steps, 1.9e-4 here on the H200)."""
+    build = lambda: [_maybe("Conv2D")(32, 3, 1, 1), L.ReLU(), _maybe("Conv2D")(32, 3, 2, 1), L.ReLU(),  # noqa: E731
+                     _maybe("Conv2D")(64, 3, 1, 1), L.ReLU(), _maybe("Conv2D")(64, 3, 2, 1), L.ReLU(),
+                     L.Flatten(), L.Dense(10)]
+    opt = lambda: optim.SGD(0.05, momentum=0.9)  # noqa: E731
+    rows = [8, 3, 8, 1, 8, 8]
+    xs = [rng.standard_normal((r, 3, 32, 32)).astype(np.float32) for r in rows]
+    ys = [rng.integers(0, 10, r).astype(np.int32) for r in rows]
+    runs = []
+    for env in ("", "0"):
+        monkeypatch.setenv("MPSCY_CUDA_DZ_DIRECT", env)
+        cpu, gpu = pair(build, (3, 32, 32), batch=8, opt=opt)
+        seen = []
+        for x, y in zip(xs, ys):
+            rg, rc = gpu.step(x, y), cpu.step(x, y)
+            assert rg.applied and rc.applied
+            seen.append((rg.loss, rc.loss))
+        runs.append((seen, gpu.get_parameters(), cpu.get_parameters()))
+    (seen, pg, pc), (other, po, _) = runs
+    assert [a for a, _ in seen] == [a for a, _ in other]
+    assert len(pc) == 10
+    for k in pc:
+        assert np.array_equal(pg[k], po[k]), k
+    for lg, lc in seen:
+        assert abs(lg - lc) <= 1e-4 * max(abs(lc), 1e-3), (lc, lg)
+    worst = {k: rel_err(pg[k], pc[k]) for k in pc}
+    assert max(worst.values()) <= PARAM_TOL, worst
+
+
+@cuda_only
 @pytest.mark.parametrize("fused", ["default", "0"])
 @pytest.mark.parametrize("name", ["dense_relu", "conv_s2_dgrad", "batchnorm2d", "dropout"])
 def test_early_return_matches_waiting(name, fused, monkeypatch, rng):

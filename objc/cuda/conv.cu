@@ -519,6 +519,21 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
     return CU_LAUNCHED("conv_out");
 }
 
+/* Where the stride-2 dx product of convolution n may write the dz of the convolution below,
+ * masked by that one's ReLU: n's input is a fused ReLU (its only consumer n, which adds nothing
+ * to it) over a convolution whose only consumer it is; that convolution's index, else -1. */
+static int32_t conv_masked_target(const cu_graph *gr, const mpscy_node *n) {
+    const mpscy_plan *p = &gr->plan;
+    const int32_t j = n->in[0];
+    const mpscy_node *r = &p->nodes[j];
+    if (n->accum[0] || r->kind != MPSCY_LAYER_RELU || !(gr->fuse[j] & CU_SKIP) || r->consumers != 1 ||
+        j == p->output || r->accum[0])
+        return -1;
+    const int32_t k = r->in[0];
+    const mpscy_node *c = &p->nodes[k];
+    return c->kind == MPSCY_LAYER_CONV2D && (gr->fuse[k] & CU_FUSE_RELU) && c->consumers == 1 && gr->dy[k] ? k : -1;
+}
+
 int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, size_t en) {
     const mpscy_plan *p = &gr->plan;
     int64_t i = cu_node_index(gr, n);
@@ -543,22 +558,41 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
         for (int32_t k = (int32_t)i + 1; k < p->n_nodes && r < 0; k++)
             if (p->nodes[k].kind == MPSCY_LAYER_RELU && p->nodes[k].in[0] == i) r = k;
     const float *dy = gr->dy[r >= 0 ? r : i], *ry = r >= 0 ? gr->y[r] : NULL;
+    /* conv_dgrad_s2 writes the dz of the convolution below, masked by its ReLU (conv_masked_target) */
+    const float *dx_mask = NULL;
+    if (dx && s2 && gr->dz_direct) {
+        const int32_t k = conv_masked_target(gr, n);
+        if (k >= 0) {
+            dx_mask = gr->y[n->in[0]];  /* the ReLU's output (the convolution's own, aliased) */
+            dx = gr->dy[k];
+            gr->dz_ready[k] = 1;
+        }
+    }
+    /* with nothing to mask, the implicit dx reads dz as it lies, (b, OC, OHW), and its transpose
+     * for the weight gradient runs on the side stream instead of before dx on the main one */
+    const bool direct = dx && s1 && !ry && gr->dz_direct && gr->side != gr->stream;
     int64_t chunks = (nb + DZ_CHUNK - 1) / DZ_CHUNK;
     const int vec = g.ohw % 4 == 0 && (uintptr_t)dy % 16 == 0 && (!ry || (uintptr_t)ry % 16 == 0) &&
                     (uintptr_t)dzt % 16 == 0;
     const int shifted = s2 && vec && g.ow % 4 == 0;  /* dz's four copies in this one pass */
-    CU_TRY(cu_launch(gr, shifted ? conv_dz_kernel<true> : conv_dz_kernel<false>, dim3((unsigned)chunks, (unsigned)g.oc),
-                     CU_THREADS, gr->stream, dzt, dbp, dy, ry, b, g.oc, g.ohw, g.ow, (int64_t)DZ_CHUNK, vec),
-           "conv_dz");
-    int st = CU_LAUNCHED("conv_dz");
+    auto dz_pass = [&](cudaStream_t s) -> int {  /* dzt (OC, nb) and the bias gradient's chunk sums */
+        CU_TRY(cu_launch(gr, shifted ? conv_dz_kernel<true> : conv_dz_kernel<false>,
+                         dim3((unsigned)chunks, (unsigned)g.oc), CU_THREADS, s, dzt, dbp, dy, ry, b, g.oc, g.ohw, g.ow,
+                         (int64_t)DZ_CHUNK, vec),
+               "conv_dz");
+        return CU_LAUNCHED("conv_dz");
+    };
+    int st = direct ? MPSCY_OK : dz_pass(gr->stream);
     /* dx as one product on the main stream (s2: conv_dgrad_s2, s1: the implicit one) */
     auto dx_product = [&]() -> int {
         CU_TRY(cudaStreamWaitEvent(gr->stream, gr->wready, 0), "wc wait");  /* W re-laid (forward) */
-        if (s2) return cu_conv_s2_dgrad(gr, &g, dx, dzs, slab + sl.wc, nb, shifted, (int)n->accum[0], err, en);
-        /* dx = the stride-1 convolution of dz (OC, b*OHW) with W flipped and padding 2 - p */
+        if (s2) return cu_conv_s2_dgrad(gr, &g, dx, dx_mask, dzs, slab + sl.wc, nb, shifted, (int)n->accum[0], err, en);
+        /* dx = the stride-1 convolution of dz (OC, b*OHW, or as it lies when direct) with W
+         * flipped and padding 2 - p */
         cu_implicit q = {};
-        q.y = dx; q.x = dzt; q.w = slab + sl.wc;
-        q.b = b; q.c = g.oc; q.h = g.oh; q.w_in = g.ow; q.sxc = nb; q.sxs = g.ohw;
+        q.y = dx; q.w = slab + sl.wc;
+        q.x = direct ? dy : dzt; q.sxc = direct ? g.ohw : nb; q.sxs = direct ? g.oc * g.ohw : g.ohw;
+        q.b = b; q.c = g.oc; q.h = g.oh; q.w_in = g.ow;
         q.m = g.c; q.oh = g.h; q.ow = g.w; q.ph = 2 - g.ph; q.pw = 2 - g.pw; q.stride = 1;
         q.accum = (int)n->accum[0];
         return cu_conv_implicit(gr, gr->stream, &q, err, en);
@@ -567,13 +601,14 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
      * dx's products on the main one; a dx of one product is enqueued first (the fork's mark
      * before it, the side stream's wait after: dependencies unchanged), so that its blocks are
      * not queued behind the weight gradient's ($MPSCY_CUDA_DX_FIRST=2) */
-    const bool dx_first = dx && (s2 || s1) && gr->dx_first >= 2 && gr->side != gr->stream;
+    const bool dx_first = dx && (s2 || s1) && ((gr->dx_first >= 2 && gr->side != gr->stream) || direct);
     if (st == MPSCY_OK && dx_first) {
         if ((st = cu_fork_mark(gr, err, en)) == MPSCY_OK && (st = dx_product()) == MPSCY_OK)
             st = cu_fork_follow(gr, err, en);
     } else if (st == MPSCY_OK) {
         st = cu_fork(gr, err, en);
     }
+    if (st == MPSCY_OK && direct) st = dz_pass(gr->side);
     if (st == MPSCY_OK && db) {
         /* with no dx (a layer on the model's input) the main stream has nothing of this layer
          * left to run, and in a chain nothing at all until the join: the bias sums run there,

@@ -58,11 +58,13 @@ __global__ void conv_w_s2(float *wc, const float *w, int64_t oc, int64_t c) {
 
 /* dx (b, C, H, W) (added to when accum): block z takes class 3 - z (the long K first), a
  * (16 TM) x 64 tile of its product wc_z^T (C, K) dzs_z (K, nb), and scatters it to the class's
- * positions (2m + py, 2n + px); each element of dx is written once. VA: C % 4 == 0 and wc
- * 16-byte aligned; VB: nb % 4 == 0 and dzs aligned. */
+ * positions (2m + py, 2n + px); each element of dx is written once, zeroed where mask (the
+ * ReLU's output below, or NULL) is not positive. VA: C % 4 == 0 and wc 16-byte aligned; VB: nb %
+ * 4 == 0 and dzs aligned. */
 template <int TM, bool VA, bool VB>
 __global__ void __launch_bounds__(256, 2) conv_dgrad_s2(float *__restrict__ dx, const float *__restrict__ wc,
-                                                        const float *__restrict__ dzs, int C, int OC, int nb, int ohw,
+                                                        const float *__restrict__ dzs,
+                                                        const float *__restrict__ mask, int C, int OC, int nb, int ohw,
                                                         int ow, int hw, int w, int accum) {
     extern __shared__ __align__(16) float mma_smem[];
     cu_pdl_enter();
@@ -90,11 +92,12 @@ __global__ void __launch_bounds__(256, 2) conv_dgrad_s2(float *__restrict__ dx, 
         const int ci = m0 + r, o = col[((e >> 2) & 1) * 2 + (e & 1)];
         if (ci >= C || o < 0) continue;
         float *d = &dx[o + ci * hw];
-        *d = accum ? *d + acc[e] : acc[e];
+        const float v = accum ? *d + acc[e] : acc[e];
+        *d = mask && !(mask[o + ci * hw] > 0.0f) ? 0.0f : v;
     }
 }
 
-typedef void (*dgrad_fn)(float *, const float *, const float *, int, int, int, int, int, int, int, int);
+typedef void (*dgrad_fn)(float *, const float *, const float *, const float *, int, int, int, int, int, int, int, int);
 
 static dgrad_fn dgrad_kind(bool tm4, bool va, bool vb, int *bytes) {
     static const dgrad_fn kinds[2][2][2] = {
@@ -116,11 +119,12 @@ int cu_conv_s2_weights(cu_graph *gr, cudaStream_t s, const mpscy_conv_geom *cg, 
 }
 
 /* dx (b, C, H, W) of a cu_conv_s2_fits convolution from dzs (4, OC, nb) whose copy 1 (dzt) is written
- * (all four when shifted: conv_dz_kernel<true>) and wc (9, OC, C), W re-laid by the forward
+ * (all four when shifted: conv_dz_kernel<true>) and wc (9, OC, C), W re-laid by the forward, masked
+ * by mask (or NULL)
  * (cu_conv_s2_weights; the caller has waited for it): dz's three other copies unless shifted,
  * then the four classes in one launch */
-int cu_conv_s2_dgrad(cu_graph *gr, const mpscy_conv_geom *cg, float *dx, float *dzs, const float *wc, int64_t nb,
-                     int shifted, int accum, char *err, size_t en) {
+int cu_conv_s2_dgrad(cu_graph *gr, const mpscy_conv_geom *cg, float *dx, const float *mask, float *dzs, const float *wc,
+                     int64_t nb, int shifted, int accum, char *err, size_t en) {
     const conv_geom &g = *cg;
     if (!shifted) {
         CU_TRY(cu_launch(gr, conv_dz_shift, cu_blocks(g.oc * nb, CU_THREADS, 4096), CU_THREADS, gr->stream, dzs,
@@ -133,7 +137,7 @@ int cu_conv_s2_dgrad(cu_graph *gr, const mpscy_conv_geom *cg, float *dx, float *
     const bool tm4 = g.c > 32;
     dgrad_fn k = dgrad_kind(tm4, g.c % 4 == 0 && cu_aligned16(wc), nb % 4 == 0 && cu_aligned16(dzs), &bytes);
     dim3 grid((unsigned)((nb + 63) / 64), (unsigned)((g.c + (tm4 ? 63 : 31)) / (tm4 ? 64 : 32)), 4);
-    CU_TRY(mma_launch(gr, gr->stream, k, grid, bytes, dx, (const float *)wc, (const float *)dzs, (int)g.c, (int)g.oc,
+    CU_TRY(mma_launch(gr, gr->stream, k, grid, bytes, dx, (const float *)wc, (const float *)dzs, mask, (int)g.c, (int)g.oc,
                       (int)nb, (int)g.ohw, (int)g.ow, (int)(g.h * g.w), (int)g.w, accum),
            "conv_dgrad_s2");
     return CU_LAUNCHED("conv_dgrad_s2");

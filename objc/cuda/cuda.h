@@ -155,6 +155,9 @@ typedef struct cu_graph {
     int dx_first;              /* $MPSCY_CUDA_DX_FIRST: 1 a Dense's dx product enqueued before its side-stream dW,
                                 * 2 a convolution's too, 0 neither */
     int sum_wide;              /* cu_sum_parts of more splits than this by 32-warp blocks (0: never) */
+    int dz_direct;             /* $MPSCY_CUDA_DZ_DIRECT at build not 0: a stride-2 dx product writes the dz of the
+                                * convolution below, masked by its ReLU, and an implicit dx reads its dz as it
+                                * lies (conv.cu) */
     int pull_next;             /* per capture: the pull, the last kernel enqueued, flags its parts for it */
 } cu_graph;
 
@@ -247,12 +250,13 @@ static inline __host__ __device__ int64_t cu_pull_part(int64_t piece) { return (
 /* conv_s2.cu: dx of a 3x3, stride-2, pad-1 convolution (groups 1, H and W even: cu_conv_s2_fits)
  * by parity class. cu_conv_s2_weights: W re-laid into wc (9, OC, C) on stream s (conv.cu's
  * training forward, on the side stream). cu_conv_s2_dgrad (backward, main stream): from dzs (4,
- * OC, nb) whose copy 1 is dz (all four when shifted) and wc, into dx (added to when accum). */
+ * OC, nb) whose copy 1 is dz (all four when shifted) and wc, into dx (added to when accum; then
+ * zeroed where mask, the ReLU's output below or NULL, is not positive). */
 int cu_conv_s2_fits(const mpscy_conv_geom *cg);
 int cu_conv_s2_weights(cu_graph *g, cudaStream_t s, const mpscy_conv_geom *cg, float *wc, const float *w, char *err,
                        size_t en);
-int cu_conv_s2_dgrad(cu_graph *g, const mpscy_conv_geom *cg, float *dx, float *dzs, const float *wc, int64_t nb,
-                     int shifted, int accum, char *err, size_t en);
+int cu_conv_s2_dgrad(cu_graph *g, const mpscy_conv_geom *cg, float *dx, const float *mask, float *dzs, const float *wc,
+                     int64_t nb, int shifted, int accum, char *err, size_t en);
 /* conv_implicit.cu: a 3x3 convolution (stride 1 or 2, groups 1, dilation 1, OW dividing 64 and
  * OHW a multiple of 64: cu_conv_implicit_fits) as an implicit 3xTF32 product in the own fp32 path,
  * with no columns: y (b, M, OH, OW) (added to when accum) from the input at x, sample s channel c

@@ -202,6 +202,11 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
      * $MPSCY_CUDA_SUM_WIDE=N: of more than N, 0 never: a knob for A/B timing */
     const char *swk = getenv("MPSCY_CUDA_SUM_WIDE");
     g->sum_wide = swk && swk[0] ? atoi(swk) : 64;
+    /* a convolution's dx products write the dz of the convolution below with its ReLU's mask,
+     * and an implicit dx reads that dz as it lies, its transpose left to the side stream
+     * (conv.cu); 0 turns both off: a knob for A/B timing and testing */
+    const char *dzk = getenv("MPSCY_CUDA_DZ_DIRECT");
+    g->dz_direct = !(dzk && dzk[0] == '0');
     int convs = 0;
     for (int32_t i = 0; i < p->n_nodes; i++) {
         const mpscy_node *node = &p->nodes[i];
