@@ -46,4 +46,11 @@ MPSCY_RNG_FN int mpscy_dropout_keep(uint64_t seed, uint64_t counter, uint32_t no
     return mpscy_uniform(seed, counter, node, e) < keep_prob;
 }
 
+/* Element e's multiplier at dropout rate `rate`: 1 / (1 - rate) when kept, else 0, in float as
+ * every backend computes it (the same elements kept with the same scale everywhere). */
+MPSCY_RNG_FN float mpscy_dropout_multiplier(uint64_t seed, uint64_t counter, uint32_t node, uint64_t e, float rate) {
+    const float keep = 1.0f - rate;
+    return mpscy_dropout_keep(seed, counter, node, e, keep) ? 1.0f / keep : 0.0f;
+}
+
 #endif /* MPSCY_RNG_H */

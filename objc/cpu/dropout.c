@@ -10,9 +10,8 @@
 static void dropout_forward(float *y, float *mask, const float *x, int64_t count, float rate,
                             uint64_t seed, uint64_t counter, uint32_t node) {
     // y (count), mask (count) multipliers 0 or 1 / (1 - rate), x (count)
-    float keep = 1.0f - rate, scale = 1.0f / keep;
     for (int64_t e = 0; e < count; e++) {
-        float m = mpscy_dropout_keep(seed, counter, node, (uint64_t)e, keep) ? scale : 0.0f;
+        float m = mpscy_dropout_multiplier(seed, counter, node, (uint64_t)e, rate);
         mask[e] = m;
         y[e] = x[e] * m;
     }

@@ -519,21 +519,6 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
     return CU_LAUNCHED("conv_out");
 }
 
-/* Where the stride-2 dx product of convolution n may write the dz of the convolution below,
- * masked by that one's ReLU: n's input is a fused ReLU (its only consumer n, which adds nothing
- * to it) over a convolution whose only consumer it is; that convolution's index, else -1. */
-static int32_t conv_masked_target(const cu_graph *gr, const mpscy_node *n) {
-    const mpscy_plan *p = &gr->plan;
-    const int32_t j = n->in[0];
-    const mpscy_node *r = &p->nodes[j];
-    if (n->accum[0] || r->kind != MPSCY_LAYER_RELU || !(gr->fuse[j] & CU_SKIP) || r->consumers != 1 ||
-        j == p->output || r->accum[0])
-        return -1;
-    const int32_t k = r->in[0];
-    const mpscy_node *c = &p->nodes[k];
-    return c->kind == MPSCY_LAYER_CONV2D && (gr->fuse[k] & CU_FUSE_RELU) && c->consumers == 1 && gr->dy[k] ? k : -1;
-}
-
 int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, size_t en) {
     const mpscy_plan *p = &gr->plan;
     int64_t i = cu_node_index(gr, n);
@@ -558,12 +543,12 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
         for (int32_t k = (int32_t)i + 1; k < p->n_nodes && r < 0; k++)
             if (p->nodes[k].kind == MPSCY_LAYER_RELU && p->nodes[k].in[0] == i) r = k;
     const float *dy = gr->dy[r >= 0 ? r : i], *ry = r >= 0 ? gr->y[r] : NULL;
-    /* conv_dgrad_s2 writes the dz of the convolution below, masked by its ReLU (conv_masked_target) */
+    /* conv_dgrad_s2 writes the dz of the product below, masked by its ReLU (cu_relu_product) */
     const float *dx_mask = NULL;
-    if (dx && s2 && gr->dz_direct) {
-        const int32_t k = conv_masked_target(gr, n);
+    if (dx && s2 && gr->dz_direct && !n->accum[0]) {
+        const int32_t k = cu_relu_product(gr, n->in[0]);
         if (k >= 0) {
-            dx_mask = gr->y[n->in[0]];  /* the ReLU's output (the convolution's own, aliased) */
+            dx_mask = gr->y[n->in[0]];  /* the ReLU's output (the product's own, aliased) */
             dx = gr->dy[k];
             gr->dz_ready[k] = 1;
         }

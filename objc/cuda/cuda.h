@@ -137,7 +137,8 @@ typedef struct cu_graph {
     int32_t head_drop;         /* the Dropout below the output Dense whose training forward head_forward runs
                                   (cu_head_dropout, at build), or -1 */
     int dense_mma;             /* $MPSCY_CUDA_DENSE_MMA at build not 0: dense.cu's long-K products where they fit */
-    uint8_t *dz_ready;         /* per node, per capture: its dz was written (ReLU mask applied) by a consumer;
+    uint8_t *dz_ready;         /* per node, per capture: its dz was written (ReLU mask applied) by a consumer
+                                  (cu_relu_product's reader);
                                   for a Dropout between them: its backward was, so it runs none */
     struct cu_fused *fu;       /* the train step as one kernel (mlp.cu), or NULL */
     /* deferred staging (step.cu, stage.h): input 0 is copied into pinned staging by these
@@ -325,6 +326,9 @@ int cu_loss(cu_graph *g, float *dy, int64_t b, int finalize, char *err, size_t e
 /* head.cu: a training step's output Dense, loss and the Dense's backward in two kernels, where
  * cu_head_fits (graph.cu decides it once, at build: cu_graph.head) */
 int cu_head_fits(const cu_graph *g);
+/* graph.cu: the product whose fused ReLU is node j, read by one layer that adds nothing to it (whose
+ * dx product may write that product's dz masked, setting dz_ready), else -1 */
+int32_t cu_relu_product(const cu_graph *g, int32_t j);
 /* the Dropout node whose training forward head_forward applies as it reads x, or -1: the output
  * Dense's input when that Dropout feeds nothing else */
 int32_t cu_head_dropout(const cu_graph *g);

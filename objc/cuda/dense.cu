@@ -163,12 +163,7 @@ static int32_t masked_target(const cu_graph *g, const mpscy_node *n, int32_t *dr
         *drop = j;
         j = d->in[0];
     }
-    const mpscy_node *r = &p->nodes[j];
-    if (r->kind != MPSCY_LAYER_RELU || !(g->fuse[j] & CU_SKIP) || r->consumers != 1 || j == p->output ||
-        r->accum[0])
-        return -1;
-    int32_t k = r->in[0];
-    return (g->fuse[k] & CU_FUSE_RELU) && g->dy[k] ? k : -1;
+    return cu_relu_product(g, j);
 }
 
 /* Where the Dense n's dx goes, for a kernel that applies the epilogue: the lower Dense's dz,

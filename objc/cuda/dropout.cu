@@ -9,14 +9,13 @@ __global__ void dropout_forward(float *y, float *mask, const float *x, int64_t c
                                 const cu_params *P, uint32_t node, int train) {
     // y (count), mask (count) multipliers 0 or 1 / (1 - rate), x (count)
     cu_pdl_enter();
-    float keep = 1.0f - rate, scale = 1.0f / keep;
     uint64_t seed = P->seed, counter = P->counter;
     for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < count; e += (int64_t)gridDim.x * blockDim.x) {
         if (!train) {
             y[e] = x[e];
             continue;
         }
-        float m = mpscy_dropout_keep(seed, counter, node, (uint64_t)e, keep) ? scale : 0.0f;
+        float m = mpscy_dropout_multiplier(seed, counter, node, (uint64_t)e, rate);
         mask[e] = m;
         y[e] = x[e] * m;
     }

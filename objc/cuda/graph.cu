@@ -75,6 +75,18 @@ static int32_t only_consumer(const mpscy_plan *p, int32_t i) {
     return -1;
 }
 
+/* The product (Dense or Conv2D) whose fused ReLU is node j, when that ReLU has one reader, which
+ * adds nothing to it (the product's dz may then be written masked by that reader's dx product,
+ * marking dz_ready), else -1. */
+int32_t cu_relu_product(const cu_graph *g, int32_t j) {
+    const mpscy_plan *p = &g->plan;
+    const mpscy_node *r = &p->nodes[j];
+    if (r->kind != MPSCY_LAYER_RELU || !(g->fuse[j] & CU_SKIP) || r->consumers != 1 || j == p->output || r->accum[0])
+        return -1;
+    const int32_t k = r->in[0];
+    return (g->fuse[k] & CU_FUSE_RELU) && g->dy[k] ? k : -1;
+}
+
 /* Fusions and aliases: pointers only, so every kernel stays a plain reader/writer. */
 static void plan_fusions(cu_graph *g) {
     mpscy_plan *p = &g->plan;
@@ -327,8 +339,9 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
         g->dy[i] = node->grad ? g->dact + node->dout : NULL;
     }
     plan_fusions(g);
-    g->head_drop = g->head >= 2 && cu_head_fits(g) ? cu_head_dropout(g) : -1;
-    g->head = g->head && cu_head_fits(g);  /* decided once: every capture and partial step reads them */
+    const int head = g->head && cu_head_fits(g);  /* decided once: every capture and partial step reads it */
+    g->head_drop = head && g->head >= 2 ? cu_head_dropout(g) : -1;
+    g->head = head;
     int64_t at = 0;
     for (int32_t i = 0; i < p->n_nodes; i++)
         if (p->nodes[i].kind == MPSCY_LAYER_CONV2D) {

@@ -86,15 +86,14 @@ __global__ void __launch_bounds__(HEAD_THREADS) head_forward(cu_scratch *S, head
     bs = ws + c * ld;
     __syncthreads();
     if (a.drop_x) {
-        /* the Dropout below, as dropout.cu's forward: element e kept by the shared generator,
-         * times 1 / (1 - rate); x and the multipliers stored for the backward */
-        const float keep = 1.0f - a.drop_rate, scale = 1.0f / keep;
+        /* the Dropout below, as dropout.cu's forward (rng.h's multipliers); x and the
+         * multipliers stored for the backward */
         const uint64_t seed = a.P->seed, counter = a.P->counter;
         float *x = const_cast<float *>(a.x);
         for (int i = tid; i < rows * in; i += blockDim.x) {
             const int r = i / in, k = i - r * in;
             const int64_t e = (int64_t)r0 * in + i;
-            const float m = mpscy_dropout_keep(seed, counter, a.drop_node, (uint64_t)e, keep) ? scale : 0.0f;
+            const float m = mpscy_dropout_multiplier(seed, counter, a.drop_node, (uint64_t)e, a.drop_rate);
             const float v = xs[r * ld + k] * m;
             xs[r * ld + k] = v;
             a.drop_mask[e] = m;

@@ -29,9 +29,9 @@ void metal_dropout_masks(metal_graph *g, const mpscy_step_args *a, int64_t b) {
         id<MTLBuffer> buf = mt_get(st.masks, (NSUInteger)i);
         if (n->kind != MPSCY_LAYER_DROPOUT || !buf) continue;
         /* the CPU's float arithmetic exactly, so the same elements are kept with the same scale */
-        float keep = 1.0f - (float)n->reals[0], scale = 1.0f / keep;
+        const float rate = (float)n->reals[0];
         float *m = buf.contents;   // (b, *shape)
         for (int64_t e = 0; e < b * n->size; e++)
-            m[e] = mpscy_dropout_keep(a->seed, a->counter, (uint32_t)i, (uint64_t)e, keep) ? scale : 0.0f;
+            m[e] = mpscy_dropout_multiplier(a->seed, a->counter, (uint32_t)i, (uint64_t)e, rate);
     }
 }
