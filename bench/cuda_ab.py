@@ -5,9 +5,17 @@ falls on all of them alike. Time per step as in cuda_bench.py: NumPy batch in, l
 
     python bench/cuda_ab.py cnn "" MPSCY_CUDA_COOP=0 "MPSCY_CUDA_COOP=0 MPSCY_CUDA_PDL=0"
 
-Each variant argument is a space-separated list of NAME=VALUE ("" is the default engine).
+Each variant argument is a space-separated list of NAME=VALUE ("" is the default engine); the
+name `batches` is not a variable but the number of distinct batches that variant's steps cycle
+through (default 4; cuda_bench.py's timings cycle through 8), so that the host's staging from
+arrays out of its caches can be timed against arrays in them:
+
+    python bench/cuda_ab.py cnn "" batches=8 batches=64
+
 Prints the median µs per step of each variant over the rounds and its ratio to the first.
+$AB_ROUNDS sets the number of rounds (default 15).
 """
+import os
 import statistics
 import sys
 import time
@@ -21,18 +29,22 @@ def main():
         sys.exit(__doc__)
     name, variants = sys.argv[1], sys.argv[2:]
     spec = MODELS[name]
-    data = [(x, y.astype("int32")) for x, y in batches(spec, 4)]
-    steps = []
+    cache = {}
+    steps, datas = [], []
     for v in variants:
         env = dict(kv.split("=", 1) for kv in v.split())
+        n = int(env.pop("batches", 4))
+        if n not in cache:
+            cache[n] = [(x, y.astype("int32")) for x, y in batches(spec, n)]
+        datas.append(cache[n])
         steps.append(mpscy_step(name, spec, env=env))
-    for step in steps:  # capture and warm every graph
-        for i in range(30):
+    for step, data in zip(steps, datas):  # capture and warm every graph
+        for i in range(max(30, len(data))):
             step(*data[i % len(data)])
-    rounds, iters = 15, 300
+    rounds, iters = int(os.environ.get("AB_ROUNDS", 15)), 300
     times = [[] for _ in steps]
     for _ in range(rounds):
-        for k, step in enumerate(steps):
+        for k, (step, data) in enumerate(zip(steps, datas)):
             t0 = time.perf_counter()
             for i in range(iters):
                 loss = step(*data[i % len(data)])

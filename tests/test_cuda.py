@@ -652,6 +652,76 @@ def test_masked_dz_written_by_the_layer_above_matches(monkeypatch, rng):
     assert max(worst.values()) <= PARAM_TOL, worst
 
 
+GATHER_MODELS = {
+    # the README CNN's convolutions: conv_direct, then the implicit product (stride 2, 1, 2)
+    "readme_convs": (lambda: [L.Conv2D(32, 3, 1, 1), L.ReLU(), L.Conv2D(32, 3, 2, 1), L.ReLU(),
+                              L.Conv2D(64, 3, 1, 1), L.ReLU(), L.Conv2D(64, 3, 2, 1), L.ReLU(),
+                              L.Flatten(), L.Dense(10)], (3, 32, 32), 64, [64, 37, 64, 5, 64],
+                     27 * 64 * 1024 + 2 * 288 * 64 * 256 + 576 * 64 * 64),
+    # conv_direct with stride, padding and dilation (2, 2, 2) and 225 outputs a sample (last: the
+    # columns' floats, K x b*OH*OW of each convolution at the built batch)
+    "dilated_direct": (lambda: [L.Conv2D(8, 3, stride=2, padding=2, dilation=2), L.ReLU(), L.Flatten(),
+                                L.Dense(10)], (2, 30, 30), 32, [32, 19, 32, 7, 32], 18 * 32 * 225),
+}
+
+
+@cuda_only
+@pytest.mark.parametrize("name", sorted(GATHER_MODELS))
+def test_convolution_kernel_forms_give_the_same_bits(name, monkeypatch, capfd, rng):
+    """A convolution whose forward reads x itself (conv_direct, the implicit product) takes its
+    weight gradient's operand from x too (conv_dw_gather) instead of columns the forward's side
+    stream built: the same floats in the same order as the columns' (MPSCY_CUDA_DW_GATHER=0), so
+    5 SGD-with-momentum steps, with partial batches (dz's rows not a multiple of 4: its 4-byte
+    copies), give the same bits, and the engine holds no columns: 54 MB less device memory for
+    the README convolutions at 64 rows. So does the second convolution's stride-2 dx without the
+    masked dz it writes for the first (MPSCY_CUDA_DZ_DIRECT=0). With one convolution, one
+    batch's gradients on binary grids (inputs multiples of 1/4, its parameters of 2^-6: every
+    pre-activation exact, so both devices take the same ReLU mask) match the cpu's within 2e-5
+    (for a chain of convolutions that is test_convolution_gradients_match_cpu_past_32_rows at 64
+    rows, whose two read x)."""
+    build, shape, batch, rows, columns = GATHER_MODELS[name]
+    opt = lambda: optim.SGD(0.01, momentum=0.9)  # noqa: E731
+    xs = [rng.standard_normal((r,) + shape).astype(np.float32) for r in rows]
+    ys = [rng.integers(0, 10, r).astype(np.int32) for r in rows]
+    runs, held = [], []
+    monkeypatch.setenv("MPSCY_CUDA_VERBOSE", "1")
+    convs = sum(isinstance(k, L.Conv2D) for k in build())
+    knobs = {"MPSCY_CUDA_DW_GATHER": "0", "MPSCY_CUDA_DZ_DIRECT": "0"}
+    for env, want in ((None, convs), ("MPSCY_CUDA_DW_GATHER", 0), ("MPSCY_CUDA_DZ_DIRECT", convs)):
+        for k, v in knobs.items():
+            monkeypatch.setenv(k, v if k == env else "")
+        capfd.readouterr()
+        cpu, gpu = pair(build, shape, batch=batch, opt=opt)
+        said = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("mpscy: cuda weight gradients")]
+        line = f"mpscy: cuda weight gradients read from x (no columns): {want} convolution" + "s" * (want > 1)
+        assert set(said) == ({line} if want else set()), said
+        held.append(gpu.stats()["bytes_in_use"])
+        losses_seen = [gpu.step(x, y).loss for x, y in zip(xs, ys)]
+        runs.append((losses_seen, gpu.get_parameters()))
+    (seen, pg) = runs[0]
+    for other, po in runs[1:]:
+        assert seen == other
+        assert sorted(pg) == sorted(po) and len(pg) >= 4
+        for k in po:
+            assert np.array_equal(pg[k], po[k]), k
+    assert held[1] - held[0] == 4 * columns and held[2] == held[0]
+    if name != "dilated_direct":
+        return
+    for k in knobs:
+        monkeypatch.setenv(k, "")
+    cpu, gpu = pair(build, shape, batch=batch, opt=opt)
+    p = {k: (np.round(v * 64) / 64).astype(np.float32) if k.startswith("conv2d_0.") else v
+         for k, v in cpu.get_parameters().items()}
+    cpu.set_parameters(p)
+    gpu.set_parameters(p)
+    x = (rng.integers(-4, 5, (rows[1],) + shape) / 4).astype(np.float32)
+    y = rng.integers(0, 10, rows[1]).astype(np.int32)
+    gc, gg = cpu.gradients(x, y), gpu.gradients(x, y)
+    errs = {k: rel_err(gg[k], gc[k]) for k in ("conv2d_0.weight", "conv2d_0.bias")}
+    assert min(np.abs(gc[k]).max() for k in errs) > 0
+    assert max(errs.values()) <= 2e-5, errs
+
+
 @cuda_only
 @pytest.mark.parametrize("fused", ["default", "0"])
 @pytest.mark.parametrize("name", ["dense_relu", "conv_s2_dgrad", "batchnorm2d", "dropout"])

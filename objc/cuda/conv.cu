@@ -13,7 +13,9 @@
  * small-GEMM kernel or cuBLASLt by size, as Dense's, with the (OC, b*OHW) result scattered to
  * NCHW by conv_out_kernel. With groups 1 and K <= 32 (a network's first convolutions) the forward
  * is instead conv_direct.cu's fp32 kernel in every precision and mode, and the columns are built
- * only by a training step, on the side stream. */
+ * only by a training step, on the side stream; where the weight gradient is the own long product
+ * it reads x itself instead (conv_dw_gather), as does that of a convolution whose forward is the
+ * implicit product (conv_implicit.cu), and no columns are built or held at all. */
 #include <algorithm>
 
 #include "cuda.h"
@@ -175,6 +177,82 @@ static int64_t dw_splits(int64_t tiles, int64_t nb, int sms, int64_t *chunk) {
     return (nb + *chunk - 1) / *chunk;
 }
 
+/* The weight gradient's B operand read from x itself instead of im2col's columns (the forward
+ * of a convolution whose forward reads x, conv_direct or the implicit product, then builds no
+ * columns): element (n, j) is col[n, j] of im2col.cu, n = (c, ki, kj) over the group's
+ * channels, j = (s, oh, ow), zero in the padding. Each 32-K step of a 16 TN-row tile is copied
+ * by a warp a row, a lane a j (as mma_load's 4-byte K-contiguous form), so a warp reads one row
+ * of x's window: consecutive (or strided) floats, the taps of a channel hitting L1 in turn. The
+ * tiles hold the same floats as the columns' would, in the same order: the same bits. Index
+ * arithmetic in 32 bits (cu_conv_fits). */
+struct dw_src {
+    const float *x;                    /* (b, C, H, W) at the group's first channel */
+    unsigned hw, h, w, ohw, ow, sxs, khw, kw;  /* sxs: floats a sample (C H W) */
+    int sh, sw, ph, pw, dh, dw;
+};
+
+template <int TM, int TN, bool VA>
+__global__ void __launch_bounds__(256, 2) conv_dw_gather(float *__restrict__ out, int64_t ldo, int64_t zstride,
+                                                         const float *__restrict__ a, int64_t lda, dw_src xs, int M,
+                                                         int N, int64_t K, int64_t chunk) {
+    extern __shared__ __align__(16) float mma_smem[];
+    constexpr int BN = 16 * TN, Q = BN / 8;
+    cu_pdl_enter();
+    const int m0 = blockIdx.y * 16 * TM, n0 = blockIdx.x * BN, lane = threadIdx.x & 31, r0 = threadIdx.x >> 5;
+    const int64_t k0 = (int64_t)blockIdx.z * chunk, k1 = min(K, k0 + chunk);
+    /* this thread's rows r0 + 8q: the tap's offsets from the window's origin, and its element's
+     * offset from the origin's (rows past N get an offset no window reaches: zero-filled) */
+    int dih[Q], diw[Q], off[Q];
+#pragma unroll
+    for (int q = 0; q < Q; q++) {
+        const unsigned n = (unsigned)(n0 + r0 + 8 * q), c = n / xs.khw, t = n - c * xs.khw, ki = t / xs.kw;
+        const bool in = (int)n < N;
+        dih[q] = in ? (int)ki * xs.dh - xs.ph : -(1 << 30);
+        diw[q] = (int)(t - ki * xs.kw) * xs.dw - xs.pw;
+        off[q] = in ? (int)(c * xs.hw) + dih[q] * (int)xs.w + diw[q] : 0;
+    }
+    /* this lane's column j = kb + lane as (s, oh, ow), moved on by MMA_BK a step (load_b's steps
+     * come in order) without a division */
+    unsigned j = (unsigned)(k0 + lane), s = j / xs.ohw, oh = (j - s * xs.ohw) / xs.ow;
+    unsigned ow = j - s * xs.ohw - oh * xs.ow, oh_n = xs.ohw / xs.ow;
+    const float *__restrict__ x = xs.x;
+    auto load_b = [&](float *tile, int64_t kb) {
+        const bool kin = kb + lane < k1;
+        const int ih0 = (int)(oh * xs.sh), iw0 = (int)(ow * xs.sw);
+        const int pix = (int)(s * xs.sxs) + ih0 * (int)xs.w + iw0;
+#pragma unroll
+        for (int q = 0; q < Q; q++) {
+            const bool ok = kin && (unsigned)(ih0 + dih[q]) < xs.h && (unsigned)(iw0 + diw[q]) < xs.w;
+            cp_async4(tile + mma_tile<true, BN>::at(r0 + 8 * q, lane), ok ? x + (pix + off[q]) : x, ok);
+        }
+        for (ow += MMA_BK; ow >= xs.ow;) {
+            ow -= xs.ow;
+            if (++oh == oh_n) {
+                oh = 0;
+                s++;
+            }
+        }
+    };
+    float acc[TM * TN];
+    mma_product_by<TM, TN, true, true, VA>(acc, mma_smem, a, lda, m0, M, load_b, k0, k1);
+    mma_store<TM, TN>(acc, out + blockIdx.z * zstride, ldo, m0, M, n0, N);
+}
+
+typedef void (*dw_gather_fn)(float *, int64_t, int64_t, const float *, int64_t, dw_src, int, int, int64_t,
+                             int64_t);
+
+static dw_gather_fn dw_gather_kind(bool tm4, bool tn4, bool va, int *bytes) {
+    static const dw_gather_fn kinds[2][2][2] = {
+        {{conv_dw_gather<2, 2, false>, conv_dw_gather<2, 2, true>},
+         {conv_dw_gather<2, 4, false>, conv_dw_gather<2, 4, true>}},
+        {{conv_dw_gather<4, 2, false>, conv_dw_gather<4, 2, true>},
+         {conv_dw_gather<4, 4, false>, conv_dw_gather<4, 4, true>}}};
+    static const int sizes[2][2] = {{mma_smem_bytes<2, 2, true, true>(), mma_smem_bytes<2, 4, true, true>()},
+                                    {mma_smem_bytes<4, 2, true, true>(), mma_smem_bytes<4, 4, true, true>()}};
+    *bytes = sizes[tm4][tn4];
+    return kinds[tm4][tn4][va];
+}
+
 /* y (b, OC, OHW) = yt (OC, b*OHW) + bias, through the fused ReLU when relu. When OHW % 4 == 0 a
  * thread moves four elements of one plane as float4 (one index division for the four): vec, given
  * when both buffers are 16-byte aligned. */
@@ -274,7 +352,8 @@ int cu_conv_fits(const mpscy_plan *p, const mpscy_node *n) {
 static int64_t dw_part_splits(int64_t nb) { return (nb + DW_MIN_CHUNK - 1) / DW_MIN_CHUNK; }
 
 /* A convolution's own slab (colbuf at col_off, floats at the built batch, each part a multiple
- * of 4): the columns (K, nb), kept from forward to backward; then its backward's dz (OC, nb), the
+ * of 4): the columns (K, nb), kept from forward to backward (none when cols is false: its weight
+ * gradient reads x, conv_dw_gathers); then its backward's dz (OC, nb), the
  * weight gradient's split-K partials and the bias gradient's chunk sums. These are private so
  * that the weight and bias gradients run on the side stream while the main stream goes on with
  * dcol, col2im and the layers below, which reuse the shared workspace. A convolution that may
@@ -285,9 +364,9 @@ static int64_t dw_part_splits(int64_t nb) { return (nb + DW_MIN_CHUNK - 1) / DW_
  * tf32, the forced GEMM modes and MPSCY_CUDA_IMPLICIT=0 leave them unused. */
 struct conv_slab { int64_t dzt, part, dbp, wc, total; };
 static int64_t round4(int64_t f) { return (f + 3) & ~(int64_t)3; }
-static conv_slab slab_of(const conv_geom &g, int64_t nb_built, bool s2, bool s1) {
+static conv_slab slab_of(const conv_geom &g, int64_t nb_built, bool s2, bool s1, bool cols) {
     conv_slab s;
-    s.dzt = round4(g.k * nb_built);
+    s.dzt = cols ? round4(g.k * nb_built) : 0;
     s.part = s.dzt + round4((s2 ? 4 : 1) * g.oc * nb_built);
     s.dbp = s.part + round4(dw_part_splits(nb_built) * g.kg * g.ocg);
     s.wc = s.dbp + round4((nb_built + DZ_CHUNK - 1) / DZ_CHUNK * g.oc);
@@ -336,8 +415,34 @@ static bool conv_s1_dx(const cu_graph *gr, const mpscy_node *n, const conv_geom 
            (uintptr_t)gr->dy[n->in[0]] % 8 == 0;
 }
 
+/* whether the forward reads x itself (conv_direct, or the implicit product) rather than columns
+ * it builds: one test for the forward and the backward */
+static bool conv_reads_x(const cu_graph *gr, int64_t i, const conv_geom &g) {
+    return cu_conv_direct_fits(&g) ||
+           (gr->implicit && cu_mma_own(gr) && cu_conv_implicit_fits(&g) && (uintptr_t)gr->y[i] % 8 == 0);
+}
+
+/* whether a training step's weight gradient reads x itself (conv_dw_gather), so that no columns
+ * are built: a forward that reads x, and the own long product ($MPSCY_CUDA_DW_GATHER=0: never) */
+static bool conv_dw_gathers(const cu_graph *gr, int64_t i, const conv_geom &g) {
+    return gr->dw_gather && g.groups == 1 && conv_reads_x(gr, i, g) && conv_mma(gr, CONV_DW, gr->plan.batch * g.ohw);
+}
+
+/* x's view for conv_dw_gather */
+static dw_src dw_src_of(const conv_geom &g, const float *x) {
+    dw_src v;
+    v.x = x;
+    v.hw = (unsigned)(g.h * g.w); v.h = (unsigned)g.h; v.w = (unsigned)g.w;
+    v.ohw = (unsigned)g.ohw; v.ow = (unsigned)g.ow; v.sxs = (unsigned)(g.c * g.h * g.w);
+    v.khw = (unsigned)(g.kh * g.kw); v.kw = (unsigned)g.kw;
+    v.sh = (int)g.sh; v.sw = (int)g.sw; v.ph = (int)g.ph; v.pw = (int)g.pw; v.dh = (int)g.dh; v.dw = (int)g.dw;
+    return v;
+}
+
+/* one product of a group (which); a weight gradient with gx reads x itself (conv_dw_gather), not col */
 static int conv_gemm(cu_graph *gr, int which, int side, const conv_geom &g, int64_t nb, int64_t nb_built, float *c,
-                     const float *w, const float *col, const float *dzt, float *part, char *err, size_t en) {
+                     const float *w, const float *col, const float *dzt, float *part, char *err, size_t en,
+                     const dw_src *gx = NULL) {
     cudaStream_t stream = side ? gr->side : gr->stream;
     int64_t M, N, K;
     if (which == CONV_FWD) { M = g.ocg; N = nb; K = g.kg; }
@@ -379,10 +484,18 @@ static int conv_gemm(cu_graph *gr, int which, int side, const conv_geom &g, int6
         int64_t chunk, s = dw_splits(gm * gn, nb, gr->dev->sms, &chunk), kgo = g.kg * g.ocg;
         float *out = s > 1 ? part : c;
         int bytes;
-        mma_fn k = mma_kk_kind(tm == 4, tn == 4, nb % 4 == 0 && cu_aligned16(col) && cu_aligned16(dzt), &bytes);
         dim3 grid((unsigned)gn, (unsigned)gm, (unsigned)s);
-        CU_TRY(mma_launch(gr, stream, k, grid, bytes, out, g.kg, kgo, dzt, nb, col, nb, (int)g.ocg, (int)g.kg, nb, chunk),
-               "conv_dw");
+        if (gx) {
+            dw_gather_fn k = dw_gather_kind(tm == 4, tn == 4, nb % 4 == 0 && cu_aligned16(dzt), &bytes);
+            CU_TRY(mma_launch(gr, stream, k, grid, bytes, out, g.kg, kgo, dzt, nb, *gx, (int)g.ocg, (int)g.kg, nb,
+                              chunk),
+                   "conv_dw_gather");
+        } else {
+            mma_fn k = mma_kk_kind(tm == 4, tn == 4, nb % 4 == 0 && cu_aligned16(col) && cu_aligned16(dzt), &bytes);
+            CU_TRY(mma_launch(gr, stream, k, grid, bytes, out, g.kg, kgo, dzt, nb, col, nb, (int)g.ocg, (int)g.kg, nb,
+                              chunk),
+                   "conv_dw");
+        }
         int st = CU_LAUNCHED("conv_dw");
         if (st != MPSCY_OK || s == 1) return st;
         CU_TRY(cu_sum_parts(gr, stream, c, part, kgo, s, NULL, 1, 0), "conv_dw_reduce");
@@ -439,7 +552,8 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
          * forward's records all precede any backward work on the in-order side stream, and the
          * latest follows every earlier re-layout, so the wait covers them all without waiting
          * for the backward's side work. W is not written until the optimizer, after the join. */
-        float *wc = col + slab_of(g, p->batch * g.ohw, conv_s2(p, n, g), conv_s1(p, n, g)).wc;
+        const bool cols = !conv_dw_gathers(gr, i, g);
+        float *wc = col + slab_of(g, p->batch * g.ohw, conv_s2(p, n, g), conv_s1(p, n, g), cols).wc;
         int st = cu_fork(gr, err, en);
         if (st == MPSCY_OK)
             st = s2 ? cu_conv_s2_weights(gr, gr->side, &g, wc, w, err, en)
@@ -449,9 +563,10 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
     }
     /* a forward that reads x itself (direct, or implicit) builds the columns only for a training
      * step's weight gradient, on the side stream (joined after backward in step.cu), reading x,
-     * which nothing writes again in the step */
+     * which nothing writes again in the step; and none when that product reads x too
+     * (conv_dw_gathers) */
     auto side_columns = [&]() -> int {
-        if (!train) return MPSCY_OK;
+        if (!train || conv_dw_gathers(gr, i, g)) return MPSCY_OK;
         int st = cu_fork(gr, err, en);
         if (st == MPSCY_OK) st = cu_im2col(gr, gr->side, &g, col, x, b, err, en);
         if (st != MPSCY_OK || gr->dy[n->in[0]] || !gr->input_dw_main) return st;
@@ -466,7 +581,7 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
         int st = side_columns();
         return st != MPSCY_OK ? st : cu_conv_direct(gr, &g, gr->y[i], x, w, bias, b, relu, err, en);
     }
-    if (gr->implicit && cu_mma_own(gr) && cu_conv_implicit_fits(&g) && (uintptr_t)gr->y[i] % 8 == 0) {
+    if (conv_reads_x(gr, i, g)) {
         /* fp32, 3x3: the product reads x itself */
         int st = side_columns();
         if (st != MPSCY_OK) return st;
@@ -527,7 +642,8 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
     float *dx = gr->dy[n->in[0]];
     const bool s2 = conv_s2_dx(gr, n, g);  /* dx by conv_dgrad_s2, */
     const bool s1 = !s2 && conv_s1_dx(gr, n, g);  /* or an implicit product, else dcol and col2im */
-    const conv_slab sl = slab_of(g, nb_built, conv_s2(p, n, g), conv_s1(p, n, g));
+    const bool gather = conv_dw_gathers(gr, i, g);  /* no columns */
+    const conv_slab sl = slab_of(g, nb_built, conv_s2(p, n, g), conv_s1(p, n, g), !gather);
     float *slab = gr->colbuf + gr->col_off[i];
     const float *col = slab;                                   // (K, nb)
     float *dzs = slab + sl.dzt;                                // s2: (4, OC, nb), dz's shifted copies
@@ -607,9 +723,10 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
     const int dw_side = dx || !gr->input_dw_main;
     if (st == MPSCY_OK && !dw_side && gr->cols_recorded)
         CU_TRY(cudaStreamWaitEvent(gr->stream, gr->colready, 0), "columns wait");
+    const dw_src gx = dw_src_of(g, gr->y[n->in[0]]);  /* groups 1 when gathered */
     for (int64_t gi = 0; gi < g.groups && st == MPSCY_OK; gi++) {
         st = conv_gemm(gr, CONV_DW, dw_side, g, nb, nb_built, dw + gi * g.ocg * g.kg, NULL, col + gi * g.kg * nb,
-                       dzt + gi * g.ocg * nb, part, err, en);
+                       dzt + gi * g.ocg * nb, part, err, en, gather ? &gx : NULL);
         if (st == MPSCY_OK && dx && !s2 && !s1)
             st = conv_gemm(gr, CONV_DCOL, 0, g, nb, nb_built, dcol + gi * g.kg * nb, w + gi * g.ocg * g.kg, NULL,
                            dzt + gi * g.ocg * nb, NULL, err, en);
@@ -634,7 +751,12 @@ void cu_conv_gemm_need(const cu_graph *gr, const mpscy_node *n, int64_t *floats,
         }
 }
 
-int64_t cu_conv_columns(const mpscy_plan *p, const mpscy_node *n) {
+int cu_conv_gathers(const cu_graph *gr, const mpscy_node *n) {
+    return conv_dw_gathers(gr, cu_node_index(gr, n), geom(&gr->plan, n));
+}
+
+int64_t cu_conv_columns(const cu_graph *gr, const mpscy_node *n) {
+    const mpscy_plan *p = &gr->plan;
     conv_geom g = geom(p, n);
-    return slab_of(g, p->batch * g.ohw, conv_s2(p, n, g), conv_s1(p, n, g)).total;
+    return slab_of(g, p->batch * g.ohw, conv_s2(p, n, g), conv_s1(p, n, g), !cu_conv_gathers(gr, n)).total;
 }

@@ -159,6 +159,8 @@ typedef struct cu_graph {
     int dz_direct;             /* $MPSCY_CUDA_DZ_DIRECT at build not 0: a stride-2 dx product writes the dz of the
                                 * convolution below, masked by its ReLU, and an implicit dx reads its dz as it
                                 * lies (conv.cu) */
+    int dw_gather;             /* $MPSCY_CUDA_DW_GATHER at build not 0: a convolution whose forward reads x itself
+                                * takes its weight gradient's B operand from x too, building no columns (conv.cu) */
     int pull_next;             /* per capture: the pull, the last kernel enqueued, flags its parts for it */
 } cu_graph;
 
@@ -216,8 +218,10 @@ int cu_flatten_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, 
 int cu_conv_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
 int cu_conv_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);
 int64_t cu_conv_workspace(const mpscy_plan *p, const mpscy_node *n);
-int64_t cu_conv_columns(const mpscy_plan *p, const mpscy_node *n);  /* floats of its kept im2col */
+int64_t cu_conv_columns(const cu_graph *gr, const mpscy_node *n);  /* floats of its slab (the kept im2col, ...):
+                                                                     * once y, dy and the knobs are set */
 int cu_conv_fits(const mpscy_plan *p, const mpscy_node *n);         /* its tensors index in 31 bits */
+int cu_conv_gathers(const cu_graph *gr, const mpscy_node *n);      /* its weight gradient reads x (no columns) */
 void cu_conv_gemm_need(const cu_graph *g, const mpscy_node *n, int64_t *floats, int64_t *counters);
 /* im2col.cu: a convolution's columns (K, b*OHW) from x (on stream s), and dx (accumulated when
  * accum) from dcol */

@@ -219,6 +219,11 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
      * (conv.cu); 0 turns both off: a knob for A/B timing and testing */
     const char *dzk = getenv("MPSCY_CUDA_DZ_DIRECT");
     g->dz_direct = !(dzk && dzk[0] == '0');
+    /* the weight gradient of a convolution whose forward reads x (conv_direct, the implicit
+     * product) reads x too, so the forward's side stream builds no columns (~54 MB written and
+     * read back a step in the README CNN); 0 builds them: a knob for A/B timing and testing */
+    const char *dwg = getenv("MPSCY_CUDA_DW_GATHER");
+    g->dw_gather = !(dwg && dwg[0] == '0');
     int convs = 0;
     for (int32_t i = 0; i < p->n_nodes; i++) {
         const mpscy_node *node = &p->nodes[i];
@@ -228,7 +233,6 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
             cu_conv_gemm_need(g, node, &f, &c);
             g->gws_floats += f;
             g->gcount_n += c;
-            g->col_floats += cu_conv_columns(p, node);
             continue;
         }
         if (node->kind != MPSCY_LAYER_DENSE) continue;
@@ -269,7 +273,6 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     DEV(g->lt_ws[1], g->lt_ws_bytes);
     DEV(g->scratch, sizeof(cu_scratch));
     DEV(g->gws, slab_bytes(g->gws_floats));
-    DEV(g->colbuf, slab_bytes(g->col_floats));
     DEV(g->gcount, slab_bytes(g->gcount_n));
     DEV(g->stage_d, g->stage_bytes);
     PIN(g->stage_h, g->stage_bytes);
@@ -342,12 +345,18 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     const int head = g->head && cu_head_fits(g);  /* decided once: every capture and partial step reads it */
     g->head_drop = head && g->head >= 2 ? cu_head_dropout(g) : -1;
     g->head = head;
+    /* each convolution's slab, sized by what its kernels were decided to be (conv.cu) */
     int64_t at = 0;
     for (int32_t i = 0; i < p->n_nodes; i++)
         if (p->nodes[i].kind == MPSCY_LAYER_CONV2D) {
             g->col_off[i] = at;
-            at += cu_conv_columns(p, &p->nodes[i]);
+            at += cu_conv_columns(g, &p->nodes[i]);
         }
+    g->col_floats = at;
+    if ((st = cu_dev_alloc(dev, (void **)&g->colbuf, slab_bytes(at))) != MPSCY_OK) {
+        cu_graph_destroy(&g->base);
+        return FAIL(st, "convolution buffers of %zu bytes", slab_bytes(at));
+    }
 
     cu_buffer *tb = &g->io_bufs[p->n_inputs], *ob = &g->io_bufs[p->n_inputs + 1];
     tb->base.bytes = (size_t)p->batch * p->target_size * 4;
@@ -397,9 +406,15 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     }
     if (getenv("MPSCY_CUDA_VERBOSE")) {
         char form[64];
+        int gathers = 0;
+        for (int32_t i = 0; i < p->n_nodes; i++)
+            if (p->nodes[i].kind == MPSCY_LAYER_CONV2D) gathers += cu_conv_gathers(g, &p->nodes[i]);
         fprintf(stderr, "mpscy: cuda train step: %s%s\n", cu_fused_form(g, form, sizeof form),
                 !g->fu && g->head ? (g->head_drop >= 0 ? ", the output Dense with the loss and the Dropout below it"
                                                         : ", the output Dense with the loss") : "");
+        if (gathers)
+            fprintf(stderr, "mpscy: cuda weight gradients read from x (no columns): %d convolution%s\n", gathers,
+                    gathers > 1 ? "s" : "");
     }
     *out = &g->base;
     return MPSCY_OK;

@@ -132,12 +132,14 @@ static __device__ __forceinline__ void mma_pos(int e, int &r, int &c) {
     c = (w >> 1) * 4 * TN + ni * 8 + 2 * t + (q & 1);
 }
 
-/* acc (mma_pos's layout) = A[m0 .., k0:k1) B[n0 .., k0:k1)^T; smem: mma_smem_bytes of dynamic
- * shared memory */
-template <int TM, int TN, bool AK, bool BK, bool VA, bool VB>
-static __device__ __forceinline__ void mma_product(float (&acc)[TM * TN], float *smem, const float *__restrict__ a,
-                                                   int64_t lda, int m0, int M, const float *__restrict__ b,
-                                                   int64_t ldb, int n0, int N, int64_t k0, int64_t k1) {
+/* acc (mma_pos's layout) = A[m0 .., k0:k1) B[n0 .., k0:k1)^T with B's tiles stored by
+ * load_b(tile, kb) (K in [kb, kb + MMA_BK) of rows n0 ..., laid out as mma_tile<BK, 16 TN>, zero
+ * outside B, cp.async copies only; called once for each step, kb = k0, k0 + MMA_BK, ... in
+ * order); smem: mma_smem_bytes of dynamic shared memory */
+template <int TM, int TN, bool AK, bool BK, bool VA, class LoadB>
+static __device__ __forceinline__ void mma_product_by(float (&acc)[TM * TN], float *smem, const float *__restrict__ a,
+                                                      int64_t lda, int m0, int M, const LoadB &load_b, int64_t k0,
+                                                      int64_t k1) {
     constexpr int BM = 16 * TM, BN = 16 * TN, MI = TM / 2, NI = TN / 2;
     typedef mma_tile<AK, BM> TA;
     typedef mma_tile<BK, BN> TB;
@@ -151,7 +153,7 @@ static __device__ __forceinline__ void mma_product(float (&acc)[TM * TN], float 
     for (int s = 0; s < MMA_STAGES - 1; s++) {
         if (s < nk) {
             mma_load<AK, BM, VA>(smem + s * STAGE, a, lda, m0, M, k0 + s * MMA_BK, k1);
-            mma_load<BK, BN, VB>(smem + s * STAGE + TA::FLOATS, b, ldb, n0, N, k0 + s * MMA_BK, k1);
+            load_b(smem + s * STAGE + TA::FLOATS, k0 + s * MMA_BK);
         }
         cp_async_commit();
     }
@@ -162,7 +164,7 @@ static __device__ __forceinline__ void mma_product(float (&acc)[TM * TN], float 
         if (nx < nk) {
             float *s = smem + (nx % MMA_STAGES) * STAGE;
             mma_load<AK, BM, VA>(s, a, lda, m0, M, k0 + (int64_t)nx * MMA_BK, k1);
-            mma_load<BK, BN, VB>(s + TA::FLOATS, b, ldb, n0, N, k0 + (int64_t)nx * MMA_BK, k1);
+            load_b(s + TA::FLOATS, k0 + (int64_t)nx * MMA_BK);
         }
         cp_async_commit();
         const float *sa = smem + (kt % MMA_STAGES) * STAGE, *sb = sa + TA::FLOATS;
@@ -197,21 +199,19 @@ static __device__ __forceinline__ void mma_product(float (&acc)[TM * TN], float 
     cp_async_wait<0>();
 }
 
-/* conv_mma_kernel (named for its first users, conv.cu's products): out[z] (M, N) = A[:, Kz]
- * B[:, Kz]^T for the z-th chunk of K (out + z zstride, row stride ldo), as the views above. A
- * product split over K leaves its partials for an ordered sum (conv.cu's cu_sum_parts). */
+/* mma_product_by with B the (N, K) view of b (ld ldb) */
 template <int TM, int TN, bool AK, bool BK, bool VA, bool VB>
-__global__ void __launch_bounds__(256, 2) conv_mma_kernel(float *__restrict__ out, int64_t ldo, int64_t zstride,
-                                                          const float *__restrict__ a, int64_t lda,
-                                                          const float *__restrict__ b, int64_t ldb, int M, int N,
-                                                          int64_t K, int64_t chunk) {
-    extern __shared__ __align__(16) float mma_smem[];
-    cu_pdl_enter();
-    const int m0 = blockIdx.y * 16 * TM, n0 = blockIdx.x * 16 * TN;
-    const int64_t k0 = (int64_t)blockIdx.z * chunk, k1 = min(K, k0 + chunk);
-    float acc[TM * TN];
-    mma_product<TM, TN, AK, BK, VA, VB>(acc, mma_smem, a, lda, m0, M, b, ldb, n0, N, k0, k1);
-    float *o = out + blockIdx.z * zstride;
+static __device__ __forceinline__ void mma_product(float (&acc)[TM * TN], float *smem, const float *__restrict__ a,
+                                                   int64_t lda, int m0, int M, const float *__restrict__ b,
+                                                   int64_t ldb, int n0, int N, int64_t k0, int64_t k1) {
+    auto load_b = [&](float *s, int64_t kb) { mma_load<BK, 16 * TN, VB>(s, b, ldb, n0, N, kb, k1); };
+    mma_product_by<TM, TN, AK, BK, VA>(acc, smem, a, lda, m0, M, load_b, k0, k1);
+}
+
+/* o (M, N) rows ldo apart, tile (m0, n0) = acc (mma_pos's layout): float2 stores where aligned */
+template <int TM, int TN>
+static __device__ __forceinline__ void mma_store(const float (&acc)[TM * TN], float *o, int64_t ldo, int m0, int M,
+                                                 int n0, int N) {
     const bool v2 = (ldo & 1) == 0 && ((uintptr_t)o & 7) == 0;
 #pragma unroll
     for (int e = 0; e < TM * TN; e += 2) { /* (e, e + 1): columns n, n + 1 of row m, n even */
@@ -226,6 +226,23 @@ __global__ void __launch_bounds__(256, 2) conv_mma_kernel(float *__restrict__ ou
             if (n + 1 < N) o[m * ldo + n + 1] = acc[e + 1];
         }
     }
+}
+
+/* conv_mma_kernel (named for its first users, conv.cu's products): out[z] (M, N) = A[:, Kz]
+ * B[:, Kz]^T for the z-th chunk of K (out + z zstride, row stride ldo), as the views above. A
+ * product split over K leaves its partials for an ordered sum (conv.cu's cu_sum_parts). */
+template <int TM, int TN, bool AK, bool BK, bool VA, bool VB>
+__global__ void __launch_bounds__(256, 2) conv_mma_kernel(float *__restrict__ out, int64_t ldo, int64_t zstride,
+                                                          const float *__restrict__ a, int64_t lda,
+                                                          const float *__restrict__ b, int64_t ldb, int M, int N,
+                                                          int64_t K, int64_t chunk) {
+    extern __shared__ __align__(16) float mma_smem[];
+    cu_pdl_enter();
+    const int m0 = blockIdx.y * 16 * TM, n0 = blockIdx.x * 16 * TN;
+    const int64_t k0 = (int64_t)blockIdx.z * chunk, k1 = min(K, k0 + chunk);
+    float acc[TM * TN];
+    mma_product<TM, TN, AK, BK, VA, VB>(acc, mma_smem, a, lda, m0, M, b, ldb, n0, N, k0, k1);
+    mma_store<TM, TN>(acc, out + blockIdx.z * zstride, ldo, m0, M, n0, N);
 }
 
 typedef void (*mma_fn)(float *, int64_t, int64_t, const float *, int64_t, const float *, int64_t, int, int, int64_t,
