@@ -219,11 +219,13 @@ __global__ void __launch_bounds__(256, 2) conv_dw_gather(float *__restrict__ out
     auto load_b = [&](float *tile, int64_t kb) {
         const bool kin = kb + lane < k1;
         const int ih0 = (int)(oh * xs.sh), iw0 = (int)(ow * xs.sw);
-        const int pix = (int)(s * xs.sxs) + ih0 * (int)xs.w + iw0;
+        /* the window origin's index (unsigned: past the batch, in a step's last lanes, it may wrap;
+         * such a lane copies nothing, and an element that is copied lies in x) */
+        const unsigned pix = s * xs.sxs + (unsigned)ih0 * xs.w + (unsigned)iw0;
 #pragma unroll
         for (int q = 0; q < Q; q++) {
             const bool ok = kin && (unsigned)(ih0 + dih[q]) < xs.h && (unsigned)(iw0 + diw[q]) < xs.w;
-            cp_async4(tile + mma_tile<true, BN>::at(r0 + 8 * q, lane), ok ? x + (pix + off[q]) : x, ok);
+            cp_async4(tile + mma_tile<true, BN>::at(r0 + 8 * q, lane), ok ? x + (pix + (unsigned)off[q]) : x, ok);
         }
         for (ow += MMA_BK; ow >= xs.ow;) {
             ow -= xs.ow;
