@@ -14,8 +14,9 @@
  * NCHW by conv_out_kernel. With groups 1 and K <= 32 (a network's first convolutions) the forward
  * is instead conv_direct.cu's fp32 kernel in every precision and mode, and the columns are built
  * only by a training step, on the side stream; where the weight gradient is the own long product
- * it reads x itself instead (conv_dw_gather), as does that of a convolution whose forward is the
- * implicit product (conv_implicit.cu), and no columns are built or held at all. */
+ * it reads x itself instead (conv_dw.cu), as does that of a convolution whose forward is the
+ * implicit product (conv_implicit.cu), and no columns are built or held at all. The weight
+ * gradient's own split product and the ordered sums of split partials are conv_dw.cu's. */
 #include <algorithm>
 
 #include "cuda.h"
@@ -26,45 +27,6 @@
 typedef mpscy_conv_geom conv_geom;
 
 static conv_geom geom(const mpscy_plan *p, const mpscy_node *n) { return mpscy_conv_geometry(p, n); }
-
-/* out (count) = the sum of `splits` partials part (splits, count): the weight gradient's split-K
- * partials, and the bias gradient's chunk sums; with a Dense forward's epilogue (dense.cu's product)
- * + bias[e % n] when bias, then the ReLU when relu. A block of W warps (W = blockDim.x / 32, at
- * most 32) takes 32 outputs: warp w adds splits w, w + W, ... (coalesced across the warp), then
- * one warp adds the W sums in order, so the result is the same bits on every run (at one W). */
-static __global__ void conv_sum_parts(float *out, const float *part, int64_t count, int64_t splits,
-                                      const float *bias, int64_t n, int relu) {
-    __shared__ float sums[32][33];
-    cu_pdl_enter();
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, W = blockDim.x >> 5;
-    for (int64_t e0 = (int64_t)blockIdx.x * 32; e0 < count; e0 += (int64_t)gridDim.x * 32) {
-        const int64_t e = e0 + lane;
-        float v = 0.0f;
-        if (e < count)
-#pragma unroll 4
-            for (int64_t s = w; s < splits; s += W) v += __ldg(&part[s * count + e]);
-        sums[w][lane] = v;
-        __syncthreads();
-        if (w == 0 && e < count) {
-            float t = sums[0][lane];
-            for (int k = 1; k < W; k++) t += sums[k][lane];
-            if (bias) t += bias[e % n];
-            out[e] = relu && !(t > 0.0f) ? 0.0f : t;
-        }
-        __syncthreads();
-    }
-}
-
-/* conv_sum_parts over count outputs on stream s, blocks of 32 warps where 8 would each add more
- * than 8 partials: more than gr->sum_wide splits (default 64; the README CNN's first convolution's
- * weight gradient, 256 partials of 864: 11.0 us in the timeline as 8 warps, 4.2 as 32, and its step
- * with the 100% carveout 263.7 us against 272.7, A/B on the H200) */
-cudaError_t cu_sum_parts(const cu_graph *gr, cudaStream_t s, float *out, const float *part, int64_t count,
-                         int64_t splits, const float *bias, int64_t n, int relu) {
-    const unsigned threads = gr->sum_wide > 0 && splits > gr->sum_wide ? 1024 : CU_THREADS;
-    return cu_launch(gr, conv_sum_parts, cu_blocks(count, 32, 4096), threads, s, out, part, count, splits, bias, n,
-                     relu);
-}
 
 /* The own products (sm_80 and newer, fp32): 3xTF32 on tensor cores in mma.cuh's pipeline:
  * mma.cuh's conv_mma_kernel for the weight gradient dW = dz col^T (both operands K-contiguous over
@@ -164,97 +126,6 @@ static fwd_fn fwd_kind(bool tm4, bool va, bool vb, bool vy, int *bytes) {
     return kinds[tm4][va][vb][vy];
 }
 
-#define DW_MIN_CHUNK 128  /* K per conv_dw_kernel block, at least */
-
-/* chunks of K for conv_dw_kernel: one wave of two blocks per multiprocessor, each chunk at least
- * DW_MIN_CHUNK (one block a multiprocessor: the README CNN's step 308.9 us against 281.0 on the
- * H200, A/B) */
-static int64_t dw_splits(int64_t tiles, int64_t nb, int sms, int64_t *chunk) {
-    int64_t s = 2 * (int64_t)sms / tiles, most = (nb + DW_MIN_CHUNK - 1) / DW_MIN_CHUNK;
-    if (s > most) s = most;
-    if (s < 1) s = 1;
-    *chunk = ((nb + s - 1) / s + MMA_BK - 1) / MMA_BK * MMA_BK;
-    return (nb + *chunk - 1) / *chunk;
-}
-
-/* The weight gradient's B operand read from x itself instead of im2col's columns (the forward
- * of a convolution whose forward reads x, conv_direct or the implicit product, then builds no
- * columns): element (n, j) is col[n, j] of im2col.cu, n = (c, ki, kj) over the group's
- * channels, j = (s, oh, ow), zero in the padding. Each 32-K step of a 16 TN-row tile is copied
- * by a warp a row, a lane a j (as mma_load's 4-byte K-contiguous form), so a warp reads one row
- * of x's window: consecutive (or strided) floats, the taps of a channel hitting L1 in turn. The
- * tiles hold the same floats as the columns' would, in the same order: the same bits. Index
- * arithmetic in 32 bits (cu_conv_fits). */
-struct dw_src {
-    const float *x;                    /* (b, C, H, W) at the group's first channel */
-    unsigned hw, h, w, ohw, ow, sxs, khw, kw;  /* sxs: floats a sample (C H W) */
-    int sh, sw, ph, pw, dh, dw;
-};
-
-template <int TM, int TN, bool VA>
-__global__ void __launch_bounds__(256, 2) conv_dw_gather(float *__restrict__ out, int64_t ldo, int64_t zstride,
-                                                         const float *__restrict__ a, int64_t lda, dw_src xs, int M,
-                                                         int N, int64_t K, int64_t chunk) {
-    extern __shared__ __align__(16) float mma_smem[];
-    constexpr int BN = 16 * TN, Q = BN / 8;
-    cu_pdl_enter();
-    const int m0 = blockIdx.y * 16 * TM, n0 = blockIdx.x * BN, lane = threadIdx.x & 31, r0 = threadIdx.x >> 5;
-    const int64_t k0 = (int64_t)blockIdx.z * chunk, k1 = min(K, k0 + chunk);
-    /* this thread's rows r0 + 8q: the tap's offsets from the window's origin, and its element's
-     * offset from the origin's (rows past N get an offset no window reaches: zero-filled) */
-    int dih[Q], diw[Q], off[Q];
-#pragma unroll
-    for (int q = 0; q < Q; q++) {
-        const unsigned n = (unsigned)(n0 + r0 + 8 * q), c = n / xs.khw, t = n - c * xs.khw, ki = t / xs.kw;
-        const bool in = (int)n < N;
-        dih[q] = in ? (int)ki * xs.dh - xs.ph : -(1 << 30);
-        diw[q] = (int)(t - ki * xs.kw) * xs.dw - xs.pw;
-        off[q] = in ? (int)(c * xs.hw) + dih[q] * (int)xs.w + diw[q] : 0;
-    }
-    /* this lane's column j = kb + lane as (s, oh, ow), moved on by MMA_BK a step (load_b's steps
-     * come in order) without a division */
-    unsigned j = (unsigned)(k0 + lane), s = j / xs.ohw, oh = (j - s * xs.ohw) / xs.ow;
-    unsigned ow = j - s * xs.ohw - oh * xs.ow, oh_n = xs.ohw / xs.ow;
-    const float *__restrict__ x = xs.x;
-    auto load_b = [&](float *tile, int64_t kb) {
-        const bool kin = kb + lane < k1;
-        const int ih0 = (int)(oh * xs.sh), iw0 = (int)(ow * xs.sw);
-        /* the window origin's index (unsigned: past the batch, in a step's last lanes, it may wrap;
-         * such a lane copies nothing, and an element that is copied lies in x) */
-        const unsigned pix = s * xs.sxs + (unsigned)ih0 * xs.w + (unsigned)iw0;
-#pragma unroll
-        for (int q = 0; q < Q; q++) {
-            const bool ok = kin && (unsigned)(ih0 + dih[q]) < xs.h && (unsigned)(iw0 + diw[q]) < xs.w;
-            cp_async4(tile + mma_tile<true, BN>::at(r0 + 8 * q, lane), ok ? x + (pix + (unsigned)off[q]) : x, ok);
-        }
-        for (ow += MMA_BK; ow >= xs.ow;) {
-            ow -= xs.ow;
-            if (++oh == oh_n) {
-                oh = 0;
-                s++;
-            }
-        }
-    };
-    float acc[TM * TN];
-    mma_product_by<TM, TN, true, true, VA>(acc, mma_smem, a, lda, m0, M, load_b, k0, k1);
-    mma_store<TM, TN>(acc, out + blockIdx.z * zstride, ldo, m0, M, n0, N);
-}
-
-typedef void (*dw_gather_fn)(float *, int64_t, int64_t, const float *, int64_t, dw_src, int, int, int64_t,
-                             int64_t);
-
-static dw_gather_fn dw_gather_kind(bool tm4, bool tn4, bool va, int *bytes) {
-    static const dw_gather_fn kinds[2][2][2] = {
-        {{conv_dw_gather<2, 2, false>, conv_dw_gather<2, 2, true>},
-         {conv_dw_gather<2, 4, false>, conv_dw_gather<2, 4, true>}},
-        {{conv_dw_gather<4, 2, false>, conv_dw_gather<4, 2, true>},
-         {conv_dw_gather<4, 4, false>, conv_dw_gather<4, 4, true>}}};
-    static const int sizes[2][2] = {{mma_smem_bytes<2, 2, true, true>(), mma_smem_bytes<2, 4, true, true>()},
-                                    {mma_smem_bytes<4, 2, true, true>(), mma_smem_bytes<4, 4, true, true>()}};
-    *bytes = sizes[tm4][tn4];
-    return kinds[tm4][tn4][va];
-}
-
 /* y (b, OC, OHW) = yt (OC, b*OHW) + bias, through the fused ReLU when relu. When OHW % 4 == 0 a
  * thread moves four elements of one plane as float4 (one index division for the four): vec, given
  * when both buffers are 16-byte aligned. */
@@ -347,16 +218,13 @@ int cu_conv_fits(const mpscy_plan *p, const mpscy_node *n) {
     return (double)g.k * nb < lim && (double)g.oc * nb < lim && (double)p->batch * g.c * g.h * g.w < lim;
 }
 
-#define DW_CHUNK 1024  /* K per product of the split weight gradient */
-
-/* room for the weight gradient's split-K partials, in products of (OCg, Kg): enough for the
- * cuBLASLt chunks (DW_CHUNK) and conv_dw_kernel's (DW_MIN_CHUNK or more) */
-static int64_t dw_part_splits(int64_t nb) { return (nb + DW_MIN_CHUNK - 1) / DW_MIN_CHUNK; }
+#define DW_CHUNK 1024  /* K per product of the split weight gradient (cuBLASLt's, tf32) */
 
 /* A convolution's own slab (colbuf at col_off, floats at the built batch, each part a multiple
  * of 4): the columns (K, nb), kept from forward to backward (none when cols is false: its weight
  * gradient reads x, conv_dw_gathers); then its backward's dz (OC, nb), the
- * weight gradient's split-K partials and the bias gradient's chunk sums. These are private so
+ * weight gradient's split-K partials (conv_dw.cu's chunks are the shorter, and so the more, of
+ * its and DW_CHUNK's) and the bias gradient's chunk sums. These are private so
  * that the weight and bias gradients run on the side stream while the main stream goes on with
  * dcol, col2im and the layers below, which reuse the shared workspace. A convolution that may
  * take conv_dgrad_s2 (s2: conv_s2's geometry) has room for dz's four copies dzs (4, OC, nb) at
@@ -370,7 +238,7 @@ static conv_slab slab_of(const conv_geom &g, int64_t nb_built, bool s2, bool s1,
     conv_slab s;
     s.dzt = cols ? round4(g.k * nb_built) : 0;
     s.part = s.dzt + round4((s2 ? 4 : 1) * g.oc * nb_built);
-    s.dbp = s.part + round4(dw_part_splits(nb_built) * g.kg * g.ocg);
+    s.dbp = s.part + round4(cu_conv_dw_parts(nb_built) * g.kg * g.ocg);
     s.wc = s.dbp + round4((nb_built + DZ_CHUNK - 1) / DZ_CHUNK * g.oc);
     s.total = s.wc + (s2 || s1 ? round4(9 * g.oc * g.c) : 0);
     return s;
@@ -424,27 +292,16 @@ static bool conv_reads_x(const cu_graph *gr, int64_t i, const conv_geom &g) {
            (gr->implicit && cu_mma_own(gr) && cu_conv_implicit_fits(&g) && (uintptr_t)gr->y[i] % 8 == 0);
 }
 
-/* whether a training step's weight gradient reads x itself (conv_dw_gather), so that no columns
+/* whether a training step's weight gradient reads x itself (conv_dw.cu's gather), so that no columns
  * are built: a forward that reads x, and the own long product ($MPSCY_CUDA_DW_GATHER=0: never) */
 static bool conv_dw_gathers(const cu_graph *gr, int64_t i, const conv_geom &g) {
     return gr->dw_gather && g.groups == 1 && conv_reads_x(gr, i, g) && conv_mma(gr, CONV_DW, gr->plan.batch * g.ohw);
 }
 
-/* x's view for conv_dw_gather */
-static dw_src dw_src_of(const conv_geom &g, const float *x) {
-    dw_src v;
-    v.x = x;
-    v.hw = (unsigned)(g.h * g.w); v.h = (unsigned)g.h; v.w = (unsigned)g.w;
-    v.ohw = (unsigned)g.ohw; v.ow = (unsigned)g.ow; v.sxs = (unsigned)(g.c * g.h * g.w);
-    v.khw = (unsigned)(g.kh * g.kw); v.kw = (unsigned)g.kw;
-    v.sh = (int)g.sh; v.sw = (int)g.sw; v.ph = (int)g.ph; v.pw = (int)g.pw; v.dh = (int)g.dh; v.dw = (int)g.dw;
-    return v;
-}
-
-/* one product of a group (which); a weight gradient with gx reads x itself (conv_dw_gather), not col */
+/* one product of a group (which); a weight gradient with x reads x itself (conv_dw.cu), not col */
 static int conv_gemm(cu_graph *gr, int which, int side, const conv_geom &g, int64_t nb, int64_t nb_built, float *c,
                      const float *w, const float *col, const float *dzt, float *part, char *err, size_t en,
-                     const dw_src *gx = NULL) {
+                     const float *x = NULL) {
     cudaStream_t stream = side ? gr->side : gr->stream;
     int64_t M, N, K;
     if (which == CONV_FWD) { M = g.ocg; N = nb; K = g.kg; }
@@ -478,31 +335,8 @@ static int conv_gemm(cu_graph *gr, int which, int side, const conv_geom &g, int6
     /* column-major views: a row-major (r, cols) matrix is (cols x r) with ld = cols */
     cu_gemm q = {};
     q.epilogue = CUBLASLT_EPILOGUE_DEFAULT;
-    if (which == CONV_DW && conv_mma(gr, which, nb_built)) {
-        /* K = b*OHW is long (fp32): chunks of it (any batch) into partials after dcol, then one
-         * ordered sum */
-        const int tm = g.ocg > 32 ? 4 : 2, tn = g.kg > 32 ? 4 : 2;
-        const int64_t gm = (g.ocg + 16 * tm - 1) / (16 * tm), gn = (g.kg + 16 * tn - 1) / (16 * tn);
-        int64_t chunk, s = dw_splits(gm * gn, nb, gr->dev->sms, &chunk), kgo = g.kg * g.ocg;
-        float *out = s > 1 ? part : c;
-        int bytes;
-        dim3 grid((unsigned)gn, (unsigned)gm, (unsigned)s);
-        if (gx) {
-            dw_gather_fn k = dw_gather_kind(tm == 4, tn == 4, nb % 4 == 0 && cu_aligned16(dzt), &bytes);
-            CU_TRY(mma_launch(gr, stream, k, grid, bytes, out, g.kg, kgo, dzt, nb, *gx, (int)g.ocg, (int)g.kg, nb,
-                              chunk),
-                   "conv_dw_gather");
-        } else {
-            mma_fn k = mma_kk_kind(tm == 4, tn == 4, nb % 4 == 0 && cu_aligned16(col) && cu_aligned16(dzt), &bytes);
-            CU_TRY(mma_launch(gr, stream, k, grid, bytes, out, g.kg, kgo, dzt, nb, col, nb, (int)g.ocg, (int)g.kg, nb,
-                              chunk),
-                   "conv_dw");
-        }
-        int st = CU_LAUNCHED("conv_dw");
-        if (st != MPSCY_OK || s == 1) return st;
-        CU_TRY(cu_sum_parts(gr, stream, c, part, kgo, s, NULL, 1, 0), "conv_dw_reduce");
-        return CU_LAUNCHED("conv_dw_reduce");
-    }
+    if (which == CONV_DW && conv_mma(gr, which, nb_built))  /* fp32: conv_dw.cu's split products */
+        return cu_conv_dw_own(gr, stream, &g, nb, c, dzt, col, x, part, err, en);
     if (which == CONV_DW && conv_long_dw(gr, nb_built) && nb >= 4 * DW_CHUNK) {
         /* K = b*OHW is long (tf32): equal chunks as one strided batch of products into partials (after
          * dcol in the workspace), the tail chunk as one more, then one ordered sum */
@@ -725,10 +559,9 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
     const int dw_side = dx || !gr->input_dw_main;
     if (st == MPSCY_OK && !dw_side && gr->cols_recorded)
         CU_TRY(cudaStreamWaitEvent(gr->stream, gr->colready, 0), "columns wait");
-    const dw_src gx = dw_src_of(g, gr->y[n->in[0]]);  /* groups 1 when gathered */
     for (int64_t gi = 0; gi < g.groups && st == MPSCY_OK; gi++) {
         st = conv_gemm(gr, CONV_DW, dw_side, g, nb, nb_built, dw + gi * g.ocg * g.kg, NULL, col + gi * g.kg * nb,
-                       dzt + gi * g.ocg * nb, part, err, en, gather ? &gx : NULL);
+                       dzt + gi * g.ocg * nb, part, err, en, gather ? gr->y[n->in[0]] : NULL);
         if (st == MPSCY_OK && dx && !s2 && !s1)
             st = conv_gemm(gr, CONV_DCOL, 0, g, nb, nb_built, dcol + gi * g.kg * nb, w + gi * g.ocg * g.kg, NULL,
                            dzt + gi * g.ocg * nb, NULL, err, en);
@@ -760,5 +593,6 @@ int cu_conv_gathers(const cu_graph *gr, const mpscy_node *n) {
 int64_t cu_conv_columns(const cu_graph *gr, const mpscy_node *n) {
     const mpscy_plan *p = &gr->plan;
     conv_geom g = geom(p, n);
-    return slab_of(g, p->batch * g.ohw, conv_s2(p, n, g), conv_s1(p, n, g), !cu_conv_gathers(gr, n)).total;
+    const bool cols = !conv_dw_gathers(gr, cu_node_index(gr, n), g);
+    return slab_of(g, p->batch * g.ohw, conv_s2(p, n, g), conv_s1(p, n, g), cols).total;
 }

@@ -235,11 +235,17 @@ int cu_conv_direct_fits(const mpscy_conv_geom *cg);
 int cu_conv_direct(cu_graph *g, const mpscy_conv_geom *cg, float *y, const float *x, const float *w, const float *bias,
                    int64_t b, int relu, char *err, size_t en);
 int cu_conv_direct_beside(const cu_graph *g);  /* the first layer starts beside the pull (conv_direct.cu) */
-/* conv.cu: out (count) = the ordered sum of `splits` partials (splits, count), + bias[e % n] when
- * bias, through the ReLU when relu (a Dense's long-K forward), launched on s; the same bits every
- * run at one configuration */
+/* conv_dw.cu: out (count) = the ordered sum of `splits` partials (splits, count), + bias[e % n]
+ * when bias, through the ReLU when relu (a Dense's long-K forward), launched on s; the same bits
+ * every run at one configuration */
 cudaError_t cu_sum_parts(const cu_graph *g, cudaStream_t s, float *out, const float *part, int64_t count,
                          int64_t splits, const float *bias, int64_t n, int relu);
+/* conv_dw.cu: the weight gradient dw (OCg, Kg) = dzt (OCg, nb) col^T as the own fp32 product split
+ * over K on stream s into part (cu_conv_dw_parts(nb) products of (OCg, Kg) at most), then their
+ * ordered sum; with x (groups 1) its B is read from x (b, C, H, W) itself, not from col */
+int64_t cu_conv_dw_parts(int64_t nb);
+int cu_conv_dw_own(cu_graph *g, cudaStream_t s, const mpscy_conv_geom *cg, int64_t nb, float *dw, const float *dzt,
+                   const float *col, const float *x, float *part, char *err, size_t en);
 
 /* The pull's parts (step.cu): block k of the pull copies part k % CU_PULL_SPLIT (cu_pull_part
  * floats) of piece k / CU_PULL_SPLIT of input 0, then, when the first layer starts beside it

@@ -250,16 +250,20 @@ typedef void (*mma_fn)(float *, int64_t, int64_t, const float *, int64_t, const 
 
 /* conv_mma_kernel with both operands K-contiguous (a convolution's weight gradient, a Dense's
  * forward): tiles of 64 (tm4, tn4) or 32 rows and columns, 16-byte copies when vec; *bytes its
- * shared memory */
+ * shared memory (mma_kk_bytes, that of any product of such tiles) */
+static inline int mma_kk_bytes(bool tm4, bool tn4) {
+    static const int sizes[2][2] = {{mma_smem_bytes<2, 2, true, true>(), mma_smem_bytes<2, 4, true, true>()},
+                                    {mma_smem_bytes<4, 2, true, true>(), mma_smem_bytes<4, 4, true, true>()}};
+    return sizes[tm4][tn4];
+}
+
 static inline mma_fn mma_kk_kind(bool tm4, bool tn4, bool vec, int *bytes) {
     static const mma_fn kinds[2][2][2] = {
         {{conv_mma_kernel<2, 2, true, true, false, false>, conv_mma_kernel<2, 2, true, true, true, true>},
          {conv_mma_kernel<2, 4, true, true, false, false>, conv_mma_kernel<2, 4, true, true, true, true>}},
         {{conv_mma_kernel<4, 2, true, true, false, false>, conv_mma_kernel<4, 2, true, true, true, true>},
          {conv_mma_kernel<4, 4, true, true, false, false>, conv_mma_kernel<4, 4, true, true, true, true>}}};
-    static const int sizes[2][2] = {{mma_smem_bytes<2, 2, true, true>(), mma_smem_bytes<2, 4, true, true>()},
-                                    {mma_smem_bytes<4, 2, true, true>(), mma_smem_bytes<4, 4, true, true>()}};
-    *bytes = sizes[tm4][tn4];
+    *bytes = mma_kk_bytes(tm4, tn4);
     return kinds[tm4][tn4][vec];
 }
 

@@ -1,0 +1,178 @@
+/* conv_dw.cu — a convolution's weight gradient dW = dz col^T in the own fp32 path (sm_80 and
+ * newer, mma.cuh's 3xTF32 products), and the ordered sums of split partials that it, the bias
+ * gradient and dense.cu's long-K forward share. The long K = b*OHW is split over the GPU into
+ * partials added afterwards in a fixed order; B (the columns, K-contiguous) is read either from
+ * im2col's columns or, for a convolution whose forward reads x itself (conv.cu decides:
+ * conv_dw_gathers), from x, so that no columns exist. */
+#include "cuda.h"
+#include "mma.cuh"
+
+typedef mpscy_conv_geom conv_geom;
+
+/* out (count) = the sum of `splits` partials part (splits, count): the weight gradient's split-K
+ * partials, and the bias gradient's chunk sums; with a Dense forward's epilogue (dense.cu's product)
+ * + bias[e % n] when bias, then the ReLU when relu. A block of W warps (W = blockDim.x / 32, at
+ * most 32) takes 32 outputs: warp w adds splits w, w + W, ... (coalesced across the warp), then
+ * one warp adds the W sums in order, so the result is the same bits on every run (at one W). */
+static __global__ void conv_sum_parts(float *out, const float *part, int64_t count, int64_t splits,
+                                      const float *bias, int64_t n, int relu) {
+    __shared__ float sums[32][33];
+    cu_pdl_enter();
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, W = blockDim.x >> 5;
+    for (int64_t e0 = (int64_t)blockIdx.x * 32; e0 < count; e0 += (int64_t)gridDim.x * 32) {
+        const int64_t e = e0 + lane;
+        float v = 0.0f;
+        if (e < count)
+#pragma unroll 4
+            for (int64_t s = w; s < splits; s += W) v += __ldg(&part[s * count + e]);
+        sums[w][lane] = v;
+        __syncthreads();
+        if (w == 0 && e < count) {
+            float t = sums[0][lane];
+            for (int k = 1; k < W; k++) t += sums[k][lane];
+            if (bias) t += bias[e % n];
+            out[e] = relu && !(t > 0.0f) ? 0.0f : t;
+        }
+        __syncthreads();
+    }
+}
+
+/* conv_sum_parts over count outputs on stream s, blocks of 32 warps where 8 would each add more
+ * than 8 partials: more than gr->sum_wide splits (default 64; the README CNN's first convolution's
+ * weight gradient, 256 partials of 864: 11.0 us in the timeline as 8 warps, 4.2 as 32, and its step
+ * with the 100% carveout 263.7 us against 272.7, A/B on the H200) */
+cudaError_t cu_sum_parts(const cu_graph *gr, cudaStream_t s, float *out, const float *part, int64_t count,
+                         int64_t splits, const float *bias, int64_t n, int relu) {
+    const unsigned threads = gr->sum_wide > 0 && splits > gr->sum_wide ? 1024 : CU_THREADS;
+    return cu_launch(gr, conv_sum_parts, cu_blocks(count, 32, 4096), threads, s, out, part, count, splits, bias, n,
+                     relu);
+}
+
+#define DW_MIN_CHUNK 128  /* K per block of the split product, at least */
+
+/* chunks of K for the split product: one wave of two blocks per multiprocessor, each chunk at least
+ * DW_MIN_CHUNK (one block a multiprocessor: the README CNN's step 308.9 us against 281.0 on the
+ * H200, A/B) */
+static int64_t dw_splits(int64_t tiles, int64_t nb, int sms, int64_t *chunk) {
+    int64_t s = 2 * (int64_t)sms / tiles, most = (nb + DW_MIN_CHUNK - 1) / DW_MIN_CHUNK;
+    if (s > most) s = most;
+    if (s < 1) s = 1;
+    *chunk = ((nb + s - 1) / s + MMA_BK - 1) / MMA_BK * MMA_BK;
+    return (nb + *chunk - 1) / *chunk;
+}
+
+/* The weight gradient's B operand read from x itself instead of im2col's columns (the forward
+ * of a convolution whose forward reads x, conv_direct or the implicit product, then builds no
+ * columns): element (n, j) is col[n, j] of im2col.cu, n = (c, ki, kj) over the group's
+ * channels, j = (s, oh, ow), zero in the padding. Each 32-K step of a 16 TN-row tile is copied
+ * by a warp a row, a lane a j (as mma_load's 4-byte K-contiguous form), so a warp reads one row
+ * of x's window: consecutive (or strided) floats, the taps of a channel hitting L1 in turn. The
+ * tiles hold the same floats as the columns' would, in the same order: the same bits. Index
+ * arithmetic in 32 bits (cu_conv_fits). */
+struct dw_src {
+    const float *x;                    /* (b, C, H, W) at the group's first channel */
+    unsigned hw, h, w, ohw, ow, sxs, khw, kw;  /* sxs: floats a sample (C H W) */
+    int sh, sw, ph, pw, dh, dw;
+};
+
+template <int TM, int TN, bool VA>
+__global__ void __launch_bounds__(256, 2) conv_dw_gather(float *__restrict__ out, int64_t ldo, int64_t zstride,
+                                                         const float *__restrict__ a, int64_t lda, dw_src xs, int M,
+                                                         int N, int64_t K, int64_t chunk) {
+    extern __shared__ __align__(16) float mma_smem[];
+    constexpr int BN = 16 * TN, Q = BN / 8;
+    cu_pdl_enter();
+    const int m0 = blockIdx.y * 16 * TM, n0 = blockIdx.x * BN, lane = threadIdx.x & 31, r0 = threadIdx.x >> 5;
+    const int64_t k0 = (int64_t)blockIdx.z * chunk, k1 = min(K, k0 + chunk);
+    /* this thread's rows r0 + 8q: the tap's offsets from the window's origin, and its element's
+     * offset from the origin's (rows past N get an offset no window reaches: zero-filled) */
+    int dih[Q], diw[Q], off[Q];
+#pragma unroll
+    for (int q = 0; q < Q; q++) {
+        const unsigned n = (unsigned)(n0 + r0 + 8 * q), c = n / xs.khw, t = n - c * xs.khw, ki = t / xs.kw;
+        const bool in = (int)n < N;
+        dih[q] = in ? (int)ki * xs.dh - xs.ph : -(1 << 30);
+        diw[q] = (int)(t - ki * xs.kw) * xs.dw - xs.pw;
+        off[q] = in ? (int)(c * xs.hw) + dih[q] * (int)xs.w + diw[q] : 0;
+    }
+    /* this lane's column j = kb + lane as (s, oh, ow), moved on by MMA_BK a step (load_b's steps
+     * come in order) without a division */
+    unsigned j = (unsigned)(k0 + lane), s = j / xs.ohw, oh = (j - s * xs.ohw) / xs.ow;
+    unsigned ow = j - s * xs.ohw - oh * xs.ow, oh_n = xs.ohw / xs.ow;
+    const float *__restrict__ x = xs.x;
+    auto load_b = [&](float *tile, int64_t kb) {
+        const bool kin = kb + lane < k1;
+        const int ih0 = (int)(oh * xs.sh), iw0 = (int)(ow * xs.sw);
+        /* the window origin's index (unsigned: past the batch, in a step's last lanes, it may wrap;
+         * such a lane copies nothing, and an element that is copied lies in x) */
+        const unsigned pix = s * xs.sxs + (unsigned)ih0 * xs.w + (unsigned)iw0;
+#pragma unroll
+        for (int q = 0; q < Q; q++) {
+            const bool ok = kin && (unsigned)(ih0 + dih[q]) < xs.h && (unsigned)(iw0 + diw[q]) < xs.w;
+            cp_async4(tile + mma_tile<true, BN>::at(r0 + 8 * q, lane), ok ? x + (pix + (unsigned)off[q]) : x, ok);
+        }
+        for (ow += MMA_BK; ow >= xs.ow;) {
+            ow -= xs.ow;
+            if (++oh == oh_n) {
+                oh = 0;
+                s++;
+            }
+        }
+    };
+    float acc[TM * TN];
+    mma_product_by<TM, TN, true, true, VA>(acc, mma_smem, a, lda, m0, M, load_b, k0, k1);
+    mma_store<TM, TN>(acc, out + blockIdx.z * zstride, ldo, m0, M, n0, N);
+}
+
+typedef void (*dw_gather_fn)(float *, int64_t, int64_t, const float *, int64_t, dw_src, int, int, int64_t,
+                             int64_t);
+
+static dw_gather_fn dw_gather_kind(bool tm4, bool tn4, bool va, int *bytes) {
+    static const dw_gather_fn kinds[2][2][2] = {
+        {{conv_dw_gather<2, 2, false>, conv_dw_gather<2, 2, true>},
+         {conv_dw_gather<2, 4, false>, conv_dw_gather<2, 4, true>}},
+        {{conv_dw_gather<4, 2, false>, conv_dw_gather<4, 2, true>},
+         {conv_dw_gather<4, 4, false>, conv_dw_gather<4, 4, true>}}};
+    *bytes = mma_kk_bytes(tm4, tn4);
+    return kinds[tm4][tn4][va];
+}
+
+/* x's view for conv_dw_gather */
+static dw_src dw_src_of(const conv_geom &g, const float *x) {
+    dw_src v;
+    v.x = x;
+    v.hw = (unsigned)(g.h * g.w); v.h = (unsigned)g.h; v.w = (unsigned)g.w;
+    v.ohw = (unsigned)g.ohw; v.ow = (unsigned)g.ow; v.sxs = (unsigned)(g.c * g.h * g.w);
+    v.khw = (unsigned)(g.kh * g.kw); v.kw = (unsigned)g.kw;
+    v.sh = (int)g.sh; v.sw = (int)g.sw; v.ph = (int)g.ph; v.pw = (int)g.pw; v.dh = (int)g.dh; v.dw = (int)g.dw;
+    return v;
+}
+
+int64_t cu_conv_dw_parts(int64_t nb) { return (nb + DW_MIN_CHUNK - 1) / DW_MIN_CHUNK; }
+
+int cu_conv_dw_own(cu_graph *gr, cudaStream_t stream, const mpscy_conv_geom *cg, int64_t nb, float *c, const float *dzt,
+                   const float *col, const float *x, float *part, char *err, size_t en) {
+    /* K = b*OHW is long (fp32): chunks of it (any batch) into partials, then one ordered sum */
+    const conv_geom &g = *cg;
+    const int tm = g.ocg > 32 ? 4 : 2, tn = g.kg > 32 ? 4 : 2;
+    const int64_t gm = (g.ocg + 16 * tm - 1) / (16 * tm), gn = (g.kg + 16 * tn - 1) / (16 * tn);
+    int64_t chunk, s = dw_splits(gm * gn, nb, gr->dev->sms, &chunk), kgo = g.kg * g.ocg;
+    float *out = s > 1 ? part : c;
+    int bytes;
+    dim3 grid((unsigned)gn, (unsigned)gm, (unsigned)s);
+    if (x) {
+        dw_gather_fn k = dw_gather_kind(tm == 4, tn == 4, nb % 4 == 0 && cu_aligned16(dzt), &bytes);
+        CU_TRY(mma_launch(gr, stream, k, grid, bytes, out, g.kg, kgo, dzt, nb, dw_src_of(g, x), (int)g.ocg, (int)g.kg,
+                          nb, chunk),
+               "conv_dw_gather");
+    } else {
+        mma_fn k = mma_kk_kind(tm == 4, tn == 4, nb % 4 == 0 && cu_aligned16(col) && cu_aligned16(dzt), &bytes);
+        CU_TRY(mma_launch(gr, stream, k, grid, bytes, out, g.kg, kgo, dzt, nb, col, nb, (int)g.ocg, (int)g.kg, nb,
+                          chunk),
+               "conv_dw");
+    }
+    int st = CU_LAUNCHED("conv_dw");
+    if (st != MPSCY_OK || s == 1) return st;
+    CU_TRY(cu_sum_parts(gr, stream, c, part, kgo, s, NULL, 1, 0), "conv_dw_reduce");
+    return CU_LAUNCHED("conv_dw_reduce");
+}
