@@ -10,7 +10,7 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 
-#define SPIN_ROUNDS 20000    /* about 100 us of polling before a worker sleeps */
+#define SPIN_ROUNDS 20000    /* about 100 us of polling before a worker sleeps ($MPSCY_POOL_SPIN) */
 #define MAX_THREADS 64
 
 typedef struct worker_arg {
@@ -33,6 +33,7 @@ struct mpscy_pool {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     int sleepers;                 /* guarded by mu */
+    int spin;                     /* polling rounds before a worker sleeps */
 };
 
 
@@ -70,7 +71,7 @@ static void *worker(void *arg) {
     in_region = 1;
     for (;;) {
         int spins = 0;
-        while (atomic_load_explicit(&p->generation, memory_order_acquire) == seen && ++spins < SPIN_ROUNDS)
+        while (atomic_load_explicit(&p->generation, memory_order_acquire) == seen && ++spins < p->spin)
             MPSCY_CPU_RELAX();
         if (atomic_load_explicit(&p->generation, memory_order_acquire) == seen) {
             pthread_mutex_lock(&p->mu);
@@ -97,6 +98,10 @@ int mpscy_pool_create(mpscy_stats *stats, int32_t threads, mpscy_pool **out) {
     p->stats = stats;
     p->n = 1;
     p->fork_generation = fork_generation;
+    /* polling rounds of a worker between regions before it sleeps: a knob for timing the wake-ups */
+    const char *sk = getenv("MPSCY_POOL_SPIN");
+    p->spin = sk && *sk ? atoi(sk) : SPIN_ROUNDS;
+    if (p->spin < 1) p->spin = 1;
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->cv, NULL);
     for (int32_t t = 1; t < threads; t++) {  /* fewer workers than asked is still a working pool */

@@ -231,15 +231,16 @@ int cu_conv_fits(const mpscy_plan *p, const mpscy_node *n) {
  * dzt instead (dzt itself is copy 1, at dzs + OC*nb with the step's nb) and, last, for wc (9, OC,
  * C), written by the forward and kept for backward; one whose dx may be an implicit product (s1:
  * conv_s1's geometry) has room there for W flipped (C, OC*9). Sized by the geometry alone, so
- * tf32, the forced GEMM modes and MPSCY_CUDA_IMPLICIT=0 leave them unused. */
+ * tf32, the forced GEMM modes and MPSCY_CUDA_IMPLICIT=0 leave them unused. One whose gradients are
+ * conv_dw_small's (small) needs no dz and no chunk sums: only the partials. */
 struct conv_slab { int64_t dzt, part, dbp, wc, total; };
 static int64_t round4(int64_t f) { return (f + 3) & ~(int64_t)3; }
-static conv_slab slab_of(const conv_geom &g, int64_t nb_built, bool s2, bool s1, bool cols) {
+static conv_slab slab_of(const conv_geom &g, int64_t nb_built, bool s2, bool s1, bool cols, bool small) {
     conv_slab s;
     s.dzt = cols ? round4(g.k * nb_built) : 0;
-    s.part = s.dzt + round4((s2 ? 4 : 1) * g.oc * nb_built);
+    s.part = s.dzt + (small ? 0 : round4((s2 ? 4 : 1) * g.oc * nb_built));
     s.dbp = s.part + round4(cu_conv_dw_parts(nb_built) * g.kg * g.ocg);
-    s.wc = s.dbp + round4((nb_built + DZ_CHUNK - 1) / DZ_CHUNK * g.oc);
+    s.wc = s.dbp + (small ? 0 : round4((nb_built + DZ_CHUNK - 1) / DZ_CHUNK * g.oc));
     s.total = s.wc + (s2 || s1 ? round4(9 * g.oc * g.c) : 0);
     return s;
 }
@@ -292,10 +293,25 @@ static bool conv_reads_x(const cu_graph *gr, int64_t i, const conv_geom &g) {
            (gr->implicit && cu_mma_own(gr) && cu_conv_implicit_fits(&g) && (uintptr_t)gr->y[i] % 8 == 0);
 }
 
+/* whether a training step's weight and bias gradients come from conv_dw_small (conv_dw.cu) straight
+ * from dy and x: no dx wanted (a layer on the model's input), few taps and outputs
+ * ($MPSCY_CUDA_DW_SMALL=0: never) */
+static bool conv_dw_small(const cu_graph *gr, int64_t i, const conv_geom &g) {
+    const mpscy_node *n = &gr->plan.nodes[i];
+    return gr->dw_small > 0 && !gr->dy[n->in[0]] &&
+           cu_conv_dw_small_fits(&g, mpscy_node_tensor(&gr->plan, n, MPSCY_ROLE_PARAM, 1) >= 0);
+}
+
 /* whether a training step's weight gradient reads x itself (conv_dw.cu's gather), so that no columns
  * are built: a forward that reads x, and the own long product ($MPSCY_CUDA_DW_GATHER=0: never) */
 static bool conv_dw_gathers(const cu_graph *gr, int64_t i, const conv_geom &g) {
-    return gr->dw_gather && g.groups == 1 && conv_reads_x(gr, i, g) && conv_mma(gr, CONV_DW, gr->plan.batch * g.ohw);
+    return gr->dw_gather && g.groups == 1 && !conv_dw_small(gr, i, g) && conv_reads_x(gr, i, g) &&
+           conv_mma(gr, CONV_DW, gr->plan.batch * g.ohw);
+}
+
+/* whether a training step's weight gradient reads the columns (built by the forward, kept) */
+static bool conv_cols(const cu_graph *gr, int64_t i, const conv_geom &g) {
+    return !conv_dw_gathers(gr, i, g) && !conv_dw_small(gr, i, g);
 }
 
 /* one product of a group (which); a weight gradient with x reads x itself (conv_dw.cu), not col */
@@ -388,8 +404,9 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
          * forward's records all precede any backward work on the in-order side stream, and the
          * latest follows every earlier re-layout, so the wait covers them all without waiting
          * for the backward's side work. W is not written until the optimizer, after the join. */
-        const bool cols = !conv_dw_gathers(gr, i, g);
-        float *wc = col + slab_of(g, p->batch * g.ohw, conv_s2(p, n, g), conv_s1(p, n, g), cols).wc;
+        const conv_slab sl =
+            slab_of(g, p->batch * g.ohw, conv_s2(p, n, g), conv_s1(p, n, g), conv_cols(gr, i, g), conv_dw_small(gr, i, g));
+        float *wc = col + sl.wc;
         int st = cu_fork(gr, err, en);
         if (st == MPSCY_OK)
             st = s2 ? cu_conv_s2_weights(gr, gr->side, &g, wc, w, err, en)
@@ -402,7 +419,7 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
      * which nothing writes again in the step; and none when that product reads x too
      * (conv_dw_gathers) */
     auto side_columns = [&]() -> int {
-        if (!train || conv_dw_gathers(gr, i, g)) return MPSCY_OK;
+        if (!train || !conv_cols(gr, i, g)) return MPSCY_OK;
         int st = cu_fork(gr, err, en);
         if (st == MPSCY_OK) st = cu_im2col(gr, gr->side, &g, col, x, b, err, en);
         if (st != MPSCY_OK || gr->dy[n->in[0]] || !gr->input_dw_main) return st;
@@ -479,7 +496,18 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
     const bool s2 = conv_s2_dx(gr, n, g);  /* dx by conv_dgrad_s2, */
     const bool s1 = !s2 && conv_s1_dx(gr, n, g);  /* or an implicit product, else dcol and col2im */
     const bool gather = conv_dw_gathers(gr, i, g);  /* no columns */
-    const conv_slab sl = slab_of(g, nb_built, conv_s2(p, n, g), conv_s1(p, n, g), !gather);
+    /* every other convolution whose weight gradient is own kernels reading x (no cuBLAS, whose
+     * workspace is the side stream's; no columns, which a forward builds on the side stream)
+     * takes the second side stream, so that its chain starts once its dz is there instead of
+     * after the last layer's chain (the README CNN: conv2's and conv4's, beside conv3's) */
+    struct side_swap {
+        cu_graph *g;
+        cudaStream_t keep;
+        ~side_swap() { g->side = keep; }
+    } swap = {gr, gr->side};
+    if (gr->alt && gather && dx && (gr->side_turn++ & 1) == 0) gr->side = gr->alt;
+    const conv_slab sl =
+        slab_of(g, nb_built, conv_s2(p, n, g), conv_s1(p, n, g), conv_cols(gr, i, g), conv_dw_small(gr, i, g));
     float *slab = gr->colbuf + gr->col_off[i];
     const float *col = slab;                                   // (K, nb)
     float *dzs = slab + sl.dzt;                                // s2: (4, OC, nb), dz's shifted copies
@@ -495,6 +523,15 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
         for (int32_t k = (int32_t)i + 1; k < p->n_nodes && r < 0; k++)
             if (p->nodes[k].kind == MPSCY_LAYER_RELU && p->nodes[k].in[0] == i) r = k;
     const float *dy = gr->dy[r >= 0 ? r : i], *ry = r >= 0 ? gr->y[r] : NULL;
+    if (conv_dw_small(gr, i, g)) {  /* no dx: dW and db in one pass over dy as it lies, and x */
+        cudaStream_t s = gr->stream;
+        if (!gr->input_dw_main) {  /* at the side stream's chain's end */
+            int st = cu_fork(gr, err, en);
+            if (st != MPSCY_OK) return st;
+            s = gr->side;
+        }
+        return cu_conv_dw_small(gr, s, &g, nb, nb_built, dw, db, dy, ry, gr->y[n->in[0]], slab + sl.part, err, en);
+    }
     /* conv_dgrad_s2 writes the dz of the product below, masked by its ReLU (cu_relu_product) */
     const float *dx_mask = NULL;
     if (dx && s2 && gr->dz_direct && !n->accum[0]) {
@@ -590,9 +627,14 @@ int cu_conv_gathers(const cu_graph *gr, const mpscy_node *n) {
     return conv_dw_gathers(gr, cu_node_index(gr, n), geom(&gr->plan, n));
 }
 
+int cu_conv_small_dw(const cu_graph *gr, const mpscy_node *n) {
+    return conv_dw_small(gr, cu_node_index(gr, n), geom(&gr->plan, n));
+}
+
 int64_t cu_conv_columns(const cu_graph *gr, const mpscy_node *n) {
     const mpscy_plan *p = &gr->plan;
     conv_geom g = geom(p, n);
-    const bool cols = !conv_dw_gathers(gr, cu_node_index(gr, n), g);
-    return slab_of(g, p->batch * g.ohw, conv_s2(p, n, g), conv_s1(p, n, g), cols).total;
+    const int64_t i = cu_node_index(gr, n);
+    return slab_of(g, p->batch * g.ohw, conv_s2(p, n, g), conv_s1(p, n, g), conv_cols(gr, i, g), conv_dw_small(gr, i, g))
+        .total;
 }

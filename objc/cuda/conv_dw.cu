@@ -4,6 +4,8 @@
  * partials added afterwards in a fixed order; B (the columns, K-contiguous) is read either from
  * im2col's columns or, for a convolution whose forward reads x itself (conv.cu decides:
  * conv_dw_gathers), from x, so that no columns exist. */
+#include <algorithm>
+
 #include "cuda.h"
 #include "mma.cuh"
 
@@ -11,11 +13,12 @@ typedef mpscy_conv_geom conv_geom;
 
 /* out (count) = the sum of `splits` partials part (splits, count): the weight gradient's split-K
  * partials, and the bias gradient's chunk sums; with a Dense forward's epilogue (dense.cu's product)
- * + bias[e % n] when bias, then the ReLU when relu. A block of W warps (W = blockDim.x / 32, at
+ * + bias[e % n] when bias, then the ReLU when relu. Outputs from `split` on go to out2 (a weight
+ * gradient and its bias gradient, summed together: conv_dw_small). A block of W warps (W = blockDim.x / 32, at
  * most 32) takes 32 outputs: warp w adds splits w, w + W, ... (coalesced across the warp), then
  * one warp adds the W sums in order, so the result is the same bits on every run (at one W). */
 static __global__ void conv_sum_parts(float *out, const float *part, int64_t count, int64_t splits,
-                                      const float *bias, int64_t n, int relu) {
+                                      const float *bias, int64_t n, int relu, float *out2, int64_t split) {
     __shared__ float sums[32][33];
     cu_pdl_enter();
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, W = blockDim.x >> 5;
@@ -31,7 +34,7 @@ static __global__ void conv_sum_parts(float *out, const float *part, int64_t cou
             float t = sums[0][lane];
             for (int k = 1; k < W; k++) t += sums[k][lane];
             if (bias) t += bias[e % n];
-            out[e] = relu && !(t > 0.0f) ? 0.0f : t;
+            (e < split ? out + e : out2 + (e - split))[0] = relu && !(t > 0.0f) ? 0.0f : t;
         }
         __syncthreads();
     }
@@ -42,10 +45,10 @@ static __global__ void conv_sum_parts(float *out, const float *part, int64_t cou
  * weight gradient, 256 partials of 864: 11.0 us in the timeline as 8 warps, 4.2 as 32, and its step
  * with the 100% carveout 263.7 us against 272.7, A/B on the H200) */
 cudaError_t cu_sum_parts(const cu_graph *gr, cudaStream_t s, float *out, const float *part, int64_t count,
-                         int64_t splits, const float *bias, int64_t n, int relu) {
+                         int64_t splits, const float *bias, int64_t n, int relu, float *out2, int64_t split) {
     const unsigned threads = gr->sum_wide > 0 && splits > gr->sum_wide ? 1024 : CU_THREADS;
     return cu_launch(gr, conv_sum_parts, cu_blocks(count, 32, 4096), threads, s, out, part, count, splits, bias, n,
-                     relu);
+                     relu, out2, out2 ? split : count);
 }
 
 #define DW_MIN_CHUNK 128  /* K per block of the split product, at least */
@@ -175,4 +178,165 @@ int cu_conv_dw_own(cu_graph *gr, cudaStream_t stream, const mpscy_conv_geom *cg,
     if (st != MPSCY_OK || s == 1) return st;
     CU_TRY(cu_sum_parts(gr, stream, c, part, kgo, s, NULL, 1, 0), "conv_dw_reduce");
     return CU_LAUNCHED("conv_dw_reduce");
+}
+
+/* The weight and bias gradients of a convolution whose dx nobody wants (on the model's input)
+ * with few taps: kg = C KH KW, plus one for the bias, at most 32, and at most 64 outputs (groups 1):
+ * the split product above would first need dz as (OC, b*OHW) (conv_dz: a masked transpose of 8 MB
+ * for the README CNN's first layer, and the bias's chunk sums with their own sum), then run 256
+ * blocks of a 32 x 32 tile over 256 of K each (18 us, ~1% of the tensor cores' time). Here one
+ * pass in fp32 FMA (at least as exact as 3xTF32) reads dy (b, OC, OHW) as it lies, masked by the
+ * fused ReLU's output ry, and x: a block takes `per` positions j = (s, oh, ow) in tiles of
+ * DWS_T, stages each tile's dz (DWS_T, OC) and columns (DWS_T, kg + bias) in shared memory (the
+ * next tile's loads in registers meanwhile), and each thread adds a 4 x 4 tile of
+ * (output, column) over a quarter (say) of the tile's positions; the bias is the column of ones.
+ * Its partial (kg*OC weights, then OC biases) goes to part's row blockIdx.x, or straight to dw
+ * and db for a single block, and cu_sum_parts adds the rows in order: the same bits every run.
+ * Index arithmetic in 32 bits (cu_conv_fits). */
+#define DWS_T 64          /* positions a tile */
+#define DWS_THREADS 256   /* a block: 4 staging threads a position */
+#define DWS_LO 68         /* the most floats a staged row of dz (16 groups of 4, + 4) */
+#define DWS_LN 36         /* and of the columns (8 groups of 4, + 4) */
+
+struct dws_args {
+    float *dw, *db, *part;     /* dw (OC, kg), db (OC) or NULL; part (gridDim.x, OC kg + OC) */
+    const float *dy, *ry;      /* (b, OC, OHW); ry NULL: no mask */
+    dw_src xs;
+    int oc, kg, og, ng, lo, ln;  /* og, ng: groups of 4 outputs, of 4 columns; lo, ln: their rows' strides */
+    unsigned nb, per;          /* positions b*OHW; positions a block, a multiple of DWS_T */
+};
+
+__global__ void __launch_bounds__(DWS_THREADS, 3) conv_dw_small(dws_args a) {
+    __shared__ __align__(16) float sm[DWS_T * (DWS_LO + DWS_LN)];
+    __shared__ int tap[32][3];  /* column n's offsets from the window's origin (dih, diw, elements) */
+    cu_pdl_enter();
+    float *dzs = sm, *cols = sm + DWS_T * a.lo;
+    const int tid = threadIdx.x, tpg = a.og * a.ng, P = DWS_THREADS / tpg;
+    /* the product's roles: position group pg, the (output, column) tile (og, ng) */
+    const int pg = tid / tpg, r = tid - pg * tpg, og = r / a.ng, ng = r - og * a.ng;
+    /* the staging roles: position t of the tile, groups h0 + 4k of outputs and of columns */
+    const int t = tid % DWS_T, h0 = tid / DWS_T;
+    const dw_src &xs = a.xs;
+    const unsigned j_end = min(a.nb, (blockIdx.x + 1) * a.per);
+    /* the staged columns n: a tap (its offsets from the window's origin, as conv_dw_gather's; a
+     * row offset no window reaches for none), then the bias's ones (n == kg) */
+    if (tid < 32) {
+        const unsigned n = (unsigned)tid, c = n / xs.khw, u = n - c * xs.khw, ki = u / xs.kw;
+        const bool in = tid < a.kg;
+        const int dh = in ? (int)ki * xs.dh - xs.ph : -(1 << 30), dw = (int)(u - ki * xs.kw) * xs.dw - xs.pw;
+        tap[tid][0] = dh;
+        tap[tid][1] = dw;
+        tap[tid][2] = in ? (int)(c * xs.hw) + dh * (int)xs.w + dw : 0;
+    }
+    const int one = a.db ? a.kg : -1;
+    __syncthreads();
+    float4 zr[4], cr[2];
+    auto load = [&](unsigned j0) {
+        const unsigned j = j0 + (unsigned)t;
+        const bool in = j < j_end;
+        const unsigned s = in ? j / xs.ohw : 0, i = in ? j - s * xs.ohw : 0, oh = i / xs.ow, ow = i - oh * xs.ow;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            float v[4];
+            const int o4 = h0 + 4 * k;
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                const int o = 4 * o4 + q;
+                const unsigned src = ((s * (unsigned)a.oc + (unsigned)o) * xs.ohw + i);
+                const bool ok = in && o4 < a.og && o < a.oc;
+                v[q] = ok ? __ldg(&a.dy[src]) : 0.0f;
+                if (ok && a.ry && !(__ldg(&a.ry[src]) > 0.0f)) v[q] = 0.0f;
+            }
+            zr[k] = make_float4(v[0], v[1], v[2], v[3]);
+        }
+        const int ih0 = (int)(oh * xs.sh), iw0 = (int)(ow * xs.sw);
+        const unsigned pix = s * xs.sxs + (unsigned)ih0 * xs.w + (unsigned)iw0;
+#pragma unroll
+        for (int k = 0; k < 2; k++) {
+            float v[4];
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                const int n = 4 * (h0 + 4 * k) + q;
+                const bool ok = in && n < 32 && (unsigned)(ih0 + tap[n & 31][0]) < xs.h &&
+                                (unsigned)(iw0 + tap[n & 31][1]) < xs.w;
+                v[q] = ok ? __ldg(&xs.x[pix + (unsigned)tap[n & 31][2]]) : 0.0f;
+                if (in && n == one) v[q] = 1.0f;
+            }
+            cr[k] = make_float4(v[0], v[1], v[2], v[3]);
+        }
+    };
+    float acc[16];
+#pragma unroll
+    for (int q = 0; q < 16; q++) acc[q] = 0.0f;
+    unsigned j0 = blockIdx.x * a.per;
+    if (j0 < j_end) load(j0);
+    for (; j0 < j_end; j0 += DWS_T) {
+        __syncthreads();  /* the last tile's products are done with the staging */
+#pragma unroll
+        for (int k = 0; k < 4; k++)
+            if (h0 + 4 * k < a.og) *reinterpret_cast<float4 *>(&dzs[t * a.lo + 4 * (h0 + 4 * k)]) = zr[k];
+#pragma unroll
+        for (int k = 0; k < 2; k++)
+            if (h0 + 4 * k < a.ng) *reinterpret_cast<float4 *>(&cols[t * a.ln + 4 * (h0 + 4 * k)]) = cr[k];
+        __syncthreads();
+        if (j0 + DWS_T < j_end) load(j0 + DWS_T);  /* in flight during the products */
+        if (pg < P)
+            for (int u = pg; u < DWS_T; u += P) {
+                const float4 z = *reinterpret_cast<const float4 *>(&dzs[u * a.lo + 4 * og]);
+                const float4 c = *reinterpret_cast<const float4 *>(&cols[u * a.ln + 4 * ng]);
+                const float zv[4] = {z.x, z.y, z.z, z.w}, cv[4] = {c.x, c.y, c.z, c.w};
+#pragma unroll
+                for (int i = 0; i < 4; i++)
+#pragma unroll
+                    for (int jj = 0; jj < 4; jj++) acc[4 * i + jj] = fmaf(zv[i], cv[jj], acc[4 * i + jj]);
+            }
+    }
+    /* the position groups' tiles added in order, then this block's partial out */
+    __syncthreads();
+    if (pg < P)
+#pragma unroll
+        for (int q = 0; q < 16; q += 4)
+            *reinterpret_cast<float4 *>(&sm[(pg * tpg + r) * 16 + q]) =
+                make_float4(acc[q], acc[q + 1], acc[q + 2], acc[q + 3]);
+    __syncthreads();
+    const int kgo = a.oc * a.kg, count = kgo + (a.db ? a.oc : 0);
+    for (int e = tid; e < count; e += DWS_THREADS) {
+        const int o = e < kgo ? e / a.kg : e - kgo, n = e < kgo ? e - o * a.kg : a.kg;
+        const int rr = (o >> 2) * a.ng + (n >> 2), q = (o & 3) * 4 + (n & 3);
+        float v = 0.0f;
+        for (int p = 0; p < P; p++) v += sm[(p * tpg + rr) * 16 + q];
+        if (gridDim.x > 1) a.part[(size_t)blockIdx.x * count + e] = v;
+        else if (e < kgo) a.dw[e] = v;
+        else a.db[o] = v;
+    }
+}
+
+int cu_conv_dw_small_fits(const mpscy_conv_geom *g, int bias) {
+    return g->groups == 1 && g->oc <= 64 && g->kg + (bias ? 1 : 0) <= 32;
+}
+
+int cu_conv_dw_small(cu_graph *gr, cudaStream_t stream, const mpscy_conv_geom *cg, int64_t nb, int64_t nb_built,
+                     float *dw, float *db, const float *dy, const float *ry, const float *x, float *part, char *err,
+                     size_t en) {
+    const conv_geom &g = *cg;
+    dws_args a;
+    a.dw = dw; a.db = db; a.part = part; a.dy = dy; a.ry = ry; a.xs = dw_src_of(g, x);
+    a.oc = (int)g.oc; a.kg = (int)g.kg;
+    a.og = (a.oc + 3) / 4; a.ng = (a.kg + (db ? 1 : 0) + 3) / 4;
+    a.lo = 4 * a.og + (a.og % 2 ? 0 : 4); a.ln = 4 * a.ng + (a.ng % 2 ? 0 : 4);  /* 4 mod 8: no bank conflicts */
+    a.nb = (unsigned)nb;
+    /* gr->dw_small blocks a multiprocessor, no more than fit the partials' room (the split
+     * product's, sized at the built batch) nor than tiles */
+    const int64_t count = g.oc * g.kg + (db ? g.oc : 0), tiles = (nb + DWS_T - 1) / DWS_T;
+    const int64_t room = cu_conv_dw_parts(nb_built) * g.kg * g.ocg / count;
+    int64_t s = (int64_t)gr->dw_small * gr->dev->sms;
+    s = std::min({s, tiles, room > 1 ? room : (int64_t)1});
+    const int64_t per = (tiles + s - 1) / s;
+    s = (tiles + per - 1) / per;
+    a.per = (unsigned)(per * DWS_T);
+    CU_TRY(cu_launch(gr, conv_dw_small, (unsigned)s, DWS_THREADS, stream, a), "conv_dw_small");
+    int st = CU_LAUNCHED("conv_dw_small");
+    if (st != MPSCY_OK || s == 1) return st;
+    CU_TRY(cu_sum_parts(gr, stream, dw, part, count, s, NULL, 1, 0, db, g.oc * g.kg), "conv_dw_small_reduce");
+    return CU_LAUNCHED("conv_dw_small_reduce");
 }

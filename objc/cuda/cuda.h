@@ -118,6 +118,9 @@ typedef struct cu_graph {
     cu_buffer *io_bufs;        /* n_inputs + 2 + n_inputs borrowed heads */
     size_t tables_bytes;
     cudaStream_t stream, side; /* side: weight gradients, off the critical path */
+    cudaStream_t alt;          /* a second side stream ($MPSCY_CUDA_SIDES=2, the default; else NULL): every other
+                                * convolution whose weight gradient is own kernels without columns (conv.cu) */
+    int side_turn;             /* capture state: such convolutions met so far in the backward */
     cudaEvent_t fork, join;
     cudaEvent_t wready;        /* on side: a training forward re-laid W for its backward's dx (conv.cu) */
     cudaEvent_t colready;      /* on side: a training forward built a no-dx convolution's columns (conv.cu) */
@@ -125,7 +128,7 @@ typedef struct cu_graph {
     int input_dw_main;         /* $MPSCY_CUDA_INPUT_DW not "side": a no-dx convolution's dW on the main stream */
     int early;                 /* $MPSCY_CUDA_EARLY not 0: a training step returns once its result is final */
     uint32_t rseq;             /* the last training step's number (cu_params.rseq) */
-    int forked;                /* capture state: the side stream has work to join */
+    int forked;                /* capture state: the side streams with work to join (1: side, 2: alt) */
     cudaGraphExec_t exec[CU_KINDS];  /* the captured step of each kind at the built batch */
     /* own small GEMMs (gemm.cu): split-K partials and tile counters, handed out in capture order */
     float *gws;
@@ -161,6 +164,8 @@ typedef struct cu_graph {
                                 * lies (conv.cu) */
     int dw_gather;             /* $MPSCY_CUDA_DW_GATHER at build not 0: a convolution whose forward reads x itself
                                 * takes its weight gradient's B operand from x too, building no columns (conv.cu) */
+    int dw_small;              /* $MPSCY_CUDA_DW_SMALL at build (default 2; 0: off): blocks a multiprocessor of
+                                * conv_dw_small, a no-dx convolution's weight and bias gradients in one pass */
     int pull_next;             /* per capture: the pull, the last kernel enqueued, flags its parts for it */
 } cu_graph;
 
@@ -222,6 +227,7 @@ int64_t cu_conv_columns(const cu_graph *gr, const mpscy_node *n);  /* floats of 
                                                                      * once y, dy and the knobs are set */
 int cu_conv_fits(const mpscy_plan *p, const mpscy_node *n);         /* its tensors index in 31 bits */
 int cu_conv_gathers(const cu_graph *gr, const mpscy_node *n);      /* its weight gradient reads x (no columns) */
+int cu_conv_small_dw(const cu_graph *gr, const mpscy_node *n);     /* its weight gradient is conv_dw_small's */
 void cu_conv_gemm_need(const cu_graph *g, const mpscy_node *n, int64_t *floats, int64_t *counters);
 /* im2col.cu: a convolution's columns (K, b*OHW) from x (on stream s), and dx (accumulated when
  * accum) from dcol */
@@ -239,13 +245,21 @@ int cu_conv_direct_beside(const cu_graph *g);  /* the first layer starts beside 
  * when bias, through the ReLU when relu (a Dense's long-K forward), launched on s; the same bits
  * every run at one configuration */
 cudaError_t cu_sum_parts(const cu_graph *g, cudaStream_t s, float *out, const float *part, int64_t count,
-                         int64_t splits, const float *bias, int64_t n, int relu);
+                         int64_t splits, const float *bias, int64_t n, int relu, float *out2 = NULL,
+                         int64_t split = 0);
 /* conv_dw.cu: the weight gradient dw (OCg, Kg) = dzt (OCg, nb) col^T as the own fp32 product split
  * over K on stream s into part (cu_conv_dw_parts(nb) products of (OCg, Kg) at most), then their
  * ordered sum; with x (groups 1) its B is read from x (b, C, H, W) itself, not from col */
 int64_t cu_conv_dw_parts(int64_t nb);
 int cu_conv_dw_own(cu_graph *g, cudaStream_t s, const mpscy_conv_geom *cg, int64_t nb, float *dw, const float *dzt,
                    const float *col, const float *x, float *part, char *err, size_t en);
+/* conv_dw.cu: dw (OC, kg) and db (OC, or NULL) of a convolution without dx, groups 1, kg + 1 (with a
+ * bias) <= 32 and OC <= 64 (cu_conv_dw_small_fits), in one fp32 pass over dy (b, OC, OHW) masked
+ * by ry > 0 (ry NULL: no mask) and x, in gr->dw_small blocks a multiprocessor at most, then the
+ * ordered sum of their partials (room in part: cu_conv_dw_parts(nb_built) * kg * OC floats) */
+int cu_conv_dw_small_fits(const mpscy_conv_geom *cg, int bias);
+int cu_conv_dw_small(cu_graph *g, cudaStream_t s, const mpscy_conv_geom *cg, int64_t nb, int64_t nb_built, float *dw,
+                     float *db, const float *dy, const float *ry, const float *x, float *part, char *err, size_t en);
 
 /* The pull's parts (step.cu): block k of the pull copies part k % CU_PULL_SPLIT (cu_pull_part
  * floats) of piece k / CU_PULL_SPLIT of input 0, then, when the first layer starts beside it

@@ -37,6 +37,7 @@ void cu_graph_destroy(mpscy_graph gh) {
     cu_fused_free(g);
     if (g->stream) cudaStreamDestroy(g->stream);
     if (g->side && g->side != g->stream) cudaStreamDestroy(g->side);
+    if (g->alt) cudaStreamDestroy(g->alt);
     if (g->fork) cudaEventDestroy(g->fork);
     if (g->join) cudaEventDestroy(g->join);
     if (g->wready) cudaEventDestroy(g->wready);
@@ -224,6 +225,13 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
      * read back a step in the README CNN); 0 builds them: a knob for A/B timing and testing */
     const char *dwg = getenv("MPSCY_CUDA_DW_GATHER");
     g->dw_gather = !(dwg && dwg[0] == '0');
+    /* the weight and bias gradients of a convolution without dx and with few taps (the model's
+     * first) in one pass over dy and x, gr->dw_small blocks a multiprocessor (conv_dw.cu); 0 takes
+     * the split product after dz's transpose: a knob for A/B timing and testing */
+    const char *dws = getenv("MPSCY_CUDA_DW_SMALL");
+    g->dw_small = dws && dws[0] ? atoi(dws) : 2;
+    if (g->dw_small < 0) g->dw_small = 0;
+    if (g->dw_small > 8) g->dw_small = 8;
     int convs = 0;
     for (int32_t i = 0; i < p->n_nodes; i++) {
         const mpscy_node *node = &p->nodes[i];
@@ -305,9 +313,14 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
      * the main stream, in the order it is enqueued */
     const char *ns = getenv("MPSCY_CUDA_STREAMS");
     const int one = ns && strcmp(ns, "1") == 0;
+    /* a second side stream for every other convolution's weight gradient (conv.cu); $MPSCY_CUDA_SIDES=1
+     * keeps them all on the one side stream: a knob for A/B timing and testing */
+    const char *sk = getenv("MPSCY_CUDA_SIDES");
+    const int alt = !one && !(sk && strcmp(sk, "1") == 0);
     if (st == MPSCY_OK && (cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking) != cudaSuccess ||
                            (one ? (g->side = g->stream, cudaSuccess)
                                 : cudaStreamCreateWithFlags(&g->side, cudaStreamNonBlocking)) != cudaSuccess ||
+                           (alt && cudaStreamCreateWithFlags(&g->alt, cudaStreamNonBlocking) != cudaSuccess) ||
                            cudaEventCreateWithFlags(&g->fork, cudaEventDisableTiming) != cudaSuccess ||
                            cudaEventCreateWithFlags(&g->join, cudaEventDisableTiming) != cudaSuccess ||
                            cudaEventCreateWithFlags(&g->wready, cudaEventDisableTiming) != cudaSuccess ||
@@ -406,15 +419,21 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     }
     if (getenv("MPSCY_CUDA_VERBOSE")) {
         char form[64];
-        int gathers = 0;
+        int gathers = 0, small = 0;
         for (int32_t i = 0; i < p->n_nodes; i++)
-            if (p->nodes[i].kind == MPSCY_LAYER_CONV2D) gathers += cu_conv_gathers(g, &p->nodes[i]);
+            if (p->nodes[i].kind == MPSCY_LAYER_CONV2D) {
+                gathers += cu_conv_gathers(g, &p->nodes[i]);
+                small += cu_conv_small_dw(g, &p->nodes[i]);
+            }
         fprintf(stderr, "mpscy: cuda train step: %s%s\n", cu_fused_form(g, form, sizeof form),
                 !g->fu && g->head ? (g->head_drop >= 0 ? ", the output Dense with the loss and the Dropout below it"
                                                         : ", the output Dense with the loss") : "");
         if (gathers)
             fprintf(stderr, "mpscy: cuda weight gradients read from x (no columns): %d convolution%s\n", gathers,
                     gathers > 1 ? "s" : "");
+        if (small)
+            fprintf(stderr, "mpscy: cuda weight and bias gradients in one pass over dz and x: %d convolution%s\n",
+                    small, small > 1 ? "s" : "");
     }
     *out = &g->base;
     return MPSCY_OK;

@@ -124,7 +124,7 @@ int cu_fork_mark(cu_graph *g, char *err, size_t en) {
 int cu_fork_follow(cu_graph *g, char *err, size_t en) {
     if (g->side == g->stream) return MPSCY_OK;
     CU_TRY(cudaStreamWaitEvent(g->side, g->fork, 0), "side stream wait");
-    g->forked = 1;
+    g->forked |= g->alt && g->side == g->alt ? 2 : 1;
     return MPSCY_OK;
 }
 
@@ -134,10 +134,14 @@ int cu_fork(cu_graph *g, char *err, size_t en) {
 }
 
 int cu_join(cu_graph *g, char *err, size_t en) {
-    if (!g->forked) return MPSCY_OK;
+    const int f = g->forked;
     g->forked = 0;
-    CU_TRY(cudaEventRecord(g->join, g->side), "join event");
-    CU_TRY(cudaStreamWaitEvent(g->stream, g->join, 0), "main stream wait");
+    const cudaStream_t sides[2] = {g->side, g->alt};
+    for (int k = 0; k < 2; k++)
+        if (f >> k & 1) {  /* each wait refers to the record just before it */
+            CU_TRY(cudaEventRecord(g->join, sides[k]), "join event");
+            CU_TRY(cudaStreamWaitEvent(g->stream, g->join, 0), "main stream wait");
+        }
     return MPSCY_OK;
 }
 
@@ -218,6 +222,7 @@ void cu_cache_clear(cu_graph *g) {
  * as one allocation in the device's stats, and no step ever captures). */
 int cu_capture(cu_graph *g, int kind, char *err, size_t en) {
     g->gws_used = g->gcount_used = 0;
+    g->side_turn = 0;
     memset(g->dz_ready, 0, (size_t)g->plan.n_nodes);
     g->cols_recorded = 0;
     CU_TRY(cudaStreamBeginCapture(g->stream, cudaStreamCaptureModeThreadLocal), "begin capture");
@@ -298,6 +303,7 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
         CU_TRY(cudaGraphLaunch(g->exec[kind], g->stream), "graph launch");
     } else {
         g->gws_used = g->gcount_used = 0;
+        g->side_turn = 0;
         memset(g->dz_ready, 0, (size_t)g->plan.n_nodes);
         g->cols_recorded = 0;
         int st = enqueue(g, kind, b, 0, err, en);
