@@ -755,21 +755,6 @@ def test_convolution_kernel_forms_give_the_same_bits(name, monkeypatch, capfd, r
 
 @cuda_only
 @pytest.mark.parametrize("fused", ["default", "0"])
-@pytest.mark.parametrize("name", sorted(OPTIM_CASES))
-def test_optimizer_matches_cpu(name, fused, monkeypatch, rng):
-    """Every optimizer on the Dense/ReLU chain, trained by the one-kernel step (mlp.cu) and by
-    separate kernels ($MPSCY_CUDA_FUSED=0)."""
-    if fused == "0":
-        monkeypatch.setenv("MPSCY_CUDA_FUSED", "0")
-    opt = OPTIM_CASES[name]()
-    cpu, gpu = pair(LAYER_MODELS["dense_relu"][0], (12,), opt=opt)
-    # L-BFGS runs several evaluations and a line search per step: 4 steps are ~20 evaluations,
-    # after which float rounding (amplified through the curvature history) is still far below 1e-4
-    steps = 4 if name.startswith("lbfgs") else 20
-
-
-@cuda_only
-@pytest.mark.parametrize("fused", ["default", "0"])
 @pytest.mark.parametrize("name", ["dense_relu", "conv_s2_dgrad", "batchnorm2d", "dropout"])
 def test_early_return_matches_waiting(name, fused, monkeypatch, rng):
     """A training step returns once its result is final (loss, accuracy, update applied or not)
