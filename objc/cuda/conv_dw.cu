@@ -206,6 +206,8 @@ struct dws_args {
     unsigned nb, per;          /* positions b*OHW; positions a block, a multiple of DWS_T */
 };
 
+/* at most 80 registers, so that three blocks fit a multiprocessor beside the other streams'
+ * kernels (128 without the bound; ncu on the H200: issue-bound either way, see cuda_notes.md) */
 __global__ void __launch_bounds__(DWS_THREADS, 3) conv_dw_small(dws_args a) {
     __shared__ __align__(16) float sm[DWS_T * (DWS_LO + DWS_LN)];
     __shared__ int tap[32][3];  /* column n's offsets from the window's origin (dih, diw, elements) */
