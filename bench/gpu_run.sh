@@ -13,6 +13,8 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 if [ -n "${WHEELS:-}" ]; then
+    ls "$WHEELS"/*.whl > /dev/null 2>&1 \
+        || { echo "no wheels in $WHEELS: run bench/fetch_wheels.sh where pip works, and carry $WHEELS"; exit 1; }
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
         || { echo "wheel install failed"; exit 1; }
     export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
