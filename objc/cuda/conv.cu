@@ -221,8 +221,8 @@ int cu_conv_fits(const mpscy_plan *p, const mpscy_node *n) {
 #define DW_CHUNK 1024  /* K per product of the split weight gradient (cuBLASLt's, tf32) */
 
 /* A convolution's own slab (colbuf at col_off, floats at the built batch, each part a multiple
- * of 4): the columns (K, nb), kept from forward to backward (none when cols is false: its weight
- * gradient reads x, conv_dw_gathers); then its backward's dz (OC, nb), the
+ * of 4): the columns (K, nb), kept from forward to backward (only for the form CU_DW_COLUMNS:
+ * conv_dw_form); then its backward's dz (OC, nb), the
  * weight gradient's split-K partials (conv_dw.cu's chunks are the shorter, and so the more, of
  * its and DW_CHUNK's) and the bias gradient's chunk sums. These are private so
  * that the weight and bias gradients run on the side stream while the main stream goes on with
@@ -232,10 +232,11 @@ int cu_conv_fits(const mpscy_plan *p, const mpscy_node *n) {
  * C), written by the forward and kept for backward; one whose dx may be an implicit product (s1:
  * conv_s1's geometry) has room there for W flipped (C, OC*9). Sized by the geometry alone, so
  * tf32, the forced GEMM modes and MPSCY_CUDA_IMPLICIT=0 leave them unused. One whose gradients are
- * conv_dw_small's (small) needs no dz and no chunk sums: only the partials. */
+ * conv_dw_small's (CU_DW_SMALL) needs no dz and no chunk sums: only the partials. */
 struct conv_slab { int64_t dzt, part, dbp, wc, total; };
 static int64_t round4(int64_t f) { return (f + 3) & ~(int64_t)3; }
-static conv_slab slab_of(const conv_geom &g, int64_t nb_built, bool s2, bool s1, bool cols, bool small) {
+static conv_slab slab_of(const conv_geom &g, int64_t nb_built, bool s2, bool s1, int form) {
+    const bool cols = form == CU_DW_COLUMNS, small = form == CU_DW_SMALL;
     conv_slab s;
     s.dzt = cols ? round4(g.k * nb_built) : 0;
     s.part = s.dzt + (small ? 0 : round4((s2 ? 4 : 1) * g.oc * nb_built));
@@ -293,25 +294,19 @@ static bool conv_reads_x(const cu_graph *gr, int64_t i, const conv_geom &g) {
            (gr->implicit && cu_mma_own(gr) && cu_conv_implicit_fits(&g) && (uintptr_t)gr->y[i] % 8 == 0);
 }
 
-/* whether a training step's weight and bias gradients come from conv_dw_small (conv_dw.cu) straight
- * from dy and x: no dx wanted (a layer on the model's input), few taps and outputs
- * ($MPSCY_CUDA_DW_SMALL=0: never) */
-static bool conv_dw_small(const cu_graph *gr, int64_t i, const conv_geom &g) {
+/* how a training step's weight gradient reads its operands (cuda.h's CU_DW_*), one decision for
+ * the forward, the backward and the slab: CU_DW_SMALL, conv_dw_small straight from dy and x (no dx
+ * wanted: a layer on the model's input; few taps and outputs; $MPSCY_CUDA_DW_SMALL=0: never);
+ * CU_DW_GATHER, the own long product reading x (a forward that reads x; $MPSCY_CUDA_DW_GATHER=0:
+ * never); else CU_DW_COLUMNS, the columns the forward built and kept */
+static int conv_dw_form(const cu_graph *gr, int64_t i, const conv_geom &g) {
     const mpscy_node *n = &gr->plan.nodes[i];
-    return gr->dw_small > 0 && !gr->dy[n->in[0]] &&
-           cu_conv_dw_small_fits(&g, mpscy_node_tensor(&gr->plan, n, MPSCY_ROLE_PARAM, 1) >= 0);
-}
-
-/* whether a training step's weight gradient reads x itself (conv_dw.cu's gather), so that no columns
- * are built: a forward that reads x, and the own long product ($MPSCY_CUDA_DW_GATHER=0: never) */
-static bool conv_dw_gathers(const cu_graph *gr, int64_t i, const conv_geom &g) {
-    return gr->dw_gather && g.groups == 1 && !conv_dw_small(gr, i, g) && conv_reads_x(gr, i, g) &&
-           conv_mma(gr, CONV_DW, gr->plan.batch * g.ohw);
-}
-
-/* whether a training step's weight gradient reads the columns (built by the forward, kept) */
-static bool conv_cols(const cu_graph *gr, int64_t i, const conv_geom &g) {
-    return !conv_dw_gathers(gr, i, g) && !conv_dw_small(gr, i, g);
+    if (gr->dw_small > 0 && !gr->dy[n->in[0]] &&
+        cu_conv_dw_small_fits(&g, mpscy_node_tensor(&gr->plan, n, MPSCY_ROLE_PARAM, 1) >= 0))
+        return CU_DW_SMALL;
+    if (gr->dw_gather && g.groups == 1 && conv_reads_x(gr, i, g) && conv_mma(gr, CONV_DW, gr->plan.batch * g.ohw))
+        return CU_DW_GATHER;
+    return CU_DW_COLUMNS;
 }
 
 /* one product of a group (which); a weight gradient with x reads x itself (conv_dw.cu), not col */
@@ -397,6 +392,7 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
     const float *x = gr->y[n->in[0]];                          // (b, C, H, W)
     int relu = (gr->fuse[i] & CU_FUSE_RELU) != 0;
     const bool s2 = train && conv_s2_dx(gr, n, g), s1 = train && conv_s1_dx(gr, n, g);
+    const int form = conv_dw_form(gr, i, g);
     if (s2 || s1) {
         /* W re-laid for the backward's dx on the side stream, off the critical path, then
          * gr->wready recorded; the backward waits on it. In a capture (and eagerly, for a partial
@@ -404,9 +400,7 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
          * forward's records all precede any backward work on the in-order side stream, and the
          * latest follows every earlier re-layout, so the wait covers them all without waiting
          * for the backward's side work. W is not written until the optimizer, after the join. */
-        const conv_slab sl =
-            slab_of(g, p->batch * g.ohw, conv_s2(p, n, g), conv_s1(p, n, g), conv_cols(gr, i, g), conv_dw_small(gr, i, g));
-        float *wc = col + sl.wc;
+        float *wc = col + slab_of(g, p->batch * g.ohw, conv_s2(p, n, g), conv_s1(p, n, g), form).wc;
         int st = cu_fork(gr, err, en);
         if (st == MPSCY_OK)
             st = s2 ? cu_conv_s2_weights(gr, gr->side, &g, wc, w, err, en)
@@ -417,9 +411,9 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
     /* a forward that reads x itself (direct, or implicit) builds the columns only for a training
      * step's weight gradient, on the side stream (joined after backward in step.cu), reading x,
      * which nothing writes again in the step; and none when that product reads x too
-     * (conv_dw_gathers) */
+     * (conv_dw_form) */
     auto side_columns = [&]() -> int {
-        if (!train || !conv_cols(gr, i, g)) return MPSCY_OK;
+        if (!train || form != CU_DW_COLUMNS) return MPSCY_OK;
         int st = cu_fork(gr, err, en);
         if (st == MPSCY_OK) st = cu_im2col(gr, gr->side, &g, col, x, b, err, en);
         if (st != MPSCY_OK || gr->dy[n->in[0]] || !gr->input_dw_main) return st;
@@ -495,7 +489,8 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
     float *dx = gr->dy[n->in[0]];
     const bool s2 = conv_s2_dx(gr, n, g);  /* dx by conv_dgrad_s2, */
     const bool s1 = !s2 && conv_s1_dx(gr, n, g);  /* or an implicit product, else dcol and col2im */
-    const bool gather = conv_dw_gathers(gr, i, g);  /* no columns */
+    const int form = conv_dw_form(gr, i, g);
+    const bool gather = form == CU_DW_GATHER;  /* no columns */
     /* every other convolution whose weight gradient is own kernels reading x (no cuBLAS, whose
      * workspace is the side stream's; no columns, which a forward builds on the side stream)
      * takes the second side stream, so that its chain starts once its dz is there instead of
@@ -506,8 +501,7 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
         ~side_swap() { g->side = keep; }
     } swap = {gr, gr->side};
     if (gr->alt && gather && dx && (gr->side_turn++ & 1) == 0) gr->side = gr->alt;
-    const conv_slab sl =
-        slab_of(g, nb_built, conv_s2(p, n, g), conv_s1(p, n, g), conv_cols(gr, i, g), conv_dw_small(gr, i, g));
+    const conv_slab sl = slab_of(g, nb_built, conv_s2(p, n, g), conv_s1(p, n, g), form);
     float *slab = gr->colbuf + gr->col_off[i];
     const float *col = slab;                                   // (K, nb)
     float *dzs = slab + sl.dzt;                                // s2: (4, OC, nb), dz's shifted copies
@@ -523,7 +517,7 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
         for (int32_t k = (int32_t)i + 1; k < p->n_nodes && r < 0; k++)
             if (p->nodes[k].kind == MPSCY_LAYER_RELU && p->nodes[k].in[0] == i) r = k;
     const float *dy = gr->dy[r >= 0 ? r : i], *ry = r >= 0 ? gr->y[r] : NULL;
-    if (conv_dw_small(gr, i, g)) {  /* no dx: dW and db in one pass over dy as it lies, and x */
+    if (form == CU_DW_SMALL) {  /* no dx: dW and db in one pass over dy as it lies, and x */
         cudaStream_t s = gr->stream;
         if (!gr->input_dw_main) {  /* at the side stream's chain's end */
             int st = cu_fork(gr, err, en);
@@ -623,18 +617,12 @@ void cu_conv_gemm_need(const cu_graph *gr, const mpscy_node *n, int64_t *floats,
         }
 }
 
-int cu_conv_gathers(const cu_graph *gr, const mpscy_node *n) {
-    return conv_dw_gathers(gr, cu_node_index(gr, n), geom(&gr->plan, n));
-}
-
-int cu_conv_small_dw(const cu_graph *gr, const mpscy_node *n) {
-    return conv_dw_small(gr, cu_node_index(gr, n), geom(&gr->plan, n));
+int cu_conv_dw_form(const cu_graph *gr, const mpscy_node *n) {
+    return conv_dw_form(gr, cu_node_index(gr, n), geom(&gr->plan, n));
 }
 
 int64_t cu_conv_columns(const cu_graph *gr, const mpscy_node *n) {
     const mpscy_plan *p = &gr->plan;
     conv_geom g = geom(p, n);
-    const int64_t i = cu_node_index(gr, n);
-    return slab_of(g, p->batch * g.ohw, conv_s2(p, n, g), conv_s1(p, n, g), conv_cols(gr, i, g), conv_dw_small(gr, i, g))
-        .total;
+    return slab_of(g, p->batch * g.ohw, conv_s2(p, n, g), conv_s1(p, n, g), cu_conv_dw_form(gr, n)).total;
 }

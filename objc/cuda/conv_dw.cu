@@ -3,7 +3,7 @@
  * gradient and dense.cu's long-K forward share. The long K = b*OHW is split over the GPU into
  * partials added afterwards in a fixed order; B (the columns, K-contiguous) is read either from
  * im2col's columns or, for a convolution whose forward reads x itself (conv.cu decides:
- * conv_dw_gathers), from x, so that no columns exist. */
+ * conv_dw_form), from x, so that no columns exist. */
 #include <algorithm>
 
 #include "cuda.h"
@@ -78,6 +78,17 @@ struct dw_src {
     int sh, sw, ph, pw, dh, dw;
 };
 
+/* column n = (c, ki, kj) of the columns, one of N: its tap's offsets from a window's origin (dih,
+ * diw) and its element's from the origin's (off); past N a row offset no window reaches (its
+ * elements are zero-filled) */
+static __device__ __forceinline__ void dw_tap(const dw_src &xs, unsigned n, int N, int &dih, int &diw, int &off) {
+    const unsigned c = n / xs.khw, t = n - c * xs.khw, ki = t / xs.kw;
+    const bool in = (int)n < N;
+    dih = in ? (int)ki * xs.dh - xs.ph : -(1 << 30);
+    diw = (int)(t - ki * xs.kw) * xs.dw - xs.pw;
+    off = in ? (int)(c * xs.hw) + dih * (int)xs.w + diw : 0;
+}
+
 template <int TM, int TN, bool VA>
 __global__ void __launch_bounds__(256, 2) conv_dw_gather(float *__restrict__ out, int64_t ldo, int64_t zstride,
                                                          const float *__restrict__ a, int64_t lda, dw_src xs, int M,
@@ -91,13 +102,7 @@ __global__ void __launch_bounds__(256, 2) conv_dw_gather(float *__restrict__ out
      * offset from the origin's (rows past N get an offset no window reaches: zero-filled) */
     int dih[Q], diw[Q], off[Q];
 #pragma unroll
-    for (int q = 0; q < Q; q++) {
-        const unsigned n = (unsigned)(n0 + r0 + 8 * q), c = n / xs.khw, t = n - c * xs.khw, ki = t / xs.kw;
-        const bool in = (int)n < N;
-        dih[q] = in ? (int)ki * xs.dh - xs.ph : -(1 << 30);
-        diw[q] = (int)(t - ki * xs.kw) * xs.dw - xs.pw;
-        off[q] = in ? (int)(c * xs.hw) + dih[q] * (int)xs.w + diw[q] : 0;
-    }
+    for (int q = 0; q < Q; q++) dw_tap(xs, (unsigned)(n0 + r0 + 8 * q), N, dih[q], diw[q], off[q]);
     /* this lane's column j = kb + lane as (s, oh, ow), moved on by MMA_BK a step (load_b's steps
      * come in order) without a division */
     unsigned j = (unsigned)(k0 + lane), s = j / xs.ohw, oh = (j - s * xs.ohw) / xs.ow;
@@ -220,16 +225,9 @@ __global__ void __launch_bounds__(DWS_THREADS, 3) conv_dw_small(dws_args a) {
     const int t = tid % DWS_T, h0 = tid / DWS_T;
     const dw_src &xs = a.xs;
     const unsigned j_end = min(a.nb, (blockIdx.x + 1) * a.per);
-    /* the staged columns n: a tap (its offsets from the window's origin, as conv_dw_gather's; a
-     * row offset no window reaches for none), then the bias's ones (n == kg) */
-    if (tid < 32) {
-        const unsigned n = (unsigned)tid, c = n / xs.khw, u = n - c * xs.khw, ki = u / xs.kw;
-        const bool in = tid < a.kg;
-        const int dh = in ? (int)ki * xs.dh - xs.ph : -(1 << 30), dw = (int)(u - ki * xs.kw) * xs.dw - xs.pw;
-        tap[tid][0] = dh;
-        tap[tid][1] = dw;
-        tap[tid][2] = in ? (int)(c * xs.hw) + dh * (int)xs.w + dw : 0;
-    }
+    /* the staged columns n < 32 (a thread's are 4 (h0 + 4k) + q, h0 < 4, k < 2): a tap, none past
+     * kg, and the bias's ones at n == kg */
+    if (tid < 32) dw_tap(xs, (unsigned)tid, a.kg, tap[tid][0], tap[tid][1], tap[tid][2]);
     const int one = a.db ? a.kg : -1;
     __syncthreads();
     float4 zr[4], cr[2];
@@ -259,9 +257,8 @@ __global__ void __launch_bounds__(DWS_THREADS, 3) conv_dw_small(dws_args a) {
 #pragma unroll
             for (int q = 0; q < 4; q++) {
                 const int n = 4 * (h0 + 4 * k) + q;
-                const bool ok = in && n < 32 && (unsigned)(ih0 + tap[n & 31][0]) < xs.h &&
-                                (unsigned)(iw0 + tap[n & 31][1]) < xs.w;
-                v[q] = ok ? __ldg(&xs.x[pix + (unsigned)tap[n & 31][2]]) : 0.0f;
+                const bool ok = in && (unsigned)(ih0 + tap[n][0]) < xs.h && (unsigned)(iw0 + tap[n][1]) < xs.w;
+                v[q] = ok ? __ldg(&xs.x[pix + (unsigned)tap[n][2]]) : 0.0f;
                 if (in && n == one) v[q] = 1.0f;
             }
             cr[k] = make_float4(v[0], v[1], v[2], v[3]);

@@ -226,8 +226,10 @@ int64_t cu_conv_workspace(const mpscy_plan *p, const mpscy_node *n);
 int64_t cu_conv_columns(const cu_graph *gr, const mpscy_node *n);  /* floats of its slab (the kept im2col, ...):
                                                                      * once y, dy and the knobs are set */
 int cu_conv_fits(const mpscy_plan *p, const mpscy_node *n);         /* its tensors index in 31 bits */
-int cu_conv_gathers(const cu_graph *gr, const mpscy_node *n);      /* its weight gradient reads x (no columns) */
-int cu_conv_small_dw(const cu_graph *gr, const mpscy_node *n);     /* its weight gradient is conv_dw_small's */
+/* how its training weight gradient reads its operands: the kept im2col columns, x itself in the own
+ * long product (conv_dw.cu's gather), or conv_dw_small's pass over dy and x */
+enum { CU_DW_COLUMNS, CU_DW_GATHER, CU_DW_SMALL };
+int cu_conv_dw_form(const cu_graph *gr, const mpscy_node *n);
 void cu_conv_gemm_need(const cu_graph *g, const mpscy_node *n, int64_t *floats, int64_t *counters);
 /* im2col.cu: a convolution's columns (K, b*OHW) from x (on stream s), and dx (accumulated when
  * accum) from dcol */
