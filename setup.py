@@ -143,7 +143,8 @@ def nvcc_compile(build_temp):
     flags = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-DMPSCY_HAVE_CUDA", "-Iobjc",
              "-I" + CUDA["cublas_inc"], f'-DMPSCY_CUBLASLT_SONAME="{CUDA["soname"]}"',
              f'-DMPSCY_CUBLASLT_DIR="{CUDA["cublas_lib"]}"', f'-DMPSCY_CUBLAS_WHEEL_DIR="{CUDA["wheel_dir"]}"',
-             *(["-lineinfo", "-g"] if DEBUG else []), *gencode]
+             *(["-lineinfo", "-g"] if DEBUG else []),
+             *(["-lineinfo"] if os.environ.get("MPSCY_CUDA_LINEINFO") and not DEBUG else []), *gencode]
     jobs = [(src, os.path.join(obj_dir, os.path.basename(src) + ".o")) for src in cuda_sources()]
     from concurrent.futures import ThreadPoolExecutor
 

@@ -53,6 +53,7 @@ typedef struct cu_scratch {
     int applied;               /* 1: this step's update is applied (finite, TRAIN) */
     unsigned int bad_seq;      /* the last deferred step whose input held a NaN or Inf */
     unsigned int piece_seq[CU_STAGE_MAX_PIECES]; /* step.cu's pull: the host's flags, relayed */
+    unsigned int fused_piece[CU_STAGE_MAX_PIECES]; /* mlp.cu's deferred copy: the flags relayed, 0 between steps */
     unsigned int part_seq[CU_STAGE_MAX_PIECES * CU_PULL_SPLIT]; /* the pull: each block's part copied */
     float clip_scale;          /* clip_grad_norm coefficient when < 1, else 1 */
     double loss;               /* the step's mean loss */
@@ -386,7 +387,7 @@ int cu_forward_backward(cu_graph *g, int64_t b, mpscy_step_result *r, char *err,
  * staging itself. cu_fused_plan decides at build (sets g->fu); cu_fused_step enqueues it. */
 int cu_fused_plan(cu_graph *g);
 void cu_fused_free(cu_graph *g);
-int cu_fused_step(cu_graph *g, int64_t b, size_t staged, char *err, size_t en);
+int cu_fused_step(cu_graph *g, int64_t b, size_t staged, int deferred, char *err, size_t en);
 const char *cu_fused_form(const cu_graph *g, char *buf, size_t n);
 
 /* Side stream: fork from the main stream before enqueueing off-critical-path work. */
@@ -429,6 +430,67 @@ static __device__ __forceinline__ uint32_t cu_load_acquire_sys(const uint32_t *p
 
 static __device__ __forceinline__ void cu_store_release_gpu(uint32_t *p, uint32_t v) {
     asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+#define CU_PULL_PATIENCE_NS 5000000000ull  /* a piece the host has not flagged by then: stalled */
+
+static __device__ __forceinline__ unsigned long long cu_global_ns() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+/* Deferred staging's one reader of the host's piece flags (step.cu's pull kernel, mlp.cu's
+ * one-kernel step), run by one whole warp: its lanes read the flags of up to 64 pieces at once
+ * (consecutive words, one PCIe round trip a poll), each lane relaying its pieces to device
+ * memory (to[p]: the flag's value) as their flags carry this step's number seq. A piece flagged
+ * bad (NaN or Inf) marks the step in S->bad_seq; a piece unflagged for CU_PULL_PATIENCE_NS sets
+ * R->stalled and is relayed as bad, so no consumer waits forever. Reads of host memory by many
+ * threads queue behind one another (~1 us each on the H200: 2112 warps reading one word took
+ * 2 ms), so the consumers wait on device memory only. */
+static __device__ void cu_relay_pieces(const uint32_t *flags, int64_t pieces, uint32_t seq, uint32_t *to, cu_scratch *S,
+                                       cu_result *R) {
+    const unsigned long long t0 = cu_global_ns();
+    const int64_t p0 = threadIdx.x & 31, p1 = p0 + 32;
+    bool wait0 = p0 < pieces, wait1 = p1 < pieces, stalled = false;
+    while (__any_sync(0xffffffffu, wait0 || wait1)) {
+        uint32_t v0 = wait0 ? cu_load_acquire_sys(&flags[p0]) : 0, v1 = wait1 ? cu_load_acquire_sys(&flags[p1]) : 0;
+        if (!stalled && cu_global_ns() - t0 > CU_PULL_PATIENCE_NS) {
+            stalled = true;
+            if (wait0 || wait1) R->stalled = 1;
+        }
+        if (stalled) v0 = v1 = seq | CU_STAGE_BAD;
+        if (wait0 && (v0 & ~CU_STAGE_BAD) == seq) {
+            if (v0 & CU_STAGE_BAD) atomicExch(&S->bad_seq, seq);
+            cu_store_release_gpu(&to[p0], v0);
+            wait0 = false;
+        }
+        if (wait1 && (v1 & ~CU_STAGE_BAD) == seq) {
+            if (v1 & CU_STAGE_BAD) atomicExch(&S->bad_seq, seq);
+            cu_store_release_gpu(&to[p1], v1);
+            wait1 = false;
+        }
+    }
+}
+
+/* floats [lo, hi) of pinned src to dst by the whole block. Both are 16-byte aligned at multiples
+ * of 4 floats (pieces and parts are): float4 up to the tail, four loads in flight per thread (a
+ * load from host memory takes microseconds); .cv loads fetch from host memory anew (never a line
+ * cached from an earlier step). */
+static __device__ __forceinline__ void cu_copy_pinned(float *__restrict__ dst, const float *src, int64_t lo, int64_t hi) {
+    const int64_t lo4 = lo / 4, hi4 = hi / 4, st = blockDim.x;
+    const float4 *s4 = reinterpret_cast<const float4 *>(src);
+    float4 *d4 = reinterpret_cast<float4 *>(dst);
+    int64_t i = lo4 + threadIdx.x;
+    for (; i + 3 * st < hi4; i += 4 * st) {
+        const float4 a = __ldcv(s4 + i), b = __ldcv(s4 + i + st), c = __ldcv(s4 + i + 2 * st), d = __ldcv(s4 + i + 3 * st);
+        d4[i] = a;
+        d4[i + st] = b;
+        d4[i + 2 * st] = c;
+        d4[i + 3 * st] = d;
+    }
+    for (; i < hi4; i += st) d4[i] = __ldcv(s4 + i);
+    for (int64_t e = hi4 * 4 + threadIdx.x; e < hi; e += st) dst[e] = __ldcv(src + e);
 }
 
 /* the two halves of cu_pdl_enter, for a kernel with work to do between them */

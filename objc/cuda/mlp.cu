@@ -61,7 +61,18 @@ struct fu_args {
     uint4 *copy_dst;             /* memory, copied by the kernel to its device mirror (copy_n units) */
     int64_t copy_n;
     const int32_t *labels;
+    /* deferred staging (step.cu): input 0's rows (in_n floats) are pulled from pinned in_src to
+     * in_dst piece by piece (in_piece floats) as the host flags them (flags, this step's number in
+     * the host's params block P_h); the copy above then covers the params block and labels only */
+    int deferred;
+    const float *in_src;
+    float *in_dst;
+    int64_t in_n, in_piece;
+    const uint32_t *flags;
+    const cu_params *P_h;
     int trace;         /* $MPSCY_CUDA_FUSED_TRACE: block 0 prints each phase's time (a profiling knob) */
+    int args_in_param; /* $MPSCY_CUDA_FUSED_ARGS=param: the phases read the arguments where the launch
+                          put them, not from a shared copy (a measuring knob) */
 };
 
 struct cu_fused {
@@ -186,19 +197,26 @@ static __device__ __noinline__ void row_chain(const fu_args &a, float *smem, int
          * batch of loads (32 loads in flight per lane) */
         const fu_layer &L = a.L[l];
         const int K = L.in, N = L.out;
+        const float *bias = L.bias;
+        const int relu = L.relu;
+        float *yr = L.y + (int64_t)r * N;
         for (int j0 = warp * 4; j0 < N; j0 += FU_WARPS * 4) {
             const float *wq[4];
+            float bq[4];  /* loaded with the weights, not after the sums */
 #pragma unroll
-            for (int q = 0; q < 4; q++) wq[q] = L.w + (int64_t)imin(j0 + q, N - 1) * K;
+            for (int q = 0; q < 4; q++) {
+                wq[q] = L.w + (int64_t)imin(j0 + q, N - 1) * K;
+                bq[q] = bias && j0 + q < N ? bias[j0 + q] : 0.0f;
+            }
             float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
             for (int k0 = 0; k0 < K; k0 += 32 * 8) {
                 float wv[4][8], xv[8];
 #pragma unroll
-                for (int u = 0; u < 8; u++) {
-                    const int k = imin(k0 + u * 32 + lane, K - 1);
-                    xv[u] = k0 + u * 32 + lane < K ? cur[k] : 0.0f;
+                for (int u = 0; u < 8; u++) {  /* slices past K load nothing (predicated off) */
+                    const int k = k0 + u * 32 + lane;
+                    xv[u] = k < K ? cur[k] : 0.0f;
 #pragma unroll
-                    for (int q = 0; q < 4; q++) wv[q][u] = wq[q][k];
+                    for (int q = 0; q < 4; q++) wv[q][u] = k < K ? wq[q][k] : 0.0f;
                 }
 #pragma unroll
                 for (int u = 0; u < 8; u++)
@@ -209,11 +227,11 @@ static __device__ __noinline__ void row_chain(const fu_args &a, float *smem, int
             for (int q = 0; q < 4; q++) {
                 float v = warp_allsum(acc[q]);
                 if (j0 + q < N) {
-                    v += L.bias ? L.bias[j0 + q] : 0.0f;
-                    if (L.relu) v = v > 0.0f ? v : 0.0f;
+                    v += bq[q];
+                    if (relu) v = v > 0.0f ? v : 0.0f;
                     if (lane == q) {
                         nxt[j0 + q] = v;
-                        L.y[(int64_t)r * N + j0 + q] = v;
+                        yr[j0 + q] = v;
                     }
                 }
             }
@@ -396,21 +414,51 @@ static __device__ __forceinline__ void fu_mark(const fu_args &a, fu_trace *T) {
 #define FU_MARK() fu_mark(a, &T)
 
 template <bool CLUSTER>
-__global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_constant__ fu_args a) {
+__global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_constant__ fu_args ga) {
     __shared__ float smem[FU_SMEM_FLOATS];
+    /* the arguments, copied to shared memory: the phases index the layers at run time, which
+     * from the parameter space is a generic load of a global load's latency per field */
+    __shared__ fu_args sa;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     /* warp items go round the blocks first, so every multiprocessor gets a share of a small phase */
     const int gw = warp * gridDim.x + blockIdx.x, tw = gridDim.x * FU_WARPS;
-    const int b = a.b;
+    const int b = ga.b;
     fu_trace T;
     T.n = 0;
-    FU_MARK();
+    fu_mark(ga, &T);
+    for (int i = threadIdx.x; i < (int)(sizeof(fu_args) / sizeof(int)); i += blockDim.x)
+        ((int *)&sa)[i] = ((const int *)&ga)[i];
 
     /* the staged params block, labels and batch from pinned host memory to the device */
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < a.copy_n; i += (int64_t)gridDim.x * blockDim.x)
-        a.copy_dst[i] = a.copy_src[i];
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < ga.copy_n; i += (int64_t)gridDim.x * blockDim.x)
+        ga.copy_dst[i] = ga.copy_src[i];
+    if (ga.deferred) {
+        /* the batch as the host stages it: block 0's first warp relays the host's flags (this
+         * step's number read from the host's params block, which the launch follows) into
+         * S->fused_piece, the other blocks copy `per` parts of each piece once its word there is
+         * set; block 0 clears the words once every block has passed the barrier below */
+        const int64_t n = ga.in_n, piece = ga.in_piece, pieces = (n + piece - 1) / piece, copiers = gridDim.x - 1;
+        if (blockIdx.x == 0) {
+            if (threadIdx.x < 32) {
+                uint32_t seq = lane == 0 ? cu_load_acquire_sys(&ga.P_h->seq) : 0u;
+                cu_relay_pieces(ga.flags, pieces, __shfl_sync(0xffffffffu, seq, 0), ga.S->fused_piece, ga.S, ga.R);
+            }
+        } else {
+            const int64_t per = copiers / pieces > 1 ? copiers / pieces : 1, part = ((piece + per - 1) / per + 3) & ~(int64_t)3;
+            for (int64_t it = blockIdx.x - 1; it < pieces * per; it += copiers) {
+                const int64_t p = it / per, lo = min(p * piece + (it % per) * part, n), hi = min(min(lo + part, (p + 1) * piece), n);
+                if (threadIdx.x == 0)
+                    while (cu_load_acquire_gpu(&ga.S->fused_piece[p]) == 0u) __nanosleep(64);
+                __syncthreads();
+                cu_copy_pinned(ga.in_dst, ga.in_src, lo, hi);
+            }
+        }
+    }
+    __syncthreads();
+    const fu_args &a = ga.args_in_param ? ga : sa;
     FU_MARK();
     fu_sync<CLUSTER>();
+    if (a.deferred && blockIdx.x == 0 && threadIdx.x < CU_STAGE_MAX_PIECES) a.S->fused_piece[threadIdx.x] = 0u;
     FU_MARK();
     /* layer 0's forward over the whole batch, split by output columns across the grid */
     if (a.n_layers > 1) {
@@ -445,7 +493,7 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
         a.S->loss = loss;  /* decide() below copies both into R */
         a.S->correct = a.accuracy == MPSCY_ACCURACY_NONE ? -1 : (long long)v[2];
     }
-    decide_and_update(a.u, a.S, a.R, a.P, v[0], loss, a.clip_norm, 1);
+    decide_and_update(a.u, a.S, a.R, a.P, v[0], loss, a.clip_norm, !input_bad(a.S, a.P));
     FU_MARK();
     if (a.trace && blockIdx.x == 0 && threadIdx.x == 0) {
         /* per mark, ns: copy, barrier, layer 0, barrier, row loaded, each later layer's forward,
@@ -529,6 +577,7 @@ int cu_fused_plan(cu_graph *g) {
         if (blocks > most) blocks = most;
         if (blocks > CU_MAX_PARTS) blocks = CU_MAX_PARTS;
     }
+    if (blocks < 2 && g->defer) return 0;  /* deferred staging wants a relay block and a copying one */
     a.n_layers = nl;
     a.accuracy = p->loss.accuracy;
     a.labels = (const int32_t *)(g->stage_d + g->off_target);
@@ -538,6 +587,7 @@ int cu_fused_plan(cu_graph *g) {
     a.P = g->params_d;
     a.clip_norm = p->optim.clip_grad_norm;
     a.trace = getenv("MPSCY_CUDA_FUSED_TRACE") != NULL;
+    a.args_in_param = getenv("MPSCY_CUDA_FUSED_ARGS") && !strcmp(getenv("MPSCY_CUDA_FUSED_ARGS"), "param");
     float *slot[3] = {NULL, NULL, NULL};
     for (int k = 0; k < 3 && k < p->n_vec_slots; k++) slot[k] = g->optim + p->vec_offset[k];
     a.u = update_args{g->params, g->grads, slot[0], slot[1], slot[2], p->n_params, p->optim.kind,
@@ -559,12 +609,21 @@ void cu_fused_free(cu_graph *g) {
     g->fu = NULL;
 }
 
-int cu_fused_step(cu_graph *g, int64_t b, size_t staged, char *err, size_t en) {
+int cu_fused_step(cu_graph *g, int64_t b, size_t staged, int deferred, char *err, size_t en) {
     cu_fused *f = g->fu;
     f->a.b = (int)b;
     f->a.copy_src = (const uint4 *)g->stage_h;
     f->a.copy_dst = (uint4 *)g->stage_d;
     f->a.copy_n = (int64_t)((staged + 15) / 16);
+    f->a.deferred = deferred;
+    if (deferred) {
+        f->a.in_src = (const float *)(g->stage_h + g->off_input[0]);
+        f->a.in_dst = (float *)(g->stage_d + g->off_input[0]);
+        f->a.in_n = b * g->in0_size;
+        f->a.in_piece = cu_stage_piece(f->a.in_n);
+        f->a.flags = g->flags_h;
+        f->a.P_h = g->params_h;
+    }
     cudaLaunchConfig_t cfg = {};
     cudaLaunchAttribute at;
     cfg.gridDim = dim3(f->blocks);

@@ -25,17 +25,12 @@
 #include "cuda.h"
 
 #include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define FAIL(status, ...) MPSCY_FAIL(err, n, (status), CU, __VA_ARGS__)
-
-#define PULL_PATIENCE_NS 5000000000ull  /* a piece the host has not flagged by then: stalled */
-
-static __device__ __forceinline__ unsigned long long global_ns() {
-    unsigned long long t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    return t;
-}
 
 /* dst (n) from the pinned staging src as the host's pieces land. Block 0's first warp is the
  * one reader of the host's flags: its lanes read them all at once (consecutive words, one PCIe
@@ -54,29 +49,7 @@ __global__ void pull_kernel(float *__restrict__ dst, const float *src, int64_t n
     cu_pdl_enter();
     const uint32_t seq = P->seq;
     if (blockIdx.x == 0) {
-        if (threadIdx.x >= 32) return;
-        const unsigned long long t0 = global_ns();
-        const int64_t pieces = (n + piece - 1) / piece;  /* at most CU_STAGE_MAX_PIECES = 2 x 32 */
-        const int64_t p0 = threadIdx.x, p1 = threadIdx.x + 32;
-        bool wait0 = p0 < pieces, wait1 = p1 < pieces, stalled = false;
-        while (__any_sync(0xffffffffu, wait0 || wait1)) {
-            uint32_t v0 = wait0 ? cu_load_acquire_sys(&flags[p0]) : 0, v1 = wait1 ? cu_load_acquire_sys(&flags[p1]) : 0;
-            if (!stalled && global_ns() - t0 > PULL_PATIENCE_NS) {
-                stalled = true;
-                if (wait0 || wait1) R->stalled = 1;
-            }
-            if (stalled) v0 = v1 = seq | CU_STAGE_BAD;
-            if (wait0 && (v0 & ~CU_STAGE_BAD) == seq) {
-                if (v0 & CU_STAGE_BAD) atomicExch(&S->bad_seq, seq);
-                cu_store_release_gpu(&S->piece_seq[p0], v0);
-                wait0 = false;
-            }
-            if (wait1 && (v1 & ~CU_STAGE_BAD) == seq) {
-                if (v1 & CU_STAGE_BAD) atomicExch(&S->bad_seq, seq);
-                cu_store_release_gpu(&S->piece_seq[p1], v1);
-                wait1 = false;
-            }
-        }
+        if (threadIdx.x < 32) cu_relay_pieces(flags, (n + piece - 1) / piece, seq, S->piece_seq, S, R);
         return;
     }
     const int64_t k = blockIdx.x - 1, p = k / CU_PULL_SPLIT, part = cu_pull_part(piece);
@@ -84,22 +57,7 @@ __global__ void pull_kernel(float *__restrict__ dst, const float *src, int64_t n
         while ((cu_load_acquire_gpu(&S->piece_seq[p]) & ~CU_STAGE_BAD) != seq) __nanosleep(64);
     __syncthreads();
     const int64_t lo = min(p * piece + (k % CU_PULL_SPLIT) * part, n), hi = min(min(lo + part, (p + 1) * piece), n);
-    /* pieces and parts are multiples of 4 floats and both buffers 256-byte aligned: float4 up to
-     * the tail, four loads in flight per thread (a load from host memory takes microseconds);
-     * .cv loads fetch from host memory anew (never a line cached from an earlier step) */
-    const int64_t lo4 = lo / 4, hi4 = hi / 4, st = blockDim.x;
-    const float4 *s4 = reinterpret_cast<const float4 *>(src);
-    float4 *d4 = reinterpret_cast<float4 *>(dst);
-    int64_t i = lo4 + threadIdx.x;
-    for (; i + 3 * st < hi4; i += 4 * st) {
-        const float4 a = __ldcv(s4 + i), b = __ldcv(s4 + i + st), c = __ldcv(s4 + i + 2 * st), d = __ldcv(s4 + i + 3 * st);
-        d4[i] = a;
-        d4[i + st] = b;
-        d4[i + 2 * st] = c;
-        d4[i + 3 * st] = d;
-    }
-    for (; i < hi4; i += st) d4[i] = __ldcv(s4 + i);
-    for (int64_t e = hi4 * 4 + threadIdx.x; e < hi; e += st) dst[e] = __ldcv(src + e);
+    cu_copy_pinned(dst, src, lo, hi);
     if (!parts) return;
     /* the part is copied: every thread's stores visible at GPU scope, then one release for the
      * consumer started beside the pull (cu_pull_parts) */
@@ -109,10 +67,10 @@ __global__ void pull_kernel(float *__restrict__ dst, const float *src, int64_t n
 }
 
 /* whether the captured step of `kind` pulls input 0 itself (deferred staging): not the
- * gradients-only kind (L-BFGS stages itself and reads gradients after bad input), not the
- * whole-step kernel (mlp.cu copies its staging itself) */
+ * gradients-only kind (L-BFGS stages itself and reads gradients after bad input). The whole-step
+ * kernel (mlp.cu) pulls it in its own copy phase. */
 static int defers(const cu_graph *g, int kind) {
-    return g->defer && kind != CU_KIND_GRAD && !(kind == CU_KIND_TRAIN && g->fu);
+    return g->defer && kind != CU_KIND_GRAD;
 }
 
 int cu_fork_mark(cu_graph *g, char *err, size_t en) {
@@ -160,8 +118,8 @@ static int enqueue(cu_graph *g, int kind, int64_t b, int deferred, char *err, si
             if (p->nodes[i].input_index == 0) first = o + rows;
             else CU_TRY(cudaMemcpyAsync(g->stage_d + o, g->stage_h + o, rows, cudaMemcpyHostToDevice, s), "input copy");
         }
-    if (kind == CU_KIND_TRAIN && g->fu) return cu_fused_step(g, b, first, err, en);  /* copies the staging itself */
     if (deferred) first = g->off_input[0];
+    if (kind == CU_KIND_TRAIN && g->fu) return cu_fused_step(g, b, first, deferred, err, en);  /* copies the staging itself */
     CU_TRY(cudaMemcpyAsync(g->stage_d, g->stage_h, first, cudaMemcpyHostToDevice, s), "staging copy");
     if (deferred) {
         g->pull_next = cu_conv_direct_beside(g);  /* the parts flagged only for that consumer */
@@ -252,13 +210,20 @@ int cu_capture(cu_graph *g, int kind, char *err, size_t en) {
     return MPSCY_OK;
 }
 
-struct launch_arg { cu_graph *g; int kind; };
+struct launch_arg { cu_graph *g; int kind; double t_launched; };
+
+static double now_us() {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e6 + ts.tv_nsec * 1e-3;
+}
 
 /* the graph's launch from a staging thread (stage.h's hook): the device made current there first */
 static int launch_hook(void *p) {
-    const launch_arg *a = (const launch_arg *)p;
+    launch_arg *a = (launch_arg *)p;
     cudaError_t e = cudaSetDevice(a->g->dev->ordinal);
     if (e == cudaSuccess) e = cudaGraphLaunch(a->g->exec[a->kind], a->g->stream);
+    a->t_launched = now_us();
     return (int)e;
 }
 
@@ -282,6 +247,9 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
     *x_bad = 0;
     g->params_h->seq = 0;
     const int early = kind == CU_KIND_TRAIN && g->early;
+    static int trace = -1;  /* $MPSCY_CUDA_LAUNCH_TRACE: each deferred step prints its host times (a profiling knob) */
+    if (trace < 0) trace = getenv("MPSCY_CUDA_LAUNCH_TRACE") != NULL;
+    double t_launch = 0.0, t_staged = 0.0, t_in = trace ? now_us() : 0.0;
     if (early) g->rseq = g->rseq % 0x7fffffffu + 1;
     g->params_h->rseq = early ? g->rseq : 0;
     if (x && !deferred && (bad = cu_stage_pieces(g->stage_pool, dst, x, n, cu_stage_piece(n), NULL, 0, NULL, NULL,
@@ -295,9 +263,14 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
     if (deferred && x) {
         /* the first staging thread to start launches the graph, the others stage meanwhile
          * (measured on the H200's host: 5-6 us per step less than launching first) */
-        launch_arg la = {g, kind};
+        launch_arg la = {g, kind, 0.0};
         int ls = 0;
+        const double t0 = trace ? now_us() : 0.0;
         bad = cu_stage_pieces(g->stage_pool, dst, x, n, cu_stage_piece(n), g->flags_h, g->seq, launch_hook, &la, &ls);
+        if (trace) {
+            t_launch = la.t_launched - t0;
+            t_staged = now_us() - t0;
+        }
         CU_TRY((cudaError_t)ls, "graph launch");
     } else if (b == g->plan.batch) {
         CU_TRY(cudaGraphLaunch(g->exec[kind], g->stream), "graph launch");
@@ -335,10 +308,13 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
     } else {
         CU_TRY(cudaStreamSynchronize(g->stream), "step");
     }
+    if (trace && deferred && x)
+        fprintf(stderr, "mpscy launch trace: launched %.1f us, staged %.1f, result %.1f (from the call's start)\n",
+                t_launch, t_staged, now_us() - t_in);
     if (deferred && g->result->stalled)
         return MPSCY_FAIL(err, en, MPSCY_DEVICE, CU,
                           "the step's input copy stalled (a piece unflagged for %g s; a profiler that runs the "
-                          "graph inside its launch call needs MPSCY_CUDA_DEFER=0)", PULL_PATIENCE_NS * 1e-9);
+                          "graph inside its launch call needs MPSCY_CUDA_DEFER=0)", CU_PULL_PATIENCE_NS * 1e-9);
     return bad >= 0 ? x_nonfinite(g, bad, x_bad, err, en) : MPSCY_OK;
 }
 
