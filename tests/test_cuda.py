@@ -1236,6 +1236,57 @@ def test_deferred_nan_input_leaves_state_untouched(rng):
 
 
 @cuda_only
+def test_deferred_one_kernel_step(monkeypatch, capfd, rng):
+    """The one-kernel MLP step (mlp.cu) pulls a deferred input in its own copy phase: the
+    benchmark MLP (784 inputs at batch 32: 100 KB, four pieces) on one staging thread and on four
+    gives the same losses and parameters, bit for bit, as with the batch staged before the launch
+    (MPSCY_CUDA_DEFER=0), over full and partial batches (partial ones are staged first), and each
+    run matches the cpu. A NaN or Inf then fails the step naming its row and leaves parameters,
+    optimizer state and step count as they were; the next step matches the cpu."""
+    monkeypatch.setenv("MPSCY_CUDA_VERBOSE", "1")
+    build = FUSED_MODELS["benchmark_mlp"][0]
+    rows = [32, 32, 7, 32, 32, 1, 32, 32]
+    xs = [rng.standard_normal((r, 784)).astype(np.float32) for r in rows]
+    ys = [rng.integers(0, 10, r).astype(np.int32) for r in rows]
+    runs = []
+    for defer, threads in (("1", "1"), ("1", "4"), ("0", "1")):
+        monkeypatch.setenv("MPSCY_CUDA_DEFER", defer)
+        monkeypatch.setenv("MPSCY_STAGE_THREADS", threads)
+        capfd.readouterr()
+        cpu, gpu = pair(build, (784,), batch=32)
+        assert _train_step_form(capfd).startswith("one kernel, grid")
+        losses = []
+        for x, y in zip(xs, ys):
+            rc, rg = cpu.step(x, y), gpu.step(x, y)
+            assert rg.applied and abs(rg.loss - rc.loss) <= 1e-4 * abs(rc.loss), (rc.loss, rg.loss)
+            losses.append(rg.loss)
+        pc, pg = cpu.get_parameters(), gpu.get_parameters()
+        assert max(rel_err(pg[k], pc[k]) for k in pc) <= PARAM_TOL
+        runs.append((losses, pg, cpu, gpu))
+    for losses, pg, _, _ in runs[1:]:
+        assert losses == runs[0][0]
+        assert all(np.array_equal(pg[k], runs[0][1][k]) for k in pg)
+    monkeypatch.setenv("MPSCY_CUDA_DEFER", "1")
+    _, _, cpu, gpu = runs[0]
+    before, state = gpu.get_parameters(), gpu.get_optimizer_state()
+    for row, value in ((0, np.nan), (13, np.inf), (31, -np.inf)):
+        bad = xs[0].copy()
+        bad[row, 783] = value  # the last element of its row; row 31's is the last of the batch
+        with pytest.raises(mpscy.NonFiniteError, match=f"NaN or Inf at row {row}"):
+            gpu.step(bad, ys[0])
+    after, got = gpu.get_parameters(), gpu.get_optimizer_state()
+    assert all(np.array_equal(after[k], before[k]) for k in before)
+    assert got["step"] == state["step"] == len(rows)
+    for slot, v in state.items():
+        if isinstance(v, dict):
+            assert all(np.array_equal(got[slot][p], v[p]) for p in v), slot
+    rc, rg = cpu.step(xs[1], ys[1]), gpu.step(xs[1], ys[1])
+    assert rg.applied and abs(rg.loss - rc.loss) <= 1e-4 * abs(rc.loss)
+    pc, pg = cpu.get_parameters(), gpu.get_parameters()
+    assert max(rel_err(pg[k], pc[k]) for k in pc) <= PARAM_TOL
+
+
+@cuda_only
 def test_deferred_staging_allocates_nothing(rng):
     """Deferred steps allocate nothing and stay one ABI call each, on the staging threads too."""
     gpu = pair(_deferred_cnn, (3, 32, 32), batch=32)[1]

@@ -448,13 +448,18 @@ static __device__ __forceinline__ unsigned long long cu_global_ns() {
  * R->stalled and is relayed as bad, so no consumer waits forever. Reads of host memory by many
  * threads queue behind one another (~1 us each on the H200: 2112 warps reading one word took
  * 2 ms), so the consumers wait on device memory only. */
-static __device__ void cu_relay_pieces(const uint32_t *flags, int64_t pieces, uint32_t seq, uint32_t *to, cu_scratch *S,
-                                       cu_result *R) {
+static __device__ void cu_relay_pieces(const uint32_t *flags, int64_t pieces, uint32_t seq, const uint32_t *seq_src,
+                                       uint32_t *to, cu_scratch *S, cu_result *R) {
     const unsigned long long t0 = cu_global_ns();
     const int64_t p0 = threadIdx.x & 31, p1 = p0 + 32;
     bool wait0 = p0 < pieces, wait1 = p1 < pieces, stalled = false;
     while (__any_sync(0xffffffffu, wait0 || wait1)) {
+        /* seq_src: the step's number is read there (host memory the launch follows), with the
+         * first poll's flags in one round trip (a plain load before the acquiring ones) */
+        const uint32_t sv = seq_src ? *(volatile const uint32_t *)seq_src : seq;
         uint32_t v0 = wait0 ? cu_load_acquire_sys(&flags[p0]) : 0, v1 = wait1 ? cu_load_acquire_sys(&flags[p1]) : 0;
+        seq = sv;
+        seq_src = NULL;
         if (!stalled && cu_global_ns() - t0 > CU_PULL_PATIENCE_NS) {
             stalled = true;
             if (wait0 || wait1) R->stalled = 1;

@@ -439,10 +439,7 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
          * set; block 0 clears the words once every block has passed the barrier below */
         const int64_t n = ga.in_n, piece = ga.in_piece, pieces = (n + piece - 1) / piece, copiers = gridDim.x - 1;
         if (blockIdx.x == 0) {
-            if (threadIdx.x < 32) {
-                uint32_t seq = lane == 0 ? cu_load_acquire_sys(&ga.P_h->seq) : 0u;
-                cu_relay_pieces(ga.flags, pieces, __shfl_sync(0xffffffffu, seq, 0), ga.S->fused_piece, ga.S, ga.R);
-            }
+            if (threadIdx.x < 32) cu_relay_pieces(ga.flags, pieces, 0u, &ga.P_h->seq, ga.S->fused_piece, ga.S, ga.R);
         } else {
             const int64_t per = copiers / pieces > 1 ? copiers / pieces : 1, part = ((piece + per - 1) / per + 3) & ~(int64_t)3;
             for (int64_t it = blockIdx.x - 1; it < pieces * per; it += copiers) {

@@ -49,7 +49,7 @@ __global__ void pull_kernel(float *__restrict__ dst, const float *src, int64_t n
     cu_pdl_enter();
     const uint32_t seq = P->seq;
     if (blockIdx.x == 0) {
-        if (threadIdx.x < 32) cu_relay_pieces(flags, (n + piece - 1) / piece, seq, S->piece_seq, S, R);
+        if (threadIdx.x < 32) cu_relay_pieces(flags, (n + piece - 1) / piece, seq, NULL, S->piece_seq, S, R);
         return;
     }
     const int64_t k = blockIdx.x - 1, p = k / CU_PULL_SPLIT, part = cu_pull_part(piece);
