@@ -1238,8 +1238,8 @@ def test_deferred_nan_input_leaves_state_untouched(rng):
 @cuda_only
 def test_deferred_one_kernel_step(monkeypatch, capfd, rng):
     """The one-kernel MLP step (mlp.cu) pulls a deferred input in its own copy phase: the
-    benchmark MLP (784 inputs at batch 32: 100 KB, four pieces) on one staging thread and on four
-    gives the same losses and parameters, bit for bit, as with the batch staged before the launch
+    benchmark MLP (784 inputs at batch 32: 100 KB, four pieces) on two staging threads (the
+    default), on one and on four gives the same losses and parameters, bit for bit, as with the batch staged before the launch
     (MPSCY_CUDA_DEFER=0), over full and partial batches (partial ones are staged first), and each
     run matches the cpu. A NaN or Inf then fails the step naming its row and leaves parameters,
     optimizer state and step count as they were; the next step matches the cpu."""
@@ -1249,9 +1249,12 @@ def test_deferred_one_kernel_step(monkeypatch, capfd, rng):
     xs = [rng.standard_normal((r, 784)).astype(np.float32) for r in rows]
     ys = [rng.integers(0, 10, r).astype(np.int32) for r in rows]
     runs = []
-    for defer, threads in (("1", "1"), ("1", "4"), ("0", "1")):
+    for defer, threads in (("1", None), ("1", "1"), ("1", "4"), ("0", "1")):  # None: the default, two
         monkeypatch.setenv("MPSCY_CUDA_DEFER", defer)
-        monkeypatch.setenv("MPSCY_STAGE_THREADS", threads)
+        if threads is None:
+            monkeypatch.delenv("MPSCY_STAGE_THREADS", raising=False)
+        else:
+            monkeypatch.setenv("MPSCY_STAGE_THREADS", threads)
         capfd.readouterr()
         cpu, gpu = pair(build, (784,), batch=32)
         assert _train_step_form(capfd).startswith("one kernel, grid")
