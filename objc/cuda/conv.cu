@@ -310,10 +310,12 @@ static int conv_dw_form(const cu_graph *gr, int64_t i, const conv_geom &g) {
 }
 
 /* one product of a group (which); a weight gradient with x reads x itself (conv_dw.cu), not col */
-static int conv_gemm(cu_graph *gr, int which, int side, const conv_geom &g, int64_t nb, int64_t nb_built, float *c,
-                     const float *w, const float *col, const float *dzt, float *part, char *err, size_t en,
+static int conv_gemm(cu_graph *gr, int which, cudaStream_t stream, const conv_geom &g, int64_t nb, int64_t nb_built,
+                     float *c, const float *w, const float *col, const float *dzt, float *part, char *err, size_t en,
                      const float *x = NULL) {
-    cudaStream_t stream = side ? gr->side : gr->stream;
+    /* cuBLASLt products run on the main stream or gr->side (cu_gemm_run: each has its workspace);
+     * the second side stream takes only weight gradients of own kernels reading x */
+    const int side = stream != gr->stream;
     int64_t M, N, K;
     if (which == CONV_FWD) { M = g.ocg; N = nb; K = g.kg; }
     else if (which == CONV_DW) { M = g.ocg; N = g.kg; K = nb; }
@@ -348,6 +350,8 @@ static int conv_gemm(cu_graph *gr, int which, int side, const conv_geom &g, int6
     q.epilogue = CUBLASLT_EPILOGUE_DEFAULT;
     if (which == CONV_DW && conv_mma(gr, which, nb_built))  /* fp32: conv_dw.cu's split products */
         return cu_conv_dw_own(gr, stream, &g, nb, c, dzt, col, x, part, err, en);
+    if (side && stream != gr->side)
+        return MPSCY_FAIL(err, en, MPSCY_DEVICE, CU, "conv_gemm: a cuBLASLt product on the second side stream");
     if (which == CONV_DW && conv_long_dw(gr, nb_built) && nb >= 4 * DW_CHUNK) {
         /* K = b*OHW is long (tf32): equal chunks as one strided batch of products into partials (after
          * dcol in the workspace), the tail chunk as one more, then one ordered sum */
@@ -401,7 +405,7 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
          * latest follows every earlier re-layout, so the wait covers them all without waiting
          * for the backward's side work. W is not written until the optimizer, after the join. */
         float *wc = col + slab_of(g, p->batch * g.ohw, conv_s2(p, n, g), conv_s1(p, n, g), form).wc;
-        int st = cu_fork(gr, err, en);
+        int st = cu_fork(gr, gr->side, err, en);
         if (st == MPSCY_OK)
             st = s2 ? cu_conv_s2_weights(gr, gr->side, &g, wc, w, err, en)
                     : cu_conv_flip_weights(gr, gr->side, &g, wc, w, err, en);
@@ -414,7 +418,7 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
      * (conv_dw_form) */
     auto side_columns = [&]() -> int {
         if (!train || form != CU_DW_COLUMNS) return MPSCY_OK;
-        int st = cu_fork(gr, err, en);
+        int st = cu_fork(gr, gr->side, err, en);
         if (st == MPSCY_OK) st = cu_im2col(gr, gr->side, &g, col, x, b, err, en);
         if (st != MPSCY_OK || gr->dy[n->in[0]] || !gr->input_dw_main) return st;
         /* a layer without dx takes its weight gradient on the main stream (cu_conv_backward), which
@@ -471,7 +475,7 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
         return MPSCY_OK;
     }
     for (int64_t gi = 0; gi < g.groups && st == MPSCY_OK; gi++)
-        st = conv_gemm(gr, CONV_FWD, 0, g, nb, p->batch * g.ohw, yt + gi * g.ocg * nb, w + gi * g.ocg * g.kg,
+        st = conv_gemm(gr, CONV_FWD, gr->stream, g, nb, p->batch * g.ohw, yt + gi * g.ocg * nb, w + gi * g.ocg * g.kg,
                        col + gi * g.kg * nb, NULL, NULL, err, en);
     if (st != MPSCY_OK) return st;
     const int vec = g.ohw % 4 == 0 && (uintptr_t)gr->y[i] % 16 == 0 && (uintptr_t)yt % 16 == 0;
@@ -491,16 +495,13 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
     const bool s1 = !s2 && conv_s1_dx(gr, n, g);  /* or an implicit product, else dcol and col2im */
     const int form = conv_dw_form(gr, i, g);
     const bool gather = form == CU_DW_GATHER;  /* no columns */
-    /* every other convolution whose weight gradient is own kernels reading x (no cuBLAS, whose
-     * workspace is the side stream's; no columns, which a forward builds on the side stream)
-     * takes the second side stream, so that its chain starts once its dz is there instead of
-     * after the last layer's chain (the README CNN: conv2's and conv4's, beside conv3's) */
-    struct side_swap {
-        cu_graph *g;
-        cudaStream_t keep;
-        ~side_swap() { g->side = keep; }
-    } swap = {gr, gr->side};
-    if (gr->alt && gather && dx && (gr->side_turn++ & 1) == 0) gr->side = gr->alt;
+    /* this convolution's side stream: every other one whose weight gradient is own kernels
+     * reading x (no cuBLAS, whose workspace is gr->side's; no columns, which a forward builds on
+     * gr->side) takes the second side stream, so that its chain starts once its dz is there
+     * instead of after the last layer's chain (the README CNN: conv2's and conv4's, beside
+     * conv3's); everything below that goes beside the main stream goes there */
+    cudaStream_t side = gr->side;
+    if (gr->alt && gather && dx && (gr->side_turn++ & 1) == 0) side = gr->alt;
     const conv_slab sl = slab_of(g, nb_built, conv_s2(p, n, g), conv_s1(p, n, g), form);
     float *slab = gr->colbuf + gr->col_off[i];
     const float *col = slab;                                   // (K, nb)
@@ -520,9 +521,9 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
     if (form == CU_DW_SMALL) {  /* no dx: dW and db in one pass over dy as it lies, and x */
         cudaStream_t s = gr->stream;
         if (!gr->input_dw_main) {  /* at the side stream's chain's end */
-            int st = cu_fork(gr, err, en);
+            int st = cu_fork(gr, side, err, en);
             if (st != MPSCY_OK) return st;
-            s = gr->side;
+            s = side;
         }
         return cu_conv_dw_small(gr, s, &g, nb, nb_built, dw, db, dy, ry, gr->y[n->in[0]], slab + sl.part, err, en);
     }
@@ -538,7 +539,7 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
     }
     /* with nothing to mask, the implicit dx reads dz as it lies, (b, OC, OHW), and its transpose
      * for the weight gradient runs on the side stream instead of before dx on the main one */
-    const bool direct = dx && s1 && !ry && gr->dz_direct && gr->side != gr->stream;
+    const bool direct = dx && s1 && !ry && gr->dz_direct && side != gr->stream;
     int64_t chunks = (nb + DZ_CHUNK - 1) / DZ_CHUNK;
     const int vec = g.ohw % 4 == 0 && (uintptr_t)dy % 16 == 0 && (!ry || (uintptr_t)ry % 16 == 0) &&
                     (uintptr_t)dzt % 16 == 0;
@@ -569,19 +570,19 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
      * dx's products on the main one; a dx of one product is enqueued first (the fork's mark
      * before it, the side stream's wait after: dependencies unchanged), so that its blocks are
      * not queued behind the weight gradient's ($MPSCY_CUDA_DX_FIRST=2) */
-    const bool dx_first = dx && (s2 || s1) && ((gr->dx_first >= 2 && gr->side != gr->stream) || direct);
+    const bool dx_first = dx && (s2 || s1) && ((gr->dx_first >= 2 && side != gr->stream) || direct);
     if (st == MPSCY_OK && dx_first) {
         if ((st = cu_fork_mark(gr, err, en)) == MPSCY_OK && (st = dx_product()) == MPSCY_OK)
-            st = cu_fork_follow(gr, err, en);
+            st = cu_fork_follow(gr, side, err, en);
     } else if (st == MPSCY_OK) {
-        st = cu_fork(gr, err, en);
+        st = cu_fork(gr, side, err, en);
     }
-    if (st == MPSCY_OK && direct) st = dz_pass(gr->side);
+    if (st == MPSCY_OK && direct) st = dz_pass(side);
     if (st == MPSCY_OK && db) {
         /* with no dx (a layer on the model's input) the main stream has nothing of this layer
          * left to run, and in a chain nothing at all until the join: the bias sums run there,
          * beside the weight gradient, not before it on the side stream */
-        CU_TRY(cu_sum_parts(gr, dx ? gr->side : gr->stream, db, dbp, g.oc, chunks, NULL, 1, 0), "conv_db");
+        CU_TRY(cu_sum_parts(gr, dx ? side : gr->stream, db, dbp, g.oc, chunks, NULL, 1, 0), "conv_db");
         st = CU_LAUNCHED("conv_db");
     }
     /* without dx (a layer on the model's input) the main stream has nothing left to run until the
@@ -591,11 +592,11 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
     if (st == MPSCY_OK && !dw_side && gr->cols_recorded)
         CU_TRY(cudaStreamWaitEvent(gr->stream, gr->colready, 0), "columns wait");
     for (int64_t gi = 0; gi < g.groups && st == MPSCY_OK; gi++) {
-        st = conv_gemm(gr, CONV_DW, dw_side, g, nb, nb_built, dw + gi * g.ocg * g.kg, NULL, col + gi * g.kg * nb,
-                       dzt + gi * g.ocg * nb, part, err, en, gather ? gr->y[n->in[0]] : NULL);
+        st = conv_gemm(gr, CONV_DW, dw_side ? side : gr->stream, g, nb, nb_built, dw + gi * g.ocg * g.kg, NULL,
+                       col + gi * g.kg * nb, dzt + gi * g.ocg * nb, part, err, en, gather ? gr->y[n->in[0]] : NULL);
         if (st == MPSCY_OK && dx && !s2 && !s1)
-            st = conv_gemm(gr, CONV_DCOL, 0, g, nb, nb_built, dcol + gi * g.kg * nb, w + gi * g.ocg * g.kg, NULL,
-                           dzt + gi * g.ocg * nb, NULL, err, en);
+            st = conv_gemm(gr, CONV_DCOL, gr->stream, g, nb, nb_built, dcol + gi * g.kg * nb, w + gi * g.ocg * g.kg,
+                           NULL, dzt + gi * g.ocg * nb, NULL, err, en);
     }
     if (st != MPSCY_OK || !dx || dx_first) return st;
     if (s2 || s1) return dx_product();

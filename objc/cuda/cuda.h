@@ -390,13 +390,14 @@ void cu_fused_free(cu_graph *g);
 int cu_fused_step(cu_graph *g, int64_t b, size_t staged, int deferred, char *err, size_t en);
 const char *cu_fused_form(const cu_graph *g, char *buf, size_t n);
 
-/* Side stream: fork from the main stream before enqueueing off-critical-path work. */
-int cu_fork(cu_graph *g, char *err, size_t en);
+/* Side streams: fork one (side: g->side, or g->alt, the second) from the main stream before
+ * enqueueing off-critical-path work on it; cu_join joins every one forked. */
+int cu_fork(cu_graph *g, cudaStream_t side, char *err, size_t en);
 /* the same in two parts: the mark (where the side stream's next work may start) on the main
  * stream, then, after more main-stream work is enqueued, the side stream's wait for it: the
  * main stream's kernels between them come first in the graph's order */
 int cu_fork_mark(cu_graph *g, char *err, size_t en);
-int cu_fork_follow(cu_graph *g, char *err, size_t en);
+int cu_fork_follow(cu_graph *g, cudaStream_t side, char *err, size_t en);
 int cu_join(cu_graph *g, char *err, size_t en);
 
 /* Checks the last launch; formats a CUDA error into err. */

@@ -212,9 +212,9 @@ int cu_dense_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, si
          * ordered) before it, so that its blocks are not queued behind dW's */
         if ((st = cu_fork_mark(g, err, en)) != MPSCY_OK ||
             (st = dense_mma_dx(g, dx, dz, w, b, out, in, err, en)) != MPSCY_OK ||
-            (st = cu_fork_follow(g, err, en)) != MPSCY_OK)
+            (st = cu_fork_follow(g, g->side, err, en)) != MPSCY_OK)
             return st;
-    } else if ((st = cu_fork(g, err, en)) != MPSCY_OK) {
+    } else if ((st = cu_fork(g, g->side, err, en)) != MPSCY_OK) {
         return st;
     }
     if (cu_gemm_small_wanted(g, out, in, B)) {

@@ -79,16 +79,16 @@ int cu_fork_mark(cu_graph *g, char *err, size_t en) {
     return MPSCY_OK;
 }
 
-int cu_fork_follow(cu_graph *g, char *err, size_t en) {
+int cu_fork_follow(cu_graph *g, cudaStream_t side, char *err, size_t en) {
     if (g->side == g->stream) return MPSCY_OK;
-    CU_TRY(cudaStreamWaitEvent(g->side, g->fork, 0), "side stream wait");
-    g->forked |= g->alt && g->side == g->alt ? 2 : 1;
+    CU_TRY(cudaStreamWaitEvent(side, g->fork, 0), "side stream wait");
+    g->forked |= g->alt && side == g->alt ? 2 : 1;
     return MPSCY_OK;
 }
 
-int cu_fork(cu_graph *g, char *err, size_t en) {
+int cu_fork(cu_graph *g, cudaStream_t side, char *err, size_t en) {
     int st = cu_fork_mark(g, err, en);
-    return st != MPSCY_OK ? st : cu_fork_follow(g, err, en);
+    return st != MPSCY_OK ? st : cu_fork_follow(g, side, err, en);
 }
 
 int cu_join(cu_graph *g, char *err, size_t en) {
