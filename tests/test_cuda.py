@@ -673,6 +673,11 @@ GATHER_MODELS = {
     # no bias: 32 taps, 7 outputs
     "no_bias": (lambda: [L.Conv2D(7, 2, stride=3, padding=1, bias=False), L.ReLU(), L.Flatten(), L.Dense(10)],
                 (8, 11, 11), 16, [16, 5, 16, 11, 16], 32 * 16 * 16, 0, 0, False, (7, 16 * 16)),
+    # conv_dw_small's PATCH form at four output rows a tile, dilation 2, 13 outputs (the README's
+    # first layer is two rows a tile; the models above it does not take: their rows are 15, 10
+    # and 4 wide)
+    "patch_dilated": (lambda: [L.Conv2D(13, 3, padding=2, dilation=2), L.ReLU(), L.Flatten(), L.Dense(10)],
+                      (2, 16, 16), 16, [16, 9, 16, 3, 16], 18 * 16 * 256, 0, 0, True, (13, 16 * 256)),
 }
 
 
@@ -691,7 +696,10 @@ def test_convolution_kernel_forms_give_the_same_bits(name, monkeypatch, capfd, r
     few taps takes its weight and bias gradients in one fp32 pass over dy and x (conv_dw_small),
     holding no columns and no transposed dz (8 MB less at the README's first layer): another
     order of the sums, so within 2e-6 of the split product's
-    (MPSCY_CUDA_DW_SMALL=0), which gathers or reads the columns with the same bits. With one
+    (MPSCY_CUDA_DW_SMALL=0), which gathers or reads the columns with the same bits. Its PATCH
+    form (MPSCY_CUDA_DW_PATCH=1: x staged as the patch under a tile's output rows, dy as float4s)
+    computes the same products over the same tiles: the same bits; the cpu comparison below runs
+    with it (bench/dw_patch_emulate.py checks its tiles' index arithmetic in NumPy). With one
     convolution, one batch's gradients on binary grids (inputs multiples of 1/4, its parameters
     of 2^-6: every pre-activation exact, so both devices take the same ReLU mask) match the cpu's
     within 2e-5, by either form (for a chain of convolutions that is
@@ -704,13 +712,14 @@ def test_convolution_kernel_forms_give_the_same_bits(name, monkeypatch, capfd, r
     runs, held = [], []
     monkeypatch.setenv("MPSCY_CUDA_VERBOSE", "1")
     knobs = {"MPSCY_CUDA_DW_GATHER": "0", "MPSCY_CUDA_DZ_DIRECT": "0", "MPSCY_CUDA_DW_SMALL": "0",
-             "MPSCY_CUDA_SIDES": "1"}
+             "MPSCY_CUDA_SIDES": "1", "MPSCY_CUDA_DW_PATCH": "1"}
     # (knobs set to 0, convolutions gathering, taking conv_dw_small, floats more than the default's)
     forms = [((), gathered, 1, 0), (("MPSCY_CUDA_DW_GATHER",), 0, 1, rest),
              (("MPSCY_CUDA_DZ_DIRECT",), gathered, 1, 0),
              (("MPSCY_CUDA_DW_SMALL",), gathered + first_gathers, 0, dz + (0 if first_gathers else first)),
              (("MPSCY_CUDA_DW_SMALL", "MPSCY_CUDA_DW_GATHER"), 0, 0, dz + rest + first),
-             (("MPSCY_CUDA_SIDES",), gathered, 1, 0)]
+             (("MPSCY_CUDA_SIDES",), gathered, 1, 0),
+             (("MPSCY_CUDA_DW_PATCH",), gathered, 1, 0)]  # last: the cpu comparison below runs with it
     for off, want, want_small, columns in forms:
         for k, v in knobs.items():
             monkeypatch.setenv(k, v if k in off else "")
@@ -725,7 +734,7 @@ def test_convolution_kernel_forms_give_the_same_bits(name, monkeypatch, capfd, r
         losses_seen = [gpu.step(x, y).loss for x, y in zip(xs, ys)]
         runs.append((losses_seen, gpu.get_parameters()))
     assert [h - held[0] for h in held] == [4 * f[3] for f in forms], held
-    for a, b in ((0, 1), (0, 2), (3, 4), (0, 5)):  # the same bits
+    for a, b in ((0, 1), (0, 2), (3, 4), (0, 5), (0, 6)):  # the same bits
         assert runs[a][0] == runs[b][0], (forms[a][0], forms[b][0])
         assert sorted(runs[a][1]) == sorted(runs[b][1]) and len(runs[a][1]) >= 3
         for k in runs[a][1]:

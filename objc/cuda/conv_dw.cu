@@ -202,6 +202,7 @@ int cu_conv_dw_own(cu_graph *gr, cudaStream_t stream, const mpscy_conv_geom *cg,
 #define DWS_THREADS 256   /* a block: 4 staging threads a position */
 #define DWS_LO 68         /* the most floats a staged row of dz (16 groups of 4, + 4) */
 #define DWS_LN 36         /* and of the columns (8 groups of 4, + 4) */
+#define DWS_PATCH 1024    /* PATCH: the most floats of x's patch a tile */
 
 struct dws_args {
     float *dw, *db, *part;     /* dw (OC, kg), db (OC) or NULL; part (gridDim.x, OC kg + OC) */
@@ -209,15 +210,26 @@ struct dws_args {
     dw_src xs;
     int oc, kg, og, ng, lo, ln;  /* og, ng: groups of 4 outputs, of 4 columns; lo, ln: their rows' strides */
     unsigned nb, per;          /* positions b*OHW; positions a block, a multiple of DWS_T */
+    /* PATCH: a tile is DWS_T / ow whole output rows of one sample; x's patch under them is C
+     * planes of pr rows of pw floats from (oh0 sh - ph, -pw), zero outside x; ow = 1 << ow_shift */
+    int c, pr, pw, ow_shift;
 };
 
 /* at most 80 registers, so that three blocks fit a multiprocessor beside the other streams'
- * kernels (128 without the bound; ncu on the H200: issue-bound either way, see cuda_notes.md) */
+ * kernels (128 without the bound; ncu on the H200: issue-bound either way, see cuda_notes.md).
+ *
+ * PATCH ($MPSCY_CUDA_DW_PATCH=1; written in the seventeenth session, not yet run on a GPU): the
+ * same products over the same staged tiles, so the same bits, but a tile's staging reads dy and
+ * ry as float4 along the positions (the tile is whole output rows of one sample: DWS_T % ow == 0,
+ * OHW % DWS_T == 0) and x once, as the patch under the tile's rows, from which the columns are then
+ * formed in shared memory, instead of one bounds-checked gather per column element (ncu: 80% of
+ * the default form's instructions are not its FMAs). */
+template <bool PATCH>
 __global__ void __launch_bounds__(DWS_THREADS, 3) conv_dw_small(dws_args a) {
-    __shared__ __align__(16) float sm[DWS_T * (DWS_LO + DWS_LN)];
+    __shared__ __align__(16) float sm[DWS_T * (DWS_LO + DWS_LN) + (PATCH ? DWS_PATCH : 0)];
     __shared__ int tap[32][3];  /* column n's offsets from the window's origin (dih, diw, elements) */
     cu_pdl_enter();
-    float *dzs = sm, *cols = sm + DWS_T * a.lo;
+    float *dzs = sm, *cols = sm + DWS_T * a.lo, *pat = sm + DWS_T * (DWS_LO + DWS_LN);
     const int tid = threadIdx.x, tpg = a.og * a.ng, P = DWS_THREADS / tpg;
     /* the product's roles: position group pg, the (output, column) tile (og, ng) */
     const int pg = tid / tpg, r = tid - pg * tpg, og = r / a.ng, ng = r - og * a.ng;
@@ -226,11 +238,74 @@ __global__ void __launch_bounds__(DWS_THREADS, 3) conv_dw_small(dws_args a) {
     const dw_src &xs = a.xs;
     const unsigned j_end = min(a.nb, (blockIdx.x + 1) * a.per);
     /* the staged columns n < 32 (a thread's are 4 (h0 + 4k) + q, h0 < 4, k < 2): a tap, none past
-     * kg, and the bias's ones at n == kg */
-    if (tid < 32) dw_tap(xs, (unsigned)tid, a.kg, tap[tid][0], tap[tid][1], tap[tid][2]);
+     * kg, and the bias's ones at n == kg; PATCH: tap[n][2] is the tap's offset in the patch */
+    if (tid < 32) {
+        dw_tap(xs, (unsigned)tid, a.kg, tap[tid][0], tap[tid][1], tap[tid][2]);
+        if (PATCH) {
+            const int c = tid / (int)xs.khw, k = tid - c * (int)xs.khw, ki = k / (int)xs.kw, kj = k - ki * (int)xs.kw;
+            tap[tid][2] = tid < a.kg ? (c * a.pr + ki * xs.dh) * a.pw + kj * xs.dw : -1;
+        }
+    }
     const int one = a.db ? a.kg : -1;
     __syncthreads();
     float4 zr[4], cr[2];
+    /* PATCH: float4 f = tid + DWS_THREADS m of the tile's dz is output f / 16, positions 4 (f % 16)
+     * on; patch float e = tid + DWS_THREADS m */
+    float xr[DWS_PATCH / DWS_THREADS];
+    const int n_pat = PATCH ? a.c * a.pr * a.pw : 0;
+    auto load_patch = [&](unsigned j0) {
+        const unsigned s = j0 / xs.ohw, i0 = j0 - s * xs.ohw;
+        const int ih0 = (int)((i0 >> a.ow_shift) * xs.sh) - xs.ph;
+#pragma unroll
+        for (int m = 0; m < 4; m++) {
+            const int f = tid + DWS_THREADS * m, o = f >> 4;
+            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (o < a.oc) {
+                const unsigned src = (s * (unsigned)a.oc + (unsigned)o) * xs.ohw + i0 + 4 * (f & 15);
+                v = __ldg(reinterpret_cast<const float4 *>(a.dy + src));
+                if (a.ry) {
+                    const float4 m4 = __ldg(reinterpret_cast<const float4 *>(a.ry + src));
+                    if (!(m4.x > 0.0f)) v.x = 0.0f;
+                    if (!(m4.y > 0.0f)) v.y = 0.0f;
+                    if (!(m4.z > 0.0f)) v.z = 0.0f;
+                    if (!(m4.w > 0.0f)) v.w = 0.0f;
+                }
+            }
+            zr[m] = v;
+        }
+#pragma unroll
+        for (int m = 0; m < DWS_PATCH / DWS_THREADS; m++) {
+            const int e = tid + DWS_THREADS * m, c = e / (a.pr * a.pw), rc = e - c * a.pr * a.pw, pr = rc / a.pw;
+            const int ih = ih0 + pr, iw = rc - pr * a.pw - xs.pw;
+            const bool ok = e < n_pat && (unsigned)ih < xs.h && (unsigned)iw < xs.w;
+            xr[m] = ok ? __ldg(&xs.x[s * xs.sxs + (unsigned)c * xs.hw + (unsigned)ih * xs.w + (unsigned)iw]) : 0.0f;
+        }
+    };
+    auto store_patch = [&]() {  /* after the barrier that ends the last tile's products */
+#pragma unroll
+        for (int m = 0; m < 4; m++) {
+            const int f = tid + DWS_THREADS * m, o = f >> 4, t0 = 4 * (f & 15);
+            if (o < a.oc) {
+                dzs[t0 * a.lo + o] = zr[m].x;
+                dzs[(t0 + 1) * a.lo + o] = zr[m].y;
+                dzs[(t0 + 2) * a.lo + o] = zr[m].z;
+                dzs[(t0 + 3) * a.lo + o] = zr[m].w;
+            }
+        }
+        for (int o = a.oc + tid; o < 4 * a.og; o += DWS_THREADS)  /* the last group's outputs past OC */
+            for (int u = 0; u < DWS_T; u++) dzs[u * a.lo + o] = 0.0f;
+#pragma unroll
+        for (int m = 0; m < DWS_PATCH / DWS_THREADS; m++)
+            if (tid + DWS_THREADS * m < n_pat) pat[tid + DWS_THREADS * m] = xr[m];
+    };
+    auto form_columns = [&]() {  /* after the barrier that ends the patch's stores */
+        const int nc = 4 * a.ng;
+        for (int e = tid; e < DWS_T * nc; e += DWS_THREADS) {
+            const int u = e / nc, n = e - u * nc;
+            const int pos = (u >> a.ow_shift) * xs.sh * a.pw + (u & ((1 << a.ow_shift) - 1)) * xs.sw;
+            cols[u * a.ln + n] = n < a.kg ? pat[tap[n][2] + pos] : n == one ? 1.0f : 0.0f;
+        }
+    };
     auto load = [&](unsigned j0) {
         const unsigned j = j0 + (unsigned)t;
         const bool in = j < j_end;
@@ -268,17 +343,27 @@ __global__ void __launch_bounds__(DWS_THREADS, 3) conv_dw_small(dws_args a) {
 #pragma unroll
     for (int q = 0; q < 16; q++) acc[q] = 0.0f;
     unsigned j0 = blockIdx.x * a.per;
-    if (j0 < j_end) load(j0);
+    if (j0 < j_end) {
+        if (PATCH) load_patch(j0);
+        else load(j0);
+    }
     for (; j0 < j_end; j0 += DWS_T) {
         __syncthreads();  /* the last tile's products are done with the staging */
+        if (PATCH) {
+            store_patch();
+            __syncthreads();
+            if (j0 + DWS_T < j_end) load_patch(j0 + DWS_T);  /* in flight during the columns and products */
+            form_columns();
+        } else {
 #pragma unroll
-        for (int k = 0; k < 4; k++)
-            if (h0 + 4 * k < a.og) *reinterpret_cast<float4 *>(&dzs[t * a.lo + 4 * (h0 + 4 * k)]) = zr[k];
+            for (int k = 0; k < 4; k++)
+                if (h0 + 4 * k < a.og) *reinterpret_cast<float4 *>(&dzs[t * a.lo + 4 * (h0 + 4 * k)]) = zr[k];
 #pragma unroll
-        for (int k = 0; k < 2; k++)
-            if (h0 + 4 * k < a.ng) *reinterpret_cast<float4 *>(&cols[t * a.ln + 4 * (h0 + 4 * k)]) = cr[k];
+            for (int k = 0; k < 2; k++)
+                if (h0 + 4 * k < a.ng) *reinterpret_cast<float4 *>(&cols[t * a.ln + 4 * (h0 + 4 * k)]) = cr[k];
+        }
         __syncthreads();
-        if (j0 + DWS_T < j_end) load(j0 + DWS_T);  /* in flight during the products */
+        if (!PATCH && j0 + DWS_T < j_end) load(j0 + DWS_T);  /* in flight during the products */
         if (pg < P)
             for (int u = pg; u < DWS_T; u += P) {
                 const float4 z = *reinterpret_cast<const float4 *>(&dzs[u * a.lo + 4 * og]);
@@ -324,6 +409,15 @@ int cu_conv_dw_small(cu_graph *gr, cudaStream_t stream, const mpscy_conv_geom *c
     a.og = (a.oc + 3) / 4; a.ng = (a.kg + (db ? 1 : 0) + 3) / 4;
     a.lo = 4 * a.og + (a.og % 2 ? 0 : 4); a.ln = 4 * a.ng + (a.ng % 2 ? 0 : 4);  /* 4 mod 8: no bank conflicts */
     a.nb = (unsigned)nb;
+    /* PATCH ($MPSCY_CUDA_DW_PATCH=1): whole output rows a tile (a power of two wide), x's patch
+     * under them within DWS_PATCH, dy and ry 16-byte aligned */
+    a.c = (int)g.c;
+    a.ow_shift = 0;
+    while ((1 << a.ow_shift) < g.ow) a.ow_shift++;
+    a.pr = (int)((DWS_T / g.ow - 1) * g.sh + (g.kh - 1) * g.dh + 1);
+    a.pw = (int)((g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1);
+    const bool patch = gr->dw_patch && (1 << a.ow_shift) == g.ow && DWS_T % g.ow == 0 && g.ohw % DWS_T == 0 &&
+                       g.c * a.pr * a.pw <= DWS_PATCH && cu_aligned16(dy) && (!ry || cu_aligned16(ry));
     /* gr->dw_small blocks a multiprocessor, no more than fit the partials' room (the split
      * product's, sized at the built batch) nor than tiles */
     const int64_t count = g.oc * g.kg + (db ? g.oc : 0), tiles = (nb + DWS_T - 1) / DWS_T;
@@ -333,7 +427,8 @@ int cu_conv_dw_small(cu_graph *gr, cudaStream_t stream, const mpscy_conv_geom *c
     const int64_t per = (tiles + s - 1) / s;
     s = (tiles + per - 1) / per;
     a.per = (unsigned)(per * DWS_T);
-    CU_TRY(cu_launch(gr, conv_dw_small, (unsigned)s, DWS_THREADS, stream, a), "conv_dw_small");
+    CU_TRY(cu_launch(gr, patch ? conv_dw_small<true> : conv_dw_small<false>, (unsigned)s, DWS_THREADS, stream, a),
+           "conv_dw_small");
     int st = CU_LAUNCHED("conv_dw_small");
     if (st != MPSCY_OK || s == 1) return st;
     CU_TRY(cu_sum_parts(gr, stream, dw, part, count, s, NULL, 1, 0, db, g.oc * g.kg), "conv_dw_small_reduce");

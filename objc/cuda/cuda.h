@@ -167,6 +167,8 @@ typedef struct cu_graph {
                                 * takes its weight gradient's B operand from x too, building no columns (conv.cu) */
     int dw_small;              /* $MPSCY_CUDA_DW_SMALL at build (default 2; 0: off): blocks a multiprocessor of
                                 * conv_dw_small, a no-dx convolution's weight and bias gradients in one pass */
+    int dw_patch;              /* $MPSCY_CUDA_DW_PATCH=1 at build: conv_dw_small stages x's patch (not yet the
+                                * default: not yet measured) */
     int pull_next;             /* per capture: the pull, the last kernel enqueued, flags its parts for it */
 } cu_graph;
 

@@ -230,6 +230,7 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
      * first) in one pass over dy and x, gr->dw_small blocks a multiprocessor (conv_dw.cu); 0 takes
      * the split product after dz's transpose: a knob for A/B timing and testing */
     g->dw_small = knob_int("MPSCY_CUDA_DW_SMALL", 2);
+    g->dw_patch = knob_int("MPSCY_CUDA_DW_PATCH", 0) == 1;
     if (g->dw_small < 0) g->dw_small = 0;
     if (g->dw_small > 8) g->dw_small = 8;
     int convs = 0;
