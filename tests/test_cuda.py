@@ -674,8 +674,8 @@ GATHER_MODELS = {
     "no_bias": (lambda: [L.Conv2D(7, 2, stride=3, padding=1, bias=False), L.ReLU(), L.Flatten(), L.Dense(10)],
                 (8, 11, 11), 16, [16, 5, 16, 11, 16], 32 * 16 * 16, 0, 0, False, (7, 16 * 16)),
     # conv_dw_small's PATCH form at four output rows a tile, dilation 2, 13 outputs (the README's
-    # first layer is two rows a tile; the models above it does not take: their rows are 15, 10
-    # and 4 wide)
+    # first layer is two rows a tile; the three models above do not take it: their output rows
+    # are 15, 10 and 4 wide)
     "patch_dilated": (lambda: [L.Conv2D(13, 3, padding=2, dilation=2), L.ReLU(), L.Flatten(), L.Dense(10)],
                       (2, 16, 16), 16, [16, 9, 16, 3, 16], 18 * 16 * 256, 0, 0, True, (13, 16 * 256)),
 }
@@ -697,7 +697,8 @@ def test_convolution_kernel_forms_give_the_same_bits(name, monkeypatch, capfd, r
     holding no columns and no transposed dz (8 MB less at the README's first layer): another
     order of the sums, so within 2e-6 of the split product's
     (MPSCY_CUDA_DW_SMALL=0), which gathers or reads the columns with the same bits. Its PATCH
-    form (MPSCY_CUDA_DW_PATCH=1: x staged as the patch under a tile's output rows, dy as float4s)
+    form (MPSCY_CUDA_DW_PATCH=1: x staged as the patch under a tile's output rows, the columns
+    formed from it)
     computes the same products over the same tiles: the same bits; the cpu comparison below runs
     with it (bench/dw_patch_emulate.py checks its tiles' index arithmetic in NumPy). With one
     convolution, one batch's gradients on binary grids (inputs multiples of 1/4, its parameters

@@ -219,11 +219,11 @@ struct dws_args {
  * kernels (128 without the bound; ncu on the H200: issue-bound either way, see cuda_notes.md).
  *
  * PATCH ($MPSCY_CUDA_DW_PATCH=1; written in the seventeenth session, not yet run on a GPU): the
- * same products over the same staged tiles, so the same bits, but a tile's staging reads dy and
- * ry as float4 along the positions (the tile is whole output rows of one sample: DWS_T % ow == 0,
- * OHW % DWS_T == 0) and x once, as the patch under the tile's rows, from which the columns are then
- * formed in shared memory, instead of one bounds-checked gather per column element (ncu: 80% of
- * the default form's instructions are not its FMAs). */
+ * same products over the same staged tiles, so the same bits, but a tile's staging reads x once,
+ * as the patch under the tile's rows (the tile is whole output rows of one sample: DWS_T % ow ==
+ * 0, OHW % DWS_T == 0; the patch's tile-invariant offsets computed once), and forms the columns
+ * from it in shared memory, instead of one bounds-checked gather of a tap per column element
+ * (ncu: 80% of the default form's instructions are not its FMAs); dz is staged as before. */
 template <bool PATCH>
 __global__ void __launch_bounds__(DWS_THREADS, 3) conv_dw_small(dws_args a) {
     __shared__ __align__(16) float sm[DWS_T * (DWS_LO + DWS_LN) + (PATCH ? DWS_PATCH : 0)];
@@ -249,64 +249,40 @@ __global__ void __launch_bounds__(DWS_THREADS, 3) conv_dw_small(dws_args a) {
     const int one = a.db ? a.kg : -1;
     __syncthreads();
     float4 zr[4], cr[2];
-    /* PATCH: float4 f = tid + DWS_THREADS m of the tile's dz is output f / 16, positions 4 (f % 16)
-     * on; patch float e = tid + DWS_THREADS m */
+    /* PATCH: x's patch float e = tid + DWS_THREADS m (m < 4) is channel c, patch row pr, column iw
+     * + pw of x; tile-invariant: xo[m] = c H W + iw, or -1 past the patch or outside x's width */
     float xr[DWS_PATCH / DWS_THREADS];
-    const int n_pat = PATCH ? a.c * a.pr * a.pw : 0;
-    auto load_patch = [&](unsigned j0) {
-        const unsigned s = j0 / xs.ohw, i0 = j0 - s * xs.ohw;
-        const int ih0 = (int)((i0 >> a.ow_shift) * xs.sh) - xs.ph;
-#pragma unroll
-        for (int m = 0; m < 4; m++) {
-            const int f = tid + DWS_THREADS * m, o = f >> 4;
-            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            if (o < a.oc) {
-                const unsigned src = (s * (unsigned)a.oc + (unsigned)o) * xs.ohw + i0 + 4 * (f & 15);
-                v = __ldg(reinterpret_cast<const float4 *>(a.dy + src));
-                if (a.ry) {
-                    const float4 m4 = __ldg(reinterpret_cast<const float4 *>(a.ry + src));
-                    if (!(m4.x > 0.0f)) v.x = 0.0f;
-                    if (!(m4.y > 0.0f)) v.y = 0.0f;
-                    if (!(m4.z > 0.0f)) v.z = 0.0f;
-                    if (!(m4.w > 0.0f)) v.w = 0.0f;
-                }
-            }
-            zr[m] = v;
-        }
+    int xo[DWS_PATCH / DWS_THREADS], xpr[DWS_PATCH / DWS_THREADS];
+    if (PATCH)
 #pragma unroll
         for (int m = 0; m < DWS_PATCH / DWS_THREADS; m++) {
-            const int e = tid + DWS_THREADS * m, c = e / (a.pr * a.pw), rc = e - c * a.pr * a.pw, pr = rc / a.pw;
-            const int ih = ih0 + pr, iw = rc - pr * a.pw - xs.pw;
-            const bool ok = e < n_pat && (unsigned)ih < xs.h && (unsigned)iw < xs.w;
-            xr[m] = ok ? __ldg(&xs.x[s * xs.sxs + (unsigned)c * xs.hw + (unsigned)ih * xs.w + (unsigned)iw]) : 0.0f;
+            const int e = tid + DWS_THREADS * m, c = e / (a.pr * a.pw), rc = e - c * a.pr * a.pw;
+            xpr[m] = rc / a.pw;
+            const int iw = rc - xpr[m] * a.pw - xs.pw;
+            xo[m] = e < a.c * a.pr * a.pw && (unsigned)iw < xs.w ? c * (int)xs.hw + iw : -1;
+        }
+    auto load_patch = [&](unsigned j0) {  /* x's patch under the tile's rows: a tile is whole rows */
+        const unsigned s = j0 / xs.ohw, i0 = j0 - s * xs.ohw;
+        const int ih0 = (int)((i0 >> a.ow_shift) * xs.sh) - xs.ph;
+        const float *xs0 = xs.x + s * xs.sxs;
+#pragma unroll
+        for (int m = 0; m < DWS_PATCH / DWS_THREADS; m++) {
+            const int ih = ih0 + xpr[m];
+            xr[m] = xo[m] >= 0 && (unsigned)ih < xs.h ? __ldg(&xs0[xo[m] + ih * (int)xs.w]) : 0.0f;
         }
     };
-    auto store_patch = [&]() {  /* after the barrier that ends the last tile's products */
-#pragma unroll
-        for (int m = 0; m < 4; m++) {
-            const int f = tid + DWS_THREADS * m, o = f >> 4, t0 = 4 * (f & 15);
-            if (o < a.oc) {
-                dzs[t0 * a.lo + o] = zr[m].x;
-                dzs[(t0 + 1) * a.lo + o] = zr[m].y;
-                dzs[(t0 + 2) * a.lo + o] = zr[m].z;
-                dzs[(t0 + 3) * a.lo + o] = zr[m].w;
-            }
-        }
-        for (int o = a.oc + tid; o < 4 * a.og; o += DWS_THREADS)  /* the last group's outputs past OC */
-            for (int u = 0; u < DWS_T; u++) dzs[u * a.lo + o] = 0.0f;
-#pragma unroll
-        for (int m = 0; m < DWS_PATCH / DWS_THREADS; m++)
-            if (tid + DWS_THREADS * m < n_pat) pat[tid + DWS_THREADS * m] = xr[m];
-    };
+    /* PATCH: the columns from the patch, column n = lane (of 4 ng), positions warp + 8 k */
+    const int lane = tid & 31, nc = 4 * a.ng, tap_n = PATCH && lane < a.kg ? tap[lane][2] : 0;
     auto form_columns = [&]() {  /* after the barrier that ends the patch's stores */
-        const int nc = 4 * a.ng;
-        for (int e = tid; e < DWS_T * nc; e += DWS_THREADS) {
-            const int u = e / nc, n = e - u * nc;
-            const int pos = (u >> a.ow_shift) * xs.sh * a.pw + (u & ((1 << a.ow_shift) - 1)) * xs.sw;
-            cols[u * a.ln + n] = n < a.kg ? pat[tap[n][2] + pos] : n == one ? 1.0f : 0.0f;
-        }
+        if (lane < nc)
+#pragma unroll
+            for (int k = 0; k < DWS_T / (DWS_THREADS / 32); k++) {
+                const int u = (tid >> 5) + (DWS_THREADS / 32) * k;
+                const int pos = (u >> a.ow_shift) * xs.sh * a.pw + (u & ((1 << a.ow_shift) - 1)) * xs.sw;
+                cols[u * a.ln + lane] = lane < a.kg ? pat[tap_n + pos] : lane == one ? 1.0f : 0.0f;
+            }
     };
-    auto load = [&](unsigned j0) {
+    auto load = [&](unsigned j0) {  /* PATCH: dz only (zr) */
         const unsigned j = j0 + (unsigned)t;
         const bool in = j < j_end;
         const unsigned s = in ? j / xs.ohw : 0, i = in ? j - s * xs.ohw : 0, oh = i / xs.ow, ow = i - oh * xs.ow;
@@ -324,6 +300,7 @@ __global__ void __launch_bounds__(DWS_THREADS, 3) conv_dw_small(dws_args a) {
             }
             zr[k] = make_float4(v[0], v[1], v[2], v[3]);
         }
+        if (PATCH) return;
         const int ih0 = (int)(oh * xs.sh), iw0 = (int)(ow * xs.sw);
         const unsigned pix = s * xs.sxs + (unsigned)ih0 * xs.w + (unsigned)iw0;
 #pragma unroll
@@ -344,20 +321,24 @@ __global__ void __launch_bounds__(DWS_THREADS, 3) conv_dw_small(dws_args a) {
     for (int q = 0; q < 16; q++) acc[q] = 0.0f;
     unsigned j0 = blockIdx.x * a.per;
     if (j0 < j_end) {
+        load(j0);
         if (PATCH) load_patch(j0);
-        else load(j0);
     }
     for (; j0 < j_end; j0 += DWS_T) {
         __syncthreads();  /* the last tile's products are done with the staging */
+#pragma unroll
+        for (int k = 0; k < 4; k++)
+            if (h0 + 4 * k < a.og) *reinterpret_cast<float4 *>(&dzs[t * a.lo + 4 * (h0 + 4 * k)]) = zr[k];
         if (PATCH) {
-            store_patch();
+#pragma unroll
+            for (int m = 0; m < DWS_PATCH / DWS_THREADS; m++) pat[tid + DWS_THREADS * m] = xr[m];
             __syncthreads();
-            if (j0 + DWS_T < j_end) load_patch(j0 + DWS_T);  /* in flight during the columns and products */
+            if (j0 + DWS_T < j_end) {  /* in flight during the columns and the products */
+                load(j0 + DWS_T);
+                load_patch(j0 + DWS_T);
+            }
             form_columns();
         } else {
-#pragma unroll
-            for (int k = 0; k < 4; k++)
-                if (h0 + 4 * k < a.og) *reinterpret_cast<float4 *>(&dzs[t * a.lo + 4 * (h0 + 4 * k)]) = zr[k];
 #pragma unroll
             for (int k = 0; k < 2; k++)
                 if (h0 + 4 * k < a.ng) *reinterpret_cast<float4 *>(&cols[t * a.ln + 4 * (h0 + 4 * k)]) = cr[k];
