@@ -301,12 +301,7 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     g->defer = large && !(dk && strcmp(dk, "0") == 0) && !(lb && strcmp(lb, "1") == 0);
     if (g->defer) PIN(g->flags_h, CU_STAGE_MAX_PIECES * sizeof(uint32_t));
     if (large && st == MPSCY_OK) {  /* its staging threads, as the Cython bridge would choose them */
-        int th = cu_stage_threads((int64_t)in0_bytes);
-        /* deferred: at least two, so that one stages while the first launches the graph (a
-         * cooperative launch took ~7 us of the host's time on the H200: 100 KB staged after it
-         * arrived 5-6 us later); $MPSCY_STAGE_THREADS still decides when set */
-        const char *tk = getenv("MPSCY_STAGE_THREADS");
-        if (g->defer && th < 2 && !(tk && *tk)) th = 2;
+        const int th = cu_stage_threads((int64_t)in0_bytes, g->defer);
         if (th > 1) st = mpscy_pool_create(&dev->stats, (int32_t)th, &g->stage_pool);
     }
 #undef DEV

@@ -63,16 +63,14 @@ struct fu_args {
     const int32_t *labels;
     /* deferred staging (step.cu): input 0's rows (in_n floats) are pulled from pinned in_src to
      * in_dst piece by piece (in_piece floats) as the host flags them (flags, this step's number in
-     * the host's params block P_h); the copy above then covers the params block and labels only */
+     * the host's params block, which heads copy_src); the copy above then covers the params block
+     * and labels only */
     int deferred;
     const float *in_src;
     float *in_dst;
     int64_t in_n, in_piece;
     const uint32_t *flags;
-    const cu_params *P_h;
     int trace;         /* $MPSCY_CUDA_FUSED_TRACE: block 0 prints each phase's time (a profiling knob) */
-    int args_in_param; /* $MPSCY_CUDA_FUSED_ARGS=param: the phases read the arguments where the launch
-                          put them, not from a shared copy (a measuring knob) */
 };
 
 struct cu_fused {
@@ -439,7 +437,9 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
          * set; block 0 clears the words once every block has passed the barrier below */
         const int64_t n = ga.in_n, piece = ga.in_piece, pieces = (n + piece - 1) / piece, copiers = gridDim.x - 1;
         if (blockIdx.x == 0) {
-            if (threadIdx.x < 32) cu_relay_pieces(ga.flags, pieces, 0u, &ga.P_h->seq, ga.S->fused_piece, ga.S, ga.R);
+            if (threadIdx.x < 32)
+                cu_relay_pieces(ga.flags, pieces, 0u, &reinterpret_cast<const cu_params *>(ga.copy_src)->seq,
+                                ga.S->fused_piece, ga.S, ga.R);
         } else {
             const int64_t per = copiers / pieces > 1 ? copiers / pieces : 1, part = ((piece + per - 1) / per + 3) & ~(int64_t)3;
             for (int64_t it = blockIdx.x - 1; it < pieces * per; it += copiers) {
@@ -452,7 +452,7 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
         }
     }
     __syncthreads();
-    const fu_args &a = ga.args_in_param ? ga : sa;
+    const fu_args &a = sa;
     FU_MARK();
     fu_sync<CLUSTER>();
     if (a.deferred && blockIdx.x == 0 && threadIdx.x < CU_STAGE_MAX_PIECES) a.S->fused_piece[threadIdx.x] = 0u;
@@ -584,7 +584,6 @@ int cu_fused_plan(cu_graph *g) {
     a.P = g->params_d;
     a.clip_norm = p->optim.clip_grad_norm;
     a.trace = getenv("MPSCY_CUDA_FUSED_TRACE") != NULL;
-    a.args_in_param = getenv("MPSCY_CUDA_FUSED_ARGS") && !strcmp(getenv("MPSCY_CUDA_FUSED_ARGS"), "param");
     float *slot[3] = {NULL, NULL, NULL};
     for (int k = 0; k < 3 && k < p->n_vec_slots; k++) slot[k] = g->optim + p->vec_offset[k];
     a.u = update_args{g->params, g->grads, slot[0], slot[1], slot[2], p->n_params, p->optim.kind,
@@ -619,7 +618,6 @@ int cu_fused_step(cu_graph *g, int64_t b, size_t staged, int deferred, char *err
         f->a.in_n = b * g->in0_size;
         f->a.in_piece = cu_stage_piece(f->a.in_n);
         f->a.flags = g->flags_h;
-        f->a.P_h = g->params_h;
     }
     cudaLaunchConfig_t cfg = {};
     cudaLaunchAttribute at;

@@ -13,7 +13,14 @@ int64_t cu_stage_piece(int64_t n) {
     return piece < CU_STAGE_MIN_PIECE ? CU_STAGE_MIN_PIECE : piece;
 }
 
-int cu_stage_threads(int64_t bytes) { return mpscy_stage_threads(bytes, 1); }
+int cu_stage_threads(int64_t bytes, int deferred) {
+    /* deferred: at least two, so that one stages while the first launches the graph (a
+     * cooperative launch took 3-8 us of the host's time on the H200, and 100 KB staged after it
+     * arrived 5-6 us later); $MPSCY_STAGE_THREADS still decides when set */
+    const int th = mpscy_stage_threads(bytes, 1);
+    const char *knob = getenv("MPSCY_STAGE_THREADS");
+    return deferred && th < 2 && !(knob && *knob) ? 2 : th;
+}
 
 int64_t cu_stage_pieces(mpscy_pool *pool, float *dst, const float *src, int64_t n, int64_t piece, uint32_t *flags,
                         uint32_t seq, int (*hook)(void *), void *arg, int *hook_status) {

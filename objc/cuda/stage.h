@@ -21,8 +21,9 @@ extern "C" {
  * CU_STAGE_MAX_PIECES pieces. */
 int64_t cu_stage_piece(int64_t n);
 
-/* Staging threads for input 0's batch of `bytes` (_staging.h's policy, the Cython bridge's too). */
-int cu_stage_threads(int64_t bytes);
+/* Staging threads for input 0's batch of `bytes` (_staging.h's policy, the Cython bridge's too),
+ * at least two when the batch is staged while its step runs (deferred). */
+int cu_stage_threads(int64_t bytes, int deferred);
 
 /* Copies n floats src -> dst in pieces of `piece` floats claimed by the pool's threads (NULL: the
  * caller alone); when flags is given, stores seq into flags[p] as piece p lands (release order:

@@ -25,10 +25,7 @@
 #include "cuda.h"
 
 #include <math.h>
-#include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #define FAIL(status, ...) MPSCY_FAIL(err, n, (status), CU, __VA_ARGS__)
 
@@ -210,20 +207,13 @@ int cu_capture(cu_graph *g, int kind, char *err, size_t en) {
     return MPSCY_OK;
 }
 
-struct launch_arg { cu_graph *g; int kind; double t_launched; };
-
-static double now_us() {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1e6 + ts.tv_nsec * 1e-3;
-}
+struct launch_arg { cu_graph *g; int kind; };
 
 /* the graph's launch from a staging thread (stage.h's hook): the device made current there first */
 static int launch_hook(void *p) {
-    launch_arg *a = (launch_arg *)p;
+    const launch_arg *a = (const launch_arg *)p;
     cudaError_t e = cudaSetDevice(a->g->dev->ordinal);
     if (e == cudaSuccess) e = cudaGraphLaunch(a->g->exec[a->kind], a->g->stream);
-    a->t_launched = now_us();
     return (int)e;
 }
 
@@ -247,9 +237,6 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
     *x_bad = 0;
     g->params_h->seq = 0;
     const int early = kind == CU_KIND_TRAIN && g->early;
-    static int trace = -1;  /* $MPSCY_CUDA_LAUNCH_TRACE: each deferred step prints its host times (a profiling knob) */
-    if (trace < 0) trace = getenv("MPSCY_CUDA_LAUNCH_TRACE") != NULL;
-    double t_launch = 0.0, t_staged = 0.0, t_in = trace ? now_us() : 0.0;
     if (early) g->rseq = g->rseq % 0x7fffffffu + 1;
     g->params_h->rseq = early ? g->rseq : 0;
     if (x && !deferred && (bad = cu_stage_pieces(g->stage_pool, dst, x, n, cu_stage_piece(n), NULL, 0, NULL, NULL,
@@ -263,14 +250,9 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
     if (deferred && x) {
         /* the first staging thread to start launches the graph, the others stage meanwhile
          * (measured on the H200's host: 5-6 us per step less than launching first) */
-        launch_arg la = {g, kind, 0.0};
+        launch_arg la = {g, kind};
         int ls = 0;
-        const double t0 = trace ? now_us() : 0.0;
         bad = cu_stage_pieces(g->stage_pool, dst, x, n, cu_stage_piece(n), g->flags_h, g->seq, launch_hook, &la, &ls);
-        if (trace) {
-            t_launch = la.t_launched - t0;
-            t_staged = now_us() - t0;
-        }
         CU_TRY((cudaError_t)ls, "graph launch");
     } else if (b == g->plan.batch) {
         CU_TRY(cudaGraphLaunch(g->exec[kind], g->stream), "graph launch");
@@ -308,9 +290,6 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
     } else {
         CU_TRY(cudaStreamSynchronize(g->stream), "step");
     }
-    if (trace && deferred && x)
-        fprintf(stderr, "mpscy launch trace: launched %.1f us, staged %.1f, result %.1f (from the call's start)\n",
-                t_launch, t_staged, now_us() - t_in);
     if (deferred && g->result->stalled)
         return MPSCY_FAIL(err, en, MPSCY_DEVICE, CU,
                           "the step's input copy stalled (a piece unflagged for %g s; a profiler that runs the "
