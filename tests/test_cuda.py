@@ -916,14 +916,22 @@ def _train_step_form(capfd):
 
 
 @cuda_only
-@pytest.mark.parametrize("form", ["grid", "grid:3", "grid:40", "cluster:16", "cluster:4"])
+@pytest.mark.parametrize("form", ["grid", "grid:3", "grid:40", "cluster:16", "cluster:4", "grid, plain"])
 def test_fused_forms_match_cpu(form, monkeypatch, capfd, rng):
     """The whole train step as one kernel (mlp.cu), in each form ($MPSCY_CUDA_FUSED: barriers
     across a cooperative grid or within one thread-block cluster, with fewer blocks than rows or
-    more): 20 steps of full and partial batches against the cpu, with label smoothing and norm
-    clipping, on chains of Dense layers with and without ReLU and bias."""
+    more; "plain": layer 0 as its own phase after the copy, $MPSCY_CUDA_FUSED_SPLIT=0): 20
+    steps of full and partial batches against the cpu, with label smoothing and norm clipping,
+    on chains of Dense layers with and without ReLU and bias. On the default grid layer 0 runs
+    in the copy phase in every model of more than one layer (the benchmark MLP: 16 slices of 49
+    inputs for 8 groups of 4 rows); on grid:3 and cluster:4 the benchmark MLP's 8 groups of rows
+    leave no block for a slice, so its layer 0 runs as its own phase there."""
+    plain = form.endswith(", plain")
+    form = form.split(",")[0]
     monkeypatch.setenv("MPSCY_CUDA_FUSED", form)
     monkeypatch.setenv("MPSCY_CUDA_VERBOSE", "1")
+    if plain:
+        monkeypatch.setenv("MPSCY_CUDA_FUSED_SPLIT", "0")
     for name, (build, shape, batch) in FUSED_MODELS.items():
         capfd.readouterr()
         loss = losses.SparseCrossEntropy(label_smoothing=0.1) if name == "deep_linear_mix" else "sparse_cross_entropy"
@@ -936,6 +944,11 @@ def test_fused_forms_match_cpu(form, monkeypatch, capfd, rng):
         cpu, gpu = pair(build, shape, batch=batch, loss=loss, opt=opt, clip_grad_norm=0.5 if clip else None)
         got = _train_step_form(capfd)
         assert got.startswith("one kernel, " + form), (name, got)
+        split = "layer 0 in the copy" in got
+        if plain:
+            assert not split, (name, got)
+        if form == "grid" and not plain:
+            assert split == (name != "one_layer"), (name, got)
         try:
             compare_training(cpu, gpu, rng, steps=20, rows=[batch, 7, batch, 1])
         except AssertionError as e:

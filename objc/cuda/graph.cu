@@ -418,7 +418,7 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
         }
     }
     if (getenv("MPSCY_CUDA_VERBOSE")) {
-        char form[64];
+        char form[128];
         int gathers = 0, small = 0;
         for (int32_t i = 0; i < p->n_nodes; i++)
             if (p->nodes[i].kind == MPSCY_LAYER_CONV2D) {
