@@ -38,7 +38,6 @@ namespace cg = cooperative_groups;
 #define FU_VEC 4096                    /* widest row held in shared memory */
 #define FU_SMEM_FLOATS (2 * FU_VEC + 1024) /* two row vectors and the d(input) partial sums (36 KB) */
 #define FU_MAX_BATCH 256
-#define FU_GRAD_ROWS 16                /* batch rows per batch of loads in the weight gradients */
 #define FU_MAX_WORK ((int64_t)1 << 24) /* batch x parameters: beyond it the library GEMMs win */
 
 struct fu_layer {
@@ -81,6 +80,7 @@ struct fu_args {
     int split_q, split_kw, split_pitch, split_rows;
     float *ypart;
     int row_small;     /* $MPSCY_CUDA_FUSED_ROWU=4: the row phase's loops unrolled half as far (measuring) */
+    int grad_small;    /* $MPSCY_CUDA_FUSED_GRADU=8: the weight gradients' likewise (measuring) */
     int trace;         /* $MPSCY_CUDA_FUSED_TRACE: block 0 prints each phase's time (a profiling knob) */
 };
 
@@ -355,8 +355,9 @@ static __device__ __noinline__ void row_chain(const fu_args &a, float *smem, int
 }
 
 /* Every layer's weight and bias gradients from the whole batch's dz and inputs: dW[j0 + q, i]
- * = sum_r dz[r, j0 + q] x[r, i] for 4 outputs and 32 inputs per warp item, 16 rows per batch of
- * loads; db[j] = sum_r dz[r, j]. Returns this thread's sum of squares of what it wrote. */
+ * = sum_r dz[r, j0 + q] x[r, i] for 4 outputs and 32 inputs per warp item, GR rows per batch of
+ * loads (16; 8 with $MPSCY_CUDA_FUSED_GRADU=8, a measuring knob: the same sums, in the same order); db[j] = sum_r dz[r, j]. Returns this thread's sum of squares of what it wrote. */
+template <int GR>
 static __device__ double weight_grads(const fu_args &a, int gw, int tw, int lane) {
     const int b = a.b;
     double s2 = 0;
@@ -374,10 +375,10 @@ static __device__ double weight_grads(const fu_args &a, int gw, int tw, int lane
 #pragma unroll
                 for (int q = 0; q < 4; q++) jq[q] = imin(j0 + q, N - 1);
                 float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                for (int r0 = 0; r0 < b; r0 += FU_GRAD_ROWS) {
-                    float xv[FU_GRAD_ROWS], dv[FU_GRAD_ROWS][4];
+                for (int r0 = 0; r0 < b; r0 += GR) {
+                    float xv[GR], dv[GR][4];
 #pragma unroll
-                    for (int u = 0; u < FU_GRAD_ROWS; u++) {
+                    for (int u = 0; u < GR; u++) {
                         const int r = imin(r0 + u, b - 1);
                         xv[u] = L.x[(int64_t)r * K + ii];
 #pragma unroll
@@ -385,7 +386,7 @@ static __device__ double weight_grads(const fu_args &a, int gw, int tw, int lane
                         if (r0 + u >= b) xv[u] = 0.0f;
                     }
 #pragma unroll
-                    for (int u = 0; u < FU_GRAD_ROWS; u++)
+                    for (int u = 0; u < GR; u++)
 #pragma unroll
                         for (int q = 0; q < 4; q++) acc[q] += dv[u][q] * xv[u];
                 }
@@ -399,12 +400,12 @@ static __device__ double weight_grads(const fu_args &a, int gw, int tw, int lane
             } else {
                 const int j = (it - n_dw) * 32 + lane, jj = imin(j, N - 1);
                 float acc = 0.0f;
-                for (int r0 = 0; r0 < b; r0 += FU_GRAD_ROWS) {
-                    float v[FU_GRAD_ROWS];
+                for (int r0 = 0; r0 < b; r0 += GR) {
+                    float v[GR];
 #pragma unroll
-                    for (int u = 0; u < FU_GRAD_ROWS; u++) v[u] = L.dz[(int64_t)imin(r0 + u, b - 1) * N + jj];
+                    for (int u = 0; u < GR; u++) v[u] = L.dz[(int64_t)imin(r0 + u, b - 1) * N + jj];
 #pragma unroll
-                    for (int u = 0; u < FU_GRAD_ROWS; u++) acc += r0 + u < b ? v[u] : 0.0f;
+                    for (int u = 0; u < GR; u++) acc += r0 + u < b ? v[u] : 0.0f;
                 }
                 if (j < N) {
                     L.db[j] = acc;
@@ -624,7 +625,7 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
     fu_sync<CLUSTER>();
     FU_MARK();
     /* every weight gradient, and each block's sum of squares of what it wrote */
-    double v[3] = {weight_grads(a, gw, tw, lane), 0.0, 0.0};
+    double v[3] = {a.grad_small ? weight_grads<8>(a, gw, tw, lane) : weight_grads<16>(a, gw, tw, lane), 0.0, 0.0};
     v[0] = block_sum(v[0]);
     if (threadIdx.x == 0) a.S->norm_part[blockIdx.x] = v[0];
     FU_MARK();
@@ -804,6 +805,7 @@ int cu_fused_plan(cu_graph *g) {
     a.clip_norm = p->optim.clip_grad_norm;
     a.trace = getenv("MPSCY_CUDA_FUSED_TRACE") != NULL;
     a.row_small = getenv("MPSCY_CUDA_FUSED_ROWU") && atoi(getenv("MPSCY_CUDA_FUSED_ROWU")) == 4;
+    a.grad_small = getenv("MPSCY_CUDA_FUSED_GRADU") && atoi(getenv("MPSCY_CUDA_FUSED_GRADU")) == 8;
     float *slot[3] = {NULL, NULL, NULL};
     for (int k = 0; k < 3 && k < p->n_vec_slots; k++) slot[k] = g->optim + p->vec_offset[k];
     a.u = update_args{g->params, g->grads, slot[0], slot[1], slot[2], p->n_params, p->optim.kind,
