@@ -956,6 +956,27 @@ def test_fused_forms_match_cpu(form, monkeypatch, capfd, rng):
 
 
 @cuda_only
+def test_fused_gradient_load_depth_gives_the_same_bits(monkeypatch, rng):
+    """The one-kernel step's weight gradients load 8 rows at a time ($MPSCY_CUDA_FUSED_GRADU=16:
+    16): each sum runs over the rows in the same order either way, so 10 steps of the benchmark
+    MLP (full and partial batches, Adam) leave bit-identical losses and parameters."""
+    build = FUSED_MODELS["benchmark_mlp"][0]
+    rows = [32, 32, 7, 32, 1, 32, 32, 32, 19, 32]
+    data = [(rng.standard_normal((r, 784)).astype(np.float32), rng.integers(0, 10, r).astype(np.int32)) for r in rows]
+    runs = []
+    for depth in (None, "16"):
+        if depth is None:
+            monkeypatch.delenv("MPSCY_CUDA_FUSED_GRADU", raising=False)
+        else:
+            monkeypatch.setenv("MPSCY_CUDA_FUSED_GRADU", depth)
+        _, gpu = pair(build, (784,), batch=32, opt=lambda: optim.Adam(1e-3))
+        losses = [gpu.step(x, y).loss for x, y in data]
+        runs.append((losses, gpu.get_parameters()))
+    assert runs[0][0] == runs[1][0]
+    assert all(np.array_equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
+
+
+@cuda_only
 def test_which_train_steps_run_as_one_kernel(monkeypatch, capfd):
     """A chain of Dense (+ReLU) under cross-entropy with integer labels, small enough, is fused;
     anything else runs as separate kernels."""

@@ -79,8 +79,7 @@ struct fu_args {
      * ypart[q][r][:]; the row phase adds the split_q partials, the bias and the ReLU */
     int split_q, split_kw, split_pitch, split_rows;
     float *ypart;
-    int row_small;     /* $MPSCY_CUDA_FUSED_ROWU=4: the row phase's loops unrolled half as far (measuring) */
-    int grad_small;    /* $MPSCY_CUDA_FUSED_GRADU=8: the weight gradients' likewise (measuring) */
+    int grad_deep;     /* $MPSCY_CUDA_FUSED_GRADU=16: the weight gradients' loads 16 rows deep (measuring) */
     int trace;         /* $MPSCY_CUDA_FUSED_TRACE: block 0 prints each phase's time (a profiling knob) */
 };
 
@@ -199,7 +198,6 @@ static __device__ double row_loss(const float *logit, float *dz, int C, int labe
 struct fu_trace;
 static __device__ void fu_mark(const fu_args &a, fu_trace *T);
 
-template <int U, int UD>
 static __device__ __noinline__ void row_chain(const fu_args &a, float *smem, int first, int r, int lane, int warp,
                                               fu_trace *T) {
     const int nl = a.n_layers, tid = threadIdx.x, nthr = blockDim.x;
@@ -253,17 +251,17 @@ static __device__ __noinline__ void row_chain(const fu_args &a, float *smem, int
                 bq[q] = bias && j0 + q < N ? bias[j0 + q] : 0.0f;
             }
             float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            for (int k0 = 0; k0 < K; k0 += 32 * U) {
-                float wv[4][U], xv[U];
+            for (int k0 = 0; k0 < K; k0 += 32 * 8) {
+                float wv[4][8], xv[8];
 #pragma unroll
-                for (int u = 0; u < U; u++) {  /* slices past K load nothing (predicated off) */
+                for (int u = 0; u < 8; u++) {  /* slices past K load nothing (predicated off) */
                     const int k = k0 + u * 32 + lane;
                     xv[u] = k < K ? cur[k] : 0.0f;
 #pragma unroll
                     for (int q = 0; q < 4; q++) wv[q][u] = k < K ? wq[q][k] : 0.0f;
                 }
 #pragma unroll
-                for (int u = 0; u < U; u++)
+                for (int u = 0; u < 8; u++)
 #pragma unroll
                     for (int q = 0; q < 4; q++) acc[q] += wv[q][u] * xv[u];
             }
@@ -317,16 +315,16 @@ static __device__ __noinline__ void row_chain(const fu_args &a, float *smem, int
         for (int e = tid; e < G * K; e += nthr) {  /* G > 1: one element per thread; else a loop */
             const int g = e / K, i = e % K, jlo = g * per, jhi = imin(jlo + per, N);
             float acc = 0.0f;
-            for (int j0 = jlo; j0 < jhi; j0 += UD) {
-                float wv[UD], dv[UD];
+            for (int j0 = jlo; j0 < jhi; j0 += 16) {
+                float wv[16], dv[16];
 #pragma unroll
-                for (int u = 0; u < UD; u++) {
+                for (int u = 0; u < 16; u++) {
                     const int j = imin(j0 + u, jhi - 1);
                     wv[u] = W[(int64_t)j * K + i];
                     dv[u] = j0 + u < jhi ? cur[j] : 0.0f;
                 }
 #pragma unroll
-                for (int u = 0; u < UD; u++) acc += dv[u] * wv[u];
+                for (int u = 0; u < 16; u++) acc += dv[u] * wv[u];
             }
             if (G > 1) part[e] = acc;
             else nxt[i] = acc;
@@ -356,7 +354,10 @@ static __device__ __noinline__ void row_chain(const fu_args &a, float *smem, int
 
 /* Every layer's weight and bias gradients from the whole batch's dz and inputs: dW[j0 + q, i]
  * = sum_r dz[r, j0 + q] x[r, i] for 4 outputs and 32 inputs per warp item, GR rows per batch of
- * loads (16; 8 with $MPSCY_CUDA_FUSED_GRADU=8, a measuring knob: the same sums, in the same order); db[j] = sum_r dz[r, j]. Returns this thread's sum of squares of what it wrote. */
+ * loads; db[j] = sum_r dz[r, j]. Returns this thread's sum of squares of what it wrote. GR is 8:
+ * the phase waits on fetching its instructions more than on its loads, and 8 rows' code is half
+ * as long as 16 rows' (A/B on the H200: 41.9 us a step against 44.1). $MPSCY_CUDA_FUSED_GRADU=16
+ * (a measuring knob) takes 16: the same sums in the same order. */
 template <int GR>
 static __device__ double weight_grads(const fu_args &a, int gw, int tw, int lane) {
     const int b = a.b;
@@ -618,14 +619,12 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
         FU_MARK();
     }
     /* each row through the rest of the chain and back, a block per row */
-    for (int r = blockIdx.x; r < b; r += gridDim.x)
-        if (a.row_small) row_chain<4, 8>(a, smem, a.n_layers > 1 ? 1 : 0, r, lane, warp, &T);
-        else row_chain<8, 16>(a, smem, a.n_layers > 1 ? 1 : 0, r, lane, warp, &T);
+    for (int r = blockIdx.x; r < b; r += gridDim.x) row_chain(a, smem, a.n_layers > 1 ? 1 : 0, r, lane, warp, &T);
     FU_MARK();
     fu_sync<CLUSTER>();
     FU_MARK();
     /* every weight gradient, and each block's sum of squares of what it wrote */
-    double v[3] = {a.grad_small ? weight_grads<8>(a, gw, tw, lane) : weight_grads<16>(a, gw, tw, lane), 0.0, 0.0};
+    double v[3] = {a.grad_deep ? weight_grads<16>(a, gw, tw, lane) : weight_grads<8>(a, gw, tw, lane), 0.0, 0.0};
     v[0] = block_sum(v[0]);
     if (threadIdx.x == 0) a.S->norm_part[blockIdx.x] = v[0];
     FU_MARK();
@@ -804,8 +803,7 @@ int cu_fused_plan(cu_graph *g) {
     a.P = g->params_d;
     a.clip_norm = p->optim.clip_grad_norm;
     a.trace = getenv("MPSCY_CUDA_FUSED_TRACE") != NULL;
-    a.row_small = getenv("MPSCY_CUDA_FUSED_ROWU") && atoi(getenv("MPSCY_CUDA_FUSED_ROWU")) == 4;
-    a.grad_small = getenv("MPSCY_CUDA_FUSED_GRADU") && atoi(getenv("MPSCY_CUDA_FUSED_GRADU")) == 8;
+    a.grad_deep = getenv("MPSCY_CUDA_FUSED_GRADU") && atoi(getenv("MPSCY_CUDA_FUSED_GRADU")) == 16;
     float *slot[3] = {NULL, NULL, NULL};
     for (int k = 0; k < 3 && k < p->n_vec_slots; k++) slot[k] = g->optim + p->vec_offset[k];
     a.u = update_args{g->params, g->grads, slot[0], slot[1], slot[2], p->n_params, p->optim.kind,
