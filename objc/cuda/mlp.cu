@@ -2,8 +2,8 @@
  * layers (each optionally followed by a ReLU) under softmax cross-entropy with integer labels is,
  * at small batch and width, a sequence of tiny dependent products: as separate kernels each one
  * costs a launch and several L2 round trips while doing almost no work. Here one kernel runs
- * five phases separated by grid-wide barriers (a cooperative launch; on Hopper optionally one
- * thread-block cluster):
+ * four phases (five where layer 0 cannot run in the copy) separated by grid-wide barriers (a
+ * cooperative launch; on Hopper optionally one thread-block cluster):
  *   1. the staged params block, labels and batch copied from pinned host memory (no copy node),
  *      each block that copies a slice of a few rows' inputs adding their products with that
  *      slice of layer 0's weights (fu_split: partial sums, added in the row phase);
@@ -13,9 +13,11 @@
  *      its gradient, and d(pre-activation) back down the chain (ReLU masks applied);
  *   4. every weight and bias gradient from the whole batch's rows, and each block's sum of squares;
  *   5. the global norm, the decision and the optimizer pass of update.h.
- * Every output element is computed by one thread or warp in a fixed
- * order, so results are deterministic. Inner loops issue their loads in batches before using
- * them (indices past the end clamped, their products discarded): every phase is latency-bound.
+ * Every output element is computed by one thread or warp in a fixed order, so results are
+ * deterministic. Inner loops issue their loads in batches before using them (indices past the
+ * end clamped, their products discarded): every phase is latency-bound, and on the H200 the
+ * phases after the copy wait on fetching their own instructions more than on memory (ncu), so
+ * code on the critical path is kept short.
  *
  * Decided once at build (cu_fused_plan); $MPSCY_CUDA_FUSED picks the form: "0" off, "grid" or
  * "grid:N" (N blocks), "cluster" or "cluster:N" (one cluster of N blocks, Hopper);
