@@ -167,10 +167,14 @@ typedef struct cu_graph {
                                 * takes its weight gradient's B operand from x too, building no columns (conv.cu) */
     int dw_small;              /* $MPSCY_CUDA_DW_SMALL at build (default 2; 0: off): blocks a multiprocessor of
                                 * conv_dw_small, a no-dx convolution's weight and bias gradients in one pass */
-    int dw_patch;              /* $MPSCY_CUDA_DW_PATCH=1 at build: conv_dw_small stages x's patch (not yet the
-                                * default: not yet measured) */
+    int dw_patch;              /* $MPSCY_CUDA_DW_PATCH=1 at build: conv_dw_small stages x's patch (off by default:
+                                * within the run-to-run spread on the H200) */
     int pull_next;             /* per capture: the pull, the last kernel enqueued, flags its parts for it */
 } cu_graph;
+
+/* A build-time knob ($name, graph.cu): on unless set to 0; an integer, def when unset or empty. */
+int cu_knob_on(const char *name);
+int cu_knob_int(const char *name, int def);
 
 /* Counted allocations: every byte the backend holds goes through here. */
 void *cu_host_alloc(mpscy_device dev, size_t bytes);              /* calloc */
@@ -499,6 +503,36 @@ static __device__ __forceinline__ void cu_copy_pinned(float *__restrict__ dst, c
     }
     for (; i < hi4; i += st) d4[i] = __ldcv(s4 + i);
     for (int64_t e = hi4 * 4 + threadIdx.x; e < hi; e += st) dst[e] = __ldcv(src + e);
+}
+
+/* cp.async: global to shared memory without passing through registers, 4 or 16 bytes, zero-filled
+ * where !ok (sm_80 and newer; nothing is copied before: callers run only there), in commit
+ * groups waited for by cp_async_wait<N> (at most N groups still in flight) */
+static __device__ __forceinline__ void cp_async4(float *s, const float *g, bool ok) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned sa = (unsigned)__cvta_generic_to_shared(s);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(sa), "l"(g), "r"(ok ? 4 : 0));
+#endif
+}
+
+static __device__ __forceinline__ void cp_async16(float *s, const float *g, bool ok) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned sa = (unsigned)__cvta_generic_to_shared(s);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sa), "l"(g), "r"(ok ? 16 : 0));
+#endif
+}
+
+static __device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+template <int N>
+static __device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
 }
 
 /* the two halves of cu_pdl_enter, for a kernel with work to do between them */

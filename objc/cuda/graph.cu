@@ -88,13 +88,12 @@ int32_t cu_relu_product(const cu_graph *g, int32_t j) {
     return (g->fuse[k] & CU_FUSE_RELU) && g->dy[k] ? k : -1;
 }
 
-/* A build-time knob ($name): on unless set to 0; an integer, def when unset or empty. */
-static int knob_on(const char *name) {
+int cu_knob_on(const char *name) {
     const char *v = getenv(name);
     return !(v && v[0] == '0');
 }
 
-static int knob_int(const char *name, int def) {
+int cu_knob_int(const char *name, int def) {
     const char *v = getenv(name);
     return v && v[0] ? atoi(v) : def;
 }
@@ -181,18 +180,18 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     g->gemm_mode = gm && !strcmp(gm, "own") ? 1 : gm && !strcmp(gm, "cublas") ? 0 : 2;
     /* 3x3 convolutions as implicit products (conv_implicit.cu) in the own fp32 path; 0 turns them
      * off: a knob for A/B timing and testing */
-    g->implicit = knob_on("MPSCY_CUDA_IMPLICIT");
+    g->implicit = cu_knob_on("MPSCY_CUDA_IMPLICIT");
     /* Dense products of long K and small output (and their plain dx) as mma.cuh's 3xTF32
      * product (dense.cu); 0 turns them off: a knob for A/B timing and testing */
-    g->dense_mma = knob_on("MPSCY_CUDA_DENSE_MMA");
+    g->dense_mma = cu_knob_on("MPSCY_CUDA_DENSE_MMA");
     /* the output Dense and a cross-entropy loss in two kernels in training steps (head.cu) where
      * cu_head_fits, decided below once the fusions are planned, with a Dropout below it applied
      * by head_forward; 1 keeps that Dropout's own kernel, 0 turns both off: knobs for A/B timing
      * and testing */
-    g->head = knob_int("MPSCY_CUDA_HEAD", 2);
+    g->head = cu_knob_int("MPSCY_CUDA_HEAD", 2);
     /* a training step returns once its result is final, its update still running (step.cu);
      * 0 waits for the whole step: a knob for A/B timing and testing */
-    g->early = knob_on("MPSCY_CUDA_EARLY");
+    g->early = cu_knob_on("MPSCY_CUDA_EARLY");
     /* the weight gradient of a convolution without dx (on the model's input) on the main stream,
      * which has nothing else left to run in the backward, beside the side stream's chain of the
      * other weight gradients; "side" puts it at that chain's end: a knob for A/B timing */
@@ -201,36 +200,36 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     /* a direct convolution of the deferred input starts beside the pull, each block once its
      * samples are copied (conv_direct.cu); 0 waits for the whole pull: a knob for A/B timing and
      * testing */
-    g->pull_conv = knob_on("MPSCY_CUDA_PULL_CONV");
+    g->pull_conv = cu_knob_on("MPSCY_CUDA_PULL_CONV");
     /* Every launch asks for the largest shared-memory carveout (100%): a multiprocessor whose
      * L1/shared split suits one kernel can then take blocks of any other at once, where kernels
      * of different preferences (the products' 55 KB or more of shared memory beside small
      * elementwise ones, on two streams) would otherwise wait for it to drain and be
      * reconfigured. The README CNN on the H200: 276.8 us against 281.0 (A/B). $MPSCY_CUDA_CARVEOUT
      * (0-100) asks for another share, -1 for each kernel's own: a knob for A/B timing. */
-    g->carveout = knob_int("MPSCY_CUDA_CARVEOUT", 100);
+    g->carveout = cu_knob_int("MPSCY_CUDA_CARVEOUT", 100);
     if (g->carveout > 100) g->carveout = 100;
     if (g->carveout < 0) g->carveout = -1;
     /* a Dense's dx as dense.cu's product (1), and a convolution's as one product (2), enqueued
      * before the weight gradient on the side stream (dependencies unchanged); 0 enqueues the
      * weight gradients first: a knob for A/B timing */
-    g->dx_first = knob_int("MPSCY_CUDA_DX_FIRST", 2);
+    g->dx_first = cu_knob_int("MPSCY_CUDA_DX_FIRST", 2);
     /* ordered sums of more than 64 partials by blocks of 32 warps (conv_dw.cu's cu_sum_parts);
      * $MPSCY_CUDA_SUM_WIDE=N: of more than N, 0 never: a knob for A/B timing */
-    g->sum_wide = knob_int("MPSCY_CUDA_SUM_WIDE", 64);
+    g->sum_wide = cu_knob_int("MPSCY_CUDA_SUM_WIDE", 64);
     /* a convolution's dx products write the dz of the convolution below with its ReLU's mask,
      * and an implicit dx reads that dz as it lies, its transpose left to the side stream
      * (conv.cu); 0 turns both off: a knob for A/B timing and testing */
-    g->dz_direct = knob_on("MPSCY_CUDA_DZ_DIRECT");
+    g->dz_direct = cu_knob_on("MPSCY_CUDA_DZ_DIRECT");
     /* the weight gradient of a convolution whose forward reads x (conv_direct, the implicit
      * product) reads x too, so the forward's side stream builds no columns (~54 MB written and
      * read back a step in the README CNN); 0 builds them: a knob for A/B timing and testing */
-    g->dw_gather = knob_on("MPSCY_CUDA_DW_GATHER");
+    g->dw_gather = cu_knob_on("MPSCY_CUDA_DW_GATHER");
     /* the weight and bias gradients of a convolution without dx and with few taps (the model's
      * first) in one pass over dy and x, gr->dw_small blocks a multiprocessor (conv_dw.cu); 0 takes
      * the split product after dz's transpose: a knob for A/B timing and testing */
-    g->dw_small = knob_int("MPSCY_CUDA_DW_SMALL", 2);
-    g->dw_patch = knob_int("MPSCY_CUDA_DW_PATCH", 0) == 1;
+    g->dw_small = cu_knob_int("MPSCY_CUDA_DW_SMALL", 2);
+    g->dw_patch = cu_knob_int("MPSCY_CUDA_DW_PATCH", 0) == 1;
     if (g->dw_small < 0) g->dw_small = 0;
     if (g->dw_small > 8) g->dw_small = 8;
     int convs = 0;
@@ -316,7 +315,7 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     const int one = ns && strcmp(ns, "1") == 0;
     /* a second side stream for every other convolution's weight gradient (conv.cu); $MPSCY_CUDA_SIDES=1
      * keeps them all on the one side stream: a knob for A/B timing and testing */
-    const int alt = !one && knob_int("MPSCY_CUDA_SIDES", 2) != 1;
+    const int alt = !one && cu_knob_int("MPSCY_CUDA_SIDES", 2) != 1;
     if (st == MPSCY_OK && (cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking) != cudaSuccess ||
                            (one ? (g->side = g->stream, cudaSuccess)
                                 : cudaStreamCreateWithFlags(&g->side, cudaStreamNonBlocking)) != cudaSuccess ||

@@ -21,92 +21,18 @@
  *
  * Decided once at build (cu_fused_plan); $MPSCY_CUDA_FUSED picks the form: "0" off, "grid" or
  * "grid:N" (N blocks), "cluster" or "cluster:N" (one cluster of N blocks, Hopper);
- * $MPSCY_CUDA_FUSED_TRACE prints block 0's time per phase. */
-#include "cuda.h"
+ * $MPSCY_CUDA_FUSED_TRACE prints block 0's time per phase. Here: layer 0's own phase, the
+ * weight gradients, the kernel and the host side; mlp.cuh: the arguments and shared helpers;
+ * mlp_split.cuh: layer 0 in the copy phase; mlp_rows.cuh: the row phase. */
+#include "mlp.cuh"
+#include "mlp_rows.cuh"
+#include "mlp_split.cuh"
 #include "reduce.h"
 #include "update.h"
-
-#include <cooperative_groups.h>
-namespace cg = cooperative_groups;
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-#define FU_MAX_LAYERS 8
-#define FU_MAX_CLASSES 64
-#define FU_THREADS 512
-#define FU_WARPS (FU_THREADS / 32)
-#define FU_VEC 4096                    /* widest row held in shared memory */
-#define FU_SMEM_FLOATS (2 * FU_VEC + 1024) /* two row vectors and the d(input) partial sums (36 KB) */
-#define FU_MAX_BATCH 256
-#define FU_MAX_WORK ((int64_t)1 << 24) /* batch x parameters: beyond it the library GEMMs win */
-
-struct fu_layer {
-    const float *x;    /* (b, in): the graph input or the layer below's output */
-    float *y;          /* (b, out): output, after the ReLU when relu */
-    float *dz;         /* (b, out): d(pre-activation) */
-    const float *w;    /* (out, in) */
-    const float *bias; /* (out) or NULL */
-    float *dw, *db;    /* gradients (db NULL without bias) */
-    int in, out, relu;
-};
-
-struct fu_args {
-    fu_layer L[FU_MAX_LAYERS];
-    int n_layers, b, accuracy;
-    double eps;        /* label smoothing */
-    update_args u;
-    cu_scratch *S;
-    cu_result *R;
-    const cu_params *P;
-    double clip_norm;
-    const uint4 *copy_src;       /* the staging (params block, labels, batch) in pinned, mapped host */
-    uint4 *copy_dst;             /* memory, copied by the kernel to its device mirror (copy_n units) */
-    int64_t copy_n;
-    const int32_t *labels;
-    /* deferred staging (step.cu): input 0's rows (in_n floats) are pulled from pinned in_src to
-     * in_dst piece by piece (in_piece floats) as the host flags them (flags, this step's number in
-     * the host's params block, which heads copy_src); the copy above then covers the params block
-     * and labels only */
-    int deferred;
-    const float *in_src;
-    float *in_dst;
-    int64_t in_n, in_piece;
-    const uint32_t *flags;
-    /* layer 0 in the copy phase (fu_split; split_q 0: its own phase after the copy): copying
-     * block c >= 1 owns K-slice q = (c - 1) % split_q (split_kw wide) of layer 0's input for
-     * split_rows rows, holds w[:, slice] in dynamic shared memory (split_pitch floats a row)
-     * loaded before its rows land, and for each of them writes the slice's partial products to
-     * ypart[q][r][:]; the row phase adds the split_q partials, the bias and the ReLU */
-    int split_q, split_kw, split_pitch, split_rows;
-    float *ypart;
-    int grad_deep;     /* $MPSCY_CUDA_FUSED_GRADU=16: the weight gradients' loads 16 rows deep (measuring) */
-    int trace;         /* $MPSCY_CUDA_FUSED_TRACE: block 0 prints each phase's time (a profiling knob) */
-};
-
-struct cu_fused {
-    fu_args a;
-    int cluster, blocks;
-    int split;             /* layer 0 may run in the copy phase (fu_split) */
-    int64_t ws_floats;     /* dynamic shared memory for the split's weight slice, in floats */
-    int64_t ypart_floats;  /* g's room for the partial products */
-};
-
-/* Data written earlier in this launch is read with plain loads after a barrier (grid.sync and
- * cluster.sync order memory at their scope). */
-template <bool CLUSTER>
-static __device__ __forceinline__ void fu_sync() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if (CLUSTER) {
-        cg::this_cluster().sync();
-        return;
-    }
-#endif
-    cg::this_grid().sync();
-}
-
-static __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 
 /* Layer 0's forward over the whole batch, split across the grid: y[r, j] = act(x[r, :] . w[j, :]
  * + bias[j]), one warp per (j, R rows), U 32-wide slices of k per batch of loads. */
@@ -156,201 +82,6 @@ static __device__ void forward_layer0(const fu_layer &l, int b, int gw, int tw, 
     case 4: forward_rows<4, 8>(l, b, gw, tw, lane); break;
     case 2: forward_rows<2, 16>(l, b, gw, tw, lane); break;
     default: forward_rows<1, 16>(l, b, gw, tw, lane); break;
-    }
-}
-
-/* softmax cross-entropy of one row (label smoothing eps) by one warp, in double as loss.cu
- * computes it: dz = its gradient over the batch mean (p - q) / b, where the smoothed one-hot q
- * sums to 1; returns the row's loss and its predicted class in *best (all lanes). */
-static __device__ double row_loss(const float *logit, float *dz, int C, int label, double eps, double inv_b,
-                                  int lane, int *best) {
-    const double u = eps / (double)C;
-    float m = -INFINITY;
-    for (int i = lane; i < C; i += 32) m = logit[i] > m ? logit[i] : m;
-    m = warp_allmax(m);
-    /* the first maximum, as the cpu's strict > from class 0: the first class equal to the
-     * largest value that is not a NaN, or 0 when class 0 is a NaN or none is found */
-    {
-        const unsigned lo = __ballot_sync(0xffffffffu, lane < C && logit[lane] == m),
-                       hi = __ballot_sync(0xffffffffu, lane + 32 < C && logit[lane + 32] == m);
-        *best = isnan(logit[0]) ? 0 : lo ? __ffs(lo) - 1 : hi ? 32 + __ffs(hi) - 1 : 0;
-    }
-    double e[2], s = 0;  /* C <= 64: at most two classes per lane */
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-        const int i = lane + 32 * h;
-        e[h] = i < C ? exp((double)(logit[i] - m)) : 0.0;
-        s += e[h];
-    }
-    s = warp_allsum(s);
-    const double lse = (double)m + log(s), inv_s = 1.0 / s;
-    double row = 0;
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-        const int i = lane + 32 * h;
-        if (i < C) {
-            const double q = (1.0 - eps) * (i == label ? 1.0 : 0.0) + u;
-            row -= q * ((double)logit[i] - lse);
-            dz[i] = (float)((e[h] * inv_s - q) * inv_b);
-        }
-    }
-    return warp_allsum(row);
-}
-
-struct fu_trace;
-static __device__ void fu_mark(const fu_args &a, fu_trace *T);
-
-static __device__ __noinline__ void row_chain(const fu_args &a, float *smem, int first, int r, int lane, int warp,
-                                              fu_trace *T) {
-    const int nl = a.n_layers, tid = threadIdx.x, nthr = blockDim.x;
-    float *cur = smem, *nxt = smem + FU_VEC, *part = smem + 2 * FU_VEC;
-    const int label = a.labels[r];
-    if (a.split_q && first == 1) {
-        /* layer 0's output row: its slices' partial products in order, the bias, the ReLU */
-        const fu_layer &L = a.L[0];
-        const int N = L.out, Q = a.split_q;
-        const int64_t qs = (int64_t)a.b * N;
-        for (int j = tid; j < N; j += nthr) {
-            const float *yp = a.ypart + (int64_t)r * N + j;
-            const float bj = L.bias ? L.bias[j] : 0.0f;
-            float v = 0.0f;
-            for (int q0 = 0; q0 < Q; q0 += 8) {  /* 8 loads in flight */
-                float pv[8];
-#pragma unroll
-                for (int u = 0; u < 8; u++) pv[u] = q0 + u < Q ? yp[(q0 + u) * qs] : 0.0f;
-#pragma unroll
-                for (int u = 0; u < 8; u++)
-                    if (q0 + u < Q) v += pv[u];
-            }
-            v += bj;
-            if (L.relu) v = v > 0.0f ? v : 0.0f;
-            cur[j] = v;
-            L.y[(int64_t)r * N + j] = v;
-        }
-        __syncthreads();
-        fu_mark(a, T);
-    } else {
-        const fu_layer &L = a.L[first];
-        const float *src = L.x + (int64_t)r * L.in;
-        for (int i = tid; i < L.in; i += nthr) cur[i] = src[i];
-        __syncthreads();
-        fu_mark(a, T);
-    }
-    for (int l = first; l < nl; l++) {
-        /* out[j0 + q] = x . w[j0 + q, :] for 4 outputs per warp item, 8 32-wide slices of k per
-         * batch of loads (32 loads in flight per lane) */
-        const fu_layer &L = a.L[l];
-        const int K = L.in, N = L.out;
-        const float *W = L.w, *bias = L.bias;
-        const int relu = L.relu;
-        float *yr = L.y + (int64_t)r * N;
-        for (int j0 = warp * 4; j0 < N; j0 += FU_WARPS * 4) {
-            const float *wq[4];
-            float bq[4];  /* loaded with the weights, not after the sums */
-#pragma unroll
-            for (int q = 0; q < 4; q++) {
-                wq[q] = W + (int64_t)imin(j0 + q, N - 1) * K;
-                bq[q] = bias && j0 + q < N ? bias[j0 + q] : 0.0f;
-            }
-            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            for (int k0 = 0; k0 < K; k0 += 32 * 8) {
-                float wv[4][8], xv[8];
-#pragma unroll
-                for (int u = 0; u < 8; u++) {  /* slices past K load nothing (predicated off) */
-                    const int k = k0 + u * 32 + lane;
-                    xv[u] = k < K ? cur[k] : 0.0f;
-#pragma unroll
-                    for (int q = 0; q < 4; q++) wv[q][u] = k < K ? wq[q][k] : 0.0f;
-                }
-#pragma unroll
-                for (int u = 0; u < 8; u++)
-#pragma unroll
-                    for (int q = 0; q < 4; q++) acc[q] += wv[q][u] * xv[u];
-            }
-#pragma unroll
-            for (int q = 0; q < 4; q++) {
-                float v = warp_allsum(acc[q]);
-                if (j0 + q < N) {
-                    v += bq[q];
-                    if (relu) v = v > 0.0f ? v : 0.0f;
-                    if (lane == q) {
-                        nxt[j0 + q] = v;
-                        yr[j0 + q] = v;
-                    }
-                }
-            }
-        }
-        __syncthreads();
-        fu_mark(a, T);
-        float *t = cur;
-        cur = nxt;
-        nxt = t;
-    }
-    {
-        const fu_layer &L = a.L[nl - 1];
-        const int C = L.out;
-        if (warp == 0) {
-            int best;
-            const double row = row_loss(cur, nxt, C, label, a.eps, 1.0 / (double)a.b, lane, &best);
-            __syncwarp();
-            for (int i = lane; i < C; i += 32) L.dz[(int64_t)r * C + i] = nxt[i];
-            if (lane == 0) {
-                a.S->loss_part[r] = row;
-                a.S->correct_part[r] = best == label;
-            }
-        }
-        __syncthreads();
-        fu_mark(a, T);
-        float *t = cur;
-        cur = nxt;
-        nxt = t;
-    }
-    for (int l = nl - 1; l >= 1; l--) {
-        const fu_layer &L = a.L[l], &B = a.L[l - 1];
-        const int K = L.in, N = L.out;
-        const float *W = L.w;
-        /* this thread's first mask value, loaded before the sums so its latency overlaps them */
-        const float y0 = tid < K && B.relu ? B.y[(int64_t)r * K + tid] : 1.0f;
-        int G = nthr / K;
-        G = G < 1 ? 1 : G > 16 ? 16 : G;
-        const int per = (N + G - 1) / G;
-        for (int e = tid; e < G * K; e += nthr) {  /* G > 1: one element per thread; else a loop */
-            const int g = e / K, i = e % K, jlo = g * per, jhi = imin(jlo + per, N);
-            float acc = 0.0f;
-            for (int j0 = jlo; j0 < jhi; j0 += 16) {
-                float wv[16], dv[16];
-#pragma unroll
-                for (int u = 0; u < 16; u++) {
-                    const int j = imin(j0 + u, jhi - 1);
-                    wv[u] = W[(int64_t)j * K + i];
-                    dv[u] = j0 + u < jhi ? cur[j] : 0.0f;
-                }
-#pragma unroll
-                for (int u = 0; u < 16; u++) acc += dv[u] * wv[u];
-            }
-            if (G > 1) part[e] = acc;
-            else nxt[i] = acc;
-        }
-        if (G > 1) {
-            __syncthreads();
-            for (int i = tid; i < K; i += nthr) {
-                float v = part[i];
-                for (int g = 1; g < G; g++) v += part[g * K + i];
-                nxt[i] = v;
-            }
-        }
-        __syncthreads();
-        for (int i = tid; i < K; i += nthr) {
-            float v = nxt[i];
-            if (B.relu && !((i == tid ? y0 : B.y[(int64_t)r * K + i]) > 0.0f)) v = 0.0f;
-            nxt[i] = v;
-            B.dz[(int64_t)r * K + i] = v;
-        }
-        __syncthreads();
-        fu_mark(a, T);
-        float *t = cur;
-        cur = nxt;
-        nxt = t;
     }
 }
 
@@ -440,125 +171,6 @@ static __device__ void block_sum3(double *v) {
     }
 }
 
-/* cp.async copies of 4 bytes to shared memory (plain copies before sm_80) */
-static __device__ __forceinline__ void fu_cp4(float *s, const float *g) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"((unsigned)__cvta_generic_to_shared(s)), "l"(g)
-                 : "memory");
-#else
-    *s = *g;
-#endif
-}
-
-static __device__ __forceinline__ void fu_cp_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-
-template <int N>
-static __device__ __forceinline__ void fu_cp_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-#endif
-}
-
-/* Layer 0 in the copy phase (split_q > 0; fu_split_q): copying block c >= 1 owns K-slice q =
- * (c - 1) % Q of layer 0's input (split_kw wide) for the split_rows rows of row group
- * (c - 1) / Q. It loads w[:, slice] into ws (fu_split_load: pitch floats a row, odd, for
- * conflict-free column reads) while its rows are still on their way, then waits for the pieces
- * that hold its rows' slices (deferred staging), copies them from pinned memory to x's device
- * rows and to shared memory, and writes their partial products ypart[q][r][j] = x[r, slice] .
- * w[j, slice], each by one thread in order. */
-
-/* this block's slice of layer 0's input and its rows for fu_split, or 0 */
-struct fu_slice {
-    int q, k0, kq, r0, nr;
-};
-static __device__ __forceinline__ int fu_split_slice(const fu_args &a, int b, fu_slice *t) {
-    const int Q = a.split_q, c = (int)blockIdx.x - 1;
-    if (!Q || c < 0) return 0;
-    t->q = c % Q;
-    t->k0 = t->q * a.split_kw;
-    t->kq = imin(a.split_kw, a.L[0].in - t->k0);
-    t->r0 = (c / Q) * a.split_rows;
-    t->nr = imin(a.split_rows, b - t->r0);
-    return t->kq > 0 && t->nr > 0;
-}
-
-/* w[:, slice] into ws, pitch floats a row, a warp a row (cp.async, not waited for) */
-static __device__ void fu_split_load(const fu_args &a, int b, float *ws) {
-    fu_slice t;
-    if (!fu_split_slice(a, b, &t)) return;
-    const fu_layer &L = a.L[0];
-    const int K = L.in, N = L.out, pitch = a.split_pitch, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
-    for (int j = threadIdx.x >> 5; j < N; j += nw) {
-        const float *src = L.w + (int64_t)j * K + t.k0;
-        float *dst = ws + j * pitch;
-        for (int k = lane; k < t.kq; k += 32) fu_cp4(dst + k, src + k);
-    }
-}
-
-static __device__ void fu_split(const fu_args &a, float *smem, const float *ws, int b) {
-    fu_slice t;
-    if (!fu_split_slice(a, b, &t)) return;
-    const fu_layer &L = a.L[0];
-    const int K = L.in, N = L.out, pitch = a.split_pitch, kq = t.kq;
-    const int tid = threadIdx.x, nthr = blockDim.x, lane = tid & 31, warp = tid >> 5, nw = nthr >> 5;
-    if (a.deferred && tid == 0) {
-        const int64_t lo = (int64_t)t.r0 * K + t.k0, hi = (int64_t)(t.r0 + t.nr - 1) * K + t.k0 + kq;
-        for (int64_t p = lo / a.in_piece; p <= (hi - 1) / a.in_piece; p++)
-            while (cu_load_acquire_gpu(&a.S->fused_piece[p]) == 0u) __nanosleep(32);
-    }
-    __syncthreads();  /* the rows' pieces are there */
-    float *xs = smem;  /* (nr, kq) */
-    for (int rr = warp; rr < t.nr; rr += nw) {
-        const int64_t o = (int64_t)(t.r0 + rr) * K + t.k0;
-        for (int k = lane; k < kq; k += 32) {
-            const float v = __ldcv(a.in_src + o + k);
-            xs[rr * kq + k] = v;
-            a.in_dst[o + k] = v;
-        }
-    }
-    fu_cp_wait<0>();  /* the slice */
-    __syncthreads();
-    const int S = N >= nthr ? 1 : nthr / N;
-    for (int e = tid; e < S * N; e += nthr) {
-        const int j = e % N;
-        const float *w = ws + j * pitch;
-        for (int rr = e / N; rr < t.nr; rr += S) {
-            const float *x = xs + rr * kq;
-            float acc0 = 0.0f, acc1 = 0.0f;  /* two chains, added at the end */
-            int k = 0;
-            for (; k + 1 < kq; k += 2) {
-                acc0 += w[k] * x[k];
-                acc1 += w[k + 1] * x[k + 1];
-            }
-            if (k < kq) acc0 += w[k] * x[k];
-            a.ypart[((int64_t)t.q * b + t.r0 + rr) * N + j] = acc0 + acc1;
-        }
-    }
-}
-
-static __device__ __forceinline__ unsigned long long fu_now() {
-    unsigned long long t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    return t;
-}
-/* $MPSCY_CUDA_FUSED_TRACE: thread 0 of block 0 stamps the time at each mark (a profiling knob) */
-struct fu_trace {
-    unsigned long long t[24];
-    long long c[24];
-    int n;
-};
-
-static __device__ __forceinline__ void fu_mark(const fu_args &a, fu_trace *T) {
-    if (a.trace && blockIdx.x == 0 && threadIdx.x == 0 && T->n < 24) {
-        T->t[T->n] = fu_now();
-        T->c[T->n++] = clock64();
-    }
-}
-#define FU_MARK() fu_mark(a, &T)
 
 template <bool CLUSTER>
 __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_constant__ fu_args ga) {
@@ -582,7 +194,7 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
         ga.copy_dst[i] = ga.copy_src[i];
     /* the split's weight slice to shared memory while the batch arrives (cp.async) */
     fu_split_load(ga, b, dsm);
-    fu_cp_commit();
+    cp_async_commit();
     /* the batch as the host stages it (deferred): block 0's first warp relays the host's flags
      * (this step's number read from the host's params block, which the launch follows) into
      * S->fused_piece, and the other blocks copy their parts of each piece once its word there is
@@ -601,7 +213,7 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
         for (int64_t it = blockIdx.x - 1; it < pieces * per; it += copiers) {
             const int64_t p = it / per, lo = min(p * piece + (it % per) * part, n), hi = min(min(lo + part, (p + 1) * piece), n);
             if (threadIdx.x == 0)
-                while (cu_load_acquire_gpu(&ga.S->fused_piece[p]) == 0u) __nanosleep(64);
+                fu_wait_piece(ga.S, p);
             __syncthreads();
             cu_copy_pinned(ga.in_dst, ga.in_src, lo, hi);
         }
@@ -661,25 +273,6 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
 
 /* ------------------------------------------------------------------------------- host side */
 
-#define FU_SPLIT_FLOATS 40960  /* the most shared memory for layer 0's weight slice (160 KB) */
-#define FU_SPLIT_ROWS 4        /* rows a copying block takes in fu_split ($MPSCY_CUDA_FUSED_SPLIT) */
-
-static int fu_pitch(int kw) { return kw + !(kw & 1); }
-
-/* fu_split's slices of layer 0's input (K inputs, N outputs) for b rows in groups of rows over
- * blocks - 1 copying blocks: as many as the groups leave blocks for; 0 when their weights would
- * pass cap floats or their rows the shared room (then layer 0 runs as its own phase). */
-static int fu_split_q(int blocks, int K, int N, int64_t b, int rows, int64_t cap, int *kw) {
-    const int64_t groups = (b + rows - 1) / rows;
-    int q = (int)((blocks - 1) / groups);
-    if (q < 1 || rows < 1) return 0;
-    if (q > K) q = K;
-    const int w = (K + q - 1) / q;
-    if ((int64_t)N * fu_pitch(w) > cap || (int64_t)rows * w > FU_SMEM_FLOATS) return 0;
-    *kw = w;
-    return (K + w - 1) / w;
-}
-
 /* Whether layer 0 runs in the copy phase (fu_split), decided once the grid is: the room for its
  * weight slice (dynamic shared memory) and for the partial products of every batch size up to
  * the built one. $MPSCY_CUDA_FUSED_SPLIT sets the rows a copying block takes (0: layer 0 as its
@@ -687,12 +280,12 @@ static int fu_split_q(int blocks, int K, int N, int64_t b, int rows, int64_t cap
 static void fu_plan_split(cu_graph *g, cu_fused *f) {
     fu_args *a = &f->a;
     const int64_t batch = g->plan.batch;
-    const char *sk = getenv("MPSCY_CUDA_FUSED_SPLIT");
-    const int rows = sk && *sk ? atoi(sk) : FU_SPLIT_ROWS, K = a->L[0].in, N = a->L[0].out;
+    const int rows = cu_knob_int("MPSCY_CUDA_FUSED_SPLIT", FU_SPLIT_ROWS), K = a->L[0].in, N = a->L[0].out;
     cudaFuncAttributes fa;
     int kw = 0, per_sm = 0;
     a->split_rows = rows;
-    if (a->n_layers < 2 || rows < 1 || cudaFuncGetAttributes(&fa, fused_mlp_kernel<false>) != cudaSuccess) {
+    if (a->n_layers < 2 || rows < 1 || g->dev->prop.major < 8 ||  /* cp.async */
+        cudaFuncGetAttributes(&fa, fused_mlp_kernel<false>) != cudaSuccess) {
         cudaGetLastError();
         return;
     }
@@ -723,7 +316,6 @@ static void fu_plan_split(cu_graph *g, cu_fused *f) {
     }
     f->ypart_floats = most;
     f->ws_floats = ws;
-    f->split = 1;
 }
 
 int cu_fused_plan(cu_graph *g) {
@@ -805,7 +397,7 @@ int cu_fused_plan(cu_graph *g) {
     a.P = g->params_d;
     a.clip_norm = p->optim.clip_grad_norm;
     a.trace = getenv("MPSCY_CUDA_FUSED_TRACE") != NULL;
-    a.grad_deep = getenv("MPSCY_CUDA_FUSED_GRADU") && atoi(getenv("MPSCY_CUDA_FUSED_GRADU")) == 16;
+    a.grad_deep = cu_knob_int("MPSCY_CUDA_FUSED_GRADU", 8) == 16;
     float *slot[3] = {NULL, NULL, NULL};
     for (int k = 0; k < 3 && k < p->n_vec_slots; k++) slot[k] = g->optim + p->vec_offset[k];
     a.u = update_args{g->params, g->grads, slot[0], slot[1], slot[2], p->n_params, p->optim.kind,
@@ -837,7 +429,7 @@ int cu_fused_step(cu_graph *g, int64_t b, size_t staged, int deferred, char *err
     f->a.copy_n = (int64_t)((staged + 15) / 16);
     f->a.deferred = deferred;
     f->a.split_q = 0;
-    if (f->split) {
+    if (f->ws_floats) {
         int kw = 0;
         f->a.split_q = fu_split_q(f->blocks, f->a.L[0].in, f->a.L[0].out, b, f->a.split_rows, f->ws_floats, &kw);
         f->a.split_kw = kw;
@@ -877,6 +469,6 @@ int cu_fused_step(cu_graph *g, int64_t b, size_t staged, int deferred, char *err
 const char *cu_fused_form(const cu_graph *g, char *buf, size_t n) {
     if (!g->fu) return "separate kernels";
     snprintf(buf, n, "one kernel, %s:%d%s", g->fu->cluster ? "cluster" : "grid", g->fu->blocks,
-             g->fu->split ? ", layer 0 in the copy" : "");
+             g->fu->ws_floats ? ", layer 0 in the copy" : "");
     return buf;
 }

@@ -36,33 +36,6 @@ constexpr int mma_smem_bytes() {
     return MMA_STAGES * (mma_tile<AK, 16 * TM>::FLOATS + mma_tile<BK, 16 * TN>::FLOATS) * (int)sizeof(float);
 }
 
-static __device__ __forceinline__ void cp_async4(float *s, const float *g, bool ok) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    const unsigned sa = (unsigned)__cvta_generic_to_shared(s);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(sa), "l"(g), "r"(ok ? 4 : 0));
-#endif
-}
-
-static __device__ __forceinline__ void cp_async16(float *s, const float *g, bool ok) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    const unsigned sa = (unsigned)__cvta_generic_to_shared(s);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sa), "l"(g), "r"(ok ? 16 : 0));
-#endif
-}
-
-static __device__ __forceinline__ void cp_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;\n" ::);
-#endif
-}
-
-template <int N>
-static __device__ __forceinline__ void cp_async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-#endif
-}
-
 /* big = x rounded to tf32 (to nearest, ties away: add half of the dropped 13 bits' unit, clear
  * them), small = x - big (exact in fp32; the tensor core reads its top 19 bits). Integer and
  * fp32 ALU work only (no cvt.rna.tf32). */

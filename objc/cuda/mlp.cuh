@@ -1,0 +1,108 @@
+/* mlp.cuh — the one-kernel MLP step's shared definitions (mlp.cu): its limits, the arguments
+ * the kernel takes, the host's plan, the grid barrier and the phase trace. Device code for
+ * mlp.cu and the phase headers it includes (mlp_split.cuh, mlp_rows.cuh) only. */
+#ifndef MPSCY_CUDA_MLP_CUH
+#define MPSCY_CUDA_MLP_CUH
+
+#include "cuda.h"
+#include "update.h"
+
+#include <cooperative_groups.h>
+namespace cg = cooperative_groups;
+
+#define FU_MAX_LAYERS 8
+#define FU_MAX_CLASSES 64
+#define FU_THREADS 512
+#define FU_WARPS (FU_THREADS / 32)
+#define FU_VEC 4096                    /* widest row held in shared memory */
+#define FU_SMEM_FLOATS (2 * FU_VEC + 1024) /* two row vectors and the d(input) partial sums (36 KB) */
+#define FU_MAX_BATCH 256
+#define FU_MAX_WORK ((int64_t)1 << 24) /* batch x parameters: beyond it the library GEMMs win */
+
+struct fu_layer {
+    const float *x;    /* (b, in): the graph input or the layer below's output */
+    float *y;          /* (b, out): output, after the ReLU when relu */
+    float *dz;         /* (b, out): d(pre-activation) */
+    const float *w;    /* (out, in) */
+    const float *bias; /* (out) or NULL */
+    float *dw, *db;    /* gradients (db NULL without bias) */
+    int in, out, relu;
+};
+
+struct fu_args {
+    fu_layer L[FU_MAX_LAYERS];
+    int n_layers, b, accuracy;
+    double eps;        /* label smoothing */
+    update_args u;
+    cu_scratch *S;
+    cu_result *R;
+    const cu_params *P;
+    double clip_norm;
+    const uint4 *copy_src;       /* the staging (params block, labels, batch) in pinned, mapped host */
+    uint4 *copy_dst;             /* memory, copied by the kernel to its device mirror (copy_n units) */
+    int64_t copy_n;
+    const int32_t *labels;
+    /* deferred staging (step.cu): input 0's rows (in_n floats) are pulled from pinned in_src to
+     * in_dst piece by piece (in_piece floats) as the host flags them (flags, this step's number in
+     * the host's params block, which heads copy_src); the copy above then covers the params block
+     * and labels only */
+    int deferred;
+    const float *in_src;
+    float *in_dst;
+    int64_t in_n, in_piece;
+    const uint32_t *flags;
+    /* layer 0 in the copy phase (fu_split; split_q 0: its own phase after the copy): copying
+     * block c >= 1 owns K-slice q = (c - 1) % split_q (split_kw wide) of layer 0's input for
+     * split_rows rows, holds w[:, slice] in dynamic shared memory (split_pitch floats a row)
+     * loaded before its rows land, and for each of them writes the slice's partial products to
+     * ypart[q][r][:]; the row phase adds the split_q partials, the bias and the ReLU */
+    int split_q, split_kw, split_pitch, split_rows;
+    float *ypart;
+    int grad_deep;     /* $MPSCY_CUDA_FUSED_GRADU=16: the weight gradients' loads 16 rows deep (measuring) */
+    int trace;         /* $MPSCY_CUDA_FUSED_TRACE: block 0 prints each phase's time (a profiling knob) */
+};
+
+struct cu_fused {
+    fu_args a;
+    int cluster, blocks;
+    int64_t ws_floats;     /* dynamic shared memory for the split's weight slice, in floats (0: no split) */
+    int64_t ypart_floats;  /* g's room for the partial products */
+};
+
+/* Data written earlier in this launch is read with plain loads after a barrier (grid.sync and
+ * cluster.sync order memory at their scope). */
+template <bool CLUSTER>
+static __device__ __forceinline__ void fu_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (CLUSTER) {
+        cg::this_cluster().sync();
+        return;
+    }
+#endif
+    cg::this_grid().sync();
+}
+
+static __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+
+/* $MPSCY_CUDA_FUSED_TRACE: thread 0 of block 0 stamps the time at each mark (a profiling knob) */
+struct fu_trace {
+    unsigned long long t[24];
+    long long c[24];
+    int n;
+};
+
+static __device__ __forceinline__ void fu_mark(const fu_args &a, fu_trace *T) {
+    if (a.trace && blockIdx.x == 0 && threadIdx.x == 0 && T->n < 24) {
+        T->t[T->n] = cu_global_ns();
+        T->c[T->n++] = clock64();
+    }
+}
+#define FU_MARK() fu_mark(a, &T)
+
+/* Deferred staging: waits until the relay (block 0's first warp, cu_relay_pieces) has seen the
+ * host's flag of piece p; block 0 clears the words after the copy's barrier. */
+static __device__ __forceinline__ void fu_wait_piece(const cu_scratch *S, int64_t p) {
+    while (cu_load_acquire_gpu(&S->fused_piece[p]) == 0u) __nanosleep(64);
+}
+
+#endif /* MPSCY_CUDA_MLP_CUH */

@@ -1,0 +1,202 @@
+/* mlp_rows.cuh — the one-kernel MLP step's row phase (mlp.cu): a block per batch row takes it
+ * through every layer after the first, the softmax cross-entropy and back down the chain, with
+ * block barriers only. Included by mlp.cu only. */
+#ifndef MPSCY_CUDA_MLP_ROWS_CUH
+#define MPSCY_CUDA_MLP_ROWS_CUH
+
+#include "mlp.cuh"
+#include "reduce.h"
+
+/* softmax cross-entropy of one row (label smoothing eps) by one warp, in double as loss.cu
+ * computes it: dz = its gradient over the batch mean (p - q) / b, where the smoothed one-hot q
+ * sums to 1; returns the row's loss and its predicted class in *best (all lanes). */
+static __device__ double row_loss(const float *logit, float *dz, int C, int label, double eps, double inv_b,
+                                  int lane, int *best) {
+    const double u = eps / (double)C;
+    float m = -INFINITY;
+    for (int i = lane; i < C; i += 32) m = logit[i] > m ? logit[i] : m;
+    m = warp_allmax(m);
+    /* the first maximum, as the cpu's strict > from class 0: the first class equal to the
+     * largest value that is not a NaN, or 0 when class 0 is a NaN or none is found */
+    {
+        const unsigned lo = __ballot_sync(0xffffffffu, lane < C && logit[lane] == m),
+                       hi = __ballot_sync(0xffffffffu, lane + 32 < C && logit[lane + 32] == m);
+        *best = isnan(logit[0]) ? 0 : lo ? __ffs(lo) - 1 : hi ? 32 + __ffs(hi) - 1 : 0;
+    }
+    double e[2], s = 0;  /* C <= 64: at most two classes per lane */
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int i = lane + 32 * h;
+        e[h] = i < C ? exp((double)(logit[i] - m)) : 0.0;
+        s += e[h];
+    }
+    s = warp_allsum(s);
+    const double lse = (double)m + log(s), inv_s = 1.0 / s;
+    double row = 0;
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int i = lane + 32 * h;
+        if (i < C) {
+            const double q = (1.0 - eps) * (i == label ? 1.0 : 0.0) + u;
+            row -= q * ((double)logit[i] - lse);
+            dz[i] = (float)((e[h] * inv_s - q) * inv_b);
+        }
+    }
+    return warp_allsum(row);
+}
+
+static __device__ __noinline__ void row_chain(const fu_args &a, float *smem, int first, int r, int lane, int warp,
+                                              fu_trace *T) {
+    const int nl = a.n_layers, tid = threadIdx.x, nthr = blockDim.x;
+    float *cur = smem, *nxt = smem + FU_VEC, *part = smem + 2 * FU_VEC;
+    const int label = a.labels[r];
+    if (a.split_q && first == 1) {
+        /* layer 0's output row: its slices' partial products in order, the bias, the ReLU */
+        const fu_layer &L = a.L[0];
+        const int N = L.out, Q = a.split_q;
+        const int64_t qs = (int64_t)a.b * N;
+        for (int j = tid; j < N; j += nthr) {
+            const float *yp = a.ypart + (int64_t)r * N + j;
+            const float bj = L.bias ? L.bias[j] : 0.0f;
+            float v = 0.0f;
+            for (int q0 = 0; q0 < Q; q0 += 8) {  /* 8 loads in flight */
+                float pv[8];
+#pragma unroll
+                for (int u = 0; u < 8; u++) pv[u] = q0 + u < Q ? yp[(q0 + u) * qs] : 0.0f;
+#pragma unroll
+                for (int u = 0; u < 8; u++)
+                    if (q0 + u < Q) v += pv[u];
+            }
+            v += bj;
+            if (L.relu) v = v > 0.0f ? v : 0.0f;
+            cur[j] = v;
+            L.y[(int64_t)r * N + j] = v;
+        }
+        __syncthreads();
+        fu_mark(a, T);
+    } else {
+        const fu_layer &L = a.L[first];
+        const float *src = L.x + (int64_t)r * L.in;
+        for (int i = tid; i < L.in; i += nthr) cur[i] = src[i];
+        __syncthreads();
+        fu_mark(a, T);
+    }
+    for (int l = first; l < nl; l++) {
+        /* out[j0 + q] = x . w[j0 + q, :] for 4 outputs per warp item, 8 32-wide slices of k per
+         * batch of loads (32 loads in flight per lane) */
+        const fu_layer &L = a.L[l];
+        const int K = L.in, N = L.out;
+        const float *W = L.w, *bias = L.bias;
+        const int relu = L.relu;
+        float *yr = L.y + (int64_t)r * N;
+        for (int j0 = warp * 4; j0 < N; j0 += FU_WARPS * 4) {
+            const float *wq[4];
+            float bq[4];  /* loaded with the weights, not after the sums */
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                wq[q] = W + (int64_t)imin(j0 + q, N - 1) * K;
+                bq[q] = bias && j0 + q < N ? bias[j0 + q] : 0.0f;
+            }
+            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            for (int k0 = 0; k0 < K; k0 += 32 * 8) {
+                float wv[4][8], xv[8];
+#pragma unroll
+                for (int u = 0; u < 8; u++) {  /* slices past K load nothing (predicated off) */
+                    const int k = k0 + u * 32 + lane;
+                    xv[u] = k < K ? cur[k] : 0.0f;
+#pragma unroll
+                    for (int q = 0; q < 4; q++) wv[q][u] = k < K ? wq[q][k] : 0.0f;
+                }
+#pragma unroll
+                for (int u = 0; u < 8; u++)
+#pragma unroll
+                    for (int q = 0; q < 4; q++) acc[q] += wv[q][u] * xv[u];
+            }
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                float v = warp_allsum(acc[q]);
+                if (j0 + q < N) {
+                    v += bq[q];
+                    if (relu) v = v > 0.0f ? v : 0.0f;
+                    if (lane == q) {
+                        nxt[j0 + q] = v;
+                        yr[j0 + q] = v;
+                    }
+                }
+            }
+        }
+        __syncthreads();
+        fu_mark(a, T);
+        float *t = cur;
+        cur = nxt;
+        nxt = t;
+    }
+    {
+        const fu_layer &L = a.L[nl - 1];
+        const int C = L.out;
+        if (warp == 0) {
+            int best;
+            const double row = row_loss(cur, nxt, C, label, a.eps, 1.0 / (double)a.b, lane, &best);
+            __syncwarp();
+            for (int i = lane; i < C; i += 32) L.dz[(int64_t)r * C + i] = nxt[i];
+            if (lane == 0) {
+                a.S->loss_part[r] = row;
+                a.S->correct_part[r] = best == label;
+            }
+        }
+        __syncthreads();
+        fu_mark(a, T);
+        float *t = cur;
+        cur = nxt;
+        nxt = t;
+    }
+    for (int l = nl - 1; l >= 1; l--) {
+        const fu_layer &L = a.L[l], &B = a.L[l - 1];
+        const int K = L.in, N = L.out;
+        const float *W = L.w;
+        /* this thread's first mask value, loaded before the sums so its latency overlaps them */
+        const float y0 = tid < K && B.relu ? B.y[(int64_t)r * K + tid] : 1.0f;
+        int G = nthr / K;
+        G = G < 1 ? 1 : G > 16 ? 16 : G;
+        const int per = (N + G - 1) / G;
+        for (int e = tid; e < G * K; e += nthr) {  /* G > 1: one element per thread; else a loop */
+            const int g = e / K, i = e % K, jlo = g * per, jhi = imin(jlo + per, N);
+            float acc = 0.0f;
+            for (int j0 = jlo; j0 < jhi; j0 += 16) {
+                float wv[16], dv[16];
+#pragma unroll
+                for (int u = 0; u < 16; u++) {
+                    const int j = imin(j0 + u, jhi - 1);
+                    wv[u] = W[(int64_t)j * K + i];
+                    dv[u] = j0 + u < jhi ? cur[j] : 0.0f;
+                }
+#pragma unroll
+                for (int u = 0; u < 16; u++) acc += dv[u] * wv[u];
+            }
+            if (G > 1) part[e] = acc;
+            else nxt[i] = acc;
+        }
+        if (G > 1) {
+            __syncthreads();
+            for (int i = tid; i < K; i += nthr) {
+                float v = part[i];
+                for (int g = 1; g < G; g++) v += part[g * K + i];
+                nxt[i] = v;
+            }
+        }
+        __syncthreads();
+        for (int i = tid; i < K; i += nthr) {
+            float v = nxt[i];
+            if (B.relu && !((i == tid ? y0 : B.y[(int64_t)r * K + i]) > 0.0f)) v = 0.0f;
+            nxt[i] = v;
+            B.dz[(int64_t)r * K + i] = v;
+        }
+        __syncthreads();
+        fu_mark(a, T);
+        float *t = cur;
+        cur = nxt;
+        nxt = t;
+    }
+}
+
+#endif /* MPSCY_CUDA_MLP_ROWS_CUH */

@@ -1,0 +1,107 @@
+/* mlp_split.cuh — the one-kernel MLP step's layer 0 in its copy phase (mlp.cu): each copying
+ * block multiplies the slice of a few rows it copies by that slice of layer 0's weights, and the
+ * row phase adds the partial products. The geometry (fu_split_q) is shared by the plan and the
+ * launch on the host. Included by mlp.cu only. */
+#ifndef MPSCY_CUDA_MLP_SPLIT_CUH
+#define MPSCY_CUDA_MLP_SPLIT_CUH
+
+#include "mlp.cuh"
+
+#define FU_SPLIT_FLOATS 40960  /* the most shared memory for layer 0's weight slice (160 KB) */
+#define FU_SPLIT_ROWS 4        /* rows a copying block takes in fu_split ($MPSCY_CUDA_FUSED_SPLIT) */
+
+static int fu_pitch(int kw) { return kw + !(kw & 1); }
+
+/* fu_split's slices of layer 0's input (K inputs, N outputs) for b rows in groups of rows over
+ * blocks - 1 copying blocks: as many as the groups leave blocks for; 0 when their weights would
+ * pass cap floats or their rows the shared room (then layer 0 runs as its own phase). */
+static int fu_split_q(int blocks, int K, int N, int64_t b, int rows, int64_t cap, int *kw) {
+    const int64_t groups = (b + rows - 1) / rows;
+    int q = (int)((blocks - 1) / groups);
+    if (q < 1 || rows < 1) return 0;
+    if (q > K) q = K;
+    const int w = (K + q - 1) / q;
+    if ((int64_t)N * fu_pitch(w) > cap || (int64_t)rows * w > FU_SMEM_FLOATS) return 0;
+    *kw = w;
+    return (K + w - 1) / w;
+}
+
+/* Layer 0 in the copy phase (split_q > 0; fu_split_q): copying block c >= 1 owns K-slice q =
+ * (c - 1) % Q of layer 0's input (split_kw wide) for the split_rows rows of row group
+ * (c - 1) / Q. It loads w[:, slice] into ws (fu_split_load: pitch floats a row, odd, for
+ * conflict-free column reads) while its rows are still on their way, then waits for the pieces
+ * that hold its rows' slices (deferred staging), copies them from pinned memory to x's device
+ * rows and to shared memory, and writes their partial products ypart[q][r][j] = x[r, slice] .
+ * w[j, slice], each by one thread in order. */
+
+/* this block's slice of layer 0's input and its rows for fu_split, or 0 */
+struct fu_slice {
+    int q, k0, kq, r0, nr;
+};
+static __device__ __forceinline__ int fu_split_slice(const fu_args &a, int b, fu_slice *t) {
+    const int Q = a.split_q, c = (int)blockIdx.x - 1;
+    if (!Q || c < 0) return 0;
+    t->q = c % Q;
+    t->k0 = t->q * a.split_kw;
+    t->kq = imin(a.split_kw, a.L[0].in - t->k0);
+    t->r0 = (c / Q) * a.split_rows;
+    t->nr = imin(a.split_rows, b - t->r0);
+    return t->kq > 0 && t->nr > 0;
+}
+
+/* w[:, slice] into ws, pitch floats a row, a warp a row (cp.async, sm_80 and newer:
+ * fu_plan_split; not waited for) */
+static __device__ void fu_split_load(const fu_args &a, int b, float *ws) {
+    fu_slice t;
+    if (!fu_split_slice(a, b, &t)) return;
+    const fu_layer &L = a.L[0];
+    const int K = L.in, N = L.out, pitch = a.split_pitch, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    for (int j = threadIdx.x >> 5; j < N; j += nw) {
+        const float *src = L.w + (int64_t)j * K + t.k0;
+        float *dst = ws + j * pitch;
+        for (int k = lane; k < t.kq; k += 32) cp_async4(dst + k, src + k, true);
+    }
+}
+
+static __device__ void fu_split(const fu_args &a, float *smem, const float *ws, int b) {
+    fu_slice t;
+    if (!fu_split_slice(a, b, &t)) return;
+    const fu_layer &L = a.L[0];
+    const int K = L.in, N = L.out, pitch = a.split_pitch, kq = t.kq;
+    const int tid = threadIdx.x, nthr = blockDim.x, lane = tid & 31, warp = tid >> 5, nw = nthr >> 5;
+    if (a.deferred && tid == 0) {
+        const int64_t lo = (int64_t)t.r0 * K + t.k0, hi = (int64_t)(t.r0 + t.nr - 1) * K + t.k0 + kq;
+        for (int64_t p = lo / a.in_piece; p <= (hi - 1) / a.in_piece; p++)
+            fu_wait_piece(a.S, p);
+    }
+    __syncthreads();  /* the rows' pieces are there */
+    float *xs = smem;  /* (nr, kq) */
+    for (int rr = warp; rr < t.nr; rr += nw) {
+        const int64_t o = (int64_t)(t.r0 + rr) * K + t.k0;
+        for (int k = lane; k < kq; k += 32) {
+            const float v = __ldcv(a.in_src + o + k);
+            xs[rr * kq + k] = v;
+            a.in_dst[o + k] = v;
+        }
+    }
+    cp_async_wait<0>();  /* the slice */
+    __syncthreads();
+    const int S = N >= nthr ? 1 : nthr / N;
+    for (int e = tid; e < S * N; e += nthr) {
+        const int j = e % N;
+        const float *w = ws + j * pitch;
+        for (int rr = e / N; rr < t.nr; rr += S) {
+            const float *x = xs + rr * kq;
+            float acc0 = 0.0f, acc1 = 0.0f;  /* two chains, added at the end */
+            int k = 0;
+            for (; k + 1 < kq; k += 2) {
+                acc0 += w[k] * x[k];
+                acc1 += w[k + 1] * x[k + 1];
+            }
+            if (k < kq) acc0 += w[k] * x[k];
+            a.ypart[((int64_t)t.q * b + t.r0 + rr) * N + j] = acc0 + acc1;
+        }
+    }
+}
+
+#endif /* MPSCY_CUDA_MLP_SPLIT_CUH */
