@@ -956,19 +956,23 @@ def test_fused_forms_match_cpu(form, monkeypatch, capfd, rng):
 
 
 @cuda_only
-def test_fused_gradient_load_depth_gives_the_same_bits(monkeypatch, rng):
-    """The one-kernel step's weight gradients load 8 rows at a time ($MPSCY_CUDA_FUSED_GRADU=16:
-    16): each sum runs over the rows in the same order either way, so 10 steps of the benchmark
-    MLP (full and partial batches, Adam) leave bit-identical losses and parameters."""
+@pytest.mark.parametrize("knob", ["MPSCY_CUDA_FUSED_GRADU=16", "MPSCY_CUDA_FUSED_SPLITDOT=0"])
+def test_fused_measuring_knobs_give_the_same_bits(knob, monkeypatch, rng):
+    """The one-kernel step's measuring knobs change how it runs, never what it computes: the
+    weight gradients' loads 16 rows deep (GRADU=16, against 8), layer 0's partial products in
+    the copy phase a (row, output) a thread (SPLITDOT=0, against an output and its rows). Each
+    sum runs over the same terms in the same order, so 10 steps of the benchmark MLP (full and partial batches,
+    Adam) leave bit-identical losses and parameters."""
+    name, value = knob.split("=")
     build = FUSED_MODELS["benchmark_mlp"][0]
     rows = [32, 32, 7, 32, 1, 32, 32, 32, 19, 32]
     data = [(rng.standard_normal((r, 784)).astype(np.float32), rng.integers(0, 10, r).astype(np.int32)) for r in rows]
     runs = []
-    for depth in (None, "16"):
-        if depth is None:
-            monkeypatch.delenv("MPSCY_CUDA_FUSED_GRADU", raising=False)
+    for v in (None, value):
+        if v is None:
+            monkeypatch.delenv(name, raising=False)
         else:
-            monkeypatch.setenv("MPSCY_CUDA_FUSED_GRADU", depth)
+            monkeypatch.setenv(name, v)
         _, gpu = pair(build, (784,), batch=32, opt=lambda: optim.Adam(1e-3))
         losses = [gpu.step(x, y).loss for x, y in data]
         runs.append((losses, gpu.get_parameters()))

@@ -174,7 +174,7 @@ static __device__ void block_sum3(double *v) {
 
 template <bool CLUSTER>
 __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_constant__ fu_args ga) {
-    __shared__ float smem[FU_SMEM_FLOATS];
+    __shared__ __align__(16) float smem[FU_SMEM_FLOATS];  /* 16: fu_split reads float4 */
     extern __shared__ float dsm[];  /* the split's weight slice */
     /* the arguments, copied to shared memory: the phases index the layers at run time, which
      * from the parameter space is a generic load of a global load's latency per field */
@@ -186,6 +186,9 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
     fu_trace T;
     T.n = 0;
     fu_mark(ga, &T);
+    if (ga.trace && threadIdx.x == 0)
+        for (int k = 1; k < FU_STAMPS; k++) ga.stamps[blockIdx.x * FU_STAMPS + k] = 0ull;
+    fu_stamp(ga, 0);
     for (int i = threadIdx.x; i < (int)(sizeof(fu_args) / sizeof(int)); i += blockDim.x)
         ((int *)&sa)[i] = ((const int *)&ga)[i];
 
@@ -221,7 +224,10 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
     __syncthreads();
     const fu_args &a = sa;
     FU_MARK();
+    fu_stamp(a, 3);
+    fu_stamp(a, 4);
     fu_sync<CLUSTER>();
+    fu_stamp(a, 5);
     if (a.deferred && blockIdx.x == 0 && threadIdx.x < CU_STAGE_MAX_PIECES) a.S->fused_piece[threadIdx.x] = 0u;
     FU_MARK();
     /* layer 0's forward over the whole batch, split by output columns across the grid (unless
@@ -268,6 +274,24 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
                1e3 * (double)(T.c[nt - 1] - T.c[0]) / (double)(T.t[nt - 1] - T.t[0]));
         for (int k = 1; k < nt; k++) printf(" %llu", T.t[k] - T.t[k - 1]);
         printf(" total %llu\n", T.t[nt - 1] - T.t[0]);
+        /* every block's stamps from block 0's start: min, max (its block) of each event */
+        printf("fused_mlp stamps (ns from block 0's start; min max@block):");
+        for (int k = 0; k < FU_STAMPS; k++) {
+            long long lo = 1LL << 62, hi = -(1LL << 62);
+            int at = -1;
+            for (int blk = 0; blk < (int)gridDim.x; blk++) {
+                const unsigned long long v = a.stamps[blk * FU_STAMPS + k];
+                if (!v) continue;
+                const long long d = (long long)(v - a.stamps[0]);
+                if (d < lo) lo = d;
+                if (d > hi) {
+                    hi = d;
+                    at = blk;
+                }
+            }
+            if (at >= 0) printf(" [%d] %lld %lld@%d", k, lo, hi, at);
+        }
+        printf("\n");
     }
 }
 
@@ -398,6 +422,7 @@ int cu_fused_plan(cu_graph *g) {
     a.clip_norm = p->optim.clip_grad_norm;
     a.trace = getenv("MPSCY_CUDA_FUSED_TRACE") != NULL;
     a.grad_deep = cu_knob_int("MPSCY_CUDA_FUSED_GRADU", 8) == 16;
+    a.split_dot = cu_knob_int("MPSCY_CUDA_FUSED_SPLITDOT", 1);
     float *slot[3] = {NULL, NULL, NULL};
     for (int k = 0; k < 3 && k < p->n_vec_slots; k++) slot[k] = g->optim + p->vec_offset[k];
     a.u = update_args{g->params, g->grads, slot[0], slot[1], slot[2], p->n_params, p->optim.kind,
@@ -409,6 +434,15 @@ int cu_fused_plan(cu_graph *g) {
     f->a = a;
     f->cluster = cluster;
     f->blocks = blocks;
+    f->stamp_bytes = 0;
+    if (a.trace) {
+        const size_t bytes = (size_t)blocks * FU_STAMPS * sizeof(unsigned long long);
+        if (cu_dev_alloc(&g->dev->base, (void **)&f->a.stamps, bytes) != MPSCY_OK) {
+            cu_host_free(&g->dev->base, f, sizeof(cu_fused));
+            return 0;
+        }
+        f->stamp_bytes = (int64_t)bytes;
+    }
     fu_plan_split(g, f);
     g->fu = f;
     return 1;
@@ -417,6 +451,7 @@ int cu_fused_plan(cu_graph *g) {
 void cu_fused_free(cu_graph *g) {
     if (!g->fu) return;
     if (g->fu->a.ypart) cu_dev_free(&g->dev->base, g->fu->a.ypart, (size_t)g->fu->ypart_floats * sizeof(float));
+    if (g->fu->a.stamps) cu_dev_free(&g->dev->base, g->fu->a.stamps, (size_t)g->fu->stamp_bytes);
     cu_host_free(&g->dev->base, g->fu, sizeof(cu_fused));
     g->fu = NULL;
 }

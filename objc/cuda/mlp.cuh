@@ -59,14 +59,19 @@ struct fu_args {
     int split_q, split_kw, split_pitch, split_rows;
     float *ypart;
     int grad_deep;     /* $MPSCY_CUDA_FUSED_GRADU=16: the weight gradients' loads 16 rows deep (measuring) */
+    int split_dot;     /* $MPSCY_CUDA_FUSED_SPLITDOT=0 (measuring): the split's products a (row, output) a thread */
     int trace;         /* $MPSCY_CUDA_FUSED_TRACE: block 0 prints each phase's time (a profiling knob) */
+    unsigned long long *stamps; /* with trace: FU_STAMPS times a block (fu_stamp) */
 };
+
+#define FU_STAMPS 6    /* per block: start, pieces seen, rows loaded, copy done, warm done, barrier */
 
 struct cu_fused {
     fu_args a;
     int cluster, blocks;
     int64_t ws_floats;     /* dynamic shared memory for the split's weight slice, in floats (0: no split) */
     int64_t ypart_floats;  /* g's room for the partial products */
+    int64_t stamp_bytes;   /* a.stamps' room (trace) */
 };
 
 /* Data written earlier in this launch is read with plain loads after a barrier (grid.sync and
@@ -98,6 +103,11 @@ static __device__ __forceinline__ void fu_mark(const fu_args &a, fu_trace *T) {
     }
 }
 #define FU_MARK() fu_mark(a, &T)
+
+/* with trace: thread 0 of every block stamps the time of event k (FU_STAMPS) */
+static __device__ __forceinline__ void fu_stamp(const fu_args &a, int k) {
+    if (a.trace && threadIdx.x == 0) a.stamps[blockIdx.x * FU_STAMPS + k] = cu_global_ns();
+}
 
 /* Deferred staging: waits until the relay (block 0's first warp, cu_relay_pieces) has seen the
  * host's flag of piece p; block 0 clears the words after the copy's barrier. */

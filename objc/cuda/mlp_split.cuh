@@ -69,23 +69,65 @@ static __device__ void fu_split(const fu_args &a, float *smem, const float *ws, 
     const fu_layer &L = a.L[0];
     const int K = L.in, N = L.out, pitch = a.split_pitch, kq = t.kq;
     const int tid = threadIdx.x, nthr = blockDim.x, lane = tid & 31, warp = tid >> 5, nw = nthr >> 5;
+    /* x's slice of the rows, (nr, kq); with split_dot (nr <= 4) transposed, (kq, 4): a row's
+     * four values one 16-byte broadcast */
+    float *xs = smem;
+    const int dot = a.split_dot && t.nr <= 4 && kq * 4 <= FU_SMEM_FLOATS;
     if (a.deferred && tid == 0) {
         const int64_t lo = (int64_t)t.r0 * K + t.k0, hi = (int64_t)(t.r0 + t.nr - 1) * K + t.k0 + kq;
         for (int64_t p = lo / a.in_piece; p <= (hi - 1) / a.in_piece; p++)
             fu_wait_piece(a.S, p);
     }
     __syncthreads();  /* the rows' pieces are there */
-    float *xs = smem;  /* (nr, kq) */
+    fu_stamp(a, 1);
+    /* a warp a row: reading the slices with the whole block at once, or the group's rows in
+     * contiguous float4 parts, was slower (more requests over PCIe at once: bench/cuda_notes.md) */
     for (int rr = warp; rr < t.nr; rr += nw) {
         const int64_t o = (int64_t)(t.r0 + rr) * K + t.k0;
         for (int k = lane; k < kq; k += 32) {
             const float v = __ldcv(a.in_src + o + k);
-            xs[rr * kq + k] = v;
+            xs[dot ? k * 4 + rr : rr * kq + k] = v;
             a.in_dst[o + k] = v;
         }
     }
     cp_async_wait<0>();  /* the slice */
     __syncthreads();
+    fu_stamp(a, 2);
+    if (dot) {
+        /* an output a thread, all its rows at once: per k one weight and one broadcast of the
+         * rows' x (a quarter of the shared-memory reads of the form below), the same two
+         * chains per row in the same order (the same bits) */
+        const float4 *x4 = reinterpret_cast<const float4 *>(xs);
+        for (int j = tid; j < N; j += nthr) {
+            const float *w = ws + j * pitch;
+            float a0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, a1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            int k = 0;
+            for (; k + 1 < kq; k += 2) {
+                const float w0 = w[k], w1 = w[k + 1];
+                const float4 u = x4[k], v = x4[k + 1];
+                a0[0] += w0 * u.x;
+                a0[1] += w0 * u.y;
+                a0[2] += w0 * u.z;
+                a0[3] += w0 * u.w;
+                a1[0] += w1 * v.x;
+                a1[1] += w1 * v.y;
+                a1[2] += w1 * v.z;
+                a1[3] += w1 * v.w;
+            }
+            if (k < kq) {
+                const float w0 = w[k];
+                const float4 u = x4[k];
+                a0[0] += w0 * u.x;
+                a0[1] += w0 * u.y;
+                a0[2] += w0 * u.z;
+                a0[3] += w0 * u.w;
+            }
+#pragma unroll
+            for (int rr = 0; rr < 4; rr++)
+                if (rr < t.nr) a.ypart[((int64_t)t.q * b + t.r0 + rr) * N + j] = a0[rr] + a1[rr];
+        }
+        return;
+    }
     const int S = N >= nthr ? 1 : nthr / N;
     for (int e = tid; e < S * N; e += nthr) {
         const int j = e % N;
