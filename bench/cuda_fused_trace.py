@@ -1,6 +1,8 @@
 """Per-phase times of the one-kernel MLP step (objc/cuda/mlp.cu) on the GPU: builds the benchmark
 MLP (784-128-64-10, batch 32, Adam) with $MPSCY_CUDA_FUSED_TRACE set, so block 0 of the kernel
-prints, for every phase, its own work time and its wait at the barrier after it (ns).
+prints, for every phase, its own work time and its wait at the barrier after it (ns), and every
+block's copy-phase events (its pieces seen, its rows loaded, its copy done, the barrier passed) as
+min and max over the grid, in ns from block 0's start.
 
     python bench/cuda_fused_trace.py [form ...]      # forms as $MPSCY_CUDA_FUSED, e.g. grid:132
 """

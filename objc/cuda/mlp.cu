@@ -225,9 +225,8 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
     const fu_args &a = sa;
     FU_MARK();
     fu_stamp(a, 3);
-    fu_stamp(a, 4);
     fu_sync<CLUSTER>();
-    fu_stamp(a, 5);
+    fu_stamp(a, 4);
     if (a.deferred && blockIdx.x == 0 && threadIdx.x < CU_STAGE_MAX_PIECES) a.S->fused_piece[threadIdx.x] = 0u;
     FU_MARK();
     /* layer 0's forward over the whole batch, split by output columns across the grid (unless

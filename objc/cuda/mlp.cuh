@@ -64,7 +64,7 @@ struct fu_args {
     unsigned long long *stamps; /* with trace: FU_STAMPS times a block (fu_stamp) */
 };
 
-#define FU_STAMPS 6    /* per block: start, pieces seen, rows loaded, copy done, warm done, barrier */
+#define FU_STAMPS 5    /* per block: start, its pieces seen, its rows loaded (split), copy done, barrier passed */
 
 struct cu_fused {
     fu_args a;
