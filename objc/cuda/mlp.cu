@@ -15,15 +15,15 @@
  *   5. the global norm, the decision and the optimizer pass of update.h.
  * Every output element is computed by one thread or warp in a fixed order, so results are
  * deterministic. Inner loops issue their loads in batches before using them (indices past the
- * end clamped, their products discarded): every phase is latency-bound, and on the H200 the
- * phases after the copy wait on fetching their own instructions more than on memory (ncu), so
- * code on the critical path is kept short.
+ * end clamped, their products discarded): every phase is latency-bound; with warm caches its
+ * warps wait at barriers first and on memory second (ncu).
  *
  * Decided once at build (cu_fused_plan); $MPSCY_CUDA_FUSED picks the form: "0" off, "grid" or
  * "grid:N" (N blocks), "cluster" or "cluster:N" (one cluster of N blocks, Hopper);
- * $MPSCY_CUDA_FUSED_TRACE prints block 0's time per phase. Here: layer 0's own phase, the
- * weight gradients, the kernel and the host side; mlp.cuh: the arguments and shared helpers;
- * mlp_split.cuh: layer 0 in the copy phase; mlp_rows.cuh: the row phase. */
+ * $MPSCY_CUDA_FUSED_TRACE prints block 0's time per phase and every block's copy-phase stamps.
+ * Here: layer 0's own phase, the weight gradients, the kernel and the host side; mlp.cuh: the
+ * arguments and shared helpers; mlp_split.cuh: layer 0 in the copy phase; mlp_rows.cuh: the row
+ * phase. */
 #include "mlp.cuh"
 #include "mlp_rows.cuh"
 #include "mlp_split.cuh"
@@ -87,10 +87,9 @@ static __device__ void forward_layer0(const fu_layer &l, int b, int gw, int tw, 
 
 /* Every layer's weight and bias gradients from the whole batch's dz and inputs: dW[j0 + q, i]
  * = sum_r dz[r, j0 + q] x[r, i] for 4 outputs and 32 inputs per warp item, GR rows per batch of
- * loads; db[j] = sum_r dz[r, j]. Returns this thread's sum of squares of what it wrote. GR is 8:
- * the phase waits on fetching its instructions more than on its loads, and 8 rows' code is half
- * as long as 16 rows' (A/B on the H200: 41.9 us a step against 44.1). $MPSCY_CUDA_FUSED_GRADU=16
- * (a measuring knob) takes 16: the same sums in the same order. */
+ * loads; db[j] = sum_r dz[r, j]. Returns this thread's sum of squares of what it wrote. GR is 8,
+ * whose code is half as long as 16 rows' (A/B on the H200: 41.9 us a step against 44.1).
+ * $MPSCY_CUDA_FUSED_GRADU=16 (a measuring knob) takes 16: the same sums in the same order. */
 template <int GR>
 static __device__ double weight_grads(const fu_args &a, int gw, int tw, int lane) {
     const int b = a.b;
