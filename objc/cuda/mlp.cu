@@ -278,9 +278,9 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
             long long lo = 1LL << 62, hi = -(1LL << 62);
             int at = -1;
             for (int blk = 0; blk < (int)gridDim.x; blk++) {
-                const unsigned long long v = a.stamps[blk * FU_STAMPS + k];
-                if (!v) continue;
-                const long long d = (long long)(v - a.stamps[0]);
+                const unsigned long long at_k = a.stamps[blk * FU_STAMPS + k];
+                if (!at_k) continue;  /* not this block's event (a block that copies no slice) */
+                const long long d = (long long)(at_k - a.stamps[0]);
                 if (d < lo) lo = d;
                 if (d > hi) {
                     hi = d;
@@ -432,14 +432,9 @@ int cu_fused_plan(cu_graph *g) {
     f->a = a;
     f->cluster = cluster;
     f->blocks = blocks;
-    f->stamp_bytes = 0;
-    if (a.trace) {
-        const size_t bytes = (size_t)blocks * FU_STAMPS * sizeof(unsigned long long);
-        if (cu_dev_alloc(&g->dev->base, (void **)&f->a.stamps, bytes) != MPSCY_OK) {
-            cu_host_free(&g->dev->base, f, sizeof(cu_fused));
-            return 0;
-        }
-        f->stamp_bytes = (int64_t)bytes;
+    if (a.trace && cu_dev_alloc(&g->dev->base, (void **)&f->a.stamps, FU_STAMP_BYTES(blocks)) != MPSCY_OK) {
+        cu_host_free(&g->dev->base, f, sizeof(cu_fused));
+        return 0;
     }
     fu_plan_split(g, f);
     g->fu = f;
@@ -449,7 +444,7 @@ int cu_fused_plan(cu_graph *g) {
 void cu_fused_free(cu_graph *g) {
     if (!g->fu) return;
     if (g->fu->a.ypart) cu_dev_free(&g->dev->base, g->fu->a.ypart, (size_t)g->fu->ypart_floats * sizeof(float));
-    if (g->fu->a.stamps) cu_dev_free(&g->dev->base, g->fu->a.stamps, (size_t)g->fu->stamp_bytes);
+    if (g->fu->a.stamps) cu_dev_free(&g->dev->base, g->fu->a.stamps, FU_STAMP_BYTES(g->fu->blocks));
     cu_host_free(&g->dev->base, g->fu, sizeof(cu_fused));
     g->fu = NULL;
 }

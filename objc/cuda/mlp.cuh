@@ -65,13 +65,13 @@ struct fu_args {
 };
 
 #define FU_STAMPS 5    /* per block: start, its pieces seen, its rows loaded (split), copy done, barrier passed */
+#define FU_STAMP_BYTES(blocks) ((size_t)(blocks) * FU_STAMPS * sizeof(unsigned long long))
 
 struct cu_fused {
     fu_args a;
     int cluster, blocks;
     int64_t ws_floats;     /* dynamic shared memory for the split's weight slice, in floats (0: no split) */
     int64_t ypart_floats;  /* g's room for the partial products */
-    int64_t stamp_bytes;   /* a.stamps' room (trace) */
 };
 
 /* Data written earlier in this launch is read with plain loads after a barrier (grid.sync and

@@ -63,6 +63,14 @@ static __device__ void fu_split_load(const fu_args &a, int b, float *ws) {
     }
 }
 
+/* acc[r] += w * x's row r, for the four rows of a transposed slice */
+static __device__ __forceinline__ void fu_fma4(float *acc, float w, float4 x) {
+    acc[0] += w * x.x;
+    acc[1] += w * x.y;
+    acc[2] += w * x.z;
+    acc[3] += w * x.w;
+}
+
 static __device__ void fu_split(const fu_args &a, float *smem, const float *ws, int b) {
     fu_slice t;
     if (!fu_split_slice(a, b, &t)) return;
@@ -96,32 +104,18 @@ static __device__ void fu_split(const fu_args &a, float *smem, const float *ws, 
     if (dot) {
         /* an output a thread, all its rows at once: per k one weight and one broadcast of the
          * rows' x (a quarter of the shared-memory reads of the form below), the same two
-         * chains per row in the same order (the same bits) */
+         * chains per row in the same order (the same bits); rows past nr hold stale values,
+         * their sums never stored */
         const float4 *x4 = reinterpret_cast<const float4 *>(xs);
         for (int j = tid; j < N; j += nthr) {
             const float *w = ws + j * pitch;
             float a0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, a1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
             int k = 0;
             for (; k + 1 < kq; k += 2) {
-                const float w0 = w[k], w1 = w[k + 1];
-                const float4 u = x4[k], v = x4[k + 1];
-                a0[0] += w0 * u.x;
-                a0[1] += w0 * u.y;
-                a0[2] += w0 * u.z;
-                a0[3] += w0 * u.w;
-                a1[0] += w1 * v.x;
-                a1[1] += w1 * v.y;
-                a1[2] += w1 * v.z;
-                a1[3] += w1 * v.w;
+                fu_fma4(a0, w[k], x4[k]);
+                fu_fma4(a1, w[k + 1], x4[k + 1]);
             }
-            if (k < kq) {
-                const float w0 = w[k];
-                const float4 u = x4[k];
-                a0[0] += w0 * u.x;
-                a0[1] += w0 * u.y;
-                a0[2] += w0 * u.z;
-                a0[3] += w0 * u.w;
-            }
+            if (k < kq) fu_fma4(a0, w[k], x4[k]);
 #pragma unroll
             for (int rr = 0; rr < 4; rr++)
                 if (rr < t.nr) a.ypart[((int64_t)t.q * b + t.r0 + rr) * N + j] = a0[rr] + a1[rr];
