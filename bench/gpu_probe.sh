@@ -3,7 +3,8 @@
 # ncu's detailed sections (throughput, warp states, scheduler, occupancy) for the kernels of one
 # CNN step whose names match $KERNELS (a regex), to $OUT/ncu_detail.txt, with the lines that
 # matter printed; then interleaved A/B of the CNN step for each variant in $AB (";"-separated
-# lists of NAME=VALUE, as bench/cuda_ab.py takes them; "" is the default engine).
+# lists of NAME=VALUE, as bench/cuda_ab.py takes them; "" is the default engine). $STALLS: the
+# stall reasons of the matching kernels; $SOURCE: their per-instruction samples (ncu_source.csv).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/mpscy-gpu}
@@ -52,6 +53,19 @@ for r in rows[1:]:
         pass
     print(f"   {name:70s} {r[vi]}")
 PYEOF
+fi
+if [ -n "${SOURCE:-}" ] && [ -n "$NCU" ]; then
+    # per SASS instruction (with CUDA lines when built with MPSCY_CUDA_LINEINFO=1) of the kernels
+    # matching $SOURCE: warp-state samples by stall reason, to $OUT/ncu_source.csv (one table a
+    # profiled launch; warm caches, clocks as found)
+    timeout ${NCU_TIMEOUT:-200} "$NCU" --graph-profiling node --clock-control none --cache-control none \
+        -k "regex:${SOURCE}" --launch-skip ${SKIP_LAUNCHES:-2} --launch-count ${LAUNCHES:-4} \
+        --section SourceCounters --section WarpStateStats --import-source yes -f -o /tmp/ncu_source \
+        $PY bench/cuda_profile.py "$MODEL" > "$OUT/ncu_source.log" 2>&1
+    echo "ncu source: exit $?"; tail -2 "$OUT/ncu_source.log"
+    "$NCU" -i /tmp/ncu_source.ncu-rep --page source --csv --print-source ${PRINT_SOURCE:-cuda,sass} \
+        > "$OUT/ncu_source.csv" 2> "$OUT/ncu_source_page.err"
+    echo "ncu source page: exit $? ($(wc -l < "$OUT/ncu_source.csv") lines)"; head -3 "$OUT/ncu_source_page.err"
 fi
 if [ -n "${AB+x}" ]; then
     IFS=';' read -ra VARIANTS <<< "$AB"

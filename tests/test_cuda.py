@@ -906,6 +906,9 @@ FUSED_MODELS = {
     # the most layers the one-kernel step takes (8), ReLU on every other one
     "eight_layers": (lambda: [x for k in range(7) for x in ([L.Dense(20 + k), L.ReLU()] if k % 2 else [L.Dense(20 + k)])]
                      + [L.Dense(6)], (9,), 16),
+    # more rows than the weight gradients' loads take at once (72: nine rounds of 8), on 13 and
+    # 30 inputs (no 16-byte alignment)
+    "long_batch": (lambda: [L.Dense(30), L.ReLU(), L.Dense(7)], (13,), 72),
 }
 
 
@@ -956,11 +959,12 @@ def test_fused_forms_match_cpu(form, monkeypatch, capfd, rng):
 
 
 @cuda_only
-@pytest.mark.parametrize("knob", ["MPSCY_CUDA_FUSED_GRADU=16", "MPSCY_CUDA_FUSED_SPLITDOT=0"])
+@pytest.mark.parametrize("knob", ["MPSCY_CUDA_FUSED_GRADU=16", "MPSCY_CUDA_FUSED_SPLITDOT=0", "MPSCY_CUDA_FUSED_DWIDE=1"])
 def test_fused_measuring_knobs_give_the_same_bits(knob, monkeypatch, rng):
     """The one-kernel step's measuring knobs change how it runs, never what it computes: the
     weight gradients' loads 16 rows deep (GRADU=16, against 8), layer 0's partial products in
-    the copy phase a (row, output) a thread (SPLITDOT=0, against an output and its rows). Each
+    the copy phase a (row, output) a thread (SPLITDOT=0, against an output and its rows), the
+    row phase's d(input) loads 16 classes at a time where a group has 2 (DWIDE=1, against 4). Each
     sum runs over the same terms in the same order, so 10 steps of the benchmark MLP (full and partial batches,
     Adam) leave bit-identical losses and parameters."""
     name, value = knob.split("=")

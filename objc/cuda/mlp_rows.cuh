@@ -45,6 +45,28 @@ static __device__ double row_loss(const float *logit, float *dz, int C, int labe
     return warp_allsum(row);
 }
 
+/* d(input) element i's share from classes [jlo, jhi): sum_j dz[j] W[j, i] with dz = cur, U
+ * classes a batch of loads (those past jhi clamped to jhi - 1, their products 0, which leave
+ * the sum as it is): the same sum, in the same order, for any U. row_chain takes 4 where a group
+ * has at most 4 classes (the 10-class layer's groups have 2: of 16 loads a thread 14 were
+ * wasted); $MPSCY_CUDA_FUSED_DWIDE=1 (a measuring knob) takes 16 always. */
+template <int U>
+static __device__ __forceinline__ float din_sum(const float *W, const float *cur, int K, int i, int jlo, int jhi) {
+    float acc = 0.0f;
+    for (int j0 = jlo; j0 < jhi; j0 += U) {
+        float wv[U], dv[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int j = imin(j0 + u, jhi - 1);
+            wv[u] = W[(int64_t)j * K + i];
+            dv[u] = j0 + u < jhi ? cur[j] : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) acc += dv[u] * wv[u];
+    }
+    return acc;
+}
+
 static __device__ __noinline__ void row_chain(const fu_args &a, float *smem, int first, int r, int lane, int warp,
                                               fu_trace *T) {
     const int nl = a.n_layers, tid = threadIdx.x, nthr = blockDim.x;
@@ -161,18 +183,8 @@ static __device__ __noinline__ void row_chain(const fu_args &a, float *smem, int
         const int per = (N + G - 1) / G;
         for (int e = tid; e < G * K; e += nthr) {  /* G > 1: one element per thread; else a loop */
             const int g = e / K, i = e % K, jlo = g * per, jhi = imin(jlo + per, N);
-            float acc = 0.0f;
-            for (int j0 = jlo; j0 < jhi; j0 += 16) {
-                float wv[16], dv[16];
-#pragma unroll
-                for (int u = 0; u < 16; u++) {
-                    const int j = imin(j0 + u, jhi - 1);
-                    wv[u] = W[(int64_t)j * K + i];
-                    dv[u] = j0 + u < jhi ? cur[j] : 0.0f;
-                }
-#pragma unroll
-                for (int u = 0; u < 16; u++) acc += dv[u] * wv[u];
-            }
+            const float acc = per <= 4 && !a.din_wide ? din_sum<4>(W, cur, K, i, jlo, jhi)
+                                                       : din_sum<16>(W, cur, K, i, jlo, jhi);
             if (G > 1) part[e] = acc;
             else nxt[i] = acc;
         }
