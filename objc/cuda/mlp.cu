@@ -85,11 +85,54 @@ static __device__ void forward_layer0(const fu_layer &l, int b, int gw, int tw, 
     }
 }
 
-/* Every layer's weight and bias gradients from the whole batch's dz and inputs: dW[j0 + q, i]
- * = sum_r dz[r, j0 + q] x[r, i] for 4 outputs and 32 inputs per warp item, GR rows per batch of
- * loads; db[j] = sum_r dz[r, j]. Returns this thread's sum of squares of what it wrote. GR is 8,
- * whose code is half as long as 16 rows' (A/B on the H200: 41.9 us a step against 44.1).
- * $MPSCY_CUDA_FUSED_GRADU=16 (a measuring knob) takes 16: the same sums in the same order. */
+/* One warp item of a layer's weight gradients: dW[j0 + q, i] = sum_r dz[r, j0 + q] x[r, i] for
+ * 4 outputs and 32 inputs, GR rows per batch of loads, the rows in order. V4: a row's 4 dz values
+ * as one 16-byte load (N a multiple of 4, dz 16-byte aligned), not 4 loads of one float: the same
+ * values. Returns this thread's sum of squares of what it wrote. */
+template <int GR, bool V4>
+static __device__ double dw_item(const fu_layer &L, int b, int it, int ic, int lane) {
+    const int K = L.in, N = L.out, c = it % ic, j0 = (it / ic) * 4, i = c * 32 + lane, ii = imin(i, K - 1);
+    int jq[4];
+#pragma unroll
+    for (int q = 0; q < 4; q++) jq[q] = imin(j0 + q, N - 1);
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int r0 = 0; r0 < b; r0 += GR) {
+        float xv[GR], dv[GR][4];
+#pragma unroll
+        for (int u = 0; u < GR; u++) {
+            const int r = imin(r0 + u, b - 1);
+            xv[u] = L.x[(int64_t)r * K + ii];
+            if (V4) {
+                const float4 d = *reinterpret_cast<const float4 *>(L.dz + (int64_t)r * N + j0);
+                dv[u][0] = d.x, dv[u][1] = d.y, dv[u][2] = d.z, dv[u][3] = d.w;
+            } else {
+#pragma unroll
+                for (int q = 0; q < 4; q++) dv[u][q] = L.dz[(int64_t)r * N + jq[q]];
+            }
+            if (r0 + u >= b) xv[u] = 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < GR; u++)
+#pragma unroll
+            for (int q = 0; q < 4; q++) acc[q] += dv[u][q] * xv[u];
+    }
+    double s2 = 0;
+    if (i < K)
+#pragma unroll
+        for (int q = 0; q < 4; q++)
+            if (j0 + q < N) {
+                L.dw[(int64_t)(j0 + q) * K + i] = acc[q];
+                s2 += (double)acc[q] * acc[q];
+            }
+    return s2;
+}
+
+/* Every layer's weight and bias gradients from the whole batch's dz and inputs: dw_item's warp
+ * items of 4 outputs and 32 inputs, then db[j] = sum_r dz[r, j]. Returns this thread's sum of
+ * squares of what it wrote. GR is 8, whose code is half as long as 16 rows' (A/B on the H200:
+ * 41.9 us a step against 44.1). $MPSCY_CUDA_FUSED_GRADU=16 (a measuring knob) takes 16, and
+ * $MPSCY_CUDA_FUSED_GRADV=0 (another) dz's 4 values a row as 4 loads: the same sums in the same
+ * order. */
 template <int GR>
 static __device__ double weight_grads(const fu_args &a, int gw, int tw, int lane) {
     const int b = a.b;
@@ -99,37 +142,12 @@ static __device__ double weight_grads(const fu_args &a, int gw, int tw, int lane
         const fu_layer &L = a.L[l];
         const int K = L.in, N = L.out, ic = (K + 31) / 32, n_dw = ic * ((N + 3) / 4);
         const int n_db = L.db ? (N + 31) / 32 : 0, n = n_dw + n_db;
+        const bool v4 = a.grad_vec && (N & 3) == 0 && ((uintptr_t)L.dz & 15) == 0;
         int it = gw - base;
         if (it < 0) it += ((-it + tw - 1) / tw) * tw;  /* this warp's first item in this layer */
         for (; it < n; it += tw) {
             if (it < n_dw) {
-                const int c = it % ic, j0 = (it / ic) * 4, i = c * 32 + lane, ii = imin(i, K - 1);
-                int jq[4];
-#pragma unroll
-                for (int q = 0; q < 4; q++) jq[q] = imin(j0 + q, N - 1);
-                float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                for (int r0 = 0; r0 < b; r0 += GR) {
-                    float xv[GR], dv[GR][4];
-#pragma unroll
-                    for (int u = 0; u < GR; u++) {
-                        const int r = imin(r0 + u, b - 1);
-                        xv[u] = L.x[(int64_t)r * K + ii];
-#pragma unroll
-                        for (int q = 0; q < 4; q++) dv[u][q] = L.dz[(int64_t)r * N + jq[q]];
-                        if (r0 + u >= b) xv[u] = 0.0f;
-                    }
-#pragma unroll
-                    for (int u = 0; u < GR; u++)
-#pragma unroll
-                        for (int q = 0; q < 4; q++) acc[q] += dv[u][q] * xv[u];
-                }
-                if (i < K)
-#pragma unroll
-                    for (int q = 0; q < 4; q++)
-                        if (j0 + q < N) {
-                            L.dw[(int64_t)(j0 + q) * K + i] = acc[q];
-                            s2 += (double)acc[q] * acc[q];
-                        }
+                s2 += v4 ? dw_item<GR, true>(L, b, it, ic, lane) : dw_item<GR, false>(L, b, it, ic, lane);
             } else {
                 const int j = (it - n_dw) * 32 + lane, jj = imin(j, N - 1);
                 float acc = 0.0f;
@@ -421,6 +439,7 @@ int cu_fused_plan(cu_graph *g) {
     a.trace = getenv("MPSCY_CUDA_FUSED_TRACE") != NULL;
     a.grad_deep = cu_knob_int("MPSCY_CUDA_FUSED_GRADU", 8) == 16;
     a.split_dot = cu_knob_int("MPSCY_CUDA_FUSED_SPLITDOT", 1);
+    a.grad_vec = cu_knob_int("MPSCY_CUDA_FUSED_GRADV", 1);
     a.din_wide = cu_knob_int("MPSCY_CUDA_FUSED_DWIDE", 0);
     float *slot[3] = {NULL, NULL, NULL};
     for (int k = 0; k < 3 && k < p->n_vec_slots; k++) slot[k] = g->optim + p->vec_offset[k];

@@ -59,6 +59,7 @@ struct fu_args {
     int split_q, split_kw, split_pitch, split_rows;
     float *ypart;
     int grad_deep;     /* $MPSCY_CUDA_FUSED_GRADU=16: the weight gradients' loads 16 rows deep (measuring) */
+    int grad_vec;      /* the weight gradients' dz 4 values a load where rows allow; $MPSCY_CUDA_FUSED_GRADV=0 4 loads (measuring) */
     int din_wide;      /* $MPSCY_CUDA_FUSED_DWIDE=1 (measuring): the row phase's d(input) loads 16 classes a batch always */
     int split_dot;     /* $MPSCY_CUDA_FUSED_SPLITDOT=0 (measuring): the split's products a (row, output) a thread */
     int trace;         /* $MPSCY_CUDA_FUSED_TRACE: block 0 prints each phase's time (a profiling knob) */
