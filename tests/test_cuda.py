@@ -907,8 +907,8 @@ FUSED_MODELS = {
     "eight_layers": (lambda: [x for k in range(7) for x in ([L.Dense(20 + k), L.ReLU()] if k % 2 else [L.Dense(20 + k)])]
                      + [L.Dense(6)], (9,), 16),
     # more rows than the weight gradients' loads take at once (72: nine rounds of 8), on 13 and
-    # 30 inputs (no 16-byte alignment)
-    "long_batch": (lambda: [L.Dense(30), L.ReLU(), L.Dense(7)], (13,), 72),
+    # 32 inputs (no 16-byte rows of x); 32 outputs take the gradients' 16-byte dz loads, 7 one float
+    "long_batch": (lambda: [L.Dense(32), L.ReLU(), L.Dense(7)], (13,), 72),
 }
 
 
@@ -966,9 +966,9 @@ def test_fused_measuring_knobs_give_the_same_bits(knob, monkeypatch, rng):
     weight gradients' loads 16 rows deep (GRADU=16, against 8), layer 0's partial products in
     the copy phase a (row, output) a thread (SPLITDOT=0, against an output and its rows), the
     row phase's d(input) loads 16 classes at a time where a group has 2 (DWIDE=1, against 4), the
-    weight gradients' dz values a float a load (GRADV=0, against 4). Each
-    sum runs over the same terms in the same order, so 10 steps of the benchmark MLP (full and partial batches,
-    Adam) leave bit-identical losses and parameters."""
+    weight gradients' dz values a float a load (GRADV=0, against 4). Each sum runs over the same
+    terms in the same order, so 10 steps of the benchmark MLP (full and partial batches, Adam)
+    leave bit-identical losses and parameters."""
     name, value = knob.split("=")
     build = FUSED_MODELS["benchmark_mlp"][0]
     rows = [32, 32, 7, 32, 1, 32, 32, 32, 19, 32]
@@ -980,8 +980,8 @@ def test_fused_measuring_knobs_give_the_same_bits(knob, monkeypatch, rng):
         else:
             monkeypatch.setenv(name, v)
         _, gpu = pair(build, (784,), batch=32, opt=lambda: optim.Adam(1e-3))
-        losses = [gpu.step(x, y).loss for x, y in data]
-        runs.append((losses, gpu.get_parameters()))
+        step_losses = [gpu.step(x, y).loss for x, y in data]  # not `losses`: the module
+        runs.append((step_losses, gpu.get_parameters()))
     assert runs[0][0] == runs[1][0]
     assert all(np.array_equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
 

@@ -15,8 +15,10 @@
  *   5. the global norm, the decision and the optimizer pass of update.h.
  * Every output element is computed by one thread or warp in a fixed order, so results are
  * deterministic. Inner loops issue their loads in batches before using them (indices past the
- * end clamped, their products discarded): every phase is latency-bound; with warm caches its
- * warps wait at barriers first and on memory second (ncu).
+ * end clamped, their products discarded): every phase is latency-bound. With warm caches (ncu,
+ * per line: bench/ncu_lines.py) most warps wait at barriers; the copy phase's others wait on its
+ * PCIe reads, the compute phases' on fetching and issuing their instructions more than on memory,
+ * so fewer instructions on the critical path pay (the 16-byte dz loads, din_sum's 4 classes).
  *
  * Decided once at build (cu_fused_plan); $MPSCY_CUDA_FUSED picks the form: "0" off, "grid" or
  * "grid:N" (N blocks), "cluster" or "cluster:N" (one cluster of N blocks, Hopper);
@@ -86,15 +88,12 @@ static __device__ void forward_layer0(const fu_layer &l, int b, int gw, int tw, 
 }
 
 /* One warp item of a layer's weight gradients: dW[j0 + q, i] = sum_r dz[r, j0 + q] x[r, i] for
- * 4 outputs and 32 inputs, GR rows per batch of loads, the rows in order. V4: a row's 4 dz values
- * as one 16-byte load (N a multiple of 4, dz 16-byte aligned), not 4 loads of one float: the same
- * values. Returns this thread's sum of squares of what it wrote. */
+ * 4 outputs and 32 inputs, GR rows per batch of loads, the rows in order. V4 (fu_layer.dz4): a
+ * row's 4 dz values as one 16-byte load, not 4 loads of one float: the same values. Returns this
+ * thread's sum of squares of what it wrote. */
 template <int GR, bool V4>
 static __device__ double dw_item(const fu_layer &L, int b, int it, int ic, int lane) {
     const int K = L.in, N = L.out, c = it % ic, j0 = (it / ic) * 4, i = c * 32 + lane, ii = imin(i, K - 1);
-    int jq[4];
-#pragma unroll
-    for (int q = 0; q < 4; q++) jq[q] = imin(j0 + q, N - 1);
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int r0 = 0; r0 < b; r0 += GR) {
         float xv[GR], dv[GR][4];
@@ -107,7 +106,7 @@ static __device__ double dw_item(const fu_layer &L, int b, int it, int ic, int l
                 dv[u][0] = d.x, dv[u][1] = d.y, dv[u][2] = d.z, dv[u][3] = d.w;
             } else {
 #pragma unroll
-                for (int q = 0; q < 4; q++) dv[u][q] = L.dz[(int64_t)r * N + jq[q]];
+                for (int q = 0; q < 4; q++) dv[u][q] = L.dz[(int64_t)r * N + imin(j0 + q, N - 1)];
             }
             if (r0 + u >= b) xv[u] = 0.0f;
         }
@@ -142,12 +141,11 @@ static __device__ double weight_grads(const fu_args &a, int gw, int tw, int lane
         const fu_layer &L = a.L[l];
         const int K = L.in, N = L.out, ic = (K + 31) / 32, n_dw = ic * ((N + 3) / 4);
         const int n_db = L.db ? (N + 31) / 32 : 0, n = n_dw + n_db;
-        const bool v4 = a.grad_vec && (N & 3) == 0 && ((uintptr_t)L.dz & 15) == 0;
         int it = gw - base;
         if (it < 0) it += ((-it + tw - 1) / tw) * tw;  /* this warp's first item in this layer */
         for (; it < n; it += tw) {
             if (it < n_dw) {
-                s2 += v4 ? dw_item<GR, true>(L, b, it, ic, lane) : dw_item<GR, false>(L, b, it, ic, lane);
+                s2 += L.dz4 ? dw_item<GR, true>(L, b, it, ic, lane) : dw_item<GR, false>(L, b, it, ic, lane);
             } else {
                 const int j = (it - n_dw) * 32 + lane, jj = imin(j, N - 1);
                 float acc = 0.0f;
@@ -407,6 +405,9 @@ int cu_fused_plan(cu_graph *g) {
         }
     }
     if (nl == 0 || a.L[nl - 1].y != g->y[p->output]) return 0;
+    const int dz4 = cu_knob_on("MPSCY_CUDA_FUSED_GRADV");
+    for (int l = 0; l < nl; l++)
+        a.L[l].dz4 = dz4 && a.L[l].out % 4 == 0 && ((uintptr_t)a.L[l].dz & 15) == 0;
     /* the kernel's grid: every block resident at once (cooperative), or one cluster */
     int per_sm = 0;
     if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fused_mlp_kernel<false>, FU_THREADS, 0) != cudaSuccess ||
@@ -439,7 +440,6 @@ int cu_fused_plan(cu_graph *g) {
     a.trace = getenv("MPSCY_CUDA_FUSED_TRACE") != NULL;
     a.grad_deep = cu_knob_int("MPSCY_CUDA_FUSED_GRADU", 8) == 16;
     a.split_dot = cu_knob_int("MPSCY_CUDA_FUSED_SPLITDOT", 1);
-    a.grad_vec = cu_knob_int("MPSCY_CUDA_FUSED_GRADV", 1);
     a.din_wide = cu_knob_int("MPSCY_CUDA_FUSED_DWIDE", 0);
     float *slot[3] = {NULL, NULL, NULL};
     for (int k = 0; k < 3 && k < p->n_vec_slots; k++) slot[k] = g->optim + p->vec_offset[k];

@@ -27,6 +27,8 @@ struct fu_layer {
     const float *bias; /* (out) or NULL */
     float *dw, *db;    /* gradients (db NULL without bias) */
     int in, out, relu;
+    int dz4;           /* dz's rows as 16-byte loads in the weight gradients (out a multiple of 4, dz
+                        * aligned; decided at plan, never with $MPSCY_CUDA_FUSED_GRADV=0, a measuring knob) */
 };
 
 struct fu_args {
@@ -59,7 +61,6 @@ struct fu_args {
     int split_q, split_kw, split_pitch, split_rows;
     float *ypart;
     int grad_deep;     /* $MPSCY_CUDA_FUSED_GRADU=16: the weight gradients' loads 16 rows deep (measuring) */
-    int grad_vec;      /* the weight gradients' dz 4 values a load where rows allow; $MPSCY_CUDA_FUSED_GRADV=0 4 loads (measuring) */
     int din_wide;      /* $MPSCY_CUDA_FUSED_DWIDE=1 (measuring): the row phase's d(input) loads 16 classes a batch always */
     int split_dot;     /* $MPSCY_CUDA_FUSED_SPLITDOT=0 (measuring): the split's products a (row, output) a thread */
     int trace;         /* $MPSCY_CUDA_FUSED_TRACE: block 0 prints each phase's time (a profiling knob) */
