@@ -441,6 +441,7 @@ int cu_fused_plan(cu_graph *g) {
     a.grad_deep = cu_knob_int("MPSCY_CUDA_FUSED_GRADU", 8) == 16;
     a.split_dot = cu_knob_int("MPSCY_CUDA_FUSED_SPLITDOT", 1);
     a.din_wide = cu_knob_int("MPSCY_CUDA_FUSED_DWIDE", 0);
+    a.din_sync = cu_knob_int("MPSCY_CUDA_FUSED_DINSYNC", 0);
     float *slot[3] = {NULL, NULL, NULL};
     for (int k = 0; k < 3 && k < p->n_vec_slots; k++) slot[k] = g->optim + p->vec_offset[k];
     a.u = update_args{g->params, g->grads, slot[0], slot[1], slot[2], p->n_params, p->optim.kind,

@@ -188,17 +188,18 @@ static __device__ __noinline__ void row_chain(const fu_args &a, float *smem, int
             if (G > 1) part[e] = acc;
             else nxt[i] = acc;
         }
-        if (G > 1) {
-            __syncthreads();
-            for (int i = tid; i < K; i += nthr) {
-                float v = part[i];
-                for (int g = 1; g < G; g++) v += part[g * K + i];
-                nxt[i] = v;
-            }
-        }
-        __syncthreads();
+        /* the groups' parts summed in group order, then the mask: each thread reads back only the
+         * elements i it wrote when G is 1, so one barrier (for the parts) where G > 1, none else;
+         * $MPSCY_CUDA_FUSED_DINSYNC=1 (a measuring knob) adds the one the step had before */
+        if (G > 1 || a.din_sync) __syncthreads();
         for (int i = tid; i < K; i += nthr) {
-            float v = nxt[i];
+            float v;
+            if (G > 1) {
+                v = part[i];
+                for (int g = 1; g < G; g++) v += part[g * K + i];
+            } else {
+                v = nxt[i];
+            }
             if (B.relu && !((i == tid ? y0 : B.y[(int64_t)r * K + i]) > 0.0f)) v = 0.0f;
             nxt[i] = v;
             B.dz[(int64_t)r * K + i] = v;
