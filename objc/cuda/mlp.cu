@@ -129,9 +129,9 @@ static __device__ double dw_item(const fu_layer &L, int b, int it, int ic, int l
 /* Every layer's weight and bias gradients from the whole batch's dz and inputs: dw_item's warp
  * items of 4 outputs and 32 inputs, then db[j] = sum_r dz[r, j]. Returns this thread's sum of
  * squares of what it wrote. GR is 8, whose code is half as long as 16 rows' (A/B on the H200:
- * 41.9 us a step against 44.1). $MPSCY_CUDA_FUSED_GRADU=16 (a measuring knob) takes 16, and
- * $MPSCY_CUDA_FUSED_GRADV=0 (another) dz's 4 values a row as 4 loads: the same sums in the same
- * order. */
+ * 41.9 us a step against 44.1; with dz's 16-byte loads, 41.8 against 43.2). With
+ * $MPSCY_CUDA_FUSED_GRADV=0 (a measuring knob) dz's 4 values a row come as 4 loads: the same sums
+ * in the same order. */
 template <int GR>
 static __device__ double weight_grads(const fu_args &a, int gw, int tw, int lane) {
     const int b = a.b;
@@ -258,7 +258,7 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
     fu_sync<CLUSTER>();
     FU_MARK();
     /* every weight gradient, and each block's sum of squares of what it wrote */
-    double v[3] = {a.grad_deep ? weight_grads<16>(a, gw, tw, lane) : weight_grads<8>(a, gw, tw, lane), 0.0, 0.0};
+    double v[3] = {weight_grads<8>(a, gw, tw, lane), 0.0, 0.0};
     v[0] = block_sum(v[0]);
     if (threadIdx.x == 0) a.S->norm_part[blockIdx.x] = v[0];
     FU_MARK();
@@ -438,10 +438,8 @@ int cu_fused_plan(cu_graph *g) {
     a.P = g->params_d;
     a.clip_norm = p->optim.clip_grad_norm;
     a.trace = getenv("MPSCY_CUDA_FUSED_TRACE") != NULL;
-    a.grad_deep = cu_knob_int("MPSCY_CUDA_FUSED_GRADU", 8) == 16;
     a.split_dot = cu_knob_int("MPSCY_CUDA_FUSED_SPLITDOT", 1);
     a.din_wide = cu_knob_int("MPSCY_CUDA_FUSED_DWIDE", 0);
-    a.din_sync = cu_knob_int("MPSCY_CUDA_FUSED_DINSYNC", 0);
     float *slot[3] = {NULL, NULL, NULL};
     for (int k = 0; k < 3 && k < p->n_vec_slots; k++) slot[k] = g->optim + p->vec_offset[k];
     a.u = update_args{g->params, g->grads, slot[0], slot[1], slot[2], p->n_params, p->optim.kind,
