@@ -28,8 +28,14 @@ static __device__ void decide(cu_scratch *S, cu_result *R, const cu_params *P, d
     R->finite = finite;
     R->applied = finite && update;
     if (P->rseq) {  /* a training step that returns early (step.cu) */
-        __threadfence_system();
-        *(volatile unsigned int *)&R->done = P->rseq;
+        if (P->done_sc) {
+            __threadfence_system();
+            *(volatile unsigned int *)&R->done = P->rseq;
+        } else {
+            /* a release store at system scope: this thread's writes above (R, S) are seen by any
+             * observer that sees done, without a sequentially consistent fence */
+            asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(&R->done), "r"(P->rseq) : "memory");
+        }
     }
 }
 
