@@ -42,8 +42,6 @@ typedef struct cu_params {
     uint32_t seq;              /* a deferred step's number (its pieces' flags carry it), else 0 */
     uint32_t rseq;             /* a training step's number, or 0: update.h's decide() stores it in
                                   cu_result.done once the result is final */
-    uint32_t done_sc;          /* $MPSCY_CUDA_DONE_SC=1 (measuring): decide() fences with
-                                  __threadfence_system() before that store, not a release store */
 } cu_params;
 
 /* Device-side scratch of the reductions and the step's decision. */

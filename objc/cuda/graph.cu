@@ -333,7 +333,6 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
         return FAIL(st, "graph memory of about %zu bytes (device and pinned)", total);
     }
     g->params_h = (cu_params *)g->stage_h;
-    g->params_h->done_sc = (uint32_t)cu_knob_int("MPSCY_CUDA_DONE_SC", 0);
     g->params_d = (cu_params *)g->stage_d;
     g->dy = g->y + p->n_nodes;
     g->col_off = (int64_t *)(g->dy + p->n_nodes);
