@@ -919,17 +919,20 @@ def _train_step_form(capfd):
 
 
 @cuda_only
-@pytest.mark.parametrize("form", ["grid", "grid:3", "grid:40", "cluster:16", "cluster:4", "grid, plain"])
+@pytest.mark.parametrize("form", ["grid", "grid:3", "grid:40", "cluster:16", "cluster:4", "grid, plain", "grid, whole"])
 def test_fused_forms_match_cpu(form, monkeypatch, capfd, rng):
     """The whole train step as one kernel (mlp.cu), in each form ($MPSCY_CUDA_FUSED: barriers
     across a cooperative grid or within one thread-block cluster, with fewer blocks than rows or
-    more; "plain": layer 0 as its own phase after the copy, $MPSCY_CUDA_FUSED_SPLIT=0): 20
+    more; "plain": layer 0 as its own phase after the copy, $MPSCY_CUDA_FUSED_SPLIT=0; "whole":
+    each output's product over a block's slice by one thread, not in parts, $MPSCY_CUDA_FUSED_SPLITK=1): 20
     steps of full and partial batches against the cpu, with label smoothing and norm clipping,
     on chains of Dense layers with and without ReLU and bias. On the default grid layer 0 runs
     in the copy phase in every model of more than one layer (the benchmark MLP: 16 slices of 49
     inputs for 8 groups of 4 rows); on grid:3 and cluster:4 the benchmark MLP's 8 groups of rows
     leave no block for a slice, so its layer 0 runs as its own phase there."""
     plain = form.endswith(", plain")
+    if form.endswith(", whole"):
+        monkeypatch.setenv("MPSCY_CUDA_FUSED_SPLITK", "1")
     form = form.split(",")[0]
     monkeypatch.setenv("MPSCY_CUDA_FUSED", form)
     monkeypatch.setenv("MPSCY_CUDA_VERBOSE", "1")
@@ -959,17 +962,20 @@ def test_fused_forms_match_cpu(form, monkeypatch, capfd, rng):
 
 
 @cuda_only
-@pytest.mark.parametrize("knob", ["MPSCY_CUDA_FUSED_SPLITDOT=0", "MPSCY_CUDA_FUSED_DWIDE=1",
+@pytest.mark.parametrize("knob", ["MPSCY_CUDA_FUSED_SPLITK=1 MPSCY_CUDA_FUSED_SPLITDOT=0", "MPSCY_CUDA_FUSED_DWIDE=1",
                                   "MPSCY_CUDA_FUSED_GRADV=0", "MPSCY_CUDA_FUSED_ROWU=8"])
 def test_fused_measuring_knobs_give_the_same_bits(knob, monkeypatch, rng):
     """The one-kernel step's measuring knobs change how it runs, never what it computes: layer
     0's partial products in the copy phase a (row, output) a thread (SPLITDOT=0, against an
-    output and its rows), the row phase's d(input) loads 16 classes at a time where a group has 2
-    (DWIDE=1, against 4), the weight gradients' dz values a float a load (GRADV=0, against 4), the
-    row load's partial products 8 loads a round (ROWU=8, against 16).
-    Each sum runs over the same terms in the same order, so 10 steps of the benchmark MLP (full
-    and partial batches, Adam) leave bit-identical losses and parameters."""
-    name, value = knob.split("=")
+    output and its rows, both with the slice whole: SPLITK=1), the row phase's d(input) loads 16
+    classes at a time where a group has 2 (DWIDE=1, against 4), the weight gradients' dz values a
+    float a load (GRADV=0, against 4), the row load's partial products 8 loads a round (ROWU=8,
+    against 16). Each sum runs over the same terms in the same order, so 10 steps of the
+    benchmark MLP (full and partial batches, Adam) leave bit-identical losses and parameters.
+    Where the knob has two settings, the first is also the baseline's."""
+    *base, (name, value) = [kv.split("=") for kv in knob.split()]
+    for n, v in base:
+        monkeypatch.setenv(n, v)
     build = FUSED_MODELS["benchmark_mlp"][0]
     rows = [32, 32, 7, 32, 1, 32, 32, 32, 19, 32]
     data = [(rng.standard_normal((r, 784)).astype(np.float32), rng.integers(0, 10, r).astype(np.int32)) for r in rows]

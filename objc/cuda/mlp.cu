@@ -441,6 +441,7 @@ int cu_fused_plan(cu_graph *g) {
     a.split_dot = cu_knob_int("MPSCY_CUDA_FUSED_SPLITDOT", 1);
     a.din_wide = cu_knob_int("MPSCY_CUDA_FUSED_DWIDE", 0);
     a.row_narrow = cu_knob_int("MPSCY_CUDA_FUSED_ROWU", 16) == 8;
+    a.split_parts = cu_knob_int("MPSCY_CUDA_FUSED_SPLITK", 0) != 1;
     float *slot[3] = {NULL, NULL, NULL};
     for (int k = 0; k < 3 && k < p->n_vec_slots; k++) slot[k] = g->optim + p->vec_offset[k];
     a.u = update_args{g->params, g->grads, slot[0], slot[1], slot[2], p->n_params, p->optim.kind,

@@ -60,6 +60,7 @@ struct fu_args {
      * ypart[q][r][:]; the row phase adds the split_q partials, the bias and the ReLU */
     int split_q, split_kw, split_pitch, split_rows;
     float *ypart;
+    int split_parts;   /* fu_split's dot form in parts of the slice (0: $MPSCY_CUDA_FUSED_SPLITK=1, measuring) */
     int row_narrow;    /* $MPSCY_CUDA_FUSED_ROWU=8 (measuring): the row load's partial products 8 loads a round, not 16 */
     int din_wide;      /* $MPSCY_CUDA_FUSED_DWIDE=1 (measuring): the row phase's d(input) loads 16 classes a batch always */
     int split_dot;     /* $MPSCY_CUDA_FUSED_SPLITDOT=0 (measuring): the split's products a (row, output) a thread */

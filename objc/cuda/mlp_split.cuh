@@ -101,6 +101,35 @@ static __device__ void fu_split(const fu_args &a, float *smem, const float *ws, 
     cp_async_wait<0>();  /* the slice */
     __syncthreads();
     fu_stamp(a, 2);
+    /* with fewer outputs than threads, P parts of the slice an output (a thread each, up to 4),
+     * their sums added in part order through shared memory after the slice's x */
+    const int P = dot && a.split_parts && N < nthr ? imin(imin(nthr / N, 4), kq) : 1;
+    if (P > 1 && kq * 4 + P * 4 * N <= FU_SMEM_FLOATS) {
+        const float4 *x4 = reinterpret_cast<const float4 *>(xs);
+        float *part = xs + ((kq * 4 + 3) & ~3);
+        const int per = (kq + P - 1) / P;
+        for (int e = tid; e < P * N; e += nthr) {
+            const int j = e % N, p = e / N, lo = p * per, hi = imin(lo + per, kq);
+            const float *w = ws + j * pitch;
+            float a0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, a1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            int k = lo;
+            for (; k + 1 < hi; k += 2) {
+                fu_fma4(a0, w[k], x4[k]);
+                fu_fma4(a1, w[k + 1], x4[k + 1]);
+            }
+            if (k < hi) fu_fma4(a0, w[k], x4[k]);
+#pragma unroll
+            for (int rr = 0; rr < 4; rr++) part[(p * 4 + rr) * N + j] = a0[rr] + a1[rr];
+        }
+        __syncthreads();
+        for (int e = tid; e < t.nr * N; e += nthr) {
+            const int j = e % N, rr = e / N;
+            float v = part[rr * N + j];
+            for (int p = 1; p < P; p++) v += part[(p * 4 + rr) * N + j];
+            a.ypart[((int64_t)t.q * b + t.r0 + rr) * N + j] = v;
+        }
+        return;
+    }
     if (dot) {
         /* an output a thread, all its rows at once: per k one weight and one broadcast of the
          * rows' x (a quarter of the shared-memory reads of the form below), the same two
