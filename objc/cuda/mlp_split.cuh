@@ -32,7 +32,10 @@ static int fu_split_q(int blocks, int K, int N, int64_t b, int rows, int64_t cap
  * conflict-free column reads) while its rows are still on their way, then waits for the pieces
  * that hold its rows' slices (deferred staging), copies them from pinned memory to x's device
  * rows and to shared memory, and writes their partial products ypart[q][r][j] = x[r, slice] .
- * w[j, slice], each by one thread in order. */
+ * w[j, slice]: with fewer outputs than threads, each in up to 4 parts of the slice, a thread a
+ * part, the parts then added in order (the benchmark MLP's 128 outputs on all 16 warps, not 4:
+ * A/B on the H200 39.7 and 40.1 us a step against 40.9 and 41.2); otherwise each by one thread
+ * in order ($MPSCY_CUDA_FUSED_SPLITK=1, a measuring knob, takes that form always). */
 
 /* this block's slice of layer 0's input and its rows for fu_split, or 0 */
 struct fu_slice {
@@ -101,8 +104,9 @@ static __device__ void fu_split(const fu_args &a, float *smem, const float *ws, 
     cp_async_wait<0>();  /* the slice */
     __syncthreads();
     fu_stamp(a, 2);
-    /* with fewer outputs than threads, P parts of the slice an output (a thread each, up to 4),
-     * their sums added in part order through shared memory after the slice's x */
+    /* with fewer outputs than threads, P parts of the slice an output (a thread each, up to 4;
+     * each part's two chains as below), their sums added in part order through shared memory
+     * after the slice's x */
     const int P = dot && a.split_parts && N < nthr ? imin(imin(nthr / N, 4), kq) : 1;
     if (P > 1 && kq * 4 + P * 4 * N <= FU_SMEM_FLOATS) {
         const float4 *x4 = reinterpret_cast<const float4 *>(xs);
