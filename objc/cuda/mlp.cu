@@ -213,16 +213,23 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
     /* the split's weight slice to shared memory while the batch arrives (cp.async) */
     fu_split_load(ga, b, dsm);
     cp_async_commit();
-    /* the batch as the host stages it (deferred): block 0's first warp relays the host's flags
+    /* the batch as the host stages it (deferred): block 0's first warps relay the host's flags
      * (this step's number read from the host's params block, which the launch follows) into
      * S->fused_piece, and the other blocks copy their parts of each piece once its word there is
      * set (fu_split's slices, or `per` parts of each piece); block 0 clears the words once every
      * block has passed the barrier below */
     if (ga.deferred && blockIdx.x == 0) {
         const int64_t pieces = (ga.in_n + ga.in_piece - 1) / ga.in_piece;
-        if (threadIdx.x < 32)
+        /* `relays` warps poll the flags, each starting FU_RELAY_NS / relays later than the one
+         * before, so that a flag is seen a fraction of a PCIe round trip after the host sets it,
+         * not up to a whole one; each publishes what it sees (the same words) */
+        if (warp < ga.relays) {
+            const unsigned long long t0 = cu_global_ns(), wait = (unsigned long long)warp * FU_RELAY_NS / ga.relays;
+            while (cu_global_ns() - t0 < wait) {
+            }
             cu_relay_pieces(ga.flags, pieces, 0u, &reinterpret_cast<const cu_params *>(ga.copy_src)->seq,
                             ga.S->fused_piece, ga.S, ga.R);
+        }
     } else if (ga.split_q) {
         fu_split(ga, smem, dsm, b);
     } else if (ga.deferred) {
@@ -442,6 +449,9 @@ int cu_fused_plan(cu_graph *g) {
     a.din_wide = cu_knob_int("MPSCY_CUDA_FUSED_DWIDE", 0);
     a.row_narrow = cu_knob_int("MPSCY_CUDA_FUSED_ROWU", 16) == 8;
     a.split_parts = cu_knob_int("MPSCY_CUDA_FUSED_SPLITK", 0) != 1;
+    a.relays = cu_knob_int("MPSCY_CUDA_FUSED_RELAYS", 4);
+    if (a.relays < 1) a.relays = 1;
+    if (a.relays > FU_WARPS) a.relays = FU_WARPS;
     float *slot[3] = {NULL, NULL, NULL};
     for (int k = 0; k < 3 && k < p->n_vec_slots; k++) slot[k] = g->optim + p->vec_offset[k];
     a.u = update_args{g->params, g->grads, slot[0], slot[1], slot[2], p->n_params, p->optim.kind,

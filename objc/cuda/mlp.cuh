@@ -17,6 +17,7 @@ namespace cg = cooperative_groups;
 #define FU_VEC 4096                    /* widest row held in shared memory */
 #define FU_SMEM_FLOATS (2 * FU_VEC + 1024) /* two row vectors and the d(input) partial sums (36 KB) */
 #define FU_MAX_BATCH 256
+#define FU_RELAY_NS 1500               /* about one PCIe round trip of a flag poll (bench/cuda_notes.md) */
 #define FU_MAX_WORK ((int64_t)1 << 24) /* batch x parameters: beyond it the library GEMMs win */
 
 struct fu_layer {
@@ -60,6 +61,7 @@ struct fu_args {
      * ypart[q][r][:]; the row phase adds the split_q partials, the bias and the ReLU */
     int split_q, split_kw, split_pitch, split_rows;
     float *ypart;
+    int relays;        /* warps that relay the host's flags ($MPSCY_CUDA_FUSED_RELAYS, default 4; 1 is one warp, the form before) */
     int split_parts;   /* fu_split's dot form in parts of the slice (0: $MPSCY_CUDA_FUSED_SPLITK=1, measuring) */
     int row_narrow;    /* $MPSCY_CUDA_FUSED_ROWU=8 (measuring): the row load's partial products 8 loads a round, not 16 */
     int din_wide;      /* $MPSCY_CUDA_FUSED_DWIDE=1 (measuring): the row phase's d(input) loads 16 classes a batch always */
