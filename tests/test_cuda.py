@@ -970,9 +970,10 @@ def test_fused_measuring_knobs_give_the_same_bits(knob, monkeypatch, rng):
     output and its rows, both with the slice whole: SPLITK=1), the row phase's d(input) loads 16
     classes at a time where a group has 2 (DWIDE=1, against 4), the weight gradients' dz values a
     float a load (GRADV=0, against 4), the row load's partial products 8 loads a round (ROWU=8,
-    against 16), the host's flags relayed by one warp (RELAYS=1, against 4). Each sum runs over the same terms in the same order, so 10 steps of the
-    benchmark MLP (full and partial batches, Adam) leave bit-identical losses and parameters.
-    Where the knob has two settings, the first is also the baseline's."""
+    against 16), the host's flags relayed by one warp (RELAYS=1, against 2). Each sum runs over
+    the same terms in the same order, so 10 steps of the benchmark MLP (full and partial batches,
+    Adam) leave bit-identical losses and parameters. Where the knob has two settings, the first
+    is also the baseline's."""
     *base, (name, value) = [kv.split("=") for kv in knob.split()]
     for n, v in base:
         monkeypatch.setenv(n, v)

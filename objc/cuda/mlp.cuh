@@ -61,7 +61,7 @@ struct fu_args {
      * ypart[q][r][:]; the row phase adds the split_q partials, the bias and the ReLU */
     int split_q, split_kw, split_pitch, split_rows;
     float *ypart;
-    int relays;        /* warps that relay the host's flags ($MPSCY_CUDA_FUSED_RELAYS, default 4; 1 is one warp, the form before) */
+    int relays;        /* warps that relay the host's flags ($MPSCY_CUDA_FUSED_RELAYS, default 2; 1 is one warp, the form before) */
     int split_parts;   /* fu_split's dot form in parts of the slice (0: $MPSCY_CUDA_FUSED_SPLITK=1, measuring) */
     int row_narrow;    /* $MPSCY_CUDA_FUSED_ROWU=8 (measuring): the row load's partial products 8 loads a round, not 16 */
     int din_wide;      /* $MPSCY_CUDA_FUSED_DWIDE=1 (measuring): the row phase's d(input) loads 16 classes a batch always */
@@ -115,7 +115,7 @@ static __device__ __forceinline__ void fu_stamp(const fu_args &a, int k) {
     if (a.trace && threadIdx.x == 0) a.stamps[blockIdx.x * FU_STAMPS + k] = cu_global_ns();
 }
 
-/* Deferred staging: waits until the relay (block 0's first warp, cu_relay_pieces) has seen the
+/* Deferred staging: waits until the relay (block 0's first warps, cu_relay_pieces) has seen the
  * host's flag of piece p; block 0 clears the words after the copy's barrier. */
 static __device__ __forceinline__ void fu_wait_piece(const cu_scratch *S, int64_t p) {
     while (cu_load_acquire_gpu(&S->fused_piece[p]) == 0u) __nanosleep(64);
