@@ -129,9 +129,6 @@ typedef struct cu_graph {
     int input_dw_main;         /* $MPSCY_CUDA_INPUT_DW not "side": a no-dx convolution's dW on the main stream */
     int early;                 /* $MPSCY_CUDA_EARLY not 0: a training step returns once its result is final */
     uint32_t rseq;             /* the last training step's number (cu_params.rseq) */
-    cu_result hres;            /* the last training step's result as the host decided it (cu_fused_poll) */
-    int host_decided;          /* hres holds the last step's result, not *result */
-    int polled;                /* cu_fused_poll: the kernel's blocks whose record of the step is seen */
     int forked;                /* capture state: the side streams with work to join (1: side, 2: alt) */
     cudaGraphExec_t exec[CU_KINDS];  /* the captured step of each kind at the built batch */
     /* own small GEMMs (gemm.cu): split-K partials and tile counters, handed out in capture order */
@@ -397,12 +394,6 @@ int cu_forward_backward(cu_graph *g, int64_t b, mpscy_step_result *r, char *err,
 int cu_fused_plan(cu_graph *g);
 void cu_fused_free(cu_graph *g);
 int cu_fused_step(cu_graph *g, int64_t b, size_t staged, int deferred, char *err, size_t en);
-/* A training step of b rows that returns early, with the kernel's partial sums for the host
- * (g->fu->a.H): 1 once every block's record of step g->rseq is in, with *r's loss, grad_norm,
- * correct, finite and applied as decide() will write them (the same bits); 0 while one is
- * missing (g->polled counts those seen: 0 before the launch). */
-int cu_fused_poll(cu_graph *g, int64_t b, cu_result *r);
-int cu_fused_hostsum(const cu_graph *g);  /* whether cu_fused_poll can decide g's training steps */
 const char *cu_fused_form(const cu_graph *g, char *buf, size_t n);
 
 /* Side streams: fork one (side: g->side, or g->alt, the second) from the main stream before

@@ -271,14 +271,7 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
     /* every weight gradient, and each block's sum of squares of what it wrote */
     double v[3] = {weight_grads<8>(a, gw, tw, lane), 0.0, 0.0};
     v[0] = block_sum(v[0]);
-    if (threadIdx.x == 0) {
-        a.S->norm_part[blockIdx.x] = v[0];
-        if (a.H && a.P->rseq) {  /* the block's record for the host: its part, then the step's number */
-            a.H->part[blockIdx.x].norm = v[0];
-            asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(&a.H->part[blockIdx.x].seq), "r"(a.P->rseq)
-                         : "memory");
-        }
-    }
+    if (threadIdx.x == 0) a.S->norm_part[blockIdx.x] = v[0];
     FU_MARK();
     fu_sync<CLUSTER>();
     FU_MARK();
@@ -454,7 +447,6 @@ int cu_fused_plan(cu_graph *g) {
     a.S = g->scratch;
     a.R = g->result;
     a.P = g->params_d;
-    a.H = NULL;  /* below, with f */
     a.clip_norm = p->optim.clip_grad_norm;
     a.trace = getenv("MPSCY_CUDA_FUSED_TRACE") != NULL;
     a.split_dot = cu_knob_int("MPSCY_CUDA_FUSED_SPLITDOT", 1);
@@ -479,12 +471,6 @@ int cu_fused_plan(cu_graph *g) {
         cu_host_free(&g->dev->base, f, sizeof(cu_fused));
         return 0;
     }
-    /* the partial sums for the host's own decision of a step that returns early (zeroed: no
-     * record carries a step's number before that step); $MPSCY_CUDA_FUSED_HOSTSUM=0 waits for
-     * decide()'s done word instead (a measuring knob) */
-    if (g->early && cu_knob_on("MPSCY_CUDA_FUSED_HOSTSUM") &&
-        cu_pinned_alloc(&g->dev->base, (void **)&f->a.H, sizeof(cu_hsum)) != MPSCY_OK)
-        f->a.H = NULL;
     fu_plan_split(g, f);
     g->fu = f;
     return 1;
@@ -494,7 +480,6 @@ void cu_fused_free(cu_graph *g) {
     if (!g->fu) return;
     if (g->fu->a.ypart) cu_dev_free(&g->dev->base, g->fu->a.ypart, (size_t)g->fu->ypart_floats * sizeof(float));
     if (g->fu->a.stamps) cu_dev_free(&g->dev->base, g->fu->a.stamps, FU_STAMP_BYTES(g->fu->blocks));
-    if (g->fu->a.H) cu_pinned_free(&g->dev->base, g->fu->a.H, sizeof(cu_hsum));
     cu_host_free(&g->dev->base, g->fu, sizeof(cu_fused));
     g->fu = NULL;
 }
@@ -544,55 +529,9 @@ int cu_fused_step(cu_graph *g, int64_t b, size_t staged, int deferred, char *err
     return CU_LAUNCHED("fused_mlp");
 }
 
-/* block_sum3's sum of n values as the kernel's last phase takes it: thread t adds x[t], x[t +
- * FU_THREADS], ... (from 0.0 when from_zero, as the loss's; from x[t] itself, as the norm's),
- * each warp's butterfly (lane i adds lane i + o for o = 16, 8, 4, 2, 1: the lanes' values are
- * equal, the pair sums commuting), then the warps' totals in order from 0.0: the same bits. */
-static double fu_block_order_sum(const double *x, int64_t n, int from_zero) {
-    double t = 0.0;
-    for (int q = 0; q < FU_WARPS; q++) {
-        double l[32];
-        for (int i = 0; i < 32; i++) {
-            const int64_t th = (int64_t)q * 32 + i;
-            double v = from_zero ? 0.0 : th < n ? x[th] : 0.0;
-            for (int64_t k = from_zero ? th : th + FU_THREADS; k < n; k += FU_THREADS) v += x[k];
-            l[i] = v;
-        }
-        for (int o = 16; o > 0; o >>= 1)
-            for (int i = 0; i < o; i++) l[i] = l[i] + l[i + o];
-        t += l[0];
-    }
-    return t;
-}
-
-int cu_fused_hostsum(const cu_graph *g) {
-    return g->fu && g->fu->a.H;
-}
-
-int cu_fused_poll(cu_graph *g, int64_t b, cu_result *r) {
-    cu_fused *f = g->fu;
-    const cu_hsum *H = f->a.H;
-    for (; g->polled < f->blocks; g->polled++)
-        if (__atomic_load_n(&H->part[g->polled].seq, __ATOMIC_ACQUIRE) != g->rseq) return 0;
-    double norms[CU_MAX_PARTS];
-    for (int k = 0; k < f->blocks; k++) norms[k] = H->part[k].norm;
-    long long correct = 0;
-    for (int64_t k = 0; k < b; k++) correct += H->correct[k];
-    /* decide()'s result from the same sums (update.h; the step's input was finite, or the
-     * caller waits for done instead) */
-    const double norm = sqrt(fu_block_order_sum(norms, f->blocks, 0)),
-                 loss = fu_block_order_sum(H->loss, b, 1) / (double)b;
-    r->loss = loss;
-    r->grad_norm = norm;
-    r->correct = f->a.accuracy == MPSCY_ACCURACY_NONE ? -1 : correct;
-    r->finite = isfinite(loss) && isfinite(norm);
-    r->applied = r->finite;
-    return 1;
-}
-
 const char *cu_fused_form(const cu_graph *g, char *buf, size_t n) {
     if (!g->fu) return "separate kernels";
-    snprintf(buf, n, "one kernel, %s:%d%s%s", g->fu->cluster ? "cluster" : "grid", g->fu->blocks,
-             g->fu->ws_floats ? ", layer 0 in the copy" : "", g->fu->a.H ? ", result summed on the host" : "");
+    snprintf(buf, n, "one kernel, %s:%d%s", g->fu->cluster ? "cluster" : "grid", g->fu->blocks,
+             g->fu->ws_floats ? ", layer 0 in the copy" : "");
     return buf;
 }

@@ -32,21 +32,6 @@ struct fu_layer {
                         * aligned; decided at plan, never with $MPSCY_CUDA_FUSED_GRADV=0, a measuring knob) */
 };
 
-/* The step's partial sums for the host's own decision (step.cu's early return; cu_fused_poll),
- * in pinned, mapped memory: each row's loss and correct flag as the row phase ends it, then each
- * block's sum of squares of the gradients it wrote and, last, its record's seq (this step's
- * rseq, a release store at system scope by the thread that wrote the rest). The host then has
- * the result one grid barrier and the device's reductions sooner than decide()'s done word. */
-struct cu_hpart {
-    unsigned int seq, pad;
-    double norm;
-};
-struct cu_hsum {
-    cu_hpart part[CU_MAX_PARTS];
-    double loss[FU_MAX_BATCH];
-    long long correct[FU_MAX_BATCH];
-};
-
 struct fu_args {
     fu_layer L[FU_MAX_LAYERS];
     int n_layers, b, accuracy;
@@ -55,7 +40,6 @@ struct fu_args {
     cu_scratch *S;
     cu_result *R;
     const cu_params *P;
-    cu_hsum *H;        /* the partial sums for the host (NULL: $MPSCY_CUDA_FUSED_HOSTSUM=0, or no early return) */
     double clip_norm;
     const uint4 *copy_src;       /* the staging (params block, labels, batch) in pinned, mapped host */
     uint4 *copy_dst;             /* memory, copied by the kernel to its device mirror (copy_n units) */

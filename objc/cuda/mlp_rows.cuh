@@ -170,13 +170,9 @@ static __device__ __noinline__ void row_chain(const fu_args &a, float *smem, int
             const double row = row_loss(cur, nxt, C, label, a.eps, 1.0 / (double)a.b, lane, &best);
             __syncwarp();
             for (int i = lane; i < C; i += 32) L.dz[(int64_t)r * C + i] = nxt[i];
-            if (lane == 0) {  /* thread 0, which also writes the block's record for the host */
+            if (lane == 0) {
                 a.S->loss_part[r] = row;
                 a.S->correct_part[r] = best == label;
-                if (a.H) {
-                    a.H->loss[r] = row;
-                    a.H->correct[r] = best == label;
-                }
             }
         }
         __syncthreads();

@@ -237,8 +237,6 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
     *x_bad = 0;
     g->params_h->seq = 0;
     const int early = kind == CU_KIND_TRAIN && g->early;
-    g->host_decided = 0;
-    g->polled = 0;
     if (early) g->rseq = g->rseq % 0x7fffffffu + 1;
     g->params_h->rseq = early ? g->rseq : 0;
     if (x && !deferred && (bad = cu_stage_pieces(g->stage_pool, dst, x, n, cu_stage_piece(n), NULL, 0, NULL, NULL,
@@ -273,16 +271,12 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
     if (deferred && !x) /* the caller staged the rows itself: every piece is there */
         for (int64_t p = 0, piece = cu_stage_piece(n); p * piece < n; p++) __atomic_store_n(&g->flags_h[p], g->seq, __ATOMIC_RELEASE);
     if (early) {
-        /* until the result is final, or the stream is done (a step with nothing to decide) or failed;
-         * the one-kernel step's result the host decides from the blocks' partial sums as they land
-         * (cu_fused_poll), unless the input held a NaN or Inf (the device's decision then) */
+        /* until the result is final, or the stream is done (a step with nothing to decide) or failed */
         cu_device *d = (cu_device *)g->base.dev;
         const volatile unsigned int *done = &g->result->done;
-        const int hostsum = kind == CU_KIND_TRAIN && bad < 0 && cu_fused_hostsum(g);
         for (unsigned i = 1;; i++) {
-            if (hostsum ? cu_fused_poll(g, b, &g->hres) : *done == g->rseq) {
+            if (*done == g->rseq) {
                 __atomic_thread_fence(__ATOMIC_ACQUIRE);
-                g->host_decided = hostsum;
                 d->pending = g;
                 break;
             }
@@ -306,7 +300,7 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
 /* What the kernels wrote into pinned memory for the evaluation just synchronized (whether an
  * update was applied is the caller's to read: an L-BFGS call has its own). */
 static void read_result(const cu_graph *g, mpscy_step_result *r) {
-    const cu_result *res = g->host_decided ? &g->hres : g->result;
+    const cu_result *res = g->result;
     r->loss = res->loss;
     r->correct = res->correct;
     r->grad_norm = res->grad_norm;
@@ -338,7 +332,7 @@ int cu_graph_step(mpscy_graph gh, const mpscy_step_args *a, mpscy_step_result *r
     if (st != MPSCY_OK) return st;
 
     read_result(g, r);
-    r->applied = (g->host_decided ? &g->hres : g->result)->applied;
+    r->applied = g->result->applied;
     if (kind == CU_KIND_EVAL) return MPSCY_OK;
     if (!r->finite)
         return FAIL(MPSCY_NONFINITE, "loss %g, gradient norm %g: not finite, update skipped", r->loss, r->grad_norm);
