@@ -50,7 +50,6 @@ typedef struct cu_scratch {
     long long correct_part[CU_MAX_PARTS];
     double norm_part[CU_MAX_PARTS];
     unsigned int loss_count, norm_count;
-    unsigned int fused_count;  /* mlp.cu's one-kernel step: blocks whose sum of squares is in (0 between steps) */
     int applied;               /* 1: this step's update is applied (finite, TRAIN) */
     unsigned int bad_seq;      /* the last deferred step whose input held a NaN or Inf */
     unsigned int piece_seq[CU_STAGE_MAX_PIECES]; /* step.cu's pull: the host's flags, relayed */

@@ -167,11 +167,6 @@ static __device__ double weight_grads(const fu_args &a, int gw, int tw, int lane
     return s2;
 }
 
-/* The step's totals, as every block adds them (the same order, so the same bits in each): the
- * blocks' sums of squares, the rows' losses and correct flags (volatile: the block that decides
- * before the grid barrier reads the parts of blocks that passed last_block) */
-static __device__ void fu_totals(const fu_args &a, double *v);
-
 /* Three sums over the block at once (one pair of barriers); every thread gets the results. */
 static __device__ void block_sum3(double *v) {
     __shared__ double w[3][FU_WARPS];
@@ -191,25 +186,6 @@ static __device__ void block_sum3(double *v) {
     }
 }
 
-
-static __device__ void fu_totals(const fu_args &a, double *v) {
-    const volatile double *np = a.S->norm_part;
-    v[0] = threadIdx.x < gridDim.x ? np[threadIdx.x] : 0.0;
-    for (int k = threadIdx.x + blockDim.x; k < (int)gridDim.x; k += blockDim.x) v[0] += np[k];
-    v[1] = v[2] = 0.0;
-    for (int k = threadIdx.x; k < a.b; k += blockDim.x) {
-        v[1] += a.S->loss_part[k];
-        v[2] += (double)a.S->correct_part[k];
-    }
-    block_sum3(v);
-}
-
-/* The step's loss and correct count into S (decide() copies them into R), then the decision */
-static __device__ void fu_decide(const fu_args &a, const double *v) {
-    a.S->loss = v[1] / (double)a.b;
-    a.S->correct = a.accuracy == MPSCY_ACCURACY_NONE ? -1 : (long long)v[2];
-    decide(a.S, a.R, a.P, v[0], a.clip_norm, !input_bad(a.S, a.P));
-}
 
 template <bool CLUSTER>
 __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_constant__ fu_args ga) {
@@ -296,24 +272,24 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
     double v[3] = {weight_grads<8>(a, gw, tw, lane), 0.0, 0.0};
     v[0] = block_sum(v[0]);
     if (threadIdx.x == 0) a.S->norm_part[blockIdx.x] = v[0];
-    /* the block whose part is in last decides the step at once: the host, which returns on the
-     * decision, waits for neither the grid barrier below nor every block's sums after it (the
-     * update, after them, runs while the host goes on) */
-    if (a.last_decides && last_block(&a.S->fused_count)) {
-        double d[3];
-        fu_totals(a, d);
-        if (threadIdx.x == 0) {
-            a.S->fused_count = 0;
-            fu_decide(a, d);
-        }
-    }
     FU_MARK();
     fu_sync<CLUSTER>();
     FU_MARK();
     /* every block adds the partials in the same order, so all take the same decision */
-    fu_totals(a, v);
-    if (!a.last_decides && blockIdx.x == 0 && threadIdx.x == 0) fu_decide(a, v);
-    decide_and_update(a.u, a.S, a.R, a.P, v[0], v[1] / (double)b, a.clip_norm, !input_bad(a.S, a.P), false);
+    v[0] = threadIdx.x < gridDim.x ? a.S->norm_part[threadIdx.x] : 0.0;
+    for (int k = threadIdx.x + blockDim.x; k < (int)gridDim.x; k += blockDim.x) v[0] += a.S->norm_part[k];
+    v[1] = v[2] = 0.0;
+    for (int k = threadIdx.x; k < b; k += blockDim.x) {
+        v[1] += a.S->loss_part[k];
+        v[2] += (double)a.S->correct_part[k];
+    }
+    block_sum3(v);
+    const double loss = v[1] / (double)b;
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+        a.S->loss = loss;  /* decide() below copies both into R */
+        a.S->correct = a.accuracy == MPSCY_ACCURACY_NONE ? -1 : (long long)v[2];
+    }
+    decide_and_update(a.u, a.S, a.R, a.P, v[0], loss, a.clip_norm, !input_bad(a.S, a.P));
     FU_MARK();
     if (a.trace && blockIdx.x == 0 && threadIdx.x == 0) {
         /* per mark, ns: copy, barrier, layer 0, barrier, row loaded, each later layer's forward,
@@ -478,7 +454,6 @@ int cu_fused_plan(cu_graph *g) {
     a.row_narrow = cu_knob_int("MPSCY_CUDA_FUSED_ROWU", 16) == 8;
     a.split_parts = cu_knob_int("MPSCY_CUDA_FUSED_SPLITK", 0) != 1;
     a.relays = cu_knob_int("MPSCY_CUDA_FUSED_RELAYS", 2);
-    a.last_decides = cu_knob_on("MPSCY_CUDA_FUSED_LAST");
     if (a.relays < 1) a.relays = 1;
     if (a.relays > FU_WARPS) a.relays = FU_WARPS;
     float *slot[3] = {NULL, NULL, NULL};

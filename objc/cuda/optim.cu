@@ -58,7 +58,7 @@ __global__ void norm_update_kernel(update_args u, cu_scratch *S, cu_result *R, c
     t = block_sum(t);
     if (threadIdx.x == 0) total = t;
     __syncthreads();
-    decide_and_update(u, S, R, P, total, S->loss, clip_norm, update && !input_bad(S, P), blockIdx.x == 0);
+    decide_and_update(u, S, R, P, total, S->loss, clip_norm, update && !input_bad(S, P));
 }
 
 __global__ void coop_probe_kernel(int *flag) {

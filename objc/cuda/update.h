@@ -81,14 +81,13 @@ static __device__ void update_slab(const update_args &u, const cu_params *P, flo
 }
 
 /* The end of a step in a kernel whose every block holds the same total of squares t (summed
- * in one fixed order) and the same loss: the block that `decides` (block 0, or none where the
- * kernel decided earlier) records the decision, and every block, when the step is applied,
- * clips and updates its share of the slab. */
+ * in one fixed order) and the same loss: block 0 records the decision, and every block, when
+ * the step is applied, clips and updates its share of the slab. */
 static __device__ void decide_and_update(const update_args &u, cu_scratch *S, cu_result *R, const cu_params *P,
-                                         double t, double loss, double clip_norm, int update, bool decides) {
+                                         double t, double loss, double clip_norm, int update) {
     const double norm = sqrt(t);
     const double coef = clip_norm > 0 ? clip_norm / (norm + 1e-6) : 1.0;
-    if (decides && threadIdx.x == 0) decide(S, R, P, t, clip_norm, update);
+    if (blockIdx.x == 0 && threadIdx.x == 0) decide(S, R, P, t, clip_norm, update);
     if (update && isfinite(loss) && isfinite(norm)) update_slab(u, P, coef < 1.0 ? (float)coef : 1.0f);
 }
 
