@@ -167,25 +167,6 @@ static __device__ double weight_grads(const fu_args &a, int gw, int tw, int lane
     return s2;
 }
 
-/* The update's operands of this thread's first two elements of the slab (update_slab's) into
- * L1 while the block sums the step's totals: its loads then hit L1, not L2, after the decision.
- * The gradients are final after the grid barrier; nothing else writes them or the rest. */
-static __device__ __forceinline__ void fu_prefetch(const float *p) {
-    asm volatile("prefetch.global.L1 [%0];" ::"l"(p));
-}
-
-static __device__ void fu_prefetch_update(const update_args &u) {
-    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
-    int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-    for (int q = 0; q < 2 && i < u.n; q++, i += stride) {
-        fu_prefetch(u.grads + i);
-        fu_prefetch(u.w + i);
-        if (u.s0) fu_prefetch(u.s0 + i);
-        if (u.s1) fu_prefetch(u.s1 + i);
-        if (u.s2) fu_prefetch(u.s2 + i);
-    }
-}
-
 /* Three sums over the block at once (one pair of barriers); every thread gets the results. */
 static __device__ void block_sum3(double *v) {
     __shared__ double w[3][FU_WARPS];
@@ -294,7 +275,6 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
     FU_MARK();
     fu_sync<CLUSTER>();
     FU_MARK();
-    if (a.prefetch) fu_prefetch_update(a.u);
     /* every block adds the partials in the same order, so all take the same decision */
     v[0] = threadIdx.x < gridDim.x ? a.S->norm_part[threadIdx.x] : 0.0;
     for (int k = threadIdx.x + blockDim.x; k < (int)gridDim.x; k += blockDim.x) v[0] += a.S->norm_part[k];
@@ -474,7 +454,6 @@ int cu_fused_plan(cu_graph *g) {
     a.row_narrow = cu_knob_int("MPSCY_CUDA_FUSED_ROWU", 16) == 8;
     a.split_parts = cu_knob_int("MPSCY_CUDA_FUSED_SPLITK", 0) != 1;
     a.relays = cu_knob_int("MPSCY_CUDA_FUSED_RELAYS", 2);
-    a.prefetch = cu_knob_on("MPSCY_CUDA_FUSED_PREFETCH");
     if (a.relays < 1) a.relays = 1;
     if (a.relays > FU_WARPS) a.relays = FU_WARPS;
     float *slot[3] = {NULL, NULL, NULL};

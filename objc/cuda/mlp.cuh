@@ -61,7 +61,6 @@ struct fu_args {
      * ypart[q][r][:]; the row phase adds the split_q partials, the bias and the ReLU */
     int split_q, split_kw, split_pitch, split_rows;
     float *ypart;
-    int prefetch;      /* the update's operands prefetched to L1 after the last barrier (0: $MPSCY_CUDA_FUSED_PREFETCH=0, measuring) */
     int relays;        /* warps that relay the host's flags ($MPSCY_CUDA_FUSED_RELAYS, default 2; 1 is one warp, the form before) */
     int split_parts;   /* fu_split's dot form in parts of the slice (0: $MPSCY_CUDA_FUSED_SPLITK=1, measuring) */
     int row_narrow;    /* $MPSCY_CUDA_FUSED_ROWU=8 (measuring): the row load's partial products 8 loads a round, not 16 */
