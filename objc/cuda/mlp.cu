@@ -224,9 +224,8 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
          * before, so that a flag is seen a fraction of a PCIe round trip after the host sets it,
          * not up to a whole one; each publishes what it sees (the same words). Two: A/B on the
          * H200, 40.0-41.1 us against 40.0-41.6 with one, lower in five of six pairs (three
-         * calls); 4 and 8 warps
-         * were slower than one (42.6 and 47.1 against 41.6 and 42.1): their polls take PCIe
-         * requests from the batch's reads */
+         * calls); 4 and 8 warps were slower than one (42.6 and 47.1 against 41.6 and 42.1):
+         * their polls take PCIe requests from the batch's reads */
         if (warp < ga.relays) {
             const unsigned long long t0 = cu_global_ns(), wait = (unsigned long long)warp * FU_RELAY_NS / ga.relays;
             while (cu_global_ns() - t0 < wait) {
