@@ -544,6 +544,44 @@ def test_large_slab_update_matches_cpu(opt, monkeypatch, rng):
 
 
 @cuda_only
+@pytest.mark.parametrize("coop", ["1", "0"])
+@pytest.mark.parametrize("name", sorted(n for n in OPTIM_CASES if not n.startswith("lbfgs")))
+def test_update_batches_give_the_same_bits(name, coop, monkeypatch, rng):
+    """The update's batches (every operand of 4 elements a thread loaded before any is stored)
+    compute what the loop of an element an iteration does ($MPSCY_CUDA_UPD_BATCHED=0): the same
+    element rules on the same values. 1.5M parameters (several batches a thread, the last partial,
+    in the largest update grid), both norm+update forms (one cooperative kernel, two kernels),
+    clipping by norm, and by value too in the two-kernel form; 6 steps (full and partial
+    batches) leave bit-identical losses, gradient norms, parameters and optimizer slots."""
+    monkeypatch.setenv("MPSCY_CUDA_FUSED", "0")
+    monkeypatch.setenv("MPSCY_CUDA_COOP", coop)
+    clip = {"clip_grad_norm": 0.5} if coop == "1" else {"clip_grad_norm": 0.5, "clip_grad_value": 2e-4}
+    rows = [16, 9, 16, 16, 7, 16]
+    data = [(rng.standard_normal((r, 1000)).astype(np.float32), rng.integers(0, 5, r).astype(np.int32)) for r in rows]
+    runs = []
+    for batched in ("0", None):
+        if batched is None:
+            monkeypatch.delenv("MPSCY_CUDA_UPD_BATCHED", raising=False)
+        else:
+            monkeypatch.setenv("MPSCY_CUDA_UPD_BATCHED", batched)
+        gpu = mpscy.Engine(mpscy.Sequential([L.Dense(1500), L.ReLU(), L.Dense(5)], input_shape=(1000,)),
+                           optimizer=OPTIM_CASES[name](), batch_size=16, device="cuda", seed=3, **clip)
+        results = [gpu.step(x, y) for x, y in data]
+        assert all(r.applied for r in results)
+        runs.append(([(r.loss, r.grad_norm) for r in results], gpu.get_parameters(), gpu.get_optimizer_state()))
+    assert runs[0][0] == runs[1][0]
+    assert runs[0][1].keys() == runs[1][1].keys()
+    assert all(np.array_equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
+    slots = 0
+    for slot, v in runs[0][2].items():
+        if isinstance(v, dict):
+            for k in v:
+                assert np.array_equal(runs[1][2][slot][k], v[k]), (slot, k)
+                slots += 1
+    assert slots >= 4 or name == "sgd", runs[0][2].keys()
+
+
+@cuda_only
 @pytest.mark.parametrize("pdl", ["0", "1"])
 @pytest.mark.parametrize("name", ["conv_s2_dgrad", "conv_implicit_s1"])
 def test_stream_orders_give_the_same_bits(name, pdl, monkeypatch, rng):
@@ -963,14 +1001,16 @@ def test_fused_forms_match_cpu(form, monkeypatch, capfd, rng):
 
 @cuda_only
 @pytest.mark.parametrize("knob", ["MPSCY_CUDA_FUSED_SPLITK=1 MPSCY_CUDA_FUSED_SPLITDOT=0", "MPSCY_CUDA_FUSED_DWIDE=1",
-                                  "MPSCY_CUDA_FUSED_GRADV=0", "MPSCY_CUDA_FUSED_ROWU=8", "MPSCY_CUDA_FUSED_RELAYS=1"])
+                                  "MPSCY_CUDA_FUSED_GRADV=0", "MPSCY_CUDA_FUSED_ROWU=8", "MPSCY_CUDA_FUSED_RELAYS=1",
+                                  "MPSCY_CUDA_UPD_BATCHED=0"])
 def test_fused_measuring_knobs_give_the_same_bits(knob, monkeypatch, rng):
     """The one-kernel step's measuring knobs change how it runs, never what it computes: layer
     0's partial products in the copy phase a (row, output) a thread (SPLITDOT=0, against an
     output and its rows, both with the slice whole: SPLITK=1), the row phase's d(input) loads 16
     classes at a time where a group has 2 (DWIDE=1, against 4), the weight gradients' dz values a
     float a load (GRADV=0, against 4), the row load's partial products 8 loads a round (ROWU=8,
-    against 16), the host's flags relayed by one warp (RELAYS=1, against 2). Each sum runs over
+    against 16), the host's flags relayed by one warp (RELAYS=1, against 2), the update an element an
+    iteration (UPD_BATCHED=0, against batches of 2 elements a thread). Each sum runs over
     the same terms in the same order, so 10 steps of the benchmark MLP (full and partial batches,
     Adam) leave bit-identical losses, accuracies, gradient norms and parameters. Where the knob
     has two settings, the first is also the baseline's."""

@@ -41,7 +41,7 @@ __global__ void grad_norm_kernel(cu_scratch *S, cu_result *R, const cu_params *P
 __global__ void optim_update_kernel(update_args u, const cu_scratch *S, const cu_params *P) {
     cu_pdl_enter();
     if (!S->applied) return;
-    update_slab(u, P, S->clip_scale);
+    update_slab<4>(u, P, S->clip_scale);
 }
 
 /* One cooperative kernel: squares, a grid-wide barrier, every block adds the partials in the
@@ -58,7 +58,7 @@ __global__ void norm_update_kernel(update_args u, cu_scratch *S, cu_result *R, c
     t = block_sum(t);
     if (threadIdx.x == 0) total = t;
     __syncthreads();
-    decide_and_update(u, S, R, P, total, S->loss, clip_norm, update && !input_bad(S, P));
+    decide_and_update<4>(u, S, R, P, total, S->loss, clip_norm, update && !input_bad(S, P));
 }
 
 __global__ void coop_probe_kernel(int *flag) {
@@ -183,7 +183,8 @@ int cu_norm_and_update(cu_graph *g, int update, char *err, size_t en) {
         slot[k] = g->optim + p->vec_offset[k];
     update_args u = {g->params, g->grads, slot[0], slot[1], slot[2], n, p->optim.kind,
                      p->optim.kind == MPSCY_OPTIM_ADAMW || (p->optim.flags & MPSCY_OPTIM_DECOUPLED_WD) != 0,
-                     p->optim.clip_grad_norm > 0, p->optim.clip_grad_value > 0 ? (float)p->optim.clip_grad_value : 0.0f};
+                     p->optim.clip_grad_norm > 0, p->optim.clip_grad_value > 0 ? (float)p->optim.clip_grad_value : 0.0f,
+                     cu_knob_int("MPSCY_CUDA_UPD_BATCHED", 1)};
     double clip = p->optim.clip_grad_norm;
     if (g->dev->coop) {
         cudaLaunchConfig_t cfg = {};

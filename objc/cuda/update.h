@@ -54,12 +54,75 @@ struct update_args {
     int64_t n;
     int kind, decoupled, clip_norm;
     float clip_value;
+    int batched;  // update_slab_batched (`MPSCY_CUDA_UPD_BATCHED`, default 1), or 0: an element an iteration
 };
 
+/* The kind's element rule on one element held in registers (p, slots s0..s2), g already
+ * clipped. s2 is always a register: the rules read it only under the flag that gives the slab
+ * its third slot (amsgrad, centered), and a pointer that may be NULL would put it in memory. */
+static __device__ __forceinline__ void update_elem(const update_args &u, const mpscy_optim_coef &c, float g, float *p,
+                                                  float *s0, float *s1, float *s2) {
+    switch (u.kind) {
+    case MPSCY_OPTIM_SGD: mpscy_sgd_elem(p, s0, g, &c); break;
+    case MPSCY_OPTIM_ADAM:
+    case MPSCY_OPTIM_ADAMW: mpscy_adam_elem(p, s0, s1, s2, g, &c, u.decoupled); break;
+    case MPSCY_OPTIM_RMSPROP: mpscy_rmsprop_elem(p, s0, s1, s2, g, &c); break;
+    case MPSCY_OPTIM_ADAGRAD: mpscy_adagrad_elem(p, s0, g, &c); break;
+    case MPSCY_OPTIM_ADADELTA: mpscy_adadelta_elem(p, s0, s1, g, &c); break;
+    case MPSCY_OPTIM_NADAM: mpscy_nadam_elem(p, s0, s1, g, &c); break;
+    }
+}
+
+/* The update as batches of U elements a thread (i, i + stride, ...): every operand of
+ * the batch is loaded before any element is stored, so a thread waits on one round of loads a
+ * batch, where the loop of one element an iteration waits on one an element (its loads cannot
+ * pass the stores before them: the slab's arrays may alias as far as the compiler knows). The
+ * same element rule on the same values: the same bits. Slots the kind does not write are
+ * stored back as loaded. */
+template <int U>
+static __device__ void update_slab_batched(const update_args &u, const mpscy_optim_coef &c, float cs) {
+    const int clipped = u.clip_norm || u.clip_value > 0.0f;
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < u.n; i += U * stride) {
+        float g[U], w[U], a0[U], a1[U], a2[U];
+#pragma unroll
+        for (int j = 0; j < U; j++) {
+            const int64_t k = i + j * stride;
+            if (k < u.n) {
+                g[j] = u.grads[k];
+                w[j] = u.w[k];
+                if (u.s0) a0[j] = u.s0[k];
+                if (u.s1) a1[j] = u.s1[k];
+                if (u.s2) a2[j] = u.s2[k];
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < U; j++) {
+            const int64_t k = i + j * stride;
+            if (k >= u.n) break;
+            float gj = g[j];
+            if (u.clip_norm) gj *= cs;
+            if (u.clip_value > 0.0f) gj = gj > u.clip_value ? u.clip_value : (gj < -u.clip_value ? -u.clip_value : gj);
+            if (clipped) u.grads[k] = gj;
+            update_elem(u, c, gj, &w[j], &a0[j], &a1[j], &a2[j]);
+            u.w[k] = w[j];
+            if (u.s0) u.s0[k] = a0[j];
+            if (u.s1) u.s1[k] = a1[j];
+            if (u.s2) u.s2[k] = a2[j];
+        }
+    }
+}
+
 /* One pass over the slab: clip (norm coefficient, then value; the clipped gradient is stored
- * back, as on the cpu), then the kind's element rule. */
+ * back, as on the cpu), then the kind's element rule; batches of U elements a thread unless
+ * u.batched is 0 (the loop of one element an iteration, kept for A/B and the same-bits test). */
+template <int U>
 static __device__ void update_slab(const update_args &u, const cu_params *P, float cs) {
     const mpscy_optim_coef c = P->coef;
+    if (u.batched) {
+        update_slab_batched<U>(u, c, cs);
+        return;
+    }
     const int clipped = u.clip_norm || u.clip_value > 0.0f;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < u.n; i += (int64_t)gridDim.x * blockDim.x) {
         float g = u.grads[i];
@@ -82,13 +145,14 @@ static __device__ void update_slab(const update_args &u, const cu_params *P, flo
 
 /* The end of a step in a kernel whose every block holds the same total of squares t (summed
  * in one fixed order) and the same loss: block 0 records the decision, and every block, when
- * the step is applied, clips and updates its share of the slab. */
+ * the step is applied, clips and updates its share of the slab, U elements a thread a batch. */
+template <int U>
 static __device__ void decide_and_update(const update_args &u, cu_scratch *S, cu_result *R, const cu_params *P,
                                          double t, double loss, double clip_norm, int update) {
     const double norm = sqrt(t);
     const double coef = clip_norm > 0 ? clip_norm / (norm + 1e-6) : 1.0;
     if (blockIdx.x == 0 && threadIdx.x == 0) decide(S, R, P, t, clip_norm, update);
-    if (update && isfinite(loss) && isfinite(norm)) update_slab(u, P, coef < 1.0 ? (float)coef : 1.0f);
+    if (update && isfinite(loss) && isfinite(norm)) update_slab<U>(u, P, coef < 1.0 ? (float)coef : 1.0f);
 }
 
 #endif /* MPSCY_CUDA_UPDATE_H */
