@@ -288,8 +288,7 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
         a.S->loss = loss;  /* decide() below copies both into R */
         a.S->correct = a.accuracy == MPSCY_ACCURACY_NONE ? -1 : (long long)v[2];
     }
-    /* two elements a thread: the benchmark MLP has 1.6 a thread, and four spill at 128 registers */
-    decide_and_update<2>(a.u, a.S, a.R, a.P, v[0], loss, a.clip_norm, !input_bad(a.S, a.P));
+    decide_and_update<false>(a.u, a.S, a.R, a.P, v[0], loss, a.clip_norm, !input_bad(a.S, a.P));
     FU_MARK();
     if (a.trace && blockIdx.x == 0 && threadIdx.x == 0) {
         /* per mark, ns: copy, barrier, layer 0, barrier, row loaded, each later layer's forward,
@@ -461,8 +460,7 @@ int cu_fused_plan(cu_graph *g) {
     a.u = update_args{g->params, g->grads, slot[0], slot[1], slot[2], p->n_params, p->optim.kind,
                       p->optim.kind == MPSCY_OPTIM_ADAMW || (p->optim.flags & MPSCY_OPTIM_DECOUPLED_WD) != 0,
                       p->optim.clip_grad_norm > 0,
-                      p->optim.clip_grad_value > 0 ? (float)p->optim.clip_grad_value : 0.0f,
-                      cu_knob_int("MPSCY_CUDA_UPD_BATCHED", 1)};
+                      p->optim.clip_grad_value > 0 ? (float)p->optim.clip_grad_value : 0.0f};
     cu_fused *f = (cu_fused *)cu_host_alloc(&g->dev->base, sizeof(cu_fused));
     if (!f) return 0;
     f->a = a;

@@ -41,7 +41,7 @@ __global__ void grad_norm_kernel(cu_scratch *S, cu_result *R, const cu_params *P
 __global__ void optim_update_kernel(update_args u, const cu_scratch *S, const cu_params *P) {
     cu_pdl_enter();
     if (!S->applied) return;
-    update_slab<4>(u, P, S->clip_scale);
+    update_slab<true>(u, P, S->clip_scale);
 }
 
 /* One cooperative kernel: squares, a grid-wide barrier, every block adds the partials in the
@@ -58,7 +58,7 @@ __global__ void norm_update_kernel(update_args u, cu_scratch *S, cu_result *R, c
     t = block_sum(t);
     if (threadIdx.x == 0) total = t;
     __syncthreads();
-    decide_and_update<4>(u, S, R, P, total, S->loss, clip_norm, update && !input_bad(S, P));
+    decide_and_update<true>(u, S, R, P, total, S->loss, clip_norm, update && !input_bad(S, P));
 }
 
 __global__ void coop_probe_kernel(int *flag) {

@@ -54,7 +54,7 @@ struct update_args {
     int64_t n;
     int kind, decoupled, clip_norm;
     float clip_value;
-    int batched;  // update_slab_batched (`MPSCY_CUDA_UPD_BATCHED`, default 1), or 0: an element an iteration
+    int batched;  // update_slab_batched<4> (`MPSCY_CUDA_UPD_BATCHED`, default 1), or 0: an element an iteration
 };
 
 /* The kind's element rule on one element held in registers (p, slots s0..s2), g already
@@ -114,13 +114,17 @@ static __device__ void update_slab_batched(const update_args &u, const mpscy_opt
 }
 
 /* One pass over the slab: clip (norm coefficient, then value; the clipped gradient is stored
- * back, as on the cpu), then the kind's element rule; batches of U elements a thread unless
- * u.batched is 0 (the loop of one element an iteration, kept for A/B and the same-bits test). */
-template <int U>
+ * back, as on the cpu), then the kind's element rule. BATCHES: in batches of 4 elements a thread
+ * unless u.batched is 0, the loop of one element an iteration (kept for A/B and the same-bits
+ * test). The update kernels of optim.cu take the batches (A/B on the H200: the
+ * wide MLP's step 641.6 and 637.1 us against 653.0 and 647.9, the CNN's norm_update 15.5 us
+ * against 16.4 in ncu); the one-kernel MLP step keeps the loop (1.6 elements a thread: 38.6 and
+ * 39.2 us with batches of 2 against 38.1 and 38.4, and four spill at its 128 registers). */
+template <bool BATCHES>
 static __device__ void update_slab(const update_args &u, const cu_params *P, float cs) {
     const mpscy_optim_coef c = P->coef;
-    if (u.batched) {
-        update_slab_batched<U>(u, c, cs);
+    if (BATCHES && u.batched) {
+        update_slab_batched<4>(u, c, cs);
         return;
     }
     const int clipped = u.clip_norm || u.clip_value > 0.0f;
@@ -145,14 +149,14 @@ static __device__ void update_slab(const update_args &u, const cu_params *P, flo
 
 /* The end of a step in a kernel whose every block holds the same total of squares t (summed
  * in one fixed order) and the same loss: block 0 records the decision, and every block, when
- * the step is applied, clips and updates its share of the slab, U elements a thread a batch. */
-template <int U>
+ * the step is applied, clips and updates its share of the slab (update_slab<BATCHES>). */
+template <bool BATCHES>
 static __device__ void decide_and_update(const update_args &u, cu_scratch *S, cu_result *R, const cu_params *P,
                                          double t, double loss, double clip_norm, int update) {
     const double norm = sqrt(t);
     const double coef = clip_norm > 0 ? clip_norm / (norm + 1e-6) : 1.0;
     if (blockIdx.x == 0 && threadIdx.x == 0) decide(S, R, P, t, clip_norm, update);
-    if (update && isfinite(loss) && isfinite(norm)) update_slab<U>(u, P, coef < 1.0 ? (float)coef : 1.0f);
+    if (update && isfinite(loss) && isfinite(norm)) update_slab<BATCHES>(u, P, coef < 1.0 ? (float)coef : 1.0f);
 }
 
 #endif /* MPSCY_CUDA_UPDATE_H */
