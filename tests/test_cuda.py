@@ -549,7 +549,8 @@ def test_large_slab_update_matches_cpu(opt, monkeypatch, rng):
 def test_update_batches_give_the_same_bits(name, coop, monkeypatch, rng):
     """The update's batches (every operand of 4 elements a thread loaded before any is stored)
     compute what the loop of an element an iteration does ($MPSCY_CUDA_UPD_BATCHED=0): the same
-    element rules on the same values. 1.5M parameters (several batches a thread, the last partial,
+    element rules on the same values; the norm's sum of squares, 4 loads at a time, adds the same
+    terms in the same order. 1.5M parameters (several batches a thread, the last partial,
     in the largest update grid), both norm+update forms (one cooperative kernel, two kernels),
     clipping by norm, and by value too in the two-kernel form; 6 steps (full and partial
     batches) leave bit-identical losses, gradient norms, parameters and optimizer slots."""

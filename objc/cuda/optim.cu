@@ -23,9 +23,9 @@ void cu_fill(cudaStream_t s, float *p, int64_t n, float v) {
 
 /* Two-kernel form: the norm with a last-block finish, then the update reading the decision. */
 __global__ void grad_norm_kernel(cu_scratch *S, cu_result *R, const cu_params *P, const float *grads, int64_t n,
-                                 double clip_norm, int update) {
+                                 double clip_norm, int update, int batched) {
     cu_pdl_enter();
-    double s = sum_squares(grads, n);
+    double s = sum_squares(grads, n, batched);
     if (threadIdx.x == 0) S->norm_part[blockIdx.x] = s;
     if (!last_block(&S->norm_count)) return;
     const volatile double *np = S->norm_part;
@@ -49,7 +49,7 @@ __global__ void optim_update_kernel(update_args u, const cu_scratch *S, const cu
 __global__ void norm_update_kernel(update_args u, cu_scratch *S, cu_result *R, const cu_params *P, double clip_norm,
                                    int update) {
     __shared__ double total;
-    double s = sum_squares(u.grads, u.n);
+    double s = sum_squares(u.grads, u.n, u.batched);
     if (threadIdx.x == 0) S->norm_part[blockIdx.x] = s;
     cg::this_grid().sync();
     const volatile double *np = S->norm_part;
@@ -210,7 +210,7 @@ int cu_norm_and_update(cu_graph *g, int update, char *err, size_t en) {
     CU_TRY(cu_launch(g, grad_norm_kernel,
                      cu_blocks(n, CU_THREADS * 8, CU_MAX_PARTS < 2 * g->dev->sms ? CU_MAX_PARTS : 2 * g->dev->sms),
                      CU_THREADS, g->stream, g->scratch, g->result, (const cu_params *)g->params_d,
-                     (const float *)g->grads, n, clip, update),
+                     (const float *)g->grads, n, clip, update, u.batched),
            "grad_norm");
     int st = CU_LAUNCHED("grad_norm");
     if (st != MPSCY_OK || !update) return st;

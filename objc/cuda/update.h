@@ -42,10 +42,23 @@ static __device__ __forceinline__ int input_bad(const cu_scratch *S, const cu_pa
     return P->seq != 0 && S->bad_seq == P->seq;
 }
 
-static __device__ __forceinline__ double sum_squares(const float *grads, int64_t n) {
+/* Each thread's elements i, i + stride, ... added in that order, then the block's sum. batched:
+ * 4 elements' loads at a time before their terms are added (the same terms in the same order:
+ * the same bits), not a load an addition. */
+static __device__ __forceinline__ double sum_squares(const float *grads, int64_t n, int batched) {
     double s = 0;
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
-        s += (double)grads[i] * grads[i];
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    if (batched) {
+        for (; i + 3 * stride < n; i += 4 * stride) {
+            float g[4];
+#pragma unroll
+            for (int j = 0; j < 4; j++) g[j] = grads[i + j * stride];
+#pragma unroll
+            for (int j = 0; j < 4; j++) s += (double)g[j] * g[j];
+        }
+    }
+    for (; i < n; i += stride) s += (double)grads[i] * grads[i];
     return block_sum(s);
 }
 
