@@ -192,17 +192,13 @@ int cu_norm_and_update(cu_graph *g, int update, char *err, size_t en) {
         attr.id = cudaLaunchAttributeCooperative;
         attr.val.cooperative = 1;
         int per_sm = 0;
-        /* threads a block (a measuring knob): fewer, larger blocks meet at the grid barrier and
-         * each reads fewer partial sums after it */
-        int threads = cu_knob_int("MPSCY_CUDA_UPD_THREADS", CU_THREADS);
-        if (threads < 32 || threads > 1024 || threads % 32) threads = CU_THREADS;
-        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, norm_update_kernel, threads, 0) != cudaSuccess ||
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, norm_update_kernel, CU_THREADS, 0) != cudaSuccess ||
             per_sm < 1)
             per_sm = 1;
         /* enough threads for the update to keep memory busy, never more than fit at once */
         int64_t most = (int64_t)(per_sm < 8 ? per_sm : 8) * g->dev->sms;
-        cfg.gridDim = dim3(cu_blocks(n, threads * 4, most < CU_MAX_PARTS ? most : CU_MAX_PARTS));
-        cfg.blockDim = dim3(threads);
+        cfg.gridDim = dim3(cu_blocks(n, CU_THREADS * 4, most < CU_MAX_PARTS ? most : CU_MAX_PARTS));
+        cfg.blockDim = dim3(CU_THREADS);
         cfg.stream = g->stream;
         cfg.attrs = &attr;
         cfg.numAttrs = 1;
