@@ -1,5 +1,6 @@
 """The analysis of bench/cuda_timeline.py on a synthetic CUPTI trace (no GPU, no torch): how a
-trace is split into steps, and the span and concurrency figures of one step."""
+trace is split into steps, and the span and concurrency figures of one step; and
+bench/cuda_bench.py's interleaved rounds on plain Python steps."""
 import pathlib
 import sys
 
@@ -54,3 +55,34 @@ def test_step_without_a_pull_is_timed_from_its_first_activity():
     assert r["pull"] is None and r["pull_wait"] is None
     assert r["span"] == pytest.approx(93.0)                 # 0 .. 83 + 10
     assert r["idle"] == pytest.approx(30.0 + 2.0)           # 1 .. 31 and 81 .. 83
+
+
+def test_paired_rounds_interleave_and_time_each_step():
+    """paired_rounds warms each step up, then alternates: every round times each step once, for
+    the same number of calls in every round, and returns each step's per-round mean in µs."""
+    import time
+    cuda_bench = pytest.importorskip("cuda_bench")
+    order = []
+
+    def make(tag, pause):
+        def step(x, y):
+            order.append(tag)
+            t = time.perf_counter() + pause
+            while time.perf_counter() < t:
+                pass
+            return 0.0
+        return step
+
+    fast, slow = make("a", 20e-6), make("b", 200e-6)
+    data = [(None, None)] * 3
+    times = cuda_bench.paired_rounds([fast, slow], [data, data], rounds=4, budget_s=0.004)
+    assert [len(t) for t in times] == [4, 4]
+    assert all(18.0 <= t <= 200.0 for t in times[0]), times[0]
+    assert all(180.0 <= t <= 2000.0 for t in times[1]), times[1]
+    # after the warm-up (10 calls then 10 timed, each), rounds alternate a-block, b-block
+    timed = order[40:]
+    blocks = [timed[0]]
+    for tag in timed[1:]:
+        if tag != blocks[-1]:
+            blocks.append(tag)
+    assert blocks == ["a", "b"] * 4, blocks
