@@ -4,8 +4,9 @@
 # runs bench/cuda_bench.py, and profiles one step's kernels with ncu when it is there.
 # Summaries go to stdout; full logs to $OUT (default /tmp/mpscy-gpu): build.log, pytest_cuda.log,
 # pytest_cpu.log, bench.json, ncu_<model>.csv. Wheels in $WHEELS (scipy-openblas32, memray) are
-# installed to /tmp/site first when given (machines without network). Narrower runs: TESTS (pytest
-# paths), PYTEST_ARGS, BENCH_ARGS (e.g. "--only cnn"), PROFILE_MODELS, SKIP_TESTS/SKIP_BENCH/SKIP_PROFILE.
+# installed to /tmp/site first when given (machines without network). BENCH_ARGS defaults to
+# "--paired 15" (the ratio targets also timed in interleaved rounds). Narrower runs: TESTS (pytest
+# paths), PYTEST_ARGS, BENCH_ARGS (e.g. "--only cnn --paired 15"; "" for neither), PROFILE_MODELS, SKIP_TESTS/SKIP_BENCH/SKIP_PROFILE.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/mpscy-gpu}
@@ -38,7 +39,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     fi
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
-    timeout ${BENCH_TIMEOUT:-300} $PY bench/cuda_bench.py --json "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1
+    timeout ${BENCH_TIMEOUT:-300} $PY bench/cuda_bench.py --json "$OUT/bench.json" ${BENCH_ARGS---paired 15} 2>&1
     echo "bench: exit $?"
 fi
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
