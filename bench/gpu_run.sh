@@ -6,7 +6,8 @@
 # pytest_cpu.log, bench.json, ncu_<model>.csv. Wheels in $WHEELS (scipy-openblas32, memray) are
 # installed to /tmp/site first when given (machines without network). BENCH_ARGS defaults to
 # "--paired 15" (the ratio targets also timed in interleaved rounds). Narrower runs: TESTS (pytest
-# paths), PYTEST_ARGS, BENCH_ARGS (e.g. "--only cnn --paired 15"; "" for neither), PROFILE_MODELS, SKIP_TESTS/SKIP_BENCH/SKIP_PROFILE.
+# paths), PYTEST_ARGS, BENCH_ARGS (e.g. "--only cnn --paired 15"; "" for no interleaved rounds),
+# PROFILE_MODELS, SKIP_TESTS/SKIP_BENCH/SKIP_PROFILE.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/mpscy-gpu}
