@@ -70,9 +70,16 @@ struct update_args {
     int batched;  // update_slab_batched<4> (`MPSCY_CUDA_UPD_BATCHED`, default 1), or 0: an element an iteration
 };
 
-/* The kind's element rule on one element held in registers (p, slots s0..s2), g already
- * clipped. s2 is always a register: the rules read it only under the flag that gives the slab
- * its third slot (amsgrad, centered), and a pointer that may be NULL would put it in memory. */
+/* A gradient element clipped: by the norm's coefficient cs, then to +-clip_value. */
+static __device__ __forceinline__ float clip_elem(const update_args &u, float g, float cs) {
+    if (u.clip_norm) g *= cs;
+    if (u.clip_value > 0.0f) g = g > u.clip_value ? u.clip_value : (g < -u.clip_value ? -u.clip_value : g);
+    return g;
+}
+
+/* The kind's element rule on one element (p, slots s0..s2), g already clipped. In the batches
+ * they are registers, s2 too: the rules read s2 only under the flag that gives the slab its
+ * third slot (amsgrad, centered), and a pointer that may be NULL would put it in memory. */
 static __device__ __forceinline__ void update_elem(const update_args &u, const mpscy_optim_coef &c, float g, float *p,
                                                   float *s0, float *s1, float *s2) {
     switch (u.kind) {
@@ -113,9 +120,7 @@ static __device__ void update_slab_batched(const update_args &u, const mpscy_opt
         for (int j = 0; j < U; j++) {
             const int64_t k = i + j * stride;
             if (k >= u.n) break;
-            float gj = g[j];
-            if (u.clip_norm) gj *= cs;
-            if (u.clip_value > 0.0f) gj = gj > u.clip_value ? u.clip_value : (gj < -u.clip_value ? -u.clip_value : gj);
+            const float gj = clip_elem(u, g[j], cs);
             if (clipped) u.grads[k] = gj;
             update_elem(u, c, gj, &w[j], &a0[j], &a1[j], &a2[j]);
             u.w[k] = w[j];
@@ -142,21 +147,9 @@ static __device__ void update_slab(const update_args &u, const cu_params *P, flo
     }
     const int clipped = u.clip_norm || u.clip_value > 0.0f;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < u.n; i += (int64_t)gridDim.x * blockDim.x) {
-        float g = u.grads[i];
-        if (u.clip_norm) g *= cs;
-        if (u.clip_value > 0.0f) g = g > u.clip_value ? u.clip_value : (g < -u.clip_value ? -u.clip_value : g);
+        const float g = clip_elem(u, u.grads[i], cs);
         if (clipped) u.grads[i] = g;
-        switch (u.kind) {
-        case MPSCY_OPTIM_SGD: mpscy_sgd_elem(&u.w[i], &u.s0[i], g, &c); break;
-        case MPSCY_OPTIM_ADAM:
-        case MPSCY_OPTIM_ADAMW:
-            mpscy_adam_elem(&u.w[i], &u.s0[i], &u.s1[i], u.s2 ? &u.s2[i] : NULL, g, &c, u.decoupled);
-            break;
-        case MPSCY_OPTIM_RMSPROP: mpscy_rmsprop_elem(&u.w[i], &u.s0[i], &u.s1[i], u.s2 ? &u.s2[i] : NULL, g, &c); break;
-        case MPSCY_OPTIM_ADAGRAD: mpscy_adagrad_elem(&u.w[i], &u.s0[i], g, &c); break;
-        case MPSCY_OPTIM_ADADELTA: mpscy_adadelta_elem(&u.w[i], &u.s0[i], &u.s1[i], g, &c); break;
-        case MPSCY_OPTIM_NADAM: mpscy_nadam_elem(&u.w[i], &u.s0[i], &u.s1[i], g, &c); break;
-        }
+        update_elem(u, c, g, &u.w[i], &u.s0[i], &u.s1[i], u.s2 ? &u.s2[i] : NULL);
     }
 }
 
