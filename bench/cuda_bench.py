@@ -49,18 +49,24 @@ def _settle(step):
         sync()
 
 
-def time_steps(step, data, budget_s, repeats):
-    """Median over `repeats` of the mean time per step (µs); each step ends with a float loss,
-    and each timed run with the device idle (mpscy: Engine.synchronize())."""
+def _warm_up(step, data, budget_s):
+    """Runs the step over every batch (at least 10 times), times 10 more, and returns how many
+    steps take about budget_s (20 to 20,000)."""
     for i in range(max(10, len(data))):
-        loss = step(*data[i % len(data)])
+        step(*data[i % len(data)])
     _settle(step)
     t0 = time.perf_counter()
     for i in range(10):
         step(*data[i % len(data)])
     _settle(step)
     per = (time.perf_counter() - t0) / 10
-    iters = int(min(max(budget_s / max(per, 1e-7), 20), 20000))
+    return int(min(max(budget_s / max(per, 1e-7), 20), 20000))
+
+
+def time_steps(step, data, budget_s, repeats):
+    """Median over `repeats` of the mean time per step (µs); each step ends with a float loss,
+    and each timed run with the device idle (mpscy: Engine.synchronize())."""
+    iters = _warm_up(step, data, budget_s)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -76,16 +82,7 @@ def paired_rounds(steps, data, rounds, budget_s):
     """Interleaved timing of several steps (A, B, A, B, ...): each round times every step for
     about budget_s (its mean per step, ending with the device idle), so drift of the host or the
     GPU during the run falls on all alike. Returns each step's per-round µs lists."""
-    iters = []
-    for step, d in zip(steps, data):
-        for i in range(max(10, len(d))):
-            step(*d[i % len(d)])
-        _settle(step)
-        t0 = time.perf_counter()
-        for i in range(10):
-            step(*d[i % len(d)])
-        _settle(step)
-        iters.append(int(min(max(budget_s / max((time.perf_counter() - t0) / 10, 1e-7), 20), 20000)))
+    iters = [_warm_up(step, d, budget_s) for step, d in zip(steps, data)]
     times = [[] for _ in steps]
     for _ in range(rounds):
         for k, (step, d) in enumerate(zip(steps, data)):
@@ -371,6 +368,7 @@ def main():
     args = ap.parse_args()
     budget, repeats = (0.05, 3) if args.quick or args.smoke else (0.4, 5)
     results, info = {}, {}
+    targets = {"mlp_small": ("abs", 25.0), "cnn": ("ratio", 0.3), "mlp_wide": ("ratio", 0.8)}
     if not args.smoke:
         import torch
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -416,7 +414,7 @@ def main():
                 del step
             except Exception as e:  # one framework failing must not hide the others
                 print(f"{name:10s} {label:24s} failed: {type(e).__name__}: {e}", flush=True)
-        if args.paired and not args.smoke and name != "mlp_small":
+        if args.paired and not args.smoke and targets[name][0] == "ratio":
             ours, ref = mpscy_step(name, spec, "cuda"), torch_graph(name, spec)
             t_ours, t_ref = paired_rounds([ours, ref], [data32, data], args.paired, budget / 4)
             ratios = sorted(a / b for a, b in zip(t_ours, t_ref))
@@ -432,7 +430,6 @@ def main():
             results[name]["floor_us"] = max(t_math, t_mem, info["launch_readback_us"])
             results[name]["floor_parts_us"] = {"math": t_math, "memory": t_mem, "launch": info["launch_readback_us"]}
 
-    targets = {"mlp_small": ("abs", 25.0), "cnn": ("ratio", 0.3), "mlp_wide": ("ratio", 0.8)}
     print("\n| model | framework | us/step | x torch graph | x mpscy |")
     print("|---|---|---|---|---|")
     for name, r in results.items():
