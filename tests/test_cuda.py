@@ -544,18 +544,21 @@ def test_large_slab_update_matches_cpu(opt, monkeypatch, rng):
 
 
 @cuda_only
-@pytest.mark.parametrize("coop", ["1", "0"])
+@pytest.mark.parametrize("coop", ["1", "0", "early"])
 @pytest.mark.parametrize("name", sorted(n for n in OPTIM_CASES if not n.startswith("lbfgs")))
 def test_update_batches_give_the_same_bits(name, coop, monkeypatch, rng):
     """The update's batches (every operand of 4 elements a thread loaded before any is stored)
     compute what the loop of an element an iteration does ($MPSCY_CUDA_UPD_BATCHED=0): the same
     element rules on the same values; the norm's sum of squares, 4 loads at a time, adds the same
     terms in the same order. 1.5M parameters (several batches a thread, the last partial,
-    in the largest update grid), both norm+update forms (one cooperative kernel, two kernels),
-    clipping by norm, and by value too in the two-kernel form; 6 steps (full and partial
-    batches) leave bit-identical losses, gradient norms, parameters and optimizer slots."""
+    in the largest update grid), the three norm+update forms (one cooperative kernel, two
+    kernels, with $MPSCY_CUDA_NORM_EARLY=0; the early norm's final kernel, its last layer's
+    1.5M squares as partials on the main stream), clipping by norm, and by value too in the
+    two-kernel and early forms; 6 steps (full and partial batches) leave bit-identical losses,
+    gradient norms, parameters and optimizer slots."""
     monkeypatch.setenv("MPSCY_CUDA_FUSED", "0")
-    monkeypatch.setenv("MPSCY_CUDA_COOP", coop)
+    monkeypatch.setenv("MPSCY_CUDA_COOP", "0" if coop == "0" else "1")
+    monkeypatch.setenv("MPSCY_CUDA_NORM_EARLY", "1" if coop == "early" else "0")
     clip = {"clip_grad_norm": 0.5} if coop == "1" else {"clip_grad_norm": 0.5, "clip_grad_value": 2e-4}
     rows = [16, 9, 16, 16, 7, 16]
     data = [(rng.standard_normal((r, 1000)).astype(np.float32), rng.integers(0, 5, r).astype(np.int32)) for r in rows]
@@ -581,6 +584,88 @@ def test_update_batches_give_the_same_bits(name, coop, monkeypatch, rng):
                     assert np.array_equal(other[2][slot][k], v[k]), (slot, k)
                     slots += 1
         assert slots >= 4 or name == "sgd", runs[0][2].keys()
+
+
+def _norm_cnn(dropout=True):
+    """The README CNN's layer kinds at a small size: a no-dx first convolution, stride-2 and
+    stride-1 ones on both side streams, a Dense with its ReLU (and Dropout), the output Dense."""
+    ls = [L.Conv2D(8, 3, 1, 1), L.ReLU(), L.Conv2D(8, 3, 2, 1), L.ReLU(), L.Conv2D(16, 3, 1, 1), L.ReLU(),
+          L.Conv2D(16, 3, 2, 1), L.ReLU(), L.Flatten(), L.Dense(32), L.ReLU()]
+    return ls + ([L.Dropout(0.5)] if dropout else []) + [L.Dense(10)]
+
+
+NORM_MODELS = {
+    "cnn": (lambda: _norm_cnn(False), (3, 16, 16)),
+    "dense_relu": LAYER_MODELS["dense_relu"],
+    "batchnorm2d": LAYER_MODELS["batchnorm2d"],
+    "layernorm": LAYER_MODELS["layernorm"],
+    "conv_long_k": LAYER_MODELS["conv_long_k"],
+    "wide_first": (lambda: [L.Dense(700), L.ReLU(), L.Dense(24), L.ReLU(), L.Dense(5)], (30,)),  # 21,700 late floats
+}
+
+
+@cuda_only
+@pytest.mark.parametrize("early", ["1", "0"])
+@pytest.mark.parametrize("name", sorted(NORM_MODELS))
+def test_gradient_norm_covers_every_tensor(name, early, monkeypatch, rng):
+    """The step's gradient norm is the norm of every parameter's gradient, whichever form sums it:
+    the early norm ($MPSCY_CUDA_NORM_EARLY=1, the default: each layer's squares on their own
+    stream after its backward, the last layer's in the final kernel, or as partials first when
+    they are more than 8,192 floats, as in wide_first) and the whole slab's pass at the end (0).
+    The step's grad_norm against the float64 norm of the gradients `gradients()` reads back for
+    the same batch and parameters: within 1e-12 relative, while every tensor holds more than 1e-9
+    of the squares, so a tensor missed or counted twice fails."""
+    monkeypatch.setenv("MPSCY_CUDA_FUSED", "0")
+    monkeypatch.setenv("MPSCY_CUDA_NORM_EARLY", early)
+    build, shape = NORM_MODELS[name]
+    gpu = mpscy.Engine(mpscy.Sequential(build(), input_shape=shape), loss="sparse_cross_entropy",
+                       optimizer=optim.Adam(1e-3), batch_size=16, device="cuda", seed=3)
+    x = rng.standard_normal((16,) + shape).astype(np.float32)
+    y = rng.integers(0, 5, 16).astype(np.int32)
+    grads = {k: v for k, v in gpu.gradients(x, y).items() if k != "loss"}
+    squares = {k: float(np.sum(np.square(v, dtype=np.float64))) for k, v in grads.items()}
+    total = sum(squares.values())
+    assert len(squares) >= 3 and min(squares.values()) > 1e-9 * total, squares
+    r = gpu.step(x, y)
+    assert r.applied
+    assert abs(r.grad_norm - np.sqrt(total)) <= 1e-12 * np.sqrt(total), (r.grad_norm, np.sqrt(total))
+
+
+@cuda_only
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_norm_early_gives_the_same_steps(clip, monkeypatch, rng):
+    """The early norm changes only the order of the norm's sum: without clipping (the norm only
+    decides) 6 steps of a CNN with Dropout, full and partial batches, leave bit-identical losses
+    and parameters with $MPSCY_CUDA_NORM_EARLY=1 and 0, and gradient norms within 1e-12; with
+    clipping by a norm of 0.05 (every step clipped) the coefficient may round apart by an ulp:
+    parameters within 1e-6, and both within the cpu's tolerance."""
+    monkeypatch.setenv("MPSCY_CUDA_FUSED", "0")
+    shape, rows = (3, 16, 16), [16, 9, 16, 16, 7, 16]
+    data = [(rng.standard_normal((r,) + shape).astype(np.float32), rng.integers(0, 10, r).astype(np.int32))
+            for r in rows]
+    runs = []
+    for early in ("1", "0"):
+        monkeypatch.setenv("MPSCY_CUDA_NORM_EARLY", early)
+        cpu, gpu = pair(_norm_cnn, shape, **({"clip_grad_norm": clip} if clip else {}))
+        results = [gpu.step(x, y) for x, y in data]
+        ref = [cpu.step(x, y) for x, y in data]
+        assert all(r.applied for r in results)
+        if clip:
+            assert all(r.grad_norm > clip for r in results)
+        pg, pc = gpu.get_parameters(), cpu.get_parameters()
+        assert max(rel_err(pg[k], pc[k]) for k in pc) <= PARAM_TOL
+        for r, c in zip(results, ref):
+            assert abs(r.grad_norm - c.grad_norm) <= 1e-4 * c.grad_norm
+        runs.append(([r.loss for r in results], [r.grad_norm for r in results], pg))
+    (l1, n1, p1), (l0, n0, p0) = runs
+    assert len(p1) == 12 and p1.keys() == p0.keys()
+    for a, b in zip(n1, n0):
+        assert abs(a - b) <= 1e-12 * b
+    if clip:
+        assert max(rel_err(p1[k], p0[k]) for k in p0) <= 1e-6
+    else:
+        assert l1 == l0
+        assert all(np.array_equal(p1[k], p0[k]) for k in p0)
 
 
 @cuda_only

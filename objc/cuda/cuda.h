@@ -129,7 +129,14 @@ typedef struct cu_graph {
     int input_dw_main;         /* $MPSCY_CUDA_INPUT_DW not "side": a no-dx convolution's dW on the main stream */
     int early;                 /* $MPSCY_CUDA_EARLY not 0: a training step returns once its result is final */
     uint32_t rseq;             /* the last training step's number (cu_params.rseq) */
-    int forked;                /* capture state: the side streams with work to join (1: side, 2: alt) */
+    int forked;                /* capture state: the side streams with work to join (1: side, 2: alt, 4: nrm) */
+    /* the early norm (optim.cu): each layer's squares summed on their own stream once its gradients
+     * are done, the final kernel adding the partials and the last layer's squares, then updating */
+    cudaStream_t nrm;          /* that stream (NULL with MPSCY_CUDA_STREAMS=1: the main one) */
+    int norm_early;            /* $MPSCY_CUDA_NORM_EARLY at build not 0 */
+    int norm_on, norm_parts;   /* capture state: the early norm planned; its partials enqueued so far */
+    int32_t norm_last;         /* capture state: the node whose squares the final kernel adds itself, or -1 */
+    uint8_t *norm_done;        /* per node, per capture: its squares' partials are enqueued */
     cudaGraphExec_t exec[CU_KINDS];  /* the captured step of each kind at the built batch */
     /* own small GEMMs (gemm.cu): split-K partials and tile counters, handed out in capture order */
     float *gws;
@@ -374,9 +381,15 @@ typedef struct cu_dx_target {
     const float *mask, *scale;  /* zero where mask <= 0, after times scale; or NULL */
 } cu_dx_target;
 void cu_dense_dx_target(cu_graph *g, const mpscy_node *n, cu_dx_target *t);
-/* optim.cu: global norm + finiteness + clip coefficient, then the update over the flat slab;
- * one cooperative kernel where the device captures them, else two. update = 0: norm only. */
+/* optim.cu: global norm + finiteness + clip coefficient, then the update over the flat slab:
+ * after the early norm's partials (cu_norm_part), one kernel adding them and the last layer's
+ * squares; with $MPSCY_CUDA_NORM_EARLY=0, one cooperative kernel where the device captures them,
+ * else two. update = 0: norm only. */
 int cu_norm_and_update(cu_graph *g, int update, char *err, size_t en);
+/* the early norm of one capture: cu_norm_plan before the backward (head: the output Dense's
+ * backward ran with the loss), cu_norm_part after each node's backward is enqueued */
+void cu_norm_plan(cu_graph *g, int head);
+int cu_norm_part(cu_graph *g, int32_t node, char *err, size_t en);
 int cu_coop_probe(cu_device *d);
 int cu_pdl_probe(cu_device *d);
 int cu_optim_supported(int32_t kind);

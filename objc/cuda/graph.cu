@@ -38,6 +38,7 @@ void cu_graph_destroy(mpscy_graph gh) {
     if (g->stream) cudaStreamDestroy(g->stream);
     if (g->side && g->side != g->stream) cudaStreamDestroy(g->side);
     if (g->alt) cudaStreamDestroy(g->alt);
+    if (g->nrm) cudaStreamDestroy(g->nrm);
     if (g->fork) cudaEventDestroy(g->fork);
     if (g->join) cudaEventDestroy(g->join);
     if (g->wready) cudaEventDestroy(g->wready);
@@ -225,6 +226,10 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
      * product) reads x too, so the forward's side stream builds no columns (~54 MB written and
      * read back a step in the README CNN); 0 builds them: a knob for A/B timing and testing */
     g->dw_gather = cu_knob_on("MPSCY_CUDA_DW_GATHER");
+    /* each layer's squares of the gradient norm summed on a stream of their own once its
+     * gradients are done, the update's kernel adding the partials (optim.cu); 0: the norm's pass
+     * over the whole slab at the step's end, a knob for A/B timing and testing */
+    g->norm_early = cu_knob_on("MPSCY_CUDA_NORM_EARLY");
     /* the weight and bias gradients of a convolution without dx and with few taps (the model's
      * first) in one pass over dy and x, gr->dw_small blocks a multiprocessor (conv_dw.cu); 0 takes
      * the split product after dz's transpose: a knob for A/B timing and testing */
@@ -264,7 +269,7 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
      * -> 315.7 us); MPSCY_CUDA_PDL=1 turns it on for every graph, 0 off */
     const char *pk = getenv("MPSCY_CUDA_PDL");
     g->pdl = g->dev->pdl && (pk ? pk[0] == '1' : !convs);
-    g->tables_bytes = 2 * (size_t)p->n_nodes * sizeof(float *) + (size_t)p->n_nodes * sizeof(int64_t) + 2 * (size_t)p->n_nodes +
+    g->tables_bytes = 2 * (size_t)p->n_nodes * sizeof(float *) + (size_t)p->n_nodes * sizeof(int64_t) + 3 * (size_t)p->n_nodes +
                       (size_t)(2 * p->n_inputs + 2) * sizeof(cu_buffer) + 16;
 
     st = MPSCY_OK;
@@ -320,6 +325,7 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
                            (one ? (g->side = g->stream, cudaSuccess)
                                 : cudaStreamCreateWithFlags(&g->side, cudaStreamNonBlocking)) != cudaSuccess ||
                            (alt && cudaStreamCreateWithFlags(&g->alt, cudaStreamNonBlocking) != cudaSuccess) ||
+                           (!one && cudaStreamCreateWithFlags(&g->nrm, cudaStreamNonBlocking) != cudaSuccess) ||
                            cudaEventCreateWithFlags(&g->fork, cudaEventDisableTiming) != cudaSuccess ||
                            cudaEventCreateWithFlags(&g->join, cudaEventDisableTiming) != cudaSuccess ||
                            cudaEventCreateWithFlags(&g->wready, cudaEventDisableTiming) != cudaSuccess ||
@@ -339,6 +345,7 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     g->io_bufs = (cu_buffer *)(((uintptr_t)(g->col_off + p->n_nodes) + 15) & ~(uintptr_t)15);
     g->fuse = (uint8_t *)(g->io_bufs + 2 * p->n_inputs + 2);
     g->dz_ready = g->fuse + p->n_nodes;
+    g->norm_done = g->dz_ready + p->n_nodes;
 
     for (int32_t i = 0; i < p->n_nodes; i++) {
         mpscy_node *node = &p->nodes[i];

@@ -1,8 +1,14 @@
 /* optim.cu — everything after backward on CUDA: the global gradient norm in double (finite
  * exactly when every gradient is), which also decides the step — finite and TRAIN: applied —
- * and the clip coefficient, all in the norm kernel's last block; then the optimizer as one
- * kernel over the flat slab that clips, reads the decision and applies the shared element rules
- * of common/optim_math.h. Per-step coefficients come from the params block (host-computed). */
+ * and the clip coefficient; then the optimizer over the flat slab that clips, reads the decision
+ * and applies the shared element rules of common/optim_math.h. By default the norm is early:
+ * each layer's squares are summed on a stream of their own as soon as its backward is done,
+ * beside the backward of the layers below, and the step's last kernel adds those partials and
+ * the last layer's squares in every block (no grid-wide barrier), decides and updates
+ * (norm_final_kernel; the README CNN on the H200: 11-12 us against the cooperative kernel's
+ * 15-16). $MPSCY_CUDA_NORM_EARLY=0: the whole slab's norm at the end, in one cooperative kernel
+ * (or two, with the decision in the last block). Per-step coefficients come from the params
+ * block (host-computed). */
 #include "cuda.h"
 #include "reduce.h"
 #include "update.h"
@@ -11,6 +17,7 @@
 namespace cg = cooperative_groups;
 
 #include <math.h>
+#include <string.h>
 
 __global__ void fill_kernel(float *p, int64_t n, float v) {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
@@ -57,6 +64,45 @@ __global__ void norm_update_kernel(update_args u, cu_scratch *S, cu_result *R, c
     for (unsigned k = threadIdx.x; k < gridDim.x; k += blockDim.x) t += np[k];
     t = block_sum(t);
     if (threadIdx.x == 0) total = t;
+    __syncthreads();
+    decide_and_update<true>(u, S, R, P, total, S->loss, clip_norm, update && !input_bad(S, P));
+}
+
+/* The early norm. A layer's squares: each block's sum of its threads' elements i, i + stride, ...
+ * in order (sum_squares) into parts[blockIdx.x], on the norm's own stream once the layer's
+ * gradients are done (cu_norm_part), beside the backward of the layers below. */
+__global__ void norm_part_kernel(double *parts, const float *grads, int64_t n, int batched) {
+    cu_pdl_enter();
+    const double s = sum_squares(grads, n, batched);
+    if (threadIdx.x == 0) parts[blockIdx.x] = s;
+}
+
+#define NORM_LATE_RUNS 4  /* runs of the slab the final kernel squares itself, at most */
+
+struct norm_late {
+    int64_t off[NORM_LATE_RUNS], n[NORM_LATE_RUNS];
+    int runs;
+};
+
+/* The step's end after the early norm: every block adds the `parts` partials (thread t: t, t +
+ * blockDim.x, ...) and the squares of the late runs (the last layer's gradients, done just
+ * before: thread t their elements t, t + blockDim.x, ...), then the block's sum: the same total,
+ * in the same order, in every block, with no grid-wide barrier. Then decide and update as the
+ * cooperative kernel does. */
+__global__ void norm_final_kernel(update_args u, cu_scratch *S, cu_result *R, const cu_params *P, double clip_norm,
+                                  int update, int parts, norm_late late) {
+    cu_pdl_enter();
+    __shared__ double total;
+    double s = 0;
+    for (int k = threadIdx.x; k < parts; k += blockDim.x) s += S->norm_part[k];
+#pragma unroll
+    for (int r = 0; r < NORM_LATE_RUNS; r++)  /* unrolled: the runs stay in the parameter space */
+        if (r < late.runs) {
+            const float *g = u.grads + late.off[r];
+            for (int64_t i = threadIdx.x; i < late.n[r]; i += blockDim.x) s += (double)g[i] * g[i];
+        }
+    s = block_sum(s);
+    if (threadIdx.x == 0) total = s;
     __syncthreads();
     decide_and_update<true>(u, S, R, P, total, S->loss, clip_norm, update && !input_bad(S, P));
 }
@@ -175,6 +221,127 @@ void cu_optim_applied(cu_graph *g, int64_t t) {
     if (g->plan.optim.kind == MPSCY_OPTIM_NADAM) g->scalars[1] = g->mu_next;
 }
 
+/* The early norm's partials: an early layer's tensor a block per 4096 floats, at most 64 blocks
+ * (they run beside the backward); a late one (after the backward, on the main stream) a block
+ * per 2048 floats, at most two a multiprocessor. */
+static unsigned norm_part_blocks(const cu_graph *g, int64_t count, int late) {
+    return late ? cu_blocks(count, CU_THREADS * 8, 2 * (int64_t)g->dev->sms) : cu_blocks(count, CU_THREADS * 16, 64);
+}
+
+#define NORM_LATE_MAX 8192  /* floats the final kernel squares itself in every block, at most */
+
+/* Plans the early norm of the capture under way: on ($MPSCY_CUDA_NORM_EARLY) when the parameter
+ * tensors tile the slab and every tensor's partials fit the scratch; the node whose backward is
+ * enqueued last keeps its squares for the final kernel. */
+void cu_norm_plan(cu_graph *g, int head) {
+    const mpscy_plan *p = &g->plan;
+    g->norm_on = 0;
+    g->norm_parts = 0;
+    g->norm_last = -1;
+    memset(g->norm_done, 0, (size_t)p->n_nodes);
+    if (!g->norm_early) return;
+    int64_t floats = 0, parts = 0;
+    for (int32_t t = 0; t < p->n_tensors; t++)
+        if (p->tensors[t].info.role == MPSCY_ROLE_PARAM) {
+            const int64_t c = p->tensors[t].info.count;
+            const unsigned e = norm_part_blocks(g, c, 0), l = norm_part_blocks(g, c, 1);
+            floats += c;
+            parts += e > l ? e : l;
+        }
+    if (floats != p->n_params || parts > CU_MAX_PARTS) return;
+    /* the backward's order (step.cu): the output Dense with the loss (head), then the nodes down */
+    for (int32_t i = 0; i < p->n_nodes && g->norm_last < 0; i++) {
+        const mpscy_node *n = &p->nodes[i];
+        if (n->grad && n->kind != MPSCY_LAYER_INPUT && !(head && i == p->output) &&
+            mpscy_node_tensor(p, n, MPSCY_ROLE_PARAM, 0) >= 0)
+            g->norm_last = i;
+    }
+    if (g->norm_last < 0 && head) g->norm_last = p->output;
+    g->norm_on = 1;
+}
+
+/* After node i's backward is enqueued: its tensors' squares on the norm's stream, after
+ * everything the main and the forked side streams hold so far (its gradients' writers among
+ * them, wherever the layer put them). */
+int cu_norm_part(cu_graph *g, int32_t i, char *err, size_t en) {
+    const mpscy_plan *p = &g->plan;
+    const mpscy_node *n = &p->nodes[i];
+    if (!g->norm_on || i == g->norm_last || g->norm_done[i] || mpscy_node_tensor(p, n, MPSCY_ROLE_PARAM, 0) < 0)
+        return MPSCY_OK;
+    cudaStream_t s = g->stream;
+    if (g->nrm) {
+        s = g->nrm;
+        const cudaStream_t from[3] = {g->stream, g->side, g->alt};
+        for (int k = 0; k < 3; k++)
+            if (k == 0 || (g->forked >> (k - 1) & 1)) {  /* each wait refers to the record just before it */
+                CU_TRY(cudaEventRecord(g->join, from[k]), "norm event");
+                CU_TRY(cudaStreamWaitEvent(s, g->join, 0), "norm stream wait");
+            }
+        g->forked |= 4;
+    }
+    for (int32_t t = n->tensor0; t < n->tensor0 + n->n_tensors; t++) {
+        const mpscy_tensor_info *ti = &p->tensors[t].info;
+        if (ti->role != MPSCY_ROLE_PARAM) continue;
+        const unsigned blocks = norm_part_blocks(g, ti->count, 0);
+        CU_TRY(cu_launch(g, norm_part_kernel, blocks, CU_THREADS, s, g->scratch->norm_part + g->norm_parts,
+                         (const float *)g->grads + ti->offset, ti->count, cu_knob_int("MPSCY_CUDA_UPD_BATCHED", 1)),
+               "norm_part");
+        int st = CU_LAUNCHED("norm_part");
+        if (st != MPSCY_OK) return st;
+        g->norm_parts += (int)blocks;
+    }
+    g->norm_done[i] = 1;
+    return MPSCY_OK;
+}
+
+/* The step's end after the early norm: the squares of the tensors no node's part took (the last
+ * node's, and any a skipped node holds) as runs the final kernel adds itself, or, past
+ * NORM_LATE_MAX floats or NORM_LATE_RUNS runs, as partials on the main stream first. */
+static int norm_final(cu_graph *g, const update_args &u, int update, char *err, size_t en) {
+    const mpscy_plan *p = &g->plan;
+    norm_late late = {};
+    int64_t floats = 0;
+    bool fits = true;
+    for (int32_t t = 0; t < p->n_tensors; t++) {
+        const mpscy_tensor *pt = &p->tensors[t];
+        if (pt->info.role != MPSCY_ROLE_PARAM || g->norm_done[pt->node]) continue;
+        floats += pt->info.count;
+        if (late.runs > 0 && late.off[late.runs - 1] + late.n[late.runs - 1] == pt->info.offset) {
+            late.n[late.runs - 1] += pt->info.count;
+        } else if (late.runs < NORM_LATE_RUNS) {
+            late.off[late.runs] = pt->info.offset;
+            late.n[late.runs++] = pt->info.count;
+        } else {
+            fits = false;
+        }
+    }
+    if (!fits || floats > NORM_LATE_MAX) {
+        late.runs = 0;
+        for (int32_t t = 0; t < p->n_tensors; t++) {
+            const mpscy_tensor *pt = &p->tensors[t];
+            if (pt->info.role != MPSCY_ROLE_PARAM || g->norm_done[pt->node]) continue;
+            const unsigned blocks = norm_part_blocks(g, pt->info.count, 1);
+            CU_TRY(cu_launch(g, norm_part_kernel, blocks, CU_THREADS, g->stream, g->scratch->norm_part + g->norm_parts,
+                             (const float *)g->grads + pt->info.offset, pt->info.count, u.batched),
+                   "norm_part (late)");
+            int st = CU_LAUNCHED("norm_part (late)");
+            if (st != MPSCY_OK) return st;
+            g->norm_parts += (int)blocks;
+        }
+    }
+    int per_sm = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, norm_final_kernel, CU_THREADS, 0) != cudaSuccess ||
+        per_sm < 1)
+        per_sm = 1;
+    /* the cooperative kernel's grid: enough threads for the update to keep memory busy */
+    const int64_t most = (int64_t)(per_sm < 8 ? per_sm : 8) * g->dev->sms;
+    CU_TRY(cu_launch(g, norm_final_kernel, cu_blocks(update ? p->n_params : 1, CU_THREADS * 4, most), CU_THREADS,
+                     g->stream, u, g->scratch, g->result, (const cu_params *)g->params_d, p->optim.clip_grad_norm,
+                     update, g->norm_parts, late),
+           "norm_final");
+    return CU_LAUNCHED("norm_final");
+}
+
 int cu_norm_and_update(cu_graph *g, int update, char *err, size_t en) {
     const mpscy_plan *p = &g->plan;
     int64_t n = p->n_params;
@@ -186,6 +353,7 @@ int cu_norm_and_update(cu_graph *g, int update, char *err, size_t en) {
                      p->optim.clip_grad_norm > 0, p->optim.clip_grad_value > 0 ? (float)p->optim.clip_grad_value : 0.0f,
                      cu_knob_int("MPSCY_CUDA_UPD_BATCHED", 1)};
     double clip = p->optim.clip_grad_norm;
+    if (g->norm_on) return norm_final(g, u, update, err, en);
     if (g->dev->coop) {
         cudaLaunchConfig_t cfg = {};
         cudaLaunchAttribute attr;

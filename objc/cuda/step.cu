@@ -91,8 +91,8 @@ int cu_fork(cu_graph *g, cudaStream_t side, char *err, size_t en) {
 int cu_join(cu_graph *g, char *err, size_t en) {
     const int f = g->forked;
     g->forked = 0;
-    const cudaStream_t sides[2] = {g->side, g->alt};
-    for (int k = 0; k < 2; k++)
+    const cudaStream_t sides[3] = {g->side, g->alt, g->nrm};
+    for (int k = 0; k < 3; k++)
         if (f >> k & 1) {  /* each wait refers to the record just before it */
             CU_TRY(cudaEventRecord(g->join, sides[k]), "join event");
             CU_TRY(cudaStreamWaitEvent(g->stream, g->join, 0), "main stream wait");
@@ -148,11 +148,15 @@ static int enqueue(cu_graph *g, int kind, int64_t b, int deferred, char *err, si
     if (!train) return MPSCY_OK;
 
     /* forks (the forward's too: columns of direct convolutions) are joined once after backward;
-     * only a training forward forks, so evaluation and prediction steps end with nothing to join */
+     * only a training forward forks, so evaluation and prediction steps end with nothing to join.
+     * Each node's squares of the gradient norm follow its backward (cu_norm_part). */
+    cu_norm_plan(g, head);
+    if (head && (st = cu_norm_part(g, p->output, err, en)) != MPSCY_OK) return st;
     for (int32_t i = p->n_nodes - 1; i >= 0; i--) {
         const mpscy_node *node = &p->nodes[i];
         if (!node->grad || node->kind == MPSCY_LAYER_INPUT || (head && i == p->output)) continue;
         if ((st = cu_layers[node->kind].backward(g, node, b, err, en)) != MPSCY_OK) return st;
+        if ((st = cu_norm_part(g, i, err, en)) != MPSCY_OK) return st;
     }
     if ((st = cu_join(g, err, en)) != MPSCY_OK) return st;
     if ((st = cu_norm_and_update(g, kind == CU_KIND_TRAIN, err, en)) != MPSCY_OK) return st;
