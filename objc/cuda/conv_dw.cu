@@ -376,6 +376,193 @@ __global__ void __launch_bounds__(DWS_THREADS, 3) conv_dw_small(dws_args a) {
     }
 }
 
+/* ROWS ($MPSCY_CUDA_DW_ROWS, on by default): the same gradients by whole output rows, a warp a row
+ * (s, oh) at a time, with nothing staged per column element. The warp copies the row's dz
+ * (OC x OW, float4 loads as dy lies, masked by ry) into shared memory as (OW, OC) and x's patch
+ * under the row (C x KH input rows of PW = (OW - 1) sw + (KW - 1) dw + 1 floats, zero outside
+ * x), then lane (og, ng) adds, for every position u of the row, the 4 x CPL tile of outputs
+ * 4 og.. and columns ng CPL..: dz from one float4, and column n's value at u is the patch's
+ * float at tap n's offset + u sw (the bias's ones and the padding's zeros are rows of the
+ * block's shared memory), so a position costs a float4 and CPL loads for 4 CPL FMAs. The
+ * block's 8 warps' tiles are then added in warp order into its partial, and cu_sum_parts adds
+ * the blocks' in order: the same bits every run, another order of the sums than the tiles'
+ * (tested against MPSCY_CUDA_DW_ROWS=0 and the cpu; bench/dw_rows_emulate.py checks the index
+ * arithmetic in NumPy). The README CNN's first layer on the H200: ncu 14.6-15.2 us alone (4.9M
+ * warp instructions, the loads' latency the first stall: a warp takes one row) against the
+ * tiles' 18.7; A/B, the whole step 247.0 against 252.3 us and 250.7 against 258.2 (the step's
+ * tail: this kernel follows the stride-2 dx on the main stream). */
+#define DWR_WARPS 8
+#define DWR_PATCH 512            /* the most floats of x's patch under one output row */
+#define DWR_SHARED (96 * 1024)   /* the most bytes of shared memory a block (two fit a multiprocessor) */
+
+struct dwr_args {
+    float *dw, *db, *part;       /* as dws_args */
+    const float *dy, *ry, *x;    /* dy, ry (b, OC, OH, OW), ry NULL: no mask; x (b, C, H, W) */
+    int oc, kg, og, ng;          /* og = OC / 4 lanes' groups of outputs (a divisor of 32), ng = 32 / og */
+    int c, h, w, oh, ow, kh, kw, sh, sw, ph, pw, dh, dwid;
+    int pwid, npatch;            /* the patch's row width, its floats (C KH pwid) */
+    int lo, wfl, sone;           /* dz's row stride (4 og + 4), a warp's floats, the ones' and zeros' rows */
+    int rows, per;               /* b OH output rows; rows a warp */
+};
+
+struct dwr_plan {
+    int cpl, pwid, npatch, lo, wfl, sone, floats;
+};
+
+/* the rows form's layout for g (cpl 0: it does not fit) */
+static dwr_plan dwr_plan_of(const conv_geom &g, int bias) {
+    dwr_plan q = {};
+    if (g.groups != 1 || g.kg > 32 || g.oc % 4 || g.ow % 4 || 32 % (g.ow / 4) || 32 % (g.oc / 4)) return q;
+    const int og = (int)g.oc / 4, ng = 32 / og, nc = (int)g.kg + bias, cpl = (nc + ng - 1) / ng;
+    q.pwid = (int)((g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1);
+    q.npatch = (int)g.c * (int)g.kh * q.pwid;
+    q.lo = 4 * og + 4;
+    q.wfl = (int)g.ow * q.lo + ((q.npatch + 3) & ~3);
+    q.sone = (int)((g.ow - 1) * g.sw + 1);
+    /* the patch's offsets table (an int2 a float of the patch), the ones, the zeros, the warps' rooms */
+    const int room = 2 * DWR_PATCH + ((2 * q.sone + 3) & ~3) + DWR_WARPS * q.wfl,
+              red = 2 * DWR_PATCH + DWR_WARPS * 32 * 4 * cpl;
+    q.floats = room > red ? room : red;
+    if (cpl <= 8 && q.npatch <= DWR_PATCH && q.floats * 4 <= DWR_SHARED) q.cpl = cpl;
+    return q;
+}
+
+template <int CPL, bool S1>
+__global__ void __launch_bounds__(DWR_WARPS * 32, 2) conv_dw_rows(dwr_args a) {
+    extern __shared__ float4 dwr_sm4[];
+    int2 *ptab = reinterpret_cast<int2 *>(dwr_sm4);  /* (DWR_PATCH): the patch's floats' offsets in x */
+    float *sm = reinterpret_cast<float *>(ptab + DWR_PATCH);
+    cu_pdl_enter();
+    const int lane = threadIdx.x & 31, wp = threadIdx.x >> 5;
+    float *dzs = sm + ((2 * a.sone + 3) & ~3) + wp * a.wfl, *pat = dzs + a.ow * a.lo;
+    for (int e = threadIdx.x; e < a.sone; e += blockDim.x) {
+        sm[e] = 1.0f;           /* the bias's column */
+        sm[a.sone + e] = 0.0f;  /* columns past the last */
+    }
+    /* patch float (c, ki, pc) = row rr = c KH + ki, column pc: its offset in the sample from the
+     * row's first input row (or -1 outside x's width) and that row's distance ki dh, once for every
+     * row; warp wp takes the rows wp, wp + 8, ... (a division a row, none a float) */
+    __shared__ int taps[32];  /* column n < kg's offset in the patch at the row's position 0 */
+    for (int rr = wp; rr < a.c * a.kh; rr += DWR_WARPS) {
+        const int c = rr / a.kh, ki = rr - c * a.kh;
+        for (int pc = lane; pc < a.pwid; pc += 32) {
+            const int iw = pc - a.pw;
+            ptab[rr * a.pwid + pc] = make_int2((unsigned)iw < (unsigned)a.w ? (c * a.h + ki * a.dh) * a.w + iw : -1,
+                                               ki * a.dh);
+        }
+    }
+    if (threadIdx.x < a.kg) {
+        const int khw = a.kh * a.kw, n = threadIdx.x, c = n / khw, r = n - c * khw, ki = r / a.kw, kj = r - ki * a.kw;
+        taps[n] = (c * a.kh + ki) * a.pwid + kj * a.dwid;
+    }
+    __syncthreads();  /* the ones, the zeros, the offsets */
+    const int og = lane / a.ng, ng = lane - og * a.ng;
+    int off[CPL];  /* column ng CPL + k's offset from pat: a tap, the bias's ones, or a zero */
+#pragma unroll
+    for (int k = 0; k < CPL; k++) {
+        const int n = ng * CPL + k;
+        off[k] = n < a.kg ? taps[n] : (int)((n == a.kg && a.db ? sm : sm + a.sone) - pat);
+    }
+    float acc[4][CPL];
+#pragma unroll
+    for (int q = 0; q < 4; q++)
+#pragma unroll
+        for (int k = 0; k < CPL; k++) acc[q][k] = 0.0f;
+    /* dz's copy: lane takes float4 w4 of rows o0, o0 + ostep, ... */
+    const int q4 = a.ow >> 2, ostep = 32 / q4, o0 = lane / q4, w4 = lane - o0 * q4;
+    const int r0 = (blockIdx.x * DWR_WARPS + wp) * a.per, r1 = min(r0 + a.per, a.rows);
+    for (int row = r0; row < r1; row++) {
+        const int s = row / a.oh, oh = row - s * a.oh;
+        __syncwarp();  /* the last row's products are done with the staging */
+        for (int o = o0; o < a.oc; o += ostep) {
+            const size_t src = ((size_t)(s * a.oc + o) * a.oh + oh) * a.ow + 4 * w4;
+            float4 v = __ldg(reinterpret_cast<const float4 *>(a.dy + src));
+            if (a.ry) {
+                const float4 m = __ldg(reinterpret_cast<const float4 *>(a.ry + src));
+                if (!(m.x > 0.0f)) v.x = 0.0f;
+                if (!(m.y > 0.0f)) v.y = 0.0f;
+                if (!(m.z > 0.0f)) v.z = 0.0f;
+                if (!(m.w > 0.0f)) v.w = 0.0f;
+            }
+            float *d = dzs + 4 * w4 * a.lo + o;
+            d[0] = v.x;
+            d[a.lo] = v.y;
+            d[2 * a.lo] = v.z;
+            d[3 * a.lo] = v.w;
+        }
+        const int ih0 = oh * a.sh - a.ph;
+        const float *xs = a.x + (size_t)s * a.c * a.h * a.w + ih0 * a.w;
+        for (int e = lane; e < a.npatch; e += 32) {
+            const int2 t = ptab[e];
+            pat[e] = t.x >= 0 && (unsigned)(ih0 + t.y) < (unsigned)a.h ? __ldg(&xs[t.x]) : 0.0f;
+        }
+        __syncwarp();
+#pragma unroll 4
+        for (int u = 0; u < a.ow; u++) {
+            const float4 z = *reinterpret_cast<const float4 *>(&dzs[u * a.lo + 4 * og]);
+            const int us = S1 ? u : u * a.sw;
+            float cv[CPL];
+#pragma unroll
+            for (int k = 0; k < CPL; k++) cv[k] = pat[off[k] + us];
+#pragma unroll
+            for (int k = 0; k < CPL; k++) {
+                acc[0][k] = fmaf(z.x, cv[k], acc[0][k]);
+                acc[1][k] = fmaf(z.y, cv[k], acc[1][k]);
+                acc[2][k] = fmaf(z.z, cv[k], acc[2][k]);
+                acc[3][k] = fmaf(z.w, cv[k], acc[3][k]);
+            }
+        }
+    }
+    __syncthreads();  /* every warp is done with its staging: the room takes the warps' tiles */
+#pragma unroll
+    for (int q = 0; q < 4; q++)
+#pragma unroll
+        for (int k = 0; k < CPL; k++) sm[(wp * 32 + lane) * (4 * CPL) + q * CPL + k] = acc[q][k];
+    __syncthreads();
+    /* output o's column n (n == kg: its bias): warp wp takes the outputs wp, wp + 8, ... */
+    const int kgo = a.oc * a.kg, count = kgo + (a.db ? a.oc : 0), nc = a.kg + (a.db ? 1 : 0);
+    for (int o = wp; o < a.oc; o += DWR_WARPS)
+        for (int n = lane; n < nc; n += 32) {
+            const int ln = (o >> 2) * a.ng + n / CPL, slot = (o & 3) * CPL + n % CPL;
+            float v = 0.0f;
+#pragma unroll
+            for (int w = 0; w < DWR_WARPS; w++) v += sm[(w * 32 + ln) * (4 * CPL) + slot];
+            const int e = n < a.kg ? o * a.kg + n : kgo + o;
+            if (gridDim.x > 1) a.part[(size_t)blockIdx.x * count + e] = v;
+            else if (n < a.kg) a.dw[e] = v;
+            else a.db[o] = v;
+        }
+}
+
+typedef void (*dwr_fn)(dwr_args);
+template <bool S1>
+static dwr_fn dwr_kernel_s(int cpl) {
+    switch (cpl) {
+    case 1: return conv_dw_rows<1, S1>;
+    case 2: return conv_dw_rows<2, S1>;
+    case 3: return conv_dw_rows<3, S1>;
+    case 4: return conv_dw_rows<4, S1>;
+    case 5: return conv_dw_rows<5, S1>;
+    case 6: return conv_dw_rows<6, S1>;
+    case 7: return conv_dw_rows<7, S1>;
+    default: return conv_dw_rows<8, S1>;
+    }
+}
+
+/* the kernel for cpl columns a lane, its positions a float apart in the patch (stride 1) or not,
+ * allowed `bytes` of dynamic shared memory (past 48 KB only when asked) */
+static dwr_fn dwr_kernel(int cpl, bool s1, size_t bytes) {
+    dwr_fn f = s1 ? dwr_kernel_s<true>(cpl) : dwr_kernel_s<false>(cpl);
+    if (bytes > 48 * 1024 &&
+        cudaFuncSetAttribute((const void *)f, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes) != cudaSuccess)
+        return NULL;
+    return f;
+}
+
+int cu_conv_dw_rows_fits(const mpscy_conv_geom *g, int bias) {
+    return dwr_plan_of(*g, bias).cpl > 0;
+}
+
 int cu_conv_dw_small_fits(const mpscy_conv_geom *g, int bias) {
     return g->groups == 1 && g->oc <= 64 && g->kg + (bias ? 1 : 0) <= 32;
 }
@@ -384,6 +571,34 @@ int cu_conv_dw_small(cu_graph *gr, cudaStream_t stream, const mpscy_conv_geom *c
                      float *dw, float *db, const float *dy, const float *ry, const float *x, float *part, char *err,
                      size_t en) {
     const conv_geom &g = *cg;
+    const int64_t count = g.oc * g.kg + (db ? g.oc : 0), room = cu_conv_dw_parts(nb_built) * g.kg * g.ocg / count;
+    const dwr_plan q = gr->dw_rows ? dwr_plan_of(g, db != NULL) : dwr_plan{};
+    if (q.cpl > 0 && cu_aligned16(dy) && (!ry || cu_aligned16(ry))) {
+        dwr_args r;
+        r.dw = dw; r.db = db; r.part = part; r.dy = dy; r.ry = ry; r.x = x;
+        r.oc = (int)g.oc; r.kg = (int)g.kg; r.og = r.oc / 4; r.ng = 32 / r.og;
+        r.c = (int)g.c; r.h = (int)g.h; r.w = (int)g.w; r.oh = (int)g.oh; r.ow = (int)g.ow;
+        r.kh = (int)g.kh; r.kw = (int)g.kw; r.sh = (int)g.sh; r.sw = (int)g.sw; r.ph = (int)g.ph; r.pw = (int)g.pw;
+        r.dh = (int)g.dh; r.dwid = (int)g.dw;
+        r.pwid = q.pwid; r.npatch = q.npatch; r.lo = q.lo; r.wfl = q.wfl; r.sone = q.sone;
+        /* gr->dw_small blocks a multiprocessor, no more than the partials' room nor than the rows need */
+        r.rows = (int)(nb / g.ohw * g.oh);
+        int64_t s = std::min({(int64_t)gr->dw_small * gr->dev->sms, ((int64_t)r.rows + DWR_WARPS - 1) / DWR_WARPS,
+                              room > 1 ? room : (int64_t)1});
+        r.per = (int)((r.rows + s * DWR_WARPS - 1) / (s * DWR_WARPS));
+        s = (r.rows + (int64_t)r.per * DWR_WARPS - 1) / ((int64_t)r.per * DWR_WARPS);
+        const size_t bytes = (size_t)q.floats * sizeof(float);
+        const dwr_fn f = dwr_kernel(q.cpl, g.sw == 1 && gr->dw_rows != 2, bytes);
+        if (!f) {
+            cudaGetLastError();
+            return MPSCY_FAIL(err, en, MPSCY_DEVICE, CU, "conv_dw_rows: %zu bytes of shared memory refused", bytes);
+        }
+        CU_TRY(cu_launch_shm(gr, f, (unsigned)s, DWR_WARPS * 32, bytes, stream, r), "conv_dw_rows");
+        int st = CU_LAUNCHED("conv_dw_rows");
+        if (st != MPSCY_OK || s == 1) return st;
+        CU_TRY(cu_sum_parts(gr, stream, dw, part, count, s, NULL, 1, 0, db, g.oc * g.kg), "conv_dw_rows_reduce");
+        return CU_LAUNCHED("conv_dw_rows_reduce");
+    }
     dws_args a;
     a.dw = dw; a.db = db; a.part = part; a.dy = dy; a.ry = ry; a.xs = dw_src_of(g, x);
     a.oc = (int)g.oc; a.kg = (int)g.kg;
@@ -401,8 +616,7 @@ int cu_conv_dw_small(cu_graph *gr, cudaStream_t stream, const mpscy_conv_geom *c
                        g.c * a.pr * a.pw <= DWS_PATCH && cu_aligned16(dy) && (!ry || cu_aligned16(ry));
     /* gr->dw_small blocks a multiprocessor, no more than fit the partials' room (the split
      * product's, sized at the built batch) nor than tiles */
-    const int64_t count = g.oc * g.kg + (db ? g.oc : 0), tiles = (nb + DWS_T - 1) / DWS_T;
-    const int64_t room = cu_conv_dw_parts(nb_built) * g.kg * g.ocg / count;
+    const int64_t tiles = (nb + DWS_T - 1) / DWS_T;
     int64_t s = (int64_t)gr->dw_small * gr->dev->sms;
     s = std::min({s, tiles, room > 1 ? room : (int64_t)1});
     const int64_t per = (tiles + s - 1) / s;

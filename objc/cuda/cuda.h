@@ -174,6 +174,8 @@ typedef struct cu_graph {
                                 * takes its weight gradient's B operand from x too, building no columns (conv.cu) */
     int dw_small;              /* $MPSCY_CUDA_DW_SMALL at build (default 2; 0: off): blocks a multiprocessor of
                                 * conv_dw_small, a no-dx convolution's weight and bias gradients in one pass */
+    int dw_rows;               /* $MPSCY_CUDA_DW_ROWS at build not 0: conv_dw_small's work by output rows where
+                                * it fits (conv_dw.cu's conv_dw_rows) */
     int dw_patch;              /* $MPSCY_CUDA_DW_PATCH=1 at build: conv_dw_small stages x's patch (off by default:
                                 * within the run-to-run spread on the H200) */
     int pull_next;             /* per capture: the pull, the last kernel enqueued, flags its parts for it */
@@ -274,6 +276,8 @@ int cu_conv_dw_own(cu_graph *g, cudaStream_t s, const mpscy_conv_geom *cg, int64
  * by ry > 0 (ry NULL: no mask) and x, in gr->dw_small blocks a multiprocessor at most, then the
  * ordered sum of their partials (room in part: cu_conv_dw_parts(nb_built) * kg * OC floats) */
 int cu_conv_dw_small_fits(const mpscy_conv_geom *cg, int bias);
+/* whether conv_dw_small's work goes by output rows (conv_dw_rows) for this geometry, when dy is 16-byte aligned */
+int cu_conv_dw_rows_fits(const mpscy_conv_geom *cg, int bias);
 int cu_conv_dw_small(cu_graph *g, cudaStream_t s, const mpscy_conv_geom *cg, int64_t nb, int64_t nb_built, float *dw,
                      float *db, const float *dy, const float *ry, const float *x, float *part, char *err, size_t en);
 

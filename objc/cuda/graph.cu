@@ -235,6 +235,9 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
      * the split product after dz's transpose: a knob for A/B timing and testing */
     g->dw_small = cu_knob_int("MPSCY_CUDA_DW_SMALL", 2);
     g->dw_patch = cu_knob_int("MPSCY_CUDA_DW_PATCH", 0) == 1;
+    /* that pass by whole output rows where it fits (conv_dw_rows); 0 takes its tiles of positions,
+     * 2 the rows' general-stride loop at stride 1 too: knobs for A/B timing and testing */
+    g->dw_rows = cu_knob_int("MPSCY_CUDA_DW_ROWS", 1);
     if (g->dw_small < 0) g->dw_small = 0;
     if (g->dw_small > 8) g->dw_small = 8;
     int convs = 0;
@@ -425,12 +428,15 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     }
     if (getenv("MPSCY_CUDA_VERBOSE")) {
         char form[128];
-        int gathers = 0, small = 0;
+        int gathers = 0, small = 0, rows = 0;
         for (int32_t i = 0; i < p->n_nodes; i++)
             if (p->nodes[i].kind == MPSCY_LAYER_CONV2D) {
                 const int form = cu_conv_dw_form(g, &p->nodes[i]);
+                const mpscy_conv_geom cg = mpscy_conv_geometry(p, &p->nodes[i]);
                 gathers += form == CU_DW_GATHER;
                 small += form == CU_DW_SMALL;
+                rows += form == CU_DW_SMALL && g->dw_rows &&
+                        cu_conv_dw_rows_fits(&cg, mpscy_node_tensor(p, &p->nodes[i], MPSCY_ROLE_PARAM, 1) >= 0);
             }
         fprintf(stderr, "mpscy: cuda train step: %s%s\n", cu_fused_form(g, form, sizeof form),
                 !g->fu && g->head ? (g->head_drop >= 0 ? ", the output Dense with the loss and the Dropout below it"
@@ -441,6 +447,9 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
         if (small)
             fprintf(stderr, "mpscy: cuda weight and bias gradients in one pass over dz and x: %d convolution%s\n",
                     small, small > 1 ? "s" : "");
+        if (rows)
+            fprintf(stderr, "mpscy: cuda weight and bias gradients by output rows: %d convolution%s\n", rows,
+                    rows > 1 ? "s" : "");
     }
     *out = &g->base;
     return MPSCY_OK;
