@@ -387,13 +387,15 @@ __global__ void __launch_bounds__(DWS_THREADS, 3) conv_dw_small(dws_args a) {
  * block's 8 warps' tiles are then added in warp order into its partial, and cu_sum_parts adds
  * the blocks' in order: the same bits every run, another order of the sums than the tiles'
  * (tested against MPSCY_CUDA_DW_ROWS=0 and the cpu; bench/dw_rows_emulate.py checks the index
- * arithmetic in NumPy). The README CNN's first layer on the H200: ncu 14.6-15.2 us alone (4.9M
- * warp instructions, the loads' latency the first stall: a warp takes one row) against the
- * tiles' 18.7; A/B, the whole step 247.0 against 252.3 us and 250.7 against 258.2 (the step's
- * tail: this kernel follows the stride-2 dx on the main stream). */
+ * arithmetic in NumPy). The README CNN's first layer on the H200: ncu 12.6 us alone with the
+ * staging's loads in rounds of DWR_ROUND (14.6-15.2 with a load then its store: long-scoreboard
+ * stalls 1.75 cycles an instruction, now 0.38) against the tiles' 18.7; A/B, the whole step
+ * 248.2 against 254.7 us, 247.0 against 252.3 and 250.7 against 258.2 with MPSCY_CUDA_DW_ROWS=0
+ * (the step's tail: this kernel follows the stride-2 dx on the main stream). */
 #define DWR_WARPS 8
 #define DWR_PATCH 512            /* the most floats of x's patch under one output row */
 #define DWR_SHARED (96 * 1024)   /* the most bytes of shared memory a block (two fit a multiprocessor) */
+#define DWR_ROUND 8              /* loads a lane has in flight at once while staging a row */
 
 struct dwr_args {
     float *dw, *db, *part;       /* as dws_args */
@@ -474,27 +476,52 @@ __global__ void __launch_bounds__(DWR_WARPS * 32, 2) conv_dw_rows(dwr_args a) {
     for (int row = r0; row < r1; row++) {
         const int s = row / a.oh, oh = row - s * a.oh;
         __syncwarp();  /* the last row's products are done with the staging */
-        for (int o = o0; o < a.oc; o += ostep) {
-            const size_t src = ((size_t)(s * a.oc + o) * a.oh + oh) * a.ow + 4 * w4;
-            float4 v = __ldg(reinterpret_cast<const float4 *>(a.dy + src));
-            if (a.ry) {
-                const float4 m = __ldg(reinterpret_cast<const float4 *>(a.ry + src));
-                if (!(m.x > 0.0f)) v.x = 0.0f;
-                if (!(m.y > 0.0f)) v.y = 0.0f;
-                if (!(m.z > 0.0f)) v.z = 0.0f;
-                if (!(m.w > 0.0f)) v.w = 0.0f;
-            }
-            float *d = dzs + 4 * w4 * a.lo + o;
-            d[0] = v.x;
-            d[a.lo] = v.y;
-            d[2 * a.lo] = v.z;
-            d[3 * a.lo] = v.w;
+        /* every load of a round in flight before the first store: DWR_ROUND float4 of dz (and of
+         * the mask), DWR_ROUND floats of the patch a lane (a load then its store, an iteration
+         * each, waited on one memory round trip a float4: ncu's first stall, long scoreboard) */
+        const float *dy0 = a.dy + ((size_t)s * a.oc * a.oh + oh) * a.ow + 4 * w4;
+        const size_t ostride = (size_t)ostep * a.oh * a.ow;
+        for (int o1 = o0; o1 < a.oc; o1 += DWR_ROUND * ostep) {
+            float4 v[DWR_ROUND];
+#pragma unroll
+            for (int j = 0; j < DWR_ROUND; j++)
+                if (o1 + j * ostep < a.oc) {
+                    const size_t src = (size_t)o1 * a.oh * a.ow + j * ostride;
+                    v[j] = __ldg(reinterpret_cast<const float4 *>(dy0 + src));
+                    if (a.ry) {
+                        const float4 m = __ldg(reinterpret_cast<const float4 *>(a.ry + (dy0 - a.dy) + src));
+                        if (!(m.x > 0.0f)) v[j].x = 0.0f;
+                        if (!(m.y > 0.0f)) v[j].y = 0.0f;
+                        if (!(m.z > 0.0f)) v[j].z = 0.0f;
+                        if (!(m.w > 0.0f)) v[j].w = 0.0f;
+                    }
+                }
+#pragma unroll
+            for (int j = 0; j < DWR_ROUND; j++)
+                if (o1 + j * ostep < a.oc) {
+                    float *d = dzs + 4 * w4 * a.lo + o1 + j * ostep;
+                    d[0] = v[j].x;
+                    d[a.lo] = v[j].y;
+                    d[2 * a.lo] = v[j].z;
+                    d[3 * a.lo] = v[j].w;
+                }
         }
         const int ih0 = oh * a.sh - a.ph;
         const float *xs = a.x + (size_t)s * a.c * a.h * a.w + ih0 * a.w;
-        for (int e = lane; e < a.npatch; e += 32) {
-            const int2 t = ptab[e];
-            pat[e] = t.x >= 0 && (unsigned)(ih0 + t.y) < (unsigned)a.h ? __ldg(&xs[t.x]) : 0.0f;
+        for (int e1 = lane; e1 < a.npatch; e1 += 32 * DWR_ROUND) {
+            float v[DWR_ROUND];
+#pragma unroll
+            for (int j = 0; j < DWR_ROUND; j++) {
+                const int e = e1 + 32 * j;
+                v[j] = 0.0f;
+                if (e < a.npatch) {
+                    const int2 t = ptab[e];
+                    if (t.x >= 0 && (unsigned)(ih0 + t.y) < (unsigned)a.h) v[j] = __ldg(&xs[t.x]);
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < DWR_ROUND; j++)
+                if (e1 + 32 * j < a.npatch) pat[e1 + 32 * j] = v[j];
         }
         __syncwarp();
 #pragma unroll 4
