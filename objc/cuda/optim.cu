@@ -296,7 +296,9 @@ int cu_norm_part(cu_graph *g, int32_t i, char *err, size_t en) {
 
 /* The step's end after the early norm: the squares of the tensors no node's part took (the last
  * node's, and any a skipped node holds) as runs the final kernel adds itself, or, past
- * NORM_LATE_MAX floats or NORM_LATE_RUNS runs, as partials on the main stream first. */
+ * NORM_LATE_MAX floats or NORM_LATE_RUNS runs, as partials on the main stream first; always as
+ * partials when the gradients are clipped, since the update stores them back clipped, and a
+ * block that updates would then change what a block still adding its squares reads. */
 static int norm_final(cu_graph *g, const update_args &u, int update, char *err, size_t en) {
     const mpscy_plan *p = &g->plan;
     norm_late late = {};
@@ -315,7 +317,7 @@ static int norm_final(cu_graph *g, const update_args &u, int update, char *err, 
             fits = false;
         }
     }
-    if (!fits || floats > NORM_LATE_MAX) {
+    if (!fits || floats > NORM_LATE_MAX || u.clip_norm || u.clip_value > 0.0f) {
         late.runs = 0;
         for (int32_t t = 0; t < p->n_tensors; t++) {
             const mpscy_tensor *pt = &p->tensors[t];
