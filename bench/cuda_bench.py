@@ -63,19 +63,24 @@ def _warm_up(step, data, budget_s):
     return int(min(max(budget_s / max(per, 1e-7), 20), 20000))
 
 
+def _timed(step, data, iters):
+    """One timed run of `iters` steps over the batches, ending with the device idle: (µs per
+    step, the last loss)."""
+    t0 = time.perf_counter()
+    for i in range(iters):
+        loss = step(*data[i % len(data)])
+    _settle(step)
+    return (time.perf_counter() - t0) / iters * 1e6, loss
+
+
 def time_steps(step, data, budget_s, repeats):
     """Median over `repeats` of the mean time per step (µs); each step ends with a float loss,
     and each timed run with the device idle (mpscy: Engine.synchronize())."""
     iters = _warm_up(step, data, budget_s)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for i in range(iters):
-            loss = step(*data[i % len(data)])
-        _settle(step)
-        times.append((time.perf_counter() - t0) / iters)
+    runs = [_timed(step, data, iters) for _ in range(repeats)]
+    loss = runs[-1][1]
     assert isinstance(loss, float) and np.isfinite(loss), loss
-    return statistics.median(times) * 1e6, loss
+    return statistics.median(t for t, _ in runs), loss
 
 
 def paired_rounds(steps, data, rounds, budget_s):
@@ -86,11 +91,7 @@ def paired_rounds(steps, data, rounds, budget_s):
     times = [[] for _ in steps]
     for _ in range(rounds):
         for k, (step, d) in enumerate(zip(steps, data)):
-            t0 = time.perf_counter()
-            for i in range(iters[k]):
-                step(*d[i % len(d)])
-            _settle(step)
-            times[k].append((time.perf_counter() - t0) / iters[k] * 1e6)
+            times[k].append(_timed(step, d, iters[k])[0])
     return times
 
 

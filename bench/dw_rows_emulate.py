@@ -11,6 +11,9 @@ import sys
 
 import numpy as np
 
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from dw_patch_emulate import im2col  # noqa: E402
+
 
 def fits(c, oc, ow, kh, kw, bias):
     """dwr_plan_of's geometry test (without the shared-memory and patch bounds)."""
@@ -80,14 +83,10 @@ def emulate(x, dy, kh, kw, sh, sw, ph, pw, dh, dw, bias):
 
 
 def direct(x, dy, kh, kw, sh, sw, ph, pw, dh, dw):
-    _, oc, oh, ow = dy.shape
-    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-    dwt = np.zeros((oc, x.shape[1], kh, kw))
-    for ki in range(kh):
-        for kj in range(kw):
-            win = xp[:, :, ki * dh:ki * dh + sh * (oh - 1) + 1:sh, kj * dw:kj * dw + sw * (ow - 1) + 1:sw]
-            dwt[:, :, ki, kj] = np.einsum("sohw,schw->oc", dy, win)
-    return dwt.reshape(oc, -1), dy.sum(axis=(0, 2, 3))
+    """The gradients from im2col's columns (dw_patch_emulate.py's): dW = dz col^T, db = dz's sums."""
+    col, _, _ = im2col(x, kh, kw, sh, sw, ph, pw, dh, dw)
+    dz = dy.transpose(1, 0, 2, 3).reshape(dy.shape[1], -1)
+    return dz @ col.T, dz.sum(axis=1)
 
 
 GEOMETRIES = [  # c, h, w, oc, kh, kw, sh, sw, ph, pw, dh, dw, bias

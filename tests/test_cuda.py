@@ -819,6 +819,31 @@ GATHER_MODELS = {
 ROWS_MODELS = {"readme_convs", "rows_pool", "rows_dilated_nobias"}  # their first layer's fits conv_dw_rows
 
 
+def _first_layer_grad_errors(cpu, gpu, shape, n, rng, first):
+    """One batch of n rows on binary grids (inputs multiples of 1/4, the tensors `first` of
+    multiples of 2^-6: every pre-activation exact, so both devices take the same ReLU mask): the
+    relative error of the gpu's gradient of each tensor in `first` against the cpu's (each nonzero)."""
+    p = {k: (np.round(v * 64) / 64).astype(np.float32) if k in first else v for k, v in cpu.get_parameters().items()}
+    cpu.set_parameters(p)
+    gpu.set_parameters(p)
+    x = (rng.integers(-4, 5, (n,) + shape) / 4).astype(np.float32)
+    y = rng.integers(0, 10, n).astype(np.int32)
+    gc, gg = cpu.gradients(x, y), gpu.gradients(x, y)
+    assert min(np.abs(gc[k]).max() for k in first) > 0
+    return {k: rel_err(gg[k], gc[k]) for k in first}
+
+
+def _assert_other_order(run, other, tol=2e-6):
+    """Two runs, (losses, parameters), whose sums differ in order only: not the same bits, every
+    loss and parameter within tol; returns each parameter's error."""
+    (seen, pg), (alt, po) = run, other
+    assert seen != alt or any(not np.array_equal(pg[k], po[k]) for k in pg)
+    assert max(abs(u - v) / abs(v) for u, v in zip(seen, alt)) <= tol
+    worst = {k: rel_err(pg[k], po[k]) for k in pg}
+    assert max(worst.values()) <= tol, worst
+    return worst
+
+
 @cuda_only
 @pytest.mark.parametrize("name", sorted(GATHER_MODELS))
 def test_convolution_kernel_forms_give_the_same_bits(name, monkeypatch, capfd, rng):
@@ -887,11 +912,7 @@ def test_convolution_kernel_forms_give_the_same_bits(name, monkeypatch, capfd, r
             assert np.array_equal(runs[a][1][k], runs[b][1][k]), (forms[b][0], k)
     # another order of the first layer's sums: the split product, and the rows against the tiles
     for a, b in ((0, 3),) + (((0, 6),) if rows_fit else ()):
-        (seen, pg), (other, po) = runs[a], runs[b]
-        assert seen != other or any(not np.array_equal(pg[k], po[k]) for k in pg)
-        assert max(abs(u - v) / abs(v) for u, v in zip(seen, other)) <= 2e-6
-        worst = {k: rel_err(pg[k], po[k]) for k in pg}
-        assert max(worst.values()) <= 2e-6, (forms[b][0], worst)
+        _assert_other_order(runs[a], runs[b])
     if name == "readme_convs":
         return
     first_conv = [k for k in runs[0][1] if k.startswith("conv2d_0.")]
@@ -900,16 +921,8 @@ def test_convolution_kernel_forms_give_the_same_bits(name, monkeypatch, capfd, r
         monkeypatch.setenv("MPSCY_CUDA_DW_ROWS", by_rows)
         monkeypatch.setenv("MPSCY_CUDA_DW_PATCH", patch)
         cpu, gpu = pair(build, shape, batch=batch, opt=opt)
-        p = {k: (np.round(v * 64) / 64).astype(np.float32) if k in first_conv else v
-             for k, v in cpu.get_parameters().items()}
-        cpu.set_parameters(p)
-        gpu.set_parameters(p)
-        x = (rng.integers(-4, 5, (rows[1],) + shape) / 4).astype(np.float32)
-        y = rng.integers(0, 10, rows[1]).astype(np.int32)
-        gc, gg = cpu.gradients(x, y), gpu.gradients(x, y)
-        errs = {k: rel_err(gg[k], gc[k]) for k in first_conv}
+        errs = _first_layer_grad_errors(cpu, gpu, shape, rows[1], rng, first_conv)
         assert len(errs) == 2 - (name in ("no_bias", "rows_dilated_nobias"))
-        assert min(np.abs(gc[k]).max() for k in errs) > 0
         assert max(errs.values()) <= 2e-5, (small, by_rows, patch, errs)
 
 
@@ -933,21 +946,9 @@ def test_rows_form_with_several_rows_a_warp(monkeypatch, rng):
         cpu, gpu = pair(build, shape, batch=64, opt=lambda: optim.SGD(0.01, momentum=0.9))
         runs.append(([gpu.step(x, y).loss for x, y in zip(xs, ys)], gpu.get_parameters()))
         if by_rows == "":
-            first = ["conv2d_0.weight", "conv2d_0.bias"]
-            p = {k: (np.round(v * 64) / 64).astype(np.float32) if k in first else v
-                 for k, v in cpu.get_parameters().items()}
-            cpu.set_parameters(p)
-            gpu.set_parameters(p)
-            x = (rng.integers(-4, 5, (64,) + shape) / 4).astype(np.float32)
-            y = rng.integers(0, 10, 64).astype(np.int32)
-            gc, gg = cpu.gradients(x, y), gpu.gradients(x, y)
-            errs = {k: rel_err(gg[k], gc[k]) for k in first}
-            assert min(np.abs(gc[k]).max() for k in first) > 0 and max(errs.values()) <= 2e-5, errs
-    (seen, pg), (other, po) = runs
-    assert seen != other or any(not np.array_equal(pg[k], po[k]) for k in pg)
-    assert max(abs(u - v) / abs(v) for u, v in zip(seen, other)) <= 2e-6
-    worst = {k: rel_err(pg[k], po[k]) for k in pg}
-    assert len(worst) == 6 and max(worst.values()) <= 2e-6, worst
+            errs = _first_layer_grad_errors(cpu, gpu, shape, 64, rng, ["conv2d_0.weight", "conv2d_0.bias"])
+            assert max(errs.values()) <= 2e-5, errs
+    assert len(_assert_other_order(runs[0], runs[1])) == 6
 
 
 @cuda_only

@@ -400,7 +400,7 @@ __global__ void __launch_bounds__(DWS_THREADS, 3) conv_dw_small(dws_args a) {
 struct dwr_args {
     float *dw, *db, *part;       /* as dws_args */
     const float *dy, *ry, *x;    /* dy, ry (b, OC, OH, OW), ry NULL: no mask; x (b, C, H, W) */
-    int oc, kg, og, ng;          /* og = OC / 4 lanes' groups of outputs (a divisor of 32), ng = 32 / og */
+    int oc, kg, ng;              /* ng = 32 / (OC / 4): lanes a group of 4 outputs (OC / 4 divides 32) */
     int c, h, w, oh, ow, kh, kw, sh, sw, ph, pw, dh, dwid;
     int pwid, npatch;            /* the patch's row width, its floats (C KH pwid) */
     int lo, wfl, sone;           /* dz's row stride (4 og + 4), a warp's floats, the ones' and zeros' rows */
@@ -429,7 +429,7 @@ static dwr_plan dwr_plan_of(const conv_geom &g, int bias) {
     return q;
 }
 
-template <int CPL, bool S1>
+template <int CPL>
 __global__ void __launch_bounds__(DWR_WARPS * 32, 2) conv_dw_rows(dwr_args a) {
     extern __shared__ float4 dwr_sm4[];
     int2 *ptab = reinterpret_cast<int2 *>(dwr_sm4);  /* (DWR_PATCH): the patch's floats' offsets in x */
@@ -527,7 +527,7 @@ __global__ void __launch_bounds__(DWR_WARPS * 32, 2) conv_dw_rows(dwr_args a) {
 #pragma unroll 4
         for (int u = 0; u < a.ow; u++) {
             const float4 z = *reinterpret_cast<const float4 *>(&dzs[u * a.lo + 4 * og]);
-            const int us = S1 ? u : u * a.sw;
+            const int us = u * a.sw;
             float cv[CPL];
 #pragma unroll
             for (int k = 0; k < CPL; k++) cv[k] = pat[off[k] + us];
@@ -562,36 +562,36 @@ __global__ void __launch_bounds__(DWR_WARPS * 32, 2) conv_dw_rows(dwr_args a) {
 }
 
 typedef void (*dwr_fn)(dwr_args);
-template <bool S1>
-static dwr_fn dwr_kernel_s(int cpl) {
-    switch (cpl) {
-    case 1: return conv_dw_rows<1, S1>;
-    case 2: return conv_dw_rows<2, S1>;
-    case 3: return conv_dw_rows<3, S1>;
-    case 4: return conv_dw_rows<4, S1>;
-    case 5: return conv_dw_rows<5, S1>;
-    case 6: return conv_dw_rows<6, S1>;
-    case 7: return conv_dw_rows<7, S1>;
-    default: return conv_dw_rows<8, S1>;
-    }
-}
 
-/* the kernel for cpl columns a lane, its positions a float apart in the patch (stride 1) or not,
- * allowed `bytes` of dynamic shared memory (past 48 KB only when asked) */
-static dwr_fn dwr_kernel(int cpl, bool s1, size_t bytes) {
-    dwr_fn f = s1 ? dwr_kernel_s<true>(cpl) : dwr_kernel_s<false>(cpl);
+/* the kernel for cpl columns a lane, allowed `bytes` of dynamic shared memory (past 48 KB only
+ * when asked) */
+static dwr_fn dwr_kernel(int cpl, size_t bytes) {
+    static const dwr_fn kinds[8] = {conv_dw_rows<1>, conv_dw_rows<2>, conv_dw_rows<3>, conv_dw_rows<4>,
+                                    conv_dw_rows<5>, conv_dw_rows<6>, conv_dw_rows<7>, conv_dw_rows<8>};
+    const dwr_fn f = kinds[cpl - 1];
     if (bytes > 48 * 1024 &&
         cudaFuncSetAttribute((const void *)f, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes) != cudaSuccess)
         return NULL;
     return f;
 }
 
-int cu_conv_dw_rows_fits(const mpscy_conv_geom *g, int bias) {
-    return dwr_plan_of(*g, bias).cpl > 0;
+int cu_conv_dw_rows_fits(const cu_graph *gr, const mpscy_conv_geom *g, int bias) {
+    return gr->dw_rows && dwr_plan_of(*g, bias).cpl > 0;
 }
 
 int cu_conv_dw_small_fits(const mpscy_conv_geom *g, int bias) {
     return g->groups == 1 && g->oc <= 64 && g->kg + (bias ? 1 : 0) <= 32;
+}
+
+/* conv_dw_small's blocks for `units` of work (tiles of positions, or output rows) in shares of
+ * `granule` (a block's warps for the rows): gr->dw_small blocks a multiprocessor, no more than fit
+ * the partials' room (the split product's, sized at the built batch) nor than the work needs;
+ * *per: units a block's granule takes */
+static int64_t dw_small_blocks(const cu_graph *gr, int64_t units, int64_t granule, int64_t room, int64_t *per) {
+    const int64_t s = std::min({(int64_t)gr->dw_small * gr->dev->sms, (units + granule - 1) / granule,
+                                room > 1 ? room : (int64_t)1});
+    *per = (units + s * granule - 1) / (s * granule);
+    return (units + *per * granule - 1) / (*per * granule);
 }
 
 int cu_conv_dw_small(cu_graph *gr, cudaStream_t stream, const mpscy_conv_geom *cg, int64_t nb, int64_t nb_built,
@@ -600,58 +600,49 @@ int cu_conv_dw_small(cu_graph *gr, cudaStream_t stream, const mpscy_conv_geom *c
     const conv_geom &g = *cg;
     const int64_t count = g.oc * g.kg + (db ? g.oc : 0), room = cu_conv_dw_parts(nb_built) * g.kg * g.ocg / count;
     const dwr_plan q = gr->dw_rows ? dwr_plan_of(g, db != NULL) : dwr_plan{};
+    int64_t s, per;
+    int st;
     if (q.cpl > 0 && cu_aligned16(dy) && (!ry || cu_aligned16(ry))) {
         dwr_args r;
         r.dw = dw; r.db = db; r.part = part; r.dy = dy; r.ry = ry; r.x = x;
-        r.oc = (int)g.oc; r.kg = (int)g.kg; r.og = r.oc / 4; r.ng = 32 / r.og;
+        r.oc = (int)g.oc; r.kg = (int)g.kg; r.ng = 32 / (r.oc / 4);
         r.c = (int)g.c; r.h = (int)g.h; r.w = (int)g.w; r.oh = (int)g.oh; r.ow = (int)g.ow;
         r.kh = (int)g.kh; r.kw = (int)g.kw; r.sh = (int)g.sh; r.sw = (int)g.sw; r.ph = (int)g.ph; r.pw = (int)g.pw;
         r.dh = (int)g.dh; r.dwid = (int)g.dw;
         r.pwid = q.pwid; r.npatch = q.npatch; r.lo = q.lo; r.wfl = q.wfl; r.sone = q.sone;
-        /* gr->dw_small blocks a multiprocessor, no more than the partials' room nor than the rows need */
         r.rows = (int)(nb / g.ohw * g.oh);
-        int64_t s = std::min({(int64_t)gr->dw_small * gr->dev->sms, ((int64_t)r.rows + DWR_WARPS - 1) / DWR_WARPS,
-                              room > 1 ? room : (int64_t)1});
-        r.per = (int)((r.rows + s * DWR_WARPS - 1) / (s * DWR_WARPS));
-        s = (r.rows + (int64_t)r.per * DWR_WARPS - 1) / ((int64_t)r.per * DWR_WARPS);
+        s = dw_small_blocks(gr, r.rows, DWR_WARPS, room, &per);
+        r.per = (int)per;
         const size_t bytes = (size_t)q.floats * sizeof(float);
-        const dwr_fn f = dwr_kernel(q.cpl, g.sw == 1 && gr->dw_rows != 2, bytes);
+        const dwr_fn f = dwr_kernel(q.cpl, bytes);
         if (!f) {
             cudaGetLastError();
             return MPSCY_FAIL(err, en, MPSCY_DEVICE, CU, "conv_dw_rows: %zu bytes of shared memory refused", bytes);
         }
         CU_TRY(cu_launch_shm(gr, f, (unsigned)s, DWR_WARPS * 32, bytes, stream, r), "conv_dw_rows");
-        int st = CU_LAUNCHED("conv_dw_rows");
-        if (st != MPSCY_OK || s == 1) return st;
-        CU_TRY(cu_sum_parts(gr, stream, dw, part, count, s, NULL, 1, 0, db, g.oc * g.kg), "conv_dw_rows_reduce");
-        return CU_LAUNCHED("conv_dw_rows_reduce");
+        st = CU_LAUNCHED("conv_dw_rows");
+    } else {
+        dws_args a;
+        a.dw = dw; a.db = db; a.part = part; a.dy = dy; a.ry = ry; a.xs = dw_src_of(g, x);
+        a.oc = (int)g.oc; a.kg = (int)g.kg;
+        a.og = (a.oc + 3) / 4; a.ng = (a.kg + (db ? 1 : 0) + 3) / 4;
+        a.lo = 4 * a.og + (a.og % 2 ? 0 : 4); a.ln = 4 * a.ng + (a.ng % 2 ? 0 : 4);  /* 4 mod 8: no bank conflicts */
+        a.nb = (unsigned)nb;
+        /* PATCH ($MPSCY_CUDA_DW_PATCH=1): whole output rows a tile (a power of two wide), x's patch
+         * under them within DWS_PATCH, dy and ry 16-byte aligned */
+        a.c = (int)g.c;
+        a.ow_shift = 0;
+        while ((1 << a.ow_shift) < g.ow) a.ow_shift++;
+        a.pr = (int)((DWS_T / g.ow - 1) * g.sh + (g.kh - 1) * g.dh + 1);
+        a.pw = (int)((g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1);
+        const bool patch = gr->dw_patch && (1 << a.ow_shift) == g.ow && DWS_T % g.ow == 0 && g.ohw % DWS_T == 0 &&
+                           g.c * a.pr * a.pw <= DWS_PATCH && cu_aligned16(dy) && (!ry || cu_aligned16(ry));
+        s = dw_small_blocks(gr, (nb + DWS_T - 1) / DWS_T, 1, room, &per);
+        a.per = (unsigned)(per * DWS_T);
+        CU_TRY(cu_launch(gr, patch ? conv_dw_small<true> : conv_dw_small<false>, (unsigned)s, DWS_THREADS, stream, a),
+               "conv_dw_small");
+        st = CU_LAUNCHED("conv_dw_small");
     }
-    dws_args a;
-    a.dw = dw; a.db = db; a.part = part; a.dy = dy; a.ry = ry; a.xs = dw_src_of(g, x);
-    a.oc = (int)g.oc; a.kg = (int)g.kg;
-    a.og = (a.oc + 3) / 4; a.ng = (a.kg + (db ? 1 : 0) + 3) / 4;
-    a.lo = 4 * a.og + (a.og % 2 ? 0 : 4); a.ln = 4 * a.ng + (a.ng % 2 ? 0 : 4);  /* 4 mod 8: no bank conflicts */
-    a.nb = (unsigned)nb;
-    /* PATCH ($MPSCY_CUDA_DW_PATCH=1): whole output rows a tile (a power of two wide), x's patch
-     * under them within DWS_PATCH, dy and ry 16-byte aligned */
-    a.c = (int)g.c;
-    a.ow_shift = 0;
-    while ((1 << a.ow_shift) < g.ow) a.ow_shift++;
-    a.pr = (int)((DWS_T / g.ow - 1) * g.sh + (g.kh - 1) * g.dh + 1);
-    a.pw = (int)((g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1);
-    const bool patch = gr->dw_patch && (1 << a.ow_shift) == g.ow && DWS_T % g.ow == 0 && g.ohw % DWS_T == 0 &&
-                       g.c * a.pr * a.pw <= DWS_PATCH && cu_aligned16(dy) && (!ry || cu_aligned16(ry));
-    /* gr->dw_small blocks a multiprocessor, no more than fit the partials' room (the split
-     * product's, sized at the built batch) nor than tiles */
-    const int64_t tiles = (nb + DWS_T - 1) / DWS_T;
-    int64_t s = (int64_t)gr->dw_small * gr->dev->sms;
-    s = std::min({s, tiles, room > 1 ? room : (int64_t)1});
-    const int64_t per = (tiles + s - 1) / s;
-    s = (tiles + per - 1) / per;
-    a.per = (unsigned)(per * DWS_T);
-    CU_TRY(cu_launch(gr, patch ? conv_dw_small<true> : conv_dw_small<false>, (unsigned)s, DWS_THREADS, stream, a),
-           "conv_dw_small");
-    int st = CU_LAUNCHED("conv_dw_small");
     if (st != MPSCY_OK || s == 1) return st;
     CU_TRY(cu_sum_parts(gr, stream, dw, part, count, s, NULL, 1, 0, db, g.oc * g.kg), "conv_dw_small_reduce");
     return CU_LAUNCHED("conv_dw_small_reduce");

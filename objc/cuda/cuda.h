@@ -133,10 +133,10 @@ typedef struct cu_graph {
     /* the early norm (optim.cu): each layer's squares summed on their own stream once its gradients
      * are done, the final kernel adding the partials and the last layer's squares, then updating */
     cudaStream_t nrm;          /* that stream (NULL with MPSCY_CUDA_STREAMS=1: the main one) */
-    int norm_early;            /* $MPSCY_CUDA_NORM_EARLY at build not 0 */
-    int norm_on, norm_parts;   /* capture state: the early norm planned; its partials enqueued so far */
-    int32_t norm_last;         /* capture state: the node whose squares the final kernel adds itself, or -1 */
-    uint8_t *norm_done;        /* per node, per capture: its squares' partials are enqueued */
+    int norm_on;               /* at build (cu_norm_plan): $MPSCY_CUDA_NORM_EARLY not 0 and the partials fit */
+    int32_t norm_last;         /* at build: the node whose backward is enqueued last (its squares summed late) */
+    int norm_parts;            /* capture state: the early norm's partials enqueued so far */
+    int upd_batched;           /* $MPSCY_CUDA_UPD_BATCHED at build (update.h's update_args.batched) */
     cudaGraphExec_t exec[CU_KINDS];  /* the captured step of each kind at the built batch */
     /* own small GEMMs (gemm.cu): split-K partials and tile counters, handed out in capture order */
     float *gws;
@@ -276,8 +276,9 @@ int cu_conv_dw_own(cu_graph *g, cudaStream_t s, const mpscy_conv_geom *cg, int64
  * by ry > 0 (ry NULL: no mask) and x, in gr->dw_small blocks a multiprocessor at most, then the
  * ordered sum of their partials (room in part: cu_conv_dw_parts(nb_built) * kg * OC floats) */
 int cu_conv_dw_small_fits(const mpscy_conv_geom *cg, int bias);
-/* whether conv_dw_small's work goes by output rows (conv_dw_rows) for this geometry, when dy is 16-byte aligned */
-int cu_conv_dw_rows_fits(const mpscy_conv_geom *cg, int bias);
+/* whether conv_dw_small's work goes by output rows (conv_dw_rows: gr->dw_rows and the geometry fits),
+ * when dy is 16-byte aligned */
+int cu_conv_dw_rows_fits(const cu_graph *gr, const mpscy_conv_geom *cg, int bias);
 int cu_conv_dw_small(cu_graph *g, cudaStream_t s, const mpscy_conv_geom *cg, int64_t nb, int64_t nb_built, float *dw,
                      float *db, const float *dy, const float *ry, const float *x, float *part, char *err, size_t en);
 
@@ -390,9 +391,9 @@ void cu_dense_dx_target(cu_graph *g, const mpscy_node *n, cu_dx_target *t);
  * squares; with $MPSCY_CUDA_NORM_EARLY=0, one cooperative kernel where the device captures them,
  * else two. update = 0: norm only. */
 int cu_norm_and_update(cu_graph *g, int update, char *err, size_t en);
-/* the early norm of one capture: cu_norm_plan before the backward (head: the output Dense's
- * backward ran with the loss), cu_norm_part after each node's backward is enqueued */
-void cu_norm_plan(cu_graph *g, int head);
+/* the early norm: cu_norm_plan once at build (after g->head is decided); in a step, norm_parts
+ * reset to 0 before the backward and cu_norm_part after each node's backward is enqueued */
+void cu_norm_plan(cu_graph *g);
 int cu_norm_part(cu_graph *g, int32_t node, char *err, size_t en);
 int cu_coop_probe(cu_device *d);
 int cu_pdl_probe(cu_device *d);

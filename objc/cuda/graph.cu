@@ -229,15 +229,17 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     /* each layer's squares of the gradient norm summed on a stream of their own once its
      * gradients are done, the update's kernel adding the partials (optim.cu); 0: the norm's pass
      * over the whole slab at the step's end, a knob for A/B timing and testing */
-    g->norm_early = cu_knob_on("MPSCY_CUDA_NORM_EARLY");
+    g->norm_on = cu_knob_on("MPSCY_CUDA_NORM_EARLY");  /* and the plan's fit: cu_norm_plan below */
+    /* the update's batches (update.h); 0: an element an iteration, a knob for A/B timing and testing */
+    g->upd_batched = cu_knob_int("MPSCY_CUDA_UPD_BATCHED", 1);
     /* the weight and bias gradients of a convolution without dx and with few taps (the model's
      * first) in one pass over dy and x, gr->dw_small blocks a multiprocessor (conv_dw.cu); 0 takes
      * the split product after dz's transpose: a knob for A/B timing and testing */
     g->dw_small = cu_knob_int("MPSCY_CUDA_DW_SMALL", 2);
     g->dw_patch = cu_knob_int("MPSCY_CUDA_DW_PATCH", 0) == 1;
-    /* that pass by whole output rows where it fits (conv_dw_rows); 0 takes its tiles of positions,
-     * 2 the rows' general-stride loop at stride 1 too: knobs for A/B timing and testing */
-    g->dw_rows = cu_knob_int("MPSCY_CUDA_DW_ROWS", 1);
+    /* that pass by whole output rows where it fits (conv_dw_rows); 0 takes its tiles of positions: a
+     * knob for A/B timing and testing */
+    g->dw_rows = cu_knob_on("MPSCY_CUDA_DW_ROWS");
     if (g->dw_small < 0) g->dw_small = 0;
     if (g->dw_small > 8) g->dw_small = 8;
     int convs = 0;
@@ -272,7 +274,7 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
      * -> 315.7 us); MPSCY_CUDA_PDL=1 turns it on for every graph, 0 off */
     const char *pk = getenv("MPSCY_CUDA_PDL");
     g->pdl = g->dev->pdl && (pk ? pk[0] == '1' : !convs);
-    g->tables_bytes = 2 * (size_t)p->n_nodes * sizeof(float *) + (size_t)p->n_nodes * sizeof(int64_t) + 3 * (size_t)p->n_nodes +
+    g->tables_bytes = 2 * (size_t)p->n_nodes * sizeof(float *) + (size_t)p->n_nodes * sizeof(int64_t) + 2 * (size_t)p->n_nodes +
                       (size_t)(2 * p->n_inputs + 2) * sizeof(cu_buffer) + 16;
 
     st = MPSCY_OK;
@@ -348,7 +350,6 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     g->io_bufs = (cu_buffer *)(((uintptr_t)(g->col_off + p->n_nodes) + 15) & ~(uintptr_t)15);
     g->fuse = (uint8_t *)(g->io_bufs + 2 * p->n_inputs + 2);
     g->dz_ready = g->fuse + p->n_nodes;
-    g->norm_done = g->dz_ready + p->n_nodes;
 
     for (int32_t i = 0; i < p->n_nodes; i++) {
         mpscy_node *node = &p->nodes[i];
@@ -367,6 +368,7 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     const int head = g->head && cu_head_fits(g);  /* decided once: every capture and partial step reads it */
     g->head_drop = head && g->head >= 2 ? cu_head_dropout(g) : -1;
     g->head = head;
+    cu_norm_plan(g);
     /* each convolution's slab, sized by what its kernels were decided to be (conv.cu) */
     int64_t at = 0;
     for (int32_t i = 0; i < p->n_nodes; i++)
@@ -435,8 +437,8 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
                 const mpscy_conv_geom cg = mpscy_conv_geometry(p, &p->nodes[i]);
                 gathers += form == CU_DW_GATHER;
                 small += form == CU_DW_SMALL;
-                rows += form == CU_DW_SMALL && g->dw_rows &&
-                        cu_conv_dw_rows_fits(&cg, mpscy_node_tensor(p, &p->nodes[i], MPSCY_ROLE_PARAM, 1) >= 0);
+                rows += form == CU_DW_SMALL &&
+                        cu_conv_dw_rows_fits(g, &cg, mpscy_node_tensor(p, &p->nodes[i], MPSCY_ROLE_PARAM, 1) >= 0);
             }
         fprintf(stderr, "mpscy: cuda train step: %s%s\n", cu_fused_form(g, form, sizeof form),
                 !g->fu && g->head ? (g->head_drop >= 0 ? ", the output Dense with the loss and the Dropout below it"

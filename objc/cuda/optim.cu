@@ -17,7 +17,6 @@
 namespace cg = cooperative_groups;
 
 #include <math.h>
-#include <string.h>
 
 __global__ void fill_kernel(float *p, int64_t n, float v) {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
@@ -221,6 +220,18 @@ void cu_optim_applied(cu_graph *g, int64_t t) {
     if (g->plan.optim.kind == MPSCY_OPTIM_NADAM) g->scalars[1] = g->mu_next;
 }
 
+/* The update's grid (the cooperative kernel's and the early norm's final one): enough threads
+ * for the update to keep memory busy, never more than fit at once, nor than the partials' room. */
+static unsigned slab_blocks(const cu_graph *g, const void *kernel, int64_t n) {
+    int per_sm = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, CU_THREADS, 0) != cudaSuccess || per_sm < 1) {
+        cudaGetLastError();
+        per_sm = 1;
+    }
+    const int64_t most = (int64_t)(per_sm < 8 ? per_sm : 8) * g->dev->sms;
+    return cu_blocks(n, CU_THREADS * 4, most < CU_MAX_PARTS ? most : CU_MAX_PARTS);
+}
+
 /* The early norm's partials: an early layer's tensor a block per 4096 floats, at most 64 blocks
  * (they run beside the backward); a late one (after the backward, on the main stream) a block
  * per 2048 floats, at most two a multiprocessor. */
@@ -230,44 +241,56 @@ static unsigned norm_part_blocks(const cu_graph *g, int64_t count, int late) {
 
 #define NORM_LATE_MAX 8192  /* floats the final kernel squares itself in every block, at most */
 
-/* Plans the early norm of the capture under way: on ($MPSCY_CUDA_NORM_EARLY) when the parameter
- * tensors tile the slab and every tensor's partials fit the scratch; the node whose backward is
- * enqueued last keeps its squares for the final kernel. */
-void cu_norm_plan(cu_graph *g, int head) {
+/* Whether node i's squares are summed early, after its backward (cu_norm_part): a node with
+ * parameters whose backward a training step enqueues (step.cu: the output Dense with the loss
+ * when g->head, then the nodes down), but not the last of them. */
+static bool norm_early_node(const cu_graph *g, int32_t i) {
     const mpscy_plan *p = &g->plan;
-    g->norm_on = 0;
-    g->norm_parts = 0;
+    const mpscy_node *n = &p->nodes[i];
+    const bool backward = g->head && i == p->output ? true : n->grad && n->kind != MPSCY_LAYER_INPUT;
+    return g->norm_on && i != g->norm_last && backward && mpscy_node_tensor(p, n, MPSCY_ROLE_PARAM, 0) >= 0;
+}
+
+/* Tensor ti's squares as norm_part_kernel's partials on stream s, after those enqueued so far. */
+static int norm_part_launch(cu_graph *g, cudaStream_t s, const mpscy_tensor_info *ti, int late, char *err, size_t en) {
+    const unsigned blocks = norm_part_blocks(g, ti->count, late);
+    CU_TRY(cu_launch(g, norm_part_kernel, blocks, CU_THREADS, s, g->scratch->norm_part + g->norm_parts,
+                     (const float *)g->grads + ti->offset, ti->count, g->upd_batched),
+           "norm_part");
+    g->norm_parts += (int)blocks;
+    return CU_LAUNCHED("norm_part");
+}
+
+/* Plans the early norm once, at build: on when $MPSCY_CUDA_NORM_EARLY left g->norm_on set and
+ * every tensor's partials fit the scratch; the node whose backward is enqueued last keeps its
+ * squares for the final kernel. */
+void cu_norm_plan(cu_graph *g) {
+    const mpscy_plan *p = &g->plan;
     g->norm_last = -1;
-    memset(g->norm_done, 0, (size_t)p->n_nodes);
-    if (!g->norm_early) return;
-    int64_t floats = 0, parts = 0;
+    int64_t parts = 0;
     for (int32_t t = 0; t < p->n_tensors; t++)
         if (p->tensors[t].info.role == MPSCY_ROLE_PARAM) {
-            const int64_t c = p->tensors[t].info.count;
-            const unsigned e = norm_part_blocks(g, c, 0), l = norm_part_blocks(g, c, 1);
-            floats += c;
+            const unsigned e = norm_part_blocks(g, p->tensors[t].info.count, 0),
+                           l = norm_part_blocks(g, p->tensors[t].info.count, 1);
             parts += e > l ? e : l;
         }
-    if (floats != p->n_params || parts > CU_MAX_PARTS) return;
+    if (parts > CU_MAX_PARTS) g->norm_on = 0;
     /* the backward's order (step.cu): the output Dense with the loss (head), then the nodes down */
     for (int32_t i = 0; i < p->n_nodes && g->norm_last < 0; i++) {
         const mpscy_node *n = &p->nodes[i];
-        if (n->grad && n->kind != MPSCY_LAYER_INPUT && !(head && i == p->output) &&
+        if (n->grad && n->kind != MPSCY_LAYER_INPUT && !(g->head && i == p->output) &&
             mpscy_node_tensor(p, n, MPSCY_ROLE_PARAM, 0) >= 0)
             g->norm_last = i;
     }
-    if (g->norm_last < 0 && head) g->norm_last = p->output;
-    g->norm_on = 1;
+    if (g->norm_last < 0 && g->head) g->norm_last = p->output;
 }
 
 /* After node i's backward is enqueued: its tensors' squares on the norm's stream, after
  * everything the main and the forked side streams hold so far (its gradients' writers among
  * them, wherever the layer put them). */
 int cu_norm_part(cu_graph *g, int32_t i, char *err, size_t en) {
-    const mpscy_plan *p = &g->plan;
-    const mpscy_node *n = &p->nodes[i];
-    if (!g->norm_on || i == g->norm_last || g->norm_done[i] || mpscy_node_tensor(p, n, MPSCY_ROLE_PARAM, 0) < 0)
-        return MPSCY_OK;
+    if (!norm_early_node(g, i)) return MPSCY_OK;
+    const mpscy_node *n = &g->plan.nodes[i];
     cudaStream_t s = g->stream;
     if (g->nrm) {
         s = g->nrm;
@@ -279,23 +302,15 @@ int cu_norm_part(cu_graph *g, int32_t i, char *err, size_t en) {
             }
         g->forked |= 4;
     }
-    for (int32_t t = n->tensor0; t < n->tensor0 + n->n_tensors; t++) {
-        const mpscy_tensor_info *ti = &p->tensors[t].info;
-        if (ti->role != MPSCY_ROLE_PARAM) continue;
-        const unsigned blocks = norm_part_blocks(g, ti->count, 0);
-        CU_TRY(cu_launch(g, norm_part_kernel, blocks, CU_THREADS, s, g->scratch->norm_part + g->norm_parts,
-                         (const float *)g->grads + ti->offset, ti->count, cu_knob_int("MPSCY_CUDA_UPD_BATCHED", 1)),
-               "norm_part");
-        int st = CU_LAUNCHED("norm_part");
-        if (st != MPSCY_OK) return st;
-        g->norm_parts += (int)blocks;
-    }
-    g->norm_done[i] = 1;
-    return MPSCY_OK;
+    int st = MPSCY_OK;
+    for (int32_t t = n->tensor0; t < n->tensor0 + n->n_tensors && st == MPSCY_OK; t++)
+        if (g->plan.tensors[t].info.role == MPSCY_ROLE_PARAM)
+            st = norm_part_launch(g, s, &g->plan.tensors[t].info, 0, err, en);
+    return st;
 }
 
-/* The step's end after the early norm: the squares of the tensors no node's part took (the last
- * node's, and any a skipped node holds) as runs the final kernel adds itself, or, past
+/* The step's end after the early norm: the squares of the tensors no early node took (the last
+ * node's, and any a node without backward holds) as runs the final kernel adds itself, or, past
  * NORM_LATE_MAX floats or NORM_LATE_RUNS runs, as partials on the main stream first; always as
  * partials when the gradients are clipped, since the update stores them back clipped, and a
  * block that updates would then change what a block still adding its squares reads. */
@@ -303,10 +318,10 @@ static int norm_final(cu_graph *g, const update_args &u, int update, char *err, 
     const mpscy_plan *p = &g->plan;
     norm_late late = {};
     int64_t floats = 0;
-    bool fits = true;
+    bool fits = !u.clip_norm && !(u.clip_value > 0.0f);
     for (int32_t t = 0; t < p->n_tensors; t++) {
         const mpscy_tensor *pt = &p->tensors[t];
-        if (pt->info.role != MPSCY_ROLE_PARAM || g->norm_done[pt->node]) continue;
+        if (pt->info.role != MPSCY_ROLE_PARAM || norm_early_node(g, pt->node)) continue;
         floats += pt->info.count;
         if (late.runs > 0 && late.off[late.runs - 1] + late.n[late.runs - 1] == pt->info.offset) {
             late.n[late.runs - 1] += pt->info.count;
@@ -317,29 +332,18 @@ static int norm_final(cu_graph *g, const update_args &u, int update, char *err, 
             fits = false;
         }
     }
-    if (!fits || floats > NORM_LATE_MAX || u.clip_norm || u.clip_value > 0.0f) {
+    if (!fits || floats > NORM_LATE_MAX) {
         late.runs = 0;
         for (int32_t t = 0; t < p->n_tensors; t++) {
             const mpscy_tensor *pt = &p->tensors[t];
-            if (pt->info.role != MPSCY_ROLE_PARAM || g->norm_done[pt->node]) continue;
-            const unsigned blocks = norm_part_blocks(g, pt->info.count, 1);
-            CU_TRY(cu_launch(g, norm_part_kernel, blocks, CU_THREADS, g->stream, g->scratch->norm_part + g->norm_parts,
-                             (const float *)g->grads + pt->info.offset, pt->info.count, u.batched),
-                   "norm_part (late)");
-            int st = CU_LAUNCHED("norm_part (late)");
+            if (pt->info.role != MPSCY_ROLE_PARAM || norm_early_node(g, pt->node)) continue;
+            const int st = norm_part_launch(g, g->stream, &pt->info, 1, err, en);
             if (st != MPSCY_OK) return st;
-            g->norm_parts += (int)blocks;
         }
     }
-    int per_sm = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, norm_final_kernel, CU_THREADS, 0) != cudaSuccess ||
-        per_sm < 1)
-        per_sm = 1;
-    /* the cooperative kernel's grid: enough threads for the update to keep memory busy */
-    const int64_t most = (int64_t)(per_sm < 8 ? per_sm : 8) * g->dev->sms;
-    CU_TRY(cu_launch(g, norm_final_kernel, cu_blocks(update ? p->n_params : 1, CU_THREADS * 4, most), CU_THREADS,
-                     g->stream, u, g->scratch, g->result, (const cu_params *)g->params_d, p->optim.clip_grad_norm,
-                     update, g->norm_parts, late),
+    CU_TRY(cu_launch(g, norm_final_kernel, slab_blocks(g, (const void *)norm_final_kernel, update ? p->n_params : 1),
+                     CU_THREADS, g->stream, u, g->scratch, g->result, (const cu_params *)g->params_d,
+                     p->optim.clip_grad_norm, update, g->norm_parts, late),
            "norm_final");
     return CU_LAUNCHED("norm_final");
 }
@@ -353,7 +357,7 @@ int cu_norm_and_update(cu_graph *g, int update, char *err, size_t en) {
     update_args u = {g->params, g->grads, slot[0], slot[1], slot[2], n, p->optim.kind,
                      p->optim.kind == MPSCY_OPTIM_ADAMW || (p->optim.flags & MPSCY_OPTIM_DECOUPLED_WD) != 0,
                      p->optim.clip_grad_norm > 0, p->optim.clip_grad_value > 0 ? (float)p->optim.clip_grad_value : 0.0f,
-                     cu_knob_int("MPSCY_CUDA_UPD_BATCHED", 1)};
+                     g->upd_batched};
     double clip = p->optim.clip_grad_norm;
     if (g->norm_on) return norm_final(g, u, update, err, en);
     if (g->dev->coop) {
@@ -361,13 +365,7 @@ int cu_norm_and_update(cu_graph *g, int update, char *err, size_t en) {
         cudaLaunchAttribute attr;
         attr.id = cudaLaunchAttributeCooperative;
         attr.val.cooperative = 1;
-        int per_sm = 0;
-        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, norm_update_kernel, CU_THREADS, 0) != cudaSuccess ||
-            per_sm < 1)
-            per_sm = 1;
-        /* enough threads for the update to keep memory busy, never more than fit at once */
-        int64_t most = (int64_t)(per_sm < 8 ? per_sm : 8) * g->dev->sms;
-        cfg.gridDim = dim3(cu_blocks(n, CU_THREADS * 4, most < CU_MAX_PARTS ? most : CU_MAX_PARTS));
+        cfg.gridDim = dim3(slab_blocks(g, (const void *)norm_update_kernel, n));
         cfg.blockDim = dim3(CU_THREADS);
         cfg.stream = g->stream;
         cfg.attrs = &attr;

@@ -150,7 +150,7 @@ static int enqueue(cu_graph *g, int kind, int64_t b, int deferred, char *err, si
     /* forks (the forward's too: columns of direct convolutions) are joined once after backward;
      * only a training forward forks, so evaluation and prediction steps end with nothing to join.
      * Each node's squares of the gradient norm follow its backward (cu_norm_part). */
-    cu_norm_plan(g, head);
+    g->norm_parts = 0;
     if (head && (st = cu_norm_part(g, p->output, err, en)) != MPSCY_OK) return st;
     for (int32_t i = p->n_nodes - 1; i >= 0; i--) {
         const mpscy_node *node = &p->nodes[i];
