@@ -230,7 +230,12 @@ def extension():
     sources = ["src/mpscy/_native.pyx", "objc/mpscy.c", *rel("objc/null/*.c"),
                *rel("objc/common/*.c"), *rel("objc/cpu/*.c")]
     macros, include_dirs, libraries, library_dirs, link_args, runtime_dirs = [], ["objc", "src/mpscy"], [], [], [], []
-    compile_args = ["-O0", "-g"] if DEBUG else ["-O3", "-fno-math-errno"]
+    # -ffp-contract=off: a product and the sum that takes it are rounded apart, never fused into
+    # one multiply-add, in every clone of a loop (cpu.h's CPU_SIMD: the avx512f clone, which has
+    # FMA, contracted the optimizers' element rules, so the cpu's bits depended on the host's
+    # vector ISA); the cuda backend rounds them the same way (common/optim_math.h), so both take
+    # bit-identical steps from the same gradients
+    compile_args = ["-O0", "-g", "-ffp-contract=off"] if DEBUG else ["-O3", "-fno-math-errno", "-ffp-contract=off"]
     built = ["cpu"]
     if DARWIN:
         macros.append(("ACCELERATE_NEW_LAPACK", None))

@@ -17,6 +17,20 @@
 #define MPSCY_HD static inline
 #endif
 
+/* Every product of the rules, rounded on its own as written. In device code nvcc would otherwise
+ * contract a product and a sum that takes it (in one expression or across statements) into one
+ * fused multiply-add (one rounding), by its own choice in each inlined copy of a rule: two
+ * kernels, or two batches of one kernel, could give other bits for the same element. __fmul_rn
+ * is never contracted. The host compilers see a plain product, and the cpu backend is built
+ * with -ffp-contract=off (setup.py): its avx512f clone of the update loop (cpu.h's CPU_SIMD)
+ * would otherwise contract, so its bits depended on the host's vector ISA. So both devices
+ * take bit-identical steps from the same gradients (tested on the H200). */
+#if defined(__CUDA_ARCH__)
+#define MPSCY_MUL(a, b) __fmul_rn((a), (b))
+#else
+#define MPSCY_MUL(a, b) ((a) * (b))
+#endif
+
 /* Per-step coefficients shared by all elements of the slab. */
 typedef struct mpscy_optim_coef {
     float lr, momentum, dampening, weight_decay;
@@ -73,13 +87,13 @@ static inline void mpscy_nadam_coef(mpscy_optim_coef *c, const mpscy_optim_desc 
 /* SGD: momentum (first step copies the gradient), dampening, nesterov, weight decay, maximize. */
 MPSCY_HD void mpscy_sgd_elem(float *p, float *buf, float g, const mpscy_optim_coef *c) {
     if (c->flags & MPSCY_OPTIM_MAXIMIZE) g = -g;
-    if (c->weight_decay != 0.0f) g = g + c->weight_decay * *p;
+    if (c->weight_decay != 0.0f) g = g + MPSCY_MUL(c->weight_decay, *p);
     if (c->momentum != 0.0f) {
-        float b = c->first ? g : c->momentum * *buf + (1.0f - c->dampening) * g;
+        float b = c->first ? g : MPSCY_MUL(c->momentum, *buf) + MPSCY_MUL(1.0f - c->dampening, g);
         *buf = b;
-        g = (c->flags & MPSCY_OPTIM_NESTEROV) ? g + c->momentum * b : b;
+        g = (c->flags & MPSCY_OPTIM_NESTEROV) ? g + MPSCY_MUL(c->momentum, b) : b;
     }
-    *p = *p - c->lr * g;
+    *p = *p - MPSCY_MUL(c->lr, g);
 }
 
 /* Adam and AdamW (decoupled decay when `decoupled`), amsgrad, maximize. */
@@ -87,10 +101,10 @@ MPSCY_HD void mpscy_adam_elem(float *p, float *m, float *v, float *vmax, float g
                               const mpscy_optim_coef *c, int decoupled) {
     if (c->flags & MPSCY_OPTIM_MAXIMIZE) g = -g;
     float x = *p;
-    if (decoupled) x = x * c->decay;
-    else if (c->weight_decay != 0.0f) g = g + c->weight_decay * x;
-    float mm = *m + (1.0f - c->beta1) * (g - *m);
-    float vv = c->beta2 * *v + (1.0f - c->beta2) * g * g;
+    if (decoupled) x = MPSCY_MUL(x, c->decay);
+    else if (c->weight_decay != 0.0f) g = g + MPSCY_MUL(c->weight_decay, x);
+    float mm = *m + MPSCY_MUL(1.0f - c->beta1, g - *m);
+    float vv = MPSCY_MUL(c->beta2, *v) + MPSCY_MUL(MPSCY_MUL(1.0f - c->beta2, g), g);
     *m = mm;
     *v = vv;
     if (c->flags & MPSCY_OPTIM_AMSGRAD) {
@@ -98,7 +112,7 @@ MPSCY_HD void mpscy_adam_elem(float *p, float *m, float *v, float *vmax, float g
         vmax[0] = vv;
     }
     float denom = sqrtf(vv) / c->bc2_sqrt + c->eps;
-    *p = x - c->step_size * (mm / denom);
+    *p = x - MPSCY_MUL(c->step_size, mm / denom);
 }
 
 /* RMSprop: square average with smoothing alpha, centered variant (grad_avg), momentum buffer
@@ -106,46 +120,46 @@ MPSCY_HD void mpscy_adam_elem(float *p, float *m, float *v, float *vmax, float g
 MPSCY_HD void mpscy_rmsprop_elem(float *p, float *sq, float *buf, float *gavg, float g,
                                  const mpscy_optim_coef *c) {
     if (c->flags & MPSCY_OPTIM_MAXIMIZE) g = -g;
-    if (c->weight_decay != 0.0f) g = g + c->weight_decay * *p;
-    float s = c->alpha * *sq + (1.0f - c->alpha) * g * g;
+    if (c->weight_decay != 0.0f) g = g + MPSCY_MUL(c->weight_decay, *p);
+    float s = MPSCY_MUL(c->alpha, *sq) + MPSCY_MUL(MPSCY_MUL(1.0f - c->alpha, g), g);
     *sq = s;
     float avg;
     if (c->flags & MPSCY_OPTIM_CENTERED) {
-        float ga = *gavg + (1.0f - c->alpha) * (g - *gavg);
+        float ga = *gavg + MPSCY_MUL(1.0f - c->alpha, g - *gavg);
         *gavg = ga;
-        avg = sqrtf(s - ga * ga);
+        avg = sqrtf(s - MPSCY_MUL(ga, ga));
     } else {
         avg = sqrtf(s);
     }
     avg = avg + c->eps;
     if (c->momentum > 0.0f) {
-        float b = c->momentum * *buf + g / avg;
+        float b = MPSCY_MUL(c->momentum, *buf) + g / avg;
         *buf = b;
-        *p = *p - c->lr * b;
+        *p = *p - MPSCY_MUL(c->lr, b);
     } else {
-        *p = *p - c->lr * (g / avg);
+        *p = *p - MPSCY_MUL(c->lr, g / avg);
     }
 }
 
 /* Adagrad: accumulated squares (state starts at initial_accumulator_value), decayed lr, eps. */
 MPSCY_HD void mpscy_adagrad_elem(float *p, float *sum, float g, const mpscy_optim_coef *c) {
     if (c->flags & MPSCY_OPTIM_MAXIMIZE) g = -g;
-    if (c->weight_decay != 0.0f) g = g + c->weight_decay * *p;
-    float s = *sum + g * g;
+    if (c->weight_decay != 0.0f) g = g + MPSCY_MUL(c->weight_decay, *p);
+    float s = *sum + MPSCY_MUL(g, g);
     *sum = s;
-    *p = *p - c->clr * (g / (sqrtf(s) + c->eps));
+    *p = *p - MPSCY_MUL(c->clr, g / (sqrtf(s) + c->eps));
 }
 
 /* Adadelta: square average and accumulated delta with rho, eps inside both square roots. */
 MPSCY_HD void mpscy_adadelta_elem(float *p, float *sq, float *acc, float g, const mpscy_optim_coef *c) {
     if (c->flags & MPSCY_OPTIM_MAXIMIZE) g = -g;
-    if (c->weight_decay != 0.0f) g = g + c->weight_decay * *p;
-    float s = c->rho * *sq + (1.0f - c->rho) * g * g;
+    if (c->weight_decay != 0.0f) g = g + MPSCY_MUL(c->weight_decay, *p);
+    float s = MPSCY_MUL(c->rho, *sq) + MPSCY_MUL(MPSCY_MUL(1.0f - c->rho, g), g);
     *sq = s;
     float std = sqrtf(s + c->eps);
-    float delta = sqrtf(*acc + c->eps) / std * g;
-    *acc = c->rho * *acc + (1.0f - c->rho) * delta * delta;
-    *p = *p - c->lr * delta;
+    float delta = MPSCY_MUL(sqrtf(*acc + c->eps) / std, g);
+    *acc = MPSCY_MUL(c->rho, *acc) + MPSCY_MUL(MPSCY_MUL(1.0f - c->rho, delta), delta);
+    *p = *p - MPSCY_MUL(c->lr, delta);
 }
 
 /* NAdam: Adam moments with the momentum-decay schedule (coefficients from mpscy_nadam_coef),
@@ -154,16 +168,16 @@ MPSCY_HD void mpscy_nadam_elem(float *p, float *m, float *v, float g, const mpsc
     if (c->flags & MPSCY_OPTIM_MAXIMIZE) g = -g;
     float x = *p;
     if (c->weight_decay != 0.0f) {
-        if (c->flags & MPSCY_OPTIM_DECOUPLED_WD) x = x * c->decay;
-        else g = g + c->weight_decay * x;
+        if (c->flags & MPSCY_OPTIM_DECOUPLED_WD) x = MPSCY_MUL(x, c->decay);
+        else g = g + MPSCY_MUL(c->weight_decay, x);
     }
-    float mm = *m + (1.0f - c->beta1) * (g - *m);
-    float vv = c->beta2 * *v + (1.0f - c->beta2) * g * g;
+    float mm = *m + MPSCY_MUL(1.0f - c->beta1, g - *m);
+    float vv = MPSCY_MUL(c->beta2, *v) + MPSCY_MUL(MPSCY_MUL(1.0f - c->beta2, g), g);
     *m = mm;
     *v = vv;
     float denom = sqrtf(vv / c->bc2) + c->eps;
-    x = x + c->nadam_g * (g / denom);
-    *p = x + c->nadam_m * (mm / denom);
+    x = x + MPSCY_MUL(c->nadam_g, g / denom);
+    *p = x + MPSCY_MUL(c->nadam_m, mm / denom);
 }
 
 #endif /* MPSCY_OPTIM_MATH_H */

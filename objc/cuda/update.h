@@ -72,7 +72,7 @@ struct update_args {
 
 /* A gradient element clipped: by the norm's coefficient cs, then to +-clip_value. */
 static __device__ __forceinline__ float clip_elem(const update_args &u, float g, float cs) {
-    if (u.clip_norm) g *= cs;
+    if (u.clip_norm) g = __fmul_rn(g, cs);  /* rounded on its own, as the rules' products (optim_math.h) */
     if (u.clip_value > 0.0f) g = g > u.clip_value ? u.clip_value : (g < -u.clip_value ? -u.clip_value : g);
     return g;
 }
