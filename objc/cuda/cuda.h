@@ -137,6 +137,8 @@ typedef struct cu_graph {
     int32_t norm_last;         /* at build: the node whose backward is enqueued last (its squares summed late) */
     int norm_parts;            /* capture state: the early norm's partials enqueued so far */
     int upd_batched;           /* $MPSCY_CUDA_UPD_BATCHED at build (update.h's update_args.batched) */
+    int upd_prefetch;          /* $MPSCY_CUDA_NORM_PREFETCH at build not 0: the early norm's final kernel loads the
+                                * update's first batch before it adds the partials (update_args.prefetch) */
     cudaGraphExec_t exec[CU_KINDS];  /* the captured step of each kind at the built batch */
     /* own small GEMMs (gemm.cu): split-K partials and tile counters, handed out in capture order */
     float *gws;

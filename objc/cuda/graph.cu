@@ -232,6 +232,9 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     g->norm_on = cu_knob_on("MPSCY_CUDA_NORM_EARLY");  /* and the plan's fit: cu_norm_plan below */
     /* the update's batches (update.h); 0: an element an iteration, a knob for A/B timing and testing */
     g->upd_batched = cu_knob_int("MPSCY_CUDA_UPD_BATCHED", 1);
+    /* the early norm's final kernel loads each thread's first batch of the update before it adds
+     * the norm's partials, so those loads overlap the sum; 0: after, a knob for A/B timing and testing */
+    g->upd_prefetch = cu_knob_on("MPSCY_CUDA_NORM_PREFETCH");
     /* the weight and bias gradients of a convolution without dx and with few taps (the model's
      * first) in one pass over dy and x, gr->dw_small blocks a multiprocessor (conv_dw.cu); 0 takes
      * the split product after dz's transpose: a knob for A/B timing and testing */

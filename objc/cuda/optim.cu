@@ -92,6 +92,11 @@ __global__ void norm_final_kernel(update_args u, cu_scratch *S, cu_result *R, co
                                   int update, int parts, norm_late late) {
     cu_pdl_enter();
     __shared__ double total;
+    /* the update's first batch is loaded before the partials are added, so its loads overlap
+     * the sum (the elements are this thread's alone: no other block writes them first) */
+    upd_batch<4> first;
+    const bool pre = update && u.batched && u.prefetch;
+    if (pre) upd_load<4>(u, blockIdx.x * (int64_t)blockDim.x + threadIdx.x, (int64_t)gridDim.x * blockDim.x, first);
     double s = 0;
     for (int k = threadIdx.x; k < parts; k += blockDim.x) s += S->norm_part[k];
 #pragma unroll
@@ -103,7 +108,7 @@ __global__ void norm_final_kernel(update_args u, cu_scratch *S, cu_result *R, co
     s = block_sum(s);
     if (threadIdx.x == 0) total = s;
     __syncthreads();
-    decide_and_update<true>(u, S, R, P, total, S->loss, clip_norm, update && !input_bad(S, P));
+    decide_and_update<true>(u, S, R, P, total, S->loss, clip_norm, update && !input_bad(S, P), first, pre);
 }
 
 __global__ void coop_probe_kernel(int *flag) {
@@ -358,6 +363,7 @@ int cu_norm_and_update(cu_graph *g, int update, char *err, size_t en) {
                      p->optim.kind == MPSCY_OPTIM_ADAMW || (p->optim.flags & MPSCY_OPTIM_DECOUPLED_WD) != 0,
                      p->optim.clip_grad_norm > 0, p->optim.clip_grad_value > 0 ? (float)p->optim.clip_grad_value : 0.0f,
                      g->upd_batched};
+    u.prefetch = g->upd_prefetch;
     double clip = p->optim.clip_grad_norm;
     if (g->norm_on) return norm_final(g, u, update, err, en);
     if (g->dev->coop) {

@@ -68,6 +68,7 @@ struct update_args {
     int kind, decoupled, clip_norm;
     float clip_value;
     int batched;  // update_slab_batched<4> (`MPSCY_CUDA_UPD_BATCHED`, default 1), or 0: an element an iteration
+    int prefetch; // norm_final_kernel loads the first batch before the norm's sum (`MPSCY_CUDA_NORM_PREFETCH`)
 };
 
 /* A gradient element clipped: by the norm's coefficient cs, then to +-clip_value. */
@@ -93,41 +94,65 @@ static __device__ __forceinline__ void update_elem(const update_args &u, const m
     }
 }
 
-/* The update as batches of U elements a thread (i, i + stride, ...): every operand of
- * the batch is loaded before any element is stored, so a thread waits on one round of loads a
+/* One batch of the update: U elements of a thread (i, i + stride, ...), every operand loaded
+ * (upd_load) before any element is stored (upd_apply), so a thread waits on one round of loads a
  * batch, where the loop of one element an iteration waits on one an element (its loads cannot
- * pass the stores before them: the slab's arrays may alias as far as the compiler knows). The
- * same element rule on the same values: the same bits. Slots the kind does not write are
- * stored back as loaded. */
+ * pass the stores before them: the slab's arrays may alias as far as the compiler knows). */
 template <int U>
-static __device__ void update_slab_batched(const update_args &u, const mpscy_optim_coef &c, float cs) {
+struct upd_batch {
+    float g[U], w[U], a0[U], a1[U], a2[U];
+};
+
+template <int U>
+static __device__ __forceinline__ void upd_load(const update_args &u, int64_t i, int64_t stride, upd_batch<U> &b) {
+#pragma unroll
+    for (int j = 0; j < U; j++) {
+        const int64_t k = i + j * stride;
+        if (k < u.n) {
+            b.g[j] = u.grads[k];
+            b.w[j] = u.w[k];
+            if (u.s0) b.a0[j] = u.s0[k];
+            if (u.s1) b.a1[j] = u.s1[k];
+            if (u.s2) b.a2[j] = u.s2[k];
+        }
+    }
+}
+
+template <int U>
+static __device__ __forceinline__ void upd_apply(const update_args &u, const mpscy_optim_coef &c, float cs, int64_t i,
+                                                 int64_t stride, upd_batch<U> &b) {
     const int clipped = u.clip_norm || u.clip_value > 0.0f;
+#pragma unroll
+    for (int j = 0; j < U; j++) {
+        const int64_t k = i + j * stride;
+        if (k >= u.n) break;
+        const float gj = clip_elem(u, b.g[j], cs);
+        if (clipped) u.grads[k] = gj;
+        update_elem(u, c, gj, &b.w[j], &b.a0[j], &b.a1[j], &b.a2[j]);
+        u.w[k] = b.w[j];
+        if (u.s0) u.s0[k] = b.a0[j];
+        if (u.s1) u.s1[k] = b.a1[j];
+        if (u.s2) u.s2[k] = b.a2[j];
+    }
+}
+
+/* The update as batches of U elements a thread (upd_batch); the same element rule on the same
+ * values as the loop of an element an iteration: the same bits. Slots the kind does not write
+ * are stored back as loaded. first: the thread's first batch, already loaded when `loaded`
+ * (norm_final_kernel loads it before it adds the norm's partials). */
+template <int U>
+static __device__ __forceinline__ void update_slab_batched(const update_args &u, const mpscy_optim_coef &c, float cs,
+                                                           upd_batch<U> &first, bool loaded) {
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < u.n; i += U * stride) {
-        float g[U], w[U], a0[U], a1[U], a2[U];
-#pragma unroll
-        for (int j = 0; j < U; j++) {
-            const int64_t k = i + j * stride;
-            if (k < u.n) {
-                g[j] = u.grads[k];
-                w[j] = u.w[k];
-                if (u.s0) a0[j] = u.s0[k];
-                if (u.s1) a1[j] = u.s1[k];
-                if (u.s2) a2[j] = u.s2[k];
-            }
-        }
-#pragma unroll
-        for (int j = 0; j < U; j++) {
-            const int64_t k = i + j * stride;
-            if (k >= u.n) break;
-            const float gj = clip_elem(u, g[j], cs);
-            if (clipped) u.grads[k] = gj;
-            update_elem(u, c, gj, &w[j], &a0[j], &a1[j], &a2[j]);
-            u.w[k] = w[j];
-            if (u.s0) u.s0[k] = a0[j];
-            if (u.s1) u.s1[k] = a1[j];
-            if (u.s2) u.s2[k] = a2[j];
-        }
+    int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    if (loaded && i < u.n) {
+        upd_apply<U>(u, c, cs, i, stride, first);
+        i += U * stride;
+    }
+    for (; i < u.n; i += U * stride) {
+        upd_batch<U> b;
+        upd_load<U>(u, i, stride, b);
+        upd_apply<U>(u, c, cs, i, stride, b);
     }
 }
 
@@ -139,10 +164,11 @@ static __device__ void update_slab_batched(const update_args &u, const mpscy_opt
  * against 16.4 in ncu); the one-kernel MLP step keeps the loop (1.6 elements a thread: 38.6 and
  * 39.2 us with batches of 2 against 38.1 and 38.4, and four spill at its 128 registers). */
 template <bool BATCHES>
-static __device__ void update_slab(const update_args &u, const cu_params *P, float cs) {
+static __device__ __forceinline__ void update_slab(const update_args &u, const cu_params *P, float cs,
+                                                   upd_batch<4> &first, bool loaded) {
     const mpscy_optim_coef c = P->coef;
     if (BATCHES && u.batched) {
-        update_slab_batched<4>(u, c, cs);
+        update_slab_batched<4>(u, c, cs, first, loaded);
         return;
     }
     const int clipped = u.clip_norm || u.clip_value > 0.0f;
@@ -153,16 +179,33 @@ static __device__ void update_slab(const update_args &u, const cu_params *P, flo
     }
 }
 
+template <bool BATCHES>
+static __device__ __forceinline__ void update_slab(const update_args &u, const cu_params *P, float cs) {
+    upd_batch<4> none;
+    update_slab<BATCHES>(u, P, cs, none, false);
+}
+
 /* The end of a step in a kernel whose every block holds the same total of squares t (summed
  * in one fixed order) and the same loss: block 0 records the decision, and every block, when
- * the step is applied, clips and updates its share of the slab (update_slab<BATCHES>). */
+ * the step is applied, clips and updates its share of the slab (update_slab<BATCHES>; first:
+ * the thread's first batch, loaded already when `loaded`). */
 template <bool BATCHES>
-static __device__ void decide_and_update(const update_args &u, cu_scratch *S, cu_result *R, const cu_params *P,
-                                         double t, double loss, double clip_norm, int update) {
+static __device__ __forceinline__ void decide_and_update(const update_args &u, cu_scratch *S, cu_result *R, const cu_params *P,
+                                                         double t, double loss, double clip_norm, int update,
+                                                         upd_batch<4> &first, bool loaded) {
     const double norm = sqrt(t);
     const double coef = clip_norm > 0 ? clip_norm / (norm + 1e-6) : 1.0;
     if (blockIdx.x == 0 && threadIdx.x == 0) decide(S, R, P, t, clip_norm, update);
-    if (update && isfinite(loss) && isfinite(norm)) update_slab<BATCHES>(u, P, coef < 1.0 ? (float)coef : 1.0f);
+    if (update && isfinite(loss) && isfinite(norm))
+        update_slab<BATCHES>(u, P, coef < 1.0 ? (float)coef : 1.0f, first, loaded);
+}
+
+template <bool BATCHES>
+static __device__ __forceinline__ void decide_and_update(const update_args &u, cu_scratch *S, cu_result *R,
+                                                         const cu_params *P, double t, double loss, double clip_norm,
+                                                         int update) {
+    upd_batch<4> none;
+    decide_and_update<BATCHES>(u, S, R, P, t, loss, clip_norm, update, none, false);
 }
 
 #endif /* MPSCY_CUDA_UPDATE_H */
