@@ -190,9 +190,9 @@ static __device__ __forceinline__ void update_slab(const update_args &u, const c
  * the step is applied, clips and updates its share of the slab (update_slab<BATCHES>; first:
  * the thread's first batch, loaded already when `loaded`). */
 template <bool BATCHES>
-static __device__ __forceinline__ void decide_and_update(const update_args &u, cu_scratch *S, cu_result *R, const cu_params *P,
-                                                         double t, double loss, double clip_norm, int update,
-                                                         upd_batch<4> &first, bool loaded) {
+static __device__ __forceinline__ void decide_and_update(const update_args &u, cu_scratch *S, cu_result *R,
+                                                         const cu_params *P, double t, double loss, double clip_norm,
+                                                         int update, upd_batch<4> &first, bool loaded) {
     const double norm = sqrt(t);
     const double coef = clip_norm > 0 ? clip_norm / (norm + 1e-6) : 1.0;
     if (blockIdx.x == 0 && threadIdx.x == 0) decide(S, R, P, t, clip_norm, update);
