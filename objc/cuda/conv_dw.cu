@@ -563,18 +563,6 @@ __global__ void __launch_bounds__(DWR_WARPS * 32, 2) conv_dw_rows(dwr_args a) {
 
 typedef void (*dwr_fn)(dwr_args);
 
-/* the kernel for cpl columns a lane, allowed `bytes` of dynamic shared memory (past 48 KB only
- * when asked) */
-static dwr_fn dwr_kernel(int cpl, size_t bytes) {
-    static const dwr_fn kinds[8] = {conv_dw_rows<1>, conv_dw_rows<2>, conv_dw_rows<3>, conv_dw_rows<4>,
-                                    conv_dw_rows<5>, conv_dw_rows<6>, conv_dw_rows<7>, conv_dw_rows<8>};
-    const dwr_fn f = kinds[cpl - 1];
-    if (bytes > 48 * 1024 &&
-        cudaFuncSetAttribute((const void *)f, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes) != cudaSuccess)
-        return NULL;
-    return f;
-}
-
 int cu_conv_dw_rows_fits(const cu_graph *gr, const mpscy_conv_geom *g, int bias) {
     return gr->dw_rows && dwr_plan_of(*g, bias).cpl > 0;
 }
@@ -613,13 +601,11 @@ int cu_conv_dw_small(cu_graph *gr, cudaStream_t stream, const mpscy_conv_geom *c
         r.rows = (int)(nb / g.ohw * g.oh);
         s = dw_small_blocks(gr, r.rows, DWR_WARPS, room, &per);
         r.per = (int)per;
-        const size_t bytes = (size_t)q.floats * sizeof(float);
-        const dwr_fn f = dwr_kernel(q.cpl, bytes);
-        if (!f) {
-            cudaGetLastError();
-            return MPSCY_FAIL(err, en, MPSCY_DEVICE, CU, "conv_dw_rows: %zu bytes of shared memory refused", bytes);
-        }
-        CU_TRY(cu_launch_shm(gr, f, (unsigned)s, DWR_WARPS * 32, bytes, stream, r), "conv_dw_rows");
+        static const dwr_fn kinds[8] = {conv_dw_rows<1>, conv_dw_rows<2>, conv_dw_rows<3>, conv_dw_rows<4>,
+                                        conv_dw_rows<5>, conv_dw_rows<6>, conv_dw_rows<7>, conv_dw_rows<8>};
+        static_assert(DWR_WARPS * 32 == 256, "mma_launch's blocks");  /* it opts in past 48 KB of shared memory */
+        CU_TRY(mma_launch(gr, stream, kinds[q.cpl - 1], dim3((unsigned)s), q.floats * (int)sizeof(float), r),
+               "conv_dw_rows");
         st = CU_LAUNCHED("conv_dw_rows");
     } else {
         dws_args a;

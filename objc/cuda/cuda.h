@@ -87,6 +87,14 @@ typedef struct cu_buffer {
 enum { CU_FUSE_RELU = 1,       /* Dense: its ReLU consumer is applied in the GEMM epilogue */
        CU_SKIP = 2 };          /* ReLU fused into its Dense, Flatten aliased: no kernel */
 
+/* runs of the gradient slab (offset, floats) whose squares the early norm's final kernel adds
+ * itself (optim.cu) */
+#define CU_NORM_LATE_RUNS 4
+typedef struct cu_norm_late {
+    int64_t off[CU_NORM_LATE_RUNS], n[CU_NORM_LATE_RUNS];
+    int runs;
+} cu_norm_late;
+
 typedef struct cu_graph {
     struct mpscy_graph_ base;
     mpscy_plan plan;
@@ -136,6 +144,9 @@ typedef struct cu_graph {
     int norm_on;               /* at build (cu_norm_plan): $MPSCY_CUDA_NORM_EARLY not 0 and the partials fit */
     int32_t norm_last;         /* at build: the node whose backward is enqueued last (its squares summed late) */
     int norm_parts;            /* capture state: the early norm's partials enqueued so far */
+    cu_norm_late norm_late;    /* at build: the runs of the slab the final kernel squares itself (the tensors no
+                                * early node takes), or none and norm_late_parts: those go as partials first */
+    int norm_late_parts;
     int upd_batched;           /* $MPSCY_CUDA_UPD_BATCHED at build (update.h's update_args.batched) */
     int upd_prefetch;          /* $MPSCY_CUDA_NORM_PREFETCH at build not 0: the early norm's final kernel loads the
                                 * update's first batch before it adds the partials (update_args.prefetch) */

@@ -76,20 +76,13 @@ __global__ void norm_part_kernel(double *parts, const float *grads, int64_t n, i
     if (threadIdx.x == 0) parts[blockIdx.x] = s;
 }
 
-#define NORM_LATE_RUNS 4  /* runs of the slab the final kernel squares itself, at most */
-
-struct norm_late {
-    int64_t off[NORM_LATE_RUNS], n[NORM_LATE_RUNS];
-    int runs;
-};
-
 /* The step's end after the early norm: every block adds the `parts` partials (thread t: t, t +
  * blockDim.x, ...) and the squares of the late runs (the last layer's gradients, done just
  * before: thread t their elements t, t + blockDim.x, ...), then the block's sum: the same total,
  * in the same order, in every block, with no grid-wide barrier. Then decide and update as the
  * cooperative kernel does. */
 __global__ void norm_final_kernel(update_args u, cu_scratch *S, cu_result *R, const cu_params *P, double clip_norm,
-                                  int update, int parts, norm_late late) {
+                                  int update, int parts, cu_norm_late late) {
     cu_pdl_enter();
     __shared__ double total;
     /* the update's first batch is loaded before the partials are added, so its loads overlap
@@ -100,7 +93,7 @@ __global__ void norm_final_kernel(update_args u, cu_scratch *S, cu_result *R, co
     double s = 0;
     for (int k = threadIdx.x; k < parts; k += blockDim.x) s += S->norm_part[k];
 #pragma unroll
-    for (int r = 0; r < NORM_LATE_RUNS; r++)  /* unrolled: the runs stay in the parameter space */
+    for (int r = 0; r < CU_NORM_LATE_RUNS; r++)  /* unrolled: the runs stay in the parameter space */
         if (r < late.runs) {
             const float *g = u.grads + late.off[r];
             for (int64_t i = threadIdx.x; i < late.n[r]; i += blockDim.x) s += (double)g[i] * g[i];
@@ -246,14 +239,19 @@ static unsigned norm_part_blocks(const cu_graph *g, int64_t count, int late) {
 
 #define NORM_LATE_MAX 8192  /* floats the final kernel squares itself in every block, at most */
 
-/* Whether node i's squares are summed early, after its backward (cu_norm_part): a node with
- * parameters whose backward a training step enqueues (step.cu: the output Dense with the loss
- * when g->head, then the nodes down), but not the last of them. */
-static bool norm_early_node(const cu_graph *g, int32_t i) {
+/* Whether a training step enqueues node i's backward (step.cu: the output Dense with the loss
+ * when g->head, then every node down with a gradient but the input) and node i holds parameters. */
+static bool backward_params(const cu_graph *g, int32_t i) {
     const mpscy_plan *p = &g->plan;
     const mpscy_node *n = &p->nodes[i];
-    const bool backward = g->head && i == p->output ? true : n->grad && n->kind != MPSCY_LAYER_INPUT;
-    return g->norm_on && i != g->norm_last && backward && mpscy_node_tensor(p, n, MPSCY_ROLE_PARAM, 0) >= 0;
+    return ((g->head && i == p->output) || (n->grad && n->kind != MPSCY_LAYER_INPUT)) &&
+           mpscy_node_tensor(p, n, MPSCY_ROLE_PARAM, 0) >= 0;
+}
+
+/* Whether node i's squares are summed early, after its backward (cu_norm_part): all such nodes
+ * but the one whose backward is enqueued last. */
+static bool norm_early_node(const cu_graph *g, int32_t i) {
+    return g->norm_on && i != g->norm_last && backward_params(g, i);
 }
 
 /* Tensor ti's squares as norm_part_kernel's partials on stream s, after those enqueued so far. */
@@ -268,7 +266,11 @@ static int norm_part_launch(cu_graph *g, cudaStream_t s, const mpscy_tensor_info
 
 /* Plans the early norm once, at build: on when $MPSCY_CUDA_NORM_EARLY left g->norm_on set and
  * every tensor's partials fit the scratch; the node whose backward is enqueued last keeps its
- * squares for the final kernel. */
+ * squares for the step's end. Those of the tensors no early node takes (the last node's, and any
+ * a node without backward holds) the final kernel adds itself as runs of the slab, or, past
+ * NORM_LATE_MAX floats or CU_NORM_LATE_RUNS runs, they go as partials on the main stream first;
+ * always as partials when the gradients are clipped, since the update stores them back clipped,
+ * and a block that updates would then change what a block still adding its squares reads. */
 void cu_norm_plan(cu_graph *g) {
     const mpscy_plan *p = &g->plan;
     g->norm_last = -1;
@@ -281,13 +283,28 @@ void cu_norm_plan(cu_graph *g) {
         }
     if (parts > CU_MAX_PARTS) g->norm_on = 0;
     /* the backward's order (step.cu): the output Dense with the loss (head), then the nodes down */
-    for (int32_t i = 0; i < p->n_nodes && g->norm_last < 0; i++) {
-        const mpscy_node *n = &p->nodes[i];
-        if (n->grad && n->kind != MPSCY_LAYER_INPUT && !(g->head && i == p->output) &&
-            mpscy_node_tensor(p, n, MPSCY_ROLE_PARAM, 0) >= 0)
-            g->norm_last = i;
-    }
+    for (int32_t i = 0; i < p->n_nodes && g->norm_last < 0; i++)
+        if (backward_params(g, i) && !(g->head && i == p->output)) g->norm_last = i;
     if (g->norm_last < 0 && g->head) g->norm_last = p->output;
+    cu_norm_late late = {};
+    int64_t floats = 0;
+    bool fits = !(p->optim.clip_grad_norm > 0) && !(p->optim.clip_grad_value > 0);
+    for (int32_t t = 0; t < p->n_tensors; t++) {
+        const mpscy_tensor *pt = &p->tensors[t];
+        if (pt->info.role != MPSCY_ROLE_PARAM || norm_early_node(g, pt->node)) continue;
+        floats += pt->info.count;
+        if (late.runs > 0 && late.off[late.runs - 1] + late.n[late.runs - 1] == pt->info.offset) {
+            late.n[late.runs - 1] += pt->info.count;
+        } else if (late.runs < CU_NORM_LATE_RUNS) {
+            late.off[late.runs] = pt->info.offset;
+            late.n[late.runs++] = pt->info.count;
+        } else {
+            fits = false;
+        }
+    }
+    g->norm_late_parts = !fits || floats > NORM_LATE_MAX;
+    if (g->norm_late_parts) late.runs = 0;
+    g->norm_late = late;
 }
 
 /* After node i's backward is enqueued: its tensors' squares on the norm's stream, after
@@ -314,41 +331,18 @@ int cu_norm_part(cu_graph *g, int32_t i, char *err, size_t en) {
     return st;
 }
 
-/* The step's end after the early norm: the squares of the tensors no early node took (the last
- * node's, and any a node without backward holds) as runs the final kernel adds itself, or, past
- * NORM_LATE_MAX floats or NORM_LATE_RUNS runs, as partials on the main stream first; always as
- * partials when the gradients are clipped, since the update stores them back clipped, and a
- * block that updates would then change what a block still adding its squares reads. */
+/* The step's end after the early norm (the late squares as cu_norm_plan decided), one kernel. */
 static int norm_final(cu_graph *g, const update_args &u, int update, char *err, size_t en) {
     const mpscy_plan *p = &g->plan;
-    norm_late late = {};
-    int64_t floats = 0;
-    bool fits = !u.clip_norm && !(u.clip_value > 0.0f);
-    for (int32_t t = 0; t < p->n_tensors; t++) {
+    for (int32_t t = 0; t < p->n_tensors && g->norm_late_parts; t++) {
         const mpscy_tensor *pt = &p->tensors[t];
         if (pt->info.role != MPSCY_ROLE_PARAM || norm_early_node(g, pt->node)) continue;
-        floats += pt->info.count;
-        if (late.runs > 0 && late.off[late.runs - 1] + late.n[late.runs - 1] == pt->info.offset) {
-            late.n[late.runs - 1] += pt->info.count;
-        } else if (late.runs < NORM_LATE_RUNS) {
-            late.off[late.runs] = pt->info.offset;
-            late.n[late.runs++] = pt->info.count;
-        } else {
-            fits = false;
-        }
-    }
-    if (!fits || floats > NORM_LATE_MAX) {
-        late.runs = 0;
-        for (int32_t t = 0; t < p->n_tensors; t++) {
-            const mpscy_tensor *pt = &p->tensors[t];
-            if (pt->info.role != MPSCY_ROLE_PARAM || norm_early_node(g, pt->node)) continue;
-            const int st = norm_part_launch(g, g->stream, &pt->info, 1, err, en);
-            if (st != MPSCY_OK) return st;
-        }
+        const int st = norm_part_launch(g, g->stream, &pt->info, 1, err, en);
+        if (st != MPSCY_OK) return st;
     }
     CU_TRY(cu_launch(g, norm_final_kernel, slab_blocks(g, (const void *)norm_final_kernel, update ? p->n_params : 1),
                      CU_THREADS, g->stream, u, g->scratch, g->result, (const cu_params *)g->params_d,
-                     p->optim.clip_grad_norm, update, g->norm_parts, late),
+                     p->optim.clip_grad_norm, update, g->norm_parts, g->norm_late),
            "norm_final");
     return CU_LAUNCHED("norm_final");
 }
