@@ -1207,6 +1207,39 @@ def test_fused_forms_match_cpu(form, monkeypatch, capfd, rng):
 
 
 @cuda_only
+def test_relu_on_the_logits_runs_as_separate_kernels(monkeypatch, capfd, rng):
+    """A ReLU on the logits (the model's output) is not the one-kernel step's: its row phase takes
+    the loss's gradient as the last Dense's dz with no mask of that ReLU (which gave gradients
+    ~5e-3 off the cpu's). The engine says it runs separate kernels, and 8 steps of full and
+    partial batches match the cpu."""
+    monkeypatch.setenv("MPSCY_CUDA_VERBOSE", "1")
+    capfd.readouterr()
+    cpu, gpu = pair(lambda: [L.Dense(16), L.ReLU(), L.Dense(10), L.ReLU()], (20,), batch=32,
+                    opt=lambda: optim.SGD(0.1))
+    assert _train_step_form(capfd) == "separate kernels"
+    compare_training(cpu, gpu, rng, steps=8, rows=[32, 7])
+
+
+@cuda_only
+def test_one_kernel_engines_keep_their_shared_memory(monkeypatch, capfd, rng):
+    """The one-kernel step's shared-memory opt-in belongs to the kernel, not to a graph: an engine
+    whose first layer runs in the copy phase with ~50 KB a block (784 -> 128 -> 10 at 64 rows)
+    still trains partial batches (launched directly, not replayed from its graph) after a second
+    engine with a smaller need (32 -> 64 -> 10 at 32 rows) was built, which had failed with "too
+    many blocks in cooperative launch"; both match the cpu."""
+    monkeypatch.setenv("MPSCY_CUDA_VERBOSE", "1")
+    opt = lambda: optim.SGD(0.05, momentum=0.9)  # noqa: E731
+    capfd.readouterr()
+    cpu_a, gpu_a = pair(lambda: [L.Dense(128), L.ReLU(), L.Dense(10)], (784,), batch=64, opt=opt)
+    assert _train_step_form(capfd).endswith(", layer 0 in the copy")
+    cpu_b, gpu_b = pair(lambda: [L.Dense(64), L.ReLU(), L.Dense(10)], (32,), batch=32, opt=opt)
+    assert _train_step_form(capfd).startswith("one kernel, grid")
+    compare_training(cpu_a, gpu_a, rng, steps=6, rows=[40, 64, 1])
+    compare_training(cpu_b, gpu_b, rng, steps=4, rows=[32, 5])
+    compare_training(cpu_a, gpu_a, rng, steps=2, rows=[17, 64])
+
+
+@cuda_only
 @pytest.mark.parametrize("knob", ["MPSCY_CUDA_FUSED_SPLITK=1 MPSCY_CUDA_FUSED_SPLITDOT=0", "MPSCY_CUDA_FUSED_DWIDE=1",
                                   "MPSCY_CUDA_FUSED_GRADV=0", "MPSCY_CUDA_FUSED_ROWU=8", "MPSCY_CUDA_FUSED_RELAYS=1"])
 def test_fused_measuring_knobs_give_the_same_bits(knob, monkeypatch, rng):

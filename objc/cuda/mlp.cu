@@ -412,6 +412,9 @@ int cu_fused_plan(cu_graph *g) {
                 p->nodes[i + 1].consumers != 1 || !(g->fuse[i + 1] & CU_SKIP))
                 return 0;
             prev = ++i;
+            /* a ReLU on the logits: the row phase takes the loss's gradient as the last Dense's
+             * dz, with no mask of that ReLU, so such a model runs as separate kernels */
+            if (i == p->output) return 0;
         }
     }
     if (nl == 0 || a.L[nl - 1].y != g->y[p->output]) return 0;
@@ -511,6 +514,13 @@ int cu_fused_step(cu_graph *g, int64_t b, size_t staged, int deferred, char *err
     cfg.gridDim = dim3(f->blocks);
     cfg.blockDim = dim3(FU_THREADS);
     cfg.dynamicSmemBytes = (size_t)f->ws_floats * sizeof(float);
+    if (cfg.dynamicSmemBytes) {
+        /* the opt-in is the kernel's, not this graph's: another graph's plan may have set it
+         * lower since (mma_launch sets it at every launch too) */
+        const void *k = f->cluster ? (const void *)fused_mlp_kernel<true> : (const void *)fused_mlp_kernel<false>;
+        CU_TRY(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)cfg.dynamicSmemBytes),
+               "fused_mlp shared memory");
+    }
     cfg.stream = g->stream;
     cfg.attrs = &at;
     cfg.numAttrs = 1;
