@@ -60,6 +60,7 @@ int cu_buffer_write(mpscy_buffer buf, size_t off, const void *src, size_t bytes,
     if (buf->borrowed)
         return MPSCY_FAIL(err, n, MPSCY_INVALID, CU, "this graph buffer (an input gradient) is read-only");
     cudaError_t e = cudaMemcpy((char *)b->dmem + off, src, bytes, cudaMemcpyHostToDevice);
+    if (e == cudaSuccess) e = cu_legacy_done();
     if (e != cudaSuccess)
         return MPSCY_FAIL(err, n, MPSCY_DEVICE, CU, "host-to-device copy of %zu bytes: %s", bytes, cudaGetErrorString(e));
     return MPSCY_OK;

@@ -198,6 +198,12 @@ typedef struct cu_graph {
 int cu_knob_on(const char *name);
 int cu_knob_int(const char *name, int def);
 
+/* cudaMemcpy from pageable memory to the device, and cudaMemset of device memory, run on the
+ * legacy default stream and may return before the device holds the bytes, and the graph's
+ * streams (non-blocking) are not ordered after that stream: whoever writes so waits here before
+ * a kernel may read them */
+static inline cudaError_t cu_legacy_done(void) { return cudaStreamSynchronize(cudaStreamLegacy); }
+
 /* Counted allocations: every byte the backend holds goes through here. */
 void *cu_host_alloc(mpscy_device dev, size_t bytes);              /* calloc */
 void cu_host_free(mpscy_device dev, void *p, size_t bytes);

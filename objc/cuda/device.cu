@@ -28,7 +28,7 @@ int cu_dev_alloc(mpscy_device dev, void **p, size_t bytes) {
         *p = NULL;
         return MPSCY_OOM;
     }
-    if (cudaMemset(*p, 0, bytes) != cudaSuccess) {
+    if (cudaMemset(*p, 0, bytes) != cudaSuccess || cu_legacy_done() != cudaSuccess) {
         cudaFree(*p);
         *p = NULL;
         return MPSCY_DEVICE;

@@ -488,6 +488,7 @@ int cu_tensor_write(mpscy_graph gh, const mpscy_tensor *t, const void *src, size
     int st = cu_settle(gh->dev, err, n);
     if (st != MPSCY_OK) return st;
     cudaError_t e = cudaMemcpy(tensor_dev((cu_graph *)gh, t), src, bytes, cudaMemcpyHostToDevice);
+    if (e == cudaSuccess) e = cu_legacy_done();
     if (e != cudaSuccess) return FAIL(MPSCY_DEVICE, "writing tensor '%s': %s", t->info.name, cudaGetErrorString(e));
     return MPSCY_OK;
 }
