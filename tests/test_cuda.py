@@ -1070,6 +1070,49 @@ def test_early_return_matches_waiting(name, fused, monkeypatch, rng):
 
 
 @cuda_only
+@pytest.mark.parametrize("model", ["wide", "one_kernel"])
+def test_consecutive_steps_queue_behind_the_update(model, monkeypatch, rng):
+    """Training steps one after another with integer labels: each next step's labels are checked
+    and its batch staged while the last step's update still runs (the staging handle the label
+    check reads does not wait for it), its kernels queued behind that update. Six steps, full
+    and partial batches, a label out of range refused in between (nothing run), give the losses,
+    accuracies and parameters of an engine that waits for every step (MPSCY_CUDA_EARLY=0) and of
+    one whose staging handle waits (MPSCY_CUDA_IO_SETTLE=1), bit for bit. "wide": an 8.4M-parameter
+    Adam update with clipping behind a deferred 256 KB batch; "one_kernel": the benchmark MLP's
+    one-kernel step."""
+    if model == "wide":
+        monkeypatch.setenv("MPSCY_CUDA_FUSED", "0")
+        build = lambda: [L.Dense(2048), L.ReLU(), L.Dense(10)]  # noqa: E731
+        shape, batch, rows = (4096,), 16, [16, 16, 9, 16, 16, 16]
+    else:
+        build, shape, batch = FUSED_MODELS["benchmark_mlp"][0], (784,), 32
+        rows = [32, 32, 7, 32, 32, 32]
+    xs = [rng.standard_normal((r,) + shape).astype(np.float32) for r in rows]
+    ys = [rng.integers(0, 10, r).astype(np.int32) for r in rows]
+    runs = []
+    for knobs in ({}, {"MPSCY_CUDA_EARLY": "0"}, {"MPSCY_CUDA_IO_SETTLE": "1"}):
+        for k in ("MPSCY_CUDA_EARLY", "MPSCY_CUDA_IO_SETTLE"):
+            monkeypatch.setenv(k, knobs.get(k, ""))
+        gpu = mpscy.Engine(mpscy.Sequential(build(), input_shape=shape), loss="sparse_cross_entropy",
+                           optimizer=optim.Adam(1e-3), batch_size=batch, device="cuda", seed=3,
+                           clip_grad_norm=0.5)
+        seen = []
+        for s, (x, y) in enumerate(zip(xs, ys)):
+            r = gpu.step(x, y)
+            assert r.applied
+            seen.append((r.loss, r.accuracy))
+            if s == 3:
+                with pytest.raises(mpscy.InvalidArgumentError, match="label 10 at row 2"):
+                    gpu.step(x, np.where(np.arange(len(y)) == 2, 10, y).astype(np.int32))
+        runs.append((seen, gpu.get_parameters(), gpu.get_optimizer_state()["step"]))
+    for seen, params, steps in runs[1:]:
+        assert seen == runs[0][0] and steps == runs[0][2] == 6
+        assert sorted(params) == sorted(runs[0][1])
+        for k in params:
+            assert np.array_equal(params[k], runs[0][1][k]), k
+
+
+@cuda_only
 def test_early_return_reads_wait_for_the_update(monkeypatch, rng):
     """With 8.4 M parameters the Adam update (~0.1 GB of traffic) is still running when the step
     returns early. Reads made at once after it (parameters, one tensor, optimizer state, a

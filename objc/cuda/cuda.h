@@ -157,6 +157,8 @@ typedef struct cu_graph {
     int64_t gws_floats, gws_used, gcount_n, gcount_used;
     int gemm_mode;             /* $MPSCY_CUDA_GEMM at build: 1 own kernels, 0 cuBLASLt, 2 by size */
     int implicit;              /* $MPSCY_CUDA_IMPLICIT at build not 0: conv_implicit.cu where it fits */
+    int io_settle;             /* $MPSCY_CUDA_IO_SETTLE=1 at build: cu_graph_io waits for a pending step for the
+                                  staging too (measuring) */
     int head;                  /* training steps run head.cu ($MPSCY_CUDA_HEAD not 0 and cu_head_fits, at build) */
     int32_t head_drop;         /* the Dropout below the output Dense whose training forward head_forward runs
                                   (cu_head_dropout, at build), or -1 */

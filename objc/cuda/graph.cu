@@ -182,6 +182,7 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     /* 3x3 convolutions as implicit products (conv_implicit.cu) in the own fp32 path; 0 turns them
      * off: a knob for A/B timing and testing */
     g->implicit = cu_knob_on("MPSCY_CUDA_IMPLICIT");
+    g->io_settle = cu_knob_int("MPSCY_CUDA_IO_SETTLE", 0) == 1;  /* cu_graph_io */
     /* Dense products of long K and small output (and their plain dx) as mma.cuh's 3xTF32
      * product (dense.cu); 0 turns them off: a knob for A/B timing and testing */
     g->dense_mma = cu_knob_on("MPSCY_CUDA_DENSE_MMA");
@@ -463,7 +464,13 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
 int cu_graph_io(mpscy_graph gh, int32_t kind, int32_t index, mpscy_buffer *out, char *err, size_t n) {
     cu_graph *g = (cu_graph *)gh;
     int32_t slot;
-    int st = cu_settle(gh->dev, err, n);  /* its buffers are then read and written directly */
+    /* the other buffers are then read and written directly. The inputs' and targets' staging is
+     * pinned memory that a step's kernels read before its result is final, so a training step
+     * that returned early has done with it: handing it out (the dispatcher's label check reads
+     * it before every step) need not wait for that step's update, which would leave the next
+     * step nothing to overlap with it ($MPSCY_CUDA_IO_SETTLE=1 waits: a knob for A/B timing) */
+    const bool staging = (kind == MPSCY_IO_INPUT || kind == MPSCY_IO_TARGET) && !g->io_settle;
+    int st = staging ? MPSCY_OK : cu_settle(gh->dev, err, n);
     if (st == MPSCY_OK) st = mpscy_plan_io_slot(&g->plan, kind, index, &slot, CU, err, n);
     if (st == MPSCY_OK) *out = &g->io_bufs[slot].base;
     return st;
