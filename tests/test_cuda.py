@@ -1675,6 +1675,42 @@ def test_deferred_one_kernel_step(monkeypatch, capfd, rng):
 
 
 @cuda_only
+@pytest.mark.parametrize("model", ["pull", "one_kernel"])
+def test_deferred_step_numbers_start_again_cleanly(model, monkeypatch, rng):
+    """Deferred steps carry a number (their pieces' flags, and the device's mark of a step whose
+    input held a NaN or Inf) that starts again at 1 after 2^31 - 1 steps; the device's marks are
+    cleared then, so a later step with an earlier bad step's number still applies its update.
+    With the period made 3 (MPSCY_CUDA_SEQ_PERIOD, a testing knob), steps numbered 1 .. 3, 1 .. 3:
+    the second a NaN (NonFiniteError naming its row), then four clean ones, the last numbered as
+    the bad one: every clean step applied, and losses and parameters bit for bit those of an
+    engine with the default period given the same calls. Both of the device's readers of the
+    flags: the pull kernel (a convolution model) and the one-kernel MLP step's copy phase."""
+    if model == "pull":
+        build, shape, batch = _deferred_cnn, (3, 32, 32), 32
+    else:
+        build, shape, batch = FUSED_MODELS["benchmark_mlp"][0], (784,), 32
+    xs = [rng.standard_normal((batch,) + shape).astype(np.float32) for _ in range(5)]
+    ys = [rng.integers(0, 10, batch).astype(np.int32) for _ in range(5)]
+    bad = xs[0].copy()
+    bad[5].flat[7] = np.nan
+    runs = []
+    for period in ("3", ""):
+        monkeypatch.setenv("MPSCY_CUDA_SEQ_PERIOD", period)
+        gpu = mpscy.Engine(mpscy.Sequential(build(), input_shape=shape), loss="sparse_cross_entropy",
+                           optimizer=optim.Adam(1e-3), batch_size=batch, device="cuda", seed=3)
+        losses = [gpu.step(xs[0], ys[0])]
+        with pytest.raises(mpscy.NonFiniteError, match="NaN or Inf at row 5"):
+            gpu.step(bad, ys[0])
+        losses += [gpu.step(x, y) for x, y in zip(xs[1:], ys[1:])]
+        assert [r.applied for r in losses] == [True] * 5, period
+        runs.append(([r.loss for r in losses], gpu.get_parameters(), gpu.get_optimizer_state()["step"]))
+    assert runs[0][0] == runs[1][0] and runs[0][2] == runs[1][2] == 5
+    assert sorted(runs[0][1]) == sorted(runs[1][1])
+    for k in runs[0][1]:
+        assert np.array_equal(runs[0][1][k], runs[1][1][k]), k
+
+
+@cuda_only
 def test_deferred_staging_allocates_nothing(rng):
     """Deferred steps allocate nothing and stay one ABI call each, on the staging threads too."""
     gpu = pair(_deferred_cnn, (3, 32, 32), batch=32)[1]

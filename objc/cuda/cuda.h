@@ -172,7 +172,8 @@ typedef struct cu_graph {
     int defer;                 /* one input of at least CU_DEFER_MIN bytes at the built batch */
     struct mpscy_pool *stage_pool;
     uint32_t *flags_h;         /* (CU_STAGE_MAX_PIECES), pinned */
-    uint32_t seq;              /* the last deferred step's number, 1 .. 2^31 - 1 */
+    uint32_t seq;              /* the last deferred step's number, 1 .. seq_period */
+    uint32_t seq_period;       /* 2^31 - 1 ($MPSCY_CUDA_SEQ_PERIOD: a smaller one, for testing the wrap) */
     int64_t in0_size;          /* floats per row of input 0 */
     /* the pull's consumer (conv_direct.cu): a direct convolution of input 0 that is the first
      * kernel after the pull starts while the pull still runs, each block once its samples' parts

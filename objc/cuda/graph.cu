@@ -313,6 +313,10 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     const int large = p->n_inputs == 1 && in0_bytes >= (size_t)CU_DEFER_MIN;  /* as the caller decides */
     g->defer = large && !(dk && strcmp(dk, "0") == 0) && !(lb && strcmp(lb, "1") == 0);
     if (g->defer) PIN(g->flags_h, CU_STAGE_MAX_PIECES * sizeof(uint32_t));
+    {   /* the deferred steps' numbers start again after 2^31 - 1 (step.cu's launch); a testing knob */
+        const int period = cu_knob_int("MPSCY_CUDA_SEQ_PERIOD", 0x7fffffff);
+        g->seq_period = period < 2 ? 2u : (uint32_t)period;
+    }
     if (large && st == MPSCY_OK) {  /* its staging threads, as the Cython bridge would choose them */
         const int th = cu_stage_threads((int64_t)in0_bytes, g->defer);
         if (th > 1) st = mpscy_pool_create(&dev->stats, (int32_t)th, &g->stage_pool);

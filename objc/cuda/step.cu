@@ -247,7 +247,14 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
                                                  NULL)) >= 0)
         return x_nonfinite(g, bad, x_bad, err, en);
     if (deferred) {
-        g->seq = g->seq % 0x7fffffffu + 1;
+        if (g->seq == g->seq_period) {
+            /* the numbers start again at 1: what the device marked with them (a bad input's
+             * step, the pull's relayed flags and parts) is cleared first, in stream order, or an
+             * old mark could match a new step of the same number */
+            const size_t at = offsetof(cu_scratch, bad_seq), end = offsetof(cu_scratch, clip_scale);
+            CU_TRY(cudaMemsetAsync((char *)g->scratch + at, 0, end - at, g->stream), "clearing the step marks");
+        }
+        g->seq = g->seq % g->seq_period + 1;
         g->params_h->seq = g->seq;
         g->result->stalled = 0;
     }
