@@ -5,6 +5,7 @@ progress bar with tqdm or plain lines without it."""
 import builtins
 import csv
 import io
+import math
 import sys
 
 import numpy as np
@@ -111,10 +112,12 @@ def test_metrics_are_computed_on_validation_or_training_data(device, digits):
 
 
 def test_validation_split_takes_the_last_rows(device, digits):
+    """As Keras: the first floor(n (1 - split)) rows train, the rest validate (10 rows at 0.25:
+    7 and 3)."""
     xtr, ytr, _, _ = digits
     engine = _engine(device)
     h = engine.fit(xtr, ytr, epochs=1, validation_split=0.2, verbose=0)
-    cut = len(xtr) - int(len(xtr) * 0.2)
+    cut = int(math.floor(len(xtr) * (1 - 0.2)))
     assert h.history["val_loss"][0] == engine.evaluate(xtr[cut:], ytr[cut:])["loss"]
     assert engine.iterations == -(-cut // 32)
 
@@ -367,9 +370,20 @@ def test_bad_arguments_are_rejected_before_training(device, digits):
         (dict(x=xtr, y=ytr[:-1]), "rows"),
         (dict(x=xtr, y=ytr, callbacks=[object()]), "Callback"),
         (dict(x=data.DataLoader(data.ArrayDataset(xtr, ytr), batch_size=64)), "exceeds"),
+        # found before the first step, not at a late batch or at the first epoch's validation
+        (dict(x=xtr, y=np.concatenate([ytr, ytr]), validation_split=0.25), f"{2 * len(ytr)} rows for"),
+        (dict(x=xtr, y=np.where(np.arange(len(ytr)) == len(ytr) - 1, 10, ytr).astype(np.int32)),
+         f"label 10 at row {len(ytr) - 1} of y is outside"),
+        (dict(x=xtr, y=ytr, validation_data=(xtr[:20], ytr[:19])), "validation y has 19 rows for 20"),
+        (dict(x=xtr, y=ytr, validation_data=(xtr[:20], -ytr[:20] - 1)), "label -.* of validation y"),
+        (dict(x=xtr, y=ytr, validation_data=(xtr[:20], ytr[:20].astype(np.float32))), "int32 or int64",
+         mpscy.DTypeError),
+        (dict(x=xtr, y=ytr, validation_data=(xtr[:20, :10], ytr[:20])), "validation x has shape"),
+        (dict(x=xtr, y=ytr, validation_data=(np.where(np.arange(20)[:, None] == 7, np.nan, xtr[:20]), ytr[:20])),
+         "validation x contains NaN or Inf at row 7", mpscy.NonFiniteError),
     ]
-    for kwargs, match in cases:
-        with pytest.raises(mpscy.InvalidArgumentError, match=match):
+    for kwargs, match, *cls in cases:
+        with pytest.raises(cls[0] if cls else mpscy.InvalidArgumentError, match=match):
             engine.fit(**{"epochs": 1, "verbose": 0, **kwargs})
     assert engine.iterations == 0
 
@@ -416,3 +430,29 @@ def test_batchnorm_models_skip_a_lone_last_row(device, digits):
     assert engine.iterations == 10 and len(h.epoch) == 2
     with pytest.raises(mpscy.InvalidArgumentError, match="2 rows"):
         engine.step(xtr[:1], ytr[:1])
+
+
+def test_loader_leaves_a_lone_row_out_under_batchnorm(device):
+    """BatchNorm cannot train on one row (PyTorch refuses it too): fit leaves a DataLoader's
+    batch of one row out, as it leaves the arrays' lone last row out. 17 rows in batches of 8:
+    2 steps an epoch either way, and the step count fit reports is 2."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((17, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 17).astype(np.int32)
+    for source in ("loader", "arrays"):
+        model = mpscy.Sequential([layers.Dense(6), layers.BatchNorm(), layers.ReLU(), layers.Dense(3)],
+                                 input_shape=(4,))
+        engine = mpscy.Engine(model, optimizer=optim.SGD(0.1), batch_size=8, device=device, seed=0)
+        seen = []
+
+        class Steps(cb.Callback):
+            def on_train_begin(self, logs=None):
+                seen.append(self.params["steps"])
+
+        if source == "loader":
+            h = engine.fit(data.DataLoader(data.ArrayDataset(x, y), batch_size=8), epochs=3, verbose=0,
+                           callbacks=[Steps()])
+        else:
+            h = engine.fit(x, y, epochs=3, verbose=0, callbacks=[Steps()])
+        assert engine.iterations == 6 and seen == [2], (source, engine.iterations, seen)
+        assert len(h.history["loss"]) == 3 and all(np.isfinite(h.history["loss"]))

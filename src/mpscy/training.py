@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from . import callbacks as _callbacks, metrics as _metrics
-from .errors import InvalidArgumentError, ShapeError
+from .errors import DTypeError, InvalidArgumentError, NonFiniteError, ShapeError
 
 __all__ = ["fit", "set_schedule"]
 
@@ -28,8 +28,7 @@ class _Arrays:
         self.x = _as_inputs(x, self.n_inputs)
         self.y = _as_target(engine, y)
         self.n = _rows(self.x)
-        if len(self.y) != self.n:
-            raise ShapeError(f"y has {len(self.y)} rows for {self.n} rows of x")
+        _check_target(engine, self.y, self.n, "y")
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, engine.seed
         # BatchNorm cannot train on one row (PyTorch refuses it too): a lone last row is left
         # out of that epoch (a different row each epoch when shuffling)
@@ -55,21 +54,30 @@ class _Arrays:
 
 
 class _Loader:
-    """A DataLoader (or any re-iterable of (x, y) batches with a length)."""
+    """A DataLoader (or any re-iterable of (x, y) batches with a length). With BatchNorm, a batch
+    of one row is left out, as the arrays' lone last row is."""
 
-    def __init__(self, loader):
+    def __init__(self, engine, loader):
         self.loader = loader
+        self.skip_single = bool(getattr(engine, "_batch_stats", None))
 
     def __len__(self):
         try:
-            return len(self.loader)
+            n = len(self.loader)
         except TypeError:
             return None
+        dataset, b = getattr(self.loader, "dataset", None), getattr(self.loader, "batch_size", None)
+        if (self.skip_single and isinstance(b, int) and not getattr(self.loader, "drop_last", False)
+                and hasattr(dataset, "__len__") and len(dataset) % b == 1):
+            n -= 1  # its last batch is one row
+        return n
 
     def epoch(self, epoch):
         if hasattr(self.loader, "set_epoch"):
             self.loader.set_epoch(epoch)
-        return iter(self.loader)
+        if not self.skip_single:
+            return iter(self.loader)
+        return (batch for batch in self.loader if len(batch[1]) != 1)
 
 
 def _as_inputs(x, n_inputs):
@@ -95,6 +103,44 @@ def _as_target(engine, y):
     return np.ascontiguousarray(y)
 
 
+def _check_target(engine, y, n, what):
+    """The whole of a target array checked once, before any step: its rows, and what each step
+    would refuse in its own batch (engine.step checks the same), so that fit fails before it
+    trains rather than at a late batch or at the first epoch's validation."""
+    if len(y) != n:
+        raise ShapeError(f"{what} has {len(y)} rows for {n} rows of x")
+    out = tuple(engine.model.output_shape)
+    if engine.loss.target == "index":
+        if y.dtype not in (np.int32, np.int64):
+            raise DTypeError(f"{what} must be int32 or int64 class labels, got {y.dtype}")
+        if y.ndim != 1:
+            raise ShapeError(f"{what} has shape {y.shape}; labels must be shaped (n,)")
+        classes = int(np.prod(out))
+        bad = np.flatnonzero((y < 0) | (y >= classes))
+        if bad.size:
+            raise InvalidArgumentError(f"label {y[bad[0]]} at row {bad[0]} of {what} is outside [0, {classes})")
+        return
+    if y.dtype != np.float32:
+        raise DTypeError(f"{what} must be float32 targets shaped like the output, got {y.dtype}")
+    if y.shape[1:] != out and not (y.ndim == 1 and int(np.prod(out)) == 1):
+        raise ShapeError(f"{what} has shape {y.shape}, expected (n, {', '.join(map(str, out))})")
+    bad = np.flatnonzero(~np.isfinite(y.reshape(n, -1)).all(axis=1))
+    if bad.size:
+        raise NonFiniteError(f"{what} contains NaN or Inf at row {bad[0]}")
+
+
+def _check_inputs(engine, xs, what):
+    """Validation inputs checked once before training (the training inputs are checked by each
+    step): shapes and finite values."""
+    for a, shape in zip(xs, engine.model.input_shapes):
+        if a.shape[1:] != tuple(shape):
+            raise ShapeError(f"{what} has shape {a.shape}, expected (n, {', '.join(map(str, shape))})")
+        if np.issubdtype(a.dtype, np.floating):
+            bad = np.flatnonzero(~np.isfinite(a.reshape(len(a), -1)).all(axis=1))
+            if bad.size:
+                raise NonFiniteError(f"{what} contains NaN or Inf at row {bad[0]}")
+
+
 def _rows(arrays):
     rows = {len(a) for a in arrays}
     if len(rows) != 1:
@@ -118,7 +164,10 @@ def _validation_source(engine, validation_data):
         raise InvalidArgumentError("validation_data must be (x_val, y_val) or a DataLoader")
     n_inputs = len(engine.model.input_shapes)
     x = _as_inputs(validation_data[0], n_inputs)
-    return (x[0] if n_inputs == 1 else x), _as_target(engine, validation_data[1])
+    y = _as_target(engine, validation_data[1])
+    _check_inputs(engine, x, "validation x")
+    _check_target(engine, y, _rows(x), "validation y")
+    return (x[0] if n_inputs == 1 else x), y
 
 
 def _evaluate(engine, source):
@@ -280,7 +329,7 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
         if isinstance(loader_batch, int) and loader_batch > engine.batch_size:
             raise InvalidArgumentError(f"the DataLoader's batch_size {loader_batch} exceeds the engine's built "
                                        f"batch size {engine.batch_size}")
-        source = _Loader(x)
+        source = _Loader(engine, x)
     else:
         if not 0.0 <= float(validation_split) < 1.0:
             raise InvalidArgumentError(f"validation_split must be in [0, 1), got {validation_split!r}")
@@ -289,7 +338,9 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
                 raise InvalidArgumentError("give validation_data or validation_split, not both")
             xs = _as_inputs(x, len(engine.model.input_shapes))
             n = _rows(xs)
-            cut = n - int(math.floor(n * float(validation_split)))
+            if y is not None and len(np.asarray(y)) != n:
+                raise ShapeError(f"y has {len(np.asarray(y))} rows for {n} rows of x")
+            cut = int(math.floor(n * (1.0 - float(validation_split))))  # Keras's split: the last rows
             if cut in (0, n):
                 raise InvalidArgumentError(f"validation_split={validation_split} of {n} rows leaves an empty split")
             one = len(xs) == 1
