@@ -395,3 +395,39 @@ def test_lbfgs_state_is_saved(device, digits, tmp_path):
     pa, pb = ref.get_parameters(), resumed.get_parameters()
     for k in pa:
         np.testing.assert_array_equal(pa[k], pb[k])
+
+
+def test_restore_takes_the_checkpoints_seed_and_schedule_classes(device, digits, tmp_path):
+    """restore into an engine built with another seed and another composed schedule continues
+    as load does: the engine's seed (fit's shuffling orders) is the checkpoint's, and a
+    LinearWarmup whose `then` is of another class (MultiStepLR against the saved ExponentialLR)
+    is replaced by the saved one, not given its state (which had set MultiStepLR's gamma to
+    ExponentialLR's). Two more epochs of shuffled fit: the same losses, rates and parameters."""
+    x, y = digits
+    sched = optim.schedules
+    a = _engine(device, optim.SGD(0.1), seed=0)
+    a.set_schedule(sched.LinearWarmup(a, 2, then=sched.ExponentialLR(a, 0.5)), per="step")
+    a.fit(x[:160], y[:160], epochs=1, verbose=0)
+    a.save(tmp_path / "s.mpscy")
+    loaded = mpscy.load(tmp_path / "s.mpscy", device=device)
+    c = _engine(device, optim.SGD(0.1), seed=1)
+    c.set_schedule(sched.LinearWarmup(c, 2, then=sched.MultiStepLR(c, [100], 0.1)), per="step")
+    checkpoint.restore(c, tmp_path / "s.mpscy")
+    assert c.seed == loaded.seed == 0
+    assert type(c._schedule.then).__name__ == "ExponentialLR"
+    runs = [e.fit(x[:160], y[:160], epochs=3, initial_epoch=1, verbose=0).history for e in (loaded, c)]
+    assert runs[0]["loss"] == runs[1]["loss"] and runs[0]["lr"] == runs[1]["lr"] and len(runs[0]["loss"]) == 2
+    assert loaded.learning_rate == c.learning_rate == pytest.approx(0.1 * 0.5 ** 13)
+    _assert_same_state(loaded, c)
+
+
+def test_schedule_state_of_another_schedule_is_refused():
+    """load_state_dict refuses a state with fields this schedule lacks or lacking fields it has
+    (ExponentialLR's into MultiStepLR), before anything changes."""
+    sched = optim.schedules
+    e = _engine("cpu", optim.SGD(0.1))
+    ms, ex = sched.MultiStepLR(e, [3], 0.1), sched.ExponentialLR(_engine("cpu", optim.SGD(0.1)), 0.5)
+    before = ms.state_dict()
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"lacks \['milestones'\]"):
+        ms.load_state_dict(ex.state_dict())
+    assert ms.state_dict() == before

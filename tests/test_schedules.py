@@ -288,3 +288,22 @@ def test_warm_restarts_fractional_epochs_match_torch():
         assert e.learning_rate == pytest.approx(o.param_groups[0]["lr"], rel=1e-12)
     with pytest.raises(mpscy.InvalidArgumentError, match="epoch"):
         s.step(-1.0)
+
+
+def test_a_step_past_the_end_changes_nothing():
+    """A OneCycleLR stepped past total_steps raises (as torch) and leaves its position, its state
+    and the engine's rate and momentum as they were (torch advances last_epoch anyway); so does
+    the same OneCycleLR as a LinearWarmup's `then`."""
+    for composed in (False, True):
+        e = _engine(optim.SGD(0.1, momentum=0.9))
+        one = S.OneCycleLR(e, max_lr=1.0, total_steps=2)
+        s = S.LinearWarmup(e, 1, then=one) if composed else one
+        steps = 3 if composed else 2
+        for _ in range(steps):
+            s.step()
+        before, lr, mom = s.state_dict(), e.learning_rate, e.momentum
+        for _ in range(2):
+            with pytest.raises(mpscy.InvalidArgumentError, match="total_steps is 2"):
+                s.step()
+        assert s.state_dict() == before and s.last_epoch == steps
+        assert e.learning_rate == lr and e.momentum == mom

@@ -254,6 +254,16 @@ def _describe_schedule(s):
             "children": children}
 
 
+def _same_schedule(s, info):
+    """Whether schedule `s` has the record's classes throughout, its composed schedules too (a
+    LinearWarmup whose `then` is of another class takes the record's, built anew)."""
+    if type(s).__qualname__ != info["class"] or type(s).__module__ != info["module"]:
+        return False
+    children = info.get("children") or {}
+    mine = {k: v for k, v in vars(s).items() if k != "engine" and _is_schedule(v)}
+    return set(mine) == set(children) and all(_same_schedule(mine[k], children[k]) for k in children)
+
+
 def _build_schedule(engine, info):
     """A schedule object from _describe_schedule's record. A class with
     `from_state_dict(engine, state)` builds itself; otherwise (PyTorch's convention: the
@@ -380,7 +390,7 @@ def _restore(engine, desc, tensors, path):
         schedule = None
         if info:
             current = engine._schedule
-            if current is not None and type(current).__qualname__ == info["class"]:
+            if current is not None and _same_schedule(current, info):
                 current.load_state_dict(_unjson(info["state"]))
                 schedule = current
             else:
@@ -397,6 +407,7 @@ def _restore(engine, desc, tensors, path):
     if desc.get("initial_lr") is not None:
         engine._initial_lr = desc["initial_lr"]
     g.seed = int(desc["rng"]["seed"])
+    engine.seed = int(desc["engine"]["seed"])   # fit's shuffling orders follow it
     g.counter = int(desc["rng"]["counter"])
     engine.epoch = int(desc["counters"]["epoch"])
     if schedule is not None:

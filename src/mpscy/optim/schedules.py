@@ -57,8 +57,9 @@ class Schedule:
         return None
 
     def _set_epoch(self, epoch):
+        lr, momentum = self.lr_at(epoch), self.momentum_at(epoch)  # may refuse the epoch: nothing changed yet
         self.last_epoch = epoch
-        self._apply(self.lr_at(epoch), self.momentum_at(epoch))
+        self._apply(lr, momentum)
 
     def _apply(self, lr, momentum=None):
         self.engine.learning_rate = lr
@@ -83,17 +84,25 @@ class Schedule:
         """Restores state_dict() output and re-applies the last learning rate (and momentum)
         to the engine, so that the next native step continues the schedule."""
         self._check_state(state)
+        self._load(state)
+
+    def _load(self, state):
         vars(self).update(state)
         if self._last_lr is not None:
             self._apply(self._last_lr, self._last_momentum)
 
     def _check_state(self, state):
+        """Exactly this schedule's attributes: a state of another schedule (one with other
+        fields, or a composed one of other classes) is refused before anything changes."""
         if not isinstance(state, dict):
             raise InvalidArgumentError(f"schedule state must be a dict, got {type(state).__name__}")
         unknown = sorted(set(state) - set(vars(self)) - {"engine"})
         if unknown or "engine" in state:
             raise InvalidArgumentError(f"schedule state has keys {unknown or ['engine']} that "
                                        f"{type(self).__name__} lacks")
+        missing = sorted(set(vars(self)) - {"engine"} - set(state))
+        if missing:
+            raise InvalidArgumentError(f"schedule state lacks {missing}, which {type(self).__name__} has")
 
     def __repr__(self):
         fields = ", ".join(f"{k}={v!r}" for k, v in self.state_dict().items() if not k.startswith("_"))
@@ -241,12 +250,14 @@ class LinearWarmup(Schedule):
         return self.base_lr * f
 
     def _set_epoch(self, epoch):
-        self.last_epoch = epoch
         if self.then is not None and epoch >= self.warmup_steps:
-            self.then._set_epoch(epoch - self.warmup_steps)
+            self.then._set_epoch(epoch - self.warmup_steps)  # may refuse the epoch: nothing changed yet
+            self.last_epoch = epoch
             self._last_lr, self._last_momentum = self.then._last_lr, self.then._last_momentum
         else:
-            self._apply(self.lr_at(epoch))
+            lr = self.lr_at(epoch)
+            self.last_epoch = epoch
+            self._apply(lr)
 
     def state_dict(self):
         state = super().state_dict()
@@ -261,7 +272,7 @@ class LinearWarmup(Schedule):
             raise InvalidArgumentError("schedule state and this LinearWarmup differ in having a `then` schedule")
         if inner is not None:
             self.then.load_state_dict(inner)
-        super().load_state_dict(state)
+        self._load(state)
 
 
 class OneCycleLR(Schedule):
