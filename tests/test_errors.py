@@ -191,8 +191,11 @@ def test_bad_construction_arguments():
         mpscy.Engine(model, loss="hinge")
     with pytest.raises(mpscy.InvalidArgumentError, match="optimizer"):
         mpscy.Engine(model, optimizer="adam")
-    with pytest.raises(mpscy.InvalidArgumentError, match="lr must be >= 0"):
+    with pytest.raises(mpscy.InvalidArgumentError, match="lr must be finite and >= 0"):
         optim.SGD(lr=-1)
+    for kw in ({"lr": float("inf")}, {"momentum": float("inf")}, {"weight_decay": float("inf")}):
+        with pytest.raises(mpscy.InvalidArgumentError, match="must be finite and >= 0, got inf"):
+            optim.SGD(**kw)
     with pytest.raises(mpscy.InvalidArgumentError, match="betas"):
         optim.Adam(betas=(1.0, 0.9))
     with pytest.raises(mpscy.InvalidArgumentError, match="Nesterov"):
@@ -254,3 +257,39 @@ def test_learning_rate_must_be_a_number():
         engine.learning_rate = "fast"
     with pytest.raises(mpscy.InvalidArgumentError, match="learning rate"):
         engine.learning_rate = -0.1
+
+
+def test_per_step_values_and_optimizer_state_are_checked_before_anything_changes():
+    """An infinite learning rate, momentum or weight decay is refused (the step would report
+    its update applied with every parameter non-finite), and so is an optimizer state with a
+    NaN or Inf, a negative running sum of squares, or a fractional step count: each before
+    anything is written."""
+    model = mpscy.Sequential([layers.Dense(3)], input_shape=(2,))
+    e = mpscy.Engine(model, optimizer=optim.Adam(1e-2, amsgrad=True), batch_size=4, device="cpu")
+    e.step(np.ones((4, 2), np.float32), np.array([0, 1, 2, 0], np.int32))
+    for attr in ("learning_rate", "momentum", "weight_decay"):
+        before = getattr(e, attr)
+        with pytest.raises(mpscy.InvalidArgumentError, match="must be finite and >= 0, got inf"):
+            setattr(e, attr, float("inf"))
+        assert getattr(e, attr) == before
+    good = e.get_optimizer_state()
+    p = "dense_0.weight"
+    cases = [("exp_avg", np.nan, "'exp_avg' for 'dense_0.weight' contains NaN or Inf"),
+             ("exp_avg_sq", np.inf, "contains NaN or Inf"),
+             ("exp_avg_sq", -1.0, "'exp_avg_sq' for 'dense_0.weight' holds sums of squares"),
+             ("max_exp_avg_sq", -1e-30, "holds sums of squares"),
+             ("step", 2.7, "'step' is a count: a whole number, got 2.7")]
+    for slot, value, match in cases:
+        state = {k: ({q: a.copy() for q, a in v.items()} if isinstance(v, dict) else v) for k, v in good.items()}
+        if slot == "step":
+            state[slot] = value
+        else:
+            state[slot][p][1, 0] = value
+        with pytest.raises(mpscy.InvalidArgumentError, match=match):
+            e.set_optimizer_state(state)
+        now = e.get_optimizer_state()
+        assert now["step"] == good["step"] == 1
+        assert all(np.array_equal(now[k][q], good[k][q]) for k in good if isinstance(good[k], dict) for q in good[k])
+    state = dict(good, step=3.0)  # a whole float is a count
+    e.set_optimizer_state(state)
+    assert e.get_optimizer_state()["step"] == 3

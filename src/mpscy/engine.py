@@ -3,6 +3,7 @@
 batch. Parameters move in and out in PyTorch layouts. The engine owns its native device and
 graph; `close()` (or leaving a `with` block) frees them."""
 
+import math
 import time
 
 import numpy as np
@@ -13,6 +14,9 @@ from .errors import DTypeError, InvalidArgumentError, ShapeError, StateError
 from .model import Model
 
 __all__ = ["Engine", "backends"]
+
+# optimizer slots that hold running sums or averages of squares (never negative)
+_SQUARE_SLOTS = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "acc_delta"})
 
 _BACKENDS = None
 
@@ -238,8 +242,8 @@ class Engine:
             value = float(value)
         except (TypeError, ValueError):
             raise InvalidArgumentError(f"learning rate must be a number, got {value!r}") from None
-        if not value >= 0:
-            raise InvalidArgumentError(f"learning rate must be >= 0, got {value}")
+        if not 0 <= value < math.inf:
+            raise InvalidArgumentError(f"learning rate must be finite and >= 0, got {value}")
         self._g().lr = value
 
     @property
@@ -354,6 +358,11 @@ class Engine:
                 arr = np.asarray(value[p], dtype=dtype)
                 if arr.shape != tuple(s):
                     raise ShapeError(f"optimizer slot {name!r} for {p!r} has shape {tuple(s)}, got {arr.shape}")
+                if not np.isfinite(arr).all():
+                    raise InvalidArgumentError(f"optimizer slot {name!r} for {p!r} contains NaN or Inf")
+                if name in _SQUARE_SLOTS and (arr < 0).any():
+                    raise InvalidArgumentError(f"optimizer slot {name!r} for {p!r} holds sums of squares; "
+                                               f"it has a negative value")
                 flat[off:off + arr.size] = arr.ravel()
             staged.append((i, flat))
         for i, arr in staged:
@@ -369,8 +378,11 @@ class Engine:
     def _scalar(name, value, dtype):
         try:
             v = np.array([value], dtype=dtype)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise InvalidArgumentError(f"optimizer state {name!r} must be a number, got {value!r}") from None
+        if dtype == np.int64 and not (isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+                                      or isinstance(value, (float, np.floating)) and float(value).is_integer()):
+            raise InvalidArgumentError(f"optimizer state {name!r} is a count: a whole number, got {value!r}")
         if not np.isfinite(v).all() or (dtype == np.int64 and v[0] < 0):
             raise InvalidArgumentError(f"optimizer state {name!r} must be finite (and >= 0 for counts), got {value!r}")
         return v

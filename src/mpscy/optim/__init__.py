@@ -4,6 +4,8 @@ defaults (torch.optim). Learning rate, momentum, betas and weight decay travel w
 so changing them (by hand or through a schedule, see mpscy.optim.schedules) never rebuilds
 anything. LBFGS runs several native evaluations per `engine.step` (see mpscy.optim.lbfgs)."""
 
+import math
+
 from ..errors import InvalidArgumentError
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "NAdam", "LBFGS",
@@ -15,8 +17,8 @@ def _nonneg(value, what):
         value = float(value)
     except (TypeError, ValueError):
         raise InvalidArgumentError(f"{what} must be a number, got {value!r}") from None
-    if not value >= 0.0:
-        raise InvalidArgumentError(f"{what} must be >= 0, got {value}")
+    if not 0.0 <= value < math.inf:
+        raise InvalidArgumentError(f"{what} must be finite and >= 0, got {value}")
     return value
 
 
