@@ -431,3 +431,20 @@ def test_schedule_state_of_another_schedule_is_refused():
     with pytest.raises(mpscy.InvalidArgumentError, match=r"lacks \['milestones'\]"):
         ms.load_state_dict(ex.state_dict())
     assert ms.state_dict() == before
+
+
+def test_save_refuses_what_load_would(tmp_path):
+    """A BatchNorm fed a value near float32's limit keeps an infinite running variance (as
+    PyTorch's does) while the step's loss and gradients stay finite; load refuses such a file,
+    so save refuses to write it, naming the buffer, and leaves no file behind."""
+    model = mpscy.Sequential([layers.Dense(6), layers.BatchNorm(), layers.ReLU(), layers.Dense(3)], input_shape=(4,))
+    e = mpscy.Engine(model, loss="mse", optimizer=optim.Adam(1e-2), batch_size=8, device="cpu", seed=0)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((8, 4)).astype(np.float32), rng.standard_normal((8, 3)).astype(np.float32)
+    e.save(tmp_path / "ok.mpscy")
+    x[3] = 3e38
+    assert e.step(x, y).applied
+    assert not np.isfinite(e.get_parameters()["batchnorm_1.running_var"]).all()
+    with pytest.raises(mpscy.NonFiniteError, match="batchnorm_1.running_var contains NaN or Inf"):
+        e.save(tmp_path / "bad.mpscy")
+    assert not (tmp_path / "bad.mpscy").exists() and (tmp_path / "ok.mpscy").exists()

@@ -20,7 +20,7 @@ import struct
 
 import numpy as np
 
-from .errors import Error, InvalidArgumentError
+from .errors import Error, InvalidArgumentError, NonFiniteError
 
 __all__ = ["save", "load", "restore", "read", "write_safetensors", "read_safetensors", "CheckpointError"]
 
@@ -292,6 +292,13 @@ def save(engine, path, meta=None):
     g = engine._g()
     tensors = {f"params/{k}": v for k, v in engine.get_parameters().items()}
     optimizer_state = _pack(engine.get_optimizer_state(), "optimizer", tensors)
+    for k, v in tensors.items():
+        # load and set_parameters take finite values only: a file that cannot be loaded is not
+        # written (a BatchNorm fed a value near float32's limit keeps an infinite running
+        # variance, as PyTorch's does, while the step's loss and gradients stay finite)
+        if v.dtype.kind == "f" and not np.isfinite(v).all():
+            raise NonFiniteError(f"cannot save {os.fspath(path)!r}: {k.split('/', 1)[1]} contains NaN or Inf, "
+                                 f"and a checkpoint holds finite values only (as load and set_parameters)")
     schedule = None
     if engine._schedule is not None:
         schedule = {**_describe_schedule(engine._schedule), "per": engine._schedule_per,
