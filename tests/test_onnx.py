@@ -292,3 +292,38 @@ def test_missing_onnx_is_a_clear_error(device, monkeypatch):
         mpscy.onnx.load(b"not read")
     with pytest.raises(mpscy.InvalidArgumentError, match="opset"):
         mpscy.onnx.export(engine, opset=9)
+
+
+def _sum_graph(tail, const):
+    """Two one-unit products of x, a constant `c`, and `tail` nodes (onnx.helper) giving y."""
+    from onnx import TensorProto as TP, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    w1, w2 = (rng.normal(size=(1, 3)).astype(np.float32) for _ in range(2))
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["a"], transB=1),
+             helper.make_node("MatMul", ["x", "w2t"], ["m"])] + tail
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TP.FLOAT, ["N", 3])],
+                          [helper.make_tensor_value_info("y", TP.FLOAT, ["N", 1])],
+                          [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2.T.copy(), "w2t"),
+                           numpy_helper.from_array(np.asarray(const, np.float32), "c")])
+    m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=10)
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def test_import_keeps_each_constant_of_a_sum():
+    """A sum of layers with a constant inside (a bias of a one-unit MatMul, or a shift): the
+    bias becomes that Dense's (predictions match onnxruntime to 1e-5), and a shift that no
+    mpscy layer adds is refused by name; neither is dropped from the sum (it was: outputs off
+    by the constant)."""
+    from onnx import helper
+    x = np.random.default_rng(1).normal(size=(5, 3)).astype(np.float32)
+    biased = _sum_graph([helper.make_node("Add", ["m", "c"], ["mb"]), helper.make_node("Add", ["mb", "a"], ["y"])],
+                        [2.5])
+    eng = mpscy.onnx.load(biased, loss="mse", device="cpu")
+    ref = _ort(biased, {"x": x})
+    assert np.abs(eng.predict(x) - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
+    assert [type(n.layer).__name__ for n in eng.model.nodes[1:]] == ["Dense", "Dense", "Add"]
+    shifted = _sum_graph([helper.make_node("Add", ["a", "c"], ["ac"]), helper.make_node("Add", ["ac", "m"], ["y"])],
+                         1.0)
+    with pytest.raises(mpscy.UnsupportedError, match=r"an expression \(add\(tensor\(1,\), const=\[1\.0\]\)\) has no mpscy layer"):
+        mpscy.onnx.load(shifted, loss="mse", device="cpu")

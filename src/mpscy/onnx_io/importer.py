@@ -100,7 +100,9 @@ class _Reader:
     @staticmethod
     def _flat(e):
         """(scalar constant, operands) of a product or sum, descending into operands of the
-        same kind that nothing else reads (the intermediates of a decomposed formula)."""
+        same kind that nothing else reads (the intermediates of a decomposed formula). A sum
+        does not descend into a sum that adds a constant: that one is a term of its own (a
+        Dense's bias, or a shift no layer here adds), not part of a sum of layers."""
         const = 1.0 if e.op == "mul" else 0.0
         out = []
 
@@ -112,7 +114,8 @@ class _Reader:
                     raise UnsupportedError("a non-scalar constant in an elementwise formula")
                 const = const * c if e.op == "mul" else const + c
             for a in v.args:
-                if isinstance(a, Expr) and a.op == e.op and a.uses <= 1 and a.cached is None:
+                if (isinstance(a, Expr) and a.op == e.op and a.uses <= 1 and a.cached is None
+                        and (e.op == "mul" or a.const is None)):
                     walk(a)
                 else:
                     out.append(a)
@@ -132,7 +135,7 @@ class _Reader:
                     return self._dense(e.args[0].args[0], w, np.broadcast_to(e.const.reshape(-1), (w.shape[1],)))
             if e.const is None:
                 c, terms = self._flat(e)
-                if len(terms) >= 2:
+                if len(terms) >= 2 and c == 0.0:
                     return self.layer(L.Add, terms)
         if e.op == "mul" and len(e.args) == 2 and e.const is None:
             a, b = e.args
