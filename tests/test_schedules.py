@@ -307,3 +307,42 @@ def test_a_step_past_the_end_changes_nothing():
                 s.step()
         assert s.state_dict() == before and s.last_epoch == steps
         assert e.learning_rate == lr and e.momentum == mom
+
+
+def test_linear_one_cycle_takes_its_last_step():
+    """torch's usage, scheduler.step() after each of total_steps training steps, ends with a
+    step at total_steps, where the linear anneal extrapolates below 0 (never used): the engine's
+    rate is 0 there instead of a refusal (which had stopped fit on its last batch), every earlier
+    rate is torch's formula, and one more step is refused."""
+    e = _engine(optim.SGD(0.1, momentum=0.9))
+    s = S.OneCycleLR(e, max_lr=1.0, total_steps=10, anneal_strategy="linear")
+    rates = [e.learning_rate]
+    for _ in range(10):
+        s.step()
+        rates.append(e.learning_rate)
+    init, low = 1.0 / 25, 1.0 / 25 / 1e4
+    up = [init + (1.0 - init) * t / 2.0 for t in range(3)]          # phase 1 ends at 0.3 * 10 - 1 = 2
+    down = [1.0 + (low - 1.0) * (t - 2) / 7.0 for t in range(3, 10)]  # phase 2 ends at 9
+    assert rates[:10] == pytest.approx(up + down, rel=1e-12) and rates[10] == 0.0
+    assert 1.0 + (low - 1.0) * 8 / 7.0 < 0  # what torch sets at step 10
+    with pytest.raises(mpscy.InvalidArgumentError, match="total_steps is 10"):
+        s.step()
+    x, y = np.random.default_rng(0).standard_normal((12, 64)).astype(np.float32), np.zeros(12, np.int32)
+    e2 = _engine(optim.SGD(0.1, momentum=0.9))
+    e2.set_schedule(S.OneCycleLR(e2, max_lr=1.0, epochs=3, steps_per_epoch=2, anneal_strategy="linear"), per="step")
+    h = e2.fit(x, y, epochs=3, batch_size=6, verbose=0)
+    assert len(h.history["loss"]) == 3 and e2.learning_rate == 0.0
+
+
+def test_plateau_counts_a_nan_metric_as_no_improvement():
+    """As torch: a NaN metric (a diverged validation loss) is a bad step, not an error; a
+    non-number is refused by name."""
+    e = _engine(optim.SGD(0.1))
+    s = S.ReduceLROnPlateau(e, patience=1, factor=0.5)
+    s.step(1.0)
+    s.step(float("nan"))
+    assert e.learning_rate == 0.1 and s.num_bad_epochs == 1 and s.best == 1.0
+    s.step(float("nan"))
+    assert e.learning_rate == 0.05 and s.num_bad_epochs == 0
+    with pytest.raises(mpscy.InvalidArgumentError, match="metric must be a number, got 'low'"):
+        s.step("low")

@@ -333,7 +333,10 @@ class OneCycleLR(Schedule):
             start_step = end_step
 
     def lr_at(self, epoch):
-        return self._at(epoch)[0]
+        # torch's last step (epoch == total_steps, after the last training step) extrapolates
+        # the linear anneal past min_lr, below 0 when min_lr is small; that rate is never used,
+        # and an engine takes no negative rate: 0 instead
+        return max(self._at(epoch)[0], 0.0)
 
     def momentum_at(self, epoch):
         return self._at(epoch)[1] if self.cycle_momentum else None
@@ -376,8 +379,12 @@ class ReduceLROnPlateau(Schedule):
         return a > best * (self.threshold + 1.0) if self.threshold_mode == "rel" else a > best + self.threshold
 
     def step(self, metric):
-        """Records `metric` (e.g. a validation loss) and reduces the rate on a plateau."""
-        current = _number(metric, "metric")
+        """Records `metric` (e.g. a validation loss) and reduces the rate on a plateau. A NaN
+        metric is no improvement (a bad step), as in torch."""
+        try:
+            current = float(metric)
+        except (TypeError, ValueError):
+            raise InvalidArgumentError(f"metric must be a number, got {metric!r}") from None
         self.last_epoch += 1
         if self._is_better(current, self.best):
             self.best = current
