@@ -177,3 +177,27 @@ def test_get_adapts_model_outputs():
     assert m.name == "max_error" and m(y, out) == pytest.approx(0.1, rel=1e-5)
     with pytest.raises(mpscy.InvalidArgumentError, match="unknown metric"):
         M.get("bogus")
+
+
+def test_scikit_learn_edge_cases():
+    """Four cases where the definitions follow scikit-learn's (numbers from sklearn 1.9):
+    zero_division=np.nan leaves the undefined classes out of a macro or weighted average (class 2
+    is never predicted: precision (1 + 0.5) / 2); a binary roc_auc takes the greater of any two
+    labels as positive ({1, 2} and {-1, 0} as {0, 1}); r2 of one sample is NaN; and a
+    confusion matrix needs at least one of its labels in y_true."""
+    yt, yp = [0, 1, 2], [0, 1, 1]
+    for average in ("macro", "weighted"):
+        assert mpscy.metrics.precision(yt, yp, average=average, zero_division=np.nan) == 0.75
+    assert np.isnan(mpscy.metrics.precision(yt, yp, average=None, zero_division=np.nan)[2])
+    assert np.isnan(mpscy.metrics.precision([0, 1], [1, 1], average="macro", labels=[0], zero_division=np.nan))
+    for labels in ([1, 2, 2, 1], [-1, 0, 0, -1], [0, 1, 1, 0]):
+        assert mpscy.metrics.roc_auc(labels, [0.1, 0.8, 0.4, 0.3]) == 1.0
+    assert mpscy.metrics.roc_auc([2, 1, 1, 2], [0.1, 0.8, 0.4, 0.3]) == 0.0
+    with pytest.raises(mpscy.InvalidArgumentError, match="only one class"):
+        mpscy.metrics.roc_auc([3, 3, 3], [0.1, 0.2, 0.3])
+    with pytest.raises(mpscy.InvalidArgumentError, match="holds 3 classes"):
+        mpscy.metrics.roc_auc([0, 1, 2], [0.1, 0.2, 0.3])
+    assert np.isnan(mpscy.metrics.r2([1.0], [2.0])) and mpscy.metrics.r2([1.0, 2.0], [1.0, 2.0]) == 1.0
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"none of labels \[5\] is in y_true"):
+        mpscy.metrics.confusion_matrix([0, 1], [0, 1], labels=[5])
+    assert mpscy.metrics.confusion_matrix([0, 1], [5, 1], labels=[5, 1]).tolist() == [[0, 0], [0, 1]]

@@ -87,6 +87,7 @@ def confusion_matrix(y_true, y_pred, labels=None):
     """Counts C[i, j] of rows with true label labels[i] and predicted labels[j]; labels default
     to the sorted union of both arrays (confusion_matrix)."""
     y_true, y_pred = _pair(y_true, y_pred)
+    given = labels is not None
     labels = np.unique(np.concatenate([y_true, y_pred])) if labels is None else np.asarray(labels)
     if labels.ndim != 1 or labels.size == 0:
         raise InvalidArgumentError("labels must be a non-empty 1-D sequence")
@@ -96,6 +97,8 @@ def confusion_matrix(y_true, y_pred, labels=None):
     n = len(labels)
     ti = np.array([index.get(v, -1) for v in y_true.tolist()], dtype=np.int64)
     pi = np.array([index.get(v, -1) for v in y_pred.tolist()], dtype=np.int64)
+    if given and len(ti) and not (ti >= 0).any():
+        raise InvalidArgumentError(f"none of labels {labels.tolist()} is in y_true (as scikit-learn, at least one must be)")
     keep = (ti >= 0) & (pi >= 0)
     return np.bincount(ti[keep] * n + pi[keep], minlength=n * n).reshape(n, n).astype(np.int64)
 
@@ -146,8 +149,17 @@ def precision_recall_f1(y_true, y_pred, average="binary", pos_label=1, labels=No
         support = tp + fn
         if support.sum() == 0:
             return (float(zero_division),) * 3
-        return tuple(float(np.average(v, weights=support)) for v in (p, r, f))
-    return float(np.mean(p)), float(np.mean(r)), float(np.mean(f))
+        return tuple(_nan_average(v, support) for v in (p, r, f))
+    return tuple(_nan_average(v, np.ones_like(v)) for v in (p, r, f))
+
+
+def _nan_average(v, weights):
+    """The weighted mean of v over its entries that are not NaN (zero_division=np.nan: those
+    classes are left out of the average, as scikit-learn does); NaN when every entry is."""
+    ok = ~np.isnan(v)
+    if not ok.any() or weights[ok].sum() == 0:
+        return float("nan") if not ok.any() else float(np.mean(v[ok]))
+    return float(np.average(v[ok], weights=weights[ok]))
 
 
 def precision(y_true, y_pred, average="binary", pos_label=1, labels=None, zero_division=0.0):
@@ -174,6 +186,16 @@ def _binary_targets(y_true, pos_label):
                                        "pass pos_label")
         pos_label = 1
     return y_true == pos_label
+
+
+def _greater_label(y_true):
+    """Binary targets as roc_auc_score reads them: of the two labels, the greater is positive
+    ({0, 1}, {-1, 1}, {1, 2}, ...)."""
+    y_true = _vector(y_true, "y_true")
+    classes = np.unique(y_true)
+    if len(classes) > 2:
+        raise InvalidArgumentError(f"y_true holds {len(classes)} classes {classes.tolist()}; binary scores need two")
+    return y_true == classes[-1]
 
 
 def _binary_curve(pos, scores):
@@ -216,11 +238,11 @@ def roc_auc(y_true, scores, multi_class="ovr", average="macro"):
     Hand & Till, "macro")."""
     s = np.asarray(scores, dtype=np.float64)
     if s.ndim == 1 or (s.ndim == 2 and s.shape[1] == 1):
-        return _auc_binary(_binary_targets(y_true, None), s.reshape(-1))
+        return _auc_binary(_greater_label(y_true), s.reshape(-1))
     y_true, s = _scores_2d(y_true, s)
     n_classes = s.shape[1]
     if n_classes == 2:
-        return _auc_binary(_binary_targets(y_true, None), s[:, 1])
+        return _auc_binary(_greater_label(y_true), s[:, 1])
     y = _class_labels(y_true, n_classes)
     present = np.unique(y)
     if len(present) != n_classes:
@@ -321,8 +343,11 @@ def rmse(y_true, y_pred):
 
 def r2(y_true, y_pred):
     """Coefficient of determination per output, then averaged (r2_score). A constant target
-    scores 1.0 when predicted exactly, else 0.0, as scikit-learn's force_finite."""
+    scores 1.0 when predicted exactly, else 0.0, as scikit-learn's force_finite; one sample
+    scores NaN (not defined, as scikit-learn)."""
     t, p = _regression(y_true, y_pred)
+    if len(t) < 2:
+        return float("nan")
     ss_res = np.sum((t - p) ** 2, axis=0)
     ss_tot = np.sum((t - t.mean(axis=0)) ** 2, axis=0)
     score = np.ones_like(ss_res)
