@@ -327,3 +327,23 @@ def test_import_keeps_each_constant_of_a_sum():
                          1.0)
     with pytest.raises(mpscy.UnsupportedError, match=r"an expression \(add\(tensor\(1,\), const=\[1\.0\]\)\) has no mpscy layer"):
         mpscy.onnx.load(shifted, loss="mse", device="cpu")
+
+
+def test_export_names_never_clash():
+    """A layer named like an exporter's constant ("const_0", before a GELU that opset 17 writes
+    with constants) exports and matches onnxruntime; a layer or input named like the graph's
+    output is refused by name (it made an invalid graph: not in SSA form), and exports with
+    another output_name."""
+    x = np.ones((2, 3), np.float32)
+    eng = mpscy.Engine(mpscy.Sequential([layers.Dense(4, name="const_0"), layers.GELU(), layers.Dense(2)],
+                                        input_shape=(3,)), loss="mse", device="cpu", batch_size=4)
+    m = mpscy.onnx.export(eng, opset=17)
+    assert np.abs(_ort(m, {m.graph.input[0].name: x}) - eng.predict(x)).max() <= 1e-6
+    hidden = mpscy.Sequential([layers.Dense(4, name="output"), layers.ReLU(), layers.Dense(2)], input_shape=(3,))
+    i = mpscy.Input((3,), name="output")
+    for model, what in ((hidden, "a layer"), (mpscy.Model(i, layers.Dense(2)(i)), "an input")):
+        e = mpscy.Engine(model, loss="mse", device="cpu", batch_size=4)
+        with pytest.raises(mpscy.InvalidArgumentError, match=f"{what} is named 'output'.*another output_name"):
+            mpscy.onnx.export(e)
+        m = mpscy.onnx.export(e, output_name="y")
+        assert np.abs(_ort(m, {m.graph.input[0].name: x}) - e.predict(x)).max() <= 1e-6

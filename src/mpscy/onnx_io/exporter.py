@@ -9,7 +9,7 @@ import math
 import numpy as np
 
 from .. import __version__
-from ..errors import UnsupportedError
+from ..errors import InvalidArgumentError, UnsupportedError
 from . import IR_VERSION, check_opset, onnx_modules
 
 
@@ -25,10 +25,10 @@ class _Writer:
         return name
 
     def const(self, value):
-        """A shared float32 scalar initializer."""
+        """A shared float32 scalar initializer (named with a '.', which no layer name has)."""
         key = float(np.float32(value))
         if key not in self._consts:
-            self._consts[key] = self.init(f"const_{len(self._consts)}", np.array(key, np.float32))
+            self._consts[key] = self.init(f"const.{len(self._consts)}", np.array(key, np.float32))
         return self._consts[key]
 
     def node(self, op, inputs, output, name, **attrs):
@@ -132,6 +132,10 @@ def export(engine, path=None, opset=17, output_name="output", check=True):
     w = _Writer(opset)
     onnx, helper, tp = w.onnx, w.helper, w.tp
     model, params = engine.model, engine.get_parameters()
+    for k, n in enumerate(model.nodes):
+        if n.name == output_name and k != model.output:
+            raise InvalidArgumentError(f"{'an input' if n.layer is None else 'a layer'} is named {output_name!r}, "
+                                       f"the name of the model's output in the ONNX graph: pass another output_name")
     values, inputs = {}, []
     for k, n in enumerate(model.nodes):
         out = output_name if k == model.output else n.name
