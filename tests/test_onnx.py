@@ -347,3 +347,34 @@ def test_export_names_never_clash():
             mpscy.onnx.export(e)
         m = mpscy.onnx.export(e, output_name="y")
         assert np.abs(_ort(m, {m.graph.input[0].name: x}) - e.predict(x)).max() <= 1e-6
+
+
+def test_import_same_auto_pad():
+    """auto_pad SAME_UPPER / SAME_LOWER (what torch writes for padding="same") on Conv and
+    MaxPool: the spec's padding for an output of ceil(in / stride), taken where both sides get
+    the same (a 3x3 at stride 1 and 2 on 5 x 5); predictions match onnxruntime. An odd total
+    (a 2x2 at stride 1) is refused by name: mpscy's layers pad both sides alike."""
+    from onnx import TensorProto as TP, helper, numpy_helper
+    rng = np.random.default_rng(2)
+
+    def graph(k, stride, auto, pool):
+        w = rng.normal(size=(4, 2, k, k)).astype(np.float32)
+        nodes = [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[k, k], strides=[stride, stride],
+                                  auto_pad=auto)]
+        if pool:
+            nodes.append(helper.make_node("MaxPool", ["c"], ["p"], kernel_shape=[3, 3], auto_pad="SAME_UPPER"))
+        nodes.append(helper.make_node("Flatten", [nodes[-1].output[0]], ["y"]))
+        n = -(-5 // stride)
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TP.FLOAT, ["N", 2, 5, 5])],
+                              [helper.make_tensor_value_info("y", TP.FLOAT, ["N", 4 * n * n])],
+                              [numpy_helper.from_array(w, "w")])
+        return onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=10)
+
+    x = rng.normal(size=(3, 2, 5, 5)).astype(np.float32)
+    for k, stride, auto, pool in ((3, 1, "SAME_UPPER", True), (3, 2, "SAME_LOWER", False)):
+        m = graph(k, stride, auto, pool)
+        eng = mpscy.onnx.load(m, loss="mse", device="cpu")
+        ref = _ort(m, {"x": x})
+        assert eng.predict(x).shape == ref.shape and np.abs(eng.predict(x) - ref).max() <= 1e-5
+    with pytest.raises(mpscy.UnsupportedError, match="SAME_UPPER pads one side of a 5-wide axis more"):
+        mpscy.onnx.load(graph(2, 1, "SAME_UPPER", False), loss="mse", device="cpu")

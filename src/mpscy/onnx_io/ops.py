@@ -29,9 +29,22 @@ def _pairs(attrs, key, default):
     return tuple(int(a) for a in v)
 
 
-def _pads(node, attrs):
-    if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
-        raise UnsupportedError(f"{node.op_type} {node.name!r}: auto_pad {attrs['auto_pad']!r} is not supported; "
+def _pads(node, attrs, r, x, kernel, stride, dilation=(1, 1)):
+    auto = attrs.get("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        # the ONNX spec's padding for an output of ceil(in / stride) (torch writes it for
+        # padding="same"): mpscy pads both sides alike, so only an even total is taken
+        pads = []
+        for n_in, k, s, d in zip(list(r.shape(x))[-2:], kernel, stride, dilation):
+            total = max((-(-n_in // s) - 1) * s + (k - 1) * d + 1 - n_in, 0)
+            if total % 2:
+                raise UnsupportedError(f"{node.op_type} {node.name!r}: auto_pad {auto} pads one side of a {n_in}-wide "
+                                       f"axis more than the other, which mpscy's layers do not")
+            pads.append(total // 2)
+        return tuple(pads)
+    if auto not in ("NOTSET", "VALID"):
+        raise UnsupportedError(f"{node.op_type} {node.name!r}: auto_pad {auto!r} is not supported; "
                                "export with explicit pads")
     p = list(attrs.get("pads", [0, 0, 0, 0]))
     if len(p) != 4 or p[0] != p[2] or p[1] != p[3]:
@@ -274,10 +287,10 @@ def _conv(r, node, args, attrs):
     if len(args) > 2 and args[2] is not None:
         params["bias"] = r.const_of(node.input[2], node)
     kh, kw = _pairs(attrs, "kernel_shape", w.shape[2:])
+    stride, dilation = _pairs(attrs, "strides", (1, 1)), _pairs(attrs, "dilations", (1, 1))
     return r.layer(_layer_class("Conv2D"), args[:1], params, filters=int(w.shape[0]), kernel_size=(kh, kw),
-                   stride=_pairs(attrs, "strides", (1, 1)), padding=_pads(node, attrs),
-                   dilation=_pairs(attrs, "dilations", (1, 1)), groups=int(attrs.get("group", 1)),
-                   bias="bias" in params)
+                   stride=stride, padding=_pads(node, attrs, r, args[0], (kh, kw), stride, dilation),
+                   dilation=dilation, groups=int(attrs.get("group", 1)), bias="bias" in params)
 
 
 def _pool(r, node, args, attrs, cls_name, **extra):
@@ -285,9 +298,9 @@ def _pool(r, node, args, attrs, cls_name, **extra):
         raise UnsupportedError(f"{node.op_type} {node.name!r} with ceil_mode=1 is not supported")
     if any(d != 1 for d in attrs.get("dilations", [1, 1])):
         raise UnsupportedError(f"{node.op_type} {node.name!r} with dilations is not supported")
-    k = _pairs(attrs, "kernel_shape", None)
-    return r.layer(_layer_class(cls_name), args[:1], pool_size=k, stride=_pairs(attrs, "strides", (1, 1)),
-                   padding=_pads(node, attrs), **extra)
+    k, stride = _pairs(attrs, "kernel_shape", None), _pairs(attrs, "strides", (1, 1))
+    return r.layer(_layer_class(cls_name), args[:1], pool_size=k, stride=stride,
+                   padding=_pads(node, attrs, r, args[0], k, stride), **extra)
 
 
 @_set("MaxPool")
