@@ -379,6 +379,8 @@ def test_bad_arguments_are_rejected_before_training(device, digits):
         (dict(x=xtr, y=ytr, validation_data=(xtr[:20], ytr[:20].astype(np.float32))), "int32 or int64",
          mpscy.DTypeError),
         (dict(x=xtr, y=ytr, validation_data=(xtr[:20, :10], ytr[:20])), "validation x has shape"),
+        (dict(x=xtr, y=ytr, validation_data=(xtr[:20].astype(np.uint8), ytr[:20])), "validation x must be float32",
+         mpscy.DTypeError),
         (dict(x=xtr, y=ytr, validation_data=(np.where(np.arange(20)[:, None] == 7, np.nan, xtr[:20]), ytr[:20])),
          "validation x contains NaN or Inf at row 7", mpscy.NonFiniteError),
     ]

@@ -131,8 +131,10 @@ def _check_target(engine, y, n, what):
 
 def _check_inputs(engine, xs, what):
     """Validation inputs checked once before training (the training inputs are checked by each
-    step): shapes and finite values."""
+    step): dtype, shapes and finite values."""
     for a, shape in zip(xs, engine.model.input_shapes):
+        if a.dtype != np.float32:
+            raise DTypeError(f"{what} must be float32 (or another float type), got {a.dtype}")
         if a.shape[1:] != tuple(shape):
             raise ShapeError(f"{what} has shape {a.shape}, expected (n, {', '.join(map(str, shape))})")
         if np.issubdtype(a.dtype, np.floating):
