@@ -364,6 +364,7 @@ def test_bad_arguments_are_rejected_before_training(device, digits):
         (dict(x=xtr, y=ytr, verbose=3), "verbose"),
         (dict(x=loader, y=ytr), "inside the DataLoader"),
         (dict(x=xtr, y=None), "y is required"),
+        (dict(x=xtr, y=None, validation_split=0.2), "y is required"),
         (dict(x=xtr, y=ytr, validation_split=1.5), "validation_split"),
         (dict(x=xtr, y=ytr, validation_data=(xtr,)), "validation_data"),
         (dict(x=xtr, y=ytr, metrics=["nope"]), "unknown metric"),

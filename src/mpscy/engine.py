@@ -380,8 +380,7 @@ class Engine:
             v = np.array([value], dtype=dtype)
         except (TypeError, ValueError, OverflowError):
             raise InvalidArgumentError(f"optimizer state {name!r} must be a number, got {value!r}") from None
-        if dtype == np.int64 and not (isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-                                      or isinstance(value, (float, np.floating)) and float(value).is_integer()):
+        if dtype == np.int64 and (isinstance(value, bool) or not float(value).is_integer()):
             raise InvalidArgumentError(f"optimizer state {name!r} is a count: a whole number, got {value!r}")
         if not np.isfinite(v).all() or (dtype == np.int64 and v[0] < 0):
             raise InvalidArgumentError(f"optimizer state {name!r} must be finite (and >= 0 for counts), got {value!r}")

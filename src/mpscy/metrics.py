@@ -157,9 +157,10 @@ def _nan_average(v, weights):
     """The weighted mean of v over its entries that are not NaN (zero_division=np.nan: those
     classes are left out of the average, as scikit-learn does); NaN when every entry is."""
     ok = ~np.isnan(v)
-    if not ok.any() or weights[ok].sum() == 0:
-        return float("nan") if not ok.any() else float(np.mean(v[ok]))
-    return float(np.average(v[ok], weights=weights[ok]))
+    if not ok.any():
+        return float("nan")
+    w = weights[ok]
+    return float(np.average(v[ok], weights=w)) if w.sum() > 0 else float(np.mean(v[ok]))
 
 
 def precision(y_true, y_pred, average="binary", pos_label=1, labels=None, zero_division=0.0):

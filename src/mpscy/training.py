@@ -124,9 +124,7 @@ def _check_target(engine, y, n, what):
         raise DTypeError(f"{what} must be float32 targets shaped like the output, got {y.dtype}")
     if y.shape[1:] != out and not (y.ndim == 1 and int(np.prod(out)) == 1):
         raise ShapeError(f"{what} has shape {y.shape}, expected (n, {', '.join(map(str, out))})")
-    bad = np.flatnonzero(~np.isfinite(y.reshape(n, -1)).all(axis=1))
-    if bad.size:
-        raise NonFiniteError(f"{what} contains NaN or Inf at row {bad[0]}")
+    _check_finite(y, what)
 
 
 def _check_inputs(engine, xs, what):
@@ -137,10 +135,14 @@ def _check_inputs(engine, xs, what):
             raise DTypeError(f"{what} must be float32 (or another float type), got {a.dtype}")
         if a.shape[1:] != tuple(shape):
             raise ShapeError(f"{what} has shape {a.shape}, expected (n, {', '.join(map(str, shape))})")
-        if np.issubdtype(a.dtype, np.floating):
-            bad = np.flatnonzero(~np.isfinite(a.reshape(len(a), -1)).all(axis=1))
-            if bad.size:
-                raise NonFiniteError(f"{what} contains NaN or Inf at row {bad[0]}")
+        _check_finite(a, what)
+
+
+def _check_finite(a, what):
+    """NonFiniteError naming the first row of float array `a` with a NaN or Inf."""
+    bad = np.flatnonzero(~np.isfinite(a.reshape(len(a), -1)).all(axis=1))
+    if bad.size:
+        raise NonFiniteError(f"{what} contains NaN or Inf at row {bad[0]}")
 
 
 def _rows(arrays):
@@ -338,16 +340,16 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
         if validation_split:
             if validation_data is not None:
                 raise InvalidArgumentError("give validation_data or validation_split, not both")
-            xs = _as_inputs(x, len(engine.model.input_shapes))
+            xs, y = _as_inputs(x, len(engine.model.input_shapes)), _as_target(engine, y)
             n = _rows(xs)
-            if y is not None and len(np.asarray(y)) != n:
-                raise ShapeError(f"y has {len(np.asarray(y))} rows for {n} rows of x")
+            if len(y) != n:  # before the split, which would cut both to the training rows
+                raise ShapeError(f"y has {len(y)} rows for {n} rows of x")
             cut = int(math.floor(n * (1.0 - float(validation_split))))  # Keras's split: the last rows
             if cut in (0, n):
                 raise InvalidArgumentError(f"validation_split={validation_split} of {n} rows leaves an empty split")
             one = len(xs) == 1
-            validation_data = ((xs[0][cut:] if one else [a[cut:] for a in xs]), np.asarray(y)[cut:])
-            x, y = (xs[0][:cut] if one else [a[:cut] for a in xs]), np.asarray(y)[:cut]
+            validation_data = ((xs[0][cut:] if one else [a[cut:] for a in xs]), y[cut:])
+            x, y = (xs[0][:cut] if one else [a[:cut] for a in xs]), y[:cut]
         source = _Arrays(engine, x, y, int(batch_size), bool(shuffle))
     val = _validation_source(engine, validation_data)
 

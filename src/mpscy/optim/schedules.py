@@ -255,9 +255,7 @@ class LinearWarmup(Schedule):
             self.last_epoch = epoch
             self._last_lr, self._last_momentum = self.then._last_lr, self.then._last_momentum
         else:
-            lr = self.lr_at(epoch)
-            self.last_epoch = epoch
-            self._apply(lr)
+            super()._set_epoch(epoch)
 
     def state_dict(self):
         state = super().state_dict()
