@@ -184,6 +184,22 @@ def test_layer_matches_reference(device, rng, case):
         assert np.array_equal(after[k], v), k
 
 
+def test_elu_gradient_keeps_its_precision_far_below_zero(device):
+    """ELU's d(input) is alpha * exp(x) for x <= 0, as torch's elu_backward takes it from the
+    input: each element within 1e-5 of float64 down to x = -80. From the output (y + alpha)
+    it cancels: 1.5e-2 relative off at x = -12 and exactly 0 below x = -17.4."""
+    x = np.concatenate([-np.linspace(0.5, 80.0, 60), np.linspace(0.1, 3.0, 4)]).astype(np.float32).reshape(4, 16)
+    engine = build(device, layers.ELU(0.7), (16,), 4)
+    y = np.where(x > 0, x, 0.7 * np.expm1(x.astype(np.float64)))
+    t = (y - 1.0).astype(np.float32)  # y - t = 1: d loss / d y is 2 / n exactly, no cancellation
+    g = engine.gradients(x, t)
+    x64 = x.astype(np.float64)
+    want = (2.0 / x.size) * np.where(x64 > 0, 1.0, 0.7 * np.exp(x64))
+    err = np.abs(g["input"] - want) / np.abs(want)
+    assert err.max() < 1e-5, (x.flat[err.argmax()], err.max())
+    assert (g["input"] > 0).all()  # no element flushed to 0 (expf(-80) = 1.8e-35 is a normal float)
+
+
 def test_output_shapes_of_strided_padded_dilated_layers():
     """Shape rules match torch.nn's floor formulas (and Keras's for padding="same")."""
     cases = [

@@ -36,7 +36,8 @@ MPSCY_AHD float mpscy_act_grad(int kind, float g, float x, float y, float r) {
     switch (kind) {
     case MPSCY_LAYER_RELU: return y > 0.0f ? g : 0.0f;
     case MPSCY_LAYER_LEAKYRELU: return g * (x > 0.0f ? 1.0f : r);
-    case MPSCY_LAYER_ELU: return g * (x > 0.0f ? 1.0f : y + r);
+    /* torch's elu_backward from the input: alpha * exp(x), not y + alpha (which cancels for x < -10) */
+    case MPSCY_LAYER_ELU: return x > 0.0f ? g : g * r * expf(x);
     case MPSCY_LAYER_SIGMOID: return g * y * (1.0f - y);
     case MPSCY_LAYER_TANH: return g * (1.0f - y * y);
     case MPSCY_LAYER_SWISH: {

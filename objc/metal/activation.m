@@ -62,7 +62,7 @@ void metal_activation_backward(MetalBuilder *c, const mpscy_node *n, int32_t i) 
         d = mt_select(c, mt_gt(c, x, zero), dy, mt_mul(c, dy, mt_const(c, n->reals[0])));
         break;
     case MPSCY_LAYER_ELU:
-        d = mt_select(c, mt_gt(c, x, zero), dy, mt_mul(c, dy, mt_add(c, y, mt_const(c, n->reals[0]))));
+        d = mt_select(c, mt_gt(c, x, zero), dy, mt_mul(c, mt_mul(c, dy, mt_const(c, n->reals[0])), mt_exp(c, x)));
         break;
     case MPSCY_LAYER_SIGMOID:
         d = mt_mul(c, mt_mul(c, dy, y), mt_sub(c, one, y));
