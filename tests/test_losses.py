@@ -213,6 +213,46 @@ def test_accuracy_kinds(device, rng):
         assert e.step(out32, probs).accuracy is None
 
 
+def _overflow_logits_model(device, classes, batch, w2):
+    """x (u, v) -> Dense(3): (1e30 u, -1e30 u, v) -> Dense(classes) with w2 (classes, 3), no
+    biases: rows with |u| = 1e10 overflow to +-inf in the hidden layer, so a class whose two
+    inf weights have the same sign gets a NaN logit (inf - inf) and the others +-inf."""
+    m = mpscy.Sequential([layers.Dense(3), layers.Dense(classes)], input_shape=(2,))
+    e = mpscy.Engine(m, loss="sparse_cross_entropy", batch_size=batch, device=device)
+    d0, d1 = m.nodes[1].name, m.nodes[2].name
+    w1 = np.array([[1e30, 0.0], [-1e30, 0.0], [0.0, 1.0]], np.float32)
+    e.set_parameters({f"{d0}.weight": w1, f"{d0}.bias": np.zeros(3, np.float32),
+                      f"{d1}.weight": w2, f"{d1}.bias": np.zeros(classes, np.float32)})
+    return e, w1
+
+
+@pytest.mark.parametrize("classes", [10, 40])
+def test_accuracy_argmax_takes_the_first_nan_as_numpy_and_torch(device, classes):
+    """A NaN logit counts as the row's maximum and the first NaN wins (numpy's and torch's
+    argmax), on every backend and through every kernel that counts (10 classes: a lane a class
+    on cuda; 40: several a lane). Before, the cpu skipped a NaN after class 0 (the row below
+    predicted 0, not 3) and cuda's warp reduction kept whichever lane held a NaN."""
+    # class j's weights on (h0, h1, h2): signs (+, -) give +inf for u > 0, (+, +) NaN
+    signs = np.array([(1, -1)] * classes, np.float32)
+    signs[3], signs[7], signs[classes - 1] = (1, 1), (-1, -1), (1, 1)
+    signs[5] = (-1, 1)
+    w2 = np.concatenate([signs * (1 + np.arange(classes, dtype=np.float32)[:, None] / 8),
+                         np.linspace(-1, 1, classes, dtype=np.float32)[:, None]], 1)
+    e, w1 = _overflow_logits_model(device, classes, 8, w2)
+    x = np.array([[1e10, 0.5], [-1e10, 0.5], [0.0, 1.0], [0.0, -1.0], [1e10, -2.0], [1e-3, 0.5],
+                  [-1e10, 3.0], [0.0, 0.25]], np.float32)
+    with np.errstate(all="ignore"):
+        h = (x[:, None, :] * w1[None]).sum(-1, dtype=np.float32)
+        logits = (h[:, None, :] * w2[None]).sum(-1, dtype=np.float32)
+    want = logits.argmax(1)
+    assert np.isnan(logits[0, 3]) and logits[0, 0] == np.inf and want[0] == 3  # the case the cpu missed
+    assert want[1] == 3 and want[2] == classes - 1 and want[3] == 0
+    for shift in range(3):  # every row hit once, then missed: the count is exact, not a rate
+        y = want.astype(np.int32) if shift == 0 else (want + shift) % classes
+        acc = e.evaluate(x, y.astype(np.int32))["accuracy"]
+        assert acc == (1.0 if shift == 0 else 0.0), (shift, acc)
+
+
 def test_multi_output_threshold_accuracy_counts_elements(device, rng):
     out = rng.standard_normal((6, 3)).astype(np.float32)
     t = rng.integers(0, 2, (6, 3)).astype(np.float32)

@@ -5,10 +5,15 @@
 
 #include <math.h>
 
+/* the first maximum of a row, a NaN counting as larger than any number (numpy's and torch's
+ * argmax: the first NaN when there is one) */
 static int64_t argmax(const float *x, int64_t n) {
     int64_t k = 0;
-    for (int64_t i = 1; i < n; i++)
+    if (isnan(x[0])) return 0;
+    for (int64_t i = 1; i < n; i++) {
+        if (isnan(x[i])) return i;
         if (x[i] > x[k]) k = i;
+    }
     return k;
 }
 

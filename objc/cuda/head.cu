@@ -38,7 +38,7 @@ struct head_args {
     int index_target, accuracy, accum;
 };
 
-/* first maximum among lanes < c (one value per lane; ties: the lowest index, as the cpu's strict >) */
+/* first maximum among lanes < c (one value per lane), in argmax_before's order (the cpu's argmax) */
 static __device__ __forceinline__ int lane_argmax(float v, int lane, int c) {
     return warp_first_max(lane < c ? v : -INFINITY, lane < c ? lane : -1);
 }

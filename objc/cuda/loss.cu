@@ -16,12 +16,12 @@ struct loss_args {
     int finalize;  /* an eval step: the result is written here (no norm kernel follows) */
 };
 
-/* first maximum of a row across the warp (ties: the lowest index, as the cpu's strict >) */
+/* first maximum of a row across the warp, in argmax_before's order (the cpu's argmax) */
 static __device__ int64_t warp_argmax(const float *x, int64_t c, int lane) {
     float best = -INFINITY;
     int64_t k = -1;
     for (int64_t i = lane; i < c; i += 32)
-        if (k < 0 || x[i] > best) {
+        if (k < 0 || argmax_before(x[i], i, best, k)) {
             best = x[i];
             k = i;
         }

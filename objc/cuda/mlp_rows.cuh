@@ -16,12 +16,15 @@ static __device__ double row_loss(const float *logit, float *dz, int C, int labe
     float m = -INFINITY;
     for (int i = lane; i < C; i += 32) m = logit[i] > m ? logit[i] : m;
     m = warp_allmax(m);
-    /* the first maximum, as the cpu's strict > from class 0: the first class equal to the
-     * largest value that is not a NaN, or 0 when class 0 is a NaN or none is found */
+    /* the first maximum, as the cpu's argmax: the first NaN when there is one (a NaN counts as
+     * larger than any number, as numpy's and torch's argmax), else the first class equal to the
+     * largest value (0 when every logit is -inf) */
     {
-        const unsigned lo = __ballot_sync(0xffffffffu, lane < C && logit[lane] == m),
-                       hi = __ballot_sync(0xffffffffu, lane + 32 < C && logit[lane + 32] == m);
-        *best = isnan(logit[0]) ? 0 : lo ? __ffs(lo) - 1 : hi ? 32 + __ffs(hi) - 1 : 0;
+        const float l0 = lane < C ? logit[lane] : 0.0f, l1 = lane + 32 < C ? logit[lane + 32] : 0.0f;
+        const unsigned nlo = __ballot_sync(0xffffffffu, isnan(l0)), nhi = __ballot_sync(0xffffffffu, isnan(l1)),
+                       lo = __ballot_sync(0xffffffffu, lane < C && l0 == m),
+                       hi = __ballot_sync(0xffffffffu, lane + 32 < C && l1 == m);
+        *best = nlo ? __ffs(nlo) - 1 : nhi ? 32 + __ffs(nhi) - 1 : lo ? __ffs(lo) - 1 : hi ? 32 + __ffs(hi) - 1 : 0;
     }
     double e[2], s = 0;  /* C <= 64: at most two classes per lane */
 #pragma unroll

@@ -25,14 +25,23 @@ static __device__ __forceinline__ float warp_allmax(float v) {
     return v;
 }
 
-/* The first maximum across the warp of each lane's (value, index) pair, index < 0 meaning none:
- * the largest value, and among equal ones the lowest index (the cpu's strict > over a row). */
+/* (v, i) comes before (best, k) in a row's argmax order, both indices >= 0: a NaN counts as
+ * larger than any number (numpy's and torch's argmax), and among equal values (or NaNs) the lower
+ * index wins. A total order, so the warp's reduction below gives the same index in any grouping. */
+static __device__ __forceinline__ bool argmax_before(float v, int64_t i, float best, int64_t k) {
+    const bool nv = isnan(v), nb = isnan(best);
+    if (nv || nb) return nv && (!nb || i < k);
+    return v > best || (v == best && i < k);
+}
+
+/* The first maximum across the warp of each lane's (value, index) pair, index < 0 meaning none,
+ * in argmax_before's order: the cpu's argmax (objc/cpu/loss.c) over the row. */
 template <typename I>
 static __device__ __forceinline__ I warp_first_max(float best, I k) {
     for (int o = 16; o > 0; o >>= 1) {
         float ob = __shfl_xor_sync(0xffffffffu, best, o);
         I ok = __shfl_xor_sync(0xffffffffu, k, o);
-        if (ok >= 0 && (k < 0 || ob > best || (ob == best && ok < k))) {
+        if (ok >= 0 && (k < 0 || argmax_before(ob, ok, best, k))) {
             best = ob;
             k = ok;
         }

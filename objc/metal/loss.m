@@ -21,9 +21,13 @@ static MPSGraphTensor *log_clamped(MetalBuilder *c, MPSGraphTensor *logv) {
 }
 
 static MPSGraphTensor *argmax_rows(MetalBuilder *c, MPSGraphTensor *v) {
-    // (b, C) -> (b) float32 index of the row maximum
-    MPSGraphTensor *k = [c.g reductionArgMaximumWithTensor:v axis:1 name:nil];
-    return mt_reshape(c, mt_float(c, k), @[@(c.b)]);
+    // (b, C) -> (b) float32 index of the row maximum, a NaN counting as larger than any number
+    // (the cpu's argmax, numpy's and torch's): the first NaN of a row that has one
+    MPSGraphTensor *nan = mt_float(c, [c.g isNaNWithTensor:v name:nil]);                  // (b, C) 0/1
+    MPSGraphTensor *k = mt_float(c, [c.g reductionArgMaximumWithTensor:v axis:1 name:nil]);
+    MPSGraphTensor *kn = mt_float(c, [c.g reductionArgMaximumWithTensor:nan axis:1 name:nil]);
+    MPSGraphTensor *any = [c.g reductionMaximumWithTensor:nan axes:@[@1] name:nil];         // (b, 1)
+    return mt_reshape(c, mt_select(c, mt_gt(c, any, mt_const(c, 0.0)), kn, k), @[@(c.b)]);
 }
 
 void metal_loss(MetalBuilder *c, MPSGraphTensor *y, MPSGraphTensor *target, MPSGraphTensor *__strong *loss,
