@@ -335,6 +335,22 @@ def test_conv_direct_k32_matches_cpu(rng):
 
 
 @cuda_only
+def test_conv_with_more_than_65535_output_channels_matches_cpu(rng):
+    """65,543 output channels: conv_dz's grid has a block row a channel, and a grid's y is at most
+    65,535, so it loops over the channels past that (it failed to launch before). Gradients
+    within 1e-5 of the cpu's, then 3 SGD steps, one a partial batch."""
+    build = lambda: [_maybe("Conv2D")(65543, 1), L.ReLU(), L.Flatten(), L.Dense(3)]
+    cpu, gpu = pair(build, (2, 2, 2), opt=lambda: optim.SGD(0.01), batch=4)
+    x = rng.standard_normal((4, 2, 2, 2)).astype(np.float32)
+    y = rng.integers(0, 3, 4).astype(np.int32)
+    gc, gg = cpu.gradients(x, y), gpu.gradients(x, y)
+    for k in gc:
+        if k != "loss":
+            assert rel_err(gg[k], gc[k]) <= 1e-5, k
+    compare_training(cpu, gpu, rng, steps=3, rows=[4, 3, 4])
+
+
+@cuda_only
 def test_conv_direct_with_partial_batches_matches_cpu(rng):
     """The direct forward (3 -> 16, K = 27, fused ReLU) with its columns built on the side stream
     for the weight gradient: gradients with the input's of a partial batch, training over full

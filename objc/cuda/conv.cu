@@ -175,39 +175,42 @@ template <bool S2>
 __global__ void conv_dz_kernel(float *dzt, float *dbp, const float *dy, const float *ry, int64_t b, int64_t oc,
                                int64_t ohw, int64_t ow, int64_t chunk, int vec) {
     cu_pdl_enter();
-    const unsigned OHW = (unsigned)ohw, OC = (unsigned)oc, nb = (unsigned)(b * ohw), o = blockIdx.y;
+    const unsigned OHW = (unsigned)ohw, OC = (unsigned)oc, nb = (unsigned)(b * ohw);
     const unsigned j0 = blockIdx.x * (unsigned)chunk, j1 = min(nb, j0 + (unsigned)chunk);
-    float sum = 0.0f;
-    if (S2 || vec) {
-        for (unsigned j = j0 + 4 * threadIdx.x; j < j1; j += 4 * blockDim.x) {
-            unsigned s = j / OHW, i = j - s * OHW, src = (s * OC + o) * OHW + i;
-            const float4 v = dz_load4(dy, ry, src);
-            float *d = &dzt[o * nb + j];
-            *reinterpret_cast<float4 *>(d) = v;
-            sum += (v.x + v.y) + (v.z + v.w);
-            if (S2) {  /* (q .. q + 3) of row m: right is q + 4, 0 past the row; down is row m + 1 */
-                const unsigned OW = (unsigned)ow, q = i % OW;
-                const size_t T = (size_t)OC * nb;  /* copy to copy */
-                const bool right = q + 4 < OW, down = i + OW < OHW;
-                const float rv = right ? (!ry || ry[src + 4] > 0.0f ? dy[src + 4] : 0.0f) : 0.0f;
-                const float4 dv = down ? dz_load4(dy, ry, src + OW) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-                const float dr = right && down ? (!ry || ry[src + OW + 4] > 0.0f ? dy[src + OW + 4] : 0.0f) : 0.0f;
-                *reinterpret_cast<float4 *>(d - T) = make_float4(v.y, v.z, v.w, rv);   /* (0, 1) */
-                *reinterpret_cast<float4 *>(d + T) = dv;                               /* (1, 0) */
-                *reinterpret_cast<float4 *>(d + 2 * T) = make_float4(dv.y, dv.z, dv.w, dr);  /* (1, 1) */
+    /* a channel a block row; grid y is at most 65535, so more channels loop */
+    for (unsigned o = blockIdx.y; o < OC; o += gridDim.y) {
+        float sum = 0.0f;
+        if (S2 || vec) {
+            for (unsigned j = j0 + 4 * threadIdx.x; j < j1; j += 4 * blockDim.x) {
+                unsigned s = j / OHW, i = j - s * OHW, src = (s * OC + o) * OHW + i;
+                const float4 v = dz_load4(dy, ry, src);
+                float *d = &dzt[o * nb + j];
+                *reinterpret_cast<float4 *>(d) = v;
+                sum += (v.x + v.y) + (v.z + v.w);
+                if (S2) {  /* (q .. q + 3) of row m: right is q + 4, 0 past the row; down is row m + 1 */
+                    const unsigned OW = (unsigned)ow, q = i % OW;
+                    const size_t T = (size_t)OC * nb;  /* copy to copy */
+                    const bool right = q + 4 < OW, down = i + OW < OHW;
+                    const float rv = right ? (!ry || ry[src + 4] > 0.0f ? dy[src + 4] : 0.0f) : 0.0f;
+                    const float4 dv = down ? dz_load4(dy, ry, src + OW) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                    const float dr = right && down ? (!ry || ry[src + OW + 4] > 0.0f ? dy[src + OW + 4] : 0.0f) : 0.0f;
+                    *reinterpret_cast<float4 *>(d - T) = make_float4(v.y, v.z, v.w, rv);   /* (0, 1) */
+                    *reinterpret_cast<float4 *>(d + T) = dv;                               /* (1, 0) */
+                    *reinterpret_cast<float4 *>(d + 2 * T) = make_float4(dv.y, dv.z, dv.w, dr);  /* (1, 1) */
+                }
+            }
+        } else {
+            for (unsigned j = j0 + threadIdx.x; j < j1; j += blockDim.x) {
+                unsigned s = j / OHW, i = j - s * OHW, src = (s * OC + o) * OHW + i;
+                float v = dy[src];
+                v = ry && !(ry[src] > 0.0f) ? 0.0f : v;
+                dzt[o * nb + j] = v;
+                sum += v;
             }
         }
-    } else {
-        for (unsigned j = j0 + threadIdx.x; j < j1; j += blockDim.x) {
-            unsigned s = j / OHW, i = j - s * OHW, src = (s * OC + o) * OHW + i;
-            float v = dy[src];
-            v = ry && !(ry[src] > 0.0f) ? 0.0f : v;
-            dzt[o * nb + j] = v;
-            sum += v;
-        }
+        sum = block_sum(sum);
+        if (threadIdx.x == 0) dbp[blockIdx.x * OC + o] = sum;
     }
-    sum = block_sum(sum);
-    if (threadIdx.x == 0) dbp[blockIdx.x * OC + o] = sum;
 }
 
 #define DZ_CHUNK 1024  /* elements of one channel per conv_dz block */
@@ -546,7 +549,7 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
     const int shifted = s2 && vec && g.ow % 4 == 0;  /* dz's four copies in this one pass */
     auto dz_pass = [&](cudaStream_t s) -> int {  /* dzt (OC, nb) and the bias gradient's chunk sums */
         CU_TRY(cu_launch(gr, shifted ? conv_dz_kernel<true> : conv_dz_kernel<false>,
-                         dim3((unsigned)chunks, (unsigned)g.oc), CU_THREADS, s, dzt, dbp, dy, ry, b, g.oc, g.ohw, g.ow,
+                         dim3((unsigned)chunks, (unsigned)std::min<int64_t>(g.oc, 65535)), CU_THREADS, s, dzt, dbp, dy, ry, b, g.oc, g.ohw, g.ow,
                          (int64_t)DZ_CHUNK, vec),
                "conv_dz");
         return CU_LAUNCHED("conv_dz");
