@@ -631,6 +631,8 @@ def test_update_rules_give_the_cpus_bits(name, fused, monkeypatch, capfd, rng):
     params = {w: np.tile(grid(-1, 1, 2.0 ** -6, (1, 8)), (4, 1)), b: np.full(4, grid(-1, 1, 2.0 ** -6, ())[()])}
     state = cpu.get_optimizer_state()
     state["step"] = 3
+    if "momentum_started" in state:  # SGD: the loaded buffer is used, as after 3 steps
+        state["momentum_started"] = 1.0
     for slot, v in state.items():
         if isinstance(v, dict):  # moments signed and small, squares and sums positive
             signed = slot in ("exp_avg", "momentum_buffer", "grad_avg")

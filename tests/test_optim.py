@@ -147,6 +147,78 @@ def test_per_step_hyperparameters_change_the_update(device):
         assert getattr(e, next(iter(change))) == pytest.approx(next(iter(change.values())))
 
 
+# SGD with dampening 0.3 and momentum 0 for 3 steps, then momentum 0.9 for 3 more
+_SGD_HP, _SGD_ON_AT = dict(lr=0.05, momentum=0.0, dampening=0.3), 3
+
+
+def test_sgd_momentum_buffer_starts_at_the_first_step_with_momentum(device):
+    """As torch.optim.SGD: the momentum buffer is made (a copy of the gradient, no dampening)
+    at the first step whose momentum is not 0, so momentum switched on at step 4 starts there.
+    Before, the buffer was taken as made at step 1: step 4 used 0.9 * 0 + 0.7 g, not g."""
+    import optim_ref
+    hp, change, batches, on_at = _SGD_HP, {"momentum": 0.9}, digits_batches(BATCH, 6), _SGD_ON_AT
+    e = _engine(optim.SGD(**hp), device)
+    ref = optim_ref.RefSGD(**hp)
+    p0 = e.get_parameters()
+    p = {k: v.astype(np.float64) for k, v in p0.items()}
+    for i, (x, y) in enumerate(batches):
+        if i == on_at:
+            e.momentum = change["momentum"]
+            ref.hp.update(change)
+        assert e.get_optimizer_state()["momentum_started"] == (1.0 if i > on_at else 0.0)
+        e.step(x, y)
+        ref.step(p, loss_and_grad(p, x, y)[1])
+    assert max_rel_err(e.get_parameters(), p) <= 1e-5
+    # the old rule (0.7 g at the switch) lands measurably elsewhere
+    old = optim_ref.RefSGD(**hp)
+    q = {k: v.astype(np.float64) for k, v in p0.items()}
+    for i, (x, y) in enumerate(batches):
+        if i == on_at:
+            old.hp.update(change)
+            old.state = {k: {"buf": np.zeros_like(v)} for k, v in q.items()}
+        old.step(q, loss_and_grad(q, x, y)[1])
+    assert max_rel_err(q, p) > 1e-3
+
+
+def test_sgd_reference_with_momentum_switched_on_matches_torch():
+    torch = pytest.importorskip("torch")
+    import optim_ref
+    hp, change, batches, on_at = _SGD_HP, {"momentum": 0.9}, digits_batches(BATCH, 6), _SGD_ON_AT
+    p0 = _engine(optim.SGD(), "cpu").get_parameters()
+    ref, p = optim_ref.RefSGD(**hp), {k: v.astype(np.float64) for k, v in p0.items()}
+    tp = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in p0.items()}
+    opt = torch.optim.SGD(list(tp.values()), foreach=False, **hp)
+    for i, (x, y) in enumerate(batches):
+        if i == on_at:
+            ref.hp.update(change)
+            opt.param_groups[0].update(change)
+        ref.step(p, loss_and_grad(p, x, y)[1])
+        opt.zero_grad()
+        h = torch.tanh(torch.tensor(x, dtype=torch.float64) @ tp["dense_0.weight"].T + tp["dense_0.bias"])
+        z = h @ tp["dense_2.weight"].T + tp["dense_2.bias"]
+        torch.nn.functional.cross_entropy(z, torch.tensor(y, dtype=torch.long)).backward()
+        opt.step()
+    assert max_rel_err(p, {k: v.detach().numpy() for k, v in tp.items()}) <= 1e-10
+
+
+def test_sgd_state_without_momentum_started_loads_as_before(device):
+    """A state saved before momentum_started (no such key) loads with the buffer made at step 1,
+    as it was then: taken as made when step > 0, not when step == 0. Anything but 0 or 1 is refused."""
+    x, y = digits_batches(BATCH, 1)[0]
+    a = _engine(optim.SGD(lr=0.05, momentum=0.9), device)
+    a.step(x, y)
+    state = a.get_optimizer_state()
+    assert state["momentum_started"] == 1.0 and state["step"] == 1
+    for step, started in ((1, 1.0), (0, 0.0)):
+        b = _engine(optim.SGD(lr=0.05, momentum=0.9), device)
+        b.set_optimizer_state({k: v for k, v in dict(state, step=step).items() if k != "momentum_started"})
+        assert b.get_optimizer_state()["momentum_started"] == started
+    for bad in (0.5, 2, -1):
+        with pytest.raises(mpscy.InvalidArgumentError, match="momentum_started"):
+            b.set_optimizer_state(dict(state, momentum_started=bad))
+    assert b.get_optimizer_state()["momentum_started"] == 0.0  # nothing written
+
+
 def test_invalid_options_are_rejected():
     with pytest.raises(mpscy.InvalidArgumentError, match="Nesterov"):
         optim.SGD(momentum=0.0, nesterov=True)
@@ -167,7 +239,7 @@ def test_invalid_options_are_rejected():
 
 def test_optimizer_state_names_follow_torch():
     names = {
-        optim.SGD(momentum=0.9): {"step", "momentum_buffer"},
+        optim.SGD(momentum=0.9): {"step", "momentum_buffer", "momentum_started"},
         optim.Adam(amsgrad=True): {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"},
         optim.RMSprop(centered=True): {"step", "square_avg", "momentum_buffer", "grad_avg"},
         optim.Adagrad(): {"step", "sum"},

@@ -38,7 +38,7 @@ typedef struct mpscy_optim_coef {
     float step_size;          /* Adam: lr / (1 - beta1^t) */
     float bc2_sqrt;           /* Adam: sqrt(1 - beta2^t) */
     float decay;              /* decoupled weight decay: 1 - lr * weight_decay */
-    int32_t first;            /* 1 on the first applied step (t == 1) */
+    int32_t first;            /* SGD: 1 while no momentum buffer exists (mpscy_optim_running) */
     int32_t flags;            /* MPSCY_OPTIM_* */
     float alpha;              /* RMSprop smoothing constant */
     float rho;                /* Adadelta */
@@ -82,6 +82,27 @@ static inline void mpscy_nadam_coef(mpscy_optim_coef *c, const mpscy_optim_desc 
     c->nadam_g = (float)(-a->lr * (1.0 - mu) / (1.0 - prod));
     c->nadam_m = (float)(-a->lr * mu_next / (1.0 - prod * mu_next));
     *mu_product = prod;
+}
+
+/* Does the kind keep a running scalar in the state's slot 1 (scalars[1]) that a step advances?
+ * NAdam's mu_product; SGD's momentum_started. */
+static inline int mpscy_optim_has_running(const mpscy_optim_desc *o) {
+    return o->kind == MPSCY_OPTIM_NADAM || o->kind == MPSCY_OPTIM_SGD;
+}
+
+/* The coefficients that come from that running scalar, and *running set to its value after
+ * step t (the caller commits it when the step is applied). SGD, as torch.optim.SGD: the momentum
+ * buffer is made (a copy of the gradient) at the first step whose momentum is not 0, not at
+ * step 1, so momentum switched on later, with dampening, starts as torch's does; momentum_started
+ * (0 or 1) says whether the buffer exists (torch's momentum_buffer is not None). */
+static inline void mpscy_optim_running(mpscy_optim_coef *c, const mpscy_optim_desc *o, const mpscy_step_args *a,
+                                       int64_t t, double *running) {
+    if (o->kind == MPSCY_OPTIM_NADAM) {
+        mpscy_nadam_coef(c, o, a, t, running);
+    } else if (o->kind == MPSCY_OPTIM_SGD) {
+        c->first = *running == 0.0;
+        if (a->momentum != 0.0) *running = 1.0;
+    }
 }
 
 /* SGD: momentum (first step copies the gradient), dampening, nesterov, weight decay, maximize. */

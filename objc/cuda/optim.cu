@@ -201,13 +201,14 @@ int cu_optim_supported(int32_t kind) {
     return kind >= MPSCY_OPTIM_SGD && kind <= MPSCY_OPTIM_LBFGS;
 }
 
-/* Step t's coefficients, computed on the host exactly as the cpu does; NAdam's running
- * mu_product is kept aside and committed only when the device applied the step. */
+/* Step t's coefficients, computed on the host exactly as the cpu does; the running scalar
+ * (NAdam's mu_product, SGD's momentum_started) is kept aside and committed only when the device
+ * applied the step. */
 void cu_optim_params(cu_graph *g, const mpscy_step_args *a, int64_t t, cu_params *out) {
     out->coef = mpscy_optim_coef_make(&g->plan.optim, a, t);
-    if (g->plan.optim.kind == MPSCY_OPTIM_NADAM) {
+    if (mpscy_optim_has_running(&g->plan.optim)) {
         g->mu_next = g->scalars[1];
-        mpscy_nadam_coef(&out->coef, &g->plan.optim, a, t, &g->mu_next);
+        mpscy_optim_running(&out->coef, &g->plan.optim, a, t, &g->mu_next);
     }
     out->seed = a->seed;
     out->counter = a->counter;
@@ -215,7 +216,7 @@ void cu_optim_params(cu_graph *g, const mpscy_step_args *a, int64_t t, cu_params
 
 void cu_optim_applied(cu_graph *g, int64_t t) {
     g->scalars[0] = (double)t;
-    if (g->plan.optim.kind == MPSCY_OPTIM_NADAM) g->scalars[1] = g->mu_next;
+    if (mpscy_optim_has_running(&g->plan.optim)) g->scalars[1] = g->mu_next;
 }
 
 /* The update's grid (the cooperative kernel's and the early norm's final one): enough threads

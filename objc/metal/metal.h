@@ -252,8 +252,9 @@ void metal_loss(MetalBuilder *c, MPSGraphTensor *y, MPSGraphTensor *target, MPSG
 void metal_update(MetalBuilder *c, MPSGraphTensor *params, MPSGraphTensor *loss, MPSGraphTensor *correct);
 int metal_optim_supported(int32_t kind);
 /* The per-step coefficients of applied step t written into the hyper buffer (slots METAL_H_*).
- * mu_product is NAdam's state; *mu_next receives its value after step t, which the caller
- * keeps only if the step is applied (as the CPU backend updates it only then). */
+ * mu_product is the running scalar (scalars[1]: NAdam's mu_product, SGD's momentum_started);
+ * *mu_next receives its value after step t, which the caller keeps only if the step is applied
+ * (as the CPU backend updates it only then). */
 void metal_optim_hyper(float *hyper, const mpscy_optim_desc *o, const mpscy_step_args *a, int64_t t, int apply,
                        double mu_product, double *mu_next);
 

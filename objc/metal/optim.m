@@ -22,7 +22,7 @@ void metal_optim_hyper(float *h, const mpscy_optim_desc *o, const mpscy_step_arg
     /* the same coefficients as the CPU backend, from the shared common/optim_math.h */
     mpscy_optim_coef k = mpscy_optim_coef_make(o, a, t);
     double prod = mu_product;
-    if (o->kind == MPSCY_OPTIM_NADAM) mpscy_nadam_coef(&k, o, a, t, &prod);
+    if (mpscy_optim_has_running(o)) mpscy_optim_running(&k, o, a, t, &prod);
     *mu_next = prod;
     h[METAL_H_LR] = k.lr;
     h[METAL_H_MOMENTUM] = k.momentum;

@@ -76,7 +76,7 @@ int metal_graph_step(mpscy_graph gh, const mpscy_step_args *a, mpscy_step_result
     /* the executable wrote the updated state into the other slabs: they become current */
     g->parity ^= 1;
     g->scalars[0] = (double)t;
-    if (p->optim.kind == MPSCY_OPTIM_NADAM) g->scalars[1] = mu_next;   /* mu_product */
+    if (mpscy_optim_has_running(&p->optim)) g->scalars[1] = mu_next;   /* mpscy_optim_running */
     r->applied = 1;
     return MPSCY_OK;
 }

@@ -315,7 +315,9 @@ class Engine:
 
     def get_optimizer_state(self):
         """Everything the optimizer carries between steps, in PyTorch's slot names:
-        {"step": int, "<slot>": {param name: float32 array}, ...} (NAdam adds "mu_product").
+        {"step": int, "<slot>": {param name: float32 array}, ...} (NAdam adds "mu_product"; SGD
+        adds "momentum_started", 1.0 once a step with momentum has made the momentum buffer,
+        where torch's momentum_buffer stops being None, else 0.0).
         LBFGS state is flat over all parameters, as torch keeps it: {"step", "func_evals",
         "n_iter", "t", "prev_loss", "d", "prev_flat_grad", "old_dirs": [arrays],
         "old_stps": [arrays], "ro": [floats], "H_diag"}."""
@@ -344,12 +346,21 @@ class Engine:
             return self._set_lbfgs_state(state)
         params = [(t[0], t[3], t[4]) for t in self._tensors if t[1] == "param"]
         slots = {t[0]: (i, t) for i, t in enumerate(self._tensors) if t[1] == "optim"}
+        if "momentum_started" in slots and "momentum_started" not in state and "step" in state:
+            # saved before SGD kept momentum_started: its buffer was made at step 1
+            try:
+                state = dict(state, momentum_started=1.0 if float(state["step"]) > 0 else 0.0)
+            except (TypeError, ValueError):
+                pass  # the step count's own check below names the problem
         self._check_keys(state, set(slots))
         staged = []
         for name, (i, (_, _, dtype, shape, _)) in slots.items():
             value = state[name]
             if shape == ():
-                staged.append((i, self._scalar(name, value, dtype)))
+                v = self._scalar(name, value, dtype)
+                if name == "momentum_started" and v[0] not in (0.0, 1.0):
+                    raise InvalidArgumentError(f"optimizer state 'momentum_started' must be 0 or 1, got {value!r}")
+                staged.append((i, v))
                 continue
             if not isinstance(value, dict) or set(value) != {p for p, _, _ in params}:
                 raise InvalidArgumentError(f"optimizer slot {name!r} must map every parameter name to an array")
