@@ -445,6 +445,8 @@ int cu_fork(cu_graph *g, cudaStream_t side, char *err, size_t en);
 int cu_fork_mark(cu_graph *g, char *err, size_t en);
 int cu_fork_follow(cu_graph *g, cudaStream_t side, char *err, size_t en);
 int cu_join(cu_graph *g, char *err, size_t en);
+/* Stream `to` waits for everything enqueued so far on from[k], for each bit k set in mask. */
+int cu_wait_streams(cu_graph *g, cudaStream_t to, const cudaStream_t from[3], int mask, char *err, size_t en);
 
 /* Checks the last launch; formats a CUDA error into err. */
 int cu_check_launch(char *err, size_t en, const char *what, const char *func, int line);

@@ -255,6 +255,12 @@ static bool norm_early_node(const cu_graph *g, int32_t i) {
     return g->norm_on && i != g->norm_last && backward_params(g, i);
 }
 
+/* Whether the parameter tensor pt's squares are left for the step's end (cu_norm_plan): those no
+ * early node takes. */
+static bool norm_late_tensor(const cu_graph *g, const mpscy_tensor *pt) {
+    return pt->info.role == MPSCY_ROLE_PARAM && !norm_early_node(g, pt->node);
+}
+
 /* Tensor ti's squares as norm_part_kernel's partials on stream s, after those enqueued so far. */
 static int norm_part_launch(cu_graph *g, cudaStream_t s, const mpscy_tensor_info *ti, int late, char *err, size_t en) {
     const unsigned blocks = norm_part_blocks(g, ti->count, late);
@@ -292,7 +298,7 @@ void cu_norm_plan(cu_graph *g) {
     bool fits = !(p->optim.clip_grad_norm > 0) && !(p->optim.clip_grad_value > 0);
     for (int32_t t = 0; t < p->n_tensors; t++) {
         const mpscy_tensor *pt = &p->tensors[t];
-        if (pt->info.role != MPSCY_ROLE_PARAM || norm_early_node(g, pt->node)) continue;
+        if (!norm_late_tensor(g, pt)) continue;
         floats += pt->info.count;
         if (late.runs > 0 && late.off[late.runs - 1] + late.n[late.runs - 1] == pt->info.offset) {
             late.n[late.runs - 1] += pt->info.count;
@@ -318,11 +324,8 @@ int cu_norm_part(cu_graph *g, int32_t i, char *err, size_t en) {
     if (g->nrm) {
         s = g->nrm;
         const cudaStream_t from[3] = {g->stream, g->side, g->alt};
-        for (int k = 0; k < 3; k++)
-            if (k == 0 || (g->forked >> (k - 1) & 1)) {  /* each wait refers to the record just before it */
-                CU_TRY(cudaEventRecord(g->join, from[k]), "norm event");
-                CU_TRY(cudaStreamWaitEvent(s, g->join, 0), "norm stream wait");
-            }
+        const int st = cu_wait_streams(g, s, from, 1 | (g->forked & 3) << 1, err, en);
+        if (st != MPSCY_OK) return st;
         g->forked |= 4;
     }
     int st = MPSCY_OK;
@@ -337,7 +340,7 @@ static int norm_final(cu_graph *g, const update_args &u, int update, char *err, 
     const mpscy_plan *p = &g->plan;
     for (int32_t t = 0; t < p->n_tensors && g->norm_late_parts; t++) {
         const mpscy_tensor *pt = &p->tensors[t];
-        if (pt->info.role != MPSCY_ROLE_PARAM || norm_early_node(g, pt->node)) continue;
+        if (!norm_late_tensor(g, pt)) continue;
         const int st = norm_part_launch(g, g->stream, &pt->info, 1, err, en);
         if (st != MPSCY_OK) return st;
     }

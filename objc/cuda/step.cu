@@ -88,16 +88,20 @@ int cu_fork(cu_graph *g, cudaStream_t side, char *err, size_t en) {
     return st != MPSCY_OK ? st : cu_fork_follow(g, side, err, en);
 }
 
+int cu_wait_streams(cu_graph *g, cudaStream_t to, const cudaStream_t from[3], int mask, char *err, size_t en) {
+    for (int k = 0; k < 3; k++)
+        if (mask >> k & 1) {  /* each wait refers to the record just before it */
+            CU_TRY(cudaEventRecord(g->join, from[k]), "stream event");
+            CU_TRY(cudaStreamWaitEvent(to, g->join, 0), "stream wait");
+        }
+    return MPSCY_OK;
+}
+
 int cu_join(cu_graph *g, char *err, size_t en) {
     const int f = g->forked;
     g->forked = 0;
     const cudaStream_t sides[3] = {g->side, g->alt, g->nrm};
-    for (int k = 0; k < 3; k++)
-        if (f >> k & 1) {  /* each wait refers to the record just before it */
-            CU_TRY(cudaEventRecord(g->join, sides[k]), "join event");
-            CU_TRY(cudaStreamWaitEvent(g->stream, g->join, 0), "main stream wait");
-        }
-    return MPSCY_OK;
+    return cu_wait_streams(g, g->stream, sides, f, err, en);
 }
 
 /* Everything one step does, enqueued on g->stream (inside a capture). deferred: input 0 is
