@@ -238,6 +238,15 @@ def test_early_stopping_with_restore(device, digits):
     assert h.epoch == [0, 1] and stop.best_epoch == 0
     for k, v in engine.get_parameters().items():
         np.testing.assert_array_equal(v, rec.weights[0][k])
+    # training that runs all its epochs also ends on the best epoch's weights (Keras 3)
+    engine = _engine(device, lr=3e-3)
+    rec = Recorder()
+    stop = cb.EarlyStopping(monitor="loss", mode="max", patience=10, restore_best_weights=True)
+    h = engine.fit(xtr, ytr, epochs=3, verbose=0, callbacks=[rec, stop])
+    assert h.epoch == [0, 1, 2] and stop.stopped_epoch == 0 and stop.best_epoch == 0
+    assert not np.array_equal(rec.weights[2]["dense_0.weight"], rec.weights[0]["dense_0.weight"])
+    for k, v in engine.get_parameters().items():
+        np.testing.assert_array_equal(v, rec.weights[0][k])
     assert cb.EarlyStopping(monitor="val_accuracy")._m.mode == "max"
     assert cb.EarlyStopping(monitor="val_loss")._m.mode == "min"
 

@@ -129,7 +129,8 @@ class _Monitor:
 class EarlyStopping(Callback):
     """Stops training when `monitor` has not improved by more than min_delta for `patience`
     epochs (Keras semantics). With restore_best_weights, parameters and BatchNorm statistics
-    of the best epoch are written back when it stops."""
+    of the best epoch are written back when training ends, whether it stopped early or ran all
+    its epochs, as Keras 3 does (Keras 2 restored them only when it stopped early)."""
 
     def __init__(self, monitor="val_loss", min_delta=0.0, patience=0, mode="auto", baseline=None,
                  restore_best_weights=False, start_from_epoch=0, verbose=0):
@@ -157,7 +158,8 @@ class EarlyStopping(Callback):
         if current is None or epoch < self.start_from_epoch:
             return
         if self.restore_best_weights and self.best_weights is None:
-            self.best_weights = self.engine.get_parameters()
+            self.best_weights = self.engine.get_parameters()  # the first epoch watched is the best so far
+            self.best_epoch = epoch
         self.wait += 1
         if self._m.improved(current):
             self._m.best = current
@@ -170,14 +172,14 @@ class EarlyStopping(Callback):
         if self.wait >= self.patience and epoch > 0:
             self.stopped_epoch = epoch
             self.engine.stop_training = True
-            if self.restore_best_weights and self.best_weights is not None:
-                if self.verbose:
-                    print(f"EarlyStopping: restoring the weights of epoch {self.best_epoch + 1}")
-                self.engine.set_parameters(self.best_weights)
 
     def on_train_end(self, logs=None):
         if self.stopped_epoch > 0 and self.verbose:
             print(f"Epoch {self.stopped_epoch + 1}: early stopping")
+        if self.restore_best_weights and self.best_weights is not None:
+            if self.verbose:
+                print(f"EarlyStopping: restoring the weights of epoch {self.best_epoch + 1}")
+            self.engine.set_parameters(self.best_weights)
 
 
 class ModelCheckpoint(Callback):
