@@ -5,6 +5,7 @@
  * buffer. Same checks, results and messages as objc/cpu/step.c. It allocates no buffer; only
  * a batch size not seen before compiles (once) its executable. */
 #import "metal.h"
+#include "../common/optim_math.h"
 
 #include <math.h>
 #include <string.h>
