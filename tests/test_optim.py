@@ -180,6 +180,18 @@ def test_sgd_momentum_buffer_starts_at_the_first_step_with_momentum(device):
     assert max_rel_err(q, p) > 1e-3
 
 
+def test_sgd_momentum_below_float_range_makes_no_buffer(device):
+    """A momentum that rounds to 0 in float32 (1e-50) runs the element rule without momentum,
+    so it makes no buffer either: the later momentum 0.9 starts from the gradient."""
+    x, y = digits_batches(BATCH, 1)[0]
+    e = _engine(optim.SGD(lr=0.05, momentum=0.0, dampening=0.3), device)
+    e.momentum = 1e-50
+    e.step(x, y)
+    state = e.get_optimizer_state()
+    assert state["momentum_started"] == 0.0
+    assert all(not v.any() for v in state["momentum_buffer"].values())
+
+
 def test_sgd_reference_with_momentum_switched_on_matches_torch():
     torch = pytest.importorskip("torch")
     import optim_ref
@@ -201,18 +213,25 @@ def test_sgd_reference_with_momentum_switched_on_matches_torch():
     assert max_rel_err(p, {k: v.detach().numpy() for k, v in tp.items()}) <= 1e-10
 
 
-def test_sgd_state_without_momentum_started_loads_as_before(device):
-    """A state saved before momentum_started (no such key) loads with the buffer made at step 1,
-    as it was then: taken as made when step > 0, not when step == 0. Anything but 0 or 1 is refused."""
+def test_sgd_state_without_momentum_started_loads_as_made(device):
+    """A state saved before momentum_started (no such key): its buffer was made at step 1 when
+    momentum was on then, so it counts as made when step > 0 and the buffer holds a value; an
+    all-zero buffer (momentum off until then) or step 0 counts as not made, as torch's None.
+    A bad step is still named as such. Anything but 0 or 1 is refused."""
     x, y = digits_batches(BATCH, 1)[0]
     a = _engine(optim.SGD(lr=0.05, momentum=0.9), device)
     a.step(x, y)
     state = a.get_optimizer_state()
     assert state["momentum_started"] == 1.0 and state["step"] == 1
-    for step, started in ((1, 1.0), (0, 0.0)):
+    zeros = {k: np.zeros_like(v) for k, v in state["momentum_buffer"].items()}
+    for step, buf, started in ((1, state["momentum_buffer"], 1.0), (0, state["momentum_buffer"], 0.0),
+                               (5, zeros, 0.0)):
         b = _engine(optim.SGD(lr=0.05, momentum=0.9), device)
-        b.set_optimizer_state({k: v for k, v in dict(state, step=step).items() if k != "momentum_started"})
+        old = {k: v for k, v in dict(state, step=step, momentum_buffer=buf).items() if k != "momentum_started"}
+        b.set_optimizer_state(old)
         assert b.get_optimizer_state()["momentum_started"] == started
+    with pytest.raises(mpscy.InvalidArgumentError, match="'step' must be a number"):
+        b.set_optimizer_state({k: v for k, v in dict(state, step="abc").items() if k != "momentum_started"})
     for bad in (0.5, 2, -1):
         with pytest.raises(mpscy.InvalidArgumentError, match="momentum_started"):
             b.set_optimizer_state(dict(state, momentum_started=bad))

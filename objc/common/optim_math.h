@@ -101,7 +101,7 @@ static inline void mpscy_optim_running(mpscy_optim_coef *c, const mpscy_optim_de
         mpscy_nadam_coef(c, o, a, t, running);
     } else if (o->kind == MPSCY_OPTIM_SGD) {
         c->first = *running == 0.0;
-        if (a->momentum != 0.0) *running = 1.0;
+        if ((float)a->momentum != 0.0f) *running = 1.0;  /* the element rule's own test (mpscy_sgd_elem) */
     }
 }
 
