@@ -347,11 +347,14 @@ class Engine:
         params = [(t[0], t[3], t[4]) for t in self._tensors if t[1] == "param"]
         slots = {t[0]: (i, t) for i, t in enumerate(self._tensors) if t[1] == "optim"}
         if "momentum_started" in slots and "momentum_started" not in state and "step" in state:
-            # saved before SGD kept momentum_started: its buffer was made at step 1
+            # saved before SGD kept momentum_started: a buffer was made at step 1 when momentum was
+            # on then (so it holds a gradient); one that is all zeros was never made
             try:
-                state = dict(state, momentum_started=1.0 if float(state["step"]) > 0 else 0.0)
-            except (TypeError, ValueError):
-                pass  # the step count's own check below names the problem
+                made = float(state["step"]) > 0 and any(np.any(np.asarray(v) != 0)
+                                                        for v in state["momentum_buffer"].values())
+            except (TypeError, ValueError, AttributeError, KeyError):
+                made = False  # the checks below name what is wrong with step or momentum_buffer
+            state = dict(state, momentum_started=1.0 if made else 0.0)
         self._check_keys(state, set(slots))
         staged = []
         for name, (i, (_, _, dtype, shape, _)) in slots.items():
