@@ -229,9 +229,11 @@ def _overflow_logits_model(device, classes, batch, w2):
 @pytest.mark.parametrize("classes", [10, 40])
 def test_accuracy_argmax_takes_the_first_nan_as_numpy_and_torch(device, classes):
     """A NaN logit counts as the row's maximum and the first NaN wins (numpy's and torch's
-    argmax), on every backend and through every kernel that counts (10 classes: a lane a class
-    on cuda; 40: several a lane). Before, the cpu skipped a NaN after class 0 (the row below
-    predicted 0, not 3) and cuda's warp reduction kept whichever lane held a NaN."""
+    argmax), through evaluate (on cuda the loss kernel's warp argmax: 10 classes, a lane a class;
+    40, several a lane). Before, the cpu skipped a NaN after class 0 (the row below predicted 0,
+    not 3) and cuda's warp reduction kept whichever lane held a NaN. The training kernels' argmax
+    (head.cu, the one-kernel step) follows the same rule but cannot be observed here: a NaN logit
+    makes the step fail as not finite before its count is read."""
     # class j's weights on (h0, h1, h2): signs (+, -) give +inf for u > 0, (+, +) NaN
     signs = np.array([(1, -1)] * classes, np.float32)
     signs[3], signs[7], signs[classes - 1] = (1, 1), (-1, -1), (1, 1)
