@@ -38,7 +38,7 @@ typedef struct mpscy_optim_coef {
     float step_size;          /* Adam: lr / (1 - beta1^t) */
     float bc2_sqrt;           /* Adam: sqrt(1 - beta2^t) */
     float decay;              /* decoupled weight decay: 1 - lr * weight_decay */
-    int32_t first;            /* SGD: 1 while no momentum buffer exists (mpscy_optim_running) */
+    int32_t first;            /* SGD: 1 while no momentum buffer exists (mpscy_optim_coef_make) */
     int32_t flags;            /* MPSCY_OPTIM_* */
     float alpha;              /* RMSprop smoothing constant */
     float rho;                /* Adadelta */
@@ -46,31 +46,6 @@ typedef struct mpscy_optim_coef {
     float bc2;                /* NAdam: 1 - beta2^t */
     float nadam_g, nadam_m;   /* NAdam: coefficients of g / denom and m / denom (negative) */
 } mpscy_optim_coef;
-
-/* t is the step number being applied (1 on the first update). */
-static inline mpscy_optim_coef mpscy_optim_coef_make(const mpscy_optim_desc *o, const mpscy_step_args *a,
-                                                     int64_t t) {
-    mpscy_optim_coef c;
-    c.lr = (float)a->lr;
-    c.momentum = (float)a->momentum;
-    c.dampening = (float)o->dampening;
-    c.weight_decay = (float)a->weight_decay;
-    c.beta1 = (float)a->beta1;
-    c.beta2 = (float)a->beta2;
-    c.eps = (float)o->eps;
-    double bc1 = 1.0 - pow(a->beta1, (double)t), bc2 = 1.0 - pow(a->beta2, (double)t);
-    c.step_size = (float)(a->lr / bc1);
-    c.bc2_sqrt = (float)sqrt(bc2);
-    c.bc2 = (float)bc2;
-    c.decay = (float)(1.0 - a->lr * a->weight_decay);
-    c.first = t == 1;
-    c.flags = o->flags;
-    c.alpha = (float)o->alpha;
-    c.rho = (float)o->rho;
-    c.clr = (float)(a->lr / (1.0 + (double)(t - 1) * o->lr_decay));
-    c.nadam_g = c.nadam_m = 0.0f;
-    return c;
-}
 
 /* NAdam's momentum schedule: updates *mu_product (state, 1 before the first step) for step t
  * and fills the two addcdiv coefficients, as torch.optim.NAdam does in double precision. */
@@ -84,25 +59,44 @@ static inline void mpscy_nadam_coef(mpscy_optim_coef *c, const mpscy_optim_desc 
     *mu_product = prod;
 }
 
-/* Does the kind keep a running scalar in the state's slot 1 (scalars[1]) that a step advances?
- * NAdam's mu_product; SGD's momentum_started. */
+/* Does the kind keep a running scalar in the state's slot 1 (scalars[1]) that a step advances
+ * (mpscy_optim_coef_make)? NAdam's mu_product; SGD's momentum_started. */
 static inline int mpscy_optim_has_running(const mpscy_optim_desc *o) {
     return o->kind == MPSCY_OPTIM_NADAM || o->kind == MPSCY_OPTIM_SGD;
 }
 
-/* The coefficients that come from that running scalar, and *running set to its value after
- * step t (the caller commits it when the step is applied). SGD, as torch.optim.SGD: the momentum
- * buffer is made (a copy of the gradient) at the first step whose momentum is not 0, not at
- * step 1, so momentum switched on later, with dampening, starts as torch's does; momentum_started
- * (0 or 1) says whether the buffer exists (torch's momentum_buffer is not None). */
-static inline void mpscy_optim_running(mpscy_optim_coef *c, const mpscy_optim_desc *o, const mpscy_step_args *a,
-                                       int64_t t, double *running) {
-    if (o->kind == MPSCY_OPTIM_NADAM) {
-        mpscy_nadam_coef(c, o, a, t, running);
-    } else if (o->kind == MPSCY_OPTIM_SGD) {
-        c->first = *running == 0.0;
-        if ((float)a->momentum != 0.0f) *running = 1.0;  /* the element rule's own test (mpscy_sgd_elem) */
-    }
+/* Step t's coefficients (t: the step number being applied, 1 on the first update). *running is
+ * the kind's running scalar (mpscy_optim_has_running: the state's scalars[1]), set to its value
+ * after step t; the caller commits it only when the step is applied (on the cpu, which applies
+ * every step it computes, it may point at the state itself). SGD, as torch.optim.SGD, makes its
+ * momentum buffer (a copy of the gradient) at the first step whose momentum is not 0, not at
+ * step 1, so momentum switched on later, with dampening, starts as torch's does:
+ * momentum_started (0 or 1) says whether the buffer exists (torch's momentum_buffer is not None),
+ * and the test is the element rule's own, in float (mpscy_sgd_elem). */
+static inline mpscy_optim_coef mpscy_optim_coef_make(const mpscy_optim_desc *o, const mpscy_step_args *a,
+                                                     int64_t t, double *running) {
+    mpscy_optim_coef c;
+    c.lr = (float)a->lr;
+    c.momentum = (float)a->momentum;
+    c.dampening = (float)o->dampening;
+    c.weight_decay = (float)a->weight_decay;
+    c.beta1 = (float)a->beta1;
+    c.beta2 = (float)a->beta2;
+    c.eps = (float)o->eps;
+    double bc1 = 1.0 - pow(a->beta1, (double)t), bc2 = 1.0 - pow(a->beta2, (double)t);
+    c.step_size = (float)(a->lr / bc1);
+    c.bc2_sqrt = (float)sqrt(bc2);
+    c.bc2 = (float)bc2;
+    c.decay = (float)(1.0 - a->lr * a->weight_decay);
+    c.first = o->kind == MPSCY_OPTIM_SGD && *running == 0.0;
+    c.flags = o->flags;
+    c.alpha = (float)o->alpha;
+    c.rho = (float)o->rho;
+    c.clr = (float)(a->lr / (1.0 + (double)(t - 1) * o->lr_decay));
+    c.nadam_g = c.nadam_m = 0.0f;
+    if (o->kind == MPSCY_OPTIM_NADAM) mpscy_nadam_coef(&c, o, a, t, running);
+    if (o->kind == MPSCY_OPTIM_SGD && c.momentum != 0.0f) *running = 1.0;
+    return c;
 }
 
 /* SGD: momentum (first step copies the gradient), dampening, nesterov, weight decay, maximize. */

@@ -299,7 +299,7 @@ static int plan_optim(mpscy_plan *p, const char *component, char *err, size_t er
     case MPSCY_OPTIM_SGD:
         if ((f & MPSCY_OPTIM_NESTEROV) && (o->momentum <= 0.0 || o->dampening != 0.0))
             return FAIL(MPSCY_INVALID, "SGD nesterov needs momentum > 0 and dampening 0");
-        VEC("momentum_buffer"); SCALAR("momentum_started");  /* mpscy_optim_running (optim_math.h) */
+        VEC("momentum_buffer"); SCALAR("momentum_started");  /* mpscy_optim_coef_make (optim_math.h) */
         break;
     case MPSCY_OPTIM_ADAM: case MPSCY_OPTIM_ADAMW:
         VEC("exp_avg"); VEC("exp_avg_sq");

@@ -131,8 +131,7 @@ void cpu_optim_update(cpu_graph *g, const mpscy_step_args *a) {
     int64_t n = p->n_params, t = (int64_t)g->scalars[0] + 1;
     if (p->optim.kind == MPSCY_OPTIM_LBFGS) return;  /* runs through MPSCY_MODE_LBFGS (lbfgs.c) */
     update_job j;
-    j.c = mpscy_optim_coef_make(&p->optim, a, t);
-    if (mpscy_optim_has_running(&p->optim)) mpscy_optim_running(&j.c, &p->optim, a, t, &g->scalars[1]);
+    j.c = mpscy_optim_coef_make(&p->optim, a, t, &g->scalars[1]);  /* called only for a step it applies */
     j.kind = p->optim.kind == MPSCY_OPTIM_ADAMW ? MPSCY_OPTIM_ADAM : p->optim.kind;
     j.decoupled = p->optim.kind == MPSCY_OPTIM_ADAMW || (j.c.flags & MPSCY_OPTIM_DECOUPLED_WD);
     j.centered = p->optim.kind == MPSCY_OPTIM_RMSPROP && p->n_vec_slots > 2;

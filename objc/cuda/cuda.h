@@ -105,7 +105,7 @@ typedef struct cu_graph {
     float *grads;              /* (n_params) */
     float *optim;              /* (optim_floats): the optimizer's slots (and L-BFGS scratch) */
     double scalars[MPSCY_MAX_SCALARS]; /* optimizer scalars on the host; scalars[0] = step count */
-    double mu_next;            /* the running scalar after the step in flight (mpscy_optim_running) */
+    double mu_next;            /* the running scalar after the step in flight (mpscy_optim_coef_make) */
     float *act, *dact, *save;
     float *ws;                 /* layer workspace (the largest any layer needs; main stream only) */
     float *colbuf;             /* each convolution's im2col columns, kept from forward to backward */

@@ -205,11 +205,8 @@ int cu_optim_supported(int32_t kind) {
  * (NAdam's mu_product, SGD's momentum_started) is kept aside and committed only when the device
  * applied the step. */
 void cu_optim_params(cu_graph *g, const mpscy_step_args *a, int64_t t, cu_params *out) {
-    out->coef = mpscy_optim_coef_make(&g->plan.optim, a, t);
-    if (mpscy_optim_has_running(&g->plan.optim)) {
-        g->mu_next = g->scalars[1];
-        mpscy_optim_running(&out->coef, &g->plan.optim, a, t, &g->mu_next);
-    }
+    g->mu_next = g->scalars[1];
+    out->coef = mpscy_optim_coef_make(&g->plan.optim, a, t, &g->mu_next);
     out->seed = a->seed;
     out->counter = a->counter;
 }

@@ -20,10 +20,8 @@ int metal_optim_supported(int32_t kind) {
 void metal_optim_hyper(float *h, const mpscy_optim_desc *o, const mpscy_step_args *a, int64_t t, int apply,
                        double mu_product, double *mu_next) {
     /* the same coefficients as the CPU backend, from the shared common/optim_math.h */
-    mpscy_optim_coef k = mpscy_optim_coef_make(o, a, t);
-    double prod = mu_product;
-    if (mpscy_optim_has_running(o)) mpscy_optim_running(&k, o, a, t, &prod);
-    *mu_next = prod;
+    *mu_next = mu_product;
+    mpscy_optim_coef k = mpscy_optim_coef_make(o, a, t, mu_next);
     h[METAL_H_LR] = k.lr;
     h[METAL_H_MOMENTUM] = k.momentum;
     h[METAL_H_DAMPENING] = k.dampening;

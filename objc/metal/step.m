@@ -77,7 +77,7 @@ int metal_graph_step(mpscy_graph gh, const mpscy_step_args *a, mpscy_step_result
     /* the executable wrote the updated state into the other slabs: they become current */
     g->parity ^= 1;
     g->scalars[0] = (double)t;
-    if (mpscy_optim_has_running(&p->optim)) g->scalars[1] = mu_next;   /* mpscy_optim_running */
+    if (mpscy_optim_has_running(&p->optim)) g->scalars[1] = mu_next;   /* mpscy_optim_coef_make */
     r->applied = 1;
     return MPSCY_OK;
 }
