@@ -3,7 +3,6 @@
 batch. Parameters move in and out in PyTorch layouts. The engine owns its native device and
 graph; `close()` (or leaving a `with` block) frees them."""
 
-import math
 import time
 
 import numpy as np
@@ -238,13 +237,7 @@ class Engine:
 
     @learning_rate.setter
     def learning_rate(self, value):
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            raise InvalidArgumentError(f"learning rate must be a number, got {value!r}") from None
-        if not 0 <= value < math.inf:
-            raise InvalidArgumentError(f"learning rate must be finite and >= 0, got {value}")
-        self._g().lr = value
+        self._g().lr = _optim._nonneg(value, "learning rate")
 
     @property
     def momentum(self):

@@ -20,11 +20,14 @@ def _positive_int(value, what):
     return value
 
 
-def _number(value, what, low=None, high=None):
+def _number(value, what, low=None, high=None, nan=False):
+    """float(value) within [low, high]; NaN refused unless `nan` (then returned as is)."""
     try:
         value = float(value)
     except (TypeError, ValueError):
         raise InvalidArgumentError(f"{what} must be a number, got {value!r}") from None
+    if nan and value != value:
+        return value
     if value != value or (low is not None and value < low) or (high is not None and value > high):
         raise InvalidArgumentError(f"{what} must be in [{low}, {high}], got {value}")
     return value
@@ -379,10 +382,7 @@ class ReduceLROnPlateau(Schedule):
     def step(self, metric):
         """Records `metric` (e.g. a validation loss) and reduces the rate on a plateau. A NaN
         metric is no improvement (a bad step), as in torch."""
-        try:
-            current = float(metric)
-        except (TypeError, ValueError):
-            raise InvalidArgumentError(f"metric must be a number, got {metric!r}") from None
+        current = _number(metric, "metric", nan=True)
         self.last_epoch += 1
         if self._is_better(current, self.best):
             self.best = current
