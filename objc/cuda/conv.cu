@@ -548,9 +548,9 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
                     (uintptr_t)dzt % 16 == 0;
     const int shifted = s2 && vec && g.ow % 4 == 0;  /* dz's four copies in this one pass */
     auto dz_pass = [&](cudaStream_t s) -> int {  /* dzt (OC, nb) and the bias gradient's chunk sums */
-        CU_TRY(cu_launch(gr, shifted ? conv_dz_kernel<true> : conv_dz_kernel<false>,
-                         dim3((unsigned)chunks, (unsigned)std::min<int64_t>(g.oc, 65535)), CU_THREADS, s, dzt, dbp, dy, ry, b, g.oc, g.ohw, g.ow,
-                         (int64_t)DZ_CHUNK, vec),
+        const unsigned rows = (unsigned)std::min<int64_t>(g.oc, 65535);  /* a channel a row; more loop */
+        CU_TRY(cu_launch(gr, shifted ? conv_dz_kernel<true> : conv_dz_kernel<false>, dim3((unsigned)chunks, rows),
+                         CU_THREADS, s, dzt, dbp, dy, ry, b, g.oc, g.ohw, g.ow, (int64_t)DZ_CHUNK, vec),
                "conv_dz");
         return CU_LAUNCHED("conv_dz");
     };
