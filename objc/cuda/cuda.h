@@ -51,6 +51,8 @@ typedef struct cu_scratch {
     double norm_part[CU_MAX_PARTS];
     unsigned int loss_count, norm_count;
     int applied;               /* 1: this step's update is applied (finite, TRAIN) */
+    /* bad_seq .. part_seq: the marks numbered by deferred steps, kept together: step.cu's launch
+     * clears them as one range (up to clip_scale) when the numbers start again */
     unsigned int bad_seq;      /* the last deferred step whose input held a NaN or Inf */
     unsigned int piece_seq[CU_STAGE_MAX_PIECES]; /* step.cu's pull: the host's flags, relayed */
     unsigned int fused_piece[CU_STAGE_MAX_PIECES]; /* mlp.cu's deferred copy: the flags relayed, 0 between steps */
