@@ -244,12 +244,17 @@ def _is_schedule(v):
     return callable(getattr(v, "step", None)) and callable(getattr(v, "state_dict", None)) and hasattr(v, "engine")
 
 
+def _children(s):
+    """The schedules a composed schedule holds in its attributes (LinearWarmup's `then`), by name."""
+    return {k: v for k, v in vars(s).items() if k != "engine" and _is_schedule(v)}
+
+
 def _describe_schedule(s):
     """Class, state_dict and, for composed schedules (LinearWarmup(then=...)), the schedules
     held in its attributes, so each can be rebuilt with its own class."""
     if not callable(getattr(s, "state_dict", None)):
         raise InvalidArgumentError(f"the attached schedule {type(s).__name__} has no state_dict(); it cannot be saved")
-    children = {k: _describe_schedule(v) for k, v in vars(s).items() if k != "engine" and _is_schedule(v)}
+    children = {k: _describe_schedule(v) for k, v in _children(s).items()}
     return {"module": type(s).__module__, "class": type(s).__qualname__, "state": _jsonable(s.state_dict()),
             "children": children}
 
@@ -260,7 +265,7 @@ def _same_schedule(s, info):
     if type(s).__qualname__ != info["class"] or type(s).__module__ != info["module"]:
         return False
     children = info.get("children") or {}
-    mine = {k: v for k, v in vars(s).items() if k != "engine" and _is_schedule(v)}
+    mine = _children(s)
     return set(mine) == set(children) and all(_same_schedule(mine[k], children[k]) for k in children)
 
 
