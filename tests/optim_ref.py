@@ -61,13 +61,20 @@ class RefOptimizer:
             self.update(k, p, g[k].copy(), self.state.setdefault(k, {}))
 
 
+def _coupled(h, k, p, g):
+    """The gradient as SGD, RMSprop, Adagrad and Adadelta use it: negated when maximizing, then
+    weight decay added to it (coupled, L2)."""
+    if h.get("maximize"):
+        g = -g
+    if h.get("weight_decay", 0):
+        g = g + h["weight_decay"] * p[k]
+    return g
+
+
 class RefSGD(RefOptimizer):
     def update(self, k, p, g, s):
         h = self.hp
-        if h.get("maximize"):
-            g = -g
-        if h.get("weight_decay", 0):
-            g = g + h["weight_decay"] * p[k]
+        g = _coupled(h, k, p, g)
         mom = h.get("momentum", 0)
         if mom:
             if "buf" not in s:
@@ -116,10 +123,7 @@ class RefRMSprop(RefOptimizer):
     def update(self, k, p, g, s):
         h = self.hp
         a = h.get("alpha", 0.99)
-        if h.get("maximize"):
-            g = -g
-        if h.get("weight_decay", 0):
-            g = g + h["weight_decay"] * p[k]
+        g = _coupled(h, k, p, g)
         sq = s.setdefault("sq", np.zeros_like(g))
         sq *= a
         sq += (1 - a) * g * g
@@ -142,10 +146,7 @@ class RefRMSprop(RefOptimizer):
 class RefAdagrad(RefOptimizer):
     def update(self, k, p, g, s):
         h = self.hp
-        if h.get("maximize"):
-            g = -g
-        if h.get("weight_decay", 0):
-            g = g + h["weight_decay"] * p[k]
+        g = _coupled(h, k, p, g)
         clr = h["lr"] / (1 + (self.t - 1) * h.get("lr_decay", 0))
         acc = s.setdefault("sum", np.full_like(g, h.get("initial_accumulator_value", 0.0)))
         acc += g * g
@@ -156,10 +157,7 @@ class RefAdadelta(RefOptimizer):
     def update(self, k, p, g, s):
         h = self.hp
         rho, eps = h.get("rho", 0.9), h.get("eps", 1e-6)
-        if h.get("maximize"):
-            g = -g
-        if h.get("weight_decay", 0):
-            g = g + h["weight_decay"] * p[k]
+        g = _coupled(h, k, p, g)
         sq = s.setdefault("sq", np.zeros_like(g))
         acc = s.setdefault("acc", np.zeros_like(g))
         sq *= rho

@@ -109,34 +109,22 @@ __global__ void coop_probe_kernel(int *flag) {
     if (blockIdx.x == 0 && threadIdx.x == 0) *flag = 1;
 }
 
-/* Whether a cooperative kernel can be captured into a graph and run here (checked once). */
-int cu_coop_probe(cu_device *d) {
-    int attr = 0;
-    if (cudaDeviceGetAttribute(&attr, cudaDevAttrCooperativeLaunch, d->ordinal) != cudaSuccess || !attr) {
-        cudaGetLastError();
-        return 0;
-    }
+/* Captures what `enqueue` launches on a fresh stream into a graph, runs it and reads flag[word]
+ * back (two ints, zeroed first): whether the whole round worked and the word reads 1. The
+ * probes below are run once a device. */
+static int probe_in_graph(const cu_device *d, cudaError_t (*enqueue)(const cu_device *, cudaStream_t, int *), int word) {
     cudaStream_t s = NULL;
     cudaGraph_t graph = NULL;
     cudaGraphExec_t exec = NULL;
     int *flag = NULL, ok = 0, host = 0;
-    if (cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking) == cudaSuccess && cudaMalloc(&flag, sizeof(int)) == cudaSuccess &&
-        cudaMemset(flag, 0, sizeof(int)) == cudaSuccess &&
+    if (cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking) == cudaSuccess &&
+        cudaMalloc(&flag, 2 * sizeof(int)) == cudaSuccess && cudaMemset(flag, 0, 2 * sizeof(int)) == cudaSuccess &&
         cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal) == cudaSuccess) {
-        cudaLaunchConfig_t cfg = {};
-        cudaLaunchAttribute attr1;
-        attr1.id = cudaLaunchAttributeCooperative;
-        attr1.val.cooperative = 1;
-        cfg.gridDim = dim3(2 * d->sms);
-        cfg.blockDim = dim3(CU_THREADS);
-        cfg.stream = s;
-        cfg.attrs = &attr1;
-        cfg.numAttrs = 1;
-        cudaError_t le = cudaLaunchKernelEx(&cfg, coop_probe_kernel, flag);
+        cudaError_t le = enqueue(d, s, flag);
         cudaError_t ee = cudaStreamEndCapture(s, &graph);
         if (le == cudaSuccess && ee == cudaSuccess && cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess &&
             cudaGraphLaunch(exec, s) == cudaSuccess && cudaStreamSynchronize(s) == cudaSuccess &&
-            cudaMemcpy(&host, flag, sizeof(int), cudaMemcpyDeviceToHost) == cudaSuccess)
+            cudaMemcpy(&host, flag + word, sizeof(int), cudaMemcpyDeviceToHost) == cudaSuccess)
             ok = host == 1;
     }
     if (exec) cudaGraphExecDestroy(exec);
@@ -145,6 +133,29 @@ int cu_coop_probe(cu_device *d) {
     if (s) cudaStreamDestroy(s);
     cudaGetLastError();
     return ok;
+}
+
+static cudaError_t coop_probe_enqueue(const cu_device *d, cudaStream_t s, int *flag) {
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute attr;
+    attr.id = cudaLaunchAttributeCooperative;
+    attr.val.cooperative = 1;
+    cfg.gridDim = dim3(2 * d->sms);
+    cfg.blockDim = dim3(CU_THREADS);
+    cfg.stream = s;
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+    return cudaLaunchKernelEx(&cfg, coop_probe_kernel, flag);
+}
+
+/* Whether a cooperative kernel can be captured into a graph and run here (checked once). */
+int cu_coop_probe(cu_device *d) {
+    int attr = 0;
+    if (cudaDeviceGetAttribute(&attr, cudaDevAttrCooperativeLaunch, d->ordinal) != cudaSuccess || !attr) {
+        cudaGetLastError();
+        return 0;
+    }
+    return probe_in_graph(d, coop_probe_enqueue, 0);
 }
 
 __global__ void pdl_probe_first(int *flag) {
@@ -160,42 +171,23 @@ __global__ void pdl_probe_second(const int *flag, int *out) {
     if (blockIdx.x == 0 && threadIdx.x == 0) *out = *(volatile const int *)flag;
 }
 
+static cudaError_t pdl_probe_enqueue(const cu_device *, cudaStream_t s, int *flag) {
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute at;
+    at.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at.val.programmaticStreamSerializationAllowed = 1;
+    cfg.gridDim = dim3(1);
+    cfg.blockDim = dim3(32);
+    cfg.stream = s;
+    cfg.attrs = &at;
+    cfg.numAttrs = 1;
+    cudaError_t e = cudaLaunchKernelEx(&cfg, pdl_probe_first, flag);
+    return e != cudaSuccess ? e : cudaLaunchKernelEx(&cfg, pdl_probe_second, (const int *)flag, flag + 1);
+}
+
 /* Whether kernels launched with programmatic dependent launch can be captured into a graph,
  * run, and still see everything the previous kernel wrote (checked once). */
-int cu_pdl_probe(cu_device *d) {
-    if (d->prop.major < 9) return 0;
-    cudaStream_t s = NULL;
-    cudaGraph_t graph = NULL;
-    cudaGraphExec_t exec = NULL;
-    int *flag = NULL, ok = 0, host = 0;
-    if (cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking) == cudaSuccess &&
-        cudaMalloc(&flag, 2 * sizeof(int)) == cudaSuccess && cudaMemset(flag, 0, 2 * sizeof(int)) == cudaSuccess &&
-        cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal) == cudaSuccess) {
-        cudaLaunchConfig_t cfg = {};
-        cudaLaunchAttribute at;
-        at.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        at.val.programmaticStreamSerializationAllowed = 1;
-        cfg.gridDim = dim3(1);
-        cfg.blockDim = dim3(32);
-        cfg.stream = s;
-        cfg.attrs = &at;
-        cfg.numAttrs = 1;
-        cudaError_t e1 = cudaLaunchKernelEx(&cfg, pdl_probe_first, flag);
-        cudaError_t e2 = cudaLaunchKernelEx(&cfg, pdl_probe_second, (const int *)flag, flag + 1);
-        cudaError_t ee = cudaStreamEndCapture(s, &graph);
-        if (e1 == cudaSuccess && e2 == cudaSuccess && ee == cudaSuccess &&
-            cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess && cudaGraphLaunch(exec, s) == cudaSuccess &&
-            cudaStreamSynchronize(s) == cudaSuccess &&
-            cudaMemcpy(&host, flag + 1, sizeof(int), cudaMemcpyDeviceToHost) == cudaSuccess)
-            ok = host == 1;
-    }
-    if (exec) cudaGraphExecDestroy(exec);
-    if (graph) cudaGraphDestroy(graph);
-    if (flag) cudaFree(flag);
-    if (s) cudaStreamDestroy(s);
-    cudaGetLastError();
-    return ok;
-}
+int cu_pdl_probe(cu_device *d) { return d->prop.major >= 9 && probe_in_graph(d, pdl_probe_enqueue, 1); }
 
 int cu_optim_supported(int32_t kind) {
     return kind >= MPSCY_OPTIM_SGD && kind <= MPSCY_OPTIM_LBFGS;
