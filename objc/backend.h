@@ -72,6 +72,22 @@ struct mpscy_backend {
     int (*device_synchronize)(mpscy_device dev, char *err, size_t n);
 };
 
+/* The table entries a backend implements beside its device ones, declared under its prefix
+ * (cpu_, cu_, metal_): MPSCY_BACKEND_ENTRIES(cpu_) in cpu.h. */
+#define MPSCY_BACKEND_ENTRIES(P)                                                                                   \
+    int P##buffer_create(mpscy_device dev, size_t bytes, int32_t storage, mpscy_buffer *out, char *err, size_t n); \
+    void P##buffer_destroy(mpscy_buffer buf);                                                                      \
+    int P##buffer_read(mpscy_buffer buf, size_t off, void *dst, size_t bytes, char *err, size_t n);                \
+    int P##buffer_write(mpscy_buffer buf, size_t off, const void *src, size_t bytes, char *err, size_t n);         \
+    int P##graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *out, char *err, size_t n);    \
+    void P##graph_destroy(mpscy_graph g);                                                                          \
+    int P##graph_io(mpscy_graph g, int32_t kind, int32_t index, mpscy_buffer *out, char *err, size_t n);          \
+    int P##tensor_read(mpscy_graph g, const struct mpscy_tensor *t, void *dst, size_t bytes, char *err, size_t n); \
+    int P##tensor_write(mpscy_graph g, const struct mpscy_tensor *t, const void *src, size_t bytes, char *err,     \
+                        size_t n);                                                                                 \
+    int P##graph_step(mpscy_graph g, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t n);         \
+    int P##graph_predict(mpscy_graph g, const mpscy_step_args *a, char *err, size_t n);
+
 /* Backends linked into this build (cpu always; cuda and metal when built). */
 extern const mpscy_backend mpscy_cpu_backend;
 #ifdef MPSCY_HAVE_CUDA

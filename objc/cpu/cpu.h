@@ -68,17 +68,7 @@ void *cpu_alloc(mpscy_device dev, size_t bytes);
 void cpu_free(mpscy_device dev, void *ptr, size_t bytes);
 
 /* table entries implemented by buffer.c, graph.c and step.c */
-int cpu_buffer_create(mpscy_device dev, size_t bytes, int32_t storage, mpscy_buffer *out, char *err, size_t n);
-void cpu_buffer_destroy(mpscy_buffer buf);
-int cpu_buffer_read(mpscy_buffer buf, size_t off, void *dst, size_t bytes, char *err, size_t n);
-int cpu_buffer_write(mpscy_buffer buf, size_t off, const void *src, size_t bytes, char *err, size_t n);
-int cpu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *out, char *err, size_t n);
-void cpu_graph_destroy(mpscy_graph g);
-int cpu_graph_io(mpscy_graph g, int32_t kind, int32_t index, mpscy_buffer *out, char *err, size_t n);
-int cpu_tensor_read(mpscy_graph g, const mpscy_tensor *t, void *dst, size_t bytes, char *err, size_t n);
-int cpu_tensor_write(mpscy_graph g, const mpscy_tensor *t, const void *src, size_t bytes, char *err, size_t n);
-int cpu_graph_step(mpscy_graph g, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t n);
-int cpu_graph_predict(mpscy_graph g, const mpscy_step_args *a, char *err, size_t n);
+MPSCY_BACKEND_ENTRIES(cpu_)
 
 /* Pointers to node n's tensor `slot` (0 weight / running_mean, 1 bias / running_var). */
 float *cpu_tensor(cpu_graph *g, const mpscy_node *n, int32_t role, int32_t slot);

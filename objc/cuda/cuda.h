@@ -218,17 +218,7 @@ int cu_pinned_alloc(mpscy_device dev, void **p, size_t bytes);    /* cudaHostAll
 void cu_pinned_free(mpscy_device dev, void *p, size_t bytes);
 
 /* table entries implemented by buffer.cu, graph.cu and step.cu */
-int cu_buffer_create(mpscy_device dev, size_t bytes, int32_t storage, mpscy_buffer *out, char *err, size_t n);
-void cu_buffer_destroy(mpscy_buffer buf);
-int cu_buffer_read(mpscy_buffer buf, size_t off, void *dst, size_t bytes, char *err, size_t n);
-int cu_buffer_write(mpscy_buffer buf, size_t off, const void *src, size_t bytes, char *err, size_t n);
-int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *out, char *err, size_t n);
-void cu_graph_destroy(mpscy_graph g);
-int cu_graph_io(mpscy_graph g, int32_t kind, int32_t index, mpscy_buffer *out, char *err, size_t n);
-int cu_tensor_read(mpscy_graph g, const mpscy_tensor *t, void *dst, size_t bytes, char *err, size_t n);
-int cu_tensor_write(mpscy_graph g, const mpscy_tensor *t, const void *src, size_t bytes, char *err, size_t n);
-int cu_graph_step(mpscy_graph g, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t n);
-int cu_graph_predict(mpscy_graph g, const mpscy_step_args *a, char *err, size_t n);
+MPSCY_BACKEND_ENTRIES(cu_)
 /* waits for a training step still finishing on the device (cu_device.pending), reporting its failure */
 int cu_settle(mpscy_device dev, char *err, size_t n);
 void cu_cache_clear(cu_graph *g);

@@ -127,17 +127,7 @@ int metal_check_command_buffer(id<MTLCommandBuffer> cb, id<MTLCommandBuffer> roo
                                char *err, size_t n);
 
 /* ------------------------------------------------------------------ table entries */
-int metal_buffer_create(mpscy_device dev, size_t bytes, int32_t storage, mpscy_buffer *out, char *err, size_t n);
-void metal_buffer_destroy(mpscy_buffer buf);
-int metal_buffer_read(mpscy_buffer buf, size_t off, void *dst, size_t bytes, char *err, size_t n);
-int metal_buffer_write(mpscy_buffer buf, size_t off, const void *src, size_t bytes, char *err, size_t n);
-int metal_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *out, char *err, size_t n);
-void metal_graph_destroy(mpscy_graph g);
-int metal_graph_io(mpscy_graph g, int32_t kind, int32_t index, mpscy_buffer *out, char *err, size_t n);
-int metal_tensor_read(mpscy_graph g, const mpscy_tensor *t, void *dst, size_t bytes, char *err, size_t n);
-int metal_tensor_write(mpscy_graph g, const mpscy_tensor *t, const void *src, size_t bytes, char *err, size_t n);
-int metal_graph_step(mpscy_graph g, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t n);
-int metal_graph_predict(mpscy_graph g, const mpscy_step_args *a, char *err, size_t n);
+MPSCY_BACKEND_ENTRIES(metal_)
 
 static inline MetalGraphState *metal_state(const metal_graph *g) {
     return (__bridge MetalGraphState *)g->state;
