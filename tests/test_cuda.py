@@ -351,6 +351,30 @@ def test_conv_with_more_than_65535_output_channels_matches_cpu(rng):
 
 
 @cuda_only
+def test_small_product_with_more_than_65535_row_tiles_matches_cpu(rng):
+    """Dense(1) on 4 features at a built batch of 2^21 rows: batch x out x in < 2^24, so the
+    forward is gemm.cu's own product, whose grid had a block row per 32-row tile of x: 65,536
+    rows of blocks, past a grid's y limit of 65,535 (building the engine failed with a
+    DeviceError). Its tiles now run along grid x. Two SGD steps, one a partial batch (launched
+    kernel by kernel), against the cpu."""
+    b = 1 << 21
+    cpu, gpu = pair(lambda: [L.Dense(1)], (4,), loss="mse", opt=lambda: optim.SGD(0.01), batch=b)
+    compare_training(cpu, gpu, rng, steps=2, rows=[b, b - 3])
+
+
+@cuda_only
+def test_dense_mma_dx_with_more_than_65535_row_tiles_matches_cpu(rng):
+    """The dx of Dense(16 -> 1) below a Tanh at 2^21 rows would run as dense.cu's 3xTF32 product
+    (out <= 256, batch x in >= 65536), a block row per 32 rows of x: 65,536 rows of blocks, past a
+    grid's y limit (building the engine failed). Past 32 x 65,535 rows it takes the general
+    product instead. Two SGD steps, one a partial batch, against the cpu."""
+    b = 1 << 21
+    cpu, gpu = pair(lambda: [L.Dense(16), L.Tanh(), L.Dense(1)], (4,), loss="mse", opt=lambda: optim.SGD(0.01),
+                    batch=b)
+    compare_training(cpu, gpu, rng, steps=2, rows=[b, b - 3])
+
+
+@cuda_only
 def test_conv_direct_with_partial_batches_matches_cpu(rng):
     """The direct forward (3 -> 16, K = 27, fused ReLU) with its columns built on the side stream
     for the weight gradient: gradients with the input's of a partial batch, training over full

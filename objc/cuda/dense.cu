@@ -94,7 +94,9 @@ static mma_fn dx_kind(bool va, bool vb, int *bytes) {
 }
 
 static bool dense_mma_dx_fits(const cu_graph *gr, int64_t b, int64_t out, int64_t in) {
-    return gr->dense_mma && cu_mma_own(gr) && out <= 256 && b * in >= 65536 && dense_mma_big(b, out, in);
+    /* a block row per 32 rows of x: a grid's y is at most 65,535 */
+    return gr->dense_mma && cu_mma_own(gr) && out <= 256 && b * in >= 65536 && b <= 32 * 65535 &&
+           dense_mma_big(b, out, in);
 }
 
 static int dense_mma_dx(cu_graph *gr, float *dx, const float *dz, const float *w, int64_t b, int64_t out, int64_t in,

@@ -52,10 +52,12 @@ __global__ void __launch_bounds__(256) gemm_small(sg_args p) {
     __shared__ bool last;
     cu_pdl_enter();
     const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
-    const int64_t m0 = (int64_t)blockIdx.y * BM, n0 = (int64_t)blockIdx.x * BN;
+    /* the tiles of C along grid x, n fastest (a grid's y is at most 65,535: 2M rows of x) */
+    const unsigned tiles_n = (unsigned)((p.n + BN - 1) / BN), tile = blockIdx.x;  /* 32-bit division */
+    const int64_t m0 = (int64_t)(tile / tiles_n) * BM, n0 = (int64_t)(tile % tiles_n) * BN;
     const int64_t kb0 = (int64_t)blockIdx.z * p.kchunk, kb1 = min(p.k, kb0 + p.kchunk);
     const bool a_kfast = p.ak == 1, b_nfast = p.bn == 1;
-    const bool want_rows = p.rowsum && blockIdx.x == 0;
+    const bool want_rows = p.rowsum && n0 == 0;
     float acc[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
     float rs = 0.0f;
     for (int64_t k0 = kb0; k0 < kb1; k0 += KC) {
@@ -132,7 +134,7 @@ __global__ void __launch_bounds__(256) gemm_small(sg_args p) {
     if (want_rows && tid < BM && m0 + tid < p.m) rpart[blockIdx.z * p.m + m0 + tid] = rs;
     __threadfence();
     __syncthreads();
-    unsigned int *cnt = p.count + blockIdx.y * gridDim.x + blockIdx.x;
+    unsigned int *cnt = p.count + tile;
     if (tid == 0) last = atomicAdd(cnt, 1u) == gridDim.z - 1;
     __syncthreads();
     if (!last) return;
@@ -223,7 +225,7 @@ int cu_gemm_small(cu_graph *g, cudaStream_t st, const cu_small_gemm *q, char *er
         p.count = g->gcount + g->gcount_used;
         g->gcount_used += tm * tn;
     }
-    dim3 grid((unsigned)tn, (unsigned)tm, (unsigned)s);
+    dim3 grid((unsigned)(tm * tn), 1, (unsigned)s);
     CU_TRY(cu_launch(g, gemm_small, grid, dim3(256), st, p), "gemm_small");
     return CU_LAUNCHED("gemm_small");
 }
