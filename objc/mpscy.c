@@ -182,7 +182,9 @@ int mpscy_graph_tensor_write(mpscy_graph g, int32_t index, const void *src, size
     if (t->info.dtype == MPSCY_I64) {
         int64_t v;
         memcpy(&v, src, sizeof v);
-        if (v < 0) return FAIL(MPSCY_INVALID, "optimizer step count %lld is negative", (long long)v);
+        /* kept as a double: beyond 2^53 it would be rounded (and 2^63 - 1 read back as -2^63) */
+        if (v < 0 || v > ((int64_t)1 << 53))
+            return FAIL(MPSCY_INVALID, "optimizer step count %lld is outside 0..2^53", (long long)v);
         g->scalars[t->info.offset] = (double)v;
         return MPSCY_OK;
     }

@@ -143,6 +143,20 @@ def test_native_error_messages_name_the_function():
         native.Graph(dev, nodes, {**bad, "batch": 0})
 
 
+def test_layer_descriptor_with_too_many_options_is_refused():
+    """A layer descriptor holds 12 ints and 4 reals: longer lists are refused, not written past
+    the end of the fixed arrays (into the next field or the next descriptor)."""
+    native = mpscy._native
+    dev = native.Device("cpu")
+    spec = {"output": 1, "batch": 4, "target": "index", "loss": {"kind": "sparse_cross_entropy"},
+            "optim": {"kind": "sgd", "lr": 0.1}}
+    for key, n in (("ints", 13), ("reals", 5)):
+        nodes = mpscy.Sequential([layers.Dense(3)], input_shape=(2,)).native_layers()
+        nodes[1][key] = list(nodes[1].get(key, [])) + [0] * (n - len(nodes[1].get(key, [])))
+        with pytest.raises(mpscy.InvalidArgumentError, match=f"dense_0.*{n} {key}"):
+            native.Graph(dev, nodes, spec)
+
+
 @pytest.mark.parametrize("case", ["unknown name", "missing", "shape", "nan", "dtype"])
 def test_set_parameters_validates_everything_first(device, case):
     engine = make(device)
@@ -212,6 +226,19 @@ def test_bad_construction_arguments():
         mpscy.Engine(model).learning_rate = float("nan")
 
 
+def test_construction_integers_out_of_range_are_named():
+    """batch_size, seed and threads travel as int32 / uint64: a value out of range is an
+    InvalidArgumentError naming the argument (it was a bare OverflowError such as "value too
+    large to convert to int32_t"); a negative thread count is refused, not taken as 0."""
+    model = mpscy.Sequential([layers.Dense(3)], input_shape=(2,))
+    for kw in ({"batch_size": 2**31}, {"seed": 2**64}, {"threads": 2**31}, {"threads": -1}, {"threads": "4"}):
+        name = next(iter(kw))
+        with pytest.raises(mpscy.InvalidArgumentError, match=name):
+            mpscy.Engine(model, device="cpu", **kw)
+    assert mpscy.Engine(model, device="cpu", seed=2**64 - 1, threads=1).step(
+        np.ones((2, 2), np.float32), np.zeros(2, np.int32)).loss > 0
+
+
 def test_errors_are_picklable_and_typed():
     import pickle
     e = pickle.loads(pickle.dumps(mpscy.ShapeError("x has shape (1,)")))
@@ -221,6 +248,21 @@ def test_errors_are_picklable_and_typed():
     assert issubclass(mpscy.DeviceError, RuntimeError)
     assert issubclass(mpscy.NonFiniteError, ValueError)
     assert issubclass(mpscy.UnsupportedError, RuntimeError)
+
+
+def test_arrays_whose_dtype_has_no_buffer_are_named_by_their_dtype(device):
+    """datetime64 and timedelta64 arrays export no buffer: the error names the dtype (it used to
+    say "x must be a numpy array, got ndarray")."""
+    engine = make(device)
+    snap = snapshot(engine)
+    x, y = np.ones((BATCH, FEATURES), np.float32), np.zeros(BATCH, np.int64)
+    with pytest.raises(mpscy.DTypeError, match=r"x .*got dtype datetime64\[ns\]"):
+        engine.step(np.zeros((BATCH, FEATURES), "datetime64[ns]"), y)
+    with pytest.raises(mpscy.DTypeError, match=r"y .*got dtype timedelta64\[s\]"):
+        engine.step(x, np.zeros(BATCH, "timedelta64[s]"))
+    with pytest.raises(mpscy.DTypeError, match="got dtype datetime64"):
+        engine.predict(np.zeros((3, FEATURES), "datetime64[ns]"))
+    assert_unchanged(engine, snap)
 
 
 def test_concurrent_use_from_two_threads_is_refused_not_corrupted(device):
@@ -259,6 +301,15 @@ def test_learning_rate_must_be_a_number():
         engine.learning_rate = -0.1
 
 
+def test_native_buffer_needs_a_device():
+    """Buffer(None, n) is a TypeError; it used to read a device handle out of None's memory."""
+    with pytest.raises(TypeError):
+        mpscy._native.Buffer(None, 16)
+    buf = mpscy._native.Buffer(mpscy._native.Device("cpu"), 16)
+    buf.write(b"0123456789abcdef")
+    assert buf.read(4, 2) == b"2345"
+
+
 def test_per_step_values_and_optimizer_state_are_checked_before_anything_changes():
     """An infinite learning rate, momentum or weight decay is refused (the step would report
     its update applied with every parameter non-finite), and so is an optimizer state with a
@@ -293,3 +344,22 @@ def test_per_step_values_and_optimizer_state_are_checked_before_anything_changes
     state = dict(good, step=3.0)  # a whole float is a count
     e.set_optimizer_state(state)
     assert e.get_optimizer_state()["step"] == 3
+
+
+def test_step_count_beyond_2_53_is_refused_not_corrupted(device):
+    """The step count is kept natively as a double: a count it cannot hold exactly (above 2**53)
+    is refused before anything is written; 2**63 - 1 used to come back as -2**63."""
+    model = mpscy.Sequential([layers.Dense(3)], input_shape=(2,))
+    e = mpscy.Engine(model, optimizer=optim.Adam(1e-2), batch_size=4, device=device)
+    e.step(np.ones((4, 2), np.float32), np.array([0, 1, 2, 0], np.int32))
+    good = e.get_optimizer_state()
+    for step in (2**53 + 1, 2**63 - 1):
+        with pytest.raises(mpscy.InvalidArgumentError, match=r"2\*\*53"):
+            e.set_optimizer_state(dict(good, step=step))
+        assert e.get_optimizer_state()["step"] == 1
+    i, dtype, shape = e._optim_tensor("step")
+    with pytest.raises(mpscy.InvalidArgumentError, match="2\\^53"):
+        e._graph.write_tensor(i, np.array([2**63 - 1], np.int64))
+    assert e.get_optimizer_state()["step"] == 1
+    e.set_optimizer_state(dict(good, step=2**53))
+    assert e.get_optimizer_state()["step"] == 2**53

@@ -333,3 +333,32 @@ def test_lbfgs_calls_with_bad_state_or_arguments_are_refused(device):
         after = e.get_parameters()
         assert all(np.array_equal(before[k], after[k]) for k in before)
     assert e.step(x, y).loss > 0          # the engine still steps
+
+
+def test_lbfgs_state_with_nan_or_inf_is_refused_before_anything_changes(device):
+    """As for the other optimizers, a NaN or Inf in the L-BFGS state is refused before anything
+    is written (an infinite `ro` used to be taken, and every later step then failed)."""
+    e = mpscy.Engine(_logreg(), optimizer=optim.LBFGS(history_size=3, max_iter=2), batch_size=16, device=device)
+    x, y = digits_batches(16, 1)[0]
+    for _ in range(3):
+        e.step(x, y)
+    good = e.get_optimizer_state()
+    assert len(good["ro"]) >= 1
+
+    def same(a, b):
+        return all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
+
+    for name in ("d", "prev_flat_grad", "old_dirs", "old_stps", "ro"):
+        state = dict(good)
+        if name == "ro":
+            state["ro"] = [float("inf")] + list(good["ro"][1:])
+        elif name in ("old_dirs", "old_stps"):
+            state[name] = [a.copy() for a in good[name]]
+            state[name][0][3] = np.nan
+        else:
+            state[name] = good[name].copy()
+            state[name][3] = np.nan
+        with pytest.raises(mpscy.InvalidArgumentError, match=f"'{name}' contains NaN or Inf"):
+            e.set_optimizer_state(state)
+        assert same(good, e.get_optimizer_state())
+    assert np.isfinite(e.step(x, y).loss)

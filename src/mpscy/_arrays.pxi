@@ -44,6 +44,10 @@ cdef int _acquire(object obj, Py_buffer *view, str what) except -1:
     try:
         PyObject_GetBuffer(obj, view, PyBUF_RECORDS_RO)
     except Exception:
+        dt = getattr(obj, "dtype", None)
+        if dt is not None:  # an array whose dtype exports no buffer (datetime64, timedelta64, ...)
+            raise _errors.DTypeError(f"{what} must be a float32 array (int32/int64 for class labels), "
+                                     f"got dtype {dt}") from None
         raise _errors.DTypeError(f"{what} must be a numpy array, got {type(obj).__name__}") from None
     return 0
 

@@ -51,9 +51,14 @@ cdef void _fill_layer(mpscy_layer_desc *d, dict L) except *:
     d.rank = len(shape)
     for j, v in enumerate(shape):
         d.shape[j] = v
-    for j, v in enumerate(L.get("ints", ())):
+    ints, reals = L.get("ints", ()), L.get("reals", ())
+    # fixed arrays: ints[12], reals[4] (see mpscy_layer_desc)
+    if len(ints) > 12 or len(reals) > 4:
+        raise _errors.InvalidArgumentError(f"layer {L['name']} has {len(ints)} ints and {len(reals)} reals; "
+                                           f"a descriptor holds at most 12 and 4")
+    for j, v in enumerate(ints):
         d.ints[j] = v
-    for j, v in enumerate(L.get("reals", ())):
+    for j, v in enumerate(reals):
         d.reals[j] = v
     name = L["name"].encode()
     if len(name) >= MPSCY_NAME_LEN:

@@ -105,7 +105,7 @@ cdef class Buffer:
     cdef Device device
     cdef readonly size_t nbytes
 
-    def __cinit__(self, Device device, size_t nbytes, bint shared=True):
+    def __cinit__(self, Device device not None, size_t nbytes, bint shared=True):
         cdef char err[ERR_LEN]
         err[0] = 0
         self.device = device

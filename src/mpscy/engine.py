@@ -97,12 +97,16 @@ class Engine:
         self._graph = None
         if not isinstance(model, Model):
             raise InvalidArgumentError(f"model must be an mpscy Sequential or Model, got {type(model).__name__}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise InvalidArgumentError(f"batch_size must be a positive integer, got {batch_size!r}")
+        # the native descriptor holds batch_size and threads as int32, the seed as uint64
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or not 1 <= batch_size < 2**31:
+            raise InvalidArgumentError(f"batch_size must be a positive integer below 2**31, got {batch_size!r}")
         if precision not in ("fp32", "tf32"):
             raise InvalidArgumentError(f"precision must be 'fp32' or 'tf32', got {precision!r}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise InvalidArgumentError(f"seed must be a non-negative integer, got {seed!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
+            raise InvalidArgumentError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+        if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 0 <= threads < 2**31:
+            raise InvalidArgumentError(f"threads must be a non-negative integer (0: the device's default), "
+                                       f"got {threads!r}")
         optimizer = _optim.Adam() if optimizer is None else optimizer
         if not isinstance(optimizer, _optim.Optimizer):
             raise InvalidArgumentError(f"optimizer must be an mpscy.optim optimizer, got {type(optimizer).__name__}")
@@ -391,6 +395,9 @@ class Engine:
             raise InvalidArgumentError(f"optimizer state {name!r} is a count: a whole number, got {value!r}")
         if not np.isfinite(v).all() or (dtype == np.int64 and v[0] < 0):
             raise InvalidArgumentError(f"optimizer state {name!r} must be finite (and >= 0 for counts), got {value!r}")
+        if dtype == np.int64 and v[0] > 2**53:
+            # counts live natively in a double: above 2**53 they would not come back as written
+            raise InvalidArgumentError(f"optimizer state {name!r} is a count of at most 2**53, got {value!r}")
         return v
 
     def _optim_tensor(self, name):
@@ -440,6 +447,10 @@ class Engine:
                 dst[k] = arr
         ro = np.zeros(cap, np.float32)
         ro[:count] = np.asarray(hist[2], dtype=np.float32)
+        for name, arr in (("d", vec["d"]), ("prev_flat_grad", vec["prev_flat_grad"]), ("old_dirs", dirs),
+                          ("old_stps", stps), ("ro", ro)):
+            if not np.isfinite(arr).all():
+                raise InvalidArgumentError(f"LBFGS state {name!r} contains NaN or Inf")
         scalars = {"step": self._scalar("step", state["step"], np.int64),
                    "H_diag": self._scalar("H_diag", state["H_diag"], np.float64),
                    "hist_start": np.zeros(1, np.float64), "hist_len": np.array([count], np.float64)}
