@@ -1631,7 +1631,8 @@ def test_first_convolution_beside_the_pull_gives_the_same_bits(pdl, monkeypatch,
 @cuda_only
 def test_deferred_nan_input_leaves_state_untouched(rng):
     """A NaN or Inf found while the graph already runs: NonFiniteError naming the row, as when
-    the caller's check finds it first; parameters, BatchNorm statistics, optimizer state and the
+    the caller's check finds it first (by its row in the caller's array, with the same message,
+    through predict and evaluate over several batches too); parameters, BatchNorm statistics, optimizer state and the
     step count stay as they were, and the next step matches a cpu engine that never saw it."""
     cpu, gpu = pair(_deferred_cnn, (3, 32, 32), batch=32)
     x = rng.standard_normal((32, 3, 32, 32)).astype(np.float32)
@@ -1648,6 +1649,16 @@ def test_deferred_nan_input_leaves_state_untouched(rng):
             gpu.predict(bad)
         with pytest.raises(mpscy.NonFiniteError, match=f"NaN or Inf at row {row}"):
             gpu.evaluate(bad, y)
+    # predict and evaluate over several batches name the row in the caller's array, with the
+    # message of a row the caller's check finds (row 66 is in the last, partial batch, staged first)
+    xl, yl = np.concatenate([x, x, x[:5]]), np.concatenate([y, y, y[:5]])
+    for row in (33, 63, 66):
+        bad = xl.copy()
+        bad[row, 1, 0, 0] = np.nan
+        with pytest.raises(mpscy.NonFiniteError, match=f"^x contains NaN or Inf at row {row}$"):
+            gpu.predict(bad)
+        with pytest.raises(mpscy.NonFiniteError, match=f"^x contains NaN or Inf at row {row}$"):
+            gpu.evaluate(bad, yl)
     after = gpu.get_parameters()
     assert all(np.array_equal(after[k], before[k]) for k in before)  # running_mean/var included
     got = gpu.get_optimizer_state()

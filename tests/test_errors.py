@@ -197,6 +197,30 @@ def test_predict_and_evaluate_errors(device):
     assert_unchanged(engine, snap)
 
 
+def test_predict_and_evaluate_errors_name_the_row_of_the_callers_array(device):
+    """predict and evaluate run batch_size rows a native call: a bad row is named by its index
+    in the array the caller passed, not by its index in the piece."""
+    rows, bad = 3 * BATCH + 2, 2 * BATCH + 1
+    x, y = np.ones((rows, FEATURES), np.float32), np.zeros(rows, np.int32)
+    xn = x.copy()
+    xn[bad, 2] = np.nan
+    yb = y.copy()
+    yb[bad] = CLASSES
+    engine = make(device)
+    with pytest.raises(mpscy.NonFiniteError, match=f"x contains NaN or Inf at row {bad}$"):
+        engine.predict(xn)
+    with pytest.raises(mpscy.NonFiniteError, match=f"x contains NaN or Inf at row {bad}$"):
+        engine.evaluate(xn, y)
+    with pytest.raises(mpscy.InvalidArgumentError, match=f"label {CLASSES} at row {bad} "):
+        engine.evaluate(x, yb)
+    yd = np.zeros((rows, CLASSES), np.float32)
+    yd[bad, 1] = np.inf
+    with pytest.raises(mpscy.NonFiniteError, match=f"y contains NaN or Inf at row {bad}$"):
+        make(device, loss="mse").evaluate(x, yd)
+    with pytest.raises(mpscy.NonFiniteError, match="x contains NaN or Inf at row 1$"):
+        engine.step(xn[2 * BATCH:3 * BATCH], y[:BATCH])   # a step after them counts from 0 again
+
+
 def test_bad_construction_arguments():
     model = mpscy.Sequential([layers.Dense(3)], input_shape=(2,))
     with pytest.raises(mpscy.InvalidArgumentError, match="batch_size"):

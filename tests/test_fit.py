@@ -393,6 +393,9 @@ def test_bad_arguments_are_rejected_before_training(device, digits):
          mpscy.DTypeError),
         (dict(x=xtr, y=ytr, validation_data=(np.where(np.arange(20)[:, None] == 7, np.nan, xtr[:20]), ytr[:20])),
          "validation x contains NaN or Inf at row 7", mpscy.NonFiniteError),
+        # by its row in x (shuffled batches would name a row of some batch), before the first step
+        (dict(x=np.where(np.arange(len(xtr))[:, None] == len(xtr) - 2, np.inf, xtr).astype(np.float32), y=ytr),
+         f"^x contains NaN or Inf at row {len(xtr) - 2}$", mpscy.NonFiniteError),
     ]
     for kwargs, match, *cls in cases:
         with pytest.raises(cls[0] if cls else mpscy.InvalidArgumentError, match=match):

@@ -208,6 +208,7 @@ cdef class Graph:
     cdef bint defers              # the backend stages x itself (one large input: stage_min_bytes)
     cdef Py_buffer xview          # x, held from validation until the native call has returned
     cdef bint xheld
+    cdef Py_ssize_t row0          # the batch's first row in the caller's array (error messages)
 
     def __cinit__(self, Device device not None, list layers not None, dict spec not None):
         cdef int n = len(layers)
@@ -341,6 +342,7 @@ cdef class Graph:
             raise _errors.StateError("this engine is already running a call in another thread; "
                                      "an engine is used by one thread at a time")
         self.busy = True
+        self.row0 = 0
         return 0
 
     # ------------------------------------------------------------------ staging
@@ -352,6 +354,18 @@ cdef class Graph:
             self.xheld = False
             PyBuffer_Release(&self.xview)
         return 0
+
+    cdef int _check_held(self, int status, bint x_bad) except -1:
+        """_check for a call that may have staged the held x itself: a NaN or Inf it found there
+        (x_bad) is raised as a staged one is, by _stage_one's message with the row counted in the
+        caller's array, not as the backend words it, counted in this batch."""
+        cdef int64_t bad = -1
+        if status == MPSCY_NONFINITE and x_bad and self.xheld:
+            with nogil:
+                bad = _first_nonfinite(<const float *>self.xview.buf, self.xview.shape[0] * self.in_size[0])
+            if bad >= 0:
+                raise _errors.NonFiniteError(f"x contains NaN or Inf at row {bad // self.in_size[0] + self.row0}")
+        return _check(status, self.err)
 
     cdef int _stage_one(self, object x, int k, int rows, str what, bint defer=False) except -1:
         """Validates x against input k and copies it into the staging buffer; returns rows.
@@ -391,7 +405,7 @@ cdef class Graph:
             with nogil:
                 bad = _copy_finite_pool(self.stage_pool, self.in_ptr[k], <const float *>v.buf, count)
             if bad >= 0:
-                raise _errors.NonFiniteError(f"{what} contains NaN or Inf at row {bad // self.in_size[k]}")
+                raise _errors.NonFiniteError(f"{what} contains NaN or Inf at row {bad // self.in_size[k] + self.row0}")
             return <int>v.shape[0]
         finally:
             if not held:
@@ -433,7 +447,7 @@ cdef class Graph:
                 if bad >= 0:
                     value = (<const int64_t *>v.buf)[bad] if kind == K_I64 else (<const int32_t *>v.buf)[bad]
                     raise _errors.InvalidArgumentError(
-                        f"label {value} at row {bad} is outside [0, {self.classes})")
+                        f"label {value} at row {bad + self.row0} is outside [0, {self.classes})")
                 return 0
             if kind != K_F32:
                 raise _errors.DTypeError(f"y must be float32 targets shaped like the output, got {_dtype_name(y)}")
@@ -449,7 +463,7 @@ cdef class Graph:
             with nogil:
                 bad = _copy_finite(<float *>self.target_ptr, <const float *>v.buf, rows * self.out_size)
             if bad >= 0:
-                raise _errors.NonFiniteError(f"y contains NaN or Inf at row {bad // self.out_size}")
+                raise _errors.NonFiniteError(f"y contains NaN or Inf at row {bad // self.out_size + self.row0}")
             return 0
         finally:
             PyBuffer_Release(&v)
@@ -480,7 +494,7 @@ cdef class Graph:
                 st = mpscy_graph_step(self.handle, &self.args, &res, self.err, ERR_LEN)
             if st == MPSCY_OK or (st == MPSCY_NONFINITE and not res.x_nonfinite):
                 self.args.counter += 1
-            _check(st, self.err)
+            self._check_held(st, res.x_nonfinite)
         finally:
             self._release_x()
             self.busy = False
@@ -493,30 +507,33 @@ cdef class Graph:
         r.step_time_ns = _now_ns() - t0
         return r
 
-    cdef tuple _batch(self, x, y, int mode):
+    cdef tuple _batch(self, x, y, int mode, Py_ssize_t offset=0):
         """One EVAL or GRAD call on (x, y): (mean loss, correct or -1, rows)."""
         cdef int rows
         cdef mpscy_step_result res
         cdef int st
         self._enter()
         try:
+            self.row0 = offset
             rows = self._stage_inputs(x, mode == MPSCY_MODE_EVAL)
             if mode != MPSCY_MODE_EVAL:
                 self._check_train_rows(rows)
             self._stage_target(y, rows)
             self.args.batch = rows
             self.args.mode = mode
+            memset(&res, 0, sizeof(res))
             with nogil:
                 st = mpscy_graph_step(self.handle, &self.args, &res, self.err, ERR_LEN)
-            _check(st, self.err)
+            self._check_held(st, res.x_nonfinite)
         finally:
             self._release_x()
             self.busy = False
         return res.loss, res.correct, rows
 
-    def eval_batch(self, x, y):
-        """Eval-mode loss and correct count of one batch: (mean loss, correct or -1, rows)."""
-        return self._batch(x, y, MPSCY_MODE_EVAL)
+    def eval_batch(self, x, y, Py_ssize_t offset=0):
+        """Eval-mode loss and correct count of one batch: (mean loss, correct or -1, rows).
+        offset: the batch's first row in the caller's array, for error messages."""
+        return self._batch(x, y, MPSCY_MODE_EVAL, offset)
 
     def grad_batch(self, x, y):
         """Train-mode forward and backward of one batch, no update: (loss, correct, rows).
@@ -590,6 +607,7 @@ cdef class Graph:
         cdef Py_buffer v
         self._enter()
         try:
+            self.row0 = offset
             rows = self._stage_inputs(x, True)
             _acquire(out, &v, "out")
             try:
@@ -599,7 +617,7 @@ cdef class Graph:
                 self.args.batch = rows
                 with nogil:
                     st = mpscy_graph_predict(self.handle, &self.args, self.err, ERR_LEN)
-                _check(st, self.err)
+                self._check_held(st, True)  # x is the one thing predict finds non-finite
                 memcpy(<float *>v.buf + offset * self.out_size, self.output_ptr,
                        <size_t>(rows * self.out_size) * sizeof(float))
             finally:

@@ -213,7 +213,7 @@ class Engine:
         total, correct = 0.0, 0
         for i in range(0, n, self.batch_size):
             loss, c, rows = g.eval_batch(_rows_slice(x, self._n_inputs, i, i + self.batch_size),
-                                         y[i:i + self.batch_size])
+                                         y[i:i + self.batch_size], i)
             total += loss * rows
             correct += c
         return {"loss": total / n, "accuracy": g.accuracy_of(correct, n)}

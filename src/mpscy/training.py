@@ -29,6 +29,9 @@ class _Arrays:
         self.y = _as_target(engine, y)
         self.n = _rows(self.x)
         _check_target(engine, self.y, self.n, "y")
+        for k, a in enumerate(self.x):  # before any step, by its row here (a step's counts its batch's)
+            if a.dtype == np.float32:  # another dtype is the step's to refuse
+                _check_finite(a, "x" if self.n_inputs == 1 else f"x[{k}]")
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, engine.seed
         # BatchNorm cannot train on one row (PyTorch refuses it too): a lone last row is left
         # out of that epoch (a different row each epoch when shuffling)
@@ -128,8 +131,8 @@ def _check_target(engine, y, n, what):
 
 
 def _check_inputs(engine, xs, what):
-    """Validation inputs checked once before training (the training inputs are checked by each
-    step): dtype, shapes and finite values."""
+    """Validation inputs checked once before training (the training inputs' dtype and shapes are
+    checked by each step, their values up front by _Arrays): dtype, shapes and finite values."""
     for a, shape in zip(xs, engine.model.input_shapes):
         if a.dtype != np.float32:
             raise DTypeError(f"{what} must be float32 (or another float type), got {a.dtype}")
@@ -139,10 +142,14 @@ def _check_inputs(engine, xs, what):
 
 
 def _check_finite(a, what):
-    """NonFiniteError naming the first row of float array `a` with a NaN or Inf."""
-    bad = np.flatnonzero(~np.isfinite(a.reshape(len(a), -1)).all(axis=1))
-    if bad.size:
-        raise NonFiniteError(f"{what} contains NaN or Inf at row {bad[0]}")
+    """NonFiniteError naming the first row of float array `a` with a NaN or Inf, in pieces of
+    about 4M elements (the mask of a large array is never made whole)."""
+    flat = a.reshape(len(a), -1)
+    rows = max(1, (1 << 22) // max(1, flat.shape[1]))
+    for i in range(0, len(flat), rows):
+        bad = np.flatnonzero(~np.isfinite(flat[i:i + rows]).all(axis=1))
+        if bad.size:
+            raise NonFiniteError(f"{what} contains NaN or Inf at row {i + bad[0]}")
 
 
 def _rows(arrays):
