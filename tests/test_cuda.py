@@ -270,6 +270,41 @@ def test_implicit_conv_accumulated_and_input_gradients_match_cpu(implicit, monke
 
 
 @cuda_only
+def test_implicit_conv_with_more_than_32_channels_matches_cpu(rng):
+    """3x3 convolutions on the implicit path (OW divides 64, OH*OW a multiple of 64) with more than
+    32 output channels (the forward's 64-row tiles, 105.5 KB of shared memory a block) and, for
+    the second, a stride-1 dx of more than 32 input channels (the same tiles). Where a block may
+    have less (99 KB on sm_86, sm_89 and sm_120) the kernel takes 32-row tiles: building the
+    engine there failed with "conv_implicit: invalid argument" before. An H100 or H200 grants 227
+    KB, so there this checks the 64-row tiles against the cpu over full and partial batches."""
+    build = lambda: [_maybe("Conv2D")(48, 3, padding=1), L.ReLU(), _maybe("Conv2D")(40, 3, padding=1), L.ReLU(),
+                     L.Flatten(), L.Dense(5)]
+    cpu, gpu = pair(build, (40, 8, 8))
+    compare_training(cpu, gpu, rng, rows=[16, 9])
+
+
+@cuda_only
+def test_conv_weight_gradient_partials_are_sized_by_the_split_taken():
+    """A 1x1 convolution 2048 -> 2048 on 8 x 8 at built batches of 32 and 64 (b*OH*OW 2048 and
+    4096). Its weight gradient is never split (1,024 output tiles fill the GPU; at 2048 positions
+    it is one cuBLASLt product), yet each convolution's slab held room for ceil(b*OH*OW / 128)
+    partials of the whole weight: 32,768 floats a position, twice everything else the engine
+    holds per position (x staged, y, dy, the columns, dz, the workspace: about 16,384). Now the
+    room is what the product planned may write: the engine's device memory grows by at most
+    11 x 2048 floats per added position."""
+    held = []
+    for batch in (32, 64):
+        gpu = mpscy.Engine(mpscy.Sequential([_maybe("Conv2D")(2048, 1), L.Flatten(), L.Dense(2)],
+                                            input_shape=(2048, 8, 8)),
+                           loss="sparse_cross_entropy", optimizer=optim.SGD(0.01), batch_size=batch,
+                           device="cuda", seed=3)
+        held.append(gpu.stats()["bytes_in_use"])
+        del gpu
+    per_position = (held[1] - held[0]) / (4 * 32 * 64)
+    assert per_position <= 11 * 2048, per_position
+
+
+@cuda_only
 @pytest.mark.parametrize("mma,dx_first", [("1", "1"), ("1", "0"), ("0", "1")])
 def test_dense_long_k_matches_cpu(mma, dx_first, monkeypatch, rng):
     """A Dense with K = 2048 at batch 64 and 130 outputs: its forward as the 3xTF32 product split

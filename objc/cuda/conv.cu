@@ -223,32 +223,6 @@ int cu_conv_fits(const mpscy_plan *p, const mpscy_node *n) {
 
 #define DW_CHUNK 1024  /* K per product of the split weight gradient (cuBLASLt's, tf32) */
 
-/* A convolution's own slab (colbuf at col_off, floats at the built batch, each part a multiple
- * of 4): the columns (K, nb), kept from forward to backward (only for the form CU_DW_COLUMNS:
- * conv_dw_form); then its backward's dz (OC, nb), the
- * weight gradient's split-K partials (conv_dw.cu's chunks are the shorter, and so the more, of
- * its and DW_CHUNK's) and the bias gradient's chunk sums. These are private so
- * that the weight and bias gradients run on the side stream while the main stream goes on with
- * dcol, col2im and the layers below, which reuse the shared workspace. A convolution that may
- * take conv_dgrad_s2 (s2: conv_s2's geometry) has room for dz's four copies dzs (4, OC, nb) at
- * dzt instead (dzt itself is copy 1, at dzs + OC*nb with the step's nb) and, last, for wc (9, OC,
- * C), written by the forward and kept for backward; one whose dx may be an implicit product (s1:
- * conv_s1's geometry) has room there for W flipped (C, OC*9). Sized by the geometry alone, so
- * tf32, the forced GEMM modes and MPSCY_CUDA_IMPLICIT=0 leave them unused. One whose gradients are
- * conv_dw_small's (CU_DW_SMALL) needs no dz and no chunk sums: only the partials. */
-struct conv_slab { int64_t dzt, part, dbp, wc, total; };
-static int64_t round4(int64_t f) { return (f + 3) & ~(int64_t)3; }
-static conv_slab slab_of(const conv_geom &g, int64_t nb_built, bool s2, bool s1, int form) {
-    const bool cols = form == CU_DW_COLUMNS, small = form == CU_DW_SMALL;
-    conv_slab s;
-    s.dzt = cols ? round4(g.k * nb_built) : 0;
-    s.part = s.dzt + (small ? 0 : round4((s2 ? 4 : 1) * g.oc * nb_built));
-    s.dbp = s.part + round4(cu_conv_dw_parts(nb_built) * g.kg * g.ocg);
-    s.wc = s.dbp + (small ? 0 : round4((nb_built + DZ_CHUNK - 1) / DZ_CHUNK * g.oc));
-    s.total = s.wc + (s2 || s1 ? round4(9 * g.oc * g.c) : 0);
-    return s;
-}
-
 /* whether dx may come from conv_dgrad_s2: 3x3, stride 2, pad 1, dilation 1, groups 1, H and W
  * even, and dx wanted (the input has a gradient) */
 static bool conv_s2(const mpscy_plan *p, const mpscy_node *n, const conv_geom &g) {
@@ -276,6 +250,48 @@ enum { CONV_FWD, CONV_DW, CONV_DCOL };
 /* whether product `which` runs as an own kernel of this file (not the small-GEMM kernel) */
 static bool conv_mma(const cu_graph *gr, int which, int64_t nb_built) {
     return cu_mma_own(gr) && (which != CONV_DW || conv_long_dw(gr, nb_built));
+}
+
+/* A convolution's own slab (colbuf at col_off, floats at the built batch, each part a multiple
+ * of 4): the columns (K, nb), kept from forward to backward (only for the form CU_DW_COLUMNS:
+ * conv_dw_form); then its backward's dz (OC, nb), the weight gradient's split-K partials
+ * (dw_part_floats) and the bias gradient's chunk sums. These are private so
+ * that the weight and bias gradients run on the side stream while the main stream goes on with
+ * dcol, col2im and the layers below, which reuse the shared workspace. A convolution that may
+ * take conv_dgrad_s2 (s2: conv_s2's geometry) has room for dz's four copies dzs (4, OC, nb) at
+ * dzt instead (dzt itself is copy 1, at dzs + OC*nb with the step's nb) and, last, for wc (9, OC,
+ * C), written by the forward and kept for backward; one whose dx may be an implicit product (s1:
+ * conv_s1's geometry) has room there for W flipped (C, OC*9). Sized by the geometry alone, so
+ * tf32, the forced GEMM modes and MPSCY_CUDA_IMPLICIT=0 leave them unused. One whose gradients are
+ * conv_dw_small's (CU_DW_SMALL) needs no dz and no chunk sums: only the partials. */
+struct conv_slab { int64_t dzt, part, dbp, wc, total; };
+static int64_t round4(int64_t f) { return (f + 3) & ~(int64_t)3; }
+
+/* floats of the weight gradient's split partials at the built batch, as many as its product may
+ * write there and so at any smaller one: conv_dw_small's blocks where the geometry lets it take
+ * them (cu_conv_dw_parts' bound, whether or not $MPSCY_CUDA_DW_SMALL does), else conv_dw_own's
+ * splits (fp32) or cuBLASLt's DW_CHUNK chunks (a long K in tf32 or before sm_80); none for a
+ * product that is not split */
+static int64_t dw_part_floats(const cu_graph *gr, const mpscy_node *n, const conv_geom &g, int64_t nb_built) {
+    const int64_t kgo = g.kg * g.ocg, most = cu_conv_dw_parts(nb_built) * kgo;
+    if (!gr->dy[n->in[0]] && cu_conv_dw_small_fits(&g, mpscy_node_tensor(&gr->plan, n, MPSCY_ROLE_PARAM, 1) >= 0))
+        return most;
+    int64_t splits = 1;
+    if (conv_mma(gr, CONV_DW, nb_built)) splits = cu_conv_dw_own_most(gr, &g, nb_built);
+    else if (conv_long_dw(gr, nb_built)) splits = (nb_built + DW_CHUNK - 1) / DW_CHUNK;
+    return splits > 1 ? std::min(splits * kgo, most) : 0;
+}
+
+static conv_slab slab_of(const cu_graph *gr, const mpscy_node *n, const conv_geom &g, int64_t nb_built, bool s2, bool s1,
+                         int form) {
+    const bool cols = form == CU_DW_COLUMNS, small = form == CU_DW_SMALL;
+    conv_slab s;
+    s.dzt = cols ? round4(g.k * nb_built) : 0;
+    s.part = s.dzt + (small ? 0 : round4((s2 ? 4 : 1) * g.oc * nb_built));
+    s.dbp = s.part + round4(dw_part_floats(gr, n, g, nb_built));
+    s.wc = s.dbp + (small ? 0 : round4((nb_built + DZ_CHUNK - 1) / DZ_CHUNK * g.oc));
+    s.total = s.wc + (s2 || s1 ? round4(9 * g.oc * g.c) : 0);
+    return s;
 }
 
 /* whether a training step's dx comes from conv_dgrad_s2 (the own fp32 path), else dcol and
@@ -407,7 +423,7 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
          * forward's records all precede any backward work on the in-order side stream, and the
          * latest follows every earlier re-layout, so the wait covers them all without waiting
          * for the backward's side work. W is not written until the optimizer, after the join. */
-        float *wc = col + slab_of(g, p->batch * g.ohw, conv_s2(p, n, g), conv_s1(p, n, g), form).wc;
+        float *wc = col + slab_of(gr, n, g, p->batch * g.ohw, conv_s2(p, n, g), conv_s1(p, n, g), form).wc;
         int st = cu_fork(gr, gr->side, err, en);
         if (st == MPSCY_OK)
             st = s2 ? cu_conv_s2_weights(gr, gr->side, &g, wc, w, err, en)
@@ -505,7 +521,7 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
      * conv3's); everything below that goes beside the main stream goes there */
     cudaStream_t side = gr->side;
     if (gr->alt && gather && dx && (gr->side_turn++ & 1) == 0) side = gr->alt;
-    const conv_slab sl = slab_of(g, nb_built, conv_s2(p, n, g), conv_s1(p, n, g), form);
+    const conv_slab sl = slab_of(gr, n, g, nb_built, conv_s2(p, n, g), conv_s1(p, n, g), form);
     float *slab = gr->colbuf + gr->col_off[i];
     const float *col = slab;                                   // (K, nb)
     float *dzs = slab + sl.dzt;                                // s2: (4, OC, nb), dz's shifted copies
@@ -528,7 +544,8 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
             if (st != MPSCY_OK) return st;
             s = side;
         }
-        return cu_conv_dw_small(gr, s, &g, nb, nb_built, dw, db, dy, ry, gr->y[n->in[0]], slab + sl.part, err, en);
+        return cu_conv_dw_small(gr, s, &g, nb, dw_part_floats(gr, n, g, nb_built), dw, db, dy, ry, gr->y[n->in[0]],
+                                slab + sl.part, err, en);
     }
     /* conv_dgrad_s2 writes the dz of the product below, masked by its ReLU (cu_relu_product) */
     const float *dx_mask = NULL;
@@ -628,5 +645,5 @@ int cu_conv_dw_form(const cu_graph *gr, const mpscy_node *n) {
 int64_t cu_conv_columns(const cu_graph *gr, const mpscy_node *n) {
     const mpscy_plan *p = &gr->plan;
     conv_geom g = geom(p, n);
-    return slab_of(g, p->batch * g.ohw, conv_s2(p, n, g), conv_s1(p, n, g), cu_conv_dw_form(gr, n)).total;
+    return slab_of(gr, n, g, p->batch * g.ohw, conv_s2(p, n, g), conv_s1(p, n, g), cu_conv_dw_form(gr, n)).total;
 }

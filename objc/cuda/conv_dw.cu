@@ -56,12 +56,27 @@ cudaError_t cu_sum_parts(const cu_graph *gr, cudaStream_t s, float *out, const f
 /* chunks of K for the split product: one wave of two blocks per multiprocessor, each chunk at least
  * DW_MIN_CHUNK (one block a multiprocessor: the README CNN's step 308.9 us against 281.0 on the
  * H200, A/B) */
-static int64_t dw_splits(int64_t tiles, int64_t nb, int sms, int64_t *chunk) {
+static int64_t dw_most(int64_t tiles, int64_t nb, int sms) {
     int64_t s = 2 * (int64_t)sms / tiles, most = (nb + DW_MIN_CHUNK - 1) / DW_MIN_CHUNK;
     if (s > most) s = most;
-    if (s < 1) s = 1;
+    return s < 1 ? 1 : s;
+}
+
+/* dw_most's count, as chunks of MMA_BK steps (no more than dw_most at any nb: the partials' room) */
+static int64_t dw_splits(int64_t tiles, int64_t nb, int sms, int64_t *chunk) {
+    const int64_t s = dw_most(tiles, nb, sms);
     *chunk = ((nb + s - 1) / s + MMA_BK - 1) / MMA_BK * MMA_BK;
     return (nb + *chunk - 1) / *chunk;
+}
+
+/* conv_dw_own's tiles of a group's (OCg, Kg): 64 or 32 rows and columns */
+static int64_t dw_tiles(const conv_geom &g) {
+    const int tm = g.ocg > 32 ? 4 : 2, tn = g.kg > 32 ? 4 : 2;
+    return ((g.ocg + 16 * tm - 1) / (16 * tm)) * ((g.kg + 16 * tn - 1) / (16 * tn));
+}
+
+int64_t cu_conv_dw_own_most(const cu_graph *gr, const mpscy_conv_geom *cg, int64_t nb) {
+    return dw_most(dw_tiles(*cg), nb, gr->dev->sms);
 }
 
 /* The weight gradient's B operand read from x itself instead of im2col's columns (the forward
@@ -164,7 +179,7 @@ int cu_conv_dw_own(cu_graph *gr, cudaStream_t stream, const mpscy_conv_geom *cg,
     const conv_geom &g = *cg;
     const int tm = g.ocg > 32 ? 4 : 2, tn = g.kg > 32 ? 4 : 2;
     const int64_t gm = (g.ocg + 16 * tm - 1) / (16 * tm), gn = (g.kg + 16 * tn - 1) / (16 * tn);
-    int64_t chunk, s = dw_splits(gm * gn, nb, gr->dev->sms, &chunk), kgo = g.kg * g.ocg;
+    int64_t chunk, s = dw_splits(dw_tiles(g), nb, gr->dev->sms, &chunk), kgo = g.kg * g.ocg;
     float *out = s > 1 ? part : c;
     int bytes;
     dim3 grid((unsigned)gn, (unsigned)gm, (unsigned)s);
@@ -582,11 +597,11 @@ static int64_t dw_small_blocks(const cu_graph *gr, int64_t units, int64_t granul
     return (units + *per * granule - 1) / (*per * granule);
 }
 
-int cu_conv_dw_small(cu_graph *gr, cudaStream_t stream, const mpscy_conv_geom *cg, int64_t nb, int64_t nb_built,
+int cu_conv_dw_small(cu_graph *gr, cudaStream_t stream, const mpscy_conv_geom *cg, int64_t nb, int64_t part_floats,
                      float *dw, float *db, const float *dy, const float *ry, const float *x, float *part, char *err,
                      size_t en) {
     const conv_geom &g = *cg;
-    const int64_t count = g.oc * g.kg + (db ? g.oc : 0), room = cu_conv_dw_parts(nb_built) * g.kg * g.ocg / count;
+    const int64_t count = g.oc * g.kg + (db ? g.oc : 0), room = part_floats / count;
     const dwr_plan q = gr->dw_rows ? dwr_plan_of(g, db != NULL) : dwr_plan{};
     int64_t s, per;
     int st;

@@ -244,7 +244,9 @@ int cu_conv_implicit(cu_graph *gr, cudaStream_t stream, const cu_implicit *q, ch
          {conv_implicit_kernel<2, 2, false>, conv_implicit_kernel<2, 2, true>}},
         {{conv_implicit_kernel<4, 1, false>, conv_implicit_kernel<4, 1, true>},
          {conv_implicit_kernel<4, 2, false>, conv_implicit_kernel<4, 2, true>}}};
-    const bool tm4 = q->m > 32;
+    /* 64-row tiles where a block may have their 105.5 KB of shared memory, else 32-row ones
+     * (77 KB): sm_86, sm_89 and sm_120 grant a block 99 KB, and mma_launch's opt-in would fail */
+    const bool tm4 = q->m > 32 && (size_t)ig_smem_bytes<4>() <= gr->dev->prop.sharedMemPerBlockOptin;
     const int bm = tm4 ? 64 : 32, bytes = tm4 ? ig_smem_bytes<4>() : ig_smem_bytes<2>();
     ig_args a = {};
     a.y = q->y; a.x = q->x; a.w = q->w; a.bias = q->bias;

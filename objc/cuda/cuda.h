@@ -283,17 +283,18 @@ cudaError_t cu_sum_parts(const cu_graph *g, cudaStream_t s, float *out, const fl
  * over K on stream s into part (cu_conv_dw_parts(nb) products of (OCg, Kg) at most), then their
  * ordered sum; with x (groups 1) its B is read from x (b, C, H, W) itself, not from col */
 int64_t cu_conv_dw_parts(int64_t nb);
+int64_t cu_conv_dw_own_most(const cu_graph *g, const mpscy_conv_geom *cg, int64_t nb);  /* its splits at nb or fewer */
 int cu_conv_dw_own(cu_graph *g, cudaStream_t s, const mpscy_conv_geom *cg, int64_t nb, float *dw, const float *dzt,
                    const float *col, const float *x, float *part, char *err, size_t en);
 /* conv_dw.cu: dw (OC, kg) and db (OC, or NULL) of a convolution without dx, groups 1, kg + 1 (with a
  * bias) <= 32 and OC <= 64 (cu_conv_dw_small_fits), in one fp32 pass over dy (b, OC, OHW) masked
  * by ry > 0 (ry NULL: no mask) and x, in gr->dw_small blocks a multiprocessor at most, then the
- * ordered sum of their partials (room in part: cu_conv_dw_parts(nb_built) * kg * OC floats) */
+ * ordered sum of their partials (room in part: part_floats, as many blocks as fit) */
 int cu_conv_dw_small_fits(const mpscy_conv_geom *cg, int bias);
 /* whether conv_dw_small's work goes by output rows (conv_dw_rows: gr->dw_rows and the geometry fits),
  * when dy is 16-byte aligned */
 int cu_conv_dw_rows_fits(const cu_graph *gr, const mpscy_conv_geom *cg, int bias);
-int cu_conv_dw_small(cu_graph *g, cudaStream_t s, const mpscy_conv_geom *cg, int64_t nb, int64_t nb_built, float *dw,
+int cu_conv_dw_small(cu_graph *g, cudaStream_t s, const mpscy_conv_geom *cg, int64_t nb, int64_t part_floats, float *dw,
                      float *db, const float *dy, const float *ry, const float *x, float *part, char *err, size_t en);
 
 /* The pull's parts (step.cu): block k of the pull copies part k % CU_PULL_SPLIT (cu_pull_part
