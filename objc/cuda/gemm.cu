@@ -52,12 +52,10 @@ __global__ void __launch_bounds__(256) gemm_small(sg_args p) {
     __shared__ bool last;
     cu_pdl_enter();
     const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
-    /* the tiles of C along grid x, n fastest (a grid's y is at most 65,535: 2M rows of x) */
-    const unsigned tiles_n = (unsigned)((p.n + BN - 1) / BN), tile = blockIdx.x;  /* 32-bit division */
-    const int64_t m0 = (int64_t)(tile / tiles_n) * BM, n0 = (int64_t)(tile % tiles_n) * BN;
+    const int64_t m0 = (int64_t)blockIdx.y * BM, n0 = (int64_t)blockIdx.x * BN;
     const int64_t kb0 = (int64_t)blockIdx.z * p.kchunk, kb1 = min(p.k, kb0 + p.kchunk);
     const bool a_kfast = p.ak == 1, b_nfast = p.bn == 1;
-    const bool want_rows = p.rowsum && n0 == 0;
+    const bool want_rows = p.rowsum && blockIdx.x == 0;
     float acc[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
     float rs = 0.0f;
     for (int64_t k0 = kb0; k0 < kb1; k0 += KC) {
@@ -134,7 +132,7 @@ __global__ void __launch_bounds__(256) gemm_small(sg_args p) {
     if (want_rows && tid < BM && m0 + tid < p.m) rpart[blockIdx.z * p.m + m0 + tid] = rs;
     __threadfence();
     __syncthreads();
-    unsigned int *cnt = p.count + tile;
+    unsigned int *cnt = p.count + blockIdx.y * gridDim.x + blockIdx.x;
     if (tid == 0) last = atomicAdd(cnt, 1u) == gridDim.z - 1;
     __syncthreads();
     if (!last) return;
@@ -225,7 +223,26 @@ int cu_gemm_small(cu_graph *g, cudaStream_t st, const cu_small_gemm *q, char *er
         p.count = g->gcount + g->gcount_used;
         g->gcount_used += tm * tn;
     }
-    dim3 grid((unsigned)(tm * tn), 1, (unsigned)s);
-    CU_TRY(cu_launch(g, gemm_small, grid, dim3(256), st, p), "gemm_small");
-    return CU_LAUNCHED("gemm_small");
+    /* a block row of the grid per 32 rows of C, and a grid's y is at most 65,535: past 2M rows,
+     * one launch per 65,535 block rows, each the product of its rows of A and C alone (its own
+     * share of the partials and counters) */
+    const int64_t most = 65535 * (int64_t)BM;
+    for (int64_t r0 = 0; r0 < q->m; r0 += most) {
+        sg_args c = p;
+        c.m = std::min(most, q->m - r0);
+        c.a = p.a + r0 * p.am;
+        c.c = p.c + r0 * p.ldc;
+        if (p.mask) c.mask = p.mask + r0 * p.ldc;
+        if (p.scale) c.scale = p.scale + r0 * p.ldc;
+        if (p.rowsum) c.rowsum = p.rowsum + r0;
+        if (s > 1) {
+            c.part = p.part + s * (r0 * q->n + (q->rowsum ? r0 : 0));
+            c.count = p.count + r0 / BM * tn;
+        }
+        dim3 grid((unsigned)tn, (unsigned)((c.m + BM - 1) / BM), (unsigned)s);
+        CU_TRY(cu_launch(g, gemm_small, grid, dim3(256), st, c), "gemm_small");
+        int lst = CU_LAUNCHED("gemm_small");
+        if (lst != MPSCY_OK) return lst;
+    }
+    return MPSCY_OK;
 }
