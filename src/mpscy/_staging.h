@@ -51,7 +51,9 @@ static int64_t mpscy_copy_finite(float *restrict dst, const float *restrict src,
 }
 
 /* int32 or int64 labels into the int32 staging buffer; returns the first row outside
- * [0, classes), or -1. Out-of-range values are staged as 0 (the call then raises). */
+ * [0, classes), or -1. The call then raises, so what an out-of-range value leaves in the buffer is
+ * never read: the int64 copy stages it as 0 (a narrowing cast would be the wrong label), the int32
+ * copy as it is. */
 MPSCY_STAGING_SIMD static int64_t mpscy_copy_labels_i64(int32_t *restrict dst, const int64_t *restrict src, int64_t n,
                                                          int64_t classes) {
     int64_t bad = 0;
