@@ -255,10 +255,14 @@ int cu_lbfgs_step(cu_graph *g, const mpscy_step_args *a, mpscy_step_result *r, c
         r->applied = 1;
     }
     if (ops & MPSCY_LBFGS_EVAL) {
-        if ((st = evaluate(g, a, r, err, n)) != MPSCY_OK) return st;
-        if (!r->finite) {
-            if ((st = restore(g, err, n)) != MPSCY_OK) return st;
+        /* a failed or non-finite evaluation undoes the call's move at once, as common/lbfgs.c's
+         * does (the failure's own message kept: the restore's error buffer is NULL) */
+        st = evaluate(g, a, r, err, n);
+        if (st != MPSCY_OK || !r->finite) {
+            int rs = restore(g, st != MPSCY_OK ? NULL : err, n);
             r->applied = 0;
+            if (st != MPSCY_OK) return st;
+            if (rs != MPSCY_OK) return rs;
             return FAIL(MPSCY_NONFINITE, "loss %g, gradient norm %g: not finite; the LBFGS step was undone",
                         r->loss, r->grad_norm);
         }
