@@ -234,6 +234,8 @@ static int plan_loss(mpscy_plan *p, const char *component, char *err, size_t err
         return FAIL(MPSCY_INVALID, "huber delta %g must be > 0", p->loss.delta);
     if (p->loss.accuracy < MPSCY_ACCURACY_NONE || p->loss.accuracy > MPSCY_ACCURACY_THRESHOLD)
         return FAIL(MPSCY_INVALID, "unknown accuracy kind %d", p->loss.accuracy);
+    if (p->loss.accuracy == MPSCY_ACCURACY_THRESHOLD && sparse)  /* it compares float targets with 0.5 */
+        return FAIL(MPSCY_INVALID, "threshold accuracy needs float32 targets, not integer labels");
     if (p->loss.accuracy == MPSCY_ACCURACY_ARGMAX && o->rank != 1)
         return FAIL(MPSCY_SHAPE, "argmax accuracy needs a (classes,) output, got rank %d", o->rank);
     p->out_size = o->size;

@@ -86,6 +86,12 @@ int main(void) {
     st = mpscy_graph_build(dev, &d, &g, err, sizeof err);
     CHECK(st == MPSCY_SHAPE && g == NULL && strstr(err, "[cpu::") == err && strstr(err, "dense_2"), "bad shape: %d %s", st, err);
     L[3].shape[0] = 2;
+    d.loss.accuracy = MPSCY_ACCURACY_THRESHOLD; /* reads float targets: integer labels are refused */
+    st = mpscy_graph_build(dev, &d, &g, err, sizeof err);
+    CHECK(st == MPSCY_INVALID && g == NULL && strstr(err, "threshold"), "threshold with labels: %d %s", st, err);
+    mpscy_graph_destroy(g);
+    g = NULL;
+    d.loss.accuracy = MPSCY_ACCURACY_ARGMAX;
     st = mpscy_graph_build(dev, &d, &g, err, sizeof err);
     CHECK(st == MPSCY_OK && g, "build: %s", err);
     if (!g) { printf("cannot continue\n"); return 1; }
