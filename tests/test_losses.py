@@ -311,3 +311,18 @@ def test_target_checks(device, rng):
         e.step(x, np.zeros((4, 4), np.float32))
     with pytest.raises(mpscy.DTypeError):
         e.step(x, np.zeros((4, 5), np.int64))
+
+
+def test_sparse_cross_entropy_ignores_a_minus_inf_logit_off_the_label(device):
+    """F.cross_entropy([[1, 1, -inf]], [0]) is log 2 with gradient (-0.5, 0.5, 0): nll_loss reads
+    only the label's log-probability. A logit that overflowed to -inf off the label must not turn
+    the loss into NaN (0 * -inf) and skip a step torch takes."""
+    model = mpscy.Sequential([layers.Dense(3, bias=False, name="d")], input_shape=(2,))
+    engine = mpscy.Engine(model, loss=losses.SparseCrossEntropy(), optimizer=optim.SGD(lr=0.1), batch_size=1,
+                          device=device)
+    engine.set_parameters({"d.weight": np.array([[1, 0], [0, 1], [-3e38, -3e38]], np.float32)})
+    x, y = np.ones((1, 2), np.float32), np.array([0])
+    assert engine.predict(x)[0, 2] == -np.inf  # the third logit overflows
+    g = engine.gradients(x, y)
+    assert abs(g["loss"] - np.log(2.0)) < 1e-6
+    assert np.allclose(g["d.weight"], [[-0.5, -0.5], [0.5, 0.5], [0.0, 0.0]])

@@ -38,7 +38,9 @@ static double cross_entropy(float *dy, const float *y, const int32_t *labels, co
             double q = labels ? (i == labels[r] ? 1.0 : 0.0) : (double)t[r * c + i];
             q = (1.0 - eps) * q + u;
             qsum += q;
-            row -= q * ((double)yr[i] - lse);
+            /* torch's nll_loss reads only the label's log-probability: with sparse labels a class of
+             * weight 0 adds nothing, even at a logit of -inf (0 * -inf would make the loss NaN) */
+            if (q != 0.0 || !labels) row -= q * ((double)yr[i] - lse);
         }
         total += row;
         if (dy)

@@ -30,7 +30,9 @@ static __device__ __forceinline__ double ce_row(const float *y, int64_t c, int l
     each([&](int64_t i) {
         const double qi = q(i);
         qsum += qi;
-        row -= qi * ((double)y[i] - lse);
+        /* labels: a class of weight 0 adds nothing, even at a logit of -inf (cpu/loss.c, torch's
+         * nll_loss); soft targets keep torch's 0 * -inf */
+        if (qi != 0.0 || t) row -= qi * ((double)y[i] - lse);
     });
     qsum = warp_allsum(qsum);
     if (dz) each([&](int64_t i) { dz[i] = (float)((exp((double)y[i] - lse) * qsum - q(i)) * inv_b); });

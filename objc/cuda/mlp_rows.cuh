@@ -41,7 +41,7 @@ static __device__ double row_loss(const float *logit, float *dz, int C, int labe
         const int i = lane + 32 * h;
         if (i < C) {
             const double q = (1.0 - eps) * (i == label ? 1.0 : 0.0) + u;
-            row -= q * ((double)logit[i] - lse);
+            if (q != 0.0) row -= q * ((double)logit[i] - lse);  /* a weight-0 class adds nothing (ce.h) */
             dz[i] = (float)((e[h] * inv_s - q) * inv_b);
         }
     }

@@ -53,7 +53,11 @@ void metal_loss(MetalBuilder *c, MPSGraphTensor *y, MPSGraphTensor *target, MPSG
         q = mt_add(c, mt_mul(c, mt_const(c, 1.0 - eps), q), mt_const(c, eps / (double)cls));
         MPSGraphTensor *z = mt_sub(c, yf, [c.g reductionMaximumWithTensor:yf axes:row name:nil]);
         MPSGraphTensor *logp = mt_sub(c, z, mt_log(c, mt_sum(c, mt_exp(c, z), row)));   // (b, C)
-        l = mt_mul(c, mt_neg(c, mt_sum(c, mt_mul(c, q, logp), all)), inv_b);
+        MPSGraphTensor *qlogp = mt_mul(c, q, logp);
+        // labels: a class of weight 0 adds nothing, even at a logit of -inf (cpu/loss.c, torch's
+        // nll_loss); soft targets keep torch's 0 * -inf
+        if (labels) qlogp = mt_select(c, mt_eq(c, q, zero), zero, qlogp);
+        l = mt_mul(c, mt_neg(c, mt_sum(c, qlogp, all)), inv_b);
         d = mt_mul(c, mt_sub(c, mt_mul(c, mt_exp(c, logp), mt_sum(c, q, row)), q), inv_b);
         break;
     }
