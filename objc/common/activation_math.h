@@ -20,7 +20,8 @@
 /* y of one element for ReLU, LeakyReLU (r = slope), ELU (r = alpha), Sigmoid, Tanh, Swish; x otherwise */
 MPSCY_AHD float mpscy_act(int kind, float x, float r) {
     switch (kind) {
-    case MPSCY_LAYER_RELU: return x > 0.0f ? x : 0.0f;
+    /* torch's relu (clamp_min) and its threshold_backward keep a NaN: test "<= 0", not "> 0" */
+    case MPSCY_LAYER_RELU: return x <= 0.0f ? 0.0f : x;
     case MPSCY_LAYER_LEAKYRELU: return x > 0.0f ? x : x * r;
     case MPSCY_LAYER_ELU: return x > 0.0f ? x : r * expm1f(x);
     case MPSCY_LAYER_SIGMOID: return 1.0f / (1.0f + expf(-x));
@@ -34,7 +35,7 @@ MPSCY_AHD float mpscy_act(int kind, float x, float r) {
  * so a loop over a fixed kind vectorizes) */
 MPSCY_AHD float mpscy_act_grad(int kind, float g, float x, float y, float r) {
     switch (kind) {
-    case MPSCY_LAYER_RELU: return y > 0.0f ? g : 0.0f;
+    case MPSCY_LAYER_RELU: return y <= 0.0f ? 0.0f : g;
     case MPSCY_LAYER_LEAKYRELU: return g * (x > 0.0f ? 1.0f : r);
     /* torch's elu_backward from the input: alpha * exp(x), not y + alpha (which cancels for x < -10) */
     case MPSCY_LAYER_ELU: return x > 0.0f ? g : g * r * expf(x);

@@ -24,8 +24,8 @@ MPSGraphTensor *metal_activation_forward(MetalBuilder *c, const mpscy_node *n, i
     MPSGraphTensor *x = mt_y(c, n->in[0]);   // (b, *shape)
     MPSGraphTensor *zero = mt_const(c, 0.0), *one = mt_const(c, 1.0), *half = mt_const(c, 0.5);
     switch (n->kind) {
-    case MPSCY_LAYER_RELU:
-        return mt_select(c, mt_gt(c, x, zero), x, zero);
+    case MPSCY_LAYER_RELU:   // 0 where x <= 0, else x: a NaN passes, as torch's relu keeps it
+        return mt_select(c, mt_le(c, x, zero), zero, x);
     case MPSCY_LAYER_LEAKYRELU:
         return mt_select(c, mt_gt(c, x, zero), x, mt_mul(c, x, mt_const(c, n->reals[0])));
     case MPSCY_LAYER_ELU:
@@ -56,7 +56,7 @@ void metal_activation_backward(MetalBuilder *c, const mpscy_node *n, int32_t i) 
     MPSGraphTensor *d = nil;
     switch (n->kind) {
     case MPSCY_LAYER_RELU:
-        d = mt_select(c, mt_gt(c, y, zero), dy, zero);
+        d = mt_select(c, mt_le(c, y, zero), zero, dy);
         break;
     case MPSCY_LAYER_LEAKYRELU:
         d = mt_select(c, mt_gt(c, x, zero), dy, mt_mul(c, dy, mt_const(c, n->reals[0])));

@@ -173,6 +173,7 @@ MPSGraphTensor *mt_sqrt(MetalBuilder *c, MPSGraphTensor *x);
 MPSGraphTensor *mt_abs(MetalBuilder *c, MPSGraphTensor *x);
 MPSGraphTensor *mt_gt(MetalBuilder *c, MPSGraphTensor *a, MPSGraphTensor *b);
 MPSGraphTensor *mt_lt(MetalBuilder *c, MPSGraphTensor *a, MPSGraphTensor *b);
+MPSGraphTensor *mt_le(MetalBuilder *c, MPSGraphTensor *a, MPSGraphTensor *b);
 MPSGraphTensor *mt_eq(MetalBuilder *c, MPSGraphTensor *a, MPSGraphTensor *b);
 MPSGraphTensor *mt_and(MetalBuilder *c, MPSGraphTensor *a, MPSGraphTensor *b);
 MPSGraphTensor *mt_select(MetalBuilder *c, MPSGraphTensor *pred, MPSGraphTensor *a, MPSGraphTensor *b);

@@ -69,6 +69,10 @@ MPSGraphTensor *mt_lt(MetalBuilder *c, MPSGraphTensor *a, MPSGraphTensor *b) {
     return [c.g lessThanWithPrimaryTensor:a secondaryTensor:b name:nil];
 }
 
+MPSGraphTensor *mt_le(MetalBuilder *c, MPSGraphTensor *a, MPSGraphTensor *b) {
+    return [c.g lessThanOrEqualToWithPrimaryTensor:a secondaryTensor:b name:nil];
+}
+
 MPSGraphTensor *mt_eq(MetalBuilder *c, MPSGraphTensor *a, MPSGraphTensor *b) {
     return [c.g equalWithPrimaryTensor:a secondaryTensor:b name:nil];
 }

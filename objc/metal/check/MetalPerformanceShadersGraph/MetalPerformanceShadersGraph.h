@@ -109,6 +109,8 @@ typedef NSDictionary<MPSGraphTensor *, MPSGraphShapedType *> MPSGraphTensorShape
                               secondaryTensor:(MPSGraphTensor *)secondaryTensor name:(NSString *)name;
 - (MPSGraphTensor *)greaterThanWithPrimaryTensor:(MPSGraphTensor *)primaryTensor
                                  secondaryTensor:(MPSGraphTensor *)secondaryTensor name:(NSString *)name;
+- (MPSGraphTensor *)lessThanOrEqualToWithPrimaryTensor:(MPSGraphTensor *)primaryTensor
+                                       secondaryTensor:(MPSGraphTensor *)secondaryTensor name:(NSString *)name;
 - (MPSGraphTensor *)logicalANDWithPrimaryTensor:(MPSGraphTensor *)primaryTensor
                                 secondaryTensor:(MPSGraphTensor *)secondaryTensor name:(NSString *)name;
 - (MPSGraphTensor *)selectWithPredicateTensor:(MPSGraphTensor *)predicateTensor
