@@ -472,9 +472,9 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
         /* a grid under two blocks per multiprocessor splits K (at least 4 steps a chunk) into
          * partials in the workspace's (OC + K, nb), summed by conv_fwd_sum */
         int64_t splits = g.groups == 1 ? std::min({2 * (int64_t)gr->dev->sms / (gm * gn), nk / 4, 1 + g.k / g.oc}) : 1;
-        if (splits < 2) splits = 1;
-        const int64_t chunk = (nk + splits - 1) / splits * MMA_BK;
-        splits = (g.kg + chunk - 1) / chunk;
+        int64_t steps;
+        splits = cu_split_units(nk, splits < 2 ? 1 : splits, &steps);
+        const int64_t chunk = steps * MMA_BK;
         float *part = splits > 1 ? gr->ws : NULL;
         dim3 grid((unsigned)gn, (unsigned)gm, (unsigned)splits);
         for (int64_t gi = 0; gi < g.groups; gi++) {

@@ -64,9 +64,10 @@ static int64_t dw_most(int64_t tiles, int64_t nb, int sms) {
 
 /* dw_most's count, as chunks of MMA_BK steps (no more than dw_most at any nb: the partials' room) */
 static int64_t dw_splits(int64_t tiles, int64_t nb, int sms, int64_t *chunk) {
-    const int64_t s = dw_most(tiles, nb, sms);
-    *chunk = ((nb + s - 1) / s + MMA_BK - 1) / MMA_BK * MMA_BK;
-    return (nb + *chunk - 1) / *chunk;
+    int64_t steps;
+    const int64_t s = cu_split_units((nb + MMA_BK - 1) / MMA_BK, dw_most(tiles, nb, sms), &steps);
+    *chunk = steps * MMA_BK;  /* ceil(nb / (s MMA_BK)) steps: nb / s rounded up to whole steps */
+    return s;
 }
 
 /* conv_dw_own's tiles of a group's (OCg, Kg): 64 or 32 rows and columns */

@@ -264,8 +264,9 @@ int cu_conv_implicit(cu_graph *gr, cudaStream_t stream, const cu_implicit *q, ch
         splits = std::min({2 * (int64_t)gr->dev->sms / (gm * gn), nst / 2, q->part_floats / (q->m * a.nb)});
         if (splits < 2) splits = 1;
     }
-    a.per = (int)((nst + splits - 1) / splits);
-    splits = (nst + a.per - 1) / a.per;
+    int64_t per;
+    splits = cu_split_units(nst, splits, &per);
+    a.per = (int)per;
     a.part = splits > 1 ? q->part : NULL;
     ig_fn k = kinds[tm4][q->stride == 2][a.k % 4 == 0 && cu_aligned16(q->w)];
     CU_TRY(mma_launch(gr, stream, k, dim3((unsigned)gn, (unsigned)gm, (unsigned)splits), bytes, a), "conv_implicit");

@@ -652,4 +652,12 @@ static inline unsigned cu_blocks(int64_t n, int64_t per, int64_t cap) {
     return (unsigned)(b > cap ? cap : b);
 }
 
+/* A split product's K (units: MMA steps or stages) in at most `want` (>= 1) even chunks: each
+ * chunk's units in *per; returns how many chunks that makes (no more than want, and the same at
+ * the caller's rounding: ceil(units / per)). */
+static inline int64_t cu_split_units(int64_t units, int64_t want, int64_t *per) {
+    *per = (units + want - 1) / want;
+    return (units + *per - 1) / *per;
+}
+
 #endif /* MPSCY_CUDA_H */
