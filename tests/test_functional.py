@@ -258,6 +258,26 @@ def test_graph_building_errors():
         mpscy.Model(x, layers.Add()([layers.ReLU(name="r")(a), layers.ReLU(name="r")(a)]))
 
 
+def _nan_refused(engine, x, t):
+    """The output is NaN in every row, and a step fails with every parameter as it was."""
+    assert np.isnan(engine.predict(x)).all()
+    before = engine.get_parameters()
+    with pytest.raises(mpscy.NonFiniteError):
+        engine.step(x, t)
+    after = engine.get_parameters()
+    assert all(np.array_equal(after[k], v) for k, v in before.items())
+
+
+def _inf_times_zero(engine, n_in, n):
+    """Dense "a" (n_in -> n) overflows to inf in unit 0 on inputs of 2 (weights 3e38: inf in any
+    order of the sum, with or without FMA); Dense "b" (n -> n) multiplies unit 0 by 0, so every
+    pre-activation of b is NaN."""
+    wa = np.zeros((n, n_in), np.float32)
+    wa[0, :2] = 3e38
+    engine.set_parameters({"a.weight": wa, "b.weight": np.full((n, n), 0.01, np.float32) * (np.arange(n) > 0)},
+                          strict=False)
+
+
 def test_relu_propagates_nan_as_torch(device):
     """torch.relu(nan) is nan (clamp_min keeps it). Two finite branches that overflow to +inf and
     -inf add to NaN; a ReLU that zeroes it hides the NaN: predict gave a finite number and a step
@@ -270,13 +290,7 @@ def test_relu_propagates_nan_as_torch(device):
                           device=device)
     engine.set_parameters({"a.weight": np.array([[3e38]], np.float32), "b.weight": np.array([[-3e38]], np.float32)},
                           strict=False)
-    x, t = np.full((1, 1), 2.0, np.float32), np.zeros((1, 1), np.float32)
-    assert np.isnan(engine.predict(x)).all()
-    before = engine.get_parameters()
-    with pytest.raises(mpscy.NonFiniteError):
-        engine.step(x, t)
-    after = engine.get_parameters()
-    assert all(np.array_equal(after[k], v) for k, v in before.items())
+    _nan_refused(engine, np.full((1, 1), 2.0, np.float32), np.zeros((1, 1), np.float32))
 
 
 def test_relu_fused_into_conv_propagates_nan(device):
@@ -289,49 +303,29 @@ def test_relu_fused_into_conv_propagates_nan(device):
     engine = mpscy.Engine(mpscy.Model(x_in, out), loss="mse", batch_size=1, device=device)
     engine.set_parameters({"a.weight": np.full((1, 1, 1, 1), 3e38, np.float32),
                            "b.weight": np.full((1, 1, 1, 1), -3e38, np.float32)}, strict=False)
-    assert np.isnan(engine.predict(np.full((1, 1, 1, 1), 2.0, np.float32))).all()
+    _nan_refused(engine, np.full((1, 1, 1, 1), 2.0, np.float32), np.zeros((1, 1), np.float32))
 
 
 @pytest.mark.parametrize("batch", [4, 512])
 def test_relu_fused_into_dense_propagates_nan(device, batch):
     """A Dense whose ReLU is fused into its product, 256 -> 256 at batch 4 (on cuda the small
-    products' kernel) and 512 (cuBLASLt with its bias-and-ReLU epilogue). The Dense before it
-    overflows to inf in unit 0 (weights 3e38 on inputs of 2: inf in any order of the sum, with or
-    without FMA), which this one multiplies by 0: every pre-activation is NaN. The ReLU keeps it,
-    as torch's does, so the output is NaN in every row and a step fails with nothing updated (a
-    ReLU that zeroes NaN left the output its bias and applied the step)."""
+    products' kernel) and 512 (cuBLASLt with its bias-and-ReLU epilogue), every pre-activation
+    NaN (_inf_times_zero). The ReLU keeps it, as torch's does (a ReLU that zeroes NaN left the
+    output its bias and applied the step)."""
     model = mpscy.Sequential([layers.Dense(256, name="a"), layers.Dense(256, name="b"), layers.ReLU(),
                               layers.Dense(1, name="o")], input_shape=(256,))
     engine = mpscy.Engine(model, loss="mse", optimizer=optim.SGD(lr=0.1), batch_size=batch, device=device)
-    wa = np.zeros((256, 256), np.float32)
-    wa[0, :2] = 3e38
-    engine.set_parameters({"a.weight": wa, "b.weight": np.full((256, 256), 0.01, np.float32) * (np.arange(256) > 0)},
-                          strict=False)
-    x, t = np.full((batch, 256), 2.0, np.float32), np.zeros((batch, 1), np.float32)
-    assert np.isnan(engine.predict(x)).all()
-    before = engine.get_parameters()
-    with pytest.raises(mpscy.NonFiniteError):
-        engine.step(x, t)
-    after = engine.get_parameters()
-    assert all(np.array_equal(after[k], v) for k, v in before.items())
+    _inf_times_zero(engine, 256, 256)
+    _nan_refused(engine, np.full((batch, 256), 2.0, np.float32), np.zeros((batch, 1), np.float32))
 
 
 def test_relu_in_a_dense_chain_under_cross_entropy_propagates_nan(device):
     """The same in a Dense/ReLU chain under sparse cross-entropy at a small batch (on cuda the
     one-kernel MLP step, its first layer's products added in the copy phase): the NaN reaches
-    the logits, the step fails with nothing updated."""
+    the logits, the step fails with nothing updated, the optimizer's step count included."""
     model = mpscy.Sequential([layers.Dense(16, name="a"), layers.Dense(16, name="b"), layers.ReLU(),
                               layers.Dense(3, name="o")], input_shape=(4,))
     engine = mpscy.Engine(model, optimizer=optim.Adam(1e-3), batch_size=8, device=device)
-    wa = np.zeros((16, 4), np.float32)
-    wa[0, :2] = 3e38
-    engine.set_parameters({"a.weight": wa, "b.weight": np.full((16, 16), 0.01, np.float32) * (np.arange(16) > 0)},
-                          strict=False)
-    x, y = np.full((8, 4), 2.0, np.float32), np.zeros(8, np.int32)
-    assert np.isnan(engine.predict(x)).all()
-    before, state = engine.get_parameters(), engine.get_optimizer_state()
-    with pytest.raises(mpscy.NonFiniteError):
-        engine.step(x, y)
-    after = engine.get_parameters()
-    assert all(np.array_equal(after[k], v) for k, v in before.items())
-    assert engine.get_optimizer_state()["step"] == state["step"] == 0
+    _inf_times_zero(engine, 4, 16)
+    _nan_refused(engine, np.full((8, 4), 2.0, np.float32), np.zeros(8, np.int32))
+    assert engine.get_optimizer_state()["step"] == 0
