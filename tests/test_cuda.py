@@ -566,6 +566,17 @@ def test_optimizer_matches_cpu(name, fused, monkeypatch, rng):
 
 
 @cuda_only
+def test_lbfgs_dropout_masks_match_cpu(rng):
+    """An L-BFGS step's evaluations (MPSCY_MODE_LBFGS calls, each a GRAD graph on cuda) draw their
+    Dropout masks from the call's seed and counter, as the cpu's do: the losses of every step and
+    the parameters after them match the cpu (the first evaluation's mask already differed when the
+    params block kept the key of the last TRAIN, EVAL or GRAD call, or zero)."""
+    opt = OPTIM_CASES["lbfgs"]()
+    cpu, gpu = pair(LAYER_MODELS["dropout"][0], (12,), opt=opt)
+    compare_training(cpu, gpu, rng, steps=3)
+
+
+@cuda_only
 @pytest.mark.parametrize("fused", ["default", "0"])
 @pytest.mark.parametrize("clip", [{"clip_grad_norm": 0.05}, {"clip_grad_value": 0.002},
                                   {"clip_grad_norm": 0.5, "clip_grad_value": 0.01}])
