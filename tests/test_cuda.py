@@ -1371,6 +1371,42 @@ def test_one_kernel_engines_keep_their_shared_memory(monkeypatch, capfd, rng):
 
 
 @cuda_only
+def test_engines_on_two_threads_keep_their_shared_memory(monkeypatch, capfd, rng):
+    """The shared-memory opt-in is the kernel's, for the whole process: two engines training
+    partial batches (launched directly, each launch setting its own need first) on two threads at
+    once, the first needing ~50 KB a block (784 -> 128 -> 10), the second about half (784 -> 64
+    -> 10), must never see the other's smaller need land between their set and their launch. A
+    stress test: with the opt-in set to each launch's own need, such a launch fails; made
+    raise-only (cu_smem_optin), none can."""
+    import threading
+    monkeypatch.setenv("MPSCY_CUDA_VERBOSE", "1")
+    opt = lambda: optim.SGD(0.05, momentum=0.9)  # noqa: E731
+    capfd.readouterr()
+    gpu_a = pair(lambda: [L.Dense(128), L.ReLU(), L.Dense(10)], (784,), batch=64, opt=opt)[1]
+    assert _train_step_form(capfd).endswith(", layer 0 in the copy")
+    gpu_b = pair(lambda: [L.Dense(64), L.ReLU(), L.Dense(10)], (784,), batch=32, opt=opt)[1]
+    assert _train_step_form(capfd).endswith(", layer 0 in the copy")  # 64 outputs: half a's slice
+    xa, ya = rng.standard_normal((40, 784)).astype(np.float32), rng.integers(0, 10, 40).astype(np.int32)
+    xb, yb = rng.standard_normal((5, 784)).astype(np.float32), rng.integers(0, 10, 5).astype(np.int32)
+    steps, errors = 1500, []
+
+    def run(gpu, x, y):
+        try:
+            for _ in range(steps):
+                assert gpu.step(x, y).applied
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=a) for a in ((gpu_a, xa, ya), (gpu_b, xb, yb))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert gpu_a.get_optimizer_state()["step"] == gpu_b.get_optimizer_state()["step"] == steps
+
+
+@cuda_only
 @pytest.mark.parametrize("knob", ["MPSCY_CUDA_FUSED_SPLITK=1 MPSCY_CUDA_FUSED_SPLITDOT=0", "MPSCY_CUDA_FUSED_DWIDE=1",
                                   "MPSCY_CUDA_FUSED_GRADV=0", "MPSCY_CUDA_FUSED_ROWU=8", "MPSCY_CUDA_FUSED_RELAYS=1"])
 def test_fused_measuring_knobs_give_the_same_bits(knob, monkeypatch, rng):

@@ -209,6 +209,12 @@ int cu_knob_int(const char *name, int def);
  * a kernel may read them */
 static inline cudaError_t cu_legacy_done(void) { return cudaStreamSynchronize(cudaStreamLegacy); }
 
+/* A kernel's opt-in to `bytes` of dynamic shared memory (cudaFuncAttributeMaxDynamicSharedMemorySize),
+ * never lowered (device.cu): the attribute is the kernel's, shared by every graph and thread of the
+ * process, so an engine on another thread setting its smaller need between this thread's set and
+ * launch would fail that launch. Raising it past a launch's need changes nothing for the launch. */
+cudaError_t cu_smem_optin(const void *kernel, int bytes);
+
 /* Counted allocations: every byte the backend holds goes through here. */
 void *cu_host_alloc(mpscy_device dev, size_t bytes);              /* calloc */
 void cu_host_free(mpscy_device dev, void *p, size_t bytes);

@@ -5,6 +5,7 @@
 #include "cuda.h"
 #include "blas.h"
 
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -60,6 +61,23 @@ void cu_pinned_free(mpscy_device dev, void *p, size_t bytes) {
     if (!p) return;
     cudaFreeHost(p);
     mpscy_count_free(&dev->stats, bytes ? bytes : 4);
+}
+
+cudaError_t cu_smem_optin(const void *kernel, int bytes) {
+    static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+    static struct { const void *kernel; int bytes; } seen[256];  /* the opt-ins so far, by kernel */
+    static int count;
+    pthread_mutex_lock(&mu);
+    int i = 0;
+    while (i < count && seen[i].kernel != kernel) i++;
+    cudaError_t e = cudaSuccess;
+    if (i == count || seen[i].bytes < bytes) {
+        e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+        if (e == cudaSuccess && i == count && count < 256) seen[count++].kernel = kernel;
+        if (e == cudaSuccess && i < count) seen[i].bytes = bytes;
+    }
+    pthread_mutex_unlock(&mu);
+    return e;
 }
 
 int cu_check_launch(char *err, size_t en, const char *what, const char *func, int line) {

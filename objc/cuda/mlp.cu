@@ -348,10 +348,8 @@ static void fu_plan_split(cu_graph *g, cu_fused *f) {
         const int64_t q = fu_split_q(f->blocks, K, N, b, rows, ws, &w);
         if (q * b * N > most) most = q * b * N;
     }
-    if (cudaFuncSetAttribute(fused_mlp_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes) !=
-            cudaSuccess ||
-        cudaFuncSetAttribute(fused_mlp_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes) !=
-            cudaSuccess ||
+    if (cu_smem_optin((const void *)fused_mlp_kernel<false>, (int)bytes) != cudaSuccess ||
+        cu_smem_optin((const void *)fused_mlp_kernel<true>, (int)bytes) != cudaSuccess ||
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fused_mlp_kernel<false>, FU_THREADS, bytes) !=
             cudaSuccess ||
         per_sm < 1) {
@@ -515,11 +513,10 @@ int cu_fused_step(cu_graph *g, int64_t b, size_t staged, int deferred, char *err
     cfg.blockDim = dim3(FU_THREADS);
     cfg.dynamicSmemBytes = (size_t)f->ws_floats * sizeof(float);
     if (cfg.dynamicSmemBytes) {
-        /* the opt-in is the kernel's, not this graph's: another graph's plan may have set it
-         * lower since (mma_launch sets it at every launch too) */
+        /* the opt-in is the kernel's, not this graph's: raised to this graph's need if another's
+         * was smaller (cu_smem_optin, as mma_launch does) */
         const void *k = f->cluster ? (const void *)fused_mlp_kernel<true> : (const void *)fused_mlp_kernel<false>;
-        CU_TRY(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)cfg.dynamicSmemBytes),
-               "fused_mlp shared memory");
+        CU_TRY(cu_smem_optin(k, (int)cfg.dynamicSmemBytes), "fused_mlp shared memory");
     }
     cfg.stream = g->stream;
     cfg.attrs = &at;

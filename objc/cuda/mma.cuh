@@ -249,7 +249,7 @@ static inline bool cu_mma_own(const cu_graph *gr) {
 /* a kernel of mma.cuh's with its dynamic shared memory (over the 48 KB default: opted in) */
 template <typename... K, typename... A>
 static cudaError_t mma_launch(const cu_graph *gr, cudaStream_t s, void (*k)(K...), dim3 grid, int bytes, A... args) {
-    cudaError_t e = cudaFuncSetAttribute((const void *)k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    cudaError_t e = cu_smem_optin((const void *)k, bytes);
     return e != cudaSuccess ? e : cu_launch_shm(gr, k, grid, 256, (size_t)bytes, s, args...);
 }
 
