@@ -224,6 +224,23 @@ def test_corrupted_files_raise(saved, tmp_path):
     assert issubclass(mpscy.CheckpointError, (mpscy.Error, ValueError))
 
 
+def test_a_flipped_bit_in_the_description_is_detected(tmp_path):
+    """The SHA-256 covered the tensor bytes only: one bit flipped in a number of the JSON
+    description (the epoch counter 3 -> 2 here; the learning rate, step counts, L-BFGS's ro and
+    the schedule's state live there too) loaded silently with the wrong value."""
+    engine = _engine("cpu", optim.Adam(1e-3))
+    engine.epoch = 3
+    engine.save(tmp_path / "e.mpscy")
+    raw = (tmp_path / "e.mpscy").read_bytes()
+    at = raw.index(b'\\"epoch\\": 3') + len(b'\\"epoch\\": ')
+    flipped = bytearray(raw)
+    flipped[at] ^= 0x01                              # '3' -> '2': still valid JSON
+    (tmp_path / "f.mpscy").write_bytes(bytes(flipped))
+    with pytest.raises(mpscy.CheckpointError, match="SHA-256"):
+        mpscy.load(tmp_path / "f.mpscy", device="cpu")
+    assert mpscy.load(tmp_path / "e.mpscy", device="cpu").epoch == 3
+
+
 def test_restore_checks_the_model_first(device, saved, tmp_path):
     path, _ = saved
     other = mpscy.Engine(mpscy.Sequential([layers.Dense(5), layers.Dense(10)], input_shape=(64,)),
@@ -448,3 +465,18 @@ def test_save_refuses_what_load_would(tmp_path):
     with pytest.raises(mpscy.NonFiniteError, match="batchnorm_1.running_var contains NaN or Inf"):
         e.save(tmp_path / "bad.mpscy")
     assert not (tmp_path / "bad.mpscy").exists() and (tmp_path / "ok.mpscy").exists()
+
+
+def test_sequential_reloads_as_sequential(tmp_path):
+    """A Sequential's description (each layer fed by the one before) is rebuilt as a Sequential
+    with its layers, not as a functional Model (`_rebuild_model` compared node k's inputs with
+    [k] instead of [k - 1], so no Sequential ever matched)."""
+    model = mpscy.Sequential([layers.Dense(4), layers.ReLU(), layers.Dense(3)], input_shape=(5,))
+    engine = mpscy.Engine(model, loss="mse", batch_size=4, device="cpu", seed=0)
+    engine.save(tmp_path / "seq.mpscy")
+    loaded = mpscy.load(tmp_path / "seq.mpscy", device="cpu")
+    assert isinstance(loaded.model, mpscy.Sequential)
+    assert [type(layer).__name__ for layer in loaded.model.layers] == ["Dense", "ReLU", "Dense"]
+    assert [n.name for n in loaded.model.nodes] == [n.name for n in model.nodes]
+    loaded.save(tmp_path / "again.mpscy")
+    assert checkpoint.read(tmp_path / "again.mpscy")[0]["model"]["class"] == "Sequential"

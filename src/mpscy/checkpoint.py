@@ -200,7 +200,7 @@ def _rebuild_model(desc):
         built.append(layer)
     inputs = [n for n in nodes if n["layer"] is None]
     if desc["class"] == "Sequential" and len(inputs) == 1 and all(
-            n.get("inputs") == [k] for k, n in enumerate(nodes) if k > 0):
+            n.get("inputs") == [k - 1] for k, n in enumerate(nodes) if k > 0):
         return Sequential(built[1:], input_shape=tuple(inputs[0]["shape"]))
     tensors = []
     for n, layer in zip(nodes, built):
@@ -332,7 +332,8 @@ def save(engine, path, meta=None):
         text = json.dumps(desc)
     except (TypeError, ValueError) as e:
         raise InvalidArgumentError(f"checkpoint metadata is not JSON-serializable: {e}") from None
-    write_safetensors(path, tensors, {"format": FORMAT, "mpscy": text}, checksum=True)
+    write_safetensors(path, tensors, {"format": FORMAT, "mpscy": text,
+                                      "mpscy_sha256": hashlib.sha256(text.encode()).hexdigest()}, checksum=True)
 
 
 def read(path):
@@ -342,6 +343,9 @@ def read(path):
         raise CheckpointError(f"{os.fspath(path)!r} is a safetensors file but not an mpscy checkpoint")
     if "sha256" not in metadata:
         raise CheckpointError(f"{os.fspath(path)!r} has no checksum; it was not written by mpscy")
+    digest = metadata.get("mpscy_sha256")   # files of earlier versions have none
+    if digest is not None and hashlib.sha256(metadata["mpscy"].encode()).hexdigest() != digest:
+        raise CheckpointError(f"{os.fspath(path)!r} is corrupted: its description does not match its SHA-256")
     try:
         desc = json.loads(metadata["mpscy"])
     except json.JSONDecodeError as e:
