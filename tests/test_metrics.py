@@ -133,6 +133,20 @@ def test_regression_metrics(seed):
     assert M.r2(const, const + 1) == skm.r2_score(const, const + 1) == 0.0
 
 
+def test_bce_with_logits_scores_are_sigmoids_for_every_output():
+    """README: class scores are the sigmoid for BCEWithLogits, whose loss reads each output as
+    an independent logit. With two outputs they had been the softmax across the row, which ranks
+    rows by z1 - z0 instead of z1: here the positive row has the larger logit (4 > 1) but the
+    smaller softmax (sigmoid(-1) < sigmoid(6)), so roc_auc read 0.0 instead of 1.0."""
+    y = np.array([[0.0, 1.0], [1.0, 0.0]], np.float32)      # one-hot targets: row 0 is class 1
+    z = np.array([[5.0, 4.0], [-5.0, 1.0]])
+    bce = mpscy.losses.BCEWithLogits()
+    labels, pred, probs = M.classify_outputs(y, z, bce)
+    np.testing.assert_allclose(probs, 1.0 / (1.0 + np.exp(-z)), **TOL)
+    assert labels.tolist() == [1, 0] and pred.tolist() == [0, 1]
+    assert M.get("roc_auc")(y, z, bce) == skm.roc_auc_score([1, 0], 1.0 / (1.0 + np.exp(-z[:, 1]))) == 1.0
+
+
 def test_bad_input_is_rejected():
     with pytest.raises(mpscy.ShapeError, match="rows"):
         M.accuracy([0, 1, 2], [0, 1])
@@ -177,6 +191,19 @@ def test_get_adapts_model_outputs():
     assert m.name == "max_error" and m(y, out) == pytest.approx(0.1, rel=1e-5)
     with pytest.raises(mpscy.InvalidArgumentError, match="unknown metric"):
         M.get("bogus")
+
+
+def test_weighted_average_without_true_samples_follows_scikit_learn():
+    """average="weighted" where none of the given labels occurs in y_true (every weight 0):
+    scikit-learn's _nanaverage falls back to the plain mean of the per-class values; it had
+    returned zero_division for all three (1.0 where scikit-learn gives precision 0.5)."""
+    cases = [([1], [0], [0, 2]), ([0, 1, 0], [2, 2, 1], [2]), ([3, 0, 3], [3, 3, 1], [1, 2, 4])]
+    for yt, yp, labels in cases:
+        for zd in (0.0, 1.0, np.nan):
+            got = M.precision_recall_f1(yt, yp, average="weighted", labels=labels, zero_division=zd)
+            want = skm.precision_recall_fscore_support(yt, yp, average="weighted", labels=labels,
+                                                       zero_division=zd)[:3]
+            np.testing.assert_allclose(got, want, equal_nan=True, **TOL)
 
 
 def test_scikit_learn_edge_cases():

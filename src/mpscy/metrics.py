@@ -146,10 +146,8 @@ def precision_recall_f1(y_true, y_pred, average="binary", pos_label=1, labels=No
     if average is None:
         return p, r, f
     if average == "weighted":
-        support = tp + fn
-        if support.sum() == 0:
-            return (float(zero_division),) * 3
-        return tuple(_nan_average(v, support) for v in (p, r, f))
+        # no true sample of any label: _nan_average takes the plain mean, as scikit-learn's
+        return tuple(_nan_average(v, tp + fn) for v in (p, r, f))
     return tuple(_nan_average(v, np.ones_like(v)) for v in (p, r, f))
 
 
@@ -359,7 +357,7 @@ def r2(y_true, y_pred):
 
 
 # ----------------------------------------------------------------------------- fit(metrics=)
-_LOGIT_LOSSES = ("sparse_cross_entropy", "cross_entropy", "bce_with_logits")
+_SOFTMAX_LOSSES = ("sparse_cross_entropy", "cross_entropy")
 
 
 def classify_outputs(y_true, outputs, loss=None):
@@ -374,9 +372,11 @@ def classify_outputs(y_true, outputs, loss=None):
         probs = 1.0 / (1.0 + np.exp(-outputs[:, 0])) if kind == "bce_with_logits" else outputs[:, 0]
         labels = (y_true.reshape(len(y_true), -1)[:, 0] > 0.5).astype(np.int64)
         return labels, (probs > 0.5).astype(np.int64), probs
-    if kind in _LOGIT_LOSSES:
+    if kind in _SOFTMAX_LOSSES:
         e = np.exp(outputs - outputs.max(axis=1, keepdims=True))
         probs = e / e.sum(axis=1, keepdims=True)
+    elif kind == "bce_with_logits":   # one independent logit per output, as the loss reads them
+        probs = 1.0 / (1.0 + np.exp(-outputs))
     else:
         probs = outputs
     labels = y_true.argmax(axis=1) if y_true.ndim == 2 else y_true.astype(np.int64)
