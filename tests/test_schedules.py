@@ -309,6 +309,25 @@ def test_a_step_past_the_end_changes_nothing():
         assert e.learning_rate == lr and e.momentum == mom
 
 
+def test_a_refused_one_cycle_changes_nothing():
+    """A OneCycleLR refused at construction leaves the engine as it was: it had recorded its
+    initial rate (max_lr / div_factor) as the engine's initial rate first, so the next schedule
+    built started from that instead of the engine's rate; a beta1 cycled to 1 had set the rate
+    before it was refused; a phase of no steps raised ZeroDivisionError."""
+    e = _engine(optim.Adagrad(lr=0.5))
+    with pytest.raises(mpscy.InvalidArgumentError, match="momentum"):
+        S.OneCycleLR(e, max_lr=10.0, total_steps=100)
+    assert S.StepLR(e, step_size=10).base_lr == 0.5 and e.learning_rate == 0.5
+    a = _engine(optim.Adam(lr=0.5))
+    with pytest.raises(mpscy.InvalidArgumentError, match="below 1"):
+        S.OneCycleLR(a, max_lr=1.0, total_steps=100, max_momentum=1.0)
+    assert a.learning_rate == 0.5 and a.betas == (0.9, 0.999)
+    g = _engine(optim.SGD(0.5, momentum=0.9))
+    with pytest.raises(mpscy.InvalidArgumentError, match="without steps"):
+        S.OneCycleLR(g, max_lr=1.0, total_steps=10, pct_start=0.1)     # phase 1 ends at step 0
+    assert S.ExponentialLR(g, gamma=0.5).base_lr == 0.5 and g.momentum == 0.9
+
+
 def test_linear_one_cycle_takes_its_last_step():
     """torch's usage, scheduler.step() after each of total_steps training steps, ends with a
     step at total_steps, where the linear anneal extrapolates below 0 (never used): the engine's
@@ -334,6 +353,22 @@ def test_linear_one_cycle_takes_its_last_step():
     assert len(h.history["loss"]) == 3 and e2.learning_rate == 0.0
 
 
+def test_linear_one_cycle_of_adam_takes_its_last_step():
+    """The same last step with beta1 cycled: the linear anneal extrapolates beta1 past
+    max_momentum (0.99 + 0.14 / 14 = 1.0 here), which the engine refuses, so fit stopped with
+    InvalidArgumentError after its last batch (and the schedule had moved and set the rate
+    but not beta1). beta1 stays at max_momentum there instead; every earlier value is torch's."""
+    x, y = np.random.default_rng(0).standard_normal((40, 64)).astype(np.float32), np.zeros(40, np.int32)
+    e = _engine(optim.Adam(1e-3))
+    s = S.OneCycleLR(e, max_lr=0.1, epochs=2, steps_per_epoch=10, anneal_strategy="linear", max_momentum=0.99)
+    e.set_schedule(s, per="step")
+    h = e.fit(x, y, epochs=2, batch_size=4, verbose=0)
+    assert len(h.history["loss"]) == 2 and s.last_epoch == 20
+    assert e.learning_rate == 0.0 and e.betas[0] == 0.99
+    ramp = [0.99 + (0.85 - 0.99) * k / 5 for k in range(6)] + [0.85 + 0.14 * (k - 5) / 14 for k in range(6, 20)]
+    assert [s.momentum_at(k) for k in range(20)] == pytest.approx(ramp, rel=1e-12)
+
+
 def test_plateau_counts_a_nan_metric_as_no_improvement():
     """As torch: a NaN metric (a diverged validation loss) is a bad step, not an error; a
     non-number is refused by name."""
@@ -346,3 +381,19 @@ def test_plateau_counts_a_nan_metric_as_no_improvement():
     assert e.learning_rate == 0.05 and s.num_bad_epochs == 0
     with pytest.raises(mpscy.InvalidArgumentError, match="metric must be a number, got 'low'"):
         s.step("low")
+
+
+@pytest.mark.parametrize("T_0, T_mult, restart", [(1, 3, 121), (1, 10, 111), (10, 3, 1210)])
+def test_warm_restarts_under_warmup_restart_on_time(T_0, T_mult, restart):
+    """LinearWarmup(then=CosineAnnealingWarmRestarts) is torch's SequentialLR, which steps the
+    restarts recursively: at `restart` (a cycle's first step) the rate is back at base_lr. The
+    closed form's float log (log(243, 3) = 4.999...) had put that step at the previous cycle's
+    end, eta_min."""
+    e = _engine()
+    s = S.LinearWarmup(e, 1, then=S.CosineAnnealingWarmRestarts(e, T_0=T_0, T_mult=T_mult))
+    for _ in range(restart + 1):        # warmup step 0, then the child's steps 0..restart
+        s.step()
+    assert e.learning_rate == pytest.approx(_sgdr(restart, T_0, T_mult, 0.0), rel=1e-12)
+    assert e.learning_rate == pytest.approx(BASE, rel=1e-12)
+    assert s.then.lr_at(restart) == pytest.approx(BASE, rel=1e-12)
+    assert s.then.lr_at(restart - 0.5) < 1e-3 * BASE      # the end of the cycle before

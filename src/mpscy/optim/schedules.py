@@ -204,6 +204,13 @@ class CosineAnnealingWarmRestarts(Schedule):
             if self.T_mult == 1:
                 return self.T_0, epoch % self.T_0
             n = int(math.log(epoch / self.T_0 * (self.T_mult - 1) + 1, self.T_mult))
+            # the float log may land just below a whole number at a restart (log(243, 3) is
+            # 4.999...): settle n on the last cycle that starts at or before `epoch`
+            start = lambda k: self.T_0 * (self.T_mult ** k - 1) // (self.T_mult - 1)  # noqa: E731
+            while start(n + 1) <= epoch:
+                n += 1
+            while n > 0 and start(n) > epoch:
+                n -= 1
             return (self.T_0 * self.T_mult ** n,
                     epoch - self.T_0 * (self.T_mult ** n - 1) / (self.T_mult - 1))
         return self.T_0, epoch
@@ -299,13 +306,18 @@ class OneCycleLR(Schedule):
         self.max_lr = _number(max_lr, "max_lr", 0.0)
         self.initial_lr = self.max_lr / _number(div_factor, "div_factor", 0.0)
         self.min_lr = self.initial_lr / _number(final_div_factor, "final_div_factor", 0.0)
-        engine._initial_lr = self.base_lr = self.initial_lr   # torch overwrites initial_lr
+        self.base_lr = self.initial_lr
         self.cycle_momentum = bool(cycle_momentum)
         if self.cycle_momentum and _momentum_key(engine) is None:
             raise InvalidArgumentError(f"{type(engine.optimizer).__name__} has no momentum or beta1 for "
                                        "cycle_momentum=True to cycle")
         self.base_momentum = _number(base_momentum, "base_momentum", 0.0)
         self.max_momentum = _number(max_momentum, "max_momentum", 0.0)
+        if (self.cycle_momentum and _momentum_key(engine) == "beta1"
+                and max(self.base_momentum, self.max_momentum) >= 1.0):
+            raise InvalidArgumentError(f"base_momentum and max_momentum cycle beta1 of "
+                                       f"{type(engine.optimizer).__name__}, which must stay below 1; "
+                                       f"got {self.base_momentum} and {self.max_momentum}")
         T = self.total_steps
         if three_phase:
             self._phases = [(float(self.pct_start * T) - 1, "initial_lr", "max_lr", "max_momentum", "base_momentum"),
@@ -315,7 +327,14 @@ class OneCycleLR(Schedule):
             self._phases = [(float(self.pct_start * T) - 1, "initial_lr", "max_lr", "max_momentum", "base_momentum"),
                             (T - 1, "max_lr", "min_lr", "base_momentum", "max_momentum")]
         self.three_phase = bool(three_phase)
+        start = 0.0
+        for i, (end, *_) in enumerate(self._phases):
+            if end == start:   # torch divides by zero in it
+                raise InvalidArgumentError(f"OneCycleLR: pct_start={self.pct_start} of total_steps={T} leaves "
+                                           f"phase {i + 1} without steps; choose another pct_start")
+            start = end
         self._start()
+        engine._initial_lr = self.initial_lr   # torch overwrites initial_lr (once built: a refusal changes nothing)
 
     def _anneal(self, start, end, pct):
         if self.anneal_strategy == "cos":
@@ -340,7 +359,13 @@ class OneCycleLR(Schedule):
         return max(self._at(epoch)[0], 0.0)
 
     def momentum_at(self, epoch):
-        return self._at(epoch)[1] if self.cycle_momentum else None
+        if not self.cycle_momentum:
+            return None
+        # the same last step extrapolates the linear anneal's momentum past max_momentum, to 1
+        # or more when the last phase is short; never used, but beta1 must stay below 1: the
+        # momentum stays within [base_momentum, max_momentum] instead
+        lo, hi = sorted((self.base_momentum, self.max_momentum))
+        return min(max(self._at(epoch)[1], lo), hi)
 
 
 class ReduceLROnPlateau(Schedule):
