@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import mpscy
-from mpscy import optim
+from mpscy import layers, optim
 
 from optim_ref import RefAdam, RefSGD, digits_batches, max_rel_err, mlp
 
@@ -47,6 +47,31 @@ def test_update_uses_the_clipped_gradient(device, clip, which):
         assert r.grad_norm == pytest.approx(norm, rel=1e-6)     # before clipping
         assert max_rel_err(e.get_parameters(), p) <= 1e-6
     assert clipped_any == (clip != dict(clip_grad_norm=1e3))
+
+
+def test_large_model_threaded_norm_clip_and_update(device):
+    """76,810 parameters: past the sizes (65,536 and 32,768) from which the cpu backend splits the
+    gradient norm and the optimizer update over its worker threads, which the 1,210-parameter MLP
+    of every other optimizer test never reaches. grad_norm, the clipped update and every element
+    of it equal the reference from the same point, step after step."""
+    def big():
+        return mpscy.Sequential([layers.Dense(1024), layers.Tanh(), layers.Dense(10)], input_shape=(64,))
+
+    kw = dict(loss="sparse_cross_entropy", batch_size=32, device=device, seed=4)
+    e = mpscy.Engine(big(), optimizer=optim.Adam(lr=1e-2), clip_grad_norm=0.05, **kw)
+    probe = mpscy.Engine(big(), optimizer=optim.SGD(), **kw)
+    assert sum(v.size for v in e.get_parameters().values()) == 76810
+    ref = RefAdam(lr=1e-2)
+    for x, y in digits_batches(32, 3):
+        probe.set_parameters(e.get_parameters())
+        g = {k: v for k, v in probe.gradients(x, y).items() if k != "loss"}
+        cg, norm = _clip(g, 0.05)
+        assert norm > 0.05                                      # clipping is active
+        p = {k: v.astype(np.float64) for k, v in e.get_parameters().items()}
+        ref.step(p, cg)
+        r = e.step(x, y)
+        assert r.grad_norm == pytest.approx(norm, rel=1e-6)
+        assert max_rel_err(e.get_parameters(), p) <= 1e-5     # a skipped element is off by ~1e-1
 
 
 def test_clipping_changes_the_update(device):

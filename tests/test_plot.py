@@ -42,13 +42,17 @@ def test_history_plot(tmp_path):
 
 def test_confusion_roc_pr(tmp_path, classes):
     y, s = classes
-    pred = s.argmax(1)
+    # s.argmax(1) is y for every sample (each true class gets +1 on scores below 1): a diagonal
+    # matrix, which no transposition or normalization error changes. Every 5th prediction wrong:
+    pred = np.where(np.arange(len(y)) % 5 == 0, (y + 1 + np.arange(len(y)) % 3) % 4, s.argmax(1))
+    cm = mpscy.metrics.confusion_matrix(y, pred).astype(np.float64)
+    assert (cm != cm.T).any() and (cm.sum(0) != cm.sum(1)).any()
     fig = plot.plot_confusion_matrix(y, pred, labels=["a", "b", "c", "d"], path=tmp_path / "cm.png")
     assert _png_size(tmp_path / "cm.png") == (640, 480)
     np.testing.assert_array_equal(fig.axes[0].images[0].get_array(), mpscy.metrics.confusion_matrix(y, pred))
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["a", "b", "c", "d"]
     norm = plot.plot_confusion_matrix(y, pred, normalize=True)
-    np.testing.assert_allclose(norm.axes[0].images[0].get_array().sum(1), 1.0)
+    np.testing.assert_allclose(norm.axes[0].images[0].get_array(), cm / cm.sum(1, keepdims=True), rtol=1e-12)
 
     fig = plot.plot_roc(y, s, path=tmp_path / "roc.png")
     assert _png_size(tmp_path / "roc.png") == (640, 480)

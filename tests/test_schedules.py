@@ -175,6 +175,25 @@ def test_reduce_on_plateau_closed_form():
     np.testing.assert_allclose(got, want, rtol=1e-15)
 
 
+def test_reduce_on_plateau_modes_thresholds_and_eps_closed_form():
+    """Mode "max", threshold_mode "abs" and eps by hand (the torch comparison skips without
+    torch). max/abs 0.05: 1.04 is not above best 1.0 + 0.05, 1.06 is; 1.22 and 1.24 are not above
+    1.2 + 0.05 (patience 1: the second cuts). max/rel 0.1: 2.1 is not above 2.0 * 1.1 (patience 0:
+    cut), 2.3 is. min/abs 0.5: 9.6 is not below 10 - 0.5 (cut), 9.0 is (and rel 0.5 would refuse
+    it). eps 0.03: the cut 0.05 -> 0.025 is smaller than eps, so it is skipped."""
+    def run(metrics, **kw):
+        e = _engine()
+        s = S.ReduceLROnPlateau(e, factor=0.5, **kw)
+        return [s.step(m) or e.learning_rate for m in metrics]
+    np.testing.assert_allclose(run([1.0, 1.04, 1.06, 1.2, 1.22, 1.24, 1.3], mode="max", threshold_mode="abs",
+                                   threshold=0.05, patience=1), [0.1] * 5 + [0.05] * 2, rtol=1e-15)
+    np.testing.assert_allclose(run([2.0, 2.1, 2.3, 2.3], mode="max", threshold=0.1, patience=0),
+                               [0.1, 0.05, 0.05, 0.025], rtol=1e-15)
+    np.testing.assert_allclose(run([10.0, 9.6, 9.0, 8.9], mode="min", threshold_mode="abs", threshold=0.5, patience=0),
+                               [0.1, 0.05, 0.05, 0.025], rtol=1e-15)
+    np.testing.assert_allclose(run([1.0, 1.0, 1.0, 1.0], patience=0, eps=0.03), [0.1, 0.05, 0.05, 0.05], rtol=1e-15)
+
+
 @pytest.mark.parametrize("kw", [dict(mode="max", threshold_mode="abs", threshold=0.05, patience=3, factor=0.7),
                                 dict(mode="min", threshold_mode="abs", threshold=0.01, cooldown=2, patience=1, min_lr=0.03),
                                 dict(mode="max", threshold_mode="rel", threshold=0.02, eps=0.003, factor=0.9, patience=0)])
