@@ -79,7 +79,7 @@ STEP_CASES = [
     ("string x", "abc", GOOD_Y, mpscy.DTypeError, "x must be"),
     ("bytes x", b"\x00" * 32, GOOD_Y, mpscy.DTypeError, "x must be float32"),
     ("object x", np.array([None] * BATCH, dtype=object), GOOD_Y, mpscy.DTypeError, "x must be"),
-    ("0-d x", np.float32(1.0), GOOD_Y, mpscy.Error, "x"),
+    ("0-d x", np.float32(1.0), GOOD_Y, mpscy.ShapeError, f"x has shape (), expected (n, {FEATURES})"),
 ]
 
 

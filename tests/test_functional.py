@@ -33,6 +33,32 @@ def check(g, loss, ref_grads, dx):
         assert R.rel_err(g["input"], dx) < 1e-4
 
 
+@pytest.mark.parametrize("merge", ["add", "concat_channels", "concat_width"])
+def test_merge_reference_gradients_match_finite_differences(merge, rng):
+    """The input gradients the tests below build by hand for Add and Concatenate (an Add fed by
+    the input and two convolutions of it; a Concatenate of them along channels; of the input and
+    a convolution along W) agree with central differences of the same float64 forward to 1e-6:
+    the merges' own check, as test_layers' is for every single layer's reference."""
+    pa = {"weight": rng.standard_normal((3, 3, 3, 3)), "bias": rng.standard_normal(3)}
+    pb = {"weight": rng.standard_normal((3, 3, 1, 1)), "bias": rng.standard_normal(3)}
+    x = rng.standard_normal((2, 3, 4, 5))
+
+    def forward():
+        ya, ca = R.conv2d_forward(x, pa, CONV3)
+        yb, cb = R.conv2d_forward(x, pb, CONV1)
+        y = {"add": lambda: x + ya + yb, "concat_channels": lambda: np.concatenate([ya, x, yb], 1),
+             "concat_width": lambda: np.concatenate([x, ya], -1)}[merge]()
+        return y, ca, cb
+
+    y, ca, cb = forward()
+    w = rng.standard_normal(y.shape)  # f = sum(w * y): d f / d y = w
+    back_a, back_b = (lambda d: R.conv2d_backward(d, ca)[0]), (lambda d: R.conv2d_backward(d, cb)[0])
+    dx = {"add": lambda: w + back_a(w) + back_b(w),
+          "concat_channels": lambda: back_a(w[:, :3]) + w[:, 3:6] + back_b(w[:, 6:]),
+          "concat_width": lambda: w[..., :5] + back_a(w[..., 5:])}[merge]()
+    assert R.rel_err(dx, R.numeric_grad(lambda: float((forward()[0] * w).sum()), x)) < 1e-6
+
+
 def test_add_of_branches_and_the_input_itself(device, rng):
     """y = x + conv3x3(x) + conv1x1(x): the input's gradient accumulates from three consumers."""
     x_in = mpscy.Input((3, 5, 6))
