@@ -17,11 +17,17 @@
 #define MPSCY_SQRT_2_OVER_PI 0.7978845608028654
 #define MPSCY_GELU_C 0.044715
 
+/* ReLU's rule, for its value and its gradient mask: 0 where y <= 0 (mpscy_relu_zeroes), else v. A NaN passes (torch's
+ * relu, clamp_min, and its threshold_backward keep it), so a NaN made inside a network reaches the
+ * loss and its step is refused. Every ReLU of the backends, fused or not, goes through these. */
+MPSCY_AHD int mpscy_relu_zeroes(float y) { return y <= 0.0f; }
+MPSCY_AHD float mpscy_relu_pass(float y, float v) { return mpscy_relu_zeroes(y) ? 0.0f : v; }
+MPSCY_AHD float mpscy_relu(float x) { return mpscy_relu_pass(x, x); }
+
 /* y of one element for ReLU, LeakyReLU (r = slope), ELU (r = alpha), Sigmoid, Tanh, Swish; x otherwise */
 MPSCY_AHD float mpscy_act(int kind, float x, float r) {
     switch (kind) {
-    /* torch's relu (clamp_min) and its threshold_backward keep a NaN: test "<= 0", not "> 0" */
-    case MPSCY_LAYER_RELU: return x <= 0.0f ? 0.0f : x;
+    case MPSCY_LAYER_RELU: return mpscy_relu(x);
     case MPSCY_LAYER_LEAKYRELU: return x > 0.0f ? x : x * r;
     case MPSCY_LAYER_ELU: return x > 0.0f ? x : r * expm1f(x);
     case MPSCY_LAYER_SIGMOID: return 1.0f / (1.0f + expf(-x));
@@ -35,7 +41,7 @@ MPSCY_AHD float mpscy_act(int kind, float x, float r) {
  * so a loop over a fixed kind vectorizes) */
 MPSCY_AHD float mpscy_act_grad(int kind, float g, float x, float y, float r) {
     switch (kind) {
-    case MPSCY_LAYER_RELU: return y <= 0.0f ? 0.0f : g;
+    case MPSCY_LAYER_RELU: return mpscy_relu_pass(y, g);
     case MPSCY_LAYER_LEAKYRELU: return g * (x > 0.0f ? 1.0f : r);
     /* torch's elu_backward from the input: alpha * exp(x), not y + alpha (which cancels for x < -10) */
     case MPSCY_LAYER_ELU: return x > 0.0f ? g : g * r * expf(x);

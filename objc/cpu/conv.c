@@ -7,6 +7,7 @@
  * convolution. */
 #include "cpu.h"
 #include "blas.h"
+#include "../common/activation_math.h"
 
 #include <string.h>
 
@@ -139,9 +140,9 @@ static void col2im(float *dx, float *col, const conv_geom *g, int64_t bc) {
             }
 }
 
-/* 0 where m <= 0, else v (ReLU's value and gradient rule: a NaN passes, as in torch); both
- * operands are loaded, so loops of it vectorize */
-static inline float select_pos(float m, float v) { return m <= 0.0f ? 0.0f : v; }
+/* ReLU's value and gradient rule (mpscy_relu_pass); both operands are loaded, so loops of it
+ * vectorize */
+static inline float select_pos(float m, float v) { return mpscy_relu_pass(m, v); }
 
 /* dout (OC, bc*OHW) from dy (bc, OC, OHW), zeroed where the fused ReLU's output ry (bc, OC, OHW)
  * is not positive (ry NULL: no ReLU), adding each channel's sum into db (OC) when given. Sixteen

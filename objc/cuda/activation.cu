@@ -59,7 +59,7 @@ __global__ void bias_act_forward(float *y, const float *bias, int64_t rows, int6
     int64_t n = rows * cols;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
         float v = y[i] + (bias ? bias[i % cols] : 0.0f);
-        y[i] = relu && v <= 0.0f ? 0.0f : v;
+        y[i] = relu && mpscy_relu_zeroes(v) ? 0.0f : v;
     }
 }
 
@@ -79,7 +79,7 @@ __global__ void bias_act_backward(float *dz, float *db, const float *dy, const f
         for (int64_t r = r0 + threadIdx.y; r < r1; r += 8) {
             float v = dy[r * cols + c];
             if (ymask) {
-                v = ymask[r * cols + c] <= 0.0f ? 0.0f : v;
+                v = mpscy_relu_pass(ymask[r * cols + c], v);
                 dz[r * cols + c] = v;
             }
             s += v;

@@ -66,8 +66,8 @@ __global__ void __launch_bounds__(256, 2) conv_fwd_kernel(float *__restrict__ y,
         const float bo = bias ? bias[o0 + m] : 0.0f;
         float v0 = acc[e] + bo, v1 = acc[e + 1] + bo;
         if (relu) {
-            v0 = v0 <= 0.0f ? 0.0f : v0;
-            v1 = v1 <= 0.0f ? 0.0f : v1;
+            v0 = mpscy_relu(v0);
+            v1 = mpscy_relu(v1);
         }
         const int s = n / ohw, pix = n - s * ohw;
         float *yo = &y[((size_t)s * oc + o0 + m) * ohw + pix];
@@ -97,7 +97,7 @@ __global__ void conv_fwd_sum(float *y, const float *part, const float *bias, int
         for (int64_t z = 1; z < splits; z++) v += part[z * total + e];
         const int64_t m = e / nb, n = e - m * nb, s = n / ohw, pix = n - s * ohw;
         v += bias ? bias[o0 + m] : 0.0f;
-        y[(s * oc + o0 + m) * ohw + pix] = relu && v <= 0.0f ? 0.0f : v;
+        y[(s * oc + o0 + m) * ohw + pix] = relu && mpscy_relu_zeroes(v) ? 0.0f : v;
     }
 }
 
@@ -140,8 +140,8 @@ __global__ void conv_out_kernel(float *y, const float *yt, const float *bias, in
             const float bo = bias ? bias[o] : 0.0f;
             v.x += bo; v.y += bo; v.z += bo; v.w += bo;
             if (relu) {
-                v.x = v.x <= 0.0f ? 0.0f : v.x; v.y = v.y <= 0.0f ? 0.0f : v.y;
-                v.z = v.z <= 0.0f ? 0.0f : v.z; v.w = v.w <= 0.0f ? 0.0f : v.w;
+                v.x = mpscy_relu(v.x); v.y = mpscy_relu(v.y);
+                v.z = mpscy_relu(v.z); v.w = mpscy_relu(v.w);
             }
             *reinterpret_cast<float4 *>(&y[e]) = v;
         }
@@ -150,7 +150,7 @@ __global__ void conv_out_kernel(float *y, const float *yt, const float *bias, in
     for (unsigned e = blockIdx.x * blockDim.x + threadIdx.x; e < total; e += gridDim.x * blockDim.x) {
         unsigned i = e % OHW, o = (e / OHW) % OC, s = e / (OHW * OC);
         float v = yt[o * nb + s * OHW + i] + (bias ? bias[o] : 0.0f);
-        y[e] = relu && v <= 0.0f ? 0.0f : v;
+        y[e] = relu && mpscy_relu_zeroes(v) ? 0.0f : v;
     }
 }
 
@@ -159,8 +159,8 @@ static __device__ __forceinline__ float4 dz_load4(const float *dy, const float *
     float4 v = *reinterpret_cast<const float4 *>(&dy[src]);
     if (ry) {
         const float4 r = *reinterpret_cast<const float4 *>(&ry[src]);
-        v.x = r.x <= 0.0f ? 0.0f : v.x; v.y = r.y <= 0.0f ? 0.0f : v.y;
-        v.z = r.z <= 0.0f ? 0.0f : v.z; v.w = r.w <= 0.0f ? 0.0f : v.w;
+        v.x = mpscy_relu_pass(r.x, v.x); v.y = mpscy_relu_pass(r.y, v.y);
+        v.z = mpscy_relu_pass(r.z, v.z); v.w = mpscy_relu_pass(r.w, v.w);
     }
     return v;
 }
@@ -191,9 +191,10 @@ __global__ void conv_dz_kernel(float *dzt, float *dbp, const float *dy, const fl
                     const unsigned OW = (unsigned)ow, q = i % OW;
                     const size_t T = (size_t)OC * nb;  /* copy to copy */
                     const bool right = q + 4 < OW, down = i + OW < OHW;
-                    const float rv = right ? (ry && ry[src + 4] <= 0.0f ? 0.0f : dy[src + 4]) : 0.0f;
+                    const float rv = right ? (ry && mpscy_relu_zeroes(ry[src + 4]) ? 0.0f : dy[src + 4]) : 0.0f;
                     const float4 dv = down ? dz_load4(dy, ry, src + OW) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-                    const float dr = right && down ? (ry && ry[src + OW + 4] <= 0.0f ? 0.0f : dy[src + OW + 4]) : 0.0f;
+                    const float dr =
+                        right && down ? (ry && mpscy_relu_zeroes(ry[src + OW + 4]) ? 0.0f : dy[src + OW + 4]) : 0.0f;
                     *reinterpret_cast<float4 *>(d - T) = make_float4(v.y, v.z, v.w, rv);   /* (0, 1) */
                     *reinterpret_cast<float4 *>(d + T) = dv;                               /* (1, 0) */
                     *reinterpret_cast<float4 *>(d + 2 * T) = make_float4(dv.y, dv.z, dv.w, dr);  /* (1, 1) */
@@ -203,7 +204,7 @@ __global__ void conv_dz_kernel(float *dzt, float *dbp, const float *dy, const fl
             for (unsigned j = j0 + threadIdx.x; j < j1; j += blockDim.x) {
                 unsigned s = j / OHW, i = j - s * OHW, src = (s * OC + o) * OHW + i;
                 float v = dy[src];
-                v = ry && ry[src] <= 0.0f ? 0.0f : v;
+                v = ry && mpscy_relu_zeroes(ry[src]) ? 0.0f : v;
                 dzt[o * nb + j] = v;
                 sum += v;
             }

@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(CU_THREADS) conv_direct_kernel(float *__restri
                 const int o = 4 * q + k;
                 if (o >= nc) break;
                 const float r = acc[k] + bs[o];
-                yp[(size_t)o * OHW] = relu && r <= 0.0f ? 0.0f : r;
+                yp[(size_t)o * OHW] = relu && mpscy_relu_zeroes(r) ? 0.0f : r;
             }
         }
     }

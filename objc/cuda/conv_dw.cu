@@ -34,7 +34,7 @@ static __global__ void conv_sum_parts(float *out, const float *part, int64_t cou
             float t = sums[0][lane];
             for (int k = 1; k < W; k++) t += sums[k][lane];
             if (bias) t += bias[e % n];
-            (e < split ? out + e : out2 + (e - split))[0] = relu && t <= 0.0f ? 0.0f : t;
+            (e < split ? out + e : out2 + (e - split))[0] = relu && mpscy_relu_zeroes(t) ? 0.0f : t;
         }
         __syncthreads();
     }
@@ -312,7 +312,7 @@ __global__ void __launch_bounds__(DWS_THREADS, 3) conv_dw_small(dws_args a) {
                 const unsigned src = ((s * (unsigned)a.oc + (unsigned)o) * xs.ohw + i);
                 const bool ok = in && o4 < a.og && o < a.oc;
                 v[q] = ok ? __ldg(&a.dy[src]) : 0.0f;
-                if (ok && a.ry && __ldg(&a.ry[src]) <= 0.0f) v[q] = 0.0f;
+                if (ok && a.ry && mpscy_relu_zeroes(__ldg(&a.ry[src]))) v[q] = 0.0f;
             }
             zr[k] = make_float4(v[0], v[1], v[2], v[3]);
         }
@@ -506,10 +506,10 @@ __global__ void __launch_bounds__(DWR_WARPS * 32, 2) conv_dw_rows(dwr_args a) {
                     v[j] = __ldg(reinterpret_cast<const float4 *>(dy0 + src));
                     if (a.ry) {
                         const float4 m = __ldg(reinterpret_cast<const float4 *>(a.ry + (dy0 - a.dy) + src));
-                        if (m.x <= 0.0f) v[j].x = 0.0f;
-                        if (m.y <= 0.0f) v[j].y = 0.0f;
-                        if (m.z <= 0.0f) v[j].z = 0.0f;
-                        if (m.w <= 0.0f) v[j].w = 0.0f;
+                        if (mpscy_relu_zeroes(m.x)) v[j].x = 0.0f;
+                        if (mpscy_relu_zeroes(m.y)) v[j].y = 0.0f;
+                        if (mpscy_relu_zeroes(m.z)) v[j].z = 0.0f;
+                        if (mpscy_relu_zeroes(m.w)) v[j].w = 0.0f;
                     }
                 }
 #pragma unroll

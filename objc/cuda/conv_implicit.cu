@@ -85,8 +85,8 @@ static __device__ __forceinline__ void ig_store(const ig_args &a, int m, int n, 
     const float bo = a.bias ? a.bias[m] : 0.0f;
     float v0 = x0 + bo, v1 = x1 + bo;
     if (a.relu) {
-        v0 = v0 <= 0.0f ? 0.0f : v0;
-        v1 = v1 <= 0.0f ? 0.0f : v1;
+        v0 = mpscy_relu(v0);
+        v1 = mpscy_relu(v1);
     }
     float2 *yo = reinterpret_cast<float2 *>(&a.y[((size_t)s * a.m + m) * a.ohw + (n - s * a.ohw)]);
     if (a.accum) {

@@ -93,7 +93,7 @@ __global__ void __launch_bounds__(256, 2) conv_dgrad_s2(float *__restrict__ dx, 
         if (ci >= C || o < 0) continue;
         float *d = &dx[o + ci * hw];
         const float v = accum ? *d + acc[e] : acc[e];
-        *d = mask && mask[o + ci * hw] <= 0.0f ? 0.0f : v;
+        *d = mask && mpscy_relu_zeroes(mask[o + ci * hw]) ? 0.0f : v;
     }
 }
 

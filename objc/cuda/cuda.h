@@ -7,6 +7,7 @@
 
 #include "../backend.h"
 #include "../common/plan.h"
+#include "../common/activation_math.h"
 #include "../common/optim_math.h"
 #include "stage.h"
 

@@ -37,9 +37,9 @@ static __device__ __forceinline__ float tf32_round(float x) {
 
 static __device__ __forceinline__ float epilogue(const sg_args &p, int64_t m, int64_t n, float v) {
     if (p.bias) v += p.bias[n];
-    if (p.relu) v = v <= 0.0f ? 0.0f : v;
+    if (p.relu) v = mpscy_relu(v);
     if (p.scale) v *= p.scale[m * p.ldc + n];
-    if (p.mask && p.mask[m * p.ldc + n] <= 0.0f) v = 0.0f;
+    if (p.mask && mpscy_relu_zeroes(p.mask[m * p.ldc + n])) v = 0.0f;
     if (p.accum) v += p.c[m * p.ldc + n];
     return v;
 }

@@ -188,7 +188,7 @@ __global__ void __launch_bounds__(HEAD_THREADS) head_backward(cu_scratch *S, hea
                 }
                 if (j < c) s0 = fmaf(dr[j], ws[j * in + k], s0);
                 float v = (s0 + s1) * f[q];
-                if (mk[q] <= 0.0f) v = 0.0f;
+                if (mpscy_relu_zeroes(mk[q])) v = 0.0f;
                 const int64_t at = (int64_t)r0 * in + i;
                 if (a.accum) v += a.dx[at];
                 a.dx[at] = v;

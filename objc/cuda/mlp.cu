@@ -69,7 +69,7 @@ static __device__ void forward_rows(const fu_layer &l, int b, int gw, int tw, in
 #pragma unroll
         for (int r = 0; r < R; r++) {
             float v = warp_allsum(acc[r]) + bj;
-            if (l.relu) v = v <= 0.0f ? 0.0f : v;
+            if (l.relu) v = mpscy_relu(v);
             if (lane == r && r0 + r < b) l.y[(int64_t)(r0 + r) * N + j] = v;
         }
     }

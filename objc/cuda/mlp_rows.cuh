@@ -102,7 +102,7 @@ static __device__ __noinline__ void row_chain(const fu_args &a, float *smem, int
             /* 16 loads in flight: the benchmark MLP's 16 slices in one round trip */
             float v = a.row_narrow ? split_sum<8>(yp, Q, qs) : split_sum<16>(yp, Q, qs);
             v += bj;
-            if (L.relu) v = v <= 0.0f ? 0.0f : v;
+            if (L.relu) v = mpscy_relu(v);
             cur[j] = v;
             L.y[(int64_t)r * N + j] = v;
         }
@@ -151,7 +151,7 @@ static __device__ __noinline__ void row_chain(const fu_args &a, float *smem, int
                 float v = warp_allsum(acc[q]);
                 if (j0 + q < N) {
                     v += bq[q];
-                    if (relu) v = v <= 0.0f ? 0.0f : v;
+                    if (relu) v = mpscy_relu(v);
                     if (lane == q) {
                         nxt[j0 + q] = v;
                         yr[j0 + q] = v;
@@ -212,7 +212,7 @@ static __device__ __noinline__ void row_chain(const fu_args &a, float *smem, int
             } else {
                 v = nxt[i];
             }
-            if (B.relu && (i == tid ? y0 : B.y[(int64_t)r * K + i]) <= 0.0f) v = 0.0f;
+            if (B.relu && mpscy_relu_zeroes(i == tid ? y0 : B.y[(int64_t)r * K + i])) v = 0.0f;
             nxt[i] = v;
             B.dz[(int64_t)r * K + i] = v;
         }
