@@ -199,8 +199,6 @@ int cu_optim_supported(int32_t kind) {
 void cu_optim_params(cu_graph *g, const mpscy_step_args *a, int64_t t, cu_params *out) {
     g->mu_next = g->scalars[1];
     out->coef = mpscy_optim_coef_make(&g->plan.optim, a, t, &g->mu_next);
-    out->seed = a->seed;
-    out->counter = a->counter;
 }
 
 void cu_optim_applied(cu_graph *g, int64_t t) {

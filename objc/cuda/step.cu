@@ -339,13 +339,11 @@ int cu_graph_step(mpscy_graph gh, const mpscy_step_args *a, mpscy_step_result *r
         int st = cu_settle(gh->dev, err, n);
         if (st != MPSCY_OK) return st;
     }
-    if (a->mode == MPSCY_MODE_LBFGS) {
-        /* its evaluations (the GRAD graph) draw their Dropout masks from this call's key and
-         * counter, as the cpu's do: the params block carries them */
-        g->params_h->seed = a->seed;
-        g->params_h->counter = a->counter;
-        return cu_lbfgs_step(g, a, r, err, n);
-    }
+    /* every kind of call (an L-BFGS call's evaluations too) draws its Dropout masks from its own
+     * key and counter, as the cpu's do: the params block carries them */
+    g->params_h->seed = a->seed;
+    g->params_h->counter = a->counter;
+    if (a->mode == MPSCY_MODE_LBFGS) return cu_lbfgs_step(g, a, r, err, n);
     int kind = a->mode == MPSCY_MODE_TRAIN ? CU_KIND_TRAIN : a->mode == MPSCY_MODE_GRAD ? CU_KIND_GRAD : CU_KIND_EVAL;
     int64_t t = (int64_t)g->scalars[0] + 1;
     cu_optim_params(g, a, t, g->params_h);
