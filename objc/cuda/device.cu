@@ -64,18 +64,12 @@ void cu_pinned_free(mpscy_device dev, void *p, size_t bytes) {
 }
 
 cudaError_t cu_smem_optin(const void *kernel, int bytes) {
-    static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
-    static struct { const void *kernel; int bytes; } seen[256];  /* the opt-ins so far, by kernel */
-    static int count;
+    static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;  /* the read and the raise as one */
+    cudaFuncAttributes fa;
     pthread_mutex_lock(&mu);
-    int i = 0;
-    while (i < count && seen[i].kernel != kernel) i++;
-    cudaError_t e = cudaSuccess;
-    if (i == count || seen[i].bytes < bytes) {
+    cudaError_t e = cudaFuncGetAttributes(&fa, kernel);  /* the kernel's opt-in so far */
+    if (e == cudaSuccess && fa.maxDynamicSharedSizeBytes < bytes)
         e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-        if (e == cudaSuccess && i == count && count < 256) seen[count++].kernel = kernel;
-        if (e == cudaSuccess && i < count) seen[i].bytes = bytes;
-    }
     pthread_mutex_unlock(&mu);
     return e;
 }

@@ -512,12 +512,8 @@ int cu_fused_step(cu_graph *g, int64_t b, size_t staged, int deferred, char *err
     cfg.gridDim = dim3(f->blocks);
     cfg.blockDim = dim3(FU_THREADS);
     cfg.dynamicSmemBytes = (size_t)f->ws_floats * sizeof(float);
-    if (cfg.dynamicSmemBytes) {
-        /* the opt-in is the kernel's, not this graph's: raised to this graph's need if another's
-         * was smaller (cu_smem_optin, as mma_launch does) */
-        const void *k = f->cluster ? (const void *)fused_mlp_kernel<true> : (const void *)fused_mlp_kernel<false>;
-        CU_TRY(cu_smem_optin(k, (int)cfg.dynamicSmemBytes), "fused_mlp shared memory");
-    }
+    /* the kernel's shared-memory opt-in covers this: fu_plan_split raised it to these bytes, and
+     * cu_smem_optin never lowers it */
     cfg.stream = g->stream;
     cfg.attrs = &at;
     cfg.numAttrs = 1;
