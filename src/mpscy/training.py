@@ -29,9 +29,7 @@ class _Arrays:
         self.y = _as_target(engine, y)
         self.n = _rows(self.x)
         _check_target(engine, self.y, self.n, "y")
-        for k, a in enumerate(self.x):  # before any step, by its row here (a step's counts its batch's)
-            if a.dtype == np.float32:  # another dtype is the step's to refuse
-                _check_finite(a, "x" if self.n_inputs == 1 else f"x[{k}]")
+        _check_inputs(engine, self.x, "x")  # before any step, a bad row by its row here
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, engine.seed
         # BatchNorm cannot train on one row (PyTorch refuses it too): a lone last row is left
         # out of that epoch (a different row each epoch when shuffling)
@@ -131,14 +129,15 @@ def _check_target(engine, y, n, what):
 
 
 def _check_inputs(engine, xs, what):
-    """Validation inputs checked once before training (the training inputs' dtype and shapes are
-    checked by each step, their values up front by _Arrays): dtype, shapes and finite values."""
-    for a, shape in zip(xs, engine.model.input_shapes):
+    """Inputs (training or validation arrays) checked once before training: dtype, shapes and
+    finite values (input k of several named what[k])."""
+    for k, (a, shape) in enumerate(zip(xs, engine.model.input_shapes)):
+        what_k = what if len(xs) == 1 else f"{what}[{k}]"
         if a.dtype != np.float32:
-            raise DTypeError(f"{what} must be float32 (or another float type), got {a.dtype}")
+            raise DTypeError(f"{what_k} must be float32 (or another float type), got {a.dtype}")
         if a.shape[1:] != tuple(shape):
-            raise ShapeError(f"{what} has shape {a.shape}, expected (n, {', '.join(map(str, shape))})")
-        _check_finite(a, what)
+            raise ShapeError(f"{what_k} has shape {a.shape}, expected (n, {', '.join(map(str, shape))})")
+        _check_finite(a, what_k)
 
 
 def _check_finite(a, what):
