@@ -364,8 +364,13 @@ cdef class Graph:
             with nogil:
                 bad = _first_nonfinite(<const float *>self.xview.buf, self.xview.shape[0] * self.in_size[0])
             if bad >= 0:
-                raise _errors.NonFiniteError(f"x contains NaN or Inf at row {bad // self.in_size[0] + self.row0}")
+                self._nonfinite("x", bad, 0)
         return _check(status, self.err)
+
+    cdef int _nonfinite(self, str what, int64_t bad, int k) except -1:
+        """NonFiniteError for element `bad` of input k's rows, named by its row in the caller's
+        array (the batch starts at row0 there)."""
+        raise _errors.NonFiniteError(f"{what} contains NaN or Inf at row {bad // self.in_size[k] + self.row0}")
 
     cdef int _stage_one(self, object x, int k, int rows, str what, bint defer=False) except -1:
         """Validates x against input k and copies it into the staging buffer; returns rows.
@@ -405,7 +410,7 @@ cdef class Graph:
             with nogil:
                 bad = _copy_finite_pool(self.stage_pool, self.in_ptr[k], <const float *>v.buf, count)
             if bad >= 0:
-                raise _errors.NonFiniteError(f"{what} contains NaN or Inf at row {bad // self.in_size[k] + self.row0}")
+                self._nonfinite(what, bad, k)
             return <int>v.shape[0]
         finally:
             if not held:
