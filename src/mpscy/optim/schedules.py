@@ -203,16 +203,14 @@ class CosineAnnealingWarmRestarts(Schedule):
         if epoch >= self.T_0:
             if self.T_mult == 1:
                 return self.T_0, epoch % self.T_0
-            n = int(math.log(epoch / self.T_0 * (self.T_mult - 1) + 1, self.T_mult))
-            # the float log may land just below a whole number at a restart (log(243, 3) is
-            # 4.999...): settle n on the last cycle that starts at or before `epoch`
-            start = lambda k: self.T_0 * (self.T_mult ** k - 1) // (self.T_mult - 1)  # noqa: E731
-            while start(n + 1) <= epoch:
-                n += 1
-            while n > 0 and start(n) > epoch:
-                n -= 1
-            return (self.T_0 * self.T_mult ** n,
-                    epoch - self.T_0 * (self.T_mult ** n - 1) / (self.T_mult - 1))
+            # the last cycle that starts at or before `epoch` (cycle k starts at T_0 (T_mult^k - 1)
+            # / (T_mult - 1)), found by adding the cycles' lengths in integers: torch's float log
+            # lands just below a whole number at some restarts (log(243, 3) is 4.999...), putting
+            # them a cycle early
+            start, length = 0, self.T_0
+            while start + length <= epoch:
+                start, length = start + length, length * self.T_mult
+            return length, epoch - start
         return self.T_0, epoch
 
     def step(self, epoch=None):
