@@ -1,17 +1,59 @@
-/* lbfgs.c — the vector half of torch.optim.LBFGS, shared by the backends whose parameter,
- * gradient and optimizer slabs are host-visible (cpu; metal's unified memory): one
- * MPSCY_MODE_LBFGS call runs the bits of args->lbfgs_ops in mpscy.h's order (rollback, begin,
- * finalize, direction, move, evaluate) over the flat slab. The scalar control flow (iteration
- * count, strong-Wolfe bracketing and zoom, stopping tests) is the caller's (src/mpscy/optim).
- * Evaluations are the backend's, through two callbacks. Dot products accumulate in double; the
- * vectors stay float32 like torch's. Nothing allocates. */
+/* lbfgs.c — one MPSCY_MODE_LBFGS call: mpscy_lbfgs_run runs the bits of args->lbfgs_ops in
+ * mpscy.h's order (rollback, begin, finalize, direction, move, evaluate) through a backend's
+ * parts, for every backend. Below it, the vector half of torch.optim.LBFGS for the backends
+ * whose parameter, gradient and optimizer slabs are host-visible (cpu; metal's unified memory),
+ * over the flat slab. The scalar control flow (iteration count, strong-Wolfe bracketing and
+ * zoom, stopping tests) is the caller's (src/mpscy/optim). Evaluations are the backend's,
+ * through two callbacks. Dot products accumulate in double; the vectors stay float32 like
+ * torch's. Nothing allocates. */
 #include "lbfgs.h"
 #include "../backend.h"
 
 #include <math.h>
 #include <string.h>
 
-#define FAIL(status, ...) MPSCY_FAIL(err, n, (status), h->component, __VA_ARGS__)
+int mpscy_lbfgs_run(const mpscy_lbfgs_parts *parts, void *ctx, const mpscy_plan *p, double *scalars,
+                    const char *component, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t n) {
+    int32_t ops = a->lbfgs_ops;
+    int st;  /* state and arguments checked by the dispatcher */
+    r->finite = 1;
+    if ((ops & MPSCY_LBFGS_ROLLBACK) && (st = parts->restore(ctx, err, n)) != MPSCY_OK) return st;
+    if ((ops & MPSCY_LBFGS_BEGIN) && (st = parts->save(ctx, err, n)) != MPSCY_OK) return st;
+    if (ops & MPSCY_LBFGS_FINALIZE) {
+        if ((st = parts->step_to(ctx, a->lbfgs_t_prev, err, n)) != MPSCY_OK) return st;
+        r->applied = 1;
+    }
+    if (ops & MPSCY_LBFGS_DIRECTION) {
+        if ((st = parts->direction(ctx, a, r, err, n)) != MPSCY_OK) return st;
+        if (r->lbfgs_gtd > -p->optim.tolerance_change) {
+            r->lbfgs_stopped = 1;
+            return parts->finish ? parts->finish(ctx, err, n) : MPSCY_OK;
+        }
+        if ((st = parts->set_base(ctx, err, n)) != MPSCY_OK) return st;
+    }
+    if (ops & MPSCY_LBFGS_MOVE) {
+        if ((st = parts->step_to(ctx, a->lbfgs_t, err, n)) != MPSCY_OK) return st;
+        if (ops & MPSCY_LBFGS_COUNT) scalars[MPSCY_LBFGS_S_STEP] += 1;
+        r->applied = 1;
+    }
+    if (ops & MPSCY_LBFGS_EVAL) {
+        st = parts->evaluate(ctx, a, r, err, n);
+        if (st != MPSCY_OK || !r->finite) {
+            /* the call's move undone at once; a failed evaluation keeps its own message */
+            int rs = parts->restore(ctx, st != MPSCY_OK ? NULL : err, n);
+            r->applied = 0;
+            if (st != MPSCY_OK) return st;
+            if (rs != MPSCY_OK) return rs;
+            return MPSCY_FAIL(err, n, MPSCY_NONFINITE, component,
+                              "loss %g, gradient norm %g: not finite; the LBFGS step was undone", r->loss,
+                              r->grad_norm);
+        }
+    }
+    return parts->finish ? parts->finish(ctx, err, n) : MPSCY_OK;
+}
+
+/* ------------------------------------------------------------ the host's parts (cpu, metal) */
+
 
 static double dot(const float *a, const float *b, int64_t n) {  /* (n), (n) */
     double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
@@ -46,8 +88,9 @@ static void add_scaled(float *y, const float *a, float t, const float *b, int64_
     for (int64_t i = 0; i < n; i++) y[i] = a[i] + t * b[i];
 }
 
-/* The state scalars come from the caller through tensor writes: check them before use. */
-static void save(const mpscy_lbfgs_host *h) {
+static int save(void *ctx, char *err, size_t n) {
+    const mpscy_lbfgs_host *h = ctx;
+    (void)err; (void)n;
     const mpscy_plan *p = h->plan;
     const mpscy_lbfgs_layout *L = &p->lbfgs;
     size_t bytes = (size_t)p->n_params * sizeof(float);
@@ -58,11 +101,14 @@ static void save(const mpscy_lbfgs_host *h) {
     }
     if (p->n_buffers) memcpy(h->optim + L->buf0, h->buffers, (size_t)p->n_buffers * sizeof(float));
     memcpy(h->scalars + MPSCY_LBFGS_S_SAVED, h->scalars, MPSCY_LBFGS_S_SAVED * sizeof(double));
+    return MPSCY_OK;
 }
 
 /* History rows alive when the step began were never overwritten (the ring has max_iter spare
  * rows), so resetting hist_start/hist_len restores the history too. */
-static void restore(const mpscy_lbfgs_host *h) {
+static int restore(void *ctx, char *err, size_t n) {
+    const mpscy_lbfgs_host *h = ctx;
+    (void)err; (void)n;
     const mpscy_plan *p = h->plan;
     const mpscy_lbfgs_layout *L = &p->lbfgs;
     size_t bytes = (size_t)p->n_params * sizeof(float);
@@ -73,12 +119,15 @@ static void restore(const mpscy_lbfgs_host *h) {
     }
     if (p->n_buffers) memcpy(h->buffers, h->optim + L->buf0, (size_t)p->n_buffers * sizeof(float));
     memcpy(h->scalars, h->scalars + MPSCY_LBFGS_S_SAVED, MPSCY_LBFGS_S_SAVED * sizeof(double));
+    return MPSCY_OK;
 }
 
 /* torch.optim.LBFGS's direction: the first iteration goes down the gradient; later ones store
  * (y, s) when y.s > 1e-10 (dropping the oldest past history_size) and apply the two-loop
  * recursion with the initial Hessian scale H_diag = y.s / y.y. Then prev_flat_grad = g. */
-static void direction(const mpscy_lbfgs_host *h, const mpscy_step_args *a, mpscy_step_result *r) {
+static int direction(void *ctx, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t en) {
+    const mpscy_lbfgs_host *h = ctx;
+    (void)err; (void)en;
     const mpscy_plan *p = h->plan;
     const mpscy_lbfgs_layout *L = &p->lbfgs;
     int64_t n = p->n_params, ld = n, cap = L->cap;
@@ -135,12 +184,14 @@ static void direction(const mpscy_lbfgs_host *h, const mpscy_step_args *a, mpscy
     memcpy(pg, gr, (size_t)n * sizeof(float));
     r->lbfgs_gtd = dot(gr, d, n);
     r->lbfgs_d_max = abs_max(d, n);
+    return MPSCY_OK;
 }
 
 /* Forward, loss and backward at the current parameters (the backend's), plus the optional L2
  * term weight_decay/2 |params|^2 in the objective; running statistics are kept only when all is
  * finite; the gradient lands in register lbfgs_reg. */
-static int evaluate(const mpscy_lbfgs_host *h, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t n) {
+static int evaluate(void *ctx, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t n) {
+    const mpscy_lbfgs_host *h = ctx;
     const mpscy_plan *p = h->plan;
     const mpscy_lbfgs_layout *L = &p->lbfgs;
     int64_t np = p->n_params;
@@ -164,40 +215,22 @@ static int evaluate(const mpscy_lbfgs_host *h, const mpscy_step_args *a, mpscy_s
     return MPSCY_OK;
 }
 
-int mpscy_lbfgs_call(const mpscy_lbfgs_host *h, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t n) {
-    const mpscy_plan *p = h->plan;
-    const mpscy_lbfgs_layout *L = &p->lbfgs;
-    int32_t ops = a->lbfgs_ops;
-    int st;  /* state and arguments checked by the dispatcher */
-    r->finite = 1;
-    if (ops & MPSCY_LBFGS_ROLLBACK) restore(h);
-    if (ops & MPSCY_LBFGS_BEGIN) save(h);
-    if (ops & MPSCY_LBFGS_FINALIZE) {
-        add_scaled(h->params, h->optim + L->base, (float)a->lbfgs_t_prev, h->optim + L->d, p->n_params);
-        r->applied = 1;
-    }
-    if (ops & MPSCY_LBFGS_DIRECTION) {
-        direction(h, a, r);
-        if (r->lbfgs_gtd > -p->optim.tolerance_change) {
-            r->lbfgs_stopped = 1;
-            return MPSCY_OK;
-        }
-        if (p->n_params) memcpy(h->optim + L->base, h->params, (size_t)p->n_params * sizeof(float));
-    }
-    if (ops & MPSCY_LBFGS_MOVE) {
-        add_scaled(h->params, h->optim + L->base, (float)a->lbfgs_t, h->optim + L->d, p->n_params);
-        if (ops & MPSCY_LBFGS_COUNT) h->scalars[MPSCY_LBFGS_S_STEP] += 1;
-        r->applied = 1;
-    }
-    if (ops & MPSCY_LBFGS_EVAL) {
-        st = evaluate(h, a, r, err, n);
-        if (st != MPSCY_OK || !r->finite) {
-            restore(h);
-            r->applied = 0;
-            if (st != MPSCY_OK) return st;
-            return FAIL(MPSCY_NONFINITE, "loss %g, gradient norm %g: not finite; the LBFGS step was undone",
-                        r->loss, r->grad_norm);
-        }
-    }
+static int set_base(void *ctx, char *err, size_t n) {
+    const mpscy_lbfgs_host *h = ctx;
+    (void)err; (void)n;
+    if (h->plan->n_params) memcpy(h->optim + h->plan->lbfgs.base, h->params, (size_t)h->plan->n_params * sizeof(float));
     return MPSCY_OK;
+}
+
+static int step_to(void *ctx, double t, char *err, size_t n) {
+    const mpscy_lbfgs_host *h = ctx;
+    const mpscy_lbfgs_layout *L = &h->plan->lbfgs;
+    (void)err; (void)n;
+    add_scaled(h->params, h->optim + L->base, (float)t, h->optim + L->d, h->plan->n_params);
+    return MPSCY_OK;
+}
+
+int mpscy_lbfgs_call(const mpscy_lbfgs_host *h, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t n) {
+    static const mpscy_lbfgs_parts parts = {restore, save, set_base, step_to, direction, evaluate, NULL};
+    return mpscy_lbfgs_run(&parts, (void *)h, h->plan, h->scalars, h->component, a, r, err, n);
 }

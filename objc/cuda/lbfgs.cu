@@ -1,16 +1,16 @@
-/* lbfgs.cu — the vector half of torch.optim.LBFGS on CUDA, as cpu/lbfgs.c defines it: one
- * MPSCY_MODE_LBFGS call runs the bits of args->lbfgs_ops in mpscy.h's order (rollback, begin,
- * finalize, direction, move, evaluate) over the flat slab, launched directly on the stream.
- * Dot products reduce in double in a fixed order; the two-loop recursion keeps its coefficients
- * on the device, so a direction needs only two round trips (y.s for the history decision, and
- * the results). The caller (src/mpscy/optim/lbfgs.py) owns the scalar control flow. */
+/* lbfgs.cu — the vector half of torch.optim.LBFGS on CUDA, as common/lbfgs.c defines it: the
+ * parts of one MPSCY_MODE_LBFGS call (save, restore, moves, direction, evaluation) over the flat
+ * slab, launched directly on the stream, which common/lbfgs.c's mpscy_lbfgs_run puts in
+ * mpscy.h's order. Dot products reduce in double in a fixed order; the two-loop recursion keeps
+ * its coefficients on the device, so a direction needs only two round trips (y.s for the
+ * history decision, and the results). The caller (src/mpscy/optim/lbfgs.py) owns the scalar
+ * control flow. */
 #include "cuda.h"
 #include "reduce.h"
+#include "../common/lbfgs.h"
 
 #include <math.h>
 #include <string.h>
-
-#define FAIL(status, ...) MPSCY_FAIL(err, n, (status), CU, __VA_ARGS__)
 
 enum { RED_DOT = 0, RED_ABSMAX = 1, RED_ABSSUM = 2 };
 
@@ -93,13 +93,14 @@ static int copy(cu_graph *g, void *dst, const void *src, size_t bytes, char *err
     return MPSCY_OK;
 }
 
-static int sync(cu_graph *g, char *err, size_t en) {
-    CU_TRY(cudaStreamSynchronize(g->stream), "L-BFGS step");
+static int sync(void *ctx, char *err, size_t en) {
+    CU_TRY(cudaStreamSynchronize(((cu_graph *)ctx)->stream), "L-BFGS step");
     return MPSCY_OK;
 }
 
 /* BEGIN: what a non-finite evaluation later in the step restores. */
-static int save(cu_graph *g, char *err, size_t en) {
+static int save(void *ctx, char *err, size_t en) {
+    cu_graph *g = (cu_graph *)ctx;
     const mpscy_plan *p = &g->plan;
     const mpscy_lbfgs_layout *L = &p->lbfgs;
     size_t bytes = (size_t)p->n_params * sizeof(float);
@@ -115,7 +116,8 @@ static int save(cu_graph *g, char *err, size_t en) {
 
 /* History rows alive at BEGIN are never overwritten during the step (the ring has max_iter
  * spare rows), so restoring hist_start/hist_len restores the history too. */
-static int restore(cu_graph *g, char *err, size_t en) {
+static int restore(void *ctx, char *err, size_t en) {
+    cu_graph *g = (cu_graph *)ctx;
     const mpscy_plan *p = &g->plan;
     const mpscy_lbfgs_layout *L = &p->lbfgs;
     size_t bytes = (size_t)p->n_params * sizeof(float);
@@ -130,7 +132,8 @@ static int restore(cu_graph *g, char *err, size_t en) {
 }
 
 /* torch.optim.LBFGS's direction (see cpu/lbfgs.c), then prev_flat_grad = g. */
-static int direction(cu_graph *g, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t en) {
+static int direction(void *ctx, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t en) {
+    cu_graph *g = (cu_graph *)ctx;
     const mpscy_plan *p = &g->plan;
     const mpscy_lbfgs_layout *L = &p->lbfgs;
     int64_t n = p->n_params, cap = L->cap;
@@ -192,7 +195,8 @@ static int direction(cu_graph *g, const mpscy_step_args *a, mpscy_step_result *r
 
 /* Forward, loss and backward at the current parameters, with the optional L2 term
  * weight_decay/2 |params|^2 in the objective; the gradient lands in register lbfgs_reg. */
-static int evaluate(cu_graph *g, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t en) {
+static int evaluate(void *ctx, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t en) {
+    cu_graph *g = (cu_graph *)ctx;
     const mpscy_plan *p = &g->plan;
     const mpscy_lbfgs_layout *L = &p->lbfgs;
     int64_t n = p->n_params;
@@ -226,46 +230,18 @@ static int evaluate(cu_graph *g, const mpscy_step_args *a, mpscy_step_result *r,
     return MPSCY_OK;
 }
 
+static int set_base(void *ctx, char *err, size_t en) {
+    cu_graph *g = (cu_graph *)ctx;
+    return copy(g, g->optim + g->plan.lbfgs.base, g->params, (size_t)g->plan.n_params * sizeof(float), err, en);
+}
+
+static int step_to(void *ctx, double t, char *err, size_t en) {
+    cu_graph *g = (cu_graph *)ctx;
+    const mpscy_lbfgs_layout *L = &g->plan.lbfgs;
+    return axpy(g, g->params, g->optim + L->base, (float)t, g->optim + L->d, g->plan.n_params, err, en);
+}
+
 int cu_lbfgs_step(cu_graph *g, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t n) {
-    const mpscy_plan *p = &g->plan;
-    const mpscy_lbfgs_layout *L = &p->lbfgs;
-    int32_t ops = a->lbfgs_ops;
-    int st;  /* state and arguments checked by the dispatcher */
-    r->finite = 1;
-    if ((ops & MPSCY_LBFGS_ROLLBACK) && (st = restore(g, err, n)) != MPSCY_OK) return st;
-    if ((ops & MPSCY_LBFGS_BEGIN) && (st = save(g, err, n)) != MPSCY_OK) return st;
-    if (ops & MPSCY_LBFGS_FINALIZE) {
-        if ((st = axpy(g, g->params, g->optim + L->base, (float)a->lbfgs_t_prev, g->optim + L->d, p->n_params, err, n)) != MPSCY_OK)
-            return st;
-        r->applied = 1;
-    }
-    if (ops & MPSCY_LBFGS_DIRECTION) {
-        if ((st = direction(g, a, r, err, n)) != MPSCY_OK) return st;
-        if (r->lbfgs_gtd > -p->optim.tolerance_change) {
-            r->lbfgs_stopped = 1;
-            return sync(g, err, n);
-        }
-        if ((st = copy(g, g->optim + L->base, g->params, (size_t)p->n_params * sizeof(float), err, n)) != MPSCY_OK)
-            return st;
-    }
-    if (ops & MPSCY_LBFGS_MOVE) {
-        if ((st = axpy(g, g->params, g->optim + L->base, (float)a->lbfgs_t, g->optim + L->d, p->n_params, err, n)) != MPSCY_OK)
-            return st;
-        if (ops & MPSCY_LBFGS_COUNT) g->scalars[MPSCY_LBFGS_S_STEP] += 1;
-        r->applied = 1;
-    }
-    if (ops & MPSCY_LBFGS_EVAL) {
-        /* a failed or non-finite evaluation undoes the call's move at once, as common/lbfgs.c's
-         * does (the failure's own message kept: the restore's error buffer is NULL) */
-        st = evaluate(g, a, r, err, n);
-        if (st != MPSCY_OK || !r->finite) {
-            int rs = restore(g, st != MPSCY_OK ? NULL : err, n);
-            r->applied = 0;
-            if (st != MPSCY_OK) return st;
-            if (rs != MPSCY_OK) return rs;
-            return FAIL(MPSCY_NONFINITE, "loss %g, gradient norm %g: not finite; the LBFGS step was undone",
-                        r->loss, r->grad_norm);
-        }
-    }
-    return sync(g, err, n);
+    static const mpscy_lbfgs_parts parts = {restore, save, set_base, step_to, direction, evaluate, sync};
+    return mpscy_lbfgs_run(&parts, g, &g->plan, g->scalars, CU, a, r, err, n);
 }
