@@ -1,5 +1,6 @@
-"""Compiles tests/c/test_abi.c — plain C that includes only objc/mpscy.h and links the CPU
-backend's sources — and runs it: the ABI trains a tiny model with no Python involved."""
+"""Compiles and runs the plain-C tests: tests/c/test_abi.c, which includes only objc/mpscy.h and
+links the CPU backend's sources (the ABI trains a tiny model with no Python involved), and
+tests/c/test_lbfgs_run.c (common/lbfgs.c's order of an L-BFGS call's parts, over fake parts)."""
 import glob
 import os
 import shutil
@@ -19,15 +20,16 @@ def _blas_flags():
     return ["-I" + ob.get_include_dir()], ["-L" + lib, "-l" + ob.get_library(), "-Wl,-rpath," + lib]
 
 
-def test_plain_c_abi(tmp_path):
+def _build_and_run(tmp_path, test):
+    """tests/c/<test>.c linked with the library's C sources and the CPU backend, run: its stdout."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         pytest.skip("no C compiler")
     cflags, libs = _blas_flags()
-    sources = [os.path.join(ROOT, "tests", "c", "test_abi.c"), os.path.join(ROOT, "objc", "mpscy.c")]
+    sources = [os.path.join(ROOT, "tests", "c", test + ".c"), os.path.join(ROOT, "objc", "mpscy.c")]
     for pattern in ("objc/null/*.c", "objc/common/*.c", "objc/cpu/*.c"):
         sources += sorted(glob.glob(os.path.join(ROOT, pattern)))
-    exe = str(tmp_path / "test_abi")
+    exe = str(tmp_path / test)
     cmd = [cc, "-std=c99", "-D_POSIX_C_SOURCE=200809L", "-O1", "-Wall", "-Werror", "-I" + os.path.join(ROOT, "objc"),
            *cflags, *sources, *libs, "-lm", "-lpthread", "-o", exe]
     build = subprocess.run(cmd, capture_output=True, text=True)
@@ -35,4 +37,14 @@ def test_plain_c_abi(tmp_path):
     run = subprocess.run([exe], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.startswith("ok ") and " 0 failures" in run.stdout
-    assert int(run.stdout.split()[1]) >= 38  # every check ran
+    return run.stdout
+
+
+def test_plain_c_abi(tmp_path):
+    out = _build_and_run(tmp_path, "test_abi")
+    assert int(out.split()[1]) >= 38  # every check ran
+
+
+def test_lbfgs_call_order_and_undo(tmp_path):
+    out = _build_and_run(tmp_path, "test_lbfgs_run")
+    assert int(out.split()[1]) == 28  # every check ran
