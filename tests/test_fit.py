@@ -471,3 +471,86 @@ def test_loader_leaves_a_lone_row_out_under_batchnorm(device):
             h = engine.fit(x, y, epochs=3, verbose=0, callbacks=[Steps()])
         assert engine.iterations == 6 and seen == [2], (source, engine.iterations, seen)
         assert len(h.history["loss"]) == 3 and all(np.isfinite(h.history["loss"]))
+
+
+def test_no_epoch_to_run_returns_an_empty_history(device, digits):
+    """As Keras: epochs=0, or initial_epoch >= epochs, trains nothing and returns an empty
+    History (the progress display had no bar to close: an AttributeError hid everything)."""
+    xtr, ytr, _, _ = digits
+    engine = _engine(device)
+    for kw in (dict(epochs=0), dict(epochs=2, initial_epoch=2)):
+        h = engine.fit(xtr, ytr, verbose=1, **kw)
+        assert h.history == {} and h.epoch == []
+    assert engine.iterations == 0
+    assert _same_params(engine, _engine(device))
+
+
+def test_a_failure_before_the_first_epoch_comes_through_unchanged(device, digits):
+    xtr, ytr, _, _ = digits
+    bad = cb.LearningRateScheduler(lambda epoch, lr: float("nan"))
+    with pytest.raises(mpscy.InvalidArgumentError, match="returned nan for epoch 0"):
+        _engine(device).fit(xtr, ytr, epochs=2, verbose=1, callbacks=[bad])
+
+    class Boom(cb.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            raise KeyError("from the user's callback")
+
+    with pytest.raises(KeyError, match="from the user's callback"):
+        _engine(device).fit(xtr, ytr, epochs=1, verbose=1, callbacks=[Boom()])
+
+
+def test_a_loader_without_a_length_trains(device, digits):
+    """Any re-iterable of batches: with no __len__, the steps are unknown (the progress shows
+    "?"), as with a torch DataLoader over an IterableDataset."""
+    xtr, ytr, _, _ = digits
+
+    class Batches:
+        def __iter__(self):
+            return iter([(xtr[i:i + 32], ytr[i:i + 32]) for i in range(0, 96, 32)])
+
+    a, b = _engine(device), _engine(device)
+    h = a.fit(Batches(), epochs=2, verbose=0)
+    assert a.iterations == 6 and len(h.history["loss"]) == 2
+    b.fit(data.DataLoader(data.ArrayDataset(xtr[:96], ytr[:96]), batch_size=32), epochs=2, verbose=0)
+    assert _same_params(a, b)
+
+
+def test_a_single_callback_need_not_be_in_a_list(device, digits):
+    xtr, ytr, _, _ = digits
+    seen = []
+
+    class Count(cb.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            seen.append(epoch)
+
+    _engine(device).fit(xtr, ytr, epochs=2, verbose=0, callbacks=Count())
+    assert seen == [0, 1]
+
+
+def test_accuracy_among_metrics_is_the_engines_own(device, digits):
+    """metrics=["accuracy"] (as a Keras user writes it) keeps the engine's running training
+    accuracy and evaluate's val_accuracy, not a second figure computed another way under the
+    same key."""
+    xtr, ytr, xte, yte = digits
+    a, b = _engine(device), _engine(device)
+    ha = a.fit(xtr, ytr, epochs=2, verbose=0)
+    hb = b.fit(xtr, ytr, epochs=2, verbose=0, metrics=["accuracy", "f1"])
+    assert hb.history["accuracy"] == ha.history["accuracy"]  # the steps' running accuracy
+    assert "f1" in hb.history
+    hv = _engine(device).fit(xtr, ytr, epochs=1, verbose=0, validation_data=(xte, yte), metrics=["accuracy"])
+    assert set(hv.history) == {"loss", "accuracy", "val_loss", "val_accuracy", "lr"}
+
+
+def test_multi_label_heads_refuse_single_label_metrics(device, rng):
+    """BCE over several outputs is multi-label: its accuracy is the per-output threshold
+    accuracy; f1 or roc_auc over an argmax of multi-hot targets would mean nothing."""
+    x = rng.normal(size=(40, 6)).astype(np.float32)
+    y = (rng.random((40, 3)) > 0.5).astype(np.float32)
+    engine = mpscy.Engine(mpscy.Sequential([layers.Dense(3)], input_shape=(6,)), loss="bce_with_logits",
+                          optimizer=optim.SGD(0.1), batch_size=8, device=device, seed=0)
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"metrics \['f1', 'roc_auc'\] need one class label per row"):
+        engine.fit(x, y, epochs=1, verbose=0, metrics=["f1", "roc_auc"])
+    assert engine.iterations == 0
+    h = engine.fit(x, y, epochs=1, verbose=0, validation_data=(x, y), metrics=["accuracy", "mse"])
+    assert h.history["val_accuracy"][0] == engine.evaluate(x, y)["accuracy"]
+    assert "val_mse" in h.history

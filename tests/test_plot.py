@@ -93,3 +93,20 @@ def test_missing_matplotlib_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_mpl)
     with pytest.raises(ImportError, match=r"mpscy\[plot\]"):
         plot.plot_history({"loss": [1.0]})
+
+
+def test_a_multi_label_report_has_no_single_label_plots(device, tmp_path):
+    """BCE over several outputs is multi-label: a confusion matrix or ROC of the argmax of
+    multi-hot targets would mean nothing, so its report is the history alone; a single-output
+    BCE head is binary and gets all four."""
+    x, y = mpscy.datasets.load_digits()
+    multi = np.stack([y % 2, (y > 4), (y % 3 == 0)], axis=1).astype(np.float32)
+    engine = mpscy.Engine(mpscy.Sequential([layers.Dense(3)], input_shape=(64,)), loss="bce_with_logits",
+                          batch_size=64, device=device)
+    engine.fit(x[:256], multi[:256], epochs=1, verbose=0, plot_to=tmp_path / "multi")
+    assert sorted(p.name for p in (tmp_path / "multi").iterdir()) == ["history.png"]
+    binary = mpscy.Engine(mpscy.Sequential([layers.Dense(1)], input_shape=(64,)), loss="bce_with_logits",
+                          batch_size=64, device=device)
+    binary.fit(x[:256], multi[:256, :1], epochs=1, verbose=0, plot_to=tmp_path / "binary")
+    assert sorted(p.name for p in (tmp_path / "binary").iterdir()) == ["confusion_matrix.png", "history.png",
+                                                                       "pr.png", "roc.png"]

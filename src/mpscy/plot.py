@@ -141,14 +141,16 @@ def plot_pr(y_true, scores, path=None, size=_SIZE):
 
 
 def fit_report(folder, history, y_true, outputs, loss=None, labels=None):
-    """Writes history.png and, for classifiers (a loss with an accuracy), confusion_matrix.png,
-    roc.png and pr.png from model outputs on (validation) data. Returns the written paths."""
+    """Writes history.png and, for classifiers (a loss with an accuracy and one label per row),
+    confusion_matrix.png, roc.png and pr.png from model outputs on (validation) data; a
+    multi-label head (BCE over several outputs) gets history.png alone. Returns the written
+    paths."""
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
     paths = [os.path.join(folder, "history.png")]
     plot_history(history, paths[0])
     kind = loss.accuracy(np.shape(outputs)[1:]) if loss is not None else "none"
-    if kind == "none":
+    if kind == "none" or (kind == "threshold" and int(np.prod(np.shape(outputs)[1:])) > 1):
         return paths
     out = np.asarray(outputs, dtype=np.float64).reshape(len(outputs), -1)
     t, p, s = _metrics.classify_outputs(np.asarray(y_true), out, loss)

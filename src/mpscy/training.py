@@ -220,6 +220,7 @@ class _Progress:
     def __init__(self, verbose, epochs, interval=0.1):
         self.verbose, self.epochs, self.interval = verbose, epochs, interval
         self.file = sys.stdout
+        self.bar = None  # close() may come before the first begin(): no epoch to run, or a failure
         self.tqdm = None
         if verbose == 1:
             try:
@@ -324,7 +325,7 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
     epochs, initial_epoch = int(epochs), int(initial_epoch)
     if epochs < 0 or initial_epoch < 0:
         raise InvalidArgumentError(f"epochs and initial_epoch must be >= 0, got {epochs}, {initial_epoch}")
-    metric_objs = [_metrics.get(m) for m in (metrics or ())]
+    metric_objs = _fit_metrics(engine, metrics)
     if batch_size is None:
         batch_size = engine.batch_size
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or not 1 <= batch_size <= engine.batch_size:
@@ -360,8 +361,10 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
     val = _validation_source(engine, validation_data)
 
     history = _callbacks.History()
-    steps = len(source)
-    cbs = _callbacks.CallbackList([history, *callbacks], engine,
+    steps = source.__len__()  # None for a loader without a length (len() could not return that)
+    if isinstance(callbacks, _callbacks.Callback):
+        callbacks = [callbacks]
+    cbs = _callbacks.CallbackList([history, *(callbacks or ())], engine,
                                   {"epochs": epochs, "steps": steps, "verbose": verbose})
     schedule, per = engine._schedule, engine._schedule_per
     sched_metric = schedule is not None and _callbacks._takes_metric(schedule)
@@ -432,6 +435,27 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
         y_true, outputs = _predict(engine, target)
         _plot.fit_report(plot_to, history, y_true, outputs, engine.loss)
     return history
+
+
+def _fit_metrics(engine, metrics):
+    """The Metric objects fit computes at each epoch's end. "accuracy" is the engine's own (its
+    steps' and evaluate's, as Keras's running accuracy is) when its loss has one, so it is not
+    computed again another way; classification metrics need one label per row, which a
+    multi-label head (BCE over several outputs) does not have."""
+    if isinstance(metrics, (str, _metrics.Metric)) or callable(metrics):
+        metrics = [metrics]
+    objs = [_metrics.get(m) for m in (metrics or ())]
+    out_shape = tuple(engine.model.output_shape)
+    acc = engine.loss.accuracy(out_shape)
+    if acc != "none":
+        objs = [m for m in objs if m.name != "accuracy"]
+    if acc == "threshold" and int(np.prod(out_shape)) > 1:
+        bad = [m.name for m in objs if m.kind == "classification"]
+        if bad:
+            raise InvalidArgumentError(f"metrics {bad} need one class label per row; this model's "
+                                       f"{type(engine.loss).__name__} over {int(np.prod(out_shape))} outputs is "
+                                       "multi-label (its accuracy is the per-output threshold accuracy)")
+    return objs
 
 
 def _metric_source(source):
