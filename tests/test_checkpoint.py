@@ -480,3 +480,59 @@ def test_sequential_reloads_as_sequential(tmp_path):
     assert [n.name for n in loaded.model.nodes] == [n.name for n in model.nodes]
     loaded.save(tmp_path / "again.mpscy")
     assert checkpoint.read(tmp_path / "again.mpscy")[0]["model"]["class"] == "Sequential"
+
+
+def test_restore_refuses_another_layer_setup_or_optimizer_algorithm(device, digits, tmp_path):
+    """Parameter names and shapes alone would let a ReLU model take a Tanh model's weights, or
+    plain SGD a Nesterov run's momentum buffers; the step values (rate, momentum, weight decay)
+    are the checkpoint's to set."""
+    x, y = digits
+    saved = _engine(device, optim.SGD(0.1, momentum=0.9, nesterov=True))
+    for xb, yb in _batches(x, y, 0, 3):
+        saved.step(xb, yb)
+    path = tmp_path / "nesterov.mpscy"
+    saved.save(path)
+    relu = mpscy.Sequential([layers.Dense(32), layers.ReLU(), layers.Dense(16), layers.ReLU(), layers.Dense(10)],
+                            input_shape=(64,))
+    cases = [
+        (_engine(device, optim.SGD(0.1, momentum=0.9, nesterov=True), model=relu),
+         r"saved from another model: its node 2 is tanh_\d+: Tanh\(\) of \[1\], this engine's is relu_\d+: ReLU\(\) of \[1\]"),
+        (_engine(device, optim.SGD(0.1, momentum=0.9)),
+         r"saved by SGD with nesterov=True; this engine's has nesterov=False"),
+        (_engine(device, optim.SGD(0.1, momentum=0.9, nesterov=True, dampening=0.0, maximize=True)),
+         r"with maximize=False; this engine's has maximize=True"),
+    ]
+    for engine, message in cases:
+        before = engine.get_parameters()
+        with pytest.raises(mpscy.CheckpointError, match=message):
+            checkpoint.restore(engine, path)
+        for k, v in engine.get_parameters().items():
+            np.testing.assert_array_equal(v, before[k])
+        assert engine.iterations == 0
+    other_values = _engine(device, optim.SGD(0.5, momentum=0.5, nesterov=True, weight_decay=0.1))
+    checkpoint.restore(other_values, path)
+    assert other_values.learning_rate == pytest.approx(0.1) and other_values.momentum == pytest.approx(0.9)
+    assert other_values.weight_decay == 0.0
+    _assert_same_state(saved, other_values)
+
+
+def test_a_failed_schedule_restore_leaves_the_rate_and_schedule(device, digits, tmp_path):
+    engine = _engine(device, optim.Adam(1e-2))
+    sched = optim.schedules.OneCycleLR(engine, max_lr=0.5, total_steps=10)
+    sched.step()
+    state, lr, betas = sched.state_dict(), engine.learning_rate, engine.betas
+    with pytest.raises(mpscy.InvalidArgumentError, match="betas"):
+        sched.load_state_dict({**state, "last_epoch": 7, "_last_lr": 0.123, "_last_momentum": 1.5})
+    assert (engine.learning_rate, engine.betas) == (lr, betas)
+    assert sched.state_dict() == state
+    step = optim.schedules.StepLR(engine, step_size=2)
+    state, lr = step.state_dict(), engine.learning_rate
+    with pytest.raises(mpscy.InvalidArgumentError):
+        step.load_state_dict({**state, "last_epoch": 99, "gamma": 3.0, "_last_lr": -1.0})
+    assert engine.learning_rate == lr and step.state_dict() == state
+    warm = optim.schedules.LinearWarmup(engine, 3, then=optim.schedules.StepLR(engine, step_size=2))
+    state, lr = warm.state_dict(), engine.learning_rate
+    inner = {**state["then"], "last_epoch": 5}
+    with pytest.raises(mpscy.InvalidArgumentError):
+        warm.load_state_dict({**state, "then": inner, "_last_lr": float("nan")})
+    assert engine.learning_rate == lr and warm.state_dict() == state

@@ -377,11 +377,51 @@ def load(path, device="auto", batch_size=None, **engine_kwargs):
     return engine
 
 
+# the optimizer's values a step may change (engine.learning_rate, momentum, betas, weight_decay):
+# the checkpoint's replace the engine's; every other option is the algorithm itself
+_OPTIM_STEP_KEYS = ("lr", "momentum", "betas", "weight_decay")
+
+
+def _node_text(node):
+    if node["layer"] is None:
+        return f"{node['name']}: Input{tuple(node['shape'])}"
+    config = ", ".join(f"{k}={v!r}" for k, v in node["config"].items())
+    return f"{node['name']}: {node['layer']}({config}) of {node['inputs']}"
+
+
+def _check_same_run(engine, desc, where):
+    """restore() continues the saved run, so the engine must have its layers (kinds, options,
+    wiring) and its optimizer's algorithm (options beyond the step values): parameter names and
+    shapes alone let a ReLU model take a Tanh model's weights, or plain SGD a Nesterov run's
+    momentum buffers. The loss and the engine's settings (clipping, precision, batch size) are
+    the engine's own."""
+    mine = json.loads(json.dumps(_describe_model(engine.model)["nodes"]))
+    saved = desc["model"]["nodes"]
+    unnamed = lambda nodes: [{k: v for k, v in n.items() if k != "name"} for n in nodes]  # names: the params' check
+    if unnamed(mine) != unnamed(saved):
+        i = next((k for k, (a, b) in enumerate(zip(unnamed(saved), unnamed(mine))) if a != b),
+                 min(len(saved), len(mine)))
+        theirs = _node_text(saved[i]) if i < len(saved) else "nothing"
+        ours = _node_text(mine[i]) if i < len(mine) else "nothing"
+        raise CheckpointError(f"{where} was saved from another model: its node {i} is {theirs}, this engine's is "
+                              f"{ours}")
+    cfg = json.loads(json.dumps(_jsonable(engine.optimizer.config())))
+    saved_cfg = desc["optimizer"]["config"]
+    differ = sorted(k for k in set(cfg) | set(saved_cfg)
+                    if k not in _OPTIM_STEP_KEYS and cfg.get(k, "(none)") != saved_cfg.get(k, "(none)"))
+    if differ:
+        raise CheckpointError(f"{where} was saved by {desc['optimizer']['class']} with "
+                              f"{', '.join(f'{k}={saved_cfg.get(k)!r}' for k in differ)}; this engine's has "
+                              f"{', '.join(f'{k}={cfg.get(k)!r}' for k in differ)}")
+
+
 def restore(engine, path):
-    """Loads a checkpoint's state into an existing engine built with the same model and
-    optimizer (checked): parameters, optimizer state, generator, counters, step values, and
-    the schedule (an attached schedule of the saved class takes the saved state). Nothing
-    changes when it fails."""
+    """Loads a checkpoint's state into an existing engine built with the same model (layer kinds,
+    options and wiring) and optimizer algorithm (checked): parameters, optimizer state,
+    generator, counters, step values (learning rate, momentum, betas, weight decay), and the
+    schedule (an attached schedule of the saved class takes the saved state). The loss and the
+    engine's settings (clipping, precision, batch size) stay the engine's. Nothing changes when
+    it fails."""
     desc, tensors = read(path)
     _restore(engine, desc, tensors, path)
 
@@ -397,6 +437,7 @@ def _restore(engine, desc, tensors, path):
     if type(engine.optimizer).__name__ != desc["optimizer"]["class"]:
         raise CheckpointError(f"{where} holds {desc['optimizer']['class']} state; this engine uses "
                               f"{type(engine.optimizer).__name__}")
+    _check_same_run(engine, desc, where)
     opt_state = _unpack(desc["optimizer_state"], tensors, path)
     before = engine.get_parameters(), engine.get_optimizer_state()
     try:

@@ -6,6 +6,7 @@ call `step()` (per batch or per epoch) is the caller's choice. Rates come from e
 closed form, which PyTorch's recursive form equals up to rounding."""
 
 import bisect
+import contextlib
 import math
 
 from ..errors import InvalidArgumentError
@@ -85,9 +86,36 @@ class Schedule:
 
     def load_state_dict(self, state):
         """Restores state_dict() output and re-applies the last learning rate (and momentum)
-        to the engine, so that the next native step continues the schedule."""
+        to the engine, so that the next native step continues the schedule. A state the engine
+        refuses (a negative rate, beta1 of 1 or more) changes nothing: the schedule's fields and
+        the engine's rate and momentum are put back before the error is raised."""
         self._check_state(state)
-        self._load(state)
+        with self._kept_on_failure():
+            self._load(state)
+
+    @contextlib.contextmanager
+    def _kept_on_failure(self):
+        fields = self._fields()
+        engine = self.engine
+        lr, momentum = engine.learning_rate, _get_momentum(engine)
+        try:
+            yield
+        except BaseException:
+            for obj, saved in fields:
+                vars(obj).clear()
+                vars(obj).update(saved)
+            engine.learning_rate = lr
+            if momentum is not None:
+                _set_momentum(engine, momentum)
+            raise
+
+    def _fields(self):
+        """(schedule, a copy of its fields) for this schedule and every schedule it drives."""
+        out = [(self, dict(vars(self)))]
+        for v in vars(self).values():
+            if isinstance(v, Schedule):
+                out += v._fields()
+        return out
 
     def _load(self, state):
         vars(self).update(state)
@@ -114,6 +142,13 @@ class Schedule:
 
 def _momentum_key(engine):
     return getattr(engine.optimizer, "momentum_key", None)
+
+
+def _get_momentum(engine):
+    key = _momentum_key(engine)
+    if key == "beta1":
+        return engine.betas[0]
+    return engine.momentum if key else None
 
 
 def _set_momentum(engine, value):
@@ -276,9 +311,10 @@ class LinearWarmup(Schedule):
         inner = state.pop("then", None)
         if (inner is None) != (self.then is None):
             raise InvalidArgumentError("schedule state and this LinearWarmup differ in having a `then` schedule")
-        if inner is not None:
-            self.then.load_state_dict(inner)
-        self._load(state)
+        with self._kept_on_failure():
+            if inner is not None:
+                self.then.load_state_dict(inner)
+            self._load(state)
 
 
 class OneCycleLR(Schedule):
