@@ -554,3 +554,48 @@ def test_multi_label_heads_refuse_single_label_metrics(device, rng):
     h = engine.fit(x, y, epochs=1, verbose=0, validation_data=(x, y), metrics=["accuracy", "mse"])
     assert h.history["val_accuracy"][0] == engine.evaluate(x, y)["accuracy"]
     assert "val_mse" in h.history
+
+
+def test_fit_converts_loader_batches_and_labels_as_it_converts_arrays(device, digits):
+    """fit converts float64 inputs and integer labels of any width (uint8, as Keras's datasets
+    give them) once, for arrays and for a DataLoader's batches alike; engine.step itself takes
+    float32 and int32/int64 only, with no hidden copy."""
+    xtr, ytr, xte, yte = digits
+    x64, y8 = xtr[:96].astype(np.float64), ytr[:96].astype(np.uint8)
+    ref = _engine(device)
+    ref.fit(xtr[:96], ytr[:96], epochs=1, shuffle=False, verbose=0)
+    a = _engine(device)
+    a.fit(x64, y8, epochs=1, shuffle=False, verbose=0)
+    b = _engine(device)
+    loader = data.DataLoader(data.ArrayDataset(x64, y8), batch_size=32)
+    h = b.fit(loader, epochs=1, verbose=0, validation_data=loader, metrics=["f1"])
+    assert _same_params(ref, a) and _same_params(ref, b)
+    assert h.history["val_loss"][0] == b.evaluate(xtr[:96], ytr[:96])["loss"]
+    with pytest.raises(mpscy.DTypeError):
+        b.step(x64[:32], ytr[:32])
+    with pytest.raises(mpscy.DTypeError):
+        b.step(xtr[:32], y8[:32])
+
+
+def test_a_loaders_bad_batch_is_named(device, digits):
+    """A DataLoader's data is not checked up front (that would be a whole extra pass), so the
+    error names the batch, whose rows it counts within."""
+    xtr, ytr, _, _ = digits
+    bad = ytr[:96].copy()
+    bad[40] = 12
+    loader = data.DataLoader(data.ArrayDataset(xtr[:96], bad), batch_size=32)
+    good = data.DataLoader(data.ArrayDataset(xtr[:96], ytr[:96]), batch_size=32)
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"^epoch 1, batch 1: label 12 at row 8 is outside"):
+        _engine(device).fit(loader, epochs=1, verbose=0)
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"^validation batch 1: label 12 at row 8 is outside"):
+        _engine(device).fit(good, epochs=1, verbose=0, validation_data=loader)
+
+
+def test_empty_arrays_are_a_shape_error(device, digits):
+    xtr, ytr, _, _ = digits
+    engine = _engine(device)
+    with pytest.raises(mpscy.ShapeError, match=r"^validation x is empty \(0 rows\)"):
+        engine.fit(xtr, ytr, verbose=0, validation_data=(xtr[:0], ytr[:0]))
+    with pytest.raises(mpscy.ShapeError, match=r"^x is empty \(0 rows\)"):
+        engine.fit(xtr[:0], ytr[:0], verbose=0)
+    assert engine.iterations == 0

@@ -4,13 +4,14 @@ otherwise), a schedule attached with `Engine.set_schedule`, and a `History` of p
 The loss and accuracy come from each step's StepResult, so reading them adds no device
 synchronization. Nothing here runs native code except through the engine's public methods."""
 
+import contextlib
 import math
 import sys
 import time
 
 import numpy as np
 
-from . import callbacks as _callbacks, metrics as _metrics
+from . import callbacks as _callbacks, errors as _errors, metrics as _metrics
 from .errors import DTypeError, InvalidArgumentError, NonFiniteError, ShapeError
 
 __all__ = ["fit", "set_schedule"]
@@ -59,7 +60,7 @@ class _Loader:
     of one row is left out, as the arrays' lone last row is."""
 
     def __init__(self, engine, loader):
-        self.loader = loader
+        self.engine, self.loader = engine, loader
         self.skip_single = bool(getattr(engine, "_batch_stats", None))
 
     def __len__(self):
@@ -76,9 +77,12 @@ class _Loader:
     def epoch(self, epoch):
         if hasattr(self.loader, "set_epoch"):
             self.loader.set_epoch(epoch)
+        # each batch converted as fit converts arrays (float64 x, uint8 labels): no copy when it
+        # already is what a step takes
+        batches = ((_batch_inputs(self.engine, xb), _as_target(self.engine, yb)) for xb, yb in self.loader)
         if not self.skip_single:
-            return iter(self.loader)
-        return (batch for batch in self.loader if len(batch[1]) != 1)
+            return batches
+        return (batch for batch in batches if len(batch[1]) != 1)
 
 
 def _as_inputs(x, n_inputs):
@@ -95,12 +99,31 @@ def _as_inputs(x, n_inputs):
     return out
 
 
+@contextlib.contextmanager
+def _batch_named(what, k):
+    """An error of a DataLoader's batch says which batch: its rows are named within it (the
+    loader's whole data was not checked up front, as arrays are)."""
+    try:
+        yield
+    except _errors.Error as e:
+        raise type(e)(f"{what} {k}: {e}") from e
+
+
+def _batch_inputs(engine, x):
+    n_inputs = len(engine.model.input_shapes)
+    xs = _as_inputs(x, n_inputs)
+    return xs[0] if n_inputs == 1 else xs
+
+
 def _as_target(engine, y):
     if y is None:
         raise InvalidArgumentError("y is required when x is an array (pass a DataLoader to give both)")
     y = np.asarray(y)
     if engine.loss.target == "dense" and np.issubdtype(y.dtype, np.number):
         return np.ascontiguousarray(y, dtype=np.float32)
+    if (np.issubdtype(y.dtype, np.integer) and y.dtype not in (np.int32, np.int64)
+            and not np.issubdtype(y.dtype, np.uint64)):
+        return np.ascontiguousarray(y, dtype=np.int64)  # uint8 labels (Keras's datasets), int16 ...
     return np.ascontiguousarray(y)
 
 
@@ -151,13 +174,13 @@ def _check_finite(a, what):
             raise NonFiniteError(f"{what} contains NaN or Inf at row {i + bad[0]}")
 
 
-def _rows(arrays):
+def _rows(arrays, what="x"):
     rows = {len(a) for a in arrays}
     if len(rows) != 1:
-        raise ShapeError(f"the inputs of x have different row counts: {sorted(rows)}")
+        raise ShapeError(f"the inputs of {what} have different row counts: {sorted(rows)}")
     n = rows.pop()
     if n == 0:
-        raise ShapeError("x is empty (0 rows)")
+        raise ShapeError(f"{what} is empty (0 rows)")
     return n
 
 
@@ -175,8 +198,9 @@ def _validation_source(engine, validation_data):
     n_inputs = len(engine.model.input_shapes)
     x = _as_inputs(validation_data[0], n_inputs)
     y = _as_target(engine, validation_data[1])
+    n = _rows(x, "validation x")
     _check_inputs(engine, x, "validation x")
-    _check_target(engine, y, _rows(x), "validation y")
+    _check_target(engine, y, n, "validation y")
     return (x[0] if n_inputs == 1 else x), y
 
 
@@ -185,9 +209,11 @@ def _evaluate(engine, source):
     if isinstance(source, tuple):
         return engine.evaluate(*source)
     total, acc, rows = 0.0, 0.0, 0
-    for xb, yb in source:
+    for k, (xb, yb) in enumerate(source):
+        xb, yb = _batch_inputs(engine, xb), _as_target(engine, yb)
         n = len(yb)
-        r = engine.evaluate(xb, yb)
+        with _batch_named("validation batch", k):
+            r = engine.evaluate(xb, yb)
         total += r["loss"] * n
         acc = None if r["accuracy"] is None else (acc or 0.0) + r["accuracy"] * n
         rows += n
@@ -200,8 +226,8 @@ def _predict(engine, source):
         return source[1], engine.predict(source[0])
     ys, outs = [], []
     for xb, yb in source:
-        ys.append(np.asarray(yb))
-        outs.append(engine.predict(xb))
+        ys.append(_as_target(engine, yb))
+        outs.append(engine.predict(_batch_inputs(engine, xb)))
     return np.concatenate(ys), np.concatenate(outs)
 
 
@@ -369,6 +395,7 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
     schedule, per = engine._schedule, engine._schedule_per
     sched_metric = schedule is not None and _callbacks._takes_metric(schedule)
     progress = _Progress(verbose, epochs)
+    from_loader = isinstance(source, _Loader)
     engine.stop_training = False
     engine.history = history
     step = engine.step
@@ -384,7 +411,11 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
                     cb.on_train_batch_begin(b, {})
                 if per == "step":
                     lr_used = engine.learning_rate
-                r = step(xb, yb)  # the StepResult already holds the loss: no extra sync
+                if from_loader:
+                    with _batch_named(f"epoch {epoch + 1}, batch", b):
+                        r = step(xb, yb)
+                else:
+                    r = step(xb, yb)  # the StepResult already holds the loss: no extra sync
                 n = r.batch_size
                 seen += n
                 loss_sum += r.loss * n
