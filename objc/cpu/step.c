@@ -48,7 +48,7 @@ int cpu_graph_step(mpscy_graph gh, const mpscy_step_args *a, mpscy_step_result *
 
     cpu_forward_backward(g, a, r);
     if (!r->finite)
-        return FAIL(MPSCY_NONFINITE, "loss %g, gradient norm %g: not finite, update skipped", r->loss, r->grad_norm);
+        return MPSCY_FAIL_NONFINITE(err, n, CPU, a->mode, r);
     if (a->mode == MPSCY_MODE_GRAD) return MPSCY_OK;
 
     cpu_clip(g->grads, p->n_params, r->grad_norm, &p->optim);

@@ -354,7 +354,7 @@ int cu_graph_step(mpscy_graph gh, const mpscy_step_args *a, mpscy_step_result *r
     r->applied = g->result->applied;
     if (kind == CU_KIND_EVAL) return MPSCY_OK;
     if (!r->finite)
-        return FAIL(MPSCY_NONFINITE, "loss %g, gradient norm %g: not finite, update skipped", r->loss, r->grad_norm);
+        return MPSCY_FAIL_NONFINITE(err, n, CU, a->mode, r);
     if (r->applied) cu_optim_applied(g, t);
     return MPSCY_OK;
 }

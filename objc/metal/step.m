@@ -72,7 +72,7 @@ int metal_graph_step(mpscy_graph gh, const mpscy_step_args *a, mpscy_step_result
     r->grad_norm = g->stats[METAL_S_NORM];
     r->finite = isfinite(r->loss) && g->stats[METAL_S_FINITE] > 0.5f;
     if (!r->finite)
-        return FAIL(MPSCY_NONFINITE, "loss %g, gradient norm %g: not finite, update skipped", r->loss, r->grad_norm);
+        return MPSCY_FAIL_NONFINITE(err, n, METAL_C, a->mode, r);
     if (!train) return MPSCY_OK;
     /* the executable wrote the updated state into the other slabs: they become current */
     g->parity ^= 1;
