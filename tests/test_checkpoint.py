@@ -536,3 +536,19 @@ def test_a_failed_schedule_restore_leaves_the_rate_and_schedule(device, digits, 
     with pytest.raises(mpscy.InvalidArgumentError):
         warm.load_state_dict({**state, "then": inner, "_last_lr": float("nan")})
     assert engine.learning_rate == lr and warm.state_dict() == state
+
+
+def test_load_keywords_and_a_missing_folder(device, saved, tmp_path):
+    """load's keywords override the engine settings, never what the checkpoint is (model, loss,
+    optimizer, seed: a clear error, not Python's "multiple values" TypeError); a missing folder
+    is named by the path asked for."""
+    path, _ = saved
+    engine = mpscy.load(path, device=device, clip_grad_norm=1.0, precision="fp32")
+    assert engine.clip_grad_norm == 1.0
+    for kw in (dict(seed=5), dict(loss="mse", optimizer=optim.SGD(0.1))):
+        with pytest.raises(mpscy.InvalidArgumentError, match=r"load takes .* from the checkpoint"):
+            mpscy.load(path, device=device, **kw)
+    missing = tmp_path / "no_such_folder" / "x.mpscy"
+    with pytest.raises(FileNotFoundError) as info:
+        engine.save(missing)
+    assert info.value.filename == str(missing) and ".tmp" not in str(info.value)

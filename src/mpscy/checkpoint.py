@@ -64,7 +64,11 @@ def write_safetensors(path, tensors, metadata=None, checksum=False):
     blob += b" " * (-len(blob) % 8)
     tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
+        f = open(tmp, "wb")
+    except OSError as e:  # named by the path asked for, not the temporary file's
+        raise type(e)(e.errno, e.strerror, os.fspath(path)) from None
+    try:
+        with f:
             f.write(struct.pack("<Q", len(blob)))
             f.write(blob)
             for c in chunks:
@@ -359,9 +363,15 @@ def read(path):
 def load(path, device="auto", batch_size=None, **engine_kwargs):
     """Rebuilds the engine saved at `path` on `device` and restores its whole state, so
     training continues exactly where it stopped. batch_size overrides the saved one (e.g. for
-    inference); other keyword arguments go to Engine (threads=...)."""
+    inference), as do the engine settings precision, clip_grad_norm, clip_grad_value and
+    input_gradients; other keyword arguments go to Engine (threads=...). The model, loss,
+    optimizer and seed are the checkpoint's."""
     from . import losses as _losses, optim as _optim
     from .engine import Engine
+    fixed = sorted(set(engine_kwargs) & {"model", "loss", "optimizer", "seed"})
+    if fixed:
+        hint = "; for another loss, build an Engine with it and restore(engine, path)" if "loss" in fixed else ""
+        raise InvalidArgumentError(f"load takes {', '.join(fixed)} from the checkpoint{hint}")
     desc, tensors = read(path)
     model = _rebuild_model(desc["model"])
     lo, op = desc["loss"], desc["optimizer"]
@@ -369,10 +379,11 @@ def load(path, device="auto", batch_size=None, **engine_kwargs):
     optimizer = _construct(_class(op["module"], op["class"], _optim.Optimizer, "optimizer"),
                            _unjson(op["config"]), "optimizer")
     e = desc["engine"]
+    settings = {k: e[k] for k in ("clip_grad_norm", "clip_grad_value", "precision", "input_gradients")}
+    settings.update(engine_kwargs)
     engine = Engine(model, loss=loss, optimizer=optimizer,
                     batch_size=e["batch_size"] if batch_size is None else batch_size, device=device,
-                    seed=e["seed"], clip_grad_norm=e["clip_grad_norm"], clip_grad_value=e["clip_grad_value"],
-                    precision=e["precision"], input_gradients=e["input_gradients"], **engine_kwargs)
+                    seed=e["seed"], **settings)
     _restore(engine, desc, tensors, path)
     return engine
 
