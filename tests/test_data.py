@@ -216,3 +216,26 @@ def test_prefetch_overlaps_batch_building_with_the_step():
     sync, ahead = min(run(0) for _ in range(2)), min(run(2) for _ in range(2))
     assert sync > 20 * 0.008 * 0.9          # 20 batches, build + step each
     assert ahead < 0.75 * sync, (sync, ahead)
+
+
+def test_train_test_split_checks_its_arguments():
+    """test_fraction must be a number in (0, 1) that leaves a row on each side, and x and y must
+    have as many rows. Before, -0.1 returned a 1-row training split, 1.5 an empty one, a shorter
+    y a bare IndexError, and a longer y was silently cut to x's length."""
+    from mpscy.datasets import train_test_split
+    x, y = np.arange(20.0).reshape(10, 2), np.arange(10)
+    for bad in (-0.1, 0, 0.0, 1.0, 1.5, float("nan"), "0.2", None, True):
+        with pytest.raises(mpscy.InvalidArgumentError, match=r"test_fraction must be a number in \(0, 1\)"):
+            train_test_split(x, y, bad)
+    for bad in (0.01, 0.99):
+        with pytest.raises(mpscy.InvalidArgumentError, match="at least one row"):
+            train_test_split(x, y, bad)
+    for ny in (5, 20):
+        with pytest.raises(mpscy.ShapeError, match=f"y has {ny} rows for 10 rows of x"):
+            train_test_split(x, np.arange(ny), 0.2)
+    with pytest.raises(mpscy.ShapeError, match="x must have a row dimension"):
+        train_test_split(np.float32(1.0), y, 0.2)
+    x_train, y_train, x_test, y_test = train_test_split(x, y, 0.2, seed=1)
+    assert x_train.shape == (8, 2) and y_test.shape == (2,)
+    assert sorted(np.concatenate([y_train, y_test])) == list(range(10))
+    assert np.array_equal(x_train[:, 0], 2.0 * y_train)

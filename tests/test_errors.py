@@ -387,3 +387,112 @@ def test_step_count_beyond_2_53_is_refused_not_corrupted(device):
     assert e.get_optimizer_state()["step"] == 1
     e.set_optimizer_state(dict(good, step=2**53))
     assert e.get_optimizer_state()["step"] == 2**53
+
+
+def test_clip_thresholds_must_be_positive_finite_numbers():
+    """clip_grad_norm and clip_grad_value are None or a positive finite number; anything else is
+    an InvalidArgumentError naming the argument ("abc" was a bare ValueError from float(), a
+    list a bare TypeError, inf and True were accepted)."""
+    model = mpscy.Sequential([layers.Dense(3)], input_shape=(2,))
+    for name in ("clip_grad_norm", "clip_grad_value"):
+        for bad in ("abc", [1.0], float("nan"), float("inf"), -1.0, 0, True, 10**400):
+            with pytest.raises(mpscy.InvalidArgumentError, match=f"{name} must be None or a positive finite number"):
+                mpscy.Engine(model, device="cpu", **{name: bad})
+        e = mpscy.Engine(model, device="cpu", **{name: np.float32(0.5)})
+        assert getattr(e, name) == 0.5 and type(getattr(e, name)) is float  # JSON-serializable in checkpoints
+
+
+def test_layer_and_optimizer_options_that_are_not_numbers_are_named():
+    """The shared option helpers of layers and optimizers raise InvalidArgumentError naming the
+    option: ELU("x"), LeakyReLU("x") and SGD(dampening="x") were bare ValueErrors from float(),
+    a NaN alpha or dampening was accepted, Softmax("x") was a bare ValueError from int()."""
+    cases = [(lambda: layers.ELU("x"), "ELU alpha must be a number, got 'x'"),
+             (lambda: layers.ELU(float("nan")), "ELU alpha must be a finite number"),
+             (lambda: layers.LeakyReLU("x"), "LeakyReLU negative_slope must be a number"),
+             (lambda: layers.LeakyReLU(float("inf")), "LeakyReLU negative_slope must be a finite number"),
+             (lambda: layers.Softmax("x"), "Softmax axis must be an integer, got 'x'"),
+             (lambda: layers.Softmax(1.5), "Softmax axis must be an integer"),
+             (lambda: layers.Dropout(10**400), "Dropout rate must be a number"),
+             (lambda: optim.SGD(dampening="x"), "dampening must be a number, got 'x'"),
+             (lambda: optim.SGD(dampening=float("nan")), "dampening must be a finite number"),
+             (lambda: optim.SGD(momentum=10**400), "momentum must be a number"),
+             (lambda: optim.Adam(betas=(10**400, 0.9)), "betas must be a pair of floats")]
+    for make_it, match in cases:
+        with pytest.raises(mpscy.InvalidArgumentError, match=match):
+            make_it()
+    assert layers.ELU(-0.5).alpha == -0.5 and layers.Softmax(np.int64(1)).axis == 1
+    assert optim.SGD(dampening=0.5).dampening == 0.5
+
+
+def test_layer_and_optimizer_sizes_past_int32_are_refused_at_construction():
+    """The native descriptor holds layer options and L-BFGS's sizes as int32: Dense(2**31) used to
+    construct and then fail the engine's build with a bare OverflowError ("value too large to
+    convert to int32_t"); now each is refused by its constructor, naming the option."""
+    big = 2**31
+    cases = [(lambda: layers.Dense(big), "Dense units"), (lambda: layers.Conv2D(big, 3), "Conv2D filters"),
+             (lambda: layers.Conv2D(4, 3, stride=big), "Conv2D stride"),
+             (lambda: layers.Conv2D(4, 3, padding=big), "padding"),
+             (lambda: layers.Conv2D(4, 3, groups=big), "Conv2D groups"),
+             (lambda: layers.MaxPool2D(2, stride=big), "MaxPool2D stride"),
+             (lambda: optim.LBFGS(max_iter=big), "max_iter"), (lambda: optim.LBFGS(history_size=big), "history_size")]
+    for make_it, name in cases:
+        with pytest.raises(mpscy.InvalidArgumentError, match=rf"{name} .*below 2\*\*31.*, got {big}"):
+            make_it()
+    assert layers.Dense(big - 1).units == big - 1 and optim.LBFGS(max_iter=big - 1).max_iter == big - 1
+
+
+def test_optimizer_state_entries_that_are_not_numbers_are_named_and_change_nothing():
+    """A slot holding strings was a bare ValueError, step=np.array([3]) a bare TypeError, and
+    step="3" was silently taken as 3; L-BFGS entries (ro, d, old_dirs) of strings or of the
+    wrong shape were bare ValueErrors. Each is now a DTypeError or InvalidArgumentError naming
+    the entry, raised before anything is written."""
+    model = mpscy.Sequential([layers.Dense(3)], input_shape=(2,))
+    x, y = np.ones((4, 2), np.float32), np.array([0, 1, 2, 0], np.int32)
+    e = mpscy.Engine(model, optimizer=optim.Adam(1e-2), batch_size=4, device="cpu")
+    e.step(x, y)
+    e.step(x, y)
+    snap = snapshot(e)
+    good = snap[1]
+    p = "dense_0.weight"
+
+    def with_slot(slot, value):
+        return dict(good, **{slot: dict(good[slot], **{p: value})})
+
+    cases = [(with_slot("exp_avg_sq", np.full((3, 2), "a")), mpscy.DTypeError,
+              "optimizer slot 'exp_avg_sq' for 'dense_0.weight' must be a numeric array, got dtype <U1"),
+             (with_slot("exp_avg", [[1, 2], [3]]), mpscy.DTypeError, "'exp_avg' for 'dense_0.weight' must be a numeric"),
+             (with_slot("exp_avg", np.ones((3, 2), bool)), mpscy.DTypeError, "got dtype bool"),
+             (dict(good, step=np.array([3])), mpscy.InvalidArgumentError, r"'step' must be a single number, got array\(\[3\]\)"),
+             (dict(good, step="3"), mpscy.InvalidArgumentError, "'step' must be a number, got '3'"),
+             (dict(good, step=None), mpscy.InvalidArgumentError, "'step' must be a number, got None")]
+    for state, error, match in cases:
+        with pytest.raises(error, match=match):
+            e.set_optimizer_state(state)
+        assert_unchanged(e, snap)
+    e.set_optimizer_state(dict(good, step=np.array(5)))  # a 0-d array (torch keeps step as one) is a number
+    assert e.get_optimizer_state()["step"] == 5
+
+    lb = mpscy.Engine(model, optimizer=optim.LBFGS(max_iter=3, history_size=4), batch_size=4, device="cpu")
+    lb.step(x, y)
+    before = lb.get_optimizer_state()
+    assert len(before["ro"]) >= 1
+    k = len(before["ro"])
+    cases = [(dict(before, ro=["x"] * k), mpscy.InvalidArgumentError, r"LBFGS state 'ro\[0\]' must be a number, got 'x'"),
+             (dict(before, ro=[np.ones(2)] * k), mpscy.InvalidArgumentError, r"'ro\[0\]' must be a single number"),
+             (dict(before, d=np.full(before["d"].shape, "x")), mpscy.DTypeError, "LBFGS state 'd' must be a numeric array"),
+             (dict(before, old_dirs=[np.full(before["d"].shape, "x")] * k), mpscy.DTypeError,
+              r"LBFGS state 'old_dirs\[0\]' must be a numeric array")]
+    for state, error, match in cases:
+        with pytest.raises(error, match=match):
+            lb.set_optimizer_state(state)
+        now = lb.get_optimizer_state()
+        assert now.keys() == before.keys() and all(_same(now[key], before[key]) for key in before)
+
+
+def _same(a, b):
+    """Bit-for-bit equality of L-BFGS state entries: arrays, lists of them, numbers or None."""
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(_same(u, v) for u, v in zip(a, b))
+    if a is None or b is None:
+        return a is b
+    return np.asarray(a).tobytes() == np.asarray(b).tobytes()

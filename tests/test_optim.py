@@ -269,3 +269,35 @@ def test_optimizer_state_names_follow_torch():
         assert set(_engine(opt, "cpu").get_optimizer_state()) == want
     s = _engine(optim.Adagrad(initial_accumulator_value=0.25), "cpu").get_optimizer_state()
     assert all(np.all(v == 0.25) for v in s["sum"].values())
+
+
+def test_momentum_and_betas_exist_only_on_optimizers_that_have_them():
+    """As torch's param_groups (Adam's has no 'momentum', SGD's no 'betas'): setting
+    engine.momentum without a momentum, or engine.betas without betas, is an
+    InvalidArgumentError and changes nothing, and reading it gives None. It used to be accepted
+    and read back as set while no step used it."""
+    x, y = digits_batches(BATCH, 1)[0]
+    has_momentum = (optim.SGD(momentum=0.9), optim.RMSprop(momentum=0.5))
+    has_betas = (optim.Adam(), optim.AdamW(), optim.NAdam())
+    for opt in (*has_momentum, *has_betas, optim.Adagrad(), optim.Adadelta(), optim.LBFGS()):
+        e = _engine(opt, "cpu")
+        name = type(opt).__name__
+        g = e._graph
+        native = (g.momentum, g.beta1, g.beta2)
+        if opt in has_momentum:
+            e.momentum = 0.25
+            assert e.momentum == 0.25
+        else:
+            assert e.momentum is None
+            with pytest.raises(mpscy.InvalidArgumentError, match=f"{name} has no momentum"):
+                e.momentum = 0.25
+            assert e.momentum is None and g.momentum == native[0]
+        if opt in has_betas:
+            e.betas = (0.5, 0.75)
+            assert e.betas == (0.5, 0.75)
+        else:
+            assert e.betas is None
+            with pytest.raises(mpscy.InvalidArgumentError, match=f"{name} has no betas"):
+                e.betas = (0.5, 0.75)
+            assert e.betas is None and (g.beta1, g.beta2) == native[1:]
+        e.step(x, y)

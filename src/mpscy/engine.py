@@ -3,6 +3,7 @@
 batch. Parameters move in and out in PyTorch layouts. The engine owns its native device and
 graph; `close()` (or leaving a `with` block) frees them."""
 
+import math
 import time
 
 import numpy as np
@@ -64,6 +65,19 @@ def _rows(x, n_inputs, what="x"):
     return shapes[0]
 
 
+def _clip_arg(value, name):
+    """None, or a positive finite float: a clipping threshold."""
+    if value is None:
+        return None
+    try:
+        v = None if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError, OverflowError):
+        v = None
+    if v is None or not 0.0 < v < math.inf:
+        raise InvalidArgumentError(f"{name} must be None or a positive finite number, got {value!r}")
+    return v
+
+
 def _rows_slice(x, n_inputs, i, j):
     if n_inputs > 1 and isinstance(x, (list, tuple)):
         return [a[i:j] for a in x]
@@ -110,9 +124,8 @@ class Engine:
         optimizer = _optim.Adam() if optimizer is None else optimizer
         if not isinstance(optimizer, _optim.Optimizer):
             raise InvalidArgumentError(f"optimizer must be an mpscy.optim optimizer, got {type(optimizer).__name__}")
-        for name, v in (("clip_grad_norm", clip_grad_norm), ("clip_grad_value", clip_grad_value)):
-            if v is not None and not float(v) > 0:
-                raise InvalidArgumentError(f"{name} must be None or > 0, got {v!r}")
+        clip_grad_norm = _clip_arg(clip_grad_norm, "clip_grad_norm")
+        clip_grad_value = _clip_arg(clip_grad_value, "clip_grad_value")
         self.model = model
         self.loss = _losses.get(loss)
         self.optimizer = optimizer
@@ -243,26 +256,43 @@ class Engine:
     def learning_rate(self, value):
         self._g().lr = _optim._nonneg(value, "learning rate")
 
+    def _has(self, name):
+        # as torch's param_groups, which hold only the optimizer's own options (Adam's has no
+        # 'momentum'): the native step reads momentum and betas only for optimizers that have them
+        return hasattr(self.optimizer, name)
+
+    def _require(self, name):
+        if not self._has(name):
+            raise InvalidArgumentError(f"{type(self.optimizer).__name__} has no {name}; no step would use it")
+
     @property
     def momentum(self):
-        """The momentum the next step uses (SGD, RMSprop); a per-step value like the learning
-        rate (OneCycleLR cycles it)."""
-        return self._g().momentum
+        """The momentum the next step uses (SGD, RMSprop; None for other optimizers); a
+        per-step value like the learning rate (OneCycleLR cycles it). Setting it on an
+        optimizer without momentum raises InvalidArgumentError."""
+        g = self._g()
+        return g.momentum if self._has("momentum") else None
 
     @momentum.setter
     def momentum(self, value):
-        self._g().momentum = _optim._nonneg(value, "momentum")
+        g = self._g()
+        value = _optim._nonneg(value, "momentum")
+        self._require("momentum")
+        g.momentum = value
 
     @property
     def betas(self):
-        """(beta1, beta2) the next step uses (Adam, AdamW, NAdam); per-step values."""
+        """(beta1, beta2) the next step uses (Adam, AdamW, NAdam; None for other optimizers);
+        per-step values. Setting them on an optimizer without betas raises
+        InvalidArgumentError."""
         g = self._g()
-        return (g.beta1, g.beta2)
+        return (g.beta1, g.beta2) if self._has("betas") else None
 
     @betas.setter
     def betas(self, value):
         g = self._g()
         b1, b2 = _optim._betas(value)
+        self._require("betas")
         g.beta1, g.beta2 = b1, b2
 
     @property
@@ -366,7 +396,7 @@ class Engine:
                 raise InvalidArgumentError(f"optimizer slot {name!r} must map every parameter name to an array")
             flat = np.empty(shape, dtype=dtype)
             for p, s, off in params:
-                arr = np.asarray(value[p], dtype=dtype)
+                arr = self._numeric(f"optimizer slot {name!r} for {p!r}", value[p], dtype)
                 if arr.shape != tuple(s):
                     raise ShapeError(f"optimizer slot {name!r} for {p!r} has shape {tuple(s)}, got {arr.shape}")
                 if not np.isfinite(arr).all():
@@ -386,18 +416,43 @@ class Engine:
             raise InvalidArgumentError(f"optimizer state does not match this optimizer: missing {missing}, unexpected {extra}")
 
     @staticmethod
-    def _scalar(name, value, dtype):
+    def _numeric(what, value, dtype):
+        """value as a `dtype` array; DTypeError naming `what` unless it holds integers or floats
+        (strings such as "1.5" would convert silently, ragged lists not at all)."""
+        try:
+            arr = np.asarray(value)
+        except (TypeError, ValueError):
+            arr = None
+        if arr is None or arr.dtype.kind not in "iuf":
+            got = "a ragged or non-numeric sequence" if arr is None else f"dtype {arr.dtype}"
+            raise DTypeError(f"{what} must be a numeric array, got {got}")
+        return arr.astype(dtype, copy=False)
+
+    @staticmethod
+    def _number(name, value, what="optimizer state"):
+        """value as a Python number: a Python or numpy number, or a 0-d array (torch keeps step
+        as a 0-d tensor). A string such as "3" would convert silently; it is refused."""
+        arr = np.asarray(value) if not isinstance(value, str) else None
+        if arr is None or arr.dtype.kind not in "biuf":
+            raise InvalidArgumentError(f"{what} {name!r} must be a number, got {value!r}")
+        if arr.shape != ():
+            raise InvalidArgumentError(f"{what} {name!r} must be a single number, got {value!r}")
+        return arr.item()
+
+    @staticmethod
+    def _scalar(name, value, dtype, what="optimizer state"):
+        value = Engine._number(name, value, what)
         try:
             v = np.array([value], dtype=dtype)
         except (TypeError, ValueError, OverflowError):
-            raise InvalidArgumentError(f"optimizer state {name!r} must be a number, got {value!r}") from None
+            raise InvalidArgumentError(f"{what} {name!r} must be a number, got {value!r}") from None
         if dtype == np.int64 and (isinstance(value, bool) or not float(value).is_integer()):
-            raise InvalidArgumentError(f"optimizer state {name!r} is a count: a whole number, got {value!r}")
+            raise InvalidArgumentError(f"{what} {name!r} is a count: a whole number, got {value!r}")
         if not np.isfinite(v).all() or (dtype == np.int64 and v[0] < 0):
-            raise InvalidArgumentError(f"optimizer state {name!r} must be finite (and >= 0 for counts), got {value!r}")
+            raise InvalidArgumentError(f"{what} {name!r} must be finite (and >= 0 for counts), got {value!r}")
         if dtype == np.int64 and v[0] > 2**53:
             # counts live natively in a double: above 2**53 they would not come back as written
-            raise InvalidArgumentError(f"optimizer state {name!r} is a count of at most 2**53, got {value!r}")
+            raise InvalidArgumentError(f"{what} {name!r} is a count of at most 2**53, got {value!r}")
         return v
 
     def _optim_tensor(self, name):
@@ -428,7 +483,7 @@ class Engine:
         i_ro, _, (cap,) = self._optim_tensor("ro")
         vec = {}
         for name in ("d", "prev_flat_grad"):
-            arr = np.asarray(state[name], dtype=np.float32)
+            arr = self._numeric(f"LBFGS state {name!r}", state[name], np.float32)
             if arr.shape != (n,):
                 raise ShapeError(f"LBFGS state {name!r} must have shape ({n},), got {arr.shape}")
             vec[name] = np.ascontiguousarray(arr)
@@ -441,12 +496,13 @@ class Engine:
         dirs, stps = np.zeros((cap, n), np.float32), np.zeros((cap, n), np.float32)
         for k in range(count):
             for dst, src, name in ((dirs, hist[0][k], "old_dirs"), (stps, hist[1][k], "old_stps")):
-                arr = np.asarray(src, dtype=np.float32)
+                arr = self._numeric(f"LBFGS state '{name}[{k}]'", src, np.float32)
                 if arr.shape != (n,):
                     raise ShapeError(f"LBFGS state {name}[{k}] must have shape ({n},), got {arr.shape}")
                 dst[k] = arr
         ro = np.zeros(cap, np.float32)
-        ro[:count] = np.asarray(hist[2], dtype=np.float32)
+        for k in range(count):
+            ro[k] = self._number(f"ro[{k}]", hist[2][k], "LBFGS state")
         for name, arr in (("d", vec["d"]), ("prev_flat_grad", vec["prev_flat_grad"]), ("old_dirs", dirs),
                           ("old_stps", stps), ("ro", ro)):
             if not np.isfinite(arr).all():

@@ -9,9 +9,20 @@ import numpy as np
 from ..errors import InvalidArgumentError, ShapeError
 
 
+# layer options travel in the native descriptor's int32 `ints`
+_INT32_LIMIT = 2**31
+
+
 def _positive_int(value, what):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise InvalidArgumentError(f"{what} must be a positive integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 < value < _INT32_LIMIT:
+        raise InvalidArgumentError(f"{what} must be a positive integer below 2**31, got {value!r}")
+    return int(value)
+
+
+def _integer(value, what):
+    """An int option (an axis); a float such as 1.5 is refused, not truncated."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InvalidArgumentError(f"{what} must be an integer, got {value!r}")
     return int(value)
 
 
@@ -138,7 +149,7 @@ class LeakyReLU(_Activation):
 
     def __init__(self, negative_slope=0.01, name=None):
         super().__init__(name)
-        self.negative_slope = float(negative_slope)
+        self.negative_slope = _finite(negative_slope, "LeakyReLU negative_slope")
 
     def native(self, input_shapes):
         return {"reals": [self.negative_slope]}
@@ -154,7 +165,7 @@ class ELU(_Activation):
 
     def __init__(self, alpha=1.0, name=None):
         super().__init__(name)
-        self.alpha = float(alpha)
+        self.alpha = _finite(alpha, "ELU alpha")
 
     def native(self, input_shapes):
         return {"reals": [self.alpha]}
@@ -209,7 +220,7 @@ class Softmax(_Activation):
 
     def __init__(self, axis=-1, name=None):
         super().__init__(name)
-        self.axis = int(axis)
+        self.axis = _integer(axis, "Softmax axis")
 
     def _axis(self, shape):
         rank = len(shape)
@@ -244,15 +255,23 @@ class Flatten(Layer):
 
 
 def _real(value, what, low, high, low_open=False, high_open=False):
+    """float(value) within the bounds, or InvalidArgumentError naming `what`: every float option
+    of a layer goes through here (or through _finite)."""
     try:
         v = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise InvalidArgumentError(f"{what} must be a number, got {value!r}") from None
     ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
     if not ok:
+        if low == -math.inf and high == math.inf:
+            raise InvalidArgumentError(f"{what} must be a finite number, got {value!r}")
         lo, hi = "(" if low_open else "[", ")" if high_open else "]"
         raise InvalidArgumentError(f"{what} must be in {lo}{low}, {high}{hi}, got {value!r}")
     return v
+
+
+def _finite(value, what):
+    return _real(value, what, -math.inf, math.inf, low_open=True, high_open=True)
 
 
 class Dropout(_Activation):

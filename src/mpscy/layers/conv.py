@@ -5,19 +5,22 @@ floor-mode shape rules. Options only; computation happens in the backend."""
 import numpy as np
 
 from ..errors import InvalidArgumentError, ShapeError
-from .base import Layer, _positive_int, kaiming_uniform
+from .base import _INT32_LIMIT, Layer, _positive_int, kaiming_uniform
 
 
 def _pair(value, what, minimum=1):
-    """An int or a pair of ints, each >= minimum, as a tuple (h, w)."""
+    """An int or a pair of ints, each >= minimum and below 2**31 (the descriptor's int32), as a
+    tuple (h, w)."""
     pair = (value, value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else value
     try:
         pair = tuple(pair)
     except TypeError:
         pair = None
     if (pair is None or len(pair) != 2
-            or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum for v in pair)):
-        raise InvalidArgumentError(f"{what} must be an integer >= {minimum} or a pair of them, got {value!r}")
+            or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not minimum <= v < _INT32_LIMIT
+                   for v in pair)):
+        raise InvalidArgumentError(f"{what} must be an integer >= {minimum} and below 2**31 or a pair of them, "
+                                   f"got {value!r}")
     return int(pair[0]), int(pair[1])
 
 

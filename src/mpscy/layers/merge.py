@@ -1,9 +1,7 @@
 """Layers that join branches of a functional model: Add and Concatenate."""
 
-import numpy as np
-
 from ..errors import InvalidArgumentError, ShapeError
-from .base import Layer
+from .base import Layer, _integer
 
 
 class Add(Layer):
@@ -35,9 +33,7 @@ class Concatenate(Layer):
 
     def __init__(self, axis=1, name=None):
         super().__init__(name)
-        if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
-            raise InvalidArgumentError(f"Concatenate axis must be an integer, got {axis!r}")
-        self.axis = int(axis)
+        self.axis = _integer(axis, "Concatenate axis")
 
     def _axis(self, rank):
         ax = self.axis + rank + 1 if self.axis < 0 else self.axis

@@ -12,20 +12,40 @@ __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta"
            "schedules"]
 
 
-def _nonneg(value, what):
+def _number(value, what):
+    """float(value), or InvalidArgumentError naming `what` (not a bare ValueError, TypeError or
+    OverflowError from float())."""
     try:
-        value = float(value)
-    except (TypeError, ValueError):
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
         raise InvalidArgumentError(f"{what} must be a number, got {value!r}") from None
+
+
+def _finite(value, what):
+    value = _number(value, what)
+    if not math.isfinite(value):
+        raise InvalidArgumentError(f"{what} must be a finite number, got {value}")
+    return value
+
+
+def _nonneg(value, what):
+    value = _number(value, what)
     if not 0.0 <= value < math.inf:
         raise InvalidArgumentError(f"{what} must be finite and >= 0, got {value}")
+    return value
+
+
+def _count(value, what):
+    # sizes travel in the native optimizer descriptor as int32
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**31:
+        raise InvalidArgumentError(f"{what} must be a positive integer below 2**31, got {value!r}")
     return value
 
 
 def _betas(betas):
     try:
         b1, b2 = (float(b) for b in betas)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise InvalidArgumentError(f"betas must be a pair of floats, got {betas!r}") from None
     for b in (b1, b2):
         if not 0.0 <= b < 1.0:
@@ -68,7 +88,7 @@ class SGD(Optimizer):
                  maximize=False):
         super().__init__(lr)
         self.momentum = _nonneg(momentum, "momentum")
-        self.dampening = float(dampening)
+        self.dampening = _finite(dampening, "dampening")
         self.nesterov = bool(nesterov)
         self.weight_decay = _nonneg(weight_decay, "weight_decay")
         self.maximize = bool(maximize)
@@ -221,9 +241,8 @@ class LBFGS(Optimizer):
     def __init__(self, lr=1.0, max_iter=20, max_eval=None, tolerance_grad=1e-7,
                  tolerance_change=1e-9, history_size=100, line_search_fn=None, weight_decay=0.0):
         super().__init__(lr)
-        for name, v in (("max_iter", max_iter), ("history_size", history_size)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise InvalidArgumentError(f"{name} must be a positive integer, got {v!r}")
+        _count(max_iter, "max_iter")
+        _count(history_size, "history_size")
         if max_eval is None:
             max_eval = max_iter * 5 // 4
         if isinstance(max_eval, bool) or not isinstance(max_eval, int) or max_eval < 1:
