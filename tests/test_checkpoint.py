@@ -552,3 +552,9 @@ def test_load_keywords_and_a_missing_folder(device, saved, tmp_path):
     with pytest.raises(FileNotFoundError) as info:
         engine.save(missing)
     assert info.value.filename == str(missing) and ".tmp" not in str(info.value)
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError) as info:
+        engine.save(folder)
+    assert info.value.filename == str(folder) and ".tmp" not in str(info.value)
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]  # the temporary file went too

@@ -128,6 +128,21 @@ def test_non_finite_loss_applies_no_update(device):
     assert engine.stats()["steps"] == 4  # the step did reach the native code
 
 
+def test_non_finite_gradients_call_has_no_update_to_skip(device):
+    """gradients() never updates, so its NonFiniteError does not say an update was skipped; a
+    training step's does."""
+    engine = make(device)
+    params = engine.get_parameters()
+    params["dense_2.weight"] = np.full_like(params["dense_2.weight"], 3e38)
+    engine.set_parameters(params)
+    x = np.random.default_rng(1).standard_normal((BATCH, FEATURES)).astype(np.float32) + 5
+    with pytest.raises(mpscy.NonFiniteError, match=r"not finite \(") as info:
+        engine.gradients(x, GOOD_Y)
+    assert "update skipped" not in str(info.value)
+    with pytest.raises(mpscy.NonFiniteError, match="not finite, update skipped"):
+        engine.step(x, GOOD_Y)
+
+
 def test_native_error_messages_name_the_function():
     model = mpscy.Sequential([layers.Dense(3)], input_shape=(2,))
     native = mpscy._native

@@ -73,7 +73,10 @@ def write_safetensors(path, tensors, metadata=None, checksum=False):
             f.write(blob)
             for c in chunks:
                 f.write(c)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as e:  # a folder at `path`, say: named by the path asked for
+            raise type(e)(e.errno, e.strerror, os.fspath(path)) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
