@@ -599,3 +599,17 @@ def test_empty_arrays_are_a_shape_error(device, digits):
     with pytest.raises(mpscy.ShapeError, match=r"^x is empty \(0 rows\)"):
         engine.fit(xtr[:0], ytr[:0], verbose=0)
     assert engine.iterations == 0
+
+
+def test_a_torch_dataloader_trains_as_its_arrays(device, digits):
+    """A torch DataLoader's batches are CPU tensors: fit takes them as arrays (NumPy reads them
+    without a copy), so the step sees what the same arrays would give it."""
+    torch = pytest.importorskip("torch")
+    xtr, ytr, _, _ = digits
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.from_numpy(xtr[:96]),
+                                                                        torch.from_numpy(ytr[:96].astype(np.int64))),
+                                         batch_size=32)
+    a, b = _engine(device), _engine(device)
+    a.fit(loader, epochs=2, verbose=0, validation_data=loader)
+    b.fit(xtr[:96], ytr[:96], epochs=2, shuffle=False, verbose=0)
+    assert _same_params(a, b)

@@ -409,9 +409,11 @@ def _check_same_run(engine, desc, where):
     shapes alone let a ReLU model take a Tanh model's weights, or plain SGD a Nesterov run's
     momentum buffers. The loss and the engine's settings (clipping, precision, batch size) are
     the engine's own."""
+    def unnamed(nodes):  # names are the parameters' check, above
+        return [{k: v for k, v in n.items() if k != "name"} for n in nodes]
+
     mine = json.loads(json.dumps(_describe_model(engine.model)["nodes"]))
     saved = desc["model"]["nodes"]
-    unnamed = lambda nodes: [{k: v for k, v in n.items() if k != "name"} for n in nodes]  # names: the params' check
     if unnamed(mine) != unnamed(saved):
         i = next((k for k, (a, b) in enumerate(zip(unnamed(saved), unnamed(mine))) if a != b),
                  min(len(saved), len(mine)))

@@ -4,7 +4,6 @@ otherwise), a schedule attached with `Engine.set_schedule`, and a `History` of p
 The loss and accuracy come from each step's StepResult, so reading them adds no device
 synchronization. Nothing here runs native code except through the engine's public methods."""
 
-import contextlib
 import math
 import sys
 import time
@@ -91,22 +90,20 @@ def _as_inputs(x, n_inputs):
         raise InvalidArgumentError(f"this model has {n_inputs} inputs: pass x as a list of {n_inputs} arrays")
     out = []
     for a in arrays:
-        if not hasattr(a, "shape") or not hasattr(a, "dtype"):
-            raise InvalidArgumentError(f"x must be a numpy array or a DataLoader, got {type(a).__name__}")
+        if not isinstance(a, np.ndarray):
+            if not hasattr(a, "__array__"):
+                raise InvalidArgumentError(f"x must be a numpy array or a DataLoader, got {type(a).__name__}")
+            a = np.asarray(a)  # a CPU tensor of another library (a torch DataLoader's batches)
         # float inputs of another precision are converted once, as Keras does
         out.append(np.ascontiguousarray(a, dtype=np.float32) if np.issubdtype(a.dtype, np.floating)
                    else np.ascontiguousarray(a))
     return out
 
 
-@contextlib.contextmanager
-def _batch_named(what, k):
-    """An error of a DataLoader's batch says which batch: its rows are named within it (the
-    loader's whole data was not checked up front, as arrays are)."""
-    try:
-        yield
-    except _errors.Error as e:
-        raise type(e)(f"{what} {k}: {e}") from e
+def _in_batch(e, where):
+    """The same mpscy error, saying which batch: a DataLoader's rows are named within their
+    batch (its data is not read ahead, as arrays are checked)."""
+    return type(e)(f"{where}: {e}")
 
 
 def _batch_inputs(engine, x):
@@ -212,8 +209,10 @@ def _evaluate(engine, source):
     for k, (xb, yb) in enumerate(source):
         xb, yb = _batch_inputs(engine, xb), _as_target(engine, yb)
         n = len(yb)
-        with _batch_named("validation batch", k):
+        try:
             r = engine.evaluate(xb, yb)
+        except _errors.Error as e:
+            raise _in_batch(e, f"validation batch {k}") from e
         total += r["loss"] * n
         acc = None if r["accuracy"] is None else (acc or 0.0) + r["accuracy"] * n
         rows += n
@@ -395,7 +394,6 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
     schedule, per = engine._schedule, engine._schedule_per
     sched_metric = schedule is not None and _callbacks._takes_metric(schedule)
     progress = _Progress(verbose, epochs)
-    from_loader = isinstance(source, _Loader)
     engine.stop_training = False
     engine.history = history
     step = engine.step
@@ -411,11 +409,10 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
                     cb.on_train_batch_begin(b, {})
                 if per == "step":
                     lr_used = engine.learning_rate
-                if from_loader:
-                    with _batch_named(f"epoch {epoch + 1}, batch", b):
-                        r = step(xb, yb)
-                else:
+                try:
                     r = step(xb, yb)  # the StepResult already holds the loss: no extra sync
+                except _errors.Error as e:
+                    raise _in_batch(e, f"epoch {epoch + 1}, batch {b}") from e
                 n = r.batch_size
                 seen += n
                 loss_sum += r.loss * n
