@@ -613,3 +613,78 @@ def test_a_torch_dataloader_trains_as_its_arrays(device, digits):
     a.fit(loader, epochs=2, verbose=0, validation_data=loader)
     b.fit(xtr[:96], ytr[:96], epochs=2, shuffle=False, verbose=0)
     assert _same_params(a, b)
+
+
+def test_an_empty_validation_source_is_refused(device, digits):
+    xtr, ytr, xte, yte = digits
+    engine = _engine(device)
+    empty = data.DataLoader(data.ArrayDataset(xte[:10], yte[:10]), batch_size=16, drop_last=True)
+    with pytest.raises(mpscy.InvalidArgumentError, match="the validation DataLoader has no batch"):
+        engine.fit(xtr, ytr, epochs=1, verbose=0, validation_data=empty)
+    assert engine.iterations == 0
+
+    class Once:  # used up after one pass, as a generator
+        def __init__(self):
+            self.it = iter([(xte[:32], yte[:32])])
+
+        def __iter__(self):
+            return self.it
+
+    with pytest.raises(mpscy.InvalidArgumentError, match="the validation data yielded no batch"):
+        engine.fit(xtr[:64], ytr[:64], epochs=2, verbose=0, validation_data=Once())
+    assert engine.epoch == 2  # both epochs' steps were applied, and counted
+
+
+def test_a_metric_the_data_leave_undefined_is_nan_not_the_end_of_the_run(device, digits):
+    """ROC AUC over validation labels that lack a class is undefined: logged as NaN with a
+    warning (as scikit-learn's UndefinedMetricWarning), and training goes on."""
+    xtr, ytr, xte, yte = digits
+    keep = yte != 9
+    engine = _engine(device)
+    with pytest.warns(RuntimeWarning, match="val_roc_auc is undefined on this data"):
+        h = engine.fit(xtr, ytr, epochs=2, verbose=0, validation_data=(xte[keep], yte[keep]),
+                       metrics=["roc_auc", "f1"])
+    assert len(h.history["val_roc_auc"]) == 2 and all(math.isnan(v) for v in h.history["val_roc_auc"])
+    assert all(0 < v <= 1 for v in h.history["val_f1"]) and engine.epoch == 2
+
+
+def test_model_checkpoint_makes_its_folder(device, digits, tmp_path):
+    xtr, ytr, _, _ = digits
+    target = tmp_path / "runs" / "a" / "m-{epoch:02d}.mpscy"
+    _engine(device).fit(xtr[:64], ytr[:64], epochs=1, verbose=0, callbacks=[cb.ModelCheckpoint(target)])
+    assert (tmp_path / "runs" / "a" / "m-01.mpscy").is_file()
+
+
+def test_learning_rate_scheduler_takes_keras_one_argument_functions(device, digits):
+    xtr, ytr, _, _ = digits
+    rates = []
+
+    class Seen(cb.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            rates.append(logs["lr"])
+
+    _engine(device).fit(xtr[:64], ytr[:64], epochs=3, verbose=0,
+                        callbacks=[cb.LearningRateScheduler(lambda epoch: 0.1 / (epoch + 1)), Seen()])
+    assert rates == pytest.approx([0.1, 0.05, 0.1 / 3])
+
+
+def test_a_plateau_schedule_with_a_missing_monitor_warns_and_skips(device, digits):
+    """A typo in the monitored key no longer steps the schedule on the training loss in silence;
+    "val_loss" without validation data still means the training loss."""
+    xtr, ytr, _, _ = digits
+    engine = _engine(device, lr=0.1)
+    plateau = optim.schedules.ReduceLROnPlateau(engine, patience=0, factor=0.5)
+    engine.set_schedule(plateau, per="epoch", monitor="val_typo")
+    with pytest.warns(RuntimeWarning, match="'val_typo' is not in the logs"):
+        engine.fit(xtr[:64], ytr[:64], epochs=2, verbose=0)
+    assert plateau.last_epoch == 0 and engine.learning_rate == pytest.approx(0.1)
+    other = _engine(device, lr=0.1)
+    fallback = optim.schedules.ReduceLROnPlateau(other, patience=0, factor=0.5)
+    other.set_schedule(fallback, per="epoch")  # monitor "val_loss", no validation data: the loss
+    other.fit(xtr[:64], ytr[:64], epochs=2, verbose=0)
+    assert fallback.last_epoch == 2
+    lrs = _engine(device, lr=0.1)
+    sched = optim.schedules.ReduceLROnPlateau(lrs, patience=0, factor=0.5)
+    with pytest.warns(RuntimeWarning, match="LearningRateScheduler: 'val_typo' is not in the logs"):
+        lrs.fit(xtr[:64], ytr[:64], epochs=1, verbose=0, callbacks=[cb.LearningRateScheduler(sched, monitor="val_typo")])
+    assert sched.last_epoch == 0

@@ -213,28 +213,52 @@ class ModelCheckpoint(Callback):
         except (KeyError, IndexError) as e:
             raise InvalidArgumentError(f"ModelCheckpoint filepath {self.filepath!r} names {e} which is "
                                        f"not in the logs {sorted(logs)}") from None
+        folder = os.path.dirname(path)
+        if folder:
+            os.makedirs(folder, exist_ok=True)  # as Keras's ModelCheckpoint
         self.engine.save(path)
         self.saved.append(path)
         if self.verbose:
             print(f"Epoch {epoch + 1}: saved {path}")
 
 
-def _takes_metric(schedule):
+def _schedule_metric(logs, monitor, who):
+    """The value a schedule that takes a metric (ReduceLROnPlateau) steps on at an epoch's end:
+    logs[monitor]; the default "val_loss" falls back to the training loss when there is no
+    validation data; any other missing key warns and skips the step, as Keras's callback does."""
+    logs = logs or {}
+    if monitor in logs:
+        return logs[monitor]
+    if monitor == "val_loss" and "loss" in logs:
+        return logs["loss"]
+    warnings.warn(f"{who}: '{monitor}' is not in the logs (available: {sorted(logs)}); the schedule did not "
+                  "step", RuntimeWarning, stacklevel=3)
+    return None
+
+
+def _positional_count(fn):
+    """How many positional arguments fn requires (None when its signature cannot be read)."""
     try:
-        params = inspect.signature(schedule.step).parameters.values()
+        params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
-        return False
-    return any(p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        return None
+    return sum(p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
                for p in params)
+
+
+def _takes_metric(schedule):
+    return bool(_positional_count(schedule.step))
 
 
 class LearningRateScheduler(Callback):
     """Changes the learning rate between epochs.
 
-    `schedule` is either a Keras-style function ``f(epoch, lr) -> new lr`` (applied at the
-    start of each epoch) or an `mpscy.optim.schedules` object built on the engine (its
-    ``step()`` runs at the end of each epoch; ``step(logs[monitor])`` for schedules that take
-    a metric, such as ReduceLROnPlateau). The learning rate is logged as "lr"."""
+    `schedule` is either a Keras-style function ``f(epoch, lr) -> new lr`` or ``f(epoch) -> new
+    lr`` (applied at the start of each epoch) or an `mpscy.optim.schedules` object built on the
+    engine (its ``step()`` runs at the end of each epoch; ``step(logs[monitor])`` for schedules
+    that take a metric, such as ReduceLROnPlateau: without validation data "val_loss" means the
+    training loss, and another missing key warns and skips the step). The learning rate is
+    logged as "lr"."""
 
     def __init__(self, schedule, monitor="val_loss", verbose=0):
         super().__init__()
@@ -245,11 +269,15 @@ class LearningRateScheduler(Callback):
         self.verbose = int(verbose)
         self._is_object = hasattr(schedule, "step")
         self._metric = self._is_object and _takes_metric(schedule)
+        self._epoch_only = not self._is_object and _positional_count(schedule) == 1  # Keras's f(epoch)
 
     def on_epoch_begin(self, epoch, logs=None):
         if self._is_object:
             return
-        lr = float(self.schedule(epoch, float(self.engine.learning_rate)))
+        if self._epoch_only:
+            lr = float(self.schedule(epoch))
+        else:
+            lr = float(self.schedule(epoch, float(self.engine.learning_rate)))
         if not (np.isfinite(lr) and lr >= 0):
             raise InvalidArgumentError(f"the schedule function returned {lr!r} for epoch {epoch}")
         self.engine.learning_rate = lr
@@ -262,8 +290,9 @@ class LearningRateScheduler(Callback):
         if not self._is_object:
             return
         if self._metric:
-            value = (logs or {}).get(self.monitor, (logs or {}).get("loss"))
-            self.schedule.step(value)
+            value = _schedule_metric(logs, self.monitor, "LearningRateScheduler")
+            if value is not None:
+                self.schedule.step(value)
         else:
             self.schedule.step()
 

@@ -7,6 +7,7 @@ synchronization. Nothing here runs native code except through the engine's publi
 import math
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -189,6 +190,9 @@ def _validation_source(engine, validation_data):
     if validation_data is None:
         return None
     if _is_loader(validation_data):
+        if hasattr(validation_data, "__len__") and len(validation_data) == 0:
+            raise InvalidArgumentError("the validation DataLoader has no batch (drop_last with fewer rows than "
+                                       "its batch_size?)")
         return validation_data
     if not isinstance(validation_data, (list, tuple)) or len(validation_data) != 2:
         raise InvalidArgumentError("validation_data must be (x_val, y_val) or a DataLoader")
@@ -216,6 +220,9 @@ def _evaluate(engine, source):
         total += r["loss"] * n
         acc = None if r["accuracy"] is None else (acc or 0.0) + r["accuracy"] * n
         rows += n
+    if rows == 0:
+        raise InvalidArgumentError("the validation data yielded no batch (a generator is used up after one "
+                                   "pass: give a DataLoader or another re-iterable)")
     return {"loss": total / rows, "accuracy": None if acc is None else acc / rows}
 
 
@@ -333,8 +340,9 @@ def set_schedule(engine, schedule, per="epoch", monitor="val_loss"):
 
 def _step_schedule(schedule, takes_metric, logs, monitor):
     if takes_metric:
-        value = logs.get(monitor)
-        schedule.step(logs.get("loss") if value is None else value)
+        value = _callbacks._schedule_metric(logs, monitor, "set_schedule")
+        if value is not None:
+            schedule.step(value)
     else:
         schedule.step()
 
@@ -433,6 +441,7 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
                     break
             if seen == 0:
                 raise InvalidArgumentError("the training data yielded no batch")
+            engine.epoch += 1  # its steps are applied: counted before anything below can fail
             logs = {"loss": loss_sum / seen}
             if has_acc:
                 logs["accuracy"] = acc_sum / seen
@@ -445,11 +454,10 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
                 prefix, target = ("val_", val) if val is not None else ("", _metric_source(source))
                 y_true, outputs = _predict(engine, target)
                 for m in metric_objs:
-                    logs[prefix + m.name] = m(y_true, outputs, engine.loss)
+                    logs[prefix + m.name] = _metric_value(m, y_true, outputs, engine.loss, prefix + m.name)
             logs["lr"] = float(lr_used)
             if per == "epoch":
                 _step_schedule(schedule, sched_metric, logs, engine._schedule_monitor)
-            engine.epoch += 1
             progress.end(done, logs)
             cbs.call("on_epoch_end", epoch, logs)
             if engine.stop_training:
@@ -484,6 +492,17 @@ def _fit_metrics(engine, metrics):
                                        f"{type(engine.loss).__name__} over {int(np.prod(out_shape))} outputs is "
                                        "multi-label (its accuracy is the per-output threshold accuracy)")
     return objs
+
+
+def _metric_value(metric, y_true, outputs, loss, key):
+    """A metric's value, or NaN with a warning where the data leave it undefined (ROC AUC over
+    validation labels that lack a class), as scikit-learn's UndefinedMetricWarning: one epoch's
+    data does not end a run that has already applied its steps."""
+    try:
+        return metric(y_true, outputs, loss)
+    except InvalidArgumentError as e:
+        warnings.warn(f"{key} is undefined on this data, logged as NaN: {e}", RuntimeWarning, stacklevel=3)
+        return math.nan
 
 
 def _metric_source(source):
