@@ -323,7 +323,8 @@ class _Progress:
 def set_schedule(engine, schedule, per="epoch", monitor="val_loss"):
     """Attaches `schedule` (an mpscy.optim.schedules object built on this engine, or None to
     detach) for fit to step after every batch (per="step") or every epoch (per="epoch"; a
-    schedule whose step() takes a metric gets logs[monitor], else the training loss).
+    schedule whose step() takes a metric gets logs[monitor]: "val_loss" without validation data
+    is the training loss, another key missing from the logs warns and skips the step).
     Checkpoints save and restore it."""
     if schedule is None:
         engine._schedule, engine._schedule_per, engine._schedule_monitor = None, None, None
