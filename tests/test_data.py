@@ -1,6 +1,7 @@
 """mpscy.data: every sample exactly once per epoch whatever the batch size, shuffle, drop_last
 and prefetch depth; seeded, resumable orders; the background thread stops when a loop is left
 early and hands its errors over; ImageFolder reads real PNG/JPEG/BMP files with Pillow."""
+import os
 import threading
 import time
 
@@ -239,3 +240,157 @@ def test_train_test_split_checks_its_arguments():
     assert x_train.shape == (8, 2) and y_test.shape == (2,)
     assert sorted(np.concatenate([y_train, y_test])) == list(range(10))
     assert np.array_equal(x_train[:, 0], 2.0 * y_train)
+
+
+# ----------------------------------------------------------------------------- review fixes
+def _png(path, a):
+    Image = pytest.importorskip("PIL.Image")
+    Image.fromarray(a).save(path)
+
+
+def test_image_folder_takes_one_extension_string(tmp_path):
+    """extensions=".png" is one extension, as in torchvision. Before, the string was taken as the
+    characters ('.', 'p', 'n', 'g'), so .svg, .jpg and .log files were read as images too."""
+    pytest.importorskip("PIL")
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        _png(tmp_path / cls / "a.png", np.zeros((4, 4, 3), np.uint8))
+        _png(tmp_path / cls / "b.jpg", np.zeros((4, 4, 3), np.uint8))
+        for junk in ("c.svg", "d.log", "e.g"):
+            (tmp_path / cls / junk).write_text("not an image")
+    ds = data.ImageFolder(str(tmp_path), extensions=".png")
+    assert sorted(os.path.basename(p) for p, _ in ds.samples) == ["a.png", "a.png"]
+    assert len(data.ImageFolder(str(tmp_path), extensions=(".PNG", ".jpg"))) == 4
+    for bad in ([".png", 3], "", [], None, 5, [".png", ""]):
+        with pytest.raises(mpscy.InvalidArgumentError, match="extensions must be"):
+            data.ImageFolder(str(tmp_path), extensions=bad)
+
+
+def test_16_bit_gray_images_keep_their_range(tmp_path):
+    """16-bit gray images ("I;16" PNG, "I;16B"/"I;16" TIFF, 16-bit PGM read as "I") are scaled by
+    65535 to [0, 1], the gray repeated for channels=3; 32-bit "I" and float "F" images are refused
+    naming the file and mode. Before, convert("L") clipped them: [0, 1, 1, ..., 1]."""
+    Image = pytest.importorskip("PIL.Image")
+    a = (np.arange(20, dtype=np.uint16).reshape(4, 5) * 3449)          # 0 .. 65531
+    want = a.astype(np.float32) / np.float32(65535.0)
+    files = {"I;16": tmp_path / "g.png", "I;16B": tmp_path / "gb.tif", "I;16L": tmp_path / "gl.tif"}
+    Image.fromarray(a).save(files["I;16"])
+    Image.frombytes("I;16B", (5, 4), a.astype(">u2").tobytes()).save(files["I;16B"])
+    Image.frombytes("I;16L", (5, 4), a.astype("<u2").tobytes()).save(files["I;16L"])
+    files["I"] = tmp_path / "g.pgm"
+    files["I"].write_bytes(b"P5\n5 4\n65535\n" + a.astype(">u2").tobytes())
+    for mode, path in files.items():
+        with Image.open(path) as im:
+            assert im.mode in (mode, "I;16"), (mode, im.mode)   # Pillow reads little-endian TIFF as I;16
+        gray = data.load_image(str(path), channels=1)
+        assert gray.shape == (1, 4, 5) and gray.dtype == np.float32
+        np.testing.assert_allclose(gray[0], want, rtol=0, atol=1e-7, err_msg=mode)
+        rgb = data.load_image(str(path), channels=3, invert=True)
+        assert rgb.shape == (3, 4, 5)
+        for c in range(3):
+            np.testing.assert_allclose(rgb[c], 1.0 - want, rtol=0, atol=1e-6, err_msg=mode)
+    small = data.load_image(str(files["I;16"]), image_size=(2, 3), channels=1)
+    assert small.shape == (1, 2, 3) and 0.05 < small.min() and small.max() < 0.95   # not clipped to 1
+    assert len(np.unique(small)) == 6
+    Image.fromarray(a.astype(np.int32)).save(tmp_path / "i32.tif")
+    Image.fromarray(want).save(tmp_path / "f32.tif")
+    for name, mode in (("i32.tif", "'I'"), ("f32.tif", "'F'")):
+        with pytest.raises(mpscy.InvalidArgumentError, match=f"{name}.*{mode}.*no defined pixel range"):
+            data.load_image(str(tmp_path / name), channels=1)
+
+
+def test_8_bit_images_are_unchanged(tmp_path):
+    """8-bit images keep the exact float32 pixels / 255 (after Pillow's own resize) they had."""
+    Image = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(1)
+    rgb, gray = rng.integers(0, 256, (6, 7, 3), dtype=np.uint8), rng.integers(0, 256, (6, 7), dtype=np.uint8)
+    _png(tmp_path / "rgb.png", rgb)
+    _png(tmp_path / "gray.png", gray)
+    np.testing.assert_array_equal(data.load_image(str(tmp_path / "rgb.png")),
+                                  rgb.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0))
+    np.testing.assert_array_equal(data.load_image(str(tmp_path / "gray.png"), channels=1)[0],
+                                  gray.astype(np.float32) / np.float32(255.0))
+    np.testing.assert_array_equal(data.load_image(str(tmp_path / "gray.png"), channels=3),
+                                  np.repeat(gray[None], 3, 0).astype(np.float32) / np.float32(255.0))
+    with Image.open(tmp_path / "rgb.png") as im:
+        resized = np.asarray(im.convert("RGB").resize((3, 4), Image.BILINEAR), dtype=np.float32) / np.float32(255.0)
+    np.testing.assert_array_equal(data.load_image(str(tmp_path / "rgb.png"), image_size=(4, 3)),
+                                  resized.transpose(2, 0, 1))
+
+
+def test_load_image_refuses_bad_mean_and_std_before_reading(tmp_path):
+    """A zero, NaN or Inf in std or mean, or the wrong number of values, is an InvalidArgumentError
+    naming the argument, raised before the file is opened (the path here does not exist). Before,
+    std=0 returned NaN/Inf with only a numpy RuntimeWarning, and a wrong length was only noticed
+    after reading the file."""
+    pytest.importorskip("PIL")
+    missing = str(tmp_path / "missing.png")
+    cases = [({"std": 0}, "std must be non-zero"), ({"std": [0.5, 0.0, 0.5]}, "std must be non-zero"),
+             ({"std": 0.0, "channels": 1}, "std must be non-zero"), ({"std": float("nan")}, "std must be finite"),
+             ({"mean": [0.0, np.inf, 0.0]}, "mean must be finite"), ({"std": 1e300}, "std must be finite"),
+             ({"std": [0.5, 0.5]}, "std needs 1 or 3 values"),
+             ({"mean": [0.5] * 3, "channels": 1}, "mean needs 1 or 1"),
+             ({"mean": "abc"}, "mean must be a number")]
+    for kw, msg in cases:
+        with pytest.raises(mpscy.InvalidArgumentError, match=msg):
+            data.load_image(missing, **kw)
+    with pytest.raises(mpscy.InvalidArgumentError, match="cannot read image"):
+        data.load_image(missing, std=[0.5, 0.25, 1.0])
+
+
+def test_image_folder_checks_its_arguments_at_construction(image_root):
+    """channels other than 1 or 3, a non-positive or non-integer image_size and a bad mean/std fail
+    when the ImageFolder is built. Before, channels=2 and std=0 were accepted (the first fails at the
+    first image, the second gives NaN), image_size="32" became (3, 2), 2.5 a bare TypeError."""
+    root, _ = image_root
+    for kw in ({"channels": 2}, {"channels": 0}, {"channels": "3"}, {"channels": True}, {"channels": 3.5}):
+        with pytest.raises(mpscy.InvalidArgumentError, match="channels must be 1"):
+            data.ImageFolder(str(root), **kw)
+    for size in (0, -1, (4, 0), 2.5, "32", True, (4, 4, 4), [4, None]):
+        with pytest.raises(mpscy.InvalidArgumentError, match="image_size must be"):
+            data.ImageFolder(str(root), image_size=size)
+    for kw in ({"std": 0}, {"std": [1, 2]}, {"mean": float("nan")}, {"channels": 1, "std": [1, 1, 1]}):
+        with pytest.raises(mpscy.InvalidArgumentError, match="mean|std"):
+            data.ImageFolder(str(root), **kw)
+    ds = data.ImageFolder(str(root), image_size=[6.0, np.int64(5)], channels=np.int64(1), std=0.5)
+    assert ds.image_size == (6, 5) and ds.channels == 1 and ds[0][0].shape == (1, 6, 5)
+
+
+def test_image_folder_refuses_empty_class_folders(image_root):
+    """A class folder without images is an error naming it (as for a missing root, an
+    InvalidArgumentError). Before, it was kept as a class that no sample ever had."""
+    root, _ = image_root
+    (root / "bird").mkdir()
+    (root / "emu").mkdir()
+    (root / "emu" / "readme.txt").write_text("no images here")
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"'bird', 'emu'.*hold no .jpg/.jpeg/.png/.bmp images"):
+        data.ImageFolder(str(root))
+    _png(root / "bird" / "a.png", np.zeros((2, 2), np.uint8))
+    (root / "emu" / "a.gif").write_bytes(b"GIF89a")
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"'bird', 'cat', 'dog'.*hold no .gif images"):
+        data.ImageFolder(str(root), extensions=".gif")
+    ds = data.ImageFolder(str(root), extensions=(".gif", ".png", ".jpg", ".bmp"))
+    assert ds.classes == ["bird", "cat", "dog", "emu"] and len(ds) == 9
+
+
+class _ListSamples(data.Dataset):
+    def __init__(self, ragged=False):
+        self.ragged = ragged
+
+    def __len__(self):
+        return 5
+
+    def __getitem__(self, i):
+        x = np.full(3 + (self.ragged and i == 3), i, np.float32)
+        return [x, np.int64(i)]
+
+
+def test_list_samples_are_taken_as_tuples():
+    """A sample [x, y] batches as (x, y) (as torch's default_collate does); samples that cannot be
+    stacked name the (x, y) tuples expected. Before, [x, y] gave numpy's "setting an array element
+    with a sequence ... inhomogeneous shape"."""
+    xb, yb = next(iter(data.DataLoader(_ListSamples(), batch_size=4, prefetch=0)))
+    assert xb.shape == (4, 3) and yb.tolist() == [0, 1, 2, 3]
+    np.testing.assert_array_equal(xb[:, 0], [0, 1, 2, 3])
+    with pytest.raises(mpscy.ShapeError, match=r"item 0 .*tuples such as \(x, y\)"):
+        list(data.DataLoader(_ListSamples(ragged=True), batch_size=5, prefetch=2))

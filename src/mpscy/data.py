@@ -19,7 +19,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 class Dataset:
-    """Base class: `len(ds)` samples; `ds[i]` is one sample (a tuple, e.g. (x, y));
+    """Base class: `len(ds)` samples; `ds[i]` is one sample (a tuple, e.g. (x, y); a list counts as one);
     `ds.get_batch(indices)` stacks samples into contiguous arrays (override it when a
     vectorized gather is cheaper, as ArrayDataset does)."""
 
@@ -33,9 +33,20 @@ class Dataset:
         if isinstance(indices, slice):
             indices = range(*indices.indices(len(self)))
         samples = [self[int(i)] for i in indices]
-        if not isinstance(samples[0], tuple):
+        if not isinstance(samples[0], (tuple, list)):
             return np.ascontiguousarray(np.stack(samples))
-        return tuple(np.ascontiguousarray(np.stack([s[k] for s in samples])) for k in range(len(samples[0])))
+        # a list sample [x, y] is taken as (x, y), as torch's default_collate does
+        if any(not isinstance(s, (tuple, list)) or len(s) != len(samples[0]) for s in samples):
+            raise InvalidArgumentError(f"{type(self).__name__} samples must all be tuples such as (x, y) of one "
+                                       f"length; the first has {len(samples[0])} items, another differs")
+        out = []
+        for k in range(len(samples[0])):
+            try:
+                out.append(np.ascontiguousarray(np.stack([s[k] for s in samples])))
+            except ValueError as e:
+                raise ShapeError(f"item {k} of the samples of {type(self).__name__} cannot be stacked into a batch "
+                                 f"(samples must be tuples such as (x, y) of equally shaped arrays): {e}") from None
+        return tuple(out)
 
 
 class ArrayDataset(Dataset):
@@ -236,45 +247,100 @@ def _pil():
     return Image
 
 
+def _as_int(v):
+    """v as an int when it is an integer (or an integral float), else None; bools are not."""
+    if isinstance(v, (bool, np.bool_)):
+        return None
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    if isinstance(v, (float, np.floating)) and float(v).is_integer():
+        return int(v)
+    return None
+
+
 def _pair_size(size, what):
     if size is None:
         return None
-    if isinstance(size, (int, np.integer)):
-        size = (int(size), int(size))
-    size = tuple(int(s) for s in size)
-    if len(size) != 2 or min(size) < 1:
-        raise InvalidArgumentError(f"{what} must be an int or (height, width), got {size!r}")
-    return size
+    pair = (size, size) if _as_int(size) is not None else size
+    try:
+        pair = tuple(_as_int(s) for s in pair) if not isinstance(pair, str) else ()
+    except TypeError:
+        pair = ()
+    if len(pair) != 2 or None in pair or min(pair) < 1:
+        raise InvalidArgumentError(f"{what} must be a positive int or (height, width), got {size!r}")
+    return pair
+
+
+def _check_channels(channels):
+    c = _as_int(channels)
+    if c not in (1, 3):
+        raise InvalidArgumentError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+    return c
 
 
 def _channel_values(v, channels, what, default):
-    v = np.full(channels, default, np.float32) if v is None else np.asarray(v, dtype=np.float32).reshape(-1)
+    try:
+        with np.errstate(over="ignore"):  # 1e300 becomes inf, refused below
+            v = np.full(channels, default, np.float32) if v is None else np.asarray(v, dtype=np.float32).reshape(-1)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"{what} must be a number or {channels} numbers, got {v!r}") from None
     if v.size == 1:
         v = np.full(channels, v[0], np.float32)
     if v.size != channels:
-        raise InvalidArgumentError(f"{what} needs 1 or {channels} values, got {v.size}")
+        raise InvalidArgumentError(f"{what} needs 1 or {channels} values for {channels} channel(s), got {v.size}")
+    if not np.isfinite(v).all():
+        raise InvalidArgumentError(f"{what} must be finite float32 values, got {v.tolist()}")
+    if what == "std" and (v == 0).any():
+        raise InvalidArgumentError(f"std must be non-zero in every channel (it divides the pixels), got {v.tolist()}")
     return v.reshape(channels, 1, 1)
 
 
+# Pillow modes holding 16-bit gray samples: "I;16*", and "I" read from PNG (older Pillow widened
+# 16-bit PNGs to "I") or PGM (Pillow rescales maxval > 255 to 0..65535). Other "I" (32-bit TIFF)
+# and "F" have no defined range, so they are refused rather than guessed.
+_WIDE_FORMATS = ("PNG", "PPM")
+
+
+def _pixels(im, path, channels, size, Image):
+    """float32 (H, W) or (H, W, 3) in [0, 1], resized to size (H, W) when given."""
+    mode = im.mode
+    if mode.startswith("I;16") or (mode == "I" and im.format in _WIDE_FORMATS):
+        # convert("L") would clip these at 255; scale the full range and resize as float
+        g = Image.fromarray(np.asarray(im, dtype=np.float32) / np.float32(65535.0))
+        if size is not None and g.size != (size[1], size[0]):
+            g = g.resize((size[1], size[0]), Image.BILINEAR)
+        a = np.asarray(g, dtype=np.float32)
+        return a if channels == 1 else np.repeat(a[:, :, None], 3, axis=2)
+    if mode in ("I", "F"):
+        kind = " ".join(filter(None, ("32-bit integer" if mode == "I" else "32-bit float", im.format)))
+        raise InvalidArgumentError(f"cannot read image {path}: Pillow mode {mode!r} ({kind}) has no defined "
+                                   f"pixel range; mpscy reads 8- and 16-bit images, so convert it first")
+    im = im.convert("L" if channels == 1 else "RGB")
+    if size is not None and im.size != (size[1], size[0]):
+        im = im.resize((size[1], size[0]), Image.BILINEAR)
+    return np.asarray(im, dtype=np.float32) / np.float32(255.0)
+
+
 def load_image(path, image_size=None, channels=3, mean=None, std=None, invert=False):
-    """One image as float32 (channels, H, W): pixels / 255 (1 - that with invert=True),
-    resized (bilinear) to image_size=(H, W) when given, then (x - mean) / std per channel."""
+    """One image as float32 (channels, H, W): pixels scaled to [0, 1] (1 - that with
+    invert=True), resized (bilinear) to image_size=(H, W) when given, then (x - mean) / std per
+    channel. 8-bit images are divided by 255; 16-bit grayscale ones (PNG/TIFF "I;16", PGM) by
+    65535, their gray channel repeated when channels=3. 32-bit "I" and float "F" images are
+    refused: their range is not defined. Arguments are checked before the file is read."""
     Image = _pil()
     size = _pair_size(image_size, "image_size")
-    if channels not in (1, 3):
-        raise InvalidArgumentError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+    channels = _check_channels(channels)
+    mean = _channel_values(mean, channels, "mean", 0.0)
+    std = _channel_values(std, channels, "std", 1.0)
     try:
         with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
-            if size is not None and im.size != (size[1], size[0]):
-                im = im.resize((size[1], size[0]), Image.BILINEAR)
-            a = np.asarray(im, dtype=np.float32) / np.float32(255.0)
+            a = _pixels(im, path, channels, size, Image)
     except OSError as e:
         raise InvalidArgumentError(f"cannot read image {path}: {e}") from None
     a = a[None] if channels == 1 else a.transpose(2, 0, 1)
     if invert:
         a = 1.0 - a
-    a = (a - _channel_values(mean, channels, "mean", 0.0)) / _channel_values(std, channels, "std", 1.0)
+    a = (a - mean) / std
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
@@ -306,6 +372,19 @@ class RandomCrop:
         return padded[:, i:i + h, j:j + w]
 
 
+def _extensions(extensions):
+    """A tuple of lower-case name endings; one string is one extension (as torchvision takes it)."""
+    items = (extensions,) if isinstance(extensions, str) else extensions
+    try:
+        items = tuple(items)
+    except TypeError:
+        items = None
+    if not items or any(not isinstance(e, str) or not e for e in items):
+        raise InvalidArgumentError(f"extensions must be a non-empty string such as '.png' or a sequence of them, "
+                                   f"got {extensions!r}")
+    return tuple(e.lower() for e in items)
+
+
 class ImageFolder(Dataset):
     """Images in one sub-folder per class (``root/cat/001.jpg``), classes in sorted order.
 
@@ -313,7 +392,9 @@ class ImageFolder(Dataset):
     image_size when given (else every image must already have one size), normalized with
     per-channel mean/std, then passed through `augment` (a callable f(x, rng) or a list of
     them, e.g. [RandomCrop(4), RandomHorizontalFlip()]) drawn from a generator seeded by
-    `seed`. Needs Pillow (``pip install 'mpscy[images]'``)."""
+    `seed`. Files are picked by `extensions` (one string such as ".png", or a sequence of
+    them); a class folder without such files is an error, as are bad channels, image_size,
+    mean or std, all checked here. Needs Pillow (``pip install 'mpscy[images]'``)."""
 
     def __init__(self, root, image_size=None, mean=None, std=None, augment=None, channels=3,
                  seed=0, invert=False, extensions=IMAGE_EXTENSIONS):
@@ -323,9 +404,11 @@ class ImageFolder(Dataset):
         self.root = root
         self.image_size = _pair_size(image_size, "image_size")
         self._resize = self.image_size
-        self.channels = int(channels)
+        self.channels = _check_channels(channels)
+        _channel_values(mean, self.channels, "mean", 0.0)  # checked now, not at the first image
+        _channel_values(std, self.channels, "std", 1.0)
         self.mean, self.std, self.invert = mean, std, bool(invert)
-        exts = tuple(e.lower() for e in extensions)
+        exts = _extensions(extensions)
         self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
         if not self.classes:
             raise InvalidArgumentError(f"ImageFolder root {root!r} has no class sub-folders")
@@ -338,6 +421,11 @@ class ImageFolder(Dataset):
                         self.samples.append((os.path.join(dirpath, f), self.class_to_idx[c]))
         if not self.samples:
             raise InvalidArgumentError(f"no {'/'.join(exts)} images under {root!r}")
+        # an empty class would still take a label and an output unit, and never be seen
+        empty = sorted(set(self.classes) - {self.classes[label] for _, label in self.samples})
+        if empty:
+            raise InvalidArgumentError(f"ImageFolder class folder(s) {', '.join(map(repr, empty))} under {root!r} "
+                                       f"hold no {'/'.join(exts)} images; add images or remove the folder(s)")
         if augment is None:
             augment = []
         self.augment = list(augment) if isinstance(augment, (list, tuple)) else [augment]
