@@ -1,15 +1,60 @@
 """Command line. `python -m mpscy train` trains an MLP or the README CNN on the bundled digits
-(or an image folder) with a progress bar, prints held-out metrics, and can save a checkpoint,
-an ONNX file and plots; `python -m mpscy predict model.mpscy images/` classifies image files
-with a saved checkpoint; `python -m mpscy demo` is the quick MLP demonstration. Run
-`python -m mpscy <command> --help` for the options."""
+(or an image folder), prints held-out metrics, and can write a checkpoint, ONNX and plots;
+`predict model.mpscy images/` classifies image files with a checkpoint; `demo` is the quick MLP
+demonstration (`<command> --help` lists the options). Arguments and output paths are checked
+before training; every user error prints `error: ...` and exits 2 (demo exits 1 below 0.95)."""
 
 import argparse
+import math
 import os
 import sys
 import time
 
 import numpy as np
+
+EXIT_USER_ERROR = 2  # argparse's code for usage errors, used for every user error
+
+
+class UsageError(Exception):
+    """A user error the command line finds itself; main prints it and returns EXIT_USER_ERROR."""
+
+
+# ----------------------------------------------------------------------------- argument types
+def _at_least(lo):
+    """An argparse type: an integer >= lo."""
+    def parse(text):
+        value = int(text)
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
+        return value
+    parse.__name__ = "int"  # argparse's "invalid int value: 'x'"
+    return parse
+
+
+def _seed(text):
+    value = int(text)
+    if not 0 <= value < 2 ** 64:  # what numpy's PCG64 and the engine accept
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**64), got {value}")
+    return value
+
+
+def _learning_rate(text):
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be finite and >= 0, got {text}")
+    return value
+
+
+def _fraction(text):
+    value = float(text)
+    if not 0 < value < 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
+    return value
+
+
+_seed.__name__ = "int"
+_learning_rate.__name__ = _fraction.__name__ = "float"
+_DEVICES = ("auto", "cpu", "cuda", "metal")
 
 
 def demo(args):
@@ -41,7 +86,10 @@ def demo(args):
     print(f"trained in {elapsed:.2f} s: {stats['steps']} steps, "
           f"{elapsed / max(stats['steps'], 1) * 1e6:.0f} us per step incl. evaluation")
     engine.close()
-    return 0 if test["accuracy"] >= 0.95 else 1
+    if test["accuracy"] < 0.95:
+        print(f"demo: test accuracy {test['accuracy']:.4f} is below 0.95", file=sys.stderr)
+        return 1
+    return 0
 
 
 # ----------------------------------------------------------------------------- train
@@ -60,7 +108,7 @@ def build_model(kind, input_shape, classes):
     else:
         for name in ("Conv2D", "Dropout"):
             if not hasattr(layers, name):
-                raise SystemExit(f"error: --model cnn needs mpscy.layers.{name}, which this build lacks")
+                raise UsageError(f"--model cnn needs mpscy.layers.{name}, which this build lacks")
         stack = [layers.Conv2D(32, 3, stride=1, padding=1), layers.ReLU(),
                  layers.Conv2D(32, 3, stride=2, padding=1), layers.ReLU(),
                  layers.Conv2D(64, 3, stride=1, padding=1), layers.ReLU(),
@@ -73,7 +121,7 @@ def _split(n, fraction, seed):
     order = np.random.Generator(np.random.PCG64(seed)).permutation(n)
     n_test = int(round(n * fraction))
     if not 0 < n_test < n:
-        raise SystemExit(f"error: --test-fraction {fraction} leaves an empty split of {n} samples")
+        raise UsageError(f"--test-fraction {fraction} leaves an empty split of {n} samples")
     return np.sort(order[n_test:]), np.sort(order[:n_test])
 
 
@@ -86,68 +134,149 @@ def _load_data(args):
         tr, te = _split(len(x), args.test_fraction, args.seed)
         pre = {"image_size": [8, 8], "channels": 1, "mean": None, "std": None, "invert": False}
         return (x[tr], y[tr]), (x[te], y[te]), (1, 8, 8), [str(d) for d in range(10)], pre
-    if not os.path.isdir(args.data):
-        raise SystemExit(f"error: --data must be 'digits' or an image folder; {args.data!r} is neither")
-    size = args.image_size or 32
-    ds = data.ImageFolder(args.data, image_size=size, channels=args.channels, seed=args.seed,
-                          invert=args.invert)
+    channels = 3 if args.channels is None else args.channels
+    size = 32 if args.image_size is None else args.image_size
+    ds = data.ImageFolder(args.data, image_size=size, channels=channels, seed=args.seed, invert=args.invert)
+    if len(ds.classes) < 2:
+        raise UsageError(f"--data {args.data!r} has one class sub-folder; a classifier needs at least 2")
     tr, te = _split(len(ds), args.test_fraction, args.seed)
     loader = data.DataLoader(data.Subset(ds, tr), batch_size=args.batch_size, shuffle=True, seed=args.seed)
     x_test, y_test = data.Subset(ds, te).get_batch(np.arange(len(te)))
     pre = ds.preprocessing()
     classes = pre.pop("classes")
-    return loader, (x_test, y_test), (args.channels, *ds.image_size), classes, pre
+    return loader, (x_test, y_test), (channels, *ds.image_size), classes, pre
+
+
+def _check_output(option, path, folder=False):
+    """Refuses now, not after training, an output that could not be written: a file path naming
+    a folder, a folder path naming a file, or a place where nothing can be created. Missing
+    folders are fine: they are made when the output is written."""
+    if not folder and (path.endswith(("/", os.sep)) or os.path.isdir(path)):
+        raise UsageError(f"{option} {path!r} is a folder; give a file name")
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{option} {path!r} exists and is not a folder")
+    if not folder and os.path.exists(path) and not os.access(path, os.W_OK):
+        raise UsageError(f"{option} {path!r} exists and is not writable")
+    above = os.path.abspath(path if folder else os.path.dirname(path) or os.curdir)
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise UsageError(f"{option} {path!r}: {above!r} is a file, not a folder")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path!r}: no permission to write in {above!r}")
+
+
+def _check_train_args(args):
+    """What train can check before loading data or building the engine."""
+    if args.data == "digits":
+        given = [o for o, v in (("--image-size", args.image_size), ("--channels", args.channels),
+                                ("--invert", args.invert)) if v not in (None, False)]
+        if given:
+            raise UsageError(f"{', '.join(given)}: for image folders only; --data digits are 8x8 gray images")
+    elif not os.path.isdir(args.data):
+        raise UsageError(f"--data must be 'digits' or an image folder; {args.data!r} is neither")
+    outputs = [(o, p) for o, p in (("--save", args.save), ("--onnx", args.onnx), ("--plots", args.plots)) if p]
+    for option, path in outputs:
+        _check_output(option, path, folder=option == "--plots")
+    for k, (a, pa) in enumerate(outputs):
+        for b, pb in outputs[k + 1:]:
+            if os.path.abspath(pa) == os.path.abspath(pb):
+                raise UsageError(f"{a} and {b} name the same path {pa!r}")
+    if args.onnx:
+        try:
+            import onnx  # noqa: F401
+        except ImportError:
+            raise UsageError("--onnx needs the onnx package: pip install 'mpscy[onnx]'") from None
+    if args.plots:
+        try:
+            import matplotlib.backends.backend_agg  # noqa: F401
+        except ImportError:
+            raise UsageError("--plots needs matplotlib: pip install 'mpscy[plot]'") from None
+
+
+def _write_outputs(args, engine, history, y_test, outputs, classes, pre):
+    """Writes the checkpoint, the ONNX file and the plots, each even when another failed (a
+    full disk, say); returns True when all were written."""
+    import mpscy
+    from mpscy import plot
+    writers = [("--save", args.save, "saved", lambda: engine.save(
+                    args.save, meta={"preprocess": pre, "classes": classes, "data": args.data})),
+               ("--onnx", args.onnx, "wrote", lambda: mpscy.onnx.export(engine, args.onnx)),
+               ("--plots", args.plots, "plots in", lambda: plot.fit_report(
+                    args.plots, history, y_test, outputs, engine.loss, labels=classes))]
+    ok = True
+    for option, path, done, write in writers:
+        if not path:
+            continue
+        try:
+            folder = path if option == "--plots" else os.path.dirname(path)
+            if folder:
+                os.makedirs(folder, exist_ok=True)
+            write()
+        except (OSError, ImportError, mpscy.Error) as e:
+            print(f"error: {option}: {e}", file=sys.stderr)
+            ok = False
+        else:
+            print(f"{done} {path}")
+    return ok
 
 
 def train(args):
     import mpscy
-    from mpscy import metrics
     optimizers = _optimizers()
     if args.optimizer.lower() not in optimizers:
-        raise SystemExit(f"error: unknown --optimizer {args.optimizer!r}; choose one of {sorted(optimizers)}")
+        raise UsageError(f"unknown --optimizer {args.optimizer!r}; choose one of {sorted(optimizers)}")
+    _check_train_args(args)
     source, (x_test, y_test), shape, classes, pre = _load_data(args)
     model = build_model(args.model, shape, len(classes))
     opt = optimizers[args.optimizer.lower()](lr=args.lr)
     engine = mpscy.Engine(model, loss="sparse_cross_entropy", optimizer=opt, batch_size=args.batch_size,
                           device=args.device, seed=args.seed)
+    try:
+        return _fit_and_report(args, engine, opt, source, x_test, y_test, classes, pre)
+    finally:
+        engine.close()
+
+
+def _fit_and_report(args, engine, opt, source, x_test, y_test, classes, pre):
+    """Trains, prints the held-out metrics, writes the outputs; returns the exit code."""
+    import mpscy
+    from mpscy import metrics
     n_train = len(source[0]) if isinstance(source, tuple) else len(source.dataset)
     print(f"mpscy {mpscy.__version__} on {engine.device}: {args.model} on {args.data} "
           f"({n_train} training, {len(x_test)} held-out samples, {len(classes)} classes), "
           f"{type(opt).__name__} lr={args.lr}")
     fit_args = (source,) if not isinstance(source, tuple) else source
     start = time.perf_counter()
-    engine.fit(*fit_args, epochs=args.epochs, validation_data=(x_test, y_test),
-               verbose=0 if args.quiet else 1, plot_to=args.plots)
+    history = engine.fit(*fit_args, epochs=args.epochs, validation_data=(x_test, y_test),
+                         verbose=0 if args.quiet else 1)
     elapsed = time.perf_counter() - start
-    _, pred, probs = metrics.classify_outputs(y_test, engine.predict(x_test), engine.loss)
+    outputs = engine.predict(x_test)
+    _, pred, probs = metrics.classify_outputs(y_test, outputs, engine.loss)
     ev = engine.evaluate(x_test, y_test)
     p, r, f = metrics.precision_recall_f1(y_test, pred, average="macro")
     line = (f"held-out: loss {ev['loss']:.4f}  accuracy {ev['accuracy']:.4f}  precision {p:.4f}  "
             f"recall {r:.4f}  f1 {f:.4f}")
-    if len(np.unique(y_test)) == len(classes) and len(classes) > 2:
-        line += f"  roc_auc {metrics.roc_auc(y_test, probs):.4f}"
+    if len(np.unique(y_test)) == len(classes):  # binary for 2 classes, else macro one-vs-rest
+        line += f"  roc_auc {metrics.roc_auc(y_test, probs[:, 1] if len(classes) == 2 else probs):.4f}"
+    else:
+        line += "  roc_auc n/a (a class is missing from the held-out set)"
     print(line)
     print(f"trained {engine.iterations} steps in {elapsed:.2f} s")
-    if args.save:
-        engine.save(args.save, meta={"preprocess": pre, "classes": classes, "data": args.data})
-        print(f"saved {args.save}")
-    if args.onnx:
-        mpscy.onnx.export(engine, args.onnx)
-        print(f"wrote {args.onnx}")
-    if args.plots:
-        print(f"plots in {args.plots}")
-    return 0
+    return 0 if _write_outputs(args, engine, history, y_test, outputs, classes, pre) else EXIT_USER_ERROR
 
 
 # ----------------------------------------------------------------------------- predict
 def predict(args):
     import mpscy
     from mpscy import data
+    if not os.path.exists(args.images):
+        raise UsageError(f"{args.images!r} is neither an image file nor a folder")
     engine = mpscy.load(args.model, device=args.device, batch_size=args.batch_size)
     meta = getattr(engine, "checkpoint_meta", None) or {}
     shape = engine.model.input_shapes[0]
     if len(shape) != 3:
-        raise SystemExit(f"error: this model takes inputs shaped {shape}, not images (C, H, W)")
+        raise UsageError(f"this model takes inputs shaped {shape}, not images (C, H, W)")
     pre = dict(meta.get("preprocess") or {"image_size": list(shape[1:]), "channels": shape[0]})
     if args.invert:
         pre["invert"] = True
@@ -158,14 +287,14 @@ def predict(args):
     else:
         files = [args.images]
     if not files:
-        raise SystemExit(f"error: no {'/'.join(data.IMAGE_EXTENSIONS)} images in {args.images!r}")
+        raise UsageError(f"no {'/'.join(data.IMAGE_EXTENSIONS)} images in {args.images!r}")
     x = np.stack([data.load_image(f, pre.get("image_size"), pre.get("channels", 3), pre.get("mean"),
                                   pre.get("std"), pre.get("invert", False)) for f in files])
     out = engine.predict(x)
     if engine.loss.kind in ("sparse_cross_entropy", "cross_entropy"):
         out = np.exp(out - out.max(1, keepdims=True))
         out /= out.sum(1, keepdims=True)
-    top = max(1, min(args.top, out.shape[1]))
+    top = min(args.top, out.shape[1])
     for f, row in zip(files, out):
         best = np.argsort(-row, kind="stable")[:top]
         guesses = "  ".join(f"{classes[k]} ({row[k]:.3f})" for k in best)
@@ -193,19 +322,21 @@ def parser():
                    help="'digits' (bundled 8x8 digits) or a folder with one sub-folder of images per class")
     t.add_argument("--model", choices=("mlp", "cnn"), default="mlp",
                    help="mlp: Dense 128-64; cnn: the README CNN (4 conv layers, Dropout 0.5)")
-    t.add_argument("--epochs", type=int, default=20)
-    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--epochs", type=_at_least(1), default=20)
+    t.add_argument("--batch-size", type=_at_least(1), default=32)
     t.add_argument("--optimizer", default="adam", help="an mpscy.optim class name, lower case (default adam)")
-    t.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
-    t.add_argument("--device", default="auto", help="auto, cpu, cuda or metal (default auto)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--test-fraction", type=float, default=0.2, help="held-out fraction (default 0.2)")
-    t.add_argument("--image-size", type=int, help="image folders: resize to this square size (default 32)")
-    t.add_argument("--channels", type=int, choices=(1, 3), default=3, help="image folders: 1 gray, 3 RGB")
+    t.add_argument("--lr", type=_learning_rate, default=1e-3, help="learning rate (default 1e-3)")
+    t.add_argument("--device", choices=_DEVICES, default="auto", help="(default auto)")
+    t.add_argument("--seed", type=_seed, default=0)
+    t.add_argument("--test-fraction", type=_fraction, default=0.2, help="held-out fraction (default 0.2)")
+    t.add_argument("--image-size", type=_at_least(1), help="image folders: resize to this square size (default 32)")
+    t.add_argument("--channels", type=int, choices=(1, 3), help="image folders: 1 gray, 3 RGB (default 3)")
     t.add_argument("--invert", action="store_true", help="image folders: use 1 - pixel (dark ink on white)")
-    t.add_argument("--save", metavar="PATH", help="write a checkpoint (for predict and mpscy.load)")
-    t.add_argument("--onnx", metavar="PATH", help="also export the trained model as ONNX")
-    t.add_argument("--plots", metavar="DIR", help="write training curves, confusion matrix, ROC and PR plots")
+    t.add_argument("--save", metavar="PATH", help="write a checkpoint (for predict and mpscy.load); "
+                                                  "missing folders are created")
+    t.add_argument("--onnx", metavar="PATH", help="also export the trained model as ONNX; missing folders are created")
+    t.add_argument("--plots", metavar="DIR", help="write training curves, confusion matrix, ROC and PR plots "
+                                                  "into this folder (created if missing)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=train)
 
@@ -215,30 +346,34 @@ def parser():
                                    "the training data was.")
     r.add_argument("model", help="checkpoint written by train --save or Engine.save")
     r.add_argument("images", help="a folder of images, or one image file")
-    r.add_argument("--device", default="auto")
-    r.add_argument("--batch-size", type=int, default=64)
-    r.add_argument("--top", type=int, default=1, help="how many classes to list per image")
+    r.add_argument("--device", choices=_DEVICES, default="auto")
+    r.add_argument("--batch-size", type=_at_least(1), default=64)
+    r.add_argument("--top", type=_at_least(1), default=1, help="how many classes to list per image")
     r.add_argument("--invert", action="store_true", help="use 1 - pixel (dark ink on a light background)")
     r.set_defaults(func=predict)
 
     d = sub.add_parser("demo", help="train an MLP on the bundled 8x8 digits (a quick check)")
-    d.add_argument("--epochs", type=int, default=20)
-    d.add_argument("--batch-size", type=int, default=32)
-    d.add_argument("--lr", type=float, default=1e-3)
-    d.add_argument("--device", default="cpu")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--epochs", type=_at_least(1), default=20)
+    d.add_argument("--batch-size", type=_at_least(1), default=32)
+    d.add_argument("--lr", type=_learning_rate, default=1e-3)
+    d.add_argument("--device", choices=_DEVICES, default="cpu")
+    d.add_argument("--seed", type=_seed, default=0)
     d.set_defaults(func=demo)
     return p
 
 
 def main(argv=None):
+    """Runs one command; returns its exit code. A user error (a bad value or path, a missing
+    optional package, an mpscy.Error, an OSError such as a full disk) prints `error: ...` and
+    gives EXIT_USER_ERROR: argparse's own errors raise SystemExit(2), the others are returned.
+    Any other exception is a bug and keeps its traceback."""
     args = parser().parse_args(argv)
     import mpscy
     try:
         return args.func(args)
-    except (mpscy.Error, ImportError) as e:
+    except (UsageError, mpscy.Error, ImportError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":
