@@ -688,3 +688,17 @@ def test_a_plateau_schedule_with_a_missing_monitor_warns_and_skips(device, digit
     with pytest.warns(RuntimeWarning, match="LearningRateScheduler: 'val_typo' is not in the logs"):
         lrs.fit(xtr[:64], ytr[:64], epochs=1, verbose=0, callbacks=[cb.LearningRateScheduler(sched, monitor="val_typo")])
     assert sched.last_epoch == 0
+
+
+def test_fit_checks_plot_to_before_training(device, tmp_path):
+    pytest.importorskip("matplotlib")
+    x, y = mpscy.datasets.load_digits()
+    engine = mpscy.Engine(mpscy.Sequential([layers.Dense(10)], input_shape=(64,)), batch_size=64, device=device)
+    a_file = tmp_path / "report.png"
+    a_file.write_bytes(b"")
+    with pytest.raises(mpscy.InvalidArgumentError, match="plot_to .* exists and is not a folder"):
+        engine.fit(x[:256], y[:256], epochs=1, verbose=0, plot_to=a_file)
+    assert engine.iterations == 0
+    with pytest.warns(RuntimeWarning, match="fit ran no epoch: plot_to has nothing to plot"):
+        h = engine.fit(x[:256], y[:256], epochs=0, verbose=0, plot_to=tmp_path / "none")
+    assert h.history == {} and not (tmp_path / "none").exists()

@@ -5,6 +5,7 @@ The loss and accuracy come from each step's StepResult, so reading them adds no 
 synchronization. Nothing here runs native code except through the engine's public methods."""
 
 import math
+import os
 import sys
 import time
 import warnings
@@ -393,6 +394,8 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
             x, y = (xs[0][:cut] if one else [a[:cut] for a in xs]), y[:cut]
         source = _Arrays(engine, x, y, int(batch_size), bool(shuffle))
     val = _validation_source(engine, validation_data)
+    if plot_to is not None:
+        _check_plot_to(plot_to)
 
     history = _callbacks.History()
     steps = source.__len__()  # None for a loader without a length (len() could not return that)
@@ -466,12 +469,25 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
     finally:
         progress.close()
     cbs.call("on_train_end", {})
-    if plot_to is not None:
+    if plot_to is not None and not history.epoch:
+        warnings.warn("fit ran no epoch: plot_to has nothing to plot", RuntimeWarning, stacklevel=3)
+    elif plot_to is not None:
         from . import plot as _plot
         target = val if val is not None else _metric_source(source)
         y_true, outputs = _predict(engine, target)
         _plot.fit_report(plot_to, history, y_true, outputs, engine.loss)
     return history
+
+
+def _check_plot_to(plot_to):
+    """What would make the report fail after the whole run, refused before it."""
+    folder = os.fspath(plot_to)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise InvalidArgumentError(f"plot_to {folder!r} exists and is not a folder")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ImportError("plot_to needs matplotlib: pip install 'mpscy[plot]'") from None
 
 
 def _fit_metrics(engine, metrics):
