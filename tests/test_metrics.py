@@ -228,3 +228,104 @@ def test_scikit_learn_edge_cases():
     with pytest.raises(mpscy.InvalidArgumentError, match=r"none of labels \[5\] is in y_true"):
         mpscy.metrics.confusion_matrix([0, 1], [0, 1], labels=[5])
     assert mpscy.metrics.confusion_matrix([0, 1], [5, 1], labels=[5, 1]).tolist() == [[0, 0], [0, 1]]
+
+
+def test_binary_label_rules_follow_scikit_learn():
+    """Without pos_label, roc_curve and precision_recall_curve take y_true in {0, 1} or
+    {-1, 1} only (a single class of those too), as scikit-learn's _check_pos_label_consistency:
+    {-1, 0} had passed the check and given a NaN tpr (nothing equals 1). pr_auc's pos_label (1)
+    must be one of two labels present, as average_precision_score's ({0, 2} had scored 0.0), and
+    its 1-D scores need binary y_true; roc_auc takes the greater of any two labels, as there."""
+    import warnings
+    s = [0.2, 0.6, 0.7, 0.4]
+    for y in ([-1, 0, 0, -1], [1, 2, 2, 1], ["a", "b", "b", "a"], [2, 2, 2, 2]):
+        for ours, theirs in ((M.roc_curve, skm.roc_curve), (M.precision_recall_curve, skm.precision_recall_curve)):
+            with pytest.raises(ValueError, match="pos_label"):
+                theirs(y, s)
+            with pytest.raises(mpscy.InvalidArgumentError, match=r"\{0, 1\} or \{-1, 1\}.*pass pos_label"):
+                ours(y, s)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")          # sklearn's UndefinedMetricWarning for one class
+        for y in ([0, 1, 1, 0], [-1, 1, 1, -1], [False, True, True, False], [0.0, 1.0, 0.0, 0.0],
+                  [0, 0, 0, 0], [1, 1, 1, 1], [-1, -1, -1, -1]):
+            for got, want in zip(M.roc_curve(y, s), skm.roc_curve(y, s, drop_intermediate=False)):
+                np.testing.assert_allclose(got, want, equal_nan=True, **TOL)
+            for got, want in zip(M.precision_recall_curve(y, s), skm.precision_recall_curve(y, s)):
+                np.testing.assert_allclose(got, want, equal_nan=True, **TOL)
+    for got, want in zip(M.roc_curve([1, 2, 2, 1], s, pos_label=2),
+                         skm.roc_curve([1, 2, 2, 1], s, pos_label=2, drop_intermediate=False)):
+        np.testing.assert_allclose(got, want, **TOL)
+    for y in ([-1, 0, 0, -1], [0, 2, 2, 0]):
+        with pytest.raises(ValueError, match="pos_label=1 is not a valid label"):
+            skm.average_precision_score(y, s)
+        for fn in (M.pr_auc, M.f1):
+            with pytest.raises(mpscy.InvalidArgumentError, match=r"pos_label=1 is not one of the labels"):
+                fn(y, s if fn is M.pr_auc else y[::-1])
+    assert M.pr_auc([1, 2, 2, 1], s) == pytest.approx(skm.average_precision_score([1, 2, 2, 1], s), abs=1e-15)
+    assert M.pr_auc([2, 0, 0, 2], s, pos_label=2) == pytest.approx(
+        skm.average_precision_score([2, 0, 0, 2], s, pos_label=2), abs=1e-15)
+    with pytest.raises(mpscy.InvalidArgumentError, match="3 classes"):
+        M.pr_auc([0, 1, 2, 1], s)
+    assert M.roc_auc([-1, 0, 0, -1], s) == skm.roc_auc_score([-1, 0, 0, -1], s) == 1.0
+
+
+def test_top_k_needs_an_integer_k_of_at_least_one():
+    """k=1.7 had run as k=1 (int(k)), and get("top0") had been accepted, failing only at the
+    first evaluation. scikit-learn's top_k_accuracy_score refuses a float k or one below 1."""
+    t, s = np.array([0, 1, 2, 0]), np.random.default_rng(0).random((4, 3))
+    for k in (1.7, 2.0, 0, -1, True, "2"):
+        with pytest.raises(mpscy.InvalidArgumentError, match=r"k must be an integer >= 1"):
+            M.top_k_accuracy(t, s, k=k)
+    with pytest.raises(ValueError):
+        skm.top_k_accuracy_score(t, s, k=1.7)
+    assert M.top_k_accuracy(t, s, k=np.int64(2)) == skm.top_k_accuracy_score(t, s, k=2)
+    for name in ("top0", "top00"):
+        with pytest.raises(mpscy.InvalidArgumentError, match=f"{name!r}.*k >= 1"):
+            M.get(name)
+    assert M.get("top2")(t, s) == skm.top_k_accuracy_score(t, s, k=2)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")  # scikit-learn's, on Inf
+def test_nan_and_inf_inputs_are_refused_by_name():
+    """NaN or Inf in y_true, y_pred or scores is refused naming the argument, as scikit-learn's
+    "Input y_true contains NaN": mae had returned NaN and accuracy 0.5 (NaN != NaN)."""
+    t, p, s = np.array([0.0, 1.0, 1.0, 0.0]), np.array([0.0, 1.0, 0.0, 0.0]), np.array([0.1, 0.9, 0.4, 0.3])
+    s2 = np.c_[1 - s, s]
+    cases = [  # (ours, scikit-learn's, the names of the two arguments; each in turn gets the bad value)
+        (M.accuracy, skm.accuracy_score, ("y_true", "y_pred")),
+        (M.confusion_matrix, skm.confusion_matrix, ("y_true", "y_pred")),
+        (M.f1, skm.f1_score, ("y_true", "y_pred")),
+        (M.precision, skm.precision_score, ("y_true", "y_pred")),
+        (M.mae, skm.mean_absolute_error, ("y_true", "y_pred")),
+        (M.mse, skm.mean_squared_error, ("y_true", "y_pred")),
+        (M.rmse, skm.root_mean_squared_error, ("y_true", "y_pred")),
+        (M.r2, skm.r2_score, ("y_true", "y_pred")),
+        (M.roc_auc, skm.roc_auc_score, ("y_true", "scores")),
+        (M.pr_auc, skm.average_precision_score, ("y_true", "scores")),
+        (M.roc_curve, skm.roc_curve, ("y_true", "scores")),
+        (M.precision_recall_curve, skm.precision_recall_curve, ("y_true", "scores")),
+    ]
+    for bad in (np.nan, np.inf, -np.inf):
+        for ours, theirs, names in cases:
+            for k, name in enumerate(names):
+                args = [t.copy(), (s if names[1] == "scores" else p).copy()]
+                args[k][1] = bad
+                with pytest.raises(ValueError, match="contains"):
+                    theirs(*args)
+                with pytest.raises(mpscy.InvalidArgumentError, match=rf"^{name} contains NaN or Inf at row 1$"):
+                    ours(*args)
+        bad_t = t.copy()
+        bad_t[2] = bad
+        with pytest.raises(mpscy.InvalidArgumentError, match=r"^y_true contains NaN or Inf at row 2$"):
+            M.top_k_accuracy(bad_t, s2, k=1)
+        with pytest.raises(mpscy.InvalidArgumentError, match=r"^y_true contains NaN or Inf at row 2$"):
+            M.roc_auc(bad_t, s2)
+        bad_s = s2.copy()
+        bad_s[1, 0] = bad
+        with pytest.raises(mpscy.InvalidArgumentError, match=r"^scores contains NaN or Inf at row 1$"):
+            M.top_k_accuracy(t.astype(int), bad_s, k=1)
+    wide = np.zeros((4, 3))
+    wide[2, 1] = np.nan
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"^y_pred contains NaN or Inf at row 2$"):
+        M.mae(np.zeros((4, 3)), wide)
+    assert M.accuracy(["a", "b"], ["a", "a"]) == 0.5      # string labels hold no NaN

@@ -378,3 +378,49 @@ def test_import_same_auto_pad():
         assert eng.predict(x).shape == ref.shape and np.abs(eng.predict(x) - ref).max() <= 1e-5
     with pytest.raises(mpscy.UnsupportedError, match="SAME_UPPER pads one side of a 5-wide axis more"):
         mpscy.onnx.load(graph(2, 1, "SAME_UPPER", False), loss="mse", device="cpu")
+
+
+def test_a_corrupt_file_is_an_mpscy_error(tmp_path):
+    """A file that is not an ONNX model (garbage, a truncated export, an empty file, a broken
+    text format) raises InvalidArgumentError naming it; it had raised protobuf's DecodeError or
+    ParseError (and an empty file, an UnsupportedError about an opset None)."""
+    eng = mpscy.Engine(mpscy.Sequential([layers.Dense(4), layers.ReLU(), layers.Dense(2)], input_shape=(3,)),
+                       loss="mse", batch_size=4, device="cpu")
+    good = mpscy.onnx.export(eng).SerializeToString()
+    for name, raw in (("garbage.onnx", b"this is not an onnx model\x00\xff\x13" * 4),
+                      ("truncated.onnx", good[:len(good) // 2]), ("empty.onnx", b""),
+                      ("garbage.textproto", b"garbage {{{ ")):      # onnx.load reads the format from the suffix
+        path = tmp_path / name
+        path.write_bytes(raw)
+        for fn in (mpscy.onnx.read, mpscy.onnx.load):
+            with pytest.raises(mpscy.InvalidArgumentError, match=rf"{name}' is not a valid ONNX model"):
+                fn(str(path))
+        with pytest.raises(mpscy.InvalidArgumentError, match=r"the bytes given are not a valid ONNX model"):
+            mpscy.onnx.read(raw)
+    assert mpscy.onnx.read(good)[0].output_shape == (2,)
+
+
+def test_a_linear_over_the_last_axis_of_a_3d_input_is_refused():
+    """torch's nn.Linear on an (N, 3, 4) input is a MatMul over the last axis, (N, 3, 5) out; it
+    had been read as a flattening Dense and failed at set_parameters ("parameter
+    'dense_0.weight' has shape (5, 12), got (5, 4)"; `read` returned it). It is refused by node
+    name, and a Gemm (whose input must be 2-D) on such a tensor likewise."""
+    from onnx import TensorProto as TP, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    w, b = rng.normal(size=(4, 5)).astype(np.float32), rng.normal(size=5).astype(np.float32)
+
+    def model(node, out_shape):
+        g = helper.make_graph([node, helper.make_node("Relu", ["h"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TP.FLOAT, ["N", 3, 4])],
+                              [helper.make_tensor_value_info("y", TP.FLOAT, out_shape)],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+    matmul = model(helper.make_node("MatMul", ["x", "w"], ["h"], name="/fc/MatMul"), ["N", 3, 5])
+    onnx.checker.check_model(matmul, full_check=True)
+    assert _ort(matmul, {"x": np.ones((2, 3, 4), np.float32)}).shape == (2, 3, 5)
+    gemm = model(helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc_gemm"), ["N", 5])
+    for proto, what in ((matmul, "MatMul '/fc/MatMul'"), (gemm, "Gemm 'fc_gemm'")):
+        for fn in (mpscy.onnx.read, mpscy.onnx.load):
+            with pytest.raises(mpscy.UnsupportedError, match=rf"{what}: its input 'x' has rank 3 \(N, 3, 4\)"):
+                fn(proto)

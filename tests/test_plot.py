@@ -110,3 +110,57 @@ def test_a_multi_label_report_has_no_single_label_plots(device, tmp_path):
     binary.fit(x[:256], multi[:256, :1], epochs=1, verbose=0, plot_to=tmp_path / "binary")
     assert sorted(p.name for p in (tmp_path / "binary").iterdir()) == ["confusion_matrix.png", "history.png",
                                                                        "pr.png", "roc.png"]
+
+
+def test_binary_plots_take_the_positive_class_of_the_metrics():
+    """For labels {1, 2} metrics.roc_auc takes the greater label, 2, as positive (as
+    scikit-learn's roc_auc_score); the plots had taken 1, and the ROC legend read
+    "positive (AUC 0.111)" where roc_auc gives 0.889. Both plots now draw the class roc_auc
+    reads as positive, named where it is not 1; for {0, 1} the legends keep their numbers."""
+    y = np.array([1, 2, 2, 1, 2, 1])
+    s = np.array([0.1, 0.8, 0.4, 0.35, 0.3, 0.2])
+    auc = mpscy.metrics.roc_auc(y, s)
+    assert auc == pytest.approx(8 / 9)                    # 1 - 8/9 with 1 as the positive class
+    for scores in (s, np.c_[1 - s, s]):                     # (n,) or (n, 2): column 1 is the greater label
+        roc = plot.plot_roc(y, scores)
+        assert roc.axes[0].lines[0].get_label() == f"positive: 2 (AUC {auc:.3f})"
+        fpr, tpr, _ = mpscy.metrics.roc_curve(y, s, pos_label=2)
+        np.testing.assert_array_equal(roc.axes[0].lines[0].get_xdata(), fpr)
+        np.testing.assert_array_equal(roc.axes[0].lines[0].get_ydata(), tpr)
+        pr = plot.plot_pr(y, scores)
+        assert pr.axes[0].lines[0].get_label() == f"positive: 2 (AP {mpscy.metrics.pr_auc(y, s, pos_label=2):.3f})"
+    y01 = (y == 2).astype(int)
+    assert plot.plot_roc(y01, s).axes[0].lines[0].get_label() == f"positive (AUC {mpscy.metrics.roc_auc(y01, s):.3f})"
+    assert plot.plot_pr(y01, s).axes[0].lines[0].get_label() == f"positive (AP {mpscy.metrics.pr_auc(y01, s):.3f})"
+    with pytest.raises(mpscy.InvalidArgumentError, match="holds 3 classes"):
+        plot.plot_roc([0, 1, 2], [0.1, 0.2, 0.3])
+
+
+def test_confusion_matrix_of_string_labels():
+    """Class labels that are strings: `labels` had been read as names indexed by int(label), so
+    they raised ValueError (invalid literal for int()). `labels` names the classes as
+    scikit-learn's display_labels (one per class, in sorted order); labels that are the classes
+    themselves give their order; integer class indices still index a list of names."""
+    y = np.array(["cat", "dog", "bird", "dog", "cat", "cat"])
+    p = np.array(["cat", "cat", "bird", "dog", "dog", "cat"])
+
+    def shown(fig):
+        ax = fig.axes[0]
+        return [t.get_text() for t in ax.get_xticklabels()], [t.get_text() for t in ax.get_yticklabels()], \
+            ax.images[0].get_array()
+
+    names, rows, cm = shown(plot.plot_confusion_matrix(y, p))
+    assert names == rows == ["bird", "cat", "dog"]
+    np.testing.assert_array_equal(cm, mpscy.metrics.confusion_matrix(y, p))
+    names, rows, cm = shown(plot.plot_confusion_matrix(y, p, labels=["Bird", "Cat", "Dog"]))
+    assert names == rows == ["Bird", "Cat", "Dog"]
+    np.testing.assert_array_equal(cm, mpscy.metrics.confusion_matrix(y, p))
+    order = ["dog", "cat", "bird"]
+    names, rows, cm = shown(plot.plot_confusion_matrix(y, p, labels=order))
+    assert names == rows == order
+    np.testing.assert_array_equal(cm, mpscy.metrics.confusion_matrix(y, p, labels=order))
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"2 names for the 3 classes \['bird', 'cat', 'dog'\]"):
+        plot.plot_confusion_matrix(y, p, labels=["a", "b"])
+    # {1, 2} with a name per class; class indices 0..3 with a longer list of names
+    assert shown(plot.plot_confusion_matrix([1, 2, 2], [1, 1, 2], labels=["one", "two"]))[0] == ["one", "two"]
+    assert shown(plot.plot_confusion_matrix([0, 3], [3, 3], labels="abcdef"))[0] == ["a", "d"]

@@ -4,6 +4,8 @@ ROC AUC, average precision and their curves) and regression (MAE, MSE, RMSE, R²
 float64 arithmetic. `get()` turns a name or callable into a metric that `Engine.fit(metrics=)`
 evaluates on model outputs at the end of each epoch; nothing here touches the engine."""
 
+import numbers
+
 import numpy as np
 
 from .errors import InvalidArgumentError, ShapeError
@@ -19,6 +21,15 @@ _trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 names it tr
 
 
 # ----------------------------------------------------------------------------- helpers
+def _finite(a, what):
+    """a, refused by name where it holds NaN or Inf, as scikit-learn's "Input y_true contains
+    NaN" (integer and string labels cannot hold either)."""
+    if np.issubdtype(a.dtype, np.inexact) and not np.isfinite(a).all():
+        row = int(np.flatnonzero(~np.isfinite(a).reshape(len(a), -1).all(axis=1))[0])
+        raise InvalidArgumentError(f"{what} contains NaN or Inf at row {row}")
+    return a
+
+
 def _vector(a, what):
     a = np.asarray(a)
     if a.ndim == 2 and a.shape[1] == 1:
@@ -27,7 +38,7 @@ def _vector(a, what):
         raise ShapeError(f"{what} must be 1-D (n,), got shape {a.shape}")
     if a.size == 0:
         raise ShapeError(f"{what} is empty")
-    return a
+    return _finite(a, what)
 
 
 def _pair(y_true, y_pred, what="y_pred"):
@@ -43,9 +54,7 @@ def _scores_2d(y_true, scores):
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 2 or len(scores) != len(y_true):
         raise ShapeError(f"scores must be shaped (n, classes) with n = {len(y_true)}, got {scores.shape}")
-    if not np.isfinite(scores).all():
-        raise InvalidArgumentError("scores contain NaN or Inf")
-    return y_true, scores
+    return y_true, _finite(scores, "scores")
 
 
 def _class_labels(y_true, n_classes):
@@ -69,14 +78,15 @@ def accuracy(y_true, y_pred):
 
 
 def top_k_accuracy(y_true, scores, k=5):
-    """Fraction of rows whose true class is among the k highest scores (top_k_accuracy_score
-    with labels 0..classes-1; among equal scores the higher class index ranks first, as there)."""
+    """Fraction of rows whose true class is among the k highest scores, k an integer >= 1
+    (top_k_accuracy_score with labels 0..classes-1; among equal scores the higher class index
+    ranks first, as there)."""
     y_true, scores = _scores_2d(y_true, scores)
     n_classes = scores.shape[1]
     y_true = _class_labels(y_true, n_classes)
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise InvalidArgumentError(f"k must be an integer >= 1, got {k!r}")
     k = int(k)
-    if k < 1:
-        raise InvalidArgumentError(f"k must be >= 1, got {k}")
     if k >= n_classes:
         return 1.0
     order = np.argsort(scores, axis=1, kind="mergesort")[:, ::-1][:, :k]
@@ -113,8 +123,7 @@ def _prf_counts(y_true, y_pred, labels, average, pos_label):
             raise InvalidArgumentError(
                 f"average='binary' needs at most two classes, found {len(present)}; "
                 "choose average='macro', 'micro', 'weighted' or None")
-        if pos_label not in present.tolist() and len(present) == 2:
-            raise InvalidArgumentError(f"pos_label={pos_label!r} is not one of the labels {present.tolist()}")
+        _check_pos_label(present, pos_label)
         labels = [pos_label]
     elif labels is None:
         labels = present
@@ -176,13 +185,22 @@ def f1(y_true, y_pred, average="binary", pos_label=1, labels=None, zero_division
     return precision_recall_f1(y_true, y_pred, average, pos_label, labels, zero_division)[2]
 
 
+def _check_pos_label(present, pos_label):
+    """As scikit-learn: where two labels are present, pos_label must be one of them."""
+    if len(present) == 2 and pos_label not in present.tolist():
+        raise InvalidArgumentError(f"pos_label={pos_label!r} is not one of the labels {present.tolist()}")
+
+
 def _binary_targets(y_true, pos_label):
+    """y_true == pos_label; without pos_label, y_true must be {0, 1} or {-1, 1} (or one class
+    of those), as scikit-learn's curves: {-1, 0} or {1, 2} name no positive class."""
     y_true = _vector(y_true, "y_true")
     if pos_label is None:
         classes = np.unique(y_true)
-        if len(classes) > 2 or not set(classes.tolist()) <= {0, 1, -1, True, False}:
-            raise InvalidArgumentError(f"y_true is not binary {{0, 1}} or {{-1, 1}}: classes {classes.tolist()}; "
-                                       "pass pos_label")
+        values = set(classes.tolist()) if classes.dtype.kind not in "OSU" else None
+        if values is None or not (values <= {0, 1} or values <= {-1, 1}):
+            raise InvalidArgumentError(f"y_true takes the values {classes.tolist()}; without pos_label it must be "
+                                       "{0, 1} or {-1, 1}: pass pos_label")
         pos_label = 1
     return y_true == pos_label
 
@@ -202,8 +220,6 @@ def _binary_curve(pos, scores):
     scores = _vector(np.asarray(scores, dtype=np.float64), "scores")
     if len(scores) != len(pos):
         raise ShapeError(f"y_true has {len(pos)} rows, scores has {len(scores)}")
-    if not np.isfinite(scores).all():
-        raise InvalidArgumentError("scores contain NaN or Inf")
     order = np.argsort(scores, kind="mergesort")[::-1]
     s, t = scores[order], pos[order].astype(np.float64)
     last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # end of each run of equal scores
@@ -287,10 +303,16 @@ def _average_precision_binary(pos, scores):
 
 def pr_auc(y_true, scores, average="macro", pos_label=1):
     """Average precision, sum over thresholds of (R_n - R_{n-1}) P_n (average_precision_score).
-    Binary: scores (n,). Multi-class: scores (n, classes) with integer labels, one-vs-rest,
-    averaged "macro", "weighted" (by prevalence), "micro" (all cells pooled) or None."""
+    Binary: scores (n,) for the class pos_label, which must be one of two labels present.
+    Multi-class: scores (n, classes) with integer labels, one-vs-rest, averaged "macro",
+    "weighted" (by prevalence), "micro" (all cells pooled) or None."""
     s = np.asarray(scores, dtype=np.float64)
     if s.ndim == 1 or (s.ndim == 2 and s.shape[1] == 1):
+        present = np.unique(_vector(y_true, "y_true"))
+        if len(present) > 2:
+            raise InvalidArgumentError(f"y_true holds {len(present)} classes {present.tolist()}; binary scores (n,) "
+                                       "need two; pass scores (n, classes)")
+        _check_pos_label(present, pos_label)
         return _average_precision_binary(_binary_targets(y_true, pos_label), s.reshape(-1))
     y_true, s = _scores_2d(y_true, s)
     n_classes = s.shape[1]
@@ -319,7 +341,7 @@ def _regression(y_true, y_pred):
     if y_true.ndim != 2 or y_true.shape != y_pred.shape or len(y_true) == 0:
         raise ShapeError(f"y_true {np.shape(y_true)} and y_pred {np.shape(y_pred)} must have the same "
                          "non-empty (n,) or (n, outputs) shape")
-    return y_true, y_pred
+    return _finite(y_true, "y_true"), _finite(y_pred, "y_pred")
 
 
 def mae(y_true, y_pred):
@@ -431,6 +453,8 @@ def get(metric):
         name = metric.lower()
         if name in ("top_k_accuracy", "top5") or (name.startswith("top") and name[3:].isdigit()):
             k = 5 if name == "top_k_accuracy" else int(name[3:])
+            if k < 1:
+                raise InvalidArgumentError(f"metric {metric!r}: top-k accuracy needs k >= 1")
             return Metric(name, lambda t, p, s: top_k_accuracy(t, s, k), "classification")
         if name in _NAMED:
             kind, fn = _NAMED[name]

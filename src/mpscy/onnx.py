@@ -15,7 +15,9 @@ def export(engine, path=None, opset=17, output_name="output"):
 
 
 def read(source):
-    """(Model, {parameter name: float32 array}) from an ONNX path, bytes or ModelProto."""
+    """(Model, {parameter name: float32 array}) from an ONNX path, bytes or ModelProto. Data
+    that is not an ONNX model raises InvalidArgumentError; a graph mpscy cannot build,
+    UnsupportedError naming the node."""
     from .onnx_io.importer import read_onnx
     return read_onnx(source)
 

@@ -4,6 +4,7 @@ matplotlib Figure and writes a PNG when given `path`; figures are drawn on the A
 without pyplot, so nothing global changes and no display is needed. `fit_report` writes all
 of them after `Engine.fit(..., plot_to=dir)`. The numbers come from `mpscy.metrics`."""
 
+import numbers
 import os
 
 import numpy as np
@@ -69,11 +70,30 @@ def plot_history(history, path=None, size=(10.0, 4.0)):
     return _finish(fig, path)
 
 
+def _class_names(classes, labels):
+    """(order for confusion_matrix or None, tick names) of the sorted classes under `labels`."""
+    if labels is None:
+        return None, [str(c) for c in classes]
+    labels = list(labels)
+    if len(labels) == len(classes) and set(labels) == set(classes):
+        return labels, [str(c) for c in labels]      # the classes themselves, in the order to show
+    if all(isinstance(c, numbers.Real) and float(c).is_integer() and 0 <= c < len(labels) for c in classes):
+        return None, [str(labels[int(c)]) for c in classes]
+    if len(labels) == len(classes):
+        return None, [str(v) for v in labels]
+    raise InvalidArgumentError(f"labels has {len(labels)} names for the {len(classes)} classes {classes}: give one "
+                               "per class in sorted order, or, for class indices, one per index")
+
+
 def plot_confusion_matrix(y_true, y_pred, labels=None, normalize=False, path=None, size=_SIZE):
-    """Confusion matrix (rows: true class, columns: predicted), counts or row-normalized."""
-    cm = _metrics.confusion_matrix(y_true, y_pred)
-    present = np.unique(np.concatenate([np.asarray(y_true).ravel(), np.asarray(y_pred).ravel()]))
-    names = [str(v) for v in present] if labels is None else [str(labels[int(v)]) for v in present]
+    """Confusion matrix (rows: true class, columns: predicted), counts or row-normalized.
+    labels names the classes (the sorted union of y_true and y_pred): for class indices 0, 1,
+    ... a list indexed by class; otherwise one name per class in sorted order, as
+    scikit-learn's display_labels; the classes themselves, in any order, give that order."""
+    y_true, y_pred = _metrics._pair(y_true, y_pred)      # shapes checked, NaN refused by name
+    classes = np.unique(np.concatenate([y_true, y_pred])).tolist()
+    order, names = _class_names(classes, labels)
+    cm = _metrics.confusion_matrix(y_true, y_pred, labels=order)
     shown = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1) if normalize else cm
     fig, (ax,) = _figure(size)
     im = ax.imshow(shown, cmap="Blues", vmin=0)
@@ -96,18 +116,25 @@ def plot_confusion_matrix(y_true, y_pred, labels=None, normalize=False, path=Non
 
 
 def _per_class(y_true, scores):
-    """[(name, binary targets, scores)]: one curve for binary scores, one per class otherwise."""
+    """[(name, binary targets, scores)]: one curve for binary scores, one per class otherwise.
+    The binary positive class is metrics.roc_auc's, the greater of two labels (1 for {0, 1}
+    and {-1, 1}; with one label present, 1), and is named where it is not 1."""
     s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(y_true).ravel()
-    if s.ndim == 1 or (s.ndim == 2 and s.shape[1] == 1):
-        return [("positive", (y == 1).astype(np.int64), s.reshape(-1))]
-    if s.ndim == 2 and s.shape[1] == 2:
-        return [("positive", (y == 1).astype(np.int64), s[:, 1])]
+    y = _metrics._vector(y_true, "y_true")
+    if s.ndim == 1 or (s.ndim == 2 and s.shape[1] in (1, 2)):
+        classes = np.unique(y)
+        if len(classes) > 2:
+            raise InvalidArgumentError(f"y_true holds {len(classes)} classes {classes.tolist()}; binary scores need "
+                                       "two; pass scores (n, classes)")
+        pos = classes[-1] if len(classes) == 2 else 1
+        name = "positive" if pos == 1 else f"positive: {pos}"
+        return [(name, (y == pos).astype(np.int64), s[:, -1] if s.ndim == 2 else s)]
     return [(str(c), (y == c).astype(np.int64), s[:, c]) for c in range(s.shape[1]) if (y == c).any()]
 
 
 def plot_roc(y_true, scores, path=None, size=_SIZE):
-    """ROC curve(s) with their AUC: binary scores (n,), or one-vs-rest per class for (n, C)."""
+    """ROC curve(s) with their AUC: binary scores (n,) or (n, 2), positive class as
+    metrics.roc_auc (so the legend's AUC is its value), or one-vs-rest per class for (n, C)."""
     fig, (ax,) = _figure(size)
     for name, t, s in _per_class(y_true, scores):
         if t.all() or not t.any():
@@ -123,7 +150,8 @@ def plot_roc(y_true, scores, path=None, size=_SIZE):
 
 
 def plot_pr(y_true, scores, path=None, size=_SIZE):
-    """Precision-recall curve(s) with average precision: binary or one-vs-rest per class."""
+    """Precision-recall curve(s) with average precision: binary (the positive class of
+    plot_roc; the legend's AP is metrics.pr_auc with that pos_label) or one-vs-rest per class."""
     fig, (ax,) = _figure(size)
     for name, t, s in _per_class(y_true, scores):
         if not t.any():

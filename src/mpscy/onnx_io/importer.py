@@ -1,7 +1,8 @@
 """ONNX file -> mpscy Model and parameters, for inference and fine-tuning: what torch.onnx.export
-writes for MLPs, CNNs and residual models (Gemm or MatMul+Add, Conv, BatchNormalization,
-LayerNormalization, activations also in decomposed form, Softmax, pools, Flatten/Reshape, Add/Sum,
-Concat, Dropout) and what mpscy exports. Anything else raises UnsupportedError naming the node.
+writes for MLPs, CNNs and residual models (Gemm or MatMul+Add over (N, features), Conv,
+BatchNormalization, LayerNormalization, activations also in decomposed form, Softmax, pools,
+Flatten/Reshape, Add/Sum, Concat, Dropout) and what mpscy exports. Anything else raises
+UnsupportedError naming the node; data that is not an ONNX model, InvalidArgumentError.
 Operator handlers are in ops.py; nothing here touches an engine."""
 
 # Nodes are read in order into symbolic values: constants, materialized mpscy tensors, or small
@@ -9,6 +10,7 @@ Operator handlers are in ops.py; nothing here touches an engine."""
 # consumer needs a tensor, so a decomposed GELU or SiLU is recognised as one layer.
 
 import math
+import os
 
 import numpy as np
 
@@ -95,6 +97,26 @@ class _Reader:
 
     def shape(self, v):
         return tuple(self.tensor(v).shape)
+
+    @staticmethod
+    def onnx_dims(v):
+        """["N", *per-sample dims] as ONNX sees a tensor value, without turning a pending
+        expression into layers (an elementwise expression has its first operand's shape);
+        None for constants and shape values."""
+        while isinstance(v, Expr):
+            v = v.args[0]
+        if not isinstance(v, Sym):
+            return None
+        return ["N", *v.tensor.shape, *((1, 1) if getattr(v, "squeezed", False) else ())]
+
+    def check_dense_input(self, node, v):
+        """A Dense takes (N, features); a MatMul over the last axis of a higher-rank tensor
+        (torch's nn.Linear on (N, ..., features)) is not one, and flattening would be wrong."""
+        dims = self.onnx_dims(v)
+        if dims is not None and len(dims) != 2:
+            raise UnsupportedError(f"{node.op_type} {node.name!r}: its input {node.input[0]!r} has rank {len(dims)} "
+                                   f"({', '.join(map(str, dims))}); mpscy's Dense takes rank 2 (N, features) and no "
+                                   "mpscy layer applies a matrix product over the last axis of a higher-rank tensor")
 
     # -- pattern matching ----------------------------------------------------------------
     @staticmethod
@@ -242,16 +264,38 @@ def _describe(e):
     return type(e).__name__
 
 
+def _parse(onnx, source):
+    """The ModelProto of a path, file object, bytes or ModelProto. What does not parse as one,
+    or parses to a model without a graph (as an empty file does), is an InvalidArgumentError
+    naming the file, not protobuf's DecodeError."""
+    if hasattr(source, "graph"):
+        return source
+    from google.protobuf import json_format, message, text_format
+    from onnx import parser    # the onnxtxt format's
+    if isinstance(source, (bytes, bytearray)):
+        what = "the bytes given are"
+    elif isinstance(source, (str, os.PathLike)):
+        what = f"{os.fspath(source)!r} is"
+    else:  # a file object
+        what = f"{getattr(source, 'name', 'the file given')!r} is"
+    try:
+        if isinstance(source, (bytes, bytearray)):
+            proto = onnx.load_from_string(bytes(source))
+        else:
+            proto = onnx.load(source)
+    except (message.DecodeError, text_format.ParseError, json_format.ParseError, parser.ParseError,
+            UnicodeDecodeError) as e:
+        raise InvalidArgumentError(f"ONNX import: {what} not a valid ONNX model ({e})") from None
+    if not proto.HasField("graph"):
+        raise InvalidArgumentError(f"ONNX import: {what} not a valid ONNX model (it has no graph)")
+    return proto
+
+
 def read_onnx(source):
     """(Model, {parameter name: array}) from a path, bytes or ModelProto."""
     onnx, helper, nh, _ = onnx_modules()
     from . import ops  # noqa: F401  (registers the op_* handlers on _Reader)
-    if isinstance(source, (bytes, bytearray)):
-        proto = onnx.load_from_string(bytes(source))
-    elif hasattr(source, "graph"):
-        proto = source
-    else:
-        proto = onnx.load(source)
+    proto = _parse(onnx, source)
     domains = {o.domain: o.version for o in proto.opset_import}
     opset = domains.get("", domains.get("ai.onnx"))
     if opset is None or opset < 11:

@@ -6,7 +6,7 @@ import numpy as np
 
 from .. import layers as L
 from ..errors import UnsupportedError
-from .importer import Const, Expr, ShapeVec, _Reader, _scalar
+from .importer import Const, Expr, ShapeVec, Sym, _Reader, _scalar
 
 
 def _layer_class(name):
@@ -20,6 +20,14 @@ def _onnx_shape(r, v):
     """["N", *per-sample dims] as ONNX sees the value (GlobalAveragePool keeps (C, 1, 1))."""
     shape = list(r.shape(v))
     return ["N", *shape, 1, 1] if getattr(v, "squeezed", False) else ["N", *shape]
+
+
+def _flat(r, x):
+    """x flattened to (N, features): a layer where x has more than one per-sample axis, else x
+    itself (a GlobalAveragePool output, (N, C, 1, 1) to ONNX, becomes (N, C) to it as well)."""
+    if len(r.shape(x)) != 1:
+        return r.layer(L.Flatten, [x])
+    return Sym(x.tensor) if getattr(x, "squeezed", False) else x
 
 
 def _pairs(attrs, key, default):
@@ -148,7 +156,7 @@ def _reshape(r, node, args, attrs):
         known = int(np.prod([v for v in rest if v != -1]))
         rest[rest.index(-1)] = total // known if known else 0
     if rest == [total]:
-        return x if len(r.shape(x)) == 1 else r.layer(L.Flatten, [x])
+        return _flat(r, x)
     if rest == list(r.shape(x)) and not getattr(x, "squeezed", False):
         return x
     raise UnsupportedError(f"Reshape {node.name!r} from (N, {per_sample}) to (N, {rest}) is not supported "
@@ -159,8 +167,7 @@ def _reshape(r, node, args, attrs):
 def _flatten(r, node, args, attrs):
     if attrs.get("axis", 1) != 1:
         raise UnsupportedError(f"Flatten {node.name!r} with axis {attrs.get('axis')} is not supported (only 1)")
-    x = args[0]
-    return x if len(r.shape(x)) == 1 else r.layer(L.Flatten, [x])
+    return _flat(r, args[0])
 
 
 @_set("Dropout")
@@ -219,6 +226,7 @@ def _matmul(r, node, args, attrs):
     a, b = args
     if not isinstance(b, Const) or b.value.ndim != 2:
         raise UnsupportedError(f"MatMul {node.name!r} needs a 2-D constant right operand")
+    r.check_dense_input(node, a)
     return Expr("matmul", [a], const=b.value)
 
 
@@ -226,6 +234,7 @@ def _matmul(r, node, args, attrs):
 def _gemm(r, node, args, attrs):
     if attrs.get("transA", 0):
         raise UnsupportedError(f"Gemm {node.name!r} with transA is not supported")
+    r.check_dense_input(node, args[0])
     b = np.asarray(r.const_of(node.input[1], node), dtype=np.float64)
     w = b if attrs.get("transB", 0) else b.T                      # (out, in)
     w = w * attrs.get("alpha", 1.0)
