@@ -139,10 +139,7 @@ __global__ void conv_out_kernel(float *y, const float *yt, const float *bias, in
             float4 v = *reinterpret_cast<const float4 *>(&yt[o * nb + s * OHW + i]);
             const float bo = bias ? bias[o] : 0.0f;
             v.x += bo; v.y += bo; v.z += bo; v.w += bo;
-            if (relu) {
-                v.x = mpscy_relu(v.x); v.y = mpscy_relu(v.y);
-                v.z = mpscy_relu(v.z); v.w = mpscy_relu(v.w);
-            }
+            if (relu) v = relu4(v);
             *reinterpret_cast<float4 *>(&y[e]) = v;
         }
         return;
@@ -157,11 +154,7 @@ __global__ void conv_out_kernel(float *y, const float *yt, const float *bias, in
 /* dy's four elements at src, zeroed where the fused ReLU's output ry <= 0 (ry NULL: none) */
 static __device__ __forceinline__ float4 dz_load4(const float *dy, const float *ry, unsigned src) {
     float4 v = *reinterpret_cast<const float4 *>(&dy[src]);
-    if (ry) {
-        const float4 r = *reinterpret_cast<const float4 *>(&ry[src]);
-        v.x = mpscy_relu_pass(r.x, v.x); v.y = mpscy_relu_pass(r.y, v.y);
-        v.z = mpscy_relu_pass(r.z, v.z); v.w = mpscy_relu_pass(r.w, v.w);
-    }
+    if (ry) v = relu_pass4(*reinterpret_cast<const float4 *>(&ry[src]), v);
     return v;
 }
 

@@ -504,13 +504,7 @@ __global__ void __launch_bounds__(DWR_WARPS * 32, 2) conv_dw_rows(dwr_args a) {
                 if (o1 + j * ostep < a.oc) {
                     const size_t src = (size_t)o1 * a.oh * a.ow + j * ostride;
                     v[j] = __ldg(reinterpret_cast<const float4 *>(dy0 + src));
-                    if (a.ry) {
-                        const float4 m = __ldg(reinterpret_cast<const float4 *>(a.ry + (dy0 - a.dy) + src));
-                        if (mpscy_relu_zeroes(m.x)) v[j].x = 0.0f;
-                        if (mpscy_relu_zeroes(m.y)) v[j].y = 0.0f;
-                        if (mpscy_relu_zeroes(m.z)) v[j].z = 0.0f;
-                        if (mpscy_relu_zeroes(m.w)) v[j].w = 0.0f;
-                    }
+                    if (a.ry) v[j] = relu_pass4(__ldg(reinterpret_cast<const float4 *>(a.ry + (dy0 - a.dy) + src)), v[j]);
                 }
 #pragma unroll
             for (int j = 0; j < DWR_ROUND; j++)

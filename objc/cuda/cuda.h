@@ -464,6 +464,14 @@ int cu_check_launch(char *err, size_t en, const char *what, const char *func, in
  * until everything before it is complete and visible. Both are no-ops without the launch
  * attribute (the default) and before Hopper. Every kernel begins with it. */
 #if defined(__CUDACC__)
+/* ReLU's mask on four elements at once (activation_math.h's rule): each of v where m's is > 0
+ * (or NaN), else 0; relu4(v) is v through the ReLU */
+static __device__ __forceinline__ float4 relu_pass4(float4 m, float4 v) {
+    return make_float4(mpscy_relu_pass(m.x, v.x), mpscy_relu_pass(m.y, v.y), mpscy_relu_pass(m.z, v.z),
+                       mpscy_relu_pass(m.w, v.w));
+}
+static __device__ __forceinline__ float4 relu4(float4 v) { return relu_pass4(v, v); }
+
 static __device__ __forceinline__ uint32_t cu_load_acquire_gpu(const uint32_t *p) {
     uint32_t v;
     asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
