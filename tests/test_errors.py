@@ -511,3 +511,26 @@ def _same(a, b):
     if a is None or b is None:
         return a is b
     return np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+def test_binary_cross_entropy_targets_must_be_in_unit_range(device):
+    """torch's binary_cross_entropy refuses targets outside [0, 1]; so does every call that
+    stages them, and fit before its first step (BCEWithLogits takes any target, as torch's)."""
+    model = lambda: mpscy.Sequential([layers.Dense(3), layers.Sigmoid()], input_shape=(2,))
+    engine = mpscy.Engine(model(), loss="binary_cross_entropy", optimizer=optim.SGD(0.1), batch_size=4,
+                          device=device, seed=0)
+    x = np.ones((4, 2), np.float32)
+    y = np.full((4, 3), 0.5, np.float32)
+    y[2, 1] = 1.5
+    before = engine.get_parameters()
+    for call in (engine.step, engine.gradients, engine.evaluate):
+        with pytest.raises(mpscy.InvalidArgumentError, match=r"y holds 1\.5 at row 2; BinaryCrossEntropy targets"):
+            call(x, y)
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"^y holds 1\.5 at row 2; BinaryCrossEntropy"):
+        engine.fit(x, y, verbose=0)
+    assert engine.iterations == 0
+    for k, v in engine.get_parameters().items():
+        np.testing.assert_array_equal(v, before[k])
+    logits = mpscy.Engine(mpscy.Sequential([layers.Dense(3)], input_shape=(2,)), loss="bce_with_logits",
+                          batch_size=4, device=device, seed=0)
+    assert np.isfinite(logits.step(x, y).loss)

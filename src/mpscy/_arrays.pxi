@@ -69,6 +69,7 @@ cdef extern from "_staging.h" nogil:
     void mpscy_pool_destroy(mpscy_pool *p)
     int _stage_threads "mpscy_stage_threads" (int64_t bytes, int device_bound)
     int64_t _copy_finite "mpscy_copy_finite" (float *dst, const float *src, int64_t n)
+    int64_t _first_outside_unit "mpscy_first_outside_unit" (const float *src, int64_t n)
     int64_t _first_nonfinite "mpscy_first_nonfinite" (const float *src, int64_t n)
     int64_t _copy_finite_pool "mpscy_copy_finite_pool" (mpscy_pool *pool, float *dst, const float *src, int64_t n)
     int64_t _copy_labels_i64 "mpscy_copy_labels_i64" (int32_t *dst, const int64_t *src, int64_t n, int64_t classes)

@@ -199,6 +199,7 @@ cdef class Graph:
     cdef readonly int64_t out_size
     cdef readonly tuple output_shape
     cdef int target_dense
+    cdef bint target_unit  # BinaryCrossEntropy: targets in [0, 1], which torch checks too
     cdef int accuracy_kind
     cdef int64_t classes
     cdef bint busy   # set while a native call is in flight (the GIL is released then)
@@ -244,6 +245,7 @@ cdef class Graph:
 
         self.batch = d.batch
         self.target_dense = d.target == MPSCY_TARGET_DENSE
+        self.target_unit = d.loss.kind == MPSCY_LOSS_BCE
         self.accuracy_kind = d.loss.accuracy
         self.n_inputs = 0
         for i, L in enumerate(layers):
@@ -469,6 +471,13 @@ cdef class Graph:
                 bad = _copy_finite(<float *>self.target_ptr, <const float *>v.buf, rows * self.out_size)
             if bad >= 0:
                 raise _errors.NonFiniteError(f"y contains NaN or Inf at row {bad // self.out_size + self.row0}")
+            if self.target_unit:
+                with nogil:
+                    bad = _first_outside_unit(<const float *>self.target_ptr, rows * self.out_size)
+                if bad >= 0:
+                    raise _errors.InvalidArgumentError(
+                        f"y holds {(<const float *>self.target_ptr)[bad]!r} at row {bad // self.out_size + self.row0}; "
+                        "BinaryCrossEntropy targets must be in [0, 1]")
             return 0
         finally:
             PyBuffer_Release(&v)

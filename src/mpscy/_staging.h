@@ -50,6 +50,13 @@ static int64_t mpscy_copy_finite(float *restrict dst, const float *restrict src,
     return mpscy_copy_exp(dst, src, n) == 0x7f800000u ? mpscy_first_nonfinite(src, n) : -1;
 }
 
+/* The index of the first value of src (n) outside [0, 1] (BinaryCrossEntropy's targets), or -1. */
+static int64_t mpscy_first_outside_unit(const float *src, int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        if (!(src[i] >= 0.0f && src[i] <= 1.0f)) return i;
+    return -1;
+}
+
 /* int32 or int64 labels into the int32 staging buffer; returns the first row outside
  * [0, classes), or -1. The call then raises, so what an out-of-range value leaves in the buffer is
  * never read: the int64 copy stages it as 0 (a narrowing cast would be the wrong label), the int32

@@ -148,6 +148,13 @@ def _check_target(engine, y, n, what):
     if y.shape[1:] != out and not (y.ndim == 1 and int(np.prod(out)) == 1):
         raise ShapeError(f"{what} has shape {y.shape}, expected (n, {', '.join(map(str, out))})")
     _check_finite(y, what)
+    if engine.loss.kind == "binary_cross_entropy":  # as each step checks (and torch)
+        outside = np.flatnonzero(((y < 0) | (y > 1)).reshape(len(y), -1).any(axis=1))
+        if outside.size:
+            row = y[outside[0]].reshape(-1)
+            value = row[(row < 0) | (row > 1)][0]
+            raise InvalidArgumentError(f"{what} holds {float(value)!r} at row {outside[0]}; BinaryCrossEntropy targets "
+                                       "must be in [0, 1]")
 
 
 def _check_inputs(engine, xs, what):
