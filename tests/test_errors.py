@@ -534,3 +534,12 @@ def test_binary_cross_entropy_targets_must_be_in_unit_range(device):
     logits = mpscy.Engine(mpscy.Sequential([layers.Dense(3)], input_shape=(2,)), loss="bce_with_logits",
                           batch_size=4, device=device, seed=0)
     assert np.isfinite(logits.step(x, y).loss)
+
+
+def test_options_torch_takes_and_mpscy_refuses_are_named():
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"momentum=None \(torch's cumulative moving average\)"):
+        layers.BatchNorm(momentum=None)
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"BatchNorm eps must be in \(0\.0, inf\)"):
+        layers.BatchNorm(eps=0)
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"Dropout rate must be in \[0\.0, 1\.0\)"):
+        layers.Dropout(1.0)

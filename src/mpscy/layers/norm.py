@@ -21,6 +21,9 @@ class BatchNorm(Layer):
 
     def __init__(self, momentum=0.1, eps=1e-5, affine=True, name=None):
         super().__init__(name)
+        if momentum is None:
+            raise InvalidArgumentError("BatchNorm momentum=None (torch's cumulative moving average) is not "
+                                       "supported; give a number in [0, 1]")
         self.momentum = _real(momentum, "BatchNorm momentum", 0.0, 1.0)
         self.eps = _real(eps, "BatchNorm eps", 0.0, math.inf, low_open=True, high_open=True)
         self.affine = bool(affine)
