@@ -41,3 +41,8 @@ def trace_steps(memray, fn, n, tmp_path):
     on_thread = [r for r in records if r.tid == tid and r.size != MARKER_BYTES]
     elsewhere = [r for r in records if r.tid != tid]
     return on_thread, elsewhere, result
+
+
+def describe(records):
+    """Each record's thread, allocator and size: what a failure message shows."""
+    return [f"{getattr(r, 'thread_name', '') or 'thread ' + str(r.tid)}: {r.allocator.name} {r.size} B" for r in records]

@@ -74,9 +74,11 @@ def test_memray_counts_no_allocation_in_500_steps(device, tmp_path):
     """memray sees every malloc/mmap of the process. The thread that steps makes none in 500
     steps; on the CPU no other thread does either. A GPU driver's own helper threads may allocate
     on their own schedule (seen on an H100: one 88-byte block about once per thousand graph
-    launches, on a driver thread): counted separately, bounded, never on the stepping thread."""
+    launches, on a driver thread; and once in a cpu engine's 500 steps on an H200's host, where
+    the driver had been started by the backends' probe): counted separately, bounded, never on
+    the stepping thread."""
     memray = pytest.importorskip("memray")
-    from alloc_trace import trace_steps
+    from alloc_trace import describe, trace_steps
     engine = make(device)
     x, y = data()
     for _ in range(20):  # warm-up outside the tracked block
@@ -85,10 +87,13 @@ def test_memray_counts_no_allocation_in_500_steps(device, tmp_path):
     on_thread, elsewhere, r = trace_steps(memray, lambda: engine.step(x, y), 500, tmp_path)
     assert r.applied
     assert on_thread == [], f"{len(on_thread)} allocations on the stepping thread in 500 steps"
-    if device == "cpu":
-        assert elsewhere == [], f"{len(elsewhere)} allocations on other threads in 500 steps"
+    seen = describe(elsewhere)
+    # a CUDA driver initialized in this process (cuda built and a GPU present: mpscy.backends()
+    # probes it) runs helper threads of its own, whatever device this engine is on
+    if device == "cpu" and "cuda" not in mpscy.backends():
+        assert elsewhere == [], f"{len(elsewhere)} allocations on other threads in 500 steps: {seen}"
     else:
-        assert len(elsewhere) <= 2, f"{len(elsewhere)} allocations on the driver's threads in 500 steps"
+        assert len(elsewhere) <= 2, f"{len(elsewhere)} allocations on the driver's threads in 500 steps: {seen}"
 
 
 def test_tracemalloc_shows_no_growth_over_2000_steps(device):
