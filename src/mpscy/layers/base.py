@@ -6,24 +6,13 @@ import math
 
 import numpy as np
 
+from .._checks import INT32_LIMIT, finite, integer, number, positive_int
 from ..errors import InvalidArgumentError, ShapeError
 
 
 # layer options travel in the native descriptor's int32 `ints`
-_INT32_LIMIT = 2**31
-
-
-def _positive_int(value, what):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 < value < _INT32_LIMIT:
-        raise InvalidArgumentError(f"{what} must be a positive integer below 2**31, got {value!r}")
-    return int(value)
-
-
-def _integer(value, what):
-    """An int option (an axis); a float such as 1.5 is refused, not truncated."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise InvalidArgumentError(f"{what} must be an integer, got {value!r}")
-    return int(value)
+_INT32_LIMIT = INT32_LIMIT
+_positive_int, _integer, _finite = positive_int, integer, finite
 
 
 def _size(shape):
@@ -255,23 +244,14 @@ class Flatten(Layer):
 
 
 def _real(value, what, low, high, low_open=False, high_open=False):
-    """float(value) within the bounds, or InvalidArgumentError naming `what`: every float option
-    of a layer goes through here (or through _finite)."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise InvalidArgumentError(f"{what} must be a number, got {value!r}") from None
+    """float(value) within the bounds, or InvalidArgumentError naming `what`: every bounded float
+    option of a layer goes through here (unbounded ones through _checks.finite)."""
+    v = number(value, what)
     ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
     if not ok:
-        if low == -math.inf and high == math.inf:
-            raise InvalidArgumentError(f"{what} must be a finite number, got {value!r}")
         lo, hi = "(" if low_open else "[", ")" if high_open else "]"
         raise InvalidArgumentError(f"{what} must be in {lo}{low}, {high}{hi}, got {value!r}")
     return v
-
-
-def _finite(value, what):
-    return _real(value, what, -math.inf, math.inf, low_open=True, high_open=True)
 
 
 class Dropout(_Activation):

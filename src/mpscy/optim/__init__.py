@@ -6,39 +6,17 @@ anything. LBFGS runs several native evaluations per `engine.step` (see mpscy.opt
 
 import math
 
+from .._checks import finite as _finite, number as _number, positive_int as _count
 from ..errors import InvalidArgumentError
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "NAdam", "LBFGS",
            "schedules"]
 
 
-def _number(value, what):
-    """float(value), or InvalidArgumentError naming `what` (not a bare ValueError, TypeError or
-    OverflowError from float())."""
-    try:
-        return float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise InvalidArgumentError(f"{what} must be a number, got {value!r}") from None
-
-
-def _finite(value, what):
-    value = _number(value, what)
-    if not math.isfinite(value):
-        raise InvalidArgumentError(f"{what} must be a finite number, got {value}")
-    return value
-
-
 def _nonneg(value, what):
     value = _number(value, what)
     if not 0.0 <= value < math.inf:
         raise InvalidArgumentError(f"{what} must be finite and >= 0, got {value}")
-    return value
-
-
-def _count(value, what):
-    # sizes travel in the native optimizer descriptor as int32
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**31:
-        raise InvalidArgumentError(f"{what} must be a positive integer below 2**31, got {value!r}")
     return value
 
 

@@ -1,0 +1,40 @@
+"""Option checks shared by layers and optimizers: a value converted, or InvalidArgumentError
+naming the option (never a bare ValueError, TypeError or OverflowError from float() or int())."""
+
+import math
+
+import numpy as np
+
+from .errors import InvalidArgumentError
+
+INT32_LIMIT = 2**31  # sizes and counts travel in the native descriptors as int32
+
+
+def number(value, what):
+    """float(value)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidArgumentError(f"{what} must be a number, got {value!r}") from None
+
+
+def finite(value, what):
+    """float(value), finite."""
+    v = number(value, what)
+    if not math.isfinite(v):
+        raise InvalidArgumentError(f"{what} must be a finite number, got {value!r}")
+    return v
+
+
+def integer(value, what):
+    """An int (an axis); bools and floats such as 1.5 are refused, not truncated."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InvalidArgumentError(f"{what} must be an integer, got {value!r}")
+    return int(value)
+
+
+def positive_int(value, what):
+    """An int in [1, 2**31): a size or count the native descriptors hold."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 < value < INT32_LIMIT:
+        raise InvalidArgumentError(f"{what} must be a positive integer below 2**31, got {value!r}")
+    return int(value)
