@@ -11,8 +11,20 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from dw_patch_emulate import im2col  # noqa: E402
+
+def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw):
+    """(b, C, H, W) -> (C kh kw, b OH OW), zero in the padding: a convolution's columns."""
+    b, c, h, w = x.shape
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    xp = np.zeros((b, c, h + 2 * ph, w + 2 * pw), x.dtype)
+    xp[:, :, ph:ph + h, pw:pw + w] = x
+    col = np.empty((c, kh, kw, b, oh, ow), x.dtype)
+    for ki in range(kh):
+        for kj in range(kw):
+            col[:, ki, kj] = xp[:, :, ki * dh:ki * dh + sh * (oh - 1) + 1:sh,
+                                kj * dw:kj * dw + sw * (ow - 1) + 1:sw].transpose(1, 0, 2, 3)
+    return col.reshape(c * kh * kw, b * oh * ow), oh, ow
 
 
 def fits(c, oc, ow, kh, kw, bias):
@@ -83,7 +95,7 @@ def emulate(x, dy, kh, kw, sh, sw, ph, pw, dh, dw, bias):
 
 
 def direct(x, dy, kh, kw, sh, sw, ph, pw, dh, dw):
-    """The gradients from im2col's columns (dw_patch_emulate.py's): dW = dz col^T, db = dz's sums."""
+    """The gradients from im2col's columns: dW = dz col^T, db = dz's sums."""
     col, _, _ = im2col(x, kh, kw, sh, sw, ph, pw, dh, dw)
     dz = dy.transpose(1, 0, 2, 3).reshape(dy.shape[1], -1)
     return dz @ col.T, dz.sum(axis=1)

@@ -168,9 +168,8 @@ GATHER_MODELS = {
     # no bias: 32 taps, 7 outputs
     "no_bias": (lambda: [L.Conv2D(7, 2, stride=3, padding=1, bias=False), L.ReLU(), L.Flatten(), L.Dense(10)],
                 (8, 11, 11), 16, [16, 5, 16, 11, 16], 32 * 16 * 16, 0, 0, False, (7, 16 * 16)),
-    # conv_dw_small's PATCH form at four output rows a tile, dilation 2, 13 outputs (the README's
-    # first layer is two rows a tile; the three models above do not take it: their output rows
-    # are 15, 10 and 4 wide)
+    # conv_dw_small's tiles at four output rows a tile (rows 16 wide), dilation 2, 13 outputs (not
+    # a multiple of 4: not by rows)
     "patch_dilated": (lambda: [L.Conv2D(13, 3, padding=2, dilation=2), L.ReLU(), L.Flatten(), L.Dense(10)],
                       (2, 16, 16), 16, [16, 9, 16, 3, 16], 18 * 16 * 256, 0, 0, True, (13, 16 * 256)),
     # conv_dw_small by output rows (conv_dw_rows; the README's first layer takes it too): 8
@@ -225,15 +224,12 @@ def test_convolution_kernel_forms_give_the_same_bits(name, monkeypatch, capfd, r
     few taps takes its weight and bias gradients in one fp32 pass over dy and x (conv_dw_small),
     holding no columns and no transposed dz (8 MB less at the README's first layer): another
     order of the sums, so within 2e-6 of the split product's
-    (MPSCY_CUDA_DW_SMALL=0), which gathers or reads the columns with the same bits. Its PATCH
-    form (MPSCY_CUDA_DW_PATCH=1: x staged as the patch under a tile's output rows, the columns
-    formed from it) computes the same products over the same tiles: the same bits
-    (bench/dw_patch_emulate.py checks its tiles' index arithmetic in NumPy). Where the geometry
-    fits (ROWS_MODELS), the pass goes by whole output rows by default (conv_dw_rows,
+    (MPSCY_CUDA_DW_SMALL=0), which gathers or reads the columns with the same bits. Where the
+    geometry fits (ROWS_MODELS), the pass goes by whole output rows by default (conv_dw_rows,
     bench/dw_rows_emulate.py): another order of the sums than the tiles' (MPSCY_CUDA_DW_ROWS=0),
     within 2e-6 of them; elsewhere the same bits. With one convolution, one batch's gradients on
     binary grids (inputs multiples of 1/4, its parameters of 2^-6: every pre-activation exact, so
-    both devices take the same ReLU mask) match the cpu's within 2e-5 by the rows, the patch and
+    both devices take the same ReLU mask) match the cpu's within 2e-5 by the rows, the tiles and
     the split product (for a chain of convolutions that is
     test_convolution_gradients_match_cpu_past_32_rows at 64 rows, whose two read x)."""
     build, shape, batch, rows, first, rest, gathered, first_gathers, (oc, nb) = GATHER_MODELS[name]
@@ -244,7 +240,7 @@ def test_convolution_kernel_forms_give_the_same_bits(name, monkeypatch, capfd, r
     runs, held = [], []
     monkeypatch.setenv("MPSCY_CUDA_VERBOSE", "1")
     knobs = {"MPSCY_CUDA_DW_GATHER": "0", "MPSCY_CUDA_DZ_DIRECT": "0", "MPSCY_CUDA_DW_SMALL": "0",
-             "MPSCY_CUDA_SIDES": "1", "MPSCY_CUDA_DW_PATCH": "1", "MPSCY_CUDA_DW_ROWS": "0"}
+             "MPSCY_CUDA_SIDES": "1", "MPSCY_CUDA_DW_ROWS": "0"}
     rows_fit = name in ROWS_MODELS
     # (knobs set, convolutions gathering, taking conv_dw_small, by rows, floats more than the default's)
     forms = [((), gathered, 1, rows_fit, 0), (("MPSCY_CUDA_DW_GATHER",), 0, 1, rows_fit, rest),
@@ -252,8 +248,7 @@ def test_convolution_kernel_forms_give_the_same_bits(name, monkeypatch, capfd, r
              (("MPSCY_CUDA_DW_SMALL",), gathered + first_gathers, 0, 0, dz + (0 if first_gathers else first)),
              (("MPSCY_CUDA_DW_SMALL", "MPSCY_CUDA_DW_GATHER"), 0, 0, 0, dz + rest + first),
              (("MPSCY_CUDA_SIDES",), gathered, 1, rows_fit, 0),
-             (("MPSCY_CUDA_DW_ROWS",), gathered, 1, 0, 0),
-             (("MPSCY_CUDA_DW_PATCH", "MPSCY_CUDA_DW_ROWS"), gathered, 1, 0, 0)]
+             (("MPSCY_CUDA_DW_ROWS",), gathered, 1, 0, 0)]
     for off, want, want_small, want_rows, columns in forms:
         for k, v in knobs.items():
             monkeypatch.setenv(k, v if k in off else "")
@@ -270,7 +265,7 @@ def test_convolution_kernel_forms_give_the_same_bits(name, monkeypatch, capfd, r
         losses_seen = [gpu.step(x, y).loss for x, y in zip(xs, ys)]
         runs.append((losses_seen, gpu.get_parameters()))
     assert [h - held[0] for h in held] == [4 * f[4] for f in forms], held
-    same = ((0, 1), (0, 2), (3, 4), (0, 5), (6, 7)) + (() if rows_fit else ((0, 6),))
+    same = ((0, 1), (0, 2), (3, 4), (0, 5)) + (() if rows_fit else ((0, 6),))
     for a, b in same:  # the same bits
         assert runs[a][0] == runs[b][0], (forms[a][0], forms[b][0])
         assert sorted(runs[a][1]) == sorted(runs[b][1]) and len(runs[a][1]) >= 3
@@ -282,14 +277,13 @@ def test_convolution_kernel_forms_give_the_same_bits(name, monkeypatch, capfd, r
     if name == "readme_convs":
         return
     first_conv = [k for k in runs[0][1] if k.startswith("conv2d_0.")]
-    for small, by_rows, patch in (("", "", ""), ("", "0", "1"), ("0", "", "")):  # rows (where they fit), patch, split
+    for small, by_rows in (("", ""), ("", "0"), ("0", "")):  # rows (where they fit), tiles, split
         monkeypatch.setenv("MPSCY_CUDA_DW_SMALL", small)
         monkeypatch.setenv("MPSCY_CUDA_DW_ROWS", by_rows)
-        monkeypatch.setenv("MPSCY_CUDA_DW_PATCH", patch)
         cpu, gpu = pair(build, shape, batch=batch, opt=opt)
         errs = _first_layer_grad_errors(cpu, gpu, shape, rows[1], rng, first_conv)
         assert len(errs) == 2 - (name in ("no_bias", "rows_dilated_nobias"))
-        assert max(errs.values()) <= 2e-5, (small, by_rows, patch, errs)
+        assert max(errs.values()) <= 2e-5, (small, by_rows, errs)
 
 
 @cuda_only

@@ -218,7 +218,6 @@ int cu_conv_dw_own(cu_graph *gr, cudaStream_t stream, const mpscy_conv_geom *cg,
 #define DWS_THREADS 256   /* a block: 4 staging threads a position */
 #define DWS_LO 68         /* the most floats a staged row of dz (16 groups of 4, + 4) */
 #define DWS_LN 36         /* and of the columns (8 groups of 4, + 4) */
-#define DWS_PATCH 1024    /* PATCH: the most floats of x's patch a tile */
 
 struct dws_args {
     float *dw, *db, *part;     /* dw (OC, kg), db (OC) or NULL; part (gridDim.x, OC kg + OC) */
@@ -226,26 +225,15 @@ struct dws_args {
     dw_src xs;
     int oc, kg, og, ng, lo, ln;  /* og, ng: groups of 4 outputs, of 4 columns; lo, ln: their rows' strides */
     unsigned nb, per;          /* positions b*OHW; positions a block, a multiple of DWS_T */
-    /* PATCH: a tile is DWS_T / ow whole output rows of one sample; x's patch under them is C
-     * planes of pr rows of pw floats from (oh0 sh - ph, -pw), zero outside x; ow = 1 << ow_shift */
-    int c, pr, pw, ow_shift;
 };
 
 /* at most 80 registers, so that three blocks fit a multiprocessor beside the other streams'
- * kernels (128 without the bound; ncu on the H200: issue-bound either way, see cuda_notes.md).
- *
- * PATCH ($MPSCY_CUDA_DW_PATCH=1; written in the seventeenth session, not yet run on a GPU): the
- * same products over the same staged tiles, so the same bits, but a tile's staging reads x once,
- * as the patch under the tile's rows (the tile is whole output rows of one sample: DWS_T % ow ==
- * 0, OHW % DWS_T == 0; the patch's tile-invariant offsets computed once), and forms the columns
- * from it in shared memory, instead of one bounds-checked gather of a tap per column element
- * (ncu: 80% of the default form's instructions are not its FMAs); dz is staged as before. */
-template <bool PATCH>
+ * kernels (128 without the bound; ncu on the H200: issue-bound either way, see cuda_notes.md). */
 __global__ void __launch_bounds__(DWS_THREADS, 3) conv_dw_small(dws_args a) {
-    __shared__ __align__(16) float sm[DWS_T * (DWS_LO + DWS_LN) + (PATCH ? DWS_PATCH : 0)];
+    __shared__ __align__(16) float sm[DWS_T * (DWS_LO + DWS_LN)];
     __shared__ int tap[32][3];  /* column n's offsets from the window's origin (dih, diw, elements) */
     cu_pdl_enter();
-    float *dzs = sm, *cols = sm + DWS_T * a.lo, *pat = sm + DWS_T * (DWS_LO + DWS_LN);
+    float *dzs = sm, *cols = sm + DWS_T * a.lo;
     const int tid = threadIdx.x, tpg = a.og * a.ng, P = DWS_THREADS / tpg;
     /* the product's roles: position group pg, the (output, column) tile (og, ng) */
     const int pg = tid / tpg, r = tid - pg * tpg, og = r / a.ng, ng = r - og * a.ng;
@@ -254,51 +242,12 @@ __global__ void __launch_bounds__(DWS_THREADS, 3) conv_dw_small(dws_args a) {
     const dw_src &xs = a.xs;
     const unsigned j_end = min(a.nb, (blockIdx.x + 1) * a.per);
     /* the staged columns n < 32 (a thread's are 4 (h0 + 4k) + q, h0 < 4, k < 2): a tap, none past
-     * kg, and the bias's ones at n == kg; PATCH: tap[n][2] is the tap's offset in the patch */
-    if (tid < 32) {
-        dw_tap(xs, (unsigned)tid, a.kg, tap[tid][0], tap[tid][1], tap[tid][2]);
-        if (PATCH) {
-            const int c = tid / (int)xs.khw, k = tid - c * (int)xs.khw, ki = k / (int)xs.kw, kj = k - ki * (int)xs.kw;
-            tap[tid][2] = tid < a.kg ? (c * a.pr + ki * xs.dh) * a.pw + kj * xs.dw : -1;
-        }
-    }
+     * kg, and the bias's ones at n == kg */
+    if (tid < 32) dw_tap(xs, (unsigned)tid, a.kg, tap[tid][0], tap[tid][1], tap[tid][2]);
     const int one = a.db ? a.kg : -1;
     __syncthreads();
     float4 zr[4], cr[2];
-    /* PATCH: x's patch float e = tid + DWS_THREADS m (m < 4) is channel c, patch row pr, column iw
-     * + pw of x; tile-invariant: xo[m] = c H W + iw, or -1 past the patch or outside x's width */
-    float xr[DWS_PATCH / DWS_THREADS];
-    int xo[DWS_PATCH / DWS_THREADS], xpr[DWS_PATCH / DWS_THREADS];
-    if (PATCH)
-#pragma unroll
-        for (int m = 0; m < DWS_PATCH / DWS_THREADS; m++) {
-            const int e = tid + DWS_THREADS * m, c = e / (a.pr * a.pw), rc = e - c * a.pr * a.pw;
-            xpr[m] = rc / a.pw;
-            const int iw = rc - xpr[m] * a.pw - xs.pw;
-            xo[m] = e < a.c * a.pr * a.pw && (unsigned)iw < xs.w ? c * (int)xs.hw + iw : -1;
-        }
-    auto load_patch = [&](unsigned j0) {  /* x's patch under the tile's rows: a tile is whole rows */
-        const unsigned s = j0 / xs.ohw, i0 = j0 - s * xs.ohw;
-        const int ih0 = (int)((i0 >> a.ow_shift) * xs.sh) - xs.ph;
-        const float *xs0 = xs.x + s * xs.sxs;
-#pragma unroll
-        for (int m = 0; m < DWS_PATCH / DWS_THREADS; m++) {
-            const int ih = ih0 + xpr[m];
-            xr[m] = xo[m] >= 0 && (unsigned)ih < xs.h ? __ldg(&xs0[xo[m] + ih * (int)xs.w]) : 0.0f;
-        }
-    };
-    /* PATCH: the columns from the patch, column n = lane (of 4 ng), positions warp + 8 k */
-    const int lane = tid & 31, nc = 4 * a.ng, tap_n = PATCH && lane < a.kg ? tap[lane][2] : 0;
-    auto form_columns = [&]() {  /* after the barrier that ends the patch's stores */
-        if (lane < nc)
-#pragma unroll
-            for (int k = 0; k < DWS_T / (DWS_THREADS / 32); k++) {
-                const int u = (tid >> 5) + (DWS_THREADS / 32) * k;
-                const int pos = (u >> a.ow_shift) * xs.sh * a.pw + (u & ((1 << a.ow_shift) - 1)) * xs.sw;
-                cols[u * a.ln + lane] = lane < a.kg ? pat[tap_n + pos] : lane == one ? 1.0f : 0.0f;
-            }
-    };
-    auto load = [&](unsigned j0) {  /* PATCH: dz only (zr) */
+    auto load = [&](unsigned j0) {
         const unsigned j = j0 + (unsigned)t;
         const bool in = j < j_end;
         const unsigned s = in ? j / xs.ohw : 0, i = in ? j - s * xs.ohw : 0, oh = i / xs.ow, ow = i - oh * xs.ow;
@@ -316,7 +265,6 @@ __global__ void __launch_bounds__(DWS_THREADS, 3) conv_dw_small(dws_args a) {
             }
             zr[k] = make_float4(v[0], v[1], v[2], v[3]);
         }
-        if (PATCH) return;
         const int ih0 = (int)(oh * xs.sh), iw0 = (int)(ow * xs.sw);
         const unsigned pix = s * xs.sxs + (unsigned)ih0 * xs.w + (unsigned)iw0;
 #pragma unroll
@@ -336,31 +284,17 @@ __global__ void __launch_bounds__(DWS_THREADS, 3) conv_dw_small(dws_args a) {
 #pragma unroll
     for (int q = 0; q < 16; q++) acc[q] = 0.0f;
     unsigned j0 = blockIdx.x * a.per;
-    if (j0 < j_end) {
-        load(j0);
-        if (PATCH) load_patch(j0);
-    }
+    if (j0 < j_end) load(j0);
     for (; j0 < j_end; j0 += DWS_T) {
         __syncthreads();  /* the last tile's products are done with the staging */
 #pragma unroll
         for (int k = 0; k < 4; k++)
             if (h0 + 4 * k < a.og) *reinterpret_cast<float4 *>(&dzs[t * a.lo + 4 * (h0 + 4 * k)]) = zr[k];
-        if (PATCH) {
 #pragma unroll
-            for (int m = 0; m < DWS_PATCH / DWS_THREADS; m++) pat[tid + DWS_THREADS * m] = xr[m];
-            __syncthreads();
-            if (j0 + DWS_T < j_end) {  /* in flight during the columns and the products */
-                load(j0 + DWS_T);
-                load_patch(j0 + DWS_T);
-            }
-            form_columns();
-        } else {
-#pragma unroll
-            for (int k = 0; k < 2; k++)
-                if (h0 + 4 * k < a.ng) *reinterpret_cast<float4 *>(&cols[t * a.ln + 4 * (h0 + 4 * k)]) = cr[k];
-        }
+        for (int k = 0; k < 2; k++)
+            if (h0 + 4 * k < a.ng) *reinterpret_cast<float4 *>(&cols[t * a.ln + 4 * (h0 + 4 * k)]) = cr[k];
         __syncthreads();
-        if (!PATCH && j0 + DWS_T < j_end) load(j0 + DWS_T);  /* in flight during the products */
+        if (j0 + DWS_T < j_end) load(j0 + DWS_T);  /* in flight during the products */
         if (pg < P)
             for (int u = pg; u < DWS_T; u += P) {
                 const float4 z = *reinterpret_cast<const float4 *>(&dzs[u * a.lo + 4 * og]);
@@ -624,19 +558,9 @@ int cu_conv_dw_small(cu_graph *gr, cudaStream_t stream, const mpscy_conv_geom *c
         a.og = (a.oc + 3) / 4; a.ng = (a.kg + (db ? 1 : 0) + 3) / 4;
         a.lo = 4 * a.og + (a.og % 2 ? 0 : 4); a.ln = 4 * a.ng + (a.ng % 2 ? 0 : 4);  /* 4 mod 8: no bank conflicts */
         a.nb = (unsigned)nb;
-        /* PATCH ($MPSCY_CUDA_DW_PATCH=1): whole output rows a tile (a power of two wide), x's patch
-         * under them within DWS_PATCH, dy and ry 16-byte aligned */
-        a.c = (int)g.c;
-        a.ow_shift = 0;
-        while ((1 << a.ow_shift) < g.ow) a.ow_shift++;
-        a.pr = (int)((DWS_T / g.ow - 1) * g.sh + (g.kh - 1) * g.dh + 1);
-        a.pw = (int)((g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1);
-        const bool patch = gr->dw_patch && (1 << a.ow_shift) == g.ow && DWS_T % g.ow == 0 && g.ohw % DWS_T == 0 &&
-                           g.c * a.pr * a.pw <= DWS_PATCH && cu_aligned16(dy) && (!ry || cu_aligned16(ry));
         s = dw_small_blocks(gr, (nb + DWS_T - 1) / DWS_T, 1, room, &per);
         a.per = (unsigned)(per * DWS_T);
-        CU_TRY(cu_launch(gr, patch ? conv_dw_small<true> : conv_dw_small<false>, (unsigned)s, DWS_THREADS, stream, a),
-               "conv_dw_small");
+        CU_TRY(cu_launch(gr, conv_dw_small, (unsigned)s, DWS_THREADS, stream, a), "conv_dw_small");
         st = CU_LAUNCHED("conv_dw_small");
     }
     if (st != MPSCY_OK || s == 1) return st;

@@ -195,8 +195,6 @@ typedef struct cu_graph {
                                 * conv_dw_small, a no-dx convolution's weight and bias gradients in one pass */
     int dw_rows;               /* $MPSCY_CUDA_DW_ROWS at build not 0: conv_dw_small's work by output rows where
                                 * it fits (conv_dw.cu's conv_dw_rows) */
-    int dw_patch;              /* $MPSCY_CUDA_DW_PATCH=1 at build: conv_dw_small stages x's patch (off by default:
-                                * within the run-to-run spread on the H200) */
     int pull_next;             /* per capture: the pull, the last kernel enqueued, flags its parts for it */
 } cu_graph;
 

@@ -240,7 +240,6 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
      * first) in one pass over dy and x, gr->dw_small blocks a multiprocessor (conv_dw.cu); 0 takes
      * the split product after dz's transpose: a knob for A/B timing and testing */
     g->dw_small = cu_knob_int("MPSCY_CUDA_DW_SMALL", 2);
-    g->dw_patch = cu_knob_int("MPSCY_CUDA_DW_PATCH", 0) == 1;
     /* that pass by whole output rows where it fits (conv_dw_rows); 0 takes its tiles of positions: a
      * knob for A/B timing and testing */
     g->dw_rows = cu_knob_on("MPSCY_CUDA_DW_ROWS");
