@@ -702,3 +702,103 @@ def test_fit_checks_plot_to_before_training(device, tmp_path):
     with pytest.warns(RuntimeWarning, match="fit ran no epoch: plot_to has nothing to plot"):
         h = engine.fit(x[:256], y[:256], epochs=0, verbose=0, plot_to=tmp_path / "none")
     assert h.history == {} and not (tmp_path / "none").exists()
+
+
+# ----------------------------------------------------------------------------- one statement of each rule
+def _small_engine(device, loss="sparse_cross_entropy", outputs=3, sigmoid=False):
+    stack = [layers.Dense(outputs)] + ([layers.Sigmoid()] if sigmoid else [])
+    return mpscy.Engine(mpscy.Sequential(stack, input_shape=(4,)), loss=loss, optimizer=optim.SGD(0.1),
+                        batch_size=8, device=device, seed=0)
+
+
+def _nan_at(a, row):
+    a = a.copy()
+    a[row].reshape(-1)[-1] = np.nan
+    return a
+
+
+_X = np.ones((8, 4), np.float32)
+_LABELS = np.array([0, 1, 2, 0, 1, 2, 0, 1], np.int32)
+_DENSE = np.full((8, 3), 0.5, np.float32)
+_BCE_BAD = _DENSE.copy()
+_BCE_BAD[2, 1] = 1.5
+# (engine kwargs, x, y): each breaks one rule a step checks in its batch
+_RULE_CASES = {
+    "label too large": ({}, _X, np.where(np.arange(8) == 5, 3, _LABELS).astype(np.int32)),
+    "negative label": ({}, _X, np.where(np.arange(8) == 7, -1, _LABELS).astype(np.int64)),
+    "int64 label beyond int32": ({}, _X, np.where(np.arange(8) == 4, np.int64(2 ** 33), _LABELS.astype(np.int64))),
+    "float labels": ({}, _X, _LABELS.astype(np.float32)),
+    "labels 2-d": ({}, _X, _LABELS[:, None]),
+    "int x": ({}, _X.astype(np.int32), _LABELS),
+    "x shape": ({}, np.ones((8, 5), np.float32), _LABELS),
+    "NaN x": ({}, _nan_at(_X, 6), _LABELS),
+    "Inf x": ({}, np.where(np.arange(8)[:, None] == 3, -np.inf, _X).astype(np.float32), _LABELS),
+    "NaN target": ({"loss": "mse"}, _X, _nan_at(_DENSE, 4)),
+    "bool targets": ({"loss": "mse"}, _X, _DENSE > 0),
+    "target shape": ({"loss": "mse"}, _X, np.zeros((8, 4), np.float32)),
+    "target rank": ({"loss": "mse"}, _X, np.zeros(8, np.float32)),
+    "BCE target 1.5": ({"loss": "binary_cross_entropy", "sigmoid": True}, _X, _BCE_BAD),
+    "BCE target NaN": ({"loss": "binary_cross_entropy", "sigmoid": True}, _X, _nan_at(_DENSE, 3)),
+    "BCE target -0.25 of (n,)": ({"loss": "binary_cross_entropy", "sigmoid": True, "outputs": 1}, _X,
+                                 np.where(np.arange(8) == 6, -0.25, 0.5).astype(np.float32)),
+}
+
+
+@pytest.mark.parametrize("case", list(_RULE_CASES))
+def test_fit_refuses_what_a_step_refuses_in_the_same_words(device, case):
+    """fit checks its arrays before it trains by the code each step checks its batch with (the
+    engine's native staging, run without copying): the same error type and text, the array named
+    as the user passed it (y, validation y, x, validation x) and a label's row as "of <array>"."""
+    kwargs, x, y = _RULE_CASES[case]
+    engine = _small_engine(device, **kwargs)
+    with pytest.raises(mpscy.Error) as at_step:
+        engine.step(x, y)
+    with pytest.raises(mpscy.Error) as at_fit:
+        engine.fit(x, y, epochs=1, verbose=0)
+    good_x = np.ones((4, 4), np.float32)
+    good_y = _LABELS[:4] if engine.loss.target == "index" else np.full((4, kwargs.get("outputs", 3)), 0.5, np.float32)
+    with pytest.raises(mpscy.Error) as at_validation:
+        engine.fit(good_x, good_y, epochs=1, verbose=0, validation_data=(x, y))
+    assert engine.iterations == 0
+    step, fit, val = at_step.value, at_fit.value, at_validation.value
+    assert type(fit) is type(step) and type(val) is type(step), (step, fit, val)
+    assert str(fit).replace(" of y ", " ") == str(step), (str(fit), str(step))
+    assert str(val).replace("validation ", "") == str(fit), (str(val), str(fit))
+    assert str(val).startswith("validation ") or " of validation y " in str(val)
+
+
+def test_fit_checks_a_large_dataset_without_a_temporary(device):
+    """fit's check of 2,000,000 rows before training allocates nothing the size of the data (the
+    NumPy check it replaced made masks of the whole labels: several MB): labels out of range,
+    a NaN target and a BinaryCrossEntropy target outside [0, 1], each in the last row."""
+    import tracemalloc
+    n = 2_000_000
+    x = np.zeros((n, 4), np.float32)
+    cases = [
+        ({}, np.zeros(n, np.int64), 3, mpscy.InvalidArgumentError,
+         f"^label 3 at row {n - 1} of y is outside \\[0, 3\\)$"),
+        ({}, np.zeros(n, np.int32), -2, mpscy.InvalidArgumentError, f"^label -2 at row {n - 1} of y is outside"),
+        ({"loss": "mse", "outputs": 1}, np.zeros(n, np.float32), np.inf, mpscy.NonFiniteError,
+         f"^y contains NaN or Inf at row {n - 1}$"),
+        ({"loss": "binary_cross_entropy", "sigmoid": True, "outputs": 1}, np.zeros((n, 1), np.float32), 1.5,
+         mpscy.InvalidArgumentError, f"^y holds 1.5 at row {n - 1}; BinaryCrossEntropy"),
+    ]
+    bad_x = x.copy()
+    bad_x[-1, 3] = np.nan
+    for kwargs, y, value, error, match in cases:
+        engine = _small_engine(device, **kwargs)
+        y[-1] = value
+        tracemalloc.start()
+        try:
+            with pytest.raises(error, match=match):
+                engine.fit(x, y, epochs=1, verbose=0)
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.reset_peak()
+            y[-1] = 0
+            with pytest.raises(mpscy.NonFiniteError, match=f"^x contains NaN or Inf at row {n - 1}$"):
+                engine.fit(bad_x, y, epochs=1, verbose=0)
+            peak = max(peak, tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+        assert peak < 256 << 10, (match, peak)
+        assert engine.iterations == 0

@@ -366,57 +366,87 @@ cdef class Graph:
             with nogil:
                 bad = _first_nonfinite(<const float *>self.xview.buf, self.xview.shape[0] * self.in_size[0])
             if bad >= 0:
-                self._nonfinite("x", bad, 0)
+                self._nonfinite("x", bad, 0, self.row0)
         return _check(status, self.err)
 
-    cdef int _nonfinite(self, str what, int64_t bad, int k) except -1:
+    cdef int _nonfinite(self, str what, int64_t bad, int k, Py_ssize_t row0) except -1:
         """NonFiniteError for element `bad` of input k's rows, named by its row in the caller's
-        array (the batch starts at row0 there)."""
-        raise _errors.NonFiniteError(f"{what} contains NaN or Inf at row {bad // self.in_size[k] + self.row0}")
+        array (the rows start at row0 there)."""
+        raise _errors.NonFiniteError(f"{what} contains NaN or Inf at row {bad // self.in_size[k] + row0}")
+
+    # The rules of a batch, each stated once, for a step's staging and for check_input and
+    # check_target (fit's check of a whole array before it trains). dst is where the values go:
+    # NULL checks them only, over any number of rows, with nothing copied or allocated. A step
+    # names a row of the caller's array (row0: its batch's first row there).
+
+    cdef int _input_layout(self, Py_buffer *v, object x, int k, Py_ssize_t rows, str what,
+                           bint batch) except -1:
+        """Input k's dtype, shape and contiguity; with batch, the built batch's row limits."""
+        cdef int d
+        if _kind_of(v) != K_F32:
+            raise _errors.DTypeError(f"{what} must be float32, got {_dtype_name(x)} "
+                                     f"(convert with .astype(np.float32))")
+        if v.ndim != self.in_rank[k] + 1:
+            raise _errors.ShapeError(f"{what} has shape {_shape_str(v)}, expected (n, "
+                                     f"{', '.join(str(self.in_shape[k][j]) for j in range(self.in_rank[k]))})")
+        for d in range(self.in_rank[k]):
+            if v.shape[d + 1] != self.in_shape[k][d]:
+                raise _errors.ShapeError(f"{what} has shape {_shape_str(v)}, expected (n, "
+                                         f"{', '.join(str(self.in_shape[k][j]) for j in range(self.in_rank[k]))})")
+        if batch and v.shape[0] == 0:
+            raise _errors.ShapeError(f"{what} is an empty batch (0 rows)")
+        if batch and v.shape[0] > self.batch:
+            raise _errors.ShapeError(f"{what} has {v.shape[0]} rows, more than the built batch size {self.batch}")
+        if rows >= 0 and v.shape[0] != rows:
+            raise _errors.ShapeError(f"{what} has {v.shape[0]} rows, other inputs have {rows}")
+        if not _c_contiguous(v):
+            raise _errors.ShapeError(f"{what} is not C-contiguous (use np.ascontiguousarray)")
+        return 0
+
+    cdef int _input_values(self, const Py_buffer *v, int k, str what, Py_ssize_t row0, float *dst) except -1:
+        """Input k's values copied to dst (NULL: checked only), NaN and Inf refused."""
+        cdef int64_t bad
+        cdef int64_t count = v.shape[0] * self.in_size[k]
+        with nogil:
+            bad = _copy_finite_pool(self.stage_pool, dst, <const float *>v.buf, count)
+        if bad >= 0:
+            self._nonfinite(what, bad, k, row0)
+        return 0
 
     cdef int _stage_one(self, object x, int k, int rows, str what, bint defer=False) except -1:
         """Validates x against input k and copies it into the staging buffer; returns rows.
         With defer, x is only validated and held, and args.x_src points at its rows: the backend
         copies and checks them in the call (the caller ends with _release_x)."""
         cdef Py_buffer v
-        cdef int d
-        cdef int64_t bad, count
         cdef bint held = False
         _acquire(x, &v, what)
         try:
-            if _kind_of(&v) != K_F32:
-                raise _errors.DTypeError(f"{what} must be float32, got {_dtype_name(x)} "
-                                         f"(convert with .astype(np.float32))")
-            if v.ndim != self.in_rank[k] + 1:
-                raise _errors.ShapeError(f"{what} has shape {_shape_str(&v)}, expected (n, "
-                                         f"{', '.join(str(self.in_shape[k][j]) for j in range(self.in_rank[k]))})")
-            for d in range(self.in_rank[k]):
-                if v.shape[d + 1] != self.in_shape[k][d]:
-                    raise _errors.ShapeError(f"{what} has shape {_shape_str(&v)}, expected (n, "
-                                             f"{', '.join(str(self.in_shape[k][j]) for j in range(self.in_rank[k]))})")
-            if v.shape[0] == 0:
-                raise _errors.ShapeError(f"{what} is an empty batch (0 rows)")
-            if v.shape[0] > self.batch:
-                raise _errors.ShapeError(f"{what} has {v.shape[0]} rows, more than the built batch size {self.batch}")
-            if rows >= 0 and v.shape[0] != rows:
-                raise _errors.ShapeError(f"{what} has {v.shape[0]} rows, other inputs have {rows}")
-            if not _c_contiguous(&v):
-                raise _errors.ShapeError(f"{what} is not C-contiguous (use np.ascontiguousarray)")
-            count = v.shape[0] * self.in_size[k]
+            self._input_layout(&v, x, k, rows, what, True)
             if defer:
                 self._release_x()
                 self.xview = v
                 self.xheld = held = True
                 self.args.x_src = <const float *>v.buf
                 return <int>v.shape[0]
-            with nogil:
-                bad = _copy_finite_pool(self.stage_pool, self.in_ptr[k], <const float *>v.buf, count)
-            if bad >= 0:
-                self._nonfinite(what, bad, k)
+            self._input_values(&v, k, what, self.row0, self.in_ptr[k])
             return <int>v.shape[0]
         finally:
             if not held:
                 PyBuffer_Release(&v)
+
+    def check_input(self, x, int k, str what):
+        """The rules a step applies to input k (dtype, shape, contiguity, NaN and Inf), over all
+        of x's rows, nothing copied, rows named in x: fit's check before it trains. The built
+        batch's row limits are not a whole array's."""
+        cdef Py_buffer v
+        if not 0 <= k < self.n_inputs:
+            raise _errors.InvalidArgumentError(f"no input {k}: this model has {self.n_inputs} inputs")
+        _acquire(x, &v, what)
+        try:
+            self._input_layout(&v, x, k, -1, what, False)
+            self._input_values(&v, k, what, 0, NULL)
+        finally:
+            PyBuffer_Release(&v)
 
     cdef int _stage_inputs(self, object x, bint defer=False) except -1:
         """Stages x (or, with defer on a backend that stages it itself, validates and holds it)."""
@@ -429,58 +459,72 @@ cdef class Graph:
             rows = self._stage_one(x[k], k, rows, f"x[{k}]")
         return rows
 
-    cdef int _stage_target(self, object y, int rows) except -1:
+    cdef int _target(self, object y, Py_ssize_t rows, str what, Py_ssize_t row0, void *dst) except -1:
+        """y's rules for `rows` rows of x: labels int32/int64 (n,) in [0, classes), or dense
+        float32 targets shaped like the output (or (n,) for one output), finite, and in [0, 1] for
+        BinaryCrossEntropy; copied to dst, or with dst NULL checked only (a label's row is then
+        named "of <what>", as fit's check words it)."""
         cdef Py_buffer v
         cdef _Kind kind
-        cdef int64_t bad = -1
+        cdef int64_t bad = -1, count
         cdef int d
-        _acquire(y, &v, "y")
+        _acquire(y, &v, what)
         try:
             kind = _kind_of(&v)
             if not self.target_dense:
                 if kind != K_I32 and kind != K_I64:
-                    raise _errors.DTypeError(f"y must be int32 or int64 class labels, got {_dtype_name(y)}")
+                    raise _errors.DTypeError(f"{what} must be int32 or int64 class labels, got {_dtype_name(y)}")
                 if v.ndim != 1:
-                    raise _errors.ShapeError(f"y has shape {_shape_str(&v)}; labels must be shaped (n,)")
+                    raise _errors.ShapeError(f"{what} has shape {_shape_str(&v)}; labels must be shaped (n,)")
                 if v.shape[0] != rows:
-                    raise _errors.ShapeError(f"y has {v.shape[0]} labels for {rows} rows of x")
+                    raise _errors.ShapeError(f"{what} has {v.shape[0]} labels for {rows} rows of x")
                 if not _c_contiguous(&v):
-                    raise _errors.ShapeError("y is not C-contiguous (use np.ascontiguousarray)")
+                    raise _errors.ShapeError(f"{what} is not C-contiguous (use np.ascontiguousarray)")
                 with nogil:
                     if kind == K_I64:
-                        bad = _copy_labels_i64(<int32_t *>self.target_ptr, <const int64_t *>v.buf, rows, self.classes)
+                        bad = _copy_labels_i64(<int32_t *>dst, <const int64_t *>v.buf, rows, self.classes)
                     else:
-                        bad = _copy_labels_i32(<int32_t *>self.target_ptr, <const int32_t *>v.buf, rows, self.classes)
+                        bad = _copy_labels_i32(<int32_t *>dst, <const int32_t *>v.buf, rows, self.classes)
                 if bad >= 0:
                     value = (<const int64_t *>v.buf)[bad] if kind == K_I64 else (<const int32_t *>v.buf)[bad]
+                    of = "" if dst != NULL else f" of {what}"
                     raise _errors.InvalidArgumentError(
-                        f"label {value} at row {bad + self.row0} is outside [0, {self.classes})")
+                        f"label {value} at row {bad + row0}{of} is outside [0, {self.classes})")
                 return 0
             if kind != K_F32:
-                raise _errors.DTypeError(f"y must be float32 targets shaped like the output, got {_dtype_name(y)}")
+                raise _errors.DTypeError(f"{what} must be float32 targets shaped like the output, got {_dtype_name(y)}")
             if v.ndim < 1 or v.shape[0] != rows:
-                raise _errors.ShapeError(f"y has shape {_shape_str(&v)} for {rows} rows of x")
+                raise _errors.ShapeError(f"{what} has shape {_shape_str(&v)} for {rows} rows of x")
             ok = v.ndim == len(self.output_shape) + 1 and all(
                 v.shape[d + 1] == self.output_shape[d] for d in range(len(self.output_shape)))
             if not ok and not (v.ndim == 1 and self.out_size == 1):
-                raise _errors.ShapeError(f"y has shape {_shape_str(&v)}, expected (n, "
+                raise _errors.ShapeError(f"{what} has shape {_shape_str(&v)}, expected (n, "
                                          f"{', '.join(map(str, self.output_shape))})")
             if not _c_contiguous(&v):
-                raise _errors.ShapeError("y is not C-contiguous (use np.ascontiguousarray)")
+                raise _errors.ShapeError(f"{what} is not C-contiguous (use np.ascontiguousarray)")
+            count = rows * self.out_size
             with nogil:
-                bad = _copy_finite(<float *>self.target_ptr, <const float *>v.buf, rows * self.out_size)
+                bad = _copy_finite(<float *>dst, <const float *>v.buf, count)
             if bad >= 0:
-                raise _errors.NonFiniteError(f"y contains NaN or Inf at row {bad // self.out_size + self.row0}")
+                raise _errors.NonFiniteError(f"{what} contains NaN or Inf at row {bad // self.out_size + row0}")
             if self.target_unit:
                 with nogil:
-                    bad = _first_outside_unit(<const float *>self.target_ptr, rows * self.out_size)
+                    bad = _first_outside_unit(<const float *>v.buf, count)
                 if bad >= 0:
                     raise _errors.InvalidArgumentError(
-                        f"y holds {(<const float *>self.target_ptr)[bad]!r} at row {bad // self.out_size + self.row0}; "
+                        f"{what} holds {(<const float *>v.buf)[bad]!r} at row {bad // self.out_size + row0}; "
                         "BinaryCrossEntropy targets must be in [0, 1]")
             return 0
         finally:
             PyBuffer_Release(&v)
+
+    cdef int _stage_target(self, object y, int rows) except -1:
+        return self._target(y, rows, "y", self.row0, self.target_ptr)
+
+    def check_target(self, y, str what, Py_ssize_t rows):
+        """The rules a step applies to y, over all of its rows (`rows` of x), nothing copied,
+        rows named in y: fit's check before it trains."""
+        self._target(y, rows, what, 0, NULL)
 
     cdef object _accuracy(self, int64_t correct, int rows):
         if self.accuracy_kind == MPSCY_ACCURACY_NONE or correct < 0:

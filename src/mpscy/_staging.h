@@ -4,7 +4,10 @@
  * x86-64 and chosen at load time. A large batch bound for a device's pinned memory is split in
  * pieces claimed by a few of mpscy's worker threads (measured on the lent H100's host, 3.2 MB:
  * 292 us on one thread, 133 us on four; bench/host_copy.cu). Included by _native.pyx and by the
- * cuda backend's stage.c (its deferred staging); no allocation, no Python. */
+ * cuda backend's stage.c (its deferred staging); no allocation, no Python.
+ * A NULL dst makes each copy a check only, of the same rules in the same order: fit's check of
+ * a whole dataset before it trains (no temporaries, however many rows). The choice is made once
+ * per call, before the loop, so the copying loop is the one it always was. */
 #ifndef MPSCY_STAGING_H
 #define MPSCY_STAGING_H
 
@@ -37,6 +40,17 @@ MPSCY_STAGING_SIMD static uint32_t mpscy_copy_exp(float *restrict dst, const flo
     return mx;
 }
 
+/* The largest exponent field of n floats: mpscy_copy_exp without the copy (a NULL dst). */
+MPSCY_STAGING_SIMD static uint32_t mpscy_max_exp(const float *src, int64_t n) {
+    const uint32_t *in = (const uint32_t *)src;   /* (n) */
+    uint32_t mx = 0;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t e = in[i] & 0x7f800000u;
+        mx = e > mx ? e : mx;
+    }
+    return mx;
+}
+
 /* The index of the first NaN or Inf of src (n), or -1: the rare second pass. */
 static int64_t mpscy_first_nonfinite(const float *src, int64_t n) {
     const uint32_t *in = (const uint32_t *)src;
@@ -45,9 +59,10 @@ static int64_t mpscy_first_nonfinite(const float *src, int64_t n) {
     return -1;
 }
 
-/* Copies n floats; returns the index of the first NaN or Inf, or -1. */
+/* Copies n floats (dst NULL: checks them only); returns the index of the first NaN or Inf, or -1. */
 static int64_t mpscy_copy_finite(float *restrict dst, const float *restrict src, int64_t n) {
-    return mpscy_copy_exp(dst, src, n) == 0x7f800000u ? mpscy_first_nonfinite(src, n) : -1;
+    uint32_t mx = dst ? mpscy_copy_exp(dst, src, n) : mpscy_max_exp(src, n);
+    return mx == 0x7f800000u ? mpscy_first_nonfinite(src, n) : -1;
 }
 
 /* The index of the first value of src (n) outside [0, 1] (BinaryCrossEntropy's targets), or -1. */
@@ -57,18 +72,22 @@ static int64_t mpscy_first_outside_unit(const float *src, int64_t n) {
     return -1;
 }
 
-/* int32 or int64 labels into the int32 staging buffer; returns the first row outside
- * [0, classes), or -1. The call then raises, so what an out-of-range value leaves in the buffer is
- * never read: the int64 copy stages it as 0 (a narrowing cast would be the wrong label), the int32
- * copy as it is. */
+/* int32 or int64 labels into the int32 staging buffer (dst NULL: checked only); returns the first
+ * row outside [0, classes), or -1. The call then raises, so what an out-of-range value leaves in
+ * the buffer is never read: the int64 copy stages it as 0 (a narrowing cast would be the wrong
+ * label), the int32 copy as it is. */
 MPSCY_STAGING_SIMD static int64_t mpscy_copy_labels_i64(int32_t *restrict dst, const int64_t *restrict src, int64_t n,
                                                          int64_t classes) {
     int64_t bad = 0;
-    for (int64_t i = 0; i < n; i++) {
-        int64_t v = src[i];
-        int ok = v >= 0 && v < classes;
-        bad |= !ok;
-        dst[i] = ok ? (int32_t)v : 0;
+    if (dst) {
+        for (int64_t i = 0; i < n; i++) {
+            int64_t v = src[i];
+            int ok = v >= 0 && v < classes;
+            bad |= !ok;
+            dst[i] = ok ? (int32_t)v : 0;
+        }
+    } else {
+        for (int64_t i = 0; i < n; i++) bad |= (src[i] < 0) | (src[i] >= classes);
     }
     if (!bad) return -1;
     for (int64_t i = 0; i < n; i++)
@@ -79,10 +98,14 @@ MPSCY_STAGING_SIMD static int64_t mpscy_copy_labels_i64(int32_t *restrict dst, c
 MPSCY_STAGING_SIMD static int64_t mpscy_copy_labels_i32(int32_t *restrict dst, const int32_t *restrict src, int64_t n,
                                                          int64_t classes) {
     int32_t bad = 0;
-    for (int64_t i = 0; i < n; i++) {
-        int32_t v = src[i];
-        bad |= (v < 0) | (v >= classes);
-        dst[i] = v;
+    if (dst) {
+        for (int64_t i = 0; i < n; i++) {
+            int32_t v = src[i];
+            bad |= (v < 0) | (v >= classes);
+            dst[i] = v;
+        }
+    } else {
+        for (int64_t i = 0; i < n; i++) bad |= (src[i] < 0) | (src[i] >= classes);
     }
     if (!bad) return -1;
     for (int64_t i = 0; i < n; i++)
@@ -160,9 +183,9 @@ static int64_t mpscy_stage_run(mpscy_pool *pool, mpscy_stage_job *j, uint32_t *f
     return mx == 0x7f800000u ? mpscy_first_nonfinite(j->src, j->n) : -1;
 }
 
-/* mpscy_copy_finite over a pool (NULL: on the caller alone). */
+/* mpscy_copy_finite over a pool (NULL: on the caller alone; a check only, dst NULL, is too). */
 static int64_t mpscy_copy_finite_pool(mpscy_pool *pool, float *dst, const float *src, int64_t n) {
-    if (!pool || n < 2 * MPSCY_STAGE_MIN_CHUNK) return mpscy_copy_finite(dst, src, n);
+    if (!pool || !dst || n < 2 * MPSCY_STAGE_MIN_CHUNK) return mpscy_copy_finite(dst, src, n);
     mpscy_stage_job j;
     j.dst = dst;
     j.src = src;

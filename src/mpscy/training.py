@@ -2,7 +2,8 @@
 shuffling, validation, metrics, callbacks, a progress bar (tqdm when installed, plain lines
 otherwise), a schedule attached with `Engine.set_schedule`, and a `History` of per-epoch logs.
 The loss and accuracy come from each step's StepResult, so reading them adds no device
-synchronization. Nothing here runs native code except through the engine's public methods."""
+synchronization. Nothing here runs native code except through the engine's public methods and
+its graph's check_input and check_target (a step's own rules, over a whole array)."""
 
 import math
 import os
@@ -13,7 +14,7 @@ import warnings
 import numpy as np
 
 from . import callbacks as _callbacks, errors as _errors, metrics as _metrics
-from .errors import DTypeError, InvalidArgumentError, NonFiniteError, ShapeError
+from .errors import InvalidArgumentError, ShapeError
 
 __all__ = ["fit", "set_schedule"]
 
@@ -127,57 +128,22 @@ def _as_target(engine, y):
 
 
 def _check_target(engine, y, n, what):
-    """The whole of a target array checked once, before any step: its rows, and what each step
-    would refuse in its own batch (engine.step checks the same), so that fit fails before it
-    trains rather than at a late batch or at the first epoch's validation."""
-    if len(y) != n:
+    """The whole of a target array checked once, before any step: its rows, then by the engine's
+    graph what each step would refuse in its own batch (the same native code, over every row,
+    nothing copied), so that fit fails before it trains rather than at a late batch or at the
+    first epoch's validation."""
+    if y.ndim and len(y) != n:
         raise ShapeError(f"{what} has {len(y)} rows for {n} rows of x")
-    out = tuple(engine.model.output_shape)
-    if engine.loss.target == "index":
-        if y.dtype not in (np.int32, np.int64):
-            raise DTypeError(f"{what} must be int32 or int64 class labels, got {y.dtype}")
-        if y.ndim != 1:
-            raise ShapeError(f"{what} has shape {y.shape}; labels must be shaped (n,)")
-        classes = int(np.prod(out))
-        bad = np.flatnonzero((y < 0) | (y >= classes))
-        if bad.size:
-            raise InvalidArgumentError(f"label {y[bad[0]]} at row {bad[0]} of {what} is outside [0, {classes})")
-        return
-    if y.dtype != np.float32:
-        raise DTypeError(f"{what} must be float32 targets shaped like the output, got {y.dtype}")
-    if y.shape[1:] != out and not (y.ndim == 1 and int(np.prod(out)) == 1):
-        raise ShapeError(f"{what} has shape {y.shape}, expected (n, {', '.join(map(str, out))})")
-    _check_finite(y, what)
-    if engine.loss.kind == "binary_cross_entropy":  # as each step checks (and torch)
-        outside = np.flatnonzero(((y < 0) | (y > 1)).reshape(len(y), -1).any(axis=1))
-        if outside.size:
-            row = y[outside[0]].reshape(-1)
-            value = row[(row < 0) | (row > 1)][0]
-            raise InvalidArgumentError(f"{what} holds {float(value)!r} at row {outside[0]}; BinaryCrossEntropy targets "
-                                       "must be in [0, 1]")
+    engine._g().check_target(y, what, n)
 
 
 def _check_inputs(engine, xs, what):
-    """Inputs (training or validation arrays) checked once before training: dtype, shapes and
-    finite values (input k of several named what[k])."""
-    for k, (a, shape) in enumerate(zip(xs, engine.model.input_shapes)):
-        what_k = what if len(xs) == 1 else f"{what}[{k}]"
-        if a.dtype != np.float32:
-            raise DTypeError(f"{what_k} must be float32 (or another float type), got {a.dtype}")
-        if a.shape[1:] != tuple(shape):
-            raise ShapeError(f"{what_k} has shape {a.shape}, expected (n, {', '.join(map(str, shape))})")
-        _check_finite(a, what_k)
-
-
-def _check_finite(a, what):
-    """NonFiniteError naming the first row of float array `a` with a NaN or Inf, in pieces of
-    about 4M elements (the mask of a large array is never made whole)."""
-    flat = a.reshape(len(a), -1)
-    rows = max(1, (1 << 22) // max(1, flat.shape[1]))
-    for i in range(0, len(flat), rows):
-        bad = np.flatnonzero(~np.isfinite(flat[i:i + rows]).all(axis=1))
-        if bad.size:
-            raise NonFiniteError(f"{what} contains NaN or Inf at row {i + bad[0]}")
+    """Inputs (training or validation arrays) checked once before training by the engine's graph,
+    by each step's rules (dtype, shape, finite values) over every row (input k of several named
+    what[k])."""
+    g = engine._g()
+    for k, a in enumerate(xs):
+        g.check_input(a, k, what if len(xs) == 1 else f"{what}[{k}]")
 
 
 def _rows(arrays, what="x"):
