@@ -1,5 +1,7 @@
 """Bad input gets a clear mpscy.Error naming the problem, raised before anything is modified:
 after every failed call the parameters and the optimizer state are bit-for-bit what they were."""
+import os
+
 import numpy as np
 import pytest
 
@@ -201,8 +203,12 @@ def test_predict_and_evaluate_errors(device):
     snap = snapshot(engine)
     with pytest.raises(mpscy.DTypeError):
         engine.predict(None)
+    empty = engine.predict(np.ones((0, FEATURES), np.float32))  # as torch: no rows, no outputs
+    assert empty.shape == (0,) + tuple(engine.model.output_shape) and empty.dtype == np.float32
+    with pytest.raises(mpscy.ShapeError, match=r"x has shape \(0, 3\)"):
+        engine.predict(np.ones((0, 3), np.float32))
     with pytest.raises(mpscy.ShapeError, match="empty batch"):
-        engine.predict(np.ones((0, FEATURES), np.float32))
+        engine.evaluate(np.ones((0, FEATURES), np.float32), np.zeros(0, np.int32))
     with pytest.raises(mpscy.DTypeError, match="float32"):
         engine.predict(np.ones((3, FEATURES)))
     with pytest.raises(mpscy.ShapeError, match="rows"):
@@ -543,3 +549,61 @@ def test_options_torch_takes_and_mpscy_refuses_are_named():
         layers.BatchNorm(eps=0)
     with pytest.raises(mpscy.InvalidArgumentError, match=r"Dropout rate must be in \[0\.0, 1\.0\)"):
         layers.Dropout(1.0)
+
+
+def test_predict_and_evaluate_name_the_callers_array_not_a_batch_slice(device):
+    """A layout error names the array the caller passed (its whole shape), not the first batch
+    sliced from it; 0 rows predict no outputs, as torch's model(x[:0])."""
+    engine = make(device)
+    with pytest.raises(mpscy.ShapeError, match=r"^x has shape \(100, 7\), expected \(n, 6\)$"):
+        engine.predict(np.zeros((100, 7), np.float32))
+    with pytest.raises(mpscy.ShapeError, match=r"^x has shape \(64,\), expected \(n, 6\)$"):
+        engine.predict(np.zeros(64, np.float32))
+    with pytest.raises(mpscy.ShapeError, match=r"^x has shape \(6,\), expected \(n, 6\)$"):
+        engine.evaluate(np.zeros((64, FEATURES), np.float32)[0], np.zeros(1, np.int32))
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"^label 4 at row 40 of y is outside \[0, 4\)$"):
+        y = np.zeros(64, np.int32)
+        y[40] = 4
+        engine.evaluate(np.zeros((64, FEATURES), np.float32), y)
+
+
+def test_an_object_that_is_not_an_array_is_named_with_a_hint():
+    """A torch tensor (anything with __array__ and no buffer) is named by its type, with how to
+    convert it, not as a dtype the engine refuses."""
+    engine = make("cpu")
+
+    class Tensor:  # stands in for torch.Tensor: a shape, a dtype, __array__, no buffer protocol
+        shape, dtype = (3, FEATURES), "torch.float32"
+
+        def __array__(self, dtype=None, copy=None):
+            return np.zeros(self.shape, np.float32)
+
+    Tensor.__module__, Tensor.__qualname__ = "torch", "Tensor"
+    for call in (lambda: engine.predict(Tensor()), lambda: engine.step(Tensor(), np.zeros(3, np.int32))):
+        with pytest.raises(mpscy.DTypeError,
+                           match=r"^x must be a numpy array, got torch\.Tensor \(convert it with \.numpy\(\)"):
+            call()
+    with pytest.raises(mpscy.DTypeError, match=r"^y must be a numpy array, got list$"):
+        engine.step(np.zeros((3, FEATURES), np.float32), [0, 1, 2])
+
+
+def test_engines_refuse_pickling_and_copying():
+    """An engine owns native memory: pickling and copying raise a TypeError that names save and
+    mpscy.load (copy.copy used to share the native graph between two Python objects)."""
+    import copy
+    import pickle
+    engine = make("cpu")
+    for call in (pickle.dumps, copy.copy, copy.deepcopy):
+        with pytest.raises(TypeError, match=r"cannot be pickled or copied: save it with engine\.save\(path\)"):
+            call(engine)
+    copy.deepcopy(engine.model)  # a model is a description: copies are fine
+
+
+def test_threads_are_bounded_and_reported():
+    model = lambda: mpscy.Sequential([layers.Dense(CLASSES)], input_shape=(FEATURES,))
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"threads must be an integer in \[0, 64\]"):
+        mpscy.Engine(model(), device="cpu", threads=65)
+    assert mpscy.Engine(model(), device="cpu", threads=1).device_info()["threads"] == 1
+    assert mpscy.Engine(model(), device="cpu", threads=3).device_info()["threads"] == 3
+    default = mpscy.Engine(model(), device="cpu").device_info()["threads"]
+    assert default == min(os.cpu_count() or 1, 64)

@@ -587,7 +587,7 @@ def test_a_loaders_bad_batch_is_named(device, digits):
     good = data.DataLoader(data.ArrayDataset(xtr[:96], ytr[:96]), batch_size=32)
     with pytest.raises(mpscy.InvalidArgumentError, match=r"^epoch 1, batch 1: label 12 at row 8 is outside"):
         _engine(device).fit(loader, epochs=1, verbose=0)
-    with pytest.raises(mpscy.InvalidArgumentError, match=r"^validation batch 1: label 12 at row 8 is outside"):
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"^validation batch 1: label 12 at row 8 of y is outside"):
         _engine(device).fit(good, epochs=1, verbose=0, validation_data=loader)
 
 

@@ -355,3 +355,27 @@ def test_relu_in_a_dense_chain_under_cross_entropy_propagates_nan(device):
     _inf_times_zero(engine, 4, 16)
     _nan_refused(engine, np.full((8, 4), 2.0, np.float32), np.zeros(8, np.int32))
     assert engine.get_optimizer_state()["step"] == 0
+
+
+def test_a_failed_build_uses_up_no_layers_and_inputs_are_checked():
+    """A Sequential that fails to build leaves its layers free for the next model (it used to
+    mark the ones before the failing layer as called); the same Input twice and Input names
+    that are not node names are refused when they are given."""
+    ls = [layers.Dense(16), layers.Conv2D(4, 3)]
+    with pytest.raises(mpscy.ShapeError, match=r"^layer 1 \(Conv2D\)"):
+        mpscy.Sequential(ls, input_shape=(64,))
+    assert mpscy.Sequential([ls[0], layers.ReLU()], (64,)).output_shape == (16,)
+    with pytest.raises(mpscy.InvalidArgumentError, match="already called"):  # now in a model: used
+        mpscy.Sequential([ls[0]], (64,))
+    named = [layers.Dense(4, name="a"), layers.Dense(4, name="a")]
+    with pytest.raises(mpscy.InvalidArgumentError, match="two layers are named 'a'"):
+        mpscy.Sequential(named, (3,))
+    assert mpscy.Sequential(named[:1], (3,)).nodes[1].name == "a"
+    a = mpscy.Input(4)
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"^Model input 1 is the same Input as an earlier one"):
+        mpscy.Model([a, a], layers.Dense(2)(a))
+    for bad in (5, "", "x" * 41, "dense_0.weight"):
+        with pytest.raises(mpscy.InvalidArgumentError, match=r"^Input name must be a non-empty string of at most 40"):
+            mpscy.Input(4, name=bad)
+    x = mpscy.Input(4, name="pixels")
+    assert mpscy.Model(x, layers.Dense(2)(x)).nodes[0].name == "pixels"

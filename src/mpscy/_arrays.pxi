@@ -44,11 +44,14 @@ cdef int _acquire(object obj, Py_buffer *view, str what) except -1:
     try:
         PyObject_GetBuffer(obj, view, PyBUF_RECORDS_RO)
     except Exception:
-        dt = getattr(obj, "dtype", None)
-        if dt is not None:  # an array whose dtype exports no buffer (datetime64, timedelta64, ...)
+        if isinstance(obj, np.ndarray):  # a dtype that exports no buffer (datetime64, timedelta64, ...)
             raise _errors.DTypeError(f"{what} must be a float32 array (int32/int64 for class labels), "
-                                     f"got dtype {dt}") from None
-        raise _errors.DTypeError(f"{what} must be a numpy array, got {type(obj).__name__}") from None
+                                     f"got dtype {obj.dtype}") from None
+        kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
+        if type(obj).__module__ == "builtins":
+            kind = type(obj).__name__
+        hint = " (convert it with .numpy(), or np.asarray)" if hasattr(obj, "__array__") else ""
+        raise _errors.DTypeError(f"{what} must be a numpy array, got {kind}{hint}") from None
     return 0
 
 

@@ -38,3 +38,12 @@ def positive_int(value, what):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 < value < INT32_LIMIT:
         raise InvalidArgumentError(f"{what} must be a positive integer below 2**31, got {value!r}")
     return int(value)
+
+
+def node_name(name, what):
+    """None, or a node name: a non-empty string of at most 40 bytes (the native descriptor's
+    room) without '.' (parameters are named "<node>.<suffix>")."""
+    if name is not None and (not isinstance(name, str) or not name or len(name.encode()) > 40 or "." in name):
+        raise InvalidArgumentError(f"{what} name must be a non-empty string of at most 40 bytes without '.', "
+                                   f"got {name!r}")
+    return name

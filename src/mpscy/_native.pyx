@@ -434,17 +434,19 @@ cdef class Graph:
             if not held:
                 PyBuffer_Release(&v)
 
-    def check_input(self, x, int k, str what):
+    def check_input(self, x, int k, str what, bint values=True):
         """The rules a step applies to input k (dtype, shape, contiguity, NaN and Inf), over all
-        of x's rows, nothing copied, rows named in x: fit's check before it trains. The built
-        batch's row limits are not a whole array's."""
+        of x's rows, nothing copied, rows named in x: fit's check before it trains (predict's,
+        with values False: the layout only). The built batch's row limits are not a whole
+        array's."""
         cdef Py_buffer v
         if not 0 <= k < self.n_inputs:
             raise _errors.InvalidArgumentError(f"no input {k}: this model has {self.n_inputs} inputs")
         _acquire(x, &v, what)
         try:
             self._input_layout(&v, x, k, -1, what, False)
-            self._input_values(&v, k, what, 0, NULL)
+            if values:
+                self._input_values(&v, k, what, 0, NULL)
         finally:
             PyBuffer_Release(&v)
 

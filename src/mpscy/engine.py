@@ -20,6 +20,9 @@ _SQUARE_SLOTS = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", 
 
 _BACKENDS = None
 
+# the most worker threads an engine's pool runs (objc/common/pool.c's MAX_THREADS)
+_MAX_THREADS = 64
+
 
 def backends():
     """Backends built into this mpscy whose device is present, in `device="auto"` order."""
@@ -118,8 +121,8 @@ class Engine:
             raise InvalidArgumentError(f"precision must be 'fp32' or 'tf32', got {precision!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
             raise InvalidArgumentError(f"seed must be an integer in [0, 2**64), got {seed!r}")
-        if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 0 <= threads < 2**31:
-            raise InvalidArgumentError(f"threads must be a non-negative integer (0: the device's default), "
+        if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 0 <= threads <= _MAX_THREADS:
+            raise InvalidArgumentError(f"threads must be an integer in [0, {_MAX_THREADS}] (0: the device's default), "
                                        f"got {threads!r}")
         optimizer = _optim.Adam() if optimizer is None else optimizer
         if not isinstance(optimizer, _optim.Optimizer):
@@ -144,6 +147,7 @@ class Engine:
                 "precision": precision, "threads": int(threads), "seed": self.seed,
                 "input_grad": bool(input_gradients)}
         self.input_gradients = bool(input_gradients)
+        self._threads = int(threads)
         self._device = _native.Device(self.device)
         self._graph = _native.Graph(self._device, model.native_layers(), spec)
         self._tensors = self._graph.tensors()
@@ -181,6 +185,12 @@ class Engine:
     def __del__(self):
         self._graph = None
 
+    def _not_copyable(self, *args):
+        raise TypeError("an Engine holds native device memory and cannot be pickled or copied: save it with "
+                        "engine.save(path) and rebuild it with mpscy.load(path)")
+
+    __reduce__ = __reduce_ex__ = __copy__ = __deepcopy__ = _not_copyable
+
     # ---------------------------------------------------------------- training
     def step(self, x, y):
         """One training step: forward, loss, backward and update in one native call.
@@ -204,11 +214,11 @@ class Engine:
         return g.train_step(x, y)
 
     def predict(self, x):
-        """Eval-mode outputs for any number of rows, float32 (n, *output_shape)."""
+        """Eval-mode outputs for any number of rows, float32 (n, *output_shape): the model's own
+        outputs (logits for a model ending in Dense under a cross-entropy loss, as torch's)."""
         g = self._g()
         n = _rows(x, self._n_inputs)
-        if n == 0:
-            raise ShapeError("x is an empty batch (0 rows)")
+        self._check_layout(g, x)
         out = np.empty((n,) + tuple(self.model.output_shape), dtype=np.float32)
         for i in range(0, n, self.batch_size):
             g.predict_batch(_rows_slice(x, self._n_inputs, i, i + self.batch_size), out, i)
@@ -218,11 +228,13 @@ class Engine:
         """Eval-mode mean loss and accuracy over any number of rows: dict(loss=, accuracy=)."""
         g = self._g()
         n = _rows(x, self._n_inputs)
+        self._check_layout(g, x)
         ny = _rows(y, 1, "y")
         if n == 0:
             raise ShapeError("x is an empty batch (0 rows)")
         if ny != n:
             raise ShapeError(f"y has {ny} rows for {n} rows of x")
+        g.check_target(y, "y", n)
         total, correct = 0.0, 0
         for i in range(0, n, self.batch_size):
             loss, c, rows = g.eval_batch(_rows_slice(x, self._n_inputs, i, i + self.batch_size),
@@ -230,6 +242,14 @@ class Engine:
             total += loss * rows
             correct += c
         return {"loss": total / n, "accuracy": g.accuracy_of(correct, n)}
+
+    def _check_layout(self, g, x):
+        """x's dtype, shape and contiguity as a whole array (each batch's call checks its values),
+        so that an error names the caller's array, not a batch's slice of it."""
+        xs = list(x) if self._n_inputs > 1 and isinstance(x, (list, tuple)) else [x]
+        if len(xs) == self._n_inputs:  # else each batch's call says how many inputs to pass
+            for k, a in enumerate(xs):
+                g.check_input(a, k, "x" if len(xs) == 1 else f"x[{k}]", False)
 
     def gradients(self, x, y):
         """Train-mode gradients of the mean loss on one batch, without updating anything:
@@ -532,8 +552,13 @@ class Engine:
         return self._device.stats()
 
     def device_info(self):
+        """The device: backend, name, memory, and `threads`: on cpu this engine's worker threads
+        (Engine(threads=N), else one per core, at most 64), on a GPU its multiprocessors."""
         self._g()
-        return self._device.info()
+        info = self._device.info()
+        if self.device == "cpu":
+            info["threads"] = min(self._threads or info["threads"], _MAX_THREADS)
+        return info
 
     def synchronize(self):
         """Waits until the device has finished this engine's last step, like

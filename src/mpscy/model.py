@@ -5,6 +5,7 @@ graph descriptor when an Engine is built. Nothing here touches native memory."""
 
 import numpy as np
 
+from ._checks import node_name
 from .errors import InvalidArgumentError, ShapeError
 from .layers import Layer
 
@@ -42,8 +43,9 @@ def _check_shape(shape, what="input_shape"):
 
 
 def Input(shape, name=None):
-    """A model input of per-sample `shape` (batch excluded), e.g. Input((1, 28, 28))."""
-    return Tensor(_check_shape(shape, "Input shape"), name=name)
+    """A model input of per-sample `shape` (batch excluded), e.g. Input((1, 28, 28)); `name` as a
+    layer's (default "input", or "input_<k>" for input k of several)."""
+    return Tensor(_check_shape(shape, "Input shape"), name=node_name(name, "Input"))
 
 
 class Node:
@@ -74,6 +76,9 @@ class Model:
             outputs = outputs[0]
         if not inputs or not all(isinstance(t, Tensor) and t.layer is None for t in inputs):
             raise InvalidArgumentError("Model inputs must be tensors made by mpscy.Input")
+        for k, t in enumerate(inputs):
+            if any(t is u for u in inputs[:k]):
+                raise InvalidArgumentError(f"Model input {k} is the same Input as an earlier one: pass each once")
         if not isinstance(outputs, Tensor):
             raise InvalidArgumentError("Model outputs must be an mpscy tensor")
         self._build(inputs, outputs)
@@ -196,20 +201,26 @@ class Sequential(Model):
                 raise InvalidArgumentError(f"{type(layer).__name__} takes several inputs: use the functional API")
         x = Tensor(_check_shape(input_shape, "input_shape"))
         t = x
-        names = []
-        for i, layer in enumerate(layers):
-            try:
-                t = layer(t)
-            except ShapeError as e:
-                raise ShapeError(f"layer {i} ({type(layer).__name__}): {e}") from None
-            names.append(layer.name or f"{layer.prefix}_{i}")
+        names, called = [], []
+        try:
+            for i, layer in enumerate(layers):
+                try:
+                    t = layer(t)
+                except ShapeError as e:
+                    raise ShapeError(f"layer {i} ({type(layer).__name__}): {e}") from None
+                called.append(layer)
+                names.append(layer.name or f"{layer.prefix}_{i}")
+            self._build([x], t)
+            for node, name in zip(self.nodes[1:], names):
+                node.name = name
+            seen = set()
+            for node in self.nodes:
+                if node.name in seen:
+                    raise InvalidArgumentError(f"two layers are named {node.name!r}")
+                seen.add(node.name)
+        except Exception:
+            for layer in called:  # a model that failed to build uses up none of its layers
+                layer._called = False
+            raise
         self.layers = layers
         self._names = names
-        self._build([x], t)
-        for node, name in zip(self.nodes[1:], names):
-            node.name = name
-        seen = set()
-        for node in self.nodes:
-            if node.name in seen:
-                raise InvalidArgumentError(f"two layers are named {node.name!r}")
-            seen.add(node.name)

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from .._checks import INT32_LIMIT, finite, integer, number, positive_int
+from .._checks import INT32_LIMIT, finite, integer, node_name, number, positive_int
 from ..errors import InvalidArgumentError, ShapeError
 
 
@@ -27,11 +27,7 @@ class Layer:
     n_inputs = 1
 
     def __init__(self, name=None):
-        if name is not None and (not isinstance(name, str) or not name or len(name.encode()) > 40
-                                 or "." in name):
-            raise InvalidArgumentError(f"layer name must be a non-empty string of at most 40 bytes "
-                                       f"without '.', got {name!r}")
-        self.name = name
+        self.name = node_name(name, "layer")
         self._called = False
 
     # -- what subclasses override ------------------------------------------------------
