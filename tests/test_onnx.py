@@ -1,6 +1,7 @@
 """mpscy.onnx: exported files pass onnx.checker's full check (IR 10, explicit opset, dynamic
 batch "N") and onnxruntime's predictions match engine.predict to 1e-5; files written by
 torch.onnx.export import and predict like the torch model to 1e-5, and fine-tune."""
+import json
 import sys
 
 import numpy as np
@@ -424,3 +425,240 @@ def test_a_linear_over_the_last_axis_of_a_3d_input_is_refused():
         for fn in (mpscy.onnx.read, mpscy.onnx.load):
             with pytest.raises(mpscy.UnsupportedError, match=rf"{what}: its input 'x' has rank 3 \(N, 3, 4\)"):
                 fn(proto)
+
+
+# ----------------------------------------------------------------------------- review fixes
+def _randomize(engine, seed=0):
+    """Random parameters and BatchNorm statistics (variances positive), so that predictions
+    depend on every value."""
+    rng = np.random.default_rng(seed)
+    params = {k: (rng.uniform(0.5, 1.5, v.shape) if k.endswith("running_var") else rng.normal(0, 0.5, v.shape))
+              .astype(np.float32) for k, v in engine.get_parameters().items()}
+    engine.set_parameters(params)
+    return params
+
+
+def _feeds(proto, *xs):
+    return {vi.name: x for vi, x in zip(proto.graph.input, xs)}
+
+
+def _renamed_input_engine(name, tail):
+    """An engine whose input node is named `name` after the model was built (a name Input may
+    refuse, such as "dense_0.weight": the exporter must not depend on that check)."""
+    x = mpscy.Input((3,))
+    t = x
+    for layer in tail:
+        t = layer(t)
+    engine = mpscy.Engine(mpscy.Model(x, t), loss="mse", device="cpu", batch_size=4)
+    engine.model.nodes[0].name = name
+    return engine
+
+
+@pytest.mark.parametrize("name", ["dense_0.weight", "dense_0.bias", "const.0", "gelu_1/erf"])
+def test_export_input_named_like_an_initializer(name, tmp_path):
+    """An input named like a parameter's initializer or a constant: the export had fed the input
+    as the Gemm's weight (onnxruntime: "Gemm: Invalid bias shape"; load: "the ONNX graph has no
+    data input"), or failed in onnx's shape inference. Initializers get other names; the input
+    keeps its own, onnxruntime and the re-imported model predict like the engine."""
+    engine = _renamed_input_engine(name, [layers.Dense(3), layers.GELU(), layers.Dense(2)])
+    _randomize(engine)
+    path = str(tmp_path / "m.onnx")
+    proto = mpscy.onnx.export(engine, path, opset=17)       # opset 17: GELU's formula has constants
+    onnx.checker.check_model(onnx.load(path), full_check=True)
+    assert [vi.name for vi in proto.graph.input] == [name]
+    names = [t.name for t in proto.graph.initializer] + [o for n in proto.graph.node for o in n.output]
+    assert len(names) == len(set(names)) and name not in names
+    x = np.random.default_rng(1).normal(size=(5, 3)).astype(np.float32)
+    np.testing.assert_allclose(_ort(path, {name: x}), engine.predict(x), rtol=RTOL, atol=ATOL)
+    back = mpscy.onnx.load(path, loss="mse", device="cpu")
+    assert set(back.get_parameters()) == set(engine.get_parameters())
+    np.testing.assert_allclose(back.predict(x), engine.predict(x), rtol=1e-6, atol=1e-7)
+
+
+def test_export_layer_named_like_an_intermediate_value(tmp_path):
+    """A layer named "d/flat" before a Dense "d" on an image input, whose Flatten value the
+    exporter had also named "d/flat" (onnx's ValidationError: not in SSA form); an output_name
+    spelled like an initializer or like that Flatten value of the output layer. All export,
+    check and predict alike, and import with the same parameter names."""
+    x = mpscy.Input((2, 3, 3))
+    hidden = mpscy.Model(x, layers.Dense(2)(layers.Dense(4, name="d")(layers.ReLU(name="d/flat")(x))))
+    y = mpscy.Input((2, 3, 3))
+    last = mpscy.Model(y, layers.Dense(4, name="d")(y))
+    xs = np.random.default_rng(2).normal(size=(3, 2, 3, 3)).astype(np.float32)
+    for k, (model, output_name) in enumerate(((hidden, "output"), (hidden, "d.weight"), (hidden, "d/flat_1"),
+                                              (last, "d/flat"), (last, "d.bias"))):
+        engine = mpscy.Engine(model, loss="mse", device="cpu", batch_size=4)
+        _randomize(engine)
+        path = str(tmp_path / f"m{k}.onnx")
+        proto = mpscy.onnx.export(engine, path, output_name=output_name)
+        onnx.checker.check_model(onnx.load(path), full_check=True)
+        assert proto.graph.output[0].name == output_name
+        assert len({n.name for n in proto.graph.node}) == len(proto.graph.node)
+        np.testing.assert_allclose(_ort(path, {"input": xs}), engine.predict(xs), rtol=RTOL, atol=ATOL)
+        back = mpscy.onnx.load(path, device="cpu")
+        assert set(back.get_parameters()) == set(engine.get_parameters())
+        np.testing.assert_allclose(back.predict(xs), engine.predict(xs), rtol=1e-6, atol=1e-7)
+
+
+def test_a_failed_export_writes_no_file(tmp_path, monkeypatch):
+    """An export refused before writing leaves no file; a write that fails half-way (a full
+    disk, say) leaves neither a partial file at the path nor a temporary one (it had written
+    straight to the path)."""
+    engine = mpscy.Engine(mpscy.Sequential([layers.Dense(4, name="output"), layers.Dense(2)], input_shape=(3,)),
+                          loss="mse", device="cpu", batch_size=4)
+    path = tmp_path / "m.onnx"
+    with pytest.raises(mpscy.InvalidArgumentError, match="a layer is named 'output'"):
+        mpscy.onnx.export(engine, str(path))
+    assert list(tmp_path.iterdir()) == []
+    real_save = onnx.save
+
+    def failing_save(proto, f, *args, **kwargs):
+        with open(f, "wb") as fh:
+            fh.write(proto.SerializeToString()[:10])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(onnx, "save", failing_save)
+    with pytest.raises(OSError, match="No space left") as info:
+        mpscy.onnx.export(engine, str(path), output_name="y")
+    assert info.value.filename == str(path)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(onnx, "save", real_save)
+    path.write_bytes(b"old")                                    # an existing file is replaced whole
+    mpscy.onnx.export(engine, str(path), output_name="y")
+    assert onnx.load(str(path)).graph.output[0].name == "y" and [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+def _every_layer_model():
+    """Every layer kind the exporter writes, with default (position) names and a few given
+    ones, options off their defaults: BatchNorm and LayerNorm with and without affine, a Dense
+    on an image (the export flattens it), a three-input Add (Sum) and a two-input one."""
+    x = mpscy.Input((2, 8, 8), name="image")
+    c = layers.Conv2D(4, 3, padding=1)(x)
+    r = layers.ReLU()(layers.BatchNorm(momentum=0.01, eps=1e-3)(c))
+    c2 = layers.BatchNorm(affine=False, momentum=0.3)(layers.Conv2D(4, 3, padding=1, bias=False, name="conv_b")(r))
+    s = layers.Add()([r, c2, c])
+    m = layers.MaxPool2D(2)(s)
+    a = layers.AvgPool2D(3, stride=2, padding=1, count_include_pad=False)(s)
+    cat = layers.Concatenate(axis=1)([m, a])
+    g = layers.GlobalAvgPool2D()(layers.LayerNorm((4, 4), elementwise_affine=False, eps=1e-4)(cat))
+    h = layers.Add()([layers.Dense(12)(layers.Flatten()(m)), layers.Dense(12, bias=False)(a)])
+    h = layers.GELU(approximate="tanh")(layers.GELU()(h))
+    h = layers.ELU(0.7)(layers.LeakyReLU(0.2)(layers.Swish()(h)))
+    h = layers.Dropout(0.3)(layers.Sigmoid()(layers.Tanh()(h)))
+    h = layers.BatchNorm(affine=False)(layers.Dense(12, name="mix")(layers.Concatenate()([h, g])))
+    h = layers.LayerNorm(12, elementwise_affine=False)(layers.LayerNorm(12, eps=1e-6)(h))
+    return mpscy.Model(x, layers.Softmax(axis=1)(layers.Dense(5)(h)))
+
+
+@needs_layers
+@pytest.mark.parametrize("opset", [17, 20])
+def test_round_trip_keeps_layer_names_and_options(tmp_path, opset):
+    """export -> load gives back every layer under its name (the importer had numbered them per
+    kind: dense_2 became dense_1), so the parameter names are the same and set_parameters
+    takes the original engine's; non-affine BatchNorm and LayerNorm come back non-affine (they
+    had come back with a trainable weight and bias), and float options come back as given
+    (momentum 0.3, not 0.30000001192...)."""
+    engine = mpscy.Engine(_every_layer_model(), device="cpu", batch_size=8)
+    params = _randomize(engine, 3)
+    path = str(tmp_path / "all.onnx")
+    proto = mpscy.onnx.export(engine, path, opset=opset)
+    props = {p.key: p.value for p in proto.metadata_props}
+    non_affine = [n.name for n in engine.model.nodes if type(n.layer).__name__ in ("BatchNorm", "LayerNorm")
+                  and not (getattr(n.layer, "affine", True) and getattr(n.layer, "elementwise_affine", True))]
+    assert len(non_affine) == 4 and sorted(json.loads(props["mpscy.non_affine"])) == sorted(non_affine)
+    back = mpscy.onnx.load(path, device="cpu", batch_size=8)
+    assert set(back.get_parameters()) == set(params)
+    back.set_parameters(params, strict=True)
+    original = {n.name: n.layer for n in engine.model.nodes if n.layer is not None}
+    imported = {n.name: n.layer for n in back.model.nodes if n.layer is not None}
+    for name, layer in original.items():
+        assert type(imported[name]) is type(layer) and imported[name].config() == layer.config(), name
+    extra = {name: type(layer).__name__ for name, layer in imported.items() if name not in original}
+    assert list(extra.values()) == ["Flatten"]                  # the Dense on an image: flattened first
+    xs = np.random.default_rng(4).normal(size=(11, 2, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(back.predict(xs), engine.predict(xs), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_ort(path, {"image": xs}), engine.predict(xs), rtol=1e-5, atol=1e-6)
+    again = mpscy.onnx.export(back, opset=opset)                # and the re-export is the same graph
+    assert [(n.op_type, n.name) for n in again.graph.node] == [(n.op_type, n.name) for n in proto.graph.node]
+
+
+def test_non_affine_metadata_is_mpscy_s_own():
+    """The "mpscy.non_affine" metadata is what makes a layer non-affine on import: the same file
+    without it (as another tool may write it) imports affine, with the identity weight and zero
+    bias; a listed node whose scale was edited since keeps it, affine. Malformed metadata is an
+    InvalidArgumentError."""
+    model = mpscy.Sequential([layers.Dense(6), layers.BatchNorm(affine=False),
+                              layers.LayerNorm(6, elementwise_affine=False), layers.Dense(3)], input_shape=(4,))
+    engine = mpscy.Engine(model, loss="mse", device="cpu", batch_size=4)
+    _randomize(engine)
+    proto = mpscy.onnx.export(engine)
+    x = np.random.default_rng(5).normal(size=(7, 4)).astype(np.float32)
+    kept = mpscy.onnx.load(proto, device="cpu")
+    assert not kept.model.nodes[2].layer.affine and not kept.model.nodes[3].layer.elementwise_affine
+    plain = onnx.ModelProto()
+    plain.CopyFrom(proto)
+    del plain.metadata_props[:]
+    foreign = mpscy.onnx.load(plain, device="cpu")
+    assert foreign.model.nodes[2].layer.affine and foreign.model.nodes[3].layer.elementwise_affine
+    assert set(foreign.get_parameters()) - set(kept.get_parameters()) == {
+        "batchnorm_1.weight", "batchnorm_1.bias", "layernorm_2.weight", "layernorm_2.bias"}
+    edited = onnx.ModelProto()
+    edited.CopyFrom(proto)
+    scale = next(t for t in edited.graph.initializer if t.name == "batchnorm_1.weight")
+    scale.CopyFrom(onnx.numpy_helper.from_array(np.full(6, 2.0, np.float32), scale.name))
+    changed = mpscy.onnx.load(edited, device="cpu")
+    assert changed.model.nodes[2].layer.affine and not changed.model.nodes[3].layer.elementwise_affine
+    for e, ref in ((kept, proto), (foreign, plain), (changed, edited)):
+        np.testing.assert_allclose(e.predict(x), _ort(ref, _feeds(ref, x)), rtol=RTOL, atol=ATOL)
+    bad = onnx.ModelProto()
+    bad.CopyFrom(proto)
+    bad.metadata_props[0].value = "batchnorm_1"
+    with pytest.raises(mpscy.InvalidArgumentError, match="mpscy.non_affine"):
+        mpscy.onnx.read(bad)
+
+
+def test_import_names_layers_after_nodes():
+    """In a file mpscy wrote (producer_name "mpscy"), a node with a valid, free name names its
+    layer; an empty, invalid ("a.b") or already taken name falls back to the numbering, which
+    skips the names nodes of the graph hold ("dense_0" is a Relu's). A file from another tool is
+    numbered throughout, its node names (torch's module paths) not kept."""
+    from onnx import TensorProto as TP, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    w1, w2, w3 = (rng.normal(size=(4, 4)).astype(np.float32) for _ in range(3))
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["a"], transB=1),
+             helper.make_node("Relu", ["a"], ["b"], name="dense_0"),
+             helper.make_node("Gemm", ["b", "w2"], ["c"], name="a.b", transB=1),
+             helper.make_node("Gemm", ["c", "w3"], ["d"], name="x", transB=1),
+             helper.make_node("Sigmoid", ["d"], ["y"], name="/head/Sigmoid")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TP.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("y", TP.FLOAT, ["N", 4])],
+                          [numpy_helper.from_array(w, n) for w, n in ((w1, "w1"), (w2, "w2"), (w3, "w3"))])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    xs = rng.normal(size=(3, 4)).astype(np.float32)
+    for producer, names in (("pytorch", ["x", "dense_0", "relu_0", "dense_1", "dense_2", "sigmoid_0"]),
+                            ("mpscy", ["x_1", "dense_1", "dense_0", "dense_2", "x", "/head/Sigmoid"])):
+        m.producer_name = producer
+        engine = mpscy.onnx.load(m, device="cpu")
+        assert [n.name for n in engine.model.nodes] == names, producer
+        np.testing.assert_allclose(engine.predict(xs), _ort(m, {"x": xs}), rtol=RTOL, atol=ATOL)
+
+
+def test_load_picks_a_loss_that_fits_the_output():
+    """load's default loss fits the model's output, so any model loads for predict (it had
+    raised "SparseCrossEntropy needs a (classes,) output" for a Conv output): cross-entropy for
+    a (classes,) output of 2+ classes, else mean squared error. An explicit loss is used as
+    given, and refused where it does not fit, as before."""
+    cases = [(mpscy.Sequential([layers.Conv2D(2, 3)], input_shape=(1, 5, 5)), (1, 5, 5), "MSE"),
+             (mpscy.Sequential([layers.Dense(1)], input_shape=(3,)), (3,), "MSE"),
+             (mpscy.Sequential([layers.Dense(4)], input_shape=(3,)), (3,), "SparseCrossEntropy")]
+    for model, shape, loss in cases:
+        engine = mpscy.Engine(model, loss="mse", device="cpu", batch_size=4)
+        proto = mpscy.onnx.export(engine)
+        back = mpscy.onnx.load(proto, device="cpu")
+        assert type(back.loss).__name__ == loss
+        x = np.random.default_rng(0).normal(size=(2, *shape)).astype(np.float32)
+        np.testing.assert_allclose(back.predict(x), engine.predict(x), rtol=1e-6, atol=1e-7)
+        assert type(mpscy.onnx.load(proto, loss="mae", device="cpu").loss).__name__ == "MAE"
+    with pytest.raises(mpscy.ShapeError, match=r"needs a \(classes,\) output"):
+        mpscy.onnx.load(mpscy.onnx.export(mpscy.Engine(cases[0][0], loss="mse", device="cpu")),
+                        loss="sparse_cross_entropy", device="cpu")

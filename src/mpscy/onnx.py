@@ -22,11 +22,19 @@ def read(source):
     return read_onnx(source)
 
 
-def load(source, loss="sparse_cross_entropy", optimizer=None, batch_size=32, device="auto", seed=0, **engine_kwargs):
+def load(source, loss=None, optimizer=None, batch_size=32, device="auto", seed=0, **engine_kwargs):
     """An Engine holding the ONNX model and its weights (BatchNorm statistics included), ready
-    for `predict` or for fine-tuning with `step`/`fit` under `loss` and `optimizer`."""
+    for `predict` or for fine-tuning with `step`/`fit` under `loss` and `optimizer`.
+
+    loss: as Engine's. None (the default) picks one that fits the model's output, so any model
+    loads for `predict`: "sparse_cross_entropy" for a (classes,) output of 2 or more classes,
+    else "mse". It is only a guess at how the model was trained: pass `loss=` explicitly to
+    fine-tune or `evaluate` (a one-unit binary head wants "bce_with_logits", say)."""
     from .engine import Engine
     model, params = read(source)
+    if loss is None:
+        shape = tuple(model.output_shape)
+        loss = "sparse_cross_entropy" if len(shape) == 1 and shape[0] >= 2 else "mse"
     engine = Engine(model, loss=loss, optimizer=optimizer, batch_size=batch_size, device=device, seed=seed,
                     **engine_kwargs)
     engine.set_parameters(params, strict=True)

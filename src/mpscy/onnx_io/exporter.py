@@ -2,9 +2,20 @@
 listed in objc/mpscy.h), so every layer kind the ABI knows is covered without depending on
 Python class names. The file has an explicit IR version and opset, a dynamic batch dimension
 "N" on inputs and output, initializers in raw_data, and passes onnx.checker's full check.
-Dropout is written as an inference-mode Dropout node (the identity) that keeps its ratio."""
+Dropout is written as an inference-mode Dropout node (the identity) that keeps its ratio.
 
+Names: the graph's inputs are the model's input names and its output `output_name`; every other
+value, initializer and node name is given out by _Writer, which makes it unique whatever the
+model's names are (an input named like a parameter, a layer named like another layer's
+intermediate value): a name already taken gets a suffix "_1", "_2", .... A layer's output value
+and the node that the importer makes that layer from carry the layer's name, so an export then
+import gives back the same layer and parameter names. Facts ONNX cannot hold are recorded in
+the model's metadata_props under "mpscy." keys (see METADATA_NON_AFFINE), which other tools
+ignore."""
+
+import json
 import math
+import os
 
 import numpy as np
 
@@ -12,26 +23,74 @@ from .. import __version__
 from ..errors import InvalidArgumentError, UnsupportedError
 from . import IR_VERSION, check_opset, onnx_modules
 
+# metadata_props key: a JSON list of the BatchNormalization / LayerNormalization node names whose
+# mpscy layer has no weight and bias (ONNX's operators need a scale and bias, written as ones and
+# zeros); the importer makes those layers non-affine again. Files from elsewhere lack it.
+METADATA_NON_AFFINE = "mpscy.non_affine"
+
+
+class _Own(str):
+    """The output value name of the layer being written (reserved for it, used as given), apart
+    from an intermediate's that happens to be spelled alike (output_name="d/flat" for a Dense
+    "d" that flattens its input first)."""
+
+
+class _Names:
+    """One namespace of unique names: `take(base)` gives `base`, or `base_1`, `base_2`, ...
+    when taken; `reserve` claims names given out later by `take_reserved`."""
+
+    def __init__(self):
+        self.used, self.reserved = set(), set()
+
+    def reserve(self, name):
+        self.reserved.add(name)
+
+    def take_reserved(self, name):
+        self.used.add(name)
+        return name
+
+    def take(self, base):
+        name, k = base, 0
+        while name in self.used or name in self.reserved:
+            k += 1
+            name = f"{base}_{k}"
+        self.used.add(name)
+        return name
+
 
 class _Writer:
     def __init__(self, opset):
         self.onnx, self.helper, self.numpy_helper, self.tp = onnx_modules()
         self.opset = opset
         self.nodes, self.inits, self._consts = [], [], {}
+        self.values, self.node_names = _Names(), _Names()   # ONNX keeps the two apart
+        self.own_node = None             # the node name of the layer being written
+        self.non_affine = []             # BatchNorm / LayerNorm node names without weight and bias
 
     def init(self, name, array):
+        """A float32 initializer named `name` (or a unique variant); returns its name."""
         array = np.array(array, dtype=np.float32, order="C")   # (ascontiguousarray would make 0-d 1-d)
+        name = self.values.take(name)
         self.inits.append(self.numpy_helper.from_array(array, name))
         return name
 
     def const(self, value):
-        """A shared float32 scalar initializer (named with a '.', which no layer name has)."""
+        """A shared float32 scalar initializer."""
         key = float(np.float32(value))
         if key not in self._consts:
             self._consts[key] = self.init(f"const.{len(self._consts)}", np.array(key, np.float32))
         return self._consts[key]
 
     def node(self, op, inputs, output, name, **attrs):
+        """A node named `name` writing value `output`; returns the output's name. The current
+        layer's own output value (an _Own) and node name (reserved up front for it) are used as
+        given; any other name (an intermediate's, such as "<layer>/flat") gets a unique variant,
+        so it cannot take a name that an input, the output or another layer has."""
+        output = self.values.take_reserved(str(output)) if isinstance(output, _Own) else self.values.take(output)
+        if name == self.own_node and name not in self.node_names.used:
+            name = self.node_names.take_reserved(name)
+        else:
+            name = self.node_names.take(name)
         self.nodes.append(self.helper.make_node(op, list(inputs), [output], name=name, **attrs))
         return output
 
@@ -55,7 +114,7 @@ def _gelu(w, x, out, name, tanh):
         t = w.node("Erf", [d], f"{name}/erf", f"{name}/erf")
     one = w.node("Add", [t, w.const(1.0)], f"{name}/one_plus", f"{name}/add_one")
     xm = w.node("Mul", [x, one], f"{name}/x_times", f"{name}/mul_x")
-    return w.node("Mul", [xm, w.const(0.5)], out, f"{name}/half")
+    return w.node("Mul", [xm, w.const(0.5)], out, name)    # the layer's node: the last one
 
 
 def _emit(w, n, desc, in_shapes, ins, out, params):
@@ -98,12 +157,13 @@ def _emit(w, n, desc, in_shapes, ins, out, params):
             return w.node("MaxPool", [x], out, name, **attrs)
         return w.node("AveragePool", [x], out, name, count_include_pad=int(ints[6]), **attrs)
     if kind == "globalavgpool2d":   # ONNX keeps (N, C, 1, 1); mpscy's output is (N, C)
-        g = w.node("GlobalAveragePool", [x], f"{name}/pooled", f"{name}/pool")
-        return w.node("Flatten", [g], out, name, axis=1)
+        g = w.node("GlobalAveragePool", [x], f"{name}/pooled", name)   # the node the importer makes the layer of
+        return w.node("Flatten", [g], out, f"{name}/flatten", axis=1)
     if kind in ("batchnorm", "layernorm"):
         if "affine" in flags:
             scale, bias = p("weight"), p("bias")
         else:
+            w.non_affine.append(name)
             c = in_shapes[0][0] if kind == "batchnorm" else None
             shape = (c,) if kind == "batchnorm" else tuple(in_shapes[0][len(in_shapes[0]) - int(ints[0]):])
             scale = w.init(f"{name}.weight", np.ones(shape, np.float32))
@@ -127,32 +187,73 @@ def _emit(w, n, desc, in_shapes, ins, out, params):
 def export(engine, path=None, opset=17, output_name="output", check=True):
     """Writes `engine`'s model with its current parameters (and BatchNorm statistics) as ONNX;
     returns the onnx.ModelProto. Input names are the model's input names, the output is
-    `output_name`; every tensor has the dynamic batch dimension "N"."""
+    `output_name`; every tensor has the dynamic batch dimension "N". Everything is checked
+    before `path` is written, and the file is written to a temporary name and renamed, so an
+    error leaves no file (and no partial one)."""
     check_opset(opset)
+    if not isinstance(output_name, str) or not output_name:
+        raise InvalidArgumentError(f"output_name must be a non-empty string, got {output_name!r}")
     w = _Writer(opset)
     onnx, helper, tp = w.onnx, w.helper, w.tp
     model, params = engine.model, engine.get_parameters()
     for k, n in enumerate(model.nodes):
+        if n.layer is None and (not isinstance(n.name, str) or not n.name):
+            raise InvalidArgumentError(f"model input {k} has the name {n.name!r}; ONNX needs a non-empty string")
         if n.name == output_name and k != model.output:
             raise InvalidArgumentError(f"{'an input' if n.layer is None else 'a layer'} is named {output_name!r}, "
                                        f"the name of the model's output in the ONNX graph: pass another output_name")
+    names = [n.name for n in model.nodes]
+    if len(set(names)) != len(names):    # Model refuses this; a model changed after it was built might not
+        twice = sorted({a for a in names if names.count(a) > 1})
+        raise InvalidArgumentError(f"the model's nodes must have distinct names for ONNX; {twice} are used twice")
+    # the graph's inputs, its output and each layer's output value and node keep their names;
+    # everything else (initializers, intermediates, constants) is made unique around them
+    for k, n in enumerate(model.nodes):
+        w.values.reserve(output_name if k == model.output else n.name)
+        w.node_names.reserve(n.name)
     values, inputs = {}, []
     for k, n in enumerate(model.nodes):
-        out = output_name if k == model.output else n.name
+        out = _Own(output_name if k == model.output else n.name)
         if n.layer is None:
-            values[k] = n.name
+            values[k] = w.values.take_reserved(n.name)
             inputs.append(helper.make_tensor_value_info(n.name, tp.FLOAT, ["N", *n.shape]))
             continue
         in_shapes = model._in_shapes(n)
         desc = {"kind": n.layer.kind, **n.layer.native(in_shapes)}
+        w.own_node = n.name
         values[k] = _emit(w, n, desc, in_shapes, [values[i] for i in n.inputs], out, params)
     outputs = [helper.make_tensor_value_info(output_name, tp.FLOAT, ["N", *model.output_shape])]
     graph = helper.make_graph(w.nodes, "mpscy_model", inputs, outputs, initializer=w.inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION,
                               producer_name="mpscy", producer_version=__version__,
                               doc_string=f"exported by mpscy {__version__} from {type(model).__name__}")
+    if w.non_affine:
+        helper.set_model_props(proto, {METADATA_NON_AFFINE: json.dumps(w.non_affine)})
     if check:
         onnx.checker.check_model(proto, full_check=True)
     if path is not None:
-        onnx.save(proto, path)
+        _save(onnx, proto, path)
     return proto
+
+
+def _save(onnx, proto, path):
+    """onnx.save to a temporary file beside `path`, renamed over it once complete (as
+    engine.save does), so a failed write leaves no partial file; the temporary name ends in
+    `path`'s suffix, by which onnx.save picks the format. A file object is written directly."""
+    if not isinstance(path, (str, os.PathLike)):
+        onnx.save(proto, path)
+        return
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}{os.path.splitext(path)[1]}"
+    try:
+        try:
+            onnx.save(proto, tmp)
+        except OSError as e:  # named by the path asked for, not the temporary file's
+            raise type(e)(e.errno, e.strerror, path) from None
+        try:
+            os.replace(tmp, path)
+        except OSError as e:  # a folder at `path`, say
+            raise type(e)(e.errno, e.strerror, path) from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

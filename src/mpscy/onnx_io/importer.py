@@ -3,12 +3,23 @@ writes for MLPs, CNNs and residual models (Gemm or MatMul+Add over (N, features)
 BatchNormalization, LayerNormalization, activations also in decomposed form, Softmax, pools,
 Flatten/Reshape, Add/Sum, Concat, Dropout) and what mpscy exports. Anything else raises
 UnsupportedError naming the node; data that is not an ONNX model, InvalidArgumentError.
-Operator handlers are in ops.py; nothing here touches an engine."""
+Operator handlers are in ops.py; nothing here touches an engine.
+
+Layer names: in a file mpscy wrote (producer_name "mpscy"), a layer takes the name of the ONNX
+node it is made from (for a pending expression, the node that wrote it: the last node of a
+decomposed GELU) when that is a valid mpscy layer name not taken yet, so what mpscy exported
+comes back with its layer and parameter names; other layers, and every layer of a file from
+another tool (torch's node names are module paths such as "/layer1/layer1.0/conv1/Conv"), are
+numbered per kind (dense_0, relu_0, ...), skipping every name a node could still claim. The model's metadata_props key "mpscy.non_affine" (written by mpscy's
+exporter) lists BatchNormalization / LayerNormalization nodes to import without weight and bias.
+Float attributes (float32 in ONNX) are read as the shortest decimal of their float32 value, so
+a momentum of 0.1 comes back as 0.1, not 0.10000000149."""
 
 # Nodes are read in order into symbolic values: constants, materialized mpscy tensors, or small
 # pending expressions (products, sums, erf/tanh/sigmoid, matmul) that become layers only when a
 # consumer needs a tensor, so a decomposed GELU or SiLU is recognised as one layer.
 
+import json
 import math
 import os
 
@@ -40,6 +51,7 @@ class Expr:
         self.op, self.args, self.const = op, list(args), const
         self.cached = None
         self.uses = 0        # node inputs that read it: only single-use products are flattened
+        self.node_name = None  # the ONNX node that wrote it: the name of the layer it becomes
 
 
 class ShapeVec:
@@ -53,6 +65,21 @@ def _close(a, b, rel=1e-5):
     return abs(float(a) - float(b)) <= rel * max(1.0, abs(float(b)))
 
 
+def _f32_decimal(v):
+    """The shortest decimal that reads back as float32(v): ONNX's float attributes and float32
+    scalars hold 0.1 as 0.100000001490116..., which mpscy's options would keep otherwise."""
+    return float(str(np.float32(v)))
+
+
+def _valid_layer_name(name):
+    """Whether `name` is a name an mpscy layer accepts (the layers' own rule)."""
+    try:
+        L.Layer(name=name)
+    except InvalidArgumentError:
+        return False
+    return True
+
+
 def _scalar(v):
     if isinstance(v, Const) and v.value.size == 1:
         return float(v.value.reshape(()))
@@ -61,22 +88,46 @@ def _scalar(v):
 
 # ----------------------------------------------------------------------------- the reader
 class _Reader:
-    def __init__(self, graph, numpy_helper, helper):
+    def __init__(self, graph, numpy_helper, helper, keep_names):
         self.graph, self.nh, self.helper = graph, numpy_helper, helper
+        self.keep_names = keep_names  # layers named after their nodes (a file mpscy wrote)
         self.values, self.params, self.counts = {}, {}, {}
         self.inputs = []
+        self.used = set()          # names given to inputs and layers
+        # every node name that could become a layer's: numbered names skip them all
+        self.claimable = {n.name for n in graph.node if _valid_layer_name(n.name)} if keep_names else set()
+        self.current = None        # the node being read: the default name of a layer made now
+        self.non_affine = set()    # node names from the "mpscy.non_affine" metadata
 
     # -- layers ----------------------------------------------------------------------
-    def _name(self, prefix):
+    def _name(self, prefix, wanted=None):
+        """`wanted` when it is a valid layer name nothing has taken, else <prefix>_<k> with the
+        lowest k of this prefix that neither a layer nor a node of the graph has."""
+        if self.keep_names and wanted is not None and wanted not in self.used and _valid_layer_name(wanted):
+            self.used.add(wanted)
+            return wanted
         k = self.counts.get(prefix, 0)
+        while f"{prefix}_{k}" in self.used or f"{prefix}_{k}" in self.claimable:
+            k += 1
         self.counts[prefix] = k + 1
+        self.used.add(f"{prefix}_{k}")
         return f"{prefix}_{k}"
 
-    def layer(self, cls, args, params=None, **kwargs):
-        """Calls a new layer on the materialized args and records its parameters."""
-        name = self._name(cls.prefix)
+    def input_name(self, onnx_name):
+        """A valid, unused mpscy name for a graph input, kept apart from the node names."""
+        base, k, name = _safe(onnx_name), 0, _safe(onnx_name)
+        while name in self.used or name in self.claimable:
+            k += 1
+            name = _fit(base, f"_{k}")
+        self.used.add(name)
+        return name
+
+    def layer(self, cls, args, params=None, node_name=False, **kwargs):
+        """Calls a new layer on the materialized args and records its parameters. The layer is
+        named after `node_name` (by default the node being read) where that name is free."""
+        tensors = [self.tensor(a) for a in args]     # layers of pending operands first
+        name = self._name(cls.prefix, self.current if node_name is False else node_name)
         layer = cls(name=name, **kwargs)
-        tensors = [self.tensor(a) for a in args]
         try:
             out = layer(tensors if len(tensors) > 1 else tensors[0])
         except ShapeError as e:
@@ -146,38 +197,40 @@ class _Reader:
         return const, out
 
     def _materialize(self, e):
+        named = {"node_name": e.node_name}
         if e.op in ("sigmoid", "tanh"):
-            return self.layer(L.Sigmoid if e.op == "sigmoid" else L.Tanh, [e.args[0]])
+            return self.layer(L.Sigmoid if e.op == "sigmoid" else L.Tanh, [e.args[0]], **named)
         if e.op == "matmul":
-            return self._dense(e.args[0], e.const, None)
+            return self._dense(e.args[0], e.const, None, e.node_name)
         if e.op == "add":
             if len(e.args) == 1 and isinstance(e.args[0], Expr) and e.args[0].op == "matmul" and e.const is not None:
                 w = e.args[0].const
                 if e.const.size in (1, w.shape[1]):
-                    return self._dense(e.args[0].args[0], w, np.broadcast_to(e.const.reshape(-1), (w.shape[1],)))
+                    return self._dense(e.args[0].args[0], w, np.broadcast_to(e.const.reshape(-1), (w.shape[1],)),
+                                       e.node_name)
             if e.const is None:
                 c, terms = self._flat(e)
                 if len(terms) >= 2 and c == 0.0:
-                    return self.layer(L.Add, terms)
+                    return self.layer(L.Add, terms, **named)
         if e.op == "mul" and len(e.args) == 2 and e.const is None:
             a, b = e.args
             for x, s in ((a, b), (b, a)):
                 if isinstance(s, Expr) and s.op == "sigmoid" and s.args[0] is x:
-                    return self.layer(L.Swish, [x])
+                    return self.layer(L.Swish, [x], **named)
         if e.op == "mul":
             gelu = self._match_gelu(e)
             if gelu is not None:
-                return self.layer(L.GELU, [gelu[0]], approximate=gelu[1])
+                return self.layer(L.GELU, [gelu[0]], approximate=gelu[1], **named)
         raise UnsupportedError(f"ONNX import: an expression ({_describe(e)}) has no mpscy layer")
 
-    def _dense(self, x, w, bias):
+    def _dense(self, x, w, bias, node_name):
         w = np.asarray(w, dtype=np.float32)
         if w.ndim != 2:
             raise UnsupportedError(f"MatMul with a {w.ndim}-D constant is not a Dense layer")
         params = {"weight": w.T}
         if bias is not None:
             params["bias"] = bias
-        return self.layer(L.Dense, [x], params, units=int(w.shape[1]), bias=bias is not None)
+        return self.layer(L.Dense, [x], params, node_name=node_name, units=int(w.shape[1]), bias=bias is not None)
 
     def _match_gelu(self, e):
         """0.5 x (1 + erf(x / sqrt 2)) or 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
@@ -242,14 +295,27 @@ class _Reader:
         handler = getattr(self, "op_" + op, None)
         if handler is None:
             raise UnsupportedError(f"ONNX import: operator {op} (node {node.name!r}) is not supported")
-        attrs = {a.name: self.helper.get_attribute_value(a) for a in node.attribute}
+        attrs = {}
+        for a in node.attribute:
+            v = self.helper.get_attribute_value(a)
+            if a.type == a.FLOAT:
+                v = _f32_decimal(v)
+            elif a.type == a.FLOATS:
+                v = [_f32_decimal(f) for f in v]
+            attrs[a.name] = v
         args = [self.get(i) for i in node.input]
         for a in args:
             if isinstance(a, Expr):
                 a.uses += 1
-        outs = handler(node, args, attrs)
+        self.current = node.name
+        try:
+            outs = handler(node, args, attrs)
+        finally:
+            self.current = None
         outs = outs if isinstance(outs, list) else [outs]
         for name, v in zip(node.output, outs):
+            if isinstance(v, Expr) and v.node_name is None:
+                v.node_name = node.name
             if name:
                 self.values[name] = v
 
@@ -301,8 +367,9 @@ def read_onnx(source):
     if opset is None or opset < 11:
         raise UnsupportedError(f"ONNX import needs the default opset >= 11, the file has {opset}")
     graph = proto.graph
-    r = _Reader(graph, nh, helper)
+    r = _Reader(graph, nh, helper, keep_names=proto.producer_name == "mpscy")
     r.opset = opset
+    r.non_affine = _non_affine(proto)
     inits = {t.name for t in graph.initializer}
     for t in graph.initializer:
         r.values[t.name] = Const(nh.to_array(t))
@@ -316,7 +383,7 @@ def read_onnx(source):
             raise UnsupportedError(f"ONNX input {vi.name!r} has shape {dims}; mpscy needs (batch, fixed sizes...)")
         if tt.elem_type != onnx.TensorProto.FLOAT:
             raise UnsupportedError(f"ONNX input {vi.name!r} is not float32")
-        t = Input(tuple(dims[1:]), name=_safe(vi.name))
+        t = Input(tuple(dims[1:]), name=r.input_name(vi.name))
         tensors.append(t)
         r.values[vi.name] = Sym(t)
     if not tensors:
@@ -331,7 +398,29 @@ def read_onnx(source):
     return model, {k: v for k, v in r.params.items() if k in used}
 
 
+def _non_affine(proto):
+    """The node names of the "mpscy.non_affine" metadata (empty when the file has none)."""
+    from .exporter import METADATA_NON_AFFINE
+    for p in proto.metadata_props:
+        if p.key == METADATA_NON_AFFINE:
+            try:
+                names = json.loads(p.value)
+            except ValueError:
+                names = None
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise InvalidArgumentError(f"ONNX import: the metadata {METADATA_NON_AFFINE!r} must be a JSON list of "
+                                           f"node names, got {p.value[:80]!r}")
+            return set(names)
+    return set()
+
+
+def _fit(base, suffix=""):
+    """base + suffix within 40 UTF-8 bytes, cutting base (at a character boundary)."""
+    room = 40 - len(suffix.encode())
+    return base.encode()[:room].decode(errors="ignore") + suffix
+
+
 def _safe(name):
     """A valid mpscy node name (no '.', at most 40 bytes) from an ONNX value name."""
-    s = "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in name)[:40]
+    s = _fit("".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in name))
     return s or "input"

@@ -6,7 +6,7 @@ import numpy as np
 
 from .. import layers as L
 from ..errors import UnsupportedError
-from .importer import Const, Expr, ShapeVec, Sym, _Reader, _scalar
+from .importer import Const, Expr, ShapeVec, Sym, _f32_decimal, _Reader, _scalar
 
 
 def _layer_class(name):
@@ -174,7 +174,8 @@ def _flatten(r, node, args, attrs):
 def _dropout(r, node, args, attrs):
     ratio = attrs.get("ratio", 0.5)
     if len(args) > 1 and args[1] is not None:
-        ratio = float(np.asarray(r.const_of(node.input[1], node)).reshape(()))
+        v = np.asarray(r.const_of(node.input[1], node)).reshape(())
+        ratio = _f32_decimal(v) if v.dtype == np.float32 else float(v)
     outs = [r.layer(L.Dropout, [args[0]], rate=ratio) if hasattr(L, "Dropout") and ratio > 0 else args[0]]
     return outs + [None] * (len(node.output) - 1)
 
@@ -331,14 +332,24 @@ def _gap(r, node, args, attrs):
     return out
 
 
+def _non_affine(r, node, scale, bias):
+    """Whether the node's mpscy layer had no weight and bias: named in the "mpscy.non_affine"
+    metadata, with the identity scale and zero bias the exporter writes for it (a file edited
+    since keeps them, as an affine layer)."""
+    return node.name in r.non_affine and bool(np.all(scale == 1)) and bool(np.all(bias == 0))
+
+
 @_set("BatchNormalization")
 def _batchnorm(r, node, args, attrs):
     if attrs.get("training_mode", 0):
         raise UnsupportedError(f"BatchNormalization {node.name!r} in training mode is not supported")
     scale, bias, mean, var = (np.asarray(r.const_of(n, node), np.float32) for n in node.input[1:5])
-    params = {"weight": scale, "bias": bias, "running_mean": mean, "running_var": var}
-    return r.layer(_layer_class("BatchNorm"), args[:1], params, momentum=1.0 - attrs.get("momentum", 0.9),
-                   eps=attrs.get("epsilon", 1e-5))
+    affine = not _non_affine(r, node, scale, bias)
+    params = {"weight": scale, "bias": bias} if affine else {}
+    params.update(running_mean=mean, running_var=var)
+    # ONNX's momentum is 1 - mpscy's (torch's), a float32: 1 - 0.9 comes back as 0.1
+    return r.layer(_layer_class("BatchNorm"), args[:1], params, momentum=_f32_decimal(1.0 - attrs.get("momentum", 0.9)),
+                   eps=attrs.get("epsilon", 1e-5), affine=affine)
 
 
 @_set("LayerNormalization")
@@ -349,11 +360,12 @@ def _layernorm(r, node, args, attrs):
     if axis < 1:
         raise UnsupportedError(f"LayerNormalization {node.name!r} over the batch axis is not supported")
     normalized = tuple(shape[axis - 1:])
-    scale = np.asarray(r.const_of(node.input[1], node), np.float32)
-    params = {"weight": np.broadcast_to(scale, normalized)}
+    scale = np.broadcast_to(np.asarray(r.const_of(node.input[1], node), np.float32), normalized)
     if len(args) > 2 and args[2] is not None:
-        params["bias"] = np.broadcast_to(np.asarray(r.const_of(node.input[2], node), np.float32), normalized)
+        bias = np.broadcast_to(np.asarray(r.const_of(node.input[2], node), np.float32), normalized)
     else:
-        params["bias"] = np.zeros(normalized, np.float32)
+        bias = np.zeros(normalized, np.float32)
+    affine = not _non_affine(r, node, scale, bias)
+    params = {"weight": scale, "bias": bias} if affine else {}
     return r.layer(_layer_class("LayerNorm"), args[:1], params, normalized_shape=normalized,
-                   eps=attrs.get("epsilon", 1e-5))
+                   eps=attrs.get("epsilon", 1e-5), elementwise_affine=affine)
