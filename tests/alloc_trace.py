@@ -43,6 +43,8 @@ def trace_steps(memray, fn, n, tmp_path):
     return on_thread, elsewhere, result
 
 
-def describe(records):
-    """Each record's thread, allocator and size: what a failure message shows."""
-    return [f"{getattr(r, 'thread_name', '') or 'thread ' + str(r.tid)}: {r.allocator.name} {r.size} B" for r in records]
+def describe(memray, records):
+    """Each record's thread, allocator and size: what a failure message shows. A record's
+    allocator is a plain int in memray 1.20's records (an AllocatorType value)."""
+    return [f"{getattr(r, 'thread_name', '') or 'thread ' + str(r.tid)}: {memray.AllocatorType(int(r.allocator)).name} "
+            f"{r.size} B" for r in records]

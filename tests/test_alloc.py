@@ -87,7 +87,7 @@ def test_memray_counts_no_allocation_in_500_steps(device, tmp_path):
     on_thread, elsewhere, r = trace_steps(memray, lambda: engine.step(x, y), 500, tmp_path)
     assert r.applied
     assert on_thread == [], f"{len(on_thread)} allocations on the stepping thread in 500 steps"
-    seen = describe(elsewhere)
+    seen = describe(memray, elsewhere)
     # a CUDA driver initialized in this process (cuda built and a GPU present: mpscy.backends()
     # probes it) runs helper threads of its own, whatever device this engine is on
     if device == "cpu" and "cuda" not in mpscy.backends():
@@ -127,3 +127,14 @@ def test_partial_batches_do_not_allocate(device):
     for rows in range(1, 33):
         engine.step(x[:rows], y[:rows])
     assert engine.stats()["allocations"] == before["allocations"]
+
+
+def test_memray_records_are_described_by_thread_allocator_and_size():
+    """The failure message of the test above (it crashed on the H200, where a driver thread's
+    88-byte malloc was the record to show: memray 1.20 gives the allocator as an int)."""
+    memray = pytest.importorskip("memray")
+    from types import SimpleNamespace
+    from alloc_trace import describe
+    records = [SimpleNamespace(tid=2, allocator=int(memray.AllocatorType.MALLOC), size=88),
+               SimpleNamespace(tid=7, thread_name="cuda-evt", allocator=memray.AllocatorType.MMAP, size=4096)]
+    assert describe(memray, records) == ["thread 2: MALLOC 88 B", "cuda-evt: MMAP 4096 B"]
