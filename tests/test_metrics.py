@@ -62,6 +62,7 @@ def test_precision_recall_f1_binary(seed):
         M.f1([0, 1, 2], [0, 1, 2])
 
 
+@pytest.mark.filterwarnings("ignore:'k' .* greater than or equal to 'n_classes'")  # k=7 of 7, asked on purpose
 def test_top_k_accuracy_with_ties(seed):
     rng = np.random.default_rng(seed)
     t = _labels(rng, 120, 7)
