@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The cuda backend under NVIDIA's compute-sanitizer, in ONE call on a GPU machine: builds in
+# place with the cuda backend forced on, then runs
+#   memcheck   (out-of-bounds and misaligned device accesses, leaks at exit) over the cuda
+#              layer, loss and one-kernel-MLP tests and the benchmark's three models;
+#   initcheck  (device reads of memory never written) over the layer and loss tests;
+#   racecheck  (shared-memory hazards) and synccheck (barrier misuse) over the benchmark's models.
+# Each tool's log goes to $OUT/<tool>_<what>.log; stdout gets each run's "ERROR SUMMARY" line and
+# its pytest summary. A pytest failure under a tool can be timing (kernels run 10-100x slower; a
+# deferred step's wait for the host may stall): the sanitizer's own summary is the result.
+# SAN_TOOLS narrows the tools (e.g. "memcheck"), SAN_MODELS the models (default "mlp_small cnn
+# mlp_wide"); SAN_TIMEOUT bounds each pytest run (default 150 s), SAN_MODEL_TIMEOUT each model's
+# (default 60 s).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/mpscy-gpu}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+[ -n "$SAN" ] || { echo "no compute-sanitizer here"; exit 1; }
+if [ -n "${WHEELS:-}" ]; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
+        || { echo "wheel install failed"; exit 1; }
+    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+    MPSCY_CUDA=1 MPSCY_CUDA_ARCH=${MPSCY_CUDA_ARCH:-90} $PY setup.py -q build_ext --inplace --force > "$OUT/build.log" 2>&1 \
+        || { tail -60 "$OUT/build.log"; exit 1; }
+    grep "^mpscy:" "$OUT/build.log"
+fi
+export PYTHONPATH=$PWD/src:${PYTHONPATH:-}
+export MPSCY_DEVICE=cuda
+TOOLS=${SAN_TOOLS:-memcheck initcheck racecheck synccheck}
+T=${SAN_TIMEOUT:-150}
+
+san() {  # seconds, tool, name, command...
+    local secs=$1 tool=$2 name=$3
+    shift 3
+    local extra=""
+    [ "$tool" = memcheck ] && extra="--leak-check full"
+    timeout "$secs" "$SAN" --tool "$tool" $extra --print-limit 50 --log-file "$OUT/${tool}_${name}.log" "$@" \
+        > "$OUT/${tool}_${name}.out" 2>&1
+    local rc=$?
+    echo "$tool $name: exit $rc; $(grep -h "ERROR SUMMARY\|RACECHECK SUMMARY\|LEAK SUMMARY" "$OUT/${tool}_${name}.log" | tr '\n' ' ')"
+    grep -E "^[0-9]+ (passed|failed)|passed|failed" "$OUT/${tool}_${name}.out" | tail -1
+}
+
+models() {  # the benchmark's models, a few staged steps each (cuda_profile.py's workload)
+    for m in ${SAN_MODELS:-mlp_small cnn mlp_wide}; do
+        san "${SAN_MODEL_TIMEOUT:-60}" "$1" "$m" $PY bench/cuda_profile.py "$m"
+    done
+}
+
+for tool in $TOOLS; do
+    case $tool in
+    memcheck)
+        # the >65535-channel cases take minutes under a tool
+        san "$T" memcheck layers $PY -m pytest tests/test_cuda_layers.py -k "not 65535" -q -p no:cacheprovider
+        san "$T" memcheck fused $PY -m pytest tests/test_cuda_fused.py -q -p no:cacheprovider
+        models memcheck ;;
+    initcheck)
+        san "$T" initcheck layers $PY -m pytest tests/test_cuda_layers.py -k "layer_matches_cpu or loss_matches_cpu" \
+            -q -p no:cacheprovider ;;
+    racecheck | synccheck)
+        models "$tool" ;;
+    esac
+done
