@@ -138,3 +138,28 @@ def test_memray_records_are_described_by_thread_allocator_and_size():
     records = [SimpleNamespace(tid=2, allocator=int(memray.AllocatorType.MALLOC), size=88),
                SimpleNamespace(tid=7, thread_name="cuda-evt", allocator=memray.AllocatorType.MMAP, size=4096)]
     assert describe(memray, records) == ["thread 2: MALLOC 88 B", "cuda-evt: MMAP 4096 B"]
+
+
+def test_a_dropped_engine_is_freed_without_the_cycle_collector(device):
+    """engine.history and an attached schedule point back at the engine; they hold it weakly, so
+    dropping the last reference frees the engine (and its device memory) at once, as a torch
+    module's, not whenever Python's cycle collector next runs. What fit returns outlives it."""
+    import weakref
+    from mpscy import callbacks
+    from mpscy.optim import schedules
+    x, y = data()
+    gc.collect()
+    gc.disable()
+    try:
+        engine = make(device)
+        engine.set_schedule(schedules.StepLR(engine, step_size=1, gamma=0.5))
+        history = engine.fit(x, y, epochs=2, verbose=0, callbacks=[
+            callbacks.EarlyStopping(monitor="loss", patience=5, restore_best_weights=True),
+            callbacks.LearningRateScheduler(lambda epoch: 0.01)])
+        assert history.engine is engine and len(history.history["loss"]) == 2
+        alive = weakref.ref(engine)
+        del engine
+        assert alive() is None, "the engine outlived its last reference (a reference cycle)"
+        assert history.engine is None and len(history.history["loss"]) == 2
+    finally:
+        gc.enable()

@@ -225,7 +225,8 @@ def test_schedule_drives_the_native_updates(device, case):
         build = CASES[case][0]
     a, b, c = _engine(device=device), _engine(device=device), _engine(device=device)
     sched = build(a)
-    ref_sched = build(_engine())          # the same values, computed on a separate engine
+    ref_engine = _engine()                # a schedule holds its engine weakly: keep it alive
+    ref_sched = build(ref_engine)         # the same values, computed on a separate engine
     values = [(ref_sched.engine.learning_rate, ref_sched.engine.momentum)]
     for m in metrics[:len(batches)]:
         ref_sched.step(m) if case == "plateau" else ref_sched.step()

@@ -12,6 +12,7 @@ import warnings
 
 import numpy as np
 
+from ._weak import WeakEngine
 from .errors import InvalidArgumentError
 
 __all__ = ["Callback", "CallbackList", "History", "EarlyStopping", "ModelCheckpoint",
@@ -19,7 +20,11 @@ __all__ = ["Callback", "CallbackList", "History", "EarlyStopping", "ModelCheckpo
 
 
 class Callback:
-    """Base class; override the hooks you need. `params` holds epochs, steps, verbose."""
+    """Base class; override the hooks you need. `params` holds epochs, steps, verbose.
+    `engine` is the engine fit runs, held weakly (engine.history is a callback: a strong
+    reference back would keep a dropped engine's memory until the cycle collector ran)."""
+
+    engine = WeakEngine()
 
     def __init__(self):
         self.engine = None

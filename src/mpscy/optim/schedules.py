@@ -9,6 +9,7 @@ import bisect
 import contextlib
 import math
 
+from .._weak import WeakEngine
 from ..errors import InvalidArgumentError
 
 __all__ = ["Schedule", "StepLR", "MultiStepLR", "ExponentialLR", "CosineAnnealingLR",
@@ -37,7 +38,11 @@ def _number(value, what, low=None, high=None, nan=False):
 class Schedule:
     """Base class. Subclasses give `lr_at(epoch)` (and `momentum_at(epoch)` when they cycle
     momentum). `last_epoch` counts `step()` calls; `base_lr` is the engine's initial rate (the
-    first schedule built on an engine records it, as torch records `initial_lr`)."""
+    first schedule built on an engine records it, as torch records `initial_lr`). `engine` is
+    held weakly (an attached schedule is the engine's: a strong reference back would keep a
+    dropped engine's memory until the cycle collector ran)."""
+
+    engine = WeakEngine("schedule")
 
     def __init__(self, engine):
         from ..engine import Engine  # late: engine imports optim
