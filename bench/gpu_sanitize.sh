@@ -2,7 +2,9 @@
 # The cuda backend under NVIDIA's compute-sanitizer, in ONE call on a GPU machine: builds in
 # place with the cuda backend forced on, then runs
 #   memcheck   (out-of-bounds and misaligned device accesses, leaks at exit) over the cuda
-#              layer, loss and one-kernel-MLP tests and the benchmark's three models;
+#              layer, loss and one-kernel-MLP tests and the benchmark's three models (whose
+#              engines are alive at exit: their buffers count as leaks), and bench/sanitize_leak.py,
+#              whose engines are all freed before it exits (its LEAK SUMMARY must be empty);
 #   initcheck  (device reads of memory never written) over the layer and loss tests;
 #   racecheck  (shared-memory hazards) and synccheck (barrier misuse) over the benchmark's models.
 # Each tool's log goes to $OUT/<tool>_<what>.log; stdout gets each run's "ERROR SUMMARY" line and
@@ -58,7 +60,8 @@ for tool in $TOOLS; do
         # the >65535-channel cases take minutes under a tool
         san "$T" memcheck layers $PY -m pytest tests/test_cuda_layers.py -k "not 65535" -q -p no:cacheprovider
         san "$T" memcheck fused $PY -m pytest tests/test_cuda_fused.py -q -p no:cacheprovider
-        models memcheck ;;
+        models memcheck
+        san "$T" memcheck leak $PY bench/sanitize_leak.py ;;
     initcheck)
         san "$T" initcheck layers $PY -m pytest tests/test_cuda_layers.py -k "layer_matches_cpu or loss_matches_cpu" \
             -q -p no:cacheprovider ;;

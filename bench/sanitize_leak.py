@@ -1,0 +1,53 @@
+"""Device memory given back: run under `compute-sanitizer --tool memcheck --leak-check full`
+(bench/gpu_sanitize.sh does), which reports every cudaMalloc not freed by the process's end.
+Engines on cuda (the one-kernel MLP, the README CNN, a wide MLP's cuBLASLt path) are closed,
+dropped without close, and dropped after fit with a schedule and callbacks attached (which once
+made reference cycles); with the cycle collector off, none may outlive its last reference.
+Prints the count of engines still alive (0) and exits; the sanitizer's LEAK SUMMARY is the result."""
+import gc
+import os
+import sys
+import weakref
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import mpscy  # noqa: E402
+from mpscy import callbacks, layers as L, optim  # noqa: E402
+from mpscy.optim import schedules  # noqa: E402
+
+
+def models():
+    yield [L.Dense(128), L.ReLU(), L.Dense(64), L.ReLU(), L.Dense(10)], (784,), 32
+    yield [L.Conv2D(32, 3, padding=1), L.ReLU(), L.MaxPool2D(2), L.Conv2D(64, 3, padding=1), L.BatchNorm(), L.ReLU(),
+           L.GlobalAvgPool2D(), L.Dense(10)], (3, 32, 32), 64
+    yield [L.Dense(1024), L.ReLU(), L.Dense(1024), L.ReLU(), L.Dense(10)], (784,), 256
+
+
+def main():
+    gc.disable()
+    rng = np.random.default_rng(0)
+    alive = []
+    for build, shape, batch in models():
+        x = rng.standard_normal((batch,) + shape).astype(np.float32)
+        y = rng.integers(0, 10, batch).astype(np.int32)
+        for how in ("close", "drop", "fit"):
+            e = mpscy.Engine(mpscy.Sequential(build, input_shape=shape), optimizer=optim.SGD(0.01, momentum=0.9),
+                             batch_size=batch, device=os.environ.get("SAN_DEVICE", "cuda"), seed=0)
+            build = [type(layer)(**layer.config()) for layer in build]  # fresh layers for the next engine
+            e.step(x, y)
+            e.step(x[: batch // 2], y[: batch // 2])  # a partial batch's graph too
+            if how == "close":
+                e.close()
+            if how == "fit":
+                e.set_schedule(schedules.StepLR(e, step_size=1))
+                e.fit(x, y, epochs=2, verbose=0, callbacks=[callbacks.EarlyStopping(monitor="loss")])
+            alive.append(weakref.ref(e))
+            del e
+    left = sum(r() is not None for r in alive)
+    print(f"engines built {len(alive)}, still alive {left}")
+    return 1 if left else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
