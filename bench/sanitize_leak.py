@@ -24,10 +24,26 @@ def models():
     yield [L.Dense(1024), L.ReLU(), L.Dense(1024), L.ReLU(), L.Dense(10)], (784,), 256
 
 
+def device_free_bytes():
+    """cudaMemGetInfo's free bytes through the CUDA runtime mpscy loaded (None off cuda)."""
+    import ctypes
+    for name in ("libcudart.so", "libcudart.so.13", "libcudart.so.12"):
+        try:
+            rt = ctypes.CDLL(name)
+        except OSError:
+            continue
+        free, total = ctypes.c_size_t(), ctypes.c_size_t()
+        return free.value if rt.cudaMemGetInfo(ctypes.byref(free), ctypes.byref(total)) == 0 else None
+    return None
+
+
 def main():
     gc.disable()
     rng = np.random.default_rng(0)
     alive = []
+    first = mpscy.Engine(mpscy.Sequential([L.Dense(2)], input_shape=(2,)), loss="mse",
+                         device=os.environ.get("SAN_DEVICE", "cuda"))  # the context, before the count
+    before = device_free_bytes()
     for build, shape, batch in models():
         x = rng.standard_normal((batch,) + shape).astype(np.float32)
         y = rng.integers(0, 10, batch).astype(np.int32)
@@ -45,7 +61,10 @@ def main():
             alive.append(weakref.ref(e))
             del e
     left = sum(r() is not None for r in alive)
-    print(f"engines built {len(alive)}, still alive {left}")
+    after = device_free_bytes()
+    held = "unknown" if before is None or after is None else f"{(before - after) / 2**20:.1f} MiB"
+    print(f"engines built {len(alive)}, still alive {left}; device memory not given back: {held}")
+    first.close()
     return 1 if left else 0
 
 
