@@ -12,7 +12,7 @@
 # deferred step's wait for the host may stall): the sanitizer's own summary is the result.
 # SAN_TOOLS narrows the tools (e.g. "memcheck"), SAN_MODELS the models (default "mlp_small cnn
 # mlp_wide"); SAN_TIMEOUT bounds each pytest run (default 150 s), SAN_MODEL_TIMEOUT each model's
-# (default 60 s).
+# (default 60 s); SAN_TESTS=0 skips the pytest runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/mpscy-gpu}
@@ -58,8 +58,8 @@ for tool in $TOOLS; do
     case $tool in
     memcheck)
         # the >65535-channel cases take minutes under a tool
-        san "$T" memcheck layers $PY -m pytest tests/test_cuda_layers.py -k "not 65535" -q -p no:cacheprovider
-        san "$T" memcheck fused $PY -m pytest tests/test_cuda_fused.py -q -p no:cacheprovider
+        [ "${SAN_TESTS:-1}" = 1 ] && san "$T" memcheck layers $PY -m pytest tests/test_cuda_layers.py -k "not 65535" -q -p no:cacheprovider
+        [ "${SAN_TESTS:-1}" = 1 ] && san "$T" memcheck fused $PY -m pytest tests/test_cuda_fused.py -q -p no:cacheprovider
         models memcheck
         san "$T" memcheck leak $PY bench/sanitize_leak.py ;;
     initcheck)
