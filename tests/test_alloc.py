@@ -163,3 +163,24 @@ def test_a_dropped_engine_is_freed_without_the_cycle_collector(device):
         assert history.engine is None and len(history.history["loss"]) == 2
     finally:
         gc.enable()
+
+
+def test_closing_an_engine_gives_back_every_native_byte(device):
+    """The native counters of the engine's device, kept alive past close(): every byte the graph
+    took (buffers, staging, partial-batch graphs, the runtime's workspaces) is given back, down to
+    what a fresh device holds. On cuda a buffer counts as given back only once cudaFree or
+    cudaFreeHost succeeded."""
+    fresh = mpscy._native.Device(device).stats()
+    engine = make(device)
+    x, y = data()
+    engine.step(x, y)
+    engine.step(x[:5], y[:5])  # a partial batch's own graph
+    engine.predict(np.concatenate([x, x, x[:3]]))
+    engine.evaluate(x, y)
+    dev = engine._device
+    held = dev.stats()
+    assert held["bytes_in_use"] > fresh["bytes_in_use"] and held["allocations"] > fresh["allocations"]
+    engine.close()
+    after = dev.stats()
+    assert after["bytes_in_use"] == fresh["bytes_in_use"], (fresh, held, after)
+    assert after["allocations"] - after["frees"] == fresh["allocations"] - fresh["frees"], (fresh, after)

@@ -38,9 +38,14 @@ int cu_dev_alloc(mpscy_device dev, void **p, size_t bytes) {
     return MPSCY_OK;
 }
 
+/* A buffer counts as freed only once the runtime took it back: a failed free stays in
+ * bytes_in_use, where tests/test_alloc.py sees it. */
 void cu_dev_free(mpscy_device dev, void *p, size_t bytes) {
     if (!p) return;
-    cudaFree(p);
+    if (cudaFree(p) != cudaSuccess) {
+        cudaGetLastError();
+        return;
+    }
     mpscy_count_free(&dev->stats, bytes ? bytes : 4);
 }
 
@@ -59,7 +64,10 @@ int cu_pinned_alloc(mpscy_device dev, void **p, size_t bytes) {
 
 void cu_pinned_free(mpscy_device dev, void *p, size_t bytes) {
     if (!p) return;
-    cudaFreeHost(p);
+    if (cudaFreeHost(p) != cudaSuccess) {
+        cudaGetLastError();
+        return;
+    }
     mpscy_count_free(&dev->stats, bytes ? bytes : 4);
 }
 
