@@ -8,26 +8,9 @@
 # "--paired 15" (the ratio targets also timed in interleaved rounds). Narrower runs: TESTS (pytest
 # paths), PYTEST_ARGS, BENCH_ARGS (e.g. "--only cnn --paired 15"; "" for no interleaved rounds),
 # PROFILE_MODELS, SKIP_TESTS/SKIP_BENCH/SKIP_PROFILE.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/mpscy-gpu}
-mkdir -p "$OUT"
-PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1
-if [ -n "${WHEELS:-}" ]; then
-    ls "$WHEELS"/*.whl > /dev/null 2>&1 \
-        || { echo "no wheels in $WHEELS: run bench/fetch_wheels.sh where pip works, and carry $WHEELS"; exit 1; }
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
-        || { echo "wheel install failed"; exit 1; }
-    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
-t0=$(date +%s)
-MPSCY_CUDA=1 MPSCY_CUDA_ARCH=${MPSCY_CUDA_ARCH:-90} $PY setup.py -q build_ext --inplace --force > "$OUT/build.log" 2>&1 \
-    || { tail -60 "$OUT/build.log"; exit 1; }
-grep "^mpscy:" "$OUT/build.log"
-echo "build: $(( $(date +%s) - t0 )) s"
-export PYTHONPATH=$PWD/src:${PYTHONPATH:-}
+SKIP_BUILD=0
+source "$(dirname "$0")/gpu_setup.sh"
 $PY -c "import mpscy; from mpscy import layers as L; print('backends:', mpscy.backends()); print(mpscy.Engine(mpscy.Sequential([L.Dense(2)], input_shape=(2,)), loss='mse', device='cuda').device_info())"
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then

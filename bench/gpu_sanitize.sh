@@ -13,25 +13,9 @@
 # SAN_TOOLS narrows the tools (e.g. "memcheck"), SAN_MODELS the models (default "mlp_small cnn
 # mlp_wide"); SAN_TIMEOUT bounds each pytest run (default 150 s), SAN_MODEL_TIMEOUT each model's
 # (default 60 s); SAN_TESTS=0 skips the pytest runs.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/mpscy-gpu}
-mkdir -p "$OUT"
-PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1
+source "$(dirname "$0")/gpu_setup.sh"  # SKIP_BUILD=1: the build already in place
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
 [ -n "$SAN" ] || { echo "no compute-sanitizer here"; exit 1; }
-if [ -n "${WHEELS:-}" ]; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
-        || { echo "wheel install failed"; exit 1; }
-    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-if [ "${SKIP_BUILD:-0}" != 1 ]; then
-    MPSCY_CUDA=1 MPSCY_CUDA_ARCH=${MPSCY_CUDA_ARCH:-90} $PY setup.py -q build_ext --inplace --force > "$OUT/build.log" 2>&1 \
-        || { tail -60 "$OUT/build.log"; exit 1; }
-    grep "^mpscy:" "$OUT/build.log"
-fi
-export PYTHONPATH=$PWD/src:${PYTHONPATH:-}
 export MPSCY_DEVICE=cuda
 TOOLS=${SAN_TOOLS:-memcheck initcheck racecheck synccheck}
 T=${SAN_TIMEOUT:-150}
