@@ -31,28 +31,32 @@ class Callback:
         self.params = {}
 
     def set_engine(self, engine):
+        """Called by fit before training: the engine it trains."""
         self.engine = engine
 
     def set_params(self, params):
+        """Called by fit before training: epochs, steps per epoch, verbose."""
         self.params = dict(params)
 
     def on_train_begin(self, logs=None):
-        pass
+        """Before the first epoch."""
 
     def on_train_end(self, logs=None):
-        pass
+        """After the last epoch, or when training stopped early."""
 
     def on_epoch_begin(self, epoch, logs=None):
-        pass
+        """Before epoch `epoch` (0-based) runs its first batch."""
 
     def on_epoch_end(self, epoch, logs=None):
-        pass
+        """After epoch `epoch`: logs holds its loss, accuracy, metrics, validation values and
+        lr; a callback may add keys for those after it."""
 
     def on_train_batch_begin(self, batch, logs=None):
-        pass
+        """Before batch `batch` (0-based within the epoch); called only when overridden."""
 
     def on_train_batch_end(self, batch, logs=None):
-        pass
+        """After batch `batch`: logs holds the epoch's running mean loss and accuracy so far (as
+        Keras's) and the batch's size; called only when overridden."""
 
 
 def _overrides(cb, name):
@@ -74,6 +78,7 @@ class CallbackList:
         self.batch_end = [cb for cb in self.callbacks if _overrides(cb, "on_train_batch_end")]
 
     def call(self, hook, *args):
+        """Calls hook (a method name) with args on every callback, in order."""
         for cb in self.callbacks:
             getattr(cb, hook)(*args)
 
@@ -156,6 +161,7 @@ class EarlyStopping(Callback):
 
     @property
     def best(self):
+        """The best value of the monitored quantity so far (inf or -inf before the first)."""
         return self._m.best
 
     def on_epoch_end(self, epoch, logs=None):
@@ -204,6 +210,7 @@ class ModelCheckpoint(Callback):
 
     @property
     def best(self):
+        """The best value of the monitored quantity so far (inf or -inf before the first)."""
         return self._m.best
 
     def on_epoch_end(self, epoch, logs=None):

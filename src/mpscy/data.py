@@ -30,6 +30,8 @@ class Dataset:
         raise NotImplementedError
 
     def get_batch(self, indices):
+        """The samples at `indices` (a sequence or a slice) stacked into batch arrays: (x, y),
+        or x alone for a dataset without labels. Subclasses may return them faster."""
         if isinstance(indices, slice):
             indices = range(*indices.indices(len(self)))
         samples = [self[int(i)] for i in indices]

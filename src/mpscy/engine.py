@@ -174,6 +174,7 @@ class Engine:
 
     @property
     def closed(self):
+        """Whether close() was called (every further call raises StateError)."""
         return self._graph is None
 
     def __enter__(self):

@@ -26,9 +26,12 @@ class Loss:
         """Raises when the loss does not fit a per-sample output shape (nothing by default)."""
 
     def accuracy(self, output_shape):
+        """How a step counts correct predictions for this output: "argmax", "threshold" or
+        "none" (the StepResult's accuracy is then None)."""
         return "none"
 
     def config(self):
+        """Constructor arguments, for repr and checkpoints."""
         return {}
 
     def __repr__(self):

@@ -129,10 +129,12 @@ class Model:
     # -- descriptions --------------------------------------------------------------------
     @property
     def input_shape(self):
+        """The per-sample input shape (batch excluded); a list of them for several inputs."""
         return self.input_shapes[0] if len(self.input_shapes) == 1 else self.input_shapes
 
     @property
     def output_shape(self):
+        """The per-sample output shape (batch excluded)."""
         return self.nodes[self.output].shape
 
     def _in_shapes(self, node):

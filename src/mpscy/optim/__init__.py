@@ -46,9 +46,11 @@ class Optimizer:
         self.lr = _nonneg(lr, "lr")
 
     def spec(self):
+        """The native optimizer descriptor (kind, hyperparameters, flags) the engine builds."""
         raise NotImplementedError
 
     def config(self):
+        """Constructor arguments, for repr and checkpoints."""
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
     def __repr__(self):

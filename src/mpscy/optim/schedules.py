@@ -60,9 +60,11 @@ class Schedule:
         self._set_epoch(0)
 
     def lr_at(self, epoch):
+        """The learning rate for step (or epoch) `epoch`, by torch's formula for this schedule."""
         raise NotImplementedError
 
     def momentum_at(self, epoch):
+        """The momentum (or beta1) for `epoch` where the schedule cycles it, else None."""
         return None
 
     def _set_epoch(self, epoch):
