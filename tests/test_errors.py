@@ -607,3 +607,21 @@ def test_threads_are_bounded_and_reported():
     assert mpscy.Engine(model(), device="cpu", threads=3).device_info()["threads"] == 3
     default = mpscy.Engine(model(), device="cpu").device_info()["threads"]
     assert default == min(os.cpu_count() or 1, 64)
+
+
+def test_a_finite_loss_with_an_overflowing_gradient_is_refused(device):
+    """The step's finiteness decision covers the gradient norm, not only the loss: weight and x
+    of 1e19 give an output of 1e38 (finite in float32) and a weight gradient of 2e38 * 1e19
+    (inf in float32). gradients() and step() raise NonFiniteError; nothing is updated."""
+    engine = mpscy.Engine(mpscy.Sequential([layers.Dense(1)], input_shape=(1,)), loss="mse",
+                          optimizer=optim.SGD(lr=0.1), batch_size=1, device=device, seed=0)
+    engine.set_parameters({"dense_0.weight": np.full((1, 1), 1e19, np.float32),
+                           "dense_0.bias": np.zeros(1, np.float32)})
+    before = engine.get_parameters()
+    x, t = np.full((1, 1), 1e19, np.float32), np.zeros((1, 1), np.float32)
+    with pytest.raises(mpscy.NonFiniteError, match=r"gradient norm (inf|nan): not finite \("):
+        engine.gradients(x, t)
+    with pytest.raises(mpscy.NonFiniteError, match=r"gradient norm (inf|nan): not finite, update skipped"):
+        engine.step(x, t)
+    for k, v in engine.get_parameters().items():
+        np.testing.assert_array_equal(v, before[k])

@@ -140,6 +140,21 @@ def build(device, layer, in_shape, batch, seed=3, **kw):
     return mpscy.Engine(model, loss="mse", batch_size=batch, device=device, seed=seed, input_gradients=True, **kw)
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if CASES[c][1] == "maxpool2d"])
+def test_maxpool_ties_send_the_gradient_to_the_first_maximum(device, rng, case):
+    """Inputs drawn from {0, 1, 2} tie in almost every window: each window's gradient goes to its
+    first maximum in row-major order, as torch's (and the reference's) argmax, not to the last
+    (a mutation the normal-valued cases could not see)."""
+    factory, kind, opts, in_shape, rows = CASES[case]
+    engine = build(device, factory(), in_shape, rows)
+    x = rng.integers(0, 3, (rows,) + in_shape).astype(np.float32)
+    y, cache = R.maxpool2d_forward(x.astype(np.float64), {}, dict(opts, train=True))
+    t = rng.standard_normal(y.shape).astype(np.float32)
+    _, dy = R.loss_ref("mse", y, t)
+    dx, _ = R.maxpool2d_backward(dy, cache)
+    assert R.rel_err(engine.gradients(x, t)["input"], dx) < 1e-6
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_layer_matches_reference(device, rng, case):
     """Train-mode loss and every gradient (parameters and d loss / d x) within 1e-4 relative of
