@@ -379,3 +379,81 @@ def test_a_failed_build_uses_up_no_layers_and_inputs_are_checked():
             mpscy.Input(4, name=bad)
     x = mpscy.Input(4, name="pixels")
     assert mpscy.Model(x, layers.Dense(2)(x)).nodes[0].name == "pixels"
+
+
+# ------------------------------------------------------------------ gradients added into a fan-out
+# (a mutation run found that a Dense, Softmax or Flatten whose input also feeds a layer that runs
+# backward first could overwrite that gradient instead of adding to it, and no test saw it)
+
+def _fanout_params(P, name):
+    return {k.split(".", 1)[1]: v.astype(np.float64) for k, v in P.items() if k.split(".", 1)[0] == name}
+
+
+def _fanout_engine(device, model, batch, loss="mse"):
+    return mpscy.Engine(model, loss=loss, batch_size=batch, device=device, seed=2, input_gradients=True)
+
+
+def _fanout_check(g, loss, grads, dx):
+    assert abs(g["loss"] - loss) <= 1e-5 * max(loss, 1.0)
+    for k, v in grads.items():
+        assert R.rel_err(g[k], v) < 1e-4, k
+    assert R.rel_err(g["input"], dx) < 1e-4
+
+
+def test_dense_accumulates_into_a_fanned_out_input(device, rng):
+    """y = h + Dense_b(h), h = Dense_a(x): h feeds Add (last node, runs backward first and writes
+    dh) and Dense_b, whose dx = dy W_b must be added to it, not overwrite it."""
+    x_in = mpscy.Input((5,))
+    h = layers.Dense(4, name="a")(x_in)
+    model = mpscy.Model(x_in, layers.Add()([h, layers.Dense(4, name="b")(h)]))
+    engine = _fanout_engine(device, model, 3)
+    P = engine.get_parameters()
+    a, b = _fanout_params(P, "a"), _fanout_params(P, "b")
+    x = rng.standard_normal((3, 5)).astype(np.float32)
+    h64 = x.astype(np.float64) @ a["weight"].T + a["bias"]
+    y = h64 + h64 @ b["weight"].T + b["bias"]
+    t = rng.standard_normal(y.shape).astype(np.float32)
+    loss, dy = R.loss_ref("mse", y, t)
+    dh = dy + dy @ b["weight"]
+    grads = {"a.weight": dh.T @ x, "a.bias": dh.sum(0), "b.weight": dy.T @ h64, "b.bias": dy.sum(0)}
+    _fanout_check(engine.gradients(x, t), loss, grads, dh @ a["weight"])
+
+
+def test_softmax_accumulates_into_a_fanned_out_input(device, rng):
+    """y = h + softmax(h), h = Dense(x): Softmax's gradient s * (dy - <dy, s>) must be added to
+    the dy that Add wrote into dh."""
+    x_in = mpscy.Input((6,))
+    h = layers.Dense(5, name="d")(x_in)
+    model = mpscy.Model(x_in, layers.Add()([h, layers.Softmax()(h)]))
+    engine = _fanout_engine(device, model, 4)
+    d = _fanout_params(engine.get_parameters(), "d")
+    x = rng.standard_normal((4, 6)).astype(np.float32)
+    h64 = x.astype(np.float64) @ d["weight"].T + d["bias"]
+    e = np.exp(h64 - h64.max(1, keepdims=True))
+    s = e / e.sum(1, keepdims=True)
+    t = rng.standard_normal(h64.shape).astype(np.float32)
+    loss, dy = R.loss_ref("mse", h64 + s, t)
+    dh = dy + s * (dy - (dy * s).sum(1, keepdims=True))
+    _fanout_check(engine.gradients(x, t), loss, {"d.weight": dh.T @ x, "d.bias": dh.sum(0)}, dh @ d["weight"])
+
+
+def test_flatten_accumulates_into_a_fanned_out_input(device, rng):
+    """y = flatten(a) + flatten(conv_b(a)), a = conv_a(x) (1x1 convolutions): a feeds Flatten and
+    conv_b; whichever runs backward second must add its gradient to da."""
+    x_in = mpscy.Input((2, 3, 4))
+    a = layers.Conv2D(2, 1, name="a")(x_in)
+    model = mpscy.Model(x_in, layers.Add()([layers.Flatten()(a), layers.Flatten()(layers.Conv2D(2, 1, name="b")(a))]))
+    engine = _fanout_engine(device, model, 3)
+    P = engine.get_parameters()
+    one = dict(kernel=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1)
+    x = rng.standard_normal((3, 2, 3, 4)).astype(np.float32)
+    ya, ca = R.conv2d_forward(x.astype(np.float64), _fanout_params(P, "a"), one)
+    yb, cb = R.conv2d_forward(ya, _fanout_params(P, "b"), one)
+    y = (ya + yb).reshape(3, -1)
+    t = rng.standard_normal(y.shape).astype(np.float32)
+    loss, dy = R.loss_ref("mse", y, t)
+    dy4 = dy.reshape(ya.shape)
+    dab, gb = R.conv2d_backward(dy4, cb)
+    dx, ga = R.conv2d_backward(dy4 + dab, ca)
+    grads = {f"a.{k}": v for k, v in ga.items()} | {f"b.{k}": v for k, v in gb.items()}
+    _fanout_check(engine.gradients(x, t), loss, grads, dx)

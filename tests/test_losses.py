@@ -326,3 +326,19 @@ def test_sparse_cross_entropy_ignores_a_minus_inf_logit_off_the_label(device):
     g = engine.gradients(x, y)
     assert abs(g["loss"] - np.log(2.0)) < 1e-6
     assert np.allclose(g["d.weight"], [[-0.5, -0.5], [0.5, 0.5], [0.0, 0.0]])
+
+
+@pytest.mark.parametrize("scale", [0.5, 3.0])
+def test_cross_entropy_probability_targets_not_summing_to_one(device, rng, scale):
+    """F.cross_entropy with probability targets q whose rows sum to s != 1 (multi-label or
+    unnormalized): d loss / d logits = (softmax * s - q) / n, so the row sum of q matters."""
+    out = (rng.standard_normal((6, 5)) * 2).astype(np.float32)
+    q = rng.uniform(0.0, 1.0, (6, 5))
+    q = (scale * q / q.sum(1, keepdims=True)).astype(np.float32)
+    model = mpscy.Sequential([layers.Dropout(0.0)], input_shape=(5,))
+    engine = mpscy.Engine(model, loss=losses.CrossEntropy(), optimizer=optim.SGD(lr=0.0), batch_size=6,
+                          device=device, input_gradients=True)
+    g = engine.gradients(out, q)
+    ref, grad = R.loss_ref("cross_entropy", out.astype(np.float64), q.astype(np.float64))
+    assert abs(g["loss"] - ref) <= 1e-6 * max(abs(ref), 1.0)
+    assert R.rel_err(g["input"], grad) < 1e-5

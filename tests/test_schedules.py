@@ -417,3 +417,28 @@ def test_warm_restarts_under_warmup_restart_on_time(T_0, T_mult, restart):
     assert e.learning_rate == pytest.approx(BASE, rel=1e-12)
     assert s.then.lr_at(restart) == pytest.approx(BASE, rel=1e-12)
     assert s.then.lr_at(restart - 0.5) < 1e-3 * BASE      # the end of the cycle before
+
+
+def _plateau_rates(metrics, **kw):
+    e = mpscy.Engine(mlp(), optimizer=optim.SGD(lr=0.1, momentum=0.9), batch_size=16, device="cpu", seed=5)
+    s = S.ReduceLROnPlateau(e, factor=0.5, **kw)
+    return [s.step(m) or e.learning_rate for m in metrics]
+
+
+def test_reduce_on_plateau_cooldown_resets_bad_steps():
+    """torch: while in cooldown, num_bad_epochs is set to 0 after every step. A constant metric,
+    patience 1, cooldown 2: cuts at steps 3, 7, 11 (two bad steps after each cooldown of two);
+    bad steps counted through the cooldown would cut at step 5 instead. No min_lr or eps to mask
+    a cut."""
+    got = _plateau_rates([1.0] * 11, patience=1, cooldown=2)
+    want = [0.1, 0.1] + [0.05] * 4 + [0.025] * 4 + [0.0125]
+    np.testing.assert_allclose(got, want, rtol=1e-15)
+
+
+@pytest.mark.parametrize("mode,metrics", [("max", [10.0, 10.2, 10.4, 10.41]), ("min", [10.0, 9.8, 9.6, 9.59])])
+def test_reduce_on_plateau_abs_threshold_is_additive_away_from_one(mode, metrics):
+    """threshold_mode "abs" with best around 10 (where best * (1 +- t) and best +- t differ:
+    10.5 vs 10.05): steps of 0.2 are improvements under threshold 0.05, the 0.01 step is not
+    (patience 0: it cuts)."""
+    got = _plateau_rates(metrics, mode=mode, threshold_mode="abs", threshold=0.05, patience=0)
+    np.testing.assert_allclose(got, [0.1, 0.1, 0.1, 0.05], rtol=1e-15)
