@@ -18,6 +18,7 @@ extern "C" {
 #define MPSCY_MAX_INPUTS 8        /* inputs of one layer node */
 #define MPSCY_NAME_LEN 64
 #define MPSCY_ERR_LEN 512         /* a sufficient size for error buffers */
+#define MPSCY_MAX_THREADS 64      /* the most worker threads a graph's pool runs (graph_desc.threads) */
 
 /* ------------------------------------------------------------------ status */
 

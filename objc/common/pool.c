@@ -11,7 +11,6 @@
 #include <stdlib.h>
 
 #define SPIN_ROUNDS 20000    /* about 100 us of polling before a worker sleeps ($MPSCY_POOL_SPIN) */
-#define MAX_THREADS 64
 
 typedef struct worker_arg {
     struct mpscy_pool *pool;
@@ -21,9 +20,9 @@ typedef struct worker_arg {
 struct mpscy_pool {
     mpscy_stats *stats;           /* the pool's own bytes are counted there (thread stacks are libc's) */
     int32_t n;                    /* threads, the caller included */
-    worker_arg args[MAX_THREADS];
+    worker_arg args[MPSCY_MAX_THREADS];
     int fork_generation;          /* fork_generation when the workers were started */
-    pthread_t threads[MAX_THREADS];
+    pthread_t threads[MPSCY_MAX_THREADS];
     _Atomic unsigned generation;  /* bumped once per parallel region */
     _Atomic uint64_t claim;       /* (generation << 32) | next task index of the region */
     _Atomic int pending;          /* tasks of the current region not yet finished */
@@ -89,7 +88,7 @@ static void *worker(void *arg) {
 
 int mpscy_pool_create(mpscy_stats *stats, int32_t threads, mpscy_pool **out) {
     *out = NULL;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > MPSCY_MAX_THREADS) threads = MPSCY_MAX_THREADS;
     if (threads <= 1) return MPSCY_OK;  /* no pool: everything runs on the caller */
     pthread_once(&atfork_once, register_atfork);
     struct mpscy_pool *p = calloc(1, sizeof *p);

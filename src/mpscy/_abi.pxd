@@ -9,6 +9,7 @@ cdef extern from "mpscy.h" nogil:
         MPSCY_MAX_INPUTS
         MPSCY_NAME_LEN
         MPSCY_ERR_LEN
+        MPSCY_MAX_THREADS
 
     # status
     enum mpscy_status:

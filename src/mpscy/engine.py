@@ -20,8 +20,7 @@ _SQUARE_SLOTS = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", 
 
 _BACKENDS = None
 
-# the most worker threads an engine's pool runs (objc/common/pool.c's MAX_THREADS)
-_MAX_THREADS = 64
+_MAX_THREADS = _native.MAX_THREADS  # the most worker threads an engine's pool runs (mpscy.h)
 
 
 def backends():

@@ -196,16 +196,10 @@ def export(engine, path=None, opset=17, output_name="output", check=True):
     w = _Writer(opset)
     onnx, helper, tp = w.onnx, w.helper, w.tp
     model, params = engine.model, engine.get_parameters()
-    for k, n in enumerate(model.nodes):
-        if n.layer is None and (not isinstance(n.name, str) or not n.name):
-            raise InvalidArgumentError(f"model input {k} has the name {n.name!r}; ONNX needs a non-empty string")
+    for k, n in enumerate(model.nodes):  # names are valid and distinct: Input, Layer and Model check them
         if n.name == output_name and k != model.output:
             raise InvalidArgumentError(f"{'an input' if n.layer is None else 'a layer'} is named {output_name!r}, "
                                        f"the name of the model's output in the ONNX graph: pass another output_name")
-    names = [n.name for n in model.nodes]
-    if len(set(names)) != len(names):    # Model refuses this; a model changed after it was built might not
-        twice = sorted({a for a in names if names.count(a) > 1})
-        raise InvalidArgumentError(f"the model's nodes must have distinct names for ONNX; {twice} are used twice")
     # the graph's inputs, its output and each layer's output value and node keep their names;
     # everything else (initializers, intermediates, constants) is made unique around them
     for k, n in enumerate(model.nodes):

@@ -26,6 +26,7 @@ import os
 import numpy as np
 
 from .. import layers as L
+from .._checks import node_name
 from ..errors import InvalidArgumentError, ShapeError, UnsupportedError
 from ..model import Input, Model
 from . import onnx_modules
@@ -74,7 +75,7 @@ def _f32_decimal(v):
 def _valid_layer_name(name):
     """Whether `name` is a name an mpscy layer accepts (the layers' own rule)."""
     try:
-        L.Layer(name=name)
+        node_name(name, "layer")
     except InvalidArgumentError:
         return False
     return True
