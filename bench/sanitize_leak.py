@@ -3,7 +3,11 @@
 Engines on cuda (the one-kernel MLP, the README CNN, a wide MLP's cuBLASLt path) are closed,
 dropped without close, and dropped after fit with a schedule and callbacks attached (which once
 made reference cycles); with the cycle collector off, none may outlive its last reference.
-Prints the count of engines still alive (0) and exits; the sanitizer's LEAK SUMMARY is the result."""
+Prints the count of engines still alive (0) and, from each engine's native device counters, how
+many gave back every byte they counted (cuda counts a buffer as given back only once cudaFree or
+cudaFreeHost succeeded), then exits; the sanitizer's LEAK SUMMARY is the result. If the sanitizer
+reports leaks while the counters say every byte was given back, the frees succeeded and the
+report is the sanitizer's; if the counters say otherwise, the runtime refused the frees."""
 import gc
 import os
 import sys
@@ -40,7 +44,8 @@ def device_free_bytes():
 def main():
     gc.disable()
     rng = np.random.default_rng(0)
-    alive = []
+    alive, counters = [], []
+    fresh = mpscy._native.Device(os.environ.get("SAN_DEVICE", "cuda")).stats()["bytes_in_use"]
     first = mpscy.Engine(mpscy.Sequential([L.Dense(2)], input_shape=(2,)), loss="mse",
                          device=os.environ.get("SAN_DEVICE", "cuda"))  # the context, before the count
     before = device_free_bytes()
@@ -50,6 +55,7 @@ def main():
         for how in ("close", "drop", "fit"):
             e = mpscy.Engine(mpscy.Sequential(build, input_shape=shape), optimizer=optim.SGD(0.01, momentum=0.9),
                              batch_size=batch, device=os.environ.get("SAN_DEVICE", "cuda"), seed=0)
+            dev = e._device  # kept past the engine (and past close): its counters once the graph is gone
             build = [type(layer)(**layer.config()) for layer in build]  # fresh layers for the next engine
             e.step(x, y)
             e.step(x[: batch // 2], y[: batch // 2])  # a partial batch's graph too
@@ -60,12 +66,19 @@ def main():
                 e.fit(x, y, epochs=2, verbose=0, callbacks=[callbacks.EarlyStopping(monitor="loss")])
             alive.append(weakref.ref(e))
             del e
+            counters.append((how, shape, dev.stats()))
+            del dev
     left = sum(r() is not None for r in alive)
     after = device_free_bytes()
     held = "unknown" if before is None or after is None else f"{(before - after) / 2**20:.1f} MiB"
     print(f"engines built {len(alive)}, still alive {left}; device memory not given back: {held}")
+    kept = [(how, shape, st) for how, shape, st in counters if st["bytes_in_use"] != fresh]
+    print(f"native counters: {len(counters) - len(kept)} of {len(counters)} devices back to a fresh device's "
+          f"{fresh} bytes")
+    for how, shape, st in kept:
+        print(f"  {how} {shape}: {st}")
     first.close()
-    return 1 if left else 0
+    return 1 if left or kept else 0
 
 
 if __name__ == "__main__":
