@@ -2,9 +2,12 @@
 # The cuda backend under NVIDIA's compute-sanitizer, in ONE call on a GPU machine: builds in
 # place with the cuda backend forced on, then runs
 #   memcheck   (out-of-bounds and misaligned device accesses, leaks at exit) over the cuda
-#              layer, loss and one-kernel-MLP tests and the benchmark's three models (whose
-#              engines are alive at exit: their buffers count as leaks), and bench/sanitize_leak.py,
-#              whose engines are all freed before it exits (its LEAK SUMMARY must be empty);
+#              layer, loss and one-kernel-MLP tests and the benchmark's three models (each
+#              engine is dropped before the process exits, yet the thirtieth session's run
+#              reported every buffer of every engine leaked), and bench/sanitize_leak.py, whose
+#              engines are all freed before it exits (its LEAK SUMMARY must be empty),
+#              and bench/free_probe.cu (does the leak check see frees issued after the streams'
+#              destruction, and before);
 #   initcheck  (device reads of memory never written) over the layer and loss tests;
 #   racecheck  (shared-memory hazards) and synccheck (barrier misuse) over the benchmark's models.
 # Each tool's log goes to $OUT/<tool>_<what>.log; stdout gets each run's "ERROR SUMMARY" line and
@@ -17,6 +20,7 @@ source "$(dirname "$0")/gpu_setup.sh"  # SKIP_BUILD=1: the build already in plac
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
 [ -n "$SAN" ] || { echo "no compute-sanitizer here"; exit 1; }
 export MPSCY_DEVICE=cuda
+export MPSCY_CUDA_FREE_LOG=1  # a refused cudaFree or cudaFreeHost is told on stderr (<tool>_<what>.out)
 TOOLS=${SAN_TOOLS:-memcheck initcheck racecheck synccheck}
 T=${SAN_TIMEOUT:-150}
 
@@ -30,6 +34,7 @@ san() {  # seconds, tool, name, command...
     local rc=$?
     echo "$tool $name: exit $rc; $(grep -h "ERROR SUMMARY\|RACECHECK SUMMARY\|LEAK SUMMARY" "$OUT/${tool}_${name}.log" | tr '\n' ' ')"
     grep -E "^[0-9]+ (passed|failed)|passed|failed" "$OUT/${tool}_${name}.out" | tail -1
+    grep -h "refused\|native counters\|still alive\|round " "$OUT/${tool}_${name}.out" | head -6
 }
 
 models() {  # the benchmark's models, a few staged steps each (cuda_profile.py's workload)
@@ -45,7 +50,13 @@ for tool in $TOOLS; do
         [ "${SAN_TESTS:-1}" = 1 ] && san "$T" memcheck layers $PY -m pytest tests/test_cuda_layers.py -k "not 65535" -q -p no:cacheprovider
         [ "${SAN_TESTS:-1}" = 1 ] && san "$T" memcheck fused $PY -m pytest tests/test_cuda_fused.py -q -p no:cacheprovider
         models memcheck
-        san "$T" memcheck leak $PY bench/sanitize_leak.py ;;
+        san "$T" memcheck leak $PY bench/sanitize_leak.py
+        # the same frees in the order graph.cu used before the thirty-first session, and the other
+        if nvcc -O2 -arch=sm_90 -cudart static bench/free_probe.cu -o "$OUT/free_probe" > "$OUT/free_probe_build.log" 2>&1; then
+            for order in after before; do san 60 memcheck "free_$order" "$OUT/free_probe" "$order"; done
+        else
+            echo "free_probe: build failed ($OUT/free_probe_build.log)"
+        fi ;;
     initcheck)
         san "$T" initcheck layers $PY -m pytest tests/test_cuda_layers.py -k "layer_matches_cpu or loss_matches_cpu" \
             -q -p no:cacheprovider ;;

@@ -6,6 +6,7 @@
 #include "blas.h"
 
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -31,6 +32,7 @@ int cu_dev_alloc(mpscy_device dev, void **p, size_t bytes) {
     }
     if (cudaMemset(*p, 0, bytes) != cudaSuccess || cu_legacy_done() != cudaSuccess) {
         cudaFree(*p);
+        cudaGetLastError();  /* not left for the next launch's check to blame on its kernel */
         *p = NULL;
         return MPSCY_DEVICE;
     }
@@ -38,12 +40,22 @@ int cu_dev_alloc(mpscy_device dev, void **p, size_t bytes) {
     return MPSCY_OK;
 }
 
+/* A refused free: cleared from the runtime's last error, and told on stderr when
+ * $MPSCY_CUDA_FREE_LOG is set (a debugging knob: nothing else reports it, the caller being a
+ * destructor). */
+static void free_refused(const char *what, void *p, size_t bytes, cudaError_t e) {
+    cudaGetLastError();
+    if (getenv("MPSCY_CUDA_FREE_LOG"))
+        fprintf(stderr, "mpscy: %s(%p) of %zu bytes refused: %s\n", what, p, bytes, cudaGetErrorString(e));
+}
+
 /* A buffer counts as freed only once the runtime took it back: a failed free stays in
  * bytes_in_use, where tests/test_alloc.py sees it. */
 void cu_dev_free(mpscy_device dev, void *p, size_t bytes) {
     if (!p) return;
-    if (cudaFree(p) != cudaSuccess) {
-        cudaGetLastError();
+    const cudaError_t e = cudaFree(p);
+    if (e != cudaSuccess) {
+        free_refused("cudaFree", p, bytes, e);
         return;
     }
     mpscy_count_free(&dev->stats, bytes ? bytes : 4);
@@ -64,8 +76,9 @@ int cu_pinned_alloc(mpscy_device dev, void **p, size_t bytes) {
 
 void cu_pinned_free(mpscy_device dev, void *p, size_t bytes) {
     if (!p) return;
-    if (cudaFreeHost(p) != cudaSuccess) {
-        cudaGetLastError();
+    const cudaError_t e = cudaFreeHost(p);
+    if (e != cudaSuccess) {
+        free_refused("cudaFreeHost", p, bytes, e);
         return;
     }
     mpscy_count_free(&dev->stats, bytes ? bytes : 4);

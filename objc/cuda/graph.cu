@@ -15,7 +15,7 @@
 static size_t round_up(size_t bytes) { return (bytes + CU_ALIGN - 1) / CU_ALIGN * CU_ALIGN; }
 static size_t slab_bytes(int64_t floats) { return (size_t)(floats > 0 ? floats : 1) * sizeof(float); }
 
-void cu_fill(cudaStream_t s, float *p, int64_t n, float v);  /* optim.cu */
+cudaError_t cu_fill(cudaStream_t s, float *p, int64_t n, float v);  /* optim.cu */
 
 float *cu_tensor(cu_graph *g, const mpscy_node *node, int32_t role, int32_t slot) {
     int32_t t = mpscy_node_tensor(&g->plan, node, role, slot);
@@ -35,14 +35,6 @@ void cu_graph_destroy(mpscy_graph gh) {
     if (g->stream) cudaStreamSynchronize(g->stream);
     cu_cache_clear(g);
     cu_fused_free(g);
-    if (g->stream) cudaStreamDestroy(g->stream);
-    if (g->side && g->side != g->stream) cudaStreamDestroy(g->side);
-    if (g->alt) cudaStreamDestroy(g->alt);
-    if (g->nrm) cudaStreamDestroy(g->nrm);
-    if (g->fork) cudaEventDestroy(g->fork);
-    if (g->join) cudaEventDestroy(g->join);
-    if (g->wready) cudaEventDestroy(g->wready);
-    if (g->colready) cudaEventDestroy(g->colready);
     cu_dev_free(dev, g->params, slab_bytes(p->n_params + p->n_buffers));
     cu_dev_free(dev, g->grads, slab_bytes(p->n_params));
     cu_dev_free(dev, g->optim, slab_bytes(p->optim_floats));
@@ -61,6 +53,16 @@ void cu_graph_destroy(mpscy_graph gh) {
     cu_pinned_free(dev, g->result, sizeof(cu_result));
     cu_pinned_free(dev, g->out_h, g->out_bytes);
     cu_pinned_free(dev, g->flags_h, CU_STAGE_MAX_PIECES * sizeof(uint32_t));
+    /* the streams and events after the memory their work used (cudaFree waits for the device) */
+    if (g->stream) cudaStreamDestroy(g->stream);
+    if (g->side && g->side != g->stream) cudaStreamDestroy(g->side);
+    if (g->alt) cudaStreamDestroy(g->alt);
+    if (g->nrm) cudaStreamDestroy(g->nrm);
+    if (g->fork) cudaEventDestroy(g->fork);
+    if (g->join) cudaEventDestroy(g->join);
+    if (g->wready) cudaEventDestroy(g->wready);
+    if (g->colready) cudaEventDestroy(g->colready);
+    cudaGetLastError();  /* what failed here is not the next launch's to report */
     mpscy_pool_destroy(g->stage_pool);
     cu_host_free(dev, g->y, g->tables_bytes);
     if (g->plan.nodes) mpscy_count_free(&dev->stats, mpscy_plan_bytes(p));
@@ -411,13 +413,14 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
         g->io_bufs[k].base.borrowed = 1;
     }
     /* running variances start at 1, as in PyTorch; parameters are written by the caller */
-    for (int32_t t = 0; t < p->n_tensors; t++)
+    cudaError_t e = cudaSuccess;
+    for (int32_t t = 0; t < p->n_tensors && e == cudaSuccess; t++)
         if (p->tensors[t].info.role == MPSCY_ROLE_BUFFER && p->tensors[t].slot == 1)
-            cu_fill(g->stream, g->params + p->tensors[t].info.offset, p->tensors[t].info.count, 1.0f);
+            e = cu_fill(g->stream, g->params + p->tensors[t].info.offset, p->tensors[t].info.count, 1.0f);
     if (p->optim.kind == MPSCY_OPTIM_NADAM) g->scalars[1] = 1.0;  /* mu_product */
-    if (p->optim.kind == MPSCY_OPTIM_ADAGRAD)
-        cu_fill(g->stream, g->optim + p->vec_offset[0], p->n_params, (float)p->optim.initial_accumulator_value);
-    cudaError_t e = cudaStreamSynchronize(g->stream);
+    if (p->optim.kind == MPSCY_OPTIM_ADAGRAD && e == cudaSuccess)
+        e = cu_fill(g->stream, g->optim + p->vec_offset[0], p->n_params, (float)p->optim.initial_accumulator_value);
+    if (e == cudaSuccess) e = cudaStreamSynchronize(g->stream);
     if (e != cudaSuccess) {
         cu_graph_destroy(&g->base);
         return FAIL(MPSCY_DEVICE, "initializing graph state: %s", cudaGetErrorString(e));

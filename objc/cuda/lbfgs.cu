@@ -163,6 +163,7 @@ static int direction(void *ctx, const mpscy_step_args *a, mpscy_step_result *r, 
             if (len == p->optim.history_size) start = (start + 1) % cap;
             else len += 1;
             lbfgs_set<<<1, 1, 0, g->stream>>>(ro + row, (float)(1.0 / ys));
+            if ((st = CU_LAUNCHED("lbfgs_set")) != MPSCY_OK) return st;
             S[MPSCY_LBFGS_S_H_DIAG] = ys / red[1];
             S[MPSCY_LBFGS_S_START] = (double)start;
             S[MPSCY_LBFGS_S_LEN] = (double)len;
@@ -176,6 +177,7 @@ static int direction(void *ctx, const mpscy_step_args *a, mpscy_step_result *r, 
             if ((st = CU_LAUNCHED("lbfgs_axpy_dev")) != MPSCY_OK) return st;
         }
         lbfgs_scale<<<grid_n(g, n), CU_THREADS, 0, g->stream>>>(d, (float)S[MPSCY_LBFGS_S_H_DIAG], n);
+        if ((st = CU_LAUNCHED("lbfgs_scale")) != MPSCY_OK) return st;
         for (int64_t k = 0; k < len; k++) {
             int64_t rk = (start + k) % cap;
             if ((st = reduce(g, &g->scratch->coef[0], dirs + rk * n, d, ro + rk, n, RED_DOT, err, en)) != MPSCY_OK)

@@ -23,8 +23,10 @@ __global__ void fill_kernel(float *p, int64_t n, float v) {
         p[i] = v;
 }
 
-void cu_fill(cudaStream_t s, float *p, int64_t n, float v) {
+/* The launch's status (cudaGetLastError, which it also clears). */
+cudaError_t cu_fill(cudaStream_t s, float *p, int64_t n, float v) {
     if (n > 0) fill_kernel<<<cu_blocks(n, CU_THREADS, 4096), CU_THREADS, 0, s>>>(p, n, v);
+    return cudaGetLastError();
 }
 
 /* Two-kernel form: the norm with a last-block finish, then the update reading the decision. */
