@@ -558,3 +558,29 @@ def test_load_keywords_and_a_missing_folder(device, saved, tmp_path):
         engine.save(folder)
     assert info.value.filename == str(folder) and ".tmp" not in str(info.value)
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]  # the temporary file went too
+
+
+def test_restore_loads_the_state_into_an_attached_schedule_of_the_same_class(device, tmp_path):
+    """restore into an engine with a StepLR of its own attached: that schedule object stays and
+    takes the saved state (last_epoch 5 after 5 steps), so the next step's rate is the run's
+    (0.1 * 0.5 ** 2 after step 6), not a fresh schedule's (0.1)."""
+    x, y = mpscy.datasets.load_digits()
+
+    def make():
+        model = mpscy.Sequential([layers.Dense(16), layers.ReLU(), layers.Dense(10)], input_shape=(64,))
+        e = mpscy.Engine(model, optimizer=optim.SGD(0.1), batch_size=32, device=device, seed=0)
+        e.set_schedule(optim.schedules.StepLR(e, step_size=3, gamma=0.5), per="step")
+        return e
+
+    a = make()
+    a.fit(x[:160], y[:160], epochs=1, shuffle=False, verbose=0)   # 5 steps
+    assert a.schedule.last_epoch == 5 and a.learning_rate == pytest.approx(0.05)
+    a.save(tmp_path / "s.mpscy")
+    c = make()
+    mine = c.schedule
+    checkpoint.restore(c, tmp_path / "s.mpscy")
+    assert c.schedule is mine and mine.state_dict() == a.schedule.state_dict()
+    ha = a.fit(x[:160], y[:160], epochs=2, initial_epoch=1, shuffle=False, verbose=0)
+    hc = c.fit(x[:160], y[:160], epochs=2, initial_epoch=1, shuffle=False, verbose=0)
+    assert ha.history["loss"] == hc.history["loss"]
+    assert a.learning_rate == c.learning_rate == pytest.approx(0.1 * 0.5 ** 3)

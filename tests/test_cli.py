@@ -1,6 +1,7 @@
 """python -m mpscy: --help documents train/predict/demo; train reaches its held-out accuracy
 and writes a checkpoint, an ONNX file and plots; predict classifies PNG files with that
 checkpoint; image folders train too; bad options fail with a message and exit code 2."""
+import math
 import os
 import re
 import subprocess
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 import mpscy
+from mpscy import layers
 from mpscy.__main__ import main
 
 
@@ -324,3 +326,46 @@ def test_train_says_when_the_roc_auc_is_undefined(device, tmp_path, capsys):
                                    "--device", device, "--quiet"], capsys)
     assert code == 0, err
     assert "roc_auc n/a" in out, out
+
+
+def test_cli_predict_prints_the_softmax_of_the_preprocessed_images(device, tmp_path, capsys):
+    """predict --top 10 prints every class's probability: the softmax of the checkpoint's
+    outputs on the images as load_image reads them (summing to 1 within the 3-decimal
+    rounding), with --invert on 1 - pixel. The two references differ by more than 0.01, so
+    an ignored --invert shows."""
+    Image = pytest.importorskip("PIL.Image")
+    x, _ = mpscy.datasets.load_digits(images=True)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    files = []
+    for i in range(4):
+        path = folder / f"d{i}.png"
+        Image.fromarray(np.round(x[i, 0] * 255).astype(np.uint8)).save(path)
+        files.append(path)
+    model = mpscy.Sequential([layers.Flatten(), layers.Dense(10)], input_shape=(1, 8, 8))
+    engine = mpscy.Engine(model, batch_size=8, device=device, seed=0)
+    rng = np.random.default_rng(12)
+    engine.set_parameters({k: rng.normal(0, 0.5, v.shape).astype(np.float32) for k, v in engine.get_parameters().items()})
+    pre = {"image_size": [8, 8], "channels": 1, "mean": None, "std": None, "invert": False}
+    engine.save(tmp_path / "m.mpscy", meta={"preprocess": pre, "classes": [str(k) for k in range(10)]})
+
+    def softmax(z):
+        e = np.exp(z - z.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    refs = {}
+    for invert in (False, True):
+        imgs = np.stack([mpscy.data.load_image(f, (8, 8), 1, invert=invert) for f in files])
+        refs[invert] = softmax(engine.predict(imgs).astype(np.float64))
+    assert np.abs(refs[True] - refs[False]).max() > 0.01
+    for invert in (False, True):
+        argv = ["predict", str(tmp_path / "m.mpscy"), str(folder), "--device", device, "--top", "10"]
+        assert main(argv + (["--invert"] if invert else [])) == 0
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert [line.split("\t")[0] for line in lines] == [f.name for f in files]
+        for line, ref in zip(lines, refs[invert]):
+            probs = dict(re.findall(r"(\d) \((\d\.\d{3})\)", line.split("\t")[1]))
+            assert len(probs) == 10
+            got = np.array([float(probs[str(k)]) for k in range(10)])
+            assert math.isclose(got.sum(), 1.0, abs_tol=0.006)
+            np.testing.assert_allclose(got, ref, atol=0.0006)

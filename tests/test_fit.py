@@ -802,3 +802,30 @@ def test_fit_checks_a_large_dataset_without_a_temporary(device):
             tracemalloc.stop()
         assert peak < 256 << 10, (match, peak)
         assert engine.iterations == 0
+
+
+class _Score(cb.Callback):
+    """Logs a given "score" per epoch and keeps a copy of the parameters at each epoch's end."""
+
+    def __init__(self, scores):
+        super().__init__()
+        self.scores, self.params_at = scores, []
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["score"] = self.scores[epoch]
+        self.params_at.append(self.engine.get_parameters())
+
+
+def test_early_stopping_restores_the_best_epoch_not_the_first(device):
+    """Scores 3, 1, 2, 4 (lower is better) over four epochs, patience 5: the weights written
+    back at the end are epoch 1's (the best), not epoch 0's (the first watched)."""
+    x, y = mpscy.datasets.load_digits()
+    model = mpscy.Sequential([layers.Dense(16), layers.ReLU(), layers.Dense(10)], input_shape=(64,))
+    engine = mpscy.Engine(model, optimizer=optim.SGD(0.05), batch_size=32, device=device, seed=0)
+    score = _Score([3.0, 1.0, 2.0, 4.0])
+    es = cb.EarlyStopping(monitor="score", mode="min", patience=5, restore_best_weights=True)
+    h = engine.fit(x[:256], y[:256], epochs=4, callbacks=[score, es], verbose=0)
+    assert h.epoch == [0, 1, 2, 3] and es.best == 1.0 and es.best_epoch == 1
+    now = engine.get_parameters()
+    assert all(np.array_equal(now[k], v) for k, v in score.params_at[1].items())
+    assert not all(np.array_equal(now[k], v) for k, v in score.params_at[0].items())

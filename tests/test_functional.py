@@ -457,3 +457,37 @@ def test_flatten_accumulates_into_a_fanned_out_input(device, rng):
     dx, ga = R.conv2d_backward(dy4 + dab, ca)
     grads = {f"a.{k}": v for k, v in ga.items()} | {f"b.{k}": v for k, v in gb.items()}
     _fanout_check(engine.gradients(x, t), loss, grads, dx)
+
+
+def test_concatenate_of_one_tensor_twice(device, rng):
+    """y = concat([h, h]) with h = Dense(x): the Concatenate is both writers of h's gradient,
+    so its second input's share adds to the first's: dh = dy[:, :4] + dy[:, 4:]."""
+    x_in = mpscy.Input((6,))
+    h = layers.Dense(4, name="d")(x_in)
+    model = mpscy.Model(x_in, layers.Concatenate()([h, h]))
+    engine = mpscy.Engine(model, loss="mse", batch_size=3, device=device, seed=2, input_gradients=True)
+    P = {k.split(".", 1)[1]: v.astype(np.float64) for k, v in engine.get_parameters().items()}
+    x = rng.standard_normal((3, 6)).astype(np.float32)
+    h64 = x.astype(np.float64) @ P["weight"].T + P["bias"]
+    t = rng.standard_normal((3, 8)).astype(np.float32)
+    loss, dy = R.loss_ref("mse", np.concatenate([h64, h64], 1), t)
+    dh = dy[:, :4] + dy[:, 4:]
+    g = engine.gradients(x, t)
+    assert abs(g["loss"] - loss) <= 1e-5 * loss
+    assert R.rel_err(g["d.weight"], dh.T @ x) < 1e-4
+    assert R.rel_err(g["d.bias"], dh.sum(0)) < 1e-4
+    assert R.rel_err(g["input"], dh @ P["weight"]) < 1e-4
+
+
+def test_model_inputs_keep_the_order_given(device, rng):
+    """Model([a, b], ...) whose output reaches b first: input k is still the k-th given (a of
+    3 features, then b of 5), for input_shapes, the node list and predict's list of arrays."""
+    a_in, b_in = mpscy.Input((3,), name="a"), mpscy.Input((5,), name="b")
+    db, da = layers.Dense(2, name="db"), layers.Dense(2, name="da")
+    model = mpscy.Model([a_in, b_in], layers.Concatenate()([db(b_in), da(a_in)]))
+    assert model.input_shapes == [(3,), (5,)] and [n.name for n in model.nodes[:2]] == ["a", "b"]
+    engine = mpscy.Engine(model, loss="mse", batch_size=4, device=device, seed=1)
+    P = engine.get_parameters()
+    xa, xb = rng.standard_normal((4, 3)).astype(np.float32), rng.standard_normal((4, 5)).astype(np.float32)
+    ref = np.concatenate([xb @ P["db.weight"].T + P["db.bias"], xa @ P["da.weight"].T + P["da.bias"]], 1)
+    np.testing.assert_allclose(engine.predict([xa, xb]), ref, rtol=1e-5, atol=1e-6)

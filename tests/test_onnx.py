@@ -662,3 +662,140 @@ def test_load_picks_a_loss_that_fits_the_output():
     with pytest.raises(mpscy.ShapeError, match=r"needs a \(classes,\) output"):
         mpscy.onnx.load(mpscy.onnx.export(mpscy.Engine(cases[0][0], loss="mse", device="cpu")),
                         loss="sparse_cross_entropy", device="cpu")
+
+
+# ----------------------------------------------------------------------------- attributes, both ways
+def _attrs(node):
+    from onnx import helper
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _export_check_and_read_back(engine, x, opset=17):
+    """Exports `engine`, checks the file, compares onnxruntime and the re-imported engine with
+    engine.predict(x); returns the proto."""
+    proto = mpscy.onnx.export(engine, opset=opset)
+    onnx.checker.check_model(proto, full_check=True)
+    ref = engine.predict(x)
+    np.testing.assert_allclose(_ort(proto, {proto.graph.input[0].name: x}), ref, rtol=RTOL, atol=ATOL)
+    back = mpscy.onnx.load(proto, loss="mse", device="cpu", batch_size=8)
+    np.testing.assert_allclose(back.predict(x), ref, rtol=1e-6, atol=1e-7)
+    return proto
+
+
+def test_conv_export_writes_pads_as_begins_then_ends():
+    """A Conv2D with padding (1, 2), a 3x5 kernel and stride (1, 2): ONNX's pads are
+    [h_begin, w_begin, h_end, w_end] = [1, 2, 1, 2] (written [1, 1, 2, 2] the output is
+    8 x 5, not 7 x 5), and the importer reads them back as padding (1, 2), not (2, 1)."""
+    x_in = mpscy.Input((2, 7, 9))
+    conv = layers.Conv2D(3, (3, 5), stride=(1, 2), padding=(1, 2), name="conv")
+    model = mpscy.Model(x_in, layers.Dense(4)(layers.ReLU()(conv(x_in))))
+    assert model.nodes[1].shape == (3, 7, 5)
+    engine = mpscy.Engine(model, loss="mse", device="cpu", batch_size=8)
+    _randomize(engine)
+    x = np.random.default_rng(1).normal(size=(5, 2, 7, 9)).astype(np.float32)
+    proto = _export_check_and_read_back(engine, x)
+    node = next(n for n in proto.graph.node if n.op_type == "Conv")
+    a = _attrs(node)
+    assert a["pads"] == [1, 2, 1, 2] and a["kernel_shape"] == [3, 5] and a["strides"] == [1, 2]
+    back = mpscy.onnx.load(proto, loss="mse", device="cpu")
+    assert back.model.nodes[1].layer.config() == conv.config()
+
+
+def test_grouped_conv_exports_its_group():
+    """Conv2D(groups=2) over 4 channels: the Conv node has group=2 (with group 1 its
+    (6, 2, 3, 3) weight does not fit the 4 input channels), predictions match onnxruntime and
+    the re-imported engine, which is grouped again."""
+    model = mpscy.Sequential([layers.Conv2D(6, 3, padding=1, groups=2), layers.ReLU(), layers.Dense(3)],
+                             input_shape=(4, 5, 5))
+    engine = mpscy.Engine(model, loss="mse", device="cpu", batch_size=8)
+    _randomize(engine, 2)
+    x = np.random.default_rng(3).normal(size=(6, 4, 5, 5)).astype(np.float32)
+    proto = _export_check_and_read_back(engine, x)
+    assert _attrs(next(n for n in proto.graph.node if n.op_type == "Conv"))["group"] == 2
+    back = mpscy.onnx.load(proto, loss="mse", device="cpu")
+    assert back.model.nodes[1].layer.groups == 2
+
+
+def test_dense_on_a_two_axis_sample_is_flattened_in_the_export():
+    """A Dense on (3, 4) samples flattens them to 12 features first: ONNX's Gemm takes rank 2
+    only, so the export writes Flatten (axis 1) before it for any sample of more than one
+    axis, not only for images."""
+    model = mpscy.Sequential([layers.Dense(5), layers.Tanh(), layers.Dense(2)], input_shape=(3, 4))
+    engine = mpscy.Engine(model, loss="mse", device="cpu", batch_size=8)
+    _randomize(engine, 4)
+    x = np.random.default_rng(5).normal(size=(7, 3, 4)).astype(np.float32)
+    proto = _export_check_and_read_back(engine, x)
+    assert [n.op_type for n in proto.graph.node] == ["Flatten", "Gemm", "Tanh", "Gemm"]
+    assert _attrs(proto.graph.node[0])["axis"] == 1
+
+
+def test_channel_softmax_exports_its_axis():
+    """Softmax(axis=1) on (C, H, W) samples is a softmax over the channels: the ONNX node's
+    axis is 1 (over the last axis the outputs would differ), and it imports with axis 1."""
+    x_in = mpscy.Input((3, 4, 5))
+    model = mpscy.Model(x_in, layers.Softmax(axis=1)(layers.Conv2D(4, 1)(x_in)))
+    engine = mpscy.Engine(model, loss="mse", device="cpu", batch_size=8)
+    _randomize(engine, 6)
+    x = np.random.default_rng(7).normal(size=(3, 3, 4, 5)).astype(np.float32)
+    np.testing.assert_allclose(engine.predict(x).sum(axis=1), 1.0, rtol=1e-6)
+    proto = _export_check_and_read_back(engine, x)
+    assert _attrs(next(n for n in proto.graph.node if n.op_type == "Softmax"))["axis"] == 1
+    back = mpscy.onnx.load(proto, loss="mse", device="cpu")
+    assert back.model.nodes[-1].layer.axis == 1
+
+
+def test_non_affine_layernorm_writes_the_normalized_shape():
+    """LayerNorm((4, 5), elementwise_affine=False): the identity scale and zero bias the export
+    writes have the normalized shape (4, 5), as an affine LayerNorm's weight and bias, not a
+    (5,) that only broadcasts to it."""
+    model = mpscy.Sequential([layers.LayerNorm((4, 5), elementwise_affine=False, name="ln"), layers.Dense(2)],
+                             input_shape=(3, 4, 5))
+    engine = mpscy.Engine(model, loss="mse", device="cpu", batch_size=8)
+    _randomize(engine, 8)
+    x = np.random.default_rng(9).normal(size=(4, 3, 4, 5)).astype(np.float32)
+    proto = _export_check_and_read_back(engine, x)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    np.testing.assert_array_equal(inits["ln.weight"], np.ones((4, 5), np.float32))
+    np.testing.assert_array_equal(inits["ln.bias"], np.zeros((4, 5), np.float32))
+    assert _attrs(next(n for n in proto.graph.node if n.op_type == "LayerNormalization"))["axis"] == -2
+
+
+def _graph(nodes, in_shape, out_shape, inits=()):
+    from onnx import TensorProto as TP, helper, numpy_helper
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TP.FLOAT, ["N", *in_shape])],
+                          [helper.make_tensor_value_info("y", TP.FLOAT, ["N", *out_shape])],
+                          [numpy_helper.from_array(np.asarray(a, np.float32), n) for n, a in inits])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def test_import_gemm_alpha_and_beta():
+    """Gemm computes alpha A B + beta C: with alpha 0.5, beta 2 and B stored (in, out)
+    (transB=0), the Dense gets weight 0.5 B^T and bias 2 C, and predicts as onnxruntime."""
+    from onnx import helper
+    rng = np.random.default_rng(10)
+    b, c = rng.normal(size=(6, 3)).astype(np.float32), rng.normal(size=3).astype(np.float32)
+    m = _graph([helper.make_node("Gemm", ["x", "b", "c"], ["y"], alpha=0.5, beta=2.0)], (6,), (3,),
+               [("b", b), ("c", c)])
+    engine = mpscy.onnx.load(m, loss="mse", device="cpu")
+    p = engine.get_parameters()
+    np.testing.assert_allclose(p["dense_0.weight"], 0.5 * b.T, rtol=1e-7)
+    np.testing.assert_allclose(p["dense_0.bias"], 2.0 * c, rtol=1e-7)
+    x = rng.normal(size=(5, 6)).astype(np.float32)
+    np.testing.assert_allclose(engine.predict(x), _ort(m, {"x": x}), rtol=RTOL, atol=ATOL)
+
+
+def test_import_takes_the_spec_defaults_of_omitted_attributes():
+    """Attributes a file leaves out take the ONNX specification's defaults: LeakyRelu's alpha
+    0.01 and AveragePool's count_include_pad 0 (padded cells not counted); predictions match
+    onnxruntime on inputs with negative values and padded borders."""
+    from onnx import helper
+    nodes = [helper.make_node("AveragePool", ["x"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("LeakyRelu", ["p"], ["l"]), helper.make_node("Flatten", ["l"], ["y"])]
+    m = _graph(nodes, (2, 5, 5), (18,))
+    engine = mpscy.onnx.load(m, loss="mse", device="cpu")
+    pool, leaky = engine.model.nodes[1].layer, engine.model.nodes[2].layer
+    assert pool.count_include_pad is False and leaky.negative_slope == 0.01
+    x = np.random.default_rng(11).normal(size=(4, 2, 5, 5)).astype(np.float32) - 1.0
+    np.testing.assert_allclose(engine.predict(x), _ort(m, {"x": x}), rtol=RTOL, atol=ATOL)
