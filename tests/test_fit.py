@@ -829,3 +829,28 @@ def test_early_stopping_restores_the_best_epoch_not_the_first(device):
     now = engine.get_parameters()
     assert all(np.array_equal(now[k], v) for k, v in score.params_at[1].items())
     assert not all(np.array_equal(now[k], v) for k, v in score.params_at[0].items())
+
+
+def test_a_loader_batch_that_is_not_an_x_y_pair_is_named(device):
+    """A two-input model fed ArrayDataset(xa, xb, y) (three items a batch, the natural slip for
+    ArrayDataset([xa, xb], y)): fit fails before any step, naming the batch, what it was and
+    the fix; the same loader as validation data names the validation batch; the parameters are
+    those of the good epoch before it."""
+    a, b = mpscy.Input((4,)), mpscy.Input((3,))
+    model = mpscy.Model([a, b], layers.Dense(2)(layers.Concatenate()([a, b])))
+    engine = mpscy.Engine(model, batch_size=8, device=device, seed=0)
+    rng = np.random.default_rng(0)
+    xa, xb = rng.normal(size=(20, 4)).astype(np.float32), rng.normal(size=(20, 3)).astype(np.float32)
+    y = rng.integers(0, 2, 20)
+    bad = data.DataLoader(data.ArrayDataset(xa, xb, y), batch_size=8)
+    good = data.DataLoader(data.ArrayDataset([xa, xb], y), batch_size=8)
+    before = engine.get_parameters()
+    with pytest.raises(mpscy.InvalidArgumentError,
+                       match=r"^epoch 1, batch 0: the DataLoader gave 3 items, not an \(x, y\) pair; .*"
+                             r"ArrayDataset\(\[x1, x2\], y\), not ArrayDataset\(x1, x2, y\)$"):
+        engine.fit(bad, epochs=1, verbose=0)
+    assert engine.iterations == 0
+    assert all(np.array_equal(engine.get_parameters()[k], v) for k, v in before.items())
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"^validation batch 0: the DataLoader gave 3 items"):
+        engine.fit(good, epochs=1, verbose=0, validation_data=bad)
+    assert engine.iterations == 3

@@ -491,3 +491,112 @@ def test_model_inputs_keep_the_order_given(device, rng):
     xa, xb = rng.standard_normal((4, 3)).astype(np.float32), rng.standard_normal((4, 5)).astype(np.float32)
     ref = np.concatenate([xb @ P["db.weight"].T + P["db.bias"], xa @ P["da.weight"].T + P["da.bias"]], 1)
     np.testing.assert_allclose(engine.predict([xa, xb]), ref, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ the builder, from a user trial
+def _recursive_order(output):
+    """The builder's order as it was first written (a recursive post-order walk), for comparison."""
+    order, seen = [], set()
+
+    def visit(t):
+        if id(t) in seen:
+            return
+        for src in t.inputs:
+            visit(src)
+        seen.add(id(t))
+        order.append(t)
+
+    visit(output)
+    return order
+
+
+def test_model_order_and_names_are_the_recursive_walks_on_random_dags():
+    """The builder walks the graph without recursion; on 30 random DAGs (Add and Concatenate of
+    earlier tensors, some reused several times) its order, and so every generated layer name,
+    is the recursive walk's: checkpoints and set_parameters names are unchanged by it."""
+    from mpscy.model import _post_order
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        x = mpscy.Input((4,))
+        pool = [x]
+        for _ in range(int(rng.integers(3, 25))):
+            k = int(rng.integers(1, 4))
+            picks = [pool[int(i)] for i in rng.integers(0, len(pool), k)]
+            if k == 1:
+                pool.append(layers.Dense(4)(picks[0]))
+            else:
+                pool.append(layers.Add()(picks) if rng.random() < 0.5 else
+                            layers.Dense(4)(layers.Concatenate()(picks)))
+        out = pool[-1]
+        assert [id(t) for t in _post_order(out)] == [id(t) for t in _recursive_order(out)], trial
+
+
+def test_a_model_deeper_than_the_recursion_limit_builds_and_trains():
+    """600 residual blocks (1,201 nodes, past Python's default recursion limit of 1000) and a
+    Sequential of 1,500 layers build; the residual net takes a step with its loss as a float64
+    NumPy forward computes it (to 1e-5 relative)."""
+    x = mpscy.Input((4,))
+    h = x
+    for _ in range(600):
+        h = layers.Add()([layers.Dense(4)(h), h])
+    model = mpscy.Model(x, h)
+    assert len(model.nodes) == 1201 and model.nodes[-1].name == "add_1199"
+    assert len(mpscy.Sequential([layers.ReLU() for _ in range(1500)], input_shape=(3,)).nodes) == 1501
+    engine = mpscy.Engine(model, loss="mse", optimizer=optim.SGD(1e-3), batch_size=2, device="cpu", seed=0)
+    rng = np.random.default_rng(1)  # small weights, so that 600 blocks neither explode nor vanish
+    p = {k: (rng.normal(0, 1e-3, v.shape) if k.endswith("weight") else np.zeros(v.shape)).astype(np.float32)
+         for k, v in engine.get_parameters().items()}
+    engine.set_parameters(p)
+    xs = rng.normal(size=(2, 4)).astype(np.float32)
+    h64 = xs.astype(np.float64)
+    for k in range(600):
+        name = f"dense_{2 * k}"
+        h64 = h64 @ p[f"{name}.weight"].astype(np.float64).T + p[f"{name}.bias"] + h64
+    t = np.zeros((2, 4), np.float32)
+    loss = engine.step(xs, t).loss
+    assert np.isfinite(loss) and abs(loss - np.mean(h64 ** 2)) <= 1e-5 * np.mean(h64 ** 2)
+
+
+def test_builder_refuses_a_cycle_and_an_input_as_output():
+    x = mpscy.Input((3,))
+    a = layers.Dense(3)(x)
+    b = layers.Dense(3)(a)
+    a.inputs = (b,)  # only by hand: layer calls cannot make one
+    with pytest.raises(mpscy.InvalidArgumentError, match="has a cycle"):
+        mpscy.Model(x, b)
+    with pytest.raises(mpscy.InvalidArgumentError, match="output is one of its Inputs: a model needs at least one"):
+        mpscy.Model(x, x)
+
+
+def test_builder_errors_name_the_layer_and_the_input():
+    """A named layer's shape error names it (merge layers of a DAG have no position to say which
+    one failed); an unnamed one's is as before; an input that does not reach the output is named
+    with its position and shape."""
+    x = mpscy.Input((3,), name="features")
+    a, b = layers.Dense(4)(x), layers.Dense(5)(x)
+    with pytest.raises(mpscy.ShapeError, match=r"^Add 'join': Add input 1 has per-sample shape \(5,\), input 0 has \(4,\)$"):
+        layers.Add(name="join")([a, b])
+    with pytest.raises(mpscy.ShapeError, match=r"^Add input 1 has per-sample shape \(5,\)"):
+        layers.Add()([a, b])
+    with pytest.raises(mpscy.ShapeError, match=r"^layer 1: Conv2D 'c': Conv2D needs \(C, H, W\)"):
+        mpscy.Sequential([layers.Dense(4), layers.Conv2D(3, 3, name="c")], input_shape=(3,))
+    with pytest.raises(mpscy.ShapeError, match=r"^layer 1 \(Conv2D\): Conv2D needs"):
+        mpscy.Sequential([layers.Dense(4), layers.Conv2D(3, 3)], input_shape=(3,))
+    extra = mpscy.Input((2,), name="extra")
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"^model input 1 \('extra'\), of shape \(2,\), does not"):
+        mpscy.Model([x, extra], a)
+
+
+def test_summary_of_a_dag_says_what_feeds_each_layer():
+    x = mpscy.Input((3,), name="features")
+    a, b = layers.Dense(4, name="left")(x), layers.Dense(4, name="right")(x)
+    model = mpscy.Model(x, layers.Add()([a, b]))
+    assert repr(model) == "<Model: 3 layers, inputs (features: (3,)) -> output (4,)>"
+    lines = mpscy.Engine(model, loss="mse", batch_size=4, device="cpu").summary().splitlines()
+    assert lines[1].split() == ["Layer", "Type", "Output", "shape", "Params", "Connected", "to"]
+    assert lines[3].split() == ["features", "Input", "(None,", "3)", "0"]
+    assert lines[6].split() == ["add_2", "Add", "(None,", "4)", "0", "left,", "right"]
+    chain = mpscy.Sequential([layers.Dense(4), layers.ReLU()], input_shape=(3,))
+    assert chain.connections() is None
+    text = mpscy.Engine(chain, loss="mse", batch_size=4, device="cpu").summary()
+    assert "Connected" not in text and all(line == line.rstrip() for line in text.splitlines())

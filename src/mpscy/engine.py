@@ -578,13 +578,19 @@ class Engine:
         head = ("Layer", "Type", "Output shape", "Params")
         cells = [(n, t, "(" + ", ".join("None" if d is None else str(d) for d in s) + ")", f"{c:,}")
                  for n, t, s, c in rows]
+        links = self.model.connections()  # a model that is not a plain chain: what feeds each layer
+        if links is not None:
+            head += ("Connected to",)
+            cells = [c + (", ".join(ins),) for c, ins in zip(cells, links)]
         widths = [max(len(h), *(len(r[k]) for r in cells)) for k, h in enumerate(head)]
-        line = "  ".join("{:<%d}" % w for w in widths[:-1]) + "  {:>%d}" % widths[-1]
+        fmt = ["{:<%d}" % w for w in widths]
+        fmt[3] = "{:>%d}" % widths[3]  # the count right-aligned
+        line = "  ".join(fmt)
         rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
         shapes = self.model.parameter_shapes()
         trainable = sum(int(np.prod(t[3])) for t in self._tensors if t[1] == "param")
         total = sum(int(np.prod(s)) for s in shapes.values())
-        out = [rule, line.format(*head), rule, *(line.format(*r) for r in cells), rule,
+        out = [rule, line.format(*head).rstrip(), rule, *(line.format(*r).rstrip() for r in cells), rule,
                f"Total parameters: {total:,} (trainable {trainable:,}, buffers {total - trainable:,})",
                f"Loss: {self.loss!r}   Optimizer: {self.optimizer!r}   Device: {self.device}   "
                f"Batch size: {self.batch_size}", rule]

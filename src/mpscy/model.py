@@ -57,6 +57,32 @@ class Node:
         self.layer, self.inputs, self.shape, self.name = layer, tuple(inputs), tuple(shape), name
 
 
+def _post_order(output):
+    """Every tensor `output` depends on, producers before consumers, in the order a depth-first
+    walk of each tensor's inputs (first to last) finishes them. Iterative: a model may be deeper
+    than Python's recursion limit."""
+    order, done, on_path = [], set(), set()
+    stack = [(output, 0)]  # (tensor, index of the next input to walk)
+    on_path.add(id(output))
+    while stack:
+        t, k = stack[-1]
+        if k < len(t.inputs):
+            stack[-1] = (t, k + 1)
+            src = t.inputs[k]
+            if id(src) in done:
+                continue
+            if id(src) in on_path:
+                raise InvalidArgumentError("the model graph has a cycle")
+            on_path.add(id(src))
+            stack.append((src, 0))
+            continue
+        stack.pop()
+        on_path.discard(id(t))
+        done.add(id(t))
+        order.append(t)
+    return order
+
+
 class Model:
     """A model from the functional API: ``Model(inputs, outputs)`` with one output tensor.
 
@@ -84,28 +110,17 @@ class Model:
         self._build(inputs, outputs)
 
     def _build(self, inputs, output):
-        order, seen, visiting = [], set(), set()
-
-        def visit(t):  # post-order DFS: producers before consumers
-            if id(t) in seen:
-                return
-            if id(t) in visiting:
-                raise InvalidArgumentError("the model graph has a cycle")
-            visiting.add(id(t))
-            for src in t.inputs:
-                visit(src)
-            visiting.discard(id(t))
-            seen.add(id(t))
-            order.append(t)
-
-        visit(output)
+        if output.layer is None:
+            raise InvalidArgumentError("the model's output is one of its Inputs: a model needs at least one layer")
+        order = _post_order(output)
         reached_inputs = [t for t in order if t.layer is None]
         for t in reached_inputs:
             if not any(t is i for i in inputs):
                 raise InvalidArgumentError("the output depends on an Input that is not in the model's inputs")
-        for i in inputs:
+        for k, i in enumerate(inputs):
             if not any(t is i for t in reached_inputs):
-                raise InvalidArgumentError("a model input does not reach the output")
+                named = f" ({i.name!r})" if i.name else ""
+                raise InvalidArgumentError(f"model input {k}{named}, of shape {i.shape}, does not reach the output")
         # inputs first, in the order given; then layers in dependency order
         order = list(inputs) + [t for t in order if t.layer is not None]
         index = {id(t): k for k, t in enumerate(order)}
@@ -188,6 +203,18 @@ class Model:
         return rows
 
 
+    def connections(self):
+        """Each node's input node names, or None for every node when the model is a plain chain
+        (each layer reading the node before it): the "Connected to" column of a summary."""
+        chain = all(n.inputs == ((k - 1,) if n.layer is not None else ()) for k, n in enumerate(self.nodes))
+        return None if chain else [[self.nodes[i].name for i in n.inputs] for n in self.nodes]
+
+    def __repr__(self):
+        ins = ", ".join(f"{n.name}: {n.shape}" for n in self.nodes if n.layer is None)
+        return (f"<{type(self).__name__}: {len(self.nodes) - len(self.input_shapes)} layers, "
+                f"inputs ({ins}) -> output {self.output_shape}>")
+
+
 class Sequential(Model):
     """A plain stack of layers: ``Sequential([Dense(128), ReLU(), Dense(10)], input_shape=(784,))``.
     Default layer names are ``<prefix>_<position>``: dense_0, relu_1, dense_2."""
@@ -208,8 +235,9 @@ class Sequential(Model):
             for i, layer in enumerate(layers):
                 try:
                     t = layer(t)
-                except ShapeError as e:
-                    raise ShapeError(f"layer {i} ({type(layer).__name__}): {e}") from None
+                except ShapeError as e:  # a named layer's message names it already
+                    raise ShapeError(f"layer {i}: {e}" if layer.name else
+                                     f"layer {i} ({type(layer).__name__}): {e}") from None
                 called.append(layer)
                 names.append(layer.name or f"{layer.prefix}_{i}")
             self._build([x], t)

@@ -81,7 +81,8 @@ class _Loader:
             self.loader.set_epoch(epoch)
         # each batch converted as fit converts arrays (float64 x, uint8 labels): no copy when it
         # already is what a step takes
-        batches = ((_batch_inputs(self.engine, xb), _as_target(self.engine, yb)) for xb, yb in self.loader)
+        batches = ((_batch_inputs(self.engine, xb), _as_target(self.engine, yb))
+                   for xb, yb in (_pair(batch) for batch in self.loader))
         if not self.skip_single:
             return batches
         return (batch for batch in batches if len(batch[1]) != 1)
@@ -107,6 +108,30 @@ def _in_batch(e, where):
     """The same mpscy error, saying which batch: a DataLoader's rows are named within their
     batch (its data is not read ahead, as arrays are checked)."""
     return type(e)(f"{where}: {e}")
+
+
+def _pair(batch):
+    """A loader's item as (x, y), or an error saying what it was and what is expected."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch
+    what = f"{len(batch)} items" if isinstance(batch, (tuple, list)) else f"a {type(batch).__name__}"
+    raise InvalidArgumentError(f"the DataLoader gave {what}, not an (x, y) pair; a model of several inputs takes "
+                               "([x1, x2, ...], y): ArrayDataset([x1, x2], y), not ArrayDataset(x1, x2, y)")
+
+
+def _numbered(batches, where):
+    """enumerate(batches), with an mpscy error raised while making a batch (a DataLoader's
+    conversion or shape) said to be that batch's, as a step's error is: where(k) names it."""
+    it, k = iter(batches), 0
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except _errors.Error as e:
+            raise _in_batch(e, where(k)) from e
+        yield k, batch
+        k += 1
 
 
 def _batch_inputs(engine, x):
@@ -184,10 +209,11 @@ def _evaluate(engine, source):
     if isinstance(source, tuple):
         return engine.evaluate(*source)
     total, acc, rows = 0.0, 0.0, 0
-    for k, (xb, yb) in enumerate(source):
-        xb, yb = _batch_inputs(engine, xb), _as_target(engine, yb)
-        n = len(yb)
+    for k, batch in enumerate(source):
         try:
+            xb, yb = _pair(batch)
+            xb, yb = _batch_inputs(engine, xb), _as_target(engine, yb)
+            n = len(yb)
             r = engine.evaluate(xb, yb)
         except _errors.Error as e:
             raise _in_batch(e, f"validation batch {k}") from e
@@ -389,7 +415,7 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
             progress.begin(epoch, steps)
             seen, loss_sum, acc_sum, has_acc, done = 0, 0.0, 0.0, False, 0
             lr_used = engine.learning_rate
-            for b, (xb, yb) in enumerate(source.epoch(engine.epoch)):
+            for b, (xb, yb) in _numbered(source.epoch(engine.epoch), lambda k: f"epoch {epoch + 1}, batch {k}"):
                 for cb in cbs.batch_begin:
                     cb.on_train_batch_begin(b, {})
                 if per == "step":

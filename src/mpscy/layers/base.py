@@ -64,7 +64,12 @@ class Layer:
         if self._called:
             raise InvalidArgumentError(f"layer {self.name or type(self).__name__} was already called; "
                                        "create a new layer object (weight sharing is not supported)")
-        shape = self.output_shape([t.shape for t in inputs])
+        try:
+            shape = self.output_shape([t.shape for t in inputs])
+        except (ShapeError, InvalidArgumentError) as e:
+            if not self.name:
+                raise
+            raise type(e)(f"{type(self).__name__} {self.name!r}: {e}") from None  # which of several
         self._called = True
         return Tensor(shape, layer=self, inputs=inputs)
 
