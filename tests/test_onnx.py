@@ -799,3 +799,36 @@ def test_import_takes_the_spec_defaults_of_omitted_attributes():
     assert pool.count_include_pad is False and leaky.negative_slope == 0.01
     x = np.random.default_rng(11).normal(size=(4, 2, 5, 5)).astype(np.float32) - 1.0
     np.testing.assert_allclose(engine.predict(x), _ort(m, {"x": x}), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("opset,keepdims", [(17, 0), (17, 1), (18, 0), (18, 1)])
+def test_import_reduce_mean_over_the_image_axes_as_global_average_pooling(opset, keepdims):
+    """torch's x.mean((2, 3)) exports ReduceMean over axes (2, 3): axes an attribute up to opset
+    17, an input from 18; keepdims 1 keeps (N, C, 1, 1), which a Flatten then takes to (N, C).
+    It imports as GlobalAvgPool2D, and predicts as onnxruntime (rtol 1e-5); other axes are
+    refused by name."""
+    from onnx import TensorProto as TP, helper, numpy_helper
+    rng = np.random.default_rng(20)
+    w, b = rng.normal(size=(5, 3, 3, 3)).astype(np.float32), rng.normal(size=5).astype(np.float32)
+    gw, gb = rng.normal(size=(4, 5)).astype(np.float32), rng.normal(size=4).astype(np.float32)
+    inits = [numpy_helper.from_array(a, n) for n, a in [("w", w), ("b", b), ("gw", gw), ("gb", gb)]]
+    if opset >= 18:
+        inits.append(numpy_helper.from_array(np.array([-2, -1], np.int64), "axes"))
+        mean = helper.make_node("ReduceMean", ["c", "axes"], ["m"], keepdims=keepdims)
+    else:
+        mean = helper.make_node("ReduceMean", ["c"], ["m"], axes=[2, 3], keepdims=keepdims)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]), mean]
+    nodes += [helper.make_node("Flatten", ["m"], ["f"])] if keepdims else []
+    nodes.append(helper.make_node("Gemm", ["f" if keepdims else "m", "gw", "gb"], ["y"], transB=1))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TP.FLOAT, ["N", 3, 6, 6])],
+                          [helper.make_tensor_value_info("y", TP.FLOAT, ["N", 4])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+    onnx.checker.check_model(m, full_check=True)
+    engine = mpscy.onnx.load(m, loss="mse", device="cpu")
+    assert [type(n.layer).__name__ for n in engine.model.nodes[1:]] == ["Conv2D", "GlobalAvgPool2D", "Dense"]
+    x = rng.normal(size=(7, 3, 6, 6)).astype(np.float32)
+    np.testing.assert_allclose(engine.predict(x), _ort(m, {"x": x}), rtol=RTOL, atol=ATOL)
+    m.graph.node[1].CopyFrom(helper.make_node("ReduceMean", ["c"], ["m"], axes=[1], keepdims=keepdims) if opset < 18 else
+                       helper.make_node("ReduceMean", ["c"], ["m"], keepdims=keepdims))
+    with pytest.raises(mpscy.UnsupportedError, match=r"ReduceMean .* over axes (\[1\]|None) of a rank-4 value"):
+        mpscy.onnx.load(m, loss="mse", device="cpu")

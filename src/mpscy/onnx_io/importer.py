@@ -1,7 +1,8 @@
 """ONNX file -> mpscy Model and parameters, for inference and fine-tuning: what torch.onnx.export
 writes for MLPs, CNNs and residual models (Gemm or MatMul+Add over (N, features), Conv,
 BatchNormalization, LayerNormalization, activations also in decomposed form, Softmax, pools,
-Flatten/Reshape, Add/Sum, Concat, Dropout) and what mpscy exports. Anything else raises
+global average pooling also as ReduceMean over the image axes, Flatten/Reshape, Add/Sum, Concat,
+Dropout) and what mpscy exports. Anything else raises
 UnsupportedError naming the node; data that is not an ONNX model, InvalidArgumentError.
 Operator handlers are in ops.py; nothing here touches an engine.
 

@@ -332,6 +332,27 @@ def _gap(r, node, args, attrs):
     return out
 
 
+@_set("ReduceMean")
+def _reduce_mean(r, node, args, attrs):
+    """The mean over both spatial axes of an image, (N, C, H, W) -> (N, C[, 1, 1]): torch's
+    x.mean((2, 3)) for global average pooling. Axes are an attribute up to opset 17 and an input
+    from 18."""
+    x = args[0]
+    axes = attrs.get("axes")
+    if len(node.input) > 1 and node.input[1]:
+        axes = np.asarray(r.const_of(node.input[1], node)).reshape(-1).tolist()
+    shape = _onnx_shape(r, x)
+    rank = len(shape)
+    if axes is not None:
+        axes = sorted(int(a) + (rank if int(a) < 0 else 0) for a in axes)
+    if rank != 4 or getattr(x, "squeezed", False) or axes != [2, 3]:
+        raise UnsupportedError(f"ReduceMean {node.name!r} over axes {axes} of a rank-{rank} value is not supported "
+                               "(only over both spatial axes of an (N, C, H, W) image, as global average pooling)")
+    out = r.layer(_layer_class("GlobalAvgPool2D"), [x])
+    out.squeezed = bool(attrs.get("keepdims", 1))  # (N, C, 1, 1) to ONNX when the axes are kept
+    return out
+
+
 def _non_affine(r, node, scale, bias):
     """Whether the node's mpscy layer had no weight and bias: named in the "mpscy.non_affine"
     metadata, with the identity scale and zero bias the exporter writes for it (a file edited
