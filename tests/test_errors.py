@@ -625,3 +625,40 @@ def test_a_finite_loss_with_an_overflowing_gradient_is_refused(device):
         engine.step(x, t)
     for k, v in engine.get_parameters().items():
         np.testing.assert_array_equal(v, before[k])
+
+
+def _deep_concat(levels):
+    """(1, 1, 4) samples concatenated 8-fold along W `levels` times: 4 * 8**levels per sample."""
+    x = mpscy.Input((1, 1, 4))
+    h = x
+    for _ in range(levels):
+        h = layers.Concatenate(axis=3)([h] * 8)
+    return mpscy.Model(x, layers.GlobalAvgPool2D()(h))
+
+
+@pytest.mark.parametrize("case,model,error,message", [
+    # 4 * 8**20 = 2**62 floats a sample: once planned into a 4-byte slab and written past it
+    ("dimension", lambda: _deep_concat(20), mpscy.ShapeError, r"dimension 2 is 1125899906842624, more than 2\^48"),
+    ("activations", lambda: mpscy.Sequential([layers.ReLU()], input_shape=(2 ** 47, 2 ** 8)),
+     mpscy.OutOfMemoryError, r"more than 2\^56 floats of activations at batch 2"),
+    ("parameters", lambda: mpscy.Sequential([layers.Dense(2 ** 30), layers.Dense(2 ** 30)], input_shape=(4,)),
+     mpscy.OutOfMemoryError, r"more than 2\^56 floats of parameters"),
+    ("dense-k", lambda: mpscy.Sequential([layers.Flatten(), layers.Dense(2)], input_shape=(2 ** 16, 2 ** 16)),
+     mpscy.UnsupportedError, r"a Dense of 4294967296 input features; at most 2\^31 - 1"),
+    ("conv-k", lambda: mpscy.Sequential([layers.Conv2D(2, 3)], input_shape=(2 ** 31, 5, 5)),
+     mpscy.UnsupportedError, r"a Conv2D of 2147483648 x 3 x 3 taps and 3 x 3 positions"),
+    ("conv-positions", lambda: mpscy.Sequential([layers.Conv2D(2, 1)], input_shape=(1, 2 ** 16, 2 ** 16)),
+     mpscy.UnsupportedError, r"65536 x 65536 positions; each product at most 2\^31 - 1"),
+])
+def test_a_model_too_large_for_its_sizes_is_refused_at_build(device, case, model, error, message):
+    """Sizes past what int64 offsets and the 32-bit BLAS dimensions hold are refused when the
+    plan is built (every backend shares it), where they once wrapped into a slab too small for
+    its writes: the "dimension" model built a 4-byte slab and crashed at its first predict."""
+    with pytest.raises(error, match=message):
+        mpscy.Engine(model(), loss="mse", batch_size=2, device=device)
+
+
+def test_the_largest_deep_concatenation_that_fits_builds_and_predicts():
+    """8**5 * 4 = 131,072 floats a sample, below every bound: built and exact (a mean of ones)."""
+    engine = mpscy.Engine(_deep_concat(5), loss="mse", batch_size=2, device="cpu")
+    np.testing.assert_array_equal(engine.predict(np.ones((2, 1, 1, 4), np.float32)), np.ones((2, 1), np.float32))

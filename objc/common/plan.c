@@ -26,6 +26,32 @@ static const char *kind_name(int32_t kind) {
     return (kind >= 0 && kind < MPSCY_LAYER_KIND_COUNT) ? names[kind] : "unknown";
 }
 
+/* Sizes never wrap: a dimension may be at most PLAN_MAX_DIM (so that window and padding
+ * arithmetic stays in int64), and every count, offset and slab total saturates just above
+ * PLAN_CAP floats (2^58 bytes, past any device's memory), where the build refuses the model
+ * rather than plan a slab too small for its writes. The BLAS products take 32-bit dimensions:
+ * a Dense's input features and a convolution's K (C/groups x kh x kw) and positions (OH x OW)
+ * stay below 2^31. */
+#define PLAN_MAX_DIM ((int64_t)1 << 48)
+#define PLAN_CAP ((int64_t)1 << 56)
+#define PLAN_BLAS_MAX ((int64_t)0x7fffffff)
+
+static int64_t cap_mul(int64_t a, int64_t b) {
+    int64_t m;
+    return a < 0 || b < 0 || __builtin_mul_overflow(a, b, &m) || m > PLAN_CAP ? PLAN_CAP + 1 : m;
+}
+
+static int64_t cap_add(int64_t a, int64_t b) {
+    int64_t m;
+    return __builtin_add_overflow(a, b, &m) || m > PLAN_CAP ? PLAN_CAP + 1 : m;
+}
+
+static int64_t capped_count(int32_t rank, const int64_t *shape) {
+    int64_t c = 1;
+    for (int32_t i = 0; i < rank; i++) c = cap_mul(c, shape[i]);
+    return c;
+}
+
 static void set_shape(int32_t *rank, int64_t *shape, int32_t r, const int64_t *s) {
     *rank = r;
     for (int32_t i = 0; i < MPSCY_MAX_RANK; i++) shape[i] = i < r ? s[i] : 0;
@@ -45,13 +71,13 @@ static void add_tensor(mpscy_plan *p, int32_t n, const char *suffix, int32_t rol
     t->info.role = role;
     t->info.dtype = MPSCY_F32;
     set_shape(&t->info.rank, t->info.shape, rank, shape);
-    t->info.count = mpscy_shape_count(rank, shape);
+    t->info.count = capped_count(rank, shape);
     if (role == MPSCY_ROLE_PARAM) {
         t->info.offset = p->n_params;
-        p->n_params += t->info.count;
+        p->n_params = cap_add(p->n_params, t->info.count);
     } else {
         t->info.offset = p->n_buffers;  /* relative to the buffer region, fixed up later */
-        p->n_buffers += t->info.count;
+        p->n_buffers = cap_add(p->n_buffers, t->info.count);
     }
     t->node = n;
     t->slot = slot;
@@ -80,6 +106,9 @@ static int infer_node(mpscy_plan *p, int32_t i, const char *component, char *err
     case MPSCY_LAYER_DENSE: {
         int64_t in = a->size;
         if (q[0] <= 0) return FAIL(MPSCY_INVALID, "node %d (%s): Dense units %d must be > 0", i, n->name, q[0]);
+        if (in > PLAN_BLAS_MAX)
+            return FAIL(MPSCY_UNSUPPORTED, "node %d (%s): a Dense of %lld input features; at most 2^31 - 1", i, n->name,
+                        (long long)in);
         r = 1;
         s[0] = q[0];
         int64_t w[2] = {q[0], in};
@@ -96,7 +125,7 @@ static int infer_node(mpscy_plan *p, int32_t i, const char *component, char *err
             return FAIL(MPSCY_INVALID, "node %d (%s): dropout rate %g outside [0, 1)", i, n->name, n->reals[0]);
         if (n->kind == MPSCY_LAYER_SOFTMAX && (q[0] < 0 || q[0] >= r))
             return FAIL(MPSCY_INVALID, "node %d (%s): softmax axis %d outside 0..%d", i, n->name, q[0], r - 1);
-        if (n->kind == MPSCY_LAYER_DROPOUT) n->save_size = (int64_t)p->batch * a->size;
+        if (n->kind == MPSCY_LAYER_DROPOUT) n->save_size = cap_mul(p->batch, a->size);
         break;
     case MPSCY_LAYER_CONV2D: case MPSCY_LAYER_MAXPOOL2D: case MPSCY_LAYER_AVGPOOL2D: {
         int conv = n->kind == MPSCY_LAYER_CONV2D;
@@ -120,12 +149,16 @@ static int infer_node(mpscy_plan *p, int32_t i, const char *component, char *err
         if (s[1] <= 0 || s[2] <= 0)
             return FAIL(MPSCY_SHAPE, "node %d (%s): input (%lld, %lld) is smaller than the %s window",
                         i, n->name, (long long)a->shape[1], (long long)a->shape[2], kn);
+        if (conv && (cap_mul(cap_mul(c / groups, k[0]), k[1]) > PLAN_BLAS_MAX || cap_mul(s[1], s[2]) > PLAN_BLAS_MAX))
+            return FAIL(MPSCY_UNSUPPORTED, "node %d (%s): a Conv2D of %lld x %d x %d taps and %lld x %lld positions; "
+                        "each product at most 2^31 - 1", i, n->name, (long long)(c / groups), k[0], k[1],
+                        (long long)s[1], (long long)s[2]);
         if (conv) {
             int64_t w[4] = {q[0], c / groups, k[0], k[1]};
             add_tensor(p, i, "weight", MPSCY_ROLE_PARAM, 0, 4, w);
             if (n->flags & MPSCY_FLAG_BIAS) add_tensor(p, i, "bias", MPSCY_ROLE_PARAM, 1, 1, s);
         }
-        if (n->kind == MPSCY_LAYER_MAXPOOL2D) n->save_size = (int64_t)p->batch * s[0] * s[1] * s[2];
+        if (n->kind == MPSCY_LAYER_MAXPOOL2D) n->save_size = cap_mul(p->batch, capped_count(3, s));
         break;
     }
     case MPSCY_LAYER_GLOBALAVGPOOL2D:
@@ -168,7 +201,7 @@ static int infer_node(mpscy_plan *p, int32_t i, const char *component, char *err
             add_tensor(p, i, "weight", MPSCY_ROLE_PARAM, 0, k, a->shape + (a->rank - k));
             add_tensor(p, i, "bias", MPSCY_ROLE_PARAM, 1, k, a->shape + (a->rank - k));
         }
-        n->save_size = 2 * (int64_t)p->batch * (a->size / mpscy_shape_count(k, a->shape + (a->rank - k)));
+        n->save_size = cap_mul(2 * (int64_t)p->batch, a->size / mpscy_shape_count(k, a->shape + (a->rank - k)));
         break;
     }
     case MPSCY_LAYER_ADD:
@@ -204,9 +237,13 @@ static int infer_node(mpscy_plan *p, int32_t i, const char *component, char *err
         return FAIL(MPSCY_SHAPE, "node %d (%s): %s output shape given does not match the computed (rank %d, first dim %lld)",
                     i, n->name, kn, r, (long long)s[0]);
     for (int32_t d = 0; d < r; d++)
-        if (s[d] <= 0) return FAIL(MPSCY_SHAPE, "node %d (%s): dimension %d is %lld", i, n->name, d, (long long)s[d]);
+        if (s[d] <= 0 || s[d] > PLAN_MAX_DIM)
+            return FAIL(MPSCY_SHAPE, "node %d (%s): dimension %d is %lld%s", i, n->name, d, (long long)s[d],
+                        s[d] > 0 ? ", more than 2^48" : "");
     set_shape(&n->rank, n->shape, r, s);
-    n->size = mpscy_shape_count(r, s);
+    n->size = capped_count(r, s);
+    if (n->size > PLAN_CAP)
+        return FAIL(MPSCY_OOM, "node %d (%s): an output of more than 2^56 floats per sample", i, n->name);
     return MPSCY_OK;
 }
 
@@ -476,13 +513,19 @@ int mpscy_plan_build(mpscy_plan *p, const mpscy_graph_desc *d, const char *compo
     for (int32_t i = 0; i < p->n_nodes; i++) {
         mpscy_node *n = &p->nodes[i];
         n->out = p->act_floats;
-        p->act_floats += (int64_t)p->batch * n->size;
+        p->act_floats = cap_add(p->act_floats, cap_mul(p->batch, n->size));
         if (n->grad) {
             n->dout = p->grad_floats;
-            p->grad_floats += (int64_t)p->batch * n->size;
+            p->grad_floats = cap_add(p->grad_floats, cap_mul(p->batch, n->size));
         }
         n->save = p->save_floats;
-        p->save_floats += n->save_size;
+        p->save_floats = cap_add(p->save_floats, n->save_size);
+    }
+    const int huge_params = cap_add(p->n_params, p->n_buffers) > PLAN_CAP;
+    if (huge_params || p->act_floats > PLAN_CAP || p->grad_floats > PLAN_CAP || p->save_floats > PLAN_CAP) {
+        mpscy_plan_free(p);
+        return FAIL(MPSCY_OOM, "the model needs more than 2^56 floats of %s at batch %d",
+                    huge_params ? "parameters" : "activations", d->batch);
     }
     for (int32_t t = 0; t < p->n_tensors; t++)
         if (p->tensors[t].info.role == MPSCY_ROLE_BUFFER) p->tensors[t].info.offset += p->n_params;

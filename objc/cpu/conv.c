@@ -191,7 +191,7 @@ static void scatter_rows(float *y, const float *out, const float *bias, int64_t 
     for (int64_t o = 0; o < oc; o++) {
         float bo = bias ? bias[o] : 0.0f;
         for (int64_t s = 0; s < bc; s++) {
-            float *restrict dst = y + (s * oc + o) * ohw;  // (OHW)
+            float *dst = y + (s * oc + o) * ohw;  // (OHW); may be src itself, so not restrict
             const float *src = out + o * n + s * ohw;
             if (dst == src && !bias && !relu) continue;
             if (relu)

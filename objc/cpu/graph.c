@@ -65,6 +65,7 @@ int cpu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph 
         return FAIL(MPSCY_UNSUPPORTED, "optimizer kind %d is not implemented on cpu", p->optim.kind);
     }
     if (p->threads <= 0) p->threads = ((cpu_device *)dev)->threads;  /* workspaces are per thread */
+    if (p->threads > MPSCY_MAX_THREADS) p->threads = MPSCY_MAX_THREADS;  /* as many as the pool runs */
     for (int32_t i = 0; i < p->n_nodes; i++) {
         const cpu_layer_ops *ops = &cpu_layers[p->nodes[i].kind];
         if (p->nodes[i].kind != MPSCY_LAYER_INPUT && !ops->forward) {

@@ -91,16 +91,17 @@ __global__ void pool_backward(float *dx, const float *dy, const int32_t *arg, po
     }
 }
 
-/* one warp per (sample, channel) plane */
+/* one warp per (sample, channel) plane, summed in double (as the cpu's: a float lane sum over
+ * a 224 x 224 plane drifts by ~1e-5) */
 __global__ void global_avgpool_forward(float *y, const float *x, int64_t planes, int64_t hw) {
     // y (planes), x (planes, HW)
     cu_pdl_enter();
     int64_t c = blockIdx.x * (int64_t)(blockDim.x >> 5) + (threadIdx.x >> 5);
     if (c >= planes) return;
-    float s = 0.0f;
+    double s = 0.0;
     for (int64_t k = threadIdx.x & 31; k < hw; k += 32) s += x[c * hw + k];
     s = warp_sum(s);
-    if ((threadIdx.x & 31) == 0) y[c] = s / (float)hw;
+    if ((threadIdx.x & 31) == 0) y[c] = (float)(s / (double)hw);
 }
 
 __global__ void global_avgpool_backward(float *dx, const float *dy, int64_t planes, int64_t hw, int accum) {
