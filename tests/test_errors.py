@@ -662,3 +662,15 @@ def test_the_largest_deep_concatenation_that_fits_builds_and_predicts():
     """8**5 * 4 = 131,072 floats a sample, below every bound: built and exact (a mean of ones)."""
     engine = mpscy.Engine(_deep_concat(5), loss="mse", batch_size=2, device="cpu")
     np.testing.assert_array_equal(engine.predict(np.ones((2, 1, 1, 4), np.float32)), np.ones((2, 1), np.float32))
+
+
+def test_a_cpu_graph_larger_than_the_machine_is_refused_not_killed():
+    """A graph needing twice the machine's physical memory raises OutOfMemoryError naming both
+    sizes when it is built: its zeroed slabs, touched as they are made, once had the process
+    killed by the kernel instead."""
+    have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    n = -(-2 * have // (8 * 4 * 3))  # input, ReLU output and its gradient: 3 x 8 rows x n floats
+    model = mpscy.Sequential([layers.ReLU()], input_shape=(n,))
+    with pytest.raises(mpscy.OutOfMemoryError, match=r"the graph needs [\d.]+ GB at batch 8, more than this "
+                                                      r"machine's [\d.]+ GB of memory"):
+        mpscy.Engine(model, loss="mse", batch_size=8, device="cpu")

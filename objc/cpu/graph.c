@@ -5,6 +5,7 @@
 #include "cpu.h"
 
 #include <string.h>
+#include <unistd.h>
 
 #define FAIL(status, ...) MPSCY_FAIL(err, n, (status), CPU, __VA_ARGS__)
 
@@ -87,6 +88,18 @@ int cpu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph 
     g->tables_bytes = 2 * (size_t)p->n_nodes * sizeof(float *) +
                       (size_t)(2 * p->n_inputs + 2) * sizeof(struct mpscy_buffer_);
 
+    /* Zeroed slabs are touched as they are made: more than the machine holds would not fail
+     * here but get the process killed, so such a graph is refused first. */
+    const double need = (double)slab_bytes(p->n_params + p->n_buffers) + (double)slab_bytes(p->n_params) +
+                        (double)slab_bytes(p->optim_floats) + (double)slab_bytes(p->act_floats) +
+                        (double)slab_bytes(p->grad_floats) + (double)slab_bytes(p->save_floats) +
+                        (double)slab_bytes(g->ws_floats) + (double)g->io_bytes;
+    const double have = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
+    if (have > 0 && need > have) {
+        cpu_graph_destroy(&g->base);
+        return FAIL(MPSCY_OOM, "the graph needs %.1f GB at batch %d, more than this machine's %.1f GB of memory",
+                    need / 1e9, p->batch, have / 1e9);
+    }
     g->params = cpu_alloc(dev, slab_bytes(p->n_params + p->n_buffers));
     g->grads = cpu_alloc(dev, slab_bytes(p->n_params));
     g->optim = cpu_alloc(dev, slab_bytes(p->optim_floats));
