@@ -674,3 +674,21 @@ def test_a_cpu_graph_larger_than_the_machine_is_refused_not_killed():
     with pytest.raises(mpscy.OutOfMemoryError, match=r"the graph needs [\d.]+ GB at batch 8, more than this "
                                                       r"machine's [\d.]+ GB of memory"):
         mpscy.Engine(model, loss="mse", batch_size=8, device="cpu")
+
+
+def test_set_parameters_and_optimizer_state_name_odd_keys_and_ragged_values():
+    """Keys of mixed types, a ragged list and a ragged step count are named as mpscy errors (they
+    were a TypeError from sorting the names and numpy's ValueError), nothing written."""
+    engine = mpscy.Engine(mpscy.Sequential([layers.Dense(3)], input_shape=(4,)), device="cpu")
+    p = engine.get_parameters()
+    st = engine.get_optimizer_state()
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"unknown parameter name\(s\): \['zz', 5\]"):
+        engine.set_parameters({**p, 5: p["dense_0.bias"], "zz": p["dense_0.bias"]})
+    with pytest.raises(mpscy.DTypeError, match="parameter 'dense_0.bias' must be a numeric array, got a ragged"):
+        engine.set_parameters({**p, "dense_0.bias": [[1.0, 2.0], [3.0]]})
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"'step' must be a number, got \[\[1\], \[1, 2\]\]"):
+        engine.set_optimizer_state({**st, "step": [[1], [1, 2]]})
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"unexpected \['x', 7\]"):
+        engine.set_optimizer_state({**st, 7: 1, "x": 2})
+    after = engine.get_parameters()
+    assert all(np.array_equal(after[k], v) for k, v in p.items())

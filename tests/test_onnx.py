@@ -399,6 +399,12 @@ def test_a_corrupt_file_is_an_mpscy_error(tmp_path):
         with pytest.raises(mpscy.InvalidArgumentError, match=r"the bytes given are not a valid ONNX model"):
             mpscy.onnx.read(raw)
     assert mpscy.onnx.read(good)[0].output_shape == (2,)
+    # neither a path, a file, bytes nor a model: an int was read as a file descriptor, None a TypeError
+    for source, kind in ((None, "NoneType"), (5, "int"), (2.5, "float")):
+        for fn in (mpscy.onnx.read, mpscy.onnx.load):
+            with pytest.raises(mpscy.InvalidArgumentError, match=rf"takes a path, a file object, bytes or a "
+                                                                 rf"ModelProto, got {kind}$"):
+                fn(source)
 
 
 def test_a_linear_over_the_last_axis_of_a_3d_input_is_refused():

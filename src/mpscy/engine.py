@@ -338,7 +338,7 @@ class Engine:
         if not isinstance(params, dict):
             raise DTypeError(f"parameters must be a dict of name -> array, got {type(params).__name__}")
         known = {t[0]: (i, t) for i, t in enumerate(self._tensors) if t[1] in ("param", "buffer")}
-        unknown = sorted(set(params) - set(known))
+        unknown = sorted(set(params) - set(known), key=repr)  # names of any type, told apart
         if unknown:
             raise InvalidArgumentError(f"unknown parameter name(s): {unknown}")
         if strict:
@@ -348,7 +348,11 @@ class Engine:
         staged = []
         for name, value in params.items():
             i, (_, _, dtype, shape, _) = known[name]
-            arr = np.asarray(value)
+            try:
+                arr = np.asarray(value)
+            except (TypeError, ValueError):
+                raise DTypeError(f"parameter {name!r} must be a numeric array, got a ragged or non-numeric "
+                                 "sequence") from None
             if arr.shape != tuple(shape):
                 raise ShapeError(f"parameter {name!r} has shape {tuple(shape)}, got {arr.shape}")
             if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(arr.dtype, np.integer):
@@ -431,7 +435,7 @@ class Engine:
 
     @staticmethod
     def _check_keys(state, expected):
-        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected, key=repr)
         if missing or extra:
             raise InvalidArgumentError(f"optimizer state does not match this optimizer: missing {missing}, unexpected {extra}")
 
@@ -452,7 +456,10 @@ class Engine:
     def _number(name, value, what="optimizer state"):
         """value as a Python number: a Python or numpy number, or a 0-d array (torch keeps step
         as a 0-d tensor). A string such as "3" would convert silently; it is refused."""
-        arr = np.asarray(value) if not isinstance(value, str) else None
+        try:
+            arr = np.asarray(value) if not isinstance(value, str) else None
+        except (TypeError, ValueError):
+            arr = None  # a ragged sequence
         if arr is None or arr.dtype.kind not in "biuf":
             raise InvalidArgumentError(f"{what} {name!r} must be a number, got {value!r}")
         if arr.shape != ():

@@ -344,8 +344,11 @@ def _parse(onnx, source):
         what = "the bytes given are"
     elif isinstance(source, (str, os.PathLike)):
         what = f"{os.fspath(source)!r} is"
-    else:  # a file object
+    elif hasattr(source, "read"):  # a file object
         what = f"{getattr(source, 'name', 'the file given')!r} is"
+    else:  # an int would be taken for a file descriptor
+        raise InvalidArgumentError(f"ONNX import takes a path, a file object, bytes or a ModelProto, "
+                                   f"got {type(source).__name__}")
     try:
         if isinstance(source, (bytes, bytearray)):
             proto = onnx.load_from_string(bytes(source))
