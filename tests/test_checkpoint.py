@@ -2,6 +2,7 @@
 as the uninterrupted run (losses, parameters, optimizer state, counters, learning rate and an
 attached schedule); the file is standard safetensors; truncated, corrupted or foreign files
 raise CheckpointError and leave the engine untouched."""
+import hashlib
 import json
 import os
 import struct
@@ -548,6 +549,8 @@ def test_load_keywords_and_a_missing_folder(device, saved, tmp_path):
     for kw in (dict(seed=5), dict(loss="mse", optimizer=optim.SGD(0.1))):
         with pytest.raises(mpscy.InvalidArgumentError, match=r"load takes .* from the checkpoint"):
             mpscy.load(path, device=device, **kw)
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"load got unexpected keyword arguments \['foo'\]"):
+        mpscy.load(path, device=device, foo=1)                 # not Engine's raw TypeError
     missing = tmp_path / "no_such_folder" / "x.mpscy"
     with pytest.raises(FileNotFoundError) as info:
         engine.save(missing)
@@ -584,3 +587,209 @@ def test_restore_loads_the_state_into_an_attached_schedule_of_the_same_class(dev
     hc = c.fit(x[:160], y[:160], epochs=2, initial_epoch=1, shuffle=False, verbose=0)
     assert ha.history["loss"] == hc.history["loss"]
     assert a.learning_rate == c.learning_rate == pytest.approx(0.1 * 0.5 ** 3)
+
+
+# ----------------------------------------------------------------------------- damaged files, bad arguments
+def _rewrite(src, dst, header=None, desc=None):
+    """A copy of checkpoint `src` with its safetensors header edited by `header(dict)` or its
+    JSON description by `desc(dict)`, the description's SHA-256 recomputed (the tensor bytes are
+    kept), so that only the edit is wrong."""
+    raw = src.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    head = json.loads(raw[8:8 + n])
+    if desc is not None:
+        meta = head["__metadata__"]
+        text = json.dumps(desc(json.loads(meta["mpscy"])))
+        meta["mpscy"], meta["mpscy_sha256"] = text, hashlib.sha256(text.encode()).hexdigest()
+    if header is not None:
+        head = header(head)
+    blob = json.dumps(head).encode()
+    blob += b" " * (-len(blob) % 8)
+    dst.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
+    return dst
+
+
+def _set(*path_and_value):
+    *path, value = path_and_value
+
+    def edit(d):
+        c = d
+        for k in path[:-1]:
+            c = c[k]
+        c[path[-1]] = value
+        return d
+    return edit
+
+
+def _drop(*path):
+    def edit(d):
+        c = d
+        for k in path[:-1]:
+            c = c[k]
+        del c[path[-1]]
+        return d
+    return edit
+
+
+@pytest.fixture
+def trained(device, digits, tmp_path):
+    """A checkpoint of an Adam run 4 steps in, epoch 2, with a StepLR attached."""
+    x, y = digits
+    e = _engine(device, optim.Adam(1e-2), seed=5)
+    e.set_schedule(optim.schedules.StepLR(e, step_size=2, gamma=0.5), per="step")
+    e.fit(x[:128], y[:128], epochs=2, shuffle=False, verbose=0)
+    assert e.iterations == 8 and e.epoch == 2
+    e.save(tmp_path / "run.mpscy", meta={"note": "ok", "mean": np.arange(3, dtype=np.float32)})
+    return tmp_path / "run.mpscy"
+
+
+def _snapshot(engine):
+    return (engine.get_parameters(), engine.get_optimizer_state(), engine.iterations, engine.epoch,
+            engine.learning_rate, engine.betas, engine.seed, engine.schedule)
+
+
+def _assert_unchanged(engine, snap):
+    params, state, iterations, epoch, lr, betas, seed, schedule = snap
+    now = engine.get_parameters()
+    assert now.keys() == params.keys()
+    for k in params:
+        np.testing.assert_array_equal(now[k], params[k], err_msg=k)
+    opt = engine.get_optimizer_state()
+    assert opt.keys() == state.keys()
+    for k in state:
+        if isinstance(state[k], dict):
+            for p in state[k]:
+                np.testing.assert_array_equal(opt[k][p], state[k][p], err_msg=f"{k}/{p}")
+        else:
+            assert opt[k] == state[k], k
+    assert (engine.iterations, engine.epoch, engine.learning_rate, engine.betas, engine.seed) == \
+        (iterations, epoch, lr, betas, seed)
+    assert engine.schedule is schedule and not hasattr(engine, "checkpoint_meta")
+
+
+def _refused(device, bad, message):
+    """restore of `bad` into a fresh engine (another seed, rate and epoch) raises CheckpointError
+    matching `message` and changes nothing; load refuses it alike."""
+    engine = _engine(device, optim.Adam(3e-3), seed=11)
+    engine.epoch = 1
+    snap = _snapshot(engine)
+    with pytest.raises(mpscy.CheckpointError, match=message):
+        checkpoint.restore(engine, bad)
+    _assert_unchanged(engine, snap)
+    with pytest.raises(mpscy.CheckpointError, match=message):
+        mpscy.load(bad, device=device)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_drop("rng"), r"malformed description: rng is missing"),
+    (_drop("counters"), r"malformed description: counters is missing"),
+    (_drop("rng", "counter"), r"rng\.counter is missing"),
+    (_set("rng", "seed", -1), r"rng\.seed must be an integer in \[0, 2\*\*64\), got -1"),
+    (_set("counters", "epoch", "x"), r"counters\.epoch must be an integer in \[0, 2\*\*64\), got 'x'"),
+    (_set("step_values", "lr", "x"), r"step_values\.lr must be a number, got 'x'"),
+    (_set("meta", {"__ndarray__": 1, "dtype": "bogus"}), r"meta holds a malformed array: data type 'bogus'"),
+    (_set("schedule", "per", "often"), r"schedule\.per must be 'step' or 'epoch', got 'often'"),
+    (_set("schedule", "state", "_last_lr", -1.0), r"cannot be restored into this engine: learning rate must be"),
+], ids=["no-rng", "no-counters", "no-rng-counter", "rng-seed", "epoch-str", "lr-str", "meta-dtype", "schedule-per",
+        "schedule-refuses"])
+def test_a_refused_restore_changes_nothing(device, trained, tmp_path, edit, message):
+    """Parameters and optimizer state were written inside the rollback, but the generator,
+    counters, step values and meta were read after it: a file lacking `rng`, or with a bad
+    epoch, raised a raw KeyError/ValueError/OverflowError/TypeError with the parameters, the
+    optimizer's step and the iterations already changed. Every field is now checked first; a
+    schedule the engine refuses (the last field that can fail) is rolled back."""
+    _refused(device, _rewrite(trained, tmp_path / "bad.mpscy", desc=edit), message)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_set("step_values", "lr", -1.0), r"step_values\.lr must be finite and >= 0, got -1\.0"),
+    (_set("step_values", "lr", float("nan")), r"step_values\.lr must be finite and >= 0, got nan"),
+    (_set("step_values", "weight_decay", float("inf")), r"step_values\.weight_decay must be finite and >= 0, got inf"),
+    (_set("step_values", "beta1", 2.0), r"step_values\.beta1 must be in \[0, 1\), got 2\.0"),
+    (_set("step_values", "beta2", True), r"step_values\.beta2 must be a number, got True"),
+    (_set("counters", "epoch", -1), r"counters\.epoch must be an integer in \[0, 2\*\*64\), got -1"),
+    (_set("engine", "seed", -1), r"engine\.seed must be an integer in \[0, 2\*\*64\), got -1"),
+    (_set("rng", "counter", 2**64), r"rng\.counter must be an integer in \[0, 2\*\*64\), got 18446744073709551616"),
+    (_set("initial_lr", "x"), r"initial_lr must be a number, got 'x'"),
+    (_set("initial_lr", -0.5), r"initial_lr must be finite and >= 0, got -0\.5"),
+], ids=["lr-negative", "lr-nan", "wd-inf", "beta1", "beta2-bool", "epoch", "engine-seed", "counter", "initial-lr-str",
+        "initial-lr-negative"])
+def test_restore_applies_the_setters_rules(device, trained, tmp_path, edit, message):
+    """The step values, counters and seeds were written without the public setters' checks: a
+    negative or NaN rate, beta1 = 2, epoch -1 or seed -1 were taken and broke the next fit or
+    save. They are refused as the setters refuse them, naming the field and the value."""
+    _refused(device, _rewrite(trained, tmp_path / "bad.mpscy", desc=edit), message)
+
+
+def _nodes(edit):
+    return lambda d: {**d, "model": {**d["model"], "nodes": edit(d["model"]["nodes"])}}
+
+
+@pytest.mark.parametrize("header, desc, message", [
+    (lambda h: {**h, "__metadata__": 5}, None, r"corrupted header: __metadata__ must map names to strings, got 5"),
+    (lambda h: {**h, "__metadata__": {**h["__metadata__"], "mpscy": 5}}, None,
+     r"corrupted header: __metadata__\['mpscy'\] must be a string, got 5"),
+    (lambda h: {**h, "params/dense_0.bias": {**h["params/dense_0.bias"], "shape": [2**62 + 1, 32]}}, None,
+     r"tensor 'params/dense_0.bias' has 128 bytes for shape \(4611686018427387905, 32\)"),  # 32 in int64
+    (lambda h: {**h, "params/dense_0.bias": {**h["params/dense_0.bias"], "shape": [32.0]}}, None,
+     r"the header entry of 'params/dense_0.bias' is malformed"),
+    (None, lambda d: [1], r"malformed description: it must be a JSON object, got \[1\]"),
+    (None, _drop("model"), r"malformed description: model is missing"),
+    (None, _drop("optimizer", "class"), r"malformed description: optimizer\.class is missing"),
+    (None, _set("loss", "config", 5), r"loss\.config must be a JSON object, got 5"),
+    (None, _set("version", "1"), r"checkpoint version '1'; this mpscy reads version 1"),
+    (None, _nodes(lambda n: []), r"model\.nodes must be a non-empty list, got \[\]"),
+    (None, _nodes(lambda n: [n[0], {**n[1], "inputs": [7]}, *n[2:]]),
+     r"model\.nodes\[1\]\.inputs must be a non-empty list of earlier nodes' indices \(below 1\), got \[7\]"),
+    (None, _nodes(lambda n: [{**n[0], "shape": None}, *n[1:]]),
+     r"model\.nodes\[0\]\.shape must be a list of positive integers, got None"),
+    (None, _nodes(lambda n: [n[0], {**n[1], "config": "x"}, *n[2:]]),
+     r"model\.nodes\[1\]\.config must be a JSON object, got 'x'"),
+    (None, _set("optimizer_state", "exp_avg", {"__tensor__": []}), r"lacks the tensor \[\]"),
+], ids=["metadata-int", "description-int", "huge-shape", "float-shape", "description-list", "no-model",
+        "no-optimizer-class", "loss-config", "version-str", "no-nodes", "inputs-out-of-range", "input-shape",
+        "node-config", "tensor-name"])
+def test_damaged_headers_and_descriptions_are_checkpoint_errors(device, trained, tmp_path, header, desc, message):
+    """Neither SHA-256 covers the safetensors header, and a description may be re-hashed: a
+    foreign __metadata__, a description that is a list or lacks keys, no nodes or inputs out of
+    range raised AttributeError, KeyError, IndexError or OverflowError; each is now a
+    CheckpointError naming what is wrong, from load and restore alike, before anything changes."""
+    _refused(device, _rewrite(trained, tmp_path / "bad.mpscy", header=header, desc=desc), message)
+
+
+def test_a_path_must_be_a_path(device, tmp_path):
+    """None or an int (which open() would take as a file descriptor, and close) raised a raw
+    TypeError; bytes paths are paths (save once wrote its temporary file under "b'...'")."""
+    engine = _engine(device, optim.Adam())
+    for path in (None, 5, 1.5):
+        name = type(path).__name__
+        message = rf"a checkpoint path must be a str, bytes or os.PathLike, got {name}"
+        for call in (lambda: engine.save(path), lambda: mpscy.load(path, device=device),
+                     lambda: checkpoint.restore(engine, path), lambda: checkpoint.read(path)):
+            with pytest.raises(mpscy.InvalidArgumentError, match=message):
+                call()
+    path = os.fsencode(tmp_path / "bytes.mpscy")
+    engine.save(path)
+    np.testing.assert_array_equal(mpscy.load(path, device=device).get_parameters()["dense_0.weight"],
+                                  engine.get_parameters()["dense_0.weight"])
+    assert os.listdir(tmp_path) == ["bytes.mpscy"]
+
+
+def test_save_refuses_meta_json_cannot_hold(tmp_path):
+    """A self-referencing meta raised a raw RecursionError; it and every other value JSON cannot
+    hold are refused naming meta before anything is written: an earlier file at the path stays."""
+    engine = _engine("cpu", optim.Adam())
+    path = tmp_path / "m.mpscy"
+    engine.save(path, meta={"v": 1})
+    raw = path.read_bytes()
+    loop = {"a": 1}
+    loop["self"] = loop
+    chain = []
+    chain.append({"up": chain})
+    for meta, message in [(loop, "it contains itself"), (chain, "it contains itself"),
+                          ({"classes": {1, 2}}, "Object of type set is not JSON serializable"),
+                          ({"fn": print}, "is not JSON serializable")]:
+        with pytest.raises(mpscy.InvalidArgumentError, match=f"^meta is not JSON-serializable: .*{message}"):
+            engine.save(path, meta=meta)
+        assert path.read_bytes() == raw and os.listdir(tmp_path) == ["m.mpscy"]
+    assert mpscy.load(path, device="cpu").checkpoint_meta == {"v": 1}

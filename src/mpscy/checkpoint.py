@@ -15,11 +15,13 @@ import hashlib
 import importlib
 import inspect
 import json
+import math
 import os
 import struct
 
 import numpy as np
 
+from . import _checks
 from .errors import Error, InvalidArgumentError, NonFiniteError
 
 __all__ = ["save", "load", "restore", "read", "write_safetensors", "read_safetensors", "CheckpointError"]
@@ -36,11 +38,20 @@ class CheckpointError(Error, ValueError):
     """A checkpoint file is missing, truncated, corrupted, or not an mpscy checkpoint."""
 
 
+def _path(path):
+    """`path` as a str; anything but a str, bytes or os.PathLike is refused (open() would take
+    an int as a file descriptor, and close it)."""
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise InvalidArgumentError(f"a checkpoint path must be a str, bytes or os.PathLike, got {type(path).__name__}")
+    return os.fsdecode(path)
+
+
 # ----------------------------------------------------------------------------- safetensors
 def write_safetensors(path, tensors, metadata=None, checksum=False):
     """Writes {name: array} and string metadata as a safetensors file (little-endian,
     row-major, the header padded with spaces to 8 bytes), atomically. checksum=True adds the
     SHA-256 of the tensor bytes to the metadata as "sha256"."""
+    path = _path(path)
     header, chunks, offset = {}, [], 0
     for name, arr in tensors.items():
         arr = np.asarray(arr)
@@ -62,11 +73,11 @@ def write_safetensors(path, tensors, metadata=None, checksum=False):
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+    tmp = f"{path}.tmp{os.getpid()}"
     try:
         f = open(tmp, "wb")
     except OSError as e:  # named by the path asked for, not the temporary file's
-        raise type(e)(e.errno, e.strerror, os.fspath(path)) from None
+        raise type(e)(e.errno, e.strerror, path) from None
     try:
         with f:
             f.write(struct.pack("<Q", len(blob)))
@@ -76,7 +87,7 @@ def write_safetensors(path, tensors, metadata=None, checksum=False):
         try:
             os.replace(tmp, path)
         except OSError as e:  # a folder at `path`, say: named by the path asked for
-            raise type(e)(e.errno, e.strerror, os.fspath(path)) from None
+            raise type(e)(e.errno, e.strerror, path) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -85,7 +96,7 @@ def write_safetensors(path, tensors, metadata=None, checksum=False):
 def read_safetensors(path):
     """({name: array}, metadata) from a safetensors file, every header field checked against the
     file; raises CheckpointError naming the first problem."""
-    path = os.fspath(path)
+    path = _path(path)
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -101,21 +112,29 @@ def read_safetensors(path):
                               f"announced, {len(raw) - 8} bytes present")
     try:
         header = json.loads(raw[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path!r} has a corrupted header: {e}") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path!r} has a corrupted header: not a JSON object")
     metadata = header.pop("__metadata__", {}) or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path!r} has a corrupted header: __metadata__ must map names to strings, "
+                              f"got {str(metadata)[:80]}")
+    for k, v in metadata.items():
+        if not isinstance(v, str):
+            raise CheckpointError(f"{path!r} has a corrupted header: __metadata__[{k!r}] must be a string, "
+                                  f"got {str(v)[:80]}")
     data = memoryview(raw)[8 + n:]
     spans, tensors = [], {}
     for name, info in header.items():
         try:
             dtype = np.dtype(_DTYPES[info["dtype"]]).newbyteorder("<")
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (int(v) for v in info["data_offsets"])
+            shape, (begin, end) = tuple(info["shape"]), info["data_offsets"]
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path!r}: the header entry of {name!r} is malformed: {info!r}") from None
-        if min(shape, default=0) < 0 or end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+            shape = None
+        if shape is None or not all(type(v) is int for v in (*shape, begin, end)):   # JSON integers, no bools
+            raise CheckpointError(f"{path!r}: the header entry of {name!r} is malformed: {str(info)[:200]}")
+        if min(shape, default=0) < 0 or end - begin != math.prod(shape) * dtype.itemsize:  # exact, no int64 wrap
             raise CheckpointError(f"{path!r}: tensor {name!r} has {end - begin} bytes for shape {shape} of {dtype}")
         spans.append((begin, end, name))
         tensors[name] = (dtype, shape, begin, end)
@@ -238,7 +257,7 @@ def _unpack(skel, tensors, path):
     if isinstance(skel, dict):
         if "__tensor__" in skel:
             name = skel["__tensor__"]
-            if name not in tensors:
+            if not isinstance(name, str) or name not in tensors:
                 raise CheckpointError(f"{os.fspath(path)!r} lacks the tensor {name!r} its description names")
             return tensors[name]
         return {k: _unpack(v, tensors, path) for k, v in skel.items()}
@@ -295,12 +314,157 @@ def _build_schedule(engine, info):
     return obj
 
 
+# ----------------------------------------------------------------------------- the description's checks
+def _short(value):
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_description(desc, where):
+    """Checks every field of a description against what save writes (types, ranges, and the
+    engine setters' rules for the step values), so that a damaged or foreign file is refused
+    here, naming the field, before anything is built or changed. initial_lr (which earlier files
+    lack) and the fields always read as optional (mpscy, step_values, schedule, meta) may be
+    missing."""
+    from . import optim as _optim
+    from .engine import _clip_arg
+
+    def fail(problem):
+        raise CheckpointError(f"{where} has a malformed description: {problem}")
+
+    def obj(value, field, keys=()):
+        if not isinstance(value, dict):
+            fail(f"{field or 'it'} must be a JSON object, got {_short(value)}")
+        missing = [k for k in keys if k not in value]
+        if missing:
+            fail(f"{field + '.' if field else ''}{missing[0]} is missing")
+        return value
+
+    def text(value, field):
+        if not isinstance(value, str) or not value:
+            fail(f"{field} must be a non-empty string, got {_short(value)}")
+
+    def integer(value, field):   # seeds and counters: the generator's are uint64
+        if type(value) is not int or not 0 <= value < 2**64:
+            fail(f"{field} must be an integer in [0, 2**64), got {_short(value)}")
+
+    def number(value, field):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail(f"{field} must be a number, got {_short(value)}")
+        return value
+
+    def rule(check, value, field):   # a public setter's check; its message names the field and value
+        try:
+            check(value, field)
+        except InvalidArgumentError as e:
+            fail(str(e))
+
+    def decodes(value, field):   # arrays are kept as {"__ndarray__": list, "dtype": name}
+        try:
+            _unjson(value)
+        except (KeyError, TypeError, ValueError, OverflowError, RecursionError) as e:
+            fail(f"{field} holds a malformed array: {e}")
+
+    def schedule(info, field):   # _describe_schedule's record, its composed schedules too
+        obj(info, field, ("module", "class", "state"))
+        text(info["module"], f"{field}.module")
+        text(info["class"], f"{field}.class")
+        decodes(obj(info["state"], f"{field}.state"), f"{field}.state")
+        for k, child in obj(info.get("children") or {}, f"{field}.children").items():
+            schedule(child, f"{field}.children.{k}")
+
+    obj(desc, "", ("version", "model", "loss", "optimizer", "engine", "rng", "counters", "optimizer_state"))
+    if "mpscy" in desc:
+        text(desc["mpscy"], "mpscy")
+    model = obj(desc["model"], "model", ("class", "nodes"))
+    if model["class"] not in ("Sequential", "Model"):
+        fail(f"model.class must be 'Sequential' or 'Model', got {_short(model['class'])}")
+    nodes = model["nodes"]
+    if not isinstance(nodes, list) or not nodes:
+        fail(f"model.nodes must be a non-empty list, got {_short(nodes)}")
+    for k, n in enumerate(nodes):
+        field = f"model.nodes[{k}]"
+        text(obj(n, field, ("name", "layer"))["name"], f"{field}.name")
+        if n["layer"] is None:
+            shape = obj(n, field, ("shape",))["shape"]
+            if not isinstance(shape, list) or not all(type(d) is int and d > 0 for d in shape):
+                fail(f"{field}.shape must be a list of positive integers, got {_short(shape)}")
+            continue
+        text(n["layer"], f"{field}.layer")
+        if "module" in n:
+            text(n["module"], f"{field}.module")
+        decodes(obj(n.get("config", {}), f"{field}.config"), f"{field}.config")
+        inputs = obj(n, field, ("inputs",))["inputs"]
+        if not isinstance(inputs, list) or not inputs or not all(type(i) is int and 0 <= i < k for i in inputs):
+            fail(f"{field}.inputs must be a non-empty list of earlier nodes' indices (below {k}), "
+                 f"got {_short(inputs)}")
+    for part in ("loss", "optimizer"):
+        info = obj(desc[part], part, ("module", "class", "config"))
+        text(info["module"], f"{part}.module")
+        text(info["class"], f"{part}.class")
+        decodes(obj(info["config"], f"{part}.config"), f"{part}.config")
+    e = obj(desc["engine"], "engine", ("batch_size", "seed", "precision", "clip_grad_norm", "clip_grad_value",
+                                       "input_gradients"))
+    rule(_checks.positive_int, e["batch_size"], "engine.batch_size")
+    integer(e["seed"], "engine.seed")
+    if e["precision"] not in ("fp32", "tf32"):
+        fail(f"engine.precision must be 'fp32' or 'tf32', got {_short(e['precision'])}")
+    for k in ("clip_grad_norm", "clip_grad_value"):
+        if e[k] is not None:
+            rule(_clip_arg, number(e[k], f"engine.{k}"), f"engine.{k}")
+    if not isinstance(e["input_gradients"], bool):
+        fail(f"engine.input_gradients must be true or false, got {_short(e['input_gradients'])}")
+    for k, v in obj(desc.get("step_values", {}), "step_values").items():
+        field = f"step_values.{k}"
+        if k not in _STEP_VALUES:
+            fail(f"{field} is not a step value ({', '.join(_STEP_VALUES)})")
+        if k in ("beta1", "beta2"):   # each of the betas setter's pair
+            if not 0.0 <= number(v, field) < 1.0:
+                fail(f"{field} must be in [0, 1), got {v!r}")
+        else:
+            rule(_optim._nonneg, number(v, field), field)
+    if desc.get("initial_lr") is not None:
+        rule(_optim._nonneg, number(desc["initial_lr"], "initial_lr"), "initial_lr")
+    rng = obj(desc["rng"], "rng", ("seed", "counter"))
+    integer(rng["seed"], "rng.seed")
+    integer(rng["counter"], "rng.counter")
+    counters = obj(desc["counters"], "counters", ("epoch", "iterations"))
+    integer(counters["epoch"], "counters.epoch")
+    integer(counters["iterations"], "counters.iterations")
+    obj(desc["optimizer_state"], "optimizer_state")   # its values: set_optimizer_state's checks
+    info = desc.get("schedule")
+    if info is not None:
+        schedule(obj(info, "schedule", ("per", "monitor")), "schedule")
+        if info["per"] not in ("step", "epoch"):
+            fail(f"schedule.per must be 'step' or 'epoch', got {_short(info['per'])}")
+        if info["monitor"] is not None and not isinstance(info["monitor"], str):
+            fail(f"schedule.monitor must be a string, got {_short(info['monitor'])}")
+    decodes(desc.get("meta"), "meta")
+
+
 # ----------------------------------------------------------------------------- save / load
 _STEP_VALUES = ("lr", "momentum", "beta1", "beta2", "weight_decay")
 
 
+def _meta_json(meta):
+    """`meta` as JSON values (arrays as {"__ndarray__", "dtype"}); what JSON cannot hold is
+    refused naming meta, before anything is written."""
+    if meta is None:
+        return None
+    try:
+        value = _jsonable(meta)
+        json.dumps(value)
+    except RecursionError:
+        raise InvalidArgumentError("meta is not JSON-serializable: it contains itself, or nests too deeply") from None
+    except (TypeError, ValueError) as e:
+        raise InvalidArgumentError(f"meta is not JSON-serializable: {e}") from None
+    return value
+
+
 def save(engine, path, meta=None):
     """Writes `engine` to `path` (see the module docstring for what is kept)."""
+    path = _path(path)
+    meta = _meta_json(meta)
     g = engine._g()
     tensors = {f"params/{k}": v for k, v in engine.get_parameters().items()}
     optimizer_state = _pack(engine.get_optimizer_state(), "optimizer", tensors)
@@ -309,7 +473,7 @@ def save(engine, path, meta=None):
         # written (a BatchNorm fed a value near float32's limit keeps an infinite running
         # variance, as PyTorch's does, while the step's loss and gradients stay finite)
         if v.dtype.kind == "f" and not np.isfinite(v).all():
-            raise NonFiniteError(f"cannot save {os.fspath(path)!r}: {k.split('/', 1)[1]} contains NaN or Inf, "
+            raise NonFiniteError(f"cannot save {path!r}: {k.split('/', 1)[1]} contains NaN or Inf, "
                                  f"and a checkpoint holds finite values only (as load and set_parameters)")
     schedule = None
     if engine._schedule is not None:
@@ -333,33 +497,37 @@ def save(engine, path, meta=None):
         "counters": {"epoch": int(engine.epoch), "iterations": int(g.counter)},
         "optimizer_state": optimizer_state,
         "schedule": schedule,
-        "meta": _jsonable(meta) if meta is not None else None,
+        "meta": meta,
     }
     try:
         text = json.dumps(desc)
-    except (TypeError, ValueError) as e:
-        raise InvalidArgumentError(f"checkpoint metadata is not JSON-serializable: {e}") from None
+    except (TypeError, ValueError, RecursionError) as e:   # a layer's config or a schedule's state
+        raise InvalidArgumentError(f"cannot save {path!r}: its description is not JSON-serializable: {e}") from None
     write_safetensors(path, tensors, {"format": FORMAT, "mpscy": text,
                                       "mpscy_sha256": hashlib.sha256(text.encode()).hexdigest()}, checksum=True)
 
 
 def read(path):
     """(description dict, {tensor name: array}) of a checkpoint, fully checked."""
-    tensors, metadata = read_safetensors(path)
+    path = _path(path)
+    tensors, metadata = read_safetensors(path)   # metadata: str -> str, checked
     if metadata.get("format") != FORMAT or "mpscy" not in metadata:
-        raise CheckpointError(f"{os.fspath(path)!r} is a safetensors file but not an mpscy checkpoint")
+        raise CheckpointError(f"{path!r} is a safetensors file but not an mpscy checkpoint")
     if "sha256" not in metadata:
-        raise CheckpointError(f"{os.fspath(path)!r} has no checksum; it was not written by mpscy")
+        raise CheckpointError(f"{path!r} has no checksum; it was not written by mpscy")
     digest = metadata.get("mpscy_sha256")   # files of earlier versions have none
     if digest is not None and hashlib.sha256(metadata["mpscy"].encode()).hexdigest() != digest:
-        raise CheckpointError(f"{os.fspath(path)!r} is corrupted: its description does not match its SHA-256")
+        raise CheckpointError(f"{path!r} is corrupted: its description does not match its SHA-256")
     try:
         desc = json.loads(metadata["mpscy"])
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{os.fspath(path)!r} has a corrupted description: {e}") from None
-    if not isinstance(desc, dict) or desc.get("version") != VERSION:
-        raise CheckpointError(f"{os.fspath(path)!r} has checkpoint version {desc.get('version')!r}; "
-                              f"this mpscy reads version {VERSION}")
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path!r} has a corrupted description: {e}") from None
+    if not isinstance(desc, dict):
+        raise CheckpointError(f"{path!r} has a malformed description: it must be a JSON object, got {_short(desc)}")
+    version = desc.get("version")
+    if type(version) is not int or version != VERSION:
+        raise CheckpointError(f"{path!r} has checkpoint version {_short(version)}; this mpscy reads version {VERSION}")
+    _check_description(desc, repr(path))
     return desc, tensors
 
 
@@ -371,12 +539,22 @@ def load(path, device="auto", batch_size=None, **engine_kwargs):
     optimizer and seed are the checkpoint's."""
     from . import losses as _losses, optim as _optim
     from .engine import Engine
+    path = _path(path)
     fixed = sorted(set(engine_kwargs) & {"model", "loss", "optimizer", "seed"})
     if fixed:
         hint = "; for another loss, build an Engine with it and restore(engine, path)" if "loss" in fixed else ""
         raise InvalidArgumentError(f"load takes {', '.join(fixed)} from the checkpoint{hint}")
+    unknown = sorted(set(engine_kwargs) - set(inspect.signature(Engine).parameters))
+    if unknown:
+        raise InvalidArgumentError(f"load got unexpected keyword arguments {unknown}; it takes device, batch_size "
+                                   "and Engine's precision, clip_grad_norm, clip_grad_value, input_gradients, threads")
     desc, tensors = read(path)
-    model = _rebuild_model(desc["model"])
+    try:
+        model = _rebuild_model(desc["model"])
+    except CheckpointError:
+        raise
+    except Error as e:   # an Input's shape, a layer's wiring: the file's model cannot be built
+        raise CheckpointError(f"{path!r}: its model cannot be rebuilt: {e}") from None
     lo, op = desc["loss"], desc["optimizer"]
     loss = _construct(_class(lo["module"], lo["class"], _losses.Loss, "loss"), _unjson(lo["config"]), "loss")
     optimizer = _construct(_class(op["module"], op["class"], _optim.Optimizer, "optimizer"),
@@ -399,7 +577,7 @@ _OPTIM_STEP_KEYS = ("lr", "momentum", "betas", "weight_decay")
 def _node_text(node):
     if node["layer"] is None:
         return f"{node['name']}: Input{tuple(node['shape'])}"
-    config = ", ".join(f"{k}={v!r}" for k, v in node["config"].items())
+    config = ", ".join(f"{k}={v!r}" for k, v in node.get("config", {}).items())
     return f"{node['name']}: {node['layer']}({config}) of {node['inputs']}"
 
 
@@ -438,6 +616,7 @@ def restore(engine, path):
     schedule (an attached schedule of the saved class takes the saved state). The loss and the
     engine's settings (clipping, precision, batch size) stay the engine's. Nothing changes when
     it fails."""
+    path = _path(path)
     desc, tensors = read(path)
     _restore(engine, desc, tensors, path)
 
@@ -454,35 +633,45 @@ def _restore(engine, desc, tensors, path):
         raise CheckpointError(f"{where} holds {desc['optimizer']['class']} state; this engine uses "
                               f"{type(engine.optimizer).__name__}")
     _check_same_run(engine, desc, where)
+    # every value is read first (read() checked them all): below, only set_parameters,
+    # set_optimizer_state and the schedule can fail, and the rollback covers them
     opt_state = _unpack(desc["optimizer_state"], tensors, path)
-    before = engine.get_parameters(), engine.get_optimizer_state()
+    step_values = {k: float(v) for k, v in desc.get("step_values", {}).items() if hasattr(g, k)}
+    initial_lr = desc.get("initial_lr")
+    rng, seed, epoch = desc["rng"], desc["engine"]["seed"], desc["counters"]["epoch"]
+    info = desc.get("schedule")
+    state = _unjson(info["state"]) if info else None
+    meta = _unjson(desc.get("meta"))
+    before = (engine.get_parameters(), engine.get_optimizer_state(),
+              {k: getattr(g, k) for k in _STEP_VALUES if hasattr(g, k)},
+              (getattr(engine, "_initial_lr", None), g.seed, g.counter, engine.seed, engine.epoch))
     try:
         engine.set_parameters(params)           # each validates fully before writing
         engine.set_optimizer_state(opt_state)
-        info = desc.get("schedule")
         schedule = None
         if info:
             current = engine._schedule
             if current is not None and _same_schedule(current, info):
-                current.load_state_dict(_unjson(info["state"]))
+                current.load_state_dict(state)
                 schedule = current
             else:
                 schedule = _build_schedule(engine, info)
+        for k, v in step_values.items():        # after the schedule's, which re-applies its last rate
+            setattr(g, k, v)
+        if initial_lr is not None:
+            engine._initial_lr = float(initial_lr)
+        g.seed, g.counter = rng["seed"], rng["counter"]
+        engine.seed = seed                      # fit's shuffling orders follow it
+        engine.epoch = epoch
     except Exception as e:
         engine.set_parameters(before[0])
         engine.set_optimizer_state(before[1])
+        for k, v in before[2].items():
+            setattr(g, k, v)
+        engine._initial_lr, g.seed, g.counter, engine.seed, engine.epoch = before[3]
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"{where} cannot be restored into this engine: {e}") from e
-    for k, v in desc.get("step_values", {}).items():
-        if k in _STEP_VALUES and hasattr(g, k):
-            setattr(g, k, v)
-    if desc.get("initial_lr") is not None:
-        engine._initial_lr = desc["initial_lr"]
-    g.seed = int(desc["rng"]["seed"])
-    engine.seed = int(desc["engine"]["seed"])   # fit's shuffling orders follow it
-    g.counter = int(desc["rng"]["counter"])
-    engine.epoch = int(desc["counters"]["epoch"])
     if schedule is not None:
         engine._schedule, engine._schedule_per, engine._schedule_monitor = schedule, info["per"], info["monitor"]
-    engine.checkpoint_meta = _unjson(desc.get("meta"))
+    engine.checkpoint_meta = meta
