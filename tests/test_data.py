@@ -394,3 +394,22 @@ def test_list_samples_are_taken_as_tuples():
     np.testing.assert_array_equal(xb[:, 0], [0, 1, 2, 3])
     with pytest.raises(mpscy.ShapeError, match=r"item 0 .*tuples such as \(x, y\)"):
         list(data.DataLoader(_ListSamples(ragged=True), batch_size=5, prefetch=2))
+
+
+def test_bad_subset_indices_and_array_dataset_items_are_named():
+    """Subset(ds, ['a']) raised int()'s ValueError, and a bool mask or float indices were cast
+    (a mask read as indices 0 and 1, 1.7 truncated to 1); ArrayDataset([x, 5], y) raised
+    len()'s TypeError."""
+    x, y = np.zeros((5, 2), np.float32), np.arange(5)
+    ds = data.ArrayDataset(x, y)
+    for indices in (["a"], [1.7], [True, False], [[1, 2], [3]], None, [10**400]):
+        with pytest.raises(mpscy.InvalidArgumentError, match=r"^Subset indices must be integers, got "):
+            data.Subset(ds, indices)
+    assert len(data.Subset(ds, [])) == 0 and data.Subset(ds, np.array([4, 0], np.uint8))[0][1] == 4
+    with pytest.raises(mpscy.ShapeError, match=r"^ArrayDataset arrays need a first \(row\) dimension; array 0\[1\] "
+                                               r"is array\(5\)$"):
+        data.ArrayDataset([x, 5], y)
+    with pytest.raises(mpscy.ShapeError, match=r"array 1 is array\(3\)$"):
+        data.ArrayDataset(x, 3)
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"^ArrayDataset array 0\[1\] is not an array: "):
+        data.ArrayDataset([x, [[1, 2], [3]]], y)   # ragged

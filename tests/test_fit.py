@@ -6,6 +6,7 @@ import builtins
 import csv
 import io
 import math
+import re
 import sys
 
 import numpy as np
@@ -854,3 +855,150 @@ def test_a_loader_batch_that_is_not_an_x_y_pair_is_named(device):
     with pytest.raises(mpscy.InvalidArgumentError, match=r"^validation batch 0: the DataLoader gave 3 items"):
         engine.fit(good, epochs=1, verbose=0, validation_data=bad)
     assert engine.iterations == 3
+
+
+# ----------------------------------------------------------------------------- options and sources refused up front
+def _unchanged(engine, before, history):
+    assert engine.iterations == 0 and engine.epoch == 0 and engine.history is history
+    assert all(np.array_equal(engine.get_parameters()[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(epochs=None), "epochs must be a non-negative integer, got None"),
+    (dict(epochs=float("nan")), "epochs must be a non-negative integer, got nan"),
+    (dict(epochs=float("inf")), "epochs must be a non-negative integer, got inf"),
+    (dict(epochs="abc"), "epochs must be a non-negative integer, got 'abc'"),
+    (dict(initial_epoch=None), "initial_epoch must be a non-negative integer, got None"),
+    (dict(validation_split=None), "validation_split must be a number, got None"),
+    (dict(validation_split="abc"), "validation_split must be a number, got 'abc'"),
+    (dict(validation_split=10**400), "validation_split must be a number, got 1000"),
+    (dict(metrics=5), "metrics must be a metric name, a callable or a list of them, got 5"),
+    (dict(metrics=["top²"]), "unknown metric 'top²'"),
+    (dict(callbacks=5), "callbacks must be an mpscy.callbacks.Callback or a list of them, got int"),
+    (dict(plot_to=5), r"plot_to must be a path \(a non-empty str or os.PathLike\), got 5"),
+    (dict(verbose=np.array([0, 1])), r"verbose must be 0, 1, 2 or 'auto', got array\(\[0, 1\]\)"),
+])
+def test_fit_options_are_refused_by_name_before_the_first_step(device, digits, kwargs, match):
+    """Each option had been converted with a bare int()/float()/iteration: a raw TypeError,
+    ValueError or OverflowError (NumPy's ambiguous truth value for an array verbose)."""
+    xtr, ytr, _, _ = digits
+    engine = _engine(device)
+    engine.fit(xtr[:64], ytr[:64], epochs=1, verbose=0)
+    before, history = engine.get_parameters(), engine.history
+    iterations = engine.iterations
+    with pytest.raises(mpscy.InvalidArgumentError, match=match):
+        engine.fit(xtr[:64], ytr[:64], **{"epochs": 1, "verbose": 0, **kwargs})
+    assert engine.iterations == iterations and engine.epoch == 1 and engine.history is history
+    assert all(np.array_equal(engine.get_parameters()[k], v) for k, v in before.items())
+
+
+def test_a_str_or_a_used_up_iterator_is_no_data_source(device, digits):
+    """A str was taken for a DataLoader (it has __iter__): as validation_data it trained a
+    whole epoch before its first 'batch' failed; as x it was told to put y inside it. A str,
+    bytes, a number, and a one-pass iterator for a fit of several epochs are refused up front,
+    saying what they are."""
+    xtr, ytr, xte, yte = digits
+    engine = _engine(device)
+    before, history = engine.get_parameters(), engine.history
+    cases = [(dict(validation_data="abc"), r"validation_data must be \(x_val, y_val\) or a DataLoader, got str 'abc'"),
+             (dict(validation_data=b"ab"), r"validation_data must be .* or a DataLoader, got bytes b'ab'"),
+             (dict(validation_data=5), r"validation_data must be \(x_val, y_val\) or a DataLoader, got int"),
+             (dict(validation_data=("abc", yte)), "validation x must be a numpy array, got str 'abc'"),
+             (dict(x="abc"), "x must be a numpy array or a DataLoader, got str 'abc'"),
+             (dict(x=None, y=None), "x must be a numpy array or a DataLoader, got None"),
+             (dict(validation_data=iter([(xte, yte)]), epochs=2),
+              "validation_data is an iterator .*list_iterator.*, used up after one pass, and fit runs 2 epochs"),
+             (dict(x=((xtr[i:i + 32], ytr[i:i + 32]) for i in (0, 32)), y=None, epochs=3, initial_epoch=1),
+              r"x is an iterator \(generator\), used up after one pass, and fit runs 2 epochs")]
+    for kwargs, match in cases:
+        with pytest.raises(mpscy.InvalidArgumentError, match=match):
+            engine.fit(**{"x": xtr, "y": ytr, "epochs": 1, "verbose": 0, **kwargs})
+        _unchanged(engine, before, history)
+    # a generator is still fine for a single epoch
+    engine.fit(((xtr[i:i + 32], ytr[i:i + 32]) for i in (0, 32)), epochs=1, verbose=0,
+               validation_data=iter([(xte[:32], yte[:32])]))
+    assert engine.iterations == 2
+
+
+@pytest.mark.parametrize("returned", ["abc", None, [0.1]])
+def test_a_schedule_function_returning_no_number_is_named(device, digits, returned):
+    xtr, ytr, _, _ = digits
+    engine = _engine(device, lr=0.01)
+
+    def halve(epoch, lr):
+        return returned
+
+    with pytest.raises(mpscy.InvalidArgumentError,
+                       match=rf"^LearningRateScheduler: the schedule function halve returned "
+                             rf"{re.escape(repr(returned))} for epoch 0; a learning rate is a finite number >= 0$"):
+        engine.fit(xtr, ytr, epochs=2, verbose=0, callbacks=[cb.LearningRateScheduler(halve)])
+    assert engine.learning_rate == pytest.approx(0.01) and engine.iterations == 0 and engine.history is None
+
+
+def test_callback_options_are_checked_when_built():
+    """Each raised a raw AttributeError/ValueError/TypeError, or (ModelCheckpoint(None)) only
+    failed at the first epoch's end, after its steps."""
+    cases = [(lambda: cb.EarlyStopping(monitor=5), r"monitor must be the name of a log entry .*got 5"),
+             (lambda: cb.EarlyStopping(patience="x"), "patience must be a non-negative integer, got 'x'"),
+             (lambda: cb.EarlyStopping(patience=-1), "patience must be a non-negative integer, got -1"),
+             (lambda: cb.EarlyStopping(min_delta="x"), "min_delta must be a number, got 'x'"),
+             (lambda: cb.EarlyStopping(min_delta=10**400), "min_delta must be a number"),
+             (lambda: cb.EarlyStopping(baseline="x"), "baseline must be a number, got 'x'"),
+             (lambda: cb.EarlyStopping(start_from_epoch=1.5), "start_from_epoch must be a non-negative integer"),
+             (lambda: cb.EarlyStopping(mode=np.array(["min", "max"])),
+              "mode must be 'auto', 'min' or 'max', got array"),
+             (lambda: cb.ModelCheckpoint(None), r"ModelCheckpoint filepath must be a path .*got None"),
+             (lambda: cb.ModelCheckpoint("", monitor=None), "ModelCheckpoint filepath must be a path .*got ''"),
+             (lambda: cb.ModelCheckpoint("m.mpscy", monitor=None), "monitor must be the name of a log entry"),
+             (lambda: cb.CSVLogger(None), r"CSVLogger filename must be a path .*got None"),
+             (lambda: cb.CSVLogger("log.csv", separator=";;"), "CSVLogger separator must be a 1-character str"),
+             (lambda: cb.LearningRateScheduler(lambda e: 0.1, verbose="x"), "verbose must be an integer, got 'x'")]
+    for make, match in cases:
+        with pytest.raises(mpscy.InvalidArgumentError, match=match):
+            make()
+    assert cb.EarlyStopping(patience=np.int64(2), verbose=True).patience == 2
+
+
+def _first_step_fails(kind, xtr, ytr):
+    """fit arguments whose first step (or what comes before it) fails, nothing trained."""
+    if kind == "bad first batch":
+        bad = data.DataLoader(data.ArrayDataset(xtr[:4], np.full(4, 99, np.int64)), batch_size=4)
+        return dict(x=bad), mpscy.InvalidArgumentError, "epoch 3, batch 0: label 99 at row 0 is outside"
+    if kind == "non-finite first step":  # finite inputs whose activations overflow: the step refuses the update
+        return (dict(x=np.full((32, 64), 3e38, np.float32), y=ytr[:32]), mpscy.NonFiniteError,
+                "epoch 3, batch 0: .*not finite")
+
+    class Boom(cb.Callback):
+        def on_train_begin(self, logs=None):
+            raise KeyError("boom")
+    return dict(x=xtr, y=ytr, callbacks=[Boom()]), KeyError, "boom"
+
+
+@pytest.mark.parametrize("kind", ["bad first batch", "non-finite first step", "callback error"])
+def test_a_fit_that_trains_nothing_keeps_the_previous_history(device, digits, kind):
+    """A fit failing before its first completed step had replaced engine.history with an empty
+    History (and reset stop_training): the previous run's record was lost for nothing."""
+    xtr, ytr, _, _ = digits
+    engine = _engine(device)
+    h0 = engine.fit(xtr[:96], ytr[:96], epochs=2, verbose=0)
+    engine.stop_training = True  # as a callback of the last run left it
+    before = engine.get_parameters()
+    kwargs, error, match = _first_step_fails(kind, xtr, ytr)
+    with pytest.raises(error, match=match):
+        engine.fit(**{"epochs": 3, "initial_epoch": 2, "verbose": 0, **kwargs})
+    assert engine.history is h0 and h0.epoch == [0, 1] and len(h0.history["loss"]) == 2
+    assert engine.stop_training is True and engine.epoch == 2
+    assert all(np.array_equal(engine.get_parameters()[k], v) for k, v in before.items())
+
+
+def test_a_fit_that_fails_after_a_step_leaves_its_partial_history(device, digits):
+    """Keras's semantics once a step is applied: engine.history is the failed fit's History,
+    holding the epochs it completed."""
+    xtr, ytr, _, _ = digits
+    engine = _engine(device)
+    h0 = engine.fit(xtr[:64], ytr[:64], epochs=1, verbose=0)
+    y = np.concatenate([ytr[:64], np.full(32, 99, np.int64)])
+    bad = data.DataLoader(data.ArrayDataset(xtr[:96], y), batch_size=32)
+    with pytest.raises(mpscy.InvalidArgumentError, match="epoch 2, batch 2: label 99"):
+        engine.fit(bad, epochs=3, initial_epoch=1, verbose=0)
+    assert engine.history is not h0 and engine.history.epoch == [] and engine.iterations == 4

@@ -600,3 +600,18 @@ def test_summary_of_a_dag_says_what_feeds_each_layer():
     assert chain.connections() is None
     text = mpscy.Engine(chain, loss="mse", batch_size=4, device="cpu").summary()
     assert "Connected" not in text and all(line == line.rstrip() for line in text.splitlines())
+
+
+def test_sequential_and_engine_name_arguments_of_the_wrong_kind():
+    """What is no list of layers, and an array where a device or precision name goes, are named
+    (they were a TypeError from list() and numpy's ambiguous truth value); a generator of
+    layers is still a list of layers."""
+    for bad, kind in ((None, "NoneType"), (layers.Dense(2), "Dense"), ("relu", "str")):
+        with pytest.raises(mpscy.InvalidArgumentError, match=f"^Sequential takes a list of layers, got {kind}$"):
+            mpscy.Sequential(bad, input_shape=(3,))
+    assert len(mpscy.Sequential((layer for layer in [layers.Dense(2)]), input_shape=(3,)).nodes) == 2
+    model = mpscy.Sequential([layers.Dense(2)], input_shape=(3,))
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"^unknown device array\(\['cpu'\]"):
+        mpscy.Engine(model, device=np.array(["cpu"]))
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"^precision must be 'fp32' or 'tf32', got array"):
+        mpscy.Engine(model, device="cpu", precision=np.array(["fp32"]))

@@ -342,3 +342,32 @@ def test_cross_entropy_probability_targets_not_summing_to_one(device, rng, scale
     ref, grad = R.loss_ref("cross_entropy", out.astype(np.float64), q.astype(np.float64))
     assert abs(g["loss"] - ref) <= 1e-6 * max(abs(ref), 1.0)
     assert R.rel_err(g["input"], grad) < 1e-5
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda v: losses.Huber(delta=v), "huber delta must be a number, got {v!r}"),
+    (lambda v: losses.SparseCrossEntropy(label_smoothing=v), "label_smoothing must be a number, got {v!r}"),
+    (lambda v: losses.CrossEntropy(label_smoothing=v), "label_smoothing must be a number, got {v!r}"),
+])
+@pytest.mark.parametrize("value", ["abc", None, [0.1], 10**400], ids=["str", "None", "list", "10**400"])
+def test_loss_options_that_are_no_number_are_named(make, match, value):
+    """A bare float() had raised a raw ValueError, TypeError or OverflowError."""
+    with pytest.raises(mpscy.InvalidArgumentError) as e:
+        make(value)
+    assert str(e.value) == match.format(v=value)
+
+
+def test_base_classes_are_refused_by_the_engine():
+    """losses.Loss (the class or an instance) has no native kind: the engine's build failed
+    with KeyError 'None'; optim.Optimizer has no native update: NotImplementedError with an
+    empty message. Both are refused naming the class and the choices."""
+    model = mpscy.Sequential([layers.Dense(3)], input_shape=(4,))
+    for loss in (losses.Loss, losses.Loss()):
+        with pytest.raises(mpscy.InvalidArgumentError, match=r"^loss Loss has no native kind \(None\); choose one of "
+                                                             r"the mpscy.losses classes \['BCEWithLogits', .*'MSE', "
+                                                             r"'SparseCrossEntropy'\] or a name$"):
+            mpscy.Engine(model, loss=loss, device="cpu")
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"^Optimizer has no native update .*choose one of \['SGD', "
+                                                         r"'Adam', .*'LBFGS'\]$"):
+        mpscy.Engine(model, optimizer=optim.Optimizer(0.1), device="cpu")
+    assert mpscy.Engine(model, loss=losses.MSE, device="cpu").loss.kind == "mse"

@@ -330,3 +330,16 @@ def test_nan_and_inf_inputs_are_refused_by_name():
     with pytest.raises(mpscy.InvalidArgumentError, match=r"^y_pred contains NaN or Inf at row 2$"):
         M.mae(np.zeros((4, 3)), wide)
     assert M.accuracy(["a", "b"], ["a", "a"]) == 0.5      # string labels hold no NaN
+
+
+def test_metric_names_and_averages_that_int_or_a_comparison_cannot_take():
+    """"top²" passed str.isdigit() and then int() raised a raw ValueError; an array `average`
+    was compared with the names: NumPy's ambiguous truth value."""
+    for name in ("top²", "top٣", "top 2"):
+        with pytest.raises(mpscy.InvalidArgumentError, match=f"^unknown metric {name!r}"):
+            M.get(name)
+    t = np.array([0, 1, 1, 0])
+    with pytest.raises(mpscy.InvalidArgumentError,
+                       match=r"^average must be 'binary', 'macro', 'micro', 'weighted' or None, got array"):
+        M.precision_recall_f1(t, t, average=np.array(["macro", "micro"]))
+    assert M.precision_recall_f1(t, t, average="macro") == (1.0, 1.0, 1.0)

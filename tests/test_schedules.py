@@ -442,3 +442,94 @@ def test_reduce_on_plateau_abs_threshold_is_additive_away_from_one(mode, metrics
     (patience 0: it cuts)."""
     got = _plateau_rates(metrics, mode=mode, threshold_mode="abs", threshold=0.05, patience=0)
     np.testing.assert_allclose(got, [0.1, 0.1, 0.1, 0.05], rtol=1e-15)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda e: S.StepLR(e, 2, gamma=10**400), "gamma must be a number, got 1000"),
+    (lambda e: S.StepLR(e, 2, gamma=float("inf")), "gamma must be a finite number, got inf"),
+    (lambda e: S.ExponentialLR(e, gamma="x"), "gamma must be a number, got 'x'"),
+    (lambda e: S.MultiStepLR(e, [2, float("inf")]), "milestones must be integers"),
+    (lambda e: S.CosineAnnealingLR(e, T_max=10**400), "T_max must be a positive integer below 2\\*\\*31"),
+    (lambda e: S.CosineAnnealingLR(e, T_max=10, eta_min=10**400), "eta_min must be a number"),
+    (lambda e: S.CosineAnnealingWarmRestarts(e, T_0=10**400), "T_0 must be a positive integer below 2\\*\\*31"),
+    (lambda e: S.LinearWarmup(e, 10**400), "warmup_steps must be a positive integer below 2\\*\\*31"),
+    (lambda e: S.OneCycleLR(e, max_lr=0.1, total_steps=10, div_factor=0), "div_factor must be > 0, got 0.0"),
+    (lambda e: S.OneCycleLR(e, max_lr=0.1, total_steps=10, final_div_factor=0),
+     "final_div_factor must be > 0, got 0.0"),
+    (lambda e: S.OneCycleLR(e, max_lr=10**400, total_steps=10), "max_lr must be a number"),
+    (lambda e: S.OneCycleLR(e, max_lr=0.1, total_steps=10**400), "total_steps must be a positive integer below"),
+    (lambda e: S.OneCycleLR(e, max_lr=0.1, total_steps=10, max_momentum=float("inf")),
+     "max_momentum must be a finite number, got inf"),
+    (lambda e: S.OneCycleLR(e, max_lr=0.1, total_steps=10, base_momentum=float("inf")),
+     "base_momentum must be a finite number, got inf"),
+    (lambda e: S.OneCycleLR(e, max_lr=0.1, total_steps=10, anneal_strategy=np.array(["cos"])),
+     "anneal_strategy must be 'cos' or 'linear', got array"),
+    (lambda e: S.ReduceLROnPlateau(e, mode=np.array(["min", "max"])), "mode must be 'min' or 'max', got array"),
+    (lambda e: S.ReduceLROnPlateau(e, threshold_mode=np.array(["rel"])), "threshold_mode must be 'rel' or 'abs'"),
+    (lambda e: S.ReduceLROnPlateau(e, min_lr=10**400), "min_lr must be a number"),
+    (lambda e: S.StepLR(e, step_size=0), "step_size must be a positive integer"),
+])
+def test_a_refused_schedule_leaves_the_engine_as_it_was(make, match):
+    """Options are checked before anything touches the engine: 10**400 had raised OverflowError,
+    a div_factor of 0 ZeroDivisionError, an array mode NumPy's ambiguous truth value; an
+    infinite momentum was refused only after the rate of step 0 was set; and every refused
+    schedule had recorded the engine's rate as its initial rate, so the next schedule built
+    started from that stale rate instead of the engine's."""
+    e = _engine(optim.SGD(0.1, momentum=0.9))
+    e.learning_rate, e.momentum = 0.001, 0.5
+    with pytest.raises(mpscy.InvalidArgumentError, match=match):
+        make(e)
+    assert e.learning_rate == 0.001 and e.momentum == 0.5 and getattr(e, "_initial_lr", None) is None
+    e.learning_rate = 0.25
+    s = S.StepLR(e, step_size=10)
+    assert s.base_lr == 0.25 and e.learning_rate == 0.25
+
+
+def test_a_rate_that_overflows_is_refused_naming_the_schedule():
+    """ExponentialLR(gamma=1.5) stepped past the float range: torch's rate becomes inf, which
+    no engine step takes; Python's float power had raised a bare OverflowError. The step is
+    refused naming the schedule, with its position and the engine's rate unchanged; a rate of 0
+    stays 0 (torch's repeated product), and MultiStepLR and StepLR refuse the same way."""
+    e = _engine(optim.SGD(0.1, momentum=0.9))
+    s = S.ExponentialLR(e, gamma=1.5)
+    k = next(k for k in range(1, 3000) if not math.isfinite(_closed_pow(0.1, 1.5, k)))
+    for _ in range(k - 1):
+        s.step()
+    lr, state = e.learning_rate, s.state_dict()
+    assert math.isfinite(lr) and lr > 1e300
+    for _ in range(2):
+        with pytest.raises(mpscy.InvalidArgumentError,
+                           match=rf"^ExponentialLR gives a learning rate of inf at step {k} \(base_lr 0.1\), which no "
+                                 "step can use; the step is refused$"):
+            s.step()
+        assert e.learning_rate == lr and s.state_dict() == state and s.last_epoch == k - 1
+    assert s.lr_at(k) == math.inf
+    z = _engine(optim.SGD(0.0))
+    zs = S.ExponentialLR(z, gamma=1.5)
+    for _ in range(3000):
+        zs.step()
+    assert z.learning_rate == 0.0
+    m = _engine(optim.SGD(0.1))
+    ms = S.MultiStepLR(m, [1] * 2000, gamma=2.0)
+    with pytest.raises(mpscy.InvalidArgumentError, match="^MultiStepLR gives a learning rate of inf at step 1"):
+        ms.step()
+    assert m.learning_rate == 0.1 and ms.last_epoch == 0
+
+
+def _closed_pow(base, gamma, k):
+    try:
+        return base * gamma ** k
+    except OverflowError:
+        return math.inf
+
+
+def test_string_options_given_as_arrays_are_refused_by_type():
+    """ReduceLROnPlateau's mode (above), LBFGS's line_search_fn and GELU's approximate (kept
+    here, with the schedules' option checks) compared an array with strings: NumPy's ambiguous
+    truth value instead of the option's name."""
+    with pytest.raises(mpscy.InvalidArgumentError, match="^GELU approximate must be 'none' or 'tanh', got array"):
+        mpscy.layers.GELU(approximate=np.array(["none", "tanh"]))
+    assert mpscy.layers.GELU(approximate="tanh").approximate == "tanh"
+    with pytest.raises(mpscy.InvalidArgumentError, match="line_search_fn must be None or 'strong_wolfe', got array"):
+        optim.LBFGS(line_search_fn=np.array(["strong_wolfe", "x"]))
+    assert optim.LBFGS(line_search_fn="strong_wolfe").line_search_fn == "strong_wolfe"

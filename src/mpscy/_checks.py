@@ -1,7 +1,9 @@
-"""Option checks shared by layers and optimizers: a value converted, or InvalidArgumentError
-naming the option (never a bare ValueError, TypeError or OverflowError from float() or int())."""
+"""Option checks shared by layers, optimizers, schedules, callbacks and fit: a value converted, or
+InvalidArgumentError naming the option (never a bare ValueError, TypeError or OverflowError from
+float() or int(), nor numpy's ambiguous truth value of an array compared with a string)."""
 
 import math
+import os
 
 import numpy as np
 
@@ -47,3 +49,31 @@ def node_name(name, what):
         raise InvalidArgumentError(f"{what} name must be a non-empty string of at most 40 bytes without '.', "
                                    f"got {name!r}")
     return name
+
+
+def nonneg_int(value, what):
+    """An int >= 0 (a count, a patience, an epoch); bools and floats are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise InvalidArgumentError(f"{what} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def choice(value, options, what):
+    """value, one of `options` (strings, ints or None). Only a str, an int or None is compared:
+    an array is refused by its type rather than compared element by element."""
+    if (value is None or isinstance(value, (str, int, np.integer))) and value in options:
+        return value
+    names = [repr(o) for o in options]
+    listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+    raise InvalidArgumentError(f"{what} must be {listed}, got {value!r}")
+
+
+def path(value, what):
+    """A non-empty file or folder path, as a str (a str or an os.PathLike giving one)."""
+    try:
+        p = os.fspath(value)
+    except TypeError:
+        p = None
+    if not isinstance(p, str) or not p:
+        raise InvalidArgumentError(f"{what} must be a path (a non-empty str or os.PathLike), got {value!r}")
+    return p

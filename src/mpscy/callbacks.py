@@ -12,6 +12,7 @@ import warnings
 
 import numpy as np
 
+from ._checks import choice, finite, integer, nonneg_int, number, path
 from ._weak import WeakEngine
 from .errors import InvalidArgumentError
 
@@ -104,9 +105,19 @@ class History(Callback):
 _MAX_NAMES = ("acc", "accuracy", "auc", "f1", "precision", "recall", "r2", "top")
 
 
+def _monitor(monitor):
+    if not isinstance(monitor, str) or not monitor:
+        raise InvalidArgumentError(f"monitor must be the name of a log entry (a non-empty str such as 'val_loss'), "
+                                   f"got {monitor!r}")
+    return monitor
+
+
+def _verbose(verbose):
+    return int(verbose) if isinstance(verbose, bool) else integer(verbose, "verbose")
+
+
 def _mode(monitor, mode):
-    if mode not in ("auto", "min", "max"):
-        raise InvalidArgumentError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
+    choice(mode, ("auto", "min", "max"), "mode")
     if mode != "auto":
         return mode
     name = monitor[4:] if monitor.startswith("val_") else monitor
@@ -117,9 +128,9 @@ class _Monitor:
     """The best value of a monitored log entry so far, in Keras's "improvement" sense."""
 
     def __init__(self, monitor, mode, min_delta=0.0):
-        self.monitor = monitor
+        self.monitor = _monitor(monitor)
         self.mode = _mode(monitor, mode)
-        self.min_delta = abs(float(min_delta))
+        self.min_delta = abs(finite(min_delta, "min_delta"))
         self.best = math.inf if self.mode == "min" else -math.inf
 
     def improved(self, value, reference=None):
@@ -146,11 +157,11 @@ class EarlyStopping(Callback):
                  restore_best_weights=False, start_from_epoch=0, verbose=0):
         super().__init__()
         self._m = _Monitor(monitor, mode, min_delta)
-        self.monitor, self.patience = monitor, int(patience)
-        self.baseline = baseline
+        self.monitor, self.patience = monitor, nonneg_int(patience, "patience")
+        self.baseline = None if baseline is None else number(baseline, "baseline")
         self.restore_best_weights = bool(restore_best_weights)
-        self.start_from_epoch = int(start_from_epoch)
-        self.verbose = int(verbose)
+        self.start_from_epoch = nonneg_int(start_from_epoch, "start_from_epoch")
+        self.verbose = _verbose(verbose)
 
     def on_train_begin(self, logs=None):
         self.wait = 0
@@ -201,11 +212,11 @@ class ModelCheckpoint(Callback):
 
     def __init__(self, filepath, monitor="val_loss", save_best_only=False, mode="auto", verbose=0):
         super().__init__()
-        self.filepath = os.fspath(filepath)
+        self.filepath = path(filepath, "ModelCheckpoint filepath")
         self._m = _Monitor(monitor, mode)
         self.monitor = monitor
         self.save_best_only = bool(save_best_only)
-        self.verbose = int(verbose)
+        self.verbose = _verbose(verbose)
         self.saved = []
 
     @property
@@ -277,8 +288,8 @@ class LearningRateScheduler(Callback):
         if not callable(schedule) and not hasattr(schedule, "step"):
             raise InvalidArgumentError("schedule must be a function f(epoch, lr) or an object with step()")
         self.schedule = schedule
-        self.monitor = monitor
-        self.verbose = int(verbose)
+        self.monitor = _monitor(monitor)
+        self.verbose = _verbose(verbose)
         self._is_object = hasattr(schedule, "step")
         self._metric = self._is_object and _takes_metric(schedule)
         self._epoch_only = not self._is_object and _positional_count(schedule) == 1  # Keras's f(epoch)
@@ -287,11 +298,17 @@ class LearningRateScheduler(Callback):
         if self._is_object:
             return
         if self._epoch_only:
-            lr = float(self.schedule(epoch))
+            value = self.schedule(epoch)
         else:
-            lr = float(self.schedule(epoch, float(self.engine.learning_rate)))
-        if not (np.isfinite(lr) and lr >= 0):
-            raise InvalidArgumentError(f"the schedule function returned {lr!r} for epoch {epoch}")
+            value = self.schedule(epoch, float(self.engine.learning_rate))
+        try:
+            lr = float(value)
+        except (TypeError, ValueError, OverflowError):
+            lr = None
+        if lr is None or not (np.isfinite(lr) and lr >= 0):  # refused before the rate is set
+            name = getattr(self.schedule, "__name__", type(self.schedule).__name__)
+            raise InvalidArgumentError(f"LearningRateScheduler: the schedule function {name} returned {value!r} for "
+                                       f"epoch {epoch}; a learning rate is a finite number >= 0")
         self.engine.learning_rate = lr
         if self.verbose:
             print(f"Epoch {epoch + 1}: learning rate {lr:.6g}")
@@ -314,7 +331,9 @@ class CSVLogger(Callback):
 
     def __init__(self, filename, separator=",", append=False):
         super().__init__()
-        self.filename = os.fspath(filename)
+        self.filename = path(filename, "CSVLogger filename")
+        if not isinstance(separator, str) or len(separator) != 1:
+            raise InvalidArgumentError(f"CSVLogger separator must be a 1-character str, got {separator!r}")
         self.separator = separator
         self.append = bool(append)
         self._file = None

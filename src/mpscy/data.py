@@ -60,15 +60,13 @@ class ArrayDataset(Dataset):
             raise InvalidArgumentError("ArrayDataset needs at least one array")
         lengths = set()
         self.arrays = []
-        for a in arrays:
+        for i, a in enumerate(arrays):
             if isinstance(a, (list, tuple)):
-                group = [np.asarray(v) for v in a]
+                group = [_row_array(v, f"array {i}[{j}]") for j, v in enumerate(a)]
                 lengths.update(len(v) for v in group)
                 self.arrays.append(group)
             else:
-                a = np.asarray(a)
-                if a.ndim == 0:
-                    raise ShapeError("ArrayDataset arrays need a first (row) dimension")
+                a = _row_array(a, f"array {i}")
                 lengths.add(len(a))
                 self.arrays.append(a)
         if len(lengths) != 1:
@@ -89,13 +87,32 @@ class ArrayDataset(Dataset):
         return tuple([take(v) for v in a] if isinstance(a, list) else take(a) for a in self.arrays)
 
 
+def _row_array(a, what):
+    """np.asarray(a) with a first (row) dimension, or an error naming the argument."""
+    try:
+        a = np.asarray(a)
+    except (TypeError, ValueError) as e:  # a ragged list, an object numpy cannot convert
+        raise InvalidArgumentError(f"ArrayDataset {what} is not an array: {e}") from None
+    if a.ndim == 0:
+        raise ShapeError(f"ArrayDataset arrays need a first (row) dimension; {what} is {a!r}")
+    return a
+
+
 class Subset(Dataset):
-    """The samples of `dataset` at `indices`, in that order (e.g. a held-out split)."""
+    """The samples of `dataset` at `indices` (integers), in that order (e.g. a held-out split)."""
 
     def __init__(self, dataset, indices):
+        try:
+            idx = np.asarray(indices).reshape(-1)
+        except (TypeError, ValueError):
+            idx = None
+        if idx is not None and idx.size == 0:
+            idx = idx.astype(np.int64)
+        if idx is None or idx.dtype.kind not in "iu":  # floats are not truncated, a bool mask not taken for indices
+            raise InvalidArgumentError(f"Subset indices must be integers, got {indices!r}")
         self.dataset = dataset
-        self.indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-        if self.indices.size and (self.indices.min() < 0 or self.indices.max() >= len(dataset)):
+        self.indices = idx.astype(np.int64)
+        if self.indices.size and (idx.min() < 0 or idx.max() >= len(dataset)):
             raise InvalidArgumentError(f"Subset indices must lie in [0, {len(dataset)})")
 
     def __len__(self):

@@ -39,9 +39,9 @@ def backends():
 
 
 def _resolve_device(device):
-    if device is None or device == "auto":
+    if device is None or (isinstance(device, str) and device == "auto"):
         return backends()[0]
-    if device not in ("cpu", "cuda", "metal"):
+    if not isinstance(device, str) or device not in ("cpu", "cuda", "metal"):
         raise InvalidArgumentError(f"unknown device {device!r}; choose 'auto', 'cpu', 'cuda' or 'metal'")
     return device
 
@@ -116,7 +116,7 @@ class Engine:
         # the native descriptor holds batch_size and threads as int32, the seed as uint64
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or not 1 <= batch_size < 2**31:
             raise InvalidArgumentError(f"batch_size must be a positive integer below 2**31, got {batch_size!r}")
-        if precision not in ("fp32", "tf32"):
+        if not isinstance(precision, str) or precision not in ("fp32", "tf32"):
             raise InvalidArgumentError(f"precision must be 'fp32' or 'tf32', got {precision!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
             raise InvalidArgumentError(f"seed must be an integer in [0, 2**64), got {seed!r}")
@@ -633,6 +633,10 @@ class Engine:
         metrics: names or callables from `mpscy.metrics.get`, computed at each epoch's end on
         the validation data ("val_<name>") or, without it, on the training data ("<name>").
         History.history holds per-epoch loss, accuracy, val_loss, val_accuracy, metrics and lr.
+        engine.history becomes this History once a step has been applied: a fit that fails before
+        its first step leaves the previous one (and stop_training) as they were; one that fails
+        later leaves its partial History, as Keras does. Every option and the data are checked
+        before the first step.
         plot_to: a folder that receives the training curves (and, for classifiers, confusion
         matrix, ROC and PR curves) as PNG files at the end (needs matplotlib)."""
         from . import training

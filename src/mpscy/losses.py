@@ -3,6 +3,7 @@ elements; over rows for the cross-entropies). Each is computed natively together
 gradient; these classes carry the options and say which targets and accuracy they use.
 Pass an instance or its name: ``Engine(model, loss="mse")`` or ``loss=losses.Huber(delta=0.5)``."""
 
+from ._checks import number
 from .errors import InvalidArgumentError, ShapeError
 
 __all__ = ["Loss", "SparseCrossEntropy", "CrossEntropy", "BinaryCrossEntropy", "BCEWithLogits",
@@ -39,10 +40,10 @@ class Loss:
 
 
 def _smoothing(value):
-    value = float(value)
-    if not 0.0 <= value <= 1.0:
-        raise InvalidArgumentError(f"label_smoothing must be in [0, 1], got {value}")
-    return value
+    v = number(value, "label_smoothing")
+    if not 0.0 <= v <= 1.0:
+        raise InvalidArgumentError(f"label_smoothing must be in [0, 1], got {value!r}")
+    return v
 
 
 class SparseCrossEntropy(Loss):
@@ -128,9 +129,9 @@ class Huber(Loss):
     kind = "huber"
 
     def __init__(self, delta=1.0):
-        self.delta = float(delta)
+        self.delta = number(delta, "huber delta")
         if not self.delta > 0:
-            raise InvalidArgumentError(f"huber delta must be > 0, got {delta}")
+            raise InvalidArgumentError(f"huber delta must be > 0, got {delta!r}")
 
     def spec(self, output_shape):
         return {**super().spec(output_shape), "delta": self.delta}
@@ -148,12 +149,19 @@ _NAMES = {
 }
 
 
+_KINDS = {cls.kind for cls in _NAMES.values()}
+
+
 def get(loss):
-    """A Loss instance from an instance, a class or a name."""
-    if isinstance(loss, Loss):
-        return loss
-    if isinstance(loss, type) and issubclass(loss, Loss):
-        return loss()
+    """A Loss instance from an instance, a class or a name. The base class Loss (and a
+    subclass of it with no native `kind`) is refused: the loss is computed natively."""
+    if isinstance(loss, Loss) or (isinstance(loss, type) and issubclass(loss, Loss)):
+        if loss.kind not in _KINDS:
+            name = loss.__name__ if isinstance(loss, type) else type(loss).__name__
+            raise InvalidArgumentError(f"loss {name} has no native kind ({loss.kind!r}); choose one of the "
+                                       f"mpscy.losses classes {sorted(c.__name__ for c in set(_NAMES.values()))} "
+                                       "or a name")
+        return loss if isinstance(loss, Loss) else loss()
     if isinstance(loss, str) and loss.lower() in _NAMES:
         return _NAMES[loss.lower()]()
     raise InvalidArgumentError(f"unknown loss {loss!r}; choose one of {sorted(set(_NAMES))} or a mpscy.losses class")

@@ -8,6 +8,7 @@ import numbers
 
 import numpy as np
 
+from ._checks import choice
 from .errors import InvalidArgumentError, ShapeError
 
 __all__ = [
@@ -115,8 +116,7 @@ def confusion_matrix(y_true, y_pred, labels=None):
 
 def _prf_counts(y_true, y_pred, labels, average, pos_label):
     y_true, y_pred = _pair(y_true, y_pred)
-    if average not in _AVERAGES:
-        raise InvalidArgumentError(f"average must be one of {_AVERAGES}, got {average!r}")
+    choice(average, _AVERAGES, "average")
     present = np.unique(np.concatenate([y_true, y_pred]))
     if average == "binary":
         if len(present) > 2:
@@ -451,7 +451,8 @@ def get(metric):
         return metric
     if isinstance(metric, str):
         name = metric.lower()
-        if name in ("top_k_accuracy", "top5") or (name.startswith("top") and name[3:].isdigit()):
+        digits = name[3:]  # ASCII digits only: "top²" is a str.isdigit() that int() refuses
+        if name in ("top_k_accuracy", "top5") or (name.startswith("top") and digits.isascii() and digits.isdigit()):
             k = 5 if name == "top_k_accuracy" else int(name[3:])
             if k < 1:
                 raise InvalidArgumentError(f"metric {metric!r}: top-k accuracy needs k >= 1")

@@ -220,6 +220,8 @@ class Sequential(Model):
     Default layer names are ``<prefix>_<position>``: dense_0, relu_1, dense_2."""
 
     def __init__(self, layers, input_shape):
+        if isinstance(layers, (Layer, str)) or not hasattr(layers, "__iter__"):
+            raise InvalidArgumentError(f"Sequential takes a list of layers, got {type(layers).__name__}")
         layers = list(layers)
         if not layers:
             raise InvalidArgumentError("Sequential needs at least one layer")

@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 
 from . import callbacks as _callbacks, errors as _errors, metrics as _metrics
+from ._checks import choice, nonneg_int, number, path
 from .errors import InvalidArgumentError, ShapeError
 
 __all__ = ["fit", "set_schedule"]
@@ -88,15 +89,16 @@ class _Loader:
         return (batch for batch in batches if len(batch[1]) != 1)
 
 
-def _as_inputs(x, n_inputs):
+def _as_inputs(x, n_inputs, what="x"):
     arrays = list(x) if n_inputs > 1 and isinstance(x, (list, tuple)) else [x]
     if len(arrays) != n_inputs:
-        raise InvalidArgumentError(f"this model has {n_inputs} inputs: pass x as a list of {n_inputs} arrays")
+        raise InvalidArgumentError(f"this model has {n_inputs} inputs: pass {what} as a list of {n_inputs} arrays")
     out = []
     for a in arrays:
         if not isinstance(a, np.ndarray):
             if not hasattr(a, "__array__"):
-                raise InvalidArgumentError(f"x must be a numpy array or a DataLoader, got {type(a).__name__}")
+                also = " or a DataLoader" if what == "x" else ""
+                raise InvalidArgumentError(f"{what} must be a numpy array{also}, got {_describe(a)}")
             a = np.asarray(a)  # a CPU tensor of another library (a torch DataLoader's batches)
         # float inputs of another precision are converted once, as Keras does
         out.append(np.ascontiguousarray(a, dtype=np.float32) if np.issubdtype(a.dtype, np.floating)
@@ -181,22 +183,46 @@ def _rows(arrays, what="x"):
     return n
 
 
+# iterable, but never a loader of (x, y) batches: a str would be taken apart into characters
+_NOT_LOADERS = (str, bytes, bytearray, memoryview, list, tuple, dict, set, frozenset)
+
+
 def _is_loader(x):
-    return hasattr(x, "__iter__") and not hasattr(x, "shape") and not isinstance(x, (list, tuple, dict))
+    return hasattr(x, "__iter__") and not hasattr(x, "shape") and not isinstance(x, _NOT_LOADERS)
 
 
-def _validation_source(engine, validation_data):
+def _describe(v):
+    """What a refused argument is, for its message: its type (with its length for a list or
+    tuple, its start for a str or bytes)."""
+    if isinstance(v, (list, tuple)):
+        return f"{type(v).__name__} of {len(v)} items"
+    if isinstance(v, (str, bytes)):
+        return f"{type(v).__name__} {v[:40]!r}"
+    return "None" if v is None else type(v).__name__
+
+
+def _check_passes(loader, what, epochs):
+    """A loader is iterated once per epoch: a one-pass iterator (a generator) is refused before
+    training when fit runs more than one epoch (its second epoch would find it used up)."""
+    if epochs > 1 and hasattr(loader, "__next__"):
+        raise InvalidArgumentError(f"{what} is an iterator ({_describe(loader)}), used up after one pass, and fit "
+                                   f"runs {epochs} epochs: give a DataLoader or another re-iterable")
+
+
+def _validation_source(engine, validation_data, epochs):
     if validation_data is None:
         return None
     if _is_loader(validation_data):
         if hasattr(validation_data, "__len__") and len(validation_data) == 0:
             raise InvalidArgumentError("the validation DataLoader has no batch (drop_last with fewer rows than "
                                        "its batch_size?)")
+        _check_passes(validation_data, "validation_data", epochs)
         return validation_data
     if not isinstance(validation_data, (list, tuple)) or len(validation_data) != 2:
-        raise InvalidArgumentError("validation_data must be (x_val, y_val) or a DataLoader")
+        raise InvalidArgumentError(f"validation_data must be (x_val, y_val) or a DataLoader, got "
+                                   f"{_describe(validation_data)}")
     n_inputs = len(engine.model.input_shapes)
-    x = _as_inputs(validation_data[0], n_inputs)
+    x = _as_inputs(validation_data[0], n_inputs, "validation x")
     y = _as_target(engine, validation_data[1])
     n = _rows(x, "validation x")
     _check_inputs(engine, x, "validation x")
@@ -329,8 +355,8 @@ def set_schedule(engine, schedule, per="epoch", monitor="val_loss"):
     if schedule is None:
         engine._schedule, engine._schedule_per, engine._schedule_monitor = None, None, None
         return
-    if per not in ("step", "epoch"):
-        raise InvalidArgumentError(f"per must be 'step' or 'epoch', got {per!r}")
+    choice(per, ("step", "epoch"), "per")
+    _callbacks._monitor(monitor)
     if not callable(getattr(schedule, "step", None)):
         raise InvalidArgumentError(f"a schedule needs a step() method, got {type(schedule).__name__}")
     owner = getattr(schedule, "engine", engine)
@@ -351,20 +377,29 @@ def _step_schedule(schedule, takes_metric, logs, monitor):
 # ----------------------------------------------------------------------------- fit
 def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None, validation_split=0.0,
         shuffle=True, callbacks=(), verbose="auto", metrics=(), initial_epoch=0, plot_to=None):
-    """See `Engine.fit`."""
+    """See `Engine.fit`. Every option, and the data (arrays whole; a loader's batches as they
+    come), is checked before the first step. engine.history becomes this fit's History, and
+    engine.stop_training is reset, once a step has been applied: a fit that fails before its
+    first completed step (a bad option or first batch, a NonFiniteError at the first step, a
+    callback raising before it) leaves the previous History and stop_training as they were; one
+    that fails later leaves its partial History, as Keras's does."""
+    verbose = choice(verbose, (0, 1, 2, "auto"), "verbose")
     if verbose == "auto":
         verbose = 1
-    if verbose not in (0, 1, 2):
-        raise InvalidArgumentError(f"verbose must be 0, 1, 2 or 'auto', got {verbose!r}")
-    epochs, initial_epoch = int(epochs), int(initial_epoch)
-    if epochs < 0 or initial_epoch < 0:
-        raise InvalidArgumentError(f"epochs and initial_epoch must be >= 0, got {epochs}, {initial_epoch}")
+    epochs, initial_epoch = nonneg_int(epochs, "epochs"), nonneg_int(initial_epoch, "initial_epoch")
+    validation_split = number(validation_split, "validation_split")
+    if not 0.0 <= validation_split < 1.0:
+        raise InvalidArgumentError(f"validation_split must be in [0, 1), got {validation_split!r}")
     metric_objs = _fit_metrics(engine, metrics)
+    callbacks = _callback_list(callbacks)
+    if plot_to is not None:
+        _check_plot_to(plot_to)
     if batch_size is None:
         batch_size = engine.batch_size
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or not 1 <= batch_size <= engine.batch_size:
         raise InvalidArgumentError(f"batch_size must be an integer in [1, {engine.batch_size}] (the engine's "
                                    f"built batch size), got {batch_size!r}")
+    runs = max(epochs - initial_epoch, 0)  # epochs this call trains (at most: a callback may stop it)
     if _is_loader(x):
         if y is not None:
             raise InvalidArgumentError("pass y inside the DataLoader, not separately")
@@ -374,10 +409,9 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
         if isinstance(loader_batch, int) and loader_batch > engine.batch_size:
             raise InvalidArgumentError(f"the DataLoader's batch_size {loader_batch} exceeds the engine's built "
                                        f"batch size {engine.batch_size}")
+        _check_passes(x, "x", runs)
         source = _Loader(engine, x)
     else:
-        if not 0.0 <= float(validation_split) < 1.0:
-            raise InvalidArgumentError(f"validation_split must be in [0, 1), got {validation_split!r}")
         if validation_split:
             if validation_data is not None:
                 raise InvalidArgumentError("give validation_data or validation_split, not both")
@@ -385,31 +419,29 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
             n = _rows(xs)
             if len(y) != n:  # before the split, which would cut both to the training rows
                 raise ShapeError(f"y has {len(y)} rows for {n} rows of x")
-            cut = int(math.floor(n * (1.0 - float(validation_split))))  # Keras's split: the last rows
+            cut = int(math.floor(n * (1.0 - validation_split)))  # Keras's split: the last rows
             if cut in (0, n):
                 raise InvalidArgumentError(f"validation_split={validation_split} of {n} rows leaves an empty split")
             one = len(xs) == 1
             validation_data = ((xs[0][cut:] if one else [a[cut:] for a in xs]), y[cut:])
             x, y = (xs[0][:cut] if one else [a[:cut] for a in xs]), y[:cut]
         source = _Arrays(engine, x, y, int(batch_size), bool(shuffle))
-    val = _validation_source(engine, validation_data)
-    if plot_to is not None:
-        _check_plot_to(plot_to)
+    val = _validation_source(engine, validation_data, runs)
 
     history = _callbacks.History()
     steps = source.__len__()  # None for a loader without a length (len() could not return that)
-    if isinstance(callbacks, _callbacks.Callback):
-        callbacks = [callbacks]
-    cbs = _callbacks.CallbackList([history, *(callbacks or ())], engine,
+    cbs = _callbacks.CallbackList([history, *callbacks], engine,
                                   {"epochs": epochs, "steps": steps, "verbose": verbose})
     schedule, per = engine._schedule, engine._schedule_per
     sched_metric = schedule is not None and _callbacks._takes_metric(schedule)
+    previous = engine.history, engine.stop_training
     progress = _Progress(verbose, epochs)
     engine.stop_training = False
-    engine.history = history
+    engine.history = history  # callbacks see it from on_train_begin on, as in Keras
     step = engine.step
-    cbs.call("on_train_begin", {})
+    trained = False  # until a step is applied, a failure puts `previous` back
     try:
+        cbs.call("on_train_begin", {})
         for epoch in range(initial_epoch, epochs):
             cbs.call("on_epoch_begin", epoch, {})
             progress.begin(epoch, steps)
@@ -424,6 +456,7 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
                     r = step(xb, yb)  # the StepResult already holds the loss: no extra sync
                 except _errors.Error as e:
                     raise _in_batch(e, f"epoch {epoch + 1}, batch {b}") from e
+                trained = True
                 n = r.batch_size
                 seen += n
                 loss_sum += r.loss * n
@@ -465,9 +498,13 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
             cbs.call("on_epoch_end", epoch, logs)
             if engine.stop_training:
                 break
+        cbs.call("on_train_end", {})
+    except BaseException:
+        if not trained:
+            engine.history, engine.stop_training = previous
+        raise
     finally:
         progress.close()
-    cbs.call("on_train_end", {})
     if plot_to is not None and not history.epoch:
         warnings.warn("fit ran no epoch: plot_to has nothing to plot", RuntimeWarning, stacklevel=3)
     elif plot_to is not None:
@@ -480,7 +517,7 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
 
 def _check_plot_to(plot_to):
     """What would make the report fail after the whole run, refused before it."""
-    folder = os.fspath(plot_to)
+    folder = path(plot_to, "plot_to")
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise InvalidArgumentError(f"plot_to {folder!r} exists and is not a folder")
     try:
@@ -496,6 +533,8 @@ def _fit_metrics(engine, metrics):
     multi-label head (BCE over several outputs) does not have."""
     if isinstance(metrics, (str, _metrics.Metric)) or callable(metrics):
         metrics = [metrics]
+    elif metrics is not None and not isinstance(metrics, (list, tuple)):
+        raise InvalidArgumentError(f"metrics must be a metric name, a callable or a list of them, got {metrics!r}")
     objs = [_metrics.get(m) for m in (metrics or ())]
     out_shape = tuple(engine.model.output_shape)
     acc = engine.loss.accuracy(out_shape)
@@ -508,6 +547,19 @@ def _fit_metrics(engine, metrics):
                                        f"{type(engine.loss).__name__} over {int(np.prod(out_shape))} outputs is "
                                        "multi-label (its accuracy is the per-output threshold accuracy)")
     return objs
+
+
+def _callback_list(callbacks):
+    """fit's callbacks as a list: one Callback, or a list or tuple of them (each checked by
+    CallbackList, still before anything runs)."""
+    if isinstance(callbacks, _callbacks.Callback):
+        return [callbacks]
+    if callbacks is None:
+        return []
+    if not isinstance(callbacks, (list, tuple)):
+        raise InvalidArgumentError(f"callbacks must be an mpscy.callbacks.Callback or a list of them, got "
+                                   f"{_describe(callbacks)}")
+    return list(callbacks)
 
 
 def _metric_value(metric, y_true, outputs, loss, key):

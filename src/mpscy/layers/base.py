@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from .._checks import INT32_LIMIT, finite, integer, node_name, number, positive_int
+from .._checks import INT32_LIMIT, choice, finite, integer, node_name, number, positive_int
 from ..errors import InvalidArgumentError, ShapeError
 
 
@@ -192,9 +192,7 @@ class GELU(_Activation):
 
     def __init__(self, approximate="none", name=None):
         super().__init__(name)
-        if approximate not in ("none", "tanh"):
-            raise InvalidArgumentError(f"GELU approximate must be 'none' or 'tanh', got {approximate!r}")
-        self.approximate = approximate
+        self.approximate = choice(approximate, ("none", "tanh"), "GELU approximate")
 
     def native(self, input_shapes):
         return {"ints": [1 if self.approximate == "tanh" else 0]}

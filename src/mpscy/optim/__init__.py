@@ -6,7 +6,7 @@ anything. LBFGS runs several native evaluations per `engine.step` (see mpscy.opt
 
 import math
 
-from .._checks import finite as _finite, number as _number, positive_int as _count
+from .._checks import choice as _choice, finite as _finite, number as _number, positive_int as _count
 from ..errors import InvalidArgumentError
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "NAdam", "LBFGS",
@@ -46,8 +46,11 @@ class Optimizer:
         self.lr = _nonneg(lr, "lr")
 
     def spec(self):
-        """The native optimizer descriptor (kind, hyperparameters, flags) the engine builds."""
-        raise NotImplementedError
+        """The native optimizer descriptor (kind, hyperparameters, flags) the engine builds;
+        every optimizer class gives its own (the base class has no native update)."""
+        choices = [n for n in __all__ if n not in ("Optimizer", "schedules")]
+        raise InvalidArgumentError(f"{type(self).__name__} has no native update (it is not one of mpscy.optim's "
+                                   f"optimizers); choose one of {choices}")
 
     def config(self):
         """Constructor arguments, for repr and checkpoints."""
@@ -227,8 +230,7 @@ class LBFGS(Optimizer):
             max_eval = max_iter * 5 // 4
         if isinstance(max_eval, bool) or not isinstance(max_eval, int) or max_eval < 1:
             raise InvalidArgumentError(f"max_eval must be a positive integer, got {max_eval!r}")
-        if line_search_fn not in (None, "strong_wolfe"):
-            raise InvalidArgumentError(f"line_search_fn must be None or 'strong_wolfe', got {line_search_fn!r}")
+        _choice(line_search_fn, (None, "strong_wolfe"), "line_search_fn")
         self.max_iter = int(max_iter)
         self.max_eval = int(max_eval)
         self.tolerance_grad = _nonneg(tolerance_grad, "tolerance_grad")

@@ -9,6 +9,8 @@ import bisect
 import contextlib
 import math
 
+from .._checks import (choice as _choice, finite as _finite, nonneg_int as _nonneg_int, number as _as_number,
+                       positive_int)
 from .._weak import WeakEngine
 from ..errors import InvalidArgumentError
 
@@ -16,23 +18,34 @@ __all__ = ["Schedule", "StepLR", "MultiStepLR", "ExponentialLR", "CosineAnnealin
            "CosineAnnealingWarmRestarts", "LinearWarmup", "OneCycleLR", "ReduceLROnPlateau"]
 
 
-def _positive_int(value, what):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidArgumentError(f"{what} must be a positive integer, got {value!r}")
-    return value
+_positive_int = positive_int   # a step count in [1, 2**31): its float() never overflows
 
 
-def _number(value, what, low=None, high=None, nan=False):
-    """float(value) within [low, high]; NaN refused unless `nan` (then returned as is)."""
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise InvalidArgumentError(f"{what} must be a number, got {value!r}") from None
-    if nan and value != value:
-        return value
-    if value != value or (low is not None and value < low) or (high is not None and value > high):
+def _number(value, what, low=None, high=None):
+    """float(value), finite, within [low, high]."""
+    value = _finite(value, what)
+    if (low is not None and value < low) or (high is not None and value > high):
         raise InvalidArgumentError(f"{what} must be in [{low}, {high}], got {value}")
     return value
+
+
+def _positive(value, what):
+    """float(value), finite and > 0 (a divisor)."""
+    value = _number(value, what, 0.0)
+    if value == 0.0:
+        raise InvalidArgumentError(f"{what} must be > 0, got {value}")
+    return value
+
+
+def _decayed(base, gamma, k):
+    """base * gamma ** k, as torch's repeated product gives it: inf where the power overflows
+    (Python's float power raises instead), 0 for a base of 0."""
+    if base == 0.0:
+        return 0.0
+    try:
+        return base * gamma ** k
+    except OverflowError:
+        return math.inf
 
 
 class Schedule:
@@ -49,15 +62,22 @@ class Schedule:
         if not isinstance(engine, Engine):
             raise InvalidArgumentError(f"a schedule is built on an mpscy.Engine, got {type(engine).__name__}")
         self.engine = engine
-        if getattr(engine, "_initial_lr", None) is None:
-            engine._initial_lr = engine.learning_rate
-        self.base_lr = engine._initial_lr
+        initial = getattr(engine, "_initial_lr", None)
+        self.base_lr = engine.learning_rate if initial is None else initial
         self.last_epoch = 0
         self._last_lr = None
         self._last_momentum = None
 
     def _start(self):
+        """Sets step 0's rate; subclasses call it once every option is checked."""
         self._set_epoch(0)
+        self._built()
+
+    def _built(self):
+        # the engine's initial rate is recorded only by a schedule that was built: a refused
+        # one leaves nothing behind for the next schedule to start from
+        if getattr(self.engine, "_initial_lr", None) is None:
+            self.engine._initial_lr = self.base_lr
 
     def lr_at(self, epoch):
         """The learning rate for step (or epoch) `epoch`, by torch's formula for this schedule."""
@@ -68,16 +88,31 @@ class Schedule:
         return None
 
     def _set_epoch(self, epoch):
-        lr, momentum = self.lr_at(epoch), self.momentum_at(epoch)  # may refuse the epoch: nothing changed yet
+        # either may refuse the epoch: nothing changed yet
+        lr, momentum = self._checked(self.lr_at(epoch), epoch), self.momentum_at(epoch)
         self.last_epoch = epoch
         self._apply(lr, momentum)
 
+    def _checked(self, lr, epoch):
+        """lr, or InvalidArgumentError naming this schedule where it is not finite (torch's rate
+        becomes inf there; an engine takes no such rate): the step is refused, nothing changed."""
+        if not math.isfinite(lr):
+            raise InvalidArgumentError(f"{type(self).__name__} gives a learning rate of {lr} at step {epoch} "
+                                       f"(base_lr {self.base_lr}), which no step can use; the step is refused")
+        return lr
+
     def _apply(self, lr, momentum=None):
-        self.engine.learning_rate = lr
-        self._last_lr = lr
+        engine = self.engine
+        old = engine.learning_rate
+        engine.learning_rate = lr
         if momentum is not None:
-            _set_momentum(self.engine, momentum)
+            try:
+                _set_momentum(engine, momentum)
+            except BaseException:
+                engine.learning_rate = old   # a refused momentum leaves the rate as it was too
+                raise
             self._last_momentum = momentum
+        self._last_lr = lr
 
     def step(self):
         """Advances one step (or epoch) and sets the learning rate the next native step uses."""
@@ -175,7 +210,7 @@ class StepLR(Schedule):
         self._start()
 
     def lr_at(self, epoch):
-        return self.base_lr * self.gamma ** (epoch // self.step_size)
+        return _decayed(self.base_lr, self.gamma, epoch // self.step_size)
 
 
 class MultiStepLR(Schedule):
@@ -185,13 +220,13 @@ class MultiStepLR(Schedule):
         super().__init__(engine)
         try:
             self.milestones = sorted(int(m) for m in milestones)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise InvalidArgumentError(f"milestones must be integers, got {milestones!r}") from None
         self.gamma = _number(gamma, "gamma", 0.0)
         self._start()
 
     def lr_at(self, epoch):
-        return self.base_lr * self.gamma ** bisect.bisect_right(self.milestones, epoch)
+        return _decayed(self.base_lr, self.gamma, bisect.bisect_right(self.milestones, epoch))
 
 
 class ExponentialLR(Schedule):
@@ -203,7 +238,7 @@ class ExponentialLR(Schedule):
         self._start()
 
     def lr_at(self, epoch):
-        return self.base_lr * self.gamma ** epoch
+        return _decayed(self.base_lr, self.gamma, epoch)
 
 
 class CosineAnnealingLR(Schedule):
@@ -232,6 +267,7 @@ class CosineAnnealingWarmRestarts(Schedule):
         self.T_i = self.T_0
         self.T_cur = 0
         self._apply(self._lr())
+        self._built()
 
     def _lr(self):
         return self.eta_min + (self.base_lr - self.eta_min) * (1 + math.cos(math.pi * self.T_cur / self.T_i)) / 2
@@ -258,15 +294,15 @@ class CosineAnnealingWarmRestarts(Schedule):
     def step(self, epoch=None):
         if epoch is None:
             epoch = self.last_epoch + 1
-            self.T_cur += 1
-            if self.T_cur >= self.T_i:
-                self.T_cur = self.T_cur % self.T_i
-                self.T_i = self.T_i * self.T_mult
+            T_i, T_cur = self.T_i, self.T_cur + 1
+            if T_cur >= T_i:
+                T_i, T_cur = T_i * self.T_mult, T_cur % T_i
         else:
             epoch = _number(epoch, "epoch", 0.0)
-            self.T_i, self.T_cur = self._position(epoch)
-        self.last_epoch = math.floor(epoch)
-        self._apply(self._lr())
+            T_i, T_cur = self._position(epoch)
+        lr = self.eta_min + (self.base_lr - self.eta_min) * (1 + math.cos(math.pi * T_cur / T_i)) / 2
+        self._apply(self._checked(lr, epoch))   # may refuse the step: nothing changed yet
+        self.T_i, self.T_cur, self.last_epoch = T_i, T_cur, math.floor(epoch)
 
     def _set_epoch(self, epoch):  # used when composed under LinearWarmup
         self.step(epoch)
@@ -341,12 +377,10 @@ class OneCycleLR(Schedule):
         else:
             raise InvalidArgumentError("OneCycleLR needs total_steps, or epochs and steps_per_epoch")
         self.pct_start = _number(pct_start, "pct_start", 0.0, 1.0)
-        if anneal_strategy not in ("cos", "linear"):
-            raise InvalidArgumentError(f"anneal_strategy must be 'cos' or 'linear', got {anneal_strategy!r}")
-        self.anneal_strategy = anneal_strategy
+        self.anneal_strategy = _choice(anneal_strategy, ("cos", "linear"), "anneal_strategy")
         self.max_lr = _number(max_lr, "max_lr", 0.0)
-        self.initial_lr = self.max_lr / _number(div_factor, "div_factor", 0.0)
-        self.min_lr = self.initial_lr / _number(final_div_factor, "final_div_factor", 0.0)
+        self.initial_lr = self.max_lr / _positive(div_factor, "div_factor")
+        self.min_lr = self.initial_lr / _positive(final_div_factor, "final_div_factor")
         self.base_lr = self.initial_lr
         self.cycle_momentum = bool(cycle_momentum)
         if self.cycle_momentum and _momentum_key(engine) is None:
@@ -419,19 +453,13 @@ class ReduceLROnPlateau(Schedule):
     def __init__(self, engine, mode="min", factor=0.1, patience=10, threshold=1e-4,
                  threshold_mode="rel", cooldown=0, min_lr=0.0, eps=1e-8):
         super().__init__(engine)
-        if mode not in ("min", "max"):
-            raise InvalidArgumentError(f"mode must be 'min' or 'max', got {mode!r}")
-        if threshold_mode not in ("rel", "abs"):
-            raise InvalidArgumentError(f"threshold_mode must be 'rel' or 'abs', got {threshold_mode!r}")
+        self.mode = _choice(mode, ("min", "max"), "mode")
+        self.threshold_mode = _choice(threshold_mode, ("rel", "abs"), "threshold_mode")
         self.factor = _number(factor, "factor", 0.0)
         if self.factor >= 1.0:
             raise InvalidArgumentError(f"factor must be < 1, got {self.factor}")
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
-            raise InvalidArgumentError(f"patience must be a non-negative integer, got {patience!r}")
-        if isinstance(cooldown, bool) or not isinstance(cooldown, int) or cooldown < 0:
-            raise InvalidArgumentError(f"cooldown must be a non-negative integer, got {cooldown!r}")
-        self.mode, self.threshold_mode = mode, threshold_mode
-        self.patience, self.cooldown = patience, cooldown
+        self.patience = _nonneg_int(patience, "patience")
+        self.cooldown = _nonneg_int(cooldown, "cooldown")
         self.threshold = _number(threshold, "threshold", 0.0)
         self.min_lr = _number(min_lr, "min_lr", 0.0)
         self.eps = _number(eps, "eps", 0.0)
@@ -439,6 +467,7 @@ class ReduceLROnPlateau(Schedule):
         self.num_bad_epochs = 0
         self.cooldown_counter = 0
         self._last_lr = engine.learning_rate
+        self._built()
 
     def _is_better(self, a, best):
         if self.mode == "min":
@@ -448,7 +477,7 @@ class ReduceLROnPlateau(Schedule):
     def step(self, metric):
         """Records `metric` (e.g. a validation loss) and reduces the rate on a plateau. A NaN
         metric is no improvement (a bad step), as in torch."""
-        current = _number(metric, "metric", nan=True)
+        current = _as_number(metric, "metric")  # NaN and inf taken as they come, as torch
         self.last_epoch += 1
         if self._is_better(current, self.best):
             self.best = current
