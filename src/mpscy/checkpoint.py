@@ -4,156 +4,31 @@ generator (seed, counter), per-step values (learning rate, momentum, betas, weig
 epoch and step counters, and the attached schedule's state_dict. `mpscy.load` rebuilds the
 engine; damaged files raise CheckpointError. Why safetensors: see the note below."""
 
-# Why safetensors (written here with NumPy alone, no extra dependency): a flat, pickle-free
+# Why safetensors (_safetensors.py writes and reads it with NumPy alone): a flat, pickle-free
 # standard container that any safetensors reader opens and can memory-map; its JSON header lists
 # each tensor's dtype, shape and byte range, so a truncated file is detected exactly, and its
 # string metadata carries our JSON description. We add a SHA-256 of the tensor bytes, so a
 # corrupted file is refused rather than loaded with wrong numbers. Files are written to a
-# temporary name and renamed, so an interrupted save never leaves half a file.
+# temporary name and renamed, so an interrupted save never leaves half a file. The
+# description's checks are in _ckpt_checks.py.
 
 import hashlib
 import importlib
 import inspect
 import json
-import math
 import os
-import struct
 
 import numpy as np
 
-from . import _checks
-from .errors import Error, InvalidArgumentError, NonFiniteError
+from ._ckpt_checks import STEP_VALUES as _STEP_VALUES, check_description as _check_description, short as _short, \
+    unjson as _unjson
+from ._safetensors import _path, read_safetensors, write_safetensors
+from .errors import CheckpointError, Error, InvalidArgumentError, NonFiniteError
 
 __all__ = ["save", "load", "restore", "read", "write_safetensors", "read_safetensors", "CheckpointError"]
 
 FORMAT = "mpscy-checkpoint"
 VERSION = 1
-_MAX_HEADER = 100 << 20   # the reference implementation's limit on the JSON header
-_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-           "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-_NAMES = {np.dtype(v).str: k for k, v in _DTYPES.items()}
-
-
-class CheckpointError(Error, ValueError):
-    """A checkpoint file is missing, truncated, corrupted, or not an mpscy checkpoint."""
-
-
-def _path(path):
-    """`path` as a str; anything but a str, bytes or os.PathLike is refused (open() would take
-    an int as a file descriptor, and close it)."""
-    if not isinstance(path, (str, bytes, os.PathLike)):
-        raise InvalidArgumentError(f"a checkpoint path must be a str, bytes or os.PathLike, got {type(path).__name__}")
-    return os.fsdecode(path)
-
-
-# ----------------------------------------------------------------------------- safetensors
-def write_safetensors(path, tensors, metadata=None, checksum=False):
-    """Writes {name: array} and string metadata as a safetensors file (little-endian,
-    row-major, the header padded with spaces to 8 bytes), atomically. checksum=True adds the
-    SHA-256 of the tensor bytes to the metadata as "sha256"."""
-    path = _path(path)
-    header, chunks, offset = {}, [], 0
-    for name, arr in tensors.items():
-        arr = np.asarray(arr)
-        arr = arr if arr.flags.c_contiguous else arr.copy()  # ascontiguousarray would make 0-d 1-d
-        key = arr.dtype.newbyteorder("<").str if arr.dtype.byteorder == ">" else arr.dtype.str
-        if key not in _NAMES:
-            raise InvalidArgumentError(f"tensor {name!r}: dtype {arr.dtype} has no safetensors name")
-        data = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
-        header[name] = {"dtype": _NAMES[key], "shape": list(arr.shape), "data_offsets": [offset, offset + len(data)]}
-        chunks.append(data)
-        offset += len(data)
-    metadata = dict(metadata or {})
-    if checksum:
-        h = hashlib.sha256()
-        for c in chunks:
-            h.update(c)
-        metadata["sha256"] = h.hexdigest()
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        f = open(tmp, "wb")
-    except OSError as e:  # named by the path asked for, not the temporary file's
-        raise type(e)(e.errno, e.strerror, path) from None
-    try:
-        with f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            for c in chunks:
-                f.write(c)
-        try:
-            os.replace(tmp, path)
-        except OSError as e:  # a folder at `path`, say: named by the path asked for
-            raise type(e)(e.errno, e.strerror, path) from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def read_safetensors(path):
-    """({name: array}, metadata) from a safetensors file, every header field checked against the
-    file; raises CheckpointError naming the first problem."""
-    path = _path(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path!r} does not exist") from None
-    except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint {path!r}: {e}") from None
-    if len(raw) < 8:
-        raise CheckpointError(f"{path!r} is truncated: {len(raw)} bytes, not even a header length")
-    (n,) = struct.unpack("<Q", raw[:8])
-    if n > _MAX_HEADER or 8 + n > len(raw):
-        raise CheckpointError(f"{path!r} is truncated or not a safetensors file: header of {n} bytes "
-                              f"announced, {len(raw) - 8} bytes present")
-    try:
-        header = json.loads(raw[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{path!r} has a corrupted header: {e}") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path!r} has a corrupted header: not a JSON object")
-    metadata = header.pop("__metadata__", {}) or {}
-    if not isinstance(metadata, dict):
-        raise CheckpointError(f"{path!r} has a corrupted header: __metadata__ must map names to strings, "
-                              f"got {str(metadata)[:80]}")
-    for k, v in metadata.items():
-        if not isinstance(v, str):
-            raise CheckpointError(f"{path!r} has a corrupted header: __metadata__[{k!r}] must be a string, "
-                                  f"got {str(v)[:80]}")
-    data = memoryview(raw)[8 + n:]
-    spans, tensors = [], {}
-    for name, info in header.items():
-        try:
-            dtype = np.dtype(_DTYPES[info["dtype"]]).newbyteorder("<")
-            shape, (begin, end) = tuple(info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            shape = None
-        if shape is None or not all(type(v) is int for v in (*shape, begin, end)):   # JSON integers, no bools
-            raise CheckpointError(f"{path!r}: the header entry of {name!r} is malformed: {str(info)[:200]}")
-        if min(shape, default=0) < 0 or end - begin != math.prod(shape) * dtype.itemsize:  # exact, no int64 wrap
-            raise CheckpointError(f"{path!r}: tensor {name!r} has {end - begin} bytes for shape {shape} of {dtype}")
-        spans.append((begin, end, name))
-        tensors[name] = (dtype, shape, begin, end)
-    spans.sort()
-    expect = 0
-    for begin, end, name in spans:
-        if begin != expect:
-            raise CheckpointError(f"{path!r}: tensor {name!r} starts at byte {begin}, expected {expect}")
-        expect = end
-    if len(data) < expect:
-        raise CheckpointError(f"{path!r} is truncated: {expect} bytes of tensor data expected, {len(data)} present")
-    if len(data) > expect:
-        raise CheckpointError(f"{path!r} has {len(data) - expect} unexpected bytes after its tensor data")
-    digest = metadata.get("sha256")
-    if digest is not None and hashlib.sha256(data).hexdigest() != digest:
-        raise CheckpointError(f"{path!r} is corrupted: the tensor data does not match its SHA-256")
-    out = {name: np.frombuffer(data[b:e], dtype=dt).reshape(sh).astype(dt.newbyteorder("="), copy=True)
-           for name, (dt, sh, b, e) in tensors.items()}
-    return out, metadata
 
 
 # ----------------------------------------------------------------------------- descriptions
@@ -179,16 +54,6 @@ def _jsonable(v):
         return {"__ndarray__": v.tolist(), "dtype": str(v.dtype)}
     if isinstance(v, np.generic):
         return v.item()
-    return v
-
-
-def _unjson(v):
-    if isinstance(v, dict):
-        if "__ndarray__" in v:
-            return np.asarray(v["__ndarray__"], dtype=v["dtype"])
-        return {k: _unjson(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_unjson(x) for x in v]
     return v
 
 
@@ -314,138 +179,7 @@ def _build_schedule(engine, info):
     return obj
 
 
-# ----------------------------------------------------------------------------- the description's checks
-def _short(value):
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _check_description(desc, where):
-    """Checks every field of a description against what save writes (types, ranges, and the
-    engine setters' rules for the step values), so that a damaged or foreign file is refused
-    here, naming the field, before anything is built or changed. initial_lr (which earlier files
-    lack) and the fields always read as optional (mpscy, step_values, schedule, meta) may be
-    missing."""
-    from . import optim as _optim
-    from .engine import _clip_arg
-
-    def fail(problem):
-        raise CheckpointError(f"{where} has a malformed description: {problem}")
-
-    def obj(value, field, keys=()):
-        if not isinstance(value, dict):
-            fail(f"{field or 'it'} must be a JSON object, got {_short(value)}")
-        missing = [k for k in keys if k not in value]
-        if missing:
-            fail(f"{field + '.' if field else ''}{missing[0]} is missing")
-        return value
-
-    def text(value, field):
-        if not isinstance(value, str) or not value:
-            fail(f"{field} must be a non-empty string, got {_short(value)}")
-
-    def integer(value, field):   # seeds and counters: the generator's are uint64
-        if type(value) is not int or not 0 <= value < 2**64:
-            fail(f"{field} must be an integer in [0, 2**64), got {_short(value)}")
-
-    def number(value, field):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            fail(f"{field} must be a number, got {_short(value)}")
-        return value
-
-    def rule(check, value, field):   # a public setter's check; its message names the field and value
-        try:
-            check(value, field)
-        except InvalidArgumentError as e:
-            fail(str(e))
-
-    def decodes(value, field):   # arrays are kept as {"__ndarray__": list, "dtype": name}
-        try:
-            _unjson(value)
-        except (KeyError, TypeError, ValueError, OverflowError, RecursionError) as e:
-            fail(f"{field} holds a malformed array: {e}")
-
-    def schedule(info, field):   # _describe_schedule's record, its composed schedules too
-        obj(info, field, ("module", "class", "state"))
-        text(info["module"], f"{field}.module")
-        text(info["class"], f"{field}.class")
-        decodes(obj(info["state"], f"{field}.state"), f"{field}.state")
-        for k, child in obj(info.get("children") or {}, f"{field}.children").items():
-            schedule(child, f"{field}.children.{k}")
-
-    obj(desc, "", ("version", "model", "loss", "optimizer", "engine", "rng", "counters", "optimizer_state"))
-    if "mpscy" in desc:
-        text(desc["mpscy"], "mpscy")
-    model = obj(desc["model"], "model", ("class", "nodes"))
-    if model["class"] not in ("Sequential", "Model"):
-        fail(f"model.class must be 'Sequential' or 'Model', got {_short(model['class'])}")
-    nodes = model["nodes"]
-    if not isinstance(nodes, list) or not nodes:
-        fail(f"model.nodes must be a non-empty list, got {_short(nodes)}")
-    for k, n in enumerate(nodes):
-        field = f"model.nodes[{k}]"
-        text(obj(n, field, ("name", "layer"))["name"], f"{field}.name")
-        if n["layer"] is None:
-            shape = obj(n, field, ("shape",))["shape"]
-            if not isinstance(shape, list) or not all(type(d) is int and d > 0 for d in shape):
-                fail(f"{field}.shape must be a list of positive integers, got {_short(shape)}")
-            continue
-        text(n["layer"], f"{field}.layer")
-        if "module" in n:
-            text(n["module"], f"{field}.module")
-        decodes(obj(n.get("config", {}), f"{field}.config"), f"{field}.config")
-        inputs = obj(n, field, ("inputs",))["inputs"]
-        if not isinstance(inputs, list) or not inputs or not all(type(i) is int and 0 <= i < k for i in inputs):
-            fail(f"{field}.inputs must be a non-empty list of earlier nodes' indices (below {k}), "
-                 f"got {_short(inputs)}")
-    for part in ("loss", "optimizer"):
-        info = obj(desc[part], part, ("module", "class", "config"))
-        text(info["module"], f"{part}.module")
-        text(info["class"], f"{part}.class")
-        decodes(obj(info["config"], f"{part}.config"), f"{part}.config")
-    e = obj(desc["engine"], "engine", ("batch_size", "seed", "precision", "clip_grad_norm", "clip_grad_value",
-                                       "input_gradients"))
-    rule(_checks.positive_int, e["batch_size"], "engine.batch_size")
-    integer(e["seed"], "engine.seed")
-    if e["precision"] not in ("fp32", "tf32"):
-        fail(f"engine.precision must be 'fp32' or 'tf32', got {_short(e['precision'])}")
-    for k in ("clip_grad_norm", "clip_grad_value"):
-        if e[k] is not None:
-            rule(_clip_arg, number(e[k], f"engine.{k}"), f"engine.{k}")
-    if not isinstance(e["input_gradients"], bool):
-        fail(f"engine.input_gradients must be true or false, got {_short(e['input_gradients'])}")
-    for k, v in obj(desc.get("step_values", {}), "step_values").items():
-        field = f"step_values.{k}"
-        if k not in _STEP_VALUES:
-            fail(f"{field} is not a step value ({', '.join(_STEP_VALUES)})")
-        if k in ("beta1", "beta2"):   # each of the betas setter's pair
-            if not 0.0 <= number(v, field) < 1.0:
-                fail(f"{field} must be in [0, 1), got {v!r}")
-        else:
-            rule(_optim._nonneg, number(v, field), field)
-    if desc.get("initial_lr") is not None:
-        rule(_optim._nonneg, number(desc["initial_lr"], "initial_lr"), "initial_lr")
-    rng = obj(desc["rng"], "rng", ("seed", "counter"))
-    integer(rng["seed"], "rng.seed")
-    integer(rng["counter"], "rng.counter")
-    counters = obj(desc["counters"], "counters", ("epoch", "iterations"))
-    integer(counters["epoch"], "counters.epoch")
-    integer(counters["iterations"], "counters.iterations")
-    obj(desc["optimizer_state"], "optimizer_state")   # its values: set_optimizer_state's checks
-    info = desc.get("schedule")
-    if info is not None:
-        schedule(obj(info, "schedule", ("per", "monitor")), "schedule")
-        if info["per"] not in ("step", "epoch"):
-            fail(f"schedule.per must be 'step' or 'epoch', got {_short(info['per'])}")
-        if info["monitor"] is not None and not isinstance(info["monitor"], str):
-            fail(f"schedule.monitor must be a string, got {_short(info['monitor'])}")
-    decodes(desc.get("meta"), "meta")
-
-
 # ----------------------------------------------------------------------------- save / load
-_STEP_VALUES = ("lr", "momentum", "beta1", "beta2", "weight_decay")
-
-
 def _meta_json(meta):
     """`meta` as JSON values (arrays as {"__ndarray__", "dtype"}); what JSON cannot hold is
     refused naming meta, before anything is written."""

@@ -3,7 +3,7 @@ each also derives from the built-in exception that fits, so ``except ValueError`
 
 __all__ = [
     "Error", "InvalidArgumentError", "ShapeError", "DTypeError", "OutOfMemoryError",
-    "DeviceError", "UnsupportedError", "NonFiniteError", "StateError",
+    "DeviceError", "UnsupportedError", "NonFiniteError", "StateError", "CheckpointError",
 ]
 
 
@@ -41,3 +41,7 @@ class NonFiniteError(Error, ValueError):
 
 class StateError(Error, RuntimeError):
     """The object is in a state that forbids the call (for example, the engine was closed)."""
+
+
+class CheckpointError(Error, ValueError):
+    """A checkpoint file is missing, truncated, corrupted, or not an mpscy checkpoint."""
