@@ -626,3 +626,22 @@ def test_global_avgpool_of_a_large_plane_is_the_exact_mean(device, fill):
                           batch_size=3, device=device)
     ref = x.astype(np.float64).mean(axis=(2, 3))
     np.testing.assert_allclose(engine.predict(x), ref, rtol=2.4e-7, atol=0)
+
+
+def test_batchnorm_normalizes_values_whose_float_variance_overflows(device):
+    """A channel holding 1e20 (its variance, 2.5e39 in double, is inf as a float): the train-mode
+    output is normalized from the double variance, as torch's invstd, to 1e-5 of a float64
+    reference (it collapsed to beta, the float inv being 0); the step applies and the running
+    variance becomes inf, as torch's does."""
+    x = np.array([[1e20, 1.0, 2.0], [0.0, 2.0, 3.0], [0.0, 3.0, 5.0], [0.0, 4.0, 7.0]], np.float32)
+    engine = mpscy.Engine(mpscy.Sequential([layers.BatchNorm()], input_shape=(3,)), loss="mse",
+                          optimizer=optim.SGD(0.0), batch_size=4, device=device)
+    x64 = x.astype(np.float64)
+    ref = (x64 - x64.mean(0)) / np.sqrt(x64.var(0) + 1e-5)
+    g = engine.gradients(x, np.zeros_like(x))
+    r = engine.step(x, np.zeros_like(x))
+    assert np.isfinite(r.loss) and abs(r.loss - np.mean(ref ** 2)) <= 1e-5 * np.mean(ref ** 2)
+    assert np.isfinite(g["batchnorm_0.weight"]).all()
+    np.testing.assert_allclose(g["batchnorm_0.weight"], 2 * (ref ** 2).sum(0) / ref.size, rtol=1e-5)
+    rv = engine.get_parameters()["batchnorm_0.running_var"]
+    assert np.isinf(rv[0]) and np.isfinite(rv[1:]).all()

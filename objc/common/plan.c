@@ -186,7 +186,7 @@ static int infer_node(mpscy_plan *p, int32_t i, const char *component, char *err
         }
         add_tensor(p, i, "running_mean", MPSCY_ROLE_BUFFER, 0, 1, c);
         add_tensor(p, i, "running_var", MPSCY_ROLE_BUFFER, 1, 1, c);
-        n->save_size = 2 * c[0];
+        n->save_size = 3 * c[0];  /* the batch's mean, biased variance and 1/sqrt(variance + eps) */
         break;
     }
     case MPSCY_LAYER_LAYERNORM: {

@@ -15,8 +15,11 @@ static void bn_dims(const cpu_graph *g, const mpscy_node *n, int64_t *c, int64_t
     *inner = a->rank == 3 ? a->shape[1] * a->shape[2] : 1;
 }
 
-static void batchnorm_stats(float *mean, float *var, const float *x, int64_t b, int64_t c, int64_t inner) {
-    // mean (C), var (C) biased, x (b, C, inner); two passes in double
+static void batchnorm_stats(float *mean, float *var, float *inv, const float *x, double eps, int64_t b, int64_t c,
+                            int64_t inner) {
+    // mean (C), var (C) biased, inv (C) 1/sqrt(var + eps) from the double variance (as torch's
+    // invstd: values past ~1.8e19 make the float variance inf, not the normalization), x (b, C,
+    // inner); two passes in double
     double count = (double)(b * inner);
     for (int64_t ch = 0; ch < c; ch++) {
         double s = 0.0, q = 0.0;
@@ -34,14 +37,16 @@ static void batchnorm_stats(float *mean, float *var, const float *x, int64_t b, 
         }
         mean[ch] = (float)m;
         var[ch] = (float)(q / count);
+        inv[ch] = (float)(1.0 / sqrt(q / count + eps));
     }
 }
 
-static void batchnorm_apply(float *y, const float *x, const float *mean, const float *var, const float *gamma,
-                            const float *beta, double eps, int64_t b, int64_t c, int64_t inner) {
-    // y (b, C, inner), x (b, C, inner), mean (C), var (C), gamma (C) or NULL, beta (C) or NULL
+static void batchnorm_apply(float *y, const float *x, const float *mean, const float *var, const float *invs,
+                            const float *gamma, const float *beta, double eps, int64_t b, int64_t c, int64_t inner) {
+    // y (b, C, inner), x (b, C, inner), mean (C), var (C) or invs (C) (the batch's, when train),
+    // gamma (C) or NULL, beta (C) or NULL
     for (int64_t ch = 0; ch < c; ch++) {
-        float inv = (float)(1.0 / sqrt((double)var[ch] + eps));
+        float inv = invs ? invs[ch] : (float)(1.0 / sqrt((double)var[ch] + eps));
         float scale = gamma ? gamma[ch] * inv : inv;
         float shift = (beta ? beta[ch] : 0.0f) - mean[ch] * scale;
         for (int64_t i = 0; i < b; i++) {
@@ -53,13 +58,13 @@ static void batchnorm_apply(float *y, const float *x, const float *mean, const f
 }
 
 static void batchnorm_backward(float *dx, float *dgamma, float *dbeta, const float *dy, const float *x,
-                               const float *mean, const float *var, const float *gamma, double eps,
+                               const float *mean, const float *invs, const float *gamma,
                                int64_t b, int64_t c, int64_t inner, int accum) {
     // dx (b, C, inner) or NULL, dgamma (C) or NULL, dbeta (C) or NULL, dy (b, C, inner),
-    // x (b, C, inner), mean (C), var (C) batch statistics, gamma (C) or NULL
+    // x (b, C, inner), mean (C), invs (C) the batch's statistics, gamma (C) or NULL
     double count = (double)(b * inner);
     for (int64_t ch = 0; ch < c; ch++) {
-        double inv = 1.0 / sqrt((double)var[ch] + eps), m = mean[ch], sdy = 0.0, sdyx = 0.0;
+        double inv = invs[ch], m = mean[ch], sdy = 0.0, sdyx = 0.0;
         for (int64_t i = 0; i < b; i++) {
             const float *xr = x + (i * c + ch) * inner, *dr = dy + (i * c + ch) * inner;
             for (int64_t k = 0; k < inner; k++) {
@@ -89,21 +94,20 @@ void cpu_batchnorm_forward(cpu_graph *g, const mpscy_node *n, int64_t b, int tra
     int64_t c, inner;
     bn_dims(g, n, &c, &inner);
     const float *x = g->y[n->in[0]];
-    float *mean = g->save + n->save, *var = mean + c;  // (C), (C)
-    if (train) batchnorm_stats(mean, var, x, b, c, inner);
+    float *mean = g->save + n->save, *var = mean + c, *inv = var + c;  // (C) each
+    if (train) batchnorm_stats(mean, var, inv, x, n->reals[1], b, c, inner);
     const float *m = train ? mean : cpu_tensor(g, n, MPSCY_ROLE_BUFFER, 0);
-    const float *v = train ? var : cpu_tensor(g, n, MPSCY_ROLE_BUFFER, 1);
-    batchnorm_apply(g->y[n - g->plan.nodes], x, m, v, cpu_tensor(g, n, MPSCY_ROLE_PARAM, 0),
-                    cpu_tensor(g, n, MPSCY_ROLE_PARAM, 1), n->reals[1], b, c, inner);
+    batchnorm_apply(g->y[n - g->plan.nodes], x, m, cpu_tensor(g, n, MPSCY_ROLE_BUFFER, 1), train ? inv : NULL,
+                    cpu_tensor(g, n, MPSCY_ROLE_PARAM, 0), cpu_tensor(g, n, MPSCY_ROLE_PARAM, 1), n->reals[1], b, c,
+                    inner);
 }
 
 void cpu_batchnorm_backward(cpu_graph *g, const mpscy_node *n, int64_t b) {
     int64_t c, inner;
     bn_dims(g, n, &c, &inner);
-    const float *mean = g->save + n->save, *var = mean + c;
+    const float *mean = g->save + n->save, *inv = mean + 2 * c;
     batchnorm_backward(g->dy[n->in[0]], cpu_tensor_grad(g, n, 0), cpu_tensor_grad(g, n, 1), g->dy[n - g->plan.nodes],
-                       g->y[n->in[0]], mean, var, cpu_tensor(g, n, MPSCY_ROLE_PARAM, 0), n->reals[1], b, c, inner,
-                       n->accum[0]);
+                       g->y[n->in[0]], mean, inv, cpu_tensor(g, n, MPSCY_ROLE_PARAM, 0), b, c, inner, n->accum[0]);
 }
 
 /* running = (1 - momentum) running + momentum batch, with the unbiased batch variance */

@@ -15,10 +15,11 @@ static void bn_dims(const cu_graph *g, const mpscy_node *n, int64_t *c, int64_t 
 }
 
 /* Block ch: statistics of channel ch over (b, inner) when train (else the running ones), then y. */
-__global__ void batchnorm_forward(float *y, float *mean, float *var, const float *x, const float *rmean,
+__global__ void batchnorm_forward(float *y, float *mean, float *var, float *invs, const float *x, const float *rmean,
                                   const float *rvar, const float *gamma, const float *beta, double eps, int64_t b,
                                   int64_t c, int64_t inner, int train) {
-    // y, x (b, C, inner); mean, var (C) saved batch statistics; rmean, rvar (C); gamma, beta (C) or NULL
+    // y, x (b, C, inner); mean, var, invs (C) saved batch statistics (invs = 1/sqrt(var + eps) from
+    // the double variance, as torch's invstd); rmean, rvar (C); gamma, beta (C) or NULL
     cu_pdl_enter();
     __shared__ double sh[2];
     int64_t ch = blockIdx.x, count = b * inner;
@@ -37,11 +38,12 @@ __global__ void batchnorm_forward(float *y, float *mean, float *var, const float
         if (threadIdx.x == 0) {
             mean[ch] = (float)m;
             var[ch] = (float)(q / (double)count);
+            invs[ch] = (float)(1.0 / sqrt(q / (double)count + eps));
         }
         __syncthreads();
     }
-    float mv = train ? mean[ch] : rmean[ch], vv = train ? var[ch] : rvar[ch];
-    float inv = (float)(1.0 / sqrt((double)vv + eps));
+    float mv = train ? mean[ch] : rmean[ch];
+    float inv = train ? invs[ch] : (float)(1.0 / sqrt((double)rvar[ch] + eps));
     float scale = gamma ? gamma[ch] * inv : inv;
     float shift = (beta ? beta[ch] : 0.0f) - mv * scale;
     for (int64_t e = threadIdx.x; e < count; e += blockDim.x) {
@@ -51,13 +53,14 @@ __global__ void batchnorm_forward(float *y, float *mean, float *var, const float
 }
 
 __global__ void batchnorm_backward(float *dx, float *dgamma, float *dbeta, const float *dy, const float *x,
-                                   const float *mean, const float *var, const float *gamma, double eps, int64_t b,
+                                   const float *mean, const float *invs, const float *gamma, int64_t b,
                                    int64_t c, int64_t inner, int accum) {
-    // dx (b, C, inner) or NULL, dgamma, dbeta (C) or NULL, dy, x (b, C, inner), mean, var (C), gamma (C) or NULL
+    // dx (b, C, inner) or NULL, dgamma, dbeta (C) or NULL, dy, x (b, C, inner), mean, invs (C) the
+    // batch's statistics, gamma (C) or NULL
     cu_pdl_enter();
     __shared__ double sh[2];
     int64_t ch = blockIdx.x, count = b * inner;
-    double inv = 1.0 / sqrt((double)var[ch] + eps), m = mean[ch], sdy = 0.0, sdyx = 0.0;
+    double inv = invs[ch], m = mean[ch], sdy = 0.0, sdyx = 0.0;
     for (int64_t e = threadIdx.x; e < count; e += blockDim.x) {
         int64_t k = ((e / inner) * c + ch) * inner + e % inner;
         sdy += dy[k];
@@ -100,9 +103,9 @@ __global__ void batchnorm_commit(float *rm, float *rv, const float *mean, const 
 int cu_batchnorm_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en) {
     int64_t c, inner;
     bn_dims(g, n, &c, &inner);
-    float *mean = g->save + n->save, *var = mean + c;
+    float *mean = g->save + n->save, *var = mean + c, *invs = var + c;
     CU_TRY(cu_launch(g, batchnorm_forward, dim3((unsigned)c), CU_THREADS, g->stream, g->y[cu_node_index(g, n)], mean, var,
-                     (const float *)g->y[n->in[0]], (const float *)cu_tensor(g, n, MPSCY_ROLE_BUFFER, 0),
+                     invs, (const float *)g->y[n->in[0]], (const float *)cu_tensor(g, n, MPSCY_ROLE_BUFFER, 0),
                      (const float *)cu_tensor(g, n, MPSCY_ROLE_BUFFER, 1),
                      (const float *)cu_tensor(g, n, MPSCY_ROLE_PARAM, 0), (const float *)cu_tensor(g, n, MPSCY_ROLE_PARAM, 1),
                      n->reals[1], b, c, inner, train),
@@ -113,11 +116,11 @@ int cu_batchnorm_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train,
 int cu_batchnorm_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en) {
     int64_t c, inner;
     bn_dims(g, n, &c, &inner);
-    const float *mean = g->save + n->save, *var = mean + c;
+    const float *mean = g->save + n->save, *invs = mean + 2 * c;
     CU_TRY(cu_launch(g, batchnorm_backward, dim3((unsigned)c), CU_THREADS, g->stream, g->dy[n->in[0]],
                      cu_tensor_grad(g, n, 0), cu_tensor_grad(g, n, 1), (const float *)g->dy[cu_node_index(g, n)],
-                     (const float *)g->y[n->in[0]], mean, var, (const float *)cu_tensor(g, n, MPSCY_ROLE_PARAM, 0),
-                     n->reals[1], b, c, inner, (int)n->accum[0]),
+                     (const float *)g->y[n->in[0]], mean, invs, (const float *)cu_tensor(g, n, MPSCY_ROLE_PARAM, 0),
+                     b, c, inner, (int)n->accum[0]),
            "batchnorm_backward");
     return CU_LAUNCHED("batchnorm_backward");
 }
