@@ -343,3 +343,33 @@ def test_metric_names_and_averages_that_int_or_a_comparison_cannot_take():
                        match=r"^average must be 'binary', 'macro', 'micro', 'weighted' or None, got array"):
         M.precision_recall_f1(t, t, average=np.array(["macro", "micro"]))
     assert M.precision_recall_f1(t, t, average="macro") == (1.0, 1.0, 1.0)
+
+
+def test_labels_of_other_widths_and_kinds_are_counted_as_scikit_learn_does():
+    """labels longer than the data's strings, a float label among integers and one string class
+    under the default pos_label: scikit-learn's 0.6667, 0.3333 and 0.0 (a numpy array of both
+    had cut 'zz' to 'z' and 1.5 to 1, and each ended in an IndexError)."""
+    assert M.f1(["a", "b"], ["a", "b"], average="macro", labels=["a", "b", "zz"]) == pytest.approx(2 / 3)
+    assert M.f1([0, 1, 1], [0, 1, 0], average="macro", labels=[0, 1.5]) == pytest.approx(1 / 3)
+    assert M.f1(["a", "a"], ["a", "a"]) == 0.0
+    assert M.f1([0, 0, 1], [0, 0, 0], zero_division="warn") == 0.0  # scikit-learn's default, as 0
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: M.confusion_matrix(["a", "b"], [0, 1]), r"mix label types \(<U1 and int64\)"),
+    (lambda: M.accuracy(["a", "b"], [0, 1]), "mix label types"),
+    (lambda: M.accuracy([0, 1], [0.2, 0.9]), "y_pred holds values that are not whole numbers"),
+    (lambda: M.accuracy([[1, 2], [3]], [1, 2]), "y_true must be an array of labels"),
+    (lambda: M.roc_auc([0, 1], ["a", "b"]), "scores must be an array of numbers"),
+    (lambda: M.mse(["a"], [1.0]), "y_true must be an array of numbers"),
+    (lambda: M.r2(np.array([1j, 2]), [1.0, 2.0]), "y_true must be an array of numbers"),
+    (lambda: M.f1([0, 1], [0, 1], average="macro", labels=["a"]), r"labels \(<U1\) are not of the labels' type"),
+    (lambda: M.f1([0, 1], [0, 1], average="macro", labels=[[0, 1]]), r"labels must be a non-empty 1-D"),
+    (lambda: M.f1([0, 1], [1, 1], zero_division=2), "zero_division must be 0, 1, np.nan or 'warn', got 2"),
+])
+def test_labels_of_mixed_kinds_and_non_arrays_are_named(call, message):
+    """Strings against numbers and scores where labels go are refused, as scikit-learn's "mix of
+    label input types" (they had counted as mismatches: a matrix of zeros, an accuracy of 0);
+    ragged, string and complex arrays are mpscy errors, not numpy's."""
+    with pytest.raises(mpscy.InvalidArgumentError, match=message):
+        call()

@@ -31,8 +31,24 @@ def _finite(a, what):
     return a
 
 
+def _array(a, what, dtype=None):
+    """np.asarray(a, dtype), or an mpscy error naming `what` (a ragged list, strings as numbers,
+    complex values: numpy's ValueError or TypeError, or a silent complex result)."""
+    try:
+        out = np.asarray(a)
+        if out.dtype.kind == "c":  # a cast to float64 would drop the imaginary part with a warning
+            raise TypeError(f"complex values ({out.dtype})")
+        return out if dtype is None else out.astype(dtype, copy=False)
+    except (TypeError, ValueError) as e:
+        raise InvalidArgumentError(f"{what} must be an array of {'numbers' if dtype else 'labels'}: {e}") from None
+
+
+def _floats(a, what):
+    return _array(a, what, np.float64)
+
+
 def _vector(a, what):
-    a = np.asarray(a)
+    a = _array(a, what)
     if a.ndim == 2 and a.shape[1] == 1:
         a = a[:, 0]
     if a.ndim != 1:
@@ -50,9 +66,23 @@ def _pair(y_true, y_pred, what="y_pred"):
     return y_true, y_pred
 
 
+def _labels_pair(y_true, y_pred):
+    """Two label vectors of one kind, as scikit-learn's "mix of label input types" and "mix of
+    binary and continuous targets": strings against numbers, or scores where labels go (a float
+    that is not a whole number), are refused rather than counted as mismatches."""
+    y_true, y_pred = _pair(y_true, y_pred)
+    if (y_true.dtype.kind in "US") != (y_pred.dtype.kind in "US"):
+        raise InvalidArgumentError(f"y_true and y_pred mix label types ({y_true.dtype} and {y_pred.dtype})")
+    for a, what in ((y_true, "y_true"), (y_pred, "y_pred")):
+        if a.dtype.kind == "f" and not np.all(a == np.round(a)):
+            raise InvalidArgumentError(f"{what} holds values that are not whole numbers: classification metrics take "
+                                       "labels (for scores or probabilities, take their argmax first)")
+    return y_true, y_pred
+
+
 def _scores_2d(y_true, scores):
     y_true = _vector(y_true, "y_true")
-    scores = np.asarray(scores, dtype=np.float64)
+    scores = _floats(scores, "scores")
     if scores.ndim != 2 or len(scores) != len(y_true):
         raise ShapeError(f"scores must be shaped (n, classes) with n = {len(y_true)}, got {scores.shape}")
     return y_true, _finite(scores, "scores")
@@ -74,7 +104,7 @@ def _class_labels(y_true, n_classes):
 # ----------------------------------------------------------------------------- classification
 def accuracy(y_true, y_pred):
     """Fraction of rows where the predicted label equals the true one (accuracy_score)."""
-    y_true, y_pred = _pair(y_true, y_pred)
+    y_true, y_pred = _labels_pair(y_true, y_pred)
     return float(np.mean(y_true == y_pred))
 
 
@@ -97,9 +127,9 @@ def top_k_accuracy(y_true, scores, k=5):
 def confusion_matrix(y_true, y_pred, labels=None):
     """Counts C[i, j] of rows with true label labels[i] and predicted labels[j]; labels default
     to the sorted union of both arrays (confusion_matrix)."""
-    y_true, y_pred = _pair(y_true, y_pred)
+    y_true, y_pred = _labels_pair(y_true, y_pred)
     given = labels is not None
-    labels = np.unique(np.concatenate([y_true, y_pred])) if labels is None else np.asarray(labels)
+    labels = np.unique(np.concatenate([y_true, y_pred])) if labels is None else _array(labels, "labels")
     if labels.ndim != 1 or labels.size == 0:
         raise InvalidArgumentError("labels must be a non-empty 1-D sequence")
     index = {v: i for i, v in enumerate(labels.tolist())}
@@ -115,21 +145,33 @@ def confusion_matrix(y_true, y_pred, labels=None):
 
 
 def _prf_counts(y_true, y_pred, labels, average, pos_label):
-    y_true, y_pred = _pair(y_true, y_pred)
+    y_true, y_pred = _labels_pair(y_true, y_pred)
     choice(average, _AVERAGES, "average")
     present = np.unique(np.concatenate([y_true, y_pred]))
+    strings = present.dtype.kind in "US"
     if average == "binary":
         if len(present) > 2:
             raise InvalidArgumentError(
                 f"average='binary' needs at most two classes, found {len(present)}; "
                 "choose average='macro', 'micro', 'weighted' or None")
         _check_pos_label(present, pos_label)
-        labels = [pos_label]
+        wanted = [pos_label]  # with one class present, pos_label may be absent: its scores are 0/0
     elif labels is None:
-        labels = present
-    cm_labels = np.unique(np.concatenate([present, np.asarray(labels, dtype=present.dtype)]))
-    cm = confusion_matrix(y_true, y_pred, labels=cm_labels)
-    pos = [int(np.flatnonzero(cm_labels == v)[0]) for v in np.asarray(labels).tolist()]
+        wanted = present.tolist()
+    else:
+        lab = _array(labels, "labels")
+        if lab.ndim != 1 or lab.size == 0:
+            raise InvalidArgumentError(f"labels must be a non-empty 1-D sequence, got shape {lab.shape}")
+        if (lab.dtype.kind in "US") != strings:
+            raise InvalidArgumentError(f"labels ({lab.dtype}) are not of the labels' type ({present.dtype})")
+        wanted = lab.tolist()
+    # the labels present, then those wanted that are not, each kept as the Python value it is
+    # (a numpy array of both would cut strings to the shorter width, or cast 1.5 to 1)
+    known = present.tolist()
+    seen = set(known)
+    cm_labels = known + [v for v in dict.fromkeys(wanted) if v not in seen]
+    cm = confusion_matrix(y_true, y_pred, labels=np.array(cm_labels + [None], dtype=object)[:-1])
+    pos = [cm_labels.index(v) for v in wanted]
     tp = np.diag(cm)[pos].astype(np.float64)
     fp = cm.sum(axis=0)[pos] - tp
     fn = cm.sum(axis=1)[pos] - tp
@@ -137,6 +179,11 @@ def _prf_counts(y_true, y_pred, labels, average, pos_label):
 
 
 def _divide(num, den, zero_division):
+    if isinstance(zero_division, str) and zero_division == "warn":
+        zero_division = 0.0  # scikit-learn's default: 0, with a warning
+    if isinstance(zero_division, bool) or not isinstance(zero_division, numbers.Real) or not (
+            zero_division in (0, 1) or np.isnan(zero_division)):
+        raise InvalidArgumentError(f"zero_division must be 0, 1, np.nan or 'warn', got {zero_division!r}")
     out = np.full(np.shape(num), float(zero_division), dtype=np.float64)
     np.divide(num, den, out=out, where=den != 0)
     return out
@@ -217,7 +264,7 @@ def _greater_label(y_true):
 
 def _binary_curve(pos, scores):
     """Cumulative (fps, tps) at each distinct score, highest score first, and those scores."""
-    scores = _vector(np.asarray(scores, dtype=np.float64), "scores")
+    scores = _vector(_floats(scores, "scores"), "scores")
     if len(scores) != len(pos):
         raise ShapeError(f"y_true has {len(pos)} rows, scores has {len(scores)}")
     order = np.argsort(scores, kind="mergesort")[::-1]
@@ -251,7 +298,7 @@ def roc_auc(y_true, scores, multi_class="ovr", average="macro"):
     (or (n, 2), column 1). Multi-class: scores (n, classes) with integer labels, one-vs-rest
     ("ovr": per class, averaged "macro" or "weighted" by prevalence) or one-vs-one ("ovo",
     Hand & Till, "macro")."""
-    s = np.asarray(scores, dtype=np.float64)
+    s = _floats(scores, "scores")
     if s.ndim == 1 or (s.ndim == 2 and s.shape[1] == 1):
         return _auc_binary(_greater_label(y_true), s.reshape(-1))
     y_true, s = _scores_2d(y_true, s)
@@ -306,7 +353,7 @@ def pr_auc(y_true, scores, average="macro", pos_label=1):
     Binary: scores (n,) for the class pos_label, which must be one of two labels present.
     Multi-class: scores (n, classes) with integer labels, one-vs-rest, averaged "macro",
     "weighted" (by prevalence), "micro" (all cells pooled) or None."""
-    s = np.asarray(scores, dtype=np.float64)
+    s = _floats(scores, "scores")
     if s.ndim == 1 or (s.ndim == 2 and s.shape[1] == 1):
         present = np.unique(_vector(y_true, "y_true"))
         if len(present) > 2:
@@ -332,8 +379,8 @@ def pr_auc(y_true, scores, average="macro", pos_label=1):
 
 # ----------------------------------------------------------------------------- regression
 def _regression(y_true, y_pred):
-    y_true = np.asarray(y_true, dtype=np.float64)
-    y_pred = np.asarray(y_pred, dtype=np.float64)
+    y_true = _floats(y_true, "y_true")
+    y_pred = _floats(y_pred, "y_pred")
     if y_true.ndim == 1:
         y_true = y_true[:, None]
     if y_pred.ndim == 1:
