@@ -413,3 +413,18 @@ def test_bad_subset_indices_and_array_dataset_items_are_named():
         data.ArrayDataset(x, 3)
     with pytest.raises(mpscy.InvalidArgumentError, match=r"^ArrayDataset array 0\[1\] is not an array: "):
         data.ArrayDataset([x, [[1, 2], [3]]], y)   # ragged
+
+
+def test_arguments_of_the_wrong_kind_are_named_in_data():
+    """None for a path, a dataset or a flip probability, and a str epoch, are mpscy errors (they
+    were an AttributeError, TypeErrors and ValueErrors); p is checked to lie in [0, 1]."""
+    cases = [(lambda: data.load_image(None), r"image path must be a path \(a non-empty str or os.PathLike\), got None"),
+             (lambda: data.ImageFolder(None), "ImageFolder root must be a path"),
+             (lambda: data.Subset(None, [0]), r"Subset takes a dataset \(with __len__ and __getitem__\), got NoneType"),
+             (lambda: data.RandomHorizontalFlip("x"), "RandomHorizontalFlip p must be a number, got 'x'"),
+             (lambda: data.RandomHorizontalFlip(2), r"RandomHorizontalFlip p must be in \[0, 1\], got 2"),
+             (lambda: data.DataLoader(data.ArrayDataset(np.arange(3)), batch_size=2).set_epoch("a"),
+              "epoch must be a non-negative integer, got 'a'")]
+    for call, message in cases:
+        with pytest.raises(mpscy.InvalidArgumentError, match=message):
+            call()

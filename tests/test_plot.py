@@ -164,3 +164,12 @@ def test_confusion_matrix_of_string_labels():
     # {1, 2} with a name per class; class indices 0..3 with a longer list of names
     assert shown(plot.plot_confusion_matrix([1, 2, 2], [1, 1, 2], labels=["one", "two"]))[0] == ["one", "two"]
     assert shown(plot.plot_confusion_matrix([0, 3], [3, 3], labels="abcdef"))[0] == ["a", "d"]
+
+
+def test_a_plot_path_that_is_a_folder_or_no_path_is_named(tmp_path):
+    """A folder where the file name goes, or None-like junk, is an mpscy error (savefig raised
+    IsADirectoryError, os.fspath a TypeError)."""
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"plot path '.*' is a folder: give a file name, such as"):
+        plot.plot_roc([0, 1], [0.1, 0.9], path=tmp_path)
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"plot path must be a path .* got 5"):
+        plot.plot_roc([0, 1], [0.1, 0.9], path=5)

@@ -10,6 +10,7 @@ import threading
 
 import numpy as np
 
+from ._checks import nonneg_int, number, path as _path
 from .errors import InvalidArgumentError, ShapeError
 
 __all__ = ["Dataset", "ArrayDataset", "Subset", "DataLoader", "ImageFolder", "RandomHorizontalFlip",
@@ -110,6 +111,9 @@ class Subset(Dataset):
             idx = idx.astype(np.int64)
         if idx is None or idx.dtype.kind not in "iu":  # floats are not truncated, a bool mask not taken for indices
             raise InvalidArgumentError(f"Subset indices must be integers, got {indices!r}")
+        if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+            raise InvalidArgumentError(f"Subset takes a dataset (with __len__ and __getitem__), got "
+                                       f"{type(dataset).__name__}")
         self.dataset = dataset
         self.indices = idx.astype(np.int64)
         if self.indices.size and (idx.min() < 0 or idx.max() >= len(dataset)):
@@ -165,7 +169,7 @@ class DataLoader:
 
     def set_epoch(self, epoch):
         """The epoch whose order the next iteration uses."""
-        self.epoch = int(epoch)
+        self.epoch = nonneg_int(epoch, "epoch")
 
     def indices(self, epoch=None):
         """The list of index arrays (or slices) making up the batches of `epoch`."""
@@ -351,6 +355,8 @@ def load_image(path, image_size=None, channels=3, mean=None, std=None, invert=Fa
     channels = _check_channels(channels)
     mean = _channel_values(mean, channels, "mean", 0.0)
     std = _channel_values(std, channels, "std", 1.0)
+    if not hasattr(path, "read"):  # a file object, as Image.open takes; else a path
+        path = _path(path, "image path")
     try:
         with Image.open(path) as im:
             a = _pixels(im, path, channels, size, Image)
@@ -367,7 +373,9 @@ class RandomHorizontalFlip:
     """Mirrors an image (C, H, W) left-right with probability p."""
 
     def __init__(self, p=0.5):
-        self.p = float(p)
+        self.p = number(p, "RandomHorizontalFlip p")
+        if not 0.0 <= self.p <= 1.0:
+            raise InvalidArgumentError(f"RandomHorizontalFlip p must be in [0, 1], got {p!r}")
 
     def __call__(self, x, rng):
         return x[:, :, ::-1] if rng.random() < self.p else x
@@ -418,6 +426,7 @@ class ImageFolder(Dataset):
     def __init__(self, root, image_size=None, mean=None, std=None, augment=None, channels=3,
                  seed=0, invert=False, extensions=IMAGE_EXTENSIONS):
         _pil()
+        root = _path(root, "ImageFolder root")
         if not os.path.isdir(root):
             raise InvalidArgumentError(f"ImageFolder root {root!r} is not a directory")
         self.root = root

@@ -10,6 +10,7 @@ import os
 import numpy as np
 
 from . import metrics as _metrics
+from ._checks import path as _path
 from .errors import InvalidArgumentError
 
 __all__ = ["plot_history", "plot_confusion_matrix", "plot_roc", "plot_pr", "fit_report"]
@@ -33,7 +34,9 @@ def _figure(size=_SIZE, ncols=1):
 def _finish(fig, path):
     fig.tight_layout()
     if path is not None:
-        path = os.fspath(path)
+        path = _path(path, "plot path")
+        if os.path.isdir(path):
+            raise InvalidArgumentError(f"plot path {path!r} is a folder: give a file name, such as {path}/plot.png")
         folder = os.path.dirname(path)
         if folder:
             os.makedirs(folder, exist_ok=True)
