@@ -59,11 +59,14 @@ def _batches(x, y, start, count, b=32):
 
 
 def _assert_same_state(a, b):
-    pa, pb = a.get_parameters(), b.get_parameters()
+    _assert_same_arrays(a.get_parameters(), b.get_parameters(), a.get_optimizer_state(), b.get_optimizer_state())
+
+
+def _assert_same_arrays(pa, pb, sa, sb):
+    """Parameters pa and pb, and optimizer states sa and sb, equal bit for bit."""
     assert pa.keys() == pb.keys()
     for k in pa:
         np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
-    sa, sb = a.get_optimizer_state(), b.get_optimizer_state()
     assert sa.keys() == sb.keys()
     for k in sa:
         if isinstance(sa[k], dict):
@@ -609,26 +612,24 @@ def _rewrite(src, dst, header=None, desc=None):
     return dst
 
 
-def _set(*path_and_value):
-    *path, value = path_and_value
-
+def _at(path, change):
+    """An edit of a description: change(container, key) at the nested `path`."""
     def edit(d):
         c = d
         for k in path[:-1]:
             c = c[k]
-        c[path[-1]] = value
+        change(c, path[-1])
         return d
     return edit
+
+
+def _set(*path_and_value):
+    *path, value = path_and_value
+    return _at(path, lambda c, k: c.__setitem__(k, value))
 
 
 def _drop(*path):
-    def edit(d):
-        c = d
-        for k in path[:-1]:
-            c = c[k]
-        del c[path[-1]]
-        return d
-    return edit
+    return _at(path, lambda c, k: c.__delitem__(k))
 
 
 @pytest.fixture
@@ -650,18 +651,7 @@ def _snapshot(engine):
 
 def _assert_unchanged(engine, snap):
     params, state, iterations, epoch, lr, betas, seed, schedule = snap
-    now = engine.get_parameters()
-    assert now.keys() == params.keys()
-    for k in params:
-        np.testing.assert_array_equal(now[k], params[k], err_msg=k)
-    opt = engine.get_optimizer_state()
-    assert opt.keys() == state.keys()
-    for k in state:
-        if isinstance(state[k], dict):
-            for p in state[k]:
-                np.testing.assert_array_equal(opt[k][p], state[k][p], err_msg=f"{k}/{p}")
-        else:
-            assert opt[k] == state[k], k
+    _assert_same_arrays(engine.get_parameters(), params, engine.get_optimizer_state(), state)
     assert (engine.iterations, engine.epoch, engine.learning_rate, engine.betas, engine.seed) == \
         (iterations, epoch, lr, betas, seed)
     assert engine.schedule is schedule and not hasattr(engine, "checkpoint_meta")

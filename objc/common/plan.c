@@ -430,6 +430,8 @@ int mpscy_plan_build(mpscy_plan *p, const mpscy_graph_desc *d, const char *compo
         return FAIL(MPSCY_INVALID, "unknown target kind %d", d->target);
     if (d->precision != MPSCY_PRECISION_FP32 && d->precision != MPSCY_PRECISION_TF32)
         return FAIL(MPSCY_INVALID, "unknown precision %d", d->precision);
+    if (d->threads < 0 || d->threads > MPSCY_MAX_THREADS)
+        return FAIL(MPSCY_INVALID, "threads %d outside 0..%d (0: the device's default)", d->threads, MPSCY_MAX_THREADS);
 
     p->n_nodes = d->n_layers;
     p->output = d->output;

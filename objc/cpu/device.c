@@ -29,7 +29,7 @@ static int cpu_device_create(const mpscy_backend *vt, mpscy_device *out, char *e
     d->base.vt = vt;
     mpscy_count_alloc(&d->base.stats, sizeof *d);
     long cores = sysconf(_SC_NPROCESSORS_ONLN);
-    d->threads = cores > 0 ? (int32_t)cores : 1;
+    d->threads = cores < 1 ? 1 : cores > MPSCY_MAX_THREADS ? MPSCY_MAX_THREADS : (int32_t)cores;  /* one per core */
     *out = &d->base;
     return MPSCY_OK;
 }

@@ -66,7 +66,6 @@ int cpu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph 
         return FAIL(MPSCY_UNSUPPORTED, "optimizer kind %d is not implemented on cpu", p->optim.kind);
     }
     if (p->threads <= 0) p->threads = ((cpu_device *)dev)->threads;  /* workspaces are per thread */
-    if (p->threads > MPSCY_MAX_THREADS) p->threads = MPSCY_MAX_THREADS;  /* as many as the pool runs */
     for (int32_t i = 0; i < p->n_nodes; i++) {
         const cpu_layer_ops *ops = &cpu_layers[p->nodes[i].kind];
         if (p->nodes[i].kind != MPSCY_LAYER_INPUT && !ops->forward) {
@@ -110,10 +109,8 @@ int cpu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph 
     g->io = cpu_alloc(dev, g->io_bytes);
     g->y = cpu_alloc(dev, g->tables_bytes);
     if (!g->params || !g->grads || !g->optim || !g->act || !g->dact || !g->save || !g->ws || !g->io || !g->y) {
-        size_t total = slab_bytes(p->n_params + p->n_buffers) * 2 + slab_bytes(p->act_floats) +
-                       slab_bytes(p->grad_floats) + slab_bytes(g->ws_floats) + g->io_bytes;
         cpu_graph_destroy(&g->base);
-        return FAIL(MPSCY_OOM, "graph slabs of about %zu bytes", total);
+        return FAIL(MPSCY_OOM, "graph slabs of %.0f bytes", need);
     }
     if (cpu_pool_create(dev, p->threads, &g->pool) != MPSCY_OK) {
         cpu_graph_destroy(&g->base);

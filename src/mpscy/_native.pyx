@@ -257,16 +257,16 @@ cdef class Graph:
                            bint batch) except -1:
         """Input k's dtype, shape and contiguity; with batch, the built batch's row limits."""
         cdef int d
+        cdef bint fits
         if _kind_of(v) != K_F32:
             raise _errors.DTypeError(f"{what} must be float32, got {_dtype_name(x)} "
                                      f"(convert with .astype(np.float32))")
-        if v.ndim != self.in_rank[k] + 1:
+        fits = v.ndim == self.in_rank[k] + 1
+        for d in range(self.in_rank[k] if fits else 0):
+            fits = fits and v.shape[d + 1] == self.in_shape[k][d]
+        if not fits:
             raise _errors.ShapeError(f"{what} has shape {_shape_str(v)}, expected (n, "
                                      f"{', '.join(str(self.in_shape[k][j]) for j in range(self.in_rank[k]))})")
-        for d in range(self.in_rank[k]):
-            if v.shape[d + 1] != self.in_shape[k][d]:
-                raise _errors.ShapeError(f"{what} has shape {_shape_str(v)}, expected (n, "
-                                         f"{', '.join(str(self.in_shape[k][j]) for j in range(self.in_rank[k]))})")
         if batch and v.shape[0] == 0:
             raise _errors.ShapeError(f"{what} is an empty batch (0 rows)")
         if batch and v.shape[0] > self.batch:

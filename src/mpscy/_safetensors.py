@@ -13,6 +13,7 @@ import struct
 
 import numpy as np
 
+from ._atomic import replaced
 from .errors import CheckpointError, InvalidArgumentError
 
 __all__ = ["write_safetensors", "read_safetensors"]
@@ -57,24 +58,11 @@ def write_safetensors(path, tensors, metadata=None, checksum=False):
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        f = open(tmp, "wb")
-    except OSError as e:  # named by the path asked for, not the temporary file's
-        raise type(e)(e.errno, e.strerror, path) from None
-    try:
-        with f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            for c in chunks:
-                f.write(c)
-        try:
-            os.replace(tmp, path)
-        except OSError as e:  # a folder at `path`, say: named by the path asked for
-            raise type(e)(e.errno, e.strerror, path) from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with replaced(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for c in chunks:
+            f.write(c)
 
 
 def read_safetensors(path):

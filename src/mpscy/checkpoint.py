@@ -376,9 +376,10 @@ def _restore(engine, desc, tensors, path):
     info = desc.get("schedule")
     state = _unjson(info["state"]) if info else None
     meta = _unjson(desc.get("meta"))
+    # what the failable calls can change (a schedule re-applies its rates and may record the
+    # initial one); the rest is assigned after them and cannot fail
     before = (engine.get_parameters(), engine.get_optimizer_state(),
-              {k: getattr(g, k) for k in _STEP_VALUES if hasattr(g, k)},
-              (getattr(engine, "_initial_lr", None), g.seed, g.counter, engine.seed, engine.epoch))
+              {k: getattr(g, k) for k in _STEP_VALUES if hasattr(g, k)}, getattr(engine, "_initial_lr", None))
     try:
         engine.set_parameters(params)           # each validates fully before writing
         engine.set_optimizer_state(opt_state)
@@ -402,7 +403,7 @@ def _restore(engine, desc, tensors, path):
         engine.set_optimizer_state(before[1])
         for k, v in before[2].items():
             setattr(g, k, v)
-        engine._initial_lr, g.seed, g.counter, engine.seed, engine.epoch = before[3]
+        engine._initial_lr = before[3]
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"{where} cannot be restored into this engine: {e}") from e

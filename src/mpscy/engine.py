@@ -348,16 +348,10 @@ class Engine:
         staged = []
         for name, value in params.items():
             i, (_, _, dtype, shape, _) = known[name]
-            try:
-                arr = np.asarray(value)
-            except (TypeError, ValueError):
-                raise DTypeError(f"parameter {name!r} must be a numeric array, got a ragged or non-numeric "
-                                 "sequence") from None
+            arr = self._numeric(f"parameter {name!r}", value, np.float32)
             if arr.shape != tuple(shape):
                 raise ShapeError(f"parameter {name!r} has shape {tuple(shape)}, got {arr.shape}")
-            if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(arr.dtype, np.integer):
-                raise DTypeError(f"parameter {name!r} must be numeric, got {arr.dtype}")
-            arr = np.ascontiguousarray(arr, dtype=np.float32)
+            arr = np.ascontiguousarray(arr)
             if not np.isfinite(arr).all():
                 raise InvalidArgumentError(f"parameter {name!r} contains NaN or Inf")
             staged.append((i, arr))
@@ -563,8 +557,8 @@ class Engine:
         (Engine(threads=N), else one per core, at most 64), on a GPU its multiprocessors."""
         self._g()
         info = self._device.info()
-        if self.device == "cpu":
-            info["threads"] = min(self._threads or info["threads"], _MAX_THREADS)
+        if self.device == "cpu" and self._threads:
+            info["threads"] = self._threads
         return info
 
     def synchronize(self):

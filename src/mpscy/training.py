@@ -42,7 +42,9 @@ class _Arrays:
     def __len__(self):
         return -(-self.stop // self.batch_size)
 
-    def epoch(self, epoch):
+    def epoch(self, epoch, where=None):
+        """The epoch's batches (slices of the arrays: nothing here raises, so `where`, which
+        names a batch in a loader's errors, is not needed)."""
         x, y = self.x, self.y
         if self.shuffle:
             order = np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(self.n)
@@ -77,13 +79,14 @@ class _Loader:
             n -= 1  # its last batch is one row
         return n
 
-    def epoch(self, epoch):
+    def epoch(self, epoch, where):
         if hasattr(self.loader, "set_epoch"):
             self.loader.set_epoch(epoch)
         # each batch converted as fit converts arrays (float64 x, uint8 labels): no copy when it
-        # already is what a step takes
-        batches = ((_batch_inputs(self.engine, xb), _as_target(self.engine, yb))
-                   for xb, yb in (_pair(batch) for batch in self.loader))
+        # already is what a step takes; an mpscy error in making it is said to be batch k's,
+        # where(k), as a step's error is
+        batches = _named(((_batch_inputs(self.engine, xb), _as_target(self.engine, yb))
+                          for xb, yb in (_pair(batch) for batch in self.loader)), where)
         if not self.skip_single:
             return batches
         return (batch for batch in batches if len(batch[1]) != 1)
@@ -121,9 +124,9 @@ def _pair(batch):
                                "([x1, x2, ...], y): ArrayDataset([x1, x2], y), not ArrayDataset(x1, x2, y)")
 
 
-def _numbered(batches, where):
-    """enumerate(batches), with an mpscy error raised while making a batch (a DataLoader's
-    conversion or shape) said to be that batch's, as a step's error is: where(k) names it."""
+def _named(batches, where):
+    """The batches, with an mpscy error raised while making batch k (a DataLoader's conversion
+    or shape) said to be that batch's, where(k), as a step's error is."""
     it, k = iter(batches), 0
     while True:
         try:
@@ -132,7 +135,7 @@ def _numbered(batches, where):
             return
         except _errors.Error as e:
             raise _in_batch(e, where(k)) from e
-        yield k, batch
+        yield batch
         k += 1
 
 
@@ -447,7 +450,8 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
             progress.begin(epoch, steps)
             seen, loss_sum, acc_sum, has_acc, done = 0, 0.0, 0.0, False, 0
             lr_used = engine.learning_rate
-            for b, (xb, yb) in _numbered(source.epoch(engine.epoch), lambda k: f"epoch {epoch + 1}, batch {k}"):
+            where = lambda k: f"epoch {epoch + 1}, batch {k}"  # noqa: E731
+            for b, (xb, yb) in enumerate(source.epoch(engine.epoch, where)):
                 for cb in cbs.batch_begin:
                     cb.on_train_batch_begin(b, {})
                 if per == "step":
@@ -455,7 +459,7 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
                 try:
                     r = step(xb, yb)  # the StepResult already holds the loss: no extra sync
                 except _errors.Error as e:
-                    raise _in_batch(e, f"epoch {epoch + 1}, batch {b}") from e
+                    raise _in_batch(e, where(b)) from e
                 trained = True
                 n = r.batch_size
                 seen += n

@@ -20,6 +20,7 @@ import os
 import numpy as np
 
 from .. import __version__
+from .._atomic import replaced
 from ..errors import InvalidArgumentError, UnsupportedError
 from . import IR_VERSION, check_opset, onnx_modules
 
@@ -231,23 +232,11 @@ def export(engine, path=None, opset=17, output_name="output", check=True):
 
 
 def _save(onnx, proto, path):
-    """onnx.save to a temporary file beside `path`, renamed over it once complete (as
-    engine.save does), so a failed write leaves no partial file; the temporary name ends in
+    """onnx.save, written whole or not at all (as engine.save): the temporary name ends in
     `path`'s suffix, by which onnx.save picks the format. A file object is written directly."""
     if not isinstance(path, (str, os.PathLike)):
         onnx.save(proto, path)
         return
     path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}{os.path.splitext(path)[1]}"
-    try:
-        try:
-            onnx.save(proto, tmp)
-        except OSError as e:  # named by the path asked for, not the temporary file's
-            raise type(e)(e.errno, e.strerror, path) from None
-        try:
-            os.replace(tmp, path)
-        except OSError as e:  # a folder at `path`, say
-            raise type(e)(e.errno, e.strerror, path) from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with replaced(path, os.path.splitext(path)[1]) as tmp:
+        onnx.save(proto, tmp)

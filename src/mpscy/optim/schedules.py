@@ -102,16 +102,12 @@ class Schedule:
         return lr
 
     def _apply(self, lr, momentum=None):
-        engine = self.engine
-        old = engine.learning_rate
-        engine.learning_rate = lr
+        # the momentum first: its setter may refuse it, and then the rate is as it was too (the
+        # rate, finite and >= 0 by then, is always taken)
         if momentum is not None:
-            try:
-                _set_momentum(engine, momentum)
-            except BaseException:
-                engine.learning_rate = old   # a refused momentum leaves the rate as it was too
-                raise
+            _set_momentum(self.engine, momentum)
             self._last_momentum = momentum
+        self.engine.learning_rate = lr
         self._last_lr = lr
 
     def step(self):
