@@ -69,11 +69,25 @@ def record(name, mpscy_s, ref_s, torch_s=None, note=""):
     ROWS.append((name, mpscy_s, ref_s, torch_s, note))
 
 
+def machine_line():
+    """What ran: the cpu device's name (it names the OpenBLAS kernels in use) and threads, and
+    OPENBLAS_CORETYPE when set, since it holds mpscy's and numpy's OpenBLAS to the kernels it
+    names while PyTorch's own BLAS and oneDNN ignore it."""
+    import mpscy
+    from mpscy import layers
+    info = mpscy.Engine(mpscy.Sequential([layers.Dense(1)], input_shape=(1,)), loss="mse",
+                        batch_size=1, device="cpu").device_info()
+    line = f"device: {info['name']}, {info['threads']} threads"
+    core = os.environ.get("OPENBLAS_CORETYPE")
+    return line + (f"; OPENBLAS_CORETYPE={core} is set (PyTorch does not read it)" if core else "")
+
+
 def pytest_terminal_summary(terminalreporter):
     if not ROWS:
         return
     tr = terminalreporter
     tr.section("mpscy benchmarks (median per step)")
+    tr.write_line(machine_line())
     tr.write_line(f"{'benchmark':34s} {'mpscy':>11s} {'ref ratio':>10s} {'torch':>11s} {'torch/mpscy':>12s}  note")
     for name, m, r, t, note in ROWS:
         ts = f"{t * 1e6:9.1f}us" if t else "        n/a"

@@ -1,6 +1,12 @@
 """Core: Dense, ReLU, sparse cross-entropy and MSE against float64 NumPy references (whose
 gradients are themselves checked by central finite differences), SGD and Adam over 20 steps
 against NumPy re-implementations of torch.optim, partial batches, initialization, the Python API."""
+import os
+import platform
+import re
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -349,6 +355,21 @@ def test_backends_and_devices():
         mpscy.Engine(model, device="tpu")
     assert mpscy.Engine(model, device="auto").device == mpscy.backends()[0]
 
+
+
+@pytest.mark.skipif(sys.platform == "darwin" or platform.machine() != "x86_64",
+                    reason="OpenBLAS's x86-64 core names; macOS uses Accelerate")
+def test_cpu_device_names_the_openblas_kernels():
+    """The cpu device's name says which OpenBLAS kernels run: its own choice for the CPU, or
+    the ones OPENBLAS_CORETYPE names (read once, when the bundled library loads)."""
+    code = ("import mpscy; from mpscy import layers; print(mpscy.Engine(mpscy.Sequential("
+            "[layers.Dense(1)], input_shape=(1,)), loss='mse', device='cpu').device_info()['name'])")
+    def name(**env):
+        full = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"} | env
+        return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    assert name(OPENBLAS_CORETYPE="Nehalem") == "CPU (OpenBLAS, Nehalem kernels)"
+    assert re.fullmatch(r"CPU \(OpenBLAS, [A-Za-z0-9]+ kernels\)", name())
 
 def test_step_result_fields(device, rng):
     engine = mpscy.Engine(mlp(), batch_size=8, device=device)

@@ -16,6 +16,8 @@ typedef int blasint;
 #define cblas_saxpy scipy_cblas_saxpy
 #define cblas_sdot scipy_cblas_sdot
 #define mpscy_blas_set_threads(n) scipy_openblas_set_num_threads(n)
+/* the kernels OpenBLAS chose for this CPU (or OPENBLAS_CORETYPE named), e.g. "SkylakeX" */
+#define mpscy_blas_corename() scipy_openblas_get_corename()
 #endif
 
 #endif /* MPSCY_CPU_BLAS_H */

@@ -2,6 +2,7 @@
  * table that wires this folder's functions to the ABI. Worker threads belong to each
  * graph (parallel.c), and BLAS runs single-threaded inside them; this file starts none. */
 #include "cpu.h"
+#include "blas.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -43,7 +44,7 @@ static int cpu_device_info(mpscy_device dev, mpscy_device_info *out, char *err, 
 #if defined(__APPLE__)
     snprintf(out->name, sizeof out->name, "CPU (Accelerate BLAS)");
 #else
-    snprintf(out->name, sizeof out->name, "CPU (OpenBLAS)");
+    snprintf(out->name, sizeof out->name, "CPU (OpenBLAS, %s kernels)", mpscy_blas_corename());
 #endif
     out->unified_memory = 1;
     out->threads = d->threads;
