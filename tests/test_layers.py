@@ -645,3 +645,29 @@ def test_batchnorm_normalizes_values_whose_float_variance_overflows(device):
     np.testing.assert_allclose(g["batchnorm_0.weight"], 2 * (ref ** 2).sum(0) / ref.size, rtol=1e-5)
     rv = engine.get_parameters()["batchnorm_0.running_var"]
     assert np.isinf(rv[0]) and np.isfinite(rv[1:]).all()
+
+
+@pytest.mark.parametrize("stride", [(2, 2), (3, 2), (2, 1)])
+def test_strided_convs_sharing_an_input_sum_its_gradient(device, rng, stride):
+    """Two strided Conv2Ds reading one input (odd H and W; the CPU backend splits such an input
+    into its stride phases) whose outputs are added: the input's gradient is the sum of both
+    convolutions' input gradients, each checked with the weights against float64 references."""
+    x_in = mpscy.Input((3, 11, 9))
+    a = layers.Conv2D(4, 3, stride=stride, padding=1, name="a")(x_in)
+    b = layers.Conv2D(4, 3, stride=stride, padding=1, name="b")(x_in)
+    engine = mpscy.Engine(mpscy.Model(x_in, layers.Add()([a, b])), loss="mse", batch_size=3, device=device,
+                          seed=2, input_gradients=True)
+    P = engine.get_parameters()
+    pa, pb = ref_params(P, "a"), ref_params(P, "b")
+    x = rng.standard_normal((3, 3, 11, 9)).astype(np.float32)
+    opts = dict(kernel=(3, 3), stride=stride, padding=(1, 1), dilation=(1, 1), groups=1)
+    ya, ca = R.conv2d_forward(x.astype(np.float64), pa, opts)
+    yb, cb = R.conv2d_forward(x.astype(np.float64), pb, opts)
+    t = rng.standard_normal(ya.shape).astype(np.float32)
+    loss, dy = R.loss_ref("mse", ya + yb, t)
+    (dxa, ga), (dxb, gb) = R.conv2d_backward(dy, ca), R.conv2d_backward(dy, cb)
+    g = engine.gradients(x, t)
+    assert abs(g["loss"] - loss) <= 1e-5 * loss
+    assert R.rel_err(g["input"], dxa + dxb) < 1e-4
+    for name, want in [("a.weight", ga["weight"]), ("b.weight", gb["weight"]), ("a.bias", ga["bias"])]:
+        assert R.rel_err(g[name], want) < 1e-4, name

@@ -2,7 +2,8 @@
  * thread takes a share of the batch and, a chunk of samples at a time, builds the im2col matrix
  * (C*KH*KW, chunk*OH*OW), runs one single-threaded sgemm per group and scatters the result to
  * NCHW with the bias; backward recomputes the columns instead of saving them and sums per-thread
- * weight gradients. A ReLU that is the convolution's only consumer is computed here, on data
+ * weight gradients. A strided input is split into its stride phases first, so that the columns
+ * are contiguous copies. A ReLU that is the convolution's only consumer is computed here, on data
  * already in cache. Stride, padding, dilation and groups are general; no Winograd, no direct
  * convolution. */
 #include "cpu.h"
@@ -58,27 +59,119 @@ static inline void scatter_add_row(float *restrict d, const float *restrict s, i
         for (int64_t i = 0; i < n; i++) d[i * stride] += s[i];
 }
 
-/* Stride 1 with output rows as wide as input rows: the rows of one tap are one contiguous run
- * in both the columns and the input, edge columns aside. */
-static int contiguous(const conv_geom *g) { return g->sw == 1 && g->sh == 1 && g->ow == g->w; }
+/* A strided convolution whose kernel has more taps than the stride has phases (3x3 at stride 2)
+ * first splits each input plane into its sh*sw phase planes, plane (pr, pc) holding the input's
+ * rows pr, pr + sh, ... and columns pc, pc + sw, ... (each (HS, WS), HS = ceil(H / sh), padded
+ * with zeros); every tap then reads one phase plane at stride 1, so its columns are contiguous
+ * copies as at stride 1 instead of strided gathers, row by row. */
+static int use_phases(const conv_geom *g) { return (g->sh > 1 || g->sw > 1) && g->kh * g->kw > g->sh * g->sw; }
+static int64_t phase_h(const conv_geom *g) { return (g->h + g->sh - 1) / g->sh; }
+static int64_t phase_w(const conv_geom *g) { return (g->w + g->sw - 1) / g->sw; }
+/* floats of one input channel's planes as im2col reads them: (H, W), or its phases */
+static int64_t plane_floats(const conv_geom *g) {
+    return use_phases(g) ? g->sh * g->sw * phase_h(g) * phase_w(g) : g->h * g->w;
+}
 
-/* One tap (c, ki, kj) of the columns: its row, and the output columns [lo, hi) and rows [olo, ohi)
- * whose input lies inside the (unpadded) image. */
+/* floor(a / s) and a - s * floor(a / s) for s > 0 */
+static inline int64_t floor_div(int64_t a, int64_t s) { return a >= 0 ? a / s : -((-a + s - 1) / s); }
+
+/* One tap (ki, kj): the output columns [lo, hi) and rows [olo, ohi) whose input lies inside the
+ * (unpadded) image, and where output (oh, o) reads in a channel's planes: src + oh * rstep +
+ * o * step, src counted from the channel's first plane (its value for (0, 0) may be negative,
+ * but every valid position's is not). */
 typedef struct {
-    float *row;
-    int64_t ki, kj, lo, hi, olo, ohi;
+    int64_t lo, hi, olo, ohi, src, rstep, step;
 } conv_tap;
 
-static conv_tap tap_at(const conv_geom *g, float *col, int64_t n, int64_t c, int64_t ki, int64_t kj) {
-    conv_tap t = {col + ((c * g->kh + ki) * g->kw + kj) * n, ki, kj, 0, 0, 0, 0};
+static conv_tap tap_at(const conv_geom *g, int64_t ki, int64_t kj) {
+    conv_tap t;
     valid_range(&t.lo, &t.hi, g->ow, g->w, g->sw, g->pw, kj * g->dw);
     valid_range(&t.olo, &t.ohi, g->oh, g->h, g->sh, g->ph, ki * g->dh);
+    int64_t r = ki * g->dh - g->ph, c = kj * g->dw - g->pw;  /* input (row, col) of output (0, 0) */
+    if (use_phases(g)) {
+        int64_t qr = floor_div(r, g->sh), qc = floor_div(c, g->sw), ws = phase_w(g);
+        int64_t phase = (r - qr * g->sh) * g->sw + (c - qc * g->sw);
+        t.src = phase * phase_h(g) * ws + qr * ws + qc;
+        t.rstep = ws;
+        t.step = 1;
+    } else {
+        t.src = r * g->w + c;
+        t.rstep = g->sh * g->w;
+        t.step = g->sw;
+    }
     return t;
 }
 
-/* where output row oh's first valid column reads in an input plane (H, W) */
-static inline int64_t tap_src(const conv_geom *g, const conv_tap *t, int64_t oh) {
-    return (oh * g->sh - g->ph + t->ki * g->dh) * g->w + t->lo * g->sw - g->pw + t->kj * g->dw;
+/* Output rows of one tap are one contiguous run in its plane when they are as wide as the
+ * plane's rows (stride 1 with OW == W, or a phase plane with OW == WS). */
+static int contiguous(const conv_geom *g, const conv_tap *t) {
+    return t->step == 1 && t->rstep == g->ow && t->ohi > t->olo && t->hi > t->lo;
+}
+
+/* where output row oh's first valid column reads in a channel's planes */
+static inline int64_t tap_src(const conv_tap *t, int64_t oh) { return t->src + oh * t->rstep + t->lo * t->step; }
+
+/* Taps are handled TAP_BLOCK at a time, each block's geometry computed once for every channel and
+ * sample (a channel's planes stay in cache across the block's taps). */
+#define TAP_BLOCK 64
+
+/* One input row split by column phase: phase pc's WS values at d + pc * pstride, zero-padded;
+ * stride 2 in one pass over the row. Inlined into phase_split's SIMD clones. */
+static inline void split_row(float *restrict d, int64_t pstride, const float *restrict s, int64_t w, int64_t sw,
+                               int64_t ws) {
+    if (sw == 2) {
+        int64_t half = w / 2;
+        for (int64_t j = 0; j < half; j++) {
+            d[j] = s[2 * j];
+            d[pstride + j] = s[2 * j + 1];
+        }
+        if (w % 2) {
+            d[half] = s[w - 1];
+            d[pstride + half] = 0.0f;
+        }
+        return;
+    }
+    for (int64_t pc = 0; pc < sw; pc++) {
+        int64_t n = (w - pc + sw - 1) / sw;
+        for (int64_t j = 0; j < n; j++) d[pc * pstride + j] = s[j * sw + pc];
+        for (int64_t j = n; j < ws; j++) d[pc * pstride + j] = 0.0f;
+    }
+}
+
+/* split_row undone: the row from its column phases */
+static inline void merge_row(float *restrict d, const float *restrict s, int64_t pstride, int64_t w, int64_t sw) {
+    if (sw == 2) {
+        int64_t half = w / 2;
+        for (int64_t j = 0; j < half; j++) {
+            d[2 * j] = s[j];
+            d[2 * j + 1] = s[pstride + j];
+        }
+        if (w % 2) d[w - 1] = s[half];
+        return;
+    }
+    for (int64_t pc = 0; pc < sw; pc++)
+        for (int64_t j = 0; pc + j * sw < w; j++) d[pc + j * sw] = s[pc * pstride + j];
+}
+
+/* xp (planes, sh*sw phases, HS, WS) from x (planes, H, W); a phase row past the input (H not a
+ * multiple of sh) is left as it was: no tap reads it */
+CPU_SIMD static void phase_split(float *xp, const float *x, const conv_geom *g, int64_t planes) {
+    int64_t hs = phase_h(g), ws = phase_w(g), ps = hs * ws, pf = plane_floats(g);
+    for (int64_t p = 0; p < planes; p++) {
+        float *d = xp + p * pf;
+        for (int64_t row = 0; row < g->h; row++)
+            split_row(d + ((row % g->sh) * g->sw * hs + row / g->sh) * ws, ps, x + (p * g->h + row) * g->w,
+                      g->w, g->sw, ws);
+    }
+}
+
+/* dx (planes, H, W) from its phases dxp (planes, sh*sw phases, HS, WS): phase_split undone */
+CPU_SIMD static void phase_merge(float *dx, const float *dxp, const conv_geom *g, int64_t planes) {
+    int64_t hs = phase_h(g), ws = phase_w(g), pf = plane_floats(g);
+    for (int64_t p = 0; p < planes; p++)
+        for (int64_t row = 0; row < g->h; row++)
+            merge_row(dx + (p * g->h + row) * g->w, dxp + p * pf + ((row % g->sh) * g->sw * hs + row / g->sh) * ws,
+                      hs * ws, g->w, g->sw);
 }
 
 /* zeroes the columns outside [lo, hi) of the valid rows of one sample's (OH, OW) block */
@@ -89,55 +182,66 @@ static void zero_edge_columns(float *blk, const conv_geom *g, const conv_tap *t)
     }
 }
 
-static void im2col(float *col, const float *x, const conv_geom *g, int64_t bc) {
-    // col (K, bc*OHW) rows ordered (c, ki, kj); x (bc, C, H, W)
-    int64_t n = bc * g->ohw, hw = g->h * g->w;
-    for (int64_t c = 0; c < g->c; c++)
-        for (int64_t ki = 0; ki < g->kh; ki++)
-            for (int64_t kj = 0; kj < g->kw; kj++) {
-                conv_tap t = tap_at(g, col, n, c, ki, kj);
+static void im2col(float *col, const float *xs, const conv_geom *g, int64_t bc) {
+    // col (K, bc*OHW) rows ordered (c, ki, kj); xs (bc, C, plane_floats): x or its phase planes
+    int64_t n = bc * g->ohw, pf = plane_floats(g), taps = g->kh * g->kw;
+    conv_tap tb[TAP_BLOCK];
+    for (int64_t t0 = 0; t0 < taps; t0 += TAP_BLOCK) {
+        int64_t nb = taps - t0 < TAP_BLOCK ? taps - t0 : TAP_BLOCK;
+        for (int64_t q = 0; q < nb; q++) tb[q] = tap_at(g, (t0 + q) / g->kw, (t0 + q) % g->kw);
+        for (int64_t c = 0; c < g->c; c++)
+            for (int64_t q = 0; q < nb; q++) {
+                const conv_tap *t = &tb[q];
+                float *row = col + (c * taps + t0 + q) * n;
                 for (int64_t b = 0; b < bc; b++) {
-                    const float *xc = x + (b * g->c + c) * hw;  // (H, W)
-                    float *dst = t.row + b * g->ohw;
-                    if (t.olo > 0) memset(dst, 0, (size_t)(t.olo * g->ow) * sizeof(float));
-                    if (contiguous(g) && t.ohi > t.olo && t.hi > t.lo) {
+                    const float *xc = xs + (b * g->c + c) * pf;  // one channel's planes
+                    float *dst = row + b * g->ohw;               // (OH, OW)
+                    if (t->olo > 0) memset(dst, 0, (size_t)(t->olo * g->ow) * sizeof(float));
+                    if (contiguous(g, t)) {
                         /* one copy from the first to the last valid element, then zero the edge columns */
-                        memcpy(dst + t.olo * g->ow + t.lo, xc + tap_src(g, &t, t.olo),
-                               (size_t)((t.ohi - t.olo - 1) * g->ow + t.hi - t.lo) * sizeof(float));
-                        zero_edge_columns(dst, g, &t);
+                        memcpy(dst + t->olo * g->ow + t->lo, xc + tap_src(t, t->olo),
+                               (size_t)((t->ohi - t->olo - 1) * g->ow + t->hi - t->lo) * sizeof(float));
+                        zero_edge_columns(dst, g, t);
                     } else
-                    for (int64_t oh = t.olo; oh < t.ohi; oh++) {
+                    for (int64_t oh = t->olo; oh < t->ohi; oh++) {
                         float *d = dst + oh * g->ow;
-                        for (int64_t o = 0; o < t.lo; o++) d[o] = 0.0f;
-                        gather_row(d + t.lo, xc + tap_src(g, &t, oh), t.hi - t.lo, g->sw);
-                        for (int64_t o = t.hi; o < g->ow; o++) d[o] = 0.0f;
+                        for (int64_t o = 0; o < t->lo; o++) d[o] = 0.0f;
+                        gather_row(d + t->lo, xc + tap_src(t, oh), t->hi - t->lo, t->step);
+                        for (int64_t o = t->hi; o < g->ow; o++) d[o] = 0.0f;
                     }
-                    if (t.ohi < g->oh) memset(dst + t.ohi * g->ow, 0, (size_t)((g->oh - t.ohi) * g->ow) * sizeof(float));
+                    if (t->ohi < g->oh) memset(dst + t->ohi * g->ow, 0, (size_t)((g->oh - t->ohi) * g->ow) * sizeof(float));
                 }
             }
+    }
 }
 
-static void col2im(float *dx, float *col, const conv_geom *g, int64_t bc) {
-    // dx (bc, C, H, W) accumulated into; col (K, bc*OHW), scratch: its edge columns are zeroed
-    int64_t n = bc * g->ohw, hw = g->h * g->w;
-    for (int64_t c = 0; c < g->c; c++)
-        for (int64_t ki = 0; ki < g->kh; ki++)
-            for (int64_t kj = 0; kj < g->kw; kj++) {
-                conv_tap t = tap_at(g, col, n, c, ki, kj);
+static void col2im(float *dxs, float *col, const conv_geom *g, int64_t bc) {
+    // dxs (bc, C, plane_floats) accumulated into, dx or its phase planes; col (K, bc*OHW),
+    // scratch: its edge columns are zeroed
+    int64_t n = bc * g->ohw, pf = plane_floats(g), taps = g->kh * g->kw;
+    conv_tap tb[TAP_BLOCK];
+    for (int64_t t0 = 0; t0 < taps; t0 += TAP_BLOCK) {
+        int64_t nb = taps - t0 < TAP_BLOCK ? taps - t0 : TAP_BLOCK;
+        for (int64_t q = 0; q < nb; q++) tb[q] = tap_at(g, (t0 + q) / g->kw, (t0 + q) % g->kw);
+        for (int64_t c = 0; c < g->c; c++)
+            for (int64_t q = 0; q < nb; q++) {
+                const conv_tap *t = &tb[q];
+                float *row = col + (c * taps + t0 + q) * n;
                 for (int64_t b = 0; b < bc; b++) {
-                    float *xc = dx + (b * g->c + c) * hw;  // (H, W)
-                    float *srow = t.row + b * g->ohw;
-                    if (contiguous(g) && t.ohi > t.olo && t.hi > t.lo) {
+                    float *xc = dxs + (b * g->c + c) * pf;  // one channel's planes
+                    float *srow = row + b * g->ohw;
+                    if (contiguous(g, t)) {
                         /* zero the edge columns, then one add over the span: they add 0 elsewhere */
-                        zero_edge_columns(srow, g, &t);
-                        scatter_add_row(xc + tap_src(g, &t, t.olo), srow + t.olo * g->ow + t.lo,
-                                        (t.ohi - t.olo - 1) * g->ow + t.hi - t.lo, 1);
+                        zero_edge_columns(srow, g, t);
+                        scatter_add_row(xc + tap_src(t, t->olo), srow + t->olo * g->ow + t->lo,
+                                        (t->ohi - t->olo - 1) * g->ow + t->hi - t->lo, 1);
                         continue;
                     }
-                    for (int64_t oh = t.olo; oh < t.ohi; oh++)
-                        scatter_add_row(xc + tap_src(g, &t, oh), srow + oh * g->ow + t.lo, t.hi - t.lo, g->sw);
+                    for (int64_t oh = t->olo; oh < t->ohi; oh++)
+                        scatter_add_row(xc + tap_src(t, oh), srow + oh * g->ow + t->lo, t->hi - t->lo, t->step);
                 }
             }
+    }
 }
 
 /* ReLU's value and gradient rule (mpscy_relu_pass); both operands are loaded, so loops of it
@@ -202,6 +306,31 @@ static void scatter_rows(float *y, const float *out, const float *bias, int64_t 
     }
 }
 
+/* Thread t > 0 leaves its partial dW (OC, K/groups) and db (OC) after its columns. */
+static float *partial_dw(const conv_job *j, int32_t t) {
+    return t == 0 ? j->dw : j->ws + t * j->wst + (j->g->k + j->g->oc) * j->chunk * j->g->ohw;
+}
+
+static float *partial_db(const conv_job *j, int32_t t) {
+    return t == 0 ? j->db : partial_dw(j, t) + j->g->oc * j->g->kg;
+}
+
+/* Thread t's phase planes (chunk, C, plane_floats), after its partial dW and db. */
+static float *phase_slice(const conv_job *j, int32_t t) {
+    const conv_geom *g = j->g;
+    return j->ws + t * j->wst + (g->k + g->oc) * j->chunk * g->ohw + g->oc * g->kg + g->oc;
+}
+
+/* What im2col reads for samples [b0, b0 + bc): the input itself, or its phases split into
+ * thread t's planes. */
+static const float *conv_source(const conv_job *j, int32_t t, int64_t b0, int64_t bc) {
+    const conv_geom *g = j->g;
+    const float *x = j->x + b0 * g->c * g->h * g->w;  // (bc, C, H, W)
+    if (!use_phases(g)) return x;
+    phase_split(phase_slice(j, t), x, g, bc * g->c);
+    return phase_slice(j, t);
+}
+
 static void conv_forward_task(void *ctx, int32_t t, int32_t nt) {
     const conv_job *j = ctx;
     const conv_geom *g = j->g;
@@ -211,7 +340,7 @@ static void conv_forward_task(void *ctx, int32_t t, int32_t nt) {
         int64_t bc = hi - b0 < j->chunk ? hi - b0 : j->chunk, n = bc * g->ohw;
         float *col = j->ws + t * j->wst, *out = col + g->k * n;  // (K, n), (OC, n)
         float *y = j->y + b0 * g->oc * g->ohw;                     // (bc, OC, OHW)
-        im2col(col, j->x + b0 * g->c * g->h * g->w, g, bc);
+        im2col(col, conv_source(j, t, b0, bc), g, bc);
         if (bc == 1) out = y;  /* one sample: (OC, OHW) is already NCHW */
         for (int64_t gi = 0; gi < g->groups; gi++)
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (blasint)g->ocg, (blasint)n, (blasint)g->kg,
@@ -219,15 +348,6 @@ static void conv_forward_task(void *ctx, int32_t t, int32_t nt) {
                         0.0f, out + gi * g->ocg * n, (blasint)n);
         scatter_rows(y, out, j->bias, g->oc, bc, g->ohw, j->relu);
     }
-}
-
-/* Thread t > 0 leaves its partial dW (OC, K/groups) and db (OC) after its columns. */
-static float *partial_dw(const conv_job *j, int32_t t) {
-    return t == 0 ? j->dw : j->ws + t * j->wst + (j->g->k + j->g->oc) * j->chunk * j->g->ohw;
-}
-
-static float *partial_db(const conv_job *j, int32_t t) {
-    return t == 0 ? j->db : partial_dw(j, t) + j->g->oc * j->g->kg;
 }
 
 static void conv_backward_task(void *ctx, int32_t t, int32_t nt) {
@@ -243,7 +363,7 @@ static void conv_backward_task(void *ctx, int32_t t, int32_t nt) {
         float *col = j->ws + t * j->wst, *dout = col + g->k * n;  // (K, n), (OC, n)
         const float *dyc = j->dy + b0 * g->oc * g->ohw;            // (bc, OC, OHW)
         gather_rows(dout, db, dyc, j->relu ? j->ry + b0 * g->oc * g->ohw : NULL, g->oc, bc, g->ohw);
-        im2col(col, j->x + b0 * g->c * g->h * g->w, g, bc);
+        im2col(col, conv_source(j, t, b0, bc), g, bc);
         for (int64_t gi = 0; gi < g->groups; gi++)
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (blasint)g->ocg, (blasint)g->kg, (blasint)n,
                         1.0f, dout + gi * g->ocg * n, (blasint)n, col + gi * g->kg * n, (blasint)n,
@@ -254,15 +374,26 @@ static void conv_backward_task(void *ctx, int32_t t, int32_t nt) {
             cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (blasint)g->kg, (blasint)n, (blasint)g->ocg,
                         1.0f, j->w + gi * g->ocg * g->kg, (blasint)g->kg, dout + gi * g->ocg * n, (blasint)n,
                         0.0f, col + gi * g->kg * n, (blasint)n);
+        if (use_phases(g)) {  /* the phase planes are spent too: sum into them (from dx's phases
+                               * when accumulating, so each sum runs in the same order), then interleave */
+            float *dxp = phase_slice(j, t);
+            if (j->accum)
+                phase_split(dxp, dxc, g, bc * g->c);
+            else
+                memset(dxp, 0, (size_t)(bc * g->c * plane_floats(g)) * sizeof(float));
+            col2im(dxp, col, g, bc);
+            phase_merge(dxc, dxp, g, bc * g->c);
+            continue;
+        }
         if (!j->accum) memset(dxc, 0, (size_t)(bc * g->c * g->h * g->w) * sizeof(float));
         col2im(dxc, col, g, bc);
     }
 }
 
 /* floats of one thread's workspace slice: columns (K, chunk*OHW), the output or its gradient
- * as (OC, chunk*OHW), then a partial dW and db */
+ * as (OC, chunk*OHW), a partial dW and db, then the phase planes of a chunk when they are used */
 static int64_t conv_slice(const conv_geom *g, int64_t chunk) {
-    return (g->k + g->oc) * chunk * g->ohw + g->oc * g->kg + g->oc;
+    return (g->k + g->oc) * chunk * g->ohw + g->oc * g->kg + g->oc + (use_phases(g) ? chunk * g->c * plane_floats(g) : 0);
 }
 
 int64_t cpu_conv_workspace(const mpscy_plan *p, const mpscy_node *n) {
