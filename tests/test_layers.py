@@ -671,3 +671,32 @@ def test_strided_convs_sharing_an_input_sum_its_gradient(device, rng, stride):
     assert R.rel_err(g["input"], dxa + dxb) < 1e-4
     for name, want in [("a.weight", ga["weight"]), ("b.weight", gb["weight"]), ("a.bias", ga["bias"])]:
         assert R.rel_err(g[name], want) < 1e-4, name
+
+
+def test_normalization_and_pooling_do_not_depend_on_the_thread_count(rng):
+    """BatchNorm, LayerNorm and GlobalAvgPool2D split their channels, rows or planes over the
+    cpu engine's threads (each pass here is large enough to be split) and sum each one in a fixed
+    order: gradients, three Adam steps and predictions are bit-identical on 1, 2 and 3 threads."""
+    x = (rng.standard_normal((16, 8, 16, 16)) * 3 + 1).astype(np.float32)
+    y = rng.integers(0, 10, 16)
+
+    def run(threads):
+        inp = mpscy.Input((8, 16, 16))
+        h = layers.LayerNorm((8, 16, 16), name="ln")(layers.BatchNorm(name="bn")(inp))
+        out = layers.Dense(10, name="fc")(layers.GlobalAvgPool2D()(layers.Add()([h, inp])))
+        e = mpscy.Engine(mpscy.Model(inp, out), loss="sparse_cross_entropy", optimizer=optim.Adam(lr=0.01),
+                         batch_size=16, device="cpu", seed=1, threads=threads, input_gradients=True)
+        g = e.gradients(x, y)
+        for _ in range(3):
+            e.step(x, y)
+        return g, e.get_parameters(), e.predict(x)
+
+    one = run(1)
+    for threads in (2, 3):
+        other = run(threads)
+        assert sorted(one[0]) == sorted(other[0]) and len(one[0]) == 8
+        for k in one[0]:
+            assert np.array_equal(one[0][k], other[0][k]), (threads, k)
+        for k in one[1]:
+            assert np.array_equal(one[1][k], other[1][k]), (threads, k)
+        assert np.array_equal(one[2], other[2])

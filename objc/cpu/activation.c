@@ -77,8 +77,6 @@ typedef struct act_job {
     int backward;
 } act_job;
 
-#define PARALLEL_MIN 32768   /* elements below which threads cost more than they save */
-
 static void act_task(void *ctx, int32_t t, int32_t nt) {
     const act_job *j = ctx;
     const mpscy_node *n = j->n;
@@ -107,7 +105,7 @@ static void act_task(void *ctx, int32_t t, int32_t nt) {
 
 static void act_run(cpu_graph *g, act_job *j, int64_t b) {
     if (j->n->kind == MPSCY_LAYER_SOFTMAX) mpscy_axis_split(j->n, b, &j->outer, &j->len, &j->inner);
-    if (j->count >= PARALLEL_MIN) cpu_parallel(g->pool, act_task, j);
+    if (j->count >= CPU_PARALLEL_MIN) cpu_parallel(g->pool, act_task, j);
     else act_task(j, 0, 1);
 }
 

@@ -38,6 +38,59 @@ static inline void cpu_pool_destroy(cpu_pool *p) { mpscy_pool_destroy(p); }
 static inline int32_t cpu_parallel(cpu_pool *p, cpu_task fn, void *ctx) { return mpscy_parallel(p, fn, ctx); }
 /* [lo, hi): part t of nt of the range [0, n) */
 static inline void cpu_split(int64_t n, int32_t t, int32_t nt, int64_t *lo, int64_t *hi) { mpscy_split(n, t, nt, lo, hi); }
+/* elements below which a pass over the pool costs more than it saves */
+#define CPU_PARALLEL_MIN 32768
+
+/* Sums in double over CPU_LANES lanes (one AVX-512 vector): element k of a run goes to lane
+ * k % CPU_LANES, so consecutive additions do not wait on each other, and the lanes are combined
+ * in one fixed order, so a sum does not depend on how the work was split over threads. */
+#define CPU_LANES 8
+static inline void cpu_lanes_sum(double *restrict acc, const float *restrict x, int64_t n) {
+    double a[CPU_LANES];
+    int64_t i = 0;
+    for (int k = 0; k < CPU_LANES; k++) a[k] = acc[k];
+    for (; i + CPU_LANES <= n; i += CPU_LANES)
+        for (int k = 0; k < CPU_LANES; k++) a[k] += x[i + k];
+    for (; i < n; i++) a[i % CPU_LANES] += x[i];
+    for (int k = 0; k < CPU_LANES; k++) acc[k] = a[k];
+}
+/* acc += (x - m)^2 */
+static inline void cpu_lanes_sq(double *restrict acc, const float *restrict x, int64_t n, double m) {
+    double a[CPU_LANES];
+    int64_t i = 0;
+    for (int k = 0; k < CPU_LANES; k++) a[k] = acc[k];
+    for (; i + CPU_LANES <= n; i += CPU_LANES)
+        for (int k = 0; k < CPU_LANES; k++) {
+            double d = x[i + k] - m;
+            a[k] += d * d;
+        }
+    for (; i < n; i++) {
+        double d = x[i] - m;
+        a[i % CPU_LANES] += d * d;
+    }
+    for (int k = 0; k < CPU_LANES; k++) acc[k] = a[k];
+}
+/* s += dy, sx += dy * (x - m) * inv: BatchNorm's backward sums */
+static inline void cpu_lanes_dot_centered(double *restrict s, double *restrict sx, const float *restrict dy,
+                                          const float *restrict x, int64_t n, double m, double inv) {
+    double a[CPU_LANES], b[CPU_LANES];
+    int64_t i = 0;
+    for (int k = 0; k < CPU_LANES; k++) a[k] = s[k], b[k] = sx[k];
+    for (; i + CPU_LANES <= n; i += CPU_LANES)
+        for (int k = 0; k < CPU_LANES; k++) {
+            a[k] += dy[i + k];
+            b[k] += dy[i + k] * ((x[i + k] - m) * inv);
+        }
+    for (; i < n; i++) {
+        a[i % CPU_LANES] += dy[i];
+        b[i % CPU_LANES] += dy[i] * ((x[i] - m) * inv);
+    }
+    for (int k = 0; k < CPU_LANES; k++) s[k] = a[k], sx[k] = b[k];
+}
+static inline double cpu_lanes_total(const double *acc) {
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
 /* Row-major sgemm split over the pool: c (m, n) = alpha op(a) op(b) + beta c. */
 void cpu_gemm(cpu_pool *p, int ta, int tb, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
               int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc);

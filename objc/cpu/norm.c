@@ -15,99 +15,137 @@ static void bn_dims(const cpu_graph *g, const mpscy_node *n, int64_t *c, int64_t
     *inner = a->rank == 3 ? a->shape[1] * a->shape[2] : 1;
 }
 
-static void batchnorm_stats(float *mean, float *var, float *inv, const float *x, double eps, int64_t b, int64_t c,
-                            int64_t inner) {
-    // mean (C), var (C) biased, inv (C) 1/sqrt(var + eps) from the double variance (as torch's
-    // invstd: values past ~1.8e19 make the float variance inf, not the normalization), x (b, C,
-    // inner); two passes in double
-    double count = (double)(b * inner);
-    for (int64_t ch = 0; ch < c; ch++) {
-        double s = 0.0, q = 0.0;
-        for (int64_t i = 0; i < b; i++) {
-            const float *xr = x + (i * c + ch) * inner;
-            for (int64_t k = 0; k < inner; k++) s += xr[k];
-        }
-        double m = s / count;
-        for (int64_t i = 0; i < b; i++) {
-            const float *xr = x + (i * c + ch) * inner;
-            for (int64_t k = 0; k < inner; k++) {
-                double d = xr[k] - m;
-                q += d * d;
-            }
-        }
-        mean[ch] = (float)m;
-        var[ch] = (float)(q / count);
-        inv[ch] = (float)(1.0 / sqrt(q / count + eps));
+/* One BatchNorm pass over the pool, a share of the channels per thread (each channel's values
+ * do not depend on the split). */
+typedef struct bn_job {
+    float *y, *dx, *dgamma, *dbeta;        /* forward output; backward outputs, each or NULL */
+    float *mean, *var, *inv;               /* the batch's statistics (C) each: written in train */
+    const float *x, *dy, *gamma, *beta;    /* gamma, beta (C) or NULL */
+    const float *rmean, *rvar;             /* eval: the running statistics */
+    double eps;
+    int64_t b, c, inner;
+    int train, accum;
+} bn_job;
+
+/* Channels [lo, hi) of a spatial input (inner > 1): the sums in 8 double lanes, so that they do
+ * not wait on one another (cpu.h). */
+static inline void bn_stats_spatial(const bn_job *j, int64_t lo, int64_t hi) {
+    double count = (double)(j->b * j->inner);
+    for (int64_t ch = lo; ch < hi; ch++) {
+        double s[CPU_LANES] = {0}, q[CPU_LANES] = {0};
+        for (int64_t i = 0; i < j->b; i++) cpu_lanes_sum(s, j->x + (i * j->c + ch) * j->inner, j->inner);
+        double m = cpu_lanes_total(s) / count;
+        for (int64_t i = 0; i < j->b; i++) cpu_lanes_sq(q, j->x + (i * j->c + ch) * j->inner, j->inner, m);
+        double v = cpu_lanes_total(q) / count;
+        j->mean[ch] = (float)m;
+        j->var[ch] = (float)v;
+        j->inv[ch] = (float)(1.0 / sqrt(v + j->eps));
     }
 }
 
-static void batchnorm_apply(float *y, const float *x, const float *mean, const float *var, const float *invs,
-                            const float *gamma, const float *beta, double eps, int64_t b, int64_t c, int64_t inner) {
-    // y (b, C, inner), x (b, C, inner), mean (C), var (C) or invs (C) (the batch's, when train),
-    // gamma (C) or NULL, beta (C) or NULL
-    for (int64_t ch = 0; ch < c; ch++) {
-        float inv = invs ? invs[ch] : (float)(1.0 / sqrt((double)var[ch] + eps));
-        float scale = gamma ? gamma[ch] * inv : inv;
-        float shift = (beta ? beta[ch] : 0.0f) - mean[ch] * scale;
-        for (int64_t i = 0; i < b; i++) {
-            const float *xr = x + (i * c + ch) * inner;
-            float *yr = y + (i * c + ch) * inner;
-            for (int64_t k = 0; k < inner; k++) yr[k] = xr[k] * scale + shift;
+/* Channels [lo, hi) of a feature input (inner 1): a channel's values are strided by C, so the
+ * channels are the vector; each channel's sums run in row order. */
+static inline void bn_stats_features(const bn_job *j, int64_t lo, int64_t hi) {
+    double count = (double)j->b;
+    for (int64_t c0 = lo; c0 < hi; c0 += CPU_LANES * 8) {
+        int64_t nc = hi - c0 < CPU_LANES * 8 ? hi - c0 : CPU_LANES * 8;
+        double s[CPU_LANES * 8] = {0}, q[CPU_LANES * 8] = {0};
+        for (int64_t i = 0; i < j->b; i++)
+            for (int64_t k = 0; k < nc; k++) s[k] += j->x[i * j->c + c0 + k];
+        for (int64_t k = 0; k < nc; k++) s[k] /= count;
+        for (int64_t i = 0; i < j->b; i++)
+            for (int64_t k = 0; k < nc; k++) {
+                double d = j->x[i * j->c + c0 + k] - s[k];
+                q[k] += d * d;
+            }
+        for (int64_t k = 0; k < nc; k++) {
+            j->mean[c0 + k] = (float)s[k];
+            j->var[c0 + k] = (float)(q[k] / count);
+            j->inv[c0 + k] = (float)(1.0 / sqrt(q[k] / count + j->eps));
         }
     }
 }
 
-static void batchnorm_backward(float *dx, float *dgamma, float *dbeta, const float *dy, const float *x,
-                               const float *mean, const float *invs, const float *gamma,
-                               int64_t b, int64_t c, int64_t inner, int accum) {
-    // dx (b, C, inner) or NULL, dgamma (C) or NULL, dbeta (C) or NULL, dy (b, C, inner),
-    // x (b, C, inner), mean (C), invs (C) the batch's statistics, gamma (C) or NULL
-    double count = (double)(b * inner);
-    for (int64_t ch = 0; ch < c; ch++) {
-        double inv = invs[ch], m = mean[ch], sdy = 0.0, sdyx = 0.0;
-        for (int64_t i = 0; i < b; i++) {
-            const float *xr = x + (i * c + ch) * inner, *dr = dy + (i * c + ch) * inner;
-            for (int64_t k = 0; k < inner; k++) {
-                sdy += dr[k];
-                sdyx += dr[k] * ((xr[k] - m) * inv);
-            }
+CPU_SIMD static void bn_forward_task(void *ctx, int32_t t, int32_t nt) {
+    // y (b, C, inner) = x normalized by the batch's statistics (train: computed here into mean,
+    // var, inv, as torch's: 1/sqrt(var + eps) from the double variance, so values past ~1.8e19
+    // make the float variance inf, not the normalization) or the running ones (eval)
+    const bn_job *j = ctx;
+    int64_t lo, hi;
+    cpu_split(j->c, t, nt, &lo, &hi);
+    if (j->train) {
+        if (j->inner > 1) bn_stats_spatial(j, lo, hi);
+        else bn_stats_features(j, lo, hi);
+    }
+    const float *mean = j->train ? j->mean : j->rmean;
+    for (int64_t ch = lo; ch < hi; ch++) {
+        float inv = j->train ? j->inv[ch] : (float)(1.0 / sqrt((double)j->rvar[ch] + j->eps));
+        float scale = j->gamma ? j->gamma[ch] * inv : inv;
+        float shift = (j->beta ? j->beta[ch] : 0.0f) - mean[ch] * scale;
+        for (int64_t i = 0; i < j->b; i++) {
+            const float *xr = j->x + (i * j->c + ch) * j->inner;
+            float *yr = j->y + (i * j->c + ch) * j->inner;
+            for (int64_t k = 0; k < j->inner; k++) yr[k] = xr[k] * scale + shift;
         }
-        if (dgamma) dgamma[ch] = (float)sdyx;
-        if (dbeta) dbeta[ch] = (float)sdy;
-        if (!dx) continue;
-        double gm = gamma ? gamma[ch] : 1.0;
-        float k1 = (float)(gm * inv), k2 = (float)(gm * inv * sdy / count), k3 = (float)(gm * inv * sdyx / count);
+    }
+}
+
+CPU_SIMD static void bn_backward_task(void *ctx, int32_t t, int32_t nt) {
+    // dx (b, C, inner) or NULL, dgamma (C) or NULL, dbeta (C) or NULL, from dy (b, C, inner),
+    // x, and the batch's mean and inv (C)
+    const bn_job *j = ctx;
+    int64_t lo, hi;
+    cpu_split(j->c, t, nt, &lo, &hi);
+    double count = (double)(j->b * j->inner);
+    for (int64_t ch = lo; ch < hi; ch++) {
+        double inv = j->inv[ch], m = j->mean[ch], sdy[CPU_LANES] = {0}, sdyx[CPU_LANES] = {0};
+        for (int64_t i = 0; i < j->b; i++)
+            cpu_lanes_dot_centered(sdy, sdyx, j->dy + (i * j->c + ch) * j->inner, j->x + (i * j->c + ch) * j->inner,
+                                   j->inner, m, inv);
+        double s1 = cpu_lanes_total(sdy), s2 = cpu_lanes_total(sdyx);
+        if (j->dgamma) j->dgamma[ch] = (float)s2;
+        if (j->dbeta) j->dbeta[ch] = (float)s1;
+        if (!j->dx) continue;
+        double gm = j->gamma ? j->gamma[ch] : 1.0;
+        float k1 = (float)(gm * inv), k2 = (float)(gm * inv * s1 / count), k3 = (float)(gm * inv * s2 / count);
         float fm = (float)m, finv = (float)inv;
-        for (int64_t i = 0; i < b; i++) {
-            const float *xr = x + (i * c + ch) * inner, *dr = dy + (i * c + ch) * inner;
-            float *o = dx + (i * c + ch) * inner;
-            for (int64_t k = 0; k < inner; k++) {
-                float v = k1 * dr[k] - k2 - k3 * ((xr[k] - fm) * finv);
-                o[k] = accum ? o[k] + v : v;
-            }
+        for (int64_t i = 0; i < j->b; i++) {
+            const float *xr = j->x + (i * j->c + ch) * j->inner, *dr = j->dy + (i * j->c + ch) * j->inner;
+            float *o = j->dx + (i * j->c + ch) * j->inner;
+            if (j->accum)
+                for (int64_t k = 0; k < j->inner; k++) o[k] += k1 * dr[k] - k2 - k3 * ((xr[k] - fm) * finv);
+            else
+                for (int64_t k = 0; k < j->inner; k++) o[k] = k1 * dr[k] - k2 - k3 * ((xr[k] - fm) * finv);
         }
     }
+}
+
+/* A pass over enough values to be worth the threads runs over the pool. */
+static void bn_run(cpu_graph *g, cpu_task fn, bn_job *j) {
+    if (j->b * j->c * j->inner >= CPU_PARALLEL_MIN && j->c > 1) cpu_parallel(g->pool, fn, j);
+    else fn(j, 0, 1);
 }
 
 void cpu_batchnorm_forward(cpu_graph *g, const mpscy_node *n, int64_t b, int train, const mpscy_step_args *a) {
     (void)a;
-    int64_t c, inner;
-    bn_dims(g, n, &c, &inner);
-    const float *x = g->y[n->in[0]];
-    float *mean = g->save + n->save, *var = mean + c, *inv = var + c;  // (C) each
-    if (train) batchnorm_stats(mean, var, inv, x, n->reals[1], b, c, inner);
-    const float *m = train ? mean : cpu_tensor(g, n, MPSCY_ROLE_BUFFER, 0);
-    batchnorm_apply(g->y[n - g->plan.nodes], x, m, cpu_tensor(g, n, MPSCY_ROLE_BUFFER, 1), train ? inv : NULL,
-                    cpu_tensor(g, n, MPSCY_ROLE_PARAM, 0), cpu_tensor(g, n, MPSCY_ROLE_PARAM, 1), n->reals[1], b, c,
-                    inner);
+    bn_job j = {0};
+    bn_dims(g, n, &j.c, &j.inner);
+    j.mean = g->save + n->save; j.var = j.mean + j.c; j.inv = j.var + j.c;  // (C) each
+    j.y = g->y[n - g->plan.nodes]; j.x = g->y[n->in[0]];
+    j.gamma = cpu_tensor(g, n, MPSCY_ROLE_PARAM, 0); j.beta = cpu_tensor(g, n, MPSCY_ROLE_PARAM, 1);
+    j.rmean = cpu_tensor(g, n, MPSCY_ROLE_BUFFER, 0); j.rvar = cpu_tensor(g, n, MPSCY_ROLE_BUFFER, 1);
+    j.eps = n->reals[1]; j.b = b; j.train = train;
+    bn_run(g, bn_forward_task, &j);
 }
 
 void cpu_batchnorm_backward(cpu_graph *g, const mpscy_node *n, int64_t b) {
-    int64_t c, inner;
-    bn_dims(g, n, &c, &inner);
-    const float *mean = g->save + n->save, *inv = mean + 2 * c;
-    batchnorm_backward(g->dy[n->in[0]], cpu_tensor_grad(g, n, 0), cpu_tensor_grad(g, n, 1), g->dy[n - g->plan.nodes],
-                       g->y[n->in[0]], mean, inv, cpu_tensor(g, n, MPSCY_ROLE_PARAM, 0), b, c, inner, n->accum[0]);
+    bn_job j = {0};
+    bn_dims(g, n, &j.c, &j.inner);
+    j.mean = g->save + n->save; j.inv = j.mean + 2 * j.c;
+    j.dx = g->dy[n->in[0]]; j.dgamma = cpu_tensor_grad(g, n, 0); j.dbeta = cpu_tensor_grad(g, n, 1);
+    j.dy = g->dy[n - g->plan.nodes]; j.x = g->y[n->in[0]]; j.gamma = cpu_tensor(g, n, MPSCY_ROLE_PARAM, 0);
+    j.b = b; j.accum = n->accum[0];
+    bn_run(g, bn_backward_task, &j);
 }
 
 /* running = (1 - momentum) running + momentum batch, with the unbiased batch variance */
@@ -126,29 +164,40 @@ void cpu_batchnorm_commit(cpu_graph *g, const mpscy_node *n, int64_t b) {
 
 /* ------------------------------------------------------------------ LayerNorm */
 
-static void layernorm_forward(float *y, float *mean, float *rstd, const float *x, const float *w, const float *bias,
-                              int64_t rows, int64_t d, double eps) {
-    // y (rows, D), mean (rows), rstd (rows), x (rows, D), w (D) or NULL, bias (D) or NULL
-    for (int64_t r = 0; r < rows; r++) {
-        const float *xr = x + r * d;
-        float *yr = y + r * d;
-        double s = 0.0, q = 0.0;
-        for (int64_t k = 0; k < d; k++) s += xr[k];
-        double m = s / (double)d;
-        for (int64_t k = 0; k < d; k++) q += (xr[k] - m) * (xr[k] - m);
-        double inv = 1.0 / sqrt(q / (double)d + eps);
-        mean[r] = (float)m;
-        rstd[r] = (float)inv;
+/* LayerNorm over the pool: forward a share of the rows per thread; backward on one thread, its
+ * weight and bias gradients summing over every row */
+typedef struct ln_job {
+    float *y, *mean, *rstd;                /* (rows, D), (rows), (rows) */
+    const float *x, *w, *bias;             /* (rows, D), (D) or NULL, (D) or NULL */
+    int64_t rows, d;
+    double eps;
+} ln_job;
+
+CPU_SIMD static void ln_forward_task(void *ctx, int32_t t, int32_t nt) {
+    const ln_job *j = ctx;
+    int64_t lo, hi, d = j->d;
+    cpu_split(j->rows, t, nt, &lo, &hi);
+    for (int64_t r = lo; r < hi; r++) {
+        const float *xr = j->x + r * d;
+        float *yr = j->y + r * d;
+        double s[CPU_LANES] = {0}, q[CPU_LANES] = {0};
+        cpu_lanes_sum(s, xr, d);
+        double m = cpu_lanes_total(s) / (double)d;
+        cpu_lanes_sq(q, xr, d, m);
+        double inv = 1.0 / sqrt(cpu_lanes_total(q) / (double)d + j->eps);
+        j->mean[r] = (float)m;
+        j->rstd[r] = (float)inv;
         float fm = (float)m, fi = (float)inv;
-        for (int64_t k = 0; k < d; k++) {
-            float h = (xr[k] - fm) * fi;
-            yr[k] = w ? h * w[k] + bias[k] : h;
-        }
+        if (j->w)
+            for (int64_t k = 0; k < d; k++) yr[k] = ((xr[k] - fm) * fi) * j->w[k] + j->bias[k];
+        else
+            for (int64_t k = 0; k < d; k++) yr[k] = (xr[k] - fm) * fi;
     }
 }
 
-static void layernorm_backward(float *dx, float *dw, float *db, const float *dy, const float *x, const float *mean,
-                               const float *rstd, const float *w, int64_t rows, int64_t d, int accum) {
+CPU_SIMD static void layernorm_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
+                                        const float *mean, const float *rstd, const float *w, int64_t rows, int64_t d,
+                                        int accum) {
     // dx (rows, D) or NULL, dw (D) or NULL, db (D) or NULL, dy (rows, D), x (rows, D),
     // mean (rows), rstd (rows), w (D) or NULL
     if (dw) memset(dw, 0, (size_t)d * sizeof(float));
@@ -156,16 +205,16 @@ static void layernorm_backward(float *dx, float *dw, float *db, const float *dy,
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * d, *dr = dy + r * d;
         float m = mean[r], inv = rstd[r];
-        double sg = 0.0, sgx = 0.0;
+        double sg[CPU_LANES] = {0}, sgx[CPU_LANES] = {0};
         for (int64_t k = 0; k < d; k++) {
             float h = (xr[k] - m) * inv, gk = w ? dr[k] * w[k] : dr[k];
             if (dw) dw[k] += dr[k] * h;
             if (db) db[k] += dr[k];
-            sg += gk;
-            sgx += gk * h;
+            sg[k % CPU_LANES] += gk;
+            sgx[k % CPU_LANES] += gk * h;
         }
         if (!dx) continue;
-        float a = (float)(sg / (double)d), c = (float)(sgx / (double)d);
+        float a = (float)(cpu_lanes_total(sg) / (double)d), c = (float)(cpu_lanes_total(sgx) / (double)d);
         float *o = dx + r * d;
         for (int64_t k = 0; k < d; k++) {
             float h = (xr[k] - m) * inv, gk = w ? dr[k] * w[k] : dr[k];
@@ -183,9 +232,10 @@ static int64_t ln_width(const cpu_graph *g, const mpscy_node *n) {
 void cpu_layernorm_forward(cpu_graph *g, const mpscy_node *n, int64_t b, int train, const mpscy_step_args *a) {
     (void)train; (void)a;
     int64_t d = ln_width(g, n), rows = b * n->size / d, half = n->save_size / 2;
-    layernorm_forward(g->y[n - g->plan.nodes], g->save + n->save, g->save + n->save + half, g->y[n->in[0]],
-                      cpu_tensor(g, n, MPSCY_ROLE_PARAM, 0), cpu_tensor(g, n, MPSCY_ROLE_PARAM, 1), rows, d,
-                      n->reals[1]);
+    ln_job j = {g->y[n - g->plan.nodes], g->save + n->save, g->save + n->save + half, g->y[n->in[0]],
+                cpu_tensor(g, n, MPSCY_ROLE_PARAM, 0), cpu_tensor(g, n, MPSCY_ROLE_PARAM, 1), rows, d, n->reals[1]};
+    if (rows * d >= CPU_PARALLEL_MIN && rows > 1) cpu_parallel(g->pool, ln_forward_task, &j);
+    else ln_forward_task(&j, 0, 1);
 }
 
 void cpu_layernorm_backward(cpu_graph *g, const mpscy_node *n, int64_t b) {

@@ -94,22 +94,44 @@ static void avgpool_backward(float *dx, const float *dy, const pool_geom *p, int
     }
 }
 
-static void global_avgpool_forward(float *y, const float *x, int64_t planes, int64_t hw) {
-    // y (planes), x (planes, HW); summed in double: a float running sum over a 224 x 224 plane
-    // was 5e-4 off (torch's pairwise float sum is ~1e-7)
-    for (int64_t c = 0; c < planes; c++) {
-        double s = 0.0;
-        for (int64_t k = 0; k < hw; k++) s += x[c * hw + k];
-        y[c] = (float)(s / (double)hw);
+/* GlobalAvgPool2D over the pool, a share of the planes per thread */
+typedef struct gap_job {
+    float *out;
+    const float *in;
+    int64_t planes, hw;
+    int accum;
+} gap_job;
+
+CPU_SIMD static void gap_forward_task(void *ctx, int32_t t, int32_t nt) {
+    // out (planes) = mean of in (planes, HW), summed in double lanes: a float running sum over a
+    // 224 x 224 plane was 5e-4 off (torch's pairwise float sum is ~1e-7)
+    const gap_job *j = ctx;
+    int64_t lo, hi;
+    cpu_split(j->planes, t, nt, &lo, &hi);
+    for (int64_t c = lo; c < hi; c++) {
+        double s[CPU_LANES] = {0};
+        cpu_lanes_sum(s, j->in + c * j->hw, j->hw);
+        j->out[c] = (float)(cpu_lanes_total(s) / (double)j->hw);
     }
 }
 
-static void global_avgpool_backward(float *dx, const float *dy, int64_t planes, int64_t hw, int accum) {
-    // dx (planes, HW), dy (planes)
-    for (int64_t c = 0; c < planes; c++) {
-        float d = dy[c] / (float)hw;
-        for (int64_t k = 0; k < hw; k++) dx[c * hw + k] = accum ? dx[c * hw + k] + d : d;
+CPU_SIMD static void gap_backward_task(void *ctx, int32_t t, int32_t nt) {
+    // out (planes, HW) (+)= in (planes) / HW
+    const gap_job *j = ctx;
+    int64_t lo, hi;
+    cpu_split(j->planes, t, nt, &lo, &hi);
+    for (int64_t c = lo; c < hi; c++) {
+        float d = j->in[c] / (float)j->hw, *o = j->out + c * j->hw;
+        if (j->accum)
+            for (int64_t k = 0; k < j->hw; k++) o[k] += d;
+        else
+            for (int64_t k = 0; k < j->hw; k++) o[k] = d;
     }
+}
+
+static void gap_run(cpu_graph *g, cpu_task fn, gap_job *j) {
+    if (j->planes * j->hw >= CPU_PARALLEL_MIN && j->planes > 1) cpu_parallel(g->pool, fn, j);
+    else fn(j, 0, 1);
 }
 
 void cpu_pool_forward(cpu_graph *g, const mpscy_node *n, int64_t b, int train, const mpscy_step_args *a) {
@@ -118,7 +140,8 @@ void cpu_pool_forward(cpu_graph *g, const mpscy_node *n, int64_t b, int train, c
     const float *x = g->y[n->in[0]];
     if (n->kind == MPSCY_LAYER_GLOBALAVGPOOL2D) {
         const mpscy_node *src = &g->plan.nodes[n->in[0]];
-        global_avgpool_forward(g->y[i], x, b * src->shape[0], src->shape[1] * src->shape[2]);
+        gap_job j = {g->y[i], x, b * src->shape[0], src->shape[1] * src->shape[2], 0};
+        gap_run(g, gap_forward_task, &j);
         return;
     }
     pool_geom p = geom(g, n, b);
@@ -136,7 +159,8 @@ void cpu_pool_backward(cpu_graph *g, const mpscy_node *n, int64_t b) {
     if (!dx) return;
     if (n->kind == MPSCY_LAYER_GLOBALAVGPOOL2D) {
         const mpscy_node *src = &g->plan.nodes[n->in[0]];
-        global_avgpool_backward(dx, g->dy[i], b * src->shape[0], src->shape[1] * src->shape[2], n->accum[0]);
+        gap_job j = {dx, g->dy[i], b * src->shape[0], src->shape[1] * src->shape[2], n->accum[0]};
+        gap_run(g, gap_backward_task, &j);
         return;
     }
     pool_geom p = geom(g, n, b);
