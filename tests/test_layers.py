@@ -674,16 +674,19 @@ def test_strided_convs_sharing_an_input_sum_its_gradient(device, rng, stride):
 
 
 def test_normalization_and_pooling_do_not_depend_on_the_thread_count(rng):
-    """BatchNorm, LayerNorm and GlobalAvgPool2D split their channels, rows or planes over the
-    cpu engine's threads (each pass here is large enough to be split) and sum each one in a fixed
+    """BatchNorm, LayerNorm and the poolings split their channels, rows or planes over the cpu
+    engine's threads (each pass here is large enough to be split) and sum each one in a fixed
     order: gradients, three Adam steps and predictions are bit-identical on 1, 2 and 3 threads."""
     x = (rng.standard_normal((16, 8, 16, 16)) * 3 + 1).astype(np.float32)
     y = rng.integers(0, 10, 16)
 
     def run(threads):
         inp = mpscy.Input((8, 16, 16))
-        h = layers.LayerNorm((8, 16, 16), name="ln")(layers.BatchNorm(name="bn")(inp))
-        out = layers.Dense(10, name="fc")(layers.GlobalAvgPool2D()(layers.Add()([h, inp])))
+        h = layers.Add()([layers.LayerNorm((8, 16, 16), name="ln")(layers.BatchNorm(name="bn")(inp)), inp])
+        pooled = layers.Add()([layers.MaxPool2D(3, stride=2, padding=1)(h),
+                               layers.AvgPool2D(3, stride=2, padding=1)(h)])
+        feats = layers.Concatenate()([layers.GlobalAvgPool2D()(h), layers.GlobalAvgPool2D()(pooled)])
+        out = layers.Dense(10, name="fc")(feats)
         e = mpscy.Engine(mpscy.Model(inp, out), loss="sparse_cross_entropy", optimizer=optim.Adam(lr=0.01),
                          batch_size=16, device="cpu", seed=1, threads=threads, input_gradients=True)
         g = e.gradients(x, y)

@@ -94,78 +94,86 @@ static void avgpool_backward(float *dx, const float *dy, const pool_geom *p, int
     }
 }
 
-/* GlobalAvgPool2D over the pool, a share of the planes per thread */
-typedef struct gap_job {
-    float *out;
-    const float *in;
-    int64_t planes, hw;
-    int accum;
-} gap_job;
-
-CPU_SIMD static void gap_forward_task(void *ctx, int32_t t, int32_t nt) {
-    // out (planes) = mean of in (planes, HW), summed in double lanes: a float running sum over a
-    // 224 x 224 plane was 5e-4 off (torch's pairwise float sum is ~1e-7)
-    const gap_job *j = ctx;
-    int64_t lo, hi;
-    cpu_split(j->planes, t, nt, &lo, &hi);
-    for (int64_t c = lo; c < hi; c++) {
+CPU_SIMD static void global_avgpool_forward(float *y, const float *x, int64_t planes, int64_t hw) {
+    // y (planes), x (planes, HW); summed in double lanes: a float running sum over a 224 x 224
+    // plane was 5e-4 off (torch's pairwise float sum is ~1e-7)
+    for (int64_t c = 0; c < planes; c++) {
         double s[CPU_LANES] = {0};
-        cpu_lanes_sum(s, j->in + c * j->hw, j->hw);
-        j->out[c] = (float)(cpu_lanes_total(s) / (double)j->hw);
+        cpu_lanes_sum(s, x + c * hw, hw);
+        y[c] = (float)(cpu_lanes_total(s) / (double)hw);
     }
 }
 
-CPU_SIMD static void gap_backward_task(void *ctx, int32_t t, int32_t nt) {
-    // out (planes, HW) (+)= in (planes) / HW
-    const gap_job *j = ctx;
-    int64_t lo, hi;
-    cpu_split(j->planes, t, nt, &lo, &hi);
-    for (int64_t c = lo; c < hi; c++) {
-        float d = j->in[c] / (float)j->hw, *o = j->out + c * j->hw;
-        if (j->accum)
-            for (int64_t k = 0; k < j->hw; k++) o[k] += d;
+CPU_SIMD static void global_avgpool_backward(float *dx, const float *dy, int64_t planes, int64_t hw, int accum) {
+    // dx (planes, HW), dy (planes)
+    for (int64_t c = 0; c < planes; c++) {
+        float d = dy[c] / (float)hw, *o = dx + c * hw;
+        if (accum)
+            for (int64_t k = 0; k < hw; k++) o[k] += d;
         else
-            for (int64_t k = 0; k < j->hw; k++) o[k] = d;
+            for (int64_t k = 0; k < hw; k++) o[k] = d;
     }
 }
 
-static void gap_run(cpu_graph *g, cpu_task fn, gap_job *j) {
-    if (j->planes * j->hw >= CPU_PARALLEL_MIN && j->planes > 1) cpu_parallel(g->pool, fn, j);
-    else fn(j, 0, 1);
+/* One pooling pass over the pool, a share of the planes (batch x channels) per thread. */
+typedef struct pool_job {
+    const mpscy_node *n;
+    pool_geom p;                 /* planes, and for GlobalAvgPool2D h * w = HW, oh = ow = 1 */
+    float *out;                  /* forward: y (planes, OH, OW); backward: dx (planes, H, W) */
+    const float *in;             /* forward: x; backward: dy */
+    int32_t *arg;                /* MaxPool2D's saved argmax (planes, OH, OW) */
+    int backward, accum;
+} pool_job;
+
+static void pool_task(void *ctx, int32_t t, int32_t nt) {
+    const pool_job *j = ctx;
+    int64_t lo, hi;
+    cpu_split(j->p.planes, t, nt, &lo, &hi);
+    if (hi <= lo) return;
+    pool_geom q = j->p;
+    q.planes = hi - lo;
+    int64_t hw = q.h * q.w, ohw = q.oh * q.ow;
+    int32_t *arg = j->arg ? j->arg + lo * ohw : NULL;
+    if (j->backward) {
+        float *dx = j->out + lo * hw;
+        const float *dy = j->in + lo * ohw;
+        if (j->n->kind == MPSCY_LAYER_GLOBALAVGPOOL2D) global_avgpool_backward(dx, dy, q.planes, hw, j->accum);
+        else if (j->n->kind == MPSCY_LAYER_MAXPOOL2D) maxpool_backward(dx, dy, arg, &q, j->accum);
+        else avgpool_backward(dx, dy, &q, j->accum);
+        return;
+    }
+    float *y = j->out + lo * ohw;
+    const float *x = j->in + lo * hw;
+    if (j->n->kind == MPSCY_LAYER_GLOBALAVGPOOL2D) global_avgpool_forward(y, x, q.planes, hw);
+    else if (j->n->kind == MPSCY_LAYER_MAXPOOL2D) maxpool_forward(y, arg, x, &q);
+    else avgpool_forward(y, x, &q);
+}
+
+static void pool_run(cpu_graph *g, const mpscy_node *n, int64_t b, float *out, const float *in, int backward) {
+    pool_job j = {n, {0}, out, in, NULL, backward, backward ? n->accum[0] : 0};
+    if (n->kind == MPSCY_LAYER_GLOBALAVGPOOL2D) {
+        const mpscy_node *src = &g->plan.nodes[n->in[0]];
+        j.p.planes = b * src->shape[0];
+        j.p.h = src->shape[1];
+        j.p.w = src->shape[2];
+        j.p.oh = j.p.ow = 1;
+    } else {
+        j.p = geom(g, n, b);
+    }
+    if (n->kind == MPSCY_LAYER_MAXPOOL2D) {
+        j.p.include_pad = 0;
+        j.arg = (int32_t *)(g->save + n->save);
+    }
+    if (j.p.planes * j.p.h * j.p.w >= CPU_PARALLEL_MIN && j.p.planes > 1) cpu_parallel(g->pool, pool_task, &j);
+    else pool_task(&j, 0, 1);
 }
 
 void cpu_pool_forward(cpu_graph *g, const mpscy_node *n, int64_t b, int train, const mpscy_step_args *a) {
     (void)train; (void)a;
-    int64_t i = n - g->plan.nodes;
-    const float *x = g->y[n->in[0]];
-    if (n->kind == MPSCY_LAYER_GLOBALAVGPOOL2D) {
-        const mpscy_node *src = &g->plan.nodes[n->in[0]];
-        gap_job j = {g->y[i], x, b * src->shape[0], src->shape[1] * src->shape[2], 0};
-        gap_run(g, gap_forward_task, &j);
-        return;
-    }
-    pool_geom p = geom(g, n, b);
-    if (n->kind == MPSCY_LAYER_MAXPOOL2D) {
-        p.include_pad = 0;
-        maxpool_forward(g->y[i], (int32_t *)(g->save + n->save), x, &p);
-    } else {
-        avgpool_forward(g->y[i], x, &p);
-    }
+    pool_run(g, n, b, g->y[n - g->plan.nodes], g->y[n->in[0]], 0);
 }
 
 void cpu_pool_backward(cpu_graph *g, const mpscy_node *n, int64_t b) {
-    int64_t i = n - g->plan.nodes;
     float *dx = g->dy[n->in[0]];
-    if (!dx) return;
-    if (n->kind == MPSCY_LAYER_GLOBALAVGPOOL2D) {
-        const mpscy_node *src = &g->plan.nodes[n->in[0]];
-        gap_job j = {dx, g->dy[i], b * src->shape[0], src->shape[1] * src->shape[2], n->accum[0]};
-        gap_run(g, gap_backward_task, &j);
-        return;
-    }
-    pool_geom p = geom(g, n, b);
-    if (n->kind == MPSCY_LAYER_MAXPOOL2D)
-        maxpool_backward(dx, g->dy[i], (const int32_t *)(g->save + n->save), &p, n->accum[0]);
-    else
-        avgpool_backward(dx, g->dy[i], &p, n->accum[0]);
+    if (dx) pool_run(g, n, b, dx, g->dy[n - g->plan.nodes], 1);
 }
