@@ -41,6 +41,33 @@ def device_free_bytes():
     return None
 
 
+def workload_engine(rng):
+    """An engine as cuda_profile.py's workload (the memcheck model runs) builds and steps it."""
+    from cuda_bench import MODELS, batches, mpscy_step
+    os.environ["MPSCY_CUDA_DEFER"] = "0"
+    spec = MODELS["mlp_small"]
+    step = mpscy_step("mlp_small", spec, device=os.environ.get("SAN_DEVICE", "cuda"))
+    data = [(x, y.astype("int32")) for x, y in batches(spec, 2)]
+    for i in range(4):
+        step(*data[i % 2])
+    os.environ.pop("MPSCY_CUDA_DEFER")
+    return step.engine
+
+
+def holders(obj, depth=3):
+    """What refers to obj, `depth` levels up (types and, for dicts, their owners)."""
+    import inspect
+    out = []
+    for r in gc.get_referrers(obj):
+        if inspect.isframe(r) or r is globals():
+            continue
+        name = type(r).__name__
+        if depth > 1 and isinstance(r, (dict, list, tuple)) or type(r).__name__ in ("cell", "method"):
+            name += " <- [" + holders(r, depth - 1) + "]"
+        out.append(name)
+    return ", ".join(out[:6]) or "nothing found (a C reference)"
+
+
 def main():
     gc.disable()
     rng = np.random.default_rng(0)
@@ -68,7 +95,16 @@ def main():
             del e
             counters.append((how, shape, dev.stats()))
             del dev
+    e = workload_engine(rng)  # the benchmark's way: cuda_bench.mpscy_step, staged first, Adam
+    alive.append(weakref.ref(e))
+    dev = e._device
+    del e
+    counters.append(("workload", "mlp_small", dev.stats()))
+    del dev
     left = sum(r() is not None for r in alive)
+    for k, r in enumerate(alive):
+        if r() is not None:
+            print(f"  alive: engine {k} ({counters[k][0]} {counters[k][1]}), held by {holders(r())}")
     after = device_free_bytes()
     held = "unknown" if before is None or after is None else f"{(before - after) / 2**20:.1f} MiB"
     print(f"engines built {len(alive)}, still alive {left}; device memory not given back: {held}")
