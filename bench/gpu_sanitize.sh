@@ -15,7 +15,7 @@
 # deferred step's wait for the host may stall): the sanitizer's own summary is the result.
 # SAN_TOOLS narrows the tools (e.g. "memcheck"), SAN_MODELS the models (default "mlp_small cnn
 # mlp_wide"); SAN_TIMEOUT bounds each pytest run (default 150 s), SAN_MODEL_TIMEOUT each model's
-# (default 60 s); SAN_TESTS=0 skips the pytest runs.
+# (default 60 s, 300 s under racecheck); SAN_TESTS=0 skips the pytest runs.
 source "$(dirname "$0")/gpu_setup.sh"  # SKIP_BUILD=1: the build already in place
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
 [ -n "$SAN" ] || { echo "no compute-sanitizer here"; exit 1; }
@@ -42,7 +42,8 @@ san() {  # seconds, tool, name, command...
 
 models() {  # the benchmark's models, a few staged steps each (cuda_profile.py's workload)
     for m in ${SAN_MODELS:-mlp_small cnn mlp_wide}; do
-        san "${SAN_MODEL_TIMEOUT:-60}" "$1" "$m" $PY bench/cuda_profile.py "$m"
+        # racecheck instruments every shared-memory access: the wide MLP takes ~150 s under it
+        san "${SAN_MODEL_TIMEOUT:-$([ "$1" = racecheck ] && echo 300 || echo 60)}" "$1" "$m" $PY bench/cuda_profile.py "$m"
     done
 }
 
