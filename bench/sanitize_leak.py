@@ -54,18 +54,21 @@ def workload_engine(rng):
     return step.engine
 
 
-def holders(obj, depth=3):
-    """What refers to obj, `depth` levels up (types and, for dicts, their owners)."""
+def holders(obj, depth=3, seen=None):
+    """What refers to obj, `depth` levels up: types, and frames by function and line (a frame
+    that outlived its call is what compute-sanitizer's host backtraces left: gpu_sanitize.sh)."""
     import inspect
+    seen = {id(sys._getframe())} if seen is None else seen
     out = []
     for r in gc.get_referrers(obj):
-        if inspect.isframe(r) or r is globals():
+        if id(r) in seen or r is globals():
             continue
-        name = type(r).__name__
-        if depth > 1 and isinstance(r, (dict, list, tuple)) or type(r).__name__ in ("cell", "method"):
-            name += " <- [" + holders(r, depth - 1) + "]"
-        out.append(name)
-    return ", ".join(out[:6]) or "nothing found (a C reference)"
+        d = f"frame {r.f_code.co_name}:{r.f_lineno}" if inspect.isframe(r) else type(r).__name__
+        if depth > 1 and not inspect.ismodule(r):
+            seen.add(id(r))
+            d += " <- [" + holders(r, depth - 1, seen) + "]"
+        out.append(d)
+    return ", ".join(out[:6]) or "-"
 
 
 def main():
