@@ -182,8 +182,44 @@ static void zero_edge_columns(float *blk, const conv_geom *g, const conv_tap *t)
     }
 }
 
-static void im2col(float *col, const float *xs, const conv_geom *g, int64_t bc) {
-    // col (K, bc*OHW) rows ordered (c, ki, kj); xs (bc, C, plane_floats): x or its phase planes
+/* im2col of one tap and one sample: dst (OH, OW), its row of the columns, from xc, one input
+ * channel's planes */
+static inline void tap_gather(float *dst, const float *xc, const conv_geom *g, const conv_tap *t) {
+    if (t->olo > 0) memset(dst, 0, (size_t)(t->olo * g->ow) * sizeof(float));
+    if (contiguous(g, t)) {
+        /* one copy from the first to the last valid element, then zero the edge columns */
+        memcpy(dst + t->olo * g->ow + t->lo, xc + tap_src(t, t->olo),
+               (size_t)((t->ohi - t->olo - 1) * g->ow + t->hi - t->lo) * sizeof(float));
+        zero_edge_columns(dst, g, t);
+    } else {
+        for (int64_t oh = t->olo; oh < t->ohi; oh++) {
+            float *d = dst + oh * g->ow;
+            for (int64_t o = 0; o < t->lo; o++) d[o] = 0.0f;
+            gather_row(d + t->lo, xc + tap_src(t, oh), t->hi - t->lo, t->step);
+            for (int64_t o = t->hi; o < g->ow; o++) d[o] = 0.0f;
+        }
+    }
+    if (t->ohi < g->oh) memset(dst + t->ohi * g->ow, 0, (size_t)((g->oh - t->ohi) * g->ow) * sizeof(float));
+}
+
+/* col2im of one tap and one sample: xc (one channel's planes) += src (OH, OW), whose edge
+ * columns it zeroes when the tap is contiguous */
+static inline void tap_scatter(float *xc, float *src, const conv_geom *g, const conv_tap *t) {
+    if (contiguous(g, t)) {
+        /* zero the edge columns, then one add over the span: they add 0 elsewhere */
+        zero_edge_columns(src, g, t);
+        scatter_add_row(xc + tap_src(t, t->olo), src + t->olo * g->ow + t->lo,
+                        (t->ohi - t->olo - 1) * g->ow + t->hi - t->lo, 1);
+        return;
+    }
+    for (int64_t oh = t->olo; oh < t->ohi; oh++)
+        scatter_add_row(xc + tap_src(t, oh), src + oh * g->ow + t->lo, t->hi - t->lo, t->step);
+}
+
+/* The columns col (K, bc*OHW), rows ordered (c, ki, kj), and the image xs (bc, C, plane_floats),
+ * the input or its phase planes: im2col (back 0) writes col from xs; col2im (back 1) adds col
+ * into xs, zeroing col's edge columns. */
+static void columns(float *col, float *xs, const conv_geom *g, int64_t bc, int back) {
     int64_t n = bc * g->ohw, pf = plane_floats(g), taps = g->kh * g->kw;
     conv_tap tb[TAP_BLOCK];
     for (int64_t t0 = 0; t0 < taps; t0 += TAP_BLOCK) {
@@ -191,58 +227,21 @@ static void im2col(float *col, const float *xs, const conv_geom *g, int64_t bc) 
         for (int64_t q = 0; q < nb; q++) tb[q] = tap_at(g, (t0 + q) / g->kw, (t0 + q) % g->kw);
         for (int64_t c = 0; c < g->c; c++)
             for (int64_t q = 0; q < nb; q++) {
-                const conv_tap *t = &tb[q];
                 float *row = col + (c * taps + t0 + q) * n;
                 for (int64_t b = 0; b < bc; b++) {
-                    const float *xc = xs + (b * g->c + c) * pf;  // one channel's planes
-                    float *dst = row + b * g->ohw;               // (OH, OW)
-                    if (t->olo > 0) memset(dst, 0, (size_t)(t->olo * g->ow) * sizeof(float));
-                    if (contiguous(g, t)) {
-                        /* one copy from the first to the last valid element, then zero the edge columns */
-                        memcpy(dst + t->olo * g->ow + t->lo, xc + tap_src(t, t->olo),
-                               (size_t)((t->ohi - t->olo - 1) * g->ow + t->hi - t->lo) * sizeof(float));
-                        zero_edge_columns(dst, g, t);
-                    } else
-                    for (int64_t oh = t->olo; oh < t->ohi; oh++) {
-                        float *d = dst + oh * g->ow;
-                        for (int64_t o = 0; o < t->lo; o++) d[o] = 0.0f;
-                        gather_row(d + t->lo, xc + tap_src(t, oh), t->hi - t->lo, t->step);
-                        for (int64_t o = t->hi; o < g->ow; o++) d[o] = 0.0f;
-                    }
-                    if (t->ohi < g->oh) memset(dst + t->ohi * g->ow, 0, (size_t)((g->oh - t->ohi) * g->ow) * sizeof(float));
+                    float *xc = xs + (b * g->c + c) * pf;  // one channel's planes
+                    if (back) tap_scatter(xc, row + b * g->ohw, g, &tb[q]);
+                    else tap_gather(row + b * g->ohw, xc, g, &tb[q]);
                 }
             }
     }
 }
 
-static void col2im(float *dxs, float *col, const conv_geom *g, int64_t bc) {
-    // dxs (bc, C, plane_floats) accumulated into, dx or its phase planes; col (K, bc*OHW),
-    // scratch: its edge columns are zeroed
-    int64_t n = bc * g->ohw, pf = plane_floats(g), taps = g->kh * g->kw;
-    conv_tap tb[TAP_BLOCK];
-    for (int64_t t0 = 0; t0 < taps; t0 += TAP_BLOCK) {
-        int64_t nb = taps - t0 < TAP_BLOCK ? taps - t0 : TAP_BLOCK;
-        for (int64_t q = 0; q < nb; q++) tb[q] = tap_at(g, (t0 + q) / g->kw, (t0 + q) % g->kw);
-        for (int64_t c = 0; c < g->c; c++)
-            for (int64_t q = 0; q < nb; q++) {
-                const conv_tap *t = &tb[q];
-                float *row = col + (c * taps + t0 + q) * n;
-                for (int64_t b = 0; b < bc; b++) {
-                    float *xc = dxs + (b * g->c + c) * pf;  // one channel's planes
-                    float *srow = row + b * g->ohw;
-                    if (contiguous(g, t)) {
-                        /* zero the edge columns, then one add over the span: they add 0 elsewhere */
-                        zero_edge_columns(srow, g, t);
-                        scatter_add_row(xc + tap_src(t, t->olo), srow + t->olo * g->ow + t->lo,
-                                        (t->ohi - t->olo - 1) * g->ow + t->hi - t->lo, 1);
-                        continue;
-                    }
-                    for (int64_t oh = t->olo; oh < t->ohi; oh++)
-                        scatter_add_row(xc + tap_src(t, oh), srow + oh * g->ow + t->lo, t->hi - t->lo, t->step);
-                }
-            }
-    }
+static void im2col(float *col, const float *xs, const conv_geom *g, int64_t bc) {
+    columns(col, (float *)xs, g, bc, 0);  /* xs is only read */
 }
+
+static void col2im(float *dxs, float *col, const conv_geom *g, int64_t bc) { columns(col, dxs, g, bc, 1); }
 
 /* ReLU's value and gradient rule (mpscy_relu_pass); both operands are loaded, so loops of it
  * vectorize */
