@@ -83,6 +83,7 @@ static inline void cpu_lanes_dot_centered(double *restrict s, double *restrict s
     for (; i < n; i++) a[i % CPU_LANES] += dy[i] * ((x[i] - m) * inv);
     for (int k = 0; k < CPU_LANES; k++) sx[k] = a[k];
 }
+/* the lanes' sum, pairwise (written for CPU_LANES == 8) */
 static inline double cpu_lanes_total(const double *acc) {
     return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
