@@ -682,7 +682,7 @@ def test_normalization_and_pooling_do_not_depend_on_the_thread_count(rng):
 
     def run(threads):
         inp = mpscy.Input((8, 16, 16))
-        h = layers.Add()([layers.LayerNorm((8, 16, 16), name="ln")(layers.BatchNorm(name="bn")(inp)), inp])
+        h = layers.Add()([layers.LayerNorm(16, name="ln")(layers.BatchNorm(name="bn")(inp)), inp])
         pooled = layers.Add()([layers.MaxPool2D(3, stride=2, padding=1)(h),
                                layers.AvgPool2D(3, stride=2, padding=1)(h)])
         feats = layers.Concatenate()([layers.GlobalAvgPool2D()(h), layers.GlobalAvgPool2D()(pooled)])

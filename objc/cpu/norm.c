@@ -164,13 +164,21 @@ void cpu_batchnorm_commit(cpu_graph *g, const mpscy_node *n, int64_t b) {
 
 /* ------------------------------------------------------------------ LayerNorm */
 
-/* LayerNorm over the pool: forward a share of the rows per thread; backward on one thread, its
- * weight and bias gradients summing over every row */
+/* LayerNorm over the pool, a share of the rows per thread. Backward sums the weight and bias
+ * gradients over blocks of rows whose size depends on the built batch alone (at most
+ * LN_BLOCKS blocks), each block's partial sums in the workspace, then the blocks in order: the
+ * result does not depend on the thread count. */
+#define LN_BLOCKS 64
 typedef struct ln_job {
     float *y, *mean, *rstd;                /* (rows, D), (rows), (rows) */
     const float *x, *w, *bias;             /* (rows, D), (D) or NULL, (D) or NULL */
     int64_t rows, d;
     double eps;
+    /* backward */
+    float *dx, *part;                      /* (rows, D) or NULL; (blocks, 2, D) partial dw, db */
+    const float *dy;
+    int64_t block;                         /* rows per block */
+    int accum, affine;
 } ln_job;
 
 CPU_SIMD static void ln_forward_task(void *ctx, int32_t t, int32_t nt) {
@@ -195,43 +203,60 @@ CPU_SIMD static void ln_forward_task(void *ctx, int32_t t, int32_t nt) {
     }
 }
 
-CPU_SIMD static void layernorm_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
-                                        const float *mean, const float *rstd, const float *w, int64_t rows, int64_t d,
-                                        int accum) {
-    // dx (rows, D) or NULL, dw (D) or NULL, db (D) or NULL, dy (rows, D), x (rows, D),
-    // mean (rows), rstd (rows), w (D) or NULL
-    if (dw) memset(dw, 0, (size_t)d * sizeof(float));
-    if (db) memset(db, 0, (size_t)d * sizeof(float));
-    for (int64_t r = 0; r < rows; r++) {
-        const float *xr = x + r * d, *dr = dy + r * d;
-        float m = mean[r], inv = rstd[r];
-        double sg[CPU_LANES] = {0}, sgx[CPU_LANES] = {0};
-        for (int64_t k = 0; k < d; k++) {
-            float h = (xr[k] - m) * inv, gk = w ? dr[k] * w[k] : dr[k];
-            if (dw) dw[k] += dr[k] * h;
-            if (db) db[k] += dr[k];
-            sg[k % CPU_LANES] += gk;
-            sgx[k % CPU_LANES] += gk * h;
-        }
-        if (!dx) continue;
-        float a = (float)(cpu_lanes_total(sg) / (double)d), c = (float)(cpu_lanes_total(sgx) / (double)d);
-        float *o = dx + r * d;
-        for (int64_t k = 0; k < d; k++) {
-            float h = (xr[k] - m) * inv, gk = w ? dr[k] * w[k] : dr[k];
-            float v = inv * (gk - a - h * c);
-            o[k] = accum ? o[k] + v : v;
+CPU_SIMD static void ln_backward_task(void *ctx, int32_t t, int32_t nt) {
+    // blocks [lo, hi) of rows: dx (rows, D) or NULL, and each block's partial dw and db (D each,
+    // when affine) summed in row order, from dy (rows, D), x (rows, D), mean and rstd (rows)
+    const ln_job *j = ctx;
+    int64_t lo, hi, d = j->d, blocks = (j->rows + j->block - 1) / j->block;
+    cpu_split(blocks, t, nt, &lo, &hi);
+    for (int64_t bk = lo; bk < hi; bk++) {
+        float *pw = j->part + bk * 2 * d, *pb = pw + d;
+        if (j->affine) memset(pw, 0, (size_t)(2 * d) * sizeof(float));
+        int64_t r1 = (bk + 1) * j->block < j->rows ? (bk + 1) * j->block : j->rows;
+        for (int64_t r = bk * j->block; r < r1; r++) {
+            const float *xr = j->x + r * d, *dr = j->dy + r * d;
+            float m = j->mean[r], inv = j->rstd[r];
+            double sg[CPU_LANES] = {0}, sgx[CPU_LANES] = {0};
+            for (int64_t k = 0; k < d; k++) {
+                float h = (xr[k] - m) * inv, gk = j->w ? dr[k] * j->w[k] : dr[k];
+                if (j->affine) {
+                    pw[k] += dr[k] * h;
+                    pb[k] += dr[k];
+                }
+                sg[k % CPU_LANES] += gk;
+                sgx[k % CPU_LANES] += gk * h;
+            }
+            if (!j->dx) continue;
+            float a = (float)(cpu_lanes_total(sg) / (double)d), c = (float)(cpu_lanes_total(sgx) / (double)d);
+            float *o = j->dx + r * d;
+            for (int64_t k = 0; k < d; k++) {
+                float h = (xr[k] - m) * inv, gk = j->w ? dr[k] * j->w[k] : dr[k];
+                float v = inv * (gk - a - h * c);
+                o[k] = j->accum ? o[k] + v : v;
+            }
         }
     }
 }
 
-static int64_t ln_width(const cpu_graph *g, const mpscy_node *n) {
-    const mpscy_node *a = &g->plan.nodes[n->in[0]];
+/* D, the normalized width of LayerNorm node n, and its rows per backward block at the built batch */
+static int64_t ln_width(const mpscy_plan *p, const mpscy_node *n) {
+    const mpscy_node *a = &p->nodes[n->in[0]];
     return mpscy_shape_count(n->ints[0], a->shape + (a->rank - n->ints[0]));
+}
+
+static int64_t ln_block(const mpscy_plan *p, const mpscy_node *n) {
+    int64_t rows = p->batch * (n->size / ln_width(p, n)), per = (rows + LN_BLOCKS - 1) / LN_BLOCKS;
+    return per < 16 ? 16 : per;
+}
+
+int64_t cpu_layernorm_workspace(const mpscy_plan *p, const mpscy_node *n) {
+    int64_t d = ln_width(p, n), rows = p->batch * (n->size / d), block = ln_block(p, n);
+    return (rows + block - 1) / block * 2 * d;
 }
 
 void cpu_layernorm_forward(cpu_graph *g, const mpscy_node *n, int64_t b, int train, const mpscy_step_args *a) {
     (void)train; (void)a;
-    int64_t d = ln_width(g, n), rows = b * n->size / d, half = n->save_size / 2;
+    int64_t d = ln_width(&g->plan, n), rows = b * n->size / d, half = n->save_size / 2;
     ln_job j = {g->y[n - g->plan.nodes], g->save + n->save, g->save + n->save + half, g->y[n->in[0]],
                 cpu_tensor(g, n, MPSCY_ROLE_PARAM, 0), cpu_tensor(g, n, MPSCY_ROLE_PARAM, 1), rows, d, n->reals[1]};
     if (rows * d >= CPU_PARALLEL_MIN && rows > 1) cpu_parallel(g->pool, ln_forward_task, &j);
@@ -239,8 +264,23 @@ void cpu_layernorm_forward(cpu_graph *g, const mpscy_node *n, int64_t b, int tra
 }
 
 void cpu_layernorm_backward(cpu_graph *g, const mpscy_node *n, int64_t b) {
-    int64_t d = ln_width(g, n), rows = b * n->size / d, half = n->save_size / 2;
-    layernorm_backward(g->dy[n->in[0]], cpu_tensor_grad(g, n, 0), cpu_tensor_grad(g, n, 1), g->dy[n - g->plan.nodes],
-                       g->y[n->in[0]], g->save + n->save, g->save + n->save + half,
-                       cpu_tensor(g, n, MPSCY_ROLE_PARAM, 0), rows, d, n->accum[0]);
+    int64_t d = ln_width(&g->plan, n), rows = b * n->size / d, half = n->save_size / 2;
+    float *dw = cpu_tensor_grad(g, n, 0), *db = cpu_tensor_grad(g, n, 1);
+    ln_job j = {0};
+    j.mean = g->save + n->save; j.rstd = j.mean + half;
+    j.x = g->y[n->in[0]]; j.w = cpu_tensor(g, n, MPSCY_ROLE_PARAM, 0); j.rows = rows; j.d = d;
+    j.dx = g->dy[n->in[0]]; j.part = g->ws; j.dy = g->dy[n - g->plan.nodes];
+    j.block = ln_block(&g->plan, n); j.accum = n->accum[0]; j.affine = dw != NULL;
+    int64_t blocks = (rows + j.block - 1) / j.block;
+    if (rows * d >= CPU_PARALLEL_MIN && blocks > 1) cpu_parallel(g->pool, ln_backward_task, &j);
+    else ln_backward_task(&j, 0, 1);
+    if (!j.affine) return;
+    for (int64_t k = 0; k < d; k++) dw[k] = db[k] = 0.0f;
+    for (int64_t bk = 0; bk < blocks; bk++) {  /* the blocks' partial sums, in order */
+        const float *pw = j.part + bk * 2 * d, *pb = pw + d;
+        for (int64_t k = 0; k < d; k++) {
+            dw[k] += pw[k];
+            db[k] += pb[k];
+        }
+    }
 }
