@@ -65,6 +65,24 @@ def torch_adam_step(torch, model, x, y):
     return step
 
 
+def compare(benchmark, step, reference, make_torch_step, min_time, rounds, **extra):
+    """Times mpscy's step, the reference workload and PyTorch's step (make_torch_step(torch),
+    when torch is installed) the same way, then pytest-benchmark's own rounds of the step, and
+    stores the ratios in benchmark.extra_info (with `extra`). Returns (mpscy_s, ref_s, torch_s or
+    None)."""
+    mpscy_s = measure(step, min_time=min_time)
+    pause()
+    ref_s = measure(reference, min_time=min_time)
+    pause()
+    torch = torch_or_none()
+    torch_s = measure(make_torch_step(torch), min_time=min_time) if torch else None
+    pause()
+    benchmark.pedantic(step, rounds=1 if QUICK else rounds, iterations=1, warmup_rounds=1)
+    benchmark.extra_info.update({"ratio": mpscy_s / ref_s, "mpscy_s": mpscy_s, "ref_s": ref_s, "torch_s": torch_s,
+                                 "torch_ratio": mpscy_s / torch_s if torch_s else None, **extra})
+    return mpscy_s, ref_s, torch_s
+
+
 def record(name, mpscy_s, ref_s, torch_s=None, note=""):
     ROWS.append((name, mpscy_s, ref_s, torch_s, note))
 

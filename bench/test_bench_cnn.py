@@ -10,7 +10,7 @@ import numpy as np
 import mpscy
 from mpscy import layers, optim
 
-from conftest import QUICK, measure, pause, record, torch_adam_step, torch_or_none
+from conftest import QUICK, compare, record, torch_adam_step
 
 BATCH = 64
 INPUT = (3, 32, 32)
@@ -71,17 +71,8 @@ def test_cnn_step(benchmark):
     y = rng.integers(0, 10, BATCH).astype(np.int64)
     engine = build()
     flops = 2 * sum(m * k * n for m, k, n in gemm_shapes())
-    step = lambda: engine.step(x, y)
-    mpscy_s = measure(step, min_time=3.0)
-    pause()
-    ref_s = measure(reference_gemms(rng), min_time=3.0)
-    pause()
-    torch = torch_or_none()
-    torch_s = measure(torch_step(torch, x, y), min_time=3.0) if torch else None
-    pause()
-    benchmark.pedantic(step, rounds=1 if QUICK else 20, iterations=1, warmup_rounds=1)
-    benchmark.extra_info.update({"ratio": mpscy_s / ref_s, "mpscy_s": mpscy_s, "ref_s": ref_s, "torch_s": torch_s,
-                                 "torch_ratio": mpscy_s / torch_s if torch_s else None, "gflop": flops / 1e9})
+    mpscy_s, ref_s, torch_s = compare(benchmark, lambda: engine.step(x, y), reference_gemms(rng),
+                                      lambda torch: torch_step(torch, x, y), 3.0, 20, gflop=flops / 1e9)
     record("cnn_readme_3x32x32_b64", mpscy_s, ref_s, torch_s,
            f"{flops / 1e9:.1f} GFLOP, {flops / mpscy_s / 1e9:.0f} GFLOP/s; target mpscy/torch <= {TARGET}")
     if torch_s and not QUICK:

@@ -9,7 +9,7 @@ import pytest
 import mpscy
 from mpscy import layers, optim
 
-from conftest import QUICK, measure, pause, record, torch_adam_step, torch_or_none
+from conftest import QUICK, compare, record, torch_adam_step
 
 CASES = [
     ("mlp_784_128_64_10_b32", [784, 128, 64, 10], 32, 1 / 3.0),
@@ -61,18 +61,9 @@ def test_mlp_step(benchmark, name, sizes, batch, target):
     y = rng.integers(0, sizes[-1], batch).astype(np.int64)
     engine = build(sizes, batch)
     big = batch * sizes[1] >= 1024 * 1024
-    step = lambda: engine.step(x, y)
-    mpscy_s = measure(step, min_time=2.0 if big else 0.5)
-    pause()
-    ref_s = measure(reference_gemms(sizes, batch, rng), min_time=2.0 if big else 0.5)
-    pause()
-    torch = torch_or_none()
-    torch_s = measure(torch_step(torch, sizes, batch, x, y), min_time=2.0 if big else 0.5) if torch else None
-    pause()
-    rounds = 1 if QUICK else (3 if big else 50)
-    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1)
-    benchmark.extra_info.update({"ratio": mpscy_s / ref_s, "mpscy_s": mpscy_s, "ref_s": ref_s,
-                                 "torch_s": torch_s, "torch_ratio": mpscy_s / torch_s if torch_s else None})
+    mpscy_s, ref_s, torch_s = compare(benchmark, lambda: engine.step(x, y), reference_gemms(sizes, batch, rng),
+                                      lambda torch: torch_step(torch, sizes, batch, x, y), 2.0 if big else 0.5,
+                                      3 if big else 50)
     note = ""
     if target:
         note = f"target mpscy/torch <= {target:.2f}"
