@@ -65,6 +65,17 @@ def torch_adam_step(torch, model, x, y):
     return step
 
 
+def gemm_workload(shapes, rng):
+    """A reference workload: one numpy matrix product (float32, random) of each (m, k, n) shape."""
+    mats = [(rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((k, n)).astype(np.float32))
+            for m, k, n in shapes]
+
+    def run():
+        for a, b in mats:
+            a @ b
+    return run
+
+
 def compare(benchmark, step, reference, make_torch_step, min_time, rounds, **extra):
     """Times mpscy's step, the reference workload and PyTorch's step (make_torch_step(torch),
     when torch is installed) the same way, then pytest-benchmark's own rounds of the step, and
@@ -81,6 +92,19 @@ def compare(benchmark, step, reference, make_torch_step, min_time, rounds, **ext
     benchmark.extra_info.update({"ratio": mpscy_s / ref_s, "mpscy_s": mpscy_s, "ref_s": ref_s, "torch_s": torch_s,
                                  "torch_ratio": mpscy_s / torch_s if torch_s else None, **extra})
     return mpscy_s, ref_s, torch_s
+
+
+def compare_image_model(benchmark, engine, shapes, torch_step, batch, input_shape, classes=10):
+    """compare() for an image model trained on one random batch: its reference workload is its
+    matrix products (`shapes`), PyTorch's step torch_step(torch, x, y). Returns (mpscy_s,
+    ref_s, torch_s, flops of the matrix products)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch,) + input_shape).astype(np.float32)
+    y = rng.integers(0, classes, batch).astype(np.int64)
+    flops = 2 * sum(m * k * n for m, k, n in shapes)
+    times = compare(benchmark, lambda: engine.step(x, y), gemm_workload(shapes, rng),
+                    lambda torch: torch_step(torch, x, y), 3.0, 20, gflop=flops / 1e9)
+    return (*times, flops)
 
 
 def record(name, mpscy_s, ref_s, torch_s=None, note=""):

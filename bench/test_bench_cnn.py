@@ -5,12 +5,11 @@ Conv2D(32, 3, 2, 1) - ReLU - Conv2D(64, 3, 1, 1) - ReLU - Conv2D(64, 3, 2, 1) - 
 The gate ratio is mpscy's step over a reference workload of the same FLOPs: the step's own matrix
 products (each convolution as im2col GEMMs over the whole batch, forward, weight gradient and
 input gradient, and the Dense layers) through numpy's BLAS."""
-import numpy as np
 
 import mpscy
 from mpscy import layers, optim
 
-from conftest import QUICK, compare, record, torch_adam_step
+from conftest import QUICK, compare_image_model, record, torch_adam_step
 
 BATCH = 64
 INPUT = (3, 32, 32)
@@ -43,16 +42,6 @@ def gemm_shapes():
     return shapes
 
 
-def reference_gemms(rng):
-    mats = [(rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((k, n)).astype(np.float32))
-            for m, k, n in gemm_shapes()]
-
-    def run():
-        for a, b in mats:
-            a @ b
-    return run
-
-
 def torch_step(torch, x, y):
     torch.manual_seed(0)
     nn = torch.nn
@@ -66,13 +55,7 @@ def torch_step(torch, x, y):
 
 
 def test_cnn_step(benchmark):
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((BATCH,) + INPUT).astype(np.float32)
-    y = rng.integers(0, 10, BATCH).astype(np.int64)
-    engine = build()
-    flops = 2 * sum(m * k * n for m, k, n in gemm_shapes())
-    mpscy_s, ref_s, torch_s = compare(benchmark, lambda: engine.step(x, y), reference_gemms(rng),
-                                      lambda torch: torch_step(torch, x, y), 3.0, 20, gflop=flops / 1e9)
+    mpscy_s, ref_s, torch_s, flops = compare_image_model(benchmark, build(), gemm_shapes(), torch_step, BATCH, INPUT)
     record("cnn_readme_3x32x32_b64", mpscy_s, ref_s, torch_s,
            f"{flops / 1e9:.1f} GFLOP, {flops / mpscy_s / 1e9:.0f} GFLOP/s; target mpscy/torch <= {TARGET}")
     if torch_s and not QUICK:

@@ -7,12 +7,11 @@ Dense(10). What the README CNN's benchmark does not reach: BatchNorm, Add, Globa
 products (each convolution as im2col GEMMs over the whole batch: forward, weight gradient and
 input gradient) through numpy's BLAS; the rest of the step (normalization, pooling, the adds)
 is what the ratio's excess measures."""
-import numpy as np
 
 import mpscy
 from mpscy import layers, optim
 
-from conftest import compare, record, torch_adam_step
+from conftest import compare_image_model, record, torch_adam_step
 
 BATCH = 64
 INPUT = (3, 32, 32)
@@ -61,16 +60,6 @@ def gemm_shapes():
     return shapes
 
 
-def reference_gemms(rng):
-    mats = [(rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((k, n)).astype(np.float32))
-            for m, k, n in gemm_shapes()]
-
-    def run():
-        for a, b in mats:
-            a @ b
-    return run
-
-
 def torch_step(torch, x, y):
     torch.manual_seed(0)
     nn = torch.nn
@@ -97,12 +86,6 @@ def torch_step(torch, x, y):
 
 
 def test_resnet_step(benchmark):
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((BATCH,) + INPUT).astype(np.float32)
-    y = rng.integers(0, 10, BATCH).astype(np.int64)
-    engine = build()
-    flops = 2 * sum(m * k * n for m, k, n in gemm_shapes())
-    mpscy_s, ref_s, torch_s = compare(benchmark, lambda: engine.step(x, y), reference_gemms(rng),
-                                      lambda torch: torch_step(torch, x, y), 3.0, 20, gflop=flops / 1e9)
+    mpscy_s, ref_s, torch_s, flops = compare_image_model(benchmark, build(), gemm_shapes(), torch_step, BATCH, INPUT)
     record("resnet_3x32x32_b64", mpscy_s, ref_s, torch_s,
            f"{flops / 1e9:.1f} GFLOP in matrix products, {flops / mpscy_s / 1e9:.0f} GFLOP/s")
