@@ -41,16 +41,14 @@ def device_free_bytes():
     return None
 
 
-def workload_engine(rng):
+def workload_engine():
     """An engine as cuda_profile.py's workload (the memcheck model runs) builds and steps it."""
     from cuda_bench import MODELS, batches, mpscy_step
-    os.environ["MPSCY_CUDA_DEFER"] = "0"
     spec = MODELS["mlp_small"]
-    step = mpscy_step("mlp_small", spec, device=os.environ.get("SAN_DEVICE", "cuda"))
+    step = mpscy_step("mlp_small", spec, device=os.environ.get("SAN_DEVICE", "cuda"), env={"MPSCY_CUDA_DEFER": "0"})
     data = [(x, y.astype("int32")) for x, y in batches(spec, 2)]
     for i in range(4):
         step(*data[i % 2])
-    os.environ.pop("MPSCY_CUDA_DEFER")
     return step.engine
 
 
@@ -98,7 +96,7 @@ def main():
             del e
             counters.append((how, shape, dev.stats()))
             del dev
-    e = workload_engine(rng)  # the benchmark's way: cuda_bench.mpscy_step, staged first, Adam
+    e = workload_engine()  # the benchmark's way: cuda_bench.mpscy_step, staged first, Adam
     alive.append(weakref.ref(e))
     dev = e._device
     del e

@@ -70,19 +70,6 @@ static inline void cpu_lanes_sq(double *restrict acc, const float *restrict x, i
     }
     for (int k = 0; k < CPU_LANES; k++) acc[k] = a[k];
 }
-/* s += dy, sx += dy * (x - m) * inv: BatchNorm's backward sums (two loops: one loop of both
- * sums does not vectorize) */
-static inline void cpu_lanes_dot_centered(double *restrict s, double *restrict sx, const float *restrict dy,
-                                          const float *restrict x, int64_t n, double m, double inv) {
-    double a[CPU_LANES];
-    int64_t i = 0;
-    cpu_lanes_sum(s, dy, n);
-    for (int k = 0; k < CPU_LANES; k++) a[k] = sx[k];
-    for (; i + CPU_LANES <= n; i += CPU_LANES)
-        for (int k = 0; k < CPU_LANES; k++) a[k] += dy[i + k] * ((x[i + k] - m) * inv);
-    for (; i < n; i++) a[i % CPU_LANES] += dy[i] * ((x[i] - m) * inv);
-    for (int k = 0; k < CPU_LANES; k++) sx[k] = a[k];
-}
 /* the lanes' sum, pairwise (written for CPU_LANES == 8) */
 static inline double cpu_lanes_total(const double *acc) {
     return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));

@@ -15,6 +15,20 @@ static void bn_dims(const cpu_graph *g, const mpscy_node *n, int64_t *c, int64_t
     *inner = a->rank == 3 ? a->shape[1] * a->shape[2] : 1;
 }
 
+/* s += dy, sx += dy * (x - m) * inv, in cpu.h's lanes: BatchNorm's backward sums (two loops:
+ * one loop of both sums does not vectorize) */
+static inline void lanes_dot_centered(double *restrict s, double *restrict sx, const float *restrict dy,
+                                      const float *restrict x, int64_t n, double m, double inv) {
+    double a[CPU_LANES];
+    int64_t i = 0;
+    cpu_lanes_sum(s, dy, n);
+    for (int k = 0; k < CPU_LANES; k++) a[k] = sx[k];
+    for (; i + CPU_LANES <= n; i += CPU_LANES)
+        for (int k = 0; k < CPU_LANES; k++) a[k] += dy[i + k] * ((x[i + k] - m) * inv);
+    for (; i < n; i++) a[i % CPU_LANES] += dy[i] * ((x[i] - m) * inv);
+    for (int k = 0; k < CPU_LANES; k++) sx[k] = a[k];
+}
+
 /* One BatchNorm pass over the pool, a share of the channels per thread (each channel's values
  * do not depend on the split). */
 typedef struct bn_job {
@@ -44,12 +58,13 @@ static inline void bn_stats_spatial(const bn_job *j, int64_t lo, int64_t hi) {
 }
 
 /* Channels [lo, hi) of a feature input (inner 1): a channel's values are strided by C, so the
- * channels are the vector; each channel's sums run in row order. */
+ * channels are the vector, BN_CHANNELS at a time; each channel's sums run in row order. */
+#define BN_CHANNELS 64
 static inline void bn_stats_features(const bn_job *j, int64_t lo, int64_t hi) {
     double count = (double)j->b;
-    for (int64_t c0 = lo; c0 < hi; c0 += CPU_LANES * 8) {
-        int64_t nc = hi - c0 < CPU_LANES * 8 ? hi - c0 : CPU_LANES * 8;
-        double s[CPU_LANES * 8] = {0}, q[CPU_LANES * 8] = {0};
+    for (int64_t c0 = lo; c0 < hi; c0 += BN_CHANNELS) {
+        int64_t nc = hi - c0 < BN_CHANNELS ? hi - c0 : BN_CHANNELS;
+        double s[BN_CHANNELS] = {0}, q[BN_CHANNELS] = {0};
         for (int64_t i = 0; i < j->b; i++)
             for (int64_t k = 0; k < nc; k++) s[k] += j->x[i * j->c + c0 + k];
         for (int64_t k = 0; k < nc; k++) s[k] /= count;
@@ -100,7 +115,7 @@ CPU_SIMD static void bn_backward_task(void *ctx, int32_t t, int32_t nt) {
     for (int64_t ch = lo; ch < hi; ch++) {
         double inv = j->inv[ch], m = j->mean[ch], sdy[CPU_LANES] = {0}, sdyx[CPU_LANES] = {0};
         for (int64_t i = 0; i < j->b; i++)
-            cpu_lanes_dot_centered(sdy, sdyx, j->dy + (i * j->c + ch) * j->inner, j->x + (i * j->c + ch) * j->inner,
+            lanes_dot_centered(sdy, sdyx, j->dy + (i * j->c + ch) * j->inner, j->x + (i * j->c + ch) * j->inner,
                                    j->inner, m, inv);
         double s1 = cpu_lanes_total(sdy), s2 = cpu_lanes_total(sdyx);
         if (j->dgamma) j->dgamma[ch] = (float)s2;
@@ -178,7 +193,7 @@ typedef struct ln_job {
     float *dx, *part;                      /* (rows, D) or NULL; (blocks, 2, D) partial dw, db */
     const float *dy;
     int64_t block;                         /* rows per block */
-    int accum, affine;
+    int accum;
 } ln_job;
 
 CPU_SIMD static void ln_forward_task(void *ctx, int32_t t, int32_t nt) {
@@ -205,13 +220,13 @@ CPU_SIMD static void ln_forward_task(void *ctx, int32_t t, int32_t nt) {
 
 CPU_SIMD static void ln_backward_task(void *ctx, int32_t t, int32_t nt) {
     // blocks [lo, hi) of rows: dx (rows, D) or NULL, and each block's partial dw and db (D each,
-    // when affine) summed in row order, from dy (rows, D), x (rows, D), mean and rstd (rows)
+    // when there is a weight) summed in row order, from dy (rows, D), x (rows, D), mean and rstd (rows)
     const ln_job *j = ctx;
     int64_t lo, hi, d = j->d, blocks = (j->rows + j->block - 1) / j->block;
     cpu_split(blocks, t, nt, &lo, &hi);
     for (int64_t bk = lo; bk < hi; bk++) {
         float *pw = j->part + bk * 2 * d, *pb = pw + d;
-        if (j->affine) memset(pw, 0, (size_t)(2 * d) * sizeof(float));
+        if (j->w) memset(pw, 0, (size_t)(2 * d) * sizeof(float));
         int64_t r1 = (bk + 1) * j->block < j->rows ? (bk + 1) * j->block : j->rows;
         for (int64_t r = bk * j->block; r < r1; r++) {
             const float *xr = j->x + r * d, *dr = j->dy + r * d;
@@ -219,7 +234,7 @@ CPU_SIMD static void ln_backward_task(void *ctx, int32_t t, int32_t nt) {
             double sg[CPU_LANES] = {0}, sgx[CPU_LANES] = {0};
             for (int64_t k = 0; k < d; k++) {
                 float h = (xr[k] - m) * inv, gk = j->w ? dr[k] * j->w[k] : dr[k];
-                if (j->affine) {
+                if (j->w) {
                     pw[k] += dr[k] * h;
                     pb[k] += dr[k];
                 }
@@ -270,11 +285,11 @@ void cpu_layernorm_backward(cpu_graph *g, const mpscy_node *n, int64_t b) {
     j.mean = g->save + n->save; j.rstd = j.mean + half;
     j.x = g->y[n->in[0]]; j.w = cpu_tensor(g, n, MPSCY_ROLE_PARAM, 0); j.rows = rows; j.d = d;
     j.dx = g->dy[n->in[0]]; j.part = g->ws; j.dy = g->dy[n - g->plan.nodes];
-    j.block = ln_block(&g->plan, n); j.accum = n->accum[0]; j.affine = dw != NULL;
+    j.block = ln_block(&g->plan, n); j.accum = n->accum[0];
     int64_t blocks = (rows + j.block - 1) / j.block;
     if (rows * d >= CPU_PARALLEL_MIN && blocks > 1) cpu_parallel(g->pool, ln_backward_task, &j);
     else ln_backward_task(&j, 0, 1);
-    if (!j.affine) return;
+    if (!dw) return;  /* no weight (elementwise_affine=False): no weight or bias gradient */
     for (int64_t k = 0; k < d; k++) dw[k] = db[k] = 0.0f;
     for (int64_t bk = 0; bk < blocks; bk++) {  /* the blocks' partial sums, in order */
         const float *pw = j.part + bk * 2 * d, *pb = pw + d;

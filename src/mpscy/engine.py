@@ -10,6 +10,7 @@ import numpy as np
 
 from . import _native, losses as _losses, optim as _optim
 from .optim.lbfgs import LBFGSDriver
+from ._checks import choice
 from .errors import DTypeError, InvalidArgumentError, ShapeError, StateError
 from .model import Model
 
@@ -116,8 +117,7 @@ class Engine:
         # the native descriptor holds batch_size and threads as int32, the seed as uint64
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or not 1 <= batch_size < 2**31:
             raise InvalidArgumentError(f"batch_size must be a positive integer below 2**31, got {batch_size!r}")
-        if not isinstance(precision, str) or precision not in ("fp32", "tf32"):
-            raise InvalidArgumentError(f"precision must be 'fp32' or 'tf32', got {precision!r}")
+        choice(precision, ("fp32", "tf32"), "precision")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
             raise InvalidArgumentError(f"seed must be an integer in [0, 2**64), got {seed!r}")
         if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 0 <= threads <= _MAX_THREADS:
