@@ -1002,3 +1002,119 @@ def test_a_fit_that_fails_after_a_step_leaves_its_partial_history(device, digits
     with pytest.raises(mpscy.InvalidArgumentError, match="epoch 2, batch 2: label 99"):
         engine.fit(bad, epochs=3, initial_epoch=1, verbose=0)
     assert engine.history is not h0 and engine.history.epoch == [] and engine.iterations == 4
+
+
+def test_model_checkpoint_filepath_is_checked_when_built():
+    """Each raised a raw ValueError or TypeError at the first epoch's end, after its steps."""
+    cases = [("ck-{epoch:02d}-{val_loss:.3f", r"is not a format string: unmatched '\{' in format spec"),
+             ("ck-}.mpscy", "is not a format string: Single '}' encountered"),
+             ("ck-{}.mpscy", r"has the field \{\}: fields name the epoch or a log entry"),
+             ("ck-{0}.mpscy", r"has the field \{0\}: fields name the epoch or a log entry"),
+             ("ck-{epoch:.3q}.mpscy", r"cannot format the epoch \(an int\) and log entries \(floats\): "
+                                      "ValueError: Unknown format code 'q'"),
+             ("ck-{loss:d}.mpscy", r"cannot .*: ValueError: Unknown format code 'd' for object of type 'float'"),
+             ("ck-{epoch[0]}.mpscy", r"cannot .*: TypeError: 'int' object is not subscriptable")]
+    for filepath, match in cases:
+        with pytest.raises(mpscy.InvalidArgumentError, match=rf"^ModelCheckpoint filepath '{re.escape(filepath)}' {match}"):
+            cb.ModelCheckpoint(filepath)
+    assert cb.ModelCheckpoint("ck-{epoch:03d}-{val_loss:.2e}-{epoch}.mpscy")._fields == ["epoch", "val_loss"]
+
+
+def test_fit_refuses_a_checkpoint_or_log_it_could_not_write(device, digits, tmp_path):
+    """What used to fail when the first epoch ended (after its steps) is refused when fit
+    starts: nothing trained, the previous History kept."""
+    xtr, ytr, xte, yte = digits
+    engine = _engine(device)
+    before = engine.get_parameters()
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = [(cb.ModelCheckpoint(tmp_path / "ck-{epoch}-{val_los:.3f}.mpscy"),
+              r"names \['val_los'\], which this fit does not log \(its logs hold \['accuracy', 'loss', 'lr', "
+              r"'val_accuracy', 'val_loss'\] and the epoch\)"),
+             (cb.ModelCheckpoint(tmp_path), "is a folder; give a file name in it, such as '.*model-"),
+             (cb.ModelCheckpoint(afile / "sub" / "m-{epoch}.mpscy"), rf"{re.escape(repr(str(afile)))} is not a folder"),
+             (cb.CSVLogger(tmp_path), "CSVLogger filename '.*' is a folder"),
+             (cb.CSVLogger(tmp_path / "missing" / "log.csv"), "the folder '.*missing' does not exist"),
+             (cb.CSVLogger(afile / "log.csv"), "is not a folder")]
+    for callback, match in cases:
+        with pytest.raises(mpscy.InvalidArgumentError, match=match):
+            engine.fit(xtr, ytr, epochs=2, verbose=0, validation_data=(xte, yte), callbacks=[callback])
+        assert engine.iterations == 0 and engine.history is None
+    assert _same_params(engine, _engine(device)) and all(np.array_equal(before[k], v) for k, v in
+                                                         engine.get_parameters().items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_model_checkpoint_may_name_a_key_a_users_callback_adds(device, digits, tmp_path):
+    """fit cannot know what a callback of the user's adds to the logs, so the field is not
+    refused then; fit's own keys are checked when only mpscy's callbacks run."""
+    class Tag(cb.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs["tag"] = 7.0
+
+    xtr, ytr, _, _ = digits
+    ckpt = cb.ModelCheckpoint(tmp_path / "m-{epoch}-{tag:.0f}.mpscy")
+    _engine(device).fit(xtr[:64], ytr[:64], epochs=2, verbose=0, callbacks=[Tag(), ckpt])
+    assert [p.split("/")[-1] for p in ckpt.saved] == ["m-1-7.mpscy", "m-2-7.mpscy"]
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"names \['tag'\], which this fit does not log"):
+        _engine(device).fit(xtr[:64], ytr[:64], epochs=1, verbose=0, callbacks=[cb.ModelCheckpoint(
+            tmp_path / "m-{epoch}-{tag:.0f}.mpscy")])
+
+
+@pytest.mark.parametrize("setup", ["classifier", "validation and metrics", "regression"])
+def test_fit_knows_its_log_keys(device, digits, setup):
+    """The keys fit gives ModelCheckpoint's check are the keys of the logs it then builds."""
+    xtr, ytr, xte, yte = digits
+    seen = {}
+
+    class Look(cb.Callback):
+        __module__ = cb.__name__  # as one of mpscy's: fit then knows every key
+
+        def on_epoch_end(self, epoch, logs=None):
+            seen["logs"], seen["known"] = sorted(logs), self._log_keys
+    if setup == "regression":
+        engine = mpscy.Engine(mpscy.Sequential([layers.Dense(1)], input_shape=(64,)), loss="mse", batch_size=32,
+                              device=device)
+        engine.fit(xtr[:64], ytr[:64, None].astype(np.float32), verbose=0, metrics=["r2"], callbacks=[Look()])
+        assert seen["logs"] == ["loss", "lr", "r2"]
+    elif setup == "classifier":
+        _engine(device).fit(xtr[:64], ytr[:64], verbose=0, callbacks=[Look()])
+        assert seen["logs"] == ["accuracy", "loss", "lr"]
+    else:
+        _engine(device).fit(xtr[:64], ytr[:64], verbose=0, validation_data=(xte, yte),
+                            metrics=["f1", "accuracy"], callbacks=[Look()])
+        assert seen["logs"] == ["accuracy", "loss", "lr", "val_accuracy", "val_f1", "val_loss"]
+    assert sorted(seen["known"]) == seen["logs"]
+
+
+def test_csv_logger_leaves_an_earlier_log_when_fit_fails_before_an_epoch_ends(device, digits, tmp_path):
+    xtr, ytr, _, _ = digits
+    path = tmp_path / "log.csv"
+    path.write_text("epoch,loss\n0,1.5\n")
+    logger = cb.CSVLogger(path)
+    with pytest.raises(mpscy.NonFiniteError):
+        _engine(device).fit(np.full((32, 64), 3e38, np.float32), ytr[:32], verbose=0, callbacks=[logger])
+    assert path.read_text() == "epoch,loss\n0,1.5\n"
+    _engine(device).fit(xtr[:64], ytr[:64], epochs=2, verbose=0, callbacks=[logger])  # the same logger again
+    rows = list(csv.reader(open(path)))
+    assert rows[0] == ["epoch", "accuracy", "loss", "lr"] and [r[0] for r in rows[1:]] == ["0", "1"]
+
+
+def test_fit_refuses_an_unwritable_folder(device, digits, tmp_path, monkeypatch):
+    """os.access stands in for the permissions (the suite may run as root, who may write
+    anywhere): a checkpoint needs its folder writable (engine.save writes a temporary file
+    beside it), a CSV log an existing file writable or else its folder."""
+    xtr, ytr, _, _ = digits
+    locked = str(tmp_path / "locked")
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / "log.csv").write_text("epoch,loss\n")
+    monkeypatch.setattr(cb.os, "access", lambda p, mode: not str(p).startswith(locked))
+    engine = _engine(device)
+    cases = [(cb.ModelCheckpoint(tmp_path / "locked" / "m.mpscy"), f"the folder '{locked}' is not writable"),
+             (cb.ModelCheckpoint(tmp_path / "locked" / "new" / "m.mpscy"), f"the folder '{locked}' is not writable"),
+             (cb.CSVLogger(tmp_path / "locked" / "log.csv"), r"log.csv' is not writable"),
+             (cb.CSVLogger(tmp_path / "locked" / "other.csv"), f"the folder '{locked}' is not writable")]
+    for callback, match in cases:
+        with pytest.raises(mpscy.InvalidArgumentError, match=match):
+            engine.fit(xtr[:64], ytr[:64], verbose=0, callbacks=[callback])
+    assert engine.iterations == 0 and not (tmp_path / "locked" / "new").exists()

@@ -8,6 +8,7 @@ import csv
 import inspect
 import math
 import os
+import string
 import warnings
 
 import numpy as np
@@ -21,11 +22,13 @@ __all__ = ["Callback", "CallbackList", "History", "EarlyStopping", "ModelCheckpo
 
 
 class Callback:
-    """Base class; override the hooks you need. `params` holds epochs, steps, verbose.
+    """Base class; override the hooks you need. `params` holds epochs, steps, verbose (as
+    Keras's).
     `engine` is the engine fit runs, held weakly (engine.history is a callback: a strong
     reference back would keep a dropped engine's memory until the cycle collector ran)."""
 
     engine = WeakEngine()
+    _log_keys = None  # the keys of fit's epoch logs, when no callback of the user's may add more
 
     def __init__(self):
         self.engine = None
@@ -68,13 +71,15 @@ class CallbackList:
     """Calls each hook on every callback, in order. Batch hooks are dispatched only to the
     callbacks that override them, so fit builds no per-batch logs when nobody reads them."""
 
-    def __init__(self, callbacks, engine, params):
+    def __init__(self, callbacks, engine, params, log_keys=None):
         self.callbacks = list(callbacks)
         for cb in self.callbacks:
             if not isinstance(cb, Callback):
                 raise InvalidArgumentError(f"callbacks must be mpscy.callbacks.Callback instances, got {type(cb).__name__}")
+        for cb in self.callbacks:
             cb.set_engine(engine)
             cb.set_params(params)
+            cb._log_keys = None if log_keys is None else list(log_keys)
         self.batch_begin = [cb for cb in self.callbacks if _overrides(cb, "on_train_batch_begin")]
         self.batch_end = [cb for cb in self.callbacks if _overrides(cb, "on_train_batch_end")]
 
@@ -207,12 +212,19 @@ class EarlyStopping(Callback):
 class ModelCheckpoint(Callback):
     """Saves the engine (`engine.save`: parameters, statistics, optimizer, generator, counters,
     schedule) at the end of each epoch to `filepath`, which may hold format fields such as
-    ``"ckpt-{epoch:02d}-{val_loss:.3f}.mpscy"`` (epoch counts from 1). With save_best_only it
-    writes only when `monitor` improved."""
+    ``"ckpt-{epoch:02d}-{val_loss:.3f}.mpscy"`` (epoch counts from 1; every other field is a
+    log entry, a float). With save_best_only it writes only when `monitor` improved.
+
+    What would fail only when the first epoch ends is refused before training: a filepath that
+    is no format string or cannot format an epoch and floats (when constructed), and (when fit
+    starts) a folder that cannot be made or written, a filepath that is a folder, and a field
+    that none of the logs will hold (checked when every callback that may add log entries is
+    one of this module's)."""
 
     def __init__(self, filepath, monitor="val_loss", save_best_only=False, mode="auto", verbose=0):
         super().__init__()
         self.filepath = path(filepath, "ModelCheckpoint filepath")
+        self._fields = _format_fields(self.filepath)
         self._m = _Monitor(monitor, mode)
         self.monitor = monitor
         self.save_best_only = bool(save_best_only)
@@ -223,6 +235,19 @@ class ModelCheckpoint(Callback):
     def best(self):
         """The best value of the monitored quantity so far (inf or -inf before the first)."""
         return self._m.best
+
+    def on_train_begin(self, logs=None):
+        known = self._log_keys
+        if known is not None:
+            missing = [f for f in self._fields if f != "epoch" and f not in known]
+            if missing:
+                raise InvalidArgumentError(f"ModelCheckpoint filepath {self.filepath!r} names {missing}, which this "
+                                           f"fit does not log (its logs hold {sorted(known)} and the epoch)")
+        target = self.filepath.format(**_sample(self._fields))
+        if os.path.isdir(target):
+            raise InvalidArgumentError(f"ModelCheckpoint filepath {self.filepath!r} is a folder; give a file name "
+                                       f"in it, such as {os.path.join(self.filepath, 'model-{epoch:02d}.mpscy')!r}")
+        _check_writable(target, "ModelCheckpoint filepath", make_folders=True, replaces=True)
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
@@ -236,6 +261,9 @@ class ModelCheckpoint(Callback):
         except (KeyError, IndexError) as e:
             raise InvalidArgumentError(f"ModelCheckpoint filepath {self.filepath!r} names {e} which is "
                                        f"not in the logs {sorted(logs)}") from None
+        except (ValueError, TypeError, AttributeError) as e:  # a log value a callback set, not a float
+            raise InvalidArgumentError(f"ModelCheckpoint filepath {self.filepath!r} cannot format the logs "
+                                       f"{logs}: {e}") from None
         folder = os.path.dirname(path)
         if folder:
             os.makedirs(folder, exist_ok=True)  # as Keras's ModelCheckpoint
@@ -243,6 +271,53 @@ class ModelCheckpoint(Callback):
         self.saved.append(path)
         if self.verbose:
             print(f"Epoch {epoch + 1}: saved {path}")
+
+
+def _format_fields(filepath):
+    """The names of filepath's format fields, after checking that it formats with the epoch as
+    an int and every other field as a float."""
+    what = f"ModelCheckpoint filepath {filepath!r}"
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(filepath) if f is not None]
+    except ValueError as e:
+        raise InvalidArgumentError(f"{what} is not a format string: {e}") from None
+    names = []
+    for f in fields:
+        name = f.split(".", 1)[0].split("[", 1)[0]
+        if not name.isidentifier():
+            raise InvalidArgumentError(f"{what} has the field {{{f}}}: fields name the epoch or a log entry, as "
+                                       "{epoch:02d} or {val_loss:.3f}")
+        names.append(name)
+    try:
+        filepath.format(**_sample(names))
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as e:
+        raise InvalidArgumentError(f"{what} cannot format the epoch (an int) and log entries (floats): "
+                                   f"{type(e).__name__}: {e}") from None
+    return list(dict.fromkeys(names))
+
+
+def _sample(names):
+    return {n: 1 if n == "epoch" else 1.0 for n in names}
+
+
+def _check_writable(target, what, make_folders, replaces):
+    """Refuses a file path that could not be written: its folder (or, with make_folders, the
+    nearest existing folder above it) missing, not a folder, or not writable, where the file
+    is new or replaced through a temporary file beside it (replaces: engine.save's way);
+    else an existing file that is not writable."""
+    probe = os.path.dirname(os.path.abspath(target))
+    if make_folders:
+        while not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+    if not os.path.exists(probe):
+        raise InvalidArgumentError(f"{what} {target!r}: the folder {probe!r} does not exist")
+    if not os.path.isdir(probe):
+        raise InvalidArgumentError(f"{what} {target!r}: {probe!r} is not a folder")
+    if os.path.exists(target) and not replaces:
+        if not os.access(target, os.W_OK):
+            raise InvalidArgumentError(f"{what} {target!r} is not writable")
+    elif not os.access(probe, os.W_OK | os.X_OK):
+        raise InvalidArgumentError(f"{what} {target!r}: the folder {probe!r} is not writable")
 
 
 def _schedule_metric(logs, monitor, who):
@@ -327,7 +402,10 @@ class LearningRateScheduler(Callback):
 
 
 class CSVLogger(Callback):
-    """Appends one row per epoch (epoch, then the log keys in sorted order) to a CSV file."""
+    """Writes one row per epoch (epoch, then the log keys in sorted order) to a CSV file, after
+    its header; with append=True, after the rows already there, in their header's order. The
+    file is checked when fit starts and opened when the first epoch ends, so a fit that fails
+    before then leaves an earlier log as it was."""
 
     def __init__(self, filename, separator=",", append=False):
         super().__init__()
@@ -341,17 +419,21 @@ class CSVLogger(Callback):
         self._keys = None
 
     def on_train_begin(self, logs=None):
-        exists = self.append and os.path.exists(self.filename) and os.path.getsize(self.filename) > 0
-        self._file = open(self.filename, "a" if self.append else "w", newline="")
+        if os.path.isdir(self.filename):
+            raise InvalidArgumentError(f"CSVLogger filename {self.filename!r} is a folder")
+        _check_writable(self.filename, "CSVLogger filename", make_folders=False, replaces=False)
+        self.on_train_end()  # a file an earlier fit that failed left open
         self._keys = None
-        if exists:
+        if self.append and os.path.exists(self.filename) and os.path.getsize(self.filename) > 0:
             with open(self.filename, newline="") as f:
                 header = next(csv.reader(f, delimiter=self.separator), None)
             self._keys = header[1:] if header else None
-        self._writer = csv.writer(self._file, delimiter=self.separator)
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
+        if self._file is None:
+            self._file = open(self.filename, "a" if self.append else "w", newline="")
+            self._writer = csv.writer(self._file, delimiter=self.separator)
         if self._keys is None:
             self._keys = sorted(logs)
             self._writer.writerow(["epoch"] + self._keys)

@@ -434,7 +434,8 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
     history = _callbacks.History()
     steps = source.__len__()  # None for a loader without a length (len() could not return that)
     cbs = _callbacks.CallbackList([history, *callbacks], engine,
-                                  {"epochs": epochs, "steps": steps, "verbose": verbose})
+                                  {"epochs": epochs, "steps": steps, "verbose": verbose},
+                                  _log_keys(engine, val, metric_objs, callbacks))
     schedule, per = engine._schedule, engine._schedule_per
     sched_metric = schedule is not None and _callbacks._takes_metric(schedule)
     previous = engine.history, engine.stop_training
@@ -517,6 +518,21 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
         y_true, outputs = _predict(engine, target)
         _plot.fit_report(plot_to, history, y_true, outputs, engine.loss)
     return history
+
+
+def _log_keys(engine, val, metric_objs, callbacks):
+    """The keys of every epoch's logs, as fit builds them before on_epoch_end; None when a
+    callback of the user's own may add more (one not of mpscy.callbacks that has its own
+    on_epoch_end)."""
+    if any(type(cb).__module__ != _callbacks.__name__ and _callbacks._overrides(cb, "on_epoch_end")
+           for cb in callbacks):
+        return None
+    acc = engine.loss.accuracy(tuple(engine.model.output_shape)) != "none"
+    keys = ["loss"] + (["accuracy"] if acc else [])
+    if val is not None:
+        keys += ["val_loss"] + (["val_accuracy"] if acc else [])
+    prefix = "val_" if val is not None else ""
+    return keys + [prefix + m.name for m in metric_objs] + ["lr"]
 
 
 def _check_plot_to(plot_to):
