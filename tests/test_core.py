@@ -368,8 +368,19 @@ def test_cpu_device_names_the_openblas_kernels():
         full = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"} | env
         return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True,
                               check=True).stdout.strip()
-    assert name(OPENBLAS_CORETYPE="Nehalem") == "CPU (OpenBLAS, Nehalem kernels)"
-    assert re.fullmatch(r"CPU \(OpenBLAS, [A-Za-z0-9]+ kernels\)", name())
+    conv = "; AVX-512 convolutions" if _cpu_flags() >= {"avx512f", "fma"} else ""
+    assert name(OPENBLAS_CORETYPE="Nehalem") == f"CPU (OpenBLAS, Nehalem kernels{conv})"
+    assert re.fullmatch(rf"CPU \(OpenBLAS, [A-Za-z0-9]+ kernels{re.escape(conv)}\)", name())
+    assert name(OPENBLAS_CORETYPE="Nehalem", MPSCY_CPU_GEMM="0") == "CPU (OpenBLAS, Nehalem kernels)"
+
+
+def _cpu_flags():
+    """The x86 feature flags Linux lists for this CPU (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return set()
 
 def test_step_result_fields(device, rng):
     engine = mpscy.Engine(mlp(), batch_size=8, device=device)

@@ -3,6 +3,12 @@ gradients against central finite differences, then the native float32 forward (t
 and eval-mode predict) and every gradient (parameters and input) against the references, over
 awkward shapes; BatchNorm running statistics and modes; dropout masks; option and shape errors;
 PyTorch itself where it is installed."""
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+
 import numpy as np
 import pytest
 
@@ -44,6 +50,16 @@ CASES = {
     "conv_chunked_40_of_48": (lambda: layers.Conv2D(12, 3, padding=1), "conv2d",
                               dict(kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1),
                               (8, 16, 16), 40),
+    # the AVX-512 products (objc/cpu/gemm.c) at their edges: 11 filters (row blocks of 8, 2
+    # and 1), 3 samples a chunk of 143 positions (429 columns: 13 masked at the right, and a
+    # weight gradient over 429 = 26 * 16 + 13), K = 45 for dx's columns (8 * 5 + 4 + 1 rows);
+    # then groups, whose products start inside the matrices
+    "conv_fma_edges": (lambda: layers.Conv2D(11, 3, padding=1), "conv2d",
+                       dict(kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1),
+                       (5, 13, 11), 6),
+    "conv_fma_groups": (lambda: layers.Conv2D(6, 3, groups=2, padding=1), "conv2d",
+                        dict(kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=2),
+                        (4, 12, 12), 5),
     # pooling
     "maxpool_2": (lambda: layers.MaxPool2D(2), "maxpool2d", dict(kernel=(2, 2), stride=(2, 2), padding=(0, 0)),
                   (3, 8, 8), 3),
@@ -703,3 +719,44 @@ def test_normalization_and_pooling_do_not_depend_on_the_thread_count(rng):
         for k in one[1]:
             assert np.array_equal(one[1][k], other[1][k]), (threads, k)
         assert np.array_equal(one[2], other[2])
+
+
+def test_convolution_products_agree_with_blas():
+    """On a CPU with AVX-512 and FMA the convolutions' products are objc/cpu/gemm.c's;
+    MPSCY_CPU_GEMM=0 hands them to BLAS. A strided and a stride-1 convolution (each chunk's
+    products over hundreds of columns, so the kernels run where they can) train three Adam
+    steps in both, and their gradients, parameters and predictions agree within 2e-5 relative
+    (different summation orders, the same products)."""
+    code = textwrap.dedent("""
+        import sys, numpy as np, mpscy
+        from mpscy import layers, optim
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((12, 5, 18, 18)).astype(np.float32)
+        y = rng.integers(0, 10, 12)
+        model = mpscy.Sequential([layers.Conv2D(13, 3, stride=2, padding=1), layers.ReLU(),
+                                  layers.Conv2D(21, 3, padding=1), layers.ReLU(), layers.Flatten(),
+                                  layers.Dense(10)], input_shape=(5, 18, 18))
+        e = mpscy.Engine(model, loss="sparse_cross_entropy", optimizer=optim.Adam(lr=0.01), batch_size=12,
+                         device="cpu", seed=3, input_gradients=True)
+        out = {"g." + k: v for k, v in e.gradients(x, y).items() if k != "loss"}
+        for _ in range(3):
+            e.step(x, y)
+        out.update(e.get_parameters())
+        out["predict"] = e.predict(x)
+        np.savez(sys.argv[1], name=e.device_info()["name"], **out)
+    """)
+
+    def run(tmp, **env):
+        path = os.path.join(tmp, f"{len(env)}.npz")
+        subprocess.run([sys.executable, "-c", code, path], env={**os.environ, **env}, check=True)
+        return dict(np.load(path))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        blas, default = run(tmp, MPSCY_CPU_GEMM="0"), run(tmp)
+    assert "AVX-512" not in str(blas.pop("name"))
+    if "AVX-512" not in str(default.pop("name")):
+        pytest.skip("this CPU has no AVX-512 with FMA: BLAS does every product either way")
+    assert sorted(blas) == sorted(default) and len(blas) == 14
+    for k in blas:
+        assert R.rel_err(default[k], blas[k]) < 2e-5, k
+    assert any(not np.array_equal(default[k], blas[k]) for k in blas)  # two paths did run

@@ -36,6 +36,17 @@ typedef mpscy_task cpu_task;
 int cpu_pool_create(mpscy_device dev, int32_t threads, cpu_pool **out);  /* BLAS set single-threaded */
 static inline void cpu_pool_destroy(cpu_pool *p) { mpscy_pool_destroy(p); }
 static inline int32_t cpu_parallel(cpu_pool *p, cpu_task fn, void *ctx) { return mpscy_parallel(p, fn, ctx); }
+/* gemm.c: C (m, n) = A (m, k) B (k, n) [+ C when accumulate], B and C row-major, A's element
+ * (i, p) at a[i * ars + p * acs]; each element one chain of fused multiply-adds in p order on
+ * every path. Returns 0, having done nothing, where the CPU has no such kernels (then use
+ * BLAS). cpu_fma_gemm_path: 0 none, 2 AVX2, 3 AVX-512. */
+int cpu_fma_gemm(int64_t m, int64_t n, int64_t k, const float *a, int64_t ars, int64_t acs, const float *b, int64_t ldb,
+             float *c, int64_t ldc, int accumulate);
+/* The same for C (m, n) = A (m, k) B (n, k)^T [+ C], rows of A and B contiguous along k: each
+ * element 16 lanes' chains over k mod 16, summed in a fixed tree. */
+int cpu_fma_gemm_nt(int64_t m, int64_t n, int64_t k, const float *a, int64_t lda, const float *b, int64_t ldb,
+                    float *c, int64_t ldc, int accumulate);
+int cpu_fma_gemm_path(void);
 /* [lo, hi): part t of nt of the range [0, n) */
 static inline void cpu_split(int64_t n, int32_t t, int32_t nt, int64_t *lo, int64_t *hi) { mpscy_split(n, t, nt, lo, hi); }
 /* elements below which a pass over the pool costs more than it saves */

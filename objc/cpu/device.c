@@ -44,7 +44,8 @@ static int cpu_device_info(mpscy_device dev, mpscy_device_info *out, char *err, 
 #if defined(__APPLE__)
     snprintf(out->name, sizeof out->name, "CPU (Accelerate BLAS)");
 #else
-    snprintf(out->name, sizeof out->name, "CPU (OpenBLAS, %s kernels)", mpscy_blas_corename());
+    snprintf(out->name, sizeof out->name, "CPU (OpenBLAS, %s kernels%s)", mpscy_blas_corename(),
+             cpu_fma_gemm_path() ? "; AVX-512 convolutions" : "");
 #endif
     out->unified_memory = 1;
     out->threads = d->threads;

@@ -1,0 +1,175 @@
+/* gemm.c — the convolutions' matrix products with few rows or a short inner dimension, done
+ * here instead of by BLAS: C (m, n) = A (m, k) B (k, n), B and C row-major and n long (the
+ * columns of a chunk of samples). OpenBLAS packs B before every product, and with a few dozen
+ * rows of A that copy costs as much as the arithmetic (a 16-channel 3x3 convolution's products
+ * ran at ~75 GFLOP/s a core against ~200 for 64 channels); here B is read where it lies, a
+ * panel of columns at a time that stays in L1 while every row block of A passes over it.
+ *
+ * Every element of C is one chain of fused multiply-adds in k order (from 0, or from C when
+ * accumulating) on every path, AVX-512 or AVX2, so its bits do not depend on the vector width
+ * or on how rows and columns are blocked. A CPU without FMA (or another architecture) gets 0
+ * back and the caller uses BLAS. $MPSCY_CPU_GEMM: "0" never takes these kernels, "avx2" keeps
+ * to the AVX2 ones (for comparing the two paths on an AVX-512 machine); read once. */
+#include "cpu.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define GEMM_X86 1
+#include <immintrin.h>
+#endif
+
+enum { GEMM_NONE = 0, GEMM_AVX512 = 3 };
+
+static int gemm_isa(void) {
+    static volatile int isa = -1;  /* a race writes the same value */
+    if (isa >= 0) return isa;
+    int found = GEMM_NONE;
+#ifdef GEMM_X86
+    __builtin_cpu_init();
+    const char *knob = getenv("MPSCY_CPU_GEMM");
+    if (!(knob && strcmp(knob, "0") == 0) && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma"))
+        found = GEMM_AVX512;
+#endif
+    isa = found;
+    return found;
+}
+
+int cpu_fma_gemm_path(void) { return gemm_isa(); }
+
+#ifdef GEMM_X86
+/* Rows 0..MR-1 of a block, as a list the kernels below expand once per row (named
+ * accumulators: an array of vectors was kept on the stack, stored back every step). */
+#define ROWS_1(X) X(0)
+#define ROWS_2(X) X(0) X(1)
+#define ROWS_4(X) X(0) X(1) X(2) X(3)
+#define ROWS_8(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
+
+/* One block of MR rows of C and two vectors of columns (masked at the right edge: a masked
+ * load never touches, nor faults on, the lanes it leaves out). a points at A (row 0 of the
+ * block, k = 0), its element (i, p) at a[i * ars + p * acs]. */
+#define INIT_512(r)                                                                               \
+    __m512 x##r = acc ? _mm512_maskz_loadu_ps(m0, c + r * ldc) : _mm512_setzero_ps();             \
+    __m512 y##r = acc ? _mm512_maskz_loadu_ps(m1, c + r * ldc + 16) : _mm512_setzero_ps();
+#define STEP_512(r)                                                                               \
+    {                                                                                             \
+        const __m512 av = _mm512_set1_ps(a[r * ars + p * acs]);                                   \
+        x##r = _mm512_fmadd_ps(av, b0, x##r);                                                     \
+        y##r = _mm512_fmadd_ps(av, b1, y##r);                                                     \
+    }
+#define STORE_512(r)                                                                              \
+    _mm512_mask_storeu_ps(c + r * ldc, m0, x##r);                                                 \
+    _mm512_mask_storeu_ps(c + r * ldc + 16, m1, y##r);
+#define KERNEL_512(MR)                                                                            \
+    __attribute__((target("avx512f,fma"))) static void k512_##MR(                                 \
+        int64_t k, const float *a, int64_t ars, int64_t acs, const float *b, int64_t ldb, float *c, \
+        int64_t ldc, int acc, __mmask16 m0, __mmask16 m1) {                                       \
+        ROWS_##MR(INIT_512)                                                                       \
+        for (int64_t p = 0; p < k; p++) {                                                         \
+            const __m512 b0 = _mm512_maskz_loadu_ps(m0, b + p * ldb);                             \
+            const __m512 b1 = _mm512_maskz_loadu_ps(m1, b + p * ldb + 16);                        \
+            ROWS_##MR(STEP_512)                                                                   \
+        }                                                                                         \
+        ROWS_##MR(STORE_512)                                                                      \
+    }
+KERNEL_512(8)
+KERNEL_512(4)
+KERNEL_512(2)
+KERNEL_512(1)
+
+static __mmask16 mask16(int64_t lanes) { return lanes >= 16 ? (__mmask16)0xffff : lanes <= 0 ? 0 : (__mmask16)((1u << lanes) - 1); }
+
+__attribute__((target("avx512f,fma"))) static void gemm512(int64_t m, int64_t n, int64_t k, const float *a,
+                                                           int64_t ars, int64_t acs, const float *b, int64_t ldb,
+                                                           float *c, int64_t ldc, int acc) {
+    for (int64_t j = 0; j < n; j += 32) {
+        const __mmask16 m0 = mask16(n - j), m1 = mask16(n - j - 16);
+        int64_t i = 0;
+        for (; i + 8 <= m; i += 8) k512_8(k, a + i * ars, ars, acs, b + j, ldb, c + i * ldc + j, ldc, acc, m0, m1);
+        if (i + 4 <= m) k512_4(k, a + i * ars, ars, acs, b + j, ldb, c + i * ldc + j, ldc, acc, m0, m1), i += 4;
+        if (i + 2 <= m) k512_2(k, a + i * ars, ars, acs, b + j, ldb, c + i * ldc + j, ldc, acc, m0, m1), i += 2;
+        if (i < m) k512_1(k, a + i * ars, ars, acs, b + j, ldb, c + i * ldc + j, ldc, acc, m0, m1);
+    }
+}
+
+#endif
+
+#ifdef GEMM_X86
+/* C (m, n) = A (m, k) B (n, k)^T [+ C]: rows of A and of B both contiguous along k (a weight
+ * gradient: dz (OC, cols) against the columns (K, cols)). A block of 4 rows of A by 4 rows of
+ * B keeps 16 sums of 16 lanes each, one lane per k mod 16 (masked at the end of k), each lane
+ * one chain of fused multiply-adds in k order; then the lanes are summed in a fixed tree
+ * (_mm512_reduce_add_ps) and added to C when accumulating. */
+#define DOT_INIT(r) __m512 s##r##0 = _mm512_setzero_ps(), s##r##1 = s##r##0, s##r##2 = s##r##0, s##r##3 = s##r##0;
+#define DOT_STEP(r)                                                                               \
+    {                                                                                             \
+        const __m512 av = _mm512_maskz_loadu_ps(mk, a + r * lda + p);                             \
+        s##r##0 = _mm512_fmadd_ps(av, b0, s##r##0);                                               \
+        s##r##1 = _mm512_fmadd_ps(av, b1, s##r##1);                                               \
+        s##r##2 = _mm512_fmadd_ps(av, b2, s##r##2);                                               \
+        s##r##3 = _mm512_fmadd_ps(av, b3, s##r##3);                                               \
+    }
+#define DOT_PUT(r, q)                                                                             \
+    if (q < nc) c[r * ldc + q] = (acc ? c[r * ldc + q] : 0.0f) + _mm512_reduce_add_ps(s##r##q);
+#define DOT_STORE(r) DOT_PUT(r, 0) DOT_PUT(r, 1) DOT_PUT(r, 2) DOT_PUT(r, 3)
+#define DOT_KERNEL(MR)                                                                            \
+    __attribute__((target("avx512f,fma"))) static void d512_##MR(                                 \
+        int64_t k, const float *a, int64_t lda, const float *b, int64_t ldb, int64_t nc, float *c, \
+        int64_t ldc, int acc) {                                                                   \
+        ROWS_##MR(DOT_INIT)                                                                       \
+        const float *b0p = b, *b1p = b + (nc > 1 ? ldb : 0), *b2p = b + (nc > 2 ? 2 * ldb : 0),   \
+                    *b3p = b + (nc > 3 ? 3 * ldb : 0);                                            \
+        for (int64_t p = 0; p < k; p += 16) {                                                     \
+            const __mmask16 mk = mask16(k - p);                                                   \
+            const __m512 b0 = _mm512_maskz_loadu_ps(mk, b0p + p), b1 = _mm512_maskz_loadu_ps(mk, b1p + p), \
+                         b2 = _mm512_maskz_loadu_ps(mk, b2p + p), b3 = _mm512_maskz_loadu_ps(mk, b3p + p); \
+            ROWS_##MR(DOT_STEP)                                                                   \
+        }                                                                                         \
+        ROWS_##MR(DOT_STORE)                                                                      \
+    }
+DOT_KERNEL(4)
+DOT_KERNEL(2)
+DOT_KERNEL(1)
+
+__attribute__((target("avx512f,fma"))) static void gemm512_nt(int64_t m, int64_t n, int64_t k, const float *a,
+                                                              int64_t lda, const float *b, int64_t ldb, float *c,
+                                                              int64_t ldc, int acc) {
+    for (int64_t j = 0; j < n; j += 4) {
+        const int64_t nc = n - j < 4 ? n - j : 4;
+        int64_t i = 0;
+        for (; i + 4 <= m; i += 4) d512_4(k, a + i * lda, lda, b + j * ldb, ldb, nc, c + i * ldc + j, ldc, acc);
+        if (i + 2 <= m) d512_2(k, a + i * lda, lda, b + j * ldb, ldb, nc, c + i * ldc + j, ldc, acc), i += 2;
+        if (i < m) d512_1(k, a + i * lda, lda, b + j * ldb, ldb, nc, c + i * ldc + j, ldc, acc);
+    }
+}
+#endif
+
+int cpu_fma_gemm_nt(int64_t m, int64_t n, int64_t k, const float *a, int64_t lda, const float *b, int64_t ldb,
+                    float *c, int64_t ldc, int accumulate) {
+#ifdef GEMM_X86
+    if (gemm_isa() == GEMM_AVX512 && k >= 256) {  /* shorter: the lanes' sums cost more than BLAS */
+        gemm512_nt(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
+        return 1;
+    }
+#else
+    (void)m; (void)n; (void)k; (void)a; (void)lda; (void)b; (void)ldb; (void)c; (void)ldc; (void)accumulate;
+#endif
+    return 0;
+}
+
+int cpu_fma_gemm(int64_t m, int64_t n, int64_t k, const float *a, int64_t ars, int64_t acs, const float *b, int64_t ldb,
+             float *c, int64_t ldc, int accumulate) {
+#ifdef GEMM_X86
+    switch (gemm_isa()) {
+    case GEMM_AVX512:
+        if (n < 32) break;  /* one block of columns, half of it masked: BLAS was faster */
+        gemm512(m, n, k, a, ars, acs, b, ldb, c, ldc, accumulate);
+        return 1;
+    default: break;
+    }
+#else
+    (void)m; (void)n; (void)k; (void)a; (void)ars; (void)acs; (void)b; (void)ldb; (void)c; (void)ldc; (void)accumulate;
+#endif
+    return 0;
+}
