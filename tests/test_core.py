@@ -368,7 +368,7 @@ def test_cpu_device_names_the_openblas_kernels():
         full = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"} | env
         return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True,
                               check=True).stdout.strip()
-    conv = "; AVX-512 convolutions" if _cpu_flags() >= {"avx512f", "fma"} else ""
+    conv = "; small products in mpscy's AVX-512 kernels" if _cpu_flags() >= {"avx512f", "fma"} else ""
     assert name(OPENBLAS_CORETYPE="Nehalem") == f"CPU (OpenBLAS, Nehalem kernels{conv})"
     assert re.fullmatch(rf"CPU \(OpenBLAS, [A-Za-z0-9]+ kernels{re.escape(conv)}\)", name())
     assert name(OPENBLAS_CORETYPE="Nehalem", MPSCY_CPU_GEMM="0") == "CPU (OpenBLAS, Nehalem kernels)"

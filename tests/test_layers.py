@@ -60,6 +60,10 @@ CASES = {
     "conv_fma_groups": (lambda: layers.Conv2D(6, 3, groups=2, padding=1), "conv2d",
                         dict(kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=2),
                         (4, 12, 12), 5),
+    # K = 288: two blocks of k (256 and 32) summed into each output
+    "conv_fma_long_k": (lambda: layers.Conv2D(10, 3, padding=1), "conv2d",
+                        dict(kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1),
+                        (32, 6, 6), 4),
     # pooling
     "maxpool_2": (lambda: layers.MaxPool2D(2), "maxpool2d", dict(kernel=(2, 2), stride=(2, 2), padding=(0, 0)),
                   (3, 8, 8), 3),
@@ -721,12 +725,13 @@ def test_normalization_and_pooling_do_not_depend_on_the_thread_count(rng):
         assert np.array_equal(one[2], other[2])
 
 
-def test_convolution_products_agree_with_blas():
-    """On a CPU with AVX-512 and FMA the convolutions' products are objc/cpu/gemm.c's;
-    MPSCY_CPU_GEMM=0 hands them to BLAS. A strided and a stride-1 convolution (each chunk's
-    products over hundreds of columns, so the kernels run where they can) train three Adam
-    steps in both, and their gradients, parameters and predictions agree within 2e-5 relative
-    (different summation orders, the same products)."""
+def test_own_products_agree_with_blas():
+    """On a CPU with AVX-512 and FMA the convolutions' products and small Dense products are
+    objc/cpu/gemm.c's; MPSCY_CPU_GEMM=0 hands them to BLAS. A strided and a stride-1
+    convolution (each chunk's products over hundreds of columns, so the kernels run where they
+    can) and a Dense over 1701 inputs train three Adam steps in both, and their gradients,
+    parameters and predictions agree within 2e-5 relative (different summation orders, the
+    same products)."""
     code = textwrap.dedent("""
         import sys, numpy as np, mpscy
         from mpscy import layers, optim
@@ -760,3 +765,29 @@ def test_convolution_products_agree_with_blas():
     for k in blas:
         assert R.rel_err(default[k], blas[k]) < 2e-5, k
     assert any(not np.array_equal(default[k], blas[k]) for k in blas)  # two paths did run
+
+
+def test_dense_layers_sharing_an_input_sum_its_gradient(device, rng):
+    """Two Dense layers reading one hidden layer (48 wide, so on the cpu every product here runs
+    in objc/cpu/gemm.c's kernels where the CPU has them) and added: the hidden layer's gradient
+    and the model input's are sums over both readers, checked with every weight gradient
+    against float64 NumPy (shown to fail when the kernels' accumulation into dx is dropped)."""
+    x_in = mpscy.Input((40,))
+    h = layers.Dense(48, name="h")(x_in)
+    out = layers.Add()([layers.Dense(24, name="a")(h), layers.Dense(24, name="b")(h)])
+    engine = mpscy.Engine(mpscy.Model(x_in, out), loss="mse", batch_size=20, device=device, seed=4,
+                          input_gradients=True)
+    P = {k: v.astype(np.float64) for k, v in engine.get_parameters().items()}
+    x = rng.standard_normal((20, 40)).astype(np.float32)
+    t = rng.standard_normal((20, 24)).astype(np.float32)
+    x64 = x.astype(np.float64)
+    h64 = x64 @ P["h.weight"].T + P["h.bias"]
+    y = h64 @ P["a.weight"].T + P["a.bias"] + h64 @ P["b.weight"].T + P["b.bias"]
+    dy = 2 * (y - t) / y.size
+    dh = dy @ P["a.weight"] + dy @ P["b.weight"]
+    want = {"input": dh @ P["h.weight"], "h.weight": dh.T @ x64, "h.bias": dh.sum(0),
+            "a.weight": dy.T @ h64, "b.weight": dy.T @ h64, "a.bias": dy.sum(0)}
+    g = engine.gradients(x, t)
+    assert abs(g["loss"] - np.mean((y - t) ** 2)) <= 1e-5 * g["loss"]
+    for name, w in want.items():
+        assert R.rel_err(g[name], w) < 1e-5, name

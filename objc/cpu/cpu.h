@@ -37,9 +37,10 @@ int cpu_pool_create(mpscy_device dev, int32_t threads, cpu_pool **out);  /* BLAS
 static inline void cpu_pool_destroy(cpu_pool *p) { mpscy_pool_destroy(p); }
 static inline int32_t cpu_parallel(cpu_pool *p, cpu_task fn, void *ctx) { return mpscy_parallel(p, fn, ctx); }
 /* gemm.c: C (m, n) = A (m, k) B (k, n) [+ C when accumulate], B and C row-major, A's element
- * (i, p) at a[i * ars + p * acs]; each element one chain of fused multiply-adds in p order on
- * every path. Returns 0, having done nothing, where the CPU has no such kernels (then use
- * BLAS). cpu_fma_gemm_path: 0 none, 2 AVX2, 3 AVX-512. */
+ * (i, p) at a[i * ars + p * acs]; each element's k summed in fixed blocks of 256, each block
+ * one chain of fused multiply-adds in p order. Returns 0, having done nothing, where these
+ * kernels do not run (no AVX-512 with FMA, $MPSCY_CPU_GEMM=0, fewer than 32 columns): then use
+ * BLAS. cpu_fma_gemm_path: 0 none, 3 AVX-512. */
 int cpu_fma_gemm(int64_t m, int64_t n, int64_t k, const float *a, int64_t ars, int64_t acs, const float *b, int64_t ldb,
              float *c, int64_t ldc, int accumulate);
 /* The same for C (m, n) = A (m, k) B (n, k)^T [+ C], rows of A and B contiguous along k: each

@@ -45,7 +45,7 @@ static int cpu_device_info(mpscy_device dev, mpscy_device_info *out, char *err, 
     snprintf(out->name, sizeof out->name, "CPU (Accelerate BLAS)");
 #else
     snprintf(out->name, sizeof out->name, "CPU (OpenBLAS, %s kernels%s)", mpscy_blas_corename(),
-             cpu_fma_gemm_path() ? "; AVX-512 convolutions" : "");
+             cpu_fma_gemm_path() ? "; small products in mpscy's AVX-512 kernels" : "");
 #endif
     out->unified_memory = 1;
     out->threads = d->threads;
