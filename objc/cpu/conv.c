@@ -2,10 +2,10 @@
  * thread takes a share of the batch and, a chunk of samples at a time, builds the im2col matrix
  * (C*KH*KW, chunk*OH*OW), runs one single-threaded product per group (gemm.c's on a CPU with
  * AVX-512, else sgemm) and scatters the result to NCHW with the bias; backward recomputes the
- * columns instead of saving them and sums per-thread weight gradients. A strided input is split into its stride phases first, so that the columns
- * are contiguous copies. A ReLU that is the convolution's only consumer is computed here, on data
- * already in cache. Stride, padding, dilation and groups are general; no Winograd, no direct
- * convolution. */
+ * columns instead of saving them and sums per-thread weight gradients. A strided input is
+ * split into its stride phases first, so that the columns are contiguous copies. A ReLU that
+ * is the convolution's only consumer is computed here, on data already in cache. Stride,
+ * padding, dilation and groups are general; no Winograd, no direct convolution. */
 #include "cpu.h"
 #include "blas.h"
 #include "../common/activation_math.h"

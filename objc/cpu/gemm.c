@@ -79,12 +79,11 @@ int cpu_fma_gemm_path(void) { return gemm_isa(); }
         }                                                                                         \
         ROWS_##MR(STORE_512)                                                                      \
     }
-KERNEL_512(8)
-KERNEL_512(4)
-KERNEL_512(2)
-KERNEL_512(1)
+KERNEL_512(8) KERNEL_512(4) KERNEL_512(2) KERNEL_512(1)
 
-static __mmask16 mask16(int64_t lanes) { return lanes >= 16 ? (__mmask16)0xffff : lanes <= 0 ? 0 : (__mmask16)((1u << lanes) - 1); }
+static __mmask16 mask16(int64_t lanes) {
+    return lanes >= 16 ? (__mmask16)0xffff : lanes <= 0 ? 0 : (__mmask16)((1u << lanes) - 1);
+}
 
 /* k in blocks of GEMM_KC: each block's sums start from 0 and are then added to C (to C's
  * earlier value as well when accumulating), as BLAS's blocked products do, so a long k is not
@@ -104,7 +103,8 @@ __attribute__((target("avx512f,fma"))) static void gemm512(int64_t m, int64_t n,
         for (int64_t j = 0; j < n; j += 32) {
             const __mmask16 m0 = mask16(n - j), m1 = mask16(n - j - 16);
             int64_t i = 0;
-            for (; i + 8 <= m; i += 8) k512_8(kc, ap + i * ars, ars, acs, bp + j, ldb, c + i * ldc + j, ldc, add, m0, m1);
+            for (; i + 8 <= m; i += 8)
+                k512_8(kc, ap + i * ars, ars, acs, bp + j, ldb, c + i * ldc + j, ldc, add, m0, m1);
             if (i + 4 <= m) k512_4(kc, ap + i * ars, ars, acs, bp + j, ldb, c + i * ldc + j, ldc, add, m0, m1), i += 4;
             if (i + 2 <= m) k512_2(kc, ap + i * ars, ars, acs, bp + j, ldb, c + i * ldc + j, ldc, add, m0, m1), i += 2;
             if (i < m) k512_1(kc, ap + i * ars, ars, acs, bp + j, ldb, c + i * ldc + j, ldc, add, m0, m1);
@@ -147,9 +147,7 @@ __attribute__((target("avx512f,fma"))) static void gemm512(int64_t m, int64_t n,
         }                                                                                         \
         ROWS_##MR(DOT_STORE)                                                                      \
     }
-DOT_KERNEL(4)
-DOT_KERNEL(2)
-DOT_KERNEL(1)
+DOT_KERNEL(4) DOT_KERNEL(2) DOT_KERNEL(1)
 
 __attribute__((target("avx512f,fma"))) static void gemm512_nt(int64_t m, int64_t n, int64_t k, const float *a,
                                                               int64_t lda, const float *b, int64_t ldb, float *c,

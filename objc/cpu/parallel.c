@@ -1,7 +1,8 @@
 /* parallel.c — the CPU backend's use of mpscy's worker threads (common/pool.c): a pool started
  * when a graph is built and joined when it is destroyed, and a GEMM split over it, each part a
- * single-threaded product (gemm.c's where it runs and the part is small, else BLAS's). OpenBLAS itself is kept single-threaded, so its idle threads never
- * spin against ours (Accelerate manages its own). */
+ * single-threaded product (gemm.c's where it runs and the part is small, else BLAS's).
+ * OpenBLAS itself is kept single-threaded, so its idle threads never spin against ours
+ * (Accelerate manages its own). */
 #include "cpu.h"
 #include "blas.h"
 
