@@ -9,8 +9,8 @@ import mpscy
 from mpscy import layers as L
 from mpscy import losses, optim
 
-from cuda_util import (FORWARD_TOL, HAVE_CUDA, LAYER_MODELS, PARAM_TOL, _maybe, compare_training, cuda_only, pair,
-                       targets)
+from cuda_util import (ADAM_EPS, FORWARD_TOL, HAVE_CUDA, LAYER_MODELS, PARAM_TOL, _maybe, compare_training, cuda_only,
+                       pair, targets)
 from layer_refs import rel_err
 
 
@@ -178,7 +178,7 @@ def test_dense_long_k_matches_cpu(mma, dx_first, monkeypatch, rng):
 @pytest.mark.parametrize("name", sorted(LAYER_MODELS))
 def test_layer_matches_cpu(name, rng):
     build, shape = LAYER_MODELS[name]
-    cpu, gpu = pair(build, shape)
+    cpu, gpu = pair(build, shape, opt=lambda: optim.Adam(1e-3, eps=ADAM_EPS.get(name, 1e-8)))
     x = rng.standard_normal((37,) + shape).astype(np.float32)
     out_c, out_g = cpu.predict(x), gpu.predict(x)
     assert rel_err(out_g, out_c) <= FORWARD_TOL
