@@ -105,8 +105,7 @@ static void act_task(void *ctx, int32_t t, int32_t nt) {
 
 static void act_run(cpu_graph *g, act_job *j, int64_t b) {
     if (j->n->kind == MPSCY_LAYER_SOFTMAX) mpscy_axis_split(j->n, b, &j->outer, &j->len, &j->inner);
-    if (j->count >= CPU_PARALLEL_MIN) cpu_parallel(g->pool, act_task, j);
-    else act_task(j, 0, 1);
+    cpu_parallel_over(g->pool, act_task, j, j->count, j->count);
 }
 
 /* A ReLU that its convolution computes (conv.c) has nothing left to do. */

@@ -1,13 +1,12 @@
 /* conv.c — Conv2D on the CPU (NCHW, weight (OC, C / groups, KH, KW) as in PyTorch). Each worker
  * thread takes a share of the batch and, a chunk of samples at a time, builds the im2col matrix
- * (C*KH*KW, chunk*OH*OW), runs one single-threaded product per group (gemm.c's on a CPU with
- * AVX-512, else sgemm) and scatters the result to NCHW with the bias; backward recomputes the
+ * (C*KH*KW, chunk*OH*OW), runs one single-threaded product per group (cpu_sgemm: gemm.c's
+ * kernels on a CPU with AVX-512, else BLAS) and scatters the result to NCHW with the bias; backward recomputes the
  * columns instead of saving them and sums per-thread weight gradients. A strided input is
  * split into its stride phases first, so that the columns are contiguous copies. A ReLU that
  * is the convolution's only consumer is computed here, on data already in cache. Stride,
  * padding, dilation and groups are general; no Winograd, no direct convolution. */
 #include "cpu.h"
-#include "blas.h"
 #include "../common/activation_math.h"
 
 #include <string.h>
@@ -72,7 +71,7 @@ static int64_t plane_floats(const conv_geom *g) {
     return use_phases(g) ? g->sh * g->sw * phase_h(g) * phase_w(g) : g->h * g->w;
 }
 
-/* floor(a / s) and a - s * floor(a / s) for s > 0 */
+/* floor(a / s) for s > 0 */
 static inline int64_t floor_div(int64_t a, int64_t s) { return a >= 0 ? a / s : -((-a + s - 1) / s); }
 
 /* One tap (ki, kj): the output columns [lo, hi) and rows [olo, ohi) whose input lies inside the
@@ -342,11 +341,8 @@ static void conv_forward_task(void *ctx, int32_t t, int32_t nt) {
         im2col(col, conv_source(j, t, b0, bc), g, bc);
         if (bc == 1) out = y;  /* one sample: (OC, OHW) is already NCHW */
         for (int64_t gi = 0; gi < g->groups; gi++)
-            if (!cpu_fma_gemm(g->ocg, n, g->kg, j->w + gi * g->ocg * g->kg, g->kg, 1, col + gi * g->kg * n, n,
-                          out + gi * g->ocg * n, n, 0))
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (blasint)g->ocg, (blasint)n, (blasint)g->kg,
-                            1.0f, j->w + gi * g->ocg * g->kg, (blasint)g->kg, col + gi * g->kg * n, (blasint)n,
-                            0.0f, out + gi * g->ocg * n, (blasint)n);
+            cpu_sgemm(0, 0, g->ocg, n, g->kg, 1.0f, j->w + gi * g->ocg * g->kg, g->kg, col + gi * g->kg * n, n, 0.0f,
+                      out + gi * g->ocg * n, n, 1);
         scatter_rows(y, out, j->bias, g->oc, bc, g->ohw, j->relu);
     }
 }
@@ -366,19 +362,13 @@ static void conv_backward_task(void *ctx, int32_t t, int32_t nt) {
         gather_rows(dout, db, dyc, j->relu ? j->ry + b0 * g->oc * g->ohw : NULL, g->oc, bc, g->ohw);
         im2col(col, conv_source(j, t, b0, bc), g, bc);
         for (int64_t gi = 0; gi < g->groups; gi++)
-            if (!cpu_fma_gemm_nt(g->ocg, g->kg, n, dout + gi * g->ocg * n, n, col + gi * g->kg * n, n,
-                                 dw + gi * g->ocg * g->kg, g->kg, b0 != lo))
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (blasint)g->ocg, (blasint)g->kg, (blasint)n,
-                            1.0f, dout + gi * g->ocg * n, (blasint)n, col + gi * g->kg * n, (blasint)n,
-                            b0 == lo ? 0.0f : 1.0f, dw + gi * g->ocg * g->kg, (blasint)g->kg);
+            cpu_sgemm(0, 1, g->ocg, g->kg, n, 1.0f, dout + gi * g->ocg * n, n, col + gi * g->kg * n, n,
+                      b0 == lo ? 0.0f : 1.0f, dw + gi * g->ocg * g->kg, g->kg, 1);
         if (!j->dx) continue;
         float *dxc = j->dx + b0 * g->c * g->h * g->w;  // (bc, C, H, W)
         for (int64_t gi = 0; gi < g->groups; gi++)  /* the columns are spent: reuse them for dcol */
-            if (!cpu_fma_gemm(g->kg, n, g->ocg, j->w + gi * g->ocg * g->kg, 1, g->kg, dout + gi * g->ocg * n, n,
-                          col + gi * g->kg * n, n, 0))
-                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (blasint)g->kg, (blasint)n, (blasint)g->ocg,
-                            1.0f, j->w + gi * g->ocg * g->kg, (blasint)g->kg, dout + gi * g->ocg * n, (blasint)n,
-                            0.0f, col + gi * g->kg * n, (blasint)n);
+            cpu_sgemm(1, 0, g->kg, n, g->ocg, 1.0f, j->w + gi * g->ocg * g->kg, g->kg, dout + gi * g->ocg * n, n, 0.0f,
+                      col + gi * g->kg * n, n, 1);
         if (use_phases(g)) {  /* the phase planes are spent too: sum into them (from dx's phases
                                * when accumulating, so each sum runs in the same order), then interleave */
             float *dxp = phase_slice(j, t);

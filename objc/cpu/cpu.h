@@ -36,22 +36,25 @@ typedef mpscy_task cpu_task;
 int cpu_pool_create(mpscy_device dev, int32_t threads, cpu_pool **out);  /* BLAS set single-threaded */
 static inline void cpu_pool_destroy(cpu_pool *p) { mpscy_pool_destroy(p); }
 static inline int32_t cpu_parallel(cpu_pool *p, cpu_task fn, void *ctx) { return mpscy_parallel(p, fn, ctx); }
-/* gemm.c: C (m, n) = A (m, k) B (k, n) [+ C when accumulate], B and C row-major, A's element
- * (i, p) at a[i * ars + p * acs]; each element's k summed in fixed blocks of 256, each block
- * one chain of fused multiply-adds in p order. Returns 0, having done nothing, where these
- * kernels do not run (no AVX-512 with FMA, $MPSCY_CPU_GEMM=0, fewer than 32 columns): then use
- * BLAS. cpu_fma_gemm_path: 0 none, 3 AVX-512. */
-int cpu_fma_gemm(int64_t m, int64_t n, int64_t k, const float *a, int64_t ars, int64_t acs, const float *b, int64_t ldb,
-             float *c, int64_t ldc, int accumulate);
-/* The same for C (m, n) = A (m, k) B (n, k)^T [+ C], rows of A and B contiguous along k: each
- * element 16 lanes' chains over k mod 16, summed in a fixed tree. */
-int cpu_fma_gemm_nt(int64_t m, int64_t n, int64_t k, const float *a, int64_t lda, const float *b, int64_t ldb,
-                    float *c, int64_t ldc, int accumulate);
+/* gemm.c: one single-threaded row-major product, c (m, n) = alpha op(a) op(b) + beta c, as
+ * cblas_sgemm. With own set (the caller's judgment that the product is small enough), alpha 1
+ * and beta 0 or 1, it runs in gemm.c's AVX-512 kernels where they run (each element's k summed
+ * in fixed blocks of 256, each block one chain of fused multiply-adds in order; op(b) = B^T as
+ * 16 lanes summed in a fixed tree); otherwise in BLAS. cpu_fma_gemm_path: 3 when those kernels
+ * run (AVX-512 with FMA, $MPSCY_CPU_GEMM not 0), else 0. */
+void cpu_sgemm(int ta, int tb, int64_t m, int64_t n, int64_t k, float alpha, const float *a, int64_t lda,
+               const float *b, int64_t ldb, float beta, float *c, int64_t ldc, int own);
 int cpu_fma_gemm_path(void);
 /* [lo, hi): part t of nt of the range [0, n) */
 static inline void cpu_split(int64_t n, int32_t t, int32_t nt, int64_t *lo, int64_t *hi) { mpscy_split(n, t, nt, lo, hi); }
 /* elements below which a pass over the pool costs more than it saves */
 #define CPU_PARALLEL_MIN 32768
+/* fn over the pool when its pass touches at least CPU_PARALLEL_MIN values and splits into more
+ * than one part, else fn(ctx, 0, 1) on this thread */
+static inline void cpu_parallel_over(cpu_pool *p, cpu_task fn, void *ctx, int64_t values, int64_t parts) {
+    if (values >= CPU_PARALLEL_MIN && parts > 1) cpu_parallel(p, fn, ctx);
+    else fn(ctx, 0, 1);
+}
 
 /* Sums in double over CPU_LANES lanes (one AVX-512 vector): element k of a run goes to lane
  * k % CPU_LANES, so consecutive additions do not wait on each other, and the lanes are combined

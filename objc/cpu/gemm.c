@@ -6,15 +6,16 @@
  * as the arithmetic (a 16-filter 3x3 convolution's products ran at ~75-110 GFLOP/s a core
  * against 230-280 here); these kernels read B where it lies, a panel of columns at a time that
  * stays in L1 while every row block of A passes over it. They do not block for the caches
- * beyond that, so large products stay with BLAS (the callers decide).
+ * beyond that, so large products stay with BLAS (cpu_sgemm's caller says which may come here).
  *
  * Every element of C sums its k in fixed blocks (GEMM_KC), each block one chain of fused
  * multiply-adds in k order, added to C; a dot-form element sums 16 lanes of chains in a fixed
  * tree. Its bits therefore depend on neither the blocking of rows and columns nor the thread
  * that computes it. Where these kernels do not run (no AVX-512 with FMA, another
- * architecture, $MPSCY_CPU_GEMM=0: read once per process) the functions return 0 and the
- * caller uses BLAS. */
+ * architecture, $MPSCY_CPU_GEMM=0: read once per process, fewer than 32 columns, or a
+ * B^T product over k < 256) cpu_sgemm calls BLAS. */
 #include "cpu.h"
+#include "blas.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -162,8 +163,9 @@ __attribute__((target("avx512f,fma"))) static void gemm512_nt(int64_t m, int64_t
 }
 #endif
 
-int cpu_fma_gemm_nt(int64_t m, int64_t n, int64_t k, const float *a, int64_t lda, const float *b, int64_t ldb,
-                    float *c, int64_t ldc, int accumulate) {
+/* C (m, n) = A (m, k) B (n, k)^T [+ C]; 0, having done nothing, where these kernels do not run */
+static int fma_gemm_nt(int64_t m, int64_t n, int64_t k, const float *a, int64_t lda, const float *b, int64_t ldb,
+                       float *c, int64_t ldc, int accumulate) {
 #ifdef GEMM_X86
     if (gemm_isa() == GEMM_AVX512 && k >= 256) {  /* shorter: the lanes' sums cost more than BLAS */
         gemm512_nt(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
@@ -175,8 +177,10 @@ int cpu_fma_gemm_nt(int64_t m, int64_t n, int64_t k, const float *a, int64_t lda
     return 0;
 }
 
-int cpu_fma_gemm(int64_t m, int64_t n, int64_t k, const float *a, int64_t ars, int64_t acs, const float *b, int64_t ldb,
-             float *c, int64_t ldc, int accumulate) {
+/* C (m, n) = A (m, k) B (k, n) [+ C], A's element (i, p) at a[i * ars + p * acs]; 0, having done
+ * nothing, where these kernels do not run */
+static int fma_gemm(int64_t m, int64_t n, int64_t k, const float *a, int64_t ars, int64_t acs, const float *b,
+                    int64_t ldb, float *c, int64_t ldc, int accumulate) {
 #ifdef GEMM_X86
     switch (gemm_isa()) {
     case GEMM_AVX512:
@@ -189,4 +193,15 @@ int cpu_fma_gemm(int64_t m, int64_t n, int64_t k, const float *a, int64_t ars, i
     (void)m; (void)n; (void)k; (void)a; (void)ars; (void)acs; (void)b; (void)ldb; (void)c; (void)ldc; (void)accumulate;
 #endif
     return 0;
+}
+
+void cpu_sgemm(int ta, int tb, int64_t m, int64_t n, int64_t k, float alpha, const float *a, int64_t lda,
+               const float *b, int64_t ldb, float beta, float *c, int64_t ldc, int own) {
+    if (own && alpha == 1.0f && (beta == 0.0f || beta == 1.0f)) {
+        const int acc = beta != 0.0f;
+        if (!ta && tb && fma_gemm_nt(m, n, k, a, lda, b, ldb, c, ldc, acc)) return;
+        if (!tb && fma_gemm(m, n, k, a, ta ? 1 : lda, ta ? lda : 1, b, ldb, c, ldc, acc)) return;
+    }
+    cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, (blasint)m,
+                (blasint)n, (blasint)k, alpha, a, (blasint)lda, b, (blasint)ldb, beta, c, (blasint)ldc);
 }

@@ -135,12 +135,6 @@ CPU_SIMD static void bn_backward_task(void *ctx, int32_t t, int32_t nt) {
     }
 }
 
-/* A pass over enough values to be worth the threads runs over the pool. */
-static void bn_run(cpu_graph *g, cpu_task fn, bn_job *j) {
-    if (j->b * j->c * j->inner >= CPU_PARALLEL_MIN && j->c > 1) cpu_parallel(g->pool, fn, j);
-    else fn(j, 0, 1);
-}
-
 void cpu_batchnorm_forward(cpu_graph *g, const mpscy_node *n, int64_t b, int train, const mpscy_step_args *a) {
     (void)a;
     bn_job j = {0};
@@ -150,7 +144,7 @@ void cpu_batchnorm_forward(cpu_graph *g, const mpscy_node *n, int64_t b, int tra
     j.gamma = cpu_tensor(g, n, MPSCY_ROLE_PARAM, 0); j.beta = cpu_tensor(g, n, MPSCY_ROLE_PARAM, 1);
     j.rmean = cpu_tensor(g, n, MPSCY_ROLE_BUFFER, 0); j.rvar = cpu_tensor(g, n, MPSCY_ROLE_BUFFER, 1);
     j.eps = n->reals[1]; j.b = b; j.train = train;
-    bn_run(g, bn_forward_task, &j);
+    cpu_parallel_over(g->pool, bn_forward_task, &j, j.b * j.c * j.inner, j.c);
 }
 
 void cpu_batchnorm_backward(cpu_graph *g, const mpscy_node *n, int64_t b) {
@@ -160,7 +154,7 @@ void cpu_batchnorm_backward(cpu_graph *g, const mpscy_node *n, int64_t b) {
     j.dx = g->dy[n->in[0]]; j.dgamma = cpu_tensor_grad(g, n, 0); j.dbeta = cpu_tensor_grad(g, n, 1);
     j.dy = g->dy[n - g->plan.nodes]; j.x = g->y[n->in[0]]; j.gamma = cpu_tensor(g, n, MPSCY_ROLE_PARAM, 0);
     j.b = b; j.accum = n->accum[0];
-    bn_run(g, bn_backward_task, &j);
+    cpu_parallel_over(g->pool, bn_backward_task, &j, j.b * j.c * j.inner, j.c);
 }
 
 /* running = (1 - momentum) running + momentum batch, with the unbiased batch variance */
@@ -274,8 +268,7 @@ void cpu_layernorm_forward(cpu_graph *g, const mpscy_node *n, int64_t b, int tra
     int64_t d = ln_width(&g->plan, n), rows = b * n->size / d, half = n->save_size / 2;
     ln_job j = {g->y[n - g->plan.nodes], g->save + n->save, g->save + n->save + half, g->y[n->in[0]],
                 cpu_tensor(g, n, MPSCY_ROLE_PARAM, 0), cpu_tensor(g, n, MPSCY_ROLE_PARAM, 1), rows, d, n->reals[1]};
-    if (rows * d >= CPU_PARALLEL_MIN && rows > 1) cpu_parallel(g->pool, ln_forward_task, &j);
-    else ln_forward_task(&j, 0, 1);
+    cpu_parallel_over(g->pool, ln_forward_task, &j, rows * d, rows);
 }
 
 void cpu_layernorm_backward(cpu_graph *g, const mpscy_node *n, int64_t b) {
@@ -287,8 +280,7 @@ void cpu_layernorm_backward(cpu_graph *g, const mpscy_node *n, int64_t b) {
     j.dx = g->dy[n->in[0]]; j.part = g->ws; j.dy = g->dy[n - g->plan.nodes];
     j.block = ln_block(&g->plan, n); j.accum = n->accum[0];
     int64_t blocks = (rows + j.block - 1) / j.block;
-    if (rows * d >= CPU_PARALLEL_MIN && blocks > 1) cpu_parallel(g->pool, ln_backward_task, &j);
-    else ln_backward_task(&j, 0, 1);
+    cpu_parallel_over(g->pool, ln_backward_task, &j, rows * d, blocks);
     if (!dw) return;  /* no weight (elementwise_affine=False): no weight or bias gradient */
     for (int64_t k = 0; k < d; k++) dw[k] = db[k] = 0.0f;
     for (int64_t bk = 0; bk < blocks; bk++) {  /* the blocks' partial sums, in order */

@@ -21,19 +21,11 @@ typedef struct gemm_job {
     float *c;
 } gemm_job;
 
-/* Products up to this many multiply-adds (a part's) go to gemm.c's kernels where they run:
- * faster than OpenBLAS's SkylakeX kernels below it (a Dense of 784 inputs and 128 outputs at
- * 32 rows: 242 against 149 GFLOP/s a core) and slower above it (1024^3: 178 against 266), as
- * they do not block for the caches. */
+/* Products up to this many multiply-adds (a part's) may take gemm.c's kernels: faster than
+ * OpenBLAS's SkylakeX kernels below it (a Dense of 784 inputs and 128 outputs at 32 rows: 242
+ * against 149 GFLOP/s a core) and slower above it (1024^3: 178 against 266), as they do not
+ * block for the caches. */
 #define FMA_MOST ((int64_t)1 << 25)
-
-static int fma_part(const gemm_job *j, const float *a, const float *b, float *c, int64_t m, int64_t n) {
-    if (j->alpha != 1.0f || (j->beta != 0.0f && j->beta != 1.0f) || m * n * j->k > FMA_MOST) return 0;
-    const int acc = j->beta != 0.0f;
-    if (!j->ta && j->tb) return cpu_fma_gemm_nt(m, n, j->k, a, j->lda, b, j->ldb, c, j->ldc, acc);
-    if (!j->tb) return cpu_fma_gemm(m, n, j->k, a, j->ta ? 1 : j->lda, j->ta ? j->lda : 1, b, j->ldb, c, j->ldc, acc);
-    return 0;
-}
 
 static void gemm_part(void *ctx, int32_t t, int32_t nt) {
     const gemm_job *j = ctx;
@@ -55,10 +47,7 @@ static void gemm_part(void *ctx, int32_t t, int32_t nt) {
         c += lo;
         n = hi - lo;
     }
-    if (fma_part(j, a, b, c, m, n)) return;
-    cblas_sgemm(CblasRowMajor, j->ta ? CblasTrans : CblasNoTrans, j->tb ? CblasTrans : CblasNoTrans,
-                (blasint)m, (blasint)n, (blasint)j->k, j->alpha, a, (blasint)j->lda, b, (blasint)j->ldb,
-                j->beta, c, (blasint)j->ldc);
+    cpu_sgemm(j->ta, j->tb, m, n, j->k, j->alpha, a, j->lda, b, j->ldb, j->beta, c, j->ldc, m * n * j->k <= FMA_MOST);
 }
 
 void cpu_gemm(cpu_pool *p, int ta, int tb, int64_t m, int64_t n, int64_t k, float alpha, const float *a,

@@ -164,8 +164,7 @@ static void pool_run(cpu_graph *g, const mpscy_node *n, int64_t b, float *out, c
         j.p.include_pad = 0;
         j.arg = (int32_t *)(g->save + n->save);
     }
-    if (j.p.planes * j.p.h * j.p.w >= CPU_PARALLEL_MIN && j.p.planes > 1) cpu_parallel(g->pool, pool_task, &j);
-    else pool_task(&j, 0, 1);
+    cpu_parallel_over(g->pool, pool_task, &j, j.p.planes * j.p.h * j.p.w, j.p.planes);
 }
 
 void cpu_pool_forward(cpu_graph *g, const mpscy_node *n, int64_t b, int train, const mpscy_step_args *a) {

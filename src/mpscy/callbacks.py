@@ -243,11 +243,9 @@ class ModelCheckpoint(Callback):
             if missing:
                 raise InvalidArgumentError(f"ModelCheckpoint filepath {self.filepath!r} names {missing}, which this "
                                            f"fit does not log (its logs hold {sorted(known)} and the epoch)")
-        target = self.filepath.format(**_sample(self._fields))
-        if os.path.isdir(target):
-            raise InvalidArgumentError(f"ModelCheckpoint filepath {self.filepath!r} is a folder; give a file name "
-                                       f"in it, such as {os.path.join(self.filepath, 'model-{epoch:02d}.mpscy')!r}")
-        _check_writable(target, "ModelCheckpoint filepath", make_folders=True, replaces=True)
+        _check_writable(self.filepath.format(**_sample(self._fields)), "ModelCheckpoint filepath", make_folders=True,
+                        replaces=True, hint=f"; give a file name in it, such as "
+                                            f"{os.path.join(self.filepath, 'model-{epoch:02d}.mpscy')!r}")
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
@@ -300,11 +298,13 @@ def _sample(names):
     return {n: 1 if n == "epoch" else 1.0 for n in names}
 
 
-def _check_writable(target, what, make_folders, replaces):
-    """Refuses a file path that could not be written: its folder (or, with make_folders, the
-    nearest existing folder above it) missing, not a folder, or not writable, where the file
-    is new or replaced through a temporary file beside it (replaces: engine.save's way);
-    else an existing file that is not writable."""
+def _check_writable(target, what, make_folders, replaces, hint=""):
+    """Refuses a file path that could not be written: a folder (hint ends that message); its
+    folder (or, with make_folders, the nearest existing folder above it) missing, not a folder,
+    or not writable, where the file is new or replaced through a temporary file beside it
+    (replaces: engine.save's way); else an existing file that is not writable."""
+    if os.path.isdir(target):
+        raise InvalidArgumentError(f"{what} {target!r} is a folder{hint}")
     probe = os.path.dirname(os.path.abspath(target))
     if make_folders:
         while not os.path.exists(probe):
@@ -419,8 +419,6 @@ class CSVLogger(Callback):
         self._keys = None
 
     def on_train_begin(self, logs=None):
-        if os.path.isdir(self.filename):
-            raise InvalidArgumentError(f"CSVLogger filename {self.filename!r} is a folder")
         _check_writable(self.filename, "CSVLogger filename", make_folders=False, replaces=False)
         self.on_train_end()  # a file an earlier fit that failed left open
         self._keys = None
