@@ -327,6 +327,83 @@ def test_convolution_gradients_match_cpu_past_32_rows(stride, rows, rng):
     assert max(errs.values()) <= 2e-5, errs
 
 
+# ----------------------------------------------------------------------------- sub-batches
+
+SPLIT_MODELS = sorted(k for k in LAYER_MODELS if k.startswith("conv") or k == "batchnorm2d")
+
+
+def _split_form(capfd):
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if "convolutions over sub-batches" in ln]
+    assert lines and len(set(lines)) == 1, lines
+    return lines[0].split(": ", 2)[2]
+
+
+@cuda_only
+@pytest.mark.parametrize("samples", [3, 1])
+@pytest.mark.parametrize("name", SPLIT_MODELS)
+def test_conv_over_sub_batches_matches_cpu(name, samples, monkeypatch, capfd, rng):
+    """Every convolution of the layer table's models over sub-batches of 3 samples (the built batch
+    of 16 as five and a tail of one; partial batches of 9 and 7) or of 1, as a convolution with a
+    tensor of 2^31 - 1 or more elements runs ($MPSCY_CUDA_CONV_SPLIT forces it): im2col,
+    cuBLASLt's products, the output scatter, dz and col2im a sub-batch at a time, the weight
+    gradient added up over them, the bias gradient's chunk sums in one ordered sum. Against the
+    cpu as test_layer_matches_cpu, over full and partial batches."""
+    monkeypatch.setenv("MPSCY_CUDA_CONV_SPLIT", str(samples))
+    monkeypatch.setenv("MPSCY_CUDA_VERBOSE", "1")
+    build, shape = LAYER_MODELS[name]
+    cpu, gpu = pair(build, shape, opt=lambda: optim.Adam(1e-3, eps=ADAM_EPS.get(name, 1e-8)))
+    convs = sum(isinstance(layer, L.Conv2D) for layer in build())
+    assert _split_form(capfd) == f"{convs}, of {samples} samples at the fewest"
+    x = rng.standard_normal((37,) + shape).astype(np.float32)
+    assert rel_err(gpu.predict(x), cpu.predict(x)) <= FORWARD_TOL
+    compare_training(cpu, gpu, rng, rows=[16, 9, 16, 7])
+    assert rel_err(gpu.predict(x), cpu.predict(x)) <= 10 * PARAM_TOL
+
+
+@cuda_only
+@pytest.mark.parametrize("build", [_strided_residual, _implicit_residual])
+def test_conv_over_sub_batches_adds_to_input_gradients(build, monkeypatch, rng):
+    """Sub-batches of 2 samples where two convolutions of one tensor both add to its gradient (col2im
+    accumulating a sub-batch's rows), with the model input's gradient, a partial batch of 13
+    (six sub-batches and a tail of one), then training over full and partial batches."""
+    monkeypatch.setenv("MPSCY_CUDA_CONV_SPLIT", "2")
+    engines = [mpscy.Engine(build(), batch_size=16, device=d, seed=3, input_gradients=True) for d in ("cpu", "cuda")]
+    shape = engines[0].model.input_shapes[0]
+    x = rng.standard_normal((13,) + tuple(shape)).astype(np.float32)
+    y = rng.integers(0, 5, 13).astype(np.int32)
+    gc, gg = engines[0].gradients(x, y), engines[1].gradients(x, y)
+    assert gc.keys() == gg.keys() and "input" in gg
+    for k in gc:
+        if k != "loss":
+            assert rel_err(gg[k], gc[k]) <= PARAM_TOL, k
+    compare_training(*engines, rng, rows=[16, 9, 16, 7])
+
+
+@cuda_only
+@pytest.mark.slow
+def test_conv_past_2_31_elements_runs_over_sub_batches(monkeypatch, capfd, rng):
+    """Conv2D(64, 1) on 1 x 256 x 256 at batch 512: its output has 64 * 65536 * 512 = 2^31
+    elements, past the kernels' 32-bit indices (the engine was refused before). It runs over
+    sub-batches of 64 samples (its columns within 1 GiB): two SGD steps, one a partial batch, and
+    prediction against the cpu (each engine holds ~18 GB: the output and its gradient)."""
+    monkeypatch.setenv("MPSCY_CUDA_VERBOSE", "1")
+    build = lambda: [L.Conv2D(64, 1), L.ReLU(), L.GlobalAvgPool2D(), L.Dense(3)]
+    cpu, gpu = pair(build, (1, 256, 256), opt=lambda: optim.SGD(0.1), batch=512)
+    assert _split_form(capfd) == "1, of 64 samples at the fewest"
+    compare_training(cpu, gpu, rng, steps=2, rows=[512, 300])
+    x = rng.standard_normal((70, 1, 256, 256)).astype(np.float32)
+    assert rel_err(gpu.predict(x), cpu.predict(x)) <= 10 * PARAM_TOL
+
+
+@cuda_only
+def test_conv_whose_one_sample_passes_2_31_elements_is_refused():
+    """A 32768-channel 1x1 convolution on 256 x 256: one sample's output has 2^31 elements, which
+    no sub-batch brings under the kernels' 32-bit indices: UnsupportedError at build."""
+    model = mpscy.Sequential([L.Conv2D(32768, 1)], input_shape=(1, 256, 256))
+    with pytest.raises(mpscy.UnsupportedError, match=r"conv2d_0.*2\^31 - 1 or more elements in one sample"):
+        mpscy.Engine(model, loss="mse", batch_size=1, device="cuda")
+
+
 # ----------------------------------------------------------------------------- losses
 
 LOSS_CASES = {

@@ -16,7 +16,8 @@
  * only by a training step, on the side stream; where the weight gradient is the own long product
  * it reads x itself instead (conv_dw.cu), as does that of a convolution whose forward is the
  * implicit product (conv_implicit.cu), and no columns are built or held at all. The weight
- * gradient's own split product and the ordered sums of split partials are conv_dw.cu's. */
+ * gradient's own split product and the ordered sums of split partials are conv_dw.cu's. A
+ * convolution too large for 32-bit indices runs over sub-batches instead (cu_conv_split). */
 #include <algorithm>
 
 #include "cuda.h"
@@ -209,10 +210,123 @@ __global__ void conv_dz_kernel(float *dzt, float *dbp, const float *dy, const fl
 
 #define DZ_CHUNK 1024  /* elements of one channel per conv_dz block */
 
-int cu_conv_fits(const mpscy_plan *p, const mpscy_node *n) {
-    conv_geom g = geom(p, n);
-    double lim = 2147483647.0, nb = (double)p->batch * (double)g.ohw;
-    return (double)g.k * nb < lim && (double)g.oc * nb < lim && (double)p->batch * g.c * g.h * g.w < lim;
+static int64_t round4(int64_t f) { return (f + 3) & ~(int64_t)3; }
+
+/* A convolution whose input, output or columns reach 2^31 - 1 elements at the built batch (its
+ * kernels index in 32 bits) runs over sub-batches of samples ("split"), each under that and with
+ * its columns within CONV_SPLIT_FLOATS (1 GiB): forward im2col, cuBLASLt's product and
+ * conv_out_kernel; backward dz, the columns again, dW added up over the sub-batches (cuBLASLt's
+ * beta), dcol and col2im; all on the main stream, in the shared workspace, nothing kept from
+ * forward to backward. $MPSCY_CUDA_CONV_SPLIT=N splits every convolution (testing). */
+#define CONV_SPLIT_FLOATS ((int64_t)1 << 28)
+
+int64_t cu_conv_split(const cu_graph *gr, const mpscy_node *n) {
+    const conv_geom g = geom(&gr->plan, n);
+    const int64_t lim = INT32_MAX, out = g.oc * g.ohw, in = g.c * g.h * g.w, cols = g.k * g.ohw;
+    const int64_t most = std::max({out, in, cols});
+    int64_t s = 0;  /* every tensor under lim at the built batch */
+    if (most > (lim - 1) / gr->plan.batch) {
+        if (out >= lim || in >= lim) return -1;
+        s = std::max<int64_t>(1, std::min((lim - 1) / most, CONV_SPLIT_FLOATS / std::max(cols, out)));
+    }
+    return gr->conv_split > 0 ? (s ? std::min(s, gr->conv_split) : gr->conv_split) : s;
+}
+
+/* the shared workspace of a split convolution: dz or the forward's result (OC, s*OHW), then the
+ * columns and dcol (K, s*OHW) each */
+static int64_t split_ws(const conv_geom &g, int64_t s) {
+    return round4(g.oc * s * g.ohw) + 2 * round4(g.k * s * g.ohw);
+}
+
+int64_t cu_conv_split_workspace(const cu_graph *gr, const mpscy_node *n) {
+    const int64_t s = cu_conv_split(gr, n);
+    return s > 0 ? split_ws(geom(&gr->plan, n), s) : 0;
+}
+
+/* conv_dz_kernel's chunk sums of b samples taken s at a time: each sub-batch's rows follow the
+ * last one's, so that one ordered sum adds them all */
+static int64_t split_rows(int64_t b, int64_t s, int64_t ohw) {
+    const int64_t per = (s * ohw + DZ_CHUNK - 1) / DZ_CHUNK;
+    return b / s * per + (b % s * ohw + DZ_CHUNK - 1) / DZ_CHUNK;
+}
+
+static int split_forward(cu_graph *gr, const mpscy_node *n, const conv_geom &g, int64_t b, int64_t s, char *err,
+                         size_t en) {
+    const int64_t i = cu_node_index(gr, n);
+    const float *w = cu_tensor(gr, n, MPSCY_ROLE_PARAM, 0);    // (OC, kg)
+    const float *bias = cu_tensor(gr, n, MPSCY_ROLE_PARAM, 1); // (OC) or NULL
+    const int relu = (gr->fuse[i] & CU_FUSE_RELU) != 0;
+    float *yt = gr->ws;                                        // (OC, sb*OHW)
+    float *col = yt + round4(g.oc * s * g.ohw);                // (K, sb*OHW)
+    int st = MPSCY_OK;
+    for (int64_t s0 = 0; s0 < b && st == MPSCY_OK; s0 += s) {
+        const int64_t sb = std::min(s, b - s0), nb = sb * g.ohw;
+        const float *x = gr->y[n->in[0]] + s0 * g.c * g.h * g.w;  // (sb, C, H, W)
+        float *y = gr->y[i] + s0 * g.oc * g.ohw;                  // (sb, OC, OHW)
+        st = cu_im2col(gr, gr->stream, &g, col, x, sb, err, en);
+        for (int64_t gi = 0; gi < g.groups && st == MPSCY_OK; gi++) {
+            /* column-major: D (nb x ocg) = col (nb x kg) . W (kg x ocg) */
+            cu_gemm q = {};
+            q.epilogue = CUBLASLT_EPILOGUE_DEFAULT;
+            q.m = nb; q.n = g.ocg; q.k = g.kg; q.a = col + gi * g.kg * nb; q.lda = nb;
+            q.b = w + gi * g.ocg * g.kg; q.ldb = g.kg; q.d = yt + gi * g.ocg * nb; q.ldd = nb;
+            st = cu_gemm_run(gr, &q, 0, err, en);
+        }
+        if (st != MPSCY_OK) break;
+        const int vec = g.ohw % 4 == 0 && cu_aligned16(y) && cu_aligned16(yt);
+        CU_TRY(cu_launch(gr, conv_out_kernel, cu_blocks(sb * g.oc * g.ohw / (vec ? 4 : 1), CU_THREADS, 16384),
+                         CU_THREADS, gr->stream, y, (const float *)yt, bias, sb, g.oc, g.ohw, relu, vec),
+               "conv_out");
+        st = CU_LAUNCHED("conv_out");
+    }
+    return st;
+}
+
+/* dy (b, OC, OHW) masked by ry (the fused ReLU's output) or NULL; dbp (split_rows, OC) */
+static int split_backward(cu_graph *gr, const mpscy_node *n, const conv_geom &g, int64_t b, int64_t s,
+                          const float *dy, const float *ry, float *dbp, char *err, size_t en) {
+    const float *w = cu_tensor(gr, n, MPSCY_ROLE_PARAM, 0);
+    float *dw = cu_tensor_grad(gr, n, 0), *db = cu_tensor_grad(gr, n, 1), *dx = gr->dy[n->in[0]];
+    float *dzt = gr->ws;                                       // (OC, sb*OHW)
+    float *col = dzt + round4(g.oc * s * g.ohw);               // (K, sb*OHW)
+    float *dcol = col + round4(g.k * s * g.ohw);               // (K, sb*OHW)
+    int64_t rows = 0;
+    int st = MPSCY_OK;
+    for (int64_t s0 = 0; s0 < b && st == MPSCY_OK; s0 += s) {
+        const int64_t sb = std::min(s, b - s0), nb = sb * g.ohw, chunks = (nb + DZ_CHUNK - 1) / DZ_CHUNK;
+        const int64_t at = s0 * g.oc * g.ohw;
+        const float *dys = dy + at, *rys = ry ? ry + at : NULL;
+        const int vec = g.ohw % 4 == 0 && cu_aligned16(dys) && (!rys || cu_aligned16(rys)) && cu_aligned16(dzt);
+        const unsigned ocs = (unsigned)std::min<int64_t>(g.oc, 65535);
+        CU_TRY(cu_launch(gr, conv_dz_kernel<false>, dim3((unsigned)chunks, ocs), CU_THREADS, gr->stream, dzt,
+                         dbp + rows * g.oc, dys, rys, sb, g.oc, g.ohw, g.ow, (int64_t)DZ_CHUNK, vec),
+               "conv_dz");
+        rows += chunks;
+        if ((st = CU_LAUNCHED("conv_dz")) != MPSCY_OK) break;
+        st = cu_im2col(gr, gr->stream, &g, col, gr->y[n->in[0]] + s0 * g.c * g.h * g.w, sb, err, en);
+        for (int64_t gi = 0; gi < g.groups && st == MPSCY_OK; gi++) {
+            /* column-major: D (kg x ocg) = col^T (kg x nb) . dzt (nb x ocg), added from the second
+             * sub-batch on */
+            cu_gemm q = {};
+            q.epilogue = CUBLASLT_EPILOGUE_DEFAULT;
+            q.transa = 1; q.m = g.kg; q.n = g.ocg; q.k = nb; q.a = col + gi * g.kg * nb; q.lda = nb;
+            q.b = dzt + gi * g.ocg * nb; q.ldb = nb; q.d = dw + gi * g.ocg * g.kg; q.ldd = g.kg;
+            q.beta = s0 > 0 ? 1.0f : 0.0f;
+            st = cu_gemm_run(gr, &q, 0, err, en);
+            if (st != MPSCY_OK || !dx) continue;
+            /* D (nb x kg) = dzt (nb x ocg) . W^T (ocg x kg) */
+            cu_gemm t = {};
+            t.epilogue = CUBLASLT_EPILOGUE_DEFAULT;
+            t.transb = 1; t.m = nb; t.n = g.kg; t.k = g.ocg; t.a = dzt + gi * g.ocg * nb; t.lda = nb;
+            t.b = w + gi * g.ocg * g.kg; t.ldb = g.kg; t.d = dcol + gi * g.kg * nb; t.ldd = nb;
+            st = cu_gemm_run(gr, &t, 0, err, en);
+        }
+        if (st == MPSCY_OK && dx)
+            st = cu_col2im(gr, &g, dx + s0 * g.c * g.h * g.w, dcol, sb, (int)n->accum[0], err, en);
+    }
+    if (st != MPSCY_OK || !db) return st;
+    CU_TRY(cu_sum_parts(gr, gr->stream, db, dbp, g.oc, rows, NULL, 1, 0), "conv_db");
+    return CU_LAUNCHED("conv_db");
 }
 
 #define DW_CHUNK 1024  /* K per product of the split weight gradient (cuBLASLt's, tf32) */
@@ -259,7 +373,6 @@ static bool conv_mma(const cu_graph *gr, int which, int64_t nb_built) {
  * tf32, the forced GEMM modes and MPSCY_CUDA_IMPLICIT=0 leave them unused. One whose gradients are
  * conv_dw_small's (CU_DW_SMALL) needs no dz and no chunk sums: only the partials. */
 struct conv_slab { int64_t dzt, part, dbp, wc, total; };
-static int64_t round4(int64_t f) { return (f + 3) & ~(int64_t)3; }
 
 /* floats of the weight gradient's split partials at the built batch, as many as its product may
  * write there and so at any smaller one: conv_dw_small's blocks where the geometry lets it take
@@ -314,6 +427,7 @@ static bool conv_reads_x(const cu_graph *gr, int64_t i, const conv_geom &g) {
  * never); else CU_DW_COLUMNS, the columns the forward built and kept */
 static int conv_dw_form(const cu_graph *gr, int64_t i, const conv_geom &g) {
     const mpscy_node *n = &gr->plan.nodes[i];
+    if (cu_conv_split(gr, n)) return CU_DW_COLUMNS;  /* split: columns of a sub-batch at a time */
     if (gr->dw_small > 0 && !gr->dy[n->in[0]] &&
         cu_conv_dw_small_fits(&g, mpscy_node_tensor(&gr->plan, n, MPSCY_ROLE_PARAM, 1) >= 0))
         return CU_DW_SMALL;
@@ -401,6 +515,8 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
     const mpscy_plan *p = &gr->plan;
     int64_t i = cu_node_index(gr, n);
     conv_geom g = geom(p, n);
+    const int64_t split = cu_conv_split(gr, n);
+    if (split > 0) return split_forward(gr, n, g, b, split, err, en);
     int64_t nb = b * g.ohw;
     float *col = gr->colbuf + gr->col_off[i];                 // (K, nb)
     float *yt = gr->ws;                                        // (OC, nb)
@@ -531,6 +647,8 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
         for (int32_t k = (int32_t)i + 1; k < p->n_nodes && r < 0; k++)
             if (p->nodes[k].kind == MPSCY_LAYER_RELU && p->nodes[k].in[0] == i) r = k;
     const float *dy = gr->dy[r >= 0 ? r : i], *ry = r >= 0 ? gr->y[r] : NULL;
+    const int64_t split = cu_conv_split(gr, n);
+    if (split > 0) return split_backward(gr, n, g, b, split, dy, ry, gr->colbuf + gr->col_off[i], err, en);
     if (form == CU_DW_SMALL) {  /* no dx: dW and db in one pass over dy as it lies, and x */
         cudaStream_t s = gr->stream;
         if (!gr->input_dw_main) {  /* at the side stream's chain's end */
@@ -623,6 +741,7 @@ void cu_conv_gemm_need(const cu_graph *gr, const mpscy_node *n, int64_t *floats,
     int64_t nb = gr->plan.batch * g.ohw, f, c;
     int64_t shapes[3][3] = {{g.ocg, nb, g.kg}, {g.ocg, g.kg, nb}, {g.kg, nb, g.ocg}};
     *floats = *counters = 0;
+    if (cu_conv_split(gr, n)) return;  /* split: cuBLASLt only */
     for (int k = 0; k < 3; k++)
         if (cu_gemm_small_wanted(gr, shapes[k][0], shapes[k][1], shapes[k][2]) &&
             !(k == 1 && conv_long_dw(gr, nb)) && !conv_mma(gr, k, nb)) {
@@ -639,5 +758,8 @@ int cu_conv_dw_form(const cu_graph *gr, const mpscy_node *n) {
 int64_t cu_conv_columns(const cu_graph *gr, const mpscy_node *n) {
     const mpscy_plan *p = &gr->plan;
     conv_geom g = geom(p, n);
+    const int64_t split = cu_conv_split(gr, n);
+    if (split > 0)  /* the bias gradient's chunk sums of every sub-batch */
+        return round4(split_rows(p->batch, split, g.ohw) * g.oc);
     return slab_of(gr, n, g, p->batch * g.ohw, conv_s2(p, n, g), conv_s1(p, n, g), cu_conv_dw_form(gr, n)).total;
 }

@@ -3,7 +3,7 @@
  * gathers its output pixel's taps into registers and takes fp32 FMA dot products with the
  * weights staged in shared memory, writing y (NCHW) with the bias and the fused ReLU. It builds
  * no columns (conv.cu builds them for a training step's weight gradient, on the side stream).
- * Index arithmetic is in 32 bits: graph build refuses larger tensors (cu_conv_fits). */
+ * Index arithmetic is in 32 bits: larger convolutions run over sub-batches (cu_conv_split). */
 #include <algorithm>
 
 #include "cuda.h"
@@ -127,7 +127,7 @@ int cu_conv_direct_beside(const cu_graph *gr) {
         const mpscy_node *src = &p->nodes[n->in[0]];
         if (n->kind != MPSCY_LAYER_CONV2D || src->kind != MPSCY_LAYER_INPUT || src->input_index != 0) return 0;
         const conv_geom cg = mpscy_conv_geometry(p, n);
-        return cu_conv_direct_fits(&cg);
+        return cu_conv_direct_fits(&cg) && !cu_conv_split(gr, n);
     }
     return 0;
 }

@@ -87,7 +87,7 @@ int64_t cu_conv_dw_own_most(const cu_graph *gr, const mpscy_conv_geom *cg, int64
  * by a warp a row, a lane a j (as mma_load's 4-byte K-contiguous form), so a warp reads one row
  * of x's window: consecutive (or strided) floats, the taps of a channel hitting L1 in turn. The
  * tiles hold the same floats as the columns' would, in the same order: the same bits. Index
- * arithmetic in 32 bits (cu_conv_fits). */
+ * arithmetic in 32 bits (larger convolutions run over sub-batches: cu_conv_split). */
 struct dw_src {
     const float *x;                    /* (b, C, H, W) at the group's first channel */
     unsigned hw, h, w, ohw, ow, sxs, khw, kw;  /* sxs: floats a sample (C H W) */
@@ -213,7 +213,7 @@ int cu_conv_dw_own(cu_graph *gr, cudaStream_t stream, const mpscy_conv_geom *cg,
  * (output, column) over a quarter (say) of the tile's positions; the bias is the column of ones.
  * Its partial (kg*OC weights, then OC biases) goes to part's row blockIdx.x, or straight to dw
  * and db for a single block, and cu_sum_parts adds the rows in order: the same bits every run.
- * Index arithmetic in 32 bits (cu_conv_fits). */
+ * Index arithmetic in 32 bits (larger convolutions run over sub-batches: cu_conv_split). */
 #define DWS_T 64          /* positions a tile */
 #define DWS_THREADS 256   /* a block: 4 staging threads a position */
 #define DWS_LO 68         /* the most floats a staged row of dz (16 groups of 4, + 4) */

@@ -114,6 +114,8 @@ typedef struct cu_graph {
     float *colbuf;             /* each convolution's im2col columns, kept from forward to backward */
     int64_t col_floats, *col_off;
     int64_t ws_floats;
+    int64_t conv_split;        /* $MPSCY_CUDA_CONV_SPLIT at build, or 0: every convolution runs over sub-batches of
+                                * at most this many samples (conv.cu's cu_conv_split; testing) */
     void *lt_ws[2];            /* cuBLASLt workspaces of the main and side streams */
     size_t lt_ws_bytes;
     cu_scratch *scratch;       /* device */
@@ -260,7 +262,11 @@ int cu_conv_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, siz
 int64_t cu_conv_workspace(const mpscy_plan *p, const mpscy_node *n);
 int64_t cu_conv_columns(const cu_graph *gr, const mpscy_node *n);  /* floats of its slab (the kept im2col, ...):
                                                                      * once y, dy and the knobs are set */
-int cu_conv_fits(const mpscy_plan *p, const mpscy_node *n);         /* its tensors index in 31 bits */
+/* samples per sub-batch of a convolution with a tensor of 2^31 - 1 or more elements at the built
+ * batch (it then runs over sub-batches), 0 for one that fits, -1 for one whose single sample's
+ * input or output is that large (refused at build); and the shared workspace a split one needs */
+int64_t cu_conv_split(const cu_graph *gr, const mpscy_node *n);
+int64_t cu_conv_split_workspace(const cu_graph *gr, const mpscy_node *n);
 /* how its training weight gradient reads its operands: the kept im2col columns, x itself in the own
  * long product (conv_dw.cu's gather), or conv_dw_small's pass over dy and x */
 enum { CU_DW_COLUMNS, CU_DW_GATHER, CU_DW_SMALL };

@@ -149,6 +149,10 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
         cu_graph_destroy(&g->base);
         return FAIL(MPSCY_UNSUPPORTED, "optimizer kind %d is not implemented on cuda", p->optim.kind);
     }
+    /* every convolution over sub-batches of at most this many samples: a testing knob (those
+     * with a tensor of 2^31 - 1 or more elements at the built batch always are: cu_conv_split) */
+    g->conv_split = cu_knob_int("MPSCY_CUDA_CONV_SPLIT", 0);
+    if (g->conv_split < 0) g->conv_split = 0;
     for (int32_t i = 0; i < p->n_nodes; i++) {
         const cu_layer_ops *ops = &cu_layers[p->nodes[i].kind];
         if (p->nodes[i].kind != MPSCY_LAYER_INPUT && !ops->forward) {
@@ -156,12 +160,16 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
             return FAIL(MPSCY_UNSUPPORTED, "node %d (%s): layer kind %d is not implemented on cuda",
                         i, p->nodes[i].name, p->nodes[i].kind);
         }
-        if (p->nodes[i].kind == MPSCY_LAYER_CONV2D && !cu_conv_fits(p, &p->nodes[i])) {
-            cu_graph_destroy(&g->base);
-            return FAIL(MPSCY_UNSUPPORTED, "node %d (%s): a Conv2D with 2^31 or more elements in a tensor at batch %d",
-                        i, p->nodes[i].name, p->batch);
-        }
         int64_t w = ops->workspace ? ops->workspace(p, &p->nodes[i]) : 0;
+        if (p->nodes[i].kind == MPSCY_LAYER_CONV2D) {
+            const int64_t split = cu_conv_split(g, &p->nodes[i]);
+            if (split < 0) {
+                cu_graph_destroy(&g->base);
+                return FAIL(MPSCY_UNSUPPORTED, "node %d (%s): a Conv2D whose input or output has 2^31 - 1 or more "
+                            "elements in one sample", i, p->nodes[i].name);
+            }
+            if (split > 0) w = cu_conv_split_workspace(g, &p->nodes[i]);
+        }
         if (w > g->ws_floats) g->ws_floats = w;
     }
 
@@ -440,9 +448,16 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     }
     if (getenv("MPSCY_CUDA_VERBOSE")) {
         char form[128];
-        int gathers = 0, small = 0, rows = 0;
+        int gathers = 0, small = 0, rows = 0, splits = 0;
+        int64_t fewest = 0;  /* samples in the smallest sub-batches */
         for (int32_t i = 0; i < p->n_nodes; i++)
             if (p->nodes[i].kind == MPSCY_LAYER_CONV2D) {
+                const int64_t s = cu_conv_split(g, &p->nodes[i]);
+                if (s > 0) {
+                    splits++;
+                    fewest = fewest && fewest < s ? fewest : s;
+                    continue;
+                }
                 const int form = cu_conv_dw_form(g, &p->nodes[i]);
                 const mpscy_conv_geom cg = mpscy_conv_geometry(p, &p->nodes[i]);
                 gathers += form == CU_DW_GATHER;
@@ -462,6 +477,9 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
         if (rows)
             fprintf(stderr, "mpscy: cuda weight and bias gradients by output rows: %d convolution%s\n", rows,
                     rows > 1 ? "s" : "");
+        if (splits)
+            fprintf(stderr, "mpscy: cuda convolutions over sub-batches: %d, of %lld samples at the fewest\n", splits,
+                    (long long)fewest);
     }
     *out = &g->base;
     return MPSCY_OK;

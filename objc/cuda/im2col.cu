@@ -4,8 +4,8 @@
  * dcol and col2im for 3x3 stride-2 pad-1 convolutions of even H and W). Square 1/3/5/7 kernels
  * run a form compiled for their size (and col2im for stride 1 or 2), which issues every tap's load
  * before the first is used; any other shape runs the generic loops. Index arithmetic is in 32
- * bits (64-bit division costs dozens of instructions): graph build refuses a convolution whose
- * tensors reach 2^31 elements (cu_conv_fits). */
+ * bits (64-bit division costs dozens of instructions): a convolution whose tensors reach 2^31
+ * elements runs them over sub-batches (cu_conv_split). */
 #include "cuda.h"
 
 typedef mpscy_conv_geom conv_geom;
