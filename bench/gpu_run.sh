@@ -14,7 +14,7 @@ source "$(dirname "$0")/gpu_setup.sh"
 $PY -c "import mpscy; from mpscy import layers as L; print('backends:', mpscy.backends()); print(mpscy.Engine(mpscy.Sequential([L.Dense(2)], input_shape=(2,)), loss='mse', device='cuda').device_info())"
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-    MPSCY_DEVICE=cuda timeout ${TEST_TIMEOUT:-240} $PY -m pytest ${TESTS:-tests} -q -ra -p no:cacheprovider ${PYTEST_ARGS:-} \
+    MPSCY_DEVICE=cuda timeout ${TEST_TIMEOUT:-360} $PY -m pytest ${TESTS:-tests} -q -ra -p no:cacheprovider ${PYTEST_ARGS:-} \
         > "$OUT/pytest_cuda.log" 2>&1
     echo "pytest (cuda): exit $?"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_cuda.log" | head -30; tail -1 "$OUT/pytest_cuda.log"
     if [ "${CPU_TESTS:-1}" = 1 ]; then
