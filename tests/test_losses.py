@@ -2,6 +2,8 @@
 (their gradients checked by central finite differences), against torch.nn.functional where it
 is installed, label smoothing, single-output binary heads, accuracy kinds, and option errors.
 The model under test is the identity (Dropout(0.0)), so d loss / d input is d loss / d output."""
+import re
+
 import numpy as np
 import pytest
 
@@ -9,6 +11,10 @@ import mpscy
 from mpscy import layers, losses, optim
 
 import layer_refs as R
+
+# The identity model hands the loss its inputs: the probability losses' inputs are probabilities
+# here, though no Sigmoid or Softmax made them (what Engine warns about; tested below).
+pytestmark = pytest.mark.filterwarnings("ignore:loss .* takes probabilities:UserWarning")
 
 
 def softmax(z):
@@ -371,3 +377,53 @@ def test_base_classes_are_refused_by_the_engine():
                                                          r"'Adam', .*'LBFGS'\]$"):
         mpscy.Engine(model, optimizer=optim.Optimizer(0.1), device="cpu")
     assert mpscy.Engine(model, loss=losses.MSE, device="cpu").loss.kind == "mse"
+
+
+# ----------------------------------------------------------------------------- output and loss
+def _model(tail, classes=4):
+    x = mpscy.Input((6,))
+    h = layers.Dense(classes)(x)
+    return mpscy.Model(x, tail(h) if tail else h)
+
+
+_MISMATCH = [
+    # (loss, what ends the model, the warning's words or None)
+    ("binary_cross_entropy", None, "binary_cross_entropy takes probabilities, but the model's output comes from "
+                                   "Dense 'dense_0', which is not squashed into \\[0, 1\\]: end the model with a "
+                                   "Sigmoid, or train on the logits with 'bce_with_logits'"),
+    ("bce", lambda h: layers.Tanh()(h), "comes from Tanh 'tanh_1'"),
+    ("binary_cross_entropy", lambda h: layers.Sigmoid()(h), None),
+    ("binary_cross_entropy", lambda h: layers.Flatten()(layers.Sigmoid()(h)), None),
+    ("binary_cross_entropy", lambda h: layers.Concatenate()([layers.Sigmoid()(h), layers.Softmax()(h)]), None),
+    ("binary_cross_entropy", lambda h: layers.Concatenate()([layers.Sigmoid()(h), h]), "Concatenate 'concatenate_2'"),
+    ("categorical_cross_entropy", None, "categorical_cross_entropy takes probabilities, but the model's output comes "
+                                        "from Dense 'dense_0'.*end the model with a Softmax, or train on the logits "
+                                        "with 'cross_entropy'"),
+    ("categorical_cross_entropy", lambda h: layers.Softmax()(h), None),
+    ("sparse_cross_entropy", lambda h: layers.Softmax()(h), "sparse_cross_entropy takes logits and applies the "
+                                                            "softmax itself, but the model's output is Softmax "
+                                                            "'softmax_1': it would be applied twice \\(remove the "
+                                                            "Softmax, or use 'categorical_cross_entropy'\\)"),
+    ("sparse_categorical_crossentropy", lambda h: layers.Flatten()(layers.Softmax()(h)), "output is Softmax"),
+    ("cross_entropy", lambda h: layers.Softmax()(h), "cross_entropy takes logits"),
+    ("bce_with_logits", lambda h: layers.Sigmoid()(h), "applies the sigmoid itself.*use 'binary_cross_entropy'"),
+    ("sparse_cross_entropy", None, None),
+    ("sparse_cross_entropy", lambda h: layers.Sigmoid()(h), None),
+    ("bce_with_logits", None, None),
+    ("mse", lambda h: layers.Softmax()(h), None),
+]
+
+
+@pytest.mark.parametrize("loss, tail, words", _MISMATCH)
+def test_an_output_the_loss_does_not_take_is_warned_about(device, loss, tail, words, recwarn):
+    """A probability loss on an output no Sigmoid or Softmax squashed (torch's
+    binary_cross_entropy raises on values outside [0, 1]; here steps would train on them), and a
+    logit loss on a Softmax's or Sigmoid's output (squashed twice; tf.keras warns): one
+    UserWarning when the engine is built, naming the layer and the fix; none otherwise."""
+    mpscy.Engine(_model(tail), loss=loss, batch_size=4, device=device)
+    got = [str(w.message) for w in recwarn if issubclass(w.category, UserWarning)]
+    if words is None:
+        assert got == []
+    else:
+        assert len(got) == 1 and re.search(words, got[0]), got
+

@@ -3,6 +3,7 @@ batch "N") and onnxruntime's predictions match engine.predict to 1e-5; files wri
 torch.onnx.export import and predict like the torch model to 1e-5, and fine-tune."""
 import json
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -31,9 +32,10 @@ def _all_activations_mlp():
 
 @pytest.mark.parametrize("opset", [17, 20])
 def test_export_checks_and_matches_onnxruntime(device, tmp_path, opset):
-    engine = mpscy.Engine(_all_activations_mlp(), batch_size=16, device=device, seed=3)
+    engine = mpscy.Engine(_all_activations_mlp(), loss="categorical_cross_entropy", batch_size=16, device=device,
+                          seed=3)
     x, y = mpscy.datasets.load_digits(images=True)
-    engine.fit(x[:256], y[:256], epochs=1, verbose=0)          # trained weights, not the initial ones
+    engine.fit(x[:256], np.eye(10, dtype=np.float32)[y[:256]], epochs=1, verbose=0)  # trained weights
     path = str(tmp_path / "mlp.onnx")
     proto = mpscy.onnx.export(engine, path, opset=opset)
     m = onnx.load(path)
@@ -51,7 +53,8 @@ def test_export_checks_and_matches_onnxruntime(device, tmp_path, opset):
 
 
 def test_export_import_round_trip(device, tmp_path):
-    engine = mpscy.Engine(_all_activations_mlp(), batch_size=16, device=device, seed=5)
+    engine = mpscy.Engine(_all_activations_mlp(), loss="categorical_cross_entropy", batch_size=16, device=device,
+                          seed=5)
     path = str(tmp_path / "m.onnx")
     mpscy.onnx.export(engine, path)
     back = mpscy.onnx.load(path, batch_size=8, device=device)
@@ -564,7 +567,7 @@ def test_round_trip_keeps_layer_names_and_options(tmp_path, opset):
     takes the original engine's; non-affine BatchNorm and LayerNorm come back non-affine (they
     had come back with a trainable weight and bias), and float options come back as given
     (momentum 0.3, not 0.30000001192...)."""
-    engine = mpscy.Engine(_every_layer_model(), device="cpu", batch_size=8)
+    engine = mpscy.Engine(_every_layer_model(), loss="categorical_cross_entropy", device="cpu", batch_size=8)
     params = _randomize(engine, 3)
     path = str(tmp_path / "all.onnx")
     proto = mpscy.onnx.export(engine, path, opset=opset)
@@ -838,3 +841,20 @@ def test_import_reduce_mean_over_the_image_axes_as_global_average_pooling(opset,
                        helper.make_node("ReduceMean", ["c"], ["m"], keepdims=keepdims))
     with pytest.raises(mpscy.UnsupportedError, match=r"ReduceMean .* over axes (\[1\]|None) of a rank-4 value"):
         mpscy.onnx.load(m, loss="mse", device="cpu")
+
+
+def test_load_warns_only_about_a_loss_it_was_given(tmp_path):
+    """A model ending in Softmax loads without a warning under the guessed placeholder loss
+    (sparse_cross_entropy, for predict); the same loss passed explicitly warns, as Engine does,
+    that the softmax would be applied twice, and categorical_cross_entropy does not."""
+    engine = mpscy.Engine(_all_activations_mlp(), loss="categorical_cross_entropy", batch_size=4, device="cpu")
+    path = str(tmp_path / "m.onnx")
+    mpscy.onnx.export(engine, path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mpscy.onnx.load(path, device="cpu")
+        mpscy.onnx.load(path, loss="categorical_cross_entropy", device="cpu")
+        assert [str(w.message) for w in caught] == []
+        mpscy.onnx.load(path, loss="sparse_cross_entropy", device="cpu")
+    assert len(caught) == 1 and "would be applied twice" in str(caught[0].message)
+

@@ -5,6 +5,7 @@ graph; `close()` (or leaving a `with` block) frees them."""
 
 import math
 import time
+import warnings
 
 import numpy as np
 
@@ -130,6 +131,9 @@ class Engine:
         clip_grad_value = _clip_arg(clip_grad_value, "clip_grad_value")
         self.model = model
         self.loss = _losses.get(loss)
+        mismatch = _losses.output_mismatch(self.loss, model)
+        if mismatch:
+            warnings.warn(mismatch, UserWarning, stacklevel=2)
         self.optimizer = optimizer
         self.batch_size = int(batch_size)
         self.seed = int(seed)

@@ -165,3 +165,48 @@ def get(loss):
     if isinstance(loss, str) and loss.lower() in _NAMES:
         return _NAMES[loss.lower()]()
     raise InvalidArgumentError(f"unknown loss {loss!r}; choose one of {sorted(set(_NAMES))} or a mpscy.losses class")
+
+
+# The probability losses take a Sigmoid's or a Softmax's output; the logit losses apply that
+# squashing themselves. Layers that keep values within [0, 1] between such an output and the
+# model's (shapes and pools; a Concatenate of such outputs) count as its output.
+_PROBABILITIES = {"binary_cross_entropy": "Sigmoid", "categorical_cross_entropy": "Softmax"}
+_LOGITS = {"sparse_cross_entropy": "softmax", "cross_entropy": "softmax", "bce_with_logits": "sigmoid"}
+_KEEPS_RANGE = {"flatten", "maxpool2d", "avgpool2d", "globalavgpool2d"}
+
+
+def output_mismatch(loss, model):
+    """A sentence saying why the model's output does not fit what `loss` takes, else None:
+    a probability loss on an output that is not squashed into [0, 1] (torch's
+    F.binary_cross_entropy raises on such values; here steps would train on them), or a logit
+    loss on a Softmax's or Sigmoid's output (the squashing applied twice, as tf.keras warns)."""
+    nodes = model.nodes
+
+    def squashed(i):
+        layer = nodes[i].layer
+        if layer is None:
+            return False
+        if layer.kind in ("sigmoid", "softmax"):
+            return True
+        if layer.kind in _KEEPS_RANGE or layer.kind == "concat":
+            return all(squashed(j) for j in nodes[i].inputs)
+        return False
+
+    out = nodes[model.output]
+    what = "an Input" if out.layer is None else f"{type(out.layer).__name__} {out.name!r}"
+    if loss.kind in _PROBABILITIES and not squashed(model.output):
+        last = _PROBABILITIES[loss.kind]
+        other = "bce_with_logits" if loss.kind == "binary_cross_entropy" else "cross_entropy"
+        return (f"loss {loss.kind} takes probabilities, but the model's output comes from {what}, which is "
+                f"not squashed into [0, 1]: end the model with a {last}, or train on the logits with "
+                f"{other!r}")
+    i = model.output
+    while nodes[i].layer is not None and nodes[i].layer.kind == "flatten":
+        i = nodes[i].inputs[0]
+    layer = nodes[i].layer
+    if loss.kind in _LOGITS and layer is not None and layer.kind == _LOGITS[loss.kind]:
+        name = type(layer).__name__
+        other = "binary_cross_entropy" if loss.kind == "bce_with_logits" else "categorical_cross_entropy"
+        return (f"loss {loss.kind} takes logits and applies the {name.lower()} itself, but the model's output is "
+                f"{name} {nodes[i].name!r}: it would be applied twice (remove the {name}, or use {other!r})")
+    return None

@@ -4,6 +4,8 @@ from what torch.onnx.export (or mpscy) wrote, for inference or fine-tuning. Need
 `onnx` package (``pip install 'mpscy[onnx]'``); onnxruntime runs the exported files. This
 module is mpscy's facade; the work is in mpscy.onnx_io, which imports the real `onnx`."""
 
+import warnings
+
 __all__ = ["export", "load", "read"]
 
 
@@ -29,13 +31,19 @@ def load(source, loss=None, optimizer=None, batch_size=32, device="auto", seed=0
     loss: as Engine's. None (the default) picks one that fits the model's output, so any model
     loads for `predict`: "sparse_cross_entropy" for a (classes,) output of 2 or more classes,
     else "mse". It is only a guess at how the model was trained: pass `loss=` explicitly to
-    fine-tune or `evaluate` (a one-unit binary head wants "bce_with_logits", say)."""
+    fine-tune or `evaluate` (a one-unit binary head wants "bce_with_logits", say; a model ending
+    in Softmax "categorical_cross_entropy", or its Softmax removed). An explicit loss that does not
+    fit the output warns as Engine does."""
     from .engine import Engine
     model, params = read(source)
-    if loss is None:
+    guessed = loss is None
+    if guessed:
         shape = tuple(model.output_shape)
         loss = "sparse_cross_entropy" if len(shape) == 1 and shape[0] >= 2 else "mse"
-    engine = Engine(model, loss=loss, optimizer=optimizer, batch_size=batch_size, device=device, seed=seed,
-                    **engine_kwargs)
+    with warnings.catch_warnings():
+        if guessed:  # a placeholder for predict, not a claim about the output: no warning that it does not fit
+            warnings.filterwarnings("ignore", message="loss ", category=UserWarning)
+        engine = Engine(model, loss=loss, optimizer=optimizer, batch_size=batch_size, device=device, seed=seed,
+                        **engine_kwargs)
     engine.set_parameters(params, strict=True)
     return engine
