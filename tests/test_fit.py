@@ -370,6 +370,31 @@ def test_multi_label_heads_refuse_single_label_metrics(device, rng):
     assert "val_mse" in h.history
 
 
+def test_metrics_the_model_cannot_have_are_refused_before_the_first_step(device, digits, rng):
+    """A metric that cannot apply to the model fails before any step, not as NaN with a warning
+    at every epoch's end: a regression metric against class labels, a top-k accuracy of a
+    single-output head, a callable that does not take (y_true, outputs)."""
+    xtr, ytr, _, _ = digits
+    engine = digits_engine(device)
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"metrics \['mse', 'r2'\] compare the outputs with "
+                                                         r"targets of their shape; this model's SparseCrossEntropy "
+                                                         r"takes class labels"):
+        engine.fit(xtr, ytr, epochs=1, verbose=0, metrics=["accuracy", "mse", "r2"])
+    with pytest.raises(mpscy.InvalidArgumentError, match="must take \\(y_true, outputs\\)"):
+        engine.fit(xtr, ytr, epochs=1, verbose=0, metrics=[lambda a: 1.0])
+    assert engine.iterations == 0
+    x = rng.normal(size=(40, 6)).astype(np.float32)
+    y = (rng.random(40) > 0.5).astype(np.float32)
+    binary = mpscy.Engine(mpscy.Sequential([layers.Dense(1)], input_shape=(6,)), loss="bce_with_logits",
+                          optimizer=optim.SGD(0.1), batch_size=8, device=device, seed=0)
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"metrics \['top1', 'top3'\] rank the classes' scores; "
+                                                         r"this model has one output"):
+        binary.fit(x, y, epochs=1, verbose=0, metrics=["top1", "top3", "f1"])
+    assert binary.iterations == 0
+    h = binary.fit(x, y, epochs=1, verbose=0, metrics=["f1", "roc_auc", "mse"])   # these apply
+    assert {"f1", "roc_auc", "mse"} <= set(h.history)
+
+
 def test_fit_converts_loader_batches_and_labels_as_it_converts_arrays(device, digits):
     """fit converts float64 inputs and integer labels of any width (uint8, as Keras's datasets
     give them) once, for arrays and for a DataLoader's batches alike; engine.step itself takes

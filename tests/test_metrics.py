@@ -194,6 +194,28 @@ def test_get_adapts_model_outputs():
         M.get("bogus")
 
 
+def test_a_callable_metric_must_take_two_arguments():
+    """A callable metric is called as f(y_true, outputs): one that cannot take that is refused
+    when it is named (fit: before the first step), not with a bare TypeError at the first
+    epoch's end. Defaults, *args, callable objects and builtins without a signature pass."""
+    with pytest.raises(mpscy.InvalidArgumentError,
+                       match=r"metric '<lambda>' must take \(y_true, outputs\) and return a float: its signature "
+                             r"\(a\) does not \(too many positional arguments\)"):
+        M.get(lambda a: 1.0)
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"metric 'three'.*\(a, b, c\).*missing a required"):
+        def three(a, b, c):
+            return 0.0
+        M.get(three)
+
+    class Scorer:
+        def __call__(self, y_true, outputs, scale=1.0):
+            return scale
+
+    assert M.get(Scorer()).name == "Scorer" and M.get(Scorer())(0, 0) == 1.0
+    assert M.get(lambda *a: 2.0)(0, 0) == 2.0
+    assert M.get(max).name == "max"  # no signature to read: called as it is
+
+
 def test_weighted_average_without_true_samples_follows_scikit_learn():
     """average="weighted" where none of the given labels occurs in y_true (every weight 0):
     scikit-learn's _nanaverage falls back to the plain mean of the per-class values; it had

@@ -4,6 +4,7 @@ ROC AUC, average precision and their curves) and regression (MAE, MSE, RMSE, R²
 float64 arithmetic. `get()` turns a name or callable into a metric that `Engine.fit(metrics=)`
 evaluates on model outputs at the end of each epoch; nothing here touches the engine."""
 
+import inspect
 import numbers
 
 import numpy as np
@@ -510,5 +511,16 @@ def get(metric):
         raise InvalidArgumentError(f"unknown metric {metric!r}; choose one of {sorted(_NAMED)} + ['top5'], "
                                    "or pass a callable f(y_true, outputs)")
     if callable(metric):
-        return Metric(getattr(metric, "__name__", type(metric).__name__), metric, "raw")
+        name = getattr(metric, "__name__", type(metric).__name__)
+        try:
+            signature = inspect.signature(metric)
+        except (TypeError, ValueError):  # a builtin without one: called as it is
+            signature = None
+        if signature is not None:
+            try:
+                signature.bind(None, None)
+            except TypeError as e:
+                raise InvalidArgumentError(f"metric {name!r} must take (y_true, outputs) and return a float: "
+                                           f"its signature {signature} does not ({e})") from None
+        return Metric(name, metric, "raw")
     raise InvalidArgumentError(f"a metric is a name or a callable, got {type(metric).__name__}")

@@ -560,12 +560,23 @@ def _fit_metrics(engine, metrics):
     acc = engine.loss.accuracy(out_shape)
     if acc != "none":
         objs = [m for m in objs if m.name != "accuracy"]
-    if acc == "threshold" and int(np.prod(out_shape)) > 1:
+    outputs = int(np.prod(out_shape))
+    if acc == "threshold" and outputs > 1:
         bad = [m.name for m in objs if m.kind == "classification"]
         if bad:
             raise InvalidArgumentError(f"metrics {bad} need one class label per row; this model's "
-                                       f"{type(engine.loss).__name__} over {int(np.prod(out_shape))} outputs is "
+                                       f"{type(engine.loss).__name__} over {outputs} outputs is "
                                        "multi-label (its accuracy is the per-output threshold accuracy)")
+    if engine.loss.target == "index":
+        bad = [m.name for m in objs if m.kind == "regression"]
+        if bad:
+            raise InvalidArgumentError(f"metrics {bad} compare the outputs with targets of their shape; this "
+                                       f"model's {type(engine.loss).__name__} takes class labels")
+    if outputs == 1:
+        bad = [m.name for m in objs if m.kind == "classification" and m.name.startswith("top")]
+        if bad:
+            raise InvalidArgumentError(f"metrics {bad} rank the classes' scores; this model has one output (a "
+                                       "binary head: 'accuracy', 'f1' or 'roc_auc' apply)")
     return objs
 
 
