@@ -218,7 +218,14 @@ def test_corrupted_files_raise(saved, tmp_path):
     with pytest.raises(mpscy.CheckpointError, match="unexpected bytes"):
         mpscy.load(bad, device="cpu")
     bad.write_bytes(b"PK\x03\x04 this is a zip, not a checkpoint" * 3)
-    with pytest.raises(mpscy.CheckpointError):
+    with pytest.raises(mpscy.CheckpointError, match="is not an mpscy checkpoint: it looks like a zip archive "
+                                                    "\\(torch.save's format"):
+        mpscy.load(bad, device="cpu")
+    bad.write_bytes(b"\x80\x02}q\x00X\x01\x00\x00\x00aq\x01K\x01s." * 2)   # pickle protocol 2
+    with pytest.raises(mpscy.CheckpointError, match="it looks like a Python pickle"):
+        mpscy.load(bad, device="cpu")
+    bad.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 64)
+    with pytest.raises(mpscy.CheckpointError, match="it looks like an HDF5 file \\(Keras's .h5\\)"):
         mpscy.load(bad, device="cpu")
     checkpoint.write_safetensors(bad, {"w": np.zeros(3, np.float32)}, {"format": "pt"})
     with pytest.raises(mpscy.CheckpointError, match="not an mpscy checkpoint"):
@@ -226,6 +233,18 @@ def test_corrupted_files_raise(saved, tmp_path):
     with pytest.raises(mpscy.CheckpointError, match="does not exist"):
         mpscy.load(tmp_path / "missing.mpscy", device="cpu")
     assert issubclass(mpscy.CheckpointError, (mpscy.Error, ValueError))
+
+
+def test_an_onnx_file_is_named_as_one(tmp_path):
+    """mpscy.load of the ONNX file `train --onnx` or mpscy.onnx.export wrote says what it is and
+    what reads it (it said "header of 7166195045615405576 bytes announced")."""
+    pytest.importorskip("onnx")
+    engine = mpscy.Engine(mpscy.Sequential([layers.Dense(3)], input_shape=(4,)), loss="mse", device="cpu")
+    path = tmp_path / "model.bin"
+    mpscy.onnx.export(engine, str(path))
+    with pytest.raises(mpscy.CheckpointError, match=r"model.bin' is not an mpscy checkpoint: it looks like an ONNX "
+                                                    r"model \(a protobuf\): read it with mpscy.onnx.load"):
+        mpscy.load(path, device="cpu")
 
 
 def test_a_flipped_bit_in_the_description_is_detected(tmp_path):

@@ -65,6 +65,22 @@ def write_safetensors(path, tensors, metadata=None, checksum=False):
             f.write(c)
 
 
+def _other_format(raw):
+    """What a file that is no safetensors file looks like, from its first bytes, with what reads
+    it; None when unknown. An ONNX ModelProto opens with its ir_version (field 1, a small
+    varint), then field 2..8 (producer name ... opset imports)."""
+    if raw[:1] == b"\x08" and raw[1] < 0x80 and raw[2] in (0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42):
+        return "an ONNX model (a protobuf): read it with mpscy.onnx.load"
+    if raw[:4] == b"PK\x03\x04":
+        return ("a zip archive (torch.save's format, or NumPy's .npz): mpscy reads its own checkpoints; "
+                "a PyTorch model comes in through ONNX (torch.onnx.export, then mpscy.onnx.load)")
+    if raw[:1] == b"\x80" and raw[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a Python pickle (an older torch.save): a PyTorch model comes in through ONNX (mpscy.onnx.load)"
+    if raw[:8] == b"\x89HDF\r\n\x1a\n":
+        return "an HDF5 file (Keras's .h5): a Keras model comes in through ONNX (tf2onnx, then mpscy.onnx.load)"
+    return None
+
+
 def read_safetensors(path):
     """({name: array}, metadata) from a safetensors file, every header field checked against the
     file; raises CheckpointError naming the first problem."""
@@ -80,6 +96,9 @@ def read_safetensors(path):
         raise CheckpointError(f"{path!r} is truncated: {len(raw)} bytes, not even a header length")
     (n,) = struct.unpack("<Q", raw[:8])
     if n > _MAX_HEADER or 8 + n > len(raw):
+        other = _other_format(raw)
+        if other:
+            raise CheckpointError(f"{path!r} is not an mpscy checkpoint: it looks like {other}")
         raise CheckpointError(f"{path!r} is truncated or not a safetensors file: header of {n} bytes "
                               f"announced, {len(raw) - 8} bytes present")
     try:
