@@ -3,6 +3,7 @@ ModelCheckpoint (best only, its folder, file names checked when built and agains
 keys), LearningRateScheduler and schedules set per step or epoch, CSVLogger, stopping from a
 batch, and every option, path and file name refused before the first step."""
 import csv
+import os
 import re
 
 import numpy as np
@@ -408,3 +409,16 @@ def test_fit_refuses_an_unwritable_folder(device, digits, tmp_path, monkeypatch)
         with pytest.raises(mpscy.InvalidArgumentError, match=match):
             engine.fit(xtr[:64], ytr[:64], verbose=0, callbacks=[callback])
     assert engine.iterations == 0 and not (tmp_path / "locked" / "new").exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_fit_refuses_a_folder_nothing_can_be_made_in_even_for_root(device, digits):
+    """/proc takes no new files, from root either, though os.access says root may: the check
+    makes and removes a temporary file there."""
+    xtr, ytr, _, _ = digits
+    engine = digits_engine(device)
+    for callback in (cb.ModelCheckpoint("/proc/mpscy-m.mpscy"), cb.CSVLogger("/proc/mpscy-log.csv")):
+        with pytest.raises(mpscy.InvalidArgumentError, match="the folder '/proc' is not writable"):
+            engine.fit(xtr[:64], ytr[:64], verbose=0, callbacks=[callback])
+    assert engine.iterations == 0
+

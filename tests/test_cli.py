@@ -238,6 +238,19 @@ def test_an_unwritable_output_folder_is_refused_before_training(tmp_path, capsys
         locked.chmod(0o755)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_an_output_in_a_folder_nothing_can_be_made_in_is_refused_even_for_root(tmp_path, capsys):
+    """/proc takes no new files, from root either, though os.access says root may write there:
+    the check makes and removes a temporary file (root's `--save /proc/m.mpscy` trained, then
+    failed with "Permission denied")."""
+    for opt, path in (("--save", "/proc/mpscy-m.mpscy"), ("--onnx", "/proc/mpscy/m.onnx"),
+                      ("--plots", "/proc/mpscy-plots")):
+        code, out, err, elapsed = _run_main(["train", "--device", "cpu", "--quiet", opt, path], capsys)
+        assert code == 2 and "no permission to write in '/proc'" in err and "held-out" not in out, err
+        assert elapsed < 2.0
+    assert not os.path.exists("/proc/mpscy-m.mpscy")
+
+
 @pytest.mark.parametrize("option, module", [("--onnx", "onnx"), ("--plots", "matplotlib")])
 def test_a_missing_optional_package_is_refused_before_training(option, module, tmp_path, capsys, monkeypatch):
     for name in [m for m in sys.modules if m == module or m.startswith(module + ".")]:

@@ -151,18 +151,19 @@ def _check_output(option, path, folder=False):
     """Refuses now, not after training, an output that could not be written: a file path naming
     a folder, a folder path naming a file, or a place where nothing can be created. Missing
     folders are fine: they are made when the output is written."""
+    from mpscy._checks import can_write_file, can_write_in
     if not folder and (path.endswith(("/", os.sep)) or os.path.isdir(path)):
         raise UsageError(f"{option} {path!r} is a folder; give a file name")
     if folder and os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"{option} {path!r} exists and is not a folder")
-    if not folder and os.path.exists(path) and not os.access(path, os.W_OK):
+    if not folder and os.path.exists(path) and not can_write_file(path):
         raise UsageError(f"{option} {path!r} exists and is not writable")
     above = os.path.abspath(path if folder else os.path.dirname(path) or os.curdir)
     while not os.path.exists(above):
         above = os.path.dirname(above)
     if not os.path.isdir(above):
         raise UsageError(f"{option} {path!r}: {above!r} is a file, not a folder")
-    if not os.access(above, os.W_OK | os.X_OK):
+    if not can_write_in(above):
         raise UsageError(f"{option} {path!r}: no permission to write in {above!r}")
 
 

@@ -4,6 +4,7 @@ float() or int(), nor numpy's ambiguous truth value of an array compared with a 
 
 import math
 import os
+import tempfile
 
 import numpy as np
 
@@ -77,3 +78,34 @@ def path(value, what):
     if not isinstance(p, str) or not p:
         raise InvalidArgumentError(f"{what} must be a path (a non-empty str or os.PathLike), got {value!r}")
     return p
+
+
+def can_write_in(folder):
+    """Whether a new file can be made in the existing folder: os.access, then a temporary file
+    made and removed there, since os.access grants root everything, even on a read-only or
+    virtual file system (/proc, /sys, a read-only mount) where the write would fail later."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        fd, name = tempfile.mkstemp(prefix=".mpscy-check-", dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    try:
+        os.unlink(name)
+    except OSError:
+        pass
+    return True
+
+
+def can_write_file(path):
+    """Whether the existing file can be opened for writing: os.access, then an open for appending
+    that writes nothing (the same reason as can_write_in)."""
+    if not os.access(path, os.W_OK):
+        return False
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError:
+        return False
+    return True

@@ -13,7 +13,7 @@ import warnings
 
 import numpy as np
 
-from ._checks import choice, finite, integer, nonneg_int, number, path
+from ._checks import can_write_file, can_write_in, choice, finite, integer, nonneg_int, number, path
 from ._weak import WeakEngine
 from .errors import InvalidArgumentError
 
@@ -314,9 +314,9 @@ def _check_writable(target, what, make_folders, replaces, hint=""):
     if not os.path.isdir(probe):
         raise InvalidArgumentError(f"{what} {target!r}: {probe!r} is not a folder")
     if os.path.exists(target) and not replaces:
-        if not os.access(target, os.W_OK):
+        if not can_write_file(target):
             raise InvalidArgumentError(f"{what} {target!r} is not writable")
-    elif not os.access(probe, os.W_OK | os.X_OK):
+    elif not can_write_in(probe):
         raise InvalidArgumentError(f"{what} {target!r}: the folder {probe!r} is not writable")
 
 
