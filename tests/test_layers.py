@@ -256,6 +256,19 @@ def test_output_shapes_of_strided_padded_dilated_layers():
 # ------------------------------------------------------------------ BatchNorm modes and statistics
 
 
+def test_batchnorm_momentum_in_keras_s_range_warns(recwarn):
+    """momentum is PyTorch's (the new batch's weight): 0.9 or more, Keras's usual values (the old
+    statistics' weight there), warns with the value meant; smaller ones do not."""
+    layers.BatchNorm(momentum=0.99)
+    got = [str(w.message) for w in recwarn if issubclass(w.category, UserWarning)]
+    assert got == ["BatchNorm momentum=0.99 is PyTorch's: the new batch's weight in the running statistics, which "
+                   "then follow the last batch almost alone; Keras's momentum=0.99 is momentum=0.01 here"]
+    recwarn.clear()
+    layers.BatchNorm()
+    layers.BatchNorm(momentum=0.5)
+    assert [w for w in recwarn if issubclass(w.category, UserWarning)] == []
+
+
 def test_batchnorm_running_statistics_closed_form(device, rng):
     """After several train steps (one of them a partial batch) the running statistics equal the
     closed-form update with PyTorch's convention: running = (1 - m) running + m batch, unbiased

@@ -552,7 +552,10 @@ class Engine:
 
     # ---------------------------------------------------------------- introspection
     def stats(self):
-        """Native counters: allocations, frees, bytes_in_use, peak_bytes, steps, predicts, calls."""
+        """Native counters of this engine's device: allocations, frees, bytes_in_use, peak_bytes;
+        steps (native step calls of every kind: training steps, and evaluate's and gradients'
+        batches too; `iterations` counts training steps alone), predicts (predict's batches) and
+        calls (every ABI call but this one)."""
         self._g()
         return self._device.stats()
 
