@@ -74,6 +74,17 @@ def compare_training(cpu, gpu, rng, steps=20, rows=None, schedule=None):
     return worst
 
 
+def compare_gradients(cpu, gpu, x, y, tol=PARAM_TOL):
+    """One gradients() call on each engine (built with input_gradients): the same keys, the
+    input's among them, and every gradient within tol of the cpu's."""
+    gc, gg = cpu.gradients(x, y), gpu.gradients(x, y)
+    assert gc.keys() == gg.keys() and "input" in gg
+    for k in gc:
+        if k != "loss":
+            assert rel_err(gg[k], gc[k]) <= tol, k
+    return gc, gg
+
+
 def _maybe(name):
     if not hasattr(L, name):
         pytest.skip(f"layers.{name} is not in this mpscy")

@@ -9,8 +9,8 @@ import mpscy
 from mpscy import layers as L
 from mpscy import losses, optim
 
-from cuda_util import (ADAM_EPS, FORWARD_TOL, HAVE_CUDA, LAYER_MODELS, PARAM_TOL, _maybe, compare_training, cuda_only,
-                       pair, targets)
+from cuda_util import (ADAM_EPS, FORWARD_TOL, HAVE_CUDA, LAYER_MODELS, PARAM_TOL, _maybe, compare_gradients,
+                       compare_training, cuda_only, pair, targets)
 from layer_refs import rel_err
 
 
@@ -107,11 +107,7 @@ def test_implicit_conv_accumulated_and_input_gradients_match_cpu(implicit, monke
                for d in ("cpu", "cuda")]
     x = rng.standard_normal((13, 8, 8, 8)).astype(np.float32)
     y = rng.integers(0, 5, 13).astype(np.int32)
-    gc, gg = engines[0].gradients(x, y), engines[1].gradients(x, y)
-    assert gc.keys() == gg.keys() and "input" in gg
-    for k in gc:
-        if k != "loss":
-            assert rel_err(gg[k], gc[k]) <= PARAM_TOL, k
+    compare_gradients(*engines, x, y)
     compare_training(*engines, rng, rows=[16, 9, 16, 7])
     assert rel_err(engines[1].predict(x), engines[0].predict(x)) <= 10 * PARAM_TOL
 
@@ -267,11 +263,7 @@ def test_conv_direct_with_partial_batches_matches_cpu(rng):
     cpu, gpu = pair(build, (3, 9, 9), batch=20, input_gradients=True)
     x = rng.standard_normal((13, 3, 9, 9)).astype(np.float32)
     y = rng.integers(0, 5, 13).astype(np.int32)
-    gc, gg = cpu.gradients(x, y), gpu.gradients(x, y)
-    assert gc.keys() == gg.keys() and "input" in gg
-    for k in gc:
-        if k != "loss":
-            assert rel_err(gg[k], gc[k]) <= PARAM_TOL, k
+    compare_gradients(cpu, gpu, x, y)
     compare_training(cpu, gpu, rng, rows=[20, 19, 20, 7])
     assert rel_err(gpu.predict(x), cpu.predict(x)) <= 10 * PARAM_TOL
     ec, eg = cpu.evaluate(x, y), gpu.evaluate(x, y)
@@ -371,11 +363,7 @@ def test_conv_over_sub_batches_adds_to_input_gradients(build, monkeypatch, rng):
     shape = engines[0].model.input_shapes[0]
     x = rng.standard_normal((13,) + tuple(shape)).astype(np.float32)
     y = rng.integers(0, 5, 13).astype(np.int32)
-    gc, gg = engines[0].gradients(x, y), engines[1].gradients(x, y)
-    assert gc.keys() == gg.keys() and "input" in gg
-    for k in gc:
-        if k != "loss":
-            assert rel_err(gg[k], gc[k]) <= PARAM_TOL, k
+    compare_gradients(*engines, x, y)
     compare_training(*engines, rng, rows=[16, 9, 16, 7])
 
 
