@@ -352,6 +352,30 @@ def test_conv_over_sub_batches_matches_cpu(name, samples, monkeypatch, capfd, rn
     assert rel_err(gpu.predict(x), cpu.predict(x)) <= 10 * PARAM_TOL
 
 
+MIXED_MODELS = sorted(k for k in SPLIT_MODELS if sum(isinstance(layer, L.Conv2D) for layer in LAYER_MODELS[k][0]()) > 1)
+
+
+@cuda_only
+@pytest.mark.parametrize("only", [0, 1])
+@pytest.mark.parametrize("name", MIXED_MODELS)
+def test_one_conv_over_sub_batches_among_others_matches_cpu(name, only, monkeypatch, capfd, rng):
+    """One convolution over sub-batches of 3 samples (the first or the second:
+    $MPSCY_CUDA_CONV_SPLIT_ONLY), the others on their own kernels, as a model with one
+    convolution past 2^31 - 1 elements runs: a stride-2 dx product or a Dense above writing the split one's dz (masked by its
+    ReLU), an implicit dx reading a split one's output gradient, the split one's col2im
+    feeding a direct or implicit convolution below. Against the cpu as test_layer_matches_cpu."""
+    monkeypatch.setenv("MPSCY_CUDA_CONV_SPLIT", "3")
+    monkeypatch.setenv("MPSCY_CUDA_CONV_SPLIT_ONLY", str(only))
+    monkeypatch.setenv("MPSCY_CUDA_VERBOSE", "1")
+    build, shape = LAYER_MODELS[name]
+    cpu, gpu = pair(build, shape, opt=lambda: optim.Adam(1e-3, eps=ADAM_EPS.get(name, 1e-8)))
+    assert _split_form(capfd) == "1, of 3 samples at the fewest"
+    x = rng.standard_normal((37,) + shape).astype(np.float32)
+    assert rel_err(gpu.predict(x), cpu.predict(x)) <= FORWARD_TOL
+    compare_training(cpu, gpu, rng, rows=[16, 9, 16, 7])
+    assert rel_err(gpu.predict(x), cpu.predict(x)) <= 10 * PARAM_TOL
+
+
 @cuda_only
 @pytest.mark.parametrize("build", [_strided_residual, _implicit_residual])
 def test_conv_over_sub_batches_adds_to_input_gradients(build, monkeypatch, rng):

@@ -217,7 +217,8 @@ static int64_t round4(int64_t f) { return (f + 3) & ~(int64_t)3; }
  * its columns within CONV_SPLIT_FLOATS (1 GiB): forward im2col, cuBLASLt's product and
  * conv_out_kernel; backward dz, the columns again, dW added up over the sub-batches (cuBLASLt's
  * beta), dcol and col2im; all on the main stream, in the shared workspace, nothing kept from
- * forward to backward. $MPSCY_CUDA_CONV_SPLIT=N splits every convolution (testing). */
+ * forward to backward. $MPSCY_CUDA_CONV_SPLIT=N splits every convolution, or with
+ * $MPSCY_CUDA_CONV_SPLIT_ONLY=k only the k-th (testing). */
 #define CONV_SPLIT_FLOATS ((int64_t)1 << 28)
 
 int64_t cu_conv_split(const cu_graph *gr, const mpscy_node *n) {
@@ -229,7 +230,13 @@ int64_t cu_conv_split(const cu_graph *gr, const mpscy_node *n) {
         if (out >= lim || in >= lim) return -1;
         s = std::max<int64_t>(1, std::min((lim - 1) / most, CONV_SPLIT_FLOATS / std::max(cols, out)));
     }
-    return gr->conv_split > 0 ? (s ? std::min(s, gr->conv_split) : gr->conv_split) : s;
+    if (gr->conv_split <= 0) return s;
+    if (gr->conv_split_only >= 0) {  /* this convolution's index among them */
+        int index = 0;
+        for (const mpscy_node *m = gr->plan.nodes; m < n; m++) index += m->kind == MPSCY_LAYER_CONV2D;
+        if (index != gr->conv_split_only) return s;
+    }
+    return s ? std::min(s, gr->conv_split) : gr->conv_split;
 }
 
 /* the shared workspace of a split convolution: dz or the forward's result (OC, s*OHW), then the

@@ -116,6 +116,8 @@ typedef struct cu_graph {
     int64_t ws_floats;
     int64_t conv_split;        /* $MPSCY_CUDA_CONV_SPLIT at build, or 0: every convolution runs over sub-batches of
                                 * at most this many samples (conv.cu's cu_conv_split; testing) */
+    int conv_split_only;       /* $MPSCY_CUDA_CONV_SPLIT_ONLY at build, or -1: only the convolution of this index (0:
+                                * the first in node order) takes conv_split's sub-batches (testing a mix) */
     void *lt_ws[2];            /* cuBLASLt workspaces of the main and side streams */
     size_t lt_ws_bytes;
     cu_scratch *scratch;       /* device */

@@ -153,6 +153,7 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
      * with a tensor of 2^31 - 1 or more elements at the built batch always are: cu_conv_split) */
     g->conv_split = cu_knob_int("MPSCY_CUDA_CONV_SPLIT", 0);
     if (g->conv_split < 0) g->conv_split = 0;
+    g->conv_split_only = cu_knob_int("MPSCY_CUDA_CONV_SPLIT_ONLY", -1);
     for (int32_t i = 0; i < p->n_nodes; i++) {
         const cu_layer_ops *ops = &cu_layers[p->nodes[i].kind];
         if (p->nodes[i].kind != MPSCY_LAYER_INPUT && !ops->forward) {
