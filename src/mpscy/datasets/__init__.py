@@ -24,7 +24,8 @@ def load_digits(images=False):
 
 
 def train_test_split(x, y, test_fraction=0.2, seed=0):
-    """A fixed, seeded shuffle split: (x_train, y_train, x_test, y_test). x and y have the same
+    """A fixed, seeded shuffle split: (x_train, y_train, x_test, y_test) — not scikit-learn's
+    order (x_train, x_test, y_train, y_test), so unpack it by these names. x and y have the same
     number of rows; round(n * test_fraction) of them, test_fraction in (0, 1), go to the test
     split, and each split must get at least one row."""
     x, y = np.asarray(x), np.asarray(y)
