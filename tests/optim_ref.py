@@ -220,6 +220,17 @@ CASES = {
     "nadam": (optim.NAdam(lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=1e-2, momentum_decay=0.01, maximize=True),
               RefNAdam(lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=1e-2, momentum_decay=0.01, maximize=True),
               "NAdam", dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=1e-2, momentum_decay=0.01, maximize=True)),
+    # beta2, alpha, rho near 1, where 1 - beta2 must be taken in double as torch does (1.0f -
+    # beta2 from the rounded beta2 was 1e-4 off at 0.9999: 4e-5 to 3.5e-4 after 30 steps)
+    "adam_beta2_near_one": (optim.Adam(lr=3e-3, betas=(0.9, 0.99999)), RefAdam(lr=3e-3, betas=(0.9, 0.99999)),
+                            "Adam", dict(lr=3e-3, betas=(0.9, 0.99999))),
+    "nadam_beta2_near_one": (optim.NAdam(lr=3e-3, betas=(0.9, 0.9999)), RefNAdam(lr=3e-3, betas=(0.9, 0.9999)),
+                             "NAdam", dict(lr=3e-3, betas=(0.9, 0.9999))),
+    "rmsprop_alpha_near_one": (optim.RMSprop(lr=1e-3, alpha=0.9999, centered=True),
+                               RefRMSprop(lr=1e-3, alpha=0.9999, centered=True),
+                               "RMSprop", dict(lr=1e-3, alpha=0.9999, centered=True)),
+    "adadelta_rho_near_one": (optim.Adadelta(lr=1.0, rho=0.9999), RefAdadelta(lr=1.0, rho=0.9999),
+                              "Adadelta", dict(lr=1.0, rho=0.9999)),
     "nadam_decoupled": (optim.NAdam(lr=3e-3, betas=(0.85, 0.995), eps=1e-7, weight_decay=0.05, momentum_decay=0.02, decoupled_weight_decay=True),
                         RefNAdam(lr=3e-3, betas=(0.85, 0.995), eps=1e-7, weight_decay=0.05, momentum_decay=0.02, decoupled_weight_decay=True),
                         "NAdam", dict(lr=3e-3, betas=(0.85, 0.995), eps=1e-7, weight_decay=0.05, momentum_decay=0.02, decoupled_weight_decay=True)),

@@ -45,6 +45,10 @@ typedef struct mpscy_optim_coef {
     float clr;                /* Adagrad: lr / (1 + (t - 1) * lr_decay) */
     float bc2;                /* NAdam: 1 - beta2^t */
     float nadam_g, nadam_m;   /* NAdam: coefficients of g / denom and m / denom (negative) */
+    /* 1 - beta1, 1 - beta2, 1 - alpha, 1 - rho, 1 - dampening, each taken in double and then
+     * rounded, as torch passes them (1.0f - beta2 from beta2 already rounded is 1.3e-5 off at
+     * 0.999, 1e-4 at 0.9999, and Adam's square average drifts by as much) */
+    float omb1, omb2, omalpha, omrho, omdamp;
 } mpscy_optim_coef;
 
 /* NAdam's momentum schedule: updates *mu_product (state, 1 before the first step) for step t
@@ -93,6 +97,11 @@ static inline mpscy_optim_coef mpscy_optim_coef_make(const mpscy_optim_desc *o, 
     c.alpha = (float)o->alpha;
     c.rho = (float)o->rho;
     c.clr = (float)(a->lr / (1.0 + (double)(t - 1) * o->lr_decay));
+    c.omb1 = (float)(1.0 - a->beta1);
+    c.omb2 = (float)(1.0 - a->beta2);
+    c.omalpha = (float)(1.0 - o->alpha);
+    c.omrho = (float)(1.0 - o->rho);
+    c.omdamp = (float)(1.0 - o->dampening);
     c.nadam_g = c.nadam_m = 0.0f;
     if (o->kind == MPSCY_OPTIM_NADAM) mpscy_nadam_coef(&c, o, a, t, running);
     if (o->kind == MPSCY_OPTIM_SGD && c.momentum != 0.0f) *running = 1.0;
@@ -104,7 +113,7 @@ MPSCY_HD void mpscy_sgd_elem(float *p, float *buf, float g, const mpscy_optim_co
     if (c->flags & MPSCY_OPTIM_MAXIMIZE) g = -g;
     if (c->weight_decay != 0.0f) g = g + MPSCY_MUL(c->weight_decay, *p);
     if (c->momentum != 0.0f) {
-        float b = c->first ? g : MPSCY_MUL(c->momentum, *buf) + MPSCY_MUL(1.0f - c->dampening, g);
+        float b = c->first ? g : MPSCY_MUL(c->momentum, *buf) + MPSCY_MUL(c->omdamp, g);
         *buf = b;
         g = (c->flags & MPSCY_OPTIM_NESTEROV) ? g + MPSCY_MUL(c->momentum, b) : b;
     }
@@ -118,8 +127,8 @@ MPSCY_HD void mpscy_adam_elem(float *p, float *m, float *v, float *vmax, float g
     float x = *p;
     if (decoupled) x = MPSCY_MUL(x, c->decay);
     else if (c->weight_decay != 0.0f) g = g + MPSCY_MUL(c->weight_decay, x);
-    float mm = *m + MPSCY_MUL(1.0f - c->beta1, g - *m);
-    float vv = MPSCY_MUL(c->beta2, *v) + MPSCY_MUL(MPSCY_MUL(1.0f - c->beta2, g), g);
+    float mm = *m + MPSCY_MUL(c->omb1, g - *m);
+    float vv = MPSCY_MUL(c->beta2, *v) + MPSCY_MUL(MPSCY_MUL(c->omb2, g), g);
     *m = mm;
     *v = vv;
     if (c->flags & MPSCY_OPTIM_AMSGRAD) {
@@ -136,11 +145,11 @@ MPSCY_HD void mpscy_rmsprop_elem(float *p, float *sq, float *buf, float *gavg, f
                                  const mpscy_optim_coef *c) {
     if (c->flags & MPSCY_OPTIM_MAXIMIZE) g = -g;
     if (c->weight_decay != 0.0f) g = g + MPSCY_MUL(c->weight_decay, *p);
-    float s = MPSCY_MUL(c->alpha, *sq) + MPSCY_MUL(MPSCY_MUL(1.0f - c->alpha, g), g);
+    float s = MPSCY_MUL(c->alpha, *sq) + MPSCY_MUL(MPSCY_MUL(c->omalpha, g), g);
     *sq = s;
     float avg;
     if (c->flags & MPSCY_OPTIM_CENTERED) {
-        float ga = *gavg + MPSCY_MUL(1.0f - c->alpha, g - *gavg);
+        float ga = *gavg + MPSCY_MUL(c->omalpha, g - *gavg);
         *gavg = ga;
         avg = sqrtf(s - MPSCY_MUL(ga, ga));
     } else {
@@ -169,11 +178,11 @@ MPSCY_HD void mpscy_adagrad_elem(float *p, float *sum, float g, const mpscy_opti
 MPSCY_HD void mpscy_adadelta_elem(float *p, float *sq, float *acc, float g, const mpscy_optim_coef *c) {
     if (c->flags & MPSCY_OPTIM_MAXIMIZE) g = -g;
     if (c->weight_decay != 0.0f) g = g + MPSCY_MUL(c->weight_decay, *p);
-    float s = MPSCY_MUL(c->rho, *sq) + MPSCY_MUL(MPSCY_MUL(1.0f - c->rho, g), g);
+    float s = MPSCY_MUL(c->rho, *sq) + MPSCY_MUL(MPSCY_MUL(c->omrho, g), g);
     *sq = s;
     float std = sqrtf(s + c->eps);
     float delta = MPSCY_MUL(sqrtf(*acc + c->eps) / std, g);
-    *acc = MPSCY_MUL(c->rho, *acc) + MPSCY_MUL(MPSCY_MUL(1.0f - c->rho, delta), delta);
+    *acc = MPSCY_MUL(c->rho, *acc) + MPSCY_MUL(MPSCY_MUL(c->omrho, delta), delta);
     *p = *p - MPSCY_MUL(c->lr, delta);
 }
 
@@ -186,8 +195,8 @@ MPSCY_HD void mpscy_nadam_elem(float *p, float *m, float *v, float g, const mpsc
         if (c->flags & MPSCY_OPTIM_DECOUPLED_WD) x = MPSCY_MUL(x, c->decay);
         else g = g + MPSCY_MUL(c->weight_decay, x);
     }
-    float mm = *m + MPSCY_MUL(1.0f - c->beta1, g - *m);
-    float vv = MPSCY_MUL(c->beta2, *v) + MPSCY_MUL(MPSCY_MUL(1.0f - c->beta2, g), g);
+    float mm = *m + MPSCY_MUL(c->omb1, g - *m);
+    float vv = MPSCY_MUL(c->beta2, *v) + MPSCY_MUL(MPSCY_MUL(c->omb2, g), g);
     *m = mm;
     *v = vv;
     float denom = sqrtf(vv / c->bc2) + c->eps;

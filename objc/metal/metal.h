@@ -22,8 +22,10 @@ enum {
     METAL_H_EPS, METAL_H_STEP_SIZE, METAL_H_BC2_SQRT, METAL_H_DECAY, METAL_H_FIRST, METAL_H_APPLY,
     METAL_H_ALPHA, METAL_H_RHO, METAL_H_CLR, METAL_H_BC2, METAL_H_NADAM_G, METAL_H_NADAM_M,
     METAL_H_COMMIT,   /* keep the new running statistics (a train step, or an L-BFGS evaluation) */
+    METAL_H_OMB1, METAL_H_OMB2, METAL_H_OMALPHA, METAL_H_OMRHO, METAL_H_OMDAMP,  /* 1 - beta1 ... (optim_math.h) */
     METAL_H_COUNT = 24
 };
+_Static_assert(METAL_H_OMDAMP < METAL_H_COUNT, "the hyper buffer holds every scalar");
 
 /* What a step reads back from the shared stats buffer (float32). */
 enum { METAL_S_LOSS, METAL_S_CORRECT, METAL_S_NORM, METAL_S_FINITE, METAL_S_COUNT };

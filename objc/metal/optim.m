@@ -41,6 +41,11 @@ void metal_optim_hyper(float *h, const mpscy_optim_desc *o, const mpscy_step_arg
     h[METAL_H_NADAM_M] = k.nadam_m;
     h[METAL_H_APPLY] = apply ? 1.0f : 0.0f;
     h[METAL_H_COMMIT] = apply ? 1.0f : 0.0f;
+    h[METAL_H_OMB1] = k.omb1;
+    h[METAL_H_OMB2] = k.omb2;
+    h[METAL_H_OMALPHA] = k.omalpha;
+    h[METAL_H_OMRHO] = k.omrho;
+    h[METAL_H_OMDAMP] = k.omdamp;
 }
 
 static MPSGraphTensor *flag(MetalBuilder *c, int slot) {
@@ -55,11 +60,11 @@ static MPSGraphTensor *nonzero(MetalBuilder *c, MPSGraphTensor *v) {
 static void sgd(MetalBuilder *c, int32_t flags, MPSGraphTensor *p, MPSGraphTensor *g, MPSGraphTensor *buf,
                 MPSGraphTensor *__strong *p_new, MPSGraphTensor *__strong *buf_new) {
     MPSGraphTensor *lr = mt_hyper(c, METAL_H_LR), *mom = mt_hyper(c, METAL_H_MOMENTUM);
-    MPSGraphTensor *damp = mt_hyper(c, METAL_H_DAMPENING), *wd = mt_hyper(c, METAL_H_WD);
+    MPSGraphTensor *wd = mt_hyper(c, METAL_H_WD);
     if (flags & MPSCY_OPTIM_MAXIMIZE) g = mt_neg(c, g);
     g = mt_select(c, nonzero(c, wd), mt_add(c, g, mt_mul(c, wd, p)), g);
     MPSGraphTensor *b = mt_select(c, flag(c, METAL_H_FIRST), g,
-                                  mt_add(c, mt_mul(c, mom, buf), mt_mul(c, mt_sub(c, mt_const(c, 1.0), damp), g)));
+                                  mt_add(c, mt_mul(c, mom, buf), mt_mul(c, mt_hyper(c, METAL_H_OMDAMP), g)));
     MPSGraphTensor *has_mom = nonzero(c, mom);
     *buf_new = mt_select(c, has_mom, b, buf);
     MPSGraphTensor *step = (flags & MPSCY_OPTIM_NESTEROV) ? mt_add(c, g, mt_mul(c, mom, b)) : b;
@@ -70,15 +75,14 @@ static void sgd(MetalBuilder *c, int32_t flags, MPSGraphTensor *p, MPSGraphTenso
 /* mpscy_adam_elem over the slab: slots m, v (, vmax) -> new p and new slots. */
 static void adam(MetalBuilder *c, int32_t flags, int decoupled, MPSGraphTensor *p, MPSGraphTensor *g,
                  NSArray<MPSGraphTensor *> *slots, MPSGraphTensor *__strong *p_new, NSMutableArray *slots_new) {
-    MPSGraphTensor *one = mt_const(c, 1.0);
-    MPSGraphTensor *b1 = mt_hyper(c, METAL_H_BETA1), *b2 = mt_hyper(c, METAL_H_BETA2);
+    MPSGraphTensor *b2 = mt_hyper(c, METAL_H_BETA2);
     MPSGraphTensor *wd = mt_hyper(c, METAL_H_WD), *m = slots[0], *v = slots[1];
     if (flags & MPSCY_OPTIM_MAXIMIZE) g = mt_neg(c, g);
     MPSGraphTensor *x = p;
     if (decoupled) x = mt_mul(c, x, mt_hyper(c, METAL_H_DECAY));
     else g = mt_select(c, nonzero(c, wd), mt_add(c, g, mt_mul(c, wd, x)), g);
-    MPSGraphTensor *mm = mt_add(c, m, mt_mul(c, mt_sub(c, one, b1), mt_sub(c, g, m)));
-    MPSGraphTensor *vv = mt_add(c, mt_mul(c, b2, v), mt_mul(c, mt_mul(c, mt_sub(c, one, b2), g), g));
+    MPSGraphTensor *mm = mt_add(c, m, mt_mul(c, mt_hyper(c, METAL_H_OMB1), mt_sub(c, g, m)));
+    MPSGraphTensor *vv = mt_add(c, mt_mul(c, b2, v), mt_mul(c, mt_mul(c, mt_hyper(c, METAL_H_OMB2), g), g));
     [slots_new addObject:mm];
     [slots_new addObject:vv];
     if (flags & MPSCY_OPTIM_AMSGRAD) {
@@ -102,13 +106,13 @@ static MPSGraphTensor *decayed(MetalBuilder *c, int32_t flags, MPSGraphTensor *p
  * buffer is used while the step's momentum > 0. */
 static void rmsprop(MetalBuilder *c, int32_t flags, MPSGraphTensor *p, MPSGraphTensor *g,
                     NSArray<MPSGraphTensor *> *slots, MPSGraphTensor *__strong *p_new, NSMutableArray *slots_new) {
-    MPSGraphTensor *one = mt_const(c, 1.0), *al = mt_hyper(c, METAL_H_ALPHA), *lr = mt_hyper(c, METAL_H_LR);
+    MPSGraphTensor *al = mt_hyper(c, METAL_H_ALPHA), *lr = mt_hyper(c, METAL_H_LR);
     MPSGraphTensor *mom = mt_hyper(c, METAL_H_MOMENTUM), *buf = slots[1];
     g = decayed(c, flags, p, g);
-    MPSGraphTensor *s = mt_add(c, mt_mul(c, al, slots[0]), mt_mul(c, mt_mul(c, mt_sub(c, one, al), g), g));
+    MPSGraphTensor *s = mt_add(c, mt_mul(c, al, slots[0]), mt_mul(c, mt_mul(c, mt_hyper(c, METAL_H_OMALPHA), g), g));
     MPSGraphTensor *avg, *ga = nil;
     if (flags & MPSCY_OPTIM_CENTERED) {
-        ga = mt_add(c, slots[2], mt_mul(c, mt_sub(c, one, al), mt_sub(c, g, slots[2])));
+        ga = mt_add(c, slots[2], mt_mul(c, mt_hyper(c, METAL_H_OMALPHA), mt_sub(c, g, slots[2])));
         avg = mt_sqrt(c, mt_sub(c, s, mt_mul(c, ga, ga)));
     } else {
         avg = mt_sqrt(c, s);
@@ -135,12 +139,12 @@ static void adagrad(MetalBuilder *c, int32_t flags, MPSGraphTensor *p, MPSGraphT
 /* Adadelta (torch.optim.Adadelta): slots square_avg, acc_delta; eps inside both roots. */
 static void adadelta(MetalBuilder *c, int32_t flags, MPSGraphTensor *p, MPSGraphTensor *g,
                      NSArray<MPSGraphTensor *> *slots, MPSGraphTensor *__strong *p_new, NSMutableArray *slots_new) {
-    MPSGraphTensor *one = mt_const(c, 1.0), *rho = mt_hyper(c, METAL_H_RHO), *eps = mt_hyper(c, METAL_H_EPS);
+    MPSGraphTensor *rho = mt_hyper(c, METAL_H_RHO), *omrho = mt_hyper(c, METAL_H_OMRHO), *eps = mt_hyper(c, METAL_H_EPS);
     g = decayed(c, flags, p, g);
-    MPSGraphTensor *s = mt_add(c, mt_mul(c, rho, slots[0]), mt_mul(c, mt_mul(c, mt_sub(c, one, rho), g), g));
+    MPSGraphTensor *s = mt_add(c, mt_mul(c, rho, slots[0]), mt_mul(c, mt_mul(c, omrho, g), g));
     MPSGraphTensor *std = mt_sqrt(c, mt_add(c, s, eps));
     MPSGraphTensor *delta = mt_mul(c, mt_div(c, mt_sqrt(c, mt_add(c, slots[1], eps)), std), g);
-    MPSGraphTensor *acc = mt_add(c, mt_mul(c, rho, slots[1]), mt_mul(c, mt_mul(c, mt_sub(c, one, rho), delta), delta));
+    MPSGraphTensor *acc = mt_add(c, mt_mul(c, rho, slots[1]), mt_mul(c, mt_mul(c, omrho, delta), delta));
     [slots_new addObject:s];
     [slots_new addObject:acc];
     *p_new = mt_sub(c, p, mt_mul(c, mt_hyper(c, METAL_H_LR), delta));
@@ -150,14 +154,14 @@ static void adadelta(MetalBuilder *c, int32_t flags, MPSGraphTensor *p, MPSGraph
  * L2 or decoupled weight decay. */
 static void nadam(MetalBuilder *c, int32_t flags, MPSGraphTensor *p, MPSGraphTensor *g,
                   NSArray<MPSGraphTensor *> *slots, MPSGraphTensor *__strong *p_new, NSMutableArray *slots_new) {
-    MPSGraphTensor *one = mt_const(c, 1.0), *wd = mt_hyper(c, METAL_H_WD);
-    MPSGraphTensor *b1 = mt_hyper(c, METAL_H_BETA1), *b2 = mt_hyper(c, METAL_H_BETA2), *m = slots[0], *v = slots[1];
+    MPSGraphTensor *wd = mt_hyper(c, METAL_H_WD);
+    MPSGraphTensor *b2 = mt_hyper(c, METAL_H_BETA2), *m = slots[0], *v = slots[1];
     if (flags & MPSCY_OPTIM_MAXIMIZE) g = mt_neg(c, g);
     MPSGraphTensor *x = p;
     if (flags & MPSCY_OPTIM_DECOUPLED_WD) x = mt_select(c, nonzero(c, wd), mt_mul(c, x, mt_hyper(c, METAL_H_DECAY)), x);
     else g = mt_select(c, nonzero(c, wd), mt_add(c, g, mt_mul(c, wd, x)), g);
-    MPSGraphTensor *mm = mt_add(c, m, mt_mul(c, mt_sub(c, one, b1), mt_sub(c, g, m)));
-    MPSGraphTensor *vv = mt_add(c, mt_mul(c, b2, v), mt_mul(c, mt_mul(c, mt_sub(c, one, b2), g), g));
+    MPSGraphTensor *mm = mt_add(c, m, mt_mul(c, mt_hyper(c, METAL_H_OMB1), mt_sub(c, g, m)));
+    MPSGraphTensor *vv = mt_add(c, mt_mul(c, b2, v), mt_mul(c, mt_mul(c, mt_hyper(c, METAL_H_OMB2), g), g));
     [slots_new addObject:mm];
     [slots_new addObject:vv];
     MPSGraphTensor *denom = mt_add(c, mt_sqrt(c, mt_div(c, vv, mt_hyper(c, METAL_H_BC2))), mt_hyper(c, METAL_H_EPS));
