@@ -533,3 +533,56 @@ def test_string_options_given_as_arrays_are_refused_by_type():
     with pytest.raises(mpscy.InvalidArgumentError, match="line_search_fn must be None or 'strong_wolfe', got array"):
         optim.LBFGS(line_search_fn=np.array(["strong_wolfe", "x"]))
     assert optim.LBFGS(line_search_fn="strong_wolfe").line_search_fn == "strong_wolfe"
+
+
+def _rate_warnings(run):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run()
+    return [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+
+def test_a_rate_changed_behind_a_schedule_is_warned_about_once():
+    """torch's schedulers stepped together on one optimizer compound; here each sets its closed
+    form's rate, so the last one stepped wins. A schedule whose rate was changed behind it (by
+    another schedule, or an assignment) warns once when it steps over that change; one schedule
+    alone, LinearWarmup handing over to its `then`, and ReduceLROnPlateau (which, as torch's,
+    reduces whatever rate it finds) do not."""
+    engine = _engine()
+    a, b = S.ExponentialLR(engine, 0.9), S.StepLR(engine, 3, 0.5)
+
+    def together():
+        for _ in range(8):
+            a.step()
+            b.step()
+
+    got = _rate_warnings(together)
+    assert len(got) == 2, got
+    assert got[0].startswith("StepLR.step(): the engine's learning rate is 0.09000000000000001, not the 0.1 this "
+                             "schedule set last; another schedule or an assignment changed it")
+    assert got[1].startswith("ExponentialLR.step(): ") and "compose them with LinearWarmup(then=...)" in got[1]
+
+    engine = _engine()
+    s = S.StepLR(engine, 2, 0.5)
+    engine.learning_rate = 0.3
+
+    def assigned():
+        s.step()
+        s.step()
+
+    got = _rate_warnings(assigned)
+    assert len(got) == 1 and "learning rate is 0.3, not the 0.1" in got[0], got
+    assert engine.learning_rate == BASE * 0.5
+
+    def alone():
+        e = _engine()
+        one = S.LinearWarmup(e, 3, then=S.CosineAnnealingWarmRestarts(e, T_0=4))
+        for _ in range(12):
+            one.step()
+        plateau = S.ReduceLROnPlateau(e, patience=0)
+        e.learning_rate = 0.05
+        for k in range(4):
+            plateau.step(1.0 + k)
+        assert e.learning_rate == pytest.approx(0.05 * 0.1 ** 3)
+
+    assert _rate_warnings(alone) == []

@@ -3,11 +3,15 @@ drive: ``StepLR(engine, step_size=3, gamma=0.5)``. Building one sets the learnin
 each `step()` (`step(metric)` for ReduceLROnPlateau) sets `engine.learning_rate` (and, for
 OneCycleLR, `engine.momentum` or beta1) for the next native step, without a rebuild. When to
 call `step()` (per batch or per epoch) is the caller's choice. Rates come from each schedule's
-closed form, which PyTorch's recursive form equals up to rounding."""
+closed form, which PyTorch's recursive form equals up to rounding while one schedule drives an
+engine (torch's schedulers stepped together compound; here the last one stepped wins, and a
+schedule stepping over a rate changed behind it warns once)."""
 
 import bisect
 import contextlib
 import math
+import warnings
+import weakref
 
 from .._checks import (choice as _choice, finite as _finite, nonneg_int as _nonneg_int, number as _as_number,
                        positive_int)
@@ -19,6 +23,7 @@ __all__ = ["Schedule", "StepLR", "MultiStepLR", "ExponentialLR", "CosineAnnealin
 
 
 _positive_int = positive_int   # a step count in [1, 2**31): its float() never overflows
+_WARNED = weakref.WeakSet()    # schedules that warned of a rate changed behind them (not in their state)
 
 
 def _number(value, what, low=None, high=None):
@@ -112,7 +117,24 @@ class Schedule:
 
     def step(self):
         """Advances one step (or epoch) and sets the learning rate the next native step uses."""
+        self._warn_if_overridden()
         self._set_epoch(self.last_epoch + 1)
+
+    def _warn_if_overridden(self):
+        """Warns (once a schedule) when the engine's rate is no longer the one this schedule set
+        last: another schedule or an assignment changed it, and this schedule's closed form is
+        about to set its own rate over that change, where torch's chained schedulers compound."""
+        last = self._last_lr
+        if last is None or self in _WARNED:
+            return
+        now = self.engine.learning_rate
+        if now != last:
+            _WARNED.add(self)
+            name = type(self).__name__
+            warnings.warn(f"{name}.step(): the engine's learning rate is {now}, not the {last} this schedule set "
+                          f"last; another schedule or an assignment changed it, and {name} sets its own rate over "
+                          f"that change (torch's schedulers stepped together compound): drive an engine with one "
+                          f"schedule, or compose them with LinearWarmup(then=...)", UserWarning, stacklevel=3)
 
     def get_last_lr(self):
         """The learning rate this schedule set last (a float: an engine has one rate)."""
@@ -288,6 +310,10 @@ class CosineAnnealingWarmRestarts(Schedule):
         return self.T_0, epoch
 
     def step(self, epoch=None):
+        self._warn_if_overridden()
+        self._advance(epoch)
+
+    def _advance(self, epoch):
         if epoch is None:
             epoch = self.last_epoch + 1
             T_i, T_cur = self.T_i, self.T_cur + 1
@@ -301,7 +327,7 @@ class CosineAnnealingWarmRestarts(Schedule):
         self.T_i, self.T_cur, self.last_epoch = T_i, T_cur, math.floor(epoch)
 
     def _set_epoch(self, epoch):  # used when composed under LinearWarmup
-        self.step(epoch)
+        self._advance(epoch)
 
 
 class LinearWarmup(Schedule):
