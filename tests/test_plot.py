@@ -40,6 +40,33 @@ def test_history_plot(tmp_path):
         plot.plot_history({})
 
 
+def test_history_of_a_resumed_fit_keeps_its_epoch_numbers(device):
+    """fit(initial_epoch=3, epochs=6) records epochs [3, 4, 5]: its plot's x axis reads 4, 5, 6
+    (Keras's 1-based display), not 1, 2, 3."""
+    x, y = mpscy.datasets.load_digits()
+    engine = mpscy.Engine(mpscy.Sequential([mpscy.layers.Dense(10)], input_shape=(64,)), batch_size=64,
+                          device=device)
+    history = engine.fit(x[:256], y[:256], epochs=6, initial_epoch=3, verbose=0)
+    assert history.epoch == [3, 4, 5]
+    for ax in plot.plot_history(history).axes:   # loss, and accuracy
+        np.testing.assert_array_equal(ax.lines[0].get_xdata(), [4, 5, 6])
+
+
+def test_plots_refuse_labels_that_are_not_score_columns():
+    """With scores (n, C), column c scores class c, as metrics.roc_auc reads them: labels 1..3
+    against three columns are refused, as roc_auc refuses them (the plots had paired the wrong
+    columns and left class 3 out)."""
+    rng = np.random.default_rng(0)
+    y = np.array([1, 2, 3] * 40)
+    s = np.eye(3)[y - 1] * 2 + rng.random((120, 3))
+    for fn in (plot.plot_roc, plot.plot_pr, lambda t, p: mpscy.metrics.roc_auc(t, p)):
+        with pytest.raises(mpscy.InvalidArgumentError, match=r"class indices in y_true must lie in \[0, 3\), "
+                                                             r"got \[1, 3\]"):
+            fn(y, s)
+    with pytest.raises(mpscy.ShapeError, match="scores must be shaped"):
+        plot.plot_roc(y[:10], s)
+
+
 def test_confusion_roc_pr(tmp_path, classes):
     y, s = classes
     # s.argmax(1) is y for every sample (each true class gets +1 on scores below 1): a diagonal

@@ -53,11 +53,16 @@ def _history_dict(history):
 
 def plot_history(history, path=None, size=(10.0, 4.0)):
     """Loss (left) and accuracy or the other metrics (right) per epoch, training and
-    validation."""
+    validation. A History's epochs are numbered as it recorded them (from initial_epoch + 1 for
+    a resumed fit); a bare dict's from 1."""
     h = _history_dict(history)
     others = sorted({k[4:] if k.startswith("val_") else k for k in h} - {"loss", "lr"})
     fig, axes = _figure(size, 2 if others else 1)
-    epochs = np.arange(1, len(h["loss"]) + 1) if "loss" in h else None
+    recorded = getattr(history, "epoch", None)
+    if recorded is not None and "loss" in h and len(recorded) == len(h["loss"]):
+        epochs = np.asarray(recorded, dtype=np.int64) + 1
+    else:
+        epochs = np.arange(1, len(h["loss"]) + 1) if "loss" in h else None
     panels = [("loss", ["loss"])] + ([("metrics", others)] if others else [])
     for ax, (title, names) in zip(axes, panels):
         for name in names:
@@ -132,6 +137,8 @@ def _per_class(y_true, scores):
         pos = classes[-1] if len(classes) == 2 else 1
         name = "positive" if pos == 1 else f"positive: {pos}"
         return [(name, (y == pos).astype(np.int64), s[:, -1] if s.ndim == 2 else s)]
+    y, s = _metrics._scores_2d(y, s)  # column c scores class c, as metrics.roc_auc reads it
+    y = _metrics._class_labels(y, s.shape[1])
     return [(str(c), (y == c).astype(np.int64), s[:, c]) for c in range(s.shape[1]) if (y == c).any()]
 
 
