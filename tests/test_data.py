@@ -428,3 +428,41 @@ def test_arguments_of_the_wrong_kind_are_named_in_data():
     for call, message in cases:
         with pytest.raises(mpscy.InvalidArgumentError, match=message):
             call()
+
+
+def test_evaluate_takes_a_dataloader(device):
+    """engine.evaluate(loader): the row-weighted means over the loader's (x, y) batches, equal to
+    evaluate over the same arrays (fit's validation over a loader computes the same); y passed
+    beside a loader, no y at all, an empty loader and a bad batch are named."""
+    x, y = mpscy.datasets.load_digits()
+    engine = mpscy.Engine(mpscy.Sequential([mpscy.layers.Dense(10)], input_shape=(64,)), batch_size=64,
+                          device=device, seed=0)
+    whole = engine.evaluate(x, y)
+    loader = data.DataLoader(data.ArrayDataset(x, y), batch_size=50)   # 36 batches, the last of 47 rows
+    got = engine.evaluate(loader)
+    assert got["loss"] == pytest.approx(whole["loss"], rel=1e-6) and got["accuracy"] == whole["accuracy"]
+    with pytest.raises(mpscy.InvalidArgumentError, match="pass y inside the DataLoader"):
+        engine.evaluate(loader, y)
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"evaluate needs y, or x a DataLoader of \(x, y\) batches"):
+        engine.evaluate(x)
+    with pytest.raises(mpscy.InvalidArgumentError, match="the DataLoader yielded no batch"):
+        engine.evaluate(iter([]))
+    bad = data.DataLoader(data.ArrayDataset(x[:20], np.full(20, 10, np.int32)), batch_size=8)
+    with pytest.raises(mpscy.InvalidArgumentError, match="batch 0.*label 10"):
+        engine.evaluate(bad)
+
+
+def test_random_crop_takes_a_padding_below_the_image():
+    """RandomCrop's argument is the padding: an integer >= 0 (-3 was a silent no-op, 2.7 padded
+    2), below the image's height and width (torchvision's RandomCrop(32) means a 32 x 32 crop;
+    here it padded a 32 x 32 image by 32, so most crops were zeros)."""
+    for bad in (-3, 2.7, "4", None):
+        with pytest.raises(mpscy.InvalidArgumentError, match="RandomCrop padding"):
+            data.RandomCrop(bad)
+    img = np.arange(3 * 32 * 32, dtype=np.float32).reshape(3, 32, 32)
+    rng = np.random.default_rng(0)
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"RandomCrop padding 32 is not below the image's 32 x 32"):
+        data.RandomCrop(32)(img, rng)
+    out = data.RandomCrop(4)(img, rng)
+    assert out.shape == img.shape and np.count_nonzero(out) >= 28 * 28 * 3 - 1
+    assert data.RandomCrop(0)(img, rng) is img

@@ -383,16 +383,21 @@ class RandomHorizontalFlip:
 
 class RandomCrop:
     """Pads an image (C, H, W) with `padding` zeros per side and crops back to (H, W) at a
-    random offset (the usual CIFAR augmentation)."""
+    random offset (the usual CIFAR augmentation). Its argument is the padding, an integer >= 0
+    below the image's height and width (torchvision's RandomCrop(size, padding) takes the size
+    first: RandomCrop(32) here would pad a 32 x 32 image by 32, and is refused)."""
 
     def __init__(self, padding=4):
-        self.padding = int(padding)
+        self.padding = nonneg_int(padding, "RandomCrop padding")
 
     def __call__(self, x, rng):
         p = self.padding
         if p <= 0:
             return x
         c, h, w = x.shape
+        if p >= min(h, w):
+            raise InvalidArgumentError(f"RandomCrop padding {p} is not below the image's {h} x {w}: a crop could "
+                                       "hold no pixel of it (the argument is the padding, not torchvision's size)")
         padded = np.zeros((c, h + 2 * p, w + 2 * p), dtype=x.dtype)
         padded[:, p:p + h, p:p + w] = x
         i, j = rng.integers(0, 2 * p + 1, size=2)

@@ -228,8 +228,18 @@ class Engine:
             g.predict_batch(_rows_slice(x, self._n_inputs, i, i + self.batch_size), out, i)
         return out
 
-    def evaluate(self, x, y):
-        """Eval-mode mean loss and accuracy over any number of rows: dict(loss=, accuracy=)."""
+    def evaluate(self, x, y=None):
+        """Eval-mode mean loss and accuracy over any number of rows: dict(loss=, accuracy=).
+        x may also be a DataLoader (or another re-iterable) of (x, y) batches, y then None; the
+        means are over its rows, as fit's validation over a loader."""
+        from . import training  # late: training imports the engine's modules
+        if training._is_loader(x):
+            if y is not None:
+                raise InvalidArgumentError("pass y inside the DataLoader, not separately")
+            self._g()
+            return training._evaluate(self, x, "batch")
+        if y is None:
+            raise InvalidArgumentError("evaluate needs y, or x a DataLoader of (x, y) batches")
         g = self._g()
         n = _rows(x, self._n_inputs)
         self._check_layout(g, x)

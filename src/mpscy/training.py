@@ -233,8 +233,9 @@ def _validation_source(engine, validation_data, epochs):
     return (x[0] if n_inputs == 1 else x), y
 
 
-def _evaluate(engine, source):
-    """Eval-mode {"loss", "accuracy"} over arrays or a loader (row-weighted)."""
+def _evaluate(engine, source, what="validation batch"):
+    """Eval-mode {"loss", "accuracy"} over arrays or a loader (row-weighted); a batch's error
+    names it as `what` k."""
     if isinstance(source, tuple):
         return engine.evaluate(*source)
     total, acc, rows = 0.0, 0.0, 0
@@ -245,12 +246,13 @@ def _evaluate(engine, source):
             n = len(yb)
             r = engine.evaluate(xb, yb)
         except _errors.Error as e:
-            raise _in_batch(e, f"validation batch {k}") from e
+            raise _in_batch(e, f"{what} {k}") from e
         total += r["loss"] * n
         acc = None if r["accuracy"] is None else (acc or 0.0) + r["accuracy"] * n
         rows += n
     if rows == 0:
-        raise InvalidArgumentError("the validation data yielded no batch (a generator is used up after one "
+        source_name = "the validation data" if what.startswith("validation") else "the DataLoader"
+        raise InvalidArgumentError(f"{source_name} yielded no batch (a generator is used up after one "
                                    "pass: give a DataLoader or another re-iterable)")
     return {"loss": total / rows, "accuracy": None if acc is None else acc / rows}
 
