@@ -410,11 +410,16 @@ def test_conv_past_2_31_elements_runs_over_sub_batches(monkeypatch, capfd, rng):
 
 
 @cuda_only
-def test_conv_whose_one_sample_passes_2_31_elements_is_refused():
-    """A 32768-channel 1x1 convolution on 256 x 256: one sample's output has 2^31 elements, which
-    no sub-batch brings under the kernels' 32-bit indices: UnsupportedError at build."""
-    model = mpscy.Sequential([L.Conv2D(32768, 1)], input_shape=(1, 256, 256))
-    with pytest.raises(mpscy.UnsupportedError, match=r"conv2d_0.*2\^31 - 1 or more elements in one sample"):
+@pytest.mark.parametrize("conv, shape", [(lambda: L.Conv2D(32768, 1), (1, 256, 256)),
+                                         (lambda: L.Conv2D(4, 3, padding=1), (512, 768, 768))])
+def test_conv_whose_one_sample_passes_2_31_elements_is_refused(conv, shape):
+    """One sample's output (a 32768-channel 1x1 convolution on 256 x 256: 2^31 elements) or im2col
+    columns (512 channels, 3x3, on 768 x 768: 2.7e9) that no sub-batch brings under the kernels'
+    32-bit indices: UnsupportedError at build, naming the layer (its name was read after the
+    graph that held it was freed)."""
+    model = mpscy.Sequential([conv()], input_shape=shape)
+    with pytest.raises(mpscy.UnsupportedError, match=r"node 1 \(conv2d_0\): a Conv2D whose input, output or im2col "
+                                                     r"columns have 2\^31 - 1 or more elements in one sample"):
         mpscy.Engine(model, loss="mse", batch_size=1, device="cuda")
 
 

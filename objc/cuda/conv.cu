@@ -214,7 +214,8 @@ static int64_t round4(int64_t f) { return (f + 3) & ~(int64_t)3; }
 
 /* A convolution whose input, output or columns reach 2^31 - 1 elements at the built batch (its
  * kernels index in 32 bits) runs over sub-batches of samples ("split"), each under that and with
- * its columns within CONV_SPLIT_FLOATS (1 GiB): forward im2col, cuBLASLt's product and
+ * its columns within CONV_SPLIT_FLOATS (1 GiB) where one sample's are less: forward im2col,
+ * cuBLASLt's product and
  * conv_out_kernel; backward dz, the columns again, dW added up over the sub-batches (cuBLASLt's
  * beta), dcol and col2im; all on the main stream, in the shared workspace, nothing kept from
  * forward to backward. $MPSCY_CUDA_CONV_SPLIT=N splits every convolution, or with
@@ -227,7 +228,7 @@ int64_t cu_conv_split(const cu_graph *gr, const mpscy_node *n) {
     const int64_t most = std::max({out, in, cols});
     int64_t s = 0;  /* every tensor under lim at the built batch */
     if (most > (lim - 1) / gr->plan.batch) {
-        if (out >= lim || in >= lim) return -1;
+        if (most >= lim) return -1;  /* one sample's tensors or columns: no sub-batch fits */
         s = std::max<int64_t>(1, std::min((lim - 1) / most, CONV_SPLIT_FLOATS / std::max(cols, out)));
     }
     if (gr->conv_split <= 0) return s;
@@ -236,7 +237,8 @@ int64_t cu_conv_split(const cu_graph *gr, const mpscy_node *n) {
         for (const mpscy_node *m = gr->plan.nodes; m < n; m++) index += m->kind == MPSCY_LAYER_CONV2D;
         if (index != gr->conv_split_only) return s;
     }
-    return s ? std::min(s, gr->conv_split) : gr->conv_split;
+    const int64_t knob = std::min<int64_t>(gr->conv_split, gr->plan.batch);  /* sizes the workspace: no more */
+    return s ? std::min(s, knob) : knob;
 }
 
 /* the shared workspace of a split convolution: dz or the forward's result (OC, s*OHW), then the

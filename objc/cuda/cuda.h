@@ -266,7 +266,8 @@ int64_t cu_conv_columns(const cu_graph *gr, const mpscy_node *n);  /* floats of 
                                                                      * once y, dy and the knobs are set */
 /* samples per sub-batch of a convolution with a tensor of 2^31 - 1 or more elements at the built
  * batch (it then runs over sub-batches), 0 for one that fits, -1 for one whose single sample's
- * input or output is that large (refused at build); and the shared workspace a split one needs */
+ * input, output or columns are that large (refused at build); and the shared workspace a split
+ * one needs */
 int64_t cu_conv_split(const cu_graph *gr, const mpscy_node *n);
 int64_t cu_conv_split_workspace(const cu_graph *gr, const mpscy_node *n);
 /* how its training weight gradient reads its operands: the kept im2col columns, x itself in the own

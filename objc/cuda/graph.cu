@@ -145,9 +145,11 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     mpscy_plan *p = &g->plan;
     mpscy_count_alloc(&dev->stats, mpscy_plan_bytes(p));
 
+    /* a refusal's message is formatted before the graph (and its plan, which it names) is freed */
     if (!cu_optim_supported(p->optim.kind)) {
+        const int st = FAIL(MPSCY_UNSUPPORTED, "optimizer kind %d is not implemented on cuda", p->optim.kind);
         cu_graph_destroy(&g->base);
-        return FAIL(MPSCY_UNSUPPORTED, "optimizer kind %d is not implemented on cuda", p->optim.kind);
+        return st;
     }
     /* every convolution over sub-batches of at most this many samples: a testing knob (those
      * with a tensor of 2^31 - 1 or more elements at the built batch always are: cu_conv_split) */
@@ -157,17 +159,19 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     for (int32_t i = 0; i < p->n_nodes; i++) {
         const cu_layer_ops *ops = &cu_layers[p->nodes[i].kind];
         if (p->nodes[i].kind != MPSCY_LAYER_INPUT && !ops->forward) {
+            const int st = FAIL(MPSCY_UNSUPPORTED, "node %d (%s): layer kind %d is not implemented on cuda",
+                                i, p->nodes[i].name, p->nodes[i].kind);
             cu_graph_destroy(&g->base);
-            return FAIL(MPSCY_UNSUPPORTED, "node %d (%s): layer kind %d is not implemented on cuda",
-                        i, p->nodes[i].name, p->nodes[i].kind);
+            return st;
         }
         int64_t w = ops->workspace ? ops->workspace(p, &p->nodes[i]) : 0;
         if (p->nodes[i].kind == MPSCY_LAYER_CONV2D) {
             const int64_t split = cu_conv_split(g, &p->nodes[i]);
             if (split < 0) {
+                const int st = FAIL(MPSCY_UNSUPPORTED, "node %d (%s): a Conv2D whose input, output or im2col columns "
+                                    "have 2^31 - 1 or more elements in one sample", i, p->nodes[i].name);
                 cu_graph_destroy(&g->base);
-                return FAIL(MPSCY_UNSUPPORTED, "node %d (%s): a Conv2D whose input or output has 2^31 - 1 or more "
-                            "elements in one sample", i, p->nodes[i].name);
+                return st;
             }
             if (split > 0) w = cu_conv_split_workspace(g, &p->nodes[i]);
         }
