@@ -61,17 +61,20 @@ int cpu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph 
     mpscy_count_alloc(&dev->stats, (size_t)p->n_nodes * sizeof(mpscy_node));
     mpscy_count_alloc(&dev->stats, mpscy_plan_bytes(p) - (size_t)p->n_nodes * sizeof(mpscy_node));
 
+    /* a refusal's message is formatted before the graph (and its plan, which it names) is freed */
     if (!cpu_optim_supported(p->optim.kind)) {
+        const int st = FAIL(MPSCY_UNSUPPORTED, "optimizer kind %d is not implemented on cpu", p->optim.kind);
         cpu_graph_destroy(&g->base);
-        return FAIL(MPSCY_UNSUPPORTED, "optimizer kind %d is not implemented on cpu", p->optim.kind);
+        return st;
     }
     if (p->threads <= 0) p->threads = ((cpu_device *)dev)->threads;  /* workspaces are per thread */
     for (int32_t i = 0; i < p->n_nodes; i++) {
         const cpu_layer_ops *ops = &cpu_layers[p->nodes[i].kind];
         if (p->nodes[i].kind != MPSCY_LAYER_INPUT && !ops->forward) {
+            const int st = FAIL(MPSCY_UNSUPPORTED, "node %d (%s): layer kind %d is not implemented on cpu",
+                                i, p->nodes[i].name, p->nodes[i].kind);
             cpu_graph_destroy(&g->base);
-            return FAIL(MPSCY_UNSUPPORTED, "node %d (%s): layer kind %d is not implemented on cpu",
-                        i, p->nodes[i].name, p->nodes[i].kind);
+            return st;
         }
         int64_t w = ops->workspace ? ops->workspace(p, &p->nodes[i]) : 0;
         if (w > g->ws_floats) g->ws_floats = w;
@@ -95,9 +98,10 @@ int cpu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph 
                         (double)slab_bytes(g->ws_floats) + (double)g->io_bytes;
     const double have = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
     if (have > 0 && need > have) {
+        const int st = FAIL(MPSCY_OOM, "the graph needs %.1f GB at batch %d, more than this machine's %.1f GB of "
+                            "memory", need / 1e9, p->batch, have / 1e9);
         cpu_graph_destroy(&g->base);
-        return FAIL(MPSCY_OOM, "the graph needs %.1f GB at batch %d, more than this machine's %.1f GB of memory",
-                    need / 1e9, p->batch, have / 1e9);
+        return st;
     }
     g->params = cpu_alloc(dev, slab_bytes(p->n_params + p->n_buffers));
     g->grads = cpu_alloc(dev, slab_bytes(p->n_params));
@@ -113,8 +117,9 @@ int cpu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph 
         return FAIL(MPSCY_OOM, "graph slabs of %.0f bytes", need);
     }
     if (cpu_pool_create(dev, p->threads, &g->pool) != MPSCY_OK) {
+        const int st = FAIL(MPSCY_OOM, "worker pool of %d threads", p->threads);
         cpu_graph_destroy(&g->base);
-        return FAIL(MPSCY_OOM, "worker pool of %d threads", p->threads);
+        return st;
     }
     g->dy = g->y + p->n_nodes;
     g->io_bufs = (struct mpscy_buffer_ *)(g->dy + p->n_nodes);

@@ -138,8 +138,9 @@ int metal_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_grap
     mpscy_count_alloc(&dev->stats, (size_t)p->n_nodes * sizeof(mpscy_node));
     mpscy_count_alloc(&dev->stats, mpscy_plan_bytes(p) - (size_t)p->n_nodes * sizeof(mpscy_node));
     if (!metal_optim_supported(p->optim.kind)) {
+        const int st = FAIL(MPSCY_UNSUPPORTED, "optimizer kind %d is not implemented on metal", p->optim.kind);
         metal_graph_destroy(&g->base);
-        return FAIL(MPSCY_UNSUPPORTED, "optimizer kind %d is not implemented on metal", p->optim.kind);
+        return st;
     }
     for (int32_t i = 0; i < p->n_nodes; i++)
         if (p->nodes[i].kind != MPSCY_LAYER_INPUT && !metal_layers[p->nodes[i].kind].forward) {
