@@ -802,3 +802,35 @@ def test_save_refuses_meta_json_cannot_hold(tmp_path):
             engine.save(path, meta=meta)
         assert path.read_bytes() == raw and os.listdir(tmp_path) == ["m.mpscy"]
     assert mpscy.load(path, device="cpu").checkpoint_meta == {"v": 1}
+
+
+def test_loading_does_not_repeat_the_build_warnings(device, tmp_path):
+    """A model whose build warned (Keras's BatchNorm momentum, a channels-last-looking input, a
+    probability loss on an unsquashed output) warns when it is built, once: mpscy.load rebuilds
+    it silently (an inference script would repeat them at every load, at mpscy's own lines)."""
+    import warnings
+    with warnings.catch_warnings(record=True) as built:
+        warnings.simplefilter("always")
+        model = mpscy.Sequential([layers.Conv2D(2, 3), layers.BatchNorm(momentum=0.95), layers.Flatten(),
+                                  layers.Dense(1)], input_shape=(20, 20, 3))
+        engine = mpscy.Engine(model, loss="binary_cross_entropy", batch_size=4, device=device)
+    assert len([w for w in built if issubclass(w.category, UserWarning)]) == 3
+    assert all(w.filename == __file__ for w in built)   # at the user's lines, not mpscy's
+    path = tmp_path / "m.mpscy"
+    engine.save(path)
+    with warnings.catch_warnings(record=True) as loaded:
+        warnings.simplefilter("always")
+        back = mpscy.load(path, device=device)
+    assert [str(w.message) for w in loaded] == [] and back.model.nodes[2].layer.momentum == 0.95
+
+
+def test_a_truncated_checkpoint_is_not_taken_for_a_pickle(tmp_path):
+    """A header length whose first bytes are 80 03 (0x380 = 896, a multiple of 8 as headers are
+    padded) is a truncated safetensors file, not a pickle: the format sniffing needs a pickle's
+    next opcode too."""
+    path = tmp_path / "h.mpscy"
+    header = b'{"__metadata__":{"note":"' + b"x" * 868 + b'"}}'
+    assert len(header) == 0x380
+    path.write_bytes(struct.pack("<Q", len(header)) + header[:400])
+    with pytest.raises(mpscy.CheckpointError, match="is truncated or not a safetensors file: header of 896 bytes"):
+        mpscy.load(path, device="cpu")

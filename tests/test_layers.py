@@ -468,7 +468,9 @@ def test_bad_options_are_refused_at_construction(make, error, match):
     ([layers.Conv2D(4, 5)], (1, 4, 8), mpscy.ShapeError, "smaller than"),
     ([layers.MaxPool2D(3)], (1, 2, 8), mpscy.ShapeError, "smaller than"),
     ([layers.Conv2D(4, 3, groups=2)], (3, 8, 8), mpscy.ShapeError, "groups 2 must divide"),
-    ([layers.Conv2D(4, 3, stride=2, padding="same")], (3, 8, 8), mpscy.InvalidArgumentError, "cannot be split"),
+    ([layers.Conv2D(4, 3, stride=2, padding="same")], (3, 8, 8), mpscy.InvalidArgumentError,
+     r"cannot be split evenly: padding=1 on both sides gives the same 4 outputs, one row off Keras's \(which pads 0 "
+     r"before and 1 after\)"),
     ([layers.Conv2D(4, 2, padding="same")], (3, 8, 8), mpscy.InvalidArgumentError, "cannot be split"),
     # an even kernel: no symmetric padding keeps the size, and the message says what each gives
     ([layers.Conv2D(4, 4, padding="same")], (3, 8, 8), mpscy.InvalidArgumentError,
@@ -479,6 +481,10 @@ def test_bad_options_are_refused_at_construction(make, error, match):
      r"\(8, 8, 1\) looks like a channels-last \(H, W, C\) image: mpscy's images are \(C, H, W\), "
      r"input_shape=\(1, 8, 8\), batches NCHW: x.transpose\(0, 3, 1, 2\)"),
     ([layers.MaxPool2D(2)], (9, 9, 1), mpscy.ShapeError, "smaller than the pool window.*looks like a channels-last"),
+    # a feature map deeper in that happens to end in 4: no channels-last hint (the input is right)
+    ([layers.Conv2D(16, 3), layers.MaxPool2D(2), layers.Conv2D(32, 5)], (3, 20, 10), mpscy.ShapeError,
+     r"layer 2 \(Conv2D\): Conv2D input \(C, H, W\) = \(16, 9, 4\) is smaller than its dilated kernel \(5, 5\) "
+     r"with padding \(0, 0\)$"),
     ([layers.BatchNorm()], (3, 4), mpscy.ShapeError, r"\(F,\) or \(C, H, W\)"),
     ([layers.LayerNorm((4, 5))], (3, 5, 4), mpscy.ShapeError, "trailing dims"),
     ([layers.LayerNorm((2, 3, 4, 5))], (3, 4, 5), mpscy.ShapeError, "trailing dims"),
@@ -493,20 +499,23 @@ def test_an_image_layer_on_a_channels_last_looking_input_warns(recwarn):
     """A Conv2D or pooling layer straight on an input shaped like Keras's (H, W, C) image (last
     dim 1, 3 or 4, the others 16 or more) builds (it may be meant) but warns, naming the layer, the
     input and the (C, H, W) shape; a (C, H, W) image, a smaller such shape (9 channels of 16 x 4
-    images: a cuda test's), or a layer that is no image layer does not."""
+    images: a cuda test's), a 1-D signal (C, L, 1) read through windows 1 wide, or a layer that is
+    no image layer does not."""
     mpscy.Sequential([layers.Conv2D(16, 3, padding=1), layers.ReLU(), layers.Flatten(), layers.Dense(10)],
                      input_shape=(32, 32, 3))
-    x = mpscy.Input((28, 28, 1), name="pixels")
-    mpscy.Model(x, layers.Dense(2)(layers.Flatten()(layers.AvgPool2D((2, 1))(x))))
+    x = mpscy.Input((28, 28, 3), name="pixels")
+    mpscy.Model(x, layers.Dense(2)(layers.Flatten()(layers.AvgPool2D(2)(x))))
     got = [str(w.message) for w in recwarn if issubclass(w.category, UserWarning)]
     assert len(got) == 2, got
     assert got[0].startswith("Conv2D 'conv2d_0' reads input 'input' as (C, H, W) ((32, 32, 3) looks like a "
                              "channels-last (H, W, C) image: mpscy's images are (C, H, W), input_shape=(3, 32, 32)")
-    assert got[1].startswith("AvgPool2D 'avgpool2d_0' reads input 'pixels' as (C, H, W) ((28, 28, 1) looks like")
+    assert got[1].startswith("AvgPool2D 'avgpool2d_0' reads input 'pixels' as (C, H, W) ((28, 28, 3) looks like")
     recwarn.clear()
     mpscy.Sequential([layers.Conv2D(3, 3, padding=1), layers.Conv2D(4, 1)], input_shape=(1, 32, 32))
     mpscy.Sequential([layers.Conv2D(4, 3)], input_shape=(8, 32, 32))
     mpscy.Sequential([layers.Conv2D(4, 3, padding=1)], input_shape=(9, 16, 4))
+    # a 1-D signal (C, L, 1) through windows 1 wide (there is no Conv1D): not an image at all
+    mpscy.Sequential([layers.Conv2D(8, (5, 1)), layers.MaxPool2D((2, 1))], input_shape=(22, 1000, 1))
     mpscy.Sequential([layers.Dense(4)], input_shape=(32, 32, 3))  # no image layer: a plain tensor
     assert [w for w in recwarn if issubclass(w.category, UserWarning)] == []
 

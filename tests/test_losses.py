@@ -427,3 +427,13 @@ def test_an_output_the_loss_does_not_take_is_warned_about(device, loss, tail, wo
     else:
         assert len(got) == 1 and re.search(words, got[0]), got
 
+
+
+def test_a_loss_the_output_cannot_take_is_refused_without_a_warning_first(recwarn):
+    """The loss's own check of the output's shape comes first: a one-unit Softmax under
+    sparse_cross_entropy is refused (it needs 2 classes or more), with no warning about the
+    Softmax before it."""
+    model = mpscy.Sequential([layers.Dense(1), layers.Softmax()], input_shape=(4,))
+    with pytest.raises(mpscy.InvalidArgumentError, match="at least 2 classes"):
+        mpscy.Engine(model, loss="sparse_cross_entropy", device="cpu")
+    assert [w for w in recwarn if issubclass(w.category, UserWarning)] == []

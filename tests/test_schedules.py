@@ -559,7 +559,7 @@ def test_a_rate_changed_behind_a_schedule_is_warned_about_once():
     got = _rate_warnings(together)
     assert len(got) == 2, got
     assert got[0].startswith("StepLR.step(): the engine's learning rate is 0.09000000000000001, not the 0.1 this "
-                             "schedule set last; another schedule or an assignment changed it")
+                             "schedule set last; another schedule, a restore or an assignment changed it")
     assert got[1].startswith("ExponentialLR.step(): ") and "compose them with LinearWarmup(then=...)" in got[1]
 
     engine = _engine()
@@ -586,3 +586,36 @@ def test_a_rate_changed_behind_a_schedule_is_warned_about_once():
         assert e.learning_rate == pytest.approx(0.05 * 0.1 ** 3)
 
     assert _rate_warnings(alone) == []
+
+
+def test_the_override_warning_points_at_the_user_s_code_and_takes_any_schedule_class():
+    """Raised inside fit (an attached schedule stepping over a LearningRateScheduler's rate), the
+    warning names the line of the user's fit call, not mpscy's; and a schedule class defining
+    __eq__ (so unhashable) steps and warns as any other (a WeakSet of warned schedules had raised
+    TypeError on it)."""
+    from mpscy import callbacks
+    engine = _engine()
+    engine.set_schedule(S.StepLR(engine, 1, 0.5))
+    x, y = digits_batches(16, 1)[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine.fit(x, y, epochs=3, verbose=0, callbacks=[callbacks.LearningRateScheduler(lambda e, lr: lr * 0.9)])
+    got = [w for w in caught if issubclass(w.category, UserWarning)]
+    assert len(got) == 1 and got[0].filename == __file__ and "StepLR.step()" in str(got[0].message)
+
+    class Half(S.Schedule):
+        def __init__(self, engine):
+            super().__init__(engine)
+            self._start()
+
+        def lr_at(self, k):
+            return self.base_lr / (k + 1)
+
+        def __eq__(self, other):
+            return vars(self) == vars(other)
+
+    engine = _engine()
+    h = Half(engine)
+    engine.learning_rate = 0.3
+    got = _rate_warnings(lambda: (h.step(), h.step()))
+    assert len(got) == 1 and got[0].startswith("Half.step(): ") and engine.learning_rate == BASE / 3

@@ -2,9 +2,12 @@
 InvalidArgumentError naming the option (never a bare ValueError, TypeError or OverflowError from
 float() or int(), nor numpy's ambiguous truth value of an array compared with a string)."""
 
+import contextlib
 import math
 import os
+import sys
 import tempfile
+import warnings
 
 import numpy as np
 
@@ -109,3 +112,27 @@ def can_write_file(path):
     except OSError:
         return False
     return True
+
+
+def warn_user(message, category=UserWarning):
+    """warnings.warn attributed to the first caller outside mpscy, however deep in mpscy the
+    warning arises (a fit, a callback, a checkpoint load in between)."""
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "mpscy":
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
+
+
+# What building a model, a layer or an engine warns about (the loss and the output, Keras's
+# channels-last shapes and BatchNorm momentum): the user who built it saw these once
+_BUILD_WARNINGS = (r"loss \S+ takes ", r"\S+ '[^']*' reads input ", r"BatchNorm momentum=")
+
+
+@contextlib.contextmanager
+def quiet_build_warnings():
+    """A block in which those build warnings are silent: a model rebuilt from a checkpoint was
+    built, and warned about, when it was trained."""
+    with warnings.catch_warnings():
+        for pattern in _BUILD_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
+        yield

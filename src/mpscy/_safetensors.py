@@ -74,7 +74,9 @@ def _other_format(raw):
     if raw[:4] == b"PK\x03\x04":
         return ("a zip archive (torch.save's format, or NumPy's .npz): mpscy reads its own checkpoints; "
                 "a PyTorch model comes in through ONNX (torch.onnx.export, then mpscy.onnx.load)")
-    if raw[:1] == b"\x80" and raw[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+    # a pickle's PROTO opcode and version, then (protocol 4+) a FRAME or (2, 3) one of the opcodes
+    # torch.save and pickle.dump start with: a safetensors header length has zeros there
+    if raw[:1] == b"\x80" and raw[1] in (2, 3, 4, 5) and raw[2] in (0x95, 0x8A, 0x7D, 0x5D, 0x63, 0x28, 0x58):
         return "a Python pickle (an older torch.save): a PyTorch model comes in through ONNX (mpscy.onnx.load)"
     if raw[:8] == b"\x89HDF\r\n\x1a\n":
         return "an HDF5 file (Keras's .h5): a Keras model comes in through ONNX (tf2onnx, then mpscy.onnx.load)"

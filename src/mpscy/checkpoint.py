@@ -20,6 +20,7 @@ import os
 
 import numpy as np
 
+from ._checks import quiet_build_warnings
 from ._ckpt_checks import STEP_VALUES as _STEP_VALUES, check_description as _check_description, short as _short, \
     unjson as _unjson
 from ._safetensors import _path, read_safetensors, write_safetensors
@@ -283,22 +284,23 @@ def load(path, device="auto", batch_size=None, **engine_kwargs):
         raise InvalidArgumentError(f"load got unexpected keyword arguments {unknown}; it takes device, batch_size "
                                    "and Engine's precision, clip_grad_norm, clip_grad_value, input_gradients, threads")
     desc, tensors = read(path)
-    try:
-        model = _rebuild_model(desc["model"])
-    except CheckpointError:
-        raise
-    except Error as e:   # an Input's shape, a layer's wiring: the file's model cannot be built
-        raise CheckpointError(f"{path!r}: its model cannot be rebuilt: {e}") from None
-    lo, op = desc["loss"], desc["optimizer"]
-    loss = _construct(_class(lo["module"], lo["class"], _losses.Loss, "loss"), _unjson(lo["config"]), "loss")
-    optimizer = _construct(_class(op["module"], op["class"], _optim.Optimizer, "optimizer"),
-                           _unjson(op["config"]), "optimizer")
-    e = desc["engine"]
-    settings = {k: e[k] for k in ("clip_grad_norm", "clip_grad_value", "precision", "input_gradients")}
-    settings.update(engine_kwargs)
-    engine = Engine(model, loss=loss, optimizer=optimizer,
-                    batch_size=e["batch_size"] if batch_size is None else batch_size, device=device,
-                    seed=e["seed"], **settings)
+    with quiet_build_warnings():  # the model was built, and warned about, when it was trained
+        try:
+            model = _rebuild_model(desc["model"])
+        except CheckpointError:
+            raise
+        except Error as e:   # an Input's shape, a layer's wiring: the file's model cannot be built
+            raise CheckpointError(f"{path!r}: its model cannot be rebuilt: {e}") from None
+        lo, op = desc["loss"], desc["optimizer"]
+        loss = _construct(_class(lo["module"], lo["class"], _losses.Loss, "loss"), _unjson(lo["config"]), "loss")
+        optimizer = _construct(_class(op["module"], op["class"], _optim.Optimizer, "optimizer"),
+                               _unjson(op["config"]), "optimizer")
+        e = desc["engine"]
+        settings = {k: e[k] for k in ("clip_grad_norm", "clip_grad_value", "precision", "input_gradients")}
+        settings.update(engine_kwargs)
+        engine = Engine(model, loss=loss, optimizer=optimizer,
+                        batch_size=e["batch_size"] if batch_size is None else batch_size, device=device,
+                        seed=e["seed"], **settings)
     _restore(engine, desc, tensors, path)
     return engine
 

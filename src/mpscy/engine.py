@@ -5,13 +5,12 @@ graph; `close()` (or leaving a `with` block) frees them."""
 
 import math
 import time
-import warnings
 
 import numpy as np
 
 from . import _native, losses as _losses, optim as _optim
 from .optim.lbfgs import LBFGSDriver
-from ._checks import choice
+from ._checks import choice, warn_user
 from .errors import DTypeError, InvalidArgumentError, ShapeError, StateError
 from .model import Model
 
@@ -131,9 +130,6 @@ class Engine:
         clip_grad_value = _clip_arg(clip_grad_value, "clip_grad_value")
         self.model = model
         self.loss = _losses.get(loss)
-        mismatch = _losses.output_mismatch(self.loss, model)
-        if mismatch:
-            warnings.warn(mismatch, UserWarning, stacklevel=2)
         self.optimizer = optimizer
         self.batch_size = int(batch_size)
         self.seed = int(seed)
@@ -149,6 +145,9 @@ class Engine:
                 "loss": self.loss.spec(model.output_shape), "optim": optim_spec,
                 "precision": precision, "threads": int(threads), "seed": self.seed,
                 "input_grad": bool(input_gradients)}
+        mismatch = _losses.output_mismatch(self.loss, model)  # once the loss took the output's shape
+        if mismatch:
+            warn_user(mismatch)
         self.input_gradients = bool(input_gradients)
         self._threads = int(threads)
         self._device = _native.Device(self.device)

@@ -3,16 +3,14 @@ called on tensors, `Model(inputs, outputs)`) for DAGs such as residual blocks. A
 topologically ordered list of nodes with resolved per-sample shapes; it becomes the native
 graph descriptor when an Engine is built. Nothing here touches native memory."""
 
-import warnings
-
 import numpy as np
 
 from ._checks import node_name
 from .errors import InvalidArgumentError, ShapeError
+from ._checks import warn_user
 from .layers import Layer
-from .layers.conv import channels_last_hint
-
-_IMAGE_KINDS = ("conv2d", "maxpool2d", "avgpool2d")
+from .layers.base import _IMAGE_KINDS
+from .layers.conv import channels_last_hint, window_width
 
 __all__ = ["Tensor", "Input", "Model", "Sequential"]
 
@@ -145,12 +143,14 @@ class Model:
             used.add(n.name)
         self.output = len(self.nodes) - 1
         self.input_shapes = [n.shape for n in self.nodes if n.layer is None]
-        for n in self.nodes:  # an image layer on an input that looks like Keras's (H, W, C), 16 x 16 or more
-            if n.layer is not None and n.layer.kind in _IMAGE_KINDS and self.nodes[n.inputs[0]].layer is None:
+        for n in self.nodes:  # an image layer on an input that looks like Keras's (H, W, C), 16 x 16 or more;
+            # not one whose window is 1 wide (a 1-D signal, (C, L, 1), with no Conv1D to take it)
+            if (n.layer is not None and n.layer.kind in _IMAGE_KINDS and self.nodes[n.inputs[0]].layer is None
+                    and window_width(n.layer) != 1):
                 hint = channels_last_hint(self.nodes[n.inputs[0]].shape, least=16)
                 if hint:
-                    warnings.warn(f"{type(n.layer).__name__} {n.name!r} reads input "
-                                  f"{self.nodes[n.inputs[0]].name!r} as (C, H, W){hint}", UserWarning, stacklevel=3)
+                    warn_user(f"{type(n.layer).__name__} {n.name!r} reads input {self.nodes[n.inputs[0]].name!r} "
+                              f"as (C, H, W){hint}")
 
     # -- descriptions --------------------------------------------------------------------
     @property

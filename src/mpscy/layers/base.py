@@ -12,6 +12,7 @@ from ..errors import InvalidArgumentError, ShapeError
 
 # layer options travel in the native descriptor's int32 `ints`
 _INT32_LIMIT = INT32_LIMIT
+_IMAGE_KINDS = ("conv2d", "maxpool2d", "avgpool2d")  # layers that read (C, H, W) images through a window
 _positive_int, _integer, _finite = positive_int, integer, finite
 
 
@@ -67,9 +68,13 @@ class Layer:
         try:
             shape = self.output_shape([t.shape for t in inputs])
         except (ShapeError, InvalidArgumentError) as e:
-            if not self.name:
+            hint = ""
+            if isinstance(e, ShapeError) and self.kind in _IMAGE_KINDS and inputs[0].layer is None:
+                from .conv import channels_last_hint  # late: conv imports this module
+                hint = channels_last_hint(inputs[0].shape)  # the model's input may be Keras's (H, W, C)
+            if not self.name and not hint:
                 raise
-            raise type(e)(f"{type(self).__name__} {self.name!r}: {e}") from None  # which of several
+            raise type(e)(f"{type(self).__name__} {self.name!r}: {e}{hint}" if self.name else f"{e}{hint}") from None
         self._called = True
         return Tensor(shape, layer=self, inputs=inputs)
 

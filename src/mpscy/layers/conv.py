@@ -46,22 +46,35 @@ def _resolve_padding(padding, kernel, stride, dilation, hw, what):
         total = max((out - 1) * s + d * (k - 1) + 1 - n, 0)
         if total % 2:
             lo = total // 2
-            outs = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for p in (lo, lo + 1)]
+            outs = {p: (n + 2 * p - d * (k - 1) - 1) // s + 1 for p in (lo, lo + 1)}
+            fits = [p for p, o in outs.items() if o == out]
+            if fits:  # stride > 1: one more row on each side still gives `out` outputs, aligned differently
+                advice = (f"padding={fits[0]} on both sides gives the same {out} outputs, one row off Keras's "
+                          f"(which pads {lo} before and {lo + 1} after): pass it if that is what you want")
+            else:
+                advice = (f"no padding on both sides alike gives {out} outputs (padding={lo} gives {outs[lo]}, "
+                          f"padding={lo + 1} gives {outs[lo + 1]})")
             raise InvalidArgumentError(
                 f"{what} padding='same' needs {total} rows of padding along {axis} (input {n}, kernel {k}, "
-                f"stride {s}), which cannot be split evenly: no padding on both sides alike gives {out} outputs "
-                f"(padding={lo} gives {outs[0]}, padding={lo + 1} gives {outs[1]})")
+                f"stride {s}), which cannot be split evenly: {advice}")
         pads.append(total // 2)
     return tuple(pads)
 
 
 def channels_last_hint(shape, least=5):
     """A hint when a per-sample image shape looks like Keras's channels-last (H, W, C): 1, 3 or 4
-    last, the other two at least `least`; else ""."""
+    last, the other two at least `least`; else "". For a layer that reads a model input (Layer's
+    shape errors, Model's warning); a feature map deeper in may have any shape."""
     if len(shape) == 3 and shape[2] in (1, 3, 4) and shape[0] >= least and shape[1] >= least:
         return (f" ({tuple(shape)} looks like a channels-last (H, W, C) image: mpscy's images are (C, H, W), "
                 f"input_shape={(shape[2], shape[0], shape[1])}, batches NCHW: x.transpose(0, 3, 1, 2))")
     return ""
+
+
+def window_width(layer):
+    """The width of an image layer's kernel or pool window (1 for a 1-D signal's (k, 1) one)."""
+    size = getattr(layer, "kernel_size", None) or getattr(layer, "pool_size", None)
+    return size[1] if size else None
 
 
 def _image(shape, what):
@@ -107,8 +120,7 @@ class Conv2D(Layer):
         oh, ow = _window_out(h, kh, sh, ph, dh), _window_out(w, kw, sw, pw, dw)
         if oh <= 0 or ow <= 0:
             raise ShapeError(f"Conv2D input (C, H, W) = {(c, h, w)} is smaller than its dilated kernel "
-                             f"{(dh * (kh - 1) + 1, dw * (kw - 1) + 1)} with padding {(ph, pw)}"
-                             f"{channels_last_hint((c, h, w))}")
+                             f"{(dh * (kh - 1) + 1, dw * (kw - 1) + 1)} with padding {(ph, pw)}")
         return (self.filters, oh, ow)
 
     def _fan_in(self, shape):
@@ -165,7 +177,7 @@ class _Pool2D(Layer):
         ow = _window_out(w, self.pool_size[1], self.stride[1], pw)
         if oh <= 0 or ow <= 0:
             raise ShapeError(f"{type(self).__name__} input (C, H, W) = {(c, h, w)} is smaller than the pool "
-                             f"window {self.pool_size}{channels_last_hint((c, h, w))}")
+                             f"window {self.pool_size}")
         return (c, oh, ow)
 
     def native(self, input_shapes):

@@ -2,10 +2,10 @@
 mode, both as PyTorch) and LayerNorm. Options, parameter shapes and initial values only."""
 
 import math
-import warnings
 
 import numpy as np
 
+from .._checks import warn_user
 from ..errors import InvalidArgumentError, ShapeError
 from .base import Layer, _real
 
@@ -27,9 +27,9 @@ class BatchNorm(Layer):
                                        "supported; give a number in [0, 1]")
         self.momentum = _real(momentum, "BatchNorm momentum", 0.0, 1.0)
         if self.momentum >= 0.9:  # Keras's meaning (its default 0.99) is the old statistics' weight
-            warnings.warn(f"BatchNorm momentum={momentum} is PyTorch's: the new batch's weight in the running "
-                          f"statistics, which then follow the last batch almost alone; Keras's "
-                          f"momentum={momentum} is momentum={1 - self.momentum:.3g} here", UserWarning, stacklevel=2)
+            warn_user(f"BatchNorm momentum={momentum} is PyTorch's: the new batch's weight in the running "
+                      f"statistics, which then follow the last batch almost alone; Keras's momentum={momentum} is "
+                      f"momentum={1 - self.momentum:.3g} here")
         self.eps = _real(eps, "BatchNorm eps", 0.0, math.inf, low_open=True, high_open=True)
         self.affine = bool(affine)
 

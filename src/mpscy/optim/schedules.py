@@ -10,11 +10,10 @@ schedule stepping over a rate changed behind it warns once)."""
 import bisect
 import contextlib
 import math
-import warnings
 import weakref
 
 from .._checks import (choice as _choice, finite as _finite, nonneg_int as _nonneg_int, number as _as_number,
-                       positive_int)
+                       positive_int, warn_user)
 from .._weak import WeakEngine
 from ..errors import InvalidArgumentError
 
@@ -23,7 +22,8 @@ __all__ = ["Schedule", "StepLR", "MultiStepLR", "ExponentialLR", "CosineAnnealin
 
 
 _positive_int = positive_int   # a step count in [1, 2**31): its float() never overflows
-_WARNED = weakref.WeakSet()    # schedules that warned of a rate changed behind them (not in their state)
+_WARNED = weakref.WeakValueDictionary()  # id -> a schedule that warned of a rate changed behind it (any
+                                         # class, hashable or not; not in its state)
 
 
 def _number(value, what, low=None, high=None):
@@ -125,16 +125,16 @@ class Schedule:
         last: another schedule or an assignment changed it, and this schedule's closed form is
         about to set its own rate over that change, where torch's chained schedulers compound."""
         last = self._last_lr
-        if last is None or self in _WARNED:
+        if last is None or _WARNED.get(id(self)) is self:
             return
         now = self.engine.learning_rate
         if now != last:
-            _WARNED.add(self)
+            _WARNED[id(self)] = self
             name = type(self).__name__
-            warnings.warn(f"{name}.step(): the engine's learning rate is {now}, not the {last} this schedule set "
-                          f"last; another schedule or an assignment changed it, and {name} sets its own rate over "
-                          f"that change (torch's schedulers stepped together compound): drive an engine with one "
-                          f"schedule, or compose them with LinearWarmup(then=...)", UserWarning, stacklevel=3)
+            warn_user(f"{name}.step(): the engine's learning rate is {now}, not the {last} this schedule set last; "
+                      f"another schedule, a restore or an assignment changed it, and {name} sets its own rate over "
+                      f"that change (torch's schedulers stepped together compound): drive an engine with one "
+                      f"schedule, or compose them with LinearWarmup(then=...)")
 
     def get_last_lr(self):
         """The learning rate this schedule set last (a float: an engine has one rate)."""
