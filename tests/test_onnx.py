@@ -329,7 +329,8 @@ def test_import_keeps_each_constant_of_a_sum():
     assert [type(n.layer).__name__ for n in eng.model.nodes[1:]] == ["Dense", "Dense", "Add"]
     shifted = _sum_graph([helper.make_node("Add", ["a", "c"], ["ac"]), helper.make_node("Add", ["ac", "m"], ["y"])],
                          1.0)
-    with pytest.raises(mpscy.UnsupportedError, match=r"an expression \(add\(tensor\(1,\), const=\[1\.0\]\)\) has no mpscy layer"):
+    with pytest.raises(mpscy.UnsupportedError,
+                       match=r"an expression, add\(tensor\(1,\), const=\[1\.0\]\), which no mpscy layer computes"):
         mpscy.onnx.load(shifted, loss="mse", device="cpu")
 
 
@@ -858,3 +859,62 @@ def test_load_warns_only_about_a_loss_it_was_given(tmp_path):
         mpscy.onnx.load(path, loss="sparse_cross_entropy", device="cpu")
     assert len(caught) == 1 and "would be applied twice" in str(caught[0].message)
 
+
+
+def test_import_torch_training_mode_export_keeps_batchnorm_and_dropout(tt, device, tmp_path):
+    """torch's default (eval) export folds a BatchNorm into the convolution before it and drops
+    Dropout, which predicts the same but fine-tunes another model; training=TrainingMode.TRAINING
+    with do_constant_folding=False keeps both, its BatchNormalization nodes in training mode (with
+    running-statistics outputs nothing reads), which load as BatchNorm layers whose mode is the
+    engine's: the running statistics, momentum and eval predictions are torch's."""
+    import warnings
+    nn = tt.nn
+    tt.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4, momentum=0.2), nn.ReLU(),
+                        nn.Dropout(0.3), nn.Flatten(), nn.Linear(256, 3))
+    x = tt.randn(5, 2, 8, 8)
+    net.train()
+    net(x)  # running statistics away from their initial values
+    path = str(tmp_path / "train_mode.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tt.onnx.export(net, (x,), path, dynamo=False, training=tt.onnx.TrainingMode.TRAINING,
+                       do_constant_folding=False, input_names=["x"], dynamic_axes={"x": {0: "N"}})
+    engine = mpscy.onnx.load(path, device=device, batch_size=8)
+    kinds = [type(n.layer).__name__ for n in engine.model.nodes[1:]]
+    assert kinds == ["Conv2D", "BatchNorm", "ReLU", "Dropout", "Flatten", "Dense"]
+    bn = engine.model.nodes[2].layer
+    assert bn.momentum == pytest.approx(0.2) and engine.model.nodes[4].layer.rate == pytest.approx(0.3)
+    p = engine.get_parameters()
+    np.testing.assert_allclose(p["batchnorm_0.running_mean"], net[1].running_mean.numpy(), rtol=1e-6)
+    net.eval()
+    with tt.no_grad():
+        ref = net(x).numpy()
+    np.testing.assert_allclose(engine.predict(x.numpy()), ref, rtol=RTOL, atol=ATOL)
+
+
+def test_import_refusals_name_the_node_and_the_way_out(tt, tmp_path):
+    """A constant scale of the input (x / 255 in forward) is refused naming its node and where it
+    belongs; a LayerNorm exported at opset 13 (ReduceMean, Sub, Pow, ...) is refused with the
+    opset that exports it as one node."""
+    nn = tt.nn
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.a(x / 255.0)
+
+    path = str(tmp_path / "scaled.onnx")
+    _torch_export(Scaled(), tt.randn(2, 8), path, 17)
+    with pytest.raises(mpscy.UnsupportedError, match=r"node '/Div' computes mul\(tensor\(8,\), const=.*which no mpscy "
+                                                     r"layer computes \(a scale or an offset of the input, such as "
+                                                     r"x / 255, belongs in the data pipeline\)"):
+        mpscy.onnx.load(path, device="cpu")
+    path = str(tmp_path / "ln13.onnx")
+    _torch_export(nn.Sequential(nn.Linear(8, 6), nn.LayerNorm(6), nn.Linear(6, 3)), tt.randn(2, 8), path, 13)
+    with pytest.raises(mpscy.UnsupportedError, match=r"a LayerNorm exported below opset 17 arrives as such "
+                                                     r"ReduceMeans: export it with opset_version=17 or later"):
+        mpscy.onnx.load(path, device="cpu")

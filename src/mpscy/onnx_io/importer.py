@@ -100,6 +100,8 @@ class _Reader:
         self.claimable = {n.name for n in graph.node if _valid_layer_name(n.name)} if keep_names else set()
         self.current = None        # the node being read: the default name of a layer made now
         self.non_affine = set()    # node names from the "mpscy.non_affine" metadata
+        # every value some node or the graph's output reads
+        self.read_names = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
 
     # -- layers ----------------------------------------------------------------------
     def _name(self, prefix, wanted=None):
@@ -223,7 +225,9 @@ class _Reader:
             gelu = self._match_gelu(e)
             if gelu is not None:
                 return self.layer(L.GELU, [gelu[0]], approximate=gelu[1], **named)
-        raise UnsupportedError(f"ONNX import: an expression ({_describe(e)}) has no mpscy layer")
+        where = f"node {e.node_name!r} computes " if e.node_name else "an expression, "
+        raise UnsupportedError(f"ONNX import: {where}{_describe(e)}, which no mpscy layer computes (a scale or an "
+                               "offset of the input, such as x / 255, belongs in the data pipeline)")
 
     def _dense(self, x, w, bias, node_name):
         w = np.asarray(w, dtype=np.float32)

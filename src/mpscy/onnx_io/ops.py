@@ -347,7 +347,9 @@ def _reduce_mean(r, node, args, attrs):
         axes = sorted(int(a) + (rank if int(a) < 0 else 0) for a in axes)
     if rank != 4 or getattr(x, "squeezed", False) or axes != [2, 3]:
         raise UnsupportedError(f"ReduceMean {node.name!r} over axes {axes} of a rank-{rank} value is not supported "
-                               "(only over both spatial axes of an (N, C, H, W) image, as global average pooling)")
+                               "(only over both spatial axes of an (N, C, H, W) image, as global average pooling; "
+                               "a LayerNorm exported below opset 17 arrives as such ReduceMeans: export it with "
+                               "opset_version=17 or later)")
     out = r.layer(_layer_class("GlobalAvgPool2D"), [x])
     out.squeezed = bool(attrs.get("keepdims", 1))  # (N, C, 1, 1) to ONNX when the axes are kept
     return out
@@ -362,8 +364,13 @@ def _non_affine(r, node, scale, bias):
 
 @_set("BatchNormalization")
 def _batchnorm(r, node, args, attrs):
-    if attrs.get("training_mode", 0):
-        raise UnsupportedError(f"BatchNormalization {node.name!r} in training mode is not supported")
+    """torch's eval-mode export, or its training-mode one (training=TrainingMode.TRAINING, which
+    keeps Dropout): the same layer, whose mode is the engine's (step: batch statistics; predict:
+    the running ones, taken from the node's inputs); the node's running-statistics outputs are
+    the layer's buffers, which nothing in the graph may read."""
+    if attrs.get("training_mode", 0) and any(o in r.read_names for o in node.output[1:] if o):
+        raise UnsupportedError(f"BatchNormalization {node.name!r} in training mode: another node reads its running "
+                               "statistics outputs, which are the layer's buffers here")
     scale, bias, mean, var = (np.asarray(r.const_of(n, node), np.float32) for n in node.input[1:5])
     affine = not _non_affine(r, node, scale, bias)
     params = {"weight": scale, "bias": bias} if affine else {}
