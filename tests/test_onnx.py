@@ -918,3 +918,40 @@ def test_import_refusals_name_the_node_and_the_way_out(tt, tmp_path):
     with pytest.raises(mpscy.UnsupportedError, match=r"a LayerNorm exported below opset 17 arrives as such "
                                                      r"ReduceMeans: export it with opset_version=17 or later"):
         mpscy.onnx.load(path, device="cpu")
+
+
+def test_import_torch_non_affine_norms_stay_non_affine(tt, tmp_path):
+    """torch.onnx.export writes BatchNorm1d(affine=False)'s and LayerNorm(elementwise_affine=False)'s
+    identity scale and zero bias as Constant nodes, a model's parameters as initializers: those
+    layers import non-affine (they had come with a trainable weight and bias, and fine-tuning
+    drifted from torch's by 1e-3 in 3 steps), an affine BatchNorm (initializers of 1 and 0
+    included, as a fresh one exports) stays affine, and SGD steps match torch's."""
+    import warnings
+    nn = tt.nn
+    tt.manual_seed(0)
+    cases = [(nn.Sequential(nn.Linear(8, 6), nn.BatchNorm1d(6, affine=False), nn.ReLU(), nn.Linear(6, 3)), False),
+             (nn.Sequential(nn.Linear(8, 6), nn.LayerNorm(6, elementwise_affine=False), nn.Linear(6, 3)), False),
+             (nn.Sequential(nn.Linear(8, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)), True)]
+    x = tt.randn(16, 8)
+    y = tt.randint(0, 3, (16,))
+    for k, (net, affine) in enumerate(cases):
+        net.eval()
+        path = str(tmp_path / f"norm{k}.onnx")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tt.onnx.export(net, (x,), path, dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "N"}})
+        engine = mpscy.onnx.load(path, optimizer=mpscy.optim.SGD(0.1), batch_size=16, device="cpu")
+        norm = engine.model.nodes[2]
+        assert getattr(norm.layer, "affine", getattr(norm.layer, "elementwise_affine", None)) is affine, k
+        assert (f"{norm.name}.weight" in engine.get_parameters()) is affine
+        net.train()
+        opt = tt.optim.SGD(net.parameters(), lr=0.1)
+        for _ in range(3):
+            engine.step(x.numpy(), y.numpy().astype(np.int32))
+            opt.zero_grad()
+            tt.nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+        net.eval()
+        with tt.no_grad():
+            ref = net(x).numpy()
+        np.testing.assert_allclose(engine.predict(x.numpy()), ref, rtol=1e-5, atol=1e-6)

@@ -100,6 +100,7 @@ class _Reader:
         self.claimable = {n.name for n in graph.node if _valid_layer_name(n.name)} if keep_names else set()
         self.current = None        # the node being read: the default name of a layer made now
         self.non_affine = set()    # node names from the "mpscy.non_affine" metadata
+        self.initializers = set()  # the graph's initializer names (a model's weights, in torch's files)
         # every value some node or the graph's output reads
         self.read_names = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
 
@@ -380,6 +381,7 @@ def read_onnx(source):
     r.opset = opset
     r.non_affine = _non_affine(proto)
     inits = {t.name for t in graph.initializer}
+    r.initializers = inits
     for t in graph.initializer:
         r.values[t.name] = Const(nh.to_array(t))
     tensors = []

@@ -355,11 +355,15 @@ def _reduce_mean(r, node, args, attrs):
     return out
 
 
-def _non_affine(r, node, scale, bias):
-    """Whether the node's mpscy layer had no weight and bias: named in the "mpscy.non_affine"
-    metadata, with the identity scale and zero bias the exporter writes for it (a file edited
-    since keeps them, as an affine layer)."""
-    return node.name in r.non_affine and bool(np.all(scale == 1)) and bool(np.all(bias == 0))
+def _non_affine(r, node, scale, bias, names=()):
+    """Whether the node's layer had no weight and bias, given the identity scale and zero bias
+    ONNX makes it carry (a file edited since keeps them, as an affine layer): named in the
+    "mpscy.non_affine" metadata, or (`names`: the scale's and bias's value names) neither of them
+    an initializer, which holds a torch model's parameters, but Constant nodes, as
+    torch.onnx.export writes BatchNorm(affine=False)'s and LayerNorm(elementwise_affine=False)'s."""
+    identity = bool(np.all(scale == 1)) and bool(np.all(bias == 0))
+    constants = bool(names) and not any(n in r.initializers for n in names if n)
+    return identity and (node.name in r.non_affine or constants)
 
 
 @_set("BatchNormalization")
@@ -372,7 +376,7 @@ def _batchnorm(r, node, args, attrs):
         raise UnsupportedError(f"BatchNormalization {node.name!r} in training mode: another node reads its running "
                                "statistics outputs, which are the layer's buffers here")
     scale, bias, mean, var = (np.asarray(r.const_of(n, node), np.float32) for n in node.input[1:5])
-    affine = not _non_affine(r, node, scale, bias)
+    affine = not _non_affine(r, node, scale, bias, node.input[1:3])
     params = {"weight": scale, "bias": bias} if affine else {}
     params.update(running_mean=mean, running_var=var)
     # ONNX's momentum is 1 - mpscy's (torch's), a float32: 1 - 0.9 comes back as 0.1
@@ -393,7 +397,7 @@ def _layernorm(r, node, args, attrs):
         bias = np.broadcast_to(np.asarray(r.const_of(node.input[2], node), np.float32), normalized)
     else:
         bias = np.zeros(normalized, np.float32)
-    affine = not _non_affine(r, node, scale, bias)
+    affine = not _non_affine(r, node, scale, bias, node.input[1:3])
     params = {"weight": scale, "bias": bias} if affine else {}
     return r.layer(_layer_class("LayerNorm"), args[:1], params, normalized_shape=normalized,
                    eps=attrs.get("epsilon", 1e-5), elementwise_affine=affine)
