@@ -17,7 +17,7 @@
  * it reads x itself instead (conv_dw.cu), as does that of a convolution whose forward is the
  * implicit product (conv_implicit.cu), and no columns are built or held at all. The weight
  * gradient's own split product and the ordered sums of split partials are conv_dw.cu's. A
- * convolution too large for 32-bit indices runs over sub-batches instead (cu_conv_split). */
+ * convolution too large for 32-bit indices runs over sub-batches instead (conv_split.cu). */
 #include <algorithm>
 
 #include "cuda.h"
@@ -208,134 +208,29 @@ __global__ void conv_dz_kernel(float *dzt, float *dbp, const float *dy, const fl
     }
 }
 
-#define DZ_CHUNK 1024  /* elements of one channel per conv_dz block */
-
-static int64_t round4(int64_t f) { return (f + 3) & ~(int64_t)3; }
-
-/* A convolution whose input, output or columns reach 2^31 - 1 elements at the built batch (its
- * kernels index in 32 bits) runs over sub-batches of samples ("split"), each under that and with
- * its columns within CONV_SPLIT_FLOATS (1 GiB) where one sample's are less: forward im2col,
- * cuBLASLt's product and
- * conv_out_kernel; backward dz, the columns again, dW added up over the sub-batches (cuBLASLt's
- * beta), dcol and col2im; all on the main stream, in the shared workspace, nothing kept from
- * forward to backward. $MPSCY_CUDA_CONV_SPLIT=N splits every convolution, or with
- * $MPSCY_CUDA_CONV_SPLIT_ONLY=k only the k-th (testing). */
-#define CONV_SPLIT_FLOATS ((int64_t)1 << 28)
-
-int64_t cu_conv_split(const cu_graph *gr, const mpscy_node *n) {
-    const conv_geom g = geom(&gr->plan, n);
-    const int64_t lim = INT32_MAX, out = g.oc * g.ohw, in = g.c * g.h * g.w, cols = g.k * g.ohw;
-    const int64_t most = std::max({out, in, cols});
-    int64_t s = 0;  /* every tensor under lim at the built batch */
-    if (most > (lim - 1) / gr->plan.batch) {
-        if (most >= lim) return -1;  /* one sample's tensors or columns: no sub-batch fits */
-        s = std::max<int64_t>(1, std::min((lim - 1) / most, CONV_SPLIT_FLOATS / std::max(cols, out)));
-    }
-    if (gr->conv_split <= 0) return s;
-    if (gr->conv_split_only >= 0) {  /* this convolution's index among them */
-        int index = 0;
-        for (const mpscy_node *m = gr->plan.nodes; m < n; m++) index += m->kind == MPSCY_LAYER_CONV2D;
-        if (index != gr->conv_split_only) return s;
-    }
-    const int64_t knob = std::min<int64_t>(gr->conv_split, gr->plan.batch);  /* sizes the workspace: no more */
-    return s ? std::min(s, knob) : knob;
+/* y (b, OC, OHW) from yt (OC, b*OHW), + bias, through the fused ReLU: conv_out_kernel on s,
+ * moving float4s where OHW % 4 == 0 and both buffers are 16-byte aligned */
+int cu_conv_out(cu_graph *gr, cudaStream_t s, const conv_geom *g, float *y, const float *yt, const float *bias,
+                int64_t b, int relu, char *err, size_t en) {
+    const int vec = g->ohw % 4 == 0 && cu_aligned16(y) && cu_aligned16(yt);
+    CU_TRY(cu_launch(gr, conv_out_kernel, cu_blocks(b * g->oc * g->ohw / (vec ? 4 : 1), CU_THREADS, 16384), CU_THREADS,
+                     s, y, yt, bias, b, g->oc, g->ohw, relu, vec),
+           "conv_out");
+    return CU_LAUNCHED("conv_out");
 }
 
-/* the shared workspace of a split convolution: dz or the forward's result (OC, s*OHW), then the
- * columns and dcol (K, s*OHW) each */
-static int64_t split_ws(const conv_geom &g, int64_t s) {
-    return round4(g.oc * s * g.ohw) + 2 * round4(g.k * s * g.ohw);
+int cu_conv_dz_vec(const conv_geom *g, const float *dzt, const float *dy, const float *ry) {
+    return g->ohw % 4 == 0 && cu_aligned16(dy) && (!ry || cu_aligned16(ry)) && cu_aligned16(dzt);
 }
 
-int64_t cu_conv_split_workspace(const cu_graph *gr, const mpscy_node *n) {
-    const int64_t s = cu_conv_split(gr, n);
-    return s > 0 ? split_ws(geom(&gr->plan, n), s) : 0;
-}
-
-/* conv_dz_kernel's chunk sums of b samples taken s at a time: each sub-batch's rows follow the
- * last one's, so that one ordered sum adds them all */
-static int64_t split_rows(int64_t b, int64_t s, int64_t ohw) {
-    const int64_t per = (s * ohw + DZ_CHUNK - 1) / DZ_CHUNK;
-    return b / s * per + (b % s * ohw + DZ_CHUNK - 1) / DZ_CHUNK;
-}
-
-static int split_forward(cu_graph *gr, const mpscy_node *n, const conv_geom &g, int64_t b, int64_t s, char *err,
-                         size_t en) {
-    const int64_t i = cu_node_index(gr, n);
-    const float *w = cu_tensor(gr, n, MPSCY_ROLE_PARAM, 0);    // (OC, kg)
-    const float *bias = cu_tensor(gr, n, MPSCY_ROLE_PARAM, 1); // (OC) or NULL
-    const int relu = (gr->fuse[i] & CU_FUSE_RELU) != 0;
-    float *yt = gr->ws;                                        // (OC, sb*OHW)
-    float *col = yt + round4(g.oc * s * g.ohw);                // (K, sb*OHW)
-    int st = MPSCY_OK;
-    for (int64_t s0 = 0; s0 < b && st == MPSCY_OK; s0 += s) {
-        const int64_t sb = std::min(s, b - s0), nb = sb * g.ohw;
-        const float *x = gr->y[n->in[0]] + s0 * g.c * g.h * g.w;  // (sb, C, H, W)
-        float *y = gr->y[i] + s0 * g.oc * g.ohw;                  // (sb, OC, OHW)
-        st = cu_im2col(gr, gr->stream, &g, col, x, sb, err, en);
-        for (int64_t gi = 0; gi < g.groups && st == MPSCY_OK; gi++) {
-            /* column-major: D (nb x ocg) = col (nb x kg) . W (kg x ocg) */
-            cu_gemm q = {};
-            q.epilogue = CUBLASLT_EPILOGUE_DEFAULT;
-            q.m = nb; q.n = g.ocg; q.k = g.kg; q.a = col + gi * g.kg * nb; q.lda = nb;
-            q.b = w + gi * g.ocg * g.kg; q.ldb = g.kg; q.d = yt + gi * g.ocg * nb; q.ldd = nb;
-            st = cu_gemm_run(gr, &q, 0, err, en);
-        }
-        if (st != MPSCY_OK) break;
-        const int vec = g.ohw % 4 == 0 && cu_aligned16(y) && cu_aligned16(yt);
-        CU_TRY(cu_launch(gr, conv_out_kernel, cu_blocks(sb * g.oc * g.ohw / (vec ? 4 : 1), CU_THREADS, 16384),
-                         CU_THREADS, gr->stream, y, (const float *)yt, bias, sb, g.oc, g.ohw, relu, vec),
-               "conv_out");
-        st = CU_LAUNCHED("conv_out");
-    }
-    return st;
-}
-
-/* dy (b, OC, OHW) masked by ry (the fused ReLU's output) or NULL; dbp (split_rows, OC) */
-static int split_backward(cu_graph *gr, const mpscy_node *n, const conv_geom &g, int64_t b, int64_t s,
-                          const float *dy, const float *ry, float *dbp, char *err, size_t en) {
-    const float *w = cu_tensor(gr, n, MPSCY_ROLE_PARAM, 0);
-    float *dw = cu_tensor_grad(gr, n, 0), *db = cu_tensor_grad(gr, n, 1), *dx = gr->dy[n->in[0]];
-    float *dzt = gr->ws;                                       // (OC, sb*OHW)
-    float *col = dzt + round4(g.oc * s * g.ohw);               // (K, sb*OHW)
-    float *dcol = col + round4(g.k * s * g.ohw);               // (K, sb*OHW)
-    int64_t rows = 0;
-    int st = MPSCY_OK;
-    for (int64_t s0 = 0; s0 < b && st == MPSCY_OK; s0 += s) {
-        const int64_t sb = std::min(s, b - s0), nb = sb * g.ohw, chunks = (nb + DZ_CHUNK - 1) / DZ_CHUNK;
-        const int64_t at = s0 * g.oc * g.ohw;
-        const float *dys = dy + at, *rys = ry ? ry + at : NULL;
-        const int vec = g.ohw % 4 == 0 && cu_aligned16(dys) && (!rys || cu_aligned16(rys)) && cu_aligned16(dzt);
-        const unsigned ocs = (unsigned)std::min<int64_t>(g.oc, 65535);
-        CU_TRY(cu_launch(gr, conv_dz_kernel<false>, dim3((unsigned)chunks, ocs), CU_THREADS, gr->stream, dzt,
-                         dbp + rows * g.oc, dys, rys, sb, g.oc, g.ohw, g.ow, (int64_t)DZ_CHUNK, vec),
-               "conv_dz");
-        rows += chunks;
-        if ((st = CU_LAUNCHED("conv_dz")) != MPSCY_OK) break;
-        st = cu_im2col(gr, gr->stream, &g, col, gr->y[n->in[0]] + s0 * g.c * g.h * g.w, sb, err, en);
-        for (int64_t gi = 0; gi < g.groups && st == MPSCY_OK; gi++) {
-            /* column-major: D (kg x ocg) = col^T (kg x nb) . dzt (nb x ocg), added from the second
-             * sub-batch on */
-            cu_gemm q = {};
-            q.epilogue = CUBLASLT_EPILOGUE_DEFAULT;
-            q.transa = 1; q.m = g.kg; q.n = g.ocg; q.k = nb; q.a = col + gi * g.kg * nb; q.lda = nb;
-            q.b = dzt + gi * g.ocg * nb; q.ldb = nb; q.d = dw + gi * g.ocg * g.kg; q.ldd = g.kg;
-            q.beta = s0 > 0 ? 1.0f : 0.0f;
-            st = cu_gemm_run(gr, &q, 0, err, en);
-            if (st != MPSCY_OK || !dx) continue;
-            /* D (nb x kg) = dzt (nb x ocg) . W^T (ocg x kg) */
-            cu_gemm t = {};
-            t.epilogue = CUBLASLT_EPILOGUE_DEFAULT;
-            t.transb = 1; t.m = nb; t.n = g.kg; t.k = g.ocg; t.a = dzt + gi * g.ocg * nb; t.lda = nb;
-            t.b = w + gi * g.ocg * g.kg; t.ldb = g.kg; t.d = dcol + gi * g.kg * nb; t.ldd = nb;
-            st = cu_gemm_run(gr, &t, 0, err, en);
-        }
-        if (st == MPSCY_OK && dx)
-            st = cu_col2im(gr, &g, dx + s0 * g.c * g.h * g.w, dcol, sb, (int)n->accum[0], err, en);
-    }
-    if (st != MPSCY_OK || !db) return st;
-    CU_TRY(cu_sum_parts(gr, gr->stream, db, dbp, g.oc, rows, NULL, 1, 0), "conv_db");
-    return CU_LAUNCHED("conv_db");
+int cu_conv_dz(cu_graph *gr, cudaStream_t s, const conv_geom *g, float *dzt, float *dbp, const float *dy,
+               const float *ry, int64_t b, int vec, int shifted, char *err, size_t en) {
+    const unsigned rows = (unsigned)std::min<int64_t>(g->oc, 65535);  /* a channel a row; more loop */
+    CU_TRY(cu_launch(gr, shifted ? conv_dz_kernel<true> : conv_dz_kernel<false>,
+                     dim3((unsigned)cu_dz_chunks(b * g->ohw), rows), CU_THREADS, s, dzt, dbp, dy, ry, b, g->oc,
+                     g->ohw, g->ow, (int64_t)CU_DZ_CHUNK, vec),
+           "conv_dz");
+    return CU_LAUNCHED("conv_dz");
 }
 
 #define DW_CHUNK 1024  /* K per product of the split weight gradient (cuBLASLt's, tf32) */
@@ -402,11 +297,11 @@ static conv_slab slab_of(const cu_graph *gr, const mpscy_node *n, const conv_geo
                          int form) {
     const bool cols = form == CU_DW_COLUMNS, small = form == CU_DW_SMALL;
     conv_slab s;
-    s.dzt = cols ? round4(g.k * nb_built) : 0;
-    s.part = s.dzt + (small ? 0 : round4((s2 ? 4 : 1) * g.oc * nb_built));
-    s.dbp = s.part + round4(dw_part_floats(gr, n, g, nb_built));
-    s.wc = s.dbp + (small ? 0 : round4((nb_built + DZ_CHUNK - 1) / DZ_CHUNK * g.oc));
-    s.total = s.wc + (s2 || s1 ? round4(9 * g.oc * g.c) : 0);
+    s.dzt = cols ? cu_round4(g.k * nb_built) : 0;
+    s.part = s.dzt + (small ? 0 : cu_round4((s2 ? 4 : 1) * g.oc * nb_built));
+    s.dbp = s.part + cu_round4(dw_part_floats(gr, n, g, nb_built));
+    s.wc = s.dbp + (small ? 0 : cu_round4(cu_dz_chunks(nb_built) * g.oc));
+    s.total = s.wc + (s2 || s1 ? cu_round4(9 * g.oc * g.c) : 0);
     return s;
 }
 
@@ -525,7 +420,7 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
     int64_t i = cu_node_index(gr, n);
     conv_geom g = geom(p, n);
     const int64_t split = cu_conv_split(gr, n);
-    if (split > 0) return split_forward(gr, n, g, b, split, err, en);
+    if (split > 0) return cu_conv_split_forward(gr, n, b, split, err, en);
     int64_t nb = b * g.ohw;
     float *col = gr->colbuf + gr->col_off[i];                 // (K, nb)
     float *yt = gr->ws;                                        // (OC, nb)
@@ -615,12 +510,7 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
     for (int64_t gi = 0; gi < g.groups && st == MPSCY_OK; gi++)
         st = conv_gemm(gr, CONV_FWD, gr->stream, g, nb, p->batch * g.ohw, yt + gi * g.ocg * nb, w + gi * g.ocg * g.kg,
                        col + gi * g.kg * nb, NULL, NULL, err, en);
-    if (st != MPSCY_OK) return st;
-    const int vec = g.ohw % 4 == 0 && (uintptr_t)gr->y[i] % 16 == 0 && (uintptr_t)yt % 16 == 0;
-    CU_TRY(cu_launch(gr, conv_out_kernel, cu_blocks(b * g.oc * g.ohw / (vec ? 4 : 1), CU_THREADS, 16384), CU_THREADS,
-                     gr->stream, gr->y[i], (const float *)yt, bias, b, g.oc, g.ohw, relu, vec),
-           "conv_out");
-    return CU_LAUNCHED("conv_out");
+    return st != MPSCY_OK ? st : cu_conv_out(gr, gr->stream, &g, gr->y[i], yt, bias, b, relu, err, en);
 }
 
 int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, size_t en) {
@@ -657,7 +547,7 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
             if (p->nodes[k].kind == MPSCY_LAYER_RELU && p->nodes[k].in[0] == i) r = k;
     const float *dy = gr->dy[r >= 0 ? r : i], *ry = r >= 0 ? gr->y[r] : NULL;
     const int64_t split = cu_conv_split(gr, n);
-    if (split > 0) return split_backward(gr, n, g, b, split, dy, ry, gr->colbuf + gr->col_off[i], err, en);
+    if (split > 0) return cu_conv_split_backward(gr, n, b, split, dy, ry, err, en);
     if (form == CU_DW_SMALL) {  /* no dx: dW and db in one pass over dy as it lies, and x */
         cudaStream_t s = gr->stream;
         if (!gr->input_dw_main) {  /* at the side stream's chain's end */
@@ -681,16 +571,11 @@ int cu_conv_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, si
     /* with nothing to mask, the implicit dx reads dz as it lies, (b, OC, OHW), and its transpose
      * for the weight gradient runs on the side stream instead of before dx on the main one */
     const bool direct = dx && s1 && !ry && gr->dz_direct && side != gr->stream;
-    int64_t chunks = (nb + DZ_CHUNK - 1) / DZ_CHUNK;
-    const int vec = g.ohw % 4 == 0 && (uintptr_t)dy % 16 == 0 && (!ry || (uintptr_t)ry % 16 == 0) &&
-                    (uintptr_t)dzt % 16 == 0;
+    const int64_t chunks = cu_dz_chunks(nb);
+    const int vec = cu_conv_dz_vec(&g, dzt, dy, ry);
     const int shifted = s2 && vec && g.ow % 4 == 0;  /* dz's four copies in this one pass */
     auto dz_pass = [&](cudaStream_t s) -> int {  /* dzt (OC, nb) and the bias gradient's chunk sums */
-        const unsigned rows = (unsigned)std::min<int64_t>(g.oc, 65535);  /* a channel a row; more loop */
-        CU_TRY(cu_launch(gr, shifted ? conv_dz_kernel<true> : conv_dz_kernel<false>, dim3((unsigned)chunks, rows),
-                         CU_THREADS, s, dzt, dbp, dy, ry, b, g.oc, g.ohw, g.ow, (int64_t)DZ_CHUNK, vec),
-               "conv_dz");
-        return CU_LAUNCHED("conv_dz");
+        return cu_conv_dz(gr, s, &g, dzt, dbp, dy, ry, b, vec, shifted, err, en);
     };
     int st = direct ? MPSCY_OK : dz_pass(gr->stream);
     /* dx as one product on the main stream (s2: conv_dgrad_s2, s1: the implicit one) */
@@ -768,7 +653,6 @@ int64_t cu_conv_columns(const cu_graph *gr, const mpscy_node *n) {
     const mpscy_plan *p = &gr->plan;
     conv_geom g = geom(p, n);
     const int64_t split = cu_conv_split(gr, n);
-    if (split > 0)  /* the bias gradient's chunk sums of every sub-batch */
-        return round4(split_rows(p->batch, split, g.ohw) * g.oc);
+    if (split > 0) return cu_conv_split_columns(gr, n, split);
     return slab_of(gr, n, g, p->batch * g.ohw, conv_s2(p, n, g), conv_s1(p, n, g), cu_conv_dw_form(gr, n)).total;
 }

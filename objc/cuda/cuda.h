@@ -115,7 +115,7 @@ typedef struct cu_graph {
     int64_t col_floats, *col_off;
     int64_t ws_floats;
     int64_t conv_split;        /* $MPSCY_CUDA_CONV_SPLIT at build, or 0: every convolution runs over sub-batches of
-                                * at most this many samples (conv.cu's cu_conv_split; testing) */
+                                * at most this many samples (conv_split.cu; testing) */
     int conv_split_only;       /* $MPSCY_CUDA_CONV_SPLIT_ONLY at build, or -1: only the convolution of this index (0:
                                 * the first in node order) takes conv_split's sub-batches (testing a mix) */
     void *lt_ws[2];            /* cuBLASLt workspaces of the main and side streams */
@@ -264,12 +264,28 @@ int cu_conv_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, siz
 int64_t cu_conv_workspace(const mpscy_plan *p, const mpscy_node *n);
 int64_t cu_conv_columns(const cu_graph *gr, const mpscy_node *n);  /* floats of its slab (the kept im2col, ...):
                                                                      * once y, dy and the knobs are set */
-/* samples per sub-batch of a convolution with a tensor of 2^31 - 1 or more elements at the built
- * batch (it then runs over sub-batches), 0 for one that fits, -1 for one whose single sample's
- * input, output or columns are that large (refused at build); and the shared workspace a split
- * one needs */
+/* conv.cu's launches that conv_split.cu shares: y (b, OC, OHW) from the product's (OC, b*OHW) with
+ * the bias and the fused ReLU (conv_out_kernel); dz (OC, b*OHW) from dy masked by the fused ReLU's
+ * output ry (or NULL) with each CU_DZ_CHUNK of a channel's sum in dbp (conv_dz_kernel; shifted:
+ * conv_dgrad_s2's copies too), float4s where cu_conv_dz_vec */
+#define CU_DZ_CHUNK 1024
+static inline int64_t cu_dz_chunks(int64_t nb) { return (nb + CU_DZ_CHUNK - 1) / CU_DZ_CHUNK; }
+int cu_conv_out(cu_graph *g, cudaStream_t s, const mpscy_conv_geom *cg, float *y, const float *yt, const float *bias,
+                int64_t b, int relu, char *err, size_t en);
+int cu_conv_dz_vec(const mpscy_conv_geom *cg, const float *dzt, const float *dy, const float *ry);
+int cu_conv_dz(cu_graph *g, cudaStream_t s, const mpscy_conv_geom *cg, float *dzt, float *dbp, const float *dy,
+               const float *ry, int64_t b, int vec, int shifted, char *err, size_t en);
+/* conv_split.cu: samples per sub-batch of a convolution with a tensor of 2^31 - 1 or more
+ * elements at the built batch (it then runs over sub-batches), 0 for one that fits, -1 for one
+ * whose single sample's input, output or columns are that large (refused at build); the shared
+ * workspace and the slab (cu_conv_columns) a split one needs; its forward and backward (dy
+ * masked by the fused ReLU's output ry, or NULL) */
 int64_t cu_conv_split(const cu_graph *gr, const mpscy_node *n);
 int64_t cu_conv_split_workspace(const cu_graph *gr, const mpscy_node *n);
+int64_t cu_conv_split_columns(const cu_graph *gr, const mpscy_node *n, int64_t s);
+int cu_conv_split_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int64_t s, char *err, size_t en);
+int cu_conv_split_backward(cu_graph *gr, const mpscy_node *n, int64_t b, int64_t s, const float *dy, const float *ry,
+                           char *err, size_t en);
 /* how its training weight gradient reads its operands: the kept im2col columns, x itself in the own
  * long product (conv_dw.cu's gather), or conv_dw_small's pass over dy and x */
 enum { CU_DW_COLUMNS, CU_DW_GATHER, CU_DW_SMALL };
@@ -667,6 +683,7 @@ static inline cudaError_t cu_launch(const cu_graph *g, void (*kernel)(K...), dim
 }
 
 static inline bool cu_aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
+static inline int64_t cu_round4(int64_t f) { return (f + 3) & ~(int64_t)3; }  /* floats: 16-byte aligned offsets */
 
 static inline unsigned cu_blocks(int64_t n, int64_t per, int64_t cap) {
     int64_t b = (n + per - 1) / per;
