@@ -33,8 +33,8 @@
 
 /* Per-step coefficients shared by all elements of the slab. */
 typedef struct mpscy_optim_coef {
-    float lr, momentum, dampening, weight_decay;
-    float beta1, beta2, eps;
+    float lr, momentum, weight_decay;
+    float beta2, eps;
     float step_size;          /* Adam: lr / (1 - beta1^t) */
     float bc2_sqrt;           /* Adam: sqrt(1 - beta2^t) */
     float decay;              /* decoupled weight decay: 1 - lr * weight_decay */
@@ -47,7 +47,8 @@ typedef struct mpscy_optim_coef {
     float nadam_g, nadam_m;   /* NAdam: coefficients of g / denom and m / denom (negative) */
     /* 1 - beta1, 1 - beta2, 1 - alpha, 1 - rho, 1 - dampening, each taken in double and then
      * rounded, as torch passes them (1.0f - beta2 from beta2 already rounded is 1.3e-5 off at
-     * 0.999, 1e-4 at 0.9999, and Adam's square average drifts by as much) */
+     * 0.999, 1e-4 at 0.9999, and Adam's square average drifts by as much); beta1 and dampening
+     * enter the rules only so */
     float omb1, omb2, omalpha, omrho, omdamp;
 } mpscy_optim_coef;
 
@@ -82,9 +83,7 @@ static inline mpscy_optim_coef mpscy_optim_coef_make(const mpscy_optim_desc *o, 
     mpscy_optim_coef c;
     c.lr = (float)a->lr;
     c.momentum = (float)a->momentum;
-    c.dampening = (float)o->dampening;
     c.weight_decay = (float)a->weight_decay;
-    c.beta1 = (float)a->beta1;
     c.beta2 = (float)a->beta2;
     c.eps = (float)o->eps;
     double bc1 = 1.0 - pow(a->beta1, (double)t), bc2 = 1.0 - pow(a->beta2, (double)t);

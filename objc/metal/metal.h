@@ -18,7 +18,7 @@
 /* Per-step scalars in the shared hyper buffer (float32), read by the train executable, so a
  * schedule never recompiles. Written by step.m from mpscy_optim_coef_make (optim_math.h). */
 enum {
-    METAL_H_LR, METAL_H_MOMENTUM, METAL_H_DAMPENING, METAL_H_WD, METAL_H_BETA1, METAL_H_BETA2,
+    METAL_H_LR, METAL_H_MOMENTUM, METAL_H_WD, METAL_H_BETA2,
     METAL_H_EPS, METAL_H_STEP_SIZE, METAL_H_BC2_SQRT, METAL_H_DECAY, METAL_H_FIRST, METAL_H_APPLY,
     METAL_H_ALPHA, METAL_H_RHO, METAL_H_CLR, METAL_H_BC2, METAL_H_NADAM_G, METAL_H_NADAM_M,
     METAL_H_COMMIT,   /* keep the new running statistics (a train step, or an L-BFGS evaluation) */

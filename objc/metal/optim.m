@@ -24,9 +24,7 @@ void metal_optim_hyper(float *h, const mpscy_optim_desc *o, const mpscy_step_arg
     mpscy_optim_coef k = mpscy_optim_coef_make(o, a, t, mu_next);
     h[METAL_H_LR] = k.lr;
     h[METAL_H_MOMENTUM] = k.momentum;
-    h[METAL_H_DAMPENING] = k.dampening;
     h[METAL_H_WD] = k.weight_decay;
-    h[METAL_H_BETA1] = k.beta1;
     h[METAL_H_BETA2] = k.beta2;
     h[METAL_H_EPS] = k.eps;
     h[METAL_H_STEP_SIZE] = k.step_size;
