@@ -40,7 +40,7 @@ static inline int32_t cpu_parallel(cpu_pool *p, cpu_task fn, void *ctx) { return
  * cblas_sgemm. With own set (the caller's judgment that the product is small enough), alpha 1
  * and beta 0 or 1, it runs in gemm.c's AVX-512 kernels where they run (each element's k summed
  * in fixed blocks of 256, each block one chain of fused multiply-adds in order; op(b) = B^T as
- * 16 lanes summed in a fixed tree); otherwise in BLAS. cpu_fma_gemm_path: 3 when those kernels
+ * 16 lanes summed in a fixed tree); otherwise in BLAS. cpu_fma_gemm_path: 1 when those kernels
  * run (AVX-512 with FMA, $MPSCY_CPU_GEMM not 0), else 0. */
 void cpu_sgemm(int ta, int tb, int64_t m, int64_t n, int64_t k, float alpha, const float *a, int64_t lda,
                const float *b, int64_t ldb, float beta, float *c, int64_t ldc, int own);

@@ -25,23 +25,19 @@
 #include <immintrin.h>
 #endif
 
-enum { GEMM_NONE = 0, GEMM_AVX512 = 3 };
-
-static int gemm_isa(void) {
-    static volatile int isa = -1;  /* a race writes the same value */
-    if (isa >= 0) return isa;
-    int found = GEMM_NONE;
+/* whether these kernels run: AVX-512 with FMA, $MPSCY_CPU_GEMM not 0 (read once) */
+int cpu_fma_gemm_path(void) {
+    static volatile int on = -1;  /* a race writes the same value */
+    if (on >= 0) return on;
+    int found = 0;
 #ifdef GEMM_X86
     __builtin_cpu_init();
     const char *knob = getenv("MPSCY_CPU_GEMM");
-    if (!(knob && strcmp(knob, "0") == 0) && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma"))
-        found = GEMM_AVX512;
+    found = !(knob && strcmp(knob, "0") == 0) && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
 #endif
-    isa = found;
+    on = found;
     return found;
 }
-
-int cpu_fma_gemm_path(void) { return gemm_isa(); }
 
 #ifdef GEMM_X86
 /* Rows 0..MR-1 of a block, as a list the kernels below expand once per row (named
@@ -167,7 +163,7 @@ __attribute__((target("avx512f,fma"))) static void gemm512_nt(int64_t m, int64_t
 static int fma_gemm_nt(int64_t m, int64_t n, int64_t k, const float *a, int64_t lda, const float *b, int64_t ldb,
                        float *c, int64_t ldc, int accumulate) {
 #ifdef GEMM_X86
-    if (gemm_isa() == GEMM_AVX512 && k >= 256) {  /* shorter: the lanes' sums cost more than BLAS */
+    if (cpu_fma_gemm_path() && k >= 256) {  /* shorter: the lanes' sums cost more than BLAS */
         gemm512_nt(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
         return 1;
     }
@@ -182,12 +178,9 @@ static int fma_gemm_nt(int64_t m, int64_t n, int64_t k, const float *a, int64_t 
 static int fma_gemm(int64_t m, int64_t n, int64_t k, const float *a, int64_t ars, int64_t acs, const float *b,
                     int64_t ldb, float *c, int64_t ldc, int accumulate) {
 #ifdef GEMM_X86
-    switch (gemm_isa()) {
-    case GEMM_AVX512:
-        if (n < 32) break;  /* one block of columns, half of it masked: BLAS was faster */
+    if (cpu_fma_gemm_path() && n >= 32) {  /* fewer: one block of columns, half of it masked: BLAS was faster */
         gemm512(m, n, k, a, ars, acs, b, ldb, c, ldc, accumulate);
         return 1;
-    default: break;
     }
 #else
     (void)m; (void)n; (void)k; (void)a; (void)ars; (void)acs; (void)b; (void)ldb; (void)c; (void)ldc; (void)accumulate;
