@@ -123,16 +123,17 @@ def warn_user(message, category=UserWarning):
     warnings.warn(message, category, stacklevel=level)
 
 
-# What building a model, a layer or an engine warns about (the loss and the output, Keras's
-# channels-last shapes and BatchNorm momentum): the user who built it saw these once
-_BUILD_WARNINGS = (r"loss \S+ takes ", r"\S+ '[^']*' reads input ", r"BatchNorm momentum=")
+# What building a model, a layer or an engine warns about: the loss and the output (Engine),
+# Keras's channels-last shapes (Model) and BatchNorm momentum
+LOSS_WARNING = r"loss \S+ takes "
+BUILD_WARNINGS = (LOSS_WARNING, r"\S+ '[^']*' reads input ", r"BatchNorm momentum=")
 
 
 @contextlib.contextmanager
-def quiet_build_warnings():
-    """A block in which those build warnings are silent: a model rebuilt from a checkpoint was
-    built, and warned about, when it was trained."""
+def quiet_build_warnings(patterns=BUILD_WARNINGS):
+    """A block in which those build warnings (or the ones given) are silent: a model rebuilt from
+    a checkpoint was built, and warned about, when it was trained."""
     with warnings.catch_warnings():
-        for pattern in _BUILD_WARNINGS:
+        for pattern in patterns:
             warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
         yield

@@ -236,7 +236,7 @@ class Engine:
             if y is not None:
                 raise InvalidArgumentError("pass y inside the DataLoader, not separately")
             self._g()
-            return training._evaluate(self, x, "batch")
+            return training._evaluate(self, x, "batch", "the DataLoader")
         if y is None:
             raise InvalidArgumentError("evaluate needs y, or x a DataLoader of (x, y) batches")
         g = self._g()

@@ -4,7 +4,7 @@ from what torch.onnx.export (or mpscy) wrote, for inference or fine-tuning. Need
 `onnx` package (``pip install 'mpscy[onnx]'``); onnxruntime runs the exported files. This
 module is mpscy's facade; the work is in mpscy.onnx_io, which imports the real `onnx`."""
 
-import warnings
+from ._checks import LOSS_WARNING, quiet_build_warnings
 
 __all__ = ["export", "load", "read"]
 
@@ -40,9 +40,8 @@ def load(source, loss=None, optimizer=None, batch_size=32, device="auto", seed=0
     if guessed:
         shape = tuple(model.output_shape)
         loss = "sparse_cross_entropy" if len(shape) == 1 and shape[0] >= 2 else "mse"
-    with warnings.catch_warnings():
-        if guessed:  # a placeholder for predict, not a claim about the output: no warning that it does not fit
-            warnings.filterwarnings("ignore", message="loss ", category=UserWarning)
+    # a guessed loss is a placeholder for predict, not a claim about the output: no warning that it does not fit
+    with quiet_build_warnings((LOSS_WARNING,) if guessed else ()):
         engine = Engine(model, loss=loss, optimizer=optimizer, batch_size=batch_size, device=device, seed=seed,
                         **engine_kwargs)
     engine.set_parameters(params, strict=True)

@@ -233,9 +233,9 @@ def _validation_source(engine, validation_data, epochs):
     return (x[0] if n_inputs == 1 else x), y
 
 
-def _evaluate(engine, source, what="validation batch"):
+def _evaluate(engine, source, what="validation batch", source_name="the validation data"):
     """Eval-mode {"loss", "accuracy"} over arrays or a loader (row-weighted); a batch's error
-    names it as `what` k."""
+    names it as `what` k, an empty source as `source_name`."""
     if isinstance(source, tuple):
         return engine.evaluate(*source)
     total, acc, rows = 0.0, 0.0, 0
@@ -251,7 +251,6 @@ def _evaluate(engine, source, what="validation batch"):
         acc = None if r["accuracy"] is None else (acc or 0.0) + r["accuracy"] * n
         rows += n
     if rows == 0:
-        source_name = "the validation data" if what.startswith("validation") else "the DataLoader"
         raise InvalidArgumentError(f"{source_name} yielded no batch (a generator is used up after one "
                                    "pass: give a DataLoader or another re-iterable)")
     return {"loss": total / rows, "accuracy": None if acc is None else acc / rows}

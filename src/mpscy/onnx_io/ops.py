@@ -355,14 +355,14 @@ def _reduce_mean(r, node, args, attrs):
     return out
 
 
-def _non_affine(r, node, scale, bias, names=()):
+def _non_affine(r, node, scale, bias, names):
     """Whether the node's layer had no weight and bias, given the identity scale and zero bias
     ONNX makes it carry (a file edited since keeps them, as an affine layer): named in the
     "mpscy.non_affine" metadata, or (`names`: the scale's and bias's value names) neither of them
     an initializer, which holds a torch model's parameters, but Constant nodes, as
     torch.onnx.export writes BatchNorm(affine=False)'s and LayerNorm(elementwise_affine=False)'s."""
     identity = bool(np.all(scale == 1)) and bool(np.all(bias == 0))
-    constants = bool(names) and not any(n in r.initializers for n in names if n)
+    constants = not any(n in r.initializers for n in names if n)
     return identity and (node.name in r.non_affine or constants)
 
 
