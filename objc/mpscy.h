@@ -13,7 +13,7 @@
 extern "C" {
 #endif
 
-#define MPSCY_ABI_VERSION 4
+#define MPSCY_ABI_VERSION 5
 #define MPSCY_MAX_RANK 6          /* per-sample rank of any tensor (batch excluded) */
 #define MPSCY_MAX_INPUTS 8        /* inputs of one layer node */
 #define MPSCY_NAME_LEN 64
@@ -122,7 +122,11 @@ typedef enum mpscy_layer_kind {
 
 enum {
     MPSCY_FLAG_BIAS = 1,         /* the layer has a bias */
-    MPSCY_FLAG_AFFINE = 2        /* a normalization layer has weight and bias */
+    MPSCY_FLAG_AFFINE = 2,       /* a normalization layer has weight and bias */
+    MPSCY_FLAG_FROZEN = 4        /* the layer's parameters are not trained (torch's requires_grad=False):
+                                  * read by forward and backward, never updated; they have no ".grad"
+                                  * tensor or optimizer state and no share of the gradient norm.
+                                  * Running statistics still update in train mode, as in torch. */
 };
 
 typedef struct mpscy_layer_desc {
@@ -237,7 +241,7 @@ int mpscy_graph_io(mpscy_graph g, int32_t kind, int32_t index, mpscy_buffer *out
 
 /* Named tensors of a graph: parameters, buffers (running statistics) and optimizer state. */
 typedef enum mpscy_tensor_role {
-    MPSCY_ROLE_PARAM = 0,        /* trainable, updated by the optimizer */
+    MPSCY_ROLE_PARAM = 0,        /* a parameter, updated by the optimizer unless its layer is frozen */
     MPSCY_ROLE_BUFFER = 1,       /* non-trainable state such as running statistics */
     MPSCY_ROLE_OPTIM = 2,        /* optimizer state over the flat trainable slab */
     MPSCY_ROLE_GRAD = 3          /* "<param>.grad": the last TRAIN/GRAD step's gradient (read-only) */
@@ -256,7 +260,8 @@ typedef struct mpscy_tensor_info {
     int32_t rank;
     int64_t shape[MPSCY_MAX_RANK];  /* PyTorch/ONNX layouts: Dense weight (out, in) */
     int64_t count;               /* elements */
-    int64_t offset;              /* PARAM: element offset in the flat trainable slab */
+    int64_t offset;              /* PARAM: element offset in the parameter slab: the trainable ones
+                                  * first (the optimizer's flat slab), then the frozen ones */
 } mpscy_tensor_info;
 
 int mpscy_graph_tensor_count(mpscy_graph g, int32_t *out, char *err, size_t errlen);

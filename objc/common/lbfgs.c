@@ -93,7 +93,7 @@ static int save(void *ctx, char *err, size_t n) {
     (void)err; (void)n;
     const mpscy_plan *p = h->plan;
     const mpscy_lbfgs_layout *L = &p->lbfgs;
-    size_t bytes = (size_t)p->n_params * sizeof(float);
+    size_t bytes = (size_t)p->n_train * sizeof(float);
     if (bytes) {
         memcpy(h->optim + L->x0, h->params, bytes);
         memcpy(h->optim + L->d0, h->optim + L->d, bytes);
@@ -111,7 +111,7 @@ static int restore(void *ctx, char *err, size_t n) {
     (void)err; (void)n;
     const mpscy_plan *p = h->plan;
     const mpscy_lbfgs_layout *L = &p->lbfgs;
-    size_t bytes = (size_t)p->n_params * sizeof(float);
+    size_t bytes = (size_t)p->n_train * sizeof(float);
     if (bytes) {
         memcpy(h->params, h->optim + L->x0, bytes);
         memcpy(h->optim + L->d, h->optim + L->d0, bytes);
@@ -130,7 +130,7 @@ static int direction(void *ctx, const mpscy_step_args *a, mpscy_step_result *r, 
     (void)err; (void)en;
     const mpscy_plan *p = h->plan;
     const mpscy_lbfgs_layout *L = &p->lbfgs;
-    int64_t n = p->n_params, ld = n, cap = L->cap;
+    int64_t n = p->n_train, ld = n, cap = L->cap;
     const float *gr = h->optim + L->reg[a->lbfgs_flat_reg];  /* (n) */
     float *d = h->optim + L->d;                               /* (n) */
     float *pg = h->optim + L->prev_flat_grad;                 /* (n) */
@@ -194,7 +194,7 @@ static int evaluate(void *ctx, const mpscy_step_args *a, mpscy_step_result *r, c
     const mpscy_lbfgs_host *h = ctx;
     const mpscy_plan *p = h->plan;
     const mpscy_lbfgs_layout *L = &p->lbfgs;
-    int64_t np = p->n_params;
+    int64_t np = p->n_train;
     int st = h->forward_backward(h->ctx, a, r, err, n);
     if (st != MPSCY_OK || !r->finite) return st;
     float *w = h->params, *gr = h->grads;  /* (np) each */
@@ -218,7 +218,7 @@ static int evaluate(void *ctx, const mpscy_step_args *a, mpscy_step_result *r, c
 static int set_base(void *ctx, char *err, size_t n) {
     const mpscy_lbfgs_host *h = ctx;
     (void)err; (void)n;
-    if (h->plan->n_params) memcpy(h->optim + h->plan->lbfgs.base, h->params, (size_t)h->plan->n_params * sizeof(float));
+    if (h->plan->n_train) memcpy(h->optim + h->plan->lbfgs.base, h->params, (size_t)h->plan->n_train * sizeof(float));
     return MPSCY_OK;
 }
 
@@ -226,7 +226,7 @@ static int step_to(void *ctx, double t, char *err, size_t n) {
     const mpscy_lbfgs_host *h = ctx;
     const mpscy_lbfgs_layout *L = &h->plan->lbfgs;
     (void)err; (void)n;
-    add_scaled(h->params, h->optim + L->base, (float)t, h->optim + L->d, h->plan->n_params);
+    add_scaled(h->params, h->optim + L->base, (float)t, h->optim + L->d, h->plan->n_train);
     return MPSCY_OK;
 }
 

@@ -35,9 +35,9 @@ int mpscy_lbfgs_run(const mpscy_lbfgs_parts *parts, void *ctx, const mpscy_plan 
 
 typedef struct mpscy_lbfgs_host {
     const mpscy_plan *plan;
-    float *params;     /* (n_params) trainable parameters */
+    float *params;     /* (n_params) parameters, the n_train trainable ones first */
     float *buffers;    /* (n_buffers) running statistics, may be NULL when there are none */
-    float *grads;      /* (n_params) gradients written by forward_backward */
+    float *grads;      /* (n_train) gradients written by forward_backward (more on cuda and metal) */
     float *optim;      /* (optim_floats) the L-BFGS slots of plan->lbfgs */
     double *scalars;   /* the optimizer scalars (MPSCY_LBFGS_S_*) */
     /* forward, loss and backward at params into grads; fills loss, correct, grad_norm, finite */

@@ -72,9 +72,12 @@ static void add_tensor(mpscy_plan *p, int32_t n, const char *suffix, int32_t rol
     t->info.dtype = MPSCY_F32;
     set_shape(&t->info.rank, t->info.shape, rank, shape);
     t->info.count = capped_count(rank, shape);
-    if (role == MPSCY_ROLE_PARAM) {
-        t->info.offset = p->n_params;
-        p->n_params = cap_add(p->n_params, t->info.count);
+    if (role == MPSCY_ROLE_PARAM && (p->nodes[n].flags & MPSCY_FLAG_FROZEN)) {
+        t->info.offset = p->n_frozen;   /* relative to the frozen region, fixed up later */
+        p->n_frozen = cap_add(p->n_frozen, t->info.count);
+    } else if (role == MPSCY_ROLE_PARAM) {
+        t->info.offset = p->n_train;
+        p->n_train = cap_add(p->n_train, t->info.count);
     } else {
         t->info.offset = p->n_buffers;  /* relative to the buffer region, fixed up later */
         p->n_buffers = cap_add(p->n_buffers, t->info.count);
@@ -286,7 +289,7 @@ static int64_t align16(int64_t floats) { return (floats + 15) / 16 * 16; }
 static int plan_lbfgs(mpscy_plan *p, const char *component, char *err, size_t errlen) {
     const mpscy_optim_desc *o = &p->optim;
     mpscy_lbfgs_layout *L = &p->lbfgs;
-    int64_t n = align16(p->n_params), at = 0;
+    int64_t n = align16(p->n_train), at = 0;
     if (o->history_size < 1 || o->max_iter < 1)
         return FAIL(MPSCY_INVALID, "LBFGS history_size %d and max_iter %d must be >= 1", o->history_size, o->max_iter);
     if (o->line_search != 0 && o->line_search != 1)
@@ -304,14 +307,14 @@ static int plan_lbfgs(mpscy_plan *p, const char *component, char *err, size_t er
         snprintf(p->vec_slots[k_], MPSCY_NAME_LEN, "%s", name); \
         p->vec_rank[k_] = rank; \
         p->vec_shape[k_][0] = rows; \
-        p->vec_shape[k_][1] = rank == 2 ? p->n_params : 0; \
+        p->vec_shape[k_][1] = rank == 2 ? p->n_train : 0; \
         p->vec_offset[k_] = L->field = at; \
         at += align16(floats); \
     } while (0)
-    SLOT("d", 1, p->n_params, d, n);
-    SLOT("prev_flat_grad", 1, p->n_params, prev_flat_grad, n);
-    SLOT("old_dirs", 2, L->cap, old_dirs, L->cap * p->n_params);
-    SLOT("old_stps", 2, L->cap, old_stps, L->cap * p->n_params);
+    SLOT("d", 1, p->n_train, d, n);
+    SLOT("prev_flat_grad", 1, p->n_train, prev_flat_grad, n);
+    SLOT("old_dirs", 2, L->cap, old_dirs, L->cap * p->n_train);
+    SLOT("old_stps", 2, L->cap, old_stps, L->cap * p->n_train);
     SLOT("ro", 1, L->cap, ro, L->cap);
 #undef SLOT
     /* scratch: not state, never named */
@@ -378,10 +381,10 @@ static int plan_optim(mpscy_plan *p, const char *component, char *err, size_t er
     if (o->kind != MPSCY_OPTIM_LBFGS) {
         for (int32_t s = 0; s < p->n_vec_slots; s++) {
             p->vec_rank[s] = 1;
-            p->vec_shape[s][0] = p->n_params;
-            p->vec_offset[s] = (int64_t)s * p->n_params;
+            p->vec_shape[s][0] = p->n_train;
+            p->vec_offset[s] = (int64_t)s * p->n_train;
         }
-        p->optim_floats = (int64_t)p->n_vec_slots * p->n_params;
+        p->optim_floats = (int64_t)p->n_vec_slots * p->n_train;
     }
     if (!(o->lr >= 0.0) || !(o->weight_decay >= 0.0) || !(o->momentum >= 0.0) || !(o->eps >= 0.0))
         return FAIL(MPSCY_INVALID, "optimizer lr %g, momentum %g, weight_decay %g and eps %g must be >= 0",
@@ -396,9 +399,9 @@ static void plan_gradients(mpscy_plan *p) {
     /* live: contributes to the output (checked by the caller); grad: d(output) is needed. */
     for (int32_t i = 0; i < n; i++) {
         mpscy_node *node = &p->nodes[i];
-        int has_params = 0;
+        int has_params = 0;  /* trained ones: a frozen layer needs d(output) only for its inputs */
         for (int32_t t = 0; t < node->n_tensors; t++)
-            has_params |= p->tensors[node->tensor0 + t].info.role == MPSCY_ROLE_PARAM;
+            has_params |= mpscy_tensor_trained(p, &p->tensors[node->tensor0 + t]);
         node->grad = node->kind == MPSCY_LAYER_INPUT ? p->input_grad : 0;
         if (node->kind != MPSCY_LAYER_INPUT) {
             node->grad = has_params;
@@ -503,6 +506,7 @@ int mpscy_plan_build(mpscy_plan *p, const mpscy_graph_desc *d, const char *compo
             if (!p->nodes[i].live)
                 st = FAIL(MPSCY_INVALID, "node %d (%s) does not contribute to the output", i, p->nodes[i].name);
     }
+    p->n_params = cap_add(p->n_train, p->n_frozen);
     if (st == MPSCY_OK) st = plan_loss(p, component, err, errlen);
     if (st == MPSCY_OK) st = plan_optim(p, component, err, errlen);
     if (st != MPSCY_OK) {
@@ -529,12 +533,15 @@ int mpscy_plan_build(mpscy_plan *p, const mpscy_graph_desc *d, const char *compo
         return FAIL(MPSCY_OOM, "the model needs more than 2^56 floats of %s at batch %d",
                     huge_params ? "parameters" : "activations", d->batch);
     }
-    for (int32_t t = 0; t < p->n_tensors; t++)
-        if (p->tensors[t].info.role == MPSCY_ROLE_BUFFER) p->tensors[t].info.offset += p->n_params;
-    /* Gradients of the parameters, readable after a TRAIN or GRAD step. */
+    for (int32_t t = 0; t < p->n_tensors; t++) {
+        mpscy_tensor *pt = &p->tensors[t];
+        if (pt->info.role == MPSCY_ROLE_BUFFER) pt->info.offset += p->n_params;
+        else if (pt->info.role == MPSCY_ROLE_PARAM && !mpscy_tensor_trained(p, pt)) pt->info.offset += p->n_train;
+    }
+    /* Gradients of the trained parameters, readable after a TRAIN or GRAD step. */
     int32_t n_named = p->n_tensors;
     for (int32_t t = 0; t < n_named; t++) {
-        if (p->tensors[t].info.role != MPSCY_ROLE_PARAM) continue;
+        if (!mpscy_tensor_trained(p, &p->tensors[t])) continue;
         mpscy_tensor *g = &p->tensors[p->n_tensors++];
         *g = p->tensors[t];
         char base[MPSCY_NAME_LEN];

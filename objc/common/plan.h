@@ -69,12 +69,15 @@ typedef struct mpscy_plan {
     mpscy_tensor *tensors;
     mpscy_loss_desc loss;
     mpscy_optim_desc optim;
-    int64_t n_params;                /* trainable floats (the optimizer's flat slab) */
-    int64_t n_buffers;               /* non-trainable floats, stored after the params */
+    int64_t n_params;                /* parameter floats: n_train trainable, then n_frozen frozen */
+    int64_t n_train;                 /* trainable floats, first in the slab: the optimizer's range,
+                                      * and the gradients it normalizes, clips and checks */
+    int64_t n_frozen;                /* floats of MPSCY_FLAG_FROZEN layers' parameters */
+    int64_t n_buffers;               /* running statistics, stored after the params */
     int64_t act_floats;              /* every node's output at the built batch */
     int64_t grad_floats;             /* every needed d(output) at the built batch */
     int64_t save_floats;             /* everything saved for backward */
-    int32_t n_vec_slots;             /* optimizer float slots (n_params floats each, except L-BFGS) */
+    int32_t n_vec_slots;             /* optimizer float slots (n_train floats each, except L-BFGS) */
     char vec_slots[MPSCY_MAX_OPTIM_SLOTS][MPSCY_NAME_LEN];
     int32_t vec_rank[MPSCY_MAX_OPTIM_SLOTS];      /* 1, or 2 for L-BFGS's history */
     int64_t vec_shape[MPSCY_MAX_OPTIM_SLOTS][2];
@@ -108,6 +111,14 @@ int mpscy_plan_io_slot(const mpscy_plan *p, int32_t kind, int32_t index, int32_t
 /* Table index of node n's tensor of `role` and `slot` (0 weight / running_mean, 1 bias /
  * running_var), or -1 when the node has none. */
 int32_t mpscy_node_tensor(const mpscy_plan *p, const mpscy_node *n, int32_t role, int32_t slot);
+
+/* Whether tensor t is a parameter the optimizer trains: a PARAM of a layer not frozen. Those sit
+ * at [0, n_train) of the parameter slab, with their gradients at the same offsets of the gradient
+ * slab; a frozen layer's backward still writes its parameters' gradients, past n_train, where
+ * nothing reads them. */
+static inline int mpscy_tensor_trained(const mpscy_plan *p, const mpscy_tensor *t) {
+    return t->info.role == MPSCY_ROLE_PARAM && t->node >= 0 && !(p->nodes[t->node].flags & MPSCY_FLAG_FROZEN);
+}
 
 /* Geometry of a Conv2D node (NCHW, weight (OC, C / groups, KH, KW)), resolved from the plan. */
 typedef struct mpscy_conv_geom {

@@ -352,18 +352,20 @@ static void conv_backward_task(void *ctx, int32_t t, int32_t nt) {
     const conv_geom *g = j->g;
     int64_t lo, hi;
     cpu_split(j->b, t, nt, &lo, &hi);
-    float *dw = partial_dw(j, t), *db = j->db ? partial_db(j, t) : NULL;
+    float *dw = j->dw ? partial_dw(j, t) : NULL, *db = j->db ? partial_db(j, t) : NULL;  /* NULL: frozen */
     if (db) memset(db, 0, (size_t)g->oc * sizeof(float));
-    if (hi == lo) memset(dw, 0, (size_t)(g->oc * g->kg) * sizeof(float));
+    if (dw && hi == lo) memset(dw, 0, (size_t)(g->oc * g->kg) * sizeof(float));
     for (int64_t b0 = lo; b0 < hi; b0 += j->chunk) {
         int64_t bc = hi - b0 < j->chunk ? hi - b0 : j->chunk, n = bc * g->ohw;
         float *col = j->ws + t * j->wst, *dout = col + g->k * n;  // (K, n), (OC, n)
         const float *dyc = j->dy + b0 * g->oc * g->ohw;            // (bc, OC, OHW)
         gather_rows(dout, db, dyc, j->relu ? j->ry + b0 * g->oc * g->ohw : NULL, g->oc, bc, g->ohw);
-        im2col(col, conv_source(j, t, b0, bc), g, bc);
-        for (int64_t gi = 0; gi < g->groups; gi++)
-            cpu_sgemm(0, 1, g->ocg, g->kg, n, 1.0f, dout + gi * g->ocg * n, n, col + gi * g->kg * n, n,
-                      b0 == lo ? 0.0f : 1.0f, dw + gi * g->ocg * g->kg, g->kg, 1);
+        if (dw) {
+            im2col(col, conv_source(j, t, b0, bc), g, bc);
+            for (int64_t gi = 0; gi < g->groups; gi++)
+                cpu_sgemm(0, 1, g->ocg, g->kg, n, 1.0f, dout + gi * g->ocg * n, n, col + gi * g->kg * n, n,
+                          b0 == lo ? 0.0f : 1.0f, dw + gi * g->ocg * g->kg, g->kg, 1);
+        }
         if (!j->dx) continue;
         float *dxc = j->dx + b0 * g->c * g->h * g->w;  // (bc, C, H, W)
         for (int64_t gi = 0; gi < g->groups; gi++)  /* the columns are spent: reuse them for dcol */
@@ -420,7 +422,7 @@ void cpu_conv_forward(cpu_graph *gr, const mpscy_node *n, int64_t b, int train, 
 }
 
 void cpu_conv_backward(cpu_graph *gr, const mpscy_node *n, int64_t b) {
-    // dx (b, C, H, W) or NULL, dw (OC, C/groups, KH, KW), db (OC) or NULL, dy (b, OC, OH, OW)
+    // dx (b, C, H, W) or NULL, dw (OC, C/groups, KH, KW) and db (OC) or NULL, dy (b, OC, OH, OW)
     int32_t i = (int32_t)(n - gr->plan.nodes), r = cpu_conv_fused_relu(&gr->plan, i);
     conv_geom g = geom(&gr->plan, n);
     conv_job j = {&g, NULL, gr->dy[n->in[0]], cpu_tensor_grad(gr, n, 0), cpu_tensor_grad(gr, n, 1), gr->ws,
@@ -430,8 +432,8 @@ void cpu_conv_backward(cpu_graph *gr, const mpscy_node *n, int64_t b) {
     j.wst = conv_slice(&g, j.chunk);
     int32_t nt = cpu_parallel(gr->pool, conv_backward_task, &j);
     for (int32_t t = 1; t < nt; t++) {  /* sum the partial weight and bias gradients */
-        const float *pw = partial_dw(&j, t), *pb = j.db ? partial_db(&j, t) : NULL;
-        for (int64_t k = 0; k < g.oc * g.kg; k++) j.dw[k] += pw[k];
+        const float *pw = j.dw ? partial_dw(&j, t) : NULL, *pb = j.db ? partial_db(&j, t) : NULL;
+        for (int64_t k = 0; pw && k < g.oc * g.kg; k++) j.dw[k] += pw[k];
         for (int64_t k = 0; pb && k < g.oc; k++) j.db[k] += pb[k];
     }
 }

@@ -99,8 +99,8 @@ typedef struct cpu_graph {
     mpscy_plan plan;
     cpu_pool *pool;       /* worker threads (plan.threads - 1 of them), NULL when single-threaded */
     /* slabs, one allocation per role */
-    float *params;        /* (n_params + n_buffers): trainable first, then running stats */
-    float *grads;         /* (n_params) */
+    float *params;        /* (n_params + n_buffers): trainable, frozen, running stats */
+    float *grads;         /* (n_train): a frozen layer's gradients are not computed */
     float *optim;         /* (optim_floats): the optimizer's slots (and L-BFGS scratch) */
     double scalars[MPSCY_MAX_SCALARS]; /* optimizer scalars; scalars[0] holds the step count */
     float *act;           /* node outputs at the built batch */
@@ -124,7 +124,7 @@ MPSCY_BACKEND_ENTRIES(cpu_)
 
 /* Pointers to node n's tensor `slot` (0 weight / running_mean, 1 bias / running_var). */
 float *cpu_tensor(cpu_graph *g, const mpscy_node *n, int32_t role, int32_t slot);
-float *cpu_tensor_grad(cpu_graph *g, const mpscy_node *n, int32_t slot);
+float *cpu_tensor_grad(cpu_graph *g, const mpscy_node *n, int32_t slot);  /* NULL: none, or frozen */
 
 /* One entry per layer kind. forward runs in train mode when `train`; backward writes the
  * node's parameter gradients and, for each input j whose grad is needed, d(input j),

@@ -1,7 +1,7 @@
 /* dense.c — the fully connected layer on the CPU through BLAS, each product split over the
  * worker pool: y = x W^T + b with W stored (out, in) as in PyTorch, inputs of higher rank read
- * row-major as (b, in). Backward gives dW = dy^T x, db = column sums of dy, and dx = dy W
- * (written or accumulated). */
+ * row-major as (b, in). Backward gives dW = dy^T x, db = column sums of dy (neither for a frozen
+ * layer), and dx = dy W (written or accumulated). */
 #include "cpu.h"
 
 void cpu_add_bias_rows(float *y, const float *bias, int64_t rows, int64_t cols) {
@@ -28,8 +28,8 @@ static void dense_forward(cpu_pool *pool, float *y, const float *x, const float 
 
 static void dense_backward(cpu_pool *pool, float *dx, float *dw, float *db, const float *dy, const float *x,
                            const float *w, int64_t b, int64_t in, int64_t out, int accum) {
-    // dx (b, in) or NULL, dw (out, in), db (out) or NULL, dy (b, out), x (b, in), w (out, in)
-    cpu_gemm(pool, 1, 0, out, in, b, 1.0f, dy, out, x, in, 0.0f, dw, in);
+    // dx (b, in) or NULL, dw (out, in) or NULL (frozen), db (out) or NULL, dy (b, out), x (b, in), w (out, in)
+    if (dw) cpu_gemm(pool, 1, 0, out, in, b, 1.0f, dy, out, x, in, 0.0f, dw, in);
     if (db) cpu_sum_rows(db, dy, b, out);
     if (dx) cpu_gemm(pool, 0, 0, b, in, out, 1.0f, dy, out, w, in, accum ? 1.0f : 0.0f, dx, in);
 }

@@ -18,7 +18,8 @@ float *cpu_tensor(cpu_graph *g, const mpscy_node *node, int32_t role, int32_t sl
 
 float *cpu_tensor_grad(cpu_graph *g, const mpscy_node *node, int32_t slot) {
     int32_t t = mpscy_node_tensor(&g->plan, node, MPSCY_ROLE_PARAM, slot);
-    return t < 0 ? NULL : g->grads + g->plan.tensors[t].info.offset;
+    if (t < 0 || !mpscy_tensor_trained(&g->plan, &g->plan.tensors[t])) return NULL;
+    return g->grads + g->plan.tensors[t].info.offset;
 }
 
 static size_t slab_bytes(int64_t floats) { return (size_t)(floats > 0 ? floats : 1) * sizeof(float); }
@@ -29,7 +30,7 @@ void cpu_graph_destroy(mpscy_graph gh) {
     const mpscy_plan *p = &g->plan;
     cpu_pool_destroy(g->pool);
     cpu_free(dev, g->params, slab_bytes(p->n_params + p->n_buffers));
-    cpu_free(dev, g->grads, slab_bytes(p->n_params));
+    cpu_free(dev, g->grads, slab_bytes(p->n_train));
     cpu_free(dev, g->optim, slab_bytes(p->optim_floats));
     cpu_free(dev, g->act, slab_bytes(p->act_floats));
     cpu_free(dev, g->dact, slab_bytes(p->grad_floats));
@@ -92,7 +93,7 @@ int cpu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph 
 
     /* Zeroed slabs are touched as they are made: more than the machine holds would not fail
      * here but get the process killed, so such a graph is refused first. */
-    const double need = (double)slab_bytes(p->n_params + p->n_buffers) + (double)slab_bytes(p->n_params) +
+    const double need = (double)slab_bytes(p->n_params + p->n_buffers) + (double)slab_bytes(p->n_train) +
                         (double)slab_bytes(p->optim_floats) + (double)slab_bytes(p->act_floats) +
                         (double)slab_bytes(p->grad_floats) + (double)slab_bytes(p->save_floats) +
                         (double)slab_bytes(g->ws_floats) + (double)g->io_bytes;
@@ -104,7 +105,7 @@ int cpu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph 
         return st;
     }
     g->params = cpu_alloc(dev, slab_bytes(p->n_params + p->n_buffers));
-    g->grads = cpu_alloc(dev, slab_bytes(p->n_params));
+    g->grads = cpu_alloc(dev, slab_bytes(p->n_train));
     g->optim = cpu_alloc(dev, slab_bytes(p->optim_floats));
     g->act = cpu_alloc(dev, slab_bytes(p->act_floats));
     g->dact = cpu_alloc(dev, slab_bytes(p->grad_floats));
@@ -165,7 +166,7 @@ int cpu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph 
             for (int64_t k = 0; k < p->tensors[t].info.count; k++) g->params[p->tensors[t].info.offset + k] = 1.0f;
     if (p->optim.kind == MPSCY_OPTIM_NADAM) g->scalars[1] = 1.0;  /* mu_product */
     if (p->optim.kind == MPSCY_OPTIM_ADAGRAD)
-        for (int64_t k = 0; k < p->n_params; k++) g->optim[k] = (float)p->optim.initial_accumulator_value;
+        for (int64_t k = 0; k < p->n_train; k++) g->optim[k] = (float)p->optim.initial_accumulator_value;
     *out = &g->base;
     return MPSCY_OK;
 }

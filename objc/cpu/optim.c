@@ -128,7 +128,7 @@ static void update_task(void *ctx, int32_t t, int32_t nt) {
 /* One pass of the kind's element rule over the flat slab; t counts applied steps from 1. */
 void cpu_optim_update(cpu_graph *g, const mpscy_step_args *a) {
     const mpscy_plan *p = &g->plan;
-    int64_t n = p->n_params, t = (int64_t)g->scalars[0] + 1;
+    int64_t n = p->n_train, t = (int64_t)g->scalars[0] + 1;
     if (p->optim.kind == MPSCY_OPTIM_LBFGS) return;  /* runs through MPSCY_MODE_LBFGS (lbfgs.c) */
     update_job j;
     j.c = mpscy_optim_coef_make(&p->optim, a, t, &g->scalars[1]);  /* called only for a step it applies */

@@ -28,7 +28,7 @@ void cpu_forward_backward(cpu_graph *g, const mpscy_step_args *a, mpscy_step_res
     forward(g, b, 1, a);
     r->loss = cpu_loss(p, g->dy[p->output], g->y[p->output], g->io_bufs[p->n_inputs].host, b, &r->correct);
     backward(g, b);
-    r->grad_norm = cpu_grad_norm(g->pool, g->grads, p->n_params);
+    r->grad_norm = cpu_grad_norm(g->pool, g->grads, p->n_train);
     r->finite = isfinite(r->loss) && isfinite(r->grad_norm);
 }
 
@@ -51,7 +51,7 @@ int cpu_graph_step(mpscy_graph gh, const mpscy_step_args *a, mpscy_step_result *
         return MPSCY_FAIL_NONFINITE(err, n, CPU, a->mode, r);
     if (a->mode == MPSCY_MODE_GRAD) return MPSCY_OK;
 
-    cpu_clip(g->grads, p->n_params, r->grad_norm, &p->optim);
+    cpu_clip(g->grads, p->n_train, r->grad_norm, &p->optim);
     cpu_optim_update(g, a);
     for (int32_t i = 0; i < p->n_nodes; i++)
         if (cpu_layers[p->nodes[i].kind].commit) cpu_layers[p->nodes[i].kind].commit(g, &p->nodes[i], b);

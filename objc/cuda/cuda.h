@@ -104,8 +104,8 @@ typedef struct cu_graph {
     cu_device *dev;
     int pdl;                   /* its kernels launch with programmatic dependent launch (graph.cu) */
     /* device slabs, one allocation per role */
-    float *params;             /* (n_params + n_buffers) */
-    float *grads;              /* (n_params) */
+    float *params;             /* (n_params + n_buffers): trainable, frozen, running stats */
+    float *grads;              /* (n_params): the first n_train read by the norm and the update */
     float *optim;              /* (optim_floats): the optimizer's slots (and L-BFGS scratch) */
     double scalars[MPSCY_MAX_SCALARS]; /* optimizer scalars on the host; scalars[0] = step count */
     double mu_next;            /* the running scalar after the step in flight (mpscy_optim_coef_make) */

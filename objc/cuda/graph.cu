@@ -432,7 +432,7 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
             e = cu_fill(g->stream, g->params + p->tensors[t].info.offset, p->tensors[t].info.count, 1.0f);
     if (p->optim.kind == MPSCY_OPTIM_NADAM) g->scalars[1] = 1.0;  /* mu_product */
     if (p->optim.kind == MPSCY_OPTIM_ADAGRAD && e == cudaSuccess)
-        e = cu_fill(g->stream, g->optim + p->vec_offset[0], p->n_params, (float)p->optim.initial_accumulator_value);
+        e = cu_fill(g->stream, g->optim + p->vec_offset[0], p->n_train, (float)p->optim.initial_accumulator_value);
     if (e == cudaSuccess) e = cudaStreamSynchronize(g->stream);
     if (e != cudaSuccess) {
         cu_graph_destroy(&g->base);

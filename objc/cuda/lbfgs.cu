@@ -103,7 +103,7 @@ static int save(void *ctx, char *err, size_t en) {
     cu_graph *g = (cu_graph *)ctx;
     const mpscy_plan *p = &g->plan;
     const mpscy_lbfgs_layout *L = &p->lbfgs;
-    size_t bytes = (size_t)p->n_params * sizeof(float);
+    size_t bytes = (size_t)p->n_train * sizeof(float);
     int st;
     if ((st = copy(g, g->optim + L->x0, g->params, bytes, err, en)) != MPSCY_OK ||
         (st = copy(g, g->optim + L->d0, g->optim + L->d, bytes, err, en)) != MPSCY_OK ||
@@ -120,7 +120,7 @@ static int restore(void *ctx, char *err, size_t en) {
     cu_graph *g = (cu_graph *)ctx;
     const mpscy_plan *p = &g->plan;
     const mpscy_lbfgs_layout *L = &p->lbfgs;
-    size_t bytes = (size_t)p->n_params * sizeof(float);
+    size_t bytes = (size_t)p->n_train * sizeof(float);
     int st;
     if ((st = copy(g, g->params, g->optim + L->x0, bytes, err, en)) != MPSCY_OK ||
         (st = copy(g, g->optim + L->d, g->optim + L->d0, bytes, err, en)) != MPSCY_OK ||
@@ -136,7 +136,7 @@ static int direction(void *ctx, const mpscy_step_args *a, mpscy_step_result *r, 
     cu_graph *g = (cu_graph *)ctx;
     const mpscy_plan *p = &g->plan;
     const mpscy_lbfgs_layout *L = &p->lbfgs;
-    int64_t n = p->n_params, cap = L->cap;
+    int64_t n = p->n_train, cap = L->cap;
     const float *gr = g->optim + L->reg[a->lbfgs_flat_reg];     /* (n) */
     float *d = g->optim + L->d, *pg = g->optim + L->prev_flat_grad;   /* (n) each */
     float *dirs = g->optim + L->old_dirs, *stps = g->optim + L->old_stps;  /* (cap, n) */
@@ -201,7 +201,7 @@ static int evaluate(void *ctx, const mpscy_step_args *a, mpscy_step_result *r, c
     cu_graph *g = (cu_graph *)ctx;
     const mpscy_plan *p = &g->plan;
     const mpscy_lbfgs_layout *L = &p->lbfgs;
-    int64_t n = p->n_params;
+    int64_t n = p->n_train;
     double *red = g->result->red;
     int st = cu_forward_backward(g, a->batch, r, err, en);
     if (st != MPSCY_OK || !r->finite) return st;
@@ -234,13 +234,13 @@ static int evaluate(void *ctx, const mpscy_step_args *a, mpscy_step_result *r, c
 
 static int set_base(void *ctx, char *err, size_t en) {
     cu_graph *g = (cu_graph *)ctx;
-    return copy(g, g->optim + g->plan.lbfgs.base, g->params, (size_t)g->plan.n_params * sizeof(float), err, en);
+    return copy(g, g->optim + g->plan.lbfgs.base, g->params, (size_t)g->plan.n_train * sizeof(float), err, en);
 }
 
 static int step_to(void *ctx, double t, char *err, size_t en) {
     cu_graph *g = (cu_graph *)ctx;
     const mpscy_lbfgs_layout *L = &g->plan.lbfgs;
-    return axpy(g, g->params, g->optim + L->base, (float)t, g->optim + L->d, g->plan.n_params, err, en);
+    return axpy(g, g->params, g->optim + L->base, (float)t, g->optim + L->d, g->plan.n_train, err, en);
 }
 
 int cu_lbfgs_step(cu_graph *g, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t n) {

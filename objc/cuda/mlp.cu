@@ -376,7 +376,7 @@ int cu_fused_plan(cu_graph *g) {
     if (p->n_inputs != 1 || p->input_grad || p->optim.kind == MPSCY_OPTIM_LBFGS || p->target != MPSCY_TARGET_INDEX ||
         (p->loss.kind != MPSCY_LOSS_SPARSE_CE && p->loss.kind != MPSCY_LOSS_CE) ||
         p->loss.accuracy == MPSCY_ACCURACY_THRESHOLD || p->batch > FU_MAX_BATCH || p->out_size > FU_MAX_CLASSES ||
-        (int64_t)p->batch * p->n_params > FU_MAX_WORK || p->nodes[0].kind != MPSCY_LAYER_INPUT)
+        (int64_t)p->batch * p->n_params > FU_MAX_WORK || p->nodes[0].kind != MPSCY_LAYER_INPUT || p->n_frozen > 0)
         return 0;
     fu_args a;
     memset(&a, 0, sizeof a);
@@ -458,7 +458,7 @@ int cu_fused_plan(cu_graph *g) {
     if (a.relays > FU_WARPS) a.relays = FU_WARPS;
     float *slot[3] = {NULL, NULL, NULL};
     for (int k = 0; k < 3 && k < p->n_vec_slots; k++) slot[k] = g->optim + p->vec_offset[k];
-    a.u = update_args{g->params, g->grads, slot[0], slot[1], slot[2], p->n_params, p->optim.kind,
+    a.u = update_args{g->params, g->grads, slot[0], slot[1], slot[2], p->n_train, p->optim.kind,
                       p->optim.kind == MPSCY_OPTIM_ADAMW || (p->optim.flags & MPSCY_OPTIM_DECOUPLED_WD) != 0,
                       p->optim.clip_grad_norm > 0,
                       p->optim.clip_grad_value > 0 ? (float)p->optim.clip_grad_value : 0.0f};

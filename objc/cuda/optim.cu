@@ -230,12 +230,14 @@ static unsigned norm_part_blocks(const cu_graph *g, int64_t count, int late) {
 #define NORM_LATE_MAX 8192  /* floats the final kernel squares itself in every block, at most */
 
 /* Whether a training step enqueues node i's backward (step.cu: the output Dense with the loss
- * when g->head, then every node down with a gradient but the input) and node i holds parameters. */
+ * when g->head, then every node down with a gradient but the input) and node i holds trained
+ * parameters (a frozen layer's gradients are written past n_train, and nothing reads them). */
 static bool backward_params(const cu_graph *g, int32_t i) {
     const mpscy_plan *p = &g->plan;
     const mpscy_node *n = &p->nodes[i];
-    return ((g->head && i == p->output) || (n->grad && n->kind != MPSCY_LAYER_INPUT)) &&
-           mpscy_node_tensor(p, n, MPSCY_ROLE_PARAM, 0) >= 0;
+    const int32_t t = mpscy_node_tensor(p, n, MPSCY_ROLE_PARAM, 0);
+    return ((g->head && i == p->output) || (n->grad && n->kind != MPSCY_LAYER_INPUT)) && t >= 0 &&
+           mpscy_tensor_trained(p, &p->tensors[t]);
 }
 
 /* Whether node i's squares are summed early, after its backward (cu_norm_part): all such nodes
@@ -247,7 +249,7 @@ static bool norm_early_node(const cu_graph *g, int32_t i) {
 /* Whether the parameter tensor pt's squares are left for the step's end (cu_norm_plan): those no
  * early node takes. */
 static bool norm_late_tensor(const cu_graph *g, const mpscy_tensor *pt) {
-    return pt->info.role == MPSCY_ROLE_PARAM && !norm_early_node(g, pt->node);
+    return mpscy_tensor_trained(&g->plan, pt) && !norm_early_node(g, pt->node);
 }
 
 /* Tensor ti's squares as norm_part_kernel's partials on stream s, after those enqueued so far. */
@@ -272,7 +274,7 @@ void cu_norm_plan(cu_graph *g) {
     g->norm_last = -1;
     int64_t parts = 0;
     for (int32_t t = 0; t < p->n_tensors; t++)
-        if (p->tensors[t].info.role == MPSCY_ROLE_PARAM) {
+        if (mpscy_tensor_trained(p, &p->tensors[t])) {
             const unsigned e = norm_part_blocks(g, p->tensors[t].info.count, 0),
                            l = norm_part_blocks(g, p->tensors[t].info.count, 1);
             parts += e > l ? e : l;
@@ -319,7 +321,7 @@ int cu_norm_part(cu_graph *g, int32_t i, char *err, size_t en) {
     }
     int st = MPSCY_OK;
     for (int32_t t = n->tensor0; t < n->tensor0 + n->n_tensors && st == MPSCY_OK; t++)
-        if (g->plan.tensors[t].info.role == MPSCY_ROLE_PARAM)
+        if (mpscy_tensor_trained(&g->plan, &g->plan.tensors[t]))
             st = norm_part_launch(g, s, &g->plan.tensors[t].info, 0, err, en);
     return st;
 }
@@ -333,7 +335,7 @@ static int norm_final(cu_graph *g, const update_args &u, int update, char *err, 
         const int st = norm_part_launch(g, g->stream, &pt->info, 1, err, en);
         if (st != MPSCY_OK) return st;
     }
-    CU_TRY(cu_launch(g, norm_final_kernel, slab_blocks(g, (const void *)norm_final_kernel, update ? p->n_params : 1),
+    CU_TRY(cu_launch(g, norm_final_kernel, slab_blocks(g, (const void *)norm_final_kernel, update ? p->n_train : 1),
                      CU_THREADS, g->stream, u, g->scratch, g->result, (const cu_params *)g->params_d,
                      p->optim.clip_grad_norm, update, g->norm_parts, g->norm_late),
            "norm_final");
@@ -342,7 +344,7 @@ static int norm_final(cu_graph *g, const update_args &u, int update, char *err, 
 
 int cu_norm_and_update(cu_graph *g, int update, char *err, size_t en) {
     const mpscy_plan *p = &g->plan;
-    int64_t n = p->n_params;
+    int64_t n = p->n_train;
     float *slot[3] = {NULL, NULL, NULL};
     for (int k = 0; k < 3 && k < p->n_vec_slots && p->optim.kind != MPSCY_OPTIM_LBFGS; k++)
         slot[k] = g->optim + p->vec_offset[k];

@@ -169,9 +169,9 @@ int metal_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_grap
             }
             /* optimizer state starting values, as the CPU backend sets them */
             if (p->optim.kind == MPSCY_OPTIM_NADAM) g->scalars[1] = 1.0;   /* mu_product */
-            if (p->optim.kind == MPSCY_OPTIM_ADAGRAD && p->n_params > 0) {
+            if (p->optim.kind == MPSCY_OPTIM_ADAGRAD && p->n_train > 0) {
                 float *sum = st.optim0.contents;
-                for (int64_t k = 0; k < p->n_params; k++) sum[k] = (float)p->optim.initial_accumulator_value;
+                for (int64_t k = 0; k < p->n_train; k++) sum[k] = (float)p->optim.initial_accumulator_value;
             }
             /* compile the train executable for the built batch now, so a graph MPSGraph
              * rejects fails at build; eval and predict compile on first use (builds stay fast) */

@@ -39,10 +39,11 @@ enum {
     METAL_BIND_TARGET,      /* io target: int32 (b) or float32 (b, *output shape) */
     METAL_BIND_OUTPUT,      /* io output: (b, *output shape) */
     METAL_BIND_INPUT_GRAD,  /* io input gradient k: (b, *shape) */
-    METAL_BIND_PARAMS,      /* trainable slab: the current one as a feed, the next one as a result */
+    METAL_BIND_PARAMS,      /* parameter slab (trainable, then frozen): the current one as a feed, the
+                             * next one as a result */
     METAL_BIND_BUFFERS,     /* running-statistics slab, ping-ponged like the parameters */
-    METAL_BIND_OPTIM,       /* optimizer slots (n_vec_slots, n_params), ping-ponged */
-    METAL_BIND_GRADS,       /* (n_params) gradients of the last train or grad step */
+    METAL_BIND_OPTIM,       /* optimizer slots (n_vec_slots, n_train), ping-ponged */
+    METAL_BIND_GRADS,       /* (n_train) gradients of the last train or grad step */
     METAL_BIND_HYPER,       /* (METAL_H_COUNT) per-step scalars */
     METAL_BIND_STATS,       /* (METAL_S_COUNT) loss, correct, gradient norm, finite */
     METAL_BIND_MASK,        /* dropout mask of node k: (b, *shape) */

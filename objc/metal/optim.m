@@ -183,7 +183,7 @@ static MPSGraphTensor *clip(MetalBuilder *c, MPSGraphTensor *g, MPSGraphTensor *
 
 void metal_update(MetalBuilder *c, MPSGraphTensor *params, MPSGraphTensor *loss, MPSGraphTensor *correct) {
     const mpscy_plan *p = c.plan;
-    int64_t np = p->n_params;
+    int64_t np = p->n_train, nf = p->n_frozen;   /* the optimizer's range, then the frozen layers' */
     MPSGraphTensor *zero = mt_const(c, 0.0), *one = mt_const(c, 1.0);
     MPSGraphTensor *finite = [c.g isFiniteWithTensor:loss name:nil];   // (1) bool
     MPSGraphTensor *norm = mt_scalar1(c, zero), *flat = nil;          // flat: (np) gradients
@@ -191,7 +191,7 @@ void metal_update(MetalBuilder *c, MPSGraphTensor *params, MPSGraphTensor *loss,
         NSMutableArray<MPSGraphTensor *> *parts = [NSMutableArray array];
         for (int32_t t = 0; t < p->n_tensors; t++) {
             const mpscy_tensor_info *ti = &p->tensors[t].info;
-            if (ti->role != MPSCY_ROLE_PARAM) continue;
+            if (!mpscy_tensor_trained(p, &p->tensors[t])) continue;
             MPSGraphTensor *gt = mt_get(c.grad, (NSUInteger)t);
             if (!gt) gt = [c.g constantWithScalar:0.0 shape:@[@(ti->count)] dataType:MPSDataTypeFloat32];
             [parts addObject:mt_reshape(c, gt, @[@(ti->count)])];
@@ -218,8 +218,13 @@ void metal_update(MetalBuilder *c, MPSGraphTensor *params, MPSGraphTensor *loss,
     if (np > 0 && metal_is_lbfgs(p)) {
         /* L-BFGS moves the parameters on the host (lbfgs.m): only the raw gradient is a result */
         mt_result(c, flat, @[@(np)], MPSDataTypeFloat32, METAL_BIND_GRADS, 0);
+    } else if (np == 0 && nf > 0 && !metal_is_lbfgs(p)) {
+        /* every layer frozen: the other parity's slab still gets the parameters */
+        mt_result(c, params, @[@(nf)], MPSDataTypeFloat32, METAL_BIND_PARAMS, 0);
     } else if (np > 0) {
         const mpscy_optim_desc *o = &p->optim;
+        MPSGraphTensor *all_params = params;   /* (np + nf): the frozen tail is copied as it is */
+        if (nf > 0) params = [c.g sliceTensor:all_params dimension:0 start:0 length:(NSInteger)np name:nil];
         MPSGraphTensor *g = clip(c, flat, norm, o);
         int32_t ns = p->n_vec_slots;
         MPSGraphTensor *slab = ns > 0 ? mt_placeholder(c, @[@(ns * np)], MPSDataTypeFloat32, METAL_BIND_OPTIM, 0)
@@ -243,7 +248,13 @@ void metal_update(MetalBuilder *c, MPSGraphTensor *params, MPSGraphTensor *loss,
             adam(c, o->flags, o->kind == MPSCY_OPTIM_ADAMW || (o->flags & MPSCY_OPTIM_DECOUPLED_WD), params, g,
                  slots, &p_new, fresh);
         }
-        mt_result(c, mt_select(c, apply, p_new, params), @[@(np)], MPSDataTypeFloat32, METAL_BIND_PARAMS, 0);
+        MPSGraphTensor *p_out = mt_select(c, apply, p_new, params);
+        if (nf > 0) {
+            MPSGraphTensor *frozen = [c.g sliceTensor:all_params dimension:0 start:(NSInteger)np length:(NSInteger)nf
+                                                 name:nil];
+            p_out = [c.g concatTensors:@[p_out, frozen] dimension:0 name:nil];
+        }
+        mt_result(c, p_out, @[@(np + nf)], MPSDataTypeFloat32, METAL_BIND_PARAMS, 0);
         if (ns > 0) {
             NSMutableArray<MPSGraphTensor *> *kept = [NSMutableArray array];
             for (int32_t s = 0; s < ns; s++) [kept addObject:mt_select(c, apply, fresh[(NSUInteger)s], slots[(NSUInteger)s])];

@@ -94,6 +94,7 @@ cdef extern from "mpscy.h" nogil:
     enum:
         MPSCY_FLAG_BIAS
         MPSCY_FLAG_AFFINE
+        MPSCY_FLAG_FROZEN
 
     ctypedef struct mpscy_layer_desc:
         int32_t kind

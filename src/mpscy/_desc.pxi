@@ -27,7 +27,7 @@ OPTIM_KINDS = {
 OPTIM_FLAGS = {"nesterov": MPSCY_OPTIM_NESTEROV, "amsgrad": MPSCY_OPTIM_AMSGRAD,
                "maximize": MPSCY_OPTIM_MAXIMIZE, "centered": MPSCY_OPTIM_CENTERED,
                "decoupled_weight_decay": MPSCY_OPTIM_DECOUPLED_WD}
-LAYER_FLAGS = {"bias": MPSCY_FLAG_BIAS, "affine": MPSCY_FLAG_AFFINE}
+LAYER_FLAGS = {"bias": MPSCY_FLAG_BIAS, "affine": MPSCY_FLAG_AFFINE, "frozen": MPSCY_FLAG_FROZEN}
 _ROLES = {MPSCY_ROLE_PARAM: "param", MPSCY_ROLE_BUFFER: "buffer", MPSCY_ROLE_OPTIM: "optim",
           MPSCY_ROLE_GRAD: "grad"}
 _DTYPES = {MPSCY_F32: np.float32, MPSCY_F64: np.float64, MPSCY_I64: np.int64}

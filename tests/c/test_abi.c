@@ -197,6 +197,28 @@ int main(void) {
     CHECK(mpscy_graph_predict(g, &a, err, sizeof err) == MPSCY_OK && isfinite(o[0]) && isfinite(o[9]), "predict");
 
     mpscy_graph_destroy(g);
+
+    /* the first Dense frozen: trainable parameters first in the slab, no ".grad" or optimizer
+     * state for the frozen ones: dense_2's weight and bias, then dense_0's, 2 grads, 2 slots, step */
+    L[1].flags |= MPSCY_FLAG_FROZEN;
+    g = NULL;
+    st = mpscy_graph_build(dev, &d, &g, err, sizeof err);
+    CHECK(st == MPSCY_OK && g, "frozen build: %s", err);
+    CHECK(mpscy_graph_tensor_count(g, &nt, err, sizeof err) == MPSCY_OK && nt == 9, "frozen tensor count %d", nt);
+    int64_t want_offset[4] = {2 * H + 2, 2 * H + 2 + 2 * H, 0, 2 * H};  /* dense_0.weight, .bias, dense_2.weight, .bias */
+    for (int32_t t = 0; t < 4; t++)
+        CHECK(mpscy_graph_tensor_info(g, t, &ti, err, sizeof err) == MPSCY_OK && ti.role == MPSCY_ROLE_PARAM &&
+              ti.offset == want_offset[t], "frozen layout: %s at %lld", ti.name, (long long)ti.offset);
+    CHECK(mpscy_graph_tensor_info(g, 4, &ti, err, sizeof err) == MPSCY_OK && strcmp(ti.name, "dense_2.weight.grad") == 0,
+          "first grad: %s", ti.name);
+    CHECK(mpscy_graph_tensor_info(g, 6, &ti, err, sizeof err) == MPSCY_OK && ti.role == MPSCY_ROLE_OPTIM &&
+          ti.count == 2 * H + 2, "exp_avg over the trainable floats: %lld", (long long)ti.count);
+    mpscy_graph_tensor_read(g, 0, before, sizeof before, err, sizeof err);
+    a.batch = B;
+    CHECK(mpscy_graph_step(g, &a, &r, err, sizeof err) == MPSCY_OK && r.applied, "frozen step: %s", err);
+    mpscy_graph_tensor_read(g, 0, after, sizeof after, err, sizeof err);
+    CHECK(memcmp(before, after, sizeof before) == 0, "the frozen weight kept");
+    mpscy_graph_destroy(g);
     mpscy_buffer_destroy(buf);
     mpscy_device_stats(dev, &s1, err, sizeof err);
     CHECK(s1.allocations - s1.frees == 1 && s1.peak_bytes >= s1.bytes_in_use, "everything freed but the device: %lld allocs, %lld frees",
