@@ -457,3 +457,46 @@ def test_loss_matches_cpu(name, batch, rng):
         assert eg["accuracy"] is None
     else:
         assert abs(eg["accuracy"] - ec["accuracy"]) <= 1.0 / (45 * 6) + 1e-12
+
+
+# ----------------------------------------------------------------------------- frozen layers
+
+def _frozen(layers, *which):
+    """layers with those at positions `which` frozen (Layer.trainable = False)."""
+    for k in which:
+        layers[k].trainable = False
+    return layers
+
+
+FROZEN_MODELS = {
+    # the one-kernel MLP step's shape: a frozen layer sends it to the separate kernels
+    "mlp_first_dense": (lambda: _frozen([L.Dense(128), L.ReLU(), L.Dense(64), L.ReLU(), L.Dense(10)], 0), (784,), 32,
+                        {}),
+    # a frozen convolution between trainable ones: its input gradient runs, its weight gradient
+    # lands past the trainable slab; the norm's early partials skip it; clipping by norm acts
+    "conv_middle": (lambda: _frozen([L.Conv2D(8, 3, padding=1), L.BatchNorm(), L.ReLU(), L.Conv2D(16, 3, stride=2,
+                                                                                                padding=1),
+                                     L.ReLU(), L.GlobalAvgPool2D(), L.Dense(10)], 3), (3, 16, 16), 16,
+                    {"clip_grad_norm": 0.05}),
+    # a frozen BatchNorm (statistics still kept) and a frozen output Dense (the loss-fused head)
+    "batchnorm_and_head": (lambda: _frozen([L.Conv2D(8, 3, padding=1), L.BatchNorm(), L.ReLU(), L.Flatten(),
+                                            L.Dense(32), L.ReLU(), L.Dense(10)], 1, 6), (3, 8, 8), 16, {}),
+    # a frozen stem: no backward below the first trainable layer
+    "stem": (lambda: _frozen([L.Conv2D(8, 3, padding=1), L.ReLU(), L.Conv2D(8, 3, padding=1), L.ReLU(),
+                              L.GlobalAvgPool2D(), L.Dense(10)], 0, 2), (3, 12, 12), 16, {}),
+}
+
+
+@cuda_only
+@pytest.mark.parametrize("name", sorted(FROZEN_MODELS))
+def test_frozen_layers_match_cpu(name, rng):
+    build, shape, batch, kw = FROZEN_MODELS[name]
+    cpu, gpu = pair(build, shape, opt=lambda: optim.AdamW(1e-3, weight_decay=0.1), batch=batch, **kw)
+    before = cpu.get_parameters()
+    compare_training(cpu, gpu, rng, rows=[batch, batch - 5])
+    after = gpu.get_parameters()
+    frozen = [k for k in before if k not in cpu.get_optimizer_state()["exp_avg"] and "running" not in k]
+    assert frozen
+    for k in frozen:
+        np.testing.assert_array_equal(after[k], before[k])
+    assert sorted(gpu.get_optimizer_state()["exp_avg"]) == sorted(cpu.get_optimizer_state()["exp_avg"])

@@ -126,7 +126,8 @@ def warn_user(message, category=UserWarning):
 # What building a model, a layer or an engine warns about: the loss and the output (Engine),
 # Keras's channels-last shapes (Model) and BatchNorm momentum
 LOSS_WARNING = r"loss \S+ takes "
-BUILD_WARNINGS = (LOSS_WARNING, r"\S+ '[^']*' reads input ", r"BatchNorm momentum=")
+FROZEN_WARNING = r"every layer with parameters is frozen"
+BUILD_WARNINGS = (LOSS_WARNING, r"\S+ '[^']*' reads input ", r"BatchNorm momentum=", FROZEN_WARNING)
 
 
 @contextlib.contextmanager

@@ -89,6 +89,8 @@ def check_description(desc, where):
         if "module" in n:
             text(n["module"], f"{field}.module")
         decodes(obj(n.get("config", {}), f"{field}.config"), f"{field}.config")
+        if type(n.get("trainable", True)) is not bool:
+            fail(f"{field}.trainable must be true or false, got {short(n['trainable'])}")
         inputs = obj(n, field, ("inputs",))["inputs"]
         if not isinstance(inputs, list) or not inputs or not all(type(i) is int and 0 <= i < k for i in inputs):
             fail(f"{field}.inputs must be a non-empty list of earlier nodes' indices (below {k}), "

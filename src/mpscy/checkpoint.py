@@ -33,8 +33,11 @@ VERSION = 1
 
 
 # ----------------------------------------------------------------------------- descriptions
-def _describe_model(model):
+def _describe_model(engine):
+    """The engine's model, each layer's `trainable` as the engine was built with it (a later
+    change to a layer applies to a new engine only)."""
     from .model import Sequential
+    model, frozen = engine.model, engine._frozen_layers()
     nodes = []
     for n in model.nodes:
         if n.layer is None:
@@ -43,6 +46,8 @@ def _describe_model(model):
         cls = type(n.layer)
         nodes.append({"name": n.name, "layer": cls.__name__, "module": cls.__module__,
                       "config": _jsonable(n.layer.config()), "inputs": list(n.inputs)})
+        if id(n.layer) in frozen:  # only when frozen: other checkpoints stay as they were
+            nodes[-1]["trainable"] = False
     return {"class": "Sequential" if isinstance(model, Sequential) else "Model", "nodes": nodes}
 
 
@@ -89,6 +94,7 @@ def _rebuild_model(desc):
             continue
         cls = _class(n.get("module", _layers.__name__), n["layer"], _layers.Layer, "layer")
         layer = _construct(cls, {**_unjson(n.get("config", {})), "name": n["name"]}, "layer")
+        layer.trainable = n.get("trainable", True)
         built.append(layer)
     inputs = [n for n in nodes if n["layer"] is None]
     if desc["class"] == "Sequential" and len(inputs) == 1 and all(
@@ -218,7 +224,7 @@ def save(engine, path, meta=None):
     initial_lr = getattr(engine, "_initial_lr", None)
     desc = {
         "version": VERSION, "mpscy": __version__,
-        "model": _describe_model(engine.model),
+        "model": _describe_model(engine),
         "loss": {"module": type(engine.loss).__module__, "class": type(engine.loss).__name__,
                  "config": _jsonable(engine.loss.config())},
         "optimizer": {"module": type(engine.optimizer).__module__, "class": type(engine.optimizer).__name__,
@@ -314,7 +320,8 @@ def _node_text(node):
     if node["layer"] is None:
         return f"{node['name']}: Input{tuple(node['shape'])}"
     config = ", ".join(f"{k}={v!r}" for k, v in node.get("config", {}).items())
-    return f"{node['name']}: {node['layer']}({config}) of {node['inputs']}"
+    frozen = " (frozen)" if node.get("trainable", True) is False else ""
+    return f"{node['name']}: {node['layer']}({config}){frozen} of {node['inputs']}"
 
 
 def _check_same_run(engine, desc, where):
@@ -326,7 +333,7 @@ def _check_same_run(engine, desc, where):
     def unnamed(nodes):  # names are the parameters' check, above
         return [{k: v for k, v in n.items() if k != "name"} for n in nodes]
 
-    mine = json.loads(json.dumps(_describe_model(engine.model)["nodes"]))
+    mine = json.loads(json.dumps(_describe_model(engine)["nodes"]))
     saved = desc["model"]["nodes"]
     if unnamed(mine) != unnamed(saved):
         i = next((k for k, (a, b) in enumerate(zip(unnamed(saved), unnamed(mine))) if a != b),

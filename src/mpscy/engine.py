@@ -154,6 +154,13 @@ class Engine:
         self._graph = _native.Graph(self._device, model.native_layers(), spec)
         self._tensors = self._graph.tensors()
         self._index = {t[0]: i for i, t in enumerate(self._tensors)}
+        # a frozen layer's parameters (Layer.trainable) have no ".grad" tensor and no optimizer state
+        self._frozen = frozenset(t[0] for t in self._tensors if t[1] == "param" and t[0] + ".grad" not in self._index)
+        self._trainable_flags = [(layer, layer.trainable) for layer in model.layers]  # as built
+        self._warned_flags = self._trainable_flags
+        if self._frozen and all(t[0] in self._frozen for t in self._tensors if t[1] == "param"):
+            warn_user("every layer with parameters is frozen (trainable=False): steps compute the loss "
+                      "and update BatchNorm statistics, but no parameter")
         self._n_inputs = len(model.input_shapes)
         self._batch_stats = model.batch_statistics_nodes()
         if self._batch_stats:
@@ -382,7 +389,7 @@ class Engine:
         g = self._g()
         if self._lbfgs is not None:
             return self._lbfgs_state()
-        params = [(t[0], t[3], t[4]) for t in self._tensors if t[1] == "param"]
+        params = self._trained()
         state = {}
         for i, (name, role, dtype, shape, _) in enumerate(self._tensors):
             if role != "optim":
@@ -402,7 +409,7 @@ class Engine:
             raise DTypeError(f"optimizer state must be a dict, got {type(state).__name__}")
         if self._lbfgs is not None:
             return self._set_lbfgs_state(state)
-        params = [(t[0], t[3], t[4]) for t in self._tensors if t[1] == "param"]
+        params = self._trained()
         slots = {t[0]: (i, t) for i, t in enumerate(self._tensors) if t[1] == "optim"}
         if "momentum_started" in slots and "momentum_started" not in state and "step" in state:
             # saved before SGD kept momentum_started: a buffer was made at step 1 when momentum was
@@ -424,7 +431,8 @@ class Engine:
                 staged.append((i, v))
                 continue
             if not isinstance(value, dict) or set(value) != {p for p, _, _ in params}:
-                raise InvalidArgumentError(f"optimizer slot {name!r} must map every parameter name to an array")
+                raise InvalidArgumentError(f"optimizer slot {name!r} must map the name of every trainable "
+                                           "parameter (no frozen one) to an array")
             flat = np.empty(shape, dtype=dtype)
             for p, s, off in params:
                 arr = self._numeric(f"optimizer slot {name!r} for {p!r}", value[p], dtype)
@@ -439,6 +447,26 @@ class Engine:
             staged.append((i, flat))
         for i, arr in staged:
             g.write_tensor(i, arr)
+
+    def _trained(self):
+        """[(name, shape, offset)] of the parameters the optimizer trains (not frozen): its
+        slots are flat over them, at their offsets in the parameter slab."""
+        return [(t[0], t[3], t[4]) for t in self._tensors if t[1] == "param" and t[0] not in self._frozen]
+
+    def _frozen_layers(self):
+        """ids of the layers this engine was built with trainable=False."""
+        return {id(layer) for layer, was in self._trainable_flags if not was}
+
+    def _check_trainable(self):
+        """Warns, once per change, when a layer's `trainable` differs from what this engine was
+        built with: the engine keeps what it was built with (as Keras until compile)."""
+        changed = [layer for layer, was in self._trainable_flags if layer.trainable != was]
+        if changed and self._warned_flags != [(layer, layer.trainable) for layer, _ in self._trainable_flags]:
+            names = {id(n.layer): n.name for n in self.model.nodes if n.layer is not None}
+            warn_user(f"layer {names[id(changed[0])]!r} is now trainable={changed[0].trainable}, but this engine "
+                      f"was built with trainable={not changed[0].trainable}; build a new Engine for the change "
+                      "to take effect (copy the weights over with set_parameters(get_parameters()))")
+            self._warned_flags = [(layer, layer.trainable) for layer, _ in self._trainable_flags]
 
     @staticmethod
     def _check_keys(state, expected):
@@ -593,7 +621,9 @@ class Engine:
         summary) the table is passed to it instead and None is returned."""
         rows = self.model.summary_rows()
         head = ("Layer", "Type", "Output shape", "Params")
-        cells = [(n, t, "(" + ", ".join("None" if d is None else str(d) for d in s) + ")", f"{c:,}")
+        frozen_layers = {name.rsplit(".", 1)[0] for name in self._frozen}
+        cells = [(n, t + (" (frozen)" if n in frozen_layers else ""),
+                  "(" + ", ".join("None" if d is None else str(d) for d in s) + ")", f"{c:,}")
                  for n, t, s, c in rows]
         links = self.model.connections()  # a model that is not a plain chain: what feeds each layer
         if links is not None:
@@ -605,10 +635,12 @@ class Engine:
         line = "  ".join(fmt)
         rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
         shapes = self.model.parameter_shapes()
-        trainable = sum(int(np.prod(t[3])) for t in self._tensors if t[1] == "param")
+        params = sum(int(np.prod(t[3])) for t in self._tensors if t[1] == "param")
+        frozen = sum(int(np.prod(t[3])) for t in self._tensors if t[0] in self._frozen)
         total = sum(int(np.prod(s)) for s in shapes.values())
+        counts = f"trainable {params - frozen:,}, " + (f"frozen {frozen:,}, " if frozen else "")
         out = [rule, line.format(*head).rstrip(), rule, *(line.format(*r).rstrip() for r in cells), rule,
-               f"Total parameters: {total:,} (trainable {trainable:,}, buffers {total - trainable:,})",
+               f"Total parameters: {total:,} ({counts}buffers {total - params:,})",
                f"Loss: {self.loss!r}   Optimizer: {self.optimizer!r}   Device: {self.device}   "
                f"Batch size: {self.batch_size}", rule]
         text = _Text("\n".join(out))
@@ -650,6 +682,7 @@ class Engine:
         plot_to: a folder that receives the training curves (and, for classifiers, confusion
         matrix, ROC and PR curves) as PNG files at the end (needs matplotlib)."""
         from . import training
+        self._check_trainable()
         return training.fit(self, x, y, epochs=epochs, batch_size=batch_size, validation_data=validation_data,
                             validation_split=validation_split, shuffle=shuffle, callbacks=callbacks,
                             verbose=verbose, metrics=metrics, initial_epoch=initial_epoch, plot_to=plot_to)

@@ -175,8 +175,23 @@ class Model:
                 continue
             d = {"kind": n.layer.kind, "name": n.name, "inputs": list(n.inputs), "shape": list(n.shape)}
             d.update(n.layer.native(self._in_shapes(n)))
+            if not n.layer.trainable:
+                d["flags"] = list(d.get("flags", ())) + ["frozen"]
             out.append(d)
         return out
+
+    @property
+    def layers(self):
+        """The model's layers in node order (dependency order; a Sequential's as given)."""
+        return [n.layer for n in self.nodes if n.layer is not None]
+
+    def get_layer(self, name):
+        """The layer of the node named `name` (as in the summary: "dense_0", or the name given)."""
+        for n in self.nodes:
+            if n.name == name and n.layer is not None:
+                return n.layer
+        names = [n.name for n in self.nodes if n.layer is not None]
+        raise InvalidArgumentError(f"no layer named {name!r}; the model's layers: {', '.join(names)}")
 
     def parameter_shapes(self):
         """{"<layer>.<suffix>": shape} of every parameter and buffer, in native order."""
@@ -265,5 +280,4 @@ class Sequential(Model):
             for layer in called:  # a model that failed to build uses up none of its layers
                 layer._called = False
             raise
-        self.layers = layers
         self._names = names

@@ -26,10 +26,29 @@ class Layer:
     kind = None
     prefix = "layer"
     n_inputs = 1
+    _trainable = True
 
     def __init__(self, name=None):
         self.name = node_name(name, "layer")
         self._called = False
+
+    @property
+    def trainable(self):
+        """Whether an Engine trains this layer's parameters (Keras's ``layer.trainable``, torch's
+        ``requires_grad``); True by default. Set it before building the Engine: an engine reads it
+        when it is built, as Keras reads it at ``compile``. A frozen layer's parameters keep their
+        values (no update, weight decay included); they get no gradient, no optimizer state and no
+        share of the clipping norm, as torch's optimizers skip a parameter whose grad is None.
+        Gradients still flow through a frozen layer to trainable layers before it; below the first
+        trainable layer no backward runs. A frozen BatchNorm still updates its running statistics
+        in train mode, as in torch (Keras runs a frozen BatchNorm in inference mode instead)."""
+        return self._trainable
+
+    @trainable.setter
+    def trainable(self, value):
+        if not isinstance(value, (bool, np.bool_)):
+            raise InvalidArgumentError(f"trainable must be True or False, got {value!r}")
+        self._trainable = bool(value)
 
     # -- what subclasses override ------------------------------------------------------
     def output_shape(self, input_shapes):
