@@ -164,6 +164,10 @@ typedef struct mpscy_loss_desc {
     double label_smoothing;      /* cross-entropy losses */
     double delta;                /* huber */
     double threshold;            /* MPSCY_ACCURACY_THRESHOLD: 0.5 for probabilities, 0 for logits */
+    const float *class_weight;   /* NULL, or one weight >= 0 per class (the output's size) for
+                                  * SPARSE_CE and CE, torch's weight=: each row's terms scaled by
+                                  * their class's weight; the mean divides by the summed weights of
+                                  * the rows' labels (SPARSE_CE) or by the rows (CE). Copied at build. */
 } mpscy_loss_desc;
 
 typedef enum mpscy_optim_kind {

@@ -318,6 +318,31 @@ def _log_softmax(z):
     return z - m - np.log(np.exp(z - m).sum(1, keepdims=True))
 
 
+def weighted_ce_ref(kind, out, target, weight, smoothing=0.0):
+    """(mean loss, d loss / d out) of F.cross_entropy(out, target, weight=weight,
+    label_smoothing=smoothing). The value is torch's definition term by term: labels,
+    (1 - s) sum_i w[y_i] nll_i / W + s / C sum_i sum_c w_c (-log p_ic) / W with W = sum_i w[y_i];
+    probabilities, -sum_ic w_c q'_ic log p_ic / n with q' = (1 - s) t + s / C. The gradient is the
+    closed form (p_ic sum_c a_ic - a_ic) / W (or / n) with a = w q' (checked by finite differences)."""
+    out = np.asarray(out, np.float64)
+    w = np.asarray(weight, np.float64)
+    n, c = out.shape
+    logp = _log_softmax(out)
+    if kind == "sparse_cross_entropy":
+        y = np.asarray(target)
+        den = w[y].sum()
+        value = ((1 - smoothing) * (w[y] * -logp[np.arange(n), y]).sum() / den
+                 + smoothing / c * (w * -logp).sum() / den)
+        q = np.zeros_like(out)
+        q[np.arange(n), y] = 1.0
+    else:
+        den = n
+        q = np.asarray(target, np.float64)
+        value = -(w * ((1 - smoothing) * q + smoothing / c) * logp).sum() / n
+    a = w * ((1 - smoothing) * q + smoothing / c)
+    return value, (np.exp(logp) * a.sum(1, keepdims=True) - a) / den
+
+
 def loss_ref(kind, out, target, smoothing=0.0, delta=1.0):
     """(mean loss, d loss / d out) as torch.nn.functional defines each loss."""
     out = np.asarray(out, np.float64)

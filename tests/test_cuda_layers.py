@@ -435,6 +435,9 @@ LOSS_CASES = {
     "mse": ([], "mse"),
     "mae": ([], "mae"),
     "huber": ([], losses.Huber(delta=0.5)),
+    # class weights (torch's weight=): loss.cu's kernel, the loss-fused output Dense refused
+    "sparse_ce_weighted": ([], losses.SparseCrossEntropy(weight=[0.5, 2.0, 1.0, 0.0, 3.0, 1.5], label_smoothing=0.1)),
+    "cross_entropy_weighted": ([], losses.CrossEntropy(weight=[0.5, 2.0, 1.0, 0.0, 3.0, 1.5])),
 }
 
 

@@ -158,6 +158,133 @@ def test_loss_matches_pytorch(device, rng, kind, smoothing, delta, edges):
     assert R.rel_err(g, o.grad.numpy()) < 1e-5
 
 
+# ------------------------------------------------------------------ class weights (torch's weight=)
+
+WEIGHT = np.array([0.5, 2.0, 1.0, 0.0, 3.0])        # a class of weight 0 among them
+WEIGHTED = [("sparse_cross_entropy", 0.0), ("sparse_cross_entropy", 0.2), ("cross_entropy", 0.0),
+            ("cross_entropy", 0.2)]
+WIDS = [f"{k}-s{s}" for k, s in WEIGHTED]
+
+
+def _weighted_case(kind, rng):
+    out, target = make_case(kind, rng)
+    out = out.astype(np.float32).astype(np.float64)
+    if kind == "sparse_cross_entropy":
+        target[:2] = [3, 1]                              # a label of weight 0, and one of weight 2
+    else:
+        target = target.astype(np.float32).astype(np.float64)
+    return out, target
+
+
+def _weighted_native(device, kind, out, target, smoothing):
+    loss = (losses.SparseCrossEntropy if kind == "sparse_cross_entropy" else losses.CrossEntropy)(
+        label_smoothing=smoothing, weight=WEIGHT)
+    engine = identity_engine(device, loss, out.shape[1:], len(out))
+    g = engine.gradients(out.astype(np.float32), target if kind == "sparse_cross_entropy" else target.astype(np.float32))
+    return g["loss"], g["input"]
+
+
+@pytest.mark.parametrize("kind,smoothing", WEIGHTED, ids=WIDS)
+def test_weighted_reference_gradient_matches_finite_differences(rng, kind, smoothing):
+    out, target = _weighted_case(kind, rng)
+    _, grad = R.weighted_ce_ref(kind, out, target, WEIGHT, smoothing)
+    num = R.numeric_grad(lambda: R.weighted_ce_ref(kind, out, target, WEIGHT, smoothing)[0], out, eps=1e-7)
+    assert R.rel_err(grad, num) < 1e-6
+
+
+@pytest.mark.parametrize("kind,smoothing", WEIGHTED, ids=WIDS)
+def test_weighted_cross_entropy_matches_reference(device, rng, kind, smoothing):
+    out, target = _weighted_case(kind, rng)
+    ref, grad = R.weighted_ce_ref(kind, out, target, WEIGHT, smoothing)
+    value, g = _weighted_native(device, kind, out, target, smoothing)
+    assert abs(value - ref) <= 1e-6 * max(abs(ref), 1.0)
+    assert R.rel_err(g, grad) < 1e-5
+    plain, _ = R.loss_ref(kind, out, target, smoothing)
+    assert abs(value - plain) > 1e-2                     # the weights did change it
+
+
+@pytest.mark.parametrize("kind,smoothing", WEIGHTED, ids=WIDS)
+def test_weighted_cross_entropy_matches_pytorch(device, rng, kind, smoothing):
+    torch = pytest.importorskip("torch")
+    out, target = _weighted_case(kind, rng)
+    o = torch.tensor(out, requires_grad=True)
+    t = torch.tensor(target)
+    loss = torch.nn.functional.cross_entropy(o, t, weight=torch.tensor(WEIGHT), label_smoothing=smoothing)
+    loss.backward()
+    value, g = _weighted_native(device, kind, out, target, smoothing)
+    assert abs(value - loss.item()) <= 1e-6 * max(abs(loss.item()), 1.0)
+    assert R.rel_err(g, o.grad.numpy()) < 1e-5
+
+
+def test_weighted_training_matches_the_reference_over_steps(device):
+    """A Dense model trained 20 steps with SGD under weighted sparse cross-entropy: parameters
+    against the float64 reference (the loss's gradient through the Dense layer), accuracy unweighted."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((32, 6)).astype(np.float32)
+    y = rng.integers(0, 5, 32)
+    model = mpscy.Sequential([layers.Dense(5)], input_shape=(6,))
+    e = mpscy.Engine(model, loss=losses.SparseCrossEntropy(weight=WEIGHT, label_smoothing=0.1),
+                     optimizer=optim.SGD(lr=0.5), batch_size=32, device=device, seed=1)
+    p = {k: v.astype(np.float64) for k, v in e.get_parameters().items()}
+    xd = x.astype(np.float64)
+    for _ in range(20):
+        out = xd @ p["dense_0.weight"].T + p["dense_0.bias"]
+        value, d = R.weighted_ce_ref("sparse_cross_entropy", out, y, WEIGHT, 0.1)
+        r = e.step(x, y)
+        assert r.loss == pytest.approx(value, rel=1e-5)
+        assert r.accuracy == pytest.approx(float((out.argmax(1) == y).mean()))
+        p = {"dense_0.weight": p["dense_0.weight"] - 0.5 * d.T @ xd, "dense_0.bias": p["dense_0.bias"] - 0.5 * d.sum(0)}
+    got = e.get_parameters()
+    for k in p:
+        np.testing.assert_allclose(got[k], p[k], rtol=1e-4, atol=1e-5)
+
+
+def test_labels_that_all_weigh_zero_give_a_nonfinite_step(device):
+    """torch's weighted mean is 0/0 there (NaN): the step raises and changes nothing."""
+    model = mpscy.Sequential([layers.Dense(5)], input_shape=(3,))
+    e = mpscy.Engine(model, loss=losses.SparseCrossEntropy(weight=WEIGHT), optimizer=optim.Adam(0.1), batch_size=4,
+                     device=device)
+    before = e.get_parameters()
+    with pytest.raises(mpscy.NonFiniteError):
+        e.step(np.ones((4, 3), np.float32), np.array([3, 3, 3, 3]))
+    for k, v in e.get_parameters().items():
+        np.testing.assert_array_equal(v, before[k])
+    assert e.step(np.ones((4, 3), np.float32), np.array([3, 3, 1, 3])).applied
+
+
+@pytest.mark.parametrize("weight,error,match", [
+    ([1.0, -1.0], mpscy.InvalidArgumentError, r"finite and >= 0, got \[1.0, -1.0\]"),
+    ([1.0, float("nan")], mpscy.InvalidArgumentError, "finite and >= 0"),
+    ([0.0, 0.0, 0.0], mpscy.InvalidArgumentError, "a class weighted above 0"),
+    ([[1.0, 2.0]], mpscy.InvalidArgumentError, r"one number per class .* got shape \(1, 2\)"),
+    ([1.0], mpscy.InvalidArgumentError, r"got shape \(1,\)"),
+    ("abc", mpscy.InvalidArgumentError, "weight must be a sequence of numbers"),
+])
+def test_bad_class_weights(weight, error, match):
+    for cls in (losses.SparseCrossEntropy, losses.CrossEntropy):
+        with pytest.raises(error, match=match):
+            cls(weight=weight)
+    with pytest.raises(TypeError):
+        losses.CategoricalCrossEntropy(weight=[1.0, 2.0])
+
+
+def test_class_weights_must_match_the_classes():
+    model = mpscy.Sequential([layers.Dense(4)], input_shape=(3,))
+    with pytest.raises(mpscy.ShapeError, match="3 class weights for an output of 4 classes"):
+        mpscy.Engine(model, loss=losses.SparseCrossEntropy(weight=[1, 2, 3]), device="cpu")
+
+
+def test_class_weights_survive_a_checkpoint(tmp_path):
+    model = mpscy.Sequential([layers.Dense(5)], input_shape=(3,))
+    e = mpscy.Engine(model, loss=losses.SparseCrossEntropy(weight=WEIGHT, label_smoothing=0.1), batch_size=4,
+                     device="cpu")
+    e.save(tmp_path / "w.mpscy")
+    loaded = mpscy.load(tmp_path / "w.mpscy", device="cpu")
+    assert loaded.loss.weight == tuple(WEIGHT) and repr(loaded.loss) == repr(e.loss)
+    x, y = np.ones((4, 3), np.float32), np.array([0, 1, 2, 4])
+    assert loaded.evaluate(x, y)["loss"] == e.evaluate(x, y)["loss"]
+
+
 # ------------------------------------------------------------------ single-output binary heads
 
 

@@ -280,6 +280,20 @@ static int plan_loss(mpscy_plan *p, const char *component, char *err, size_t err
         return FAIL(MPSCY_SHAPE, "argmax accuracy needs a (classes,) output, got rank %d", o->rank);
     p->out_size = o->size;
     p->target_size = sparse ? 1 : o->size;
+    const float *w = p->loss.class_weight;
+    p->loss.class_weight = NULL;  /* the caller's array is read here only: the plan keeps its copy */
+    if (w) {
+        if (!sparse && k != MPSCY_LOSS_CE)
+            return FAIL(MPSCY_INVALID, "class weights apply to the cross-entropies on logits, not loss kind %d", k);
+        for (int64_t i = 0; i < o->size; i++)
+            if (!(w[i] >= 0.0f && w[i] < INFINITY))
+                return FAIL(MPSCY_INVALID, "class weight %lld is %g: each must be finite and >= 0", (long long)i,
+                            (double)w[i]);
+        p->class_weight = malloc((size_t)o->size * sizeof(float));
+        if (!p->class_weight) return FAIL(MPSCY_OOM, "class weights of %lld classes", (long long)o->size);
+        memcpy(p->class_weight, w, (size_t)o->size * sizeof(float));
+        p->loss.class_weight = p->class_weight;
+    }
     return MPSCY_OK;
 }
 
@@ -582,13 +596,17 @@ int mpscy_plan_build(mpscy_plan *p, const mpscy_graph_desc *d, const char *compo
 void mpscy_plan_free(mpscy_plan *p) {
     free(p->nodes);
     free(p->tensors);
+    free(p->class_weight);
     p->nodes = NULL;
     p->tensors = NULL;
+    p->class_weight = NULL;
+    p->loss.class_weight = NULL;
 }
 
 size_t mpscy_plan_bytes(const mpscy_plan *p) {
     return (size_t)p->n_nodes * sizeof(mpscy_node) +
-           (size_t)(8 * p->n_nodes + MPSCY_MAX_OPTIM_SLOTS + 4) * sizeof(mpscy_tensor);
+           (size_t)(8 * p->n_nodes + MPSCY_MAX_OPTIM_SLOTS + 4) * sizeof(mpscy_tensor) +
+           (p->class_weight ? (size_t)p->out_size * sizeof(float) : 0);
 }
 
 const mpscy_tensor *mpscy_plan_tensor(const mpscy_plan *p, int32_t index, size_t bytes, int check_bytes,

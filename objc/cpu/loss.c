@@ -27,30 +27,36 @@ static double row_lse(const float *y, int64_t c) {
 }
 
 /* Cross-entropy from logits against a target distribution q (sparse: one-hot label),
- * smoothed q' = (1 - eps) q + eps / C. loss_row = -sum q' log p; d = (p sum q' - q') / b. */
-static double cross_entropy(float *dy, const float *y, const int32_t *labels, const float *t,
+ * smoothed q' = (1 - eps) q + eps / C and scaled by the class weights w (torch's weight=; 1
+ * without): a = w q'. loss_row = -sum a log p; d = (p sum a - a) / D, where D is the batch's rows,
+ * or with weights and labels the sum of the labels' weights, torch's divisor for its weighted mean
+ * (0 makes the loss NaN, as torch's). */
+static double cross_entropy(float *dy, const float *y, const int32_t *labels, const float *t, const float *w,
                             int64_t b, int64_t c, double eps) {
-    double total = 0, inv_b = 1.0 / (double)b, u = eps / (double)c;
+    double total = 0, den = (double)b, u = eps / (double)c;
+    if (w && labels) {
+        den = 0;
+        for (int64_t r = 0; r < b; r++) den += w[labels[r]];
+    }
+    const double inv_d = 1.0 / den;
+#define CE_A(r, i) (((1.0 - eps) * (labels ? ((i) == labels[r] ? 1.0 : 0.0) : (double)t[(r) * c + (i)]) + u) * \
+                    (w ? (double)w[i] : 1.0))
     for (int64_t r = 0; r < b; r++) {
         const float *yr = y + r * c;
-        double lse = row_lse(yr, c), qsum = 0, row = 0;
+        double lse = row_lse(yr, c), asum = 0, row = 0;
         for (int64_t i = 0; i < c; i++) {
-            double q = labels ? (i == labels[r] ? 1.0 : 0.0) : (double)t[r * c + i];
-            q = (1.0 - eps) * q + u;
-            qsum += q;
+            double a = CE_A(r, i);
+            asum += a;
             /* torch's nll_loss reads only the label's log-probability: with sparse labels a class of
              * weight 0 adds nothing, even at a logit of -inf (0 * -inf would make the loss NaN) */
-            if (q != 0.0 || !labels) row -= q * ((double)yr[i] - lse);
+            if (a != 0.0 || !labels) row -= a * ((double)yr[i] - lse);
         }
         total += row;
         if (dy)
-            for (int64_t i = 0; i < c; i++) {
-                double q = labels ? (i == labels[r] ? 1.0 : 0.0) : (double)t[r * c + i];
-                q = (1.0 - eps) * q + u;
-                dy[r * c + i] = (float)((exp((double)yr[i] - lse) * qsum - q) * inv_b);
-            }
+            for (int64_t i = 0; i < c; i++) dy[r * c + i] = (float)((exp((double)yr[i] - lse) * asum - CE_A(r, i)) * inv_d);
     }
-    return total * inv_b;
+#undef CE_A
+    return total * inv_d;
 }
 
 /* Categorical cross-entropy on probabilities: -sum q' log(clamp(p, 1e-7, 1)), mean over rows. */
@@ -75,7 +81,7 @@ double cpu_loss(const mpscy_plan *p, float *dy, const float *y, const void *targ
     switch (p->loss.kind) {
     case MPSCY_LOSS_SPARSE_CE:
     case MPSCY_LOSS_CE:
-        total = cross_entropy(dy, y, labels, t, b, c, p->loss.label_smoothing);
+        total = cross_entropy(dy, y, labels, t, p->class_weight, b, c, p->loss.label_smoothing);
         break;
     case MPSCY_LOSS_CATEGORICAL_CE:
         total = categorical(dy, y, t, b, c, p->loss.label_smoothing);

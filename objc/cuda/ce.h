@@ -1,5 +1,5 @@
 /* ce.h — softmax cross-entropy of one row across a warp, as cpu/loss.c defines it
- * (torch.nn.functional.cross_entropy with label smoothing eps, reduction "mean"), in double: the
+ * (torch.nn.functional.cross_entropy with label smoothing eps and class weights, reduction "mean"), in double: the
  * one definition loss.cu's loss kernel and head.cu's forward share. Header-only device code;
  * include from .cu files only, after reduce.h. */
 #ifndef MPSCY_CUDA_CE_H
@@ -7,11 +7,12 @@
 
 /* Row y (c logits; lane holds i = lane, lane + 32, ...; ONE: c <= 32, at most one a lane):
  * returns this lane's share of the row's loss -sum_i q_i (y_i - logsumexp y) (warp_sum it), where
- * q = (1 - eps) target + eps / c and the target is one-hot at label (label >= 0) or the
- * probabilities t; writes the gradient (softmax_i sum q - q_i) inv_b into dz[i] when dz is given. */
+ * q = ((1 - eps) target + eps / c) w_i (w: the class weights, or NULL for 1) and the target is
+ * one-hot at label (label >= 0) or the probabilities t; writes the gradient
+ * (softmax_i sum q - q_i) inv_b into dz[i] when dz is given (inv_b: 1 / the mean's divisor). */
 template <bool ONE>
 static __device__ __forceinline__ double ce_row(const float *y, int64_t c, int lane, int64_t label, const float *t,
-                                                double eps, double inv_b, float *dz) {
+                                                const float *w, double eps, double inv_b, float *dz) {
     auto each = [&](auto f) {  /* f(i) for this lane's logits */
         if constexpr (ONE) {
             if (lane < c) f((int64_t)lane);
@@ -19,7 +20,9 @@ static __device__ __forceinline__ double ce_row(const float *y, int64_t c, int l
             for (int64_t i = lane; i < c; i += 32) f(i);
         }
     };
-    auto q = [&](int64_t i) { return (1.0 - eps) * (t ? (double)t[i] : (i == label ? 1.0 : 0.0)) + eps / (double)c; };
+    auto q = [&](int64_t i) {
+        return ((1.0 - eps) * (t ? (double)t[i] : (i == label ? 1.0 : 0.0)) + eps / (double)c) * (w ? (double)w[i] : 1.0);
+    };
     float m = -INFINITY;
     each([&](int64_t i) { m = y[i] > m ? y[i] : m; });
     m = warp_allmax(m);

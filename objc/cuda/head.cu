@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(HEAD_THREADS) head_forward(cu_scratch *S, head
     if (warp < rows) {
         const int r = r0 + warp, label = labels ? labels[r] : -1;
         const float *tr = t ? t + (int64_t)r * c : NULL;
-        row = warp_sum(ce_row<true>(lg + warp * c, c, lane, label, tr, a.eps, 1.0 / (double)a.b, a.dz + (int64_t)r * c));
+        row = warp_sum(ce_row<true>(lg + warp * c, c, lane, label, tr, nullptr, a.eps, 1.0 / (double)a.b, a.dz + (int64_t)r * c));
         if (a.accuracy == MPSCY_ACCURACY_ARGMAX) {
             const bool on = lane < c;
             const int want = labels ? label : lane_argmax(tr && on ? tr[lane] : 0.0f, lane, c);
@@ -258,15 +258,15 @@ static int64_t head_backward_floats(int64_t b, int64_t c, int64_t in, int64_t dx
 static int64_t head_dx_rows(int64_t in) { return in >= 4 * HEAD_THREADS ? 1 : 4 * HEAD_THREADS / in; }
 
 /* 1 when training steps may run the output Dense and the loss as head_forward and head_backward:
- * an output Dense of at most 32 units under (sparse) cross-entropy on logits, fp32, whose
- * kernels' tiles at the built batch fit a block's shared memory (about 48 KB). Needs the
- * fusions planned (g->fuse). */
+ * an output Dense of at most 32 units under (sparse) cross-entropy on logits without class
+ * weights, fp32, whose kernels' tiles at the built batch fit a block's shared memory (about
+ * 48 KB). Needs the fusions planned (g->fuse). */
 int cu_head_fits(const cu_graph *g) {
     const mpscy_plan *p = &g->plan;
     const mpscy_node *n = &p->nodes[p->output];
     if (n->kind != MPSCY_LAYER_DENSE || !n->grad || n->consumers != 1 || (g->fuse[p->output] & CU_FUSE_RELU))
         return 0;
-    if (p->loss.kind != MPSCY_LOSS_SPARSE_CE && p->loss.kind != MPSCY_LOSS_CE) return 0;
+    if ((p->loss.kind != MPSCY_LOSS_SPARSE_CE && p->loss.kind != MPSCY_LOSS_CE) || p->class_weight) return 0;
     if (p->precision != MPSCY_PRECISION_FP32 || p->loss.accuracy == MPSCY_ACCURACY_THRESHOLD) return 0;
     const int64_t b = p->batch, c = n->size, in = p->nodes[n->in[0]].size;
     return c >= 1 && c <= 32 && b >= 1 && (b + HEAD_ROWS - 1) / HEAD_ROWS <= CU_MAX_PARTS &&

@@ -10,6 +10,7 @@
 
 struct loss_args {
     int kind, accuracy, index_target;
+    const float *w;  /* (c) the cross-entropies' class weights, or NULL */
     int64_t b, c;
     double eps, delta;
     float threshold;
@@ -37,6 +38,17 @@ __global__ void loss_forward_backward(cu_scratch *S, cu_result *R, float *dy, co
     const float *t = a.index_target ? NULL : (const float *)target;
     const int64_t c = a.c;
     const double inv_b = 1.0 / (double)a.b, inv_n = 1.0 / (double)(a.b * c), u = a.eps / (double)c;
+    double inv_d = inv_b;  /* the cross-entropies' divisor: the rows, or with class weights and labels the
+                            * sum of the labels' weights (torch's weighted mean), which every block adds up */
+    if (a.w && labels) {
+        __shared__ double inv_w;
+        double s = 0;
+        for (int64_t r = threadIdx.x; r < a.b; r += blockDim.x) s += (double)a.w[labels[r]];
+        s = block_sum(s);
+        if (threadIdx.x == 0) inv_w = 1.0 / s;
+        __syncthreads();
+        inv_d = inv_w;
+    }
     double total = 0;
     long long correct = 0;
     for (int64_t r = blockIdx.x * (int64_t)warps + (threadIdx.x >> 5); r < a.b; r += (int64_t)gridDim.x * warps) {
@@ -45,7 +57,7 @@ __global__ void loss_forward_backward(cu_scratch *S, cu_result *R, float *dy, co
         float *dr = dy ? dy + r * c : NULL;
         double row = 0;
         if (a.kind == MPSCY_LOSS_SPARSE_CE || a.kind == MPSCY_LOSS_CE) {
-            row = ce_row<false>(yr, c, lane, labels ? labels[r] : -1, tr, a.eps, inv_b, dr);
+            row = ce_row<false>(yr, c, lane, labels ? labels[r] : -1, tr, a.w, a.eps, inv_d, dr);
         } else {
             for (int64_t i = lane; i < c; i += 32) {
                 double x = yr[i], z = tr[i], d = x - z, g;
@@ -123,8 +135,8 @@ __global__ void loss_forward_backward(cu_scratch *S, cu_result *R, float *dy, co
     sum = block_sum(sum);
     cor = block_sum(cor);
     if (threadIdx.x == 0) {
-        int ce = a.kind == MPSCY_LOSS_SPARSE_CE || a.kind == MPSCY_LOSS_CE || a.kind == MPSCY_LOSS_CATEGORICAL_CE;
-        double loss = sum * (ce ? inv_b : inv_n);
+        const int ce = a.kind == MPSCY_LOSS_SPARSE_CE || a.kind == MPSCY_LOSS_CE;
+        double loss = sum * (ce ? inv_d : a.kind == MPSCY_LOSS_CATEGORICAL_CE ? inv_b : inv_n);
         S->loss = loss;
         S->correct = a.accuracy == MPSCY_ACCURACY_NONE ? -1 : cor;
         if (a.finalize) {
@@ -146,6 +158,7 @@ int cu_loss(cu_graph *g, float *dy, int64_t b, int finalize, char *err, size_t e
     a.kind = p->loss.kind;
     a.accuracy = p->loss.accuracy;
     a.index_target = p->target == MPSCY_TARGET_INDEX;
+    a.w = g->class_w;
     a.b = b;
     a.c = p->out_size;
     a.eps = p->loss.label_smoothing;

@@ -51,14 +51,26 @@ void metal_loss(MetalBuilder *c, MPSGraphTensor *y, MPSGraphTensor *target, MPSG
                                                          dataType:MPSDataTypeFloat32 name:nil]
                                    : t;   // (b, C)
         q = mt_add(c, mt_mul(c, mt_const(c, 1.0 - eps), q), mt_const(c, eps / (double)cls));
+        MPSGraphTensor *inv_d = inv_b;   // the mean's divisor: the rows, or the labels' summed weights
+        if (p->class_weight) {           // torch's weight=: q scaled by its class's weight
+            MPSGraphTensor *w = [c.g constantWithData:[NSData dataWithBytes:p->class_weight
+                                                                      length:(NSUInteger)cls * sizeof(float)]
+                                                shape:@[@1, @(cls)] dataType:MPSDataTypeFloat32];
+            if (labels) {
+                MPSGraphTensor *hot = [c.g oneHotWithIndicesTensor:labels depth:(NSUInteger)cls
+                                                          dataType:MPSDataTypeFloat32 name:nil];
+                inv_d = mt_div(c, one, mt_sum(c, mt_mul(c, hot, w), all));
+            }
+            q = mt_mul(c, q, w);
+        }
         MPSGraphTensor *z = mt_sub(c, yf, [c.g reductionMaximumWithTensor:yf axes:row name:nil]);
         MPSGraphTensor *logp = mt_sub(c, z, mt_log(c, mt_sum(c, mt_exp(c, z), row)));   // (b, C)
         MPSGraphTensor *qlogp = mt_mul(c, q, logp);
         // labels: a class of weight 0 adds nothing, even at a logit of -inf (cpu/loss.c, torch's
         // nll_loss); soft targets keep torch's 0 * -inf
         if (labels) qlogp = mt_select(c, mt_eq(c, q, zero), zero, qlogp);
-        l = mt_mul(c, mt_neg(c, mt_sum(c, qlogp, all)), inv_b);
-        d = mt_mul(c, mt_sub(c, mt_mul(c, mt_exp(c, logp), mt_sum(c, q, row)), q), inv_b);
+        l = mt_mul(c, mt_neg(c, mt_sum(c, qlogp, all)), inv_d);
+        d = mt_mul(c, mt_sub(c, mt_mul(c, mt_exp(c, logp), mt_sum(c, q, row)), q), inv_d);
         break;
     }
     case MPSCY_LOSS_CATEGORICAL_CE: {

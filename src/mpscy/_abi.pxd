@@ -127,6 +127,7 @@ cdef extern from "mpscy.h" nogil:
         double label_smoothing
         double delta
         double threshold
+        const float *class_weight
 
     enum mpscy_optim_kind:
         MPSCY_OPTIM_SGD

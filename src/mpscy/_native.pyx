@@ -93,6 +93,7 @@ cdef class Graph:
         cdef mpscy_buffer buf
         cdef void *host
         cdef size_t nbytes
+        cdef float[::1] class_w      # the loss's class weights, alive until the build has copied them
         if descs == NULL:
             raise MemoryError("graph descriptor")
         self.device = device
@@ -110,6 +111,9 @@ cdef class Graph:
             d.threads = spec.get("threads", 0)
             d.input_grad = 1 if spec.get("input_grad") else 0
             _fill_loss(&d.loss, spec["loss"])
+            if spec["loss"].get("class_weight") is not None:
+                class_w = np.ascontiguousarray(spec["loss"]["class_weight"], dtype=np.float32)
+                d.loss.class_weight = &class_w[0]
             _fill_optim(&d.optim, spec["optim"])
             with nogil:
                 st = mpscy_graph_build(device.handle, &d, &self.handle, self.err, ERR_LEN)

@@ -3,6 +3,8 @@ elements; over rows for the cross-entropies). Each is computed natively together
 gradient; these classes carry the options and say which targets and accuracy they use.
 Pass an instance or its name: ``Engine(model, loss="mse")`` or ``loss=losses.Huber(delta=0.5)``."""
 
+import numpy as np
+
 from ._checks import number
 from .errors import InvalidArgumentError, ShapeError
 
@@ -46,17 +48,45 @@ def _smoothing(value):
     return v
 
 
+def _class_weight(value):
+    """torch's `weight=`: a 1-D sequence of finite weights >= 0, not all 0, as a tuple of floats."""
+    if value is None:
+        return None
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"weight must be a sequence of numbers (one per class), got {value!r}") from None
+    if arr.ndim != 1 or arr.size < 2:
+        raise InvalidArgumentError(f"weight must be one number per class (a 1-D sequence of 2 or more), "
+                                   f"got shape {arr.shape}")
+    if not np.isfinite(arr).all() or (arr < 0).any():
+        raise InvalidArgumentError(f"weight must be finite and >= 0, got {arr.tolist()}")
+    if not (arr > 0).any():
+        raise InvalidArgumentError("weight must have a class weighted above 0 (all are 0)")
+    return tuple(float(v) for v in arr)
+
+
 class SparseCrossEntropy(Loss):
-    """Softmax cross-entropy of logits (n, classes) against integer labels (n,): F.cross_entropy."""
+    """Softmax cross-entropy of logits (n, classes) against integer labels (n,): F.cross_entropy.
+
+    weight: None, or one weight >= 0 per class (torch's `weight=`, e.g. inverse class
+    frequencies for imbalanced data): each row's loss is scaled by its label's weight and the
+    mean divides by the sum of the batch's label weights, as torch's; with label smoothing the
+    smoothed terms are weighted by their classes too. A batch whose labels all weigh 0 has a NaN
+    loss (torch's 0/0), and its step raises NonFiniteError. Accuracy stays unweighted."""
 
     kind = "sparse_cross_entropy"
     target = "index"
 
-    def __init__(self, label_smoothing=0.0):
+    def __init__(self, label_smoothing=0.0, weight=None):
         self.label_smoothing = _smoothing(label_smoothing)
+        self.weight = _class_weight(weight)
 
     def spec(self, output_shape):
-        return {**super().spec(output_shape), "label_smoothing": self.label_smoothing}
+        out = {**super().spec(output_shape), "label_smoothing": self.label_smoothing}
+        if self.weight is not None:
+            out["class_weight"] = list(self.weight)
+        return out
 
     def accuracy(self, output_shape):
         return "argmax"
@@ -70,14 +100,22 @@ class SparseCrossEntropy(Loss):
             raise InvalidArgumentError(f"{name} needs at least 2 classes, got an output of shape {output_shape}; "
                                        "for a single-output binary head use BCEWithLogits (logits) or "
                                        "BinaryCrossEntropy (probabilities)")
+        weight = getattr(self, "weight", None)
+        if weight is not None and len(weight) != output_shape[0]:
+            raise ShapeError(f"{name} has {len(weight)} class weights for an output of {output_shape[0]} classes")
 
     def config(self):
-        return {"label_smoothing": self.label_smoothing}
+        out = {"label_smoothing": self.label_smoothing}
+        if self.weight is not None:
+            out["weight"] = list(self.weight)
+        return out
 
 
 class CrossEntropy(SparseCrossEntropy):
     """Softmax cross-entropy of logits against class probabilities (n, classes), float32:
-    F.cross_entropy with probability targets (smoothing mixes them with the uniform)."""
+    F.cross_entropy with probability targets (smoothing mixes them with the uniform).
+    weight: as SparseCrossEntropy's, torch's `weight=` with probability targets: each class's
+    term scaled by its weight, the mean over rows (torch's divisor for probability targets)."""
 
     kind = "cross_entropy"
     target = "dense"
@@ -89,6 +127,9 @@ class CategoricalCrossEntropy(SparseCrossEntropy):
 
     kind = "categorical_cross_entropy"
     target = "dense"
+
+    def __init__(self, label_smoothing=0.0):
+        super().__init__(label_smoothing)
 
 
 class BinaryCrossEntropy(Loss):

@@ -92,6 +92,11 @@ int main(void) {
     mpscy_graph_destroy(g);
     g = NULL;
     d.loss.accuracy = MPSCY_ACCURACY_ARGMAX;
+    const float bad_weight[2] = {1.0f, -0.5f}; /* class weights are checked, and only read during the build */
+    d.loss.class_weight = bad_weight;
+    st = mpscy_graph_build(dev, &d, &g, err, sizeof err);
+    CHECK(st == MPSCY_INVALID && g == NULL && strstr(err, "class weight 1 is -0.5"), "bad class weight: %d %s", st, err);
+    d.loss.class_weight = NULL;
     st = mpscy_graph_build(dev, &d, &g, err, sizeof err);
     CHECK(st == MPSCY_OK && g, "build: %s", err);
     if (!g) { printf("cannot continue\n"); return 1; }

@@ -93,6 +93,10 @@ typedef struct {
 + (NSNull *)null;
 @end
 
+@interface NSData : NSObject <NSCopying>
++ (instancetype)dataWithBytes:(const void *)bytes length:(NSUInteger)length;
+@end
+
 @interface NSError : NSObject
 @property (readonly, copy) NSString *localizedDescription;
 @end

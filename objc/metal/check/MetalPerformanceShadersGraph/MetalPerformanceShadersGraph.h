@@ -81,6 +81,7 @@ typedef NSDictionary<MPSGraphTensor *, MPSGraphShapedType *> MPSGraphTensorShape
 - (MPSGraphTensor *)placeholderWithShape:(MPSShape *)shape dataType:(MPSDataType)dataType name:(NSString *)name;
 - (MPSGraphTensor *)constantWithScalar:(double)scalar dataType:(MPSDataType)dataType;
 - (MPSGraphTensor *)constantWithScalar:(double)scalar shape:(MPSShape *)shape dataType:(MPSDataType)dataType;
+- (MPSGraphTensor *)constantWithData:(NSData *)data shape:(MPSShape *)shape dataType:(MPSDataType)dataType;
 
 /* MPSGraphArithmeticOps.h */
 - (MPSGraphTensor *)identityWithTensor:(MPSGraphTensor *)tensor name:(NSString *)name;
