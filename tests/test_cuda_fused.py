@@ -15,6 +15,11 @@ from layer_refs import rel_err
 
 # ----------------------------------------------------------------------------- the one-kernel step
 
+def _frozen(layer):
+    layer.trainable = False
+    return layer
+
+
 @cuda_only
 @pytest.mark.parametrize("form", ["grid", "grid:3", "grid:40", "cluster:16", "cluster:4", "grid, plain", "grid, whole"])
 def test_fused_forms_match_cpu(form, monkeypatch, capfd, rng):
@@ -171,6 +176,9 @@ def test_which_train_steps_run_as_one_kernel(monkeypatch, capfd):
         (LAYER_MODELS["flatten"][0], (3, 4, 2), "sparse_cross_entropy", 16, False),
         (lambda: [L.Dense(16), L.ReLU(), L.Dense(80)], (12,), "sparse_cross_entropy", 16, False),  # > 64 classes
         (lambda: [L.Dense(1024), L.ReLU(), L.Dense(10)], (784,), "sparse_cross_entropy", 1024, False),  # large
+        (LAYER_MODELS["dense_relu"][0], (12,), losses.SparseCrossEntropy(weight=[1.0] * 4 + [2.0]), 16,
+         False),                                                                # class weights
+        (lambda: [_frozen(L.Dense(16)), L.ReLU(), L.Dense(6)], (12,), "sparse_cross_entropy", 16, False),  # frozen
     ]
     for build, shape, loss, batch, fused in cases:
         capfd.readouterr()
@@ -265,6 +273,8 @@ def test_which_train_steps_run_the_output_dense_with_the_loss(monkeypatch, capfd
         # head_forward's (8 + c) * (in + 1) + 32 + 8 * c floats: 12,160 fit (48 KB with its static bytes)
         (lambda: [L.Dense(4)], (1008,), "sparse_cross_entropy", 48, {}, False),  # 12 * 1009 + 64 = 12,172
         (lambda: [L.Dense(4)], (1007,), "sparse_cross_entropy", 48, {}, True),   # 12 * 1008 + 64 = 12,160
+        (dense(5), (12,), losses.SparseCrossEntropy(weight=[1, 2, 1, 1, 3]), 16, {}, False),  # class weights
+        (dense(5), (12,), losses.CrossEntropy(weight=[1, 2, 1, 1, 3]), 16, {}, False),
     ]
     for build, shape, loss, batch, kw, want in cases:
         capfd.readouterr()
