@@ -156,8 +156,13 @@ class Engine:
         self._index = {t[0]: i for i, t in enumerate(self._tensors)}
         # a frozen layer's parameters (Layer.trainable) have no ".grad" tensor and no optimizer state
         self._frozen = frozenset(t[0] for t in self._tensors if t[1] == "param" and t[0] + ".grad" not in self._index)
-        self._trainable_flags = [(layer, layer.trainable) for layer in model.layers]  # as built
-        self._warned_flags = self._trainable_flags
+        # each layer with parameters and its trainable as built (Layer.trainable warns on a change)
+        owners = {t[0].rsplit(".", 1)[0] for t in self._tensors if t[1] == "param"}
+        self._trainable_flags = {id(n.layer): (n.name, n.layer.trainable) for n in model.nodes
+                                 if n.layer is not None and n.name in owners}
+        for n in model.nodes:
+            if n.layer is not None and n.name in owners:
+                n.layer._built_into(self)
         if self._frozen and all(t[0] in self._frozen for t in self._tensors if t[1] == "param"):
             warn_user("every layer with parameters is frozen (trainable=False): steps compute the loss "
                       "and update BatchNorm statistics, but no parameter")
@@ -431,8 +436,7 @@ class Engine:
                 staged.append((i, v))
                 continue
             if not isinstance(value, dict) or set(value) != {p for p, _, _ in params}:
-                raise InvalidArgumentError(f"optimizer slot {name!r} must map the name of every trainable "
-                                           "parameter (no frozen one) to an array")
+                raise InvalidArgumentError(self._slot_keys_message(name, value, params))
             flat = np.empty(shape, dtype=dtype)
             for p, s, off in params:
                 arr = self._numeric(f"optimizer slot {name!r} for {p!r}", value[p], dtype)
@@ -448,25 +452,35 @@ class Engine:
         for i, arr in staged:
             g.write_tensor(i, arr)
 
+    def _slot_keys_message(self, name, value, params):
+        if not isinstance(value, dict):
+            return f"optimizer slot {name!r} must be a dict of parameter name to array, got {type(value).__name__}"
+        want = {p for p, _, _ in params}
+        missing, extra = sorted(want - set(value)), sorted(set(value) - want, key=repr)
+        frozen = [k for k in extra if k in self._frozen]
+        parts = ([f"missing {missing}"] if missing else []) + \
+                ([f"frozen in this engine, so without state: {frozen}"] if frozen else []) + \
+                ([f"not parameters of this model: {[k for k in extra if k not in self._frozen]}"]
+                 if len(frozen) < len(extra) else [])
+        return (f"optimizer slot {name!r} must map each trainable parameter's name to an array: "
+                + "; ".join(parts))
+
     def _trained(self):
         """[(name, shape, offset)] of the parameters the optimizer trains (not frozen): its
         slots are flat over them, at their offsets in the parameter slab."""
         return [(t[0], t[3], t[4]) for t in self._tensors if t[1] == "param" and t[0] not in self._frozen]
 
     def _frozen_layers(self):
-        """ids of the layers this engine was built with trainable=False."""
-        return {id(layer) for layer, was in self._trainable_flags if not was}
+        """ids of the layers with parameters this engine was built with trainable=False."""
+        return {k for k, (_, was) in self._trainable_flags.items() if not was}
 
-    def _check_trainable(self):
-        """Warns, once per change, when a layer's `trainable` differs from what this engine was
-        built with: the engine keeps what it was built with (as Keras until compile)."""
-        changed = [layer for layer, was in self._trainable_flags if layer.trainable != was]
-        if changed and self._warned_flags != [(layer, layer.trainable) for layer, _ in self._trainable_flags]:
-            names = {id(n.layer): n.name for n in self.model.nodes if n.layer is not None}
-            warn_user(f"layer {names[id(changed[0])]!r} is now trainable={changed[0].trainable}, but this engine "
-                      f"was built with trainable={not changed[0].trainable}; build a new Engine for the change "
-                      "to take effect (copy the weights over with set_parameters(get_parameters()))")
-            self._warned_flags = [(layer, layer.trainable) for layer, _ in self._trainable_flags]
+    def _built_trainable(self, layer):
+        """The layer's trainable when this open engine was built with it, else None."""
+        entry = self._trainable_flags.get(id(layer)) if self._graph is not None else None
+        return None if entry is None else entry[1]
+
+    def _layer_name(self, layer):
+        return self._trainable_flags[id(layer)][0]
 
     @staticmethod
     def _check_keys(state, expected):
@@ -682,7 +696,6 @@ class Engine:
         plot_to: a folder that receives the training curves (and, for classifiers, confusion
         matrix, ROC and PR curves) as PNG files at the end (needs matplotlib)."""
         from . import training
-        self._check_trainable()
         return training.fit(self, x, y, epochs=epochs, batch_size=batch_size, validation_data=validation_data,
                             validation_split=validation_split, shuffle=shuffle, callbacks=callbacks,
                             verbose=verbose, metrics=metrics, initial_epoch=initial_epoch, plot_to=plot_to)

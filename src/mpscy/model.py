@@ -9,7 +9,7 @@ from ._checks import node_name
 from .errors import InvalidArgumentError, ShapeError
 from ._checks import warn_user
 from .layers import Layer
-from .layers.base import _IMAGE_KINDS
+from .layers.base import _IMAGE_KINDS, stale_trainable_message
 from .layers.conv import channels_last_hint, window_width
 
 __all__ = ["Tensor", "Input", "Model", "Sequential"]
@@ -175,10 +175,30 @@ class Model:
                 continue
             d = {"kind": n.layer.kind, "name": n.name, "inputs": list(n.inputs), "shape": list(n.shape)}
             d.update(n.layer.native(self._in_shapes(n)))
-            if not n.layer.trainable:
+            if not n.layer.trainable and n.layer.parameters(self._in_shapes(n)):  # a ReLU has nothing to freeze
                 d["flags"] = list(d.get("flags", ())) + ["frozen"]
             out.append(d)
         return out
+
+    @property
+    def trainable(self):
+        """True when some layer with parameters is trainable. Setting it sets every layer's
+        `trainable` (Keras's ``base_model.trainable = False`` freezes the whole model)."""
+        shapes = self.parameter_shapes()
+        owners = {k.rsplit(".", 1)[0] for k in shapes}
+        return any(n.layer.trainable for n in self.nodes if n.layer is not None and n.name in owners)
+
+    @trainable.setter
+    def trainable(self, value):
+        if not isinstance(value, (bool, np.bool_)):
+            raise InvalidArgumentError(f"trainable must be True or False, got {value!r}")
+        stale = []
+        for layer in self.layers:
+            layer._trainable = bool(value)
+            stale.append(layer._stale_in())
+        stale = [name for name in stale if name]
+        if stale:  # one warning for the model
+            warn_user(stale_trainable_message(stale, bool(value)))
 
     @property
     def layers(self):

@@ -3,10 +3,11 @@ layers without spatial structure: Dense, the element-wise activations, Softmax, 
 Dropout. Options only; computation happens in the backend."""
 
 import math
+import weakref
 
 import numpy as np
 
-from .._checks import INT32_LIMIT, choice, finite, integer, node_name, number, positive_int
+from .._checks import INT32_LIMIT, choice, finite, integer, node_name, number, positive_int, warn_user
 from ..errors import InvalidArgumentError, ShapeError
 
 
@@ -36,7 +37,8 @@ class Layer:
     def trainable(self):
         """Whether an Engine trains this layer's parameters (Keras's ``layer.trainable``, torch's
         ``requires_grad``); True by default. Set it before building the Engine: an engine reads it
-        when it is built, as Keras reads it at ``compile``. A frozen layer's parameters keep their
+        when it is built, as Keras reads it at ``compile`` (a change while an engine built with
+        this layer is open warns: build a new one). A frozen layer's parameters keep their
         values (no update, weight decay included); they get no gradient, no optimizer state and no
         share of the clipping norm, as torch's optimizers skip a parameter whose grad is None.
         Gradients still flow through a frozen layer to trainable layers before it; below the first
@@ -49,6 +51,26 @@ class Layer:
         if not isinstance(value, (bool, np.bool_)):
             raise InvalidArgumentError(f"trainable must be True or False, got {value!r}")
         self._trainable = bool(value)
+        stale = self._stale_in()
+        if stale:
+            warn_user(stale_trainable_message([stale], self._trainable))
+
+    def _stale_in(self):
+        """This layer's name in an open engine built with another `trainable`, else None."""
+        for engine in list(self.__dict__.get("_engines", ())):
+            built = engine._built_trainable(self)
+            if built is not None and built != self._trainable:
+                return engine._layer_name(self)
+        return None
+
+    def __getstate__(self):  # copies and pickles leave out the engines built with the layer
+        state = self.__dict__.copy()
+        state.pop("_engines", None)
+        return state
+
+    def _built_into(self, engine):
+        """Notes an engine built with this layer, so that changing `trainable` can warn."""
+        self.__dict__.setdefault("_engines", weakref.WeakSet()).add(engine)
 
     # -- what subclasses override ------------------------------------------------------
     def output_shape(self, input_shapes):
@@ -100,6 +122,14 @@ class Layer:
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"{type(self).__name__}({args})"
+
+
+def stale_trainable_message(names, value):
+    """The warning for layers set to trainable=value after an open engine was built with them."""
+    which = f"layer {names[0]!r} is" if len(names) == 1 else f"layers {', '.join(map(repr, names))} are"
+    return (f"{which} now trainable={value}, but an open engine was built with trainable={not value} and keeps "
+            "it: build a new Engine for the change to take effect (copy the weights with "
+            "set_parameters(get_parameters()))")
 
 
 def kaiming_uniform(rng, shape, fan_in):
