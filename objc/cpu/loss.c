@@ -53,7 +53,8 @@ static double cross_entropy(float *dy, const float *y, const int32_t *labels, co
         }
         total += row;
         if (dy)
-            for (int64_t i = 0; i < c; i++) dy[r * c + i] = (float)((exp((double)yr[i] - lse) * asum - CE_A(r, i)) * inv_d);
+            for (int64_t i = 0; i < c; i++)
+                dy[r * c + i] = (float)((exp((double)yr[i] - lse) * asum - CE_A(r, i)) * inv_d);
     }
 #undef CE_A
     return total * inv_d;

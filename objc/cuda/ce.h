@@ -21,7 +21,8 @@ static __device__ __forceinline__ double ce_row(const float *y, int64_t c, int l
         }
     };
     auto q = [&](int64_t i) {
-        return ((1.0 - eps) * (t ? (double)t[i] : (i == label ? 1.0 : 0.0)) + eps / (double)c) * (w ? (double)w[i] : 1.0);
+        const double target = t ? (double)t[i] : (i == label ? 1.0 : 0.0);
+        return ((1.0 - eps) * target + eps / (double)c) * (w ? (double)w[i] : 1.0);
     };
     float m = -INFINITY;
     each([&](int64_t i) { m = y[i] > m ? y[i] : m; });

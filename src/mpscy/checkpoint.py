@@ -344,9 +344,10 @@ def _check_same_run(engine, desc, where):
         if plain[0] == plain[1]:  # the same model, frozen otherwise: the optimizer state covers other parameters
             def frozen(nodes):
                 return [n["name"] for n in nodes if n.get("trainable", True) is False]
-            raise CheckpointError(f"{where} was saved from an engine with other frozen layers ({frozen(saved) or 'none'}; "
-                                  f"this engine: {frozen(mine) or 'none'}), so its optimizer state covers other "
-                                  "parameters: build the engine with the same layers frozen (mpscy.load does)")
+            raise CheckpointError(f"{where} was saved from an engine with other frozen layers "
+                                  f"({frozen(saved) or 'none'}; this engine: {frozen(mine) or 'none'}), so its "
+                                  "optimizer state covers other parameters: build the engine with the same layers "
+                                  "frozen (mpscy.load does)")
         raise CheckpointError(f"{where} was saved from another model: its node {i} is {theirs}, this engine's is "
                               f"{ours}")
     cfg = json.loads(json.dumps(_jsonable(engine.optimizer.config())))
