@@ -168,6 +168,9 @@ typedef struct mpscy_loss_desc {
                                   * SPARSE_CE and CE, torch's weight=: each row's terms scaled by
                                   * their class's weight; the mean divides by the summed weights of
                                   * the rows' labels (SPARSE_CE) or by the rows (CE). Copied at build. */
+    const float *pos_weight;     /* NULL, or for BCE_LOGITS one weight >= 0 per element of the output's
+                                  * last axis (torch's pos_weight): the positive term z log sigmoid(x)
+                                  * of each element scaled by its own. Copied at build. */
 } mpscy_loss_desc;
 
 typedef enum mpscy_optim_kind {

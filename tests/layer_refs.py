@@ -343,6 +343,20 @@ def weighted_ce_ref(kind, out, target, weight, smoothing=0.0):
     return value, (np.exp(logp) * a.sum(1, keepdims=True) - a) / den
 
 
+def bce_pos_weight_ref(out, target, pos_weight):
+    """(mean loss, d loss / d out) of F.binary_cross_entropy_with_logits(out, target,
+    pos_weight=pos_weight) (pos_weight broadcast over the last axis): the value term by term as
+    torch defines it, -[pw z log sigmoid(x) + (1 - z) log(1 - sigmoid(x))] (log sigmoid by
+    logaddexp), the gradient in closed form, (sigmoid(x) (pw z + 1 - z) - pw z) / n."""
+    x = np.asarray(out, np.float64)
+    z = np.asarray(target, np.float64).reshape(x.shape)
+    pw = np.broadcast_to(np.asarray(pos_weight, np.float64), x.shape)
+    log_sig, log_one_minus = -np.logaddexp(0.0, -x), -np.logaddexp(0.0, x)
+    value = -(pw * z * log_sig + (1 - z) * log_one_minus).mean()
+    sig = 1.0 / (1.0 + np.exp(-x))
+    return value, (sig * (pw * z + 1 - z) - pw * z) / x.size
+
+
 def loss_ref(kind, out, target, smoothing=0.0, delta=1.0):
     """(mean loss, d loss / d out) as torch.nn.functional defines each loss."""
     out = np.asarray(out, np.float64)

@@ -438,6 +438,7 @@ LOSS_CASES = {
     # class weights (torch's weight=): loss.cu's kernel, the loss-fused output Dense refused
     "sparse_ce_weighted": ([], losses.SparseCrossEntropy(weight=[0.5, 2.0, 1.0, 0.0, 3.0, 1.5], label_smoothing=0.1)),
     "cross_entropy_weighted": ([], losses.CrossEntropy(weight=[0.5, 2.0, 1.0, 0.0, 3.0, 1.5])),
+    "bce_with_logits_pos_weight": ([], losses.BCEWithLogits(pos_weight=[0.5, 2.0, 1.0, 0.0, 3.0, 1.5])),
 }
 
 

@@ -285,6 +285,79 @@ def test_class_weights_survive_a_checkpoint(tmp_path):
     assert loaded.evaluate(x, y)["loss"] == e.evaluate(x, y)["loss"]
 
 
+# ------------------------------------------------------------------ pos_weight (BCEWithLogits)
+
+POS_CASES = {  # per-sample output shape, pos_weight
+    "per_label": ((3,), [0.5, 4.0, 0.0]),
+    "single_output": ((1,), [3.0]),
+    "one_for_all": ((4,), [2.5]),
+    "last_axis_of_3d": ((3, 2), [1.5, 0.25]),
+}
+
+
+def _pos_case(name, rng):
+    shape, pw = POS_CASES[name]
+    out = (rng.standard_normal((7,) + shape) * 3).astype(np.float32).astype(np.float64)
+    target = rng.uniform(0, 1, (7,) + shape)
+    target[:3] = np.round(target[:3])
+    return out, target.astype(np.float32).astype(np.float64), pw
+
+
+@pytest.mark.parametrize("name", sorted(POS_CASES))
+def test_pos_weight_reference_gradient_matches_finite_differences(rng, name):
+    out, target, pw = _pos_case(name, rng)
+    _, grad = R.bce_pos_weight_ref(out, target, pw)
+    num = R.numeric_grad(lambda: R.bce_pos_weight_ref(out, target, pw)[0], out, eps=1e-7)
+    assert R.rel_err(grad, num) < 1e-6
+
+
+@pytest.mark.parametrize("name", sorted(POS_CASES))
+def test_pos_weight_matches_reference_and_pytorch(device, rng, name):
+    out, target, pw = _pos_case(name, rng)
+    ref, grad = R.bce_pos_weight_ref(out, target, pw)
+    engine = identity_engine(device, losses.BCEWithLogits(pos_weight=pw), out.shape[1:], len(out))
+    g = engine.gradients(out.astype(np.float32), target.astype(np.float32))
+    assert abs(g["loss"] - ref) <= 1e-6 * max(abs(ref), 1.0)
+    assert R.rel_err(g["input"], grad) < 1e-5
+    assert abs(g["loss"] - R.loss_ref("bce_with_logits", out, target)[0]) > 1e-2   # the weights did change it
+    try:
+        import torch
+    except ImportError:
+        return
+    o = torch.tensor(out, requires_grad=True)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(o, torch.tensor(target),
+                                                                pos_weight=torch.tensor(pw, dtype=torch.float64))
+    loss.backward()
+    assert abs(g["loss"] - loss.item()) <= 1e-6 * max(abs(loss.item()), 1.0)
+    assert R.rel_err(g["input"], o.grad.numpy()) < 1e-5
+
+
+def test_pos_weight_options():
+    assert losses.BCEWithLogits(pos_weight=2).pos_weight == (2.0,)
+    assert repr(losses.BCEWithLogits(pos_weight=[1, 2])) == "BCEWithLogits(pos_weight=[1.0, 2.0])"
+    assert repr(losses.BCEWithLogits()) == "BCEWithLogits()"
+    for bad, match in (([1.0, -1.0], "finite and >= 0"), ([float("inf")], "finite and >= 0"),
+                       ([[1.0]], r"got shape \(1, 1\)"), ([], r"got shape \(0,\)"), ("x", "sequence of numbers"),
+                       (True, "sequence of numbers")):
+        with pytest.raises(mpscy.InvalidArgumentError, match=match):
+            losses.BCEWithLogits(pos_weight=bad)
+    with pytest.raises(TypeError):
+        losses.BinaryCrossEntropy(pos_weight=[1.0])
+    model = mpscy.Sequential([layers.Dense(3)], input_shape=(2,))
+    with pytest.raises(mpscy.ShapeError, match="2 pos_weight values for an output whose last axis has 3 elements"):
+        mpscy.Engine(model, loss=losses.BCEWithLogits(pos_weight=[1.0, 2.0]), device="cpu")
+
+
+def test_pos_weight_survives_a_checkpoint(tmp_path):
+    model = mpscy.Sequential([layers.Dense(3)], input_shape=(2,))
+    e = mpscy.Engine(model, loss=losses.BCEWithLogits(pos_weight=[1.0, 2.0, 0.5]), batch_size=4, device="cpu")
+    e.save(tmp_path / "p.mpscy")
+    loaded = mpscy.load(tmp_path / "p.mpscy", device="cpu")
+    assert loaded.loss.pos_weight == (1.0, 2.0, 0.5)
+    x, y = np.ones((4, 2), np.float32), np.eye(4, 3, dtype=np.float32)
+    assert loaded.evaluate(x, y)["loss"] == e.evaluate(x, y)["loss"]
+
+
 # ------------------------------------------------------------------ single-output binary heads
 
 

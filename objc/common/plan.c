@@ -280,8 +280,22 @@ static int plan_loss(mpscy_plan *p, const char *component, char *err, size_t err
         return FAIL(MPSCY_SHAPE, "argmax accuracy needs a (classes,) output, got rank %d", o->rank);
     p->out_size = o->size;
     p->target_size = sparse ? 1 : o->size;
-    const float *w = p->loss.class_weight;
-    p->loss.class_weight = NULL;  /* the caller's array is read here only: the plan keeps its copy */
+    const float *w = p->loss.class_weight, *pw = p->loss.pos_weight;
+    p->loss.class_weight = NULL;  /* the caller's arrays are read here only: the plan keeps its copies */
+    p->loss.pos_weight = NULL;
+    if (pw) {
+        if (k != MPSCY_LOSS_BCE_LOGITS)
+            return FAIL(MPSCY_INVALID, "pos_weight applies to bce_with_logits, not loss kind %d", k);
+        const int64_t last = o->rank > 0 ? o->shape[o->rank - 1] : 1;
+        for (int64_t i = 0; i < last; i++)
+            if (!(pw[i] >= 0.0f && pw[i] < INFINITY))
+                return FAIL(MPSCY_INVALID, "pos_weight %lld is %g: each must be finite and >= 0", (long long)i,
+                            (double)pw[i]);
+        p->pos_weight = malloc((size_t)o->size * sizeof(float));
+        if (!p->pos_weight) return FAIL(MPSCY_OOM, "pos_weight of %lld elements", (long long)o->size);
+        for (int64_t i = 0; i < o->size; i++) p->pos_weight[i] = pw[i % last];
+        p->loss.pos_weight = p->pos_weight;
+    }
     if (w) {
         if (!sparse && k != MPSCY_LOSS_CE)
             return FAIL(MPSCY_INVALID, "class weights apply to the cross-entropies on logits, not loss kind %d", k);
@@ -597,16 +611,17 @@ void mpscy_plan_free(mpscy_plan *p) {
     free(p->nodes);
     free(p->tensors);
     free(p->class_weight);
+    free(p->pos_weight);
     p->nodes = NULL;
     p->tensors = NULL;
-    p->class_weight = NULL;
-    p->loss.class_weight = NULL;
+    p->class_weight = p->pos_weight = NULL;
+    p->loss.class_weight = p->loss.pos_weight = NULL;
 }
 
 size_t mpscy_plan_bytes(const mpscy_plan *p) {
     return (size_t)p->n_nodes * sizeof(mpscy_node) +
            (size_t)(8 * p->n_nodes + MPSCY_MAX_OPTIM_SLOTS + 4) * sizeof(mpscy_tensor) +
-           (p->class_weight ? (size_t)p->out_size * sizeof(float) : 0);
+           ((p->class_weight ? 1 : 0) + (p->pos_weight ? 1 : 0)) * (size_t)p->out_size * sizeof(float);
 }
 
 const mpscy_tensor *mpscy_plan_tensor(const mpscy_plan *p, int32_t index, size_t bytes, int check_bytes,

@@ -87,6 +87,8 @@ typedef struct mpscy_plan {
     char scalar_slots[4][MPSCY_NAME_LEN];
     mpscy_lbfgs_layout lbfgs;        /* MPSCY_OPTIM_LBFGS only */
     float *class_weight;             /* (out_size) the loss's class weights, the plan's copy, or NULL */
+    float *pos_weight;               /* (out_size) BCE_LOGITS's pos_weight for each element of a sample
+                                      * (the desc's, one per last-axis element, repeated), or NULL */
     int64_t target_size;             /* per-sample target elements (1 for INDEX) */
     int64_t out_size;                /* per-sample output elements */
 } mpscy_plan;

@@ -129,6 +129,12 @@ double cpu_loss(const mpscy_plan *p, float *dy, const float *y, const void *targ
     case MPSCY_LOSS_BCE_LOGITS:
         for (int64_t k = 0; k < n; k++) {
             double x = y[k], z = t[k];
+            if (p->pos_weight) {  /* torch's form: (1 - z) x + (1 + (pw - 1) z) softplus(-x) */
+                double lw = 1.0 + ((double)p->pos_weight[k % c] - 1.0) * z;
+                total += (1.0 - z) * x + lw * (log1p(exp(-fabs(x))) + (x < 0 ? -x : 0));
+                if (dy) dy[k] = (float)(((1.0 - z) + lw * (1.0 / (1.0 + exp(-x)) - 1.0)) * inv_n);
+                continue;
+            }
             total += (x > 0 ? x : 0) - x * z + log1p(exp(-fabs(x)));
             if (dy) dy[k] = (float)((1.0 / (1.0 + exp(-x)) - z) * inv_n);
         }

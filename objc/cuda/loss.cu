@@ -11,6 +11,7 @@
 struct loss_args {
     int kind, accuracy, index_target;
     const float *w;  /* (c) the cross-entropies' class weights, or NULL */
+    const float *pw; /* (c) bce_with_logits's pos_weight of each element of a row, or NULL */
     int64_t b, c;
     double eps, delta;
     float threshold;
@@ -94,6 +95,12 @@ __global__ void loss_forward_backward(cu_scratch *S, cu_result *R, float *dy, co
                     break;
                 }
                 case MPSCY_LOSS_BCE_LOGITS:
+                    if (a.pw) {  /* torch's form: (1 - z) x + (1 + (pw - 1) z) softplus(-x), as cpu/loss.c */
+                        const double lw = 1.0 + ((double)a.pw[i] - 1.0) * z;
+                        row += (1.0 - z) * x + lw * (log1p(exp(-fabs(x))) + (x < 0 ? -x : 0));
+                        g = ((1.0 - z) + lw * (1.0 / (1.0 + exp(-x)) - 1.0)) * inv_n;
+                        break;
+                    }
                     row += (x > 0 ? x : 0) - x * z + log1p(exp(-fabs(x)));
                     g = (1.0 / (1.0 + exp(-x)) - z) * inv_n;
                     break;
@@ -159,6 +166,7 @@ int cu_loss(cu_graph *g, float *dy, int64_t b, int finalize, char *err, size_t e
     a.accuracy = p->loss.accuracy;
     a.index_target = p->target == MPSCY_TARGET_INDEX;
     a.w = g->class_w;
+    a.pw = g->pos_w;
     a.b = b;
     a.c = p->out_size;
     a.eps = p->loss.label_smoothing;

@@ -115,10 +115,22 @@ void metal_loss(MetalBuilder *c, MPSGraphTensor *y, MPSGraphTensor *target, MPSG
     }
     case MPSCY_LOSS_BCE_LOGITS: {
         // max(x, 0) - x z + log1p(exp(-|x|)); d = (sigmoid(x) - z) / n
-        MPSGraphTensor *pos = mt_select(c, mt_gt(c, yf, zero), yf, zero);
         MPSGraphTensor *soft = mt_log1p(c, mt_exp(c, mt_neg(c, mt_abs(c, yf))));
-        l = mt_mul(c, mt_sum(c, mt_add(c, mt_sub(c, pos, mt_mul(c, yf, t)), soft), all), inv_n);
         MPSGraphTensor *sig = mt_div(c, one, mt_add(c, one, mt_exp(c, mt_neg(c, yf))));
+        if (p->pos_weight) {
+            // torch's form: (1 - z) x + lw softplus(-x), lw = 1 + (pw - 1) z; d = ((1 - z) + lw (sigmoid(x) - 1)) / n
+            MPSGraphTensor *pw = [c.g constantWithData:[NSData dataWithBytes:p->pos_weight
+                                                                       length:(NSUInteger)cls * sizeof(float)]
+                                                 shape:@[@1, @(cls)] dataType:MPSDataTypeFloat32];
+            MPSGraphTensor *lw = mt_add(c, one, mt_mul(c, mt_sub(c, pw, one), t));
+            MPSGraphTensor *negpart = mt_select(c, mt_lt(c, yf, zero), mt_neg(c, yf), zero);
+            MPSGraphTensor *term = mt_add(c, mt_mul(c, mt_sub(c, one, t), yf), mt_mul(c, lw, mt_add(c, soft, negpart)));
+            l = mt_mul(c, mt_sum(c, term, all), inv_n);
+            d = mt_mul(c, mt_add(c, mt_sub(c, one, t), mt_mul(c, lw, mt_sub(c, sig, one))), inv_n);
+            break;
+        }
+        MPSGraphTensor *pos = mt_select(c, mt_gt(c, yf, zero), yf, zero);
+        l = mt_mul(c, mt_sum(c, mt_add(c, mt_sub(c, pos, mt_mul(c, yf, t)), soft), all), inv_n);
         d = mt_mul(c, mt_sub(c, sig, t), inv_n);
         break;
     }

@@ -128,6 +128,7 @@ cdef extern from "mpscy.h" nogil:
         double delta
         double threshold
         const float *class_weight
+        const float *pos_weight
 
     enum mpscy_optim_kind:
         MPSCY_OPTIM_SGD

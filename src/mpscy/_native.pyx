@@ -94,6 +94,7 @@ cdef class Graph:
         cdef void *host
         cdef size_t nbytes
         cdef float[::1] class_w      # the loss's class weights, alive until the build has copied them
+        cdef float[::1] pos_w        # bce_with_logits's pos_weight, the same
         if descs == NULL:
             raise MemoryError("graph descriptor")
         self.device = device
@@ -114,6 +115,9 @@ cdef class Graph:
             if spec["loss"].get("class_weight") is not None:
                 class_w = np.ascontiguousarray(spec["loss"]["class_weight"], dtype=np.float32)
                 d.loss.class_weight = &class_w[0]
+            if spec["loss"].get("pos_weight") is not None:
+                pos_w = np.ascontiguousarray(spec["loss"]["pos_weight"], dtype=np.float32)
+                d.loss.pos_weight = &pos_w[0]
             _fill_optim(&d.optim, spec["optim"])
             with nogil:
                 st = mpscy_graph_build(device.handle, &d, &self.handle, self.err, ERR_LEN)

@@ -48,22 +48,29 @@ def _smoothing(value):
     return v
 
 
-def _class_weight(value):
-    """torch's `weight=`: a 1-D sequence of finite weights >= 0, not all 0, as a tuple of floats."""
+def _weights(value, name, least, what):
+    """A 1-D sequence of at least `least` finite numbers >= 0, as a tuple of floats (None stays)."""
     if value is None:
         return None
     try:
+        if isinstance(value, (bool, np.bool_, str, bytes)):
+            raise TypeError
         arr = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
-        raise InvalidArgumentError(f"weight must be a sequence of numbers (one per class), got {value!r}") from None
-    if arr.ndim != 1 or arr.size < 2:
-        raise InvalidArgumentError(f"weight must be one number per class (a 1-D sequence of 2 or more), "
-                                   f"got shape {arr.shape}")
+        raise InvalidArgumentError(f"{name} must be a sequence of numbers ({what}), got {value!r}") from None
+    if arr.ndim != 1 or arr.size < least:
+        raise InvalidArgumentError(f"{name} must be {what} (a 1-D sequence of {least} or more), got shape {arr.shape}")
     if not np.isfinite(arr).all() or (arr < 0).any():
-        raise InvalidArgumentError(f"weight must be finite and >= 0, got {arr.tolist()}")
-    if not (arr > 0).any():
-        raise InvalidArgumentError("weight must have a class weighted above 0 (all are 0)")
+        raise InvalidArgumentError(f"{name} must be finite and >= 0, got {arr.tolist()}")
     return tuple(float(v) for v in arr)
+
+
+def _class_weight(value):
+    """torch's `weight=`: one finite weight >= 0 per class, not all 0."""
+    w = _weights(value, "weight", 2, "one number per class")
+    if w is not None and not any(v > 0 for v in w):
+        raise InvalidArgumentError("weight must have a class weighted above 0 (all are 0)")
+    return w
 
 
 class SparseCrossEntropy(Loss):
@@ -146,12 +153,36 @@ class BinaryCrossEntropy(Loss):
 
 
 class BCEWithLogits(BinaryCrossEntropy):
-    """F.binary_cross_entropy_with_logits. Accuracy thresholds the logit at 0."""
+    """F.binary_cross_entropy_with_logits. Accuracy thresholds the logit at 0.
+
+    pos_weight: None, or torch's pos_weight: weights >= 0 of the positive term, one per element
+    of the output's last axis (one per label of a multi-label head), or a single one for all
+    (a number or one-element sequence); -[pw z log sigmoid(x) + (1 - z) log(1 - sigmoid(x))],
+    averaged over all elements. pos_weight = negatives / positives balances an imbalanced label."""
 
     kind = "bce_with_logits"
 
+    def __init__(self, pos_weight=None):
+        if isinstance(pos_weight, (int, float, np.integer, np.floating)) and not isinstance(pos_weight, bool):
+            pos_weight = [pos_weight]
+        self.pos_weight = _weights(pos_weight, "pos_weight", 1, "one number per element of the output's last axis")
+
     def spec(self, output_shape):
-        return {**super().spec(output_shape), "threshold": 0.0}
+        out = {**super().spec(output_shape), "threshold": 0.0}
+        if self.pos_weight is not None:
+            last = output_shape[-1] if len(output_shape) else 1
+            out["pos_weight"] = list(self.pos_weight) * (last if len(self.pos_weight) == 1 else 1)
+        return out
+
+    def check(self, output_shape):
+        pw = getattr(self, "pos_weight", None)
+        last = output_shape[-1] if len(output_shape) else 1
+        if pw is not None and len(pw) not in (1, last):
+            raise ShapeError(f"BCEWithLogits has {len(pw)} pos_weight values for an output whose last axis has "
+                             f"{last} elements (give {last}, or one for all)")
+
+    def config(self):
+        return {} if self.pos_weight is None else {"pos_weight": list(self.pos_weight)}
 
 
 class MSE(Loss):
