@@ -259,6 +259,11 @@ def test_labels_that_all_weigh_zero_give_a_nonfinite_step(device):
     ([[1.0, 2.0]], mpscy.InvalidArgumentError, r"one number per class .* got shape \(1, 2\)"),
     ([1.0], mpscy.InvalidArgumentError, r"got shape \(1,\)"),
     ("abc", mpscy.InvalidArgumentError, "weight must be a sequence of numbers"),
+    ([True, False], mpscy.InvalidArgumentError, "weight must be a sequence of numbers"),
+    (["1", "2"], mpscy.InvalidArgumentError, "weight must be a sequence of numbers"),
+    ([1.0, None], mpscy.InvalidArgumentError, "weight must be a sequence of numbers"),
+    ([1e39, 1.0], mpscy.InvalidArgumentError, r"must fit float32 \(at most 3.403e\+38\), got \[1e\+39, 1.0\]"),
+    ([1e-50, 1e-50], mpscy.InvalidArgumentError, "a class weighted above 0 in float32"),
 ])
 def test_bad_class_weights(weight, error, match):
     for cls in (losses.SparseCrossEntropy, losses.CrossEntropy):
@@ -266,6 +271,48 @@ def test_bad_class_weights(weight, error, match):
             cls(weight=weight)
     with pytest.raises(TypeError):
         losses.CategoricalCrossEntropy(weight=[1.0, 2.0])
+
+
+def test_evaluate_takes_the_weighted_mean_over_the_whole_set(rng):
+    """evaluate over several batches, and fit's val_loss over a DataLoader, give torch's weighted
+    mean over all rows (sum w l / sum w), whatever the batch size; a batch whose labels all weigh
+    0 adds nothing to it (torch's mean over the set stays finite)."""
+    x = rng.standard_normal((100, 6)).astype(np.float32)
+    y = rng.integers(0, 5, 100)
+    y[40:48] = 3                                             # one batch of 8 all of weight 0
+    model = mpscy.Sequential([layers.Dense(5)], input_shape=(6,))
+    loss = losses.SparseCrossEntropy(weight=WEIGHT, label_smoothing=0.1)
+    got = {}
+    for batch in (8, 32, 100):
+        e = mpscy.Engine(model if batch == 8 else mpscy.Sequential([layers.Dense(5)], input_shape=(6,)), loss=loss,
+                         batch_size=batch, device="cpu", seed=4)
+        got[batch] = e.evaluate(x, y)["loss"]
+        if batch == 8:
+            loader = mpscy.data.DataLoader(mpscy.data.ArrayDataset(x, y), batch_size=8, shuffle=False)
+            from mpscy import training
+            got["loader"] = training._evaluate(e, loader)["loss"]
+            p = {k: v.astype(np.float64) for k, v in e.get_parameters().items()}
+    out = x.astype(np.float64) @ p["dense_0.weight"].T + p["dense_0.bias"]
+    want, _ = R.weighted_ce_ref("sparse_cross_entropy", out, y, WEIGHT.astype(np.float32), 0.1)
+    for k, v in got.items():
+        assert v == pytest.approx(want, rel=1e-6), k
+
+
+def test_a_batch_whose_labels_all_weigh_zero_is_named():
+    model = mpscy.Sequential([layers.Dense(5)], input_shape=(3,))
+    e = mpscy.Engine(model, loss=losses.SparseCrossEntropy(weight=WEIGHT), batch_size=4, device="cpu")
+    x, y = np.ones((4, 3), np.float32), np.array([3, 3, 3, 3])
+    for call in (e.step, e.gradients):
+        with pytest.raises(mpscy.NonFiniteError, match="every label of this batch has class weight 0"):
+            call(x, y)
+    with pytest.raises(mpscy.NonFiniteError, match="epoch 1, batch 0: .*every label of this batch has class weight 0"):
+        e.fit(x, y, epochs=1, verbose=0, shuffle=False)
+    assert np.isnan(e.evaluate(x, y)["loss"])                # torch's 0/0 for a set of such rows alone
+    plain = mpscy.Engine(mpscy.Sequential([layers.Dense(5)], input_shape=(3,)), batch_size=4, device="cpu")
+    x[0, 0] = np.nan
+    with pytest.raises(mpscy.NonFiniteError) as info:
+        plain.step(x, np.array([0, 1, 2, 3]))
+    assert "class weight" not in str(info.value)
 
 
 def test_class_weights_must_match_the_classes():
@@ -334,11 +381,12 @@ def test_pos_weight_matches_reference_and_pytorch(device, rng, name):
 
 def test_pos_weight_options():
     assert losses.BCEWithLogits(pos_weight=2).pos_weight == (2.0,)
+    assert losses.BCEWithLogits(pos_weight=np.array(3.0)).pos_weight == (3.0,)   # a 0-d array, as torch.tensor(3.)
     assert repr(losses.BCEWithLogits(pos_weight=[1, 2])) == "BCEWithLogits(pos_weight=[1.0, 2.0])"
     assert repr(losses.BCEWithLogits()) == "BCEWithLogits()"
     for bad, match in (([1.0, -1.0], "finite and >= 0"), ([float("inf")], "finite and >= 0"),
                        ([[1.0]], r"got shape \(1, 1\)"), ([], r"got shape \(0,\)"), ("x", "sequence of numbers"),
-                       (True, "sequence of numbers")):
+                       (True, "sequence of numbers"), (1e39, "must fit float32")):
         with pytest.raises(mpscy.InvalidArgumentError, match=match):
             losses.BCEWithLogits(pos_weight=bad)
     with pytest.raises(TypeError):

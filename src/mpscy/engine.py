@@ -11,7 +11,7 @@ import numpy as np
 from . import _native, losses as _losses, optim as _optim
 from .optim.lbfgs import LBFGSDriver
 from ._checks import choice, warn_user
-from .errors import DTypeError, InvalidArgumentError, ShapeError, StateError
+from .errors import DTypeError, InvalidArgumentError, NonFiniteError, ShapeError, StateError
 from .model import Model
 
 __all__ = ["Engine", "backends"]
@@ -226,7 +226,10 @@ class Engine:
             loss, correct, rows, grad_norm, moved = self._lbfgs.step(g, x, y)
             return _native._make_result(loss, g.accuracy_of(correct, rows), rows,
                                         time.perf_counter_ns() - t0, moved, grad_norm)
-        return g.train_step(x, y)
+        try:
+            return g.train_step(x, y)
+        except NonFiniteError as e:
+            raise self._weightless(e, y) from None
 
     def predict(self, x):
         """Eval-mode outputs for any number of rows, float32 (n, *output_shape): the model's own
@@ -241,6 +244,8 @@ class Engine:
 
     def evaluate(self, x, y=None):
         """Eval-mode mean loss and accuracy over any number of rows: dict(loss=, accuracy=).
+        The loss is the mean over all rows, whatever the batch size (under class weights with
+        integer labels, torch's weighted mean over all of them: sum w l / sum w).
         x may also be a DataLoader (or another re-iterable) of (x, y) batches, y then None; the
         means are over its rows, as fit's validation over a loader."""
         from . import training  # late: training imports the engine's modules
@@ -260,13 +265,18 @@ class Engine:
         if ny != n:
             raise ShapeError(f"y has {ny} rows for {n} rows of x")
         g.check_target(y, "y", n)
-        total, correct = 0.0, 0
+        total, weight, correct = 0.0, 0.0, 0
         for i in range(0, n, self.batch_size):
             loss, c, rows = g.eval_batch(_rows_slice(x, self._n_inputs, i, i + self.batch_size),
                                          y[i:i + self.batch_size], i)
-            total += loss * rows
+            w = self._batch_weight(y[i:i + self.batch_size], rows)
+            if w > 0:
+                total += loss * w
+                weight += w
+            else:  # every label weighs 0: only label smoothing's terms reach the set's sum
+                total += self._smoothing_sum(_rows_slice(x, self._n_inputs, i, i + self.batch_size))
             correct += c
-        return {"loss": total / n, "accuracy": g.accuracy_of(correct, n)}
+        return {"loss": total / weight if weight > 0 else float("nan"), "accuracy": g.accuracy_of(correct, n)}
 
     def _check_layout(self, g, x):
         """x's dtype, shape and contiguity as a whole array (each batch's call checks its values),
@@ -281,7 +291,10 @@ class Engine:
         {"<param>": array, ...} plus {"input": d loss / d x} (a list for several inputs) when
         the engine was built with input_gradients=True. Also returns the loss under "loss"."""
         g = self._g()
-        loss, _, rows = g.grad_batch(x, y)
+        try:
+            loss, _, rows = g.grad_batch(x, y)
+        except NonFiniteError as e:
+            raise self._weightless(e, y) from None
         out = {"loss": loss}
         for i, (name, role, dtype, shape, _) in enumerate(self._tensors):
             if role == "grad":
@@ -451,6 +464,40 @@ class Engine:
             staged.append((i, flat))
         for i, arr in staged:
             g.write_tensor(i, arr)
+
+    def _batch_weight(self, y, rows):
+        """A batch's share of a mean over several batches: its rows, or under class weights with
+        integer labels its labels' summed weights (the divisor of its weighted mean, as torch's
+        mean over the whole set needs)."""
+        w = getattr(self.loss, "weight", None)
+        if w is None or self.loss.target != "index":
+            return rows
+        return float(np.asarray(w, np.float32).astype(np.float64)[np.asarray(y, np.int64)].sum())
+
+    def _smoothing_sum(self, x):
+        """The summed loss terms of rows whose labels all weigh 0, which only label smoothing
+        gives (eps / C sum_c w_c (-log p_c) a row, torch's numerator): a batch of them has the
+        mean 0/0 or x/0, so a mean over several batches adds this sum instead."""
+        eps = getattr(self.loss, "label_smoothing", 0.0)
+        if not eps:
+            return 0.0
+        z = self.predict(x).astype(np.float64)
+        z -= z.max(axis=1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        w = np.asarray(self.loss.weight, np.float32).astype(np.float64)
+        return float(eps / z.shape[1] * -(logp * w).sum())
+
+    def _weightless(self, error, y):
+        """The NonFiniteError of a step, saying so when every label of the batch weighs 0."""
+        try:
+            zero = self.loss.weight is not None and self.loss.target == "index" and self._batch_weight(y, 1) == 0
+        except (AttributeError, TypeError, ValueError, IndexError):
+            zero = False
+        if not zero:
+            return error
+        return NonFiniteError(f"{error}: every label of this batch has class weight 0, so its weighted mean is 0/0 "
+                              "(NaN, as torch's); give such a class a small weight, or batches that each hold a "
+                              "weighted label")
 
     def _slot_keys_message(self, name, value, params):
         if not isinstance(value, dict):

@@ -48,28 +48,37 @@ def _smoothing(value):
     return v
 
 
-def _weights(value, name, least, what):
-    """A 1-D sequence of at least `least` finite numbers >= 0, as a tuple of floats (None stays)."""
+def _weights(value, name, least, what, scalar=False):
+    """A 1-D sequence of at least `least` numbers >= 0 that float32 holds, as a tuple of floats
+    (None stays); with `scalar`, a single number (a 0-d array or tensor too) is one of them."""
     if value is None:
         return None
     try:
-        if isinstance(value, (bool, np.bool_, str, bytes)):
+        raw = np.asarray(value)
+        if raw.dtype.kind not in "iuf":  # bools, strings, None and other objects are no weights
             raise TypeError
-        arr = np.asarray(value, dtype=np.float64)
+        arr = raw.astype(np.float64)
     except (TypeError, ValueError):
         raise InvalidArgumentError(f"{name} must be a sequence of numbers ({what}), got {value!r}") from None
+    if scalar and arr.ndim == 0:
+        arr = arr.reshape(1)
     if arr.ndim != 1 or arr.size < least:
         raise InvalidArgumentError(f"{name} must be {what} (a 1-D sequence of {least} or more), got shape {arr.shape}")
     if not np.isfinite(arr).all() or (arr < 0).any():
         raise InvalidArgumentError(f"{name} must be finite and >= 0, got {arr.tolist()}")
+    with np.errstate(over="ignore"):
+        f32 = arr.astype(np.float32)  # the native loss reads float32
+    if not np.isfinite(f32).all():
+        raise InvalidArgumentError(f"{name} must fit float32 (at most {float(np.finfo(np.float32).max):.4g}), got "
+                                   f"{arr.tolist()}")
     return tuple(float(v) for v in arr)
 
 
 def _class_weight(value):
-    """torch's `weight=`: one finite weight >= 0 per class, not all 0."""
+    """torch's `weight=`: one finite weight >= 0 per class, some above 0 in float32."""
     w = _weights(value, "weight", 2, "one number per class")
-    if w is not None and not any(v > 0 for v in w):
-        raise InvalidArgumentError("weight must have a class weighted above 0 (all are 0)")
+    if w is not None and not (np.asarray(w, np.float32) > 0).any():
+        raise InvalidArgumentError(f"weight must have a class weighted above 0 in float32, got {list(w)}")
     return w
 
 
@@ -163,9 +172,8 @@ class BCEWithLogits(BinaryCrossEntropy):
     kind = "bce_with_logits"
 
     def __init__(self, pos_weight=None):
-        if isinstance(pos_weight, (int, float, np.integer, np.floating)) and not isinstance(pos_weight, bool):
-            pos_weight = [pos_weight]
-        self.pos_weight = _weights(pos_weight, "pos_weight", 1, "one number per element of the output's last axis")
+        self.pos_weight = _weights(pos_weight, "pos_weight", 1, "one number per element of the output's last axis, "
+                                   "or one for all", scalar=True)
 
     def spec(self, output_shape):
         out = {**super().spec(output_shape), "threshold": 0.0}

@@ -234,11 +234,12 @@ def _validation_source(engine, validation_data, epochs):
 
 
 def _evaluate(engine, source, what="validation batch", source_name="the validation data"):
-    """Eval-mode {"loss", "accuracy"} over arrays or a loader (row-weighted); a batch's error
+    """Eval-mode {"loss", "accuracy"} over arrays or a loader (the mean over all rows, as
+    Engine.evaluate: under class weights with labels, over the labels' weights); a batch's error
     names it as `what` k, an empty source as `source_name`."""
     if isinstance(source, tuple):
         return engine.evaluate(*source)
-    total, acc, rows = 0.0, 0.0, 0
+    total, weight, acc, rows = 0.0, 0.0, 0.0, 0
     for k, batch in enumerate(source):
         try:
             xb, yb = _pair(batch)
@@ -247,13 +248,18 @@ def _evaluate(engine, source, what="validation batch", source_name="the validati
             r = engine.evaluate(xb, yb)
         except _errors.Error as e:
             raise _in_batch(e, f"{what} {k}") from e
-        total += r["loss"] * n
+        w = engine._batch_weight(yb, n)
+        if w > 0:
+            total += r["loss"] * w
+            weight += w
+        else:  # every label weighs 0: only label smoothing's terms reach the set's sum
+            total += engine._smoothing_sum(xb)
         acc = None if r["accuracy"] is None else (acc or 0.0) + r["accuracy"] * n
         rows += n
     if rows == 0:
         raise InvalidArgumentError(f"{source_name} yielded no batch (a generator is used up after one "
                                    "pass: give a DataLoader or another re-iterable)")
-    return {"loss": total / rows, "accuracy": None if acc is None else acc / rows}
+    return {"loss": total / weight if weight > 0 else float("nan"), "accuracy": None if acc is None else acc / rows}
 
 
 def _predict(engine, source):
