@@ -53,6 +53,60 @@ def test_frozen_layer_matches_reference(device, case):
             assert sorted(value) == ["dense_2.bias", "dense_2.weight"], slot
 
 
+def _three_layer_loss_and_grad(p, x, y):
+    """Mean softmax cross-entropy of Dense-Tanh-Dense(mid)-Tanh-Dense and its gradient, float64."""
+    x = x.astype(np.float64)
+    h1 = np.tanh(x @ p["dense_0.weight"].T + p["dense_0.bias"])
+    h2 = np.tanh(h1 @ p["mid.weight"].T + p["mid.bias"])
+    z = h2 @ p["dense_4.weight"].T + p["dense_4.bias"]
+    z = z - z.max(1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    b = len(x)
+    dz = np.exp(logp)
+    dz[np.arange(b), y] -= 1.0
+    dz /= b
+    dh2 = (dz @ p["dense_4.weight"]) * (1 - h2 * h2)
+    dh1 = (dh2 @ p["mid.weight"]) * (1 - h1 * h1)
+    return -logp[np.arange(b), y].mean(), {
+        "dense_4.weight": dz.T @ h2, "dense_4.bias": dz.sum(0), "mid.weight": dh2.T @ h1, "mid.bias": dh2.sum(0),
+        "dense_0.weight": dh1.T @ x, "dense_0.bias": dh1.sum(0)}
+
+
+@pytest.mark.parametrize("case", ["adam_decoupled", "sgd_dampening", "rmsprop_centered_momentum"])
+def test_frozen_middle_layer_over_30_steps(device, case):
+    """Trainable parameters on both sides of a frozen one in the slab, 30 steps against the float64
+    reference; then the optimizer state carried into a second engine continues the same run."""
+    def build():
+        m = mpscy.Sequential([layers.Dense(16), layers.Tanh(), layers.Dense(12, name="mid"), layers.Tanh(),
+                              layers.Dense(10)], input_shape=(64,))
+        m.get_layer("mid").trainable = False
+        return m
+    opt, ref, _, _ = CASES[case]
+    ref = type(ref)(**ref.hp)
+    e = mpscy.Engine(build(), optimizer=opt, batch_size=BATCH, device=device, seed=6)
+    p0 = e.get_parameters()
+    p = {k: v.astype(np.float64) for k, v in p0.items()}
+    batches = digits_batches(BATCH, STEPS + 5)
+    for x, y in batches[:STEPS]:
+        _, g = _three_layer_loss_and_grad(p, x, y)
+        trained = {k: p[k] for k in p if not k.startswith("mid.")}
+        ref.step(trained, {k: g[k] for k in trained})
+        p.update(trained)
+        e.step(x, y)
+    got = e.get_parameters()
+    for k in ("mid.weight", "mid.bias"):
+        np.testing.assert_array_equal(got[k], p0[k])
+    err = max_rel_err({k: got[k] for k in got if not k.startswith("mid.")}, {k: p[k] for k in p if not k.startswith("mid.")})
+    assert err <= 1e-5, err
+    again = mpscy.Engine(build(), optimizer=opt, batch_size=BATCH, device=device, seed=6)
+    again.set_parameters(got)
+    again.set_optimizer_state(e.get_optimizer_state())
+    for x, y in batches[STEPS:]:
+        assert e.step(x, y).loss == again.step(x, y).loss
+    for k, v in e.get_parameters().items():
+        np.testing.assert_array_equal(again.get_parameters()[k], v)
+
+
 def test_frozen_layer_matches_torch_with_clipping(device):
     """torch: requires_grad_(False) on the first Linear, AdamW, clip_grad_norm_ over the parameters
     that have gradients. The clipping norm must leave the frozen layer's gradient out."""
@@ -312,6 +366,11 @@ def test_model_trainable_freezes_every_layer():
     assert "trainable 0, frozen 1,210" in str(e.summary())
     with pytest.raises(mpscy.InvalidArgumentError, match="trainable must be True or False"):
         model.trainable = "no"
+    # running statistics are no parameters: a non-affine BatchNorm has nothing to freeze
+    norm = mpscy.Sequential([layers.Dense(4), layers.BatchNorm(affine=False), layers.Dense(3)], input_shape=(5,))
+    norm.layers[0].trainable = norm.layers[2].trainable = False
+    assert norm.trainable is False
+    assert all("frozen" not in d.get("flags", ()) for d in norm.native_layers() if d["kind"] == "batchnorm")
 
 
 def test_a_frozen_layer_without_parameters_changes_nothing(tmp_path):
@@ -362,7 +421,7 @@ def test_every_layer_frozen_warns_once_not_again_on_load(tmp_path):
     assert loaded.model.layers[0].trainable is False
 
 
-def test_backward_stops_at_the_last_frozen_layer():
+def test_no_backward_runs_below_the_first_trainable_layer():
     """A frozen convolutional stem needs no backward at all: the step costs about its forward plus
     the head's, where the trainable stem's step also runs its weight and input gradients
     (measured 0.31x-0.36x on the 2-core CI machine; with the stem's backward run, its weight
@@ -384,5 +443,5 @@ def test_backward_stops_at_the_last_frozen_layer():
             t0 = time.perf_counter()
             e.step(x, y)
             runs.append(time.perf_counter() - t0)
-        times[freeze] = float(np.median(runs))
+        times[freeze] = min(runs)  # the least disturbed run of each
     assert times[True] < 0.5 * times[False], times

@@ -1,5 +1,6 @@
 /* loss.c — every loss on the CPU, as torch.nn.functional defines it with reduction="mean"
- * (the mean over all elements; over rows for the cross-entropies), its gradient with respect
+ * (the mean over all elements; over rows for the cross-entropies, or over the labels' weights
+ * under class weights), its gradient with respect
  * to the model output written in the same pass, and the correct-prediction count. */
 #include "cpu.h"
 

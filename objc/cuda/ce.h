@@ -9,10 +9,10 @@
  * returns this lane's share of the row's loss -sum_i q_i (y_i - logsumexp y) (warp_sum it), where
  * q = ((1 - eps) target + eps / c) w_i (w: the class weights, or NULL for 1) and the target is
  * one-hot at label (label >= 0) or the probabilities t; writes the gradient
- * (softmax_i sum q - q_i) inv_b into dz[i] when dz is given (inv_b: 1 / the mean's divisor). */
+ * (softmax_i sum q - q_i) inv_d into dz[i] when dz is given (inv_d: 1 / the mean's divisor). */
 template <bool ONE>
 static __device__ __forceinline__ double ce_row(const float *y, int64_t c, int lane, int64_t label, const float *t,
-                                                const float *w, double eps, double inv_b, float *dz) {
+                                                const float *w, double eps, double inv_d, float *dz) {
     auto each = [&](auto f) {  /* f(i) for this lane's logits */
         if constexpr (ONE) {
             if (lane < c) f((int64_t)lane);
@@ -39,7 +39,7 @@ static __device__ __forceinline__ double ce_row(const float *y, int64_t c, int l
         if (qi != 0.0 || t) row -= qi * ((double)y[i] - lse);
     });
     qsum = warp_allsum(qsum);
-    if (dz) each([&](int64_t i) { dz[i] = (float)((exp((double)y[i] - lse) * qsum - q(i)) * inv_b); });
+    if (dz) each([&](int64_t i) { dz[i] = (float)((exp((double)y[i] - lse) * qsum - q(i)) * inv_d); });
     return row;
 }
 

@@ -448,9 +448,10 @@ int cu_conv_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, cha
     /* a forward that reads x itself (direct, or implicit) builds the columns only for a training
      * step's weight gradient, on the side stream (joined after backward in step.cu), reading x,
      * which nothing writes again in the step; and none when that product reads x too
-     * (conv_dw_form) */
+     * (conv_dw_form), or when no backward runs for this layer (a frozen one below every
+     * trainable layer) */
     auto side_columns = [&]() -> int {
-        if (!train || form != CU_DW_COLUMNS) return MPSCY_OK;
+        if (!train || form != CU_DW_COLUMNS || !n->grad) return MPSCY_OK;
         int st = cu_fork(gr, gr->side, err, en);
         if (st == MPSCY_OK) st = cu_im2col(gr, gr->side, &g, col, x, b, err, en);
         if (st != MPSCY_OK || gr->dy[n->in[0]] || !gr->input_dw_main) return st;

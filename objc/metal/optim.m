@@ -1,5 +1,5 @@
 /* optim.m — everything after backward, inside the train executable: the flat gradient (every
- * parameter gradient in slab order), its finiteness and global L2 norm, clipping by norm or
+ * trainable parameter's gradient in slab order), its finiteness and global L2 norm, clipping by norm or
  * value (torch.nn.utils), and the optimizer update over the flat slab, written in graph
  * arithmetic with the element rules of common/optim_math.h in the same float32 order (SGD,
  * Adam, AdamW, RMSprop, Adagrad, Adadelta, NAdam). MPSGraph's own Adam/SGD ops are not used:

@@ -1,5 +1,5 @@
 """Losses, as torch.nn.functional defines them, always with reduction="mean" (the mean over all
-elements; over rows for the cross-entropies). Each is computed natively together with its
+elements; over rows for the cross-entropies, or over the labels' weights under class weights). Each is computed natively together with its
 gradient; these classes carry the options and say which targets and accuracy they use.
 Pass an instance or its name: ``Engine(model, loss="mse")`` or ``loss=losses.Huber(delta=0.5)``."""
 
@@ -116,7 +116,7 @@ class SparseCrossEntropy(Loss):
             raise InvalidArgumentError(f"{name} needs at least 2 classes, got an output of shape {output_shape}; "
                                        "for a single-output binary head use BCEWithLogits (logits) or "
                                        "BinaryCrossEntropy (probabilities)")
-        weight = getattr(self, "weight", None)
+        weight = self.weight
         if weight is not None and len(weight) != output_shape[0]:
             raise ShapeError(f"{name} has {len(weight)} class weights for an output of {output_shape[0]} classes")
 

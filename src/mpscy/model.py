@@ -175,7 +175,7 @@ class Model:
                 continue
             d = {"kind": n.layer.kind, "name": n.name, "inputs": list(n.inputs), "shape": list(n.shape)}
             d.update(n.layer.native(self._in_shapes(n)))
-            if not n.layer.trainable and n.layer.parameters(self._in_shapes(n)):  # a ReLU has nothing to freeze
+            if not n.layer.trainable and self._has_weights(n):  # a ReLU has nothing to freeze
                 d["flags"] = list(d.get("flags", ())) + ["frozen"]
             out.append(d)
         return out
@@ -184,9 +184,11 @@ class Model:
     def trainable(self):
         """True when some layer with parameters is trainable. Setting it sets every layer's
         `trainable` (Keras's ``base_model.trainable = False`` freezes the whole model)."""
-        shapes = self.parameter_shapes()
-        owners = {k.rsplit(".", 1)[0] for k in shapes}
-        return any(n.layer.trainable for n in self.nodes if n.layer is not None and n.name in owners)
+        return any(n.layer.trainable for n in self.nodes if n.layer is not None and self._has_weights(n))
+
+    def _has_weights(self, node):
+        """Whether the node's layer has parameters to train (running statistics are not)."""
+        return any(not suffix.startswith("running_") for suffix, _ in node.layer.parameters(self._in_shapes(node)))
 
     @trainable.setter
     def trainable(self, value):

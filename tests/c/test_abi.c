@@ -224,6 +224,43 @@ int main(void) {
     mpscy_graph_tensor_read(g, 0, after, sizeof after, err, sizeof err);
     CHECK(memcmp(before, after, sizeof before) == 0, "the frozen weight kept");
     mpscy_graph_destroy(g);
+
+    /* class weights are copied at build: a graph built from an array changed afterwards computes
+     * the loss of the weights it was built with (that of a graph built from {1, 3}), not the new
+     * ones' (that of a graph built from {50, 0.01}) */
+    L[1].flags &= ~MPSCY_FLAG_FROZEN;
+    float cw[2] = {1.0f, 3.0f}, cw_same[2] = {1.0f, 3.0f}, cw_new[2] = {50.0f, 0.01f};
+    const float *weights[3] = {cw, cw_same, cw_new};
+    double eval_loss[3] = {0, 0, 0};
+    a.batch = B;
+    a.mode = MPSCY_MODE_EVAL;
+    for (int k = 0; k < 3; k++) {
+        mpscy_graph gw = NULL;
+        d.loss.class_weight = weights[k];
+        st = mpscy_graph_build(dev, &d, &gw, err, sizeof err);
+        CHECK(st == MPSCY_OK && gw, "weighted build %d: %s", k, err);
+        if (!gw) continue;
+        if (k == 0) { cw[0] = 50.0f; cw[1] = 0.01f; }
+        mpscy_graph_tensor_write(gw, 0, w1, sizeof w1, err, sizeof err);
+        mpscy_graph_tensor_write(gw, 1, b1, sizeof b1, err, sizeof err);
+        mpscy_graph_tensor_write(gw, 2, w2, sizeof w2, err, sizeof err);
+        mpscy_graph_tensor_write(gw, 3, b2, sizeof b2, err, sizeof err);
+        float *xw = NULL;
+        int32_t *yw = NULL;
+        mpscy_buffer xb = NULL, yb = NULL;
+        mpscy_graph_io(gw, MPSCY_IO_INPUT, 0, &xb, err, sizeof err);
+        mpscy_graph_io(gw, MPSCY_IO_TARGET, 0, &yb, err, sizeof err);
+        mpscy_buffer_host_pointer(xb, (void **)&xw, NULL, err, sizeof err);
+        mpscy_buffer_host_pointer(yb, (void **)&yw, NULL, err, sizeof err);
+        for (int i = 0; i < B; i++) { xw[2 * i] = 0.1f * (float)(i % 7) - 0.3f; xw[2 * i + 1] = 0.05f * (float)i - 0.8f; yw[i] = i % 2; }
+        st = mpscy_graph_step(gw, &a, &r, err, sizeof err);
+        CHECK(st == MPSCY_OK && isfinite(r.loss), "weighted eval %d: %s", k, err);
+        eval_loss[k] = r.loss;
+        mpscy_graph_destroy(gw);
+    }
+    d.loss.class_weight = NULL;
+    CHECK(eval_loss[0] == eval_loss[1] && eval_loss[0] != eval_loss[2], "class weights copied at build: %.9g %.9g %.9g",
+          eval_loss[0], eval_loss[1], eval_loss[2]);
     mpscy_buffer_destroy(buf);
     mpscy_device_stats(dev, &s1, err, sizeof err);
     CHECK(s1.allocations - s1.frees == 1 && s1.peak_bytes >= s1.bytes_in_use, "everything freed but the device: %lld allocs, %lld frees",
