@@ -117,7 +117,13 @@ typedef enum mpscy_layer_kind {
     MPSCY_LAYER_SOFTMAX = 17,    /* ints[0]=axis in the per-sample shape */
     MPSCY_LAYER_ADD = 18,        /* n_inputs >= 2, equal shapes */
     MPSCY_LAYER_CONCAT = 19,     /* ints[0]=axis in the per-sample shape */
-    MPSCY_LAYER_KIND_COUNT = 20
+    MPSCY_LAYER_RELU6 = 20,      /* min(max(x, 0), 6) */
+    MPSCY_LAYER_HARDSIGMOID = 21, /* min(max(x + 3, 0), 6) / 6 */
+    MPSCY_LAYER_HARDSWISH = 22,  /* x min(max(x + 3, 0), 6) / 6 */
+    MPSCY_LAYER_SOFTPLUS = 23,   /* reals[0]=beta, reals[1]=threshold: log1p(exp(beta x)) / beta, or x
+                                  * where beta x > threshold */
+    MPSCY_LAYER_MISH = 24,       /* x tanh(log1p(exp(x))) */
+    MPSCY_LAYER_KIND_COUNT = 25
 } mpscy_layer_kind;
 
 enum {

@@ -102,6 +102,12 @@ LAYER_MODELS = {
     "swish": (lambda: [L.Dense(20), L.Swish(), L.Dense(5)], (12,)),
     "gelu": (lambda: [L.Dense(20), L.GELU(), L.Dense(5)], (12,)),
     "gelu_tanh": (lambda: [L.Dense(20), L.GELU(approximate="tanh"), L.Dense(5)], (12,)),
+    # (their kinks: test_layers.py's test_piecewise_activations_at_their_kinks, on every device)
+    "relu6": (lambda: [L.Dense(20), _maybe("ReLU6")(), L.Dense(5)], (12,)),
+    "hardsigmoid": (lambda: [L.Dense(20), _maybe("Hardsigmoid")(), L.Dense(5)], (12,)),
+    "hardswish": (lambda: [L.Dense(20), _maybe("Hardswish")(), L.Dense(5)], (12,)),
+    "softplus": (lambda: [L.Dense(20), _maybe("Softplus")(beta=2.0, threshold=1.0), L.Dense(5)], (12,)),
+    "mish": (lambda: [L.Dense(20), _maybe("Mish")(), L.Dense(5)], (12,)),
     "relu_first": (lambda: [L.ReLU(), L.Dense(16), L.Softmax(), L.Dense(5)], (12,)),
     "flatten": (lambda: [L.Flatten(), L.Dense(16), L.ReLU(), L.Dense(5)], (3, 4, 2)),
     "dense_rank3_input": (lambda: [L.Dense(16), L.ReLU(), L.Dense(5)], (3, 4, 2)),

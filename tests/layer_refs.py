@@ -225,6 +225,17 @@ def activation_forward(x, p, o):
         y = 0.5 * x * (1 + _erf(x / math.sqrt(2)))
     elif k == "gelu_tanh":
         y = 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    elif k == "relu6":
+        y = np.clip(x, 0, 6)
+    elif k == "hardsigmoid":
+        y = np.clip(x + 3, 0, 6) / 6
+    elif k == "hardswish":
+        y = x * np.clip(x + 3, 0, 6) / 6
+    elif k == "softplus":
+        beta, threshold = o.get("beta", 1.0), o.get("threshold", 20.0)
+        y = np.where(beta * x > threshold, x, np.logaddexp(0.0, beta * x) / beta)
+    elif k == "mish":
+        y = x * np.tanh(np.logaddexp(0.0, x))
     elif k == "softmax":
         ax = o["axis"]
         e = np.exp(x - x.max(ax, keepdims=True))
@@ -260,6 +271,19 @@ def activation_backward(dy, cache):
         c = math.sqrt(2 / math.pi)
         t = np.tanh(c * (x + 0.044715 * x ** 3))
         d = dy * (0.5 * (1 + t) + 0.5 * x * (1 - t ** 2) * c * (1 + 3 * 0.044715 * x ** 2))
+    elif k == "relu6":
+        d = dy * ((x > 0) & (x < 6))
+    elif k == "hardsigmoid":
+        d = dy * ((x > -3) & (x < 3)) / 6
+    elif k == "hardswish":
+        d = dy * np.where(x <= -3, 0.0, np.where(x < 3, (2 * x + 3) / 6, 1.0))
+    elif k == "softplus":
+        beta, threshold = o.get("beta", 1.0), o.get("threshold", 20.0)
+        d = dy * np.where(beta * x > threshold, 1.0, 1 / (1 + np.exp(-beta * x)))
+    elif k == "mish":
+        sp = np.logaddexp(0.0, x)
+        t = np.tanh(sp)
+        d = dy * (t + x * (1 - t ** 2) / (1 + np.exp(-x)))
     elif k == "softmax":
         d = y * (dy - (dy * y).sum(o["axis"], keepdims=True))
     elif k == "flatten":

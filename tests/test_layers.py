@@ -102,6 +102,14 @@ CASES = {
     "gelu": (lambda: layers.GELU(), "activation", dict(kind="gelu"), (3, 5, 4), 5),
     "gelu_tanh": (lambda: layers.GELU(approximate="tanh"), "activation", dict(kind="gelu_tanh"), (3, 5, 4), 5),
     "gelu_large": (lambda: layers.GELU(), "activation", dict(kind="gelu"), (8, 64, 64), 1),
+    "relu6": (lambda: layers.ReLU6(), "activation", dict(kind="relu6"), (3, 5, 4), 5),
+    "hardsigmoid": (lambda: layers.Hardsigmoid(), "activation", dict(kind="hardsigmoid"), (3, 5, 4), 5),
+    "hardswish": (lambda: layers.Hardswish(), "activation", dict(kind="hardswish"), (3, 5, 4), 5),
+    "hardswish_large": (lambda: layers.HardSwish(), "activation", dict(kind="hardswish"), (40000,), 2),
+    "softplus": (lambda: layers.Softplus(), "activation", dict(kind="softplus"), (3, 5, 4), 5),
+    "softplus_beta": (lambda: layers.Softplus(beta=2.5, threshold=1.5), "activation",
+                      dict(kind="softplus", beta=2.5, threshold=1.5), (3, 5, 4), 5),
+    "mish": (lambda: layers.Mish(), "activation", dict(kind="mish"), (3, 5, 4), 5),
     "softmax_last": (lambda: layers.Softmax(), "activation", dict(kind="softmax", axis=-1), (9,), 4),
     "softmax_channels": (lambda: layers.Softmax(axis=1), "activation", dict(kind="softmax", axis=1), (3, 4, 5), 3),
     "softmax_channels_large": (lambda: layers.Softmax(axis=1), "activation", dict(kind="softmax", axis=1),
@@ -233,6 +241,39 @@ def test_elu_gradient_keeps_its_precision_far_below_zero(device):
     err = np.abs(g["input"] - want) / np.abs(want)
     assert err.max() < 1e-5, (x.flat[err.argmax()], err.max())
     assert (g["input"] > 0).all()  # no element flushed to 0 (expf(-80) = 1.8e-35 is a normal float)
+
+
+KINKS = np.array([-8.0, -3.5, -3.0, -2.999, -0.5, -0.0, 0.0, 0.5, 2.999, 3.0, 3.5, 5.999, 6.0, 6.5, 8.0, 25.0],
+                 np.float32)
+
+
+@pytest.mark.parametrize("name", ["relu6", "hardsigmoid", "hardswish", "softplus", "mish"])
+def test_piecewise_activations_at_their_kinks(device, name):
+    """Values and gradients on both sides of and exactly at every kink (0 and 6; -3 and 3;
+    Softplus's threshold at 20), as torch's kernels take them: ReLU6's gradient is 0 at 0 and 6,
+    Hardsigmoid's 0 at -3 and 3, Hardswish's 0 at -3 and 1 at 3 (x/3 + 1/2 strictly between);
+    checked against torch itself when installed."""
+    layer = {"relu6": layers.ReLU6(), "hardsigmoid": layers.Hardsigmoid(), "hardswish": layers.Hardswish(),
+             "softplus": layers.Softplus(), "mish": layers.Mish()}[name]
+    x = np.tile(KINKS, (2, 1))
+    engine = build(device, layer, (x.shape[1],), 2)
+    y, cache = R.activation_forward(x.astype(np.float64), {}, dict(kind=name))
+    t = (y - 1.0).astype(np.float32)  # y - t = 1: d loss / d y is 2 / n
+    g = engine.gradients(x, t)
+    want, _ = R.activation_backward(np.full(x.shape, 2.0 / x.size), cache)
+    np.testing.assert_allclose(engine.predict(x), y, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(g["input"], want, rtol=1e-5, atol=1e-9)
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None:
+        module = {"relu6": torch.nn.ReLU6(), "hardsigmoid": torch.nn.Hardsigmoid(), "hardswish": torch.nn.Hardswish(),
+                  "softplus": torch.nn.Softplus(), "mish": torch.nn.Mish()}[name]
+        xt = torch.tensor(x, requires_grad=True)
+        (module(xt) * torch.tensor(np.full(x.shape, 2.0 / x.size, np.float32))).sum().backward()
+        np.testing.assert_allclose(engine.predict(x), module(torch.tensor(x)).detach().numpy(), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(g["input"], xt.grad.numpy(), rtol=1e-5, atol=1e-9)
 
 
 def test_output_shapes_of_strided_padded_dilated_layers():
@@ -567,7 +608,9 @@ def torch_module(torch, case):
         return nn.LayerNorm(layer.normalized_shape, layer.eps, layer.elementwise_affine)
     return {"relu": nn.ReLU(), "leakyrelu": nn.LeakyReLU(0.2), "elu": nn.ELU(0.7), "sigmoid": nn.Sigmoid(),
             "tanh": nn.Tanh(), "swish": nn.SiLU(), "gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"),
-            "softmax_last": nn.Softmax(-1), "softmax_channels": nn.Softmax(1), "flatten": nn.Flatten()}.get(case)
+            "softmax_last": nn.Softmax(-1), "softmax_channels": nn.Softmax(1), "flatten": nn.Flatten(),
+            "relu6": nn.ReLU6(), "hardsigmoid": nn.Hardsigmoid(), "hardswish": nn.Hardswish(), "softplus": nn.Softplus(),
+            "softplus_beta": nn.Softplus(beta=2.5, threshold=1.5), "mish": nn.Mish()}.get(case)
 
 
 @pytest.mark.parametrize("case", [k for k in SMALL if not k.startswith(("globalavgpool", "leakyrelu_default"))])

@@ -955,3 +955,66 @@ def test_import_torch_non_affine_norms_stay_non_affine(tt, tmp_path):
         with tt.no_grad():
             ref = net(x).numpy()
         np.testing.assert_allclose(engine.predict(x.numpy()), ref, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- ReLU6, Hardsigmoid, ...
+def _mobile_activations_mlp():
+    return mpscy.Sequential([
+        layers.Dense(32), layers.ReLU6(), layers.Dense(32), layers.Hardswish(), layers.Dense(32),
+        layers.Hardsigmoid(), layers.Dense(32), layers.Mish(), layers.Dense(32), layers.Softplus(),
+        layers.Dense(32), layers.Softplus(beta=2.0), layers.Dense(5)], input_shape=(12,))
+
+
+@pytest.mark.parametrize("opset", [13, 17, 18, 20])
+def test_mobile_activations_export_import_and_onnxruntime(device, tmp_path, opset):
+    """Each exports as ONNX writes it at that opset (HardSwish from 14, Mish from 18, else their
+    formulas; ReLU6 as Clip; Softplus(beta) as Softplus(beta x) / beta), runs in onnxruntime as
+    in mpscy, and imports back as the same layers. Inputs scaled by 4 reach every kink."""
+    engine = mpscy.Engine(_mobile_activations_mlp(), loss="mse", batch_size=8, device=device, seed=2)
+    _randomize(engine, 7)
+    path = str(tmp_path / "mobile.onnx")
+    proto = mpscy.onnx.export(engine, path, opset=opset)
+    onnx.checker.check_model(onnx.load(path), full_check=True)
+    ops = [n.op_type for n in proto.graph.node]
+    assert ("HardSwish" in ops, "Mish" in ops) == (opset >= 14, opset >= 18)
+    assert "Clip" in ops and "HardSigmoid" in ops
+    xs = (4 * np.random.default_rng(1).normal(size=(23, 12))).astype(np.float32)
+    np.testing.assert_allclose(_ort(path, {"input": xs}), engine.predict(xs), rtol=1e-5, atol=1e-6)
+    back = mpscy.onnx.load(path, loss="mse", batch_size=8, device=device)
+    assert [type(n.layer).__name__ for n in back.model.nodes[1:]] == [type(n.layer).__name__
+                                                                       for n in engine.model.nodes[1:]]
+    assert back.model.nodes[12].layer.beta == 2.0
+    np.testing.assert_allclose(back.predict(xs), engine.predict(xs), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("opset", [13, 17, 18])
+def test_import_torch_mobile_activations(tt, device, tmp_path, opset):
+    nn = tt.nn
+    tt.manual_seed(0)
+    net = nn.Sequential(nn.Linear(12, 32), nn.ReLU6(), nn.Linear(32, 32), nn.Hardswish(), nn.Linear(32, 32),
+                        nn.Hardsigmoid(), nn.Linear(32, 32), nn.Mish(), nn.Linear(32, 32), nn.Softplus(),
+                        nn.Linear(32, 32), nn.Softplus(beta=2.0), nn.Linear(32, 5))
+    path = str(tmp_path / "torch_mobile.onnx")
+    _torch_export(net, tt.randn(2, 12), path, opset)
+    engine = mpscy.onnx.load(path, loss="mse", device=device, batch_size=16)
+    kinds = [type(n.layer).__name__ for n in engine.model.nodes[1:]]
+    assert kinds == ["Dense", "ReLU6", "Dense", "Hardswish", "Dense", "Hardsigmoid", "Dense", "Mish", "Dense",
+                     "Softplus", "Dense", "Softplus", "Dense"]
+    assert engine.model.nodes[12].layer.beta == 2.0
+    x = (4 * np.random.default_rng(3).normal(size=(40, 12))).astype(np.float32)
+    with tt.no_grad():
+        ref = net(tt.from_numpy(x)).numpy()
+    np.testing.assert_allclose(engine.predict(x), ref, rtol=RTOL, atol=ATOL)
+
+
+def test_import_refuses_other_clips_and_hard_sigmoids():
+    from onnx import TensorProto, helper
+    for node, inits in (
+            (helper.make_node("Clip", ["x", "lo", "hi"], ["y"], name="clamp"),
+             [helper.make_tensor("lo", TensorProto.FLOAT, [], [-1.0]), helper.make_tensor("hi", TensorProto.FLOAT, [], [1.0])]),
+            (helper.make_node("HardSigmoid", ["x"], ["y"], name="keras_hs", alpha=0.2, beta=0.5), [])):
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        with pytest.raises(mpscy.UnsupportedError, match=f"{node.op_type} '{node.name}'"):
+            mpscy.onnx.read(model)

@@ -24,8 +24,13 @@ MPSCY_AHD int mpscy_relu_zeroes(float y) { return y <= 0.0f; }
 MPSCY_AHD float mpscy_relu_pass(float y, float v) { return mpscy_relu_zeroes(y) ? 0.0f : v; }
 MPSCY_AHD float mpscy_relu(float x) { return mpscy_relu_pass(x, x); }
 
-/* y of one element for ReLU, LeakyReLU (r = slope), ELU (r = alpha), Sigmoid, Tanh, Swish; x otherwise */
-MPSCY_AHD float mpscy_act(int kind, float x, float r) {
+/* min(max(v, 0), 6) as std::min/std::max take it (torch's clamp and hardtanh): a NaN passes */
+MPSCY_AHD float mpscy_clamp6(float v) { return v < 0.0f ? 0.0f : (v > 6.0f ? 6.0f : v); }
+
+/* y of one element for ReLU, LeakyReLU (r = slope), ELU (r = alpha), Sigmoid, Tanh, Swish,
+ * ReLU6, Hardsigmoid, Hardswish, Softplus (r = beta, r1 = threshold) and Mish, in float as
+ * torch's CPU kernels write them; x otherwise */
+MPSCY_AHD float mpscy_act(int kind, float x, float r, float r1) {
     switch (kind) {
     case MPSCY_LAYER_RELU: return mpscy_relu(x);
     case MPSCY_LAYER_LEAKYRELU: return x > 0.0f ? x : x * r;
@@ -33,13 +38,18 @@ MPSCY_AHD float mpscy_act(int kind, float x, float r) {
     case MPSCY_LAYER_SIGMOID: return 1.0f / (1.0f + expf(-x));
     case MPSCY_LAYER_TANH: return tanhf(x);
     case MPSCY_LAYER_SWISH: return x / (1.0f + expf(-x));
+    case MPSCY_LAYER_RELU6: return mpscy_clamp6(x);
+    case MPSCY_LAYER_HARDSIGMOID: return mpscy_clamp6(x + 3.0f) / 6.0f;
+    case MPSCY_LAYER_HARDSWISH: return x * mpscy_clamp6(x + 3.0f) / 6.0f;
+    case MPSCY_LAYER_SOFTPLUS: return x * r > r1 ? x : log1pf(expf(x * r)) / r;
+    case MPSCY_LAYER_MISH: return x * tanhf(log1pf(expf(x)));
     default: return x;
     }
 }
 
 /* d(input) of one element from d(output) g, the input x and the output y (every operand read,
- * so a loop over a fixed kind vectorizes) */
-MPSCY_AHD float mpscy_act_grad(int kind, float g, float x, float y, float r) {
+ * so a loop over a fixed kind vectorizes); r, r1 as mpscy_act's */
+MPSCY_AHD float mpscy_act_grad(int kind, float g, float x, float y, float r, float r1) {
     switch (kind) {
     case MPSCY_LAYER_RELU: return mpscy_relu_pass(y, g);
     case MPSCY_LAYER_LEAKYRELU: return g * (x > 0.0f ? 1.0f : r);
@@ -50,6 +60,20 @@ MPSCY_AHD float mpscy_act_grad(int kind, float g, float x, float y, float r) {
     case MPSCY_LAYER_SWISH: {
         float s = 1.0f / (1.0f + expf(-x));
         return g * s * (1.0f + x * (1.0f - s));
+    }
+    /* torch's hardtanh_backward, hardsigmoid_backward (times 1/6), hardswish_backward (x/3 + 1/2
+     * strictly between -3 and 3, 0 at -3, g at 3, as torch 2.13 takes it), softplus_backward and
+     * mish_backward, from the input */
+    case MPSCY_LAYER_RELU6: return x <= 0.0f || x >= 6.0f ? 0.0f : g;
+    case MPSCY_LAYER_HARDSIGMOID: return x > -3.0f && x < 3.0f ? g * (1.0f / 6.0f) : 0.0f;
+    case MPSCY_LAYER_HARDSWISH: return x <= -3.0f ? 0.0f : (x < 3.0f ? g * (x / 3.0f + 0.5f) : g);
+    case MPSCY_LAYER_SOFTPLUS: {
+        float z = expf(x * r);
+        return x * r > r1 ? g : g * z / (z + 1.0f);
+    }
+    case MPSCY_LAYER_MISH: {
+        float s = 1.0f / (1.0f + expf(-x)), t = tanhf(log1pf(expf(x)));
+        return g * (t + x * s * (1.0f - t * t));
     }
     default: return g;
     }

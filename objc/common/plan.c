@@ -22,7 +22,8 @@ static const char *kind_name(int32_t kind) {
     static const char *names[MPSCY_LAYER_KIND_COUNT] = {
         "Input", "Dense", "ReLU", "Conv2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D",
         "Flatten", "BatchNorm", "LayerNorm", "Dropout", "LeakyReLU", "ELU", "Sigmoid",
-        "Tanh", "Swish", "GELU", "Softmax", "Add", "Concatenate"};
+        "Tanh", "Swish", "GELU", "Softmax", "Add", "Concatenate", "ReLU6", "Hardsigmoid", "Hardswish",
+        "Softplus", "Mish"};
     return (kind >= 0 && kind < MPSCY_LAYER_KIND_COUNT) ? names[kind] : "unknown";
 }
 
@@ -122,12 +123,17 @@ static int infer_node(mpscy_plan *p, int32_t i, const char *component, char *err
     case MPSCY_LAYER_RELU: case MPSCY_LAYER_LEAKYRELU: case MPSCY_LAYER_ELU:
     case MPSCY_LAYER_SIGMOID: case MPSCY_LAYER_TANH: case MPSCY_LAYER_SWISH:
     case MPSCY_LAYER_GELU: case MPSCY_LAYER_DROPOUT: case MPSCY_LAYER_SOFTMAX:
+    case MPSCY_LAYER_RELU6: case MPSCY_LAYER_HARDSIGMOID: case MPSCY_LAYER_HARDSWISH:
+    case MPSCY_LAYER_SOFTPLUS: case MPSCY_LAYER_MISH:
         r = a->rank;
         memcpy(s, a->shape, sizeof s);
         if (n->kind == MPSCY_LAYER_DROPOUT && !(n->reals[0] >= 0.0 && n->reals[0] < 1.0))
             return FAIL(MPSCY_INVALID, "node %d (%s): dropout rate %g outside [0, 1)", i, n->name, n->reals[0]);
         if (n->kind == MPSCY_LAYER_SOFTMAX && (q[0] < 0 || q[0] >= r))
             return FAIL(MPSCY_INVALID, "node %d (%s): softmax axis %d outside 0..%d", i, n->name, q[0], r - 1);
+        if (n->kind == MPSCY_LAYER_SOFTPLUS && !(n->reals[0] > 0.0 && n->reals[0] < INFINITY && isfinite(n->reals[1])))
+            return FAIL(MPSCY_INVALID, "node %d (%s): Softplus beta %g must be > 0 and threshold %g finite", i, n->name,
+                        n->reals[0], n->reals[1]);
         if (n->kind == MPSCY_LAYER_DROPOUT) n->save_size = cap_mul(p->batch, a->size);
         break;
     case MPSCY_LAYER_CONV2D: case MPSCY_LAYER_MAXPOOL2D: case MPSCY_LAYER_AVGPOOL2D: {

@@ -1,5 +1,5 @@
 /* activation.c — element-wise activations on the CPU (ReLU, LeakyReLU, ELU, Sigmoid, Tanh,
- * Swish/SiLU, GELU exact and tanh), Softmax over one axis, and Flatten, with the derivatives
+ * Swish/SiLU, GELU exact and tanh, ReLU6, Hardsigmoid, Hardswish, Softplus, Mish), Softmax over one axis, and Flatten, with the derivatives
  * PyTorch uses. Each reads its input and/or output; none saves anything else. */
 #include "cpu.h"
 #include "../common/activation_math.h"
@@ -25,21 +25,26 @@
     case MPSCY_LAYER_SIGMOID: LOOP(MPSCY_LAYER_SIGMOID); break; \
     case MPSCY_LAYER_TANH: LOOP(MPSCY_LAYER_TANH); break;  \
     case MPSCY_LAYER_SWISH: LOOP(MPSCY_LAYER_SWISH); break; \
+    case MPSCY_LAYER_RELU6: LOOP(MPSCY_LAYER_RELU6); break; \
+    case MPSCY_LAYER_HARDSIGMOID: LOOP(MPSCY_LAYER_HARDSIGMOID); break; \
+    case MPSCY_LAYER_HARDSWISH: LOOP(MPSCY_LAYER_HARDSWISH); break; \
+    case MPSCY_LAYER_SOFTPLUS: LOOP(MPSCY_LAYER_SOFTPLUS); break; \
+    case MPSCY_LAYER_MISH: LOOP(MPSCY_LAYER_MISH); break; \
     }
 
-static void act_forward(int kind, float *restrict y, const float *restrict x, int64_t n, double r0) {
+static void act_forward(int kind, float *restrict y, const float *restrict x, int64_t n, double r0, double r1d) {
     // y (n), x (n)
-    float r = (float)r0;
-#define FWD(K) for (int64_t i = 0; i < n; i++) y[i] = mpscy_act(K, x[i], r)
+    float r = (float)r0, r1 = (float)r1d;
+#define FWD(K) for (int64_t i = 0; i < n; i++) y[i] = mpscy_act(K, x[i], r, r1)
     PER_KIND(FWD)
 #undef FWD
 }
 
 static void act_backward(int kind, float *restrict dx, const float *restrict dy, const float *restrict x,
-                         const float *restrict y, int64_t n, double r0, int accum) {
+                         const float *restrict y, int64_t n, double r0, double r1d, int accum) {
     // dx (n), dy (n), x (n) input, y (n) output
-    float r = (float)r0;
-#define BWD(K) EACH(mpscy_act_grad(K, dy[i], x[i], y[i], r))
+    float r = (float)r0, r1 = (float)r1d;
+#define BWD(K) EACH(mpscy_act_grad(K, dy[i], x[i], y[i], r, r1))
     PER_KIND(BWD)
 #undef BWD
 }
@@ -95,11 +100,11 @@ static void act_task(void *ctx, int32_t t, int32_t nt) {
     int64_t m = hi - lo;
     if (!j->backward) {
         if (n->kind == MPSCY_LAYER_GELU) gelu_forward(j->out + lo, j->x + lo, m, n->ints[0]);
-        else act_forward(n->kind, j->out + lo, j->x + lo, m, n->reals[0]);
+        else act_forward(n->kind, j->out + lo, j->x + lo, m, n->reals[0], n->reals[1]);
     } else if (n->kind == MPSCY_LAYER_GELU) {
         gelu_backward(j->out + lo, j->dy + lo, j->x + lo, m, n->ints[0], n->accum[0]);
     } else {
-        act_backward(n->kind, j->out + lo, j->dy + lo, j->x + lo, j->y + lo, m, n->reals[0], n->accum[0]);
+        act_backward(n->kind, j->out + lo, j->dy + lo, j->x + lo, j->y + lo, m, n->reals[0], n->reals[1], n->accum[0]);
     }
 }
 

@@ -23,4 +23,9 @@ const cpu_layer_ops cpu_layers[MPSCY_LAYER_KIND_COUNT] = {
     [MPSCY_LAYER_DROPOUT] = {cpu_dropout_forward, cpu_dropout_backward, NULL, NULL},
     [MPSCY_LAYER_ADD] = {cpu_add_forward, cpu_add_backward, NULL, NULL},
     [MPSCY_LAYER_CONCAT] = {cpu_concat_forward, cpu_concat_backward, NULL, NULL},
+    [MPSCY_LAYER_RELU6] = {cpu_activation_forward, cpu_activation_backward, NULL, NULL},
+    [MPSCY_LAYER_HARDSIGMOID] = {cpu_activation_forward, cpu_activation_backward, NULL, NULL},
+    [MPSCY_LAYER_HARDSWISH] = {cpu_activation_forward, cpu_activation_backward, NULL, NULL},
+    [MPSCY_LAYER_SOFTPLUS] = {cpu_activation_forward, cpu_activation_backward, NULL, NULL},
+    [MPSCY_LAYER_MISH] = {cpu_activation_forward, cpu_activation_backward, NULL, NULL},
 };

@@ -1,5 +1,5 @@
 /* activation.cu — element-wise activations on CUDA (ReLU, LeakyReLU, ELU, Sigmoid, Tanh,
- * Swish/SiLU, GELU exact and tanh), Softmax over one axis, Flatten, and the bias(+ReLU) kernels
+ * Swish/SiLU, GELU exact and tanh, ReLU6, Hardsigmoid, Hardswish, Softplus, Mish), Softmax over one axis, Flatten, and the bias(+ReLU) kernels
  * Dense falls back on. Same formulas and derivatives as cpu/activation.c (GELU and the softmax
  * sums in double, as there). A ReLU fused into its Dense and an aliased Flatten launch nothing. */
 #include "cuda.h"
@@ -8,20 +8,20 @@
 
 static unsigned grid_for(int64_t n) { return cu_blocks(n, CU_THREADS, 8192); }
 
-__global__ void activation_forward(float *y, const float *x, int64_t n, int kind, float r0, int approx) {
+__global__ void activation_forward(float *y, const float *x, int64_t n, int kind, float r0, float r1, int approx) {
     // y (n), x (n)
     cu_pdl_enter();
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
-        y[i] = kind == MPSCY_LAYER_GELU ? mpscy_gelu(x[i], approx) : mpscy_act(kind, x[i], r0);
+        y[i] = kind == MPSCY_LAYER_GELU ? mpscy_gelu(x[i], approx) : mpscy_act(kind, x[i], r0, r1);
 }
 
 __global__ void activation_backward(float *dx, const float *dy, const float *x, const float *y, int64_t n,
-                                    int kind, float r0, int approx, int accum) {
+                                    int kind, float r0, float r1, int approx, int accum) {
     // dx (n), dy (n), x (n) input, y (n) output
     cu_pdl_enter();
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
         float d = kind == MPSCY_LAYER_GELU ? (float)(dy[i] * mpscy_gelu_grad(x[i], approx))
-                                           : mpscy_act_grad(kind, dy[i], x[i], y[i], r0);
+                                           : mpscy_act_grad(kind, dy[i], x[i], y[i], r0, r1);
         dx[i] = accum ? dx[i] + d : d;
     }
 }
@@ -163,7 +163,7 @@ int cu_activation_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train
         return CU_LAUNCHED("softmax_forward");
     }
     CU_TRY(cu_launch(g, activation_forward, grid_for(count), CU_THREADS, g->stream, y, x, count, (int)n->kind,
-                     (float)n->reals[0], (int)n->ints[0]),
+                     (float)n->reals[0], (float)n->reals[1], (int)n->ints[0]),
            "activation_forward");
     return CU_LAUNCHED("activation_forward");
 }
@@ -183,7 +183,7 @@ int cu_activation_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *er
         return CU_LAUNCHED("softmax_backward");
     }
     CU_TRY(cu_launch(g, activation_backward, grid_for(count), CU_THREADS, g->stream, dx, dy, x, y, count, (int)n->kind,
-                     (float)n->reals[0], (int)n->ints[0], (int)n->accum[0]),
+                     (float)n->reals[0], (float)n->reals[1], (int)n->ints[0], (int)n->accum[0]),
            "activation_backward");
     return CU_LAUNCHED("activation_backward");
 }

@@ -27,5 +27,10 @@ const cu_layer_ops cu_layers[MPSCY_LAYER_KIND_COUNT] = {
     /* SOFTMAX */ ACT,
     /* ADD */ {cu_merge_forward, cu_merge_backward, NULL, NULL},
     /* CONCAT */ {cu_merge_forward, cu_merge_backward, NULL, NULL},
+    /* RELU6 */ ACT,
+    /* HARDSIGMOID */ ACT,
+    /* HARDSWISH */ ACT,
+    /* SOFTPLUS */ ACT,
+    /* MISH */ ACT,
 };
-static_assert(MPSCY_LAYER_CONCAT == 19 && MPSCY_LAYER_KIND_COUNT == 20, "the table follows mpscy_layer_kind");
+static_assert(MPSCY_LAYER_MISH == 24 && MPSCY_LAYER_KIND_COUNT == 25, "the table follows mpscy_layer_kind");

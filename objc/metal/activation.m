@@ -1,5 +1,5 @@
 /* activation.m — element-wise activations (ReLU, LeakyReLU, ELU, Sigmoid, Tanh, Swish/SiLU,
- * GELU exact and tanh), Softmax over one axis, and Flatten, as MPSGraph arithmetic with the
+ * GELU exact and tanh, ReLU6, Hardsigmoid, Hardswish, Softplus, Mish), Softmax over one axis, and Flatten, as MPSGraph arithmetic with the
  * derivatives objc/cpu/activation.c uses (ReLU's is taken from the output, 0 at 0). Each
  * backward reads only the layer's input and output tensors. */
 #import "metal.h"
@@ -11,6 +11,12 @@ static MPSGraphTensor *sigmoid(MetalBuilder *c, MPSGraphTensor *x) {
     /* 1 / (1 + exp(-x)), the CPU formula, rather than MPSGraph's own sigmoid kernel */
     MPSGraphTensor *one = mt_const(c, 1.0);
     return mt_div(c, one, mt_add(c, one, mt_exp(c, mt_neg(c, x))));
+}
+
+static MPSGraphTensor *clamp6(MetalBuilder *c, MPSGraphTensor *v) {
+    /* min(max(v, 0), 6) as selects, so that a NaN passes (objc/common/activation_math.h) */
+    MPSGraphTensor *zero = mt_const(c, 0.0), *six = mt_const(c, 6.0);
+    return mt_select(c, mt_lt(c, v, zero), zero, mt_select(c, mt_gt(c, v, six), six, v));
 }
 
 static MPSGraphTensor *gelu_inner(MetalBuilder *c, MPSGraphTensor *x) {
@@ -44,6 +50,19 @@ MPSGraphTensor *metal_activation_forward(MetalBuilder *c, const mpscy_node *n, i
     }
     case MPSCY_LAYER_SOFTMAX:
         return [c.g softMaxWithTensor:x axis:n->ints[0] + 1 name:nil];
+    case MPSCY_LAYER_RELU6:
+        return clamp6(c, x);
+    case MPSCY_LAYER_HARDSIGMOID:
+        return mt_div(c, clamp6(c, mt_add(c, x, mt_const(c, 3.0))), mt_const(c, 6.0));
+    case MPSCY_LAYER_HARDSWISH:
+        return mt_div(c, mt_mul(c, x, clamp6(c, mt_add(c, x, mt_const(c, 3.0)))), mt_const(c, 6.0));
+    case MPSCY_LAYER_SOFTPLUS: {   // x where beta x > threshold, else log1p(exp(beta x)) / beta
+        MPSGraphTensor *bx = mt_mul(c, x, mt_const(c, n->reals[0]));
+        MPSGraphTensor *soft = mt_div(c, mt_log1p(c, mt_exp(c, bx)), mt_const(c, n->reals[0]));
+        return mt_select(c, mt_gt(c, bx, mt_const(c, n->reals[1])), x, soft);
+    }
+    case MPSCY_LAYER_MISH:
+        return mt_mul(c, x, [c.g tanhWithTensor:mt_log1p(c, mt_exp(c, x)) name:nil]);
     default:
         return nil;
     }
@@ -92,6 +111,28 @@ void metal_activation_backward(MetalBuilder *c, const mpscy_node *n, int32_t i) 
             d = mt_mul(c, dy, mt_add(c, cdf, mt_mul(c, x, pdf)));
         }
         break;
+    case MPSCY_LAYER_RELU6:   // 0 where x <= 0 or x >= 6 (torch's hardtanh_backward)
+        d = mt_select(c, mt_le(c, x, zero), zero, mt_select(c, mt_le(c, mt_const(c, 6.0), x), zero, dy));
+        break;
+    case MPSCY_LAYER_HARDSIGMOID:   // dy / 6 strictly between -3 and 3
+        d = mt_select(c, mt_and(c, mt_gt(c, x, mt_const(c, -3.0)), mt_lt(c, x, mt_const(c, 3.0))),
+                      mt_mul(c, dy, mt_const(c, 1.0 / 6.0)), zero);
+        break;
+    case MPSCY_LAYER_HARDSWISH:   // 0 up to -3, dy (x / 3 + 1/2) strictly between, dy from 3
+        d = mt_select(c, mt_le(c, x, mt_const(c, -3.0)), zero,
+                      mt_select(c, mt_lt(c, x, mt_const(c, 3.0)),
+                                mt_mul(c, dy, mt_add(c, mt_div(c, x, mt_const(c, 3.0)), half)), dy));
+        break;
+    case MPSCY_LAYER_SOFTPLUS: {   // dy z / (z + 1), z = exp(beta x); dy where beta x > threshold
+        MPSGraphTensor *bx = mt_mul(c, x, mt_const(c, n->reals[0])), *z = mt_exp(c, bx);
+        d = mt_select(c, mt_gt(c, bx, mt_const(c, n->reals[1])), dy, mt_div(c, mt_mul(c, dy, z), mt_add(c, z, one)));
+        break;
+    }
+    case MPSCY_LAYER_MISH: {   // dy (t + x s (1 - t^2)), s = sigmoid(x), t = tanh(softplus(x))
+        MPSGraphTensor *s = sigmoid(c, x), *t = [c.g tanhWithTensor:mt_log1p(c, mt_exp(c, x)) name:nil];
+        d = mt_mul(c, dy, mt_add(c, t, mt_mul(c, mt_mul(c, x, s), mt_sub(c, one, mt_mul(c, t, t)))));
+        break;
+    }
     case MPSCY_LAYER_SOFTMAX: {
         // y (dy - sum(dy y)) along the softmax axis
         MPSGraphTensor *dot = mt_sum(c, mt_mul(c, dy, y), @[@(n->ints[0] + 1)]);

@@ -23,4 +23,9 @@ const metal_layer_ops metal_layers[MPSCY_LAYER_KIND_COUNT] = {
     [MPSCY_LAYER_SOFTMAX] = {metal_activation_forward, metal_activation_backward},
     [MPSCY_LAYER_ADD] = {metal_add_forward, metal_add_backward},
     [MPSCY_LAYER_CONCAT] = {metal_concat_forward, metal_concat_backward},
+    [MPSCY_LAYER_RELU6] = {metal_activation_forward, metal_activation_backward},
+    [MPSCY_LAYER_HARDSIGMOID] = {metal_activation_forward, metal_activation_backward},
+    [MPSCY_LAYER_HARDSWISH] = {metal_activation_forward, metal_activation_backward},
+    [MPSCY_LAYER_SOFTPLUS] = {metal_activation_forward, metal_activation_backward},
+    [MPSCY_LAYER_MISH] = {metal_activation_forward, metal_activation_backward},
 };

@@ -90,6 +90,11 @@ cdef extern from "mpscy.h" nogil:
         MPSCY_LAYER_SOFTMAX
         MPSCY_LAYER_ADD
         MPSCY_LAYER_CONCAT
+        MPSCY_LAYER_RELU6
+        MPSCY_LAYER_HARDSIGMOID
+        MPSCY_LAYER_HARDSWISH
+        MPSCY_LAYER_SOFTPLUS
+        MPSCY_LAYER_MISH
         MPSCY_LAYER_KIND_COUNT
     enum:
         MPSCY_FLAG_BIAS

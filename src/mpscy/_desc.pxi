@@ -10,6 +10,8 @@ LAYER_KINDS = {
     "leakyrelu": MPSCY_LAYER_LEAKYRELU, "elu": MPSCY_LAYER_ELU, "sigmoid": MPSCY_LAYER_SIGMOID,
     "tanh": MPSCY_LAYER_TANH, "swish": MPSCY_LAYER_SWISH, "gelu": MPSCY_LAYER_GELU,
     "softmax": MPSCY_LAYER_SOFTMAX, "add": MPSCY_LAYER_ADD, "concat": MPSCY_LAYER_CONCAT,
+    "relu6": MPSCY_LAYER_RELU6, "hardsigmoid": MPSCY_LAYER_HARDSIGMOID, "hardswish": MPSCY_LAYER_HARDSWISH,
+    "softplus": MPSCY_LAYER_SOFTPLUS, "mish": MPSCY_LAYER_MISH,
 }
 LOSS_KINDS = {
     "sparse_cross_entropy": MPSCY_LOSS_SPARSE_CE, "cross_entropy": MPSCY_LOSS_CE,

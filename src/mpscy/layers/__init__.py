@@ -7,14 +7,15 @@ Dense weights (out, in), Conv2D weights (out_c, in_c / groups, kh, kw). One modu
 as the backends' files: base (Layer, Dense, activations, Dropout), conv (convolution and
 pooling), norm (BatchNorm, LayerNorm), merge (Add, Concatenate)."""
 
-from .base import (ELU, GELU, Dense, Dropout, Flatten, Layer, LeakyReLU, ReLU, Sigmoid, SiLU, Softmax, Swish,
-                   Tanh, kaiming_uniform)
+from .base import (ELU, GELU, Dense, Dropout, Flatten, Hardsigmoid, HardSigmoid, Hardswish, HardSwish, Layer,
+                   LeakyReLU, Mish, ReLU, ReLU6, Sigmoid, SiLU, Softmax, Softplus, Swish, Tanh, kaiming_uniform)
 from .conv import AvgPool2D, Conv2D, GlobalAvgPool2D, MaxPool2D
 from .merge import Add, Concatenate
 from .norm import BatchNorm, LayerNorm
 
 __all__ = [
     "Layer", "Dense", "ReLU", "LeakyReLU", "ELU", "Sigmoid", "Tanh", "Swish", "SiLU", "GELU",
+    "ReLU6", "Hardsigmoid", "HardSigmoid", "Hardswish", "HardSwish", "Softplus", "Mish",
     "Softmax", "Flatten", "Conv2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D", "BatchNorm",
     "LayerNorm", "Dropout", "Add", "Concatenate",
 ]

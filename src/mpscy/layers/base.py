@@ -239,6 +239,50 @@ class Swish(_Activation):
 SiLU = Swish
 
 
+class ReLU6(_Activation):
+    """min(max(x, 0), 6) (torch.nn.ReLU6; MobileNet's activation)."""
+    kind = "relu6"
+    prefix = "relu6"
+
+
+class Hardsigmoid(_Activation):
+    """min(max(x + 3, 0), 6) / 6 (torch.nn.Hardsigmoid; Keras 3's hard_sigmoid)."""
+    kind = "hardsigmoid"
+    prefix = "hardsigmoid"
+
+
+class Hardswish(_Activation):
+    """x * min(max(x + 3, 0), 6) / 6 (torch.nn.Hardswish; Keras's hard_silu, MobileNetV3's)."""
+    kind = "hardswish"
+    prefix = "hardswish"
+
+
+HardSigmoid, HardSwish = Hardsigmoid, Hardswish
+
+
+class Softplus(_Activation):
+    """log(1 + exp(beta * x)) / beta, and x itself where beta * x > threshold (torch.nn.Softplus)."""
+    kind = "softplus"
+    prefix = "softplus"
+
+    def __init__(self, beta=1.0, threshold=20.0, name=None):
+        super().__init__(name)
+        self.beta = _real(beta, "Softplus beta", 0.0, math.inf, low_open=True, high_open=True)
+        self.threshold = _finite(threshold, "Softplus threshold")
+
+    def native(self, input_shapes):
+        return {"reals": [self.beta, self.threshold]}
+
+    def config(self):
+        return {"beta": self.beta, "threshold": self.threshold}
+
+
+class Mish(_Activation):
+    """x * tanh(softplus(x)) (torch.nn.Mish)."""
+    kind = "mish"
+    prefix = "mish"
+
+
 class GELU(_Activation):
     """x * Phi(x); approximate="tanh" uses PyTorch's tanh approximation."""
     kind = "gelu"

@@ -144,6 +144,28 @@ def _emit(w, n, desc, in_shapes, ins, out, params):
         return w.node("Mul", [x, s], out, name)
     if kind == "gelu":
         return _gelu(w, x, out, name, bool(ints and ints[0]))
+    if kind == "relu6":
+        return w.node("Clip", [x, w.const(0.0), w.const(6.0)], out, name)
+    if kind == "hardsigmoid":
+        return w.node("HardSigmoid", [x], out, name, alpha=1.0 / 6.0, beta=0.5)
+    if kind == "hardswish":
+        if w.opset >= 14:
+            return w.node("HardSwish", [x], out, name)
+        h = w.node("HardSigmoid", [x], f"{name}/hardsigmoid", f"{name}/hardsigmoid", alpha=1.0 / 6.0, beta=0.5)
+        return w.node("Mul", [x, h], out, name)
+    if kind == "softplus":   # ONNX's Softplus has no threshold: past it the two differ by < 2e-9 of x
+        beta = float(reals[0])
+        if beta == 1.0:
+            return w.node("Softplus", [x], out, name)
+        bx = w.node("Mul", [x, w.const(beta)], f"{name}/beta_x", f"{name}/mul_beta")
+        s = w.node("Softplus", [bx], f"{name}/softplus", f"{name}/softplus")
+        return w.node("Mul", [s, w.const(1.0 / beta)], out, name)
+    if kind == "mish":
+        if w.opset >= 18:
+            return w.node("Mish", [x], out, name)
+        s = w.node("Softplus", [x], f"{name}/softplus", f"{name}/softplus")
+        t = w.node("Tanh", [s], f"{name}/tanh", f"{name}/tanh")
+        return w.node("Mul", [x, t], out, name)
     if kind == "softmax":
         return w.node("Softmax", [x], out, name, axis=int(ints[0]) + 1)
     if kind == "flatten":

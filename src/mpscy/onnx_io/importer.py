@@ -47,7 +47,8 @@ class Sym:
 
 
 class Expr:
-    """A pending expression: op in {"mul", "add", "erf", "tanh", "sigmoid", "matmul"}."""
+    """A pending expression: op in {"mul", "add", "erf", "tanh", "sigmoid", "hardsigmoid", "softplus",
+    "matmul"}."""
 
     def __init__(self, op, args, const=None):
         self.op, self.args, self.const = op, list(args), const
@@ -205,6 +206,10 @@ class _Reader:
         named = {"node_name": e.node_name}
         if e.op in ("sigmoid", "tanh"):
             return self.layer(L.Sigmoid if e.op == "sigmoid" else L.Tanh, [e.args[0]], **named)
+        if e.op == "hardsigmoid":
+            return self.layer(L.Hardsigmoid, [e.args[0]], **named)
+        if e.op == "softplus":
+            return self.layer(L.Softplus, [e.args[0]], **named)
         if e.op == "matmul":
             return self._dense(e.args[0], e.const, None, e.node_name)
         if e.op == "add":
@@ -222,6 +227,18 @@ class _Reader:
             for x, s in ((a, b), (b, a)):
                 if isinstance(s, Expr) and s.op == "sigmoid" and s.args[0] is x:
                     return self.layer(L.Swish, [x], **named)
+                if isinstance(s, Expr) and s.op == "hardsigmoid" and s.args[0] is x:
+                    return self.layer(L.Hardswish, [x], **named)
+                if (isinstance(s, Expr) and s.op == "tanh" and isinstance(s.args[0], Expr)
+                        and s.args[0].op == "softplus" and s.args[0].args[0] is x):
+                    return self.layer(L.Mish, [x], **named)
+        if e.op == "mul":   # softplus(beta x) / beta: torch's Softplus(beta)
+            c, factors = self._flat(e)
+            if len(factors) == 1 and isinstance(factors[0], Expr) and factors[0].op == "softplus" \
+                    and isinstance(factors[0].args[0], Expr) and factors[0].args[0].op == "mul":
+                beta, inner = self._flat(factors[0].args[0])
+                if len(inner) == 1 and beta > 0 and _close(c * beta, 1.0):
+                    return self.layer(L.Softplus, [inner[0]], beta=_f32_decimal(beta), **named)
         if e.op == "mul":
             gelu = self._match_gelu(e)
             if gelu is not None:

@@ -2,6 +2,8 @@
 operator, each returning the symbolic value(s) of the node's outputs (see importer.py).
 Attribute defaults are the ONNX specification's."""
 
+import math
+
 import numpy as np
 
 from .. import layers as L
@@ -266,6 +268,47 @@ def _leaky(r, node, args, attrs):
 @_set("Elu")
 def _elu(r, node, args, attrs):
     return r.layer(L.ELU, args[:1], alpha=attrs.get("alpha", 1.0))
+
+
+@_set("Clip")
+def _clip(r, node, args, attrs):
+    """torch's ReLU6 (Clip to [0, 6]) and a Clip to [0, inf) (a ReLU)."""
+    def bound(k, name, default):
+        if r.opset < 11:
+            return float(attrs.get(name, default))
+        if len(args) <= k or args[k] is None:
+            return default
+        return _scalar(Const(r.const_of(node.input[k], node)))
+    low, high = bound(1, "min", -math.inf), bound(2, "max", math.inf)
+    if low == 0.0 and high == 6.0:
+        return r.layer(L.ReLU6, args[:1])
+    if low == 0.0 and high == math.inf:
+        return r.layer(L.ReLU, args[:1])
+    raise UnsupportedError(f"Clip {node.name!r} to [{low}, {high}]: only [0, 6] (ReLU6) and [0, inf) (ReLU) are layers")
+
+
+@_set("HardSigmoid")
+def _hardsigmoid(r, node, args, attrs):
+    alpha, beta = attrs.get("alpha", 0.2), attrs.get("beta", 0.5)
+    if not (abs(alpha - 1.0 / 6.0) < 1e-6 and abs(beta - 0.5) < 1e-6):
+        raise UnsupportedError(f"HardSigmoid {node.name!r} with alpha={alpha}, beta={beta}: only torch's "
+                               "(alpha=1/6, beta=1/2, mpscy's Hardsigmoid) is a layer")
+    return Expr("hardsigmoid", [args[0]])   # x * hardsigmoid(x) is a Hardswish
+
+
+@_set("HardSwish")
+def _hardswish(r, node, args, attrs):
+    return r.layer(L.Hardswish, args[:1])
+
+
+@_set("Softplus")
+def _softplus(r, node, args, attrs):
+    return Expr("softplus", [args[0]])      # x * tanh(softplus(x)) is a Mish; softplus(b x) / b a Softplus(beta=b)
+
+
+@_set("Mish")
+def _mish(r, node, args, attrs):
+    return r.layer(L.Mish, args[:1])
 
 
 @_set("Gelu")
