@@ -641,6 +641,8 @@ _MISMATCH = [
                                    "Sigmoid, or train on the logits with 'bce_with_logits'"),
     ("bce", lambda h: layers.Tanh()(h), "comes from Tanh 'tanh_1'"),
     ("binary_cross_entropy", lambda h: layers.Sigmoid()(h), None),
+    ("binary_cross_entropy", lambda h: layers.Hardsigmoid()(h), None),
+    ("binary_cross_entropy", lambda h: layers.Hardswish()(h), "comes from Hardswish 'hardswish_1'"),
     ("binary_cross_entropy", lambda h: layers.Flatten()(layers.Sigmoid()(h)), None),
     ("binary_cross_entropy", lambda h: layers.Concatenate()([layers.Sigmoid()(h), layers.Softmax()(h)]), None),
     ("binary_cross_entropy", lambda h: layers.Concatenate()([layers.Sigmoid()(h), h]), "Concatenate 'concatenate_2'"),

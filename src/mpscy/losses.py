@@ -247,7 +247,7 @@ def get(loss):
     raise InvalidArgumentError(f"unknown loss {loss!r}; choose one of {sorted(set(_NAMES))} or a mpscy.losses class")
 
 
-# The probability losses take a Sigmoid's or a Softmax's output; the logit losses apply that
+# The probability losses take a Sigmoid's, Hardsigmoid's or Softmax's output; the logit losses apply that
 # squashing themselves. Layers that keep values within [0, 1] between such an output and the
 # model's (shapes and pools; a Concatenate of such outputs) count as its output.
 _PROBABILITIES = {"binary_cross_entropy": "Sigmoid", "categorical_cross_entropy": "Softmax"}
@@ -266,7 +266,7 @@ def output_mismatch(loss, model):
         layer = nodes[i].layer
         if layer is None:
             return False
-        if layer.kind in ("sigmoid", "softmax"):
+        if layer.kind in ("sigmoid", "softmax", "hardsigmoid"):
             return True
         if layer.kind in _KEEPS_RANGE or layer.kind == "concat":
             return all(squashed(j) for j in nodes[i].inputs)
