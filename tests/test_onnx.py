@@ -959,10 +959,14 @@ def test_import_torch_non_affine_norms_stay_non_affine(tt, tmp_path):
 
 # ----------------------------------------------------------------------------- ReLU6, Hardsigmoid, ...
 def _mobile_activations_mlp():
+    """Each activation after a Dense, then Softplus(beta)s right after activations written as
+    formulas (a Mish, a Swish, another Softplus(beta)): their products must not be taken apart."""
     return mpscy.Sequential([
         layers.Dense(32), layers.ReLU6(), layers.Dense(32), layers.Hardswish(), layers.Dense(32),
         layers.Hardsigmoid(), layers.Dense(32), layers.Mish(), layers.Dense(32), layers.Softplus(),
-        layers.Dense(32), layers.Softplus(beta=2.0), layers.Dense(5)], input_shape=(12,))
+        layers.Dense(32), layers.Softplus(beta=2.0), layers.Dense(16), layers.Mish(), layers.Softplus(beta=2.0),
+        layers.Swish(), layers.Softplus(beta=3.0), layers.Softplus(beta=0.5), layers.Hardswish(),
+        layers.Softplus(beta=2.0), layers.Dense(5)], input_shape=(12,))
 
 
 @pytest.mark.parametrize("opset", [13, 17, 18, 20])
@@ -979,11 +983,12 @@ def test_mobile_activations_export_import_and_onnxruntime(device, tmp_path, opse
     assert ("HardSwish" in ops, "Mish" in ops) == (opset >= 14, opset >= 18)
     assert "Clip" in ops and "HardSigmoid" in ops
     xs = (4 * np.random.default_rng(1).normal(size=(23, 12))).astype(np.float32)
-    np.testing.assert_allclose(_ort(path, {"input": xs}), engine.predict(xs), rtol=1e-5, atol=1e-6)
+    _close_to_scale(_ort(path, {"input": xs}), engine.predict(xs))  # outputs up to ~70 after 20 layers
     back = mpscy.onnx.load(path, loss="mse", batch_size=8, device=device)
     assert [type(n.layer).__name__ for n in back.model.nodes[1:]] == [type(n.layer).__name__
                                                                        for n in engine.model.nodes[1:]]
-    assert back.model.nodes[12].layer.beta == 2.0
+    assert [n.layer.beta for n in back.model.nodes if isinstance(n.layer, layers.Softplus)] == [1.0, 2.0, 2.0, 3.0,
+                                                                                                0.5, 2.0]
     np.testing.assert_allclose(back.predict(xs), engine.predict(xs), rtol=1e-6, atol=1e-7)
 
 
@@ -993,18 +998,27 @@ def test_import_torch_mobile_activations(tt, device, tmp_path, opset):
     tt.manual_seed(0)
     net = nn.Sequential(nn.Linear(12, 32), nn.ReLU6(), nn.Linear(32, 32), nn.Hardswish(), nn.Linear(32, 32),
                         nn.Hardsigmoid(), nn.Linear(32, 32), nn.Mish(), nn.Linear(32, 32), nn.Softplus(),
-                        nn.Linear(32, 32), nn.Softplus(beta=2.0), nn.Linear(32, 5))
+                        nn.Linear(32, 32), nn.Softplus(beta=2.0), nn.Linear(32, 5), nn.Mish(), nn.Softplus(beta=2.0),
+                        nn.SiLU(), nn.Softplus(beta=3.0))
     path = str(tmp_path / "torch_mobile.onnx")
     _torch_export(net, tt.randn(2, 12), path, opset)
     engine = mpscy.onnx.load(path, loss="mse", device=device, batch_size=16)
     kinds = [type(n.layer).__name__ for n in engine.model.nodes[1:]]
     assert kinds == ["Dense", "ReLU6", "Dense", "Hardswish", "Dense", "Hardsigmoid", "Dense", "Mish", "Dense",
-                     "Softplus", "Dense", "Softplus", "Dense"]
+                     "Softplus", "Dense", "Softplus", "Dense", "Mish", "Softplus", "Swish", "Softplus"]
     assert engine.model.nodes[12].layer.beta == 2.0
     x = (4 * np.random.default_rng(3).normal(size=(40, 12))).astype(np.float32)
     with tt.no_grad():
         ref = net(tt.from_numpy(x)).numpy()
-    np.testing.assert_allclose(engine.predict(x), ref, rtol=RTOL, atol=ATOL)
+    _close_to_scale(engine.predict(x), ref)
+
+
+def test_softplus_with_another_threshold_is_not_exported():
+    engine = mpscy.Engine(mpscy.Sequential([layers.Dense(3), layers.Softplus(threshold=3.0)], input_shape=(2,)),
+                          loss="mse", device="cpu")
+    with pytest.raises(mpscy.UnsupportedError, match="Softplus 'softplus_1' with threshold=3: ONNX's Softplus has "
+                                                     "no threshold"):
+        mpscy.onnx.export(engine)
 
 
 def test_import_refuses_other_clips_and_hard_sigmoids():

@@ -153,8 +153,12 @@ def _emit(w, n, desc, in_shapes, ins, out, params):
             return w.node("HardSwish", [x], out, name)
         h = w.node("HardSigmoid", [x], f"{name}/hardsigmoid", f"{name}/hardsigmoid", alpha=1.0 / 6.0, beta=0.5)
         return w.node("Mul", [x, h], out, name)
-    if kind == "softplus":   # ONNX's Softplus has no threshold: past it the two differ by < 2e-9 of x
+    if kind == "softplus":   # ONNX's Softplus has no threshold: past 20 the two differ by < 2e-9 of x
         beta = float(reals[0])
+        if float(reals[1]) != 20.0:
+            raise UnsupportedError(f"Softplus {name!r} with threshold={reals[1]:g}: ONNX's Softplus has no threshold "
+                                   "(torch's export drops it); only the default 20, where the difference is below "
+                                   "2e-9 of x, exports")
         if beta == 1.0:
             return w.node("Softplus", [x], out, name)
         bx = w.node("Mul", [x, w.const(beta)], f"{name}/beta_x", f"{name}/mul_beta")

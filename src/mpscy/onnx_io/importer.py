@@ -232,13 +232,14 @@ class _Reader:
                 if (isinstance(s, Expr) and s.op == "tanh" and isinstance(s.args[0], Expr)
                         and s.args[0].op == "softplus" and s.args[0].args[0] is x):
                     return self.layer(L.Mish, [x], **named)
-        if e.op == "mul":   # softplus(beta x) / beta: torch's Softplus(beta)
-            c, factors = self._flat(e)
-            if len(factors) == 1 and isinstance(factors[0], Expr) and factors[0].op == "softplus" \
-                    and isinstance(factors[0].args[0], Expr) and factors[0].args[0].op == "mul":
-                beta, inner = self._flat(factors[0].args[0])
-                if len(inner) == 1 and beta > 0 and _close(c * beta, 1.0):
-                    return self.layer(L.Softplus, [inner[0]], beta=_f32_decimal(beta), **named)
+        if e.op == "mul" and len(e.args) == 1 and e.const is not None:   # softplus(beta x) / beta: Softplus(beta)
+            s = e.args[0]   # matched as written, not flattened: x may be a product itself (x * tanh(...), a Mish)
+            if isinstance(s, Expr) and s.op == "softplus" and isinstance(s.args[0], Expr) and s.args[0].op == "mul" \
+                    and len(s.args[0].args) == 1 and s.args[0].const is not None:
+                c, beta = float(np.asarray(e.const).reshape(-1)[0]), float(np.asarray(s.args[0].const).reshape(-1)[0])
+                if np.asarray(e.const).size == 1 and np.asarray(s.args[0].const).size == 1 and beta > 0 \
+                        and _close(c * beta, 1.0):
+                    return self.layer(L.Softplus, [s.args[0].args[0]], beta=_f32_decimal(beta), **named)
         if e.op == "mul":
             gelu = self._match_gelu(e)
             if gelu is not None:
