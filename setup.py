@@ -234,8 +234,11 @@ def extension():
     # one multiply-add, in every clone of a loop (cpu.h's CPU_SIMD: the avx512f clone, which has
     # FMA, contracted the optimizers' element rules, so the cpu's bits depended on the host's
     # vector ISA); the cuda backend rounds them the same way (common/optim_math.h), so both take
-    # bit-identical steps from the same gradients
-    compile_args = ["-O0", "-g", "-ffp-contract=off"] if DEBUG else ["-O3", "-fno-math-errno", "-ffp-contract=off"]
+    # bit-identical steps from the same gradients. -fno-trapping-math: no code here reads the
+    # floating-point exception flags, and without it GCC keeps a select of two computed floats as
+    # a branch, which stops the activation loops (cpu/vmath.h) from vectorizing; values are the same
+    compile_args = ["-O0", "-g", "-ffp-contract=off"] if DEBUG else ["-O3", "-fno-math-errno", "-fno-trapping-math",
+                                                                     "-ffp-contract=off"]
     built = ["cpu"]
     if DARWIN:
         macros.append(("ACCELERATE_NEW_LAPACK", None))

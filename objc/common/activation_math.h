@@ -10,8 +10,20 @@
 
 #if defined(__CUDACC__)
 #define MPSCY_AHD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define MPSCY_AHD static inline __attribute__((always_inline))  /* inlined into each kind's loop, so it vectorizes */
 #else
 #define MPSCY_AHD static inline
+#endif
+
+/* The float functions the activations call: libm's, unless the includer brings its own of the same
+ * accuracy (the CPU backend: objc/cpu/vmath.h, loops the compiler can vectorize). MPSCY_LOG1PF is
+ * only ever called on values >= 0 (exp of something). */
+#ifndef MPSCY_EXPF
+#define MPSCY_EXPF expf
+#define MPSCY_EXPM1F expm1f
+#define MPSCY_TANHF tanhf
+#define MPSCY_LOG1PF log1pf
 #endif
 
 #define MPSCY_SQRT_2_OVER_PI 0.7978845608028654
@@ -34,15 +46,15 @@ MPSCY_AHD float mpscy_act(int kind, float x, float r, float r1) {
     switch (kind) {
     case MPSCY_LAYER_RELU: return mpscy_relu(x);
     case MPSCY_LAYER_LEAKYRELU: return x > 0.0f ? x : x * r;
-    case MPSCY_LAYER_ELU: return x > 0.0f ? x : r * expm1f(x);
-    case MPSCY_LAYER_SIGMOID: return 1.0f / (1.0f + expf(-x));
-    case MPSCY_LAYER_TANH: return tanhf(x);
-    case MPSCY_LAYER_SWISH: return x / (1.0f + expf(-x));
+    case MPSCY_LAYER_ELU: return x > 0.0f ? x : r * MPSCY_EXPM1F(x);
+    case MPSCY_LAYER_SIGMOID: return 1.0f / (1.0f + MPSCY_EXPF(-x));
+    case MPSCY_LAYER_TANH: return MPSCY_TANHF(x);
+    case MPSCY_LAYER_SWISH: return x / (1.0f + MPSCY_EXPF(-x));
     case MPSCY_LAYER_RELU6: return mpscy_clamp6(x);
     case MPSCY_LAYER_HARDSIGMOID: return mpscy_clamp6(x + 3.0f) / 6.0f;
     case MPSCY_LAYER_HARDSWISH: return x * mpscy_clamp6(x + 3.0f) / 6.0f;
-    case MPSCY_LAYER_SOFTPLUS: return x * r > r1 ? x : log1pf(expf(x * r)) / r;
-    case MPSCY_LAYER_MISH: return x * tanhf(log1pf(expf(x)));
+    case MPSCY_LAYER_SOFTPLUS: return x * r > r1 ? x : MPSCY_LOG1PF(MPSCY_EXPF(x * r)) / r;
+    case MPSCY_LAYER_MISH: return x * MPSCY_TANHF(MPSCY_LOG1PF(MPSCY_EXPF(x)));
     default: return x;
     }
 }
@@ -54,11 +66,11 @@ MPSCY_AHD float mpscy_act_grad(int kind, float g, float x, float y, float r, flo
     case MPSCY_LAYER_RELU: return mpscy_relu_pass(y, g);
     case MPSCY_LAYER_LEAKYRELU: return g * (x > 0.0f ? 1.0f : r);
     /* torch's elu_backward from the input: alpha * exp(x), not y + alpha (which cancels for x < -10) */
-    case MPSCY_LAYER_ELU: return x > 0.0f ? g : g * r * expf(x);
+    case MPSCY_LAYER_ELU: return x > 0.0f ? g : g * r * MPSCY_EXPF(x);
     case MPSCY_LAYER_SIGMOID: return g * y * (1.0f - y);
     case MPSCY_LAYER_TANH: return g * (1.0f - y * y);
     case MPSCY_LAYER_SWISH: {
-        float s = 1.0f / (1.0f + expf(-x));
+        float s = 1.0f / (1.0f + MPSCY_EXPF(-x));
         return g * s * (1.0f + x * (1.0f - s));
     }
     /* torch's hardtanh_backward, hardsigmoid_backward (times 1/6), hardswish_backward (x/3 + 1/2
@@ -68,11 +80,11 @@ MPSCY_AHD float mpscy_act_grad(int kind, float g, float x, float y, float r, flo
     case MPSCY_LAYER_HARDSIGMOID: return x > -3.0f && x < 3.0f ? g * (1.0f / 6.0f) : 0.0f;
     case MPSCY_LAYER_HARDSWISH: return x <= -3.0f ? 0.0f : (x < 3.0f ? g * (x / 3.0f + 0.5f) : g);
     case MPSCY_LAYER_SOFTPLUS: {
-        float z = expf(x * r);
+        float z = MPSCY_EXPF(x * r);
         return x * r > r1 ? g : g * z / (z + 1.0f);
     }
     case MPSCY_LAYER_MISH: {
-        float s = 1.0f / (1.0f + expf(-x)), t = tanhf(log1pf(expf(x)));
+        float s = 1.0f / (1.0f + MPSCY_EXPF(-x)), t = MPSCY_TANHF(MPSCY_LOG1PF(MPSCY_EXPF(x)));
         return g * (t + x * s * (1.0f - t * t));
     }
     default: return g;

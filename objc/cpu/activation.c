@@ -2,6 +2,11 @@
  * Swish/SiLU, GELU exact and tanh, ReLU6, Hardsigmoid, Hardswish, Softplus, Mish), Softmax over one axis, and Flatten, with the derivatives
  * PyTorch uses. Each reads its input and/or output; none saves anything else. */
 #include "cpu.h"
+#include "vmath.h"
+#define MPSCY_EXPF vm_expf        /* the activations' float functions as loops that vectorize */
+#define MPSCY_EXPM1F vm_expm1f
+#define MPSCY_TANHF vm_tanhf
+#define MPSCY_LOG1PF vm_log1pf_pos
 #include "../common/activation_math.h"
 
 #include <math.h>
@@ -32,7 +37,8 @@
     case MPSCY_LAYER_MISH: LOOP(MPSCY_LAYER_MISH); break; \
     }
 
-static void act_forward(int kind, float *restrict y, const float *restrict x, int64_t n, double r0, double r1d) {
+CPU_SIMD static void act_forward(int kind, float *restrict y, const float *restrict x, int64_t n, double r0,
+                                 double r1d) {
     // y (n), x (n)
     float r = (float)r0, r1 = (float)r1d;
 #define FWD(K) for (int64_t i = 0; i < n; i++) y[i] = mpscy_act(K, x[i], r, r1)
@@ -40,8 +46,8 @@ static void act_forward(int kind, float *restrict y, const float *restrict x, in
 #undef FWD
 }
 
-static void act_backward(int kind, float *restrict dx, const float *restrict dy, const float *restrict x,
-                         const float *restrict y, int64_t n, double r0, double r1d, int accum) {
+CPU_SIMD static void act_backward(int kind, float *restrict dx, const float *restrict dy, const float *restrict x,
+                                  const float *restrict y, int64_t n, double r0, double r1d, int accum) {
     // dx (n), dy (n), x (n) input, y (n) output
     float r = (float)r0, r1 = (float)r1d;
 #define BWD(K) EACH(mpscy_act_grad(K, dy[i], x[i], y[i], r, r1))
