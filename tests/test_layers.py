@@ -917,3 +917,18 @@ def test_dense_layers_sharing_an_input_sum_its_gradient(device, rng):
     assert abs(g["loss"] - np.mean((y - t) ** 2)) <= 1e-5 * g["loss"]
     for name, w in want.items():
         assert R.rel_err(g[name], w) < 1e-5, name
+
+
+def test_new_activations_survive_a_checkpoint(tmp_path):
+    model = mpscy.Sequential([layers.Dense(8), layers.ReLU6(), layers.Hardsigmoid(), layers.Dense(8), layers.Hardswish(),
+                              layers.Softplus(beta=2.0, threshold=5.0), layers.Mish(), layers.Dense(3)],
+                             input_shape=(4,))
+    engine = mpscy.Engine(model, loss="mse", batch_size=4, device="cpu", seed=1)
+    engine.save(tmp_path / "act.mpscy")
+    loaded = mpscy.load(tmp_path / "act.mpscy", device="cpu")
+    assert [repr(layer) for layer in loaded.model.layers] == [repr(layer) for layer in model.layers]
+    assert repr(loaded.model.layers[5]) == "Softplus(beta=2.0, threshold=5.0)"
+    x = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32) * 4
+    np.testing.assert_array_equal(loaded.predict(x), engine.predict(x))
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"Softplus beta must be in \(0.0, inf\), got 0"):
+        layers.Softplus(beta=0)
