@@ -4,7 +4,8 @@ on (64, 32, 32, 32) float32 (2M elements), forward and backward through `engine.
 loss, input gradients) against torch's module, forward, MAE and backward, both on the same
 threads; median of repeats after a warm-up. The flatten row (a copy each way) is about mpscy's
 cost of the call itself (staging the batch and the target, the loss, the input gradient's copy),
-which every other row includes.
+which every other row includes. With torch installed, each row but GELU's (which computes in double,
+parity first) must be within TARGET of torch's time measured in the same run.
 
     python bench/cpu_activations.py [--threads N]
 """
@@ -15,6 +16,8 @@ import numpy as np
 
 import mpscy
 from mpscy import layers as L
+
+TARGET = 3.0   # mpscy / torch for one layer's forward and backward, the call's own cost included
 
 
 def median_time(fn, repeat=9):
@@ -44,6 +47,7 @@ def main():
             ("softplus", L.Softplus, "Softplus"), ("mish", L.Mish, "Mish"), ("relu6", L.ReLU6, "ReLU6"),
             ("hardswish", L.Hardswish, "Hardswish")]
     print(f"{'activation':12s} {'mpscy ms':>9s} {'torch ms':>9s} {'ratio':>6s}")
+    missed = []
     for name, make, torch_name in rows:
         engine = mpscy.Engine(mpscy.Sequential([make()], input_shape=shape), loss="mae", batch_size=64, device="cpu",
                               input_gradients=True, threads=args.threads)
@@ -59,7 +63,11 @@ def main():
                 torch.nn.functional.l1_loss(module(xt), tt).backward()
             tms = median_time(torch_step) * 1e3
             line += f" {tms:9.2f} {ms / tms:6.2f}"
+            if name != "gelu" and ms / tms > TARGET:
+                missed.append(f"{name} {ms / tms:.2f}x")
         print(line)
+    if missed:
+        raise SystemExit(f"over {TARGET}x torch's time: {', '.join(missed)}")
 
 
 if __name__ == "__main__":

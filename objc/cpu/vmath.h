@@ -4,8 +4,8 @@
  * polynomials (exp, logf, tanhf near 0) and a Taylor series (expm1 near 0); against double
  * precision over 40 million points (tests/test_layers.py checks a grid): exp within 8.2e-8
  * relative, expm1 1.3e-7, tanh 1.4e-7, log1p(exp) 1.7e-7 (libm's are within about 1.2e-7).
- * NaN passes, exp overflows to inf past 88.72 and flushes to 0 below -87.34 (libm's goes
- * through the subnormals down to -103.97). Included by activation.c only. */
+ * NaN and -0 pass, exp overflows to inf past 88.72 and goes through the subnormals to 0 below
+ * -103.97, as libm's. Included by activation.c only. */
 #ifndef MPSCY_CPU_VMATH_H
 #define MPSCY_CPU_VMATH_H
 
@@ -22,9 +22,10 @@
 VM_INLINE float vm_as_f(int32_t b) { float f; memcpy(&f, &b, sizeof f); return f; }
 VM_INLINE int32_t vm_as_i(float f) { int32_t b; memcpy(&b, &f, sizeof b); return b; }
 
-/* 2^n p(r), x = n ln 2 + r (ln 2 in two parts), 2^n as two halves so n = 128 and -126 stay normal */
+/* 2^n p(r), x = n ln 2 + r (ln 2 in two parts), 2^n as two halves, each a normal float, so that
+ * n = 128 stays finite and n down to -150 rounds once into the subnormals, as libm's */
 VM_INLINE float vm_expf(float x) {
-    const float hi = 88.72283935546875f, lo = -87.33654022216797f;
+    const float hi = 88.72283935546875f, lo = -103.97208404541015625f;
     float xc = x > hi ? hi : (x < lo ? lo : x);
     float n = xc * 1.44269504088896341f + 12582912.0f;  /* round to the nearest integer */
     n = n - 12582912.0f;
@@ -55,6 +56,7 @@ VM_INLINE float vm_expm1f(float x) {
     p = p * x + 1.0f / 6.0f;
     p = p * x + 0.5f;
     float small = p * x * x + x, big = vm_expf(x) - 1.0f;
+    small = x == 0.0f ? x : small;  /* -0 stays -0, as libm's */
     return x > -0.5f && x < 0.5f ? small : big;
 }
 
@@ -67,6 +69,7 @@ VM_INLINE float vm_tanhf(float x) {
     p = p * z + 1.33314422036E-1f;
     p = p * z - 3.33332819422E-1f;
     float small = p * z * x + x;
+    small = x == 0.0f ? x : small;  /* -0 stays -0, as libm's */
     float big = 1.0f - 2.0f / (vm_expf(a + a) + 1.0f);
     big = x < 0.0f ? -big : big;
     return a < 0.625f ? small : big;

@@ -269,6 +269,14 @@ class Softplus(_Activation):
         super().__init__(name)
         self.beta = _real(beta, "Softplus beta", 0.0, math.inf, low_open=True, high_open=True)
         self.threshold = _finite(threshold, "Softplus threshold")
+        with np.errstate(over="ignore", divide="ignore"):  # the backends compute in float32: beta and 1 / beta
+            b32, t32 = np.float32(self.beta), np.float32(self.threshold)  # must be normal floats there
+            inv = np.float32(1.0) / b32
+        if not (b32 >= np.finfo(np.float32).tiny and np.isfinite(b32) and np.isfinite(inv)):
+            raise InvalidArgumentError(f"Softplus beta {beta!r} does not fit float32 as a normal number with a "
+                                       "finite reciprocal")
+        if not np.isfinite(t32):
+            raise InvalidArgumentError(f"Softplus threshold {threshold!r} does not fit float32")
 
     def native(self, input_shapes):
         return {"reals": [self.beta, self.threshold]}

@@ -273,16 +273,14 @@ def _elu(r, node, args, attrs):
 @_set("Clip")
 def _clip(r, node, args, attrs):
     """torch's ReLU6 (Clip to [0, 6]) and a Clip to [0, inf) (a ReLU)."""
-    def bound(k, name, default):
-        if r.opset < 11:
-            return float(attrs.get(name, default))
+    def bound(k, default):  # min and max are inputs from opset 11, which the importer requires
         if len(args) <= k or args[k] is None:
             return default
         return _scalar(Const(r.const_of(node.input[k], node)))
-    low, high = bound(1, "min", -math.inf), bound(2, "max", math.inf)
+    low, high = bound(1, -math.inf), bound(2, math.inf)
     if low == 0.0 and high == 6.0:
         return r.layer(L.ReLU6, args[:1])
-    if low == 0.0 and high == math.inf:
+    if low == 0.0 and high is not None and high >= float(np.finfo(np.float32).max):  # to inf or float32's largest
         return r.layer(L.ReLU, args[:1])
     raise UnsupportedError(f"Clip {node.name!r} to [{low}, {high}]: only [0, 6] (ReLU6) and [0, inf) (ReLU) are layers")
 
