@@ -248,12 +248,9 @@ def _evaluate(engine, source, what="validation batch", source_name="the validati
             r = engine.evaluate(xb, yb)
         except _errors.Error as e:
             raise _in_batch(e, f"{what} {k}") from e
-        w = engine._batch_weight(yb, n)
-        if w > 0:
-            total += r["loss"] * w
-            weight += w
-        else:  # every label weighs 0: only label smoothing's terms reach the set's sum
-            total += engine._smoothing_sum(xb)
+        s, w = engine._mean_share(r["loss"], yb, n, lambda: xb)
+        total += s
+        weight += w
         acc = None if r["accuracy"] is None else (acc or 0.0) + r["accuracy"] * n
         rows += n
     if rows == 0:
