@@ -221,7 +221,10 @@ def test_frozen_batchnorm_keeps_running_statistics(device):
 
 def test_lbfgs_trains_only_the_trainable_parameters(device):
     """L-BFGS's flat vectors cover dense_2 alone; against RefLBFGS over dense_2's flattened
-    parameters, with dense_0 fixed (weight decay on dense_2 only), 5 steps as test_lbfgs's MLP."""
+    parameters, with dense_0 fixed (weight decay on dense_2 only), 4 steps (16 iterations). Not 5:
+    the fifth step's last loss change is 1.5e-8 in float64, against tolerance_change 1e-8 and a
+    float32 ulp of 1.2e-7 at loss 1.7, so whether it ends an iteration early is rounding (on an
+    H100 it did: 19 iterations against 20)."""
     x, y = digits_batches(256, 1)[0]
     options = dict(lr=0.8, max_iter=4, max_eval=6, tolerance_grad=1e-6, tolerance_change=1e-8, history_size=5)
     wd = 1e-2
@@ -244,7 +247,7 @@ def test_lbfgs_trains_only_the_trainable_parameters(device):
 
     theta = np.concatenate([p0[k].ravel() for k in shapes])
     ref = RefLBFGS(**options)
-    for i in range(5):
+    for i in range(4):
         theta, ref_loss = ref.step(theta, fg)
         r = e.step(x, y)
         assert r.loss == pytest.approx(ref_loss, rel=1e-5)
@@ -255,7 +258,7 @@ def test_lbfgs_trains_only_the_trainable_parameters(device):
             np.testing.assert_array_equal(got[k], p0[k].astype(np.float32))
     s = e.get_optimizer_state()
     assert s["d"].shape == theta.shape
-    assert (s["func_evals"], s["n_iter"]) == (ref.s["func_evals"], ref.s["n_iter"])
+    assert (s["func_evals"], s["n_iter"]) == (ref.s["func_evals"], ref.s["n_iter"]) == (16, 16)
 
 
 def test_summary_counts_and_marks_frozen_layers():
@@ -422,26 +425,34 @@ def test_every_layer_frozen_warns_once_not_again_on_load(tmp_path):
 
 
 def test_no_backward_runs_below_the_first_trainable_layer():
-    """A frozen convolutional stem needs no backward at all: the step costs about its forward plus
-    the head's, where the trainable stem's step also runs its weight and input gradients
-    (measured 0.31x-0.36x on the 2-core CI machine; with the stem's backward run, its weight
-    gradients skipped, 0.65x-0.67x)."""
+    """A frozen convolutional stem needs no backward at all: the step costs about its forward, as
+    evaluate on the same batch does, where the trainable stem's step also runs its weight and input
+    gradients. On the 2-core CI machine the frozen step measured 0.98x-1.0x of evaluate and 0.35x
+    of the trainable step; with the stem's backward run, its weight gradients skipped, 1.8x of
+    evaluate (0.65x of the trainable step). Two worker threads on any machine; evaluate is the
+    yardstick because the cost of backward against forward differs between hosts (a 16-core H100
+    host measured the frozen step at 0.54x of the trainable one)."""
     def build(freeze):
         m = mpscy.Sequential([layers.Conv2D(32, 3, padding=1), layers.ReLU(), layers.Conv2D(32, 3, padding=1),
                               layers.ReLU(), layers.GlobalAvgPool2D(), layers.Dense(10)], input_shape=(16, 32, 32))
         for layer in m.layers[:4]:
             layer.trainable = not freeze
         return m
+
+    def least(f):  # the least disturbed of 7 runs, after one to warm up
+        f()
+        runs = []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            f()
+            runs.append(time.perf_counter() - t0)
+        return min(runs)
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(32, 16, 32, 32)).astype(np.float32), rng.integers(0, 10, 32)
     times = {}
     for freeze in (False, True):
-        e = mpscy.Engine(build(freeze), optimizer=optim.SGD(lr=0.01), batch_size=32, device="cpu")
-        e.step(x, y)
-        runs = []
-        for _ in range(7):
-            t0 = time.perf_counter()
-            e.step(x, y)
-            runs.append(time.perf_counter() - t0)
-        times[freeze] = min(runs)  # the least disturbed run of each
-    assert times[True] < 0.5 * times[False], times
+        e = mpscy.Engine(build(freeze), optimizer=optim.SGD(lr=0.01), batch_size=32, device="cpu", threads=2)
+        times[freeze] = least(lambda: e.step(x, y))
+    times["evaluate"] = least(lambda: e.evaluate(x, y))
+    assert times[True] < 1.3 * times["evaluate"], times
+    assert times[True] < 0.8 * times[False], times
