@@ -204,7 +204,16 @@ def layernorm_backward(dy, cache):
 # ------------------------------------------------------------------ activations
 
 
-_erf = np.vectorize(math.erf)
+_erfc = np.vectorize(math.erfc)
+
+
+def _gelu_tanh_sigmoid(x):
+    """GELU's tanh form: 0.5 (1 + tanh(u)) = sigmoid(2u), u = sqrt(2 / pi) (x + 0.044715 x^3), and
+    sigmoid(2u) (1 - sigmoid(2u)), written so that neither cancels for negative x."""
+    w = 2 * math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)
+    e = np.exp(-np.abs(w))
+    s = np.where(w < 0, e / (1 + e), 1 / (1 + e))
+    return s, e / (1 + e) ** 2
 
 
 def activation_forward(x, p, o):
@@ -222,9 +231,9 @@ def activation_forward(x, p, o):
     elif k == "swish":
         y = x / (1 + np.exp(-x))
     elif k == "gelu":
-        y = 0.5 * x * (1 + _erf(x / math.sqrt(2)))
+        y = 0.5 * x * _erfc(-x / math.sqrt(2))   # 1 + erf(x / sqrt 2), without its cancellation
     elif k == "gelu_tanh":
-        y = 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+        y = x * _gelu_tanh_sigmoid(x)[0]
     elif k == "relu6":
         y = np.clip(x, 0, 6)
     elif k == "hardsigmoid":
@@ -266,11 +275,10 @@ def activation_backward(dy, cache):
         s = 1 / (1 + np.exp(-x))
         d = dy * (s + x * s * (1 - s))
     elif k == "gelu":
-        d = dy * (0.5 * (1 + _erf(x / math.sqrt(2))) + x * np.exp(-x ** 2 / 2) / math.sqrt(2 * math.pi))
+        d = dy * (0.5 * _erfc(-x / math.sqrt(2)) + x * np.exp(-x ** 2 / 2) / math.sqrt(2 * math.pi))
     elif k == "gelu_tanh":
-        c = math.sqrt(2 / math.pi)
-        t = np.tanh(c * (x + 0.044715 * x ** 3))
-        d = dy * (0.5 * (1 + t) + 0.5 * x * (1 - t ** 2) * c * (1 + 3 * 0.044715 * x ** 2))
+        s, ss = _gelu_tanh_sigmoid(x)
+        d = dy * (s + x * ss * 2 * math.sqrt(2 / math.pi) * (1 + 3 * 0.044715 * x ** 2))
     elif k == "relu6":
         d = dy * ((x > 0) & (x < 6))
     elif k == "hardsigmoid":

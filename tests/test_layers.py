@@ -244,7 +244,8 @@ def test_elu_gradient_keeps_its_precision_far_below_zero(device):
 
 
 SMOOTH = {"sigmoid": (layers.Sigmoid, {}), "tanh": (layers.Tanh, {}), "swish": (layers.Swish, {}),
-          "elu": (lambda: layers.ELU(0.7), dict(r=0.7)), "softplus": (layers.Softplus, {}), "mish": (layers.Mish, {})}
+          "elu": (lambda: layers.ELU(0.7), dict(r=0.7)), "softplus": (layers.Softplus, {}), "mish": (layers.Mish, {}),
+          "gelu": (layers.GELU, {}), "gelu_tanh": (lambda: layers.GELU(approximate="tanh"), {})}
 
 
 @pytest.mark.parametrize("name", sorted(SMOOTH))
@@ -257,7 +258,10 @@ def test_smooth_activations_against_float64_on_a_grid(device, name):
     down to -104.5, where exp reaches 0; d(input) within 2e-6 relative plus 1e-6 of the largest (a float32 sigmoid or tanh of
     16.6 is 1, so its gradient is 0 from y (1 - y), as torch's). torch's float32 kernels measure
     1.4e-7 (sigmoid), 5.8e-8 (tanh), 2.6e-7 (swish), 1.1e-7 (ELU), 1.1e-7 (Softplus) and 2.6e-7
-    (Mish) on the same grid, this cpu backend 1.4e-7, 1.3e-7, 2.6e-7, 1.4e-7, 1.8e-7 and 2.6e-7."""
+    (Mish) on the same grid, this cpu backend 1.4e-7, 1.3e-7, 2.6e-7, 1.4e-7, 1.8e-7 and 2.6e-7.
+    GELU and its tanh form, relative down to the subnormals: this cpu backend 2.7e-7 and 2.1e-7;
+    torch's 2.7e-7 and 2.6e-7 over x >= -1, 1.6e-4 and 1.1e-5 over x >= -3, and no digit left below
+    about x = -5.5 (1 + erf(x / sqrt 2) and 1 + tanh(u) cancel in its float32)."""
     make, opts = SMOOTH[name]
     x = np.concatenate([np.linspace(-100, 100, 40001), np.linspace(-1, 1, 20001), np.linspace(-1e-3, 1e-3, 2001),
                         np.linspace(-104.5, -86.5, 3601),
@@ -269,14 +273,19 @@ def test_smooth_activations_against_float64_on_a_grid(device, name):
     y, cache = R.activation_forward(x.astype(np.float64), {}, dict(kind=name, **opts))
     got = engine.predict(x).astype(np.float64)
     rel = 4e-7 if device == "cpu" else 2e-6
-    bad = np.abs(got - y) > rel * np.abs(y) + 1.2e-38 * np.maximum(1.0, np.abs(x))
+    keep = np.ones(x.shape, bool)
+    if device == "metal" and name.startswith("gelu"):
+        # MPSGraph has no erfc: its exact GELU's 1 + erf cancels as torch's float32 does (5e-7 of the
+        # value at x = -1.5); its tanh form rounds 2u in float, |2u| 1.2e-7 of the value (8e-7 at x = -3)
+        keep = x >= (-1.5 if name == "gelu" else -3.0)
+    bad = keep & (np.abs(got - y) > rel * np.abs(y) + 1.2e-38 * np.maximum(1.0, np.abs(x)))
     assert not bad.any(), (x[bad][:5], got[bad][:5], y[bad][:5])
     if name == "softplus" and device == "cpu":  # log1p(exp(x)) = exp(x) there: the cpu's exp in the subnormals
         sub = x < -87.5
         assert np.all(np.abs(got[sub] - y[sub]) <= 1.5e-45 + 4e-7 * np.abs(y[sub])) and (got[x < -103.5] <= 1.5e-45).all()
     g = engine.gradients(x, (got - 1.0).astype(np.float32))["input"].astype(np.float64)  # d mae / d y = 1 / n
     want, _ = R.activation_backward(np.full(x.shape, 1.0 / x.size), cache)
-    bad = np.abs(g - want) > 2e-6 * np.abs(want) + 1e-6 * np.abs(want).max()
+    bad = keep & (np.abs(g - want) > 2e-6 * np.abs(want) + 1e-6 * np.abs(want).max())
     assert not bad.any(), (x[bad][:5], g[bad][:5], want[bad][:5])
 
 

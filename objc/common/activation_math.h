@@ -1,6 +1,7 @@
 /* activation_math.h — the element-wise activations, their derivatives and Softmax over one
  * strided row, written once and included by the CPU (C) and CUDA (.cu) backends (as
- * optim_math.h is), with PyTorch's formulas: GELU and the softmax sums in double. */
+ * optim_math.h is), with PyTorch's formulas: the softmax sums in double, GELU in double here (the
+ * cuda backend's; the CPU computes its own in float, vmath.h). */
 #ifndef MPSCY_ACTIVATION_MATH_H
 #define MPSCY_ACTIVATION_MATH_H
 
@@ -91,20 +92,29 @@ MPSCY_AHD float mpscy_act_grad(int kind, float g, float x, float y, float r, flo
     }
 }
 
-/* GELU, exact (erf) or the tanh approximation, and its derivative */
+/* GELU, exact or the tanh approximation, and its derivative, in double (the cuda backend's; the
+ * CPU's are vmath.h's float loops). PyTorch's formulas, written so that nothing cancels for
+ * negative x: 0.5 (1 + erf(x / sqrt 2)) as 0.5 erfc(-x / sqrt 2), and 0.5 (1 + tanh(u)) as
+ * sigmoid(2u) (1 + erf and 1 + tanh lose every digit in double near x = -8 and -7). */
+MPSCY_AHD double mpscy_gelu_tanh_sigmoid(double v, double *ss) {  /* sigmoid(2u); *ss = sigmoid(2u) (1 - sigmoid(2u)) */
+    double w = 2.0 * MPSCY_SQRT_2_OVER_PI * (v + MPSCY_GELU_C * v * v * v);
+    double e = exp(-fabs(w)), d = 1.0 / (1.0 + e);
+    *ss = e * d * d;
+    return w < 0.0 ? e * d : d;
+}
+
 MPSCY_AHD float mpscy_gelu(float x, int approx_tanh) {
-    double v = x;
-    return approx_tanh ? (float)(0.5 * v * (1.0 + tanh(MPSCY_SQRT_2_OVER_PI * (v + MPSCY_GELU_C * v * v * v))))
-                       : (float)(0.5 * v * (1.0 + erf(v * 0.7071067811865476)));
+    double v = x, ss;
+    return approx_tanh ? (float)(v * mpscy_gelu_tanh_sigmoid(v, &ss)) : (float)(0.5 * v * erfc(-v * 0.7071067811865476));
 }
 
 MPSCY_AHD double mpscy_gelu_grad(float x, int approx_tanh) {
     double v = x;
     if (approx_tanh) {
-        double t = tanh(MPSCY_SQRT_2_OVER_PI * (v + MPSCY_GELU_C * v * v * v));
-        return 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * MPSCY_SQRT_2_OVER_PI * (1.0 + 3.0 * MPSCY_GELU_C * v * v);
+        double ss, s = mpscy_gelu_tanh_sigmoid(v, &ss);
+        return s + v * ss * 2.0 * MPSCY_SQRT_2_OVER_PI * (1.0 + 3.0 * MPSCY_GELU_C * v * v);
     }
-    return 0.5 * (1.0 + erf(v * 0.7071067811865476)) + v * exp(-0.5 * v * v) * 0.3989422804014327;
+    return 0.5 * erfc(-v * 0.7071067811865476) + v * exp(-0.5 * v * v) * 0.3989422804014327;
 }
 
 /* Softmax of one row of len elements, `inner` apart: y (len), x (len) */

@@ -55,12 +55,19 @@ CPU_SIMD static void act_backward(int kind, float *restrict dx, const float *res
 #undef BWD
 }
 
-static void gelu_forward(float *y, const float *x, int64_t n, int approx_tanh) {
-    for (int64_t i = 0; i < n; i++) y[i] = mpscy_gelu(x[i], approx_tanh);  // y (n), x (n)
+/* GELU in float through vmath.h's loops (the cuda backend computes activation_math.h's in double) */
+CPU_SIMD static void gelu_forward(float *restrict y, const float *restrict x, int64_t n, int approx_tanh) {
+    // y (n), x (n)
+    if (approx_tanh)
+        for (int64_t i = 0; i < n; i++) y[i] = vm_gelu_tanh(x[i]);
+    else
+        for (int64_t i = 0; i < n; i++) y[i] = vm_gelu(x[i]);
 }
 
-static void gelu_backward(float *dx, const float *dy, const float *x, int64_t n, int approx_tanh, int accum) {
-    EACH((float)(dy[i] * mpscy_gelu_grad(x[i], approx_tanh)));
+CPU_SIMD static void gelu_backward(float *restrict dx, const float *restrict dy, const float *restrict x, int64_t n,
+                                   int approx_tanh, int accum) {
+    if (approx_tanh) EACH(dy[i] * vm_gelu_tanh_grad(x[i]));
+    else EACH(dy[i] * vm_gelu_grad(x[i]));
 }
 #undef EACH
 #undef PER_KIND

@@ -43,9 +43,9 @@ MPSGraphTensor *metal_activation_forward(MetalBuilder *c, const mpscy_node *n, i
     case MPSCY_LAYER_SWISH:
         return mt_div(c, x, mt_add(c, one, mt_exp(c, mt_neg(c, x))));
     case MPSCY_LAYER_GELU: {
-        MPSGraphTensor *inner = n->ints[0]
-            ? [c.g tanhWithTensor:gelu_inner(c, x) name:nil]
-            : [c.g erfWithTensor:mt_mul(c, x, mt_const(c, 0.7071067811865476)) name:nil];
+        if (n->ints[0])   // 0.5 x (1 + tanh(u)) as x sigmoid(2u): no cancellation for negative x
+            return mt_mul(c, x, sigmoid(c, mt_mul(c, mt_const(c, 2.0), gelu_inner(c, x))));
+        MPSGraphTensor *inner = [c.g erfWithTensor:mt_mul(c, x, mt_const(c, 0.7071067811865476)) name:nil];
         return mt_mul(c, mt_mul(c, half, x), mt_add(c, one, inner));
     }
     case MPSCY_LAYER_SOFTMAX:
@@ -96,13 +96,12 @@ void metal_activation_backward(MetalBuilder *c, const mpscy_node *n, int32_t i) 
     }
     case MPSCY_LAYER_GELU:
         if (n->ints[0]) {
-            // 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3c x^2), t = tanh(u)
-            MPSGraphTensor *t = [c.g tanhWithTensor:gelu_inner(c, x) name:nil];
-            MPSGraphTensor *du = mt_mul(c, mt_const(c, SQRT_2_OVER_PI),
+            // s + x s (1 - s) 2u', s = sigmoid(2u) = 0.5 (1 + tanh(u)), 2u' = 2 sqrt(2/pi) (1 + 3c x^2)
+            MPSGraphTensor *s = sigmoid(c, mt_mul(c, mt_const(c, 2.0), gelu_inner(c, x)));
+            MPSGraphTensor *du = mt_mul(c, mt_const(c, 2.0 * SQRT_2_OVER_PI),
                                         mt_add(c, one, mt_mul(c, mt_const(c, 3.0 * GELU_C), mt_mul(c, x, x))));
-            MPSGraphTensor *a = mt_mul(c, half, mt_add(c, one, t));
-            MPSGraphTensor *b = mt_mul(c, mt_mul(c, mt_mul(c, half, x), mt_sub(c, one, mt_mul(c, t, t))), du);
-            d = mt_mul(c, dy, mt_add(c, a, b));
+            MPSGraphTensor *b = mt_mul(c, mt_mul(c, mt_mul(c, x, s), mt_sub(c, one, s)), du);
+            d = mt_mul(c, dy, mt_add(c, s, b));
         } else {
             // Phi(x) + x phi(x)
             MPSGraphTensor *cdf = mt_mul(c, half, mt_add(c, one, [c.g erfWithTensor:mt_mul(c, x, mt_const(c, 0.7071067811865476)) name:nil]));
