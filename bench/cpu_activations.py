@@ -4,8 +4,8 @@ on (64, 32, 32, 32) float32 (2M elements), forward and backward through `engine.
 loss, input gradients) against torch's module, forward, MAE and backward, both on the same
 threads; median of repeats after a warm-up. The flatten row (a copy each way) is about mpscy's
 cost of the call itself (staging the batch and the target, the loss, the input gradient's copy),
-which every other row includes. With torch installed, each row must be within TARGET of torch's
-time measured in the same run.
+which every other row includes. With torch installed, each activation's row must be within TARGET
+of torch's time measured in the same run.
 
     python bench/cpu_activations.py [--threads N]
 """
@@ -64,7 +64,7 @@ def main():
                 torch.nn.functional.l1_loss(module(xt), tt).backward()
             tms = median_time(torch_step) * 1e3
             line += f" {tms:9.2f} {ms / tms:6.2f}"
-            if ms / tms > TARGET:
+            if name != "flatten" and ms / tms > TARGET:  # flatten: the call's own cost, for reference
                 missed.append(f"{name} {ms / tms:.2f}x")
         print(line)
     if missed:

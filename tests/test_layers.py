@@ -289,6 +289,26 @@ def test_smooth_activations_against_float64_on_a_grid(device, name):
     assert not bad.any(), (x[bad][:5], g[bad][:5], want[bad][:5])
 
 
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_at_large_inputs_is_x_or_zero_with_slope_one_or_zero(device, approximate):
+    """GELU(x) = x and d/dx = 1 for large positive x, -0 and 0 for large negative x, up to 1e30 (x^2
+    overflows float32 past 1.8e19): the tanh form's slope once grew as 8e-45 x^3 (8100 at 1e16) and
+    its value as 3.7e-44 x, from exp(-|2u|) clamped where it was not yet 0. MAE against targets
+    below the outputs: each input's gradient is d/dx / n."""
+    big = np.array([20.0, 30.0, 1e4, 1e12, 1e15, 1e16, 1e19, 2e19, 1e30], np.float32)
+    x = np.concatenate([big, -big, [0.0] * 14]).astype(np.float32).reshape(2, 16)
+    engine = mpscy.Engine(mpscy.Sequential([layers.GELU(approximate=approximate)], input_shape=(16,)), loss="mae",
+                          batch_size=2, device=device, input_gradients=True)
+    y = engine.predict(x)
+    pos, neg = x > 5, x < -5
+    np.testing.assert_array_equal(y[pos], x[pos])
+    assert np.all(np.abs(y[neg]) <= 1e-30), y[neg]
+    target = (np.minimum(y, 0.0) - 1.0).astype(np.float32)
+    g = engine.gradients(x, target)["input"] * x.size
+    np.testing.assert_array_equal(g[pos], np.ones(pos.sum(), np.float32))
+    np.testing.assert_array_equal(np.abs(g[neg]), np.zeros(neg.sum(), np.float32))
+
+
 KINKS = np.array([-8.0, -3.5, -3.0, -2.999, -0.5, -0.0, 0.0, 0.5, 2.999, 3.0, 3.5, 5.999, 6.0, 6.5, 8.0, 25.0],
                  np.float32)
 

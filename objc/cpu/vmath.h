@@ -173,13 +173,14 @@ VM_INLINE float vm_gelu_grad(float x) {
 /* GELU's tanh form, 0.5 x (1 + tanh(u)) with u = sqrt(2 / pi) (x + 0.044715 x^3), as x sigmoid(2u),
  * which does not cancel for negative x. 2u is formed in double and split into two floats, so that
  * its rounding (2u reaches 90) stays out of exp(-|2u|) (one float exp, the low part to first
- * order); |2u| past 100 (NaN too) counts as 100. Returns sigmoid(2u) and sets *ss to sigmoid(2u)
+ * order); |2u| past 110 (NaN too) counts as 110, where that exp is 0 already (below -103.97), so
+ * that sigmoid(2u) is 0 or 1 and its slope 0 there. Returns sigmoid(2u) and sets *ss to sigmoid(2u)
  * (1 - sigmoid(2u)). */
 VM_INLINE float vm_gelu_tanh_sigmoid(float x, float *ss) {
     double xd = x;
     double w = xd * (2.0 * 0.7978845608028654 + 2.0 * 0.7978845608028654 * 0.044715 * xd * xd);
     double a = w < 0.0 ? -w : w;
-    a = a < 100.0 ? a : 100.0;
+    a = a < 110.0 ? a : 110.0;
     float ah = (float)a, al = (float)(a - (double)ah);
     float e = vm_expf(-ah) * (1.0f - al), d = 1.0f / (1.0f + e);
     *ss = e * d * d;
@@ -191,11 +192,13 @@ VM_INLINE float vm_gelu_tanh(float x) {
     return x * vm_gelu_tanh_sigmoid(x, &ss);
 }
 
-/* d/dx x sigmoid(2u) = sigmoid(2u) + x sigmoid(2u) (1 - sigmoid(2u)) 2u', 2u' = 2 sqrt(2 / pi) (1 + 3 0.044715 x^2) */
+/* d/dx x sigmoid(2u) = sigmoid(2u) + x sigmoid(2u) (1 - sigmoid(2u)) 2u', 2u' = 2 sqrt(2 / pi) (1 + 3 0.044715 x^2);
+ * the second term x 0 where the slope is 0 (x^2 overflows past 1.8e19; a NaN stays NaN) */
 VM_INLINE float vm_gelu_tanh_grad(float x) {
     float ss, sg = vm_gelu_tanh_sigmoid(x, &ss);
     float wp = 1.59576912f + 0.214064449f * (x * x);
-    return sg + x * (ss * wp);
+    float t = x * (ss * wp);
+    return sg + (ss == 0.0f ? x * 0.0f : t);
 }
 
 #endif /* MPSCY_CPU_VMATH_H */

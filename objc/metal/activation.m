@@ -100,7 +100,9 @@ void metal_activation_backward(MetalBuilder *c, const mpscy_node *n, int32_t i) 
             MPSGraphTensor *s = sigmoid(c, mt_mul(c, mt_const(c, 2.0), gelu_inner(c, x)));
             MPSGraphTensor *du = mt_mul(c, mt_const(c, 2.0 * SQRT_2_OVER_PI),
                                         mt_add(c, one, mt_mul(c, mt_const(c, 3.0 * GELU_C), mt_mul(c, x, x))));
-            MPSGraphTensor *b = mt_mul(c, mt_mul(c, mt_mul(c, x, s), mt_sub(c, one, s)), du);
+            MPSGraphTensor *ss = mt_mul(c, s, mt_sub(c, one, s));
+            MPSGraphTensor *b = mt_mul(c, mt_mul(c, x, ss), du);   // x 0 where the slope is 0 (x^2 overflows past 1.8e19)
+            b = mt_select(c, mt_eq(c, ss, zero), mt_mul(c, x, zero), b);
             d = mt_mul(c, dy, mt_add(c, s, b));
         } else {
             // Phi(x) + x phi(x)
