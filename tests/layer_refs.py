@@ -147,6 +147,17 @@ def globalavgpool2d_backward(dy, shape):
     return np.broadcast_to(dy[:, :, None, None] / (shape[2] * shape[3]), shape).copy(), {}
 
 
+def upsample2d_forward(x, p, o):
+    """Nearest neighbour: each pixel repeated over an sh x sw block (torch's Upsample(mode="nearest"))."""
+    sh, sw = o["scale"]
+    return x.repeat(sh, axis=2).repeat(sw, axis=3), (x.shape, sh, sw)
+
+
+def upsample2d_backward(dy, cache):
+    (n, c, h, w), sh, sw = cache
+    return dy.reshape(n, c, h, sh, w, sw).sum((3, 5)), {}
+
+
 # ------------------------------------------------------------------ normalization
 
 
@@ -306,6 +317,7 @@ LAYERS = {
     "maxpool2d": (maxpool2d_forward, maxpool2d_backward),
     "avgpool2d": (avgpool2d_forward, avgpool2d_backward),
     "globalavgpool2d": (globalavgpool2d_forward, globalavgpool2d_backward),
+    "upsample2d": (upsample2d_forward, upsample2d_backward),
     "batchnorm": (batchnorm_forward, batchnorm_backward),
     "layernorm": (layernorm_forward, layernorm_backward),
     "activation": (activation_forward, activation_backward),

@@ -78,6 +78,11 @@ CASES = {
     "avgpool_3x2_s21_batch1": (lambda: layers.AvgPool2D((3, 2), stride=(2, 1)), "avgpool2d",
                                dict(kernel=(3, 2), stride=(2, 1), padding=(0, 0)), (4, 7, 6), 1),
     "globalavgpool": (lambda: layers.GlobalAvgPool2D(), "globalavgpool2d", {}, (5, 3, 7), 3),
+    # upsampling (nearest): square and unequal factors, Keras's name, and a plane large enough to be split
+    "upsample_2": (lambda: layers.Upsample(2), "upsample2d", dict(scale=(2, 2)), (3, 4, 5), 3),
+    "upsample_1x3": (lambda: layers.UpSampling2D((1, 3)), "upsample2d", dict(scale=(1, 3)), (2, 5, 4), 2),
+    "upsample_3x2": (lambda: layers.Upsample((3, 2)), "upsample2d", dict(scale=(3, 2)), (2, 3, 7), 1),
+    "upsample_2_large": (lambda: layers.Upsample(2.0), "upsample2d", dict(scale=(2, 2)), (8, 48, 40), 2),
     # normalization (train-mode loss and gradients; predict in eval mode)
     "batchnorm_features": (lambda: layers.BatchNorm(), "batchnorm", dict(eps=1e-5), (7,), 6),
     "batchnorm_channels": (lambda: layers.BatchNorm(momentum=0.3, eps=1e-3), "batchnorm", dict(eps=1e-3),
@@ -570,6 +575,15 @@ def test_dropout_rate_zero_is_identity_in_train_mode(device, rng):
     (lambda: layers.Softplus(beta=1e39), mpscy.InvalidArgumentError, "does not fit float32 as a normal number"),
     (lambda: layers.Softplus(threshold=1e39), mpscy.InvalidArgumentError, r"threshold 1e\+39 does not fit float32"),
     (lambda: layers.Concatenate(axis=1.5), mpscy.InvalidArgumentError, "axis"),
+    (lambda: layers.Upsample(0), mpscy.InvalidArgumentError, "scale_factor must be an integer >= 1"),
+    (lambda: layers.Upsample(1.5), mpscy.InvalidArgumentError,
+     r"scale_factor must be a whole number or a pair of them \(nearest-neighbour upsampling repeats each pixel a "
+     r"whole number of times\), got 1.5"),
+    (lambda: layers.Upsample((2, 2, 2)), mpscy.InvalidArgumentError, "pair"),
+    (lambda: layers.Upsample(True), mpscy.InvalidArgumentError, "scale_factor"),
+    (lambda: layers.Upsample(2, mode="bilinear"), mpscy.InvalidArgumentError,
+     "Upsample mode 'bilinear' is not available: only 'nearest'"),
+    (lambda: layers.UpSampling2D(2, interpolation="bilinear"), mpscy.InvalidArgumentError, "only 'nearest'"),
 ])
 def test_bad_options_are_refused_at_construction(make, error, match):
     with pytest.raises(error, match=match):
@@ -580,6 +594,7 @@ def test_bad_options_are_refused_at_construction(make, error, match):
     ([layers.Conv2D(4, 3)], (10,), mpscy.ShapeError, r"\(C, H, W\)"),
     ([layers.MaxPool2D(2)], (3, 4), mpscy.ShapeError, r"\(C, H, W\)"),
     ([layers.GlobalAvgPool2D()], (3,), mpscy.ShapeError, r"\(C, H, W\)"),
+    ([layers.Upsample(2)], (3, 4), mpscy.ShapeError, r"Upsample needs \(C, H, W\) inputs"),
     ([layers.Conv2D(4, 5)], (1, 4, 8), mpscy.ShapeError, "smaller than"),
     ([layers.MaxPool2D(3)], (1, 2, 8), mpscy.ShapeError, "smaller than"),
     ([layers.Conv2D(4, 3, groups=2)], (3, 8, 8), mpscy.ShapeError, "groups 2 must divide"),
@@ -646,6 +661,8 @@ def test_layer_configs_round_trip():
     assert layers.Dropout(0.25).config() == {"rate": 0.25}
     assert layers.LeakyReLU().config() == {"negative_slope": 0.01}
     assert layers.ELU().config() == {"alpha": 1.0}
+    assert layers.Upsample(2.0).config() == {"scale_factor": (2, 2), "mode": "nearest"}
+    assert layers.UpSampling2D((1, 3)).config() == {"size": (1, 3), "interpolation": "nearest"}
     assert repr(layers.Dropout(0.5)) == "Dropout(rate=0.5)"
 
 
@@ -680,6 +697,8 @@ def torch_module(torch, case):
         return cls(in_c, eps=layer.eps, momentum=layer.momentum, affine=layer.affine)
     if isinstance(layer, layers.LayerNorm):
         return nn.LayerNorm(layer.normalized_shape, layer.eps, layer.elementwise_affine)
+    if isinstance(layer, layers.Upsample):
+        return nn.Upsample(scale_factor=tuple(float(f) for f in layer.scale_factor), mode="nearest")
     return {"relu": nn.ReLU(), "leakyrelu": nn.LeakyReLU(0.2), "elu": nn.ELU(0.7), "sigmoid": nn.Sigmoid(),
             "tanh": nn.Tanh(), "swish": nn.SiLU(), "gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"),
             "softmax_last": nn.Softmax(-1), "softmax_channels": nn.Softmax(1), "flatten": nn.Flatten(),

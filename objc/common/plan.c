@@ -23,7 +23,7 @@ static const char *kind_name(int32_t kind) {
         "Input", "Dense", "ReLU", "Conv2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D",
         "Flatten", "BatchNorm", "LayerNorm", "Dropout", "LeakyReLU", "ELU", "Sigmoid",
         "Tanh", "Swish", "GELU", "Softmax", "Add", "Concatenate", "ReLU6", "Hardsigmoid", "Hardswish",
-        "Softplus", "Mish"};
+        "Softplus", "Mish", "Upsample2D"};
     return (kind >= 0 && kind < MPSCY_LAYER_KIND_COUNT) ? names[kind] : "unknown";
 }
 
@@ -175,6 +175,17 @@ static int infer_node(mpscy_plan *p, int32_t i, const char *component, char *err
             return FAIL(MPSCY_SHAPE, "node %d (%s): GlobalAvgPool2D needs (C, H, W) input, got rank %d", i, n->name, a->rank);
         r = 1;
         s[0] = a->shape[0];
+        break;
+    case MPSCY_LAYER_UPSAMPLE2D:
+        if (a->rank != 3)
+            return FAIL(MPSCY_SHAPE, "node %d (%s): Upsample2D needs (C, H, W) input, got rank %d", i, n->name, a->rank);
+        if (q[0] <= 0 || q[1] <= 0)
+            return FAIL(MPSCY_INVALID, "node %d (%s): Upsample2D scale factors (%d, %d) must be > 0", i, n->name, q[0],
+                        q[1]);
+        r = 3;
+        s[0] = a->shape[0];
+        s[1] = cap_mul(a->shape[1], q[0]);
+        s[2] = cap_mul(a->shape[2], q[1]);
         break;
     case MPSCY_LAYER_FLATTEN:
         r = 1;

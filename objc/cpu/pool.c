@@ -1,7 +1,9 @@
-/* pool.c — MaxPool2D, AvgPool2D and GlobalAvgPool2D on the CPU, NCHW, as torch.nn defines them
- * (floor mode; max pooling pads with -inf and sends each gradient to the first maximum, a NaN
- * winning as in PyTorch; average pooling divides by KH*KW or, without count_include_pad, by the number of
- * in-bounds taps). MaxPool saves the argmax of every output element; the others save nothing. */
+/* pool.c — MaxPool2D, AvgPool2D, GlobalAvgPool2D and nearest-neighbour Upsample2D on the CPU,
+ * NCHW, as torch.nn defines them (floor mode; max pooling pads with -inf and sends each gradient to
+ * the first maximum, a NaN winning as in PyTorch; average pooling divides by KH*KW or, without
+ * count_include_pad, by the number of in-bounds taps; upsampling repeats each pixel over an sh x sw
+ * block, and its gradient sums the block's). MaxPool saves the argmax of every output element; the
+ * others save nothing. */
 #include "cpu.h"
 
 #include <math.h>
@@ -116,6 +118,36 @@ CPU_SIMD static void global_avgpool_backward(float *dx, const float *dy, int64_t
 }
 
 /* One pooling pass over the pool, a share of the planes (batch x channels) per thread. */
+/* Upsample2D, nearest: y[c, i, j] = x[c, i / sh, j / sw]; one output row built, then copied to
+ * the block's other sh - 1 rows */
+static void upsample_forward(float *y, const float *x, const pool_geom *p) {
+    // y (planes, H sh, W sw), x (planes, H, W)
+    for (int64_t c = 0; c < p->planes; c++)
+        for (int64_t h = 0; h < p->h; h++) {
+            const float *xr = x + (c * p->h + h) * p->w;
+            float *yr = y + (c * p->oh + h * p->sh) * p->ow;
+            for (int64_t w = 0; w < p->w; w++)
+                for (int64_t k = 0; k < p->sw; k++) yr[w * p->sw + k] = xr[w];
+            for (int64_t k = 1; k < p->sh; k++) memcpy(yr + k * p->ow, yr, (size_t)p->ow * sizeof(float));
+        }
+}
+
+/* dx[c, h, w] = the sum of its block of dy, row by row of the block, left to right */
+static void upsample_backward(float *dx, const float *dy, const pool_geom *p, int accum) {
+    // dx (planes, H, W), dy (planes, H sh, W sw)
+    for (int64_t c = 0; c < p->planes; c++)
+        for (int64_t h = 0; h < p->h; h++) {
+            float *dr = dx + (c * p->h + h) * p->w;
+            const float *yr = dy + (c * p->oh + h * p->sh) * p->ow;
+            for (int64_t w = 0; w < p->w; w++) {
+                float s = 0.0f;
+                for (int64_t i = 0; i < p->sh; i++)
+                    for (int64_t k = 0; k < p->sw; k++) s += yr[i * p->ow + w * p->sw + k];
+                dr[w] = accum ? dr[w] + s : s;
+            }
+        }
+}
+
 typedef struct pool_job {
     const mpscy_node *n;
     pool_geom p;                 /* planes, and for GlobalAvgPool2D h * w = HW, oh = ow = 1 */
@@ -138,6 +170,7 @@ static void pool_task(void *ctx, int32_t t, int32_t nt) {
         float *dx = j->out + lo * hw;
         const float *dy = j->in + lo * ohw;
         if (j->n->kind == MPSCY_LAYER_GLOBALAVGPOOL2D) global_avgpool_backward(dx, dy, q.planes, hw, j->accum);
+        else if (j->n->kind == MPSCY_LAYER_UPSAMPLE2D) upsample_backward(dx, dy, &q, j->accum);
         else if (j->n->kind == MPSCY_LAYER_MAXPOOL2D) maxpool_backward(dx, dy, arg, &q, j->accum);
         else avgpool_backward(dx, dy, &q, j->accum);
         return;
@@ -145,6 +178,7 @@ static void pool_task(void *ctx, int32_t t, int32_t nt) {
     float *y = j->out + lo * ohw;
     const float *x = j->in + lo * hw;
     if (j->n->kind == MPSCY_LAYER_GLOBALAVGPOOL2D) global_avgpool_forward(y, x, q.planes, hw);
+    else if (j->n->kind == MPSCY_LAYER_UPSAMPLE2D) upsample_forward(y, x, &q);
     else if (j->n->kind == MPSCY_LAYER_MAXPOOL2D) maxpool_forward(y, arg, x, &q);
     else avgpool_forward(y, x, &q);
 }
@@ -157,6 +191,15 @@ static void pool_run(cpu_graph *g, const mpscy_node *n, int64_t b, float *out, c
         j.p.h = src->shape[1];
         j.p.w = src->shape[2];
         j.p.oh = j.p.ow = 1;
+    } else if (n->kind == MPSCY_LAYER_UPSAMPLE2D) {
+        const mpscy_node *src = &g->plan.nodes[n->in[0]];
+        j.p.planes = b * src->shape[0];
+        j.p.h = src->shape[1];
+        j.p.w = src->shape[2];
+        j.p.oh = n->shape[1];
+        j.p.ow = n->shape[2];
+        j.p.sh = n->ints[0];
+        j.p.sw = n->ints[1];
     } else {
         j.p = geom(g, n, b);
     }
@@ -164,7 +207,9 @@ static void pool_run(cpu_graph *g, const mpscy_node *n, int64_t b, float *out, c
         j.p.include_pad = 0;
         j.arg = (int32_t *)(g->save + n->save);
     }
-    cpu_parallel_over(g->pool, pool_task, &j, j.p.planes * j.p.h * j.p.w, j.p.planes);
+    cpu_parallel_over(g->pool, pool_task, &j, j.p.planes * (j.p.h * j.p.w > j.p.oh * j.p.ow ? j.p.h * j.p.w
+                                                                                           : j.p.oh * j.p.ow),
+                      j.p.planes);
 }
 
 void cpu_pool_forward(cpu_graph *g, const mpscy_node *n, int64_t b, int train, const mpscy_step_args *a) {

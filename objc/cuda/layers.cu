@@ -32,5 +32,6 @@ const cu_layer_ops cu_layers[MPSCY_LAYER_KIND_COUNT] = {
     /* HARDSWISH */ ACT,
     /* SOFTPLUS */ ACT,
     /* MISH */ ACT,
+    /* UPSAMPLE2D */ {cu_pool_forward, cu_pool_backward, NULL, NULL},
 };
-static_assert(MPSCY_LAYER_MISH == 24 && MPSCY_LAYER_KIND_COUNT == 25, "the table follows mpscy_layer_kind");
+static_assert(MPSCY_LAYER_UPSAMPLE2D == 25 && MPSCY_LAYER_KIND_COUNT == 26, "the table follows mpscy_layer_kind");

@@ -1,8 +1,10 @@
-/* pool.cu — MaxPool2D, AvgPool2D and GlobalAvgPool2D on CUDA, NCHW, as cpu/pool.c defines them
- * (floor mode; max pooling sends each gradient to the first maximum, a NaN winning; average
- * pooling divides by KH*KW or, without count_include_pad, by the in-bounds taps). Backward
- * gathers: each input element sums the outputs whose window holds it, in a fixed order, so no
- * atomics and the same result every run. MaxPool saves the argmax of every output element. */
+/* pool.cu — MaxPool2D, AvgPool2D, GlobalAvgPool2D and nearest-neighbour Upsample2D on CUDA, NCHW,
+ * as cpu/pool.c defines them (floor mode; max pooling sends each gradient to the first maximum, a
+ * NaN winning; average pooling divides by KH*KW or, without count_include_pad, by the in-bounds
+ * taps; upsampling repeats each pixel over an sh x sw block). Backward gathers: each input element
+ * sums the outputs whose window holds it, in a fixed order, so no atomics and the same result every
+ * run (Upsample2D's in the cpu's order, so the two agree to the bit). MaxPool saves the argmax of
+ * every output element. */
 #include "cuda.h"
 #include "reduce.h"
 
@@ -113,6 +115,39 @@ __global__ void global_avgpool_backward(float *dx, const float *dy, int64_t plan
     }
 }
 
+/* Upsample2D, nearest: y[c, i, j] = x[c, i / sh, j / sw], a thread per output element */
+__global__ void upsample_forward(float *y, const float *x, pool_geom p) {
+    // y (planes, H sh, W sw), x (planes, H, W)
+    cu_pdl_enter();
+    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < p.planes * p.oh * p.ow;
+         e += (int64_t)gridDim.x * blockDim.x) {
+        int64_t j = e % p.ow, t = e / p.ow, i = t % p.oh, c = t / p.oh;
+        y[e] = x[(c * p.h + i / p.sh) * p.w + j / p.sw];
+    }
+}
+
+/* a thread per input element: the sum of its block of dy, row by row, left to right in float (cpu/pool.c's order) */
+__global__ void upsample_backward(float *dx, const float *dy, pool_geom p, int accum) {
+    // dx (planes, H, W), dy (planes, H sh, W sw)
+    cu_pdl_enter();
+    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < p.planes * p.h * p.w;
+         e += (int64_t)gridDim.x * blockDim.x) {
+        int64_t w = e % p.w, t = e / p.w, h = t % p.h, c = t / p.h;
+        const float *r = dy + (c * p.oh + h * p.sh) * p.ow + w * p.sw;
+        float s = 0.0f;
+        for (int64_t a = 0; a < p.sh; a++)
+            for (int64_t k = 0; k < p.sw; k++) s += r[a * p.ow + k];
+        dx[e] = accum ? dx[e] + s : s;
+    }
+}
+
+static pool_geom upsample_geom(const cu_graph *g, const mpscy_node *n, int64_t b) {
+    const mpscy_node *a = &g->plan.nodes[n->in[0]];
+    pool_geom p = {b * a->shape[0], a->shape[1], a->shape[2], n->shape[1], n->shape[2], 1, 1, n->ints[0], n->ints[1],
+                   0, 0, 0, 0};
+    return p;
+}
+
 int cu_pool_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en) {
     (void)train;
     int64_t i = cu_node_index(g, n);
@@ -124,6 +159,13 @@ int cu_pool_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char
                          g->y[i], x, planes, hw),
                "global_avgpool_forward");
         return CU_LAUNCHED("global_avgpool_forward");
+    }
+    if (n->kind == MPSCY_LAYER_UPSAMPLE2D) {
+        pool_geom p = upsample_geom(g, n, b);
+        CU_TRY(cu_launch(g, upsample_forward, cu_blocks(p.planes * p.oh * p.ow, CU_THREADS, 8192), CU_THREADS, g->stream,
+                         g->y[i], x, p),
+               "upsample_forward");
+        return CU_LAUNCHED("upsample_forward");
     }
     pool_geom p = geom(g, n, b);
     CU_TRY(cu_launch(g, pool_forward, cu_blocks(p.planes * p.oh * p.ow, CU_THREADS, 8192), CU_THREADS, g->stream, g->y[i],
@@ -143,6 +185,13 @@ int cu_pool_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, siz
                          (const float *)g->dy[i], planes, hw, (int)n->accum[0]),
                "global_avgpool_backward");
         return CU_LAUNCHED("global_avgpool_backward");
+    }
+    if (n->kind == MPSCY_LAYER_UPSAMPLE2D) {
+        pool_geom p = upsample_geom(g, n, b);
+        CU_TRY(cu_launch(g, upsample_backward, cu_blocks(p.planes * p.h * p.w, CU_THREADS, 8192), CU_THREADS, g->stream, dx,
+                         (const float *)g->dy[i], p, (int)n->accum[0]),
+               "upsample_backward");
+        return CU_LAUNCHED("upsample_backward");
     }
     pool_geom p = geom(g, n, b);
     CU_TRY(cu_launch(g, pool_backward, cu_blocks(p.planes * p.h * p.w, CU_THREADS, 8192), CU_THREADS, g->stream, dx,

@@ -10,6 +10,7 @@ const metal_layer_ops metal_layers[MPSCY_LAYER_KIND_COUNT] = {
     [MPSCY_LAYER_MAXPOOL2D] = {metal_pool_forward, metal_pool_backward},
     [MPSCY_LAYER_AVGPOOL2D] = {metal_pool_forward, metal_pool_backward},
     [MPSCY_LAYER_GLOBALAVGPOOL2D] = {metal_global_pool_forward, metal_global_pool_backward},
+    [MPSCY_LAYER_UPSAMPLE2D] = {metal_upsample_forward, metal_upsample_backward},
     [MPSCY_LAYER_FLATTEN] = {metal_flatten_forward, metal_flatten_backward},
     [MPSCY_LAYER_BATCHNORM] = {metal_batchnorm_forward, metal_batchnorm_backward},
     [MPSCY_LAYER_LAYERNORM] = {metal_layernorm_forward, metal_layernorm_backward},

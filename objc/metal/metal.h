@@ -223,6 +223,8 @@ MPSGraphTensor *metal_pool_forward(MetalBuilder *c, const mpscy_node *n, int32_t
 void metal_pool_backward(MetalBuilder *c, const mpscy_node *n, int32_t i);
 MPSGraphTensor *metal_global_pool_forward(MetalBuilder *c, const mpscy_node *n, int32_t i);
 void metal_global_pool_backward(MetalBuilder *c, const mpscy_node *n, int32_t i);
+MPSGraphTensor *metal_upsample_forward(MetalBuilder *c, const mpscy_node *n, int32_t i);
+void metal_upsample_backward(MetalBuilder *c, const mpscy_node *n, int32_t i);
 MPSGraphTensor *metal_batchnorm_forward(MetalBuilder *c, const mpscy_node *n, int32_t i);
 void metal_batchnorm_backward(MetalBuilder *c, const mpscy_node *n, int32_t i);
 MPSGraphTensor *metal_layernorm_forward(MetalBuilder *c, const mpscy_node *n, int32_t i);

@@ -11,7 +11,7 @@ LAYER_KINDS = {
     "tanh": MPSCY_LAYER_TANH, "swish": MPSCY_LAYER_SWISH, "gelu": MPSCY_LAYER_GELU,
     "softmax": MPSCY_LAYER_SOFTMAX, "add": MPSCY_LAYER_ADD, "concat": MPSCY_LAYER_CONCAT,
     "relu6": MPSCY_LAYER_RELU6, "hardsigmoid": MPSCY_LAYER_HARDSIGMOID, "hardswish": MPSCY_LAYER_HARDSWISH,
-    "softplus": MPSCY_LAYER_SOFTPLUS, "mish": MPSCY_LAYER_MISH,
+    "softplus": MPSCY_LAYER_SOFTPLUS, "mish": MPSCY_LAYER_MISH, "upsample2d": MPSCY_LAYER_UPSAMPLE2D,
 }
 LOSS_KINDS = {
     "sparse_cross_entropy": MPSCY_LOSS_SPARSE_CE, "cross_entropy": MPSCY_LOSS_CE,

@@ -252,7 +252,7 @@ def get(loss):
 # model's (shapes and pools; a Concatenate of such outputs) count as its output.
 _PROBABILITIES = {"binary_cross_entropy": "Sigmoid", "categorical_cross_entropy": "Softmax"}
 _LOGITS = {"sparse_cross_entropy": "softmax", "cross_entropy": "softmax", "bce_with_logits": "sigmoid"}
-_KEEPS_RANGE = {"flatten", "maxpool2d", "avgpool2d", "globalavgpool2d"}
+_KEEPS_RANGE = {"flatten", "maxpool2d", "avgpool2d", "globalavgpool2d", "upsample2d"}
 
 
 def output_mismatch(loss, model):

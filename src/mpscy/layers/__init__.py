@@ -4,12 +4,12 @@ and describes itself to the native graph builder. All computation happens in the
 
 Shapes are per sample (batch excluded) and follow PyTorch/ONNX layouts: images are (C, H, W),
 Dense weights (out, in), Conv2D weights (out_c, in_c / groups, kh, kw). One module per family,
-as the backends' files: base (Layer, Dense, activations, Dropout), conv (convolution and
-pooling), norm (BatchNorm, LayerNorm), merge (Add, Concatenate)."""
+as the backends' files: base (Layer, Dense, activations, Dropout), conv (convolution,
+pooling and upsampling), norm (BatchNorm, LayerNorm), merge (Add, Concatenate)."""
 
 from .base import (ELU, GELU, Dense, Dropout, Flatten, Hardsigmoid, HardSigmoid, Hardswish, HardSwish, Layer,
                    LeakyReLU, Mish, ReLU, ReLU6, Sigmoid, SiLU, Softmax, Softplus, Swish, Tanh, kaiming_uniform)
-from .conv import AvgPool2D, Conv2D, GlobalAvgPool2D, MaxPool2D
+from .conv import AvgPool2D, Conv2D, GlobalAvgPool2D, MaxPool2D, Upsample, UpSampling2D
 from .merge import Add, Concatenate
 from .norm import BatchNorm, LayerNorm
 
@@ -17,5 +17,5 @@ __all__ = [
     "Layer", "Dense", "ReLU", "LeakyReLU", "ELU", "Sigmoid", "Tanh", "Swish", "SiLU", "GELU",
     "ReLU6", "Hardsigmoid", "HardSigmoid", "Hardswish", "HardSwish", "Softplus", "Mish",
     "Softmax", "Flatten", "Conv2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D", "BatchNorm",
-    "LayerNorm", "Dropout", "Add", "Concatenate",
+    "LayerNorm", "Dropout", "Add", "Concatenate", "Upsample", "UpSampling2D",
 ]

@@ -1,5 +1,5 @@
-"""Convolution and pooling over (C, H, W) images (NCHW batches): Conv2D, MaxPool2D, AvgPool2D
-and GlobalAvgPool2D, their option checks, padding ("valid", "same" or explicit) and PyTorch's
+"""Convolution, pooling and upsampling over (C, H, W) images (NCHW batches): Conv2D, MaxPool2D,
+AvgPool2D, GlobalAvgPool2D and Upsample (= UpSampling2D), their option checks, padding ("valid", "same" or explicit) and PyTorch's
 floor-mode shape rules. Options only; computation happens in the backend."""
 
 import numpy as np
@@ -221,3 +221,51 @@ class GlobalAvgPool2D(Layer):
     def output_shape(self, input_shapes):
         c, _, _ = _image(input_shapes[0], "GlobalAvgPool2D")
         return (c,)
+
+
+def _scale_pair(value, what):
+    """An Upsample factor: a positive integer (a whole float too, as torch's scale_factor=2.0) or a
+    pair of them, as (sh, sw)."""
+    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    whole = tuple(int(v) if isinstance(v, (float, np.floating)) and float(v).is_integer() else v for v in pair)
+    if any(isinstance(v, (float, np.floating)) for v in whole):
+        raise InvalidArgumentError(f"{what} must be a whole number or a pair of them (nearest-neighbour "
+                                   f"upsampling repeats each pixel a whole number of times), got {value!r}")
+    return _pair(whole, what)
+
+
+class Upsample(Layer):
+    """Nearest-neighbour upsampling of (C, H, W) images by whole factors: (C, H, W) -> (C, H * sh,
+    W * sw), each pixel repeated over an sh x sw block, as torch.nn.Upsample(scale_factor=s,
+    mode="nearest") and Keras's UpSampling2D(size=s). The gradient of an input pixel is the sum
+    of its block's. scale_factor: an int (or a whole float, as torch's 2.0) or (sh, sw)."""
+    kind = "upsample2d"
+    prefix = "upsample2d"
+
+    def __init__(self, scale_factor=2, mode="nearest", name=None):
+        super().__init__(name)
+        if mode != "nearest":
+            raise InvalidArgumentError(f"Upsample mode {mode!r} is not available: only 'nearest' (each pixel "
+                                       f"repeated); for a learned upsampling, a Conv2D after it")
+        self.scale_factor = _scale_pair(scale_factor, "Upsample scale_factor")
+        self.mode = mode
+
+    def output_shape(self, input_shapes):
+        c, h, w = _image(input_shapes[0], type(self).__name__)
+        return (c, h * self.scale_factor[0], w * self.scale_factor[1])
+
+    def native(self, input_shapes):
+        return {"ints": [*self.scale_factor]}
+
+    def config(self):
+        return {"scale_factor": self.scale_factor, "mode": self.mode}
+
+
+class UpSampling2D(Upsample):
+    """Keras's name and arguments for Upsample: UpSampling2D(size=2, interpolation="nearest")."""
+
+    def __init__(self, size=2, interpolation="nearest", name=None):
+        super().__init__(scale_factor=size, mode=interpolation, name=name)
+
+    def config(self):
+        return {"size": self.scale_factor, "interpolation": self.mode}
