@@ -1032,3 +1032,99 @@ def test_import_refuses_other_clips_and_hard_sigmoids():
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         with pytest.raises(mpscy.UnsupportedError, match=f"{node.op_type} '{node.name}'"):
             mpscy.onnx.read(model)
+
+
+# ----------------------------------------------------------------------------- Upsample (Resize)
+def _decoder():
+    return mpscy.Sequential([layers.Conv2D(4, 3, padding=1), layers.ReLU(), layers.Upsample(2),
+                             layers.Conv2D(3, 3, padding=1), layers.UpSampling2D((1, 3)), layers.Flatten(),
+                             layers.Dense(5)], input_shape=(2, 5, 4))
+
+
+@pytest.mark.parametrize("opset", [13, 18, 21])
+def test_upsample_exports_as_resize_and_round_trips(device, tmp_path, opset):
+    """Upsample as torch exports nn.Upsample(mode="nearest"): Resize with scales [1, 1, sh, sw],
+    asymmetric coordinates, floor; onnxruntime's predictions within 1e-5, and back in as Upsample
+    layers with their factors."""
+    engine = mpscy.Engine(_decoder(), batch_size=8, device=device, seed=4)
+    path = str(tmp_path / "up.onnx")
+    mpscy.onnx.export(engine, path, opset=opset)
+    m = onnx.load(path)
+    onnx.checker.check_model(m, full_check=True)
+    resize = [n for n in m.graph.node if n.op_type == "Resize"]
+    assert len(resize) == 2
+    attrs = {a.name: a.s.decode() for a in resize[0].attribute}
+    assert attrs == {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}
+    xs = np.random.default_rng(1).normal(size=(11, 2, 5, 4)).astype(np.float32)
+    np.testing.assert_allclose(_ort(path, {"input": xs}), engine.predict(xs), rtol=RTOL, atol=ATOL)
+    back = mpscy.onnx.load(path, batch_size=4, device=device)
+    ups = [n.layer for n in back.model.nodes if isinstance(n.layer, layers.Upsample)]
+    assert [u.scale_factor for u in ups] == [(2, 2), (1, 3)]
+    np.testing.assert_array_equal(back.predict(xs), engine.predict(xs))
+
+
+@pytest.mark.parametrize("opset", [13, 17, 20])
+def test_import_torch_upsample(tt, device, tmp_path, opset):
+    """torch's nn.Upsample(scale_factor=2 and (2, 3), mode="nearest") and F.interpolate(...,
+    scale_factor=2.0) import as Upsample and predict as torch does; a bilinear one is refused by
+    name."""
+    nn, F = tt.nn, tt.nn.functional
+
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 3, 3, padding=1)
+            self.up = nn.Upsample(scale_factor=(2, 3), mode="nearest")
+            self.head = nn.Linear(3 * 20 * 24, 5)
+
+        def forward(self, x):
+            x = F.interpolate(tt.relu(self.c1(x)), scale_factor=2.0, mode="nearest")
+            return self.head(self.up(self.c2(x)).flatten(1))
+
+    tt.manual_seed(0)
+    model = Decoder()
+    path = str(tmp_path / "dec.onnx")
+    _torch_export(model, tt.zeros(1, 2, 5, 4), path, opset)
+    engine = mpscy.onnx.load(path, batch_size=4, device=device)
+    ups = [n.layer.scale_factor for n in engine.model.nodes if isinstance(n.layer, layers.Upsample)]
+    assert ups == [(2, 2), (2, 3)]
+    xs = np.random.default_rng(3).normal(size=(6, 2, 5, 4)).astype(np.float32)
+    with tt.no_grad():
+        want = model(tt.from_numpy(xs)).numpy()
+    np.testing.assert_allclose(engine.predict(xs), want, rtol=1e-5, atol=1e-6)
+
+    class Bilinear(nn.Module):
+        def forward(self, x):
+            return F.interpolate(x, scale_factor=2.0, mode="bilinear").flatten(1)
+    path = str(tmp_path / "bilinear.onnx")
+    _torch_export(Bilinear(), tt.zeros(1, 2, 5, 4), path, opset)
+    with pytest.raises(mpscy.UnsupportedError, match="Resize .* with mode='linear' is not supported: only 'nearest'"):
+        mpscy.onnx.load(path, batch_size=4, device=device)
+
+
+def test_resize_that_does_not_repeat_pixels_is_refused(tmp_path):
+    """A Resize by a fraction, or one whose coordinate mode samples other pixels (align_corners),
+    is refused naming the node and what is supported, before any engine is built."""
+    helper, tp = onnx.helper, onnx.TensorProto
+
+    def model(scales, **attrs):
+        x = helper.make_tensor_value_info("x", tp.FLOAT, ["N", 2, 4, 4])
+        y = helper.make_tensor_value_info("y", tp.FLOAT, None)
+        s = helper.make_tensor("s", tp.FLOAT, [4], scales)
+        node = helper.make_node("Resize", ["x", "", "s"], ["y"], name="up", mode="nearest", **attrs)
+        g = helper.make_graph([node], "g", [x], [y], [s])
+        path = str(tmp_path / "r.onnx")
+        onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+        return path
+    with pytest.raises(mpscy.UnsupportedError, match=r"Resize 'up' by \[1.0, 1.0, 1.5, 2.0\]: only whole factors"):
+        mpscy.onnx.load(model([1, 1, 1.5, 2]), batch_size=2, device="cpu")
+    with pytest.raises(mpscy.UnsupportedError, match="coordinate_transformation_mode='align_corners' with "
+                                                     "nearest_mode='round_prefer_floor' does not repeat each pixel"):
+        mpscy.onnx.load(model([1, 1, 2, 2], coordinate_transformation_mode="align_corners"), batch_size=2,
+                        device="cpu")
+    # torch's other spelling (half_pixel with rounding) repeats pixels and is taken
+    e = mpscy.onnx.load(model([1, 1, 2, 2], coordinate_transformation_mode="half_pixel"), batch_size=2, device="cpu")
+    xs = np.arange(2 * 2 * 4 * 4, dtype=np.float32).reshape(2, 2, 4, 4)
+    np.testing.assert_array_equal(e.predict(xs), xs.repeat(2, axis=2).repeat(2, axis=3))
+    np.testing.assert_array_equal(_ort(model([1, 1, 2, 2], coordinate_transformation_mode="half_pixel"), {"x": xs}),
+                                  e.predict(xs))

@@ -186,6 +186,10 @@ def _emit(w, n, desc, in_shapes, ins, out, params):
     if kind == "globalavgpool2d":   # ONNX keeps (N, C, 1, 1); mpscy's output is (N, C)
         g = w.node("GlobalAveragePool", [x], f"{name}/pooled", name)   # the node the importer makes the layer of
         return w.node("Flatten", [g], out, f"{name}/flatten", axis=1)
+    if kind == "upsample2d":   # torch's export of Upsample(mode="nearest"): x_in = floor(x_out / scale)
+        scales = w.init(f"{name}.scales", np.array([1.0, 1.0, float(ints[0]), float(ints[1])], np.float32))
+        return w.node("Resize", [x, "", scales], out, name, mode="nearest", coordinate_transformation_mode="asymmetric",
+                      nearest_mode="floor")
     if kind in ("batchnorm", "layernorm"):
         if "affine" in flags:
             scale, bias = p("weight"), p("bias")

@@ -39,9 +39,14 @@ def _pairs(attrs, key, default):
     return tuple(int(a) for a in v)
 
 
+def _text(attrs, key, default):
+    """A string attribute (ONNX stores them as bytes)."""
+    v = attrs.get(key, default)
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
 def _pads(node, attrs, r, x, kernel, stride, dilation=(1, 1)):
-    auto = attrs.get("auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+    auto = _text(attrs, "auto_pad", "NOTSET")
     if auto in ("SAME_UPPER", "SAME_LOWER"):
         # the ONNX spec's padding for an output of ceil(in / stride) (torch writes it for
         # padding="same"): mpscy pads both sides alike, so only an even total is taken
@@ -371,6 +376,51 @@ def _gap(r, node, args, attrs):
     out = r.layer(_layer_class("GlobalAvgPool2D"), args[:1])
     out.squeezed = True    # ONNX's result is (N, C, 1, 1); mpscy's is (N, C)
     return out
+
+
+@_set("Resize")
+def _resize(r, node, args, attrs):
+    """Nearest-neighbour upsampling of an (N, C, H, W) image by whole factors (scales [1, 1, sh,
+    sw], or sizes that are such multiples), in a coordinate mode under which that repeats each
+    pixel: torch's asymmetric with floor (its Upsample(mode="nearest") export), or half_pixel
+    (pytorch_half_pixel) with either round (each output falls strictly within its pixel)."""
+    mode = _text(attrs, "mode", "nearest")
+    coord = _text(attrs, "coordinate_transformation_mode", "half_pixel")
+    rounding = _text(attrs, "nearest_mode", "round_prefer_floor")
+    x = args[0]
+    shape = _onnx_shape(r, x)
+    if len(shape) != 4 or getattr(x, "squeezed", False):
+        raise UnsupportedError(f"Resize {node.name!r} of a rank-{len(shape)} value is not supported (only an "
+                               "(N, C, H, W) image)")
+    if mode != "nearest":
+        raise UnsupportedError(f"Resize {node.name!r} with mode={mode!r} is not supported: only 'nearest' "
+                               "(mpscy.layers.Upsample)")
+    scales = sizes = None
+    if len(node.input) > 2 and node.input[2]:
+        scales = np.asarray(r.const_of(node.input[2], node), np.float64).reshape(-1)
+    if len(node.input) > 3 and node.input[3]:
+        sizes = np.asarray(r.const_of(node.input[3], node), np.int64).reshape(-1)
+    h, w = shape[2], shape[3]
+    if scales is not None and scales.size:
+        factors = scales
+    elif sizes is not None and sizes.size == 4:
+        factors = np.array([1.0, sizes[1] / shape[1], sizes[2] / h, sizes[3] / w])
+    else:
+        raise UnsupportedError(f"Resize {node.name!r} needs constant scales or sizes of 4 values")
+    if (factors.size != 4 or factors[0] != 1 or factors[1] != 1
+            or any(f < 1 or f != int(f) for f in factors[2:])):
+        raise UnsupportedError(f"Resize {node.name!r} by {factors.tolist()}: only whole factors >= 1 of the two "
+                               "spatial axes are supported (mpscy.layers.Upsample)")
+    sh, sw = int(factors[2]), int(factors[3])
+    repeats = ((coord == "asymmetric" and rounding == "floor")
+               or (coord in ("half_pixel", "pytorch_half_pixel") and rounding in ("round_prefer_floor",
+                                                                                  "round_prefer_ceil"))
+               or (sh == 1 and sw == 1))
+    if not repeats:
+        raise UnsupportedError(f"Resize {node.name!r}: coordinate_transformation_mode={coord!r} with "
+                               f"nearest_mode={rounding!r} does not repeat each pixel; only asymmetric with floor "
+                               "(torch's Upsample export) or half_pixel with round_prefer_floor/ceil are supported")
+    return r.layer(_layer_class("Upsample"), [x], scale_factor=(sh, sw))
 
 
 @_set("ReduceMean")
