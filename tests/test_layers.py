@@ -83,6 +83,10 @@ CASES = {
     "upsample_1x3": (lambda: layers.UpSampling2D((1, 3)), "upsample2d", dict(scale=(1, 3)), (2, 5, 4), 2),
     "upsample_3x2": (lambda: layers.Upsample((3, 2)), "upsample2d", dict(scale=(3, 2)), (2, 3, 7), 1),
     "upsample_2_large": (lambda: layers.Upsample(2.0), "upsample2d", dict(scale=(2, 2)), (8, 48, 40), 2),
+    # torch's size= (the output's (H, W)) and its "nearest-exact", the same for whole factors; numpy factors
+    "upsample_size": (lambda: layers.Upsample(size=(12, 5), mode="nearest-exact"), "upsample2d", dict(scale=(3, 1)),
+                      (2, 4, 5), 2),
+    "upsample_numpy": (lambda: layers.Upsample(np.array([2, 3])), "upsample2d", dict(scale=(2, 3)), (2, 3, 3), 2),
     # normalization (train-mode loss and gradients; predict in eval mode)
     "batchnorm_features": (lambda: layers.BatchNorm(), "batchnorm", dict(eps=1e-5), (7,), 6),
     "batchnorm_channels": (lambda: layers.BatchNorm(momentum=0.3, eps=1e-3), "batchnorm", dict(eps=1e-3),
@@ -575,15 +579,23 @@ def test_dropout_rate_zero_is_identity_in_train_mode(device, rng):
     (lambda: layers.Softplus(beta=1e39), mpscy.InvalidArgumentError, "does not fit float32 as a normal number"),
     (lambda: layers.Softplus(threshold=1e39), mpscy.InvalidArgumentError, r"threshold 1e\+39 does not fit float32"),
     (lambda: layers.Concatenate(axis=1.5), mpscy.InvalidArgumentError, "axis"),
-    (lambda: layers.Upsample(0), mpscy.InvalidArgumentError, "scale_factor must be an integer >= 1"),
-    (lambda: layers.Upsample(1.5), mpscy.InvalidArgumentError,
-     r"scale_factor must be a whole number or a pair of them \(nearest-neighbour upsampling repeats each pixel a "
-     r"whole number of times\), got 1.5"),
-    (lambda: layers.Upsample((2, 2, 2)), mpscy.InvalidArgumentError, "pair"),
+    (lambda: layers.Upsample(0), mpscy.InvalidArgumentError,
+     r"Upsample scale_factor must be a whole number >= 1 or a pair of them \(nearest-neighbour upsampling repeats "
+     r"each pixel a whole number of times\), got 0"),
+    (lambda: layers.Upsample(1.5), mpscy.InvalidArgumentError, "got 1.5"),
+    (lambda: layers.Upsample("2"), mpscy.InvalidArgumentError, "got '2'"),
+    (lambda: layers.Upsample((2, 2, 2)), mpscy.InvalidArgumentError, r"got \(2, 2, 2\)"),
     (lambda: layers.Upsample(True), mpscy.InvalidArgumentError, "scale_factor"),
     (lambda: layers.Upsample(2, mode="bilinear"), mpscy.InvalidArgumentError,
      "Upsample mode 'bilinear' is not available: only 'nearest'"),
-    (lambda: layers.UpSampling2D(2, interpolation="bilinear"), mpscy.InvalidArgumentError, "only 'nearest'"),
+    (lambda: layers.Upsample(2, align_corners=False), mpscy.InvalidArgumentError, "align_corners applies to"),
+    (lambda: layers.Upsample(), mpscy.InvalidArgumentError, "either scale_factor or size, not neither"),
+    (lambda: layers.Upsample(2, size=8), mpscy.InvalidArgumentError, "not both"),
+    (lambda: layers.UpSampling2D(0), mpscy.InvalidArgumentError, r"UpSampling2D size must be .*, got 0"),
+    (lambda: layers.UpSampling2D(2, data_format="channels_last"), mpscy.InvalidArgumentError,
+     r"channels-first \(C, H, W\), batches NCHW \(x.transpose\(0, 3, 1, 2\)"),
+    (lambda: layers.UpSampling2D(2, interpolation="bilinear"), mpscy.InvalidArgumentError,
+     "UpSampling2D interpolation 'bilinear' is not available: only 'nearest'"),
 ])
 def test_bad_options_are_refused_at_construction(make, error, match):
     with pytest.raises(error, match=match):
@@ -595,6 +607,8 @@ def test_bad_options_are_refused_at_construction(make, error, match):
     ([layers.MaxPool2D(2)], (3, 4), mpscy.ShapeError, r"\(C, H, W\)"),
     ([layers.GlobalAvgPool2D()], (3,), mpscy.ShapeError, r"\(C, H, W\)"),
     ([layers.Upsample(2)], (3, 4), mpscy.ShapeError, r"Upsample needs \(C, H, W\) inputs"),
+    ([layers.Upsample(size=(9, 8))], (3, 4, 4), mpscy.ShapeError,
+     r"Upsample size \(9, 8\) is not a whole multiple of the input's \(H, W\) = \(4, 4\)"),
     ([layers.Conv2D(4, 5)], (1, 4, 8), mpscy.ShapeError, "smaller than"),
     ([layers.MaxPool2D(3)], (1, 2, 8), mpscy.ShapeError, "smaller than"),
     ([layers.Conv2D(4, 3, groups=2)], (3, 8, 8), mpscy.ShapeError, "groups 2 must divide"),
@@ -648,6 +662,12 @@ def test_an_image_layer_on_a_channels_last_looking_input_warns(recwarn):
     mpscy.Sequential([layers.Conv2D(8, (5, 1)), layers.MaxPool2D((2, 1))], input_shape=(22, 1000, 1))
     mpscy.Sequential([layers.Dense(4)], input_shape=(32, 32, 3))  # no image layer: a plain tensor
     assert [w for w in recwarn if issubclass(w.category, UserWarning)] == []
+    # Keras's UpSampling2D and a GlobalAvgPool2D straight on such an input warn as well
+    mpscy.Sequential([layers.UpSampling2D(2)], input_shape=(32, 32, 3))
+    mpscy.Sequential([layers.GlobalAvgPool2D()], input_shape=(32, 32, 3))
+    got = [str(w.message) for w in recwarn if issubclass(w.category, UserWarning)]
+    assert len(got) == 2 and got[0].startswith("UpSampling2D 'upsample2d_0' reads input 'input' as (C, H, W)"), got
+    assert got[1].startswith("GlobalAvgPool2D 'global_avgpool2d_0' reads input 'input' as (C, H, W)"), got
 
 
 def test_layer_configs_round_trip():
@@ -663,6 +683,7 @@ def test_layer_configs_round_trip():
     assert layers.ELU().config() == {"alpha": 1.0}
     assert layers.Upsample(2.0).config() == {"scale_factor": (2, 2), "mode": "nearest"}
     assert layers.UpSampling2D((1, 3)).config() == {"size": (1, 3), "interpolation": "nearest"}
+    assert layers.Upsample(size=8).config() == {"size": (8, 8), "mode": "nearest"}
     assert repr(layers.Dropout(0.5)) == "Dropout(rate=0.5)"
 
 
@@ -698,7 +719,9 @@ def torch_module(torch, case):
     if isinstance(layer, layers.LayerNorm):
         return nn.LayerNorm(layer.normalized_shape, layer.eps, layer.elementwise_affine)
     if isinstance(layer, layers.Upsample):
-        return nn.Upsample(scale_factor=tuple(float(f) for f in layer.scale_factor), mode="nearest")
+        if layer.size is not None:
+            return nn.Upsample(size=layer.size, mode=layer.mode)
+        return nn.Upsample(scale_factor=tuple(float(f) for f in layer.scale_factor), mode=layer.mode)
     return {"relu": nn.ReLU(), "leakyrelu": nn.LeakyReLU(0.2), "elu": nn.ELU(0.7), "sigmoid": nn.Sigmoid(),
             "tanh": nn.Tanh(), "swish": nn.SiLU(), "gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"),
             "softmax_last": nn.Softmax(-1), "softmax_channels": nn.Softmax(1), "flatten": nn.Flatten(),

@@ -1128,3 +1128,40 @@ def test_resize_that_does_not_repeat_pixels_is_refused(tmp_path):
     np.testing.assert_array_equal(e.predict(xs), xs.repeat(2, axis=2).repeat(2, axis=3))
     np.testing.assert_array_equal(_ort(model([1, 1, 2, 2], coordinate_transformation_mode="half_pixel"), {"x": xs}),
                                   e.predict(xs))
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_import_torch_interpolate_to_a_size(tt, device, tmp_path, dynamic):
+    """F.interpolate(size=...), the U-Net idiom (to a fixed size, and to a skip connection's
+    size), which torch writes as Shape -> Slice -> Concat -> Resize(sizes), with or without a
+    dynamic batch: imported as Upsample by the whole factors, predicting as torch does."""
+    nn, F = tt.nn, tt.nn.functional
+
+    class UNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.down, self.mid = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+            self.out = nn.Conv2d(8, 1, 1)
+
+        def forward(self, x):
+            skip = tt.relu(self.down(x))
+            y = tt.relu(self.mid(F.max_pool2d(skip, 2)))
+            y = F.interpolate(y, size=skip.shape[-2:], mode="nearest")
+            y = self.out(tt.cat([y, skip], 1))
+            return F.interpolate(y, size=(16, 24)).flatten(1)
+
+    tt.manual_seed(1)
+    model = UNet().eval()
+    path = str(tmp_path / "unet.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tt.onnx.export(model, (tt.zeros(2, 2, 8, 8),), path, dynamo=False, input_names=["x"], output_names=["y"],
+                       dynamic_axes={"x": {0: "N"}, "y": {0: "N"}} if dynamic else None, opset_version=17)
+    assert "Slice" in [n.op_type for n in onnx.load(path).graph.node]
+    engine = mpscy.onnx.load(path, batch_size=2, device=device, loss="mse")
+    ups = [n.layer.scale_factor for n in engine.model.nodes if isinstance(n.layer, layers.Upsample)]
+    assert ups == [(2, 2), (2, 3)]
+    xs = np.random.default_rng(5).normal(size=(2, 2, 8, 8)).astype(np.float32)
+    with tt.no_grad():
+        want = model(tt.from_numpy(xs)).numpy()
+    np.testing.assert_allclose(engine.predict(xs), want, rtol=1e-5, atol=1e-6)

@@ -223,48 +223,81 @@ class GlobalAvgPool2D(Layer):
         return (c,)
 
 
-def _scale_pair(value, what):
-    """An Upsample factor: a positive integer (a whole float too, as torch's scale_factor=2.0) or a
-    pair of them, as (sh, sw)."""
+def _whole_pair(value, what):
+    """A positive whole number (a whole float too, as torch's scale_factor=2.0; a numpy scalar or
+    array) or a pair of them, as (h, w); the message quotes the value as given."""
+    given = value
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
     pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
     whole = tuple(int(v) if isinstance(v, (float, np.floating)) and float(v).is_integer() else v for v in pair)
-    if any(isinstance(v, (float, np.floating)) for v in whole):
-        raise InvalidArgumentError(f"{what} must be a whole number or a pair of them (nearest-neighbour "
-                                   f"upsampling repeats each pixel a whole number of times), got {value!r}")
-    return _pair(whole, what)
+    if (len(whole) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v < _INT32_LIMIT
+                               for v in whole)):
+        raise InvalidArgumentError(f"{what} must be a whole number >= 1 or a pair of them (nearest-neighbour "
+                                   f"upsampling repeats each pixel a whole number of times), got {given!r}")
+    return int(whole[0]), int(whole[1])
 
 
 class Upsample(Layer):
     """Nearest-neighbour upsampling of (C, H, W) images by whole factors: (C, H, W) -> (C, H * sh,
-    W * sw), each pixel repeated over an sh x sw block, as torch.nn.Upsample(scale_factor=s,
-    mode="nearest") and Keras's UpSampling2D(size=s). The gradient of an input pixel is the sum
-    of its block's. scale_factor: an int (or a whole float, as torch's 2.0) or (sh, sw)."""
+    W * sw), each pixel repeated over an sh x sw block, as torch.nn.Upsample(mode="nearest") (and
+    "nearest-exact", the same for whole factors) and Keras's UpSampling2D. The gradient of an input
+    pixel is the sum of its block's. Give scale_factor (an int, a whole float as torch's 2.0, or
+    (sh, sw)) or size, the output's (H, W) (an int or a pair), whole multiples of the input's."""
     kind = "upsample2d"
     prefix = "upsample2d"
+    _names = {"scale_factor": "scale_factor", "mode": "mode"}
 
-    def __init__(self, scale_factor=2, mode="nearest", name=None):
+    def __init__(self, scale_factor=None, mode="nearest", size=None, align_corners=None, name=None):
         super().__init__(name)
-        if mode != "nearest":
-            raise InvalidArgumentError(f"Upsample mode {mode!r} is not available: only 'nearest' (each pixel "
-                                       f"repeated); for a learned upsampling, a Conv2D after it")
-        self.scale_factor = _scale_pair(scale_factor, "Upsample scale_factor")
+        what = type(self).__name__
+        if mode not in ("nearest", "nearest-exact"):
+            raise InvalidArgumentError(f"{what} {self._names['mode']} {mode!r} is not available: only 'nearest' "
+                                       f"(each pixel repeated); for a learned upsampling, a Conv2D after it")
+        if align_corners is not None:
+            raise InvalidArgumentError(f"{what} align_corners applies to interpolating modes only (torch refuses it "
+                                       f"with mode='nearest' as well)")
+        if (scale_factor is None) == (size is None):
+            raise InvalidArgumentError(f"{what} needs either scale_factor or size, not "
+                                       f"{'both' if size is not None else 'neither'}")
+        self.scale_factor = None if scale_factor is None else _whole_pair(scale_factor,
+                                                                          f"{what} {self._names['scale_factor']}")
+        self.size = None if size is None else _whole_pair(size, f"{what} size")
         self.mode = mode
+
+    def _factors(self, shape):
+        if self.scale_factor is not None:
+            return self.scale_factor
+        c, h, w = _image(shape, type(self).__name__)
+        if self.size[0] % h or self.size[1] % w:
+            raise ShapeError(f"{type(self).__name__} size {self.size} is not a whole multiple of the input's (H, W) = "
+                             f"{(h, w)}: nearest-neighbour upsampling here repeats each pixel a whole number of times")
+        return self.size[0] // h, self.size[1] // w
 
     def output_shape(self, input_shapes):
         c, h, w = _image(input_shapes[0], type(self).__name__)
-        return (c, h * self.scale_factor[0], w * self.scale_factor[1])
+        sh, sw = self._factors(input_shapes[0])
+        return (c, h * sh, w * sw)
 
     def native(self, input_shapes):
-        return {"ints": [*self.scale_factor]}
+        return {"ints": [*self._factors(input_shapes[0])]}
 
     def config(self):
+        if self.size is not None:
+            return {"size": self.size, "mode": self.mode}
         return {"scale_factor": self.scale_factor, "mode": self.mode}
 
 
 class UpSampling2D(Upsample):
-    """Keras's name and arguments for Upsample: UpSampling2D(size=2, interpolation="nearest")."""
+    """Keras's name and arguments for Upsample: UpSampling2D(size=(2, 2), data_format=None,
+    interpolation="nearest"); images are channels-first (C, H, W) here, so data_format may only be
+    "channels_first" (or None)."""
+    _names = {"scale_factor": "size", "mode": "interpolation"}
 
-    def __init__(self, size=2, interpolation="nearest", name=None):
+    def __init__(self, size=(2, 2), data_format=None, interpolation="nearest", name=None):
+        if data_format not in (None, "channels_first"):
+            raise InvalidArgumentError(f"UpSampling2D data_format {data_format!r}: mpscy's images are channels-first "
+                                       f"(C, H, W), batches NCHW (x.transpose(0, 3, 1, 2) for a channels-last batch)")
         super().__init__(scale_factor=size, mode=interpolation, name=name)
 
     def config(self):

@@ -114,6 +114,32 @@ def _gather(r, node, args, attrs):
     raise UnsupportedError(f"Gather {node.name!r} on tensors is not supported")
 
 
+@_set("Slice")
+def _slice(r, node, args, attrs):
+    """A slice of a shape (torch's F.interpolate(size=...) export keeps Shape(x)[0:2], the batch
+    and the channels, and concatenates the new H and W) or of a constant; not of a tensor."""
+    data = args[0]
+    if not isinstance(data, (ShapeVec, Const)):
+        raise UnsupportedError(f"Slice {node.name!r} on tensors is not supported")
+
+    def ints(k, default):
+        if len(node.input) > k and node.input[k]:
+            return [int(v) for v in np.asarray(r.const_of(node.input[k], node)).reshape(-1)]
+        return default
+    starts, ends = ints(1, None), ints(2, None)
+    if starts is None or ends is None or len(starts) != len(ends):
+        raise UnsupportedError(f"Slice {node.name!r} needs constant starts and ends of one length")
+    axes, steps = ints(3, list(range(len(starts)))), ints(4, [1] * len(starts))
+    if isinstance(data, ShapeVec):
+        if axes not in ([0], [-1]) or steps[0] == 0:
+            raise UnsupportedError(f"Slice {node.name!r} of a shape along axes {axes} is not supported")
+        return ShapeVec(data.items[starts[0]:ends[0]:steps[0]])
+    index = [slice(None)] * data.value.ndim
+    for a, lo, hi, step in zip(axes, starts, ends, steps):
+        index[a] = slice(lo, hi, step)
+    return Const(data.value[tuple(index)])
+
+
 @_set("Unsqueeze")
 def _unsqueeze(r, node, args, attrs):
     x = args[0]
@@ -398,15 +424,18 @@ def _resize(r, node, args, attrs):
     scales = sizes = None
     if len(node.input) > 2 and node.input[2]:
         scales = np.asarray(r.const_of(node.input[2], node), np.float64).reshape(-1)
-    if len(node.input) > 3 and node.input[3]:
-        sizes = np.asarray(r.const_of(node.input[3], node), np.int64).reshape(-1)
+    if len(node.input) > 3 and node.input[3]:   # constant, or Shape(x)[0:2] joined to (H, W) as torch writes
+        v = r.get(node.input[3])
+        sizes = v.items if isinstance(v, ShapeVec) else np.asarray(r.const_of(node.input[3], node)).reshape(-1).tolist()
     h, w = shape[2], shape[3]
     if scales is not None and scales.size:
         factors = scales
-    elif sizes is not None and sizes.size == 4:
+    elif sizes is not None and len(sizes) == 4 and all(isinstance(v, (int, np.integer)) for v in sizes[1:]):
+        # the batch entry, "N" or the batch the file was exported with, stays the engine's
         factors = np.array([1.0, sizes[1] / shape[1], sizes[2] / h, sizes[3] / w])
     else:
-        raise UnsupportedError(f"Resize {node.name!r} needs constant scales or sizes of 4 values")
+        raise UnsupportedError(f"Resize {node.name!r} needs constant scales, or sizes of 4 values whose channels, "
+                               "height and width are constants")
     if (factors.size != 4 or factors[0] != 1 or factors[1] != 1
             or any(f < 1 or f != int(f) for f in factors[2:])):
         raise UnsupportedError(f"Resize {node.name!r} by {factors.tolist()}: only whole factors >= 1 of the two "
