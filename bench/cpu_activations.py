@@ -44,7 +44,8 @@ def main():
     t = np.zeros_like(x)
     rows = [("flatten", L.Flatten, "Flatten"), ("relu", L.ReLU, "ReLU"), ("sigmoid", L.Sigmoid, "Sigmoid"),
             ("tanh", L.Tanh, "Tanh"), ("swish", L.Swish, "SiLU"), ("elu", L.ELU, "ELU"), ("gelu", L.GELU, "GELU"),
-            ("gelu_tanh", lambda: L.GELU(approximate="tanh"), ("GELU", {"approximate": "tanh"})), ("softplus", L.Softplus, "Softplus"), ("mish", L.Mish, "Mish"), ("relu6", L.ReLU6, "ReLU6"),
+            ("gelu_tanh", lambda: L.GELU(approximate="tanh"), ("GELU", {"approximate": "tanh"})),
+            ("softplus", L.Softplus, "Softplus"), ("mish", L.Mish, "Mish"), ("relu6", L.ReLU6, "ReLU6"),
             ("hardswish", L.Hardswish, "Hardswish")]
     print(f"{'activation':12s} {'mpscy ms':>9s} {'torch ms':>9s} {'ratio':>6s}")
     missed = []

@@ -125,10 +125,10 @@ LAYER_MODELS = {
     "conv_gap": (lambda: [_maybe("Conv2D")(4, 3), L.Tanh(), _maybe("GlobalAvgPool2D")(), L.Dense(5)], (2, 7, 7)),
     # nearest upsampling between convolutions (a decoder's shape): the input's gradient as well, and
     # unequal factors on a direct path to the head
-    "upsample": (lambda: [_maybe("Conv2D")(6, 3, padding=1), L.ReLU(), _maybe("Upsample")(2),
-                          _maybe("Conv2D")(4, 3, padding=1), L.Tanh(), _maybe("Upsample")((1, 3)), L.Flatten(),
+    "upsample": (lambda: [_maybe("Conv2D")(6, 3, padding=1), L.ReLU(), _maybe("Upsample")(scale_factor=2),
+                          _maybe("Conv2D")(4, 3, padding=1), L.Tanh(), _maybe("Upsample")(scale_factor=(1, 3)), L.Flatten(),
                           L.Dense(5)], (3, 5, 4)),
-    "upsample_first": (lambda: [_maybe("Upsample")((3, 2)), _maybe("Conv2D")(4, 3), L.ReLU(), L.Flatten(), L.Dense(5)],
+    "upsample_first": (lambda: [_maybe("Upsample")(scale_factor=(3, 2)), _maybe("Conv2D")(4, 3), L.ReLU(), L.Flatten(), L.Dense(5)],
                        (2, 4, 5)),
     # no bias before BatchNorm: its gradient is zero up to rounding, which Adam would amplify
     "batchnorm": (lambda: [L.Dense(20, bias=False), _maybe("BatchNorm")(), L.ReLU(), L.Dense(5)], (12,)),

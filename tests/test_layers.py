@@ -79,14 +79,14 @@ CASES = {
                                dict(kernel=(3, 2), stride=(2, 1), padding=(0, 0)), (4, 7, 6), 1),
     "globalavgpool": (lambda: layers.GlobalAvgPool2D(), "globalavgpool2d", {}, (5, 3, 7), 3),
     # upsampling (nearest): square and unequal factors, Keras's name, and a plane large enough to be split
-    "upsample_2": (lambda: layers.Upsample(2), "upsample2d", dict(scale=(2, 2)), (3, 4, 5), 3),
+    "upsample_2": (lambda: layers.Upsample(scale_factor=2), "upsample2d", dict(scale=(2, 2)), (3, 4, 5), 3),
     "upsample_1x3": (lambda: layers.UpSampling2D((1, 3)), "upsample2d", dict(scale=(1, 3)), (2, 5, 4), 2),
-    "upsample_3x2": (lambda: layers.Upsample((3, 2)), "upsample2d", dict(scale=(3, 2)), (2, 3, 7), 1),
-    "upsample_2_large": (lambda: layers.Upsample(2.0), "upsample2d", dict(scale=(2, 2)), (8, 48, 40), 2),
+    "upsample_3x2": (lambda: layers.Upsample(scale_factor=(3, 2)), "upsample2d", dict(scale=(3, 2)), (2, 3, 7), 1),
+    "upsample_2_large": (lambda: layers.Upsample(scale_factor=2.0), "upsample2d", dict(scale=(2, 2)), (8, 48, 40), 2),
     # torch's size= (the output's (H, W)) and its "nearest-exact", the same for whole factors; numpy factors
     "upsample_size": (lambda: layers.Upsample(size=(12, 5), mode="nearest-exact"), "upsample2d", dict(scale=(3, 1)),
                       (2, 4, 5), 2),
-    "upsample_numpy": (lambda: layers.Upsample(np.array([2, 3])), "upsample2d", dict(scale=(2, 3)), (2, 3, 3), 2),
+    "upsample_numpy": (lambda: layers.Upsample(scale_factor=np.array([2, 3])), "upsample2d", dict(scale=(2, 3)), (2, 3, 3), 2),
     # normalization (train-mode loss and gradients; predict in eval mode)
     "batchnorm_features": (lambda: layers.BatchNorm(), "batchnorm", dict(eps=1e-5), (7,), 6),
     "batchnorm_channels": (lambda: layers.BatchNorm(momentum=0.3, eps=1e-3), "batchnorm", dict(eps=1e-3),
@@ -579,18 +579,18 @@ def test_dropout_rate_zero_is_identity_in_train_mode(device, rng):
     (lambda: layers.Softplus(beta=1e39), mpscy.InvalidArgumentError, "does not fit float32 as a normal number"),
     (lambda: layers.Softplus(threshold=1e39), mpscy.InvalidArgumentError, r"threshold 1e\+39 does not fit float32"),
     (lambda: layers.Concatenate(axis=1.5), mpscy.InvalidArgumentError, "axis"),
-    (lambda: layers.Upsample(0), mpscy.InvalidArgumentError,
+    (lambda: layers.Upsample(scale_factor=0), mpscy.InvalidArgumentError,
      r"Upsample scale_factor must be a whole number >= 1 or a pair of them \(nearest-neighbour upsampling repeats "
      r"each pixel a whole number of times\), got 0"),
-    (lambda: layers.Upsample(1.5), mpscy.InvalidArgumentError, "got 1.5"),
-    (lambda: layers.Upsample("2"), mpscy.InvalidArgumentError, "got '2'"),
-    (lambda: layers.Upsample((2, 2, 2)), mpscy.InvalidArgumentError, r"got \(2, 2, 2\)"),
-    (lambda: layers.Upsample(True), mpscy.InvalidArgumentError, "scale_factor"),
-    (lambda: layers.Upsample(2, mode="bilinear"), mpscy.InvalidArgumentError,
+    (lambda: layers.Upsample(scale_factor=1.5), mpscy.InvalidArgumentError, "got 1.5"),
+    (lambda: layers.Upsample(scale_factor="2"), mpscy.InvalidArgumentError, "got '2'"),
+    (lambda: layers.Upsample((2, 2, 2)), mpscy.InvalidArgumentError, r"Upsample size must be .*got \(2, 2, 2\)"),
+    (lambda: layers.Upsample(scale_factor=True), mpscy.InvalidArgumentError, "scale_factor"),
+    (lambda: layers.Upsample(scale_factor=2, mode="bilinear"), mpscy.InvalidArgumentError,
      "Upsample mode 'bilinear' is not available: only 'nearest'"),
-    (lambda: layers.Upsample(2, align_corners=False), mpscy.InvalidArgumentError, "align_corners applies to"),
+    (lambda: layers.Upsample(scale_factor=2, align_corners=False), mpscy.InvalidArgumentError, "align_corners applies to"),
     (lambda: layers.Upsample(), mpscy.InvalidArgumentError, "either scale_factor or size, not neither"),
-    (lambda: layers.Upsample(2, size=8), mpscy.InvalidArgumentError, "not both"),
+    (lambda: layers.Upsample(8, scale_factor=2), mpscy.InvalidArgumentError, "not both"),
     (lambda: layers.UpSampling2D(0), mpscy.InvalidArgumentError, r"UpSampling2D size must be .*, got 0"),
     (lambda: layers.UpSampling2D(2, data_format="channels_last"), mpscy.InvalidArgumentError,
      r"channels-first \(C, H, W\), batches NCHW \(x.transpose\(0, 3, 1, 2\)"),
@@ -606,7 +606,10 @@ def test_bad_options_are_refused_at_construction(make, error, match):
     ([layers.Conv2D(4, 3)], (10,), mpscy.ShapeError, r"\(C, H, W\)"),
     ([layers.MaxPool2D(2)], (3, 4), mpscy.ShapeError, r"\(C, H, W\)"),
     ([layers.GlobalAvgPool2D()], (3,), mpscy.ShapeError, r"\(C, H, W\)"),
-    ([layers.Upsample(2)], (3, 4), mpscy.ShapeError, r"Upsample needs \(C, H, W\) inputs"),
+    ([layers.Upsample(scale_factor=2)], (3, 4), mpscy.ShapeError, r"Upsample needs \(C, H, W\) inputs"),
+    # torch's order: a positional argument is the output size, as in nn.Upsample((64, 64))
+    ([layers.Upsample((64, 64))], (3, 16, 24), mpscy.ShapeError,
+     r"Upsample size \(64, 64\) is not a whole multiple of the input's \(H, W\) = \(16, 24\)"),
     ([layers.Upsample(size=(9, 8))], (3, 4, 4), mpscy.ShapeError,
      r"Upsample size \(9, 8\) is not a whole multiple of the input's \(H, W\) = \(4, 4\)"),
     ([layers.Conv2D(4, 5)], (1, 4, 8), mpscy.ShapeError, "smaller than"),
@@ -662,6 +665,10 @@ def test_an_image_layer_on_a_channels_last_looking_input_warns(recwarn):
     mpscy.Sequential([layers.Conv2D(8, (5, 1)), layers.MaxPool2D((2, 1))], input_shape=(22, 1000, 1))
     mpscy.Sequential([layers.Dense(4)], input_shape=(32, 32, 3))  # no image layer: a plain tensor
     assert [w for w in recwarn if issubclass(w.category, UserWarning)] == []
+    # a 1-D signal (C, L, 1) upsampled along L only, or averaged over L: no image either
+    mpscy.Sequential([layers.Upsample(scale_factor=(2, 1))], input_shape=(22, 1000, 1))
+    mpscy.Sequential([layers.GlobalAvgPool2D()], input_shape=(22, 1000, 1))
+    assert [w for w in recwarn if issubclass(w.category, UserWarning)] == []
     # Keras's UpSampling2D and a GlobalAvgPool2D straight on such an input warn as well
     mpscy.Sequential([layers.UpSampling2D(2)], input_shape=(32, 32, 3))
     mpscy.Sequential([layers.GlobalAvgPool2D()], input_shape=(32, 32, 3))
@@ -681,9 +688,10 @@ def test_layer_configs_round_trip():
     assert layers.Dropout(0.25).config() == {"rate": 0.25}
     assert layers.LeakyReLU().config() == {"negative_slope": 0.01}
     assert layers.ELU().config() == {"alpha": 1.0}
-    assert layers.Upsample(2.0).config() == {"scale_factor": (2, 2), "mode": "nearest"}
+    assert layers.Upsample(scale_factor=2.0).config() == {"scale_factor": (2, 2), "mode": "nearest"}
     assert layers.UpSampling2D((1, 3)).config() == {"size": (1, 3), "interpolation": "nearest"}
     assert layers.Upsample(size=8).config() == {"size": (8, 8), "mode": "nearest"}
+    assert mpscy.Sequential([layers.Upsample((64, 64))], input_shape=(3, 16, 32)).output_shape == (3, 64, 64)
     assert repr(layers.Dropout(0.5)) == "Dropout(rate=0.5)"
 
 
@@ -1018,3 +1026,29 @@ def test_new_activations_survive_a_checkpoint(tmp_path):
     np.testing.assert_array_equal(loaded.predict(x), engine.predict(x))
     with pytest.raises(mpscy.InvalidArgumentError, match=r"Softplus beta must be in \(0.0, inf\), got 0"):
         layers.Softplus(beta=0)
+
+
+def test_upsample_and_a_convolution_sharing_an_input_sum_its_gradient(device, rng):
+    """x feeds an Upsample and a 1x1 Conv2D whose output is upsampled too, the two added: x's
+    gradient adds Upsample's block sums to the convolution's (accumulated into one buffer), against
+    float64 NumPy."""
+    x_in = mpscy.Input((2, 4, 5))
+    c = layers.Conv2D(2, 1, name="c")(x_in)
+    out = layers.Add()([layers.Upsample(scale_factor=(2, 3))(x_in), layers.Upsample(scale_factor=(2, 3))(c)])
+    engine = mpscy.Engine(mpscy.Model(x_in, out), loss="mse", batch_size=3, device=device, seed=2,
+                          input_gradients=True)
+    P = {k: v.astype(np.float64) for k, v in engine.get_parameters().items()}
+    x = rng.standard_normal((3, 2, 4, 5)).astype(np.float32)
+    t = rng.standard_normal((3, 2, 8, 15)).astype(np.float32)
+    x64 = x.astype(np.float64)
+    w = P["c.weight"][:, :, 0, 0]
+    cy = np.einsum("oc,nchw->nohw", w, x64) + P["c.bias"][None, :, None, None]
+    y = (x64 + cy).repeat(2, axis=2).repeat(3, axis=3)
+    dy = 2 * (y - t) / y.size
+    dblock = dy.reshape(3, 2, 4, 2, 5, 3).sum((3, 5))
+    want = {"input": dblock + np.einsum("oc,nohw->nchw", w, dblock),
+            "c.weight": np.einsum("nohw,nchw->oc", dblock, x64)[:, :, None, None], "c.bias": dblock.sum((0, 2, 3))}
+    g = engine.gradients(x, t)
+    assert abs(g["loss"] - np.mean((y - t) ** 2)) <= 1e-5 * g["loss"]
+    for name, v in want.items():
+        assert R.rel_err(g[name], v) < 1e-5, name

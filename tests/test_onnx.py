@@ -1036,7 +1036,7 @@ def test_import_refuses_other_clips_and_hard_sigmoids():
 
 # ----------------------------------------------------------------------------- Upsample (Resize)
 def _decoder():
-    return mpscy.Sequential([layers.Conv2D(4, 3, padding=1), layers.ReLU(), layers.Upsample(2),
+    return mpscy.Sequential([layers.Conv2D(4, 3, padding=1), layers.ReLU(), layers.Upsample(scale_factor=2),
                              layers.Conv2D(3, 3, padding=1), layers.UpSampling2D((1, 3)), layers.Flatten(),
                              layers.Dense(5)], input_shape=(2, 5, 4))
 
@@ -1122,6 +1122,11 @@ def test_resize_that_does_not_repeat_pixels_is_refused(tmp_path):
                                                      "nearest_mode='round_prefer_floor' does not repeat each pixel"):
         mpscy.onnx.load(model([1, 1, 2, 2], coordinate_transformation_mode="align_corners"), batch_size=2,
                         device="cpu")
+    # opset 18's axes and keep_aspect_ratio_policy, which change what the scales or sizes mean
+    with pytest.raises(mpscy.UnsupportedError, match=r"Resize 'up' with axes=\[0, 1, 3, 2\] is not supported"):
+        mpscy.onnx.load(model([1, 1, 3, 2], axes=[0, 1, 3, 2]), batch_size=2, device="cpu")
+    with pytest.raises(mpscy.UnsupportedError, match="keep_aspect_ratio_policy='not_larger' is not supported"):
+        mpscy.onnx.load(model([1, 1, 2, 2], keep_aspect_ratio_policy="not_larger"), batch_size=2, device="cpu")
     # torch's other spelling (half_pixel with rounding) repeats pixels and is taken
     e = mpscy.onnx.load(model([1, 1, 2, 2], coordinate_transformation_mode="half_pixel"), batch_size=2, device="cpu")
     xs = np.arange(2 * 2 * 4 * 4, dtype=np.float32).reshape(2, 2, 4, 4)

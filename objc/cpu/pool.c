@@ -117,7 +117,6 @@ CPU_SIMD static void global_avgpool_backward(float *dx, const float *dy, int64_t
     }
 }
 
-/* One pooling pass over the pool, a share of the planes (batch x channels) per thread. */
 /* Upsample2D, nearest: y[c, i, j] = x[c, i / sh, j / sw]; one output row built, then copied to
  * the block's other sh - 1 rows */
 static void upsample_forward(float *y, const float *x, const pool_geom *p) {
@@ -148,6 +147,7 @@ static void upsample_backward(float *dx, const float *dy, const pool_geom *p, in
         }
 }
 
+/* One pooling pass over the pool, a share of the planes (batch x channels) per thread. */
 typedef struct pool_job {
     const mpscy_node *n;
     pool_geom p;                 /* planes, and for GlobalAvgPool2D h * w = HW, oh = ow = 1 */

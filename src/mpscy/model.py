@@ -146,7 +146,7 @@ class Model:
         for n in self.nodes:  # an image layer on an input that looks like Keras's (H, W, C), 16 x 16 or more;
             # not one whose window is 1 wide (a 1-D signal, (C, L, 1), with no Conv1D to take it)
             if (n.layer is not None and n.layer.kind in _IMAGE_KINDS and self.nodes[n.inputs[0]].layer is None
-                    and window_width(n.layer) != 1):
+                    and window_width(n.layer, self.nodes[n.inputs[0]].shape) != 1):
                 hint = channels_last_hint(self.nodes[n.inputs[0]].shape, least=16)
                 if hint:
                     warn_user(f"{type(n.layer).__name__} {n.name!r} reads input {self.nodes[n.inputs[0]].name!r} "

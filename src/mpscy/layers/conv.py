@@ -1,5 +1,5 @@
-"""Convolution, pooling and upsampling over (C, H, W) images (NCHW batches): Conv2D, MaxPool2D,
-AvgPool2D, GlobalAvgPool2D and Upsample (= UpSampling2D), their option checks, padding ("valid", "same" or explicit) and PyTorch's
+"""Convolution, pooling and upsampling over (C, H, W) images (NCHW batches): Conv2D,
+MaxPool2D, AvgPool2D, GlobalAvgPool2D and Upsample (= UpSampling2D), their option checks, padding ("valid", "same" or explicit) and PyTorch's
 floor-mode shape rules. Options only; computation happens in the backend."""
 
 import numpy as np
@@ -71,10 +71,18 @@ def channels_last_hint(shape, least=5):
     return ""
 
 
-def window_width(layer):
-    """The width of an image layer's kernel or pool window (1 for a 1-D signal's (k, 1) one)."""
+def window_width(layer, input_shape=None):
+    """The width of an image layer's kernel or pool window (1 for a 1-D signal's (k, 1) one):
+    Upsample's width factor, and for GlobalAvgPool2D its input's width (a signal (C, L, 1)
+    averaged over L)."""
     size = getattr(layer, "kernel_size", None) or getattr(layer, "pool_size", None)
-    return size[1] if size else None
+    if size:
+        return size[1]
+    if isinstance(layer, Upsample) and input_shape is not None and len(input_shape) == 3:
+        return layer._factors(input_shape)[1]
+    if isinstance(layer, GlobalAvgPool2D) and input_shape is not None and len(input_shape) == 3:
+        return input_shape[2]
+    return None
 
 
 def _image(shape, what):
@@ -242,18 +250,24 @@ class Upsample(Layer):
     """Nearest-neighbour upsampling of (C, H, W) images by whole factors: (C, H, W) -> (C, H * sh,
     W * sw), each pixel repeated over an sh x sw block, as torch.nn.Upsample(mode="nearest") (and
     "nearest-exact", the same for whole factors) and Keras's UpSampling2D. The gradient of an input
-    pixel is the sum of its block's. Give scale_factor (an int, a whole float as torch's 2.0, or
-    (sh, sw)) or size, the output's (H, W) (an int or a pair), whole multiples of the input's."""
+    pixel is the sum of its block's. Give size, the output's (H, W) (an int or a pair), whole
+    multiples of the input's, or scale_factor (an int, a whole float as torch's 2.0, or (sh, sw)):
+    torch's arguments in torch's order, so Upsample((64, 64)) is a size, as nn.Upsample((64, 64))
+    is. recompute_scale_factor changes nothing for whole factors and is accepted as torch's."""
     kind = "upsample2d"
     prefix = "upsample2d"
     _names = {"scale_factor": "scale_factor", "mode": "mode"}
 
-    def __init__(self, scale_factor=None, mode="nearest", size=None, align_corners=None, name=None):
+    def __init__(self, size=None, scale_factor=None, mode="nearest", align_corners=None, recompute_scale_factor=None,
+                 name=None):
         super().__init__(name)
         what = type(self).__name__
         if mode not in ("nearest", "nearest-exact"):
             raise InvalidArgumentError(f"{what} {self._names['mode']} {mode!r} is not available: only 'nearest' "
                                        f"(each pixel repeated); for a learned upsampling, a Conv2D after it")
+        if recompute_scale_factor not in (None, False, True):
+            raise InvalidArgumentError(f"{what} recompute_scale_factor must be None or a bool, got "
+                                       f"{recompute_scale_factor!r}")
         if align_corners is not None:
             raise InvalidArgumentError(f"{what} align_corners applies to interpolating modes only (torch refuses it "
                                        f"with mode='nearest' as well)")

@@ -130,8 +130,10 @@ def _slice(r, node, args, attrs):
     if starts is None or ends is None or len(starts) != len(ends):
         raise UnsupportedError(f"Slice {node.name!r} needs constant starts and ends of one length")
     axes, steps = ints(3, list(range(len(starts)))), ints(4, [1] * len(starts))
+    if 0 in steps:
+        raise UnsupportedError(f"Slice {node.name!r} with a step of 0 (which ONNX does not allow)")
     if isinstance(data, ShapeVec):
-        if axes not in ([0], [-1]) or steps[0] == 0:
+        if axes not in ([0], [-1]):
             raise UnsupportedError(f"Slice {node.name!r} of a shape along axes {axes} is not supported")
         return ShapeVec(data.items[starts[0]:ends[0]:steps[0]])
     index = [slice(None)] * data.value.ndim
@@ -421,6 +423,14 @@ def _resize(r, node, args, attrs):
     if mode != "nearest":
         raise UnsupportedError(f"Resize {node.name!r} with mode={mode!r} is not supported: only 'nearest' "
                                "(mpscy.layers.Upsample)")
+    axes = attrs.get("axes")
+    if axes is not None and [int(a) % 4 for a in axes] != [0, 1, 2, 3]:
+        raise UnsupportedError(f"Resize {node.name!r} with axes={list(axes)} is not supported: only the scales or "
+                               "sizes of all four axes in order")
+    policy = _text(attrs, "keep_aspect_ratio_policy", "stretch")
+    if policy != "stretch":
+        raise UnsupportedError(f"Resize {node.name!r} with keep_aspect_ratio_policy={policy!r} is not supported: "
+                               "only 'stretch' (the sizes as given)")
     scales = sizes = None
     if len(node.input) > 2 and node.input[2]:
         scales = np.asarray(r.const_of(node.input[2], node), np.float64).reshape(-1)
