@@ -1063,6 +1063,18 @@ def test_upsample_exports_as_resize_and_round_trips(device, tmp_path, opset):
     np.testing.assert_array_equal(back.predict(xs), engine.predict(xs))
 
 
+def _check_upsampled_import(tt, model, path, device, shape):
+    """The file imports with Upsample layers of factors (2, 2) then (2, 3), predicting as the torch
+    model does to 1e-5."""
+    engine = mpscy.onnx.load(path, batch_size=shape[0], device=device, loss="mse")
+    ups = [n.layer.scale_factor for n in engine.model.nodes if isinstance(n.layer, layers.Upsample)]
+    assert ups == [(2, 2), (2, 3)]
+    xs = np.random.default_rng(3).normal(size=shape).astype(np.float32)
+    with tt.no_grad():
+        want = model(tt.from_numpy(xs)).numpy()
+    np.testing.assert_allclose(engine.predict(xs), want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("opset", [13, 17, 20])
 def test_import_torch_upsample(tt, device, tmp_path, opset):
     """torch's nn.Upsample(scale_factor=2 and (2, 3), mode="nearest") and F.interpolate(...,
@@ -1085,13 +1097,7 @@ def test_import_torch_upsample(tt, device, tmp_path, opset):
     model = Decoder()
     path = str(tmp_path / "dec.onnx")
     _torch_export(model, tt.zeros(1, 2, 5, 4), path, opset)
-    engine = mpscy.onnx.load(path, batch_size=4, device=device)
-    ups = [n.layer.scale_factor for n in engine.model.nodes if isinstance(n.layer, layers.Upsample)]
-    assert ups == [(2, 2), (2, 3)]
-    xs = np.random.default_rng(3).normal(size=(6, 2, 5, 4)).astype(np.float32)
-    with tt.no_grad():
-        want = model(tt.from_numpy(xs)).numpy()
-    np.testing.assert_allclose(engine.predict(xs), want, rtol=1e-5, atol=1e-6)
+    _check_upsampled_import(tt, model, path, device, (6, 2, 5, 4))
 
     class Bilinear(nn.Module):
         def forward(self, x):
@@ -1163,10 +1169,4 @@ def test_import_torch_interpolate_to_a_size(tt, device, tmp_path, dynamic):
         tt.onnx.export(model, (tt.zeros(2, 2, 8, 8),), path, dynamo=False, input_names=["x"], output_names=["y"],
                        dynamic_axes={"x": {0: "N"}, "y": {0: "N"}} if dynamic else None, opset_version=17)
     assert "Slice" in [n.op_type for n in onnx.load(path).graph.node]
-    engine = mpscy.onnx.load(path, batch_size=2, device=device, loss="mse")
-    ups = [n.layer.scale_factor for n in engine.model.nodes if isinstance(n.layer, layers.Upsample)]
-    assert ups == [(2, 2), (2, 3)]
-    xs = np.random.default_rng(5).normal(size=(2, 2, 8, 8)).astype(np.float32)
-    with tt.no_grad():
-        want = model(tt.from_numpy(xs)).numpy()
-    np.testing.assert_allclose(engine.predict(xs), want, rtol=1e-5, atol=1e-6)
+    _check_upsampled_import(tt, model, path, device, (2, 2, 8, 8))
