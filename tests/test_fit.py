@@ -673,8 +673,9 @@ def test_a_str_or_a_used_up_iterator_is_no_data_source(device, digits):
              (dict(validation_data=b"ab"), r"validation_data must be .* or a DataLoader, got bytes b'ab'"),
              (dict(validation_data=5), r"validation_data must be \(x_val, y_val\) or a DataLoader, got int"),
              (dict(validation_data=("abc", yte)), "validation x must be a numpy array, got str 'abc'"),
-             (dict(x="abc"), "x must be a numpy array or a DataLoader, got str 'abc'"),
-             (dict(x=None, y=None), "x must be a numpy array or a DataLoader, got None"),
+             (dict(x="abc"), r"x must be a numpy array, a DataLoader or another re-iterable of \(x, y\) batches, "
+                             r"got str 'abc'"),
+             (dict(x=None, y=None), "x must be a numpy array, a DataLoader or another re-iterable .*, got None"),
              (dict(validation_data=iter([(xte, yte)]), epochs=2),
               "validation_data is an iterator .*list_iterator.*, used up after one pass, and fit runs 2 epochs"),
              (dict(x=((xtr[i:i + 32], ytr[i:i + 32]) for i in (0, 32)), y=None, epochs=3, initial_epoch=1),
@@ -734,3 +735,57 @@ def test_a_fit_that_fails_after_a_step_leaves_its_partial_history(device, digits
     assert engine.history is not h0 and engine.history.epoch == [] and engine.iterations == 4
 
 
+
+
+def test_a_list_of_batches_or_a_sequence_is_a_data_source(digits):
+    """A list (or tuple) of (x, y) batches, and a Keras Sequence-like object (a length and
+    indexing, no iteration of its own), train as the same batches from a DataLoader would, for
+    several epochs, and evaluate likewise; a list of arrays with y stays a model's inputs."""
+    xtr, ytr, xte, yte = digits
+    pairs = [(xtr[i:i + 32], ytr[i:i + 32]) for i in range(0, 320, 32)]
+
+    class Sequence:
+        def __len__(self):
+            return len(pairs)
+
+        def __getitem__(self, i):
+            return pairs[i]
+
+    engines = [digits_engine("cpu", seed=1) for _ in range(4)]
+    for e, source in zip(engines, (pairs, tuple(pairs), Sequence(), iter_again(pairs))):
+        h = e.fit(source, epochs=2, verbose=0, shuffle=False)
+        assert len(h.epoch) == 2
+    for e in engines[1:]:
+        assert same_params(engines[0], e)
+    assert engines[0].evaluate(pairs) == engines[0].evaluate(Sequence()) == engines[0].evaluate(iter_again(pairs))
+
+
+class iter_again:
+    """A re-iterable of the given batches (as a DataLoader is), for comparison."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __iter__(self):
+        return iter(self.items)
+
+
+def test_history_and_the_epoch_line_see_keys_the_callbacks_add(digits, capsys):
+    """History runs after the caller's callbacks, as Keras appends it: a key a callback adds to
+    an epoch's logs is in History and in the verbose=2 line; a schedule passed as a callback is
+    refused, pointing to set_schedule."""
+    xtr, ytr, xte, yte = digits
+
+    class ValError(cb.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs["val_error"] = 1.0 - logs["val_accuracy"]
+
+    e = digits_engine("cpu")
+    h = e.fit(xtr, ytr, validation_data=(xte, yte), epochs=2, verbose=2, callbacks=[ValError()])
+    assert h.history["val_error"] == [1.0 - a for a in h.history["val_accuracy"]]
+    assert all("val_error: " in line for line in capsys.readouterr().out.strip().splitlines())
+    plateau = optim.schedules.ReduceLROnPlateau(e, patience=1)
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"ReduceLROnPlateau is a learning-rate schedule here; "
+                                                         r"attach it with engine.set_schedule\(schedule, "
+                                                         r"per=\"epoch\"\)"):
+        e.fit(xtr, ytr, epochs=1, verbose=0, callbacks=[plateau])

@@ -654,7 +654,6 @@ _MISMATCH = [
                                                             "softmax itself, but the model's output is Softmax "
                                                             "'softmax_1': it would be applied twice \\(remove the "
                                                             "Softmax, or use 'categorical_cross_entropy'\\)"),
-    ("sparse_categorical_crossentropy", lambda h: layers.Flatten()(layers.Softmax()(h)), "output is Softmax"),
     ("cross_entropy", lambda h: layers.Softmax()(h), "cross_entropy takes logits"),
     ("bce_with_logits", lambda h: layers.Sigmoid()(h), "applies the sigmoid itself.*use 'binary_cross_entropy'"),
     ("sparse_cross_entropy", None, None),
@@ -677,6 +676,21 @@ def test_an_output_the_loss_does_not_take_is_warned_about(device, loss, tail, wo
     else:
         assert len(got) == 1 and re.search(words, got[0]), got
 
+
+
+def test_keras_s_sparse_categorical_crossentropy_on_a_softmax_is_refused(recwarn):
+    """Under Keras's name the loss takes probabilities (from_logits=False); mpscy's takes logits,
+    so the Keras model's Softmax output would be squashed twice: refused, saying so; the same loss
+    by its own name only warns, and Keras's name on logits builds."""
+    with pytest.raises(mpscy.InvalidArgumentError,
+                       match=r"output is Softmax 'softmax_1': it would be applied twice .*Keras's "
+                             r"'sparse_categorical_crossentropy' takes probabilities by default; mpscy's, as torch's "
+                             r"CrossEntropyLoss, takes logits \(Keras's from_logits=True\)"):
+        mpscy.Engine(_model(lambda h: layers.Flatten()(layers.Softmax()(h))), loss="sparse_categorical_crossentropy",
+                     batch_size=4, device="cpu")
+    mpscy.Engine(_model(None), loss="Sparse_Categorical_Crossentropy", batch_size=4, device="cpu")
+    assert [w for w in recwarn if issubclass(w.category, UserWarning)] == []
+    assert isinstance(mpscy.losses.get("binary_crossentropy"), mpscy.losses.BinaryCrossEntropy)
 
 
 def test_a_loss_the_output_cannot_take_is_refused_without_a_warning_first(recwarn):

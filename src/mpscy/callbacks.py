@@ -75,7 +75,13 @@ class CallbackList:
         self.callbacks = list(callbacks)
         for cb in self.callbacks:
             if not isinstance(cb, Callback):
-                raise InvalidArgumentError(f"callbacks must be mpscy.callbacks.Callback instances, got {type(cb).__name__}")
+                from .optim.schedules import Schedule  # late: schedules is optim's
+                hint = ""
+                if isinstance(cb, Schedule):  # Keras's ReduceLROnPlateau is a callback; here it is a schedule
+                    hint = (f": {type(cb).__name__} is a learning-rate schedule here; attach it with "
+                            f"engine.set_schedule(schedule, per=\"epoch\") and fit steps it")
+                raise InvalidArgumentError(f"callbacks must be mpscy.callbacks.Callback instances, got "
+                                           f"{type(cb).__name__}{hint}")
         for cb in self.callbacks:
             cb.set_engine(engine)
             cb.set_params(params)

@@ -66,6 +66,20 @@ def _rows(x, n_inputs, what="x"):
     return shapes[0]
 
 
+def _float32_inputs(x, n_inputs):
+    """x as predict and evaluate take it, converted as fit converts: float arrays of another
+    precision (float64, float16) to float32, strided ones to C order, another library's CPU
+    tensors to arrays. Anything else is left for the checks to name (an integer array is refused
+    by its dtype, as by step)."""
+    def one(a):
+        if not isinstance(a, (np.ndarray, list, tuple)) and hasattr(a, "__array__"):
+            a = np.asarray(a)
+        if isinstance(a, np.ndarray) and np.issubdtype(a.dtype, np.floating):
+            a = np.ascontiguousarray(a, dtype=np.float32)   # no copy when it already is
+        return a
+    return [one(a) for a in x] if n_inputs > 1 and isinstance(x, (list, tuple)) else one(x)
+
+
 def _clip_arg(value, name):
     """None, or a positive finite float: a clipping threshold."""
     if value is None:
@@ -144,6 +158,12 @@ class Engine(OptimizerState):
                 "precision": precision, "threads": int(threads), "seed": self.seed,
                 "input_grad": bool(input_gradients)}
         mismatch = _losses.output_mismatch(self.loss, model)  # once the loss took the output's shape
+        if mismatch and getattr(self.loss, "_keras_name", None):
+            # the name says Keras, whose loss of that name takes probabilities (from_logits=False):
+            # a Softmax before it is what a Keras model has, and here would be applied twice
+            raise InvalidArgumentError(f"{mismatch}. Keras's {self.loss._keras_name!r} takes probabilities by "
+                                       f"default; mpscy's, as torch's CrossEntropyLoss, takes logits (Keras's "
+                                       f"from_logits=True)")
         if mismatch:
             warn_user(mismatch)
         self.input_gradients = bool(input_gradients)
@@ -231,8 +251,10 @@ class Engine(OptimizerState):
 
     def predict(self, x):
         """Eval-mode outputs for any number of rows, float32 (n, *output_shape): the model's own
-        outputs (logits for a model ending in Dense under a cross-entropy loss, as torch's)."""
+        outputs (logits for a model ending in Dense under a cross-entropy loss, as torch's). Float
+        inputs of another precision are converted to float32, as fit converts them."""
         g = self._g()
+        x = _float32_inputs(x, self._n_inputs)
         n = _rows(x, self._n_inputs)
         self._check_layout(g, x)
         out = np.empty((n,) + tuple(self.model.output_shape), dtype=np.float32)
@@ -247,6 +269,7 @@ class Engine(OptimizerState):
         x may also be a DataLoader (or another re-iterable) of (x, y) batches, y then None; the
         means are over its rows, as fit's validation over a loader."""
         from . import training  # late: training imports the engine's modules
+        x = training._batches_of(x, y)
         if training._is_loader(x):
             if y is not None:
                 raise InvalidArgumentError("pass y inside the DataLoader, not separately")
@@ -255,6 +278,7 @@ class Engine(OptimizerState):
         if y is None:
             raise InvalidArgumentError("evaluate needs y, or x a DataLoader of (x, y) batches")
         g = self._g()
+        x, y = _float32_inputs(x, self._n_inputs), training._as_target(self, y)  # as fit converts them
         n = _rows(x, self._n_inputs)
         self._check_layout(g, x)
         ny = _rows(y, 1, "y")

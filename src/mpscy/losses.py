@@ -223,6 +223,7 @@ class Huber(Loss):
 _NAMES = {
     "sparse_cross_entropy": SparseCrossEntropy, "sparse_categorical_crossentropy": SparseCrossEntropy,
     "cross_entropy": CrossEntropy, "binary_cross_entropy": BinaryCrossEntropy, "bce": BinaryCrossEntropy,
+    "binary_crossentropy": BinaryCrossEntropy,
     "bce_with_logits": BCEWithLogits, "categorical_cross_entropy": CategoricalCrossEntropy,
     "categorical_crossentropy": CategoricalCrossEntropy, "mse": MSE, "mean_squared_error": MSE,
     "mae": MAE, "mean_absolute_error": MAE, "huber": Huber,
@@ -243,7 +244,10 @@ def get(loss):
                                        "or a name")
         return loss if isinstance(loss, Loss) else loss()
     if isinstance(loss, str) and loss.lower() in _NAMES:
-        return _NAMES[loss.lower()]()
+        made = _NAMES[loss.lower()]()
+        if loss.lower() == "sparse_categorical_crossentropy":
+            made._keras_name = loss.lower()  # Keras's takes probabilities: a Softmax output is refused (Engine)
+        return made
     raise InvalidArgumentError(f"unknown loss {loss!r}; choose one of {sorted(set(_NAMES))} or a mpscy.losses class")
 
 

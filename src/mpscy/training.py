@@ -100,7 +100,7 @@ def _as_inputs(x, n_inputs, what="x"):
     for a in arrays:
         if not isinstance(a, np.ndarray):
             if not hasattr(a, "__array__"):
-                also = " or a DataLoader" if what == "x" else ""
+                also = ", a DataLoader or another re-iterable of (x, y) batches" if what == "x" else ""
                 raise InvalidArgumentError(f"{what} must be a numpy array{also}, got {_describe(a)}")
             a = np.asarray(a)  # a CPU tensor of another library (a torch DataLoader's batches)
         # float inputs of another precision are converted once, as Keras does
@@ -192,6 +192,33 @@ _NOT_LOADERS = (str, bytes, bytearray, memoryview, list, tuple, dict, set, froze
 
 def _is_loader(x):
     return hasattr(x, "__iter__") and not hasattr(x, "shape") and not isinstance(x, _NOT_LOADERS)
+
+
+class _Listed:
+    """A list of (x, y) batches, or a Keras Sequence-like object (a length and indexing, no
+    iteration of its own), as a re-iterable loader: item i for i in range(len)."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __iter__(self):
+        return (self.items[i] for i in range(len(self.items)))
+
+
+def _batches_of(x, y):
+    """x itself, or x as a loader where it is a list or tuple of (x, y) pairs or a Sequence-like
+    object and y is not given (a list of arrays stays the inputs of a model with several)."""
+    if y is not None or hasattr(x, "shape") or isinstance(x, (str, bytes, dict)):
+        return x
+    if isinstance(x, (list, tuple)):
+        pairs = len(x) > 0 and all(isinstance(b, (list, tuple)) and len(b) == 2 for b in x)
+        return _Listed(x) if pairs else x
+    if not hasattr(x, "__iter__") and hasattr(x, "__len__") and hasattr(x, "__getitem__"):
+        return _Listed(x)
+    return x
 
 
 def _describe(v):
@@ -407,6 +434,7 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
         raise InvalidArgumentError(f"batch_size must be an integer in [1, {engine.batch_size}] (the engine's "
                                    f"built batch size), got {batch_size!r}")
     runs = max(epochs - initial_epoch, 0)  # epochs this call trains (at most: a callback may stop it)
+    x = _batches_of(x, y)
     if _is_loader(x):
         if y is not None:
             raise InvalidArgumentError("pass y inside the DataLoader, not separately")
@@ -437,7 +465,9 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
 
     history = _callbacks.History()
     steps = source.__len__()  # None for a loader without a length (len() could not return that)
-    cbs = _callbacks.CallbackList([history, *callbacks], engine,
+    # History after the caller's callbacks, as Keras appends it: keys they add to an epoch's logs
+    # reach it (and the epoch's line, printed after them)
+    cbs = _callbacks.CallbackList([*callbacks, history], engine,
                                   {"epochs": epochs, "steps": steps, "verbose": verbose},
                                   _log_keys(engine, val, metric_objs, callbacks))
     schedule, per = engine._schedule, engine._schedule_per
@@ -503,8 +533,8 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
             logs["lr"] = float(lr_used)
             if per == "epoch":
                 _step_schedule(schedule, sched_metric, logs, engine._schedule_monitor)
-            progress.end(done, logs)
             cbs.call("on_epoch_end", epoch, logs)
+            progress.end(done, logs)
             if engine.stop_training:
                 break
         cbs.call("on_train_end", {})
