@@ -789,3 +789,19 @@ def test_history_and_the_epoch_line_see_keys_the_callbacks_add(digits, capsys):
                                                          r"attach it with engine.set_schedule\(schedule, "
                                                          r"per=\"epoch\"\)"):
         e.fit(xtr, ytr, epochs=1, verbose=0, callbacks=[plateau])
+
+
+def test_keras_s_other_fit_arguments_say_what_replaces_them(digits):
+    """Keras's fit arguments that mpscy's fit has not are a TypeError naming the argument and
+    what takes its place; any other unknown keyword is Python's usual TypeError; nothing trains."""
+    xtr, ytr, _, _ = digits
+    e = digits_engine("cpu")
+    before = e.get_parameters()
+    with pytest.raises(TypeError, match=r"fit\(\) got Keras's argument 'class_weight': class weights belong to the "
+                                        r"loss here, as in torch: SparseCrossEntropy\(weight="):
+        e.fit(xtr, ytr, class_weight={0: 1.0, 1: 2.0}, verbose=0)
+    with pytest.raises(TypeError, match=r"'steps_per_epoch': an epoch is one pass over x"):
+        e.fit(xtr, ytr, steps_per_epoch=3, verbose=0)
+    with pytest.raises(TypeError, match=r"^fit\(\) got an unexpected keyword argument 'epoch'$"):
+        e.fit(xtr, ytr, epoch=3, verbose=0)
+    assert all(np.array_equal(v, e.get_parameters()[k]) for k, v in before.items())

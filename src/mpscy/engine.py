@@ -545,7 +545,7 @@ class Engine(OptimizerState):
         return int(self._g().counter)
 
     def fit(self, x=None, y=None, epochs=1, batch_size=None, validation_data=None, validation_split=0.0,
-            shuffle=True, callbacks=(), verbose="auto", metrics=(), initial_epoch=0, plot_to=None):
+            shuffle=True, callbacks=(), verbose="auto", metrics=(), initial_epoch=0, plot_to=None, **keras):
         """Trains for epochs initial_epoch..epochs-1 (Keras conventions) and returns a History.
 
         x, y: arrays (float inputs are converted to float32 once), or x a `mpscy.data.DataLoader`
@@ -562,8 +562,12 @@ class Engine(OptimizerState):
         later leaves its partial History, as Keras does. Every option and the data are checked
         before the first step.
         plot_to: a folder that receives the training curves (and, for classifiers, confusion
-        matrix, ROC and PR curves) as PNG files at the end (needs matplotlib)."""
+        matrix, ROC and PR curves) as PNG files at the end (needs matplotlib).
+        Keras's other fit arguments (class_weight, sample_weight, steps_per_epoch, ...) are
+        refused with a TypeError that says what takes their place here."""
         from . import training
+        if keras:
+            raise TypeError(training.keras_fit_argument(keras))
         return training.fit(self, x, y, epochs=epochs, batch_size=batch_size, validation_data=validation_data,
                             validation_split=validation_split, shuffle=shuffle, callbacks=callbacks,
                             verbose=verbose, metrics=metrics, initial_epoch=initial_epoch, plot_to=plot_to)

@@ -614,6 +614,31 @@ def _fit_metrics(engine, metrics):
     return objs
 
 
+_KERAS_FIT = {
+    "class_weight": "class weights belong to the loss here, as in torch: SparseCrossEntropy(weight=[w_0, ..., "
+                    "w_{C-1}]) or CrossEntropy(weight=...), whose mean divides by the summed label weights (Keras's "
+                    "class_weight divides by the batch size)",
+    "sample_weight": "per-sample weights are not supported; for classes, the loss's weight= (class weights)",
+    "steps_per_epoch": "an epoch is one pass over x: give a DataLoader or a list of that many (x, y) batches, or "
+                       "slice the arrays",
+    "validation_steps": "validation runs over all of validation_data (slice it, or give a DataLoader of fewer batches)",
+    "validation_batch_size": "validation runs at the engine's built batch size",
+    "validation_freq": "validation runs at every epoch's end",
+    "max_queue_size": "give a mpscy.data.DataLoader (or a torch DataLoader with its own workers)",
+    "workers": "give a mpscy.data.DataLoader (or a torch DataLoader with its own workers)",
+    "use_multiprocessing": "give a mpscy.data.DataLoader (or a torch DataLoader with its own workers)",
+}
+
+
+def keras_fit_argument(kwargs):
+    """The TypeError message for fit's unknown keyword arguments: for Keras's, what takes their
+    place here."""
+    name = sorted(kwargs)[0]
+    if name in _KERAS_FIT:
+        return f"fit() got Keras's argument {name!r}: {_KERAS_FIT[name]}"
+    return f"fit() got an unexpected keyword argument {name!r}"
+
+
 def _callback_list(callbacks):
     """fit's callbacks as a list: one Callback, or a list or tuple of them (each checked by
     CallbackList, still before anything runs)."""
