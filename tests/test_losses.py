@@ -264,6 +264,12 @@ def test_labels_that_all_weigh_zero_give_a_nonfinite_step(device):
     ([1.0, None], mpscy.InvalidArgumentError, "weight must be a sequence of numbers"),
     ([1e39, 1.0], mpscy.InvalidArgumentError, r"must fit float32 \(at most 3.403e\+38\), got \[1e\+39, 1.0\]"),
     ([1e-50, 1e-50], mpscy.InvalidArgumentError, "a class weighted above 0 in float32"),
+    ({0: 1.0, 2: 3.0}, mpscy.InvalidArgumentError,
+     r"weight as a dict must give every class 0..C-1 a weight \(as Keras's class_weight\), got classes \[0, 2\], "
+     r"without \[1\]"),
+    ({"a": 1.0, "b": 2.0}, mpscy.InvalidArgumentError, r"maps class indices \(integers\) to weights"),
+    ({-1: 1.0, 0: 2.0}, mpscy.InvalidArgumentError, r"every class 0..C-1"),
+    ({}, mpscy.InvalidArgumentError, r"every class 0..C-1"),
 ])
 def test_bad_class_weights(weight, error, match):
     for cls in (losses.SparseCrossEntropy, losses.CrossEntropy):
@@ -313,6 +319,20 @@ def test_a_batch_whose_labels_all_weigh_zero_is_named():
     with pytest.raises(mpscy.NonFiniteError) as info:
         plain.step(x, np.array([0, 1, 2, 3]))
     assert "class weight" not in str(info.value)
+
+
+def test_class_weights_as_keras_s_dict_are_the_same_weights():
+    """Keras's class_weight dict {class: weight}, in any key order (numpy keys too), is the list of
+    those weights by class."""
+    d = {np.int64(2): 0.5, 0: 1.0, 1: 3.0}
+    for cls in (losses.SparseCrossEntropy, losses.CrossEntropy):
+        assert cls(weight=d).weight == (1.0, 3.0, 0.5)
+    model = mpscy.Sequential([layers.Dense(3)], input_shape=(4,))
+    x, y = np.ones((4, 4), np.float32), np.array([0, 1, 2, 1])
+    a = mpscy.Engine(model, loss=losses.SparseCrossEntropy(weight=d), batch_size=4, device="cpu", seed=1)
+    b = mpscy.Engine(mpscy.Sequential([layers.Dense(3)], input_shape=(4,)),
+                     loss=losses.SparseCrossEntropy(weight=[1.0, 3.0, 0.5]), batch_size=4, device="cpu", seed=1)
+    assert a.step(x, y).loss == b.step(x, y).loss
 
 
 def test_class_weights_must_match_the_classes():

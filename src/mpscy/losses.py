@@ -75,7 +75,18 @@ def _weights(value, name, least, what, scalar=False):
 
 
 def _class_weight(value):
-    """torch's `weight=`: one finite weight >= 0 per class, some above 0 in float32."""
+    """torch's `weight=`: one finite weight >= 0 per class, some above 0 in float32; or Keras's
+    class_weight dict {class: weight}, which must name every class 0..C-1 (as Keras requires)."""
+    if isinstance(value, dict):
+        keys = list(value)
+        if any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) for k in keys):
+            raise InvalidArgumentError(f"weight as a dict maps class indices (integers) to weights, got keys {keys}")
+        missing = sorted(set(range(max(keys) + 1 if keys else 0)) - {int(k) for k in keys})
+        if not keys or min(keys) < 0 or missing:
+            raise InvalidArgumentError(f"weight as a dict must give every class 0..C-1 a weight (as Keras's "
+                                       f"class_weight), got classes {sorted(int(k) for k in keys)}"
+                                       + (f", without {missing}" if missing else ""))
+        value = [value[k] for k in sorted(value, key=int)]
     w = _weights(value, "weight", 2, "one number per class")
     if w is not None and not (np.asarray(w, np.float32) > 0).any():
         raise InvalidArgumentError(f"weight must have a class weighted above 0 in float32, got {list(w)}")
@@ -86,7 +97,8 @@ class SparseCrossEntropy(Loss):
     """Softmax cross-entropy of logits (n, classes) against integer labels (n,): F.cross_entropy.
 
     weight: None, or one weight >= 0 per class (torch's `weight=`, e.g. inverse class
-    frequencies for imbalanced data): each row's loss is scaled by its label's weight and the
+    frequencies for imbalanced data; or a dict {class: weight} naming every class, as Keras's
+    class_weight, though the mean differs from Keras's, below): each row's loss is scaled by its label's weight and the
     mean divides by the sum of the batch's label weights, as torch's; with label smoothing the
     smoothed terms are weighted by their classes too. A batch whose labels all weigh 0 has a NaN
     loss (torch's 0/0), and its step raises NonFiniteError. Accuracy stays unweighted."""

@@ -616,8 +616,8 @@ def _fit_metrics(engine, metrics):
 
 _KERAS_FIT = {
     "class_weight": "class weights belong to the loss here, as in torch: SparseCrossEntropy(weight=[w_0, ..., "
-                    "w_{C-1}]) or CrossEntropy(weight=...), whose mean divides by the summed label weights (Keras's "
-                    "class_weight divides by the batch size)",
+                    "w_{C-1}] or your class_weight dict) or CrossEntropy(weight=...), whose mean divides by the "
+                    "summed label weights (Keras's class_weight divides by the batch size)",
     "sample_weight": "per-sample weights are not supported; for classes, the loss's weight= (class weights)",
     "steps_per_epoch": "an epoch is one pass over x: give a DataLoader or a list of that many (x, y) batches, or "
                        "slice the arrays",
