@@ -1052,3 +1052,32 @@ def test_upsample_and_a_convolution_sharing_an_input_sum_its_gradient(device, rn
     assert abs(g["loss"] - np.mean((y - t) ** 2)) <= 1e-5 * g["loss"]
     for name, v in want.items():
         assert R.rel_err(g[name], v) < 1e-5, name
+
+
+def test_keras_pooling_names_are_the_same_layers(tmp_path):
+    """MaxPooling2D, AveragePooling2D (the padding left out of each average, as Keras) and
+    GlobalAveragePooling2D with Keras's arguments compute as MaxPool2D, AvgPool2D(count_include_pad=
+    False) and GlobalAvgPool2D, survive a checkpoint under their own names, and refuse a
+    channels-last data_format and keepdims=True by name."""
+    def stack(keras):
+        if keras:
+            return [layers.MaxPooling2D(), layers.AveragePooling2D(3, strides=1, padding="same"),
+                    layers.GlobalAveragePooling2D()]
+        return [layers.MaxPool2D(2), layers.AvgPool2D(3, 1, 1, count_include_pad=False), layers.GlobalAvgPool2D()]
+    x = np.random.default_rng(0).standard_normal((3, 2, 8, 6)).astype(np.float32)
+    a, b = (mpscy.Engine(mpscy.Sequential(stack(k), input_shape=(2, 8, 6)), loss="mse", batch_size=3, device="cpu")
+            for k in (True, False))
+    np.testing.assert_array_equal(a.predict(x), b.predict(x))
+    a.save(tmp_path / "k.mpscy")
+    back = mpscy.load(tmp_path / "k.mpscy", device="cpu")
+    assert [type(n.layer).__name__ for n in back.model.nodes[1:]] == ["MaxPooling2D", "AveragePooling2D",
+                                                                      "GlobalAveragePooling2D"]
+    np.testing.assert_array_equal(back.predict(x), a.predict(x))
+    for make in (lambda: layers.MaxPooling2D(data_format="channels_last"),
+                 lambda: layers.AveragePooling2D(data_format="channels_last"),
+                 lambda: layers.GlobalAveragePooling2D(data_format="channels_last")):
+        with pytest.raises(mpscy.InvalidArgumentError, match=r"data_format 'channels_last': mpscy's images are "
+                                                             r"channels-first \(C, H, W\)"):
+            make()
+    with pytest.raises(mpscy.InvalidArgumentError, match="keepdims=True is not available"):
+        layers.GlobalAveragePooling2D(keepdims=True)

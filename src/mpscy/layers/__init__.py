@@ -9,7 +9,8 @@ pooling and upsampling), norm (BatchNorm, LayerNorm), merge (Add, Concatenate)."
 
 from .base import (ELU, GELU, Dense, Dropout, Flatten, Hardsigmoid, HardSigmoid, Hardswish, HardSwish, Layer,
                    LeakyReLU, Mish, ReLU, ReLU6, Sigmoid, SiLU, Softmax, Softplus, Swish, Tanh, kaiming_uniform)
-from .conv import AvgPool2D, Conv2D, GlobalAvgPool2D, MaxPool2D, Upsample, UpSampling2D
+from .conv import (AveragePooling2D, AvgPool2D, Conv2D, GlobalAveragePooling2D, GlobalAvgPool2D, MaxPool2D,
+                   MaxPooling2D, Upsample, UpSampling2D)
 from .merge import Add, Concatenate
 from .norm import BatchNorm, LayerNorm
 
@@ -17,5 +18,6 @@ __all__ = [
     "Layer", "Dense", "ReLU", "LeakyReLU", "ELU", "Sigmoid", "Tanh", "Swish", "SiLU", "GELU",
     "ReLU6", "Hardsigmoid", "HardSigmoid", "Hardswish", "HardSwish", "Softplus", "Mish",
     "Softmax", "Flatten", "Conv2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D", "BatchNorm",
-    "LayerNorm", "Dropout", "Add", "Concatenate", "Upsample", "UpSampling2D",
+    "LayerNorm", "Dropout", "Add", "Concatenate", "Upsample", "UpSampling2D", "MaxPooling2D", "AveragePooling2D",
+    "GlobalAveragePooling2D",
 ]

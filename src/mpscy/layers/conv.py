@@ -302,6 +302,48 @@ class Upsample(Layer):
         return {"scale_factor": self.scale_factor, "mode": self.mode}
 
 
+def _keras_channels_first(data_format, what):
+    if data_format not in (None, "channels_first"):
+        raise InvalidArgumentError(f"{what} data_format {data_format!r}: mpscy's images are channels-first "
+                                   f"(C, H, W), batches NCHW (x.transpose(0, 3, 1, 2) for a channels-last batch)")
+
+
+class MaxPooling2D(MaxPool2D):
+    """Keras's name and arguments for MaxPool2D: MaxPooling2D(pool_size=(2, 2), strides=None,
+    padding="valid", data_format=None); "same" as MaxPool2D takes it (both sides alike)."""
+
+    def __init__(self, pool_size=(2, 2), strides=None, padding="valid", data_format=None, name=None):
+        _keras_channels_first(data_format, "MaxPooling2D")
+        super().__init__(pool_size, strides, padding, name=name)
+
+    def config(self):
+        return {"pool_size": self.pool_size, "strides": self.stride, "padding": self.padding}
+
+
+class AveragePooling2D(AvgPool2D):
+    """Keras's name and arguments for AvgPool2D: AveragePooling2D(pool_size=(2, 2), strides=None,
+    padding="valid", data_format=None), the padding left out of each average, as Keras leaves it
+    (AvgPool2D's count_include_pad=False)."""
+
+    def __init__(self, pool_size=(2, 2), strides=None, padding="valid", data_format=None, name=None):
+        _keras_channels_first(data_format, "AveragePooling2D")
+        super().__init__(pool_size, strides, padding, count_include_pad=False, name=name)
+
+    def config(self):
+        return {"pool_size": self.pool_size, "strides": self.stride, "padding": self.padding}
+
+
+class GlobalAveragePooling2D(GlobalAvgPool2D):
+    """Keras's name for GlobalAvgPool2D: GlobalAveragePooling2D(data_format=None, keepdims=False)."""
+
+    def __init__(self, data_format=None, keepdims=False, name=None):
+        _keras_channels_first(data_format, "GlobalAveragePooling2D")
+        if keepdims:
+            raise InvalidArgumentError("GlobalAveragePooling2D keepdims=True is not available: the output is (C,), "
+                                       "which feeds Dense or Concatenate directly")
+        super().__init__(name=name)
+
+
 class UpSampling2D(Upsample):
     """Keras's name and arguments for Upsample: UpSampling2D(size=(2, 2), data_format=None,
     interpolation="nearest"); images are channels-first (C, H, W) here, so data_format may only be
@@ -309,9 +351,7 @@ class UpSampling2D(Upsample):
     _names = {"scale_factor": "size", "mode": "interpolation"}
 
     def __init__(self, size=(2, 2), data_format=None, interpolation="nearest", name=None):
-        if data_format not in (None, "channels_first"):
-            raise InvalidArgumentError(f"UpSampling2D data_format {data_format!r}: mpscy's images are channels-first "
-                                       f"(C, H, W), batches NCHW (x.transpose(0, 3, 1, 2) for a channels-last batch)")
+        _keras_channels_first(data_format, "UpSampling2D")
         super().__init__(scale_factor=size, mode=interpolation, name=name)
 
     def config(self):
