@@ -254,8 +254,13 @@ def test_bad_construction_arguments():
         mpscy.Engine(model, batch_size=0)
     with pytest.raises(mpscy.InvalidArgumentError, match="unknown loss"):
         mpscy.Engine(model, loss="hinge")
-    with pytest.raises(mpscy.InvalidArgumentError, match="optimizer"):
-        mpscy.Engine(model, optimizer="adam")
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"unknown optimizer 'adamax'; choose one of \['adadelta', "):
+        mpscy.Engine(model, optimizer="adamax")
+    with pytest.raises(mpscy.InvalidArgumentError, match="optimizer must be an mpscy.optim optimizer, got dict"):
+        mpscy.Engine(model, optimizer={"lr": 1e-3})
+    # Keras's optimizer names, with torch's defaults
+    assert repr(mpscy.Engine(model, optimizer="Adam").optimizer) == repr(optim.Adam())
+    assert repr(mpscy.Engine(model, optimizer="sgd").optimizer) == repr(optim.SGD())
     with pytest.raises(mpscy.InvalidArgumentError, match="lr must be finite and >= 0"):
         optim.SGD(lr=-1)
     for kw in ({"lr": float("inf")}, {"momentum": float("inf")}, {"weight_decay": float("inf")}):

@@ -136,6 +136,8 @@ class Engine(OptimizerState):
             raise InvalidArgumentError(f"threads must be an integer in [0, {_MAX_THREADS}] (0: the device's default), "
                                        f"got {threads!r}")
         optimizer = _optim.Adam() if optimizer is None else optimizer
+        if isinstance(optimizer, str):  # Keras's optimizer="adam": torch's defaults
+            optimizer = _optim.get(optimizer)
         if not isinstance(optimizer, _optim.Optimizer):
             raise InvalidArgumentError(f"optimizer must be an mpscy.optim optimizer, got {type(optimizer).__name__}")
         clip_grad_norm = _clip_arg(clip_grad_norm, "clip_grad_norm")

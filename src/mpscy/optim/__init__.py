@@ -10,7 +10,7 @@ from .._checks import choice as _choice, finite as _finite, number as _number, p
 from ..errors import InvalidArgumentError
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "NAdam", "LBFGS",
-           "schedules"]
+           "get", "schedules"]
 
 
 def _nonneg(value, what):
@@ -48,7 +48,7 @@ class Optimizer:
     def spec(self):
         """The native optimizer descriptor (kind, hyperparameters, flags) the engine builds;
         every optimizer class gives its own (the base class has no native update)."""
-        choices = [n for n in __all__ if n not in ("Optimizer", "schedules")]
+        choices = [n for n in __all__ if n not in ("Optimizer", "get", "schedules")]
         raise InvalidArgumentError(f"{type(self).__name__} has no native update (it is not one of mpscy.optim's "
                                    f"optimizers); choose one of {choices}")
 
@@ -244,6 +244,18 @@ class LBFGS(Optimizer):
                 "history_size": self.history_size, "tolerance_grad": self.tolerance_grad,
                 "tolerance_change": self.tolerance_change, "line_search_fn": self.line_search_fn,
                 "weight_decay": self.weight_decay}
+
+
+def get(name):
+    """An optimizer by name with PyTorch's defaults, as Keras's optimizer="adam" (case ignored):
+    "sgd", "adam", "adamw", "rmsprop", "adagrad", "adadelta", "nadam", "lbfgs". The defaults are
+    torch's, not Keras's (SGD's lr 1e-3 here, 1e-2 in Keras; RMSprop's 1e-2 here, 1e-3 in Keras)."""
+    names = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "rmsprop": RMSprop, "adagrad": Adagrad,
+             "adadelta": Adadelta, "nadam": NAdam, "lbfgs": LBFGS}
+    if not isinstance(name, str) or name.lower() not in names:
+        raise InvalidArgumentError(f"unknown optimizer {name!r}; choose one of {sorted(names)} or an mpscy.optim "
+                                   f"optimizer")
+    return names[name.lower()]()
 
 
 from . import schedules  # noqa: E402  (schedules import nothing from here but the names)
