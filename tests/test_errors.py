@@ -704,3 +704,17 @@ def test_set_parameters_and_optimizer_state_name_odd_keys_and_ragged_values():
         engine.set_optimizer_state({**st, 7: 1, "x": 2})
     after = engine.get_parameters()
     assert all(np.array_equal(after[k], v) for k, v in p.items())
+
+
+def test_keras_s_predict_and_evaluate_arguments_change_nothing():
+    """predict(x, batch_size=, verbose=) and evaluate(...) as Keras calls them: the same results,
+    nothing printed; a bad value is still refused by name."""
+    engine = make("cpu")
+    x = np.random.default_rng(1).normal(size=(13, FEATURES)).astype(np.float32)
+    y = np.arange(13) % CLASSES
+    np.testing.assert_array_equal(engine.predict(x, batch_size=5, verbose=0), engine.predict(x))
+    assert engine.evaluate(x, y, batch_size=64, verbose=2) == engine.evaluate(x, y)
+    with pytest.raises(mpscy.InvalidArgumentError, match="batch_size must be a positive integer or None, got 0"):
+        engine.predict(x, batch_size=0)
+    with pytest.raises(mpscy.InvalidArgumentError, match="verbose must be 0, 1, 2 or 'auto', got 'loud'"):
+        engine.evaluate(x, y, verbose="loud")

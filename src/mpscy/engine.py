@@ -80,6 +80,15 @@ def _float32_inputs(x, n_inputs):
     return [one(a) for a in x] if n_inputs > 1 and isinstance(x, (list, tuple)) else one(x)
 
 
+def _keras_eval_args(batch_size, verbose):
+    """predict's and evaluate's Keras arguments: checked, changing nothing (see predict)."""
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+                                   or batch_size < 1):
+        raise InvalidArgumentError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+    if verbose not in (0, 1, 2, "auto", True, False):
+        raise InvalidArgumentError(f"verbose must be 0, 1, 2 or 'auto', got {verbose!r}")
+
+
 def _clip_arg(value, name):
     """None, or a positive finite float: a clipping threshold."""
     if value is None:
@@ -251,10 +260,13 @@ class Engine(OptimizerState):
         except NonFiniteError as e:
             raise self._weightless(e, y) from None
 
-    def predict(self, x):
+    def predict(self, x, *, batch_size=None, verbose=0):
         """Eval-mode outputs for any number of rows, float32 (n, *output_shape): the model's own
         outputs (logits for a model ending in Dense under a cross-entropy loss, as torch's). Float
-        inputs of another precision are converted to float32, as fit converts them."""
+        inputs of another precision are converted to float32, as fit converts them. batch_size and
+        verbose are Keras's, taken so that its calls run: rows always go through in the engine's
+        built batch size (eval-mode outputs do not depend on it), and nothing is printed."""
+        _keras_eval_args(batch_size, verbose)
         g = self._g()
         x = _float32_inputs(x, self._n_inputs)
         n = _rows(x, self._n_inputs)
@@ -264,13 +276,15 @@ class Engine(OptimizerState):
             g.predict_batch(_rows_slice(x, self._n_inputs, i, i + self.batch_size), out, i)
         return out
 
-    def evaluate(self, x, y=None):
+    def evaluate(self, x, y=None, *, batch_size=None, verbose=0):
         """Eval-mode mean loss and accuracy over any number of rows: dict(loss=, accuracy=).
+        batch_size and verbose are taken as predict takes them.
         The loss is the mean over all rows, whatever the batch size (under class weights with
         integer labels, torch's weighted mean over all of them: sum w l / sum w).
         x may also be a DataLoader (or another re-iterable) of (x, y) batches, y then None; the
         means are over its rows, as fit's validation over a loader."""
         from . import training  # late: training imports the engine's modules
+        _keras_eval_args(batch_size, verbose)
         x = training._batches_of(x, y)
         if training._is_loader(x):
             if y is not None:
