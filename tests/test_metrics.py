@@ -129,6 +129,13 @@ def test_regression_metrics(seed):
         assert M.mse(t, p) == pytest.approx(skm.mean_squared_error(t, p), rel=1e-13)
         assert M.rmse(t, p) == pytest.approx(skm.root_mean_squared_error(t, p), rel=1e-13)
         assert M.r2(t, p) == pytest.approx(skm.r2_score(t, p), rel=1e-13)
+    # image outputs (n, C, H, W), as an autoencoder's: each element one output, as flattened for scikit-learn
+    t = rng.normal(size=(40, 2, 3, 4))
+    p = t + 0.3 * rng.normal(size=t.shape)
+    for ours, theirs in ((M.mae, skm.mean_absolute_error), (M.mse, skm.mean_squared_error), (M.r2, skm.r2_score)):
+        assert ours(t, p) == pytest.approx(theirs(t.reshape(40, -1), p.reshape(40, -1)), rel=1e-13)
+    with pytest.raises(mpscy.ShapeError, match=r"\(40, 2, 3, 4\) and y_pred \(40, 24\) must have the same"):
+        M.mse(t, p.reshape(40, -1))
     const = np.full(10, 2.0)
     assert M.r2(const, const) == skm.r2_score(const, const) == 1.0
     assert M.r2(const, const + 1) == skm.r2_score(const, const + 1) == 0.0

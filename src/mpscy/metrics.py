@@ -386,9 +386,11 @@ def _regression(y_true, y_pred):
         y_true = y_true[:, None]
     if y_pred.ndim == 1:
         y_pred = y_pred[:, None]
-    if y_true.ndim != 2 or y_true.shape != y_pred.shape or len(y_true) == 0:
+    if y_true.shape != y_pred.shape or len(y_true) == 0:
         raise ShapeError(f"y_true {np.shape(y_true)} and y_pred {np.shape(y_pred)} must have the same "
-                         "non-empty (n,) or (n, outputs) shape")
+                         "non-empty (n,), (n, outputs) or (n, *shape) shape")
+    if y_true.ndim > 2:  # (n, *shape), as a model's image outputs: each element one output
+        y_true, y_pred = y_true.reshape(len(y_true), -1), y_pred.reshape(len(y_pred), -1)
     return _finite(y_true, "y_true"), _finite(y_pred, "y_pred")
 
 
