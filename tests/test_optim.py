@@ -301,3 +301,16 @@ def test_momentum_and_betas_exist_only_on_optimizers_that_have_them():
                 e.betas = (0.5, 0.75)
             assert e.betas is None and (g.beta1, g.beta2) == native[1:]
         e.step(x, y)
+
+
+@pytest.mark.parametrize("cls", [optim.SGD, optim.Adam, optim.AdamW, optim.RMSprop, optim.Adagrad, optim.Adadelta,
+                                 optim.NAdam, optim.LBFGS])
+def test_keras_s_learning_rate_is_lr(cls):
+    """learning_rate= (Keras's name) sets lr, the same optimizer as lr= gives; both at once, the
+    lr not its default, is refused naming both."""
+    assert repr(cls(learning_rate=0.0625)) == repr(cls(lr=0.0625))
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"give lr or learning_rate \(Keras's name for it\), not "
+                                                         r"both: got lr=0.5 and learning_rate=0.0625"):
+        cls(lr=0.5, learning_rate=0.0625)
+    with pytest.raises(mpscy.InvalidArgumentError, match="lr"):
+        cls(learning_rate=-1.0)

@@ -4,6 +4,7 @@ defaults (torch.optim). Learning rate, momentum, betas and weight decay travel w
 so changing them (by hand or through a schedule, see mpscy.optim.schedules) never rebuilds
 anything. LBFGS runs several native evaluations per `engine.step` (see mpscy.optim.lbfgs)."""
 
+import inspect
 import math
 
 from .._checks import choice as _choice, finite as _finite, number as _number, positive_int as _count
@@ -42,7 +43,13 @@ class Optimizer:
     kind = None
     momentum_key = None
 
-    def __init__(self, lr):
+    def __init__(self, lr, learning_rate=None):
+        if learning_rate is not None:  # Keras's name for lr
+            default = inspect.signature(type(self).__init__).parameters["lr"].default
+            if lr != default:
+                raise InvalidArgumentError(f"give lr or learning_rate (Keras's name for it), not both: got lr={lr!r} "
+                                           f"and learning_rate={learning_rate!r}")
+            lr = learning_rate
         self.lr = _nonneg(lr, "lr")
 
     def spec(self):
@@ -68,8 +75,8 @@ class SGD(Optimizer):
     momentum_key = "momentum"
 
     def __init__(self, lr=1e-3, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
-                 maximize=False):
-        super().__init__(lr)
+                 maximize=False, learning_rate=None):
+        super().__init__(lr, learning_rate)
         self.momentum = _nonneg(momentum, "momentum")
         self.dampening = _finite(dampening, "dampening")
         self.nesterov = bool(nesterov)
@@ -92,8 +99,8 @@ class Adam(Optimizer):
     momentum_key = "beta1"
 
     def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
-                 maximize=False, decoupled_weight_decay=False):
-        super().__init__(lr)
+                 maximize=False, decoupled_weight_decay=False, learning_rate=None):
+        super().__init__(lr, learning_rate)
         self.betas = _betas(betas)
         self.eps = _nonneg(eps, "eps")
         self.weight_decay = _nonneg(weight_decay, "weight_decay")
@@ -114,8 +121,9 @@ class AdamW(Adam):
     kind = "adamw"
 
     def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
-                 maximize=False):
-        super().__init__(lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay=True)
+                 maximize=False, learning_rate=None):
+        super().__init__(lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay=True,
+                         learning_rate=learning_rate)
 
 
 class RMSprop(Optimizer):
@@ -127,8 +135,8 @@ class RMSprop(Optimizer):
     momentum_key = "momentum"
 
     def __init__(self, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
-                 centered=False, maximize=False):
-        super().__init__(lr)
+                 centered=False, maximize=False, learning_rate=None):
+        super().__init__(lr, learning_rate)
         self.alpha = _nonneg(alpha, "alpha")
         self.eps = _nonneg(eps, "eps")
         self.weight_decay = _nonneg(weight_decay, "weight_decay")
@@ -150,8 +158,8 @@ class Adagrad(Optimizer):
     kind = "adagrad"
 
     def __init__(self, lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
-                 eps=1e-10, maximize=False):
-        super().__init__(lr)
+                 eps=1e-10, maximize=False, learning_rate=None):
+        super().__init__(lr, learning_rate)
         self.lr_decay = _nonneg(lr_decay, "lr_decay")
         self.weight_decay = _nonneg(weight_decay, "weight_decay")
         self.initial_accumulator_value = _nonneg(initial_accumulator_value, "initial_accumulator_value")
@@ -171,8 +179,8 @@ class Adadelta(Optimizer):
 
     kind = "adadelta"
 
-    def __init__(self, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=False):
-        super().__init__(lr)
+    def __init__(self, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=False, learning_rate=None):
+        super().__init__(lr, learning_rate)
         self.rho = _nonneg(rho, "rho")
         if self.rho > 1.0:
             raise InvalidArgumentError(f"rho must be in [0, 1], got {self.rho}")
@@ -193,8 +201,8 @@ class NAdam(Optimizer):
     momentum_key = "beta1"
 
     def __init__(self, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 momentum_decay=4e-3, decoupled_weight_decay=False, maximize=False):
-        super().__init__(lr)
+                 momentum_decay=4e-3, decoupled_weight_decay=False, maximize=False, learning_rate=None):
+        super().__init__(lr, learning_rate)
         self.betas = _betas(betas)
         self.eps = _nonneg(eps, "eps")
         self.weight_decay = _nonneg(weight_decay, "weight_decay")
@@ -222,8 +230,9 @@ class LBFGS(Optimizer):
     kind = "lbfgs"
 
     def __init__(self, lr=1.0, max_iter=20, max_eval=None, tolerance_grad=1e-7,
-                 tolerance_change=1e-9, history_size=100, line_search_fn=None, weight_decay=0.0):
-        super().__init__(lr)
+                 tolerance_change=1e-9, history_size=100, line_search_fn=None, weight_decay=0.0,
+                 learning_rate=None):
+        super().__init__(lr, learning_rate)
         _count(max_iter, "max_iter")
         _count(history_size, "history_size")
         if max_eval is None:
