@@ -456,3 +456,18 @@ def test_no_backward_runs_below_the_first_trainable_layer():
     times["evaluate"] = least(lambda: e.evaluate(x, y))
     assert times[True] < 1.3 * times["evaluate"], times
     assert times[True] < 0.8 * times[False], times
+
+
+def test_named_layers_give_the_summary_s_names():
+    """named_layers() pairs each layer with the name the summary and the parameters use, a
+    generated one for an unnamed layer (whose own name stays None), in node order; freezing by
+    those names freezes those layers' parameters."""
+    net = mpscy.Sequential([layers.Conv2D(4, 3, padding=1), layers.ReLU(), layers.Flatten(),
+                            layers.Dense(3, name="head")], input_shape=(1, 4, 4))
+    pairs = net.named_layers()
+    assert [n for n, _ in pairs] == ["conv2d_0", "relu_1", "flatten_2", "head"]
+    assert [l for _, l in pairs] == net.layers and pairs[0][1].name is None
+    for name, layer in pairs:
+        layer.trainable = not name.startswith("conv")
+    e = mpscy.Engine(net, batch_size=2, device="cpu")
+    assert sorted(e.get_optimizer_state()["exp_avg"]) == ["head.bias", "head.weight"]

@@ -207,6 +207,12 @@ class Model:
         """The model's layers in node order (dependency order; a Sequential's as given)."""
         return [n.layer for n in self.nodes if n.layer is not None]
 
+    def named_layers(self):
+        """[(name, layer)] in node order, each layer with the name the summary and the parameters
+        use ("dense_0", or the name given), as torch's named_children(): an unnamed layer's own
+        `name` stays None, its name being the model's."""
+        return [(n.name, n.layer) for n in self.nodes if n.layer is not None]
+
     def get_layer(self, name):
         """The layer of the node named `name` (as in the summary: "dense_0", or the name given)."""
         for n in self.nodes:
