@@ -1,6 +1,8 @@
 """Convolution, pooling and upsampling over (C, H, W) images (NCHW batches): Conv2D,
-MaxPool2D, AvgPool2D, GlobalAvgPool2D and Upsample (= UpSampling2D), their option checks, padding ("valid", "same" or explicit) and PyTorch's
-floor-mode shape rules. Options only; computation happens in the backend."""
+MaxPool2D, AvgPool2D, GlobalAvgPool2D and Upsample, with Keras's names for some of them
+(MaxPooling2D, AveragePooling2D, GlobalAveragePooling2D, UpSampling2D); their option checks,
+padding ("valid", "same" or explicit) and PyTorch's floor-mode shape rules. Options only;
+computation happens in the backend."""
 
 import numpy as np
 
