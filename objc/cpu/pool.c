@@ -185,21 +185,16 @@ static void pool_task(void *ctx, int32_t t, int32_t nt) {
 
 static void pool_run(cpu_graph *g, const mpscy_node *n, int64_t b, float *out, const float *in, int backward) {
     pool_job j = {n, {0}, out, in, NULL, backward, backward ? n->accum[0] : 0};
-    if (n->kind == MPSCY_LAYER_GLOBALAVGPOOL2D) {
+    if (n->kind == MPSCY_LAYER_GLOBALAVGPOOL2D || n->kind == MPSCY_LAYER_UPSAMPLE2D) {  /* no window */
         const mpscy_node *src = &g->plan.nodes[n->in[0]];
+        int up = n->kind == MPSCY_LAYER_UPSAMPLE2D;
         j.p.planes = b * src->shape[0];
         j.p.h = src->shape[1];
         j.p.w = src->shape[2];
-        j.p.oh = j.p.ow = 1;
-    } else if (n->kind == MPSCY_LAYER_UPSAMPLE2D) {
-        const mpscy_node *src = &g->plan.nodes[n->in[0]];
-        j.p.planes = b * src->shape[0];
-        j.p.h = src->shape[1];
-        j.p.w = src->shape[2];
-        j.p.oh = n->shape[1];
-        j.p.ow = n->shape[2];
-        j.p.sh = n->ints[0];
-        j.p.sw = n->ints[1];
+        j.p.oh = up ? n->shape[1] : 1;
+        j.p.ow = up ? n->shape[2] : 1;
+        j.p.sh = up ? n->ints[0] : 1;
+        j.p.sw = up ? n->ints[1] : 1;
     } else {
         j.p = geom(g, n, b);
     }

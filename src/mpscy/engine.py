@@ -66,20 +66,6 @@ def _rows(x, n_inputs, what="x"):
     return shapes[0]
 
 
-def _float32_inputs(x, n_inputs):
-    """x as predict and evaluate take it, converted as fit converts: float arrays of another
-    precision (float64, float16) to float32, strided ones to C order, another library's CPU
-    tensors to arrays. Anything else is left for the checks to name (an integer array is refused
-    by its dtype, as by step)."""
-    def one(a):
-        if not isinstance(a, (np.ndarray, list, tuple)) and hasattr(a, "__array__"):
-            a = np.asarray(a)
-        if isinstance(a, np.ndarray) and np.issubdtype(a.dtype, np.floating):
-            a = np.ascontiguousarray(a, dtype=np.float32)   # no copy when it already is
-        return a
-    return [one(a) for a in x] if n_inputs > 1 and isinstance(x, (list, tuple)) else one(x)
-
-
 def _keras_eval_args(batch_size, verbose):
     """predict's and evaluate's Keras arguments: checked, changing nothing (see predict)."""
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
@@ -266,9 +252,10 @@ class Engine(OptimizerState):
         inputs of another precision are converted to float32, as fit converts them. batch_size and
         verbose are Keras's, taken so that its calls run: rows always go through in the engine's
         built batch size (eval-mode outputs do not depend on it), and nothing is printed."""
+        from . import training  # late: training imports the engine's modules
         _keras_eval_args(batch_size, verbose)
         g = self._g()
-        x = _float32_inputs(x, self._n_inputs)
+        x = training._converted_inputs(x, self._n_inputs)  # as fit converts it
         n = _rows(x, self._n_inputs)
         self._check_layout(g, x)
         out = np.empty((n,) + tuple(self.model.output_shape), dtype=np.float32)
@@ -294,7 +281,7 @@ class Engine(OptimizerState):
         if y is None:
             raise InvalidArgumentError("evaluate needs y, or x a DataLoader of (x, y) batches")
         g = self._g()
-        x, y = _float32_inputs(x, self._n_inputs), training._as_target(self, y)  # as fit converts them
+        x, y = training._converted_inputs(x, self._n_inputs), training._as_target(self, y)  # as fit converts them
         n = _rows(x, self._n_inputs)
         self._check_layout(g, x)
         ny = _rows(y, 1, "y")

@@ -10,7 +10,7 @@ from .errors import InvalidArgumentError, ShapeError
 from ._checks import warn_user
 from .layers import Layer
 from .layers.base import _IMAGE_KINDS, stale_trainable_message
-from .layers.conv import channels_last_hint, window_width
+from .layers.conv import channels_last_hint
 
 __all__ = ["Tensor", "Input", "Model", "Sequential"]
 
@@ -146,7 +146,7 @@ class Model:
         for n in self.nodes:  # an image layer on an input that looks like Keras's (H, W, C), 16 x 16 or more;
             # not one whose window is 1 wide (a 1-D signal, (C, L, 1), with no Conv1D to take it)
             if (n.layer is not None and n.layer.kind in _IMAGE_KINDS and self.nodes[n.inputs[0]].layer is None
-                    and window_width(n.layer, self.nodes[n.inputs[0]].shape) != 1):
+                    and n.layer.window_width(self.nodes[n.inputs[0]].shape) != 1):
                 hint = channels_last_hint(self.nodes[n.inputs[0]].shape, least=16)
                 if hint:
                     warn_user(f"{type(n.layer).__name__} {n.name!r} reads input {self.nodes[n.inputs[0]].name!r} "

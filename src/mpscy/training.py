@@ -92,21 +92,31 @@ class _Loader:
         return (batch for batch in batches if len(batch[1]) != 1)
 
 
+def _converted(a):
+    """One input as fit, evaluate and predict take it: a CPU tensor of another library (a torch
+    DataLoader's batches) as an array, float arrays of another precision as float32 (once, as
+    Keras converts them), strided ones in C order; anything else as it is, for the checks to name."""
+    if not isinstance(a, (np.ndarray, list, tuple)) and hasattr(a, "__array__"):
+        a = np.asarray(a)
+    if isinstance(a, np.ndarray):
+        a = np.ascontiguousarray(a, dtype=np.float32 if np.issubdtype(a.dtype, np.floating) else None)
+    return a
+
+
+def _converted_inputs(x, n_inputs):
+    """x (an array, or a list of them for a model of several inputs) with each array _converted."""
+    return [_converted(a) for a in x] if n_inputs > 1 and isinstance(x, (list, tuple)) else _converted(x)
+
+
 def _as_inputs(x, n_inputs, what="x"):
     arrays = list(x) if n_inputs > 1 and isinstance(x, (list, tuple)) else [x]
     if len(arrays) != n_inputs:
         raise InvalidArgumentError(f"this model has {n_inputs} inputs: pass {what} as a list of {n_inputs} arrays")
-    out = []
     for a in arrays:
-        if not isinstance(a, np.ndarray):
-            if not hasattr(a, "__array__"):
-                also = ", a DataLoader or another re-iterable of (x, y) batches" if what == "x" else ""
-                raise InvalidArgumentError(f"{what} must be a numpy array{also}, got {_describe(a)}")
-            a = np.asarray(a)  # a CPU tensor of another library (a torch DataLoader's batches)
-        # float inputs of another precision are converted once, as Keras does
-        out.append(np.ascontiguousarray(a, dtype=np.float32) if np.issubdtype(a.dtype, np.floating)
-                   else np.ascontiguousarray(a))
-    return out
+        if not isinstance(a, np.ndarray) and not hasattr(a, "__array__"):
+            also = ", a DataLoader or another re-iterable of (x, y) batches" if what == "x" else ""
+            raise InvalidArgumentError(f"{what} must be a numpy array{also}, got {_describe(a)}")
+    return [_converted(a) for a in arrays]
 
 
 def _in_batch(e, where):

@@ -93,6 +93,12 @@ class Layer:
         """Constructor arguments, for summaries and checkpoints."""
         return {}
 
+    def window_width(self, input_shape):
+        """For a layer that reads (C, H, W) images: how many columns one output reads or repeats
+        (1 for a 1-D signal (C, L, 1) read through windows 1 wide, which is no channels-last image);
+        None for the others."""
+        return None
+
     # -- functional API ----------------------------------------------------------------
     def __call__(self, *inputs):
         from ..model import Tensor

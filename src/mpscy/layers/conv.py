@@ -73,20 +73,6 @@ def channels_last_hint(shape, least=5):
     return ""
 
 
-def window_width(layer, input_shape=None):
-    """The width of an image layer's kernel or pool window (1 for a 1-D signal's (k, 1) one):
-    Upsample's width factor, and for GlobalAvgPool2D its input's width (a signal (C, L, 1)
-    averaged over L)."""
-    size = getattr(layer, "kernel_size", None) or getattr(layer, "pool_size", None)
-    if size:
-        return size[1]
-    if isinstance(layer, Upsample) and input_shape is not None and len(input_shape) == 3:
-        return layer._factors(input_shape)[1]
-    if isinstance(layer, GlobalAvgPool2D) and input_shape is not None and len(input_shape) == 3:
-        return input_shape[2]
-    return None
-
-
 def _image(shape, what):
     if len(shape) != 3:
         raise ShapeError(f"{what} needs (C, H, W) inputs per sample (NCHW batches), got per-sample shape "
@@ -160,6 +146,9 @@ class Conv2D(Layer):
         return {"filters": self.filters, "kernel_size": self.kernel_size, "stride": self.stride,
                 "padding": self.padding, "dilation": self.dilation, "groups": self.groups, "bias": self.bias}
 
+    def window_width(self, input_shape):
+        return self.kernel_size[1]
+
 
 class _Pool2D(Layer):
     def __init__(self, pool_size, stride=None, padding=0, name=None):
@@ -196,6 +185,9 @@ class _Pool2D(Layer):
     def config(self):
         return {"pool_size": self.pool_size, "stride": self.stride, "padding": self.padding}
 
+    def window_width(self, input_shape):
+        return self.pool_size[1]
+
 
 class MaxPool2D(_Pool2D):
     """Max pooling over (C, H, W) (torch.nn.MaxPool2d, floor mode): stride defaults to
@@ -231,6 +223,9 @@ class GlobalAvgPool2D(Layer):
     def output_shape(self, input_shapes):
         c, _, _ = _image(input_shapes[0], "GlobalAvgPool2D")
         return (c,)
+
+    def window_width(self, input_shape):  # a signal (C, L, 1) averaged over L reads 1 column
+        return input_shape[2] if len(input_shape) == 3 else None
 
 
 def _whole_pair(value, what):
@@ -297,6 +292,9 @@ class Upsample(Layer):
 
     def native(self, input_shapes):
         return {"ints": [*self._factors(input_shapes[0])]}
+
+    def window_width(self, input_shape):
+        return self._factors(input_shape)[1] if len(input_shape) == 3 else None
 
     def config(self):
         if self.size is not None:

@@ -344,9 +344,7 @@ def _mish(r, node, args, attrs):
 
 @_set("Gelu")
 def _gelu(r, node, args, attrs):
-    approx = attrs.get("approximate", b"none")
-    approx = approx.decode() if isinstance(approx, bytes) else approx
-    return r.layer(L.GELU, args[:1], approximate=approx)
+    return r.layer(L.GELU, args[:1], approximate=_text(attrs, "approximate", "none"))
 
 
 @_set("Softmax")

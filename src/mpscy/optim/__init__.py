@@ -259,8 +259,7 @@ def get(name):
     """An optimizer by name with PyTorch's defaults, as Keras's optimizer="adam" (case ignored):
     "sgd", "adam", "adamw", "rmsprop", "adagrad", "adadelta", "nadam", "lbfgs". The defaults are
     torch's, not Keras's (SGD's lr 1e-3 here, 1e-2 in Keras; RMSprop's 1e-2 here, 1e-3 in Keras)."""
-    names = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "rmsprop": RMSprop, "adagrad": Adagrad,
-             "adadelta": Adadelta, "nadam": NAdam, "lbfgs": LBFGS}
+    names = {cls.kind: cls for cls in (SGD, Adam, AdamW, RMSprop, Adagrad, Adadelta, NAdam, LBFGS)}
     if not isinstance(name, str) or name.lower() not in names:
         raise InvalidArgumentError(f"unknown optimizer {name!r}; choose one of {sorted(names)} or an mpscy.optim "
                                    f"optimizer")
