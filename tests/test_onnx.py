@@ -1029,7 +1029,7 @@ def test_import_refuses_other_clips_and_hard_sigmoids():
             (helper.make_node("HardSigmoid", ["x"], ["y"], name="keras_hs", alpha=0.2, beta=0.5), [])):
         graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
                                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
         with pytest.raises(mpscy.UnsupportedError, match=f"{node.op_type} '{node.name}'"):
             mpscy.onnx.read(model)
 
@@ -1120,7 +1120,7 @@ def test_resize_that_does_not_repeat_pixels_is_refused(tmp_path):
         node = helper.make_node("Resize", ["x", "", "s"], ["y"], name="up", mode="nearest", **attrs)
         g = helper.make_graph([node], "g", [x], [y], [s])
         path = str(tmp_path / "r.onnx")
-        onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+        onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), path)
         return path
     with pytest.raises(mpscy.UnsupportedError, match=r"Resize 'up' by \[1.0, 1.0, 1.5, 2.0\]: only whole factors"):
         mpscy.onnx.load(model([1, 1, 1.5, 2]), batch_size=2, device="cpu")
