@@ -123,9 +123,12 @@ typedef enum mpscy_layer_kind {
     MPSCY_LAYER_SOFTPLUS = 23,   /* reals[0]=beta, reals[1]=threshold: log1p(exp(beta x)) / beta, or x
                                   * where beta x > threshold */
     MPSCY_LAYER_MISH = 24,       /* x tanh(log1p(exp(x))) */
-    MPSCY_LAYER_UPSAMPLE2D = 25, /* ints: sh, sw: nearest neighbour, (C, H, W) -> (C, H sh, W sw), each
-                                  * input pixel repeated over an sh x sw block (torch's Upsample(mode="nearest")
-                                  * with integer scale factors) */
+    MPSCY_LAYER_UPSAMPLE2D = 25, /* ints: sh, sw, mode, align_corners, OH, OW. mode 0, nearest neighbour:
+                                  * (C, H, W) -> (C, H sh, W sw), each input pixel repeated over an sh x sw
+                                  * block (torch's Upsample(mode="nearest") with integer scale factors; ints
+                                  * 3..5 are 0). mode 1, bilinear: (C, H, W) -> (C, OH, OW) as torch's
+                                  * Upsample(mode="bilinear", align_corners) computes it from the sizes
+                                  * (common/resize_math.h; sh, sw are 0) */
     MPSCY_LAYER_KIND_COUNT = 26
 } mpscy_layer_kind;
 

@@ -130,6 +130,12 @@ LAYER_MODELS = {
                           L.Dense(5)], (3, 5, 4)),
     "upsample_first": (lambda: [_maybe("Upsample")(scale_factor=(3, 2)), _maybe("Conv2D")(4, 3), L.ReLU(), L.Flatten(), L.Dense(5)],
                        (2, 4, 5)),
+    # bilinear: up by 2 between convolutions, then to a size that is no multiple (both
+    # align_corners), then down to a smaller one before the head
+    "bilinear": (lambda: [_maybe("Conv2D")(6, 3, padding=1), L.ReLU(), _maybe("Upsample")(scale_factor=2, mode="bilinear"),
+                          _maybe("Conv2D")(4, 3, padding=1), L.Tanh(),
+                          _maybe("Upsample")(size=(13, 7), mode="bilinear", align_corners=True),
+                          _maybe("Upsample")(size=(5, 6), mode="bilinear"), L.Flatten(), L.Dense(5)], (3, 5, 4)),
     # no bias before BatchNorm: its gradient is zero up to rounding, which Adam would amplify
     "batchnorm": (lambda: [L.Dense(20, bias=False), _maybe("BatchNorm")(), L.ReLU(), L.Dense(5)], (12,)),
     "batchnorm2d": (lambda: [_maybe("Conv2D")(4, 3, 1, 1, bias=False), _maybe("BatchNorm")(), L.ReLU(), L.Flatten(),

@@ -147,13 +147,38 @@ def globalavgpool2d_backward(dy, shape):
     return np.broadcast_to(dy[:, :, None, None] / (shape[2] * shape[3]), shape).copy(), {}
 
 
+def bilinear_matrix(n_in, n_out, align_corners):
+    """(n_out, n_in): row o holds output o's two interpolation weights, torch's upsample_bilinear2d
+    along one axis from the sizes (aten/src/ATen/native/UpSample.h), in float64."""
+    a = np.zeros((n_out, n_in))
+    for o in range(n_out):
+        if align_corners:
+            s = o * ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
+        else:
+            s = max((o + 0.5) * n_in / n_out - 0.5, 0.0)
+        i0 = min(int(np.floor(s)), n_in - 1)
+        l1 = min(max(s - i0, 0.0), 1.0)
+        i1 = i0 + (1 if i0 < n_in - 1 else 0)
+        a[o, i0] += 1.0 - l1
+        a[o, i1] += l1
+    return a
+
+
 def upsample2d_forward(x, p, o):
-    """Nearest neighbour: each pixel repeated over an sh x sw block (torch's Upsample(mode="nearest"))."""
+    """Nearest neighbour: each pixel repeated over an sh x sw block (torch's Upsample(mode="nearest"));
+    bilinear (o["size"], o["align_corners"]): y = A_h x A_w^T with bilinear_matrix's A."""
+    if "size" in o:
+        ah = bilinear_matrix(x.shape[2], o["size"][0], o["align_corners"])
+        aw = bilinear_matrix(x.shape[3], o["size"][1], o["align_corners"])
+        return np.einsum("ai,ncij,bj->ncab", ah, x, aw), ("bilinear", ah, aw)
     sh, sw = o["scale"]
     return x.repeat(sh, axis=2).repeat(sw, axis=3), (x.shape, sh, sw)
 
 
 def upsample2d_backward(dy, cache):
+    if cache[0] == "bilinear":
+        _, ah, aw = cache
+        return np.einsum("ai,ncab,bj->ncij", ah, dy, aw), {}
     (n, c, h, w), sh, sw = cache
     return dy.reshape(n, c, h, sh, w, sw).sum((3, 5)), {}
 

@@ -183,6 +183,21 @@ def test_layer_matches_cpu(name, rng):
 
 
 @cuda_only
+@pytest.mark.parametrize("size,align", [((10, 14), False), ((13, 6), True), ((3, 2), False)])
+def test_bilinear_upsample_gives_the_cpu_s_bits(rng, size, align):
+    """common/resize_math.h rounds every product and sum on its own on both backends, and the cuda
+    backward sums each input's outputs in the cpu's order: the output is the cpu's to the bit (up,
+    to a size that is no multiple with align_corners, and down), and the input's gradient, from an
+    MSE gradient each backend computes, within 1e-6."""
+    build = lambda: [L.Upsample(size=size, mode="bilinear", align_corners=align), L.Flatten()]
+    cpu, gpu = pair(build, (3, 5, 7), loss="mse", input_gradients=True)
+    x = rng.standard_normal((6, 3, 5, 7)).astype(np.float32)
+    t = rng.standard_normal((6, 3 * size[0] * size[1])).astype(np.float32)
+    np.testing.assert_array_equal(gpu.predict(x), cpu.predict(x))
+    assert rel_err(gpu.gradients(x, t)["input"], cpu.gradients(x, t)["input"]) <= 1e-6
+
+
+@cuda_only
 def test_conv_long_k_with_odd_and_partial_batches_matches_cpu(rng):
     """b*OH*OW = 4500, 4275 and 1575 (partial batches of 19 and 7): the weight gradient's own
     split-K kernel, chosen at the built batch, with float4 loads and, for the odd counts, scalar

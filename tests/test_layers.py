@@ -87,6 +87,26 @@ CASES = {
     "upsample_size": (lambda: layers.Upsample(size=(12, 5), mode="nearest-exact"), "upsample2d", dict(scale=(3, 1)),
                       (2, 4, 5), 2),
     "upsample_numpy": (lambda: layers.Upsample(scale_factor=np.array([2, 3])), "upsample2d", dict(scale=(2, 3)), (2, 3, 3), 2),
+    # bilinear: whole factors, both align_corners, sizes that are no multiple (up and down), a side
+    # of 1 (in and out), Keras's name, a recomputed fractional factor, and a plane large enough to be split
+    "bilinear_2": (lambda: layers.Upsample(scale_factor=2, mode="bilinear"), "upsample2d",
+                   dict(size=(8, 10), align_corners=False), (3, 4, 5), 3),
+    "bilinear_2_align": (lambda: layers.Upsample(scale_factor=2, mode="bilinear", align_corners=True), "upsample2d",
+                         dict(size=(8, 10), align_corners=True), (3, 4, 5), 2),
+    "bilinear_size_up_down": (lambda: layers.Upsample(size=(11, 3), mode="bilinear"), "upsample2d",
+                              dict(size=(11, 3), align_corners=False), (2, 4, 7), 2),
+    "bilinear_size_align": (lambda: layers.Upsample(size=(5, 13), mode="bilinear", align_corners=True), "upsample2d",
+                            dict(size=(5, 13), align_corners=True), (2, 7, 4), 2),
+    "bilinear_side_1": (lambda: layers.Upsample(size=(1, 6), mode="bilinear"), "upsample2d",
+                        dict(size=(1, 6), align_corners=False), (2, 5, 1), 2),
+    "bilinear_side_1_align": (lambda: layers.Upsample(size=(1, 6), mode="bilinear", align_corners=True), "upsample2d",
+                              dict(size=(1, 6), align_corners=True), (2, 5, 1), 2),
+    "bilinear_keras": (lambda: layers.UpSampling2D((3, 2), interpolation="bilinear"), "upsample2d",
+                       dict(size=(9, 8), align_corners=False), (2, 3, 4), 2),
+    "bilinear_recompute": (lambda: layers.Upsample(scale_factor=1.5, mode="bilinear", recompute_scale_factor=True),
+                           "upsample2d", dict(size=(7, 10), align_corners=False), (2, 5, 7), 2),
+    "bilinear_2_large": (lambda: layers.Upsample(scale_factor=2, mode="bilinear"), "upsample2d",
+                         dict(size=(96, 80), align_corners=False), (8, 48, 40), 2),
     # normalization (train-mode loss and gradients; predict in eval mode)
     "batchnorm_features": (lambda: layers.BatchNorm(), "batchnorm", dict(eps=1e-5), (7,), 6),
     "batchnorm_channels": (lambda: layers.BatchNorm(momentum=0.3, eps=1e-3), "batchnorm", dict(eps=1e-3),
@@ -586,16 +606,29 @@ def test_dropout_rate_zero_is_identity_in_train_mode(device, rng):
     (lambda: layers.Upsample(scale_factor="2"), mpscy.InvalidArgumentError, "got '2'"),
     (lambda: layers.Upsample((2, 2, 2)), mpscy.InvalidArgumentError, r"Upsample size must be .*got \(2, 2, 2\)"),
     (lambda: layers.Upsample(scale_factor=True), mpscy.InvalidArgumentError, "scale_factor"),
-    (lambda: layers.Upsample(scale_factor=2, mode="bilinear"), mpscy.InvalidArgumentError,
-     "Upsample mode 'bilinear' is not available: only 'nearest'"),
-    (lambda: layers.Upsample(scale_factor=2, align_corners=False), mpscy.InvalidArgumentError, "align_corners applies to"),
+    (lambda: layers.Upsample(scale_factor=2, mode="bicubic"), mpscy.InvalidArgumentError,
+     "Upsample mode 'bicubic' is not available: one of 'nearest', 'nearest-exact', 'bilinear'"),
+    (lambda: layers.Upsample(scale_factor=2, align_corners=False), mpscy.InvalidArgumentError,
+     "align_corners applies to interpolating modes only .*mode='nearest'"),
+    (lambda: layers.Upsample(scale_factor=2, mode="bilinear", align_corners=1.0), mpscy.InvalidArgumentError,
+     "align_corners must be None, False or True, got 1.0"),
+    # a fractional factor: torch interpolates by 1 / s, which is not the sizes' ratio; recomputed, it is
+    (lambda: layers.Upsample(scale_factor=1.5, mode="bilinear"), mpscy.InvalidArgumentError,
+     r"Upsample scale_factor must be a whole number >= 1 or a pair of them \(a factor that is not whole needs "
+     r"recompute_scale_factor=True .* or size=\), got 1.5"),
+    (lambda: layers.Upsample(scale_factor=(2, -1.5), mode="bilinear", recompute_scale_factor=True),
+     mpscy.InvalidArgumentError, r"scale_factor must be a number > 0 or a pair of them, got \(2, -1.5\)"),
+    (lambda: layers.Upsample(scale_factor=float("nan"), mode="bilinear", recompute_scale_factor=True),
+     mpscy.InvalidArgumentError, "got nan"),
+    (lambda: layers.Upsample((0, 4), mode="bilinear"), mpscy.InvalidArgumentError,
+     r"Upsample size must be a whole number >= 1 or a pair of them \(the output's \(H, W\)\), got \(0, 4\)"),
     (lambda: layers.Upsample(), mpscy.InvalidArgumentError, "either scale_factor or size, not neither"),
     (lambda: layers.Upsample(8, scale_factor=2), mpscy.InvalidArgumentError, "not both"),
     (lambda: layers.UpSampling2D(0), mpscy.InvalidArgumentError, r"UpSampling2D size must be .*, got 0"),
     (lambda: layers.UpSampling2D(2, data_format="channels_last"), mpscy.InvalidArgumentError,
      r"channels-first \(C, H, W\), batches NCHW \(x.transpose\(0, 3, 1, 2\)"),
-    (lambda: layers.UpSampling2D(2, interpolation="bilinear"), mpscy.InvalidArgumentError,
-     "UpSampling2D interpolation 'bilinear' is not available: only 'nearest'"),
+    (lambda: layers.UpSampling2D(2, interpolation="bicubic"), mpscy.InvalidArgumentError,
+     "UpSampling2D interpolation 'bicubic' is not available: one of 'nearest', 'bilinear'"),
 ])
 def test_bad_options_are_refused_at_construction(make, error, match):
     with pytest.raises(error, match=match):
@@ -691,6 +724,12 @@ def test_layer_configs_round_trip():
     assert layers.Upsample(scale_factor=2.0).config() == {"scale_factor": (2, 2), "mode": "nearest"}
     assert layers.UpSampling2D((1, 3)).config() == {"size": (1, 3), "interpolation": "nearest"}
     assert layers.Upsample(size=8).config() == {"size": (8, 8), "mode": "nearest"}
+    assert layers.Upsample(size=(5, 7), mode="bilinear").config() == {"size": (5, 7), "mode": "bilinear",
+                                                                       "align_corners": False}
+    assert layers.Upsample(scale_factor=(1.5, 2.0), mode="bilinear", align_corners=True,
+                           recompute_scale_factor=True).config() == {
+        "scale_factor": (1.5, 2), "mode": "bilinear", "align_corners": True, "recompute_scale_factor": True}
+    assert layers.UpSampling2D(3, interpolation="bilinear").config() == {"size": (3, 3), "interpolation": "bilinear"}
     assert mpscy.Sequential([layers.Upsample((64, 64))], input_shape=(3, 16, 32)).output_shape == (3, 64, 64)
     assert repr(layers.Dropout(0.5)) == "Dropout(rate=0.5)"
 
@@ -727,9 +766,9 @@ def torch_module(torch, case):
     if isinstance(layer, layers.LayerNorm):
         return nn.LayerNorm(layer.normalized_shape, layer.eps, layer.elementwise_affine)
     if isinstance(layer, layers.Upsample):
-        if layer.size is not None:
-            return nn.Upsample(size=layer.size, mode=layer.mode)
-        return nn.Upsample(scale_factor=tuple(float(f) for f in layer.scale_factor), mode=layer.mode)
+        return nn.Upsample(size=layer.size, scale_factor=None if layer.scale_factor is None else
+                           tuple(float(f) for f in layer.scale_factor), mode=layer.mode,
+                           align_corners=layer.align_corners, recompute_scale_factor=layer.recompute_scale_factor)
     return {"relu": nn.ReLU(), "leakyrelu": nn.LeakyReLU(0.2), "elu": nn.ELU(0.7), "sigmoid": nn.Sigmoid(),
             "tanh": nn.Tanh(), "swish": nn.SiLU(), "gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"),
             "softmax_last": nn.Softmax(-1), "softmax_channels": nn.Softmax(1), "flatten": nn.Flatten(),
@@ -1028,13 +1067,16 @@ def test_new_activations_survive_a_checkpoint(tmp_path):
         layers.Softplus(beta=0)
 
 
-def test_upsample_and_a_convolution_sharing_an_input_sum_its_gradient(device, rng):
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_upsample_and_a_convolution_sharing_an_input_sum_its_gradient(device, rng, mode):
     """x feeds an Upsample and a 1x1 Conv2D whose output is upsampled too, the two added: x's
-    gradient adds Upsample's block sums to the convolution's (accumulated into one buffer), against
-    float64 NumPy."""
+    gradient adds Upsample's gradient to the convolution's (accumulated into one buffer), against
+    float64 NumPy (layer_refs' upsampling)."""
+    opts = dict(scale=(2, 3)) if mode == "nearest" else dict(size=(8, 15), align_corners=False)
     x_in = mpscy.Input((2, 4, 5))
     c = layers.Conv2D(2, 1, name="c")(x_in)
-    out = layers.Add()([layers.Upsample(scale_factor=(2, 3))(x_in), layers.Upsample(scale_factor=(2, 3))(c)])
+    out = layers.Add()([layers.Upsample(scale_factor=(2, 3), mode=mode)(x_in),
+                        layers.Upsample(scale_factor=(2, 3), mode=mode)(c)])
     engine = mpscy.Engine(mpscy.Model(x_in, out), loss="mse", batch_size=3, device=device, seed=2,
                           input_gradients=True)
     P = {k: v.astype(np.float64) for k, v in engine.get_parameters().items()}
@@ -1043,11 +1085,12 @@ def test_upsample_and_a_convolution_sharing_an_input_sum_its_gradient(device, rn
     x64 = x.astype(np.float64)
     w = P["c.weight"][:, :, 0, 0]
     cy = np.einsum("oc,nchw->nohw", w, x64) + P["c.bias"][None, :, None, None]
-    y = (x64 + cy).repeat(2, axis=2).repeat(3, axis=3)
+    fwd, bwd = R.LAYERS["upsample2d"]
+    y, cache = fwd(x64 + cy, {}, opts)
     dy = 2 * (y - t) / y.size
-    dblock = dy.reshape(3, 2, 4, 2, 5, 3).sum((3, 5))
-    want = {"input": dblock + np.einsum("oc,nohw->nchw", w, dblock),
-            "c.weight": np.einsum("nohw,nchw->oc", dblock, x64)[:, :, None, None], "c.bias": dblock.sum((0, 2, 3))}
+    dup = bwd(dy, cache)[0]
+    want = {"input": dup + np.einsum("oc,nohw->nchw", w, dup),
+            "c.weight": np.einsum("nohw,nchw->oc", dup, x64)[:, :, None, None], "c.bias": dup.sum((0, 2, 3))}
     g = engine.gradients(x, t)
     assert abs(g["loss"] - np.mean((y - t) ** 2)) <= 1e-5 * g["loss"]
     for name, v in want.items():

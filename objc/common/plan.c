@@ -179,13 +179,19 @@ static int infer_node(mpscy_plan *p, int32_t i, const char *component, char *err
     case MPSCY_LAYER_UPSAMPLE2D:
         if (a->rank != 3)
             return FAIL(MPSCY_SHAPE, "node %d (%s): Upsample2D needs (C, H, W) input, got rank %d", i, n->name, a->rank);
-        if (q[0] <= 0 || q[1] <= 0)
-            return FAIL(MPSCY_INVALID, "node %d (%s): Upsample2D scale factors (%d, %d) must be > 0", i, n->name, q[0],
-                        q[1]);
+        if (q[2] != 0 && q[2] != 1)
+            return FAIL(MPSCY_INVALID, "node %d (%s): Upsample2D mode %d is neither 0 (nearest) nor 1 (bilinear)", i,
+                        n->name, q[2]);
+        if (q[2] == 0 && (q[0] <= 0 || q[1] <= 0 || q[3] || q[4] || q[5]))
+            return FAIL(MPSCY_INVALID, "node %d (%s): nearest Upsample2D scale factors (%d, %d) must be > 0 and ints "
+                        "3..5 zero", i, n->name, q[0], q[1]);
+        if (q[2] == 1 && (q[4] <= 0 || q[5] <= 0 || (q[3] != 0 && q[3] != 1) || q[0] || q[1]))
+            return FAIL(MPSCY_INVALID, "node %d (%s): bilinear Upsample2D output size (%d, %d) must be > 0, "
+                        "align_corners %d 0 or 1 and the factors zero", i, n->name, q[4], q[5], q[3]);
         r = 3;
         s[0] = a->shape[0];
-        s[1] = cap_mul(a->shape[1], q[0]);
-        s[2] = cap_mul(a->shape[2], q[1]);
+        s[1] = q[2] ? q[4] : cap_mul(a->shape[1], q[0]);
+        s[2] = q[2] ? q[5] : cap_mul(a->shape[2], q[1]);
         break;
     case MPSCY_LAYER_FLATTEN:
         r = 1;

@@ -154,6 +154,7 @@ int64_t cpu_layernorm_workspace(const mpscy_plan *p, const mpscy_node *n);
 int32_t cpu_conv_fused_relu(const mpscy_plan *p, int32_t i);
 void cpu_pool_forward(cpu_graph *g, const mpscy_node *n, int64_t b, int train, const mpscy_step_args *a);
 void cpu_pool_backward(cpu_graph *g, const mpscy_node *n, int64_t b);
+int64_t cpu_pool_workspace(const mpscy_plan *p, const mpscy_node *n);  /* bilinear Upsample2D's tables */
 void cpu_batchnorm_forward(cpu_graph *g, const mpscy_node *n, int64_t b, int train, const mpscy_step_args *a);
 void cpu_batchnorm_backward(cpu_graph *g, const mpscy_node *n, int64_t b);
 void cpu_batchnorm_commit(cpu_graph *g, const mpscy_node *n, int64_t b);

@@ -1,10 +1,12 @@
-/* pool.c — MaxPool2D, AvgPool2D, GlobalAvgPool2D and nearest-neighbour Upsample2D on the CPU,
- * NCHW, as torch.nn defines them (floor mode; max pooling pads with -inf and sends each gradient to
- * the first maximum, a NaN winning as in PyTorch; average pooling divides by KH*KW or, without
- * count_include_pad, by the number of in-bounds taps; upsampling repeats each pixel over an sh x sw
- * block, and its gradient sums the block's). MaxPool saves the argmax of every output element; the
- * others save nothing. */
+/* pool.c — MaxPool2D, AvgPool2D, GlobalAvgPool2D and Upsample2D on the CPU, NCHW, as torch.nn
+ * defines them (floor mode; max pooling pads with -inf and sends each gradient to the first
+ * maximum, a NaN winning as in PyTorch; average pooling divides by KH*KW or, without
+ * count_include_pad, by the number of in-bounds taps; nearest upsampling repeats each pixel over an
+ * sh x sw block, and its gradient sums the block's; bilinear resizing as common/resize_math.h,
+ * its gradient gathered there in the cuda backend's order). MaxPool saves the argmax of every
+ * output element; the others save nothing. */
 #include "cpu.h"
+#include "../common/resize_math.h"
 
 #include <math.h>
 #include <string.h>
@@ -13,13 +15,16 @@ typedef struct pool_geom {
     int64_t planes, h, w, oh, ow;  /* planes = batch * C */
     int64_t kh, kw, sh, sw, ph, pw;
     int include_pad;
+    int bilinear, align;     /* Upsample2D's mode and align_corners */
+    const mpscy_lerp *th, *tw;     /* bilinear: each output row's and column's taps (oh, ow) */
+    const int64_t *ra, *rb;        /* bilinear: input row i's run of output rows ra[i]..ra[h + i], columns rb alike */
 } pool_geom;
 
 static pool_geom geom(const cpu_graph *g, const mpscy_node *n, int64_t b) {
     const mpscy_node *a = &g->plan.nodes[n->in[0]];
     const int32_t *q = n->ints;  /* kh, kw, sh, sw, ph, pw [, count_include_pad] */
-    pool_geom p = {b * a->shape[0], a->shape[1], a->shape[2], n->shape[1], n->shape[2],
-                   q[0], q[1], q[2], q[3], q[4], q[5], q[6]};
+    pool_geom p = {.planes = b * a->shape[0], .h = a->shape[1], .w = a->shape[2], .oh = n->shape[1], .ow = n->shape[2],
+                   .kh = q[0], .kw = q[1], .sh = q[2], .sw = q[3], .ph = q[4], .pw = q[5], .include_pad = q[6]};
     return p;
 }
 
@@ -147,6 +152,66 @@ static void upsample_backward(float *dx, const float *dy, const pool_geom *p, in
         }
 }
 
+/* Upsample2D, bilinear, from the taps pool_run tabulated */
+static void bilinear_forward(float *y, const float *x, const pool_geom *p) {
+    // y (planes, OH, OW), x (planes, H, W)
+    for (int64_t c = 0; c < p->planes; c++) {
+        const float *xc = x + c * p->h * p->w;
+        for (int64_t a = 0; a < p->oh; a++) {
+            float *yr = y + (c * p->oh + a) * p->ow;
+            for (int64_t b = 0; b < p->ow; b++) yr[b] = mpscy_bilinear_at(xc, p->w, p->th[a], p->tw[b]);
+        }
+    }
+}
+
+/* dx[c, i, j]: mpscy_bilinear_grad_at's sum, its runs and taps read from the tables */
+static void bilinear_backward(float *dx, const float *dy, const pool_geom *p, int accum) {
+    // dx (planes, H, W), dy (planes, OH, OW)
+    for (int64_t c = 0; c < p->planes; c++) {
+        const float *dc = dy + c * p->oh * p->ow;
+        for (int64_t i = 0; i < p->h; i++) {
+            float *dr = dx + (c * p->h + i) * p->w;
+            for (int64_t j = 0; j < p->w; j++) {
+                float s = 0.0f;
+                for (int64_t a = p->ra[i]; a < p->ra[p->h + i]; a++) {
+                    const float *row = dc + a * p->ow;
+                    float t = 0.0f;
+                    for (int64_t b = p->rb[j]; b < p->rb[p->w + j]; b++)
+                        t += mpscy_resize_weight(p->tw[b], j) * row[b];
+                    s += mpscy_resize_weight(p->th[a], i) * t;
+                }
+                dr[j] = accum ? dr[j] + s : s;
+            }
+        }
+    }
+}
+
+/* the taps of every output index of an axis, then each input index's run of outputs: the first
+ * whose i0 >= i - 1 in run[i], the first whose i0 >= i + 1 in run[in + i] */
+static void bilinear_axis(mpscy_lerp *t, int64_t *run, int64_t in, int64_t out, int align) {
+    float r = mpscy_resize_ratio(in, out, align);
+    for (int64_t o = 0; o < out; o++) t[o] = mpscy_resize_lerp(o, in, r, align);
+    int64_t lo = 0, hi = 0;
+    for (int64_t i = 0; i < in; i++) {
+        while (lo < out && t[lo].i0 < i - 1) lo++;
+        if (hi < lo) hi = lo;
+        while (hi < out && t[hi].i0 < i + 1) hi++;
+        run[i] = lo;
+        run[in + i] = hi;
+    }
+}
+
+/* the tables' floats: taps of OH + OW outputs, two run ends of H + W inputs */
+static int64_t bilinear_tables(int64_t h, int64_t w, int64_t oh, int64_t ow) {
+    return ((oh + ow) * (int64_t)sizeof(mpscy_lerp) + 2 * (h + w) * (int64_t)sizeof(int64_t)) / (int64_t)sizeof(float);
+}
+
+int64_t cpu_pool_workspace(const mpscy_plan *p, const mpscy_node *n) {
+    if (n->kind != MPSCY_LAYER_UPSAMPLE2D || n->ints[2] != 1) return 0;
+    const mpscy_node *a = &p->nodes[n->in[0]];
+    return bilinear_tables(a->shape[1], a->shape[2], n->shape[1], n->shape[2]);
+}
+
 /* One pooling pass over the pool, a share of the planes (batch x channels) per thread. */
 typedef struct pool_job {
     const mpscy_node *n;
@@ -170,6 +235,7 @@ static void pool_task(void *ctx, int32_t t, int32_t nt) {
         float *dx = j->out + lo * hw;
         const float *dy = j->in + lo * ohw;
         if (j->n->kind == MPSCY_LAYER_GLOBALAVGPOOL2D) global_avgpool_backward(dx, dy, q.planes, hw, j->accum);
+        else if (j->n->kind == MPSCY_LAYER_UPSAMPLE2D && q.bilinear) bilinear_backward(dx, dy, &q, j->accum);
         else if (j->n->kind == MPSCY_LAYER_UPSAMPLE2D) upsample_backward(dx, dy, &q, j->accum);
         else if (j->n->kind == MPSCY_LAYER_MAXPOOL2D) maxpool_backward(dx, dy, arg, &q, j->accum);
         else avgpool_backward(dx, dy, &q, j->accum);
@@ -178,6 +244,7 @@ static void pool_task(void *ctx, int32_t t, int32_t nt) {
     float *y = j->out + lo * ohw;
     const float *x = j->in + lo * hw;
     if (j->n->kind == MPSCY_LAYER_GLOBALAVGPOOL2D) global_avgpool_forward(y, x, q.planes, hw);
+    else if (j->n->kind == MPSCY_LAYER_UPSAMPLE2D && q.bilinear) bilinear_forward(y, x, &q);
     else if (j->n->kind == MPSCY_LAYER_UPSAMPLE2D) upsample_forward(y, x, &q);
     else if (j->n->kind == MPSCY_LAYER_MAXPOOL2D) maxpool_forward(y, arg, x, &q);
     else avgpool_forward(y, x, &q);
@@ -195,6 +262,18 @@ static void pool_run(cpu_graph *g, const mpscy_node *n, int64_t b, float *out, c
         j.p.ow = up ? n->shape[2] : 1;
         j.p.sh = up ? n->ints[0] : 1;
         j.p.sw = up ? n->ints[1] : 1;
+        if (up && n->ints[2] == 1) {  /* bilinear: the tables in the workspace, built once for every thread */
+            mpscy_lerp *th = (mpscy_lerp *)g->ws, *tw = th + j.p.oh;
+            int64_t *ra = (int64_t *)(tw + j.p.ow), *rb = ra + 2 * j.p.h;
+            bilinear_axis(th, ra, j.p.h, j.p.oh, n->ints[3]);
+            bilinear_axis(tw, rb, j.p.w, j.p.ow, n->ints[3]);
+            j.p.bilinear = 1;
+            j.p.align = n->ints[3];
+            j.p.th = th;
+            j.p.tw = tw;
+            j.p.ra = ra;
+            j.p.rb = rb;
+        }
     } else {
         j.p = geom(g, n, b);
     }

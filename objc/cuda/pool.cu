@@ -1,18 +1,20 @@
-/* pool.cu — MaxPool2D, AvgPool2D, GlobalAvgPool2D and nearest-neighbour Upsample2D on CUDA, NCHW,
- * as cpu/pool.c defines them (floor mode; max pooling sends each gradient to the first maximum, a
- * NaN winning; average pooling divides by KH*KW or, without count_include_pad, by the in-bounds
- * taps; upsampling repeats each pixel over an sh x sw block). Backward gathers: each input element
- * sums the outputs whose window holds it, in a fixed order, so no atomics and the same result every
- * run (Upsample2D's in the cpu's order, so the two agree to the bit). MaxPool saves the argmax of
- * every output element. */
+/* pool.cu — MaxPool2D, AvgPool2D, GlobalAvgPool2D and Upsample2D on CUDA, NCHW, as cpu/pool.c
+ * defines them (floor mode; max pooling sends each gradient to the first maximum, a NaN winning;
+ * average pooling divides by KH*KW or, without count_include_pad, by the in-bounds taps; nearest
+ * upsampling repeats each pixel over an sh x sw block; bilinear resizing as common/resize_math.h).
+ * Backward gathers: each input element sums the outputs whose window holds it, in a fixed order, so
+ * no atomics and the same result every run (Upsample2D's in the cpu's order, so the two agree to the
+ * bit). MaxPool saves the argmax of every output element. */
 #include "cuda.h"
 #include "reduce.h"
+#include "../common/resize_math.h"
 
 #include <math.h>
 
 struct pool_geom {
     int64_t planes, h, w, oh, ow, kh, kw, sh, sw, ph, pw;
     int include_pad, max;
+    int bilinear, align;  /* Upsample2D's mode and align_corners */
 };
 
 static pool_geom geom(const cu_graph *g, const mpscy_node *n, int64_t b) {
@@ -141,10 +143,36 @@ __global__ void upsample_backward(float *dx, const float *dy, pool_geom p, int a
     }
 }
 
+/* Upsample2D, bilinear: a thread per output element, its two taps along each axis */
+__global__ void bilinear_forward(float *y, const float *x, pool_geom p) {
+    // y (planes, OH, OW), x (planes, H, W)
+    cu_pdl_enter();
+    float rh = mpscy_resize_ratio(p.h, p.oh, p.align), rw = mpscy_resize_ratio(p.w, p.ow, p.align);
+    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < p.planes * p.oh * p.ow;
+         e += (int64_t)gridDim.x * blockDim.x) {
+        int64_t b = e % p.ow, t = e / p.ow, a = t % p.oh, c = t / p.oh;
+        y[e] = mpscy_bilinear_at(x + c * p.h * p.w, p.w, mpscy_resize_lerp(a, p.h, rh, p.align),
+                                 mpscy_resize_lerp(b, p.w, rw, p.align));
+    }
+}
+
+/* a thread per input element: the outputs that read it, in cpu/pool.c's order */
+__global__ void bilinear_backward(float *dx, const float *dy, pool_geom p, int accum) {
+    // dx (planes, H, W), dy (planes, OH, OW)
+    cu_pdl_enter();
+    float rh = mpscy_resize_ratio(p.h, p.oh, p.align), rw = mpscy_resize_ratio(p.w, p.ow, p.align);
+    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < p.planes * p.h * p.w;
+         e += (int64_t)gridDim.x * blockDim.x) {
+        int64_t j = e % p.w, t = e / p.w, i = t % p.h, c = t / p.h;
+        float s = mpscy_bilinear_grad_at(dy + c * p.oh * p.ow, i, j, p.h, p.w, p.oh, p.ow, rh, rw, p.align);
+        dx[e] = accum ? __fadd_rn(dx[e], s) : s;
+    }
+}
+
 static pool_geom upsample_geom(const cu_graph *g, const mpscy_node *n, int64_t b) {
     const mpscy_node *a = &g->plan.nodes[n->in[0]];
     pool_geom p = {b * a->shape[0], a->shape[1], a->shape[2], n->shape[1], n->shape[2], 1, 1, n->ints[0], n->ints[1],
-                   0, 0, 0, 0};
+                   0, 0, 0, 0, n->ints[2] == 1, n->ints[3]};
     return p;
 }
 
@@ -162,10 +190,11 @@ int cu_pool_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char
     }
     if (n->kind == MPSCY_LAYER_UPSAMPLE2D) {
         pool_geom p = upsample_geom(g, n, b);
-        CU_TRY(cu_launch(g, upsample_forward, cu_blocks(p.planes * p.oh * p.ow, CU_THREADS, 8192), CU_THREADS, g->stream,
-                         g->y[i], x, p),
-               "upsample_forward");
-        return CU_LAUNCHED("upsample_forward");
+        const char *name = p.bilinear ? "bilinear_forward" : "upsample_forward";
+        CU_TRY(cu_launch(g, p.bilinear ? bilinear_forward : upsample_forward, cu_blocks(p.planes * p.oh * p.ow,
+                         CU_THREADS, 8192), CU_THREADS, g->stream, g->y[i], x, p),
+               name);
+        return CU_LAUNCHED(name);
     }
     pool_geom p = geom(g, n, b);
     CU_TRY(cu_launch(g, pool_forward, cu_blocks(p.planes * p.oh * p.ow, CU_THREADS, 8192), CU_THREADS, g->stream, g->y[i],
@@ -188,10 +217,11 @@ int cu_pool_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, siz
     }
     if (n->kind == MPSCY_LAYER_UPSAMPLE2D) {
         pool_geom p = upsample_geom(g, n, b);
-        CU_TRY(cu_launch(g, upsample_backward, cu_blocks(p.planes * p.h * p.w, CU_THREADS, 8192), CU_THREADS, g->stream, dx,
-                         (const float *)g->dy[i], p, (int)n->accum[0]),
-               "upsample_backward");
-        return CU_LAUNCHED("upsample_backward");
+        const char *name = p.bilinear ? "bilinear_backward" : "upsample_backward";
+        CU_TRY(cu_launch(g, p.bilinear ? bilinear_backward : upsample_backward, cu_blocks(p.planes * p.h * p.w,
+                         CU_THREADS, 8192), CU_THREADS, g->stream, dx, (const float *)g->dy[i], p, (int)n->accum[0]),
+               name);
+        return CU_LAUNCHED(name);
     }
     pool_geom p = geom(g, n, b);
     CU_TRY(cu_launch(g, pool_backward, cu_blocks(p.planes * p.h * p.w, CU_THREADS, 8192), CU_THREADS, g->stream, dx,

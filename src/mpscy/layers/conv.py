@@ -228,53 +228,100 @@ class GlobalAvgPool2D(Layer):
         return input_shape[2] if len(input_shape) == 3 else None
 
 
-def _whole_pair(value, what):
-    """A positive whole number (a whole float too, as torch's scale_factor=2.0; a numpy scalar or
-    array) or a pair of them, as (h, w); the message quotes the value as given."""
-    given = value
+def _pair_of(value):
+    """value as given (a number, a numpy scalar or array, a sequence) as a tuple, a number twice"""
     if isinstance(value, np.ndarray):
         value = value.tolist()
-    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-    whole = tuple(int(v) if isinstance(v, (float, np.floating)) and float(v).is_integer() else v for v in pair)
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def _whole_pair(value, what, why=None):
+    """A positive whole number (a whole float too, as torch's scale_factor=2.0; a numpy scalar or
+    array) or a pair of them, as (h, w); the message quotes the value as given, and why (by
+    default, that nearest-neighbour upsampling repeats each pixel a whole number of times)."""
+    whole = tuple(int(v) if isinstance(v, (float, np.floating)) and float(v).is_integer() else v
+                  for v in _pair_of(value))
     if (len(whole) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v < _INT32_LIMIT
                                for v in whole)):
-        raise InvalidArgumentError(f"{what} must be a whole number >= 1 or a pair of them (nearest-neighbour "
-                                   f"upsampling repeats each pixel a whole number of times), got {given!r}")
+        why = why or "nearest-neighbour upsampling repeats each pixel a whole number of times"
+        raise InvalidArgumentError(f"{what} must be a whole number >= 1 or a pair of them ({why}), got {value!r}")
     return int(whole[0]), int(whole[1])
 
 
+def _positive_pair(value, what):
+    """A finite number > 0 or a pair of them, as (h, w) floats (a whole one as an int)."""
+    pair = _pair_of(value)
+    if (len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating))
+                              or not 0 < v < _INT32_LIMIT for v in pair)):
+        raise InvalidArgumentError(f"{what} must be a number > 0 or a pair of them, got {value!r}")
+    return tuple(int(v) if float(v).is_integer() else float(v) for v in pair)
+
+
 class Upsample(Layer):
-    """Nearest-neighbour upsampling of (C, H, W) images by whole factors: (C, H, W) -> (C, H * sh,
-    W * sw), each pixel repeated over an sh x sw block, as torch.nn.Upsample(mode="nearest") (and
-    "nearest-exact", the same for whole factors) and Keras's UpSampling2D. The gradient of an input
-    pixel is the sum of its block's. Give size, the output's (H, W) (an int or a pair), whole
-    multiples of the input's, or scale_factor (an int, a whole float as torch's 2.0, or (sh, sw)):
-    torch's arguments in torch's order, so Upsample((64, 64)) is a size, as nn.Upsample((64, 64))
-    is. recompute_scale_factor changes nothing for whole factors and is accepted as torch's."""
+    """Upsampling of (C, H, W) images, as torch.nn.Upsample, in torch's argument order (so
+    Upsample((64, 64)) is a size, as nn.Upsample((64, 64)) is):
+
+    - mode="nearest" (or "nearest-exact", the same for whole factors), Keras's UpSampling2D:
+      (C, H, W) -> (C, H * sh, W * sw), each pixel repeated over an sh x sw block; the gradient of
+      an input pixel is the sum of its block's. Whole factors only: size must be a whole multiple
+      of the input's (H, W), scale_factor an int, a whole float as torch's 2.0, or (sh, sw).
+    - mode="bilinear": each output pixel interpolated from its four nearest inputs, exactly as
+      torch's upsample_bilinear2d from the input and output sizes, align_corners=False (torch's
+      default: pixels as squares, their centres aligned) or True (the corner pixels' centres
+      aligned). size may be any (H, W), larger or smaller than the input's (no antialiasing, as
+      torch's default); scale_factor a whole factor, or any factor with recompute_scale_factor=True
+      (the output size floor(H * s), the interpolation then from the sizes, as torch does).
+
+    recompute_scale_factor changes nothing for whole factors and is accepted as torch's."""
     kind = "upsample2d"
     prefix = "upsample2d"
     _names = {"scale_factor": "scale_factor", "mode": "mode"}
+    _MODES = ("nearest", "nearest-exact", "bilinear")
 
     def __init__(self, size=None, scale_factor=None, mode="nearest", align_corners=None, recompute_scale_factor=None,
                  name=None):
         super().__init__(name)
         what = type(self).__name__
-        if mode not in ("nearest", "nearest-exact"):
-            raise InvalidArgumentError(f"{what} {self._names['mode']} {mode!r} is not available: only 'nearest' "
-                                       f"(each pixel repeated); for a learned upsampling, a Conv2D after it")
-        if recompute_scale_factor not in (None, False, True):
+        if mode not in self._MODES:
+            raise InvalidArgumentError(f"{what} {self._names['mode']} {mode!r} is not available: one of "
+                                       f"{', '.join(repr(m) for m in self._MODES)}; for a learned upsampling, a "
+                                       f"Conv2D after it")
+        if recompute_scale_factor is not None and not isinstance(recompute_scale_factor, (bool, np.bool_)):
             raise InvalidArgumentError(f"{what} recompute_scale_factor must be None or a bool, got "
                                        f"{recompute_scale_factor!r}")
-        if align_corners is not None:
+        if mode == "bilinear":
+            if align_corners is not None and not isinstance(align_corners, (bool, np.bool_)):
+                raise InvalidArgumentError(f"{what} align_corners must be None, False or True, got {align_corners!r}")
+        elif align_corners is not None:
             raise InvalidArgumentError(f"{what} align_corners applies to interpolating modes only (torch refuses it "
-                                       f"with mode='nearest' as well)")
+                                       f"with mode={mode!r} as well)")
         if (scale_factor is None) == (size is None):
             raise InvalidArgumentError(f"{what} needs either scale_factor or size, not "
                                        f"{'both' if size is not None else 'neither'}")
-        self.scale_factor = None if scale_factor is None else _whole_pair(scale_factor,
-                                                                          f"{what} {self._names['scale_factor']}")
-        self.size = None if size is None else _whole_pair(size, f"{what} size")
         self.mode = mode
+        self.align_corners = bool(align_corners) if mode == "bilinear" else None
+        self.recompute_scale_factor = recompute_scale_factor
+        sf = f"{what} {self._names['scale_factor']}"
+        if mode == "bilinear" and recompute_scale_factor and scale_factor is not None:
+            self.scale_factor = _positive_pair(scale_factor, sf)
+        elif scale_factor is not None:
+            self.scale_factor = _whole_pair(scale_factor, sf, None if mode != "bilinear" else
+                                            "a factor that is not whole needs recompute_scale_factor=True (the output "
+                                            "size floor(H * s), interpolated from the sizes), or size=")
+        else:
+            self.scale_factor = None
+        self.size = None if size is None else _whole_pair(size, f"{what} size", "the output's (H, W)")
+
+    def _out_hw(self, shape):
+        c, h, w = _image(shape, type(self).__name__)
+        if self.size is not None:
+            return self.size
+        sh, sw = self.scale_factor
+        oh, ow = int(np.floor(h * float(sh))), int(np.floor(w * float(sw)))
+        if oh < 1 or ow < 1:
+            raise ShapeError(f"{type(self).__name__} scale_factor {self.scale_factor} makes the input's (H, W) = "
+                             f"{(h, w)} an empty image {(oh, ow)}")
+        return oh, ow
 
     def _factors(self, shape):
         if self.scale_factor is not None:
@@ -282,24 +329,37 @@ class Upsample(Layer):
         c, h, w = _image(shape, type(self).__name__)
         if self.size[0] % h or self.size[1] % w:
             raise ShapeError(f"{type(self).__name__} size {self.size} is not a whole multiple of the input's (H, W) = "
-                             f"{(h, w)}: nearest-neighbour upsampling here repeats each pixel a whole number of times")
+                             f"{(h, w)}: nearest-neighbour upsampling here repeats each pixel a whole number of times "
+                             f"(mode='bilinear' takes any size)")
         return self.size[0] // h, self.size[1] // w
 
     def output_shape(self, input_shapes):
         c, h, w = _image(input_shapes[0], type(self).__name__)
+        if self.mode == "bilinear":
+            return (c, *self._out_hw(input_shapes[0]))
         sh, sw = self._factors(input_shapes[0])
         return (c, h * sh, w * sw)
 
     def native(self, input_shapes):
-        return {"ints": [*self._factors(input_shapes[0])]}
+        if self.mode == "bilinear":
+            return {"ints": [0, 0, 1, int(self.align_corners), *self._out_hw(input_shapes[0])]}
+        return {"ints": [*self._factors(input_shapes[0]), 0, 0, 0, 0]}
 
     def window_width(self, input_shape):
-        return self._factors(input_shape)[1] if len(input_shape) == 3 else None
+        if len(input_shape) != 3:
+            return None
+        if self.mode == "bilinear":  # a signal (C, L, 1) kept 1 wide reads 1 column
+            return 1 if input_shape[2] == 1 and self._out_hw(input_shape)[1] == 1 else 2
+        return self._factors(input_shape)[1]
 
     def config(self):
-        if self.size is not None:
-            return {"size": self.size, "mode": self.mode}
-        return {"scale_factor": self.scale_factor, "mode": self.mode}
+        c = {"size": self.size} if self.size is not None else {"scale_factor": self.scale_factor}
+        c["mode"] = self.mode
+        if self.mode == "bilinear":
+            c["align_corners"] = self.align_corners
+            if self.recompute_scale_factor and self.scale_factor is not None:
+                c["recompute_scale_factor"] = True
+        return c
 
 
 def _keras_channels_first(data_format, what):
@@ -346,9 +406,11 @@ class GlobalAveragePooling2D(GlobalAvgPool2D):
 
 class UpSampling2D(Upsample):
     """Keras's name and arguments for Upsample: UpSampling2D(size=(2, 2), data_format=None,
-    interpolation="nearest"); images are channels-first (C, H, W) here, so data_format may only be
+    interpolation="nearest"), "bilinear" as Keras computes it (half-pixel centres, torch's
+    align_corners=False); images are channels-first (C, H, W) here, so data_format may only be
     "channels_first" (or None)."""
     _names = {"scale_factor": "size", "mode": "interpolation"}
+    _MODES = ("nearest", "bilinear")
 
     def __init__(self, size=(2, 2), data_format=None, interpolation="nearest", name=None):
         _keras_channels_first(data_format, "UpSampling2D")
