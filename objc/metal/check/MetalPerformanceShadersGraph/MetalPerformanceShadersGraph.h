@@ -223,4 +223,27 @@ typedef NSDictionary<MPSGraphTensor *, MPSGraphShapedType *> MPSGraphTensorShape
                                                       name:(NSString *)name;
 @end
 
+/* MPSGraphResizeOps.h: the enum and the category are macOS 11 */
+typedef enum MPSGraphResizeMode : NSUInteger {
+    MPSGraphResizeNearest = 0,
+    MPSGraphResizeBilinear = 1,
+} MPSGraphResizeMode;
+
+@interface MPSGraph (MPSGraphResizeOps)
+- (MPSGraphTensor *)resizeTensor:(MPSGraphTensor *)imagesTensor
+                            size:(MPSShape *)size
+                            mode:(MPSGraphResizeMode)mode
+                    centerResult:(BOOL)centerResult
+                    alignCorners:(BOOL)alignCorners
+                          layout:(MPSGraphTensorNamedDataLayout)layout
+                            name:(NSString *)name;
+- (MPSGraphTensor *)resizeWithGradientTensor:(MPSGraphTensor *)gradient
+                                       input:(MPSGraphTensor *)input
+                                        mode:(MPSGraphResizeMode)mode
+                                centerResult:(BOOL)centerResult
+                                alignCorners:(BOOL)alignCorners
+                                      layout:(MPSGraphTensorNamedDataLayout)layout
+                                        name:(NSString *)name;
+@end
+
 #endif
