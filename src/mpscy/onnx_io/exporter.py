@@ -75,6 +75,12 @@ class _Writer:
         self.inits.append(self.numpy_helper.from_array(array, name))
         return name
 
+    def init_int64(self, name, values):
+        """An int64 initializer (a shape's or a slice's) named `name` (or a unique variant)."""
+        name = self.values.take(name)
+        self.inits.append(self.numpy_helper.from_array(np.array(values, dtype=np.int64), name))
+        return name
+
     def const(self, value):
         """A shared float32 scalar initializer."""
         key = float(np.float32(value))
@@ -186,10 +192,22 @@ def _emit(w, n, desc, in_shapes, ins, out, params):
     if kind == "globalavgpool2d":   # ONNX keeps (N, C, 1, 1); mpscy's output is (N, C)
         g = w.node("GlobalAveragePool", [x], f"{name}/pooled", name)   # the node the importer makes the layer of
         return w.node("Flatten", [g], out, f"{name}/flatten", axis=1)
-    if kind == "upsample2d":   # torch's export of Upsample(mode="nearest"): x_in = floor(x_out / scale)
+    if kind == "upsample2d" and ints[2] == 0:   # torch's export of Upsample(mode="nearest"): x_in = floor(x_out / scale)
         scales = w.init(f"{name}.scales", np.array([1.0, 1.0, float(ints[0]), float(ints[1])], np.float32))
         return w.node("Resize", [x, "", scales], out, name, mode="nearest", coordinate_transformation_mode="asymmetric",
                       nearest_mode="floor")
+    if kind == "upsample2d":   # bilinear: half_pixel is torch's align_corners=False
+        (h, wd), (oh, ow) = in_shapes[0][1:], (int(ints[4]), int(ints[5]))
+        attrs = dict(mode="linear", coordinate_transformation_mode="align_corners" if ints[3] else "half_pixel")
+        if oh % h == 0 and ow % wd == 0:   # whole factors: exact scales, whose 1 / scale is the sides' ratio
+            scales = w.init(f"{name}.scales", np.array([1.0, 1.0, oh // h, ow // wd], np.float32))
+            return w.node("Resize", [x, "", scales], out, name, **attrs)
+        # any other size: (N, C) of x's shape joined to (OH, OW), so the batch stays dynamic
+        shape = w.node("Shape", [x], f"{name}/shape", f"{name}/shape")
+        nc = w.node("Slice", [shape, w.init_int64(f"{name}.starts", [0]), w.init_int64(f"{name}.ends", [2])],
+                    f"{name}/nc", f"{name}/slice")
+        sizes = w.node("Concat", [nc, w.init_int64(f"{name}.hw", [oh, ow])], f"{name}/sizes", f"{name}/sizes", axis=0)
+        return w.node("Resize", [x, "", "", sizes], out, name, **attrs)
     if kind in ("batchnorm", "layernorm"):
         if "affine" in flags:
             scale, bias = p("weight"), p("bias")

@@ -406,10 +406,13 @@ def _gap(r, node, args, attrs):
 
 @_set("Resize")
 def _resize(r, node, args, attrs):
-    """Nearest-neighbour upsampling of an (N, C, H, W) image by whole factors (scales [1, 1, sh,
-    sw], or sizes that are such multiples), in a coordinate mode under which that repeats each
-    pixel: torch's asymmetric with floor (its Upsample(mode="nearest") export), or half_pixel
-    (pytorch_half_pixel) with either round (each output falls strictly within its pixel)."""
+    """Resizing of an (N, C, H, W) image over its two spatial axes (mpscy.layers.Upsample):
+    - mode "nearest" by whole factors (scales [1, 1, sh, sw], or sizes that are such multiples), in a
+      coordinate mode under which that repeats each pixel: torch's asymmetric with floor (its
+      Upsample(mode="nearest") export), or half_pixel (pytorch_half_pixel) with either round (each
+      output falls strictly within its pixel);
+    - mode "linear" to any size, as torch's bilinear from the sizes: half_pixel (pytorch_half_pixel
+      where no output side is 1) is align_corners=False, align_corners is align_corners=True."""
     mode = _text(attrs, "mode", "nearest")
     coord = _text(attrs, "coordinate_transformation_mode", "half_pixel")
     rounding = _text(attrs, "nearest_mode", "round_prefer_floor")
@@ -418,9 +421,9 @@ def _resize(r, node, args, attrs):
     if len(shape) != 4 or getattr(x, "squeezed", False):
         raise UnsupportedError(f"Resize {node.name!r} of a rank-{len(shape)} value is not supported (only an "
                                "(N, C, H, W) image)")
-    if mode != "nearest":
-        raise UnsupportedError(f"Resize {node.name!r} with mode={mode!r} is not supported: only 'nearest' "
-                               "(mpscy.layers.Upsample)")
+    if mode not in ("nearest", "linear"):
+        raise UnsupportedError(f"Resize {node.name!r} with mode={mode!r} is not supported: only 'nearest' and "
+                               "'linear' (mpscy.layers.Upsample, mode 'nearest' and 'bilinear')")
     axes = attrs.get("axes")
     if axes is not None and [int(a) % 4 for a in axes] != [0, 1, 2, 3]:
         raise UnsupportedError(f"Resize {node.name!r} with axes={list(axes)} is not supported: only the scales or "
@@ -444,10 +447,15 @@ def _resize(r, node, args, attrs):
     else:
         raise UnsupportedError(f"Resize {node.name!r} needs constant scales, or sizes of 4 values whose channels, "
                                "height and width are constants")
-    if (factors.size != 4 or factors[0] != 1 or factors[1] != 1
-            or any(f < 1 or f != int(f) for f in factors[2:])):
+    if factors.size != 4 or factors[0] != 1 or factors[1] != 1:
+        raise UnsupportedError(f"Resize {node.name!r} by {factors.tolist()}: only the two spatial axes may be "
+                               "resized (mpscy.layers.Upsample)")
+    if mode == "linear":
+        return _resize_linear(r, node, attrs, x, coord, factors, (h, w), None if scales is not None and scales.size
+                              else (int(sizes[2]), int(sizes[3])))
+    if any(f < 1 or f != int(f) for f in factors[2:]):
         raise UnsupportedError(f"Resize {node.name!r} by {factors.tolist()}: only whole factors >= 1 of the two "
-                               "spatial axes are supported (mpscy.layers.Upsample)")
+                               "spatial axes are supported in mode 'nearest' (mpscy.layers.Upsample)")
     sh, sw = int(factors[2]), int(factors[3])
     repeats = ((coord == "asymmetric" and rounding == "floor")
                or (coord in ("half_pixel", "pytorch_half_pixel") and rounding in ("round_prefer_floor",
@@ -458,6 +466,31 @@ def _resize(r, node, args, attrs):
                                f"nearest_mode={rounding!r} does not repeat each pixel; only asymmetric with floor "
                                "(torch's Upsample export) or half_pixel with round_prefer_floor/ceil are supported")
     return r.layer(_layer_class("Upsample"), [x], scale_factor=(sh, sw))
+
+
+def _resize_linear(r, node, attrs, x, coord, factors, hw, sizes):
+    """Resize's mode "linear" as Upsample(mode="bilinear"): the output size from `sizes`, or from
+    the scales as ONNX takes it, floor(side * scale) in float32; ONNX then interpolates by 1 /
+    scale, and mpscy by the sides' ratio, so a scale is taken where the two agree to float32
+    rounding (a whole factor; 0.4 of 5)."""
+    if sizes is None:
+        out = [int(np.floor(np.float32(hw[k]) * np.float32(factors[2 + k]))) for k in (0, 1)]
+        if any(o < 1 or abs(hw[k] / o * factors[2 + k] - 1) > 1e-6 for k, o in enumerate(out)):
+            raise UnsupportedError(f"Resize {node.name!r} by {factors.tolist()}: a linear resize whose scales are not "
+                                   f"the ratio of the output's sides {tuple(out)} to the input's {hw} is not supported "
+                                   "(ONNX interpolates by 1 / scale, mpscy's bilinear Upsample by the sides' ratio, as "
+                                   "torch's does given sizes); sizes are")
+        sizes = tuple(out)
+    if coord not in ("half_pixel", "pytorch_half_pixel", "align_corners"):
+        raise UnsupportedError(f"Resize {node.name!r}: mode='linear' with coordinate_transformation_mode={coord!r} "
+                               "is not supported; only half_pixel (torch's align_corners=False) and align_corners")
+    if coord == "pytorch_half_pixel" and any(o == 1 and i != 1 for o, i in zip(sizes, hw)):
+        raise UnsupportedError(f"Resize {node.name!r}: pytorch_half_pixel to an output side of 1 reads the first "
+                               "pixel, where torch's bilinear (and half_pixel) reads the middle; not supported")
+    if int(attrs.get("antialias", 0)) and any(o < i for o, i in zip(sizes, hw)):
+        raise UnsupportedError(f"Resize {node.name!r} with antialias=1 shrinks (H, W) = {hw} to {sizes}: "
+                               "antialiased downsampling is not supported")
+    return r.layer(_layer_class("Upsample"), [x], size=sizes, mode="bilinear", align_corners=coord == "align_corners")
 
 
 @_set("ReduceMean")
