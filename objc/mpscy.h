@@ -129,7 +129,11 @@ typedef enum mpscy_layer_kind {
                                   * 3..5 are 0). mode 1, bilinear: (C, H, W) -> (C, OH, OW) as torch's
                                   * Upsample(mode="bilinear", align_corners) computes it from the sizes
                                   * (common/resize_math.h; sh, sw are 0) */
-    MPSCY_LAYER_KIND_COUNT = 26
+    MPSCY_LAYER_CONVTRANSPOSE2D = 26, /* ints: out_c, kh, kw, sh, sw, ph, pw, dh, dw, groups, oph, opw:
+                                  * torch's ConvTranspose2d, weight (C, out_c / groups, kh, kw), bias (out_c),
+                                  * (C, H, W) -> (out_c, (H - 1) sh - 2 ph + dh (kh - 1) + oph + 1, ...);
+                                  * output padding below the stride */
+    MPSCY_LAYER_KIND_COUNT = 27
 } mpscy_layer_kind;
 
 enum {

@@ -130,6 +130,14 @@ LAYER_MODELS = {
                           L.Dense(5)], (3, 5, 4)),
     "upsample_first": (lambda: [_maybe("Upsample")(scale_factor=(3, 2)), _maybe("Conv2D")(4, 3), L.ReLU(), L.Flatten(), L.Dense(5)],
                        (2, 4, 5)),
+    # transposed convolutions: a decoder's (stride 2 with output_padding after a strided Conv2D, then a
+    # 2x2 stride-2 one with groups and no bias), and one on the input (no input gradient), dilated
+    "convtranspose": (lambda: [_maybe("Conv2D")(6, 3, stride=2, padding=1), L.ReLU(),
+                               _maybe("ConvTranspose2D")(4, 3, stride=2, padding=1, output_padding=1), L.Tanh(),
+                               _maybe("ConvTranspose2D")(4, 2, stride=2, groups=2, bias=False), L.Flatten(),
+                               L.Dense(5)], (3, 6, 5)),
+    "convtranspose_first": (lambda: [_maybe("ConvTranspose2D")(5, (3, 2), stride=(1, 2), dilation=(2, 1)), L.ReLU(),
+                                     L.Flatten(), L.Dense(5)], (3, 4, 5)),
     # bilinear: up by 2 between convolutions, then to a size that is no multiple (both
     # align_corners), then down to a smaller one before the head
     "bilinear": (lambda: [_maybe("Conv2D")(6, 3, padding=1), L.ReLU(), _maybe("Upsample")(scale_factor=2, mode="bilinear"),

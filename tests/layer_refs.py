@@ -83,6 +83,58 @@ def conv2d_backward(dy, cache):
     return dxp[:, :, ph:ph + h, pw:pw + wd], grads
 
 
+def convtranspose2d_forward(x, p, o):
+    """torch's ConvTranspose2d, written as its definition: every input pixel scatters weight[c, o]
+    times itself onto the full output ((H - 1) s + d (k - 1) + 1 + output_padding rows), tap
+    (ki, kj) at (i s + ki d, j s + kj d); then `padding` rows and columns cropped from the start
+    and the output's size kept. o: kernel, stride, padding, dilation, output_padding (pairs),
+    groups; weight (C, OC / groups, kh, kw)."""
+    w, b = p["weight"], p.get("bias")
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw), (oph, opw), g = (o["kernel"], o["stride"], o["padding"], o["dilation"],
+                                                            o["output_padding"], o["groups"])
+    n, c, h, wd = x.shape
+    ocg = w.shape[1]
+    cg = c // g
+    fh, fw = (h - 1) * sh + dh * (kh - 1) + 1 + oph, (wd - 1) * sw + dw * (kw - 1) + 1 + opw
+    oh, ow = fh - 2 * ph, fw - 2 * pw
+    full = np.zeros((n, g * ocg, fh, fw))
+    for ki in range(kh):
+        for kj in range(kw):
+            hs = slice(ki * dh, ki * dh + sh * (h - 1) + 1, sh)
+            ws = slice(kj * dw, kj * dw + sw * (wd - 1) + 1, sw)
+            for gi in range(g):
+                full[:, gi * ocg:(gi + 1) * ocg, hs, ws] += np.einsum(
+                    "nchw,co->nohw", x[:, gi * cg:(gi + 1) * cg], w[gi * cg:(gi + 1) * cg, :, ki, kj])
+    y = full[:, :, ph:ph + oh, pw:pw + ow].copy()
+    if b is not None:
+        y += b[None, :, None, None]
+    return y, (x, p, o, (fh, fw))
+
+
+def convtranspose2d_backward(dy, cache):
+    x, p, o, (fh, fw) = cache
+    w = p["weight"]
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw), g = o["kernel"], o["stride"], o["padding"], o["dilation"], o["groups"]
+    n, c, h, wd = x.shape
+    ocg, cg = w.shape[1], c // g
+    dfull = np.zeros((n, dy.shape[1], fh, fw))
+    dfull[:, :, ph:ph + dy.shape[2], pw:pw + dy.shape[3]] = dy
+    dx, dw_ = np.zeros_like(x), np.zeros_like(w)
+    for ki in range(kh):
+        for kj in range(kw):
+            hs = slice(ki * dh, ki * dh + sh * (h - 1) + 1, sh)
+            ws = slice(kj * dw, kj * dw + sw * (wd - 1) + 1, sw)
+            for gi in range(g):
+                gc, go = slice(gi * cg, (gi + 1) * cg), slice(gi * ocg, (gi + 1) * ocg)
+                tap = dfull[:, go, hs, ws]
+                dx[:, gc] += np.einsum("nohw,co->nchw", tap, w[gc, :, ki, kj])
+                dw_[gc, :, ki, kj] += np.einsum("nchw,nohw->co", x[:, gc], tap)
+    grads = {"weight": dw_}
+    if p.get("bias") is not None:
+        grads["bias"] = dy.sum((0, 2, 3))
+    return dx, grads
+
+
 # ------------------------------------------------------------------ pooling
 
 
@@ -339,6 +391,7 @@ def activation_backward(dy, cache):
 
 LAYERS = {
     "conv2d": (conv2d_forward, conv2d_backward),
+    "convtranspose2d": (convtranspose2d_forward, convtranspose2d_backward),
     "maxpool2d": (maxpool2d_forward, maxpool2d_backward),
     "avgpool2d": (avgpool2d_forward, avgpool2d_backward),
     "globalavgpool2d": (globalavgpool2d_forward, globalavgpool2d_backward),

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -78,6 +79,27 @@ CASES = {
     "avgpool_3x2_s21_batch1": (lambda: layers.AvgPool2D((3, 2), stride=(2, 1)), "avgpool2d",
                                dict(kernel=(3, 2), stride=(2, 1), padding=(0, 0)), (4, 7, 6), 1),
     "globalavgpool": (lambda: layers.GlobalAvgPool2D(), "globalavgpool2d", {}, (5, 3, 7), 3),
+    # transposed convolution: a decoder's stride 2 (with and without output_padding), unequal
+    # kernels, strides and padding, dilation, groups, no bias, batch 1, a 1x1, and a large one
+    "convt_3x3_s2_op1": (lambda: layers.ConvTranspose2D(4, 3, stride=2, padding=1, output_padding=1), "convtranspose2d",
+                         dict(kernel=(3, 3), stride=(2, 2), padding=(1, 1), dilation=(1, 1), output_padding=(1, 1),
+                              groups=1), (3, 5, 6), 3),
+    "convt_4x4_s2_p1": (lambda: layers.ConvTranspose2D(5, 4, stride=2, padding=1), "convtranspose2d",
+                        dict(kernel=(4, 4), stride=(2, 2), padding=(1, 1), dilation=(1, 1), output_padding=(0, 0),
+                             groups=1), (3, 4, 4), 2),
+    "convt_2x3_s21_pad": (lambda: layers.ConvTranspose2D(6, (2, 3), stride=(2, 1), padding=(0, 1)), "convtranspose2d",
+                          dict(kernel=(2, 3), stride=(2, 1), padding=(0, 1), dilation=(1, 1), output_padding=(0, 0),
+                               groups=1), (4, 5, 7), 2),
+    "convt_dilation_groups": (lambda: layers.ConvTranspose2D(6, 3, stride=3, dilation=2, groups=2,
+                                                             output_padding=(2, 1), bias=False), "convtranspose2d",
+                              dict(kernel=(3, 3), stride=(3, 3), padding=(0, 0), dilation=(2, 2), output_padding=(2, 1),
+                                   groups=2), (4, 3, 4), 2),
+    "convt_1x1_batch1": (lambda: layers.ConvTranspose2D(3, 1), "convtranspose2d",
+                         dict(kernel=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1), output_padding=(0, 0),
+                              groups=1), (5, 4, 3), 1),
+    "convt_2x2_s2_large": (lambda: layers.ConvTranspose2D(16, 2, stride=2), "convtranspose2d",
+                           dict(kernel=(2, 2), stride=(2, 2), padding=(0, 0), dilation=(1, 1), output_padding=(0, 0),
+                                groups=1), (24, 20, 18), 3),
     # upsampling (nearest): square and unequal factors, Keras's name, and a plane large enough to be split
     "upsample_2": (lambda: layers.Upsample(scale_factor=2), "upsample2d", dict(scale=(2, 2)), (3, 4, 5), 3),
     "upsample_1x3": (lambda: layers.UpSampling2D((1, 3)), "upsample2d", dict(scale=(1, 3)), (2, 5, 4), 2),
@@ -599,6 +621,15 @@ def test_dropout_rate_zero_is_identity_in_train_mode(device, rng):
     (lambda: layers.Softplus(beta=1e39), mpscy.InvalidArgumentError, "does not fit float32 as a normal number"),
     (lambda: layers.Softplus(threshold=1e39), mpscy.InvalidArgumentError, r"threshold 1e\+39 does not fit float32"),
     (lambda: layers.Concatenate(axis=1.5), mpscy.InvalidArgumentError, "axis"),
+    (lambda: layers.ConvTranspose2D(4, 3, stride=2, output_padding=2), mpscy.InvalidArgumentError,
+     r"ConvTranspose2D output_padding \(2, 2\) must be smaller than the stride \(2, 2\)"),
+    (lambda: layers.ConvTranspose2D(4, 3, output_padding=(0, 1)), mpscy.InvalidArgumentError,
+     r"output_padding \(0, 1\) must be smaller than the stride \(1, 1\)"),
+    (lambda: layers.ConvTranspose2D(4, 3, padding="same"), mpscy.InvalidArgumentError,
+     "ConvTranspose2D padding must be an integer >= 0 or a pair of them, got 'same'"),
+    (lambda: layers.ConvTranspose2D(5, 3, groups=2), mpscy.InvalidArgumentError,
+     "ConvTranspose2D filters 5 must be divisible by groups 2"),
+    (lambda: layers.ConvTranspose2D(4, 0), mpscy.InvalidArgumentError, "ConvTranspose2D kernel_size must be"),
     (lambda: layers.Upsample(scale_factor=0), mpscy.InvalidArgumentError,
      r"Upsample scale_factor must be a whole number >= 1 or a pair of them \(nearest-neighbour upsampling repeats "
      r"each pixel a whole number of times\), got 0"),
@@ -640,6 +671,10 @@ def test_bad_options_are_refused_at_construction(make, error, match):
     ([layers.MaxPool2D(2)], (3, 4), mpscy.ShapeError, r"\(C, H, W\)"),
     ([layers.GlobalAvgPool2D()], (3,), mpscy.ShapeError, r"\(C, H, W\)"),
     ([layers.Upsample(scale_factor=2)], (3, 4), mpscy.ShapeError, r"Upsample needs \(C, H, W\) inputs"),
+    ([layers.ConvTranspose2D(4, 3, groups=2)], (3, 5, 5), mpscy.ShapeError,
+     "ConvTranspose2D groups 2 must divide the 3 input channels"),
+    ([layers.ConvTranspose2D(4, 1, padding=1)], (3, 2, 5), mpscy.ShapeError,
+     r"ConvTranspose2D input \(C, H, W\) = \(3, 2, 5\) gives an output of \(0, 3\): padding \(1, 1\) crops more"),
     # torch's order: a positional argument is the output size, as in nn.Upsample((64, 64))
     ([layers.Upsample((64, 64))], (3, 16, 24), mpscy.ShapeError,
      r"Upsample size \(64, 64\) is not a whole multiple of the input's \(H, W\) = \(16, 24\)"),
@@ -716,6 +751,9 @@ def test_layer_configs_round_trip():
                              "dilation": (1, 1), "groups": 2, "bias": False}
     assert layers.MaxPool2D(3).config() == {"pool_size": (3, 3), "stride": (3, 3), "padding": (0, 0)}
     assert layers.AvgPool2D(2, 1, count_include_pad=False).config()["count_include_pad"] is False
+    assert layers.ConvTranspose2D(8, 4, 2, 1, 1, bias=False).config() == {
+        "filters": 8, "kernel_size": (4, 4), "stride": (2, 2), "padding": (1, 1), "output_padding": (1, 1),
+        "groups": 1, "bias": False, "dilation": (1, 1)}
     assert layers.BatchNorm().config() == {"momentum": 0.1, "eps": 1e-5, "affine": True}
     assert layers.LayerNorm(4).config() == {"normalized_shape": (4,), "eps": 1e-5, "elementwise_affine": True}
     assert layers.Dropout(0.25).config() == {"rate": 0.25}
@@ -732,6 +770,48 @@ def test_layer_configs_round_trip():
     assert layers.UpSampling2D(3, interpolation="bilinear").config() == {"size": (3, 3), "interpolation": "bilinear"}
     assert mpscy.Sequential([layers.Upsample((64, 64))], input_shape=(3, 16, 32)).output_shape == (3, 64, 64)
     assert repr(layers.Dropout(0.5)) == "Dropout(rate=0.5)"
+
+
+def test_convtranspose_initialization_is_pytorch_default(device):
+    """torch's ConvTranspose2d draws weight and bias from U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with
+    fan_in = weight.size(1) * kh * kw, its out channels per group (not the input's)."""
+    model = mpscy.Sequential([layers.ConvTranspose2D(12, (3, 5), groups=3)], input_shape=(6, 9, 9))
+    engine = mpscy.Engine(model, loss="mse", batch_size=1, device=device, seed=5)
+    P = engine.get_parameters()
+    bound = 1 / np.sqrt(4 * 3 * 5)
+    assert P["convtranspose2d_0.weight"].shape == (6, 4, 3, 5) and P["convtranspose2d_0.bias"].shape == (12,)
+    for k in ("convtranspose2d_0.weight", "convtranspose2d_0.bias"):
+        assert np.abs(P[k]).max() <= bound and np.abs(P[k]).max() > 0.8 * bound
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_convtranspose_sharing_its_input_sums_the_gradient(device, rng, frozen):
+    """x feeds a ConvTranspose2D (stride 2) and a nearest Upsample by 2, the two added: x's gradient
+    adds the transposed convolution's (accumulated into one buffer) to the Upsample's, against
+    float64 NumPy; frozen, the layer's weight and bias get no gradient and x's is the same."""
+    opts = dict(kernel=(3, 3), stride=(2, 2), padding=(1, 1), dilation=(1, 1), output_padding=(1, 1), groups=1)
+    x_in = mpscy.Input((3, 4, 5))
+    ct = layers.ConvTranspose2D(3, 3, stride=2, padding=1, output_padding=1, name="ct")
+    out = layers.Add()([ct(x_in), layers.Upsample(scale_factor=2)(x_in)])
+    ct.trainable = not frozen
+    model = mpscy.Model(x_in, out)
+    with warnings.catch_warnings():  # frozen: "every layer with parameters is frozen", as it should be
+        warnings.simplefilter("ignore" if frozen else "error")
+        engine = mpscy.Engine(model, loss="mse", batch_size=2, device=device, seed=2, input_gradients=True)
+    P = {k.split(".", 1)[1]: v.astype(np.float64) for k, v in engine.get_parameters().items()}
+    x = rng.standard_normal((2, 3, 4, 5)).astype(np.float32)
+    t = rng.standard_normal((2, 3, 8, 10)).astype(np.float32)
+    yc, cache = R.convtranspose2d_forward(x.astype(np.float64), P, opts)
+    y = yc + x.astype(np.float64).repeat(2, axis=2).repeat(2, axis=3)
+    dy = 2 * (y - t) / y.size
+    dxc, grads = R.convtranspose2d_backward(dy, cache)
+    g = engine.gradients(x, t)
+    assert abs(g["loss"] - np.mean((y - t) ** 2)) <= 1e-5 * g["loss"]
+    assert R.rel_err(g["input"], dxc + dy.reshape(2, 3, 4, 2, 5, 2).sum((3, 5))) < 1e-5
+    if frozen:
+        assert not any(k.startswith("ct.") for k in g), sorted(g)
+    else:
+        assert R.rel_err(g["ct.weight"], grads["weight"]) < 1e-5 and R.rel_err(g["ct.bias"], grads["bias"]) < 1e-5
 
 
 def test_conv_initialization_is_pytorch_default(device):
@@ -756,6 +836,9 @@ def torch_module(torch, case):
     if isinstance(layer, layers.Conv2D):
         return nn.Conv2d(in_c, layer.filters, layer.kernel_size, layer.stride,
                          layer._pads(CASES[case][3]), layer.dilation, layer.groups, layer.bias)
+    if isinstance(layer, layers.ConvTranspose2D):
+        return nn.ConvTranspose2d(in_c, layer.filters, layer.kernel_size, layer.stride, layer.padding,
+                                  layer.output_padding, layer.groups, layer.bias, layer.dilation)
     if isinstance(layer, layers.MaxPool2D):
         return nn.MaxPool2d(layer.pool_size, layer.stride, layer.padding)
     if isinstance(layer, layers.AvgPool2D):

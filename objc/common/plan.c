@@ -23,7 +23,7 @@ static const char *kind_name(int32_t kind) {
         "Input", "Dense", "ReLU", "Conv2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D",
         "Flatten", "BatchNorm", "LayerNorm", "Dropout", "LeakyReLU", "ELU", "Sigmoid",
         "Tanh", "Swish", "GELU", "Softmax", "Add", "Concatenate", "ReLU6", "Hardsigmoid", "Hardswish",
-        "Softplus", "Mish", "Upsample2D"};
+        "Softplus", "Mish", "Upsample2D", "ConvTranspose2D"};
     return (kind >= 0 && kind < MPSCY_LAYER_KIND_COUNT) ? names[kind] : "unknown";
 }
 
@@ -168,6 +168,36 @@ static int infer_node(mpscy_plan *p, int32_t i, const char *component, char *err
             if (n->flags & MPSCY_FLAG_BIAS) add_tensor(p, i, "bias", MPSCY_ROLE_PARAM, 1, 1, s);
         }
         if (n->kind == MPSCY_LAYER_MAXPOOL2D) n->save_size = cap_mul(p->batch, capped_count(3, s));
+        break;
+    }
+    case MPSCY_LAYER_CONVTRANSPOSE2D: {  /* out_c, kh, kw, sh, sw, ph, pw, dh, dw, groups, oph, opw */
+        if (a->rank != 3)
+            return FAIL(MPSCY_SHAPE, "node %d (%s): %s needs (C, H, W) input, got rank %d", i, n->name, kn, a->rank);
+        if (q[1] <= 0 || q[2] <= 0 || q[3] <= 0 || q[4] <= 0 || q[5] < 0 || q[6] < 0 || q[7] <= 0 || q[8] <= 0)
+            return FAIL(MPSCY_INVALID, "node %d (%s): kernel, stride and dilation must be > 0 and padding >= 0", i, n->name);
+        if (q[10] < 0 || q[11] < 0 || q[10] >= q[3] || q[11] >= q[4])
+            return FAIL(MPSCY_INVALID, "node %d (%s): output padding (%d, %d) must be >= 0 and below the stride (%d, %d)",
+                        i, n->name, q[10], q[11], q[3], q[4]);
+        int64_t c = a->shape[0];
+        if (q[9] <= 0 || q[0] <= 0 || c % q[9] || q[0] % q[9])
+            return FAIL(MPSCY_INVALID, "node %d (%s): groups %d must divide in channels %lld and filters %d",
+                        i, n->name, q[9], (long long)c, q[0]);
+        r = 3;
+        s[0] = q[0];
+        for (int d = 0; d < 2; d++)  /* (in - 1) s - 2 p + d (k - 1) + op + 1; each term below 2^62 */
+            s[1 + d] = (a->shape[1 + d] - 1) * q[3 + d] - 2 * (int64_t)q[5 + d] + (int64_t)q[7 + d] * (q[1 + d] - 1) +
+                       q[10 + d] + 1;
+        if (s[1] <= 0 || s[2] <= 0)
+            return FAIL(MPSCY_SHAPE, "node %d (%s): input (%lld, %lld) gives no output with padding (%d, %d)", i,
+                        n->name, (long long)a->shape[1], (long long)a->shape[2], q[5], q[6]);
+        /* the products are a convolution's from the output back to the input: K = out_c / groups x kh x kw */
+        if (cap_mul(cap_mul(q[0] / q[9], q[1]), q[2]) > PLAN_BLAS_MAX || cap_mul(a->shape[1], a->shape[2]) > PLAN_BLAS_MAX)
+            return FAIL(MPSCY_UNSUPPORTED, "node %d (%s): a ConvTranspose2D of %d x %d x %d taps and %lld x %lld "
+                        "positions; each product at most 2^31 - 1", i, n->name, q[0] / q[9], q[1], q[2],
+                        (long long)a->shape[1], (long long)a->shape[2]);
+        int64_t w[4] = {c, q[0] / q[9], q[1], q[2]};
+        add_tensor(p, i, "weight", MPSCY_ROLE_PARAM, 0, 4, w);
+        if (n->flags & MPSCY_FLAG_BIAS) add_tensor(p, i, "bias", MPSCY_ROLE_PARAM, 1, 1, s);
         break;
     }
     case MPSCY_LAYER_GLOBALAVGPOOL2D:
@@ -686,8 +716,13 @@ mpscy_conv_geom mpscy_conv_geometry(const mpscy_plan *p, const mpscy_node *n) {
     const mpscy_node *a = &p->nodes[n->in[0]];
     const int32_t *q = n->ints;  /* out_c, kh, kw, sh, sw, ph, pw, dh, dw, groups */
     mpscy_conv_geom g;
-    g.c = a->shape[0]; g.h = a->shape[1]; g.w = a->shape[2];
-    g.oc = n->shape[0]; g.oh = n->shape[1]; g.ow = n->shape[2];
+    if (n->kind == MPSCY_LAYER_CONVTRANSPOSE2D) {  /* the convolution from the output back to the input */
+        g.c = n->shape[0]; g.h = n->shape[1]; g.w = n->shape[2];
+        g.oc = a->shape[0]; g.oh = a->shape[1]; g.ow = a->shape[2];
+    } else {
+        g.c = a->shape[0]; g.h = a->shape[1]; g.w = a->shape[2];
+        g.oc = n->shape[0]; g.oh = n->shape[1]; g.ow = n->shape[2];
+    }
     g.ohw = g.oh * g.ow;
     g.kh = q[1]; g.kw = q[2]; g.sh = q[3]; g.sw = q[4]; g.ph = q[5]; g.pw = q[6];
     g.dh = q[7]; g.dw = q[8]; g.groups = q[9];

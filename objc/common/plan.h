@@ -123,7 +123,10 @@ static inline int mpscy_tensor_trained(const mpscy_plan *p, const mpscy_tensor *
     return t->info.role == MPSCY_ROLE_PARAM && t->node >= 0 && !(p->nodes[t->node].flags & MPSCY_FLAG_FROZEN);
 }
 
-/* Geometry of a Conv2D node (NCHW, weight (OC, C / groups, KH, KW)), resolved from the plan. */
+/* Geometry of a Conv2D node (NCHW, weight (OC, C / groups, KH, KW)), resolved from the plan. For
+ * a ConvTranspose2D node, the convolution it transposes, from its output (c, h, w) back to its
+ * input (oc, oh, ow), whose weight (OC, C / groups, KH, KW) is the node's own: its forward is that
+ * convolution's input gradient, its input gradient that convolution's forward. */
 typedef struct mpscy_conv_geom {
     int64_t c, h, w;              /* input (C, H, W) */
     int64_t oc, oh, ow, ohw;      /* output (OC, OH, OW) */

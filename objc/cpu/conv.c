@@ -1,11 +1,16 @@
-/* conv.c — Conv2D on the CPU (NCHW, weight (OC, C / groups, KH, KW) as in PyTorch). Each worker
+/* conv.c — Conv2D and ConvTranspose2D on the CPU (NCHW, weight (OC, C / groups, KH, KW) as in
+ * PyTorch; a transposed convolution runs the convolution it transposes backwards). Each worker
  * thread takes a share of the batch and, a chunk of samples at a time, builds the im2col matrix
  * (C*KH*KW, chunk*OH*OW), runs one single-threaded product per group (cpu_sgemm: gemm.c's
  * kernels on a CPU with AVX-512, else BLAS) and scatters the result to NCHW with the bias; backward recomputes the
  * columns instead of saving them and sums per-thread weight gradients. A strided input is
  * split into its stride phases first, so that the columns are contiguous copies. A ReLU that
  * is the convolution's only consumer is computed here, on data already in cache. Stride,
- * padding, dilation and groups are general; no Winograd, no direct convolution. */
+ * padding, dilation and groups are general; no Winograd, no direct convolution. A ConvTranspose2D
+ * node's geometry (mpscy_conv_geometry) is that convolution's, from the node's output back to its
+ * input: its forward is the convolution's input gradient (the backward task with no weight
+ * gradient) plus the bias, its input gradient the convolution's forward (accumulating when the
+ * input has other consumers), its weight gradient the convolution's with x and dy swapped. */
 #include "cpu.h"
 #include "../common/activation_math.h"
 
@@ -286,9 +291,11 @@ typedef struct conv_job {
     int accum, relu;
 } conv_job;
 
-/* y (bc, OC, OHW) from out (OC, bc*OHW) plus the bias, through ReLU when it is fused here; out
- * may already be y (one sample), then the bias and ReLU apply in place. */
-static void scatter_rows(float *y, const float *out, const float *bias, int64_t oc, int64_t bc, int64_t ohw, int relu) {
+/* y (bc, OC, OHW) from out (OC, bc*OHW) plus the bias, through ReLU when it is fused here, or
+ * added to y (accum: a transposed convolution's input gradient, no bias or ReLU); out may already
+ * be y (one sample), then the bias and ReLU apply in place. */
+static void scatter_rows(float *y, const float *out, const float *bias, int64_t oc, int64_t bc, int64_t ohw, int relu,
+                         int accum) {
     int64_t n = bc * ohw;
     for (int64_t o = 0; o < oc; o++) {
         float bo = bias ? bias[o] : 0.0f;
@@ -296,7 +303,9 @@ static void scatter_rows(float *y, const float *out, const float *bias, int64_t 
             float *dst = y + (s * oc + o) * ohw;  // (OHW); may be src itself, so not restrict
             const float *src = out + o * n + s * ohw;
             if (dst == src && !bias && !relu) continue;
-            if (relu)
+            if (accum)
+                for (int64_t i = 0; i < ohw; i++) dst[i] += src[i];
+            else if (relu)
                 for (int64_t i = 0; i < ohw; i++) dst[i] = select_pos(src[i] + bo, src[i] + bo);
             else
                 for (int64_t i = 0; i < ohw; i++) dst[i] = src[i] + bo;
@@ -339,11 +348,11 @@ static void conv_forward_task(void *ctx, int32_t t, int32_t nt) {
         float *col = j->ws + t * j->wst, *out = col + g->k * n;  // (K, n), (OC, n)
         float *y = j->y + b0 * g->oc * g->ohw;                     // (bc, OC, OHW)
         im2col(col, conv_source(j, t, b0, bc), g, bc);
-        if (bc == 1) out = y;  /* one sample: (OC, OHW) is already NCHW */
+        if (bc == 1) out = y;  /* one sample: (OC, OHW) is already NCHW (added to it when accumulating) */
         for (int64_t gi = 0; gi < g->groups; gi++)
-            cpu_sgemm(0, 0, g->ocg, n, g->kg, 1.0f, j->w + gi * g->ocg * g->kg, g->kg, col + gi * g->kg * n, n, 0.0f,
-                      out + gi * g->ocg * n, n, 1);
-        scatter_rows(y, out, j->bias, g->oc, bc, g->ohw, j->relu);
+            cpu_sgemm(0, 0, g->ocg, n, g->kg, 1.0f, j->w + gi * g->ocg * g->kg, g->kg, col + gi * g->kg * n, n,
+                      bc == 1 && j->accum ? 1.0f : 0.0f, out + gi * g->ocg * n, n, 1);
+        scatter_rows(y, out, j->bias, g->oc, bc, g->ohw, j->relu, j->accum);
     }
 }
 
@@ -435,5 +444,64 @@ void cpu_conv_backward(cpu_graph *gr, const mpscy_node *n, int64_t b) {
         const float *pw = j.dw ? partial_dw(&j, t) : NULL, *pb = j.db ? partial_db(&j, t) : NULL;
         for (int64_t k = 0; pw && k < g.oc * g.kg; k++) j.dw[k] += pw[k];
         for (int64_t k = 0; pb && k < g.oc; k++) j.db[k] += pb[k];
+    }
+}
+
+/* ConvTranspose2D: y (b, OC', OH', OW') = the input gradient of the convolution g from y's shape
+ * back to x's, with x in place of that convolution's output gradient; then the bias */
+void cpu_convt_forward(cpu_graph *gr, const mpscy_node *n, int64_t b, int train, const mpscy_step_args *a) {
+    (void)train; (void)a;
+    int32_t i = (int32_t)(n - gr->plan.nodes);
+    conv_geom g = geom(&gr->plan, n);
+    conv_job j = {&g, NULL, gr->y[i], NULL, NULL, gr->ws, NULL, cpu_tensor(gr, n, MPSCY_ROLE_PARAM, 0), NULL,
+                  gr->y[n->in[0]], NULL, b, conv_chunk(&g, gr->plan.batch, gr->plan.threads), 0, 0, 0};
+    j.wst = conv_slice(&g, j.chunk);
+    cpu_parallel(gr->pool, conv_backward_task, &j);
+    const float *bias = cpu_tensor(gr, n, MPSCY_ROLE_PARAM, 1);
+    for (int64_t s = 0; bias && s < b; s++)
+        for (int64_t c = 0; c < g.c; c++) {
+            float *row = gr->y[i] + (s * g.c + c) * g.h * g.w;
+            for (int64_t k = 0; k < g.h * g.w; k++) row[k] += bias[c];
+        }
+}
+
+/* its input gradient: the convolution's forward of dy (no bias); its weight gradient: the
+ * convolution's, with dy as that convolution's input and x as its output gradient; its bias
+ * gradient: dy summed over the batch and positions, sample by sample in a fixed order */
+void cpu_convt_backward(cpu_graph *gr, const mpscy_node *n, int64_t b) {
+    int32_t i = (int32_t)(n - gr->plan.nodes);
+    conv_geom g = geom(&gr->plan, n);
+    const float *dy = gr->dy[i];
+    int64_t chunk = conv_chunk(&g, gr->plan.batch, gr->plan.threads);
+    if (gr->dy[n->in[0]]) {
+        conv_job j = {&g, gr->dy[n->in[0]], NULL, NULL, NULL, gr->ws, dy, cpu_tensor(gr, n, MPSCY_ROLE_PARAM, 0), NULL,
+                      NULL, NULL, b, chunk, 0, n->accum[0], 0};
+        j.wst = conv_slice(&g, j.chunk);
+        cpu_parallel(gr->pool, conv_forward_task, &j);
+    }
+    float *dw = cpu_tensor_grad(gr, n, 0), *db = cpu_tensor_grad(gr, n, 1);
+    if (dw) {
+        conv_job j = {&g, NULL, NULL, dw, NULL, gr->ws, dy, NULL, NULL, gr->y[n->in[0]], NULL, b, chunk, 0, 0, 0};
+        j.wst = conv_slice(&g, j.chunk);
+        int32_t nt = cpu_parallel(gr->pool, conv_backward_task, &j);
+        for (int32_t t = 1; t < nt; t++) {
+            const float *pw = partial_dw(&j, t);
+            for (int64_t k = 0; k < g.oc * g.kg; k++) dw[k] += pw[k];
+        }
+    }
+    if (db) {
+        int64_t hw = g.h * g.w;
+        for (int64_t c = 0; c < g.c; c++) {
+            float acc[16] = {0}, total = 0.0f;
+            for (int64_t s = 0; s < b; s++) {
+                const float *row = dy + (s * g.c + c) * hw;
+                int64_t k = 0;
+                for (; k + 16 <= hw; k += 16)
+                    for (int q = 0; q < 16; q++) acc[q] += row[k + q];
+                for (; k < hw; k++) acc[0] += row[k];
+            }
+            for (int q = 0; q < 16; q++) total += acc[q];
+            db[c] = total;
+        }
     }
 }

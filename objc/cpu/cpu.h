@@ -148,7 +148,9 @@ void cpu_flatten_forward(cpu_graph *g, const mpscy_node *n, int64_t b, int train
 void cpu_flatten_backward(cpu_graph *g, const mpscy_node *n, int64_t b);
 void cpu_conv_forward(cpu_graph *g, const mpscy_node *n, int64_t b, int train, const mpscy_step_args *a);
 void cpu_conv_backward(cpu_graph *g, const mpscy_node *n, int64_t b);
-int64_t cpu_conv_workspace(const mpscy_plan *p, const mpscy_node *n);
+int64_t cpu_conv_workspace(const mpscy_plan *p, const mpscy_node *n);  /* Conv2D's and ConvTranspose2D's */
+void cpu_convt_forward(cpu_graph *g, const mpscy_node *n, int64_t b, int train, const mpscy_step_args *a);
+void cpu_convt_backward(cpu_graph *g, const mpscy_node *n, int64_t b);
 int64_t cpu_layernorm_workspace(const mpscy_plan *p, const mpscy_node *n);
 /* The ReLU node computed inside conv node i (its only consumer), or -1: that ReLU node is a no-op. */
 int32_t cpu_conv_fused_relu(const mpscy_plan *p, int32_t i);

@@ -19,6 +19,7 @@ const cpu_layer_ops cpu_layers[MPSCY_LAYER_KIND_COUNT] = {
     [MPSCY_LAYER_AVGPOOL2D] = {cpu_pool_forward, cpu_pool_backward, NULL, NULL},
     [MPSCY_LAYER_GLOBALAVGPOOL2D] = {cpu_pool_forward, cpu_pool_backward, NULL, NULL},
     [MPSCY_LAYER_UPSAMPLE2D] = {cpu_pool_forward, cpu_pool_backward, cpu_pool_workspace, NULL},
+    [MPSCY_LAYER_CONVTRANSPOSE2D] = {cpu_convt_forward, cpu_convt_backward, cpu_conv_workspace, NULL},
     [MPSCY_LAYER_BATCHNORM] = {cpu_batchnorm_forward, cpu_batchnorm_backward, NULL, cpu_batchnorm_commit},
     [MPSCY_LAYER_LAYERNORM] = {cpu_layernorm_forward, cpu_layernorm_backward, cpu_layernorm_workspace, NULL},
     [MPSCY_LAYER_DROPOUT] = {cpu_dropout_forward, cpu_dropout_backward, NULL, NULL},

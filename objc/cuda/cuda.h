@@ -376,6 +376,8 @@ int cu_conv_flip_weights(cu_graph *g, cudaStream_t s, const mpscy_conv_geom *cg,
 __global__ void conv_fwd_sum(float *y, const float *part, const float *bias, int64_t splits, int64_t M, int64_t nb,
                              int64_t ohw, int64_t oc, int64_t o0, int relu);
 #endif
+int cu_convt_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
+int cu_convt_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);
 int cu_pool_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
 int cu_pool_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);
 int cu_batchnorm_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);

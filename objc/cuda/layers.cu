@@ -33,5 +33,6 @@ const cu_layer_ops cu_layers[MPSCY_LAYER_KIND_COUNT] = {
     /* SOFTPLUS */ ACT,
     /* MISH */ ACT,
     /* UPSAMPLE2D */ {cu_pool_forward, cu_pool_backward, NULL, NULL},
+    /* CONVTRANSPOSE2D */ {cu_convt_forward, cu_convt_backward, NULL, NULL},
 };
-static_assert(MPSCY_LAYER_UPSAMPLE2D == 25 && MPSCY_LAYER_KIND_COUNT == 26, "the table follows mpscy_layer_kind");
+static_assert(MPSCY_LAYER_CONVTRANSPOSE2D == 26 && MPSCY_LAYER_KIND_COUNT == 27, "the table follows mpscy_layer_kind");

@@ -7,6 +7,7 @@ const metal_layer_ops metal_layers[MPSCY_LAYER_KIND_COUNT] = {
     [MPSCY_LAYER_DENSE] = {metal_dense_forward, metal_dense_backward},
     [MPSCY_LAYER_RELU] = {metal_activation_forward, metal_activation_backward},
     [MPSCY_LAYER_CONV2D] = {metal_conv_forward, metal_conv_backward},
+    [MPSCY_LAYER_CONVTRANSPOSE2D] = {metal_convt_forward, metal_convt_backward},
     [MPSCY_LAYER_MAXPOOL2D] = {metal_pool_forward, metal_pool_backward},
     [MPSCY_LAYER_AVGPOOL2D] = {metal_pool_forward, metal_pool_backward},
     [MPSCY_LAYER_GLOBALAVGPOOL2D] = {metal_global_pool_forward, metal_global_pool_backward},

@@ -219,6 +219,8 @@ MPSGraphTensor *metal_flatten_forward(MetalBuilder *c, const mpscy_node *n, int3
 void metal_flatten_backward(MetalBuilder *c, const mpscy_node *n, int32_t i);
 MPSGraphTensor *metal_conv_forward(MetalBuilder *c, const mpscy_node *n, int32_t i);
 void metal_conv_backward(MetalBuilder *c, const mpscy_node *n, int32_t i);
+MPSGraphTensor *metal_convt_forward(MetalBuilder *c, const mpscy_node *n, int32_t i);
+void metal_convt_backward(MetalBuilder *c, const mpscy_node *n, int32_t i);
 MPSGraphTensor *metal_pool_forward(MetalBuilder *c, const mpscy_node *n, int32_t i);
 void metal_pool_backward(MetalBuilder *c, const mpscy_node *n, int32_t i);
 MPSGraphTensor *metal_global_pool_forward(MetalBuilder *c, const mpscy_node *n, int32_t i);

@@ -96,6 +96,7 @@ cdef extern from "mpscy.h" nogil:
         MPSCY_LAYER_SOFTPLUS
         MPSCY_LAYER_MISH
         MPSCY_LAYER_UPSAMPLE2D
+        MPSCY_LAYER_CONVTRANSPOSE2D
         MPSCY_LAYER_KIND_COUNT
     enum:
         MPSCY_FLAG_BIAS

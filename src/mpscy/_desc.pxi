@@ -12,6 +12,7 @@ LAYER_KINDS = {
     "softmax": MPSCY_LAYER_SOFTMAX, "add": MPSCY_LAYER_ADD, "concat": MPSCY_LAYER_CONCAT,
     "relu6": MPSCY_LAYER_RELU6, "hardsigmoid": MPSCY_LAYER_HARDSIGMOID, "hardswish": MPSCY_LAYER_HARDSWISH,
     "softplus": MPSCY_LAYER_SOFTPLUS, "mish": MPSCY_LAYER_MISH, "upsample2d": MPSCY_LAYER_UPSAMPLE2D,
+    "convtranspose2d": MPSCY_LAYER_CONVTRANSPOSE2D,
 }
 LOSS_KINDS = {
     "sparse_cross_entropy": MPSCY_LOSS_SPARSE_CE, "cross_entropy": MPSCY_LOSS_CE,

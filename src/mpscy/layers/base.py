@@ -13,7 +13,8 @@ from ..errors import InvalidArgumentError, ShapeError
 
 # layer options travel in the native descriptor's int32 `ints`
 _INT32_LIMIT = INT32_LIMIT
-_IMAGE_KINDS = ("conv2d", "maxpool2d", "avgpool2d", "globalavgpool2d", "upsample2d")  # layers that read (C, H, W)
+# layers that read (C, H, W)
+_IMAGE_KINDS = ("conv2d", "convtranspose2d", "maxpool2d", "avgpool2d", "globalavgpool2d", "upsample2d")
 _positive_int, _integer, _finite = positive_int, integer, finite
 
 

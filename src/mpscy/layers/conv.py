@@ -1,5 +1,5 @@
 """Convolution, pooling and upsampling over (C, H, W) images (NCHW batches): Conv2D,
-MaxPool2D, AvgPool2D, GlobalAvgPool2D and Upsample, with Keras's names for some of them
+ConvTranspose2D, MaxPool2D, AvgPool2D, GlobalAvgPool2D and Upsample, with Keras's names for some of them
 (MaxPooling2D, AveragePooling2D, GlobalAveragePooling2D, UpSampling2D); their option checks,
 padding ("valid", "same" or explicit) and PyTorch's floor-mode shape rules. Options only;
 computation happens in the backend."""
@@ -145,6 +145,83 @@ class Conv2D(Layer):
     def config(self):
         return {"filters": self.filters, "kernel_size": self.kernel_size, "stride": self.stride,
                 "padding": self.padding, "dilation": self.dilation, "groups": self.groups, "bias": self.bias}
+
+    def window_width(self, input_shape):
+        return self.kernel_size[1]
+
+
+class ConvTranspose2D(Layer):
+    """2-D transposed convolution over (C, H, W) inputs (torch.nn.ConvTranspose2d, the gradient of
+    a Conv2D with respect to its input; a decoder's learned upsampling): weight (C, filters /
+    groups, kh, kw), bias (filters); output (filters, (H - 1) stride - 2 padding + dilation
+    (kernel - 1) + output_padding + 1, likewise for W). kernel_size, stride, padding, dilation and
+    output_padding: an int or (h, w); output_padding (an extra row or column on one side, which
+    makes the output of a strided layer any size) must be below the stride. torch's arguments in
+    torch's order, without in_channels (the input's)."""
+
+    kind = "convtranspose2d"
+    prefix = "convtranspose2d"
+
+    def __init__(self, filters, kernel_size, stride=1, padding=0, output_padding=0, groups=1, bias=True, dilation=1,
+                 name=None):
+        super().__init__(name)
+        self.filters = _positive_int(filters, "ConvTranspose2D filters")
+        self.kernel_size = _pair(kernel_size, "ConvTranspose2D kernel_size")
+        self.stride = _pair(stride, "ConvTranspose2D stride")
+        if isinstance(padding, str):
+            raise InvalidArgumentError(f"ConvTranspose2D padding must be an integer >= 0 or a pair of them, got "
+                                       f"{padding!r} (as torch's ConvTranspose2d: padding p crops p rows from each "
+                                       f"side of the full output)")
+        self.padding = _pair(padding, "ConvTranspose2D padding", minimum=0)
+        self.output_padding = _pair(output_padding, "ConvTranspose2D output_padding", minimum=0)
+        self.dilation = _pair(dilation, "ConvTranspose2D dilation")
+        self.groups = _positive_int(groups, "ConvTranspose2D groups")
+        self.bias = bool(bias)
+        if self.filters % self.groups:
+            raise InvalidArgumentError(f"ConvTranspose2D filters {self.filters} must be divisible by groups "
+                                       f"{self.groups}")
+        if any(op >= s for op, s in zip(self.output_padding, self.stride)):
+            raise InvalidArgumentError(f"ConvTranspose2D output_padding {self.output_padding} must be smaller than the "
+                                       f"stride {self.stride}")
+
+    def output_shape(self, input_shapes):
+        c, h, w = _image(input_shapes[0], "ConvTranspose2D")
+        if c % self.groups:
+            raise ShapeError(f"ConvTranspose2D groups {self.groups} must divide the {c} input channels")
+        out = [(n - 1) * s - 2 * p + d * (k - 1) + op + 1 for n, k, s, p, d, op in
+               zip((h, w), self.kernel_size, self.stride, self.padding, self.dilation, self.output_padding)]
+        if min(out) <= 0:
+            raise ShapeError(f"ConvTranspose2D input (C, H, W) = {(c, h, w)} gives an output of {tuple(out)}: "
+                             f"padding {self.padding} crops more than the full output")
+        return (self.filters, *out)
+
+    def _fan_in(self, shape):  # torch's: weight.size(1) * kh * kw
+        return self.filters // self.groups * self.kernel_size[0] * self.kernel_size[1]
+
+    def parameters(self, input_shapes):
+        c = input_shapes[0][0]
+        p = [("weight", (c, self.filters // self.groups) + self.kernel_size)]
+        if self.bias:
+            p.append(("bias", (self.filters,)))
+        return p
+
+    def init(self, input_shapes, rng):
+        fan_in = self._fan_in(input_shapes[0])
+        c = input_shapes[0][0]
+        out = {"weight": kaiming_uniform(rng, (c, self.filters // self.groups) + self.kernel_size, fan_in)}
+        if self.bias:
+            out["bias"] = kaiming_uniform(rng, (self.filters,), fan_in)
+        return out
+
+    def native(self, input_shapes):
+        return {"flags": ["bias"] if self.bias else [],
+                "ints": [self.filters, *self.kernel_size, *self.stride, *self.padding, *self.dilation, self.groups,
+                         *self.output_padding]}
+
+    def config(self):
+        return {"filters": self.filters, "kernel_size": self.kernel_size, "stride": self.stride,
+                "padding": self.padding, "output_padding": self.output_padding, "groups": self.groups,
+                "bias": self.bias, "dilation": self.dilation}
 
     def window_width(self, input_shape):
         return self.kernel_size[1]
