@@ -184,6 +184,11 @@ def _emit(w, n, desc, in_shapes, ins, out, params):
         inputs = [x, p("weight")] + ([p("bias")] if "bias" in flags else [])
         return w.node("Conv", inputs, out, name, kernel_shape=_pairs(ints, 1), strides=_pairs(ints, 3),
                       pads=_pairs(ints, 5) * 2, dilations=_pairs(ints, 7), group=int(ints[9]))
+    if kind == "convtranspose2d":   # ints: out_c, kh, kw, sh, sw, ph, pw, dh, dw, groups, oph, opw
+        inputs = [x, p("weight")] + ([p("bias")] if "bias" in flags else [])
+        return w.node("ConvTranspose", inputs, out, name, kernel_shape=_pairs(ints, 1), strides=_pairs(ints, 3),
+                      pads=_pairs(ints, 5) * 2, dilations=_pairs(ints, 7), group=int(ints[9]),
+                      output_padding=_pairs(ints, 10))
     if kind in ("maxpool2d", "avgpool2d"):
         attrs = dict(kernel_shape=_pairs(ints, 0), strides=_pairs(ints, 2), pads=_pairs(ints, 4) * 2)
         if kind == "maxpool2d":

@@ -375,6 +375,43 @@ def _conv(r, node, args, attrs):
                    dilation=dilation, groups=int(attrs.get("group", 1)), bias="bias" in params)
 
 
+@_set("ConvTranspose")
+def _conv_transpose(r, node, args, attrs):
+    """ConvTranspose2D from explicit pads (torch's export): pads (b, e) on an axis with output
+    padding q are torch's padding b and output_padding b - e + q (the same output, cropped from the
+    same first row), taken where that is below the stride; output_shape and auto_pad SAME_* are
+    refused by name."""
+    w = np.asarray(r.const_of(node.input[1], node), dtype=np.float32)
+    if w.ndim != 4:
+        raise UnsupportedError(f"ConvTranspose {node.name!r}: only 2-D transposed convolutions are supported")
+    if "output_shape" in attrs:
+        raise UnsupportedError(f"ConvTranspose {node.name!r} with output_shape is not supported: export with "
+                               "explicit pads and output_padding (as torch does)")
+    auto = _text(attrs, "auto_pad", "NOTSET")
+    if auto not in ("NOTSET", "VALID"):
+        raise UnsupportedError(f"ConvTranspose {node.name!r}: auto_pad {auto!r} is not supported; export with "
+                               "explicit pads (as torch does)")
+    params = {"weight": w}
+    if len(args) > 2 and args[2] is not None:
+        params["bias"] = r.const_of(node.input[2], node)
+    group = int(attrs.get("group", 1))
+    kernel = _pairs(attrs, "kernel_shape", w.shape[2:])
+    stride, dilation = _pairs(attrs, "strides", (1, 1)), _pairs(attrs, "dilations", (1, 1))
+    extra = _pairs(attrs, "output_padding", (0, 0))
+    pads = [0, 0, 0, 0] if auto == "VALID" else [int(v) for v in attrs.get("pads", [0, 0, 0, 0])]
+    if len(pads) != 4:
+        raise UnsupportedError(f"ConvTranspose {node.name!r}: only 2-D pads are supported, got {pads}")
+    padding = (pads[0], pads[1])
+    output_padding = tuple(pads[a] - pads[a + 2] + extra[a] for a in (0, 1))
+    if any(not 0 <= q < st for q, st in zip(output_padding, stride)):
+        raise UnsupportedError(f"ConvTranspose {node.name!r}: pads {pads} with output_padding {list(extra)} crop the "
+                               f"end of an axis other than torch's padding can (output_padding {output_padding} "
+                               f"against the stride {stride})")
+    return r.layer(_layer_class("ConvTranspose2D"), args[:1], params, filters=int(w.shape[1]) * group,
+                   kernel_size=kernel, stride=stride, padding=padding, output_padding=output_padding, groups=group,
+                   bias="bias" in params, dilation=dilation)
+
+
 def _pool(r, node, args, attrs, cls_name, **extra):
     if attrs.get("ceil_mode", 0):
         raise UnsupportedError(f"{node.op_type} {node.name!r} with ceil_mode=1 is not supported")
