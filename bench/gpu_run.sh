@@ -7,7 +7,7 @@
 # installed to /tmp/site first when given (machines without network). BENCH_ARGS defaults to
 # "--paired 15" (the ratio targets also timed in interleaved rounds). Narrower runs: TESTS (pytest
 # paths), PYTEST_ARGS, BENCH_ARGS (e.g. "--only cnn --paired 15"; "" for no interleaved rounds),
-# PROFILE_MODELS, SKIP_TESTS/SKIP_BENCH/SKIP_PROFILE.
+# PROFILE_MODELS, SKIP_TESTS/SKIP_BENCH/SKIP_LAYER_BENCH/SKIP_PROFILE.
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
 SKIP_BUILD=0
 source "$(dirname "$0")/gpu_setup.sh"
@@ -25,6 +25,10 @@ fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
     timeout ${BENCH_TIMEOUT:-300} $PY bench/cuda_bench.py --json "$OUT/bench.json" ${BENCH_ARGS---paired 15} 2>&1
     echo "bench: exit $?"
+fi
+if [ "${SKIP_LAYER_BENCH:-0}" != 1 ]; then  # layers beside the targets' models: ConvTranspose2D against cuDNN
+    timeout 120 $PY bench/cuda_convt.py 2>&1
+    echo "convt bench: exit $?"
 fi
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
 if [ "${SKIP_PROFILE:-0}" != 1 ] && [ -n "$NCU" ]; then
