@@ -198,6 +198,19 @@ def test_bilinear_upsample_gives_the_cpu_s_bits(rng, size, align):
 
 
 @cuda_only
+def test_convtranspose_split_weight_gradient_with_partial_batches_matches_cpu(rng):
+    """A ConvTranspose2D whose weight gradient's K (b x 16 x 16 positions) is split over the GPU
+    (16 splits at the built batch of 32, fewer for the partial batches of 19 and 7), with groups:
+    20 Adam steps against the cpu, and one step's gradients within 1e-5."""
+    build = lambda: [L.ConvTranspose2D(8, 4, stride=2, padding=1, groups=2), L.ReLU(), L.Conv2D(4, 3, stride=2),
+                     L.Flatten(), L.Dense(5)]
+    cpu, gpu = pair(build, (8, 16, 16), batch=32, opt=lambda: optim.Adam(1e-3, eps=1e-6), input_gradients=True)
+    x = rng.standard_normal((32, 8, 16, 16)).astype(np.float32)
+    compare_gradients(cpu, gpu, x, rng.integers(0, 5, 32).astype(np.int32), tol=1e-5)
+    compare_training(cpu, gpu, rng, rows=[32, 19, 32, 7])
+
+
+@cuda_only
 def test_conv_long_k_with_odd_and_partial_batches_matches_cpu(rng):
     """b*OH*OW = 4500, 4275 and 1575 (partial batches of 19 and 7): the weight gradient's own
     split-K kernel, chosen at the built batch, with float4 loads and, for the odd counts, scalar

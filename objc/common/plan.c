@@ -190,8 +190,10 @@ static int infer_node(mpscy_plan *p, int32_t i, const char *component, char *err
         if (s[1] <= 0 || s[2] <= 0)
             return FAIL(MPSCY_SHAPE, "node %d (%s): input (%lld, %lld) gives no output with padding (%d, %d)", i,
                         n->name, (long long)a->shape[1], (long long)a->shape[2], q[5], q[6]);
-        /* the products are a convolution's from the output back to the input: K = out_c / groups x kh x kw */
-        if (cap_mul(cap_mul(q[0] / q[9], q[1]), q[2]) > PLAN_BLAS_MAX || cap_mul(a->shape[1], a->shape[2]) > PLAN_BLAS_MAX)
+        /* the products are a convolution's from the output back to the input: K = out_c / groups x kh x kw,
+         * and the forward's, C / groups x kh x kw */
+        if (cap_mul(cap_mul(q[0] / q[9], q[1]), q[2]) > PLAN_BLAS_MAX || cap_mul(cap_mul(c / q[9], q[1]), q[2]) >
+            PLAN_BLAS_MAX || cap_mul(a->shape[1], a->shape[2]) > PLAN_BLAS_MAX)
             return FAIL(MPSCY_UNSUPPORTED, "node %d (%s): a ConvTranspose2D of %d x %d x %d taps and %lld x %lld "
                         "positions; each product at most 2^31 - 1", i, n->name, q[0] / q[9], q[1], q[2],
                         (long long)a->shape[1], (long long)a->shape[2]);

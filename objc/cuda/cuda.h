@@ -378,6 +378,7 @@ __global__ void conv_fwd_sum(float *y, const float *part, const float *bias, int
 #endif
 int cu_convt_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
 int cu_convt_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);
+int64_t cu_convt_workspace(const mpscy_plan *p, const mpscy_node *n);
 int cu_pool_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
 int cu_pool_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);
 int cu_batchnorm_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);

@@ -33,6 +33,6 @@ const cu_layer_ops cu_layers[MPSCY_LAYER_KIND_COUNT] = {
     /* SOFTPLUS */ ACT,
     /* MISH */ ACT,
     /* UPSAMPLE2D */ {cu_pool_forward, cu_pool_backward, NULL, NULL},
-    /* CONVTRANSPOSE2D */ {cu_convt_forward, cu_convt_backward, NULL, NULL},
+    /* CONVTRANSPOSE2D */ {cu_convt_forward, cu_convt_backward, cu_convt_workspace, NULL},
 };
 static_assert(MPSCY_LAYER_CONVTRANSPOSE2D == 26 && MPSCY_LAYER_KIND_COUNT == 27, "the table follows mpscy_layer_kind");
