@@ -84,7 +84,31 @@ def _window_out(n, k, s, p, d=1):
     return (n + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-class Conv2D(Layer):
+class _Conv(Layer):
+    """What Conv2D and ConvTranspose2D share: a weight of _weight_shape(C) and a bias of filters,
+    both drawn as torch draws them, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with fan_in = weight.size(1)
+    x kh x kw (the input's channels per group for a convolution, its filters per group for a
+    transposed one)."""
+
+    def parameters(self, input_shapes):
+        p = [("weight", self._weight_shape(input_shapes[0][0]))]
+        if self.bias:
+            p.append(("bias", (self.filters,)))
+        return p
+
+    def init(self, input_shapes, rng):
+        shape = self._weight_shape(input_shapes[0][0])
+        fan_in = shape[1] * shape[2] * shape[3]
+        out = {"weight": kaiming_uniform(rng, shape, fan_in)}
+        if self.bias:
+            out["bias"] = kaiming_uniform(rng, (self.filters,), fan_in)
+        return out
+
+    def window_width(self, input_shape):
+        return self.kernel_size[1]
+
+
+class Conv2D(_Conv):
     """2-D convolution over (C, H, W) inputs (torch.nn.Conv2d): weight (filters, C / groups,
     kh, kw), bias (filters). kernel_size, stride, dilation: an int or (h, w); padding: an int,
     (ph, pw), "valid" (0) or "same" (output ceil(in / stride), when it pads both sides alike)."""
@@ -119,23 +143,8 @@ class Conv2D(Layer):
                              f"{(dh * (kh - 1) + 1, dw * (kw - 1) + 1)} with padding {(ph, pw)}")
         return (self.filters, oh, ow)
 
-    def _fan_in(self, shape):
-        return shape[0] // self.groups * self.kernel_size[0] * self.kernel_size[1]
-
-    def parameters(self, input_shapes):
-        c = input_shapes[0][0]
-        p = [("weight", (self.filters, c // self.groups) + self.kernel_size)]
-        if self.bias:
-            p.append(("bias", (self.filters,)))
-        return p
-
-    def init(self, input_shapes, rng):
-        fan_in = self._fan_in(input_shapes[0])
-        c = input_shapes[0][0]
-        out = {"weight": kaiming_uniform(rng, (self.filters, c // self.groups) + self.kernel_size, fan_in)}
-        if self.bias:
-            out["bias"] = kaiming_uniform(rng, (self.filters,), fan_in)
-        return out
+    def _weight_shape(self, c):
+        return (self.filters, c // self.groups) + self.kernel_size
 
     def native(self, input_shapes):
         ph, pw = self._pads(input_shapes[0])
@@ -146,11 +155,7 @@ class Conv2D(Layer):
         return {"filters": self.filters, "kernel_size": self.kernel_size, "stride": self.stride,
                 "padding": self.padding, "dilation": self.dilation, "groups": self.groups, "bias": self.bias}
 
-    def window_width(self, input_shape):
-        return self.kernel_size[1]
-
-
-class ConvTranspose2D(Layer):
+class ConvTranspose2D(_Conv):
     """2-D transposed convolution over (C, H, W) inputs (torch.nn.ConvTranspose2d, the gradient of
     a Conv2D with respect to its input; a decoder's learned upsampling): weight (C, filters /
     groups, kh, kw), bias (filters); output (filters, (H - 1) stride - 2 padding + dilation
@@ -195,23 +200,8 @@ class ConvTranspose2D(Layer):
                              f"padding {self.padding} crops more than the full output")
         return (self.filters, *out)
 
-    def _fan_in(self, shape):  # torch's: weight.size(1) * kh * kw
-        return self.filters // self.groups * self.kernel_size[0] * self.kernel_size[1]
-
-    def parameters(self, input_shapes):
-        c = input_shapes[0][0]
-        p = [("weight", (c, self.filters // self.groups) + self.kernel_size)]
-        if self.bias:
-            p.append(("bias", (self.filters,)))
-        return p
-
-    def init(self, input_shapes, rng):
-        fan_in = self._fan_in(input_shapes[0])
-        c = input_shapes[0][0]
-        out = {"weight": kaiming_uniform(rng, (c, self.filters // self.groups) + self.kernel_size, fan_in)}
-        if self.bias:
-            out["bias"] = kaiming_uniform(rng, (self.filters,), fan_in)
-        return out
+    def _weight_shape(self, c):
+        return (c, self.filters // self.groups) + self.kernel_size
 
     def native(self, input_shapes):
         return {"flags": ["bias"] if self.bias else [],
@@ -222,10 +212,6 @@ class ConvTranspose2D(Layer):
         return {"filters": self.filters, "kernel_size": self.kernel_size, "stride": self.stride,
                 "padding": self.padding, "output_padding": self.output_padding, "groups": self.groups,
                 "bias": self.bias, "dilation": self.dilation}
-
-    def window_width(self, input_shape):
-        return self.kernel_size[1]
-
 
 class _Pool2D(Layer):
     def __init__(self, pool_size, stride=None, padding=0, name=None):
