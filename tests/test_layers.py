@@ -94,6 +94,10 @@ CASES = {
                                                              output_padding=(2, 1), bias=False), "convtranspose2d",
                               dict(kernel=(3, 3), stride=(3, 3), padding=(0, 0), dilation=(2, 2), output_padding=(2, 1),
                                    groups=2), (4, 3, 4), 2),
+    # output_padding at or above the stride but below the dilation, as torch allows
+    "convt_outpad_dilation": (lambda: layers.ConvTranspose2D(3, 3, output_padding=(1, 0), dilation=(2, 3)),
+                              "convtranspose2d", dict(kernel=(3, 3), stride=(1, 1), padding=(0, 0), dilation=(2, 3),
+                                                      output_padding=(1, 0), groups=1), (2, 4, 3), 2),
     "convt_1x1_batch1": (lambda: layers.ConvTranspose2D(3, 1), "convtranspose2d",
                          dict(kernel=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1), output_padding=(0, 0),
                               groups=1), (5, 4, 3), 1),
@@ -125,6 +129,8 @@ CASES = {
                               dict(size=(1, 6), align_corners=True), (2, 5, 1), 2),
     "bilinear_keras": (lambda: layers.UpSampling2D((3, 2), interpolation="bilinear"), "upsample2d",
                        dict(size=(9, 8), align_corners=False), (2, 3, 4), 2),
+    "bilinear_half_align": (lambda: layers.Upsample(scale_factor=(0.5, 1.75), mode="bilinear", align_corners=True),
+                            "upsample2d", dict(size=(3, 12), align_corners=True), (2, 7, 7), 2),
     "bilinear_recompute": (lambda: layers.Upsample(scale_factor=1.5, mode="bilinear", recompute_scale_factor=True),
                            "upsample2d", dict(size=(7, 10), align_corners=False), (2, 5, 7), 2),
     "bilinear_2_large": (lambda: layers.Upsample(scale_factor=2, mode="bilinear"), "upsample2d",
@@ -530,6 +536,14 @@ def test_batchnorm_parameters_named_like_pytorch(device):
     assert np.array_equal(P["batchnorm_1.weight"], np.ones(6)) and np.array_equal(P["batchnorm_1.bias"], np.zeros(6))
     assert np.array_equal(P["batchnorm_1.running_var"], np.ones(6))
     assert np.array_equal(P["batchnorm_3.running_mean"], np.zeros(54))
+    # a torch state_dict's step counters of these BatchNorms are passed over; any other unknown name is not
+    state = {k: v + 0.5 for k, v in P.items()}
+    engine.set_parameters({**state, "batchnorm_1.num_batches_tracked": np.array(7),
+                           "batchnorm_3.num_batches_tracked": np.array(7)})
+    assert all(np.array_equal(engine.get_parameters()[k], v) for k, v in state.items())
+    with pytest.raises(mpscy.InvalidArgumentError,
+                       match=r"unknown parameter name\(s\): \['conv2d_0.num_batches_tracked'\]"):
+        engine.set_parameters({**state, "conv2d_0.num_batches_tracked": np.array(7)})
 
 
 # ------------------------------------------------------------------ dropout
@@ -623,8 +637,8 @@ def test_dropout_rate_zero_is_identity_in_train_mode(device, rng):
     (lambda: layers.Concatenate(axis=1.5), mpscy.InvalidArgumentError, "axis"),
     (lambda: layers.ConvTranspose2D(4, 3, stride=2, output_padding=2), mpscy.InvalidArgumentError,
      r"ConvTranspose2D output_padding \(2, 2\) must be smaller than the stride \(2, 2\)"),
-    (lambda: layers.ConvTranspose2D(4, 3, output_padding=(0, 1)), mpscy.InvalidArgumentError,
-     r"output_padding \(0, 1\) must be smaller than the stride \(1, 1\)"),
+    (lambda: layers.ConvTranspose2D(4, 3, output_padding=(0, 2), dilation=2), mpscy.InvalidArgumentError,
+     r"output_padding \(0, 2\) must be smaller than the stride \(1, 1\) or the dilation \(2, 2\)"),
     (lambda: layers.ConvTranspose2D(4, 3, padding="same"), mpscy.InvalidArgumentError,
      "ConvTranspose2D padding must be an integer >= 0 or a pair of them, got 'same'"),
     (lambda: layers.ConvTranspose2D(5, 3, groups=2), mpscy.InvalidArgumentError,
@@ -643,7 +657,8 @@ def test_dropout_rate_zero_is_identity_in_train_mode(device, rng):
      "align_corners applies to interpolating modes only .*mode='nearest'"),
     (lambda: layers.Upsample(scale_factor=2, mode="bilinear", align_corners=1.0), mpscy.InvalidArgumentError,
      "align_corners must be None, False or True, got 1.0"),
-    # a fractional factor: torch interpolates by 1 / s, which is not the sizes' ratio; recomputed, it is
+    # a fractional factor: torch interpolates by 1 / s, which is not the sizes' ratio; recomputed (or
+    # with align_corners, where torch's ratio is the sizes' whatever the factor), it is
     (lambda: layers.Upsample(scale_factor=1.5, mode="bilinear"), mpscy.InvalidArgumentError,
      r"Upsample scale_factor must be a whole number >= 1 or a pair of them \(a factor that is not whole needs "
      r"recompute_scale_factor=True .* or size=\), got 1.5"),

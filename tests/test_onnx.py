@@ -1145,9 +1145,10 @@ def test_bilinear_upsample_exports_as_linear_resize_and_round_trips(device, tmp_
 
 @pytest.mark.parametrize("opset", [13, 17, 20])
 def test_import_torch_bilinear(tt, device, tmp_path, opset):
-    """torch's bilinear idioms: nn.Upsample(scale_factor=2, mode="bilinear"), align_corners=True, and
+    """torch's bilinear idioms: nn.Upsample(scale_factor=2, mode="bilinear"), align_corners=True,
     F.interpolate to a skip connection's size and to a fixed size smaller than the input (a
-    U-Net's and a segmentation head's), with a dynamic batch: imported as bilinear Upsample layers,
+    U-Net's and a segmentation head's), and by 1.5 with recompute_scale_factor=True (its size
+    computed in the graph), with a dynamic batch: imported as bilinear Upsample layers,
     training and predicting as torch does (outputs to 1e-5, the input's gradient to 1e-4)."""
     nn, F = tt.nn, tt.nn.functional
 
@@ -1164,7 +1165,9 @@ def test_import_torch_bilinear(tt, device, tmp_path, opset):
             y = self.up(tt.relu(self.mid(F.max_pool2d(skip, 2))))           # (4, 8, 10)
             y = F.interpolate(y, size=skip.shape[-2:], mode="bilinear")      # (4, 9, 10)
             y = self.up_ac(self.out(tt.cat([y, skip], 1)))                   # (1, 27, 20)
-            return F.interpolate(y, size=(7, 6), mode="bilinear", align_corners=False).flatten(1)
+            y = F.interpolate(y, size=(7, 6), mode="bilinear", align_corners=False)
+            # torch writes the recomputed size as Shape -> Gather -> Cast -> Mul -> Cast -> Floor
+            return F.interpolate(y, scale_factor=1.5, mode="bilinear", recompute_scale_factor=True).flatten(1)
 
     tt.manual_seed(2)
     model = Net().eval()
@@ -1176,9 +1179,10 @@ def test_import_torch_bilinear(tt, device, tmp_path, opset):
     engine = mpscy.onnx.load(path, batch_size=3, device=device, loss="mse", input_gradients=True)
     ups = [n.layer.config() for n in engine.model.nodes if isinstance(n.layer, layers.Upsample)]
     assert ups == [{"size": s, "mode": "bilinear", "align_corners": a}
-                   for s, a in (((8, 10), False), ((9, 10), False), ((27, 20), True), ((7, 6), False))]
+                   for s, a in (((8, 10), False), ((9, 10), False), ((27, 20), True), ((7, 6), False),
+                                ((10, 9), False))]
     xs = np.random.default_rng(3).normal(size=(3, 2, 9, 10)).astype(np.float32)
-    t = np.random.default_rng(4).normal(size=(3, 42)).astype(np.float32)
+    t = np.random.default_rng(4).normal(size=(3, 90)).astype(np.float32)
     x = tt.from_numpy(xs).requires_grad_()
     y = model(x)
     tt.nn.functional.mse_loss(y, tt.from_numpy(t)).backward()

@@ -175,9 +175,9 @@ static int infer_node(mpscy_plan *p, int32_t i, const char *component, char *err
             return FAIL(MPSCY_SHAPE, "node %d (%s): %s needs (C, H, W) input, got rank %d", i, n->name, kn, a->rank);
         if (q[1] <= 0 || q[2] <= 0 || q[3] <= 0 || q[4] <= 0 || q[5] < 0 || q[6] < 0 || q[7] <= 0 || q[8] <= 0)
             return FAIL(MPSCY_INVALID, "node %d (%s): kernel, stride and dilation must be > 0 and padding >= 0", i, n->name);
-        if (q[10] < 0 || q[11] < 0 || q[10] >= q[3] || q[11] >= q[4])
-            return FAIL(MPSCY_INVALID, "node %d (%s): output padding (%d, %d) must be >= 0 and below the stride (%d, %d)",
-                        i, n->name, q[10], q[11], q[3], q[4]);
+        if (q[10] < 0 || q[11] < 0 || (q[10] >= q[3] && q[10] >= q[7]) || (q[11] >= q[4] && q[11] >= q[8]))
+            return FAIL(MPSCY_INVALID, "node %d (%s): output padding (%d, %d) must be >= 0 and below the stride (%d, %d) "
+                        "or the dilation (%d, %d)", i, n->name, q[10], q[11], q[3], q[4], q[7], q[8]);
         int64_t c = a->shape[0];
         if (q[9] <= 0 || q[0] <= 0 || c % q[9] || q[0] % q[9])
             return FAIL(MPSCY_INVALID, "node %d (%s): groups %d must divide in channels %lld and filters %d",

@@ -57,7 +57,10 @@ void metal_conv_backward(MetalBuilder *c, const mpscy_node *n, int32_t i) {
  * descriptor is the node's own ints and whose OIHW weight is the node's: the forward is that
  * convolution's data gradient with x as its incoming gradient (the explicit output shape carries
  * output_padding's extra row and column), the input gradient its forward, the weight gradient its
- * weights gradient with dy as its source and x as its incoming gradient. */
+ * weights gradient with dy as its source and x as its incoming gradient. An output padding at or
+ * above the stride (below the dilation, as torch allows) gives an output shape the forward
+ * convolution maps onto fewer rows than x has; that the data gradient takes such a shape is not
+ * documented, and untested here (no Mac). */
 MPSGraphTensor *metal_convt_forward(MetalBuilder *c, const mpscy_node *n, int32_t i) {
     (void)i;
     MPSGraphTensor *x = mt_y(c, n->in[0]);      // (b, C, H, W)

@@ -394,11 +394,17 @@ class Engine(OptimizerState):
 
     def set_parameters(self, params, strict=True):
         """Writes parameters (and buffers) by name. Every array is checked first; nothing is
-        written unless all are valid. With strict=True every parameter must be given."""
+        written unless all are valid. With strict=True every parameter must be given. A torch
+        state_dict's "<bn>.num_batches_tracked" of a BatchNorm here (torch's step counter, which
+        mpscy's BatchNorm, always with a momentum, has no use for) is passed over, so
+        set_parameters(torch_model.state_dict()) takes a model whose names match."""
         g = self._g()
         if not isinstance(params, dict):
             raise DTypeError(f"parameters must be a dict of name -> array, got {type(params).__name__}")
         known = {t[0]: (i, t) for i, t in enumerate(self._tensors) if t[1] in ("param", "buffer")}
+        params = {k: v for k, v in params.items()
+                  if not (isinstance(k, str) and k.endswith(".num_batches_tracked")
+                          and k[:-len("num_batches_tracked")] + "running_mean" in known)}
         unknown = sorted(set(params) - set(known), key=repr)  # names of any type, told apart
         if unknown:
             raise InvalidArgumentError(f"unknown parameter name(s): {unknown}")

@@ -160,9 +160,10 @@ class ConvTranspose2D(_Conv):
     a Conv2D with respect to its input; a decoder's learned upsampling): weight (C, filters /
     groups, kh, kw), bias (filters); output (filters, (H - 1) stride - 2 padding + dilation
     (kernel - 1) + output_padding + 1, likewise for W). kernel_size, stride, padding, dilation and
-    output_padding: an int or (h, w); output_padding (an extra row or column on one side, which
-    makes the output of a strided layer any size) must be below the stride. torch's arguments in
-    torch's order, without in_channels (the input's)."""
+    output_padding: an int or (h, w); output_padding (extra rows or columns on one side, which
+    make the output of a strided layer any size) must be below the stride or the dilation, as
+    torch's. torch's arguments in torch's order, without in_channels (the input's): so
+    ConvTranspose2D(64, 4, 2, 1) is torch's ConvTranspose2d(C, 64, 4, 2, 1)."""
 
     kind = "convtranspose2d"
     prefix = "convtranspose2d"
@@ -185,9 +186,9 @@ class ConvTranspose2D(_Conv):
         if self.filters % self.groups:
             raise InvalidArgumentError(f"ConvTranspose2D filters {self.filters} must be divisible by groups "
                                        f"{self.groups}")
-        if any(op >= s for op, s in zip(self.output_padding, self.stride)):
+        if any(op >= max(s, d) for op, s, d in zip(self.output_padding, self.stride, self.dilation)):
             raise InvalidArgumentError(f"ConvTranspose2D output_padding {self.output_padding} must be smaller than the "
-                                       f"stride {self.stride}")
+                                       f"stride {self.stride} or the dilation {self.dilation} (as torch's)")
 
     def output_shape(self, input_shapes):
         c, h, w = _image(input_shapes[0], "ConvTranspose2D")
@@ -347,8 +348,8 @@ class Upsample(Layer):
         what = type(self).__name__
         if mode not in self._MODES:
             raise InvalidArgumentError(f"{what} {self._names['mode']} {mode!r} is not available: one of "
-                                       f"{', '.join(repr(m) for m in self._MODES)}; for a learned upsampling, a "
-                                       f"Conv2D after it")
+                                       f"{', '.join(repr(m) for m in self._MODES)}; for a learned upsampling, "
+                                       f"ConvTranspose2D")
         if recompute_scale_factor is not None and not isinstance(recompute_scale_factor, (bool, np.bool_)):
             raise InvalidArgumentError(f"{what} recompute_scale_factor must be None or a bool, got "
                                        f"{recompute_scale_factor!r}")
@@ -365,12 +366,15 @@ class Upsample(Layer):
         self.align_corners = bool(align_corners) if mode == "bilinear" else None
         self.recompute_scale_factor = recompute_scale_factor
         sf = f"{what} {self._names['scale_factor']}"
-        if mode == "bilinear" and recompute_scale_factor and scale_factor is not None:
+        if mode == "bilinear" and (recompute_scale_factor or align_corners) and scale_factor is not None:
+            # the output floor(H s); recomputed, or with align_corners (where torch's ratio is (H - 1) /
+            # (OH - 1) whatever the factor), the interpolation depends on the sizes alone
             self.scale_factor = _positive_pair(scale_factor, sf)
         elif scale_factor is not None:
             self.scale_factor = _whole_pair(scale_factor, sf, None if mode != "bilinear" else
                                             "a factor that is not whole needs recompute_scale_factor=True (the output "
-                                            "size floor(H * s), interpolated from the sizes), or size=")
+                                            "size floor(H * s), interpolated from the sizes) or align_corners=True, "
+                                            "or size=")
         else:
             self.scale_factor = None
         self.size = None if size is None else _whole_pair(size, f"{what} size", "the output's (H, W)")

@@ -91,11 +91,23 @@ def _constant(r, node, args, attrs):
 
 @_set("Cast")
 def _cast(r, node, args, attrs):
+    """A constant's cast; a shape's whole-number entries become a constant (torch's size
+    arithmetic: Shape -> Gather -> Cast -> Mul -> Floor for F.interpolate(scale_factor=s,
+    recompute_scale_factor=True)); a tensor, or a shape holding the batch, stays as it is."""
     x = args[0]
+    if isinstance(x, ShapeVec) and all(isinstance(v, (int, np.integer)) for v in x.items):
+        x = Const(np.asarray(x.items[0] if x.scalar else x.items, dtype=np.int64))
     if isinstance(x, Const):
         from onnx import helper
         return Const(x.value.astype(helper.tensor_dtype_to_np_dtype(attrs["to"])))
     return x
+
+
+@_set("Floor")
+def _floor(r, node, args, attrs):
+    if not isinstance(args[0], Const):
+        raise UnsupportedError(f"Floor {node.name!r} of a tensor has no mpscy layer (only of constant sizes)")
+    return Const(np.floor(args[0].value))
 
 
 @_set("Shape")
@@ -403,10 +415,10 @@ def _conv_transpose(r, node, args, attrs):
         raise UnsupportedError(f"ConvTranspose {node.name!r}: only 2-D pads are supported, got {pads}")
     padding = (pads[0], pads[1])
     output_padding = tuple(pads[a] - pads[a + 2] + extra[a] for a in (0, 1))
-    if any(not 0 <= q < st for q, st in zip(output_padding, stride)):
+    if any(not 0 <= q < max(st, d) for q, st, d in zip(output_padding, stride, dilation)):
         raise UnsupportedError(f"ConvTranspose {node.name!r}: pads {pads} with output_padding {list(extra)} crop the "
                                f"end of an axis other than torch's padding can (output_padding {output_padding} "
-                               f"against the stride {stride})")
+                               f"against the stride {stride} and the dilation {dilation})")
     return r.layer(_layer_class("ConvTranspose2D"), args[:1], params, filters=int(w.shape[1]) * group,
                    kernel_size=kernel, stride=stride, padding=padding, output_padding=output_padding, groups=group,
                    bias="bias" in params, dilation=dilation)
