@@ -104,7 +104,8 @@ typedef enum mpscy_layer_kind {
     MPSCY_LAYER_MAXPOOL2D = 4,   /* ints: kh, kw, sh, sw, ph, pw */
     MPSCY_LAYER_AVGPOOL2D = 5,   /* ints: kh, kw, sh, sw, ph, pw, count_include_pad */
     MPSCY_LAYER_GLOBALAVGPOOL2D = 6, /* (C, H, W) -> (C) */
-    MPSCY_LAYER_FLATTEN = 7,
+    MPSCY_LAYER_FLATTEN = 7,     /* ints[0] = 0: (size,); ints[0] = r > 0: the per-sample shape ints[1..r] of
+                                  * as many elements (Reshape), the same bytes row-major */
     MPSCY_LAYER_BATCHNORM = 8,   /* reals: momentum, eps; flags AFFINE */
     MPSCY_LAYER_LAYERNORM = 9,   /* ints[0]=normalized trailing dims; reals[1]=eps; AFFINE */
     MPSCY_LAYER_DROPOUT = 10,    /* reals[0]=rate */

@@ -138,6 +138,10 @@ LAYER_MODELS = {
                                L.Dense(5)], (3, 6, 5)),
     "convtranspose_first": (lambda: [_maybe("ConvTranspose2D")(5, (3, 2), stride=(1, 2), dilation=(2, 1)), L.ReLU(),
                                      L.Flatten(), L.Dense(5)], (3, 4, 5)),
+    # a generator's Dense -> Reshape -> ConvTranspose2D (the Reshape is the native Flatten, aliased)
+    "reshape_generator": (lambda: [L.Dense(48), L.ReLU(), _maybe("Reshape")((3, 4, 4)),
+                                   _maybe("ConvTranspose2D")(4, 4, stride=2, padding=1), L.Tanh(), L.Flatten(), L.Dense(5)],
+                          (10,)),
     # bilinear: up by 2 between convolutions, then to a size that is no multiple (both
     # align_corners), then down to a smaller one before the head
     "bilinear": (lambda: [_maybe("Conv2D")(6, 3, padding=1), L.ReLU(), _maybe("Upsample")(scale_factor=2, mode="bilinear"),

@@ -389,7 +389,17 @@ def activation_backward(dy, cache):
     return d, {}
 
 
+def reshape_forward(x, p, o):
+    """The same elements, row-major, in the per-sample shape o["shape"]."""
+    return x.reshape((x.shape[0],) + tuple(o["shape"])), x.shape
+
+
+def reshape_backward(dy, shape):
+    return dy.reshape(shape), {}
+
+
 LAYERS = {
+    "reshape": (reshape_forward, reshape_backward),
     "conv2d": (conv2d_forward, conv2d_backward),
     "convtranspose2d": (convtranspose2d_forward, convtranspose2d_backward),
     "maxpool2d": (maxpool2d_forward, maxpool2d_backward),

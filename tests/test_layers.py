@@ -3,6 +3,7 @@ gradients against central finite differences, then the native float32 forward (t
 and eval-mode predict) and every gradient (parameters and input) against the references, over
 awkward shapes; BatchNorm running statistics and modes; dropout masks; option and shape errors;
 PyTorch itself where it is installed."""
+import copy
 import os
 import subprocess
 import sys
@@ -79,6 +80,12 @@ CASES = {
     "avgpool_3x2_s21_batch1": (lambda: layers.AvgPool2D((3, 2), stride=(2, 1)), "avgpool2d",
                                dict(kernel=(3, 2), stride=(2, 1), padding=(0, 0)), (4, 7, 6), 1),
     "globalavgpool": (lambda: layers.GlobalAvgPool2D(), "globalavgpool2d", {}, (5, 3, 7), 3),
+    # reshapes (the native Flatten with a target shape): features to an image, an inferred axis,
+    # torch's Unflatten of the first and of the last axis
+    "reshape_to_image": (lambda: layers.Reshape((2, 3, 4)), "reshape", dict(shape=(2, 3, 4)), (24,), 3),
+    "reshape_inferred": (lambda: layers.Reshape((-1, 6)), "reshape", dict(shape=(10, 6)), (3, 4, 5), 2),
+    "unflatten_first": (lambda: layers.Unflatten(1, (2, -1)), "reshape", dict(shape=(2, 4, 3)), (8, 3), 2),
+    "unflatten_last": (lambda: layers.Unflatten(-1, (3, 2)), "reshape", dict(shape=(4, 3, 2)), (4, 6), 1),
     # transposed convolution: a decoder's stride 2 (with and without output_padding), unequal
     # kernels, strides and padding, dilation, groups, no bias, batch 1, a 1x1, and a large one
     "convt_3x3_s2_op1": (lambda: layers.ConvTranspose2D(4, 3, stride=2, padding=1, output_padding=1), "convtranspose2d",
@@ -635,6 +642,13 @@ def test_dropout_rate_zero_is_identity_in_train_mode(device, rng):
     (lambda: layers.Softplus(beta=1e39), mpscy.InvalidArgumentError, "does not fit float32 as a normal number"),
     (lambda: layers.Softplus(threshold=1e39), mpscy.InvalidArgumentError, r"threshold 1e\+39 does not fit float32"),
     (lambda: layers.Concatenate(axis=1.5), mpscy.InvalidArgumentError, "axis"),
+    (lambda: layers.Reshape((0, 3)), mpscy.InvalidArgumentError,
+     r"Reshape target_shape must be 1 to 6 positive ints \(at most one of them -1\) per sample, without the batch, "
+     r"got \(0, 3\)"),
+    (lambda: layers.Reshape((-1, -1)), mpscy.InvalidArgumentError, r"got \(-1, -1\)"),
+    (lambda: layers.Reshape("3x4"), mpscy.InvalidArgumentError, "got '3x4'"),
+    (lambda: layers.Reshape((1,) * 7), mpscy.InvalidArgumentError, "Reshape target_shape must be 1 to 6"),
+    (lambda: layers.Unflatten(0, (2, 2)), mpscy.InvalidArgumentError, r"Unflatten dim must be a nonzero int \(0 is the batch\)"),
     (lambda: layers.ConvTranspose2D(4, 3, stride=2, output_padding=2), mpscy.InvalidArgumentError,
      r"ConvTranspose2D output_padding \(2, 2\) must be smaller than the stride \(2, 2\)"),
     (lambda: layers.ConvTranspose2D(4, 3, output_padding=(0, 2), dilation=2), mpscy.InvalidArgumentError,
@@ -686,6 +700,11 @@ def test_bad_options_are_refused_at_construction(make, error, match):
     ([layers.MaxPool2D(2)], (3, 4), mpscy.ShapeError, r"\(C, H, W\)"),
     ([layers.GlobalAvgPool2D()], (3,), mpscy.ShapeError, r"\(C, H, W\)"),
     ([layers.Upsample(scale_factor=2)], (3, 4), mpscy.ShapeError, r"Upsample needs \(C, H, W\) inputs"),
+    ([layers.Reshape((5,))], (2, 3), mpscy.ShapeError,
+     r"Reshape cannot reshape a per-sample input of shape \(2, 3\) \(6 elements\) to \(5,\)"),
+    ([layers.Reshape((-1, 4))], (2, 3), mpscy.ShapeError, r"to \(-1, 4\)"),
+    ([layers.Unflatten(3, (2, 2))], (4,), mpscy.ShapeError, r"Unflatten dim 3 is outside a per-sample input of shape"),
+    ([layers.Unflatten(1, (3, -1))], (4,), mpscy.ShapeError, r"Unflatten cannot split dim 1 of size 4 into \(3, -1\)"),
     ([layers.ConvTranspose2D(4, 3, groups=2)], (3, 5, 5), mpscy.ShapeError,
      "ConvTranspose2D groups 2 must divide the 3 input channels"),
     ([layers.ConvTranspose2D(4, 1, padding=1)], (3, 2, 5), mpscy.ShapeError,
@@ -766,6 +785,8 @@ def test_layer_configs_round_trip():
                              "dilation": (1, 1), "groups": 2, "bias": False}
     assert layers.MaxPool2D(3).config() == {"pool_size": (3, 3), "stride": (3, 3), "padding": (0, 0)}
     assert layers.AvgPool2D(2, 1, count_include_pad=False).config()["count_include_pad"] is False
+    assert layers.Reshape([3, -1]).config() == {"target_shape": (3, -1)}
+    assert layers.Unflatten(-1, (2, 3)).config() == {"dim": -1, "unflattened_size": (2, 3)}
     assert layers.ConvTranspose2D(8, 4, 2, 1, 1, bias=False).config() == {
         "filters": 8, "kernel_size": (4, 4), "stride": (2, 2), "padding": (1, 1), "output_padding": (1, 1),
         "groups": 1, "bias": False, "dilation": (1, 1)}
@@ -851,6 +872,10 @@ def torch_module(torch, case):
     if isinstance(layer, layers.Conv2D):
         return nn.Conv2d(in_c, layer.filters, layer.kernel_size, layer.stride,
                          layer._pads(CASES[case][3]), layer.dilation, layer.groups, layer.bias)
+    if isinstance(layer, layers.Unflatten):
+        return nn.Unflatten(layer.dim, layer.unflattened_size)
+    if isinstance(layer, layers.Reshape):
+        return nn.Sequential(nn.Flatten(), nn.Unflatten(1, layer.target_shape))   # x.view(n, *target_shape)
     if isinstance(layer, layers.ConvTranspose2D):
         return nn.ConvTranspose2d(in_c, layer.filters, layer.kernel_size, layer.stride, layer.padding,
                                   layer.output_padding, layer.groups, layer.bias, layer.dilation)
@@ -1222,3 +1247,46 @@ def test_keras_pooling_names_are_the_same_layers(tmp_path):
             make()
     with pytest.raises(mpscy.InvalidArgumentError, match="keepdims=True is not available"):
         layers.GlobalAveragePooling2D(keepdims=True)
+
+
+def test_dcgan_generator_trains_as_torch_does(device):
+    """A DCGAN generator, Dense -> Reshape -> ConvTranspose2D (4x4, stride 2, padding 1) ->
+    BatchNorm -> ReLU -> ConvTranspose2D -> Tanh, takes torch's state_dict as it is (its
+    num_batches_tracked passed over) and matches torch's: the loss, every gradient within 1e-4,
+    and five Adam steps (parameters and running statistics) within 1e-4."""
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+    torch.manual_seed(0)
+    tm = nn.Sequential()
+    tm.add_module("fc", nn.Linear(8, 16 * 4 * 4))
+    tm.add_module("view", nn.Unflatten(1, (16, 4, 4)))
+    tm.add_module("up1", nn.ConvTranspose2d(16, 8, 4, 2, 1, bias=False))
+    tm.add_module("bn", nn.BatchNorm2d(8))
+    tm.add_module("act", nn.ReLU())
+    tm.add_module("up2", nn.ConvTranspose2d(8, 3, 4, 2, 1))
+    tm.add_module("out", nn.Tanh())
+    model = mpscy.Sequential([layers.Dense(16 * 4 * 4, name="fc"), layers.Reshape((16, 4, 4), name="view"),
+                              layers.ConvTranspose2D(8, 4, 2, 1, bias=False, name="up1"), layers.BatchNorm(name="bn"),
+                              layers.ReLU(name="act"), layers.ConvTranspose2D(3, 4, 2, 1, name="up2"),
+                              layers.Tanh(name="out")], input_shape=(8,))
+    engine = mpscy.Engine(model, loss="mse", optimizer=optim.Adam(2e-3), batch_size=6, device=device)
+    engine.set_parameters({k: v.numpy() for k, v in tm.state_dict().items()})
+    rng = np.random.default_rng(1)
+    z, target = rng.standard_normal((6, 8)).astype(np.float32), rng.uniform(-1, 1, (6, 3, 16, 16)).astype(np.float32)
+    probe = copy.deepcopy(tm)   # its train-mode forward moves its running statistics; tm's stay
+    loss = nn.functional.mse_loss(probe(torch.from_numpy(z)), torch.from_numpy(target))
+    loss.backward()
+    g = engine.gradients(z, target)
+    assert abs(g["loss"] - loss.item()) <= 1e-5 * loss.item()
+    for k, p in probe.named_parameters():
+        assert R.rel_err(g[k], p.grad.numpy()) < 1e-4, k
+    topt = torch.optim.Adam(tm.parameters(), lr=2e-3)
+    for _ in range(5):
+        topt.zero_grad()
+        nn.functional.mse_loss(tm(torch.from_numpy(z)), torch.from_numpy(target)).backward()
+        topt.step()
+        engine.step(z, target)
+    after = engine.get_parameters()
+    for k, v in tm.state_dict().items():
+        if not k.endswith("num_batches_tracked"):
+            assert R.rel_err(after[k], v.numpy()) < 1e-4, k

@@ -1398,3 +1398,50 @@ def test_convtranspose_pads_map_onto_torch_s_padding(tmp_path):
         load(model(strides=[2, 2], output_shape=[8, 10]))
     with pytest.raises(mpscy.UnsupportedError, match="ConvTranspose 'up': auto_pad 'SAME_UPPER' is not supported"):
         load(model(strides=[2, 2], auto_pad="SAME_UPPER"))
+
+
+# ----------------------------------------------------------------------------- Reshape
+@pytest.mark.parametrize("opset", [13, 17])
+def test_reshape_generator_round_trips_and_imports_from_torch(tt, device, tmp_path, opset):
+    """A generator's Linear -> x.view(n, C, H, W) -> ConvTranspose2d, exported by torch (Reshape to
+    a shape computed from the batch, or to [-1, C, H, W]), imports as Dense -> Reshape ->
+    ConvTranspose2D predicting as torch does to 1e-5; mpscy's own export writes Reshape with a
+    0 for the batch, which onnxruntime runs at another batch size, and reads back as Reshape."""
+    nn = tt.nn
+
+    class Gen(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.up = nn.Linear(6, 8 * 3 * 3), nn.ConvTranspose2d(8, 2, 4, 2, 1)
+
+        def forward(self, z):
+            return tt.tanh(self.up(tt.relu(self.fc(z)).view(z.shape[0], 8, 3, 3))).flatten(1)
+
+    class GenUnflatten(Gen):
+        def forward(self, z):
+            return tt.tanh(self.up(tt.relu(self.fc(z)).reshape(-1, 8, 3, 3))).flatten(1)
+
+    for cls in (Gen, GenUnflatten):
+        tt.manual_seed(0)
+        model = cls().eval()
+        path = str(tmp_path / "gen.onnx")
+        _torch_export(model, tt.zeros(2, 6), path, opset)
+        engine = mpscy.onnx.load(path, batch_size=4, device=device)
+        assert [type(n.layer).__name__ for n in engine.model.nodes if n.layer is not None][:4] == [
+            "Dense", "ReLU", "Reshape", "ConvTranspose2D"], cls
+        zs = np.random.default_rng(2).normal(size=(4, 6)).astype(np.float32)
+        with tt.no_grad():
+            want = model(tt.from_numpy(zs)).numpy()
+        np.testing.assert_allclose(engine.predict(zs), want, rtol=1e-5, atol=1e-6)
+    out = str(tmp_path / "back.onnx")
+    mpscy.onnx.export(engine, out, opset=opset)
+    m = onnx.load(out)
+    onnx.checker.check_model(m, full_check=True)
+    (node,) = [n for n in m.graph.node if n.op_type == "Reshape"]
+    shape = [i for i in m.graph.initializer if i.name == node.input[1]][0]
+    assert onnx.numpy_helper.to_array(shape).tolist() == [0, 8, 3, 3]
+    zs = np.random.default_rng(3).normal(size=(7, 6)).astype(np.float32)
+    np.testing.assert_allclose(_ort(out, {m.graph.input[0].name: zs}), engine.predict(zs), rtol=RTOL, atol=ATOL)
+    back = mpscy.onnx.load(out, batch_size=4, device=device)
+    assert [n.layer.config() for n in back.model.nodes if isinstance(n.layer, layers.Reshape)] == [
+        {"target_shape": (8, 3, 3)}]

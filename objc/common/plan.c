@@ -225,9 +225,23 @@ static int infer_node(mpscy_plan *p, int32_t i, const char *component, char *err
         s[1] = q[2] ? q[4] : cap_mul(a->shape[1], q[0]);
         s[2] = q[2] ? q[5] : cap_mul(a->shape[2], q[1]);
         break;
-    case MPSCY_LAYER_FLATTEN:
-        r = 1;
+    case MPSCY_LAYER_FLATTEN:  /* ints[0] = 0: flatten; else a reshape to the rank-ints[0] shape ints[1..] */
+        if (q[0] < 0 || q[0] > MPSCY_MAX_RANK)
+            return FAIL(MPSCY_INVALID, "node %d (%s): reshape rank %d outside 0..%d", i, n->name, q[0], MPSCY_MAX_RANK);
+        r = q[0] ? q[0] : 1;
         s[0] = a->size;
+        if (q[0]) {
+            int64_t count = 1;
+            for (int d = 0; d < r; d++) {
+                if (q[1 + d] <= 0) return FAIL(MPSCY_INVALID, "node %d (%s): reshape dimension %d is %d", i, n->name, d,
+                                               q[1 + d]);
+                s[d] = q[1 + d];
+                count = cap_mul(count, s[d]);
+            }
+            if (count != a->size)
+                return FAIL(MPSCY_SHAPE, "node %d (%s): reshape to %lld elements of an input of %lld", i, n->name,
+                            (long long)count, (long long)a->size);
+        }
         break;
     case MPSCY_LAYER_BATCHNORM: {
         if (a->rank != 1 && a->rank != 3)

@@ -9,7 +9,8 @@ as the backends' files: base (Layer, Dense, activations, Dropout), conv (convolu
 pooling and upsampling), norm (BatchNorm, LayerNorm), merge (Add, Concatenate)."""
 
 from .base import (ELU, GELU, Dense, Dropout, Flatten, Hardsigmoid, HardSigmoid, Hardswish, HardSwish, Layer,
-                   LeakyReLU, Mish, ReLU, ReLU6, Sigmoid, SiLU, Softmax, Softplus, Swish, Tanh, kaiming_uniform)
+                   LeakyReLU, Mish, ReLU, ReLU6, Reshape, Sigmoid, SiLU, Softmax, Softplus, Swish, Tanh, Unflatten,
+                   kaiming_uniform)
 from .conv import (AveragePooling2D, AvgPool2D, Conv2D, ConvTranspose2D, GlobalAveragePooling2D, GlobalAvgPool2D,
                    MaxPool2D, MaxPooling2D, Upsample, UpSampling2D)
 from .merge import Add, Concatenate
@@ -18,7 +19,7 @@ from .norm import BatchNorm, LayerNorm
 __all__ = [
     "Layer", "Dense", "ReLU", "LeakyReLU", "ELU", "Sigmoid", "Tanh", "Swish", "SiLU", "GELU",
     "ReLU6", "Hardsigmoid", "HardSigmoid", "Hardswish", "HardSwish", "Softplus", "Mish",
-    "Softmax", "Flatten", "Conv2D", "ConvTranspose2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D", "BatchNorm",
+    "Softmax", "Flatten", "Reshape", "Unflatten", "Conv2D", "ConvTranspose2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D", "BatchNorm",
     "LayerNorm", "Dropout", "Add", "Concatenate", "Upsample", "UpSampling2D", "MaxPooling2D", "AveragePooling2D",
     "GlobalAveragePooling2D",
 ]

@@ -13,6 +13,7 @@ from ..errors import InvalidArgumentError, ShapeError
 
 # layer options travel in the native descriptor's int32 `ints`
 _INT32_LIMIT = INT32_LIMIT
+MAX_RANK = 6   # the native descriptor's per-sample rank (objc/mpscy.h MPSCY_MAX_RANK)
 # layers that read (C, H, W)
 _IMAGE_KINDS = ("conv2d", "convtranspose2d", "maxpool2d", "avgpool2d", "globalavgpool2d", "upsample2d")
 _positive_int, _integer, _finite = positive_int, integer, finite
@@ -353,6 +354,81 @@ class Flatten(Layer):
 
     def output_shape(self, input_shapes):
         return (_size(input_shapes[0]),)
+
+
+class Reshape(Layer):
+    """(n, *input shape) -> (n, *target_shape), the same elements row-major (Keras's Reshape; torch's
+    x.view(n, ...)): target_shape per sample, a tuple of positive ints, one of which may be -1
+    (inferred from the others), as a generator's Dense(C * H * W) becomes Reshape((C, H, W))."""
+    kind = "flatten"   # the native Flatten with a target shape: the same bytes either way
+    prefix = "reshape"
+
+    def __init__(self, target_shape, name=None):
+        super().__init__(name)
+        shape = (target_shape,) if isinstance(target_shape, (int, np.integer)) else target_shape
+        try:
+            shape = tuple(shape)
+        except TypeError:
+            shape = None
+        ok = shape is not None and 1 <= len(shape) <= MAX_RANK and all(
+            not isinstance(v, bool) and isinstance(v, (int, np.integer)) and (v == -1 or 1 <= v < _INT32_LIMIT)
+            for v in shape)
+        if not ok or sum(v == -1 for v in shape) > 1:
+            raise InvalidArgumentError(f"{type(self).__name__} target_shape must be 1 to {MAX_RANK} positive ints "
+                                       f"(at most one of them -1) per sample, without the batch, got {target_shape!r}")
+        self.target_shape = tuple(int(v) for v in shape)
+
+    def _resolved(self, input_shape):
+        total, known = _size(input_shape), int(np.prod([v for v in self.target_shape if v != -1]))
+        if -1 in self.target_shape and known and total % known == 0:
+            return tuple(total // known if v == -1 else v for v in self.target_shape)
+        if -1 not in self.target_shape and known == total:
+            return self.target_shape
+        raise ShapeError(f"{type(self).__name__} cannot reshape a per-sample input of shape {tuple(input_shape)} "
+                         f"({total} elements) to {self.target_shape}")
+
+    def output_shape(self, input_shapes):
+        return self._resolved(input_shapes[0])
+
+    def native(self, input_shapes):
+        shape = self._resolved(input_shapes[0])
+        return {"ints": [len(shape), *shape]}
+
+    def config(self):
+        return {"target_shape": self.target_shape}
+
+
+class Unflatten(Reshape):
+    """torch's nn.Unflatten(dim, unflattened_size): axis `dim` of the batched tensor (1 is the
+    first per-sample axis; negative counts from the end) split into unflattened_size (one entry
+    may be -1), as nn.Unflatten(1, (C, H, W)) after a Linear."""
+    prefix = "unflatten"
+
+    def __init__(self, dim, unflattened_size, name=None):
+        Reshape.__init__(self, unflattened_size, name=name)   # checks the sizes
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim == 0:
+            raise InvalidArgumentError(f"Unflatten dim must be a nonzero int (0 is the batch), got {dim!r}")
+        self.dim, self.unflattened_size = int(dim), self.target_shape
+
+    def _resolved(self, input_shape):
+        rank = len(input_shape)
+        axis = self.dim - 1 if self.dim > 0 else rank + 1 + self.dim - 1
+        if not 0 <= axis < rank:
+            raise ShapeError(f"Unflatten dim {self.dim} is outside a per-sample input of shape {tuple(input_shape)} "
+                             f"(batched, dims 1..{rank} or -{rank}..-1)")
+        size = input_shape[axis]
+        known = int(np.prod([v for v in self.unflattened_size if v != -1]))
+        if (-1 in self.unflattened_size and (not known or size % known)) or (
+                -1 not in self.unflattened_size and known != size):
+            raise ShapeError(f"Unflatten cannot split dim {self.dim} of size {size} into {self.unflattened_size}")
+        parts = tuple(size // known if v == -1 else v for v in self.unflattened_size)
+        out = tuple(input_shape[:axis]) + parts + tuple(input_shape[axis + 1:])
+        if len(out) > MAX_RANK:
+            raise ShapeError(f"Unflatten gives rank {len(out)} per sample; at most {MAX_RANK}")
+        return out
+
+    def config(self):
+        return {"dim": self.dim, "unflattened_size": self.unflattened_size}
 
 
 def _real(value, what, low, high, low_open=False, high_open=False):

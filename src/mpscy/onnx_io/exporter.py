@@ -178,6 +178,9 @@ def _emit(w, n, desc, in_shapes, ins, out, params):
         return w.node("Mul", [x, t], out, name)
     if kind == "softmax":
         return w.node("Softmax", [x], out, name, axis=int(ints[0]) + 1)
+    if kind == "flatten" and ints and ints[0] > 0:   # Reshape: 0 keeps the (dynamic) batch
+        shape = w.init_int64(f"{name}.shape", [0, *[int(v) for v in ints[1:1 + int(ints[0])]]])
+        return w.node("Reshape", [x, shape], out, name)
     if kind == "flatten":
         return w.node("Flatten", [x], out, name, axis=1)
     if kind == "conv2d":

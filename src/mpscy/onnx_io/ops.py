@@ -206,8 +206,10 @@ def _reshape(r, node, args, attrs):
         return _flat(r, x)
     if rest == list(r.shape(x)) and not getattr(x, "squeezed", False):
         return x
-    raise UnsupportedError(f"Reshape {node.name!r} from (N, {per_sample}) to (N, {rest}) is not supported "
-                           "(only flattening)")
+    if any(v <= 0 for v in rest) or int(np.prod(rest)) != total:
+        raise UnsupportedError(f"Reshape {node.name!r} from (N, {per_sample}) to (N, {rest}): not the same "
+                               "elements per sample")
+    return r.layer(L.Reshape, [x], target_shape=tuple(rest))   # torch's x.view(n, C, H, W), Keras's Reshape
 
 
 @_set("Flatten")
