@@ -133,7 +133,7 @@ typedef enum mpscy_layer_kind {
     MPSCY_LAYER_CONVTRANSPOSE2D = 26, /* ints: out_c, kh, kw, sh, sw, ph, pw, dh, dw, groups, oph, opw:
                                   * torch's ConvTranspose2d, weight (C, out_c / groups, kh, kw), bias (out_c),
                                   * (C, H, W) -> (out_c, (H - 1) sh - 2 ph + dh (kh - 1) + oph + 1, ...);
-                                  * output padding below the stride */
+                                  * output padding below the stride or the dilation */
     MPSCY_LAYER_KIND_COUNT = 27
 } mpscy_layer_kind;
 

@@ -1148,8 +1148,8 @@ def test_import_torch_bilinear(tt, device, tmp_path, opset):
     """torch's bilinear idioms: nn.Upsample(scale_factor=2, mode="bilinear"), align_corners=True,
     F.interpolate to a skip connection's size and to a fixed size smaller than the input (a
     U-Net's and a segmentation head's), and by 1.5 with recompute_scale_factor=True (its size
-    computed in the graph), with a dynamic batch: imported as bilinear Upsample layers,
-    training and predicting as torch does (outputs to 1e-5, the input's gradient to 1e-4)."""
+    computed in the graph), with a dynamic batch: imported as bilinear Upsample layers, predicting
+    as torch does to 1e-5, the input's and every convolution's gradients within 1e-4."""
     nn, F = tt.nn, tt.nn.functional
 
     class Net(nn.Module):
@@ -1187,7 +1187,12 @@ def test_import_torch_bilinear(tt, device, tmp_path, opset):
     y = model(x)
     tt.nn.functional.mse_loss(y, tt.from_numpy(t)).backward()
     np.testing.assert_allclose(engine.predict(xs), y.detach().numpy(), rtol=1e-5, atol=1e-6)
-    assert rel_err(engine.gradients(xs, t)["input"], x.grad.numpy()) < 1e-4
+    g = engine.gradients(xs, t)
+    assert rel_err(g["input"], x.grad.numpy()) < 1e-4
+    convs = [n.name for n in engine.model.nodes if isinstance(n.layer, layers.Conv2D)]
+    for name, conv in zip(convs, (model.down, model.mid, model.out), strict=True):
+        assert rel_err(g[f"{name}.weight"], conv.weight.grad.numpy()) < 1e-4, name
+        assert rel_err(g[f"{name}.bias"], conv.bias.grad.numpy()) < 1e-4, name
 
 
 def test_resize_that_does_not_repeat_pixels_is_refused(tmp_path):
@@ -1259,6 +1264,8 @@ def test_linear_resize_that_is_not_torch_s_bilinear_is_refused(tmp_path):
     xs = np.random.default_rng(0).normal(size=(2, 2, 4, 5)).astype(np.float32)
     for scales, attrs in (([1, 1, 1.5, 2], {}), ([1, 1, 0.5, 0.4], {}),
                           ([1, 1, 0.5, 3], dict(coordinate_transformation_mode="align_corners")),
+                          # align_corners interpolates from the sides whatever the scale: 1.5 of 5 is taken
+                          ([1, 1, 1.5, 1.5], dict(coordinate_transformation_mode="align_corners")),
                           ([1, 1, 2, 2], dict(coordinate_transformation_mode="pytorch_half_pixel"))):
         path = model(scales, **attrs)
         np.testing.assert_allclose(load(path).predict(xs), _ort(path, {"x": xs}), rtol=1e-5, atol=1e-6,
@@ -1367,6 +1374,21 @@ def test_import_torch_convtranspose(tt, device, tmp_path, opset):
     assert rel_err(g[f"{names[0]}.weight"], model.a.weight.grad.numpy()) < 1e-4
     assert rel_err(g[f"{names[0]}.bias"], model.a.bias.grad.numpy()) < 1e-4
     assert rel_err(g[f"{names[1]}.weight"], model.b.weight.grad.numpy()) < 1e-4
+    (head,) = [n.name for n in engine.model.nodes if isinstance(n.layer, layers.Dense)]
+    assert rel_err(g[f"{head}.weight"], model.head.weight.grad.numpy()) < 1e-4
+    assert rel_err(g[f"{head}.bias"], model.head.bias.grad.numpy()) < 1e-4
+
+
+def test_convtranspose_with_output_padding_past_the_stride_is_not_exported(tmp_path):
+    """output_padding at or above the stride (below the dilation, as torch allows) is refused at
+    export naming the layer: onnxruntime cannot run such a ConvTranspose (nor torch's export of it)."""
+    model = mpscy.Sequential([layers.ConvTranspose2D(3, 3, output_padding=(1, 0), dilation=(2, 3), name="up")],
+                             input_shape=(2, 4, 3))
+    engine = mpscy.Engine(model, loss="mse", batch_size=2, device="cpu")
+    with pytest.raises(mpscy.UnsupportedError, match=r"ConvTranspose2D up has output_padding \[1, 0\] at or above "
+                                                     r"its stride \[1, 1\]"):
+        mpscy.onnx.export(engine, str(tmp_path / "up.onnx"))
+    assert not (tmp_path / "up.onnx").exists()
 
 
 def test_convtranspose_pads_map_onto_torch_s_padding(tmp_path):

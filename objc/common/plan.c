@@ -182,21 +182,27 @@ static int infer_node(mpscy_plan *p, int32_t i, const char *component, char *err
         if (q[9] <= 0 || q[0] <= 0 || c % q[9] || q[0] % q[9])
             return FAIL(MPSCY_INVALID, "node %d (%s): groups %d must divide in channels %lld and filters %d",
                         i, n->name, q[9], (long long)c, q[0]);
+        /* the products are a convolution's from the output back to the input, of K = out_c / groups x kh
+         * x kw (and the forward's, C / groups x kh x kw) over the input's H x W positions */
+        if (cap_mul(a->shape[1], a->shape[2]) > PLAN_BLAS_MAX)
+            return FAIL(MPSCY_UNSUPPORTED, "node %d (%s): a ConvTranspose2D over %lld x %lld input positions; at most "
+                        "2^31 - 1", i, n->name, (long long)a->shape[1], (long long)a->shape[2]);
+        if (cap_mul(cap_mul(q[0] / q[9], q[1]), q[2]) > PLAN_BLAS_MAX || cap_mul(cap_mul(c / q[9], q[1]), q[2]) >
+            PLAN_BLAS_MAX)
+            return FAIL(MPSCY_UNSUPPORTED, "node %d (%s): a ConvTranspose2D of %lld or %d input or output channels a "
+                        "group times %d x %d taps; each product at most 2^31 - 1", i, n->name, (long long)(c / q[9]),
+                        q[0] / q[9], q[1], q[2]);
         r = 3;
         s[0] = q[0];
-        for (int d = 0; d < 2; d++)  /* (in - 1) s - 2 p + d (k - 1) + op + 1; each term below 2^62 */
+        for (int d = 0; d < 2; d++)  /* (in - 1) s - 2 p + d (k - 1) + op + 1: in < 2^31, so each term is below 2^62 */
             s[1 + d] = (a->shape[1 + d] - 1) * q[3 + d] - 2 * (int64_t)q[5 + d] + (int64_t)q[7 + d] * (q[1 + d] - 1) +
                        q[10 + d] + 1;
         if (s[1] <= 0 || s[2] <= 0)
             return FAIL(MPSCY_SHAPE, "node %d (%s): input (%lld, %lld) gives no output with padding (%d, %d)", i,
                         n->name, (long long)a->shape[1], (long long)a->shape[2], q[5], q[6]);
-        /* the products are a convolution's from the output back to the input: K = out_c / groups x kh x kw,
-         * and the forward's, C / groups x kh x kw */
-        if (cap_mul(cap_mul(q[0] / q[9], q[1]), q[2]) > PLAN_BLAS_MAX || cap_mul(cap_mul(c / q[9], q[1]), q[2]) >
-            PLAN_BLAS_MAX || cap_mul(a->shape[1], a->shape[2]) > PLAN_BLAS_MAX)
-            return FAIL(MPSCY_UNSUPPORTED, "node %d (%s): a ConvTranspose2D of %d x %d x %d taps and %lld x %lld "
-                        "positions; each product at most 2^31 - 1", i, n->name, q[0] / q[9], q[1], q[2],
-                        (long long)a->shape[1], (long long)a->shape[2]);
+        if (s[1] + q[5] >= ((int64_t)1 << 32) || s[2] + q[6] >= ((int64_t)1 << 32))  /* cuda's gathers index in 32 bits */
+            return FAIL(MPSCY_UNSUPPORTED, "node %d (%s): a ConvTranspose2D output of %lld x %lld; each side at most "
+                        "2^32 - 1 with its padding", i, n->name, (long long)s[1], (long long)s[2]);
         int64_t w[4] = {c, q[0] / q[9], q[1], q[2]};
         add_tensor(p, i, "weight", MPSCY_ROLE_PARAM, 0, 4, w);
         if (n->flags & MPSCY_FLAG_BIAS) add_tensor(p, i, "bias", MPSCY_ROLE_PARAM, 1, 1, s);

@@ -1,17 +1,11 @@
-/* resize_math.h — bilinear resizing along one axis, as torch's upsample_bilinear2d defines it
- * (aten/src/ATen/native/UpSample.h: area_pixel_compute_scale, area_pixel_compute_source_index,
- * guard_index_and_lambda), written once and included by the CPU (C) and CUDA (.cu) backends.
+/* resize_math.h — bilinear resizing as torch's upsample_bilinear2d from the sizes (UpSample.h:
+ * area_pixel_compute_scale, area_pixel_compute_source_index, guard_index_and_lambda), shared by the
+ * CPU (C) and CUDA backends, every product and sum rounded on its own so both give the same bits.
  *
- * Output index o of an axis of `out` read from one of `in`: the source coordinate
- *   align_corners:  s = r o,                      r = (in - 1) / (out - 1), 0 when out == 1
- *   otherwise:      s = max(r (o + 0.5) - 0.5, 0), r = in / out
- * then i0 = min(floor(s), in - 1), l1 = clamp(s - i0, 0, 1), l0 = 1 - l1, i1 = i0 + (i0 < in - 1).
- * The value is l0h (l0w x[i0h, i0w] + l1w x[i0h, i1w]) + l1h (l0w x[i1h, i0w] + l1w x[i1h, i1w]).
- *
- * Every product and sum is rounded on its own (the CPU builds with -ffp-contract=off; on CUDA the
- * _rn intrinsics keep nvcc from fusing them), so the two backends give the same bits. The backward
- * gathers: i0 is nondecreasing in o, so the outputs that read input i are the contiguous run whose
- * i0 is i - 1 or i, found by bisection, and each input sums its run in a fixed order. */
+ * Along an axis, output o reads s = r o (align_corners, r = (in - 1) / (out - 1), 0 when out == 1)
+ * or s = max(r (o + 0.5) - 0.5, 0) (r = in / out); i0 = min(floor(s), in - 1), l1 = clamp(s - i0, 0,
+ * 1), l0 = 1 - l1, i1 = i0 + (i0 < in - 1). The backward gathers: i0 is nondecreasing in o, so the
+ * outputs reading input i are the run whose i0 is i - 1 or i, each input summing its run in order. */
 #ifndef MPSCY_RESIZE_MATH_H
 #define MPSCY_RESIZE_MATH_H
 

@@ -58,9 +58,8 @@ void metal_conv_backward(MetalBuilder *c, const mpscy_node *n, int32_t i) {
  * convolution's data gradient with x as its incoming gradient (the explicit output shape carries
  * output_padding's extra row and column), the input gradient its forward, the weight gradient its
  * weights gradient with dy as its source and x as its incoming gradient. An output padding at or
- * above the stride (below the dilation, as torch allows) gives an output shape the forward
- * convolution maps onto fewer rows than x has; that the data gradient takes such a shape is not
- * documented, and untested here (no Mac). */
+ * above the stride (below the dilation, as torch allows) is refused at build (graph.m): that
+ * convolution would map the output onto more rows than x has. */
 MPSGraphTensor *metal_convt_forward(MetalBuilder *c, const mpscy_node *n, int32_t i) {
     (void)i;
     MPSGraphTensor *x = mt_y(c, n->in[0]);      // (b, C, H, W)

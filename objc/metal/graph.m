@@ -142,14 +142,23 @@ int metal_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_grap
         metal_graph_destroy(&g->base);
         return st;
     }
-    for (int32_t i = 0; i < p->n_nodes; i++)
-        if (p->nodes[i].kind != MPSCY_LAYER_INPUT && !metal_layers[p->nodes[i].kind].forward) {
-            int32_t kind = p->nodes[i].kind;
+    for (int32_t i = 0; i < p->n_nodes; i++) {
+        const mpscy_node *node = &p->nodes[i];
+        /* conv.m runs a ConvTranspose2D as a convolution from its output back to its input, which maps
+         * an output padded to or past the stride onto more rows than the input has */
+        const int padded = node->kind == MPSCY_LAYER_CONVTRANSPOSE2D &&
+                           (node->ints[10] >= node->ints[3] || node->ints[11] >= node->ints[4]);
+        const char *why = node->kind != MPSCY_LAYER_INPUT && !metal_layers[node->kind].forward
+                              ? "is not implemented on metal"
+                              : padded ? "with output padding at or above the stride is not implemented on metal" : NULL;
+        if (why) {
+            int32_t kind = node->kind;
             char name[MPSCY_NAME_LEN];
-            snprintf(name, sizeof name, "%s", p->nodes[i].name);
+            snprintf(name, sizeof name, "%s", node->name);
             metal_graph_destroy(&g->base);
-            return FAIL(MPSCY_UNSUPPORTED, "node %d (%s): layer kind %d is not implemented on metal", i, name, kind);
+            return FAIL(MPSCY_UNSUPPORTED, "node %d (%s): layer kind %d %s", i, name, kind, why);
         }
+    }
 
     @autoreleasepool {
         MetalGraphState *st = [MetalGraphState new];

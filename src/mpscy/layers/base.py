@@ -380,12 +380,12 @@ class Reshape(Layer):
 
     def _resolved(self, input_shape):
         total, known = _size(input_shape), int(np.prod([v for v in self.target_shape if v != -1]))
-        if -1 in self.target_shape and known and total % known == 0:
+        if -1 in self.target_shape and known and total % known == 0 and total // known < _INT32_LIMIT:
             return tuple(total // known if v == -1 else v for v in self.target_shape)
         if -1 not in self.target_shape and known == total:
             return self.target_shape
         raise ShapeError(f"{type(self).__name__} cannot reshape a per-sample input of shape {tuple(input_shape)} "
-                         f"({total} elements) to {self.target_shape}")
+                         f"({total} elements) to {self.target_shape} (each dimension below 2**31)")
 
     def output_shape(self, input_shapes):
         return self._resolved(input_shapes[0])
@@ -422,6 +422,9 @@ class Unflatten(Reshape):
                 -1 not in self.unflattened_size and known != size):
             raise ShapeError(f"Unflatten cannot split dim {self.dim} of size {size} into {self.unflattened_size}")
         parts = tuple(size // known if v == -1 else v for v in self.unflattened_size)
+        if max(parts) >= _INT32_LIMIT:
+            raise ShapeError(f"Unflatten of dim {self.dim} (size {size}) into {self.unflattened_size} gives {parts}: "
+                             f"each dimension must be below 2**31")
         out = tuple(input_shape[:axis]) + parts + tuple(input_shape[axis + 1:])
         if len(out) > MAX_RANK:
             raise ShapeError(f"Unflatten gives rank {len(out)} per sample; at most {MAX_RANK}")

@@ -341,6 +341,8 @@ class Upsample(Layer):
     prefix = "upsample2d"
     _names = {"scale_factor": "scale_factor", "mode": "mode"}
     _MODES = ("nearest", "nearest-exact", "bilinear")
+    _fractional_hint = ("a factor that is not whole needs recompute_scale_factor=True (the output size floor(H * s), "
+                        "interpolated from the sizes) or align_corners=True, or size=")
 
     def __init__(self, size=None, scale_factor=None, mode="nearest", align_corners=None, recompute_scale_factor=None,
                  name=None):
@@ -362,6 +364,9 @@ class Upsample(Layer):
         if (scale_factor is None) == (size is None):
             raise InvalidArgumentError(f"{what} needs either scale_factor or size, not "
                                        f"{'both' if size is not None else 'neither'}")
+        if size is not None and recompute_scale_factor:
+            raise InvalidArgumentError(f"{what} recompute_scale_factor=True applies to scale_factor, not to an explicit "
+                                       f"size (torch refuses it too)")
         self.mode = mode
         self.align_corners = bool(align_corners) if mode == "bilinear" else None
         self.recompute_scale_factor = recompute_scale_factor
@@ -371,10 +376,7 @@ class Upsample(Layer):
             # (OH - 1) whatever the factor), the interpolation depends on the sizes alone
             self.scale_factor = _positive_pair(scale_factor, sf)
         elif scale_factor is not None:
-            self.scale_factor = _whole_pair(scale_factor, sf, None if mode != "bilinear" else
-                                            "a factor that is not whole needs recompute_scale_factor=True (the output "
-                                            "size floor(H * s), interpolated from the sizes) or align_corners=True, "
-                                            "or size=")
+            self.scale_factor = _whole_pair(scale_factor, sf, None if mode != "bilinear" else self._fractional_hint)
         else:
             self.scale_factor = None
         self.size = None if size is None else _whole_pair(size, f"{what} size", "the output's (H, W)")
@@ -385,9 +387,9 @@ class Upsample(Layer):
             return self.size
         sh, sw = self.scale_factor
         oh, ow = int(np.floor(h * float(sh))), int(np.floor(w * float(sw)))
-        if oh < 1 or ow < 1:
+        if oh < 1 or ow < 1 or oh >= _INT32_LIMIT or ow >= _INT32_LIMIT:
             raise ShapeError(f"{type(self).__name__} scale_factor {self.scale_factor} makes the input's (H, W) = "
-                             f"{(h, w)} an empty image {(oh, ow)}")
+                             f"{(h, w)} an image of {(oh, ow)}: each side must be 1 to 2**31 - 1")
         return oh, ow
 
     def _factors(self, shape):
@@ -478,6 +480,7 @@ class UpSampling2D(Upsample):
     "channels_first" (or None)."""
     _names = {"scale_factor": "size", "mode": "interpolation"}
     _MODES = ("nearest", "bilinear")
+    _fractional_hint = "Keras's UpSampling2D repeats or interpolates by whole factors"
 
     def __init__(self, size=(2, 2), data_format=None, interpolation="nearest", name=None):
         _keras_channels_first(data_format, "UpSampling2D")

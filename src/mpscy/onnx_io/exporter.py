@@ -188,6 +188,9 @@ def _emit(w, n, desc, in_shapes, ins, out, params):
         return w.node("Conv", inputs, out, name, kernel_shape=_pairs(ints, 1), strides=_pairs(ints, 3),
                       pads=_pairs(ints, 5) * 2, dilations=_pairs(ints, 7), group=int(ints[9]))
     if kind == "convtranspose2d":   # ints: out_c, kh, kw, sh, sw, ph, pw, dh, dw, groups, oph, opw
+        if ints[10] >= ints[3] or ints[11] >= ints[4]:
+            raise UnsupportedError(f"ConvTranspose2D {name} has output_padding {_pairs(ints, 10)} at or above its "
+                                   f"stride {_pairs(ints, 3)}, which onnxruntime (and torch's exporter) refuse")
         inputs = [x, p("weight")] + ([p("bias")] if "bias" in flags else [])
         return w.node("ConvTranspose", inputs, out, name, kernel_shape=_pairs(ints, 1), strides=_pairs(ints, 3),
                       pads=_pairs(ints, 5) * 2, dilations=_pairs(ints, 7), group=int(ints[9]),

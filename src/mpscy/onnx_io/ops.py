@@ -393,8 +393,8 @@ def _conv(r, node, args, attrs):
 def _conv_transpose(r, node, args, attrs):
     """ConvTranspose2D from explicit pads (torch's export): pads (b, e) on an axis with output
     padding q are torch's padding b and output_padding b - e + q (the same output, cropped from the
-    same first row), taken where that is below the stride; output_shape and auto_pad SAME_* are
-    refused by name."""
+    same first row), taken where that is below the stride or the dilation; output_shape and auto_pad
+    SAME_* are refused by name."""
     w = np.asarray(r.const_of(node.input[1], node), dtype=np.float32)
     if w.ndim != 4:
         raise UnsupportedError(f"ConvTranspose {node.name!r}: only 2-D transposed convolutions are supported")
@@ -522,11 +522,13 @@ def _resize(r, node, args, attrs):
 def _resize_linear(r, node, attrs, x, coord, factors, hw, sizes):
     """Resize's mode "linear" as Upsample(mode="bilinear"): the output size from `sizes`, or from
     the scales as ONNX takes it, floor(side * scale) in float32; ONNX then interpolates by 1 /
-    scale, and mpscy by the sides' ratio, so a scale is taken where the two agree to float32
-    rounding (a whole factor; 0.4 of 5)."""
+    scale (half_pixel), and mpscy by the sides' ratio, so a scale is taken where the two agree to
+    float32 rounding (a whole factor; 0.4 of 5), or with align_corners, where both take the sides'."""
     if sizes is None:
         out = [int(np.floor(np.float32(hw[k]) * np.float32(factors[2 + k]))) for k in (0, 1)]
-        if any(o < 1 or abs(hw[k] / o * factors[2 + k] - 1) > 1e-6 for k, o in enumerate(out)):
+        # align_corners interpolates by (in - 1) / (out - 1) whatever the scale: only the size matters
+        if any(o < 1 or (coord != "align_corners" and abs(hw[k] / o * factors[2 + k] - 1) > 1e-6)
+               for k, o in enumerate(out)):
             raise UnsupportedError(f"Resize {node.name!r} by {factors.tolist()}: a linear resize whose scales are not "
                                    f"the ratio of the output's sides {tuple(out)} to the input's {hw} is not supported "
                                    "(ONNX interpolates by 1 / scale, mpscy's bilinear Upsample by the sides' ratio, as "

@@ -1,13 +1,8 @@
-/* convt.cu — ConvTranspose2D on CUDA (torch.nn.ConvTranspose2d: NCHW, weight (C, OC / groups, KH,
- * KW)). The geometry g is mpscy_conv_geometry's for this kind: the convolution transposed, from
- * the node's output (g.c, g.h, g.w) back to its input (g.oc, g.oh, g.ow), with the node's weight
- * (g.oc, g.c / groups, kh, kw). Its three products run as one tiled fp32 kernel on CUDA cores
- * (convt_tiled, below), each operand gathered from the tensors as an implicit product (no columns
- * built); the weight gradient's long K split over the GPU, its partials summed in a fixed order;
- * the bias gradient a block per channel. MPSCY_CUDA_CONVT_TILED=0 runs the direct kernels instead
- * (a thread per output element, input element, or block per weight element), kept as the
- * reference the tiled form is checked against. Every sum runs in a fixed order (no atomics): the
- * same result every run. Its speed against cuDNN's is bench/cuda_convt.py's. */
+/* conv_transpose.cu — ConvTranspose2D on CUDA as the convolution it transposes (mpscy_conv_geometry:
+ * from the node's output (g.c, g.h, g.w) back to its input (g.oc, g.oh, g.ow), weight (g.oc, g.c /
+ * groups, kh, kw)): its three products as one tiled fp32 kernel gathering its operands (no columns,
+ * no tensor cores), sums in a fixed order (no atomics). MPSCY_CUDA_CONVT_TILED=0 runs the direct
+ * kernels of this file instead, the reference. Speed against cuDNN: bench/cuda_convt.py. */
 #include <algorithm>
 
 #include "cuda.h"
@@ -288,7 +283,7 @@ static cudaError_t convt_launch(cu_graph *gr, const P &p) {
 }
 
 /* the weight gradient's K splits at batch b: enough blocks for two a multiprocessor of an H100,
- * at least 512 positions a split, at most 64 splits (the workspace holds that many partials) */
+ * no more splits than K / 512 rounded up, at most 64 (the workspace holds that many partials) */
 static int64_t convt_splits(const conv_geom &g, int64_t b) {
     const int64_t n = g.c / g.groups * g.kh * g.kw, tiles = ((g.ocg + CT_BM - 1) / CT_BM) * ((n + CT_BN - 1) / CT_BN) *
                                                              g.groups;
