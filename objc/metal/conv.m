@@ -33,19 +33,26 @@ MPSGraphTensor *metal_conv_forward(MetalBuilder *c, const mpscy_node *n, int32_t
     return y;
 }
 
+/* the weight gradient of the convolution desc (from `source` to the tensor whose gradient is
+ * `incoming`) into slot 0, and the bias gradient, dy summed over batch and space, into slot 1 */
+static void param_grads(MetalBuilder *c, const mpscy_node *n, MPSGraphConvolution2DOpDescriptor *desc,
+                        MPSGraphTensor *incoming, MPSGraphTensor *source, MPSGraphTensor *dy) {
+    int32_t wt = mt_tensor_index(c.plan, n, MPSCY_ROLE_PARAM, 0);
+    const mpscy_tensor_info *wi = &c.plan->tensors[wt].info;
+    mt_set_grad(c, n, 0, [c.g convolution2DWeightsGradientWithIncomingGradientTensor:incoming sourceTensor:source
+                                                                         outputShape:mt_dims(wi->rank, wi->shape)
+                                                        forwardConvolutionDescriptor:desc name:nil]);
+    if (n->flags & MPSCY_FLAG_BIAS)
+        mt_set_grad(c, n, 1, mt_reshape(c, mt_sum(c, dy, @[@0, @2, @3]), @[@(n->shape[0])]));
+}
+
 void metal_conv_backward(MetalBuilder *c, const mpscy_node *n, int32_t i) {
     const mpscy_node *src = &c.plan->nodes[n->in[0]];
     MPSGraphConvolution2DOpDescriptor *desc = conv_descriptor(n);
     MPSGraphTensor *dy = mt_dy(c, i);           // (b, out_c, OH, OW)
     MPSGraphTensor *x = mt_y(c, n->in[0]);      // (b, C, H, W)
     MPSGraphTensor *w = mt_param(c, n, 0);      // (out_c, C / groups, kh, kw)
-    int32_t wt = mt_tensor_index(c.plan, n, MPSCY_ROLE_PARAM, 0);
-    const mpscy_tensor_info *wi = &c.plan->tensors[wt].info;
-    mt_set_grad(c, n, 0, [c.g convolution2DWeightsGradientWithIncomingGradientTensor:dy sourceTensor:x
-                                                                         outputShape:mt_dims(wi->rank, wi->shape)
-                                                        forwardConvolutionDescriptor:desc name:nil]);
-    if (n->flags & MPSCY_FLAG_BIAS)
-        mt_set_grad(c, n, 1, mt_reshape(c, mt_sum(c, dy, @[@0, @2, @3]), @[@(n->shape[0])]));
+    param_grads(c, n, desc, dy, x, dy);
     if (src->grad)
         mt_acc(c, n->in[0], [c.g convolution2DDataGradientWithIncomingGradientTensor:dy weightsTensor:w
                                                                           outputShape:mt_shape(c.b, src)
@@ -78,12 +85,6 @@ void metal_convt_backward(MetalBuilder *c, const mpscy_node *n, int32_t i) {
     MPSGraphTensor *dy = mt_dy(c, i);           // (b, out_c, OH, OW)
     MPSGraphTensor *x = mt_y(c, n->in[0]);      // (b, C, H, W)
     MPSGraphTensor *w = mt_param(c, n, 0);
-    int32_t wt = mt_tensor_index(c.plan, n, MPSCY_ROLE_PARAM, 0);
-    const mpscy_tensor_info *wi = &c.plan->tensors[wt].info;
-    mt_set_grad(c, n, 0, [c.g convolution2DWeightsGradientWithIncomingGradientTensor:x sourceTensor:dy
-                                                                         outputShape:mt_dims(wi->rank, wi->shape)
-                                                        forwardConvolutionDescriptor:desc name:nil]);
-    if (n->flags & MPSCY_FLAG_BIAS)
-        mt_set_grad(c, n, 1, mt_reshape(c, mt_sum(c, dy, @[@0, @2, @3]), @[@(n->shape[0])]));
+    param_grads(c, n, desc, x, dy, dy);         // the transposed convolution: from dy to x
     if (src->grad) mt_acc(c, n->in[0], [c.g convolution2DWithSourceTensor:dy weightsTensor:w descriptor:desc name:nil]);
 }
