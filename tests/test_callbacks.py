@@ -173,6 +173,13 @@ def test_csv_logger(device, digits, tmp_path):
     digits_engine(device).fit(xtr, ytr, epochs=1, verbose=0, validation_data=(xte, yte),
                         callbacks=[cb.CSVLogger(path, append=True)])
     assert len(list(csv.reader(open(path)))) == 5
+    # appended under the old header, a new log column is not written: said once, at the user's fit line
+    with pytest.warns(UserWarning, match=r"appends under its header \['epoch', 'accuracy', 'loss', 'lr', "
+                                         r"'val_accuracy', 'val_loss'\], which has no column for \['val_f1'\]") as w:
+        digits_engine(device).fit(xtr, ytr, epochs=2, verbose=0, validation_data=(xte, yte), metrics=["f1"],
+                                  callbacks=[cb.CSVLogger(path, append=True)])
+    assert len(w) == 1 and w[0].filename == __file__
+    assert len(list(csv.reader(open(path)))) == 7
 
 
 def test_stop_training_from_a_batch_callback(device, digits):
@@ -214,8 +221,9 @@ def test_a_plateau_schedule_with_a_missing_monitor_warns_and_skips(device, digit
     engine = digits_engine(device, lr=0.1)
     plateau = optim.schedules.ReduceLROnPlateau(engine, patience=0, factor=0.5)
     engine.set_schedule(plateau, per="epoch", monitor="val_typo")
-    with pytest.warns(RuntimeWarning, match="'val_typo' is not in the logs"):
+    with pytest.warns(RuntimeWarning, match="'val_typo' is not in the logs") as caught:
         engine.fit(xtr[:64], ytr[:64], epochs=2, verbose=0)
+    assert {w.filename for w in caught} == {__file__}   # attributed to the user's fit line, not to mpscy
     assert plateau.last_epoch == 0 and engine.learning_rate == pytest.approx(0.1)
     other = digits_engine(device, lr=0.1)
     fallback = optim.schedules.ReduceLROnPlateau(other, patience=0, factor=0.5)

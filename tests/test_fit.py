@@ -414,6 +414,11 @@ def test_fit_converts_loader_batches_and_labels_as_it_converts_arrays(device, di
         b.step(x64[:32], ytr[:32])
     with pytest.raises(mpscy.DTypeError):
         b.step(xtr[:32], y8[:32])
+    c = digits_engine(device)   # uint64 labels (np.unique's, say) as well, where they fit int64
+    c.fit(xtr[:96], ytr[:96].astype(np.uint64), epochs=1, shuffle=False, verbose=0)
+    assert same_params(ref, c)
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"shuffle must be True or False, got 'batch'"):
+        c.fit(xtr[:96], ytr[:96], epochs=1, shuffle="batch", verbose=0)
 
 
 def test_a_loaders_bad_batch_is_named(device, digits):

@@ -758,6 +758,17 @@ def test_bad_shapes_are_refused_before_native(stack, shape, error, match):
         mpscy.Sequential(stack, input_shape=shape)
 
 
+def test_a_shape_error_deeper_in_names_a_channels_last_looking_input():
+    """Keras's most common model on a (28, 28, 1) input: the Conv2D builds (and would warn), then the
+    MaxPooling2D finds (32, 28, 1) too small for its window; its error says the model's input looks
+    channels-last, with the (C, H, W) shape to use."""
+    with pytest.raises(mpscy.ShapeError, match=r"MaxPooling2D input \(C, H, W\) = \(32, 28, 1\) is smaller than.*"
+                                               r"\(\(28, 28, 1\) looks like a channels-last \(H, W, C\) image: .*"
+                                               r"input_shape=\(1, 28, 28\)"):
+        mpscy.Sequential([layers.Conv2D(32, 3, padding="same"), layers.ReLU(), layers.MaxPooling2D(2)],
+                         input_shape=(28, 28, 1))
+
+
 def test_an_image_layer_on_a_channels_last_looking_input_warns(recwarn):
     """A Conv2D or pooling layer straight on an input shaped like Keras's (H, W, C) image (last
     dim 1, 3 or 4, the others 16 or more) builds (it may be meant) but warns, naming the layer, the

@@ -265,8 +265,9 @@ def test_labels_that_all_weigh_zero_give_a_nonfinite_step(device):
     ([1e39, 1.0], mpscy.InvalidArgumentError, r"must fit float32 \(at most 3.403e\+38\), got \[1e\+39, 1.0\]"),
     ([1e-50, 1e-50], mpscy.InvalidArgumentError, "a class weighted above 0 in float32"),
     ({0: 1.0, 2: 3.0}, mpscy.InvalidArgumentError,
-     r"weight as a dict must give every class 0..C-1 a weight \(as Keras's class_weight\), got classes \[0, 2\], "
-     r"without \[1\]"),
+     r"weight as a dict must give every class 0..C-1 \(C >= 2\) a weight \(as Keras's class_weight\), got classes "
+     r"\[0, 2\], without \[1\]"),
+    ({0: 2.0}, mpscy.InvalidArgumentError, r"every class 0..C-1 \(C >= 2\) a weight .*got classes \[0\]$"),
     ({"a": 1.0, "b": 2.0}, mpscy.InvalidArgumentError, r"maps class indices \(integers\) to weights"),
     ({-1: 1.0, 0: 2.0}, mpscy.InvalidArgumentError, r"every class 0..C-1"),
     ({}, mpscy.InvalidArgumentError, r"every class 0..C-1"),
@@ -721,3 +722,18 @@ def test_a_loss_the_output_cannot_take_is_refused_without_a_warning_first(recwar
     with pytest.raises(mpscy.InvalidArgumentError, match="at least 2 classes"):
         mpscy.Engine(model, loss="sparse_cross_entropy", device="cpu")
     assert [w for w in recwarn if issubclass(w.category, UserWarning)] == []
+
+
+def test_cross_entropy_on_an_image_output_says_per_pixel_is_not_supported():
+    """A segmentation head's (C, H, W) output under a cross entropy is refused naming what is
+    missing (torch's per-pixel cross entropy) and what trains instead; any other rank is told to
+    flatten."""
+    seg = mpscy.Sequential([layers.Conv2D(3, 1)], input_shape=(2, 5, 4))
+    for loss in ("sparse_cross_entropy", "cross_entropy"):
+        with pytest.raises(mpscy.ShapeError, match=r"needs a \(classes,\) output per sample, got \(3, 5, 4\): a cross "
+                                                   r"entropy over the classes of each pixel .* is not supported; "
+                                                   r"per-pixel BCEWithLogits"):
+            mpscy.Engine(seg, loss=loss, batch_size=2, device="cpu")
+    seq = mpscy.Sequential([layers.Dense(12), layers.Reshape((3, 4))], input_shape=(5,))
+    with pytest.raises(mpscy.ShapeError, match=r"got \(3, 4\); add Flatten or Dense before the loss"):
+        mpscy.Engine(seq, loss="sparse_cross_entropy", batch_size=2, device="cpu")

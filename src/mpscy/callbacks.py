@@ -9,11 +9,10 @@ import inspect
 import math
 import os
 import string
-import warnings
 
 import numpy as np
 
-from ._checks import can_write_file, can_write_in, choice, finite, integer, nonneg_int, number, path
+from ._checks import can_write_file, can_write_in, choice, finite, integer, nonneg_int, number, path, warn_user
 from ._weak import WeakEngine
 from .errors import InvalidArgumentError
 
@@ -153,8 +152,8 @@ class _Monitor:
     def value(self, logs, who):
         v = (logs or {}).get(self.monitor)
         if v is None:
-            warnings.warn(f"{who}: '{self.monitor}' is not in the logs (available: {sorted(logs or {})}); "
-                          "skipping", RuntimeWarning, stacklevel=3)
+            warn_user(f"{who}: '{self.monitor}' is not in the logs (available: {sorted(logs or {})}); skipping",
+                      RuntimeWarning)
         return v
 
 
@@ -335,8 +334,8 @@ def _schedule_metric(logs, monitor, who):
         return logs[monitor]
     if monitor == "val_loss" and "loss" in logs:
         return logs["loss"]
-    warnings.warn(f"{who}: '{monitor}' is not in the logs (available: {sorted(logs)}); the schedule did not "
-                  "step", RuntimeWarning, stacklevel=3)
+    warn_user(f"{who}: '{monitor}' is not in the logs (available: {sorted(logs)}); the schedule did not step",
+              RuntimeWarning)
     return None
 
 
@@ -423,11 +422,12 @@ class CSVLogger(Callback):
         self._file = None
         self._writer = None
         self._keys = None
+        self._dropped_warned = False
 
     def on_train_begin(self, logs=None):
         _check_writable(self.filename, "CSVLogger filename", make_folders=False, replaces=False)
         self.on_train_end()  # a file an earlier fit that failed left open
-        self._keys = None
+        self._keys, self._dropped_warned = None, False
         if self.append and os.path.exists(self.filename) and os.path.getsize(self.filename) > 0:
             with open(self.filename, newline="") as f:
                 header = next(csv.reader(f, delimiter=self.separator), None)
@@ -441,6 +441,11 @@ class CSVLogger(Callback):
         if self._keys is None:
             self._keys = sorted(logs)
             self._writer.writerow(["epoch"] + self._keys)
+        elif set(logs) - set(self._keys) and not self._dropped_warned:
+            self._dropped_warned = True   # once a fit: the file's header fixes its columns
+            warn_user(f"CSVLogger {self.filename!r} appends under its header {['epoch'] + self._keys}, which has no "
+                      f"column for {sorted(set(logs) - set(self._keys))}: those are not written (log this run to a "
+                      f"new file to keep them)")
         self._writer.writerow([epoch] + [_csv_value(logs.get(k)) for k in self._keys])
         self._file.flush()
 

@@ -82,9 +82,9 @@ def _class_weight(value):
         if any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) for k in keys):
             raise InvalidArgumentError(f"weight as a dict maps class indices (integers) to weights, got keys {keys}")
         missing = sorted(set(range(max(keys) + 1 if keys else 0)) - {int(k) for k in keys})
-        if not keys or min(keys) < 0 or missing:
-            raise InvalidArgumentError(f"weight as a dict must give every class 0..C-1 a weight (as Keras's "
-                                       f"class_weight), got classes {sorted(int(k) for k in keys)}"
+        if not keys or min(keys) < 0 or missing or len(keys) < 2:   # 2 or more classes
+            raise InvalidArgumentError(f"weight as a dict must give every class 0..C-1 (C >= 2) a weight (as "
+                                       f"Keras's class_weight), got classes {sorted(int(k) for k in keys)}"
                                        + (f", without {missing}" if missing else ""))
         value = [value[k] for k in sorted(value, key=int)]
     w = _weights(value, "weight", 2, "one number per class")
@@ -121,6 +121,11 @@ class SparseCrossEntropy(Loss):
 
     def check(self, output_shape):
         name = type(self).__name__
+        if len(output_shape) == 3:   # (C, H, W): torch's per-pixel cross entropy, which mpscy has not
+            raise ShapeError(f"{name} needs a (classes,) output per sample, got {output_shape}: a cross entropy over "
+                             f"the classes of each pixel (torch's over (n, C, H, W)) is not supported; per-pixel "
+                             f"BCEWithLogits over one channel per class (one-hot masks) trains a segmentation head, "
+                             f"one class against the rest")
         if len(output_shape) != 1:
             raise ShapeError(f"{name} needs a (classes,) output per sample, got {output_shape}; "
                              "add Flatten or Dense before the loss")

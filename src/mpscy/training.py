@@ -162,8 +162,8 @@ def _as_target(engine, y):
     if engine.loss.target == "dense" and np.issubdtype(y.dtype, np.number):
         return np.ascontiguousarray(y, dtype=np.float32)
     if (np.issubdtype(y.dtype, np.integer) and y.dtype not in (np.int32, np.int64)
-            and not np.issubdtype(y.dtype, np.uint64)):
-        return np.ascontiguousarray(y, dtype=np.int64)  # uint8 labels (Keras's datasets), int16 ...
+            and not (np.issubdtype(y.dtype, np.uint64) and y.size and y.max() > np.iinfo(np.int64).max)):
+        return np.ascontiguousarray(y, dtype=np.int64)  # uint8 labels (Keras's datasets), int16, uint64 ...
     return np.ascontiguousarray(y)
 
 
@@ -431,6 +431,9 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
     if verbose == "auto":
         verbose = 1
     epochs, initial_epoch = nonneg_int(epochs, "epochs"), nonneg_int(initial_epoch, "initial_epoch")
+    if not isinstance(shuffle, (bool, np.bool_)):
+        raise InvalidArgumentError(f"shuffle must be True or False, got {shuffle!r} (Keras's 'batch', for HDF5 "
+                                   f"arrays, has no use here: fit shuffles every row of in-memory arrays)")
     validation_split = number(validation_split, "validation_split")
     if not 0.0 <= validation_split < 1.0:
         raise InvalidArgumentError(f"validation_split must be in [0, 1), got {validation_split!r}")

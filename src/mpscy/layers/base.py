@@ -118,9 +118,12 @@ class Layer:
             shape = self.output_shape([t.shape for t in inputs])
         except (ShapeError, InvalidArgumentError) as e:
             hint = ""
-            if isinstance(e, ShapeError) and self.kind in _IMAGE_KINDS and inputs[0].layer is None:
+            root = inputs[0]   # the model input this image comes from, through the layers' first inputs
+            while root.layer is not None and root.inputs:
+                root = root.inputs[0]
+            if isinstance(e, ShapeError) and self.kind in _IMAGE_KINDS and root.layer is None:
                 from .conv import channels_last_hint  # late: conv imports this module
-                hint = channels_last_hint(inputs[0].shape)  # the model's input may be Keras's (H, W, C)
+                hint = channels_last_hint(root.shape)  # the model's input may be Keras's (H, W, C)
             if not self.name and not hint:
                 raise
             raise type(e)(f"{type(self).__name__} {self.name!r}: {e}{hint}" if self.name else f"{e}{hint}") from None
