@@ -503,6 +503,11 @@ def test_sequential_reloads_as_sequential(tmp_path):
     assert [n.name for n in loaded.model.nodes] == [n.name for n in model.nodes]
     loaded.save(tmp_path / "again.mpscy")
     assert checkpoint.read(tmp_path / "again.mpscy")[0]["model"]["class"] == "Sequential"
+    # Keras 3's form, its Input first: the input's name comes back too
+    keras = mpscy.Sequential([mpscy.Input((5,), name="features"), layers.Dense(3)])
+    mpscy.Engine(keras, loss="mse", batch_size=4, device="cpu").save(tmp_path / "keras.mpscy")
+    back = mpscy.load(tmp_path / "keras.mpscy", device="cpu").model
+    assert isinstance(back, mpscy.Sequential) and [n.name for n in back.nodes] == ["features", "dense_0"]
 
 
 def test_restore_refuses_another_layer_setup_or_optimizer_algorithm(device, digits, tmp_path):

@@ -602,6 +602,23 @@ def test_summary_of_a_dag_says_what_feeds_each_layer():
     assert "Connected" not in text and all(line == line.rstrip() for line in text.splitlines())
 
 
+def test_sequential_takes_an_input_first_as_keras_3_does():
+    """Sequential([Input(shape), ...]) is Sequential([...], input_shape=shape) with the input's
+    name; both at once must agree, and one of them is required."""
+    a = mpscy.Sequential([mpscy.Input((1, 8, 8), name="pixels"), layers.Conv2D(2, 3), layers.Flatten()])
+    b = mpscy.Sequential([layers.Conv2D(2, 3), layers.Flatten()], input_shape=(1, 8, 8))
+    assert [n.name for n in a.nodes] == ["pixels", "conv2d_0", "flatten_1"]
+    assert [n.shape for n in a.nodes] == [n.shape for n in b.nodes]
+    same = mpscy.Sequential([mpscy.Input((3,)), layers.Dense(2)], input_shape=(3,))
+    assert same.output_shape == (2,)
+    with pytest.raises(mpscy.ShapeError, match=r"Sequential got input_shape=\(4,\) and an Input of shape \(3,\)"):
+        mpscy.Sequential([mpscy.Input((3,)), layers.Dense(2)], input_shape=(4,))
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"Sequential needs input_shape= .* or an mpscy.Input"):
+        mpscy.Sequential([layers.Dense(2)])
+    with pytest.raises(mpscy.InvalidArgumentError, match="Sequential needs at least one layer"):
+        mpscy.Sequential([mpscy.Input((3,))])
+
+
 def test_sequential_and_engine_name_arguments_of_the_wrong_kind():
     """What is no list of layers, and an array where a device or precision name goes, are named
     (they were a TypeError from list() and numpy's ambiguous truth value); a generator of

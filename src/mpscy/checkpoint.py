@@ -99,7 +99,7 @@ def _rebuild_model(desc):
     inputs = [n for n in nodes if n["layer"] is None]
     if desc["class"] == "Sequential" and len(inputs) == 1 and all(
             n.get("inputs") == [k - 1] for k, n in enumerate(nodes) if k > 0):
-        return Sequential(built[1:], input_shape=tuple(inputs[0]["shape"]))
+        return Sequential([Input(tuple(inputs[0]["shape"]), name=inputs[0]["name"]), *built[1:]])  # its input's name
     tensors = []
     for n, layer in zip(nodes, built):
         if layer is None:

@@ -270,13 +270,23 @@ class Model:
 
 
 class Sequential(Model):
-    """A plain stack of layers: ``Sequential([Dense(128), ReLU(), Dense(10)], input_shape=(784,))``.
-    Default layer names are ``<prefix>_<position>``: dense_0, relu_1, dense_2."""
+    """A plain stack of layers: ``Sequential([Dense(128), ReLU(), Dense(10)], input_shape=(784,))``,
+    or with the input first as Keras 3 writes it, ``Sequential([Input((784,)), Dense(128), ...])``.
+    Default layer names are ``<prefix>_<position>`` (the Input not counted): dense_0, relu_1, dense_2."""
 
-    def __init__(self, layers, input_shape):
+    def __init__(self, layers, input_shape=None):
         if isinstance(layers, (Layer, str)) or not hasattr(layers, "__iter__"):
             raise InvalidArgumentError(f"Sequential takes a list of layers, got {type(layers).__name__}")
         layers = list(layers)
+        first = layers[0] if layers and isinstance(layers[0], Tensor) and layers[0].layer is None else None
+        if first is not None:
+            if input_shape is not None and _check_shape(input_shape, "input_shape") != first.shape:
+                raise ShapeError(f"Sequential got input_shape={tuple(input_shape)} and an Input of shape "
+                                 f"{first.shape}: give one of them")
+            layers = layers[1:]
+        elif input_shape is None:
+            raise InvalidArgumentError("Sequential needs input_shape= (the per-sample shape, batch excluded) or an "
+                                       "mpscy.Input(shape) as its first item")
         if not layers:
             raise InvalidArgumentError("Sequential needs at least one layer")
         for i, layer in enumerate(layers):
@@ -284,7 +294,8 @@ class Sequential(Model):
                 raise InvalidArgumentError(f"Sequential item {i} is {type(layer).__name__}, not an mpscy layer")
             if layer.n_inputs != 1:
                 raise InvalidArgumentError(f"{type(layer).__name__} takes several inputs: use the functional API")
-        x = Tensor(_check_shape(input_shape, "input_shape"))
+        x = Tensor(first.shape, name=first.name) if first is not None else Tensor(_check_shape(input_shape,
+                                                                                                "input_shape"))
         t = x
         names, called = [], []
         try:
