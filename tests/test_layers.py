@@ -875,6 +875,22 @@ def test_convtranspose_sharing_its_input_sums_the_gradient(device, rng, frozen):
         assert R.rel_err(g["ct.weight"], grads["weight"]) < 1e-5 and R.rel_err(g["ct.bias"], grads["bias"]) < 1e-5
 
 
+def test_conv2d_takes_keras_s_argument_names():
+    """Conv2D(32, 3, strides=2, padding="same", use_bias=False, dilation_rate=1,
+    data_format="channels_first") is Conv2D(32, 3, stride=2, ...): the same config; both spellings
+    of one argument, a channels-last data_format, and an activation are refused by name."""
+    keras = layers.Conv2D(32, 3, strides=2, padding="same", use_bias=False, dilation_rate=(1, 1),
+                          data_format="channels_first", activation="linear")
+    assert keras.config() == layers.Conv2D(32, 3, stride=2, padding="same", bias=False).config()
+    assert layers.Conv2D(8, 3).config()["stride"] == (1, 1) and layers.Conv2D(8, 3).bias is True
+    with pytest.raises(mpscy.InvalidArgumentError, match="Conv2D got both stride= and Keras's strides=; give one"):
+        layers.Conv2D(8, 3, stride=1, strides=2)
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"Conv2D activation='relu': .*layers.ReLU\(\)"):
+        layers.Conv2D(8, 3, activation="relu")
+    with pytest.raises(mpscy.InvalidArgumentError, match="Conv2D data_format 'channels_last'"):
+        layers.Conv2D(8, 3, data_format="channels_last")
+
+
 def test_conv_initialization_is_pytorch_default(device):
     """Weights and bias uniform in +-1/sqrt(fan_in), fan_in = C / groups * kh * kw."""
     model = mpscy.Sequential([layers.Conv2D(64, (3, 5), groups=2)], input_shape=(8, 9, 9))

@@ -108,15 +108,41 @@ class _Conv(Layer):
         return self.kernel_size[1]
 
 
+def _keras_conv_args(what, given, keras):
+    """torch's argument values with Keras's spellings (strides=, dilation_rate=, use_bias=) folded
+    in: given {torch name: value or None}, keras {torch name: Keras value or None}; both of one
+    pair is refused."""
+    out = {}
+    names = {"stride": "strides", "dilation": "dilation_rate", "bias": "use_bias"}
+    for k, v in given.items():
+        if keras.get(k) is not None and v is not None:
+            raise InvalidArgumentError(f"{what} got both {k}= and Keras's {names[k]}=; give one")
+        out[k] = keras[k] if keras.get(k) is not None else v
+    return out
+
+
 class Conv2D(_Conv):
     """2-D convolution over (C, H, W) inputs (torch.nn.Conv2d): weight (filters, C / groups,
     kh, kw), bias (filters). kernel_size, stride, dilation: an int or (h, w); padding: an int,
-    (ph, pw), "valid" (0) or "same" (output ceil(in / stride), when it pads both sides alike)."""
+    (ph, pw), "valid" (0) or "same" (output ceil(in / stride), when it pads both sides alike).
+    Keras's strides=, dilation_rate=, use_bias= and data_format="channels_first" are taken as
+    those; activation= is not (a layer after it, as layers.ReLU())."""
 
     kind = "conv2d"
     prefix = "conv2d"
 
-    def __init__(self, filters, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True, name=None):
+    def __init__(self, filters, kernel_size, stride=None, padding=0, dilation=None, groups=1, bias=None, name=None,
+                 *, strides=None, dilation_rate=None, use_bias=None, data_format=None, activation=None):
+        _keras_channels_first(data_format, "Conv2D")
+        if activation not in (None, "linear"):
+            raise InvalidArgumentError(f"Conv2D activation={activation!r}: mpscy's layers compute one operation "
+                                       f"each; add the activation layer after it (layers.ReLU() for 'relu'; the "
+                                       f"cpu and cuda backends run a ReLU that follows a Conv2D inside it)")
+        args = _keras_conv_args("Conv2D", {"stride": stride, "dilation": dilation, "bias": bias},
+                                {"stride": strides, "dilation": dilation_rate, "bias": use_bias})
+        stride = 1 if args["stride"] is None else args["stride"]
+        dilation = 1 if args["dilation"] is None else args["dilation"]
+        bias = True if args["bias"] is None else args["bias"]
         super().__init__(name)
         self.filters = _positive_int(filters, "Conv2D filters")
         self.kernel_size = _pair(kernel_size, "Conv2D kernel_size")
