@@ -875,6 +875,24 @@ def test_convtranspose_sharing_its_input_sums_the_gradient(device, rng, frozen):
         assert R.rel_err(g["ct.weight"], grads["weight"]) < 1e-5 and R.rel_err(g["ct.bias"], grads["bias"]) < 1e-5
 
 
+def test_keras_activation_names_give_the_layers():
+    """Activation("relu") and Keras 3's other names build the layer that computes them, with
+    Keras's defaults where they differ from torch's (leaky_relu's slope 0.2); LeakyReLU takes Keras
+    2's alpha=; unknown names and 'linear' (no layer) are refused listing the names."""
+    assert [type(layers.Activation(k)).__name__ for k in ("relu", "Sigmoid", "silu", "hard_sigmoid", "gelu")] == [
+        "ReLU", "Sigmoid", "Swish", "Hardsigmoid", "GELU"]
+    assert layers.Activation("gelu").approximate == "none"
+    assert layers.Activation("leaky_relu", name="act").config() == {"negative_slope": 0.2}
+    assert layers.LeakyReLU(alpha=0.3).negative_slope == 0.3 and layers.LeakyReLU().negative_slope == 0.01
+    with pytest.raises(mpscy.InvalidArgumentError, match="LeakyReLU got both negative_slope= and Keras's alpha="):
+        layers.LeakyReLU(0.1, alpha=0.3)
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"Activation 'linear' is not available \('linear' is no "
+                                                         r"layer at all: leave it out\): one of elu, gelu"):
+        layers.Activation("linear")
+    with pytest.raises(mpscy.InvalidArgumentError, match="Activation 'selu' is not available: one of"):
+        layers.Activation("selu")
+
+
 def test_conv2d_takes_keras_s_argument_names():
     """Conv2D(32, 3, strides=2, padding="same", use_bias=False, dilation_rate=1,
     data_format="channels_first") is Conv2D(32, 3, stride=2, ...): the same config; both spellings

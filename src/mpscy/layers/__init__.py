@@ -8,16 +8,16 @@ Dense weights (out, in), Conv2D weights (out_c, in_c / groups, kh, kw), ConvTran
 as the backends' files: base (Layer, Dense, activations, Dropout), conv (convolution,
 pooling and upsampling), norm (BatchNorm, LayerNorm), merge (Add, Concatenate)."""
 
-from .base import (ELU, GELU, Dense, Dropout, Flatten, Hardsigmoid, HardSigmoid, Hardswish, HardSwish, Layer,
-                   LeakyReLU, Mish, ReLU, ReLU6, Reshape, Sigmoid, SiLU, Softmax, Softplus, Swish, Tanh, Unflatten,
-                   kaiming_uniform)
+from .base import (ELU, GELU, Activation, Dense, Dropout, Flatten, Hardsigmoid, HardSigmoid, Hardswish, HardSwish,
+                   Layer, LeakyReLU, Mish, ReLU, ReLU6, Reshape, Sigmoid, SiLU, Softmax, Softplus, Swish, Tanh,
+                   Unflatten, kaiming_uniform)
 from .conv import (AveragePooling2D, AvgPool2D, Conv2D, ConvTranspose2D, GlobalAveragePooling2D, GlobalAvgPool2D,
                    MaxPool2D, MaxPooling2D, Upsample, UpSampling2D)
 from .merge import Add, Concatenate
 from .norm import BatchNorm, LayerNorm
 
 __all__ = [
-    "Layer", "Dense", "ReLU", "LeakyReLU", "ELU", "Sigmoid", "Tanh", "Swish", "SiLU", "GELU",
+    "Layer", "Activation", "Dense", "ReLU", "LeakyReLU", "ELU", "Sigmoid", "Tanh", "Swish", "SiLU", "GELU",
     "ReLU6", "Hardsigmoid", "HardSigmoid", "Hardswish", "HardSwish", "Softplus", "Mish",
     "Softmax", "Flatten", "Reshape", "Unflatten", "Conv2D", "ConvTranspose2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D", "BatchNorm",
     "LayerNorm", "Dropout", "Add", "Concatenate", "Upsample", "UpSampling2D", "MaxPooling2D", "AveragePooling2D",

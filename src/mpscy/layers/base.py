@@ -198,13 +198,16 @@ class ReLU(_Activation):
 
 
 class LeakyReLU(_Activation):
-    """x if x > 0 else negative_slope * x."""
+    """x if x > 0 else negative_slope * x (torch's default 0.01; Keras 2's alpha= is taken for it)."""
     kind = "leakyrelu"
     prefix = "leaky_relu"
 
-    def __init__(self, negative_slope=0.01, name=None):
+    def __init__(self, negative_slope=None, name=None, *, alpha=None):
         super().__init__(name)
-        self.negative_slope = _finite(negative_slope, "LeakyReLU negative_slope")
+        if negative_slope is not None and alpha is not None:
+            raise InvalidArgumentError("LeakyReLU got both negative_slope= and Keras's alpha=; give one")
+        slope = alpha if alpha is not None else 0.01 if negative_slope is None else negative_slope
+        self.negative_slope = _finite(slope, "LeakyReLU negative_slope")
 
     def native(self, input_shapes):
         return {"reals": [self.negative_slope]}
@@ -435,6 +438,27 @@ class Unflatten(Reshape):
 
     def config(self):
         return {"dim": self.dim, "unflattened_size": self.unflattened_size}
+
+
+_KERAS_ACTIVATIONS = {   # Keras 3's activation names: the layer, and its options where Keras's differ from ours
+    "relu": (ReLU, {}), "sigmoid": (Sigmoid, {}), "tanh": (Tanh, {}), "softmax": (Softmax, {}),
+    "gelu": (GELU, {}), "swish": (Swish, {}), "silu": (Swish, {}), "elu": (ELU, {}), "softplus": (Softplus, {}),
+    "mish": (Mish, {}), "relu6": (ReLU6, {}), "hard_sigmoid": (Hardsigmoid, {}), "hard_swish": (Hardswish, {}),
+    "hard_silu": (Hardswish, {}), "leaky_relu": (LeakyReLU, {"negative_slope": 0.2}),
+}
+
+
+def Activation(activation, name=None):
+    """Keras's Activation("relu") and the rest of Keras 3's names: the layer that computes it
+    (ReLU(), ...), with Keras's defaults where they differ ("leaky_relu": slope 0.2; "gelu" exact;
+    "hard_sigmoid" relu6(x + 3) / 6, as Keras 3 and torch)."""
+    key = activation.lower() if isinstance(activation, str) else activation
+    if key not in _KERAS_ACTIVATIONS:
+        extra = " ('linear' is no layer at all: leave it out)" if key == "linear" else ""
+        raise InvalidArgumentError(f"Activation {activation!r} is not available{extra}: one of "
+                                   f"{', '.join(sorted(_KERAS_ACTIVATIONS))}")
+    cls, kw = _KERAS_ACTIVATIONS[key]
+    return cls(name=name, **kw)
 
 
 def _real(value, what, low, high, low_open=False, high_open=False):
