@@ -758,6 +758,21 @@ def test_bad_shapes_are_refused_before_native(stack, shape, error, match):
         mpscy.Sequential(stack, input_shape=shape)
 
 
+def test_a_channels_last_batch_is_told_how_to_transpose():
+    """An (n, H, W, C) batch for an engine of (C, H, W) images is refused saying it is channels-last
+    and how to make it NCHW, by every call and by fit; another wrong shape is refused plainly."""
+    engine = mpscy.Engine(mpscy.Sequential([layers.Conv2D(2, 3), layers.Flatten()], input_shape=(3, 8, 6)),
+                          loss="mse", batch_size=4, device="cpu")
+    nhwc = np.zeros((4, 8, 6, 3), np.float32)
+    for call in (engine.predict, lambda x: engine.step(x, np.zeros((4, 48), np.float32)),
+                 lambda x: engine.fit(x, np.zeros((4, 48), np.float32), verbose=0)):
+        with pytest.raises(mpscy.ShapeError, match=r"x has shape \(4, 8, 6, 3\), expected \(n, 3, 8, 6\) \(a "
+                                                   r"channels-last batch: x.transpose\(0, 3, 1, 2\) gives NCHW\)"):
+            call(nhwc)
+    with pytest.raises(mpscy.ShapeError, match=r"x has shape \(4, 6, 8, 3\), expected \(n, 3, 8, 6\)$"):
+        engine.predict(np.zeros((4, 6, 8, 3), np.float32))
+
+
 def test_a_shape_error_deeper_in_names_a_channels_last_looking_input():
     """Keras's most common model on a (28, 28, 1) input: the Conv2D builds (and would warn), then the
     MaxPooling2D finds (32, 28, 1) too small for its window; its error says the model's input looks

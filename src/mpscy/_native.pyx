@@ -273,8 +273,13 @@ cdef class Graph:
         for d in range(self.in_rank[k] if fits else 0):
             fits = fits and v.shape[d + 1] == self.in_shape[k][d]
         if not fits:
+            want = tuple(self.in_shape[k][j] for j in range(self.in_rank[k]))
+            got = tuple(v.shape[d] for d in range(1, v.ndim))
+            # Keras's layout: an (n, H, W, C) batch for (C, H, W) images
+            hint = (" (a channels-last batch: x.transpose(0, 3, 1, 2) gives NCHW)"
+                    if len(want) == 3 and got == (want[1], want[2], want[0]) else "")
             raise _errors.ShapeError(f"{what} has shape {_shape_str(v)}, expected (n, "
-                                     f"{', '.join(str(self.in_shape[k][j]) for j in range(self.in_rank[k]))})")
+                                     f"{', '.join(str(d) for d in want)}){hint}")
         if batch and v.shape[0] == 0:
             raise _errors.ShapeError(f"{what} is an empty batch (0 rows)")
         if batch and v.shape[0] > self.batch:
