@@ -153,7 +153,7 @@ def test_native_error_messages_name_the_function():
            "optim": {"kind": "sgd", "lr": 0.1}}
     nodes = model.native_layers()
     nodes[1]["shape"] = [4]  # wrong resolved shape
-    with pytest.raises(mpscy.ShapeError, match=r"^\[cpu::infer_node\] node 1 \(dense_0\).*\(plan\.c:\d+\)$"):
+    with pytest.raises(mpscy.ShapeError, match=r"^\[cpu::mpscy_plan_node\] node 1 \(dense_0\).*\(plan_node\.c:\d+\)$"):
         native.Graph(dev, nodes, bad)
     nodes[1]["shape"] = [3]
     with pytest.raises(mpscy.InvalidArgumentError, match="batch size 0 must be >= 1"):

@@ -133,7 +133,7 @@ struct ct_fwd {
     const float *x, *w, *bias;
     float *y;
     int64_t b, M, N, K, kchunk, splits;
-    __device__ float a(int64_t m, int64_t k, int grp) const {  /* k < K < 2^31 (plan.c): 32-bit division */
+    __device__ float a(int64_t m, int64_t k, int grp) const {  /* k < K < 2^31 (plan_node.c): 32-bit division */
         const unsigned taps = (unsigned)(g.kh * g.kw), kk = (unsigned)k;
         const int64_t cog = g.c / g.groups, c = grp * g.ocg + kk / taps;
         return w[(c * cog + m) * taps + kk % taps];
