@@ -9,7 +9,7 @@
  * padding, dilation and groups are general; no Winograd, no direct convolution. A ConvTranspose2D
  * node's geometry (mpscy_conv_geometry) is that convolution's, from the node's output back to its
  * input: its forward is the convolution's input gradient (the backward task with no weight
- * gradient) plus the bias, its input gradient the convolution's forward (accumulating when the
+ * gradient, its planes started from the bias), its input gradient the convolution's forward (accumulating when the
  * input has other consumers), its weight gradient the convolution's with x and dy swapped. */
 #include "cpu.h"
 #include "../common/activation_math.h"
@@ -285,7 +285,7 @@ static void gather_rows(float *dout, float *db, const float *dy, const float *ry
 typedef struct conv_job {
     const conv_geom *g;
     float *y, *dx, *dw, *db, *ws;   /* ws: per-thread slices of wst floats */
-    const float *x, *w, *bias, *dy;
+    const float *x, *w, *bias, *dy; /* bias: added by a forward, or the backward task's start (a transposed forward) */
     const float *ry;                /* backward with a fused ReLU: its output, the gradient mask */
     int64_t b, chunk, wst;
     int accum, relu;
@@ -356,6 +356,17 @@ static void conv_forward_task(void *ctx, int32_t t, int32_t nt) {
     }
 }
 
+/* planes (n, plane floats each) set to 0, or with bias (a ConvTranspose2D's forward, which
+ * col2im then adds to) to bias[k % c] for plane k */
+static void fill_planes(float *d, const float *bias, int64_t n, int64_t c, int64_t plane) {
+    if (!bias) {
+        memset(d, 0, (size_t)(n * plane) * sizeof(float));
+        return;
+    }
+    for (int64_t k = 0; k < n; k++)
+        for (int64_t i = 0; i < plane; i++) d[k * plane + i] = bias[k % c];
+}
+
 static void conv_backward_task(void *ctx, int32_t t, int32_t nt) {
     const conv_job *j = ctx;
     const conv_geom *g = j->g;
@@ -386,12 +397,12 @@ static void conv_backward_task(void *ctx, int32_t t, int32_t nt) {
             if (j->accum)
                 phase_split(dxp, dxc, g, bc * g->c);
             else
-                memset(dxp, 0, (size_t)(bc * g->c * plane_floats(g)) * sizeof(float));
+                fill_planes(dxp, j->bias, bc * g->c, g->c, plane_floats(g));
             col2im(dxp, col, g, bc);
             phase_merge(dxc, dxp, g, bc * g->c);
             continue;
         }
-        if (!j->accum) memset(dxc, 0, (size_t)(bc * g->c * g->h * g->w) * sizeof(float));
+        if (!j->accum) fill_planes(dxc, j->bias, bc * g->c, g->c, g->h * g->w);
         col2im(dxc, col, g, bc);
     }
 }
@@ -448,21 +459,16 @@ void cpu_conv_backward(cpu_graph *gr, const mpscy_node *n, int64_t b) {
 }
 
 /* ConvTranspose2D: y (b, OC', OH', OW') = the input gradient of the convolution g from y's shape
- * back to x's, with x in place of that convolution's output gradient; then the bias */
+ * back to x's, with x in place of that convolution's output gradient, summed onto the bias */
 void cpu_convt_forward(cpu_graph *gr, const mpscy_node *n, int64_t b, int train, const mpscy_step_args *a) {
     (void)train; (void)a;
     int32_t i = (int32_t)(n - gr->plan.nodes);
     conv_geom g = geom(&gr->plan, n);
-    conv_job j = {&g, NULL, gr->y[i], NULL, NULL, gr->ws, NULL, cpu_tensor(gr, n, MPSCY_ROLE_PARAM, 0), NULL,
-                  gr->y[n->in[0]], NULL, b, conv_chunk(&g, gr->plan.batch, gr->plan.threads), 0, 0, 0};
+    conv_job j = {&g, NULL, gr->y[i], NULL, NULL, gr->ws, NULL, cpu_tensor(gr, n, MPSCY_ROLE_PARAM, 0),
+                  cpu_tensor(gr, n, MPSCY_ROLE_PARAM, 1), gr->y[n->in[0]], NULL, b,
+                  conv_chunk(&g, gr->plan.batch, gr->plan.threads), 0, 0, 0};
     j.wst = conv_slice(&g, j.chunk);
     cpu_parallel(gr->pool, conv_backward_task, &j);
-    const float *bias = cpu_tensor(gr, n, MPSCY_ROLE_PARAM, 1);
-    for (int64_t s = 0; bias && s < b; s++)
-        for (int64_t c = 0; c < g.c; c++) {
-            float *row = gr->y[i] + (s * g.c + c) * g.h * g.w;
-            for (int64_t k = 0; k < g.h * g.w; k++) row[k] += bias[c];
-        }
 }
 
 /* its input gradient: the convolution's forward of dy (no bias); its weight gradient: the

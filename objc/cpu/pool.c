@@ -15,7 +15,7 @@ typedef struct pool_geom {
     int64_t planes, h, w, oh, ow;  /* planes = batch * C */
     int64_t kh, kw, sh, sw, ph, pw;
     int include_pad;
-    int bilinear, align;     /* Upsample2D's mode and align_corners */
+    int bilinear;            /* Upsample2D's mode */
     const mpscy_lerp *th, *tw;     /* bilinear: each output row's and column's taps (oh, ow) */
     const int64_t *ra, *rb;        /* bilinear: input row i's run of output rows ra[i]..ra[h + i], columns rb alike */
 } pool_geom;
@@ -268,7 +268,6 @@ static void pool_run(cpu_graph *g, const mpscy_node *n, int64_t b, float *out, c
             bilinear_axis(th, ra, j.p.h, j.p.oh, n->ints[3]);
             bilinear_axis(tw, rb, j.p.w, j.p.ow, n->ints[3]);
             j.p.bilinear = 1;
-            j.p.align = n->ints[3];
             j.p.th = th;
             j.p.tw = tw;
             j.p.ra = ra;

@@ -4,9 +4,9 @@ and describes itself to the native graph builder. All computation happens in the
 
 Shapes are per sample (batch excluded) and follow PyTorch/ONNX layouts: images are (C, H, W),
 Dense weights (out, in), Conv2D weights (out_c, in_c / groups, kh, kw), ConvTranspose2D's
-(in_c, out_c / groups, kh, kw). One module per family,
-as the backends' files: base (Layer, Dense, activations, Dropout), conv (convolution,
-pooling and upsampling), norm (BatchNorm, LayerNorm), merge (Add, Concatenate)."""
+(in_c, out_c / groups, kh, kw). One module per family, as the backends' files: base (Layer,
+Dense, activations, Reshape, Dropout), conv (convolution, pooling and upsampling), norm
+(BatchNorm, LayerNorm), merge (Add, Concatenate)."""
 
 from .base import (ELU, GELU, Activation, Dense, Dropout, Flatten, Hardsigmoid, HardSigmoid, Hardswish, HardSwish,
                    Layer, LeakyReLU, Mish, ReLU, ReLU6, Reshape, Sigmoid, SiLU, Softmax, Softplus, Swish, Tanh,
@@ -19,7 +19,7 @@ from .norm import BatchNorm, LayerNorm
 __all__ = [
     "Layer", "Activation", "Dense", "ReLU", "LeakyReLU", "ELU", "Sigmoid", "Tanh", "Swish", "SiLU", "GELU",
     "ReLU6", "Hardsigmoid", "HardSigmoid", "Hardswish", "HardSwish", "Softplus", "Mish",
-    "Softmax", "Flatten", "Reshape", "Unflatten", "Conv2D", "ConvTranspose2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D", "BatchNorm",
-    "LayerNorm", "Dropout", "Add", "Concatenate", "Upsample", "UpSampling2D", "MaxPooling2D", "AveragePooling2D",
-    "GlobalAveragePooling2D",
+    "Softmax", "Flatten", "Reshape", "Unflatten", "Conv2D", "ConvTranspose2D", "MaxPool2D", "AvgPool2D",
+    "GlobalAvgPool2D", "BatchNorm", "LayerNorm", "Dropout", "Add", "Concatenate", "Upsample", "UpSampling2D",
+    "MaxPooling2D", "AveragePooling2D", "GlobalAveragePooling2D",
 ]

@@ -1,7 +1,7 @@
 """Convolution, pooling and upsampling over (C, H, W) images (NCHW batches): Conv2D,
-ConvTranspose2D, MaxPool2D, AvgPool2D, GlobalAvgPool2D and Upsample, with Keras's names for some of them
-(MaxPooling2D, AveragePooling2D, GlobalAveragePooling2D, UpSampling2D); their option checks,
-padding ("valid", "same" or explicit) and PyTorch's floor-mode shape rules. Options only;
+ConvTranspose2D, MaxPool2D, AvgPool2D, GlobalAvgPool2D and Upsample, with Keras's names for
+some of them (MaxPooling2D, AveragePooling2D, GlobalAveragePooling2D, UpSampling2D); their option
+checks, padding ("valid", "same" or explicit) and PyTorch's floor-mode shape rules. Options only;
 computation happens in the backend."""
 
 import numpy as np
@@ -90,6 +90,18 @@ class _Conv(Layer):
     x kh x kw (the input's channels per group for a convolution, its filters per group for a
     transposed one)."""
 
+    def __init__(self, name, filters, kernel_size, stride, dilation, groups, bias):
+        super().__init__(name)
+        what = type(self).__name__
+        self.filters = _positive_int(filters, f"{what} filters")
+        self.kernel_size = _pair(kernel_size, f"{what} kernel_size")
+        self.stride = _pair(stride, f"{what} stride")
+        self.dilation = _pair(dilation, f"{what} dilation")
+        self.groups = _positive_int(groups, f"{what} groups")
+        self.bias = bool(bias)
+        if self.filters % self.groups:
+            raise InvalidArgumentError(f"{what} filters {self.filters} must be divisible by groups {self.groups}")
+
     def parameters(self, input_shapes):
         p = [("weight", self._weight_shape(input_shapes[0][0]))]
         if self.bias:
@@ -140,19 +152,10 @@ class Conv2D(_Conv):
                                        f"cpu and cuda backends run a ReLU that follows a Conv2D inside it)")
         args = _keras_conv_args("Conv2D", {"stride": stride, "dilation": dilation, "bias": bias},
                                 {"stride": strides, "dilation": dilation_rate, "bias": use_bias})
-        stride = 1 if args["stride"] is None else args["stride"]
-        dilation = 1 if args["dilation"] is None else args["dilation"]
-        bias = True if args["bias"] is None else args["bias"]
-        super().__init__(name)
-        self.filters = _positive_int(filters, "Conv2D filters")
-        self.kernel_size = _pair(kernel_size, "Conv2D kernel_size")
-        self.stride = _pair(stride, "Conv2D stride")
+        super().__init__(name, filters, kernel_size, 1 if args["stride"] is None else args["stride"],
+                         1 if args["dilation"] is None else args["dilation"], groups,
+                         True if args["bias"] is None else args["bias"])
         self.padding = _padding_arg(padding)
-        self.dilation = _pair(dilation, "Conv2D dilation")
-        self.groups = _positive_int(groups, "Conv2D groups")
-        self.bias = bool(bias)
-        if self.filters % self.groups:
-            raise InvalidArgumentError(f"Conv2D filters {self.filters} must be divisible by groups {self.groups}")
 
     def _pads(self, shape):
         return _resolve_padding(self.padding, self.kernel_size, self.stride, self.dilation, shape[1:], "Conv2D")
@@ -181,6 +184,7 @@ class Conv2D(_Conv):
         return {"filters": self.filters, "kernel_size": self.kernel_size, "stride": self.stride,
                 "padding": self.padding, "dilation": self.dilation, "groups": self.groups, "bias": self.bias}
 
+
 class ConvTranspose2D(_Conv):
     """2-D transposed convolution over (C, H, W) inputs (torch.nn.ConvTranspose2d, the gradient of
     a Conv2D with respect to its input; a decoder's learned upsampling): weight (C, filters /
@@ -196,22 +200,13 @@ class ConvTranspose2D(_Conv):
 
     def __init__(self, filters, kernel_size, stride=1, padding=0, output_padding=0, groups=1, bias=True, dilation=1,
                  name=None):
-        super().__init__(name)
-        self.filters = _positive_int(filters, "ConvTranspose2D filters")
-        self.kernel_size = _pair(kernel_size, "ConvTranspose2D kernel_size")
-        self.stride = _pair(stride, "ConvTranspose2D stride")
+        super().__init__(name, filters, kernel_size, stride, dilation, groups, bias)
         if isinstance(padding, str):
             raise InvalidArgumentError(f"ConvTranspose2D padding must be an integer >= 0 or a pair of them, got "
                                        f"{padding!r} (as torch's ConvTranspose2d: padding p crops p rows from each "
                                        f"side of the full output)")
         self.padding = _pair(padding, "ConvTranspose2D padding", minimum=0)
         self.output_padding = _pair(output_padding, "ConvTranspose2D output_padding", minimum=0)
-        self.dilation = _pair(dilation, "ConvTranspose2D dilation")
-        self.groups = _positive_int(groups, "ConvTranspose2D groups")
-        self.bias = bool(bias)
-        if self.filters % self.groups:
-            raise InvalidArgumentError(f"ConvTranspose2D filters {self.filters} must be divisible by groups "
-                                       f"{self.groups}")
         if any(op >= max(s, d) for op, s, d in zip(self.output_padding, self.stride, self.dilation)):
             raise InvalidArgumentError(f"ConvTranspose2D output_padding {self.output_padding} must be smaller than the "
                                        f"stride {self.stride} or the dilation {self.dilation} (as torch's)")
@@ -360,7 +355,8 @@ class Upsample(Layer):
       default: pixels as squares, their centres aligned) or True (the corner pixels' centres
       aligned). size may be any (H, W), larger or smaller than the input's (no antialiasing, as
       torch's default); scale_factor a whole factor, or any factor with recompute_scale_factor=True
-      (the output size floor(H * s), the interpolation then from the sizes, as torch does).
+      or align_corners=True (the output size floor(H * s), the interpolation then from the sizes,
+      as torch does).
 
     recompute_scale_factor changes nothing for whole factors and is accepted as torch's."""
     kind = "upsample2d"
