@@ -105,14 +105,16 @@ static __device__ __forceinline__ void mma_pos(int e, int &r, int &c) {
     c = (w >> 1) * 4 * TN + ni * 8 + 2 * t + (q & 1);
 }
 
-/* acc (mma_pos's layout) = A[m0 .., k0:k1) B[n0 .., k0:k1)^T with B's tiles stored by
- * load_b(tile, kb) (K in [kb, kb + MMA_BK) of rows n0 ..., laid out as mma_tile<BK, 16 TN>, zero
- * outside B, cp.async copies only; called once for each step, kb = k0, k0 + MMA_BK, ... in
- * order); smem: mma_smem_bytes of dynamic shared memory */
-template <int TM, int TN, bool AK, bool BK, bool VA, class LoadB>
-static __device__ __forceinline__ void mma_product_by(float (&acc)[TM * TN], float *smem, const float *__restrict__ a,
-                                                      int64_t lda, int m0, int M, const LoadB &load_b, int64_t k0,
-                                                      int64_t k1) {
+/* acc (mma_pos's layout) = A[m0 .., k0:k1) B[n0 .., k0:k1)^T with each operand's tiles stored by
+ * its loader, load_a(tile, kb) and load_b(tile, kb): K in [kb, kb + MMA_BK) of the block's rows,
+ * laid out as mma_tile<AK, 16 TM> and mma_tile<BK, 16 TN>, zero outside the operand, cp.async
+ * copies only; each called once for each step, kb = k0, k0 + MMA_BK, ... in order. smem:
+ * mma_smem_bytes of dynamic shared memory. Returns once this thread's copies have landed; a
+ * second product into the same smem must follow a block barrier (the other warps may still read
+ * the last step's tiles). */
+template <int TM, int TN, bool AK, bool BK, class LoadA, class LoadB>
+static __device__ __forceinline__ void mma_product_ab(float (&acc)[TM * TN], float *smem, const LoadA &load_a,
+                                                      const LoadB &load_b, int64_t k0, int64_t k1) {
     constexpr int BM = 16 * TM, BN = 16 * TN, MI = TM / 2, NI = TN / 2;
     typedef mma_tile<AK, BM> TA;
     typedef mma_tile<BK, BN> TB;
@@ -125,7 +127,7 @@ static __device__ __forceinline__ void mma_product_by(float (&acc)[TM * TN], flo
 #pragma unroll
     for (int s = 0; s < MMA_STAGES - 1; s++) {
         if (s < nk) {
-            mma_load<AK, BM, VA>(smem + s * STAGE, a, lda, m0, M, k0 + s * MMA_BK, k1);
+            load_a(smem + s * STAGE, k0 + s * MMA_BK);
             load_b(smem + s * STAGE + TA::FLOATS, k0 + s * MMA_BK);
         }
         cp_async_commit();
@@ -136,7 +138,7 @@ static __device__ __forceinline__ void mma_product_by(float (&acc)[TM * TN], flo
         const int nx = kt + MMA_STAGES - 1;
         if (nx < nk) {
             float *s = smem + (nx % MMA_STAGES) * STAGE;
-            mma_load<AK, BM, VA>(s, a, lda, m0, M, k0 + (int64_t)nx * MMA_BK, k1);
+            load_a(s, k0 + (int64_t)nx * MMA_BK);
             load_b(s + TA::FLOATS, k0 + (int64_t)nx * MMA_BK);
         }
         cp_async_commit();
@@ -170,6 +172,15 @@ static __device__ __forceinline__ void mma_product_by(float (&acc)[TM * TN], flo
         }
     }
     cp_async_wait<0>();
+}
+
+/* mma_product_ab with A the (M, K) view of a (ld lda) */
+template <int TM, int TN, bool AK, bool BK, bool VA, class LoadB>
+static __device__ __forceinline__ void mma_product_by(float (&acc)[TM * TN], float *smem, const float *__restrict__ a,
+                                                      int64_t lda, int m0, int M, const LoadB &load_b, int64_t k0,
+                                                      int64_t k1) {
+    auto load_a = [&](float *s, int64_t kb) { mma_load<AK, 16 * TM, VA>(s, a, lda, m0, M, kb, k1); };
+    mma_product_ab<TM, TN, AK, BK>(acc, smem, load_a, load_b, k0, k1);
 }
 
 /* mma_product_by with B the (N, K) view of b (ld ldb) */
