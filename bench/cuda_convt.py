@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
-"""ConvTranspose2D on the cuda backend (objc/cuda/conv_transpose.cu's tiled kernel;
-MPSCY_CUDA_CONVT_TILED=0 for its direct ones) against PyTorch's (cuDNN) on the same GPU: one
-layer's forward and backward (input, weight and bias gradients) through `engine.gradients` (MSE
-loss), against torch's module forward, MSE and backward, each timed run ending with the device
-synchronized; median of repeats after a warm-up. Shapes of a DCGAN generator (4x4, stride 2,
-padding 1) and a U-Net's up-convolution (2x2, stride 2). A first form on CUDA cores
-(bench/cuda_notes.md): each row must stay within TARGET of torch's time, a guard against
-regressions, not a goal.
+"""ConvTranspose2D on the cuda backend against PyTorch's (cuDNN) on the same GPU, as a training
+step of BatchNorm -> ConvTranspose2D -> GlobalAvgPool2D -> Dense(10) under cross entropy with
+SGD: the transposed convolution's forward and its three gradients (input, weight, bias) are most
+of the step. Timed as bench/cuda_bench.py times (issue 5's rule): a NumPy batch in, the loss as a
+Python float out, for both libraries; median of repeats after a warm-up. Shapes of a DCGAN
+generator (4x4, stride 2, padding 1) and a U-Net's up-convolution (2x2, stride 2). Two of
+objc/cuda/conv_transpose.cu's forms: its tensor-core products (the default on sm_80 and newer)
+and its tiled kernel on CUDA cores ($MPSCY_CUDA_CONVT_MMA=0, the form before them). Each row's
+default form must stay within TARGET of torch's time, a guard against regressions.
 
     python bench/cuda_convt.py
 """
+import os
 import time
 
 import numpy as np
@@ -24,41 +26,76 @@ ROWS = [("dcgan 128->64, 8x8", (128, 8, 8), dict(filters=64, kernel_size=4, stri
         ("unet 64->32, 32x32 2x2", (64, 32, 32), dict(filters=32, kernel_size=2, stride=2), 32)]
 
 
-def median_time(fn, sync, repeat=15):
+def median_time(fn, repeat=30):
     fn()
-    sync()
+    fn()
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
-        sync()
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
+
+
+def batch(shape, n):
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((n,) + shape).astype(np.float32), rng.integers(0, 10, n).astype(np.int32)
+
+
+def mpscy_time(shape, kw, n, knobs):
+    """ms per training step with the knobs set while the step is captured (its first call)"""
+    saved = {k: os.environ.get(k) for k in knobs}
+    os.environ.update(knobs)
+    try:
+        model = mpscy.Sequential([L.BatchNorm(), L.ConvTranspose2D(**kw), L.GlobalAvgPool2D(), L.Dense(10)],
+                                 input_shape=shape)
+        engine = mpscy.Engine(model, loss="sparse_cross_entropy", optimizer=mpscy.optim.SGD(0.01), batch_size=n,
+                              device="cuda")
+        x, y = batch(shape, n)
+
+        def step():
+            float(engine.step(x, y).loss)
+        return median_time(step) * 1e3
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def torch_time(shape, kw, n):
+    import torch
+    nn = torch.nn
+    model = nn.Sequential(nn.BatchNorm2d(shape[0]),
+                          nn.ConvTranspose2d(shape[0], kw["filters"], kw["kernel_size"], kw["stride"],
+                                             kw.get("padding", 0)),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(kw["filters"], 10)).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = batch(shape, n)
+    y = y.astype(np.int64)
+
+    def step():
+        xt, yt = torch.from_numpy(x).cuda(), torch.from_numpy(y).cuda()
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(xt), yt)
+        loss.backward()
+        opt.step()
+        loss.item()
+    return median_time(step) * 1e3
 
 
 def main():
     import torch
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
-    print(f"{'layer':26s} {'mpscy ms':>9s} {'torch ms':>9s} {'ratio':>6s}")
+    print(f"{'layer (step ms)':26s} {'mpscy':>8s} {'tiled':>8s} {'torch':>8s} {'ratio':>6s} {'tiled':>6s}")
     missed = []
-    for name, shape, kw, batch in ROWS:
-        engine = mpscy.Engine(mpscy.Sequential([L.ConvTranspose2D(**kw)], input_shape=shape), loss="mse",
-                              batch_size=batch, device="cuda", input_gradients=True)
-        x = np.random.default_rng(0).standard_normal((batch,) + shape).astype(np.float32)
-        t = np.zeros((batch,) + engine.model.output_shape, np.float32)
-        ms = median_time(lambda: engine.gradients(x, t), engine.synchronize) * 1e3
-        module = torch.nn.ConvTranspose2d(shape[0], kw["filters"], kw["kernel_size"], kw["stride"],
-                                          kw.get("padding", 0)).cuda()
-        xt = torch.tensor(x, device="cuda", requires_grad=True)
-        tt = torch.tensor(t, device="cuda")
-
-        def torch_step():  # the data is on the GPU already: torch's cost is its kernels alone
-            xt.grad = None
-            module.zero_grad(set_to_none=True)
-            torch.nn.functional.mse_loss(module(xt), tt).backward()
-        tms = median_time(torch_step, torch.cuda.synchronize) * 1e3
-        print(f"{name:26s} {ms:9.3f} {tms:9.3f} {ms / tms:6.2f}")
+    for name, shape, kw, n in ROWS:
+        ms = mpscy_time(shape, kw, n, {})
+        tiled = mpscy_time(shape, kw, n, {"MPSCY_CUDA_CONVT_MMA": "0"})
+        tms = torch_time(shape, kw, n)
+        print(f"{name:26s} {ms:8.3f} {tiled:8.3f} {tms:8.3f} {ms / tms:6.2f} {tiled / tms:6.2f}")
         if ms / tms > TARGET:
             missed.append(f"{name} {ms / tms:.2f}x")
     if missed:

@@ -210,6 +210,32 @@ def test_convtranspose_split_weight_gradient_with_partial_batches_matches_cpu(rn
     compare_training(cpu, gpu, rng, rows=[32, 19, 32, 7])
 
 
+CONVT_FORMS = {"mma": {}, "mma_one_sample_columns": {"MPSCY_CUDA_CONVT_COLS": "1"},
+               "tiled": {"MPSCY_CUDA_CONVT_MMA": "0"},
+               "direct": {"MPSCY_CUDA_CONVT_MMA": "0", "MPSCY_CUDA_CONVT_TILED": "0"}}
+
+
+@cuda_only
+@pytest.mark.parametrize("form", list(CONVT_FORMS))
+def test_convtranspose_every_cuda_form_matches_cpu(rng, monkeypatch, form):
+    """Each of conv_transpose.cu's forms, chosen by its knobs when the step is captured: the
+    tensor-core products (the default on sm_80 and newer), with the forward's columns one sample
+    at a time, the tiled kernel and the direct reference kernels. Two layers: 4x4 stride 2 in 2
+    groups of 3 input channels over 5x7 inputs (35 positions: 4-byte copies), and 3x3 stride 2
+    with output padding and dilation 2 from 36 channels (tiles of 64) to 20 over 10x14 (140
+    positions, 180 taps a row of W: 16-byte copies); the input's gradient too. One step's gradients within 1e-5 of the cpu's, then 20
+    Adam steps on full and partial batches (13 and 5 of 16) within 1e-4."""
+    for k, v in CONVT_FORMS[form].items():
+        monkeypatch.setenv(k, v)
+    build = lambda: [L.ConvTranspose2D(36, 4, stride=2, padding=1, groups=2), L.ReLU(),
+                     L.ConvTranspose2D(20, 3, stride=2, padding=1, output_padding=1, dilation=2), L.ReLU(),
+                     L.Conv2D(4, 3, stride=3), L.Flatten(), L.Dense(5)]
+    cpu, gpu = pair(build, (6, 5, 7), batch=16, opt=lambda: optim.Adam(1e-3, eps=1e-6), input_gradients=True)
+    x = rng.standard_normal((16, 6, 5, 7)).astype(np.float32)
+    compare_gradients(cpu, gpu, x, rng.integers(0, 5, 16).astype(np.int32), tol=1e-5)
+    compare_training(cpu, gpu, rng, rows=[16, 13, 16, 5])
+
+
 @cuda_only
 def test_conv_long_k_with_odd_and_partial_batches_matches_cpu(rng):
     """b*OH*OW = 4500, 4275 and 1575 (partial batches of 19 and 7): the weight gradient's own

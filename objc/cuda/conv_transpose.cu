@@ -6,6 +6,7 @@
 #include <algorithm>
 
 #include "cuda.h"
+#include "mma.cuh"
 #include "reduce.h"
 
 typedef mpscy_conv_geom conv_geom;
@@ -291,17 +292,297 @@ static int64_t convt_splits(const conv_geom &g, int64_t b) {
     return std::max<int64_t>(1, std::min<int64_t>({64, want, most}));
 }
 
+/* ------------------------------------------------------------------ tensor-core products (sm_80)
+ * The three products on mma.cuh's 3xTF32 path (fp32's accuracy), sums in a fixed order:
+ *  - forward: for each sample and group, dcol (kg, OH'W') = W_grp^T (kg, C' / groups) x (C' / groups,
+ *    OH'W'), every tap of every input position as one dense product (no zero taps multiplied), then
+ *    convt_gather adds each output's taps from dcol in tap order, and the bias; samples in chunks
+ *    whose columns fit CT_COLS_CAP floats of the workspace;
+ *  - input gradient: dx (C', b OH'W') = W dy's windows, the windows gathered by cp.async as the B
+ *    operand (zero outside dy), a thread's 8 positions fixed and its tap decoded once a step;
+ *  - weight gradient: dW (C', kg) = x dy's windows^T over the batch's positions, split over them into
+ *    partials summed in split order (convt_wgrad_sum).
+ * Taken where one sample's tensors and columns index in 32 bits (convt_mma_fits); before sm_80 and
+ * with $MPSCY_CUDA_CONVT_MMA=0 the tiled kernel above runs instead. */
+#define CT_COLS_CAP ((int64_t)1 << 26)
+#define CT_BLOCKS 264   /* two blocks a multiprocessor of an H100: the weight gradient's split target */
+
+static bool convt_mma_fits(const conv_geom &g) {
+    const int64_t lim = INT32_MAX;
+    return g.c * g.h * g.w < lim && g.oc * g.ohw < lim && g.k * g.ohw <= CT_COLS_CAP &&
+           g.h + 2 * g.ph + g.kh * g.dh < lim && g.w + 2 * g.pw + g.kw * g.dw < lim && g.oh * g.sh < lim &&
+           g.ow * g.sw < lim;
+}
+
+/* read when a graph is captured (each batch size's), so that tests can run every form in one process */
+static bool convt_mma_on(const cu_graph *gr, const conv_geom &g) {
+    return cu_knob_on("MPSCY_CUDA_CONVT_MMA") && gr->dev->prop.major >= 8 && convt_mma_fits(g);
+}
+
+/* samples whose forward columns are built at once: as many as fit CT_COLS_CAP floats (a smaller cap
+ * with $MPSCY_CUDA_CONVT_COLS, for testing the chunks), at least one */
+static int64_t convt_cols_chunk(const conv_geom &g, int64_t b) {
+    const int64_t cap = std::min<int64_t>(CT_COLS_CAP, cu_knob_int("MPSCY_CUDA_CONVT_COLS", (int)CT_COLS_CAP));
+    return std::max<int64_t>(1, std::min<int64_t>(b, cap / (g.k * g.ohw)));
+}
+
+/* the weight gradient's splits at batch b (at least 4 steps of MMA_BK positions each, at most 64),
+ * never fewer at a larger b, so the built batch's workspace holds every smaller one's */
+static int64_t convt_dw_splits(const conv_geom &g, int64_t b, int64_t *chunk) {
+    const int64_t tm = g.ocg > 32 ? 64 : 32, tiles = ((g.ocg + tm - 1) / tm) * ((g.kg + 63) / 64) * g.groups;
+    const int64_t steps = (b * g.ohw + MMA_BK - 1) / MMA_BK;
+    int64_t splits = std::max<int64_t>(1, std::min<int64_t>({64, (CT_BLOCKS + tiles - 1) / tiles, (steps + 3) / 4}));
+    const int64_t per = (steps + splits - 1) / splits;
+    *chunk = per * MMA_BK;
+    return (steps + per - 1) / per;
+}
+
+/* forward, step 1: dcol[sl] (g.k, OH'W') rows grp kg .. = W_grp^T x[s0 + sl, grp]; blockIdx.z = (sample
+ * of the chunk, group). A = W (C', kg) read down its columns, B = x's (C' / groups, OH'W') block. */
+template <int TM, bool VA, bool VB>
+__global__ void __launch_bounds__(256, 2) convt_cols_kernel(float *__restrict__ dcol, const float *__restrict__ x,
+                                                            const float *__restrict__ w, conv_geom g, int64_t s0) {
+    extern __shared__ __align__(16) float mma_smem[];
+    cu_pdl_enter();
+    const int64_t grp = blockIdx.z % g.groups, sl = blockIdx.z / g.groups;
+    const int M = (int)g.kg, N = (int)g.ohw, m0 = blockIdx.y * 16 * TM, n0 = blockIdx.x * 64;
+    float acc[TM * 4];
+    mma_product<TM, 4, false, false, VA, VB>(acc, mma_smem, w + grp * g.ocg * g.kg, g.kg, m0, M,
+                                             x + ((s0 + sl) * g.oc + grp * g.ocg) * g.ohw, g.ohw, n0, N, 0, g.ocg);
+    mma_store<TM, 4>(acc, dcol + (sl * g.k + grp * g.kg) * g.ohw, g.ohw, m0, M, n0, N);
+}
+
+/* forward, step 2: y[s0 + sl, o, u, v] = the sum, in tap order, over the taps (ki, kj) whose input
+ * position i = (u + ph - ki dh) / sh, j = (v + pw - kj dw) / sw is whole and inside, of
+ * dcol[sl, grp kg + o' taps + ki kw + kj, i OW' + j], plus bias[o] */
+__global__ void convt_gather(float *__restrict__ y, const float *__restrict__ dcol, const float *__restrict__ bias,
+                             conv_geom g, int64_t count) {
+    cu_pdl_enter();
+    const int W = (int)g.w, OH = (int)g.oh, OW = (int)g.ow, kh = (int)g.kh, kw = (int)g.kw, sh = (int)g.sh,
+              sw = (int)g.sw, ph = (int)g.ph, pw = (int)g.pw, dh = (int)g.dh, dwl = (int)g.dw;
+    const int64_t hw = g.h * g.w, cog = g.c / g.groups, taps = g.kh * g.kw;
+    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < count * g.c * hw;
+         e += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t plane = e / hw, sl = plane / g.c, o = plane - sl * g.c, grp = o / cog;
+        const int pix = (int)(e - plane * hw), u = pix / W, v = pix - u * W;
+        const float *dc = dcol + (sl * g.k + grp * g.kg + (o - grp * cog) * taps) * g.ohw;
+        float acc = 0.0f;
+        for (int ki = 0; ki < kh; ki++) {
+            const int t = u + ph - ki * dh;
+            if (t < 0) break;  /* and for every later tap */
+            const int i = t / sh;
+            if (t - i * sh || i >= OH) continue;
+            for (int kj = 0; kj < kw; kj++) {
+                const int r = v + pw - kj * dwl;
+                if (r < 0) break;
+                const int j = r / sw;
+                if (r - j * sw || j >= OW) continue;
+                acc += dc[(int64_t)(ki * kw + kj) * g.ohw + i * OW + j];
+            }
+        }
+        y[e] = bias ? acc + bias[o] : acc;
+    }
+}
+
+/* input gradient: dx[s, grp ocg + m, p] (+= when accum) = sum over k = (o', ki, kj) of W[grp ocg + m, k]
+ * dy[s, grp cog + o', i sh - ph + ki dh, j sw - pw + kj dw] for the batch's input position n = (s, p = (i,
+ * j)); blockIdx.z = group. A = W's rows (K-contiguous), B = the windows (N = b OH'W', K = kg),
+ * gathered: this thread's 8 positions r0 + 8q of the tile, its tap kb + lane. */
+template <int TM, bool VA>
+__global__ void __launch_bounds__(256, 2) convt_dx_kernel(float *__restrict__ dx, const float *__restrict__ dy,
+                                                          const float *__restrict__ w, conv_geom g, int64_t b,
+                                                          int accum) {
+    extern __shared__ __align__(16) float mma_smem[];
+    typedef mma_tile<true, 64> TB;
+    cu_pdl_trigger();
+    const int64_t grp = blockIdx.z, cog = g.c / g.groups, hw = g.h * g.w, N = b * g.ohw;
+    const int M = (int)g.ocg, m0 = blockIdx.y * 16 * TM, lane = threadIdx.x & 31, r0 = threadIdx.x >> 5;
+    const int64_t n0 = (int64_t)blockIdx.x * 64;
+    const int H = (int)g.h, W = (int)g.w, kw = (int)g.kw, taps = (int)(g.kh * g.kw), kg = (int)g.kg;
+    const float *src[8];  /* the position's sample's dy at the group's first channel, or NULL past N */
+    int ub[8], vb[8];
+#pragma unroll
+    for (int q = 0; q < 8; q++) {
+        const int64_t n = n0 + r0 + 8 * q, s = n < N ? n / g.ohw : 0;
+        const int p = n < N ? (int)(n - s * g.ohw) : 0, i = p / (int)g.ow, j = p - i * (int)g.ow;
+        src[q] = n < N ? dy + (s * g.c + grp * cog) * hw : NULL;
+        ub[q] = i * (int)g.sh - (int)g.ph;
+        vb[q] = j * (int)g.sw - (int)g.pw;
+    }
+    cu_pdl_wait();
+    auto load_b = [&](float *sm, int64_t kb) {
+        const int k = (int)kb + lane, c = k / taps, t = k - c * taps, ki = t / kw, kj = t - ki * kw;
+        const int du = ki * (int)g.dh, dv = kj * (int)g.dw;
+        const int64_t coff = (int64_t)c * hw;
+#pragma unroll
+        for (int q = 0; q < 8; q++) {
+            const int u = ub[q] + du, v = vb[q] + dv;
+            const bool ok = k < kg && src[q] && (unsigned)u < (unsigned)H && (unsigned)v < (unsigned)W;
+            cp_async4(sm + TB::at(r0 + 8 * q, lane), ok ? src[q] + coff + (int64_t)u * W + v : dy, ok);
+        }
+    };
+    float acc[TM * 4];
+    mma_product_by<TM, 4, true, true, VA>(acc, mma_smem, w + grp * g.ocg * g.kg, g.kg, m0, M, load_b, 0, g.kg);
+#pragma unroll
+    for (int e = 0; e < TM * 4; e++) {
+        int r, c;
+        mma_pos<TM, 4>(e, r, c);
+        const int m = m0 + r;
+        const int64_t n = n0 + c;
+        if (m >= M || n >= N) continue;
+        const int64_t s = n / g.ohw;
+        float *d = dx + (s * g.oc + grp * g.ocg + m) * g.ohw + (n - s * g.ohw);
+        *d = accum ? *d + acc[e] : acc[e];
+    }
+}
+
+/* weight gradient: out[z] (C', kg) rows grp ocg .. = the sum over the batch's input positions k =
+ * (s, p = (i, j)) in [z chunk, (z + 1) chunk) of x[s, grp ocg + m, p] dy[s, grp cog + o', i sh - ph +
+ * ki dh, j sw - pw + kj dw] for n = (o', ki, kj); blockIdx.z = (split z, group). Both operands
+ * K-contiguous and gathered: A's rows of x (16-byte copies when VA: OH'W' % 4 == 0, so that 4
+ * positions lie in one sample), B's windows with this thread's 8 rows r0 + 8q of the tile fixed and
+ * its position kb + lane decoded once a step. */
+template <int TM, bool VA>
+__global__ void __launch_bounds__(256, 2) convt_dw_kernel(float *__restrict__ out, const float *__restrict__ x,
+                                                          const float *__restrict__ dy, conv_geom g, int64_t b,
+                                                          int64_t chunk) {
+    extern __shared__ __align__(16) float mma_smem[];
+    constexpr int BM = 16 * TM;
+    typedef mma_tile<true, BM> TA;
+    typedef mma_tile<true, 64> TB;
+    cu_pdl_trigger();
+    const int64_t grp = blockIdx.z % g.groups, z = blockIdx.z / g.groups, cog = g.c / g.groups, hw = g.h * g.w;
+    const int M = (int)g.ocg, N = (int)g.kg, m0 = blockIdx.y * BM, n0 = blockIdx.x * 64;
+    const int tid = threadIdx.x, lane = tid & 31, r0 = tid >> 5;
+    const int64_t K = b * g.ohw, k0 = z * chunk, k1 = min(K, k0 + chunk);
+    const int H = (int)g.h, W = (int)g.w, OW = (int)g.ow, taps = (int)(g.kh * g.kw), kw = (int)g.kw;
+    int64_t coff[8];  /* row n's channel in a sample's dy (from the group's first), its window shift */
+    int du[8], dv[8];
+    bool nok[8];
+#pragma unroll
+    for (int q = 0; q < 8; q++) {
+        const int n = n0 + r0 + 8 * q, o = n / taps, t = n - o * taps, ki = t / kw, kj = t - ki * kw;
+        nok[q] = n < N;
+        coff[q] = (grp * cog + o) * hw;
+        du[q] = ki * (int)g.dh - (int)g.ph;
+        dv[q] = kj * (int)g.dw - (int)g.pw;
+    }
+    cu_pdl_wait();
+    auto load_a = [&](float *sm, int64_t kb) {
+        if constexpr (VA) { /* 8 chunks of 4 positions per row */
+#pragma unroll
+            for (int q = 0; q < BM * 8 / 256; q++) {
+                const int e = tid + 256 * q, r = e / 8, kk = (e % 8) * 4;
+                const int64_t k = kb + kk, s = k / g.ohw;
+                const bool ok = m0 + r < M && k < k1;
+                cp_async16(sm + TA::at(r, kk), ok ? x + (s * g.oc + grp * g.ocg + m0 + r) * g.ohw + (k - s * g.ohw) : x,
+                           ok);
+            }
+        } else {
+#pragma unroll
+            for (int q = 0; q < BM / 8; q++) {
+                const int e = tid + 256 * q, r = e / 32, kk = e % 32;
+                const int64_t k = kb + kk, s = k / g.ohw;
+                const bool ok = m0 + r < M && k < k1;
+                cp_async4(sm + TA::at(r, kk), ok ? x + (s * g.oc + grp * g.ocg + m0 + r) * g.ohw + (k - s * g.ohw) : x,
+                          ok);
+            }
+        }
+    };
+    auto load_b = [&](float *sm, int64_t kb) {
+        const int64_t k = kb + lane, s = k < k1 ? k / g.ohw : 0;
+        const int p = (int)(k - s * g.ohw), i = p / OW, ui = i * (int)g.sh, vj = (p - i * OW) * (int)g.sw;
+        const float *base = dy + s * g.c * hw;
+#pragma unroll
+        for (int q = 0; q < 8; q++) {
+            const int u = ui + du[q], v = vj + dv[q];
+            const bool ok = k < k1 && nok[q] && (unsigned)u < (unsigned)H && (unsigned)v < (unsigned)W;
+            cp_async4(sm + TB::at(r0 + 8 * q, lane), ok ? base + coff[q] + (int64_t)u * W + v : dy, ok);
+        }
+    };
+    float acc[TM * 4];
+    mma_product_ab<TM, 4, true, true>(acc, mma_smem, load_a, load_b, k0, k1);
+    mma_store<TM, 4>(acc, out + (z * g.oc + grp * g.ocg) * g.kg, g.kg, m0, M, n0, N);
+}
+
+static int convt_mma_forward(cu_graph *gr, const conv_geom &g, float *y, const float *x, const float *w,
+                             const float *bias, int64_t b, char *err, size_t en) {
+    typedef void (*cols_fn)(float *, const float *, const float *, conv_geom, int64_t);
+    static const cols_fn kinds[2][2][2] = {
+        {{convt_cols_kernel<2, false, false>, convt_cols_kernel<2, false, true>},
+         {convt_cols_kernel<2, true, false>, convt_cols_kernel<2, true, true>}},
+        {{convt_cols_kernel<4, false, false>, convt_cols_kernel<4, false, true>},
+         {convt_cols_kernel<4, true, false>, convt_cols_kernel<4, true, true>}}};
+    const bool tm4 = g.kg > 32, va = g.kg % 4 == 0 && cu_aligned16(w), vb = g.ohw % 4 == 0 && cu_aligned16(x);
+    const int bytes = tm4 ? mma_smem_bytes<4, 4, false, false>() : mma_smem_bytes<2, 4, false, false>();
+    /* never more than the workspace sized at build holds (the knob may have changed since) */
+    const int64_t chunk = std::max<int64_t>(1, std::min(convt_cols_chunk(g, gr->plan.batch), gr->ws_floats / (g.k * g.ohw)));
+    const int64_t ys = g.c * g.h * g.w;
+    float *dcol = gr->ws;
+    for (int64_t s0 = 0; s0 < b; s0 += chunk) {
+        const int64_t cnt = std::min(chunk, b - s0);
+        dim3 grid((unsigned)((g.ohw + 63) / 64), (unsigned)((g.kg + (tm4 ? 63 : 31)) / (tm4 ? 64 : 32)),
+                  (unsigned)(cnt * g.groups));
+        CU_TRY(mma_launch(gr, gr->stream, kinds[tm4][va][vb], grid, bytes, dcol, x, w, g, s0), "convt_cols");
+        int st = CU_LAUNCHED("convt_cols");
+        if (st != MPSCY_OK) return st;
+        CU_TRY(cu_launch(gr, convt_gather, cu_blocks(cnt * ys, CU_THREADS, 8192), CU_THREADS, gr->stream, y + s0 * ys,
+                         (const float *)dcol, bias, g, cnt),
+               "convt_gather");
+        st = CU_LAUNCHED("convt_gather");
+        if (st != MPSCY_OK) return st;
+    }
+    return MPSCY_OK;
+}
+
+static int convt_mma_dx(cu_graph *gr, const conv_geom &g, float *dx, const float *dy, const float *w, int64_t b,
+                        int accum, char *err, size_t en) {
+    typedef void (*dx_fn)(float *, const float *, const float *, conv_geom, int64_t, int);
+    static const dx_fn kinds[2][2] = {{convt_dx_kernel<2, false>, convt_dx_kernel<2, true>},
+                                      {convt_dx_kernel<4, false>, convt_dx_kernel<4, true>}};
+    const bool tm4 = g.ocg > 32, va = g.kg % 4 == 0 && cu_aligned16(w);
+    const int bytes = tm4 ? mma_smem_bytes<4, 4, true, true>() : mma_smem_bytes<2, 4, true, true>();
+    dim3 grid((unsigned)((b * g.ohw + 63) / 64), (unsigned)((g.ocg + (tm4 ? 63 : 31)) / (tm4 ? 64 : 32)),
+              (unsigned)g.groups);
+    CU_TRY(mma_launch(gr, gr->stream, kinds[tm4][va], grid, bytes, dx, dy, w, g, b, accum), "convt_dx");
+    return CU_LAUNCHED("convt_dx");
+}
+
+static int convt_mma_dw(cu_graph *gr, const conv_geom &g, float *dw, const float *x, const float *dy, int64_t b,
+                        char *err, size_t en) {
+    typedef void (*dw_fn)(float *, const float *, const float *, conv_geom, int64_t, int64_t);
+    static const dw_fn kinds[2][2] = {{convt_dw_kernel<2, false>, convt_dw_kernel<2, true>},
+                                      {convt_dw_kernel<4, false>, convt_dw_kernel<4, true>}};
+    const bool tm4 = g.ocg > 32, va = g.ohw % 4 == 0 && cu_aligned16(x);
+    const int bytes = tm4 ? mma_smem_bytes<4, 4, true, true>() : mma_smem_bytes<2, 4, true, true>();
+    int64_t chunk;
+    const int64_t splits = convt_dw_splits(g, b, &chunk), count = g.oc * g.kg;
+    dim3 grid((unsigned)((g.kg + 63) / 64), (unsigned)((g.ocg + (tm4 ? 63 : 31)) / (tm4 ? 64 : 32)),
+              (unsigned)(splits * g.groups));
+    CU_TRY(mma_launch(gr, gr->stream, kinds[tm4][va], grid, bytes, splits > 1 ? gr->ws : dw, x, dy, g, b, chunk),
+           "convt_dw");
+    int st = CU_LAUNCHED("convt_dw");
+    if (st != MPSCY_OK || splits == 1) return st;
+    CU_TRY(cu_launch(gr, convt_wgrad_sum, cu_blocks(count, CU_THREADS, 8192), CU_THREADS, gr->stream, dw,
+                     (const float *)gr->ws, count, splits),
+           "convt_dw_sum");
+    return CU_LAUNCHED("convt_dw_sum");
+}
+
 int64_t cu_convt_workspace(const mpscy_plan *p, const mpscy_node *n) {
     const conv_geom g = mpscy_conv_geometry(p, n);
     const int64_t splits = convt_splits(g, p->batch);
-    return splits > 1 ? splits * g.oc * (g.c / g.groups) * g.kh * g.kw : 0;
+    int64_t floats = splits > 1 ? splits * g.oc * (g.c / g.groups) * g.kh * g.kw : 0, chunk;
+    if (convt_mma_fits(g)) {  /* the tensor-core products': the forward's columns, the weight gradient's partials */
+        const int64_t parts = convt_dw_splits(g, p->batch, &chunk);
+        floats = std::max({floats, convt_cols_chunk(g, p->batch) * g.k * g.ohw, parts > 1 ? parts * g.oc * g.kg : 0});
+    }
+    return floats;
 }
 
-/* MPSCY_CUDA_CONVT_TILED=0: the direct kernels above instead (an A/B and a reference) */
-static bool convt_tiled_on() {
-    static const bool on = cu_knob_on("MPSCY_CUDA_CONVT_TILED");
-    return on;
-}
+/* MPSCY_CUDA_CONVT_TILED=0 (with the tensor-core products off or not taken): the direct kernels
+ * above instead (an A/B and a reference) */
+static bool convt_tiled_on() { return cu_knob_on("MPSCY_CUDA_CONVT_TILED"); }
 
 int cu_convt_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, char *err, size_t en) {
     (void)train;
@@ -309,6 +590,7 @@ int cu_convt_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, ch
     const conv_geom g = mpscy_conv_geometry(&gr->plan, n);
     const float *x = gr->y[n->in[0]], *w = cu_tensor(gr, n, MPSCY_ROLE_PARAM, 0);
     const float *bias = cu_tensor(gr, n, MPSCY_ROLE_PARAM, 1);
+    if (convt_mma_on(gr, g)) return convt_mma_forward(gr, g, gr->y[i], x, w, bias, b, err, en);
     if (convt_tiled_on()) {
         const int64_t taps = g.kh * g.kw;
         ct_fwd p = {g, x, w, bias, gr->y[i], b, g.c / g.groups, b * g.h * g.w, g.ocg * taps, g.ocg * taps, 1};
@@ -326,9 +608,12 @@ int cu_convt_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, s
     const conv_geom g = mpscy_conv_geometry(&gr->plan, n);
     const float *dy = gr->dy[i], *x = gr->y[n->in[0]], *w = cu_tensor(gr, n, MPSCY_ROLE_PARAM, 0);
     float *dx = gr->dy[n->in[0]], *dw = cu_tensor_grad(gr, n, 0), *db = cu_tensor_grad(gr, n, 1);
-    const bool tiled = convt_tiled_on();
+    const bool mma = convt_mma_on(gr, g), tiled = convt_tiled_on();
     const int64_t taps = g.kh * g.kw, cog = g.c / g.groups;
-    if (dx && tiled) {
+    if (dx && mma) {
+        const int st = convt_mma_dx(gr, g, dx, dy, w, b, (int)n->accum[0], err, en);
+        if (st != MPSCY_OK) return st;
+    } else if (dx && tiled) {
         ct_dgrad p = {g, dy, w, dx, (int)n->accum[0], b, g.ocg, b * g.oh * g.ow, cog * taps, cog * taps, 1};
         CU_TRY(convt_launch(gr, p), "convt_tiled_dgrad");
         const int st = CU_LAUNCHED("convt_tiled_dgrad");
@@ -340,7 +625,10 @@ int cu_convt_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, s
         const int st = CU_LAUNCHED("convt_dgrad");
         if (st != MPSCY_OK) return st;
     }
-    if (dw && tiled) {
+    if (dw && mma) {
+        const int st = convt_mma_dw(gr, g, dw, x, dy, b, err, en);
+        if (st != MPSCY_OK) return st;
+    } else if (dw && tiled) {
         const int64_t K = b * g.oh * g.ow, splits = convt_splits(g, b), steps = (K + CT_BK - 1) / CT_BK;
         const int64_t per = (steps + splits - 1) / splits * CT_BK, used = (K + per - 1) / per;
         ct_wgrad p = {g, x, dy, dw, gr->ws, b, g.ocg, cog * taps, K, per, used};
