@@ -181,10 +181,13 @@ typedef struct mpscy_loss_desc {
     double label_smoothing;      /* cross-entropy losses */
     double delta;                /* huber */
     double threshold;            /* MPSCY_ACCURACY_THRESHOLD: 0.5 for probabilities, 0 for logits */
-    const float *class_weight;   /* NULL, or one weight >= 0 per class (the output's size) for
+    const float *class_weight;   /* NULL, or one weight >= 0 per class (the output's first dimension) for
                                   * SPARSE_CE and CE, torch's weight=: each row's terms scaled by
                                   * their class's weight; the mean divides by the summed weights of
-                                  * the rows' labels (SPARSE_CE) or by the rows (CE). Copied at build. */
+                                  * the rows' labels (SPARSE_CE) or by the rows (CE). Copied at build.
+                                  * SPARSE_CE and CE take an output (C,) or (C, d1, ...), as torch's
+                                  * (n, C, d1, ...): a row is one position's C logits (labels
+                                  * (n, d1, ...) for SPARSE_CE), the mean over the batch's positions. */
     const float *pos_weight;     /* NULL, or for BCE_LOGITS one weight >= 0 per element of the output's
                                   * last axis (torch's pos_weight): the positive term z log sigmoid(x)
                                   * of each element scaled by its own. Copied at build. */

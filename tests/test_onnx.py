@@ -672,7 +672,7 @@ def test_load_picks_a_loss_that_fits_the_output():
         assert type(mpscy.onnx.load(proto, loss="mae", device="cpu").loss).__name__ == "MAE"
     with pytest.raises(mpscy.ShapeError, match=r"needs a \(classes,\) output"):
         mpscy.onnx.load(mpscy.onnx.export(mpscy.Engine(cases[0][0], loss="mse", device="cpu")),
-                        loss="sparse_cross_entropy", device="cpu")
+                        loss="categorical_cross_entropy", device="cpu")
 
 
 # ----------------------------------------------------------------------------- attributes, both ways

@@ -26,8 +26,11 @@ static int plan_loss(mpscy_plan *p, const char *component, char *err, size_t err
         return FAIL(MPSCY_INVALID, "unknown loss kind %d", k);
     if (sparse != (p->target == MPSCY_TARGET_INDEX))
         return FAIL(MPSCY_INVALID, "loss kind %d needs %s targets", k, sparse ? "integer label" : "float32");
-    if ((sparse || k == MPSCY_LOSS_CE || k == MPSCY_LOSS_CATEGORICAL_CE) && o->rank != 1)
-        return FAIL(MPSCY_SHAPE, "cross-entropy needs a (classes,) output per sample, got rank %d", o->rank);
+    const int logits_ce = sparse || k == MPSCY_LOSS_CE;  /* over (C,) or (C, d1, ...): torch's (n, C, d1, ...) */
+    if (k == MPSCY_LOSS_CATEGORICAL_CE && o->rank != 1)
+        return FAIL(MPSCY_SHAPE, "categorical cross-entropy needs a (classes,) output per sample, got rank %d", o->rank);
+    if (logits_ce && o->rank < 1)
+        return FAIL(MPSCY_SHAPE, "cross-entropy needs a (classes, ...) output per sample, got rank %d", o->rank);
     if (!(p->loss.label_smoothing >= 0.0 && p->loss.label_smoothing <= 1.0))
         return FAIL(MPSCY_INVALID, "label_smoothing %g outside [0, 1]", p->loss.label_smoothing);
     if (k == MPSCY_LOSS_HUBER && !(p->loss.delta > 0.0))
@@ -36,10 +39,12 @@ static int plan_loss(mpscy_plan *p, const char *component, char *err, size_t err
         return FAIL(MPSCY_INVALID, "unknown accuracy kind %d", p->loss.accuracy);
     if (p->loss.accuracy == MPSCY_ACCURACY_THRESHOLD && sparse)  /* it compares float targets with 0.5 */
         return FAIL(MPSCY_INVALID, "threshold accuracy needs float32 targets, not integer labels");
-    if (p->loss.accuracy == MPSCY_ACCURACY_ARGMAX && o->rank != 1)
+    if (p->loss.accuracy == MPSCY_ACCURACY_ARGMAX && o->rank != 1 && !logits_ce)
         return FAIL(MPSCY_SHAPE, "argmax accuracy needs a (classes,) output, got rank %d", o->rank);
     p->out_size = o->size;
-    p->target_size = sparse ? 1 : o->size;
+    p->classes = logits_ce ? o->shape[0] : o->size;
+    p->positions = o->size / p->classes;
+    p->target_size = sparse ? p->positions : o->size;
     const float *w = p->loss.class_weight, *pw = p->loss.pos_weight;
     p->loss.class_weight = NULL;  /* the caller's arrays are read here only: the plan keeps its copies */
     p->loss.pos_weight = NULL;
@@ -59,13 +64,13 @@ static int plan_loss(mpscy_plan *p, const char *component, char *err, size_t err
     if (w) {
         if (!sparse && k != MPSCY_LOSS_CE)
             return FAIL(MPSCY_INVALID, "class weights apply to the cross-entropies on logits, not loss kind %d", k);
-        for (int64_t i = 0; i < o->size; i++)
+        for (int64_t i = 0; i < p->classes; i++)
             if (!(w[i] >= 0.0f && w[i] < INFINITY))
                 return FAIL(MPSCY_INVALID, "class weight %lld is %g: each must be finite and >= 0", (long long)i,
                             (double)w[i]);
-        p->class_weight = malloc((size_t)o->size * sizeof(float));
-        if (!p->class_weight) return FAIL(MPSCY_OOM, "class weights of %lld classes", (long long)o->size);
-        memcpy(p->class_weight, w, (size_t)o->size * sizeof(float));
+        p->class_weight = malloc((size_t)p->classes * sizeof(float));
+        if (!p->class_weight) return FAIL(MPSCY_OOM, "class weights of %lld classes", (long long)p->classes);
+        memcpy(p->class_weight, w, (size_t)p->classes * sizeof(float));
         p->loss.class_weight = p->class_weight;
     }
     return MPSCY_OK;

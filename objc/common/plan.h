@@ -89,8 +89,14 @@ typedef struct mpscy_plan {
     float *class_weight;             /* (out_size) the loss's class weights, the plan's copy, or NULL */
     float *pos_weight;               /* (out_size) BCE_LOGITS's pos_weight for each element of a sample
                                       * (the desc's, one per last-axis element, repeated), or NULL */
-    int64_t target_size;             /* per-sample target elements (1 for INDEX) */
+    int64_t target_size;             /* per-sample target elements (1 for INDEX; positions, below, per-position) */
     int64_t out_size;                /* per-sample output elements */
+    /* the cross-entropies on logits (SPARSE_CE, CE) over an output (C, d1, ...): torch's over (n, C, d1,
+     * ...), a softmax over the C classes at each of the d1 x ... positions, whose loss is the mean over
+     * the batch's positions (or its labels' weights); rows b x positions, class i of sample s at
+     * position q at y[(s C + i) positions + q]. For a (C,) output and every other loss: classes =
+     * out_size, positions = 1 */
+    int64_t classes, positions;
 } mpscy_plan;
 
 /* Validates desc and fills plan (allocating its node and tensor tables with calloc, which

@@ -6,56 +6,65 @@
 
 #include <math.h>
 
-/* the first maximum of a row, a NaN counting as larger than any number (numpy's and torch's
- * argmax: the first NaN when there is one) */
-static int64_t argmax(const float *x, int64_t n) {
+/* the first maximum of a row of n elements `st` apart, a NaN counting as larger than any number
+ * (numpy's and torch's argmax: the first NaN when there is one) */
+static int64_t argmax(const float *x, int64_t n, int64_t st) {
     int64_t k = 0;
     if (isnan(x[0])) return 0;
     for (int64_t i = 1; i < n; i++) {
-        if (isnan(x[i])) return i;
-        if (x[i] > x[k]) k = i;
+        if (isnan(x[i * st])) return i;
+        if (x[i * st] > x[k * st]) k = i;
     }
     return k;
 }
 
-/* log-sum-exp of one row, and p = softmax into prob (may be NULL) */
-static double row_lse(const float *y, int64_t c) {
+/* log-sum-exp of one row of c logits `st` apart */
+static double row_lse(const float *y, int64_t c, int64_t st) {
     float m = y[0];
-    for (int64_t i = 1; i < c; i++) m = y[i] > m ? y[i] : m;
+    for (int64_t i = 1; i < c; i++) m = y[i * st] > m ? y[i * st] : m;
     double s = 0;
-    for (int64_t i = 0; i < c; i++) s += exp((double)(y[i] - m));
+    for (int64_t i = 0; i < c; i++) s += exp((double)(y[i * st] - m));
     return (double)m + log(s);
+}
+
+/* where row r's first class lies in a (b, C, positions) output: position r % positions of sample
+ * r / positions, its classes `positions` apart (r C for positions 1) */
+static int64_t row_at(int64_t r, int64_t c, int64_t positions) {
+    const int64_t s = r / positions;
+    return s * c * positions + (r - s * positions);
 }
 
 /* Cross-entropy from logits against a target distribution q (sparse: one-hot label),
  * smoothed q' = (1 - eps) q + eps / C and scaled by the class weights w (torch's weight=; 1
  * without): a = w q'. loss_row = -sum a log p; d = (p sum a - a) / D, where D is the batch's rows,
  * or with weights and labels the sum of the labels' weights, torch's divisor for its weighted mean
- * (0 makes the loss NaN, as torch's). */
+ * (0 makes the loss NaN, as torch's). rows: b x positions, each a position's c logits (row_at). */
 static double cross_entropy(float *dy, const float *y, const int32_t *labels, const float *t, const float *w,
-                            int64_t b, int64_t c, double eps) {
-    double total = 0, den = (double)b, u = eps / (double)c;
+                            int64_t rows, int64_t c, int64_t positions, double eps) {
+    double total = 0, den = (double)rows, u = eps / (double)c;
     if (w && labels) {
         den = 0;
-        for (int64_t r = 0; r < b; r++) den += w[labels[r]];
+        for (int64_t r = 0; r < rows; r++) den += w[labels[r]];
     }
     const double inv_d = 1.0 / den;
-#define CE_A(r, i) (((1.0 - eps) * (labels ? ((i) == labels[r] ? 1.0 : 0.0) : (double)t[(r) * c + (i)]) + u) * \
+    const int64_t st = positions;
+#define CE_A(r, i) (((1.0 - eps) * (labels ? ((i) == labels[r] ? 1.0 : 0.0) : (double)tr[(i) * st]) + u) * \
                     (w ? (double)w[i] : 1.0))
-    for (int64_t r = 0; r < b; r++) {
-        const float *yr = y + r * c;
-        double lse = row_lse(yr, c), asum = 0, row = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t at = row_at(r, c, positions);
+        const float *yr = y + at, *tr = t ? t + at : NULL;
+        double lse = row_lse(yr, c, st), asum = 0, row = 0;
         for (int64_t i = 0; i < c; i++) {
             double a = CE_A(r, i);
             asum += a;
             /* torch's nll_loss reads only the label's log-probability: with sparse labels a class of
              * weight 0 adds nothing, even at a logit of -inf (0 * -inf would make the loss NaN) */
-            if (a != 0.0 || !labels) row -= a * ((double)yr[i] - lse);
+            if (a != 0.0 || !labels) row -= a * ((double)yr[i * st] - lse);
         }
         total += row;
         if (dy)
             for (int64_t i = 0; i < c; i++)
-                dy[r * c + i] = (float)((exp((double)yr[i] - lse) * asum - CE_A(r, i)) * inv_d);
+                dy[at + i * st] = (float)((exp((double)yr[i * st] - lse) * asum - CE_A(r, i)) * inv_d);
     }
 #undef CE_A
     return total * inv_d;
@@ -83,7 +92,8 @@ double cpu_loss(const mpscy_plan *p, float *dy, const float *y, const void *targ
     switch (p->loss.kind) {
     case MPSCY_LOSS_SPARSE_CE:
     case MPSCY_LOSS_CE:
-        total = cross_entropy(dy, y, labels, t, p->class_weight, b, c, p->loss.label_smoothing);
+        total = cross_entropy(dy, y, labels, t, p->class_weight, b * p->positions, p->classes, p->positions,
+                              p->loss.label_smoothing);
         break;
     case MPSCY_LOSS_CATEGORICAL_CE:
         total = categorical(dy, y, t, b, c, p->loss.label_smoothing);
@@ -148,9 +158,11 @@ double cpu_loss(const mpscy_plan *p, float *dy, const float *y, const void *targ
     *correct = -1;
     if (p->loss.accuracy == MPSCY_ACCURACY_ARGMAX) {
         *correct = 0;
-        for (int64_t r = 0; r < b; r++) {
-            int64_t want = labels ? labels[r] : argmax(t + r * c, c);
-            *correct += argmax(y + r * c, c) == want;
+        const int64_t classes = p->classes, st = p->positions;  /* a position's classes (rows of c for st 1) */
+        for (int64_t r = 0; r < b * st; r++) {
+            const int64_t at = row_at(r, classes, st);
+            int64_t want = labels ? labels[r] : argmax(t + at, classes, st);
+            *correct += argmax(y + at, classes, st) == want;
         }
     } else if (p->loss.accuracy == MPSCY_ACCURACY_THRESHOLD) {
         *correct = 0;

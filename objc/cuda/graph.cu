@@ -38,7 +38,7 @@ void cu_graph_destroy(mpscy_graph gh) {
     cu_dev_free(dev, g->params, slab_bytes(p->n_params + p->n_buffers));
     cu_dev_free(dev, g->grads, slab_bytes(p->n_params));
     cu_dev_free(dev, g->optim, slab_bytes(p->optim_floats));
-    cu_dev_free(dev, g->class_w, (size_t)p->out_size * sizeof(float));
+    cu_dev_free(dev, g->class_w, (size_t)p->classes * sizeof(float));
     cu_dev_free(dev, g->pos_w, (size_t)p->out_size * sizeof(float));
     cu_dev_free(dev, g->act, slab_bytes(p->act_floats));
     cu_dev_free(dev, g->dact, slab_bytes(p->grad_floats));
@@ -303,7 +303,7 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     DEV(g->params, slab_bytes(p->n_params + p->n_buffers));
     DEV(g->grads, slab_bytes(p->n_params));
     DEV(g->optim, slab_bytes(p->optim_floats));
-    if (p->class_weight) DEV(g->class_w, (size_t)p->out_size * sizeof(float));
+    if (p->class_weight) DEV(g->class_w, (size_t)p->classes * sizeof(float));
     if (p->pos_weight) DEV(g->pos_w, (size_t)p->out_size * sizeof(float));
     DEV(g->act, slab_bytes(p->act_floats));
     DEV(g->dact, slab_bytes(p->grad_floats));
@@ -436,7 +436,7 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
             e = cu_fill(g->stream, g->params + p->tensors[t].info.offset, p->tensors[t].info.count, 1.0f);
     if (p->optim.kind == MPSCY_OPTIM_NADAM) g->scalars[1] = 1.0;  /* mu_product */
     if (g->class_w && e == cudaSuccess)
-        e = cudaMemcpyAsync(g->class_w, p->class_weight, (size_t)p->out_size * sizeof(float), cudaMemcpyHostToDevice,
+        e = cudaMemcpyAsync(g->class_w, p->class_weight, (size_t)p->classes * sizeof(float), cudaMemcpyHostToDevice,
                             g->stream);
     if (g->pos_w && e == cudaSuccess)
         e = cudaMemcpyAsync(g->pos_w, p->pos_weight, (size_t)p->out_size * sizeof(float), cudaMemcpyHostToDevice,

@@ -12,19 +12,21 @@ struct loss_args {
     int kind, accuracy, index_target;
     const float *w;  /* (c) the cross-entropies' class weights, or NULL */
     const float *pw; /* (c) bce_with_logits's pos_weight of each element of a row, or NULL */
-    int64_t b, c;
+    int64_t b, c;    /* rows (the batch's positions) and the classes (elements) of each */
+    int64_t positions; /* the cross-entropies over (C, d1, ...): a row's classes lie this far apart (plan.h) */
     double eps, delta;
     float threshold;
     int finalize;  /* an eval step: the result is written here (no norm kernel follows) */
 };
 
-/* first maximum of a row across the warp, in argmax_before's order (the cpu's argmax) */
-static __device__ int64_t warp_argmax(const float *x, int64_t c, int lane) {
+/* first maximum of a row (c elements st apart) across the warp, in argmax_before's order (the
+ * cpu's argmax) */
+static __device__ int64_t warp_argmax(const float *x, int64_t c, int lane, int64_t st) {
     float best = -INFINITY;
     int64_t k = -1;
     for (int64_t i = lane; i < c; i += 32)
-        if (k < 0 || argmax_before(x[i], i, best, k)) {
-            best = x[i];
+        if (k < 0 || argmax_before(x[i * st], i, best, k)) {
+            best = x[i * st];
             k = i;
         }
     return warp_first_max(best, k);
@@ -52,13 +54,15 @@ __global__ void loss_forward_backward(cu_scratch *S, cu_result *R, float *dy, co
     }
     double total = 0;
     long long correct = 0;
+    const int64_t st = a.positions;
     for (int64_t r = blockIdx.x * (int64_t)warps + (threadIdx.x >> 5); r < a.b; r += (int64_t)gridDim.x * warps) {
-        const float *yr = y + r * c;
-        const float *tr = t ? t + r * c : NULL;
-        float *dr = dy ? dy + r * c : NULL;
+        const int64_t smp = r / st, at = smp * c * st + (r - smp * st);  /* r * c for st 1 */
+        const float *yr = y + at;
+        const float *tr = t ? t + at : NULL;
+        float *dr = dy ? dy + at : NULL;
         double row = 0;
         if (a.kind == MPSCY_LOSS_SPARSE_CE || a.kind == MPSCY_LOSS_CE) {
-            row = ce_row<false>(yr, c, lane, labels ? labels[r] : -1, tr, a.w, a.eps, inv_d, dr);
+            row = ce_row<false>(yr, c, lane, labels ? labels[r] : -1, tr, a.w, a.eps, inv_d, dr, st);
         } else {
             for (int64_t i = lane; i < c; i += 32) {
                 double x = yr[i], z = tr[i], d = x - z, g;
@@ -113,8 +117,8 @@ __global__ void loss_forward_backward(cu_scratch *S, cu_result *R, float *dy, co
         }
         row = warp_sum(row);
         if (a.accuracy == MPSCY_ACCURACY_ARGMAX) {
-            int64_t want = labels ? labels[r] : warp_argmax(tr, c, lane);
-            int64_t got = warp_argmax(yr, c, lane);
+            int64_t want = labels ? labels[r] : warp_argmax(tr, c, lane, st);
+            int64_t got = warp_argmax(yr, c, lane, st);
             if (lane == 0) correct += got == want;
         } else if (a.accuracy == MPSCY_ACCURACY_THRESHOLD) {
             long long k = 0;
@@ -167,8 +171,9 @@ int cu_loss(cu_graph *g, float *dy, int64_t b, int finalize, char *err, size_t e
     a.index_target = p->target == MPSCY_TARGET_INDEX;
     a.w = g->class_w;
     a.pw = g->pos_w;
-    a.b = b;
-    a.c = p->out_size;
+    a.b = b * p->positions;
+    a.c = p->classes;
+    a.positions = p->positions;
     a.eps = p->loss.label_smoothing;
     a.delta = p->loss.delta;
     a.threshold = (float)p->loss.threshold;
@@ -178,7 +183,7 @@ int cu_loss(cu_graph *g, float *dy, int64_t b, int finalize, char *err, size_t e
      * 1024 threads, two rows a warp (64 registers, some spilled) took 10.7 us in the step's
      * timeline against 7.1 for eight blocks and the last block's sum; the step 283.1 against
      * 280.1 us (A/B) */
-    unsigned blocks = cu_blocks(b, CU_THREADS / 32, CU_MAX_PARTS);
+    unsigned blocks = cu_blocks(a.b, CU_THREADS / 32, CU_MAX_PARTS);
     CU_TRY(cu_launch(g, loss_forward_backward, blocks, CU_THREADS, g->stream, g->scratch, g->result, dy,
                      (const float *)g->y[p->output], target, a),
            "loss_forward_backward");

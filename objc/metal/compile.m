@@ -55,7 +55,7 @@ static void build_graph(MetalBuilder *c, int kind) {
     }
 
     MPSGraphTensor *target = p->target == MPSCY_TARGET_INDEX
-        ? mt_placeholder(c, @[@(c.b)], MPSDataTypeInt32, METAL_BIND_TARGET, 0)
+        ? mt_placeholder(c, @[@(c.b * p->target_size)], MPSDataTypeInt32, METAL_BIND_TARGET, 0)
         : mt_placeholder(c, mt_shape(c.b, out_node), MPSDataTypeFloat32, METAL_BIND_TARGET, 0);
     MPSGraphTensor *loss = nil, *correct = nil, *dy = nil;
     metal_loss(c, out, target, &loss, &correct, kind == METAL_TRAIN ? &dy : NULL);

@@ -20,24 +20,33 @@ static MPSGraphTensor *log_clamped(MetalBuilder *c, MPSGraphTensor *logv) {
     return mt_select(c, mt_lt(c, logv, floor100), floor100, logv);
 }
 
-static MPSGraphTensor *argmax_rows(MetalBuilder *c, MPSGraphTensor *v) {
-    // (b, C) -> (b) float32 index of the row maximum, a NaN counting as larger than any number
+static MPSGraphTensor *argmax_rows(MetalBuilder *c, MPSGraphTensor *v, int64_t rows) {
+    // (rows, C) -> (rows) float32 index of the row maximum, a NaN counting as larger than any number
     // (the cpu's argmax, numpy's and torch's): the first NaN of a row that has one
     MPSGraphTensor *nan = mt_float(c, [c.g isNaNWithTensor:v name:nil]);                  // (b, C) 0/1
     MPSGraphTensor *k = mt_float(c, [c.g reductionArgMaximumWithTensor:v axis:1 name:nil]);
     MPSGraphTensor *kn = mt_float(c, [c.g reductionArgMaximumWithTensor:nan axis:1 name:nil]);
     MPSGraphTensor *any = [c.g reductionMaximumWithTensor:nan axes:@[@1] name:nil];         // (b, 1)
-    return mt_reshape(c, mt_select(c, mt_gt(c, any, mt_const(c, 0.0)), kn, k), @[@(c.b)]);
+    return mt_reshape(c, mt_select(c, mt_gt(c, any, mt_const(c, 0.0)), kn, k), @[@(rows)]);
+}
+
+static MPSGraphTensor *as_rows(MetalBuilder *c, MPSGraphTensor *v, int64_t cls, int64_t npos) {
+    // (b, C, S) -> (b S, C): a row per position, its classes last (npos 1: (b, C) as it lies)
+    if (npos == 1) return mt_reshape(c, v, @[@(c.b), @(cls)]);
+    MPSGraphTensor *bcs = mt_reshape(c, v, @[@(c.b), @(cls), @(npos)]);
+    return mt_reshape(c, [c.g transposeTensor:bcs dimension:1 withDimension:2 name:nil], @[@(c.b * npos), @(cls)]);
 }
 
 void metal_loss(MetalBuilder *c, MPSGraphTensor *y, MPSGraphTensor *target, MPSGraphTensor *__strong *loss,
                 MPSGraphTensor *__strong *correct, MPSGraphTensor *__strong *dy) {
     const mpscy_plan *p = c.plan;
-    int64_t cls = p->out_size, b = c.b;
-    MPSShape *rows = @[@(b), @(cls)];
-    MPSGraphTensor *yf = mt_reshape(c, y, rows);   // (b, C)
-    MPSGraphTensor *labels = p->target == MPSCY_TARGET_INDEX ? target : nil;   // (b) int32
-    MPSGraphTensor *t = labels ? nil : mt_reshape(c, target, rows);           // (b, C)
+    // the cross-entropies over (C, d1, ...) take each of the S = d1 x ... positions as a row: the
+    // output (b, C, S) transposed to (b S, C), labels (b S), dense targets as the output; every
+    // other loss has S = 1 and rows of the whole output
+    int64_t cls = p->classes, npos = p->positions, b = c.b * npos;
+    MPSGraphTensor *yf = as_rows(c, y, cls, npos);   // (b S, C)
+    MPSGraphTensor *labels = p->target == MPSCY_TARGET_INDEX ? target : nil;   // (b S) int32
+    MPSGraphTensor *t = labels ? nil : as_rows(c, target, cls, npos);         // (b S, C)
     MPSGraphTensor *inv_b = mt_const(c, 1.0 / (double)b), *inv_n = mt_const(c, 1.0 / (double)(b * cls));
     MPSGraphTensor *one = mt_const(c, 1.0), *zero = mt_const(c, 0.0), *half = mt_const(c, 0.5);
     NSArray<NSNumber *> *all = @[@0, @1], *row = @[@1];
@@ -139,12 +148,16 @@ void metal_loss(MetalBuilder *c, MPSGraphTensor *y, MPSGraphTensor *target, MPSG
         d = mt_mul(c, yf, zero);
     }
     *loss = mt_scalar1(c, l);
-    if (dy) *dy = mt_reshape(c, d, mt_shape(b, &p->nodes[p->output]));
+    if (dy && npos > 1) {   // (b S, C) back to (b, C, S)
+        MPSGraphTensor *bsc = mt_reshape(c, d, @[@(c.b), @(npos), @(cls)]);
+        d = [c.g transposeTensor:bsc dimension:1 withDimension:2 name:nil];
+    }
+    if (dy) *dy = mt_reshape(c, d, mt_shape(c.b, &p->nodes[p->output]));
 
     *correct = nil;
     if (p->loss.accuracy == MPSCY_ACCURACY_ARGMAX) {
-        MPSGraphTensor *want = labels ? mt_float(c, labels) : argmax_rows(c, t);   // (b)
-        MPSGraphTensor *hit = mt_float(c, mt_eq(c, argmax_rows(c, yf), want));
+        MPSGraphTensor *want = labels ? mt_float(c, labels) : argmax_rows(c, t, b);   // (b S)
+        MPSGraphTensor *hit = mt_float(c, mt_eq(c, argmax_rows(c, yf, b), want));
         *correct = mt_scalar1(c, mt_sum(c, hit, @[@0]));
     } else if (p->loss.accuracy == MPSCY_ACCURACY_THRESHOLD && t) {
         MPSGraphTensor *pred = mt_float(c, mt_gt(c, yf, mt_const(c, p->loss.threshold)));

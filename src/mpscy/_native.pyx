@@ -76,6 +76,8 @@ cdef class Graph:
     cdef bint target_unit  # BinaryCrossEntropy: targets in [0, 1], which torch checks too
     cdef int accuracy_kind
     cdef int64_t classes
+    cdef int64_t positions   # the cross-entropies on logits over (C, d1, ...): d1 x ... (labels per row), else 1
+    cdef bint logits_ce
     cdef bint busy   # set while a native call is in flight (the GIL is released then)
     cdef int min_train_rows       # fewest rows a train-mode call accepts (2 with 1-D BatchNorm)
     cdef str min_rows_reason
@@ -129,6 +131,7 @@ cdef class Graph:
         self.target_dense = d.target == MPSCY_TARGET_DENSE
         self.target_unit = d.loss.kind == MPSCY_LOSS_BCE
         self.accuracy_kind = d.loss.accuracy
+        self.logits_ce = d.loss.kind == MPSCY_LOSS_SPARSE_CE or d.loss.kind == MPSCY_LOSS_CE
         self.n_inputs = 0
         for i, L in enumerate(layers):
             if L["kind"] == "input":
@@ -164,7 +167,9 @@ cdef class Graph:
         self.out_size = 1
         for s in out:
             self.out_size *= s
-        self.classes = self.out_size
+        # torch's cross entropy over (n, C, d1, ...): C classes at each of d1 x ... positions
+        self.classes = out[0] if self.logits_ce and len(out) > 1 else self.out_size
+        self.positions = self.out_size // self.classes
         _check(mpscy_graph_io(self.handle, MPSCY_IO_TARGET, 0, &buf, self.err, ERR_LEN), self.err)
         _check(mpscy_buffer_host_pointer(buf, &self.target_ptr, &nbytes, self.err, ERR_LEN), self.err)
         _check(mpscy_graph_io(self.handle, MPSCY_IO_OUTPUT, 0, &buf, self.err, ERR_LEN), self.err)
@@ -363,22 +368,29 @@ cdef class Graph:
             if not self.target_dense:
                 if kind != K_I32 and kind != K_I64:
                     raise _errors.DTypeError(f"{what} must be int32 or int64 class labels, got {_dtype_name(y)}")
-                if v.ndim != 1:
-                    raise _errors.ShapeError(f"{what} has shape {_shape_str(&v)}; labels must be shaped (n,)")
+                spatial = self.output_shape[1:] if self.positions > 1 else ()
+                if v.ndim != 1 + len(spatial) or any(v.shape[d + 1] != spatial[d] for d in range(len(spatial))):
+                    want = f"(n, {', '.join(map(str, spatial))})" if spatial else "(n,)"
+                    raise _errors.ShapeError(f"{what} has shape {_shape_str(&v)}; labels must be shaped {want}"
+                                             + (f", a class in [0, {self.classes}) at each position of the "
+                                                f"output's {self.output_shape}" if spatial else ""))
                 if v.shape[0] != rows:
                     raise _errors.ShapeError(f"{what} has {v.shape[0]} labels for {rows} rows of x")
                 if not _c_contiguous(&v):
                     raise _errors.ShapeError(f"{what} is not C-contiguous (use np.ascontiguousarray)")
+                count = rows * self.positions
                 with nogil:
                     if kind == K_I64:
-                        bad = _copy_labels_i64(<int32_t *>dst, <const int64_t *>v.buf, rows, self.classes)
+                        bad = _copy_labels_i64(<int32_t *>dst, <const int64_t *>v.buf, count, self.classes)
                     else:
-                        bad = _copy_labels_i32(<int32_t *>dst, <const int32_t *>v.buf, rows, self.classes)
+                        bad = _copy_labels_i32(<int32_t *>dst, <const int32_t *>v.buf, count, self.classes)
                 if bad >= 0:
                     value = (<const int64_t *>v.buf)[bad] if kind == K_I64 else (<const int32_t *>v.buf)[bad]
                     of = "" if dst != NULL else f" of {what}"
+                    at = (f" at position {tuple(int(i) for i in np.unravel_index(bad % self.positions, spatial))}"
+                          if spatial else "")
                     raise _errors.InvalidArgumentError(
-                        f"label {value} at row {bad + row0}{of} is outside [0, {self.classes})")
+                        f"label {value} at row {bad // self.positions + row0}{at}{of} is outside [0, {self.classes})")
                 return 0
             if kind != K_F32:
                 raise _errors.DTypeError(f"{what} must be float32 targets shaped like the output, got {_dtype_name(y)}")
@@ -420,7 +432,7 @@ cdef class Graph:
             return None
         if self.accuracy_kind == MPSCY_ACCURACY_THRESHOLD:
             return correct / <double>(rows * self.out_size)
-        return correct / <double>rows
+        return correct / <double>(rows * self.positions)   # per position for a (C, d1, ...) cross entropy
 
     # ------------------------------------------------------------------ the hot path
 

@@ -95,6 +95,10 @@ def _class_weight(value):
 
 class SparseCrossEntropy(Loss):
     """Softmax cross-entropy of logits (n, classes) against integer labels (n,): F.cross_entropy.
+    Over an output (classes, d1, ...) (e.g. a segmentation head's (C, H, W)), torch's
+    F.cross_entropy over (n, C, d1, ...): labels (n, d1, ...), a softmax over the classes at each
+    position, the loss the mean over the batch's positions and the accuracy the fraction of
+    positions whose largest logit is the label's.
 
     weight: None, or one weight >= 0 per class (torch's `weight=`, e.g. inverse class
     frequencies for imbalanced data; or a dict {class: weight} naming every class, as Keras's
@@ -119,17 +123,21 @@ class SparseCrossEntropy(Loss):
     def accuracy(self, output_shape):
         return "argmax"
 
+    per_position = True   # (classes, d1, ...) outputs: a softmax over the classes at each position
+
     def check(self, output_shape):
         name = type(self).__name__
-        if len(output_shape) == 3:   # (C, H, W): torch's per-pixel cross entropy, which mpscy has not
-            raise ShapeError(f"{name} needs a (classes,) output per sample, got {output_shape}: a cross entropy over "
-                             f"the classes of each pixel (torch's over (n, C, H, W)) is not supported; per-pixel "
-                             f"BCEWithLogits over one channel per class (one-hot masks) trains a segmentation head, "
-                             f"one class against the rest")
-        if len(output_shape) != 1:
+        if len(output_shape) != 1 and not self.per_position:
             raise ShapeError(f"{name} needs a (classes,) output per sample, got {output_shape}; "
                              "add Flatten or Dense before the loss")
+        if len(output_shape) < 1:
+            raise ShapeError(f"{name} needs a (classes,) or (classes, d1, ...) output per sample, got {output_shape}")
         if output_shape[0] < 2:
+            if len(output_shape) > 1:
+                raise InvalidArgumentError(
+                    f"{name} over an output of shape {output_shape} takes its first dimension as the classes "
+                    f"(torch's (n, C, d1, ...)), and {output_shape[0]} is fewer than 2; a channels-last output "
+                    "(..., C) needs its classes moved first, and one channel of logits trains under BCEWithLogits")
             raise InvalidArgumentError(f"{name} needs at least 2 classes, got an output of shape {output_shape}; "
                                        "for a single-output binary head use BCEWithLogits (logits) or "
                                        "BinaryCrossEntropy (probabilities)")
@@ -146,7 +154,8 @@ class SparseCrossEntropy(Loss):
 
 class CrossEntropy(SparseCrossEntropy):
     """Softmax cross-entropy of logits against class probabilities (n, classes), float32:
-    F.cross_entropy with probability targets (smoothing mixes them with the uniform).
+    F.cross_entropy with probability targets (smoothing mixes them with the uniform). Over an
+    output (classes, d1, ...), targets shaped like it: the mean over the batch's positions.
     weight: as SparseCrossEntropy's, torch's `weight=` with probability targets: each class's
     term scaled by its weight, the mean over rows (torch's divisor for probability targets)."""
 
@@ -160,6 +169,7 @@ class CategoricalCrossEntropy(SparseCrossEntropy):
 
     kind = "categorical_cross_entropy"
     target = "dense"
+    per_position = False
 
     def __init__(self, label_smoothing=0.0):
         super().__init__(label_smoothing)
