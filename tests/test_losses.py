@@ -831,3 +831,42 @@ def test_a_segmentation_head_learns_per_pixel_classes(device):
         r = engine.step(x[32 * (i % 2):32 * (i % 2) + 32], y[32 * (i % 2):32 * (i % 2) + 32])
     assert engine.evaluate(x, y)["accuracy"] >= 0.97
     assert r.loss < 0.3
+
+
+def test_fit_metrics_of_a_segmentation_head_are_per_pixel():
+    """fit's classification metrics read every pixel as a row, as the loss does: val_f1 (macro)
+    and val_top2 equal mpscy.metrics over the flattened pixels of predict's outputs."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 3, 6, 6)).astype(np.float32)
+    y = rng.integers(0, 3, (16, 6, 6))
+    engine = mpscy.Engine(mpscy.Sequential([layers.Conv2D(3, 3, padding=1)], input_shape=(3, 6, 6)),
+                          loss="sparse_cross_entropy", batch_size=8, device="cpu", seed=0)
+    h = engine.fit(x, y, epochs=1, validation_data=(x, y), metrics=["f1", "top2"], verbose=0)
+    out = engine.predict(x)
+    rows = np.moveaxis(out, 1, -1).reshape(-1, 3)
+    assert h.history["val_f1"][0] == pytest.approx(mpscy.metrics.f1(y.ravel(), rows.argmax(1), average="macro"),
+                                                   abs=1e-12)
+    top2 = np.mean([label in np.argsort(r)[-2:] for r, label in zip(rows, y.ravel())])
+    assert h.history["val_top2"][0] == pytest.approx(top2, abs=1e-12)
+    assert 0.2 < h.history["val_f1"][0] < 0.6                    # a number, not NaN
+
+
+def test_segmentation_heads_get_advice_that_fits_them(recwarn):
+    """Advice for a (C, H, W) output: a Softmax before a logits loss is told to go (not to take
+    categorical cross entropy, which takes (classes,) outputs only); Softmax over axis 0 is told
+    that it is the batch axis; a label of -100 is told there is no ignore_index."""
+    seg = mpscy.Sequential([layers.Conv2D(4, 1), layers.Softmax(axis=1)], input_shape=(3, 5, 5))
+    with pytest.warns(UserWarning, match=r"it would be applied twice \(remove the Softmax: "
+                                         r"'categorical_cross_entropy' takes \(classes,\) outputs only\)"):
+        mpscy.Engine(seg, loss="sparse_cross_entropy", batch_size=2, device="cpu")
+    with pytest.raises(mpscy.ShapeError, match=r"got \(4, 5, 5\); add Flatten or Dense before the loss, or for a "
+                                               r"softmax over the first dimension at each position"):
+        mpscy.Engine(seg, loss="categorical_cross_entropy", batch_size=2, device="cpu")
+    with pytest.raises(mpscy.ShapeError, match=r"Softmax axis 0 is the batch axis of input shape \(n, 4, 5, 5\)"):
+        mpscy.Sequential([layers.Conv2D(4, 1), layers.Softmax(axis=0)], input_shape=(3, 5, 5))
+    engine = identity_engine("cpu", "sparse_cross_entropy", (4, 5, 5), 2)
+    labels = np.zeros((2, 5, 5), np.int64)
+    labels[0, 1, 2] = -100
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"label -100 at row 0 at position \(1, 2\) is outside "
+                                                         r"\[0, 4\); mpscy's cross entropies have no ignore_index"):
+        engine.step(np.zeros((2, 4, 5, 5), np.float32), labels)

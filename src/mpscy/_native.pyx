@@ -389,8 +389,11 @@ cdef class Graph:
                     of = "" if dst != NULL else f" of {what}"
                     at = (f" at position {tuple(int(i) for i in np.unravel_index(bad % self.positions, spatial))}"
                           if spatial else "")
+                    hint = ("; mpscy's cross entropies have no ignore_index (torch's leaves out labels of -100 "
+                            "by default): every label must be a class" if value < 0 or spatial else "")
                     raise _errors.InvalidArgumentError(
-                        f"label {value} at row {bad // self.positions + row0}{at}{of} is outside [0, {self.classes})")
+                        f"label {value} at row {bad // self.positions + row0}{at}{of} is outside [0, {self.classes})"
+                        f"{hint}")
                 return 0
             if kind != K_F32:
                 raise _errors.DTypeError(f"{what} must be float32 targets shaped like the output, got {_dtype_name(y)}")

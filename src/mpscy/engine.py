@@ -226,7 +226,8 @@ class Engine(OptimizerState):
         """One training step: forward, loss, backward and update in one native call.
 
         x: float32 (n, *input_shape) with 1 <= n <= batch_size (a list for multi-input models);
-        y: int32/int64 labels (n,) for sparse losses, else float32 shaped like the output.
+        y: int32/int64 labels (n,) for sparse losses ((n, d1, ...) over a (C, d1, ...) output), else
+        float32 shaped like the output.
         Returns StepResult(loss, accuracy, batch_size, step_time_ns, applied, grad_norm).
         Raises NonFiniteError, with nothing updated, when the loss or a gradient is not finite.
 

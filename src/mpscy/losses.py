@@ -1,5 +1,6 @@
 """Losses, as torch.nn.functional defines them, always with reduction="mean" (the mean over all
-elements; over rows for the cross-entropies, or over the labels' weights under class weights). Each is computed natively together with its
+elements; over rows for the cross-entropies, or over every position's row for one over (C, d1, ...)
+outputs, or over the labels' weights under class weights). Each is computed natively together with its
 gradient; these classes carry the options and say which targets and accuracy they use.
 Pass an instance or its name: ``Engine(model, loss="mse")`` or ``loss=losses.Huber(delta=0.5)``."""
 
@@ -13,8 +14,8 @@ __all__ = ["Loss", "SparseCrossEntropy", "CrossEntropy", "BinaryCrossEntropy", "
 
 
 class Loss:
-    """Base class. `target` is "index" (integer labels, shape (n,)) or "dense" (float32 shaped
-    like the output)."""
+    """Base class. `target` is "index" (integer labels, shape (n,), or (n, d1, ...) for a cross
+    entropy over (C, d1, ...) outputs) or "dense" (float32 shaped like the output)."""
 
     kind = None
     target = "dense"
@@ -98,7 +99,7 @@ class SparseCrossEntropy(Loss):
     Over an output (classes, d1, ...) (e.g. a segmentation head's (C, H, W)), torch's
     F.cross_entropy over (n, C, d1, ...): labels (n, d1, ...), a softmax over the classes at each
     position, the loss the mean over the batch's positions and the accuracy the fraction of
-    positions whose largest logit is the label's.
+    positions whose largest logit is the label's. No ignore_index: every label is a class.
 
     weight: None, or one weight >= 0 per class (torch's `weight=`, e.g. inverse class
     frequencies for imbalanced data; or a dict {class: weight} naming every class, as Keras's
@@ -128,8 +129,10 @@ class SparseCrossEntropy(Loss):
     def check(self, output_shape):
         name = type(self).__name__
         if len(output_shape) != 1 and not self.per_position:
-            raise ShapeError(f"{name} needs a (classes,) output per sample, got {output_shape}; "
-                             "add Flatten or Dense before the loss")
+            raise ShapeError(f"{name} needs a (classes,) output per sample, got {output_shape}; add Flatten or Dense "
+                             "before the loss, or for a softmax over the first dimension at each position "
+                             "(segmentation) end the model on its logits under 'sparse_cross_entropy' (labels) or "
+                             "'cross_entropy' (probabilities)")
         if len(output_shape) < 1:
             raise ShapeError(f"{name} needs a (classes,) or (classes, d1, ...) output per sample, got {output_shape}")
         if output_shape[0] < 2:
@@ -157,7 +160,8 @@ class CrossEntropy(SparseCrossEntropy):
     F.cross_entropy with probability targets (smoothing mixes them with the uniform). Over an
     output (classes, d1, ...), targets shaped like it: the mean over the batch's positions.
     weight: as SparseCrossEntropy's, torch's `weight=` with probability targets: each class's
-    term scaled by its weight, the mean over rows (torch's divisor for probability targets)."""
+    term scaled by its weight, the mean over rows, or positions (torch's divisor for probability
+    targets)."""
 
     kind = "cross_entropy"
     target = "dense"
@@ -318,6 +322,9 @@ def output_mismatch(loss, model):
     if loss.kind in _LOGITS and layer is not None and layer.kind == _LOGITS[loss.kind]:
         name = type(layer).__name__
         other = "binary_cross_entropy" if loss.kind == "bce_with_logits" else "categorical_cross_entropy"
+        fix = f"remove the {name}, or use {other!r}"
+        if other == "categorical_cross_entropy" and len(model.output_shape) > 1:
+            fix = f"remove the {name}: {other!r} takes (classes,) outputs only"   # not per position
         return (f"loss {loss.kind} takes logits and applies the {name.lower()} itself, but the model's output is "
-                f"{name} {nodes[i].name!r}: it would be applied twice (remove the {name}, or use {other!r})")
+                f"{name} {nodes[i].name!r}: it would be applied twice ({fix})")
     return None

@@ -436,10 +436,20 @@ def classify_outputs(y_true, outputs, loss=None):
     """(true labels, predicted labels, class scores) from model outputs, as fit's metrics and
     mpscy.plot read them: scores are the softmax of logits for the cross-entropy losses, the
     sigmoid of the logit for BCEWithLogits, the outputs otherwise; a single-output head is
-    binary (threshold 0.5 on the score, scores shaped (n,)); one-hot targets give their argmax."""
-    outputs = np.asarray(outputs, dtype=np.float64).reshape(len(outputs), -1)
+    binary (threshold 0.5 on the score, scores shaped (n,)); one-hot targets give their argmax.
+    Under a cross entropy over (n, C, d1, ...) outputs (segmentation) every position is a row, as
+    the loss reads them: outputs (n d1 ..., C), labels (n d1 ...)."""
+    outputs = np.asarray(outputs, dtype=np.float64)
     y_true = np.asarray(y_true)
     kind = getattr(loss, "kind", None)
+    if kind in _SOFTMAX_LOSSES and outputs.ndim > 2:
+        c = outputs.shape[1]
+        if y_true.shape == outputs.shape:   # probability targets shaped like the outputs
+            y_true = np.moveaxis(y_true, 1, -1).reshape(-1, c)
+        else:
+            y_true = y_true.reshape(-1)
+        outputs = np.moveaxis(outputs, 1, -1).reshape(-1, c)
+    outputs = outputs.reshape(len(outputs), -1)
     if outputs.shape[1] == 1:
         probs = 1.0 / (1.0 + np.exp(-outputs[:, 0])) if kind == "bce_with_logits" else outputs[:, 0]
         labels = (y_true.reshape(len(y_true), -1)[:, 0] > 0.5).astype(np.int64)

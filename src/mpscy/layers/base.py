@@ -338,8 +338,13 @@ class Softmax(_Activation):
             ax -= 1
         else:
             ax -= 1
+        full = f"(n, {', '.join(map(str, shape))})"
+        if ax == -1 and self.axis in (0, -rank - 1):
+            raise ShapeError(f"Softmax axis {self.axis} is the batch axis of input shape {full}: axes count it (as "
+                             f"torch's dim= and Keras's axis=), so a sample's first dimension (the classes of a (C, H, W) "
+                             "segmentation output) is axis 1")
         if not 0 <= ax < rank:
-            raise ShapeError(f"Softmax axis {self.axis} is out of range for input shape (n, {', '.join(map(str, shape))})")
+            raise ShapeError(f"Softmax axis {self.axis} is out of range for input shape {full}")
         return ax
 
     def output_shape(self, input_shapes):
