@@ -237,6 +237,31 @@ def test_convtranspose_every_cuda_form_matches_cpu(rng, monkeypatch, form):
 
 
 @cuda_only
+def test_convtranspose_wide_weight_gradient_partials_at_a_partial_batch_match_cpu(rng):
+    """2x2 stride-2 taps from 256 channels over 8x8 (K = b x 64 positions): at the built batch
+    of 64 the tensor-core weight gradient writes 16 partials, at 33 rows 17 (its splits are
+    asked by the batch, the partials written rounded from them): the workspace holds the most
+    any batch writes. One step's gradients at 64 and 33 rows within 1e-5 of the cpu's."""
+    build = lambda: [L.ConvTranspose2D(64, 2, stride=2), L.ReLU(), L.GlobalAvgPool2D(), L.Dense(5)]
+    cpu, gpu = pair(build, (256, 8, 8), batch=64, opt=lambda: optim.SGD(0.01), input_gradients=True)
+    for rows in (64, 33):
+        x = rng.standard_normal((rows, 256, 8, 8)).astype(np.float32)
+        compare_gradients(cpu, gpu, x, rng.integers(0, 5, rows).astype(np.int32), tol=1e-5)
+
+
+@cuda_only
+def test_convtranspose_depthwise_over_a_large_batch_matches_cpu(rng):
+    """A depthwise ConvTranspose2D (256 groups of one channel, 2x2 stride 2 over 4x4) at a batch
+    of 300: the forward's columns of every sample fit one chunk, but a launch holds at most 65535
+    (sample, group) blocks, so its samples go in chunks of 255. One step's gradients within 1e-5
+    of the cpu's."""
+    build = lambda: [L.ConvTranspose2D(256, 2, stride=2, groups=256), L.ReLU(), L.GlobalAvgPool2D(), L.Dense(5)]
+    cpu, gpu = pair(build, (256, 4, 4), batch=300, opt=lambda: optim.SGD(0.01), input_gradients=True)
+    x = rng.standard_normal((300, 256, 4, 4)).astype(np.float32)
+    compare_gradients(cpu, gpu, x, rng.integers(0, 5, 300).astype(np.int32), tol=1e-5)
+
+
+@cuda_only
 def test_conv_long_k_with_odd_and_partial_batches_matches_cpu(rng):
     """b*OH*OW = 4500, 4275 and 1575 (partial batches of 19 and 7): the weight gradient's own
     split-K kernel, chosen at the built batch, with float4 loads and, for the odd counts, scalar

@@ -870,3 +870,35 @@ def test_segmentation_heads_get_advice_that_fits_them(recwarn):
     with pytest.raises(mpscy.InvalidArgumentError, match=r"label -100 at row 0 at position \(1, 2\) is outside "
                                                          r"\[0, 4\); mpscy's cross entropies have no ignore_index"):
         engine.step(np.zeros((2, 4, 5, 5), np.float32), labels)
+
+
+def test_per_position_weighted_smoothed_mean_over_batches_whose_labels_all_weigh_zero():
+    """evaluate over a (C, H, W) head under class weights and label smoothing, where one batch's
+    labels all weigh 0 (its mean is x/0, so its smoothing terms join the whole set's sum): torch's
+    weighted mean over the whole set, within 1e-8 of the float64 reference."""
+    net = mpscy.Sequential([layers.Conv2D(3, 1)], input_shape=(2, 4, 5))
+    w = np.array([0.0, 1.0, 2.0])
+    engine = mpscy.Engine(net, loss=losses.SparseCrossEntropy(label_smoothing=0.1, weight=w), batch_size=2,
+                          device="cpu", seed=0)
+    rng = np.random.default_rng(0)
+    x = rng.random((4, 2, 4, 5), dtype=np.float32)
+    y = rng.integers(1, 3, (4, 4, 5))
+    y[:2] = 0                                                   # the first batch: every label weighs 0
+    z = engine.predict(x).astype(np.float64)
+    z -= z.max(1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    q = 0.9 * np.moveaxis(np.eye(3)[y], -1, 1) + 0.1 / 3
+    ref = -(q * w[None, :, None, None] * logp).sum() / w[y].sum()
+    assert engine.evaluate(x, y)["loss"] == pytest.approx(ref, rel=1e-8)
+
+
+def test_a_classes_by_one_by_one_output_takes_torch_s_label_shape():
+    """(C, 1, 1) under sparse cross entropy is torch's (n, C, 1, 1): labels (n, 1, 1); (n,) is
+    refused naming that shape."""
+    engine = identity_engine("cpu", "sparse_cross_entropy", (3, 1, 1), 2)
+    x = np.random.default_rng(0).standard_normal((2, 3, 1, 1)).astype(np.float32)
+    with pytest.raises(mpscy.ShapeError, match=r"labels must be shaped \(n, 1, 1\)"):
+        engine.step(x, np.zeros(2, np.int64))
+    ref, _ = R.weighted_ce_ref("sparse_cross_entropy", x.reshape(2, 3).astype(np.float64), np.array([2, 0]),
+                               np.ones(3))
+    assert engine.step(x, np.array([[[2]], [[0]]])).loss == pytest.approx(ref, rel=1e-6)

@@ -386,7 +386,7 @@ void mpscy_plan_free(mpscy_plan *p) {
 size_t mpscy_plan_bytes(const mpscy_plan *p) {
     return (size_t)p->n_nodes * sizeof(mpscy_node) +
            (size_t)(8 * p->n_nodes + MPSCY_MAX_OPTIM_SLOTS + 4) * sizeof(mpscy_tensor) +
-           ((p->class_weight ? 1 : 0) + (p->pos_weight ? 1 : 0)) * (size_t)p->out_size * sizeof(float);
+           ((p->class_weight ? (size_t)p->classes : 0) + (p->pos_weight ? (size_t)p->out_size : 0)) * sizeof(float);
 }
 
 const mpscy_tensor *mpscy_plan_tensor(const mpscy_plan *p, int32_t index, size_t bytes, int check_bytes,

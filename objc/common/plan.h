@@ -86,7 +86,7 @@ typedef struct mpscy_plan {
     int32_t n_scalar_slots;          /* named optimizer scalars: "step" (I64), others F64 */
     char scalar_slots[4][MPSCY_NAME_LEN];
     mpscy_lbfgs_layout lbfgs;        /* MPSCY_OPTIM_LBFGS only */
-    float *class_weight;             /* (out_size) the loss's class weights, the plan's copy, or NULL */
+    float *class_weight;             /* (classes) the loss's class weights, the plan's copy, or NULL */
     float *pos_weight;               /* (out_size) BCE_LOGITS's pos_weight for each element of a sample
                                       * (the desc's, one per last-axis element, repeated), or NULL */
     int64_t target_size;             /* per-sample target elements (1 for INDEX; positions, below, per-position) */

@@ -307,11 +307,14 @@ static int64_t convt_splits(const conv_geom &g, int64_t b) {
 #define CT_COLS_CAP ((int64_t)1 << 26)
 #define CT_BLOCKS 264   /* two blocks a multiprocessor of an H100: the weight gradient's split target */
 
+/* where one sample's tensors and columns index in 32 bits, and every grid's y and z (at most
+ * 65535) hold the tiles of kg or C' / groups rows and the groups (the weight gradient's 64 splits
+ * of each) */
 static bool convt_mma_fits(const conv_geom &g) {
     const int64_t lim = INT32_MAX;
     return g.c * g.h * g.w < lim && g.oc * g.ohw < lim && g.k * g.ohw <= CT_COLS_CAP &&
            g.h + 2 * g.ph + g.kh * g.dh < lim && g.w + 2 * g.pw + g.kw * g.dw < lim && g.oh * g.sh < lim &&
-           g.ow * g.sw < lim;
+           g.ow * g.sw < lim && (g.kg + 31) / 32 <= 65535 && (g.ocg + 31) / 32 <= 65535 && 64 * g.groups <= 65535;
 }
 
 /* read when a graph is captured (each batch size's), so that tests can run every form in one process */
@@ -323,17 +326,22 @@ static bool convt_mma_on(const cu_graph *gr, const conv_geom &g) {
  * with $MPSCY_CUDA_CONVT_COLS, for testing the chunks), at least one */
 static int64_t convt_cols_chunk(const conv_geom &g, int64_t b) {
     const int64_t cap = std::min<int64_t>(CT_COLS_CAP, cu_knob_int("MPSCY_CUDA_CONVT_COLS", (int)CT_COLS_CAP));
-    return std::max<int64_t>(1, std::min<int64_t>(b, cap / (g.k * g.ohw)));
+    /* a (sample, group) a blockIdx.z: at most 65535 of them a launch */
+    return std::max<int64_t>(1, std::min<int64_t>({b, cap / (g.k * g.ohw), 65535 / g.groups}));
 }
 
-/* the weight gradient's splits at batch b (at least 4 steps of MMA_BK positions each, at most 64),
- * never fewer at a larger b, so the built batch's workspace holds every smaller one's */
-static int64_t convt_dw_splits(const conv_geom &g, int64_t b, int64_t *chunk) {
+/* the weight gradient's splits at batch b (at least 4 steps of MMA_BK positions each, at most 64):
+ * the partials written, each of `chunk` positions; *most: the splits asked for, never fewer at a
+ * larger b and never fewer than the partials written at any b up to this one, so the built
+ * batch's `most` sizes the workspace for every smaller one (the partials written are not
+ * monotone: 16 at b = 64 and 17 at b = 33 for 2x2 taps from 256 channels over 8x8) */
+static int64_t convt_dw_splits(const conv_geom &g, int64_t b, int64_t *chunk, int64_t *most) {
     const int64_t tm = g.ocg > 32 ? 64 : 32, tiles = ((g.ocg + tm - 1) / tm) * ((g.kg + 63) / 64) * g.groups;
     const int64_t steps = (b * g.ohw + MMA_BK - 1) / MMA_BK;
     int64_t splits = std::max<int64_t>(1, std::min<int64_t>({64, (CT_BLOCKS + tiles - 1) / tiles, (steps + 3) / 4}));
     const int64_t per = (steps + splits - 1) / splits;
     *chunk = per * MMA_BK;
+    *most = splits;
     return (steps + per - 1) / per;
 }
 
@@ -491,7 +499,7 @@ __global__ void __launch_bounds__(256, 2) convt_dw_kernel(float *__restrict__ ou
     };
     auto load_b = [&](float *sm, int64_t kb) {
         const int64_t k = kb + lane, s = k < k1 ? k / g.ohw : 0;
-        const int p = (int)(k - s * g.ohw), i = p / OW, ui = i * (int)g.sh, vj = (p - i * OW) * (int)g.sw;
+        const int p = k < k1 ? (int)(k - s * g.ohw) : 0, i = p / OW, ui = i * (int)g.sh, vj = (p - i * OW) * (int)g.sw;
         const float *base = dy + s * g.c * hw;
 #pragma unroll
         for (int q = 0; q < 8; q++) {
@@ -555,8 +563,11 @@ static int convt_mma_dw(cu_graph *gr, const conv_geom &g, float *dw, const float
                                       {convt_dw_kernel<4, false>, convt_dw_kernel<4, true>}};
     const bool tm4 = g.ocg > 32, va = g.ohw % 4 == 0 && cu_aligned16(x);
     const int bytes = tm4 ? mma_smem_bytes<4, 4, true, true>() : mma_smem_bytes<2, 4, true, true>();
-    int64_t chunk;
-    const int64_t splits = convt_dw_splits(g, b, &chunk), count = g.oc * g.kg;
+    int64_t chunk, most;
+    const int64_t splits = convt_dw_splits(g, b, &chunk, &most), count = g.oc * g.kg;
+    if (splits > 1 && splits * count > gr->ws_floats)
+        return MPSCY_FAIL(err, en, MPSCY_DEVICE, CU, "ConvTranspose2D workspace too small (%lld floats wanted)",
+                          (long long)(splits * count));
     dim3 grid((unsigned)((g.kg + 63) / 64), (unsigned)((g.ocg + (tm4 ? 63 : 31)) / (tm4 ? 64 : 32)),
               (unsigned)(splits * g.groups));
     CU_TRY(mma_launch(gr, gr->stream, kinds[tm4][va], grid, bytes, splits > 1 ? gr->ws : dw, x, dy, g, b, chunk),
@@ -572,10 +583,10 @@ static int convt_mma_dw(cu_graph *gr, const conv_geom &g, float *dw, const float
 int64_t cu_convt_workspace(const mpscy_plan *p, const mpscy_node *n) {
     const conv_geom g = mpscy_conv_geometry(p, n);
     const int64_t splits = convt_splits(g, p->batch);
-    int64_t floats = splits > 1 ? splits * g.oc * (g.c / g.groups) * g.kh * g.kw : 0, chunk;
+    int64_t floats = splits > 1 ? splits * g.oc * (g.c / g.groups) * g.kh * g.kw : 0, chunk, most;
     if (convt_mma_fits(g)) {  /* the tensor-core products': the forward's columns, the weight gradient's partials */
-        const int64_t parts = convt_dw_splits(g, p->batch, &chunk);
-        floats = std::max({floats, convt_cols_chunk(g, p->batch) * g.k * g.ohw, parts > 1 ? parts * g.oc * g.kg : 0});
+        convt_dw_splits(g, p->batch, &chunk, &most);
+        floats = std::max({floats, convt_cols_chunk(g, p->batch) * g.k * g.ohw, most > 1 ? most * g.oc * g.kg : 0});
     }
     return floats;
 }

@@ -107,7 +107,7 @@ typedef struct cu_graph {
     float *params;             /* (n_params + n_buffers): trainable, frozen, running stats */
     float *grads;              /* (n_params): the first n_train read by the norm and the update */
     float *optim;              /* (optim_floats): the optimizer's slots (and L-BFGS scratch) */
-    float *class_w;            /* (out_size) the loss's class weights (plan.class_weight), or NULL */
+    float *class_w;            /* (plan.classes) the loss's class weights (plan.class_weight), or NULL */
     float *pos_w;              /* (out_size) bce_with_logits's pos_weight (plan.pos_weight), or NULL */
     double scalars[MPSCY_MAX_SCALARS]; /* optimizer scalars on the host; scalars[0] = step count */
     double mu_next;            /* the running scalar after the step in flight (mpscy_optim_coef_make) */

@@ -368,7 +368,8 @@ cdef class Graph:
             if not self.target_dense:
                 if kind != K_I32 and kind != K_I64:
                     raise _errors.DTypeError(f"{what} must be int32 or int64 class labels, got {_dtype_name(y)}")
-                spatial = self.output_shape[1:] if self.positions > 1 else ()
+                # torch's (n, d1, ...) labels of (n, C, d1, ...), (n, 1, 1) for (n, C, 1, 1) too
+                spatial = self.output_shape[1:] if self.logits_ce and len(self.output_shape) > 1 else ()
                 if v.ndim != 1 + len(spatial) or any(v.shape[d + 1] != spatial[d] for d in range(len(spatial))):
                     want = f"(n, {', '.join(map(str, spatial))})" if spatial else "(n,)"
                     raise _errors.ShapeError(f"{what} has shape {_shape_str(&v)}; labels must be shaped {want}"
@@ -390,7 +391,7 @@ cdef class Graph:
                     at = (f" at position {tuple(int(i) for i in np.unravel_index(bad % self.positions, spatial))}"
                           if spatial else "")
                     hint = ("; mpscy's cross entropies have no ignore_index (torch's leaves out labels of -100 "
-                            "by default): every label must be a class" if value < 0 or spatial else "")
+                            "by default): every label must be a class" if value < 0 or len(spatial) else "")
                     raise _errors.InvalidArgumentError(
                         f"label {value} at row {bad // self.positions + row0}{at}{of} is outside [0, {self.classes})"
                         f"{hint}")

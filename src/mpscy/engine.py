@@ -453,6 +453,7 @@ class Engine(OptimizerState):
         z -= z.max(axis=1, keepdims=True)
         logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
         w = np.asarray(self.loss.weight, np.float32).astype(np.float64)
+        w = w.reshape((1, -1) + (1,) * (z.ndim - 2))   # along the classes, axis 1 (of (n, C, d1, ...) too)
         return float(eps / z.shape[1] * -(logp * w).sum())
 
     def _weightless(self, error, y):
