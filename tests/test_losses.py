@@ -902,3 +902,16 @@ def test_a_classes_by_one_by_one_output_takes_torch_s_label_shape():
     ref, _ = R.weighted_ce_ref("sparse_cross_entropy", x.reshape(2, 3).astype(np.float64), np.array([2, 0]),
                                np.ones(3))
     assert engine.step(x, np.array([[[2]], [[0]]])).loss == pytest.approx(ref, rel=1e-6)
+
+
+def test_per_position_weighted_loss_over_many_rows(device, rng):
+    """4,608 positions (2 x 48 x 48) under class weights and label smoothing: on cuda, past 4,096
+    rows, the labels' summed weights come from a kernel of their own before the loss's. Loss
+    within 1e-6 and gradient within 1e-5 of the float64 reference."""
+    out = (rng.standard_normal((2, 5, 48, 48)) * 2).astype(np.float32).astype(np.float64)
+    target = rng.integers(0, 5, (2, 48, 48))
+    engine = identity_engine(device, losses.SparseCrossEntropy(label_smoothing=0.1, weight=WEIGHT), out.shape[1:], 2)
+    g = engine.gradients(out.astype(np.float32), target)
+    ref, grad = _positions_ref("sparse_cross_entropy", out, target, WEIGHT, 0.1)
+    assert abs(g["loss"] - ref) <= 1e-6 * max(abs(ref), 1.0)
+    assert R.rel_err(g["input"], grad) < 1e-5

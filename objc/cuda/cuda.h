@@ -64,6 +64,7 @@ typedef struct cu_scratch {
     unsigned int red_count;    /* L-BFGS reductions (lbfgs.cu) */
     double red_part[CU_MAX_PARTS];
     double coef[2];            /* L-BFGS two-loop coefficient being computed */
+    double label_w;            /* loss.cu: the labels' summed class weights, for many rows (loss_label_weight) */
 } cu_scratch;
 
 /* What a step reports; kernels write it into pinned, device-mapped host memory. */

@@ -17,7 +17,22 @@ struct loss_args {
     double eps, delta;
     float threshold;
     int finalize;  /* an eval step: the result is written here (no norm kernel follows) */
+    int pre_w;     /* the labels' summed weights are loss_label_weight's (S->label_w), not each block's own */
 };
+
+/* Above this many rows (a per-position loss over a segmentation batch) the labels' summed class
+ * weights come from one block of their own kernel before the loss kernel, not from every block of
+ * it, each of which would read every label and its weight again. */
+#define LOSS_PRE_W_ROWS 4096
+
+/* S->label_w = the sum of w[labels[r]] over the rows, in a fixed order (one block) */
+__global__ void loss_label_weight(cu_scratch *S, const int32_t *labels, const float *w, int64_t rows) {
+    cu_pdl_enter();
+    double s = 0;
+    for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) s += (double)w[labels[r]];
+    s = block_sum(s);
+    if (threadIdx.x == 0) S->label_w = s;
+}
 
 /* first maximum of a row (c elements st apart) across the warp, in argmax_before's order (the
  * cpu's argmax) */
@@ -43,7 +58,9 @@ __global__ void loss_forward_backward(cu_scratch *S, cu_result *R, float *dy, co
     const double inv_b = 1.0 / (double)a.b, inv_n = 1.0 / (double)(a.b * c), u = a.eps / (double)c;
     double inv_d = inv_b;  /* the cross-entropies' divisor: the rows, or with class weights and labels the
                             * sum of the labels' weights (torch's weighted mean), which every block adds up */
-    if (a.w && labels) {
+    if (a.w && labels && a.pre_w) {
+        inv_d = 1.0 / S->label_w;
+    } else if (a.w && labels) {
         __shared__ double inv_w;
         double s = 0;
         for (int64_t r = threadIdx.x; r < a.b; r += blockDim.x) s += (double)a.w[labels[r]];
@@ -179,6 +196,13 @@ int cu_loss(cu_graph *g, float *dy, int64_t b, int finalize, char *err, size_t e
     a.threshold = (float)p->loss.threshold;
     a.finalize = finalize;
     const void *target = g->stage_d + g->off_target;
+    a.pre_w = a.w && a.index_target && a.b > LOSS_PRE_W_ROWS;
+    if (a.pre_w) {
+        CU_TRY(cu_launch(g, loss_label_weight, 1, 1024, g->stream, g->scratch, (const int32_t *)target, a.w, a.b),
+               "loss_label_weight");
+        const int st = CU_LAUNCHED("loss_label_weight");
+        if (st != MPSCY_OK) return st;
+    }
     /* a warp a row, blocks of CU_THREADS. Measured on the H200 (README CNN, b64): one block of
      * 1024 threads, two rows a warp (64 registers, some spilled) took 10.7 us in the step's
      * timeline against 7.1 for eight blocks and the last block's sum; the step 283.1 against
