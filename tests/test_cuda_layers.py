@@ -241,24 +241,28 @@ def test_convtranspose_wide_weight_gradient_partials_at_a_partial_batch_match_cp
     """2x2 stride-2 taps from 256 channels over 8x8 (K = b x 64 positions): at the built batch
     of 64 the tensor-core weight gradient writes 16 partials, at 33 rows 17 (its splits are
     asked by the batch, the partials written rounded from them): the workspace holds the most
-    any batch writes. One step's gradients at 64 and 33 rows within 1e-5 of the cpu's."""
+    any batch writes. One step's gradients at 64 and 33 rows within 1e-4 of the cpu's: 3xTF32's
+    products carry ~2^-21 relative error, which a weight gradient summing thousands of positions
+    of both signs amplifies (measured on the H100: 2.1e-6 and 9.0e-7 here, the tiled fp32 form
+    3.4e-7 and 3.7e-7); a wrong or missing partial would be off by far more."""
     build = lambda: [L.ConvTranspose2D(64, 2, stride=2), L.ReLU(), L.GlobalAvgPool2D(), L.Dense(5)]
     cpu, gpu = pair(build, (256, 8, 8), batch=64, opt=lambda: optim.SGD(0.01), input_gradients=True)
     for rows in (64, 33):
         x = rng.standard_normal((rows, 256, 8, 8)).astype(np.float32)
-        compare_gradients(cpu, gpu, x, rng.integers(0, 5, rows).astype(np.int32), tol=1e-5)
+        compare_gradients(cpu, gpu, x, rng.integers(0, 5, rows).astype(np.int32), tol=1e-4)
 
 
 @cuda_only
 def test_convtranspose_depthwise_over_a_large_batch_matches_cpu(rng):
     """A depthwise ConvTranspose2D (256 groups of one channel, 2x2 stride 2 over 4x4) at a batch
     of 300: the forward's columns of every sample fit one chunk, but a launch holds at most 65535
-    (sample, group) blocks, so its samples go in chunks of 255. One step's gradients within 1e-5
-    of the cpu's."""
+    (sample, group) blocks, so its samples go in chunks of 255. One step's gradients within 1e-4
+    of the cpu's (the weight's, summed over 4,800 positions, measured 1.8e-5 on the H100 from
+    3xTF32's products, the tiled fp32 form 9.5e-7; the rest within 2e-6)."""
     build = lambda: [L.ConvTranspose2D(256, 2, stride=2, groups=256), L.ReLU(), L.GlobalAvgPool2D(), L.Dense(5)]
     cpu, gpu = pair(build, (256, 4, 4), batch=300, opt=lambda: optim.SGD(0.01), input_gradients=True)
     x = rng.standard_normal((300, 256, 4, 4)).astype(np.float32)
-    compare_gradients(cpu, gpu, x, rng.integers(0, 5, 300).astype(np.int32), tol=1e-5)
+    compare_gradients(cpu, gpu, x, rng.integers(0, 5, 300).astype(np.int32), tol=1e-4)
 
 
 @cuda_only
