@@ -233,11 +233,11 @@ static int check_step(mpscy_graph g, const mpscy_step_args *a, char *err, size_t
     if (p->target != MPSCY_TARGET_INDEX) return MPSCY_OK;
     mpscy_buffer tb;
     if ((st = g->vt->graph_io(g, MPSCY_IO_TARGET, 0, &tb, err, errlen)) != MPSCY_OK) return st;
-    const int32_t *labels = (const int32_t *)tb->host;  /* (batch) int32, in shared staging */
-    for (int64_t i = 0; labels && i < a->batch; i++)
-        if (labels[i] < 0 || labels[i] >= p->out_size)
-            return FAIL(MPSCY_INVALID, "label %d at row %lld outside [0, %lld)", labels[i], (long long)i,
-                        (long long)p->out_size);
+    const int32_t *labels = (const int32_t *)tb->host;  /* (batch, positions) int32, in shared staging */
+    for (int64_t i = 0; labels && i < a->batch * p->positions; i++)
+        if ((labels[i] < 0 || labels[i] >= p->classes) && !(p->loss.ignore && labels[i] == p->loss.ignore_index))
+            return FAIL(MPSCY_INVALID, "label %d at row %lld (position %lld) outside [0, %lld)", labels[i],
+                        (long long)(i / p->positions), (long long)(i % p->positions), (long long)p->classes);
     return MPSCY_OK;
 }
 

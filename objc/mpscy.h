@@ -13,7 +13,7 @@
 extern "C" {
 #endif
 
-#define MPSCY_ABI_VERSION 5
+#define MPSCY_ABI_VERSION 6
 #define MPSCY_MAX_RANK 6          /* per-sample rank of any tensor (batch excluded) */
 #define MPSCY_MAX_INPUTS 8        /* inputs of one layer node */
 #define MPSCY_NAME_LEN 64
@@ -191,6 +191,10 @@ typedef struct mpscy_loss_desc {
     const float *pos_weight;     /* NULL, or for BCE_LOGITS one weight >= 0 per element of the output's
                                   * last axis (torch's pos_weight): the positive term z log sigmoid(x)
                                   * of each element scaled by its own. Copied at build. */
+    int32_t ignore;              /* SPARSE_CE: 1 = labels equal to ignore_index are left out (torch's
+                                  * ignore_index): no loss, zero gradient, not in the mean's divisor (the
+                                  * rows, or the labels' summed weights) nor in the correct count */
+    int32_t ignore_index;
 } mpscy_loss_desc;
 
 typedef enum mpscy_optim_kind {

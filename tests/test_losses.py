@@ -854,7 +854,7 @@ def test_fit_metrics_of_a_segmentation_head_are_per_pixel():
 def test_segmentation_heads_get_advice_that_fits_them(recwarn):
     """Advice for a (C, H, W) output: a Softmax before a logits loss is told to go (not to take
     categorical cross entropy, which takes (classes,) outputs only); Softmax over axis 0 is told
-    that it is the batch axis; a label of -100 is told there is no ignore_index."""
+    that it is the batch axis; a label of -100 is told how to leave it out (ignore_index)."""
     seg = mpscy.Sequential([layers.Conv2D(4, 1), layers.Softmax(axis=1)], input_shape=(3, 5, 5))
     with pytest.warns(UserWarning, match=r"it would be applied twice \(remove the Softmax: "
                                          r"'categorical_cross_entropy' takes \(classes,\) outputs only\)"):
@@ -868,7 +868,8 @@ def test_segmentation_heads_get_advice_that_fits_them(recwarn):
     labels = np.zeros((2, 5, 5), np.int64)
     labels[0, 1, 2] = -100
     with pytest.raises(mpscy.InvalidArgumentError, match=r"label -100 at row 0 at position \(1, 2\) is outside "
-                                                         r"\[0, 4\); mpscy's cross entropies have no ignore_index"):
+                                                         r"\[0, 4\); to leave such labels out, as torch's default "
+                                                         r"ignore_index=-100 does, give the loss ignore_index"):
         engine.step(np.zeros((2, 4, 5, 5), np.float32), labels)
 
 
@@ -915,3 +916,113 @@ def test_per_position_weighted_loss_over_many_rows(device, rng):
     ref, grad = _positions_ref("sparse_cross_entropy", out, target, WEIGHT, 0.1)
     assert abs(g["loss"] - ref) <= 1e-6 * max(abs(ref), 1.0)
     assert R.rel_err(g["input"], grad) < 1e-5
+
+
+
+# ------------------------------------------------------------------ ignore_index (torch's)
+
+def _ignore_ref(out, labels, ign, weight, smoothing):
+    """torch's F.cross_entropy(..., ignore_index=ign) from the (rows, C) reference: the ignored
+    rows dropped (their gradient 0), over (n, C) or (n, C, d1, ...)."""
+    c = out.shape[1]
+    rows = np.moveaxis(out, 1, -1).reshape(-1, c)
+    flat = labels.reshape(-1)
+    keep = flat != ign
+    value, g = R.weighted_ce_ref("sparse_cross_entropy", rows[keep], flat[keep],
+                                 np.ones(c) if weight is None else weight, smoothing)
+    grad = np.zeros_like(rows)
+    grad[keep] = g
+    return value, np.moveaxis(grad.reshape((out.shape[0],) + out.shape[2:] + (c,)), -1, 1)
+
+
+IGNORE = [((5,), 0.0, False, -100), ((5,), 0.2, True, -100), ((5, 3, 4), 0.0, False, 255),
+          ((5, 3, 4), 0.1, True, -100), ((5, 3, 4), 0.0, False, 2)]
+IIDS = [f"{'x'.join(map(str, sh))}-s{s}{'-weighted' if w else ''}-ignore{i}" for sh, s, w, i in IGNORE]
+
+
+def _ignore_case(shape, ign, rng, n=4):
+    out = (rng.standard_normal((n,) + shape) * 2).astype(np.float32).astype(np.float64)
+    labels = rng.integers(0, shape[0], (n,) + shape[1:])
+    labels.flat[::3] = ign                                   # a third of them left out
+    if ign != 2:
+        labels.flat[1] = 3                                   # a label of weight 0 among the rest
+    return out, labels
+
+
+@pytest.mark.parametrize("shape,smoothing,weighted,ign", IGNORE, ids=IIDS)
+def test_ignore_index_reference_gradient_matches_finite_differences(rng, shape, smoothing, weighted, ign):
+    out, labels = _ignore_case(shape, ign, rng)
+    w = WEIGHT if weighted else None
+    _, grad = _ignore_ref(out, labels, ign, w, smoothing)
+    num = R.numeric_grad(lambda: _ignore_ref(out, labels, ign, w, smoothing)[0], out, eps=1e-7)
+    assert R.rel_err(grad, num) < 1e-6
+
+
+@pytest.mark.parametrize("shape,smoothing,weighted,ign", IGNORE, ids=IIDS)
+def test_ignore_index_matches_reference_and_pytorch(device, rng, shape, smoothing, weighted, ign):
+    """SparseCrossEntropy(ignore_index=) is torch's: labels equal to it add no loss and no
+    gradient and leave the mean's divisor (the rows or the labels' weights), with label smoothing
+    too; -100, 255 (a mask's void) or a class (2). Loss within 1e-6 and gradient within 1e-5 of
+    the float64 reference and of torch's; the accuracy over the labels that count."""
+    out, labels = _ignore_case(shape, ign, rng)
+    w = WEIGHT if weighted else None
+    engine = identity_engine(device, losses.SparseCrossEntropy(label_smoothing=smoothing, weight=w, ignore_index=ign),
+                             shape, len(out))
+    g = engine.gradients(out.astype(np.float32), labels)
+    ref, grad = _ignore_ref(out, labels, ign, w, smoothing)
+    assert abs(g["loss"] - ref) <= 1e-6 * max(abs(ref), 1.0)
+    assert R.rel_err(g["input"], grad) < 1e-5
+    assert np.all(np.moveaxis(g["input"], 1, -1)[labels == ign] == 0)
+    keep = labels != ign
+    r = engine.step(out.astype(np.float32), labels)
+    assert r.accuracy == pytest.approx(np.mean(out.argmax(1)[keep] == labels[keep]), abs=1e-12)
+    assert engine.evaluate(out.astype(np.float32), labels)["accuracy"] == pytest.approx(r.accuracy, abs=1e-12)
+    torch = pytest.importorskip("torch")
+    o = torch.tensor(out, requires_grad=True)
+    tl = torch.nn.functional.cross_entropy(o, torch.tensor(labels), label_smoothing=smoothing, ignore_index=ign,
+                                           weight=None if w is None else torch.tensor(w))
+    tl.backward()
+    assert abs(g["loss"] - tl.item()) <= 1e-6 * max(abs(tl.item()), 1.0)
+    assert R.rel_err(g["input"], o.grad.numpy()) < 1e-5
+
+
+def test_ignore_index_over_batches_and_its_errors(rng):
+    """evaluate over several batches is torch's mean over the whole set without the ignored
+    labels (one batch all ignored among them); a training batch all ignored raises
+    NonFiniteError saying so, nothing changed; fit's metrics leave them out; a label that is
+    neither a class nor ignore_index is named; CrossEntropy (probabilities) refuses the option;
+    the option survives a checkpoint."""
+    model = mpscy.Sequential([layers.Conv2D(3, 1)], input_shape=(2, 4, 4))
+    loss = losses.SparseCrossEntropy(ignore_index=255)
+    engine = mpscy.Engine(model, loss=loss, optimizer=optim.SGD(0.1), batch_size=2, device="cpu", seed=0)
+    x = rng.standard_normal((6, 2, 4, 4)).astype(np.float32)
+    y = rng.integers(0, 3, (6, 4, 4))
+    y[:, 0] = 255
+    y[2:4] = 255                                             # the second batch: every label ignored
+    z = engine.predict(x).astype(np.float64)
+    logp = z - z.max(1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+    keep = y != 255
+    nll = -np.take_along_axis(logp, np.where(keep, y, 0)[:, None], 1)[:, 0]
+    ev = engine.evaluate(x, y)
+    assert ev["loss"] == pytest.approx(nll[keep].mean(), rel=1e-6)
+    assert ev["accuracy"] == pytest.approx(np.mean(z.argmax(1)[keep] == y[keep]), abs=1e-12)
+    before = engine.get_parameters()
+    with pytest.raises(mpscy.NonFiniteError, match="every label of this batch is the loss's ignore_index 255"):
+        engine.step(x[2:4], y[2:4])
+    for k, v in engine.get_parameters().items():
+        np.testing.assert_array_equal(v, before[k])
+    h = engine.fit(x[:2], y[:2], epochs=1, metrics=["f1"], verbose=0)
+    out = np.moveaxis(engine.predict(x[:2]), 1, -1)[keep[:2]]
+    assert h.history["f1"][0] == pytest.approx(mpscy.metrics.f1(y[:2][keep[:2]], out.argmax(1), average="macro"),
+                                               abs=1e-12)
+    bad = y[:2].copy()
+    bad[1, 2, 3] = 7
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"label 7 at row 1 at position \(2, 3\) is outside "
+                                                         r"\[0, 3\) and is not the loss's ignore_index 255"):
+        engine.step(x[:2], bad)
+    with pytest.raises(mpscy.InvalidArgumentError, match="ignore_index applies to integer labels"):
+        losses.CrossEntropy(ignore_index=-100)
+    with pytest.raises(mpscy.InvalidArgumentError, match="ignore_index must be an integer"):
+        losses.SparseCrossEntropy(ignore_index=1.5)
+    assert "ignore_index=255" in repr(engine.loss)

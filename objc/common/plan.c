@@ -33,6 +33,8 @@ static int plan_loss(mpscy_plan *p, const char *component, char *err, size_t err
         return FAIL(MPSCY_SHAPE, "cross-entropy needs a (classes, ...) output per sample, got rank %d", o->rank);
     if (!(p->loss.label_smoothing >= 0.0 && p->loss.label_smoothing <= 1.0))
         return FAIL(MPSCY_INVALID, "label_smoothing %g outside [0, 1]", p->loss.label_smoothing);
+    if (p->loss.ignore && !sparse)
+        return FAIL(MPSCY_INVALID, "ignore_index applies to integer labels (sparse cross-entropy), not loss kind %d", k);
     if (k == MPSCY_LOSS_HUBER && !(p->loss.delta > 0.0))
         return FAIL(MPSCY_INVALID, "huber delta %g must be > 0", p->loss.delta);
     if (p->loss.accuracy < MPSCY_ACCURACY_NONE || p->loss.accuracy > MPSCY_ACCURACY_THRESHOLD)

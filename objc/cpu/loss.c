@@ -40,11 +40,12 @@ static int64_t row_at(int64_t r, int64_t c, int64_t positions) {
  * or with weights and labels the sum of the labels' weights, torch's divisor for its weighted mean
  * (0 makes the loss NaN, as torch's). rows: b x positions, each a position's c logits (row_at). */
 static double cross_entropy(float *dy, const float *y, const int32_t *labels, const float *t, const float *w,
-                            int64_t rows, int64_t c, int64_t positions, double eps) {
+                            int64_t rows, int64_t c, int64_t positions, double eps, int ignore, int32_t ign) {
     double total = 0, den = (double)rows, u = eps / (double)c;
-    if (w && labels) {
+    if ((w || ignore) && labels) {  /* the labels' summed weights, or their count, less the ignored ones */
         den = 0;
-        for (int64_t r = 0; r < rows; r++) den += w[labels[r]];
+        for (int64_t r = 0; r < rows; r++)
+            if (!ignore || labels[r] != ign) den += w ? (double)w[labels[r]] : 1.0;
     }
     const double inv_d = 1.0 / den;
     const int64_t st = positions;
@@ -53,6 +54,11 @@ static double cross_entropy(float *dy, const float *y, const int32_t *labels, co
     for (int64_t r = 0; r < rows; r++) {
         const int64_t at = row_at(r, c, positions);
         const float *yr = y + at, *tr = t ? t + at : NULL;
+        if (ignore && labels && labels[r] == ign) {  /* torch's ignore_index: no term, no gradient */
+            if (dy)
+                for (int64_t i = 0; i < c; i++) dy[at + i * st] = 0.0f;
+            continue;
+        }
         double lse = row_lse(yr, c, st), asum = 0, row = 0;
         for (int64_t i = 0; i < c; i++) {
             double a = CE_A(r, i);
@@ -93,7 +99,7 @@ double cpu_loss(const mpscy_plan *p, float *dy, const float *y, const void *targ
     case MPSCY_LOSS_SPARSE_CE:
     case MPSCY_LOSS_CE:
         total = cross_entropy(dy, y, labels, t, p->class_weight, b * p->positions, p->classes, p->positions,
-                              p->loss.label_smoothing);
+                              p->loss.label_smoothing, p->loss.ignore, p->loss.ignore_index);
         break;
     case MPSCY_LOSS_CATEGORICAL_CE:
         total = categorical(dy, y, t, b, c, p->loss.label_smoothing);
@@ -160,6 +166,7 @@ double cpu_loss(const mpscy_plan *p, float *dy, const float *y, const void *targ
         *correct = 0;
         const int64_t classes = p->classes, st = p->positions;  /* a position's classes (rows of c for st 1) */
         for (int64_t r = 0; r < b * st; r++) {
+            if (labels && p->loss.ignore && labels[r] == p->loss.ignore_index) continue;  /* not counted */
             const int64_t at = row_at(r, classes, st);
             int64_t want = labels ? labels[r] : argmax(t + at, classes, st);
             *correct += argmax(y + at, classes, st) == want;

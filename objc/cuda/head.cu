@@ -267,7 +267,8 @@ int cu_head_fits(const cu_graph *g) {
     const mpscy_node *n = &p->nodes[p->output];
     if (n->kind != MPSCY_LAYER_DENSE || !n->grad || n->consumers != 1 || (g->fuse[p->output] & CU_FUSE_RELU))
         return 0;
-    if ((p->loss.kind != MPSCY_LOSS_SPARSE_CE && p->loss.kind != MPSCY_LOSS_CE) || p->class_weight) return 0;
+    if ((p->loss.kind != MPSCY_LOSS_SPARSE_CE && p->loss.kind != MPSCY_LOSS_CE) || p->class_weight || p->loss.ignore)
+        return 0;
     if (p->precision != MPSCY_PRECISION_FP32 || p->loss.accuracy == MPSCY_ACCURACY_THRESHOLD) return 0;
     const int64_t b = p->batch, c = n->size, in = p->nodes[n->in[0]].size;
     return c >= 1 && c <= 32 && b >= 1 && (b + HEAD_ROWS - 1) / HEAD_ROWS <= CU_MAX_PARTS &&

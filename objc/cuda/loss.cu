@@ -18,7 +18,14 @@ struct loss_args {
     float threshold;
     int finalize;  /* an eval step: the result is written here (no norm kernel follows) */
     int pre_w;     /* the labels' summed weights are loss_label_weight's (S->label_w), not each block's own */
+    int ignore;    /* labels equal to ignore_index are left out (plan.h: torch's ignore_index) */
+    int32_t ignore_index;
 };
+
+/* a label's share of the weighted mean's divisor: its class weight (1 without), 0 when ignored */
+static __device__ __forceinline__ double label_share(const float *w, int32_t label, int ignore, int32_t ign) {
+    return ignore && label == ign ? 0.0 : w ? (double)w[label] : 1.0;
+}
 
 /* Above this many rows (a per-position loss over a segmentation batch) the labels' summed class
  * weights come from one block of their own kernel before the loss kernel, not from every block of
@@ -26,10 +33,11 @@ struct loss_args {
 #define LOSS_PRE_W_ROWS 4096
 
 /* S->label_w = the sum of w[labels[r]] over the rows, in a fixed order (one block) */
-__global__ void loss_label_weight(cu_scratch *S, const int32_t *labels, const float *w, int64_t rows) {
+__global__ void loss_label_weight(cu_scratch *S, const int32_t *labels, const float *w, int64_t rows, int ignore,
+                                  int32_t ign) {
     cu_pdl_enter();
     double s = 0;
-    for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) s += (double)w[labels[r]];
+    for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) s += label_share(w, labels[r], ignore, ign);
     s = block_sum(s);
     if (threadIdx.x == 0) S->label_w = s;
 }
@@ -58,12 +66,14 @@ __global__ void loss_forward_backward(cu_scratch *S, cu_result *R, float *dy, co
     const double inv_b = 1.0 / (double)a.b, inv_n = 1.0 / (double)(a.b * c), u = a.eps / (double)c;
     double inv_d = inv_b;  /* the cross-entropies' divisor: the rows, or with class weights and labels the
                             * sum of the labels' weights (torch's weighted mean), which every block adds up */
-    if (a.w && labels && a.pre_w) {
+    const int ignore = labels && a.ignore;
+    if ((a.w || ignore) && labels && a.pre_w) {
         inv_d = 1.0 / S->label_w;
-    } else if (a.w && labels) {
+    } else if ((a.w || ignore) && labels) {
         __shared__ double inv_w;
         double s = 0;
-        for (int64_t r = threadIdx.x; r < a.b; r += blockDim.x) s += (double)a.w[labels[r]];
+        for (int64_t r = threadIdx.x; r < a.b; r += blockDim.x)
+            s += label_share(a.w, labels[r], ignore, a.ignore_index);
         s = block_sum(s);
         if (threadIdx.x == 0) inv_w = 1.0 / s;
         __syncthreads();
@@ -78,6 +88,11 @@ __global__ void loss_forward_backward(cu_scratch *S, cu_result *R, float *dy, co
         const float *tr = t ? t + at : NULL;
         float *dr = dy ? dy + at : NULL;
         double row = 0;
+        if (ignore && labels[r] == a.ignore_index) {  /* no term, no gradient, not counted */
+            if (dr)
+                for (int64_t i = lane; i < c; i += 32) dr[i * st] = 0.0f;
+            continue;
+        }
         if (a.kind == MPSCY_LOSS_SPARSE_CE || a.kind == MPSCY_LOSS_CE) {
             row = ce_row<false>(yr, c, lane, labels ? labels[r] : -1, tr, a.w, a.eps, inv_d, dr, st);
         } else {
@@ -196,9 +211,12 @@ int cu_loss(cu_graph *g, float *dy, int64_t b, int finalize, char *err, size_t e
     a.threshold = (float)p->loss.threshold;
     a.finalize = finalize;
     const void *target = g->stage_d + g->off_target;
-    a.pre_w = a.w && a.index_target && a.b > LOSS_PRE_W_ROWS;
+    a.ignore = p->loss.ignore;
+    a.ignore_index = p->loss.ignore_index;
+    a.pre_w = (a.w || a.ignore) && a.index_target && a.b > LOSS_PRE_W_ROWS;
     if (a.pre_w) {
-        CU_TRY(cu_launch(g, loss_label_weight, 1, 1024, g->stream, g->scratch, (const int32_t *)target, a.w, a.b),
+        CU_TRY(cu_launch(g, loss_label_weight, 1, 1024, g->stream, g->scratch, (const int32_t *)target, a.w, a.b,
+                         a.ignore, a.ignore_index),
                "loss_label_weight");
         const int st = CU_LAUNCHED("loss_label_weight");
         if (st != MPSCY_OK) return st;

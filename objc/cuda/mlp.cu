@@ -374,7 +374,7 @@ int cu_fused_plan(cu_graph *g) {
     if (cluster && (g->dev->prop.major < 9 || blocks > 16)) return 0;
     if (!cluster && !g->dev->coop) return 0;
     if (p->n_inputs != 1 || p->input_grad || p->optim.kind == MPSCY_OPTIM_LBFGS || p->target != MPSCY_TARGET_INDEX ||
-        (p->loss.kind != MPSCY_LOSS_SPARSE_CE && p->loss.kind != MPSCY_LOSS_CE) || p->class_weight ||
+        (p->loss.kind != MPSCY_LOSS_SPARSE_CE && p->loss.kind != MPSCY_LOSS_CE) || p->class_weight || p->loss.ignore ||
         p->loss.accuracy == MPSCY_ACCURACY_THRESHOLD || p->batch > FU_MAX_BATCH || p->out_size > FU_MAX_CLASSES ||
         (int64_t)p->batch * p->n_params > FU_MAX_WORK || p->nodes[0].kind != MPSCY_LAYER_INPUT || p->n_frozen > 0)
         return 0;

@@ -47,6 +47,16 @@ void metal_loss(MetalBuilder *c, MPSGraphTensor *y, MPSGraphTensor *target, MPSG
     MPSGraphTensor *yf = as_rows(c, y, cls, npos);   // (b S, C)
     MPSGraphTensor *labels = p->target == MPSCY_TARGET_INDEX ? target : nil;   // (b S) int32
     MPSGraphTensor *t = labels ? nil : as_rows(c, target, cls, npos);         // (b S, C)
+    // torch's ignore_index: valid (b S, 1) is 0 where the label is ignored, and those labels read
+    // as class 0 (whose one-hot valid then zeroes)
+    MPSGraphTensor *classes = labels, *valid = nil, *valid_rows = nil;
+    if (labels && p->loss.ignore) {
+        MPSGraphTensor *ign = [c.g constantWithScalar:(double)p->loss.ignore_index dataType:MPSDataTypeInt32];
+        MPSGraphTensor *skip = mt_eq(c, labels, ign);
+        classes = mt_select(c, skip, [c.g constantWithScalar:0.0 dataType:MPSDataTypeInt32], labels);
+        valid_rows = mt_select(c, skip, mt_const(c, 0.0), mt_const(c, 1.0));   // (b S)
+        valid = mt_reshape(c, valid_rows, @[@(b), @1]);
+    }
     MPSGraphTensor *inv_b = mt_const(c, 1.0 / (double)b), *inv_n = mt_const(c, 1.0 / (double)(b * cls));
     MPSGraphTensor *one = mt_const(c, 1.0), *zero = mt_const(c, 0.0), *half = mt_const(c, 0.5);
     NSArray<NSNumber *> *all = @[@0, @1], *row = @[@1];
@@ -56,18 +66,23 @@ void metal_loss(MetalBuilder *c, MPSGraphTensor *y, MPSGraphTensor *target, MPSG
     switch (p->loss.kind) {
     case MPSCY_LOSS_SPARSE_CE:
     case MPSCY_LOSS_CE: {
-        MPSGraphTensor *q = labels ? [c.g oneHotWithIndicesTensor:labels depth:(NSUInteger)cls
+        MPSGraphTensor *q = labels ? [c.g oneHotWithIndicesTensor:classes depth:(NSUInteger)cls
                                                          dataType:MPSDataTypeFloat32 name:nil]
                                    : t;   // (b, C)
         q = mt_add(c, mt_mul(c, mt_const(c, 1.0 - eps), q), mt_const(c, eps / (double)cls));
         MPSGraphTensor *inv_d = inv_b;   // the mean's divisor: the rows, or the labels' summed weights
+        if (valid) {                     // torch's ignore_index: an ignored row's q is 0 (no term, no gradient)
+            q = mt_mul(c, q, valid);
+            inv_d = mt_div(c, one, mt_sum(c, valid, all));
+        }
         if (p->class_weight) {           // torch's weight=: q scaled by its class's weight
             MPSGraphTensor *w = [c.g constantWithData:[NSData dataWithBytes:p->class_weight
                                                                       length:(NSUInteger)cls * sizeof(float)]
                                                 shape:@[@1, @(cls)] dataType:MPSDataTypeFloat32];
             if (labels) {
-                MPSGraphTensor *hot = [c.g oneHotWithIndicesTensor:labels depth:(NSUInteger)cls
+                MPSGraphTensor *hot = [c.g oneHotWithIndicesTensor:classes depth:(NSUInteger)cls
                                                           dataType:MPSDataTypeFloat32 name:nil];
+                if (valid) hot = mt_mul(c, hot, valid);
                 inv_d = mt_div(c, one, mt_sum(c, mt_mul(c, hot, w), all));
             }
             q = mt_mul(c, q, w);
@@ -158,6 +173,7 @@ void metal_loss(MetalBuilder *c, MPSGraphTensor *y, MPSGraphTensor *target, MPSG
     if (p->loss.accuracy == MPSCY_ACCURACY_ARGMAX) {
         MPSGraphTensor *want = labels ? mt_float(c, labels) : argmax_rows(c, t, b);   // (b S)
         MPSGraphTensor *hit = mt_float(c, mt_eq(c, argmax_rows(c, yf, b), want));
+        if (valid_rows) hit = mt_mul(c, hit, valid_rows);   // ignored labels are not counted
         *correct = mt_scalar1(c, mt_sum(c, hit, @[@0]));
     } else if (p->loss.accuracy == MPSCY_ACCURACY_THRESHOLD && t) {
         MPSGraphTensor *pred = mt_float(c, mt_gt(c, yf, mt_const(c, p->loss.threshold)));

@@ -136,6 +136,8 @@ cdef extern from "mpscy.h" nogil:
         double threshold
         const float *class_weight
         const float *pos_weight
+        int32_t ignore
+        int32_t ignore_index
 
     enum mpscy_optim_kind:
         MPSCY_OPTIM_SGD

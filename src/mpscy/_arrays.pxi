@@ -77,3 +77,7 @@ cdef extern from "_staging.h" nogil:
     int64_t _copy_finite_pool "mpscy_copy_finite_pool" (mpscy_pool *pool, float *dst, const float *src, int64_t n)
     int64_t _copy_labels_i64 "mpscy_copy_labels_i64" (int32_t *dst, const int64_t *src, int64_t n, int64_t classes)
     int64_t _copy_labels_i32 "mpscy_copy_labels_i32" (int32_t *dst, const int32_t *src, int64_t n, int64_t classes)
+    int64_t _copy_labels_ign_i64 "mpscy_copy_labels_ign_i64" (int32_t *dst, const int64_t *src, int64_t n,
+                                                               int64_t classes, int32_t ign, int64_t *ignored)
+    int64_t _copy_labels_ign_i32 "mpscy_copy_labels_ign_i32" (int32_t *dst, const int32_t *src, int64_t n,
+                                                               int64_t classes, int32_t ign, int64_t *ignored)

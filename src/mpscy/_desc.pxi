@@ -75,6 +75,9 @@ cdef void _fill_loss(mpscy_loss_desc *d, dict L) except *:
     d.label_smoothing = L.get("label_smoothing", 0.0)
     d.delta = L.get("delta", 1.0)
     d.threshold = L.get("threshold", 0.5)
+    ignore = L.get("ignore_index")
+    d.ignore = ignore is not None
+    d.ignore_index = ignore if ignore is not None else 0
 
 
 cdef void _fill_optim(mpscy_optim_desc *d, dict o) except *:

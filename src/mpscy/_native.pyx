@@ -78,6 +78,9 @@ cdef class Graph:
     cdef int64_t classes
     cdef int64_t positions   # the cross-entropies on logits over (C, d1, ...): d1 x ... (labels per row), else 1
     cdef bint logits_ce
+    cdef bint ignore               # torch's ignore_index (sparse cross-entropy): labels equal to it are left out
+    cdef int32_t ignore_index
+    cdef int64_t last_valid        # the labels of the last staged batch that count (not ignore_index)
     cdef bint busy   # set while a native call is in flight (the GIL is released then)
     cdef int min_train_rows       # fewest rows a train-mode call accepts (2 with 1-D BatchNorm)
     cdef str min_rows_reason
@@ -132,6 +135,8 @@ cdef class Graph:
         self.target_unit = d.loss.kind == MPSCY_LOSS_BCE
         self.accuracy_kind = d.loss.accuracy
         self.logits_ce = d.loss.kind == MPSCY_LOSS_SPARSE_CE or d.loss.kind == MPSCY_LOSS_CE
+        self.ignore = d.loss.ignore != 0
+        self.ignore_index = d.loss.ignore_index
         self.n_inputs = 0
         for i, L in enumerate(layers):
             if L["kind"] == "input":
@@ -360,7 +365,7 @@ cdef class Graph:
         named "of <what>", as fit's check words it)."""
         cdef Py_buffer v
         cdef _Kind kind
-        cdef int64_t bad = -1, count
+        cdef int64_t bad = -1, count, ignored = 0
         cdef int d
         _acquire(y, &v, what)
         try:
@@ -381,7 +386,13 @@ cdef class Graph:
                     raise _errors.ShapeError(f"{what} is not C-contiguous (use np.ascontiguousarray)")
                 count = rows * self.positions
                 with nogil:
-                    if kind == K_I64:
+                    if self.ignore and kind == K_I64:
+                        bad = _copy_labels_ign_i64(<int32_t *>dst, <const int64_t *>v.buf, count, self.classes,
+                                                   self.ignore_index, &ignored)
+                    elif self.ignore:
+                        bad = _copy_labels_ign_i32(<int32_t *>dst, <const int32_t *>v.buf, count, self.classes,
+                                                   self.ignore_index, &ignored)
+                    elif kind == K_I64:
                         bad = _copy_labels_i64(<int32_t *>dst, <const int64_t *>v.buf, count, self.classes)
                     else:
                         bad = _copy_labels_i32(<int32_t *>dst, <const int32_t *>v.buf, count, self.classes)
@@ -390,11 +401,16 @@ cdef class Graph:
                     of = "" if dst != NULL else f" of {what}"
                     at = (f" at position {tuple(int(i) for i in np.unravel_index(bad % self.positions, spatial))}"
                           if spatial else "")
-                    hint = ("; mpscy's cross entropies have no ignore_index (torch's leaves out labels of -100 "
-                            "by default): every label must be a class" if value < 0 or len(spatial) else "")
+                    hint = ("" if self.ignore else "; to leave such labels out, as torch's default ignore_index=-100 "
+                            "does, give the loss ignore_index: SparseCrossEntropy(ignore_index=-100)"
+                            if value < 0 or len(spatial) else "")
+                    if self.ignore:
+                        hint = f" and is not the loss's ignore_index {self.ignore_index}"
                     raise _errors.InvalidArgumentError(
                         f"label {value} at row {bad // self.positions + row0}{at}{of} is outside [0, {self.classes})"
                         f"{hint}")
+                if dst != NULL:
+                    self.last_valid = count - ignored
                 return 0
             if kind != K_F32:
                 raise _errors.DTypeError(f"{what} must be float32 targets shaped like the output, got {_dtype_name(y)}")
@@ -431,11 +447,16 @@ cdef class Graph:
         rows named in y: fit's check before it trains."""
         self._target(y, rows, what, 0, NULL)
 
-    cdef object _accuracy(self, int64_t correct, int rows):
+    cdef object _accuracy(self, int64_t correct, int rows, int64_t valid=-1):
+        """valid: the labels counted (not ignore_index) among the rows; -1: the last staged batch's"""
         if self.accuracy_kind == MPSCY_ACCURACY_NONE or correct < 0:
             return None
         if self.accuracy_kind == MPSCY_ACCURACY_THRESHOLD:
             return correct / <double>(rows * self.out_size)
+        if self.ignore:   # over the labels that count; none: undefined
+            if valid < 0:
+                valid = self.last_valid
+            return correct / <double>valid if valid > 0 else float("nan")
         return correct / <double>(rows * self.positions)   # per position for a (C, d1, ...) cross entropy
 
     # ------------------------------------------------------------------ the hot path
@@ -547,9 +568,10 @@ cdef class Graph:
         return (res.loss, res.correct, res.grad_norm, res.applied, res.lbfgs_stopped, res.lbfgs_gtd,
                 res.lbfgs_d_max, res.lbfgs_gtd_new, res.lbfgs_g_max, res.lbfgs_g_sum)
 
-    def accuracy_of(self, int64_t correct, int rows):
-        """The accuracy a step result reports for `correct` out of `rows` (None without one)."""
-        return self._accuracy(correct, rows)
+    def accuracy_of(self, int64_t correct, int rows, int64_t valid=-1):
+        """The accuracy a step result reports for `correct` out of `rows` (None without one);
+        valid: under ignore_index, the labels among them that count (-1: the last staged batch's)."""
+        return self._accuracy(correct, rows, valid)
 
     def read_input_grad(self, int index, int rows, tuple shape):
         """Copy of d(loss)/d(input `index`) for the first `rows` rows of the last step."""

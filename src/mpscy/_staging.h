@@ -95,6 +95,40 @@ MPSCY_STAGING_SIMD static int64_t mpscy_copy_labels_i64(int32_t *restrict dst, c
     return -1;
 }
 
+/* The same with torch's ignore_index: a label equal to `ign` is staged as it is (the loss leaves it
+ * out), *ignored counts them; returns the first row outside [0, classes) that is not `ign`, or -1. */
+static int64_t mpscy_copy_labels_ign_i64(int32_t *dst, const int64_t *src, int64_t n, int64_t classes, int32_t ign,
+                                         int64_t *ignored) {
+    int64_t skip = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t v = src[i];
+        if (v == ign) {
+            skip++;
+        } else if (v < 0 || v >= classes) {
+            return i;
+        }
+        if (dst) dst[i] = (int32_t)v;
+    }
+    *ignored = skip;
+    return -1;
+}
+
+static int64_t mpscy_copy_labels_ign_i32(int32_t *dst, const int32_t *src, int64_t n, int64_t classes, int32_t ign,
+                                         int64_t *ignored) {
+    int64_t skip = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const int32_t v = src[i];
+        if (v == ign) {
+            skip++;
+        } else if (v < 0 || v >= classes) {
+            return i;
+        }
+        if (dst) dst[i] = v;
+    }
+    *ignored = skip;
+    return -1;
+}
+
 MPSCY_STAGING_SIMD static int64_t mpscy_copy_labels_i32(int32_t *restrict dst, const int32_t *restrict src, int64_t n,
                                                          int64_t classes) {
     int32_t bad = 0;

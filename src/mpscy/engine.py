@@ -300,7 +300,20 @@ class Engine(OptimizerState):
             total += s
             weight += w
             correct += c
-        return {"loss": total / weight if weight > 0 else float("nan"), "accuracy": g.accuracy_of(correct, n)}
+        return {"loss": total / weight if weight > 0 else float("nan"),
+                "accuracy": g.accuracy_of(correct, n, self._counted_labels(y))}
+
+    def _ignored(self, y):
+        """Under the loss's ignore_index: the mask of y's labels that count, else None."""
+        ign = getattr(self.loss, "ignore_index", None)
+        if ign is None or self.loss.target != "index":
+            return None
+        return np.asarray(y) != ign
+
+    def _counted_labels(self, y):
+        """The labels of y that count for the accuracy (not ignore_index), or -1 (all of them)."""
+        keep = self._ignored(y)
+        return -1 if keep is None else int(np.count_nonzero(keep))
 
     def _check_layout(self, g, x):
         """x's dtype, shape and contiguity as a whole array (each batch's call checks its values),
@@ -431,18 +444,22 @@ class Engine(OptimizerState):
         weight (_batch_weight), or where every label weighs 0 (the batch's mean is 0/0) label
         smoothing's terms alone, of the rows x_of() gives, with weight 0."""
         w = self._batch_weight(y, rows)
-        return (loss * w, w) if w > 0 else (self._smoothing_sum(x_of()), 0.0)
+        return (loss * w, w) if w > 0 else (self._smoothing_sum(x_of(), y), 0.0)
 
     def _batch_weight(self, y, rows):
         """A batch's share of a mean over several batches: its rows, or under class weights with
         integer labels its labels' summed weights (the divisor of its weighted mean, as torch's
         mean over the whole set needs)."""
         w = getattr(self.loss, "weight", None)
+        keep = self._ignored(y)
         if w is None or self.loss.target != "index":
-            return rows
-        return float(np.asarray(w, np.float32).astype(np.float64)[np.asarray(y, np.int64)].sum())
+            return rows if keep is None else float(np.count_nonzero(keep))
+        labels = np.asarray(y, np.int64)
+        if keep is not None:   # torch's ignore_index: those labels are not in the divisor
+            labels = labels[keep]
+        return float(np.asarray(w, np.float32).astype(np.float64)[labels].sum())
 
-    def _smoothing_sum(self, x):
+    def _smoothing_sum(self, x, y):
         """The summed loss terms of rows whose labels all weigh 0, which only label smoothing
         gives (eps / C sum_c w_c (-log p_c) a row, torch's numerator): a batch of them has the
         mean 0/0 or x/0, so a mean over several batches adds this sum instead."""
@@ -454,11 +471,19 @@ class Engine(OptimizerState):
         logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
         w = np.asarray(self.loss.weight, np.float32).astype(np.float64)
         w = w.reshape((1, -1) + (1,) * (z.ndim - 2))   # along the classes, axis 1 (of (n, C, d1, ...) too)
-        return float(eps / z.shape[1] * -(logp * w).sum())
+        terms = (logp * w).sum(axis=1)                  # (n, d1, ...): a position's
+        keep = self._ignored(y)
+        if keep is not None:                            # ignored labels add nothing
+            terms = terms * keep.reshape(terms.shape)
+        return float(eps / z.shape[1] * -terms.sum())
 
     def _weightless(self, error, y):
         """The NonFiniteError of a step, saying so when every label of the batch weighs 0."""
         try:
+            keep = self._ignored(y)
+            if keep is not None and not keep.any():
+                return NonFiniteError(f"{error}: every label of this batch is the loss's ignore_index "
+                                      f"{self.loss.ignore_index}, so its mean is 0/0 (NaN, as torch's)")
             zero = self.loss.weight is not None and self.loss.target == "index" and self._batch_weight(y, 1) == 0
         except (AttributeError, TypeError, ValueError, IndexError):
             zero = False

@@ -6,7 +6,7 @@ Pass an instance or its name: ``Engine(model, loss="mse")`` or ``loss=losses.Hub
 
 import numpy as np
 
-from ._checks import number
+from ._checks import integer, number
 from .errors import InvalidArgumentError, ShapeError
 
 __all__ = ["Loss", "SparseCrossEntropy", "CrossEntropy", "BinaryCrossEntropy", "BCEWithLogits",
@@ -99,7 +99,13 @@ class SparseCrossEntropy(Loss):
     Over an output (classes, d1, ...) (e.g. a segmentation head's (C, H, W)), torch's
     F.cross_entropy over (n, C, d1, ...): labels (n, d1, ...), a softmax over the classes at each
     position, the loss the mean over the batch's positions and the accuracy the fraction of
-    positions whose largest logit is the label's. No ignore_index: every label is a class.
+    positions whose largest logit is the label's.
+
+    ignore_index: None (every label must be a class), or torch's ignore_index, an int: labels
+    equal to it are left out (no loss, no gradient, not in the mean's divisor nor in the
+    accuracy), e.g. -100 (torch's default) or 255 for a segmentation mask's void pixels; a batch
+    whose labels are all left out has a NaN loss (torch's 0/0) and its step raises
+    NonFiniteError.
 
     weight: None, or one weight >= 0 per class (torch's `weight=`, e.g. inverse class
     frequencies for imbalanced data; or a dict {class: weight} naming every class, as Keras's
@@ -111,14 +117,22 @@ class SparseCrossEntropy(Loss):
     kind = "sparse_cross_entropy"
     target = "index"
 
-    def __init__(self, label_smoothing=0.0, weight=None):
+    def __init__(self, label_smoothing=0.0, weight=None, ignore_index=None):
         self.label_smoothing = _smoothing(label_smoothing)
         self.weight = _class_weight(weight)
+        self.ignore_index = None
+        if ignore_index is not None:
+            v = integer(ignore_index, "ignore_index")
+            if not -2**31 <= v < 2**31:
+                raise InvalidArgumentError(f"ignore_index must fit int32 (the staged labels), got {ignore_index!r}")
+            self.ignore_index = v
 
     def spec(self, output_shape):
         out = {**super().spec(output_shape), "label_smoothing": self.label_smoothing}
         if self.weight is not None:
             out["class_weight"] = list(self.weight)
+        if self.ignore_index is not None:
+            out["ignore_index"] = self.ignore_index
         return out
 
     def accuracy(self, output_shape):
@@ -152,6 +166,8 @@ class SparseCrossEntropy(Loss):
         out = {"label_smoothing": self.label_smoothing}
         if self.weight is not None:
             out["weight"] = list(self.weight)
+        if self.ignore_index is not None:
+            out["ignore_index"] = self.ignore_index
         return out
 
 
@@ -165,6 +181,12 @@ class CrossEntropy(SparseCrossEntropy):
 
     kind = "cross_entropy"
     target = "dense"
+
+    def __init__(self, label_smoothing=0.0, weight=None, ignore_index=None):
+        if ignore_index is not None:
+            raise InvalidArgumentError("ignore_index applies to integer labels (SparseCrossEntropy); probability "
+                                       "targets have none to ignore (torch ignores it there too)")
+        super().__init__(label_smoothing, weight)
 
 
 class CategoricalCrossEntropy(SparseCrossEntropy):

@@ -450,6 +450,10 @@ def classify_outputs(y_true, outputs, loss=None):
             y_true = y_true.reshape(-1)
         outputs = np.moveaxis(outputs, 1, -1).reshape(-1, c)
     outputs = outputs.reshape(len(outputs), -1)
+    ign = getattr(loss, "ignore_index", None)
+    if ign is not None and y_true.ndim == 1:   # the loss's ignore_index: those rows are left out, as the loss does
+        keep = y_true != ign
+        y_true, outputs = y_true[keep], outputs[keep]
     if outputs.shape[1] == 1:
         probs = 1.0 / (1.0 + np.exp(-outputs[:, 0])) if kind == "bce_with_logits" else outputs[:, 0]
         labels = (y_true.reshape(len(y_true), -1)[:, 0] > 0.5).astype(np.int64)

@@ -276,7 +276,7 @@ def _evaluate(engine, source, what="validation batch", source_name="the validati
     names it as `what` k, an empty source as `source_name`."""
     if isinstance(source, tuple):
         return engine.evaluate(*source)
-    total, weight, acc, rows = 0.0, 0.0, 0.0, 0
+    total, weight, acc, rows, counted = 0.0, 0.0, 0.0, 0, 0
     for k, batch in enumerate(source):
         try:
             xb, yb = _pair(batch)
@@ -288,12 +288,16 @@ def _evaluate(engine, source, what="validation batch", source_name="the validati
         s, w = engine._mean_share(r["loss"], yb, n, lambda: xb)
         total += s
         weight += w
-        acc = None if r["accuracy"] is None else (acc or 0.0) + r["accuracy"] * n
+        c = engine._counted_labels(yb)   # under ignore_index, the batch's labels that count
+        c = n if c < 0 else c
+        acc = None if r["accuracy"] is None else (acc or 0.0) + (r["accuracy"] * c if c else 0.0)
         rows += n
+        counted += c
     if rows == 0:
         raise InvalidArgumentError(f"{source_name} yielded no batch (a generator is used up after one "
                                    "pass: give a DataLoader or another re-iterable)")
-    return {"loss": total / weight if weight > 0 else float("nan"), "accuracy": None if acc is None else acc / rows}
+    return {"loss": total / weight if weight > 0 else float("nan"),
+            "accuracy": None if acc is None else acc / counted if counted else float("nan")}
 
 
 def _predict(engine, source):
