@@ -179,12 +179,20 @@ def torch_graph(name, spec):
     """The whole step (forward, loss, backward, fused capturable Adam) in one CUDA graph; batches
     go through pinned tensors, the best a PyTorch user can do."""
     import torch
-    import torch.nn.functional as F
     model = torch_model(name, spec).cuda()
     opt = torch.optim.Adam(model.parameters(), lr=LR, fused=True, capturable=True)
-    shape = (spec["batch"],) + spec["input"]
-    sx, sy = torch.zeros(shape, device="cuda"), torch.zeros(spec["batch"], dtype=torch.int64, device="cuda")
-    px, py = torch.zeros(shape).pin_memory(), torch.zeros(spec["batch"], dtype=torch.int64).pin_memory()
+    return torch_graph_step(model, opt, (spec["batch"],) + spec["input"])
+
+
+def torch_graph_step(model, opt, shape):
+    """step(x, y) -> loss: the model's cross-entropy step with `opt` captured in one CUDA graph
+    (three warm-up steps on a side stream first), x of `shape` and int64 labels copied through
+    pinned tensors (bench/cuda_convt.py's too)."""
+    import torch
+    import torch.nn.functional as F
+    n = shape[0]
+    sx, sy = torch.zeros(shape, device="cuda"), torch.zeros(n, dtype=torch.int64, device="cuda")
+    px, py = torch.zeros(shape).pin_memory(), torch.zeros(n, dtype=torch.int64).pin_memory()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):

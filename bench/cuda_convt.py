@@ -21,6 +21,8 @@ import numpy as np
 import mpscy
 from mpscy import layers as L
 
+from cuda_bench import torch_graph_step
+
 TARGET = 3.0   # of torch's CUDA graph: the tiled form 0.76x-2.44x on the H100 (thirty-eighth session); tensor cores 0.49x-0.70x
 
 ROWS = [("dcgan 128->64, 8x8", (128, 8, 8), dict(filters=64, kernel_size=4, stride=2, padding=1), 64),
@@ -87,32 +89,8 @@ def torch_step(shape, kw, n, graphed):
             opt.step()
             loss.item()
         return step
-    sx, sy = torch.zeros((n,) + shape, device="cuda"), torch.zeros(n, dtype=torch.int64, device="cuda")
-    px, py = torch.zeros((n,) + shape).pin_memory(), torch.zeros(n, dtype=torch.int64).pin_memory()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            opt.zero_grad(set_to_none=False)
-            F.cross_entropy(model(sx), sy).backward()
-            opt.step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt.zero_grad(set_to_none=False)
-        loss = F.cross_entropy(model(sx), sy)
-        loss.backward()
-        opt.step()
-    nx, ny = px.numpy(), py.numpy()
-
-    def step():
-        nx[...] = x
-        ny[...] = y
-        sx.copy_(px, non_blocking=True)
-        sy.copy_(py, non_blocking=True)
-        graph.replay()
-        loss.item()
-    return step
+    graph_step = torch_graph_step(model, opt, (n,) + shape)
+    return lambda: graph_step(x, y)
 
 
 def main():
