@@ -15,6 +15,7 @@ CNN's PyTorch graph moved by ~50 µs between runs); --paired adds the median ove
 rounds of each round's ratio, for the models whose target is a ratio.
 """
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -97,6 +98,21 @@ def paired_rounds(steps, data, rounds, budget_s):
 
 # ----------------------------------------------------------------------------- mpscy
 
+@contextlib.contextmanager
+def knobs(env):
+    """The environment variables of `env` set inside the block, as they were after it."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def mpscy_step(name, spec, device="cuda", precision="fp32", fused=None, env=None):
     """fused: $MPSCY_CUDA_FUSED while the engine is built ("0": separate kernels; a form such
     as "grid:66" or "cluster:16"; None: the library's choice); env: other variables set while it
@@ -118,18 +134,10 @@ def mpscy_step(name, spec, device="cuda", precision="fp32", fused=None, env=None
     env = dict(env or {})
     if fused is not None:
         env["MPSCY_CUDA_FUSED"] = fused
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with knobs(env):
         engine = mpscy.Engine(mpscy.Sequential(ls, input_shape=spec["input"]), loss="sparse_cross_entropy",
                               optimizer=optim.Adam(LR), batch_size=spec["batch"], device=device, seed=0,
                               precision=precision)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
     def step(x, y):
         return engine.step(x, y).loss

@@ -13,7 +13,6 @@ torch's CUDA-graph time, a guard against regressions.
 
     python bench/cuda_convt.py
 """
-import os
 import time
 
 import numpy as np
@@ -21,7 +20,7 @@ import numpy as np
 import mpscy
 from mpscy import layers as L
 
-from cuda_bench import torch_graph_step
+from cuda_bench import knobs, torch_graph_step
 
 TARGET = 3.0   # of torch's CUDA graph: the tiled form 0.76x-2.44x on the H100 (thirty-eighth session); tensor cores 0.49x-0.70x
 
@@ -46,11 +45,10 @@ def batch(shape, n):
     return rng.standard_normal((n,) + shape).astype(np.float32), rng.integers(0, 10, n).astype(np.int32)
 
 
-def mpscy_time(shape, kw, n, knobs):
-    """ms per training step with the knobs set while the step is captured (its first call)"""
-    saved = {k: os.environ.get(k) for k in knobs}
-    os.environ.update(knobs)
-    try:
+def mpscy_time(shape, kw, n, env):
+    """ms per training step with the knobs of `env` set while the engine is built and the step
+    captured (its first call)"""
+    with knobs(env):
         model = mpscy.Sequential([L.BatchNorm(), L.ConvTranspose2D(**kw), L.GlobalAvgPool2D(), L.Dense(10)],
                                  input_shape=shape)
         engine = mpscy.Engine(model, loss="sparse_cross_entropy", optimizer=mpscy.optim.SGD(0.01), batch_size=n,
@@ -60,12 +58,6 @@ def mpscy_time(shape, kw, n, knobs):
         def step():
             float(engine.step(x, y).loss)
         return median_time(step) * 1e3
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def torch_step(shape, kw, n, graphed):
