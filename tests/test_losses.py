@@ -2,6 +2,7 @@
 (their gradients checked by central finite differences), against torch.nn.functional where it
 is installed, label smoothing, single-output binary heads, accuracy kinds, and option errors.
 The model under test is the identity (Dropout(0.0)), so d loss / d input is d loss / d output."""
+import os
 import re
 
 import numpy as np
@@ -868,8 +869,9 @@ def test_segmentation_heads_get_advice_that_fits_them(recwarn):
     labels = np.zeros((2, 5, 5), np.int64)
     labels[0, 1, 2] = -100
     with pytest.raises(mpscy.InvalidArgumentError, match=r"label -100 at row 0 at position \(1, 2\) is outside "
-                                                         r"\[0, 4\); to leave such labels out, as torch's default "
-                                                         r"ignore_index=-100 does, give the loss ignore_index"):
+                                                         r"\[0, 4\); to leave such labels out \(torch's default "
+                                                         r"ignore_index is -100\), give the loss ignore_index: "
+                                                         r"SparseCrossEntropy\(ignore_index=-100\)"):
         engine.step(np.zeros((2, 4, 5, 5), np.float32), labels)
 
 
@@ -1026,3 +1028,32 @@ def test_ignore_index_over_batches_and_its_errors(rng):
     with pytest.raises(mpscy.InvalidArgumentError, match="ignore_index must be an integer"):
         losses.SparseCrossEntropy(ignore_index=1.5)
     assert "ignore_index=255" in repr(engine.loss)
+
+
+
+def test_ignore_index_in_fit_evaluate_and_plots(tmp_path, rng):
+    """Under ignore_index: evaluate with label smoothing and no class weights, over batches one of
+    which is all ignored, is torch's mean over the set (it was NaN); fit's training accuracy
+    counts the labels that count, as evaluate does; fit skips a training batch whose labels are
+    all ignored, warning (torch's step would see a NaN loss); fit_report plots a (C, H, W)
+    head's pixels."""
+    torch = pytest.importorskip("torch")
+    model = mpscy.Sequential([layers.Conv2D(3, 1)], input_shape=(2, 3, 3))
+    engine = mpscy.Engine(model, loss=losses.SparseCrossEntropy(label_smoothing=0.2, ignore_index=255),
+                          optimizer=optim.SGD(0.0), batch_size=2, device="cpu", seed=0)
+    x = rng.standard_normal((6, 2, 3, 3)).astype(np.float32)
+    y = rng.integers(0, 3, (6, 3, 3))
+    y[:, 1] = 255
+    y[2:4] = 255
+    z = torch.tensor(engine.predict(x).astype(np.float64))
+    ref = torch.nn.functional.cross_entropy(z, torch.tensor(y), ignore_index=255, label_smoothing=0.2).item()
+    ev = engine.evaluate(x, y)
+    assert ev["loss"] == pytest.approx(ref, rel=1e-6)
+    with pytest.warns(UserWarning, match=r"epoch 1: 1 training batch whose every label is the loss's ignore_index "
+                                         r"255 skipped"):
+        h = engine.fit(x, y, epochs=1, shuffle=False, verbose=0)
+    assert h.history["accuracy"][0] == pytest.approx(ev["accuracy"], abs=1e-12)      # lr 0: the same model
+    pytest.importorskip("matplotlib")
+    from mpscy import plot
+    paths = plot.fit_report(tmp_path, h, y, engine.predict(x), engine.loss)
+    assert len(paths) == 4 and all(os.path.getsize(p) > 0 for p in paths)

@@ -401,8 +401,8 @@ cdef class Graph:
                     of = "" if dst != NULL else f" of {what}"
                     at = (f" at position {tuple(int(i) for i in np.unravel_index(bad % self.positions, spatial))}"
                           if spatial else "")
-                    hint = ("" if self.ignore else "; to leave such labels out, as torch's default ignore_index=-100 "
-                            "does, give the loss ignore_index: SparseCrossEntropy(ignore_index=-100)"
+                    hint = ("" if self.ignore else f"; to leave such labels out (torch's default ignore_index is "
+                            f"-100), give the loss ignore_index: SparseCrossEntropy(ignore_index={value})"
                             if value < 0 or len(spatial) else "")
                     if self.ignore:
                         hint = f" and is not the loss's ignore_index {self.ignore_index}"

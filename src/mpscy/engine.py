@@ -469,7 +469,8 @@ class Engine(OptimizerState):
         z = self.predict(x).astype(np.float64)
         z -= z.max(axis=1, keepdims=True)
         logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-        w = np.asarray(self.loss.weight, np.float32).astype(np.float64)
+        w = getattr(self.loss, "weight", None)
+        w = np.ones(z.shape[1]) if w is None else np.asarray(w, np.float32).astype(np.float64)
         w = w.reshape((1, -1) + (1,) * (z.ndim - 2))   # along the classes, axis 1 (of (n, C, d1, ...) too)
         terms = (logp * w).sum(axis=1)                  # (n, d1, ...): a position's
         keep = self._ignored(y)
@@ -489,7 +490,8 @@ class Engine(OptimizerState):
             zero = False
         if not zero:
             return error
-        return NonFiniteError(f"{error}: every label of this batch has class weight 0, so its weighted mean is 0/0 "
+        which = "every label of this batch" if keep is None else "every label of this batch not ignore_index"
+        return NonFiniteError(f"{error}: {which} has class weight 0, so its weighted mean is 0/0 "
                               "(NaN, as torch's); give such a class a small weight, or batches that each hold a "
                               "weighted label")
 

@@ -190,8 +190,7 @@ def fit_report(folder, history, y_true, outputs, loss=None, labels=None):
     kind = loss.accuracy(np.shape(outputs)[1:]) if loss is not None else "none"
     if kind == "none" or (kind == "threshold" and int(np.prod(np.shape(outputs)[1:])) > 1):
         return paths
-    out = np.asarray(outputs, dtype=np.float64).reshape(len(outputs), -1)
-    t, p, s = _metrics.classify_outputs(np.asarray(y_true), out, loss)
+    t, p, s = _metrics.classify_outputs(np.asarray(y_true), outputs, loss)   # rows as the loss reads them
     for name, fn, args in (("confusion_matrix.png", plot_confusion_matrix, (t, p)),
                            ("roc.png", plot_roc, (t, s)), ("pr.png", plot_pr, (t, s))):
         path = os.path.join(folder, name)

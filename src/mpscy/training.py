@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 
 from . import callbacks as _callbacks, errors as _errors, metrics as _metrics
-from ._checks import choice, nonneg_int, number, path
+from ._checks import choice, nonneg_int, number, path, warn_user
 from .errors import InvalidArgumentError, ShapeError
 
 __all__ = ["fit", "set_schedule"]
@@ -500,10 +500,14 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
         for epoch in range(initial_epoch, epochs):
             cbs.call("on_epoch_begin", epoch, {})
             progress.begin(epoch, steps)
-            seen, loss_sum, acc_sum, has_acc, done = 0, 0.0, 0.0, False, 0
+            seen, loss_sum, acc_sum, has_acc, done, counted, void = 0, 0.0, 0.0, False, 0, 0, 0
             lr_used = engine.learning_rate
             where = lambda k: f"epoch {epoch + 1}, batch {k}"  # noqa: E731
             for b, (xb, yb) in enumerate(source.epoch(engine.epoch, where)):
+                c = engine._counted_labels(yb)   # under ignore_index, the labels that count; else -1
+                if c == 0:   # every label ignored: torch's step sees a NaN loss and zero gradients; skipped
+                    void += 1
+                    continue
                 for cb in cbs.batch_begin:
                     cb.on_train_batch_begin(b, {})
                 if per == "step":
@@ -516,27 +520,34 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
                 n = r.batch_size
                 seen += n
                 loss_sum += r.loss * n
-                if r.accuracy is not None:
-                    acc_sum += r.accuracy * n
+                c = n if c < 0 else c
+                if r.accuracy is not None:   # over the labels that count (each row's, without ignore_index)
+                    acc_sum += r.accuracy * c
+                    counted += c
                     has_acc = True
                 done = b + 1
                 if per == "step":
                     _step_schedule(schedule, sched_metric, {"loss": r.loss}, "loss")
                 if verbose == 1:
-                    progress.step(done, loss_sum / seen, acc_sum / seen if has_acc else None)
+                    progress.step(done, loss_sum / seen, acc_sum / counted if has_acc else None)
                 if cbs.batch_end:
-                    blogs = {"loss": loss_sum / seen, "accuracy": acc_sum / seen if has_acc else None,
+                    blogs = {"loss": loss_sum / seen, "accuracy": acc_sum / counted if has_acc else None,
                              "batch_size": n}
                     for cb in cbs.batch_end:
                         cb.on_train_batch_end(b, blogs)
                 if engine.stop_training:
                     break
+            if void:
+                warn_user(f"epoch {epoch + 1}: {void} training batch{'es' if void > 1 else ''} whose every label is "
+                          f"the loss's ignore_index {engine.loss.ignore_index} skipped (no update: torch's step "
+                          "would see a NaN loss and zero gradients)")
             if seen == 0:
-                raise InvalidArgumentError("the training data yielded no batch")
+                raise InvalidArgumentError("the training data yielded no batch" if not void else
+                                           "every training batch's labels are all the loss's ignore_index")
             engine.epoch += 1  # its steps are applied: counted before anything below can fail
             logs = {"loss": loss_sum / seen}
             if has_acc:
-                logs["accuracy"] = acc_sum / seen
+                logs["accuracy"] = acc_sum / counted
             if val is not None:
                 ev = _evaluate(engine, val)
                 logs["val_loss"] = ev["loss"]
