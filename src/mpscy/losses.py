@@ -105,7 +105,7 @@ class SparseCrossEntropy(Loss):
     equal to it are left out (no loss, no gradient, not in the mean's divisor nor in the
     accuracy), e.g. -100 (torch's default) or 255 for a segmentation mask's void pixels; a batch
     whose labels are all left out has a NaN loss (torch's 0/0) and its step raises
-    NonFiniteError.
+    NonFiniteError (fit skips such a batch, warning).
 
     weight: None, or one weight >= 0 per class (torch's `weight=`, e.g. inverse class
     frequencies for imbalanced data; or a dict {class: weight} naming every class, as Keras's
