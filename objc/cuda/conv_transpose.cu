@@ -307,9 +307,12 @@ static int64_t convt_splits(const conv_geom &g, int64_t b) {
  * these products ran a training step 2–3.5x faster than the tiled kernel (bench/cuda_convt.py),
  * but their gradients strayed further from the cpu's than fp32's: 2e-6 to 1.8e-5 relative where
  * the tiled kernel's stayed within 1e-6, and one wide layer's weight gradient (256 channels to
- * 64, 2x2 stride 2, 33 of 64 rows) past 1e-4, the contract's bound, unexplained (a NumPy model of
- * the 3xTF32 products predicts 7e-8 there; bench/cuda_notes.md). Until that is understood the
- * fp32 kernel is the default, as dense.cu's 3xTF32 forward was removed for failing 1e-4. */
+ * 64, 2x2 stride 2, 33 of 64 rows) past 1e-4, the contract's bound. The likely cause, found after
+ * the last device call: the tensor cores round their accumulation toward zero, a bias that grows
+ * with K (a NumPy model of it gives the measured 2e-5, bench/tc_rounding.py); these products now
+ * add the accumulator into an IEEE sum every MMA_BK step (mma.cuh's RESUM), 4e-7 in that model.
+ * Not yet run on a GPU: until it is, the fp32 kernel stays the default, as dense.cu's 3xTF32
+ * forward was removed for failing 1e-4. */
 #define CT_COLS_CAP ((int64_t)1 << 26)
 #define CT_BLOCKS 264   /* two blocks a multiprocessor of an H100: the weight gradient's split target */
 
@@ -377,7 +380,7 @@ __global__ void __launch_bounds__(256, 2) convt_cols_kernel(float *__restrict__ 
     const int64_t grp = blockIdx.z % g.groups, sl = blockIdx.z / g.groups;
     const int M = (int)g.kg, N = (int)g.ohw, m0 = blockIdx.y * 16 * TM, n0 = blockIdx.x * 64;
     float acc[TM * 4];
-    mma_product<TM, 4, false, false, VA, VB>(acc, mma_smem, w + grp * g.ocg * g.kg, g.kg, m0, M,
+    mma_product<TM, 4, false, false, VA, VB, true>(acc, mma_smem, w + grp * g.ocg * g.kg, g.kg, m0, M,
                                              x + ((s0 + sl) * g.oc + grp * g.ocg) * g.ohw, g.ohw, n0, N, 0, g.ocg);
     mma_store<TM, 4>(acc, dcol + (sl * g.k + grp * g.kg) * g.ohw, g.ohw, m0, M, n0, N);
 }
@@ -452,7 +455,8 @@ __global__ void __launch_bounds__(256, 2) convt_dx_kernel(float *__restrict__ dx
         }
     };
     float acc[TM * 4];
-    mma_product_by<TM, 4, true, true, VA>(acc, mma_smem, w + grp * g.ocg * g.kg, g.kg, m0, M, load_b, 0, g.kg);
+    mma_product_by<TM, 4, true, true, VA, true>(acc, mma_smem, w + grp * g.ocg * g.kg, g.kg, m0, M, load_b, 0,
+                                                g.kg);
 #pragma unroll
     for (int e = 0; e < TM * 4; e++) {
         int r, c;
@@ -531,7 +535,7 @@ __global__ void __launch_bounds__(256, 2) convt_dw_kernel(float *__restrict__ ou
         }
     };
     float acc[TM * 4];
-    mma_product_ab<TM, 4, true, true>(acc, mma_smem, load_a, load_b, k0, k1);
+    mma_product_ab<TM, 4, true, true, true>(acc, mma_smem, load_a, load_b, k0, k1);
     mma_store<TM, 4>(acc, out + (z * g.oc + grp * g.ocg) * g.kg, g.kg, m0, M, n0, N);
 }
 

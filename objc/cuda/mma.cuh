@@ -111,8 +111,12 @@ static __device__ __forceinline__ void mma_pos(int e, int &r, int &c) {
  * copies only; each called once for each step, kb = k0, k0 + MMA_BK, ... in order. smem:
  * mma_smem_bytes of dynamic shared memory. Returns once this thread's copies have landed; a
  * second product into the same smem must follow a block barrier (the other warps may still read
- * the last step's tiles). */
-template <int TM, int TN, bool AK, bool BK, class LoadA, class LoadB>
+ * the last step's tiles).
+ * RESUM: the tensor cores' accumulator is added into an fp32 sum (IEEE, round to nearest) after
+ * every step and started again from 0, so that it accumulates MMA_BK products at most. The
+ * tensor cores round their accumulation toward zero, and over a long K (thousands of positions
+ * of a weight gradient) that bias grows with K; ConvTranspose2D's products take this form. */
+template <int TM, int TN, bool AK, bool BK, bool RESUM = false, class LoadA, class LoadB>
 static __device__ __forceinline__ void mma_product_ab(float (&acc)[TM * TN], float *smem, const LoadA &load_a,
                                                       const LoadB &load_b, int64_t k0, int64_t k1) {
     constexpr int BM = 16 * TM, BN = 16 * TN, MI = TM / 2, NI = TN / 2;
@@ -121,8 +125,12 @@ static __device__ __forceinline__ void mma_product_ab(float (&acc)[TM * TN], flo
     constexpr int STAGE = TA::FLOATS + TB::FLOATS;
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int wm = (w & 1) * 8 * TM, wn = (w >> 1) * 4 * TN;
+    float sum[RESUM ? TM * TN : 1];
 #pragma unroll
     for (int e = 0; e < TM * TN; e++) acc[e] = 0.0f;
+    if constexpr (RESUM)
+#pragma unroll
+        for (int e = 0; e < TM * TN; e++) sum[e] = 0.0f;
     const int nk = (int)((k1 - k0 + MMA_BK - 1) / MMA_BK);
 #pragma unroll
     for (int s = 0; s < MMA_STAGES - 1; s++) {
@@ -170,26 +178,35 @@ static __device__ __forceinline__ void mma_product_ab(float (&acc)[TM * TN], flo
                     mma_tf32(c, ab[i], bb[j]);
                 }
         }
+        if constexpr (RESUM)
+#pragma unroll
+            for (int e = 0; e < TM * TN; e++) {
+                sum[e] = __fadd_rn(sum[e], acc[e]);
+                acc[e] = 0.0f;
+            }
     }
+    if constexpr (RESUM)
+#pragma unroll
+        for (int e = 0; e < TM * TN; e++) acc[e] = sum[e];
     cp_async_wait<0>();
 }
 
 /* mma_product_ab with A the (M, K) view of a (ld lda) */
-template <int TM, int TN, bool AK, bool BK, bool VA, class LoadB>
+template <int TM, int TN, bool AK, bool BK, bool VA, bool RESUM = false, class LoadB>
 static __device__ __forceinline__ void mma_product_by(float (&acc)[TM * TN], float *smem, const float *__restrict__ a,
                                                       int64_t lda, int m0, int M, const LoadB &load_b, int64_t k0,
                                                       int64_t k1) {
     auto load_a = [&](float *s, int64_t kb) { mma_load<AK, 16 * TM, VA>(s, a, lda, m0, M, kb, k1); };
-    mma_product_ab<TM, TN, AK, BK>(acc, smem, load_a, load_b, k0, k1);
+    mma_product_ab<TM, TN, AK, BK, RESUM>(acc, smem, load_a, load_b, k0, k1);
 }
 
 /* mma_product_by with B the (N, K) view of b (ld ldb) */
-template <int TM, int TN, bool AK, bool BK, bool VA, bool VB>
+template <int TM, int TN, bool AK, bool BK, bool VA, bool VB, bool RESUM = false>
 static __device__ __forceinline__ void mma_product(float (&acc)[TM * TN], float *smem, const float *__restrict__ a,
                                                    int64_t lda, int m0, int M, const float *__restrict__ b,
                                                    int64_t ldb, int n0, int N, int64_t k0, int64_t k1) {
     auto load_b = [&](float *s, int64_t kb) { mma_load<BK, 16 * TN, VB>(s, b, ldb, n0, N, kb, k1); };
-    mma_product_by<TM, TN, AK, BK, VA>(acc, smem, a, lda, m0, M, load_b, k0, k1);
+    mma_product_by<TM, TN, AK, BK, VA, RESUM>(acc, smem, a, lda, m0, M, load_b, k0, k1);
 }
 
 /* o (M, N) rows ldo apart, tile (m0, n0) = acc (mma_pos's layout): float2 stores where aligned */
