@@ -1,8 +1,9 @@
 /* conv_transpose.cu — ConvTranspose2D on CUDA as the convolution it transposes (mpscy_conv_geometry:
  * from the node's output (g.c, g.h, g.w) back to its input (g.oc, g.oh, g.ow), weight (g.oc, g.c /
- * groups, kh, kw)): its three products as one tiled fp32 kernel gathering its operands (no columns,
- * no tensor cores), sums in a fixed order (no atomics). MPSCY_CUDA_CONVT_TILED=0 runs the direct
- * kernels of this file instead, the reference. Speed against cuDNN: bench/cuda_convt.py. */
+ * groups, kh, kw)), sums in a fixed order (no atomics), in three forms: by default its three
+ * products as one tiled fp32 kernel gathering its operands (no columns, no tensor cores); with
+ * MPSCY_CUDA_CONVT_MMA=1 as 3xTF32 tensor-core products (below); with MPSCY_CUDA_CONVT_TILED=0
+ * the direct kernels of this file, the reference. Speed against PyTorch: bench/cuda_convt.py. */
 #include <algorithm>
 
 #include "cuda.h"
