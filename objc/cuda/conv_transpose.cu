@@ -267,16 +267,6 @@ __global__ void __launch_bounds__(256) convt_tiled(P p) {
         }
 }
 
-/* dw[e] = the sum of the splits' partials, in split order */
-__global__ void convt_wgrad_sum(float *dw, const float *part, int64_t count, int64_t splits) {
-    cu_pdl_enter();
-    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < count; e += (int64_t)gridDim.x * blockDim.x) {
-        float acc = 0.0f;
-        for (int64_t z = 0; z < splits; z++) acc += part[z * count + e];
-        dw[e] = acc;
-    }
-}
-
 template <class P>
 static cudaError_t convt_launch(cu_graph *gr, const P &p) {
     dim3 grid((unsigned)((p.N + CT_BN - 1) / CT_BN), (unsigned)((p.M + CT_BM - 1) / CT_BM),
@@ -284,12 +274,14 @@ static cudaError_t convt_launch(cu_graph *gr, const P &p) {
     return cu_launch(gr, convt_tiled<P>, grid, dim3(256), gr->stream, p);
 }
 
+#define CT_BLOCKS 264   /* two blocks a multiprocessor of an H100: the weight gradients' split target */
+
 /* the weight gradient's K splits at batch b: enough blocks for two a multiprocessor of an H100,
  * no more splits than K / 512 rounded up, at most 64 (the workspace holds that many partials) */
 static int64_t convt_splits(const conv_geom &g, int64_t b) {
     const int64_t n = g.c / g.groups * g.kh * g.kw, tiles = ((g.ocg + CT_BM - 1) / CT_BM) * ((n + CT_BN - 1) / CT_BN) *
                                                              g.groups;
-    const int64_t want = (264 + tiles - 1) / tiles, most = (b * g.oh * g.ow + 511) / 512;
+    const int64_t want = (CT_BLOCKS + tiles - 1) / tiles, most = (b * g.oh * g.ow + 511) / 512;
     return std::max<int64_t>(1, std::min<int64_t>({64, want, most}));
 }
 
@@ -302,7 +294,7 @@ static int64_t convt_splits(const conv_geom &g, int64_t b) {
  *  - input gradient: dx (C', b OH'W') = W dy's windows, the windows gathered by cp.async as the B
  *    operand (zero outside dy), a thread's 8 positions fixed and its tap decoded once a step;
  *  - weight gradient: dW (C', kg) = x dy's windows^T over the batch's positions, split over them into
- *    partials summed in split order (convt_wgrad_sum).
+ *    partials summed in split order (cu_sum_parts).
  * Opt-in ($MPSCY_CUDA_CONVT_MMA=1), where one sample's tensors and columns index in 32 bits
  * (convt_mma_fits), on sm_80 and newer; by default the tiled fp32 kernel above runs. On the H100
  * these products ran a training step 2–3.5x faster than the tiled kernel (bench/cuda_convt.py),
@@ -315,7 +307,6 @@ static int64_t convt_splits(const conv_geom &g, int64_t b) {
  * Not yet run on a GPU: until it is, the fp32 kernel stays the default, as dense.cu's 3xTF32
  * forward was removed for failing 1e-4. */
 #define CT_COLS_CAP ((int64_t)1 << 26)
-#define CT_BLOCKS 264   /* two blocks a multiprocessor of an H100: the weight gradient's split target */
 
 /* where one sample's tensors and columns index in 32 bits, and every grid's y and z (at most
  * 65535) hold the tiles of kg or C' / groups rows and the groups (the weight gradient's 64 splits
@@ -358,11 +349,11 @@ static int64_t convt_cols_chunk(const conv_geom &g, int64_t b) {
 static int64_t convt_dw_splits(const conv_geom &g, int64_t b, int64_t *chunk, int64_t *most) {
     const int64_t tm = g.ocg > 32 ? 64 : 32, tiles = ((g.ocg + tm - 1) / tm) * ((g.kg + 63) / 64) * g.groups;
     const int64_t steps = (b * g.ohw + MMA_BK - 1) / MMA_BK;
-    int64_t splits = std::max<int64_t>(1, std::min<int64_t>({64, (CT_BLOCKS + tiles - 1) / tiles, (steps + 3) / 4}));
-    const int64_t per = (steps + splits - 1) / splits;
+    *most = std::max<int64_t>(1, std::min<int64_t>({64, (CT_BLOCKS + tiles - 1) / tiles, (steps + 3) / 4}));
+    int64_t per;
+    const int64_t used = cu_split_units(steps, *most, &per);
     *chunk = per * MMA_BK;
-    *most = splits;
-    return (steps + per - 1) / per;
+    return used;
 }
 
 static int64_t convt_dw_most(const conv_geom &g, int64_t b) {
@@ -601,9 +592,7 @@ static int convt_mma_dw(cu_graph *gr, const conv_geom &g, float *dw, const float
            "convt_dw");
     int st = CU_LAUNCHED("convt_dw");
     if (st != MPSCY_OK || splits == 1) return st;
-    CU_TRY(cu_launch(gr, convt_wgrad_sum, cu_blocks(count, CU_THREADS, 8192), CU_THREADS, gr->stream, dw,
-                     (const float *)gr->ws, count, splits),
-           "convt_dw_sum");
+    CU_TRY(cu_sum_parts(gr, gr->stream, dw, gr->ws, count, splits, NULL, 1, 0), "convt_dw_sum");
     return CU_LAUNCHED("convt_dw_sum");
 }
 
@@ -667,17 +656,16 @@ int cu_convt_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, s
         const int st = convt_mma_dw(gr, g, dw, x, dy, b, err, en);
         if (st != MPSCY_OK) return st;
     } else if (dw && tiled) {
-        const int64_t K = b * g.oh * g.ow, splits = convt_splits(g, b), steps = (K + CT_BK - 1) / CT_BK;
-        const int64_t per = (steps + splits - 1) / splits * CT_BK, used = (K + per - 1) / per;
-        ct_wgrad p = {g, x, dy, dw, gr->ws, b, g.ocg, cog * taps, K, per, used};
+        const int64_t K = b * g.oh * g.ow;
+        int64_t per;
+        const int64_t used = cu_split_units((K + CT_BK - 1) / CT_BK, convt_splits(g, b), &per);
+        ct_wgrad p = {g, x, dy, dw, gr->ws, b, g.ocg, cog * taps, K, per * CT_BK, used};
         CU_TRY(convt_launch(gr, p), "convt_tiled_wgrad");
         int st = CU_LAUNCHED("convt_tiled_wgrad");
         if (st != MPSCY_OK) return st;
         if (used > 1) {
             const int64_t count = g.oc * cog * taps;
-            CU_TRY(cu_launch(gr, convt_wgrad_sum, cu_blocks(count, CU_THREADS, 8192), CU_THREADS, gr->stream, dw,
-                             (const float *)gr->ws, count, used),
-                   "convt_wgrad_sum");
+            CU_TRY(cu_sum_parts(gr, gr->stream, dw, gr->ws, count, used, NULL, 1, 0), "convt_wgrad_sum");
             st = CU_LAUNCHED("convt_wgrad_sum");
             if (st != MPSCY_OK) return st;
         }
