@@ -251,9 +251,23 @@ static void col2im(float *dxs, float *col, const conv_geom *g, int64_t bc) { col
  * vectorize */
 static inline float select_pos(float m, float v) { return mpscy_relu_pass(m, v); }
 
+/* acc[k] += the elements k, k + 16, ... of p (n), the tail into acc[0]: sixteen partial sums keep
+ * a channel's reduction vectorizable without reassociating floats */
+static inline void sum16(float acc[16], const float *restrict p, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int k = 0; k < 16; k++) acc[k] += p[i + k];
+    for (; i < n; i++) acc[0] += p[i];
+}
+
+static inline float fold16(const float acc[16]) {
+    float t = 0.0f;
+    for (int k = 0; k < 16; k++) t += acc[k];
+    return t;
+}
+
 /* dout (OC, bc*OHW) from dy (bc, OC, OHW), zeroed where the fused ReLU's output ry (bc, OC, OHW)
- * is not positive (ry NULL: no ReLU), adding each channel's sum into db (OC) when given. Sixteen
- * partial sums keep the reduction vectorizable without reassociating floats. */
+ * is not positive (ry NULL: no ReLU), adding each channel's sum (sum16) into db (OC) when given. */
 static void gather_rows(float *dout, float *db, const float *dy, const float *ry, int64_t oc, int64_t bc,
                         int64_t ohw) {
     int64_t n = bc * ohw;
@@ -268,16 +282,9 @@ static void gather_rows(float *dout, float *db, const float *dy, const float *ry
             } else {
                 for (int64_t i = 0; i < ohw; i++) dst[i] = src[i];
             }
-            int64_t i = 0;
-            for (; i + 16 <= ohw; i += 16)
-                for (int k = 0; k < 16; k++) acc[k] += dst[i + k];
-            for (; i < ohw; i++) acc[0] += dst[i];
+            sum16(acc, dst, ohw);
         }
-        if (db) {
-            float t = 0.0f;
-            for (int k = 0; k < 16; k++) t += acc[k];
-            db[o] += t;
-        }
+        if (db) db[o] += fold16(acc);
     }
 }
 
@@ -498,16 +505,9 @@ void cpu_convt_backward(cpu_graph *gr, const mpscy_node *n, int64_t b) {
     if (db) {
         int64_t hw = g.h * g.w;
         for (int64_t c = 0; c < g.c; c++) {
-            float acc[16] = {0}, total = 0.0f;
-            for (int64_t s = 0; s < b; s++) {
-                const float *row = dy + (s * g.c + c) * hw;
-                int64_t k = 0;
-                for (; k + 16 <= hw; k += 16)
-                    for (int q = 0; q < 16; q++) acc[q] += row[k + q];
-                for (; k < hw; k++) acc[0] += row[k];
-            }
-            for (int q = 0; q < 16; q++) total += acc[q];
-            db[c] = total;
+            float acc[16] = {0};
+            for (int64_t s = 0; s < b; s++) sum16(acc, dy + (s * g.c + c) * hw, hw);
+            db[c] = fold16(acc);
         }
     }
 }
