@@ -77,7 +77,9 @@ cdef class Graph:
     cdef int accuracy_kind
     cdef int64_t classes
     cdef int64_t positions   # the cross-entropies on logits over (C, d1, ...): d1 x ... (labels per row), else 1
-    cdef bint logits_ce
+    cdef tuple label_spatial       # integer labels' per-sample shape: (d1, ...) of a (C, d1, ...) cross entropy, else ()
+    cdef int label_rank
+    cdef int64_t label_dims[6]
     cdef bint ignore               # torch's ignore_index (sparse cross-entropy): labels equal to it are left out
     cdef int32_t ignore_index
     cdef int64_t last_valid        # the labels of the last staged batch that count (not ignore_index)
@@ -134,7 +136,7 @@ cdef class Graph:
         self.target_dense = d.target == MPSCY_TARGET_DENSE
         self.target_unit = d.loss.kind == MPSCY_LOSS_BCE
         self.accuracy_kind = d.loss.accuracy
-        self.logits_ce = d.loss.kind == MPSCY_LOSS_SPARSE_CE or d.loss.kind == MPSCY_LOSS_CE
+        logits_ce = d.loss.kind == MPSCY_LOSS_SPARSE_CE or d.loss.kind == MPSCY_LOSS_CE
         self.ignore = d.loss.ignore != 0
         self.ignore_index = d.loss.ignore_index
         self.n_inputs = 0
@@ -173,8 +175,13 @@ cdef class Graph:
         for s in out:
             self.out_size *= s
         # torch's cross entropy over (n, C, d1, ...): C classes at each of d1 x ... positions
-        self.classes = out[0] if self.logits_ce and len(out) > 1 else self.out_size
+        self.classes = out[0] if logits_ce and len(out) > 1 else self.out_size
         self.positions = self.out_size // self.classes
+        # torch's (n, d1, ...) labels of (n, C, d1, ...), (n, 1, 1) for (n, C, 1, 1) too
+        self.label_spatial = tuple(out[1:]) if logits_ce and len(out) > 1 else ()
+        self.label_rank = len(self.label_spatial)
+        for i in range(self.label_rank):
+            self.label_dims[i] = self.label_spatial[i]
         _check(mpscy_graph_io(self.handle, MPSCY_IO_TARGET, 0, &buf, self.err, ERR_LEN), self.err)
         _check(mpscy_buffer_host_pointer(buf, &self.target_ptr, &nbytes, self.err, ERR_LEN), self.err)
         _check(mpscy_graph_io(self.handle, MPSCY_IO_OUTPUT, 0, &buf, self.err, ERR_LEN), self.err)
@@ -367,15 +374,18 @@ cdef class Graph:
         cdef _Kind kind
         cdef int64_t bad = -1, count, ignored = 0
         cdef int d
+        cdef bint fits
         _acquire(y, &v, what)
         try:
             kind = _kind_of(&v)
             if not self.target_dense:
                 if kind != K_I32 and kind != K_I64:
                     raise _errors.DTypeError(f"{what} must be int32 or int64 class labels, got {_dtype_name(y)}")
-                # torch's (n, d1, ...) labels of (n, C, d1, ...), (n, 1, 1) for (n, C, 1, 1) too
-                spatial = self.output_shape[1:] if self.logits_ce and len(self.output_shape) > 1 else ()
-                if v.ndim != 1 + len(spatial) or any(v.shape[d + 1] != spatial[d] for d in range(len(spatial))):
+                fits = v.ndim == 1 + self.label_rank
+                for d in range(self.label_rank if fits else 0):
+                    fits = fits and v.shape[d + 1] == self.label_dims[d]
+                if not fits:
+                    spatial = self.label_spatial
                     want = f"(n, {', '.join(map(str, spatial))})" if spatial else "(n,)"
                     raise _errors.ShapeError(f"{what} has shape {_shape_str(&v)}; labels must be shaped {want}"
                                              + (f", a class in [0, {self.classes}) at each position of the "
@@ -399,13 +409,17 @@ cdef class Graph:
                 if bad >= 0:
                     value = (<const int64_t *>v.buf)[bad] if kind == K_I64 else (<const int32_t *>v.buf)[bad]
                     of = "" if dst != NULL else f" of {what}"
-                    at = (f" at position {tuple(int(i) for i in np.unravel_index(bad % self.positions, spatial))}"
-                          if spatial else "")
-                    hint = ("" if self.ignore else f"; to leave such labels out (torch's default ignore_index is "
-                            f"-100), give the loss ignore_index: SparseCrossEntropy(ignore_index={value})"
-                            if value < 0 or len(spatial) else "")
+                    at = ""
+                    if self.label_rank:
+                        pos = np.unravel_index(bad % self.positions, self.label_spatial)
+                        at = f" at position {tuple(int(i) for i in pos)}"
                     if self.ignore:
                         hint = f" and is not the loss's ignore_index {self.ignore_index}"
+                    elif value < 0 or self.label_rank:
+                        hint = (f"; to leave such labels out (torch's default ignore_index is -100), give the loss "
+                                f"ignore_index: SparseCrossEntropy(ignore_index={value})")
+                    else:
+                        hint = ""
                     raise _errors.InvalidArgumentError(
                         f"label {value} at row {bad // self.positions + row0}{at}{of} is outside [0, {self.classes})"
                         f"{hint}")
@@ -567,6 +581,12 @@ cdef class Graph:
         _check(st, self.err)
         return (res.loss, res.correct, res.grad_norm, res.applied, res.lbfgs_stopped, res.lbfgs_gtd,
                 res.lbfgs_d_max, res.lbfgs_gtd_new, res.lbfgs_g_max, res.lbfgs_g_sum)
+
+    @property
+    def counted(self):
+        """The labels of the last staged batch that count (not the loss's ignore_index), or -1
+        without an ignore_index (every label counts)."""
+        return self.last_valid if self.ignore else -1
 
     def accuracy_of(self, int64_t correct, int rows, int64_t valid=-1):
         """The accuracy a step result reports for `correct` out of `rows` (None without one);

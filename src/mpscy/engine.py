@@ -281,6 +281,12 @@ class Engine(OptimizerState):
             return training._evaluate(self, x, "batch", "the DataLoader")
         if y is None:
             raise InvalidArgumentError("evaluate needs y, or x a DataLoader of (x, y) batches")
+        return self._eval_arrays(x, y)[0]
+
+    def _eval_arrays(self, x, y):
+        """evaluate over arrays: (its dict, the labels that counted under the loss's ignore_index as
+        the batches' staging counted them, or -1 without one)."""
+        from . import training
         g = self._g()
         x, y = training._converted_inputs(x, self._n_inputs), training._as_target(self, y)  # as fit converts them
         n = _rows(x, self._n_inputs)
@@ -291,17 +297,19 @@ class Engine(OptimizerState):
         if ny != n:
             raise ShapeError(f"y has {ny} rows for {n} rows of x")
         g.check_target(y, "y", n)
-        total, weight, correct = 0.0, 0.0, 0
+        total, weight, correct, counted = 0.0, 0.0, 0, 0
         for i in range(0, n, self.batch_size):
             loss, c, rows = g.eval_batch(_rows_slice(x, self._n_inputs, i, i + self.batch_size),
                                          y[i:i + self.batch_size], i)
+            k = g.counted   # this batch's labels that count (ignore_index), as its staging counted them
             s, w = self._mean_share(loss, y[i:i + self.batch_size], rows,
-                                    lambda: _rows_slice(x, self._n_inputs, i, i + self.batch_size))
+                                    lambda: _rows_slice(x, self._n_inputs, i, i + self.batch_size), k)
             total += s
             weight += w
             correct += c
-        return {"loss": total / weight if weight > 0 else float("nan"),
-                "accuracy": g.accuracy_of(correct, n, self._counted_labels(y))}
+            counted = -1 if k < 0 else counted + k
+        return ({"loss": total / weight if weight > 0 else float("nan"),
+                 "accuracy": g.accuracy_of(correct, n, counted)}, counted)
 
     def _ignored(self, y):
         """Under the loss's ignore_index: the mask of y's labels that count, else None."""
@@ -309,11 +317,6 @@ class Engine(OptimizerState):
         if ign is None or self.loss.target != "index":
             return None
         return np.asarray(y) != ign
-
-    def _counted_labels(self, y):
-        """The labels of y that count for the accuracy (not ignore_index), or -1 (all of them)."""
-        keep = self._ignored(y)
-        return -1 if keep is None else int(np.count_nonzero(keep))
 
     def _check_layout(self, g, x):
         """x's dtype, shape and contiguity as a whole array (each batch's call checks its values),
@@ -439,22 +442,23 @@ class Engine(OptimizerState):
         for i, arr in staged:
             g.write_tensor(i, arr)
 
-    def _mean_share(self, loss, y, rows, x_of):
+    def _mean_share(self, loss, y, rows, x_of, counted=-1):
         """(sum, weight) of one batch's mean loss in a mean over several batches: loss * its
         weight (_batch_weight), or where every label weighs 0 (the batch's mean is 0/0) label
         smoothing's terms alone, of the rows x_of() gives, with weight 0."""
-        w = self._batch_weight(y, rows)
+        w = self._batch_weight(y, rows, counted)
         return (loss * w, w) if w > 0 else (self._smoothing_sum(x_of(), y), 0.0)
 
-    def _batch_weight(self, y, rows):
-        """A batch's share of a mean over several batches: its rows, or under class weights with
-        integer labels its labels' summed weights (the divisor of its weighted mean, as torch's
-        mean over the whole set needs)."""
+    def _batch_weight(self, y, rows, counted=-1):
+        """A batch's share of a mean over several batches: its rows (under ignore_index its labels
+        that count, `counted`, as its staging counted them), or under class weights with integer
+        labels those labels' summed weights (the divisor of its weighted mean, as torch's mean over
+        the whole set needs)."""
         w = getattr(self.loss, "weight", None)
-        keep = self._ignored(y)
         if w is None or self.loss.target != "index":
-            return rows if keep is None else float(np.count_nonzero(keep))
+            return rows if counted < 0 else counted
         labels = np.asarray(y, np.int64)
+        keep = self._ignored(y)
         if keep is not None:   # torch's ignore_index: those labels are not in the divisor
             labels = labels[keep]
         return float(np.asarray(w, np.float32).astype(np.float64)[labels].sum())

@@ -282,13 +282,12 @@ def _evaluate(engine, source, what="validation batch", source_name="the validati
             xb, yb = _pair(batch)
             xb, yb = _batch_inputs(engine, xb), _as_target(engine, yb)
             n = len(yb)
-            r = engine.evaluate(xb, yb)
+            r, c = engine._eval_arrays(xb, yb)   # c: under ignore_index, the batch's labels that count
         except _errors.Error as e:
             raise _in_batch(e, f"{what} {k}") from e
-        s, w = engine._mean_share(r["loss"], yb, n, lambda: xb)
+        s, w = engine._mean_share(r["loss"], yb, n, lambda: xb, c)
         total += s
         weight += w
-        c = engine._counted_labels(yb)   # under ignore_index, the batch's labels that count
         c = n if c < 0 else c
         acc = None if r["accuracy"] is None else (acc or 0.0) + (r["accuracy"] * c if c else 0.0)
         rows += n
@@ -504,22 +503,27 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
             lr_used = engine.learning_rate
             where = lambda k: f"epoch {epoch + 1}, batch {k}"  # noqa: E731
             for b, (xb, yb) in enumerate(source.epoch(engine.epoch, where)):
-                c = engine._counted_labels(yb)   # under ignore_index, the labels that count; else -1
-                if c == 0:   # every label ignored: torch's step sees a NaN loss and zero gradients; skipped
-                    void += 1
-                    continue
                 for cb in cbs.batch_begin:
                     cb.on_train_batch_begin(b, {})
                 if per == "step":
                     lr_used = engine.learning_rate
                 try:
                     r = step(xb, yb)  # the StepResult already holds the loss: no extra sync
+                except _errors.NonFiniteError as e:
+                    if engine._graph.counted != 0:
+                        raise _in_batch(e, where(b)) from e
+                    # every label is ignore_index: torch's step sees a NaN loss and zero gradients;
+                    # nothing was changed (a failed step changes nothing), and the batch is skipped (its
+                    # batch-begin callbacks have run)
+                    void += 1
+                    continue
                 except _errors.Error as e:
                     raise _in_batch(e, where(b)) from e
                 trained = True
                 n = r.batch_size
                 seen += n
                 loss_sum += r.loss * n
+                c = engine._graph.counted   # under ignore_index, the labels that counted, as staging counted them
                 c = n if c < 0 else c
                 if r.accuracy is not None:   # over the labels that count (each row's, without ignore_index)
                     acc_sum += r.accuracy * c
