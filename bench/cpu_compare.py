@@ -10,8 +10,10 @@ import numpy as np
 import mpscy
 
 
-def median_time(fn, repeat=9):
-    fn()
+def median_time(fn, repeat=9, warmup=1):
+    """seconds per fn() call, the median of `repeat` after `warmup` calls"""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()

@@ -13,31 +13,25 @@ torch's CUDA-graph time, a guard against regressions.
 
     python bench/cuda_convt.py
 """
-import time
 
 import numpy as np
 
 import mpscy
 from mpscy import layers as L
 
+from cpu_compare import median_time as _median_time
 from cuda_bench import knobs, torch_graph_step
+
+
+def median_time(fn):
+    """two warm-up calls (the first captures a step's graph), then the median of 30"""
+    return _median_time(fn, repeat=30, warmup=2)
 
 TARGET = 3.0   # of torch's CUDA graph: the tiled form 0.76x-2.44x on the H100 (thirty-eighth session); tensor cores 0.49x-0.70x
 
 ROWS = [("dcgan 128->64, 8x8", (128, 8, 8), dict(filters=64, kernel_size=4, stride=2, padding=1), 64),
         ("dcgan 64->32, 16x16", (64, 16, 16), dict(filters=32, kernel_size=4, stride=2, padding=1), 64),
         ("unet 64->32, 32x32 2x2", (64, 32, 32), dict(filters=32, kernel_size=2, stride=2), 32)]
-
-
-def median_time(fn, repeat=30):
-    fn()
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def batch(shape, n):

@@ -18,6 +18,15 @@ ort = pytest.importorskip("onnxruntime")
 RTOL, ATOL = 1e-5, 1e-6
 
 
+def _export_checked(engine, path, **kw):
+    """The engine exported to path (export's keyword arguments), loaded back and passed by onnx's
+    full checker."""
+    mpscy.onnx.export(engine, path, **kw)
+    m = onnx.load(path)
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
 def _ort(path_or_proto, feeds):
     src = path_or_proto if isinstance(path_or_proto, str) else path_or_proto.SerializeToString()
     sess = ort.InferenceSession(src, providers=["CPUExecutionProvider"])
@@ -87,13 +96,14 @@ def tt():
     return torch
 
 
-def _torch_export(model, example, path, opset):
+def _torch_export(model, example, path, opset, dynamic=True):
+    """torch's TorchScript exporter, input "x" and output "y", their batch dynamic unless not dynamic"""
     import warnings
     model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (example,), path, dynamo=False, input_names=["x"], output_names=["y"],
-                          dynamic_axes={"x": {0: "N"}, "y": {0: "N"}}, opset_version=opset)
+                          dynamic_axes={"x": {0: "N"}, "y": {0: "N"}} if dynamic else None, opset_version=opset)
 
 
 @pytest.mark.parametrize("opset", [17, 20])
@@ -191,9 +201,7 @@ def test_cnn_and_residual_export(device, tmp_path, make):
     engine = mpscy.Engine(make(), optimizer=optim.Adam(2e-3), batch_size=32, device=device, seed=1)
     engine.fit(x[:640], y[:640], epochs=2, verbose=0)          # BatchNorm statistics move away from 0/1
     path = str(tmp_path / "m.onnx")
-    mpscy.onnx.export(engine, path)
-    m = onnx.load(path)
-    onnx.checker.check_model(m, full_check=True)
+    m = _export_checked(engine, path)
     ops = {n.op_type for n in m.graph.node}
     expected = {"Conv", "Relu", "Gemm", "Dropout"} if make is readme_cnn else {
         "Conv", "BatchNormalization", "Add", "MaxPool", "AveragePool", "Concat", "GlobalAveragePool",
@@ -1049,9 +1057,7 @@ def test_upsample_exports_as_resize_and_round_trips(device, tmp_path, opset):
     layers with their factors."""
     engine = mpscy.Engine(_decoder(), batch_size=8, device=device, seed=4)
     path = str(tmp_path / "up.onnx")
-    mpscy.onnx.export(engine, path, opset=opset)
-    m = onnx.load(path)
-    onnx.checker.check_model(m, full_check=True)
+    m = _export_checked(engine, path, opset=opset)
     resize = [n for n in m.graph.node if n.op_type == "Resize"]
     assert len(resize) == 2
     attrs = {a.name: a.s.decode() for a in resize[0].attribute}
@@ -1126,9 +1132,7 @@ def test_bilinear_upsample_exports_as_linear_resize_and_round_trips(device, tmp_
     in as the same layers, predicting to the bit."""
     engine = mpscy.Engine(_bilinear_decoder(), batch_size=8, device=device, seed=4)
     path = str(tmp_path / "bilinear.onnx")
-    mpscy.onnx.export(engine, path, opset=opset)
-    m = onnx.load(path)
-    onnx.checker.check_model(m, full_check=True)
+    m = _export_checked(engine, path, opset=opset)
     resize = [n for n in m.graph.node if n.op_type == "Resize"]
     assert [{a.name: a.s.decode() for a in n.attribute} for n in resize] == [
         {"mode": "linear", "coordinate_transformation_mode": c} for c in ("half_pixel", "align_corners", "half_pixel")]
@@ -1172,10 +1176,7 @@ def test_import_torch_bilinear(tt, device, tmp_path, opset):
     tt.manual_seed(2)
     model = Net().eval()
     path = str(tmp_path / "net.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tt.onnx.export(model, (tt.zeros(2, 2, 9, 10),), path, dynamo=False, input_names=["x"], output_names=["y"],
-                       dynamic_axes={"x": {0: "N"}, "y": {0: "N"}}, opset_version=opset)
+    _torch_export(model, tt.zeros(2, 2, 9, 10), path, opset)
     engine = mpscy.onnx.load(path, batch_size=3, device=device, loss="mse", input_gradients=True)
     ups = [n.layer.config() for n in engine.model.nodes if isinstance(n.layer, layers.Upsample)]
     assert ups == [{"size": s, "mode": "bilinear", "align_corners": a}
@@ -1295,10 +1296,7 @@ def test_import_torch_interpolate_to_a_size(tt, device, tmp_path, dynamic):
     tt.manual_seed(1)
     model = UNet().eval()
     path = str(tmp_path / "unet.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tt.onnx.export(model, (tt.zeros(2, 2, 8, 8),), path, dynamo=False, input_names=["x"], output_names=["y"],
-                       dynamic_axes={"x": {0: "N"}, "y": {0: "N"}} if dynamic else None, opset_version=17)
+    _torch_export(model, tt.zeros(2, 2, 8, 8), path, 17, dynamic)
     assert "Slice" in [n.op_type for n in onnx.load(path).graph.node]
     _check_upsampled_import(tt, model, path, device, (2, 2, 8, 8))
 
@@ -1318,9 +1316,7 @@ def test_convtranspose_exports_and_round_trips(device, tmp_path, opset):
     1e-5 at another batch size, and back in as the same layers, predicting within 1e-6."""
     engine = mpscy.Engine(_convt_decoder(), batch_size=8, device=device, seed=4)
     path = str(tmp_path / "convt.onnx")
-    mpscy.onnx.export(engine, path, opset=opset)
-    m = onnx.load(path)
-    onnx.checker.check_model(m, full_check=True)
+    m = _export_checked(engine, path, opset=opset)
     ct = [n for n in m.graph.node if n.op_type == "ConvTranspose"]
     assert [{a.name: list(a.ints) if a.ints else a.i for a in n.attribute} for n in ct] == [
         {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "dilations": [1, 1], "group": 1,
