@@ -85,7 +85,8 @@ def compare_gradients(cpu, gpu, x, y, tol=PARAM_TOL):
     assert gc.keys() == gg.keys() and "input" in gg
     for k in gc:
         if k != "loss":
-            assert rel_err(gg[k], gc[k]) <= tol, k
+            err = rel_err(gg[k], gc[k])
+            assert err <= tol, (k, err)
     return gc, gg
 
 

@@ -1,9 +1,10 @@
 /* conv_transpose.cu — ConvTranspose2D on CUDA as the convolution it transposes (mpscy_conv_geometry:
  * from the node's output (g.c, g.h, g.w) back to its input (g.oc, g.oh, g.ow), weight (g.oc, g.c /
- * groups, kh, kw)), sums in a fixed order (no atomics), in three forms: by default its three
- * products as one tiled fp32 kernel gathering its operands (no columns, no tensor cores); with
- * MPSCY_CUDA_CONVT_MMA=1 as 3xTF32 tensor-core products (below); with MPSCY_CUDA_CONVT_TILED=0
- * the direct kernels of this file, the reference. Speed against PyTorch: bench/cuda_convt.py. */
+ * groups, kh, kw)), sums in a fixed order (no atomics), in three forms: by default (sm_80 and
+ * newer) its three products as 3xTF32 tensor-core products (below); with MPSCY_CUDA_CONVT_MMA=0,
+ * or where those do not fit, as one tiled fp32 kernel gathering its operands (no columns, no
+ * tensor cores); with MPSCY_CUDA_CONVT_MMA=0 and MPSCY_CUDA_CONVT_TILED=0 the direct kernels of
+ * this file, the reference. Speed against PyTorch: bench/cuda_convt.py. */
 #include <algorithm>
 
 #include "cuda.h"
@@ -295,17 +296,16 @@ static int64_t convt_splits(const conv_geom &g, int64_t b) {
  *    operand (zero outside dy), a thread's 8 positions fixed and its tap decoded once a step;
  *  - weight gradient: dW (C', kg) = x dy's windows^T over the batch's positions, split over them into
  *    partials summed in split order (cu_sum_parts).
- * Opt-in ($MPSCY_CUDA_CONVT_MMA=1), where one sample's tensors and columns index in 32 bits
- * (convt_mma_fits), on sm_80 and newer; by default the tiled fp32 kernel above runs. On the H100
- * these products ran a training step 2–3.5x faster than the tiled kernel (bench/cuda_convt.py),
- * but their gradients strayed further from the cpu's than fp32's: 2e-6 to 1.8e-5 relative where
- * the tiled kernel's stayed within 1e-6, and one wide layer's weight gradient (256 channels to
- * 64, 2x2 stride 2, 33 of 64 rows) past 1e-4, the contract's bound. The likely cause, found after
- * the last device call: the tensor cores round their accumulation toward zero, a bias that grows
- * with K (a NumPy model of it gives the measured 2e-5, bench/tc_rounding.py); these products now
- * add the accumulator into an IEEE sum every MMA_BK step (mma.cuh's RESUM), 4e-7 in that model.
- * Not yet run on a GPU: until it is, the fp32 kernel stays the default, as dense.cu's 3xTF32
- * forward was removed for failing 1e-4. */
+ * The default where one sample's tensors and columns index in 32 bits (convt_mma_fits), on sm_80
+ * and newer; $MPSCY_CUDA_CONVT_MMA=0 takes the tiled fp32 kernel above instead. On the H100 these
+ * products run a training step 2–3.5x faster than the tiled kernel (bench/cuda_convt.py). The
+ * tensor cores round their accumulation toward zero, a bias that grows with K: before RESUM their
+ * gradients strayed 2e-6 to 1.8e-5 relative from the cpu's, and one wide layer's weight gradient
+ * (256 channels to 64, 2x2 stride 2, 33 of 64 rows) past 1e-4, the contract's bound (a NumPy model
+ * of it gives the measured 2e-5, bench/tc_rounding.py). These products add the accumulator into
+ * an IEEE sum every MMA_BK step (mma.cuh's RESUM), 4e-7 in that model; on the H100 (thirty-ninth
+ * session) every ConvTranspose2D test then passed at the tiled kernel's bounds, the wide layer's
+ * among them. */
 #define CT_COLS_CAP ((int64_t)1 << 26)
 
 /* where one sample's tensors and columns index in 32 bits, and every grid's y and z (at most
@@ -320,7 +320,7 @@ static bool convt_mma_fits(const conv_geom &g) {
 
 /* read when a graph is captured (each batch size's), so that tests can run every form in one process */
 static bool convt_mma_wanted(const conv_geom &g) {
-    return cu_knob_int("MPSCY_CUDA_CONVT_MMA", 0) == 1 && convt_mma_fits(g);
+    return cu_knob_int("MPSCY_CUDA_CONVT_MMA", 1) != 0 && convt_mma_fits(g);
 }
 
 static int64_t convt_dw_most(const conv_geom &g, int64_t b);
@@ -607,8 +607,8 @@ int64_t cu_convt_workspace(const mpscy_plan *p, const mpscy_node *n) {
     return floats;
 }
 
-/* MPSCY_CUDA_CONVT_TILED=0 (with the tensor-core products not taken): the direct kernels above
- * instead (an A/B and a reference) */
+/* MPSCY_CUDA_CONVT_TILED=0 (with the tensor-core products not taken, MPSCY_CUDA_CONVT_MMA=0): the
+ * direct kernels above instead (an A/B and a reference) */
 static bool convt_tiled_on() { return cu_knob_on("MPSCY_CUDA_CONVT_TILED"); }
 
 int cu_convt_forward(cu_graph *gr, const mpscy_node *n, int64_t b, int train, char *err, size_t en) {
