@@ -251,28 +251,14 @@ static void col2im(float *dxs, float *col, const conv_geom *g, int64_t bc) { col
  * vectorize */
 static inline float select_pos(float m, float v) { return mpscy_relu_pass(m, v); }
 
-/* acc[k] += the elements k, k + 16, ... of p (n), the tail into acc[0]: sixteen partial sums keep
- * a channel's reduction vectorizable without reassociating floats */
-static inline void sum16(float acc[16], const float *restrict p, int64_t n) {
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int k = 0; k < 16; k++) acc[k] += p[i + k];
-    for (; i < n; i++) acc[0] += p[i];
-}
-
-static inline float fold16(const float acc[16]) {
-    float t = 0.0f;
-    for (int k = 0; k < 16; k++) t += acc[k];
-    return t;
-}
-
 /* dout (OC, bc*OHW) from dy (bc, OC, OHW), zeroed where the fused ReLU's output ry (bc, OC, OHW)
- * is not positive (ry NULL: no ReLU), adding each channel's sum (sum16) into db (OC) when given. */
+ * is not positive (ry NULL: no ReLU), adding each channel's sum (in double, cpu_lanes_sum) into db
+ * (OC) when given. */
 static void gather_rows(float *dout, float *db, const float *dy, const float *ry, int64_t oc, int64_t bc,
                         int64_t ohw) {
     int64_t n = bc * ohw;
     for (int64_t o = 0; o < oc; o++) {
-        float acc[16] = {0};
+        double acc[CPU_LANES] = {0};
         for (int64_t s = 0; s < bc; s++) {
             const float *restrict src = dy + (s * oc + o) * ohw;
             float *restrict dst = dout + o * n + s * ohw;
@@ -282,9 +268,9 @@ static void gather_rows(float *dout, float *db, const float *dy, const float *ry
             } else {
                 for (int64_t i = 0; i < ohw; i++) dst[i] = src[i];
             }
-            sum16(acc, dst, ohw);
+            cpu_lanes_sum(acc, dst, ohw);
         }
-        if (db) db[o] += fold16(acc);
+        if (db) db[o] += (float)cpu_lanes_total(acc);
     }
 }
 
@@ -504,10 +490,10 @@ void cpu_convt_backward(cpu_graph *gr, const mpscy_node *n, int64_t b) {
     }
     if (db) {
         int64_t hw = g.h * g.w;
-        for (int64_t c = 0; c < g.c; c++) {
-            float acc[16] = {0};
-            for (int64_t s = 0; s < b; s++) sum16(acc, dy + (s * g.c + c) * hw, hw);
-            db[c] = fold16(acc);
+        for (int64_t c = 0; c < g.c; c++) {  /* in double: b x hw values a channel, 131,072 for a U-Net's */
+            double acc[CPU_LANES] = {0};
+            for (int64_t s = 0; s < b; s++) cpu_lanes_sum(acc, dy + (s * g.c + c) * hw, hw);
+            db[c] = (float)cpu_lanes_total(acc);
         }
     }
 }
