@@ -65,7 +65,9 @@ STEP_CASES = [
     ("batch too large", np.ones((BATCH + 1, FEATURES), np.float32), np.zeros(BATCH + 1, np.int32),
      mpscy.ShapeError, "more than the built batch size 8"),
     ("label too large", GOOD_X, np.array([0, 1, 2, 3, 4, 0, 0, 0], np.int32), mpscy.InvalidArgumentError,
-     "label 4 at row 4 is outside [0, 4)"),
+     "label 4 at row 4 is outside [0, 4): the model's output has 4 classes, one fewer than such labels need"),
+    ("label past the classes", GOOD_X, np.array([0, 1, 2, 3, 9, 0, 0, 0], np.int32), mpscy.InvalidArgumentError,
+     "label 9 at row 4 is outside [0, 4)"),
     ("negative label", GOOD_X, np.array([0, 0, -1, 0, 0, 0, 0, 0], np.int64), mpscy.InvalidArgumentError,
      "label -1 at row 2"),
     ("int64 label beyond int32", GOOD_X, np.array([0] * 7 + [2 ** 33], np.int64), mpscy.InvalidArgumentError,
@@ -572,9 +574,9 @@ def test_predict_and_evaluate_name_the_callers_array_not_a_batch_slice(device):
         engine.predict(np.zeros(64, np.float32))
     with pytest.raises(mpscy.ShapeError, match=r"^x has shape \(6,\), expected \(n, 6\)$"):
         engine.evaluate(np.zeros((64, FEATURES), np.float32)[0], np.zeros(1, np.int32))
-    with pytest.raises(mpscy.InvalidArgumentError, match=r"^label 4 at row 40 of y is outside \[0, 4\)$"):
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"^label 7 at row 40 of y is outside \[0, 4\)$"):
         y = np.zeros(64, np.int32)
-        y[40] = 4
+        y[40] = 7
         engine.evaluate(np.zeros((64, FEATURES), np.float32), y)
 
 

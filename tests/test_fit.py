@@ -578,7 +578,7 @@ def test_fit_checks_a_large_dataset_without_a_temporary(device):
     x = np.zeros((n, 4), np.float32)
     cases = [
         ({}, np.zeros(n, np.int64), 3, mpscy.InvalidArgumentError,
-         f"^label 3 at row {n - 1} of y is outside \\[0, 3\\)$"),
+         f"^label 3 at row {n - 1} of y is outside \\[0, 3\\): the model's output has 3 classes, one fewer"),
         ({}, np.zeros(n, np.int32), -2, mpscy.InvalidArgumentError, f"^label -2 at row {n - 1} of y is outside"),
         ({"loss": "mse", "outputs": 1}, np.zeros(n, np.float32), np.inf, mpscy.NonFiniteError,
          f"^y contains NaN or Inf at row {n - 1}$"),

@@ -4,6 +4,7 @@ is installed, label smoothing, single-output binary heads, accuracy kinds, and o
 The model under test is the identity (Dropout(0.0)), so d loss / d input is d loss / d output."""
 import os
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -1057,3 +1058,27 @@ def test_ignore_index_in_fit_evaluate_and_plots(tmp_path, rng):
     from mpscy import plot
     paths = plot.fit_report(tmp_path, h, y, engine.predict(x), engine.loss)
     assert len(paths) == 4 and all(os.path.getsize(p) > 0 for p in paths)
+
+
+def test_ignore_index_fit_loss_is_the_labels_mean_and_a_bad_batch_after_a_void_one_is_named():
+    """fit's logged loss under ignore_index is the mean over the labels that count, as val_loss
+    (batches of 72 and 12 counted labels: the mean of batch means by rows read 1.446 against
+    1.406); and a batch whose x holds a NaN, right after a batch whose every label is ignored, is
+    named as bad (its staging failed before its labels: it was skipped as another void one)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 3, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 3, (8, 8, 8))
+    y[4:][rng.random((4, 8, 8)) < 0.95] = 255
+    model = mpscy.Sequential([layers.Conv2D(3, 1)], input_shape=(3, 8, 8))
+    engine = mpscy.Engine(model, loss=losses.SparseCrossEntropy(ignore_index=255), optimizer=optim.SGD(0.0),
+                          batch_size=4, device="cpu", seed=0)
+    h = engine.fit([(x[:4], y[:4]), (x[4:], y[4:])], epochs=1, validation_data=(x, y), verbose=0)
+    assert h.history["loss"][0] == pytest.approx(h.history["val_loss"][0], rel=1e-6)
+    assert h.history["loss"][0] == pytest.approx(engine.evaluate(x, y)["loss"], rel=1e-6)
+    bad = x[:4].copy()
+    bad[1, 0, 0, 0] = np.nan
+    void = np.full((4, 8, 8), 255)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(mpscy.NonFiniteError, match=r"epoch 1, batch 1: x contains NaN or Inf at row 1"):
+            engine.fit([(x[:4], void), (bad, y[:4]), (x[:4], y[:4])], epochs=1, verbose=0)

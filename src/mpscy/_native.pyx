@@ -355,8 +355,12 @@ cdef class Graph:
             PyBuffer_Release(&v)
 
     cdef int _stage_inputs(self, object x, bint defer=False) except -1:
-        """Stages x (or, with defer on a backend that stages it itself, validates and holds it)."""
+        """Stages x (or, with defer on a backend that stages it itself, validates and holds it).
+        The last batch's label count is forgotten first: until this batch's labels are staged,
+        `counted` is -1, so that a failure of x is not taken for a batch whose every label is
+        ignored (fit skips those)."""
         cdef int k, rows = -1
+        self.last_valid = -1
         if self.n_inputs == 1:
             return self._stage_one(x, 0, -1, "x", defer and self.defers)
         if not isinstance(x, (list, tuple)) or len(x) != self.n_inputs:
@@ -415,6 +419,10 @@ cdef class Graph:
                         at = f" at position {tuple(int(i) for i in pos)}"
                     if self.ignore:
                         hint = f" and is not the loss's ignore_index {self.ignore_index}"
+                    elif value == self.classes:
+                        hint = (f": the model's output has {self.classes} classes, one fewer than such labels "
+                                "need (its last layer's width); a label to leave out takes the loss's "
+                                "ignore_index")
                     elif value < 0 or self.label_rank:
                         hint = (f"; to leave such labels out (torch's default ignore_index is -100), give the loss "
                                 f"ignore_index: SparseCrossEntropy(ignore_index={value})")
@@ -585,7 +593,8 @@ cdef class Graph:
     @property
     def counted(self):
         """The labels of the last staged batch that count (not the loss's ignore_index), or -1
-        without an ignore_index (every label counts)."""
+        without an ignore_index (every label counts) or when that batch's staging failed before
+        its labels."""
         return self.last_valid if self.ignore else -1
 
     def accuracy_of(self, int64_t correct, int rows, int64_t valid=-1):

@@ -499,7 +499,7 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
         for epoch in range(initial_epoch, epochs):
             cbs.call("on_epoch_begin", epoch, {})
             progress.begin(epoch, steps)
-            seen, loss_sum, acc_sum, has_acc, done, counted, void = 0, 0.0, 0.0, False, 0, 0, 0
+            seen, loss_sum, loss_w, acc_sum, has_acc, done, counted, void = 0, 0.0, 0, 0.0, False, 0, 0, 0
             lr_used = engine.learning_rate
             where = lambda k: f"epoch {epoch + 1}, batch {k}"  # noqa: E731
             for b, (xb, yb) in enumerate(source.epoch(engine.epoch, where)):
@@ -522,9 +522,10 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
                 trained = True
                 n = r.batch_size
                 seen += n
-                loss_sum += r.loss * n
                 c = engine._graph.counted   # under ignore_index, the labels that counted, as staging counted them
                 c = n if c < 0 else c
+                loss_sum += r.loss * c     # the mean over the labels that count, as val_loss and evaluate
+                loss_w += c
                 if r.accuracy is not None:   # over the labels that count (each row's, without ignore_index)
                     acc_sum += r.accuracy * c
                     counted += c
@@ -533,9 +534,9 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
                 if per == "step":
                     _step_schedule(schedule, sched_metric, {"loss": r.loss}, "loss")
                 if verbose == 1:
-                    progress.step(done, loss_sum / seen, acc_sum / counted if has_acc else None)
+                    progress.step(done, loss_sum / loss_w, acc_sum / counted if has_acc else None)
                 if cbs.batch_end:
-                    blogs = {"loss": loss_sum / seen, "accuracy": acc_sum / counted if has_acc else None,
+                    blogs = {"loss": loss_sum / loss_w, "accuracy": acc_sum / counted if has_acc else None,
                              "batch_size": n}
                     for cb in cbs.batch_end:
                         cb.on_train_batch_end(b, blogs)
@@ -549,7 +550,7 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
                 raise InvalidArgumentError("the training data yielded no batch" if not void else
                                            "every training batch's labels are all the loss's ignore_index")
             engine.epoch += 1  # its steps are applied: counted before anything below can fail
-            logs = {"loss": loss_sum / seen}
+            logs = {"loss": loss_sum / loss_w}
             if has_acc:
                 logs["accuracy"] = acc_sum / counted
             if val is not None:
