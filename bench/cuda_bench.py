@@ -192,27 +192,29 @@ def torch_graph(name, spec):
     return torch_graph_step(model, opt, (spec["batch"],) + spec["input"])
 
 
-def torch_graph_step(model, opt, shape):
+def torch_graph_step(model, opt, shape, label_shape=(), **loss_kw):
     """step(x, y) -> loss: the model's cross-entropy step with `opt` captured in one CUDA graph
-    (three warm-up steps on a side stream first), x of `shape` and int64 labels copied through
-    pinned tensors (bench/cuda_convt.py's too)."""
+    (three warm-up steps on a side stream first), x of `shape` and int64 labels (n, *label_shape)
+    copied through pinned tensors (bench/cuda_convt.py's and cuda_segment.py's too); loss_kw go to
+    F.cross_entropy."""
     import torch
     import torch.nn.functional as F
     n = shape[0]
-    sx, sy = torch.zeros(shape, device="cuda"), torch.zeros(n, dtype=torch.int64, device="cuda")
-    px, py = torch.zeros(shape).pin_memory(), torch.zeros(n, dtype=torch.int64).pin_memory()
+    ys = (n,) + tuple(label_shape)
+    sx, sy = torch.zeros(shape, device="cuda"), torch.zeros(ys, dtype=torch.int64, device="cuda")
+    px, py = torch.zeros(shape).pin_memory(), torch.zeros(ys, dtype=torch.int64).pin_memory()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         for _ in range(3):
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(sx), sy).backward()
+            F.cross_entropy(model(sx), sy, **loss_kw).backward()
             opt.step()
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     opt.zero_grad(set_to_none=True)
     with torch.cuda.graph(graph):
-        loss = F.cross_entropy(model(sx), sy)
+        loss = F.cross_entropy(model(sx), sy, **loss_kw)
         loss.backward()
         opt.step()
     nx, ny = px.numpy(), py.numpy()

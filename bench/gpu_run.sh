@@ -26,9 +26,11 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     timeout ${BENCH_TIMEOUT:-300} $PY bench/cuda_bench.py --json "$OUT/bench.json" ${BENCH_ARGS---paired 15} 2>&1
     echo "bench: exit $?"
 fi
-if [ "${SKIP_LAYER_BENCH:-0}" != 1 ]; then  # layers beside the targets' models: ConvTranspose2D against cuDNN
+if [ "${SKIP_LAYER_BENCH:-0}" != 1 ]; then  # beside the targets' models: ConvTranspose2D, a U-Net, against torch
     timeout 120 $PY bench/cuda_convt.py 2>&1
     echo "convt bench: exit $?"
+    timeout 180 $PY bench/cuda_segment.py 2>&1   # a U-Net under per-pixel cross entropy
+    echo "segment bench: exit $?"
 fi
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
 if [ "${SKIP_PROFILE:-0}" != 1 ] && [ -n "$NCU" ]; then

@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+"""A small U-Net's training step on the cuda backend against PyTorch's on the same GPU: per-pixel
+cross entropy over 5 classes with ignore_index 255 (a tenth of the pixels void), Adam. Two levels
+down (Conv2D-BatchNorm-ReLU pairs, MaxPool2D), up by ConvTranspose2D 2x2 stride 2 with the skip
+concatenated, a 1x1 head: most of a segmentation step's kinds of work, none of them on the
+three targets' path (bench/cuda_bench.py). Timed as cuda_bench.py times (issue 5's rule): a
+NumPy batch and its (n, H, W) masks in, the loss as a Python float out, for both libraries (torch
+eager, and torch with the step in one CUDA graph); median of repeats after a warm-up. Before the
+timing, one step's gradients of the cuda engine against the cpu backend's (same initial weights
+and batch), relative to each parameter's largest.
+
+    python bench/cuda_segment.py [--batch 16] [--size 64]
+"""
+import argparse
+
+import numpy as np
+
+import mpscy
+from mpscy import layers as L
+from mpscy import losses
+
+from cpu_compare import median_time as _median_time
+from cuda_bench import torch_graph_step
+
+CLASSES, VOID = 5, 255
+WIDTHS = (32, 64, 128)
+GRAD_TOL = 1e-4   # the contract's bound for cuda against cpu
+TARGET = 2.0      # of torch's CUDA graph: a guard against regressions, not a target of issue 5
+
+
+def median_time(fn):
+    """two warm-up calls (the first captures a step's graph), then the median of 20"""
+    return _median_time(fn, repeat=20, warmup=2)
+
+
+def batch(n, size):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, 3, size, size)).astype(np.float32)
+    y = rng.integers(0, CLASSES, (n, size, size))
+    y[rng.random(y.shape) < 0.1] = VOID
+    return x, y
+
+
+def unet(size):
+    """mpscy's U-Net: (3, size, size) -> (CLASSES, size, size)"""
+    def block(h, c):
+        for _ in range(2):
+            h = L.ReLU()(L.BatchNorm()(L.Conv2D(c, 3, padding=1)(h)))
+        return h
+    x = mpscy.Input((3, size, size))
+    e1 = block(x, WIDTHS[0])
+    e2 = block(L.MaxPool2D(2)(e1), WIDTHS[1])
+    h = block(L.MaxPool2D(2)(e2), WIDTHS[2])
+    h = block(L.Concatenate()([L.ConvTranspose2D(WIDTHS[1], 2, stride=2)(h), e2]), WIDTHS[1])
+    h = block(L.Concatenate()([L.ConvTranspose2D(WIDTHS[0], 2, stride=2)(h), e1]), WIDTHS[0])
+    return mpscy.Model(x, L.Conv2D(CLASSES, 1)(h))
+
+
+def engine(n, size, device):
+    return mpscy.Engine(unet(size), loss=losses.SparseCrossEntropy(ignore_index=VOID),
+                        optimizer=mpscy.optim.Adam(1e-3), batch_size=n, device=device, seed=0)
+
+
+def torch_unet():
+    import torch
+    nn = torch.nn
+
+    def block(cin, c):
+        return nn.Sequential(nn.Conv2d(cin, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(),
+                             nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())
+
+    class UNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            a, b, c = WIDTHS
+            self.e1, self.e2, self.mid = block(3, a), block(a, b), block(b, c)
+            self.u2, self.d2 = nn.ConvTranspose2d(c, b, 2, 2), block(2 * b, b)
+            self.u1, self.d1 = nn.ConvTranspose2d(b, a, 2, 2), block(2 * a, a)
+            self.head = nn.Conv2d(a, CLASSES, 1)
+
+        def forward(self, x):
+            e1 = self.e1(x)
+            e2 = self.e2(nn.functional.max_pool2d(e1, 2))
+            h = self.mid(nn.functional.max_pool2d(e2, 2))
+            h = self.d2(torch.cat([self.u2(h), e2], 1))
+            h = self.d1(torch.cat([self.u1(h), e1], 1))
+            return self.head(h)
+    return UNet().cuda()
+
+
+def torch_step(n, size, graphed):
+    import torch
+    F = torch.nn.functional
+    model = torch_unet()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = batch(n, size)
+    if graphed:
+        graph_step = torch_graph_step(model, opt, x.shape, y.shape[1:], ignore_index=VOID)
+        return lambda: graph_step(x, y)
+
+    def step():
+        xt, yt = torch.from_numpy(x).cuda(), torch.from_numpy(y).cuda()
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(xt), yt, ignore_index=VOID)
+        loss.backward()
+        opt.step()
+        loss.item()
+    return step
+
+
+def main():
+    import torch
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--size", type=int, default=64)
+    a = ap.parse_args()
+    n, size = a.batch, a.size
+    x, y = batch(n, size)
+    cpu, gpu = engine(n, size, "cpu"), engine(n, size, "cuda")
+    gc, gg = cpu.gradients(x, y), gpu.gradients(x, y)
+    errs = {k: float(np.abs(gg[k].astype(np.float64) - gc[k]).max() / max(np.abs(gc[k]).max(), 1e-30))
+            for k in gc if k != "loss"}
+    worst = max(errs, key=errs.get)
+    print(f"U-Net {WIDTHS} on (3, {size}, {size}), batch {n}, {CLASSES} classes: loss cpu {gc['loss']:.6f} "
+          f"cuda {gg['loss']:.6f}; gradients within {errs[worst]:.1e} of the cpu's (largest: {worst})")
+
+    def step():
+        float(gpu.step(x, y).loss)
+    ms = median_time(step) * 1e3
+    eager = median_time(torch_step(n, size, False)) * 1e3
+    graph = median_time(torch_step(n, size, True)) * 1e3
+    print(f"step ms: mpscy {ms:.3f}, torch eager {eager:.3f}, torch CUDA graph {graph:.3f}; "
+          f"mpscy {ms / eager:.2f}x eager, {ms / graph:.2f}x the graph")
+    missed = []
+    if errs[worst] > GRAD_TOL:
+        missed.append(f"gradients {errs[worst]:.1e} from the cpu's (at most {GRAD_TOL:g})")
+    if ms / graph > TARGET:
+        missed.append(f"{ms / graph:.2f}x torch's CUDA-graph time (at most {TARGET}x)")
+    if missed:
+        raise SystemExit("; ".join(missed))
+
+
+if __name__ == "__main__":
+    main()
