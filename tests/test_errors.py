@@ -458,6 +458,36 @@ def test_layer_and_optimizer_options_that_are_not_numbers_are_named():
     assert optim.SGD(dampening=0.5).dampening == 0.5
 
 
+def test_strings_bools_and_misplaced_numbers_are_not_taken_for_options():
+    """A number option refuses a string and a bool (float("0.5") and float(True) converted them:
+    engine.learning_rate = "0.5" read back 0.5), and an on/off option refuses anything but a bool:
+    Dense(16, 10), torch's nn.Linear(16, 10) habit, built a 16-unit layer with a bias, silently.
+    Found by a user trial."""
+    engine = mpscy.Engine(mpscy.Sequential([layers.Dense(3)], input_shape=(4,)), optimizer=optim.SGD(0.01),
+                          batch_size=2, device="cpu")
+    for bad in ("0.5", True, b"1"):
+        with pytest.raises(mpscy.InvalidArgumentError, match="learning rate must be a number"):
+            engine.learning_rate = bad
+    assert engine.learning_rate == pytest.approx(0.01)
+    engine.learning_rate = np.float32(0.5)
+    assert engine.learning_rate == 0.5
+    cases = [(lambda: layers.Dense(16, 10), r"Dense bias must be True or False, got 10 \(Dense\(16, 10\) reads as "
+                                            r"torch's nn.Linear\(in, out\): the input size is inferred, so "
+                                            r"nn.Linear\(in, 10\) is Dense\(10\)\)"),
+             (lambda: layers.Dense(16, "no"), "Dense bias must be True or False, got 'no'$"),
+             (lambda: layers.Conv2D(8, 3, bias="no"), "Conv2D bias must be True or False, got .no."),
+             (lambda: layers.BatchNorm(affine="yes"), "affine must be True or False"),
+             (lambda: optim.SGD(0.1, momentum=0.9, nesterov=1), "nesterov must be True or False, got 1"),
+             (lambda: optim.Adam(amsgrad="False"), "amsgrad must be True or False, got 'False'"),
+             (lambda: optim.Adam(betas=("0.9", 0.999)), "betas must be a pair of floats"),
+             (lambda: optim.SGD("0.1"), "lr must be a number, got '0.1'"),
+             (lambda: layers.Dropout(True), "Dropout rate must be a number, got True")]
+    for make_it, match in cases:
+        with pytest.raises(mpscy.InvalidArgumentError, match=match):
+            make_it()
+    assert layers.Dense(4, np.bool_(False)).bias is False and optim.SGD(0.1, momentum=0.9, nesterov=True).nesterov
+
+
 def test_layer_and_optimizer_sizes_past_int32_are_refused_at_construction():
     """The native descriptor holds layer options and L-BFGS's sizes as int32: Dense(2**31) used to
     construct and then fail the engine's build with a bare OverflowError ("value too large to

@@ -17,11 +17,22 @@ INT32_LIMIT = 2**31  # sizes and counts travel in the native descriptors as int3
 
 
 def number(value, what):
-    """float(value)."""
+    """float(value) of a real number: strings and bools are refused, not converted (float("0.5")
+    and float(True) would be)."""
+    if isinstance(value, (str, bytes, bool, np.bool_)):
+        raise InvalidArgumentError(f"{what} must be a number, got {value!r}")
     try:
         return float(value)
     except (TypeError, ValueError, OverflowError):
         raise InvalidArgumentError(f"{what} must be a number, got {value!r}") from None
+
+
+def flag(value, what, hint=""):
+    """A bool (numpy's too): an on/off option, where a number or a string is far more likely a
+    misplaced argument than a truth value (torch's nn.Linear(16, 10) habit gives Dense(16, 10))."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise InvalidArgumentError(f"{what} must be True or False, got {value!r}{hint}")
+    return bool(value)
 
 
 def finite(value, what):

@@ -7,7 +7,7 @@ import weakref
 
 import numpy as np
 
-from .._checks import INT32_LIMIT, choice, finite, integer, node_name, number, positive_int, warn_user
+from .._checks import INT32_LIMIT, choice, finite, flag, integer, node_name, number, positive_int, warn_user
 from ..errors import InvalidArgumentError, ShapeError
 
 
@@ -160,7 +160,10 @@ class Dense(Layer):
     def __init__(self, units, bias=True, name=None):
         super().__init__(name)
         self.units = _positive_int(units, "Dense units")
-        self.bias = bool(bias)
+        self.bias = flag(bias, "Dense bias", hint=(
+            f" (Dense({units}, {bias!r}) reads as torch's nn.Linear(in, out): the input size is inferred, so "
+            f"nn.Linear(in, {bias!r}) is Dense({bias!r}))" if isinstance(bias, (int, np.integer)) and
+            not isinstance(bias, (bool, np.bool_)) else ""))
 
     def output_shape(self, input_shapes):
         return (self.units,)

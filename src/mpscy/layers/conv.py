@@ -7,6 +7,7 @@ computation happens in the backend."""
 import numpy as np
 
 from ..errors import InvalidArgumentError, ShapeError
+from .._checks import flag
 from .base import _INT32_LIMIT, Layer, _positive_int, kaiming_uniform
 
 
@@ -98,7 +99,7 @@ class _Conv(Layer):
         self.stride = _pair(stride, f"{what} stride")
         self.dilation = _pair(dilation, f"{what} dilation")
         self.groups = _positive_int(groups, f"{what} groups")
-        self.bias = bool(bias)
+        self.bias = flag(bias, f"{what} bias")
         if self.filters % self.groups:
             raise InvalidArgumentError(f"{what} filters {self.filters} must be divisible by groups {self.groups}")
 
@@ -289,7 +290,7 @@ class AvgPool2D(_Pool2D):
 
     def __init__(self, pool_size, stride=None, padding=0, count_include_pad=True, name=None):
         super().__init__(pool_size, stride, padding, name)
-        self.count_include_pad = bool(count_include_pad)
+        self.count_include_pad = flag(count_include_pad, "count_include_pad")
 
     def native(self, input_shapes):
         d = super().native(input_shapes)

@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from .._checks import warn_user
+from .._checks import flag as _flag, warn_user
 from ..errors import InvalidArgumentError, ShapeError
 from .base import Layer, _real
 
@@ -31,7 +31,7 @@ class BatchNorm(Layer):
                       f"statistics, which then follow the last batch almost alone; Keras's momentum={momentum} is "
                       f"momentum={1 - self.momentum:.3g} here")
         self.eps = _real(eps, "BatchNorm eps", 0.0, math.inf, low_open=True, high_open=True)
-        self.affine = bool(affine)
+        self.affine = _flag(affine, "affine")
 
     def output_shape(self, input_shapes):
         shape = tuple(input_shapes[0])
@@ -82,7 +82,7 @@ class LayerNorm(Layer):
                                        f"them, got {normalized_shape!r}")
         self.normalized_shape = tuple(int(s) for s in shape)
         self.eps = _real(eps, "LayerNorm eps", 0.0, math.inf, low_open=True, high_open=True)
-        self.elementwise_affine = bool(elementwise_affine)
+        self.elementwise_affine = _flag(elementwise_affine, "elementwise_affine")
 
     def output_shape(self, input_shapes):
         shape, k = tuple(input_shapes[0]), len(self.normalized_shape)

@@ -7,7 +7,7 @@ anything. LBFGS runs several native evaluations per `engine.step` (see mpscy.opt
 import inspect
 import math
 
-from .._checks import choice as _choice, finite as _finite, number as _number, positive_int as _count
+from .._checks import choice as _choice, finite as _finite, flag as _flag, number as _number, positive_int as _count
 from ..errors import InvalidArgumentError
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "NAdam", "LBFGS",
@@ -23,8 +23,8 @@ def _nonneg(value, what):
 
 def _betas(betas):
     try:
-        b1, b2 = (float(b) for b in betas)
-    except (TypeError, ValueError, OverflowError):
+        b1, b2 = (_number(b, "betas") for b in betas)
+    except (TypeError, ValueError, InvalidArgumentError):
         raise InvalidArgumentError(f"betas must be a pair of floats, got {betas!r}") from None
     for b in (b1, b2):
         if not 0.0 <= b < 1.0:
@@ -79,9 +79,9 @@ class SGD(Optimizer):
         super().__init__(lr, learning_rate)
         self.momentum = _nonneg(momentum, "momentum")
         self.dampening = _finite(dampening, "dampening")
-        self.nesterov = bool(nesterov)
+        self.nesterov = _flag(nesterov, "nesterov")
         self.weight_decay = _nonneg(weight_decay, "weight_decay")
-        self.maximize = bool(maximize)
+        self.maximize = _flag(maximize, "maximize")
         if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
             raise InvalidArgumentError("Nesterov momentum requires a momentum > 0 and zero dampening")
 
@@ -104,9 +104,9 @@ class Adam(Optimizer):
         self.betas = _betas(betas)
         self.eps = _nonneg(eps, "eps")
         self.weight_decay = _nonneg(weight_decay, "weight_decay")
-        self.amsgrad = bool(amsgrad)
-        self.maximize = bool(maximize)
-        self.decoupled_weight_decay = bool(decoupled_weight_decay)
+        self.amsgrad = _flag(amsgrad, "amsgrad")
+        self.maximize = _flag(maximize, "maximize")
+        self.decoupled_weight_decay = _flag(decoupled_weight_decay, "decoupled_weight_decay")
 
     def spec(self):
         flags = _flags(amsgrad=self.amsgrad, maximize=self.maximize,
@@ -142,7 +142,7 @@ class RMSprop(Optimizer):
         self.weight_decay = _nonneg(weight_decay, "weight_decay")
         self.momentum = _nonneg(momentum, "momentum")
         self.centered = bool(centered)
-        self.maximize = bool(maximize)
+        self.maximize = _flag(maximize, "maximize")
 
     def spec(self):
         return {"kind": self.kind, "flags": _flags(centered=self.centered, maximize=self.maximize),
@@ -164,7 +164,7 @@ class Adagrad(Optimizer):
         self.weight_decay = _nonneg(weight_decay, "weight_decay")
         self.initial_accumulator_value = _nonneg(initial_accumulator_value, "initial_accumulator_value")
         self.eps = _nonneg(eps, "eps")
-        self.maximize = bool(maximize)
+        self.maximize = _flag(maximize, "maximize")
 
     def spec(self):
         return {"kind": self.kind, "flags": _flags(maximize=self.maximize), "lr": self.lr,
@@ -186,7 +186,7 @@ class Adadelta(Optimizer):
             raise InvalidArgumentError(f"rho must be in [0, 1], got {self.rho}")
         self.eps = _nonneg(eps, "eps")
         self.weight_decay = _nonneg(weight_decay, "weight_decay")
-        self.maximize = bool(maximize)
+        self.maximize = _flag(maximize, "maximize")
 
     def spec(self):
         return {"kind": self.kind, "flags": _flags(maximize=self.maximize), "lr": self.lr,
@@ -207,8 +207,8 @@ class NAdam(Optimizer):
         self.eps = _nonneg(eps, "eps")
         self.weight_decay = _nonneg(weight_decay, "weight_decay")
         self.momentum_decay = _nonneg(momentum_decay, "momentum_decay")
-        self.decoupled_weight_decay = bool(decoupled_weight_decay)
-        self.maximize = bool(maximize)
+        self.decoupled_weight_decay = _flag(decoupled_weight_decay, "decoupled_weight_decay")
+        self.maximize = _flag(maximize, "maximize")
 
     def spec(self):
         flags = _flags(decoupled_weight_decay=self.decoupled_weight_decay, maximize=self.maximize)
