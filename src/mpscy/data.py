@@ -125,6 +125,11 @@ class Subset(Dataset):
     def __getitem__(self, i):
         return self.dataset[int(self.indices[i])]
 
+    def set_epoch(self, epoch):
+        """Passed on to the dataset (an ImageFolder's augmentation draws by epoch)."""
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
     def get_batch(self, indices):
         picked = self.indices[indices]
         if hasattr(self.dataset, "get_batch"):
@@ -187,6 +192,8 @@ class DataLoader:
 
     def __iter__(self):
         batches = self.indices()
+        if hasattr(self.dataset, "set_epoch"):   # e.g. an ImageFolder's augmentation, drawn by epoch
+            self.dataset.set_epoch(self.epoch)
         self.epoch += 1
         if self.prefetch == 0:
             return (self._get(idx) for idx in batches)
@@ -423,8 +430,10 @@ class ImageFolder(Dataset):
     Each sample is (float32 (channels, H, W), int label): pixels scaled to [0, 1], resized to
     image_size when given (else every image must already have one size), normalized with
     per-channel mean/std, then passed through `augment` (a callable f(x, rng) or a list of
-    them, e.g. [RandomCrop(4), RandomHorizontalFlip()]) drawn from a generator seeded by
-    `seed`. Files are picked by `extensions` (one string such as ".png", or a sequence of
+    them, e.g. [RandomCrop(4), RandomHorizontalFlip()]), whose draws for sample i in epoch e come
+    from PCG64([seed, e, i]): new ones each epoch, and the same ones whatever the batches'
+    order, the prefetching or where a run was stopped, so that a resumed fit augments as the
+    uninterrupted one did. A DataLoader sets the epoch (set_epoch) as it starts one. Files are picked by `extensions` (one string such as ".png", or a sequence of
     them); a class folder without such files is an error, as are bad channels, image_size,
     mean or std, all checked here. Needs Pillow (``pip install 'mpscy[images]'``)."""
 
@@ -465,7 +474,8 @@ class ImageFolder(Dataset):
         for a in self.augment:
             if not callable(a):
                 raise InvalidArgumentError(f"augment items must be callables f(x, rng), got {type(a).__name__}")
-        self._rng = np.random.Generator(np.random.PCG64(seed))
+        self.seed = nonneg_int(seed, "ImageFolder seed")
+        self.epoch = 0
 
     def __len__(self):
         return len(self.samples)
@@ -478,9 +488,15 @@ class ImageFolder(Dataset):
         elif x.shape[1:] != tuple(self.image_size):
             raise ShapeError(f"image {path} is {x.shape[2]}x{x.shape[1]}, others are "
                              f"{self.image_size[1]}x{self.image_size[0]}; pass image_size to resize")
-        for a in self.augment:
-            x = a(x, self._rng)
+        if self.augment:
+            rng = np.random.Generator(np.random.PCG64([self.seed, self.epoch, int(i)]))
+            for a in self.augment:
+                x = a(x, rng)
         return np.ascontiguousarray(x, dtype=np.float32), np.int64(label)
+
+    def set_epoch(self, epoch):
+        """The epoch whose augmentation the next samples draw (a DataLoader sets it)."""
+        self.epoch = nonneg_int(epoch, "epoch")
 
     def preprocessing(self):
         """What `load_image` needs to prepare new images like these (stored in checkpoints)."""
