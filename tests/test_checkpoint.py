@@ -839,3 +839,32 @@ def test_a_truncated_checkpoint_is_not_taken_for_a_pickle(tmp_path):
     path.write_bytes(struct.pack("<Q", len(header)) + header[:400])
     with pytest.raises(mpscy.CheckpointError, match="is truncated or not a safetensors file: header of 896 bytes"):
         mpscy.load(path, device="cpu")
+
+
+def test_a_checkpoint_keeps_the_engine_s_threads(digits, tmp_path):
+    """On the cpu a convolution's weight gradient depends on the thread count in its last bits, so
+    a resumed run is bitwise only with the saved engine's threads: load takes them unless told
+    otherwise (it took 0, every core), a file without them (written before) loads with 0, and a
+    bad count is refused naming the field. Found by a user trial."""
+    x, y = digits
+    model = lambda: mpscy.Sequential([layers.Conv2D(4, 3, padding=1), layers.ReLU(), layers.Flatten(),  # noqa: E731
+                                      layers.Dense(10)], input_shape=(1, 8, 8))
+    make = lambda: mpscy.Engine(model(), optimizer=optim.SGD(0.05, momentum=0.9), batch_size=32,  # noqa: E731
+                                device="cpu", seed=1, threads=1)
+    xi = x.reshape(-1, 1, 8, 8)
+    full = make()
+    full.fit(xi[:256], y[:256], epochs=4, shuffle=False, verbose=0)
+    half = make()
+    half.fit(xi[:256], y[:256], epochs=2, shuffle=False, verbose=0)
+    half.save(tmp_path / "t1.mpscy")
+    resumed = mpscy.load(tmp_path / "t1.mpscy", device="cpu")
+    assert resumed.device_info()["threads"] == 1
+    resumed.fit(xi[:256], y[:256], epochs=4, initial_epoch=resumed.epoch, shuffle=False, verbose=0)
+    _assert_same_arrays(resumed.get_parameters(), full.get_parameters(), resumed.get_optimizer_state(),
+                        full.get_optimizer_state())
+    assert mpscy.load(tmp_path / "t1.mpscy", device="cpu", threads=2).device_info()["threads"] == 2
+    old = _rewrite(tmp_path / "t1.mpscy", tmp_path / "old.mpscy", desc=_drop("engine", "threads"))
+    assert mpscy.load(old, device="cpu")._threads == 0
+    bad = _rewrite(tmp_path / "t1.mpscy", tmp_path / "bad.mpscy", desc=_set("engine", "threads", 10**6))
+    with pytest.raises(mpscy.CheckpointError, match=r"engine.threads must be in \[0, 64\], got 1000000"):
+        mpscy.load(bad, device="cpu")

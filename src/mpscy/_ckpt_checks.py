@@ -18,11 +18,11 @@ def short(value):
 def check_description(desc, where):
     """Checks every field of a description against what save writes (types, ranges, and the
     engine setters' rules for the step values), so that a damaged or foreign file is refused
-    here, naming the field, before anything is built or changed. initial_lr (which earlier files
+    here, naming the field, before anything is built or changed. initial_lr and engine.threads (which earlier files
     lack) and the fields always read as optional (mpscy, step_values, schedule, meta) may be
     missing."""
     from . import optim as _optim
-    from .engine import _clip_arg
+    from .engine import _MAX_THREADS as MAX_THREADS, _clip_arg
 
     def fail(problem):
         raise CheckpointError(f"{where} has a malformed description: {problem}")
@@ -111,6 +111,10 @@ def check_description(desc, where):
             rule(_clip_arg, number(e[k], f"engine.{k}"), f"engine.{k}")
     if not isinstance(e["input_gradients"], bool):
         fail(f"engine.input_gradients must be true or false, got {short(e['input_gradients'])}")
+    if "threads" in e:   # older files lack it: 0, the device's default
+        integer(e["threads"], "engine.threads")
+        if e["threads"] > MAX_THREADS:
+            fail(f"engine.threads must be in [0, {MAX_THREADS}], got {e['threads']}")
     for k, v in obj(desc.get("step_values", {}), "step_values").items():
         field = f"step_values.{k}"
         if k not in STEP_VALUES:

@@ -231,7 +231,7 @@ def save(engine, path, meta=None):
                       "config": _jsonable(engine.optimizer.config())},
         "engine": {"batch_size": engine.batch_size, "seed": engine.seed, "precision": engine.precision,
                    "clip_grad_norm": engine.clip_grad_norm, "clip_grad_value": engine.clip_grad_value,
-                   "input_gradients": engine.input_gradients},
+                   "input_gradients": engine.input_gradients, "threads": engine._threads},
         "step_values": {k: float(getattr(g, k)) for k in _STEP_VALUES if hasattr(g, k)},
         "initial_lr": None if initial_lr is None else float(initial_lr),
         "rng": {"seed": int(g.seed), "counter": int(g.counter)},
@@ -276,8 +276,9 @@ def load(path, device="auto", batch_size=None, **engine_kwargs):
     """Rebuilds the engine saved at `path` on `device` and restores its whole state, so
     training continues exactly where it stopped. batch_size overrides the saved one (e.g. for
     inference), as do the engine settings precision, clip_grad_norm, clip_grad_value and
-    input_gradients; other keyword arguments go to Engine (threads=...). The model, loss,
-    optimizer and seed are the checkpoint's."""
+    input_gradients, and threads (the saved engine's by default: on the cpu a convolution's weight
+    gradient depends on the thread count in its last bits). The model, loss, optimizer and seed
+    are the checkpoint's."""
     from . import losses as _losses, optim as _optim
     from .engine import Engine
     path = _path(path)
@@ -303,6 +304,7 @@ def load(path, device="auto", batch_size=None, **engine_kwargs):
                                _unjson(op["config"]), "optimizer")
         e = desc["engine"]
         settings = {k: e[k] for k in ("clip_grad_norm", "clip_grad_value", "precision", "input_gradients")}
+        settings["threads"] = e.get("threads", 0)   # a convolution's weight gradient sums per thread
         settings.update(engine_kwargs)
         engine = Engine(model, loss=loss, optimizer=optimizer,
                         batch_size=e["batch_size"] if batch_size is None else batch_size, device=device,
