@@ -271,6 +271,38 @@ def test_convtranspose_depthwise_over_a_large_batch_matches_cpu(rng, monkeypatch
     compare_gradients(cpu, gpu, x, rng.integers(0, 5, 300).astype(np.int32), tol=1e-5)
 
 
+def _bn_accumulating():
+    """A BatchNorm whose input also feeds an Add: its input gradient accumulates (dx += ...)."""
+    inp = mpscy.Input((3, 5, 7))
+    c = L.Conv2D(6, 3, padding=1)(inp)
+    h = L.Add()([L.ReLU()(L.BatchNorm()(c)), c])
+    return mpscy.Model(inp, L.Dense(5)(L.Flatten()(h)))
+
+
+@cuda_only
+@pytest.mark.parametrize("split", ["1", "0"])
+def test_batchnorm_over_many_values_a_channel_matches_cpu(rng, monkeypatch, split):
+    """BatchNorm with $MPSCY_CUDA_BN_SPLIT=1 (a channel's values over several blocks, merged in
+    part order) and without: 8 channels of 16 x 64 x 64 values (32 parts of 2,048; 10 at 5 rows),
+    and a BatchNorm over 6 channels of 35 positions at a batch of 300 (5 parts of 2,100, each
+    crossing samples' rows) whose input gradient accumulates. One step's gradients within 1e-5 of
+    the cpu's, 20 Adam steps on full and partial batches within 1e-4, predictions (running
+    statistics) within 1e-5."""
+    monkeypatch.setenv("MPSCY_CUDA_BN_SPLIT", split)
+    build = lambda: [L.BatchNorm(), L.Conv2D(4, 3, padding=1), L.ReLU(), L.GlobalAvgPool2D(), L.Dense(5)]  # noqa: E731
+    cpu, gpu = pair(build, (8, 64, 64), batch=16, opt=lambda: optim.Adam(1e-3, eps=1e-6), input_gradients=True)
+    x = rng.standard_normal((16, 8, 64, 64)).astype(np.float32) * 3 + 1
+    compare_gradients(cpu, gpu, x, rng.integers(0, 5, 16).astype(np.int32), tol=1e-5)
+    compare_training(cpu, gpu, rng, rows=[16, 5, 16])
+    assert rel_err(gpu.predict(x), cpu.predict(x)) <= FORWARD_TOL
+    engines = [mpscy.Engine(_bn_accumulating(), optimizer=optim.Adam(1e-3, eps=1e-6), batch_size=300, device=d,
+                            seed=3, input_gradients=True) for d in ("cpu", "cuda")]
+    x = rng.standard_normal((300, 3, 5, 7)).astype(np.float32)
+    compare_gradients(*engines, x, rng.integers(0, 5, 300).astype(np.int32), tol=1e-5)
+    compare_training(*engines, rng, steps=6, rows=[300, 123])
+    assert rel_err(engines[1].predict(x), engines[0].predict(x)) <= FORWARD_TOL
+
+
 @cuda_only
 def test_conv_long_k_with_odd_and_partial_batches_matches_cpu(rng):
     """b*OH*OW = 4500, 4275 and 1575 (partial batches of 19 and 7): the weight gradient's own

@@ -382,6 +382,7 @@ int cu_convt_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, si
 int64_t cu_convt_workspace(const mpscy_plan *p, const mpscy_node *n);
 int cu_pool_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
 int cu_pool_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);
+int64_t cu_batchnorm_workspace(const mpscy_plan *p, const mpscy_node *n);
 int cu_batchnorm_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
 int cu_batchnorm_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);
 int cu_batchnorm_commit(cu_graph *g, const mpscy_node *n, int64_t b, int always, char *err, size_t en);

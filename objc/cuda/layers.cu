@@ -15,7 +15,7 @@ const cu_layer_ops cu_layers[MPSCY_LAYER_KIND_COUNT] = {
     /* AVGPOOL2D */ {cu_pool_forward, cu_pool_backward, NULL, NULL},
     /* GLOBALAVGPOOL2D */ {cu_pool_forward, cu_pool_backward, NULL, NULL},
     /* FLATTEN */ {cu_flatten_forward, cu_flatten_backward, NULL, NULL},
-    /* BATCHNORM */ {cu_batchnorm_forward, cu_batchnorm_backward, NULL, cu_batchnorm_commit},
+    /* BATCHNORM */ {cu_batchnorm_forward, cu_batchnorm_backward, cu_batchnorm_workspace, cu_batchnorm_commit},
     /* LAYERNORM */ {cu_layernorm_forward, cu_layernorm_backward, NULL, NULL},
     /* DROPOUT */ {cu_dropout_forward, cu_dropout_backward, NULL, NULL},
     /* LEAKYRELU */ ACT,

@@ -1,8 +1,11 @@
 /* norm.cu — BatchNorm and LayerNorm on CUDA, as cpu/norm.c defines them. BatchNorm: one block
  * per channel computes the batch mean and biased variance (two passes, double) and normalizes in
  * the same kernel; they are saved for backward and for commit, which folds them into the running
- * statistics only when the device decided the step is applied. LayerNorm: one warp per row,
- * statistics in double; its parameter gradients sum rows in the cpu's order. */
+ * statistics only when the device decided the step is applied. With $MPSCY_CUDA_BN_SPLIT=1 a
+ * channel of many values is split over blocks (below). LayerNorm: one warp per row, statistics in
+ * double; its parameter gradients sum rows in the cpu's order. */
+#include <algorithm>
+
 #include "cuda.h"
 #include "reduce.h"
 
@@ -88,6 +91,184 @@ __global__ void batchnorm_backward(float *dx, float *dgamma, float *dbeta, const
     }
 }
 
+/* ---------------------------------------------------------------- BatchNorm over parts
+ * One block a channel leaves most of the GPU idle where a channel holds many values: a U-Net's
+ * BatchNorm over (16, 32, 64, 64) took 122 us a call, each of 32 blocks reading 65,536 values
+ * three times (bench/cuda_segment.py --profile, H100). Opt-in ($MPSCY_CUDA_BN_SPLIT=1, read when
+ * a graph is built and captured), not yet run on a GPU: each channel's (sample, position) values,
+ * flattened, are cut into P parts of L (bn_parts: about four blocks a multiprocessor, at least
+ * BN_PART_MIN values a part, at most BN_PARTS_MAX parts); a block a (channel, part) writes its
+ * part's statistics in double to the workspace (forward: its count, mean and sum of squared
+ * deviations, two passes over the part; backward: its sums of dy and dy x-hat), then a block a
+ * (channel, part) merges its channel's parts in part order (Chan's pairwise update, in double: the
+ * same result in every block) and normalizes, or takes dx of, its own part. */
+#define BN_PART_MIN 2048
+#define BN_PARTS_MAX 64
+
+/* f(k) for the element index k of channel ch of every flattened (sample, position) e in [e0, e1),
+ * the block's threads along each sample's run of positions */
+template <class F>
+static __device__ __forceinline__ void bn_each(int64_t e0, int64_t e1, int64_t c, int64_t inner, int64_t ch, F f) {
+    int64_t s = e0 / inner, p = e0 - s * inner;
+    for (int64_t e = e0; e < e1;) {
+        const int64_t run = min(inner - p, e1 - e), base = (s * c + ch) * inner + p;
+        for (int64_t t = threadIdx.x; t < run; t += blockDim.x) f(base + t);
+        e += run;
+        s++;
+        p = 0;
+    }
+}
+
+/* Block (ch, j): part j's count, mean and sum of squared deviations, in double, at
+ * parts[(ch P + j) 3 ...] */
+__global__ void bn_stats_part(double *parts, const float *x, int64_t b, int64_t c, int64_t inner, int64_t len) {
+    cu_pdl_enter();
+    __shared__ double sh;
+    const int64_t ch = blockIdx.x, j = blockIdx.y, P = gridDim.y, count = b * inner;
+    const int64_t e0 = min(j * len, count), e1 = min(e0 + len, count);
+    double s = 0.0;
+    bn_each(e0, e1, c, inner, ch, [&](int64_t k) { s += x[k]; });
+    s = block_sum(s);
+    if (threadIdx.x == 0) sh = e1 > e0 ? s / (double)(e1 - e0) : 0.0;
+    __syncthreads();
+    const double m = sh;
+    double q = 0.0;
+    bn_each(e0, e1, c, inner, ch, [&](int64_t k) {
+        const double d = x[k] - m;
+        q += d * d;
+    });
+    q = block_sum(q);
+    if (threadIdx.x == 0) {
+        double *o = parts + (ch * P + j) * 3;
+        o[0] = (double)(e1 - e0);
+        o[1] = m;
+        o[2] = q;
+    }
+}
+
+/* channel ch's parts merged in part order: its mean and (biased) variance over `count` */
+static __device__ void bn_merge(const double *parts, int64_t ch, int64_t P, double *mean, double *var) {
+    double n = 0.0, m = 0.0, q = 0.0;
+    for (int64_t j = 0; j < P; j++) {
+        const double *o = parts + (ch * P + j) * 3;
+        if (o[0] == 0.0) continue;
+        const double nn = n + o[0], d = o[1] - m;
+        m += d * o[0] / nn;
+        q += o[2] + d * d * n * o[0] / nn;
+        n = nn;
+    }
+    *mean = m;
+    *var = n > 0.0 ? q / n : 0.0;
+}
+
+/* Block (ch, j): channel ch's statistics (train: merged from parts; block j = 0 saves them as
+ * batchnorm_forward does) or the running ones, then y over part j */
+__global__ void bn_norm_part(float *y, float *mean, float *var, float *invs, const double *parts, const float *x,
+                             const float *rmean, const float *rvar, const float *gamma, const float *beta, double eps,
+                             int64_t b, int64_t c, int64_t inner, int64_t len, int train) {
+    cu_pdl_enter();
+    __shared__ float sc[2];
+    const int64_t ch = blockIdx.x, j = blockIdx.y, count = b * inner;
+    if (threadIdx.x == 0) {
+        float mv, inv;
+        if (train) {
+            double m, v;
+            bn_merge(parts, ch, gridDim.y, &m, &v);
+            mv = (float)m;
+            inv = (float)(1.0 / sqrt(v + eps));
+            if (j == 0) {
+                mean[ch] = mv;
+                var[ch] = (float)v;
+                invs[ch] = inv;
+            }
+        } else {
+            mv = rmean[ch];
+            inv = (float)(1.0 / sqrt((double)rvar[ch] + eps));
+        }
+        const float scale = gamma ? gamma[ch] * inv : inv;
+        sc[0] = scale;
+        sc[1] = (beta ? beta[ch] : 0.0f) - mv * scale;
+    }
+    __syncthreads();
+    const float scale = sc[0], shift = sc[1];
+    const int64_t e0 = min(j * len, count), e1 = min(e0 + len, count);
+    bn_each(e0, e1, c, inner, ch, [&](int64_t k) { y[k] = x[k] * scale + shift; });
+}
+
+/* Block (ch, j): part j's sums of dy and dy x-hat, in double, at parts[(ch P + j) 2 ...] */
+__global__ void bn_grad_part(double *parts, const float *dy, const float *x, const float *mean, const float *invs,
+                             int64_t b, int64_t c, int64_t inner, int64_t len) {
+    cu_pdl_enter();
+    const int64_t ch = blockIdx.x, j = blockIdx.y, P = gridDim.y, count = b * inner;
+    const int64_t e0 = min(j * len, count), e1 = min(e0 + len, count);
+    const double inv = invs[ch], m = mean[ch];
+    double sdy = 0.0, sdyx = 0.0;
+    bn_each(e0, e1, c, inner, ch, [&](int64_t k) {
+        sdy += dy[k];
+        sdyx += dy[k] * ((x[k] - m) * inv);
+    });
+    sdy = block_sum(sdy);
+    sdyx = block_sum(sdyx);
+    if (threadIdx.x == 0) {
+        parts[(ch * P + j) * 2] = sdy;
+        parts[(ch * P + j) * 2 + 1] = sdyx;
+    }
+}
+
+/* Block (ch, j): channel ch's sums added in part order (block j = 0 writes dgamma and dbeta), then
+ * dx over part j as batchnorm_backward takes it */
+__global__ void bn_dx_part(float *dx, float *dgamma, float *dbeta, const double *parts, const float *dy,
+                           const float *x, const float *mean, const float *invs, const float *gamma, int64_t b,
+                           int64_t c, int64_t inner, int64_t len, int accum) {
+    cu_pdl_enter();
+    __shared__ float k[3];
+    const int64_t ch = blockIdx.x, j = blockIdx.y, P = gridDim.y, count = b * inner;
+    if (threadIdx.x == 0) {
+        double sdy = 0.0, sdyx = 0.0;
+        for (int64_t q = 0; q < P; q++) {
+            sdy += parts[(ch * P + q) * 2];
+            sdyx += parts[(ch * P + q) * 2 + 1];
+        }
+        if (j == 0) {
+            if (dgamma) dgamma[ch] = (float)sdyx;
+            if (dbeta) dbeta[ch] = (float)sdy;
+        }
+        const double inv = invs[ch], gm = gamma ? gamma[ch] : 1.0;
+        k[0] = (float)(gm * inv);
+        k[1] = (float)(gm * inv * sdy / (double)count);
+        k[2] = (float)(gm * inv * sdyx / (double)count);
+    }
+    __syncthreads();
+    if (!dx) return;
+    const float k1 = k[0], k2 = k[1], k3 = k[2], fm = mean[ch], finv = invs[ch];
+    const int64_t e0 = min(j * len, count), e1 = min(e0 + len, count);
+    bn_each(e0, e1, c, inner, ch, [&](int64_t e) {
+        const float v = k1 * dy[e] - k2 - k3 * ((x[e] - fm) * finv);
+        dx[e] = accum ? dx[e] + v : v;
+    });
+}
+
+/* The parts of a channel of b x inner values (1: one block a channel, the kernels above): about
+ * four blocks a multiprocessor over the c channels, with the knob on (at build and at capture) */
+static int64_t bn_parts(int sms, int64_t c, int64_t count) {
+    if (cu_knob_int("MPSCY_CUDA_BN_SPLIT", 0) != 1) return 1;
+    const int64_t want = (4 * (int64_t)sms + c - 1) / c, most = count / BN_PART_MIN;
+    return std::max<int64_t>(1, std::min({want, most, (int64_t)BN_PARTS_MAX}));
+}
+
+int64_t cu_batchnorm_workspace(const mpscy_plan *p, const mpscy_node *n) {
+    const mpscy_node *a = &p->nodes[n->in[0]];
+    const int64_t c = a->shape[0], inner = a->rank == 3 ? a->shape[1] * a->shape[2] : 1;
+    if (bn_parts(1 << 20, c, p->batch * inner) < 2) return 0;   /* the most parts any device takes */
+    return c * std::min<int64_t>(BN_PARTS_MAX, p->batch * inner / BN_PART_MIN) * 3 * 2;  /* doubles, as floats */
+}
+
+/* the parts this launch takes: 1 where the workspace (sized at build, the knob as it was then) is short */
+static int64_t bn_parts_on(const cu_graph *g, int64_t c, int64_t count) {
+    const int64_t P = bn_parts(g->dev->sms, c, count);
+    return P > 1 && c * P * 3 * 2 <= g->ws_floats ? P : 1;
+}
+
 /* running = (1 - momentum) running + momentum batch (unbiased variance), on applied steps */
 __global__ void batchnorm_commit(float *rm, float *rv, const float *mean, const float *var, const cu_scratch *S,
                                  double momentum, double count, int64_t c, int always) {
@@ -104,6 +285,27 @@ int cu_batchnorm_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train,
     int64_t c, inner;
     bn_dims(g, n, &c, &inner);
     float *mean = g->save + n->save, *var = mean + c, *invs = var + c;
+    const int64_t P = bn_parts_on(g, c, b * inner);
+    if (P > 1) {
+        const int64_t len = (b * inner + P - 1) / P;
+        const float *x = g->y[n->in[0]];
+        double *parts = (double *)g->ws;
+        if (train) {
+            CU_TRY(cu_launch(g, bn_stats_part, dim3((unsigned)c, (unsigned)P), CU_THREADS, g->stream, parts, x, b, c,
+                             inner, len),
+                   "bn_stats_part");
+            const int st = CU_LAUNCHED("bn_stats_part");
+            if (st != MPSCY_OK) return st;
+        }
+        CU_TRY(cu_launch(g, bn_norm_part, dim3((unsigned)c, (unsigned)P), CU_THREADS, g->stream,
+                         g->y[cu_node_index(g, n)], mean, var, invs, (const double *)parts, x,
+                         (const float *)cu_tensor(g, n, MPSCY_ROLE_BUFFER, 0),
+                         (const float *)cu_tensor(g, n, MPSCY_ROLE_BUFFER, 1),
+                         (const float *)cu_tensor(g, n, MPSCY_ROLE_PARAM, 0),
+                         (const float *)cu_tensor(g, n, MPSCY_ROLE_PARAM, 1), n->reals[1], b, c, inner, len, train),
+               "bn_norm_part");
+        return CU_LAUNCHED("bn_norm_part");
+    }
     CU_TRY(cu_launch(g, batchnorm_forward, dim3((unsigned)c), CU_THREADS, g->stream, g->y[cu_node_index(g, n)], mean, var,
                      invs, (const float *)g->y[n->in[0]], (const float *)cu_tensor(g, n, MPSCY_ROLE_BUFFER, 0),
                      (const float *)cu_tensor(g, n, MPSCY_ROLE_BUFFER, 1),
@@ -117,6 +319,22 @@ int cu_batchnorm_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err
     int64_t c, inner;
     bn_dims(g, n, &c, &inner);
     const float *mean = g->save + n->save, *invs = mean + 2 * c;
+    const int64_t P = bn_parts_on(g, c, b * inner);
+    if (P > 1) {
+        const int64_t len = (b * inner + P - 1) / P;
+        const float *dy = g->dy[cu_node_index(g, n)], *x = g->y[n->in[0]];
+        double *parts = (double *)g->ws;
+        CU_TRY(cu_launch(g, bn_grad_part, dim3((unsigned)c, (unsigned)P), CU_THREADS, g->stream, parts, dy, x, mean,
+                         invs, b, c, inner, len),
+               "bn_grad_part");
+        const int st = CU_LAUNCHED("bn_grad_part");
+        if (st != MPSCY_OK) return st;
+        CU_TRY(cu_launch(g, bn_dx_part, dim3((unsigned)c, (unsigned)P), CU_THREADS, g->stream, g->dy[n->in[0]],
+                         cu_tensor_grad(g, n, 0), cu_tensor_grad(g, n, 1), (const double *)parts, dy, x, mean, invs,
+                         (const float *)cu_tensor(g, n, MPSCY_ROLE_PARAM, 0), b, c, inner, len, (int)n->accum[0]),
+               "bn_dx_part");
+        return CU_LAUNCHED("bn_dx_part");
+    }
     CU_TRY(cu_launch(g, batchnorm_backward, dim3((unsigned)c), CU_THREADS, g->stream, g->dy[n->in[0]],
                      cu_tensor_grad(g, n, 0), cu_tensor_grad(g, n, 1), (const float *)g->dy[cu_node_index(g, n)],
                      (const float *)g->y[n->in[0]], mean, invs, (const float *)cu_tensor(g, n, MPSCY_ROLE_PARAM, 0),
