@@ -104,6 +104,7 @@ __global__ void batchnorm_backward(float *dx, float *dgamma, float *dbeta, const
  * same result in every block) and normalizes, or takes dx of, its own part. */
 #define BN_PART_MIN 2048
 #define BN_PARTS_MAX 64
+#define BN_INNER_MIN 128
 
 /* f(k) for the element index k of channel ch of every flattened (sample, position) e in [e0, e1),
  * the block's threads along each sample's run of positions */
@@ -146,19 +147,29 @@ __global__ void bn_stats_part(double *parts, const float *x, int64_t b, int64_t 
     }
 }
 
-/* channel ch's parts merged in part order: its mean and (biased) variance over `count` */
+/* channel ch's parts merged in part order (Chan's update): its mean and (biased) variance. Every
+ * thread calls it: the parts are staged in shared memory by the first P threads, thread 0 merges
+ * them, the result goes to all (the same arithmetic in every block of the channel). */
 static __device__ void bn_merge(const double *parts, int64_t ch, int64_t P, double *mean, double *var) {
-    double n = 0.0, m = 0.0, q = 0.0;
-    for (int64_t j = 0; j < P; j++) {
-        const double *o = parts + (ch * P + j) * 3;
-        if (o[0] == 0.0) continue;
-        const double nn = n + o[0], d = o[1] - m;
-        m += d * o[0] / nn;
-        q += o[2] + d * d * n * o[0] / nn;
-        n = nn;
+    __shared__ double st[BN_PARTS_MAX * 3], res[2];
+    for (int64_t t = threadIdx.x; t < P * 3; t += blockDim.x) st[t] = parts[ch * P * 3 + t];
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double n = 0.0, m = 0.0, q = 0.0;
+        for (int64_t j = 0; j < P; j++) {
+            const double *o = st + j * 3;
+            if (o[0] == 0.0) continue;
+            const double nn = n + o[0], d = o[1] - m, r = o[0] / nn;
+            m += d * r;
+            q += o[2] + d * d * n * r;
+            n = nn;
+        }
+        res[0] = m;
+        res[1] = n > 0.0 ? q / n : 0.0;
     }
-    *mean = m;
-    *var = n > 0.0 ? q / n : 0.0;
+    __syncthreads();
+    *mean = res[0];
+    *var = res[1];
 }
 
 /* Block (ch, j): channel ch's statistics (train: merged from parts; block j = 0 saves them as
@@ -169,11 +180,11 @@ __global__ void bn_norm_part(float *y, float *mean, float *var, float *invs, con
     cu_pdl_enter();
     __shared__ float sc[2];
     const int64_t ch = blockIdx.x, j = blockIdx.y, count = b * inner;
+    double m = 0.0, v = 0.0;
+    if (train) bn_merge(parts, ch, gridDim.y, &m, &v);   /* every thread: it has barriers */
     if (threadIdx.x == 0) {
         float mv, inv;
         if (train) {
-            double m, v;
-            bn_merge(parts, ch, gridDim.y, &m, &v);
             mv = (float)m;
             inv = (float)(1.0 / sqrt(v + eps));
             if (j == 0) {
@@ -222,12 +233,15 @@ __global__ void bn_dx_part(float *dx, float *dgamma, float *dbeta, const double 
                            int64_t c, int64_t inner, int64_t len, int accum) {
     cu_pdl_enter();
     __shared__ float k[3];
+    __shared__ double st[BN_PARTS_MAX * 2];
     const int64_t ch = blockIdx.x, j = blockIdx.y, P = gridDim.y, count = b * inner;
+    for (int64_t t = threadIdx.x; t < P * 2; t += blockDim.x) st[t] = parts[ch * P * 2 + t];
+    __syncthreads();
     if (threadIdx.x == 0) {
         double sdy = 0.0, sdyx = 0.0;
-        for (int64_t q = 0; q < P; q++) {
-            sdy += parts[(ch * P + q) * 2];
-            sdyx += parts[(ch * P + q) * 2 + 1];
+        for (int64_t q = 0; q < P; q++) {   /* in part order */
+            sdy += st[q * 2];
+            sdyx += st[q * 2 + 1];
         }
         if (j == 0) {
             if (dgamma) dgamma[ch] = (float)sdyx;
@@ -249,9 +263,11 @@ __global__ void bn_dx_part(float *dx, float *dgamma, float *dbeta, const double 
 }
 
 /* The parts of a channel of b x inner values (1: one block a channel, the kernels above): about
- * four blocks a multiprocessor over the c channels, with the knob on (at build and at capture) */
-static int64_t bn_parts(int sms, int64_t c, int64_t count) {
-    if (cu_knob_int("MPSCY_CUDA_BN_SPLIT", 0) != 1) return 1;
+ * four blocks a multiprocessor over the c channels, with the knob on (at build and at capture),
+ * where a sample's run of positions fills a block's threads (bn_each walks a part run by run: an
+ * inner of 1, a BatchNorm after a Dense, would leave all but one thread idle) */
+static int64_t bn_parts(int sms, int64_t c, int64_t inner, int64_t count) {
+    if (cu_knob_int("MPSCY_CUDA_BN_SPLIT", 0) != 1 || inner < BN_INNER_MIN) return 1;
     const int64_t want = (4 * (int64_t)sms + c - 1) / c, most = count / BN_PART_MIN;
     return std::max<int64_t>(1, std::min({want, most, (int64_t)BN_PARTS_MAX}));
 }
@@ -259,13 +275,13 @@ static int64_t bn_parts(int sms, int64_t c, int64_t count) {
 int64_t cu_batchnorm_workspace(const mpscy_plan *p, const mpscy_node *n) {
     const mpscy_node *a = &p->nodes[n->in[0]];
     const int64_t c = a->shape[0], inner = a->rank == 3 ? a->shape[1] * a->shape[2] : 1;
-    if (bn_parts(1 << 20, c, p->batch * inner) < 2) return 0;   /* the most parts any device takes */
+    if (bn_parts(1 << 20, c, inner, p->batch * inner) < 2) return 0;   /* the most parts any device takes */
     return c * std::min<int64_t>(BN_PARTS_MAX, p->batch * inner / BN_PART_MIN) * 3 * 2;  /* doubles, as floats */
 }
 
 /* the parts this launch takes: 1 where the workspace (sized at build, the knob as it was then) is short */
-static int64_t bn_parts_on(const cu_graph *g, int64_t c, int64_t count) {
-    const int64_t P = bn_parts(g->dev->sms, c, count);
+static int64_t bn_parts_on(const cu_graph *g, int64_t c, int64_t inner, int64_t count) {
+    const int64_t P = bn_parts(g->dev->sms, c, inner, count);
     return P > 1 && c * P * 3 * 2 <= g->ws_floats ? P : 1;
 }
 
@@ -285,7 +301,7 @@ int cu_batchnorm_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train,
     int64_t c, inner;
     bn_dims(g, n, &c, &inner);
     float *mean = g->save + n->save, *var = mean + c, *invs = var + c;
-    const int64_t P = bn_parts_on(g, c, b * inner);
+    const int64_t P = bn_parts_on(g, c, inner, b * inner);
     if (P > 1) {
         const int64_t len = (b * inner + P - 1) / P;
         const float *x = g->y[n->in[0]];
@@ -319,7 +335,7 @@ int cu_batchnorm_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err
     int64_t c, inner;
     bn_dims(g, n, &c, &inner);
     const float *mean = g->save + n->save, *invs = mean + 2 * c;
-    const int64_t P = bn_parts_on(g, c, b * inner);
+    const int64_t P = bn_parts_on(g, c, inner, b * inner);
     if (P > 1) {
         const int64_t len = (b * inner + P - 1) / P;
         const float *dy = g->dy[cu_node_index(g, n)], *x = g->y[n->in[0]];
