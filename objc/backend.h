@@ -108,11 +108,14 @@ int mpscy_fail_at(char *err, size_t n, int status, const char *component, const 
     ;
 #define MPSCY_FAIL(err, n, status, component, ...) \
     mpscy_fail_at((err), (n), (status), (component), __func__, __FILE__, __LINE__, __VA_ARGS__)
+/* v for a message: a NaN without its sign (printf writes a negative one "-nan") */
+static inline double mpscy_shown(double v) { return v != v ? __builtin_fabs(v) : v; }
+
 /* A TRAIN or GRAD step whose loss or gradient is not finite (r: its mpscy_step_result); only a
  * TRAIN step had an update to skip. */
 #define MPSCY_FAIL_NONFINITE(err, n, component, mode, r)                                              \
-    MPSCY_FAIL((err), (n), MPSCY_NONFINITE, (component), "loss %g, gradient norm %g: not finite%s", (r)->loss, \
-               (r)->grad_norm, (mode) == MPSCY_MODE_TRAIN ? ", update skipped" : "")
+    MPSCY_FAIL((err), (n), MPSCY_NONFINITE, (component), "loss %g, gradient norm %g: not finite%s",    \
+               mpscy_shown((r)->loss), mpscy_shown((r)->grad_norm), (mode) == MPSCY_MODE_TRAIN ? ", update skipped" : "")
 
 /* Allocation accounting shared by all backends: call after each successful alloc / free. */
 static inline void mpscy_count_alloc(mpscy_stats *s, size_t bytes) {

@@ -488,6 +488,41 @@ def test_strings_bools_and_misplaced_numbers_are_not_taken_for_options():
     assert layers.Dense(4, np.bool_(False)).bias is False and optim.SGD(0.1, momentum=0.9, nesterov=True).nesterov
 
 
+def test_options_the_native_code_reads_as_float32_must_fit_it():
+    """A learning rate, momentum or weight decay above float32's largest (3.4028235e+38) became inf
+    in the native update, and an applied step wrote inf and NaN into every parameter; LeakyReLU's
+    slope and ELU's alpha became inf in the layer. Each is refused where it is given, the engine
+    unchanged. Found by a user trial."""
+    engine = mpscy.Engine(mpscy.Sequential([layers.Dense(2)], input_shape=(3,)), loss="mse",
+                          optimizer=optim.SGD(0.1, momentum=0.5), batch_size=4, device="cpu")
+    for name in ("learning_rate", "momentum", "weight_decay"):
+        before = getattr(engine, name)
+        with pytest.raises(mpscy.InvalidArgumentError, match=r"must fit float32 \(\|value\| <= 3.4028235e\+38\), "
+                                                             r"got 1e\+39"):
+            setattr(engine, name, 1e39)
+        assert getattr(engine, name) == before
+    engine.learning_rate = float(np.finfo(np.float32).max)   # the largest is taken
+    cases = [(lambda: optim.SGD(1e39), "lr must fit float32"),
+             (lambda: optim.Adam(eps=3.5e38), "eps must fit float32"),
+             (lambda: optim.SGD(0.1, momentum=0.5, dampening=-1e39), "dampening must fit float32"),
+             (lambda: layers.LeakyReLU(1e39), "LeakyReLU negative_slope must fit float32"),
+             (lambda: layers.ELU(-1e39), "ELU alpha must fit float32")]
+    for make_it, match in cases:
+        with pytest.raises(mpscy.InvalidArgumentError, match=match):
+            make_it()
+
+
+def test_a_nan_loss_is_written_nan_not_minus_nan(device):
+    """The non-finite step's message prints a NaN without its sign (C's printf wrote '-nan')."""
+    engine = mpscy.Engine(mpscy.Sequential([layers.Dense(2)], input_shape=(3,)), loss="mse", batch_size=2,
+                          device=device)
+    engine.set_parameters({"dense_0.weight": np.full((2, 3), 3e38, np.float32)}, strict=False)
+    x = np.array([[1, -1, 1], [1, 1, -1]], np.float32) * 3e38
+    with pytest.raises(mpscy.NonFiniteError) as info:
+        engine.step(x, np.zeros((2, 2), np.float32))
+    assert "-nan" not in str(info.value) and ("nan" in str(info.value) or "inf" in str(info.value))
+
+
 def test_layer_and_optimizer_sizes_past_int32_are_refused_at_construction():
     """The native descriptor holds layer options and L-BFGS's sizes as int32: Dense(2**31) used to
     construct and then fail the engine's build with a bare OverflowError ("value too large to

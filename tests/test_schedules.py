@@ -2,6 +2,7 @@
 torch.optim.lr_scheduler when torch is installed), shown to change the native parameter updates
 exactly as setting the same rates by hand does, and resumable through state_dict()."""
 import math
+import re
 import warnings
 
 import numpy as np
@@ -486,24 +487,25 @@ def test_a_refused_schedule_leaves_the_engine_as_it_was(make, match):
 
 
 def test_a_rate_that_overflows_is_refused_naming_the_schedule():
-    """ExponentialLR(gamma=1.5) stepped past the float range: torch's rate becomes inf, which
-    no engine step takes; Python's float power had raised a bare OverflowError. The step is
-    refused naming the schedule, with its position and the engine's rate unchanged; a rate of 0
-    stays 0 (torch's repeated product), and MultiStepLR and StepLR refuse the same way."""
+    """ExponentialLR(gamma=1.5) stepped past float32's range, which the native step computes in
+    (a rate of 4e38 became inf there and the step wrote inf into every parameter), and past
+    Python's (torch's rate becomes inf; Python's float power had raised a bare OverflowError):
+    the step is refused naming the schedule, with its position and the engine's rate unchanged;
+    a rate of 0 stays 0 (torch's repeated product), and MultiStepLR and StepLR refuse the same way."""
     e = _engine(optim.SGD(0.1, momentum=0.9))
     s = S.ExponentialLR(e, gamma=1.5)
-    k = next(k for k in range(1, 3000) if not math.isfinite(_closed_pow(0.1, 1.5, k)))
+    k = next(k for k in range(1, 3000) if _closed_pow(0.1, 1.5, k) > float(np.finfo(np.float32).max))
     for _ in range(k - 1):
         s.step()
     lr, state = e.learning_rate, s.state_dict()
-    assert math.isfinite(lr) and lr > 1e300
+    assert 1e38 < lr <= float(np.finfo(np.float32).max)
     for _ in range(2):
         with pytest.raises(mpscy.InvalidArgumentError,
-                           match=rf"^ExponentialLR gives a learning rate of inf at step {k} \(base_lr 0.1\), which no "
-                                 "step can use; the step is refused$"):
+                           match=rf"^ExponentialLR gives a learning rate of {re.escape(repr(s.lr_at(k)))} at step {k} \(base_lr "
+                                 r"0.1\), which no step can use; the step is refused$"):
             s.step()
         assert e.learning_rate == lr and s.state_dict() == state and s.last_epoch == k - 1
-    assert s.lr_at(k) == math.inf
+    assert s.lr_at(k + 1600) == math.inf
     z = _engine(optim.SGD(0.0))
     zs = S.ExponentialLR(z, gamma=1.5)
     for _ in range(3000):

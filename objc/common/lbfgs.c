@@ -45,8 +45,8 @@ int mpscy_lbfgs_run(const mpscy_lbfgs_parts *parts, void *ctx, const mpscy_plan 
             if (st != MPSCY_OK) return st;
             if (rs != MPSCY_OK) return rs;
             return MPSCY_FAIL(err, n, MPSCY_NONFINITE, component,
-                              "loss %g, gradient norm %g: not finite; the LBFGS step was undone", r->loss,
-                              r->grad_norm);
+                              "loss %g, gradient norm %g: not finite; the LBFGS step was undone",
+                              mpscy_shown(r->loss), mpscy_shown(r->grad_norm));
         }
     }
     return parts->finish ? parts->finish(ctx, err, n) : MPSCY_OK;

@@ -14,6 +14,7 @@ import numpy as np
 from .errors import InvalidArgumentError
 
 INT32_LIMIT = 2**31  # sizes and counts travel in the native descriptors as int32
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # options the native code reads as float32 stay below it
 
 
 def number(value, what):
@@ -40,6 +41,15 @@ def finite(value, what):
     v = number(value, what)
     if not math.isfinite(v):
         raise InvalidArgumentError(f"{what} must be a finite number, got {value!r}")
+    return v
+
+
+def float32(value, what):
+    """float(value), finite in float32 (|value| <= 3.4028235e+38): an option the native code reads as
+    float32 (an optimizer's rate, a layer's slope), which would become inf there."""
+    v = finite(value, what)
+    if abs(v) > FLOAT32_MAX:
+        raise InvalidArgumentError(f"{what} must fit float32 (|value| <= {FLOAT32_MAX:.8g}), got {value!r}")
     return v
 
 

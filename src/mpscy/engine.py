@@ -112,7 +112,7 @@ class Engine(OptimizerState):
 
         engine = mpscy.Engine(model, loss="sparse_cross_entropy", optimizer=optim.Adam(1e-3),
                               batch_size=32, device="cpu", seed=0)
-        r = engine.step(x, y)    # StepResult(loss, accuracy, batch_size, step_time_ns, applied)
+        r = engine.step(x, y)    # StepResult(loss, accuracy, batch_size, step_time_ns, applied, grad_norm)
     """
 
     def __init__(self, model, loss="sparse_cross_entropy", optimizer=None, batch_size=32,

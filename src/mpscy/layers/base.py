@@ -7,7 +7,7 @@ import weakref
 
 import numpy as np
 
-from .._checks import INT32_LIMIT, choice, finite, flag, integer, node_name, number, positive_int, warn_user
+from .._checks import INT32_LIMIT, choice, finite, flag, float32, integer, node_name, number, positive_int, warn_user
 from ..errors import InvalidArgumentError, ShapeError
 
 
@@ -210,7 +210,7 @@ class LeakyReLU(_Activation):
         if negative_slope is not None and alpha is not None:
             raise InvalidArgumentError("LeakyReLU got both negative_slope= and Keras's alpha=; give one")
         slope = alpha if alpha is not None else 0.01 if negative_slope is None else negative_slope
-        self.negative_slope = _finite(slope, "LeakyReLU negative_slope")
+        self.negative_slope = float32(slope, "LeakyReLU negative_slope")
 
     def native(self, input_shapes):
         return {"reals": [self.negative_slope]}
@@ -226,7 +226,7 @@ class ELU(_Activation):
 
     def __init__(self, alpha=1.0, name=None):
         super().__init__(name)
-        self.alpha = _finite(alpha, "ELU alpha")
+        self.alpha = float32(alpha, "ELU alpha")
 
     def native(self, input_shapes):
         return {"reals": [self.alpha]}

@@ -7,7 +7,8 @@ anything. LBFGS runs several native evaluations per `engine.step` (see mpscy.opt
 import inspect
 import math
 
-from .._checks import choice as _choice, finite as _finite, flag as _flag, number as _number, positive_int as _count
+from .._checks import (choice as _choice, finite as _finite, flag as _flag, float32 as _float32, number as _number,
+                       positive_int as _count)
 from ..errors import InvalidArgumentError
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "NAdam", "LBFGS",
@@ -15,10 +16,12 @@ __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta"
 
 
 def _nonneg(value, what):
+    """A rate or coefficient >= 0 that fits float32 (the native update computes in float32: a rate of
+    1e39 became inf there and an applied step wrote inf into every parameter)."""
     value = _number(value, what)
     if not 0.0 <= value < math.inf:
         raise InvalidArgumentError(f"{what} must be finite and >= 0, got {value}")
-    return value
+    return _float32(value, what)
 
 
 def _betas(betas):
@@ -78,7 +81,7 @@ class SGD(Optimizer):
                  maximize=False, learning_rate=None):
         super().__init__(lr, learning_rate)
         self.momentum = _nonneg(momentum, "momentum")
-        self.dampening = _finite(dampening, "dampening")
+        self.dampening = _float32(dampening, "dampening")
         self.nesterov = _flag(nesterov, "nesterov")
         self.weight_decay = _nonneg(weight_decay, "weight_decay")
         self.maximize = _flag(maximize, "maximize")

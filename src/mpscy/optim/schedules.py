@@ -12,8 +12,8 @@ import contextlib
 import math
 import weakref
 
-from .._checks import (choice as _choice, finite as _finite, nonneg_int as _nonneg_int, number as _as_number,
-                       positive_int, warn_user)
+from .._checks import (FLOAT32_MAX, choice as _choice, finite as _finite, nonneg_int as _nonneg_int,
+                       number as _as_number, positive_int, warn_user)
 from .._weak import WeakEngine
 from ..errors import InvalidArgumentError
 
@@ -99,9 +99,9 @@ class Schedule:
         self._apply(lr, momentum)
 
     def _checked(self, lr, epoch):
-        """lr, or InvalidArgumentError naming this schedule where it is not finite (torch's rate
-        becomes inf there; an engine takes no such rate): the step is refused, nothing changed."""
-        if not math.isfinite(lr):
+        """lr, or InvalidArgumentError naming this schedule where it is not finite in float32 (torch's
+        rate becomes inf there; an engine takes no such rate): the step is refused, nothing changed."""
+        if not math.isfinite(lr) or abs(lr) > FLOAT32_MAX:   # the native step reads it as float32
             raise InvalidArgumentError(f"{type(self).__name__} gives a learning rate of {lr} at step {epoch} "
                                        f"(base_lr {self.base_lr}), which no step can use; the step is refused")
         return lr
