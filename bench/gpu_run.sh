@@ -31,6 +31,9 @@ if [ "${SKIP_LAYER_BENCH:-0}" != 1 ]; then  # beside the targets' models: ConvTr
     echo "convt bench: exit $?"
     timeout 180 $PY bench/cuda_segment.py 2>&1   # a U-Net under per-pixel cross entropy
     echo "segment bench: exit $?"
+    # BatchNorm over parts (opt-in until measured): the same step, and its kernels
+    MPSCY_CUDA_BN_SPLIT=1 timeout 180 $PY bench/cuda_segment.py --profile 2>&1
+    echo "segment bench, MPSCY_CUDA_BN_SPLIT=1: exit $?"
 fi
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
 if [ "${SKIP_PROFILE:-0}" != 1 ] && [ -n "$NCU" ]; then
