@@ -192,6 +192,34 @@ def torch_graph(name, spec):
     return torch_graph_step(model, opt, (spec["batch"],) + spec["input"])
 
 
+def torch_eager_step(model, opt, x, y, **loss_kw):
+    """step() -> None: the model's cross-entropy step with `opt`, eager, the NumPy batch (x, int64
+    labels y) copied to the GPU and the loss read back (bench/cuda_convt.py's and
+    cuda_segment.py's); loss_kw go to F.cross_entropy."""
+    import torch
+    import torch.nn.functional as F
+
+    def step():
+        xt, yt = torch.from_numpy(x).cuda(), torch.from_numpy(y).cuda()
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(xt), yt, **loss_kw)
+        loss.backward()
+        opt.step()
+        loss.item()
+    return step
+
+
+def grad_diffs(got, ref, floor_share=0.0):
+    """{parameter: max |got - ref| / max(max |ref|, floor)} over the gradients of ref (a
+    gradients() dict; "loss" left out), floor = floor_share times the largest |ref| of all (a
+    gradient that is 0 in exact arithmetic, a bias under BatchNorm, is then measured against the
+    model's scale, not against its own rounding residue)"""
+    keys = [k for k in ref if k != "loss"]
+    floor = floor_share * max(np.abs(ref[k]).max() for k in keys)
+    return {k: float(np.abs(got[k].astype(np.float64) - ref[k]).max() / max(np.abs(ref[k]).max(), floor, 1e-30))
+            for k in keys}
+
+
 def torch_graph_step(model, opt, shape, label_shape=(), **loss_kw):
     """step(x, y) -> loss: the model's cross-entropy step with `opt` captured in one CUDA graph
     (three warm-up steps on a side stream first), x of `shape` and int64 labels (n, *label_shape)

@@ -21,7 +21,7 @@ import mpscy
 from mpscy import layers as L
 
 from cpu_compare import median_time as _median_time
-from cuda_bench import knobs, torch_graph_step
+from cuda_bench import grad_diffs, knobs, torch_eager_step, torch_graph_step
 
 
 def median_time(fn):
@@ -48,12 +48,6 @@ def engine(shape, kw, n, device):
                         device=device, seed=0)
 
 
-def grad_err(a, b):
-    """max |a - b| / max |b| of each parameter's gradient"""
-    return {k: float(np.abs(a[k].astype(np.float64) - b[k]).max() / max(np.abs(b[k]).max(), 1e-30))
-            for k in b if k != "loss"}
-
-
 def worst(err):
     return max(err.values())
 
@@ -68,7 +62,7 @@ def mpscy_time(shape, kw, n, env, reference):
     with knobs(env):
         eng = engine(shape, kw, n, "cuda")
         x, y = batch(shape, n)
-        err = grad_err(eng.gradients(x, y), reference)
+        err = grad_diffs(eng.gradients(x, y), reference)
 
         def step():
             float(eng.step(x, y).loss)
@@ -79,7 +73,7 @@ def torch_step(shape, kw, n, graphed):
     """torch's step: eager, or (graphed) forward, loss, backward and SGD captured in one CUDA graph
     with the batch through pinned tensors (bench/cuda_bench.py's torch_graph)"""
     import torch
-    nn, F = torch.nn, torch.nn.functional
+    nn = torch.nn
     model = nn.Sequential(nn.BatchNorm2d(shape[0]),
                           nn.ConvTranspose2d(shape[0], kw["filters"], kw["kernel_size"], kw["stride"],
                                              kw.get("padding", 0)),
@@ -88,14 +82,7 @@ def torch_step(shape, kw, n, graphed):
     x, y = batch(shape, n)
     y = y.astype(np.int64)
     if not graphed:
-        def step():
-            xt, yt = torch.from_numpy(x).cuda(), torch.from_numpy(y).cuda()
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(xt), yt)
-            loss.backward()
-            opt.step()
-            loss.item()
-        return step
+        return torch_eager_step(model, opt, x, y)
     graph_step = torch_graph_step(model, opt, (n,) + shape)
     return lambda: graph_step(x, y)
 

@@ -20,7 +20,7 @@ from mpscy import layers as L
 from mpscy import losses
 
 from cpu_compare import median_time as _median_time
-from cuda_bench import torch_graph_step
+from cuda_bench import grad_diffs, torch_eager_step, torch_graph_step
 
 CLASSES, VOID = 5, 255
 WIDTHS = (32, 64, 128)
@@ -97,7 +97,6 @@ def torch_unet():
 
 def torch_step(n, size, graphed):
     import torch
-    F = torch.nn.functional
     model = torch_unet()
     # the graph's Adam as cuda_bench.py's: fused and capturable
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, **(dict(fused=True, capturable=True) if graphed else {}))
@@ -105,15 +104,7 @@ def torch_step(n, size, graphed):
     if graphed:
         graph_step = torch_graph_step(model, opt, x.shape, y.shape[1:], ignore_index=VOID)
         return lambda: graph_step(x, y)
-
-    def step():
-        xt, yt = torch.from_numpy(x).cuda(), torch.from_numpy(y).cuda()
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(xt), yt, ignore_index=VOID)
-        loss.backward()
-        opt.step()
-        loss.item()
-    return step
+    return torch_eager_step(model, opt, x, y, ignore_index=VOID)
 
 
 def kernels(step, steps=5):
@@ -149,12 +140,9 @@ def main():
     x, y = batch(n, size)
     cpu, gpu = engine(n, size, "cpu"), engine(n, size, "cuda")
     gc, gg = cpu.gradients(x, y), gpu.gradients(x, y)
-    # relative to each parameter's largest, or to a ten-thousandth of the largest of all where that
-    # is more: a convolution's bias under BatchNorm has the gradient 0 in exact arithmetic, and
-    # both backends' are rounding residue (a relative difference of ~1 between them)
-    floor = 1e-4 * max(np.abs(gc[k]).max() for k in gc if k != "loss")
-    errs = {k: float(np.abs(gg[k].astype(np.float64) - gc[k]).max() / max(np.abs(gc[k]).max(), floor))
-            for k in gc if k != "loss"}
+    # against a ten-thousandth of the largest gradient at least: a convolution's bias under
+    # BatchNorm has the gradient 0 in exact arithmetic, both backends' its rounding residue
+    errs = grad_diffs(gg, gc, floor_share=1e-4)
     worst = max(errs, key=errs.get)
     print(f"U-Net {WIDTHS} on (3, {size}, {size}), batch {n}, {CLASSES} classes: loss cpu {gc['loss']:.6f} "
           f"cuda {gg['loss']:.6f}; gradients within {errs[worst]:.1e} of the cpu's (largest: {worst})")

@@ -18,9 +18,9 @@ def short(value):
 def check_description(desc, where):
     """Checks every field of a description against what save writes (types, ranges, and the
     engine setters' rules for the step values), so that a damaged or foreign file is refused
-    here, naming the field, before anything is built or changed. initial_lr and engine.threads (which earlier files
-    lack) and the fields always read as optional (mpscy, step_values, schedule, meta) may be
-    missing."""
+    here, naming the field, before anything is built or changed. initial_lr and engine.threads
+    (which earlier files lack) and the fields always read as optional (mpscy, step_values,
+    schedule, meta) may be missing."""
     from . import optim as _optim
     from .engine import _MAX_THREADS as MAX_THREADS, _clip_arg
 

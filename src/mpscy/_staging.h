@@ -96,38 +96,30 @@ MPSCY_STAGING_SIMD static int64_t mpscy_copy_labels_i64(int32_t *restrict dst, c
 }
 
 /* The same with torch's ignore_index: a label equal to `ign` is staged as it is (the loss leaves it
- * out), *ignored counts them; returns the first row outside [0, classes) that is not `ign`, or -1. */
-static int64_t mpscy_copy_labels_ign_i64(int32_t *dst, const int64_t *src, int64_t n, int64_t classes, int32_t ign,
-                                         int64_t *ignored) {
-    int64_t skip = 0;
-    for (int64_t i = 0; i < n; i++) {
-        const int64_t v = src[i];
-        if (v == ign) {
-            skip++;
-        } else if (v < 0 || v >= classes) {
-            return i;
-        }
-        if (dst) dst[i] = (int32_t)v;
+ * out) and counted into *ignored; returns the first row outside [0, classes) that is not `ign`, or
+ * -1. One pass without branches (a segmentation batch's labels are every pixel's), then, only when
+ * a label is bad, the search for the first. */
+#define MPSCY_COPY_LABELS_IGN(NAME, T)                                                                       \
+    MPSCY_STAGING_SIMD static int64_t NAME(int32_t *restrict dst, const T *restrict src, int64_t n,          \
+                                           int64_t classes, int32_t ign, int64_t *ignored) {                 \
+        int64_t skip = 0;                                                                                     \
+        int bad = 0;                                                                                          \
+        for (int64_t i = 0; i < n; i++) {                                                                     \
+            const T v = src[i];                                                                               \
+            const int is_ign = v == (T)ign;                                                                   \
+            skip += is_ign;                                                                                   \
+            bad |= !is_ign & ((v < 0) | (v >= classes));                                                      \
+            if (dst) dst[i] = (int32_t)v;                                                                     \
+        }                                                                                                     \
+        *ignored = skip;                                                                                      \
+        if (!bad) return -1;                                                                                  \
+        for (int64_t i = 0; i < n; i++)                                                                       \
+            if (src[i] != (T)ign && (src[i] < 0 || src[i] >= classes)) return i;                              \
+        return -1;                                                                                            \
     }
-    *ignored = skip;
-    return -1;
-}
-
-static int64_t mpscy_copy_labels_ign_i32(int32_t *dst, const int32_t *src, int64_t n, int64_t classes, int32_t ign,
-                                         int64_t *ignored) {
-    int64_t skip = 0;
-    for (int64_t i = 0; i < n; i++) {
-        const int32_t v = src[i];
-        if (v == ign) {
-            skip++;
-        } else if (v < 0 || v >= classes) {
-            return i;
-        }
-        if (dst) dst[i] = v;
-    }
-    *ignored = skip;
-    return -1;
-}
+MPSCY_COPY_LABELS_IGN(mpscy_copy_labels_ign_i64, int64_t)
+MPSCY_COPY_LABELS_IGN(mpscy_copy_labels_ign_i32, int32_t)
+#undef MPSCY_COPY_LABELS_IGN
 
 MPSCY_STAGING_SIMD static int64_t mpscy_copy_labels_i32(int32_t *restrict dst, const int32_t *restrict src, int64_t n,
                                                          int64_t classes) {

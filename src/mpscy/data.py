@@ -433,9 +433,10 @@ class ImageFolder(Dataset):
     them, e.g. [RandomCrop(4), RandomHorizontalFlip()]), whose draws for sample i in epoch e come
     from PCG64([seed, e, i]): new ones each epoch, and the same ones whatever the batches'
     order, the prefetching or where a run was stopped, so that a resumed fit augments as the
-    uninterrupted one did. A DataLoader sets the epoch (set_epoch) as it starts one. Files are picked by `extensions` (one string such as ".png", or a sequence of
-    them); a class folder without such files is an error, as are bad channels, image_size,
-    mean or std, all checked here. Needs Pillow (``pip install 'mpscy[images]'``)."""
+    uninterrupted one did. A DataLoader sets the epoch (set_epoch) as it starts one. Files are
+    picked by `extensions` (one string such as ".png", or a sequence of them); a class folder
+    without such files is an error, as are bad channels, image_size, mean or std, all checked
+    here. Needs Pillow (``pip install 'mpscy[images]'``)."""
 
     def __init__(self, root, image_size=None, mean=None, std=None, augment=None, channels=3,
                  seed=0, invert=False, extensions=IMAGE_EXTENSIONS):

@@ -499,7 +499,7 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
         for epoch in range(initial_epoch, epochs):
             cbs.call("on_epoch_begin", epoch, {})
             progress.begin(epoch, steps)
-            seen, loss_sum, loss_w, acc_sum, has_acc, done, counted, void = 0, 0.0, 0, 0.0, False, 0, 0, 0
+            seen, loss_sum, counted, acc_sum, has_acc, done, void = 0, 0.0, 0, 0.0, False, 0, 0
             lr_used = engine.learning_rate
             where = lambda k: f"epoch {epoch + 1}, batch {k}"  # noqa: E731
             for b, (xb, yb) in enumerate(source.epoch(engine.epoch, where)):
@@ -524,19 +524,18 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
                 seen += n
                 c = engine._graph.counted   # under ignore_index, the labels that counted, as staging counted them
                 c = n if c < 0 else c
-                loss_sum += r.loss * c     # the mean over the labels that count, as val_loss and evaluate
-                loss_w += c
-                if r.accuracy is not None:   # over the labels that count (each row's, without ignore_index)
+                counted += c   # loss and accuracy: means over the labels that count, as val_loss's and evaluate's
+                loss_sum += r.loss * c
+                if r.accuracy is not None:
                     acc_sum += r.accuracy * c
-                    counted += c
                     has_acc = True
                 done = b + 1
                 if per == "step":
                     _step_schedule(schedule, sched_metric, {"loss": r.loss}, "loss")
                 if verbose == 1:
-                    progress.step(done, loss_sum / loss_w, acc_sum / counted if has_acc else None)
+                    progress.step(done, loss_sum / counted, acc_sum / counted if has_acc else None)
                 if cbs.batch_end:
-                    blogs = {"loss": loss_sum / loss_w, "accuracy": acc_sum / counted if has_acc else None,
+                    blogs = {"loss": loss_sum / counted, "accuracy": acc_sum / counted if has_acc else None,
                              "batch_size": n}
                     for cb in cbs.batch_end:
                         cb.on_train_batch_end(b, blogs)
@@ -550,7 +549,7 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
                 raise InvalidArgumentError("the training data yielded no batch" if not void else
                                            "every training batch's labels are all the loss's ignore_index")
             engine.epoch += 1  # its steps are applied: counted before anything below can fail
-            logs = {"loss": loss_sum / loss_w}
+            logs = {"loss": loss_sum / counted}
             if has_acc:
                 logs["accuracy"] = acc_sum / counted
             if val is not None:

@@ -144,7 +144,7 @@ class RMSprop(Optimizer):
         self.eps = _nonneg(eps, "eps")
         self.weight_decay = _nonneg(weight_decay, "weight_decay")
         self.momentum = _nonneg(momentum, "momentum")
-        self.centered = bool(centered)
+        self.centered = _flag(centered, "centered")
         self.maximize = _flag(maximize, "maximize")
 
     def spec(self):

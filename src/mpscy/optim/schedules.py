@@ -12,7 +12,7 @@ import contextlib
 import math
 import weakref
 
-from .._checks import (FLOAT32_MAX, choice as _choice, finite as _finite, nonneg_int as _nonneg_int,
+from .._checks import (FLOAT32_MAX, choice as _choice, finite as _finite, flag as _flag, nonneg_int as _nonneg_int,
                        number as _as_number, positive_int, warn_user)
 from .._weak import WeakEngine
 from ..errors import InvalidArgumentError
@@ -404,7 +404,7 @@ class OneCycleLR(Schedule):
         self.initial_lr = self.max_lr / _positive(div_factor, "div_factor")
         self.min_lr = self.initial_lr / _positive(final_div_factor, "final_div_factor")
         self.base_lr = self.initial_lr
-        self.cycle_momentum = bool(cycle_momentum)
+        self.cycle_momentum = _flag(cycle_momentum, "cycle_momentum")
         if self.cycle_momentum and _momentum_key(engine) is None:
             raise InvalidArgumentError(f"{type(engine.optimizer).__name__} has no momentum or beta1 for "
                                        "cycle_momentum=True to cycle")
@@ -423,7 +423,7 @@ class OneCycleLR(Schedule):
         else:
             self._phases = [(float(self.pct_start * T) - 1, "initial_lr", "max_lr", "max_momentum", "base_momentum"),
                             (T - 1, "max_lr", "min_lr", "base_momentum", "max_momentum")]
-        self.three_phase = bool(three_phase)
+        self.three_phase = _flag(three_phase, "three_phase")
         start = 0.0
         for i, (end, *_) in enumerate(self._phases):
             if end == start:   # torch divides by zero in it
