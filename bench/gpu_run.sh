@@ -29,11 +29,10 @@ fi
 if [ "${SKIP_LAYER_BENCH:-0}" != 1 ]; then  # beside the targets' models: ConvTranspose2D, a U-Net, against torch
     timeout 120 $PY bench/cuda_convt.py 2>&1
     echo "convt bench: exit $?"
-    timeout 180 $PY bench/cuda_segment.py 2>&1   # a U-Net under per-pixel cross entropy
+    timeout 180 $PY bench/cuda_segment.py --profile 2>&1   # a U-Net under per-pixel cross entropy, its kernels
     echo "segment bench: exit $?"
-    # BatchNorm over parts (opt-in until measured): the same step, and its kernels
-    MPSCY_CUDA_BN_SPLIT=1 timeout 180 $PY bench/cuda_segment.py --profile 2>&1
-    echo "segment bench, MPSCY_CUDA_BN_SPLIT=1: exit $?"
+    timeout 180 $PY bench/cuda_segment.py --size 128 --batch 8 2>&1
+    echo "segment bench 128x128: exit $?"
 fi
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
 if [ "${SKIP_PROFILE:-0}" != 1 ] && [ -n "$NCU" ]; then

@@ -282,8 +282,8 @@ def _bn_accumulating():
 @cuda_only
 @pytest.mark.parametrize("split", ["1", "0"])
 def test_batchnorm_over_many_values_a_channel_matches_cpu(rng, monkeypatch, split):
-    """BatchNorm with $MPSCY_CUDA_BN_SPLIT=1 (a channel's values over several blocks, merged in
-    part order) and without: 8 channels of 16 x 64 x 64 values (32 parts of 2,048 on an H100's 132
+    """BatchNorm over parts (the default, $MPSCY_CUDA_BN_SPLIT=1: a channel's values over several
+    blocks, merged in part order) and with one block a channel (=0): 8 channels of 16 x 64 x 64 values (32 parts of 2,048 on an H100's 132
     multiprocessors; 10 at 5 rows), and a BatchNorm over 6 channels of 12 x 13 positions at a
     batch of 301 (22 parts of 2,135, which start inside a sample's positions; 9 of 2,132 at 123
     rows) whose input gradient accumulates. One step's gradients within 1e-5 of the cpu's, Adam

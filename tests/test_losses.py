@@ -754,7 +754,11 @@ def _positions_ref(kind, out, target, weight, smoothing):
 
 POSITIONS = [("sparse_cross_entropy", (5, 3, 4), 0.0, False), ("sparse_cross_entropy", (5, 3, 4), 0.2, True),
              ("sparse_cross_entropy", (5, 7), 0.0, True), ("cross_entropy", (5, 3, 4), 0.1, True),
-             ("cross_entropy", (5, 6), 0.0, False)]
+             ("cross_entropy", (5, 6), 0.0, False),
+             # on cuda a thread a position, 63 a sample (a warp's threads across two samples) ...
+             ("cross_entropy", (5, 9, 7), 0.1, True), ("sparse_cross_entropy", (5, 9, 7), 0.0, True),
+             # ... and a warp a position (40 classes, 3 positions)
+             ("sparse_cross_entropy", (40, 3), 0.1, False)]
 PIDS = [f"{k}-{'x'.join(map(str, sh))}-s{s}{'-weighted' if w else ''}" for k, sh, s, w in POSITIONS]
 
 
@@ -939,7 +943,7 @@ def _ignore_ref(out, labels, ign, weight, smoothing):
 
 
 IGNORE = [((5,), 0.0, False, -100), ((5,), 0.2, True, -100), ((5, 3, 4), 0.0, False, 255),
-          ((5, 3, 4), 0.1, True, -100), ((5, 3, 4), 0.0, False, 2)]
+          ((5, 3, 4), 0.1, True, -100), ((5, 3, 4), 0.0, False, 2), ((5, 6, 7), 0.1, True, 255)]
 IIDS = [f"{'x'.join(map(str, sh))}-s{s}{'-weighted' if w else ''}-ignore{i}" for sh, s, w, i in IGNORE]
 
 

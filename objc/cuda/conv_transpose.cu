@@ -91,18 +91,6 @@ __global__ void convt_wgrad(float *dw, const float *x, const float *dy, conv_geo
     }
 }
 
-/* a block per output channel: db[o] = the sum of dy[:, o] over samples and positions */
-__global__ void convt_bgrad(float *db, const float *dy, conv_geom g, int64_t b) {
-    cu_pdl_enter();
-    const int64_t hw = g.h * g.w;
-    for (int64_t o = blockIdx.x; o < g.c; o += gridDim.x) {
-        double acc = 0.0;  /* in double: b x hw values a channel (131,072 for a U-Net's), in float 2.5e-6 off */
-        for (int64_t p = threadIdx.x; p < b * hw; p += blockDim.x) acc += dy[(p / hw * g.c + o) * hw + p % hw];
-        acc = block_sum(acc);
-        if (threadIdx.x == 0) db[o] = (float)acc;
-    }
-}
-
 /* ---------------------------------------------------------------------------- tiled products
  * The three products as one tiled kernel (64 x 64 outputs a block, K in steps of 16 through shared
  * memory, 4 x 4 outputs a thread), each operand element gathered by a problem struct: the forward
@@ -604,7 +592,7 @@ int64_t cu_convt_workspace(const mpscy_plan *p, const mpscy_node *n) {
         convt_dw_splits(g, p->batch, &chunk, &most);
         floats = std::max({floats, convt_cols_chunk(g, p->batch) * g.k * g.ohw, most > 1 ? most * g.oc * g.kg : 0});
     }
-    return floats;
+    return std::max(floats, cu_channel_sums_workspace(g.c, g.h * g.w, p->batch));  /* and the bias gradient's */
 }
 
 /* MPSCY_CUDA_CONVT_TILED=0 (with the tensor-core products not taken, MPSCY_CUDA_CONVT_MMA=0): the
@@ -676,10 +664,8 @@ int cu_convt_backward(cu_graph *gr, const mpscy_node *n, int64_t b, char *err, s
         const int st = CU_LAUNCHED("convt_wgrad");
         if (st != MPSCY_OK) return st;
     }
-    if (db) {
-        CU_TRY(cu_launch(gr, convt_bgrad, cu_blocks(g.c, 1, 65535), CU_THREADS, gr->stream, db, dy, g, b),
-               "convt_bgrad");
-        return CU_LAUNCHED("convt_bgrad");
-    }
-    return MPSCY_OK;
+    /* db[o] = the sum of dy[:, o] over samples and positions, in double (b x h x w values a
+     * channel: 131,072 for a U-Net's, in float 2.5e-6 off); after the weight gradient's sums of
+     * the workspace on this stream */
+    return db ? cu_channel_sums(gr, gr->stream, db, dy, b, g.c, g.h * g.w, err, en) : MPSCY_OK;
 }

@@ -383,6 +383,12 @@ int64_t cu_convt_workspace(const mpscy_plan *p, const mpscy_node *n);
 int cu_pool_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
 int cu_pool_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);
 int64_t cu_batchnorm_workspace(const mpscy_plan *p, const mpscy_node *n);
+/* out[ch] = the sum of x (b, c, inner) over samples and positions, in double, over parts of each
+ * channel in g->ws (main stream's workspace: s must be ordered with its other uses), as large as
+ * cu_channel_sums_workspace says (norm.cu) */
+int64_t cu_channel_sums_workspace(int64_t c, int64_t inner, int64_t batch);
+int cu_channel_sums(cu_graph *g, cudaStream_t s, float *out, const float *x, int64_t b, int64_t c, int64_t inner,
+                    char *err, size_t en);
 int cu_batchnorm_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train, char *err, size_t en);
 int cu_batchnorm_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, size_t en);
 int cu_batchnorm_commit(cu_graph *g, const mpscy_node *n, int64_t b, int always, char *err, size_t en);

@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(HEAD_THREADS) head_forward(cu_scratch *S, head
     if (warp < rows) {
         const int r = r0 + warp, label = labels ? labels[r] : -1;
         const float *tr = t ? t + (int64_t)r * c : NULL;
-        row = warp_sum(ce_row<true>(lg + warp * c, c, lane, label, tr, nullptr, a.eps, 1.0 / (double)a.b,
+        row = warp_sum(ce_row<CE_ONE>(lg + warp * c, c, lane, label, tr, nullptr, a.eps, 1.0 / (double)a.b,
                                     a.dz + (int64_t)r * c));
         if (a.accuracy == MPSCY_ACCURACY_ARGMAX) {
             const bool on = lane < c;

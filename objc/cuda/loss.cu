@@ -20,6 +20,7 @@ struct loss_args {
     int pre_w;     /* the labels' summed weights are loss_label_weight's (S->label_w), not each block's own */
     int ignore;    /* labels equal to ignore_index are left out (plan.h: torch's ignore_index) */
     int32_t ignore_index;
+    int solo;      /* a thread a row (per-position cross entropies, cu_loss), not a warp */
 };
 
 /* a label's share of the weighted mean's divisor: its class weight (1 without), 0 when ignored */
@@ -42,17 +43,17 @@ __global__ void loss_label_weight(cu_scratch *S, const int32_t *labels, const fl
     if (threadIdx.x == 0) S->label_w = s;
 }
 
-/* first maximum of a row (c elements st apart) across the warp, in argmax_before's order (the
- * cpu's argmax) */
-static __device__ int64_t warp_argmax(const float *x, int64_t c, int lane, int64_t st) {
+/* first maximum of a row (c elements st apart) across the warp, or in this thread (solo), in
+ * argmax_before's order (the cpu's argmax) */
+static __device__ int64_t row_argmax(const float *x, int64_t c, int lane, int64_t st, bool solo) {
     float best = -INFINITY;
     int64_t k = -1;
-    for (int64_t i = lane; i < c; i += 32)
+    for (int64_t i = solo ? 0 : lane; i < c; i += solo ? 1 : 32)
         if (k < 0 || argmax_before(x[i * st], i, best, k)) {
             best = x[i * st];
             k = i;
         }
-    return warp_first_max(best, k);
+    return solo ? k : warp_first_max(best, k);
 }
 
 __global__ void loss_forward_backward(cu_scratch *S, cu_result *R, float *dy, const float *y, const void *target,
@@ -82,7 +83,11 @@ __global__ void loss_forward_backward(cu_scratch *S, cu_result *R, float *dy, co
     double total = 0;
     long long correct = 0;
     const int64_t st = a.positions;
-    for (int64_t r = blockIdx.x * (int64_t)warps + (threadIdx.x >> 5); r < a.b; r += (int64_t)gridDim.x * warps) {
+    const bool solo = a.solo;  /* uniform: every row a thread's, or every row a warp's */
+    const int64_t first = solo ? blockIdx.x * (int64_t)blockDim.x + threadIdx.x
+                               : blockIdx.x * (int64_t)warps + (threadIdx.x >> 5);
+    const int64_t step = solo ? (int64_t)gridDim.x * blockDim.x : (int64_t)gridDim.x * warps;
+    for (int64_t r = first; r < a.b; r += step) {
         const int64_t smp = r / st, at = smp * c * st + (r - smp * st);  /* r * c for st 1 */
         const float *yr = y + at;
         const float *tr = t ? t + at : NULL;
@@ -90,11 +95,17 @@ __global__ void loss_forward_backward(cu_scratch *S, cu_result *R, float *dy, co
         double row = 0;
         if (ignore && labels[r] == a.ignore_index) {  /* no term, no gradient, not counted */
             if (dr)
-                for (int64_t i = lane; i < c; i += 32) dr[i * st] = 0.0f;
+                for (int64_t i = solo ? 0 : lane; i < c; i += solo ? 1 : 32) dr[i * st] = 0.0f;
+            continue;
+        }
+        if (solo) {  /* a cross entropy (cu_loss), no warp collectives: the threads of a warp part here */
+            total += ce_row<CE_SOLO>(yr, c, 0, labels ? labels[r] : -1, tr, a.w, a.eps, inv_d, dr, st);
+            if (a.accuracy == MPSCY_ACCURACY_ARGMAX)
+                correct += row_argmax(yr, c, 0, st, true) == (labels ? labels[r] : row_argmax(tr, c, 0, st, true));
             continue;
         }
         if (a.kind == MPSCY_LOSS_SPARSE_CE || a.kind == MPSCY_LOSS_CE) {
-            row = ce_row<false>(yr, c, lane, labels ? labels[r] : -1, tr, a.w, a.eps, inv_d, dr, st);
+            row = ce_row<CE_LANES>(yr, c, lane, labels ? labels[r] : -1, tr, a.w, a.eps, inv_d, dr, st);
         } else {
             for (int64_t i = lane; i < c; i += 32) {
                 double x = yr[i], z = tr[i], d = x - z, g;
@@ -149,8 +160,8 @@ __global__ void loss_forward_backward(cu_scratch *S, cu_result *R, float *dy, co
         }
         row = warp_sum(row);
         if (a.accuracy == MPSCY_ACCURACY_ARGMAX) {
-            int64_t want = labels ? labels[r] : warp_argmax(tr, c, lane, st);
-            int64_t got = warp_argmax(yr, c, lane, st);
+            int64_t want = labels ? labels[r] : row_argmax(tr, c, lane, st, false);
+            int64_t got = row_argmax(yr, c, lane, st, false);
             if (lane == 0) correct += got == want;
         } else if (a.accuracy == MPSCY_ACCURACY_THRESHOLD) {
             long long k = 0;
@@ -224,8 +235,13 @@ int cu_loss(cu_graph *g, float *dy, int64_t b, int finalize, char *err, size_t e
     /* a warp a row, blocks of CU_THREADS. Measured on the H200 (README CNN, b64): one block of
      * 1024 threads, two rows a warp (64 registers, some spilled) took 10.7 us in the step's
      * timeline against 7.1 for eight blocks and the last block's sum; the step 283.1 against
-     * 280.1 us (A/B) */
-    unsigned blocks = cu_blocks(a.b, CU_THREADS / 32, CU_MAX_PARTS);
+     * 280.1 us (A/B). A cross entropy over positions takes a thread a position where a warp's
+     * threads read neighbouring positions (32 or more a sample) or a row is no wider than a warp
+     * would be busy (32 classes or fewer): a U-Net's (16, 5, 64, 64) took 104 us a warp a
+     * position on an H100, 27 of a warp's 32 lanes idle and each class's read its own. */
+    const bool ce = a.kind == MPSCY_LOSS_SPARSE_CE || a.kind == MPSCY_LOSS_CE;
+    a.solo = ce && a.positions > 1 && (a.positions >= 32 || a.c <= 32);
+    unsigned blocks = cu_blocks(a.b, a.solo ? CU_THREADS : CU_THREADS / 32, CU_MAX_PARTS);
     CU_TRY(cu_launch(g, loss_forward_backward, blocks, CU_THREADS, g->stream, g->scratch, g->result, dy,
                      (const float *)g->y[p->output], target, a),
            "loss_forward_backward");

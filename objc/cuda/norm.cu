@@ -1,9 +1,9 @@
 /* norm.cu — BatchNorm and LayerNorm on CUDA, as cpu/norm.c defines them. BatchNorm: one block
  * per channel computes the batch mean and biased variance (two passes, double) and normalizes in
  * the same kernel; they are saved for backward and for commit, which folds them into the running
- * statistics only when the device decided the step is applied. With $MPSCY_CUDA_BN_SPLIT=1 a
- * channel of many values is split over blocks (below). LayerNorm: one warp per row, statistics in
- * double; its parameter gradients sum rows in the cpu's order. */
+ * statistics only when the device decided the step is applied. A channel of many values is split
+ * over blocks instead (below; $MPSCY_CUDA_BN_SPLIT=0 keeps one block a channel). LayerNorm: one
+ * warp per row, statistics in double; its parameter gradients sum rows in the cpu's order. */
 #include <algorithm>
 
 #include "cuda.h"
@@ -94,8 +94,9 @@ __global__ void batchnorm_backward(float *dx, float *dgamma, float *dbeta, const
 /* ---------------------------------------------------------------- BatchNorm over parts
  * One block a channel leaves most of the GPU idle where a channel holds many values: a U-Net's
  * BatchNorm over (16, 32, 64, 64) took 122 us a call, each of 32 blocks reading 65,536 values
- * three times (bench/cuda_segment.py --profile, H100). Opt-in ($MPSCY_CUDA_BN_SPLIT=1, read when
- * a graph is built and captured), not yet run on a GPU: each channel's (sample, position) values,
+ * three times (bench/cuda_segment.py --profile, H100); over parts, 6-18 us a kernel and the U-Net's
+ * step 4.56 -> 2.71 ms (fortieth session). The default; $MPSCY_CUDA_BN_SPLIT=0 (read when a graph
+ * is built and captured) keeps one block a channel. Each channel's (sample, position) values,
  * flattened, are cut into P parts of L (bn_parts: about four blocks a multiprocessor, at least
  * BN_PART_MIN values a part, at most BN_PARTS_MAX parts); a block a (channel, part) writes its
  * part's statistics in double to the workspace (forward: its count, mean and sum of squared
@@ -113,6 +114,7 @@ static __device__ __forceinline__ void bn_each(int64_t e0, int64_t e1, int64_t c
     int64_t s = e0 / inner, p = e0 - s * inner;
     for (int64_t e = e0; e < e1;) {
         const int64_t run = min(inner - p, e1 - e), base = (s * c + ch) * inner + p;
+#pragma unroll 4
         for (int64_t t = threadIdx.x; t < run; t += blockDim.x) f(base + t);
         e += run;
         s++;
@@ -263,11 +265,12 @@ __global__ void bn_dx_part(float *dx, float *dgamma, float *dbeta, const double 
 }
 
 /* The parts of a channel of b x inner values (1: one block a channel, the kernels above): about
- * four blocks a multiprocessor over the c channels, with the knob on (at build and at capture),
+ * four blocks a multiprocessor over the c channels (eight measured the same: the U-Net's step
+ * 2.27 against 2.25 ms, H100), unless the knob is 0 (at build or at capture),
  * where a sample's run of positions fills a block's threads (bn_each walks a part run by run: an
  * inner of 1, a BatchNorm after a Dense, would leave all but one thread idle) */
 static int64_t bn_parts(int sms, int64_t c, int64_t inner, int64_t count) {
-    if (cu_knob_int("MPSCY_CUDA_BN_SPLIT", 0) != 1 || inner < BN_INNER_MIN) return 1;
+    if (cu_knob_int("MPSCY_CUDA_BN_SPLIT", 1) == 0 || inner < BN_INNER_MIN) return 1;
     const int64_t want = (4 * (int64_t)sms + c - 1) / c, most = count / BN_PART_MIN;
     return std::max<int64_t>(1, std::min({want, most, (int64_t)BN_PARTS_MAX}));
 }
@@ -283,6 +286,54 @@ int64_t cu_batchnorm_workspace(const mpscy_plan *p, const mpscy_node *n) {
 static int64_t bn_parts_on(const cu_graph *g, int64_t c, int64_t inner, int64_t count) {
     const int64_t P = bn_parts(g->dev->sms, c, inner, count);
     return P > 1 && c * P * 3 * 2 <= g->ws_floats ? P : 1;
+}
+
+/* ------------------------------------------------------------- a channel's sum over parts
+ * out[ch] = the sum of x[:, ch, :] over samples and positions, in double, for a bias gradient (a
+ * ConvTranspose2D's: one block a channel took 49 us a call for (16, 64, 64, 64) on an H100): block
+ * (ch, j) sums part j (bn_parts' cut) into parts[ch P + j], then thread ch adds its P parts in
+ * order (the same bits every run). */
+__global__ void chan_sum_part(double *parts, const float *x, int64_t b, int64_t c, int64_t inner, int64_t len) {
+    cu_pdl_enter();
+    const int64_t ch = blockIdx.x, j = blockIdx.y, count = b * inner;
+    const int64_t e0 = min(j * len, count), e1 = min(e0 + len, count);
+    double s = 0.0;
+    bn_each(e0, e1, c, inner, ch, [&](int64_t k) { s += x[k]; });
+    s = block_sum(s);
+    if (threadIdx.x == 0) parts[ch * gridDim.y + j] = s;
+}
+
+__global__ void chan_sum_merge(float *out, const double *parts, int64_t c, int64_t P) {
+    cu_pdl_enter();
+    for (int64_t ch = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; ch < c; ch += (int64_t)gridDim.x * blockDim.x) {
+        double s = 0.0;
+        for (int64_t j = 0; j < P; j++) s += parts[ch * P + j];
+        out[ch] = (float)s;
+    }
+}
+
+/* the parts of cu_channel_sums over a batch of b samples (1: one block a channel) */
+static int64_t chan_parts(const cu_graph *g, int64_t c, int64_t inner, int64_t b) {
+    const int64_t P = bn_parts(g->dev->sms, c, inner, b * inner);
+    return P > 1 && c * P * 2 <= g->ws_floats ? P : 1;
+}
+
+int64_t cu_channel_sums_workspace(int64_t c, int64_t inner, int64_t batch) {
+    const int64_t P = bn_parts(1 << 20, c, inner, batch * inner);   /* the most parts any device takes */
+    return c * std::max<int64_t>(P, 1) * 2;  /* doubles, as floats */
+}
+
+int cu_channel_sums(cu_graph *g, cudaStream_t s, float *out, const float *x, int64_t b, int64_t c, int64_t inner,
+                    char *err, size_t en) {
+    const int64_t P = chan_parts(g, c, inner, b), len = (b * inner + P - 1) / P;
+    double *parts = (double *)g->ws;
+    CU_TRY(cu_launch(g, chan_sum_part, dim3((unsigned)c, (unsigned)P), CU_THREADS, s, parts, x, b, c, inner, len),
+           "chan_sum_part");
+    const int st = CU_LAUNCHED("chan_sum_part");
+    if (st != MPSCY_OK) return st;
+    CU_TRY(cu_launch(g, chan_sum_merge, cu_blocks(c, CU_THREADS, 64), CU_THREADS, s, out, (const double *)parts, c, P),
+           "chan_sum_merge");
+    return CU_LAUNCHED("chan_sum_merge");
 }
 
 /* running = (1 - momentum) running + momentum batch (unbiased variance), on applied steps */
