@@ -319,6 +319,16 @@ def test_model_checkpoint_filepath_is_checked_when_built():
     assert cb.ModelCheckpoint("ck-{epoch:03d}-{val_loss:.2e}-{epoch}.mpscy")._fields == ["epoch", "val_loss"]
 
 
+def test_model_checkpoint_tells_what_keras_s_weights_only_and_batch_frequency_are_here():
+    """save_weights_only=True and save_freq=<batches> (Keras's) were bare unexpected-keyword
+    TypeErrors; their defaults are taken."""
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"save_weights_only=True: .*engine.get_parameters\(\)"):
+        cb.ModelCheckpoint("ck.mpscy", save_weights_only=True)
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"save_freq=10: .*on_train_batch_end calls self.engine.save"):
+        cb.ModelCheckpoint("ck.mpscy", save_freq=10)
+    assert cb.ModelCheckpoint("ck.mpscy", save_weights_only=False, save_freq="epoch").filepath == "ck.mpscy"
+
+
 def test_fit_refuses_a_checkpoint_or_log_it_could_not_write(device, digits, tmp_path):
     """What used to fail when the first epoch ended (after its steps) is refused when fit
     starts: nothing trained, the previous History kept."""

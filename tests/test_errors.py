@@ -54,8 +54,9 @@ STEP_CASES = [
     ("float64 x", GOOD_X.astype(np.float64), GOOD_Y, mpscy.DTypeError, "float32, got float64"),
     ("int x", GOOD_X.astype(np.int32), GOOD_Y, mpscy.DTypeError, "float32, got int32"),
     ("big-endian x", GOOD_X.astype(">f4"), GOOD_Y, mpscy.DTypeError, "float32"),
-    ("float labels", GOOD_X, GOOD_Y.astype(np.float32), mpscy.DTypeError, "int32 or int64"),
-    ("uint8 labels", GOOD_X, GOOD_Y.astype(np.uint8), mpscy.DTypeError, "int32 or int64"),
+    ("float labels", GOOD_X, GOOD_Y.astype(np.float32), mpscy.DTypeError,
+     "int32 or int64 class labels, got float32 (whole-number floats: y.astype(np.int64))"),
+    ("uint8 labels", GOOD_X, GOOD_Y.astype(np.uint8), mpscy.DTypeError, "int32 or int64 class labels, got uint8"),
     ("rank 1 x", np.ones(FEATURES, np.float32), GOOD_Y, mpscy.ShapeError, "expected (n, 6)"),
     ("rank 3 x", np.ones((BATCH, FEATURES, 1), np.float32), GOOD_Y, mpscy.ShapeError, "expected (n, 6)"),
     ("feature count", np.ones((BATCH, FEATURES + 1), np.float32), GOOD_Y, mpscy.ShapeError, "(8, 7), expected (n, 6)"),
@@ -176,8 +177,10 @@ def test_layer_descriptor_with_too_many_options_is_refused():
             native.Graph(dev, nodes, spec)
 
 
-@pytest.mark.parametrize("case", ["unknown name", "missing", "shape", "nan", "dtype"])
+@pytest.mark.parametrize("case", ["unknown name", "missing", "shape", "nan", "dtype", "shape of a subset"])
 def test_set_parameters_validates_everything_first(device, case):
+    """Each fault refused, nothing written; a subset under strict=True whose one array has the
+    wrong shape is told the shape (what was given), not only the names left out."""
     engine = make(device)
     snap = snapshot(engine)
     params = engine.get_parameters()
@@ -192,6 +195,12 @@ def test_set_parameters_validates_everything_first(device, case):
         error = mpscy.ShapeError
     elif case == "nan":
         params["dense_2.weight"] = np.full_like(params["dense_2.weight"], np.nan)
+    elif case == "shape of a subset":
+        params = {"dense_2.weight": params["dense_2.weight"].T}
+        with pytest.raises(mpscy.ShapeError, match=r"'dense_2.weight' has shape \(\d+, \d+\), got"):
+            engine.set_parameters(params)
+        assert_unchanged(engine, snap)
+        return
     else:
         params["dense_2.weight"] = params["dense_2.weight"].astype(str)
         error = mpscy.DTypeError

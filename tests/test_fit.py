@@ -297,6 +297,12 @@ def test_no_epoch_to_run_returns_an_empty_history(device, digits):
         assert h.history == {} and h.epoch == []
     assert engine.iterations == 0
     assert same_params(engine, digits_engine(device))
+    # a run already complete (a resume script's epochs=engine.epoch) keeps the engine's record:
+    # no step was applied (README: engine.history becomes the new History once one has been)
+    h0 = engine.fit(xtr[:96], ytr[:96], epochs=2, verbose=0)
+    h = engine.fit(xtr[:96], ytr[:96], epochs=2, initial_epoch=engine.epoch, verbose=0)
+    assert h.epoch == [] and h is not h0
+    assert engine.history is h0 and h0.epoch == [0, 1]
 
 
 def test_a_failure_before_the_first_epoch_comes_through_unchanged(device, digits):

@@ -249,6 +249,21 @@ def test_maxpool_ties_send_the_gradient_to_the_first_maximum(device, rng, case):
     assert R.rel_err(engine.gradients(x, t)["input"], dx) < 1e-6
 
 
+def test_avgpool_over_a_window_of_two_to_the_32_taps(device):
+    """AvgPool2D(65536, stride 1, padding 32768) over a 1x1 plane, count_include_pad: every one
+    of the 2x2 outputs divides the one pixel by 2^32 taps (a count that wraps to 0 in 32-bit
+    arithmetic: inf), and the pixel's gradient sums the four outputs' shares."""
+    engine = build(device, layers.AvgPool2D(65536, stride=1, padding=32768), (3, 1, 1), 2)
+    x = np.array([1.0, -3.0, 2.0**20, 7.0, 0.5, -1.0], np.float32).reshape(2, 3, 1, 1)
+    y = engine.predict(x)
+    assert y.shape == (2, 3, 2, 2)
+    np.testing.assert_array_equal(y, np.broadcast_to(x * np.float32(2.0**-32), y.shape))
+    t = np.zeros(y.shape, np.float32)
+    dy = 2.0 * y.astype(np.float64) / y.size                 # mse's gradient
+    want = dy.sum(axis=(2, 3), keepdims=True) * 2.0**-32
+    assert R.rel_err(engine.gradients(x, t)["input"], want) < 1e-6
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_layer_matches_reference(device, rng, case):
     """Train-mode loss and every gradient (parameters and d loss / d x) within 1e-4 relative of
@@ -950,6 +965,17 @@ def test_conv2d_takes_keras_s_argument_names():
         layers.Conv2D(8, 3, activation="relu")
     with pytest.raises(mpscy.InvalidArgumentError, match="Conv2D data_format 'channels_last'"):
         layers.Conv2D(8, 3, data_format="channels_last")
+
+
+def test_dense_takes_keras_s_use_bias_and_refuses_an_activation():
+    """Dense(10, use_bias=False) is Dense(10, bias=False) (the same config, which a checkpoint
+    rebuilds); both spellings at once and activation="relu" are refused by name."""
+    assert layers.Dense(10, use_bias=False).config() == layers.Dense(10, bias=False).config()
+    assert layers.Dense(10).bias is True and layers.Dense(10, activation="linear").bias is True
+    with pytest.raises(mpscy.InvalidArgumentError, match="Dense got both bias= and Keras's use_bias=; give one"):
+        layers.Dense(10, bias=True, use_bias=False)
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"Dense activation='relu': .*layers.ReLU\(\)"):
+        layers.Dense(10, activation="relu")
 
 
 def test_conv_initialization_is_pytorch_default(device):

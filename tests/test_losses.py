@@ -706,7 +706,8 @@ def test_keras_s_sparse_categorical_crossentropy_on_a_softmax_is_refused(recwarn
     so the Keras model's Softmax output would be squashed twice: refused, saying so; the same loss
     by its own name only warns, and Keras's name on logits builds."""
     with pytest.raises(mpscy.InvalidArgumentError,
-                       match=r"output is Softmax 'softmax_1': it would be applied twice .*Keras's "
+                       match=r"^loss 'sparse_categorical_crossentropy' \(mpscy's sparse_cross_entropy\) takes logits "
+                             r".*output is Softmax 'softmax_1': it would be applied twice .*Keras's "
                              r"'sparse_categorical_crossentropy' takes probabilities by default; mpscy's, as torch's "
                              r"CrossEntropyLoss, takes logits \(Keras's from_logits=True\)"):
         mpscy.Engine(_model(lambda h: layers.Flatten()(layers.Softmax()(h))), loss="sparse_categorical_crossentropy",

@@ -20,7 +20,6 @@ struct loss_args {
     int pre_w;     /* the labels' summed weights are loss_label_weight's (S->label_w), not each block's own */
     int ignore;    /* labels equal to ignore_index are left out (plan.h: torch's ignore_index) */
     int32_t ignore_index;
-    int solo;      /* a thread a row (per-position cross entropies, cu_loss), not a warp */
 };
 
 /* a label's share of the weighted mean's divisor: its class weight (1 without), 0 when ignored */
@@ -56,6 +55,9 @@ static __device__ int64_t row_argmax(const float *x, int64_t c, int lane, int64_
     return solo ? k : warp_first_max(best, k);
 }
 
+/* SOLO: a thread a row (a cross entropy over positions, cu_loss), else a warp a row; two
+ * instantiations, so that the warp form keeps its registers (108 against 136 for both in one) */
+template <bool SOLO>
 __global__ void loss_forward_backward(cu_scratch *S, cu_result *R, float *dy, const float *y, const void *target,
                                       loss_args a) {
     // dy (b, c) or NULL, y (b, c), target: int32 (b) labels or float (b, c)
@@ -83,7 +85,7 @@ __global__ void loss_forward_backward(cu_scratch *S, cu_result *R, float *dy, co
     double total = 0;
     long long correct = 0;
     const int64_t st = a.positions;
-    const bool solo = a.solo;  /* uniform: every row a thread's, or every row a warp's */
+    constexpr bool solo = SOLO;
     const int64_t first = solo ? blockIdx.x * (int64_t)blockDim.x + threadIdx.x
                                : blockIdx.x * (int64_t)warps + (threadIdx.x >> 5);
     const int64_t step = solo ? (int64_t)gridDim.x * blockDim.x : (int64_t)gridDim.x * warps;
@@ -102,6 +104,8 @@ __global__ void loss_forward_backward(cu_scratch *S, cu_result *R, float *dy, co
             total += ce_row<CE_SOLO>(yr, c, 0, labels ? labels[r] : -1, tr, a.w, a.eps, inv_d, dr, st);
             if (a.accuracy == MPSCY_ACCURACY_ARGMAX)
                 correct += row_argmax(yr, c, 0, st, true) == (labels ? labels[r] : row_argmax(tr, c, 0, st, true));
+            else if (a.accuracy == MPSCY_ACCURACY_THRESHOLD)
+                for (int64_t i = 0; i < c; i++) correct += (yr[i * st] > a.threshold) == (tr[i * st] > 0.5f);
             continue;
         }
         if (a.kind == MPSCY_LOSS_SPARSE_CE || a.kind == MPSCY_LOSS_CE) {
@@ -165,7 +169,7 @@ __global__ void loss_forward_backward(cu_scratch *S, cu_result *R, float *dy, co
             if (lane == 0) correct += got == want;
         } else if (a.accuracy == MPSCY_ACCURACY_THRESHOLD) {
             long long k = 0;
-            for (int64_t i = lane; i < c; i += 32) k += (yr[i] > a.threshold) == (tr[i] > 0.5f);
+            for (int64_t i = lane; i < c; i += 32) k += (yr[i * st] > a.threshold) == (tr[i * st] > 0.5f);
             k = warp_sum(k);
             if (lane == 0) correct += k;
         }
@@ -238,12 +242,14 @@ int cu_loss(cu_graph *g, float *dy, int64_t b, int finalize, char *err, size_t e
      * 280.1 us (A/B). A cross entropy over positions takes a thread a position where a warp's
      * threads read neighbouring positions (32 or more a sample) or a row is no wider than a warp
      * would be busy (32 classes or fewer): a U-Net's (16, 5, 64, 64) took 104 us a warp a
-     * position on an H100, 27 of a warp's 32 lanes idle and each class's read its own. */
+     * position on an H100, 27 of a warp's 32 lanes idle and each class's read its own. Many
+     * classes over few rows stay a warp's: (8, 1000, 32) would be one block of threads each
+     * looping over 1,000 classes, where warps spread it over 32 blocks. */
     const bool ce = a.kind == MPSCY_LOSS_SPARSE_CE || a.kind == MPSCY_LOSS_CE;
-    a.solo = ce && a.positions > 1 && (a.positions >= 32 || a.c <= 32);
-    unsigned blocks = cu_blocks(a.b, a.solo ? CU_THREADS : CU_THREADS / 32, CU_MAX_PARTS);
-    CU_TRY(cu_launch(g, loss_forward_backward, blocks, CU_THREADS, g->stream, g->scratch, g->result, dy,
-                     (const float *)g->y[p->output], target, a),
+    const bool solo = ce && a.positions > 1 && (a.c <= 32 || (a.positions >= 32 && a.b >= 16384));
+    unsigned blocks = cu_blocks(a.b, solo ? CU_THREADS : CU_THREADS / 32, CU_MAX_PARTS);
+    CU_TRY(cu_launch(g, solo ? loss_forward_backward<true> : loss_forward_backward<false>, blocks, CU_THREADS,
+                     g->stream, g->scratch, g->result, dy, (const float *)g->y[p->output], target, a),
            "loss_forward_backward");
     return CU_LAUNCHED("loss_forward_backward");
 }

@@ -298,7 +298,11 @@ __global__ void chan_sum_part(double *parts, const float *x, int64_t b, int64_t 
     const int64_t ch = blockIdx.x, j = blockIdx.y, count = b * inner;
     const int64_t e0 = min(j * len, count), e1 = min(e0 + len, count);
     double s = 0.0;
-    bn_each(e0, e1, c, inner, ch, [&](int64_t k) { s += x[k]; });
+    if (inner >= 32) {
+        bn_each(e0, e1, c, inner, ch, [&](int64_t k) { s += x[k]; });
+    } else {  /* runs shorter than a warp (a 2x2 output: 4 of 256 threads busy): every value's own index */
+        for (int64_t e = e0 + threadIdx.x; e < e1; e += blockDim.x) s += x[((e / inner) * c + ch) * inner + e % inner];
+    }
     s = block_sum(s);
     if (threadIdx.x == 0) parts[ch * gridDim.y + j] = s;
 }

@@ -38,9 +38,13 @@ struct pool_ix {
           sw((I)p.sw), ph((I)p.ph), pw((I)p.pw) {}
 };
 
-static bool pool_i32(const pool_geom &p) {  /* a grid's stride (8192 blocks of 256) past the last index too */
-    const int64_t most = p.planes * std::max(p.h * p.w, p.oh * p.ow) + p.kh * p.w + p.kw + 8192 * 256;
-    return most < INT32_MAX;
+static bool pool_i32(const pool_geom &p) {
+    /* the tensors' indices, a window's taps (average pooling's divisor: kh kw) and the window
+     * arithmetic along each axis (h + ph + sh, kh, ... in pool_backward's bounds), and a grid's
+     * stride (8192 blocks of 256) past the last index */
+    const int64_t most = std::max({p.planes * std::max(p.h * p.w, p.oh * p.ow) + p.kh * p.w + p.kw, p.kh * p.kw,
+                                   p.h + 2 * p.ph + p.sh + p.kh, p.w + 2 * p.pw + p.sw + p.kw});
+    return most + 8192 * 256 < INT32_MAX;
 }
 
 template <typename I>

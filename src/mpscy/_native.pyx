@@ -384,7 +384,9 @@ cdef class Graph:
             kind = _kind_of(&v)
             if not self.target_dense:
                 if kind != K_I32 and kind != K_I64:
-                    raise _errors.DTypeError(f"{what} must be int32 or int64 class labels, got {_dtype_name(y)}")
+                    hint = (f" (whole-number floats: {what}.astype(np.int64))"
+                            if kind == K_F32 or _dtype_name(y) in ("float64", "float16") else "")
+                    raise _errors.DTypeError(f"{what} must be int32 or int64 class labels, got {_dtype_name(y)}{hint}")
                 fits = v.ndim == 1 + self.label_rank
                 for d in range(self.label_rank if fits else 0):
                     fits = fits and v.shape[d + 1] == self.label_dims[d]

@@ -226,8 +226,17 @@ class ModelCheckpoint(Callback):
     that none of the logs will hold (checked when every callback that may add log entries is
     one of this module's)."""
 
-    def __init__(self, filepath, monitor="val_loss", save_best_only=False, mode="auto", verbose=0):
+    def __init__(self, filepath, monitor="val_loss", save_best_only=False, mode="auto", verbose=0, *,
+                 save_weights_only=False, save_freq="epoch"):
         super().__init__()
+        if save_weights_only is not False:  # Keras's options, told what they are here
+            raise InvalidArgumentError(f"ModelCheckpoint save_weights_only={save_weights_only!r}: an mpscy checkpoint "
+                                       "is the whole engine (engine.save); the weights alone are "
+                                       "engine.get_parameters(), or mpscy.onnx.export for a model file")
+        if save_freq != "epoch":
+            raise InvalidArgumentError(f"ModelCheckpoint save_freq={save_freq!r}: it saves at each epoch's end "
+                                       "(save_freq='epoch'); for saves every N batches, a callback whose "
+                                       "on_train_batch_end calls self.engine.save(...)")
         self.filepath = path(filepath, "ModelCheckpoint filepath")
         self._fields = _format_fields(self.filepath)
         self._m = _Monitor(monitor, mode)

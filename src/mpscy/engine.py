@@ -158,7 +158,9 @@ class Engine(OptimizerState):
         if mismatch and getattr(self.loss, "_keras_name", None):
             # the name says Keras, whose loss of that name takes probabilities (from_logits=False):
             # a Softmax before it is what a Keras model has, and here would be applied twice
-            raise InvalidArgumentError(f"{mismatch}. Keras's {self.loss._keras_name!r} takes probabilities by "
+            named = mismatch.replace(f"loss {self.loss.kind} ",  # the name the caller gave, first
+                                     f"loss {self.loss._keras_name!r} (mpscy's {self.loss.kind}) ", 1)
+            raise InvalidArgumentError(f"{named}. Keras's {self.loss._keras_name!r} takes probabilities by "
                                        f"default; mpscy's, as torch's CrossEntropyLoss, takes logits (Keras's "
                                        f"from_logits=True)")
         if mismatch:
@@ -425,12 +427,8 @@ class Engine(OptimizerState):
         unknown = sorted(set(params) - set(known), key=repr)  # names of any type, told apart
         if unknown:
             raise InvalidArgumentError(f"unknown parameter name(s): {unknown}")
-        if strict:
-            missing = sorted(set(known) - set(params))
-            if missing:
-                raise InvalidArgumentError(f"missing parameter(s): {missing} (pass strict=False for a subset)")
         staged = []
-        for name, value in params.items():
+        for name, value in params.items():  # what was given, first: its own fault is the more specific
             i, (_, _, dtype, shape, _) = known[name]
             arr = self._numeric(f"parameter {name!r}", value, np.float32)
             if arr.shape != tuple(shape):
@@ -439,6 +437,10 @@ class Engine(OptimizerState):
             if not np.isfinite(arr).all():
                 raise InvalidArgumentError(f"parameter {name!r} contains NaN or Inf")
             staged.append((i, arr))
+        if strict:
+            missing = sorted(set(known) - set(params))
+            if missing:
+                raise InvalidArgumentError(f"missing parameter(s): {missing} (pass strict=False for a subset)")
         for i, arr in staged:
             g.write_tensor(i, arr)
 

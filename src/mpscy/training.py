@@ -576,6 +576,8 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
         raise
     finally:
         progress.close()
+    if not trained:  # no epoch to run (or every batch skipped): the previous record stays the engine's
+        engine.history = previous[0]
     if plot_to is not None and not history.epoch:
         warnings.warn("fit ran no epoch: plot_to has nothing to plot", RuntimeWarning, stacklevel=3)
     elif plot_to is not None:

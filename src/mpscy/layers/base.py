@@ -152,12 +152,19 @@ def kaiming_uniform(rng, shape, fan_in):
 
 class Dense(Layer):
     """Fully connected layer, y = x W^T + b (torch.nn.Linear). Inputs of higher rank are
-    flattened row-major. Weight (units, in_features), bias (units)."""
+    flattened row-major. Weight (units, in_features), bias (units). Keras's use_bias= is taken
+    as bias=; activation= is not (a layer after it, as layers.ReLU())."""
 
     kind = "dense"
     prefix = "dense"
 
-    def __init__(self, units, bias=True, name=None):
+    def __init__(self, units, bias=None, name=None, *, use_bias=None, activation=None):
+        if activation not in (None, "linear"):
+            raise InvalidArgumentError(f"Dense activation={activation!r}: mpscy's layers compute one operation "
+                                       f"each; add the activation layer after it (layers.ReLU() for 'relu')")
+        if bias is not None and use_bias is not None:
+            raise InvalidArgumentError("Dense got both bias= and Keras's use_bias=; give one")
+        bias = use_bias if use_bias is not None else True if bias is None else bias
         super().__init__(name)
         self.units = _positive_int(units, "Dense units")
         self.bias = flag(bias, "Dense bias", hint=(

@@ -58,7 +58,7 @@ def _resolve_padding(padding, kernel, stride, dilation, hw, what):
                 advice = (f"no padding on both sides alike gives {out} outputs (padding={lo} gives {outs[lo]}, "
                           f"padding={lo + 1} gives {outs[lo + 1]})")
             raise InvalidArgumentError(
-                f"{what} padding='same' needs {total} rows of padding along {axis} (input {n}, kernel {k}, "
+                f"{what} padding='same' needs {total} row{'s' if total != 1 else ''} of padding along {axis} (input {n}, kernel {k}, "
                 f"stride {s}), which cannot be split evenly: {advice}")
         pads.append(total // 2)
     return tuple(pads)
