@@ -109,6 +109,54 @@ def test_worker_errors_reach_the_consumer(prefetch):
     assert _threads() == 0
 
 
+class _Stops(data.Dataset):
+    """sample 6 raises StopIteration (next() on an exhausted reader inside __getitem__)"""
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, i):
+        if i == 6:
+            raise StopIteration
+        return np.zeros(2, np.float32), np.int64(i)
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_a_sample_raising_stopiteration_is_an_error_not_the_epoch_s_end(prefetch):
+    """With prefetch, the worker's StopIteration reached the loop as the end of the epoch: 4 of 12
+    samples, no error, and fit ran short epochs. Now as without prefetch (a generator's rule)."""
+    got = []
+    with pytest.raises(RuntimeError, match="generator raised StopIteration"):
+        for b in data.DataLoader(_Stops(), batch_size=4, prefetch=prefetch):
+            got.append(b)
+    assert len(got) == 1 and _threads() == 0
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_a_failed_fit_over_a_loader_frees_its_engine_at_once(prefetch):
+    """A sample's error re-raised from the prefetching iterator held the iterator's frame, which held
+    the exception, whose traceback held fit's frame and the engine: freed only by the cycle
+    collector (10 failed fits kept 10 engines with the collector off)."""
+    import gc
+    import weakref
+
+    def run():  # as a user's loop catches it (pytest.raises keeps the traceback, and with it the engine)
+        engine = mpscy.Engine(mpscy.Sequential([mpscy.layers.Dense(16)], input_shape=(2,)), batch_size=4, device="cpu")
+        ref = weakref.ref(engine)
+        try:
+            engine.fit(data.DataLoader(_Faulty(), batch_size=4, prefetch=prefetch), epochs=1, verbose=0)
+        except KeyError as e:
+            return ref, str(e)
+        return ref, None
+    gc.collect()
+    gc.disable()
+    try:
+        ref, caught = run()
+        assert caught == "'sample 7 is broken'" and ref() is None
+    finally:
+        gc.enable()
+
+
 def test_generic_dataset_is_stacked():
     loader = data.DataLoader(_Faulty(), batch_size=3, drop_last=True, prefetch=0)
     it = iter(loader)

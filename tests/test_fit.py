@@ -637,6 +637,47 @@ def test_a_loader_batch_that_is_not_an_x_y_pair_is_named(device):
     assert engine.iterations == 3
 
 
+class _Ragged(data.Dataset):
+    """sample 5 has 3 features where the others have 4: its batch cannot be stacked"""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return np.zeros(4 if i != 5 else 3, np.float32), np.int64(0)
+
+
+def test_a_loader_batch_that_cannot_be_built_is_named_in_validation_and_evaluate(device):
+    """The loader's own error building a batch (samples that do not stack) named the training
+    batch but not a validation or evaluate batch: its try covered the step, not the loop."""
+    engine = mpscy.Engine(mpscy.Sequential([layers.Dense(2)], input_shape=(4,)), batch_size=4, device=device)
+    x, y = np.zeros((8, 4), np.float32), np.zeros(8, np.int64)
+    ragged = data.DataLoader(_Ragged(), batch_size=4)
+    with pytest.raises(mpscy.ShapeError, match=r"^epoch 1, batch 1: item 0 of the samples of _Ragged cannot be stacked"):
+        engine.fit(ragged, epochs=1, verbose=0)
+    with pytest.raises(mpscy.ShapeError, match=r"^validation batch 1: item 0 of the samples of _Ragged cannot be"):
+        engine.fit(x, y, validation_data=ragged, epochs=1, verbose=0)
+    with pytest.raises(mpscy.ShapeError, match=r"^batch 1: item 0 of the samples of _Ragged cannot be stacked"):
+        engine.evaluate(ragged)
+
+
+def test_a_dataset_given_where_batches_go_is_told_to_take_a_loader(device):
+    """fit(dataset), evaluate(dataset) and validation_data=dataset took the Dataset for a Keras
+    Sequence of batches and failed on its first sample's shape; predict(loader) said only that it
+    wanted an array."""
+    engine = mpscy.Engine(mpscy.Sequential([layers.Dense(2)], input_shape=(4,)), batch_size=4, device=device)
+    x, y = np.zeros((8, 4), np.float32), np.zeros(8, np.int64)
+    ds = data.ArrayDataset(x, y)
+    for call, what in ((lambda: engine.fit(ds, epochs=1, verbose=0), "x"), (lambda: engine.evaluate(ds), "x"),
+                       (lambda: engine.fit(x, y, validation_data=ds, epochs=1, verbose=0), "validation_data")):
+        with pytest.raises(mpscy.InvalidArgumentError, match=rf"^{what} is a Dataset \(ArrayDataset\) of samples one "
+                                                             rf"at a time; .*mpscy.data.DataLoader\({what}, "):
+            call()
+    with pytest.raises(mpscy.DTypeError, match=r"got DataLoader \(predict takes arrays, not a loader's batches"):
+        engine.predict(data.DataLoader(ds, batch_size=4))
+    assert engine.iterations == 0
+
+
 # ----------------------------------------------------------------------------- options and sources refused up front
 def _unchanged(engine, before, history):
     assert engine.iterations == 0 and engine.epoch == 0 and engine.history is history

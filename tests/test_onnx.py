@@ -294,6 +294,30 @@ def test_unsupported_graphs_say_why(device):
         mpscy.onnx.load(model([helper.make_node("Reshape", ["x", "s"], ["y"])], [("s", [2, 4])]), device=device)
     with pytest.raises(mpscy.UnsupportedError, match="no mpscy layer"):
         mpscy.onnx.load(model([helper.make_node("Mul", ["x", "k"], ["y"])], [("k", 3.0)]), device=device)
+    # each refusal names the node it is reading: by name, or by its output where it has none
+    with pytest.raises(mpscy.UnsupportedError, match=r"operator Cos \(unnamed node, output 'y'\) is not supported"):
+        mpscy.onnx.load(model([helper.make_node("Cos", ["x"], ["y"])]), device=device)
+    with pytest.raises(mpscy.UnsupportedError, match=r"^ONNX import: Mul node 'scale': multiplication by a non-scalar "
+                                                     r"constant \(a per-channel scale, say\) has no mpscy layer"):
+        mpscy.onnx.load(model([helper.make_node("Mul", ["x", "k"], ["y"], name="scale")], [("k", [1, 2, 3, 4])]),
+                        device=device)
+    relu = helper.make_node("Relu", ["x"], ["r"], name="relu")
+    with pytest.raises(mpscy.UnsupportedError, match=r"^ONNX import: Conv node 'conv': a constant or shape value is "
+                                                     r"used where a tensor is needed"):
+        mpscy.onnx.load(model([relu, helper.make_node("Conv", ["w", "w"], ["y"], name="conv")],
+                              [("w", np.ones((4, 4, 1, 1)))]), device=device)
+    # a product of two branches is told that no layer multiplies them, not sent to the data pipeline
+    gate = [helper.make_node("Gemm", ["x", "a", "ab"], ["h"], name="fa", transB=1),
+            helper.make_node("Sigmoid", ["h"], ["g"], name="sig"),
+            helper.make_node("Gemm", ["x", "b", "ab"], ["v"], name="fb", transB=1),
+            helper.make_node("Mul", ["g", "v"], ["y"], name="gate")]
+    with pytest.raises(mpscy.UnsupportedError, match=r"node 'gate' computes mul\(.*no layer multiplies or adds two "
+                                                     r"branches but Add"):
+        mpscy.onnx.load(model(gate, [("a", np.eye(4)), ("b", np.eye(4)), ("ab", np.zeros(4))]), device=device)
+    with pytest.raises(mpscy.UnsupportedError, match=r"const=\[1.0, 2.0, 3.0, \.\.\.\] \(4 values\)\), which no mpscy layer "
+                                                     r"computes \(a scale or an offset of the input"):
+        mpscy.onnx.load(model([helper.make_node("Add", ["x", "k"], ["y"], name="shift")], [("k", [1, 2, 3, 4])]),
+                        device=device)
 
 
 def test_missing_onnx_is_a_clear_error(device, monkeypatch):

@@ -224,6 +224,11 @@ def _work(get, batches, q, stop):
         for idx in batches:
             if not _put(q, stop, ("ok", get(idx))):
                 return
+    except StopIteration as e:  # raised by a sample's loading: as a generator's would be, not the epoch's end
+        err = RuntimeError("generator raised StopIteration")
+        err.__cause__ = e
+        _put(q, stop, ("error", err))
+        return
     except BaseException as e:  # noqa: B902 - handed to the consumer, which re-raises it
         _put(q, stop, ("error", e))
         return
@@ -250,7 +255,11 @@ class _Prefetcher:
         kind, item = self._queue.get()
         if kind == "error":
             self.close()
-            raise item
+            try:
+                raise item
+            finally:  # this frame holds the exception, whose traceback holds this frame (and the caller's
+                del item  # engine): a cycle only the collector would free
+
         if item is _DONE:
             self.close()
             raise StopIteration

@@ -258,6 +258,9 @@ class Engine(OptimizerState):
         from . import training  # late: training imports the engine's modules
         _keras_eval_args(batch_size, verbose)
         g = self._g()
+        if not hasattr(x, "shape") and not isinstance(x, (list, tuple, str, bytes)) and hasattr(x, "__iter__"):
+            raise DTypeError(f"x must be a numpy array with a batch dimension, got {type(x).__name__} (predict takes "
+                             "arrays, not a loader's batches: np.concatenate([engine.predict(xb) for xb, _ in loader]))")
         x = training._converted_inputs(x, self._n_inputs)  # as fit converts it
         n = _rows(x, self._n_inputs)
         self._check_layout(g, x)

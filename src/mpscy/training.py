@@ -5,6 +5,7 @@ The loss and accuracy come from each step's StepResult, so reading them adds no 
 synchronization. Nothing here runs native code except through the engine's public methods and
 its graph's check_input and check_target (a step's own rules, over a whole array)."""
 
+import itertools
 import math
 import os
 import sys
@@ -218,9 +219,27 @@ class _Listed:
         return (self.items[i] for i in range(len(self.items)))
 
 
+def _is_dataset(x):
+    """mpscy's or torch's Dataset (samples one at a time), not a loader of batches"""
+    from .data import DataLoader, Dataset
+    if isinstance(x, DataLoader):
+        return False
+    return isinstance(x, Dataset) or any(c.__name__ == "Dataset" and c.__module__.startswith("torch.utils.data")
+                                         for c in type(x).__mro__)
+
+
+def _refuse_dataset(x, what):
+    if _is_dataset(x):
+        raise InvalidArgumentError(f"{what} is a Dataset ({type(x).__name__}) of samples one at a time; fit, "
+                                   f"evaluate and validation_data take batches: mpscy.data.DataLoader({what}, "
+                                   "batch_size=...), or torch's")
+
+
 def _batches_of(x, y):
     """x itself, or x as a loader where it is a list or tuple of (x, y) pairs or a Sequence-like
-    object and y is not given (a list of arrays stays the inputs of a model with several)."""
+    object and y is not given (a list of arrays stays the inputs of a model with several); a
+    Dataset (of samples) is refused, saying to wrap it in a DataLoader."""
+    _refuse_dataset(x, "x")
     if y is not None or hasattr(x, "shape") or isinstance(x, (str, bytes, dict)):
         return x
     if isinstance(x, (list, tuple)):
@@ -252,6 +271,7 @@ def _check_passes(loader, what, epochs):
 def _validation_source(engine, validation_data, epochs):
     if validation_data is None:
         return None
+    _refuse_dataset(validation_data, "validation_data")
     if _is_loader(validation_data):
         if hasattr(validation_data, "__len__") and len(validation_data) == 0:
             raise InvalidArgumentError("the validation DataLoader has no batch (drop_last with fewer rows than "
@@ -277,7 +297,14 @@ def _evaluate(engine, source, what="validation batch", source_name="the validati
     if isinstance(source, tuple):
         return engine.evaluate(*source)
     total, weight, acc, rows, counted = 0.0, 0.0, 0.0, 0, 0
-    for k, batch in enumerate(source):
+    batches = iter(source)
+    for k in itertools.count():
+        try:
+            batch = next(batches)   # building the batch (a loader's samples) is the batch's too
+        except StopIteration:
+            break
+        except _errors.Error as e:
+            raise _in_batch(e, f"{what} {k}") from e
         try:
             xb, yb = _pair(batch)
             xb, yb = _batch_inputs(engine, xb), _as_target(engine, yb)

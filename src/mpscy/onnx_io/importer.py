@@ -96,10 +96,12 @@ class _Reader:
         self.keep_names = keep_names  # layers named after their nodes (a file mpscy wrote)
         self.values, self.params, self.counts = {}, {}, {}
         self.inputs = []
+        self.input_tensors = []    # the model's Input tensors (messages tell an input's formula apart)
         self.used = set()          # names given to inputs and layers
         # every node name that could become a layer's: numbered names skip them all
         self.claimable = {n.name for n in graph.node if _valid_layer_name(n.name)} if keep_names else set()
         self.current = None        # the node being read: the default name of a layer made now
+        self.reading = None        # ... as messages name it (_node_desc)
         self.non_affine = set()    # node names from the "mpscy.non_affine" metadata
         self.initializers = set()  # the graph's initializer names (a model's weights, in torch's files)
         # every value some node or the graph's output reads
@@ -150,7 +152,8 @@ class _Reader:
             if v.cached is None:
                 v.cached = self._materialize(v)
             return v.cached.tensor
-        raise UnsupportedError("a constant or shape value is used where a tensor is needed")
+        raise UnsupportedError(f"ONNX import: {self._at()}a constant or shape value is used where a tensor is "
+                               "needed (no mpscy layer computes it from constants)")
 
     def shape(self, v):
         return tuple(self.tensor(v).shape)
@@ -190,7 +193,7 @@ class _Reader:
             if v.const is not None:
                 c = float(np.asarray(v.const).reshape(-1)[0]) if np.asarray(v.const).size == 1 else None
                 if c is None:
-                    raise UnsupportedError("a non-scalar constant in an elementwise formula")
+                    raise UnsupportedError(f"ONNX import: {self._at()}a non-scalar constant in an elementwise formula")
                 const = const * c if e.op == "mul" else const + c
             for a in v.args:
                 if (isinstance(a, Expr) and a.op == e.op and a.uses <= 1 and a.cached is None
@@ -245,13 +248,25 @@ class _Reader:
             if gelu is not None:
                 return self.layer(L.GELU, [gelu[0]], approximate=gelu[1], **named)
         where = f"node {e.node_name!r} computes " if e.node_name else "an expression, "
-        raise UnsupportedError(f"ONNX import: {where}{_describe(e)}, which no mpscy layer computes (a scale or an "
-                               "offset of the input, such as x / 255, belongs in the data pipeline)")
+        hint = ("a scale or an offset of the input, such as x / 255, belongs in the data pipeline"
+                if self._reads_input(e) else "mpscy's layers compute one operation each: no layer multiplies or "
+                "adds two branches but Add, nor scales or shifts a tensor by constants but the layers' own")
+        raise UnsupportedError(f"ONNX import: {where}{_describe(e)}, which no mpscy layer computes ({hint})")
+
+    def _at(self):
+        """the node being read, as a message's opening words ("" between nodes)"""
+        return f"{self.reading}: " if self.reading else ""
+
+    def _reads_input(self, e):
+        """whether a pending expression's operands reach a model input directly"""
+        if isinstance(e, Expr):
+            return any(self._reads_input(a) for a in e.args)
+        return isinstance(e, Sym) and any(e.tensor is t for t in self.input_tensors)
 
     def _dense(self, x, w, bias, node_name):
         w = np.asarray(w, dtype=np.float32)
         if w.ndim != 2:
-            raise UnsupportedError(f"MatMul with a {w.ndim}-D constant is not a Dense layer")
+            raise UnsupportedError(f"ONNX import: {self._at()}MatMul with a {w.ndim}-D constant is not a Dense layer")
         params = {"weight": w.T}
         if bias is not None:
             params["bias"] = bias
@@ -295,7 +310,8 @@ class _Reader:
     def mul(self, a, b):
         e = self._combine("mul", a, b, np.multiply)
         if isinstance(e, Expr) and e.const is not None and e.const.size != 1:
-            raise UnsupportedError("multiplication by a non-scalar constant has no mpscy layer")
+            raise UnsupportedError(f"ONNX import: {self._at()}multiplication by a non-scalar constant (a per-channel "
+                                   "scale, say) has no mpscy layer")
         return e
 
     def add(self, a, b):
@@ -319,7 +335,7 @@ class _Reader:
         op = node.op_type
         handler = getattr(self, "op_" + op, None)
         if handler is None:
-            raise UnsupportedError(f"ONNX import: operator {op} (node {node.name!r}) is not supported")
+            raise UnsupportedError(f"ONNX import: operator {op} ({_node_desc(node)}) is not supported")
         attrs = {}
         for a in node.attribute:
             v = self.helper.get_attribute_value(a)
@@ -332,11 +348,11 @@ class _Reader:
         for a in args:
             if isinstance(a, Expr):
                 a.uses += 1
-        self.current = node.name
+        self.current, self.reading = node.name, f"{op} {_node_desc(node)}"
         try:
             outs = handler(node, args, attrs)
         finally:
-            self.current = None
+            self.current = self.reading = None
         outs = outs if isinstance(outs, list) else [outs]
         for name, v in zip(node.output, outs):
             if isinstance(v, Expr) and v.node_name is None:
@@ -345,10 +361,19 @@ class _Reader:
                 self.values[name] = v
 
 
+def _node_desc(node):
+    """a node as messages name it: by its name, or where it has none by its first output"""
+    if node.name:
+        return f"node {node.name!r}"
+    return f"unnamed node, output {node.output[0]!r}" if node.output and node.output[0] else "unnamed node"
+
+
 def _describe(e):
     if isinstance(e, Expr):
         inner = ", ".join(_describe(a) for a in e.args)
-        c = "" if e.const is None else f", const={np.asarray(e.const).reshape(-1)[:3].tolist()}"
+        flat = np.asarray(e.const).reshape(-1) if e.const is not None else None
+        c = "" if flat is None else (f", const={flat.tolist()}" if flat.size <= 3 else
+                                     f", const=[{', '.join(map(str, flat[:3].tolist()))}, ...] ({flat.size} values)")
         return f"{e.op}({inner}{c})"
     if isinstance(e, Sym):
         return f"tensor{tuple(e.tensor.shape)}"
@@ -414,6 +439,7 @@ def read_onnx(source):
             raise UnsupportedError(f"ONNX input {vi.name!r} is not float32")
         t = Input(tuple(dims[1:]), name=r.input_name(vi.name))
         tensors.append(t)
+        r.input_tensors.append(t)
         r.values[vi.name] = Sym(t)
     if not tensors:
         raise InvalidArgumentError("the ONNX graph has no data input")
