@@ -331,6 +331,23 @@ def _png(path, a):
     Image.fromarray(a).save(path)
 
 
+def test_image_folder_follows_symlinked_folders_as_torchvision(tmp_path):
+    """A class folder's sub-folder that is a symbolic link (images shared between datasets) is
+    walked, as torchvision's make_dataset walks with followlinks=True; it was skipped."""
+    pytest.importorskip("PIL")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    _png(shared / "s.png", np.zeros((4, 4, 3), np.uint8))
+    root = tmp_path / "root"
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True)
+        _png(root / cls / "a.png", np.zeros((4, 4, 3), np.uint8))
+    os.symlink(shared, root / "dog" / "more")
+    ds = data.ImageFolder(str(root))
+    assert [(os.path.relpath(p, root), y) for p, y in ds.samples] == [
+        ("cat/a.png", 0), ("dog/a.png", 1), (os.path.join("dog", "more", "s.png"), 1)]
+
+
 def test_image_folder_takes_one_extension_string(tmp_path):
     """extensions=".png" is one extension, as in torchvision. Before, the string was taken as the
     characters ('.', 'p', 'n', 'g'), so .svg, .jpg and .log files were read as images too."""

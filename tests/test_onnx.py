@@ -813,6 +813,24 @@ def _graph(nodes, in_shape, out_shape, inits=()):
     return m
 
 
+def test_import_pooling_in_ceil_mode_where_every_window_fits():
+    """ceil_mode=1 (torch's MaxPool2d(ceil_mode=True)) is taken where it changes nothing (8x8,
+    kernel 2, stride 2: 4x4 either way) and predicts as onnxruntime; where it adds a partial
+    window (7x7: 4x4 against floor's 3x3) it is refused, saying so."""
+    from onnx import helper
+    x = np.random.default_rng(11).normal(size=(3, 2, 8, 8)).astype(np.float32)
+    for op in ("MaxPool", "AveragePool"):
+        m = _graph([helper.make_node(op, ["x"], ["y"], kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1)],
+                   (2, 8, 8), (2, 4, 4))
+        engine = mpscy.onnx.load(m, loss="mse", device="cpu")
+        np.testing.assert_allclose(engine.predict(x), _ort(m, {"x": x}), rtol=RTOL, atol=ATOL)
+    m = _graph([helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1,
+                                 name="pool")], (2, 7, 7), (2, 4, 4))
+    with pytest.raises(mpscy.UnsupportedError, match=r"MaxPool 'pool' with ceil_mode=1 over \(7, 7\) .*adds a partial "
+                                                     r"window"):
+        mpscy.onnx.load(m, loss="mse", device="cpu")
+
+
 def test_import_gemm_alpha_and_beta():
     """Gemm computes alpha A B + beta C: with alpha 0.5, beta 2 and B stored (in, out)
     (transB=0), the Dense gets weight 0.5 B^T and bias 2 C, and predicts as onnxruntime."""

@@ -293,7 +293,7 @@ cdef class Graph:
             want = tuple(self.in_shape[k][j] for j in range(self.in_rank[k]))
             got = tuple(v.shape[d] for d in range(1, v.ndim))
             # Keras's layout: an (n, H, W, C) batch for (C, H, W) images
-            hint = (" (a channels-last batch: x.transpose(0, 3, 1, 2) gives NCHW)"
+            hint = (" (a channels-last batch: np.ascontiguousarray(x.transpose(0, 3, 1, 2)) gives NCHW)"
                     if len(want) == 3 and got == (want[1], want[2], want[0]) else "")
             raise _errors.ShapeError(f"{what} has shape {_shape_str(v)}, expected (n, "
                                      f"{', '.join(str(d) for d in want)}){hint}")

@@ -467,7 +467,7 @@ class ImageFolder(Dataset):
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self.samples = []
         for c in self.classes:
-            for dirpath, _, files in sorted(os.walk(os.path.join(root, c))):
+            for dirpath, _, files in sorted(os.walk(os.path.join(root, c), followlinks=True)):  # as torchvision
                 for f in sorted(files):
                     if f.lower().endswith(exts):
                         self.samples.append((os.path.join(dirpath, f), self.class_to_idx[c]))

@@ -70,7 +70,7 @@ def channels_last_hint(shape, least=5):
     shape errors, Model's warning); a feature map deeper in may have any shape."""
     if len(shape) == 3 and shape[2] in (1, 3, 4) and shape[0] >= least and shape[1] >= least:
         return (f" ({tuple(shape)} looks like a channels-last (H, W, C) image: mpscy's images are (C, H, W), "
-                f"input_shape={(shape[2], shape[0], shape[1])}, batches NCHW: x.transpose(0, 3, 1, 2))")
+                f"input_shape={(shape[2], shape[0], shape[1])}, batches NCHW: np.ascontiguousarray(x.transpose(0, 3, 1, 2)))")
     return ""
 
 
@@ -457,7 +457,7 @@ class Upsample(Layer):
 def _keras_channels_first(data_format, what):
     if data_format not in (None, "channels_first"):
         raise InvalidArgumentError(f"{what} data_format {data_format!r}: mpscy's images are channels-first "
-                                   f"(C, H, W), batches NCHW (x.transpose(0, 3, 1, 2) for a channels-last batch)")
+                                   f"(C, H, W), batches NCHW (np.ascontiguousarray(x.transpose(0, 3, 1, 2)) for a channels-last batch)")
 
 
 class MaxPooling2D(MaxPool2D):

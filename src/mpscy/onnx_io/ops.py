@@ -427,13 +427,17 @@ def _conv_transpose(r, node, args, attrs):
 
 
 def _pool(r, node, args, attrs, cls_name, **extra):
-    if attrs.get("ceil_mode", 0):
-        raise UnsupportedError(f"{node.op_type} {node.name!r} with ceil_mode=1 is not supported")
     if any(d != 1 for d in attrs.get("dilations", [1, 1])):
         raise UnsupportedError(f"{node.op_type} {node.name!r} with dilations is not supported")
     k, stride = _pairs(attrs, "kernel_shape", None), _pairs(attrs, "strides", (1, 1))
-    return r.layer(_layer_class(cls_name), args[:1], pool_size=k, stride=stride,
-                   padding=_pads(node, attrs, r, args[0], k, stride), **extra)
+    padding = _pads(node, attrs, r, args[0], k, stride)
+    if attrs.get("ceil_mode", 0):  # taken where every window fits: ceil and floor give the same sizes
+        sizes = r.shape(args[0])[-2:]
+        if any((n + 2 * p - kk) % s for n, p, kk, s in zip(sizes, padding, k, stride)):
+            raise UnsupportedError(f"{node.op_type} {node.name!r} with ceil_mode=1 over {tuple(sizes)} (kernel {k}, "
+                                   f"stride {stride}, padding {padding}) adds a partial window mpscy's pooling "
+                                   "(floor mode) does not have")
+    return r.layer(_layer_class(cls_name), args[:1], pool_size=k, stride=stride, padding=padding, **extra)
 
 
 @_set("MaxPool")
