@@ -3,7 +3,9 @@
  * thread takes a share of the batch and, a chunk of samples at a time, builds the im2col matrix
  * (C*KH*KW, chunk*OH*OW), runs one single-threaded product per group (cpu_sgemm: gemm.c's
  * kernels on a CPU with AVX-512, else BLAS) and scatters the result to NCHW with the bias; backward recomputes the
- * columns instead of saving them and sums per-thread weight gradients. A strided input is
+ * columns instead of saving them and sums per-thread weight gradients. A sample whose columns
+ * exceed L2 is done in bands of output rows instead (conv_bands), each band's columns built and
+ * used while in L2 (32->32 channels at 64x64, 16 samples, 2 cores: forward 12.9 -> 7.7 ms). A strided input is
  * split into its stride phases first, so that the columns are contiguous copies. A ReLU that
  * is the convolution's only consumer is computed here, on data already in cache. Stride,
  * padding, dilation and groups are general; no Winograd, no direct convolution. A ConvTranspose2D
@@ -17,7 +19,8 @@
 #include <string.h>
 
 /* Columns per GEMM: whole samples, about this many floats of im2col matrix at most, so that
- * one chunk's columns stay in L2 between im2col and the GEMM (measured: larger is slower). */
+ * one chunk's columns stay in L2 between im2col and the GEMM (measured: larger is slower); the
+ * budget of a band too (2^16 to 2^19 measured: none faster). */
 #define CONV_COL_FLOATS (1 << 17)
 
 typedef mpscy_conv_geom conv_geom;
@@ -30,6 +33,34 @@ static int64_t conv_chunk(const conv_geom *g, int64_t batch, int32_t threads) {
     int64_t t = threads > 1 ? threads : 1, share = (batch + t - 1) / t;
     if (chunk < 1) chunk = 1;
     return chunk < share ? chunk : share;
+}
+
+/* A weight gradient's product sums 16 lanes per element once per band (gemm.c's B^T kernel), a
+ * cost bands of 256 to 448 columns repay only where a sample's columns exceed twice the L2
+ * (64->64 channels at 32x32 or 32->64 at 64x64 stride 2 stepped 5-10% slower in bands). */
+#define CONV_DW_BAND_FLOATS (1 << 20)
+
+/* Bands of output rows per sample: 1 (whole samples, chunked as above) unless one sample's
+ * columns exceed CONV_COL_FLOATS (CONV_DW_BAND_FLOATS with a weight gradient, dw); then each band's fit in it where one row's do, and are at least
+ * 256 where OH allows (gemm.c's B^T kernel takes k >= 256). Band i is rows [i*OH/nb,
+ * (i+1)*OH/nb): set by the geometry, never by the thread count. */
+static int64_t conv_bands(const conv_geom *g, int dw) {
+    if (g->k * g->ohw <= (dw ? CONV_DW_BAND_FLOATS : CONV_COL_FLOATS)) return 1;
+    int64_t r = CONV_COL_FLOATS / (g->k * g->ow), rmin = (256 + g->ow - 1) / g->ow;
+    if (r < rmin) r = rmin;
+    int64_t nb = (g->oh + r - 1) / r, most = g->oh / rmin;  /* most: bands of rmin rows or more */
+    if (nb > most) nb = most;
+    return nb > 1 ? nb : 1;
+}
+
+/* Row stride of the columns and of dout: chunk*OHW, or in bands the widest band's columns
+ * rounded up to an odd multiple of 16 floats, so that the rows of the B panel gemm.c keeps in
+ * L1 spread over its sets (measured: 3-8% faster than 448 or 256 columns unpadded). */
+static int64_t conv_ld(const conv_geom *g, int64_t chunk, int dw) {
+    int64_t nb = conv_bands(g, dw);
+    if (nb == 1) return chunk * g->ohw;
+    int64_t ld = ((g->oh + nb - 1) / nb * g->ow + 15) / 16 * 16;
+    return (ld / 16) % 2 ? ld : ld + 16;
 }
 
 /* First and one-past-last output index o with 0 <= o*s - p + off < in (off = kernel tap * d). */
@@ -206,6 +237,16 @@ static inline void tap_gather(float *dst, const float *xc, const conv_geom *g, c
     if (t->ohi < g->oh) memset(dst + t->ohi * g->ow, 0, (size_t)((g->oh - t->ohi) * g->ow) * sizeof(float));
 }
 
+/* tap (ki, kj) of output rows [r0, r0 + nr) as a tap of a convolution of nr output rows */
+static conv_tap band_tap(const conv_geom *g, int64_t ki, int64_t kj, int64_t r0, int64_t nr) {
+    conv_tap t = tap_at(g, ki, kj);
+    int64_t lo = t.olo - r0, hi = t.ohi - r0;
+    t.olo = lo < 0 ? 0 : lo > nr ? nr : lo;
+    t.ohi = hi < t.olo ? t.olo : hi > nr ? nr : hi;
+    t.src += r0 * t.rstep;
+    return t;
+}
+
 /* col2im of one tap and one sample: xc (one channel's planes) += src (OH, OW), whose edge
  * columns it zeroes when the tap is contiguous */
 static inline void tap_scatter(float *xc, float *src, const conv_geom *g, const conv_tap *t) {
@@ -220,32 +261,39 @@ static inline void tap_scatter(float *xc, float *src, const conv_geom *g, const 
         scatter_add_row(xc + tap_src(t, oh), src + oh * g->ow + t->lo, t->hi - t->lo, t->step);
 }
 
-/* The columns col (K, bc*OHW), rows ordered (c, ki, kj), and the image xs (bc, C, plane_floats),
- * the input or its phase planes: im2col (back 0) writes col from xs; col2im (back 1) adds col
- * into xs, zeroing col's edge columns. */
-static void columns(float *col, float *xs, const conv_geom *g, int64_t bc, int back) {
-    int64_t n = bc * g->ohw, pf = plane_floats(g), taps = g->kh * g->kw;
+/* The columns col (K, ld), rows ordered (c, ki, kj), of output rows [r0, r0 + nr) of bc samples
+ * (bc*nr*OW of each row's ld), and the image xs (bc, C, plane_floats), the input or its phase
+ * planes: im2col (back 0) writes col from xs; col2im (back 1) adds col into xs, zeroing col's
+ * edge columns. */
+static void columns(float *col, int64_t ld, float *xs, const conv_geom *g, int64_t bc, int64_t r0, int64_t nr,
+                    int back) {
+    conv_geom gb = *g;  /* the rows as a convolution of nr output rows */
+    gb.oh = nr;
+    gb.ohw = nr * g->ow;
+    int64_t pf = plane_floats(g), taps = g->kh * g->kw;
     conv_tap tb[TAP_BLOCK];
     for (int64_t t0 = 0; t0 < taps; t0 += TAP_BLOCK) {
         int64_t nb = taps - t0 < TAP_BLOCK ? taps - t0 : TAP_BLOCK;
-        for (int64_t q = 0; q < nb; q++) tb[q] = tap_at(g, (t0 + q) / g->kw, (t0 + q) % g->kw);
+        for (int64_t q = 0; q < nb; q++) tb[q] = band_tap(g, (t0 + q) / g->kw, (t0 + q) % g->kw, r0, nr);
         for (int64_t c = 0; c < g->c; c++)
             for (int64_t q = 0; q < nb; q++) {
-                float *row = col + (c * taps + t0 + q) * n;
+                float *row = col + (c * taps + t0 + q) * ld;
                 for (int64_t b = 0; b < bc; b++) {
                     float *xc = xs + (b * g->c + c) * pf;  // one channel's planes
-                    if (back) tap_scatter(xc, row + b * g->ohw, g, &tb[q]);
-                    else tap_gather(row + b * g->ohw, xc, g, &tb[q]);
+                    if (back) tap_scatter(xc, row + b * gb.ohw, &gb, &tb[q]);
+                    else tap_gather(row + b * gb.ohw, xc, &gb, &tb[q]);
                 }
             }
     }
 }
 
-static void im2col(float *col, const float *xs, const conv_geom *g, int64_t bc) {
-    columns(col, (float *)xs, g, bc, 0);  /* xs is only read */
+static void im2col(float *col, int64_t ld, const float *xs, const conv_geom *g, int64_t bc, int64_t r0, int64_t nr) {
+    columns(col, ld, (float *)xs, g, bc, r0, nr, 0);  /* xs is only read */
 }
 
-static void col2im(float *dxs, float *col, const conv_geom *g, int64_t bc) { columns(col, dxs, g, bc, 1); }
+static void col2im(float *dxs, float *col, int64_t ld, const conv_geom *g, int64_t bc, int64_t r0, int64_t nr) {
+    columns(col, ld, dxs, g, bc, r0, nr, 1);
+}
 
 /* ReLU's value and gradient rule (mpscy_relu_pass); both operands are loaded, so loops of it
  * vectorize */
@@ -274,6 +322,28 @@ static void gather_rows(float *dout, float *db, const float *dy, const float *ry
     }
 }
 
+/* gather_rows for the n positions from off of one sample: dout (OC, ld) from dy (OC, OHW), each
+ * channel's sum into its lanes acc (OC, CPU_LANES) when given, rotated so that each element
+ * lands in the lane, and in the order, of the whole sample's sum: gather_rows' bits */
+static void gather_band(float *dout, int64_t ld, double *acc, const float *dy, const float *ry, int64_t oc,
+                        int64_t ohw, int64_t off, int64_t n) {
+    for (int64_t o = 0; o < oc; o++) {
+        const float *restrict src = dy + o * ohw + off;
+        float *restrict dst = dout + o * ld;
+        if (ry) {
+            const float *restrict m = ry + o * ohw + off;
+            for (int64_t i = 0; i < n; i++) dst[i] = select_pos(m[i], src[i]);
+        } else {
+            for (int64_t i = 0; i < n; i++) dst[i] = src[i];
+        }
+        if (!acc) continue;
+        double a[CPU_LANES], *ao = acc + o * CPU_LANES;
+        for (int64_t k = 0; k < CPU_LANES; k++) a[k] = ao[(off + k) % CPU_LANES];
+        cpu_lanes_sum(a, dst, n);
+        for (int64_t k = 0; k < CPU_LANES; k++) ao[(off + k) % CPU_LANES] = a[k];
+    }
+}
+
 /* Work of one thread: samples [lo, hi) in chunks, with its own slice of the workspace. */
 typedef struct conv_job {
     const conv_geom *g;
@@ -282,6 +352,7 @@ typedef struct conv_job {
     const float *ry;                /* backward with a fused ReLU: its output, the gradient mask */
     int64_t b, chunk, wst;
     int accum, relu;
+    int64_t nb, ld;                 /* bands per sample (conv_bands), row stride of col and dout */
 } conv_job;
 
 /* y (bc, OC, OHW) from out (OC, bc*OHW) plus the bias, through ReLU when it is fused here, or
@@ -308,17 +379,24 @@ static void scatter_rows(float *y, const float *out, const float *bias, int64_t 
 
 /* Thread t > 0 leaves its partial dW (OC, K/groups) and db (OC) after its columns. */
 static float *partial_dw(const conv_job *j, int32_t t) {
-    return t == 0 ? j->dw : j->ws + t * j->wst + (j->g->k + j->g->oc) * j->chunk * j->g->ohw;
+    return t == 0 ? j->dw : j->ws + t * j->wst + (j->g->k + j->g->oc) * j->ld;
 }
 
 static float *partial_db(const conv_job *j, int32_t t) {
     return t == 0 ? j->db : partial_dw(j, t) + j->g->oc * j->g->kg;
 }
 
-/* Thread t's phase planes (chunk, C, plane_floats), after its partial dW and db. */
+/* Thread t's phase planes (chunk, C, plane_floats), after its partial dW and db; in bands a
+ * second set follows, dx's, as x's are still read while dx is summed. */
 static float *phase_slice(const conv_job *j, int32_t t) {
     const conv_geom *g = j->g;
-    return j->ws + t * j->wst + (g->k + g->oc) * j->chunk * g->ohw + g->oc * g->kg + g->oc;
+    return j->ws + t * j->wst + (g->k + g->oc) * j->ld + g->oc * g->kg + g->oc;
+}
+
+/* In bands, thread t's bias gradient lanes (OC, CPU_LANES) in double, after the phase planes */
+static double *band_lanes(const conv_job *j, int32_t t) {
+    float *p = phase_slice(j, t) + (use_phases(j->g) ? 2 * j->g->c * plane_floats(j->g) : 0);
+    return (double *)(((uintptr_t)p + 7) & ~(uintptr_t)7);
 }
 
 /* What im2col reads for samples [b0, b0 + bc): the input itself, or its phases split into
@@ -331,16 +409,38 @@ static const float *conv_source(const conv_job *j, int32_t t, int64_t b0, int64_
     return phase_slice(j, t);
 }
 
+/* One sample in bands: a band's columns, its products straight into y (each output sums its K as
+ * a whole sample's does: the same bits), then its bias and ReLU */
+static void forward_bands(const conv_job *j, int32_t t, int64_t b0) {
+    const conv_geom *g = j->g;
+    float *col = j->ws + t * j->wst, *y = j->y + b0 * g->oc * g->ohw;  // (K, ld), (OC, OHW)
+    const float *xs = conv_source(j, t, b0, 1);
+    for (int64_t i = 0; i < j->nb; i++) {
+        int64_t r0 = i * g->oh / j->nb, nr = (i + 1) * g->oh / j->nb - r0, n = nr * g->ow;
+        float *yb = y + r0 * g->ow;  // (OC, n) of row stride OHW
+        im2col(col, j->ld, xs, g, 1, r0, nr);
+        for (int64_t gi = 0; gi < g->groups; gi++)
+            cpu_sgemm(0, 0, g->ocg, n, g->kg, 1.0f, j->w + gi * g->ocg * g->kg, g->kg, col + gi * g->kg * j->ld,
+                      j->ld, j->accum ? 1.0f : 0.0f, yb + gi * g->ocg * g->ohw, g->ohw, 1);
+        for (int64_t o = 0; o < g->oc; o++)
+            scatter_rows(yb + o * g->ohw, yb + o * g->ohw, j->bias ? j->bias + o : NULL, 1, 1, n, j->relu, j->accum);
+    }
+}
+
 static void conv_forward_task(void *ctx, int32_t t, int32_t nt) {
     const conv_job *j = ctx;
     const conv_geom *g = j->g;
     int64_t lo, hi;
     cpu_split(j->b, t, nt, &lo, &hi);
+    if (j->nb > 1) {
+        for (int64_t b0 = lo; b0 < hi; b0++) forward_bands(j, t, b0);
+        return;
+    }
     for (int64_t b0 = lo; b0 < hi; b0 += j->chunk) {
         int64_t bc = hi - b0 < j->chunk ? hi - b0 : j->chunk, n = bc * g->ohw;
         float *col = j->ws + t * j->wst, *out = col + g->k * n;  // (K, n), (OC, n)
         float *y = j->y + b0 * g->oc * g->ohw;                     // (bc, OC, OHW)
-        im2col(col, conv_source(j, t, b0, bc), g, bc);
+        im2col(col, n, conv_source(j, t, b0, bc), g, bc, 0, g->oh);
         if (bc == 1) out = y;  /* one sample: (OC, OHW) is already NCHW (added to it when accumulating) */
         for (int64_t gi = 0; gi < g->groups; gi++)
             cpu_sgemm(0, 0, g->ocg, n, g->kg, 1.0f, j->w + gi * g->ocg * g->kg, g->kg, col + gi * g->kg * n, n,
@@ -360,6 +460,43 @@ static void fill_planes(float *d, const float *bias, int64_t n, int64_t c, int64
         for (int64_t i = 0; i < plane; i++) d[k * plane + i] = bias[k % c];
 }
 
+/* One sample in bands: a band's dout (the bias gradient's lanes kept across bands), dW += dout
+ * col^T (starting dW at a thread's first band), then dcol = W^T dout added into dx (or its
+ * phases), so that dx sums a row's taps across two bands in band order. */
+static void backward_bands(const conv_job *j, int32_t t, int64_t b0, float *dw, float *db, int first) {
+    const conv_geom *g = j->g;
+    float *col = j->ws + t * j->wst, *dout = col + g->k * j->ld;  // (K, ld), (OC, ld)
+    const float *dyc = j->dy + b0 * g->oc * g->ohw, *ry = j->relu ? j->ry + b0 * g->oc * g->ohw : NULL;
+    double *acc = db ? band_lanes(j, t) : NULL;  // (OC, CPU_LANES)
+    if (acc) memset(acc, 0, (size_t)(g->oc * CPU_LANES) * sizeof(double));
+    const float *xs = dw ? conv_source(j, t, b0, 1) : NULL;
+    float *dxc = j->dx ? j->dx + b0 * g->c * g->h * g->w : NULL, *dxs = dxc;  // (C, H, W)
+    if (dxc && use_phases(g)) {
+        dxs = phase_slice(j, t) + g->c * plane_floats(g);
+        if (j->accum) phase_split(dxs, dxc, g, g->c);
+        else fill_planes(dxs, j->bias, g->c, g->c, plane_floats(g));
+    } else if (dxc && !j->accum) {
+        fill_planes(dxc, j->bias, g->c, g->c, g->h * g->w);
+    }
+    for (int64_t i = 0; i < j->nb; i++) {
+        int64_t r0 = i * g->oh / j->nb, nr = (i + 1) * g->oh / j->nb - r0, n = nr * g->ow;
+        gather_band(dout, j->ld, acc, dyc, ry, g->oc, g->ohw, r0 * g->ow, n);
+        if (dw) {
+            im2col(col, j->ld, xs, g, 1, r0, nr);
+            for (int64_t gi = 0; gi < g->groups; gi++)
+                cpu_sgemm(0, 1, g->ocg, g->kg, n, 1.0f, dout + gi * g->ocg * j->ld, j->ld, col + gi * g->kg * j->ld,
+                          j->ld, first && i == 0 ? 0.0f : 1.0f, dw + gi * g->ocg * g->kg, g->kg, 1);
+        }
+        if (!dxc) continue;
+        for (int64_t gi = 0; gi < g->groups; gi++)
+            cpu_sgemm(1, 0, g->kg, n, g->ocg, 1.0f, j->w + gi * g->ocg * g->kg, g->kg, dout + gi * g->ocg * j->ld,
+                      j->ld, 0.0f, col + gi * g->kg * j->ld, j->ld, 1);
+        col2im(dxs, col, j->ld, g, 1, r0, nr);
+    }
+    if (dxc && use_phases(g)) phase_merge(dxc, dxs, g, g->c);
+    for (int64_t o = 0; acc && o < g->oc; o++) db[o] += (float)cpu_lanes_total(acc + o * CPU_LANES);
+}
+
 static void conv_backward_task(void *ctx, int32_t t, int32_t nt) {
     const conv_job *j = ctx;
     const conv_geom *g = j->g;
@@ -368,13 +505,17 @@ static void conv_backward_task(void *ctx, int32_t t, int32_t nt) {
     float *dw = j->dw ? partial_dw(j, t) : NULL, *db = j->db ? partial_db(j, t) : NULL;  /* NULL: frozen */
     if (db) memset(db, 0, (size_t)g->oc * sizeof(float));
     if (dw && hi == lo) memset(dw, 0, (size_t)(g->oc * g->kg) * sizeof(float));
+    if (j->nb > 1) {
+        for (int64_t b0 = lo; b0 < hi; b0++) backward_bands(j, t, b0, dw, db, b0 == lo);
+        return;
+    }
     for (int64_t b0 = lo; b0 < hi; b0 += j->chunk) {
         int64_t bc = hi - b0 < j->chunk ? hi - b0 : j->chunk, n = bc * g->ohw;
         float *col = j->ws + t * j->wst, *dout = col + g->k * n;  // (K, n), (OC, n)
         const float *dyc = j->dy + b0 * g->oc * g->ohw;            // (bc, OC, OHW)
         gather_rows(dout, db, dyc, j->relu ? j->ry + b0 * g->oc * g->ohw : NULL, g->oc, bc, g->ohw);
         if (dw) {
-            im2col(col, conv_source(j, t, b0, bc), g, bc);
+            im2col(col, n, conv_source(j, t, b0, bc), g, bc, 0, g->oh);
             for (int64_t gi = 0; gi < g->groups; gi++)
                 cpu_sgemm(0, 1, g->ocg, g->kg, n, 1.0f, dout + gi * g->ocg * n, n, col + gi * g->kg * n, n,
                           b0 == lo ? 0.0f : 1.0f, dw + gi * g->ocg * g->kg, g->kg, 1);
@@ -391,24 +532,34 @@ static void conv_backward_task(void *ctx, int32_t t, int32_t nt) {
                 phase_split(dxp, dxc, g, bc * g->c);
             else
                 fill_planes(dxp, j->bias, bc * g->c, g->c, plane_floats(g));
-            col2im(dxp, col, g, bc);
+            col2im(dxp, col, n, g, bc, 0, g->oh);
             phase_merge(dxc, dxp, g, bc * g->c);
             continue;
         }
         if (!j->accum) fill_planes(dxc, j->bias, bc * g->c, g->c, g->h * g->w);
-        col2im(dxc, col, g, bc);
+        col2im(dxc, col, n, g, bc, 0, g->oh);
     }
 }
 
-/* floats of one thread's workspace slice: columns (K, chunk*OHW), the output or its gradient
- * as (OC, chunk*OHW), a partial dW and db, then the phase planes of a chunk when they are used */
-static int64_t conv_slice(const conv_geom *g, int64_t chunk) {
-    return (g->k + g->oc) * chunk * g->ohw + g->oc * g->kg + g->oc + (use_phases(g) ? chunk * g->c * plane_floats(g) : 0);
+/* floats of one thread's workspace slice: columns (K, ld), the output or its gradient as
+ * (OC, ld), a partial dW and db, then the phase planes of a chunk when they are used; in bands
+ * a second set of them and the bias gradient's lanes (OC, CPU_LANES) in double */
+static int64_t conv_slice(const conv_geom *g, int64_t chunk, int dw) {
+    int64_t banded = conv_bands(g, dw) > 1, phases = use_phases(g) ? (banded ? 2 : 1) * chunk * g->c * plane_floats(g) : 0;
+    return (g->k + g->oc) * conv_ld(g, chunk, dw) + g->oc * g->kg + g->oc + phases + (banded ? 2 * CPU_LANES * g->oc + 2 : 0);
+}
+
+/* j's chunk-dependent fields: bands, row stride, slice */
+static void conv_layout(conv_job *j) {
+    j->nb = conv_bands(j->g, j->dw != NULL);
+    j->ld = conv_ld(j->g, j->chunk, j->dw != NULL);
+    j->wst = conv_slice(j->g, j->chunk, j->dw != NULL);
 }
 
 int64_t cpu_conv_workspace(const mpscy_plan *p, const mpscy_node *n) {
     conv_geom g = geom(p, n);
-    return (p->threads > 1 ? p->threads : 1) * conv_slice(&g, conv_chunk(&g, p->batch, p->threads));
+    int64_t chunk = conv_chunk(&g, p->batch, p->threads), a = conv_slice(&g, chunk, 0), b = conv_slice(&g, chunk, 1);
+    return (p->threads > 1 ? p->threads : 1) * (a > b ? a : b);
 }
 
 /* The ReLU node that is the only consumer of conv node i, or -1. Such a ReLU is computed inside
@@ -430,7 +581,7 @@ void cpu_conv_forward(cpu_graph *gr, const mpscy_node *n, int64_t b, int train, 
     conv_job j = {&g, gr->y[r >= 0 ? r : i], NULL, NULL, NULL, gr->ws, gr->y[n->in[0]],
                   cpu_tensor(gr, n, MPSCY_ROLE_PARAM, 0), cpu_tensor(gr, n, MPSCY_ROLE_PARAM, 1), NULL, NULL,
                   b, conv_chunk(&g, gr->plan.batch, gr->plan.threads), 0, 0, r >= 0};
-    j.wst = conv_slice(&g, j.chunk);
+    conv_layout(&j);
     cpu_parallel(gr->pool, conv_forward_task, &j);
 }
 
@@ -442,7 +593,7 @@ void cpu_conv_backward(cpu_graph *gr, const mpscy_node *n, int64_t b) {
                   gr->y[n->in[0]], cpu_tensor(gr, n, MPSCY_ROLE_PARAM, 0), NULL, gr->dy[r >= 0 ? r : i],
                   r >= 0 ? gr->y[r] : NULL, b, conv_chunk(&g, gr->plan.batch, gr->plan.threads), 0, n->accum[0],
                   r >= 0};
-    j.wst = conv_slice(&g, j.chunk);
+    conv_layout(&j);
     int32_t nt = cpu_parallel(gr->pool, conv_backward_task, &j);
     for (int32_t t = 1; t < nt; t++) {  /* sum the partial weight and bias gradients */
         const float *pw = j.dw ? partial_dw(&j, t) : NULL, *pb = j.db ? partial_db(&j, t) : NULL;
@@ -460,7 +611,7 @@ void cpu_convt_forward(cpu_graph *gr, const mpscy_node *n, int64_t b, int train,
     conv_job j = {&g, NULL, gr->y[i], NULL, NULL, gr->ws, NULL, cpu_tensor(gr, n, MPSCY_ROLE_PARAM, 0),
                   cpu_tensor(gr, n, MPSCY_ROLE_PARAM, 1), gr->y[n->in[0]], NULL, b,
                   conv_chunk(&g, gr->plan.batch, gr->plan.threads), 0, 0, 0};
-    j.wst = conv_slice(&g, j.chunk);
+    conv_layout(&j);
     cpu_parallel(gr->pool, conv_backward_task, &j);
 }
 
@@ -475,13 +626,13 @@ void cpu_convt_backward(cpu_graph *gr, const mpscy_node *n, int64_t b) {
     if (gr->dy[n->in[0]]) {
         conv_job j = {&g, gr->dy[n->in[0]], NULL, NULL, NULL, gr->ws, dy, cpu_tensor(gr, n, MPSCY_ROLE_PARAM, 0), NULL,
                       NULL, NULL, b, chunk, 0, n->accum[0], 0};
-        j.wst = conv_slice(&g, j.chunk);
+        conv_layout(&j);
         cpu_parallel(gr->pool, conv_forward_task, &j);
     }
     float *dw = cpu_tensor_grad(gr, n, 0), *db = cpu_tensor_grad(gr, n, 1);
     if (dw) {
         conv_job j = {&g, NULL, NULL, dw, NULL, gr->ws, dy, NULL, NULL, gr->y[n->in[0]], NULL, b, chunk, 0, 0, 0};
-        j.wst = conv_slice(&g, j.chunk);
+        conv_layout(&j);
         int32_t nt = cpu_parallel(gr->pool, conv_backward_task, &j);
         for (int32_t t = 1; t < nt; t++) {
             const float *pw = partial_dw(&j, t);
