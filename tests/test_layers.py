@@ -249,6 +249,50 @@ def test_maxpool_ties_send_the_gradient_to_the_first_maximum(device, rng, case):
     assert R.rel_err(engine.gradients(x, t)["input"], dx) < 1e-6
 
 
+BANDED = {  # (channels, H, W), Conv2D options, batch: one sample's columns past twice L2 on the cpu
+    "3x3": ((16, 96, 80), dict(kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1), 3),
+    "stride 2, odd": ((32, 131, 127), dict(kernel=(3, 3), stride=(2, 2), padding=(1, 1), dilation=(1, 1), groups=1), 2),
+    "5x5 dilated, groups": ((16, 80, 72), dict(kernel=(5, 5), stride=(1, 1), padding=(4, 4), dilation=(2, 2), groups=2),
+                            2),
+}
+
+
+@pytest.mark.parametrize("case", list(BANDED))
+def test_convolution_in_bands_of_output_rows_matches_reference(device, rng, case):
+    """Convolutions whose one sample's im2col columns exceed L2 (K x OH x OW past 2^20 floats) run
+    in bands of output rows on the cpu, forward and backward (a stride's phase planes, groups and
+    dilation, dx summed across two bands): loss, every gradient and d loss / d x within 1e-5 of
+    the float64 reference, the input's gradient accumulating into a second consumer's; y and dx
+    the same bits on 1 and 3 threads."""
+    shape, o, rows = BANDED[case]
+    inp = mpscy.Input(shape)
+    conv = lambda name: layers.Conv2D(8, o["kernel"], stride=o["stride"], padding=o["padding"],  # noqa: E731
+                                      dilation=o["dilation"], groups=o["groups"], name=name)
+    model = mpscy.Model(inp, layers.Add()([conv("a")(inp), conv("b")(inp)]))  # x's gradient: b's adds to a's
+    x = rng.standard_normal((rows,) + shape).astype(np.float32)
+    runs = {}
+    for threads in (1, 3) if device == "cpu" else (0,):
+        engine = mpscy.Engine(model, loss="mse", batch_size=rows, device=device, seed=2, input_gradients=True,
+                              threads=threads)
+        P = engine.get_parameters()
+        (ya, ca), (yb, cb) = (R.conv2d_forward(x.astype(np.float64), {k.split(".", 1)[1]: v.astype(np.float64)
+                                                                      for k, v in P.items() if k[0] == n}, o)
+                              for n in "ab")
+        t = rng.standard_normal(ya.shape).astype(np.float32) if not runs else next(iter(runs.values()))[2]
+        loss, dy = R.loss_ref("mse", ya + yb, t)
+        (dxa, ga), (dxb, gb) = R.conv2d_backward(dy, ca), R.conv2d_backward(dy, cb)
+        g = engine.gradients(x, t)
+        assert abs(g["loss"] - loss) <= 1e-5 * loss
+        assert R.rel_err(engine.predict(x), ya + yb) < 1e-5
+        assert R.rel_err(g["input"], dxa + dxb) < 1e-5
+        for n, grads in (("a", ga), ("b", gb)):
+            for k, v in grads.items():
+                assert R.rel_err(g[f"{n}.{k}"], v) < 1e-5, f"{n}.{k}"
+        runs[threads] = (engine.predict(x), g["input"], t)
+    if device == "cpu":
+        assert np.array_equal(runs[1][0], runs[3][0]) and np.array_equal(runs[1][1], runs[3][1])
+
+
 def test_avgpool_over_a_window_of_two_to_the_32_taps(device):
     """AvgPool2D(65536, stride 1, padding 32768) over a 1x1 plane, count_include_pad: every one
     of the 2x2 outputs divides the one pixel by 2^32 taps (a count that wraps to 0 in 32-bit
