@@ -140,21 +140,43 @@ def test_a_failed_fit_over_a_loader_frees_its_engine_at_once(prefetch):
     import gc
     import weakref
 
-    def run():  # as a user's loop catches it (pytest.raises keeps the traceback, and with it the engine)
+    def run(dataset):  # as a user's loop catches it (pytest.raises keeps the traceback, and with it the engine)
         engine = mpscy.Engine(mpscy.Sequential([mpscy.layers.Dense(16)], input_shape=(2,)), batch_size=4, device="cpu")
         ref = weakref.ref(engine)
         try:
-            engine.fit(data.DataLoader(_Faulty(), batch_size=4, prefetch=prefetch), epochs=1, verbose=0)
-        except KeyError as e:
+            engine.fit(data.DataLoader(dataset, batch_size=4, prefetch=prefetch), epochs=1, verbose=0)
+        except (KeyError, RuntimeError) as e:
             return ref, str(e)
         return ref, None
     gc.collect()
     gc.disable()
     try:
-        ref, caught = run()
-        assert caught == "'sample 7 is broken'" and ref() is None
+        for dataset, message in ((_Faulty(), "'sample 7 is broken'"), (_Stops(), "generator raised StopIteration")):
+            ref, caught = run(dataset)
+            assert caught == message and ref() is None, message
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("how", ["evaluate", "validation"])
+def test_a_step_error_over_a_prefetching_loader_leaves_no_thread_behind(how):
+    """A batch's step error (a label out of range) in evaluate or validation, its exception kept
+    (as a REPL or pytest.raises keeps it): the loader's iterator was a local of the frame the
+    traceback holds, so its prefetch thread ran on, refilling its queue, until the exception went."""
+    engine = mpscy.Engine(mpscy.Sequential([mpscy.layers.Dense(3)], input_shape=(2,)), batch_size=4, device="cpu")
+    y = np.zeros(400, np.int64)   # 100 batches: the thread is still filling its queue at batch 1
+    y[5] = 7
+    loader = data.DataLoader(data.ArrayDataset(np.zeros((400, 2), np.float32), y), batch_size=4, prefetch=2)
+    with pytest.raises(mpscy.InvalidArgumentError, match="batch 1: label 7") as kept:
+        if how == "evaluate":
+            engine.evaluate(loader)
+        else:
+            engine.fit(np.zeros((4, 2), np.float32), np.zeros(4, np.int64), validation_data=loader, epochs=1,
+                       verbose=0)
+    deadline = time.monotonic() + 2.0   # the iterator's release stops the thread within a poll (50 ms)
+    while _threads() > 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert kept.value is not None and _threads() == 0
 
 
 def test_generic_dataset_is_stacked():

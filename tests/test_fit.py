@@ -662,20 +662,33 @@ def test_a_loader_batch_that_cannot_be_built_is_named_in_validation_and_evaluate
 
 
 def test_a_dataset_given_where_batches_go_is_told_to_take_a_loader(device):
-    """fit(dataset), evaluate(dataset) and validation_data=dataset took the Dataset for a Keras
-    Sequence of batches and failed on its first sample's shape; predict(loader) said only that it
-    wanted an array."""
+    """fit(dataset), evaluate(dataset) and validation_data=dataset took a Dataset of samples for a
+    Keras Sequence of batches and failed on its first sample's shape: now told to wrap it in a
+    DataLoader. A Dataset whose items are whole batches still trains as a Sequence does.
+    predict(loader) said only that it wanted an array."""
     engine = mpscy.Engine(mpscy.Sequential([layers.Dense(2)], input_shape=(4,)), batch_size=4, device=device)
     x, y = np.zeros((8, 4), np.float32), np.zeros(8, np.int64)
     ds = data.ArrayDataset(x, y)
-    for call, what in ((lambda: engine.fit(ds, epochs=1, verbose=0), "x"), (lambda: engine.evaluate(ds), "x"),
-                       (lambda: engine.fit(x, y, validation_data=ds, epochs=1, verbose=0), "validation_data")):
-        with pytest.raises(mpscy.InvalidArgumentError, match=rf"^{what} is a Dataset \(ArrayDataset\) of samples one "
-                                                             rf"at a time; .*mpscy.data.DataLoader\({what}, "):
+    for call, what, where in ((lambda: engine.fit(ds, epochs=1, verbose=0), "x", "epoch 1, batch 0"),
+                              (lambda: engine.evaluate(ds), "x", "batch 0"),
+                              (lambda: engine.fit(x, y, validation_data=ds, epochs=1, verbose=0), "validation_data",
+                               "validation batch 0")):
+        with pytest.raises(mpscy.InvalidArgumentError,
+                           match=rf"^{where}: {what} is a Dataset \(ArrayDataset\) of samples one at a time \(its "
+                                 rf"first item's x has shape \(4,\), one sample's\); .*mpscy.data.DataLoader\({what}, "):
             call()
     with pytest.raises(mpscy.DTypeError, match=r"got DataLoader \(predict takes arrays, not a loader's batches"):
         engine.predict(data.DataLoader(ds, batch_size=4))
-    assert engine.iterations == 0
+    assert engine.iterations == 2   # the validation case's epoch, before its validation
+
+    class Batches(data.Dataset):  # item i is batch i (a pre-batched source)
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return x[4 * i:4 * i + 4], y[4 * i:4 * i + 4]
+    engine.fit(Batches(), epochs=1, verbose=0, validation_data=Batches())
+    assert engine.iterations == 4 and set(engine.evaluate(Batches())) == {"loss", "accuracy"}
 
 
 # ----------------------------------------------------------------------------- options and sources refused up front

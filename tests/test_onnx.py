@@ -306,6 +306,11 @@ def test_unsupported_graphs_say_why(device):
                                                      r"used where a tensor is needed"):
         mpscy.onnx.load(model([relu, helper.make_node("Conv", ["w", "w"], ["y"], name="conv")],
                               [("w", np.ones((4, 4, 1, 1)))]), device=device)
+    # a GELU-like formula whose sum holds a non-scalar constant: refused (it raised NameError)
+    gelu_like = [helper.make_node("Mul", ["x", "half"], ["h"], name="m1"), helper.make_node("Tanh", ["x"], ["t"]),
+                 helper.make_node("Add", ["t", "k"], ["s"], name="plus"), helper.make_node("Mul", ["h", "s"], ["y"])]
+    with pytest.raises(mpscy.UnsupportedError, match="a non-scalar constant in an elementwise formula"):
+        mpscy.onnx.load(model(gelu_like, [("half", 0.5), ("k", [1, 2, 3, 4])]), device=device)
     # a product of two branches is told that no layer multiplies them, not sent to the data pipeline
     gate = [helper.make_node("Gemm", ["x", "a", "ab"], ["h"], name="fa", transB=1),
             helper.make_node("Sigmoid", ["h"], ["g"], name="sig"),

@@ -217,6 +217,13 @@ def _put(q, stop, item):
     return False
 
 
+def _stop_error(e):
+    """the RuntimeError a generator raises for a StopIteration inside it, caused by e"""
+    err = RuntimeError("generator raised StopIteration")
+    err.__cause__ = e
+    return err
+
+
 def _work(get, batches, q, stop):
     # A plain function: the thread must not hold the iterator, or an abandoned loop would
     # keep it alive and its __del__ (which stops this thread) would never run.
@@ -225,9 +232,7 @@ def _work(get, batches, q, stop):
             if not _put(q, stop, ("ok", get(idx))):
                 return
     except StopIteration as e:  # raised by a sample's loading: as a generator's would be, not the epoch's end
-        err = RuntimeError("generator raised StopIteration")
-        err.__cause__ = e
-        _put(q, stop, ("error", err))
+        _put(q, stop, ("error", _stop_error(e)))   # no local of this frame holds it: e's traceback holds the frame
         return
     except BaseException as e:  # noqa: B902 - handed to the consumer, which re-raises it
         _put(q, stop, ("error", e))

@@ -258,7 +258,7 @@ class Engine(OptimizerState):
         from . import training  # late: training imports the engine's modules
         _keras_eval_args(batch_size, verbose)
         g = self._g()
-        if not hasattr(x, "shape") and not isinstance(x, (list, tuple, str, bytes)) and hasattr(x, "__iter__"):
+        if not hasattr(x, "shape") and not isinstance(x, (list, tuple, str, bytes, dict)) and hasattr(x, "__iter__"):
             raise DTypeError(f"x must be a numpy array with a batch dimension, got {type(x).__name__} (predict takes "
                              "arrays, not a loader's batches: np.concatenate([engine.predict(xb) for xb, _ in loader]))")
         x = training._converted_inputs(x, self._n_inputs)  # as fit converts it
@@ -278,7 +278,7 @@ class Engine(OptimizerState):
         means are over its rows, as fit's validation over a loader."""
         from . import training  # late: training imports the engine's modules
         _keras_eval_args(batch_size, verbose)
-        x = training._batches_of(x, y)
+        x = training._batches_of(x, y, self)
         if training._is_loader(x):
             if y is not None:
                 raise InvalidArgumentError("pass y inside the DataLoader, not separately")

@@ -5,7 +5,6 @@ The loss and accuracy come from each step's StepResult, so reading them adds no 
 synchronization. Nothing here runs native code except through the engine's public methods and
 its graph's check_input and check_target (a step's own rules, over a whole array)."""
 
-import itertools
 import math
 import os
 import sys
@@ -220,26 +219,47 @@ class _Listed:
 
 
 def _is_dataset(x):
-    """mpscy's or torch's Dataset (samples one at a time), not a loader of batches"""
+    """mpscy's or torch's Dataset, whose items may be samples (one at a time) or whole batches"""
     from .data import DataLoader, Dataset
     if isinstance(x, DataLoader):
         return False
-    return isinstance(x, Dataset) or any(c.__name__ == "Dataset" and c.__module__.startswith("torch.utils.data")
-                                         for c in type(x).__mro__)
+    return isinstance(x, Dataset) or any(c.__name__ in ("Dataset", "IterableDataset")
+                                         and c.__module__.startswith("torch.utils.data") for c in type(x).__mro__)
 
 
-def _refuse_dataset(x, what):
-    if _is_dataset(x):
-        raise InvalidArgumentError(f"{what} is a Dataset ({type(x).__name__}) of samples one at a time; fit, "
-                                   f"evaluate and validation_data take batches: mpscy.data.DataLoader({what}, "
-                                   "batch_size=...), or torch's")
+class _DatasetBatches:
+    """A Dataset given where batches go, its items taken as batches (as a Keras Sequence's are):
+    where an iteration's first item's x has one sample's rank, not a batch's, the Dataset is of
+    samples, and the caller is told to wrap it in a DataLoader (it failed on that item's shape)."""
+
+    def __init__(self, source, dataset, what, engine):
+        self.source, self.dataset, self.what = source, dataset, what
+        self.ranks = [len(s) for s in engine.model.input_shapes]
+
+    def __len__(self):
+        return len(self.source)
+
+    def __iter__(self):
+        first = True
+        for item in self.source:
+            if first:
+                first = False
+                x = item[0] if isinstance(item, (tuple, list)) and len(item) == 2 else None
+                x = x[0] if len(self.ranks) > 1 and isinstance(x, (tuple, list)) and x else x
+                if len(getattr(x, "shape", ())) == self.ranks[0]:
+                    raise InvalidArgumentError(
+                        f"{self.what} is a Dataset ({type(self.dataset).__name__}) of samples one at a time (its first "
+                        f"item's x has shape {tuple(x.shape)}, one sample's); fit, evaluate and validation_data take "
+                        f"batches: mpscy.data.DataLoader({self.what}, batch_size=...), or torch's")
+            yield item
 
 
-def _batches_of(x, y):
+def _batches_of(x, y, engine):
     """x itself, or x as a loader where it is a list or tuple of (x, y) pairs or a Sequence-like
     object and y is not given (a list of arrays stays the inputs of a model with several); a
-    Dataset (of samples) is refused, saying to wrap it in a DataLoader."""
-    _refuse_dataset(x, "x")
+    Dataset's items as batches, one of samples refused at its first item (_DatasetBatches)."""
+    if y is None and _is_dataset(x):
+        return _DatasetBatches(x if hasattr(x, "__iter__") else _Listed(x), x, "x", engine)
     if y is not None or hasattr(x, "shape") or isinstance(x, (str, bytes, dict)):
         return x
     if isinstance(x, (list, tuple)):
@@ -271,7 +291,9 @@ def _check_passes(loader, what, epochs):
 def _validation_source(engine, validation_data, epochs):
     if validation_data is None:
         return None
-    _refuse_dataset(validation_data, "validation_data")
+    if _is_dataset(validation_data):
+        validation_data = _DatasetBatches(validation_data if hasattr(validation_data, "__iter__") else
+                                          _Listed(validation_data), validation_data, "validation_data", engine)
     if _is_loader(validation_data):
         if hasattr(validation_data, "__len__") and len(validation_data) == 0:
             raise InvalidArgumentError("the validation DataLoader has no batch (drop_last with fewer rows than "
@@ -297,14 +319,9 @@ def _evaluate(engine, source, what="validation batch", source_name="the validati
     if isinstance(source, tuple):
         return engine.evaluate(*source)
     total, weight, acc, rows, counted = 0.0, 0.0, 0.0, 0, 0
-    batches = iter(source)
-    for k in itertools.count():
-        try:
-            batch = next(batches)   # building the batch (a loader's samples) is the batch's too
-        except StopIteration:
-            break
-        except _errors.Error as e:
-            raise _in_batch(e, f"{what} {k}") from e
+    # building a batch (a loader's samples) is the batch's too; the iterator only in the for
+    # statement, so that an error's traceback does not keep a prefetching loader's thread alive
+    for k, batch in enumerate(_named(source, lambda k: f"{what} {k}")):
         try:
             xb, yb = _pair(batch)
             xb, yb = _batch_inputs(engine, xb), _as_target(engine, yb)
@@ -477,7 +494,7 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
         raise InvalidArgumentError(f"batch_size must be an integer in [1, {engine.batch_size}] (the engine's "
                                    f"built batch size), got {batch_size!r}")
     runs = max(epochs - initial_epoch, 0)  # epochs this call trains (at most: a callback may stop it)
-    x = _batches_of(x, y)
+    x = _batches_of(x, y, engine)
     if _is_loader(x):
         if y is not None:
             raise InvalidArgumentError("pass y inside the DataLoader, not separately")

@@ -179,8 +179,7 @@ class _Reader:
                                    "mpscy layer applies a matrix product over the last axis of a higher-rank tensor")
 
     # -- pattern matching ----------------------------------------------------------------
-    @staticmethod
-    def _flat(e):
+    def _flat(self, e):
         """(scalar constant, operands) of a product or sum, descending into operands of the
         same kind that nothing else reads (the intermediates of a decomposed formula). A sum
         does not descend into a sum that adds a constant: that one is a term of its own (a
