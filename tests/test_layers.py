@@ -1016,6 +1016,8 @@ def test_dense_takes_keras_s_use_bias_and_refuses_an_activation():
     rebuilds); both spellings at once and activation="relu" are refused by name."""
     assert layers.Dense(10, use_bias=False).config() == layers.Dense(10, bias=False).config()
     assert layers.Dense(10).bias is True and layers.Dense(10, activation="linear").bias is True
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"^Dense use_bias must be True or False, got 1$"):
+        layers.Dense(4, use_bias=1)
     with pytest.raises(mpscy.InvalidArgumentError, match="Dense got both bias= and Keras's use_bias=; give one"):
         layers.Dense(10, bias=True, use_bias=False)
     with pytest.raises(mpscy.InvalidArgumentError, match=r"Dense activation='relu': .*layers.ReLU\(\)"):

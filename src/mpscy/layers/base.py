@@ -164,7 +164,9 @@ class Dense(Layer):
                                        f"each; add the activation layer after it (layers.ReLU() for 'relu')")
         if bias is not None and use_bias is not None:
             raise InvalidArgumentError("Dense got both bias= and Keras's use_bias=; give one")
-        bias = use_bias if use_bias is not None else True if bias is None else bias
+        if use_bias is not None:
+            bias = flag(use_bias, "Dense use_bias")  # not bias's nn.Linear hint, which reads a positional int
+        bias = True if bias is None else bias
         super().__init__(name)
         self.units = _positive_int(units, "Dense units")
         self.bias = flag(bias, "Dense bias", hint=(
