@@ -298,8 +298,8 @@ def test_evaluate_takes_the_weighted_mean_over_the_whole_set(rng):
         got[batch] = e.evaluate(x, y)["loss"]
         if batch == 8:
             loader = mpscy.data.DataLoader(mpscy.data.ArrayDataset(x, y), batch_size=8, shuffle=False)
-            from mpscy import training
-            got["loader"] = training._evaluate(e, loader)["loss"]
+            from mpscy import _sources
+            got["loader"] = _sources._evaluate(e, loader)["loss"]
             p = {k: v.astype(np.float64) for k, v in e.get_parameters().items()}
     out = x.astype(np.float64) @ p["dense_0.weight"].T + p["dense_0.bias"]
     want, _ = R.weighted_ce_ref("sparse_cross_entropy", out, y, WEIGHT.astype(np.float32), 0.1)

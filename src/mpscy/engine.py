@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from . import _native, losses as _losses, optim as _optim
+from . import _native, _sources, losses as _losses, optim as _optim
 from .optim.lbfgs import LBFGSDriver
 from ._checks import choice, warn_user
 from .errors import DTypeError, InvalidArgumentError, NonFiniteError, ShapeError, StateError
@@ -255,13 +255,12 @@ class Engine(OptimizerState):
         inputs of another precision are converted to float32, as fit converts them. batch_size and
         verbose are Keras's, taken so that its calls run: rows always go through in the engine's
         built batch size (eval-mode outputs do not depend on it), and nothing is printed."""
-        from . import training  # late: training imports the engine's modules
         _keras_eval_args(batch_size, verbose)
         g = self._g()
         if not hasattr(x, "shape") and not isinstance(x, (list, tuple, str, bytes, dict)) and hasattr(x, "__iter__"):
             raise DTypeError(f"x must be a numpy array with a batch dimension, got {type(x).__name__} (predict takes "
                              "arrays, not a loader's batches: np.concatenate([engine.predict(xb) for xb, _ in loader]))")
-        x = training._converted_inputs(x, self._n_inputs)  # as fit converts it
+        x = _sources._converted_inputs(x, self._n_inputs)  # as fit converts it
         n = _rows(x, self._n_inputs)
         self._check_layout(g, x)
         out = np.empty((n,) + tuple(self.model.output_shape), dtype=np.float32)
@@ -276,14 +275,13 @@ class Engine(OptimizerState):
         integer labels, torch's weighted mean over all of them: sum w l / sum w).
         x may also be a DataLoader (or another re-iterable) of (x, y) batches, y then None; the
         means are over its rows, as fit's validation over a loader."""
-        from . import training  # late: training imports the engine's modules
         _keras_eval_args(batch_size, verbose)
-        x = training._batches_of(x, y, self)
-        if training._is_loader(x):
+        x = _sources._batches_of(x, y, self)
+        if _sources._is_loader(x):
             if y is not None:
                 raise InvalidArgumentError("pass y inside the DataLoader, not separately")
             self._g()
-            return training._evaluate(self, x, "batch", "the DataLoader")
+            return _sources._evaluate(self, x, "batch", "the DataLoader")
         if y is None:
             raise InvalidArgumentError("evaluate needs y, or x a DataLoader of (x, y) batches")
         return self._eval_arrays(x, y)[0]
@@ -291,9 +289,8 @@ class Engine(OptimizerState):
     def _eval_arrays(self, x, y):
         """evaluate over arrays: (its dict, the labels that counted under the loss's ignore_index as
         the batches' staging counted them, or -1 without one)."""
-        from . import training
         g = self._g()
-        x, y = training._converted_inputs(x, self._n_inputs), training._as_target(self, y)  # as fit converts them
+        x, y = _sources._converted_inputs(x, self._n_inputs), _sources._as_target(self, y)  # as fit converts them
         n = _rows(x, self._n_inputs)
         self._check_layout(g, x)
         ny = _rows(y, 1, "y")
