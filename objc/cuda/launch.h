@@ -49,6 +49,10 @@ static inline cudaError_t cu_launch(const cu_graph *g, void (*kernel)(K...), dim
 static inline bool cu_aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
 static inline int64_t cu_round4(int64_t f) { return (f + 3) & ~(int64_t)3; }  /* floats: 16-byte aligned offsets */
 
+/* whether a grid-stride loop's int32 indices hold every index up to `most` and a stride past it
+ * (a grid of at most 8192 blocks of CU_THREADS: merge.cu's and pool.cu's element-wise kernels) */
+static inline bool cu_fits_i32(int64_t most) { return most + (int64_t)8192 * CU_THREADS < INT32_MAX; }
+
 static inline unsigned cu_blocks(int64_t n, int64_t per, int64_t cap) {
     int64_t b = (n + per - 1) / per;
     if (b < 1) b = 1;

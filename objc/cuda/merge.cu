@@ -3,8 +3,6 @@
  * each input its share of the output gradient, writing or accumulating as the plan says. */
 #include "cuda.h"
 
-#include <stdint.h>
-
 #include <type_traits>
 
 struct merge_args {
@@ -84,17 +82,15 @@ __global__ void concat_backward(float *dx, const float *dy, I outer, I width, I 
     }
 }
 
-static bool cat_aligned(const void *p) { return ((uintptr_t)p & 15) == 0; }
-
 /* V for the views (outer, width, inner) of y and of each input: 4 where inner is a multiple of 4
  * and every tensor starts on 16 bytes */
 static int cat_width(const merge_args &a, const float *y) {
-    bool ok = a.inner % 4 == 0 && cat_aligned(y);
-    for (int j = 0; j < a.n_in && ok; j++) ok = cat_aligned(a.x[j]) && (!a.dx[j] || cat_aligned(a.dx[j]));
+    bool ok = a.inner % 4 == 0 && cu_aligned16(y);
+    for (int j = 0; j < a.n_in && ok; j++) ok = cu_aligned16(a.x[j]) && (!a.dx[j] || cu_aligned16(a.dx[j]));
     return ok ? 4 : 1;
 }
 
-static bool cat_i32(const merge_args &a) { return a.outer * a.width * a.inner + 8192 * CU_THREADS < INT32_MAX; }
+static bool cat_i32(const merge_args &a) { return cu_fits_i32(a.outer * a.width * a.inner); }
 
 static merge_args args_of(cu_graph *g, const mpscy_node *n, int64_t b) {
     merge_args a = {};

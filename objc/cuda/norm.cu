@@ -275,17 +275,24 @@ static int64_t bn_parts(int sms, int64_t c, int64_t inner, int64_t count) {
     return std::max<int64_t>(1, std::min({want, most, (int64_t)BN_PARTS_MAX}));
 }
 
+/* floats of workspace for c channels' parts of `per` doubles each, at the most parts any device
+ * takes (a batch of `count` values a channel) */
+static int64_t parts_floats(int64_t c, int64_t inner, int64_t count, int per) {
+    return c * bn_parts(1 << 20, c, inner, count) * per * 2;
+}
+
 int64_t cu_batchnorm_workspace(const mpscy_plan *p, const mpscy_node *n) {
     const mpscy_node *a = &p->nodes[n->in[0]];
     const int64_t c = a->shape[0], inner = a->rank == 3 ? a->shape[1] * a->shape[2] : 1;
-    if (bn_parts(1 << 20, c, inner, p->batch * inner) < 2) return 0;   /* the most parts any device takes */
-    return c * std::min<int64_t>(BN_PARTS_MAX, p->batch * inner / BN_PART_MIN) * 3 * 2;  /* doubles, as floats */
+    if (bn_parts(1 << 20, c, inner, p->batch * inner) < 2) return 0;   /* one block a channel needs none */
+    return parts_floats(c, inner, p->batch * inner, 3);   /* forward's 3 doubles a part; backward's 2 */
 }
 
-/* the parts this launch takes: 1 where the workspace (sized at build, the knob as it was then) is short */
-static int64_t bn_parts_on(const cu_graph *g, int64_t c, int64_t inner, int64_t count) {
+/* the parts this launch takes (of `per` doubles each): 1 where the workspace (sized at build, the
+ * knob as it was then) is short */
+static int64_t bn_parts_on(const cu_graph *g, int64_t c, int64_t inner, int64_t count, int per) {
     const int64_t P = bn_parts(g->dev->sms, c, inner, count);
-    return P > 1 && c * P * 3 * 2 <= g->ws_floats ? P : 1;
+    return P > 1 && c * P * per * 2 <= g->ws_floats ? P : 1;
 }
 
 /* ------------------------------------------------------------- a channel's sum over parts
@@ -316,20 +323,13 @@ __global__ void chan_sum_merge(float *out, const double *parts, int64_t c, int64
     }
 }
 
-/* the parts of cu_channel_sums over a batch of b samples (1: one block a channel) */
-static int64_t chan_parts(const cu_graph *g, int64_t c, int64_t inner, int64_t b) {
-    const int64_t P = bn_parts(g->dev->sms, c, inner, b * inner);
-    return P > 1 && c * P * 2 <= g->ws_floats ? P : 1;
-}
-
 int64_t cu_channel_sums_workspace(int64_t c, int64_t inner, int64_t batch) {
-    const int64_t P = bn_parts(1 << 20, c, inner, batch * inner);   /* the most parts any device takes */
-    return c * std::max<int64_t>(P, 1) * 2;  /* doubles, as floats */
+    return parts_floats(c, inner, batch * inner, 1);   /* one part too: its sums go through it */
 }
 
 int cu_channel_sums(cu_graph *g, cudaStream_t s, float *out, const float *x, int64_t b, int64_t c, int64_t inner,
                     char *err, size_t en) {
-    const int64_t P = chan_parts(g, c, inner, b), len = (b * inner + P - 1) / P;
+    const int64_t P = bn_parts_on(g, c, inner, b * inner, 1), len = (b * inner + P - 1) / P;
     double *parts = (double *)g->ws;
     CU_TRY(cu_launch(g, chan_sum_part, dim3((unsigned)c, (unsigned)P), CU_THREADS, s, parts, x, b, c, inner, len),
            "chan_sum_part");
@@ -356,7 +356,7 @@ int cu_batchnorm_forward(cu_graph *g, const mpscy_node *n, int64_t b, int train,
     int64_t c, inner;
     bn_dims(g, n, &c, &inner);
     float *mean = g->save + n->save, *var = mean + c, *invs = var + c;
-    const int64_t P = bn_parts_on(g, c, inner, b * inner);
+    const int64_t P = bn_parts_on(g, c, inner, b * inner, 3);
     if (P > 1) {
         const int64_t len = (b * inner + P - 1) / P;
         const float *x = g->y[n->in[0]];
@@ -390,7 +390,7 @@ int cu_batchnorm_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err
     int64_t c, inner;
     bn_dims(g, n, &c, &inner);
     const float *mean = g->save + n->save, *invs = mean + 2 * c;
-    const int64_t P = bn_parts_on(g, c, inner, b * inner);
+    const int64_t P = bn_parts_on(g, c, inner, b * inner, 3);
     if (P > 1) {
         const int64_t len = (b * inner + P - 1) / P;
         const float *dy = g->dy[cu_node_index(g, n)], *x = g->y[n->in[0]];

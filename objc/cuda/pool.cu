@@ -40,11 +40,9 @@ struct pool_ix {
 
 static bool pool_i32(const pool_geom &p) {
     /* the tensors' indices, a window's taps (average pooling's divisor: kh kw) and the window
-     * arithmetic along each axis (h + ph + sh, kh, ... in pool_backward's bounds), and a grid's
-     * stride (8192 blocks of 256) past the last index */
-    const int64_t most = std::max({p.planes * std::max(p.h * p.w, p.oh * p.ow) + p.kh * p.w + p.kw, p.kh * p.kw,
-                                   p.h + 2 * p.ph + p.sh + p.kh, p.w + 2 * p.pw + p.sw + p.kw});
-    return most + 8192 * 256 < INT32_MAX;
+     * arithmetic along each axis (h + ph + sh, kh, ... in pool_backward's bounds) */
+    return cu_fits_i32(std::max({p.planes * std::max(p.h * p.w, p.oh * p.ow) + p.kh * p.w + p.kw, p.kh * p.kw,
+                                 p.h + 2 * p.ph + p.sh + p.kh, p.w + 2 * p.pw + p.sw + p.kw}));
 }
 
 template <typename I>

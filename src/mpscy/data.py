@@ -264,7 +264,6 @@ class _Prefetcher:
                 raise item
             finally:  # this frame holds the exception, whose traceback holds this frame (and the caller's
                 del item  # engine): a cycle only the collector would free
-
         if item is _DONE:
             self.close()
             raise StopIteration

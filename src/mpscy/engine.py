@@ -257,7 +257,7 @@ class Engine(OptimizerState):
         built batch size (eval-mode outputs do not depend on it), and nothing is printed."""
         _keras_eval_args(batch_size, verbose)
         g = self._g()
-        if not hasattr(x, "shape") and not isinstance(x, (list, tuple, str, bytes, dict)) and hasattr(x, "__iter__"):
+        if _sources._is_loader(x):
             raise DTypeError(f"x must be a numpy array with a batch dimension, got {type(x).__name__} (predict takes "
                              "arrays, not a loader's batches: np.concatenate([engine.predict(xb) for xb, _ in loader]))")
         x = _sources._converted_inputs(x, self._n_inputs)  # as fit converts it
