@@ -46,6 +46,35 @@ def test_residual_add_concat_matches_cpu(rng):
     compare_training(*engines, rng, rows=[16, 9])
 
 
+def _two_pools(window):
+    """Two MaxPool2D of the same windows over one input (each window its own stride, no padding,
+    the input a whole number of windows: pool.cu's tiled backward), the second adding into the
+    input gradient the first wrote, joined by Concatenate under a Dense."""
+    if not hasattr(L, "Concatenate"):
+        pytest.skip("merge layers are not in this mpscy")
+    inp = mpscy.Input((3, 8, 12))
+    h = L.ReLU()(inp)  # ties at 0: the first maximum takes the gradient
+    a = L.Flatten()(L.MaxPool2D(window)(h))
+    b = L.Flatten()(L.MaxPool2D(window)(L.Tanh()(inp)))
+    c = L.Flatten()(L.MaxPool2D(window)(inp))
+    return mpscy.Model(inp, L.Dense(5)(L.Concatenate()(a, b, c)))
+
+
+@cuda_only
+@pytest.mark.parametrize("window", [2, (2, 3), (4, 1)])
+def test_tiling_max_pools_input_gradients_match_cpu(window, rng):
+    """Max pooling whose windows tile the input, three pools reading the input (two through
+    activations, one directly; the input gradient written by one and added to by the others):
+    the input gradients and a training run against the cpu's."""
+    engines = [mpscy.Engine(_two_pools(window), batch_size=16, device=d, seed=3, input_gradients=True)
+               for d in ("cpu", "cuda")]
+    x = rng.standard_normal((16, 3, 8, 12)).astype(np.float32)
+    x[:, :, :4] = -np.abs(x[:, :, :4])  # the ReLU's windows over rows 0-3 all 0: ties
+    y = rng.integers(0, 5, 16)
+    compare_gradients(*engines, x, y)
+    compare_training(*engines, rng, rows=[16, 9])
+
+
 def _dropout_chain():
     """Dense -> ReLU -> Dropout -> Dense twice in a chain: the upper Dense writes the lower one's
     dz itself, through the Dropout's multipliers and the ReLU's mask, and neither backward runs.

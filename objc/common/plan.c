@@ -310,14 +310,18 @@ int mpscy_plan_build(mpscy_plan *p, const mpscy_graph_desc *d, const char *compo
     }
 
     plan_gradients(p);
-    /* Slab offsets: outputs, then needed gradients, then saved values; buffers after params. */
+    /* Slab offsets: outputs, then needed gradients, then saved values; buffers after params. Each
+     * output and gradient starts on 64 bytes (a whole number of 16 floats before it), so that
+     * kernels' vector loads and stores (cuda's float4 Concatenate) find every tensor aligned and
+     * no two tensors share a cache line. */
     for (int32_t i = 0; i < p->n_nodes; i++) {
         mpscy_node *n = &p->nodes[i];
+        const int64_t floats = cap_mul(p->batch, n->size);
         n->out = p->act_floats;
-        p->act_floats = cap_add(p->act_floats, cap_mul(p->batch, n->size));
+        p->act_floats = cap_add(p->act_floats, floats < PLAN_CAP ? align16(floats) : floats);
         if (n->grad) {
             n->dout = p->grad_floats;
-            p->grad_floats = cap_add(p->grad_floats, cap_mul(p->batch, n->size));
+            p->grad_floats = cap_add(p->grad_floats, floats < PLAN_CAP ? align16(floats) : floats);
         }
         n->save = p->save_floats;
         p->save_floats = cap_add(p->save_floats, n->save_size);

@@ -119,6 +119,34 @@ __global__ void pool_backward(float *dx, const float *dy, const int32_t *arg, po
     }
 }
 
+/* Max pooling whose windows tile the input (pool_tiled: the stride the window, no padding, no rows
+ * or columns past the last window): every input element lies in exactly one window, so a thread an
+ * output writes its window's kh x kw gradients, dy at the saved argmax and 0 elsewhere, without
+ * pool_backward's per-element divisions and window bounds. 0 + dy as pool_backward adds it (so -0
+ * becomes +0, as there and on the cpu). */
+template <typename I>
+__global__ void maxpool_backward_tiled(float *dx, const float *dy, const int32_t *arg, pool_geom g, int accum) {
+    cu_pdl_enter();
+    const pool_ix<I> p(g);
+    const I total = p.planes * p.oh * p.ow;
+    for (I o = blockIdx.x * (I)blockDim.x + threadIdx.x; o < total; o += (I)gridDim.x * blockDim.x) {
+        const I ow = o % p.ow, t = o / p.ow, oh = t % p.oh, c = t / p.oh;
+        const float d = 0.0f + dy[o];
+        const I at = arg[o];
+        float *dc = dx + c * p.h * p.w;
+        for (I i = 0; i < p.kh; i++)
+            for (I j = 0; j < p.kw; j++) {
+                const I e = (oh * p.kh + i) * p.w + ow * p.kw + j;
+                const float v = e == at ? d : 0.0f;
+                dc[e] = accum ? dc[e] + v : v;
+            }
+    }
+}
+
+static bool pool_tiled(const pool_geom &p) {
+    return p.max && p.kh == p.sh && p.kw == p.sw && p.ph == 0 && p.pw == 0 && p.h == p.oh * p.kh && p.w == p.ow * p.kw;
+}
+
 /* one warp per (sample, channel) plane, summed in double (as the cpu's: a float lane sum over
  * a 224 x 224 plane drifts by ~1e-5) */
 __global__ void global_avgpool_forward(float *y, const float *x, int64_t planes, int64_t hw) {
@@ -249,6 +277,13 @@ int cu_pool_backward(cu_graph *g, const mpscy_node *n, int64_t b, char *err, siz
         return CU_LAUNCHED(name);
     }
     pool_geom p = geom(g, n, b);
+    if (pool_tiled(p)) {
+        CU_TRY(cu_launch(g, pool_i32(p) ? maxpool_backward_tiled<int32_t> : maxpool_backward_tiled<int64_t>,
+                         cu_blocks(p.planes * p.oh * p.ow, CU_THREADS, 8192), CU_THREADS, g->stream, dx,
+                         (const float *)g->dy[i], (const int32_t *)(g->save + n->save), p, (int)n->accum[0]),
+               "maxpool_backward_tiled");
+        return CU_LAUNCHED("maxpool_backward_tiled");
+    }
     CU_TRY(cu_launch(g, pool_i32(p) ? pool_backward<int32_t> : pool_backward<int64_t>,
                      cu_blocks(p.planes * p.h * p.w, CU_THREADS, 8192), CU_THREADS, g->stream, dx,
                      (const float *)g->dy[i], (const int32_t *)(g->save + n->save), p, (int)n->accum[0]),

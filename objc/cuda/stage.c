@@ -7,10 +7,16 @@
 _Static_assert(CU_STAGE_BAD == MPSCY_STAGE_BAD, "one flag bit");
 _Static_assert(CU_STAGE_MAX_PIECES <= MPSCY_STAGE_MAX_CHUNKS, "a job holds every piece");
 
-int64_t cu_stage_piece(int64_t n) {
+int64_t cu_stage_piece(int64_t n, int64_t least) {
     int64_t piece = (n + CU_STAGE_MAX_PIECES - 1) / CU_STAGE_MAX_PIECES;
     piece = (piece + 15) / 16 * 16;
-    return piece < CU_STAGE_MIN_PIECE ? CU_STAGE_MIN_PIECE : piece;
+    return piece < least ? least : piece;
+}
+
+int64_t cu_stage_least(void) {
+    const char *knob = getenv("MPSCY_STAGE_PIECE");
+    const long v = knob && *knob ? atol(knob) : 0;
+    return v >= 16 ? (v + 15) / 16 * 16 : CU_STAGE_MIN_PIECE;
 }
 
 int cu_stage_threads(int64_t bytes, int deferred) {
@@ -22,9 +28,15 @@ int cu_stage_threads(int64_t bytes, int deferred) {
     return deferred && th < 2 && !(knob && *knob) ? 2 : th;
 }
 
+int cu_stage_stream(void) {
+    const char *knob = getenv("MPSCY_STAGE_STREAM");
+    return knob && *knob ? atoi(knob) != 0 : 1;
+}
+
 int64_t cu_stage_pieces(mpscy_pool *pool, float *dst, const float *src, int64_t n, int64_t piece, uint32_t *flags,
-                        uint32_t seq, int (*hook)(void *), void *arg, int *hook_status) {
+                        uint32_t seq, int stream, int (*hook)(void *), void *arg, int *hook_status) {
     mpscy_stage_job j;
+    j.stream = stream;
     j.dst = dst;
     j.src = src;
     j.n = n;
