@@ -1,12 +1,14 @@
 """python -m mpscy: --help documents train/predict/demo; train reaches its held-out accuracy
 and writes a checkpoint, an ONNX file and plots; predict classifies PNG files with that
-checkpoint; image folders train too; bad options fail with a message and exit code 2."""
+checkpoint, reading each loss's outputs as probabilities and refusing models it cannot classify;
+image folders train too; bad options fail with a message and exit code 2."""
 import math
 import os
 import re
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -382,3 +384,177 @@ def test_cli_predict_prints_the_softmax_of_the_preprocessed_images(device, tmp_p
             got = np.array([float(probs[str(k)]) for k in range(10)])
             assert math.isclose(got.sum(), 1.0, abs_tol=0.006)
             np.testing.assert_allclose(got, ref, atol=0.0006)
+
+
+# ----------------------------------------------------------------------------- predict's kinds of model
+# predict reads a checkpoint as an image classifier: probabilities from the loss (softmax of
+# cross-entropy logits, sigmoid of BCEWithLogits's, a Softmax's or Sigmoid's output as it is),
+# a single output as class 1's probability; any other model is refused with "error: ..." and 2.
+def _checkpoint(path, device, model, loss, params, meta=None):
+    """Saves an engine of `model` and `loss` whose parameters are zero but for `params`."""
+    engine = mpscy.Engine(model, loss=loss, batch_size=8, device=device)
+    engine.set_parameters({k: np.asarray(params.get(k, np.zeros(v.shape)), np.float32)
+                           for k, v in engine.get_parameters().items()})
+    engine.save(path, meta=meta)
+    engine.close()
+    return path
+
+
+def _gray_pngs(folder, pixels, size=(1, 1)):
+    """One gray PNG of the given size per pixel value, named a.png, b.png, ..."""
+    Image = pytest.importorskip("PIL.Image")
+    folder.mkdir()
+    for name, v in zip("abcdefgh", pixels):
+        Image.fromarray(np.full(size[::-1], v, np.uint8)).save(folder / f"{name}.png")
+    return folder
+
+
+def _binary_head(loss):
+    """Dense(1) on a 1x1 gray image (weight 10, bias -5: logit 10 x - 5), with a Sigmoid at its
+    end for binary_cross_entropy, which takes probabilities."""
+    tail = [layers.Sigmoid()] if loss == "binary_cross_entropy" else []
+    model = mpscy.Sequential([layers.Dense(1)] + tail, input_shape=(1, 1, 1))
+    return model, {"dense_0.weight": [[10.0]], "dense_0.bias": [-5.0]}
+
+
+@pytest.mark.parametrize("loss", ["bce_with_logits", "binary_cross_entropy"])
+def test_cli_predict_a_single_output_binary_head(loss, device, tmp_path, capsys):
+    """Pixels 0, 102, 128, 255 give logits -5, -1, 0.0196, 5: class 1 where its probability
+    sigmoid(logit) is above 0.5, each class printed with its own probability (the logit 5 was
+    printed as "0 (4.855)"-like raw values before)."""
+    imgs = _gray_pngs(tmp_path / "imgs", [0, 102, 128, 255])
+    model, params = _binary_head(loss)
+    ckpt = _checkpoint(tmp_path / "b.mpscy", device, model, loss, params)
+    code, out, err, _ = _run_main(["predict", str(ckpt), str(imgs), "--device", device], capsys)
+    assert (code, err) == (0, "")
+    assert out == "a.png\t0 (0.993)\nb.png\t0 (0.731)\nc.png\t1 (0.505)\nd.png\t1 (0.993)\n"
+    code, out, err, _ = _run_main(["predict", str(ckpt), str(imgs / "d.png"), "--device", device, "--top", "5"],
+                                  capsys)
+    assert (code, out) == (0, "d.png\t1 (0.993)  0 (0.007)\n")
+    named = _checkpoint(tmp_path / "n.mpscy", device, model, loss, params, meta={"classes": ["cat", "dog"]})
+    code, out, err, _ = _run_main(["predict", str(named), str(imgs / "a.png"), "--device", device, "--top", "2"],
+                                  capsys)
+    assert (code, out) == (0, "a.png\tcat (0.993)  dog (0.007)\n")
+
+
+def test_cli_predict_a_binary_tie_is_class_0(device, tmp_path, capsys):
+    """Logit 0 (probability 0.5) is class 0, as the engine's accuracy thresholds it (p > 0.5)."""
+    imgs = _gray_pngs(tmp_path / "imgs", [0])
+    ckpt = _checkpoint(tmp_path / "t.mpscy", device, mpscy.Sequential([layers.Dense(1)], input_shape=(1, 1, 1)),
+                       "bce_with_logits", {})
+    code, out, err, _ = _run_main(["predict", str(ckpt), str(imgs), "--device", device, "--top", "2"], capsys)
+    assert (code, out, err) == (0, "a.png\t0 (0.500)  1 (0.500)\n", "")
+
+
+@pytest.mark.parametrize("loss", ["bce_with_logits", "binary_cross_entropy"])
+def test_cli_predict_a_multi_label_head_lists_each_labels_probability(loss, device, tmp_path, capsys):
+    """Three independent labels with logits 2, -1, 0.5: sigmoid 0.881, 0.269, 0.622, listed
+    from the most probable, each its own probability (not a softmax over the three)."""
+    imgs = _gray_pngs(tmp_path / "imgs", [0])
+    tail = [layers.Sigmoid()] if loss == "binary_cross_entropy" else []
+    model = mpscy.Sequential([layers.Dense(3)] + tail, input_shape=(1, 1, 1))
+    ckpt = _checkpoint(tmp_path / "m.mpscy", device, model, loss, {"dense_0.bias": [2.0, -1.0, 0.5]})
+    code, out, err, _ = _run_main(["predict", str(ckpt), str(imgs), "--device", device, "--top", "3"], capsys)
+    assert (code, out, err) == (0, "a.png\t0 (0.881)  2 (0.622)  1 (0.269)\n", "")
+
+
+@pytest.mark.parametrize("loss, softmax_layer", [("sparse_cross_entropy", False), ("cross_entropy", False),
+                                                 ("categorical_cross_entropy", True),
+                                                 ("sparse_cross_entropy", True)])
+def test_cli_predict_applies_the_softmax_once(loss, softmax_layer, device, tmp_path, capsys):
+    """Logits 2, 0, 0 give softmax 0.787, 0.107, 0.107, whether the loss applies the softmax or
+    the model ends in one (sparse_cross_entropy after a Softmax, which the engine warns about,
+    printed 0.497 as softmax(softmax) before)."""
+    imgs = _gray_pngs(tmp_path / "imgs", [0])
+    model = mpscy.Sequential([layers.Dense(3)] + ([layers.Softmax()] if softmax_layer else []), input_shape=(1, 1, 1))
+    if loss == "sparse_cross_entropy" and softmax_layer:
+        with pytest.warns(UserWarning, match="applied twice"):
+            ckpt = _checkpoint(tmp_path / "s.mpscy", device, model, loss, {"dense_0.bias": [2.0, 0.0, 0.0]})
+    else:
+        ckpt = _checkpoint(tmp_path / "s.mpscy", device, model, loss, {"dense_0.bias": [2.0, 0.0, 0.0]})
+    code, out, err, _ = _run_main(["predict", str(ckpt), str(imgs), "--device", device, "--top", "3"], capsys)
+    assert (code, out, err) == (0, "a.png\t0 (0.787)  1 (0.107)  2 (0.107)\n", "")
+
+
+def test_cli_predict_a_sigmoid_output_under_bce_with_logits_is_not_squashed_twice(device, tmp_path, capsys):
+    imgs = _gray_pngs(tmp_path / "imgs", [0])
+    model = mpscy.Sequential([layers.Dense(1), layers.Sigmoid()], input_shape=(1, 1, 1))
+    with pytest.warns(UserWarning, match="applied twice"):
+        ckpt = _checkpoint(tmp_path / "s.mpscy", device, model, "bce_with_logits", {"dense_0.bias": [5.0]})
+    code, out, err, _ = _run_main(["predict", str(ckpt), str(imgs), "--device", device], capsys)
+    assert (code, out, err) == (0, "a.png\t1 (0.993)\n", "")  # sigmoid(sigmoid(5)) would be 0.730
+
+
+def _two_inputs():
+    a, b = mpscy.Input((3, 8, 8)), mpscy.Input((3, 8, 8))
+    return mpscy.Model([a, b], layers.Dense(2)(layers.Flatten()(layers.Add()([a, b]))))
+
+
+def _conv_1x1():
+    i = mpscy.Input((3, 8, 8))
+    return mpscy.Model(i, layers.Conv2D(4, 1)(i))
+
+
+_API = "; use the Python API for it: mpscy.load({ckpt!r}).predict(x)"
+_NOT_CLASSIFIERS = [  # (id, model, loss, meta, the whole expected message)
+    ("regression", lambda: mpscy.Sequential([layers.Dense(3)], input_shape=(3, 8, 8)), "mse", None,
+     "predict classifies images, and this model was trained with loss 'mse', whose outputs are not class scores"
+     + _API),
+    ("segmentation", _conv_1x1, "sparse_cross_entropy", None,
+     "predict classifies whole images, and this model's output per image has shape (4, 8, 8), not (classes,)" + _API),
+    ("two inputs", _two_inputs, "sparse_cross_entropy", None,
+     "predict takes models with one image input, and this one has 2 inputs" + _API),
+    ("unsquashed bce", lambda: mpscy.Sequential([layers.Dense(1)], input_shape=(3, 8, 8)), "binary_cross_entropy",
+     None, "this model was trained with loss 'binary_cross_entropy' on an output that is not squashed into [0, 1] "
+     "(no Sigmoid or Softmax at its end), so its outputs are not probabilities" + _API),
+    ("4 channels", lambda: mpscy.Sequential([layers.Dense(2)], input_shape=(4, 8, 8)), "sparse_cross_entropy", None,
+     "this model takes images of 4 channels; predict reads gray (1) or RGB (3) images"),
+    ("class names", lambda: mpscy.Sequential([layers.Dense(10)], input_shape=(3, 8, 8)), "sparse_cross_entropy",
+     {"classes": ["a", "b", "c"]}, "the checkpoint's meta has 3 class names for a model of 10 outputs"),
+    ("binary names", lambda: mpscy.Sequential([layers.Dense(1)], input_shape=(3, 8, 8)), "bce_with_logits",
+     {"classes": ["yes"]},
+     "the checkpoint's meta has 1 class names for a model of 1 output (a binary head takes 2: class 0's and "
+     "class 1's)"),
+]
+
+
+@pytest.mark.parametrize("build, loss, meta, message", [c[1:] for c in _NOT_CLASSIFIERS],
+                         ids=[c[0] for c in _NOT_CLASSIFIERS])
+def test_cli_predict_refuses_what_it_cannot_classify(build, loss, meta, message, device, tmp_path, capsys):
+    """Each used to be a traceback (the segmentation's TypeError at argsort, an IndexError for
+    too few class names), the Python API's message ("pass x as a list of 2 arrays"), or raw
+    outputs printed as probabilities (the regression's, the unsquashed BCE's)."""
+    imgs = _gray_pngs(tmp_path / "imgs", [0, 255], size=(8, 8))
+    ckpt = str(tmp_path / "m.mpscy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the unsquashed BCE's warning (the engine's own test)
+        _checkpoint(ckpt, device, build(), loss, {}, meta=meta)
+        code, out, err, _ = _run_main(["predict", ckpt, str(imgs), "--device", device], capsys)
+    assert (code, out, err) == (2, "", f"error: {message.format(ckpt=ckpt)}\n")
+
+
+def test_cli_predict_reads_a_checkpoint_with_other_meta(device, tmp_path, capsys):
+    """Engine.save takes any JSON value as meta: a list (an AttributeError before) counts as no
+    meta, and a preprocess without image_size (an ImageFolder that did not resize) resizes to the
+    model's input, so images of other sizes stack (a ValueError before)."""
+    imgs = _gray_pngs(tmp_path / "imgs", [0], size=(8, 8))
+    _gray_pngs(tmp_path / "big", [255], size=(16, 12))
+    os.replace(tmp_path / "big" / "a.png", imgs / "b.png")
+    model = mpscy.Sequential([layers.Dense(3)], input_shape=(1, 8, 8))
+    params = {"dense_0.bias": [2.0, 0.0, 0.0]}
+    pre = {"image_size": None, "channels": 1, "mean": None, "std": None, "invert": False}
+    for k, meta in enumerate([[1, 2], {"preprocess": pre, "classes": ["x", "y", "z"]}]):
+        ckpt = _checkpoint(tmp_path / f"m{k}.mpscy", device, model, "sparse_cross_entropy", params, meta=meta)
+        code, out, err, _ = _run_main(["predict", str(ckpt), str(imgs), "--device", device], capsys)
+        names = meta["classes"] if isinstance(meta, dict) else "012"
+        assert (code, out, err) == (0, f"a.png\t{names[0]} (0.787)\nb.png\t{names[0]} (0.787)\n", ""), meta
+
+
+def test_cli_predict_skips_a_folder_named_like_an_image(device, tmp_path, capsys):
+    """A sub-folder "z.png" is no image: it was read as one ("error: cannot read image ...")."""
+    imgs = _gray_pngs(tmp_path / "imgs", [0])
+    (imgs / "z.png").mkdir()
+    model = mpscy.Sequential([layers.Dense(3)], input_shape=(1, 1, 1))
+    ckpt = _checkpoint(tmp_path / "m.mpscy", device, model, "sparse_cross_entropy", {"dense_0.bias": [2.0, 0.0, 0.0]})
+    code, out, err, _ = _run_main(["predict", str(ckpt), str(imgs), "--device", device], capsys)
+    assert (code, out, err) == (0, "a.png\t0 (0.787)\n", "")

@@ -268,39 +268,100 @@ def _fit_and_report(args, engine, opt, source, x_test, y_test, classes, pre):
 
 
 # ----------------------------------------------------------------------------- predict
-def predict(args):
-    import mpscy
-    from mpscy import data
-    if not os.path.exists(args.images):
-        raise UsageError(f"{args.images!r} is neither an image file nor a folder")
-    engine = mpscy.load(args.model, device=args.device, batch_size=args.batch_size)
-    meta = getattr(engine, "checkpoint_meta", None) or {}
-    shape = engine.model.input_shapes[0]
+# How predict turns each loss's outputs into probabilities; the regression losses (mse, mae,
+# huber) are not here: their outputs are not class scores, and predict refuses them.
+_SQUASH = {"sparse_cross_entropy": "softmax", "cross_entropy": "softmax", "categorical_cross_entropy": None,
+           "bce_with_logits": "sigmoid", "binary_cross_entropy": None}
+
+
+def _classifier(engine, path):
+    """The squashing ("softmax", "sigmoid" or None) that gives this checkpoint's class
+    probabilities; raises UsageError for a model predict cannot read as an image classifier."""
+    from mpscy import losses
+    model, kind = engine.model, engine.loss.kind
+    api = f"; use the Python API for it: mpscy.load({path!r}).predict(x)"
+    if len(model.input_shapes) != 1:
+        raise UsageError(f"predict takes models with one image input, and this one has "
+                         f"{len(model.input_shapes)} inputs{api}")
+    shape = tuple(model.input_shapes[0])
     if len(shape) != 3:
         raise UsageError(f"this model takes inputs shaped {shape}, not images (C, H, W)")
-    pre = dict(meta.get("preprocess") or {"image_size": list(shape[1:]), "channels": shape[0]})
+    if kind not in _SQUASH:
+        raise UsageError(f"predict classifies images, and this model was trained with loss {kind!r}, whose "
+                         f"outputs are not class scores{api}")
+    if len(model.output_shape) != 1:  # per-position outputs (a segmentation's)
+        raise UsageError(f"predict classifies whole images, and this model's output per image has shape "
+                         f"{tuple(model.output_shape)}, not (classes,){api}")
+    squash = _SQUASH[kind]
+    if losses.output_mismatch(engine.loss, model):  # the engine warned when it was built
+        if squash is None:
+            raise UsageError(f"this model was trained with loss {kind!r} on an output that is not squashed into "
+                             f"[0, 1] (no Sigmoid or Softmax at its end), so its outputs are not probabilities{api}")
+        squash = None  # the model ends in its own Softmax or Sigmoid: not applied twice
+    return squash
+
+
+def _probabilities(out, squash):
+    """(n, classes) probabilities from outputs (n, k). A single output is the probability of
+    class 1, returned as the two columns (1 - p, p), so class 1 wins where p > 0.5 (as the
+    engine's accuracy thresholds it); several sigmoid outputs are independent labels."""
+    out = np.asarray(out, dtype=np.float64)
+    if squash == "softmax":
+        out = np.exp(out - out.max(1, keepdims=True))
+        out /= out.sum(1, keepdims=True)
+    elif squash == "sigmoid":
+        out = np.exp(-np.logaddexp(0.0, -out))  # 1 / (1 + exp(-x)) without overflow
+    return np.concatenate([1.0 - out, out], axis=1) if out.shape[1] == 1 else out
+
+
+def predict(args):
+    import mpscy
+    if not os.path.exists(args.images):
+        raise UsageError(f"{args.images!r} is neither an image file nor a folder")
+    with mpscy.load(args.model, device=args.device, batch_size=args.batch_size) as engine:
+        squash = _classifier(engine, args.model)
+        meta = getattr(engine, "checkpoint_meta", None)
+        meta = meta if isinstance(meta, dict) else {}  # Engine.save takes any JSON value as meta
+        outputs = engine.model.output_shape[0]
+        n_classes = 2 if outputs == 1 else outputs
+        classes = meta.get("classes")
+        classes = classes if isinstance(classes, list) and classes else [str(k) for k in range(n_classes)]
+        if len(classes) != n_classes:
+            raise UsageError(f"the checkpoint's meta has {len(classes)} class names for a model of {outputs} "
+                             + ("output (a binary head takes 2: class 0's and class 1's)" if outputs == 1
+                                else "outputs"))
+        files, x = _read_images(args, engine.model.input_shapes[0], meta)
+        probs = _probabilities(engine.predict(x), squash)
+    top = min(args.top, probs.shape[1])
+    for f, row in zip(files, probs):
+        best = np.argsort(-row, kind="stable")[:top]  # ties: the lower class first
+        guesses = "  ".join(f"{classes[k]} ({row[k]:.3f})" for k in best)
+        print(f"{os.path.basename(f)}\t{guesses}")
+    return 0
+
+
+def _read_images(args, shape, meta):
+    """(file paths, images (n, C, H, W)) prepared as the checkpoint's training data was, else
+    resized to the model's input with its channels."""
+    from mpscy import data
+    given = meta.get("preprocess")
+    pre = {"image_size": list(shape[1:]), "channels": shape[0], **(given if isinstance(given, dict) else {})}
+    pre["image_size"] = pre["image_size"] or list(shape[1:])  # an ImageFolder without image_size
+    if pre["channels"] not in (1, 3):
+        raise UsageError(f"this model takes images of {pre['channels']} channels; predict reads gray (1) "
+                         "or RGB (3) images")
     if args.invert:
         pre["invert"] = True
-    classes = meta.get("classes") or [str(k) for k in range(int(np.prod(engine.model.output_shape)))]
     if os.path.isdir(args.images):
         files = sorted(os.path.join(args.images, f) for f in os.listdir(args.images)
-                       if f.lower().endswith(data.IMAGE_EXTENSIONS))
+                       if f.lower().endswith(data.IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(args.images, f)))
     else:
         files = [args.images]
     if not files:
         raise UsageError(f"no {'/'.join(data.IMAGE_EXTENSIONS)} images in {args.images!r}")
-    x = np.stack([data.load_image(f, pre.get("image_size"), pre.get("channels", 3), pre.get("mean"),
-                                  pre.get("std"), pre.get("invert", False)) for f in files])
-    out = engine.predict(x)
-    if engine.loss.kind in ("sparse_cross_entropy", "cross_entropy"):
-        out = np.exp(out - out.max(1, keepdims=True))
-        out /= out.sum(1, keepdims=True)
-    top = min(args.top, out.shape[1])
-    for f, row in zip(files, out):
-        best = np.argsort(-row, kind="stable")[:top]
-        guesses = "  ".join(f"{classes[k]} ({row[k]:.3f})" for k in best)
-        print(f"{os.path.basename(f)}\t{guesses}")
-    return 0
+    x = np.stack([data.load_image(f, pre["image_size"], pre["channels"], pre.get("mean"), pre.get("std"),
+                                  pre.get("invert", False)) for f in files])
+    return files, x
 
 
 # ----------------------------------------------------------------------------- parser
@@ -344,7 +405,9 @@ def parser():
     r = sub.add_parser("predict", help="classify image files with a saved checkpoint",
                        description="Classifies every JPEG/PNG/BMP image in a folder (or one file) with a "
                                    "checkpoint written by `train --save`, preprocessing the images the way "
-                                   "the training data was.")
+                                   "the training data was. The model takes one image input and gives one "
+                                   "score per class (cross-entropy losses) or one probability per label "
+                                   "(binary cross-entropy; a single output is class 1's).")
     r.add_argument("model", help="checkpoint written by train --save or Engine.save")
     r.add_argument("images", help="a folder of images, or one image file")
     r.add_argument("--device", choices=_DEVICES, default="auto")
