@@ -255,6 +255,53 @@ def test_model_summary_and_node_order():
 # ------------------------------------------------------------------ errors
 
 
+def test_joins_of_more_than_eight_tensors(device, rng):
+    """Concatenate of 11 tensors and Add of 10 (a DenseNet block's torch.cat of many): chains of
+    joins of at most 8 (the native node's inputs), summing left to right. Against NumPy in float64
+    (forward, every gradient, the input's), and the same bits as the chain written by hand."""
+    def build(by_hand):
+        x_in = mpscy.Input((2, 3, 4))
+        convs = [layers.Conv2D(1 + k % 3, 1, name=f"c{k}")(x_in) for k in range(11)]
+        adds = [layers.Conv2D(3, 1, name=f"a{k}")(x_in) for k in range(9)]
+        if by_hand:
+            cat = layers.Concatenate(name="cat")(layers.Concatenate()(convs[:8]), *convs[8:])
+            add = layers.Add(name="add")(layers.Add()(adds[:8]), adds[8], adds[8])
+        else:
+            cat = layers.Concatenate(name="cat")(convs)
+            add = layers.Add(name="add")(adds + [adds[8]])
+        return mpscy.Model(x_in, layers.Concatenate()([cat, add]))
+    model = build(False)
+    assert model.output_shape == (sum(1 + k % 3 for k in range(11)) + 3, 3, 4)
+    assert sum(type(n.layer).__name__ == "Concatenate" for n in model.nodes) == 3
+    assert sum(type(n.layer).__name__ == "Add" for n in model.nodes) == 2
+    engine, hand = engine_for(device, model, 3), engine_for(device, build(True), 3)
+    P = engine.get_parameters()
+    hand.set_parameters(P)
+    x = rng.standard_normal((3, 2, 3, 4)).astype(np.float32)
+    x64 = x.astype(np.float64)
+    outs = [R.conv2d_forward(x64, params_of(P, f"c{k}"), CONV1) for k in range(11)]
+    adds = [R.conv2d_forward(x64, params_of(P, f"a{k}"), CONV1) for k in range(9)]
+    y = np.concatenate([o for o, _ in outs] + [sum(a for a, _ in adds) + adds[8][0]], 1)
+    t = rng.standard_normal(y.shape).astype(np.float32)
+    loss, dy = R.loss_ref("mse", y, t)
+    grads, dx, at = {}, 0.0, 0
+    for k, (_, cache) in enumerate(outs):
+        w = 1 + k % 3
+        d, g = R.conv2d_backward(dy[:, at:at + w], cache)
+        grads |= {f"c{k}.{n}": v for n, v in g.items()}
+        dx, at = dx + d, at + w
+    for k, (_, cache) in enumerate(adds):
+        d, g = R.conv2d_backward(dy[:, at:] * (2 if k == 8 else 1), cache)
+        grads |= {f"a{k}.{n}": v for n, v in g.items()}
+        dx = dx + d
+    got = engine.gradients(x, t)
+    check(got, loss, grads, dx)
+    assert R.rel_err(engine.predict(x), y) < 1e-5
+    assert np.array_equal(engine.predict(x), hand.predict(x))
+    mine = hand.gradients(x, t)
+    assert all(np.array_equal(got[k], mine[k]) for k in got if k != "loss")
+
+
 def test_graph_building_errors():
     x = mpscy.Input((3, 4, 4))
     a = layers.Conv2D(2, 3, padding=1)(x)
@@ -374,9 +421,11 @@ def test_a_failed_build_uses_up_no_layers_and_inputs_are_checked():
     a = mpscy.Input(4)
     with pytest.raises(mpscy.InvalidArgumentError, match=r"^Model input 1 is the same Input as an earlier one"):
         mpscy.Model([a, a], layers.Dense(2)(a))
-    for bad in (5, "", "x" * 41, "dense_0.weight"):
+    for bad in ("", "x" * 41, "dense_0.weight"):
         with pytest.raises(mpscy.InvalidArgumentError, match=r"^Input name must be a non-empty string of at most 40"):
             mpscy.Input(4, name=bad)
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"^Input name must be a string, got 5: a PyTorch argument"):
+        mpscy.Input(4, name=5)
     x = mpscy.Input(4, name="pixels")
     assert mpscy.Model(x, layers.Dense(2)(x)).nodes[0].name == "pixels"
 

@@ -977,6 +977,20 @@ def test_conv_bias_gradient_over_many_positions_is_float64_close(device, rng, ki
     assert R.rel_err(g[name], (d @ P["dense_2.weight"].astype(np.float64)).sum(0)) < tol
 
 
+def test_torch_positional_arguments_past_mpscy_s_own_are_refused():
+    """torch.nn.AvgPool2d's fourth positional argument is ceil_mode, nn.LeakyReLU's and nn.ELU's
+    second inplace, nn.MaxPool2d's fourth dilation: given by position here they would land on
+    count_include_pad or the layer's name. AvgPool2D takes count_include_pad by keyword only, and a
+    name that is not a string is refused naming the cause."""
+    with pytest.raises(TypeError, match="positional"):
+        layers.AvgPool2D(3, 1, 1, False)
+    assert layers.AvgPool2D(3, 1, 1, count_include_pad=False).count_include_pad is False
+    for make in (lambda: layers.LeakyReLU(0.2, True), lambda: layers.ELU(1.0, True), lambda: layers.MaxPool2D(3, 2, 1, 1)):
+        with pytest.raises(mpscy.InvalidArgumentError, match=r"name must be a string, got (True|1): a PyTorch argument "
+                                                             r"passed by position"):
+            make()
+
+
 def test_keras_activation_names_give_the_layers():
     """Activation("relu") and Keras 3's other names build the layer that computes them, with
     Keras's defaults where they differ from torch's (leaky_relu's slope 0.2); LeakyReLU takes Keras

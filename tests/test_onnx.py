@@ -301,6 +301,15 @@ def test_unsupported_graphs_say_why(device):
                                                      r"constant \(a per-channel scale, say\) has no mpscy layer"):
         mpscy.onnx.load(model([helper.make_node("Mul", ["x", "k"], ["y"], name="scale")], [("k", [1, 2, 3, 4])]),
                         device=device)
+    # a layer that refuses its options (an AveragePool padded past half its window): UnsupportedError
+    # naming the ONNX node, not InvalidArgumentError naming the layer's made-up name
+    g = helper.make_graph([helper.make_node("AveragePool", ["x"], ["y"], name="pool1", kernel_shape=[2, 2],
+                                            pads=[2, 2, 2, 2])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 11, 11])])
+    with pytest.raises(mpscy.UnsupportedError, match=r"^ONNX import: AveragePool node 'pool1': AvgPool2D cannot take "
+                                                     r"it: AvgPool2D padding \(2, 2\) must be at most half"):
+        mpscy.onnx.load(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), device=device)
     relu = helper.make_node("Relu", ["x"], ["r"], name="relu")
     with pytest.raises(mpscy.UnsupportedError, match=r"^ONNX import: Conv node 'conv': a constant or shape value is "
                                                      r"used where a tensor is needed"):

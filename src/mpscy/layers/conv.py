@@ -284,11 +284,13 @@ class MaxPool2D(_Pool2D):
 
 class AvgPool2D(_Pool2D):
     """Average pooling over (C, H, W) (torch.nn.AvgPool2d, floor mode). With
-    count_include_pad=True (PyTorch's default) padded zeros count in the divisor."""
+    count_include_pad=True (PyTorch's default) padded zeros count in the divisor. It and name are
+    keywords only: torch.nn.AvgPool2d's fourth positional argument is ceil_mode, so a ported
+    AvgPool2d(3, 1, 1, False) is refused rather than read as count_include_pad=False."""
     kind = "avgpool2d"
     prefix = "avgpool2d"
 
-    def __init__(self, pool_size, stride=None, padding=0, count_include_pad=True, name=None):
+    def __init__(self, pool_size, stride=None, padding=0, *, count_include_pad=True, name=None):
         super().__init__(pool_size, stride, padding, name)
         self.count_include_pad = flag(count_include_pad, "count_include_pad")
 

@@ -135,11 +135,12 @@ class _Reader:
         named after `node_name` (by default the node being read) where that name is free."""
         tensors = [self.tensor(a) for a in args]     # layers of pending operands first
         name = self._name(cls.prefix, self.current if node_name is False else node_name)
-        layer = cls(name=name, **kwargs)
         try:
-            out = layer(tensors if len(tensors) > 1 else tensors[0])
+            out = cls(name=name, **kwargs)(tensors if len(tensors) > 1 else tensors[0])
         except ShapeError as e:
-            raise ShapeError(f"ONNX import, {cls.__name__}: {e}") from None
+            raise ShapeError(f"ONNX import, {self._at()}{cls.__name__}: {e}") from None
+        except InvalidArgumentError as e:  # a graph mpscy cannot build: the node named, not the layer's made-up name
+            raise UnsupportedError(f"ONNX import: {self._at()}{cls.__name__} cannot take it: {e}") from None
         for suffix, arr in (params or {}).items():
             self.params[f"{name}.{suffix}"] = np.ascontiguousarray(arr, dtype=np.float32)
         return Sym(out)
