@@ -440,3 +440,74 @@ def test_fit_refuses_a_folder_nothing_can_be_made_in_even_for_root(device, digit
             engine.fit(xtr[:64], ytr[:64], verbose=0, callbacks=[callback])
     assert engine.iterations == 0
 
+
+
+def test_a_schedule_object_of_another_engine_is_refused_by_learning_rate_scheduler(device, digits):
+    """LearningRateScheduler(schedules.StepLR(old_engine, ...)) stepped the other engine during
+    new.fit (its rate halved each epoch, the new engine's untouched), where set_schedule refuses
+    such a schedule; fit now refuses it alike, before the first step, changing neither engine."""
+    xtr, ytr, _, _ = digits
+    old, new = digits_engine(device, opt=optim.SGD(0.1)), digits_engine(device, opt=optim.SGD(0.1), seed=1)
+    sched = optim.schedules.StepLR(old, step_size=1, gamma=0.5)
+    before = new.get_parameters()
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"^LearningRateScheduler: this schedule \(StepLR\) was "
+                                                         r"built on another engine; build it on the engine fit "
+                                                         r"trains$"):
+        new.fit(xtr, ytr, epochs=2, verbose=0, callbacks=[cb.LearningRateScheduler(sched)])
+    assert old.learning_rate == 0.1 and sched.last_epoch == 0 and new.epoch == 0
+    assert all(np.array_equal(v, new.get_parameters()[k]) for k, v in before.items())
+    with pytest.raises(mpscy.InvalidArgumentError, match="this schedule was built on another engine"):
+        new.set_schedule(sched)
+    h = old.fit(xtr, ytr, epochs=2, verbose=0, callbacks=[cb.LearningRateScheduler(sched)])   # its own: taken
+    assert h.history["lr"] == [0.1, 0.05] and old.learning_rate == 0.025
+
+
+def test_on_train_end_gets_the_last_epoch_s_logs(device, digits):
+    """on_train_end was given {}; as Keras it now gets the last epoch's logs (keys a callback
+    added included), also when a callback stopped training; {} when fit ran no epoch."""
+    xtr, ytr, xte, yte = digits
+
+    class Ends(cb.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs["extra"] = epoch
+            if epoch == 1:
+                self.engine.stop_training = True
+
+        def on_train_end(self, logs=None):
+            self.logs = logs
+
+    end = Ends()
+    h = digits_engine(device).fit(xtr, ytr, epochs=5, validation_data=(xte, yte), verbose=0, callbacks=[end])
+    assert len(h.epoch) == 2
+    assert end.logs == {k: v[-1] for k, v in h.history.items()} and end.logs["extra"] == 1
+    assert set(end.logs) == {"loss", "accuracy", "val_loss", "val_accuracy", "lr", "extra"}
+    digits_engine(device).fit(xtr, ytr, epochs=2, initial_epoch=2, verbose=0, callbacks=[end])
+    assert end.logs == {}
+
+
+def test_keras_s_self_model_points_to_self_engine(device, digits):
+    """Keras's callbacks write self.model.stop_training = True; an mpscy callback had no `model`
+    and failed with a bare AttributeError. It now says where the engine is; a callback may still
+    keep a `model` attribute of its own."""
+    xtr, ytr, _, _ = digits
+
+    class KerasStyle(cb.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            self.model.stop_training = True
+
+    e = digits_engine(device)
+    with pytest.raises(AttributeError, match=r"^'KerasStyle' object has no attribute 'model': an mpscy callback sees "
+                                             r"the engine fit trains as self\.engine \(Keras's "
+                                             r"self\.model\.stop_training = True is self\.engine\.stop_training = "
+                                             r"True; self\.engine\.model is the layers' model\)$"):
+        e.fit(xtr, ytr, epochs=2, verbose=0, callbacks=[KerasStyle()])
+    assert not hasattr(cb.Callback(), "model")
+    with pytest.raises(AttributeError, match=r"^'Callback' object has no attribute 'other'$"):
+        cb.Callback().other
+
+    class Own(cb.Callback):
+        def __init__(self):
+            super().__init__()
+            self.model = "mine"
+
+    assert Own().model == "mine"

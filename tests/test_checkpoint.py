@@ -868,3 +868,135 @@ def test_a_checkpoint_keeps_the_engine_s_threads(digits, tmp_path):
     bad = _rewrite(tmp_path / "t1.mpscy", tmp_path / "bad.mpscy", desc=_set("engine", "threads", 10**6))
     with pytest.raises(mpscy.CheckpointError, match=r"engine.threads must be in \[0, 64\], got 1000000"):
         mpscy.load(bad, device="cpu")
+
+
+# ----------------------------------------------------------------------------- saves inside an epoch
+class _SaveEachBatch(mpscy.callbacks.Callback):
+    """Saves after every batch (the README's way of saving every N batches) and interrupts the
+    run after batch `stop` of epoch `epoch`, as a crash or Ctrl-C would."""
+
+    def __init__(self, path, epoch, stop):
+        super().__init__()
+        self.path, self.epoch, self.stop = path, epoch, stop
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.engine.save(self.path)
+        if self.engine.epoch == self.epoch and batch == self.stop:
+            raise KeyboardInterrupt
+
+
+def _dropout_mlp():
+    return mpscy.Sequential([layers.Dense(32), layers.Tanh(), layers.Dropout(0.2), layers.Dense(10)],
+                            input_shape=(64,))
+
+
+def _one_cycle_run(device):
+    e = mpscy.Engine(_dropout_mlp(), optimizer=optim.SGD(lr=0.05, momentum=0.9), batch_size=16, device=device,
+                     seed=2)
+    e.set_schedule(optim.schedules.OneCycleLR(e, 0.1, epochs=3, steps_per_epoch=7), per="step")
+    return e
+
+
+def _fit_data(x, y, source):
+    if source == "arrays":
+        return dict(x=x[:100], y=y[:100], shuffle=True)        # 7 batches, the last of 4 rows
+    from mpscy import data
+    return dict(x=data.DataLoader(data.ArrayDataset(x[:100], y[:100]), batch_size=16, shuffle=True, seed=9))
+
+
+@pytest.mark.parametrize("source, stop", [("arrays", 3), ("arrays", 6), ("loader", 2), ("restore", 3)])
+def test_a_save_inside_an_epoch_continues_from_its_batch(device, digits, tmp_path, source, stop):
+    """The README's mid-epoch saves (a callback's engine.save in on_train_batch_end) held the
+    epoch's number only, and fit(initial_epoch=) ran that epoch from its first batch while a
+    per-step schedule was already past those batches: the rates shifted, and a OneCycleLR built
+    for the run overran ("OneCycleLR stepped 22 times; total_steps is 21"). A save inside fit's
+    epoch now records its batches done and the epoch's sums so far, and a fit with
+    initial_epoch=engine.epoch passes over those batches of the same shuffled order: interrupted
+    after batch `stop` of epoch 2 (the last batch too) and resumed, the run is bit for bit the
+    uninterrupted one, History included, through mpscy.load or restore, for arrays and a
+    DataLoader, with Dropout masks drawn as they were."""
+    x, y = digits
+    kind = "loader" if source == "loader" else "arrays"
+    full = _one_cycle_run(device)
+    h_full = full.fit(epochs=3, verbose=0, **_fit_data(x, y, kind))
+    run = _one_cycle_run(device)
+    path = tmp_path / "mid.mpscy"
+    with pytest.raises(KeyboardInterrupt):
+        run.fit(epochs=3, verbose=0, callbacks=[_SaveEachBatch(path, 1, stop)], **_fit_data(x, y, kind))
+    assert checkpoint.read(path)[0]["position"]["batches"] == stop + 1
+    if source == "restore":
+        resumed = _one_cycle_run(device)
+        checkpoint.restore(resumed, path)
+    else:
+        resumed = mpscy.load(path, device=device)
+    assert resumed.epoch == 1 and resumed.schedule.last_epoch == 7 + stop + 1
+    h = resumed.fit(epochs=3, initial_epoch=resumed.epoch, verbose=0, **_fit_data(x, y, kind))
+    _assert_same_state(full, resumed)
+    assert resumed.iterations == full.iterations and resumed.schedule.last_epoch == 21
+    assert h.epoch == [1, 2] and h.history == {k: v[1:] for k, v in h_full.history.items()}
+
+
+def test_a_position_fit_cannot_take_is_passed_over_with_a_warning(device, digits, tmp_path):
+    """A fit that does not continue the saved epoch (another initial_epoch, batch size or
+    shuffling) runs it from its first batch, as before, saying why; the position is this fit's to
+    take or leave (the next fit does not take it), and a save between epochs or outside fit
+    holds none."""
+    x, y = digits
+    run = _engine(device, optim.SGD(0.05, momentum=0.9))
+    path = tmp_path / "mid.mpscy"
+    with pytest.raises(KeyboardInterrupt):
+        run.fit(x[:320], y[:320], epochs=3, verbose=0, callbacks=[_SaveEachBatch(path, 1, 3)])
+    run.save(tmp_path / "after.mpscy")                     # outside fit: no position
+    assert "position" not in checkpoint.read(tmp_path / "after.mpscy")[0]
+    for kwargs, why in [(dict(initial_epoch=0), r"this fit starts at initial_epoch=0, not 1"),
+                        (dict(initial_epoch=1, batch_size=16), r"it was saved by a fit with batch_size 32 \(this "
+                                                                r"fit's 16\)"),
+                        (dict(initial_epoch=1, shuffle=False), r"it was saved by a fit with shuffle True \(this "
+                                                               r"fit's False\)")]:
+        e = mpscy.load(path, device=device)
+        with pytest.warns(UserWarning, match=r"^this engine was saved inside epoch 2, after its batch 3, and " + why +
+                          r": that epoch runs from its first batch again \(a per-step schedule saved with it is 4 "
+                          r"steps ahead of its batches\)$"):
+            h = e.fit(x[:320], y[:320], epochs=2, verbose=0, **kwargs)
+        assert e.iterations == 10 + 4 + 10 * len(h.epoch) * 32 // kwargs.get("batch_size", 32)
+        steps = e.iterations
+        e.fit(x[:320], y[:320], epochs=e.epoch + 1, initial_epoch=e.epoch, verbose=0)   # no warning, whole
+        assert e.iterations == steps + 10
+    e = mpscy.load(path, device=device)
+    e.epoch = 4
+    with pytest.warns(UserWarning, match=r"saved inside epoch 2, after its batch 3, and the engine's epoch is now 4"):
+        e.fit(x[:320], y[:320], epochs=5, initial_epoch=4, verbose=0)
+    e = mpscy.load(path, device=device)
+    e.fit(x[:320], y[:320], epochs=2, initial_epoch=1, verbose=0)
+    assert e.iterations == 10 + 10
+    e.save(tmp_path / "end.mpscy")
+    assert "position" not in checkpoint.read(tmp_path / "end.mpscy")[0]
+    e.fit(x[:320], y[:320], epochs=3, initial_epoch=2, verbose=0)   # nothing left to pass over
+    assert e.iterations == 30
+
+
+@pytest.fixture
+def mid_epoch(device, digits, tmp_path):
+    """A checkpoint saved inside the second epoch of an Adam run (the engine of _refused), after
+    its batch 1."""
+    x, y = digits
+    e = _engine(device, optim.Adam(1e-2), seed=5)
+    with pytest.raises(KeyboardInterrupt):
+        e.fit(x[:128], y[:128], epochs=2, verbose=0, callbacks=[_SaveEachBatch(tmp_path / "mid.mpscy", 1, 1)])
+    return tmp_path / "mid.mpscy"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_set("position", "batches", 0), r"position\.batches must be an integer >= 1, got 0"),
+    (_set("position", "rows", True), r"position\.rows must be an integer >= 0, got True"),
+    (_set("position", "loss_sum", "x"), r"position\.loss_sum must be a finite number, got 'x'"),
+    (_set("position", "lr", -1.0), r"position\.lr must be a finite number >= 0, got -1\.0"),
+    (_set("position", "shuffle", 1), r"position\.shuffle must be true, false or null, got 1"),
+    (_drop("position", "void"), r"position must have the fields \['acc_sum', 'batch_size', .*\], got \['acc_sum'"),
+    (_set("position", [2]), r"position must be a JSON object, got \[2\]"),
+], ids=["batches-0", "rows-bool", "loss-str", "lr-negative", "shuffle-int", "no-void", "list"])
+def test_a_damaged_position_is_a_checkpoint_error(device, mid_epoch, tmp_path, edit, message):
+    """The position of a save inside an epoch is checked with the rest of the description: a
+    damaged one is a CheckpointError naming the field, from load and restore, changing nothing."""
+    assert checkpoint.read(mid_epoch)[0]["position"]["batches"] == 2
+    _refused(device, _rewrite(mid_epoch, tmp_path / "bad.mpscy", desc=edit), message)

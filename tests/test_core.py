@@ -307,6 +307,29 @@ def test_parameter_round_trip_and_names(device, rng):
     assert not np.array_equal(engine.get_parameters()["dense_0.weight"], got["dense_0.weight"])
 
 
+def test_torch_tensors_that_numpy_cannot_read_directly(device, rng):
+    """A torch tensor that requires grad, or of bfloat16 (NumPy has neither), given to predict,
+    fit, evaluate, set_parameters and set_optimizer_state: read through .detach() and widened to
+    float32 (exact), not refused by torch's own .numpy() with a RuntimeError or TypeError."""
+    torch = pytest.importorskip("torch")
+    engine = mpscy.Engine(mlp(), batch_size=8, device=device, seed=2)
+    x = rng.standard_normal((10, 12)).astype(np.float32)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    assert np.array_equal(engine.predict(xt), engine.predict(x))
+    xb = torch.from_numpy(x).bfloat16()
+    assert np.array_equal(engine.predict(xb), engine.predict(xb.float().numpy()))
+    y = rng.integers(0, 5, 10)
+    assert engine.evaluate(xt, torch.from_numpy(y)) == engine.evaluate(x, y)
+    params = {k: torch.from_numpy(v).requires_grad_(True) for k, v in engine.get_parameters().items()}
+    params["dense_0.weight"] = params["dense_0.weight"].detach().bfloat16().requires_grad_(True)
+    engine.set_parameters(params)
+    got = engine.get_parameters()
+    assert np.array_equal(got["dense_0.weight"], params["dense_0.weight"].detach().float().numpy())
+    assert np.array_equal(got["dense_2.bias"], params["dense_2.bias"].detach().numpy())
+    engine.fit(xt, torch.from_numpy(y), epochs=1, verbose=0)
+    assert engine.iterations == 2
+
+
 def test_predict_and_evaluate_any_number_of_rows(device, rng):
     engine = mpscy.Engine(mlp(), batch_size=32, device=device, seed=2)
     P = as64(engine.get_parameters())

@@ -75,7 +75,7 @@ STEP_CASES = [
      f"label {2 ** 33} at row 7"),
     ("empty batch", np.ones((0, FEATURES), np.float32), np.zeros(0, np.int32), mpscy.ShapeError, "empty batch"),
     ("label count", GOOD_X, np.zeros(BATCH - 1, np.int32), mpscy.ShapeError, "7 labels for 8 rows"),
-    ("labels 2-d", GOOD_X, np.zeros((BATCH, 1), np.int32), mpscy.ShapeError, "shaped (n,)"),
+    ("labels 2-d", GOOD_X, np.zeros((BATCH, 2), np.int32), mpscy.ShapeError, "shaped (n,)"),
     ("NaN in x", nan_x, GOOD_Y, mpscy.NonFiniteError, "NaN or Inf at row 3"),
     ("Inf in x", inf_x, GOOD_Y, mpscy.NonFiniteError, "NaN or Inf at row 5"),
     ("None x", None, GOOD_Y, mpscy.DTypeError, "x is None"),
@@ -207,6 +207,48 @@ def test_set_parameters_validates_everything_first(device, case):
     with pytest.raises(error):
         engine.set_parameters(params)
     assert_unchanged(engine, snap)
+
+
+def test_float64_values_past_float32_s_range_are_named_as_such(device):
+    """1e300 in a float64 x or y is finite: the float32 cast would make it an Inf, reported as
+    "NaN or Inf" after NumPy's overflow warning. It is refused as a value past float32's range,
+    with its row, without the warning, before any step; an Inf given is still a NonFiniteError."""
+    import warnings
+    engine = mpscy.Engine(mpscy.Sequential([layers.Dense(3)], input_shape=(4,)), loss="mse", batch_size=8,
+                          device=device)
+    x, y = np.zeros((5, 4)), np.zeros((5, 3))
+    x[3, 1] = 1e300
+    past = r"x holds 1e\+300 at row 3, past float32's range \(largest 3.403e\+38\)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(mpscy.InvalidArgumentError, match="^" + past):
+            engine.predict(x)
+        with pytest.raises(mpscy.InvalidArgumentError, match="^" + past):
+            engine.fit(x, y, verbose=0)
+        with pytest.raises(mpscy.InvalidArgumentError, match="^y" + past[1:]):
+            engine.fit(y[:, :1] * np.zeros((1, 4)), x[:, :3], verbose=0)
+    assert engine.iterations == 0
+    x[3, 1] = np.inf
+    with pytest.raises(mpscy.NonFiniteError, match="x contains NaN or Inf at row 3"):
+        engine.predict(x)
+
+
+def test_set_parameters_refuses_a_negative_running_variance(device):
+    """A BatchNorm's running_var below 0 (torch takes it; its eval-mode output is then NaN): refused
+    naming the buffer and its value, nothing written, 0 and positive values taken."""
+    engine = mpscy.Engine(mpscy.Sequential([layers.Dense(4), layers.BatchNorm(name="bn"), layers.Dense(2)],
+                                           input_shape=(3,)), batch_size=4, device=device)
+    params = engine.get_parameters()
+    params["bn.running_mean"] = params["bn.running_mean"] + 1.0
+    params["bn.running_var"] = np.array([1.0, 0.0, -0.5, 2.0], np.float32)
+    before = engine.get_parameters()
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"'bn.running_var' \(a BatchNorm's running variance\) "
+                                                         r"holds a negative value, -0.5"):
+        engine.set_parameters(params)
+    assert all(np.array_equal(v, before[k]) for k, v in engine.get_parameters().items())
+    params["bn.running_var"][2] = 0.0
+    engine.set_parameters(params)
+    assert np.array_equal(engine.get_parameters()["bn.running_var"], [1.0, 0.0, 0.0, 2.0])
 
 
 def test_predict_and_evaluate_errors(device):

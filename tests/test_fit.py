@@ -536,7 +536,7 @@ _RULE_CASES = {
     "negative label": ({}, _X, np.where(np.arange(8) == 7, -1, _LABELS).astype(np.int64)),
     "int64 label beyond int32": ({}, _X, np.where(np.arange(8) == 4, np.int64(2 ** 33), _LABELS.astype(np.int64))),
     "float labels": ({}, _X, _LABELS.astype(np.float32)),
-    "labels 2-d": ({}, _X, _LABELS[:, None]),
+    "labels 2-d": ({}, _X, np.stack([_LABELS, _LABELS], 1)),
     "int x": ({}, _X.astype(np.int32), _LABELS),
     "x shape": ({}, np.ones((8, 5), np.float32), _LABELS),
     "NaN x": ({}, _nan_at(_X, 6), _LABELS),
@@ -734,9 +734,10 @@ def test_a_str_or_a_used_up_iterator_is_no_data_source(device, digits):
     xtr, ytr, xte, yte = digits
     engine = digits_engine(device)
     before, history = engine.get_parameters(), engine.history
-    cases = [(dict(validation_data="abc"), r"validation_data must be \(x_val, y_val\) or a DataLoader, got str 'abc'"),
+    cases = [(dict(validation_data="abc"), r"validation_data must be \(x_val, y_val\), a list of \(x, y\) "
+                                                     r"batches or a DataLoader, got str 'abc'"),
              (dict(validation_data=b"ab"), r"validation_data must be .* or a DataLoader, got bytes b'ab'"),
-             (dict(validation_data=5), r"validation_data must be \(x_val, y_val\) or a DataLoader, got int"),
+             (dict(validation_data=5), r"validation_data must be \(x_val, y_val\), .* or a DataLoader, got int"),
              (dict(validation_data=("abc", yte)), "validation x must be a numpy array, got str 'abc'"),
              (dict(x="abc"), r"x must be a numpy array, a DataLoader or another re-iterable of \(x, y\) batches, "
                              r"got str 'abc'"),
@@ -870,3 +871,127 @@ def test_keras_s_other_fit_arguments_say_what_replaces_them(digits):
     with pytest.raises(TypeError, match=r"^fit\(\) got an unexpected keyword argument 'epoch'$"):
         e.fit(xtr, ytr, epoch=3, verbose=0)
     assert all(np.array_equal(v, e.get_parameters()[k]) for k, v in before.items())
+
+
+def _regressor(device="cpu", outputs=1, batch=32):
+    model = mpscy.Sequential([layers.Dense(8), layers.Tanh(), layers.Dense(outputs)], input_shape=(5,))
+    return mpscy.Engine(model, loss="mse", optimizer=optim.SGD(0.05), batch_size=batch, device=device, seed=0)
+
+
+def test_a_metric_function_sees_targets_shaped_as_the_outputs(device):
+    """A step takes (n,) targets for a model of one output as (n, 1); a metric function was
+    handed them as (n,) against (n, 1) outputs, which NumPy broadcast into an (n, n) table (the
+    reported val_my_mse 0.8668 against val_mse 0.8513 on the same data). It now gets them
+    shaped as the outputs; (n, outputs) targets, and class labels, are handed over as they are."""
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((64, 5)).astype(np.float32), rng.standard_normal(64).astype(np.float32)
+    shapes = []
+
+    def my_mse(t, p):
+        shapes.append((t.shape, p.shape))
+        return float(np.mean((t - p) ** 2))
+
+    e = _regressor(device)
+    h = e.fit(x, y, validation_data=(x, y), metrics=[my_mse, "mse"], verbose=0)
+    assert shapes == [((64, 1), (64, 1))]
+    assert h.history["val_my_mse"][0] == pytest.approx(h.history["val_mse"][0], rel=1e-6)
+    assert h.history["val_my_mse"][0] == pytest.approx(e.evaluate(x, y)["loss"], rel=1e-6)
+    shapes.clear()
+    y3 = rng.standard_normal((64, 3)).astype(np.float32)
+    _regressor(device, outputs=3).fit(x, y3, metrics=[my_mse], verbose=0)
+    assert shapes == [((64, 3), (64, 3))]
+
+
+def test_a_close_during_a_step_is_the_closed_engine_s_state_error(device, digits):
+    """Closing the engine from another thread while fit ran raised AttributeError: 'NoneType'
+    object has no attribute 'counted' (fit read the closed engine's graph after the step). A
+    close during a step (an engine.step that closes it once done stands in for the thread) now
+    gives the StateError, named by batch, that a close from a callback gives at the next step."""
+    xtr, ytr, _, _ = digits
+    e = digits_engine(device)
+    own = e.step
+
+    def step_then_close(x, y):
+        r = own(x, y)
+        e.close()
+        return r
+
+    e.step = step_then_close
+    with pytest.raises(mpscy.StateError, match=r"^epoch 1, batch 0: this engine is closed$"):
+        e.fit(xtr, ytr, epochs=1, verbose=0)
+
+    class CloseAfterBatch(cb.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 2:
+                self.engine.close()
+
+    e = digits_engine(device)
+    with pytest.raises(mpscy.StateError, match=r"^epoch 1, batch 3: this engine is closed$"):
+        e.fit(xtr, ytr, epochs=1, verbose=0, callbacks=[CloseAfterBatch()])
+
+
+def test_a_close_from_another_thread_is_a_state_error(device, digits):
+    """The same with a real thread, closing the engine at its 5th step: whichever point of fit
+    the close falls on, the error is the closed engine's StateError."""
+    import threading
+    xtr, ytr, _, _ = digits
+    e = digits_engine(device, batch=8)
+    started = threading.Event()
+
+    class Signal(cb.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 4:
+                started.set()
+
+    closer = threading.Thread(target=lambda: (started.wait(10), e.close()))
+    closer.start()
+    with pytest.raises(mpscy.StateError, match=r"this engine is closed"):
+        e.fit(xtr, ytr, epochs=50, verbose=0, callbacks=[Signal()])
+    closer.join()
+
+
+def test_validation_data_takes_what_evaluate_takes(device, digits):
+    """validation_data given as a list of (x, y) batches, which fit's x and evaluate take, was
+    misread: two batches as (x_val, y_val) ("validation x must be a numpy array, got tuple of 2
+    items"), three refused. A list or tuple is now (x_val, y_val) where its first item is the
+    model's inputs (an array, or a list of one array per input), and else a list of batches;
+    a Sequence-like object is taken too. Each gives the values the arrays give."""
+    xtr, ytr, xte, yte = digits
+    xte, yte = xte[:96], yte[:96]
+    cuts = {2: (0, 48, 96), 3: (0, 32, 64, 96)}
+    runs = {}
+    for name in ("arrays", "list2", "tuple3", "sequence"):
+        k = 3 if name == "tuple3" else 2
+        pairs = [(xte[a:b], yte[a:b]) for a, b in zip(cuts[k], cuts[k][1:])]
+
+        class Sequence:
+            def __len__(self):
+                return len(pairs)
+
+            def __getitem__(self, i):
+                return pairs[i]
+
+        val = {"arrays": (xte, yte), "list2": pairs, "tuple3": tuple(pairs), "sequence": Sequence()}[name]
+        e = digits_engine(device)
+        runs[name] = e.fit(xtr[:256], ytr[:256], epochs=2, validation_data=val, metrics=["f1"], verbose=0).history
+    for name in ("list2", "tuple3", "sequence"):
+        assert runs[name]["loss"] == runs["arrays"]["loss"]
+        assert runs[name]["val_loss"] == pytest.approx(runs["arrays"]["val_loss"], rel=1e-6)
+        assert runs[name]["val_accuracy"] == runs["arrays"]["val_accuracy"]
+        assert runs[name]["val_f1"] == runs["arrays"]["val_f1"]
+    # a model of two inputs: ([xa, xb], y) is the arrays, a list of ([xa, xb], y) batches is batches
+    a, b = mpscy.Input((3,)), mpscy.Input((2,))
+    model = mpscy.Model([a, b], layers.Dense(1)(layers.Concatenate()([a, b])))
+    rng = np.random.default_rng(1)
+    xa, xb = rng.standard_normal((40, 3)).astype(np.float32), rng.standard_normal((40, 2)).astype(np.float32)
+    y = rng.standard_normal((40, 1)).astype(np.float32)
+    vals = {"arrays": ([xa, xb], y), "batches": [([xa[:20], xb[:20]], y[:20]), ([xa[20:], xb[20:]], y[20:])]}
+    got = {}
+    for name, val in vals.items():
+        e = mpscy.Engine(model, loss="mse", optimizer=optim.SGD(0.01), batch_size=16, device=device, seed=0)
+        got[name] = e.fit([xa, xb], y, epochs=1, validation_data=val, verbose=0).history["val_loss"]
+    assert got["batches"] == pytest.approx(got["arrays"], rel=1e-6)
+    e = digits_engine(device)
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"validation_data must be \(x_val, y_val\), a list of "
+                                                         r"\(x, y\) batches or a DataLoader, got list of 3 items"):
+        e.fit(xtr, ytr, validation_data=[xte, yte, yte], verbose=0)

@@ -901,6 +901,30 @@ def test_per_position_weighted_smoothed_mean_over_batches_whose_labels_all_weigh
     assert engine.evaluate(x, y)["loss"] == pytest.approx(ref, rel=1e-8)
 
 
+def test_labels_shaped_n_by_1_are_the_labels_shaped_n(device):
+    """Class labels of shape (n, 1) (Keras's datasets give CIFAR's so, and Keras takes them) for an
+    (n, C) output: a step, fit (with metrics that read the labels in Python) and evaluate give the
+    same bits as with (n,); (n, 2) stays refused."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((24, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 24).astype(np.uint8)
+
+    def run(labels):
+        e = mpscy.Engine(mpscy.Sequential([layers.Dense(3)], input_shape=(4,)), optimizer=optim.SGD(0.1),
+                         batch_size=8, device=device, seed=0)
+        r = e.step(x[:8], labels[:8].astype(np.int64))
+        h = e.fit(x, labels, epochs=2, verbose=0, validation_data=(x, labels), metrics=["f1", "top2"]).history
+        return r.loss, h, e.evaluate(x, labels), e.get_parameters()
+
+    flat, col = run(y), run(y[:, None])
+    assert flat[0] == col[0] and flat[1] == col[1] and flat[2] == col[2]
+    assert all(np.array_equal(flat[3][k], col[3][k]) for k in flat[3])
+    assert 0.0 < flat[1]["val_f1"][-1] < 1.0
+    e = mpscy.Engine(mpscy.Sequential([layers.Dense(3)], input_shape=(4,)), batch_size=8, device=device)
+    with pytest.raises(mpscy.ShapeError, match=r"y has shape \(8, 2\); labels must be shaped \(n,\)"):
+        e.step(x[:8], np.zeros((8, 2), np.int64))
+
+
 def test_a_classes_by_one_by_one_output_takes_torch_s_label_shape():
     """(C, 1, 1) under sparse cross entropy is torch's (n, C, 1, 1): labels (n, 1, 1); (n,) is
     refused naming that shape."""

@@ -402,3 +402,43 @@ def test_labels_of_mixed_kinds_and_non_arrays_are_named(call, message):
     ragged, string and complex arrays are mpscy errors, not numpy's."""
     with pytest.raises(mpscy.InvalidArgumentError, match=message):
         call()
+
+
+@pytest.mark.parametrize("value, shown", [
+    (np.array([0.1, 0.2, 0.3]), r"an array of shape \(3,\)"),
+    ([0.1, 0.2], r"a list of shape \(2,\)"),
+    (None, "None"),
+    ("0.5", "'0.5'"),
+    (1j, "1j"),
+])
+def test_a_metric_function_returning_no_single_number_is_named(value, shown):
+    """float() of a metric function's array result raised an unnamed TypeError ("only
+    0-dimensional arrays can be converted to Python scalars"); it is now refused naming the
+    metric and what it returned. Python, NumPy and 0-d values are one number."""
+    def per_output(t, p):
+        return value
+
+    with pytest.raises(mpscy.InvalidArgumentError, match=rf"^metric 'per_output' returned {shown}; a metric function "
+                                                         r"returns one number \(reduce per-output values to one, "
+                                                         r"e\.g\. with np\.mean\)$"):
+        M.get(per_output)(np.zeros(3), np.zeros((3, 1)))
+    for ok in (1, 0.5, np.float32(0.25), np.int64(2), np.array(0.75), np.bool_(True)):
+        assert M.get(lambda t, p: ok)(np.zeros(3), np.zeros((3, 1))) == float(ok)
+
+
+def test_fit_names_a_metric_function_that_returns_an_array():
+    """In fit, at the metric's first evaluation (the first epoch's end), the same error ends the
+    run, naming the metric; it is not taken for a metric the data leave undefined (logged NaN)."""
+    from mpscy import layers, optim
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((64, 5)).astype(np.float32), rng.standard_normal((64, 3)).astype(np.float32)
+    e = mpscy.Engine(mpscy.Sequential([layers.Dense(3)], input_shape=(5,)), loss="mse", optimizer=optim.SGD(0.1),
+                     batch_size=16, device="cpu")
+
+    def per_output_mae(t, p):
+        return np.abs(t - p).mean(axis=0)
+
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"^metric 'per_output_mae' returned an array of shape "
+                                                         r"\(3,\); a metric function returns one number"):
+        e.fit(x, y, epochs=3, metrics=["mae", per_output_mae], verbose=0)
+    assert e.epoch == 1

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import mpscy
-from mpscy import optim
+from mpscy import callbacks, data, layers, optim
 from mpscy.optim import schedules as S
 
 from optim_ref import digits_batches, mlp
@@ -595,7 +595,6 @@ def test_the_override_warning_points_at_the_user_s_code_and_takes_any_schedule_c
     warning names the line of the user's fit call, not mpscy's; and a schedule class defining
     __eq__ (so unhashable) steps and warns as any other (a WeakSet of warned schedules had raised
     TypeError on it)."""
-    from mpscy import callbacks
     engine = _engine()
     engine.set_schedule(S.StepLR(engine, 1, 0.5))
     x, y = digits_batches(16, 1)[0]
@@ -621,3 +620,113 @@ def test_the_override_warning_points_at_the_user_s_code_and_takes_any_schedule_c
     engine.learning_rate = 0.3
     got = _rate_warnings(lambda: (h.step(), h.step()))
     assert len(got) == 1 and got[0].startswith("Half.step(): ") and engine.learning_rate == BASE / 3
+
+
+# ----------------------------------------------------------------------------- fit and a schedule's end
+def test_steps_left_counts_to_a_schedule_s_end():
+    """steps_left(): how many more step() calls a schedule with an end takes (OneCycleLR's
+    total_steps, a LinearWarmup handing over to one: its warmup too), None without an end."""
+    e = _engine()
+    one = S.OneCycleLR(e, max_lr=1.0, total_steps=10)
+    assert one.steps_left() == 10
+    for _ in range(3):
+        one.step()
+    assert one.steps_left() == 7
+    e = _engine()
+    warm = S.LinearWarmup(e, 2, then=S.OneCycleLR(e, max_lr=1.0, total_steps=5))
+    assert warm.steps_left() == 7
+    for _ in range(7):
+        warm.step()
+    assert warm.steps_left() == 0
+    with pytest.raises(mpscy.InvalidArgumentError, match="total_steps is 5"):
+        warm.step()
+    e = _engine()
+    for s in (S.StepLR(e, 2), S.LinearWarmup(e, 3), S.CosineAnnealingLR(e, 4), S.ReduceLROnPlateau(e)):
+        assert s.steps_left() is None
+
+
+def _rows(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 64)).astype(np.float32), rng.integers(0, 10, n).astype(np.int64)
+
+
+def _one_cycle_engine(total, per="step", model=None):
+    e = mpscy.Engine(model or mlp(), optimizer=optim.SGD(lr=BASE, momentum=0.9), batch_size=16, device="cpu", seed=5)
+    e.set_schedule(S.OneCycleLR(e, max_lr=0.5, total_steps=total), per=per)
+    return e
+
+
+_MORE = r"; OneCycleLR's total_steps counts every batch of every epoch, steps_per_epoch={}\): build it for this " \
+        r"fit's steps, or fit fewer epochs$"
+
+
+def test_fit_refuses_a_schedule_that_cannot_cover_its_steps():
+    """A per-step OneCycleLR whose total_steps fell short of the fit ran until the schedule
+    raised at a late step ("OneCycleLR stepped 22 times; total_steps is 21", no batch named, the
+    last epoch's callbacks never run). fit now counts its steps (a short last batch counts, a
+    lone last row that BatchNorm leaves out and a DataLoader's drop_last do not, initial_epoch's
+    epochs are not run) and refuses before the first step, changing nothing."""
+    x, y = _rows(100)                                    # 7 batches of 16, the last of 4 rows
+    e = _one_cycle_engine(21)
+    assert len(e.fit(x, y, epochs=3, verbose=0).epoch) == 3 and e.schedule.steps_left() == 0
+    e = _one_cycle_engine(20)
+    before, lr, mom, history = e.get_parameters(), e.learning_rate, e.momentum, e.history
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"^OneCycleLR can step 20 more times and this fit would "
+                                                         r"step it 21 times \(set_schedule\(per='step'\) steps it "
+                                                         r"after each batch: 3 epochs of 7 batches" + _MORE.format(7)):
+        e.fit(x, y, epochs=3, verbose=0)
+    assert all(np.array_equal(v, e.get_parameters()[k]) for k, v in before.items())
+    assert (e.learning_rate, e.momentum, e.history, e.epoch, e.schedule.last_epoch) == (lr, mom, history, 0, 0)
+    assert len(e.fit(x, y, epochs=3, initial_epoch=1, verbose=0).epoch) == 2    # 14 steps
+    bn = mpscy.Sequential([layers.Dense(16), layers.BatchNorm(), layers.Tanh(), layers.Dense(10)], input_shape=(64,))
+    x97, y97 = _rows(97)                                 # 6 batches: the 97th row is left out
+    assert len(_one_cycle_engine(18, model=bn).fit(x97, y97, epochs=3, verbose=0).epoch) == 3
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"3 epochs of 6 batches" + _MORE.format(6)):
+        _one_cycle_engine(17).fit(x97[:96], y97[:96], epochs=3, verbose=0)
+    loader = data.DataLoader(data.ArrayDataset(x, y), batch_size=16, drop_last=True)
+    assert len(_one_cycle_engine(18).fit(loader, epochs=3, verbose=0).epoch) == 3
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"step it 18 times .* 3 epochs of 6 batches"):
+        _one_cycle_engine(17).fit(loader, epochs=3, verbose=0)
+
+
+def test_a_schedule_s_error_during_fit_names_its_batch_or_epoch():
+    """Where fit cannot count its steps (a loader without a length), the schedule's refusal
+    comes when it is stepped past its end, now named by batch as a step's error is; a per-epoch
+    schedule's by epoch. A per-epoch OneCycleLR, and one a LearningRateScheduler steps, are
+    refused before training as the per-step one is."""
+    x, y = _rows(100)
+
+    class NoLength:
+        def __iter__(self):
+            return ((x[i:i + 16], y[i:i + 16]) for i in range(0, 100, 16))
+
+    e = _one_cycle_engine(20)
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"^epoch 3, batch 6: OneCycleLR stepped 21 times; "
+                                                         r"total_steps is 20$"):
+        e.fit(NoLength(), epochs=3, verbose=0)
+    assert e.epoch == 2
+
+    class Inf(S.Schedule):
+        def __init__(self, engine):
+            super().__init__(engine)
+            self._start()
+
+        def lr_at(self, k):
+            return BASE if k < 2 else math.inf
+
+    e = _engine()
+    e.set_schedule(Inf(e), per="epoch")
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"^epoch 2: Inf gives a learning rate of inf at step 2"):
+        e.fit(x, y, epochs=3, verbose=0)
+    e = _one_cycle_engine(2, per="epoch")
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"^OneCycleLR can step 2 more times and this fit would step "
+                                                         r"it 3 times \(set_schedule\(per='epoch'\) steps it once an "
+                                                         r"epoch\): build it"):
+        e.fit(x, y, epochs=3, verbose=0)
+    e = _engine()
+    one = S.OneCycleLR(e, max_lr=0.5, total_steps=2)
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"^OneCycleLR can step 2 more times and this fit would step "
+                                                         r"it 3 times \(LearningRateScheduler steps it once an "
+                                                         r"epoch\)"):
+        e.fit(x, y, epochs=3, verbose=0, callbacks=[callbacks.LearningRateScheduler(one)])
+    assert e.epoch == 0 and one.last_epoch == 0

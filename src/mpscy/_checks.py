@@ -17,6 +17,20 @@ INT32_LIMIT = 2**31  # sizes and counts travel in the native descriptors as int3
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # options the native code reads as float32 stay below it
 
 
+def host_array(value):
+    """np.asarray(value), with a torch tensor read as its own .numpy() would refuse to: one that
+    requires grad through .detach(), one on a GPU through .cpu(), a bfloat16 one (NumPy has no
+    bfloat16) widened to float32, which is exact. Anything else raises what np.asarray raises."""
+    if type(value).__module__.split(".")[0] == "torch" and hasattr(value, "detach"):
+        t = value.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        if str(t.dtype) == "torch.bfloat16":
+            t = t.float()
+        value = t
+    return np.asarray(value)
+
+
 def number(value, what):
     """float(value) of a real number: strings and bools are refused, not converted (float("0.5")
     and float(True) would be)."""
@@ -70,7 +84,11 @@ def positive_int(value, what):
 def node_name(name, what):
     """None, or a node name: a non-empty string of at most 40 bytes (the native descriptor's
     room) without '.' (parameters are named "<node>.<suffix>")."""
-    if name is not None and (not isinstance(name, str) or not name or len(name.encode()) > 40 or "." in name):
+    if name is not None and not isinstance(name, str):  # a torch argument given by position
+        raise InvalidArgumentError(f"{what} name must be a string, got {name!r}: a PyTorch argument passed by "
+                                   f"position (inplace, dilation, ceil_mode, ...) lands here; pass mpscy's own "
+                                   f"options by keyword")
+    if name is not None and (not name or len(name.encode()) > 40 or "." in name):
         raise InvalidArgumentError(f"{what} name must be a non-empty string of at most 40 bytes without '.', "
                                    f"got {name!r}")
     return name

@@ -390,6 +390,9 @@ cdef class Graph:
                 fits = v.ndim == 1 + self.label_rank
                 for d in range(self.label_rank if fits else 0):
                     fits = fits and v.shape[d + 1] == self.label_dims[d]
+                # (n, 1) labels of (n, C) outputs (Keras's datasets give them, and Keras takes them):
+                # the same bytes as (n,)
+                fits = fits or (self.label_rank == 0 and v.ndim == 2 and v.shape[1] == 1)
                 if not fits:
                     spatial = self.label_spatial
                     want = f"(n, {', '.join(map(str, spatial))})" if spatial else "(n,)"

@@ -4,6 +4,7 @@ graph, the tensor table and the frozen parameters). No native call but tensor re
 
 import numpy as np
 
+from . import _checks
 from .errors import DTypeError, InvalidArgumentError, ShapeError
 
 # optimizer slots that hold running sums or averages of squares (never negative)
@@ -111,7 +112,7 @@ class OptimizerState:
         """value as a `dtype` array; DTypeError naming `what` unless it holds integers or floats
         (strings such as "1.5" would convert silently, ragged lists not at all)."""
         try:
-            arr = np.asarray(value)
+            arr = _checks.host_array(value)
         except (TypeError, ValueError):
             arr = None
         if arr is None or arr.dtype.kind not in "iuf":
@@ -124,7 +125,7 @@ class OptimizerState:
         """value as a Python number: a Python or numpy number, or a 0-d array (torch keeps step
         as a 0-d tensor). A string such as "3" would convert silently; it is refused."""
         try:
-            arr = np.asarray(value) if not isinstance(value, str) else None
+            arr = _checks.host_array(value) if not isinstance(value, str) else None
         except (TypeError, ValueError):
             arr = None  # a ragged sequence
         if arr is None or arr.dtype.kind not in "biuf":

@@ -3,9 +3,11 @@ DataLoader or any re-iterable of (x, y) batches, a Sequence-like object or a Dat
 each batch converted as a step takes it, and an mpscy error in making or stepping it named by its
 batch. Validation and evaluate over such a source (means over all its rows or counted labels)."""
 
+import itertools
+
 import numpy as np
 
-from . import errors as _errors
+from . import _checks, errors as _errors
 from .errors import InvalidArgumentError, ShapeError
 
 
@@ -31,9 +33,9 @@ class _Arrays:
     def __len__(self):
         return -(-self.stop // self.batch_size)
 
-    def epoch(self, epoch, where=None):
-        """The epoch's batches (slices of the arrays: nothing here raises, so `where`, which
-        names a batch in a loader's errors, is not needed)."""
+    def epoch(self, epoch, where=None, start=0):
+        """The epoch's batches from batch `start` on (slices of the arrays: nothing here raises, so
+        `where`, which names a batch in a loader's errors, is not needed)."""
         x, y = self.x, self.y
         if self.shuffle:
             order = np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(self.n)
@@ -43,7 +45,7 @@ class _Arrays:
         one = self.n_inputs == 1
         stop = self.stop
         return ((x[0][i:min(i + b, stop)] if one else [a[i:min(i + b, stop)] for a in x], y[i:min(i + b, stop)])
-                for i in range(0, stop, b))
+                for i in range(start * b, stop, b))
 
     def arrays(self):
         return (self.x[0] if self.n_inputs == 1 else self.x), self.y
@@ -68,7 +70,16 @@ class _Loader:
             n -= 1  # its last batch is one row
         return n
 
-    def epoch(self, epoch, where):
+    def exact_len(self):
+        """len(self) where it is the count of batches an epoch yields, else None: without a length,
+        or under BatchNorm where a batch of one row (left out) may come other than last."""
+        b = getattr(self.loader, "batch_size", None)
+        counted = isinstance(b, int) and b > 1 and hasattr(getattr(self.loader, "dataset", None), "__len__")
+        return self.__len__() if counted or not self.skip_single else None
+
+    def epoch(self, epoch, where, start=0):
+        """The epoch's batches from batch `start` on (the ones before it are made and passed over:
+        a loader's order is its own)."""
         if hasattr(self.loader, "set_epoch"):
             self.loader.set_epoch(epoch)
         # each batch converted as fit converts arrays (float64 x, uint8 labels): no copy when it
@@ -76,19 +87,33 @@ class _Loader:
         # where(k), as a step's error is
         batches = _named(((_batch_inputs(self.engine, xb), _as_target(self.engine, yb))
                           for xb, yb in (_pair(batch) for batch in self.loader)), where)
-        if not self.skip_single:
-            return batches
-        return (batch for batch in batches if len(batch[1]) != 1)
+        if self.skip_single:
+            batches = (batch for batch in batches if len(batch[1]) != 1)
+        return itertools.islice(batches, start, None) if start else batches
 
 
-def _converted(a):
+def _float32(a, what):
+    """A float array as float32 in C order. A finite value past float32's range (1e300 in float64),
+    which the cast would make an Inf reported as "NaN or Inf", is refused as what it is."""
+    with np.errstate(over="ignore"):
+        out = np.ascontiguousarray(a, dtype=np.float32)
+    if a.dtype.itemsize > 4 and out.size and np.isinf(out).any():
+        past = np.isinf(out) & np.isfinite(a)
+        if past.any():
+            at = np.unravel_index(int(np.argmax(past)), a.shape)
+            raise InvalidArgumentError(f"{what} holds {float(a[at])!r} at row {at[0]}, past float32's range "
+                                       f"(largest {float(np.finfo(np.float32).max):.4g})")
+    return out
+
+
+def _converted(a, what="x"):
     """One input as fit, evaluate and predict take it: a CPU tensor of another library (a torch
     DataLoader's batches) as an array, float arrays of another precision as float32 (once, as
     Keras converts them), strided ones in C order; anything else as it is, for the checks to name."""
     if not isinstance(a, (np.ndarray, list, tuple)) and hasattr(a, "__array__"):
-        a = np.asarray(a)
+        a = _checks.host_array(a)
     if isinstance(a, np.ndarray):
-        a = np.ascontiguousarray(a, dtype=np.float32 if np.issubdtype(a.dtype, np.floating) else None)
+        a = _float32(a, what) if np.issubdtype(a.dtype, np.floating) else np.ascontiguousarray(a)
     return a
 
 
@@ -105,7 +130,7 @@ def _as_inputs(x, n_inputs, what="x"):
         if not isinstance(a, np.ndarray) and not hasattr(a, "__array__"):
             also = ", a DataLoader or another re-iterable of (x, y) batches" if what == "x" else ""
             raise InvalidArgumentError(f"{what} must be a numpy array{also}, got {_describe(a)}")
-    return [_converted(a) for a in arrays]
+    return [_converted(a, what) for a in arrays]
 
 
 def _in_batch(e, where):
@@ -147,9 +172,12 @@ def _batch_inputs(engine, x):
 def _as_target(engine, y):
     if y is None:
         raise InvalidArgumentError("y is required when x is an array (pass a DataLoader to give both)")
-    y = np.asarray(y)
+    y = _checks.host_array(y)
     if engine.loss.target == "dense" and np.issubdtype(y.dtype, np.number):
-        return np.ascontiguousarray(y, dtype=np.float32)
+        return _float32(y, "y") if np.issubdtype(y.dtype, np.floating) else np.ascontiguousarray(y, dtype=np.float32)
+    if (engine.loss.target != "dense" and y.ndim == 2 and y.shape[1] == 1 and len(engine.model.output_shape) == 1
+            and np.issubdtype(y.dtype, np.integer)):
+        y = y[:, 0]  # (n, 1) class labels (Keras's datasets): as (n,), which a step takes them as, for the metrics
     if (np.issubdtype(y.dtype, np.integer) and y.dtype not in (np.int32, np.int64)
             and not (np.issubdtype(y.dtype, np.uint64) and y.size and y.max() > np.iinfo(np.int64).max)):
         return np.ascontiguousarray(y, dtype=np.int64)  # uint8 labels (Keras's datasets), int16, uint64 ...
@@ -275,11 +303,29 @@ def _check_passes(loader, what, epochs):
                                    f"runs {epochs} epochs: give a DataLoader or another re-iterable")
 
 
+def _inputs_first(data, n_inputs):
+    """Whether a list or tuple starts with a model's inputs (an array, or a list of n_inputs
+    arrays), as (x_val, y_val) does; a list of (x, y) batches starts with a batch, a pair."""
+    first = data[0] if len(data) else None
+    if n_inputs == 1:
+        return not isinstance(first, (list, tuple))
+    return (isinstance(first, (list, tuple)) and len(first) == n_inputs
+            and not any(isinstance(a, (list, tuple)) for a in first))
+
+
 def _validation_source(engine, validation_data, epochs):
+    """validation_data as fit reads it: (x_val, y_val) as arrays, checked whole; or what evaluate
+    takes, a DataLoader, a Dataset or Sequence of batches, or a list of (x, y) batches (a list or
+    tuple whose first item is not the model's inputs, _inputs_first), read as they come."""
     if validation_data is None:
         return None
     if _is_dataset(validation_data):
         validation_data = _DatasetBatches(validation_data, "validation_data", engine)
+    elif isinstance(validation_data, (list, tuple)) and not _inputs_first(validation_data,
+                                                                         len(engine.model.input_shapes)):
+        validation_data = _batches_of(validation_data, None, engine)   # a list of (x, y) pairs: _Listed
+    elif not isinstance(validation_data, (list, tuple)):
+        validation_data = _batches_of(validation_data, None, engine)   # a Sequence-like object
     if _is_loader(validation_data):
         if hasattr(validation_data, "__len__") and len(validation_data) == 0:
             raise InvalidArgumentError("the validation DataLoader has no batch (drop_last with fewer rows than "
@@ -287,8 +333,8 @@ def _validation_source(engine, validation_data, epochs):
         _check_passes(validation_data, "validation_data", epochs)
         return validation_data
     if not isinstance(validation_data, (list, tuple)) or len(validation_data) != 2:
-        raise InvalidArgumentError(f"validation_data must be (x_val, y_val) or a DataLoader, got "
-                                   f"{_describe(validation_data)}")
+        raise InvalidArgumentError(f"validation_data must be (x_val, y_val), a list of (x, y) batches or a "
+                                   f"DataLoader, got {_describe(validation_data)}")
     n_inputs = len(engine.model.input_shapes)
     x = _as_inputs(validation_data[0], n_inputs, "validation x")
     y = _as_target(engine, validation_data[1])

@@ -45,7 +45,8 @@ class Callback:
         """Before the first epoch."""
 
     def on_train_end(self, logs=None):
-        """After the last epoch, or when training stopped early."""
+        """After the last epoch, or when training stopped early: logs are the last epoch's (as
+        Keras passes them; empty when fit ran no epoch)."""
 
     def on_epoch_begin(self, epoch, logs=None):
         """Before epoch `epoch` (0-based) runs its first batch."""
@@ -60,6 +61,15 @@ class Callback:
     def on_train_batch_end(self, batch, logs=None):
         """After batch `batch`: logs holds the epoch's running mean loss and accuracy so far (as
         Keras's) and the batch's size; called only when overridden."""
+
+    def __getattr__(self, name):
+        # only for attributes that are not found: Keras's self.model is told where it is here
+        if name == "model":
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute 'model': an mpscy callback sees "
+                                 "the engine fit trains as self.engine (Keras's self.model.stop_training = True "
+                                 "is self.engine.stop_training = True; self.engine.model is the layers' model)",
+                                 name=name, obj=self)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}", name=name, obj=self)
 
 
 def _overrides(cb, name):
@@ -81,6 +91,8 @@ class CallbackList:
                             f"engine.set_schedule(schedule, per=\"epoch\") and fit steps it")
                 raise InvalidArgumentError(f"callbacks must be mpscy.callbacks.Callback instances, got "
                                            f"{type(cb).__name__}{hint}")
+            if isinstance(cb, LearningRateScheduler):
+                cb._check_engine(engine)   # before any callback is given the engine
         for cb in self.callbacks:
             cb.set_engine(engine)
             cb.set_params(params)
@@ -382,6 +394,13 @@ class LearningRateScheduler(Callback):
         self._is_object = hasattr(schedule, "step")
         self._metric = self._is_object and _takes_metric(schedule)
         self._epoch_only = not self._is_object and _positional_count(schedule) == 1  # Keras's f(epoch)
+
+    def _check_engine(self, engine):
+        # as engine.set_schedule: a schedule object steps the engine it was built on, which fit
+        # would step behind its back while training this one
+        if self._is_object and getattr(self.schedule, "engine", engine) is not engine:
+            raise InvalidArgumentError(f"LearningRateScheduler: this schedule ({type(self.schedule).__name__}) was "
+                                       "built on another engine; build it on the engine fit trains")
 
     def on_epoch_begin(self, epoch, logs=None):
         if self._is_object:

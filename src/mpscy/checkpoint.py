@@ -1,8 +1,9 @@
 """Checkpoints: one safetensors file with everything needed to continue training exactly —
 model description, parameters and buffers (BatchNorm statistics), optimizer state, dropout
 generator (seed, counter), per-step values (learning rate, momentum, betas, weight decay),
-epoch and step counters, and the attached schedule's state_dict. `mpscy.load` rebuilds the
-engine; damaged files raise CheckpointError. Why safetensors: see the note below."""
+epoch and step counters, the position within the epoch of a save made inside fit's epoch, and
+the attached schedule's state_dict. `mpscy.load` rebuilds the engine; damaged files raise
+CheckpointError. Why safetensors: see the note below."""
 
 # Why safetensors (_safetensors.py writes and reads it with NumPy alone): a flat, pickle-free
 # standard container that any safetensors reader opens and can memory-map; its JSON header lists
@@ -240,6 +241,9 @@ def save(engine, path, meta=None):
         "schedule": schedule,
         "meta": meta,
     }
+    position = _fit_position(engine)
+    if position is not None:   # only then: a save between epochs writes what earlier versions wrote
+        desc["position"] = position
     try:
         text = json.dumps(desc)
     except (TypeError, ValueError, RecursionError) as e:   # a layer's config or a schedule's state
@@ -269,7 +273,47 @@ def read(path):
     if type(version) is not int or version != VERSION:
         raise CheckpointError(f"{path!r} has checkpoint version {_short(version)}; this mpscy reads version {VERSION}")
     _check_description(desc, repr(path))
+    _check_position(desc.get("position"), repr(path))
     return desc, tensors
+
+
+def _fit_position(engine):
+    """Where fit is within the engine's epoch when a callback (or another thread) saves inside it:
+    the batches done, what they depend on (batch size, shuffling) and the epoch's sums so far
+    (training.fit's record); None between epochs and outside fit."""
+    position = getattr(engine, "_fit_position", None)
+    return None if position is None else position()
+
+
+def _count(v):
+    return type(v) is int and v >= 0
+
+
+# each field of a position and its rule (JSON's bool is no count here; a loader may have no batch_size)
+_POSITION = {"batches": (lambda v: _count(v) and v >= 1, "an integer >= 1"),
+             "rows": (_count, "an integer >= 0"), "counted": (_count, "an integer >= 0"),
+             "void": (_count, "an integer >= 0"),
+             "loss_sum": (lambda v: type(v) in (int, float) and np.isfinite(v), "a finite number"),
+             "acc_sum": (lambda v: type(v) in (int, float) and np.isfinite(v), "a finite number"),
+             "lr": (lambda v: type(v) in (int, float) and np.isfinite(v) and v >= 0, "a finite number >= 0"),
+             "has_acc": (lambda v: type(v) is bool, "true or false"),
+             "batch_size": (lambda v: v is None or (_count(v) and v >= 1), "an integer >= 1 or null"),
+             "shuffle": (lambda v: v is None or type(v) is bool, "true, false or null")}
+
+
+def _check_position(position, where):
+    """A position record (optional: files saved between epochs, and earlier files, have none):
+    exactly its fields, each by its rule, so that a damaged one is refused before anything changes."""
+    if position is None:
+        return
+    fail = f"{where} has a malformed description: "
+    if not isinstance(position, dict):
+        raise CheckpointError(f"{fail}position must be a JSON object, got {_short(position)}")
+    if set(position) != set(_POSITION):
+        raise CheckpointError(f"{fail}position must have the fields {sorted(_POSITION)}, got {sorted(position)}")
+    for k, (ok, rule) in _POSITION.items():
+        if not ok(position[k]):
+            raise CheckpointError(f"{fail}position.{k} must be {rule}, got {_short(position[k])}")
 
 
 def load(path, device="auto", batch_size=None, **engine_kwargs):
@@ -429,3 +473,6 @@ def _restore(engine, desc, tensors, path):
     if schedule is not None:
         engine._schedule, engine._schedule_per, engine._schedule_monitor = schedule, info["per"], info["monitor"]
     engine.checkpoint_meta = meta
+    # a save inside fit's epoch: the next fit with initial_epoch=engine.epoch continues it (training._resumed)
+    position = desc.get("position")
+    engine._resume_position = None if position is None else {**position, "epoch": epoch}

@@ -10,7 +10,7 @@ import threading
 
 import numpy as np
 
-from ._checks import nonneg_int, number, path as _path
+from ._checks import host_array, nonneg_int, number, path as _path
 from .errors import InvalidArgumentError, ShapeError
 
 __all__ = ["Dataset", "ArrayDataset", "Subset", "DataLoader", "ImageFolder", "RandomHorizontalFlip",
@@ -91,7 +91,7 @@ class ArrayDataset(Dataset):
 def _row_array(a, what):
     """np.asarray(a) with a first (row) dimension, or an error naming the argument."""
     try:
-        a = np.asarray(a)
+        a = host_array(a)
     except (TypeError, ValueError) as e:  # a ragged list, an object numpy cannot convert
         raise InvalidArgumentError(f"ArrayDataset {what} is not an array: {e}") from None
     if a.ndim == 0:

@@ -436,6 +436,9 @@ class Engine(OptimizerState):
             arr = np.ascontiguousarray(arr)
             if not np.isfinite(arr).all():
                 raise InvalidArgumentError(f"parameter {name!r} contains NaN or Inf")
+            if known[name][1][1] == "buffer" and name.endswith(".running_var") and (arr < 0).any():
+                raise InvalidArgumentError(f"parameter {name!r} (a BatchNorm's running variance) holds a negative "
+                                           f"value, {float(arr.min())!r}: prediction would take its square root")
             staged.append((i, arr))
         if strict:
             missing = sorted(set(known) - set(params))
@@ -596,8 +599,9 @@ class Engine(OptimizerState):
         yielding (x, y) batches. batch_size defaults to (and may not exceed) the engine's.
         Arrays are shuffled each epoch in an order seeded by (engine seed, engine.epoch), the
         count of epochs this engine has trained (restored from checkpoints).
-        validation_data: (x_val, y_val) or a DataLoader; validation_split: the last fraction of
-        the arrays. verbose: 0 silent, 1 progress bar (tqdm when installed), 2 a line per epoch.
+        validation_data: (x_val, y_val), a DataLoader, or a list of (x, y) batches (what evaluate
+        takes); validation_split: the last fraction of the arrays. verbose: 0 silent, 1 progress
+        bar (tqdm when installed), 2 a line per epoch.
         metrics: names or callables from `mpscy.metrics.get`, computed at each epoch's end on
         the validation data ("val_<name>") or, without it, on the training data ("<name>").
         History.history holds per-epoch loss, accuracy, val_loss, val_accuracy, metrics and lr.
@@ -620,8 +624,8 @@ class Engine(OptimizerState):
         """Attaches a learning-rate schedule (built on this engine) that fit steps after every
         batch (per="step") or epoch (per="epoch"); saved and restored with checkpoints.
         None detaches it."""
-        from . import training
-        training.set_schedule(self, schedule, per, monitor)
+        from . import _attached
+        _attached.set_schedule(self, schedule, per, monitor)
 
     @property
     def schedule(self):

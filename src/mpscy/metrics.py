@@ -477,12 +477,35 @@ class Metric:
         self.name, self.fn, self.kind = name, fn, kind
 
     def __call__(self, y_true, outputs, loss=None):
+        return self.scalar(self.compute(y_true, outputs, loss))
+
+    def compute(self, y_true, outputs, loss=None):
+        """The metric function's result as it returns it (__call__ checks that it is one number)."""
         if self.kind == "raw":
-            return float(self.fn(y_true, outputs))
+            return self.fn(y_true, outputs)
         if self.kind == "regression":
             y_true = np.asarray(y_true)
-            return float(self.fn(y_true.reshape(len(y_true), -1), np.asarray(outputs).reshape(len(outputs), -1)))
-        return float(self.fn(*classify_outputs(y_true, outputs, loss)))
+            return self.fn(y_true.reshape(len(y_true), -1), np.asarray(outputs).reshape(len(outputs), -1))
+        return self.fn(*classify_outputs(y_true, outputs, loss))
+
+    def scalar(self, value):
+        """value as a float, or InvalidArgumentError naming this metric where it is not one real
+        number (an array of per-output values, None, a str): a log holds one number a key."""
+        if isinstance(value, numbers.Real):
+            return float(value)
+        try:   # numpy's or torch's 0-d values too
+            array = None if isinstance(value, (str, bytes)) else np.asarray(value)
+        except (TypeError, ValueError):
+            array = None
+        if array is not None and array.ndim == 0 and array.dtype.kind in "biuf":
+            return float(array)
+        if array is not None and array.ndim:
+            kind = "an array" if isinstance(value, np.ndarray) else f"a {type(value).__name__}"
+            what = f"{kind} of shape {array.shape}"
+        else:
+            what = f"{value!r:.60}"
+        raise InvalidArgumentError(f"metric {self.name!r} returned {what}; a metric function returns one number "
+                                   "(reduce per-output values to one, e.g. with np.mean)")
 
     def __repr__(self):
         return f"Metric({self.name!r})"

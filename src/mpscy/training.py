@@ -16,9 +16,10 @@ import numpy as np
 
 from . import callbacks as _callbacks, errors as _errors, metrics as _metrics
 from ._checks import choice, nonneg_int, number, path, warn_user
+from ._attached import _check_schedules, _position_record, _resumed, _step_schedule, set_schedule
 from ._sources import (_Arrays, _Loader, _as_inputs, _as_target, _batches_of, _check_passes, _describe,
                        _evaluate, _in_batch, _is_loader, _predict, _rows, _validation_source)
-from .errors import InvalidArgumentError, ShapeError
+from .errors import InvalidArgumentError, ShapeError, StateError
 
 __all__ = ["fit", "set_schedule"]
 
@@ -105,40 +106,13 @@ class _Progress:
             self.bar = None
 
 
-# ----------------------------------------------------------------------------- schedules
-def set_schedule(engine, schedule, per="epoch", monitor="val_loss"):
-    """Attaches `schedule` (an mpscy.optim.schedules object built on this engine, or None to
-    detach) for fit to step after every batch (per="step") or every epoch (per="epoch"; a
-    schedule whose step() takes a metric gets logs[monitor]: "val_loss" without validation data
-    is the training loss, another key missing from the logs warns and skips the step).
-    Checkpoints save and restore it."""
-    if schedule is None:
-        engine._schedule, engine._schedule_per, engine._schedule_monitor = None, None, None
-        return
-    choice(per, ("step", "epoch"), "per")
-    _callbacks._monitor(monitor)
-    if not callable(getattr(schedule, "step", None)):
-        raise InvalidArgumentError(f"a schedule needs a step() method, got {type(schedule).__name__}")
-    owner = getattr(schedule, "engine", engine)
-    if owner is not engine:
-        raise InvalidArgumentError("this schedule was built on another engine")
-    engine._schedule, engine._schedule_per, engine._schedule_monitor = schedule, per, monitor
-
-
-def _step_schedule(schedule, takes_metric, logs, monitor):
-    if takes_metric:
-        value = _callbacks._schedule_metric(logs, monitor, "set_schedule")
-        if value is not None:
-            schedule.step(value)
-    else:
-        schedule.step()
-
-
 # ----------------------------------------------------------------------------- fit
 def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None, validation_split=0.0,
         shuffle=True, callbacks=(), verbose="auto", metrics=(), initial_epoch=0, plot_to=None):
-    """See `Engine.fit`. Every option, and the data (arrays whole; a loader's batches as they
-    come), is checked before the first step. engine.history becomes this fit's History, and
+    """See `Engine.fit`. Every option, the data (arrays whole; a loader's batches as they come),
+    and an attached schedule's room for this fit's steps (_check_schedules) are checked before
+    the first step. A fit that continues the epoch a checkpoint was saved inside passes over the
+    batches it had done (_resumed). engine.history becomes this fit's History, and
     engine.stop_training is reset, once a step has been applied: a fit that fails before its
     first completed step (a bad option or first batch, a NonFiniteError at the first step, a
     callback raising before it) leaves the previous History and stop_training as they were; one
@@ -194,57 +168,87 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
 
     history = _callbacks.History()
     steps = source.__len__()  # None for a loader without a length (len() could not return that)
+    known = steps if isinstance(source, _Arrays) else source.exact_len()   # steps an epoch surely has
+    record = _position_record(source, batch_size, shuffle)
+    skip, resumed = _resumed(engine, initial_epoch, runs, known, record)
     # History after the caller's callbacks, as Keras appends it: keys they add to an epoch's logs
     # reach it (and the epoch's line, printed after them)
     cbs = _callbacks.CallbackList([*callbacks, history], engine,
                                   {"epochs": epochs, "steps": steps, "verbose": verbose},
                                   _log_keys(engine, val, metric_objs, callbacks))
+    if runs:
+        _check_schedules(engine, callbacks, known, runs, skip)
     schedule, per = engine._schedule, engine._schedule_per
     sched_metric = schedule is not None and _callbacks._takes_metric(schedule)
     previous = engine.history, engine.stop_training
     progress = _Progress(verbose, epochs)
-    engine.stop_training = False
-    engine.history = history  # callbacks see it from on_train_begin on, as in Keras
     step = engine.step
     trained = False  # until a step is applied, a failure puts `previous` back
+    inside, done = False, 0
+    seen = loss_sum = counted = acc_sum = has_acc = void = lr_used = None
+
+    def position():
+        # where a save inside an epoch is (checkpoint.save asks): its batches done and its sums so
+        # far, so that a fit resumed from it passes over those batches and logs the epoch's means
+        if not inside or done == 0:
+            return None
+        return {**record, "batches": done, "rows": seen, "counted": counted, "loss_sum": loss_sum,
+                "acc_sum": acc_sum, "has_acc": has_acc, "void": void, "lr": lr_used}
+
+    last_logs = {}
+    pending = getattr(engine, "_resume_position", None)
     try:
+        engine.stop_training = False
+        engine.history = history  # callbacks see it from on_train_begin on, as in Keras
+        if runs:
+            engine._resume_position = None   # taken by this fit (or passed over, with a warning)
+        engine._fit_position = position
         cbs.call("on_train_begin", {})
         for epoch in range(initial_epoch, epochs):
+            seen, loss_sum, counted, acc_sum, has_acc, done, void = 0, 0.0, 0, 0.0, False, 0, 0
+            carried = resumed is not None and epoch == initial_epoch   # the saved epoch, after its batch skip - 1
+            if carried:
+                seen, loss_sum, counted, acc_sum = resumed["rows"], resumed["loss_sum"], resumed["counted"], \
+                    resumed["acc_sum"]
+                has_acc, void, lr_used, done = resumed["has_acc"], resumed["void"], resumed["lr"], skip
+            inside = True
             cbs.call("on_epoch_begin", epoch, {})
             progress.begin(epoch, steps)
-            seen, loss_sum, counted, acc_sum, has_acc, done, void = 0, 0.0, 0, 0.0, False, 0, 0
-            lr_used = engine.learning_rate
+            if not carried:
+                lr_used = engine.learning_rate
             where = lambda k: f"epoch {epoch + 1}, batch {k}"  # noqa: E731
-            for b, (xb, yb) in enumerate(source.epoch(engine.epoch, where)):
+            first = done
+            for b, (xb, yb) in enumerate(source.epoch(engine.epoch, where, first), first):
                 for cb in cbs.batch_begin:
                     cb.on_train_batch_begin(b, {})
-                if per == "step":
-                    lr_used = engine.learning_rate
                 try:
+                    if per == "step":
+                        lr_used = engine.learning_rate
                     r = step(xb, yb)  # the StepResult already holds the loss: no extra sync
                 except _errors.NonFiniteError as e:
-                    if engine._graph.counted != 0:
+                    if _counted(engine, where(b)) != 0:
                         raise _in_batch(e, where(b)) from e
                     # every label is ignore_index: torch's step sees a NaN loss and zero gradients;
                     # nothing was changed (a failed step changes nothing), and the batch is skipped (its
                     # batch-begin callbacks have run)
                     void += 1
+                    done = b + 1
                     continue
                 except _errors.Error as e:
                     raise _in_batch(e, where(b)) from e
                 trained = True
                 n = r.batch_size
                 seen += n
-                c = engine._graph.counted   # under ignore_index, the labels that counted, as staging counted them
+                c = _counted(engine, where(b))   # under ignore_index, the labels that counted, as staging counted them
                 c = n if c < 0 else c
                 counted += c   # loss and accuracy: means over the labels that count, as val_loss's and evaluate's
                 loss_sum += r.loss * c
                 if r.accuracy is not None:
                     acc_sum += r.accuracy * c
                     has_acc = True
-                done = b + 1
                 if per == "step":
-                    _step_schedule(schedule, sched_metric, {"loss": r.loss}, "loss")
+                    _step_schedule(schedule, sched_metric, {"loss": r.loss}, "loss", where(b))
+                done = b + 1
                 if verbose == 1:
                     progress.step(done, loss_sum / counted, acc_sum / counted if has_acc else None)
                 if cbs.batch_end:
@@ -254,6 +258,7 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
                         cb.on_train_batch_end(b, blogs)
                 if engine.stop_training:
                     break
+            inside = False
             if void:
                 warn_user(f"epoch {epoch + 1}: {void} training batch{'es' if void > 1 else ''} whose every label is "
                           f"the loss's ignore_index {engine.loss.ignore_index} skipped (no update: torch's step "
@@ -262,6 +267,7 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
                 raise InvalidArgumentError("the training data yielded no batch" if not void else
                                            "every training batch's labels are all the loss's ignore_index")
             engine.epoch += 1  # its steps are applied: counted before anything below can fail
+            trained = True     # (a resumed epoch's were applied by the fit that saved it)
             logs = {"loss": loss_sum / counted}
             if has_acc:
                 logs["accuracy"] = acc_sum / counted
@@ -273,22 +279,27 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
             if metric_objs:
                 prefix, target = ("val_", val) if val is not None else ("", _metric_source(source))
                 y_true, outputs = _predict(engine, target)
+                y_true = _as_outputs(engine, y_true, outputs)
                 for m in metric_objs:
                     logs[prefix + m.name] = _metric_value(m, y_true, outputs, engine.loss, prefix + m.name)
             logs["lr"] = float(lr_used)
             if per == "epoch":
-                _step_schedule(schedule, sched_metric, logs, engine._schedule_monitor)
+                _step_schedule(schedule, sched_metric, logs, engine._schedule_monitor, f"epoch {epoch + 1}")
             cbs.call("on_epoch_end", epoch, logs)
+            last_logs = logs
             progress.end(done, logs)
             if engine.stop_training:
                 break
-        cbs.call("on_train_end", {})
+        cbs.call("on_train_end", dict(last_logs))   # the last epoch's logs, as Keras passes them
     except BaseException:
         if not trained:
             engine.history, engine.stop_training = previous
+            engine._resume_position = pending
         raise
     finally:
         progress.close()
+        inside = False
+        engine._fit_position = None
     if not trained:  # no epoch to run (or every batch skipped): the previous record stays the engine's
         engine.history = previous[0]
     if plot_to is not None and not history.epoch:
@@ -299,6 +310,25 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
         y_true, outputs = _predict(engine, target)
         _plot.fit_report(plot_to, history, y_true, outputs, engine.loss)
     return history
+
+
+def _counted(engine, where):
+    """The labels the last step counted (-1: every row), or the StateError a closed engine's next
+    step gives, said to be `where`'s: another thread may close the engine during a step."""
+    g = engine._graph
+    if g is None:
+        raise _in_batch(StateError("this engine is closed"), where)
+    return g.counted
+
+
+def _as_outputs(engine, y_true, outputs):
+    """Dense targets of shape (n,) for a model of one output, which a step takes as the output's
+    (n, 1) (the native target rule), in that shape for the metrics: a metric function would
+    broadcast (n,) against the outputs' (n, 1) into an (n, n) table."""
+    if (engine.loss.target == "dense" and getattr(y_true, "ndim", 0) == 1 and outputs.ndim > 1
+            and int(np.prod(outputs.shape[1:])) == 1 and len(y_true) == len(outputs)):
+        return y_true.reshape(outputs.shape)
+    return y_true
 
 
 def _log_keys(engine, val, metric_objs, callbacks):
@@ -402,12 +432,14 @@ def _callback_list(callbacks):
 def _metric_value(metric, y_true, outputs, loss, key):
     """A metric's value, or NaN with a warning where the data leave it undefined (ROC AUC over
     validation labels that lack a class), as scikit-learn's UndefinedMetricWarning: one epoch's
-    data does not end a run that has already applied its steps."""
+    data does not end a run that has already applied its steps. A function that returns no
+    single number (an array of per-output values) is refused by name, at its first evaluation."""
     try:
-        return metric(y_true, outputs, loss)
+        value = metric.compute(y_true, outputs, loss)
     except InvalidArgumentError as e:
         warnings.warn(f"{key} is undefined on this data, logged as NaN: {e}", RuntimeWarning, stacklevel=3)
         return math.nan
+    return metric.scalar(value)
 
 
 def _metric_source(source):

@@ -92,6 +92,16 @@ class Schedule:
         """The momentum (or beta1) for `epoch` where the schedule cycles it, else None."""
         return None
 
+    def steps_left(self):
+        """How many more times step() can run before the schedule refuses it (OneCycleLR past its
+        total_steps), or None for a schedule without an end; fit checks it before training."""
+        final = self._final_step()
+        return None if final is None else max(final - self.last_epoch, 0)
+
+    def _final_step(self):
+        """The last position step() reaches (None: no end)."""
+        return None
+
     def _set_epoch(self, epoch):
         # either may refuse the epoch: nothing changed yet
         lr, momentum = self._checked(self.lr_at(epoch), epoch), self.momentum_at(epoch)
@@ -365,6 +375,10 @@ class LinearWarmup(Schedule):
         else:
             super()._set_epoch(epoch)
 
+    def _final_step(self):
+        final = None if self.then is None else self.then._final_step()
+        return None if final is None else self.warmup_steps + final
+
     def state_dict(self):
         state = super().state_dict()
         state["then"] = None if self.then is None else self.then.state_dict()
@@ -437,6 +451,9 @@ class OneCycleLR(Schedule):
         if self.anneal_strategy == "cos":
             return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
         return (end - start) * pct + start
+
+    def _final_step(self):
+        return self.total_steps
 
     def _at(self, epoch):
         if epoch > self.total_steps:
