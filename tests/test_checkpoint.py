@@ -452,7 +452,10 @@ def test_restore_takes_the_checkpoints_seed_and_schedule_classes(device, digits,
     loaded = mpscy.load(tmp_path / "s.mpscy", device=device)
     c = _engine(device, optim.SGD(0.1), seed=1)
     c.set_schedule(sched.LinearWarmup(c, 2, then=sched.MultiStepLR(c, [100], 0.1)), per="step")
-    checkpoint.restore(c, tmp_path / "s.mpscy")
+    with pytest.warns(UserWarning, match=r"restore replaces the attached LinearWarmup\(then=MultiStepLR\) "
+                                         r"\(per='step'\) with the checkpoint's LinearWarmup\(then=ExponentialLR\) "
+                                         r"\(per='step'\)"):
+        checkpoint.restore(c, tmp_path / "s.mpscy")
     assert c.seed == loaded.seed == 0
     assert type(c._schedule.then).__name__ == "ExponentialLR"
     runs = [e.fit(x[:160], y[:160], epochs=3, initial_epoch=1, verbose=0).history for e in (loaded, c)]

@@ -552,6 +552,28 @@ def test_loss_names_and_classes():
         assert type(losses.get(cls)) is cls
     assert losses.Huber().delta == 1.0 and losses.CrossEntropy().label_smoothing == 0.0
     assert losses.get("huber").spec((3,)) == {"kind": "huber", "accuracy": "none", "delta": 1.0}
+    torch_names = {"mse_loss": losses.MSE, "MSELoss": losses.MSE, "l1": losses.MAE, "l1_loss": losses.MAE,
+                   "L1Loss": losses.MAE, "huber_loss": losses.Huber, "HuberLoss": losses.Huber,
+                   "smooth_l1_loss": losses.Huber, "SmoothL1Loss": losses.Huber, "BCELoss": losses.BinaryCrossEntropy,
+                   "BCEWithLogitsLoss": losses.BCEWithLogits}
+    for name, cls in torch_names.items():
+        assert type(losses.get(name)) is cls, name
+    assert losses.get("SmoothL1Loss").delta == 1.0
+    with pytest.raises(mpscy.InvalidArgumentError, match="unknown loss 'CrossEntropyLoss'"):
+        losses.get("CrossEntropyLoss")
+
+
+def test_smooth_l1_at_beta_1_is_huber_at_delta_1_as_torch_computes_it():
+    """torch's SmoothL1Loss(beta=1) and HuberLoss(delta=1) are one function: the name
+    "SmoothL1Loss" gives the same loss and gradient as torch's, here against NumPy's formula."""
+    rng = np.random.default_rng(0)
+    d = rng.standard_normal((6, 3)) * 2
+    e = mpscy.Engine(mpscy.Sequential([layers.Dense(3)], input_shape=(3,)), loss="SmoothL1Loss", batch_size=6)
+    e.set_parameters({"dense_0.weight": np.eye(3, dtype=np.float32), "dense_0.bias": np.zeros(3, np.float32)})
+    x = d.astype(np.float32)
+    a = np.abs(d)
+    ref = np.where(a < 1, 0.5 * d * d, a - 0.5).mean()
+    assert e.evaluate(x, np.zeros((6, 3), np.float32))["loss"] == pytest.approx(ref, rel=1e-6)
 
 
 @pytest.mark.parametrize("make,match", [

@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from ._checks import quiet_build_warnings
+from ._checks import quiet_build_warnings, warn_user
 from ._ckpt_checks import STEP_VALUES as _STEP_VALUES, check_description as _check_description, short as _short, \
     unjson as _unjson
 from ._safetensors import _path, read_safetensors, write_safetensors
@@ -146,6 +146,13 @@ def _is_schedule(v):
 def _children(s):
     """The schedules a composed schedule holds in its attributes (LinearWarmup's `then`), by name."""
     return {k: v for k, v in vars(s).items() if k != "engine" and _is_schedule(v)}
+
+
+def _schedule_name(s):
+    """A schedule's class with its composed schedules': "LinearWarmup(then=StepLR)"."""
+    children = _children(s)
+    inner = ", ".join(f"{k}={_schedule_name(v)}" for k, v in children.items())
+    return f"{type(s).__name__}({inner})" if children else type(s).__name__
 
 
 def _describe_schedule(s):
@@ -471,6 +478,11 @@ def _restore(engine, desc, tensors, path):
             raise
         raise CheckpointError(f"{where} cannot be restored into this engine: {e}") from e
     if schedule is not None:
+        current = engine._schedule
+        if current is not None and (schedule is not current or engine._schedule_per != info["per"]):
+            warn_user(f"restore replaces the attached {_schedule_name(current)} (per={engine._schedule_per!r}) with "
+                      f"the checkpoint's {_schedule_name(schedule)} (per={info['per']!r}); attach yours again with "
+                      "set_schedule after restore to keep it")
         engine._schedule, engine._schedule_per, engine._schedule_monitor = schedule, info["per"], info["monitor"]
     engine.checkpoint_meta = meta
     # a save inside fit's epoch: the next fit with initial_epoch=engine.epoch continues it (training._resumed)

@@ -280,6 +280,11 @@ _NAMES = {
     "bce_with_logits": BCEWithLogits, "categorical_cross_entropy": CategoricalCrossEntropy,
     "categorical_crossentropy": CategoricalCrossEntropy, "mse": MSE, "mean_squared_error": MSE,
     "mae": MAE, "mean_absolute_error": MAE, "huber": Huber,
+    # PyTorch's names (F.<name> and nn.<Name> lowercased): SmoothL1Loss at its default beta=1 is
+    # HuberLoss at delta=1, which Huber() is
+    "mse_loss": MSE, "mseloss": MSE, "l1": MAE, "l1_loss": MAE, "l1loss": MAE, "huber_loss": Huber,
+    "huberloss": Huber, "smooth_l1": Huber, "smooth_l1_loss": Huber, "smoothl1loss": Huber,
+    "bceloss": BinaryCrossEntropy, "bcewithlogitsloss": BCEWithLogits,
 }
 
 
