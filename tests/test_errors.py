@@ -231,6 +231,15 @@ def test_float64_values_past_float32_s_range_are_named_as_such(device):
     x[3, 1] = np.inf
     with pytest.raises(mpscy.NonFiniteError, match="x contains NaN or Inf at row 3"):
         engine.predict(x)
+    params = {k: v.astype(np.float64) for k, v in engine.get_parameters().items()}
+    params["dense_0.bias"][1] = -1e40
+    before = engine.get_parameters()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(mpscy.InvalidArgumentError, match=r"^parameter 'dense_0.bias' holds -1e\+40, past "
+                                                             r"float32's range$"):
+            engine.set_parameters(params)
+    assert all(np.array_equal(v, before[k]) for k, v in engine.get_parameters().items())
 
 
 def test_set_parameters_refuses_a_negative_running_variance(device):
