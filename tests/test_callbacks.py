@@ -182,6 +182,24 @@ def test_csv_logger(device, digits, tmp_path):
     assert len(list(csv.reader(open(path)))) == 7
 
 
+def test_csv_logger_closes_its_file_when_fit_is_interrupted(device, digits, tmp_path):
+    """A fit interrupted in its second epoch (KeyboardInterrupt from a callback) runs no
+    on_train_end, yet the CSVLogger's file is closed at once, with the first epoch's row."""
+    xtr, ytr, _, _ = digits
+
+    class Stop(cb.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if self.engine.epoch == 1:
+                raise KeyboardInterrupt
+
+    logger = cb.CSVLogger(tmp_path / "log.csv")
+    with pytest.raises(KeyboardInterrupt):
+        digits_engine(device).fit(xtr, ytr, epochs=3, verbose=0, callbacks=[logger, Stop()])
+    assert logger._file is None
+    rows = list(csv.reader(open(tmp_path / "log.csv")))
+    assert len(rows) == 2 and rows[1][0] == "0"
+
+
 def test_stop_training_from_a_batch_callback(device, digits):
     class StopAt(cb.Callback):
         def on_train_batch_end(self, batch, logs=None):

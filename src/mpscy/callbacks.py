@@ -105,6 +105,13 @@ class CallbackList:
         for cb in self.callbacks:
             getattr(cb, hook)(*args)
 
+    def release(self):
+        """Whatever a callback holds open for the fit (CSVLogger's file), released however the fit
+        ended: an interrupted fit runs no on_train_end."""
+        for cb in self.callbacks:
+            if isinstance(cb, CSVLogger):
+                cb.on_train_end()
+
 
 class History(Callback):
     """Per-epoch logs: ``history.history["loss"][i]`` is epoch i's value; ``history.epoch``

@@ -298,6 +298,7 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
         raise
     finally:
         progress.close()
+        cbs.release()
         inside = False
         engine._fit_position = None
     if not trained:  # no epoch to run (or every batch skipped): the previous record stays the engine's
