@@ -907,7 +907,8 @@ def _fit_data(x, y, source):
     return dict(x=data.DataLoader(data.ArrayDataset(x[:100], y[:100]), batch_size=16, shuffle=True, seed=9))
 
 
-@pytest.mark.parametrize("source, stop", [("arrays", 3), ("arrays", 6), ("loader", 2), ("restore", 3)])
+@pytest.mark.parametrize("source, stop", [("arrays", 3), ("arrays", 6), ("loader", 2), ("restore", 3),
+                                          ("saved again", 3)])
 def test_a_save_inside_an_epoch_continues_from_its_batch(device, digits, tmp_path, source, stop):
     """The README's mid-epoch saves (a callback's engine.save in on_train_batch_end) held the
     epoch's number only, and fit(initial_epoch=) ran that epoch from its first batch while a
@@ -917,7 +918,8 @@ def test_a_save_inside_an_epoch_continues_from_its_batch(device, digits, tmp_pat
     initial_epoch=engine.epoch passes over those batches of the same shuffled order: interrupted
     after batch `stop` of epoch 2 (the last batch too) and resumed, the run is bit for bit the
     uninterrupted one, History included, through mpscy.load or restore, for arrays and a
-    DataLoader, with Dropout masks drawn as they were."""
+    DataLoader, with Dropout masks drawn as they were; a loaded engine saved again before any fit
+    keeps the position (it was dropped, and the copy reran the epoch)."""
     x, y = digits
     kind = "loader" if source == "loader" else "arrays"
     full = _one_cycle_run(device)
@@ -930,6 +932,10 @@ def test_a_save_inside_an_epoch_continues_from_its_batch(device, digits, tmp_pat
     if source == "restore":
         resumed = _one_cycle_run(device)
         checkpoint.restore(resumed, path)
+    elif source == "saved again":
+        mpscy.load(path, device=device).save(tmp_path / "again.mpscy")
+        assert checkpoint.read(tmp_path / "again.mpscy")[0]["position"] == checkpoint.read(path)[0]["position"]
+        resumed = mpscy.load(tmp_path / "again.mpscy", device=device)
     else:
         resumed = mpscy.load(path, device=device)
     assert resumed.epoch == 1 and resumed.schedule.last_epoch == 7 + stop + 1
@@ -937,6 +943,48 @@ def test_a_save_inside_an_epoch_continues_from_its_batch(device, digits, tmp_pat
     _assert_same_state(full, resumed)
     assert resumed.iterations == full.iterations and resumed.schedule.last_epoch == 21
     assert h.epoch == [1, 2] and h.history == {k: v[1:] for k, v in h_full.history.items()}
+
+
+def test_a_loader_s_position_is_taken_only_where_its_order_repeats(device, digits, tmp_path):
+    """A mid-epoch position over a loader: an mpscy DataLoader's order is its shuffle, seed and
+    drop_last, so another seed or shuffle runs the epoch from its first batch with a warning
+    (they skipped the first batches of another order, silently); a shuffling torch DataLoader
+    draws its order from torch's global generator, so its position is never taken; one that
+    takes its rows in sequence is continued, bit for bit the uninterrupted run."""
+    from mpscy import data
+    x, y = digits
+    x, y = x[:96], y[:96]
+
+    def mine(**kw):
+        return data.DataLoader(data.ArrayDataset(x, y), batch_size=16, **{"shuffle": True, "seed": 9, **kw})
+
+    def run_to(path, loader):
+        e = _engine(device, optim.SGD(0.05, momentum=0.9))
+        with pytest.raises(KeyboardInterrupt):
+            e.fit(loader, epochs=3, verbose=0, callbacks=[_SaveEachBatch(path, 1, 2)])
+        return mpscy.load(path, device=device)
+
+    path = tmp_path / "mid.mpscy"
+    for other, this in ((dict(seed=1), "shuffle=True, seed=1"), (dict(shuffle=False), "shuffle=False, seed=9")):
+        e = run_to(path, mine())
+        with pytest.warns(UserWarning, match=r"it was saved by a fit with order 'DataLoader\(shuffle=True, seed=9, "
+                                             r"drop_last=False\)' \(this fit's 'DataLoader\(" + this):
+            e.fit(mine(**other), epochs=2, initial_epoch=1, verbose=0)
+        assert e.iterations == 6 + 3 + 6
+    torch = pytest.importorskip("torch")
+    tds = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y.astype(np.int64)))
+    e = run_to(path, torch.utils.data.DataLoader(tds, batch_size=16, shuffle=True))
+    with pytest.warns(UserWarning, match=r"this fit's loader does not give an epoch's batches in an order a later fit "
+                                         r"repeats"):
+        e.fit(torch.utils.data.DataLoader(tds, batch_size=16, shuffle=True), epochs=2, initial_epoch=1, verbose=0)
+    assert e.iterations == 6 + 3 + 6
+    in_order = lambda: torch.utils.data.DataLoader(tds, batch_size=16)  # noqa: E731
+    full = _engine(device, optim.SGD(0.05, momentum=0.9))
+    full.fit(in_order(), epochs=3, verbose=0)
+    e = run_to(path, in_order())
+    e.fit(in_order(), epochs=3, initial_epoch=1, verbose=0)
+    assert e.iterations == full.iterations == 18
+    _assert_same_state(full, e)
 
 
 def test_a_position_fit_cannot_take_is_passed_over_with_a_warning(device, digits, tmp_path):
@@ -997,7 +1045,15 @@ def mid_epoch(device, digits, tmp_path):
     (_set("position", "shuffle", 1), r"position\.shuffle must be true, false or null, got 1"),
     (_drop("position", "void"), r"position must have the fields \['acc_sum', 'batch_size', .*\], got \['acc_sum'"),
     (_set("position", [2]), r"position must be a JSON object, got \[2\]"),
-], ids=["batches-0", "rows-bool", "loss-str", "lr-negative", "shuffle-int", "no-void", "list"])
+    # each field valid, together not (a resumed fit divided by 0 counted labels at the epoch's end)
+    (_set("position", "counted", 0), r"position is inconsistent: 0 counted labels for 2 applied batches"),
+    (_set("position", "rows", 10 ** 9), r"position is inconsistent: 1000000000 rows for 2 applied batches of at "
+                                         r"most 32"),
+    (_set("position", "void", 3), r"position is inconsistent: void batches past its batches"),
+    (_at(("position", "has_acc"), lambda c, k: c.update(has_acc=False, acc_sum=5.0)),
+     r"position is inconsistent: an accuracy sum without accuracy"),
+], ids=["batches-0", "rows-bool", "loss-str", "lr-negative", "shuffle-int", "no-void", "list", "counted-0",
+        "rows-huge", "void-past", "acc-without"])
 def test_a_damaged_position_is_a_checkpoint_error(device, mid_epoch, tmp_path, edit, message):
     """The position of a save inside an epoch is checked with the rest of the description: a
     damaged one is a CheckpointError naming the field, from load and restore, changing nothing."""

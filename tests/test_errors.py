@@ -227,6 +227,10 @@ def test_float64_values_past_float32_s_range_are_named_as_such(device):
             engine.fit(x, y, verbose=0)
         with pytest.raises(mpscy.InvalidArgumentError, match="^y" + past[1:]):
             engine.fit(y[:, :1] * np.zeros((1, 4)), x[:, :3], verbose=0)
+        one = mpscy.Engine(mpscy.Sequential([layers.Dense(1)], input_shape=(4,)), loss="mse", batch_size=8,
+                           device=device)
+        with pytest.raises(mpscy.InvalidArgumentError, match=r"^y holds 1e\+300, past float32's range"):
+            one.fit(np.zeros((1, 4)), np.float64(1e300), verbose=0)   # 0-d: no row (it raised IndexError)
     assert engine.iterations == 0
     x[3, 1] = np.inf
     with pytest.raises(mpscy.NonFiniteError, match="x contains NaN or Inf at row 3"):

@@ -302,6 +302,18 @@ def test_joins_of_more_than_eight_tensors(device, rng):
     assert all(np.array_equal(got[k], mine[k]) for k in got if k != "loss")
 
 
+def test_made_up_names_pass_over_the_names_given():
+    """An unnamed layer whose made-up name (<prefix>_<position>) another layer was given takes
+    <name>_1 (the model was refused: "two layers are named 'dense_1'"); two given names that
+    clash are still refused."""
+    x = mpscy.Input(4)
+    out = layers.Dense(2)(layers.Dense(3, name="dense_1")(x))
+    assert [n.name for n in mpscy.Model(x, out).nodes] == ["input", "dense_1", "dense_1_1"]
+    x = mpscy.Input(4)
+    with pytest.raises(mpscy.InvalidArgumentError, match="two layers are named 'a'"):
+        mpscy.Model(x, layers.Dense(2, name="a")(layers.Dense(3, name="a")(x)))
+
+
 def test_graph_building_errors():
     x = mpscy.Input((3, 4, 4))
     a = layers.Conv2D(2, 3, padding=1)(x)

@@ -426,6 +426,14 @@ def test_a_metric_function_returning_no_single_number_is_named(value, shown):
         assert M.get(lambda t, p: ok)(np.zeros(3), np.zeros((3, 1))) == float(ok)
 
 
+def test_a_metric_function_may_return_a_torch_scalar():
+    """A 0-d torch tensor that requires grad or is bfloat16 is one number (float() took them;
+    np.asarray refuses the first and has no dtype for the second)."""
+    torch = pytest.importorskip("torch")
+    for value, want in ((torch.tensor(0.5, requires_grad=True) * 1, 0.5), (torch.tensor(0.25).bfloat16(), 0.25)):
+        assert M.get(lambda t, p: value)(np.zeros(3), np.zeros((3, 1))) == want
+
+
 def test_fit_names_a_metric_function_that_returns_an_array():
     """In fit, at the metric's first evaluation (the first epoch's end), the same error ends the
     run, naming the metric; it is not taken for a metric the data leave undefined (logged NaN)."""

@@ -279,6 +279,27 @@ def test_import_torch_cnn_and_residual(tt, device, tmp_path, name):
     assert engine.evaluate(x[300:], y[300:])["loss"] < before
 
 
+def test_a_sum_and_concats_of_more_than_eight_inputs(device):
+    """An ONNX Sum of 9 operands and a Concat of 9 after two Concats: joins chained by 8, their
+    heads' made-up names passing over the names the import gave (they clashed: "two layers are
+    named 'add_0'"); the values against NumPy."""
+    from onnx import TensorProto, helper
+
+    def model(nodes, width):
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    e = mpscy.onnx.load(model([helper.make_node("Sum", ["x"] * 9, ["y"])], 4), device=device)
+    assert [n.name for n in e.model.nodes] == ["x", "add_0_1", "add_0"]
+    assert np.abs(e.predict(x) - 9 * x.astype(np.float64)).max() < 1e-5
+    cats = [helper.make_node("Concat", ["x", "x"], ["c0"], axis=1), helper.make_node("Concat", ["x", "x"], ["c1"], axis=1),
+            helper.make_node("Concat", ["c0", "c1"] + ["x"] * 7, ["y"], axis=1)]
+    e = mpscy.onnx.load(model(cats, 44), device=device)
+    assert np.array_equal(e.predict(x), np.concatenate([x] * 11, 1))
+
+
 def test_unsupported_graphs_say_why(device):
     from onnx import TensorProto, helper, numpy_helper
 

@@ -660,6 +660,34 @@ _MORE = r"; OneCycleLR's total_steps counts every batch of every epoch, steps_pe
         r"fit's steps, or fit fewer epochs$"
 
 
+def test_a_torch_loader_s_steps_count_the_rows_its_sampler_draws():
+    """Under BatchNorm a lone last row is left out: a torch DataLoader over a SubsetRandomSampler
+    of 161 of a dataset's 200 rows yields 5 batches of 32 and one of 1 row, so 5 steps an epoch
+    (the dataset's 200 rows counted 7 and refused a OneCycleLR of 2 x 5 steps); over 192 of 193
+    rows, 6 steps (the dataset's 193 counted 6 - 1 and let a schedule of 10 run out mid-fit)."""
+    torch = pytest.importorskip("torch")
+    bn = lambda: mpscy.Sequential([layers.Dense(8), layers.BatchNorm(), layers.Dense(10)], input_shape=(64,))  # noqa: E731
+
+    def engine(total):
+        e = mpscy.Engine(bn(), optimizer=optim.SGD(lr=BASE, momentum=0.9), batch_size=32, device="cpu", seed=5)
+        e.set_schedule(S.OneCycleLR(e, max_lr=0.5, total_steps=total), per="step")
+        return e
+
+    def loader(n, subset):
+        x, y = _rows(n)
+        ds = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+        return torch.utils.data.DataLoader(ds, batch_size=32, sampler=torch.utils.data.SubsetRandomSampler(range(subset)))
+
+    e = engine(10)
+    e.fit(loader(200, 161), epochs=2, verbose=0)
+    assert e.iterations == 10 and e.schedule.steps_left() == 0
+    e = engine(10)
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"^OneCycleLR can step 10 more times and this fit would "
+                                                         r"step it 12 times"):
+        e.fit(loader(193, 192), epochs=2, verbose=0)
+    assert e.iterations == 0
+
+
 def test_fit_refuses_a_schedule_that_cannot_cover_its_steps():
     """A per-step OneCycleLR whose total_steps fell short of the fit ran until the schedule
     raised at a late step ("OneCycleLR stepped 22 times; total_steps is 21", no batch named, the

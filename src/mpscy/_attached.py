@@ -75,11 +75,26 @@ def _check_schedules(engine, callbacks, steps, runs, skip):
 # ----------------------------------------------------------------------------- a resumed epoch
 def _position_record(source, batch_size, shuffle):
     """What the batches of an epoch depend on besides the data and the epoch: the batch size and
-    shuffling of arrays, a loader's batch_size (None where it has none)."""
+    shuffling of arrays; a loader's batch_size (None where it has none) and order (_loader_order)."""
     if isinstance(source, _Arrays):
-        return {"batch_size": int(batch_size), "shuffle": bool(shuffle)}
+        return {"batch_size": int(batch_size), "shuffle": bool(shuffle), "order": "arrays"}
     b = getattr(source.loader, "batch_size", None)
-    return {"batch_size": b if isinstance(b, int) and not isinstance(b, bool) else None, "shuffle": None}
+    return {"batch_size": b if isinstance(b, int) and not isinstance(b, bool) else None, "shuffle": None,
+            "order": _loader_order(source.loader)}
+
+
+def _loader_order(loader):
+    """How a loader orders an epoch's batches, where a later fit gets the same order: an mpscy
+    DataLoader's by its shuffle, seed and drop_last (and set_epoch); a torch DataLoader's taken in
+    sequence (a SequentialSampler in a BatchSampler). None for any other: torch's RandomSampler
+    draws from torch's global generator, another loader's order is its own."""
+    from .data import DataLoader
+    if isinstance(loader, DataLoader):
+        return f"DataLoader(shuffle={loader.shuffle}, seed={loader.seed}, drop_last={loader.drop_last})"
+    sampler, batches = getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)
+    if type(sampler).__name__ == "SequentialSampler" and type(batches).__name__ == "BatchSampler":
+        return f"in sequence (drop_last={getattr(loader, 'drop_last', None)})"
+    return None
 
 
 def _resumed(engine, initial_epoch, runs, known, record):
@@ -97,6 +112,10 @@ def _resumed(engine, initial_epoch, runs, known, record):
         why = f"the engine's epoch is now {engine.epoch}"
     elif initial_epoch != engine.epoch:
         why = f"this fit starts at initial_epoch={initial_epoch}, not {engine.epoch}"
+    elif record["order"] is None:
+        why = ("this fit's loader does not give an epoch's batches in an order a later fit repeats (a torch "
+               "DataLoader that shuffles draws from torch's global generator; an mpscy DataLoader's order is its "
+               "seed's)")
     else:
         differ = [f"{k} {pos.get(k)!r} (this fit's {record[k]!r})" for k in record if pos.get(k) != record[k]]
         if differ:

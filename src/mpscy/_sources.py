@@ -64,17 +64,28 @@ class _Loader:
             n = len(self.loader)
         except TypeError:
             return None
-        dataset, b = getattr(self.loader, "dataset", None), getattr(self.loader, "batch_size", None)
+        rows, b = self._rows(), getattr(self.loader, "batch_size", None)
         if (self.skip_single and isinstance(b, int) and not getattr(self.loader, "drop_last", False)
-                and hasattr(dataset, "__len__") and len(dataset) % b == 1):
+                and rows is not None and rows % b == 1):
             n -= 1  # its last batch is one row
         return n
+
+    def _rows(self):
+        """The rows an epoch draws: a torch DataLoader's sampler's count (a SubsetRandomSampler's
+        subset), else the dataset's length; None where neither has one."""
+        for part in (getattr(self.loader, "sampler", None), getattr(self.loader, "dataset", None)):
+            if part is not None:
+                try:
+                    return len(part)
+                except TypeError:
+                    return None
+        return None
 
     def exact_len(self):
         """len(self) where it is the count of batches an epoch yields, else None: without a length,
         or under BatchNorm where a batch of one row (left out) may come other than last."""
         b = getattr(self.loader, "batch_size", None)
-        counted = isinstance(b, int) and b > 1 and hasattr(getattr(self.loader, "dataset", None), "__len__")
+        counted = isinstance(b, int) and b > 1 and self._rows() is not None
         return self.__len__() if counted or not self.skip_single else None
 
     def epoch(self, epoch, where, start=0):
@@ -101,7 +112,8 @@ def _float32(a, what):
         past = np.isinf(out) & np.isfinite(a)
         if past.any():
             at = np.unravel_index(int(np.argmax(past)), a.shape)
-            raise InvalidArgumentError(f"{what} holds {float(a[at])!r} at row {at[0]}, past float32's range "
+            row = f" at row {at[0]}" if a.ndim else ""
+            raise InvalidArgumentError(f"{what} holds {float(a[at])!r}{row}, past float32's range "
                                        f"(largest {float(np.finfo(np.float32).max):.4g})")
     return out
 

@@ -287,9 +287,15 @@ def read(path):
 def _fit_position(engine):
     """Where fit is within the engine's epoch when a callback (or another thread) saves inside it:
     the batches done, what they depend on (batch size, shuffling) and the epoch's sums so far
-    (training.fit's record); None between epochs and outside fit."""
+    (training.fit's record). Outside fit, the position a load or restore brought that no fit has
+    taken yet (a loaded mid-epoch engine saved again keeps it); else None."""
     position = getattr(engine, "_fit_position", None)
-    return None if position is None else position()
+    if position is not None:
+        return position()
+    pending = getattr(engine, "_resume_position", None)
+    if pending is not None and pending["epoch"] == engine.epoch:
+        return {k: v for k, v in pending.items() if k != "epoch"}
+    return None
 
 
 def _count(v):
@@ -305,7 +311,8 @@ _POSITION = {"batches": (lambda v: _count(v) and v >= 1, "an integer >= 1"),
              "lr": (lambda v: type(v) in (int, float) and np.isfinite(v) and v >= 0, "a finite number >= 0"),
              "has_acc": (lambda v: type(v) is bool, "true or false"),
              "batch_size": (lambda v: v is None or (_count(v) and v >= 1), "an integer >= 1 or null"),
-             "shuffle": (lambda v: v is None or type(v) is bool, "true, false or null")}
+             "shuffle": (lambda v: v is None or type(v) is bool, "true, false or null"),
+             "order": (lambda v: v is None or isinstance(v, str), "a string or null")}
 
 
 def _check_position(position, where):
@@ -321,6 +328,19 @@ def _check_position(position, where):
     for k, (ok, rule) in _POSITION.items():
         if not ok(position[k]):
             raise CheckpointError(f"{fail}position.{k} must be {rule}, got {_short(position[k])}")
+    # and the fields together, as fit keeps them: a skipped batch (every label ignore_index) adds
+    # no rows and no counted labels, an applied one at least one of each and at most batch_size rows
+    p = position
+    applied = p["batches"] - p["void"]
+    most = None if p["batch_size"] is None else applied * p["batch_size"]
+    for bad, why in ((applied < 0, "void batches past its batches"),
+                     (p["rows"] < applied or (most is not None and p["rows"] > most),
+                      f"{p['rows']} rows for {applied} applied batches of at most {p['batch_size']}"),
+                     ((p["counted"] == 0) != (applied == 0), f"{p['counted']} counted labels for {applied} applied "
+                                                             "batches"),
+                     (not p["has_acc"] and p["acc_sum"] != 0, "an accuracy sum without accuracy")):
+        if bad:
+            raise CheckpointError(f"{fail}position is inconsistent: {why}")
 
 
 def load(path, device="auto", batch_size=None, **engine_kwargs):

@@ -9,7 +9,7 @@ import numbers
 
 import numpy as np
 
-from ._checks import choice
+from ._checks import choice, host_array
 from .errors import InvalidArgumentError, ShapeError
 
 __all__ = [
@@ -493,9 +493,9 @@ class Metric:
         number (an array of per-output values, None, a str): a log holds one number a key."""
         if isinstance(value, numbers.Real):
             return float(value)
-        try:   # numpy's or torch's 0-d values too
-            array = None if isinstance(value, (str, bytes)) else np.asarray(value)
-        except (TypeError, ValueError):
+        try:   # numpy's or torch's 0-d values too (one that requires grad, a bfloat16 one)
+            array = None if isinstance(value, (str, bytes)) else host_array(value)
+        except (TypeError, ValueError, RuntimeError):
             array = None
         if array is not None and array.ndim == 0 and array.dtype.kind in "biuf":
             return float(array)

@@ -128,6 +128,9 @@ class Model:
         order = list(inputs) + [t for t in order if t.layer is not None]
         index = {id(t): k for k, t in enumerate(order)}
         self.nodes, used = [], set()
+        # a made-up name (<prefix>_<position>) passes over the names given (an ONNX graph's, or a
+        # join's chain made inside an imported one), so that only two given names can clash
+        given = {t.layer.name if t.layer is not None else t.name for t in order} - {None}
         position = 0
         for k, t in enumerate(order):
             if t.layer is None:
@@ -135,6 +138,11 @@ class Model:
                 self.nodes.append(Node(None, (), t.shape, name))
                 continue
             name = t.layer.name or f"{t.layer.prefix}_{position}"
+            if not t.layer.name and name in given:
+                j = 1
+                while f"{name}_{j}" in given:
+                    j += 1
+                name = f"{name}_{j}"
             position += 1
             self.nodes.append(Node(t.layer, [index[id(s)] for s in t.inputs], t.shape, name))
         for n in self.nodes:
