@@ -945,6 +945,39 @@ def test_a_save_inside_an_epoch_continues_from_its_batch(device, digits, tmp_pat
     assert h.epoch == [1, 2] and h.history == {k: v[1:] for k, v in h_full.history.items()}
 
 
+def test_an_optimizer_state_whose_squares_overflowed_is_saved(device, tmp_path):
+    """Adam after a finite gradient past 1.8e19 holds +Inf in exp_avg_sq (3117 entries here), as
+    torch's state does: save refused it ("holds finite values only"), so ModelCheckpoint failed
+    from then on. It is saved, loaded and continued bit for bit; set_optimizer_state takes +Inf
+    in a sum of squares and still refuses NaN and -Inf there, and Inf in exp_avg."""
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((32, 40)).astype(np.float32), rng.integers(0, 10, 32)
+
+    def make():
+        return mpscy.Engine(mpscy.Sequential([layers.Dense(64, name="a"), layers.ReLU(), layers.Dense(10)],
+                                             input_shape=(40,)), optimizer=optim.Adam(1e-3), batch_size=32,
+                            device=device, seed=1)
+
+    e = make()
+    e.step(x, y)
+    assert e.step(x * 1e30, y).applied
+    state = e.get_optimizer_state()
+    overflowed = sum(int(np.isposinf(v).sum()) for v in state["exp_avg_sq"].values())
+    assert overflowed == 3117 if device == "cpu" else abs(overflowed - 3117) <= 31   # the last bits of g near 1.8e19
+    e.save(tmp_path / "m.mpscy")
+    f = mpscy.load(tmp_path / "m.mpscy", device=device)
+    assert [e.step(x, y).loss for _ in range(3)] == [f.step(x, y).loss for _ in range(3)]
+    _assert_same_state(e, f)
+    g = make()
+    g.set_optimizer_state(state)
+    for slot, bad in (("exp_avg_sq", np.nan), ("exp_avg_sq", -np.inf), ("exp_avg", np.inf)):
+        broken = {k: {p: a.copy() for p, a in v.items()} if isinstance(v, dict) else v for k, v in state.items()}
+        broken[slot]["a.bias"][0] = bad
+        with pytest.raises(mpscy.InvalidArgumentError, match=rf"optimizer slot '{slot}' for 'a.bias' contains NaN "
+                                                             r"or Inf"):
+            g.set_optimizer_state(broken)
+
+
 def test_a_loader_s_position_is_taken_only_where_its_order_repeats(device, digits, tmp_path):
     """A mid-epoch position over a loader: an mpscy DataLoader's order is its shuffle, seed and
     drop_last, so another seed or shuffle runs the epoch from its first batch with a warning

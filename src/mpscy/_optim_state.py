@@ -11,6 +11,12 @@ from .errors import DTypeError, InvalidArgumentError, ShapeError
 _SQUARE_SLOTS = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "acc_delta"})
 
 
+def _overflowed_squares(arr):
+    """Whether a sums-of-squares slot holds +Inf but no NaN and no -Inf: Adam's exp_avg_sq after a
+    finite gradient past 1.8e19 (its square overflows float32), as torch's own state holds it."""
+    return not np.isnan(arr).any() and not (arr == -np.inf).any()
+
+
 class OptimizerState:
     """get_optimizer_state / set_optimizer_state and their checks (see Engine)."""
 
@@ -73,7 +79,7 @@ class OptimizerState:
                 arr = self._numeric(f"optimizer slot {name!r} for {p!r}", value[p], dtype)
                 if arr.shape != tuple(s):
                     raise ShapeError(f"optimizer slot {name!r} for {p!r} has shape {tuple(s)}, got {arr.shape}")
-                if not np.isfinite(arr).all():
+                if not np.isfinite(arr).all() and not (name in _SQUARE_SLOTS and _overflowed_squares(arr)):
                     raise InvalidArgumentError(f"optimizer slot {name!r} for {p!r} contains NaN or Inf")
                 if name in _SQUARE_SLOTS and (arr < 0).any():
                     raise InvalidArgumentError(f"optimizer slot {name!r} for {p!r} holds sums of squares; "

@@ -22,6 +22,7 @@ import os
 import numpy as np
 
 from ._checks import quiet_build_warnings, warn_user
+from ._optim_state import _SQUARE_SLOTS, _overflowed_squares
 from ._ckpt_checks import STEP_VALUES as _STEP_VALUES, check_description as _check_description, short as _short, \
     unjson as _unjson
 from ._safetensors import _path, read_safetensors, write_safetensors
@@ -220,8 +221,10 @@ def save(engine, path, meta=None):
     for k, v in tensors.items():
         # load and set_parameters take finite values only: a file that cannot be loaded is not
         # written (a BatchNorm fed a value near float32's limit keeps an infinite running
-        # variance, as PyTorch's does, while the step's loss and gradients stay finite)
-        if v.dtype.kind == "f" and not np.isfinite(v).all():
+        # variance, as PyTorch's does, while the step's loss and gradients stay finite); a sum of
+        # squares of the optimizer may hold +Inf (set_optimizer_state takes it, as torch's state has it)
+        slot = k.split("/")[1] if k.startswith("optimizer/") else None
+        if v.dtype.kind == "f" and not np.isfinite(v).all() and not (slot in _SQUARE_SLOTS and _overflowed_squares(v)):
             raise NonFiniteError(f"cannot save {path!r}: {k.split('/', 1)[1]} contains NaN or Inf, "
                                  f"and a checkpoint holds finite values only (as load and set_parameters)")
     schedule = None
