@@ -46,6 +46,25 @@ def test_residual_add_concat_matches_cpu(rng):
     compare_training(*engines, rng, rows=[16, 9])
 
 
+@cuda_only
+def test_an_engine_leaves_the_thread_s_current_device_as_it_found_it(rng):
+    """On a host of two GPUs, with PyTorch's current device 1: building, training and reading an
+    engine (which runs on the first GPU) leave the thread's current device at 1 (creating one
+    moved it to 0), and the engine trains as on the cpu."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    torch.cuda.set_device(1)
+    try:
+        cpu, gpu = pair(lambda: [L.Dense(16), L.ReLU(), L.Dense(5)], (12,))
+        assert torch.cuda.current_device() == 1
+        compare_training(cpu, gpu, rng, steps=3, rows=[16, 9])
+        gpu.predict(rng.standard_normal((7, 12)).astype(np.float32))
+        assert torch.cuda.current_device() == 1 and torch.ones(2, device="cuda").device.index == 1
+    finally:
+        torch.cuda.set_device(0)
+
+
 def _two_pools(window):
     """Two MaxPool2D of the same windows over one input (each window its own stride, no padding,
     the input a whole number of windows: pool.cu's tiled backward), the second adding into the

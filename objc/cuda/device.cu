@@ -164,22 +164,46 @@ static int cu_device_info(mpscy_device dev, mpscy_device_info *out, char *err, s
     return MPSCY_OK;
 }
 
+/* Every entry runs with the backend's GPU (CUDA device 0, the first visible one) current on the
+ * calling thread, and leaves the thread's current device as it found it: a PyTorch user's
+ * torch.cuda.set_device(1) stays theirs (creating an engine moved it to 0), and an entry called
+ * on a thread whose current device is another still reaches this backend's streams and graphs.
+ * One cudaGetDevice a call where the device is already 0. */
+struct cu_on {
+    int prev = 0;
+    bool moved = false;
+    cu_on() {
+        if (cudaGetDevice(&prev) == cudaSuccess && prev != 0) moved = cudaSetDevice(0) == cudaSuccess;
+    }
+    ~cu_on() {
+        if (moved) cudaSetDevice(prev);
+    }
+    cu_on(const cu_on &) = delete;
+    cu_on &operator=(const cu_on &) = delete;
+};
+
+template <auto F, typename... A>
+static auto on_device(A... args) {
+    cu_on on;
+    return F(args...);
+}
+
 extern "C" const mpscy_backend mpscy_cuda_backend = {
     "cuda",
-    cu_device_create,
-    cu_device_destroy,
-    cu_device_info,
-    cu_buffer_create,
-    cu_buffer_destroy,
-    cu_buffer_read,
-    cu_buffer_write,
-    cu_graph_build,
-    cu_graph_destroy,
-    cu_graph_io,
-    cu_tensor_read,
-    cu_tensor_write,
-    cu_graph_step,
-    cu_graph_predict,
+    on_device<cu_device_create, const mpscy_backend *, mpscy_device *, char *, size_t>,
+    on_device<cu_device_destroy, mpscy_device>,
+    on_device<cu_device_info, mpscy_device, mpscy_device_info *, char *, size_t>,
+    on_device<cu_buffer_create, mpscy_device, size_t, int32_t, mpscy_buffer *, char *, size_t>,
+    on_device<cu_buffer_destroy, mpscy_buffer>,
+    on_device<cu_buffer_read, mpscy_buffer, size_t, void *, size_t, char *, size_t>,
+    on_device<cu_buffer_write, mpscy_buffer, size_t, const void *, size_t, char *, size_t>,
+    on_device<cu_graph_build, mpscy_device, const mpscy_graph_desc *, mpscy_graph *, char *, size_t>,
+    on_device<cu_graph_destroy, mpscy_graph>,
+    on_device<cu_graph_io, mpscy_graph, int32_t, int32_t, mpscy_buffer *, char *, size_t>,
+    on_device<cu_tensor_read, mpscy_graph, const mpscy_tensor *, void *, size_t, char *, size_t>,
+    on_device<cu_tensor_write, mpscy_graph, const mpscy_tensor *, const void *, size_t, char *, size_t>,
+    on_device<cu_graph_step, mpscy_graph, const mpscy_step_args *, mpscy_step_result *, char *, size_t>,
+    on_device<cu_graph_predict, mpscy_graph, const mpscy_step_args *, char *, size_t>,
     CU_DEFER_MIN,  /* stage_min_bytes: step.cu's deferred staging */
-    cu_settle,     /* device_synchronize: a training step's update still running (step.cu) */
+    on_device<cu_settle, mpscy_device, char *, size_t>,  /* device_synchronize: a training step's update still running (step.cu) */
 };
