@@ -448,7 +448,8 @@ def test_per_step_values_and_optimizer_state_are_checked_before_anything_changes
     good = e.get_optimizer_state()
     p = "dense_0.weight"
     cases = [("exp_avg", np.nan, "'exp_avg' for 'dense_0.weight' contains NaN or Inf"),
-             ("exp_avg_sq", np.inf, "contains NaN or Inf"),
+             ("exp_avg_sq", np.nan, "contains NaN or Inf"),   # +Inf there is taken (an overflowed square)
+             ("exp_avg_sq", -np.inf, "contains NaN or Inf"),
              ("exp_avg_sq", -1.0, "'exp_avg_sq' for 'dense_0.weight' holds sums of squares"),
              ("max_exp_avg_sq", -1e-30, "holds sums of squares"),
              ("step", 2.7, "'step' is a count: a whole number, got 2.7")]
