@@ -199,6 +199,16 @@ def test_csv_logger_closes_its_file_when_fit_is_interrupted(device, digits, tmp_
     rows = list(csv.reader(open(tmp_path / "log.csv")))
     assert len(rows) == 2 and rows[1][0] == "0"
 
+    class Mine(cb.CSVLogger):   # the release is not one more on_train_end call (with logs None)
+        ends = []
+
+        def on_train_end(self, logs=None):
+            self.ends.append(logs)
+            super().on_train_end(logs)
+
+    h = digits_engine(device).fit(xtr, ytr, epochs=2, verbose=0, callbacks=[Mine(tmp_path / "b.csv")])
+    assert Mine.ends == [{k: v[-1] for k, v in h.history.items()}]
+
 
 def test_stop_training_from_a_batch_callback(device, digits):
     class StopAt(cb.Callback):

@@ -1011,6 +1011,12 @@ def test_a_loader_s_position_is_taken_only_where_its_order_repeats(device, digit
                                          r"repeats"):
         e.fit(torch.utils.data.DataLoader(tds, batch_size=16, shuffle=True), epochs=2, initial_epoch=1, verbose=0)
     assert e.iterations == 6 + 3 + 6
+    shuffled = lambda: torch.utils.data.DataLoader(tds, batch_sampler=torch.utils.data.BatchSampler(  # noqa: E731
+        torch.utils.data.RandomSampler(tds), 16, False))   # its loader.sampler is a SequentialSampler
+    e = run_to(path, shuffled())
+    with pytest.warns(UserWarning, match=r"this fit's loader does not give an epoch's batches in an order"):
+        e.fit(shuffled(), epochs=2, initial_epoch=1, verbose=0)
+    assert e.iterations == 6 + 3 + 6
     in_order = lambda: torch.utils.data.DataLoader(tds, batch_size=16)  # noqa: E731
     full = _engine(device, optim.SGD(0.05, momentum=0.9))
     full.fit(in_order(), epochs=3, verbose=0)
@@ -1018,6 +1024,51 @@ def test_a_loader_s_position_is_taken_only_where_its_order_repeats(device, digit
     e.fit(in_order(), epochs=3, initial_epoch=1, verbose=0)
     assert e.iterations == full.iterations == 18
     _assert_same_state(full, e)
+    # a collate_fn that joins two rows an item: batches of 32 rows from a batch_size of 16 (the
+    # position's rows checked against 16 a batch refused the whole file)
+    two = torch.utils.data.TensorDataset(torch.from_numpy(x.reshape(48, 2, 64)),
+                                         torch.from_numpy(y.reshape(48, 2).astype(np.int64)))
+    joined = lambda: torch.utils.data.DataLoader(two, batch_size=16, collate_fn=lambda items: (  # noqa: E731
+        torch.cat([a for a, _ in items]), torch.cat([b for _, b in items])))
+    e = run_to(path, joined())
+    assert checkpoint.read(path)[0]["position"]["rows"] == 3 * 32
+    e.fit(joined(), epochs=3, initial_epoch=1, verbose=0)   # epoch 2 was saved after its last batch
+    assert e.iterations == 3 + 3 + 3
+
+
+def test_positions_of_9d93c77_a_save_before_the_first_epoch_and_a_refused_warning(device, digits, tmp_path):
+    """A position without its loader order (written by 9d93c77) loads, and over arrays it is
+    continued; a save from on_train_begin of a fit that continues a position keeps it (it was
+    dropped); restore under warnings-as-errors, raising its schedule warning, changes nothing (it
+    raised after restoring)."""
+    import warnings
+    x, y = digits
+    full = _one_cycle_run(device)
+    full.fit(epochs=3, verbose=0, **_fit_data(x, y, "arrays"))
+    run = _one_cycle_run(device)
+    path = tmp_path / "mid.mpscy"
+    with pytest.raises(KeyboardInterrupt):
+        run.fit(epochs=3, verbose=0, callbacks=[_SaveEachBatch(path, 1, 3)], **_fit_data(x, y, "arrays"))
+    old = _rewrite(path, tmp_path / "old.mpscy", desc=_drop("position", "order"))
+    e = mpscy.load(old, device=device)
+
+    class SaveFirst(mpscy.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.engine.save(tmp_path / "begin.mpscy")
+
+    e.fit(epochs=3, initial_epoch=1, verbose=0, callbacks=[SaveFirst()], **_fit_data(x, y, "arrays"))
+    _assert_same_state(full, e)
+    assert checkpoint.read(tmp_path / "begin.mpscy")[0]["position"]["batches"] == 4
+    other = _one_cycle_run(device)
+    other.set_schedule(optim.schedules.StepLR(other, 2), per="epoch")
+    before = other.get_parameters()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match=r"restore replaces the attached StepLR \(per='epoch'\) with the "
+                                              r"checkpoint's OneCycleLR \(per='step'\)"):
+            checkpoint.restore(other, path)
+    assert other.epoch == 0 and other.iterations == 0 and type(other.schedule).__name__ == "StepLR"
+    assert all(np.array_equal(v, before[k]) for k, v in other.get_parameters().items())
 
 
 def test_a_position_fit_cannot_take_is_passed_over_with_a_warning(device, digits, tmp_path):

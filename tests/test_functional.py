@@ -309,6 +309,8 @@ def test_made_up_names_pass_over_the_names_given():
     x = mpscy.Input(4)
     out = layers.Dense(2)(layers.Dense(3, name="dense_1")(x))
     assert [n.name for n in mpscy.Model(x, out).nodes] == ["input", "dense_1", "dense_1_1"]
+    seq = mpscy.Sequential([layers.Dense(3, name="dense_1"), layers.Dense(2)], input_shape=(4,))
+    assert [n.name for n in seq.nodes] == ["input", "dense_1", "dense_1_1"]
     x = mpscy.Input(4)
     with pytest.raises(mpscy.InvalidArgumentError, match="two layers are named 'a'"):
         mpscy.Model(x, layers.Dense(2, name="a")(layers.Dense(3, name="a")(x)))

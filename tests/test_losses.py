@@ -555,7 +555,7 @@ def test_loss_names_and_classes():
     torch_names = {"mse_loss": losses.MSE, "MSELoss": losses.MSE, "l1": losses.MAE, "l1_loss": losses.MAE,
                    "L1Loss": losses.MAE, "huber_loss": losses.Huber, "HuberLoss": losses.Huber,
                    "smooth_l1_loss": losses.Huber, "SmoothL1Loss": losses.Huber, "BCELoss": losses.BinaryCrossEntropy,
-                   "BCEWithLogitsLoss": losses.BCEWithLogits}
+                   "BCEWithLogitsLoss": losses.BCEWithLogits, "binary_cross_entropy_with_logits": losses.BCEWithLogits}
     for name, cls in torch_names.items():
         assert type(losses.get(name)) is cls, name
     assert losses.get("SmoothL1Loss").delta == 1.0

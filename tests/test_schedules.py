@@ -687,6 +687,25 @@ def test_a_torch_loader_s_steps_count_the_rows_its_sampler_draws():
         e.fit(loader(193, 192), epochs=2, verbose=0)
     assert e.iterations == 0
 
+    class Rows(torch.utils.data.IterableDataset):   # a length, and a sampler without one
+        def __init__(self, n):
+            self.x, self.y = _rows(n)
+
+        def __len__(self):
+            return len(self.y)
+
+        def __iter__(self):
+            return iter(zip(torch.from_numpy(self.x), torch.from_numpy(self.y)))
+
+    e = engine(4)   # 33 rows of 32: one batch and a lone row, 1 step an epoch (the dataset's count)
+    e.fit(torch.utils.data.DataLoader(Rows(33), batch_size=32), epochs=4, verbose=0)
+    assert e.iterations == 4 and e.schedule.steps_left() == 0
+    e = engine(3)   # refused before the first step (uncounted, it ran out in the fourth epoch)
+    with pytest.raises(mpscy.InvalidArgumentError, match=r"^OneCycleLR can step 3 more times and this fit would "
+                                                         r"step it 4 times"):
+        e.fit(torch.utils.data.DataLoader(Rows(33), batch_size=32), epochs=4, verbose=0)
+    assert e.iterations == 0
+
 
 def test_fit_refuses_a_schedule_that_cannot_cover_its_steps():
     """A per-step OneCycleLR whose total_steps fell short of the fit ran until the schedule

@@ -92,7 +92,8 @@ def _loader_order(loader):
     if isinstance(loader, DataLoader):
         return f"DataLoader(shuffle={loader.shuffle}, seed={loader.seed}, drop_last={loader.drop_last})"
     sampler, batches = getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)
-    if type(sampler).__name__ == "SequentialSampler" and type(batches).__name__ == "BatchSampler":
+    if (type(sampler).__name__ == "SequentialSampler" and type(batches).__name__ == "BatchSampler"
+            and type(getattr(batches, "sampler", None)).__name__ == "SequentialSampler"):   # a batch_sampler= given
         return f"in sequence (drop_last={getattr(loader, 'drop_last', None)})"
     return None
 

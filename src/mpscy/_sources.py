@@ -77,8 +77,8 @@ class _Loader:
             if part is not None:
                 try:
                     return len(part)
-                except TypeError:
-                    return None
+                except TypeError:   # an IterableDataset's sampler has no length; its dataset may
+                    continue
         return None
 
     def exact_len(self):

@@ -110,7 +110,7 @@ class CallbackList:
         ended: an interrupted fit runs no on_train_end."""
         for cb in self.callbacks:
             if isinstance(cb, CSVLogger):
-                cb.on_train_end()
+                cb._close()
 
 
 class History(Callback):
@@ -461,7 +461,7 @@ class CSVLogger(Callback):
 
     def on_train_begin(self, logs=None):
         _check_writable(self.filename, "CSVLogger filename", make_folders=False, replaces=False)
-        self.on_train_end()  # a file an earlier fit that failed left open
+        self._close()  # a file an earlier fit that failed left open
         self._keys, self._dropped_warned = None, False
         if self.append and os.path.exists(self.filename) and os.path.getsize(self.filename) > 0:
             with open(self.filename, newline="") as f:
@@ -485,6 +485,9 @@ class CSVLogger(Callback):
         self._file.flush()
 
     def on_train_end(self, logs=None):
+        self._close()
+
+    def _close(self):
         if self._file is not None:
             self._file.close()
             self._file = None

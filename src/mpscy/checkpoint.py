@@ -156,6 +156,13 @@ def _schedule_name(s):
     return f"{type(s).__name__}({inner})" if children else type(s).__name__
 
 
+def _describe_name(info):
+    """_schedule_name of a schedule's record (_describe_schedule's)."""
+    children = info.get("children") or {}
+    inner = ", ".join(f"{k}={_describe_name(v)}" for k, v in children.items())
+    return f"{info['class']}({inner})" if children else info["class"]
+
+
 def _describe_schedule(s):
     """Class, state_dict and, for composed schedules (LinearWarmup(then=...)), the schedules
     held in its attributes, so each can be rebuilt with its own class."""
@@ -320,14 +327,17 @@ _POSITION = {"batches": (lambda v: _count(v) and v >= 1, "an integer >= 1"),
 
 def _check_position(position, where):
     """A position record (optional: files saved between epochs, and earlier files, have none):
-    exactly its fields, each by its rule, so that a damaged one is refused before anything changes."""
+    exactly its fields, each by its rule and together, so that a damaged one is refused before
+    anything changes. One without its loader order (9d93c77 wrote none) gets it: "arrays" where
+    it was saved over arrays (shuffle recorded), else None (a later fit runs that epoch again)."""
     if position is None:
         return
     fail = f"{where} has a malformed description: "
     if not isinstance(position, dict):
         raise CheckpointError(f"{fail}position must be a JSON object, got {_short(position)}")
-    if set(position) != set(_POSITION):
+    if set(position) not in (set(_POSITION), set(_POSITION) - {"order"}):   # 9d93c77 wrote no order
         raise CheckpointError(f"{fail}position must have the fields {sorted(_POSITION)}, got {sorted(position)}")
+    position.setdefault("order", "arrays" if position.get("shuffle") is not None else None)
     for k, (ok, rule) in _POSITION.items():
         if not ok(position[k]):
             raise CheckpointError(f"{fail}position.{k} must be {rule}, got {_short(position[k])}")
@@ -335,7 +345,9 @@ def _check_position(position, where):
     # no rows and no counted labels, an applied one at least one of each and at most batch_size rows
     p = position
     applied = p["batches"] - p["void"]
-    most = None if p["batch_size"] is None else applied * p["batch_size"]
+    # arrays' batches hold at most batch_size rows; a loader's batch_size need not bound its
+    # batches (a collate_fn that joins several rows an item)
+    most = None if p["batch_size"] is None or p["shuffle"] is None else applied * p["batch_size"]
     for bad, why in ((applied < 0, "void batches past its batches"),
                      (p["rows"] < applied or (most is not None and p["rows"] > most),
                       f"{p['rows']} rows for {applied} applied batches of at most {p['batch_size']}"),
@@ -471,6 +483,12 @@ def _restore(engine, desc, tensors, path):
     meta = _unjson(desc.get("meta"))
     # what the failable calls can change (a schedule re-applies its rates and may record the
     # initial one); the rest is assigned after them and cannot fail
+    current = engine._schedule
+    if info and current is not None and (not _same_schedule(current, info) or engine._schedule_per != info["per"]):
+        # said before anything changes: under warnings-as-errors it raises with the engine as it was
+        warn_user(f"restore replaces the attached {_schedule_name(current)} (per={engine._schedule_per!r}) with "
+                  f"the checkpoint's {_describe_name(info)} (per={info['per']!r}); attach yours again with "
+                  "set_schedule after restore to keep it")
     before = (engine.get_parameters(), engine.get_optimizer_state(),
               {k: getattr(g, k) for k in _STEP_VALUES if hasattr(g, k)}, getattr(engine, "_initial_lr", None))
     try:
@@ -501,11 +519,6 @@ def _restore(engine, desc, tensors, path):
             raise
         raise CheckpointError(f"{where} cannot be restored into this engine: {e}") from e
     if schedule is not None:
-        current = engine._schedule
-        if current is not None and (schedule is not current or engine._schedule_per != info["per"]):
-            warn_user(f"restore replaces the attached {_schedule_name(current)} (per={engine._schedule_per!r}) with "
-                      f"the checkpoint's {_schedule_name(schedule)} (per={info['per']!r}); attach yours again with "
-                      "set_schedule after restore to keep it")
         engine._schedule, engine._schedule_per, engine._schedule_monitor = schedule, info["per"], info["monitor"]
     engine.checkpoint_meta = meta
     # a save inside fit's epoch: the next fit with initial_epoch=engine.epoch continues it (training._resumed)

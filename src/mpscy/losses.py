@@ -285,6 +285,7 @@ _NAMES = {
     "mse_loss": MSE, "mseloss": MSE, "l1": MAE, "l1_loss": MAE, "l1loss": MAE, "huber_loss": Huber,
     "huberloss": Huber, "smooth_l1": Huber, "smooth_l1_loss": Huber, "smoothl1loss": Huber,
     "bceloss": BinaryCrossEntropy, "bcewithlogitsloss": BCEWithLogits,
+    "binary_cross_entropy_with_logits": BCEWithLogits,
 }
 
 

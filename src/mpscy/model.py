@@ -86,6 +86,15 @@ def _post_order(output):
     return order
 
 
+def _free_name(made, given):
+    """A made-up layer name (<prefix>_<position>), or <made>_1, _2, ... where a layer was given it."""
+    name, j = made, 0
+    while name in given:
+        j += 1
+        name = f"{made}_{j}"
+    return name
+
+
 class Model:
     """A model from the functional API: ``Model(inputs, outputs)`` with one output tensor.
 
@@ -137,12 +146,7 @@ class Model:
                 name = t.name or ("input" if len(inputs) == 1 else f"input_{k}")
                 self.nodes.append(Node(None, (), t.shape, name))
                 continue
-            name = t.layer.name or f"{t.layer.prefix}_{position}"
-            if not t.layer.name and name in given:
-                j = 1
-                while f"{name}_{j}" in given:
-                    j += 1
-                name = f"{name}_{j}"
+            name = t.layer.name or _free_name(f"{t.layer.prefix}_{position}", given)
             position += 1
             self.nodes.append(Node(t.layer, [index[id(s)] for s in t.inputs], t.shape, name))
         for n in self.nodes:
@@ -314,10 +318,11 @@ class Sequential(Model):
                     raise ShapeError(f"layer {i}: {e}" if layer.name else
                                      f"layer {i} ({type(layer).__name__}): {e}") from None
                 called.append(layer)
-                names.append(layer.name or f"{layer.prefix}_{i}")
+                names.append(layer.name)
             self._build([x], t)
-            for node, name in zip(self.nodes[1:], names):
-                node.name = name
+            given = set(names) - {None}
+            for i, (node, name) in enumerate(zip(self.nodes[1:], names)):
+                node.name = name or _free_name(f"{node.layer.prefix}_{i}", given)
             seen = set()
             for node in self.nodes:
                 if node.name in seen:
@@ -327,4 +332,4 @@ class Sequential(Model):
             for layer in called:  # a model that failed to build uses up none of its layers
                 layer._called = False
             raise
-        self._names = names
+        self._names = [n.name for n in self.nodes[1:]]

@@ -184,19 +184,23 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
     progress = _Progress(verbose, epochs)
     step = engine.step
     trained = False  # until a step is applied, a failure puts `previous` back
-    inside, done = False, 0
+    inside, begun, done = False, False, 0
     seen = loss_sum = counted = acc_sum = has_acc = void = lr_used = None
+    pending = getattr(engine, "_resume_position", None)
 
     def position():
         # where a save inside an epoch is (checkpoint.save asks): its batches done and its sums so
-        # far, so that a fit resumed from it passes over those batches and logs the epoch's means
+        # far, so that a fit resumed from it passes over those batches and logs the epoch's means;
+        # before this fit's first epoch (on_train_begin) the engine is as loaded, its position too
+        if not begun:
+            return None if pending is None or pending["epoch"] != engine.epoch else \
+                {k: v for k, v in pending.items() if k != "epoch"}
         if not inside or done == 0:
             return None
         return {**record, "batches": done, "rows": seen, "counted": counted, "loss_sum": loss_sum,
                 "acc_sum": acc_sum, "has_acc": has_acc, "void": void, "lr": lr_used}
 
     last_logs = {}
-    pending = getattr(engine, "_resume_position", None)
     try:
         engine.stop_training = False
         engine.history = history  # callbacks see it from on_train_begin on, as in Keras
@@ -205,6 +209,7 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
         engine._fit_position = position
         cbs.call("on_train_begin", {})
         for epoch in range(initial_epoch, epochs):
+            begun = True
             seen, loss_sum, counted, acc_sum, has_acc, done, void = 0, 0.0, 0, 0.0, False, 0, 0
             carried = resumed is not None and epoch == initial_epoch   # the saved epoch, after its batch skip - 1
             if carried:
