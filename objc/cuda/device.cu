@@ -172,11 +172,16 @@ static int cu_device_info(mpscy_device dev, mpscy_device_info *out, char *err, s
 struct cu_on {
     int prev = 0;
     bool moved = false;
-    cu_on() {
-        if (cudaGetDevice(&prev) == cudaSuccess && prev != 0) moved = cudaSetDevice(0) == cudaSuccess;
+    cu_on() {  /* a failed query or switch is cleared, not left for the next launch check to report */
+        if (cudaGetDevice(&prev) != cudaSuccess) {
+            cudaGetLastError();
+        } else if (prev != 0) {
+            moved = cudaSetDevice(0) == cudaSuccess;
+            if (!moved) cudaGetLastError();
+        }
     }
     ~cu_on() {
-        if (moved) cudaSetDevice(prev);
+        if (moved && cudaSetDevice(prev) != cudaSuccess) cudaGetLastError();
     }
     cu_on(const cu_on &) = delete;
     cu_on &operator=(const cu_on &) = delete;
