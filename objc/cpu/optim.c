@@ -6,6 +6,11 @@
 #include "../common/optim_math.h"
 
 #include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
 
 typedef struct norm_job {
     const float *grads;
@@ -77,7 +82,7 @@ typedef struct update_job {
 
 enum { NES = MPSCY_OPTIM_NESTEROV, AMS = MPSCY_OPTIM_AMSGRAD, MAX = MPSCY_OPTIM_MAXIMIZE };
 
-CPU_SIMD static void update_range(const update_job *j, int64_t lo, int64_t hi) {
+CPU_SIMD static void update_range_of(const update_job *j, int64_t lo, int64_t hi) {
     float *w = j->w, *g = j->g, *s0 = j->s0, *s1 = j->s1, *s2 = j->s2;
     int f = j->c.flags;
     switch (j->kind) {
@@ -114,6 +119,35 @@ CPU_SIMD static void update_range(const update_job *j, int64_t lo, int64_t hi) {
     default:
         break;
     }
+}
+
+/* Whether the update flushes subnormal floats to zero (x86's FTZ and DAZ, for its loop only):
+ * a weight whose input is mostly 0 (an MNIST border pixel) stops getting gradients, and its
+ * momentum or Adam averages decay through the subnormals, where each operation takes a
+ * microcode assist; a user trial measured a batch-32 MLP step 255 -> 405 us after 3,000 steps of
+ * MNIST-like data (12,028 subnormal values), flat at 165 with them flushed. The values flushed
+ * are below 1.2e-38: the steps they would make are below 1e-30 times the learning rate. $MPSCY_CPU_FTZ=0
+ * keeps them (read once), for the state bit for bit as torch's, which keeps them. */
+static int ftz_on(void) {
+    static volatile int on = -1;  /* a race writes the same value */
+    if (on < 0) {
+        const char *knob = getenv("MPSCY_CPU_FTZ");
+        on = !(knob && strcmp(knob, "0") == 0);
+    }
+    return on;
+}
+
+static void update_range(const update_job *j, int64_t lo, int64_t hi) {
+#if defined(__x86_64__) || defined(__i386__)
+    if (ftz_on()) {
+        const unsigned int saved = _mm_getcsr();
+        _mm_setcsr(saved | 0x8040u);  /* FTZ (bit 15) and DAZ (bit 6) */
+        update_range_of(j, lo, hi);
+        _mm_setcsr(saved);
+        return;
+    }
+#endif
+    update_range_of(j, lo, hi);
 }
 
 static void update_task(void *ctx, int32_t t, int32_t nt) {
