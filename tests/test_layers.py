@@ -36,7 +36,14 @@ CASES = {
     "conv_depthwise_3x1_stride12": (lambda: layers.Conv2D(10, (3, 1), groups=5, stride=(1, 2)), "conv2d",
                                     dict(kernel=(3, 1), stride=(1, 2), padding=(0, 0), dilation=(1, 1), groups=5),
                                     (5, 7, 8), 2),
-    # one filter a channel (groups = C = OC)
+    # one filter a channel (groups = C = OC); at stride 1 the cpu's direct stencil (conv.c's depthwise_plane)
+    "conv_depthwise_3x3_p1": (lambda: layers.Conv2D(6, 3, groups=6, padding=1), "conv2d",
+                              dict(kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=6),
+                              (6, 7, 9), 3),
+    "conv_depthwise_3x5_dil21_p21": (lambda: layers.Conv2D(4, (3, 5), groups=4, padding=(2, 1), dilation=(2, 1),
+                                                           bias=False), "conv2d",
+                                     dict(kernel=(3, 5), stride=(1, 1), padding=(2, 1), dilation=(2, 1), groups=4),
+                                     (4, 9, 8), 2),
     "conv_depthwise_3x3_s2_p1": (lambda: layers.Conv2D(5, 3, groups=5, stride=2, padding=1), "conv2d",
                                  dict(kernel=(3, 3), stride=(2, 2), padding=(1, 1), dilation=(1, 1), groups=5),
                                  (5, 9, 8), 3),
@@ -1143,24 +1150,27 @@ def test_layer_matches_pytorch(device, rng, case):
 # ------------------------------------------------------------------ Conv2D followed by ReLU
 
 
+@pytest.mark.parametrize("depthwise", [False, True])
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("stride,rows", [(1, 3), (2, 2), (1, 40)])
-def test_conv_relu_matches_reference(device, rng, stride, rows, shared):
+def test_conv_relu_matches_reference(device, rng, stride, rows, shared, depthwise):
     """Conv2D -> ReLU (which the CPU backend computes inside the convolution when the ReLU is the
     convolution's only consumer) and the same with the convolution also feeding an Add (no
-    fusion): loss, every gradient and predict against the composed references."""
+    fusion): loss, every gradient and predict against the composed references; also depthwise
+    (groups = C = OC = 5: at stride 1 the cpu's direct stencil, its bias and ReLU after it)."""
+    oc, groups = (5, 5) if depthwise else (6, 1)
     x_in = mpscy.Input((5, 9, 8))
-    c = layers.Conv2D(6, 3, stride=stride, padding=1, name="c")(x_in)
+    c = layers.Conv2D(oc, 3, stride=stride, padding=1, groups=groups, name="c")(x_in)
     h = layers.ReLU(name="r")(c)
     out = layers.Add(name="sum")([h, c]) if shared else h
     engine = mpscy.Engine(mpscy.Model(x_in, out), loss="mse", batch_size=rows, device=device, seed=4,
                           input_gradients=True)
     P = ref_params(engine.get_parameters(), "c")
-    P["bias"] = rng.standard_normal(6) * 0.1  # about half the outputs on each side of 0
+    P["bias"] = rng.standard_normal(oc) * 0.1  # about half the outputs on each side of 0
     engine.set_parameters({"c.weight": P["weight"].astype(np.float32), "c.bias": P["bias"].astype(np.float32)})
     P = ref_params(engine.get_parameters(), "c")
     x = rng.standard_normal((rows, 5, 9, 8)).astype(np.float32)
-    opts = dict(kernel=(3, 3), stride=(stride, stride), padding=(1, 1), dilation=(1, 1), groups=1)
+    opts = dict(kernel=(3, 3), stride=(stride, stride), padding=(1, 1), dilation=(1, 1), groups=groups)
     yc, cc = R.conv2d_forward(x.astype(np.float64), P, opts)
     yr, cr = R.activation_forward(yc, {}, dict(kind="relu"))
     y = yr + yc if shared else yr

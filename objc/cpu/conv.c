@@ -215,6 +215,47 @@ static void conv_forward_task(void *ctx, int32_t t, int32_t nt) {
     }
 }
 
+/* A depthwise Conv2D's forward at stride 1 (groups = C = OC, ocg 1): each output plane a stencil
+ * of its own input plane. The plane is copied into a zero-padded one of row length WP, and each tap
+ * (i, j), in the order of W's row, adds w[i, j] times one contiguous run of it to an accumulator
+ * of OH rows of length WP (its last WP - OW columns of each row spent), so every tap is one long
+ * vector loop; the valid columns then go to y with the bias and ReLU. Planes whose padded copy
+ * and accumulator pass DW_FLOATS take the columns and the product. */
+#define DW_FLOATS 16384
+static int depthwise_direct(const conv_geom *g) {
+    const int64_t wp = g->w + 2 * g->pw, hp = g->h + 2 * g->ph;
+    return g->groups == g->c && g->ocg == 1 && g->sh == 1 && g->sw == 1 && hp * wp + g->oh * wp <= DW_FLOATS;
+}
+
+CPU_SIMD static void depthwise_plane(const conv_geom *g, float *restrict pad, float *restrict acc, const float *x,
+                                     const float *w) {
+    const int64_t wp = g->w + 2 * g->pw, hp = g->h + 2 * g->ph, n = (g->oh - 1) * wp + g->ow;
+    memset(pad, 0, (size_t)(hp * wp) * sizeof(float));
+    for (int64_t r = 0; r < g->h; r++) memcpy(pad + (r + g->ph) * wp + g->pw, x + r * g->w, (size_t)g->w * sizeof(float));
+    for (int64_t q = 0; q < n; q++) acc[q] = 0.0f;
+    for (int64_t i = 0; i < g->kh; i++)
+        for (int64_t k = 0; k < g->kw; k++) {
+            const float wv = w[i * g->kw + k], *src = pad + i * g->dh * wp + k * g->dw;
+            for (int64_t q = 0; q < n; q++) acc[q] += wv * src[q];
+        }
+}
+
+static void depthwise_task(void *ctx, int32_t t, int32_t nt) {
+    const conv_job *j = ctx;
+    const conv_geom *g = j->g;
+    float buf[DW_FLOATS];
+    const int64_t wp = g->w + 2 * g->pw, hp = g->h + 2 * g->ph;
+    int64_t lo, hi;
+    cpu_split(j->b * g->c, t, nt, &lo, &hi);
+    for (int64_t p = lo; p < hi; p++) {
+        const int64_t c = p % g->c;
+        float *acc = buf + hp * wp, *y = j->y + p * g->ohw;  // (OH, WP), (OH, OW)
+        depthwise_plane(g, buf, acc, j->x + p * g->h * g->w, j->w + c * g->kh * g->kw);
+        for (int64_t r = 0; r < g->oh; r++) memcpy(y + r * g->ow, acc + r * wp, (size_t)g->ow * sizeof(float));
+        scatter_rows(y, y, j->bias ? j->bias + c : NULL, 1, 1, g->ohw, j->relu, 0);
+    }
+}
+
 /* planes (n, plane floats each) set to 0, or with bias (a ConvTranspose2D's forward, which
  * col2im then adds to) to bias[k % c] for plane k */
 static void fill_planes(float *d, const float *bias, int64_t n, int64_t c, int64_t plane) {
@@ -347,6 +388,10 @@ void cpu_conv_forward(cpu_graph *gr, const mpscy_node *n, int64_t b, int train, 
     conv_job j = {&g, gr->y[r >= 0 ? r : i], NULL, NULL, NULL, gr->ws, gr->y[n->in[0]],
                   cpu_tensor(gr, n, MPSCY_ROLE_PARAM, 0), cpu_tensor(gr, n, MPSCY_ROLE_PARAM, 1), NULL, NULL,
                   b, conv_chunk(&g, gr->plan.batch, gr->plan.threads), 0, 0, r >= 0, 0, 0};
+    if (depthwise_direct(&g)) {
+        cpu_parallel(gr->pool, depthwise_task, &j);
+        return;
+    }
     conv_layout(&j);
     cpu_parallel(gr->pool, conv_forward_task, &j);
 }
