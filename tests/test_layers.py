@@ -1500,3 +1500,45 @@ def test_dcgan_generator_trains_as_torch_does(device):
     for k, v in tm.state_dict().items():
         if not k.endswith("num_batches_tracked"):
             assert R.rel_err(after[k], v.numpy()) < 1e-4, k
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_depthwise_convolution_gradients_against_torch(device, rng, frozen):
+    """A depthwise Conv2D at stride 1 (the cpu's direct stencil, both ways) whose input also feeds
+    an Add (its input gradient added to another), dilated and padded, through a fused ReLU, frozen
+    or not: every gradient against torch in float64."""
+    torch = pytest.importorskip("torch")
+    x_in = mpscy.Input((6, 10, 9))
+    h = layers.Conv2D(6, 1, name="pre")(x_in)
+    d = layers.ReLU()(layers.Conv2D(6, 3, groups=6, padding=2, dilation=2, name="dw")(h))
+    out = layers.Dense(3, name="fc")(layers.Flatten()(layers.Add()([d, h])))
+    model = mpscy.Model(x_in, out)
+    if frozen:
+        model.nodes[2].layer.trainable = False
+    engine = mpscy.Engine(model, loss="mse", batch_size=4, device=device, seed=2, input_gradients=True)
+    P = engine.get_parameters()
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pre = torch.nn.Conv2d(6, 6, 1)
+            self.dw = torch.nn.Conv2d(6, 6, 3, groups=6, padding=2, dilation=2)
+            self.fc = torch.nn.Linear(6 * 10 * 9, 3)
+
+        def forward(self, x):
+            h = self.pre(x)
+            return self.fc(torch.flatten(torch.relu(self.dw(h)) + h, 1))
+
+    net = Net().double()
+    net.load_state_dict({k: torch.from_numpy(v.astype(np.float64)) for k, v in P.items()})
+    x = rng.standard_normal((4, 6, 10, 9)).astype(np.float32)
+    t = rng.standard_normal((4, 3)).astype(np.float32)
+    xt = torch.from_numpy(x.astype(np.float64)).requires_grad_(True)
+    torch.nn.functional.mse_loss(net(xt), torch.from_numpy(t.astype(np.float64))).backward()
+    g = engine.gradients(x, t)
+    assert R.rel_err(g["input"], xt.grad.numpy()) < 1e-5
+    for name, p in net.named_parameters():
+        if frozen and name.startswith("dw."):
+            assert name not in g
+            continue
+        assert R.rel_err(g[name], p.grad.numpy()) < 1e-5, name

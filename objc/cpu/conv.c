@@ -224,7 +224,8 @@ static void conv_forward_task(void *ctx, int32_t t, int32_t nt) {
 #define DW_FLOATS 16384
 static int depthwise_direct(const conv_geom *g) {
     const int64_t wp = g->w + 2 * g->pw, hp = g->h + 2 * g->ph;
-    return g->groups == g->c && g->ocg == 1 && g->sh == 1 && g->sw == 1 && hp * wp + g->oh * wp <= DW_FLOATS;
+    return g->groups == g->c && g->ocg == 1 && g->sh == 1 && g->sw == 1 && hp * wp + g->oh * wp <= DW_FLOATS &&
+           g->kh * g->kw <= 64;
 }
 
 CPU_SIMD static void depthwise_plane(const conv_geom *g, float *restrict pad, float *restrict acc, const float *x,
@@ -253,6 +254,73 @@ static void depthwise_task(void *ctx, int32_t t, int32_t nt) {
         depthwise_plane(g, buf, acc, j->x + p * g->h * g->w, j->w + c * g->kh * g->kw);
         for (int64_t r = 0; r < g->oh; r++) memcpy(y + r * g->ow, acc + r * wp, (size_t)g->ow * sizeof(float));
         scatter_rows(y, y, j->bias ? j->bias + c : NULL, 1, 1, g->ohw, j->relu, 0);
+    }
+}
+
+/* Its backward, in the same layout: dy (through the fused ReLU's mask) copied into rows of length
+ * WP (the spent columns 0); each tap's weight gradient the dot product of that run with the run of
+ * the padded input the tap read, in double over lanes (cpu_lanes); the padded input gradient each
+ * tap's weight times the run added at the tap's offset, its border then dropped. The threads take
+ * channels, each summing its samples in order: the same bits on any thread count. */
+CPU_SIMD static double depthwise_dot(const float *a, const float *b, int64_t n) {
+    double acc[CPU_LANES] = {0};
+    int64_t q = 0;
+    for (; q + CPU_LANES <= n; q += CPU_LANES)
+        for (int k = 0; k < CPU_LANES; k++) acc[k] += (double)a[q + k] * b[q + k];
+    for (; q < n; q++) acc[q % CPU_LANES] += (double)a[q] * b[q];
+    return cpu_lanes_total(acc);
+}
+
+CPU_SIMD static void depthwise_scatter(float *restrict dst, const float *restrict src, float wv, int64_t n) {
+    for (int64_t q = 0; q < n; q++) dst[q] += wv * src[q];
+}
+
+static void depthwise_backward_task(void *ctx, int32_t t, int32_t nt) {
+    const conv_job *j = ctx;
+    const conv_geom *g = j->g;
+    float buf[DW_FLOATS];
+    const int64_t wp = g->w + 2 * g->pw, hp = g->h + 2 * g->ph, n = (g->oh - 1) * wp + g->ow, taps = g->kh * g->kw;
+    float *pad = buf, *dyw = buf + hp * wp;  // (HP, WP) the padded x or dx, (OH, WP) dy
+    int64_t lo, hi;
+    cpu_split(g->c, t, nt, &lo, &hi);
+    for (int64_t c = lo; c < hi; c++) {
+        double dw[64] = {0}, db[CPU_LANES] = {0};  /* taps <= 64 (depthwise_direct) */
+        const float *w = j->w + c * taps;
+        for (int64_t s = 0; s < j->b; s++) {
+            const int64_t p = s * g->c + c;
+            const float *dy = j->dy + p * g->ohw, *ry = j->relu ? j->ry + p * g->ohw : NULL;
+            for (int64_t r = 0; r < g->oh; r++) {
+                float *d = dyw + r * wp;
+                for (int64_t q = 0; q < g->ow; q++) d[q] = ry ? select_pos(ry[r * g->ow + q], dy[r * g->ow + q]) : dy[r * g->ow + q];
+                for (int64_t q = g->ow; q < wp && r < g->oh - 1; q++) d[q] = 0.0f;
+                if (j->db) cpu_lanes_sum(db, d, g->ow);
+            }
+            if (j->dw) {
+                const float *x = j->x + p * g->h * g->w;
+                memset(pad, 0, (size_t)(hp * wp) * sizeof(float));
+                for (int64_t r = 0; r < g->h; r++)
+                    memcpy(pad + (r + g->ph) * wp + g->pw, x + r * g->w, (size_t)g->w * sizeof(float));
+                for (int64_t i = 0; i < g->kh; i++)
+                    for (int64_t k = 0; k < g->kw; k++)
+                        dw[i * g->kw + k] += depthwise_dot(dyw, pad + i * g->dh * wp + k * g->dw, n);
+            }
+            if (j->dx) {
+                memset(pad, 0, (size_t)(hp * wp) * sizeof(float));
+                for (int64_t i = 0; i < g->kh; i++)
+                    for (int64_t k = 0; k < g->kw; k++)
+                        depthwise_scatter(pad + i * g->dh * wp + k * g->dw, dyw, w[i * g->kw + k], n);
+                float *dx = j->dx + p * g->h * g->w;
+                for (int64_t r = 0; r < g->h; r++) {
+                    const float *src = pad + (r + g->ph) * wp + g->pw;
+                    if (j->accum)
+                        for (int64_t q = 0; q < g->w; q++) dx[r * g->w + q] += src[q];
+                    else
+                        memcpy(dx + r * g->w, src, (size_t)g->w * sizeof(float));
+                }
+            }
+        }
+        for (int64_t k = 0; j->dw && k < taps; k++) j->dw[c * taps + k] = (float)dw[k];
+        if (j->db) j->db[c] = (float)cpu_lanes_total(db);
     }
 }
 
@@ -404,6 +472,10 @@ void cpu_conv_backward(cpu_graph *gr, const mpscy_node *n, int64_t b) {
                   gr->y[n->in[0]], cpu_tensor(gr, n, MPSCY_ROLE_PARAM, 0), NULL, gr->dy[r >= 0 ? r : i],
                   r >= 0 ? gr->y[r] : NULL, b, conv_chunk(&g, gr->plan.batch, gr->plan.threads), 0, n->accum[0],
                   r >= 0, 0, 0};
+    if (depthwise_direct(&g)) {
+        cpu_parallel(gr->pool, depthwise_backward_task, &j);
+        return;
+    }
     conv_layout(&j);
     int32_t nt = cpu_parallel(gr->pool, conv_backward_task, &j);
     for (int32_t t = 1; t < nt; t++) {  /* sum the partial weight and bias gradients */
