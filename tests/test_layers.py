@@ -1542,3 +1542,32 @@ def test_depthwise_convolution_gradients_against_torch(device, rng, frozen):
             assert name not in g
             continue
         assert R.rel_err(g[name], p.grad.numpy()) < 1e-5, name
+
+
+def test_depthwise_weight_gradient_ignores_inputs_no_output_reads(device):
+    """A depthwise convolution dilated past its output's width (1 x 2 taps 4 apart over 5 columns:
+    one output column, reading input columns 0 and 4) whose input holds an Inf in a column no
+    output reads (from a 1x1 convolution of 3e38 by 10): the weight gradient took the unread
+    column times 0 and was NaN; the loss and every gradient are finite, as torch's and the
+    columns' path are, and match torch float64."""
+    torch = pytest.importorskip("torch")
+    x_in = mpscy.Input((2, 2, 5))
+    d = layers.Conv2D(2, (1, 2), groups=2, dilation=(1, 4), name="dw")(layers.Conv2D(2, 1, bias=False, name="pre")(x_in))
+    engine = mpscy.Engine(mpscy.Model(x_in, layers.Flatten()(d)), loss="mse", batch_size=1, device=device,
+                          input_gradients=True)
+    engine.set_parameters({"pre.weight": 10 * np.eye(2, dtype=np.float32).reshape(2, 2, 1, 1)}, strict=False)
+    x = np.full((1, 2, 2, 5), 0.5, np.float32)
+    x[0, 0, 0, 2] = 3e38
+    g = engine.gradients(x, np.zeros((1, 4), np.float32))
+    pre = torch.nn.Conv2d(2, 2, 1, bias=False).double()
+    dw = torch.nn.Conv2d(2, 2, (1, 2), groups=2, dilation=(1, 4)).double()
+    P = engine.get_parameters()
+    with torch.no_grad():
+        pre.weight.copy_(torch.from_numpy(P["pre.weight"].astype(np.float64)))
+        dw.weight.copy_(torch.from_numpy(P["dw.weight"].astype(np.float64)))
+        dw.bias.copy_(torch.from_numpy(P["dw.bias"].astype(np.float64)))
+    loss = (dw(pre(torch.from_numpy(x.astype(np.float64)))) ** 2).mean()
+    loss.backward()
+    assert np.isfinite(g["loss"]) and abs(g["loss"] - loss.item()) <= 1e-6 * loss.item()
+    assert R.rel_err(g["dw.weight"], dw.weight.grad.numpy()) < 1e-6
+    assert R.rel_err(g["dw.bias"], dw.bias.grad.numpy()) < 1e-6

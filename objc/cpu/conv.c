@@ -262,12 +262,17 @@ static void depthwise_task(void *ctx, int32_t t, int32_t nt) {
  * the padded input the tap read, in double over lanes (cpu_lanes); the padded input gradient each
  * tap's weight times the run added at the tap's offset, its border then dropped. The threads take
  * channels, each summing its samples in order: the same bits on any thread count. */
-CPU_SIMD static double depthwise_dot(const float *a, const float *b, int64_t n) {
+/* the dot product over OH rows of OW (row stride WP): not over the spent columns, whose 0s would
+ * meet input values no output reads (an Inf there, where the dilation passes OW, made NaN) */
+CPU_SIMD static double depthwise_dot(const float *a, const float *b, int64_t rows, int64_t ow, int64_t ld) {
     double acc[CPU_LANES] = {0};
-    int64_t q = 0;
-    for (; q + CPU_LANES <= n; q += CPU_LANES)
-        for (int k = 0; k < CPU_LANES; k++) acc[k] += (double)a[q + k] * b[q + k];
-    for (; q < n; q++) acc[q % CPU_LANES] += (double)a[q] * b[q];
+    for (int64_t r = 0; r < rows; r++) {
+        const float *ar = a + r * ld, *br = b + r * ld;
+        int64_t q = 0;
+        for (; q + CPU_LANES <= ow; q += CPU_LANES)
+            for (int k = 0; k < CPU_LANES; k++) acc[k] += (double)ar[q + k] * br[q + k];
+        for (; q < ow; q++) acc[q % CPU_LANES] += (double)ar[q] * br[q];
+    }
     return cpu_lanes_total(acc);
 }
 
@@ -302,7 +307,7 @@ static void depthwise_backward_task(void *ctx, int32_t t, int32_t nt) {
                     memcpy(pad + (r + g->ph) * wp + g->pw, x + r * g->w, (size_t)g->w * sizeof(float));
                 for (int64_t i = 0; i < g->kh; i++)
                     for (int64_t k = 0; k < g->kw; k++)
-                        dw[i * g->kw + k] += depthwise_dot(dyw, pad + i * g->dh * wp + k * g->dw, n);
+                        dw[i * g->kw + k] += depthwise_dot(dyw, pad + i * g->dh * wp + k * g->dw, g->oh, g->ow, wp);
             }
             if (j->dx) {
                 memset(pad, 0, (size_t)(hp * wp) * sizeof(float));
