@@ -316,12 +316,12 @@ int mpscy_plan_build(mpscy_plan *p, const mpscy_graph_desc *d, const char *compo
      * no two tensors share a cache line. */
     for (int32_t i = 0; i < p->n_nodes; i++) {
         mpscy_node *n = &p->nodes[i];
-        const int64_t floats = cap_mul(p->batch, n->size);
+        const int64_t floats = cap_mul(p->batch, n->size), room = floats < PLAN_CAP ? align16(floats) : floats;
         n->out = p->act_floats;
-        p->act_floats = cap_add(p->act_floats, floats < PLAN_CAP ? align16(floats) : floats);
+        p->act_floats = cap_add(p->act_floats, room);
         if (n->grad) {
             n->dout = p->grad_floats;
-            p->grad_floats = cap_add(p->grad_floats, floats < PLAN_CAP ? align16(floats) : floats);
+            p->grad_floats = cap_add(p->grad_floats, room);
         }
         n->save = p->save_floats;
         p->save_floats = cap_add(p->save_floats, n->save_size);

@@ -257,11 +257,6 @@ static void depthwise_task(void *ctx, int32_t t, int32_t nt) {
     }
 }
 
-/* Its backward, in the same layout: dy (through the fused ReLU's mask) copied into rows of length
- * WP (the spent columns 0); each tap's weight gradient the dot product of that run with the run of
- * the padded input the tap read, in double over lanes (cpu_lanes); the padded input gradient each
- * tap's weight times the run added at the tap's offset, its border then dropped. The threads take
- * channels, each summing its samples in order: the same bits on any thread count. */
 /* the dot product over OH rows of OW (row stride WP): not over the spent columns, whose 0s would
  * meet input values no output reads (an Inf there, where the dilation passes OW, made NaN) */
 CPU_SIMD static double depthwise_dot(const float *a, const float *b, int64_t rows, int64_t ow, int64_t ld) {
@@ -280,6 +275,13 @@ CPU_SIMD static void depthwise_scatter(float *restrict dst, const float *restric
     for (int64_t q = 0; q < n; q++) dst[q] += wv * src[q];
 }
 
+/* The depthwise backward, in the forward's layout: dy (through the fused ReLU's mask) copied into
+ * rows of length WP (the spent columns 0); each tap's weight gradient the dot product of those rows
+ * with the rows of the padded input the tap read, in double over lanes (cpu_lanes); the padded
+ * input gradient each tap's weight times dy's run added at the tap's offset, its border then
+ * dropped. The threads take channels, each summing its samples in order: the same bits on any
+ * thread count. (The padded copy is the forward's, written out: the two as one helper with the
+ * tap loop a separate call measured a forward 1.1 -> 1.4 ms.) */
 static void depthwise_backward_task(void *ctx, int32_t t, int32_t nt) {
     const conv_job *j = ctx;
     const conv_geom *g = j->g;
@@ -438,6 +440,7 @@ static void conv_layout(conv_job *j) {
 
 int64_t cpu_conv_workspace(const mpscy_plan *p, const mpscy_node *n) {
     conv_geom g = geom(p, n);
+    if (n->kind == MPSCY_LAYER_CONV2D && depthwise_direct(&g)) return 0;  /* a stack buffer, no columns */
     int64_t chunk = conv_chunk(&g, p->batch, p->threads), a = conv_slice(&g, chunk, 0), b = conv_slice(&g, chunk, 1);
     return (p->threads > 1 ? p->threads : 1) * (a > b ? a : b);
 }

@@ -182,7 +182,6 @@ typedef struct cu_graph {
     int defer;                 /* one input of at least CU_DEFER_MIN bytes at the built batch */
     struct mpscy_pool *stage_pool;
     int stage_stream;          /* input 0 staged with non-temporal stores (cu_stage_stream) */
-    int64_t stage_least;       /* the fewest floats in a piece (cu_stage_least) */
     uint32_t *flags_h;         /* (CU_STAGE_MAX_PIECES), pinned */
     uint32_t seq;              /* the last deferred step's number, 1 .. seq_period */
     uint32_t seq_period;       /* 2^31 - 1 ($MPSCY_CUDA_SEQ_PERIOD: a smaller one, for testing the wrap) */

@@ -187,28 +187,32 @@ struct cu_on {
     cu_on &operator=(const cu_on &) = delete;
 };
 
-template <auto F, typename... A>
-static auto on_device(A... args) {
-    cu_on on;
-    return F(args...);
-}
+template <auto F>
+struct on_device;
+template <typename R, typename... A, R (*F)(A...)>
+struct on_device<F> {
+    static R call(A... args) {
+        cu_on on;
+        return F(args...);
+    }
+};
 
 extern "C" const mpscy_backend mpscy_cuda_backend = {
     "cuda",
-    on_device<cu_device_create, const mpscy_backend *, mpscy_device *, char *, size_t>,
-    on_device<cu_device_destroy, mpscy_device>,
-    on_device<cu_device_info, mpscy_device, mpscy_device_info *, char *, size_t>,
-    on_device<cu_buffer_create, mpscy_device, size_t, int32_t, mpscy_buffer *, char *, size_t>,
-    on_device<cu_buffer_destroy, mpscy_buffer>,
-    on_device<cu_buffer_read, mpscy_buffer, size_t, void *, size_t, char *, size_t>,
-    on_device<cu_buffer_write, mpscy_buffer, size_t, const void *, size_t, char *, size_t>,
-    on_device<cu_graph_build, mpscy_device, const mpscy_graph_desc *, mpscy_graph *, char *, size_t>,
-    on_device<cu_graph_destroy, mpscy_graph>,
-    on_device<cu_graph_io, mpscy_graph, int32_t, int32_t, mpscy_buffer *, char *, size_t>,
-    on_device<cu_tensor_read, mpscy_graph, const mpscy_tensor *, void *, size_t, char *, size_t>,
-    on_device<cu_tensor_write, mpscy_graph, const mpscy_tensor *, const void *, size_t, char *, size_t>,
-    on_device<cu_graph_step, mpscy_graph, const mpscy_step_args *, mpscy_step_result *, char *, size_t>,
-    on_device<cu_graph_predict, mpscy_graph, const mpscy_step_args *, char *, size_t>,
+    on_device<cu_device_create>::call,
+    on_device<cu_device_destroy>::call,
+    on_device<cu_device_info>::call,
+    on_device<cu_buffer_create>::call,
+    on_device<cu_buffer_destroy>::call,
+    on_device<cu_buffer_read>::call,
+    on_device<cu_buffer_write>::call,
+    on_device<cu_graph_build>::call,
+    on_device<cu_graph_destroy>::call,
+    on_device<cu_graph_io>::call,
+    on_device<cu_tensor_read>::call,
+    on_device<cu_tensor_write>::call,
+    on_device<cu_graph_step>::call,
+    on_device<cu_graph_predict>::call,
     CU_DEFER_MIN,  /* stage_min_bytes: step.cu's deferred staging */
-    on_device<cu_settle, mpscy_device, char *, size_t>,  /* device_synchronize: a training step's update still running (step.cu) */
+    on_device<cu_settle>::call,  /* device_synchronize: a training step's update still running (step.cu) */
 };

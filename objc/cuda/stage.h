@@ -17,13 +17,10 @@ extern "C" {
 #define CU_STAGE_MAX_PIECES 64
 #define CU_STAGE_MIN_PIECE 8192      /* floats (32 KB) */
 
-/* Floats per piece for n floats: at least `least` (cu_stage_least), a multiple of 16, at most
- * CU_STAGE_MAX_PIECES pieces. */
-int64_t cu_stage_piece(int64_t n, int64_t least);
-
-/* The fewest floats a piece holds: CU_STAGE_MIN_PIECE, or $MPSCY_STAGE_PIECE (a measuring knob,
- * read when a graph is built; rounded up to 16). */
-int64_t cu_stage_least(void);
+/* Floats per piece for n floats: at least CU_STAGE_MIN_PIECE (4096 to 1024 measured no better
+ * for the MLP b32's 100 KB on the H100's host), a multiple of 16, at most CU_STAGE_MAX_PIECES
+ * pieces. */
+int64_t cu_stage_piece(int64_t n);
 
 /* Staging threads for input 0's batch of `bytes` (_staging.h's policy, the Cython bridge's too),
  * at least two when the batch is staged while its step runs (deferred). */
@@ -35,8 +32,8 @@ int cu_stage_threads(int64_t bytes, int deferred);
 int cu_stage_stream(void);
 
 /* Copies n floats src -> dst in pieces of `piece` floats claimed by the pool's threads (NULL: the
- * caller alone), with non-temporal stores where `stream` is set; when flags is given, stores seq into flags[p] as piece p lands (release order:
- * its floats are visible first), with CU_STAGE_BAD set when the piece held a NaN or Inf. With
+ * caller alone), with non-temporal stores where `stream` is set; when flags is given, stores seq
+ * into flags[p] as piece p lands (release order: its floats are visible first), with CU_STAGE_BAD set when the piece held a NaN or Inf. With
  * hook, whichever thread starts first runs hook(arg) before any piece (the launch of the graph
  * that waits on the flags, so that the other threads stage while it is launched) and its return
  * value lands in *hook_status. Returns the index of the first NaN or Inf of src, or -1. */

@@ -124,7 +124,7 @@ static int enqueue(cu_graph *g, int kind, int64_t b, int deferred, char *err, si
     CU_TRY(cudaMemcpyAsync(g->stage_d, g->stage_h, first, cudaMemcpyHostToDevice, s), "staging copy");
     if (deferred) {
         g->pull_next = cu_conv_direct_beside(g);  /* the parts flagged only for that consumer */
-        const int64_t n = b * g->in0_size, piece = cu_stage_piece(n, g->stage_least), pieces = (n + piece - 1) / piece;
+        const int64_t n = b * g->in0_size, piece = cu_stage_piece(n), pieces = (n + piece - 1) / piece;
         CU_TRY(cu_launch(g, pull_kernel, dim3((unsigned)(1 + pieces * CU_PULL_SPLIT)), CU_THREADS, s,
                          (float *)(g->stage_d + g->off_input[0]), (const float *)(g->stage_h + g->off_input[0]), n,
                          piece, (const uint32_t *)g->flags_h, (const cu_params *)g->params_d, g->scratch, g->result,
@@ -247,7 +247,7 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
     const int early = kind == CU_KIND_TRAIN && g->early;
     if (early) g->rseq = g->rseq % 0x7fffffffu + 1;
     g->params_h->rseq = early ? g->rseq : 0;
-    if (x && !deferred && (bad = cu_stage_pieces(g->stage_pool, dst, x, n, cu_stage_piece(n, g->stage_least), NULL, 0, g->stage_stream,
+    if (x && !deferred && (bad = cu_stage_pieces(g->stage_pool, dst, x, n, cu_stage_piece(n), NULL, 0, g->stage_stream,
                                                  NULL, NULL, NULL)) >= 0)
         return x_nonfinite(g, bad, x_bad, err, en);
     if (deferred) {
@@ -267,8 +267,8 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
          * (measured on the H200's host: 5-6 us per step less than launching first) */
         launch_arg la = {g, kind};
         int ls = 0;
-        bad = cu_stage_pieces(g->stage_pool, dst, x, n, cu_stage_piece(n, g->stage_least), g->flags_h, g->seq, g->stage_stream,
-                              launch_hook, &la, &ls);
+        bad = cu_stage_pieces(g->stage_pool, dst, x, n, cu_stage_piece(n), g->flags_h, g->seq, g->stage_stream, launch_hook,
+                              &la, &ls);
         CU_TRY((cudaError_t)ls, "graph launch");
     } else if (b == g->plan.batch) {
         CU_TRY(cudaGraphLaunch(g->exec[kind], g->stream), "graph launch");
@@ -285,7 +285,7 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
         }
     }
     if (deferred && !x) /* the caller staged the rows itself: every piece is there */
-        for (int64_t p = 0, piece = cu_stage_piece(n, g->stage_least); p * piece < n; p++) __atomic_store_n(&g->flags_h[p], g->seq, __ATOMIC_RELEASE);
+        for (int64_t p = 0, piece = cu_stage_piece(n); p * piece < n; p++) __atomic_store_n(&g->flags_h[p], g->seq, __ATOMIC_RELEASE);
     if (early) {
         /* until the result is final, or the stream is done (a step with nothing to decide) or failed */
         cu_device *d = (cu_device *)g->base.dev;

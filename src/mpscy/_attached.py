@@ -31,9 +31,10 @@ def set_schedule(engine, schedule, per="epoch", monitor="val_loss"):
     engine._schedule, engine._schedule_per, engine._schedule_monitor = schedule, per, monitor
 
 
-def _step_schedule(schedule, takes_metric, logs, monitor, where):
+def _step_schedule(schedule, takes_metric, logs, monitor, where, b=None):
     """Steps the attached schedule; an mpscy error it raises (OneCycleLR past its end, a rate no
-    step can use, its engine gone) is said to be `where`'s, as a step's error is."""
+    step can use, its engine gone) is said to be where(b)'s, as a step's error is (formatted only
+    then: fit steps a per-step schedule every batch)."""
     try:
         if takes_metric:
             value = _callbacks._schedule_metric(logs, monitor, "set_schedule")
@@ -42,7 +43,7 @@ def _step_schedule(schedule, takes_metric, logs, monitor, where):
         else:
             schedule.step()
     except _errors.Error as e:
-        raise _in_batch(e, where) from e
+        raise _in_batch(e, where(b)) from e
 
 
 def _check_schedules(engine, callbacks, steps, runs, skip):

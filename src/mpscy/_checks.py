@@ -31,6 +31,23 @@ def host_array(value):
     return np.asarray(value)
 
 
+def cast_floats(a, dtype, what, rows=False):
+    """Array a as `dtype` in C order. A finite value past a narrower float type's range (1e300 in
+    float64 for float32), which the cast would make an Inf later reported as "NaN or Inf", is
+    refused as what it is, without NumPy's overflow warning; with rows, naming its row and the
+    type's largest value (a batch's form)."""
+    with np.errstate(over="ignore"):
+        out = np.ascontiguousarray(a, dtype=dtype)
+    if a.dtype.kind == "f" and out.dtype.kind == "f" and a.dtype.itemsize > out.dtype.itemsize and out.size:
+        past = np.isinf(out) & np.isfinite(a)
+        if past.any():
+            at = np.unravel_index(int(np.argmax(past)), a.shape)
+            where = f" at row {at[0]}" if rows and a.ndim else ""
+            limit = f" (largest {float(np.finfo(out.dtype).max):.4g})" if rows else ""
+            raise InvalidArgumentError(f"{what} holds {float(a[at])!r}{where}, past {out.dtype}'s range{limit}")
+    return out
+
+
 def number(value, what):
     """float(value) of a real number: strings and bools are refused, not converted (float("0.5")
     and float(True) would be)."""

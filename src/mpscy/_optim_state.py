@@ -124,14 +124,7 @@ class OptimizerState:
         if arr is None or arr.dtype.kind not in "iuf":
             got = "a ragged or non-numeric sequence" if arr is None else f"dtype {arr.dtype}"
             raise DTypeError(f"{what} must be a numeric array, got {got}")
-        with np.errstate(over="ignore"):   # a finite float64 past float32's range: named below
-            out = arr.astype(dtype, copy=False)
-        if out.dtype.kind == "f" and arr.dtype.kind == "f" and arr.dtype.itemsize > out.dtype.itemsize:
-            past = np.isinf(out) & np.isfinite(arr)
-            if past.any():
-                raise InvalidArgumentError(f"{what} holds {float(arr[np.unravel_index(int(np.argmax(past)), arr.shape)])!r}"
-                                           f", past {out.dtype}'s range")
-        return out
+        return _checks.cast_floats(arr, dtype, what)
 
     @staticmethod
     def _number(name, value, what="optimizer state"):

@@ -104,18 +104,8 @@ class _Loader:
 
 
 def _float32(a, what):
-    """A float array as float32 in C order. A finite value past float32's range (1e300 in float64),
-    which the cast would make an Inf reported as "NaN or Inf", is refused as what it is."""
-    with np.errstate(over="ignore"):
-        out = np.ascontiguousarray(a, dtype=np.float32)
-    if a.dtype.itemsize > 4 and out.size and np.isinf(out).any():
-        past = np.isinf(out) & np.isfinite(a)
-        if past.any():
-            at = np.unravel_index(int(np.argmax(past)), a.shape)
-            row = f" at row {at[0]}" if a.ndim else ""
-            raise InvalidArgumentError(f"{what} holds {float(a[at])!r}{row}, past float32's range "
-                                       f"(largest {float(np.finfo(np.float32).max):.4g})")
-    return out
+    """A float array as float32 in C order, a finite value past its range named with its row."""
+    return _checks.cast_floats(a, np.float32, what, rows=True)
 
 
 def _converted(a, what="x"):
@@ -388,11 +378,19 @@ def _evaluate(engine, source, what="validation batch", source_name="the validati
 
 
 def _predict(engine, source):
-    """(y_true, outputs) over arrays or a loader, for metrics and plots."""
+    """(y_true, outputs) over arrays or a loader, for metrics and plots. Dense targets of shape
+    (n,) for a model of one output, which a step takes as the output's (n, 1) (the native target
+    rule), come in that shape: a metric function would broadcast (n,) against the outputs' (n, 1)
+    into an (n, n) table."""
     if isinstance(source, tuple):
-        return source[1], engine.predict(source[0])
-    ys, outs = [], []
-    for xb, yb in source:
-        ys.append(_as_target(engine, yb))
-        outs.append(engine.predict(_batch_inputs(engine, xb)))
-    return np.concatenate(ys), np.concatenate(outs)
+        y_true, outputs = source[1], engine.predict(source[0])
+    else:
+        ys, outs = [], []
+        for xb, yb in source:
+            ys.append(_as_target(engine, yb))
+            outs.append(engine.predict(_batch_inputs(engine, xb)))
+        y_true, outputs = np.concatenate(ys), np.concatenate(outs)
+    if (engine.loss.target == "dense" and getattr(y_true, "ndim", 0) == 1 and outputs.ndim > 1
+            and int(np.prod(outputs.shape[1:])) == 1 and len(y_true) == len(outputs)):
+        y_true = y_true.reshape(outputs.shape)
+    return y_true, outputs

@@ -62,6 +62,10 @@ class Callback:
         """After batch `batch`: logs holds the epoch's running mean loss and accuracy so far (as
         Keras's) and the batch's size; called only when overridden."""
 
+    def _release(self):
+        """What the callback holds open for a fit, let go when the fit ends however it ends (fit's
+        CallbackList.release); nothing here."""
+
     def __getattr__(self, name):
         # only for attributes that are not found: Keras's self.model is told where it is here
         if name == "model":
@@ -106,11 +110,10 @@ class CallbackList:
             getattr(cb, hook)(*args)
 
     def release(self):
-        """Whatever a callback holds open for the fit (CSVLogger's file), released however the fit
-        ended: an interrupted fit runs no on_train_end."""
+        """Whatever each callback holds open for the fit (CSVLogger's file), released however the
+        fit ended: an interrupted fit runs no on_train_end."""
         for cb in self.callbacks:
-            if isinstance(cb, CSVLogger):
-                cb._close()
+            cb._release()
 
 
 class History(Callback):
@@ -461,7 +464,7 @@ class CSVLogger(Callback):
 
     def on_train_begin(self, logs=None):
         _check_writable(self.filename, "CSVLogger filename", make_folders=False, replaces=False)
-        self._close()  # a file an earlier fit that failed left open
+        self._release()  # a file an earlier fit that failed left open
         self._keys, self._dropped_warned = None, False
         if self.append and os.path.exists(self.filename) and os.path.getsize(self.filename) > 0:
             with open(self.filename, newline="") as f:
@@ -485,9 +488,9 @@ class CSVLogger(Callback):
         self._file.flush()
 
     def on_train_end(self, logs=None):
-        self._close()
+        self._release()
 
-    def _close(self):
+    def _release(self):
         if self._file is not None:
             self._file.close()
             self._file = None

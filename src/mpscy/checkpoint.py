@@ -149,18 +149,18 @@ def _children(s):
     return {k: v for k, v in vars(s).items() if k != "engine" and _is_schedule(v)}
 
 
-def _schedule_name(s):
-    """A schedule's class with its composed schedules': "LinearWarmup(then=StepLR)"."""
-    children = _children(s)
-    inner = ", ".join(f"{k}={_schedule_name(v)}" for k, v in children.items())
-    return f"{type(s).__name__}({inner})" if children else type(s).__name__
-
-
-def _describe_name(info):
-    """_schedule_name of a schedule's record (_describe_schedule's)."""
+def _schedule_name(info):
+    """A schedule's class with its composed schedules', "LinearWarmup(then=StepLR)", from its
+    record (_describe_schedule's) or _classes' of an attached schedule."""
     children = info.get("children") or {}
-    inner = ", ".join(f"{k}={_describe_name(v)}" for k, v in children.items())
+    inner = ", ".join(f"{k}={_schedule_name(v)}" for k, v in children.items())
     return f"{info['class']}({inner})" if children else info["class"]
+
+
+def _classes(s):
+    """The classes of a schedule and its composed ones, as _describe_schedule records them (no
+    state: an attached schedule without a state_dict is named too)."""
+    return {"class": type(s).__qualname__, "children": {k: _classes(v) for k, v in _children(s).items()}}
 
 
 def _describe_schedule(s):
@@ -486,8 +486,8 @@ def _restore(engine, desc, tensors, path):
     current = engine._schedule
     if info and current is not None and (not _same_schedule(current, info) or engine._schedule_per != info["per"]):
         # said before anything changes: under warnings-as-errors it raises with the engine as it was
-        warn_user(f"restore replaces the attached {_schedule_name(current)} (per={engine._schedule_per!r}) with "
-                  f"the checkpoint's {_describe_name(info)} (per={info['per']!r}); attach yours again with "
+        warn_user(f"restore replaces the attached {_schedule_name(_classes(current))} (per={engine._schedule_per!r}) "
+                  f"with the checkpoint's {_schedule_name(info)} (per={info['per']!r}); attach yours again with "
                   "set_schedule after restore to keep it")
     before = (engine.get_parameters(), engine.get_optimizer_state(),
               {k: getattr(g, k) for k in _STEP_VALUES if hasattr(g, k)}, getattr(engine, "_initial_lr", None))

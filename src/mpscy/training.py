@@ -231,7 +231,7 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
                         lr_used = engine.learning_rate
                     r = step(xb, yb)  # the StepResult already holds the loss: no extra sync
                 except _errors.NonFiniteError as e:
-                    if _counted(engine, where(b)) != 0:
+                    if _counted(engine, where, b) != 0:
                         raise _in_batch(e, where(b)) from e
                     # every label is ignore_index: torch's step sees a NaN loss and zero gradients;
                     # nothing was changed (a failed step changes nothing), and the batch is skipped (its
@@ -244,7 +244,7 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
                 trained = True
                 n = r.batch_size
                 seen += n
-                c = _counted(engine, where(b))   # under ignore_index, the labels that counted, as staging counted them
+                c = _counted(engine, where, b)   # under ignore_index, the labels that counted, as staging counted them
                 c = n if c < 0 else c
                 counted += c   # loss and accuracy: means over the labels that count, as val_loss's and evaluate's
                 loss_sum += r.loss * c
@@ -252,7 +252,7 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
                     acc_sum += r.accuracy * c
                     has_acc = True
                 if per == "step":
-                    _step_schedule(schedule, sched_metric, {"loss": r.loss}, "loss", where(b))
+                    _step_schedule(schedule, sched_metric, {"loss": r.loss}, "loss", where, b)
                 done = b + 1
                 if verbose == 1:
                     progress.step(done, loss_sum / counted, acc_sum / counted if has_acc else None)
@@ -284,12 +284,11 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
             if metric_objs:
                 prefix, target = ("val_", val) if val is not None else ("", _metric_source(source))
                 y_true, outputs = _predict(engine, target)
-                y_true = _as_outputs(engine, y_true, outputs)
                 for m in metric_objs:
                     logs[prefix + m.name] = _metric_value(m, y_true, outputs, engine.loss, prefix + m.name)
             logs["lr"] = float(lr_used)
             if per == "epoch":
-                _step_schedule(schedule, sched_metric, logs, engine._schedule_monitor, f"epoch {epoch + 1}")
+                _step_schedule(schedule, sched_metric, logs, engine._schedule_monitor, lambda _: f"epoch {epoch + 1}")
             cbs.call("on_epoch_end", epoch, logs)
             last_logs = logs
             progress.end(done, logs)
@@ -304,7 +303,6 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
     finally:
         progress.close()
         cbs.release()
-        inside = False
         engine._fit_position = None
     if not trained:  # no epoch to run (or every batch skipped): the previous record stays the engine's
         engine.history = previous[0]
@@ -318,23 +316,14 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
     return history
 
 
-def _counted(engine, where):
+def _counted(engine, where, b):
     """The labels the last step counted (-1: every row), or the StateError a closed engine's next
-    step gives, said to be `where`'s: another thread may close the engine during a step."""
+    step gives, said to be batch b's (where(b), formatted only then): another thread may close the
+    engine during a step."""
     g = engine._graph
     if g is None:
-        raise _in_batch(StateError("this engine is closed"), where)
+        raise _in_batch(StateError("this engine is closed"), where(b))
     return g.counted
-
-
-def _as_outputs(engine, y_true, outputs):
-    """Dense targets of shape (n,) for a model of one output, which a step takes as the output's
-    (n, 1) (the native target rule), in that shape for the metrics: a metric function would
-    broadcast (n,) against the outputs' (n, 1) into an (n, n) table."""
-    if (engine.loss.target == "dense" and getattr(y_true, "ndim", 0) == 1 and outputs.ndim > 1
-            and int(np.prod(outputs.shape[1:])) == 1 and len(y_true) == len(outputs)):
-        return y_true.reshape(outputs.shape)
-    return y_true
 
 
 def _log_keys(engine, val, metric_objs, callbacks):
