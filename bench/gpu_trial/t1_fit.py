@@ -62,7 +62,10 @@ def fit_arrays_cpu_vs_dev():
 class TNet(nn.Module):
     def __init__(self):
         super().__init__()
-        self.c1 = nn.Conv2d(1, 8, 3, padding=1)
+        # no bias before the BatchNorm: its gradient is 0 but for rounding (~1e-9), which Adam
+        # scales up to whole steps, so its bits differ between any two summation orders (cpu on
+        # 1 and 2 threads too) and a parameter comparison would measure noise
+        self.c1 = nn.Conv2d(1, 8, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(8)
         self.c2 = nn.Conv2d(8, 16, 3, padding=1)
         self.fc = nn.Linear(16, 10)
@@ -74,7 +77,7 @@ class TNet(nn.Module):
 
 
 def mnet():
-    return mpscy.Sequential([L.Conv2D(8, 3, padding=1, name="c1"), L.BatchNorm(name="bn1"), L.ReLU(),
+    return mpscy.Sequential([L.Conv2D(8, 3, padding=1, bias=False, name="c1"), L.BatchNorm(name="bn1"), L.ReLU(),
                              L.MaxPool2D(2), L.Conv2D(16, 3, padding=1, name="c2"), L.ReLU(),
                              L.GlobalAvgPool2D(), L.Dense(10, name="fc")], input_shape=(1, 8, 8))
 
