@@ -250,6 +250,12 @@ def export(engine, path=None, opset=17, output_name="output", check=True):
     `output_name`; every tensor has the dynamic batch dimension "N". Everything is checked
     before `path` is written, and the file is written to a temporary name and renamed, so an
     error leaves no file (and no partial one)."""
+    from ..engine import Engine
+    from ..model import Model
+    if not isinstance(engine, Engine):  # the parameters live in an engine, not in a model
+        hint = (": build one, mpscy.Engine(model, ...), and export it (the parameters live in the engine)"
+                if isinstance(engine, Model) else "")
+        raise InvalidArgumentError(f"ONNX export takes an mpscy Engine, got {type(engine).__name__}{hint}")
     check_opset(opset)
     if not isinstance(output_name, str) or not output_name:
         raise InvalidArgumentError(f"output_name must be a non-empty string, got {output_name!r}")

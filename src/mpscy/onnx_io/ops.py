@@ -32,6 +32,17 @@ def _flat(r, x):
     return Sym(x.tensor) if getattr(x, "squeezed", False) else x
 
 
+def _image(r, x):
+    """x as an (N, C, H, W) image for a layer that reads one: a GlobalAveragePool's (or kept-dims
+    ReduceMean's) output, (N, C, 1, 1) to ONNX but (N, C) to mpscy, through a Reshape to (C, 1, 1)
+    (a 1x1 convolution after the pool, as NiN's and SqueezeNet's heads and SE blocks have)."""
+    if not getattr(x, "squeezed", False):
+        return x
+    if getattr(x, "image", None) is None:
+        x.image = r.layer(L.Reshape, [x], node_name=None, target_shape=(*r.shape(x), 1, 1))
+    return x.image
+
+
 def _pairs(attrs, key, default):
     v = list(attrs.get(key, default))
     if len(v) != 2:
@@ -379,6 +390,7 @@ def _conv(r, node, args, attrs):
     w = np.asarray(r.const_of(node.input[1], node), dtype=np.float32)
     if w.ndim != 4:
         raise UnsupportedError(f"Conv {node.name!r}: only 2-D convolutions are supported")
+    args = [_image(r, args[0]), *args[1:]]
     params = {"weight": w}
     if len(args) > 2 and args[2] is not None:
         params["bias"] = r.const_of(node.input[2], node)
@@ -398,6 +410,7 @@ def _conv_transpose(r, node, args, attrs):
     w = np.asarray(r.const_of(node.input[1], node), dtype=np.float32)
     if w.ndim != 4:
         raise UnsupportedError(f"ConvTranspose {node.name!r}: only 2-D transposed convolutions are supported")
+    args = [_image(r, args[0]), *args[1:]]
     if "output_shape" in attrs:
         raise UnsupportedError(f"ConvTranspose {node.name!r} with output_shape is not supported: export with "
                                "explicit pads and output_padding (as torch does)")
@@ -427,6 +440,7 @@ def _conv_transpose(r, node, args, attrs):
 
 
 def _pool(r, node, args, attrs, cls_name, **extra):
+    args = [_image(r, args[0]), *args[1:]]
     if any(d != 1 for d in attrs.get("dilations", [1, 1])):
         raise UnsupportedError(f"{node.op_type} {node.name!r} with dilations is not supported")
     k, stride = _pairs(attrs, "kernel_shape", None), _pairs(attrs, "strides", (1, 1))
