@@ -850,3 +850,19 @@ def test_keras_s_predict_and_evaluate_arguments_change_nothing():
         engine.predict(x, batch_size=0)
     with pytest.raises(mpscy.InvalidArgumentError, match="verbose must be 0, 1, 2 or 'auto', got 'loud'"):
         engine.evaluate(x, y, verbose="loud")
+
+
+def test_one_hot_labels_under_sparse_cross_entropy_name_argmax():
+    """Keras's to_categorical rows given to the default loss (integer labels): both the float and
+    the integer one-hot forms say how to get labels, and the float form names the dense loss."""
+    e = mpscy.Engine(mpscy.Sequential([layers.Dense(3)], input_shape=(4,)), batch_size=2, device="cpu")
+    x = np.ones((2, 4), np.float32)
+    with pytest.raises(mpscy.DTypeError, match=r"y looks one-hot, a row of 3 class scores .*y\.argmax\(1\).*"
+                                               r"loss=\"cross_entropy\""):
+        e.step(x, np.eye(3, dtype=np.float32)[[0, 1]])
+    with pytest.raises(mpscy.ShapeError, match=r"shape \(2, 3\); labels must be shaped \(n,\) \(one-hot rows: "
+                                               r"y\.argmax\(1\)\)"):
+        e.step(x, np.eye(3, dtype=np.int64)[[0, 1]])
+    with pytest.raises(mpscy.DTypeError, match=r"got float64 \(whole-number floats: y\.astype\(np\.int64\)\)$"):
+        e.step(x, np.array([0.0, 1.0]))
+    assert e.iterations == 0

@@ -384,8 +384,14 @@ cdef class Graph:
             kind = _kind_of(&v)
             if not self.target_dense:
                 if kind != K_I32 and kind != K_I64:
-                    hint = (f" (whole-number floats: {what}.astype(np.int64))"
-                            if kind == K_F32 or _dtype_name(y) in ("float64", "float16") else "")
+                    floats = kind == K_F32 or _dtype_name(y) in ("float64", "float16")
+                    if floats and self.label_rank == 0 and v.ndim == 2 and v.shape[1] == self.classes > 1:
+                        # one row of class scores a sample: one-hot (Keras's to_categorical) or soft
+                        hint = (f" ({what} looks one-hot, a row of {self.classes} class scores a sample: "
+                                f"{what}.argmax(1) gives its labels, or loss=\"cross_entropy\" takes "
+                                "probabilities as targets)")
+                    else:
+                        hint = f" (whole-number floats: {what}.astype(np.int64))" if floats else ""
                     raise _errors.DTypeError(f"{what} must be int32 or int64 class labels, got {_dtype_name(y)}{hint}")
                 fits = v.ndim == 1 + self.label_rank
                 for d in range(self.label_rank if fits else 0):
@@ -396,9 +402,11 @@ cdef class Graph:
                 if not fits:
                     spatial = self.label_spatial
                     want = f"(n, {', '.join(map(str, spatial))})" if spatial else "(n,)"
+                    onehot = (not spatial and v.ndim == 2 and v.shape[1] == self.classes > 1)
                     raise _errors.ShapeError(f"{what} has shape {_shape_str(&v)}; labels must be shaped {want}"
                                              + (f", a class in [0, {self.classes}) at each position of the "
-                                                f"output's {self.output_shape}" if spatial else ""))
+                                                f"output's {self.output_shape}" if spatial else "")
+                                             + (f" (one-hot rows: {what}.argmax(1))" if onehot else ""))
                 if v.shape[0] != rows:
                     raise _errors.ShapeError(f"{what} has {v.shape[0]} labels for {rows} rows of x")
                 if not _c_contiguous(&v):
