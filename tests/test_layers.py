@@ -1571,3 +1571,46 @@ def test_depthwise_weight_gradient_ignores_inputs_no_output_reads(device):
     assert np.isfinite(g["loss"]) and abs(g["loss"] - loss.item()) <= 1e-6 * loss.item()
     assert R.rel_err(g["dw.weight"], dw.weight.grad.numpy()) < 1e-6
     assert R.rel_err(g["dw.bias"], dw.bias.grad.numpy()) < 1e-6
+
+
+def test_dense_forward_in_packed_panels_bits_and_values():
+    """A Dense forward in a graph built for 64 rows or more takes x W^T in panels of W^T packed
+    16 x 16 at a time (objc/cpu/gemm.c's gemm512_ntp, on a CPU with AVX-512 and FMA). Shapes
+    with every edge: 37 outputs (a full panel of 32 and a masked one), 531 inputs (two k-blocks
+    of 256 and 19 more, of which 3 past the last 16), 67 rows (8-row blocks and 3 over). Its
+    outputs are within 1e-6 of float64 NumPy; a row's bits are the same in a full batch and in a
+    partial one (the form is the graph's, not the call's), and on 1, 2 and 3 threads; the dot
+    form (MPSCY_CPU_NT_PACK=0) agrees within 1e-6 and differs in bits (both forms ran)."""
+    code = textwrap.dedent("""
+        import sys, numpy as np, mpscy
+        from mpscy import layers
+        rng = np.random.default_rng(5)
+        x = rng.standard_normal((67 + 30, 531)).astype(np.float32)
+        out = {}
+        for t in (1, 2, 3):
+            e = mpscy.Engine(mpscy.Sequential([layers.Dense(37)], input_shape=(531,)), loss="mse",
+                             batch_size=67, device="cpu", seed=2, threads=t)
+            out[f"full{t}"] = e.predict(x[:67])
+            out[f"mixed{t}"] = e.predict(x[37:])  # rows 37..96: one partial batch of 60
+        p = e.get_parameters()
+        np.savez(sys.argv[1], name=e.device_info()["name"], w=p["dense_0.weight"], b=p["dense_0.bias"], x=x, **out)
+    """)
+
+    def run(tmp, **env):
+        path = os.path.join(tmp, f"{len(env)}.npz")
+        subprocess.run([sys.executable, "-c", code, path], env={**os.environ, **env}, check=True)
+        return dict(np.load(path))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        packed, dot = run(tmp), run(tmp, MPSCY_CPU_NT_PACK="0")
+    if "AVX-512" not in str(packed["name"]):
+        pytest.skip("this CPU has no AVX-512 with FMA: BLAS does every product either way")
+    x = packed["x"].astype(np.float64)
+    want = x @ packed["w"].astype(np.float64).T + packed["b"]
+    for got in (packed, dot):
+        assert R.rel_err(got["full1"], want[:67]) < 1e-6
+        assert R.rel_err(got["mixed1"], want[37:]) < 1e-6
+        for t in (2, 3):
+            assert np.array_equal(got[f"full{t}"], got["full1"]) and np.array_equal(got[f"mixed{t}"], got["mixed1"])
+        assert np.array_equal(got["mixed1"][:30], got["full1"][37:])  # the same rows, full batch and partial
+    assert not np.array_equal(packed["full1"], dot["full1"])

@@ -40,8 +40,11 @@ static inline int32_t cpu_parallel(cpu_pool *p, cpu_task fn, void *ctx) { return
  * cblas_sgemm. With own set (the caller's judgment that the product is small enough), alpha 1
  * and beta 0 or 1, it runs in gemm.c's AVX-512 kernels where they run (each element's k summed
  * in fixed blocks of 256, each block one chain of fused multiply-adds in order; op(b) = B^T as
- * 16 lanes summed in a fixed tree); otherwise in BLAS. cpu_fma_gemm_path: 1 when those kernels
+ * 16 lanes summed in a fixed tree, or with own's CPU_GEMM_PACKED as the first form over packed
+ * panels of B^T); otherwise in BLAS. cpu_fma_gemm_path: 1 when those kernels
  * run (AVX-512 with FMA, $MPSCY_CPU_GEMM not 0), else 0. */
+enum { CPU_GEMM_OWN = 1,     /* own: gemm.c's kernels may run */
+       CPU_GEMM_PACKED = 2 }; /* with it, A B^T in panels of B^T (gemm512_ntp), for products of many rows */
 void cpu_sgemm(int ta, int tb, int64_t m, int64_t n, int64_t k, float alpha, const float *a, int64_t lda,
                const float *b, int64_t ldb, float beta, float *c, int64_t ldc, int own);
 int cpu_fma_gemm_path(void);
@@ -90,9 +93,15 @@ static inline double cpu_lanes_total(const double *acc) {
     return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
-/* Row-major sgemm split over the pool: c (m, n) = alpha op(a) op(b) + beta c. */
+/* Row-major sgemm split over the pool: c (m, n) = alpha op(a) op(b) + beta c. cpu_gemm_as with
+ * packed set: a b^T (ta 0, tb 1) in gemm.c's packed panels where its kernels take the parts
+ * (gemm512_ntp), the form a Dense forward takes in graphs built for cpu_nt_pack_rows() rows or
+ * more ($MPSCY_CPU_NT_PACK, read once: those rows, 64 by default; 0 never) */
 void cpu_gemm(cpu_pool *p, int ta, int tb, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
               int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc);
+void cpu_gemm_as(cpu_pool *p, int ta, int tb, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
+                 int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc, int packed);
+int64_t cpu_nt_pack_rows(void);
 
 typedef struct cpu_graph {
     struct mpscy_graph_ base;

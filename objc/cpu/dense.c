@@ -19,10 +19,12 @@ void cpu_sum_rows(float *db, const float *dy, int64_t rows, int64_t cols) {
     }
 }
 
+/* packed: the graph's batch takes x W^T in panels of W^T (gemm.c's gemm512_ntp), decided per
+ * graph, not per call, so a row's output has the same bits in a full batch and a partial one */
 static void dense_forward(cpu_pool *pool, float *y, const float *x, const float *w, const float *bias,
-                          int64_t b, int64_t in, int64_t out) {
+                          int64_t b, int64_t in, int64_t out, int packed) {
     // y (b, out), x (b, in), w (out, in), bias (out) or NULL
-    cpu_gemm(pool, 0, 1, b, out, in, 1.0f, x, in, w, in, 0.0f, y, out);
+    cpu_gemm_as(pool, 0, 1, b, out, in, 1.0f, x, in, w, in, 0.0f, y, out, packed);
     if (bias) cpu_add_bias_rows(y, bias, b, out);
 }
 
@@ -38,7 +40,7 @@ void cpu_dense_forward(cpu_graph *g, const mpscy_node *n, int64_t b, int train, 
     (void)train; (void)a;
     const mpscy_node *src = &g->plan.nodes[n->in[0]];
     dense_forward(g->pool, g->y[n - g->plan.nodes], g->y[n->in[0]], cpu_tensor(g, n, MPSCY_ROLE_PARAM, 0),
-                  cpu_tensor(g, n, MPSCY_ROLE_PARAM, 1), b, src->size, n->size);
+                  cpu_tensor(g, n, MPSCY_ROLE_PARAM, 1), b, src->size, n->size, g->plan.batch >= cpu_nt_pack_rows());
 }
 
 void cpu_dense_backward(cpu_graph *g, const mpscy_node *n, int64_t b) {

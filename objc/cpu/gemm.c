@@ -8,6 +8,10 @@
  * stays in L1 while every row block of A passes over it. They do not block for the caches
  * beyond that, so large products stay with BLAS (cpu_sgemm's caller says which may come here).
  *
+ * C = A B^T comes in two forms: the dot form (16 lanes a product, for few rows of A), and for
+ * products the caller marks packed (a Dense forward in a graph of many rows) panels of B^T
+ * packed on the stack and read by the first form's kernels.
+ *
  * Every element of C sums its k in fixed blocks (GEMM_KC), each block one chain of fused
  * multiply-adds in k order, added to C; a dot-form element sums 16 lanes of chains in a fixed
  * tree. Its bits therefore depend on neither the blocking of rows and columns nor the thread
@@ -159,16 +163,91 @@ __attribute__((target("avx512f,fma"))) static void gemm512_nt(int64_t m, int64_t
 }
 #endif
 
-/* C (m, n) = A (m, k) B (n, k)^T [+ C]; 0, having done nothing, where these kernels do not run */
-static int fma_gemm_nt(int64_t m, int64_t n, int64_t k, const float *a, int64_t lda, const float *b, int64_t ldb,
-                       float *c, int64_t ldc, int accumulate) {
 #ifdef GEMM_X86
+/* out[q * ldo + c] = in[c * ldi + q] for a 16 x 16 tile: in-register transposition in four
+ * rounds of shuffles (pairs of floats, of pairs, then of 128-bit and 256-bit lanes) */
+__attribute__((target("avx512f"))) static void transpose16(float *out, int64_t ldo, const float *in, int64_t ldi) {
+    __m512 r[16], t[16];
+    for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(in + i * ldi);
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int i = 0; i < 16; i += 8)
+        for (int q = 0; q < 4; q++) {
+            t[i + q] = _mm512_shuffle_f32x4(r[i + q], r[i + 4 + q], 0x88);
+            t[i + 4 + q] = _mm512_shuffle_f32x4(r[i + q], r[i + 4 + q], 0xdd);
+        }
+    for (int q = 0; q < 8; q++) {
+        r[q] = _mm512_shuffle_f32x4(t[q], t[8 + q], 0x88);
+        r[8 + q] = _mm512_shuffle_f32x4(t[q], t[8 + q], 0xdd);
+    }
+    for (int i = 0; i < 16; i++) _mm512_storeu_ps(out + i * ldo, r[i]);
+}
+
+/* panel[q * 32 + c] = b[c * ldb + q]: kc of B's rows' k values, for nc <= 32 rows of B, as the
+ * (kc, 32) row-major panel of B^T that gemm512's kernels read (columns past nc are not read:
+ * the kernels' loads mask them); 16 x 16 tiles transposed in registers, the edges one by one */
+__attribute__((target("avx512f"))) static void pack_bt(float *panel, const float *b, int64_t ldb, int64_t kc,
+                                                      int64_t nc) {
+    const int64_t c16 = nc & ~(int64_t)15, q16 = kc & ~(int64_t)15;
+    for (int64_t c = 0; c < c16; c += 16)
+        for (int64_t q = 0; q < q16; q += 16) transpose16(panel + q * 32 + c, 32, b + c * ldb + q, ldb);
+    for (int64_t c = 0; c < nc; c++)
+        for (int64_t q = c < c16 ? q16 : 0; q < kc; q++) panel[q * 32 + c] = b[c * ldb + q];
+}
+
+/* C (m, n) = A (m, k) B (n, k)^T [+ C] in gemm512's form: for each block of k (GEMM_KC) and of 32
+ * rows of B, that panel of B^T packed on the stack (32 KB, in L1) and every 8-row block of A
+ * passed over it, so A is read n / 32 times, not n / 4 as by gemm512_nt's dot form (which
+ * reads A from L2 for every 4 rows of B). For many rows of A: the packing costs a pass over B
+ * per part, as much as 8 rows of the product. Each element of C is summed as gemm512 sums it
+ * (blocks of GEMM_KC, each one chain of fused multiply-adds in k order). */
+__attribute__((target("avx512f,fma"))) static void gemm512_ntp(int64_t m, int64_t n, int64_t k, const float *a,
+                                                               int64_t lda, const float *b, int64_t ldb, float *c,
+                                                               int64_t ldc, int acc) {
+    float panel[GEMM_KC * 32] __attribute__((aligned(64)));
+    for (int64_t p = 0; p < k; p += GEMM_KC) {
+        const int64_t kc = k - p < GEMM_KC ? k - p : GEMM_KC;
+        const int add = acc || p > 0;
+        const float *ap = a + p;
+        for (int64_t j = 0; j < n; j += 32) {
+            const int64_t nc = n - j < 32 ? n - j : 32;
+            const __mmask16 m0 = mask16(nc), m1 = mask16(nc - 16);
+            pack_bt(panel, b + j * ldb + p, ldb, kc, nc);
+            int64_t i = 0;
+            for (; i + 8 <= m; i += 8) k512_8(kc, ap + i * lda, lda, 1, panel, 32, c + i * ldc + j, ldc, add, m0, m1);
+            if (i + 4 <= m) k512_4(kc, ap + i * lda, lda, 1, panel, 32, c + i * ldc + j, ldc, add, m0, m1), i += 4;
+            if (i + 2 <= m) k512_2(kc, ap + i * lda, lda, 1, panel, 32, c + i * ldc + j, ldc, add, m0, m1), i += 2;
+            if (i < m) k512_1(kc, ap + i * lda, lda, 1, panel, 32, c + i * ldc + j, ldc, add, m0, m1);
+        }
+    }
+}
+#endif
+
+/* C (m, n) = A (m, k) B (n, k)^T [+ C]; 0, having done nothing, where these kernels do not run.
+ * packed: gemm512_ntp's form (the caller's choice, from the whole product's rows, so that a
+ * product's bits do not depend on how its rows are split over threads) */
+static int fma_gemm_nt(int64_t m, int64_t n, int64_t k, const float *a, int64_t lda, const float *b, int64_t ldb,
+                       float *c, int64_t ldc, int accumulate, int packed) {
+#ifdef GEMM_X86
+    if (cpu_fma_gemm_path() && packed && n >= 32) {
+        gemm512_ntp(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
+        return 1;
+    }
     if (cpu_fma_gemm_path() && k >= 256) {  /* shorter: the lanes' sums cost more than BLAS */
         gemm512_nt(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
         return 1;
     }
 #else
     (void)m; (void)n; (void)k; (void)a; (void)lda; (void)b; (void)ldb; (void)c; (void)ldc; (void)accumulate;
+    (void)packed;
 #endif
     return 0;
 }
@@ -190,9 +269,9 @@ static int fma_gemm(int64_t m, int64_t n, int64_t k, const float *a, int64_t ars
 
 void cpu_sgemm(int ta, int tb, int64_t m, int64_t n, int64_t k, float alpha, const float *a, int64_t lda,
                const float *b, int64_t ldb, float beta, float *c, int64_t ldc, int own) {
-    if (own && alpha == 1.0f && (beta == 0.0f || beta == 1.0f)) {
+    if ((own & CPU_GEMM_OWN) && alpha == 1.0f && (beta == 0.0f || beta == 1.0f)) {
         const int acc = beta != 0.0f;
-        if (!ta && tb && fma_gemm_nt(m, n, k, a, lda, b, ldb, c, ldc, acc)) return;
+        if (!ta && tb && fma_gemm_nt(m, n, k, a, lda, b, ldb, c, ldc, acc, (own & CPU_GEMM_PACKED) != 0)) return;
         if (!tb && fma_gemm(m, n, k, a, ta ? 1 : lda, ta ? lda : 1, b, ldb, c, ldc, acc)) return;
     }
     cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, (blasint)m,
