@@ -1,7 +1,7 @@
 #!/bin/bash
 # A GPU user trial of the cuda backend in one device call: build, the suite on cuda, then the
-# scripts here (each compares cuda with the cpu and with torch on the GPU; written and passed on the
-# cpu, not yet run on a GPU: the device was not lent when they were written). bash bench/gpu_trial/run.sh
+# scripts here (each compares cuda with the cpu and with torch on the GPU; written on the cpu, first
+# run on an H100 in the forty-second session). bash bench/gpu_trial/run.sh
 export OUT=$OUT; WHEELS=.whl SKIP_TESTS=1 SKIP_BENCH=1 SKIP_LAYER_BENCH=1 SKIP_PROFILE=1 bash bench/gpu_run.sh > $OUT/build.log 2>&1
 grep -E "build:|rror" $OUT/build.log
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
