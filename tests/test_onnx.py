@@ -1540,3 +1540,20 @@ def test_reshape_generator_round_trips_and_imports_from_torch(tt, device, tmp_pa
     back = mpscy.onnx.load(out, batch_size=4, device=device)
     assert [n.layer.config() for n in back.model.nodes if isinstance(n.layer, layers.Reshape)] == [
         {"target_shape": (8, 3, 3)}]
+
+
+def test_import_pads_are_refused_naming_the_pad(tt, tmp_path):
+    """torch exports nn.ZeroPad2d and a Conv2d's padding_mode="reflect" as a Pad whose pads come
+    from ConstantOfShape, Concat, Reshape, Slice and Transpose of constants: those fold at import,
+    and the Pad is refused by name with its mode and the way out (the error named
+    ConstantOfShape, the first node on the way)."""
+    nn = tt.nn
+    cases = [(nn.Sequential(nn.ZeroPad2d(1), nn.Conv2d(3, 4, 3)), r"Pad '.*' \(mode 'constant'\) has no mpscy layer: "
+              r"give the padding to the convolution or pool after it \(torch's padding=, not nn\.ZeroPad2d\)"),
+             (nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")),
+              r"Pad '.*' \(mode 'reflect'\) has no mpscy layer: reflect padding is not supported")]
+    for k, (net, match) in enumerate(cases):
+        path = str(tmp_path / f"pad{k}.onnx")
+        _torch_export(net, tt.randn(2, 3, 8, 8), path, 17)
+        with pytest.raises(mpscy.UnsupportedError, match=match):
+            mpscy.onnx.load(path, device="cpu")

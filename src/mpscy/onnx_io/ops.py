@@ -127,6 +127,37 @@ def _shape(r, node, args, attrs):
     return ShapeVec(items[attrs.get("start", 0):attrs.get("end", len(items))])
 
 
+@_set("ConstantOfShape")
+def _constant_of_shape(r, node, args, attrs):
+    """A constant tensor of a constant shape (torch's pad export builds its pads from one)."""
+    shape = args[0]
+    if isinstance(shape, ShapeVec) and all(isinstance(v, (int, np.integer)) for v in shape.items):
+        dims = [int(v) for v in shape.items]
+    elif isinstance(shape, Const):
+        dims = [int(v) for v in shape.value.reshape(-1)]
+    else:
+        raise UnsupportedError(f"ConstantOfShape {node.name!r} of a shape holding the batch is not supported")
+    value = r.nh.to_array(attrs["value"]).reshape(-1) if "value" in attrs else np.zeros(1, np.float32)
+    return Const(np.full(dims, value[0], dtype=value.dtype))
+
+
+@_set("Transpose")
+def _transpose(r, node, args, attrs):
+    if not isinstance(args[0], Const):
+        raise UnsupportedError(f"Transpose {node.name!r} of a tensor has no mpscy layer (only of constants)")
+    return Const(np.transpose(args[0].value, attrs.get("perm")))
+
+
+@_set("Pad")
+def _pad(r, node, args, attrs):
+    """Refused by name (torch's nn.ZeroPad2d and padding_mode= of a Conv2d export as Pad, its pads
+    computed through ConstantOfShape, Concat, Slice and Transpose of constants)."""
+    mode = _text(attrs, "mode", "constant")
+    hint = ("give the padding to the convolution or pool after it (torch's padding=, not nn.ZeroPad2d)"
+            if mode == "constant" else f"{mode} padding is not supported")
+    raise UnsupportedError(f"Pad {node.name!r} (mode {mode!r}) has no mpscy layer: {hint}")
+
+
 @_set("Gather")
 def _gather(r, node, args, attrs):
     data, idx = args
