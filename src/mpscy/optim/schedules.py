@@ -241,20 +241,31 @@ class StepLR(Schedule):
         return _decayed(self.base_lr, self.gamma, epoch // self.step_size)
 
 
+def _milestone(m):
+    """A milestone as an int: a whole number (2 or 2.0, as torch's Counter matches 2.0 with step 2);
+    2.5 is refused, not truncated to 2 (torch's step count never equals it: no decay there)."""
+    v = int(m)
+    if v != m:
+        raise ValueError(m)
+    return v
+
+
 class MultiStepLR(Schedule):
-    """lr = base_lr * gamma ** (number of milestones <= epoch); repeated milestones count twice."""
+    """lr = base_lr * gamma ** (number of milestones in [0, epoch]); repeated milestones count
+    twice; a negative milestone is never reached (torch's step count starts at 0)."""
 
     def __init__(self, engine, milestones, gamma=0.1):
         super().__init__(engine)
         try:
-            self.milestones = sorted(int(m) for m in milestones)
+            self.milestones = sorted(_milestone(m) for m in milestones)
         except (TypeError, ValueError, OverflowError):
             raise InvalidArgumentError(f"milestones must be integers, got {milestones!r}") from None
         self.gamma = _number(gamma, "gamma", 0.0)
         self._start()
 
     def lr_at(self, epoch):
-        return _decayed(self.base_lr, self.gamma, bisect.bisect_right(self.milestones, epoch))
+        passed = bisect.bisect_right(self.milestones, epoch) - bisect.bisect_left(self.milestones, 0)
+        return _decayed(self.base_lr, self.gamma, max(passed, 0))
 
 
 class ExponentialLR(Schedule):
