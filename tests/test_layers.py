@@ -1579,8 +1579,10 @@ def test_dense_forward_in_packed_panels_bits_and_values():
     with every edge: 37 outputs (a full panel of 32 and a masked one), 531 inputs (two k-blocks
     of 256 and 19 more, of which 3 past the last 16), 67 rows (8-row blocks and 3 over). Its
     outputs are within 1e-6 of float64 NumPy; a row's bits are the same in a full batch and in a
-    partial one (the form is the graph's, not the call's), and on 1, 2 and 3 threads; the dot
-    form (MPSCY_CPU_NT_PACK=0) agrees within 1e-6 and differs in bits (both forms ran)."""
+    partial one (the form is the graph's, not the call's), and on 1, 2 and 3 threads, also for a
+    784 -> 1000 layer at 64 rows, past 2^25 multiply-adds on one thread but not on two (its parts
+    had gone to BLAS on one thread and to the panels on two); the dot form (MPSCY_CPU_NT_PACK=0)
+    agrees within 1e-6 and differs in bits (both forms ran)."""
     code = textwrap.dedent("""
         import sys, numpy as np, mpscy
         from mpscy import layers
@@ -1592,6 +1594,12 @@ def test_dense_forward_in_packed_panels_bits_and_values():
                              batch_size=67, device="cpu", seed=2, threads=t)
             out[f"full{t}"] = e.predict(x[:67])
             out[f"mixed{t}"] = e.predict(x[37:])  # rows 37..96: one partial batch of 60
+            # past 2^25 multiply-adds on one thread (784 -> 1000 at 64 rows), not on two: the form
+            # is still the graph's (it had gone to BLAS on one thread, to the panels on two)
+            big = mpscy.Engine(mpscy.Sequential([layers.Dense(1000)], input_shape=(784,)), loss="mse",
+                               batch_size=64, device="cpu", seed=3, threads=t)
+            xb = np.ascontiguousarray(np.tile(x[:, :392], (1, 2))[:70])
+            out[f"bigfull{t}"], out[f"bigpart{t}"] = big.predict(xb[:64]), big.predict(xb[54:70])
         p = e.get_parameters()
         np.savez(sys.argv[1], name=e.device_info()["name"], w=p["dense_0.weight"], b=p["dense_0.bias"], x=x, **out)
     """)
@@ -1613,4 +1621,7 @@ def test_dense_forward_in_packed_panels_bits_and_values():
         for t in (2, 3):
             assert np.array_equal(got[f"full{t}"], got["full1"]) and np.array_equal(got[f"mixed{t}"], got["mixed1"])
         assert np.array_equal(got["mixed1"][:30], got["full1"][37:])  # the same rows, full batch and partial
+    for t in (1, 2, 3):
+        assert np.array_equal(packed[f"bigfull{t}"], packed["bigfull1"])
+        assert np.array_equal(packed[f"bigpart{t}"][:10], packed["bigfull1"][54:])
     assert not np.array_equal(packed["full1"], dot["full1"])

@@ -19,8 +19,20 @@ void cpu_sum_rows(float *db, const float *dy, int64_t rows, int64_t cols) {
     }
 }
 
-/* packed: the graph's batch takes x W^T in panels of W^T (gemm.c's gemm512_ntp), decided per
- * graph, not per call, so a row's output has the same bits in a full batch and a partial one */
+/* The form of a Dense forward's x W^T, decided per graph, not per call or per thread's part, so
+ * a row's output has the same bits in a full batch and a partial one, on any thread count: from
+ * cpu_nt_pack_rows() rows, packed panels of W^T (gemm.c's gemm512_ntp) where the graph's whole
+ * product is at most 2^27 multiply-adds, OpenBLAS past it (a 1024-wide layer at 1024 rows: its
+ * predict 21.1-21.3 ms against 25.4-25.7 in the panels; at 100M multiply-adds the panels were
+ * as fast or faster: 0.88-0.91 ms against 0.98-1.04 for 784 -> 1000 at 128 rows); 0 (the
+ * per-part rule of cpu_gemm) for fewer rows */
+#define DENSE_PACK_MOST ((int64_t)1 << 27)
+static int dense_form(const cpu_graph *g, int64_t in, int64_t out) {
+    if (g->plan.batch < cpu_nt_pack_rows()) return 0;
+    return CPU_GEMM_PACKED | (g->plan.batch * in * out <= DENSE_PACK_MOST ? CPU_GEMM_OWN : 0);
+}
+
+/* packed: dense_form's */
 static void dense_forward(cpu_pool *pool, float *y, const float *x, const float *w, const float *bias,
                           int64_t b, int64_t in, int64_t out, int packed) {
     // y (b, out), x (b, in), w (out, in), bias (out) or NULL
@@ -40,7 +52,7 @@ void cpu_dense_forward(cpu_graph *g, const mpscy_node *n, int64_t b, int train, 
     (void)train; (void)a;
     const mpscy_node *src = &g->plan.nodes[n->in[0]];
     dense_forward(g->pool, g->y[n - g->plan.nodes], g->y[n->in[0]], cpu_tensor(g, n, MPSCY_ROLE_PARAM, 0),
-                  cpu_tensor(g, n, MPSCY_ROLE_PARAM, 1), b, src->size, n->size, g->plan.batch >= cpu_nt_pack_rows());
+                  cpu_tensor(g, n, MPSCY_ROLE_PARAM, 1), b, src->size, n->size, dense_form(g, src->size, n->size));
 }
 
 void cpu_dense_backward(cpu_graph *g, const mpscy_node *n, int64_t b) {

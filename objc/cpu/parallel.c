@@ -42,10 +42,12 @@ int64_t cpu_nt_pack_rows(void) {
 
 static void gemm_part(void *ctx, int32_t t, int32_t nt) {
     const gemm_job *j = ctx;
-    /* packed A B^T: split by rows of A, each part packing every panel of B^T for its own rows
-     * (by B's rows, two parts packing half the panels each: 342-358 us against 289-302 for the
-     * predict of a 784-128-64-10 MLP at 256 rows on 2 cores) */
-    const int packed = !j->ta && j->tb && j->packed;
+    /* packed A B^T (the caller's form, CPU_GEMM_PACKED with or without CPU_GEMM_OWN, the same for
+     * every part whatever its rows, so that the bits do not depend on the split): split by rows
+     * of A, each part packing every panel of B^T for its own rows (by B's rows, two parts packing
+     * half the panels each: 342-358 us against 289-302 for the predict of a 784-128-64-10 MLP at
+     * 256 rows on 2 cores) */
+    const int packed = !j->ta && j->tb && (j->packed & CPU_GEMM_PACKED);
     int split_m = packed || j->m >= j->n;
     int64_t lo, hi, total = split_m ? j->m : j->n, align = total >= 16 * nt ? 16 : 1;
     cpu_split(total / align, t, nt, &lo, &hi);
@@ -65,7 +67,7 @@ static void gemm_part(void *ctx, int32_t t, int32_t nt) {
         n = hi - lo;
     }
     cpu_sgemm(j->ta, j->tb, m, n, j->k, j->alpha, a, j->lda, b, j->ldb, j->beta, c, j->ldc,
-              (m * n * j->k <= FMA_MOST ? CPU_GEMM_OWN : 0) | (packed ? CPU_GEMM_PACKED : 0));
+              (packed ? j->packed : m * n * j->k <= FMA_MOST ? CPU_GEMM_OWN : 0));
 }
 
 void cpu_gemm_as(cpu_pool *p, int ta, int tb, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
