@@ -1,7 +1,7 @@
-"""A Model called on tensors (Keras's nesting) and onnx.export given a Model instead
-of an Engine are refused with messages that say what to do, not Python's bare TypeError or
-AttributeError."""
+"""A Model is not callable (models do not nest), and onnx.export given a Model instead of an
+Engine says what to do, not an AttributeError."""
 
+import numpy as np
 import pytest
 
 import mpscy
@@ -13,13 +13,17 @@ def _model():
     return mpscy.Model(x, layers.Dense(3)(x))
 
 
-def test_model_called_on_tensor_is_refused_by_name():
-    inner = _model()
-    with pytest.raises(mpscy.InvalidArgumentError, match="models do not nest"):
-        inner(mpscy.Input((4,)))
-    seq = mpscy.Sequential([layers.Dense(2)], input_shape=(4,))
-    with pytest.raises(mpscy.InvalidArgumentError, match="Sequential cannot be called"):
-        seq(mpscy.Input((4,)))
+def test_a_model_is_not_callable(tmp_path):
+    """Models do not nest (each layer is called once): a Model is not callable, so fit(metrics=model)
+    and other places that take a callable refuse it up front (a __call__ that raised made it
+    callable, and fit logged NaN for it every epoch)."""
+    model = _model()
+    assert not callable(model)
+    engine = mpscy.Engine(model, loss="mse", batch_size=2, device="cpu")
+    x = np.zeros((4, 4), np.float32)
+    with pytest.raises(mpscy.InvalidArgumentError, match="metrics must be a metric name, a callable or a list"):
+        engine.fit(x, np.zeros((4, 3), np.float32), epochs=1, metrics=model, verbose=0)
+    assert engine.iterations == 0
 
 
 def test_onnx_export_of_a_model_names_the_engine(tmp_path):

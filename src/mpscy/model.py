@@ -121,13 +121,6 @@ class Model:
             raise InvalidArgumentError("Model outputs must be an mpscy tensor")
         self._build(inputs, outputs)
 
-    def __call__(self, *args, **kwargs):
-        # Keras's nesting (inner_model(x)) would need each layer called twice: refused by name
-        raise InvalidArgumentError(
-            f"a {type(self).__name__} cannot be called on tensors: models do not nest in mpscy (each layer is "
-            "called once). Build one model from layers called on tensors, e.g. a function block(x) that "
-            "calls new layers on x and returns their output tensor")
-
     def _build(self, inputs, output):
         if output.layer is None:
             raise InvalidArgumentError("the model's output is one of its Inputs: a model needs at least one layer")
