@@ -1549,9 +1549,15 @@ def test_import_pads_are_refused_naming_the_pad(tt, tmp_path):
     ConstantOfShape, the first node on the way)."""
     nn = tt.nn
     cases = [(nn.Sequential(nn.ZeroPad2d(1), nn.Conv2d(3, 4, 3)), r"Pad '.*' \(mode 'constant'\) has no mpscy layer: "
-              r"give the padding to the convolution or pool after it \(torch's padding=, not nn\.ZeroPad2d\)"),
+              r"a convolution after it can take these zeros as its own padding= \(torch's padding=, not "
+              r"nn\.ZeroPad2d\); a pool's padding is not zeros"),
              (nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")),
-              r"Pad '.*' \(mode 'reflect'\) has no mpscy layer: reflect padding is not supported")]
+              r"Pad '.*' \(mode 'reflect'\) has no mpscy layer: reflect padding is not supported"),
+             (nn.Sequential(nn.ConstantPad2d(1, 3.0), nn.Conv2d(3, 4, 3)),
+              r"Pad '.*' \(mode 'constant'\) has no mpscy layer: padding with 3, not 0, is not supported"),
+             (nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(3, 4, 3)),
+              r"Pad '.*' \(mode 'constant'\) has no mpscy layer: pads \[0, 0, 0, 0, 0, 0, 1, 1\] differ between "
+              r"the two sides of an axis")]
     for k, (net, match) in enumerate(cases):
         path = str(tmp_path / f"pad{k}.onnx")
         _torch_export(net, tt.randn(2, 3, 8, 8), path, 17)

@@ -153,8 +153,17 @@ def _pad(r, node, args, attrs):
     """Refused by name (torch's nn.ZeroPad2d and padding_mode= of a Conv2d export as Pad, its pads
     computed through ConstantOfShape, Concat, Slice and Transpose of constants)."""
     mode = _text(attrs, "mode", "constant")
-    hint = ("give the padding to the convolution or pool after it (torch's padding=, not nn.ZeroPad2d)"
-            if mode == "constant" else f"{mode} padding is not supported")
+    pads = args[1].value.reshape(-1) if len(args) > 1 and isinstance(args[1], Const) else None
+    value = args[2].value.reshape(-1) if len(args) > 2 and isinstance(args[2], Const) else np.zeros(1)
+    if mode != "constant":
+        hint = f"{mode} padding is not supported"
+    elif value.size and value[0] != 0:
+        hint = f"padding with {value[0]:g}, not 0, is not supported"
+    elif pads is not None and (pads.size % 2 or any(pads[i] != pads[i + pads.size // 2] for i in range(pads.size // 2))):
+        hint = f"pads {pads.tolist()} differ between the two sides of an axis, which no mpscy layer's padding does"
+    else:
+        hint = ("a convolution after it can take these zeros as its own padding= (torch's padding=, not "
+                "nn.ZeroPad2d); a pool's padding is not zeros")
     raise UnsupportedError(f"Pad {node.name!r} (mode {mode!r}) has no mpscy layer: {hint}")
 
 
