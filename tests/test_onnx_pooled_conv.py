@@ -48,3 +48,28 @@ def test_conv_after_global_pool_imports(pool):
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
     kinds = [type(layer).__name__ for layer in engine.model.layers]
     assert kinds == ["Conv2D", "ReLU", "GlobalAvgPool2D", "Reshape", "Conv2D", "ReLU", "Conv2D", "Flatten"]
+
+
+@pytest.mark.parametrize("act", ["Relu", "Sigmoid"])
+def test_conv_after_global_pool_and_an_activation_imports(act):
+    """A global pool, an activation, then a 1x1 convolution (a squeeze-and-excitation branch's
+    first half, NiN's head with a ReLU between): the pooled value keeps ONNX's (N, C, 1, 1)
+    through the activation, so the convolution reads it; onnxruntime is the reference."""
+    rng = np.random.default_rng(2)
+    w1 = rng.standard_normal((6, 3, 3, 3)).astype(np.float32)
+    w2 = rng.standard_normal((4, 6, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="c1", pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["c1"], ["p"], name="p"),
+             helper.make_node(act, ["p"], ["a"], name="a"),
+             helper.make_node("Conv", ["a", "w2"], ["c2"], name="c2"),
+             helper.make_node("Flatten", ["c2"], ["y"], name="f")]
+    graph = helper.make_graph(
+        nodes, "se", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 7, 7])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        initializer=[numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(proto, full_check=True)
+    x = rng.standard_normal((5, 3, 7, 7)).astype(np.float32)
+    ref = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
+    out = mpscy.onnx.load(proto, batch_size=4, device="cpu").predict(x)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)

@@ -32,6 +32,11 @@ from ..errors import InvalidArgumentError, ShapeError, UnsupportedError
 from ..model import Input, Model
 from . import onnx_modules
 
+# one-input layers that keep their input's shape: a global pool's (N, C, 1, 1) to ONNX passes
+# through them
+_ELEMENTWISE = (L.ReLU, L.LeakyReLU, L.ELU, L.ReLU6, L.Hardswish, L.Mish, L.GELU, L.Sigmoid, L.Tanh,
+                L.Hardsigmoid, L.Softplus, L.Swish)
+
 
 # ----------------------------------------------------------------------------- symbolic values
 class Const:
@@ -143,7 +148,10 @@ class _Reader:
             raise UnsupportedError(f"ONNX import: {self._at()}{cls.__name__} cannot take it: {e}") from None
         for suffix, arr in (params or {}).items():
             self.params[f"{name}.{suffix}"] = np.ascontiguousarray(arr, dtype=np.float32)
-        return Sym(out)
+        sym = Sym(out)
+        if len(args) == 1 and getattr(args[0], "squeezed", False) and cls in _ELEMENTWISE:
+            sym.squeezed = True  # still ONNX's (N, C, 1, 1) of a global pool, as a 1x1 Conv after it reads it
+        return sym
 
     def tensor(self, v):
         """The mpscy tensor of a value, turning a pending expression into layers."""

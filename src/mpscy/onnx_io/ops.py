@@ -36,6 +36,9 @@ def _image(r, x):
     """x as an (N, C, H, W) image for a layer that reads one: a GlobalAveragePool's (or kept-dims
     ReduceMean's) output, (N, C, 1, 1) to ONNX but (N, C) to mpscy, through a Reshape to (C, 1, 1)
     (a 1x1 convolution after the pool, as NiN's and SqueezeNet's heads and SE blocks have)."""
+    if isinstance(x, Expr):  # a pending activation of the pooled value (a sigmoid): its layer now
+        r.tensor(x)
+        x = x.cached
     if not getattr(x, "squeezed", False):
         return x
     if getattr(x, "image", None) is None:
