@@ -1555,6 +1555,8 @@ def test_import_pads_are_refused_naming_the_pad(tt, tmp_path):
               r"Pad '.*' \(mode 'reflect'\) has no mpscy layer: reflect padding is not supported"),
              (nn.Sequential(nn.ConstantPad2d(1, 3.0), nn.Conv2d(3, 4, 3)),
               r"Pad '.*' \(mode 'constant'\) has no mpscy layer: padding with 3, not 0, is not supported"),
+             (nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular")),
+              r"Slice '.*' on tensors is not supported \(torch's padding_mode=\"circular\""),
              (nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(3, 4, 3)),
               r"Pad '.*' \(mode 'constant'\) has no mpscy layer: pads \[0, 0, 0, 0, 0, 0, 1, 1\] differ between "
               r"the two sides of an axis")]

@@ -186,7 +186,8 @@ def _slice(r, node, args, attrs):
     and the channels, and concatenates the new H and W) or of a constant; not of a tensor."""
     data = args[0]
     if not isinstance(data, (ShapeVec, Const)):
-        raise UnsupportedError(f"Slice {node.name!r} on tensors is not supported")
+        raise UnsupportedError(f"Slice {node.name!r} on tensors is not supported (torch's "
+                               "padding_mode=\"circular\" and tensor indexing such as x[:, :, 1:] export as one)")
 
     def ints(k, default):
         if len(node.input) > k and node.input[k]:
