@@ -19,6 +19,34 @@ _T0 = time.time()
 COUNTS = {"PASS": 0, "FAIL": 0, "EXC": 0}
 
 
+class TMLP(torch.nn.Module):
+    """torch's i-h-h-k MLP with ReLUs, its layers named as mmlp's (fc1, fc2, fc3)."""
+
+    def __init__(self, i, h, k):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = torch.nn.Linear(i, h), torch.nn.Linear(h, h), torch.nn.Linear(h, k)
+
+    def forward(self, x):
+        relu = torch.nn.functional.relu
+        return self.fc3(relu(self.fc2(relu(self.fc1(x)))))
+
+
+def mmlp(i, h, k):
+    """mpscy's TMLP."""
+    return mpscy.Sequential([L.Dense(h, name="fc1"), L.ReLU(), L.Dense(h, name="fc2"), L.ReLU(), L.Dense(k, name="fc3")],
+                            input_shape=(i,))
+
+
+def torch_step(net, opt, x, y):
+    """One cross-entropy step of torch's on TDEV over NumPy x and labels y; its loss as a float."""
+    opt.zero_grad()
+    loss = torch.nn.functional.cross_entropy(net(torch.from_numpy(x).to(TDEV)),
+                                             torch.from_numpy(np.asarray(y, np.int64)).to(TDEV))
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
 def rel(a, b):
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)

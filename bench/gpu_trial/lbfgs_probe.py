@@ -9,20 +9,6 @@ import torch.nn.functional as F
 rng = np.random.default_rng(4)
 
 
-class TMLP(nn.Module):
-    def __init__(self, i, h, k):
-        super().__init__()
-        self.fc1, self.fc2, self.fc3 = nn.Linear(i, h), nn.Linear(h, h), nn.Linear(h, k)
-
-    def forward(self, x):
-        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
-
-
-def mmlp():
-    return mpscy.Sequential([L.Dense(32, name="fc1"), L.ReLU(), L.Dense(32, name="fc2"), L.ReLU(),
-                             L.Dense(3, name="fc3")], input_shape=(20,))
-
-
 torch.manual_seed(0)
 net = TMLP(20, 32, 3)
 sd = {k: v.numpy().copy() for k, v in net.state_dict().items()}
@@ -46,7 +32,7 @@ def torch_run(dtype, dev, iters, steps, ls):
 
 
 def mp_run(dev, iters, steps, ls):
-    e = mpscy.Engine(mmlp(), optimizer=optim.LBFGS(lr=1, max_iter=iters, history_size=5, line_search_fn=ls),
+    e = mpscy.Engine(mmlp(20, 32, 3), optimizer=optim.LBFGS(lr=1, max_iter=iters, history_size=5, line_search_fn=ls),
                      batch_size=64, device=dev)
     e.set_parameters(sd)
     for _ in range(steps):
@@ -58,7 +44,7 @@ def fro(a, b):
     return max(float(np.linalg.norm(np.asarray(a[k], np.float64) - b[k]) / np.linalg.norm(b[k])) for k in b)
 
 
-g = {d: mpscy.Engine(mmlp(), optimizer=optim.SGD(0.1), batch_size=64, device=d) for d in ("cpu", DEV)}
+g = {d: mpscy.Engine(mmlp(20, 32, 3), optimizer=optim.SGD(0.1), batch_size=64, device=d) for d in ("cpu", DEV)}
 for e in g.values():
     e.set_parameters(sd)
 gc, gd = g["cpu"].gradients(xb, yb), g[DEV].gradients(xb, yb)

@@ -26,20 +26,12 @@ def mcnn():
                             input_shape=(3, 16, 16))
 
 
-class TMLP(nn.Module):
-    def __init__(self, i=100, h=64, k=10):
-        super().__init__()
-        self.fc1 = nn.Linear(i, h)
-        self.fc2 = nn.Linear(h, h)
-        self.fc3 = nn.Linear(h, k)
-
-    def forward(self, x):
-        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+def tmlp():
+    return TMLP(100, 64, 10)
 
 
-def mmlp(i=100, h=64, k=10):
-    return mpscy.Sequential([L.Dense(h, name="fc1"), L.ReLU(), L.Dense(h, name="fc2"), L.ReLU(), L.Dense(k, name="fc3")],
-                            input_shape=(i,))
+def mlp():
+    return mmlp(100, 64, 10)
 
 
 def torch_pair(tnet_cls, mk, built, opt="adam", seed=0, **kw):
@@ -58,21 +50,13 @@ def torch_pair(tnet_cls, mk, built, opt="adam", seed=0, **kw):
     return net, topt, e
 
 
-def tstep(net, topt, xb, yb):
-    topt.zero_grad()
-    loss = F.cross_entropy(net(torch.from_numpy(xb).to(TDEV)), torch.from_numpy(yb.astype(np.int64)).to(TDEV))
-    loss.backward()
-    topt.step()
-    return loss.item()
-
-
 def run_sizes(name, tnet_cls, mk, shape, built, sizes, opt="adam"):
     net, topt, e = torch_pair(tnet_cls, mk, built, opt)
     worst = 0.0
     for n in sizes:
         xb = rng.standard_normal((n,) + shape).astype(np.float32)
         yb = rng.integers(0, 10, n).astype(np.int32)
-        lt = tstep(net, topt, xb, yb)
+        lt = torch_step(net, topt, xb, yb)
         r = e.step(xb, yb)
         worst = max(worst, abs(r.loss - lt) / abs(lt))
         assert r.batch_size == n, (r.batch_size, n)
@@ -83,19 +67,19 @@ def run_sizes(name, tnet_cls, mk, shape, built, sizes, opt="adam"):
 
 @case
 def mlp_partial_batches():
-    run_sizes("MLP b32 (one-kernel path)", TMLP, mmlp, (100,), 32, [32, 1, 7, 31, 32, 13, 2, 32])
+    run_sizes("MLP b32 (one-kernel path)", tmlp, mlp, (100,), 32, [32, 1, 7, 31, 32, 13, 2, 32])
 
 
 @case
 def mlp_batch1_engine():
-    run_sizes("MLP built b1", TMLP, mmlp, (100,), 1, [1] * 6, opt="sgd")
+    run_sizes("MLP built b1", tmlp, mlp, (100,), 1, [1] * 6, opt="sgd")
 
 
 @case
 def mlp_prime_and_big():
-    run_sizes("MLP built b97", TMLP, mmlp, (100,), 97, [97, 53, 97, 1])
-    run_sizes("MLP built b257 (past one-kernel limit)", TMLP, mmlp, (100,), 257, [257, 256, 100])
-    run_sizes("MLP built b1000", TMLP, mmlp, (100,), 1000, [1000, 999, 3])
+    run_sizes("MLP built b97", tmlp, mlp, (100,), 97, [97, 53, 97, 1])
+    run_sizes("MLP built b257 (past one-kernel limit)", tmlp, mlp, (100,), 257, [257, 256, 100])
+    run_sizes("MLP built b1000", tmlp, mlp, (100,), 1000, [1000, 999, 3])
 
 
 @case
@@ -165,7 +149,7 @@ def cnn_large_predict_evaluate():
 
 @case
 def evaluate_partial_last_batch():
-    net, topt, e = torch_pair(TMLP, mmlp, 32)
+    net, topt, e = torch_pair(tmlp, mlp, 32)
     xb = rng.standard_normal((1001, 100)).astype(np.float32)
     yb = rng.integers(0, 10, 1001)
     net.eval()
@@ -180,15 +164,12 @@ def evaluate_partial_last_batch():
 @case
 def large_deferred_input_steps():
     """batches >= 64 KiB are staged while the step runs: big MLP input, compare with torch"""
-    class Big(TMLP):
-        def __init__(self):
-            super().__init__(i=3072, h=256, k=10)
-    net, topt, e = torch_pair(Big, lambda: mmlp(3072, 256, 10), 128)
+    net, topt, e = torch_pair(lambda: TMLP(3072, 256, 10), lambda: mmlp(3072, 256, 10), 128)
     worst = 0.0
     for n in (128, 128, 77, 128, 6, 128):
         xb = rng.standard_normal((n, 3072)).astype(np.float32)
         yb = rng.integers(0, 10, n)
-        lt = tstep(net, topt, xb, yb)
+        lt = torch_step(net, topt, xb, yb)
         r = e.step(xb, yb)
         worst = max(worst, abs(r.loss - lt) / lt)
     check("deferred-staging MLP 3072 in: losses == torch", worst < 1e-4, f"worst {worst:.2e}")

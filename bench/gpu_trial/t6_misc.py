@@ -8,21 +8,6 @@ TMP = pathlib.Path(tempfile.mkdtemp())
 rng = np.random.default_rng(4)
 
 
-class TMLP(nn.Module):
-    def __init__(self, i=256, h=512, k=10):
-        super().__init__()
-        self.fc1 = nn.Linear(i, h)
-        self.fc2 = nn.Linear(h, h)
-        self.fc3 = nn.Linear(h, k)
-
-    def forward(self, x):
-        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
-
-
-def mmlp(i=256, h=512, k=10):
-    return mpscy.Sequential([L.Dense(h, name="fc1"), L.ReLU(), L.Dense(h, name="fc2"), L.ReLU(), L.Dense(k, name="fc3")], input_shape=(i,))
-
-
 def mcnn():
     return mpscy.Sequential([L.Conv2D(32, 3, padding=1, name="c1"), L.ReLU(), L.Conv2D(64, 3, padding=1, name="c2"), L.ReLU(),
                              L.MaxPool2D(2), L.Flatten(), L.Dense(10, name="fc")], input_shape=(16, 16, 16))
@@ -42,7 +27,8 @@ class TCNN(nn.Module):
 @case
 def tf32_accuracy():
     for nm, tcls, mk, shape, b in (("small MLP 64-128-128-10 b32 (one-kernel)", lambda: TMLP(64, 128, 10), lambda: mmlp(64, 128, 10), (64,), 32),
-                                    ("MLP 256-512-512-10 b64", TMLP, mmlp, (256,), 64), ("MLP b512 (cuBLASLt)", TMLP, mmlp, (256,), 512),
+                                    ("MLP 256-512-512-10 b64", lambda: TMLP(256, 512, 10), lambda: mmlp(256, 512, 10), (256,), 64),
+                                    ("MLP b512 (cuBLASLt)", lambda: TMLP(256, 512, 10), lambda: mmlp(256, 512, 10), (256,), 512),
                                     ("CNN 16ch", TCNN, mcnn, (16, 16, 16), 32)):
         torch.manual_seed(0)
         net = tcls()

@@ -35,17 +35,10 @@ def cnn_step_and_predict():
     x = rng.standard_normal((b, 3, 32, 32)).astype(np.float32)
     y = rng.integers(0, 10, b)
 
-    def tstep():
-        opt.zero_grad()
-        l = F.cross_entropy(net(torch.from_numpy(x).to(TDEV)), torch.from_numpy(y).to(TDEV))
-        l.backward()
-        opt.step()
-        return l.item()
-
     def mstep():
         return e.step(x, y).loss
     n = 30 if TDEV == "cuda" else 3
-    info(f"CNN b128 train step: mpscy {bench(mstep, n):.0f} us, torch eager {bench(tstep, n):.0f} us")
+    info(f"CNN b128 train step: mpscy {bench(mstep, n):.0f} us, torch eager {bench(lambda: torch_step(net, opt, x, y), n):.0f} us")
     xb = rng.standard_normal((10000, 3, 32, 32)).astype(np.float32)
 
     def tpred():
@@ -67,13 +60,7 @@ def mlp_wide():
     net = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)).to(TDEV)
     opt = torch.optim.Adam(net.parameters(), 1e-3)
 
-    def tstep():
-        opt.zero_grad()
-        l = F.cross_entropy(net(torch.from_numpy(x).to(TDEV)), torch.from_numpy(y).to(TDEV))
-        l.backward()
-        opt.step()
-        return l.item()
-    info(f"MLP 784-1024-1024-10 b1024 step: mpscy {t_m:.0f} us, torch eager {bench(tstep, n):.0f} us")
+    info(f"MLP 784-1024-1024-10 b1024 step: mpscy {t_m:.0f} us, torch eager {bench(lambda: torch_step(net, opt, x, y), n):.0f} us")
     # fit throughput on 60000 rows
     xs = rng.standard_normal((60000, 784)).astype(np.float32)
     ys = rng.integers(0, 10, 60000)
