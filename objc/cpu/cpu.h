@@ -93,16 +93,12 @@ static inline double cpu_lanes_total(const double *acc) {
     return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
-/* Row-major sgemm split over the pool: c (m, n) = alpha op(a) op(b) + beta c. cpu_gemm_as with
- * packed CPU_GEMM_PACKED: a b^T (ta 0, tb 1) with every part in gemm.c's packed panels
- * (gemm512_ntp) when it has CPU_GEMM_OWN too, in BLAS when not, whatever a part's size; the form
- * a Dense forward takes in graphs built for cpu_nt_pack_rows() rows or more
- * ($MPSCY_CPU_NT_PACK, read once: those rows, 64 by default; 0 never) */
+/* Row-major sgemm split over the pool: c (m, n) = alpha op(a) op(b) + beta c. form 0: each part
+ * in gemm.c's kernels or BLAS by its size; CPU_GEMM_PACKED (a b^T, ta 0, tb 1): every part in
+ * gemm.c's packed panels (gemm512_ntp) with CPU_GEMM_OWN too, in BLAS without, whatever a part's
+ * size (a Dense forward's form in a graph of many rows, dense.c). */
 void cpu_gemm(cpu_pool *p, int ta, int tb, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
-              int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc);
-void cpu_gemm_as(cpu_pool *p, int ta, int tb, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
-                 int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc, int packed);
-int64_t cpu_nt_pack_rows(void);
+              int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc, int form);
 
 typedef struct cpu_graph {
     struct mpscy_graph_ base;

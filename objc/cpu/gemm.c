@@ -17,7 +17,7 @@
  * tree. Its bits therefore depend on neither the blocking of rows and columns nor the thread
  * that computes it. Where these kernels do not run (no AVX-512 with FMA, another
  * architecture, $MPSCY_CPU_GEMM=0: read once per process, fewer than 32 columns, or a
- * B^T product over k < 256) cpu_sgemm calls BLAS. */
+ * B^T product over k < 256 not marked packed) cpu_sgemm calls BLAS. */
 #include "cpu.h"
 #include "blas.h"
 
@@ -232,8 +232,8 @@ __attribute__((target("avx512f,fma"))) static void gemm512_ntp(int64_t m, int64_
 #endif
 
 /* C (m, n) = A (m, k) B (n, k)^T [+ C]; 0, having done nothing, where these kernels do not run.
- * packed: gemm512_ntp's form (the caller's choice, from the whole product's rows, so that a
- * product's bits do not depend on how its rows are split over threads) */
+ * packed: gemm512_ntp's form (the caller's choice, for the whole product, so that its bits do not
+ * depend on how its rows are split over threads) */
 static int fma_gemm_nt(int64_t m, int64_t n, int64_t k, const float *a, int64_t lda, const float *b, int64_t ldb,
                        float *c, int64_t ldc, int accumulate, int packed) {
 #ifdef GEMM_X86

@@ -6,9 +6,6 @@
 #include "cpu.h"
 #include "blas.h"
 
-#include <stdint.h>
-#include <stdlib.h>
-
 int cpu_pool_create(mpscy_device dev, int32_t threads, cpu_pool **out) {
     mpscy_blas_set_threads(1);  /* all parallelism is ours, with or without a pool */
     return mpscy_pool_create(&dev->stats, threads, out);
@@ -17,7 +14,7 @@ int cpu_pool_create(mpscy_device dev, int32_t threads, cpu_pool **out) {
 /* ------------------------------------------------------------------ GEMM over the pool */
 
 typedef struct gemm_job {
-    int ta, tb, packed;
+    int ta, tb, form;
     int64_t m, n, k, lda, ldb, ldc;
     float alpha, beta;
     const float *a, *b;
@@ -30,16 +27,6 @@ typedef struct gemm_job {
  * block for the caches. */
 #define FMA_MOST ((int64_t)1 << 25)
 
-int64_t cpu_nt_pack_rows(void) {
-    static volatile int64_t rows = -1;  /* a race writes the same value */
-    if (rows < 0) {
-        const char *e = getenv("MPSCY_CPU_NT_PACK");
-        rows = e ? atoll(e) : 64;
-        if (rows <= 0) rows = INT64_MAX;
-    }
-    return rows;
-}
-
 static void gemm_part(void *ctx, int32_t t, int32_t nt) {
     const gemm_job *j = ctx;
     /* packed A B^T (the caller's form, CPU_GEMM_PACKED with or without CPU_GEMM_OWN, the same for
@@ -47,7 +34,7 @@ static void gemm_part(void *ctx, int32_t t, int32_t nt) {
      * of A, each part packing every panel of B^T for its own rows (by B's rows, two parts packing
      * half the panels each: 342-358 us against 289-302 for the predict of a 784-128-64-10 MLP at
      * 256 rows on 2 cores) */
-    const int packed = !j->ta && j->tb && (j->packed & CPU_GEMM_PACKED);
+    const int packed = !j->ta && j->tb && (j->form & CPU_GEMM_PACKED);
     int split_m = packed || j->m >= j->n;
     int64_t lo, hi, total = split_m ? j->m : j->n, align = total >= 16 * nt ? 16 : 1;
     cpu_split(total / align, t, nt, &lo, &hi);
@@ -67,18 +54,13 @@ static void gemm_part(void *ctx, int32_t t, int32_t nt) {
         n = hi - lo;
     }
     cpu_sgemm(j->ta, j->tb, m, n, j->k, j->alpha, a, j->lda, b, j->ldb, j->beta, c, j->ldc,
-              (packed ? j->packed : m * n * j->k <= FMA_MOST ? CPU_GEMM_OWN : 0));
-}
-
-void cpu_gemm_as(cpu_pool *p, int ta, int tb, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
-                 int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc, int packed) {
-    // c (m, n) row-major = alpha op(a) op(b) + beta c; op(a) (m, k), op(b) (k, n)
-    gemm_job j = {ta, tb, packed, m, n, k, lda, ldb, ldc, alpha, beta, a, b, c};
-    if (!p || mpscy_pool_in_region() || m * n * k < (int64_t)1 << 18) gemm_part(&j, 0, 1);
-    else cpu_parallel(p, gemm_part, &j);
+              (packed ? j->form : m * n * j->k <= FMA_MOST ? CPU_GEMM_OWN : 0));
 }
 
 void cpu_gemm(cpu_pool *p, int ta, int tb, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
-              int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc) {
-    cpu_gemm_as(p, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, 0);
+              int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc, int form) {
+    // c (m, n) row-major = alpha op(a) op(b) + beta c; op(a) (m, k), op(b) (k, n)
+    gemm_job j = {ta, tb, form, m, n, k, lda, ldb, ldc, alpha, beta, a, b, c};
+    if (!p || mpscy_pool_in_region() || m * n * k < (int64_t)1 << 18) gemm_part(&j, 0, 1);
+    else cpu_parallel(p, gemm_part, &j);
 }
