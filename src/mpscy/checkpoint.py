@@ -297,8 +297,9 @@ def read(path):
 def _fit_position(engine):
     """Where fit is within the engine's epoch when a callback (or another thread) saves inside it:
     the batches done, what they depend on (batch size, shuffling) and the epoch's sums so far
-    (training.fit's record). Outside fit, the position a load or restore brought that no fit has
-    taken yet (a loaded mid-epoch engine saved again keeps it); else None."""
+    (training.fit's record). Outside fit and in its on_train_begin, the position a load or
+    restore brought that no fit has taken yet (a loaded mid-epoch engine saved again keeps it);
+    else None."""
     position = getattr(engine, "_fit_position", None)
     if position is not None:
         return position()

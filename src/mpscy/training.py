@@ -184,17 +184,13 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
     progress = _Progress(verbose, epochs)
     step = engine.step
     trained = False  # until a step is applied, a failure puts `previous` back
-    inside, begun, done = False, False, 0
+    inside, done = False, 0
     seen = loss_sum = counted = acc_sum = has_acc = void = lr_used = None
     pending = getattr(engine, "_resume_position", None)
 
     def position():
         # where a save inside an epoch is (checkpoint.save asks): its batches done and its sums so
-        # far, so that a fit resumed from it passes over those batches and logs the epoch's means;
-        # before this fit's first epoch (on_train_begin) the engine is as loaded, its position too
-        if not begun:
-            return None if pending is None or pending["epoch"] != engine.epoch else \
-                {k: v for k, v in pending.items() if k != "epoch"}
+        # far, so that a fit resumed from it passes over those batches and logs the epoch's means
         if not inside or done == 0:
             return None
         return {**record, "batches": done, "rows": seen, "counted": counted, "loss_sum": loss_sum,
@@ -204,12 +200,13 @@ def fit(engine, x=None, y=None, epochs=1, batch_size=None, validation_data=None,
     try:
         engine.stop_training = False
         engine.history = history  # callbacks see it from on_train_begin on, as in Keras
+        # a save from on_train_begin finds the engine as loaded, its pending position too
+        # (checkpoint._fit_position); from then on the position is this fit's
+        cbs.call("on_train_begin", {})
         if runs:
             engine._resume_position = None   # taken by this fit (or passed over, with a warning)
         engine._fit_position = position
-        cbs.call("on_train_begin", {})
         for epoch in range(initial_epoch, epochs):
-            begun = True
             seen, loss_sum, counted, acc_sum, has_acc, done, void = 0, 0.0, 0, 0.0, False, 0, 0
             carried = resumed is not None and epoch == initial_epoch   # the saved epoch, after its batch skip - 1
             if carried:

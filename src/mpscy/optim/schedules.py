@@ -264,8 +264,9 @@ class MultiStepLR(Schedule):
         self._start()
 
     def lr_at(self, epoch):
+        # a negative milestone (kept as given, in a state_dict too) is never passed
         passed = bisect.bisect_right(self.milestones, epoch) - bisect.bisect_left(self.milestones, 0)
-        return _decayed(self.base_lr, self.gamma, max(passed, 0))
+        return _decayed(self.base_lr, self.gamma, passed)
 
 
 class ExponentialLR(Schedule):
