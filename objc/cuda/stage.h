@@ -33,10 +33,11 @@ int cu_stage_stream(void);
 
 /* Copies n floats src -> dst in pieces of `piece` floats claimed by the pool's threads (NULL: the
  * caller alone), with non-temporal stores where `stream` is set; when flags is given, stores seq
- * into flags[p] as piece p lands (release order: its floats are visible first), with CU_STAGE_BAD set when the piece held a NaN or Inf. With
- * hook, whichever thread starts first runs hook(arg) before any piece (the launch of the graph
- * that waits on the flags, so that the other threads stage while it is launched) and its return
- * value lands in *hook_status. Returns the index of the first NaN or Inf of src, or -1. */
+ * into flags[p] as piece p lands (release order: its floats are visible first), with
+ * CU_STAGE_BAD set when the piece held a NaN or Inf. With hook, whichever thread starts first
+ * runs hook(arg) before any piece (the launch of the graph that waits on the flags, so that the
+ * other threads stage while it is launched) and its return value lands in *hook_status. Returns
+ * the index of the first NaN or Inf of src, or -1. */
 int64_t cu_stage_pieces(mpscy_pool *pool, float *dst, const float *src, int64_t n, int64_t piece, uint32_t *flags,
                         uint32_t seq, int stream, int (*hook)(void *), void *arg, int *hook_status);
 
