@@ -369,6 +369,11 @@ cdef class Graph:
             rows = self._stage_one(x[k], k, rows, f"x[{k}]")
         return rows
 
+    cdef bint _one_hot(self, Py_buffer *v):
+        """Whether labels refused are shaped as one row of class scores a sample: one-hot (Keras's
+        to_categorical) or soft targets (asked on the error paths only)."""
+        return self.label_rank == 0 and v.ndim == 2 and v.shape[1] == self.classes and self.classes > 1
+
     cdef int _target(self, object y, Py_ssize_t rows, str what, Py_ssize_t row0, void *dst) except -1:
         """y's rules for `rows` rows of x: labels int32/int64 (n,) in [0, classes), or dense
         float32 targets shaped like the output (or (n,) for one output), finite, and in [0, 1] for
@@ -385,8 +390,7 @@ cdef class Graph:
             if not self.target_dense:
                 if kind != K_I32 and kind != K_I64:
                     floats = kind == K_F32 or _dtype_name(y) in ("float64", "float16")
-                    if floats and self.label_rank == 0 and v.ndim == 2 and v.shape[1] == self.classes > 1:
-                        # one row of class scores a sample: one-hot (Keras's to_categorical) or soft
+                    if floats and self._one_hot(&v):
                         hint = (f" ({what} looks one-hot, a row of {self.classes} class scores a sample: "
                                 f"{what}.argmax(1) gives its labels, or loss=\"cross_entropy\" takes "
                                 "probabilities as targets)")
@@ -402,11 +406,10 @@ cdef class Graph:
                 if not fits:
                     spatial = self.label_spatial
                     want = f"(n, {', '.join(map(str, spatial))})" if spatial else "(n,)"
-                    onehot = (not spatial and v.ndim == 2 and v.shape[1] == self.classes > 1)
                     raise _errors.ShapeError(f"{what} has shape {_shape_str(&v)}; labels must be shaped {want}"
                                              + (f", a class in [0, {self.classes}) at each position of the "
                                                 f"output's {self.output_shape}" if spatial else "")
-                                             + (f" (one-hot rows: {what}.argmax(1))" if onehot else ""))
+                                             + (f" (one-hot rows: {what}.argmax(1))" if self._one_hot(&v) else ""))
                 if v.shape[0] != rows:
                     raise _errors.ShapeError(f"{what} has {v.shape[0]} labels for {rows} rows of x")
                 if not _c_contiguous(&v):
