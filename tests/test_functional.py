@@ -157,6 +157,17 @@ def test_two_inputs_concatenated_features(device, rng):
     check(engine.gradients([xa, xb], t), loss, grads, [dhc[:, :4] @ pa["weight"], dhc[:, 4:] @ pb["weight"]])
     assert R.rel_err(engine.predict([xa, xb]), y) < 1e-5
     assert engine.step([xa, xb], t).batch_size == 4
+    # the wrong number of arrays is the same InvalidArgumentError from every call, fit's too, and
+    # changes nothing
+    before = engine.get_parameters()
+    calls = {"step": lambda x: engine.step(x, t), "predict": engine.predict, "gradients": lambda x: engine.gradients(x, t),
+             "evaluate": lambda x: engine.evaluate(x, t), "fit": lambda x: engine.fit(x, t, verbose=0)}
+    for name, call in calls.items():
+        for x in (xa, [xa], [xa, xb, xb]):
+            with pytest.raises(mpscy.InvalidArgumentError, match="this model has 2 inputs: pass x as a list of 2 arrays"):
+                call(x)
+    after = engine.get_parameters()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
 
 
 # ------------------------------------------------------------------ residual blocks

@@ -364,7 +364,8 @@ cdef class Graph:
         if self.n_inputs == 1:
             return self._stage_one(x, 0, -1, "x", defer and self.defers)
         if not isinstance(x, (list, tuple)) or len(x) != self.n_inputs:
-            raise _errors.DTypeError(f"this model has {self.n_inputs} inputs: pass x as a list of {self.n_inputs} arrays")
+            raise _errors.InvalidArgumentError(f"this model has {self.n_inputs} inputs: pass x as a list of {self.n_inputs} "
+                                               f"arrays")
         for k in range(self.n_inputs):
             rows = self._stage_one(x[k], k, rows, f"x[{k}]")
         return rows
