@@ -995,10 +995,12 @@ def test_conv_bias_gradient_over_many_positions_is_float64_close(device, rng, ki
 def test_torch_positional_arguments_past_mpscy_s_own_are_refused():
     """torch.nn.AvgPool2d's fourth positional argument is ceil_mode, nn.LeakyReLU's and nn.ELU's
     second inplace, nn.MaxPool2d's fourth dilation: given by position here they would land on
-    count_include_pad or the layer's name. AvgPool2D takes count_include_pad by keyword only, and a
-    name that is not a string is refused naming the cause."""
-    with pytest.raises(TypeError, match="positional"):
-        layers.AvgPool2D(3, 1, 1, False)
+    count_include_pad or the layer's name. AvgPool2D takes count_include_pad by keyword only (more
+    positional arguments are refused naming torch's ceil_mode), and a name that is not a string is
+    refused naming the cause."""
+    for extra in ((False,), (True, False)):
+        with pytest.raises(mpscy.InvalidArgumentError, match=rf"padding by position, got {len(extra)} more .*ceil_mode"):
+            layers.AvgPool2D(3, 1, 1, *extra)
     assert layers.AvgPool2D(3, 1, 1, count_include_pad=False).count_include_pad is False
     for make in (lambda: layers.LeakyReLU(0.2, True), lambda: layers.ELU(1.0, True), lambda: layers.MaxPool2D(3, 2, 1, 1)):
         with pytest.raises(mpscy.InvalidArgumentError, match=r"name must be a string, got (True|1): a PyTorch argument "

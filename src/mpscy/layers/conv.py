@@ -290,7 +290,12 @@ class AvgPool2D(_Pool2D):
     kind = "avgpool2d"
     prefix = "avgpool2d"
 
-    def __init__(self, pool_size, stride=None, padding=0, *, count_include_pad=True, name=None):
+    def __init__(self, pool_size, stride=None, padding=0, *torch_args, count_include_pad=True, name=None):
+        if torch_args:
+            raise InvalidArgumentError(
+                f"AvgPool2D takes pool_size, stride and padding by position, got {len(torch_args)} more "
+                f"({', '.join(map(repr, torch_args))}): torch.nn.AvgPool2d's fourth and fifth are ceil_mode "
+                f"(floor mode only here) and count_include_pad; pass count_include_pad and name by keyword")
         super().__init__(pool_size, stride, padding, name)
         self.count_include_pad = flag(count_include_pad, "count_include_pad")
 
