@@ -572,7 +572,7 @@ def test_a_failed_schedule_restore_leaves_the_rate_and_schedule(device, digits, 
 def test_load_keywords_and_a_missing_folder(device, saved, tmp_path):
     """load's keywords override the engine settings, never what the checkpoint is (model, loss,
     optimizer, seed: a clear error, not Python's "multiple values" TypeError); a missing folder
-    is named by the path asked for."""
+    is named as the folder that does not exist, before anything is written."""
     path, _ = saved
     engine = mpscy.load(path, device=device, clip_grad_norm=1.0, precision="fp32")
     assert engine.clip_grad_norm == 1.0
@@ -582,9 +582,9 @@ def test_load_keywords_and_a_missing_folder(device, saved, tmp_path):
     with pytest.raises(mpscy.InvalidArgumentError, match=r"load got unexpected keyword arguments \['foo'\]"):
         mpscy.load(path, device=device, foo=1)                 # not Engine's raw TypeError
     missing = tmp_path / "no_such_folder" / "x.mpscy"
-    with pytest.raises(FileNotFoundError) as info:
+    with pytest.raises(FileNotFoundError, match="the folder to write into does not exist") as info:
         engine.save(missing)
-    assert info.value.filename == str(missing) and ".tmp" not in str(info.value)
+    assert info.value.filename == str(missing.parent) and ".tmp" not in str(info.value)
     folder = tmp_path / "a_folder"
     folder.mkdir()
     with pytest.raises(IsADirectoryError) as info:
