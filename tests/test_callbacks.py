@@ -5,6 +5,7 @@ batch, and every option, path and file name refused before the first step."""
 import csv
 import os
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -263,6 +264,28 @@ def test_a_plateau_schedule_with_a_missing_monitor_warns_and_skips(device, digit
     with pytest.warns(RuntimeWarning, match="LearningRateScheduler: 'val_typo' is not in the logs"):
         lrs.fit(xtr[:64], ytr[:64], epochs=1, verbose=0, callbacks=[cb.LearningRateScheduler(sched, monitor="val_typo")])
     assert sched.last_epoch == 0
+
+
+def test_a_plateau_schedule_warns_when_its_mode_goes_against_the_monitored_key(device):
+    """ReduceLROnPlateau keeps torch's mode="min"; set to watch "val_accuracy" (or any key that
+    EarlyStopping's mode="auto" reads as one to maximize) it would cut the rate while the key
+    improves. set_schedule and LearningRateScheduler warn then, naming mode='max', and not for
+    a loss in mode "min" or an accuracy in mode "max"."""
+    engine = digits_engine(device, lr=0.1)
+    wrong = optim.schedules.ReduceLROnPlateau(engine, patience=0)
+    with pytest.warns(UserWarning, match=r"mode='min' but monitors 'val_accuracy'.*build the schedule with "
+                                         r"mode='max'") as caught:
+        engine.set_schedule(wrong, per="epoch", monitor="val_accuracy")
+    assert len(caught) == 1 and {w.filename for w in caught} == {__file__}
+    with pytest.warns(UserWarning, match=r"LearningRateScheduler: ReduceLROnPlateau is in mode='max' but monitors "
+                                         r"'val_loss'.*mode='min'"):
+        cb.LearningRateScheduler(optim.schedules.ReduceLROnPlateau(engine, mode="max"), monitor="val_loss")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine.set_schedule(optim.schedules.ReduceLROnPlateau(engine, mode="max"), monitor="val_accuracy")
+        engine.set_schedule(optim.schedules.ReduceLROnPlateau(engine), monitor="val_loss")
+        engine.set_schedule(optim.schedules.StepLR(engine, 1), monitor="val_accuracy")   # takes no metric
+        cb.LearningRateScheduler(optim.schedules.ReduceLROnPlateau(engine, mode="max"), monitor="val_auc")
 
 
 class _Score(cb.Callback):
