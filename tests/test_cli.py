@@ -51,6 +51,21 @@ def _digit_pngs(folder, x, y, per_class=None):
     return paths
 
 
+@pytest.mark.parametrize("opt, lr, line_search, least", [("lbfgs", "1", True, 0.8), ("adadelta", "1", False, 0.75),
+                                                        ("rmsprop", "0.01", False, 0.7)])
+def test_train_without_lr_takes_the_optimizer_s_own_default(opt, lr, line_search, least, capsys):
+    """Without --lr each optimizer runs at its own (torch's) default rate, not Adam's 1e-3, at which
+    L-BFGS and Adadelta learn nothing in an epoch (accuracy ~0.11-0.14); L-BFGS with its
+    strong-Wolfe line search (its full steps on 32-row batches reach NaN within the epoch). The
+    steps printed are the epoch's 45 batches, not L-BFGS's loss evaluations (403 before)."""
+    assert main(["train", "--optimizer", opt, "--epochs", "1", "--device", "cpu", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(rf"lr={lr}( \(strong-Wolfe line search\))?$", out.splitlines()[0]), out
+    assert ("strong-Wolfe" in out) == line_search
+    assert float(re.search(r"accuracy ([\d.]+)", out).group(1)) >= least, out
+    assert re.search(r"^trained 45 steps in ", out, re.M), out
+
+
 def test_train_save_onnx_plots_then_predict(device, tmp_path, capsys):
     ckpt, onnx_path, plots = tmp_path / "m.mpscy", tmp_path / "m.onnx", tmp_path / "plots"
     args = ["train", "--data", "digits", "--model", "mlp", "--epochs", "12", "--optimizer", "adam", "--lr", "2e-3",

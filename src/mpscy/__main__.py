@@ -230,13 +230,32 @@ def train(args):
     _check_train_args(args)
     source, (x_test, y_test), shape, classes, pre = _load_data(args)
     model = build_model(args.model, shape, len(classes))
-    opt = optimizers[args.optimizer.lower()](lr=args.lr)
+    cls = optimizers[args.optimizer.lower()]
+    # without --lr, the optimizer's own default rate (torch's); L-BFGS with its strong-Wolfe line
+    # search, without which its full steps on mini-batches diverge (NaN within an epoch on digits)
+    kwargs = {} if args.lr is None else {"lr": args.lr}
+    if cls.__name__ == "LBFGS":
+        kwargs["line_search_fn"] = "strong_wolfe"
+    opt = cls(**kwargs)
     engine = mpscy.Engine(model, loss="sparse_cross_entropy", optimizer=opt, batch_size=args.batch_size,
                           device=args.device, seed=args.seed)
     try:
         return _fit_and_report(args, engine, opt, source, x_test, y_test, classes, pre)
     finally:
         engine.close()
+
+
+def _step_counter():
+    from mpscy.callbacks import Callback
+
+    class StepCounter(Callback):
+        def __init__(self):
+            super().__init__()
+            self.steps = 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.steps += 1
+    return StepCounter()
 
 
 def _fit_and_report(args, engine, opt, source, x_test, y_test, classes, pre):
@@ -246,11 +265,12 @@ def _fit_and_report(args, engine, opt, source, x_test, y_test, classes, pre):
     n_train = len(source[0]) if isinstance(source, tuple) else len(source.dataset)
     print(f"mpscy {mpscy.__version__} on {engine.device}: {args.model} on {args.data} "
           f"({n_train} training, {len(x_test)} held-out samples, {len(classes)} classes), "
-          f"{type(opt).__name__} lr={args.lr}")
+          f"{type(opt).__name__} lr={opt.lr:g}" + (" (strong-Wolfe line search)" if type(opt).__name__ == "LBFGS" else ""))
     fit_args = (source,) if not isinstance(source, tuple) else source
+    counter = _step_counter()  # batches trained (engine.iterations counts L-BFGS's loss evaluations)
     start = time.perf_counter()
     history = engine.fit(*fit_args, epochs=args.epochs, validation_data=(x_test, y_test),
-                         verbose=0 if args.quiet else 1)
+                         verbose=0 if args.quiet else 1, callbacks=[counter])
     elapsed = time.perf_counter() - start
     outputs = engine.predict(x_test)
     _, pred, probs = metrics.classify_outputs(y_test, outputs, engine.loss)
@@ -263,7 +283,7 @@ def _fit_and_report(args, engine, opt, source, x_test, y_test, classes, pre):
     else:
         line += "  roc_auc n/a (a class is missing from the held-out set)"
     print(line)
-    print(f"trained {engine.iterations} steps in {elapsed:.2f} s")
+    print(f"trained {counter.steps} steps in {elapsed:.2f} s")
     return 0 if _write_outputs(args, engine, history, y_test, outputs, classes, pre) else EXIT_USER_ERROR
 
 
@@ -387,7 +407,10 @@ def parser():
     t.add_argument("--epochs", type=_at_least(1), default=20)
     t.add_argument("--batch-size", type=_at_least(1), default=32)
     t.add_argument("--optimizer", default="adam", help="an mpscy.optim class name, lower case (default adam)")
-    t.add_argument("--lr", type=_learning_rate, default=1e-3, help="learning rate (default 1e-3)")
+    t.add_argument("--lr", type=_learning_rate,
+                   help="learning rate (default: the optimizer's own, as in torch.optim: 1e-3 for adam and sgd, "
+                        "1e-2 for rmsprop and adagrad, 1.0 for adadelta and lbfgs; lbfgs runs with its strong-Wolfe line "
+                        "search)")
     t.add_argument("--device", choices=_DEVICES, default="auto", help="(default auto)")
     t.add_argument("--seed", type=_seed, default=0)
     t.add_argument("--test-fraction", type=_fraction, default=0.2, help="held-out fraction (default 0.2)")
