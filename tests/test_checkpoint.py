@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import struct
+import sys
 
 import numpy as np
 import pytest
@@ -637,6 +638,33 @@ def _rewrite(src, dst, header=None, desc=None):
     blob += b" " * (-len(blob) % 8)
     dst.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
     return dst
+
+
+def test_a_checkpoint_never_imports_the_modules_it_names(device, trained, tmp_path, monkeypatch):
+    """A checkpoint is data (safetensors, pickle-free): the module a loss, optimizer, layer or
+    schedule class is said to come from is looked up among the modules already imported (mpscy's
+    own aside), never imported, so a file cannot run a module's top-level code (its SHA-256 is no
+    guard: anyone can recompute it). Before, load imported any module named. A name that is not
+    a class, or a class that is not a schedule, is refused as a CheckpointError too."""
+    path = trained
+    marker = tmp_path / "imported"
+    (tmp_path / "ckpt_side_effect.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass Adam: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    edits = {"loss": _set("loss", "module", "ckpt_side_effect"), "optimizer": _set("optimizer", "module", "ckpt_side_effect"),
+             "layer": _set("model", "nodes", 1, "module", "ckpt_side_effect"), "schedule": _set("schedule", "module", "ckpt_side_effect")}
+    for what, edit in edits.items():
+        bad = _rewrite(path, tmp_path / f"{what}.mpscy", desc=edit)
+        with pytest.raises(mpscy.CheckpointError, match=r"ckpt_side_effect\.\w+ cannot be found; import the module that "
+                                                       r"defines it first \(a checkpoint never imports a module itself\)"):
+            mpscy.load(bad, device=device)
+    assert not marker.exists() and "ckpt_side_effect" not in sys.modules
+    for what, edit, msg in (("schedule", _at(("schedule",), lambda c, k: c[k].update(module="os", **{"class": "getcwd"})),
+                             r"os\.getcwd is not a class"),
+                            ("schedule", _at(("schedule",), lambda c, k: c[k].update(module="json", **{"class": "JSONDecoder"})),
+                             r"json\.JSONDecoder is not a schedule: it needs step\(\)"),
+                            ("loss", _set("loss", "module", "json"), r"json\.\w+ cannot be found")):
+        with pytest.raises(mpscy.CheckpointError, match=msg):
+            mpscy.load(_rewrite(path, tmp_path / f"{what}2.mpscy", desc=edit), device=device)
 
 
 def _at(path, change):

@@ -18,6 +18,7 @@ import importlib
 import inspect
 import json
 import os
+import sys
 
 import numpy as np
 
@@ -66,13 +67,24 @@ def _jsonable(v):
 
 
 def _class(module, name, base, what):
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
+    """The class a checkpoint names, looked up in a module already imported; only mpscy's own
+    modules are imported here. A checkpoint is data: loading one never runs the top-level code
+    of a module it names (a user's custom layer or loss needs its module imported first)."""
+    if not isinstance(module, str) or not isinstance(name, str):
+        raise CheckpointError(f"the checkpoint's {what} class is named by {module!r}.{name!r}, not by strings")
+    mod = sys.modules.get(module)
+    if mod is None and (module == __package__ or module.startswith(__package__ + ".")):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            mod = None
+    cls = getattr(mod, name, None) if mod is not None else None
+    if cls is None:
         raise CheckpointError(f"the checkpoint's {what} {module}.{name} cannot be found; import the module "
-                              "that defines it first") from None
-    if base is not None and not (isinstance(cls, type) and issubclass(cls, base)):
-        raise CheckpointError(f"{module}.{name} is not a {base.__name__}")
+                              "that defines it first" + (" (a checkpoint never imports a module itself)"
+                                                         if mod is None else ""))
+    if not isinstance(cls, type) or (base is not None and not issubclass(cls, base)):
+        raise CheckpointError(f"{module}.{name} is not a {base.__name__ if base is not None else 'class'}")
     return cls
 
 
@@ -189,6 +201,10 @@ def _build_schedule(engine, info):
     state_dict holds the attributes) it is created without __init__, given its attributes, its
     engine and its child schedules, and then load_state_dict(state) runs as usual."""
     cls = _class(info["module"], info["class"], None, "schedule")
+    if not callable(getattr(cls, "step", None)) or not (hasattr(cls, "from_state_dict") or
+                                                        callable(getattr(cls, "load_state_dict", None))):
+        raise CheckpointError(f"{info['module']}.{info['class']} is not a schedule: it needs step() and "
+                              f"load_state_dict() or from_state_dict()")
     state = _unjson(info["state"])
     if hasattr(cls, "from_state_dict"):
         return cls.from_state_dict(engine, state)
