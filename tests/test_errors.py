@@ -209,6 +209,23 @@ def test_set_parameters_validates_everything_first(device, case):
     assert_unchanged(engine, snap)
 
 
+def test_a_0d_value_is_not_taken_for_a_one_element_parameter(device):
+    """A 0-d value given for a parameter of shape (1,) is refused as torch's load_state_dict
+    refuses it (a size mismatch), not reshaped (NumPy's ascontiguousarray made it (1,)), and
+    the message says the shape given, (), not (1,); a 0-d x is named as such."""
+    engine = mpscy.Engine(mpscy.Sequential([layers.Dense(1)], input_shape=(3,)), loss="mse", batch_size=4,
+                          device=device)
+    before = engine.get_parameters()
+    for value in (np.float32(5.0), np.array(5.0)):
+        with pytest.raises(mpscy.ShapeError, match=r"^parameter 'dense_0.bias' has shape \(1,\), got \(\)$"):
+            engine.set_parameters({"dense_0.bias": value}, strict=False)
+    assert all(np.array_equal(v, before[k]) for k, v in engine.get_parameters().items())
+    engine.set_parameters({"dense_0.bias": np.array([5.0])}, strict=False)
+    assert engine.get_parameters()["dense_0.bias"].tolist() == [5.0]
+    with pytest.raises(mpscy.DTypeError, match=r"x must be a numpy array with a batch dimension, got a 0-d array"):
+        engine.predict(np.float32(1.0))
+
+
 def test_float64_values_past_float32_s_range_are_named_as_such(device):
     """1e300 in a float64 x or y is finite: the float32 cast would make it an Inf, reported as
     "NaN or Inf" after NumPy's overflow warning. It is refused as a value past float32's range,

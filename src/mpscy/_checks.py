@@ -35,9 +35,9 @@ def cast_floats(a, dtype, what, rows=False):
     """Array a as `dtype` in C order. A finite value past a narrower float type's range (1e300 in
     float64 for float32), which the cast would make an Inf later reported as "NaN or Inf", is
     refused as what it is, without NumPy's overflow warning; with rows, naming its row and the
-    type's largest value (a batch's form)."""
+    type's largest value (a batch's form). The shape is kept, a 0-d value's too."""
     with np.errstate(over="ignore"):
-        out = np.ascontiguousarray(a, dtype=dtype)
+        out = np.asarray(a, dtype=dtype, order="C")  # not ascontiguousarray: it makes a 0-d value (1,)
     if a.dtype.kind == "f" and out.dtype.kind == "f" and a.dtype.itemsize > out.dtype.itemsize and out.size:
         past = np.isinf(out) & np.isfinite(a)
         if past.any():

@@ -59,7 +59,8 @@ def _rows(x, n_inputs, what="x"):
     for a in arrays:
         shape = getattr(a, "shape", None)
         if shape is None or not isinstance(shape, tuple) or not shape:
-            raise DTypeError(f"{what} must be a numpy array with a batch dimension, got {type(a).__name__}")
+            got = "a 0-d array (a single value)" if isinstance(shape, tuple) else type(a).__name__
+            raise DTypeError(f"{what} must be a numpy array with a batch dimension, got {got}")
         shapes.append(shape[0])
     if len(set(shapes)) != 1:
         raise ShapeError(f"the inputs of {what} have different row counts: {shapes}")
