@@ -265,7 +265,7 @@ def _fit_and_report(args, engine, opt, source, x_test, y_test, classes, pre):
     n_train = len(source[0]) if isinstance(source, tuple) else len(source.dataset)
     print(f"mpscy {mpscy.__version__} on {engine.device}: {args.model} on {args.data} "
           f"({n_train} training, {len(x_test)} held-out samples, {len(classes)} classes), "
-          f"{type(opt).__name__} lr={opt.lr:g}" + (" (strong-Wolfe line search)" if type(opt).__name__ == "LBFGS" else ""))
+          f"{type(opt).__name__} lr={opt.lr:g}" + (" (strong-Wolfe line search)" if opt.kind == "lbfgs" else ""))
     fit_args = (source,) if not isinstance(source, tuple) else source
     counter = _step_counter()  # batches trained (engine.iterations counts L-BFGS's loss evaluations)
     start = time.perf_counter()
@@ -409,8 +409,8 @@ def parser():
     t.add_argument("--optimizer", default="adam", help="an mpscy.optim class name, lower case (default adam)")
     t.add_argument("--lr", type=_learning_rate,
                    help="learning rate (default: the optimizer's own, as in torch.optim: 1e-3 for adam and sgd, "
-                        "1e-2 for rmsprop and adagrad, 1.0 for adadelta and lbfgs; lbfgs runs with its strong-Wolfe line "
-                        "search)")
+                        "1e-2 for rmsprop and adagrad, 1.0 for adadelta and lbfgs; lbfgs runs with its "
+                        "strong-Wolfe line search)")
     t.add_argument("--device", choices=_DEVICES, default="auto", help="(default auto)")
     t.add_argument("--seed", type=_seed, default=0)
     t.add_argument("--test-fraction", type=_fraction, default=0.2, help="held-out fraction (default 0.2)")
