@@ -318,6 +318,13 @@ def test_unsupported_graphs_say_why(device):
     # each refusal names the node it is reading: by name, or by its output where it has none
     with pytest.raises(mpscy.UnsupportedError, match=r"operator Cos \(unnamed node, output 'y'\) is not supported"):
         mpscy.onnx.load(model([helper.make_node("Cos", ["x"], ["y"])]), device=device)
+    # an operator's own refusals too (they quoted an empty name: "Clip '' to ...")
+    with pytest.raises(mpscy.UnsupportedError, match=r"Clip \(unnamed, output 'y'\) to \[-1.0, 1.0\]: only \[0, 6\]"):
+        mpscy.onnx.load(model([helper.make_node("Clip", ["x", "lo", "hi"], ["y"])], [("lo", -1.0), ("hi", 1.0)]),
+                        device=device)
+    with pytest.raises(mpscy.UnsupportedError, match=r"Clip 'clamp' to \[-1.0, 1.0\]"):
+        mpscy.onnx.load(model([helper.make_node("Clip", ["x", "lo", "hi"], ["y"], name="clamp")],
+                              [("lo", -1.0), ("hi", 1.0)]), device=device)
     with pytest.raises(mpscy.UnsupportedError, match=r"^ONNX import: Mul node 'scale': multiplication by a non-scalar "
                                                      r"constant \(a per-channel scale, say\) has no mpscy layer"):
         mpscy.onnx.load(model([helper.make_node("Mul", ["x", "k"], ["y"], name="scale")], [("k", [1, 2, 3, 4])]),
@@ -471,6 +478,16 @@ def test_a_corrupt_file_is_an_mpscy_error(tmp_path):
         with pytest.raises(mpscy.InvalidArgumentError, match=r"the bytes given are not a valid ONNX model"):
             mpscy.onnx.read(raw)
     assert mpscy.onnx.read(good)[0].output_shape == (2,)
+    # an mpscy checkpoint (safetensors) given to the ONNX import is pointed to mpscy.load, as
+    # mpscy.load points an ONNX file to mpscy.onnx.load; garbage gets no such hint
+    eng.save(tmp_path / "model.mpscy")
+    hint = r"; it looks like a safetensors file \(an mpscy checkpoint\?\): read it with mpscy.load$"
+    for source in (tmp_path / "model.mpscy", str(tmp_path / "model.mpscy"), (tmp_path / "model.mpscy").read_bytes()):
+        with pytest.raises(mpscy.InvalidArgumentError, match=r"not a valid ONNX model .*" + hint):
+            mpscy.onnx.load(source)
+    with pytest.raises(mpscy.InvalidArgumentError) as info:
+        mpscy.onnx.read(str(tmp_path / "garbage.onnx"))
+    assert "safetensors" not in str(info.value)
     # neither a path, a file, bytes nor a model: an int was read as a file descriptor, None a TypeError
     for source, kind in ((None, "NoneType"), (5, "int"), (2.5, "float")):
         for fn in (mpscy.onnx.read, mpscy.onnx.load):

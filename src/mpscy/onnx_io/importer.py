@@ -183,7 +183,7 @@ class _Reader:
         (torch's nn.Linear on (N, ..., features)) is not one, and flattening would be wrong."""
         dims = self.onnx_dims(v)
         if dims is not None and len(dims) != 2:
-            raise UnsupportedError(f"{node.op_type} {node.name!r}: its input {node.input[0]!r} has rank {len(dims)} "
+            raise UnsupportedError(f"{node.op_type} {_shown(node)}: its input {node.input[0]!r} has rank {len(dims)} "
                                    f"({', '.join(map(str, dims))}); mpscy's Dense takes rank 2 (N, features) and no "
                                    "mpscy layer applies a matrix product over the last axis of a higher-rank tensor")
 
@@ -336,7 +336,7 @@ class _Reader:
     def const_of(self, name, node):
         v = self.get(name)
         if not isinstance(v, Const):
-            raise UnsupportedError(f"{node.op_type} node {node.name!r}: input {name!r} must be a constant")
+            raise UnsupportedError(f"{node.op_type} node {_shown(node)}: input {name!r} must be a constant")
         return v.value
 
     def run(self, node):
@@ -369,6 +369,14 @@ class _Reader:
                 self.values[name] = v
 
 
+def _shown(node):
+    """a node's name as a handler's message quotes it after the operator: 'name', or where it has
+    none its first output ("Clip (unnamed, output 'y') ...", not "Clip '' ...")"""
+    if node.name:
+        return repr(node.name)
+    return f"(unnamed, output {node.output[0]!r})" if node.output and node.output[0] else "(unnamed)"
+
+
 def _node_desc(node):
     """a node as messages name it: by its name, or where it has none by its first output"""
     if node.name:
@@ -386,6 +394,24 @@ def _describe(e):
     if isinstance(e, Sym):
         return f"tensor{tuple(e.tensor.shape)}"
     return type(e).__name__
+
+
+def _safetensors_hint(source):
+    """A hint for a safetensors file (an mpscy checkpoint) given to the ONNX import: its 8-byte
+    header length, then the JSON header's "{" (mpscy.load's message points the other way)."""
+    try:
+        if isinstance(source, (bytes, bytearray)):
+            head = bytes(source[:9])
+        elif isinstance(source, (str, os.PathLike)):
+            with open(source, "rb") as f:
+                head = f.read(9)
+        else:
+            return ""
+    except OSError:
+        return ""
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 32:
+        return "; it looks like a safetensors file (an mpscy checkpoint?): read it with mpscy.load"
+    return ""
 
 
 def _parse(onnx, source):
@@ -412,9 +438,11 @@ def _parse(onnx, source):
             proto = onnx.load(source)
     except (message.DecodeError, text_format.ParseError, json_format.ParseError, parser.ParseError,
             UnicodeDecodeError) as e:
-        raise InvalidArgumentError(f"ONNX import: {what} not a valid ONNX model ({e})") from None
+        raise InvalidArgumentError(f"ONNX import: {what} not a valid ONNX model ({e}){_safetensors_hint(source)}") \
+            from None
     if not proto.HasField("graph"):
-        raise InvalidArgumentError(f"ONNX import: {what} not a valid ONNX model (it has no graph)")
+        raise InvalidArgumentError(f"ONNX import: {what} not a valid ONNX model (it has no graph)"
+                                   f"{_safetensors_hint(source)}")
     return proto
 
 

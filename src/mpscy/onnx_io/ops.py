@@ -8,7 +8,7 @@ import numpy as np
 
 from .. import layers as L
 from ..errors import UnsupportedError
-from .importer import Const, Expr, ShapeVec, Sym, _f32_decimal, _Reader, _scalar
+from .importer import Const, Expr, ShapeVec, Sym, _f32_decimal, _Reader, _scalar, _shown
 
 
 def _layer_class(name):
@@ -68,16 +68,16 @@ def _pads(node, attrs, r, x, kernel, stride, dilation=(1, 1)):
         for n_in, k, s, d in zip(list(r.shape(x))[-2:], kernel, stride, dilation):
             total = max((-(-n_in // s) - 1) * s + (k - 1) * d + 1 - n_in, 0)
             if total % 2:
-                raise UnsupportedError(f"{node.op_type} {node.name!r}: auto_pad {auto} pads one side of a {n_in}-wide "
+                raise UnsupportedError(f"{node.op_type} {_shown(node)}: auto_pad {auto} pads one side of a {n_in}-wide "
                                        f"axis more than the other, which mpscy's layers do not")
             pads.append(total // 2)
         return tuple(pads)
     if auto not in ("NOTSET", "VALID"):
-        raise UnsupportedError(f"{node.op_type} {node.name!r}: auto_pad {auto!r} is not supported; "
+        raise UnsupportedError(f"{node.op_type} {_shown(node)}: auto_pad {auto!r} is not supported; "
                                "export with explicit pads")
     p = list(attrs.get("pads", [0, 0, 0, 0]))
     if len(p) != 4 or p[0] != p[2] or p[1] != p[3]:
-        raise UnsupportedError(f"{node.op_type} {node.name!r}: asymmetric pads {p} are not supported")
+        raise UnsupportedError(f"{node.op_type} {_shown(node)}: asymmetric pads {p} are not supported")
     return int(p[0]), int(p[1])
 
 
@@ -100,7 +100,7 @@ def _constant(r, node, args, attrs):
         if key in attrs:
             v = attrs[key]
             return Const(r.nh.to_array(v) if key == "value" else np.asarray(v))
-    raise UnsupportedError(f"Constant {node.name!r} has no supported value attribute")
+    raise UnsupportedError(f"Constant {_shown(node)} has no supported value attribute")
 
 
 @_set("Cast")
@@ -120,7 +120,7 @@ def _cast(r, node, args, attrs):
 @_set("Floor")
 def _floor(r, node, args, attrs):
     if not isinstance(args[0], Const):
-        raise UnsupportedError(f"Floor {node.name!r} of a tensor has no mpscy layer (only of constant sizes)")
+        raise UnsupportedError(f"Floor {_shown(node)} of a tensor has no mpscy layer (only of constant sizes)")
     return Const(np.floor(args[0].value))
 
 
@@ -139,7 +139,7 @@ def _constant_of_shape(r, node, args, attrs):
     elif isinstance(shape, Const):
         dims = [int(v) for v in shape.value.reshape(-1)]
     else:
-        raise UnsupportedError(f"ConstantOfShape {node.name!r} of a shape holding the batch is not supported")
+        raise UnsupportedError(f"ConstantOfShape {_shown(node)} of a shape holding the batch is not supported")
     value = r.nh.to_array(attrs["value"]).reshape(-1) if "value" in attrs else np.zeros(1, np.float32)
     return Const(np.full(dims, value[0], dtype=value.dtype))
 
@@ -147,7 +147,7 @@ def _constant_of_shape(r, node, args, attrs):
 @_set("Transpose")
 def _transpose(r, node, args, attrs):
     if not isinstance(args[0], Const):
-        raise UnsupportedError(f"Transpose {node.name!r} of a tensor has no mpscy layer (only of constants)")
+        raise UnsupportedError(f"Transpose {_shown(node)} of a tensor has no mpscy layer (only of constants)")
     return Const(np.transpose(args[0].value, attrs.get("perm")))
 
 
@@ -167,7 +167,7 @@ def _pad(r, node, args, attrs):
     else:
         hint = ("a convolution after it can take these zeros as its own padding= (torch's padding=, not "
                 "nn.ZeroPad2d); a pool's padding is not zeros")
-    raise UnsupportedError(f"Pad {node.name!r} (mode {mode!r}) has no mpscy layer: {hint}")
+    raise UnsupportedError(f"Pad {_shown(node)} (mode {mode!r}) has no mpscy layer: {hint}")
 
 
 @_set("Gather")
@@ -177,7 +177,7 @@ def _gather(r, node, args, attrs):
         return Const(np.take(data.value, idx.value, axis=attrs.get("axis", 0)))
     if isinstance(data, ShapeVec) and isinstance(idx, Const) and idx.value.size == 1:
         return ShapeVec([data.items[int(idx.value.reshape(()))]], scalar=idx.value.ndim == 0)
-    raise UnsupportedError(f"Gather {node.name!r} on tensors is not supported")
+    raise UnsupportedError(f"Gather {_shown(node)} on tensors is not supported")
 
 
 @_set("Slice")
@@ -186,7 +186,7 @@ def _slice(r, node, args, attrs):
     and the channels, and concatenates the new H and W) or of a constant; not of a tensor."""
     data = args[0]
     if not isinstance(data, (ShapeVec, Const)):
-        raise UnsupportedError(f"Slice {node.name!r} on tensors is not supported (torch's "
+        raise UnsupportedError(f"Slice {_shown(node)} on tensors is not supported (torch's "
                                "padding_mode=\"circular\" and tensor indexing such as x[:, :, 1:] export as one)")
 
     def ints(k, default):
@@ -195,13 +195,13 @@ def _slice(r, node, args, attrs):
         return default
     starts, ends = ints(1, None), ints(2, None)
     if starts is None or ends is None or len(starts) != len(ends):
-        raise UnsupportedError(f"Slice {node.name!r} needs constant starts and ends of one length")
+        raise UnsupportedError(f"Slice {_shown(node)} needs constant starts and ends of one length")
     axes, steps = ints(3, list(range(len(starts)))), ints(4, [1] * len(starts))
     if 0 in steps:
-        raise UnsupportedError(f"Slice {node.name!r} with a step of 0 (which ONNX does not allow)")
+        raise UnsupportedError(f"Slice {_shown(node)} with a step of 0 (which ONNX does not allow)")
     if isinstance(data, ShapeVec):
         if axes not in ([0], [-1]):
-            raise UnsupportedError(f"Slice {node.name!r} of a shape along axes {axes} is not supported")
+            raise UnsupportedError(f"Slice {_shown(node)} of a shape along axes {axes} is not supported")
         return ShapeVec(data.items[starts[0]:ends[0]:steps[0]])
     index = [slice(None)] * data.value.ndim
     for a, lo, hi, step in zip(axes, starts, ends, steps):
@@ -217,7 +217,7 @@ def _unsqueeze(r, node, args, attrs):
         return ShapeVec(x.items)
     if isinstance(x, Const):
         return Const(np.expand_dims(x.value, tuple(int(a) for a in np.atleast_1d(axes))))
-    raise UnsupportedError(f"Unsqueeze {node.name!r} on tensors is not supported")
+    raise UnsupportedError(f"Unsqueeze {_shown(node)} on tensors is not supported")
 
 
 @_set("Concat")
@@ -232,7 +232,7 @@ def _concat(r, node, args, attrs):
     rank = len(_onnx_shape(r, args[0]))
     axis = attrs["axis"] + (rank if attrs["axis"] < 0 else 0)
     if axis == 0:
-        raise UnsupportedError(f"Concat {node.name!r} along the batch axis is not supported")
+        raise UnsupportedError(f"Concat {_shown(node)} along the batch axis is not supported")
     return r.layer(_layer_class("Concatenate"), args, axis=axis)
 
 
@@ -241,7 +241,7 @@ def _reshape(r, node, args, attrs):
     x, spec = args
     target = spec.items if isinstance(spec, ShapeVec) else spec.value.reshape(-1).tolist() if isinstance(spec, Const) else None
     if target is None:
-        raise UnsupportedError(f"Reshape {node.name!r}: the target shape must be computable at import")
+        raise UnsupportedError(f"Reshape {_shown(node)}: the target shape must be computable at import")
     if isinstance(x, Const):
         return Const(x.value.reshape([int(t) for t in target]))
     src = _onnx_shape(r, x)
@@ -249,11 +249,11 @@ def _reshape(r, node, args, attrs):
     total = int(np.prod(per_sample))
     t = [src[i] if (v == 0 and not attrs.get("allowzero", 0) and i < len(src)) else v for i, v in enumerate(target)]
     if t[0] not in ("N", -1):
-        raise UnsupportedError(f"Reshape {node.name!r} fixes the batch size to {t[0]}; export with a dynamic "
+        raise UnsupportedError(f"Reshape {_shown(node)} fixes the batch size to {t[0]}; export with a dynamic "
                                "batch dimension (dynamic_axes / dynamic_shapes)")
     rest = [int(v) for v in t[1:]] if t[0] == "N" or all(v != -1 for v in t[1:]) else None
     if rest is None:
-        raise UnsupportedError(f"Reshape {node.name!r} to {target} moves the batch dimension")
+        raise UnsupportedError(f"Reshape {_shown(node)} to {target} moves the batch dimension")
     if -1 in rest:
         known = int(np.prod([v for v in rest if v != -1]))
         rest[rest.index(-1)] = total // known if known else 0
@@ -262,7 +262,7 @@ def _reshape(r, node, args, attrs):
     if rest == list(r.shape(x)) and not getattr(x, "squeezed", False):
         return x
     if any(v <= 0 for v in rest) or int(np.prod(rest)) != total:
-        raise UnsupportedError(f"Reshape {node.name!r} from (N, {per_sample}) to (N, {rest}): not the same "
+        raise UnsupportedError(f"Reshape {_shown(node)} from (N, {per_sample}) to (N, {rest}): not the same "
                                "elements per sample")
     return r.layer(L.Reshape, [x], target_shape=tuple(rest))   # torch's x.view(n, C, H, W), Keras's Reshape
 
@@ -270,7 +270,7 @@ def _reshape(r, node, args, attrs):
 @_set("Flatten")
 def _flatten(r, node, args, attrs):
     if attrs.get("axis", 1) != 1:
-        raise UnsupportedError(f"Flatten {node.name!r} with axis {attrs.get('axis')} is not supported (only 1)")
+        raise UnsupportedError(f"Flatten {_shown(node)} with axis {attrs.get('axis')} is not supported (only 1)")
     return _flat(r, args[0])
 
 
@@ -301,7 +301,7 @@ def _sum(r, node, args, attrs):
 @_set("Sub")
 def _sub(r, node, args, attrs):
     if not isinstance(args[1], Const):
-        raise UnsupportedError(f"Sub {node.name!r} of two tensors has no mpscy layer")
+        raise UnsupportedError(f"Sub {_shown(node)} of two tensors has no mpscy layer")
     return r.add(args[0], Const(-args[1].value))
 
 
@@ -313,7 +313,7 @@ def _mul(r, node, args, attrs):
 @_set("Div")
 def _div(r, node, args, attrs):
     if not isinstance(args[1], Const):
-        raise UnsupportedError(f"Div {node.name!r} by a tensor has no mpscy layer")
+        raise UnsupportedError(f"Div {_shown(node)} by a tensor has no mpscy layer")
     return r.mul(args[0], Const(1.0 / args[1].value.astype(np.float64)))
 
 
@@ -321,7 +321,7 @@ def _div(r, node, args, attrs):
 def _pow(r, node, args, attrs):
     e = _scalar(args[1])
     if e not in (2.0, 3.0):
-        raise UnsupportedError(f"Pow {node.name!r} with exponent {e} is not supported")
+        raise UnsupportedError(f"Pow {_shown(node)} with exponent {e} is not supported")
     out = r.mul(args[0], args[0])
     return r.mul(out, args[0]) if e == 3.0 else out
 
@@ -330,7 +330,7 @@ def _pow(r, node, args, attrs):
 def _matmul(r, node, args, attrs):
     a, b = args
     if not isinstance(b, Const) or b.value.ndim != 2:
-        raise UnsupportedError(f"MatMul {node.name!r} needs a 2-D constant right operand")
+        raise UnsupportedError(f"MatMul {_shown(node)} needs a 2-D constant right operand")
     r.check_dense_input(node, a)
     return Expr("matmul", [a], const=b.value)
 
@@ -338,7 +338,7 @@ def _matmul(r, node, args, attrs):
 @_set("Gemm")
 def _gemm(r, node, args, attrs):
     if attrs.get("transA", 0):
-        raise UnsupportedError(f"Gemm {node.name!r} with transA is not supported")
+        raise UnsupportedError(f"Gemm {_shown(node)} with transA is not supported")
     r.check_dense_input(node, args[0])
     b = np.asarray(r.const_of(node.input[1], node), dtype=np.float64)
     w = b if attrs.get("transB", 0) else b.T                      # (out, in)
@@ -384,14 +384,15 @@ def _clip(r, node, args, attrs):
         return r.layer(L.ReLU6, args[:1])
     if low == 0.0 and high is not None and high >= float(np.finfo(np.float32).max):  # to inf or float32's largest
         return r.layer(L.ReLU, args[:1])
-    raise UnsupportedError(f"Clip {node.name!r} to [{low}, {high}]: only [0, 6] (ReLU6) and [0, inf) (ReLU) are layers")
+    raise UnsupportedError(f"Clip {_shown(node)} to [{low}, {high}]: only [0, 6] (ReLU6) and [0, inf) (ReLU) "
+                           f"are layers")
 
 
 @_set("HardSigmoid")
 def _hardsigmoid(r, node, args, attrs):
     alpha, beta = attrs.get("alpha", 0.2), attrs.get("beta", 0.5)
     if not (abs(alpha - 1.0 / 6.0) < 1e-6 and abs(beta - 0.5) < 1e-6):
-        raise UnsupportedError(f"HardSigmoid {node.name!r} with alpha={alpha}, beta={beta}: only torch's "
+        raise UnsupportedError(f"HardSigmoid {_shown(node)} with alpha={alpha}, beta={beta}: only torch's "
                                "(alpha=1/6, beta=1/2, mpscy's Hardsigmoid) is a layer")
     return Expr("hardsigmoid", [args[0]])   # x * hardsigmoid(x) is a Hardswish
 
@@ -422,9 +423,9 @@ def _softmax(r, node, args, attrs):
     axis = attrs.get("axis", -1 if r.opset >= 13 else 1)
     axis += rank if axis < 0 else 0
     if r.opset < 13 and axis != rank - 1:
-        raise UnsupportedError(f"Softmax {node.name!r} (opset {r.opset}, axis {axis}) flattens trailing axes")
+        raise UnsupportedError(f"Softmax {_shown(node)} (opset {r.opset}, axis {axis}) flattens trailing axes")
     if axis == 0:
-        raise UnsupportedError(f"Softmax {node.name!r} over the batch axis is not supported")
+        raise UnsupportedError(f"Softmax {_shown(node)} over the batch axis is not supported")
     return r.layer(L.Softmax, args[:1], axis=axis)
 
 
@@ -433,7 +434,7 @@ def _softmax(r, node, args, attrs):
 def _conv(r, node, args, attrs):
     w = np.asarray(r.const_of(node.input[1], node), dtype=np.float32)
     if w.ndim != 4:
-        raise UnsupportedError(f"Conv {node.name!r}: only 2-D convolutions are supported")
+        raise UnsupportedError(f"Conv {_shown(node)}: only 2-D convolutions are supported")
     args = [_image(r, args[0]), *args[1:]]
     params = {"weight": w}
     if len(args) > 2 and args[2] is not None:
@@ -453,14 +454,14 @@ def _conv_transpose(r, node, args, attrs):
     SAME_* are refused by name."""
     w = np.asarray(r.const_of(node.input[1], node), dtype=np.float32)
     if w.ndim != 4:
-        raise UnsupportedError(f"ConvTranspose {node.name!r}: only 2-D transposed convolutions are supported")
+        raise UnsupportedError(f"ConvTranspose {_shown(node)}: only 2-D transposed convolutions are supported")
     args = [_image(r, args[0]), *args[1:]]
     if "output_shape" in attrs:
-        raise UnsupportedError(f"ConvTranspose {node.name!r} with output_shape is not supported: export with "
+        raise UnsupportedError(f"ConvTranspose {_shown(node)} with output_shape is not supported: export with "
                                "explicit pads and output_padding (as torch does)")
     auto = _text(attrs, "auto_pad", "NOTSET")
     if auto not in ("NOTSET", "VALID"):
-        raise UnsupportedError(f"ConvTranspose {node.name!r}: auto_pad {auto!r} is not supported; export with "
+        raise UnsupportedError(f"ConvTranspose {_shown(node)}: auto_pad {auto!r} is not supported; export with "
                                "explicit pads (as torch does)")
     params = {"weight": w}
     if len(args) > 2 and args[2] is not None:
@@ -471,11 +472,11 @@ def _conv_transpose(r, node, args, attrs):
     extra = _pairs(attrs, "output_padding", (0, 0))
     pads = [0, 0, 0, 0] if auto == "VALID" else [int(v) for v in attrs.get("pads", [0, 0, 0, 0])]
     if len(pads) != 4:
-        raise UnsupportedError(f"ConvTranspose {node.name!r}: only 2-D pads are supported, got {pads}")
+        raise UnsupportedError(f"ConvTranspose {_shown(node)}: only 2-D pads are supported, got {pads}")
     padding = (pads[0], pads[1])
     output_padding = tuple(pads[a] - pads[a + 2] + extra[a] for a in (0, 1))
     if any(not 0 <= q < max(st, d) for q, st, d in zip(output_padding, stride, dilation)):
-        raise UnsupportedError(f"ConvTranspose {node.name!r}: pads {pads} with output_padding {list(extra)} crop the "
+        raise UnsupportedError(f"ConvTranspose {_shown(node)}: pads {pads} with output_padding {list(extra)} crop the "
                                f"end of an axis other than torch's padding can (output_padding {output_padding} "
                                f"against the stride {stride} and the dilation {dilation})")
     return r.layer(_layer_class("ConvTranspose2D"), args[:1], params, filters=int(w.shape[1]) * group,
@@ -486,13 +487,13 @@ def _conv_transpose(r, node, args, attrs):
 def _pool(r, node, args, attrs, cls_name, **extra):
     args = [_image(r, args[0]), *args[1:]]
     if any(d != 1 for d in attrs.get("dilations", [1, 1])):
-        raise UnsupportedError(f"{node.op_type} {node.name!r} with dilations is not supported")
+        raise UnsupportedError(f"{node.op_type} {_shown(node)} with dilations is not supported")
     k, stride = _pairs(attrs, "kernel_shape", None), _pairs(attrs, "strides", (1, 1))
     padding = _pads(node, attrs, r, args[0], k, stride)
     if attrs.get("ceil_mode", 0):  # taken where every window fits: ceil and floor give the same sizes
         sizes = r.shape(args[0])[-2:]
         if any((n + 2 * p - kk) % s for n, p, kk, s in zip(sizes, padding, k, stride)):
-            raise UnsupportedError(f"{node.op_type} {node.name!r} with ceil_mode=1 over {tuple(sizes)} (kernel {k}, "
+            raise UnsupportedError(f"{node.op_type} {_shown(node)} with ceil_mode=1 over {tuple(sizes)} (kernel {k}, "
                                    f"stride {stride}, padding {padding}) adds a partial window mpscy's pooling "
                                    "(floor mode) does not have")
     return r.layer(_layer_class(cls_name), args[:1], pool_size=k, stride=stride, padding=padding, **extra)
@@ -501,7 +502,7 @@ def _pool(r, node, args, attrs, cls_name, **extra):
 @_set("MaxPool")
 def _maxpool(r, node, args, attrs):
     if len(node.output) > 1 and node.output[1]:
-        raise UnsupportedError(f"MaxPool {node.name!r} with an indices output is not supported")
+        raise UnsupportedError(f"MaxPool {_shown(node)} with an indices output is not supported")
     return _pool(r, node, args, attrs, "MaxPool2D")
 
 
@@ -532,18 +533,18 @@ def _resize(r, node, args, attrs):
     x = args[0]
     shape = _onnx_shape(r, x)
     if len(shape) != 4 or getattr(x, "squeezed", False):
-        raise UnsupportedError(f"Resize {node.name!r} of a rank-{len(shape)} value is not supported (only an "
+        raise UnsupportedError(f"Resize {_shown(node)} of a rank-{len(shape)} value is not supported (only an "
                                "(N, C, H, W) image)")
     if mode not in ("nearest", "linear"):
-        raise UnsupportedError(f"Resize {node.name!r} with mode={mode!r} is not supported: only 'nearest' and "
+        raise UnsupportedError(f"Resize {_shown(node)} with mode={mode!r} is not supported: only 'nearest' and "
                                "'linear' (mpscy.layers.Upsample, mode 'nearest' and 'bilinear')")
     axes = attrs.get("axes")
     if axes is not None and [int(a) % 4 for a in axes] != [0, 1, 2, 3]:
-        raise UnsupportedError(f"Resize {node.name!r} with axes={list(axes)} is not supported: only the scales or "
+        raise UnsupportedError(f"Resize {_shown(node)} with axes={list(axes)} is not supported: only the scales or "
                                "sizes of all four axes in order")
     policy = _text(attrs, "keep_aspect_ratio_policy", "stretch")
     if policy != "stretch":
-        raise UnsupportedError(f"Resize {node.name!r} with keep_aspect_ratio_policy={policy!r} is not supported: "
+        raise UnsupportedError(f"Resize {_shown(node)} with keep_aspect_ratio_policy={policy!r} is not supported: "
                                "only 'stretch' (the sizes as given)")
     scales = sizes = None
     if len(node.input) > 2 and node.input[2]:
@@ -558,16 +559,16 @@ def _resize(r, node, args, attrs):
         # the batch entry, "N" or the batch the file was exported with, stays the engine's
         factors = np.array([1.0, sizes[1] / shape[1], sizes[2] / h, sizes[3] / w])
     else:
-        raise UnsupportedError(f"Resize {node.name!r} needs constant scales, or sizes of 4 values whose channels, "
+        raise UnsupportedError(f"Resize {_shown(node)} needs constant scales, or sizes of 4 values whose channels, "
                                "height and width are constants")
     if factors.size != 4 or factors[0] != 1 or factors[1] != 1:
-        raise UnsupportedError(f"Resize {node.name!r} by {factors.tolist()}: only the two spatial axes may be "
+        raise UnsupportedError(f"Resize {_shown(node)} by {factors.tolist()}: only the two spatial axes may be "
                                "resized (mpscy.layers.Upsample)")
     if mode == "linear":
         return _resize_linear(r, node, attrs, x, coord, factors, (h, w), None if scales is not None and scales.size
                               else (int(sizes[2]), int(sizes[3])))
     if any(f < 1 or f != int(f) for f in factors[2:]):
-        raise UnsupportedError(f"Resize {node.name!r} by {factors.tolist()}: only whole factors >= 1 of the two "
+        raise UnsupportedError(f"Resize {_shown(node)} by {factors.tolist()}: only whole factors >= 1 of the two "
                                "spatial axes are supported in mode 'nearest' (mpscy.layers.Upsample)")
     sh, sw = int(factors[2]), int(factors[3])
     repeats = ((coord == "asymmetric" and rounding == "floor")
@@ -575,7 +576,7 @@ def _resize(r, node, args, attrs):
                                                                                   "round_prefer_ceil"))
                or (sh == 1 and sw == 1))
     if not repeats:
-        raise UnsupportedError(f"Resize {node.name!r}: coordinate_transformation_mode={coord!r} with "
+        raise UnsupportedError(f"Resize {_shown(node)}: coordinate_transformation_mode={coord!r} with "
                                f"nearest_mode={rounding!r} does not repeat each pixel; only asymmetric with floor "
                                "(torch's Upsample export) or half_pixel with round_prefer_floor/ceil are supported")
     return r.layer(_layer_class("Upsample"), [x], scale_factor=(sh, sw))
@@ -591,19 +592,19 @@ def _resize_linear(r, node, attrs, x, coord, factors, hw, sizes):
         # align_corners interpolates by (in - 1) / (out - 1) whatever the scale: only the size matters
         if any(o < 1 or (coord != "align_corners" and abs(hw[k] / o * factors[2 + k] - 1) > 1e-6)
                for k, o in enumerate(out)):
-            raise UnsupportedError(f"Resize {node.name!r} by {factors.tolist()}: a linear resize whose scales are not "
+            raise UnsupportedError(f"Resize {_shown(node)} by {factors.tolist()}: a linear resize whose scales are not "
                                    f"the ratio of the output's sides {tuple(out)} to the input's {hw} is not supported "
                                    "(ONNX interpolates by 1 / scale, mpscy's bilinear Upsample by the sides' ratio, as "
                                    "torch's does given sizes); sizes are")
         sizes = tuple(out)
     if coord not in ("half_pixel", "pytorch_half_pixel", "align_corners"):
-        raise UnsupportedError(f"Resize {node.name!r}: mode='linear' with coordinate_transformation_mode={coord!r} "
+        raise UnsupportedError(f"Resize {_shown(node)}: mode='linear' with coordinate_transformation_mode={coord!r} "
                                "is not supported; only half_pixel (torch's align_corners=False) and align_corners")
     if coord == "pytorch_half_pixel" and any(o == 1 and i != 1 for o, i in zip(sizes, hw)):
-        raise UnsupportedError(f"Resize {node.name!r}: pytorch_half_pixel to an output side of 1 reads the first "
+        raise UnsupportedError(f"Resize {_shown(node)}: pytorch_half_pixel to an output side of 1 reads the first "
                                "pixel, where torch's bilinear (and half_pixel) reads the middle; not supported")
     if int(attrs.get("antialias", 0)) and any(o < i for o, i in zip(sizes, hw)):
-        raise UnsupportedError(f"Resize {node.name!r} with antialias=1 shrinks (H, W) = {hw} to {sizes}: "
+        raise UnsupportedError(f"Resize {_shown(node)} with antialias=1 shrinks (H, W) = {hw} to {sizes}: "
                                "antialiased downsampling is not supported")
     return r.layer(_layer_class("Upsample"), [x], size=sizes, mode="bilinear", align_corners=coord == "align_corners")
 
@@ -622,7 +623,7 @@ def _reduce_mean(r, node, args, attrs):
     if axes is not None:
         axes = sorted(int(a) + (rank if int(a) < 0 else 0) for a in axes)
     if rank != 4 or getattr(x, "squeezed", False) or axes != [2, 3]:
-        raise UnsupportedError(f"ReduceMean {node.name!r} over axes {axes} of a rank-{rank} value is not supported "
+        raise UnsupportedError(f"ReduceMean {_shown(node)} over axes {axes} of a rank-{rank} value is not supported "
                                "(only over both spatial axes of an (N, C, H, W) image, as global average pooling; "
                                "a LayerNorm exported below opset 17 arrives as such ReduceMeans: export it with "
                                "opset_version=17 or later)")
@@ -649,7 +650,7 @@ def _batchnorm(r, node, args, attrs):
     the running ones, taken from the node's inputs); the node's running-statistics outputs are
     the layer's buffers, which nothing in the graph may read."""
     if attrs.get("training_mode", 0) and any(o in r.read_names for o in node.output[1:] if o):
-        raise UnsupportedError(f"BatchNormalization {node.name!r} in training mode: another node reads its running "
+        raise UnsupportedError(f"BatchNormalization {_shown(node)} in training mode: another node reads its running "
                                "statistics outputs, which are the layer's buffers here")
     scale, bias, mean, var = (np.asarray(r.const_of(n, node), np.float32) for n in node.input[1:5])
     affine = not _non_affine(r, node, scale, bias, node.input[1:3])
@@ -666,7 +667,7 @@ def _layernorm(r, node, args, attrs):
     axis = attrs.get("axis", -1)
     axis += len(shape) + 1 if axis < 0 else 0
     if axis < 1:
-        raise UnsupportedError(f"LayerNormalization {node.name!r} over the batch axis is not supported")
+        raise UnsupportedError(f"LayerNormalization {_shown(node)} over the batch axis is not supported")
     normalized = tuple(shape[axis - 1:])
     scale = np.broadcast_to(np.asarray(r.const_of(node.input[1], node), np.float32), normalized)
     if len(args) > 2 and args[2] is not None:
