@@ -107,6 +107,8 @@ class Engine(OptimizerState):
         seed: seeds parameter initialization (PyTorch's defaults) and dropout masks.
         clip_grad_norm, clip_grad_value: gradient clipping inside the native step.
         precision: "fp32" (default) or "tf32" (TensorFloat-32 matrix products on cuda).
+        threads: the cpu backend's worker threads for this engine (0, the default: one per
+            core, at most 64); the other backends ignore it.
         input_gradients: also compute d(loss)/d(inputs), returned by `gradients()`.
 
     Example::
