@@ -234,7 +234,7 @@ def train(args):
     # without --lr, the optimizer's own default rate (torch's); L-BFGS with its strong-Wolfe line
     # search, without which its full steps on mini-batches diverge (NaN within an epoch on digits)
     kwargs = {} if args.lr is None else {"lr": args.lr}
-    if cls.__name__ == "LBFGS":
+    if cls.kind == "lbfgs":
         kwargs["line_search_fn"] = "strong_wolfe"
     opt = cls(**kwargs)
     engine = mpscy.Engine(model, loss="sparse_cross_entropy", optimizer=opt, batch_size=args.batch_size,

@@ -28,8 +28,7 @@ def set_schedule(engine, schedule, per="epoch", monitor="val_loss"):
     owner = getattr(schedule, "engine", engine)
     if owner is not engine:
         raise InvalidArgumentError("this schedule was built on another engine")
-    if _callbacks._takes_metric(schedule):
-        _callbacks._check_direction(schedule, monitor, "set_schedule")
+    _callbacks._check_direction(schedule, monitor, "set_schedule")
     engine._schedule, engine._schedule_per, engine._schedule_monitor = schedule, per, monitor
 
 

@@ -65,6 +65,13 @@ def write_safetensors(path, tensors, metadata=None, checksum=False):
             f.write(c)
 
 
+def looks_like_safetensors(raw):
+    """Whether the first bytes are a safetensors file's: an 8-byte little-endian header length
+    within the reader's limit, then the JSON header's "{" (the ONNX import's hint for a
+    checkpoint given to it; _other_format names the other way round)."""
+    return len(raw) >= 9 and raw[8:9] == b"{" and int.from_bytes(raw[:8], "little") <= _MAX_HEADER
+
+
 def _other_format(raw):
     """What a file that is no safetensors file looks like, from its first bytes, with what reads
     it; None when unknown. An ONNX ModelProto opens with its ir_version (field 1, a small

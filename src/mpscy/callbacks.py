@@ -374,9 +374,10 @@ def _check_direction(schedule, monitor, who):
     """Warns when a schedule that takes a metric in a fixed direction (ReduceLROnPlateau's mode,
     torch's default "min") watches a key that improves the other way by its name, as
     EarlyStopping's mode="auto" reads it: val_accuracy in mode "min" would cut the rate each
-    time accuracy rises. A warning, not an error: the name is only a hint."""
+    time accuracy rises. A warning, not an error: the name is only a hint. Schedules that take
+    no metric are passed over."""
     mode = getattr(schedule, "mode", None)
-    if mode not in ("min", "max") or _mode(monitor, "auto") == mode:
+    if mode not in ("min", "max") or not _takes_metric(schedule) or _mode(monitor, "auto") == mode:
         return
     other = "max" if mode == "min" else "min"
     warn_user(f"{who}: {type(schedule).__name__} is in mode={mode!r} but monitors {monitor!r}, which by its name "
@@ -417,8 +418,7 @@ class LearningRateScheduler(Callback):
         self.verbose = _verbose(verbose)
         self._is_object = hasattr(schedule, "step")
         self._metric = self._is_object and _takes_metric(schedule)
-        if self._metric:
-            _check_direction(schedule, self.monitor, "LearningRateScheduler")
+        _check_direction(schedule, self.monitor, "LearningRateScheduler")
         self._epoch_only = not self._is_object and _positional_count(schedule) == 1  # Keras's f(epoch)
 
     def _check_engine(self, engine):

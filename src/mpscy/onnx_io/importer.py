@@ -28,6 +28,7 @@ import numpy as np
 
 from .. import layers as L
 from .._checks import node_name
+from .._safetensors import looks_like_safetensors
 from ..errors import InvalidArgumentError, ShapeError, UnsupportedError
 from ..model import Input, Model
 from . import onnx_modules
@@ -397,8 +398,8 @@ def _describe(e):
 
 
 def _safetensors_hint(source):
-    """A hint for a safetensors file (an mpscy checkpoint) given to the ONNX import: its 8-byte
-    header length, then the JSON header's "{" (mpscy.load's message points the other way)."""
+    """A hint for a safetensors file (an mpscy checkpoint) given to the ONNX import, from its first
+    bytes where the source is bytes or a path (mpscy.load's message points the other way)."""
     try:
         if isinstance(source, (bytes, bytearray)):
             head = bytes(source[:9])
@@ -409,7 +410,7 @@ def _safetensors_hint(source):
             return ""
     except OSError:
         return ""
-    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 32:
+    if looks_like_safetensors(head):
         return "; it looks like a safetensors file (an mpscy checkpoint?): read it with mpscy.load"
     return ""
 
