@@ -370,11 +370,6 @@ cdef class Graph:
             rows = self._stage_one(x[k], k, rows, f"x[{k}]")
         return rows
 
-    cdef bint _one_hot(self, Py_buffer *v):
-        """Whether labels refused are shaped as one row of class scores a sample: one-hot (Keras's
-        to_categorical) or soft targets (asked on the error paths only)."""
-        return self.label_rank == 0 and v.ndim == 2 and v.shape[1] == self.classes and self.classes > 1
-
     cdef int _target(self, object y, Py_ssize_t rows, str what, Py_ssize_t row0, void *dst) except -1:
         """y's rules for `rows` rows of x: labels int32/int64 (n,) in [0, classes), or dense
         float32 targets shaped like the output (or (n,) for one output), finite, and in [0, 1] for
@@ -390,14 +385,7 @@ cdef class Graph:
             kind = _kind_of(&v)
             if not self.target_dense:
                 if kind != K_I32 and kind != K_I64:
-                    floats = kind == K_F32 or _dtype_name(y) in ("float64", "float16")
-                    if floats and self._one_hot(&v):
-                        hint = (f" ({what} looks one-hot, a row of {self.classes} class scores a sample: "
-                                f"{what}.argmax(1) gives its labels, or loss=\"cross_entropy\" takes "
-                                "probabilities as targets)")
-                    else:
-                        hint = f" (whole-number floats: {what}.astype(np.int64))" if floats else ""
-                    raise _errors.DTypeError(f"{what} must be int32 or int64 class labels, got {_dtype_name(y)}{hint}")
+                    _refuse_label_dtype(self, y, &v, kind, what)
                 fits = v.ndim == 1 + self.label_rank
                 for d in range(self.label_rank if fits else 0):
                     fits = fits and v.shape[d + 1] == self.label_dims[d]
@@ -410,7 +398,7 @@ cdef class Graph:
                     raise _errors.ShapeError(f"{what} has shape {_shape_str(&v)}; labels must be shaped {want}"
                                              + (f", a class in [0, {self.classes}) at each position of the "
                                                 f"output's {self.output_shape}" if spatial else "")
-                                             + (f" (one-hot rows: {what}.argmax(1))" if self._one_hot(&v) else ""))
+                                             + (f" (one-hot rows: {what}.argmax(1))" if _one_hot(self, &v) else ""))
                 if v.shape[0] != rows:
                     raise _errors.ShapeError(f"{what} has {v.shape[0]} labels for {rows} rows of x")
                 if not _c_contiguous(&v):
@@ -428,26 +416,7 @@ cdef class Graph:
                     else:
                         bad = _copy_labels_i32(<int32_t *>dst, <const int32_t *>v.buf, count, self.classes)
                 if bad >= 0:
-                    value = (<const int64_t *>v.buf)[bad] if kind == K_I64 else (<const int32_t *>v.buf)[bad]
-                    of = "" if dst != NULL else f" of {what}"
-                    at = ""
-                    if self.label_rank:
-                        pos = np.unravel_index(bad % self.positions, self.label_spatial)
-                        at = f" at position {tuple(int(i) for i in pos)}"
-                    if self.ignore:
-                        hint = f" and is not the loss's ignore_index {self.ignore_index}"
-                    elif value == self.classes:
-                        hint = (f": the model's output has {self.classes} classes, one fewer than such labels "
-                                "need (its last layer's width); a label to leave out takes the loss's "
-                                "ignore_index")
-                    elif value < 0 or self.label_rank:
-                        hint = (f"; to leave such labels out (torch's default ignore_index is -100), give the loss "
-                                f"ignore_index: SparseCrossEntropy(ignore_index={value})")
-                    else:
-                        hint = ""
-                    raise _errors.InvalidArgumentError(
-                        f"label {value} at row {bad // self.positions + row0}{at}{of} is outside [0, {self.classes})"
-                        f"{hint}")
+                    _refuse_label_value(self, &v, kind, bad, what, row0, dst == NULL)
                 if dst != NULL:
                     self.last_valid = count - ignored
                 return 0
@@ -700,3 +669,6 @@ cdef class Graph:
                 PyBuffer_Release(&v)
         finally:
             self.busy = False
+
+
+include "_labels.pxi"
