@@ -39,7 +39,7 @@ struct mpscy_graph_ {
     double *scalars;                /* the optimizer's host scalars (step count, mu_product, ...) */
 };
 
-/* The table each backend fills. Every entry is required (device_synchronize excepted); an entry may answer
+/* The table each backend fills. Every entry is required (device_synchronize and graph_grad_norm excepted); an entry may answer
  * MPSCY_UNSUPPORTED. Error buffers are the caller's and may be NULL. */
 struct mpscy_backend {
     const char *name;
@@ -70,6 +70,8 @@ struct mpscy_backend {
     /* waits for work a call left running (cuda: a training step's update); NULL, the one entry
      * that may be: every call of the backend returns with its work done */
     int (*device_synchronize)(mpscy_device dev, char *err, size_t n);
+    /* mpscy_graph_grad_norm; NULL where graph_step never leaves a norm pending */
+    int (*graph_grad_norm)(mpscy_graph g, double *out, char *err, size_t n);
 };
 
 /* The table entries a backend implements beside its device ones, declared under its prefix

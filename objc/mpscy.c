@@ -260,6 +260,13 @@ int mpscy_graph_step(mpscy_graph g, const mpscy_step_args *args, mpscy_step_resu
     return st != MPSCY_OK ? st : g->vt->graph_step(g, args, out, err, errlen);
 }
 
+int mpscy_graph_grad_norm(mpscy_graph g, double *out, char *err, size_t errlen) {
+    if (!g || !out) return FAIL(MPSCY_INVALID, "graph or out is NULL");
+    g->dev->stats.calls++;
+    if (!g->vt->graph_grad_norm) return FAIL(MPSCY_INVALID, "no training step's gradient norm is pending");
+    return g->vt->graph_grad_norm(g, out, err, errlen);
+}
+
 int mpscy_graph_predict(mpscy_graph g, const mpscy_step_args *args, char *err, size_t errlen) {
     if (!g || !args) return FAIL(MPSCY_INVALID, "graph or args is NULL");
     g->dev->stats.calls++;

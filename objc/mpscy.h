@@ -13,7 +13,7 @@
 extern "C" {
 #endif
 
-#define MPSCY_ABI_VERSION 6
+#define MPSCY_ABI_VERSION 7
 #define MPSCY_MAX_RANK 6          /* per-sample rank of any tensor (batch excluded) */
 #define MPSCY_MAX_INPUTS 8        /* inputs of one layer node */
 #define MPSCY_NAME_LEN 64
@@ -372,6 +372,13 @@ typedef struct mpscy_step_result {
     double lbfgs_g_max;      /* max |g_new| (EVAL) */
     double lbfgs_g_sum;      /* sum |g_new| (EVAL) */
     int32_t x_nonfinite;     /* 1: x_src held a NaN or Inf (the status is MPSCY_NONFINITE) */
+    /* TRAIN on cuda, whose one-kernel step may return once its loss and decision are known, before
+     * its weight gradients are (the decision then comes from a bound on them): grad_norm is NaN and
+     * grad_norm_pending 1. The graph's next training step gives that norm as prev_grad_norm
+     * (prev_grad_norm_ready 1), or mpscy_graph_grad_norm waits for it. */
+    int32_t grad_norm_pending;
+    int32_t prev_grad_norm_ready;
+    double prev_grad_norm;
 } mpscy_step_result;
 
 /* One training (or evaluation) step over the batch staged in the graph's io buffers.
@@ -379,6 +386,11 @@ typedef struct mpscy_step_result {
  * parameter, buffer and optimizer state exactly as before the call. */
 int mpscy_graph_step(mpscy_graph g, const mpscy_step_args *args, mpscy_step_result *out,
                      char *err, size_t errlen);
+
+/* The gradient norm of the graph's last training step, when that step's result had
+ * grad_norm_pending and no later training step has given it as prev_grad_norm: waits for the
+ * step's remaining work. MPSCY_INVALID when no norm is pending. */
+int mpscy_graph_grad_norm(mpscy_graph g, double *out, char *err, size_t errlen);
 
 /* Eval-mode forward of the staged inputs into the output io buffer. */
 int mpscy_graph_predict(mpscy_graph g, const mpscy_step_args *args, char *err, size_t errlen);

@@ -65,6 +65,10 @@ typedef struct cu_scratch {
     double red_part[CU_MAX_PARTS];
     double coef[2];            /* L-BFGS two-loop coefficient being computed */
     double label_w;            /* loss.cu: the labels' summed class weights, for many rows (loss_label_weight) */
+    /* mlp.cu's early decision: the largest |value| of the weight gradients' factors (the layers'
+     * inputs, then their dz) as float bits, and the blocks past the row phase; 0 between steps */
+    unsigned int fu_amax[2];
+    unsigned int fu_arrive;
 } cu_scratch;
 
 /* What a step reports; kernels write it into pinned, device-mapped host memory. */
@@ -77,6 +81,10 @@ typedef struct cu_result {
     int stalled;               /* the pull kernel gave up waiting for a piece of the batch */
     unsigned int done;         /* cu_params.rseq of the last step whose result is final */
     double red[8];             /* L-BFGS: reductions read by the host */
+    /* an early-returned training step's gradient norm, in slot rseq & 1 once norm_seq[rseq & 1]
+     * is rseq (a release store): mlp.cu's early decision returns before the norm is known */
+    double norm_ring[2];
+    unsigned int norm_seq[2];
 } cu_result;
 
 enum { CU_KIND_TRAIN = 0, CU_KIND_EVAL = 1, CU_KIND_GRAD = 2, CU_KIND_PREDICT = 3, CU_KINDS = 4 };
@@ -147,6 +155,8 @@ typedef struct cu_graph {
     int input_dw_main;         /* $MPSCY_CUDA_INPUT_DW not "side": a no-dx convolution's dW on the main stream */
     int early;                 /* $MPSCY_CUDA_EARLY not 0: a training step returns once its result is final */
     uint32_t rseq;             /* the last training step's number (cu_params.rseq) */
+    uint32_t norm_owed;        /* the last training step's number when it returned before its gradient
+                                * norm was known (cu_result.norm_ring), until the caller has it; else 0 */
     int forked;                /* capture state: the side streams with work to join (1: side, 2: alt, 4: nrm) */
     /* the early norm (optim.cu): each layer's squares summed on their own stream once its gradients
      * are done, the final kernel adding the partials and the last layer's squares, then updating */
@@ -234,6 +244,7 @@ void cu_pinned_free(mpscy_device dev, void *p, size_t bytes);
 MPSCY_BACKEND_ENTRIES(cu_)
 /* waits for a training step still finishing on the device (cu_device.pending), reporting its failure */
 int cu_settle(mpscy_device dev, char *err, size_t n);
+int cu_graph_grad_norm(mpscy_graph g, double *out, char *err, size_t n); /* step.cu: mpscy_graph_grad_norm */
 void cu_cache_clear(cu_graph *g);
 int cu_capture(cu_graph *g, int kind, char *err, size_t en);
 

@@ -215,4 +215,5 @@ extern "C" const mpscy_backend mpscy_cuda_backend = {
     on_device<cu_graph_predict>::call,
     CU_DEFER_MIN,  /* stage_min_bytes: step.cu's deferred staging */
     on_device<cu_settle>::call,  /* device_synchronize: a training step's update still running (step.cu) */
+    on_device<cu_graph_grad_norm>::call,  /* graph_grad_norm: mlp.cu's early decision (step.cu) */
 };

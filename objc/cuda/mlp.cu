@@ -39,7 +39,8 @@
 /* Layer 0's forward over the whole batch, split across the grid: y[r, j] = act(x[r, :] . w[j, :]
  * + bias[j]), one warp per (j, R rows), U 32-wide slices of k per batch of loads. */
 template <int R, int U>
-static __device__ void forward_rows(const fu_layer &l, int b, int gw, int tw, int lane) {
+static __device__ void forward_rows(const fu_layer &l, int b, int gw, int tw, int lane, unsigned int *amax) {
+    float mx = 0.0f;  /* the early decision's largest |x| (fu_amax): every x is some warp's */
     const int K = l.in, N = l.out, items = N * ((b + R - 1) / R);
     for (int it = gw; it < items; it += tw) {
         const int j = it % N, r0 = (it / N) * R;
@@ -63,7 +64,10 @@ static __device__ void forward_rows(const fu_layer &l, int b, int gw, int tw, in
 #pragma unroll
             for (int u = 0; u < U; u++)
 #pragma unroll
-                for (int r = 0; r < R; r++) acc[r] += xv[r][u] * wv[u];
+                for (int r = 0; r < R; r++) {
+                    acc[r] += xv[r][u] * wv[u];
+                    if (amax) mx = fu_amax(mx, xv[r][u]);
+                }
         }
         const float bj = l.bias ? l.bias[j] : 0.0f;
 #pragma unroll
@@ -73,17 +77,18 @@ static __device__ void forward_rows(const fu_layer &l, int b, int gw, int tw, in
             if (lane == r && r0 + r < b) l.y[(int64_t)(r0 + r) * N + j] = v;
         }
     }
+    if (amax) fu_amax_publish(amax, mx);
 }
 
 /* Rows per warp item: as many as keep every warp of the grid busy, at most 8. */
-static __device__ void forward_layer0(const fu_layer &l, int b, int gw, int tw, int lane) {
+static __device__ void forward_layer0(const fu_layer &l, int b, int gw, int tw, int lane, unsigned int *amax) {
     int R = 8;
     while (R > 1 && (R > b || l.out * ((b + R - 1) / R) < tw / 2)) R >>= 1;
     switch (R) {
-    case 8: forward_rows<8, 4>(l, b, gw, tw, lane); break;
-    case 4: forward_rows<4, 8>(l, b, gw, tw, lane); break;
-    case 2: forward_rows<2, 16>(l, b, gw, tw, lane); break;
-    default: forward_rows<1, 16>(l, b, gw, tw, lane); break;
+    case 8: forward_rows<8, 4>(l, b, gw, tw, lane, amax); break;
+    case 4: forward_rows<4, 8>(l, b, gw, tw, lane, amax); break;
+    case 2: forward_rows<2, 16>(l, b, gw, tw, lane, amax); break;
+    default: forward_rows<1, 16>(l, b, gw, tw, lane, amax); break;
     }
 }
 
@@ -187,6 +192,44 @@ static __device__ void block_sum3(double *v) {
 }
 
 
+/* The early decision (fu_amax in mlp.cuh): each block, past its rows, counts itself in; the last
+ * one adds the rows' losses and correct counts as the end does (the same bits), and when the loss
+ * is finite, the input was not flagged bad and the bound proves every gradient finite, it writes
+ * the step's result and releases it to the host (R->done, as decide() does) while the others go
+ * on to the weight gradients: the host's wait ends here, not after them. The end then decides
+ * again, the same way (a finite loss and norm), and writes the norm (decide()). Otherwise only
+ * the end decides. The words go back to 0 for the next step. */
+static __device__ void fu_early(const fu_args &a) {
+    __shared__ int last;
+    cu_scratch *S = a.S;
+    __syncthreads();  /* every warp of the block has published */
+    if (threadIdx.x == 0) {
+        __threadfence();
+        last = atomicAdd(&S->fu_arrive, 1u) == gridDim.x - 1;
+        __threadfence();
+    }
+    __syncthreads();
+    if (!last) return;
+    double v[3] = {0.0, 0.0, 0.0};
+    for (int k = threadIdx.x; k < a.b; k += blockDim.x) {
+        v[1] += __ldcg(&S->loss_part[k]);
+        v[2] += (double)__ldcg(&S->correct_part[k]);
+    }
+    block_sum3(v);
+    if (threadIdx.x != 0) return;
+    const float mx = __uint_as_float(atomicExch(&S->fu_amax[0], 0u)), md = __uint_as_float(atomicExch(&S->fu_amax[1], 0u));
+    S->fu_arrive = 0u;
+    const double loss = v[1] / (double)a.b, bound = (double)a.b * fmax((double)mx, 1.0) * (double)md;
+    /* an Inf maximum makes the bound Inf or NaN: no early decision */
+    if (!a.P->rseq || !isfinite(loss) || !(bound < 0.5 * (double)FLT_MAX) || input_bad(S, a.P)) return;
+    cu_result *R = a.R;
+    R->loss = loss;
+    R->correct = a.accuracy == MPSCY_ACCURACY_NONE ? -1 : (long long)v[2];
+    R->finite = 1;
+    R->applied = 1;
+    asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(&R->done), "r"(a.P->rseq) : "memory");
+}
+
 template <bool CLUSTER>
 __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_constant__ fu_args ga) {
     __shared__ __align__(16) float smem[FU_SMEM_FLOATS];  /* 16: fu_split reads float4 */
@@ -257,13 +300,14 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
     /* layer 0's forward over the whole batch, split by output columns across the grid (unless
      * the copy phase did it) */
     if (a.n_layers > 1 && !a.split_q) {
-        forward_layer0(a.L[0], b, gw, tw, lane);
+        forward_layer0(a.L[0], b, gw, tw, lane, a.early ? &a.S->fu_amax[0] : NULL);
         FU_MARK();
         fu_sync<CLUSTER>();
         FU_MARK();
     }
     /* each row through the rest of the chain and back, a block per row */
     for (int r = blockIdx.x; r < b; r += gridDim.x) row_chain(a, smem, a.n_layers > 1 ? 1 : 0, r, lane, warp, &T);
+    if (a.early) fu_early(a);
     FU_MARK();
     fu_sync<CLUSTER>();
     FU_MARK();
@@ -449,6 +493,7 @@ int cu_fused_plan(cu_graph *g) {
     a.P = g->params_d;
     a.clip_norm = p->optim.clip_grad_norm;
     a.trace = getenv("MPSCY_CUDA_FUSED_TRACE") != NULL;
+    a.early = cu_knob_on("MPSCY_CUDA_FUSED_EARLY");
     a.split_dot = cu_knob_int("MPSCY_CUDA_FUSED_SPLITDOT", 1);
     a.din_wide = cu_knob_int("MPSCY_CUDA_FUSED_DWIDE", 0);
     a.row_narrow = cu_knob_int("MPSCY_CUDA_FUSED_ROWU", 16) == 8;

@@ -66,6 +66,7 @@ struct fu_args {
     int row_narrow;    /* $MPSCY_CUDA_FUSED_ROWU=8 (measuring): the row load's partial products 8 loads a round, not 16 */
     int din_wide;      /* $MPSCY_CUDA_FUSED_DWIDE=1 (measuring): the row phase's d(input) loads 16 classes a batch always */
     int split_dot;     /* $MPSCY_CUDA_FUSED_SPLITDOT=0 (measuring): the split's products a (row, output) a thread */
+    int early;         /* the early decision (fu_early; $MPSCY_CUDA_FUSED_EARLY=0, measuring: the end decides always) */
     int trace;         /* $MPSCY_CUDA_FUSED_TRACE: block 0 prints each phase's time (a profiling knob) */
     unsigned long long *stamps; /* with trace: FU_STAMPS times a block (fu_stamp) */
 };
@@ -94,6 +95,30 @@ static __device__ __forceinline__ void fu_sync() {
 }
 
 static __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+
+/* The early decision (mlp.cu's fu_early): whether every weight gradient is finite is known before
+ * any is computed. In float, dW[j, i] = sum_r dz[r, j] x[r, i] over b rows is at most
+ * b max|x| max|dz| (1 + 2^-24)^(b + 1) in magnitude, and db[j] at most that with max|x| taken
+ * as 1: with both maxima finite and b max(max|x|, 1) max|dz| < FLT_MAX / 2, every gradient, and
+ * so their norm, is finite. Each thread keeps the largest |value| it reads or writes of the
+ * layers' inputs (the batch and every hidden layer's output) and of their dz, a NaN or an Inf as
+ * Inf; each warp then publishes its largest into S->fu_amax as float bits (for values >= 0 they
+ * order as unsigned ints). */
+static __device__ __forceinline__ float fu_amax(float m, float v) {
+    const float x = fabsf(v);
+    return x <= FLT_MAX ? fmaxf(m, x) : INFINITY;
+}
+
+/* every lane of the warp calls it */
+static __device__ __forceinline__ void fu_amax_publish(unsigned int *word, float m) {
+    unsigned int w = __float_as_uint(m);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    w = __reduce_max_sync(0xffffffffu, w);
+#else
+    for (int o = 16; o > 0; o >>= 1) w = max(w, __shfl_xor_sync(0xffffffffu, w, o));
+#endif
+    if ((threadIdx.x & 31) == 0 && w) atomicMax(word, w);
+}
 
 /* $MPSCY_CUDA_FUSED_TRACE: thread 0 of block 0 stamps the time at each mark (a profiling knob) */
 struct fu_trace {

@@ -91,6 +91,7 @@ static __device__ __noinline__ void row_chain(const fu_args &a, float *smem, int
     const int nl = a.n_layers, tid = threadIdx.x, nthr = blockDim.x;
     float *cur = smem, *nxt = smem + FU_VEC, *part = smem + 2 * FU_VEC;
     const int label = a.labels[r];
+    float mx = 0.0f, md = 0.0f;  /* the early decision's largest |input| and |dz| (fu_amax) */
     if (a.split_q && first == 1) {
         /* layer 0's output row: its slices' partial products in order, the bias, the ReLU */
         const fu_layer &L = a.L[0];
@@ -105,13 +106,17 @@ static __device__ __noinline__ void row_chain(const fu_args &a, float *smem, int
             if (L.relu) v = mpscy_relu(v);
             cur[j] = v;
             L.y[(int64_t)r * N + j] = v;
+            mx = fu_amax(mx, v);
         }
         __syncthreads();
         fu_mark(a, T);
     } else {
         const fu_layer &L = a.L[first];
         const float *src = L.x + (int64_t)r * L.in;
-        for (int i = tid; i < L.in; i += nthr) cur[i] = src[i];
+        for (int i = tid; i < L.in; i += nthr) {
+            cur[i] = src[i];
+            mx = fu_amax(mx, cur[i]);
+        }
         __syncthreads();
         fu_mark(a, T);
     }
@@ -152,6 +157,7 @@ static __device__ __noinline__ void row_chain(const fu_args &a, float *smem, int
                 if (j0 + q < N) {
                     v += bq[q];
                     if (relu) v = mpscy_relu(v);
+                    if (l + 1 < nl) mx = fu_amax(mx, v);  /* the next layer's input (not the logits) */
                     if (lane == q) {
                         nxt[j0 + q] = v;
                         yr[j0 + q] = v;
@@ -172,7 +178,10 @@ static __device__ __noinline__ void row_chain(const fu_args &a, float *smem, int
             int best;
             const double row = row_loss(cur, nxt, C, label, a.eps, 1.0 / (double)a.b, lane, &best);
             __syncwarp();
-            for (int i = lane; i < C; i += 32) L.dz[(int64_t)r * C + i] = nxt[i];
+            for (int i = lane; i < C; i += 32) {
+                L.dz[(int64_t)r * C + i] = nxt[i];
+                md = fu_amax(md, nxt[i]);
+            }
             if (lane == 0) {
                 a.S->loss_part[r] = row;
                 a.S->correct_part[r] = best == label;
@@ -215,12 +224,17 @@ static __device__ __noinline__ void row_chain(const fu_args &a, float *smem, int
             if (B.relu && mpscy_relu_zeroes(i == tid ? y0 : B.y[(int64_t)r * K + i])) v = 0.0f;
             nxt[i] = v;
             B.dz[(int64_t)r * K + i] = v;
+            md = fu_amax(md, v);
         }
         __syncthreads();
         fu_mark(a, T);
         float *t = cur;
         cur = nxt;
         nxt = t;
+    }
+    if (a.early) {
+        fu_amax_publish(&a.S->fu_amax[0], mx);
+        fu_amax_publish(&a.S->fu_amax[1], md);
     }
 }
 

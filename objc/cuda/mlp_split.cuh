@@ -93,14 +93,17 @@ static __device__ void fu_split(const fu_args &a, float *smem, const float *ws, 
     fu_stamp(a, 1);
     /* a warp a row: reading the slices with the whole block at once, or the group's rows in
      * contiguous float4 parts, was slower (more requests over PCIe at once: bench/cuda_notes.md) */
+    float mx = 0.0f;  /* the early decision's largest |x| (fu_amax) */
     for (int rr = warp; rr < t.nr; rr += nw) {
         const int64_t o = (int64_t)(t.r0 + rr) * K + t.k0;
         for (int k = lane; k < kq; k += 32) {
             const float v = __ldcv(a.in_src + o + k);
             xs[dot ? k * 4 + rr : rr * kq + k] = v;
             a.in_dst[o + k] = v;
+            mx = fu_amax(mx, v);
         }
     }
+    if (a.early) fu_amax_publish(&a.S->fu_amax[0], mx);
     cp_async_wait<0>();  /* the slice */
     __syncthreads();
     fu_stamp(a, 2);

@@ -245,11 +245,14 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
     *x_bad = 0;
     g->params_h->seq = 0;
     const int early = kind == CU_KIND_TRAIN && g->early;
-    if (early) g->rseq = g->rseq % 0x7fffffffu + 1;
-    g->params_h->rseq = early ? g->rseq : 0;
     if (x && !deferred && (bad = cu_stage_pieces(g->stage_pool, dst, x, n, cu_stage_piece(n), NULL, 0, g->stage_stream,
                                                  NULL, NULL, NULL)) >= 0)
         return x_nonfinite(g, bad, x_bad, err, en);
+    /* numbered only when launched, and over an even period: consecutive training steps' norms
+     * take the two slots of cu_result.norm_ring in turn, so the one still owed (g->norm_owed, the
+     * step before) is never the running step's */
+    if (early) g->rseq = g->rseq % 0x7ffffffeu + 1;
+    g->params_h->rseq = early ? g->rseq : 0;
     if (deferred) {
         if (g->seq == g->seq_period) {
             /* the numbers start again at 1: what the device marked with them (a bad input's
@@ -323,6 +326,40 @@ static void read_result(const cu_graph *g, mpscy_step_result *r) {
     r->finite = res->finite;
 }
 
+/* The norm of training step `seq` from its slot, once final (an acquire read of its number);
+ * 0 when not yet */
+static int norm_of(const cu_graph *g, uint32_t seq, double *out) {
+    const cu_result *res = g->result;
+    if (__atomic_load_n(&res->norm_seq[seq & 1], __ATOMIC_ACQUIRE) != seq) return 0;
+    *out = res->norm_ring[seq & 1];
+    return 1;
+}
+
+/* A training step just returned early: the previous one's norm, owed, is final now (its kernels
+ * ended before this step's began), and this one's may not be (mlp.cu's early decision). */
+static void owed_norms(cu_graph *g, mpscy_step_result *r) {
+    if (g->norm_owed && norm_of(g, g->norm_owed, &r->prev_grad_norm)) {
+        r->prev_grad_norm_ready = 1;
+        g->norm_owed = 0;
+    }
+    if (g->result->done == g->rseq && !norm_of(g, g->rseq, &r->grad_norm)) {  /* decided, norm to come */
+        r->grad_norm = NAN;
+        r->grad_norm_pending = 1;
+        g->norm_owed = g->rseq;
+    }
+}
+
+int cu_graph_grad_norm(mpscy_graph gh, double *out, char *err, size_t n) {
+    cu_graph *g = (cu_graph *)gh;
+    if (!g->norm_owed) return FAIL(MPSCY_INVALID, "no training step's gradient norm is pending");
+    int st = cu_settle(gh->dev, err, n);
+    if (st != MPSCY_OK) return st;
+    if (!norm_of(g, g->norm_owed, out))
+        return FAIL(MPSCY_DEVICE, "training step %u ended without writing its gradient norm", (unsigned)g->norm_owed);
+    g->norm_owed = 0;
+    return MPSCY_OK;
+}
+
 int cu_forward_backward(cu_graph *g, int64_t b, mpscy_step_result *r, char *err, size_t n) {
     int x_bad;
     int st = launch(g, CU_KIND_GRAD, b, NULL, &x_bad, err, n);
@@ -353,6 +390,7 @@ int cu_graph_step(mpscy_graph gh, const mpscy_step_args *a, mpscy_step_result *r
 
     read_result(g, r);
     r->applied = g->result->applied;
+    if (kind == CU_KIND_TRAIN && g->early) owed_norms(g, r);
     if (kind == CU_KIND_EVAL) return MPSCY_OK;
     if (!r->finite)
         return MPSCY_FAIL_NONFINITE(err, n, CU, a->mode, r);

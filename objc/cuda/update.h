@@ -28,6 +28,10 @@ static __device__ void decide(cu_scratch *S, cu_result *R, const cu_params *P, d
     R->finite = finite;
     R->applied = finite && update;
     if (P->rseq) {  /* a training step that returns early (step.cu) */
+        /* its norm in its slot first, released on its own: mlp.cu's early decision may have
+         * stored done already, and the host then takes the slot's number as the norm's mark */
+        R->norm_ring[P->rseq & 1] = norm;
+        asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(&R->norm_seq[P->rseq & 1]), "r"(P->rseq) : "memory");
         /* a release store at system scope: whoever sees done sees this thread's writes above
          * (and what it saw before), without __threadfence_system()'s sequentially consistent
          * fence, which the host waited on: A/B on the H200, the MLP b32 37.4-39.2 us against

@@ -272,7 +272,11 @@ cdef extern from "mpscy.h" nogil:
         double lbfgs_g_max
         double lbfgs_g_sum
         int32_t x_nonfinite
+        int32_t grad_norm_pending
+        int32_t prev_grad_norm_ready
+        double prev_grad_norm
 
     int mpscy_graph_step(mpscy_graph g, const mpscy_step_args *args, mpscy_step_result *out,
                          char *err, size_t errlen)
     int mpscy_graph_predict(mpscy_graph g, const mpscy_step_args *args, char *err, size_t errlen)
+    int mpscy_graph_grad_norm(mpscy_graph g, double *out, char *err, size_t errlen)

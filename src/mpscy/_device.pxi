@@ -106,7 +106,24 @@ cdef class StepResult:
     cdef readonly int batch_size
     cdef readonly int64_t step_time_ns
     cdef readonly bint applied
-    cdef readonly double grad_norm
+    cdef double _grad_norm
+    cdef object _owed_by  # the Graph whose step returned before this norm was known, until paid
+    cdef object __weakref__
+
+    @property
+    def grad_norm(self):
+        """The global L2 norm of the gradients, before clipping. On cuda a one-kernel training
+        step returns once its loss and its decision are known, before its weight gradients are; the
+        engine's next training step brings this norm along, and reading it before that waits for
+        the step to finish."""
+        if self._owed_by is not None:
+            self._owed_by._pay_norm()
+        return self._grad_norm
+
+    @property
+    def _norm_owed(self):
+        """True while grad_norm is still to come from the device (tests)."""
+        return self._owed_by is not None
 
     def __repr__(self):
         acc = "None" if self.accuracy is None else f"{self.accuracy:.4f}"
@@ -121,7 +138,7 @@ cdef class StepResult:
 def _make_result(loss, accuracy, batch_size, step_time_ns, applied, grad_norm):
     cdef StepResult r = StepResult.__new__(StepResult)
     r.loss, r.accuracy, r.batch_size = loss, accuracy, batch_size
-    r.step_time_ns, r.applied, r.grad_norm = step_time_ns, applied, grad_norm
+    r.step_time_ns, r.applied, r._grad_norm = step_time_ns, applied, grad_norm
     return r
 
 

@@ -13,6 +13,8 @@ cimport cython
 from mpscy._abi cimport *
 
 
+import weakref
+
 import numpy as np
 
 from mpscy import errors as _errors
@@ -91,6 +93,8 @@ cdef class Graph:
     cdef Py_buffer xview          # x, held from validation until the native call has returned
     cdef bint xheld
     cdef Py_ssize_t row0          # the batch's first row in the caller's array (error messages)
+    cdef object owed              # a weak reference to the last training step's result while its gradient
+                                  # norm is still to come (cuda), else None: a result keeps its graph, not back
 
     def __cinit__(self, Device device not None, list layers not None, dict spec not None):
         cdef int n = len(layers)
@@ -486,6 +490,8 @@ cdef class Graph:
                 st = mpscy_graph_step(self.handle, &self.args, &res, self.err, ERR_LEN)
             if st == MPSCY_OK or (st == MPSCY_NONFINITE and not res.x_nonfinite):
                 self.args.counter += 1
+            if res.prev_grad_norm_ready:
+                self._paid(res.prev_grad_norm)
             self._check_held(st, res.x_nonfinite)
         finally:
             self._release_x()
@@ -495,9 +501,34 @@ cdef class Graph:
         r.accuracy = self._accuracy(res.correct, rows)
         r.batch_size = rows
         r.applied = res.applied
-        r.grad_norm = res.grad_norm
+        r._grad_norm = res.grad_norm
+        if res.grad_norm_pending:
+            r._owed_by = self
+            self.owed = weakref.ref(r)
         r.step_time_ns = _now_ns() - t0
         return r
+
+    cdef _paid(self, double norm):
+        cdef StepResult r = self.owed() if self.owed is not None else None
+        self.owed = None
+        if r is not None:
+            r._grad_norm = norm
+            r._owed_by = None
+
+    def _pay_norm(self):
+        """Waits for the gradient norm the last training step's result still owes (StepResult.grad_norm)."""
+        cdef double norm = 0.0
+        cdef int st
+        if self.owed is None:
+            return
+        self._enter()
+        try:
+            with nogil:
+                st = mpscy_graph_grad_norm(self.handle, &norm, self.err, ERR_LEN)
+            _check(st, self.err)
+        finally:
+            self.busy = False
+        self._paid(norm)
 
     cdef tuple _batch(self, x, y, int mode, Py_ssize_t offset=0):
         """One EVAL or GRAD call on (x, y): (mean loss, correct or -1, rows)."""

@@ -151,6 +151,14 @@ int main(void) {
     CHECK(r.applied == 1 && r.correct >= B * 3 / 4, "trained: applied %d, %lld/%d correct", r.applied, (long long)r.correct, B);
     CHECK(s1.allocations == s0.allocations && s1.bytes_in_use == s0.bytes_in_use, "no allocation per step");
     CHECK(s1.calls - s0.calls == 299 && s1.steps - s0.steps == 299, "one ABI call per step: %lld", (long long)(s1.calls - s0.calls));
+    /* the cpu's step returns with its gradient norm: none is ever pending */
+    CHECK(r.grad_norm_pending == 0 && r.prev_grad_norm_ready == 0 && isfinite(r.grad_norm) && r.grad_norm > 0,
+          "norm with the step: pending %d, %g", r.grad_norm_pending, r.grad_norm);
+    double owed = -1.0;
+    st = mpscy_graph_grad_norm(g, &owed, err, sizeof err);
+    CHECK(st == MPSCY_INVALID && strstr(err, "no training step's gradient norm is pending") && owed == -1.0,
+          "no norm pending: %d %s", st, err);
+    CHECK(mpscy_graph_grad_norm(NULL, &owed, err, sizeof err) == MPSCY_INVALID, "grad_norm of a NULL graph");
 
     int64_t t_step = 0;
     CHECK(mpscy_graph_tensor_read(g, nt - 1, &t_step, sizeof t_step, err, sizeof err) == MPSCY_OK && t_step == 300,
