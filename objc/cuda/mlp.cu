@@ -199,11 +199,18 @@ static __device__ void block_sum3(double *v) {
  * on to the weight gradients: the host's wait ends here, not after them. The end then decides
  * again, the same way (a finite loss and norm), and writes the norm (decide()). Otherwise only
  * the end decides. The words go back to 0 for the next step. */
-static __device__ void fu_early(const fu_args &a) {
+static __device__ void fu_early(const fu_args &a, const unsigned int *wmax) {
     __shared__ int last;
     cu_scratch *S = a.S;
-    __syncthreads();  /* every warp of the block has published */
+    __syncthreads();  /* every warp of the block has its largest values in wmax */
     if (threadIdx.x == 0) {
+        unsigned int m0 = 0u, m1 = 0u;
+        for (int k = 0; k < FU_WARPS; k++) {
+            m0 = max(m0, wmax[k]);
+            m1 = max(m1, wmax[FU_WARPS + k]);
+        }
+        if (m0) atomicMax(&S->fu_amax[0], m0);
+        if (m1) atomicMax(&S->fu_amax[1], m1);
         __threadfence();
         last = atomicAdd(&S->fu_arrive, 1u) == gridDim.x - 1;
         __threadfence();
@@ -211,13 +218,20 @@ static __device__ void fu_early(const fu_args &a) {
     __syncthreads();
     if (!last) return;
     double v[3] = {0.0, 0.0, 0.0};
+    unsigned int w0 = 0u, w1 = 0u;
+    if (threadIdx.x == 0) {  /* loaded beside the rows' parts */
+        w0 = __ldcg(&S->fu_amax[0]);
+        w1 = __ldcg(&S->fu_amax[1]);
+    }
     for (int k = threadIdx.x; k < a.b; k += blockDim.x) {
         v[1] += __ldcg(&S->loss_part[k]);
         v[2] += (double)__ldcg(&S->correct_part[k]);
     }
     block_sum3(v);
     if (threadIdx.x != 0) return;
-    const float mx = __uint_as_float(atomicExch(&S->fu_amax[0], 0u)), md = __uint_as_float(atomicExch(&S->fu_amax[1], 0u));
+    const float mx = __uint_as_float(w0), md = __uint_as_float(w1);
+    /* the words back to 0 for the next step (every block has added to them: it counted itself in) */
+    S->fu_amax[0] = S->fu_amax[1] = 0u;
     S->fu_arrive = 0u;
     const double loss = v[1] / (double)a.b, bound = (double)a.b * fmax((double)mx, 1.0) * (double)md;
     /* an Inf maximum makes the bound Inf or NaN: no early decision */
@@ -237,6 +251,7 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
     /* the arguments, copied to shared memory: the phases index the layers at run time, which
      * from the parameter space is a generic load of a global load's latency per field */
     __shared__ fu_args sa;
+    __shared__ unsigned int wmax[2 * FU_WARPS];  /* the early decision's largest values a warp (row_chain) */
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     /* warp items go round the blocks first, so every multiprocessor gets a share of a small phase */
     const int gw = warp * gridDim.x + blockIdx.x, tw = gridDim.x * FU_WARPS;
@@ -249,6 +264,7 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
     fu_stamp(ga, 0);
     for (int i = threadIdx.x; i < (int)(sizeof(fu_args) / sizeof(int)); i += blockDim.x)
         ((int *)&sa)[i] = ((const int *)&ga)[i];
+    if (threadIdx.x < 2 * FU_WARPS) wmax[threadIdx.x] = 0u;
 
     /* the staged params block, labels and batch from pinned host memory to the device */
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < ga.copy_n; i += (int64_t)gridDim.x * blockDim.x)
@@ -306,8 +322,8 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
         FU_MARK();
     }
     /* each row through the rest of the chain and back, a block per row */
-    for (int r = blockIdx.x; r < b; r += gridDim.x) row_chain(a, smem, a.n_layers > 1 ? 1 : 0, r, lane, warp, &T);
-    if (a.early) fu_early(a);
+    for (int r = blockIdx.x; r < b; r += gridDim.x) row_chain(a, smem, a.n_layers > 1 ? 1 : 0, r, lane, warp, &T, wmax);
+    if (a.early) fu_early(a, wmax);
     FU_MARK();
     fu_sync<CLUSTER>();
     FU_MARK();

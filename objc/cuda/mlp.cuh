@@ -109,14 +109,20 @@ static __device__ __forceinline__ float fu_amax(float m, float v) {
     return x <= FLT_MAX ? fmaxf(m, x) : INFINITY;
 }
 
-/* every lane of the warp calls it */
-static __device__ __forceinline__ void fu_amax_publish(unsigned int *word, float m) {
+/* the warp's largest as float bits (every lane calls it) */
+static __device__ __forceinline__ unsigned int fu_amax_warp(float m) {
     unsigned int w = __float_as_uint(m);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     w = __reduce_max_sync(0xffffffffu, w);
 #else
     for (int o = 16; o > 0; o >>= 1) w = max(w, __shfl_xor_sync(0xffffffffu, w, o));
 #endif
+    return w;
+}
+
+/* the warp's largest into the grid's word (every lane calls it) */
+static __device__ __forceinline__ void fu_amax_publish(unsigned int *word, float m) {
+    const unsigned int w = fu_amax_warp(m);
     if ((threadIdx.x & 31) == 0 && w) atomicMax(word, w);
 }
 

@@ -86,8 +86,10 @@ static __device__ __forceinline__ float split_sum(const float *yp, int Q, int64_
     return v;
 }
 
+/* wmax: the block's largest |input| and |dz| a warp (fu_amax; 2 x FU_WARPS words of shared
+ * memory, fu_early's) */
 static __device__ __noinline__ void row_chain(const fu_args &a, float *smem, int first, int r, int lane, int warp,
-                                              fu_trace *T) {
+                                              fu_trace *T, unsigned int *wmax) {
     const int nl = a.n_layers, tid = threadIdx.x, nthr = blockDim.x;
     float *cur = smem, *nxt = smem + FU_VEC, *part = smem + 2 * FU_VEC;
     const int label = a.labels[r];
@@ -233,8 +235,11 @@ static __device__ __noinline__ void row_chain(const fu_args &a, float *smem, int
         nxt = t;
     }
     if (a.early) {
-        fu_amax_publish(&a.S->fu_amax[0], mx);
-        fu_amax_publish(&a.S->fu_amax[1], md);
+        const unsigned int w0 = fu_amax_warp(mx), w1 = fu_amax_warp(md);
+        if (lane == 0) {
+            wmax[warp] = max(wmax[warp], w0);
+            wmax[FU_WARPS + warp] = max(wmax[FU_WARPS + warp], w1);
+        }
     }
 }
 
