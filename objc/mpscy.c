@@ -253,6 +253,7 @@ static int check_x_src(mpscy_graph g, const mpscy_step_args *a, int predict, cha
 
 int mpscy_graph_step(mpscy_graph g, const mpscy_step_args *args, mpscy_step_result *out, char *err, size_t errlen) {
     if (!g || !args || !out) return FAIL(MPSCY_INVALID, "graph, args or out is NULL");
+    memset(out, 0, sizeof *out);
     g->dev->stats.calls++;
     g->dev->stats.steps++;
     int st = check_step(g, args, err, errlen);

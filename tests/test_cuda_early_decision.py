@@ -141,3 +141,52 @@ def test_where_the_bound_fails_the_end_decides(early, monkeypatch, capfd):
     assert abs(rg.loss - rc.loss) <= 1e-5 * rc.loss and abs(rg.grad_norm - rc.grad_norm) <= 1e-4 * rc.grad_norm
     pc, pg = cpu.get_parameters(), gpu.get_parameters()
     assert max(rel_err(pg[k], pc[k]) for k in pc) <= PARAM_TOL
+
+
+@cuda_only
+def test_a_failed_step_between_keeps_each_norm(rng):
+    """A step whose deferred rows hold a NaN fails after its kernel ran (its number used), between
+    a step whose norm is still to come and the next: the owed norm is read out of its slot before
+    the next step takes it. Steps A (ok), B (NaN row: NonFiniteError), C (ok), D (NaN), E (ok),
+    with A's norm read after B, the others' after E: each as the cpu's (1e-4), parameters too."""
+    build, shape, batch = FUSED_MODELS["benchmark_mlp"]
+    cpu, gpu = pair(build, shape, batch=batch)
+    kept = []
+    for s in range(5):
+        x = rng.standard_normal((batch,) + shape).astype(np.float32)
+        y = rng.integers(0, 10, batch).astype(np.int32)
+        if s % 2:
+            x[3, 100] = np.nan
+            for e in (cpu, gpu):
+                with pytest.raises(mpscy.NonFiniteError, match="row 3"):
+                    e.step(x, y)
+            if s == 1:
+                want, rg = kept[0]
+                assert rg._norm_owed and abs(rg.grad_norm - want) <= 1e-4 * want
+            continue
+        rc, rg = cpu.step(x, y), gpu.step(x, y)
+        assert rg._norm_owed
+        kept.append((rc.grad_norm, rg))
+    for want, rg in kept:
+        assert abs(rg.grad_norm - want) <= 1e-4 * want, (want, rg.grad_norm)
+    pc, pg = cpu.get_parameters(), gpu.get_parameters()
+    assert max(rel_err(pg[k], pc[k]) for k in pc) <= PARAM_TOL
+
+
+@cuda_only
+def test_close_pays_the_owed_norm(rng):
+    """Engine.close() lets the graph go even while the last result's norm is still to come: the
+    result gets its norm first (as the cpu's, 1e-4), and holds no reference to the graph after."""
+    import gc
+    import weakref
+    build, shape, batch = FUSED_MODELS["benchmark_mlp"]
+    cpu, gpu = pair(build, shape, batch=batch)
+    x = rng.standard_normal((batch,) + shape).astype(np.float32)
+    y = rng.integers(0, 10, batch).astype(np.int32)
+    rc, rg = cpu.step(x, y), gpu.step(x, y)
+    assert rg._norm_owed
+    graph = weakref.ref(gpu._graph)
+    gpu.close()
+    gc.collect()
+    assert graph() is None and not rg._norm_owed
+    assert abs(rg.grad_norm - rc.grad_norm) <= 1e-4 * rc.grad_norm

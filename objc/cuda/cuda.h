@@ -157,6 +157,8 @@ typedef struct cu_graph {
     uint32_t rseq;             /* the last training step's number (cu_params.rseq) */
     uint32_t norm_owed;        /* the last training step's number when it returned before its gradient
                                 * norm was known (cu_result.norm_ring), until the caller has it; else 0 */
+    int owed_have;             /* that norm already read out of its slot into owed_val (step.cu) */
+    double owed_val;
     int forked;                /* capture state: the side streams with work to join (1: side, 2: alt, 4: nrm) */
     /* the early norm (optim.cu): each layer's squares summed on their own stream once its gradients
      * are done, the final kernel adding the partials and the last layer's squares, then updating */

@@ -225,6 +225,15 @@ static int launch_hook(void *p) {
     return (int)e;
 }
 
+/* The norm of training step `seq` from its slot, once final (an acquire read of its number);
+ * 0 when not yet */
+static int norm_of(const cu_graph *g, uint32_t seq, double *out) {
+    const cu_result *res = g->result;
+    if (__atomic_load_n(&res->norm_seq[seq & 1], __ATOMIC_ACQUIRE) != seq) return 0;
+    *out = res->norm_ring[seq & 1];
+    return 1;
+}
+
 /* x_src's element `bad` is a NaN or Inf: the call fails naming its row */
 static int x_nonfinite(const cu_graph *g, int64_t bad, int *x_bad, char *err, size_t en) {
     *x_bad = 1;
@@ -250,7 +259,15 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
         return x_nonfinite(g, bad, x_bad, err, en);
     /* numbered only when launched, and over an even period: consecutive training steps' norms
      * take the two slots of cu_result.norm_ring in turn, so the one still owed (g->norm_owed, the
-     * step before) is never the running step's */
+     * step before) is never the running step's. When a step launched since the owing one failed
+     * (a NaN in its deferred rows, a stall), the next number takes the owed norm's slot: the norm
+     * is read out of it first, its step long ended (settled to be sure). */
+    if (early && g->norm_owed && g->norm_owed != g->rseq && !g->owed_have) {
+        const int st = cu_settle(g->base.dev, err, en);
+        if (st != MPSCY_OK) return st;
+        if (!norm_of(g, g->norm_owed, &g->owed_val)) g->owed_val = NAN;  /* never: its step decided */
+        g->owed_have = 1;
+    }
     if (early) g->rseq = g->rseq % 0x7ffffffeu + 1;
     g->params_h->rseq = early ? g->rseq : 0;
     if (deferred) {
@@ -326,21 +343,14 @@ static void read_result(const cu_graph *g, mpscy_step_result *r) {
     r->finite = res->finite;
 }
 
-/* The norm of training step `seq` from its slot, once final (an acquire read of its number);
- * 0 when not yet */
-static int norm_of(const cu_graph *g, uint32_t seq, double *out) {
-    const cu_result *res = g->result;
-    if (__atomic_load_n(&res->norm_seq[seq & 1], __ATOMIC_ACQUIRE) != seq) return 0;
-    *out = res->norm_ring[seq & 1];
-    return 1;
-}
-
 /* A training step just returned early: the previous one's norm, owed, is final now (its kernels
  * ended before this step's began), and this one's may not be (mlp.cu's early decision). */
 static void owed_norms(cu_graph *g, mpscy_step_result *r) {
-    if (g->norm_owed && norm_of(g, g->norm_owed, &r->prev_grad_norm)) {
+    if (g->norm_owed && (g->owed_have || norm_of(g, g->norm_owed, &g->owed_val))) {
+        r->prev_grad_norm = g->owed_val;
         r->prev_grad_norm_ready = 1;
         g->norm_owed = 0;
+        g->owed_have = 0;
     }
     if (g->result->done == g->rseq && !norm_of(g, g->rseq, &r->grad_norm)) {  /* decided, norm to come */
         r->grad_norm = NAN;
@@ -352,11 +362,15 @@ static void owed_norms(cu_graph *g, mpscy_step_result *r) {
 int cu_graph_grad_norm(mpscy_graph gh, double *out, char *err, size_t n) {
     cu_graph *g = (cu_graph *)gh;
     if (!g->norm_owed) return FAIL(MPSCY_INVALID, "no training step's gradient norm is pending");
-    int st = cu_settle(gh->dev, err, n);
-    if (st != MPSCY_OK) return st;
-    if (!norm_of(g, g->norm_owed, out))
-        return FAIL(MPSCY_DEVICE, "training step %u ended without writing its gradient norm", (unsigned)g->norm_owed);
+    if (!g->owed_have) {
+        int st = cu_settle(gh->dev, err, n);
+        if (st != MPSCY_OK) return st;
+        if (!norm_of(g, g->norm_owed, &g->owed_val))
+            return FAIL(MPSCY_DEVICE, "training step %u ended without writing its gradient norm", (unsigned)g->norm_owed);
+    }
+    *out = g->owed_val;
     g->norm_owed = 0;
+    g->owed_have = 0;
     return MPSCY_OK;
 }
 

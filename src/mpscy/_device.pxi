@@ -115,9 +115,10 @@ cdef class StepResult:
         """The global L2 norm of the gradients, before clipping. On cuda a one-kernel training
         step returns once its loss and its decision are known, before its weight gradients are; the
         engine's next training step brings this norm along, and reading it before that waits for
-        the step to finish."""
+        the step to finish (from another thread while the engine runs a call, it raises StateError,
+        as any call on the engine would)."""
         if self._owed_by is not None:
-            self._owed_by._pay_norm()
+            self._owed_by._pay_norm(self)
         return self._grad_norm
 
     @property

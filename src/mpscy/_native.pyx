@@ -515,12 +515,15 @@ cdef class Graph:
             r._grad_norm = norm
             r._owed_by = None
 
-    def _pay_norm(self):
-        """Waits for the gradient norm the last training step's result still owes (StepResult.grad_norm)."""
+    def _pay_norm(self, StepResult r not None):
+        """Waits for the gradient norm result r still owes (StepResult.grad_norm), the last
+        training step's: a later training step would have brought it along."""
         cdef double norm = 0.0
         cdef int st
-        if self.owed is None:
+        if r._owed_by is None:
             return
+        if self.owed is None or self.owed() is not r:
+            raise _errors.StateError("this step's gradient norm is no longer held by its engine")
         self._enter()
         try:
             with nogil:
@@ -529,6 +532,18 @@ cdef class Graph:
         finally:
             self.busy = False
         self._paid(norm)
+
+    def _settle_owed(self):
+        """Before the graph is let go (Engine.close): the owed result, if any, gets its norm (NaN if
+        the device failed), so that it does not keep the graph's device memory alive."""
+        r = self.owed() if self.owed is not None else None
+        if r is None:
+            self.owed = None
+            return
+        try:
+            self._pay_norm(r)
+        except _errors.Error:
+            self._paid(float("nan"))
 
     cdef tuple _batch(self, x, y, int mode, Py_ssize_t offset=0):
         """One EVAL or GRAD call on (x, y): (mean loss, correct or -1, rows)."""

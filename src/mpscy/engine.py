@@ -203,6 +203,8 @@ class Engine(OptimizerState):
 
     def close(self):
         """Frees the native graph and device. Further calls raise StateError."""
+        if self._graph is not None:
+            self._graph._settle_owed()  # the last StepResult's grad_norm, if still to come (cuda)
         self._graph = None
         self._device = None
 
@@ -218,6 +220,9 @@ class Engine(OptimizerState):
         self.close()
 
     def __del__(self):
+        g = getattr(self, "_graph", None)
+        if g is not None:
+            g._settle_owed()
         self._graph = None
 
     def _not_copyable(self, *args):
