@@ -69,6 +69,7 @@ typedef struct cu_scratch {
      * inputs, then their dz) as float bits, and the blocks past the row phase; 0 between steps */
     unsigned int fu_amax[2];
     unsigned int fu_arrive;
+    unsigned int fu_gen;       /* the row phase's barrier (fu_early): one more each step, never cleared */
 } cu_scratch;
 
 /* What a step reports; kernels write it into pinned, device-mapped host memory. */

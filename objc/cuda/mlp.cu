@@ -192,14 +192,16 @@ static __device__ void block_sum3(double *v) {
 }
 
 
-/* The early decision (fu_amax in mlp.cuh): each block, past its rows, counts itself in; the last
- * one adds the rows' losses and correct counts as the end does (the same bits), and when the loss
+/* The early decision (fu_amax in mlp.cuh): each block, past its rows, counts itself in; on a grid
+ * (barrier: gen, the barrier's number read at the kernel's start) this is the grid barrier after
+ * the row phase, the last block releasing the others before it decides, so the decision costs
+ * the others nothing; in a cluster the cluster barrier follows. The last one adds the rows' losses and correct counts as the end does (the same bits), and when the loss
  * is finite, the input was not flagged bad and the bound proves every gradient finite, it writes
  * the step's result and releases it to the host (R->done, as decide() does) while the others go
  * on to the weight gradients: the host's wait ends here, not after them. The end then decides
  * again, the same way (a finite loss and norm), and writes the norm (decide()). Otherwise only
  * the end decides. The words go back to 0 for the next step. */
-static __device__ void fu_early(const fu_args &a, const unsigned int *wmax) {
+static __device__ void fu_early(const fu_args &a, const unsigned int *wmax, bool barrier, unsigned int gen) {
     __shared__ int last;
     cu_scratch *S = a.S;
     __syncthreads();  /* every warp of the block has its largest values in wmax */
@@ -213,6 +215,16 @@ static __device__ void fu_early(const fu_args &a, const unsigned int *wmax) {
         if (m1) atomicMax(&S->fu_amax[1], m1);
         __threadfence();
         last = atomicAdd(&S->fu_arrive, 1u) == gridDim.x - 1;
+        if (last) {
+            S->fu_arrive = 0u;
+            __threadfence();
+            if (barrier) atomicExch(&S->fu_gen, gen + 1u);  /* the others go on */
+        } else if (barrier) {
+            /* the grid barrier after the row phase, as grid.sync's: the last block to arrive
+             * releases the others, then decides while they compute the weight gradients */
+            while (cu_load_acquire_gpu(&S->fu_gen) == gen) {
+            }
+        }
         __threadfence();
     }
     __syncthreads();
@@ -232,7 +244,6 @@ static __device__ void fu_early(const fu_args &a, const unsigned int *wmax) {
     const float mx = __uint_as_float(w0), md = __uint_as_float(w1);
     /* the words back to 0 for the next step (every block has added to them: it counted itself in) */
     S->fu_amax[0] = S->fu_amax[1] = 0u;
-    S->fu_arrive = 0u;
     const double loss = v[1] / (double)a.b, bound = (double)a.b * fmax((double)mx, 1.0) * (double)md;
     /* an Inf maximum makes the bound Inf or NaN: no early decision */
     if (!a.P->rseq || !isfinite(loss) || !(bound < 0.5 * (double)FLT_MAX) || input_bad(S, a.P)) return;
@@ -265,6 +276,10 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
     for (int i = threadIdx.x; i < (int)(sizeof(fu_args) / sizeof(int)); i += blockDim.x)
         ((int *)&sa)[i] = ((const int *)&ga)[i];
     if (threadIdx.x < 2 * FU_WARPS) wmax[threadIdx.x] = 0u;
+    /* the row phase's barrier number (fu_early): read before the copy's barrier, which every block
+     * passes before the last one at that barrier can raise it */
+    __shared__ unsigned int gen0;
+    if (threadIdx.x == 0) gen0 = *(volatile const unsigned int *)&ga.S->fu_gen;
 
     /* the staged params block, labels and batch from pinned host memory to the device */
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < ga.copy_n; i += (int64_t)gridDim.x * blockDim.x)
@@ -323,9 +338,14 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
     }
     /* each row through the rest of the chain and back, a block per row */
     for (int r = blockIdx.x; r < b; r += gridDim.x) row_chain(a, smem, a.n_layers > 1 ? 1 : 0, r, lane, warp, &T, wmax);
-    if (a.early) fu_early(a, wmax);
-    FU_MARK();
-    fu_sync<CLUSTER>();
+    if (a.early && !CLUSTER) {
+        fu_early(a, wmax, true, gen0);  /* the barrier itself, its last block deciding */
+        FU_MARK();
+    } else {
+        if (a.early) fu_early(a, wmax, false, 0u);
+        FU_MARK();
+        fu_sync<CLUSTER>();
+    }
     FU_MARK();
     /* every weight gradient, and each block's sum of squares of what it wrote */
     double v[3] = {weight_grads<8>(a, gw, tw, lane), 0.0, 0.0};
