@@ -86,7 +86,7 @@ def test_a_dropped_result_leaves_the_next_norms_right(monkeypatch, rng):
     leaves the later ones right: 6 benchmark-MLP steps, every other result dropped at once,
     the kept ones' norms against the cpu's (1e-4)."""
     build, shape, batch = FUSED_MODELS["benchmark_mlp"]
-    cpu, gpu = pair(build, shape, batch=batch)
+    cpu, gpu = pair(build, shape, batch=batch, opt=lambda: optim.SGD(0.1, momentum=0.5))
     kept = []
     for s in range(6):
         x = rng.standard_normal((batch,) + shape).astype(np.float32)
@@ -150,7 +150,7 @@ def test_a_failed_step_between_keeps_each_norm(rng):
     the next step takes it. Steps A (ok), B (NaN row: NonFiniteError), C (ok), D (NaN), E (ok),
     with A's norm read after B, the others' after E: each as the cpu's (1e-4), parameters too."""
     build, shape, batch = FUSED_MODELS["benchmark_mlp"]
-    cpu, gpu = pair(build, shape, batch=batch)
+    cpu, gpu = pair(build, shape, batch=batch, opt=lambda: optim.SGD(0.1, momentum=0.5))
     for _ in range(2):  # warm: an engine's first steps may end before the host looks
         x = rng.standard_normal((batch,) + shape).astype(np.float32)
         y = rng.integers(0, 10, batch).astype(np.int32)
@@ -185,7 +185,7 @@ def test_close_pays_the_owed_norm(rng):
     """Engine.close() lets the graph go even while the last result's norm is still to come: the
     result gets its norm first (as the cpu's, 1e-4) and lets go of the graph."""
     build, shape, batch = FUSED_MODELS["benchmark_mlp"]
-    cpu, gpu = pair(build, shape, batch=batch)
+    cpu, gpu = pair(build, shape, batch=batch, opt=lambda: optim.SGD(0.1, momentum=0.5))
     x = rng.standard_normal((batch,) + shape).astype(np.float32)
     y = rng.integers(0, 10, batch).astype(np.int32)
     for _ in range(6):  # until a step returns before its norm (the first ones may not)
