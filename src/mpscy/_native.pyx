@@ -491,7 +491,7 @@ cdef class Graph:
             if st == MPSCY_OK or (st == MPSCY_NONFINITE and not res.x_nonfinite):
                 self.args.counter += 1
             if res.prev_grad_norm_ready:
-                self._paid(res.prev_grad_norm)
+                _owed_paid(self, res.prev_grad_norm)
             self._check_held(st, res.x_nonfinite)
         finally:
             self._release_x()
@@ -508,42 +508,13 @@ cdef class Graph:
         r.step_time_ns = _now_ns() - t0
         return r
 
-    cdef _paid(self, double norm):
-        cdef StepResult r = self.owed() if self.owed is not None else None
-        self.owed = None
-        if r is not None:
-            r._grad_norm = norm
-            r._owed_by = None
-
     def _pay_norm(self, StepResult r not None):
-        """Waits for the gradient norm result r still owes (StepResult.grad_norm), the last
-        training step's: a later training step would have brought it along."""
-        cdef double norm = 0.0
-        cdef int st
-        if r._owed_by is None:
-            return
-        if self.owed is None or self.owed() is not r:
-            raise _errors.StateError("this step's gradient norm is no longer held by its engine")
-        self._enter()
-        try:
-            with nogil:
-                st = mpscy_graph_grad_norm(self.handle, &norm, self.err, ERR_LEN)
-            _check(st, self.err)
-        finally:
-            self.busy = False
-        self._paid(norm)
+        """Waits for the gradient norm r still owes (StepResult.grad_norm: _owed.pxi)."""
+        _owed_pay(self, r)
 
     def _settle_owed(self):
-        """Before the graph is let go (Engine.close): the owed result, if any, gets its norm (NaN if
-        the device failed), so that it does not keep the graph's device memory alive."""
-        r = self.owed() if self.owed is not None else None
-        if r is None:
-            self.owed = None
-            return
-        try:
-            self._pay_norm(r)
-        except _errors.Error:
-            self._paid(float("nan"))
+        """Pays the owed result its norm before the graph is let go (Engine.close: _owed.pxi)."""
+        _owed_settle(self)
 
     cdef tuple _batch(self, x, y, int mode, Py_ssize_t offset=0):
         """One EVAL or GRAD call on (x, y): (mean loss, correct or -1, rows)."""
@@ -718,3 +689,4 @@ cdef class Graph:
 
 
 include "_labels.pxi"
+include "_owed.pxi"
