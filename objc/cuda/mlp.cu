@@ -192,15 +192,16 @@ static __device__ void block_sum3(double *v) {
 }
 
 
-/* The early decision (fu_amax in mlp.cuh): each block, past its rows, counts itself in; on a grid
- * (barrier: gen, the barrier's number read at the kernel's start) this is the grid barrier after
- * the row phase, the last block releasing the others before it decides, so the decision costs
- * the others nothing; in a cluster the cluster barrier follows. The last one adds the rows' losses and correct counts as the end does (the same bits), and when the loss
- * is finite, the input was not flagged bad and the bound proves every gradient finite, it writes
- * the step's result and releases it to the host (R->done, as decide() does) while the others go
- * on to the weight gradients: the host's wait ends here, not after them. The end then decides
- * again, the same way (a finite loss and norm), and writes the norm (decide()). Otherwise only
- * the end decides. The words go back to 0 for the next step. */
+/* The early decision (fu_amax in mlp.cuh): each block, past its rows, counts itself in. On a grid
+ * (barrier; gen: the barrier's number, read at the kernel's start) this is the grid barrier after
+ * the row phase: the last block to arrive releases the others, then decides, which costs them
+ * nothing; in a cluster the cluster barrier follows. The last block adds the rows' losses and
+ * correct counts as the end does (the same bits), and when the loss is finite, the input was not
+ * flagged bad and the bound proves every gradient finite, it writes the step's result and
+ * releases it to the host (R->done, as decide() does) while the others go on to the weight
+ * gradients: the host's wait ends here, not after them. The end then decides again, the same way
+ * (a finite loss and norm), and writes the norm (decide()). Otherwise only the end decides. The
+ * words go back to 0 for the next step. */
 static __device__ void fu_early(const fu_args &a, const unsigned int *wmax, bool barrier, unsigned int gen) {
     __shared__ int last;
     cu_scratch *S = a.S;
