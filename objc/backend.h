@@ -39,8 +39,8 @@ struct mpscy_graph_ {
     double *scalars;                /* the optimizer's host scalars (step count, mu_product, ...) */
 };
 
-/* The table each backend fills. Every entry is required (device_synchronize and graph_grad_norm excepted); an entry may answer
- * MPSCY_UNSUPPORTED. Error buffers are the caller's and may be NULL. */
+/* The table each backend fills. Every entry is required (device_synchronize and graph_grad_norm
+ * excepted); an entry may answer MPSCY_UNSUPPORTED. Error buffers are the caller's and may be NULL. */
 struct mpscy_backend {
     const char *name;
     int (*device_create)(const mpscy_backend *vt, mpscy_device *out, char *err, size_t n);
