@@ -145,9 +145,9 @@ def test_where_the_bound_fails_the_end_decides(early, monkeypatch, capfd):
 
 @cuda_only
 def test_a_failed_step_between_keeps_each_norm(rng):
-    """A step whose deferred rows hold a NaN fails after its kernel ran (its number used), between
-    a step whose norm is still to come and the next: the owed norm is read out of its slot before
-    the next step takes it. Steps A (ok), B (NaN row: NonFiniteError), C (ok), D (NaN), E (ok),
+    """A step whose deferred rows hold a NaN fails after its kernel ran, between a step whose norm
+    is still to come and the next: later steps' norms take the other slot (the launch picks it),
+    and the failed call's result already brings the owed one. Steps A (ok), B (NaN row: NonFiniteError), C (ok), D (NaN), E (ok),
     with A's norm read after B, the others' after E: each as the cpu's (1e-4), parameters too."""
     build, shape, batch = FUSED_MODELS["benchmark_mlp"]
     cpu, gpu = pair(build, shape, batch=batch, opt=lambda: optim.SGD(0.1, momentum=0.5))

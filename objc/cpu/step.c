@@ -37,7 +37,6 @@ int cpu_graph_step(mpscy_graph gh, const mpscy_step_args *a, mpscy_step_result *
     const mpscy_plan *p = &g->plan;
     int64_t b = a->batch;  /* rows, mode and labels checked by the dispatcher */
     const void *target = g->io_bufs[p->n_inputs].host;
-    memset(r, 0, sizeof *r);
     if (a->mode == MPSCY_MODE_LBFGS) return cpu_lbfgs_step(g, a, r, err, n);
     if (a->mode == MPSCY_MODE_EVAL) {
         forward(g, b, 0, a);

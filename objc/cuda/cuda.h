@@ -43,6 +43,8 @@ typedef struct cu_params {
     uint32_t seq;              /* a deferred step's number (its pieces' flags carry it), else 0 */
     uint32_t rseq;             /* a training step's number, or 0: update.h's decide() stores it in
                                   cu_result.done once the result is final */
+    uint32_t nslot;            /* the cu_result.norm_ring slot a norm that comes after its result takes:
+                                  never the one a norm still owed is in (step.cu) */
 } cu_params;
 
 /* Device-side scratch of the reductions and the step's decision. */
@@ -70,6 +72,7 @@ typedef struct cu_scratch {
     unsigned int fu_amax[2];
     unsigned int fu_arrive;
     unsigned int fu_gen;       /* the row phase's barrier (fu_early): one more each step, never cleared */
+    unsigned int fu_late;      /* rseq of the last step fu_early decided: its end writes the norm's slot */
 } cu_scratch;
 
 /* What a step reports; kernels write it into pinned, device-mapped host memory. */
@@ -82,8 +85,9 @@ typedef struct cu_result {
     int stalled;               /* the pull kernel gave up waiting for a piece of the batch */
     unsigned int done;         /* cu_params.rseq of the last step whose result is final */
     double red[8];             /* L-BFGS: reductions read by the host */
-    /* an early-returned training step's gradient norm, in slot rseq & 1 once norm_seq[rseq & 1]
-     * is rseq (a release store): mlp.cu's early decision returns before the norm is known */
+    /* a training step decided before its norm was known (mlp.cu's fu_early) has its rseq in
+     * norm_late; its norm lands in slot P->nslot, marked by norm_seq[slot] = rseq (a release store) */
+    unsigned int norm_late;
     double norm_ring[2];
     unsigned int norm_seq[2];
 } cu_result;
@@ -157,9 +161,8 @@ typedef struct cu_graph {
     int early;                 /* $MPSCY_CUDA_EARLY not 0: a training step returns once its result is final */
     uint32_t rseq;             /* the last training step's number (cu_params.rseq) */
     uint32_t norm_owed;        /* the last training step's number when it returned before its gradient
-                                * norm was known (cu_result.norm_ring), until the caller has it; else 0 */
-    int owed_have;             /* that norm already read out of its slot into owed_val (step.cu) */
-    double owed_val;
+                                * norm was known, until the caller has it; else 0 */
+    uint32_t owed_slot;        /* the cu_result.norm_ring slot that norm lands in */
     int forked;                /* capture state: the side streams with work to join (1: side, 2: alt, 4: nrm) */
     /* the early norm (optim.cu): each layer's squares summed on their own stream once its gradients
      * are done, the final kernel adding the partials and the last layer's squares, then updating */

@@ -172,6 +172,15 @@ static __device__ double weight_grads(const fu_args &a, int gw, int tw, int lane
     return s2;
 }
 
+/* v[1] += the rows' losses, v[2] += their correct counts, each thread its rows k = tid, tid +
+ * blockDim.x, ... (then block_sum3: the same order wherever it runs, so the same bits) */
+static __device__ __forceinline__ void add_row_parts(const cu_scratch *S, int b, double *v) {
+    for (int k = threadIdx.x; k < b; k += blockDim.x) {
+        v[1] += __ldcg(&S->loss_part[k]);
+        v[2] += (double)__ldcg(&S->correct_part[k]);
+    }
+}
+
 /* Three sums over the block at once (one pair of barriers); every thread gets the results. */
 static __device__ void block_sum3(double *v) {
     __shared__ double w[3][FU_WARPS];
@@ -236,10 +245,7 @@ static __device__ void fu_early(const fu_args &a, const unsigned int *wmax, bool
         w0 = __ldcg(&S->fu_amax[0]);
         w1 = __ldcg(&S->fu_amax[1]);
     }
-    for (int k = threadIdx.x; k < a.b; k += blockDim.x) {
-        v[1] += __ldcg(&S->loss_part[k]);
-        v[2] += (double)__ldcg(&S->correct_part[k]);
-    }
+    add_row_parts(S, a.b, v);
     block_sum3(v);
     if (threadIdx.x != 0) return;
     const float mx = __uint_as_float(w0), md = __uint_as_float(w1);
@@ -253,7 +259,8 @@ static __device__ void fu_early(const fu_args &a, const unsigned int *wmax, bool
     R->correct = a.accuracy == MPSCY_ACCURACY_NONE ? -1 : (long long)v[2];
     R->finite = 1;
     R->applied = 1;
-    asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(&R->done), "r"(a.P->rseq) : "memory");
+    R->norm_late = S->fu_late = a.P->rseq;  /* the norm comes later: the host, the end's decide() */
+    release_result(R, a.P);
 }
 
 template <bool CLUSTER>
@@ -359,17 +366,16 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
     v[0] = threadIdx.x < gridDim.x ? a.S->norm_part[threadIdx.x] : 0.0;
     for (int k = threadIdx.x + blockDim.x; k < (int)gridDim.x; k += blockDim.x) v[0] += a.S->norm_part[k];
     v[1] = v[2] = 0.0;
-    for (int k = threadIdx.x; k < b; k += blockDim.x) {
-        v[1] += a.S->loss_part[k];
-        v[2] += (double)a.S->correct_part[k];
-    }
+    add_row_parts(a.S, b, v);
+    /* whether fu_early decided (block 0's thread 0 decides below), loaded beside the parts */
+    const bool late = a.early && blockIdx.x == 0 && threadIdx.x == 0 && __ldcg(&a.S->fu_late) == a.P->rseq;
     block_sum3(v);
     const double loss = v[1] / (double)b;
     if (blockIdx.x == 0 && threadIdx.x == 0) {
         a.S->loss = loss;  /* decide() below copies both into R */
         a.S->correct = a.accuracy == MPSCY_ACCURACY_NONE ? -1 : (long long)v[2];
     }
-    decide_and_update<false>(a.u, a.S, a.R, a.P, v[0], loss, a.clip_norm, !input_bad(a.S, a.P));
+    decide_and_update<false>(a.u, a.S, a.R, a.P, v[0], loss, a.clip_norm, !input_bad(a.S, a.P), late);
     FU_MARK();
     if (a.trace && blockIdx.x == 0 && threadIdx.x == 0) {
         /* per mark, ns: copy, barrier, layer 0, barrier, row loaded, each later layer's forward,

@@ -21,7 +21,10 @@
  * training step of the same graph is ordered after them on the same stream (the host only
  * writes pinned staging, which the running step has long read), so staging the next batch
  * overlaps the update; every other call on the device first waits for them (cu_settle).
- * MPSCY_CUDA_EARLY=0 waits for the whole step every time. */
+ * MPSCY_CUDA_EARLY=0 waits for the whole step every time. A step that mlp.cu decides before its
+ * weight gradients (fu_early) returns before its norm, too: the norm lands in the ring slot the
+ * launch picked (never an owed norm's), and the next training call or mpscy_graph_grad_norm
+ * hands it over. */
 #include "cuda.h"
 
 #include <math.h>
@@ -225,15 +228,6 @@ static int launch_hook(void *p) {
     return (int)e;
 }
 
-/* The norm of training step `seq` from its slot, once final (an acquire read of its number);
- * 0 when not yet */
-static int norm_of(const cu_graph *g, uint32_t seq, double *out) {
-    const cu_result *res = g->result;
-    if (__atomic_load_n(&res->norm_seq[seq & 1], __ATOMIC_ACQUIRE) != seq) return 0;
-    *out = res->norm_ring[seq & 1];
-    return 1;
-}
-
 /* x_src's element `bad` is a NaN or Inf: the call fails naming its row */
 static int x_nonfinite(const cu_graph *g, int64_t bad, int *x_bad, char *err, size_t en) {
     *x_bad = 1;
@@ -254,22 +248,12 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
     *x_bad = 0;
     g->params_h->seq = 0;
     const int early = kind == CU_KIND_TRAIN && g->early;
+    if (early) g->rseq = g->rseq % 0x7fffffffu + 1;
+    g->params_h->rseq = early ? g->rseq : 0;
+    g->params_h->nslot = g->norm_owed ? g->owed_slot ^ 1u : 0u;  /* a late norm never lands on an owed one */
     if (x && !deferred && (bad = cu_stage_pieces(g->stage_pool, dst, x, n, cu_stage_piece(n), NULL, 0, g->stage_stream,
                                                  NULL, NULL, NULL)) >= 0)
         return x_nonfinite(g, bad, x_bad, err, en);
-    /* numbered only when launched, and over an even period: consecutive training steps' norms
-     * take the two slots of cu_result.norm_ring in turn, so the one still owed (g->norm_owed, the
-     * step before) is never the running step's. When a step launched since the owing one failed
-     * (a NaN in its deferred rows, a stall), the next number takes the owed norm's slot: the norm
-     * is read out of it first, its step long ended (settled to be sure). */
-    if (early && g->norm_owed && g->norm_owed != g->rseq && !g->owed_have) {
-        const int st = cu_settle(g->base.dev, err, en);
-        if (st != MPSCY_OK) return st;
-        if (!norm_of(g, g->norm_owed, &g->owed_val)) g->owed_val = NAN;  /* never: its step decided */
-        g->owed_have = 1;
-    }
-    if (early) g->rseq = g->rseq % 0x7ffffffeu + 1;
-    g->params_h->rseq = early ? g->rseq : 0;
     if (deferred) {
         if (g->seq == g->seq_period) {
             /* the numbers start again at 1: what the device marked with them (a bad input's
@@ -343,34 +327,44 @@ static void read_result(const cu_graph *g, mpscy_step_result *r) {
     r->finite = res->finite;
 }
 
-/* A training step just returned early: the previous one's norm, owed, is final now (its kernels
- * ended before this step's began), and this one's may not be (mlp.cu's early decision). */
-static void owed_norms(cu_graph *g, mpscy_step_result *r) {
-    if (g->norm_owed && (g->owed_have || norm_of(g, g->norm_owed, &g->owed_val))) {
-        r->prev_grad_norm = g->owed_val;
+/* The norm of training step `seq` from ring slot k, once final (an acquire read of its mark);
+ * 0 when not yet: a probe, never a wait */
+static int norm_of(const cu_graph *g, uint32_t seq, uint32_t k, double *out) {
+    const cu_result *res = g->result;
+    if (__atomic_load_n(&res->norm_seq[k], __ATOMIC_ACQUIRE) != seq) return 0;
+    *out = res->norm_ring[k];
+    return 1;
+}
+
+/* After any training call, failed ones too: the norm a step before still owes, once final (it is
+ * when this call's kernel ran: that step's kernels had ended) */
+static void pay_owed(cu_graph *g, mpscy_step_result *r) {
+    if (g->norm_owed && norm_of(g, g->norm_owed, g->owed_slot, &r->prev_grad_norm)) {
         r->prev_grad_norm_ready = 1;
         g->norm_owed = 0;
-        g->owed_have = 0;
     }
-    if (g->result->done == g->rseq && !norm_of(g, g->rseq, &r->grad_norm)) {  /* decided, norm to come */
+}
+
+/* After a training step's result: decided before its norm was known (mlp.cu's early decision),
+ * the step owes it unless it has landed already */
+static void owe_norm(cu_graph *g, mpscy_step_result *r) {
+    const uint32_t k = g->params_h->nslot;
+    if (g->result->norm_late == g->rseq && !norm_of(g, g->rseq, k, &r->grad_norm)) {
         r->grad_norm = NAN;
         r->grad_norm_pending = 1;
         g->norm_owed = g->rseq;
+        g->owed_slot = k;
     }
 }
 
 int cu_graph_grad_norm(mpscy_graph gh, double *out, char *err, size_t n) {
     cu_graph *g = (cu_graph *)gh;
     if (!g->norm_owed) return FAIL(MPSCY_INVALID, "no training step's gradient norm is pending");
-    if (!g->owed_have) {
-        int st = cu_settle(gh->dev, err, n);
-        if (st != MPSCY_OK) return st;
-        if (!norm_of(g, g->norm_owed, &g->owed_val))
-            return FAIL(MPSCY_DEVICE, "training step %u ended without writing its gradient norm", (unsigned)g->norm_owed);
-    }
-    *out = g->owed_val;
+    int st = cu_settle(gh->dev, err, n);
+    if (st != MPSCY_OK) return st;
+    if (!norm_of(g, g->norm_owed, g->owed_slot, out))
+        return FAIL(MPSCY_DEVICE, "training step %u ended without writing its gradient norm", (unsigned)g->norm_owed);
     g->norm_owed = 0;
-    g->owed_have = 0;
     return MPSCY_OK;
 }
 
@@ -384,7 +378,6 @@ int cu_forward_backward(cu_graph *g, int64_t b, mpscy_step_result *r, char *err,
 int cu_graph_step(mpscy_graph gh, const mpscy_step_args *a, mpscy_step_result *r, char *err, size_t n) {
     cu_graph *g = (cu_graph *)gh;
     int64_t b = a->batch;  /* rows, mode and labels checked by the dispatcher */
-    memset(r, 0, sizeof *r);
     /* a training step of the pending graph itself is ordered after its update on the stream */
     cu_device *d = (cu_device *)gh->dev;
     if (d->pending && (d->pending != g || a->mode != MPSCY_MODE_TRAIN)) {
@@ -400,11 +393,12 @@ int cu_graph_step(mpscy_graph gh, const mpscy_step_args *a, mpscy_step_result *r
     int64_t t = (int64_t)g->scalars[0] + 1;
     cu_optim_params(g, a, t, g->params_h);
     int st = launch(g, kind, b, a->x_src, &r->x_nonfinite, err, n);
+    if (kind == CU_KIND_TRAIN) pay_owed(g, r);
     if (st != MPSCY_OK) return st;
 
     read_result(g, r);
     r->applied = g->result->applied;
-    if (kind == CU_KIND_TRAIN && g->early) owed_norms(g, r);
+    if (kind == CU_KIND_TRAIN && g->early) owe_norm(g, r);
     if (kind == CU_KIND_EVAL) return MPSCY_OK;
     if (!r->finite)
         return MPSCY_FAIL_NONFINITE(err, n, CU, a->mode, r);

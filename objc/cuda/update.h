@@ -14,8 +14,17 @@
  * mean and correct count it copies from S into R with the rest of the result). With the result
  * final, P->rseq goes to R->done (a release store at system scope: the host that sees it sees
  * the rest), for a training step that returns before its update ends (step.cu). */
+/* R->done = P->rseq as a release store at system scope: whoever sees done sees this thread's
+ * writes before it (and what it saw before), without __threadfence_system()'s sequentially
+ * consistent fence, which the host waited on: A/B on the H200, the MLP b32 37.4-39.2 us against
+ * 38.6-40.1 with that fence (four pairs), the CNN and the wide MLP the same within noise */
+static __device__ __forceinline__ void release_result(cu_result *R, const cu_params *P) {
+    asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(&R->done), "r"(P->rseq) : "memory");
+}
+
+/* late: mlp.cu's early decision has released the result already; the norm goes to its slot */
 static __device__ void decide(cu_scratch *S, cu_result *R, const cu_params *P, double total, double clip_norm,
-                              int update) {
+                              int update, bool late = false) {
     double norm = sqrt(total), loss = S->loss;
     int finite = isfinite(loss) && isfinite(norm);
     /* torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6), clamped to 1 */
@@ -27,16 +36,11 @@ static __device__ void decide(cu_scratch *S, cu_result *R, const cu_params *P, d
     R->grad_norm = norm;
     R->finite = finite;
     R->applied = finite && update;
-    if (P->rseq) {  /* a training step that returns early (step.cu) */
-        /* its norm in its slot first, released on its own: mlp.cu's early decision may have
-         * stored done already, and the host then takes the slot's number as the norm's mark */
-        R->norm_ring[P->rseq & 1] = norm;
-        asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(&R->norm_seq[P->rseq & 1]), "r"(P->rseq) : "memory");
-        /* a release store at system scope: whoever sees done sees this thread's writes above
-         * (and what it saw before), without __threadfence_system()'s sequentially consistent
-         * fence, which the host waited on: A/B on the H200, the MLP b32 37.4-39.2 us against
-         * 38.6-40.1 with that fence (four pairs), the CNN and the wide MLP the same within noise */
-        asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(&R->done), "r"(P->rseq) : "memory");
+    if (late) {
+        R->norm_ring[P->nslot] = norm;
+        asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(&R->norm_seq[P->nslot]), "r"(P->rseq) : "memory");
+    } else if (P->rseq) {  /* a training step that returns early (step.cu) */
+        release_result(R, P);
     }
 }
 
@@ -196,10 +200,11 @@ static __device__ __forceinline__ void update_slab(const update_args &u, const c
 template <bool BATCHES>
 static __device__ __forceinline__ void decide_and_update(const update_args &u, cu_scratch *S, cu_result *R,
                                                          const cu_params *P, double t, double loss, double clip_norm,
-                                                         int update, upd_batch<4> &first, bool loaded) {
+                                                         int update, upd_batch<4> &first, bool loaded,
+                                                         bool late = false) {
     const double norm = sqrt(t);
     const double coef = clip_norm > 0 ? clip_norm / (norm + 1e-6) : 1.0;
-    if (blockIdx.x == 0 && threadIdx.x == 0) decide(S, R, P, t, clip_norm, update);
+    if (blockIdx.x == 0 && threadIdx.x == 0) decide(S, R, P, t, clip_norm, update, late);
     if (update && isfinite(loss) && isfinite(norm))
         update_slab<BATCHES>(u, P, coef < 1.0 ? (float)coef : 1.0f, first, loaded);
 }
@@ -207,9 +212,9 @@ static __device__ __forceinline__ void decide_and_update(const update_args &u, c
 template <bool BATCHES>
 static __device__ __forceinline__ void decide_and_update(const update_args &u, cu_scratch *S, cu_result *R,
                                                          const cu_params *P, double t, double loss, double clip_norm,
-                                                         int update) {
+                                                         int update, bool late = false) {
     upd_batch<4> none;
-    decide_and_update<BATCHES>(u, S, R, P, t, loss, clip_norm, update, none, false);
+    decide_and_update<BATCHES>(u, S, R, P, t, loss, clip_norm, update, none, false, late);
 }
 
 #endif /* MPSCY_CUDA_UPDATE_H */

@@ -46,7 +46,6 @@ int metal_graph_step(mpscy_graph gh, const mpscy_step_args *a, mpscy_step_result
     const mpscy_plan *p = &g->plan;
     int st;
     int64_t b = a->batch;  /* rows, mode and labels checked by the dispatcher */
-    memset(r, 0, sizeof *r);
     if (a->mode == MPSCY_MODE_LBFGS) return metal_lbfgs_step(g, a, r, err, n);
 
     if (a->mode == MPSCY_MODE_EVAL) {

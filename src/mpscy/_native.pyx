@@ -485,7 +485,6 @@ cdef class Graph:
             self._stage_target(y, rows)
             self.args.batch = rows
             self.args.mode = MPSCY_MODE_TRAIN
-            memset(&res, 0, sizeof(res))
             with nogil:
                 st = mpscy_graph_step(self.handle, &self.args, &res, self.err, ERR_LEN)
             if st == MPSCY_OK or (st == MPSCY_NONFINITE and not res.x_nonfinite):
@@ -530,7 +529,6 @@ cdef class Graph:
             self._stage_target(y, rows)
             self.args.batch = rows
             self.args.mode = mode
-            memset(&res, 0, sizeof(res))
             with nogil:
                 st = mpscy_graph_step(self.handle, &self.args, &res, self.err, ERR_LEN)
             self._check_held(st, res.x_nonfinite)
