@@ -73,6 +73,10 @@ typedef struct cu_scratch {
     unsigned int fu_arrive;
     unsigned int fu_gen;       /* the row phase's barrier (fu_early): one more each step, never cleared */
     unsigned int fu_late;      /* rseq of the last step fu_early decided: its end writes the norm's slot */
+    /* mlp.cu's linger: the blocks past a step's update, block 0's verdict (1: the next step too)
+     * and the barrier's number (one more each time, never cleared) */
+    unsigned int lg_arrive, lg_gen;
+    int lg_go;
 } cu_scratch;
 
 /* What a step reports; kernels write it into pinned, device-mapped host memory. */
@@ -90,6 +94,12 @@ typedef struct cu_result {
     unsigned int norm_late;
     double norm_ring[2];
     unsigned int norm_seq[2];
+    /* mlp.cu's linger (step.cu's claim): the host asks the one-kernel step that ran deferred
+     * step s for step s + 1 in lg_req (the step's number; 0: stop), and a kernel that gives up
+     * waiting says so in lg_closing (s), then gives its verdict in lg_verdict (2 s + 1: it runs
+     * the step asked for after all, 2 s: it ends) */
+    unsigned int lg_req, lg_closing;
+    unsigned long long lg_verdict;
 } cu_result;
 
 enum { CU_KIND_TRAIN = 0, CU_KIND_EVAL = 1, CU_KIND_GRAD = 2, CU_KIND_PREDICT = 3, CU_KINDS = 4 };
@@ -163,6 +173,10 @@ typedef struct cu_graph {
     uint32_t norm_owed;        /* the last training step's number when it returned before its gradient
                                 * norm was known, until the caller has it; else 0 */
     uint32_t owed_slot;        /* the cu_result.norm_ring slot that norm lands in */
+    /* the one-kernel step's linger (mlp.cu, step.cu): the kernel that ran deferred step lg_live
+     * (0: none) may still be waiting for the next one after its update */
+    uint32_t lg_live;
+    int64_t lg_steps, lg_taken;  /* training steps of a lingering kernel's graph, and those one took */
     int forked;                /* capture state: the side streams with work to join (1: side, 2: alt, 4: nrm) */
     /* the early norm (optim.cu): each layer's squares summed on their own stream once its gradients
      * are done, the final kernel adding the partials and the last layer's squares, then updating */
@@ -250,6 +264,8 @@ void cu_pinned_free(mpscy_device dev, void *p, size_t bytes);
 MPSCY_BACKEND_ENTRIES(cu_)
 /* waits for a training step still finishing on the device (cu_device.pending), reporting its failure */
 int cu_settle(mpscy_device dev, char *err, size_t n);
+/* a kernel lingering after g's last step (mlp.cu) told to end now, before g's stream is waited for */
+void cu_linger_stop(cu_graph *g);
 int cu_graph_grad_norm(mpscy_graph g, double *out, char *err, size_t n); /* step.cu: mpscy_graph_grad_norm */
 void cu_cache_clear(cu_graph *g);
 int cu_capture(cu_graph *g, int kind, char *err, size_t en);
@@ -488,6 +504,9 @@ int cu_forward_backward(cu_graph *g, int64_t b, mpscy_step_result *r, char *err,
 int cu_fused_plan(cu_graph *g);
 void cu_fused_free(cu_graph *g);
 int cu_fused_step(cu_graph *g, int64_t b, size_t staged, int deferred, char *err, size_t en);
+/* whether the full batch's training kernel lingers after its update for the next step (step.cu
+ * hands it over: mlp.cu's fu_linger) */
+int cu_fused_lingers(const cu_graph *g);
 const char *cu_fused_form(const cu_graph *g, char *buf, size_t n);
 
 /* Side streams: fork one (side: g->side, or g->alt, the second) from the main stream before

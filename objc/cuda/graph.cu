@@ -32,7 +32,11 @@ void cu_graph_destroy(mpscy_graph gh) {
     mpscy_device dev = gh->dev;
     const mpscy_plan *p = &g->plan;
     if (((cu_device *)dev)->pending == g) ((cu_device *)dev)->pending = NULL;
+    cu_linger_stop(g);
     if (g->stream) cudaStreamSynchronize(g->stream);
+    if (g->lg_steps && getenv("MPSCY_CUDA_VERBOSE"))
+        fprintf(stderr, "mpscy: cuda lingering kernel took %lld of %lld training steps\n", (long long)g->lg_taken,
+                (long long)g->lg_steps);
     cu_cache_clear(g);
     cu_fused_free(g);
     cu_dev_free(dev, g->params, slab_bytes(p->n_params + p->n_buffers));

@@ -263,6 +263,66 @@ static __device__ void fu_early(const fu_args &a, const unsigned int *wmax, bool
     release_result(R, a.P);
 }
 
+/* Block 0's thread 0 between steps (fu_linger): the verdict once the host asks for step
+ * served + 1 (1), or for anything else (0: it stops the kernel, or asked for a step this kernel
+ * cannot take), or linger_ns have passed. Then it says it is closing (lg_closing, a store that
+ * reaches the host's memory before the load after it is sent: fence.sc at system scope), reads
+ * the request once more and publishes what it found (lg_verdict): the host, which writes its
+ * request and then reads lg_closing (step.cu's claim), either sees no closing, so this load sees
+ * its request, or waits for the verdict. */
+static __device__ int fu_linger_verdict(const fu_args &a, unsigned long long t0) {
+    cu_result *R = a.R;
+    const uint32_t served = a.P->seq;
+    const uint32_t r = cu_load_acquire_sys(&R->lg_req);
+    if (r != served) return r == served + 1u;
+    if (cu_global_ns() - t0 < a.linger_ns) return -1;
+    *(volatile unsigned int *)&R->lg_closing = served;
+    __threadfence_system();
+    const int go = cu_load_acquire_sys(&R->lg_req) == served + 1u;
+    *(volatile unsigned long long *)&R->lg_verdict = 2ull * served + (unsigned long long)go;
+    __threadfence_system();
+    return go;
+}
+
+/* The kernel lingers ($MPSCY_CUDA_FUSED_LINGER): past its update, instead of ending, it waits for
+ * the host to hand it the graph's next training step, so that step starts with no launch and the
+ * update's tail (the weight gradients, the norm, the update: ~9 us after the early decision)
+ * overlaps the host's return and its staging of the next batch, not the next kernel's start. A
+ * barrier of the grid whose last word is block 0's: every block counts itself in (its update
+ * stored), block 0 polls the host's request meanwhile (one word of pinned memory, one thread)
+ * and, once all are in and it has a verdict, releases them with it. True: run the next step
+ * (the params block, the labels and the batch as the host stages them, as a launch would). */
+static __device__ bool fu_linger(const fu_args &a) {
+    __shared__ int go;
+    cu_scratch *S = a.S;
+    __syncthreads();  /* every thread's update stores issued */
+    if (threadIdx.x == 0) {
+        const unsigned int gen = *(volatile const unsigned int *)&S->lg_gen;
+        __threadfence();
+        if (blockIdx.x != 0) {
+            atomicAdd(&S->lg_arrive, 1u);
+            while (cu_load_acquire_gpu(&S->lg_gen) == gen) {
+            }
+            go = *(volatile const int *)&S->lg_go;
+        } else {
+            const unsigned long long t0 = cu_global_ns();
+            int v = -1;
+            bool all = gridDim.x == 1;
+            while (v < 0 || !all) {
+                if (!all) all = cu_load_acquire_gpu(&S->lg_arrive) == gridDim.x - 1;
+                if (v < 0) v = fu_linger_verdict(a, t0);
+            }
+            S->lg_arrive = 0u;
+            S->lg_go = go = v;
+            __threadfence();
+            atomicExch(&S->lg_gen, gen + 1u);
+        }
+        __threadfence();
+    }
+    __syncthreads();
+    return go != 0;
+}
+
 template <bool CLUSTER>
 __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_constant__ fu_args ga) {
     __shared__ __align__(16) float smem[FU_SMEM_FLOATS];  /* 16: fu_split reads float4 */
@@ -275,134 +335,141 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
     /* warp items go round the blocks first, so every multiprocessor gets a share of a small phase */
     const int gw = warp * gridDim.x + blockIdx.x, tw = gridDim.x * FU_WARPS;
     const int b = ga.b;
-    fu_trace T;
-    T.n = 0;
-    fu_mark(ga, &T);
-    if (ga.trace && threadIdx.x == 0)
-        for (int k = 1; k < FU_STAMPS; k++) ga.stamps[blockIdx.x * FU_STAMPS + k] = 0ull;
-    fu_stamp(ga, 0);
-    for (int i = threadIdx.x; i < (int)(sizeof(fu_args) / sizeof(int)); i += blockDim.x)
-        ((int *)&sa)[i] = ((const int *)&ga)[i];
-    if (threadIdx.x < 2 * FU_WARPS) wmax[threadIdx.x] = 0u;
-    /* the row phase's barrier number (fu_early): read before the copy's barrier, which every block
-     * passes before the last one at that barrier can raise it */
-    __shared__ unsigned int gen0;
-    if (threadIdx.x == 0) gen0 = *(volatile const unsigned int *)&ga.S->fu_gen;
+    for (;;) {  /* a step, and the next ones while the kernel lingers (fu_linger) */
+        fu_trace T;
+        T.n = 0;
+        fu_mark(ga, &T);
+        if (ga.trace && threadIdx.x == 0)
+            for (int k = 1; k < FU_STAMPS; k++) ga.stamps[blockIdx.x * FU_STAMPS + k] = 0ull;
+        fu_stamp(ga, 0);
+        for (int i = threadIdx.x; i < (int)(sizeof(fu_args) / sizeof(int)); i += blockDim.x)
+            ((int *)&sa)[i] = ((const int *)&ga)[i];
+        if (threadIdx.x < 2 * FU_WARPS) wmax[threadIdx.x] = 0u;
+        /* the row phase's barrier number (fu_early): read before the copy's barrier, which every block
+         * passes before the last one at that barrier can raise it */
+        __shared__ unsigned int gen0;
+        if (threadIdx.x == 0) gen0 = *(volatile const unsigned int *)&ga.S->fu_gen;
 
-    /* the staged params block, labels and batch from pinned host memory to the device */
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < ga.copy_n; i += (int64_t)gridDim.x * blockDim.x)
-        ga.copy_dst[i] = ga.copy_src[i];
-    /* the split's weight slice to shared memory while the batch arrives (cp.async) */
-    fu_split_load(ga, b, dsm);
-    cp_async_commit();
-    /* the batch as the host stages it (deferred): block 0's first warps relay the host's flags
-     * (this step's number read from the host's params block, which the launch follows) into
-     * S->fused_piece, and the other blocks copy their parts of each piece once its word there is
-     * set (fu_split's slices, or `per` parts of each piece); block 0 clears the words once every
-     * block has passed the barrier below */
-    if (ga.deferred && blockIdx.x == 0) {
-        const int64_t pieces = (ga.in_n + ga.in_piece - 1) / ga.in_piece;
-        /* `relays` warps poll the flags, each starting FU_RELAY_NS / relays later than the one
-         * before, so that a flag is seen a fraction of a PCIe round trip after the host sets it,
-         * not up to a whole one; each publishes what it sees (the same words). Two: A/B on the
-         * H200, 40.0-41.1 us against 40.0-41.6 with one, lower in five of six pairs (three
-         * calls); 4 and 8 warps were slower than one (42.6 and 47.1 against 41.6 and 42.1):
-         * their polls take PCIe requests from the batch's reads */
-        if (warp < ga.relays) {
-            const unsigned long long t0 = cu_global_ns(), wait = (unsigned long long)warp * FU_RELAY_NS / ga.relays;
-            while (cu_global_ns() - t0 < wait) {
-            }
-            cu_relay_pieces(ga.flags, pieces, 0u, &reinterpret_cast<const cu_params *>(ga.copy_src)->seq,
-                            ga.S->fused_piece, ga.S, ga.R);
-        }
-    } else if (ga.split_q) {
-        fu_split(ga, smem, dsm, b);
-    } else if (ga.deferred) {
-        const int64_t n = ga.in_n, piece = ga.in_piece, pieces = (n + piece - 1) / piece, copiers = gridDim.x - 1;
-        const int64_t per = copiers / pieces > 1 ? copiers / pieces : 1, part = ((piece + per - 1) / per + 3) & ~(int64_t)3;
-        for (int64_t it = blockIdx.x - 1; it < pieces * per; it += copiers) {
-            const int64_t p = it / per, lo = min(p * piece + (it % per) * part, n), hi = min(min(lo + part, (p + 1) * piece), n);
-            if (threadIdx.x == 0)
-                fu_wait_piece(ga.S, p);
-            __syncthreads();
-            cu_copy_pinned(ga.in_dst, ga.in_src, lo, hi);
-        }
-    }
-    __syncthreads();
-    const fu_args &a = sa;
-    FU_MARK();
-    fu_stamp(a, 3);
-    fu_sync<CLUSTER>();
-    fu_stamp(a, 4);
-    if (a.deferred && blockIdx.x == 0 && threadIdx.x < CU_STAGE_MAX_PIECES) a.S->fused_piece[threadIdx.x] = 0u;
-    FU_MARK();
-    /* layer 0's forward over the whole batch, split by output columns across the grid (unless
-     * the copy phase did it) */
-    if (a.n_layers > 1 && !a.split_q) {
-        forward_layer0(a.L[0], b, gw, tw, lane, a.early ? &a.S->fu_amax[0] : NULL);
-        FU_MARK();
-        fu_sync<CLUSTER>();
-        FU_MARK();
-    }
-    /* each row through the rest of the chain and back, a block per row */
-    for (int r = blockIdx.x; r < b; r += gridDim.x) row_chain(a, smem, a.n_layers > 1 ? 1 : 0, r, lane, warp, &T, wmax);
-    if (a.early && !CLUSTER) {
-        fu_early(a, wmax, true, gen0);  /* the barrier itself, its last block deciding */
-        FU_MARK();
-    } else {
-        if (a.early) fu_early(a, wmax, false, 0u);
-        FU_MARK();
-        fu_sync<CLUSTER>();
-    }
-    FU_MARK();
-    /* every weight gradient, and each block's sum of squares of what it wrote */
-    double v[3] = {weight_grads<8>(a, gw, tw, lane), 0.0, 0.0};
-    v[0] = block_sum(v[0]);
-    if (threadIdx.x == 0) a.S->norm_part[blockIdx.x] = v[0];
-    FU_MARK();
-    fu_sync<CLUSTER>();
-    FU_MARK();
-    /* every block adds the partials in the same order, so all take the same decision */
-    v[0] = threadIdx.x < gridDim.x ? a.S->norm_part[threadIdx.x] : 0.0;
-    for (int k = threadIdx.x + blockDim.x; k < (int)gridDim.x; k += blockDim.x) v[0] += a.S->norm_part[k];
-    v[1] = v[2] = 0.0;
-    add_row_parts(a.S, b, v);
-    /* whether fu_early decided (block 0's thread 0 decides below), loaded beside the parts */
-    const bool late = a.early && blockIdx.x == 0 && threadIdx.x == 0 && __ldcg(&a.S->fu_late) == a.P->rseq;
-    block_sum3(v);
-    const double loss = v[1] / (double)b;
-    if (blockIdx.x == 0 && threadIdx.x == 0) {
-        a.S->loss = loss;  /* decide() below copies both into R */
-        a.S->correct = a.accuracy == MPSCY_ACCURACY_NONE ? -1 : (long long)v[2];
-    }
-    decide_and_update<false>(a.u, a.S, a.R, a.P, v[0], loss, a.clip_norm, !input_bad(a.S, a.P), late);
-    FU_MARK();
-    if (a.trace && blockIdx.x == 0 && threadIdx.x == 0) {
-        /* per mark, ns: copy, barrier, layer 0, barrier, row loaded, each later layer's forward,
-         * loss, each d(input), barrier, gradients, barrier, decision and update */
-        const int nt = T.n;
-        printf("fused_mlp trace: %d blocks, SM clock %.0f MHz; ns per mark:", (int)gridDim.x,
-               1e3 * (double)(T.c[nt - 1] - T.c[0]) / (double)(T.t[nt - 1] - T.t[0]));
-        for (int k = 1; k < nt; k++) printf(" %llu", T.t[k] - T.t[k - 1]);
-        printf(" total %llu\n", T.t[nt - 1] - T.t[0]);
-        /* every block's stamps from block 0's start: min, max (its block) of each event */
-        printf("fused_mlp stamps (ns from block 0's start; min max@block):");
-        for (int k = 0; k < FU_STAMPS; k++) {
-            long long lo = 1LL << 62, hi = -(1LL << 62);
-            int at = -1;
-            for (int blk = 0; blk < (int)gridDim.x; blk++) {
-                const unsigned long long at_k = a.stamps[blk * FU_STAMPS + k];
-                if (!at_k) continue;  /* not this block's event (a block that copies no slice) */
-                const long long d = (long long)(at_k - a.stamps[0]);
-                if (d < lo) lo = d;
-                if (d > hi) {
-                    hi = d;
-                    at = blk;
+        /* the staged params block, labels and batch from pinned host memory to the device */
+        for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < ga.copy_n;
+             i += (int64_t)gridDim.x * blockDim.x)
+            ga.copy_dst[i] = __ldcv(ga.copy_src + i);  /* not cached: a lingering kernel reads it again */
+        /* the split's weight slice to shared memory while the batch arrives (cp.async) */
+        fu_split_load(ga, b, dsm);
+        cp_async_commit();
+        /* the batch as the host stages it (deferred): block 0's first warps relay the host's flags
+         * (this step's number read from the host's params block, which the launch follows) into
+         * S->fused_piece, and the other blocks copy their parts of each piece once its word there is
+         * set (fu_split's slices, or `per` parts of each piece); block 0 clears the words once every
+         * block has passed the barrier below */
+        if (ga.deferred && blockIdx.x == 0) {
+            const int64_t pieces = (ga.in_n + ga.in_piece - 1) / ga.in_piece;
+            /* `relays` warps poll the flags, each starting FU_RELAY_NS / relays later than the one
+             * before, so that a flag is seen a fraction of a PCIe round trip after the host sets it,
+             * not up to a whole one; each publishes what it sees (the same words). Two: A/B on the
+             * H200, 40.0-41.1 us against 40.0-41.6 with one, lower in five of six pairs (three
+             * calls); 4 and 8 warps were slower than one (42.6 and 47.1 against 41.6 and 42.1):
+             * their polls take PCIe requests from the batch's reads */
+            if (warp < ga.relays) {
+                const unsigned long long t0 = cu_global_ns(), wait = (unsigned long long)warp * FU_RELAY_NS / ga.relays;
+                while (cu_global_ns() - t0 < wait) {
                 }
+                cu_relay_pieces(ga.flags, pieces, 0u, &reinterpret_cast<const cu_params *>(ga.copy_src)->seq,
+                                ga.S->fused_piece, ga.S, ga.R);
             }
-            if (at >= 0) printf(" [%d] %lld %lld@%d", k, lo, hi, at);
+        } else if (ga.split_q) {
+            fu_split(ga, smem, dsm, b);
+        } else if (ga.deferred) {
+            const int64_t n = ga.in_n, piece = ga.in_piece, pieces = (n + piece - 1) / piece, copiers = gridDim.x - 1;
+            const int64_t per = copiers / pieces > 1 ? copiers / pieces : 1,
+                          part = ((piece + per - 1) / per + 3) & ~(int64_t)3;
+            for (int64_t it = blockIdx.x - 1; it < pieces * per; it += copiers) {
+                const int64_t p = it / per, lo = min(p * piece + (it % per) * part, n),
+                              hi = min(min(lo + part, (p + 1) * piece), n);
+                if (threadIdx.x == 0)
+                    fu_wait_piece(ga.S, p);
+                __syncthreads();
+                cu_copy_pinned(ga.in_dst, ga.in_src, lo, hi);
+            }
         }
-        printf("\n");
+        __syncthreads();
+        const fu_args &a = sa;
+        FU_MARK();
+        fu_stamp(a, 3);
+        fu_sync<CLUSTER>();
+        fu_stamp(a, 4);
+        if (a.deferred && blockIdx.x == 0 && threadIdx.x < CU_STAGE_MAX_PIECES) a.S->fused_piece[threadIdx.x] = 0u;
+        FU_MARK();
+        /* layer 0's forward over the whole batch, split by output columns across the grid (unless
+         * the copy phase did it) */
+        if (a.n_layers > 1 && !a.split_q) {
+            forward_layer0(a.L[0], b, gw, tw, lane, a.early ? &a.S->fu_amax[0] : NULL);
+            FU_MARK();
+            fu_sync<CLUSTER>();
+            FU_MARK();
+        }
+        /* each row through the rest of the chain and back, a block per row */
+        for (int r = blockIdx.x; r < b; r += gridDim.x)
+            row_chain(a, smem, a.n_layers > 1 ? 1 : 0, r, lane, warp, &T, wmax);
+        if (a.early && !CLUSTER) {
+            fu_early(a, wmax, true, gen0);  /* the barrier itself, its last block deciding */
+            FU_MARK();
+        } else {
+            if (a.early) fu_early(a, wmax, false, 0u);
+            FU_MARK();
+            fu_sync<CLUSTER>();
+        }
+        FU_MARK();
+        /* every weight gradient, and each block's sum of squares of what it wrote */
+        double v[3] = {weight_grads<8>(a, gw, tw, lane), 0.0, 0.0};
+        v[0] = block_sum(v[0]);
+        if (threadIdx.x == 0) a.S->norm_part[blockIdx.x] = v[0];
+        FU_MARK();
+        fu_sync<CLUSTER>();
+        FU_MARK();
+        /* every block adds the partials in the same order, so all take the same decision */
+        v[0] = threadIdx.x < gridDim.x ? a.S->norm_part[threadIdx.x] : 0.0;
+        for (int k = threadIdx.x + blockDim.x; k < (int)gridDim.x; k += blockDim.x) v[0] += a.S->norm_part[k];
+        v[1] = v[2] = 0.0;
+        add_row_parts(a.S, b, v);
+        /* whether fu_early decided (block 0's thread 0 decides below), loaded beside the parts */
+        const bool late = a.early && blockIdx.x == 0 && threadIdx.x == 0 && __ldcg(&a.S->fu_late) == a.P->rseq;
+        block_sum3(v);
+        const double loss = v[1] / (double)b;
+        if (blockIdx.x == 0 && threadIdx.x == 0) {
+            a.S->loss = loss;  /* decide() below copies both into R */
+            a.S->correct = a.accuracy == MPSCY_ACCURACY_NONE ? -1 : (long long)v[2];
+        }
+        decide_and_update<false>(a.u, a.S, a.R, a.P, v[0], loss, a.clip_norm, !input_bad(a.S, a.P), late);
+        FU_MARK();
+        if (a.trace && blockIdx.x == 0 && threadIdx.x == 0) {
+            /* per mark, ns: copy, barrier, layer 0, barrier, row loaded, each later layer's forward,
+             * loss, each d(input), barrier, gradients, barrier, decision and update */
+            const int nt = T.n;
+            printf("fused_mlp trace: %d blocks, SM clock %.0f MHz; ns per mark:", (int)gridDim.x,
+                   1e3 * (double)(T.c[nt - 1] - T.c[0]) / (double)(T.t[nt - 1] - T.t[0]));
+            for (int k = 1; k < nt; k++) printf(" %llu", T.t[k] - T.t[k - 1]);
+            printf(" total %llu\n", T.t[nt - 1] - T.t[0]);
+            /* every block's stamps from block 0's start: min, max (its block) of each event */
+            printf("fused_mlp stamps (ns from block 0's start; min max@block):");
+            for (int k = 0; k < FU_STAMPS; k++) {
+                long long lo = 1LL << 62, hi = -(1LL << 62);
+                int at = -1;
+                for (int blk = 0; blk < (int)gridDim.x; blk++) {
+                    const unsigned long long at_k = a.stamps[blk * FU_STAMPS + k];
+                    if (!at_k) continue;  /* not this block's event (a block that copies no slice) */
+                    const long long d = (long long)(at_k - a.stamps[0]);
+                    if (d < lo) lo = d;
+                    if (d > hi) {
+                        hi = d;
+                        at = blk;
+                    }
+                }
+                if (at >= 0) printf(" [%d] %lld %lld@%d", k, lo, hi, at);
+            }
+            printf("\n");
+        }
+        if (CLUSTER || !a.linger_ns || !fu_linger(a)) break;
     }
 }
 
@@ -555,6 +622,10 @@ int cu_fused_plan(cu_graph *g) {
     f->a = a;
     f->cluster = cluster;
     f->blocks = blocks;
+    /* the full batch's kernel lingers this long after its update for the next step (fu_linger),
+     * where the host hands steps over: deferred staging, early return, the grid form */
+    const int linger_us = cu_knob_int("MPSCY_CUDA_FUSED_LINGER", FU_LINGER_US);
+    f->linger_ns = g->defer && g->early && !cluster && linger_us > 0 ? 1000ull * (unsigned long long)linger_us : 0ull;
     if (a.trace && cu_dev_alloc(&g->dev->base, (void **)&f->a.stamps, FU_STAMP_BYTES(blocks)) != MPSCY_OK) {
         cu_host_free(&g->dev->base, f, sizeof(cu_fused));
         return 0;
@@ -579,6 +650,7 @@ int cu_fused_step(cu_graph *g, int64_t b, size_t staged, int deferred, char *err
     f->a.copy_dst = (uint4 *)g->stage_d;
     f->a.copy_n = (int64_t)((staged + 15) / 16);
     f->a.deferred = deferred;
+    f->a.linger_ns = deferred ? f->linger_ns : 0ull;  /* a partial batch's direct launch ends */
     f->a.split_q = 0;
     if (f->ws_floats) {
         int kw = 0;
@@ -619,9 +691,13 @@ int cu_fused_step(cu_graph *g, int64_t b, size_t staged, int deferred, char *err
     return CU_LAUNCHED("fused_mlp");
 }
 
+int cu_fused_lingers(const cu_graph *g) { return g->fu && g->fu->linger_ns; }
+
 const char *cu_fused_form(const cu_graph *g, char *buf, size_t n) {
     if (!g->fu) return "separate kernels";
-    snprintf(buf, n, "one kernel, %s:%d%s", g->fu->cluster ? "cluster" : "grid", g->fu->blocks,
-             g->fu->ws_floats ? ", layer 0 in the copy" : "");
+    int k = snprintf(buf, n, "one kernel, %s:%d%s", g->fu->cluster ? "cluster" : "grid", g->fu->blocks,
+                     g->fu->ws_floats ? ", layer 0 in the copy" : "");
+    if (g->fu->linger_ns && k > 0 && (size_t)k < n)
+        snprintf(buf + k, n - (size_t)k, ", lingering %llu us for the next step", g->fu->linger_ns / 1000ull);
     return buf;
 }

@@ -19,6 +19,7 @@ namespace cg = cooperative_groups;
 #define FU_MAX_BATCH 256
 #define FU_RELAY_NS 1500               /* about one PCIe round trip of a flag poll (bench/cuda_notes.md) */
 #define FU_MAX_WORK ((int64_t)1 << 24) /* batch x parameters: beyond it the library GEMMs win */
+#define FU_LINGER_US 50                /* how long the kernel waits for the next step (fu_linger; $MPSCY_CUDA_FUSED_LINGER) */
 
 struct fu_layer {
     const float *x;    /* (b, in): the graph input or the layer below's output */
@@ -68,6 +69,7 @@ struct fu_args {
     int split_dot;     /* $MPSCY_CUDA_FUSED_SPLITDOT=0 (measuring): the split's products a (row, output) a thread */
     int early;         /* the early decision (fu_early; $MPSCY_CUDA_FUSED_EARLY=0, measuring: the end decides always) */
     int trace;         /* $MPSCY_CUDA_FUSED_TRACE: block 0 prints each phase's time (a profiling knob) */
+    unsigned long long linger_ns; /* after its update the kernel waits this long for the next step (fu_linger); 0: it ends */
     unsigned long long *stamps; /* with trace: FU_STAMPS times a block (fu_stamp) */
 };
 
@@ -79,6 +81,7 @@ struct cu_fused {
     int cluster, blocks;
     int64_t ws_floats;     /* dynamic shared memory for the split's weight slice, in floats (0: no split) */
     int64_t ypart_floats;  /* g's room for the partial products */
+    unsigned long long linger_ns; /* $MPSCY_CUDA_FUSED_LINGER (us) as ns: the full batch's kernel lingers (deferred grid form) */
 };
 
 /* Data written earlier in this launch is read with plain loads after a barrier (grid.sync and

@@ -218,12 +218,51 @@ int cu_capture(cu_graph *g, int kind, char *err, size_t en) {
     return MPSCY_OK;
 }
 
-struct launch_arg { cu_graph *g; int kind; };
+/* mlp.cu's linger: the kernel that ran deferred step s = g->lg_live, still waiting after its
+ * update, takes step g->seq = s + 1 if it sees the request before it gives up. The host writes
+ * the request (the params block and labels already in pinned memory before it), then reads
+ * lg_closing; the kernel writes lg_closing, then reads the request (fu_linger_verdict). Each
+ * side's store reaches memory before its load is served, so one of them sees the other's word:
+ * no closing seen, the kernel will see the request and take the step; closing seen, the host
+ * waits for the kernel's verdict. 1: the kernel takes the step, nothing to launch. */
+static int linger_claim(cu_graph *g) {
+    cu_result *R = g->result;
+    const uint32_t s = g->lg_live;
+    __atomic_store_n(&R->lg_req, g->seq, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&R->lg_closing, __ATOMIC_SEQ_CST) != s) return 1;
+    for (unsigned i = 1;; i++) {
+        const unsigned long long v = __atomic_load_n(&R->lg_verdict, __ATOMIC_ACQUIRE);
+        if (v == 2ull * s + 1ull) return 1;
+        if (v == 2ull * s) return 0;
+        /* the verdict follows lg_closing by a PCIe round trip; a kernel that failed gives none */
+        if (i % 1024 == 0 && cudaStreamQuery(g->stream) != cudaErrorNotReady) return 0;
+        MPSCY_CPU_RELAX();
+    }
+}
 
-/* the graph's launch from a staging thread (stage.h's hook): the device made current there first */
+/* A lingering kernel stopped (the request 0: it ends at once) before anything else goes on the
+ * graph's stream or reads what it writes; the caller then waits for the stream. */
+void cu_linger_stop(cu_graph *g) {
+    if (!g->lg_live) return;
+    g->lg_live = 0;
+    __atomic_store_n(&g->result->lg_req, 0u, __ATOMIC_SEQ_CST);
+}
+
+/* after the stream has been waited for: no kernel lingers, so no old closing or verdict can be
+ * taken for a later one's when the step numbers start again */
+static void linger_clear(cu_graph *g) {
+    g->result->lg_closing = 0u;
+    g->result->lg_verdict = 0ull;
+}
+
+struct launch_arg { cu_graph *g; int kind; int claim, claimed; };
+
+/* the graph's launch from a staging thread (stage.h's hook): the device made current there
+ * first; or the step handed to the lingering kernel (claim), which needs no launch */
 static int launch_hook(void *p) {
-    const launch_arg *a = (const launch_arg *)p;
+    launch_arg *a = (launch_arg *)p;
     cudaError_t e = cudaSetDevice(a->g->dev->ordinal);
+    if (e == cudaSuccess && a->claim && (a->claimed = linger_claim(a->g))) return 0;
     if (e == cudaSuccess) e = cudaGraphLaunch(a->g->exec[a->kind], a->g->stream);
     return (int)e;
 }
@@ -251,6 +290,17 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
     if (early) g->rseq = g->rseq % 0x7fffffffu + 1;
     g->params_h->rseq = early ? g->rseq : 0;
     g->params_h->nslot = g->norm_owed ? g->owed_slot ^ 1u : 0u;  /* a late norm never lands on an owed one */
+    /* a kernel still lingering takes this step if it is its next: the full batch, staged by the
+     * host, the step numbers going on; for anything else it stops, and the stream is waited for */
+    const int linger = kind == CU_KIND_TRAIN && deferred && cu_fused_lingers(g);
+    const int claim = g->lg_live && linger && x && g->lg_live == g->seq && g->seq != g->seq_period;
+    if (g->lg_live && !claim) {
+        cu_linger_stop(g);
+        cudaError_t e = cudaStreamSynchronize(g->stream);
+        linger_clear(g);
+        CU_TRY(e, "the last training step's update");
+        ((cu_device *)g->base.dev)->pending = NULL;
+    }
     if (x && !deferred && (bad = cu_stage_pieces(g->stage_pool, dst, x, n, cu_stage_piece(n), NULL, 0, g->stage_stream,
                                                  NULL, NULL, NULL)) >= 0)
         return x_nonfinite(g, bad, x_bad, err, en);
@@ -266,10 +316,12 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
         g->params_h->seq = g->seq;
         g->result->stalled = 0;
     }
+    if (linger && !claim) __atomic_store_n(&g->result->lg_req, g->seq, __ATOMIC_RELEASE);  /* not a request: its own step */
+    launch_arg la = {g, kind, claim, 0};
     if (deferred && x) {
-        /* the first staging thread to start launches the graph, the others stage meanwhile
-         * (measured on the H200's host: 5-6 us per step less than launching first) */
-        launch_arg la = {g, kind};
+        /* the first staging thread to start launches the graph (or hands the step to the
+         * lingering kernel), the others stage meanwhile (measured on the H200's host: 5-6 us per
+         * step less than launching first) */
         int ls = 0;
         bad = cu_stage_pieces(g->stage_pool, dst, x, n, cu_stage_piece(n), g->flags_h, g->seq, g->stage_stream, launch_hook,
                               &la, &ls);
@@ -298,10 +350,19 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
             if (*done == g->rseq) {
                 __atomic_thread_fence(__ATOMIC_ACQUIRE);
                 d->pending = g;
+                if (linger) g->lg_live = g->seq;  /* its kernel may wait for the next step */
                 break;
             }
             if (i % 64 == 0) {
                 cudaError_t e = cudaStreamQuery(g->stream);
+                if (e == cudaSuccess && la.claimed && *done != g->rseq) {
+                    /* the lingering kernel ended without the step it was handed (the handshake
+                     * failed on this machine): launch it after all */
+                    la.claimed = 0;
+                    __atomic_store_n(&g->result->lg_req, g->seq, __ATOMIC_RELEASE);
+                    CU_TRY(cudaGraphLaunch(g->exec[kind], g->stream), "graph launch");
+                    continue;
+                }
                 if (e == cudaSuccess) break;
                 if (e != cudaErrorNotReady) CU_TRY(e, "step");
             }
@@ -310,6 +371,8 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
     } else {
         CU_TRY(cudaStreamSynchronize(g->stream), "step");
     }
+    g->lg_steps += linger;
+    g->lg_taken += la.claimed;
     if (deferred && g->result->stalled)
         return MPSCY_FAIL(err, en, MPSCY_DEVICE, CU,
                           "the step's input copy stalled (a piece unflagged for %g s; a profiler that runs the "
@@ -418,7 +481,9 @@ int cu_settle(mpscy_device dev, char *err, size_t n) {
     cu_graph *g = d->pending;
     if (!g) return MPSCY_OK;
     d->pending = NULL;
+    cu_linger_stop(g);
     cudaError_t e = cudaStreamSynchronize(g->stream);
+    linger_clear(g);
     if (e != cudaSuccess) return FAIL(MPSCY_DEVICE, "the last training step's update: %s", cudaGetErrorString(e));
     return MPSCY_OK;
 }

@@ -1,0 +1,181 @@
+"""The cuda one-kernel step's linger (mlp.cu's fu_linger, step.cu's claim): past its update the
+kernel waits a while for the graph's next training step, which the host then hands it instead of
+launching a new kernel. It must change nothing but when work starts: every loss, decision,
+gradient norm and parameter bit for bit as with $MPSCY_CUDA_FUSED_LINGER=0, every other call on
+the device stopping the wait at once (none waits for the linger to run out), and a kernel that
+gave up before the next step came leaving that step to a launch."""
+import re
+import time
+
+import numpy as np
+import pytest
+
+import mpscy
+from mpscy import optim
+
+from cuda_util import FUSED_MODELS, cuda_only, pair
+
+SECOND = "1000000"  # a linger of 1 s: longer than any host's turnaround between two calls
+FAST = 0.25         # s: a call that had to wait for the linger to run out would take 1 s
+
+
+def _engines(monkeypatch, capfd, linger, period=None):
+    monkeypatch.setenv("MPSCY_CUDA_FUSED_LINGER", linger)
+    monkeypatch.setenv("MPSCY_CUDA_VERBOSE", "1")
+    if period:
+        monkeypatch.setenv("MPSCY_CUDA_SEQ_PERIOD", str(period))
+    capfd.readouterr()
+    build, shape, batch = FUSED_MODELS["benchmark_mlp"]  # 100 KB batches: deferred staging
+    cpu, gpu = pair(build, shape, batch=batch, opt=lambda: optim.Adam(1e-3), clip_grad_norm=0.5)
+    form = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("mpscy: cuda train step:")][-1]
+    assert form.startswith("mpscy: cuda train step: one kernel, grid")
+    assert ("lingering 1000000 us for the next step" in form) == (linger == SECOND), form
+    return cpu, gpu, batch, shape
+
+
+def _took(gpu, capfd):
+    """Closes the engine (quickly, while its kernel lingers) and reads how many of its training
+    steps a lingering kernel took, of how many it could have (MPSCY_CUDA_VERBOSE's line)."""
+    t0 = time.perf_counter()
+    gpu.close()
+    assert time.perf_counter() - t0 < FAST
+    m = re.findall(r"mpscy: cuda lingering kernel took (\d+) of (\d+) training steps", capfd.readouterr().err)
+    return tuple(map(int, m[-1])) if m else (0, 0)
+
+
+def _batch(rng, rows, shape, nan=False):
+    x = rng.standard_normal((rows,) + shape).astype(np.float32)
+    if nan:
+        x[3, 100] = np.nan
+    return x, rng.integers(0, 10, rows).astype(np.int32)
+
+
+PLAN = (["step"] * 4 + ["evaluate"] + ["step"] * 3 + ["partial"] + ["step"] * 2 + ["nan"] + ["step"] * 3
+        + ["predict"] + ["step"] * 2 + ["parameters"] + ["step"] * 2 + ["synchronize"] + ["step"] * 2)
+
+
+def _run_plan(cpu, gpu, batch, shape, rng, check_fast):
+    results = []
+    for act in PLAN:
+        x, y = _batch(rng, 5 if act == "partial" else batch, shape, nan=act == "nan")
+        t0 = time.perf_counter()
+        if act in ("step", "partial"):
+            rc, rg = cpu.step(x, y), gpu.step(x, y)
+            assert rg.applied and rc.applied
+            results.append((rc, rg))
+        elif act == "nan":
+            for e in (cpu, gpu):
+                with pytest.raises(mpscy.NonFiniteError, match="row 3"):
+                    e.step(x, y)
+        elif act == "evaluate":
+            assert gpu.evaluate(x, y)["loss"] == pytest.approx(cpu.evaluate(x, y)["loss"], rel=1e-4)
+        elif act == "predict":
+            np.testing.assert_allclose(gpu.predict(x), cpu.predict(x), rtol=1e-4, atol=1e-5)
+        elif act == "parameters":
+            gpu.get_parameters()
+        else:
+            gpu.synchronize()
+        if check_fast:
+            assert time.perf_counter() - t0 < FAST, act
+    return results
+
+
+@cuda_only
+def test_linger_changes_nothing_but_when(monkeypatch, capfd, rng):
+    """The benchmark MLP (Adam, norm clipping at 0.5) through 24 calls: training steps back to
+    back, and between them an evaluate, a partial batch, a batch with a NaN row (NonFiniteError),
+    a predict, a parameter read and a synchronize. With a linger of 1 s every full-batch training
+    call right after another is taken by the lingering kernel (13 of the 19 full-batch ones) and
+    every call returns within 0.25 s (none waits for the linger); the losses, accuracies,
+    decisions, gradient norms and parameters are those without the linger bit for bit, and the
+    losses and norms within 1e-4 of the cpu's."""
+    seed = int(rng.integers(1 << 30))
+    runs = []
+    for linger in (SECOND, "0"):
+        cpu, gpu, batch, shape = _engines(monkeypatch, capfd, linger)
+        results = _run_plan(cpu, gpu, batch, shape, np.random.default_rng(seed), check_fast=linger == SECOND)
+        pg = gpu.get_parameters()
+        runs.append(([(rg.loss, rg.accuracy, rg.applied, rg.grad_norm) for _, rg in results], pg))
+        for rc, rg in results:
+            assert abs(rg.loss - rc.loss) <= 1e-4 * rc.loss and abs(rg.grad_norm - rc.grad_norm) <= 1e-4 * rc.grad_norm
+        full = [a in ("step", "nan") for a in PLAN]
+        want = sum(1 for k in range(1, len(PLAN)) if full[k] and full[k - 1])
+        assert (want, sum(full)) == (13, 19)
+        assert _took(gpu, capfd) == ((want, sum(full)) if linger == SECOND else (0, 0))
+    assert runs[0][0] == runs[1][0]
+    assert all(np.array_equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
+
+
+@cuda_only
+def test_a_kernel_that_gave_up_leaves_the_step_to_a_launch(monkeypatch, capfd, rng):
+    """With a linger of 20 us and 2 ms of host time between steps, every kernel has given up (and
+    said so) before the next step comes: the host reads that and launches each step, 0 of 8 taken;
+    losses, norms and parameters as without the linger, bit for bit."""
+    seed = int(rng.integers(1 << 30))
+    runs = []
+    for linger in ("20", "0"):
+        cpu, gpu, batch, shape = _engines(monkeypatch, capfd, linger)
+        data = np.random.default_rng(seed)
+        out = []
+        for _ in range(8):
+            x, y = _batch(data, batch, shape)
+            time.sleep(0.002)
+            rg = gpu.step(x, y)
+            out.append(rg)
+        pg = gpu.get_parameters()
+        runs.append(([(r.loss, r.grad_norm) for r in out], pg))
+        assert _took(gpu, capfd) == ((0, 8) if linger == "20" else (0, 0))
+    assert runs[0][0] == runs[1][0]
+    assert all(np.array_equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
+
+
+@cuda_only
+def test_the_step_numbers_starting_again_stop_the_linger(monkeypatch, capfd, rng):
+    """Deferred steps are numbered 1 .. period ($MPSCY_CUDA_SEQ_PERIOD=3 here); when the numbers
+    start again the device's marks are cleared in stream order, so that step is launched, not
+    handed over: of 10 steps back to back, steps 1, 4, 7 and 10 launch and the other 6 are taken.
+    Everything as without the linger, bit for bit, and within 1e-4 of the cpu."""
+    seed = int(rng.integers(1 << 30))
+    runs = []
+    for linger in (SECOND, "0"):
+        cpu, gpu, batch, shape = _engines(monkeypatch, capfd, linger, period=3)
+        data = np.random.default_rng(seed)
+        out = []
+        for _ in range(10):
+            x, y = _batch(data, batch, shape)
+            rc, rg = cpu.step(x, y), gpu.step(x, y)
+            out.append((rc, rg))
+        pg = gpu.get_parameters()
+        for rc, rg in out:
+            assert abs(rg.loss - rc.loss) <= 1e-4 * rc.loss and abs(rg.grad_norm - rc.grad_norm) <= 1e-4 * rc.grad_norm
+        runs.append(([(rg.loss, rg.grad_norm) for _, rg in out], pg))
+        assert _took(gpu, capfd) == ((6, 10) if linger == SECOND else (0, 0))
+    assert runs[0][0] == runs[1][0]
+    assert all(np.array_equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
+
+
+@cuda_only
+def test_two_engines_take_turns(monkeypatch, capfd, rng):
+    """Two engines on one GPU, their training steps taking turns: each step first stops the other
+    engine's lingering kernel (within 0.25 s, not the linger's 1 s), so none is taken (0 of 6
+    each), and both train as they do alone without the linger, bit for bit."""
+    seed = int(rng.integers(1 << 30))
+    runs = []
+    for linger in (SECOND, "0"):
+        _, a, batch, shape = _engines(monkeypatch, capfd, linger)
+        _, b, _, _ = _engines(monkeypatch, capfd, linger)
+        data = np.random.default_rng(seed)
+        out = []
+        for _ in range(6):
+            for e in (a, b):
+                x, y = _batch(data, batch, shape)
+                t0 = time.perf_counter()
+                out.append(e.step(x, y))
+                assert time.perf_counter() - t0 < FAST
+        params = (a.get_parameters(), b.get_parameters())
+        runs.append(([(r.loss, r.grad_norm) for r in out], params))
+        want = (0, 6) if linger == SECOND else (0, 0)
+        assert (_took(a, capfd), _took(b, capfd)) == (want, want)
+    assert runs[0][0] == runs[1][0]
+    for k in range(2):
+        assert all(np.array_equal(runs[0][1][k][n], runs[1][1][k][n]) for n in runs[0][1][k])
