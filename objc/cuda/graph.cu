@@ -32,7 +32,7 @@ void cu_graph_destroy(mpscy_graph gh) {
     mpscy_device dev = gh->dev;
     const mpscy_plan *p = &g->plan;
     if (((cu_device *)dev)->pending == g) ((cu_device *)dev)->pending = NULL;
-    cu_linger_stop(g);
+    cu_linger_stop(g);  /* and no other graph can stop it after this */
     if (g->stream) cudaStreamSynchronize(g->stream);
     if (g->lg_steps && getenv("MPSCY_CUDA_VERBOSE"))
         fprintf(stderr, "mpscy: cuda lingering kernel took %lld of %lld training steps\n", (long long)g->lg_taken,

@@ -30,6 +30,8 @@
 #include <math.h>
 #include <string.h>
 
+#include <mutex>
+
 #define FAIL(status, ...) MPSCY_FAIL(err, n, (status), CU, __VA_ARGS__)
 
 /* dst (n) from the pinned staging src as the host's pieces land. Block 0's first warp is the
@@ -240,12 +242,48 @@ static int linger_claim(cu_graph *g) {
     }
 }
 
+/* The graph whose kernel may linger on each GPU, whichever engine (mpscy_device) made it: a
+ * lingering kernel holds every multiprocessor, so another graph's step on that GPU would wait for
+ * the linger to run out. Set and cleared under the lock, so a graph is never stopped by another
+ * after it was destroyed. */
+#define CU_LG_GPUS 64
+static std::mutex lg_lock;
+static cu_graph *lg_slot[CU_LG_GPUS];
+
+static cu_graph **linger_slot(const cu_graph *g) {
+    const int o = g->dev->ordinal;
+    return o >= 0 && o < CU_LG_GPUS ? &lg_slot[o] : NULL;
+}
+
+/* g's kernel may linger now (on), or no longer (off) */
+static void linger_mark(cu_graph *g, int on) {
+    cu_graph **slot = linger_slot(g);
+    if (!slot || (!on && __atomic_load_n(slot, __ATOMIC_ACQUIRE) != g)) return;
+    std::lock_guard<std::mutex> hold(lg_lock);
+    if (on) __atomic_store_n(slot, g, __ATOMIC_RELEASE);
+    else if (*slot == g) __atomic_store_n(slot, (cu_graph *)NULL, __ATOMIC_RELEASE);
+}
+
+/* Before g puts work on its GPU: another graph's kernel lingering there is told to end (the
+ * request 0); that graph's next step finds itself no longer marked and launches. */
+static void linger_yield(cu_graph *g) {
+    cu_graph **slot = linger_slot(g);
+    cu_graph *o = slot ? __atomic_load_n(slot, __ATOMIC_ACQUIRE) : NULL;
+    if (!o || o == g) return;
+    std::lock_guard<std::mutex> hold(lg_lock);
+    if ((o = *slot) != NULL && o != g) {
+        __atomic_store_n(&o->result->lg_req, 0u, __ATOMIC_SEQ_CST);
+        __atomic_store_n(slot, (cu_graph *)NULL, __ATOMIC_RELEASE);
+    }
+}
+
 /* A lingering kernel stopped (the request 0: it ends at once) before anything else goes on the
  * graph's stream or reads what it writes; the caller then waits for the stream. */
 void cu_linger_stop(cu_graph *g) {
     if (!g->lg_live) return;
     g->lg_live = 0;
     __atomic_store_n(&g->result->lg_req, 0u, __ATOMIC_SEQ_CST);
+    linger_mark(g, 0);
 }
 
 /* after the stream has been waited for: no kernel lingers, so no old closing or verdict can be
@@ -293,7 +331,10 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
     /* a kernel still lingering takes this step if it is its next: the full batch, staged by the
      * host, the step numbers going on; for anything else it stops, and the stream is waited for */
     const int linger = kind == CU_KIND_TRAIN && deferred && cu_fused_lingers(g);
-    const int claim = g->lg_live && linger && x && g->lg_live == g->seq && g->seq != g->seq_period;
+    linger_yield(g);
+    cu_graph **slot = linger_slot(g);
+    const int claim = g->lg_live && linger && x && g->lg_live == g->seq && g->seq != g->seq_period && slot &&
+                      __atomic_load_n(slot, __ATOMIC_ACQUIRE) == g;
     if (g->lg_live && !claim) {
         cu_linger_stop(g);
         cudaError_t e = cudaStreamSynchronize(g->stream);
@@ -350,7 +391,10 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
             if (*done == g->rseq) {
                 __atomic_thread_fence(__ATOMIC_ACQUIRE);
                 d->pending = g;
-                if (linger) g->lg_live = g->seq;  /* its kernel may wait for the next step */
+                if (linger) {  /* its kernel may wait for the next step */
+                    g->lg_live = g->seq;
+                    linger_mark(g, 1);
+                }
                 break;
             }
             if (i % 64 == 0) {
