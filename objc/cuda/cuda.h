@@ -77,6 +77,7 @@ typedef struct cu_scratch {
      * and the barrier's number (one more each time, never cleared) */
     unsigned int lg_arrive, lg_gen;
     int lg_go;
+    unsigned long long lg_decided;  /* with $MPSCY_CUDA_FUSED_TRACE: when fu_early released the result (globaltimer) */
 } cu_scratch;
 
 /* What a step reports; kernels write it into pinned, device-mapped host memory. */
@@ -177,6 +178,8 @@ typedef struct cu_graph {
      * (0: none) may still be waiting for the next one after its update */
     uint32_t lg_live;
     int64_t lg_steps, lg_taken;  /* training steps of a lingering kernel's graph, and those one took */
+    int64_t lg_result_ns;        /* when the host saw the last such step's result (CLOCK_MONOTONIC), or 0 */
+    int64_t lg_turn_ns, lg_turns; /* the host's time from a result to the next step's request, summed */
     int forked;                /* capture state: the side streams with work to join (1: side, 2: alt, 4: nrm) */
     /* the early norm (optim.cu): each layer's squares summed on their own stream once its gradients
      * are done, the final kernel adding the partials and the last layer's squares, then updating */

@@ -35,8 +35,9 @@ void cu_graph_destroy(mpscy_graph gh) {
     cu_linger_stop(g);  /* and no other graph can stop it after this */
     if (g->stream) cudaStreamSynchronize(g->stream);
     if (g->lg_steps && getenv("MPSCY_CUDA_VERBOSE"))
-        fprintf(stderr, "mpscy: cuda lingering kernel took %lld of %lld training steps\n", (long long)g->lg_taken,
-                (long long)g->lg_steps);
+        fprintf(stderr, "mpscy: cuda lingering kernel took %lld of %lld training steps (the host's turn from a result "
+                "to the next request: %.2f us on average)\n", (long long)g->lg_taken, (long long)g->lg_steps,
+                g->lg_turns ? 1e-3 * (double)g->lg_turn_ns / (double)g->lg_turns : 0.0);
     cu_cache_clear(g);
     cu_fused_free(g);
     cu_dev_free(dev, g->params, slab_bytes(p->n_params + p->n_buffers));

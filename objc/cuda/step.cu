@@ -29,6 +29,7 @@
 
 #include <math.h>
 #include <string.h>
+#include <time.h>
 
 #include <mutex>
 
@@ -227,9 +228,19 @@ int cu_capture(cu_graph *g, int kind, char *err, size_t en) {
  * side's store reaches memory before its load is served, so one of them sees the other's word:
  * no closing seen, the kernel will see the request and take the step; closing seen, the host
  * waits for the kernel's verdict. 1: the kernel takes the step, nothing to launch. */
+static int64_t now_ns() {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
 static int linger_claim(cu_graph *g) {
     cu_result *R = g->result;
     const uint32_t s = g->lg_live;
+    if (g->lg_result_ns) {  /* the host's turn, for MPSCY_CUDA_VERBOSE's count */
+        g->lg_turn_ns += now_ns() - g->lg_result_ns;
+        g->lg_turns++;
+    }
     __atomic_store_n(&R->lg_req, g->seq, __ATOMIC_SEQ_CST);
     if (__atomic_load_n(&R->lg_closing, __ATOMIC_SEQ_CST) != s) return 1;
     for (unsigned i = 1;; i++) {
@@ -258,7 +269,7 @@ static cu_graph **linger_slot(const cu_graph *g) {
 /* g's kernel may linger now (on), or no longer (off) */
 static void linger_mark(cu_graph *g, int on) {
     cu_graph **slot = linger_slot(g);
-    if (!slot || (!on && __atomic_load_n(slot, __ATOMIC_ACQUIRE) != g)) return;
+    if (!slot || (__atomic_load_n(slot, __ATOMIC_ACQUIRE) == g) == on) return;
     std::lock_guard<std::mutex> hold(lg_lock);
     if (on) __atomic_store_n(slot, g, __ATOMIC_RELEASE);
     else if (*slot == g) __atomic_store_n(slot, (cu_graph *)NULL, __ATOMIC_RELEASE);
@@ -282,6 +293,7 @@ static void linger_yield(cu_graph *g) {
 void cu_linger_stop(cu_graph *g) {
     if (!g->lg_live) return;
     g->lg_live = 0;
+    g->lg_result_ns = 0;
     __atomic_store_n(&g->result->lg_req, 0u, __ATOMIC_SEQ_CST);
     linger_mark(g, 0);
 }
@@ -393,6 +405,7 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
                 d->pending = g;
                 if (linger) {  /* its kernel may wait for the next step */
                     g->lg_live = g->seq;
+                    g->lg_result_ns = now_ns();
                     linger_mark(g, 1);
                 }
                 break;
