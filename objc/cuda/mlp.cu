@@ -294,10 +294,9 @@ static __device__ int fu_linger_verdict(const fu_args &a, unsigned long long t0)
  * overlaps the host's return and its staging of the next batch, not the next kernel's start. A
  * barrier of the grid whose last word is block 0's: every block counts itself in (its update
  * stored), block 0 polls the host's request meanwhile (one word of pinned memory, one thread)
- * (read once already during the update: req_early) and, once all are in and it has a verdict,
- * releases them with it. True: run the next step
+ * and, once all are in and it has a verdict, releases them with it. True: run the next step
  * (the params block, the labels and the batch as the host stages them, as a launch would). */
-static __device__ bool fu_linger(const fu_args &a, uint32_t req_early) {
+static __device__ bool fu_linger(const fu_args &a) {
     __shared__ int go;
     cu_scratch *S = a.S;
     __syncthreads();  /* every thread's update stores issued */
@@ -312,10 +311,6 @@ static __device__ bool fu_linger(const fu_args &a, uint32_t req_early) {
         } else {
             const unsigned long long t0 = cu_global_ns();
             int v = -1;
-            if (req_early == a.P->seq + 1u) {  /* asked already: the fence makes that read an acquire */
-                __threadfence_system();
-                v = 1;
-            }
             bool all = gridDim.x == 1;
             while (v < 0 || !all) {
                 if (!all) all = cu_load_acquire_gpu(&S->lg_arrive) == gridDim.x - 1;
@@ -436,11 +431,6 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
         FU_MARK();
         fu_sync<CLUSTER>();
         FU_MARK();
-        /* block 0's early look at the host's next request (fu_linger): the host's turn (~2 us from
-         * the result) is shorter than the tail, so the request is there before the update ends,
-         * and this load's PCIe round trip overlaps the update instead of following it */
-        uint32_t req_early = 0u;
-        if (a.linger_ns && blockIdx.x == 0 && threadIdx.x == 0) req_early = *(volatile const uint32_t *)&a.R->lg_req;
         /* every block adds the partials in the same order, so all take the same decision */
         v[0] = threadIdx.x < gridDim.x ? a.S->norm_part[threadIdx.x] : 0.0;
         for (int k = threadIdx.x + blockDim.x; k < (int)gridDim.x; k += blockDim.x) v[0] += a.S->norm_part[k];
@@ -483,7 +473,7 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
             }
             printf("\n");
         }
-        if (CLUSTER || !a.linger_ns || !fu_linger(a, req_early)) break;
+        if (CLUSTER || !a.linger_ns || !fu_linger(a)) break;
     }
 }
 
