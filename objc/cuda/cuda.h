@@ -269,6 +269,9 @@ MPSCY_BACKEND_ENTRIES(cu_)
 int cu_settle(mpscy_device dev, char *err, size_t n);
 /* a kernel lingering after g's last step (mlp.cu) told to end now, before g's stream is waited for */
 void cu_linger_stop(cu_graph *g);
+/* any other graph's kernel lingering on GPU `ordinal` told to end, before work goes there (g: the
+ * graph about to put it there, or NULL) */
+void cu_linger_yield(int ordinal, const cu_graph *g);
 int cu_graph_grad_norm(mpscy_graph g, double *out, char *err, size_t n); /* step.cu: mpscy_graph_grad_norm */
 void cu_cache_clear(cu_graph *g);
 int cu_capture(cu_graph *g, int kind, char *err, size_t en);

@@ -25,6 +25,7 @@ void cu_host_free(mpscy_device dev, void *p, size_t bytes) {
 int cu_dev_alloc(mpscy_device dev, void **p, size_t bytes) {
     *p = NULL;
     if (bytes == 0) bytes = 4;
+    cu_linger_yield(((cu_device *)dev)->ordinal, NULL);  /* the memset waits for the whole GPU */
     if (cudaMalloc(p, bytes) != cudaSuccess) {
         cudaGetLastError();
         *p = NULL;
@@ -53,6 +54,7 @@ static void free_refused(const char *what, void *p, size_t bytes, cudaError_t e)
  * bytes_in_use, where tests/test_alloc.py sees it. */
 void cu_dev_free(mpscy_device dev, void *p, size_t bytes) {
     if (!p) return;
+    cu_linger_yield(((cu_device *)dev)->ordinal, NULL);  /* cudaFree waits for the whole GPU */
     const cudaError_t e = cudaFree(p);
     if (e != cudaSuccess) {
         free_refused("cudaFree", p, bytes, e);

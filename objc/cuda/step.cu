@@ -243,12 +243,17 @@ static int linger_claim(cu_graph *g) {
     }
     __atomic_store_n(&R->lg_req, g->seq, __ATOMIC_SEQ_CST);
     if (__atomic_load_n(&R->lg_closing, __ATOMIC_SEQ_CST) != s) return 1;
+    /* taken: its verdict, or a later step's (this thread was held up while the kernel ran the
+     * step, lingered again and gave up, overwriting the verdict; the numbers never wrap between) */
     for (unsigned i = 1;; i++) {
         const unsigned long long v = __atomic_load_n(&R->lg_verdict, __ATOMIC_ACQUIRE);
-        if (v == 2ull * s + 1ull) return 1;
+        if (v == 2ull * s + 1ull || (v >> 1) > s) return 1;
         if (v == 2ull * s) return 0;
         /* the verdict follows lg_closing by a PCIe round trip; a kernel that failed gives none */
-        if (i % 1024 == 0 && cudaStreamQuery(g->stream) != cudaErrorNotReady) return 0;
+        if (i % 1024 == 0 && cudaStreamQuery(g->stream) != cudaErrorNotReady) {
+            const unsigned long long w = __atomic_load_n(&R->lg_verdict, __ATOMIC_ACQUIRE);
+            return w == 2ull * s + 1ull || (w >> 1) > s;
+        }
         MPSCY_CPU_RELAX();
     }
 }
@@ -275,10 +280,11 @@ static void linger_mark(cu_graph *g, int on) {
     else if (*slot == g) __atomic_store_n(slot, (cu_graph *)NULL, __ATOMIC_RELEASE);
 }
 
-/* Before g puts work on its GPU: another graph's kernel lingering there is told to end (the
- * request 0); that graph's next step finds itself no longer marked and launches. */
-static void linger_yield(cu_graph *g) {
-    cu_graph **slot = linger_slot(g);
+/* Before work goes on GPU `ordinal` (g's, or with g NULL any other: device.cu's allocations and
+ * frees, which wait for the whole GPU): a graph's kernel lingering there, other than g's, is told
+ * to end (the request 0); that graph's next step finds itself no longer marked and launches. */
+void cu_linger_yield(int ordinal, const cu_graph *g) {
+    cu_graph **slot = ordinal >= 0 && ordinal < CU_LG_GPUS ? &lg_slot[ordinal] : NULL;
     cu_graph *o = slot ? __atomic_load_n(slot, __ATOMIC_ACQUIRE) : NULL;
     if (!o || o == g) return;
     std::lock_guard<std::mutex> hold(lg_lock);
@@ -343,7 +349,7 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
     /* a kernel still lingering takes this step if it is its next: the full batch, staged by the
      * host, the step numbers going on; for anything else it stops, and the stream is waited for */
     const int linger = kind == CU_KIND_TRAIN && deferred && cu_fused_lingers(g);
-    linger_yield(g);
+    cu_linger_yield(g->dev->ordinal, g);
     cu_graph **slot = linger_slot(g);
     const int claim = g->lg_live && linger && x && g->lg_live == g->seq && g->seq != g->seq_period && slot &&
                       __atomic_load_n(slot, __ATOMIC_ACQUIRE) == g;
@@ -480,6 +486,10 @@ static void owe_norm(cu_graph *g, mpscy_step_result *r) {
 int cu_graph_grad_norm(mpscy_graph gh, double *out, char *err, size_t n) {
     cu_graph *g = (cu_graph *)gh;
     if (!g->norm_owed) return FAIL(MPSCY_INVALID, "no training step's gradient norm is pending");
+    if (norm_of(g, g->norm_owed, g->owed_slot, out)) {  /* landed already: nothing to wait for (or to stop) */
+        g->norm_owed = 0;
+        return MPSCY_OK;
+    }
     int st = cu_settle(gh->dev, err, n);
     if (st != MPSCY_OK) return st;
     if (!norm_of(g, g->norm_owed, g->owed_slot, out))
