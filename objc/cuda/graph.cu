@@ -34,7 +34,7 @@ void cu_graph_destroy(mpscy_graph gh) {
     if (((cu_device *)dev)->pending == g) ((cu_device *)dev)->pending = NULL;
     cu_linger_stop(g);  /* and no other graph can stop it after this */
     if (g->stream) cudaStreamSynchronize(g->stream);
-    if (g->lg_steps && getenv("MPSCY_CUDA_VERBOSE"))
+    if (g->lg_steps && g->lg_report)
         fprintf(stderr, "mpscy: cuda lingering kernel took %lld of %lld training steps (the host's turn from a result "
                 "to the next request: %.2f us on average)\n", (long long)g->lg_taken, (long long)g->lg_steps,
                 g->lg_turns ? 1e-3 * (double)g->lg_turn_ns / (double)g->lg_turns : 0.0);
@@ -216,6 +216,7 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     /* a training step returns once its result is final, its update still running (step.cu);
      * 0 waits for the whole step: a knob for A/B timing and testing */
     g->early = cu_knob_on("MPSCY_CUDA_EARLY");
+    g->lg_report = getenv("MPSCY_CUDA_VERBOSE") != NULL;
     /* the weight gradient of a convolution without dx (on the model's input) on the main stream,
      * which has nothing else left to run in the backward, beside the side stream's chain of the
      * other weight gradients; "side" puts it at that chain's end: a knob for A/B timing */

@@ -261,7 +261,6 @@ static __device__ void fu_early(const fu_args &a, const unsigned int *wmax, bool
     R->finite = 1;
     R->applied = 1;
     R->norm_late = S->fu_late = a.P->rseq;  /* the norm comes later: the host, the end's decide() */
-    if (a.trace) S->lg_decided = cu_global_ns();
     release_result(R, a.P);
 }
 

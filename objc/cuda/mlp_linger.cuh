@@ -18,8 +18,7 @@ static __device__ int fu_linger_verdict(const fu_args &a, unsigned long long t0)
     const uint32_t served = a.P->seq;
     const uint32_t r = cu_load_acquire_sys(&R->lg_req);
     if (a.trace && r == served + 1u)
-        printf("fused_mlp linger: the next step's request seen %llu ns after the early decision, %llu after the "
-               "update\n", cu_global_ns() - a.S->lg_decided, cu_global_ns() - t0);
+        printf("fused_mlp linger: the next step's request seen %llu ns after block 0's update\n", cu_global_ns() - t0);
     if (r != served) return r == served + 1u;
     if (cu_global_ns() - t0 < a.linger_ns) return -1;
     *(volatile unsigned int *)&R->lg_closing = served;

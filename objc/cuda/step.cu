@@ -237,7 +237,7 @@ static int64_t now_ns() {
 static int linger_claim(cu_graph *g) {
     cu_result *R = g->result;
     const uint32_t s = g->lg_live;
-    if (g->lg_result_ns) {  /* the host's turn, for MPSCY_CUDA_VERBOSE's count */
+    if (g->lg_result_ns) {  /* the host's turn, for MPSCY_CUDA_VERBOSE's count (lg_report) */
         g->lg_turn_ns += now_ns() - g->lg_result_ns;
         g->lg_turns++;
     }
@@ -266,14 +266,13 @@ static int linger_claim(cu_graph *g) {
 static std::mutex lg_lock;
 static cu_graph *lg_slot[CU_LG_GPUS];
 
-static cu_graph **linger_slot(const cu_graph *g) {
-    const int o = g->dev->ordinal;
-    return o >= 0 && o < CU_LG_GPUS ? &lg_slot[o] : NULL;
+static cu_graph **linger_slot(int ordinal) {
+    return ordinal >= 0 && ordinal < CU_LG_GPUS ? &lg_slot[ordinal] : NULL;
 }
 
 /* g's kernel may linger now (on), or no longer (off) */
 static void linger_mark(cu_graph *g, int on) {
-    cu_graph **slot = linger_slot(g);
+    cu_graph **slot = linger_slot(g->dev->ordinal);
     if (!slot || (__atomic_load_n(slot, __ATOMIC_ACQUIRE) == g) == on) return;
     std::lock_guard<std::mutex> hold(lg_lock);
     if (on) __atomic_store_n(slot, g, __ATOMIC_RELEASE);
@@ -284,7 +283,7 @@ static void linger_mark(cu_graph *g, int on) {
  * frees, which wait for the whole GPU): a graph's kernel lingering there, other than g's, is told
  * to end (the request 0); that graph's next step finds itself no longer marked and launches. */
 void cu_linger_yield(int ordinal, const cu_graph *g) {
-    cu_graph **slot = ordinal >= 0 && ordinal < CU_LG_GPUS ? &lg_slot[ordinal] : NULL;
+    cu_graph **slot = linger_slot(ordinal);
     cu_graph *o = slot ? __atomic_load_n(slot, __ATOMIC_ACQUIRE) : NULL;
     if (!o || o == g) return;
     std::lock_guard<std::mutex> hold(lg_lock);
@@ -302,13 +301,6 @@ void cu_linger_stop(cu_graph *g) {
     g->lg_result_ns = 0;
     __atomic_store_n(&g->result->lg_req, 0u, __ATOMIC_SEQ_CST);
     linger_mark(g, 0);
-}
-
-/* after the stream has been waited for: no kernel lingers, so no old closing or verdict can be
- * taken for a later one's when the step numbers start again */
-static void linger_clear(cu_graph *g) {
-    g->result->lg_closing = 0u;
-    g->result->lg_verdict = 0ull;
 }
 
 struct launch_arg { cu_graph *g; int kind; int claim, claimed; };
@@ -350,15 +342,12 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
      * host, the step numbers going on; for anything else it stops, and the stream is waited for */
     const int linger = kind == CU_KIND_TRAIN && deferred && cu_fused_lingers(g);
     cu_linger_yield(g->dev->ordinal, g);
-    cu_graph **slot = linger_slot(g);
+    cu_graph **slot = linger_slot(g->dev->ordinal);
     const int claim = g->lg_live && linger && x && g->lg_live == g->seq && g->seq != g->seq_period && slot &&
                       __atomic_load_n(slot, __ATOMIC_ACQUIRE) == g;
-    if (g->lg_live && !claim) {
-        cu_linger_stop(g);
-        cudaError_t e = cudaStreamSynchronize(g->stream);
-        linger_clear(g);
-        CU_TRY(e, "the last training step's update");
-        ((cu_device *)g->base.dev)->pending = NULL;
+    if (g->lg_live && !claim) {  /* g is the device's pending graph: its kernel stopped, its stream waited for */
+        const int st = cu_settle(g->base.dev, err, en);
+        if (st != MPSCY_OK) return st;
     }
     if (x && !deferred && (bad = cu_stage_pieces(g->stage_pool, dst, x, n, cu_stage_piece(n), NULL, 0, g->stage_stream,
                                                  NULL, NULL, NULL)) >= 0)
@@ -411,7 +400,7 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
                 d->pending = g;
                 if (linger) {  /* its kernel may wait for the next step */
                     g->lg_live = g->seq;
-                    g->lg_result_ns = now_ns();
+                    if (g->lg_report) g->lg_result_ns = now_ns();
                     linger_mark(g, 1);
                 }
                 break;
@@ -550,7 +539,10 @@ int cu_settle(mpscy_device dev, char *err, size_t n) {
     d->pending = NULL;
     cu_linger_stop(g);
     cudaError_t e = cudaStreamSynchronize(g->stream);
-    linger_clear(g);
+    /* no kernel lingers now, so no old closing or verdict can pass for a later kernel's when the
+     * step numbers start again */
+    g->result->lg_closing = 0u;
+    g->result->lg_verdict = 0ull;
     if (e != cudaSuccess) return FAIL(MPSCY_DEVICE, "the last training step's update: %s", cudaGetErrorString(e));
     return MPSCY_OK;
 }

@@ -19,7 +19,7 @@
  * consistent fence, which the host waited on: A/B on the H200, the MLP b32 37.4-39.2 us against
  * 38.6-40.1 with that fence (four pairs), the CNN and the wide MLP the same within noise */
 static __device__ __forceinline__ void release_result(cu_result *R, const cu_params *P) {
-    asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(&R->done), "r"(P->rseq) : "memory");
+    cu_store_release_sys(&R->done, P->rseq);
 }
 
 /* late: mlp.cu's early decision has released the result already; the norm goes to its slot */
@@ -38,7 +38,7 @@ static __device__ void decide(cu_scratch *S, cu_result *R, const cu_params *P, d
     R->applied = finite && update;
     if (late) {
         R->norm_ring[P->nslot] = norm;
-        asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(&R->norm_seq[P->nslot]), "r"(P->rseq) : "memory");
+        cu_store_release_sys(&R->norm_seq[P->nslot], P->rseq);
     } else if (P->rseq) {  /* a training step that returns early (step.cu) */
         release_result(R, P);
     }
