@@ -77,6 +77,13 @@ typedef struct cu_scratch {
      * and the barrier's number (one more each time, never cleared) */
     unsigned int lg_arrive, lg_gen;
     int lg_go;
+    unsigned long long lg_fetched; /* copying blocks that read their rows while the kernel lingered, in steps it ran (never cleared) */
+    /* with $MPSCY_CUDA_VERBOSE (fu_args.lg_time), globaltimer ns (0: none): when the last early
+     * decision was released, the last step taken while lingering was released, and in the step
+     * since, the last copying block had its rows and its products and block 0 passed the copy's
+     * barrier; the sums of mlp_linger.cuh's FU_LG_TIMES intervals over the steps timed */
+    unsigned long long lg_t_decide, lg_t_release, lg_t_rows, lg_t_products, lg_t_copy;
+    long long lg_sum[9];
 } cu_scratch;
 
 /* What a step reports; kernels write it into pinned, device-mapped host memory. */
@@ -180,6 +187,7 @@ typedef struct cu_graph {
     int lg_report;               /* $MPSCY_CUDA_VERBOSE at build: the host's turns timed, the counts printed when freed */
     int64_t lg_result_ns;        /* with lg_report: when the host saw the last such step's result (CLOCK_MONOTONIC) */
     int64_t lg_turn_ns, lg_turns; /* the host's time from a result to the next step's request, summed */
+    int64_t lg_stage_ns, lg_stages; /* and to the next step's batch staged, where a lingering kernel took it */
     int forked;                /* capture state: the side streams with work to join (1: side, 2: alt, 4: nrm) */
     /* the early norm (optim.cu): each layer's squares summed on their own stream once its gradients
      * are done, the final kernel adding the partials and the last layer's squares, then updating */
@@ -215,6 +223,7 @@ typedef struct cu_graph {
     int defer;                 /* one input of at least CU_DEFER_MIN bytes at the built batch */
     struct mpscy_pool *stage_pool;
     int stage_stream;          /* input 0 staged with non-temporal stores (cu_stage_stream) */
+    int64_t stage_min_piece;   /* the least deferred piece in floats (cu_stage_min_piece) */
     uint32_t *flags_h;         /* (CU_STAGE_MAX_PIECES), pinned */
     uint32_t seq;              /* the last deferred step's number, 1 .. seq_period */
     uint32_t seq_period;       /* 2^31 - 1 ($MPSCY_CUDA_SEQ_PERIOD: a smaller one, for testing the wrap) */
@@ -513,6 +522,9 @@ int cu_fused_step(cu_graph *g, int64_t b, size_t staged, int deferred, char *err
 /* whether the full batch's training kernel lingers after its update for the next step (step.cu
  * hands it over: mlp.cu's fu_linger) */
 int cu_fused_lingers(const cu_graph *g);
+/* with $MPSCY_CUDA_VERBOSE at build, once the stream is idle: the steps a lingering kernel took
+ * and the host's turn, and the copying blocks that read their rows while it waited */
+void cu_fused_report(const cu_graph *g);
 const char *cu_fused_form(const cu_graph *g, char *buf, size_t n);
 
 /* Side streams: fork one (side: g->side, or g->alt, the second) from the main stream before

@@ -34,10 +34,7 @@ void cu_graph_destroy(mpscy_graph gh) {
     if (((cu_device *)dev)->pending == g) ((cu_device *)dev)->pending = NULL;
     cu_linger_stop(g);  /* and no other graph can stop it after this */
     if (g->stream) cudaStreamSynchronize(g->stream);
-    if (g->lg_steps && g->lg_report)
-        fprintf(stderr, "mpscy: cuda lingering kernel took %lld of %lld training steps (the host's turn from a result "
-                "to the next request: %.2f us on average)\n", (long long)g->lg_taken, (long long)g->lg_steps,
-                g->lg_turns ? 1e-3 * (double)g->lg_turn_ns / (double)g->lg_turns : 0.0);
+    cu_fused_report(g);
     cu_cache_clear(g);
     cu_fused_free(g);
     cu_dev_free(dev, g->params, slab_bytes(p->n_params + p->n_buffers));
@@ -338,6 +335,7 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     g->defer = large && !(dk && strcmp(dk, "0") == 0) && !(lb && strcmp(lb, "1") == 0);
     if (g->defer) PIN(g->flags_h, CU_STAGE_MAX_PIECES * sizeof(uint32_t));
     g->stage_stream = cu_stage_stream();
+    g->stage_min_piece = cu_stage_min_piece();
     {   /* the deferred steps' numbers start again after 2^31 - 1 (step.cu's launch); a testing knob */
         const int period = cu_knob_int("MPSCY_CUDA_SEQ_PERIOD", 0x7fffffff);
         g->seq_period = period < 2 ? 2u : (uint32_t)period;

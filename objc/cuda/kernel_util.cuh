@@ -51,20 +51,30 @@ static __device__ __forceinline__ unsigned long long cu_global_ns() {
  * bad (NaN or Inf) marks the step in S->bad_seq; a piece unflagged for CU_PULL_PATIENCE_NS sets
  * R->stalled and is relayed as bad, so no consumer waits forever. Reads of host memory by many
  * threads queue behind one another (~1 us each on the H200: 2112 warps reading one word took
- * 2 ms), so the consumers wait on device memory only. */
-static __device__ void cu_relay_pieces(const uint32_t *flags, int64_t pieces, uint32_t seq, const uint32_t *seq_src,
-                                       uint32_t *to, cu_scratch *S, cu_result *R) {
-    const unsigned long long t0 = cu_global_ns();
+ * 2 ms), so the consumers wait on device memory only. With stop (mlp_linger.cuh: the pieces of a
+ * step not yet asked for), nothing stalls while *stop is 0; 1 ends the relay, 2 lets it go on
+ * as without stop, its patience counted from then. Returns whether every piece was relayed. */
+static __device__ bool cu_relay_pieces(const uint32_t *flags, int64_t pieces, uint32_t seq, const uint32_t *seq_src,
+                                       uint32_t *to, cu_scratch *S, cu_result *R, const volatile int *stop = NULL) {
+    unsigned long long t0 = cu_global_ns();
     const int64_t p0 = threadIdx.x & 31, p1 = p0 + 32;
-    bool wait0 = p0 < pieces, wait1 = p1 < pieces, stalled = false;
+    bool wait0 = p0 < pieces, wait1 = p1 < pieces, stalled = false, patient = !stop;
     while (__any_sync(0xffffffffu, wait0 || wait1)) {
+        if (!patient) {
+            const int s = __shfl_sync(0xffffffffu, *stop, 0);
+            if (s == 1) return false;
+            if (s == 2) {
+                patient = true;
+                t0 = cu_global_ns();
+            }
+        }
         /* seq_src: the step's number is read there (host memory the launch follows), with the
          * first poll's flags in one round trip (a plain load before the acquiring ones) */
         const uint32_t sv = seq_src ? *(volatile const uint32_t *)seq_src : seq;
         uint32_t v0 = wait0 ? cu_load_acquire_sys(&flags[p0]) : 0, v1 = wait1 ? cu_load_acquire_sys(&flags[p1]) : 0;
         seq = sv;
         seq_src = NULL;
-        if (!stalled && cu_global_ns() - t0 > CU_PULL_PATIENCE_NS) {
+        if (patient && !stalled && cu_global_ns() - t0 > CU_PULL_PATIENCE_NS) {
             stalled = true;
             if (wait0 || wait1) R->stalled = 1;
         }
@@ -80,6 +90,7 @@ static __device__ void cu_relay_pieces(const uint32_t *flags, int64_t pieces, ui
             wait1 = false;
         }
     }
+    return true;
 }
 
 /* floats [lo, hi) of pinned src to dst by the whole block. Both are 16-byte aligned at multiples

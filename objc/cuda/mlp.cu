@@ -262,6 +262,7 @@ static __device__ void fu_early(const fu_args &a, const unsigned int *wmax, bool
     R->applied = 1;
     R->norm_late = S->fu_late = a.P->rseq;  /* the norm comes later: the host, the end's decide() */
     release_result(R, a.P);
+    if (a.lg_time) S->lg_t_decide = cu_global_ns();
 }
 
 template <bool CLUSTER>
@@ -276,12 +277,13 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
     /* warp items go round the blocks first, so every multiprocessor gets a share of a small phase */
     const int gw = warp * gridDim.x + blockIdx.x, tw = gridDim.x * FU_WARPS;
     const int b = ga.b;
+    fu_next nx = {false, false, false, 0.0f, 0ull};  /* what the kernel did for this step while it lingered */
     for (;;) {  /* a step, and the next ones while the kernel lingers (fu_linger) */
         fu_trace T;
         T.n = 0;
         fu_mark(ga, &T);
         if (ga.trace && threadIdx.x == 0)
-            for (int k = 1; k < FU_STAMPS; k++) ga.stamps[blockIdx.x * FU_STAMPS + k] = 0ull;
+            for (int k = nx.fetched ? 2 : 1; k < FU_STAMPS; k++) ga.stamps[blockIdx.x * FU_STAMPS + k] = 0ull;
         fu_stamp(ga, 0);
         for (int i = threadIdx.x; i < (int)(sizeof(fu_args) / sizeof(int)); i += blockDim.x)
             ((int *)&sa)[i] = ((const int *)&ga)[i];
@@ -296,7 +298,7 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
              i += (int64_t)gridDim.x * blockDim.x)
             ga.copy_dst[i] = __ldcv(ga.copy_src + i);  /* not cached: a lingering kernel reads it again */
         /* the split's weight slice to shared memory while the batch arrives (cp.async) */
-        fu_split_load(ga, b, dsm);
+        if (!nx.w_loading) fu_split_load(ga, b, dsm);
         cp_async_commit();
         /* the batch as the host stages it (deferred): block 0's first warps relay the host's flags
          * (this step's number read from the host's params block, which the launch follows) into
@@ -311,7 +313,7 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
              * H200, 40.0-41.1 us against 40.0-41.6 with one, lower in five of six pairs (three
              * calls); 4 and 8 warps were slower than one (42.6 and 47.1 against 41.6 and 42.1):
              * their polls take PCIe requests from the batch's reads */
-            if (warp < ga.relays) {
+            if (warp < ga.relays && !nx.relayed) {
                 const unsigned long long t0 = cu_global_ns(), wait = (unsigned long long)warp * FU_RELAY_NS / ga.relays;
                 while (cu_global_ns() - t0 < wait) {
                 }
@@ -319,7 +321,11 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
                                 ga.S->fused_piece, ga.S, ga.R);
             }
         } else if (ga.split_q) {
-            fu_split(ga, smem, dsm, b);
+            const unsigned long long t_rows = fu_split(ga, smem, dsm, b, nx);
+            if (ga.lg_time && threadIdx.x == 0 && t_rows) {  /* the linger's figures (FU_LG_TIMES) */
+                atomicMax(&ga.S->lg_t_rows, t_rows);
+                atomicMax(&ga.S->lg_t_products, cu_global_ns());
+            }
         } else if (ga.deferred) {
             const int64_t n = ga.in_n, piece = ga.in_piece, pieces = (n + piece - 1) / piece, copiers = gridDim.x - 1;
             const int64_t per = copiers / pieces > 1 ? copiers / pieces : 1,
@@ -339,6 +345,7 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
         fu_stamp(a, 3);
         fu_sync<CLUSTER>();
         fu_stamp(a, 4);
+        if (a.lg_time && blockIdx.x == 0 && threadIdx.x == 0) a.S->lg_t_copy = cu_global_ns();
         if (a.deferred && blockIdx.x == 0 && threadIdx.x < CU_STAGE_MAX_PIECES) a.S->fused_piece[threadIdx.x] = 0u;
         FU_MARK();
         /* layer 0's forward over the whole batch, split by output columns across the grid (unless
@@ -410,7 +417,7 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
             }
             printf("\n");
         }
-        if (CLUSTER || !a.linger_ns || !fu_linger(a)) break;
+        if (CLUSTER || !a.linger_ns || !fu_linger(a, smem, dsm, &nx)) break;
     }
 }
 
@@ -546,6 +553,11 @@ int cu_fused_plan(cu_graph *g) {
     a.trace = getenv("MPSCY_CUDA_FUSED_TRACE") != NULL;
     a.early = cu_knob_on("MPSCY_CUDA_FUSED_EARLY");
     a.split_dot = cu_knob_int("MPSCY_CUDA_FUSED_SPLITDOT", 1);
+    a.prefetch = cu_knob_int("MPSCY_CUDA_FUSED_PREFETCH", 1);  /* 0 to 3 (fu_args, fu_linger) */
+    a.row_warps = cu_knob_int("MPSCY_CUDA_FUSED_ROWWARPS", FU_WARPS);
+    if (a.row_warps < 1) a.row_warps = 1;
+    a.lg_time = g->lg_report;
+    if (a.prefetch < 0 || a.prefetch > 3) a.prefetch = 1;
     a.din_wide = cu_knob_int("MPSCY_CUDA_FUSED_DWIDE", 0);
     a.row_narrow = cu_knob_int("MPSCY_CUDA_FUSED_ROWU", 16) == 8;
     a.split_parts = cu_knob_int("MPSCY_CUDA_FUSED_SPLITK", 0) != 1;
@@ -605,7 +617,7 @@ int cu_fused_step(cu_graph *g, int64_t b, size_t staged, int deferred, char *err
     f->a.in_dst = (float *)(g->stage_d + g->off_input[0]);
     f->a.in_n = b * g->in0_size;
     if (deferred) {
-        f->a.in_piece = cu_stage_piece(f->a.in_n);
+        f->a.in_piece = cu_stage_piece(f->a.in_n, g->stage_min_piece);
         f->a.flags = g->flags_h;
     }
     cudaLaunchConfig_t cfg = {};
@@ -634,11 +646,39 @@ int cu_fused_step(cu_graph *g, int64_t b, size_t staged, int deferred, char *err
 
 int cu_fused_lingers(const cu_graph *g) { return g->fu && g->fu->linger_ns; }
 
+void cu_fused_report(const cu_graph *g) {
+    if (!g->lg_steps || !g->lg_report) return;
+    fprintf(stderr, "mpscy: cuda lingering kernel took %lld of %lld training steps (the host's turn from a result to the "
+            "next request: %.2f us on average)\n", (long long)g->lg_taken, (long long)g->lg_steps,
+            g->lg_turns ? 1e-3 * (double)g->lg_turn_ns / (double)g->lg_turns : 0.0);
+    const cu_fused *f = g->fu;
+    unsigned long long fetched = 0;
+    int kw;
+    const int64_t batch = g->plan.batch, q = f->ws_floats && f->a.prefetch ?
+        fu_split_q(f->blocks, f->a.L[0].in, f->a.L[0].out, batch, f->a.split_rows, f->ws_floats, &kw) : 0;
+    if (q && cudaMemcpy(&fetched, &g->scratch->lg_fetched, sizeof(fetched), cudaMemcpyDeviceToHost) == cudaSuccess)
+        fprintf(stderr, "mpscy: cuda lingering kernel: %llu of %lld copying blocks' rows read while it waited\n",
+                fetched, (long long)(q * ((batch + f->a.split_rows - 1) / f->a.split_rows) * g->lg_taken));
+    long long t[FU_LG_TIMES];
+    if (cudaMemcpy(t, g->scratch->lg_sum, sizeof(t), cudaMemcpyDeviceToHost) == cudaSuccess && t[FU_LG_TIMES - 1] > 0) {
+        const double k = 1e-3 / (double)t[FU_LG_TIMES - 1];
+        fprintf(stderr, "mpscy: cuda lingering kernel, us after the early decision (mean of %lld steps timed): block 0's "
+                "update done %.2f, the next request seen %.2f, its pieces relayed %.2f, the release %.2f; after the "
+                "release: the next early decision %.2f, the last block's rows read %.2f, their products %.2f, block 0 "
+                "past the copy's barrier %.2f; the host's batch staged %.2f us after it saw the result\n",
+                t[FU_LG_TIMES - 1], k * (double)t[0], k * (double)t[1], k * (double)t[2], k * (double)t[3],
+                k * (double)t[4], k * (double)t[5], k * (double)t[6], k * (double)t[7],
+                g->lg_stages ? 1e-3 * (double)g->lg_stage_ns / (double)g->lg_stages : 0.0);
+    }
+    cudaGetLastError();
+}
+
 const char *cu_fused_form(const cu_graph *g, char *buf, size_t n) {
     if (!g->fu) return "separate kernels";
     int k = snprintf(buf, n, "one kernel, %s:%d%s", g->fu->cluster ? "cluster" : "grid", g->fu->blocks,
                      g->fu->ws_floats ? ", layer 0 in the copy" : "");
     if (g->fu->linger_ns && k > 0 && (size_t)k < n)
-        snprintf(buf + k, n - (size_t)k, ", lingering %llu us for the next step", g->fu->linger_ns / 1000ull);
+        snprintf(buf + k, n - (size_t)k, ", lingering %llu us for the next step%s", g->fu->linger_ns / 1000ull,
+                 g->fu->ws_floats && g->fu->a.prefetch ? ", reading its batch meanwhile" : "");
     return buf;
 }

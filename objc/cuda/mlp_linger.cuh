@@ -5,6 +5,14 @@
 #define MPSCY_CUDA_MLP_LINGER_CUH
 
 #include "mlp.cuh"
+#include "mlp_split.cuh"
+
+/* $MPSCY_CUDA_VERBOSE (fu_args.lg_time): S->lg_sum's intervals, in ns, over the steps taken while
+ * lingering whose step before was too: from a step's early decision, block 0's arrival here, the
+ * next request seen, the next step's pieces all relayed, the release; then over the step that
+ * release started, from it, its early decision, the last copying block's rows read (before it,
+ * where read here), their products done, block 0 past the copy's barrier; their count last */
+#define FU_LG_TIMES 9
 
 /* Block 0's thread 0 between steps (fu_linger): the verdict once the host asks for step
  * served + 1 (1), or for anything else (0: it stops the kernel, or asked for a step this kernel
@@ -36,35 +44,134 @@ static __device__ int fu_linger_verdict(const fu_args &a, unsigned long long t0)
  * barrier of the grid whose last word is block 0's: every block counts itself in (its update
  * stored), block 0 polls the host's request meanwhile (one word of pinned memory, one thread)
  * and, once all are in and it has a verdict, releases them with it. True: run the next step
- * (the params block, the labels and the batch as the host stages them, as a launch would). */
-static __device__ bool fu_linger(const fu_args &a) {
-    __shared__ int go;
+ * (the params block and the labels read again, uncached, as after a launch).
+ *
+ * The next step's front meanwhile (fu_args.prefetch, deferred staging; nx says what was done):
+ * - block 0's relay warps relay the host's flags of step served + 1 from their block's arrival
+ *   on, not from the next step's start, and go on past the release when it runs the step
+ *   (nx->relayed: all were, so the step's own relay is skipped). The host stages a step's pieces
+ *   only once it is the next one, and a kernel that ends without it has relayed only what that
+ *   step's own kernel would have;
+ * - with layer 0 in the copy phase, each copying block loads its slice of the new weights
+ *   (fu_split_load, nx->w_loading) once every block is in, so every update is done (block 0
+ *   counts itself in too), rather than at the release;
+ * - and a copying block that sees its rows' pieces before the release reads them as fu_split
+ *   would (to x's device rows, free once the weight gradients are done, which every block is
+ *   past here, and to its shared memory xs; nx->fetched), their largest |x| published once the
+ *   step runs, so a kernel that ends leaves the early decision's words as they were. A block
+ *   released first reads them once the step runs.
+ * Prefetch 2 (testing and measuring) holds the release until every piece is relayed, so that
+ * every copying block reads its rows here (S->lg_fetched counts those blocks in the steps run);
+ * 3 (measuring) relays and loads the weights but reads no rows here. On an H100, 32.8 us a step
+ * against 33.7 with prefetch 0 (bench/cuda_notes.md). */
+static __device__ bool fu_linger(const fu_args &a, float *xs, float *ws, fu_next *nx) {
+    __shared__ int go, act;
+    __shared__ volatile int all_relayed;
+    __shared__ unsigned long long t_relayed;
+    __shared__ volatile int stop;  /* block 0: its relay warps' word (cu_relay_pieces): 2 go on, 1 end */
     cu_scratch *S = a.S;
+    const int warp = threadIdx.x >> 5;
+    fu_slice t;
+    const bool relay = a.prefetch && a.deferred, slice = relay && a.split_q && fu_split_slice(a, a.b, &t),
+               pre = slice && a.prefetch != 3;
+    nx->fetched = nx->relayed = nx->w_loading = false;
+    if (threadIdx.x == 0) stop = all_relayed = 0;
     __syncthreads();  /* every thread's update stores issued */
+    unsigned int gen = 0u;
+    unsigned long long td = 0ull;  /* block 0's thread 0, with lg_time: this step's early decision, when timed */
     if (threadIdx.x == 0) {
-        const unsigned int gen = *(volatile const unsigned int *)&S->lg_gen;
+        gen = *(volatile const unsigned int *)&S->lg_gen;
         __threadfence();
-        if (blockIdx.x != 0) {
-            atomicAdd(&S->lg_arrive, 1u);
-            while (cu_load_acquire_gpu(&S->lg_gen) == gen) {
-            }
-            go = *(volatile const int *)&S->lg_go;
-        } else {
+    }
+    if (blockIdx.x == 0) {
+        if (threadIdx.x == 0) {
             const unsigned long long t0 = cu_global_ns();
+            unsigned long long t_req = 0ull;
             int v = -1;
-            bool all = gridDim.x == 1;
+            bool all = false;
+            atomicAdd(&S->lg_arrive, 1u);  /* block 0 counts too: all in, every update is done (slice loads) */
             while (v < 0 || !all) {
-                if (!all) all = cu_load_acquire_gpu(&S->lg_arrive) == gridDim.x - 1;
-                if (v < 0) v = fu_linger_verdict(a, t0);
+                if (!all) all = cu_load_acquire_gpu(&S->lg_arrive) == gridDim.x;
+                if (v < 0 && (v = fu_linger_verdict(a, t0)) >= 0) t_req = cu_global_ns();
             }
+            stop = v ? 2 : 1;
+            if (v && relay && a.prefetch == 2)
+                while (!all_relayed) {
+                }
             S->lg_arrive = 0u;
             S->lg_go = go = v;
             __threadfence();
             atomicExch(&S->lg_gen, gen + 1u);
+            __threadfence();
+            if (a.lg_time) {  /* FU_LG_TIMES' intervals (the sums block 0's thread 0's alone) */
+                const unsigned long long tr = S->lg_t_release, t_rel = cu_global_ns();
+                td = S->lg_t_decide;
+                if (v && td && tr) {
+                    const unsigned long long at[8] = {t0, t_req, 0ull, t_rel, td, S->lg_t_rows, S->lg_t_products,
+                                                      S->lg_t_copy};
+                    for (int k = 0; k < 8; k++)
+                        if (k != 2) S->lg_sum[k] += (long long)(at[k] - (k < 4 ? td : tr));
+                    S->lg_sum[FU_LG_TIMES - 1]++;
+                } else {
+                    td = 0ull;
+                }
+                S->lg_t_release = v ? t_rel : 0ull;
+                S->lg_t_decide = S->lg_t_rows = S->lg_t_products = S->lg_t_copy = 0ull;
+            }
+        } else if (relay && warp >= 1 && warp <= a.relays) {
+            /* staggered as the step's own relay warps are (mlp.cu) */
+            const unsigned long long t0 = cu_global_ns(), wait = (unsigned long long)(warp - 1) * FU_RELAY_NS / a.relays;
+            while (cu_global_ns() - t0 < wait && !stop) {
+            }
+            if (cu_relay_pieces(a.flags, (a.in_n + a.in_piece - 1) / a.in_piece, a.P->seq + 1u, NULL, S->fused_piece, S,
+                                a.R, &stop) &&
+                (threadIdx.x & 31) == 0) {
+                __threadfence();  /* the relayed words before the release (prefetch 2) */
+                if (!all_relayed) t_relayed = cu_global_ns();
+                all_relayed = 1;
+            }
         }
-        __threadfence();
+        __syncthreads();
+        if (td && all_relayed) S->lg_sum[2] += (long long)(t_relayed - td);  /* thread 0: the relay warps are done */
+        nx->relayed = all_relayed != 0;
+        return go != 0;
     }
-    __syncthreads();
+    if (threadIdx.x == 0) atomicAdd(&S->lg_arrive, 1u);
+    for (;;) {
+        if (threadIdx.x == 0) {
+            for (act = 0;;) {
+                const bool released = cu_load_acquire_gpu(&S->lg_gen) != gen;
+                if (released && a.prefetch != 2) break;
+                if (slice && !nx->w_loading && !released && cu_load_acquire_gpu(&S->lg_arrive) == gridDim.x) {
+                    act = 2;  /* every block's update done: this block's slice of the new weights */
+                    break;
+                }
+                if (pre && !nx->fetched && fu_split_relayed(a, t)) {
+                    act = 1;
+                    break;
+                }
+                if (released) break;
+            }
+            if (!act) {
+                go = *(volatile const int *)&S->lg_go;
+                if (go && nx->fetched) atomicAdd(&S->lg_fetched, 1ull);
+            }
+            __threadfence();
+        }
+        __syncthreads();
+        if (!act) break;
+        if (act == 2) {
+            fu_split_load(a, a.b, ws);
+            cp_async_commit();
+            nx->w_loading = true;
+        } else {
+            nx->mx = fu_split_rows(a, xs, t);
+            nx->fetched = true;
+            if (a.lg_time) nx->t_rows = cu_global_ns();
+        }
+        __syncthreads();  /* act read by every thread before thread 0 writes it again */
+    }
+    if (!go && nx->w_loading) cp_async_wait<0>();  /* nothing left in flight as the kernel ends */
     return go != 0;
 }
 

@@ -74,27 +74,49 @@ static __device__ __forceinline__ void fu_fma4(float *acc, float w, float4 x) {
     acc[3] += w * x.w;
 }
 
-static __device__ void fu_split(const fu_args &a, float *smem, const float *ws, int b) {
-    fu_slice t;
-    if (!fu_split_slice(a, b, &t)) return;
-    const fu_layer &L = a.L[0];
-    const int K = L.in, N = L.out, pitch = a.split_pitch, kq = t.kq;
-    const int tid = threadIdx.x, nthr = blockDim.x, lane = tid & 31, warp = tid >> 5, nw = nthr >> 5;
-    /* x's slice of the rows, (nr, kq); with split_dot (nr <= 4) transposed, (kq, 4): a row's
-     * four values one 16-byte broadcast */
-    float *xs = smem;
-    const int dot = a.split_dot && t.nr <= 4 && kq * 4 <= FU_SMEM_FLOATS;
+/* whether x's slice of this block's rows goes to shared memory transposed, (kq, 4): a row's four
+ * values one 16-byte broadcast (split_dot, nr <= 4); otherwise (nr, kq) */
+static __device__ __forceinline__ int fu_split_dot(const fu_args &a, const fu_slice &t) {
+    return a.split_dot && t.nr <= 4 && t.kq * 4 <= FU_SMEM_FLOATS;
+}
+
+/* the pieces of the staged batch that hold this block's rows of its slice: [*lo, *hi] */
+static __device__ __forceinline__ void fu_split_pieces(const fu_args &a, const fu_slice &t, int64_t *lo, int64_t *hi) {
+    const int K = a.L[0].in;
+    *lo = ((int64_t)t.r0 * K + t.k0) / a.in_piece;
+    *hi = ((int64_t)(t.r0 + t.nr - 1) * K + t.k0 + t.kq - 1) / a.in_piece;
+}
+
+/* whether every piece that holds this block's rows has been relayed (one thread; never waits) */
+static __device__ __forceinline__ bool fu_split_relayed(const fu_args &a, const fu_slice &t) {
+    int64_t lo, hi;
+    fu_split_pieces(a, t, &lo, &hi);
+    for (int64_t p = lo; p <= hi; p++)
+        if (cu_load_acquire_gpu(&a.S->fused_piece[p]) == 0u) return false;
+    return true;
+}
+
+/* This block's rows of its slice, once their pieces are there (deferred staging), from pinned
+ * memory to x's device rows and to shared memory xs (fu_split_dot's layout), by the whole block.
+ * Returns this thread's largest |x| (the early decision's, fu_amax). fu_split runs it, or the
+ * lingering kernel between steps (fu_linger) once the next step's pieces are there. */
+static __device__ float fu_split_rows(const fu_args &a, float *xs, const fu_slice &t) {
+    const int K = a.L[0].in, kq = t.kq, dot = fu_split_dot(a, t);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
     if (a.deferred && tid == 0) {
-        const int64_t lo = (int64_t)t.r0 * K + t.k0, hi = (int64_t)(t.r0 + t.nr - 1) * K + t.k0 + kq;
-        for (int64_t p = lo / a.in_piece; p <= (hi - 1) / a.in_piece; p++)
-            fu_wait_piece(a.S, p);
+        int64_t lo, hi;
+        fu_split_pieces(a, t, &lo, &hi);
+        for (int64_t p = lo; p <= hi; p++) fu_wait_piece(a.S, p);
     }
     __syncthreads();  /* the rows' pieces are there */
     fu_stamp(a, 1);
-    /* a warp a row: reading the slices with the whole block at once, or the group's rows in
-     * contiguous float4 parts, was slower (more requests over PCIe at once: bench/cuda_notes.md) */
-    float mx = 0.0f;  /* the early decision's largest |x| (fu_amax) */
-    for (int rr = warp; rr < t.nr; rr += nw) {
+    /* a warp a row, a load a lane at a time: reading the slices with the whole block at once, the
+     * group's rows in contiguous float4 parts, or a lane's loads of a row (up to 4) issued
+     * together, was slower (more requests over PCIe at once: bench/cuda_notes.md; the last 38.8
+     * us a step against 32.8 on an H100, its rows read 13 us after the release against 7.7) */
+    float mx = 0.0f;
+    const int rw = imin(nw, a.row_warps);
+    for (int rr = warp; rr < t.nr && warp < rw; rr += rw) {
         const int64_t o = (int64_t)(t.r0 + rr) * K + t.k0;
         for (int k = lane; k < kq; k += 32) {
             const float v = __ldcv(a.in_src + o + k);
@@ -102,6 +124,25 @@ static __device__ void fu_split(const fu_args &a, float *smem, const float *ws, 
             a.in_dst[o + k] = v;
             mx = fu_amax(mx, v);
         }
+    }
+    return mx;
+}
+
+/* nx.fetched: this block's rows are in xs already (read while the kernel lingered, their largest
+ * |x| this thread's nx.mx). Returns when thread 0 had its rows (with lg_time; 0 without a slice). */
+static __device__ unsigned long long fu_split(const fu_args &a, float *smem, const float *ws, int b, const fu_next &nx) {
+    fu_slice t;
+    if (!fu_split_slice(a, b, &t)) return 0ull;
+    const fu_layer &L = a.L[0];
+    const int N = L.out, pitch = a.split_pitch, kq = t.kq;
+    const int tid = threadIdx.x, nthr = blockDim.x;
+    float *xs = smem;
+    const int dot = fu_split_dot(a, t);
+    float mx = nx.mx;
+    unsigned long long t_rows = nx.t_rows;
+    if (!nx.fetched) {
+        mx = fu_split_rows(a, xs, t);
+        if (a.lg_time) t_rows = cu_global_ns();
     }
     if (a.early) fu_amax_publish(&a.S->fu_amax[0], mx);
     cp_async_wait<0>();  /* the slice */
@@ -135,7 +176,7 @@ static __device__ void fu_split(const fu_args &a, float *smem, const float *ws, 
             for (int p = 1; p < P; p++) v += part[(p * 4 + rr) * N + j];
             a.ypart[((int64_t)t.q * b + t.r0 + rr) * N + j] = v;
         }
-        return;
+        return t_rows;
     }
     if (dot) {
         /* an output a thread, all its rows at once: per k one weight and one broadcast of the
@@ -156,7 +197,7 @@ static __device__ void fu_split(const fu_args &a, float *smem, const float *ws, 
             for (int rr = 0; rr < 4; rr++)
                 if (rr < t.nr) a.ypart[((int64_t)t.q * b + t.r0 + rr) * N + j] = a0[rr] + a1[rr];
         }
-        return;
+        return t_rows;
     }
     const int S = N >= nthr ? 1 : nthr / N;
     for (int e = tid; e < S * N; e += nthr) {
@@ -174,6 +215,7 @@ static __device__ void fu_split(const fu_args &a, float *smem, const float *ws, 
             a.ypart[((int64_t)t.q * b + t.r0 + rr) * N + j] = acc0 + acc1;
         }
     }
+    return t_rows;
 }
 
 #endif /* MPSCY_CUDA_MLP_SPLIT_CUH */

@@ -130,7 +130,7 @@ static int enqueue(cu_graph *g, int kind, int64_t b, int deferred, char *err, si
     CU_TRY(cudaMemcpyAsync(g->stage_d, g->stage_h, first, cudaMemcpyHostToDevice, s), "staging copy");
     if (deferred) {
         g->pull_next = cu_conv_direct_beside(g);  /* the parts flagged only for that consumer */
-        const int64_t n = b * g->in0_size, piece = cu_stage_piece(n), pieces = (n + piece - 1) / piece;
+        const int64_t n = b * g->in0_size, piece = cu_stage_piece(n, g->stage_min_piece), pieces = (n + piece - 1) / piece;
         CU_TRY(cu_launch(g, pull_kernel, dim3((unsigned)(1 + pieces * CU_PULL_SPLIT)), CU_THREADS, s,
                          (float *)(g->stage_d + g->off_input[0]), (const float *)(g->stage_h + g->off_input[0]), n,
                          piece, (const uint32_t *)g->flags_h, (const cu_params *)g->params_d, g->scratch, g->result,
@@ -349,7 +349,7 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
         const int st = cu_settle(g->base.dev, err, en);
         if (st != MPSCY_OK) return st;
     }
-    if (x && !deferred && (bad = cu_stage_pieces(g->stage_pool, dst, x, n, cu_stage_piece(n), NULL, 0, g->stage_stream,
+    if (x && !deferred && (bad = cu_stage_pieces(g->stage_pool, dst, x, n, cu_stage_piece(n, g->stage_min_piece), NULL, 0, g->stage_stream,
                                                  NULL, NULL, NULL)) >= 0)
         return x_nonfinite(g, bad, x_bad, err, en);
     if (deferred) {
@@ -371,8 +371,12 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
          * lingering kernel), the others stage meanwhile (measured on the H200's host: 5-6 us per
          * step less than launching first) */
         int ls = 0;
-        bad = cu_stage_pieces(g->stage_pool, dst, x, n, cu_stage_piece(n), g->flags_h, g->seq, g->stage_stream, launch_hook,
+        bad = cu_stage_pieces(g->stage_pool, dst, x, n, cu_stage_piece(n, g->stage_min_piece), g->flags_h, g->seq, g->stage_stream, launch_hook,
                               &la, &ls);
+        if (g->lg_result_ns && la.claimed) {  /* MPSCY_CUDA_VERBOSE's figures (lg_report) */
+            g->lg_stage_ns += now_ns() - g->lg_result_ns;
+            g->lg_stages++;
+        }
         CU_TRY((cudaError_t)ls, "graph launch");
     } else if (b == g->plan.batch) {
         CU_TRY(cudaGraphLaunch(g->exec[kind], g->stream), "graph launch");
@@ -389,7 +393,7 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
         }
     }
     if (deferred && !x) /* the caller staged the rows itself: every piece is there */
-        for (int64_t p = 0, piece = cu_stage_piece(n); p * piece < n; p++) __atomic_store_n(&g->flags_h[p], g->seq, __ATOMIC_RELEASE);
+        for (int64_t p = 0, piece = cu_stage_piece(n, g->stage_min_piece); p * piece < n; p++) __atomic_store_n(&g->flags_h[p], g->seq, __ATOMIC_RELEASE);
     if (early) {
         /* until the result is final, or the stream is done (a step with nothing to decide) or failed */
         cu_device *d = (cu_device *)g->base.dev;
