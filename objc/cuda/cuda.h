@@ -77,7 +77,7 @@ typedef struct cu_scratch {
      * and the barrier's number (one more each time, never cleared) */
     unsigned int lg_arrive, lg_gen;
     int lg_go;
-    unsigned long long lg_fetched; /* copying blocks that read their rows while the kernel lingered, in steps it ran (never cleared) */
+    unsigned long long lg_w_early; /* copying blocks that loaded their weight slice while the kernel lingered, in steps it ran (never cleared) */
     /* with $MPSCY_CUDA_VERBOSE (fu_args.lg_time), globaltimer ns (0: none): when the last early
      * decision was released, the last step taken while lingering was released, and in the step
      * since, the last copying block had its rows and its products and block 0 passed the copy's

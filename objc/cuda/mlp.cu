@@ -277,13 +277,13 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
     /* warp items go round the blocks first, so every multiprocessor gets a share of a small phase */
     const int gw = warp * gridDim.x + blockIdx.x, tw = gridDim.x * FU_WARPS;
     const int b = ga.b;
-    fu_next nx = {false, false, false, 0.0f, 0ull};  /* what the kernel did for this step while it lingered */
+    fu_next nx = {false, false};  /* what the kernel did for this step while it lingered */
     for (;;) {  /* a step, and the next ones while the kernel lingers (fu_linger) */
         fu_trace T;
         T.n = 0;
         fu_mark(ga, &T);
         if (ga.trace && threadIdx.x == 0)
-            for (int k = nx.fetched ? 2 : 1; k < FU_STAMPS; k++) ga.stamps[blockIdx.x * FU_STAMPS + k] = 0ull;
+            for (int k = 1; k < FU_STAMPS; k++) ga.stamps[blockIdx.x * FU_STAMPS + k] = 0ull;
         fu_stamp(ga, 0);
         for (int i = threadIdx.x; i < (int)(sizeof(fu_args) / sizeof(int)); i += blockDim.x)
             ((int *)&sa)[i] = ((const int *)&ga)[i];
@@ -321,7 +321,7 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
                                 ga.S->fused_piece, ga.S, ga.R);
             }
         } else if (ga.split_q) {
-            const unsigned long long t_rows = fu_split(ga, smem, dsm, b, nx);
+            const unsigned long long t_rows = fu_split(ga, smem, dsm, b);
             if (ga.lg_time && threadIdx.x == 0 && t_rows) {  /* the linger's figures (FU_LG_TIMES) */
                 atomicMax(&ga.S->lg_t_rows, t_rows);
                 atomicMax(&ga.S->lg_t_products, cu_global_ns());
@@ -417,7 +417,7 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
             }
             printf("\n");
         }
-        if (CLUSTER || !a.linger_ns || !fu_linger(a, smem, dsm, &nx)) break;
+        if (CLUSTER || !a.linger_ns || !fu_linger(a, dsm, &nx)) break;
     }
 }
 
@@ -553,11 +553,8 @@ int cu_fused_plan(cu_graph *g) {
     a.trace = getenv("MPSCY_CUDA_FUSED_TRACE") != NULL;
     a.early = cu_knob_on("MPSCY_CUDA_FUSED_EARLY");
     a.split_dot = cu_knob_int("MPSCY_CUDA_FUSED_SPLITDOT", 1);
-    a.prefetch = cu_knob_int("MPSCY_CUDA_FUSED_PREFETCH", 1);  /* 0 to 3 (fu_args, fu_linger) */
-    a.row_warps = cu_knob_int("MPSCY_CUDA_FUSED_ROWWARPS", FU_WARPS);
-    if (a.row_warps < 1) a.row_warps = 1;
+    a.prefetch = cu_knob_on("MPSCY_CUDA_FUSED_PREFETCH");
     a.lg_time = g->lg_report;
-    if (a.prefetch < 0 || a.prefetch > 3) a.prefetch = 1;
     a.din_wide = cu_knob_int("MPSCY_CUDA_FUSED_DWIDE", 0);
     a.row_narrow = cu_knob_int("MPSCY_CUDA_FUSED_ROWU", 16) == 8;
     a.split_parts = cu_knob_int("MPSCY_CUDA_FUSED_SPLITK", 0) != 1;
@@ -652,13 +649,13 @@ void cu_fused_report(const cu_graph *g) {
             "next request: %.2f us on average)\n", (long long)g->lg_taken, (long long)g->lg_steps,
             g->lg_turns ? 1e-3 * (double)g->lg_turn_ns / (double)g->lg_turns : 0.0);
     const cu_fused *f = g->fu;
-    unsigned long long fetched = 0;
+    unsigned long long early = 0;
     int kw;
     const int64_t batch = g->plan.batch, q = f->ws_floats && f->a.prefetch ?
         fu_split_q(f->blocks, f->a.L[0].in, f->a.L[0].out, batch, f->a.split_rows, f->ws_floats, &kw) : 0;
-    if (q && cudaMemcpy(&fetched, &g->scratch->lg_fetched, sizeof(fetched), cudaMemcpyDeviceToHost) == cudaSuccess)
-        fprintf(stderr, "mpscy: cuda lingering kernel: %llu of %lld copying blocks' rows read while it waited\n",
-                fetched, (long long)(q * ((batch + f->a.split_rows - 1) / f->a.split_rows) * g->lg_taken));
+    if (q && cudaMemcpy(&early, &g->scratch->lg_w_early, sizeof(early), cudaMemcpyDeviceToHost) == cudaSuccess)
+        fprintf(stderr, "mpscy: cuda lingering kernel: %llu of %lld copying blocks' weight slices loaded while it waited\n",
+                early, (long long)(q * ((batch + f->a.split_rows - 1) / f->a.split_rows) * g->lg_taken));
     long long t[FU_LG_TIMES];
     if (cudaMemcpy(t, g->scratch->lg_sum, sizeof(t), cudaMemcpyDeviceToHost) == cudaSuccess && t[FU_LG_TIMES - 1] > 0) {
         const double k = 1e-3 / (double)t[FU_LG_TIMES - 1];
@@ -679,6 +676,6 @@ const char *cu_fused_form(const cu_graph *g, char *buf, size_t n) {
                      g->fu->ws_floats ? ", layer 0 in the copy" : "");
     if (g->fu->linger_ns && k > 0 && (size_t)k < n)
         snprintf(buf + k, n - (size_t)k, ", lingering %llu us for the next step%s", g->fu->linger_ns / 1000ull,
-                 g->fu->ws_floats && g->fu->a.prefetch ? ", reading its batch meanwhile" : "");
+                 g->fu->a.prefetch ? ", relaying its pieces meanwhile" : "");
     return buf;
 }

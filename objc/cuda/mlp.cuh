@@ -71,19 +71,14 @@ struct fu_args {
     int trace;         /* $MPSCY_CUDA_FUSED_TRACE: block 0 prints each phase's time (a profiling knob) */
     unsigned long long linger_ns; /* after its update the kernel waits this long for the next step (fu_linger); 0: it ends */
     int lg_time;       /* $MPSCY_CUDA_VERBOSE: the linger's intervals timed (fu_linger, S->lg_sum) */
-    int row_warps;     /* warps of a copying block that read its rows (fu_split_rows; $MPSCY_CUDA_FUSED_ROWWARPS, measuring: fewer) */
-    int prefetch;      /* while it lingers, the next step's front begun (fu_linger; $MPSCY_CUDA_FUSED_PREFETCH: 1 the
-                        * default, 0 not, 2 the release held until every piece is relayed, 3 no rows read) */
+    int prefetch;      /* while it lingers, the next step's front begun (fu_linger; $MPSCY_CUDA_FUSED_PREFETCH=0, measuring: not) */
     unsigned long long *stamps; /* with trace: FU_STAMPS times a block (fu_stamp) */
 };
 
-/* What the lingering kernel did for the step it then runs (fu_linger), kept by each thread */
+/* What the lingering kernel did for the step it then runs (fu_linger) */
 struct fu_next {
-    bool fetched;               /* this block's rows of its slice read already (fu_split_rows) */
-    bool relayed;               /* block 0: every piece of the step relayed already */
-    bool w_loading;             /* this block's slice of layer 0's weights on its way already (fu_split_load) */
-    float mx;                   /* this thread's largest |x| of those rows (fu_amax) */
-    unsigned long long t_rows;  /* thread 0, with lg_time: when they were read */
+    bool relayed;    /* block 0: every piece of the step relayed already */
+    bool w_loading;  /* this block's slice of layer 0's weights on its way already (fu_split_load) */
 };
 
 #define FU_STAMPS 5    /* per block: start, its pieces seen, its rows loaded (split), copy done, barrier passed */

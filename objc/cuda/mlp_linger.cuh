@@ -10,8 +10,8 @@
 /* $MPSCY_CUDA_VERBOSE (fu_args.lg_time): S->lg_sum's intervals, in ns, over the steps taken while
  * lingering whose step before was too: from a step's early decision, block 0's arrival here, the
  * next request seen, the next step's pieces all relayed, the release; then over the step that
- * release started, from it, its early decision, the last copying block's rows read (before it,
- * where read here), their products done, block 0 past the copy's barrier; their count last */
+ * release started, from it, its early decision, the last copying block's rows read,
+ * their products done, block 0 past the copy's barrier; their count last */
 #define FU_LG_TIMES 9
 
 /* Block 0's thread 0 between steps (fu_linger): the verdict once the host asks for step
@@ -54,17 +54,12 @@ static __device__ int fu_linger_verdict(const fu_args &a, unsigned long long t0)
  *   step's own kernel would have;
  * - with layer 0 in the copy phase, each copying block loads its slice of the new weights
  *   (fu_split_load, nx->w_loading) once every block is in, so every update is done (block 0
- *   counts itself in too), rather than at the release;
- * - and a copying block that sees its rows' pieces before the release reads them as fu_split
- *   would (to x's device rows, free once the weight gradients are done, which every block is
- *   past here, and to its shared memory xs; nx->fetched), their largest |x| published once the
- *   step runs, so a kernel that ends leaves the early decision's words as they were. A block
- *   released first reads them once the step runs.
- * Prefetch 2 (testing and measuring) holds the release until every piece is relayed, so that
- * every copying block reads its rows here (S->lg_fetched counts those blocks in the steps run);
- * 3 (measuring) relays and loads the weights but reads no rows here. On an H100, 32.8 us a step
- * against 33.7 with prefetch 0 (bench/cuda_notes.md). */
-static __device__ bool fu_linger(const fu_args &a, float *xs, float *ws, fu_next *nx) {
+ *   counts itself in too), rather than at the release (S->lg_w_early counts those blocks in
+ *   the steps run); one that misses that moment loads it once the step runs.
+ * Measured on an H100: 31.8 us a step against 33.3 with $MPSCY_CUDA_FUSED_PREFETCH=0. Reading
+ * a block's rows here too when their pieces came before the release gained nothing (32.2 us):
+ * on the benchmark they came after it for 99.9% of the blocks (bench/cuda_notes.md). */
+static __device__ bool fu_linger(const fu_args &a, float *ws, fu_next *nx) {
     __shared__ int go, act;
     __shared__ volatile int all_relayed;
     __shared__ unsigned long long t_relayed;
@@ -72,9 +67,8 @@ static __device__ bool fu_linger(const fu_args &a, float *xs, float *ws, fu_next
     cu_scratch *S = a.S;
     const int warp = threadIdx.x >> 5;
     fu_slice t;
-    const bool relay = a.prefetch && a.deferred, slice = relay && a.split_q && fu_split_slice(a, a.b, &t),
-               pre = slice && a.prefetch != 3;
-    nx->fetched = nx->relayed = nx->w_loading = false;
+    const bool relay = a.prefetch && a.deferred, slice = relay && a.split_q && fu_split_slice(a, a.b, &t);
+    nx->relayed = nx->w_loading = false;
     if (threadIdx.x == 0) stop = all_relayed = 0;
     __syncthreads();  /* every thread's update stores issued */
     unsigned int gen = 0u;
@@ -89,15 +83,12 @@ static __device__ bool fu_linger(const fu_args &a, float *xs, float *ws, fu_next
             unsigned long long t_req = 0ull;
             int v = -1;
             bool all = false;
-            atomicAdd(&S->lg_arrive, 1u);  /* block 0 counts too: all in, every update is done (slice loads) */
+            atomicAdd(&S->lg_arrive, 1u);  /* block 0 counts too: all in, every update is done (the slices) */
             while (v < 0 || !all) {
                 if (!all) all = cu_load_acquire_gpu(&S->lg_arrive) == gridDim.x;
                 if (v < 0 && (v = fu_linger_verdict(a, t0)) >= 0) t_req = cu_global_ns();
             }
             stop = v ? 2 : 1;
-            if (v && relay && a.prefetch == 2)
-                while (!all_relayed) {
-                }
             S->lg_arrive = 0u;
             S->lg_go = go = v;
             __threadfence();
@@ -126,7 +117,6 @@ static __device__ bool fu_linger(const fu_args &a, float *xs, float *ws, fu_next
             if (cu_relay_pieces(a.flags, (a.in_n + a.in_piece - 1) / a.in_piece, a.P->seq + 1u, NULL, S->fused_piece, S,
                                 a.R, &stop) &&
                 (threadIdx.x & 31) == 0) {
-                __threadfence();  /* the relayed words before the release (prefetch 2) */
                 if (!all_relayed) t_relayed = cu_global_ns();
                 all_relayed = 1;
             }
@@ -139,36 +129,23 @@ static __device__ bool fu_linger(const fu_args &a, float *xs, float *ws, fu_next
     if (threadIdx.x == 0) atomicAdd(&S->lg_arrive, 1u);
     for (;;) {
         if (threadIdx.x == 0) {
-            for (act = 0;;) {
-                const bool released = cu_load_acquire_gpu(&S->lg_gen) != gen;
-                if (released && a.prefetch != 2) break;
-                if (slice && !nx->w_loading && !released && cu_load_acquire_gpu(&S->lg_arrive) == gridDim.x) {
-                    act = 2;  /* every block's update done: this block's slice of the new weights */
+            act = 0;
+            while (cu_load_acquire_gpu(&S->lg_gen) == gen)
+                if (slice && !nx->w_loading && cu_load_acquire_gpu(&S->lg_arrive) == gridDim.x) {
+                    act = 1;  /* every block's update done: this block's slice of the new weights */
                     break;
                 }
-                if (pre && !nx->fetched && fu_split_relayed(a, t)) {
-                    act = 1;
-                    break;
-                }
-                if (released) break;
-            }
             if (!act) {
                 go = *(volatile const int *)&S->lg_go;
-                if (go && nx->fetched) atomicAdd(&S->lg_fetched, 1ull);
+                if (go && nx->w_loading) atomicAdd(&S->lg_w_early, 1ull);
             }
             __threadfence();
         }
         __syncthreads();
         if (!act) break;
-        if (act == 2) {
-            fu_split_load(a, a.b, ws);
-            cp_async_commit();
-            nx->w_loading = true;
-        } else {
-            nx->mx = fu_split_rows(a, xs, t);
-            nx->fetched = true;
-            if (a.lg_time) nx->t_rows = cu_global_ns();
-        }
+        fu_split_load(a, a.b, ws);
+        cp_async_commit();
+        nx->w_loading = true;
         __syncthreads();  /* act read by every thread before thread 0 writes it again */
     }
     if (!go && nx->w_loading) cp_async_wait<0>();  /* nothing left in flight as the kernel ends */

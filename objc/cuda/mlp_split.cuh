@@ -87,19 +87,9 @@ static __device__ __forceinline__ void fu_split_pieces(const fu_args &a, const f
     *hi = ((int64_t)(t.r0 + t.nr - 1) * K + t.k0 + t.kq - 1) / a.in_piece;
 }
 
-/* whether every piece that holds this block's rows has been relayed (one thread; never waits) */
-static __device__ __forceinline__ bool fu_split_relayed(const fu_args &a, const fu_slice &t) {
-    int64_t lo, hi;
-    fu_split_pieces(a, t, &lo, &hi);
-    for (int64_t p = lo; p <= hi; p++)
-        if (cu_load_acquire_gpu(&a.S->fused_piece[p]) == 0u) return false;
-    return true;
-}
-
 /* This block's rows of its slice, once their pieces are there (deferred staging), from pinned
  * memory to x's device rows and to shared memory xs (fu_split_dot's layout), by the whole block.
- * Returns this thread's largest |x| (the early decision's, fu_amax). fu_split runs it, or the
- * lingering kernel between steps (fu_linger) once the next step's pieces are there. */
+ * Returns this thread's largest |x| (the early decision's, fu_amax). */
 static __device__ float fu_split_rows(const fu_args &a, float *xs, const fu_slice &t) {
     const int K = a.L[0].in, kq = t.kq, dot = fu_split_dot(a, t);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
@@ -113,10 +103,10 @@ static __device__ float fu_split_rows(const fu_args &a, float *xs, const fu_slic
     /* a warp a row, a load a lane at a time: reading the slices with the whole block at once, the
      * group's rows in contiguous float4 parts, or a lane's loads of a row (up to 4) issued
      * together, was slower (more requests over PCIe at once: bench/cuda_notes.md; the last 38.8
-     * us a step against 32.8 on an H100, its rows read 13 us after the release against 7.7) */
+     * us a step against 32.8 on an H100, its rows read 13 us after the release against 7.7), and
+     * so were fewer warps (2 a block: 34.5 us against 32.2; 1: 39.3) */
     float mx = 0.0f;
-    const int rw = imin(nw, a.row_warps);
-    for (int rr = warp; rr < t.nr && warp < rw; rr += rw) {
+    for (int rr = warp; rr < t.nr; rr += nw) {
         const int64_t o = (int64_t)(t.r0 + rr) * K + t.k0;
         for (int k = lane; k < kq; k += 32) {
             const float v = __ldcv(a.in_src + o + k);
@@ -128,9 +118,8 @@ static __device__ float fu_split_rows(const fu_args &a, float *xs, const fu_slic
     return mx;
 }
 
-/* nx.fetched: this block's rows are in xs already (read while the kernel lingered, their largest
- * |x| this thread's nx.mx). Returns when thread 0 had its rows (with lg_time; 0 without a slice). */
-static __device__ unsigned long long fu_split(const fu_args &a, float *smem, const float *ws, int b, const fu_next &nx) {
+/* Returns when thread 0 had its rows (with lg_time; 0 without a slice or lg_time). */
+static __device__ unsigned long long fu_split(const fu_args &a, float *smem, const float *ws, int b) {
     fu_slice t;
     if (!fu_split_slice(a, b, &t)) return 0ull;
     const fu_layer &L = a.L[0];
@@ -138,12 +127,8 @@ static __device__ unsigned long long fu_split(const fu_args &a, float *smem, con
     const int tid = threadIdx.x, nthr = blockDim.x;
     float *xs = smem;
     const int dot = fu_split_dot(a, t);
-    float mx = nx.mx;
-    unsigned long long t_rows = nx.t_rows;
-    if (!nx.fetched) {
-        mx = fu_split_rows(a, xs, t);
-        if (a.lg_time) t_rows = cu_global_ns();
-    }
+    const float mx = fu_split_rows(a, xs, t);
+    const unsigned long long t_rows = a.lg_time ? cu_global_ns() : 0ull;
     if (a.early) fu_amax_publish(&a.S->fu_amax[0], mx);
     cp_async_wait<0>();  /* the slice */
     __syncthreads();
