@@ -69,6 +69,8 @@ static __device__ bool fu_linger(const fu_args &a, float *ws, fu_next *nx) {
     fu_slice t;
     const bool relay = a.prefetch && a.deferred, slice = relay && a.split_q && fu_split_slice(a, a.b, &t);
     nx->relayed = nx->w_loading = false;
+    /* the step to relay, read before any release: a released block's params copy overwrites it */
+    const uint32_t next = a.P->seq + 1u;
     if (threadIdx.x == 0) stop = all_relayed = 0;
     __syncthreads();  /* every thread's update stores issued */
     unsigned int gen = 0u;
@@ -89,33 +91,36 @@ static __device__ bool fu_linger(const fu_args &a, float *ws, fu_next *nx) {
                 if (v < 0 && (v = fu_linger_verdict(a, t0)) >= 0) t_req = cu_global_ns();
             }
             stop = v ? 2 : 1;
+            /* FU_LG_TIMES' figures (block 0's thread 0's alone): this step's stamps taken and
+             * cleared before the release, after which the next step's blocks stamp anew */
+            unsigned long long at[8] = {t0, t_req, 0ull, 0ull, 0ull, 0ull, 0ull, 0ull}, tr = 0ull;
+            if (a.lg_time) {
+                tr = S->lg_t_release;
+                td = S->lg_t_decide;
+                at[4] = td, at[5] = S->lg_t_rows, at[6] = S->lg_t_products, at[7] = S->lg_t_copy;
+                S->lg_t_decide = S->lg_t_rows = S->lg_t_products = S->lg_t_copy = 0ull;
+                at[3] = cu_global_ns();
+                S->lg_t_release = v ? at[3] : 0ull;
+            }
             S->lg_arrive = 0u;
             S->lg_go = go = v;
             __threadfence();
             atomicExch(&S->lg_gen, gen + 1u);
             __threadfence();
-            if (a.lg_time) {  /* FU_LG_TIMES' intervals (the sums block 0's thread 0's alone) */
-                const unsigned long long tr = S->lg_t_release, t_rel = cu_global_ns();
-                td = S->lg_t_decide;
-                if (v && td && tr) {
-                    const unsigned long long at[8] = {t0, t_req, 0ull, t_rel, td, S->lg_t_rows, S->lg_t_products,
-                                                      S->lg_t_copy};
-                    for (int k = 0; k < 8; k++)
-                        if (k != 2) S->lg_sum[k] += (long long)(at[k] - (k < 4 ? td : tr));
-                    S->lg_sum[FU_LG_TIMES - 1]++;
-                } else {
-                    td = 0ull;
-                }
-                S->lg_t_release = v ? t_rel : 0ull;
-                S->lg_t_decide = S->lg_t_rows = S->lg_t_products = S->lg_t_copy = 0ull;
+            if (a.lg_time && v && td && tr) {
+                for (int k = 0; k < 8; k++)
+                    if (k != 2) S->lg_sum[k] += (long long)(at[k] - (k < 4 ? td : tr));
+                S->lg_sum[FU_LG_TIMES - 1]++;
+            } else {
+                td = 0ull;
             }
         } else if (relay && warp >= 1 && warp <= a.relays) {
             /* staggered as the step's own relay warps are (mlp.cu) */
             const unsigned long long t0 = cu_global_ns(), wait = (unsigned long long)(warp - 1) * FU_RELAY_NS / a.relays;
             while (cu_global_ns() - t0 < wait && !stop) {
             }
-            if (cu_relay_pieces(a.flags, (a.in_n + a.in_piece - 1) / a.in_piece, a.P->seq + 1u, NULL, S->fused_piece, S,
-                                a.R, &stop) &&
+            if (cu_relay_pieces(a.flags, (a.in_n + a.in_piece - 1) / a.in_piece, next, NULL, S->fused_piece, S, a.R,
+                                &stop) &&
                 (threadIdx.x & 31) == 0) {
                 if (!all_relayed) t_relayed = cu_global_ns();
                 all_relayed = 1;

@@ -315,6 +315,13 @@ static int launch_hook(void *p) {
     return (int)e;
 }
 
+/* A step's launch failed: a lingering kernel that gave the step up may have relayed its pieces
+ * (mlp_linger.cuh), and the words must not pass for a later step's (the copying blocks wait for
+ * them to be nonzero), so they are cleared in stream order */
+static void relayed_clear(cu_graph *g) {
+    if (cu_fused_lingers(g)) cudaMemsetAsync(g->scratch->fused_piece, 0, sizeof g->scratch->fused_piece, g->stream);
+}
+
 /* x_src's element `bad` is a NaN or Inf: the call fails naming its row */
 static int x_nonfinite(const cu_graph *g, int64_t bad, int *x_bad, char *err, size_t en) {
     *x_bad = 1;
@@ -373,6 +380,7 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
         int ls = 0;
         bad = cu_stage_pieces(g->stage_pool, dst, x, n, cu_stage_piece(n, g->stage_min_piece), g->flags_h, g->seq, g->stage_stream, launch_hook,
                               &la, &ls);
+        if (ls != cudaSuccess) relayed_clear(g);
         if (g->lg_result_ns && la.claimed) {  /* MPSCY_CUDA_VERBOSE's figures (lg_report) */
             g->lg_stage_ns += now_ns() - g->lg_result_ns;
             g->lg_stages++;
@@ -416,7 +424,9 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
                      * failed on this machine): launch it after all */
                     la.claimed = 0;
                     __atomic_store_n(&g->result->lg_req, g->seq, __ATOMIC_RELEASE);
-                    CU_TRY(cudaGraphLaunch(g->exec[kind], g->stream), "graph launch");
+                    const cudaError_t le = cudaGraphLaunch(g->exec[kind], g->stream);
+                    if (le != cudaSuccess) relayed_clear(g);
+                    CU_TRY(le, "graph launch");
                     continue;
                 }
                 if (e == cudaSuccess) break;
