@@ -14,8 +14,7 @@
 //     nvcc -O3 -std=c++17 -arch=sm_90 bench/ce_probe.cu -o /tmp/ce_probe && /tmp/ce_probe [rows [K]]
 // (default 32 x 784: the benchmark MLP's 100 KB batch; no libcuda link: the driver's entry point
 // comes from cudaGetDriverEntryPointByVersion)
-#include <cuda.h>
-#include <cuda_runtime.h>
+#include <cuda.h>  /* the driver's types, for cuStreamWriteValue32 */
 
 #include <algorithm>
 #include <chrono>
@@ -23,6 +22,7 @@
 #include <cstdio>
 #include <vector>
 
+#include "../objc/cuda/cuda.h"  /* cu_global_ns, cu_load_acquire_gpu / _sys (kernel_util.cuh) */
 #include "probe.h"
 
 #define THREADS 512
@@ -30,28 +30,12 @@
 
 typedef CUresult (*write_value_fn)(CUstream, CUdeviceptr, cuuint32_t, unsigned int);
 
-__device__ __forceinline__ unsigned long long gns() {
-    unsigned long long t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    return t;
-}
-__device__ __forceinline__ uint32_t ld_acquire_sys(const volatile uint32_t *p) {
-    uint32_t v;
-    asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
-__device__ __forceinline__ uint32_t ld_acquire_gpu(const uint32_t *p) {
-    uint32_t v;
-    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
-
 struct probe_args {
     const float *src;      /* pinned */
     float *dst;            /* device */
     int rows, K, Q, kw;    /* the slices: Q of kw inputs, ROWS_PER_BLOCK rows a block */
     int ce, pieces;        /* ce: the copy engine moves the batch, each piece's word in flag[p] */
-    volatile uint32_t *go; /* pinned: the round the host started */
+    const uint32_t *go;    /* pinned: the round the host started */
     volatile uint32_t *done;
     uint32_t *go_d, *flag, *count; /* device */
     unsigned long long *dev_ns;
@@ -66,12 +50,12 @@ __global__ void __launch_bounds__(THREADS, 1) watch(probe_args a) {
         __shared__ unsigned long long t0;
         if (threadIdx.x == 0) {
             if (blockIdx.x == 0) {
-                while (ld_acquire_sys(a.go) != k) {
+                while (cu_load_acquire_sys(a.go) != k) {
                 }
-                t0 = gns();
+                t0 = cu_global_ns();
                 atomicExch(a.go_d, k);
             } else {
-                while (ld_acquire_gpu(a.go_d) != k) {
+                while (cu_load_acquire_gpu(a.go_d) != k) {
                 }
             }
         }
@@ -92,13 +76,13 @@ __global__ void __launch_bounds__(THREADS, 1) watch(probe_args a) {
         if (blockIdx.x == 0 && threadIdx.x == 0) {
             if (a.ce) {
                 for (int p = 0; p < a.pieces; p++)
-                    while (ld_acquire_gpu(&a.flag[p]) != k) {
+                    while (cu_load_acquire_gpu(&a.flag[p]) != k) {
                     }
             } else {
-                while (ld_acquire_gpu(a.count) != k * (uint32_t)copiers) {
+                while (cu_load_acquire_gpu(a.count) != k * (uint32_t)copiers) {
                 }
             }
-            a.dev_ns[k] = gns() - t0;
+            a.dev_ns[k] = cu_global_ns() - t0;
             __threadfence();
             *a.done = k;
             __threadfence_system();

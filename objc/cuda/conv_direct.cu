@@ -160,7 +160,7 @@ int cu_conv_direct(cu_graph *gr, const mpscy_conv_geom *g, float *y, const float
     if (beside) {
         pull.seq = gr->scratch->part_seq;
         pull.P = gr->params_d;
-        pull.piece = cu_stage_piece(b * gr->in0_size, gr->stage_min_piece);  /* as the pull's (step.cu) */
+        pull.piece = cu_stage_piece(b * gr->in0_size);  /* as the pull's (step.cu) */
     }
     CU_TRY(cu_launch_pdl(gr->pdl || (beside && gr->dev->pdl), gr->carveout, kinds[(g->kg + 3) / 4 - 1],
                          dim3(px, (unsigned)chunks), CU_THREADS, 0, gr->stream, y, x, w, bias, *g, b, (int)chunk,

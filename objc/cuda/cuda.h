@@ -77,7 +77,7 @@ typedef struct cu_scratch {
      * and the barrier's number (one more each time, never cleared) */
     unsigned int lg_arrive, lg_gen;
     int lg_go;
-    unsigned long long lg_w_early; /* copying blocks that loaded their weight slice while the kernel lingered, in steps it ran (never cleared) */
+    unsigned long long lg_w_early; /* with $MPSCY_CUDA_VERBOSE: copying blocks that loaded their weight slice while the kernel lingered, in steps it ran (never cleared) */
     /* with $MPSCY_CUDA_VERBOSE (fu_args.lg_time), globaltimer ns (0: none): when the last early
      * decision was released, the last step taken while lingering was released, and in the step
      * since, the last copying block had its rows and its products and block 0 passed the copy's
@@ -223,7 +223,6 @@ typedef struct cu_graph {
     int defer;                 /* one input of at least CU_DEFER_MIN bytes at the built batch */
     struct mpscy_pool *stage_pool;
     int stage_stream;          /* input 0 staged with non-temporal stores (cu_stage_stream) */
-    int64_t stage_min_piece;   /* the least deferred piece in floats (cu_stage_min_piece) */
     uint32_t *flags_h;         /* (CU_STAGE_MAX_PIECES), pinned */
     uint32_t seq;              /* the last deferred step's number, 1 .. seq_period */
     uint32_t seq_period;       /* 2^31 - 1 ($MPSCY_CUDA_SEQ_PERIOD: a smaller one, for testing the wrap) */
@@ -523,7 +522,7 @@ int cu_fused_step(cu_graph *g, int64_t b, size_t staged, int deferred, char *err
  * hands it over: mlp.cu's fu_linger) */
 int cu_fused_lingers(const cu_graph *g);
 /* with $MPSCY_CUDA_VERBOSE at build, once the stream is idle: the steps a lingering kernel took
- * and the host's turn, and the copying blocks that read their rows while it waited */
+ * and the host's turn, the weight slices it loaded while it waited and its timed intervals */
 void cu_fused_report(const cu_graph *g);
 const char *cu_fused_form(const cu_graph *g, char *buf, size_t n);
 

@@ -335,7 +335,6 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
     g->defer = large && !(dk && strcmp(dk, "0") == 0) && !(lb && strcmp(lb, "1") == 0);
     if (g->defer) PIN(g->flags_h, CU_STAGE_MAX_PIECES * sizeof(uint32_t));
     g->stage_stream = cu_stage_stream();
-    g->stage_min_piece = cu_stage_min_piece();
     {   /* the deferred steps' numbers start again after 2^31 - 1 (step.cu's launch); a testing knob */
         const int period = cu_knob_int("MPSCY_CUDA_SEQ_PERIOD", 0x7fffffff);
         g->seq_period = period < 2 ? 2u : (uint32_t)period;

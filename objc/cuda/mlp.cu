@@ -614,7 +614,7 @@ int cu_fused_step(cu_graph *g, int64_t b, size_t staged, int deferred, char *err
     f->a.in_dst = (float *)(g->stage_d + g->off_input[0]);
     f->a.in_n = b * g->in0_size;
     if (deferred) {
-        f->a.in_piece = cu_stage_piece(f->a.in_n, g->stage_min_piece);
+        f->a.in_piece = cu_stage_piece(f->a.in_n);
         f->a.flags = g->flags_h;
     }
     cudaLaunchConfig_t cfg = {};

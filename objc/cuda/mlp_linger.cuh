@@ -54,9 +54,10 @@ static __device__ int fu_linger_verdict(const fu_args &a, unsigned long long t0)
  *   step's own kernel would have;
  * - with layer 0 in the copy phase, each copying block loads its slice of the new weights
  *   (fu_split_load, nx->w_loading) once every block is in, so every update is done (block 0
- *   counts itself in too), rather than at the release (S->lg_w_early counts those blocks in
- *   the steps run); one that misses that moment loads it once the step runs.
- * Measured on an H100: 31.8 us a step against 33.3 with $MPSCY_CUDA_FUSED_PREFETCH=0. Reading
+ *   counts itself in too), rather than at the release (with lg_time S->lg_w_early counts those
+ *   blocks in the steps run); one that misses that moment loads it once the step runs.
+ * A kernel that ends clears the words its relay set (block 0, once its relay warps are done).
+ * Measured on an H100: 31.4 us a step against 33.0 with $MPSCY_CUDA_FUSED_PREFETCH=0. Reading
  * a block's rows here too when their pieces came before the release gained nothing (32.2 us):
  * on the benchmark they came after it for 99.9% of the blocks (bench/cuda_notes.md). */
 static __device__ bool fu_linger(const fu_args &a, float *ws, fu_next *nx) {
@@ -126,33 +127,39 @@ static __device__ bool fu_linger(const fu_args &a, float *ws, fu_next *nx) {
                 all_relayed = 1;
             }
         }
-        __syncthreads();
-        if (td && all_relayed) S->lg_sum[2] += (long long)(t_relayed - td);  /* thread 0: the relay warps are done */
+        __syncthreads();  /* the relay warps are done */
+        if (td && all_relayed) S->lg_sum[2] += (long long)(t_relayed - td);
+        /* a kernel that ends leaves no relayed word behind (the words are 0 between steps: the
+         * copying blocks wait for them to be nonzero), whatever launches next */
+        if (!go && relay && threadIdx.x < CU_STAGE_MAX_PIECES) S->fused_piece[threadIdx.x] = 0u;
         nx->relayed = all_relayed != 0;
         return go != 0;
     }
-    if (threadIdx.x == 0) atomicAdd(&S->lg_arrive, 1u);
-    for (;;) {
-        if (threadIdx.x == 0) {
-            act = 0;
-            while (cu_load_acquire_gpu(&S->lg_gen) == gen)
-                if (slice && !nx->w_loading && cu_load_acquire_gpu(&S->lg_arrive) == gridDim.x) {
-                    act = 1;  /* every block's update done: this block's slice of the new weights */
-                    break;
-                }
-            if (!act) {
-                go = *(volatile const int *)&S->lg_go;
-                if (go && nx->w_loading) atomicAdd(&S->lg_w_early, 1ull);
+    /* the other blocks: counted in, then (a copying block) its slice of the new weights once every
+     * block's update is done, if that comes before the release; then the release */
+    if (threadIdx.x == 0) {
+        atomicAdd(&S->lg_arrive, 1u);
+        act = 0;
+        while (slice && cu_load_acquire_gpu(&S->lg_gen) == gen)
+            if (cu_load_acquire_gpu(&S->lg_arrive) == gridDim.x) {
+                act = 1;
+                break;
             }
-            __threadfence();
-        }
-        __syncthreads();
-        if (!act) break;
+    }
+    __syncthreads();
+    if (act) {
         fu_split_load(a, a.b, ws);
         cp_async_commit();
         nx->w_loading = true;
-        __syncthreads();  /* act read by every thread before thread 0 writes it again */
     }
+    if (threadIdx.x == 0) {
+        while (cu_load_acquire_gpu(&S->lg_gen) == gen) {
+        }
+        go = *(volatile const int *)&S->lg_go;
+        if (go && act && a.lg_time) atomicAdd(&S->lg_w_early, 1ull);
+        __threadfence();
+    }
+    __syncthreads();
     if (!go && nx->w_loading) cp_async_wait<0>();  /* nothing left in flight as the kernel ends */
     return go != 0;
 }

@@ -74,29 +74,21 @@ static __device__ __forceinline__ void fu_fma4(float *acc, float w, float4 x) {
     acc[3] += w * x.w;
 }
 
-/* whether x's slice of this block's rows goes to shared memory transposed, (kq, 4): a row's four
- * values one 16-byte broadcast (split_dot, nr <= 4); otherwise (nr, kq) */
-static __device__ __forceinline__ int fu_split_dot(const fu_args &a, const fu_slice &t) {
-    return a.split_dot && t.nr <= 4 && t.kq * 4 <= FU_SMEM_FLOATS;
-}
-
-/* the pieces of the staged batch that hold this block's rows of its slice: [*lo, *hi] */
-static __device__ __forceinline__ void fu_split_pieces(const fu_args &a, const fu_slice &t, int64_t *lo, int64_t *hi) {
-    const int K = a.L[0].in;
-    *lo = ((int64_t)t.r0 * K + t.k0) / a.in_piece;
-    *hi = ((int64_t)(t.r0 + t.nr - 1) * K + t.k0 + t.kq - 1) / a.in_piece;
-}
-
-/* This block's rows of its slice, once their pieces are there (deferred staging), from pinned
- * memory to x's device rows and to shared memory xs (fu_split_dot's layout), by the whole block.
- * Returns this thread's largest |x| (the early decision's, fu_amax). */
-static __device__ float fu_split_rows(const fu_args &a, float *xs, const fu_slice &t) {
-    const int K = a.L[0].in, kq = t.kq, dot = fu_split_dot(a, t);
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
+/* Returns when thread 0 had its rows (with lg_time; else, or without a slice, 0). */
+static __device__ unsigned long long fu_split(const fu_args &a, float *smem, const float *ws, int b) {
+    fu_slice t;
+    if (!fu_split_slice(a, b, &t)) return 0ull;
+    const fu_layer &L = a.L[0];
+    const int K = L.in, N = L.out, pitch = a.split_pitch, kq = t.kq;
+    const int tid = threadIdx.x, nthr = blockDim.x, lane = tid & 31, warp = tid >> 5, nw = nthr >> 5;
+    /* x's slice of the rows, (nr, kq); with split_dot (nr <= 4) transposed, (kq, 4): a row's
+     * four values one 16-byte broadcast */
+    float *xs = smem;
+    const int dot = a.split_dot && t.nr <= 4 && kq * 4 <= FU_SMEM_FLOATS;
     if (a.deferred && tid == 0) {
-        int64_t lo, hi;
-        fu_split_pieces(a, t, &lo, &hi);
-        for (int64_t p = lo; p <= hi; p++) fu_wait_piece(a.S, p);
+        const int64_t lo = (int64_t)t.r0 * K + t.k0, hi = (int64_t)(t.r0 + t.nr - 1) * K + t.k0 + kq;
+        for (int64_t p = lo / a.in_piece; p <= (hi - 1) / a.in_piece; p++)
+            fu_wait_piece(a.S, p);
     }
     __syncthreads();  /* the rows' pieces are there */
     fu_stamp(a, 1);
@@ -105,7 +97,7 @@ static __device__ float fu_split_rows(const fu_args &a, float *xs, const fu_slic
      * together, was slower (more requests over PCIe at once: bench/cuda_notes.md; the last 38.8
      * us a step against 32.8 on an H100, its rows read 13 us after the release against 7.7), and
      * so were fewer warps (2 a block: 34.5 us against 32.2; 1: 39.3) */
-    float mx = 0.0f;
+    float mx = 0.0f;  /* the early decision's largest |x| (fu_amax) */
     for (int rr = warp; rr < t.nr; rr += nw) {
         const int64_t o = (int64_t)(t.r0 + rr) * K + t.k0;
         for (int k = lane; k < kq; k += 32) {
@@ -115,19 +107,6 @@ static __device__ float fu_split_rows(const fu_args &a, float *xs, const fu_slic
             mx = fu_amax(mx, v);
         }
     }
-    return mx;
-}
-
-/* Returns when thread 0 had its rows (with lg_time; 0 without a slice or lg_time). */
-static __device__ unsigned long long fu_split(const fu_args &a, float *smem, const float *ws, int b) {
-    fu_slice t;
-    if (!fu_split_slice(a, b, &t)) return 0ull;
-    const fu_layer &L = a.L[0];
-    const int N = L.out, pitch = a.split_pitch, kq = t.kq;
-    const int tid = threadIdx.x, nthr = blockDim.x;
-    float *xs = smem;
-    const int dot = fu_split_dot(a, t);
-    const float mx = fu_split_rows(a, xs, t);
     const unsigned long long t_rows = a.lg_time ? cu_global_ns() : 0ull;
     if (a.early) fu_amax_publish(&a.S->fu_amax[0], mx);
     cp_async_wait<0>();  /* the slice */

@@ -7,16 +7,10 @@
 _Static_assert(CU_STAGE_BAD == MPSCY_STAGE_BAD, "one flag bit");
 _Static_assert(CU_STAGE_MAX_PIECES <= MPSCY_STAGE_MAX_CHUNKS, "a job holds every piece");
 
-int64_t cu_stage_piece(int64_t n, int64_t min_piece) {
+int64_t cu_stage_piece(int64_t n) {
     int64_t piece = (n + CU_STAGE_MAX_PIECES - 1) / CU_STAGE_MAX_PIECES;
     piece = (piece + 15) / 16 * 16;
-    return piece < min_piece ? min_piece : piece;
-}
-
-int64_t cu_stage_min_piece(void) {
-    const char *knob = getenv("MPSCY_STAGE_PIECE");
-    const int64_t v = knob && *knob ? (atoll(knob) + 15) / 16 * 16 : CU_STAGE_MIN_PIECE;
-    return v < 16 ? 16 : v;
+    return piece < CU_STAGE_MIN_PIECE ? CU_STAGE_MIN_PIECE : piece;
 }
 
 int cu_stage_threads(int64_t bytes, int deferred) {

@@ -17,14 +17,10 @@ extern "C" {
 #define CU_STAGE_MAX_PIECES 64
 #define CU_STAGE_MIN_PIECE 8192      /* floats (32 KB) */
 
-/* Floats per piece for n floats: at least min_piece (cu_stage_min_piece), a multiple of 16, at
- * most CU_STAGE_MAX_PIECES pieces. */
-int64_t cu_stage_piece(int64_t n, int64_t min_piece);
-
-/* The least piece, read when a graph is built: CU_STAGE_MIN_PIECE (4096 to 1024 measured no
- * better for the MLP b32's 100 KB on the H100's host), or $MPSCY_STAGE_PIECE floats (a
- * measuring knob, at least 16). */
-int64_t cu_stage_min_piece(void);
+/* Floats per piece for n floats: at least CU_STAGE_MIN_PIECE (4096 to 1024 measured no better
+ * for the MLP b32's 100 KB on the H100's host), a multiple of 16, at most CU_STAGE_MAX_PIECES
+ * pieces. */
+int64_t cu_stage_piece(int64_t n);
 
 /* Staging threads for input 0's batch of `bytes` (_staging.h's policy, the Cython bridge's too),
  * at least two when the batch is staged while its step runs (deferred). */

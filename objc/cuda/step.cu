@@ -130,7 +130,7 @@ static int enqueue(cu_graph *g, int kind, int64_t b, int deferred, char *err, si
     CU_TRY(cudaMemcpyAsync(g->stage_d, g->stage_h, first, cudaMemcpyHostToDevice, s), "staging copy");
     if (deferred) {
         g->pull_next = cu_conv_direct_beside(g);  /* the parts flagged only for that consumer */
-        const int64_t n = b * g->in0_size, piece = cu_stage_piece(n, g->stage_min_piece), pieces = (n + piece - 1) / piece;
+        const int64_t n = b * g->in0_size, piece = cu_stage_piece(n), pieces = (n + piece - 1) / piece;
         CU_TRY(cu_launch(g, pull_kernel, dim3((unsigned)(1 + pieces * CU_PULL_SPLIT)), CU_THREADS, s,
                          (float *)(g->stage_d + g->off_input[0]), (const float *)(g->stage_h + g->off_input[0]), n,
                          piece, (const uint32_t *)g->flags_h, (const cu_params *)g->params_d, g->scratch, g->result,
@@ -315,13 +315,6 @@ static int launch_hook(void *p) {
     return (int)e;
 }
 
-/* A step's launch failed: a lingering kernel that gave the step up may have relayed its pieces
- * (mlp_linger.cuh), and the words must not pass for a later step's (the copying blocks wait for
- * them to be nonzero), so they are cleared in stream order */
-static void relayed_clear(cu_graph *g) {
-    if (cu_fused_lingers(g)) cudaMemsetAsync(g->scratch->fused_piece, 0, sizeof g->scratch->fused_piece, g->stream);
-}
-
 /* x_src's element `bad` is a NaN or Inf: the call fails naming its row */
 static int x_nonfinite(const cu_graph *g, int64_t bad, int *x_bad, char *err, size_t en) {
     *x_bad = 1;
@@ -356,7 +349,7 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
         const int st = cu_settle(g->base.dev, err, en);
         if (st != MPSCY_OK) return st;
     }
-    if (x && !deferred && (bad = cu_stage_pieces(g->stage_pool, dst, x, n, cu_stage_piece(n, g->stage_min_piece), NULL, 0, g->stage_stream,
+    if (x && !deferred && (bad = cu_stage_pieces(g->stage_pool, dst, x, n, cu_stage_piece(n), NULL, 0, g->stage_stream,
                                                  NULL, NULL, NULL)) >= 0)
         return x_nonfinite(g, bad, x_bad, err, en);
     if (deferred) {
@@ -378,9 +371,8 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
          * lingering kernel), the others stage meanwhile (measured on the H200's host: 5-6 us per
          * step less than launching first) */
         int ls = 0;
-        bad = cu_stage_pieces(g->stage_pool, dst, x, n, cu_stage_piece(n, g->stage_min_piece), g->flags_h, g->seq, g->stage_stream, launch_hook,
+        bad = cu_stage_pieces(g->stage_pool, dst, x, n, cu_stage_piece(n), g->flags_h, g->seq, g->stage_stream, launch_hook,
                               &la, &ls);
-        if (ls != cudaSuccess) relayed_clear(g);
         if (g->lg_result_ns && la.claimed) {  /* MPSCY_CUDA_VERBOSE's figures (lg_report) */
             g->lg_stage_ns += now_ns() - g->lg_result_ns;
             g->lg_stages++;
@@ -401,7 +393,7 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
         }
     }
     if (deferred && !x) /* the caller staged the rows itself: every piece is there */
-        for (int64_t p = 0, piece = cu_stage_piece(n, g->stage_min_piece); p * piece < n; p++) __atomic_store_n(&g->flags_h[p], g->seq, __ATOMIC_RELEASE);
+        for (int64_t p = 0, piece = cu_stage_piece(n); p * piece < n; p++) __atomic_store_n(&g->flags_h[p], g->seq, __ATOMIC_RELEASE);
     if (early) {
         /* until the result is final, or the stream is done (a step with nothing to decide) or failed */
         cu_device *d = (cu_device *)g->base.dev;
@@ -424,9 +416,7 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
                      * failed on this machine): launch it after all */
                     la.claimed = 0;
                     __atomic_store_n(&g->result->lg_req, g->seq, __ATOMIC_RELEASE);
-                    const cudaError_t le = cudaGraphLaunch(g->exec[kind], g->stream);
-                    if (le != cudaSuccess) relayed_clear(g);
-                    CU_TRY(le, "graph launch");
+                    CU_TRY(cudaGraphLaunch(g->exec[kind], g->stream), "graph launch");
                     continue;
                 }
                 if (e == cudaSuccess) break;
@@ -489,14 +479,12 @@ static void owe_norm(cu_graph *g, mpscy_step_result *r) {
 int cu_graph_grad_norm(mpscy_graph gh, double *out, char *err, size_t n) {
     cu_graph *g = (cu_graph *)gh;
     if (!g->norm_owed) return FAIL(MPSCY_INVALID, "no training step's gradient norm is pending");
-    if (norm_of(g, g->norm_owed, g->owed_slot, out)) {  /* landed already: nothing to wait for (or to stop) */
-        g->norm_owed = 0;
-        return MPSCY_OK;
+    if (!norm_of(g, g->norm_owed, g->owed_slot, out)) {  /* not landed yet: the step finished first */
+        int st = cu_settle(gh->dev, err, n);
+        if (st != MPSCY_OK) return st;
+        if (!norm_of(g, g->norm_owed, g->owed_slot, out))
+            return FAIL(MPSCY_DEVICE, "training step %u ended without writing its gradient norm", (unsigned)g->norm_owed);
     }
-    int st = cu_settle(gh->dev, err, n);
-    if (st != MPSCY_OK) return st;
-    if (!norm_of(g, g->norm_owed, g->owed_slot, out))
-        return FAIL(MPSCY_DEVICE, "training step %u ended without writing its gradient norm", (unsigned)g->norm_owed);
     g->norm_owed = 0;
     return MPSCY_OK;
 }

@@ -10,10 +10,6 @@
 
 #include <math.h>
 
-/* The decision of a step from the total of squares: written by one thread, after the loss (whose
- * mean and correct count it copies from S into R with the rest of the result). With the result
- * final, P->rseq goes to R->done (a release store at system scope: the host that sees it sees
- * the rest), for a training step that returns before its update ends (step.cu). */
 /* R->done = P->rseq as a release store at system scope: whoever sees done sees this thread's
  * writes before it (and what it saw before), without __threadfence_system()'s sequentially
  * consistent fence, which the host waited on: A/B on the H200, the MLP b32 37.4-39.2 us against
@@ -22,7 +18,11 @@ static __device__ __forceinline__ void release_result(cu_result *R, const cu_par
     cu_store_release_sys(&R->done, P->rseq);
 }
 
-/* late: mlp.cu's early decision has released the result already; the norm goes to its slot */
+/* The decision of a step from the total of squares: written by one thread, after the loss (whose
+ * mean and correct count it copies from S into R with the rest of the result). With the result
+ * final, P->rseq goes to R->done (release_result), for a training step that returns before its
+ * update ends (step.cu). late: mlp.cu's early decision has released the result already; the
+ * norm goes to its ring slot, marked by its own release store. */
 static __device__ void decide(cu_scratch *S, cu_result *R, const cu_params *P, double total, double clip_norm,
                               int update, bool late = false) {
     double norm = sqrt(total), loss = S->loss;
