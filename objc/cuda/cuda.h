@@ -73,10 +73,9 @@ typedef struct cu_scratch {
     unsigned int fu_arrive;
     unsigned int fu_gen;       /* the row phase's barrier (fu_early): one more each step, never cleared */
     unsigned int fu_late;      /* rseq of the last step fu_early decided: its end writes the norm's slot */
-    /* mlp.cu's linger: the blocks past a step's update, block 0's verdict (1: the next step too)
-     * and the barrier's number (one more each time, never cleared) */
+    /* mlp.cu's linger: the blocks past a step's update, and the barrier's number (one more each
+     * time in its low 31 bits, never cleared; the top bit block 0's verdict: set, the kernel ends) */
     unsigned int lg_arrive, lg_gen;
-    int lg_go;
     unsigned long long lg_w_early; /* with $MPSCY_CUDA_VERBOSE: copying blocks that loaded their weight slice while the kernel lingered, in steps it ran (never cleared) */
     /* with $MPSCY_CUDA_VERBOSE (fu_args.lg_time), globaltimer ns (0: none): when the last early
      * decision was released, the last step taken while lingering was released, and in the step
@@ -187,6 +186,7 @@ typedef struct cu_graph {
     int lg_report;               /* $MPSCY_CUDA_VERBOSE at build: the host's turns timed, the counts printed when freed */
     int64_t lg_result_ns;        /* with lg_report: when the host saw the last such step's result (CLOCK_MONOTONIC) */
     int64_t lg_turn_ns, lg_turns; /* the host's time from a result to the next step's request, summed */
+    int64_t lg_enter_ns;         /* of that, to the next step's launch() (the caller's part: Python, the labels) */
     int64_t lg_stage_ns, lg_stages; /* and to the next step's batch staged, where a lingering kernel took it */
     int forked;                /* capture state: the side streams with work to join (1: side, 2: alt, 4: nrm) */
     /* the early norm (optim.cu): each layer's squares summed on their own stream once its gradients

@@ -345,6 +345,7 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
     cu_graph **slot = linger_slot(g->dev->ordinal);
     const int claim = g->lg_live && linger && x && g->lg_live == g->seq && g->seq != g->seq_period && slot &&
                       __atomic_load_n(slot, __ATOMIC_ACQUIRE) == g;
+    if (claim && g->lg_result_ns) g->lg_enter_ns += now_ns() - g->lg_result_ns;  /* MPSCY_CUDA_VERBOSE */
     if (g->lg_live && !claim) {  /* g is the device's pending graph: its kernel stopped, its stream waited for */
         const int st = cu_settle(g->base.dev, err, en);
         if (st != MPSCY_OK) return st;
