@@ -21,20 +21,26 @@ def _frozen(layer):
 
 
 @cuda_only
-@pytest.mark.parametrize("form", ["grid", "grid:3", "grid:40", "cluster:16", "cluster:4", "grid, plain", "grid, whole"])
+@pytest.mark.parametrize("form", ["grid", "grid:3", "grid:40", "cluster:16", "cluster:4", "grid, plain", "grid, whole",
+                                  "grid, unaligned"])
 def test_fused_forms_match_cpu(form, monkeypatch, capfd, rng):
     """The whole train step as one kernel (mlp.cu), in each form ($MPSCY_CUDA_FUSED: barriers
     across a cooperative grid or within one thread-block cluster, with fewer blocks than rows or
     more; "plain": layer 0 as its own phase after the copy, $MPSCY_CUDA_FUSED_SPLIT=0; "whole":
-    each output's product over a block's slice by one thread, not in parts, $MPSCY_CUDA_FUSED_SPLITK=1): 20
-    steps of full and partial batches against the cpu, with label smoothing and norm clipping,
-    on chains of Dense layers with and without ReLU and bias. On the default grid layer 0 runs
-    in the copy phase in every model of more than one layer (the benchmark MLP: 16 slices of 49
-    inputs for 8 groups of 4 rows); on grid:3 and cluster:4 the benchmark MLP's 8 groups of rows
+    each output's product over a block's slice by one thread, not in parts, $MPSCY_CUDA_FUSED_SPLITK=1;
+    "unaligned": slices as wide as the blocks allow, not rounded up to 32 inputs,
+    $MPSCY_CUDA_FUSED_SPLITW=0): 20 steps of full and partial batches against the cpu, with
+    label smoothing and norm clipping, on chains of Dense layers with and without ReLU and bias.
+    On the default grid layer 0 runs in the copy phase in every model of more than one layer
+    (the benchmark MLP's 784 inputs: 13 slices of 64 for 8 groups of 4 rows, the last 16 wide;
+    unaligned, 16 slices of 49); on grid:3 and cluster:4 the benchmark MLP's 8 groups of rows
     leave no block for a slice, so its layer 0 runs as its own phase there."""
     plain = form.endswith(", plain")
+    unaligned = form.endswith(", unaligned")
     if form.endswith(", whole"):
         monkeypatch.setenv("MPSCY_CUDA_FUSED_SPLITK", "1")
+    if unaligned:
+        monkeypatch.setenv("MPSCY_CUDA_FUSED_SPLITW", "0")
     form = form.split(",")[0]
     monkeypatch.setenv("MPSCY_CUDA_FUSED", form)
     monkeypatch.setenv("MPSCY_CUDA_VERBOSE", "1")
@@ -57,6 +63,9 @@ def test_fused_forms_match_cpu(form, monkeypatch, capfd, rng):
             assert not split, (name, got)
         if form == "grid" and not plain:
             assert split == (name != "one_layer"), (name, got)
+        if form == "grid" and not plain and name == "benchmark_mlp" and "grid:132" in got:
+            want = "(16 slices of 49 inputs)" if unaligned else "(13 slices of 64 inputs)"
+            assert "layer 0 in the copy " + want in got, (name, got)
         try:
             compare_training(cpu, gpu, rng, steps=20, rows=[batch, 7, batch, 1])
         except AssertionError as e:

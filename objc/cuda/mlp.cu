@@ -436,6 +436,7 @@ static void fu_plan_split(cu_graph *g, cu_fused *f) {
     cudaFuncAttributes fa;
     int kw = 0, per_sm = 0;
     a->split_rows = rows;
+    f->split_align = cu_knob_int("MPSCY_CUDA_FUSED_SPLITW", 32);
     if (a->n_layers < 2 || rows < 1 || g->dev->prop.major < 8 ||  /* cp.async */
         cudaFuncGetAttributes(&fa, fused_mlp_kernel<false>) != cudaSuccess) {
         cudaGetLastError();
@@ -443,13 +444,13 @@ static void fu_plan_split(cu_graph *g, cu_fused *f) {
     }
     int64_t cap = ((int64_t)g->dev->prop.sharedMemPerBlockOptin - (int64_t)fa.sharedSizeBytes) / 4;
     if (cap > FU_SPLIT_FLOATS) cap = FU_SPLIT_FLOATS;
-    if (!fu_split_q(f->blocks, K, N, batch, rows, cap, &kw)) return;
+    if (!fu_split_q(f->blocks, K, N, batch, rows, cap, f->split_align, &kw)) return;
     const int64_t ws = ((int64_t)N * fu_pitch(kw) + 3) & ~(int64_t)3;
     const size_t bytes = (size_t)ws * sizeof(float);
     int64_t most = 0;
     for (int64_t b = 1; b <= batch; b++) {
         int w;
-        const int64_t q = fu_split_q(f->blocks, K, N, b, rows, ws, &w);
+        const int64_t q = fu_split_q(f->blocks, K, N, b, rows, ws, f->split_align, &w);
         if (q * b * N > most) most = q * b * N;
     }
     if (cu_smem_optin((const void *)fused_mlp_kernel<false>, (int)bytes) != cudaSuccess ||
@@ -606,7 +607,7 @@ int cu_fused_step(cu_graph *g, int64_t b, size_t staged, int deferred, char *err
     f->a.split_q = 0;
     if (f->ws_floats) {
         int kw = 0;
-        f->a.split_q = fu_split_q(f->blocks, f->a.L[0].in, f->a.L[0].out, b, f->a.split_rows, f->ws_floats, &kw);
+        f->a.split_q = fu_split_q(f->blocks, f->a.L[0].in, f->a.L[0].out, b, f->a.split_rows, f->ws_floats, f->split_align, &kw);
         f->a.split_kw = kw;
         f->a.split_pitch = fu_pitch(kw);
         if (f->a.split_q && !deferred)  /* its slices copy the batch (from the staging, done) */
@@ -655,7 +656,7 @@ void cu_fused_report(const cu_graph *g) {
     unsigned long long early = 0;
     int kw;
     const int64_t batch = g->plan.batch, q = f->ws_floats && f->a.prefetch ?
-        fu_split_q(f->blocks, f->a.L[0].in, f->a.L[0].out, batch, f->a.split_rows, f->ws_floats, &kw) : 0;
+        fu_split_q(f->blocks, f->a.L[0].in, f->a.L[0].out, batch, f->a.split_rows, f->ws_floats, f->split_align, &kw) : 0;
     if (q && cudaMemcpy(&early, &g->scratch->lg_w_early, sizeof(early), cudaMemcpyDeviceToHost) == cudaSuccess)
         fprintf(stderr, "mpscy: cuda lingering kernel: %llu of %lld copying blocks' weight slices loaded while it waited\n",
                 early, (long long)(q * ((batch + f->a.split_rows - 1) / f->a.split_rows) * g->lg_taken));
@@ -675,9 +676,14 @@ void cu_fused_report(const cu_graph *g) {
 
 const char *cu_fused_form(const cu_graph *g, char *buf, size_t n) {
     if (!g->fu) return "separate kernels";
-    int k = snprintf(buf, n, "one kernel, %s:%d%s", g->fu->cluster ? "cluster" : "grid", g->fu->blocks,
-                     g->fu->ws_floats ? ", layer 0 in the copy" : "");
-    if (g->fu->linger_ns && k > 0 && (size_t)k < n)
+    const cu_fused *f = g->fu;
+    int kw = 0;
+    const int q = f->ws_floats ? fu_split_q(f->blocks, f->a.L[0].in, f->a.L[0].out, g->plan.batch, f->a.split_rows,
+                                            f->ws_floats, f->split_align, &kw) : 0;
+    int k = snprintf(buf, n, "one kernel, %s:%d", f->cluster ? "cluster" : "grid", f->blocks);
+    if (q && k > 0 && (size_t)k < n)  /* the full batch's slices */
+        k += snprintf(buf + k, n - (size_t)k, ", layer 0 in the copy (%d slices of %d inputs)", q, kw);
+    if (f->linger_ns && k > 0 && (size_t)k < n)
         snprintf(buf + k, n - (size_t)k, ", lingering %llu us for the next step%s", g->fu->linger_ns / 1000ull,
                  g->fu->a.prefetch ? ", relaying its pieces meanwhile" : "");
     return buf;

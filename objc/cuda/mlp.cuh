@@ -89,6 +89,7 @@ struct cu_fused {
     int cluster, blocks;
     int64_t ws_floats;     /* dynamic shared memory for the split's weight slice, in floats (0: no split) */
     int64_t ypart_floats;  /* g's room for the partial products */
+    int split_align;       /* fu_split_q's align: 32 ($MPSCY_CUDA_FUSED_SPLITW, a measuring knob; 0 or 1: none) */
     unsigned long long linger_ns; /* $MPSCY_CUDA_FUSED_LINGER (us) as ns: the full batch's kernel lingers (deferred grid form) */
 };
 
