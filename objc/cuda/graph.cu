@@ -466,7 +466,7 @@ int cu_graph_build(mpscy_device dev, const mpscy_graph_desc *desc, mpscy_graph *
         }
     }
     if (getenv("MPSCY_CUDA_VERBOSE")) {
-        char form[128];
+        char form[256];  /* the one-kernel form with its slices and linger: ~150 characters */
         int gathers = 0, small = 0, rows = 0, splits = 0;
         int64_t fewest = 0;  /* samples in the smallest sub-batches */
         for (int32_t i = 0; i < p->n_nodes; i++)
