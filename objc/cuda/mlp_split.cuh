@@ -17,7 +17,8 @@ static int fu_pitch(int kw) { return kw + !(kw & 1); }
  * up to a multiple of `align` inputs once it is that wide (fewer slices, whose starts fall on
  * 128-byte lines with align 32: their reads over PCIe are whole requests; the MLP b32's 784
  * inputs as 13 slices of 64 rather than 16 of 49: A/B on an H100 30.1 us a step against 31.5,
- * 30.6 with align 8; bench/ce_probe.cu's reads alone 5.3 us against 6.1); 0 when their weights
+ * 30.6 with align 8; bench/ce_probe.cu's reads alone 5.3 us against 6.1; other shapes unmeasured:
+ * $MPSCY_CUDA_FUSED_SPLITW=0 compares); 0 when their weights
  * would pass cap floats or their rows the shared room (then layer 0 runs as its own phase). */
 static int fu_split_q(int blocks, int K, int N, int64_t b, int rows, int64_t cap, int align, int *kw) {
     const int64_t groups = (b + rows - 1) / rows;
