@@ -230,3 +230,40 @@ def test_the_next_step_begun_while_lingering(monkeypatch, capfd, rng):
     for k in range(1, len(runs)):
         assert runs[k][0] == runs[0][0]
         assert all(np.array_equal(runs[k][1][n], runs[0][1][n]) for n in runs[0][1])
+
+
+@cuda_only
+def test_the_request_watched_during_the_update(monkeypatch, capfd, rng):
+    """$MPSCY_CUDA_FUSED_POLL=1 (measuring): block 0's last warp polls the host's next request
+    during the update, before its own share of it, so the linger starts with the request seen.
+    30 steps back to back and 10 with 1 ms of host time between them (the warp gives up once the
+    other warps are past their shares, and the linger looks as without it): the lingering kernel
+    takes 39 of 40, the warp saw at most that many requests, and every loss, norm and parameter
+    is bit for bit as with the knob off."""
+    seed = int(rng.integers(1 << 30))
+    runs = []
+    for poll in ("1", "0"):
+        monkeypatch.setenv("MPSCY_CUDA_FUSED_POLL", poll)
+        _, gpu, batch, shape = _engines(monkeypatch, capfd, SECOND)
+        data = np.random.default_rng(seed)
+        xs = [_batch(data, batch, shape) for _ in range(40)]
+        out = []
+        for k, (x, y) in enumerate(xs):
+            if k >= 30:
+                time.sleep(0.001)
+            out.append(gpu.step(x, y))
+        pg = gpu.get_parameters()
+        runs.append(([(r.loss, r.grad_norm) for r in out], pg))
+        t0 = time.perf_counter()
+        gpu.close()
+        assert time.perf_counter() - t0 < FAST
+        err = capfd.readouterr().err
+        took = re.findall(r"mpscy: cuda lingering kernel took (\d+) of (\d+) training steps", err)
+        seen = re.findall(r"mpscy: cuda lingering kernel: (\d+) requests seen by block 0's watching warp", err)
+        assert tuple(map(int, took[-1])) == (39, 40), err
+        if poll == "1":
+            assert seen and 0 <= int(seen[-1]) <= 39, err
+        else:
+            assert not seen, err
+    assert runs[0][0] == runs[1][0]
+    assert all(np.array_equal(runs[0][1][n], runs[1][1][n]) for n in runs[0][1])

@@ -288,6 +288,7 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
         for (int i = threadIdx.x; i < (int)(sizeof(fu_args) / sizeof(int)); i += blockDim.x)
             ((int *)&sa)[i] = ((const int *)&ga)[i];
         if (threadIdx.x < 2 * FU_WARPS) wmax[threadIdx.x] = 0u;
+        if (threadIdx.x == 0) fu_updated = fu_seen = 0;  /* fu_poll's, for this step (barriers follow) */
         __shared__ unsigned int gen0;  /* the row phase's barrier number (below) */
 
         /* the staged params block, labels and batch from pinned host memory to the device */
@@ -390,7 +391,13 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
             a.S->loss = loss;  /* decide() below copies both into R */
             a.S->correct = a.accuracy == MPSCY_ACCURACY_NONE ? -1 : (long long)v[2];
         }
+        const bool watch = a.poll && a.linger_ns && blockIdx.x == 0;
+        if (watch && warp == FU_WARPS - 1) fu_poll(a, lane);  /* its own update after */
         decide_and_update<false>(a.u, a.S, a.R, a.P, v[0], loss, a.clip_norm, !input_bad(a.S, a.P), late);
+        if (watch && warp != FU_WARPS - 1) {
+            __syncwarp();
+            if (lane == 0) atomicAdd(&fu_updated, 1);
+        }
         FU_MARK();
         if (a.trace && blockIdx.x == 0 && threadIdx.x == 0) {
             /* per mark, ns: copy, barrier, layer 0, barrier, row loaded, each later layer's forward,
@@ -557,6 +564,7 @@ int cu_fused_plan(cu_graph *g) {
     a.early = cu_knob_on("MPSCY_CUDA_FUSED_EARLY");
     a.split_dot = cu_knob_int("MPSCY_CUDA_FUSED_SPLITDOT", 1);
     a.prefetch = cu_knob_on("MPSCY_CUDA_FUSED_PREFETCH");
+    a.poll = cu_knob_int("MPSCY_CUDA_FUSED_POLL", 0);
     a.lg_time = g->lg_report;
     a.din_wide = cu_knob_int("MPSCY_CUDA_FUSED_DWIDE", 0);
     a.row_narrow = cu_knob_int("MPSCY_CUDA_FUSED_ROWU", 16) == 8;
@@ -660,6 +668,10 @@ void cu_fused_report(const cu_graph *g) {
     if (q && cudaMemcpy(&early, &g->scratch->lg_w_early, sizeof(early), cudaMemcpyDeviceToHost) == cudaSuccess)
         fprintf(stderr, "mpscy: cuda lingering kernel: %llu of %lld copying blocks' weight slices loaded while it waited\n",
                 early, (long long)(q * ((batch + f->a.split_rows - 1) / f->a.split_rows) * g->lg_taken));
+    unsigned long long seen = 0;
+    if (f->a.poll && cudaMemcpy(&seen, &g->scratch->lg_poll_seen, sizeof(seen), cudaMemcpyDeviceToHost) == cudaSuccess)
+        fprintf(stderr, "mpscy: cuda lingering kernel: %llu requests seen by block 0's watching warp during the update\n",
+                seen);
     long long t[FU_LG_TIMES];
     if (cudaMemcpy(t, g->scratch->lg_sum, sizeof(t), cudaMemcpyDeviceToHost) == cudaSuccess && t[FU_LG_TIMES - 1] > 0) {
         const double k = 1e-3 / (double)t[FU_LG_TIMES - 1];
