@@ -391,13 +391,9 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
             a.S->loss = loss;  /* decide() below copies both into R */
             a.S->correct = a.accuracy == MPSCY_ACCURACY_NONE ? -1 : (long long)v[2];
         }
-        const bool watch = a.poll && a.linger_ns && blockIdx.x == 0;
-        if (watch && warp == FU_WARPS - 1) fu_poll(a, lane);  /* its own update after */
+        fu_poll(a, warp, lane, true);  /* the watching warp (its own update after) */
         decide_and_update<false>(a.u, a.S, a.R, a.P, v[0], loss, a.clip_norm, !input_bad(a.S, a.P), late);
-        if (watch && warp != FU_WARPS - 1) {
-            __syncwarp();
-            if (lane == 0) atomicAdd(&fu_updated, 1);
-        }
+        fu_poll(a, warp, lane, false);  /* the others, counted past theirs */
         FU_MARK();
         if (a.trace && blockIdx.x == 0 && threadIdx.x == 0) {
             /* per mark, ns: copy, barrier, layer 0, barrier, row loaded, each later layer's forward,
@@ -668,10 +664,8 @@ void cu_fused_report(const cu_graph *g) {
     if (q && cudaMemcpy(&early, &g->scratch->lg_w_early, sizeof(early), cudaMemcpyDeviceToHost) == cudaSuccess)
         fprintf(stderr, "mpscy: cuda lingering kernel: %llu of %lld copying blocks' weight slices loaded while it waited\n",
                 early, (long long)(q * ((batch + f->a.split_rows - 1) / f->a.split_rows) * g->lg_taken));
-    unsigned long long seen = 0;
-    if (f->a.poll && cudaMemcpy(&seen, &g->scratch->lg_poll_seen, sizeof(seen), cudaMemcpyDeviceToHost) == cudaSuccess)
-        fprintf(stderr, "mpscy: cuda lingering kernel: %llu requests seen by block 0's watching warp during the update\n",
-                seen);
+    if (f->a.poll && cudaMemcpy(&early, &g->scratch->lg_poll_seen, sizeof(early), cudaMemcpyDeviceToHost) == cudaSuccess)
+        fprintf(stderr, "mpscy: cuda lingering kernel: %llu requests seen by block 0's watching warp during the update\n", early);
     long long t[FU_LG_TIMES];
     if (cudaMemcpy(t, g->scratch->lg_sum, sizeof(t), cudaMemcpyDeviceToHost) == cudaSuccess && t[FU_LG_TIMES - 1] > 0) {
         const double k = 1e-3 / (double)t[FU_LG_TIMES - 1];

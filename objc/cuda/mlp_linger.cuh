@@ -46,9 +46,11 @@ __shared__ int fu_updated, fu_seen;
  * it) until it is the next step's or every other warp is past its share. Otherwise block 0's
  * thread 0 first looks once it is past its own update, and sees a request the host wrote ~4 us
  * earlier a PCIe round trip later (~1.5 us: bench/cuda_notes.md's forty-seventh session);
- * fu_linger then takes fu_seen as the first look's answer. */
-static __device__ void fu_poll(const fu_args &a, int lane) {
-    if (lane == 0) {
+ * fu_linger then takes fu_seen as the first look's answer. before: the watching warp's call, before
+ * its share (the others return); after: the others', counting themselves past their shares. */
+static __device__ void fu_poll(const fu_args &a, int warp, int lane, bool before) {
+    if (!a.poll || !a.linger_ns || blockIdx.x != 0 || before != (warp == FU_WARPS - 1)) return;
+    if (lane == 0 && before) {
         const uint32_t next = a.P->seq + 1u;
         int seen = 0;
         while (!(seen = cu_load_acquire_sys(&a.R->lg_req) == next) && *(volatile int *)&fu_updated < FU_WARPS - 1) {
@@ -56,6 +58,7 @@ static __device__ void fu_poll(const fu_args &a, int lane) {
         fu_seen = seen;
     }
     __syncwarp();
+    if (lane == 0 && !before) atomicAdd(&fu_updated, 1);  /* this warp's share of the update issued */
 }
 
 /* The kernel lingers ($MPSCY_CUDA_FUSED_LINGER): past its update, instead of ending, it waits for
