@@ -428,6 +428,11 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
 
 /* ------------------------------------------------------------------------------- host side */
 
+/* fu_split_q for b rows with the geometry the plan fixed (f->ws_floats: the split's room) */
+static int fu_slices(const cu_fused *f, int64_t b, int *kw) {
+    return fu_split_q(f->blocks, f->a.L[0].in, f->a.L[0].out, b, f->a.split_rows, f->ws_floats, f->split_align, kw);
+}
+
 /* Whether layer 0 runs in the copy phase (fu_split), decided once the grid is: the room for its
  * weight slice (dynamic shared memory) and for the partial products of every batch size up to
  * the built one. $MPSCY_CUDA_FUSED_SPLIT sets the rows a copying block takes (0: layer 0 as its
@@ -611,7 +616,7 @@ int cu_fused_step(cu_graph *g, int64_t b, size_t staged, int deferred, char *err
     f->a.split_q = 0;
     if (f->ws_floats) {
         int kw = 0;
-        f->a.split_q = fu_split_q(f->blocks, f->a.L[0].in, f->a.L[0].out, b, f->a.split_rows, f->ws_floats, f->split_align, &kw);
+        f->a.split_q = fu_slices(f, b, &kw);
         f->a.split_kw = kw;
         f->a.split_pitch = fu_pitch(kw);
         if (f->a.split_q && !deferred)  /* its slices copy the batch (from the staging, done) */
@@ -657,15 +662,14 @@ void cu_fused_report(const cu_graph *g) {
             (long long)g->lg_steps, g->lg_turns ? 1e-3 * (double)g->lg_turn_ns / (double)g->lg_turns : 0.0,
             g->lg_turns ? 1e-3 * (double)g->lg_enter_ns / (double)g->lg_turns : 0.0);
     const cu_fused *f = g->fu;
-    unsigned long long early = 0;
+    unsigned long long early = 0, seen = 0;
     int kw;
-    const int64_t batch = g->plan.batch, q = f->ws_floats && f->a.prefetch ?
-        fu_split_q(f->blocks, f->a.L[0].in, f->a.L[0].out, batch, f->a.split_rows, f->ws_floats, f->split_align, &kw) : 0;
+    const int64_t batch = g->plan.batch, q = f->ws_floats && f->a.prefetch ? fu_slices(f, batch, &kw) : 0;
     if (q && cudaMemcpy(&early, &g->scratch->lg_w_early, sizeof(early), cudaMemcpyDeviceToHost) == cudaSuccess)
         fprintf(stderr, "mpscy: cuda lingering kernel: %llu of %lld copying blocks' weight slices loaded while it waited\n",
                 early, (long long)(q * ((batch + f->a.split_rows - 1) / f->a.split_rows) * g->lg_taken));
-    if (f->a.poll && cudaMemcpy(&early, &g->scratch->lg_poll_seen, sizeof(early), cudaMemcpyDeviceToHost) == cudaSuccess)
-        fprintf(stderr, "mpscy: cuda lingering kernel: %llu requests seen by block 0's watching warp during the update\n", early);
+    if (f->a.poll && cudaMemcpy(&seen, &g->scratch->lg_poll_seen, sizeof(seen), cudaMemcpyDeviceToHost) == cudaSuccess)
+        fprintf(stderr, "mpscy: cuda lingering kernel: %llu requests seen by block 0's watching warp during the update\n", seen);
     long long t[FU_LG_TIMES];
     if (cudaMemcpy(t, g->scratch->lg_sum, sizeof(t), cudaMemcpyDeviceToHost) == cudaSuccess && t[FU_LG_TIMES - 1] > 0) {
         const double k = 1e-3 / (double)t[FU_LG_TIMES - 1];
@@ -684,13 +688,12 @@ const char *cu_fused_form(const cu_graph *g, char *buf, size_t n) {
     if (!g->fu) return "separate kernels";
     const cu_fused *f = g->fu;
     int kw = 0;
-    const int q = f->ws_floats ? fu_split_q(f->blocks, f->a.L[0].in, f->a.L[0].out, g->plan.batch, f->a.split_rows,
-                                            f->ws_floats, f->split_align, &kw) : 0;
+    const int q = f->ws_floats ? fu_slices(f, g->plan.batch, &kw) : 0;
     int k = snprintf(buf, n, "one kernel, %s:%d", f->cluster ? "cluster" : "grid", f->blocks);
     if (q && k > 0 && (size_t)k < n)  /* the full batch's slices */
         k += snprintf(buf + k, n - (size_t)k, ", layer 0 in the copy (%d slices of %d inputs)", q, kw);
     if (f->linger_ns && k > 0 && (size_t)k < n)
-        snprintf(buf + k, n - (size_t)k, ", lingering %llu us for the next step%s", g->fu->linger_ns / 1000ull,
-                 g->fu->a.prefetch ? ", relaying its pieces meanwhile" : "");
+        snprintf(buf + k, n - (size_t)k, ", lingering %llu us for the next step%s", f->linger_ns / 1000ull,
+                 f->a.prefetch ? ", relaying its pieces meanwhile" : "");
     return buf;
 }
