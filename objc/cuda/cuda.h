@@ -76,7 +76,6 @@ typedef struct cu_scratch {
     /* mlp.cu's linger: the blocks past a step's update, and the barrier's number (one more each
      * time in its low 31 bits, never cleared; the top bit block 0's verdict: set, the kernel ends) */
     unsigned int lg_arrive, lg_gen;
-    unsigned long long lg_poll_seen; /* with $MPSCY_CUDA_VERBOSE and fu_args.poll: requests its watching warp saw (never cleared) */
     unsigned long long lg_w_early; /* with $MPSCY_CUDA_VERBOSE: copying blocks that loaded their weight slice while the kernel lingered, in steps it ran (never cleared) */
     /* with $MPSCY_CUDA_VERBOSE (fu_args.lg_time), globaltimer ns (0: none): when the last early
      * decision was released, the last step taken while lingering was released, and in the step

@@ -288,7 +288,6 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
         for (int i = threadIdx.x; i < (int)(sizeof(fu_args) / sizeof(int)); i += blockDim.x)
             ((int *)&sa)[i] = ((const int *)&ga)[i];
         if (threadIdx.x < 2 * FU_WARPS) wmax[threadIdx.x] = 0u;
-        if (threadIdx.x == 0) fu_updated = fu_seen = 0;  /* fu_poll's, for this step (barriers follow) */
         __shared__ unsigned int gen0;  /* the row phase's barrier number (below) */
 
         /* the staged params block, labels and batch from pinned host memory to the device */
@@ -391,9 +390,7 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
             a.S->loss = loss;  /* decide() below copies both into R */
             a.S->correct = a.accuracy == MPSCY_ACCURACY_NONE ? -1 : (long long)v[2];
         }
-        fu_poll(a, warp, lane, true);  /* the watching warp (its own update after) */
         decide_and_update<false>(a.u, a.S, a.R, a.P, v[0], loss, a.clip_norm, !input_bad(a.S, a.P), late);
-        fu_poll(a, warp, lane, false);  /* the others, counted past theirs */
         FU_MARK();
         if (a.trace && blockIdx.x == 0 && threadIdx.x == 0) {
             /* per mark, ns: copy, barrier, layer 0, barrier, row loaded, each later layer's forward,
@@ -565,7 +562,6 @@ int cu_fused_plan(cu_graph *g) {
     a.early = cu_knob_on("MPSCY_CUDA_FUSED_EARLY");
     a.split_dot = cu_knob_int("MPSCY_CUDA_FUSED_SPLITDOT", 1);
     a.prefetch = cu_knob_on("MPSCY_CUDA_FUSED_PREFETCH");
-    a.poll = cu_knob_int("MPSCY_CUDA_FUSED_POLL", 0);
     a.lg_time = g->lg_report;
     a.din_wide = cu_knob_int("MPSCY_CUDA_FUSED_DWIDE", 0);
     a.row_narrow = cu_knob_int("MPSCY_CUDA_FUSED_ROWU", 16) == 8;
@@ -662,14 +658,12 @@ void cu_fused_report(const cu_graph *g) {
             (long long)g->lg_steps, g->lg_turns ? 1e-3 * (double)g->lg_turn_ns / (double)g->lg_turns : 0.0,
             g->lg_turns ? 1e-3 * (double)g->lg_enter_ns / (double)g->lg_turns : 0.0);
     const cu_fused *f = g->fu;
-    unsigned long long early = 0, seen = 0;
+    unsigned long long early = 0;
     int kw;
     const int64_t batch = g->plan.batch, q = f->ws_floats && f->a.prefetch ? fu_slices(f, batch, &kw) : 0;
     if (q && cudaMemcpy(&early, &g->scratch->lg_w_early, sizeof(early), cudaMemcpyDeviceToHost) == cudaSuccess)
         fprintf(stderr, "mpscy: cuda lingering kernel: %llu of %lld copying blocks' weight slices loaded while it waited\n",
                 early, (long long)(q * ((batch + f->a.split_rows - 1) / f->a.split_rows) * g->lg_taken));
-    if (f->a.poll && cudaMemcpy(&seen, &g->scratch->lg_poll_seen, sizeof(seen), cudaMemcpyDeviceToHost) == cudaSuccess)
-        fprintf(stderr, "mpscy: cuda lingering kernel: %llu requests seen by block 0's watching warp during the update\n", seen);
     long long t[FU_LG_TIMES];
     if (cudaMemcpy(t, g->scratch->lg_sum, sizeof(t), cudaMemcpyDeviceToHost) == cudaSuccess && t[FU_LG_TIMES - 1] > 0) {
         const double k = 1e-3 / (double)t[FU_LG_TIMES - 1];

@@ -37,30 +37,6 @@ static __device__ int fu_linger_verdict(const fu_args &a, unsigned long long t0)
     return go;
 }
 
-/* fu_poll's words in block 0's shared memory: the warps past their share of the update, and
- * whether the watching warp saw the next request (both cleared at a step's start) */
-__shared__ int fu_updated, fu_seen;
-
-/* Block 0's last warp during the update ($MPSCY_CUDA_FUSED_POLL, measuring), before its own
- * share: it polls the host's request (an acquire at system scope, so no fence is needed after
- * it) until it is the next step's or every other warp is past its share. Otherwise block 0's
- * thread 0 first looks once it is past its own update, and sees a request the host wrote ~4 us
- * earlier a PCIe round trip later (~1.5 us: bench/cuda_notes.md's forty-seventh session);
- * fu_linger then takes fu_seen as the first look's answer. before: the watching warp's call, before
- * its share (the others return); after: the others', counting themselves past their shares. */
-static __device__ void fu_poll(const fu_args &a, int warp, int lane, bool before) {
-    if (!a.poll || !a.linger_ns || blockIdx.x != 0 || before != (warp == FU_WARPS - 1)) return;
-    if (lane == 0 && before) {
-        const uint32_t next = a.P->seq + 1u;
-        int seen = 0;
-        while (!(seen = cu_load_acquire_sys(&a.R->lg_req) == next) && *(volatile int *)&fu_updated < FU_WARPS - 1) {
-        }
-        fu_seen = seen;
-    }
-    __syncwarp();
-    if (lane == 0 && !before) atomicAdd(&fu_updated, 1);  /* this warp's share of the update issued */
-}
-
 /* The kernel lingers ($MPSCY_CUDA_FUSED_LINGER): past its update, instead of ending, it waits for
  * the host to hand it the graph's next training step, so that step starts with no launch and the
  * update's tail (the weight gradients, the norm, the update: ~9 us after the early decision)
@@ -107,10 +83,8 @@ static __device__ bool fu_linger(const fu_args &a, float *ws, fu_next *nx) {
     if (blockIdx.x == 0) {
         if (threadIdx.x == 0) {
             const unsigned long long t0 = cu_global_ns();
-            /* the request already seen by fu_poll's warp (its acquire, then the block barrier above) */
-            int v = fu_seen ? 1 : -1;
-            unsigned long long t_req = fu_seen ? t0 : 0ull;
-            if (fu_seen && a.lg_time) S->lg_poll_seen++;
+            int v = -1;
+            unsigned long long t_req = 0ull;
             bool all = false;
             atomicAdd(&S->lg_arrive, 1u);  /* block 0 counts too: all in, every update is done (the slices) */
             while (v < 0 || !all) {
