@@ -6,6 +6,7 @@
 
 _Static_assert(CU_STAGE_BAD == MPSCY_STAGE_BAD, "one flag bit");
 _Static_assert(CU_STAGE_MAX_PIECES <= MPSCY_STAGE_MAX_CHUNKS, "a job holds every piece");
+_Static_assert(CU_STAGE_STAMPS == MPSCY_STAGE_STAMPS, "a job's times");
 
 int64_t cu_stage_piece(int64_t n) {
     int64_t piece = (n + CU_STAGE_MAX_PIECES - 1) / CU_STAGE_MAX_PIECES;
@@ -28,8 +29,9 @@ int cu_stage_stream(void) {
 }
 
 int64_t cu_stage_pieces(mpscy_pool *pool, float *dst, const float *src, int64_t n, int64_t piece, uint32_t *flags,
-                        uint32_t seq, int stream, int (*hook)(void *), void *arg, int *hook_status) {
+                        uint32_t seq, int stream, int (*hook)(void *), void *arg, int *hook_status, int64_t *stamp) {
     mpscy_stage_job j;
+    j.stamp = stamp;
     j.stream = stream;
     j.dst = dst;
     j.src = src;

@@ -16,6 +16,7 @@ extern "C" {
 #define CU_STAGE_BAD 0x80000000u     /* flag bit: the piece held a NaN or Inf */
 #define CU_STAGE_MAX_PIECES 64
 #define CU_STAGE_MIN_PIECE 8192      /* floats (32 KB) */
+#define CU_STAGE_STAMPS (CU_STAGE_MAX_PIECES + 8) /* a staging's times (cu_stage_pieces' stamp) */
 
 /* Floats per piece for n floats: at least CU_STAGE_MIN_PIECE (4096 to 1024 measured no better
  * for the MLP b32's 100 KB on the H100's host), a multiple of 16, at most CU_STAGE_MAX_PIECES
@@ -36,10 +37,11 @@ int cu_stage_stream(void);
  * into flags[p] as piece p lands (release order: its floats are visible first), with
  * CU_STAGE_BAD set when the piece held a NaN or Inf. With hook, whichever thread starts first
  * runs hook(arg) before any piece (the launch of the graph that waits on the flags, so that the
- * other threads stage while it is launched) and its return value lands in *hook_status. Returns
- * the index of the first NaN or Inf of src, or -1. */
+ * other threads stage while it is launched) and its return value lands in *hook_status. stamp:
+ * NULL, or CU_STAGE_STAMPS times (_staging.h's mpscy_stage_job.stamp). Returns the index of the
+ * first NaN or Inf of src, or -1. */
 int64_t cu_stage_pieces(mpscy_pool *pool, float *dst, const float *src, int64_t n, int64_t piece, uint32_t *flags,
-                        uint32_t seq, int stream, int (*hook)(void *), void *arg, int *hook_status);
+                        uint32_t seq, int stream, int (*hook)(void *), void *arg, int *hook_status, int64_t *stamp);
 
 #ifdef __cplusplus
 }

@@ -351,7 +351,7 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
         if (st != MPSCY_OK) return st;
     }
     if (x && !deferred && (bad = cu_stage_pieces(g->stage_pool, dst, x, n, cu_stage_piece(n), NULL, 0, g->stage_stream,
-                                                 NULL, NULL, NULL)) >= 0)
+                                                 NULL, NULL, NULL, NULL)) >= 0)
         return x_nonfinite(g, bad, x_bad, err, en);
     if (deferred) {
         if (g->seq == g->seq_period) {
@@ -372,11 +372,19 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
          * lingering kernel), the others stage meanwhile (measured on the H200's host: 5-6 us per
          * step less than launching first) */
         int ls = 0;
+        int64_t *stamp = g->lg_result_ns ? g->lg_stamp : NULL;
+        if (stamp)
+            for (int k = 0; k < CU_STAGE_STAMPS; k++) stamp[k] = 0;
         bad = cu_stage_pieces(g->stage_pool, dst, x, n, cu_stage_piece(n), g->flags_h, g->seq, g->stage_stream, launch_hook,
-                              &la, &ls);
+                              &la, &ls, stamp);
         if (g->lg_result_ns && la.claimed) {  /* MPSCY_CUDA_VERBOSE's figures (lg_report) */
             g->lg_stage_ns += now_ns() - g->lg_result_ns;
             g->lg_stages++;
+            for (int k = 0; k < CU_STAGE_STAMPS; k++)  /* each piece's flag, each task's start */
+                if (stamp[k]) {
+                    g->lg_stamp_ns[k] += stamp[k] - g->lg_result_ns;
+                    g->lg_stamp_n[k]++;
+                }
         }
         CU_TRY((cudaError_t)ls, "graph launch");
     } else if (b == g->plan.batch) {

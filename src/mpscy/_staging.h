@@ -14,6 +14,7 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "common/pool.h"
@@ -224,13 +225,24 @@ typedef struct mpscy_stage_job {
     int (*hook)(void *);
     void *arg;
     int status;
+    /* NULL, or (the cuda backend's $MPSCY_CUDA_VERBOSE) CLOCK_MONOTONIC ns: each piece's flag
+     * stored, at [c], and each task's start, at [MPSCY_STAGE_MAX_CHUNKS + t] (t < 8) */
+    int64_t *stamp;
 } mpscy_stage_job;
+
+#define MPSCY_STAGE_STAMPS (MPSCY_STAGE_MAX_CHUNKS + 8)
+
+static int64_t mpscy_stage_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
 
 /* Each thread claims pieces until none is left, so a worker slow to wake delays nothing. */
 static void mpscy_stage_task(void *ctx, int32_t t, int32_t nt) {
-    (void)t;
     (void)nt;
     mpscy_stage_job *j = (mpscy_stage_job *)ctx;
+    if (j->stamp && t < 8) j->stamp[MPSCY_STAGE_MAX_CHUNKS + t] = mpscy_stage_now();
     for (int64_t c; (c = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed)) < j->chunks;) {
         if (c < 0) {
             j->status = j->hook(j->arg);
@@ -242,6 +254,7 @@ static void mpscy_stage_task(void *ctx, int32_t t, int32_t nt) {
         if (j->flags)
             atomic_store_explicit((_Atomic uint32_t *)&j->flags[c], j->seq | (j->mx[c] == 0x7f800000u ? MPSCY_STAGE_BAD : 0u),
                                   memory_order_release);
+        if (j->stamp) j->stamp[c] = mpscy_stage_now();
     }
 }
 
@@ -272,6 +285,7 @@ static int64_t mpscy_copy_finite_pool(mpscy_pool *pool, float *dst, const float 
     j.chunk = j.chunk < MPSCY_STAGE_MIN_CHUNK ? MPSCY_STAGE_MIN_CHUNK : (j.chunk + 15) / 16 * 16;
     j.chunks = (n + j.chunk - 1) / j.chunk;
     j.stream = 0;
+    j.stamp = NULL;
     return mpscy_stage_run(pool, &j, NULL, 0, NULL, NULL);
 }
 
