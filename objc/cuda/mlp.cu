@@ -277,7 +277,7 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
     /* warp items go round the blocks first, so every multiprocessor gets a share of a small phase */
     const int gw = warp * gridDim.x + blockIdx.x, tw = gridDim.x * FU_WARPS;
     const int b = ga.b;
-    fu_next nx = {false, false};  /* what the kernel did for this step while it lingered */
+    fu_next nx = {false, false, false, false};  /* what the kernel did for this step while it lingered */
     for (;;) {  /* a step, and the next ones while the kernel lingers (fu_linger) */
         fu_trace T;
         T.n = 0;
@@ -318,10 +318,11 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
                                 ga.S->fused_piece, ga.S, ga.R);
             }
         } else if (ga.split_q) {
-            const unsigned long long t_rows = fu_split(ga, smem, dsm, b);
+            unsigned long long t_prod;
+            const unsigned long long t_rows = fu_split(ga, smem, dsm, b, &nx, &t_prod);
             if (ga.lg_time && threadIdx.x == 0 && t_rows) {  /* the linger's figures (FU_LG_TIMES) */
                 atomicMax(&ga.S->lg_t_rows, t_rows);
-                atomicMax(&ga.S->lg_t_products, cu_global_ns());
+                atomicMax(&ga.S->lg_t_products, t_prod);
             }
         } else if (ga.deferred) {
             const int64_t n = ga.in_n, piece = ga.in_piece, pieces = (n + piece - 1) / piece, copiers = gridDim.x - 1;
@@ -392,34 +393,8 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
         }
         decide_and_update<false>(a.u, a.S, a.R, a.P, v[0], loss, a.clip_norm, !input_bad(a.S, a.P), late);
         FU_MARK();
-        if (a.trace && blockIdx.x == 0 && threadIdx.x == 0) {
-            /* per mark, ns: copy, barrier, layer 0, barrier, row loaded, each later layer's forward,
-             * loss, each d(input), barrier, gradients, barrier, decision and update */
-            const int nt = T.n;
-            printf("fused_mlp trace: %d blocks, SM clock %.0f MHz; ns per mark:", (int)gridDim.x,
-                   1e3 * (double)(T.c[nt - 1] - T.c[0]) / (double)(T.t[nt - 1] - T.t[0]));
-            for (int k = 1; k < nt; k++) printf(" %llu", T.t[k] - T.t[k - 1]);
-            printf(" total %llu\n", T.t[nt - 1] - T.t[0]);
-            /* every block's stamps from block 0's start: min, max (its block) of each event */
-            printf("fused_mlp stamps (ns from block 0's start; min max@block):");
-            for (int k = 0; k < FU_STAMPS; k++) {
-                long long lo = 1LL << 62, hi = -(1LL << 62);
-                int at = -1;
-                for (int blk = 0; blk < (int)gridDim.x; blk++) {
-                    const unsigned long long at_k = a.stamps[blk * FU_STAMPS + k];
-                    if (!at_k) continue;  /* not this block's event (a block that copies no slice) */
-                    const long long d = (long long)(at_k - a.stamps[0]);
-                    if (d < lo) lo = d;
-                    if (d > hi) {
-                        hi = d;
-                        at = blk;
-                    }
-                }
-                if (at >= 0) printf(" [%d] %lld %lld@%d", k, lo, hi, at);
-            }
-            printf("\n");
-        }
-        if (CLUSTER || !a.linger_ns || !fu_linger(a, dsm, &nx)) break;
+        if (a.trace && blockIdx.x == 0 && threadIdx.x == 0) fu_trace_print(a, T);
+        if (CLUSTER || !a.linger_ns || !fu_linger(a, smem, dsm, &nx)) break;
     }
 }
 
@@ -562,6 +537,7 @@ int cu_fused_plan(cu_graph *g) {
     a.early = cu_knob_on("MPSCY_CUDA_FUSED_EARLY");
     a.split_dot = cu_knob_int("MPSCY_CUDA_FUSED_SPLITDOT", 1);
     a.prefetch = cu_knob_on("MPSCY_CUDA_FUSED_PREFETCH");
+    a.front = a.prefetch && cu_knob_int("MPSCY_CUDA_FUSED_FRONT", 0);
     a.lg_time = g->lg_report;
     a.din_wide = cu_knob_int("MPSCY_CUDA_FUSED_DWIDE", 0);
     a.row_narrow = cu_knob_int("MPSCY_CUDA_FUSED_ROWU", 16) == 8;
@@ -575,6 +551,7 @@ int cu_fused_plan(cu_graph *g) {
                       p->optim.kind == MPSCY_OPTIM_ADAMW || (p->optim.flags & MPSCY_OPTIM_DECOUPLED_WD) != 0,
                       p->optim.clip_grad_norm > 0,
                       p->optim.clip_grad_value > 0 ? (float)p->optim.clip_grad_value : 0.0f};
+    a.u.skip_block0 = a.front && !cluster;  /* block 0 reaches the linger, and relays, sooner */
     cu_fused *f = (cu_fused *)cu_host_alloc(&g->dev->base, sizeof(cu_fused));
     if (!f) return 0;
     f->a = a;

@@ -72,6 +72,7 @@ struct fu_args {
     unsigned long long linger_ns; /* after its update the kernel waits this long for the next step (fu_linger); 0: it ends */
     int lg_time;       /* $MPSCY_CUDA_VERBOSE: the linger's intervals timed (fu_linger, S->lg_sum) */
     int prefetch;      /* while it lingers, the next step's front begun (fu_linger; $MPSCY_CUDA_FUSED_PREFETCH=0, measuring: not) */
+    int front;         /* $MPSCY_CUDA_FUSED_FRONT=1 (measuring): block 0 with no share of the update, rows and products in the linger */
     unsigned long long *stamps; /* with trace: FU_STAMPS times a block (fu_stamp) */
 };
 
@@ -79,6 +80,7 @@ struct fu_args {
 struct fu_next {
     bool relayed;    /* block 0: every piece of the step relayed already */
     bool w_loading;  /* this block's slice of layer 0's weights on its way already (fu_split_load) */
+    bool rows, products;  /* fu_args.front: its rows read, its partial products made (fu_split's parts) */
 };
 
 #define FU_STAMPS 5    /* per block: start, its pieces seen, its rows loaded (split), copy done, barrier passed */
@@ -156,6 +158,35 @@ static __device__ __forceinline__ void fu_mark(const fu_args &a, fu_trace *T) {
 /* with trace: thread 0 of every block stamps the time of event k (FU_STAMPS) */
 static __device__ __forceinline__ void fu_stamp(const fu_args &a, int k) {
     if (a.trace && threadIdx.x == 0) a.stamps[blockIdx.x * FU_STAMPS + k] = cu_global_ns();
+}
+
+/* $MPSCY_CUDA_FUSED_TRACE: block 0's thread 0 prints its marks and every block's stamps */
+static __device__ __forceinline__ void fu_trace_print(const fu_args &a, const fu_trace &T) {
+    /* per mark, ns: copy, barrier, layer 0, barrier, row loaded, each later layer's forward,
+     * loss, each d(input), barrier, gradients, barrier, decision and update */
+    const int nt = T.n;
+    printf("fused_mlp trace: %d blocks, SM clock %.0f MHz; ns per mark:", (int)gridDim.x,
+           1e3 * (double)(T.c[nt - 1] - T.c[0]) / (double)(T.t[nt - 1] - T.t[0]));
+    for (int k = 1; k < nt; k++) printf(" %llu", T.t[k] - T.t[k - 1]);
+    printf(" total %llu\n", T.t[nt - 1] - T.t[0]);
+    /* every block's stamps from block 0's start: min, max (its block) of each event */
+    printf("fused_mlp stamps (ns from block 0's start; min max@block):");
+    for (int k = 0; k < FU_STAMPS; k++) {
+        long long lo = 1LL << 62, hi = -(1LL << 62);
+        int at = -1;
+        for (int blk = 0; blk < (int)gridDim.x; blk++) {
+            const unsigned long long at_k = a.stamps[blk * FU_STAMPS + k];
+            if (!at_k) continue;  /* not this block's event (a block that copies no slice) */
+            const long long d = (long long)(at_k - a.stamps[0]);
+            if (d < lo) lo = d;
+            if (d > hi) {
+                hi = d;
+                at = blk;
+            }
+        }
+        if (at >= 0) printf(" [%d] %lld %lld@%d", k, lo, hi, at);
+    }
+    printf("\n");
 }
 
 /* Deferred staging: waits until the relay (block 0's first warps, cu_relay_pieces) has seen the

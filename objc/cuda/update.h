@@ -77,6 +77,7 @@ struct update_args {
     float clip_value;
     int batched;  // update_slab_batched<4> (`MPSCY_CUDA_UPD_BATCHED`, default 1), or 0: an element an iteration
     int prefetch; // norm_final_kernel loads the first batch before the norm's sum (`MPSCY_CUDA_NORM_PREFETCH`)
+    int skip_block0; // block 0 takes no share of the element loop (the one-kernel MLP's $MPSCY_CUDA_FUSED_FRONT)
 };
 
 /* A gradient element clipped: by the norm's coefficient cs, then to +-clip_value. */
@@ -180,7 +181,10 @@ static __device__ __forceinline__ void update_slab(const update_args &u, const c
         return;
     }
     const int clipped = u.clip_norm || u.clip_value > 0.0f;
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < u.n; i += (int64_t)gridDim.x * blockDim.x) {
+    const int skip = u.skip_block0 && gridDim.x > 1;  /* the other blocks' threads, in the same order */
+    if (skip && blockIdx.x == 0) return;
+    const int64_t stride = (int64_t)(gridDim.x - skip) * blockDim.x;
+    for (int64_t i = (blockIdx.x - skip) * (int64_t)blockDim.x + threadIdx.x; i < u.n; i += stride) {
         const float g = clip_elem(u, u.grads[i], cs);
         if (clipped) u.grads[i] = g;
         update_elem(u, c, g, &u.w[i], &u.s0[i], &u.s1[i], u.s2 ? &u.s2[i] : NULL);
