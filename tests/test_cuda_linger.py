@@ -236,13 +236,15 @@ def test_the_next_step_begun_while_lingering(monkeypatch, capfd, rng):
 def test_the_front_begun_in_the_linger(monkeypatch, capfd, rng):
     """$MPSCY_CUDA_FUSED_FRONT=1 (measuring): block 0 takes no share of the update, and each
     copying block reads its rows and makes their partial products while the kernel lingers, once
-    its pieces are relayed. 30 steps back to back and 10 with 1 ms of host time between them:
-    the lingering kernel takes 39 of 40 (its copying blocks' weight slices counted over those 39,
-    some loaded while it waited), and every loss, norm and parameter is bit for bit as with the
-    knob off (and within 1e-4 of the cpu)."""
+    its pieces are relayed; 2 (testing) also holds each release until every copying block has done
+    so. 30 steps back to back and 10 with 1 ms of host time between them: the lingering kernel
+    takes 39 of 40; with 2 every copying block's rows and products were made while it waited in
+    each of the 39 (the count equals the weight slices', 39 times the copying blocks), with 1 at
+    most that many, with 0 the line is not printed; every loss, norm and parameter is bit for bit
+    the same for the three (and within 1e-4 of the cpu)."""
     seed = int(rng.integers(1 << 30))
     runs = []
-    for front in ("1", "0"):
+    for front in ("2", "1", "0"):
         monkeypatch.setenv("MPSCY_CUDA_FUSED_FRONT", front)
         cpu, gpu, batch, shape = _engines(monkeypatch, capfd, SECOND)
         data = np.random.default_rng(seed)
@@ -256,8 +258,22 @@ def test_the_front_begun_in_the_linger(monkeypatch, capfd, rng):
             assert abs(rg.loss - rc.loss) <= 1e-4 * rc.loss and abs(rg.grad_norm - rc.grad_norm) <= 1e-4 * rc.grad_norm
             out.append((rg.loss, rg.grad_norm))
         runs.append((out, gpu.get_parameters()))
-        took, early = _close(gpu, capfd)
-        assert took == (39, 40)
-        assert early is not None and early[1] > 0 and early[1] % 39 == 0 and 0 < early[0] <= early[1], early
-    assert runs[0][0] == runs[1][0]
-    assert all(np.array_equal(runs[0][1][n], runs[1][1][n]) for n in runs[0][1])
+        t0 = time.perf_counter()
+        gpu.close()
+        assert time.perf_counter() - t0 < FAST
+        err = capfd.readouterr().err
+        took = re.findall(r"mpscy: cuda lingering kernel took (\d+) of (\d+) training steps", err)
+        slices = re.findall(r"mpscy: cuda lingering kernel: (\d+) of (\d+) copying blocks' weight slices", err)
+        made = re.findall(r"mpscy: cuda lingering kernel: (\d+) copying blocks' rows read and products made", err)
+        assert tuple(map(int, took[-1])) == (39, 40), err
+        total = int(slices[-1][1])
+        assert total > 0 and total % 39 == 0, err
+        if front == "0":
+            assert not made, err
+        elif front == "2":
+            assert int(made[-1]) == total, err
+        else:
+            assert 0 <= int(made[-1]) <= total, err
+    for k in (1, 2):
+        assert runs[k][0] == runs[0][0]
+        assert all(np.array_equal(runs[k][1][n], runs[0][1][n]) for n in runs[0][1])

@@ -537,7 +537,7 @@ int cu_fused_plan(cu_graph *g) {
     a.early = cu_knob_on("MPSCY_CUDA_FUSED_EARLY");
     a.split_dot = cu_knob_int("MPSCY_CUDA_FUSED_SPLITDOT", 1);
     a.prefetch = cu_knob_on("MPSCY_CUDA_FUSED_PREFETCH");
-    a.front = a.prefetch && cu_knob_int("MPSCY_CUDA_FUSED_FRONT", 0);
+    a.front = a.prefetch ? cu_knob_int("MPSCY_CUDA_FUSED_FRONT", 0) : 0;
     a.lg_time = g->lg_report;
     a.din_wide = cu_knob_int("MPSCY_CUDA_FUSED_DWIDE", 0);
     a.row_narrow = cu_knob_int("MPSCY_CUDA_FUSED_ROWU", 16) == 8;
@@ -641,6 +641,8 @@ void cu_fused_report(const cu_graph *g) {
     if (q && cudaMemcpy(&early, &g->scratch->lg_w_early, sizeof(early), cudaMemcpyDeviceToHost) == cudaSuccess)
         fprintf(stderr, "mpscy: cuda lingering kernel: %llu of %lld copying blocks' weight slices loaded while it waited\n",
                 early, (long long)(q * ((batch + f->a.split_rows - 1) / f->a.split_rows) * g->lg_taken));
+    if (q && f->a.front && cudaMemcpy(&early, &g->scratch->lg_front, sizeof(early), cudaMemcpyDeviceToHost) == cudaSuccess)
+        fprintf(stderr, "mpscy: cuda lingering kernel: %llu copying blocks' rows read and products made while it waited\n", early);
     long long t[FU_LG_TIMES];
     if (cudaMemcpy(t, g->scratch->lg_sum, sizeof(t), cudaMemcpyDeviceToHost) == cudaSuccess && t[FU_LG_TIMES - 1] > 0) {
         const double k = 1e-3 / (double)t[FU_LG_TIMES - 1];

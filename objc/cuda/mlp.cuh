@@ -72,7 +72,7 @@ struct fu_args {
     unsigned long long linger_ns; /* after its update the kernel waits this long for the next step (fu_linger); 0: it ends */
     int lg_time;       /* $MPSCY_CUDA_VERBOSE: the linger's intervals timed (fu_linger, S->lg_sum) */
     int prefetch;      /* while it lingers, the next step's front begun (fu_linger; $MPSCY_CUDA_FUSED_PREFETCH=0, measuring: not) */
-    int front;         /* $MPSCY_CUDA_FUSED_FRONT=1 (measuring): block 0 with no share of the update, rows and products in the linger */
+    int front;         /* $MPSCY_CUDA_FUSED_FRONT=1 (measuring): block 0 with no share of the update, rows and products in the linger; 2 (testing): each release held until every copying block made them */
     unsigned long long *stamps; /* with trace: FU_STAMPS times a block (fu_stamp) */
 };
 

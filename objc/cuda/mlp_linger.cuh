@@ -37,6 +37,11 @@ static __device__ int fu_linger_verdict(const fu_args &a, unsigned long long t0)
     return go;
 }
 
+static __device__ __noinline__ void fu_count_early(cu_scratch *S, bool w_loading, bool products) {
+    if (w_loading) atomicAdd(&S->lg_w_early, 1ull);
+    if (products) atomicAdd(&S->lg_front, 1ull);
+}
+
 /* The kernel lingers ($MPSCY_CUDA_FUSED_LINGER): past its update, instead of ending, it waits for
  * the host to hand it the graph's next training step, so that step starts with no launch and the
  * update's tail (the weight gradients, the norm, the update: ~9 us after the early decision)
@@ -96,6 +101,15 @@ static __device__ bool fu_linger(const fu_args &a, float *xs, float *ws, fu_next
                 if (v < 0 && (v = fu_linger_verdict(a, t0)) >= 0) t_req = cu_global_ns();
             }
             stop = v ? 2 : 1;
+            /* front 2 (testing): the release held until every copying block has read its rows and
+             * made their products here (all are in: act 1 is open to each), so the test sees that
+             * path taken in every step */
+            if (v && a.front == 2) {
+                const unsigned int n = (unsigned int)(a.split_q * ((a.b + a.split_rows - 1) / a.split_rows));
+                while (cu_load_acquire_gpu(&S->lg_front_n) < n) {  /* never a hang on a stale count */
+                }
+                S->lg_front_n = 0u;
+            }
             /* FU_LG_TIMES' figures (block 0's thread 0's alone): this step's stamps taken and
              * cleared before the release, after which the next step's blocks stamp anew */
             unsigned long long at[8] = {t0, t_req, 0ull, 0ull, 0ull, 0ull, 0ull, 0ull}, tr = 0ull;
@@ -139,6 +153,7 @@ static __device__ bool fu_linger(const fu_args &a, float *xs, float *ws, fu_next
         /* a kernel that ends leaves no relayed word behind (the words are 0 between steps: the
          * copying blocks wait for them to be nonzero), whatever launches next */
         if (!go && relay && threadIdx.x < CU_STAGE_MAX_PIECES) S->fused_piece[threadIdx.x] = 0u;
+        if (!go && threadIdx.x == 0) S->lg_front_n = 0u;  /* front 2: no count left for a later kernel */
         nx->relayed = all_relayed != 0;
         return go != 0;
     }
@@ -169,6 +184,9 @@ static __device__ bool fu_linger(const fu_args &a, float *xs, float *ws, fu_next
                 }
             }
         }
+        /* with lg_time, thread 0 counts what it did while lingering for the step it then takes
+         * (before the barrier: once past it, the kernel's next step may rewrite the arguments) */
+        if (threadIdx.x == 0 && !act && go && a.lg_time) fu_count_early(S, nx->w_loading, nx->products);
         __syncthreads();
         const int what = act;
         if (!what) break;
@@ -184,10 +202,10 @@ static __device__ bool fu_linger(const fu_args &a, float *xs, float *ws, fu_next
             fu_split_products(a, xs, ws, t, a.b);
             nx->products = true;
             if (a.lg_time && threadIdx.x == 0) fu_t_products = cu_global_ns();
+            if (a.front == 2 && threadIdx.x == 0) atomicAdd(&S->lg_front_n, 1u);
         }
         __syncthreads();  /* act read by every thread before thread 0 writes it again */
     }
-    if (threadIdx.x == 0 && go && nx->w_loading && a.lg_time) atomicAdd(&S->lg_w_early, 1ull);
     if (!go && nx->w_loading && !nx->products) cp_async_wait<0>();  /* nothing left in flight as the kernel ends */
     return go != 0;
 }
