@@ -38,10 +38,11 @@ def _engines(monkeypatch, capfd, linger, period=None):
 
 def _close(gpu, capfd):
     """Closes the engine (quickly, while its kernel lingers) and reads MPSCY_CUDA_VERBOSE's lines:
-    how many of its training steps a lingering kernel took, of how many it could have, and how
-    many copying blocks loaded their slice of the new weights for those steps while it waited, of
-    how many there were (None without that line: no layer 0 in the copy, or
-    $MPSCY_CUDA_FUSED_PREFETCH=0)."""
+    how many of its training steps a lingering kernel took, of how many it could have; how many
+    copying blocks loaded their slice of the new weights for those steps while it waited, of how
+    many there were (None without that line: no layer 0 in the copy, or
+    $MPSCY_CUDA_FUSED_PREFETCH=0); and how many read their rows and made their products there
+    (None without $MPSCY_CUDA_FUSED_FRONT)."""
     t0 = time.perf_counter()
     gpu.close()
     assert time.perf_counter() - t0 < FAST
@@ -49,11 +50,31 @@ def _close(gpu, capfd):
     m = re.findall(r"mpscy: cuda lingering kernel took (\d+) of (\d+) training steps", err)
     f = re.findall(r"mpscy: cuda lingering kernel: (\d+) of (\d+) copying blocks' weight slices loaded while it waited",
                    err)
-    return (tuple(map(int, m[-1])) if m else (0, 0)), (tuple(map(int, f[-1])) if f else None)
+    r = re.findall(r"mpscy: cuda lingering kernel: (\d+) copying blocks' rows read and products made while it waited", err)
+    return ((tuple(map(int, m[-1])) if m else (0, 0)), (tuple(map(int, f[-1])) if f else None),
+            (int(r[-1]) if r else None))
 
 
 def _took(gpu, capfd):
     return _close(gpu, capfd)[0]
+
+
+def _paired_steps(cpu, gpu, data, batch, shape, n, pause_from=0):
+    """n training steps of the same batches on both engines, 1 ms of host time before each gpu
+    step from step pause_from on: the gpu's (loss, grad_norm) of each, within 1e-4 of the cpu's,
+    and its parameters after. The norms are read once every step is done: a norm read before it
+    has landed waits for its step's kernel, which stops a linger."""
+    out = []
+    for k in range(n):
+        x, y = _batch(data, batch, shape)
+        rc = cpu.step(x, y)
+        if k >= pause_from:
+            time.sleep(0.001)
+        out.append((rc, gpu.step(x, y)))
+    params = gpu.get_parameters()
+    for rc, rg in out:
+        assert abs(rg.loss - rc.loss) <= 1e-4 * rc.loss and abs(rg.grad_norm - rc.grad_norm) <= 1e-4 * rc.grad_norm
+    return [(rg.loss, rg.grad_norm) for _, rg in out], params
 
 
 def _batch(rng, rows, shape, nan=False):
@@ -207,18 +228,8 @@ def test_the_next_step_begun_while_lingering(monkeypatch, capfd, rng):
     for linger, prefetch in ((SECOND, "1"), (SECOND, "0"), ("0", "1")):
         monkeypatch.setenv("MPSCY_CUDA_FUSED_PREFETCH", prefetch)
         cpu, gpu, batch, shape = _engines(monkeypatch, capfd, linger)
-        data = np.random.default_rng(seed)
-        out = []
-        for _ in range(10):
-            x, y = _batch(data, batch, shape)
-            rc = cpu.step(x, y)
-            time.sleep(0.001)
-            out.append((rc, gpu.step(x, y)))
-        pg = gpu.get_parameters()
-        for rc, rg in out:
-            assert abs(rg.loss - rc.loss) <= 1e-4 * rc.loss and abs(rg.grad_norm - rc.grad_norm) <= 1e-4 * rc.grad_norm
-        runs.append(([(rg.loss, rg.grad_norm) for _, rg in out], pg))
-        took, early = _close(gpu, capfd)
+        runs.append(_paired_steps(cpu, gpu, np.random.default_rng(seed), batch, shape, 10))
+        took, early, _ = _close(gpu, capfd)
         if linger == "0":
             assert (took, early) == ((0, 0), None)
             continue
@@ -247,33 +258,17 @@ def test_the_front_begun_in_the_linger(monkeypatch, capfd, rng):
     for front in ("2", "1", "0"):
         monkeypatch.setenv("MPSCY_CUDA_FUSED_FRONT", front)
         cpu, gpu, batch, shape = _engines(monkeypatch, capfd, SECOND)
-        data = np.random.default_rng(seed)
-        out = []
-        for k in range(40):
-            x, y = _batch(data, batch, shape)
-            rc = cpu.step(x, y)
-            if k >= 30:
-                time.sleep(0.001)
-            rg = gpu.step(x, y)
-            assert abs(rg.loss - rc.loss) <= 1e-4 * rc.loss and abs(rg.grad_norm - rc.grad_norm) <= 1e-4 * rc.grad_norm
-            out.append((rg.loss, rg.grad_norm))
-        runs.append((out, gpu.get_parameters()))
-        t0 = time.perf_counter()
-        gpu.close()
-        assert time.perf_counter() - t0 < FAST
-        err = capfd.readouterr().err
-        took = re.findall(r"mpscy: cuda lingering kernel took (\d+) of (\d+) training steps", err)
-        slices = re.findall(r"mpscy: cuda lingering kernel: (\d+) of (\d+) copying blocks' weight slices", err)
-        made = re.findall(r"mpscy: cuda lingering kernel: (\d+) copying blocks' rows read and products made", err)
-        assert tuple(map(int, took[-1])) == (39, 40), err
-        total = int(slices[-1][1])
-        assert total > 0 and total % 39 == 0, err
+        runs.append(_paired_steps(cpu, gpu, np.random.default_rng(seed), batch, shape, 40, pause_from=30))
+        took, early, made = _close(gpu, capfd)
+        assert took == (39, 40) and early is not None
+        total = early[1]
+        assert total > 0 and total % 39 == 0, early
         if front == "0":
-            assert not made, err
+            assert made is None
         elif front == "2":
-            assert int(made[-1]) == total, err
+            assert made == total
         else:
-            assert 0 <= int(made[-1]) <= total, err
+            assert 0 <= made <= total
     for k in (1, 2):
         assert runs[k][0] == runs[0][0]
         assert all(np.array_equal(runs[k][1][n], runs[0][1][n]) for n in runs[0][1])

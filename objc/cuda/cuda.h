@@ -190,9 +190,10 @@ typedef struct cu_graph {
     int64_t lg_turn_ns, lg_turns; /* the host's time from a result to the next step's request, summed */
     int64_t lg_enter_ns;         /* of that, to the next step's launch() (the caller's part: Python, the labels) */
     int64_t lg_stage_ns, lg_stages; /* and to the next step's batch staged, where a lingering kernel took it */
-    /* with lg_report: one staging's times (_staging.h's mpscy_stage_job.stamp), and their sums
-     * from the result and counts over the steps a lingering kernel took */
-    int64_t lg_stamp[CU_STAGE_STAMPS], lg_stamp_ns[CU_STAGE_STAMPS], lg_stamp_n[CU_STAGE_STAMPS];
+    /* with lg_report: one staging's times (_staging.h's mpscy_stage_job.stamp; the slots a
+     * staging uses, its pieces and tasks, are the same in each, the others stay 0), and their
+     * sums from the result over the lg_stages a lingering kernel took */
+    int64_t lg_stamp[CU_STAGE_STAMPS], lg_stamp_ns[CU_STAGE_STAMPS];
     int forked;                /* capture state: the side streams with work to join (1: side, 2: alt, 4: nrm) */
     /* the early norm (optim.cu): each layer's squares summed on their own stream once its gradients
      * are done, the final kernel adding the partials and the last layer's squares, then updating */

@@ -318,11 +318,9 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
                                 ga.S->fused_piece, ga.S, ga.R);
             }
         } else if (ga.split_q) {
-            unsigned long long t_prod;
-            const unsigned long long t_rows = fu_split(ga, smem, dsm, b, &nx, &t_prod);
-            if (ga.lg_time && threadIdx.x == 0 && t_rows) {  /* the linger's figures (FU_LG_TIMES) */
-                atomicMax(&ga.S->lg_t_rows, t_rows);
-                atomicMax(&ga.S->lg_t_products, t_prod);
+            if (fu_split(ga, smem, dsm, b, &nx) && ga.lg_time && threadIdx.x == 0) {  /* FU_LG_TIMES' figures */
+                atomicMax(&ga.S->lg_t_rows, fu_t_rows);
+                atomicMax(&ga.S->lg_t_products, fu_t_products);
             }
         } else if (ga.deferred) {
             const int64_t n = ga.in_n, piece = ga.in_piece, pieces = (n + piece - 1) / piece, copiers = gridDim.x - 1;
@@ -658,7 +656,8 @@ void cu_fused_report(const cu_graph *g) {
     fprintf(stderr, "mpscy: cuda lingering kernel, the host's staging, us after it saw the result: pieces flagged");
     for (int k = 0; k < CU_STAGE_STAMPS; k++) {
         if (k == CU_STAGE_MAX_PIECES) fprintf(stderr, "; tasks started");
-        if (g->lg_stamp_n[k]) fprintf(stderr, " %d:%.2f", k % CU_STAGE_MAX_PIECES, 1e-3 * (double)g->lg_stamp_ns[k] / (double)g->lg_stamp_n[k]);
+        if (g->lg_stamp_ns[k] && g->lg_stages)
+            fprintf(stderr, " %d:%.2f", k % CU_STAGE_MAX_PIECES, 1e-3 * (double)g->lg_stamp_ns[k] / (double)g->lg_stages);
     }
     fprintf(stderr, "\n");
     cudaGetLastError();

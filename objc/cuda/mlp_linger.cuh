@@ -37,11 +37,6 @@ static __device__ int fu_linger_verdict(const fu_args &a, unsigned long long t0)
     return go;
 }
 
-static __device__ __noinline__ void fu_count_early(cu_scratch *S, bool w_loading, bool products) {
-    if (w_loading) atomicAdd(&S->lg_w_early, 1ull);
-    if (products) atomicAdd(&S->lg_front, 1ull);
-}
-
 /* The kernel lingers ($MPSCY_CUDA_FUSED_LINGER): past its update, instead of ending, it waits for
  * the host to hand it the graph's next training step, so that step starts with no launch and the
  * update's tail (the weight gradients, the norm, the update: ~9 us after the early decision)
@@ -186,7 +181,10 @@ static __device__ bool fu_linger(const fu_args &a, float *xs, float *ws, fu_next
         }
         /* with lg_time, thread 0 counts what it did while lingering for the step it then takes
          * (before the barrier: once past it, the kernel's next step may rewrite the arguments) */
-        if (threadIdx.x == 0 && !act && go && a.lg_time) fu_count_early(S, nx->w_loading, nx->products);
+        if (threadIdx.x == 0 && !act && go && a.lg_time) {
+            if (nx->w_loading) atomicAdd(&S->lg_w_early, 1ull);
+            if (nx->products) atomicAdd(&S->lg_front, 1ull);
+        }
         __syncthreads();
         const int what = act;
         if (!what) break;
@@ -197,16 +195,14 @@ static __device__ bool fu_linger(const fu_args &a, float *xs, float *ws, fu_next
         } else if (what == 2) {
             fu_split_rows(a, xs, t);
             nx->rows = true;
-            if (a.lg_time && threadIdx.x == 0) fu_t_rows = cu_global_ns();
         } else {
             fu_split_products(a, xs, ws, t, a.b);
             nx->products = true;
-            if (a.lg_time && threadIdx.x == 0) fu_t_products = cu_global_ns();
             if (a.front == 2 && threadIdx.x == 0) atomicAdd(&S->lg_front_n, 1u);
         }
         __syncthreads();  /* act read by every thread before thread 0 writes it again */
     }
-    if (!go && nx->w_loading && !nx->products) cp_async_wait<0>();  /* nothing left in flight as the kernel ends */
+    if (!go && nx->w_loading) cp_async_wait<0>();  /* nothing left in flight as the kernel ends */
     return go != 0;
 }
 

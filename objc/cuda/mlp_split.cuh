@@ -80,8 +80,8 @@ static __device__ __forceinline__ void fu_fma4(float *acc, float w, float4 x) {
     acc[3] += w * x.w;
 }
 
-/* with lg_time, when the linger read this block's rows and made their products (fu_next's rows
- * and products; globaltimer ns, thread 0's) */
+/* with lg_time, when this block's rows were read and their products made for the step it runs,
+ * in it or while the kernel lingered (globaltimer ns, thread 0's: fu_split_rows, _products) */
 __shared__ unsigned long long fu_t_rows, fu_t_products;
 
 /* the pieces [*lo, *hi] that hold this block's rows' slices (deferred staging) */
@@ -124,39 +124,10 @@ static __device__ void fu_split_rows(const fu_args &a, float *xs, const fu_slice
             mx = fu_amax(mx, v);
         }
     }
+    if (a.lg_time && threadIdx.x == 0) fu_t_rows = cu_global_ns();
     if (a.early) fu_amax_publish(&a.S->fu_amax[0], mx);
 }
 
-static __device__ void fu_split_products(const fu_args &a, float *xs, const float *ws, const fu_slice &t, int b);
-
-/* Layer 0's slice of this block: its rows (unless the linger read them: nx->rows) and their
- * partial products (unless made there: nx->products). Returns when thread 0 had its rows and,
- * in *t_prod, its products (with lg_time; else, or without a slice, 0). */
-static __device__ unsigned long long fu_split(const fu_args &a, float *smem, const float *ws, int b, const fu_next *nx,
-                                              unsigned long long *t_prod) {
-    fu_slice t;
-    *t_prod = 0ull;
-    if (!fu_split_slice(a, b, &t)) return 0ull;
-    unsigned long long t_rows = nx->rows ? fu_t_rows : 0ull;
-    if (!nx->rows) {
-        if (a.deferred && threadIdx.x == 0) {
-            int64_t lo, hi;
-            fu_split_pieces(a, t, &lo, &hi);
-            for (int64_t p = lo; p <= hi; p++) fu_wait_piece(a.S, p);
-        }
-        __syncthreads();  /* the rows' pieces are there */
-        fu_stamp(a, 1);
-        fu_split_rows(a, smem, t);
-        t_rows = a.lg_time ? cu_global_ns() : 0ull;
-    }
-    if (nx->products) {
-        *t_prod = fu_t_products;
-        return t_rows;
-    }
-    fu_split_products(a, smem, ws, t, b);
-    *t_prod = a.lg_time ? cu_global_ns() : 0ull;
-    return t_rows;
-}
 
 /* The slice's partial products, once its weights (cp.async) and rows are in shared memory */
 static __device__ void fu_split_products(const fu_args &a, float *xs, const float *ws, const fu_slice &t, int b) {
@@ -193,9 +164,7 @@ static __device__ void fu_split_products(const fu_args &a, float *xs, const floa
             for (int p = 1; p < P; p++) v += part[(p * 4 + rr) * N + j];
             a.ypart[((int64_t)t.q * b + t.r0 + rr) * N + j] = v;
         }
-        return;
-    }
-    if (dot) {
+    } else if (dot) {
         /* an output a thread, all its rows at once: per k one weight and one broadcast of the
          * rows' x (a quarter of the shared-memory reads of the form below), the same two
          * chains per row in the same order (the same bits); rows past nr hold stale values,
@@ -214,24 +183,44 @@ static __device__ void fu_split_products(const fu_args &a, float *xs, const floa
             for (int rr = 0; rr < 4; rr++)
                 if (rr < t.nr) a.ypart[((int64_t)t.q * b + t.r0 + rr) * N + j] = a0[rr] + a1[rr];
         }
-        return;
-    }
-    const int S = N >= nthr ? 1 : nthr / N;
-    for (int e = tid; e < S * N; e += nthr) {
-        const int j = e % N;
-        const float *w = ws + j * pitch;
-        for (int rr = e / N; rr < t.nr; rr += S) {
-            const float *x = xs + rr * kq;
-            float acc0 = 0.0f, acc1 = 0.0f;  /* two chains, added at the end */
-            int k = 0;
-            for (; k + 1 < kq; k += 2) {
-                acc0 += w[k] * x[k];
-                acc1 += w[k + 1] * x[k + 1];
+    } else {
+        const int S = N >= nthr ? 1 : nthr / N;
+        for (int e = tid; e < S * N; e += nthr) {
+            const int j = e % N;
+            const float *w = ws + j * pitch;
+            for (int rr = e / N; rr < t.nr; rr += S) {
+                const float *x = xs + rr * kq;
+                float acc0 = 0.0f, acc1 = 0.0f;  /* two chains, added at the end */
+                int k = 0;
+                for (; k + 1 < kq; k += 2) {
+                    acc0 += w[k] * x[k];
+                    acc1 += w[k + 1] * x[k + 1];
+                }
+                if (k < kq) acc0 += w[k] * x[k];
+                a.ypart[((int64_t)t.q * b + t.r0 + rr) * N + j] = acc0 + acc1;
             }
-            if (k < kq) acc0 += w[k] * x[k];
-            a.ypart[((int64_t)t.q * b + t.r0 + rr) * N + j] = acc0 + acc1;
         }
     }
+    if (a.lg_time && threadIdx.x == 0) fu_t_products = cu_global_ns();
+}
+
+/* Layer 0's slice of this block: its rows (unless the linger read them: nx->rows) and their
+ * partial products (unless made there: nx->products). Returns whether the block has a slice. */
+static __device__ bool fu_split(const fu_args &a, float *smem, const float *ws, int b, const fu_next *nx) {
+    fu_slice t;
+    if (!fu_split_slice(a, b, &t)) return false;
+    if (!nx->rows) {
+        if (a.deferred && threadIdx.x == 0) {
+            int64_t lo, hi;
+            fu_split_pieces(a, t, &lo, &hi);
+            for (int64_t p = lo; p <= hi; p++) fu_wait_piece(a.S, p);
+        }
+        __syncthreads();  /* the rows' pieces are there */
+        fu_stamp(a, 1);
+        fu_split_rows(a, smem, t);
+    }
+    if (!nx->products) fu_split_products(a, smem, ws, t, b);
+    return true;
 }
 
 #endif /* MPSCY_CUDA_MLP_SPLIT_CUH */

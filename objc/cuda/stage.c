@@ -23,6 +23,8 @@ int cu_stage_threads(int64_t bytes, int deferred) {
     return deferred && th < 2 && !(knob && *knob) ? 2 : th;
 }
 
+int64_t cu_now_ns(void) { return mpscy_stage_now(); }
+
 int cu_stage_stream(void) {
     const char *knob = getenv("MPSCY_STAGE_STREAM");
     return knob && *knob ? atoi(knob) != 0 : 1;

@@ -27,6 +27,10 @@ int64_t cu_stage_piece(int64_t n);
  * at least two when the batch is staged while its step runs (deferred). */
 int cu_stage_threads(int64_t bytes, int deferred);
 
+/* CLOCK_MONOTONIC ns: the staging's stamps' clock (_staging.h's mpscy_stage_now), which the
+ * host's other verbose times (step.cu) are taken on too, so that they subtract */
+int64_t cu_now_ns(void);
+
 /* Whether batches are staged with non-temporal stores (_staging.h's mpscy_copy_exp_nt), as by
  * default; $MPSCY_STAGE_STREAM=0 stages them with plain stores (a measuring knob, read when a
  * graph is built). */

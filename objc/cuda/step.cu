@@ -29,7 +29,6 @@
 
 #include <math.h>
 #include <string.h>
-#include <time.h>
 
 #include <mutex>
 
@@ -228,17 +227,11 @@ int cu_capture(cu_graph *g, int kind, char *err, size_t en) {
  * side's store reaches memory before its load is served, so one of them sees the other's word:
  * no closing seen, the kernel will see the request and take the step; closing seen, the host
  * waits for the kernel's verdict. 1: the kernel takes the step, nothing to launch. */
-static int64_t now_ns() {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
-}
-
 static int linger_claim(cu_graph *g) {
     cu_result *R = g->result;
     const uint32_t s = g->lg_live;
     if (g->lg_result_ns) {  /* the host's turn, for MPSCY_CUDA_VERBOSE's count (lg_report) */
-        g->lg_turn_ns += now_ns() - g->lg_result_ns;
+        g->lg_turn_ns += cu_now_ns() - g->lg_result_ns;
         g->lg_turns++;
     }
     __atomic_store_n(&R->lg_req, g->seq, __ATOMIC_SEQ_CST);
@@ -345,7 +338,7 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
     cu_graph **slot = linger_slot(g->dev->ordinal);
     const int claim = g->lg_live && linger && x && g->lg_live == g->seq && g->seq != g->seq_period && slot &&
                       __atomic_load_n(slot, __ATOMIC_ACQUIRE) == g;
-    if (claim && g->lg_result_ns) g->lg_enter_ns += now_ns() - g->lg_result_ns;  /* MPSCY_CUDA_VERBOSE */
+    if (claim && g->lg_result_ns) g->lg_enter_ns += cu_now_ns() - g->lg_result_ns;  /* MPSCY_CUDA_VERBOSE */
     if (g->lg_live && !claim) {  /* g is the device's pending graph: its kernel stopped, its stream waited for */
         const int st = cu_settle(g->base.dev, err, en);
         if (st != MPSCY_OK) return st;
@@ -373,18 +366,13 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
          * step less than launching first) */
         int ls = 0;
         int64_t *stamp = g->lg_result_ns ? g->lg_stamp : NULL;
-        if (stamp)
-            for (int k = 0; k < CU_STAGE_STAMPS; k++) stamp[k] = 0;
         bad = cu_stage_pieces(g->stage_pool, dst, x, n, cu_stage_piece(n), g->flags_h, g->seq, g->stage_stream, launch_hook,
                               &la, &ls, stamp);
         if (g->lg_result_ns && la.claimed) {  /* MPSCY_CUDA_VERBOSE's figures (lg_report) */
-            g->lg_stage_ns += now_ns() - g->lg_result_ns;
+            g->lg_stage_ns += cu_now_ns() - g->lg_result_ns;
             g->lg_stages++;
             for (int k = 0; k < CU_STAGE_STAMPS; k++)  /* each piece's flag, each task's start */
-                if (stamp[k]) {
-                    g->lg_stamp_ns[k] += stamp[k] - g->lg_result_ns;
-                    g->lg_stamp_n[k]++;
-                }
+                if (stamp[k]) g->lg_stamp_ns[k] += stamp[k] - g->lg_result_ns;
         }
         CU_TRY((cudaError_t)ls, "graph launch");
     } else if (b == g->plan.batch) {
@@ -413,7 +401,7 @@ static int launch(cu_graph *g, int kind, int64_t b, const float *x, int *x_bad, 
                 d->pending = g;
                 if (linger) {  /* its kernel may wait for the next step */
                     g->lg_live = g->seq;
-                    if (g->lg_report) g->lg_result_ns = now_ns();
+                    if (g->lg_report) g->lg_result_ns = cu_now_ns();
                     linger_mark(g, 1);
                 }
                 break;
