@@ -77,8 +77,6 @@ typedef struct cu_scratch {
      * time in its low 31 bits, never cleared; the top bit block 0's verdict: set, the kernel ends) */
     unsigned int lg_arrive, lg_gen;
     unsigned long long lg_w_early; /* with $MPSCY_CUDA_VERBOSE: copying blocks that loaded their weight slice while the kernel lingered, in steps it ran (never cleared) */
-    unsigned long long lg_front;   /* the same, those that read their rows and made their products there (fu_args.front) */
-    unsigned int lg_front_n;       /* fu_args.front 2 (testing): copying blocks past their products while it lingers, this step */
     /* with $MPSCY_CUDA_VERBOSE (fu_args.lg_time), globaltimer ns (0: none): when the last early
      * decision was released, the last step taken while lingering was released, and in the step
      * since, the last copying block had its rows and its products and block 0 passed the copy's

@@ -239,7 +239,11 @@ static __device__ void fu_early(const fu_args &a, const unsigned int *wmax, bool
         __threadfence();
     }
     __syncthreads();
-    if (!last) return;
+    /* with every row's parts in warp 0 (b <= 32), that warp alone: block_sum3's other warps add
+     * 0.0 to warp 0's sums, so these are its bits, with no block barrier ($MPSCY_CUDA_FUSED_EARLYWARP=0,
+     * measuring, takes block_sum3 always) */
+    const bool one_warp = a.b <= 32 && a.early_warp;
+    if (!last || (one_warp && threadIdx.x >= 32)) return;
     double v[3] = {0.0, 0.0, 0.0};
     unsigned int w0 = 0u, w1 = 0u;
     if (threadIdx.x == 0) {  /* loaded beside the rows' parts */
@@ -247,7 +251,12 @@ static __device__ void fu_early(const fu_args &a, const unsigned int *wmax, bool
         w1 = __ldcg(&S->fu_amax[1]);
     }
     add_row_parts(S, a.b, v);
-    block_sum3(v);
+    if (one_warp) {
+#pragma unroll
+        for (int k = 0; k < 3; k++) v[k] = 0.0 + warp_allsum(v[k]);  /* block_sum3's first term (0.0 + w) */
+    } else {
+        block_sum3(v);
+    }
     if (threadIdx.x != 0) return;
     const float mx = __uint_as_float(w0), md = __uint_as_float(w1);
     /* the words back to 0 for the next step (every block has added to them: it counted itself in) */
@@ -277,7 +286,7 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
     /* warp items go round the blocks first, so every multiprocessor gets a share of a small phase */
     const int gw = warp * gridDim.x + blockIdx.x, tw = gridDim.x * FU_WARPS;
     const int b = ga.b;
-    fu_next nx = {false, false, false, false};  /* what the kernel did for this step while it lingered */
+    fu_next nx = {false, false};  /* what the kernel did for this step while it lingered */
     for (;;) {  /* a step, and the next ones while the kernel lingers (fu_linger) */
         fu_trace T;
         T.n = 0;
@@ -318,9 +327,10 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
                                 ga.S->fused_piece, ga.S, ga.R);
             }
         } else if (ga.split_q) {
-            if (fu_split(ga, smem, dsm, b, &nx) && ga.lg_time && threadIdx.x == 0) {  /* FU_LG_TIMES' figures */
-                atomicMax(&ga.S->lg_t_rows, fu_t_rows);
-                atomicMax(&ga.S->lg_t_products, fu_t_products);
+            const unsigned long long t_rows = fu_split(ga, smem, dsm, b);
+            if (ga.lg_time && threadIdx.x == 0 && t_rows) {  /* the linger's figures (FU_LG_TIMES) */
+                atomicMax(&ga.S->lg_t_rows, t_rows);
+                atomicMax(&ga.S->lg_t_products, cu_global_ns());
             }
         } else if (ga.deferred) {
             const int64_t n = ga.in_n, piece = ga.in_piece, pieces = (n + piece - 1) / piece, copiers = gridDim.x - 1;
@@ -392,7 +402,7 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
         decide_and_update<false>(a.u, a.S, a.R, a.P, v[0], loss, a.clip_norm, !input_bad(a.S, a.P), late);
         FU_MARK();
         if (a.trace && blockIdx.x == 0 && threadIdx.x == 0) fu_trace_print(a, T);
-        if (CLUSTER || !a.linger_ns || !fu_linger(a, smem, dsm, &nx)) break;
+        if (CLUSTER || !a.linger_ns || !fu_linger(a, dsm, &nx)) break;
     }
 }
 
@@ -533,9 +543,9 @@ int cu_fused_plan(cu_graph *g) {
     a.clip_norm = p->optim.clip_grad_norm;
     a.trace = getenv("MPSCY_CUDA_FUSED_TRACE") != NULL;
     a.early = cu_knob_on("MPSCY_CUDA_FUSED_EARLY");
+    a.early_warp = cu_knob_on("MPSCY_CUDA_FUSED_EARLYWARP");
     a.split_dot = cu_knob_int("MPSCY_CUDA_FUSED_SPLITDOT", 1);
     a.prefetch = cu_knob_on("MPSCY_CUDA_FUSED_PREFETCH");
-    a.front = a.prefetch ? cu_knob_int("MPSCY_CUDA_FUSED_FRONT", 0) : 0;
     a.lg_time = g->lg_report;
     a.din_wide = cu_knob_int("MPSCY_CUDA_FUSED_DWIDE", 0);
     a.row_narrow = cu_knob_int("MPSCY_CUDA_FUSED_ROWU", 16) == 8;
@@ -549,7 +559,10 @@ int cu_fused_plan(cu_graph *g) {
                       p->optim.kind == MPSCY_OPTIM_ADAMW || (p->optim.flags & MPSCY_OPTIM_DECOUPLED_WD) != 0,
                       p->optim.clip_grad_norm > 0,
                       p->optim.clip_grad_value > 0 ? (float)p->optim.clip_grad_value : 0.0f};
-    a.u.skip_block0 = a.front && !cluster;  /* block 0 reaches the linger, and relays, sooner */
+    /* block 0 with no share of the update reaches the linger, and starts relaying the next
+     * step's flags, sooner: A/B on an H100, 30.6 us a step against 31.3, and 32.2 against 32.7 on
+     * a slower host ($MPSCY_CUDA_FUSED_SKIP0=0, measuring, gives it its share) */
+    a.u.skip_block0 = !cluster && cu_knob_on("MPSCY_CUDA_FUSED_SKIP0");
     cu_fused *f = (cu_fused *)cu_host_alloc(&g->dev->base, sizeof(cu_fused));
     if (!f) return 0;
     f->a = a;
@@ -639,8 +652,6 @@ void cu_fused_report(const cu_graph *g) {
     if (q && cudaMemcpy(&early, &g->scratch->lg_w_early, sizeof(early), cudaMemcpyDeviceToHost) == cudaSuccess)
         fprintf(stderr, "mpscy: cuda lingering kernel: %llu of %lld copying blocks' weight slices loaded while it waited\n",
                 early, (long long)(q * ((batch + f->a.split_rows - 1) / f->a.split_rows) * g->lg_taken));
-    if (q && f->a.front && cudaMemcpy(&early, &g->scratch->lg_front, sizeof(early), cudaMemcpyDeviceToHost) == cudaSuccess)
-        fprintf(stderr, "mpscy: cuda lingering kernel: %llu copying blocks' rows read and products made while it waited\n", early);
     long long t[FU_LG_TIMES];
     if (cudaMemcpy(t, g->scratch->lg_sum, sizeof(t), cudaMemcpyDeviceToHost) == cudaSuccess && t[FU_LG_TIMES - 1] > 0) {
         const double k = 1e-3 / (double)t[FU_LG_TIMES - 1];

@@ -68,11 +68,11 @@ struct fu_args {
     int din_wide;      /* $MPSCY_CUDA_FUSED_DWIDE=1 (measuring): the row phase's d(input) loads 16 classes a batch always */
     int split_dot;     /* $MPSCY_CUDA_FUSED_SPLITDOT=0 (measuring): the split's products a (row, output) a thread */
     int early;         /* the early decision (fu_early; $MPSCY_CUDA_FUSED_EARLY=0, measuring: the end decides always) */
+    int early_warp;    /* fu_early's sums by warp 0 alone where b <= 32 ($MPSCY_CUDA_FUSED_EARLYWARP=0, measuring: block_sum3) */
     int trace;         /* $MPSCY_CUDA_FUSED_TRACE: block 0 prints each phase's time (a profiling knob) */
     unsigned long long linger_ns; /* after its update the kernel waits this long for the next step (fu_linger); 0: it ends */
     int lg_time;       /* $MPSCY_CUDA_VERBOSE: the linger's intervals timed (fu_linger, S->lg_sum) */
     int prefetch;      /* while it lingers, the next step's front begun (fu_linger; $MPSCY_CUDA_FUSED_PREFETCH=0, measuring: not) */
-    int front;         /* $MPSCY_CUDA_FUSED_FRONT=1 (measuring): block 0 with no share of the update, rows and products in the linger; 2 (testing): each release held until every copying block made them */
     unsigned long long *stamps; /* with trace: FU_STAMPS times a block (fu_stamp) */
 };
 
@@ -80,7 +80,6 @@ struct fu_args {
 struct fu_next {
     bool relayed;    /* block 0: every piece of the step relayed already */
     bool w_loading;  /* this block's slice of layer 0's weights on its way already (fu_split_load) */
-    bool rows, products;  /* fu_args.front: its rows read, its partial products made (fu_split's parts) */
 };
 
 #define FU_STAMPS 5    /* per block: start, its pieces seen, its rows loaded (split), copy done, barrier passed */

@@ -59,12 +59,10 @@ static __device__ int fu_linger_verdict(const fu_args &a, unsigned long long t0)
  * A kernel that ends clears the words its relay set (block 0, once its relay warps are done).
  * Measured on an H100: 31.4 us a step against 33.0 with $MPSCY_CUDA_FUSED_PREFETCH=0. Reading
  * a block's rows here too when their pieces came before the release gained nothing (32.2 us):
- * on the benchmark they came after it for 99.9% of the blocks, block 0 starting its relay only
- * past its own update. $MPSCY_CUDA_FUSED_FRONT=1 (measuring, not yet timed) gives block 0 no
- * share of the update (update_args.skip_block0), so its relay starts ~2 us sooner, and reads
- * each copying block's rows here once their pieces are relayed, then makes their products once
- * the weight slice is in too (fu_split's parts; bench/cuda_notes.md, forty-eighth session). */
-static __device__ bool fu_linger(const fu_args &a, float *xs, float *ws, fu_next *nx) {
+ * on the benchmark they came after it for 99.9% of the blocks (bench/cuda_notes.md), and so
+ * did they with block 0 free of the update (update_args.skip_block0, so that it reaches this
+ * linger ~1.5 us sooner): 0-456 blocks in ~345,000 read them here (forty-ninth session). */
+static __device__ bool fu_linger(const fu_args &a, float *ws, fu_next *nx) {
     __shared__ int go, act;
     __shared__ volatile int all_relayed;
     __shared__ unsigned long long t_relayed;
@@ -73,7 +71,7 @@ static __device__ bool fu_linger(const fu_args &a, float *xs, float *ws, fu_next
     const int warp = threadIdx.x >> 5;
     fu_slice t;
     const bool relay = a.prefetch && a.deferred, slice = relay && a.split_q && fu_split_slice(a, a.b, &t);
-    nx->relayed = nx->w_loading = nx->rows = nx->products = false;
+    nx->relayed = nx->w_loading = false;
     /* the step to relay, read before any release: a released block's params copy overwrites it */
     const uint32_t next = a.P->seq + 1u;
     if (threadIdx.x == 0) stop = all_relayed = 0;
@@ -96,15 +94,6 @@ static __device__ bool fu_linger(const fu_args &a, float *xs, float *ws, fu_next
                 if (v < 0 && (v = fu_linger_verdict(a, t0)) >= 0) t_req = cu_global_ns();
             }
             stop = v ? 2 : 1;
-            /* front 2 (testing): the release held until every copying block has read its rows and
-             * made their products here (all are in: act 1 is open to each), so the test sees that
-             * path taken in every step */
-            if (v && a.front == 2) {
-                const unsigned int n = (unsigned int)(a.split_q * ((a.b + a.split_rows - 1) / a.split_rows));
-                while (cu_load_acquire_gpu(&S->lg_front_n) < n) {  /* never a hang on a stale count */
-                }
-                S->lg_front_n = 0u;
-            }
             /* FU_LG_TIMES' figures (block 0's thread 0's alone): this step's stamps taken and
              * cleared before the release, after which the next step's blocks stamp anew */
             unsigned long long at[8] = {t0, t_req, 0ull, 0ull, 0ull, 0ull, 0ull, 0ull}, tr = 0ull;
@@ -148,60 +137,34 @@ static __device__ bool fu_linger(const fu_args &a, float *xs, float *ws, fu_next
         /* a kernel that ends leaves no relayed word behind (the words are 0 between steps: the
          * copying blocks wait for them to be nonzero), whatever launches next */
         if (!go && relay && threadIdx.x < CU_STAGE_MAX_PIECES) S->fused_piece[threadIdx.x] = 0u;
-        if (!go && threadIdx.x == 0) S->lg_front_n = 0u;  /* front 2: no count left for a later kernel */
         nx->relayed = all_relayed != 0;
         return go != 0;
     }
     /* the other blocks: counted in, then (a copying block) its slice of the new weights once every
-     * block's update is done, if that comes before the release; with fu_args.front also its rows
-     * once their pieces are relayed, and their products once both are in; then the release */
-    if (threadIdx.x == 0) atomicAdd(&S->lg_arrive, 1u);
-    for (;;) {
-        if (threadIdx.x == 0) {
-            for (act = 0;;) {
-                const uint32_t g2 = cu_load_acquire_gpu(&S->lg_gen);
-                if (g2 != gen) {
-                    go = !(g2 & 0x80000000u);
-                    break;
-                }
-                if (!slice) continue;
-                if (!nx->w_loading && cu_load_acquire_gpu(&S->lg_arrive) == gridDim.x) {
-                    act = 1;  /* every block's update done: this block's slice of the new weights */
-                    break;
-                }
-                if (a.front && !nx->rows && fu_split_relayed(a, t)) {
-                    act = 2;
-                    break;
-                }
-                if (a.front && nx->rows && nx->w_loading && !nx->products) {
-                    act = 3;
-                    break;
-                }
+     * block's update is done, if that comes before the release; then the release */
+    if (threadIdx.x == 0) {
+        atomicAdd(&S->lg_arrive, 1u);
+        act = 0;
+        while (slice && cu_load_acquire_gpu(&S->lg_gen) == gen)
+            if (cu_load_acquire_gpu(&S->lg_arrive) == gridDim.x) {
+                act = 1;
+                break;
             }
-        }
-        /* with lg_time, thread 0 counts what it did while lingering for the step it then takes
-         * (before the barrier: once past it, the kernel's next step may rewrite the arguments) */
-        if (threadIdx.x == 0 && !act && go && a.lg_time) {
-            if (nx->w_loading) atomicAdd(&S->lg_w_early, 1ull);
-            if (nx->products) atomicAdd(&S->lg_front, 1ull);
-        }
-        __syncthreads();
-        const int what = act;
-        if (!what) break;
-        if (what == 1) {
-            fu_split_load(a, a.b, ws);
-            cp_async_commit();
-            nx->w_loading = true;
-        } else if (what == 2) {
-            fu_split_rows(a, xs, t);
-            nx->rows = true;
-        } else {
-            fu_split_products(a, xs, ws, t, a.b);
-            nx->products = true;
-            if (a.front == 2 && threadIdx.x == 0) atomicAdd(&S->lg_front_n, 1u);
-        }
-        __syncthreads();  /* act read by every thread before thread 0 writes it again */
     }
+    __syncthreads();
+    if (act) {
+        fu_split_load(a, a.b, ws);
+        cp_async_commit();
+        nx->w_loading = true;
+    }
+    if (threadIdx.x == 0) {
+        uint32_t g2;
+        while ((g2 = cu_load_acquire_gpu(&S->lg_gen)) == gen) {
+        }
+        go = !(g2 & 0x80000000u);
+        if (go && act && a.lg_time) atomicAdd(&S->lg_w_early, 1ull);
+    }
+    __syncthreads();
     if (!go && nx->w_loading) cp_async_wait<0>();  /* nothing left in flight as the kernel ends */
     return go != 0;
 }

@@ -80,42 +80,31 @@ static __device__ __forceinline__ void fu_fma4(float *acc, float w, float4 x) {
     acc[3] += w * x.w;
 }
 
-/* with lg_time, when this block's rows were read and their products made for the step it runs,
- * in it or while the kernel lingered (globaltimer ns, thread 0's: fu_split_rows, _products) */
-__shared__ unsigned long long fu_t_rows, fu_t_products;
-
-/* the pieces [*lo, *hi] that hold this block's rows' slices (deferred staging) */
-static __device__ __forceinline__ void fu_split_pieces(const fu_args &a, const fu_slice &t, int64_t *lo, int64_t *hi) {
-    const int K = a.L[0].in;
-    *lo = ((int64_t)t.r0 * K + t.k0) / a.in_piece;
-    *hi = ((int64_t)(t.r0 + t.nr - 1) * K + t.k0 + t.kq - 1) / a.in_piece;
-}
-
-/* thread 0: whether every piece of this block's rows is relayed (the linger's look, not a wait) */
-static __device__ __forceinline__ bool fu_split_relayed(const fu_args &a, const fu_slice &t) {
-    int64_t lo, hi;
-    fu_split_pieces(a, t, &lo, &hi);
-    for (int64_t p = lo; p <= hi; p++)
-        if (cu_load_acquire_gpu(&a.S->fused_piece[p]) == 0u) return false;
-    return true;
-}
-
-/* whether the slice's x is kept transposed, (kq, 4): a row's four values one 16-byte broadcast */
-static __device__ __forceinline__ int fu_split_dot(const fu_args &a, const fu_slice &t) {
-    return a.split_dot && t.nr <= 4 && t.kq * 4 <= FU_SMEM_FLOATS;
-}
-
-/* The block's rows of its slice, their pieces there, from pinned memory to x's device rows and
- * to shared memory (xs), their largest |x| published for the early decision.
- * A warp a row, a load a lane at a time: reading the slices with the whole block at once, the
- * group's rows in contiguous float4 parts, or a lane's loads of a row (up to 4) issued together,
- * was slower (more requests over PCIe at once: bench/cuda_notes.md; the last 38.8 us a step
- * against 32.8 on an H100, its rows read 13 us after the release against 7.7), and so were fewer
- * warps (2 a block: 34.5 us against 32.2; 1: 39.3) */
-static __device__ void fu_split_rows(const fu_args &a, float *xs, const fu_slice &t) {
-    const int K = a.L[0].in, kq = t.kq, lane = threadIdx.x & 31, nw = blockDim.x >> 5, dot = fu_split_dot(a, t);
+/* Returns when thread 0 had its rows (with lg_time; else, or without a slice, 0). */
+static __device__ unsigned long long fu_split(const fu_args &a, float *smem, const float *ws, int b) {
+    fu_slice t;
+    if (!fu_split_slice(a, b, &t)) return 0ull;
+    const fu_layer &L = a.L[0];
+    const int K = L.in, N = L.out, pitch = a.split_pitch, kq = t.kq;
+    const int tid = threadIdx.x, nthr = blockDim.x, lane = tid & 31, warp = tid >> 5, nw = nthr >> 5;
+    /* x's slice of the rows, (nr, kq); with split_dot (nr <= 4) transposed, (kq, 4): a row's
+     * four values one 16-byte broadcast */
+    float *xs = smem;
+    const int dot = a.split_dot && t.nr <= 4 && kq * 4 <= FU_SMEM_FLOATS;
+    if (a.deferred && tid == 0) {
+        const int64_t lo = (int64_t)t.r0 * K + t.k0, hi = (int64_t)(t.r0 + t.nr - 1) * K + t.k0 + kq;
+        for (int64_t p = lo / a.in_piece; p <= (hi - 1) / a.in_piece; p++)
+            fu_wait_piece(a.S, p);
+    }
+    __syncthreads();  /* the rows' pieces are there */
+    fu_stamp(a, 1);
+    /* a warp a row, a load a lane at a time: reading the slices with the whole block at once, the
+     * group's rows in contiguous float4 parts, or a lane's loads of a row (up to 4) issued
+     * together, was slower (more requests over PCIe at once: bench/cuda_notes.md; the last 38.8
+     * us a step against 32.8 on an H100, its rows read 13 us after the release against 7.7), and
+     * so were fewer warps (2 a block: 34.5 us against 32.2; 1: 39.3) */
     float mx = 0.0f;  /* the early decision's largest |x| (fu_amax) */
-    for (int rr = threadIdx.x >> 5; rr < t.nr; rr += nw) {
+    for (int rr = warp; rr < t.nr; rr += nw) {
         const int64_t o = (int64_t)(t.r0 + rr) * K + t.k0;
         for (int k = lane; k < kq; k += 32) {
             const float v = __ldcv(a.in_src + o + k);
@@ -124,15 +113,8 @@ static __device__ void fu_split_rows(const fu_args &a, float *xs, const fu_slice
             mx = fu_amax(mx, v);
         }
     }
-    if (a.lg_time && threadIdx.x == 0) fu_t_rows = cu_global_ns();
+    const unsigned long long t_rows = a.lg_time ? cu_global_ns() : 0ull;
     if (a.early) fu_amax_publish(&a.S->fu_amax[0], mx);
-}
-
-
-/* The slice's partial products, once its weights (cp.async) and rows are in shared memory */
-static __device__ void fu_split_products(const fu_args &a, float *xs, const float *ws, const fu_slice &t, int b) {
-    const fu_layer &L = a.L[0];
-    const int N = L.out, pitch = a.split_pitch, kq = t.kq, tid = threadIdx.x, nthr = blockDim.x, dot = fu_split_dot(a, t);
     cp_async_wait<0>();  /* the slice */
     __syncthreads();
     fu_stamp(a, 2);
@@ -164,7 +146,9 @@ static __device__ void fu_split_products(const fu_args &a, float *xs, const floa
             for (int p = 1; p < P; p++) v += part[(p * 4 + rr) * N + j];
             a.ypart[((int64_t)t.q * b + t.r0 + rr) * N + j] = v;
         }
-    } else if (dot) {
+        return t_rows;
+    }
+    if (dot) {
         /* an output a thread, all its rows at once: per k one weight and one broadcast of the
          * rows' x (a quarter of the shared-memory reads of the form below), the same two
          * chains per row in the same order (the same bits); rows past nr hold stale values,
@@ -183,44 +167,25 @@ static __device__ void fu_split_products(const fu_args &a, float *xs, const floa
             for (int rr = 0; rr < 4; rr++)
                 if (rr < t.nr) a.ypart[((int64_t)t.q * b + t.r0 + rr) * N + j] = a0[rr] + a1[rr];
         }
-    } else {
-        const int S = N >= nthr ? 1 : nthr / N;
-        for (int e = tid; e < S * N; e += nthr) {
-            const int j = e % N;
-            const float *w = ws + j * pitch;
-            for (int rr = e / N; rr < t.nr; rr += S) {
-                const float *x = xs + rr * kq;
-                float acc0 = 0.0f, acc1 = 0.0f;  /* two chains, added at the end */
-                int k = 0;
-                for (; k + 1 < kq; k += 2) {
-                    acc0 += w[k] * x[k];
-                    acc1 += w[k + 1] * x[k + 1];
-                }
-                if (k < kq) acc0 += w[k] * x[k];
-                a.ypart[((int64_t)t.q * b + t.r0 + rr) * N + j] = acc0 + acc1;
+        return t_rows;
+    }
+    const int S = N >= nthr ? 1 : nthr / N;
+    for (int e = tid; e < S * N; e += nthr) {
+        const int j = e % N;
+        const float *w = ws + j * pitch;
+        for (int rr = e / N; rr < t.nr; rr += S) {
+            const float *x = xs + rr * kq;
+            float acc0 = 0.0f, acc1 = 0.0f;  /* two chains, added at the end */
+            int k = 0;
+            for (; k + 1 < kq; k += 2) {
+                acc0 += w[k] * x[k];
+                acc1 += w[k + 1] * x[k + 1];
             }
+            if (k < kq) acc0 += w[k] * x[k];
+            a.ypart[((int64_t)t.q * b + t.r0 + rr) * N + j] = acc0 + acc1;
         }
     }
-    if (a.lg_time && threadIdx.x == 0) fu_t_products = cu_global_ns();
-}
-
-/* Layer 0's slice of this block: its rows (unless the linger read them: nx->rows) and their
- * partial products (unless made there: nx->products). Returns whether the block has a slice. */
-static __device__ bool fu_split(const fu_args &a, float *smem, const float *ws, int b, const fu_next *nx) {
-    fu_slice t;
-    if (!fu_split_slice(a, b, &t)) return false;
-    if (!nx->rows) {
-        if (a.deferred && threadIdx.x == 0) {
-            int64_t lo, hi;
-            fu_split_pieces(a, t, &lo, &hi);
-            for (int64_t p = lo; p <= hi; p++) fu_wait_piece(a.S, p);
-        }
-        __syncthreads();  /* the rows' pieces are there */
-        fu_stamp(a, 1);
-        fu_split_rows(a, smem, t);
-    }
-    if (!nx->products) fu_split_products(a, smem, ws, t, b);
-    return true;
+    return t_rows;
 }
 
 #endif /* MPSCY_CUDA_MLP_SPLIT_CUH */
