@@ -82,7 +82,7 @@ typedef struct cu_scratch {
      * since, the last copying block had its rows and its products and block 0 passed the copy's
      * barrier; the sums of mlp_linger.cuh's FU_LG_TIMES intervals over the steps timed */
     unsigned long long lg_t_decide, lg_t_release, lg_t_rows, lg_t_products, lg_t_copy;
-    long long lg_sum[9];
+    long long lg_sum[10];
 } cu_scratch;
 
 /* What a step reports; kernels write it into pinned, device-mapped host memory. */

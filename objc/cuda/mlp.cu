@@ -656,10 +656,10 @@ void cu_fused_report(const cu_graph *g) {
     if (cudaMemcpy(t, g->scratch->lg_sum, sizeof(t), cudaMemcpyDeviceToHost) == cudaSuccess && t[FU_LG_TIMES - 1] > 0) {
         const double k = 1e-3 / (double)t[FU_LG_TIMES - 1];
         fprintf(stderr, "mpscy: cuda lingering kernel, us after the early decision (mean of %lld steps timed): block 0's "
-                "update done %.2f, the next request seen %.2f, its pieces relayed %.2f, the release %.2f; after the "
+                "update done %.2f, every block's %.2f, the next request seen %.2f, its pieces relayed %.2f, the release %.2f; after the "
                 "release: the next early decision %.2f, the last block's rows read %.2f, their products %.2f, block 0 "
                 "past the copy's barrier %.2f; the host's batch staged %.2f us after it saw the result\n",
-                t[FU_LG_TIMES - 1], k * (double)t[0], k * (double)t[1], k * (double)t[2], k * (double)t[3],
+                t[FU_LG_TIMES - 1], k * (double)t[0], k * (double)t[8], k * (double)t[1], k * (double)t[2], k * (double)t[3],
                 k * (double)t[4], k * (double)t[5], k * (double)t[6], k * (double)t[7],
                 g->lg_stages ? 1e-3 * (double)g->lg_stage_ns / (double)g->lg_stages : 0.0);
     }

@@ -11,8 +11,9 @@
  * lingering whose step before was too: from a step's early decision, block 0's arrival here, the
  * next request seen, the next step's pieces all relayed, the release; then over the step that
  * release started, from it, its early decision, the last copying block's rows read,
- * their products done, block 0 past the copy's barrier; their count last */
-#define FU_LG_TIMES 9
+ * their products done, block 0 past the copy's barrier; then from the early decision again, block
+ * 0's first look that found every block in (every update done); their count last */
+#define FU_LG_TIMES 10
 
 /* Block 0's thread 0 between steps (fu_linger): the verdict once the host asks for step
  * served + 1 (1), or for anything else (0: it stops the kernel, or asked for a step this kernel
@@ -86,17 +87,17 @@ static __device__ bool fu_linger(const fu_args &a, float *ws, fu_next *nx) {
         if (threadIdx.x == 0) {
             const unsigned long long t0 = cu_global_ns();
             int v = -1;
-            unsigned long long t_req = 0ull;
+            unsigned long long t_req = 0ull, t_all = 0ull;
             bool all = false;
             atomicAdd(&S->lg_arrive, 1u);  /* block 0 counts too: all in, every update is done (the slices) */
             while (v < 0 || !all) {
-                if (!all) all = cu_load_acquire_gpu(&S->lg_arrive) == gridDim.x;
+                if (!all && (all = cu_load_acquire_gpu(&S->lg_arrive) == gridDim.x) && a.lg_time) t_all = cu_global_ns();
                 if (v < 0 && (v = fu_linger_verdict(a, t0)) >= 0) t_req = cu_global_ns();
             }
             stop = v ? 2 : 1;
             /* FU_LG_TIMES' figures (block 0's thread 0's alone): this step's stamps taken and
              * cleared before the release, after which the next step's blocks stamp anew */
-            unsigned long long at[8] = {t0, t_req, 0ull, 0ull, 0ull, 0ull, 0ull, 0ull}, tr = 0ull;
+            unsigned long long at[9] = {t0, t_req, 0ull, 0ull, 0ull, 0ull, 0ull, 0ull, t_all}, tr = 0ull;
             if (a.lg_time) {
                 tr = S->lg_t_release;
                 td = S->lg_t_decide;
@@ -114,8 +115,8 @@ static __device__ bool fu_linger(const fu_args &a, float *ws, fu_next *nx) {
             atomicExch(&S->lg_gen, ((gen + 1u) & 0x7fffffffu) | (v ? 0u : 0x80000000u));
             __threadfence();
             if (a.lg_time && v && td && tr) {
-                for (int k = 0; k < 8; k++)
-                    if (k != 2) S->lg_sum[k] += (long long)(at[k] - (k < 4 ? td : tr));
+                for (int k = 0; k < 9; k++)
+                    if (k != 2) S->lg_sum[k] += (long long)(at[k] - (k < 4 || k == 8 ? td : tr));
                 S->lg_sum[FU_LG_TIMES - 1]++;
             } else {
                 td = 0ull;
