@@ -1,7 +1,7 @@
 // ce_probe.cu — a batch already staged in pinned host memory reaching a kernel that is running
 // (as the one-kernel MLP step lingers, mlp_linger.cuh): the kernel's own loads over PCIe, spread
 // as the step's copying blocks spread them (a warp a row of a block's slice, a load a lane at a
-// time: mlp_split.cuh's fu_split_rows), against the copy engine (cudaMemcpyAsync on a second
+// time: mlp_split.cuh's fu_split, its rows' reads), against the copy engine (cudaMemcpyAsync on a second
 // stream, then cuStreamWriteValue32 of a device word the kernel waits on), whole or in pieces.
 // Also the kernel's loads in other shapes: the slices' widths and row pitch (a slice whose start
 // is 128-byte aligned is read in fewer, whole PCIe requests), each block's slice contiguous
@@ -45,7 +45,7 @@ struct probe_args {
     int rows, K, Q, kw;    /* the slices: Q of kw inputs, ROWS_PER_BLOCK rows a block */
     int pitch;             /* mode 0: floats from a row to the next in src and dst */
     int ce, pieces;        /* ce: the copy engine moves the batch, each piece's word in flag[p] */
-    int mode;              /* !ce: 0 rows' slices as fu_split_rows, 1 each block's slice contiguous
+    int mode;              /* !ce: 0 rows' slices as fu_split reads them, 1 each block's slice contiguous
                               (slice-major staging) read as float4, 2 the same as floats, 3 none */
     long chunk;            /* modes 1-2: floats a block's contiguous slice takes (a multiple of 4) */
     const uint32_t *go;    /* pinned: the round the host started */
@@ -56,7 +56,7 @@ struct probe_args {
 };
 
 // G blocks, all resident: block 0 relays `go` to the others and reports; with !ce blocks 1.. read
-// their slices of the batch as fu_split_rows does, with ce block 0 waits for every piece's word
+// their slices of the batch as fu_split reads them, with ce block 0 waits for every piece's word
 __global__ void __launch_bounds__(THREADS, 1) watch(probe_args a) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, copiers = a.Q * ((a.rows + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK);
     for (uint32_t k = 1; k <= (uint32_t)a.rounds; k++) {
@@ -317,7 +317,7 @@ int main(int argc, char **argv) {
         std::vector<double> dev;
         for (int k = warm + 1; k <= rounds; k++) dev.push_back(d[k] * 1e-3);
         char name[64];
-        static const char *modes[] = {"kernel loads (fu_split_rows)", "kernel float4, slice-major", "kernel float4, 128B slices",
+        static const char *modes[] = {"kernel loads (fu_split)", "kernel float4, slice-major", "kernel float4, 128B slices",
                                       "kernel floats, slice-major", "no loads (the harness)"};
         if (ce)
             snprintf(name, sizeof name, "copy engine, %d piece%s", pieces, pieces > 1 ? "s" : "");

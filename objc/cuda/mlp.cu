@@ -560,8 +560,9 @@ int cu_fused_plan(cu_graph *g) {
                       p->optim.clip_grad_norm > 0,
                       p->optim.clip_grad_value > 0 ? (float)p->optim.clip_grad_value : 0.0f};
     /* block 0 with no share of the update reaches the linger, and starts relaying the next
-     * step's flags, sooner: A/B on an H100, 30.6 us a step against 31.3, and 32.2 against 32.7 on
-     * a slower host ($MPSCY_CUDA_FUSED_SKIP0=0, measuring, gives it its share) */
+     * step's flags, sooner: A/B on three H100 machines, 32.2 us a step against 32.7, 31.2 against
+     * 31.4, 30.2 against 30.9 ($MPSCY_CUDA_FUSED_SKIP0=0, measuring, gives it its share; the grid
+     * form only, lingering or not) */
     a.u.skip_block0 = !cluster && cu_knob_on("MPSCY_CUDA_FUSED_SKIP0");
     cu_fused *f = (cu_fused *)cu_host_alloc(&g->dev->base, sizeof(cu_fused));
     if (!f) return 0;

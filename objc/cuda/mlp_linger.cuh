@@ -12,8 +12,10 @@
  * next request seen, the next step's pieces all relayed, the release; then over the step that
  * release started, from it, its early decision, the last copying block's rows read,
  * their products done, block 0 past the copy's barrier; then from the early decision again, block
- * 0's first look that found every block in (every update done); their count last */
+ * 0's first look that found every block in (every update done: a look that may wait behind a
+ * look at the request, a PCIe round trip, until that is seen); their count last */
 #define FU_LG_TIMES 10
+static_assert(sizeof(((cu_scratch *)0)->lg_sum) == FU_LG_TIMES * sizeof(long long), "cu_scratch.lg_sum holds FU_LG_TIMES");
 
 /* Block 0's thread 0 between steps (fu_linger): the verdict once the host asks for step
  * served + 1 (1), or for anything else (0: it stops the kernel, or asked for a step this kernel

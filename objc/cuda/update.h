@@ -77,7 +77,7 @@ struct update_args {
     float clip_value;
     int batched;  // update_slab_batched<4> (`MPSCY_CUDA_UPD_BATCHED`, default 1), or 0: an element an iteration
     int prefetch; // norm_final_kernel loads the first batch before the norm's sum (`MPSCY_CUDA_NORM_PREFETCH`)
-    int skip_block0; // block 0 takes no share of the element loop (the one-kernel MLP's lingering form: mlp.cu)
+    int skip_block0; // block 0 takes no share of update_slab's element loop (the one-kernel MLP's grid form: mlp.cu; update_slab_batched ignores it)
 };
 
 /* A gradient element clipped: by the norm's coefficient cs, then to +-clip_value. */
