@@ -226,11 +226,13 @@ typedef struct mpscy_stage_job {
     void *arg;
     int status;
     /* NULL, or (the cuda backend's $MPSCY_CUDA_VERBOSE) CLOCK_MONOTONIC ns: each piece's flag
-     * stored, at [c], and each task's start, at [MPSCY_STAGE_MAX_CHUNKS + t] (t < 8) */
+     * stored, at [c], and each of the first MPSCY_STAGE_TASK_STAMPS tasks' start, at
+     * [MPSCY_STAGE_MAX_CHUNKS + t] */
     int64_t *stamp;
 } mpscy_stage_job;
 
-#define MPSCY_STAGE_STAMPS (MPSCY_STAGE_MAX_CHUNKS + 8)
+#define MPSCY_STAGE_TASK_STAMPS 8
+#define MPSCY_STAGE_STAMPS (MPSCY_STAGE_MAX_CHUNKS + MPSCY_STAGE_TASK_STAMPS)
 
 static int64_t mpscy_stage_now(void) {
     struct timespec ts;
@@ -242,7 +244,7 @@ static int64_t mpscy_stage_now(void) {
 static void mpscy_stage_task(void *ctx, int32_t t, int32_t nt) {
     (void)nt;
     mpscy_stage_job *j = (mpscy_stage_job *)ctx;
-    if (j->stamp && t < 8) j->stamp[MPSCY_STAGE_MAX_CHUNKS + t] = mpscy_stage_now();
+    if (j->stamp && t < MPSCY_STAGE_TASK_STAMPS) j->stamp[MPSCY_STAGE_MAX_CHUNKS + t] = mpscy_stage_now();
     for (int64_t c; (c = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed)) < j->chunks;) {
         if (c < 0) {
             j->status = j->hook(j->arg);
