@@ -95,12 +95,20 @@ static __device__ void forward_layer0(const fu_layer &l, int b, int gw, int tw, 
 
 /* One warp item of a layer's weight gradients: dW[j0 + q, i] = sum_r dz[r, j0 + q] x[r, i] for
  * 4 outputs and 32 inputs, GR rows per batch of loads, the rows in order. V4 (fu_layer.dz4): a
- * row's 4 dz values as one 16-byte load, not 4 loads of one float: the same values. Returns this
- * thread's sum of squares of what it wrote. */
-template <int GR, bool V4>
-static __device__ double dw_item(const fu_layer &L, int b, int it, int ic, int lane) {
+ * row's 4 dz values as one 16-byte load, not 4 loads of one float: the same values. With W (the
+ * update here, fu_wupd) each element's parameter and slots are loaded with the first rows and the
+ * element updated once the block has the decision. Returns this thread's sum of squares of what
+ * it wrote. */
+template <int GR, bool V4, bool WU>
+static __device__ double dw_item(const fu_layer &L, int b, int it, int ic, int lane, const fu_wupd *W) {
     const int K = L.in, N = L.out, c = it % ic, j0 = (it / ic) * 4, i = c * 32 + lane, ii = imin(i, K - 1);
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    upd_elem_regs e[4];
+    const int64_t k0 = WU ? (int64_t)(L.w - W->u->w) + (int64_t)j0 * K + i : 0;
+    if (WU && i < K)
+#pragma unroll
+        for (int q = 0; q < 4; q++)
+            if (j0 + q < N) upd_elem_load(*W->u, k0 + (int64_t)q * K, e[q]);
     for (int r0 = 0; r0 < b; r0 += GR) {
         float xv[GR], dv[GR][4];
 #pragma unroll
@@ -129,17 +137,21 @@ static __device__ double dw_item(const fu_layer &L, int b, int it, int ic, int l
                 L.dw[(int64_t)(j0 + q) * K + i] = acc[q];
                 s2 += (double)acc[q] * acc[q];
             }
+    if (WU && fu_wupd_go(W) && i < K)
+#pragma unroll
+        for (int q = 0; q < 4; q++)
+            if (j0 + q < N) upd_elem_apply(*W->u, *W->c, k0 + (int64_t)q * K, acc[q], e[q]);
     return s2;
 }
 
 /* Every layer's weight and bias gradients from the whole batch's dz and inputs: dw_item's warp
- * items of 4 outputs and 32 inputs, then db[j] = sum_r dz[r, j]. Returns this thread's sum of
- * squares of what it wrote. GR is 8, whose code is half as long as 16 rows' (A/B on the H200:
- * 41.9 us a step against 44.1; with dz's 16-byte loads, 41.8 against 43.2). With
- * $MPSCY_CUDA_FUSED_GRADV=0 (a measuring knob) dz's 4 values a row come as 4 loads: the same sums
- * in the same order. */
-template <int GR>
-static __device__ double weight_grads(const fu_args &a, int gw, int tw, int lane) {
+ * items of 4 outputs and 32 inputs, then db[j] = sum_r dz[r, j]; WU: each element updated there
+ * too (fu_wupd, W). Returns this thread's sum of squares of what it wrote. GR is 8, whose code
+ * is half as long as 16 rows' (A/B on the H200: 41.9 us a step against 44.1; with dz's 16-byte
+ * loads, 41.8 against 43.2). With $MPSCY_CUDA_FUSED_GRADV=0 (a measuring knob) dz's 4 values a
+ * row come as 4 loads: the same sums in the same order. */
+template <int GR, bool WU>
+static __device__ double weight_grads(const fu_args &a, int gw, int tw, int lane, const fu_wupd *W) {
     const int b = a.b;
     double s2 = 0;
     int base = 0;
@@ -151,10 +163,13 @@ static __device__ double weight_grads(const fu_args &a, int gw, int tw, int lane
         if (it < 0) it += ((-it + tw - 1) / tw) * tw;  /* this warp's first item in this layer */
         for (; it < n; it += tw) {
             if (it < n_dw) {
-                s2 += L.dz4 ? dw_item<GR, true>(L, b, it, ic, lane) : dw_item<GR, false>(L, b, it, ic, lane);
+                s2 += L.dz4 ? dw_item<GR, true, WU>(L, b, it, ic, lane, W) : dw_item<GR, false, WU>(L, b, it, ic, lane, W);
             } else {
                 const int j = (it - n_dw) * 32 + lane, jj = imin(j, N - 1);
                 float acc = 0.0f;
+                upd_elem_regs e;
+                const int64_t k = WU ? (int64_t)(L.bias - W->u->w) + j : 0;
+                if (WU && j < N) upd_elem_load(*W->u, k, e);
                 for (int r0 = 0; r0 < b; r0 += GR) {
                     float v[GR];
 #pragma unroll
@@ -166,6 +181,7 @@ static __device__ double weight_grads(const fu_args &a, int gw, int tw, int lane
                     L.db[j] = acc;
                     s2 += (double)acc * acc;
                 }
+                if (WU && fu_wupd_go(W) && j < N) upd_elem_apply(*W->u, *W->c, k, acc, e);
             }
         }
         base += n;
@@ -201,6 +217,21 @@ static __device__ void block_sum3(double *v) {
     }
 }
 
+
+/* The update in the weight gradients (fu_wupd): a block's last warp copies the step's
+ * coefficients into shared memory and waits for fu_early's decision of this step (tok: the row
+ * phase's barrier's new number), then hands both to the block's warps (W.go). */
+static __device__ void fu_wupd_fetch(const fu_args &a, const fu_wupd &W, unsigned int tok, int lane) {
+    constexpr int words = (int)(sizeof(mpscy_optim_coef) / sizeof(int));
+    static_assert(words <= 32, "a lane a word of the coefficients");
+    if (lane < words) reinterpret_cast<int *>(W.c)[lane] = __ldcg(reinterpret_cast<const int *>(&a.P->coef) + lane);
+    unsigned int d;
+    while (((d = *(volatile const unsigned int *)&a.S->fu_dec) >> 1) != (tok & 0x7fffffffu)) {
+    }
+    __syncwarp();
+    __threadfence_block();  /* the coefficients before the word */
+    if (lane == 0) *W.go = (d & 1u) ? 1 : 2;
+}
 
 /* The early decision (fu_amax in mlp.cuh): each block, past its rows, counts itself in. On a grid
  * (barrier; gen: the barrier's number, read at the kernel's start) this is the grid barrier after
@@ -263,7 +294,10 @@ static __device__ void fu_early(const fu_args &a, const unsigned int *wmax, bool
     S->fu_amax[0] = S->fu_amax[1] = 0u;
     const double loss = v[1] / (double)a.b, bound = (double)a.b * fmax((double)mx, 1.0) * (double)md;
     /* an Inf maximum makes the bound Inf or NaN: no early decision */
-    if (!a.P->rseq || !isfinite(loss) || !(bound < 0.5 * (double)FLT_MAX) || input_bad(S, a.P)) return;
+    const bool go = a.P->rseq && isfinite(loss) && bound < 0.5 * (double)FLT_MAX && !input_bad(S, a.P);
+    /* the blocks that update in their weight gradients wait for this word either way (fu_wupd) */
+    if (a.wupd && a.linger_ns) *(volatile unsigned int *)&S->fu_dec = ((gen + 1u) << 1) | (go ? 1u : 0u);
+    if (!go) return;
     cu_result *R = a.R;
     R->loss = loss;
     R->correct = a.accuracy == MPSCY_ACCURACY_NONE ? -1 : (long long)v[2];
@@ -282,6 +316,8 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
      * from the parameter space is a generic load of a global load's latency per field */
     __shared__ fu_args sa;
     __shared__ unsigned int wmax[2 * FU_WARPS];  /* the early decision's largest values a warp (row_chain) */
+    __shared__ mpscy_optim_coef wcoef;           /* the update in the weight gradients (fu_wupd) */
+    __shared__ volatile int wgo;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     /* warp items go round the blocks first, so every multiprocessor gets a share of a small phase */
     const int gw = warp * gridDim.x + blockIdx.x, tw = gridDim.x * FU_WARPS;
@@ -297,6 +333,7 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
         for (int i = threadIdx.x; i < (int)(sizeof(fu_args) / sizeof(int)); i += blockDim.x)
             ((int *)&sa)[i] = ((const int *)&ga)[i];
         if (threadIdx.x < 2 * FU_WARPS) wmax[threadIdx.x] = 0u;
+        if (threadIdx.x == 0) wgo = 0;
         __shared__ unsigned int gen0;  /* the row phase's barrier number (below) */
 
         /* the staged params block, labels and batch from pinned host memory to the device */
@@ -379,10 +416,26 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
             fu_sync<CLUSTER>();
         }
         FU_MARK();
-        /* every weight gradient, and each block's sum of squares of what it wrote */
-        double v[3] = {weight_grads<8>(a, gw, tw, lane), 0.0, 0.0};
+        /* every weight gradient, and each block's sum of squares of what it wrote; in a lingering
+         * launch with no norm clipping each element updated there too, unless the decision is not
+         * fu_early's (fu_wupd) */
+        const bool wupd = a.wupd && a.linger_ns;
+        const fu_wupd W = {&a.u, &wcoef, &wgo};
+        if (wupd && warp == FU_WARPS - 1) fu_wupd_fetch(a, W, gen0 + 1u, lane);
+        double v[3] = {wupd ? weight_grads<8, true>(a, gw, tw, lane, &W) : weight_grads<8, false>(a, gw, tw, lane, NULL),
+                       0.0, 0.0};
         v[0] = block_sum(v[0]);
         if (threadIdx.x == 0) a.S->norm_part[blockIdx.x] = v[0];
+        if (wupd && wgo == 1) {  /* updated: the norm's part counted in, then the linger (no barrier) */
+            if (threadIdx.x == 0) {
+                __threadfence();
+                atomicAdd(&a.S->fu_norm_in, 1u);
+            }
+            FU_MARK();
+            if (a.trace && blockIdx.x == 0 && threadIdx.x == 0) fu_trace_print(a, T);
+            if (!fu_linger(a, dsm, &nx, true)) break;
+            continue;
+        }
         FU_MARK();
         fu_sync<CLUSTER>();
         FU_MARK();
@@ -402,7 +455,7 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
         decide_and_update<false>(a.u, a.S, a.R, a.P, v[0], loss, a.clip_norm, !input_bad(a.S, a.P), late);
         FU_MARK();
         if (a.trace && blockIdx.x == 0 && threadIdx.x == 0) fu_trace_print(a, T);
-        if (CLUSTER || !a.linger_ns || !fu_linger(a, dsm, &nx)) break;
+        if (CLUSTER || !a.linger_ns || !fu_linger(a, dsm, &nx, false)) break;
     }
 }
 
@@ -552,7 +605,7 @@ int cu_fused_plan(cu_graph *g) {
     a.split_parts = cu_knob_int("MPSCY_CUDA_FUSED_SPLITK", 0) != 1;
     a.relays = cu_knob_int("MPSCY_CUDA_FUSED_RELAYS", 2);
     if (a.relays < 1) a.relays = 1;
-    if (a.relays > FU_WARPS) a.relays = FU_WARPS;
+    if (a.relays > FU_WARPS - 2) a.relays = FU_WARPS - 2;  /* the last warp sums the late norm (fu_norm_late) */
     float *slot[3] = {NULL, NULL, NULL};
     for (int k = 0; k < 3 && k < p->n_vec_slots; k++) slot[k] = g->optim + p->vec_offset[k];
     a.u = update_args{g->params, g->grads, slot[0], slot[1], slot[2], p->n_train, p->optim.kind,
@@ -564,6 +617,12 @@ int cu_fused_plan(cu_graph *g) {
      * 31.4, 30.2 against 30.9 ($MPSCY_CUDA_FUSED_SKIP0=0, measuring, gives it its share; the grid
      * form only, lingering or not) */
     a.u.skip_block0 = !cluster && cu_knob_on("MPSCY_CUDA_FUSED_SKIP0");
+    /* the update in the weight gradients (fu_wupd): with no norm clipping and the early decision,
+     * on the grid of a lingering kernel, where the layers' parameters are the whole slab (each
+     * element is some weight gradient's) */
+    int64_t covered = 0;
+    for (int l = 0; l < nl; l++) covered += (int64_t)a.L[l].in * a.L[l].out + (a.L[l].bias ? a.L[l].out : 0);
+    a.wupd = !a.u.clip_norm && a.early && !cluster && covered == p->n_train && cu_knob_on("MPSCY_CUDA_FUSED_WUPD");
     cu_fused *f = (cu_fused *)cu_host_alloc(&g->dev->base, sizeof(cu_fused));
     if (!f) return 0;
     f->a = a;
@@ -573,6 +632,7 @@ int cu_fused_plan(cu_graph *g) {
      * where the host hands steps over: deferred staging, early return, the grid form */
     const int linger_us = cu_knob_int("MPSCY_CUDA_FUSED_LINGER", FU_LINGER_US);
     f->linger_ns = g->defer && g->early && !cluster && linger_us > 0 ? 1000ull * (unsigned long long)linger_us : 0ull;
+    if (!f->linger_ns) f->a.wupd = 0;
     if (a.trace && cu_dev_alloc(&g->dev->base, (void **)&f->a.stamps, FU_STAMP_BYTES(blocks)) != MPSCY_OK) {
         cu_host_free(&g->dev->base, f, sizeof(cu_fused));
         return 0;
@@ -653,6 +713,9 @@ void cu_fused_report(const cu_graph *g) {
     if (q && cudaMemcpy(&early, &g->scratch->lg_w_early, sizeof(early), cudaMemcpyDeviceToHost) == cudaSuccess)
         fprintf(stderr, "mpscy: cuda lingering kernel: %llu of %lld copying blocks' weight slices loaded while it waited\n",
                 early, (long long)(q * ((batch + f->a.split_rows - 1) / f->a.split_rows) * g->lg_taken));
+    unsigned long long wupd = 0;
+    if (f->a.wupd && cudaMemcpy(&wupd, &g->scratch->fu_wupd_steps, sizeof(wupd), cudaMemcpyDeviceToHost) == cudaSuccess)
+        fprintf(stderr, "mpscy: cuda lingering kernel: %llu training steps updated in their weight gradients\n", wupd);
     long long t[FU_LG_TIMES];
     if (cudaMemcpy(t, g->scratch->lg_sum, sizeof(t), cudaMemcpyDeviceToHost) == cudaSuccess && t[FU_LG_TIMES - 1] > 0) {
         const double k = 1e-3 / (double)t[FU_LG_TIMES - 1];
@@ -684,7 +747,8 @@ const char *cu_fused_form(const cu_graph *g, char *buf, size_t n) {
     if (q && k > 0 && (size_t)k < n)  /* the full batch's slices */
         k += snprintf(buf + k, n - (size_t)k, ", layer 0 in the copy (%d slices of %d inputs)", q, kw);
     if (f->linger_ns && k > 0 && (size_t)k < n)
-        snprintf(buf + k, n - (size_t)k, ", lingering %llu us for the next step%s", f->linger_ns / 1000ull,
-                 f->a.prefetch ? ", relaying its pieces meanwhile" : "");
+        snprintf(buf + k, n - (size_t)k, ", lingering %llu us for the next step%s%s", f->linger_ns / 1000ull,
+                 f->a.prefetch ? ", relaying its pieces meanwhile" : "",
+                 f->a.wupd ? ", updating in the weight gradients" : "");
     return buf;
 }

@@ -73,8 +73,32 @@ struct fu_args {
     unsigned long long linger_ns; /* after its update the kernel waits this long for the next step (fu_linger); 0: it ends */
     int lg_time;       /* $MPSCY_CUDA_VERBOSE: the linger's intervals timed (fu_linger, S->lg_sum) */
     int prefetch;      /* while it lingers, the next step's front begun (fu_linger; $MPSCY_CUDA_FUSED_PREFETCH=0, measuring: not) */
+    int wupd;          /* a lingering launch updates each element where its gradient is made (fu_wupd; $MPSCY_CUDA_FUSED_WUPD=0, measuring: never) */
     unsigned long long *stamps; /* with trace: FU_STAMPS times a block (fu_stamp) */
 };
+
+/* The update in the weight gradients (fu_args.wupd, mlp.cu's weight_grads): with no norm
+ * clipping an element's update needs only its gradient and the step's decision, which fu_early's
+ * last block takes before any weight gradient is made. A block's last warp fetches the decision
+ * (S->fu_dec) and the step's coefficients into shared memory (fu_wupd_fetch); the warps that make
+ * gradients wait on `go` (0 not yet, 1 update, 2 not: the end's path) and update their elements
+ * there, so the norm's barrier, its sum and the slab's pass leave the step: each block counts its
+ * norm's part in (S->fu_norm_in) and goes to the linger, where block 0's last warp adds the parts
+ * into the norm's late slot (fu_norm_late). */
+struct fu_wupd {
+    const update_args *u;
+    mpscy_optim_coef *c;        /* shared: the step's coefficients (P->coef) */
+    volatile int *go;           /* shared */
+};
+
+/* the block's decision for the warps with elements to update: once fetched */
+static __device__ __forceinline__ bool fu_wupd_go(const fu_wupd *W) {
+    int g;
+    while ((g = *W->go) == 0) {
+    }
+    __threadfence_block();  /* the coefficients stored before it */
+    return g == 1;
+}
 
 /* What the lingering kernel did for the step it then runs (fu_linger) */
 struct fu_next {
