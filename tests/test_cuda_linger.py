@@ -264,16 +264,17 @@ def test_block_0_without_a_share_of_the_update(monkeypatch, capfd, rng):
 
 @cuda_only
 def test_the_update_in_the_weight_gradients(monkeypatch, capfd, rng):
-    """With no norm clipping a lingering launch updates each parameter where its gradient is made,
-    once the early decision is taken ($MPSCY_CUDA_FUSED_WUPD, on by default): the benchmark MLP
+    """With no norm clipping a lingering launch updates each parameter in the weight gradients'
+    phase, once the early decision is taken ($MPSCY_CUDA_FUSED_WUPD: 2, the default, a block's
+    pass over the gradients it made; 1 each warp its own; 0 never): the benchmark MLP
     (Adam) through the 24 calls of PLAN updates so in its 18 full-batch training steps with finite
     inputs, and not in the partial batch (a launch of its own, which does not linger) nor the one
     with a NaN row (no early decision: the end's path, which applies nothing). Losses, accuracies,
-    decisions, gradient norms and parameters bit for bit those of WUPD=0 and of no linger, and
+    decisions, gradient norms and parameters bit for bit those of WUPD=1, WUPD=0 and no linger, and
     the losses and norms within 1e-4 of the cpu's."""
     seed = int(rng.integers(1 << 30))
     runs = []
-    for linger, wupd in ((SECOND, "1"), (SECOND, "0"), ("0", "1")):
+    for linger, wupd in ((SECOND, "2"), (SECOND, "1"), (SECOND, "0"), ("0", "2")):
         monkeypatch.setenv("MPSCY_CUDA_FUSED_WUPD", wupd)
         cpu, gpu, batch, shape = _engines(monkeypatch, capfd, linger, clip=None)
         results = _run_plan(cpu, gpu, batch, shape, np.random.default_rng(seed), check_fast=linger == SECOND)
@@ -290,7 +291,7 @@ def test_the_update_in_the_weight_gradients(monkeypatch, capfd, rng):
             assert (took, updated) == ([], [])
             continue
         assert took[-1] == ("13", "19")
-        assert updated == (["18"] if wupd == "1" else []), updated
-    for k in (1, 2):
+        assert updated == (["18"] if wupd != "0" else []), updated
+    for k in (1, 2, 3):
         assert runs[k][0] == runs[0][0]
         assert all(np.array_equal(runs[k][1][n], runs[0][1][n]) for n in runs[0][1])

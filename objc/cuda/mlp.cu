@@ -101,7 +101,7 @@ static __device__ void forward_layer0(const fu_layer &l, int b, int gw, int tw, 
  * update here, fu_wupd) each element's parameter and slots are loaded with the first rows and the
  * element updated once the block has the decision. Returns this thread's sum of squares of what
  * it wrote. */
-template <int GR, bool V4, bool WU>
+template <int GR, bool V4, int WU>
 static __device__ double dw_item(const fu_layer &L, int b, int it, int ic, int lane, const fu_wupd *W) {
     const int K = L.in, N = L.out, c = it % ic, j0 = (it / ic) * 4, i = c * 32 + lane, ii = imin(i, K - 1);
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -110,7 +110,10 @@ static __device__ double dw_item(const fu_layer &L, int b, int it, int ic, int l
     if (WU && i < K)
 #pragma unroll
         for (int q = 0; q < 4; q++)
-            if (j0 + q < N) upd_elem_load(*W->u, k0 + (int64_t)q * K, e[q]);
+            if (j0 + q < N) {
+                if (WU == 1) upd_elem_load(*W->u, k0 + (int64_t)q * K, e[q]);
+                else fu_wupd_prefetch(*W->u, k0 + (int64_t)q * K);
+            }
     for (int r0 = 0; r0 < b; r0 += GR) {
         float xv[GR], dv[GR][4];
 #pragma unroll
@@ -139,10 +142,20 @@ static __device__ double dw_item(const fu_layer &L, int b, int it, int ic, int l
                 L.dw[(int64_t)(j0 + q) * K + i] = acc[q];
                 s2 += (double)acc[q] * acc[q];
             }
-    if (WU && fu_wupd_go(W) && i < K)
+    if (WU == 1 && fu_wupd_go(W) && i < K)
 #pragma unroll
         for (int q = 0; q < 4; q++)
             if (j0 + q < N) upd_elem_apply(*W->u, *W->c, k0 + (int64_t)q * K, acc[q], e[q]);
+    if (WU == 2) {
+        int64_t k[4];
+        bool ok[4];
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            k[q] = k0 + (int64_t)q * K;
+            ok[q] = i < K && j0 + q < N;
+        }
+        fu_stash<4>(W, lane, k, ok, acc);
+    }
     return s2;
 }
 
@@ -152,8 +165,8 @@ static __device__ double dw_item(const fu_layer &L, int b, int it, int ic, int l
  * is half as long as 16 rows' (A/B on the H200: 41.9 us a step against 44.1; with dz's 16-byte
  * loads, 41.8 against 43.2). With $MPSCY_CUDA_FUSED_GRADV=0 (a measuring knob) dz's 4 values a
  * row come as 4 loads: the same sums in the same order. */
-template <int GR, bool WU>
-static __device__ double weight_grads(const fu_args &a, int gw, int tw, int lane, const fu_wupd *W) {
+template <int GR, int WU>
+static __device__ __forceinline__ double weight_grads(const fu_args &a, int gw, int tw, int lane, const fu_wupd *W) {
     const int b = a.b;
     double s2 = 0;
     int base = 0;
@@ -171,7 +184,8 @@ static __device__ double weight_grads(const fu_args &a, int gw, int tw, int lane
                 float acc = 0.0f;
                 upd_elem_regs e;
                 const int64_t k = WU ? (int64_t)(L.bias - W->u->w) + j : 0;
-                if (WU && j < N) upd_elem_load(*W->u, k, e);
+                if (WU == 1 && j < N) upd_elem_load(*W->u, k, e);
+                if (WU == 2 && j < N) fu_wupd_prefetch(*W->u, k);
                 for (int r0 = 0; r0 < b; r0 += GR) {
                     float v[GR];
 #pragma unroll
@@ -183,12 +197,23 @@ static __device__ double weight_grads(const fu_args &a, int gw, int tw, int lane
                     L.db[j] = acc;
                     s2 += (double)acc * acc;
                 }
-                if (WU && fu_wupd_go(W) && j < N) upd_elem_apply(*W->u, *W->c, k, acc, e);
+                if (WU == 1 && fu_wupd_go(W) && j < N) upd_elem_apply(*W->u, *W->c, k, acc, e);
+                if (WU == 2) {
+                    const bool ok = j < N;
+                    fu_stash<1>(W, lane, &k, &ok, &acc);
+                }
             }
         }
         base += n;
     }
     return s2;
+}
+
+/* The forms that update there as calls of their own: inlined, their registers raised the
+ * kernel's spills (ptxas) on every path, the end's too */
+template <int WU>
+static __device__ __noinline__ double weight_grads_upd(const fu_args &a, int gw, int tw, int lane, const fu_wupd *W) {
+    return weight_grads<8, WU>(a, gw, tw, lane, W);
 }
 
 template <bool CLUSTER>
@@ -201,6 +226,7 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
     __shared__ unsigned int wmax[2 * FU_WARPS];  /* the early decision's largest values a warp (row_chain) */
     __shared__ mpscy_optim_coef wcoef;           /* the update in the weight gradients (fu_wupd) */
     __shared__ volatile int wgo;
+    __shared__ int wn;                           /* form 2's stash entries */
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     /* warp items go round the blocks first, so every multiprocessor gets a share of a small phase */
     const int gw = warp * gridDim.x + blockIdx.x, tw = gridDim.x * FU_WARPS;
@@ -216,7 +242,7 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
         for (int i = threadIdx.x; i < (int)(sizeof(fu_args) / sizeof(int)); i += blockDim.x)
             ((int *)&sa)[i] = ((const int *)&ga)[i];
         if (threadIdx.x < 2 * FU_WARPS) wmax[threadIdx.x] = 0u;
-        if (threadIdx.x == 0) wgo = 0;
+        if (threadIdx.x == 0) wgo = wn = 0;
         __shared__ unsigned int gen0;  /* the row phase's barrier number (below) */
 
         /* the staged params block, labels and batch from pinned host memory to the device */
@@ -303,42 +329,46 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
          * launch with no norm clipping each element updated there too, unless the decision is not
          * fu_early's (fu_wupd) */
         const bool wupd = a.wupd && a.linger_ns;
-        const fu_wupd W = {&a.u, &wcoef, &wgo};
+        const fu_wupd W = {&a.u, &wcoef, &wgo, &wn, reinterpret_cast<int *>(smem), smem + FU_STASH};
         if (wupd && warp == FU_WARPS - 1) fu_wupd_fetch(a, W, gen0 + 1u, lane);
-        double v[3] = {wupd ? weight_grads<8, true>(a, gw, tw, lane, &W) : weight_grads<8, false>(a, gw, tw, lane, NULL),
+        double v[3] = {!wupd          ? weight_grads<8, 0>(a, gw, tw, lane, NULL)
+                       : a.wupd == 1 ? weight_grads_upd<1>(a, gw, tw, lane, &W)
+                                     : weight_grads_upd<2>(a, gw, tw, lane, &W),
                        0.0, 0.0};
-        v[0] = block_sum(v[0]);
+        v[0] = block_sum(v[0]);  /* its barriers: every warp's stash entries and the decision (wgo) in */
         if (threadIdx.x == 0) a.S->norm_part[blockIdx.x] = v[0];
-        if (wupd && wgo == 1) {  /* updated: the norm's part counted in, then the linger (no barrier) */
+        const bool updated = wupd && wgo == 1;
+        if (updated) {  /* the norm's part counted in, then the linger (no barrier) */
+            if (a.wupd == 2) {
+                fu_wupd_pass(a.u, wcoef, wn, W.sk, W.sg);
+                __syncthreads();  /* the block's update stores before its count */
+            }
             if (threadIdx.x == 0) {
                 __threadfence();
                 atomicAdd(&a.S->fu_norm_in, 1u);
             }
+        } else {
             FU_MARK();
-            if (a.trace && blockIdx.x == 0 && threadIdx.x == 0) fu_trace_print(a, T);
-            if (!fu_linger(a, dsm, &nx, true)) break;
-            continue;
+            fu_sync<CLUSTER>();
+            FU_MARK();
+            /* every block adds the partials in the same order, so all take the same decision */
+            v[0] = threadIdx.x < gridDim.x ? a.S->norm_part[threadIdx.x] : 0.0;
+            for (int k = threadIdx.x + blockDim.x; k < (int)gridDim.x; k += blockDim.x) v[0] += a.S->norm_part[k];
+            v[1] = v[2] = 0.0;
+            add_row_parts(a.S, b, v);
+            /* whether fu_early decided (block 0's thread 0 decides below), loaded beside the parts */
+            const bool late = a.early && blockIdx.x == 0 && threadIdx.x == 0 && __ldcg(&a.S->fu_late) == a.P->rseq;
+            block_sum3(v);
+            const double loss = v[1] / (double)b;
+            if (blockIdx.x == 0 && threadIdx.x == 0) {
+                a.S->loss = loss;  /* decide() below copies both into R */
+                a.S->correct = a.accuracy == MPSCY_ACCURACY_NONE ? -1 : (long long)v[2];
+            }
+            decide_and_update<false>(a.u, a.S, a.R, a.P, v[0], loss, a.clip_norm, !input_bad(a.S, a.P), late);
         }
-        FU_MARK();
-        fu_sync<CLUSTER>();
-        FU_MARK();
-        /* every block adds the partials in the same order, so all take the same decision */
-        v[0] = threadIdx.x < gridDim.x ? a.S->norm_part[threadIdx.x] : 0.0;
-        for (int k = threadIdx.x + blockDim.x; k < (int)gridDim.x; k += blockDim.x) v[0] += a.S->norm_part[k];
-        v[1] = v[2] = 0.0;
-        add_row_parts(a.S, b, v);
-        /* whether fu_early decided (block 0's thread 0 decides below), loaded beside the parts */
-        const bool late = a.early && blockIdx.x == 0 && threadIdx.x == 0 && __ldcg(&a.S->fu_late) == a.P->rseq;
-        block_sum3(v);
-        const double loss = v[1] / (double)b;
-        if (blockIdx.x == 0 && threadIdx.x == 0) {
-            a.S->loss = loss;  /* decide() below copies both into R */
-            a.S->correct = a.accuracy == MPSCY_ACCURACY_NONE ? -1 : (long long)v[2];
-        }
-        decide_and_update<false>(a.u, a.S, a.R, a.P, v[0], loss, a.clip_norm, !input_bad(a.S, a.P), late);
         FU_MARK();
         if (a.trace && blockIdx.x == 0 && threadIdx.x == 0) fu_trace_print(a, T);
-        if (CLUSTER || !a.linger_ns || !fu_linger(a, dsm, &nx, false)) break;
+        if (CLUSTER || !a.linger_ns || !fu_linger(a, dsm, &nx, updated)) break;
     }
 }
 
@@ -503,9 +533,17 @@ int cu_fused_plan(cu_graph *g) {
     /* the update in the weight gradients (fu_wupd): with no norm clipping and the early decision,
      * on the grid of a lingering kernel, where the layers' parameters are the whole slab (each
      * element is some weight gradient's) */
-    int64_t covered = 0;
-    for (int l = 0; l < nl; l++) covered += (int64_t)a.L[l].in * a.L[l].out + (a.L[l].bias ? a.L[l].out : 0);
-    a.wupd = !a.u.clip_norm && a.early && !cluster && covered == p->n_train && cu_knob_on("MPSCY_CUDA_FUSED_WUPD");
+    int64_t covered = 0, stash = 0;
+    for (int l = 0; l < nl; l++) {
+        const fu_layer &L = a.L[l];
+        const int64_t items = (int64_t)(L.in + 31) / 32 * ((L.out + 3) / 4) + (L.bias ? (L.out + 31) / 32 : 0);
+        covered += (int64_t)L.in * L.out + (L.bias ? L.out : 0);
+        stash += (items + blocks - 1) / blocks * 128;  /* at most a block's items of the layer, 128 entries each */
+    }
+    const int wupd = cu_knob_int("MPSCY_CUDA_FUSED_WUPD", 2);
+    a.wupd = !a.u.clip_norm && a.early && !cluster && covered == p->n_train && wupd > 0
+                 ? (wupd == 1 || stash > FU_STASH || p->n_train > INT32_MAX ? 1 : 2)
+                 : 0;
     cu_fused *f = (cu_fused *)cu_host_alloc(&g->dev->base, sizeof(cu_fused));
     if (!f) return 0;
     f->a = a;

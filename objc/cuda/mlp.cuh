@@ -73,7 +73,8 @@ struct fu_args {
     unsigned long long linger_ns; /* after its update the kernel waits this long for the next step (fu_linger); 0: it ends */
     int lg_time;       /* $MPSCY_CUDA_VERBOSE: the linger's intervals timed (fu_linger, S->lg_sum) */
     int prefetch;      /* while it lingers, the next step's front begun (fu_linger; $MPSCY_CUDA_FUSED_PREFETCH=0, measuring: not) */
-    int wupd;          /* a lingering launch updates each element where its gradient is made (fu_wupd; $MPSCY_CUDA_FUSED_WUPD=0, measuring: never) */
+    int wupd;          /* a lingering launch updates in the weight gradients (fu_wupd): 2 a block's pass, 1 each warp its
+                        * own elements ($MPSCY_CUDA_FUSED_WUPD, measuring; 0: never) */
     unsigned long long *stamps; /* with trace: FU_STAMPS times a block (fu_stamp) */
 };
 
@@ -89,7 +90,53 @@ struct fu_wupd {
     const update_args *u;
     mpscy_optim_coef *c;        /* shared: the step's coefficients (P->coef) */
     volatile int *go;           /* shared */
+    /* form 2: each gradient made goes to the block's stash (its slab index, -1 for none, and its
+     * value), whose elements the whole block updates after its norm's barrier (fu_wupd_pass) */
+    int *n, *sk;
+    float *sg;
 };
+#define FU_STASH (FU_SMEM_FLOATS / 2)  /* the stash's room (in the row phase's shared memory) */
+
+static __device__ __forceinline__ void fu_prefetch_l1(const float *p) {
+    asm volatile("prefetch.global.L1 [%0];" ::"l"(p));
+}
+
+/* form 2: the lines of the slab at k (the parameter and its slots) into L1 while the gradient is
+ * made, for the pass after the block's barrier */
+static __device__ __forceinline__ void fu_wupd_prefetch(const update_args &u, int64_t k) {
+    fu_prefetch_l1(u.w + k);
+    if (u.s0) fu_prefetch_l1(u.s0 + k);
+    if (u.s1) fu_prefetch_l1(u.s1 + k);
+    if (u.s2) fu_prefetch_l1(u.s2 + k);
+}
+
+/* form 2: a warp's `per` lanes-worth of entries into the stash (every lane calls it): entry
+ * q * 32 + lane is (k[q], g[q]), k[q] < 0 for none */
+template <int Q>
+static __device__ __forceinline__ void fu_stash(const fu_wupd *W, int lane, const int64_t *k, const bool *ok,
+                                                const float *g) {
+    int base = 0;
+    if (lane == 0) base = atomicAdd(W->n, Q * 32);
+    base = __shfl_sync(0xffffffffu, base, 0);
+#pragma unroll
+    for (int q = 0; q < Q; q++) {
+        W->sk[base + q * 32 + lane] = ok[q] ? (int)k[q] : -1;
+        W->sg[base + q * 32 + lane] = g[q];
+    }
+}
+
+/* form 2: the block's stash updated, an entry a thread in turn (the loop of update_slab: the same
+ * element rule on the same values) */
+static __device__ void fu_wupd_pass(const update_args &u, const mpscy_optim_coef &c, int n, const int *sk,
+                                    const float *sg) {
+    for (int s = threadIdx.x; s < n; s += blockDim.x) {
+        const int k = sk[s];
+        if (k < 0) continue;
+        upd_elem_regs e;
+        upd_elem_load(u, k, e);
+        upd_elem_apply(u, c, k, sg[s], e);
+    }
+}
 
 /* the block's decision for the warps with elements to update: once fetched */
 static __device__ __forceinline__ bool fu_wupd_go(const fu_wupd *W) {
