@@ -335,10 +335,12 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
                        : a.wupd == 1 ? weight_grads_upd<1>(a, gw, tw, lane, &W)
                                      : weight_grads_upd<2>(a, gw, tw, lane, &W),
                        0.0, 0.0};
+        if (wupd) FU_MARK();
         v[0] = block_sum(v[0]);  /* its barriers: every warp's stash entries and the decision (wgo) in */
         if (threadIdx.x == 0) a.S->norm_part[blockIdx.x] = v[0];
         const bool updated = wupd && wgo == 1;
         if (updated) {  /* the norm's part counted in, then the linger (no barrier) */
+            FU_MARK();
             if (a.wupd == 2) {
                 fu_wupd_pass(a.u, wcoef, wn, W.sk, W.sg);
                 __syncthreads();  /* the block's update stores before its count */

@@ -46,8 +46,7 @@ static __device__ void fu_wupd_fetch(const fu_args &a, const fu_wupd &W, unsigne
     static_assert(words <= 32, "a lane a word of the coefficients");
     if (lane < words) reinterpret_cast<int *>(W.c)[lane] = __ldcg(reinterpret_cast<const int *>(&a.P->coef) + lane);
     unsigned int d;
-    while (((d = *(volatile const unsigned int *)&a.S->fu_dec) >> 1) != (tok & 0x7fffffffu)) {
-    }
+    while (((d = *(volatile const unsigned int *)&a.S->fu_dec) >> 1) != (tok & 0x7fffffffu)) __nanosleep(64);
     __syncwarp();
     __threadfence_block();  /* the coefficients before the word */
     if (lane == 0) *W.go = (d & 1u) ? 1 : 2;
