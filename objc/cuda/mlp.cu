@@ -112,7 +112,7 @@ static __device__ double dw_item(const fu_layer &L, int b, int it, int ic, int l
         for (int q = 0; q < 4; q++)
             if (j0 + q < N) {
                 if (WU == 1) upd_elem_load(*W->u, k0 + (int64_t)q * K, e[q]);
-                else fu_wupd_prefetch(*W->u, k0 + (int64_t)q * K);
+                else if (W->pf) fu_wupd_prefetch(*W->u, k0 + (int64_t)q * K);
             }
     for (int r0 = 0; r0 < b; r0 += GR) {
         float xv[GR], dv[GR][4];
@@ -185,7 +185,7 @@ static __device__ __forceinline__ double weight_grads(const fu_args &a, int gw, 
                 upd_elem_regs e;
                 const int64_t k = WU ? (int64_t)(L.bias - W->u->w) + j : 0;
                 if (WU == 1 && j < N) upd_elem_load(*W->u, k, e);
-                if (WU == 2 && j < N) fu_wupd_prefetch(*W->u, k);
+                if (WU == 2 && W->pf && j < N) fu_wupd_prefetch(*W->u, k);
                 for (int r0 = 0; r0 < b; r0 += GR) {
                     float v[GR];
 #pragma unroll
@@ -329,7 +329,7 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
          * launch with no norm clipping each element updated there too, unless the decision is not
          * fu_early's (fu_wupd) */
         const bool wupd = a.wupd && a.linger_ns;
-        const fu_wupd W = {&a.u, &wcoef, &wgo, &wn, reinterpret_cast<int *>(smem), smem + FU_STASH};
+        const fu_wupd W = {&a.u, &wcoef, &wgo, &wn, reinterpret_cast<int *>(smem), smem + FU_STASH, a.wupd_pf};
         if (wupd && warp == FU_WARPS - 1) fu_wupd_fetch(a, W, gen0 + 1u, lane);
         double v[3] = {!wupd          ? weight_grads<8, 0>(a, gw, tw, lane, NULL)
                        : a.wupd == 1 ? weight_grads_upd<1>(a, gw, tw, lane, &W)
@@ -342,7 +342,8 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
         if (updated) {  /* the norm's part counted in, then the linger (no barrier) */
             FU_MARK();
             if (a.wupd == 2) {
-                fu_wupd_pass(a.u, wcoef, wn, W.sk, W.sg);
+                if (a.wupd_u == 3) fu_wupd_pass<3>(a.u, wcoef, wn, W.sk, W.sg);
+                else fu_wupd_pass<1>(a.u, wcoef, wn, W.sk, W.sg);
                 __syncthreads();  /* the block's update stores before its count */
             }
             if (threadIdx.x == 0) {
@@ -543,6 +544,8 @@ int cu_fused_plan(cu_graph *g) {
         stash += (items + blocks - 1) / blocks * 128;  /* at most a block's items of the layer, 128 entries each */
     }
     const int wupd = cu_knob_int("MPSCY_CUDA_FUSED_WUPD", 2);
+    a.wupd_pf = cu_knob_int("MPSCY_CUDA_FUSED_WUPD_PF", 1);
+    a.wupd_u = cu_knob_int("MPSCY_CUDA_FUSED_WUPD_U", 1);
     a.wupd = !a.u.clip_norm && a.early && !cluster && covered == p->n_train && wupd > 0
                  ? (wupd == 1 || stash > FU_STASH || p->n_train > INT32_MAX ? 1 : 2)
                  : 0;

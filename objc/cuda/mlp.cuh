@@ -75,6 +75,7 @@ struct fu_args {
     int prefetch;      /* while it lingers, the next step's front begun (fu_linger; $MPSCY_CUDA_FUSED_PREFETCH=0, measuring: not) */
     int wupd;          /* a lingering launch updates in the weight gradients (fu_wupd): 2 a block's pass, 1 each warp its
                         * own elements ($MPSCY_CUDA_FUSED_WUPD, measuring; 0: never) */
+    int wupd_pf, wupd_u; /* form 2's prefetch and entries a thread at a time (fu_wupd, fu_wupd_pass) */
     unsigned long long *stamps; /* with trace: FU_STAMPS times a block (fu_stamp) */
 };
 
@@ -94,6 +95,7 @@ struct fu_wupd {
      * value), whose elements the whole block updates after its norm's barrier (fu_wupd_pass) */
     int *n, *sk;
     float *sg;
+    int pf;                     /* form 2: the lines prefetched to L1 ($MPSCY_CUDA_FUSED_WUPD_PF, measuring) */
 };
 #define FU_STASH (FU_SMEM_FLOATS / 2)  /* the stash's room (in the row phase's shared memory) */
 
@@ -125,16 +127,24 @@ static __device__ __forceinline__ void fu_stash(const fu_wupd *W, int lane, cons
     }
 }
 
-/* form 2: the block's stash updated, an entry a thread in turn (the loop of update_slab: the same
- * element rule on the same values) */
+/* form 2: the block's stash updated, the same element rule on the same values as update_slab's
+ * loop: U entries a thread at a time (t, t + blockDim.x, ...), every one's loads before any is
+ * applied when U > 1 ($MPSCY_CUDA_FUSED_WUPD_U, measuring: 1 or 3) */
+template <int U>
 static __device__ void fu_wupd_pass(const update_args &u, const mpscy_optim_coef &c, int n, const int *sk,
                                     const float *sg) {
-    for (int s = threadIdx.x; s < n; s += blockDim.x) {
-        const int k = sk[s];
-        if (k < 0) continue;
-        upd_elem_regs e;
-        upd_elem_load(u, k, e);
-        upd_elem_apply(u, c, k, sg[s], e);
+    for (int s0 = threadIdx.x; s0 < n; s0 += U * blockDim.x) {
+        int k[U];
+        upd_elem_regs e[U];
+#pragma unroll
+        for (int j = 0; j < U; j++) {
+            const int s = s0 + j * blockDim.x;
+            k[j] = s < n ? sk[s] : -1;
+            if (k[j] >= 0) upd_elem_load(u, k[j], e[j]);
+        }
+#pragma unroll
+        for (int j = 0; j < U; j++)
+            if (k[j] >= 0) upd_elem_apply(u, c, k[j], sg[s0 + j * blockDim.x], e[j]);
     }
 }
 
