@@ -46,7 +46,7 @@ static __device__ void fu_wupd_fetch(const fu_args &a, const fu_wupd &W, unsigne
     static_assert(words <= 32, "a lane a word of the coefficients");
     if (lane < words) reinterpret_cast<int *>(W.c)[lane] = __ldcg(reinterpret_cast<const int *>(&a.P->coef) + lane);
     unsigned int d;
-    while (((d = *(volatile const unsigned int *)&a.S->fu_dec) >> 1) != (tok & 0x7fffffffu)) __nanosleep(64);
+    while (((d = *(volatile const unsigned int *)&a.S->fu_dec) >> 1) != (tok & 0x7fffffffu)) __nanosleep(128);
     __syncwarp();
     __threadfence_block();  /* the coefficients before the word */
     if (lane == 0) *W.go = (d & 1u) ? 1 : 2;
@@ -114,17 +114,19 @@ static __device__ void fu_early(const fu_args &a, const unsigned int *wmax, bool
     const double loss = v[1] / (double)a.b, bound = (double)a.b * fmax((double)mx, 1.0) * (double)md;
     /* an Inf maximum makes the bound Inf or NaN: no early decision */
     const bool go = a.P->rseq && isfinite(loss) && bound < 0.5 * (double)FLT_MAX && !input_bad(S, a.P);
-    /* the blocks that update in their weight gradients wait for this word either way (fu_wupd) */
+    if (go) {
+        cu_result *R = a.R;
+        R->loss = loss;
+        R->correct = a.accuracy == MPSCY_ACCURACY_NONE ? -1 : (long long)v[2];
+        R->finite = 1;
+        R->applied = 1;
+        R->norm_late = S->fu_late = a.P->rseq;  /* the norm comes later: the host, the end's decide() */
+        release_result(R, a.P);
+        if (a.lg_time) S->lg_t_decide = cu_global_ns();
+    }
+    /* the blocks that update in their weight gradients wait for this word either way (fu_wupd):
+     * stored after the result's release, which would otherwise wait for it behind their polls */
     if (a.wupd && a.linger_ns) *(volatile unsigned int *)&S->fu_dec = ((gen + 1u) << 1) | (go ? 1u : 0u);
-    if (!go) return;
-    cu_result *R = a.R;
-    R->loss = loss;
-    R->correct = a.accuracy == MPSCY_ACCURACY_NONE ? -1 : (long long)v[2];
-    R->finite = 1;
-    R->applied = 1;
-    R->norm_late = S->fu_late = a.P->rseq;  /* the norm comes later: the host, the end's decide() */
-    release_result(R, a.P);
-    if (a.lg_time) S->lg_t_decide = cu_global_ns();
 }
 
 #endif /* MPSCY_CUDA_MLP_DECIDE_CUH */
