@@ -144,9 +144,7 @@ def test_engines_on_two_threads_keep_their_shared_memory(monkeypatch, capfd, rng
 @cuda_only
 @pytest.mark.parametrize("knob", ["MPSCY_CUDA_FUSED_SPLITK=1 MPSCY_CUDA_FUSED_SPLITDOT=0", "MPSCY_CUDA_FUSED_DWIDE=1",
                                   "MPSCY_CUDA_FUSED_GRADV=0", "MPSCY_CUDA_FUSED_ROWU=8", "MPSCY_CUDA_FUSED_RELAYS=1",
-                                  "MPSCY_CUDA_FUSED_EARLYWARP=0", "MPSCY_CUDA_FUSED_SKIP0=0",
-                                  "MPSCY_CUDA_FUSED_WUPD=0", "MPSCY_CUDA_FUSED_WUPD=1", "MPSCY_CUDA_FUSED_WUPD_PF=0",
-                                  "MPSCY_CUDA_FUSED_WUPD_U=3"])
+                                  "MPSCY_CUDA_FUSED_EARLYWARP=0", "MPSCY_CUDA_FUSED_SKIP0=0"])
 def test_fused_measuring_knobs_give_the_same_bits(knob, monkeypatch, rng):
     """The one-kernel step's measuring knobs change how it runs, never what it computes: layer
     0's partial products in the copy phase a (row, output) a thread (SPLITDOT=0, against an
@@ -155,10 +153,7 @@ def test_fused_measuring_knobs_give_the_same_bits(knob, monkeypatch, rng):
     float a load (GRADV=0, against 4), the row load's partial products 8 loads a round (ROWU=8,
     against 16), the host's flags relayed by one warp (RELAYS=1, against 2), the early decision's
     sums by the whole block (EARLYWARP=0, against warp 0 alone), block 0 with a share of the
-    update (SKIP0=0, against none), the update after the norm's barrier in every step (WUPD=0)
-    or by each warp where it makes the gradients (WUPD=1), against a block's pass over the
-    gradients it made, where the kernel lingers (with their lines not prefetched, WUPD_PF=0, or 3
-    entries a thread at a time, WUPD_U=3). Each sum runs over
+    update (SKIP0=0, against none). Each sum runs over
     the same terms in the same order, so 10 steps of the benchmark MLP (full and partial batches,
     Adam) leave bit-identical losses, accuracies, gradient norms and parameters. Where the knob
     has two settings, the first is also the baseline's."""

@@ -73,14 +73,6 @@ typedef struct cu_scratch {
     unsigned int fu_arrive;
     unsigned int fu_gen;       /* the row phase's barrier (fu_early): one more each step, never cleared */
     unsigned int fu_late;      /* rseq of the last step fu_early decided: its end writes the norm's slot */
-    /* mlp.cu's update in the weight gradients (fu_args.wupd): fu_early's decision, 2 (its barrier's
-     * new number) + 1 when the update goes on there, polled by a warp of every block, on a line of
-     * its own (beside the words above, the polls held up the decision's own loads and stores); the
-     * blocks whose norm's part is written (0 between steps); with $MPSCY_CUDA_VERBOSE, the steps
-     * updated so (never cleared) */
-    unsigned int fu_dec __attribute__((aligned(128)));
-    unsigned int fu_norm_in __attribute__((aligned(128)));
-    unsigned long long fu_wupd_steps;
     /* mlp.cu's linger: the blocks past a step's update, and the barrier's number (one more each
      * time in its low 31 bits, never cleared; the top bit block 0's verdict: set, the kernel ends) */
     unsigned int lg_arrive, lg_gen;

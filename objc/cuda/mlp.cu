@@ -25,10 +25,8 @@
  * $MPSCY_CUDA_FUSED_TRACE prints block 0's time per phase and every block's copy-phase stamps.
  * Here: layer 0's own phase, the weight gradients, the kernel and the host side; mlp.cuh: the
  * arguments and shared helpers; mlp_split.cuh: layer 0 in the copy phase; mlp_rows.cuh: the row
- * phase; mlp_decide.cuh: the early decision; mlp_linger.cuh: between steps, the wait for the next
- * one ($MPSCY_CUDA_FUSED_LINGER). */
+ * phase; mlp_linger.cuh: between steps, the wait for the next one ($MPSCY_CUDA_FUSED_LINGER). */
 #include "mlp.cuh"
-#include "mlp_decide.cuh"
 #include "mlp_linger.cuh"
 #include "mlp_rows.cuh"
 #include "mlp_split.cuh"
@@ -97,23 +95,12 @@ static __device__ void forward_layer0(const fu_layer &l, int b, int gw, int tw, 
 
 /* One warp item of a layer's weight gradients: dW[j0 + q, i] = sum_r dz[r, j0 + q] x[r, i] for
  * 4 outputs and 32 inputs, GR rows per batch of loads, the rows in order. V4 (fu_layer.dz4): a
- * row's 4 dz values as one 16-byte load, not 4 loads of one float: the same values. With W (the
- * update here, fu_wupd) each element's parameter and slots are loaded with the first rows and the
- * element updated once the block has the decision. Returns this thread's sum of squares of what
- * it wrote. */
-template <int GR, bool V4, int WU>
-static __device__ double dw_item(const fu_layer &L, int b, int it, int ic, int lane, const fu_wupd *W) {
+ * row's 4 dz values as one 16-byte load, not 4 loads of one float: the same values. Returns this
+ * thread's sum of squares of what it wrote. */
+template <int GR, bool V4>
+static __device__ double dw_item(const fu_layer &L, int b, int it, int ic, int lane) {
     const int K = L.in, N = L.out, c = it % ic, j0 = (it / ic) * 4, i = c * 32 + lane, ii = imin(i, K - 1);
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    upd_elem_regs e[4];
-    const int64_t k0 = WU ? (int64_t)(L.w - W->u->w) + (int64_t)j0 * K + i : 0;
-    if (WU && i < K)
-#pragma unroll
-        for (int q = 0; q < 4; q++)
-            if (j0 + q < N) {
-                if (WU == 1) upd_elem_load(*W->u, k0 + (int64_t)q * K, e[q]);
-                else if (W->pf) fu_wupd_prefetch(*W->u, k0 + (int64_t)q * K);
-            }
     for (int r0 = 0; r0 < b; r0 += GR) {
         float xv[GR], dv[GR][4];
 #pragma unroll
@@ -142,31 +129,17 @@ static __device__ double dw_item(const fu_layer &L, int b, int it, int ic, int l
                 L.dw[(int64_t)(j0 + q) * K + i] = acc[q];
                 s2 += (double)acc[q] * acc[q];
             }
-    if (WU == 1 && fu_wupd_go(W) && i < K)
-#pragma unroll
-        for (int q = 0; q < 4; q++)
-            if (j0 + q < N) upd_elem_apply(*W->u, *W->c, k0 + (int64_t)q * K, acc[q], e[q]);
-    if (WU == 2) {
-        int64_t k[4];
-        bool ok[4];
-#pragma unroll
-        for (int q = 0; q < 4; q++) {
-            k[q] = k0 + (int64_t)q * K;
-            ok[q] = i < K && j0 + q < N;
-        }
-        fu_stash<4>(W, lane, k, ok, acc);
-    }
     return s2;
 }
 
 /* Every layer's weight and bias gradients from the whole batch's dz and inputs: dw_item's warp
- * items of 4 outputs and 32 inputs, then db[j] = sum_r dz[r, j]; WU: each element updated there
- * too (fu_wupd, W). Returns this thread's sum of squares of what it wrote. GR is 8, whose code
- * is half as long as 16 rows' (A/B on the H200: 41.9 us a step against 44.1; with dz's 16-byte
- * loads, 41.8 against 43.2). With $MPSCY_CUDA_FUSED_GRADV=0 (a measuring knob) dz's 4 values a
- * row come as 4 loads: the same sums in the same order. */
-template <int GR, int WU>
-static __device__ __forceinline__ double weight_grads(const fu_args &a, int gw, int tw, int lane, const fu_wupd *W) {
+ * items of 4 outputs and 32 inputs, then db[j] = sum_r dz[r, j]. Returns this thread's sum of
+ * squares of what it wrote. GR is 8, whose code is half as long as 16 rows' (A/B on the H200:
+ * 41.9 us a step against 44.1; with dz's 16-byte loads, 41.8 against 43.2). With
+ * $MPSCY_CUDA_FUSED_GRADV=0 (a measuring knob) dz's 4 values a row come as 4 loads: the same sums
+ * in the same order. */
+template <int GR>
+static __device__ double weight_grads(const fu_args &a, int gw, int tw, int lane) {
     const int b = a.b;
     double s2 = 0;
     int base = 0;
@@ -178,14 +151,10 @@ static __device__ __forceinline__ double weight_grads(const fu_args &a, int gw, 
         if (it < 0) it += ((-it + tw - 1) / tw) * tw;  /* this warp's first item in this layer */
         for (; it < n; it += tw) {
             if (it < n_dw) {
-                s2 += L.dz4 ? dw_item<GR, true, WU>(L, b, it, ic, lane, W) : dw_item<GR, false, WU>(L, b, it, ic, lane, W);
+                s2 += L.dz4 ? dw_item<GR, true>(L, b, it, ic, lane) : dw_item<GR, false>(L, b, it, ic, lane);
             } else {
                 const int j = (it - n_dw) * 32 + lane, jj = imin(j, N - 1);
                 float acc = 0.0f;
-                upd_elem_regs e;
-                const int64_t k = WU ? (int64_t)(L.bias - W->u->w) + j : 0;
-                if (WU == 1 && j < N) upd_elem_load(*W->u, k, e);
-                if (WU == 2 && W->pf && j < N) fu_wupd_prefetch(*W->u, k);
                 for (int r0 = 0; r0 < b; r0 += GR) {
                     float v[GR];
 #pragma unroll
@@ -197,11 +166,6 @@ static __device__ __forceinline__ double weight_grads(const fu_args &a, int gw, 
                     L.db[j] = acc;
                     s2 += (double)acc * acc;
                 }
-                if (WU == 1 && fu_wupd_go(W) && j < N) upd_elem_apply(*W->u, *W->c, k, acc, e);
-                if (WU == 2) {
-                    const bool ok = j < N;
-                    fu_stash<1>(W, lane, &k, &ok, &acc);
-                }
             }
         }
         base += n;
@@ -209,11 +173,105 @@ static __device__ __forceinline__ double weight_grads(const fu_args &a, int gw, 
     return s2;
 }
 
-/* The forms that update there as calls of their own: inlined, their registers raised the
- * kernel's spills (ptxas) on every path, the end's too */
-template <int WU>
-static __device__ __noinline__ double weight_grads_upd(const fu_args &a, int gw, int tw, int lane, const fu_wupd *W) {
-    return weight_grads<8, WU>(a, gw, tw, lane, W);
+/* v[1] += the rows' losses, v[2] += their correct counts, each thread its rows k = tid, tid +
+ * blockDim.x, ... (then block_sum3: the same order wherever it runs, so the same bits) */
+static __device__ __forceinline__ void add_row_parts(const cu_scratch *S, int b, double *v) {
+    for (int k = threadIdx.x; k < b; k += blockDim.x) {
+        v[1] += __ldcg(&S->loss_part[k]);
+        v[2] += (double)__ldcg(&S->correct_part[k]);
+    }
+}
+
+/* Three sums over the block at once (one pair of barriers); every thread gets the results. */
+static __device__ void block_sum3(double *v) {
+    __shared__ double w[3][FU_WARPS];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int k = 0; k < 3; k++) v[k] = warp_allsum(v[k]);
+    __syncthreads();
+    if (lane == 0)
+#pragma unroll
+        for (int k = 0; k < 3; k++) w[k][warp] = v[k];
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < 3; k++) {
+        double t = 0;
+        for (int q = 0; q < FU_WARPS; q++) t += w[k][q];
+        v[k] = t;
+    }
+}
+
+
+/* The early decision (fu_amax in mlp.cuh): each block, past its rows, counts itself in. On a grid
+ * (barrier; gen: the barrier's number, read at the kernel's start) this is the grid barrier after
+ * the row phase: the last block to arrive releases the others, then decides, which costs them
+ * nothing; in a cluster the cluster barrier follows. The last block adds the rows' losses and
+ * correct counts as the end does (the same bits), and when the loss is finite, the input was not
+ * flagged bad and the bound proves every gradient finite, it writes the step's result and
+ * releases it to the host (R->done, as decide() does) while the others go on to the weight
+ * gradients: the host's wait ends here, not after them. The end then decides again, the same way
+ * (a finite loss and norm), and writes the norm (decide()). Otherwise only the end decides. The
+ * words go back to 0 for the next step. */
+static __device__ void fu_early(const fu_args &a, const unsigned int *wmax, bool barrier, unsigned int gen) {
+    __shared__ int last;
+    cu_scratch *S = a.S;
+    __syncthreads();  /* every warp of the block has its largest values in wmax */
+    if (threadIdx.x == 0) {
+        unsigned int m0 = 0u, m1 = 0u;
+        for (int k = 0; k < FU_WARPS; k++) {
+            m0 = max(m0, wmax[k]);
+            m1 = max(m1, wmax[FU_WARPS + k]);
+        }
+        if (m0) atomicMax(&S->fu_amax[0], m0);
+        if (m1) atomicMax(&S->fu_amax[1], m1);
+        __threadfence();
+        last = atomicAdd(&S->fu_arrive, 1u) == gridDim.x - 1;
+        if (last) {
+            S->fu_arrive = 0u;
+            __threadfence();
+            if (barrier) atomicExch(&S->fu_gen, gen + 1u);  /* the others go on */
+        } else if (barrier) {
+            /* the grid barrier after the row phase, as grid.sync's: the last block to arrive
+             * releases the others, then decides while they compute the weight gradients */
+            while (cu_load_acquire_gpu(&S->fu_gen) == gen) {
+            }
+        }
+        __threadfence();
+    }
+    __syncthreads();
+    /* with every row's parts in warp 0 (b <= 32), that warp alone: block_sum3's other warps add
+     * 0.0 to warp 0's sums, so these are its bits, with no block barrier ($MPSCY_CUDA_FUSED_EARLYWARP=0,
+     * measuring, takes block_sum3 always) */
+    const bool one_warp = a.b <= 32 && a.early_warp;
+    if (!last || (one_warp && threadIdx.x >= 32)) return;
+    double v[3] = {0.0, 0.0, 0.0};
+    unsigned int w0 = 0u, w1 = 0u;
+    if (threadIdx.x == 0) {  /* loaded beside the rows' parts */
+        w0 = __ldcg(&S->fu_amax[0]);
+        w1 = __ldcg(&S->fu_amax[1]);
+    }
+    add_row_parts(S, a.b, v);
+    if (one_warp) {
+#pragma unroll
+        for (int k = 0; k < 3; k++) v[k] = 0.0 + warp_allsum(v[k]);  /* block_sum3's first term (0.0 + w) */
+    } else {
+        block_sum3(v);
+    }
+    if (threadIdx.x != 0) return;
+    const float mx = __uint_as_float(w0), md = __uint_as_float(w1);
+    /* the words back to 0 for the next step (every block has added to them: it counted itself in) */
+    S->fu_amax[0] = S->fu_amax[1] = 0u;
+    const double loss = v[1] / (double)a.b, bound = (double)a.b * fmax((double)mx, 1.0) * (double)md;
+    /* an Inf maximum makes the bound Inf or NaN: no early decision */
+    if (!a.P->rseq || !isfinite(loss) || !(bound < 0.5 * (double)FLT_MAX) || input_bad(S, a.P)) return;
+    cu_result *R = a.R;
+    R->loss = loss;
+    R->correct = a.accuracy == MPSCY_ACCURACY_NONE ? -1 : (long long)v[2];
+    R->finite = 1;
+    R->applied = 1;
+    R->norm_late = S->fu_late = a.P->rseq;  /* the norm comes later: the host, the end's decide() */
+    release_result(R, a.P);
+    if (a.lg_time) S->lg_t_decide = cu_global_ns();
 }
 
 template <bool CLUSTER>
@@ -224,9 +282,6 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
      * from the parameter space is a generic load of a global load's latency per field */
     __shared__ fu_args sa;
     __shared__ unsigned int wmax[2 * FU_WARPS];  /* the early decision's largest values a warp (row_chain) */
-    __shared__ mpscy_optim_coef wcoef;           /* the update in the weight gradients (fu_wupd) */
-    __shared__ volatile int wgo;
-    __shared__ int wn;                           /* form 2's stash entries */
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     /* warp items go round the blocks first, so every multiprocessor gets a share of a small phase */
     const int gw = warp * gridDim.x + blockIdx.x, tw = gridDim.x * FU_WARPS;
@@ -242,7 +297,6 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
         for (int i = threadIdx.x; i < (int)(sizeof(fu_args) / sizeof(int)); i += blockDim.x)
             ((int *)&sa)[i] = ((const int *)&ga)[i];
         if (threadIdx.x < 2 * FU_WARPS) wmax[threadIdx.x] = 0u;
-        if (threadIdx.x == 0) wgo = wn = 0;
         __shared__ unsigned int gen0;  /* the row phase's barrier number (below) */
 
         /* the staged params block, labels and batch from pinned host memory to the device */
@@ -325,53 +379,30 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
             fu_sync<CLUSTER>();
         }
         FU_MARK();
-        /* every weight gradient, and each block's sum of squares of what it wrote; in a lingering
-         * launch with no norm clipping each element updated there too, unless the decision is not
-         * fu_early's (fu_wupd) */
-        const bool wupd = a.wupd && a.linger_ns;
-        const fu_wupd W = {&a.u, &wcoef, &wgo, &wn, reinterpret_cast<int *>(smem), smem + FU_STASH, a.wupd_pf};
-        if (wupd && warp == FU_WARPS - 1) fu_wupd_fetch(a, W, gen0 + 1u, lane);
-        double v[3] = {!wupd          ? weight_grads<8, 0>(a, gw, tw, lane, NULL)
-                       : a.wupd == 1 ? weight_grads_upd<1>(a, gw, tw, lane, &W)
-                                     : weight_grads_upd<2>(a, gw, tw, lane, &W),
-                       0.0, 0.0};
-        if (wupd) FU_MARK();
-        v[0] = block_sum(v[0]);  /* its barriers: every warp's stash entries and the decision (wgo) in */
+        /* every weight gradient, and each block's sum of squares of what it wrote */
+        double v[3] = {weight_grads<8>(a, gw, tw, lane), 0.0, 0.0};
+        v[0] = block_sum(v[0]);
         if (threadIdx.x == 0) a.S->norm_part[blockIdx.x] = v[0];
-        const bool updated = wupd && wgo == 1;
-        if (updated) {  /* the norm's part counted in, then the linger (no barrier) */
-            FU_MARK();
-            if (a.wupd == 2) {
-                if (a.wupd_u == 3) fu_wupd_pass<3>(a.u, wcoef, wn, W.sk, W.sg);
-                else fu_wupd_pass<1>(a.u, wcoef, wn, W.sk, W.sg);
-                __syncthreads();  /* the block's update stores before its count */
-            }
-            if (threadIdx.x == 0) {
-                __threadfence();
-                atomicAdd(&a.S->fu_norm_in, 1u);
-            }
-        } else {
-            FU_MARK();
-            fu_sync<CLUSTER>();
-            FU_MARK();
-            /* every block adds the partials in the same order, so all take the same decision */
-            v[0] = threadIdx.x < gridDim.x ? a.S->norm_part[threadIdx.x] : 0.0;
-            for (int k = threadIdx.x + blockDim.x; k < (int)gridDim.x; k += blockDim.x) v[0] += a.S->norm_part[k];
-            v[1] = v[2] = 0.0;
-            add_row_parts(a.S, b, v);
-            /* whether fu_early decided (block 0's thread 0 decides below), loaded beside the parts */
-            const bool late = a.early && blockIdx.x == 0 && threadIdx.x == 0 && __ldcg(&a.S->fu_late) == a.P->rseq;
-            block_sum3(v);
-            const double loss = v[1] / (double)b;
-            if (blockIdx.x == 0 && threadIdx.x == 0) {
-                a.S->loss = loss;  /* decide() below copies both into R */
-                a.S->correct = a.accuracy == MPSCY_ACCURACY_NONE ? -1 : (long long)v[2];
-            }
-            decide_and_update<false>(a.u, a.S, a.R, a.P, v[0], loss, a.clip_norm, !input_bad(a.S, a.P), late);
+        FU_MARK();
+        fu_sync<CLUSTER>();
+        FU_MARK();
+        /* every block adds the partials in the same order, so all take the same decision */
+        v[0] = threadIdx.x < gridDim.x ? a.S->norm_part[threadIdx.x] : 0.0;
+        for (int k = threadIdx.x + blockDim.x; k < (int)gridDim.x; k += blockDim.x) v[0] += a.S->norm_part[k];
+        v[1] = v[2] = 0.0;
+        add_row_parts(a.S, b, v);
+        /* whether fu_early decided (block 0's thread 0 decides below), loaded beside the parts */
+        const bool late = a.early && blockIdx.x == 0 && threadIdx.x == 0 && __ldcg(&a.S->fu_late) == a.P->rseq;
+        block_sum3(v);
+        const double loss = v[1] / (double)b;
+        if (blockIdx.x == 0 && threadIdx.x == 0) {
+            a.S->loss = loss;  /* decide() below copies both into R */
+            a.S->correct = a.accuracy == MPSCY_ACCURACY_NONE ? -1 : (long long)v[2];
         }
+        decide_and_update<false>(a.u, a.S, a.R, a.P, v[0], loss, a.clip_norm, !input_bad(a.S, a.P), late);
         FU_MARK();
         if (a.trace && blockIdx.x == 0 && threadIdx.x == 0) fu_trace_print(a, T);
-        if (CLUSTER || !a.linger_ns || !fu_linger(a, dsm, &nx, updated)) break;
+        if (CLUSTER || !a.linger_ns || !fu_linger(a, dsm, &nx)) break;
     }
 }
 
@@ -521,7 +552,7 @@ int cu_fused_plan(cu_graph *g) {
     a.split_parts = cu_knob_int("MPSCY_CUDA_FUSED_SPLITK", 0) != 1;
     a.relays = cu_knob_int("MPSCY_CUDA_FUSED_RELAYS", 2);
     if (a.relays < 1) a.relays = 1;
-    if (a.relays > FU_WARPS - 2) a.relays = FU_WARPS - 2;  /* the last warp sums the late norm (fu_norm_late) */
+    if (a.relays > FU_WARPS) a.relays = FU_WARPS;
     float *slot[3] = {NULL, NULL, NULL};
     for (int k = 0; k < 3 && k < p->n_vec_slots; k++) slot[k] = g->optim + p->vec_offset[k];
     a.u = update_args{g->params, g->grads, slot[0], slot[1], slot[2], p->n_train, p->optim.kind,
@@ -533,22 +564,6 @@ int cu_fused_plan(cu_graph *g) {
      * 31.4, 30.2 against 30.9 ($MPSCY_CUDA_FUSED_SKIP0=0, measuring, gives it its share; the grid
      * form only, lingering or not) */
     a.u.skip_block0 = !cluster && cu_knob_on("MPSCY_CUDA_FUSED_SKIP0");
-    /* the update in the weight gradients (fu_wupd): with no norm clipping and the early decision,
-     * on the grid of a lingering kernel, where the layers' parameters are the whole slab (each
-     * element is some weight gradient's) */
-    int64_t covered = 0, stash = 0;
-    for (int l = 0; l < nl; l++) {
-        const fu_layer &L = a.L[l];
-        const int64_t items = (int64_t)(L.in + 31) / 32 * ((L.out + 3) / 4) + (L.bias ? (L.out + 31) / 32 : 0);
-        covered += (int64_t)L.in * L.out + (L.bias ? L.out : 0);
-        stash += (items + blocks - 1) / blocks * 128;  /* at most a block's items of the layer, 128 entries each */
-    }
-    const int wupd = cu_knob_int("MPSCY_CUDA_FUSED_WUPD", 2);
-    a.wupd_pf = cu_knob_int("MPSCY_CUDA_FUSED_WUPD_PF", 1);
-    a.wupd_u = cu_knob_int("MPSCY_CUDA_FUSED_WUPD_U", 1);
-    a.wupd = !a.u.clip_norm && a.early && !cluster && covered == p->n_train && wupd > 0
-                 ? (wupd == 1 || stash > FU_STASH || p->n_train > INT32_MAX ? 1 : 2)
-                 : 0;
     cu_fused *f = (cu_fused *)cu_host_alloc(&g->dev->base, sizeof(cu_fused));
     if (!f) return 0;
     f->a = a;
@@ -558,7 +573,6 @@ int cu_fused_plan(cu_graph *g) {
      * where the host hands steps over: deferred staging, early return, the grid form */
     const int linger_us = cu_knob_int("MPSCY_CUDA_FUSED_LINGER", FU_LINGER_US);
     f->linger_ns = g->defer && g->early && !cluster && linger_us > 0 ? 1000ull * (unsigned long long)linger_us : 0ull;
-    if (!f->linger_ns) f->a.wupd = 0;
     if (a.trace && cu_dev_alloc(&g->dev->base, (void **)&f->a.stamps, FU_STAMP_BYTES(blocks)) != MPSCY_OK) {
         cu_host_free(&g->dev->base, f, sizeof(cu_fused));
         return 0;
@@ -639,9 +653,6 @@ void cu_fused_report(const cu_graph *g) {
     if (q && cudaMemcpy(&early, &g->scratch->lg_w_early, sizeof(early), cudaMemcpyDeviceToHost) == cudaSuccess)
         fprintf(stderr, "mpscy: cuda lingering kernel: %llu of %lld copying blocks' weight slices loaded while it waited\n",
                 early, (long long)(q * ((batch + f->a.split_rows - 1) / f->a.split_rows) * g->lg_taken));
-    unsigned long long wupd = 0;
-    if (f->a.wupd && cudaMemcpy(&wupd, &g->scratch->fu_wupd_steps, sizeof(wupd), cudaMemcpyDeviceToHost) == cudaSuccess)
-        fprintf(stderr, "mpscy: cuda lingering kernel: %llu training steps updated in their weight gradients\n", wupd);
     long long t[FU_LG_TIMES];
     if (cudaMemcpy(t, g->scratch->lg_sum, sizeof(t), cudaMemcpyDeviceToHost) == cudaSuccess && t[FU_LG_TIMES - 1] > 0) {
         const double k = 1e-3 / (double)t[FU_LG_TIMES - 1];
@@ -673,8 +684,7 @@ const char *cu_fused_form(const cu_graph *g, char *buf, size_t n) {
     if (q && k > 0 && (size_t)k < n)  /* the full batch's slices */
         k += snprintf(buf + k, n - (size_t)k, ", layer 0 in the copy (%d slices of %d inputs)", q, kw);
     if (f->linger_ns && k > 0 && (size_t)k < n)
-        snprintf(buf + k, n - (size_t)k, ", lingering %llu us for the next step%s%s", f->linger_ns / 1000ull,
-                 f->a.prefetch ? ", relaying its pieces meanwhile" : "",
-                 f->a.wupd ? ", updating in the weight gradients" : "");
+        snprintf(buf + k, n - (size_t)k, ", lingering %llu us for the next step%s", f->linger_ns / 1000ull,
+                 f->a.prefetch ? ", relaying its pieces meanwhile" : "");
     return buf;
 }

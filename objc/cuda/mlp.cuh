@@ -73,89 +73,8 @@ struct fu_args {
     unsigned long long linger_ns; /* after its update the kernel waits this long for the next step (fu_linger); 0: it ends */
     int lg_time;       /* $MPSCY_CUDA_VERBOSE: the linger's intervals timed (fu_linger, S->lg_sum) */
     int prefetch;      /* while it lingers, the next step's front begun (fu_linger; $MPSCY_CUDA_FUSED_PREFETCH=0, measuring: not) */
-    int wupd;          /* a lingering launch updates in the weight gradients (fu_wupd): 2 a block's pass, 1 each warp its
-                        * own elements ($MPSCY_CUDA_FUSED_WUPD, measuring; 0: never) */
-    int wupd_pf, wupd_u; /* form 2's prefetch and entries a thread at a time (fu_wupd, fu_wupd_pass) */
     unsigned long long *stamps; /* with trace: FU_STAMPS times a block (fu_stamp) */
 };
-
-/* The update in the weight gradients (fu_args.wupd, mlp.cu's weight_grads): with no norm
- * clipping an element's update needs only its gradient and the step's decision, which fu_early's
- * last block takes before any weight gradient is made. A block's last warp fetches the decision
- * (S->fu_dec) and the step's coefficients into shared memory (fu_wupd_fetch); the warps that make
- * gradients wait on `go` (0 not yet, 1 update, 2 not: the end's path) and update their elements
- * there, so the norm's barrier, its sum and the slab's pass leave the step: each block counts its
- * norm's part in (S->fu_norm_in) and goes to the linger, where block 0's last warp adds the parts
- * into the norm's late slot (fu_norm_late). */
-struct fu_wupd {
-    const update_args *u;
-    mpscy_optim_coef *c;        /* shared: the step's coefficients (P->coef) */
-    volatile int *go;           /* shared */
-    /* form 2: each gradient made goes to the block's stash (its slab index, -1 for none, and its
-     * value), whose elements the whole block updates after its norm's barrier (fu_wupd_pass) */
-    int *n, *sk;
-    float *sg;
-    int pf;                     /* form 2: the lines prefetched to L1 ($MPSCY_CUDA_FUSED_WUPD_PF, measuring) */
-};
-#define FU_STASH (FU_SMEM_FLOATS / 2)  /* the stash's room (in the row phase's shared memory) */
-
-static __device__ __forceinline__ void fu_prefetch_l1(const float *p) {
-    asm volatile("prefetch.global.L1 [%0];" ::"l"(p));
-}
-
-/* form 2: the lines of the slab at k (the parameter and its slots) into L1 while the gradient is
- * made, for the pass after the block's barrier */
-static __device__ __forceinline__ void fu_wupd_prefetch(const update_args &u, int64_t k) {
-    fu_prefetch_l1(u.w + k);
-    if (u.s0) fu_prefetch_l1(u.s0 + k);
-    if (u.s1) fu_prefetch_l1(u.s1 + k);
-    if (u.s2) fu_prefetch_l1(u.s2 + k);
-}
-
-/* form 2: a warp's `per` lanes-worth of entries into the stash (every lane calls it): entry
- * q * 32 + lane is (k[q], g[q]), k[q] < 0 for none */
-template <int Q>
-static __device__ __forceinline__ void fu_stash(const fu_wupd *W, int lane, const int64_t *k, const bool *ok,
-                                                const float *g) {
-    int base = 0;
-    if (lane == 0) base = atomicAdd(W->n, Q * 32);
-    base = __shfl_sync(0xffffffffu, base, 0);
-#pragma unroll
-    for (int q = 0; q < Q; q++) {
-        W->sk[base + q * 32 + lane] = ok[q] ? (int)k[q] : -1;
-        W->sg[base + q * 32 + lane] = g[q];
-    }
-}
-
-/* form 2: the block's stash updated, the same element rule on the same values as update_slab's
- * loop: U entries a thread at a time (t, t + blockDim.x, ...), every one's loads before any is
- * applied when U > 1 ($MPSCY_CUDA_FUSED_WUPD_U, measuring: 1 or 3) */
-template <int U>
-static __device__ void fu_wupd_pass(const update_args &u, const mpscy_optim_coef &c, int n, const int *sk,
-                                    const float *sg) {
-    for (int s0 = threadIdx.x; s0 < n; s0 += U * blockDim.x) {
-        int k[U];
-        upd_elem_regs e[U];
-#pragma unroll
-        for (int j = 0; j < U; j++) {
-            const int s = s0 + j * blockDim.x;
-            k[j] = s < n ? sk[s] : -1;
-            if (k[j] >= 0) upd_elem_load(u, k[j], e[j]);
-        }
-#pragma unroll
-        for (int j = 0; j < U; j++)
-            if (k[j] >= 0) upd_elem_apply(u, c, k[j], sg[s0 + j * blockDim.x], e[j]);
-    }
-}
-
-/* the block's decision for the warps with elements to update: once fetched */
-static __device__ __forceinline__ bool fu_wupd_go(const fu_wupd *W) {
-    int g;
-    while ((g = *W->go) == 0) {
-    }
-    __threadfence_block();  /* the coefficients stored before it */
-    return g == 1;
-}
 
 /* What the lingering kernel did for the step it then runs (fu_linger) */
 struct fu_next {

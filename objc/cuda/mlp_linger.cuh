@@ -40,36 +40,6 @@ static __device__ int fu_linger_verdict(const fu_args &a, unsigned long long t0)
     return go;
 }
 
-/* The norm of a step updated in its weight gradients (fu_wupd), by block 0's last warp while the
- * kernel lingers: once every block's part is counted in, their sum in the end's order (mlp.cu:
- * thread t adds parts t, t + FU_THREADS, ..., then block_sum3 adds the warps' sums in order: the
- * same bits) into the step's late slot (nslot, marked rseq: read before the release, after which
- * the next step's params block lands) */
-static __device__ void fu_norm_late(const fu_args &a, uint32_t nslot, uint32_t rseq) {
-    cu_scratch *S = a.S;
-    const int lane = threadIdx.x & 31, n = gridDim.x;
-    while (cu_load_acquire_gpu(&S->fu_norm_in) != (uint32_t)n) {
-    }
-    double p[FU_WARPS];
-#pragma unroll
-    for (int q = 0; q < FU_WARPS; q++) {
-        const int k = q * 32 + lane;
-        p[q] = k < n ? __ldcg(&S->norm_part[k]) : 0.0;
-    }
-#pragma unroll
-    for (int q = 0; q < FU_WARPS; q++)
-        for (int k = q * 32 + lane + FU_THREADS; k < n; k += FU_THREADS) p[q] += __ldcg(&S->norm_part[k]);
-    double t = 0.0;
-#pragma unroll
-    for (int q = 0; q < FU_WARPS; q++) t += warp_allsum(p[q]);
-    if (lane == 0) {
-        S->fu_norm_in = 0u;  /* every block has added to it; the next step's come after block 0's next barrier */
-        a.R->norm_ring[nslot] = sqrt(t);
-        cu_store_release_sys(&a.R->norm_seq[nslot], rseq);
-        if (a.lg_time) S->fu_wupd_steps++;
-    }
-}
-
 /* The kernel lingers ($MPSCY_CUDA_FUSED_LINGER): past its update, instead of ending, it waits for
  * the host to hand it the graph's next training step, so that step starts with no launch and the
  * update's tail (the weight gradients, the norm, the update: ~9 us after the early decision)
@@ -94,9 +64,8 @@ static __device__ void fu_norm_late(const fu_args &a, uint32_t nslot, uint32_t r
  * a block's rows here too when their pieces came before the release gained nothing (32.2 us):
  * on the benchmark they came after it for 99.9% of the blocks (bench/cuda_notes.md), and so
  * did they with block 0 free of the update (update_args.skip_block0, so that it reaches this
- * linger ~1.5 us sooner): 0-456 blocks in ~345,000 read them here (forty-ninth session).
- * late_norm: this step was updated in its weight gradients (fu_wupd), its norm is summed here. */
-static __device__ bool fu_linger(const fu_args &a, float *ws, fu_next *nx, bool late_norm) {
+ * linger ~1.5 us sooner): 0-456 blocks in ~345,000 read them here (forty-ninth session). */
+static __device__ bool fu_linger(const fu_args &a, float *ws, fu_next *nx) {
     __shared__ int go, act;
     __shared__ volatile int all_relayed;
     __shared__ unsigned long long t_relayed;
@@ -107,7 +76,7 @@ static __device__ bool fu_linger(const fu_args &a, float *ws, fu_next *nx, bool 
     const bool relay = a.prefetch && a.deferred, slice = relay && a.split_q && fu_split_slice(a, a.b, &t);
     nx->relayed = nx->w_loading = false;
     /* the step to relay, read before any release: a released block's params copy overwrites it */
-    const uint32_t next = a.P->seq + 1u, nslot = a.P->nslot, rseq = a.P->rseq;
+    const uint32_t next = a.P->seq + 1u;
     if (threadIdx.x == 0) stop = all_relayed = 0;
     __syncthreads();  /* every thread's update stores issued */
     unsigned int gen = 0u;
@@ -165,8 +134,6 @@ static __device__ bool fu_linger(const fu_args &a, float *ws, fu_next *nx, bool 
                 if (!all_relayed) t_relayed = cu_global_ns();
                 all_relayed = 1;
             }
-        } else if (late_norm && warp == FU_WARPS - 1) {  /* not a relay warp (cu_fused_plan) */
-            fu_norm_late(a, nslot, rseq);
         }
         __syncthreads();  /* the relay warps are done */
         if (td && all_relayed) S->lg_sum[2] += (long long)(t_relayed - td);

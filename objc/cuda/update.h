@@ -103,32 +103,6 @@ static __device__ __forceinline__ void update_elem(const update_args &u, const m
     }
 }
 
-/* One element's update where its gradient is made (mlp.cu's weight gradients, fu_args.wupd): the
- * parameter and its slots at slab index k loaded ahead (upd_elem_load), then as update_slab's
- * element (no norm clipping there: clip_elem by value alone; a clipped gradient stored back), its
- * values from registers as upd_apply's: the same bits. */
-struct upd_elem_regs {
-    float w, a0, a1, a2;
-};
-
-static __device__ __forceinline__ void upd_elem_load(const update_args &u, int64_t k, upd_elem_regs &r) {
-    r.w = u.w[k];
-    if (u.s0) r.a0 = u.s0[k];
-    if (u.s1) r.a1 = u.s1[k];
-    if (u.s2) r.a2 = u.s2[k];
-}
-
-static __device__ __forceinline__ void upd_elem_apply(const update_args &u, const mpscy_optim_coef &c, int64_t k, float g,
-                                                      upd_elem_regs &r) {
-    g = clip_elem(u, g, 1.0f);
-    if (u.clip_value > 0.0f) u.grads[k] = g;
-    update_elem(u, c, g, &r.w, &r.a0, &r.a1, &r.a2);
-    u.w[k] = r.w;
-    if (u.s0) u.s0[k] = r.a0;
-    if (u.s1) u.s1[k] = r.a1;
-    if (u.s2) u.s2[k] = r.a2;
-}
-
 /* One batch of the update: U elements of a thread (i, i + stride, ...), every operand loaded
  * (upd_load) before any element is stored (upd_apply), so a thread waits on one round of loads a
  * batch, where the loop of one element an iteration waits on one an element (its loads cannot
