@@ -56,6 +56,12 @@ def _took(gpu, capfd):
     return _close(gpu, capfd)[0]
 
 
+def _near_cpu(pairs):
+    """Every (cpu, gpu) result pair's loss and gradient norm within 1e-4 of the cpu's."""
+    for rc, rg in pairs:
+        assert abs(rg.loss - rc.loss) <= 1e-4 * rc.loss and abs(rg.grad_norm - rc.grad_norm) <= 1e-4 * rc.grad_norm
+
+
 def _paired_steps(cpu, gpu, data, batch, shape, n, pause_from=0):
     """n training steps of the same batches on both engines, 1 ms of host time before each gpu
     step from step pause_from on: the gpu's (loss, grad_norm) of each, within 1e-4 of the cpu's,
@@ -69,8 +75,7 @@ def _paired_steps(cpu, gpu, data, batch, shape, n, pause_from=0):
             time.sleep(0.001)
         out.append((rc, gpu.step(x, y)))
     params = gpu.get_parameters()
-    for rc, rg in out:
-        assert abs(rg.loss - rc.loss) <= 1e-4 * rc.loss and abs(rg.grad_norm - rc.grad_norm) <= 1e-4 * rc.grad_norm
+    _near_cpu(out)
     return [(rg.loss, rg.grad_norm) for _, rg in out], params
 
 
@@ -127,8 +132,7 @@ def test_linger_changes_nothing_but_when(monkeypatch, capfd, rng):
         results = _run_plan(cpu, gpu, batch, shape, np.random.default_rng(seed), check_fast=linger == SECOND)
         pg = gpu.get_parameters()
         runs.append(([(rg.loss, rg.accuracy, rg.applied, rg.grad_norm) for _, rg in results], pg))
-        for rc, rg in results:
-            assert abs(rg.loss - rc.loss) <= 1e-4 * rc.loss and abs(rg.grad_norm - rc.grad_norm) <= 1e-4 * rc.grad_norm
+        _near_cpu(results)
         full = [a in ("step", "nan") for a in PLAN]
         want = sum(1 for k in range(1, len(PLAN)) if full[k] and full[k - 1])
         assert (want, sum(full)) == (13, 19)
@@ -177,8 +181,7 @@ def test_the_step_numbers_starting_again_stop_the_linger(monkeypatch, capfd, rng
             rc, rg = cpu.step(x, y), gpu.step(x, y)
             out.append((rc, rg))
         pg = gpu.get_parameters()
-        for rc, rg in out:
-            assert abs(rg.loss - rc.loss) <= 1e-4 * rc.loss and abs(rg.grad_norm - rc.grad_norm) <= 1e-4 * rc.grad_norm
+        _near_cpu(out)
         runs.append(([(rg.loss, rg.grad_norm) for _, rg in out], pg))
         assert _took(gpu, capfd) == ((6, 10) if linger == SECOND else (0, 0))
     assert runs[0][0] == runs[1][0]

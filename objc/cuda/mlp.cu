@@ -664,14 +664,17 @@ void cu_fused_report(const cu_graph *g) {
                 k * (double)t[4], k * (double)t[5], k * (double)t[6], k * (double)t[7],
                 g->lg_stages ? 1e-3 * (double)g->lg_stage_ns / (double)g->lg_stages : 0.0);
     }
-    /* the host's staging: each piece's flag and each staging task's start, us after the result */
-    fprintf(stderr, "mpscy: cuda lingering kernel, the host's staging, us after it saw the result: pieces flagged");
-    for (int k = 0; k < CU_STAGE_STAMPS; k++) {
-        if (k == CU_STAGE_MAX_PIECES) fprintf(stderr, "; tasks started");
-        if (g->lg_stamp_ns[k] && g->lg_stages)
-            fprintf(stderr, " %d:%.2f", k % CU_STAGE_MAX_PIECES, 1e-3 * (double)g->lg_stamp_ns[k] / (double)g->lg_stages);
+    /* the host's staging: each piece's flag and each staging task's start, us after the result
+     * (only where a lingering kernel took a staged step: no stagings, no figures) */
+    if (g->lg_stages) {
+        fprintf(stderr, "mpscy: cuda lingering kernel, the host's staging, us after it saw the result: pieces flagged");
+        for (int k = 0; k < CU_STAGE_STAMPS; k++) {
+            if (k == CU_STAGE_MAX_PIECES) fprintf(stderr, "; tasks started");
+            if (g->lg_stamp_ns[k])
+                fprintf(stderr, " %d:%.2f", k % CU_STAGE_MAX_PIECES, 1e-3 * (double)g->lg_stamp_ns[k] / (double)g->lg_stages);
+        }
+        fprintf(stderr, "\n");
     }
-    fprintf(stderr, "\n");
     cudaGetLastError();
 }
 
