@@ -22,25 +22,31 @@ def _frozen(layer):
 
 @cuda_only
 @pytest.mark.parametrize("form", ["grid", "grid:3", "grid:40", "cluster:16", "cluster:4", "grid, plain", "grid, whole",
-                                  "grid, unaligned"])
+                                  "grid, unaligned", "grid, block rows", "cluster:16, block rows"])
 def test_fused_forms_match_cpu(form, monkeypatch, capfd, rng):
     """The whole train step as one kernel (mlp.cu), in each form ($MPSCY_CUDA_FUSED: barriers
     across a cooperative grid or within one thread-block cluster, with fewer blocks than rows or
     more; "plain": layer 0 as its own phase after the copy, $MPSCY_CUDA_FUSED_SPLIT=0; "whole":
     each output's product over a block's slice by one thread, not in parts, $MPSCY_CUDA_FUSED_SPLITK=1;
     "unaligned": slices as wide as the blocks allow, not rounded up to 32 inputs,
-    $MPSCY_CUDA_FUSED_SPLITW=0): 20 steps of full and partial batches against the cpu, with
+    $MPSCY_CUDA_FUSED_SPLITW=0; "block rows": the row phase a block a row, not a warp a row with
+    the row layers' weights in shared memory, $MPSCY_CUDA_FUSED_WROW=0): 20 steps of full and partial batches against the cpu, with
     label smoothing and norm clipping, on chains of Dense layers with and without ReLU and bias.
     On the default grid layer 0 runs in the copy phase in every model of more than one layer
     (the benchmark MLP's 784 inputs: 13 slices of 64 for 8 groups of 4 rows, the last 16 wide;
     unaligned, 16 slices of 49); on grid:3 and cluster:4 the benchmark MLP's 8 groups of rows
-    leave no block for a slice, so its layer 0 runs as its own phase there."""
+    leave no block for a slice, so its layer 0 runs as its own phase there. The warp rows take
+    the models whose row layers' inputs are multiples of 4 (the benchmark MLP, dense_relu,
+    no_bias, long_batch), the others run a block a row."""
     plain = form.endswith(", plain")
     unaligned = form.endswith(", unaligned")
     if form.endswith(", whole"):
         monkeypatch.setenv("MPSCY_CUDA_FUSED_SPLITK", "1")
     if unaligned:
         monkeypatch.setenv("MPSCY_CUDA_FUSED_SPLITW", "0")
+    block_rows = form.endswith(", block rows")
+    if block_rows:
+        monkeypatch.setenv("MPSCY_CUDA_FUSED_WROW", "0")
     form = form.split(",")[0]
     monkeypatch.setenv("MPSCY_CUDA_FUSED", form)
     monkeypatch.setenv("MPSCY_CUDA_VERBOSE", "1")
@@ -61,6 +67,8 @@ def test_fused_forms_match_cpu(form, monkeypatch, capfd, rng):
         split = "layer 0 in the copy" in got
         if plain:
             assert not split, (name, got)
+        warp_rows = name in ("benchmark_mlp", "dense_relu", "no_bias", "long_batch") and not block_rows
+        assert ("rows a warp each" in got) == warp_rows, (name, got)
         if form == "grid" and not plain:
             assert split == (name != "one_layer"), (name, got)
         if form == "grid" and not plain and name == "benchmark_mlp" and "grid:132" in got:
@@ -142,16 +150,17 @@ def test_engines_on_two_threads_keep_their_shared_memory(monkeypatch, capfd, rng
 
 
 @cuda_only
-@pytest.mark.parametrize("knob", ["MPSCY_CUDA_FUSED_SPLITK=1 MPSCY_CUDA_FUSED_SPLITDOT=0", "MPSCY_CUDA_FUSED_DWIDE=1",
-                                  "MPSCY_CUDA_FUSED_GRADV=0", "MPSCY_CUDA_FUSED_ROWU=8", "MPSCY_CUDA_FUSED_RELAYS=1",
+@pytest.mark.parametrize("knob", ["MPSCY_CUDA_FUSED_SPLITK=1 MPSCY_CUDA_FUSED_SPLITDOT=0",
+                                  "MPSCY_CUDA_FUSED_WROW=0 MPSCY_CUDA_FUSED_DWIDE=1", "MPSCY_CUDA_FUSED_GRADV=0",
+                                  "MPSCY_CUDA_FUSED_WROW=0 MPSCY_CUDA_FUSED_ROWU=8", "MPSCY_CUDA_FUSED_RELAYS=1",
                                   "MPSCY_CUDA_FUSED_EARLYWARP=0", "MPSCY_CUDA_FUSED_SKIP0=0"])
 def test_fused_measuring_knobs_give_the_same_bits(knob, monkeypatch, rng):
     """The one-kernel step's measuring knobs change how it runs, never what it computes: layer
     0's partial products in the copy phase a (row, output) a thread (SPLITDOT=0, against an
     output and its rows, both with the slice whole: SPLITK=1), the row phase's d(input) loads 16
-    classes at a time where a group has 2 (DWIDE=1, against 4), the weight gradients' dz values a
+    classes at a time where a group has 2 (DWIDE=1, against 4; both with the block rows, WROW=0), the weight gradients' dz values a
     float a load (GRADV=0, against 4), the row load's partial products 8 loads a round (ROWU=8,
-    against 16), the host's flags relayed by one warp (RELAYS=1, against 2), the early decision's
+    against 16; with the block rows), the host's flags relayed by one warp (RELAYS=1, against 2), the early decision's
     sums by the whole block (EARLYWARP=0, against warp 0 alone), block 0 with a share of the
     update (SKIP0=0, against none). Each sum runs over
     the same terms in the same order, so 10 steps of the benchmark MLP (full and partial batches,

@@ -30,6 +30,7 @@
 #include "mlp_linger.cuh"
 #include "mlp_rows.cuh"
 #include "mlp_split.cuh"
+#include "mlp_wrow.cuh"
 #include "reduce.h"
 #include "update.h"
 
@@ -286,7 +287,7 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
     /* warp items go round the blocks first, so every multiprocessor gets a share of a small phase */
     const int gw = warp * gridDim.x + blockIdx.x, tw = gridDim.x * FU_WARPS;
     const int b = ga.b;
-    fu_next nx = {false, false};  /* what the kernel did for this step while it lingered */
+    fu_next nx = {false, false, false};  /* what the kernel did for this step while it lingered */
     for (;;) {  /* a step, and the next ones while the kernel lingers (fu_linger) */
         fu_trace T;
         T.n = 0;
@@ -305,6 +306,7 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
             ga.copy_dst[i] = __ldcv(ga.copy_src + i);  /* not cached: a lingering kernel reads it again */
         /* the split's weight slice to shared memory while the batch arrives (cp.async) */
         if (!nx.w_loading) fu_split_load(ga, b, dsm);
+        if (ga.wrow && !nx.wr_loading && (int)blockIdx.x < b) wr_load(ga, dsm + ga.wr_off);
         cp_async_commit();
         /* the batch as the host stages it (deferred): block 0's first warps relay the host's flags
          * (this step's number read from the host's params block, which the launch follows) into
@@ -367,9 +369,26 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
             fu_sync<CLUSTER>();
             FU_MARK();
         }
-        /* each row through the rest of the chain and back, a block per row */
-        for (int r = blockIdx.x; r < b; r += gridDim.x)
-            row_chain(a, smem, a.n_layers > 1 ? 1 : 0, r, lane, warp, &T, wmax);
+        /* each row through the rest of the chain and back: a warp per row, with the row layers'
+         * weights in shared memory (wr_load: waited for here), or a block per row */
+        if (a.wrow && (int)blockIdx.x < b) {
+            float mx = 0.0f;  /* the rows' inputs' largest |value| (fu_amax), each warp's into wmax */
+            for (int r = blockIdx.x; r < b; r += gridDim.x) {
+                row_input(a, smem, 1, r, &mx);  /* by the block, as the block rows' */
+                cp_async_wait<0>();
+                __syncthreads();
+                FU_MARK();
+                if (warp == 0) wr_chain(a, smem, dsm + a.wr_off, r, lane, &T, wmax);
+                if (r + (int)gridDim.x < b) __syncthreads();  /* the next row's input overwrites this one's */
+            }
+            if (a.early) {
+                const unsigned int w = fu_amax_warp(mx);
+                if (lane == 0) wmax[warp] = max(wmax[warp], w);
+            }
+        } else {
+            for (int r = blockIdx.x; r < b; r += gridDim.x)
+                row_chain(a, smem, a.n_layers > 1 ? 1 : 0, r, lane, warp, &T, wmax);
+        }
         if (a.early && !CLUSTER) {
             fu_early(a, wmax, true, gen0);  /* the barrier itself, its last block deciding */
             FU_MARK();
@@ -407,11 +426,6 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
 }
 
 /* ------------------------------------------------------------------------------- host side */
-
-/* fu_split_q for b rows with the geometry the plan fixed (f->ws_floats: the split's room) */
-static int fu_slices(const cu_fused *f, int64_t b, int *kw) {
-    return fu_split_q(f->blocks, f->a.L[0].in, f->a.L[0].out, b, f->a.split_rows, f->ws_floats, f->split_align, kw);
-}
 
 /* Whether layer 0 runs in the copy phase (fu_split), decided once the grid is: the room for its
  * weight slice (dynamic shared memory) and for the partial products of every batch size up to
@@ -455,6 +469,34 @@ static void fu_plan_split(cu_graph *g, cu_fused *f) {
     }
     f->ypart_floats = most;
     f->ws_floats = ws;
+}
+
+/* Whether the row phase runs a warp a row (mlp_wrow.cuh): the row layers' weights fit in the
+ * dynamic shared memory past the split's slice. $MPSCY_CUDA_FUSED_WROW=0 (measuring): a block a
+ * row always. */
+static void fu_plan_wrow(cu_graph *g, cu_fused *f) {
+    fu_args plan = f->a;
+    const int64_t n = cu_knob_on("MPSCY_CUDA_FUSED_WROW") && g->dev->prop.major >= 8 ? wr_plan(&plan) : 0;
+    cudaFuncAttributes fa;
+    int per_sm = 0;
+    if (!n || cudaFuncGetAttributes(&fa, fused_mlp_kernel<false>) != cudaSuccess) {
+        cudaGetLastError();
+        return;
+    }
+    const size_t bytes = (size_t)(f->ws_floats + n) * sizeof(float);
+    if (bytes + fa.sharedSizeBytes > (size_t)g->dev->prop.sharedMemPerBlockOptin ||
+        cu_smem_optin((const void *)fused_mlp_kernel<false>, (int)bytes) != cudaSuccess ||
+        cu_smem_optin((const void *)fused_mlp_kernel<true>, (int)bytes) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fused_mlp_kernel<false>, FU_THREADS, bytes) !=
+            cudaSuccess ||
+        per_sm < 1) {
+        cudaGetLastError();
+        return;
+    }
+    f->a = plan;
+    f->a.wrow = 1;
+    f->a.wr_off = f->ws_floats;
+    f->wr_floats = n;
 }
 
 int cu_fused_plan(cu_graph *g) {
@@ -578,6 +620,7 @@ int cu_fused_plan(cu_graph *g) {
         return 0;
     }
     fu_plan_split(g, f);
+    fu_plan_wrow(g, f);
     g->fu = f;
     return 1;
 }
@@ -618,9 +661,9 @@ int cu_fused_step(cu_graph *g, int64_t b, size_t staged, int deferred, char *err
     cudaLaunchAttribute at;
     cfg.gridDim = dim3(f->blocks);
     cfg.blockDim = dim3(FU_THREADS);
-    cfg.dynamicSmemBytes = (size_t)f->ws_floats * sizeof(float);
-    /* the kernel's shared-memory opt-in covers this: fu_plan_split raised it to these bytes, and
-     * cu_smem_optin never lowers it */
+    cfg.dynamicSmemBytes = (size_t)(f->ws_floats + f->wr_floats) * sizeof(float);
+    /* the kernel's shared-memory opt-in covers this: fu_plan_split and fu_plan_wrow raised it to
+     * these bytes, and cu_smem_optin never lowers it */
     cfg.stream = g->stream;
     cfg.attrs = &at;
     cfg.numAttrs = 1;
@@ -636,58 +679,4 @@ int cu_fused_step(cu_graph *g, int64_t b, size_t staged, int deferred, char *err
         CU_TRY(cudaLaunchKernelEx(&cfg, fused_mlp_kernel<false>, f->a), "fused_mlp (cooperative)");
     }
     return CU_LAUNCHED("fused_mlp");
-}
-
-int cu_fused_lingers(const cu_graph *g) { return g->fu && g->fu->linger_ns; }
-
-void cu_fused_report(const cu_graph *g) {
-    if (!g->lg_steps || !g->lg_report) return;
-    fprintf(stderr, "mpscy: cuda lingering kernel took %lld of %lld training steps (the host's turn from a result to the "
-            "next request: %.2f us on average, %.2f of them to the step's launch)\n", (long long)g->lg_taken,
-            (long long)g->lg_steps, g->lg_turns ? 1e-3 * (double)g->lg_turn_ns / (double)g->lg_turns : 0.0,
-            g->lg_turns ? 1e-3 * (double)g->lg_enter_ns / (double)g->lg_turns : 0.0);
-    const cu_fused *f = g->fu;
-    unsigned long long early = 0;
-    int kw;
-    const int64_t batch = g->plan.batch, q = f->ws_floats && f->a.prefetch ? fu_slices(f, batch, &kw) : 0;
-    if (q && cudaMemcpy(&early, &g->scratch->lg_w_early, sizeof(early), cudaMemcpyDeviceToHost) == cudaSuccess)
-        fprintf(stderr, "mpscy: cuda lingering kernel: %llu of %lld copying blocks' weight slices loaded while it waited\n",
-                early, (long long)(q * ((batch + f->a.split_rows - 1) / f->a.split_rows) * g->lg_taken));
-    long long t[FU_LG_TIMES];
-    if (cudaMemcpy(t, g->scratch->lg_sum, sizeof(t), cudaMemcpyDeviceToHost) == cudaSuccess && t[FU_LG_TIMES - 1] > 0) {
-        const double k = 1e-3 / (double)t[FU_LG_TIMES - 1];
-        fprintf(stderr, "mpscy: cuda lingering kernel, us after the early decision (mean of %lld steps timed): block 0's "
-                "update done %.2f, every block's %.2f, the next request seen %.2f, its pieces relayed %.2f, the release %.2f; after the "
-                "release: the next early decision %.2f, the last block's rows read %.2f, their products %.2f, block 0 "
-                "past the copy's barrier %.2f; the host's batch staged %.2f us after it saw the result\n",
-                t[FU_LG_TIMES - 1], k * (double)t[0], k * (double)t[8], k * (double)t[1], k * (double)t[2], k * (double)t[3],
-                k * (double)t[4], k * (double)t[5], k * (double)t[6], k * (double)t[7],
-                g->lg_stages ? 1e-3 * (double)g->lg_stage_ns / (double)g->lg_stages : 0.0);
-    }
-    /* the host's staging: each piece's flag and each staging task's start, us after the result
-     * (only where a lingering kernel took a staged step: no stagings, no figures) */
-    if (g->lg_stages) {
-        fprintf(stderr, "mpscy: cuda lingering kernel, the host's staging, us after it saw the result: pieces flagged");
-        for (int k = 0; k < CU_STAGE_STAMPS; k++) {
-            if (k == CU_STAGE_MAX_PIECES) fprintf(stderr, "; tasks started");
-            if (g->lg_stamp_ns[k])
-                fprintf(stderr, " %d:%.2f", k % CU_STAGE_MAX_PIECES, 1e-3 * (double)g->lg_stamp_ns[k] / (double)g->lg_stages);
-        }
-        fprintf(stderr, "\n");
-    }
-    cudaGetLastError();
-}
-
-const char *cu_fused_form(const cu_graph *g, char *buf, size_t n) {
-    if (!g->fu) return "separate kernels";
-    const cu_fused *f = g->fu;
-    int kw = 0;
-    const int q = f->ws_floats ? fu_slices(f, g->plan.batch, &kw) : 0;
-    int k = snprintf(buf, n, "one kernel, %s:%d", f->cluster ? "cluster" : "grid", f->blocks);
-    if (q && k > 0 && (size_t)k < n)  /* the full batch's slices */
-        k += snprintf(buf + k, n - (size_t)k, ", layer 0 in the copy (%d slices of %d inputs)", q, kw);
-    if (f->linger_ns && k > 0 && (size_t)k < n)
-        snprintf(buf + k, n - (size_t)k, ", lingering %llu us for the next step%s", f->linger_ns / 1000ull,
-                 f->a.prefetch ? ", relaying its pieces meanwhile" : "");
-    return buf;
 }

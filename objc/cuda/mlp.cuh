@@ -74,12 +74,28 @@ struct fu_args {
     int lg_time;       /* $MPSCY_CUDA_VERBOSE: the linger's intervals timed (fu_linger, S->lg_sum) */
     int prefetch;      /* while it lingers, the next step's front begun (fu_linger; $MPSCY_CUDA_FUSED_PREFETCH=0, measuring: not) */
     unsigned long long *stamps; /* with trace: FU_STAMPS times a block (fu_stamp) */
+    int wrow;          /* the row phase by one warp a row, its weights in shared memory at wr_off (mlp_wrow.cuh) */
+    int64_t wr_off;    /* where in the dynamic shared memory (floats, past the split's slice) */
+    int wr_in[FU_MAX_LAYERS], wr_w[FU_MAX_LAYERS], wr_p[FU_MAX_LAYERS]; /* wr_plan: row layer l's input row in
+                        * the row buffers, its weights past wr_off, their pitch (floats) */
+    int wr_logit, wr_dz, wr_dzn; /* the logits and the two dz vectors (wr_dzn floats each) in the row buffers */
 };
+
+/* $MPSCY_CUDA_VERBOSE (fu_args.lg_time; the linger: mlp_linger.cuh): S->lg_sum's intervals, in ns, over the steps taken while
+ * lingering whose step before was too: from a step's early decision, block 0's arrival here, the
+ * next request seen, the next step's pieces all relayed, the release; then over the step that
+ * release started, from it, its early decision, the last copying block's rows read,
+ * their products done, block 0 past the copy's barrier; then from the early decision again, block
+ * 0's first look that found every block in (every update done: a look that may wait behind a
+ * look at the request, a PCIe round trip, until that is seen); their count last */
+#define FU_LG_TIMES 10
+static_assert(sizeof(((cu_scratch *)0)->lg_sum) == FU_LG_TIMES * sizeof(long long), "cu_scratch.lg_sum holds FU_LG_TIMES");
 
 /* What the lingering kernel did for the step it then runs (fu_linger) */
 struct fu_next {
     bool relayed;    /* block 0: every piece of the step relayed already */
     bool w_loading;  /* this block's slice of layer 0's weights on its way already (fu_split_load) */
+    bool wr_loading; /* this row block's row-layer weights on their way already (wr_load) */
 };
 
 #define FU_STAMPS 5    /* per block: start, its pieces seen, its rows loaded (split), copy done, barrier passed */
@@ -90,6 +106,7 @@ struct cu_fused {
     int cluster, blocks;
     int64_t ws_floats;     /* dynamic shared memory for the split's weight slice, in floats (0: no split) */
     int64_t ypart_floats;  /* g's room for the partial products */
+    int64_t wr_floats;     /* dynamic shared memory past ws_floats for the warp-row form's weights (0: block rows) */
     int split_align;       /* fu_split_q's align: 32 ($MPSCY_CUDA_FUSED_SPLITW, a measuring knob; 0 or 1: none) */
     unsigned long long linger_ns; /* $MPSCY_CUDA_FUSED_LINGER (us) as ns: the full batch's kernel lingers (deferred grid form) */
 };

@@ -6,16 +6,7 @@
 
 #include "mlp.cuh"
 #include "mlp_split.cuh"
-
-/* $MPSCY_CUDA_VERBOSE (fu_args.lg_time): S->lg_sum's intervals, in ns, over the steps taken while
- * lingering whose step before was too: from a step's early decision, block 0's arrival here, the
- * next request seen, the next step's pieces all relayed, the release; then over the step that
- * release started, from it, its early decision, the last copying block's rows read,
- * their products done, block 0 past the copy's barrier; then from the early decision again, block
- * 0's first look that found every block in (every update done: a look that may wait behind a
- * look at the request, a PCIe round trip, until that is seen); their count last */
-#define FU_LG_TIMES 10
-static_assert(sizeof(((cu_scratch *)0)->lg_sum) == FU_LG_TIMES * sizeof(long long), "cu_scratch.lg_sum holds FU_LG_TIMES");
+#include "mlp_wrow.cuh"
 
 /* Block 0's thread 0 between steps (fu_linger): the verdict once the host asks for step
  * served + 1 (1), or for anything else (0: it stops the kernel, or asked for a step this kernel
@@ -73,8 +64,9 @@ static __device__ bool fu_linger(const fu_args &a, float *ws, fu_next *nx) {
     cu_scratch *S = a.S;
     const int warp = threadIdx.x >> 5;
     fu_slice t;
-    const bool relay = a.prefetch && a.deferred, slice = relay && a.split_q && fu_split_slice(a, a.b, &t);
-    nx->relayed = nx->w_loading = false;
+    const bool relay = a.prefetch && a.deferred, slice = relay && a.split_q && fu_split_slice(a, a.b, &t),
+               rows = relay && a.wrow && (int)blockIdx.x < a.b;
+    nx->relayed = nx->w_loading = nx->wr_loading = false;
     /* the step to relay, read before any release: a released block's params copy overwrites it */
     const uint32_t next = a.P->seq + 1u;
     if (threadIdx.x == 0) stop = all_relayed = 0;
@@ -148,7 +140,7 @@ static __device__ bool fu_linger(const fu_args &a, float *ws, fu_next *nx) {
     if (threadIdx.x == 0) {
         atomicAdd(&S->lg_arrive, 1u);
         act = 0;
-        while (slice && cu_load_acquire_gpu(&S->lg_gen) == gen)
+        while ((slice || rows) && cu_load_acquire_gpu(&S->lg_gen) == gen)
             if (cu_load_acquire_gpu(&S->lg_arrive) == gridDim.x) {
                 act = 1;
                 break;
@@ -156,19 +148,21 @@ static __device__ bool fu_linger(const fu_args &a, float *ws, fu_next *nx) {
     }
     __syncthreads();
     if (act) {
-        fu_split_load(a, a.b, ws);
+        if (slice) fu_split_load(a, a.b, ws);
+        if (rows) wr_load(a, ws + a.wr_off);
         cp_async_commit();
-        nx->w_loading = true;
+        nx->w_loading = slice;
+        nx->wr_loading = rows;
     }
     if (threadIdx.x == 0) {
         uint32_t g2;
         while ((g2 = cu_load_acquire_gpu(&S->lg_gen)) == gen) {
         }
         go = !(g2 & 0x80000000u);
-        if (go && act && a.lg_time) atomicAdd(&S->lg_w_early, 1ull);
+        if (go && act && slice && a.lg_time) atomicAdd(&S->lg_w_early, 1ull);
     }
     __syncthreads();
-    if (!go && nx->w_loading) cp_async_wait<0>();  /* nothing left in flight as the kernel ends */
+    if (!go && act) cp_async_wait<0>();  /* nothing left in flight as the kernel ends */
     return go != 0;
 }
 

@@ -13,25 +13,31 @@
 static __device__ double row_loss(const float *logit, float *dz, int C, int label, double eps, double inv_b,
                                   int lane, int *best) {
     const double u = eps / (double)C;
+    /* C <= 64: at most two classes a lane, loaded once (-inf past C: no maximum, no NaN) */
+    const float l0 = lane < C ? logit[lane] : -INFINITY, l1 = lane + 32 < C ? logit[lane + 32] : -INFINITY;
     float m = -INFINITY;
-    for (int i = lane; i < C; i += 32) m = logit[i] > m ? logit[i] : m;
+    m = l0 > m ? l0 : m;  /* a NaN is never the largest here (the argmax below sees it) */
+    m = l1 > m ? l1 : m;
     m = warp_allmax(m);
     /* the first maximum, as the cpu's argmax: the first NaN when there is one (a NaN counts as
      * larger than any number, as numpy's and torch's argmax), else the first class equal to the
      * largest value (0 when every logit is -inf) */
     {
-        const float l0 = lane < C ? logit[lane] : 0.0f, l1 = lane + 32 < C ? logit[lane + 32] : 0.0f;
         const unsigned nlo = __ballot_sync(0xffffffffu, isnan(l0)), nhi = __ballot_sync(0xffffffffu, isnan(l1)),
                        lo = __ballot_sync(0xffffffffu, lane < C && l0 == m),
                        hi = __ballot_sync(0xffffffffu, lane + 32 < C && l1 == m);
         *best = nlo ? __ffs(nlo) - 1 : nhi ? 32 + __ffs(nhi) - 1 : lo ? __ffs(lo) - 1 : hi ? 32 + __ffs(hi) - 1 : 0;
     }
-    double e[2], s = 0;  /* C <= 64: at most two classes per lane */
-#pragma unroll
+    double e[2], s = 0;
+    /* one exp's code run twice (a rolled loop: the row phase's time goes to fetching its
+     * instructions, each once a step) */
+#pragma unroll 1
     for (int h = 0; h < 2; h++) {
         const int i = lane + 32 * h;
-        e[h] = i < C ? exp((double)(logit[i] - m)) : 0.0;
-        s += e[h];
+        const double t = i < C ? exp((double)((h ? l1 : l0) - m)) : 0.0;
+        if (h) e[1] = t;
+        else e[0] = t;
+        s += t;
     }
     s = warp_allsum(s);
     const double lse = (double)m + log(s), inv_s = 1.0 / s;
@@ -86,14 +92,11 @@ static __device__ __forceinline__ float split_sum(const float *yp, int Q, int64_
     return v;
 }
 
-/* wmax: the block's largest |input| and |dz| a warp (fu_amax; 2 x FU_WARPS words of shared
- * memory, fu_early's) */
-static __device__ __noinline__ void row_chain(const fu_args &a, float *smem, int first, int r, int lane, int warp,
-                                              fu_trace *T, unsigned int *wmax) {
-    const int nl = a.n_layers, tid = threadIdx.x, nthr = blockDim.x;
-    float *cur = smem, *nxt = smem + FU_VEC, *part = smem + 2 * FU_VEC;
-    const int label = a.labels[r];
-    float mx = 0.0f, md = 0.0f;  /* the early decision's largest |input| and |dz| (fu_amax) */
+/* The row phase's input row r, every thread of the block: layer 0's output from the split's
+ * partial products (in slice order, then the bias and the ReLU; also stored to layer 0's y), or
+ * layer `first`'s input row; the largest |value| into *mx (fu_amax). The caller's barrier follows. */
+static __device__ __forceinline__ void row_input(const fu_args &a, float *cur, int first, int r, float *mx) {
+    const int tid = threadIdx.x, nthr = blockDim.x;
     if (a.split_q && first == 1) {
         /* layer 0's output row: its slices' partial products in order, the bias, the ReLU */
         const fu_layer &L = a.L[0];
@@ -108,20 +111,29 @@ static __device__ __noinline__ void row_chain(const fu_args &a, float *smem, int
             if (L.relu) v = mpscy_relu(v);
             cur[j] = v;
             L.y[(int64_t)r * N + j] = v;
-            mx = fu_amax(mx, v);
+            *mx = fu_amax(*mx, v);
         }
-        __syncthreads();
-        fu_mark(a, T);
     } else {
         const fu_layer &L = a.L[first];
         const float *src = L.x + (int64_t)r * L.in;
         for (int i = tid; i < L.in; i += nthr) {
             cur[i] = src[i];
-            mx = fu_amax(mx, cur[i]);
+            *mx = fu_amax(*mx, cur[i]);
         }
-        __syncthreads();
-        fu_mark(a, T);
     }
+}
+
+/* wmax: the block's largest |input| and |dz| a warp (fu_amax; 2 x FU_WARPS words of shared
+ * memory, fu_early's) */
+static __device__ __noinline__ void row_chain(const fu_args &a, float *smem, int first, int r, int lane, int warp,
+                                              fu_trace *T, unsigned int *wmax) {
+    const int nl = a.n_layers, tid = threadIdx.x, nthr = blockDim.x;
+    float *cur = smem, *nxt = smem + FU_VEC, *part = smem + 2 * FU_VEC;
+    const int label = a.labels[r];
+    float mx = 0.0f, md = 0.0f;  /* the early decision's largest |input| and |dz| (fu_amax) */
+    row_input(a, cur, first, r, &mx);
+    __syncthreads();
+    fu_mark(a, T);
     for (int l = first; l < nl; l++) {
         /* out[j0 + q] = x . w[j0 + q, :] for 4 outputs per warp item, 8 32-wide slices of k per
          * batch of loads (32 loads in flight per lane) */

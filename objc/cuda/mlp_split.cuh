@@ -32,6 +32,11 @@ static int fu_split_q(int blocks, int K, int N, int64_t b, int rows, int64_t cap
     return (K + w - 1) / w;
 }
 
+/* fu_split_q for b rows with the geometry the plan fixed (f->ws_floats: the split's room) */
+static inline int fu_slices(const cu_fused *f, int64_t b, int *kw) {
+    return fu_split_q(f->blocks, f->a.L[0].in, f->a.L[0].out, b, f->a.split_rows, f->ws_floats, f->split_align, kw);
+}
+
 /* Layer 0 in the copy phase (split_q > 0; fu_split_q): copying block c >= 1 owns K-slice q =
  * (c - 1) % Q of layer 0's input (split_kw wide) for the split_rows rows of row group
  * (c - 1) / Q. It loads w[:, slice] into ws (fu_split_load: pitch floats a row, odd, for
