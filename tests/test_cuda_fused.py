@@ -22,15 +22,16 @@ def _frozen(layer):
 
 @cuda_only
 @pytest.mark.parametrize("form", ["grid", "grid:3", "grid:40", "cluster:16", "cluster:4", "grid, plain", "grid, whole",
-                                  "grid, unaligned", "grid, block rows", "cluster:16, block rows"])
+                                  "grid, unaligned", "grid, block rows", "cluster:16, block rows", "grid, 1 warp rows"])
 def test_fused_forms_match_cpu(form, monkeypatch, capfd, rng):
     """The whole train step as one kernel (mlp.cu), in each form ($MPSCY_CUDA_FUSED: barriers
     across a cooperative grid or within one thread-block cluster, with fewer blocks than rows or
     more; "plain": layer 0 as its own phase after the copy, $MPSCY_CUDA_FUSED_SPLIT=0; "whole":
     each output's product over a block's slice by one thread, not in parts, $MPSCY_CUDA_FUSED_SPLITK=1;
     "unaligned": slices as wide as the blocks allow, not rounded up to 32 inputs,
-    $MPSCY_CUDA_FUSED_SPLITW=0; "block rows": the row phase a block a row, not a warp a row with
-    the row layers' weights in shared memory, $MPSCY_CUDA_FUSED_WROW=0): 20 steps of full and partial batches against the cpu, with
+    $MPSCY_CUDA_FUSED_SPLITW=0; "block rows": the row phase a block a row, not 4 warps a row with
+    the row layers' weights in shared memory, $MPSCY_CUDA_FUSED_WROW=0; "1 warp rows": one warp
+    a row, $MPSCY_CUDA_FUSED_WROW=1): 20 steps of full and partial batches against the cpu, with
     label smoothing and norm clipping, on chains of Dense layers with and without ReLU and bias.
     On the default grid layer 0 runs in the copy phase in every model of more than one layer
     (the benchmark MLP's 784 inputs: 13 slices of 64 for 8 groups of 4 rows, the last 16 wide;
@@ -45,8 +46,8 @@ def test_fused_forms_match_cpu(form, monkeypatch, capfd, rng):
     if unaligned:
         monkeypatch.setenv("MPSCY_CUDA_FUSED_SPLITW", "0")
     block_rows = form.endswith(", block rows")
-    if block_rows:
-        monkeypatch.setenv("MPSCY_CUDA_FUSED_WROW", "0")
+    warps = 0 if block_rows else 1 if form.endswith(", 1 warp rows") else 4
+    monkeypatch.setenv("MPSCY_CUDA_FUSED_WROW", str(warps))
     form = form.split(",")[0]
     monkeypatch.setenv("MPSCY_CUDA_FUSED", form)
     monkeypatch.setenv("MPSCY_CUDA_VERBOSE", "1")
@@ -68,7 +69,8 @@ def test_fused_forms_match_cpu(form, monkeypatch, capfd, rng):
         if plain:
             assert not split, (name, got)
         warp_rows = name in ("benchmark_mlp", "dense_relu", "no_bias", "long_batch") and not block_rows
-        assert ("rows a warp each" in got) == warp_rows, (name, got)
+        want = f", rows by {warps} warp{'s' if warps > 1 else ''} each"
+        assert (want in got) == warp_rows and (", rows by " in got) == warp_rows, (name, got)
         if form == "grid" and not plain:
             assert split == (name != "one_layer"), (name, got)
         if form == "grid" and not plain and name == "benchmark_mlp" and "grid:132" in got:

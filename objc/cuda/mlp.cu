@@ -10,7 +10,9 @@
  *   2. where the slices do not fit, layer 0's forward over the batch as its own phase, split by
  *      output columns across the grid;
  *   3. a block per batch row, with block barriers only: every later layer's forward, the loss and
- *      its gradient, and d(pre-activation) back down the chain (ReLU masks applied);
+ *      its gradient, and d(pre-activation) back down the chain (ReLU masks applied); where the
+ *      later layers' weights fit in shared memory, 4 of its warps take the row from layer 1's
+ *      input on, those weights copied to shared memory while the kernel lingers (mlp_wrow.cuh);
  *   4. every weight and bias gradient from the whole batch's rows, and each block's sum of squares;
  *   5. the global norm, the decision and the optimizer pass of update.h.
  * Every output element is computed by one thread or warp in a fixed order, so results are
@@ -378,7 +380,7 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
                 cp_async_wait<0>();
                 __syncthreads();
                 FU_MARK();
-                if (warp == 0) wr_chain(a, smem, dsm + a.wr_off, r, lane, &T, wmax);
+                if (warp < a.wrow) wr_chain(a, smem, dsm + a.wr_off, r, lane, warp, &T, wmax);
                 if (r + (int)gridDim.x < b) __syncthreads();  /* the next row's input overwrites this one's */
             }
             if (a.early) {
@@ -471,12 +473,13 @@ static void fu_plan_split(cu_graph *g, cu_fused *f) {
     f->ws_floats = ws;
 }
 
-/* Whether the row phase runs a warp a row (mlp_wrow.cuh): the row layers' weights fit in the
- * dynamic shared memory past the split's slice. $MPSCY_CUDA_FUSED_WROW=0 (measuring): a block a
- * row always. */
+/* Whether the row phase runs a few warps a row (mlp_wrow.cuh): the row layers' weights fit in the
+ * dynamic shared memory past the split's slice. $MPSCY_CUDA_FUSED_WROW (measuring) sets the warps
+ * (default 4, one a scheduler; 0: a block a row always). */
 static void fu_plan_wrow(cu_graph *g, cu_fused *f) {
     fu_args plan = f->a;
-    const int64_t n = cu_knob_on("MPSCY_CUDA_FUSED_WROW") && g->dev->prop.major >= 8 ? wr_plan(&plan) : 0;
+    plan.wrow = cu_knob_int("MPSCY_CUDA_FUSED_WROW", 4);
+    const int64_t n = plan.wrow >= 1 && plan.wrow <= FU_WARPS && g->dev->prop.major >= 8 ? wr_plan(&plan) : 0;
     cudaFuncAttributes fa;
     int per_sm = 0;
     if (!n || cudaFuncGetAttributes(&fa, fused_mlp_kernel<false>) != cudaSuccess) {
@@ -494,7 +497,6 @@ static void fu_plan_wrow(cu_graph *g, cu_fused *f) {
         return;
     }
     f->a = plan;
-    f->a.wrow = 1;
     f->a.wr_off = f->ws_floats;
     f->wr_floats = n;
 }

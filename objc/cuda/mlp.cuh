@@ -74,10 +74,11 @@ struct fu_args {
     int lg_time;       /* $MPSCY_CUDA_VERBOSE: the linger's intervals timed (fu_linger, S->lg_sum) */
     int prefetch;      /* while it lingers, the next step's front begun (fu_linger; $MPSCY_CUDA_FUSED_PREFETCH=0, measuring: not) */
     unsigned long long *stamps; /* with trace: FU_STAMPS times a block (fu_stamp) */
-    int wrow;          /* the row phase by one warp a row, its weights in shared memory at wr_off (mlp_wrow.cuh) */
+    int wrow;          /* the row phase by this many warps a row (0: a block a row), its weights in shared memory at wr_off (mlp_wrow.cuh) */
     int64_t wr_off;    /* where in the dynamic shared memory (floats, past the split's slice) */
     int wr_in[FU_MAX_LAYERS], wr_w[FU_MAX_LAYERS], wr_p[FU_MAX_LAYERS]; /* wr_plan: row layer l's input row in
                         * the row buffers, its weights past wr_off, their pitch (floats) */
+    int wr_g[FU_MAX_LAYERS], wr_gb[FU_MAX_LAYERS]; /* wr_plan: lanes an output (forward), a chunk of 4 inputs (d(input)) */
     int wr_logit, wr_dz, wr_dzn; /* the logits and the two dz vectors (wr_dzn floats each) in the row buffers */
 };
 

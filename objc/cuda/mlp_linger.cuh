@@ -49,7 +49,9 @@ static __device__ int fu_linger_verdict(const fu_args &a, unsigned long long t0)
  * - with layer 0 in the copy phase, each copying block loads its slice of the new weights
  *   (fu_split_load, nx->w_loading) once every block is in, so every update is done (block 0
  *   counts itself in too), rather than at the release (with lg_time S->lg_w_early counts those
- *   blocks in the steps run); one that misses that moment loads it once the step runs.
+ *   blocks in the steps run); one that misses that moment loads it once the step runs. A row
+ *   block of the warp rows (fu_args.wrow) loads the row layers' weights then too (wr_load,
+ *   nx->wr_loading); block 0, busy watching the host, loads them once the step runs.
  * A kernel that ends clears the words its relay set (block 0, once its relay warps are done).
  * Measured on an H100: 31.4 us a step against 33.0 with $MPSCY_CUDA_FUSED_PREFETCH=0. Reading
  * a block's rows here too when their pieces came before the release gained nothing (32.2 us):

@@ -54,7 +54,8 @@ const char *cu_fused_form(const cu_graph *g, char *buf, size_t n) {
     int k = snprintf(buf, n, "one kernel, %s:%d", f->cluster ? "cluster" : "grid", f->blocks);
     if (q && k > 0 && (size_t)k < n)  /* the full batch's slices */
         k += snprintf(buf + k, n - (size_t)k, ", layer 0 in the copy (%d slices of %d inputs)", q, kw);
-    if (f->a.wrow && k > 0 && (size_t)k < n) k += snprintf(buf + k, n - (size_t)k, ", rows a warp each");
+    if (f->a.wrow && k > 0 && (size_t)k < n)
+        k += snprintf(buf + k, n - (size_t)k, ", rows by %d warp%s each", f->a.wrow, f->a.wrow > 1 ? "s" : "");
     if (f->linger_ns && k > 0 && (size_t)k < n)
         snprintf(buf + k, n - (size_t)k, ", lingering %llu us for the next step%s", f->linger_ns / 1000ull,
                  f->a.prefetch ? ", relaying its pieces meanwhile" : "");

@@ -39,19 +39,34 @@ static __device__ double row_loss(const float *logit, float *dz, int C, int labe
         else e[0] = t;
         s += t;
     }
-    s = warp_allsum(s);
+    /* the row's loss -sum_i q_i (logit_i - lse) as lse sum_i q_i - sum_i q_i logit_i: both sums
+     * need no lse, so they share the exps' all-sum (one butterfly, not two in a row); a weight-0
+     * class adds nothing (ce.h). With no smoothing the same bits as the sum of its terms. */
+    double qs = 0, ql = 0;
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int i = lane + 32 * h;
+        const double q = (1.0 - eps) * (i == label ? 1.0 : 0.0) + u;
+        if (i < C && q != 0.0) {
+            qs += q;
+            ql += q * (double)(h ? l1 : l0);
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        s += __shfl_xor_sync(0xffffffffu, s, o);
+        qs += __shfl_xor_sync(0xffffffffu, qs, o);
+        ql += __shfl_xor_sync(0xffffffffu, ql, o);
+    }
     const double lse = (double)m + log(s), inv_s = 1.0 / s;
-    double row = 0;
 #pragma unroll
     for (int h = 0; h < 2; h++) {
         const int i = lane + 32 * h;
         if (i < C) {
             const double q = (1.0 - eps) * (i == label ? 1.0 : 0.0) + u;
-            if (q != 0.0) row -= q * ((double)logit[i] - lse);  /* a weight-0 class adds nothing (ce.h) */
             dz[i] = (float)((e[h] * inv_s - q) * inv_b);
         }
     }
-    return warp_allsum(row);
+    return lse * qs - ql;
 }
 
 /* d(input) element i's share from classes [jlo, jhi): sum_j dz[j] W[j, i] with dz = cur, U

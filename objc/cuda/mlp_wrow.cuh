@@ -1,39 +1,64 @@
-/* mlp_wrow.cuh — the one-kernel MLP step's row phase by one warp a row (mlp.cu's warp-row form,
- * fu_args.wrow): the row layers' weights (layers 1.. of the chain) sit in the block's shared
- * memory, copied there while the kernel waits between steps, so a row's forward, loss and
- * d(input) are a warp's loads from shared memory with no block barrier. Included by mlp.cu only.
+/* mlp_wrow.cuh — the one-kernel MLP step's row phase by a few warps a row (mlp.cu's warp-row
+ * form, fu_args.wrow warps, 4 by default): the row layers' weights (layers 1.. of the chain) sit in
+ * the block's shared memory, copied there while the kernel waits between steps, so a row's forward,
+ * loss and d(input) are those warps' loads from shared memory, meeting at a named barrier of theirs
+ * only. Included by mlp.cu only.
  *
  * Why: the block form (mlp_rows.cuh) spends ~1.2-1.7 us a layer on a 64 x 128 product with 16
  * warps reading the weights from L2 and meeting at block barriers (the forty-ninth session's
- * cycle counts). Here each lane owns whole outputs: the forward reads w[j, k..k+3] as float4
- * (a row pitch of 4 mod 8 floats: conflict-free), the d(input) reads w[j, i..i+3] for a lane's
- * four inputs; x and dz are broadcast from shared memory. A forward sum runs as four partial sums
- * (k mod 4, each in k order, then added pairwise), a d(input) sum in j order: other bits than the
- * block form's tree of lanes, the same to a float's rounding. The offsets of every row buffer and
- * weight block are planned on the host (wr_plan), so the chain computes none. */
+ * cycle counts). Here a group of G lanes owns an output: the forward reads w[j, k..k+3] as float4
+ * (every G-th chunk of k a lane), the d(input) reads w[j, i..i+3] for a group's four inputs (every
+ * G'-th j a lane); x and dz are broadcast from shared memory, and each row's pitch is chosen so a
+ * quarter-warp's float4 loads fall on distinct banks. Each warp takes its share of the outputs (of
+ * the inputs, going back): a warp alone pulls ~32 bytes a cycle from shared memory (its
+ * scheduler's share), four warps on the four schedulers all 128 (A/B below). A lane's sum runs as
+ * four partial sums (float4 lanes, each in order) added pairwise, then the group's lanes by a
+ * butterfly: other bits than the block form's tree of lanes, the same to a float's rounding. The
+ * offsets, groups and pitches are planned on the host (wr_plan), so the chain computes none. */
 #ifndef MPSCY_CUDA_MLP_WROW_CUH
 #define MPSCY_CUDA_MLP_WROW_CUH
 
 #include "mlp.cuh"
 #include "mlp_rows.cuh"
 
-/* a row layer's pitch in shared memory: K rounded up to 8, plus 4 (float4 rows conflict-free) */
-static inline int wr_pitch(int K) { return ((K + 7) & ~7) + 4; }
+/* the largest power of two <= n (n >= 1), at most cap */
+static inline int wr_pow2(int n, int cap) {
+    int g = 1;
+    while (2 * g <= n && 2 * g <= cap) g *= 2;
+    return g;
+}
 
-/* The form's layout, into a (wr_in, wr_w, wr_p, wr_logit, wr_dz, wr_dzn); returns its shared floats
- * past the split's slice, or 0 where the chain does not fit it: every row layer's input a multiple
- * of 4 (float4 rows), the row's activations, the logits and two dz vectors in the block's row
- * buffers (FU_SMEM_FLOATS). */
+/* The form's layout for a->wrow warps, into a (wr_in, wr_w, wr_p, wr_g, wr_gb, wr_logit, wr_dz,
+ * wr_dzn); returns its shared floats past the split's slice, or 0 where the chain does not fit it:
+ * every row layer's input a multiple of 4 (float4 rows), the row's activations, the logits and two
+ * dz vectors in the block's row buffers (FU_SMEM_FLOATS). */
 static inline int64_t wr_plan(fu_args *a) {
-    if (a->n_layers < 2) return 0;
+    const int nw = a->wrow;
+    if (a->n_layers < 2 || nw < 1) return 0;
     int64_t n = 0;
     int act = 0, widest = FU_MAX_CLASSES;
     for (int l = 1; l < a->n_layers; l++) {
         const fu_layer &L = a->L[l];
         if (L.in % 4) return 0;
+        const int K4 = L.in / 4, outs = (L.out + nw - 1) / nw, chunks = (K4 + nw - 1) / nw;
+        /* G lanes an output (forward), G' lanes a chunk of 4 inputs (d(input)) */
+        const int g = wr_pow2(outs >= 32 ? 1 : 32 / outs, K4), gb = wr_pow2(chunks >= 32 ? 1 : 32 / chunks, L.out);
+        /* the pitch in float4s: a quarter-warp (8 lanes) reads 8 distinct 16-byte bank groups in
+         * the forward (8/G rows x G chunks: p = G mod 8, odd for G = 1) and, where it can, in the
+         * d(input) (8/G' chunks x G' rows: p = 8/G' mod 8, odd for G' >= 8) */
+        auto fwd = [&](int p) { return g >= 8 || (g == 1 ? (p & 1) : p % 8 == g); };
+        auto bwd = [&](int p) { return gb == 1 || (gb >= 8 ? (p & 1) : (p * gb) % 8 == 0 && (p * gb / 8) % 2 == 1); };
+        int p = K4, best = -1;
+        for (int q = K4; q < K4 + 16 && best < 0; q++)
+            if (fwd(q) && bwd(q)) best = q;
+        for (int q = K4; q < K4 + 16 && best < 0; q++)
+            if (fwd(q)) best = q;
+        p = best;
         a->wr_in[l] = act;
         act += L.in;
-        a->wr_p[l] = wr_pitch(L.in);
+        a->wr_p[l] = 4 * p;
+        a->wr_g[l] = g;
+        a->wr_gb[l] = gb;
         a->wr_w[l] = (int)n;
         n += (int64_t)L.out * a->wr_p[l] + ((L.out + 3) & ~3);  /* the rows, then the bias (4-aligned) */
         widest = L.in > widest ? L.in : widest;
@@ -68,58 +93,57 @@ static __device__ void wr_load(const fu_args &a, float *wsm) {
     }
 }
 
-/* Row r by warp 0 (every lane), its input row (layer 1's) in smem already (row_input, by the
- * block): each row layer's forward, the loss, each d(input) down to layer 0's dz; the early
- * decision's largest |input| (of the layers past 1) and |dz| into wmax[0] and wmax[FU_WARPS].
- * smem: the block's row buffers (wr_plan's activations, logits and dz vectors); wsm: wr_load's
- * weights. */
-static __device__ __noinline__ void wr_chain(const fu_args &a, float *smem, const float *wsm, int r, int lane,
+/* the chain's warps meet (a named barrier of theirs; one warp: its lanes) */
+static __device__ __forceinline__ void wr_sync(int nw) {
+    if (nw == 1) __syncwarp();
+    else asm volatile("bar.sync 1, %0;" ::"r"(32 * nw) : "memory");
+}
+
+/* Row r by the block's first a.wrow warps (warp w, every lane), its input row (layer 1's) in smem
+ * already (row_input, by the block): each row layer's forward, the loss (warp 0), each d(input)
+ * down to layer 0's dz; the early decision's largest |input| (of the layers past 1) and |dz| into
+ * wmax[w] and wmax[FU_WARPS + w]. smem: the block's row buffers (wr_plan's activations, logits and
+ * dz vectors); wsm: wr_load's weights. */
+static __device__ __forceinline__ void wr_chain(const fu_args &a, float *smem, const float *wsm, int r, int lane, int w,
                                              fu_trace *T, unsigned int *wmax) {
-    const int nl = a.n_layers;
+    const int nl = a.n_layers, nw = a.wrow;
     float mx = 0.0f, md = 0.0f;
     float *logit = smem + a.wr_logit;
-    /* the forward: a lane's two outputs (j0 + lane, + 32), each as four partial sums over k */
+    /* the forward: this warp's outputs [jlo, jhi), G lanes each, a lane every G-th float4 of k */
     for (int l = 1; l < nl; l++) {
         const fu_layer &L = a.L[l];
-        const int K = L.in, N = L.out, P = a.wr_p[l];
+        const int K4 = L.in / 4, N = L.out, P = a.wr_p[l], G = a.wr_g[l];
+        const int outs = (N + nw - 1) / nw, jlo = w * outs, jhi = imin(N, jlo + outs), o = lane / G, h = lane % G;
         const float *wl = wsm + a.wr_w[l], *bias = wl + N * P;
         const float4 *x4 = (const float4 *)(smem + a.wr_in[l]);
         float *out = l + 1 < nl ? smem + a.wr_in[l + 1] : logit;
-        for (int j0 = 0; j0 < N; j0 += 64) {
-            const int ja = j0 + lane, jb = ja + 32;
-            const float4 *wa = (const float4 *)(wl + (ja < N ? ja : 0) * P),
-                         *wb = (const float4 *)(wl + (jb < N ? jb : 0) * P);
-            float4 sa = make_float4(0.0f, 0.0f, 0.0f, 0.0f), sb = sa;
+        for (int j0 = jlo; j0 < jhi; j0 += 32 / G) {  /* uniform over the warp: the shuffles below */
+            const int j = j0 + o;
+            const float4 *wr = (const float4 *)(wl + (j < jhi ? j : jlo) * P);
+            float4 s = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll 4
-            for (int k4 = 0; k4 < K / 4; k4++) {
-                const float4 x = x4[k4], p = wa[k4], q = wb[k4];
-                sa.x = fmaf(x.x, p.x, sa.x);
-                sa.y = fmaf(x.y, p.y, sa.y);
-                sa.z = fmaf(x.z, p.z, sa.z);
-                sa.w = fmaf(x.w, p.w, sa.w);
-                sb.x = fmaf(x.x, q.x, sb.x);
-                sb.y = fmaf(x.y, q.y, sb.y);
-                sb.z = fmaf(x.z, q.z, sb.z);
-                sb.w = fmaf(x.w, q.w, sb.w);
+            for (int k4 = h; k4 < K4; k4 += G) {
+                const float4 x = x4[k4], p = wr[k4];
+                s.x = fmaf(x.x, p.x, s.x);
+                s.y = fmaf(x.y, p.y, s.y);
+                s.z = fmaf(x.z, p.z, s.z);
+                s.w = fmaf(x.w, p.w, s.w);
             }
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const int j = h ? jb : ja;
-                const float4 t = h ? sb : sa;
-                if (j < N) {
-                    float v = ((t.x + t.y) + (t.z + t.w)) + (L.bias ? bias[j] : 0.0f);
-                    if (L.relu) v = mpscy_relu(v);
-                    if (l + 1 < nl) mx = fu_amax(mx, v);  /* the next layer's input (not the logits) */
-                    out[j] = v;
-                    L.y[(int64_t)r * N + j] = v;
-                }
+            float v = (s.x + s.y) + (s.z + s.w);
+            for (int m = 1; m < G; m *= 2) v += __shfl_xor_sync(0xffffffffu, v, m);
+            if (j < jhi && h == 0) {
+                v += L.bias ? bias[j] : 0.0f;
+                if (L.relu) v = mpscy_relu(v);
+                if (l + 1 < nl) mx = fu_amax(mx, v);  /* the next layer's input (not the logits) */
+                out[j] = v;
+                L.y[(int64_t)r * N + j] = v;
             }
         }
-        __syncwarp();
+        wr_sync(nw);
         fu_mark(a, T);
     }
     float *cur = smem + a.wr_dz, *nxt = cur + a.wr_dzn;
-    {
+    if (w == 0) {
         const fu_layer &L = a.L[nl - 1];
         const int C = L.out, label = a.labels[r];
         int best;
@@ -133,44 +157,56 @@ static __device__ __noinline__ void wr_chain(const fu_args &a, float *smem, cons
             a.S->loss_part[r] = row;
             a.S->correct_part[r] = best == label;
         }
-        fu_mark(a, T);
     }
-    /* each d(input): a lane's four inputs i0..i0 + 3, sum over the layer's outputs j in order */
+    wr_sync(nw);
+    fu_mark(a, T);
+    /* each d(input): this warp's chunks of 4 inputs, G' lanes each, a lane every G'-th output j */
     for (int l = nl - 1; l >= 1; l--) {
         const fu_layer &L = a.L[l], &B = a.L[l - 1];
-        const int K = L.in, N = L.out, P = a.wr_p[l];
+        const int K = L.in, K4 = K / 4, N = L.out, P = a.wr_p[l], G = a.wr_gb[l];
+        const int chunks = (K4 + nw - 1) / nw, clo = w * chunks, chi = imin(K4, clo + chunks), o = lane / G,
+                  g = lane % G;
         const float *wl = wsm + a.wr_w[l];
         const float *y = smem + a.wr_in[l];  /* layer l - 1's output: its ReLU's mask */
-        for (int i0 = 4 * lane; i0 < K; i0 += 128) {
-            float4 s = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        for (int c0 = clo; c0 < chi; c0 += 32 / G) {
+            const int c = c0 + o, i0 = 4 * (c < chi ? c : clo);
             const float *wc = wl + i0;
+            float4 s = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll 4
-            for (int j = 0; j < N; j++) {
+            for (int j = g; j < N; j += G) {
                 const float d = cur[j];
-                const float4 w = *(const float4 *)(wc + j * P);
-                s.x = fmaf(d, w.x, s.x);
-                s.y = fmaf(d, w.y, s.y);
-                s.z = fmaf(d, w.z, s.z);
-                s.w = fmaf(d, w.w, s.w);
+                const float4 wv = *(const float4 *)(wc + j * P);
+                s.x = fmaf(d, wv.x, s.x);
+                s.y = fmaf(d, wv.y, s.y);
+                s.z = fmaf(d, wv.z, s.z);
+                s.w = fmaf(d, wv.w, s.w);
             }
-            const float4 ym = *(const float4 *)(y + i0);
-            float v[4] = {s.x, s.y, s.z, s.w};
-            const float yv[4] = {ym.x, ym.y, ym.z, ym.w};
-#pragma unroll
-            for (int u = 0; u < 4; u++) {
-                if (B.relu && mpscy_relu_zeroes(yv[u])) v[u] = 0.0f;
-                md = fu_amax(md, v[u]);
+            for (int m = 1; m < G; m *= 2) {
+                s.x += __shfl_xor_sync(0xffffffffu, s.x, m);
+                s.y += __shfl_xor_sync(0xffffffffu, s.y, m);
+                s.z += __shfl_xor_sync(0xffffffffu, s.z, m);
+                s.w += __shfl_xor_sync(0xffffffffu, s.w, m);
             }
-            *(float4 *)(nxt + i0) = make_float4(v[0], v[1], v[2], v[3]);
-            float *dz = B.dz + (int64_t)r * K + i0;
-            if (((uintptr_t)dz & 15) == 0) {
-                *(float4 *)dz = make_float4(v[0], v[1], v[2], v[3]);
-            } else {
+            if (c < chi && g == 0) {
+                const float4 ym = *(const float4 *)(y + i0);
+                float v[4] = {s.x, s.y, s.z, s.w};
+                const float yv[4] = {ym.x, ym.y, ym.z, ym.w};
 #pragma unroll
-                for (int u = 0; u < 4; u++) dz[u] = v[u];
+                for (int u = 0; u < 4; u++) {
+                    if (B.relu && mpscy_relu_zeroes(yv[u])) v[u] = 0.0f;
+                    md = fu_amax(md, v[u]);
+                }
+                *(float4 *)(nxt + i0) = make_float4(v[0], v[1], v[2], v[3]);
+                float *dz = B.dz + (int64_t)r * K + i0;
+                if (((uintptr_t)dz & 15) == 0) {
+                    *(float4 *)dz = make_float4(v[0], v[1], v[2], v[3]);
+                } else {
+#pragma unroll
+                    for (int u = 0; u < 4; u++) dz[u] = v[u];
+                }
             }
         }
-        __syncwarp();
+        wr_sync(nw);
         fu_mark(a, T);
         float *t = cur;
         cur = nxt;
@@ -179,8 +215,8 @@ static __device__ __noinline__ void wr_chain(const fu_args &a, float *smem, cons
     if (a.early) {
         const unsigned int w0 = fu_amax_warp(mx), w1 = fu_amax_warp(md);
         if (lane == 0) {
-            wmax[0] = max(wmax[0], w0);
-            wmax[FU_WARPS] = max(wmax[FU_WARPS], w1);
+            wmax[w] = max(wmax[w], w0);
+            wmax[FU_WARPS + w] = max(wmax[FU_WARPS + w], w1);
         }
     }
 }
