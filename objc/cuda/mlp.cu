@@ -429,6 +429,21 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
 
 /* ------------------------------------------------------------------------------- host side */
 
+/* Whether the kernel can take `bytes` of dynamic shared memory (both forms' opt-in raised to them,
+ * and a block of it still fits a multiprocessor) */
+static bool fu_smem_fits(size_t bytes) {
+    int per_sm = 0;
+    if (cu_smem_optin((const void *)fused_mlp_kernel<false>, (int)bytes) != cudaSuccess ||
+        cu_smem_optin((const void *)fused_mlp_kernel<true>, (int)bytes) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fused_mlp_kernel<false>, FU_THREADS, bytes) !=
+            cudaSuccess ||
+        per_sm < 1) {
+        cudaGetLastError();
+        return false;
+    }
+    return true;
+}
+
 /* Whether layer 0 runs in the copy phase (fu_split), decided once the grid is: the room for its
  * weight slice (dynamic shared memory) and for the partial products of every batch size up to
  * the built one. $MPSCY_CUDA_FUSED_SPLIT sets the rows a copying block takes (0: layer 0 as its
@@ -438,7 +453,7 @@ static void fu_plan_split(cu_graph *g, cu_fused *f) {
     const int64_t batch = g->plan.batch;
     const int rows = cu_knob_int("MPSCY_CUDA_FUSED_SPLIT", FU_SPLIT_ROWS), K = a->L[0].in, N = a->L[0].out;
     cudaFuncAttributes fa;
-    int kw = 0, per_sm = 0;
+    int kw = 0;
     a->split_rows = rows;
     f->split_align = cu_knob_int("MPSCY_CUDA_FUSED_SPLITW", 32);
     if (a->n_layers < 2 || rows < 1 || g->dev->prop.major < 8 ||  /* cp.async */
@@ -457,14 +472,7 @@ static void fu_plan_split(cu_graph *g, cu_fused *f) {
         const int64_t q = fu_split_q(f->blocks, K, N, b, rows, ws, f->split_align, &w);
         if (q * b * N > most) most = q * b * N;
     }
-    if (cu_smem_optin((const void *)fused_mlp_kernel<false>, (int)bytes) != cudaSuccess ||
-        cu_smem_optin((const void *)fused_mlp_kernel<true>, (int)bytes) != cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fused_mlp_kernel<false>, FU_THREADS, bytes) !=
-            cudaSuccess ||
-        per_sm < 1) {
-        cudaGetLastError();
-        return;
-    }
+    if (!fu_smem_fits(bytes)) return;
     if (cu_dev_alloc(&g->dev->base, (void **)&a->ypart, (size_t)most * sizeof(float)) != MPSCY_OK) {
         a->ypart = NULL;
         return;
@@ -481,21 +489,12 @@ static void fu_plan_wrow(cu_graph *g, cu_fused *f) {
     plan.wrow = cu_knob_int("MPSCY_CUDA_FUSED_WROW", 4);
     const int64_t n = plan.wrow >= 1 && plan.wrow <= FU_WARPS && g->dev->prop.major >= 8 ? wr_plan(&plan) : 0;
     cudaFuncAttributes fa;
-    int per_sm = 0;
     if (!n || cudaFuncGetAttributes(&fa, fused_mlp_kernel<false>) != cudaSuccess) {
         cudaGetLastError();
         return;
     }
     const size_t bytes = (size_t)(f->ws_floats + n) * sizeof(float);
-    if (bytes + fa.sharedSizeBytes > (size_t)g->dev->prop.sharedMemPerBlockOptin ||
-        cu_smem_optin((const void *)fused_mlp_kernel<false>, (int)bytes) != cudaSuccess ||
-        cu_smem_optin((const void *)fused_mlp_kernel<true>, (int)bytes) != cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fused_mlp_kernel<false>, FU_THREADS, bytes) !=
-            cudaSuccess ||
-        per_sm < 1) {
-        cudaGetLastError();
-        return;
-    }
+    if (bytes + fa.sharedSizeBytes > (size_t)g->dev->prop.sharedMemPerBlockOptin || !fu_smem_fits(bytes)) return;
     f->a = plan;
     f->a.wr_off = f->ws_floats;
     f->wr_floats = n;

@@ -151,6 +151,16 @@ static __device__ __forceinline__ unsigned int fu_amax_warp(float m) {
     return w;
 }
 
+/* warp w's largest |input| and |dz| of its rows into the block's wmax (fu_early reads them after a
+ * block barrier; every lane calls it) */
+static __device__ __forceinline__ void fu_wmax_note(unsigned int *wmax, int w, int lane, float mx, float md) {
+    const unsigned int w0 = fu_amax_warp(mx), w1 = fu_amax_warp(md);
+    if (lane == 0) {
+        wmax[w] = max(wmax[w], w0);
+        wmax[FU_WARPS + w] = max(wmax[FU_WARPS + w], w1);
+    }
+}
+
 /* the warp's largest into the grid's word (every lane calls it) */
 static __device__ __forceinline__ void fu_amax_publish(unsigned int *word, float m) {
     const unsigned int w = fu_amax_warp(m);

@@ -212,13 +212,7 @@ static __device__ __forceinline__ void wr_chain(const fu_args &a, float *smem, c
         cur = nxt;
         nxt = t;
     }
-    if (a.early) {
-        const unsigned int w0 = fu_amax_warp(mx), w1 = fu_amax_warp(md);
-        if (lane == 0) {
-            wmax[w] = max(wmax[w], w0);
-            wmax[FU_WARPS + w] = max(wmax[FU_WARPS + w], w1);
-        }
-    }
+    if (a.early) fu_wmax_note(wmax, w, lane, mx, md);
 }
 
 #endif /* MPSCY_CUDA_MLP_WROW_CUH */
