@@ -383,10 +383,7 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
                 if (warp < a.wrow) wr_chain(a, smem, dsm + a.wr_off, r, lane, warp, &T, wmax);
                 if (r + (int)gridDim.x < b) __syncthreads();  /* the next row's input overwrites this one's */
             }
-            if (a.early) {
-                const unsigned int w = fu_amax_warp(mx);
-                if (lane == 0) wmax[warp] = max(wmax[warp], w);
-            }
+            if (a.early) fu_wmax_note(&wmax[warp], lane, mx);
         } else {
             for (int r = blockIdx.x; r < b; r += gridDim.x)
                 row_chain(a, smem, a.n_layers > 1 ? 1 : 0, r, lane, warp, &T, wmax);

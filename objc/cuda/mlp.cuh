@@ -79,7 +79,7 @@ struct fu_args {
     int wr_in[FU_MAX_LAYERS], wr_w[FU_MAX_LAYERS], wr_p[FU_MAX_LAYERS]; /* wr_plan: row layer l's input row in
                         * the row buffers, its weights past wr_off, their pitch (floats) */
     int wr_g[FU_MAX_LAYERS], wr_gb[FU_MAX_LAYERS]; /* wr_plan: lanes an output (forward), a chunk of 4 inputs (d(input)) */
-    int wr_logit, wr_dz, wr_dzn; /* the logits and the two dz vectors (wr_dzn floats each) in the row buffers */
+    int wr_logit, wr_dzn; /* the logits in the row buffers, then (FU_MAX_CLASSES floats on) two dz vectors of wr_dzn floats */
 };
 
 /* $MPSCY_CUDA_VERBOSE (fu_args.lg_time; the linger: mlp_linger.cuh): S->lg_sum's intervals, in ns, over the steps taken while
@@ -151,14 +151,11 @@ static __device__ __forceinline__ unsigned int fu_amax_warp(float m) {
     return w;
 }
 
-/* warp w's largest |input| and |dz| of its rows into the block's wmax (fu_early reads them after a
- * block barrier; every lane calls it) */
-static __device__ __forceinline__ void fu_wmax_note(unsigned int *wmax, int w, int lane, float mx, float md) {
-    const unsigned int w0 = fu_amax_warp(mx), w1 = fu_amax_warp(md);
-    if (lane == 0) {
-        wmax[w] = max(wmax[w], w0);
-        wmax[FU_WARPS + w] = max(wmax[FU_WARPS + w], w1);
-    }
+/* the warp's largest into its slot of the block's wmax (wmax[warp]: the layers' inputs,
+ * wmax[FU_WARPS + warp]: their dz; fu_early reads them after a block barrier; every lane calls it) */
+static __device__ __forceinline__ void fu_wmax_note(unsigned int *slot, int lane, float m) {
+    const unsigned int w = fu_amax_warp(m);
+    if (lane == 0) *slot = max(*slot, w);
 }
 
 /* the warp's largest into the grid's word (every lane calls it) */

@@ -69,6 +69,27 @@ static __device__ double row_loss(const float *logit, float *dz, int C, int labe
     return lse * qs - ql;
 }
 
+/* The loss step of row r by one warp (every lane): row_loss over the logits, dz written to dz
+ * (shared) and to the last layer's dz, the row's loss and whether it was right to the scratch;
+ * returns the largest |dz| (fu_amax) */
+static __device__ float row_loss_step(const fu_args &a, const float *logit, float *dz, int r, int lane) {
+    const fu_layer &L = a.L[a.n_layers - 1];
+    const int C = L.out, label = a.labels[r];
+    int best;
+    float md = 0.0f;
+    const double row = row_loss(logit, dz, C, label, a.eps, 1.0 / (double)a.b, lane, &best);
+    __syncwarp();
+    for (int i = lane; i < C; i += 32) {
+        L.dz[(int64_t)r * C + i] = dz[i];
+        md = fu_amax(md, dz[i]);
+    }
+    if (lane == 0) {
+        a.S->loss_part[r] = row;
+        a.S->correct_part[r] = best == label;
+    }
+    return md;
+}
+
 /* d(input) element i's share from classes [jlo, jhi): sum_j dz[j] W[j, i] with dz = cur, U
  * classes a batch of loads (those past jhi clamped to jhi - 1, their products 0, which leave
  * the sum as it is): the same sum, in the same order, for any U. row_chain takes 4 where a group
@@ -144,7 +165,6 @@ static __device__ __noinline__ void row_chain(const fu_args &a, float *smem, int
                                               fu_trace *T, unsigned int *wmax) {
     const int nl = a.n_layers, tid = threadIdx.x, nthr = blockDim.x;
     float *cur = smem, *nxt = smem + FU_VEC, *part = smem + 2 * FU_VEC;
-    const int label = a.labels[r];
     float mx = 0.0f, md = 0.0f;  /* the early decision's largest |input| and |dz| (fu_amax) */
     row_input(a, cur, first, r, &mx);
     __syncthreads();
@@ -201,21 +221,7 @@ static __device__ __noinline__ void row_chain(const fu_args &a, float *smem, int
         nxt = t;
     }
     {
-        const fu_layer &L = a.L[nl - 1];
-        const int C = L.out;
-        if (warp == 0) {
-            int best;
-            const double row = row_loss(cur, nxt, C, label, a.eps, 1.0 / (double)a.b, lane, &best);
-            __syncwarp();
-            for (int i = lane; i < C; i += 32) {
-                L.dz[(int64_t)r * C + i] = nxt[i];
-                md = fu_amax(md, nxt[i]);
-            }
-            if (lane == 0) {
-                a.S->loss_part[r] = row;
-                a.S->correct_part[r] = best == label;
-            }
-        }
+        if (warp == 0) md = row_loss_step(a, cur, nxt, r, lane);  /* the first dz: md was 0 */
         __syncthreads();
         fu_mark(a, T);
         float *t = cur;
@@ -262,11 +268,8 @@ static __device__ __noinline__ void row_chain(const fu_args &a, float *smem, int
         nxt = t;
     }
     if (a.early) {
-        const unsigned int w0 = fu_amax_warp(mx), w1 = fu_amax_warp(md);
-        if (lane == 0) {
-            wmax[warp] = max(wmax[warp], w0);
-            wmax[FU_WARPS + warp] = max(wmax[FU_WARPS + warp], w1);
-        }
+        fu_wmax_note(&wmax[warp], lane, mx);
+        fu_wmax_note(&wmax[FU_WARPS + warp], lane, md);
     }
 }
 

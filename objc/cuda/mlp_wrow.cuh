@@ -11,7 +11,8 @@
  * G'-th j a lane); x and dz are broadcast from shared memory, and each row's pitch is chosen so a
  * quarter-warp's float4 loads fall on distinct banks. Each warp takes its share of the outputs (of
  * the inputs, going back): a warp alone pulls ~32 bytes a cycle from shared memory (its
- * scheduler's share), four warps on the four schedulers all 128 (A/B below). A lane's sum runs as
+ * scheduler's share), four warps on the four schedulers all 128 (bench/cuda_notes.md, fifty-first
+ * session). A lane's sum runs as
  * four partial sums (float4 lanes, each in order) added pairwise, then the group's lanes by a
  * butterfly: other bits than the block form's tree of lanes, the same to a float's rounding. The
  * offsets, groups and pitches are planned on the host (wr_plan), so the chain computes none. */
@@ -28,8 +29,7 @@ static inline int wr_pow2(int n, int cap) {
     return g;
 }
 
-/* The form's layout for a->wrow warps, into a (wr_in, wr_w, wr_p, wr_g, wr_gb, wr_logit, wr_dz,
- * wr_dzn); returns its shared floats past the split's slice, or 0 where the chain does not fit it:
+/* The form's layout for a->wrow warps, into a (wr_in, wr_w, wr_p, wr_g, wr_gb, wr_logit, wr_dzn); returns its shared floats past the split's slice, or 0 where the chain does not fit it:
  * every row layer's input a multiple of 4 (float4 rows), the row's activations, the logits and two
  * dz vectors in the block's row buffers (FU_SMEM_FLOATS). */
 static inline int64_t wr_plan(fu_args *a) {
@@ -48,12 +48,11 @@ static inline int64_t wr_plan(fu_args *a) {
          * d(input) (8/G' chunks x G' rows: p = 8/G' mod 8, odd for G' >= 8) */
         auto fwd = [&](int p) { return g >= 8 || (g == 1 ? (p & 1) : p % 8 == g); };
         auto bwd = [&](int p) { return gb == 1 || (gb >= 8 ? (p & 1) : (p * gb) % 8 == 0 && (p * gb / 8) % 2 == 1); };
-        int p = K4, best = -1;
-        for (int q = K4; q < K4 + 16 && best < 0; q++)
-            if (fwd(q) && bwd(q)) best = q;
-        for (int q = K4; q < K4 + 16 && best < 0; q++)
-            if (fwd(q)) best = q;
-        p = best;
+        int p = -1;  /* both where it can, else the forward's (always found within 8) */
+        for (int q = K4; q < K4 + 16 && p < 0; q++)
+            if (fwd(q) && bwd(q)) p = q;
+        for (int q = K4; q < K4 + 16 && p < 0; q++)
+            if (fwd(q)) p = q;
         a->wr_in[l] = act;
         act += L.in;
         a->wr_p[l] = 4 * p;
@@ -64,9 +63,8 @@ static inline int64_t wr_plan(fu_args *a) {
         widest = L.in > widest ? L.in : widest;
     }
     a->wr_logit = act;
-    a->wr_dz = act + ((FU_MAX_CLASSES + 3) & ~3);
     a->wr_dzn = widest;  /* a multiple of 4 */
-    if (a->wr_dz + 2 * (int64_t)widest > FU_SMEM_FLOATS || n > INT32_MAX) return 0;
+    if (act + FU_MAX_CLASSES + 2 * (int64_t)widest > FU_SMEM_FLOATS || n > INT32_MAX) return 0;
     return n;
 }
 
@@ -142,22 +140,8 @@ static __device__ __forceinline__ void wr_chain(const fu_args &a, float *smem, c
         wr_sync(nw);
         fu_mark(a, T);
     }
-    float *cur = smem + a.wr_dz, *nxt = cur + a.wr_dzn;
-    if (w == 0) {
-        const fu_layer &L = a.L[nl - 1];
-        const int C = L.out, label = a.labels[r];
-        int best;
-        const double row = row_loss(logit, cur, C, label, a.eps, 1.0 / (double)a.b, lane, &best);
-        __syncwarp();
-        for (int i = lane; i < C; i += 32) {
-            L.dz[(int64_t)r * C + i] = cur[i];
-            md = fu_amax(md, cur[i]);
-        }
-        if (lane == 0) {
-            a.S->loss_part[r] = row;
-            a.S->correct_part[r] = best == label;
-        }
-    }
+    float *cur = logit + FU_MAX_CLASSES, *nxt = cur + a.wr_dzn;
+    if (w == 0) md = row_loss_step(a, logit, cur, r, lane);
     wr_sync(nw);
     fu_mark(a, T);
     /* each d(input): this warp's chunks of 4 inputs, G' lanes each, a lane every G'-th output j */
@@ -212,7 +196,10 @@ static __device__ __forceinline__ void wr_chain(const fu_args &a, float *smem, c
         cur = nxt;
         nxt = t;
     }
-    if (a.early) fu_wmax_note(wmax, w, lane, mx, md);
+    if (a.early) {
+        fu_wmax_note(&wmax[w], lane, mx);
+        fu_wmax_note(&wmax[FU_WARPS + w], lane, md);
+    }
 }
 
 #endif /* MPSCY_CUDA_MLP_WROW_CUH */
