@@ -31,6 +31,16 @@ static __device__ __forceinline__ void cu_store_release_gpu(uint32_t *p, uint32_
     asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
 
+/* *p += v, returning the old value, as one acquire-release atomic at gpu scope: this thread's
+ * writes (and those it saw, a block's before its barrier) are visible to whoever acquires the new
+ * value, and it sees theirs before (mlp.cu's early decision: one operation, not a fence, the
+ * atomic and a fence) */
+static __device__ __forceinline__ uint32_t cu_atom_add_acq_rel_gpu(uint32_t *p, uint32_t v) {
+    uint32_t old;
+    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
+    return old;
+}
+
 /* the same at system scope: a word the host reads in pinned memory (update.h's result marks) */
 static __device__ __forceinline__ void cu_store_release_sys(uint32_t *p, uint32_t v) {
     asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");

@@ -214,7 +214,10 @@ static __device__ void block_sum3(double *v) {
  * releases it to the host (R->done, as decide() does) while the others go on to the weight
  * gradients: the host's wait ends here, not after them. The end then decides again, the same way
  * (a finite loss and norm), and writes the norm (decide()). Otherwise only the end decides. The
- * words go back to 0 for the next step. */
+ * words go back to 0 for the next step. With a.early_rel a block counts itself in by one
+ * acquire-release atomic (not a fence, the atomic and a fence), and on a grid the last block's
+ * warp 1 releases the others while its warp 0 decides: the result's path is the arrival, the
+ * rows' parts loaded and summed, the result written. */
 static __device__ void fu_early(const fu_args &a, const unsigned int *wmax, bool barrier, unsigned int gen) {
     __shared__ int last;
     cu_scratch *S = a.S;
@@ -227,31 +230,39 @@ static __device__ void fu_early(const fu_args &a, const unsigned int *wmax, bool
         }
         if (m0) atomicMax(&S->fu_amax[0], m0);
         if (m1) atomicMax(&S->fu_amax[1], m1);
-        __threadfence();
-        last = atomicAdd(&S->fu_arrive, 1u) == gridDim.x - 1;
-        if (last) {
+        fu_stamp(a, 5);
+        if (!a.early_rel) __threadfence();
+        last = (a.early_rel ? cu_atom_add_acq_rel_gpu(&S->fu_arrive, 1u) : atomicAdd(&S->fu_arrive, 1u)) == gridDim.x - 1;
+        if (last && !a.early_rel) {
             S->fu_arrive = 0u;
             __threadfence();
             if (barrier) atomicExch(&S->fu_gen, gen + 1u);  /* the others go on */
-        } else if (barrier) {
+        } else if (!last && barrier) {
             /* the grid barrier after the row phase, as grid.sync's: the last block to arrive
              * releases the others, then decides while they compute the weight gradients */
             while (cu_load_acquire_gpu(&S->fu_gen) == gen) {
             }
         }
-        __threadfence();
+        if (!a.early_rel) __threadfence();
     }
     __syncthreads();
+    if (a.early_rel && last && threadIdx.x == 32) {  /* the others go on while warp 0 decides */
+        S->fu_arrive = 0u;
+        if (barrier) cu_store_release_gpu(&S->fu_gen, gen + 1u);
+    }
     /* with every row's parts in warp 0 (b <= 32), that warp alone: block_sum3's other warps add
      * 0.0 to warp 0's sums, so these are its bits, with no block barrier ($MPSCY_CUDA_FUSED_EARLYWARP=0,
      * measuring, takes block_sum3 always) */
     const bool one_warp = a.b <= 32 && a.early_warp;
     if (!last || (one_warp && threadIdx.x >= 32)) return;
     double v[3] = {0.0, 0.0, 0.0};
-    unsigned int w0 = 0u, w1 = 0u;
-    if (threadIdx.x == 0) {  /* loaded beside the rows' parts */
+    unsigned int w0 = 0u, w1 = 0u, rseq = 0u;
+    int bad = 0;
+    if (threadIdx.x == 0) {  /* loaded beside the rows' parts, not after their sums */
         w0 = __ldcg(&S->fu_amax[0]);
         w1 = __ldcg(&S->fu_amax[1]);
+        rseq = a.P->rseq;
+        bad = input_bad(S, a.P);
     }
     add_row_parts(S, a.b, v);
     if (one_warp) {
@@ -266,14 +277,15 @@ static __device__ void fu_early(const fu_args &a, const unsigned int *wmax, bool
     S->fu_amax[0] = S->fu_amax[1] = 0u;
     const double loss = v[1] / (double)a.b, bound = (double)a.b * fmax((double)mx, 1.0) * (double)md;
     /* an Inf maximum makes the bound Inf or NaN: no early decision */
-    if (!a.P->rseq || !isfinite(loss) || !(bound < 0.5 * (double)FLT_MAX) || input_bad(S, a.P)) return;
+    if (!rseq || !isfinite(loss) || !(bound < 0.5 * (double)FLT_MAX) || bad) return;
     cu_result *R = a.R;
     R->loss = loss;
     R->correct = a.accuracy == MPSCY_ACCURACY_NONE ? -1 : (long long)v[2];
     R->finite = 1;
     R->applied = 1;
-    R->norm_late = S->fu_late = a.P->rseq;  /* the norm comes later: the host, the end's decide() */
-    release_result(R, a.P);
+    R->norm_late = S->fu_late = rseq;  /* the norm comes later: the host, the end's decide() */
+    cu_store_release_sys(&R->done, rseq);  /* release_result's */
+    fu_stamp(a, 6);
     if (a.lg_time) S->lg_t_decide = cu_global_ns();
 }
 
@@ -296,6 +308,8 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
         fu_mark(ga, &T);
         if (ga.trace && threadIdx.x == 0)
             for (int k = 1; k < FU_STAMPS; k++) ga.stamps[blockIdx.x * FU_STAMPS + k] = 0ull;
+        if (ga.trace && blockIdx.x == 0)
+            for (int k = threadIdx.x; k < FU_CLK_WARPS * FU_CLK_N; k += blockDim.x) ga.stamps[gridDim.x * FU_STAMPS + k] = 0ull;
         fu_stamp(ga, 0);
         for (int i = threadIdx.x; i < (int)(sizeof(fu_args) / sizeof(int)); i += blockDim.x)
             ((int *)&sa)[i] = ((const int *)&ga)[i];
@@ -377,7 +391,9 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
             float mx = 0.0f;  /* the rows' inputs' largest |value| (fu_amax), each warp's into wmax */
             for (int r = blockIdx.x; r < b; r += gridDim.x) {
                 row_input(a, smem, 1, r, &mx);  /* by the block, as the block rows' */
+                FU_MARK();
                 cp_async_wait<0>();
+                FU_MARK();
                 __syncthreads();
                 FU_MARK();
                 if (warp < a.wrow) wr_chain(a, smem, dsm + a.wr_off, r, lane, warp, &T, wmax);
@@ -584,6 +600,7 @@ int cu_fused_plan(cu_graph *g) {
     a.trace = getenv("MPSCY_CUDA_FUSED_TRACE") != NULL;
     a.early = cu_knob_on("MPSCY_CUDA_FUSED_EARLY");
     a.early_warp = cu_knob_on("MPSCY_CUDA_FUSED_EARLYWARP");
+    a.early_rel = cu_knob_int("MPSCY_CUDA_FUSED_EARLYREL", 0) == 1;
     a.split_dot = cu_knob_int("MPSCY_CUDA_FUSED_SPLITDOT", 1);
     a.prefetch = cu_knob_on("MPSCY_CUDA_FUSED_PREFETCH");
     a.lg_time = g->lg_report;
@@ -634,6 +651,8 @@ void cu_fused_free(cu_graph *g) {
 int cu_fused_step(cu_graph *g, int64_t b, size_t staged, int deferred, char *err, size_t en) {
     cu_fused *f = g->fu;
     f->a.b = (int)b;
+    f->a.inv_b = 1.0 / (double)b;  /* the loss's terms (row_loss) */
+    f->a.eps_u = f->a.eps / (double)f->a.L[f->a.n_layers - 1].out;
     f->a.copy_src = (const uint4 *)g->stage_h;
     f->a.copy_dst = (uint4 *)g->stage_d;
     f->a.copy_n = (int64_t)((staged + 15) / 16);

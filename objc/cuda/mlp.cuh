@@ -37,6 +37,7 @@ struct fu_args {
     fu_layer L[FU_MAX_LAYERS];
     int n_layers, b, accuracy;
     double eps;        /* label smoothing */
+    double eps_u, inv_b; /* eps / classes and 1 / b (the loss's terms, made on the host: the same bits) */
     update_args u;
     cu_scratch *S;
     cu_result *R;
@@ -68,6 +69,7 @@ struct fu_args {
     int din_wide;      /* $MPSCY_CUDA_FUSED_DWIDE=1 (measuring): the row phase's d(input) loads 16 classes a batch always */
     int split_dot;     /* $MPSCY_CUDA_FUSED_SPLITDOT=0 (measuring): the split's products a (row, output) a thread */
     int early;         /* the early decision (fu_early; $MPSCY_CUDA_FUSED_EARLY=0, measuring: the end decides always) */
+    int early_rel;     /* fu_early's arrival one acq_rel atomic, the others released by warp 1 while warp 0 decides ($MPSCY_CUDA_FUSED_EARLYREL=1, measuring; default: fences, then the release, then the decision) */
     int early_warp;    /* fu_early's sums by warp 0 alone where b <= 32 ($MPSCY_CUDA_FUSED_EARLYWARP=0, measuring: block_sum3) */
     int trace;         /* $MPSCY_CUDA_FUSED_TRACE: block 0 prints each phase's time (a profiling knob) */
     unsigned long long linger_ns; /* after its update the kernel waits this long for the next step (fu_linger); 0: it ends */
@@ -99,8 +101,12 @@ struct fu_next {
     bool wr_loading; /* this row block's row-layer weights on their way already (wr_load) */
 };
 
-#define FU_STAMPS 5    /* per block: start, its pieces seen, its rows loaded (split), copy done, barrier passed */
-#define FU_STAMP_BYTES(blocks) ((size_t)(blocks) * FU_STAMPS * sizeof(unsigned long long))
+#define FU_STAMPS 7    /* per block: start, its pieces seen, its rows loaded (split), copy done, barrier passed,
+                        * its arrival at the early decision, the early decision released (its last block) */
+#define FU_MARKS 32    /* block 0's marks (fu_mark) at most */
+#define FU_CLK_WARPS 4 /* with trace: block 0's first warps' SM clock at FU_CLK_N points of the warp rows (fu_clk) */
+#define FU_CLK_N 20
+#define FU_STAMP_BYTES(blocks) (((size_t)(blocks) * FU_STAMPS + FU_CLK_WARPS * FU_CLK_N) * sizeof(unsigned long long))
 
 struct cu_fused {
     fu_args a;
@@ -166,13 +172,13 @@ static __device__ __forceinline__ void fu_amax_publish(unsigned int *word, float
 
 /* $MPSCY_CUDA_FUSED_TRACE: thread 0 of block 0 stamps the time at each mark (a profiling knob) */
 struct fu_trace {
-    unsigned long long t[24];
-    long long c[24];
+    unsigned long long t[FU_MARKS];
+    long long c[FU_MARKS];
     int n;
 };
 
 static __device__ __forceinline__ void fu_mark(const fu_args &a, fu_trace *T) {
-    if (a.trace && blockIdx.x == 0 && threadIdx.x == 0 && T->n < 24) {
+    if (a.trace && blockIdx.x == 0 && threadIdx.x == 0 && T->n < FU_MARKS) {
         T->t[T->n] = cu_global_ns();
         T->c[T->n++] = clock64();
     }
@@ -182,6 +188,13 @@ static __device__ __forceinline__ void fu_mark(const fu_args &a, fu_trace *T) {
 /* with trace: thread 0 of every block stamps the time of event k (FU_STAMPS) */
 static __device__ __forceinline__ void fu_stamp(const fu_args &a, int k) {
     if (a.trace && threadIdx.x == 0) a.stamps[blockIdx.x * FU_STAMPS + k] = cu_global_ns();
+}
+
+/* with trace: lane 0 of block 0's chain warp w (on: that, and the trace) stamps the SM's clock at
+ * point k of the warp rows (wr_chain: 4 a phase, the phase's start, its first sums, its end, past
+ * its barrier) */
+static __device__ __forceinline__ void fu_clk(const fu_args &a, bool on, int w, int k) {
+    if (on && k < FU_CLK_N) a.stamps[gridDim.x * FU_STAMPS + w * FU_CLK_N + k] = clock64();
 }
 
 /* $MPSCY_CUDA_FUSED_TRACE: block 0's thread 0 prints its marks and every block's stamps */
@@ -211,6 +224,16 @@ static __device__ __forceinline__ void fu_trace_print(const fu_args &a, const fu
         if (at >= 0) printf(" [%d] %lld %lld@%d", k, lo, hi, at);
     }
     printf("\n");
+    /* the warp rows' clocks (fu_clk), cycles from warp 0's first; 0: not taken */
+    const unsigned long long *ck = a.stamps + gridDim.x * FU_STAMPS;
+    if (ck[0]) {
+        for (int w = 0; w < FU_CLK_WARPS; w++) {
+            printf("fused_mlp clocks warp %d:", w);
+            for (int k = 0; k < FU_CLK_N; k++)
+                printf(" %lld", ck[w * FU_CLK_N + k] ? (long long)(ck[w * FU_CLK_N + k] - ck[0]) : -1LL);
+            printf("\n");
+        }
+    }
 }
 
 /* Deferred staging: waits until the relay (block 0's first warps, cu_relay_pieces) has seen the

@@ -9,10 +9,13 @@
 
 /* softmax cross-entropy of one row (label smoothing eps) by one warp, in double as loss.cu
  * computes it: dz = its gradient over the batch mean (p - q) / b, where the smoothed one-hot q
- * sums to 1; returns the row's loss and its predicted class in *best (all lanes). */
-static __device__ double row_loss(const float *logit, float *dz, int C, int label, double eps, double inv_b,
-                                  int lane, int *best) {
-    const double u = eps / (double)C;
+ * sums to 1; returns the row's loss and its predicted class in *best (all lanes). u = eps / C and
+ * inv_b = 1 / b come made (fu_args: the host's division, the same bits as the device's); marks
+ * between its steps with the trace (T). */
+static __device__ __forceinline__ double row_loss(const fu_args &a, const float *logit, float *dz, int C, int label,
+                                                  int lane, int *best, fu_trace *T) {
+    const double eps = a.eps, u = a.eps_u, inv_b = a.inv_b;
+    const int hn = C > 32 ? 2 : 1;  /* the halves holding classes (uniform: the benchmark's 10 need one) */
     /* C <= 64: at most two classes a lane, loaded once (-inf past C: no maximum, no NaN) */
     const float l0 = lane < C ? logit[lane] : -INFINITY, l1 = lane + 32 < C ? logit[lane + 32] : -INFINITY;
     float m = -INFINITY;
@@ -28,11 +31,12 @@ static __device__ double row_loss(const float *logit, float *dz, int C, int labe
                        hi = __ballot_sync(0xffffffffu, lane + 32 < C && l1 == m);
         *best = nlo ? __ffs(nlo) - 1 : nhi ? 32 + __ffs(nhi) - 1 : lo ? __ffs(lo) - 1 : hi ? 32 + __ffs(hi) - 1 : 0;
     }
-    double e[2], s = 0;
+    fu_mark(a, T);
+    double e[2] = {0.0, 0.0}, s = 0;
     /* one exp's code run twice (a rolled loop: the row phase's time goes to fetching its
      * instructions, each once a step) */
 #pragma unroll 1
-    for (int h = 0; h < 2; h++) {
+    for (int h = 0; h < hn; h++) {
         const int i = lane + 32 * h;
         const double t = i < C ? exp((double)((h ? l1 : l0) - m)) : 0.0;
         if (h) e[1] = t;
@@ -52,11 +56,13 @@ static __device__ double row_loss(const float *logit, float *dz, int C, int labe
             ql += q * (double)(h ? l1 : l0);
         }
     }
+    fu_mark(a, T);
     for (int o = 16; o > 0; o >>= 1) {
         s += __shfl_xor_sync(0xffffffffu, s, o);
         qs += __shfl_xor_sync(0xffffffffu, qs, o);
         ql += __shfl_xor_sync(0xffffffffu, ql, o);
     }
+    fu_mark(a, T);
     const double lse = (double)m + log(s), inv_s = 1.0 / s;
 #pragma unroll
     for (int h = 0; h < 2; h++) {
@@ -69,15 +75,18 @@ static __device__ double row_loss(const float *logit, float *dz, int C, int labe
     return lse * qs - ql;
 }
 
-/* The loss step of row r by one warp (every lane): row_loss over the logits, dz written to dz
+/* The loss step of row r (its label, loaded by the caller ahead of the forward: an L2 round trip
+ * off the loss's path) by one warp (every lane): row_loss over the logits, dz written to dz
  * (shared) and to the last layer's dz, the row's loss and whether it was right to the scratch;
  * returns the largest |dz| (fu_amax) */
-static __device__ float row_loss_step(const fu_args &a, const float *logit, float *dz, int r, int lane) {
+static __device__ float row_loss_step(const fu_args &a, const float *logit, float *dz, int r, int label, int lane,
+                                      fu_trace *T) {
     const fu_layer &L = a.L[a.n_layers - 1];
-    const int C = L.out, label = a.labels[r];
+    const int C = L.out;
     int best;
     float md = 0.0f;
-    const double row = row_loss(logit, dz, C, label, a.eps, 1.0 / (double)a.b, lane, &best);
+    const double row = row_loss(a, logit, dz, C, label, lane, &best, T);
+    fu_mark(a, T);
     __syncwarp();
     for (int i = lane; i < C; i += 32) {
         L.dz[(int64_t)r * C + i] = dz[i];
@@ -166,6 +175,7 @@ static __device__ __noinline__ void row_chain(const fu_args &a, float *smem, int
     const int nl = a.n_layers, tid = threadIdx.x, nthr = blockDim.x;
     float *cur = smem, *nxt = smem + FU_VEC, *part = smem + 2 * FU_VEC;
     float mx = 0.0f, md = 0.0f;  /* the early decision's largest |input| and |dz| (fu_amax) */
+    const int label = warp == 0 ? a.labels[r] : 0;  /* the loss's, loaded ahead (row_loss_step) */
     row_input(a, cur, first, r, &mx);
     __syncthreads();
     fu_mark(a, T);
@@ -221,7 +231,7 @@ static __device__ __noinline__ void row_chain(const fu_args &a, float *smem, int
         nxt = t;
     }
     {
-        if (warp == 0) md = row_loss_step(a, cur, nxt, r, lane);  /* the first dz: md was 0 */
+        if (warp == 0) md = row_loss_step(a, cur, nxt, r, label, lane, T);  /* the first dz: md was 0 */
         __syncthreads();
         fu_mark(a, T);
         float *t = cur;

@@ -105,6 +105,8 @@ static __device__ __forceinline__ void wr_sync(int nw) {
 static __device__ __forceinline__ void wr_chain(const fu_args &a, float *smem, const float *wsm, int r, int lane, int w,
                                              fu_trace *T, unsigned int *wmax) {
     const int nl = a.n_layers, nw = a.wrow;
+    const int label = w == 0 ? a.labels[r] : 0;  /* the loss's, loaded ahead (row_loss_step) */
+    const bool clk = a.trace && blockIdx.x == 0 && lane == 0 && w < FU_CLK_WARPS;  /* fu_clk's points */
     float mx = 0.0f, md = 0.0f;
     float *logit = smem + a.wr_logit;
     /* the forward: this warp's outputs [jlo, jhi), G lanes each, a lane every G-th float4 of k */
@@ -115,6 +117,8 @@ static __device__ __forceinline__ void wr_chain(const fu_args &a, float *smem, c
         const float *wl = wsm + a.wr_w[l], *bias = wl + N * P;
         const float4 *x4 = (const float4 *)(smem + a.wr_in[l]);
         float *out = l + 1 < nl ? smem + a.wr_in[l + 1] : logit;
+        const int ck = 4 * (l - 1);
+        fu_clk(a, clk, w, ck);
         for (int j0 = jlo; j0 < jhi; j0 += 32 / G) {  /* uniform over the warp: the shuffles below */
             const int j = j0 + o;
             const float4 *wr = (const float4 *)(wl + (j < jhi ? j : jlo) * P);
@@ -128,6 +132,7 @@ static __device__ __forceinline__ void wr_chain(const fu_args &a, float *smem, c
                 s.w = fmaf(x.w, p.w, s.w);
             }
             float v = (s.x + s.y) + (s.z + s.w);
+            fu_clk(a, clk && j0 == jlo, w, ck + 1);
             for (int m = 1; m < G; m *= 2) v += __shfl_xor_sync(0xffffffffu, v, m);
             if (j < jhi && h == 0) {
                 v += L.bias ? bias[j] : 0.0f;
@@ -137,12 +142,18 @@ static __device__ __forceinline__ void wr_chain(const fu_args &a, float *smem, c
                 L.y[(int64_t)r * N + j] = v;
             }
         }
+        fu_clk(a, clk, w, ck + 2);
         wr_sync(nw);
+        fu_clk(a, clk, w, ck + 3);
         fu_mark(a, T);
     }
     float *cur = logit + FU_MAX_CLASSES, *nxt = cur + a.wr_dzn;
-    if (w == 0) md = row_loss_step(a, logit, cur, r, lane);
+    const int cl = 4 * (nl - 1);
+    fu_clk(a, clk, w, cl);
+    if (w == 0) md = row_loss_step(a, logit, cur, r, label, lane, T);
+    fu_clk(a, clk, w, cl + 2);
     wr_sync(nw);
+    fu_clk(a, clk, w, cl + 3);
     fu_mark(a, T);
     /* each d(input): this warp's chunks of 4 inputs, G' lanes each, a lane every G'-th output j */
     for (int l = nl - 1; l >= 1; l--) {
@@ -152,6 +163,8 @@ static __device__ __forceinline__ void wr_chain(const fu_args &a, float *smem, c
                   g = lane % G;
         const float *wl = wsm + a.wr_w[l];
         const float *y = smem + a.wr_in[l];  /* layer l - 1's output: its ReLU's mask */
+        const int ck = 4 * (2 * nl - 1 - l);
+        fu_clk(a, clk, w, ck);
         for (int c0 = clo; c0 < chi; c0 += 32 / G) {
             const int c = c0 + o, i0 = 4 * (c < chi ? c : clo);
             const float *wc = wl + i0;
@@ -165,6 +178,7 @@ static __device__ __forceinline__ void wr_chain(const fu_args &a, float *smem, c
                 s.z = fmaf(d, wv.z, s.z);
                 s.w = fmaf(d, wv.w, s.w);
             }
+            fu_clk(a, clk && c0 == clo, w, ck + 1);
             for (int m = 1; m < G; m *= 2) {
                 s.x += __shfl_xor_sync(0xffffffffu, s.x, m);
                 s.y += __shfl_xor_sync(0xffffffffu, s.y, m);
@@ -190,7 +204,9 @@ static __device__ __forceinline__ void wr_chain(const fu_args &a, float *smem, c
                 }
             }
         }
+        fu_clk(a, clk, w, ck + 2);
         wr_sync(nw);
+        fu_clk(a, clk, w, ck + 3);
         fu_mark(a, T);
         float *t = cur;
         cur = nxt;
