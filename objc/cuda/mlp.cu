@@ -214,10 +214,10 @@ static __device__ void block_sum3(double *v) {
  * releases it to the host (R->done, as decide() does) while the others go on to the weight
  * gradients: the host's wait ends here, not after them. The end then decides again, the same way
  * (a finite loss and norm), and writes the norm (decide()). Otherwise only the end decides. The
- * words go back to 0 for the next step. With a.early_rel a block counts itself in by one
+ * words go back to 0 for the next step. With a.early_rel (the default) a block counts itself in by one
  * acquire-release atomic (not a fence, the atomic and a fence), and on a grid the last block's
  * warp 1 releases the others while its warp 0 decides: the result's path is the arrival, the
- * rows' parts loaded and summed, the result written. */
+ * rows' parts loaded and summed, the result written (A/B on an H100: 28.9 us a step against 29.6). */
 static __device__ void fu_early(const fu_args &a, const unsigned int *wmax, bool barrier, unsigned int gen) {
     __shared__ int last;
     cu_scratch *S = a.S;
@@ -600,7 +600,7 @@ int cu_fused_plan(cu_graph *g) {
     a.trace = getenv("MPSCY_CUDA_FUSED_TRACE") != NULL;
     a.early = cu_knob_on("MPSCY_CUDA_FUSED_EARLY");
     a.early_warp = cu_knob_on("MPSCY_CUDA_FUSED_EARLYWARP");
-    a.early_rel = cu_knob_int("MPSCY_CUDA_FUSED_EARLYREL", 0) == 1;
+    a.early_rel = cu_knob_on("MPSCY_CUDA_FUSED_EARLYREL");
     a.split_dot = cu_knob_int("MPSCY_CUDA_FUSED_SPLITDOT", 1);
     a.prefetch = cu_knob_on("MPSCY_CUDA_FUSED_PREFETCH");
     a.lg_time = g->lg_report;

@@ -69,7 +69,7 @@ struct fu_args {
     int din_wide;      /* $MPSCY_CUDA_FUSED_DWIDE=1 (measuring): the row phase's d(input) loads 16 classes a batch always */
     int split_dot;     /* $MPSCY_CUDA_FUSED_SPLITDOT=0 (measuring): the split's products a (row, output) a thread */
     int early;         /* the early decision (fu_early; $MPSCY_CUDA_FUSED_EARLY=0, measuring: the end decides always) */
-    int early_rel;     /* fu_early's arrival one acq_rel atomic, the others released by warp 1 while warp 0 decides ($MPSCY_CUDA_FUSED_EARLYREL=1, measuring; default: fences, then the release, then the decision) */
+    int early_rel;     /* fu_early's arrival one acq_rel atomic, the others released by warp 1 while warp 0 decides ($MPSCY_CUDA_FUSED_EARLYREL=0, measuring: fences, then the release, then the decision) */
     int early_warp;    /* fu_early's sums by warp 0 alone where b <= 32 ($MPSCY_CUDA_FUSED_EARLYWARP=0, measuring: block_sum3) */
     int trace;         /* $MPSCY_CUDA_FUSED_TRACE: block 0 prints each phase's time (a profiling knob) */
     unsigned long long linger_ns; /* after its update the kernel waits this long for the next step (fu_linger); 0: it ends */
