@@ -27,8 +27,10 @@
  * $MPSCY_CUDA_FUSED_TRACE prints block 0's time per phase and every block's copy-phase stamps.
  * Here: layer 0's own phase, the weight gradients, the kernel and the host side; mlp.cuh: the
  * arguments and shared helpers; mlp_split.cuh: layer 0 in the copy phase; mlp_rows.cuh: the row
- * phase; mlp_linger.cuh: between steps, the wait for the next one ($MPSCY_CUDA_FUSED_LINGER). */
+ * phase; mlp_decide.cuh: the early decision; mlp_linger.cuh: between steps, the wait for the next
+ * one ($MPSCY_CUDA_FUSED_LINGER). */
 #include "mlp.cuh"
+#include "mlp_decide.cuh"
 #include "mlp_linger.cuh"
 #include "mlp_rows.cuh"
 #include "mlp_split.cuh"
@@ -174,119 +176,6 @@ static __device__ double weight_grads(const fu_args &a, int gw, int tw, int lane
         base += n;
     }
     return s2;
-}
-
-/* v[1] += the rows' losses, v[2] += their correct counts, each thread its rows k = tid, tid +
- * blockDim.x, ... (then block_sum3: the same order wherever it runs, so the same bits) */
-static __device__ __forceinline__ void add_row_parts(const cu_scratch *S, int b, double *v) {
-    for (int k = threadIdx.x; k < b; k += blockDim.x) {
-        v[1] += __ldcg(&S->loss_part[k]);
-        v[2] += (double)__ldcg(&S->correct_part[k]);
-    }
-}
-
-/* Three sums over the block at once (one pair of barriers); every thread gets the results. */
-static __device__ void block_sum3(double *v) {
-    __shared__ double w[3][FU_WARPS];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-    for (int k = 0; k < 3; k++) v[k] = warp_allsum(v[k]);
-    __syncthreads();
-    if (lane == 0)
-#pragma unroll
-        for (int k = 0; k < 3; k++) w[k][warp] = v[k];
-    __syncthreads();
-#pragma unroll
-    for (int k = 0; k < 3; k++) {
-        double t = 0;
-        for (int q = 0; q < FU_WARPS; q++) t += w[k][q];
-        v[k] = t;
-    }
-}
-
-
-/* The early decision (fu_amax in mlp.cuh): each block, past its rows, counts itself in. On a grid
- * (barrier; gen: the barrier's number, read at the kernel's start) this is the grid barrier after
- * the row phase: the last block to arrive releases the others, then decides, which costs them
- * nothing; in a cluster the cluster barrier follows. The last block adds the rows' losses and
- * correct counts as the end does (the same bits), and when the loss is finite, the input was not
- * flagged bad and the bound proves every gradient finite, it writes the step's result and
- * releases it to the host (R->done, as decide() does) while the others go on to the weight
- * gradients: the host's wait ends here, not after them. The end then decides again, the same way
- * (a finite loss and norm), and writes the norm (decide()). Otherwise only the end decides. The
- * words go back to 0 for the next step. With a.early_rel (the default) a block counts itself in by one
- * acquire-release atomic (not a fence, the atomic and a fence), and on a grid the last block's
- * warp 1 releases the others while its warp 0 decides: the result's path is the arrival, the
- * rows' parts loaded and summed, the result written (A/B on an H100: 28.9 us a step against 29.6). */
-static __device__ void fu_early(const fu_args &a, const unsigned int *wmax, bool barrier, unsigned int gen) {
-    __shared__ int last;
-    cu_scratch *S = a.S;
-    __syncthreads();  /* every warp of the block has its largest values in wmax */
-    if (threadIdx.x == 0) {
-        unsigned int m0 = 0u, m1 = 0u;
-        for (int k = 0; k < FU_WARPS; k++) {
-            m0 = max(m0, wmax[k]);
-            m1 = max(m1, wmax[FU_WARPS + k]);
-        }
-        if (m0) atomicMax(&S->fu_amax[0], m0);
-        if (m1) atomicMax(&S->fu_amax[1], m1);
-        fu_stamp(a, 5);
-        if (!a.early_rel) __threadfence();
-        last = (a.early_rel ? cu_atom_add_acq_rel_gpu(&S->fu_arrive, 1u) : atomicAdd(&S->fu_arrive, 1u)) == gridDim.x - 1;
-        if (last && !a.early_rel) {
-            S->fu_arrive = 0u;
-            __threadfence();
-            if (barrier) atomicExch(&S->fu_gen, gen + 1u);  /* the others go on */
-        } else if (!last && barrier) {
-            /* the grid barrier after the row phase, as grid.sync's: the last block to arrive
-             * releases the others, then decides while they compute the weight gradients */
-            while (cu_load_acquire_gpu(&S->fu_gen) == gen) {
-            }
-        }
-        if (!a.early_rel) __threadfence();
-    }
-    __syncthreads();
-    if (a.early_rel && last && threadIdx.x == 32) {  /* the others go on while warp 0 decides */
-        S->fu_arrive = 0u;
-        if (barrier) cu_store_release_gpu(&S->fu_gen, gen + 1u);
-    }
-    /* with every row's parts in warp 0 (b <= 32), that warp alone: block_sum3's other warps add
-     * 0.0 to warp 0's sums, so these are its bits, with no block barrier ($MPSCY_CUDA_FUSED_EARLYWARP=0,
-     * measuring, takes block_sum3 always) */
-    const bool one_warp = a.b <= 32 && a.early_warp;
-    if (!last || (one_warp && threadIdx.x >= 32)) return;
-    double v[3] = {0.0, 0.0, 0.0};
-    unsigned int w0 = 0u, w1 = 0u, rseq = 0u;
-    int bad = 0;
-    if (threadIdx.x == 0) {  /* loaded beside the rows' parts, not after their sums */
-        w0 = __ldcg(&S->fu_amax[0]);
-        w1 = __ldcg(&S->fu_amax[1]);
-        rseq = a.P->rseq;
-        bad = input_bad(S, a.P);
-    }
-    add_row_parts(S, a.b, v);
-    if (one_warp) {
-#pragma unroll
-        for (int k = 0; k < 3; k++) v[k] = 0.0 + warp_allsum(v[k]);  /* block_sum3's first term (0.0 + w) */
-    } else {
-        block_sum3(v);
-    }
-    if (threadIdx.x != 0) return;
-    const float mx = __uint_as_float(w0), md = __uint_as_float(w1);
-    /* the words back to 0 for the next step (every block has added to them: it counted itself in) */
-    S->fu_amax[0] = S->fu_amax[1] = 0u;
-    const double loss = v[1] / (double)a.b, bound = (double)a.b * fmax((double)mx, 1.0) * (double)md;
-    /* an Inf maximum makes the bound Inf or NaN: no early decision */
-    if (!rseq || !isfinite(loss) || !(bound < 0.5 * (double)FLT_MAX) || bad) return;
-    cu_result *R = a.R;
-    R->loss = loss;
-    R->correct = a.accuracy == MPSCY_ACCURACY_NONE ? -1 : (long long)v[2];
-    R->finite = 1;
-    R->applied = 1;
-    R->norm_late = S->fu_late = rseq;  /* the norm comes later: the host, the end's decide() */
-    cu_store_release_sys(&R->done, rseq);  /* release_result's */
-    fu_stamp(a, 6);
-    if (a.lg_time) S->lg_t_decide = cu_global_ns();
 }
 
 template <bool CLUSTER>
@@ -501,13 +390,9 @@ static void fu_plan_wrow(cu_graph *g, cu_fused *f) {
     fu_args plan = f->a;
     plan.wrow = cu_knob_int("MPSCY_CUDA_FUSED_WROW", 4);
     const int64_t n = plan.wrow >= 1 && plan.wrow <= FU_WARPS && g->dev->prop.major >= 8 ? wr_plan(&plan) : 0;
-    cudaFuncAttributes fa;
-    if (!n || cudaFuncGetAttributes(&fa, fused_mlp_kernel<false>) != cudaSuccess) {
-        cudaGetLastError();
-        return;
-    }
-    const size_t bytes = (size_t)(f->ws_floats + n) * sizeof(float);
-    if (bytes + fa.sharedSizeBytes > (size_t)g->dev->prop.sharedMemPerBlockOptin || !fu_smem_fits(bytes)) return;
+    /* fu_smem_fits refuses more than the opt-in limit less the kernel's static shared memory (the
+     * attribute cannot be raised past it) */
+    if (!n || !fu_smem_fits((size_t)(f->ws_floats + n) * sizeof(float))) return;
     f->a = plan;
     f->a.wr_off = f->ws_floats;
     f->wr_floats = n;
@@ -593,6 +478,7 @@ int cu_fused_plan(cu_graph *g) {
     a.accuracy = p->loss.accuracy;
     a.labels = (const int32_t *)(g->stage_d + g->off_target);
     a.eps = p->loss.label_smoothing;
+    a.eps_u = a.eps / (double)a.L[nl - 1].out;  /* the loss's term (row_loss); 1 / b comes per launch */
     a.S = g->scratch;
     a.R = g->result;
     a.P = g->params_d;
@@ -652,7 +538,6 @@ int cu_fused_step(cu_graph *g, int64_t b, size_t staged, int deferred, char *err
     cu_fused *f = g->fu;
     f->a.b = (int)b;
     f->a.inv_b = 1.0 / (double)b;  /* the loss's terms (row_loss) */
-    f->a.eps_u = f->a.eps / (double)f->a.L[f->a.n_layers - 1].out;
     f->a.copy_src = (const uint4 *)g->stage_h;
     f->a.copy_dst = (uint4 *)g->stage_d;
     f->a.copy_n = (int64_t)((staged + 15) / 16);

@@ -164,6 +164,12 @@ static __device__ __forceinline__ void fu_wmax_note(unsigned int *slot, int lane
     if (lane == 0) *slot = max(*slot, w);
 }
 
+/* both of a row's largest values (|input|, |dz|) into the warp's slots (fu_wmax_note) */
+static __device__ __forceinline__ void fu_wmax_notes(unsigned int *wmax, int warp, int lane, float mx, float md) {
+    fu_wmax_note(&wmax[warp], lane, mx);
+    fu_wmax_note(&wmax[FU_WARPS + warp], lane, md);
+}
+
 /* the warp's largest into the grid's word (every lane calls it) */
 static __device__ __forceinline__ void fu_amax_publish(unsigned int *word, float m) {
     const unsigned int w = fu_amax_warp(m);

@@ -277,10 +277,7 @@ static __device__ __noinline__ void row_chain(const fu_args &a, float *smem, int
         cur = nxt;
         nxt = t;
     }
-    if (a.early) {
-        fu_wmax_note(&wmax[warp], lane, mx);
-        fu_wmax_note(&wmax[FU_WARPS + warp], lane, md);
-    }
+    if (a.early) fu_wmax_notes(wmax, warp, lane, mx, md);
 }
 
 #endif /* MPSCY_CUDA_MLP_ROWS_CUH */

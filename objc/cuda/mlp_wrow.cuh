@@ -212,10 +212,7 @@ static __device__ __forceinline__ void wr_chain(const fu_args &a, float *smem, c
         cur = nxt;
         nxt = t;
     }
-    if (a.early) {
-        fu_wmax_note(&wmax[w], lane, mx);
-        fu_wmax_note(&wmax[FU_WARPS + w], lane, md);
-    }
+    if (a.early) fu_wmax_notes(wmax, w, lane, mx, md);
 }
 
 #endif /* MPSCY_CUDA_MLP_WROW_CUH */

@@ -14,8 +14,8 @@
  * writes before it (and what it saw before), without __threadfence_system()'s sequentially
  * consistent fence, which the host waited on: A/B on the H200, the MLP b32 37.4-39.2 us against
  * 38.6-40.1 with that fence (four pairs), the CNN and the wide MLP the same within noise */
-static __device__ __forceinline__ void release_result(cu_result *R, const cu_params *P) {
-    cu_store_release_sys(&R->done, P->rseq);
+static __device__ __forceinline__ void release_result(cu_result *R, uint32_t rseq) {
+    cu_store_release_sys(&R->done, rseq);
 }
 
 /* The decision of a step from the total of squares: written by one thread, after the loss (whose
@@ -40,7 +40,7 @@ static __device__ void decide(cu_scratch *S, cu_result *R, const cu_params *P, d
         R->norm_ring[P->nslot] = norm;
         cu_store_release_sys(&R->norm_seq[P->nslot], P->rseq);
     } else if (P->rseq) {  /* a training step that returns early (step.cu) */
-        release_result(R, P);
+        release_result(R, P->rseq);
     }
 }
 
