@@ -1,8 +1,11 @@
 """Per-phase times of the one-kernel MLP step (objc/cuda/mlp.cu) on the GPU: builds the benchmark
 MLP (784-128-64-10, batch 32, Adam) with $MPSCY_CUDA_FUSED_TRACE set, so block 0 of the kernel
 prints, for every phase, its own work time and its wait at the barrier after it (ns), and every
-block's copy-phase events (its pieces seen, its rows loaded, its copy done, the barrier passed) as
-min and max over the grid, in ns from block 0's start.
+block's events (its pieces seen, its rows loaded, its copy done, the barrier passed, its arrival at
+the early decision, the decision released) as min and max over the grid, in ns from block 0's
+start. A build with FU_CLOCKS set to 1 (objc/cuda/mlp.cuh; a measuring build, not the default)
+also marks the loss's steps and the row input's waits, and prints the SM clock of block 0's
+chain warps at four points of each warp-row phase ("fused_mlp clocks warp w").
 
     python bench/cuda_fused_trace.py [form ...]      # forms as $MPSCY_CUDA_FUSED, e.g. grid:132
 """

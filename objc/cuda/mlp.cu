@@ -197,7 +197,7 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
         fu_mark(ga, &T);
         if (ga.trace && threadIdx.x == 0)
             for (int k = 1; k < FU_STAMPS; k++) ga.stamps[blockIdx.x * FU_STAMPS + k] = 0ull;
-        if (ga.trace && blockIdx.x == 0)
+        if (FU_CLOCKS && ga.trace && blockIdx.x == 0)
             for (int k = threadIdx.x; k < FU_CLK_WARPS * FU_CLK_N; k += blockDim.x) ga.stamps[gridDim.x * FU_STAMPS + k] = 0ull;
         fu_stamp(ga, 0);
         for (int i = threadIdx.x; i < (int)(sizeof(fu_args) / sizeof(int)); i += blockDim.x)
@@ -280,9 +280,9 @@ __global__ void __launch_bounds__(FU_THREADS, 1) fused_mlp_kernel(const __grid_c
             float mx = 0.0f;  /* the rows' inputs' largest |value| (fu_amax), each warp's into wmax */
             for (int r = blockIdx.x; r < b; r += gridDim.x) {
                 row_input(a, smem, 1, r, &mx);  /* by the block, as the block rows' */
-                FU_MARK();
+                fu_mark_fine(a, &T);
                 cp_async_wait<0>();
-                FU_MARK();
+                fu_mark_fine(a, &T);
                 __syncthreads();
                 FU_MARK();
                 if (warp < a.wrow) wr_chain(a, smem, dsm + a.wr_off, r, lane, warp, &T, wmax);

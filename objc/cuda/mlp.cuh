@@ -104,9 +104,12 @@ struct fu_next {
 #define FU_STAMPS 7    /* per block: start, its pieces seen, its rows loaded (split), copy done, barrier passed,
                         * its arrival at the early decision, the early decision released (its last block) */
 #define FU_MARKS 32    /* block 0's marks (fu_mark) at most */
+/* 1: a measuring build whose trace also has the row phase's fine points (fu_clk, fu_mark_fine);
+ * 0: they are not compiled, so the step's hot path carries no test for them */
+#define FU_CLOCKS 0
 #define FU_CLK_WARPS 4 /* with trace: block 0's first warps' SM clock at FU_CLK_N points of the warp rows (fu_clk) */
 #define FU_CLK_N 20
-#define FU_STAMP_BYTES(blocks) (((size_t)(blocks) * FU_STAMPS + FU_CLK_WARPS * FU_CLK_N) * sizeof(unsigned long long))
+#define FU_STAMP_BYTES(blocks) (((size_t)(blocks) * FU_STAMPS + (FU_CLOCKS ? FU_CLK_WARPS * FU_CLK_N : 0)) * sizeof(unsigned long long))
 
 struct cu_fused {
     fu_args a;
@@ -191,16 +194,21 @@ static __device__ __forceinline__ void fu_mark(const fu_args &a, fu_trace *T) {
 }
 #define FU_MARK() fu_mark(a, &T)
 
+/* a mark inside a phase (the loss's steps, the row input's waits): with FU_CLOCKS only */
+static __device__ __forceinline__ void fu_mark_fine(const fu_args &a, fu_trace *T) {
+    if (FU_CLOCKS) fu_mark(a, T);
+}
+
 /* with trace: thread 0 of every block stamps the time of event k (FU_STAMPS) */
 static __device__ __forceinline__ void fu_stamp(const fu_args &a, int k) {
     if (a.trace && threadIdx.x == 0) a.stamps[blockIdx.x * FU_STAMPS + k] = cu_global_ns();
 }
 
-/* with trace: lane 0 of block 0's chain warp w (on: that, and the trace) stamps the SM's clock at
- * point k of the warp rows (wr_chain: 4 a phase, the phase's start, its first sums, its end, past
- * its barrier) */
+/* with FU_CLOCKS and the trace: lane 0 of block 0's chain warp w (on: that, and the trace) stamps
+ * the SM's clock at point k of the warp rows (wr_chain: 4 a phase, the phase's start, its first
+ * sums, its end, past its barrier) */
 static __device__ __forceinline__ void fu_clk(const fu_args &a, bool on, int w, int k) {
-    if (on && k < FU_CLK_N) a.stamps[gridDim.x * FU_STAMPS + w * FU_CLK_N + k] = clock64();
+    if (FU_CLOCKS && on && k < FU_CLK_N) a.stamps[gridDim.x * FU_STAMPS + w * FU_CLK_N + k] = clock64();
 }
 
 /* $MPSCY_CUDA_FUSED_TRACE: block 0's thread 0 prints its marks and every block's stamps */
@@ -232,7 +240,7 @@ static __device__ __forceinline__ void fu_trace_print(const fu_args &a, const fu
     printf("\n");
     /* the warp rows' clocks (fu_clk), cycles from warp 0's first; 0: not taken */
     const unsigned long long *ck = a.stamps + gridDim.x * FU_STAMPS;
-    if (ck[0]) {
+    if (FU_CLOCKS && ck[0]) {
         for (int w = 0; w < FU_CLK_WARPS; w++) {
             printf("fused_mlp clocks warp %d:", w);
             for (int k = 0; k < FU_CLK_N; k++)

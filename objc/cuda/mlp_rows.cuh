@@ -11,7 +11,7 @@
  * computes it: dz = its gradient over the batch mean (p - q) / b, where the smoothed one-hot q
  * sums to 1; returns the row's loss and its predicted class in *best (all lanes). u = eps / C and
  * inv_b = 1 / b come made (fu_args: the host's division, the same bits as the device's); marks
- * between its steps with the trace (T). */
+ * between its steps with the trace in a FU_CLOCKS build (T). */
 static __device__ __forceinline__ double row_loss(const fu_args &a, const float *logit, float *dz, int C, int label,
                                                   int lane, int *best, fu_trace *T) {
     const double eps = a.eps, u = a.eps_u, inv_b = a.inv_b;
@@ -31,7 +31,7 @@ static __device__ __forceinline__ double row_loss(const fu_args &a, const float 
                        hi = __ballot_sync(0xffffffffu, lane + 32 < C && l1 == m);
         *best = nlo ? __ffs(nlo) - 1 : nhi ? 32 + __ffs(nhi) - 1 : lo ? __ffs(lo) - 1 : hi ? 32 + __ffs(hi) - 1 : 0;
     }
-    fu_mark(a, T);
+    fu_mark_fine(a, T);
     double e[2] = {0.0, 0.0}, s = 0;
     /* one exp's code run twice (a rolled loop: the row phase's time goes to fetching its
      * instructions, each once a step) */
@@ -46,31 +46,28 @@ static __device__ __forceinline__ double row_loss(const fu_args &a, const float 
     /* the row's loss -sum_i q_i (logit_i - lse) as lse sum_i q_i - sum_i q_i logit_i: both sums
      * need no lse, so they share the exps' all-sum (one butterfly, not two in a row); a weight-0
      * class adds nothing (ce.h). With no smoothing the same bits as the sum of its terms. */
-    double qs = 0, ql = 0;
+    double qs = 0, ql = 0, q[2];  /* each class's q, for its sums here and its dz below */
 #pragma unroll
     for (int h = 0; h < 2; h++) {
         const int i = lane + 32 * h;
-        const double q = (1.0 - eps) * (i == label ? 1.0 : 0.0) + u;
-        if (i < C && q != 0.0) {
-            qs += q;
-            ql += q * (double)(h ? l1 : l0);
+        q[h] = (1.0 - eps) * (i == label ? 1.0 : 0.0) + u;
+        if (i < C && q[h] != 0.0) {
+            qs += q[h];
+            ql += q[h] * (double)(h ? l1 : l0);
         }
     }
-    fu_mark(a, T);
+    fu_mark_fine(a, T);
     for (int o = 16; o > 0; o >>= 1) {
         s += __shfl_xor_sync(0xffffffffu, s, o);
         qs += __shfl_xor_sync(0xffffffffu, qs, o);
         ql += __shfl_xor_sync(0xffffffffu, ql, o);
     }
-    fu_mark(a, T);
+    fu_mark_fine(a, T);
     const double lse = (double)m + log(s), inv_s = 1.0 / s;
 #pragma unroll
     for (int h = 0; h < 2; h++) {
         const int i = lane + 32 * h;
-        if (i < C) {
-            const double q = (1.0 - eps) * (i == label ? 1.0 : 0.0) + u;
-            dz[i] = (float)((e[h] * inv_s - q) * inv_b);
-        }
+        if (i < C) dz[i] = (float)((e[h] * inv_s - q[h]) * inv_b);
     }
     return lse * qs - ql;
 }
@@ -86,7 +83,7 @@ static __device__ float row_loss_step(const fu_args &a, const float *logit, floa
     int best;
     float md = 0.0f;
     const double row = row_loss(a, logit, dz, C, label, lane, &best, T);
-    fu_mark(a, T);
+    fu_mark_fine(a, T);
     __syncwarp();
     for (int i = lane; i < C; i += 32) {
         L.dz[(int64_t)r * C + i] = dz[i];

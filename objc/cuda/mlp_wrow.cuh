@@ -106,7 +106,7 @@ static __device__ __forceinline__ void wr_chain(const fu_args &a, float *smem, c
                                              fu_trace *T, unsigned int *wmax) {
     const int nl = a.n_layers, nw = a.wrow;
     const int label = w == 0 ? a.labels[r] : 0;  /* the loss's, loaded ahead (row_loss_step) */
-    const bool clk = a.trace && blockIdx.x == 0 && lane == 0 && w < FU_CLK_WARPS;  /* fu_clk's points */
+    const bool clk = FU_CLOCKS && a.trace && blockIdx.x == 0 && lane == 0 && w < FU_CLK_WARPS;  /* fu_clk's points */
     float mx = 0.0f, md = 0.0f;
     float *logit = smem + a.wr_logit;
     /* the forward: this warp's outputs [jlo, jhi), G lanes each, a lane every G-th float4 of k */
