@@ -1,7 +1,10 @@
 """The analysis of bench/cuda_timeline.py on a synthetic CUPTI trace (no GPU, no torch): how a
 trace is split into steps, and the span and concurrency figures of one step; and
-bench/cuda_bench.py's interleaved rounds on plain Python steps."""
+bench/cuda_bench.py's interleaved rounds on plain Python steps; bench/cuda_ab_trees.py on the cpu."""
+import os
 import pathlib
+import re
+import subprocess
 import sys
 
 import pytest
@@ -86,3 +89,44 @@ def test_paired_rounds_interleave_and_time_each_step():
         if tag != blocks[-1]:
             blocks.append(tag)
     assert blocks == ["a", "b"] * 4, blocks
+
+
+AB_TREES = pathlib.Path(__file__).resolve().parent.parent / "bench" / "cuda_ab_trees.py"
+
+
+def _tree(root, name):
+    """A tree for cuda_ab_trees.py: root/name/src/mpscy, a link to the mpscy this process imports."""
+    import mpscy
+    src = root / name / "src"
+    src.mkdir(parents=True)
+    (src / "mpscy").symlink_to(pathlib.Path(mpscy.__file__).parent, target_is_directory=True)
+    return str(root / name)
+
+
+def test_ab_trees_times_each_tree_in_its_own_process(tmp_path):
+    """Two trees and one with a variable set: each worker reports the mpscy of its own tree, the
+    same training reads as bit for bit the same, and each gets a row of µs against the first."""
+    pytest.importorskip("cuda_bench")
+    a, b = _tree(tmp_path, "A"), _tree(tmp_path, "B")
+    env = dict(os.environ, AB_DEVICE="cpu", AB_ROUNDS="2")
+    r = subprocess.run([sys.executable, str(AB_TREES), "mlp_small", a, b, a + " MPSCY_THREADS=1"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout
+    assert f"({a}/src/mpscy/__init__.py)" in out and f"({b}/src/mpscy/__init__.py)" in out
+    assert "the trees agree bit for bit after 50 steps" in out
+    rows = re.findall(r"^mlp_small (.+?)\s+([0-9.]+) us/step  x([0-9.]+)  \(min ([0-9.]+), max ([0-9.]+), 2 rounds of 300\)$",
+                      out, re.M)
+    assert [row[0] for row in rows] == [a, b, a + " MPSCY_THREADS=1"], out
+    assert rows[0][2] == "1.000"
+    for _, med, _, lo, hi in rows:
+        assert 0.0 < float(lo) <= float(med) <= float(hi) < 1e6
+
+
+def test_ab_trees_refuses_a_folder_without_mpscy(tmp_path):
+    pytest.importorskip("cuda_bench")
+    a = _tree(tmp_path, "A")
+    r = subprocess.run([sys.executable, str(AB_TREES), "mlp_small", a, str(tmp_path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert f"{tmp_path}: not an mpscy checkout (no src/mpscy)" in r.stderr
