@@ -51,11 +51,16 @@ def main():
             step.sync()
             times[k].append((time.perf_counter() - t0) / iters * 1e6)
             assert loss == loss, "loss is NaN"
+    report(name, [v or "(default)" for v in variants], times, iters)
+
+
+def report(name, labels, times, iters):
+    """Prints each variant's median µs a step over its rounds, its ratio to the first's, and the range."""
     base = statistics.median(times[0])
-    for v, t in zip(variants, times):
+    for v, t in zip(labels, times):
         med = statistics.median(t)
-        print(f"{name:8s} {v or '(default)':50s} {med:8.1f} us/step  x{med / base:.3f}  "
-              f"(min {min(t):.1f}, max {max(t):.1f}, {rounds} rounds of {iters})")
+        print(f"{name:8s} {v:50s} {med:8.1f} us/step  x{med / base:.3f}  "
+              f"(min {min(t):.1f}, max {max(t):.1f}, {len(t)} rounds of {iters})")
 
 
 if __name__ == "__main__":

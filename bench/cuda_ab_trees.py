@@ -15,7 +15,6 @@ its ratio to the first. $AB_ROUNDS sets the number of rounds (default 15); $AB_D
 (default cuda; cpu checks the script itself where there is no GPU).
 """
 import os
-import statistics
 import subprocess
 import sys
 import zlib
@@ -64,6 +63,7 @@ def main():
         name, tree, *kv = sys.argv[2:]
         return worker(name, tree, dict(p.split("=", 1) for p in kv))
     sys.path.insert(0, HERE)
+    from cuda_ab import report
     from cuda_bench import MODELS
     if len(sys.argv) < 4 or sys.argv[1] not in MODELS:
         sys.exit(__doc__)
@@ -107,11 +107,7 @@ def main():
         p.stdin.write("q\n")
         p.stdin.flush()
         p.wait()
-    base = statistics.median(times[0])
-    for v, t in zip(variants, times):
-        med = statistics.median(t)
-        print(f"{name:8s} {v:50s} {med:8.1f} us/step  x{med / base:.3f}  "
-              f"(min {min(t):.1f}, max {max(t):.1f}, {rounds} rounds of {ITERS})")
+    report(name, variants, times, ITERS)
 
 
 if __name__ == "__main__":

@@ -1,38 +1,50 @@
 #!/usr/bin/env bash
-# A/B two source trees in ONE call on a GPU machine (the lent H100): tree A is this checkout, tree
-# B a copy of it with $PATCH applied (made where git is: `git diff main wip/x > .ab/x.patch`, the
-# ignored folder carried). Both build at once with the cuda backend forced on (logs in
-# $OUT/build_A.log, build_B.log), pytest runs $TESTS on B's build on cuda (and $TESTS_A on A's, when
-# given), then bench/cuda_ab_trees.py times them in turns: $MODEL (default mlp_small) over
-# $AB_ROUNDS rounds, both trees plus any variants in $AB_EXTRA (e.g. "B MPSCY_CUDA_FUSED_EARLYREL=0":
-# A and B name the trees). The wheels in $WHEELS go to /tmp/site first (gpu_setup.sh).
+# A/B source trees in ONE call on a GPU machine (the lent H100): tree A is this checkout, and each
+# patch in $PATCH (space-separated; made where git is: `git diff main wip/x > .ab/x.patch`, the
+# ignored folder carried) gets a copy of it with that patch applied, /tmp/mpscy-<patch's name>.
+# All build at once with the cuda backend forced on (logs in $OUT/build_A.log, build_<name>.log),
+# pytest runs $TESTS on each patched build on cuda (and $TESTS_A on A's, when given), then
+# bench/cuda_ab_trees.py times them in turns: $MODEL (default mlp_small) over $AB_ROUNDS rounds,
+# every tree plus the variants in $AB_EXTRA (";"-separated, each a tree's name then NAME=VALUE
+# pairs: "A MPSCY_CUDA_FUSED_EARLYREL=0;x MPSCY_CUDA_FUSED_EARLYREL=0", A the checkout, x a patch's
+# name). The wheels in $WHEELS go to /tmp/site first (gpu_setup.sh).
 #
-#   PATCH=.ab/wrow.patch TESTS="tests/test_cuda_fused.py" WHEELS=.whl bash bench/gpu_ab_trees.sh
+#   PATCH=".ab/x.patch .ab/y.patch" TESTS="tests/test_cuda_fused.py" WHEELS=.whl bash bench/gpu_ab_trees.sh
 # AB_DEVICE=cpu checks the script itself where there is no GPU (the builds without cuda, all on cpu).
 DEV=${AB_DEVICE:-cuda}
 [ "$DEV" = cuda ] && nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv
 SKIP_BUILD=1
 source "$(dirname "$0")/gpu_setup.sh"
 A=$PWD
-B=${B_DIR:-/tmp/mpscy-B}
-[ -n "${PATCH:-}" ] && [ -f "$PATCH" ] || { echo "PATCH: no patch file given (\$PATCH=${PATCH:-})"; exit 1; }
-rm -rf "$B" && mkdir -p "$B"
-tar --exclude=./build --exclude=./.whl --exclude=./.ab --exclude=./.venv --exclude=./venv --exclude=./.ci-venv -cf - . | tar -xf - -C "$B"
-if command -v git > /dev/null; then
-    (cd "$B" && git apply "$A/$PATCH") || { echo "the patch does not apply"; exit 1; }
-else
-    (cd "$B" && patch -p1 -s < "$A/$PATCH") || { echo "the patch does not apply"; exit 1; }
-fi
-echo "B: $B, $PATCH applied ($(grep -c '^diff ' "$PATCH") files)"
+[ -n "${PATCH:-}" ] || { echo "PATCH: no patch file given"; exit 1; }
+trees=() names=()
+for p in $PATCH; do  # a tree for each patch: /tmp/mpscy-<its name>
+    n=$(basename "$p" .patch)
+    t=${B_DIR:-/tmp}/mpscy-$n
+    [ -f "$p" ] || { echo "PATCH: $p is not a file"; exit 1; }
+    rm -rf "$t" && mkdir -p "$t"
+    tar --exclude=./build --exclude=./.whl --exclude=./.ab --exclude=./.venv --exclude=./venv --exclude=./.ci-venv \
+        -cf - . | tar -xf - -C "$t"
+    if command -v git > /dev/null; then
+        (cd "$t" && git apply "$A/$p") || { echo "$p does not apply"; exit 1; }
+    else
+        (cd "$t" && patch -p1 -s < "$A/$p") || { echo "$p does not apply"; exit 1; }
+    fi
+    echo "$n: $t, $p applied ($(grep -c '^diff ' "$p") files)"
+    trees+=("$t") names+=("$n")
+done
 t0=$(date +%s)
 build() {  # build <tree> <log>
-    (cd "$1" && MPSCY_CUDA=$([ "$DEV" = cuda ] && echo 1 || echo 0) MPSCY_CUDA_ARCH=${MPSCY_CUDA_ARCH:-90} $PY setup.py -q build_ext --inplace --force > "$2" 2>&1)
+    (cd "$1" && MPSCY_CUDA=$([ "$DEV" = cuda ] && echo 1 || echo 0) MPSCY_CUDA_ARCH=${MPSCY_CUDA_ARCH:-90} \
+        $PY setup.py -q build_ext --inplace --force > "$2" 2>&1)
 }
-build "$A" "$OUT/build_A.log" & pa=$!
-build "$B" "$OUT/build_B.log" & pb=$!
-wait $pa || { tail -40 "$OUT/build_A.log"; echo "build A failed"; exit 1; }
-wait $pb || { tail -40 "$OUT/build_B.log"; echo "build B failed"; exit 1; }
-grep "^mpscy:" "$OUT/build_B.log"
+build "$A" "$OUT/build_A.log" & pids=($!)
+for i in "${!trees[@]}"; do build "${trees[$i]}" "$OUT/build_${names[$i]}.log" & pids+=($!); done
+for i in "${!pids[@]}"; do
+    n=$([ "$i" = 0 ] && echo A || echo "${names[$((i - 1))]}")
+    wait "${pids[$i]}" || { tail -40 "$OUT/build_$n.log"; echo "build $n failed"; exit 1; }
+done
+grep "^mpscy:" "$OUT/build_A.log"
 echo "builds: $(( $(date +%s) - t0 )) s"
 SITE=$(tr ':' '\n' <<< "${PYTHONPATH:-}" | grep -v -x "$A/src" | paste -sd:)  # gpu_setup.sh's, less A's src
 run_tests() {  # run_tests <tree> <label> <paths>
@@ -40,13 +52,20 @@ run_tests() {  # run_tests <tree> <label> <paths>
         -p no:cacheprovider > "$OUT/pytest_$2.log" 2>&1)
     echo "pytest $2 ($DEV): exit $?"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_$2.log" | head -20; tail -1 "$OUT/pytest_$2.log"
 }
-[ -n "${TESTS:-}" ] && run_tests "$B" B "$TESTS"
+if [ -n "${TESTS:-}" ]; then
+    for i in "${!trees[@]}"; do run_tests "${trees[$i]}" "${names[$i]}" "$TESTS"; done
+fi
 [ -n "${TESTS_A:-}" ] && run_tests "$A" A "$TESTS_A"
 extra=()
 if [ -n "${AB_EXTRA:-}" ]; then
-    while read -r t rest; do
-        case $t in A) extra+=("$A $rest") ;; B) extra+=("$B $rest") ;; *) echo "AB_EXTRA: $t is not A or B"; exit 1 ;; esac
+    while read -r n rest; do
+        [ -z "$n" ] && continue
+        if [ "$n" = A ]; then extra+=("$A $rest"); continue; fi
+        t=""
+        for i in "${!names[@]}"; do [ "${names[$i]}" = "$n" ] && t=${trees[$i]}; done
+        [ -n "$t" ] || { echo "AB_EXTRA: $n is neither A nor a patch's name"; exit 1; }
+        extra+=("$t $rest")
     done <<< "$(tr ';' '\n' <<< "$AB_EXTRA")"
 fi
-AB_DEVICE=$DEV PYTHONPATH=$SITE timeout ${AB_TIMEOUT:-300} $PY bench/cuda_ab_trees.py ${MODEL:-mlp_small} "$A" "$B" "${extra[@]}"
+AB_DEVICE=$DEV PYTHONPATH=$SITE timeout ${AB_TIMEOUT:-300} $PY bench/cuda_ab_trees.py ${MODEL:-mlp_small} "$A" "${trees[@]}" "${extra[@]}"
 echo "ab: exit $?"
