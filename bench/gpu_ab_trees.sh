@@ -34,21 +34,17 @@ for p in $PATCH; do  # a tree for each patch: /tmp/mpscy-<its name>
     trees+=("$t") names+=("$n")
 done
 t0=$(date +%s)
-build() {  # build <tree> <log>
-    (cd "$1" && MPSCY_CUDA=$([ "$DEV" = cuda ] && echo 1 || echo 0) MPSCY_CUDA_ARCH=${MPSCY_CUDA_ARCH:-90} \
-        $PY setup.py -q build_ext --inplace --force > "$2" 2>&1)
-}
-build "$A" "$OUT/build_A.log" & pids=($!)
-for i in "${!trees[@]}"; do build "${trees[$i]}" "$OUT/build_${names[$i]}.log" & pids+=($!); done
+cuda=$([ "$DEV" = cuda ] && echo 1 || echo 0)
+build_tree "$A" "$OUT/build_A.log" $cuda & pids=($!)
+for i in "${!trees[@]}"; do build_tree "${trees[$i]}" "$OUT/build_${names[$i]}.log" $cuda & pids+=($!); done
 for i in "${!pids[@]}"; do
     n=$([ "$i" = 0 ] && echo A || echo "${names[$((i - 1))]}")
     wait "${pids[$i]}" || { tail -40 "$OUT/build_$n.log"; echo "build $n failed"; exit 1; }
 done
 grep "^mpscy:" "$OUT/build_A.log"
 echo "builds: $(( $(date +%s) - t0 )) s"
-SITE=$(tr ':' '\n' <<< "${PYTHONPATH:-}" | grep -v -x "$A/src" | paste -sd:)  # gpu_setup.sh's, less A's src
-run_tests() {  # run_tests <tree> <label> <paths>
-    (cd "$1" && MPSCY_DEVICE=$DEV PYTHONPATH="$1/src:$SITE" timeout ${TEST_TIMEOUT:-360} $PY -m pytest $3 -q -ra \
+run_tests() {  # run_tests <tree> <label> <paths>: the tree's src first on the path
+    (cd "$1" && MPSCY_DEVICE=$DEV PYTHONPATH="$1/src:$PYTHONPATH" timeout ${TEST_TIMEOUT:-360} $PY -m pytest $3 -q -ra \
         -p no:cacheprovider > "$OUT/pytest_$2.log" 2>&1)
     echo "pytest $2 ($DEV): exit $?"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_$2.log" | head -20; tail -1 "$OUT/pytest_$2.log"
 }
@@ -67,5 +63,5 @@ if [ -n "${AB_EXTRA:-}" ]; then
         extra+=("$t $rest")
     done <<< "$(tr ';' '\n' <<< "$AB_EXTRA")"
 fi
-AB_DEVICE=$DEV PYTHONPATH=$SITE timeout ${AB_TIMEOUT:-300} $PY bench/cuda_ab_trees.py ${MODEL:-mlp_small} "$A" "${trees[@]}" "${extra[@]}"
+AB_DEVICE=$DEV timeout ${AB_TIMEOUT:-300} $PY bench/cuda_ab_trees.py ${MODEL:-mlp_small} "$A" "${trees[@]}" "${extra[@]}"
 echo "ab: exit $?"

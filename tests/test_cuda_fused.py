@@ -157,7 +157,8 @@ def test_engines_on_two_threads_keep_their_shared_memory(monkeypatch, capfd, rng
 @pytest.mark.parametrize("knob", ["MPSCY_CUDA_FUSED_SPLITK=1 MPSCY_CUDA_FUSED_SPLITDOT=0",
                                   "MPSCY_CUDA_FUSED_WROW=0 MPSCY_CUDA_FUSED_DWIDE=1", "MPSCY_CUDA_FUSED_GRADV=0",
                                   "MPSCY_CUDA_FUSED_WROW=0 MPSCY_CUDA_FUSED_ROWU=8", "MPSCY_CUDA_FUSED_RELAYS=1",
-                                  "MPSCY_CUDA_FUSED_EARLYWARP=0", "MPSCY_CUDA_FUSED_SKIP0=0"])
+                                  "MPSCY_CUDA_FUSED_EARLYWARP=0", "MPSCY_CUDA_FUSED_EARLYREL=0",
+                                  "MPSCY_CUDA_FUSED_SKIP0=0"])
 def test_fused_measuring_knobs_give_the_same_bits(knob, monkeypatch, rng):
     """The one-kernel step's measuring knobs change how it runs, never what it computes: layer
     0's partial products in the copy phase a (row, output) a thread (SPLITDOT=0, against an
@@ -165,7 +166,9 @@ def test_fused_measuring_knobs_give_the_same_bits(knob, monkeypatch, rng):
     classes at a time where a group has 2 (DWIDE=1, against 4; both with the block rows, WROW=0), the weight gradients' dz values a
     float a load (GRADV=0, against 4), the row load's partial products 8 loads a round (ROWU=8,
     against 16; with the block rows), the host's flags relayed by one warp (RELAYS=1, against 2), the early decision's
-    sums by the whole block (EARLYWARP=0, against warp 0 alone), block 0 with a share of the
+    sums by the whole block (EARLYWARP=0, against warp 0 alone), its arrival as a fence, an atomic
+    and a fence with the release before the decision (EARLYREL=0, against one acquire-release
+    atomic and the release beside it), block 0 with a share of the
     update (SKIP0=0, against none). Each sum runs over
     the same terms in the same order, so 10 steps of the benchmark MLP (full and partial batches,
     Adam) leave bit-identical losses, accuracies, gradient norms and parameters. Where the knob
