@@ -80,7 +80,8 @@ struct fu_args {
     int64_t wr_off;    /* where in the dynamic shared memory (floats, past the split's slice) */
     int wr_in[FU_MAX_LAYERS], wr_w[FU_MAX_LAYERS], wr_p[FU_MAX_LAYERS]; /* wr_plan: row layer l's input row in
                         * the row buffers, its weights past wr_off, their pitch (floats) */
-    int wr_g[FU_MAX_LAYERS], wr_gb[FU_MAX_LAYERS]; /* wr_plan: lanes an output (forward), a chunk of 4 inputs (d(input)) */
+    int wr_g[FU_MAX_LAYERS], wr_gb[FU_MAX_LAYERS]; /* wr_plan: log2 of the lanes an output (forward), a chunk of 4 inputs (d(input)) */
+    int wr_outs[FU_MAX_LAYERS], wr_chunks[FU_MAX_LAYERS]; /* wr_plan: a warp's outputs (forward), chunks of 4 inputs (d(input)) */
     int wr_logit, wr_dzn; /* the logits in the row buffers, then (FU_MAX_CLASSES floats on) two dz vectors of wr_dzn floats */
 };
 

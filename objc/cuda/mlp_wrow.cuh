@@ -29,7 +29,7 @@ static inline int wr_pow2(int n, int cap) {
     return g;
 }
 
-/* The form's layout for a->wrow warps, into a (wr_in, wr_w, wr_p, wr_g, wr_gb, wr_logit, wr_dzn); returns its shared floats past the split's slice, or 0 where the chain does not fit it:
+/* The form's layout for a->wrow warps, into a (wr_in, wr_w, wr_p, wr_g, wr_gb, wr_outs, wr_chunks, wr_logit, wr_dzn); returns its shared floats past the split's slice, or 0 where the chain does not fit it:
  * every row layer's input a multiple of 4 (float4 rows), the row's activations, the logits and two
  * dz vectors in the block's row buffers (FU_SMEM_FLOATS). */
 static inline int64_t wr_plan(fu_args *a) {
@@ -56,8 +56,12 @@ static inline int64_t wr_plan(fu_args *a) {
         a->wr_in[l] = act;
         act += L.in;
         a->wr_p[l] = 4 * p;
-        a->wr_g[l] = g;
-        a->wr_gb[l] = gb;
+        /* as shifts and counts: the chain computes no division by a run-time value (each was a
+         * ~20-instruction dependent sequence on its warps' path: the fifty-second session's SASS) */
+        a->wr_g[l] = __builtin_ctz((unsigned)g);
+        a->wr_gb[l] = __builtin_ctz((unsigned)gb);
+        a->wr_outs[l] = outs;
+        a->wr_chunks[l] = chunks;
         a->wr_w[l] = (int)n;
         n += (int64_t)L.out * a->wr_p[l] + ((L.out + 3) & ~3);  /* the rows, then the bias (4-aligned) */
         widest = L.in > widest ? L.in : widest;
@@ -112,19 +116,25 @@ static __device__ __forceinline__ void wr_chain(const fu_args &a, float *smem, c
     /* the forward: this warp's outputs [jlo, jhi), G lanes each, a lane every G-th float4 of k */
     for (int l = 1; l < nl; l++) {
         const fu_layer &L = a.L[l];
-        const int K4 = L.in / 4, N = L.out, P = a.wr_p[l], G = a.wr_g[l];
-        const int outs = (N + nw - 1) / nw, jlo = w * outs, jhi = imin(N, jlo + outs), o = lane / G, h = lane % G;
+        const int K4 = L.in / 4, N = L.out, P = a.wr_p[l], gs = a.wr_g[l], G = 1 << gs;
+        const int jlo = w * a.wr_outs[l], jhi = imin(N, jlo + a.wr_outs[l]), o = lane >> gs, h = lane & (G - 1);
+        const int nk = (K4 - h + G - 1) >> gs;  /* this lane's float4s of k (h < G <= K4: at least one) */
+        /* the layer's fields before the sums (after a store through a generic pointer they would be
+         * loaded again: it might alias the arguments in shared memory) */
+        const bool has_bias = L.bias != NULL, relu = L.relu != 0;
+        float *yrow = L.y + (int64_t)r * N;
         const float *wl = wsm + a.wr_w[l], *bias = wl + N * P;
         const float4 *x4 = (const float4 *)(smem + a.wr_in[l]);
         float *out = l + 1 < nl ? smem + a.wr_in[l + 1] : logit;
         const int ck = 4 * (l - 1);
         fu_clk(a, clk, w, ck);
-        for (int j0 = jlo; j0 < jhi; j0 += 32 / G) {  /* uniform over the warp: the shuffles below */
+        for (int j0 = jlo; j0 < jhi; j0 += 32 >> gs) {  /* uniform over the warp: the shuffles below */
             const int j = j0 + o;
             const float4 *wr = (const float4 *)(wl + (j < jhi ? j : jlo) * P);
             float4 s = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll 4
-            for (int k4 = h; k4 < K4; k4 += G) {
+            for (int t = 0; t < nk; t++) {  /* k4 = h, h + G, ... in order */
+                const int k4 = h + (t << gs);
                 const float4 x = x4[k4], p = wr[k4];
                 s.x = fmaf(x.x, p.x, s.x);
                 s.y = fmaf(x.y, p.y, s.y);
@@ -133,13 +143,15 @@ static __device__ __forceinline__ void wr_chain(const fu_args &a, float *smem, c
             }
             float v = (s.x + s.y) + (s.z + s.w);
             fu_clk(a, clk && j0 == jlo, w, ck + 1);
-            for (int m = 1; m < G; m *= 2) v += __shfl_xor_sync(0xffffffffu, v, m);
+#pragma unroll
+            for (int m = 1; m < 32; m *= 2)  /* the rounds m < G, unrolled (a predicate a round, no loop) */
+                if (m < G) v += __shfl_xor_sync(0xffffffffu, v, m);
             if (j < jhi && h == 0) {
-                v += L.bias ? bias[j] : 0.0f;
-                if (L.relu) v = mpscy_relu(v);
+                v += has_bias ? bias[j] : 0.0f;
+                if (relu) v = mpscy_relu(v);
                 if (l + 1 < nl) mx = fu_amax(mx, v);  /* the next layer's input (not the logits) */
                 out[j] = v;
-                L.y[(int64_t)r * N + j] = v;
+                yrow[j] = v;
             }
         }
         fu_clk(a, clk, w, ck + 2);
@@ -158,19 +170,22 @@ static __device__ __forceinline__ void wr_chain(const fu_args &a, float *smem, c
     /* each d(input): this warp's chunks of 4 inputs, G' lanes each, a lane every G'-th output j */
     for (int l = nl - 1; l >= 1; l--) {
         const fu_layer &L = a.L[l], &B = a.L[l - 1];
-        const int K = L.in, K4 = K / 4, N = L.out, P = a.wr_p[l], G = a.wr_gb[l];
-        const int chunks = (K4 + nw - 1) / nw, clo = w * chunks, chi = imin(K4, clo + chunks), o = lane / G,
-                  g = lane % G;
+        const int K = L.in, K4 = K / 4, N = L.out, P = a.wr_p[l], gs = a.wr_gb[l], G = 1 << gs;
+        const int clo = w * a.wr_chunks[l], chi = imin(K4, clo + a.wr_chunks[l]), o = lane >> gs, g = lane & (G - 1);
+        const int nj = (N - g + G - 1) >> gs;  /* this lane's outputs j (g < G <= N: at least one) */
+        const bool mask = B.relu != 0;
+        float *dzrow = B.dz + (int64_t)r * K;
         const float *wl = wsm + a.wr_w[l];
         const float *y = smem + a.wr_in[l];  /* layer l - 1's output: its ReLU's mask */
         const int ck = 4 * (2 * nl - 1 - l);
         fu_clk(a, clk, w, ck);
-        for (int c0 = clo; c0 < chi; c0 += 32 / G) {
+        for (int c0 = clo; c0 < chi; c0 += 32 >> gs) {
             const int c = c0 + o, i0 = 4 * (c < chi ? c : clo);
             const float *wc = wl + i0;
             float4 s = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll 4
-            for (int j = g; j < N; j += G) {
+            for (int t = 0; t < nj; t++) {  /* j = g, g + G, ... in order */
+                const int j = g + (t << gs);
                 const float d = cur[j];
                 const float4 wv = *(const float4 *)(wc + j * P);
                 s.x = fmaf(d, wv.x, s.x);
@@ -179,11 +194,14 @@ static __device__ __forceinline__ void wr_chain(const fu_args &a, float *smem, c
                 s.w = fmaf(d, wv.w, s.w);
             }
             fu_clk(a, clk && c0 == clo, w, ck + 1);
-            for (int m = 1; m < G; m *= 2) {
-                s.x += __shfl_xor_sync(0xffffffffu, s.x, m);
-                s.y += __shfl_xor_sync(0xffffffffu, s.y, m);
-                s.z += __shfl_xor_sync(0xffffffffu, s.z, m);
-                s.w += __shfl_xor_sync(0xffffffffu, s.w, m);
+#pragma unroll
+            for (int m = 1; m < 32; m *= 2) {
+                if (m < G) {
+                    s.x += __shfl_xor_sync(0xffffffffu, s.x, m);
+                    s.y += __shfl_xor_sync(0xffffffffu, s.y, m);
+                    s.z += __shfl_xor_sync(0xffffffffu, s.z, m);
+                    s.w += __shfl_xor_sync(0xffffffffu, s.w, m);
+                }
             }
             if (c < chi && g == 0) {
                 const float4 ym = *(const float4 *)(y + i0);
@@ -191,11 +209,11 @@ static __device__ __forceinline__ void wr_chain(const fu_args &a, float *smem, c
                 const float yv[4] = {ym.x, ym.y, ym.z, ym.w};
 #pragma unroll
                 for (int u = 0; u < 4; u++) {
-                    if (B.relu && mpscy_relu_zeroes(yv[u])) v[u] = 0.0f;
+                    if (mask && mpscy_relu_zeroes(yv[u])) v[u] = 0.0f;
                     md = fu_amax(md, v[u]);
                 }
                 *(float4 *)(nxt + i0) = make_float4(v[0], v[1], v[2], v[3]);
-                float *dz = B.dz + (int64_t)r * K + i0;
+                float *dz = dzrow + i0;
                 if (((uintptr_t)dz & 15) == 0) {
                     *(float4 *)dz = make_float4(v[0], v[1], v[2], v[3]);
                 } else {
