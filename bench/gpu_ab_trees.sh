@@ -7,7 +7,9 @@
 # bench/cuda_ab_trees.py times them in turns: $MODEL (default mlp_small) over $AB_ROUNDS rounds,
 # every tree plus the variants in $AB_EXTRA (";"-separated, each a tree's name then NAME=VALUE
 # pairs: "A MPSCY_CUDA_FUSED_EARLYREL=0;x MPSCY_CUDA_FUSED_EARLYREL=0", A the checkout, x a patch's
-# name). The wheels in $WHEELS go to /tmp/site first (gpu_setup.sh).
+# name). $TRACE (space-separated names) then runs bench/cuda_fused_trace.py on those trees (a
+# measuring patch's stamps: bench/wip/dec-probe.patch). The wheels in $WHEELS go to /tmp/site
+# first (gpu_setup.sh).
 #
 #   PATCH=".ab/x.patch .ab/y.patch" TESTS="tests/test_cuda_fused.py" WHEELS=.whl bash bench/gpu_ab_trees.sh
 # AB_DEVICE=cpu checks the script itself where there is no GPU (the builds without cuda, all on cpu).
@@ -52,16 +54,24 @@ if [ -n "${TESTS:-}" ]; then
     for i in "${!trees[@]}"; do run_tests "${trees[$i]}" "${names[$i]}" "$TESTS"; done
 fi
 [ -n "${TESTS_A:-}" ] && run_tests "$A" A "$TESTS_A"
+tree_of() {  # tree_of <name>: A's or a patch's tree, "" for neither
+    [ "$1" = A ] && { echo "$A"; return; }
+    for i in "${!names[@]}"; do [ "${names[$i]}" = "$1" ] && echo "${trees[$i]}"; done
+}
 extra=()
 if [ -n "${AB_EXTRA:-}" ]; then
     while read -r n rest; do
         [ -z "$n" ] && continue
-        if [ "$n" = A ]; then extra+=("$A $rest"); continue; fi
-        t=""
-        for i in "${!names[@]}"; do [ "${names[$i]}" = "$n" ] && t=${trees[$i]}; done
+        t=$(tree_of "$n")
         [ -n "$t" ] || { echo "AB_EXTRA: $n is neither A nor a patch's name"; exit 1; }
         extra+=("$t $rest")
     done <<< "$(tr ';' '\n' <<< "$AB_EXTRA")"
 fi
 AB_DEVICE=$DEV timeout ${AB_TIMEOUT:-300} $PY bench/cuda_ab_trees.py ${MODEL:-mlp_small} "$A" "${trees[@]}" "${extra[@]}"
 echo "ab: exit $?"
+for n in ${TRACE:-}; do  # block 0's trace of the one-kernel step on the trees named (A or a patch's name)
+    t=$(tree_of "$n")
+    [ -n "$t" ] || { echo "TRACE: $n is neither A nor a patch's name"; continue; }
+    (cd "$t" && PYTHONPATH="$t/src:$PYTHONPATH" timeout 90 $PY bench/cuda_fused_trace.py > "$OUT/trace_$n.log" 2>&1)
+    echo "trace $n: exit $?"; tail -n "${TRACE_LINES:-15}" "$OUT/trace_$n.log"
+done
