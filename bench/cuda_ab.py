@@ -45,13 +45,20 @@ def main():
     times = [[] for _ in steps]
     for _ in range(rounds):
         for k, (step, data) in enumerate(zip(steps, datas)):
-            t0 = time.perf_counter()
-            for i in range(iters):
-                loss = step(*data[i % len(data)])
-            step.sync()
-            times[k].append((time.perf_counter() - t0) / iters * 1e6)
-            assert loss == loss, "loss is NaN"
+            times[k].append(time_round(step, data, iters))
     report(name, [v or "(default)" for v in variants], times, iters)
+
+
+def time_round(step, data, iters):
+    """µs a step over `iters` steps cycling through `data`, ending with the engine synchronized;
+    a NaN loss fails the round."""
+    t0 = time.perf_counter()
+    for i in range(iters):
+        loss = step(*data[i % len(data)])
+    step.sync()
+    us = (time.perf_counter() - t0) / iters * 1e6
+    assert loss == loss, "loss is NaN"
+    return us
 
 
 def report(name, labels, times, iters):

@@ -26,9 +26,9 @@ CHECK_STEPS, ITERS = 50, 300
 def worker(name, tree, env):
     """Runs in the tree's own process: builds its engine, reports its check, then times rounds on
     request ("<n>" on stdin: n steps, answered with µs a step; "q": the end)."""
-    import time
     sys.path.insert(0, HERE)
     import numpy as np
+    from cuda_ab import time_round
     from cuda_bench import MODELS, batches, mpscy_step
     import mpscy
     where = os.path.abspath(mpscy.__file__)
@@ -47,15 +47,7 @@ def worker(name, tree, env):
     for line in sys.stdin:
         if line.strip() == "q":
             break
-        n = int(line)
-        t0 = time.perf_counter()
-        for i in range(n):
-            loss = step(*data[i % len(data)])
-        step.sync()
-        us = (time.perf_counter() - t0) / n * 1e6
-        if loss != loss:
-            raise SystemExit("loss is NaN")
-        print(f"{us!r}", flush=True)
+        print(f"{time_round(step, data, int(line))!r}", flush=True)
 
 
 def main():
@@ -79,7 +71,7 @@ def main():
         procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", name, tree, *kv],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env))
     checks = []
-    for v, p in zip(variants, procs):  # one at a time: each builds and checks while the others wait
+    for v, p in zip(variants, procs):  # the workers build and check at once (bits, not time)
         line = p.stdout.readline().split()
         if not line or line[0] != "ready":
             sys.exit(f"{v}: the worker failed (exit {p.wait()})")
