@@ -439,21 +439,24 @@ def test_no_backward_runs_below_the_first_trainable_layer():
             layer.trainable = not freeze
         return m
 
-    def least(f):  # the least disturbed of 7 runs, after one to warm up
-        f()
-        runs = []
-        for _ in range(7):
-            t0 = time.perf_counter()
-            f()
-            runs.append(time.perf_counter() - t0)
-        return min(runs)
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(32, 16, 32, 32)).astype(np.float32), rng.integers(0, 10, 32)
-    times = {}
-    for freeze in (False, True):
-        e = mpscy.Engine(build(freeze), optimizer=optim.SGD(lr=0.01), batch_size=32, device="cpu", threads=2)
-        times[freeze] = least(lambda: e.step(x, y))
-    times["evaluate"] = least(lambda: e.evaluate(x, y))
+    engines = {f: mpscy.Engine(build(f), optimizer=optim.SGD(lr=0.01), batch_size=32, device="cpu", threads=2)
+               for f in (False, True)}
+    runs = {False: lambda: engines[False].step(x, y), True: lambda: engines[True].step(x, y),
+            "evaluate": lambda: engines[True].evaluate(x, y)}
+    # Interleaved rounds, the least disturbed of 9 for each, after one to warm up, so that a slow
+    # spell on a shared host slows all three alike. Timed one model after another (7 runs each),
+    # CI once measured the frozen step at 1.43x of evaluate (8.7 ms against 6.1), where this
+    # machine measures 1.04x interleaved, and 1.0x-1.1x with a busy loop on one of its 2 cores.
+    times = {k: float("inf") for k in runs}
+    for f in runs.values():
+        f()
+    for _ in range(9):
+        for k, f in runs.items():
+            t0 = time.perf_counter()
+            f()
+            times[k] = min(times[k], time.perf_counter() - t0)
     assert times[True] < 1.3 * times["evaluate"], times
     assert times[True] < 0.8 * times[False], times
 
