@@ -447,8 +447,9 @@ def test_no_backward_runs_below_the_first_trainable_layer():
             "evaluate": lambda: engines[True].evaluate(x, y)}
     # Interleaved rounds, the least disturbed of 9 for each, after one to warm up, so that a slow
     # spell on a shared host slows all three alike. Timed one model after another (7 runs each),
-    # CI once measured the frozen step at 1.43x of evaluate (8.7 ms against 6.1), where this
-    # machine measures 1.04x interleaved, and 1.0x-1.1x with a busy loop on one of its 2 cores.
+    # CI once measured the frozen step at 1.43x of evaluate (8.7 ms against 6.1). Interleaved,
+    # this 2-core machine measures 0.97x-1.04x over five runs; with a busy loop on one core,
+    # 0.54x-1.02x over six (noisier, never near 1.3x).
     times = {k: float("inf") for k in runs}
     for f in runs.values():
         f()
